@@ -1,0 +1,165 @@
+"""The migration record: one row per attempt to move a VM from a source VSP to a target VSP.
+
+State changes go only through ``migrations_app.transitions.transition`` (compare-and-set, one event row each).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Migration(models.Model):
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        INIT = "init", "Init"
+        COPY = "copy", "Copy"
+        IO_QUIESCE = "io_quiesce", "I/O Quiesce"
+        FROZEN = "frozen", "Frozen"
+        COMMITTING = "committing", "Committing"
+        COMPLETED = "completed", "Completed"
+        ABORTED = "aborted", "Aborted"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE_STATES = (
+        State.QUEUED,
+        State.INIT,
+        State.COPY,
+        State.IO_QUIESCE,
+        State.FROZEN,
+        State.COMMITTING,
+    )
+    TERMINAL_STATES = (State.COMPLETED, State.ABORTED, State.CANCELLED)
+    PHASES = (State.INIT, State.COPY, State.IO_QUIESCE, State.FROZEN)
+    # States before the commit point: a failure here aborts; from COMMITTING on, only roll forward.
+    ABORTABLE_STATES = (State.QUEUED, State.INIT, State.COPY, State.IO_QUIESCE, State.FROZEN)
+
+    vm = models.ForeignKey("vms.VirtualMachine", on_delete=models.CASCADE, related_name="migrations")
+    source = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="outgoing_migrations")
+    target = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="incoming_migrations")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_at = models.DateTimeField(default=timezone.now)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    cancel_requested = models.BooleanField(default=False)
+
+    init_percent = models.PositiveSmallIntegerField(default=0)
+    copy_percent = models.PositiveSmallIntegerField(default=0)
+    quiesce_percent = models.PositiveSmallIntegerField(default=0)
+    frozen_percent = models.PositiveSmallIntegerField(default=0)
+
+    init_started_at = models.DateTimeField(null=True, blank=True)
+    init_ended_at = models.DateTimeField(null=True, blank=True)
+    copy_started_at = models.DateTimeField(null=True, blank=True)
+    copy_ended_at = models.DateTimeField(null=True, blank=True)
+    quiesce_started_at = models.DateTimeField(null=True, blank=True)
+    quiesce_ended_at = models.DateTimeField(null=True, blank=True)
+    frozen_started_at = models.DateTimeField(null=True, blank=True)
+    frozen_ended_at = models.DateTimeField(null=True, blank=True)
+
+    bytes_sent = models.BigIntegerField(default=0)
+    bytes_remaining = models.BigIntegerField(default=0)
+    rounds = models.BigIntegerField(default=0)
+    dirty_rate_bytes_s = models.BigIntegerField(default=0)
+    throughput_bytes_s = models.BigIntegerField(default=0)
+    expected_downtime_ms = models.IntegerField(null=True, blank=True)
+    downtime_ms = models.IntegerField(null=True, blank=True)
+    source_digest = models.CharField(max_length=128, blank=True)
+    target_digest = models.CharField(max_length=128, blank=True)
+
+    failed_phase = models.CharField(max_length=16, blank=True)
+    alert = models.TextField(blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["requested_at", "pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(
+                    state__in=["queued", "init", "copy", "io_quiesce", "frozen", "committing"],
+                ),
+                name="one_active_migration_per_vm",
+            )
+        ]
+        indexes = [models.Index(fields=["source", "state"], name="migration_source_state")]
+
+    def __str__(self) -> str:
+        return f"migration {self.pk} of {self.vm_id}: {self.source_id} -> {self.target_id} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in self.TERMINAL_STATES
+
+    @property
+    def is_queued(self) -> bool:
+        return self.state == self.State.QUEUED
+
+    def phase_rows(self) -> list[tuple[str, int, str]]:
+        """Each phase as (label, percent, "pending" | "running" | "done" | "failed")."""
+        return [
+            (self.State(phase).label, getattr(self, PHASE_PERCENT_FIELD[phase]), self._phase_status(phase))
+            for phase in self.PHASES
+        ]
+
+    def _phase_status(self, phase: str) -> str:
+        if self.failed_phase == phase:
+            return "failed"
+        if self.state == phase:
+            return "running"
+        if getattr(self, f"{PHASE_FIELD_PREFIX[phase]}_ended_at") is not None:
+            return "done"
+        return "pending"
+
+
+# The field name prefix of each phase's percent/started/ended columns.
+PHASE_FIELD_PREFIX: dict[str, str] = {
+    Migration.State.INIT: "init",
+    Migration.State.COPY: "copy",
+    Migration.State.IO_QUIESCE: "quiesce",
+    Migration.State.FROZEN: "frozen",
+}
+PHASE_PERCENT_FIELD: dict[str, str] = {
+    phase: f"{prefix}_percent" for phase, prefix in PHASE_FIELD_PREFIX.items()
+}
+
+S = Migration.State
+TRANSITIONS: dict[Migration.State, set[Migration.State]] = {
+    S.QUEUED: {S.INIT, S.ABORTED, S.CANCELLED},
+    S.INIT: {S.COPY, S.ABORTED, S.CANCELLED},
+    S.COPY: {S.IO_QUIESCE, S.ABORTED, S.CANCELLED},
+    S.IO_QUIESCE: {S.FROZEN, S.ABORTED, S.CANCELLED},
+    S.FROZEN: {S.COMMITTING, S.ABORTED, S.CANCELLED},
+    S.COMMITTING: {S.COMPLETED},
+    S.COMPLETED: set(),
+    S.ABORTED: set(),
+    S.CANCELLED: set(),
+}
+del S
+
+
+class MigrationEvent(models.Model):
+    """One state change of a migration: the audit trail and the timeline the page shows."""
+
+    migration = models.ForeignKey(Migration, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    from_state = models.CharField(max_length=16, choices=Migration.State.choices, blank=True)
+    to_state = models.CharField(max_length=16, choices=Migration.State.choices)
+    message = models.TextField(blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%H:%M:%S} {self.from_state or '-'} -> {self.to_state}: {self.message}"
