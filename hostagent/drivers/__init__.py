@@ -1,0 +1,1 @@
+"""Hypervisor drivers, one module each, registered in ``hostagent.driver.DRIVERS``."""
