@@ -1,0 +1,58 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+PYTEST := $(PY) -m pytest
+
+.PHONY: run test test-fast test-browser test-faults test-postgres lint bench stop clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+## make run: the console with Redis, a Celery worker, three demo host agents and the demo fleet.
+##           HOSTS=qemu runs the demo hosts with the QEMU driver (needs QEMU >= 10 and `make guest-image`).
+run: $(STAMP)
+	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)
+
+## make test: every test (SQLite), then the database-constraint tests again on PostgreSQL.
+test: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	$(PYTEST)
+	$(PY) scripts/run_postgres_tests.py
+
+test-fast: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	$(PYTEST) -m "not browser and not faults and not qemu"
+
+test-browser: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	$(PYTEST) -m browser
+
+test-faults: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	$(PYTEST) -m faults
+
+test-postgres: $(STAMP)
+	$(PY) scripts/run_postgres_tests.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+guest-image:
+	bash scripts/build_test_guest.sh
+
+bench: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+stop:
+	-@test -f var/redis.pid && kill $$(cat var/redis.pid) && rm -f var/redis.pid
+
+clean: stop
+	rm -rf var test-artifacts

@@ -1,0 +1,55 @@
+"""Settings for the test run and for the server/worker subprocesses the tests start.
+
+The test database lives in a file (SQLite) or a named PostgreSQL database so that
+subprocesses (ASGI server, Celery worker) see what the tests write. Subprocesses
+get ``MATRIXOE_TEST_SUBPROCESS=1`` and open the test database directly.
+``TEST_DATABASE=postgres`` runs everything on PostgreSQL (``TEST_POSTGRES_URL``).
+"""
+
+import os
+import uuid
+
+from matrixoe.settings import *  # noqa: F403
+from matrixoe.settings import BASE_DIR, CHANNEL_LAYERS, DATABASES, REDIS_URL
+
+RUN_ID = os.environ.setdefault("MATRIXOE_TEST_RUN_ID", uuid.uuid4().hex[:8])
+IN_SUBPROCESS = os.environ.get("MATRIXOE_TEST_SUBPROCESS") == "1"
+TEST_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/matrixoe")
+
+if os.environ.get("TEST_DATABASE") == "postgres":
+    import dj_database_url
+
+    DATABASES = {"default": dj_database_url.parse(TEST_POSTGRES_URL)}
+    _test_name = f"test_matrixoe_{RUN_ID}"
+    DATABASES["default"]["TEST"] = {"NAME": _test_name}
+else:
+    _test_name = str(BASE_DIR / "var" / f"test-{RUN_ID}.sqlite3")
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": _test_name,
+            "TEST": {"NAME": _test_name},
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    }
+if IN_SUBPROCESS:
+    DATABASES["default"]["NAME"] = _test_name
+
+DEBUG = False
+SECRET_KEY = "test-secret-key"  # noqa: S105
+ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests only
+
+# Private queue and channel prefix: a worker left over from another run never takes these tasks.
+CELERY_TASK_DEFAULT_QUEUE = f"matrixoe-test-{RUN_ID}"
+CHANNEL_LAYERS = {
+    "default": {
+        **CHANNEL_LAYERS["default"],
+        "CONFIG": {**CHANNEL_LAYERS["default"]["CONFIG"], "prefix": f"matrixoe-test-{RUN_ID}"},
+    }
+}
+REDIS_URL = REDIS_URL
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
