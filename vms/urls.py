@@ -1,7 +1,23 @@
 from django.urls import path
-from django.views.generic import TemplateView
+
+from vms import views
 
 app_name = "vms"
 urlpatterns = [
-    path("", TemplateView.as_view(template_name="base.html"), name="vm_list"),
+    path("", views.vm_list, name="vm_list"),
+    path("vsps/", views.vsp_list, name="vsp_list"),
+    path("vsps/<int:pk>/", views.vsp_detail, name="vsp_detail"),
+    path("vms/<int:pk>/general/", views.vm_general, name="vm_general"),
+    path("vms/<int:pk>/general/refresh/", views.vm_refresh, name="vm_refresh"),
+    path("vms/<int:pk>/online-migration/", views.vm_set_online_migration, name="vm_set_online_migration"),
+    path(
+        "registrations/<int:pk>/not-runnable/",
+        views.registration_mark_not_runnable,
+        name="registration_mark_not_runnable",
+    ),
+    path(
+        "registrations/<int:pk>/runnable/",
+        views.registration_mark_runnable,
+        name="registration_mark_runnable",
+    ),
 ]

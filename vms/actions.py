@@ -1,0 +1,112 @@
+"""The admin's inventory changes, like ``hpvmmodify``: each checks permission, validates, then changes.
+
+Every function raises ``PermissionDenied`` when the user lacks the model permission and
+``ValidationError`` (with a message fit for the page) when the change is refused; in both cases
+nothing is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+
+from vms.models import Registration, VirtualMachine
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser
+
+CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
+CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
+REASON_MAX_LENGTH = Registration._meta.get_field("not_runnable_reason").max_length
+
+
+def check_permission(user: User, permission: str) -> None:
+    if not user.has_perm(permission):
+        raise PermissionDenied("You may look but not change: your account lacks the permission to do this.")
+
+
+def do_set_online_migration(vm: VirtualMachine, enabled: bool, user: User) -> None:
+    check_permission(user, CHANGE_VM_PERMISSION)
+    if vm.is_vpar:
+        raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
+    vm.online_migration_enabled = enabled
+    vm.save(update_fields=["online_migration_enabled"])
+    logger.info("%s %s online migration for %s", user, "enabled" if enabled else "disabled", vm.name)
+
+
+def do_mark_not_runnable(registration: Registration, reason: str, user: User) -> None:
+    """Mark one copy of a VM Not Runnable (set by Admin); the copy must not be running."""
+    check_permission(user, CHANGE_REGISTRATION_PERMISSION)
+    reason = check_reason(reason)
+    with transaction.atomic():
+        registration = lock_registration(registration)
+        if not registration.is_runnable:
+            raise ValidationError(f"{registration} is already Not Runnable.")
+        if registration.hardware_status == Registration.HardwareStatus.ON:
+            raise ValidationError(f"{registration} is On: stop the VM before marking it Not Runnable.")
+        registration.hardware_status = Registration.HardwareStatus.NOT_RUNNABLE
+        registration.not_runnable_set_by = Registration.SetBy.ADMIN
+        registration.not_runnable_reason = reason
+        registration.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
+    logger.info("%s marked %s Not Runnable: %s", user, registration, reason)
+
+
+def do_mark_runnable(registration: Registration, user: User) -> None:
+    """Mark one copy of a VM runnable (hardware Off), refused while another copy is runnable.
+
+    The check gives the clear message; the database constraint ``one_runnable_registration_per_vm``
+    is what makes it hold under concurrent requests.
+    """
+    check_permission(user, CHANGE_REGISTRATION_PERMISSION)
+    try:
+        with transaction.atomic():
+            registration = lock_registration(registration)
+            if registration.is_runnable:
+                raise ValidationError(f"{registration} is already runnable.")
+            check_no_other_runnable_copy(registration)
+            registration.hardware_status = Registration.HardwareStatus.OFF
+            registration.not_runnable_set_by = Registration.SetBy.NONE
+            registration.not_runnable_reason = ""
+            registration.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
+    except IntegrityError:
+        raise ValidationError(runnable_elsewhere_message(registration, other_vsp_name=None)) from None
+    logger.info("%s marked %s runnable", user, registration)
+
+
+def check_reason(reason: str) -> str:
+    reason = reason.strip()
+    if not reason:
+        raise ValidationError("Give a reason for marking the VM Not Runnable.")
+    if len(reason) > REASON_MAX_LENGTH:
+        raise ValidationError(f"The reason is too long: at most {REASON_MAX_LENGTH} characters.")
+    return reason
+
+
+def check_no_other_runnable_copy(registration: Registration) -> None:
+    other = (
+        Registration.objects.filter(vm_id=registration.vm_id)
+        .exclude(pk=registration.pk)
+        .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+        .select_related("vsp")
+        .first()
+    )
+    if other is not None:
+        raise ValidationError(runnable_elsewhere_message(registration, other.vsp.name))
+
+
+def runnable_elsewhere_message(registration: Registration, other_vsp_name: str | None) -> str:
+    where = f"VSP {other_vsp_name}" if other_vsp_name else "another VSP"
+    return (
+        f"Refused: {registration.vm.name} is runnable on {where}. A VM may be runnable on only one VSP; "
+        f"mark that copy Not Runnable first."
+    )
+
+
+def lock_registration(registration: Registration) -> Registration:
+    """Re-read the registration under a row lock (where the database has them) so checks see fresh state."""
+    return Registration.objects.select_for_update().select_related("vm", "vsp").get(pk=registration.pk)

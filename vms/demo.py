@@ -1,0 +1,141 @@
+"""The demo fleet: a few VSPs and guests in every state the General tab can show."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import transaction
+
+from vms.models import VSP, Registration, VirtualMachine
+
+OS = VirtualMachine.OSStatus
+BOOT = VirtualMachine.BootAttribute
+HW = Registration.HardwareStatus
+
+
+@dataclass(frozen=True)
+class DemoHost:
+    name: str
+    migration_enabled: bool
+    licensed: bool
+    memory_mib: int
+    cpus: int
+    processor_model: str
+
+
+@dataclass(frozen=True)
+class DemoGuest:
+    name: str
+    host: str
+    memory_mib: int
+    vcpus: int
+    os_type: str
+    os_status: str
+    hardware_status: str
+    boot: str = BOOT.AUTO
+    kind: str = VirtualMachine.Kind.VM
+    online_migration_enabled: bool = True
+
+
+# vsp1, vsp2: enabled and licensed; vsp3: enabled, not licensed; vsp4: disabled, licensed.
+HOSTS = [
+    DemoHost("vsp1", True, True, 16384, 8, "Xeon Gold 6338"),
+    DemoHost("vsp2", True, True, 16384, 8, "Xeon Gold 6338"),
+    DemoHost("vsp3", True, False, 8192, 4, "Xeon Silver 4314"),
+    DemoHost("vsp4", False, True, 8192, 4, "Xeon Silver 4314"),
+]
+
+GUESTS = [
+    DemoGuest("web01", "vsp1", 512, 1, "Debian 12", OS.UP, HW.ON),
+    DemoGuest("web02", "vsp1", 512, 1, "Debian 12", OS.UP, HW.ON),
+    DemoGuest("db01", "vsp1", 4096, 4, "Red Hat Enterprise Linux 9", OS.UP, HW.ON),
+    DemoGuest("build01", "vsp1", 1024, 2, "Ubuntu 24.04", OS.DOWN, HW.OFF, BOOT.MANUAL),
+    DemoGuest("batch01", "vsp2", 2048, 2, "HP-UX 11i v3", OS.UP, HW.ON, online_migration_enabled=False),
+    DemoGuest("cache01", "vsp2", 256, 1, "Alpine Linux 3.20", OS.INITIALIZING, HW.ON),
+    DemoGuest("mail01", "vsp2", 1024, 2, "Debian 12", OS.UP, HW.ON),
+    DemoGuest("test01", "vsp2", 128, 1, "FreeBSD 14", OS.IN_EFI, HW.ON, BOOT.MANUAL),
+    DemoGuest("ldap01", "vsp3", 512, 1, "Red Hat Enterprise Linux 9", OS.UP, HW.ON),
+    DemoGuest("legacy01", "vsp3", 1024, 1, "HP-UX 11i v2", OS.DOWN, HW.OFF, BOOT.MANUAL),
+    DemoGuest("monitor01", "vsp4", 768, 1, "Debian 12", OS.UP, HW.ON),
+    DemoGuest("backup01", "vsp4", 2048, 2, "Ubuntu 24.04", OS.DOWN, HW.OFF),
+    DemoGuest("vpar-erp", "vsp1", 4096, 4, "HP-UX 11i v3", OS.UP, HW.ON, kind=VirtualMachine.Kind.VPAR),
+    DemoGuest("vpar-dw", "vsp3", 2048, 2, "HP-UX 11i v3", OS.DOWN, HW.OFF, kind=VirtualMachine.Kind.VPAR),
+]
+
+# mail01 migrated from vsp1 to vsp2: its leftover configuration on vsp1 is Not Runnable, set by Migrate.
+MIGRATED_COPY = ("mail01", "vsp1", "guest migrated to VSP vsp2")
+
+
+def read_or_create_secret(secrets_dir: Path, host_name: str) -> str:
+    """The agent secret shared with the host agent through ``{secrets_dir}/{name}.secret`` (mode 600)."""
+    path = secrets_dir / f"{host_name}.secret"
+    if path.exists():
+        return path.read_text().strip()
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    return secret
+
+
+@transaction.atomic
+def create_demo_fleet(agents_base_port: int, secrets_dir: Path) -> list[str]:
+    """Create or update the demo fleet; running it again changes nothing but the agents' addresses."""
+    hosts = {
+        host.name: upsert_host(host, index, agents_base_port, secrets_dir) for index, host in enumerate(HOSTS)
+    }
+    for guest in GUESTS:
+        upsert_guest(guest, hosts[guest.host])
+    vm_name, vsp_name, reason = MIGRATED_COPY
+    Registration.objects.get_or_create(
+        vm=VirtualMachine.objects.get(name=vm_name),
+        vsp=hosts[vsp_name],
+        defaults={
+            "hardware_status": HW.NOT_RUNNABLE,
+            "not_runnable_set_by": Registration.SetBy.MIGRATE,
+            "not_runnable_reason": reason,
+        },
+    )
+    return [f"{vsp.name}: agent {vsp.agent_url}" for vsp in hosts.values()]
+
+
+def upsert_host(host: DemoHost, index: int, agents_base_port: int, secrets_dir: Path) -> VSP:
+    agent = {
+        "agent_url": f"http://127.0.0.1:{agents_base_port + index}",
+        "agent_secret": read_or_create_secret(secrets_dir, host.name),
+    }
+    vsp, _ = VSP.objects.update_or_create(
+        name=host.name,
+        defaults=agent,
+        create_defaults={
+            **agent,
+            "migration_enabled": host.migration_enabled,
+            "licensed": host.licensed,
+            "processor_family": "Intel Xeon",
+            "processor_model": host.processor_model,
+            "memory_mib": host.memory_mib,
+            "cpus": host.cpus,
+        },
+    )
+    return vsp
+
+
+def upsert_guest(guest: DemoGuest, vsp: VSP) -> None:
+    vm, created = VirtualMachine.objects.get_or_create(
+        name=guest.name,
+        defaults={
+            "kind": guest.kind,
+            "os_type": guest.os_type,
+            "os_status": guest.os_status,
+            "boot_attribute": guest.boot,
+            "memory_mib": guest.memory_mib,
+            "vcpus": guest.vcpus,
+            "online_migration_enabled": guest.online_migration_enabled,
+        },
+    )
+    if created:
+        Registration.objects.create(vm=vm, vsp=vsp, hardware_status=guest.hardware_status)

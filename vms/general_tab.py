@@ -1,0 +1,73 @@
+"""What the VM Properties General tab shows, as one context dict used by the page, htmx and pushes.
+
+Template contract (``vms/vm_general.html``):
+- partial ``general``: the whole tab (root ``<div id="general-tab">``), for Refresh Data and forms;
+- partial ``phases``: root ``<section id="migration-phases">``, hidden and empty unless ``migration`` is
+  truthy; reads ``migration.phases`` (items with ``label`` and ``percent``);
+- partial ``alerts``: root ``<section id="migration-alerts">``, hidden and empty unless ``alerts`` is
+  non-empty; reads each alert's ``message`` and ``created_at``.
+
+Other apps add to the context with ``register_context_provider`` (``vms`` must not import them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vms.models import VSP, Registration, VirtualMachine
+from vms.status import OnlineMigrationStatus, online_migration_status
+
+ContextProvider = Callable[[VirtualMachine], dict[str, Any]]
+_context_providers: list[ContextProvider] = []
+
+
+def register_context_provider(provider: ContextProvider) -> None:
+    """Add ``provider(vm) -> dict`` whose keys (e.g. ``migration``, ``alerts``) join the tab's context."""
+    if provider not in _context_providers:
+        _context_providers.append(provider)
+
+
+@dataclass(frozen=True)
+class RegistrationRow:
+    registration: Registration
+    vsp: VSP
+    online_migration: OnlineMigrationStatus
+
+
+def general_tab_context(vm: VirtualMachine, vsp_id: int | None = None) -> dict[str, Any]:
+    """Context for ``vm`` as registered on VSP ``vsp_id`` (default: where it is runnable).
+
+    ``vm.registrations`` should be prefetched with their VSPs. Raises ``Registration.DoesNotExist`` when
+    ``vsp_id`` names a VSP where the VM has no configuration.
+    """
+    registrations = list(vm.registrations.all())
+    shown = shown_registration(vm, registrations, vsp_id)
+    vsp = shown.vsp if shown else None
+    rows = [
+        RegistrationRow(r, r.vsp, online_migration_status(vm, r.vsp)) for r in registrations if r != shown
+    ]
+    context: dict[str, Any] = {
+        "vm": vm,
+        "registration": shown,
+        "vsp": vsp,
+        "online_migration": online_migration_status(vm, vsp),
+        "other_registrations": rows,
+        "migration": None,
+        "alerts": [],
+    }
+    for provider in _context_providers:
+        context.update(provider(vm))
+    return context
+
+
+def shown_registration(
+    vm: VirtualMachine, registrations: list[Registration], vsp_id: int | None
+) -> Registration | None:
+    if vsp_id is not None:
+        for registration in registrations:
+            if registration.vsp_id == vsp_id:
+                return registration
+        raise Registration.DoesNotExist(f"{vm.name} has no configuration on VSP #{vsp_id}.")
+    return vm.runnable_registration or (registrations[0] if registrations else None)

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from vms.demo import create_demo_fleet
+
+
+class Command(BaseCommand):
+    help = "Create (idempotently) the demo VSPs, VMs and vPars; agent secrets are shared through files."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--agents-base-port", type=int, default=7101, help="vsp1's agent port; vsp2 +1..."
+        )
+        parser.add_argument(
+            "--secrets-dir",
+            type=Path,
+            default=Path(settings.BASE_DIR) / "var" / "agent-secrets",
+            help="Directory of {vsp}.secret files (read if present, else written with mode 600).",
+        )
+
+    def handle(self, *args, agents_base_port: int, secrets_dir: Path, **options):
+        for line in create_demo_fleet(agents_base_port, secrets_dir):
+            self.stdout.write(line)
+        self.stdout.write(self.style.SUCCESS(f"Demo fleet ready; agent secrets in {secrets_dir}"))

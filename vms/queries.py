@@ -1,0 +1,39 @@
+"""Read-side queries shared by pages, with a query count that does not grow with the number of rows."""
+
+from __future__ import annotations
+
+from django.db.models import Exists, OuterRef, Prefetch, QuerySet
+
+from vms.models import Registration, VirtualMachine
+
+
+def vm_with_registrations() -> QuerySet[VirtualMachine]:
+    registrations = Registration.objects.select_related("vsp").order_by("vsp__name")
+    return VirtualMachine.objects.prefetch_related(Prefetch("registrations", queryset=registrations))
+
+
+def filter_vms(
+    vms: QuerySet[VirtualMachine],
+    *,
+    name: str = "",
+    kind: str = "",
+    os_status: str = "",
+    vsp_id: int | None = None,
+    hardware_status: str = "",
+) -> QuerySet[VirtualMachine]:
+    """VMs matching every given criterion; VSP and hardware status must hold for the same registration."""
+    if name:
+        vms = vms.filter(name__icontains=name)
+    if kind:
+        vms = vms.filter(kind=kind)
+    if os_status:
+        vms = vms.filter(os_status=os_status)
+    registration_conditions: dict[str, object] = {}
+    if vsp_id is not None:
+        registration_conditions["vsp_id"] = vsp_id
+    if hardware_status:
+        registration_conditions["hardware_status"] = hardware_status
+    if registration_conditions:
+        matching = Registration.objects.filter(vm=OuterRef("pk"), **registration_conditions)
+        vms = vms.filter(Exists(matching))
+    return vms

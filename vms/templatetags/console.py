@@ -1,0 +1,50 @@
+"""Small display helpers for console templates (badges for statuses)."""
+
+from __future__ import annotations
+
+from django import template
+from django.utils.html import format_html
+
+register = template.Library()
+
+BADGE_TONES = {
+    "up": "ok",
+    "on": "ok",
+    "vm_enabled": "ok",
+    "down": "muted",
+    "off": "muted",
+    "vm_disabled": "warn",
+    "initializing": "info",
+    "in_efi": "info",
+    "not_runnable": "bad",
+    "host_disabled": "warn",
+    "host_not_licensed": "warn",
+    "not_supported": "muted",
+}
+
+
+@register.simple_tag
+def badge(value: str, label: str, field: str = "") -> str:
+    """A status badge: ``value`` picks its colour, ``label`` is shown escaped, ``field`` names it."""
+    tone = BADGE_TONES.get(str(value), "muted")
+    if field:
+        return format_html(
+            '<span class="badge badge-{}" data-field="{}" data-value="{}">{}</span>',
+            tone,
+            field,
+            value,
+            label,
+        )
+    return format_html('<span class="badge badge-{}" data-value="{}">{}</span>', tone, value, label)
+
+
+@register.filter
+def mib(value: int | None) -> str:
+    """Memory in MiB shown as MiB or GiB."""
+    if value is None:
+        return "—"
+    if abs(value) >= 1024 and value % 1024 == 0:
+        return f"{value // 1024} GiB"
+    if abs(value) >= 1024:
+        return f"{value / 1024:.1f} GiB"
+    return f"{value} MiB"

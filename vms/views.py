@@ -1,0 +1,215 @@
+"""Pages: each view reads the request, checks access, calls one query or action, renders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import EmptyPage, Page, Paginator
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from vms.actions import (
+    CHANGE_REGISTRATION_PERMISSION,
+    CHANGE_VM_PERMISSION,
+    check_permission,
+    do_mark_not_runnable,
+    do_mark_runnable,
+    do_set_online_migration,
+)
+from vms.capacity import with_free_memory
+from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
+from vms.general_tab import general_tab_context
+from vms.models import VSP, Registration, VirtualMachine
+from vms.queries import filter_vms, vm_with_registrations
+from vms.refresh import refresh_vm_state
+
+PAGE_SIZE = 25
+VIEW_VM_PERMISSION = "vms.view_virtualmachine"
+VIEW_VSP_PERMISSION = "vms.view_vsp"
+
+
+def form_errors_text(form: forms.Form) -> str:
+    """The form's errors as one sentence per error, each prefixed by its field's label."""
+    parts = []
+    for field_name, errors in form.errors.items():
+        field = form.fields.get(field_name)
+        label = (field.label or field_name.replace("_", " ").capitalize()) if field else ""
+        parts.extend(f"{label}: {error}" if label else str(error) for error in errors)
+    return " ".join(parts)
+
+
+def bad_request(request: HttpRequest, message: str, status: int = 400) -> HttpResponse:
+    return render(request, "vms/error.html", {"message": message}, status=status)
+
+
+def paginate(request: HttpRequest, rows: QuerySet[Any], page_number: int | None) -> Page:
+    try:
+        return Paginator(rows, PAGE_SIZE).page(page_number or 1)
+    except EmptyPage:
+        raise Http404("No such page.") from None
+
+
+@require_GET
+@permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
+def vsp_list(request: HttpRequest) -> HttpResponse:
+    guest_count = (
+        Registration.objects.filter(vsp=OuterRef("pk")).values("vsp").annotate(n=Count("pk")).values("n")
+    )
+    vsps = with_free_memory(VSP.objects.all()).annotate(
+        guest_count=Coalesce(Subquery(guest_count, output_field=IntegerField()), 0)
+    )
+    return render(request, "vms/vsp_list.html", {"vsps": vsps, "nav": "vsps"})
+
+
+@require_GET
+@permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
+def vsp_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    vsp = get_object_or_404(with_free_memory(VSP.objects.all()), pk=pk)
+    form = PageForm(request.GET)
+    if not form.is_valid():
+        return bad_request(request, form_errors_text(form))
+    guests = vsp.registrations.select_related("vm").order_by("vm__name")
+    page = paginate(request, guests, form.cleaned_data["page"])
+    return render(request, "vms/vsp_detail.html", {"vsp": vsp, "page": page, "nav": "vsps"})
+
+
+@require_GET
+@permission_required(VIEW_VM_PERMISSION, raise_exception=True)
+def vm_list(request: HttpRequest) -> HttpResponse:
+    form = VMFilterForm(request.GET)
+    if not form.is_valid():
+        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "vms"}
+        return render(request, "vms/vm_list.html", context, status=400)
+    filters = form.cleaned_data
+    vms = filter_vms(
+        vm_with_registrations(),
+        name=filters["q"],
+        kind=filters["kind"],
+        os_status=filters["os_status"],
+        vsp_id=filters["vsp"].pk if filters["vsp"] else None,
+        hardware_status=filters["hardware_status"],
+    )
+    page = paginate(request, vms, filters["page"])
+    query_without_page = request.GET.copy()
+    query_without_page.pop("page", None)
+    context = {"form": form, "page": page, "query": query_without_page.urlencode(), "nav": "vms"}
+    return render(request, "vms/vm_list.html", context)
+
+
+def shown_vsp_id(request: HttpRequest) -> int | None:
+    form = ShownVSPForm(request.GET)
+    if not form.is_valid():
+        raise ValidationError(form_errors_text(form))
+    return form.cleaned_data["vsp"]
+
+
+def render_general(request: HttpRequest, vm: VirtualMachine, status: int = 200) -> HttpResponse:
+    """The General tab: the whole page, or only its ``general`` partial for htmx requests."""
+    try:
+        vsp_id = shown_vsp_id(request)
+        context = general_tab_context(vm, vsp_id)
+    except ValidationError as error:
+        return bad_request(request, " ".join(error.messages))
+    except Registration.DoesNotExist as error:
+        raise Http404(str(error)) from None
+    context |= {"nav": "vms", "pin_query": f"?vsp={vsp_id}" if vsp_id else ""}
+    template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"
+    return render(request, template, context, status=status)
+
+
+@require_GET
+@permission_required(VIEW_VM_PERMISSION, raise_exception=True)
+def vm_general(request: HttpRequest, pk: int) -> HttpResponse:
+    vm = get_object_or_404(vm_with_registrations(), pk=pk)
+    return render_general(request, vm)
+
+
+@require_GET
+@permission_required(VIEW_VM_PERMISSION, raise_exception=True)
+def vm_refresh(request: HttpRequest, pk: int) -> HttpResponse:
+    vm = refresh_vm_state(get_object_or_404(VirtualMachine, pk=pk))
+    return render_general(request, vm)
+
+
+def apply_change(
+    request: HttpRequest,
+    vm: VirtualMachine,
+    form: forms.Form,
+    change: Callable[[dict[str, Any]], str],
+) -> HttpResponse:
+    """Validate ``form``, run ``change`` (which returns a success message) and show the General tab.
+
+    Without htmx a success redirects (POST/redirect/GET); a refusal re-renders with 400 or 403.
+    """
+    status = 200
+    if not form.is_valid():
+        messages.error(request, form_errors_text(form))
+        status = 400
+    else:
+        try:
+            messages.success(request, change(form.cleaned_data))
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+            status = 400
+    if status == 200 and not request.htmx:
+        return redirect(f"{reverse('vms:vm_general', args=[vm.pk])}?{request.GET.urlencode()}")
+    return render_general(request, vm_with_registrations().get(pk=vm.pk), status=status)
+
+
+def refuse_without_permission(
+    request: HttpRequest, vm: VirtualMachine, permission: str
+) -> HttpResponse | None:
+    try:
+        check_permission(request.user, permission)
+    except PermissionDenied as error:
+        messages.error(request, str(error))
+        return render_general(request, vm_with_registrations().get(pk=vm.pk), status=403)
+    return None
+
+
+@require_POST
+def vm_set_online_migration(request: HttpRequest, pk: int) -> HttpResponse:
+    vm = get_object_or_404(VirtualMachine, pk=pk)
+    if refused := refuse_without_permission(request, vm, CHANGE_VM_PERMISSION):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        do_set_online_migration(vm, data["enabled"], request.user)
+        return f"Online migration {'enabled' if data['enabled'] else 'disabled'} for {vm.name}."
+
+    return apply_change(request, vm, OnlineMigrationForm(request.POST), change)
+
+
+@require_POST
+def registration_mark_not_runnable(request: HttpRequest, pk: int) -> HttpResponse:
+    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
+    if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        do_mark_not_runnable(registration, data["reason"], request.user)
+        return f"{registration} is now Not Runnable."
+
+    return apply_change(request, registration.vm, NotRunnableForm(request.POST), change)
+
+
+@require_POST
+def registration_mark_runnable(request: HttpRequest, pk: int) -> HttpResponse:
+    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
+    if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        do_mark_runnable(registration, request.user)
+        return f"{registration} is now runnable."
+
+    return apply_change(request, registration.vm, forms.Form(request.POST), change)
