@@ -1,3 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-websocket_urlpatterns: list = []
+from .consumers import VMProgressConsumer, VSPProgressConsumer
+
+websocket_urlpatterns = [
+    path("ws/vms/<int:vm_id>/", VMProgressConsumer.as_asgi()),
+    path("ws/vsps/<int:vsp_id>/", VSPProgressConsumer.as_asgi()),
+]

@@ -1,0 +1,101 @@
+"""Websockets that push migration progress: one per watched VM, one per watched VSP tab.
+
+On connect a socket joins its group FIRST and then sends the current state, so an update published
+meanwhile is not lost (it arrives after the snapshot, and percentages never decrease).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from vms.models import VSP, VirtualMachine
+
+from .progress import (
+    ProgressMessage,
+    get_migration_display,
+    get_row_migrations,
+    render_row_fragments,
+    render_vm_fragments,
+    vm_group,
+    vsp_group,
+)
+
+VIEW_PERMISSION = "vms.view_virtualmachine"
+
+
+def user_may_watch(user: Any) -> bool:
+    return bool(user is not None and user.is_authenticated and user.has_perm(VIEW_PERMISSION))
+
+
+def render_vm_state(vm_id: int) -> str | None:
+    vm = VirtualMachine.objects.filter(pk=vm_id).first()
+    if vm is None:
+        return None
+    return render_vm_fragments(get_migration_display(vm), oob=True)
+
+
+def render_vsp_state(vsp_id: int) -> str | None:
+    vsp = VSP.objects.filter(pk=vsp_id).first()
+    if vsp is None:
+        return None
+    return render_row_fragments(vsp, get_row_migrations(vsp), oob=True)
+
+
+class ProgressConsumer(AsyncWebsocketConsumer):
+    """Refuses anonymous users and users who may not view VMs; then forwards ``migration.progress``."""
+
+    subject_kwarg = ""
+
+    def group_name(self, subject_id: int) -> str:
+        raise NotImplementedError
+
+    def render_state(self, subject_id: int) -> str | None:
+        raise NotImplementedError
+
+    async def connect(self) -> None:
+        subject_id = self.scope["url_route"]["kwargs"][self.subject_kwarg]
+        if not await database_sync_to_async(user_may_watch)(self.scope.get("user")):
+            await self.close()  # before accept: the handshake is refused (HTTP 403)
+            return
+        self.group = self.group_name(subject_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        html = await database_sync_to_async(self.render_state)(subject_id)
+        if html is None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.close()
+            return
+        await self.accept()
+        await self.send(text_data=html)
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "group", None):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Browsers only listen; anything they send is ignored."""
+
+    async def migration_progress(self, message: ProgressMessage) -> None:
+        await self.send(text_data=message["html"])
+
+
+class VMProgressConsumer(ProgressConsumer):
+    subject_kwarg = "vm_id"
+
+    def group_name(self, subject_id: int) -> str:
+        return vm_group(subject_id)
+
+    def render_state(self, subject_id: int) -> str | None:
+        return render_vm_state(subject_id)
+
+
+class VSPProgressConsumer(ProgressConsumer):
+    subject_kwarg = "vsp_id"
+
+    def group_name(self, subject_id: int) -> str:
+        return vsp_group(subject_id)
+
+    def render_state(self, subject_id: int) -> str | None:
+        return render_vsp_state(subject_id)

@@ -1,0 +1,126 @@
+"""Live migration progress for browsers: what the page shows, and pushing it to websocket groups.
+
+The General tab, Refresh Data, the websocket's first message and every pushed update all render the
+same partials (``migrations_app/progress.html``) from the same display functions, so what is pushed
+and what is refreshed never disagree.
+
+Groups: ``vm-<vm_id>`` (the VM's General tab) and ``vsp-<vsp_id>`` (a VSP's Virtual Machines tab).
+Each update is rendered once per group (not per watcher) and sent with one ``group_send`` per group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db.models import Q
+from django.template.loader import render_to_string
+
+from vms.models import VSP, VirtualMachine
+
+from .models import Migration
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_TEMPLATE = "migrations_app/progress.html"
+MESSAGE_TYPE = "migration.progress"
+
+
+class ProgressMessage(TypedDict):
+    """A channel-layer message; ``type`` names the consumer handler (``migration_progress``)."""
+
+    type: Literal["migration.progress"]
+    html: str  # top-level elements with ids, swapped out of band by the htmx ws extension
+
+
+def vm_group(vm_id: int) -> str:
+    return f"vm-{vm_id}"
+
+
+def vsp_group(vsp_id: int) -> str:
+    return f"vsp-{vsp_id}"
+
+
+@dataclass(frozen=True)
+class MigrationDisplay:
+    """What a VM's General tab shows about migrations."""
+
+    vm: VirtualMachine
+    migration: Migration | None  # Online Migration Phases: the active attempt, else the last if completed
+    failed: Migration | None  # Alerts: the last attempt, if it was aborted or cancelled
+
+    def context(self, *, oob: bool = False) -> dict[str, object]:
+        return {"vm": self.vm, "migration": self.migration, "failed_migration": self.failed, "oob": oob}
+
+
+def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
+    attempts = Migration.objects.filter(vm=vm).select_related("source", "target")
+    latest = attempts.order_by("-requested_at", "-pk").first()
+    if latest is None:
+        return MigrationDisplay(vm=vm, migration=None, failed=None)
+    shown = latest if latest.is_active or latest.state == Migration.State.COMPLETED else None
+    failed = latest if latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) else None
+    return MigrationDisplay(vm=vm, migration=shown, failed=failed)
+
+
+def get_row_migrations(vsp: VSP) -> dict[int, Migration]:
+    """For a VSP's Virtual Machines tab: each VM's latest migration from or to this VSP, in one query."""
+    rows: dict[int, Migration] = {}
+    migrations = (
+        Migration.objects.filter(Q(source=vsp) | Q(target=vsp))
+        .select_related("source", "target")
+        .order_by("requested_at", "pk")
+    )
+    for migration in migrations:
+        rows[migration.vm_id] = migration  # later ones overwrite earlier ones
+    return rows
+
+
+def render_vm_fragments(display: MigrationDisplay, *, oob: bool) -> str:
+    """Phases, alerts and the OS-status icon of one VM, as one HTML string."""
+    return render_to_string(f"{PROGRESS_TEMPLATE}#vm_fragments", display.context(oob=oob))
+
+
+def render_row_fragments(vsp: VSP, row_migrations: dict[int, Migration], *, oob: bool) -> str:
+    """The migration cell of each given VM's row on ``vsp``'s Virtual Machines tab."""
+    rows = [(vm_id, migration) for vm_id, migration in row_migrations.items()]
+    return render_to_string(f"{PROGRESS_TEMPLATE}#row_fragments", {"vsp": vsp, "rows": rows, "oob": oob})
+
+
+def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
+    """The message for each group interested in this migration, read fresh from the database."""
+    migration = Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
+    display = get_migration_display(migration.vm)
+    messages = {vm_group(migration.vm_id): _message(render_vm_fragments(display, oob=True))}
+    for vsp in (migration.source, migration.target):
+        html = render_row_fragments(vsp, {migration.vm_id: migration}, oob=True)
+        messages[vsp_group(vsp.pk)] = _message(html)
+    return messages
+
+
+def publish_progress(migration: Migration | int) -> None:
+    """Render this migration's state once and push it to every watching browser.
+
+    Best effort: the database is the truth and a browser that reconnects gets the current state,
+    so a channel-layer failure is logged and never breaks the migration that called this.
+    """
+    migration_id = migration if isinstance(migration, int) else migration.pk
+    try:
+        messages = build_progress_messages(migration_id)
+        async_to_sync(send_messages)(messages)
+    except Exception:
+        logger.exception("Could not publish progress of migration %s", migration_id)
+
+
+async def send_messages(messages: dict[str, ProgressMessage]) -> None:
+    # One coroutine for all groups, so the layer reuses one Redis connection.
+    layer = get_channel_layer()
+    for group, message in messages.items():
+        await layer.group_send(group, message)
+
+
+def _message(html: str) -> ProgressMessage:
+    return {"type": MESSAGE_TYPE, "html": html}

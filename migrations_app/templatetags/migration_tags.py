@@ -1,0 +1,108 @@
+"""Words and icons for migrations, shared by the General tab, the VSP tab and pushed updates."""
+
+from __future__ import annotations
+
+from django import template
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from migrations_app.models import PHASE_PERCENT_FIELD, Migration
+from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
+from vms.models import VSP, VirtualMachine
+
+register = template.Library()
+
+State = Migration.State
+
+PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done", "failed": "Failed"}
+
+
+@register.simple_tag
+def migration_display(vm: VirtualMachine) -> MigrationDisplay:
+    """``{% migration_display vm as display %}``: what the General tab shows (see progress.py)."""
+    return get_migration_display(vm)
+
+
+@register.simple_tag
+def row_migrations(vsp: VSP) -> dict[int, Migration]:
+    """``{% row_migrations vsp as rows %}``: each VM's latest migration from or to ``vsp`` (one query)."""
+    return get_row_migrations(vsp)
+
+
+@register.filter
+def get_row(rows: dict[int, Migration], vm_id: int) -> Migration | None:
+    return rows.get(vm_id)
+
+
+@register.filter
+def phase_status_label(status: str) -> str:
+    return PHASE_STATUS_LABELS.get(status, status)
+
+
+@register.filter
+def migration_summary(migration: Migration) -> str:
+    target = migration.target.name
+    if migration.state == State.QUEUED:
+        return f"Waiting its turn to migrate to VSP {target} (one migration at a time leaves a VSP)."
+    if migration.state in Migration.PHASES:
+        return f"Migrating to VSP {target}: {migration.get_state_display()} phase."
+    if migration.state == State.COMMITTING:
+        return f"Switching over to VSP {target}."
+    if migration.state == State.COMPLETED:
+        return f"Migrated to VSP {target} at {migration.state_changed_at:%Y-%m-%d %H:%M:%S}."
+    return f"Migration to VSP {target} {migration.get_state_display().lower()}."
+
+
+@register.filter
+def migration_alert_text(migration: Migration) -> str:
+    if migration.alert:
+        return migration.alert
+    phase = State(migration.failed_phase).label if migration.failed_phase in State.values else ""
+    verb = "was cancelled" if migration.state == State.CANCELLED else "failed"
+    return f"{phase} phase {verb}." if phase else f"The migration {verb}."
+
+
+@register.filter
+def row_migration_text(migration: Migration, vsp: VSP) -> str:
+    outgoing = migration.source_id == vsp.pk
+    other = migration.target.name if outgoing else migration.source.name
+    direction = "to" if outgoing else "from"
+    if migration.state == State.QUEUED:
+        return f"Waiting to migrate {direction} {other}"
+    if migration.is_active:
+        field = PHASE_PERCENT_FIELD.get(migration.state)
+        percent = f" {getattr(migration, field)}%" if field else ""
+        return f"Migrating {direction} {other}: {migration.get_state_display()}{percent}"
+    if migration.state == State.COMPLETED:
+        return f"Migrated {direction} {other}"
+    return f"Migration {direction} {other} {migration.get_state_display().lower()}"
+
+
+@register.simple_tag
+def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
+    """The hourglass or direction icon, seen from ``vsp``; accessible text in title and aria-label."""
+    outgoing = migration.source_id == vsp.pk
+    other = migration.target.name if outgoing else migration.source.name
+    if migration.state == State.QUEUED:
+        symbol, kind = "\u231b", "queued"
+        text = f"Waiting to migrate {'to' if outgoing else 'here from'} VSP {other}"
+    elif migration.is_active:
+        symbol, kind = ("\u2192", "to") if outgoing else ("\u2190", "from")
+        text = f"Migrating to VSP {other}" if outgoing else f"Migrating from VSP {other}"
+    elif migration.state in (State.ABORTED, State.CANCELLED):
+        symbol, kind = "\u26a0", "failed"
+        text = f"Migration to VSP {migration.target.name} {migration.get_state_display().lower()}"
+    else:
+        return SafeString("")
+    return format_html(
+        '<span class="migration-icon migration-icon-{}" role="img" title="{}" aria-label="{}">{}</span>',
+        kind,
+        text,
+        text,
+        symbol,
+    )
+
+
+@register.filter
+def other_vsps(vsp: VSP) -> list[VSP]:
+    return list(VSP.objects.exclude(pk=vsp.pk).order_by("name"))

@@ -1,0 +1,132 @@
+"""The progress websocket: who may watch, the first message, and pushed updates.
+
+Real Redis channel layer, the project's ASGI stack (origin check, session auth), no fakes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from matrixoe.asgi import application
+from migrations_app.models import Migration
+from migrations_app.progress import publish_progress
+
+from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp, session_cookie
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("redis_url")]
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+
+
+def communicator(path: str, cookie: str | None = None, origin: tuple[bytes, bytes] = ORIGIN):
+    headers = [origin, (b"host", b"127.0.0.1")]
+    if cookie:
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+@database_sync_to_async
+def migrating_vm(copy_percent: int = 42):
+    vsp1, vsp2 = make_vsp("vsp1"), make_vsp("vsp2")
+    vm = make_vm("web01", vsp1)
+    migration = make_migration(
+        vm, vsp1, vsp2, state=Migration.State.COPY, init_percent=100, copy_percent=copy_percent, rounds=3
+    )
+    return vm, migration
+
+
+@database_sync_to_async
+def admin_cookie() -> str:
+    return session_cookie(make_user("admin", *ADMIN_PERMISSIONS))
+
+
+async def connect(path: str, cookie: str | None = None, origin: tuple[bytes, bytes] = ORIGIN):
+    socket = communicator(path, cookie, origin)
+    connected, _ = await socket.connect()
+    return socket, connected
+
+
+async def test_it_refuses_anonymous_users():
+    vm, _ = await migrating_vm()
+    socket, connected = await connect(f"/ws/vms/{vm.pk}/")
+    assert not connected
+    await socket.disconnect()
+
+
+async def test_it_refuses_users_who_may_not_view_vms():
+    vm, _ = await migrating_vm()
+    cookie = await database_sync_to_async(lambda: session_cookie(make_user("nobody")))()
+    socket, connected = await connect(f"/ws/vms/{vm.pk}/", cookie)
+    assert not connected
+    await socket.disconnect()
+
+
+async def test_it_refuses_a_foreign_origin():
+    vm, _ = await migrating_vm()
+    socket, connected = await connect(
+        f"/ws/vms/{vm.pk}/", await admin_cookie(), (b"origin", b"http://evil.example")
+    )
+    assert not connected
+    await socket.disconnect()
+
+
+async def test_it_refuses_an_unknown_vm():
+    await migrating_vm()
+    socket, connected = await connect("/ws/vms/999999/", await admin_cookie())
+    assert not connected
+    await socket.disconnect()
+
+
+async def test_it_first_sends_the_current_state():
+    vm, migration = await migrating_vm(copy_percent=42)
+    socket, connected = await connect(f"/ws/vms/{vm.pk}/", await admin_cookie())
+    assert connected
+    html = await socket.receive_from(timeout=5)
+    assert 'id="migration-phases"' in html and 'hx-swap-oob="true"' in html
+    assert "42%" in html and "Migrating to VSP vsp2" in html
+    assert 'id="migration-alerts"' in html and 'id="migration-status-icon"' in html
+    await socket.disconnect()
+
+
+async def test_a_published_update_reaches_every_watcher_of_the_vm_and_of_both_vsps():
+    vm, migration = await migrating_vm(copy_percent=10)
+    cookie = await admin_cookie()
+    watchers = [
+        await connect(f"/ws/vms/{vm.pk}/", cookie),
+        await connect(f"/ws/vms/{vm.pk}/", cookie),
+    ]
+    source_tab, _ = await connect(f"/ws/vsps/{migration.source_id}/", cookie)
+    target_tab, _ = await connect(f"/ws/vsps/{migration.target_id}/", cookie)
+    for socket, connected in watchers:
+        assert connected
+        await socket.receive_from(timeout=5)
+    assert "Migrating to vsp2" in await source_tab.receive_from(timeout=5)
+    assert "Migrating from vsp1" in await target_tab.receive_from(timeout=5)
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(copy_percent=77, rounds=4)
+    await database_sync_to_async(publish_progress)(migration)
+
+    for socket, _ in watchers:
+        html = await socket.receive_from(timeout=5)
+        assert "77%" in html and 'data-round="4"' in html
+    assert "Copy 77%" in await source_tab.receive_from(timeout=5)
+    assert "Copy 77%" in await target_tab.receive_from(timeout=5)
+    for socket in [s for s, _ in watchers] + [source_tab, target_tab]:
+        await socket.disconnect()
+
+
+async def test_a_failed_migration_shows_its_alert_to_a_browser_that_reconnects():
+    vm, migration = await migrating_vm()
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(
+        state=Migration.State.ABORTED,
+        failed_phase=Migration.State.COPY,
+        alert="Copy phase failed: the guest dirties memory faster than it can be copied.",
+    )
+    socket, connected = await connect(f"/ws/vms/{vm.pk}/", await admin_cookie())
+    assert connected
+    html = await socket.receive_from(timeout=5)
+    assert "Copy phase failed: the guest dirties memory faster than it can be copied." in html
+    assert '<section id="migration-phases" class="migration-phases" hx-swap-oob="true" hidden' in html
+    await socket.disconnect()
