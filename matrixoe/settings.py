@@ -163,3 +163,25 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# --- online migrations (migrations_app; owned by the migration backend) ---------------------------------
+# Sent to the source agent with every migration; the phase limits come from each VM.
+MIGRATION_AGENT_PARAMS = {
+    "downtime_ms": env_int("MIGRATION_DOWNTIME_MS", 300),
+    "max_rounds": env_int("MIGRATION_MAX_ROUNDS", 30),
+    "bandwidth_mbps": env_int("MIGRATION_BANDWIDTH_MBPS", 0) or None,
+}
+# A migration whose worker showed no sign of life this long is decided by recover_migrations.
+MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
+
+# --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
+CELERY_BEAT_SCHEDULE = {
+    "collect-inventory": {
+        "task": "migrations_app.tasks.collect_inventory",
+        "schedule": float(env_int("INVENTORY_INTERVAL_S", 30)),
+    },
+    "recover-migrations": {
+        "task": "migrations_app.tasks.recover_migrations",
+        "schedule": float(env_int("RECOVERY_INTERVAL_S", 15)),
+    },
+}

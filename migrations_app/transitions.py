@@ -21,11 +21,13 @@ def transition(
     *,
     message: str,
     actor: Any = None,
+    where: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
     """Move the migration from ``expected`` to ``new`` if it is still in ``expected``.
 
     Returns False when 0 rows matched: another worker (or a cancel, or recovery) changed it first.
+    ``where`` adds conditions to the compare (e.g. ``{"cancel_requested": False}`` for the commit).
     Leaving a phase stamps its ``*_ended_at``; entering one stamps ``*_started_at`` (unless given).
     """
     expected, new = Migration.State(expected), Migration.State(new)
@@ -34,7 +36,7 @@ def transition(
     now = timezone.now()
     updates = {**_phase_stamps(expected, new, now), **fields, "state": new, "state_changed_at": now}
     with transaction.atomic():
-        changed = Migration.objects.filter(pk=migration_id, state=expected).update(**updates)
+        changed = Migration.objects.filter(pk=migration_id, state=expected, **(where or {})).update(**updates)
         if not changed:
             return False
         MigrationEvent.objects.create(

@@ -1,0 +1,198 @@
+"""Starting, queueing and cancelling migrations: the multi-step changes behind the Migrate and Cancel buttons.
+
+Each ``do_*`` checks permission, decides under a lock (and the ``one_active_migration_per_vm`` constraint),
+records an event, and queues the worker's job with ``transaction.on_commit`` so it never sees an
+uncommitted row. Refusals raise ``MigrationRefused`` (a ``ValidationError`` whose message is fit for the
+page); nothing is changed then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from vms.models import VSP, VirtualMachine
+
+from .checks import check_target
+from .models import Migration, MigrationEvent
+from .progress import publish_progress
+from .transitions import record_created, transition
+
+logger = logging.getLogger(__name__)
+
+ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
+CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
+
+
+class MigrationRefused(ValidationError):
+    """The migration (or cancel) was refused; ``message`` says why in plain words."""
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    vm: VirtualMachine
+    migration: Migration | None
+    refusal: str  # "" when the migration was queued
+
+
+def check_permission(user: Any, permission: str) -> None:
+    if not user.has_perm(permission):
+        raise PermissionDenied("Your account lacks the permission to do this.")
+
+
+def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+    """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
+
+    Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
+    serializes the checks, and the partial unique constraint catches anything that slips past them.
+    """
+    check_permission(user, ADD_MIGRATION_PERMISSION)
+    try:
+        with transaction.atomic():
+            vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+            target = VSP.objects.get(pk=target.pk)
+            migration = _create_migration(vm, target, user)
+    except IntegrityError:
+        raise MigrationRefused(refusal_message(vm, target, "VM is already migrating")) from None
+    logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
+    return migration
+
+
+def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+    reason = check_target(vm, target)
+    if reason:
+        raise MigrationRefused(refusal_message(vm, target, reason))
+    source = vm.current_vsp
+    with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
+        migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
+    record_created(
+        migration, actor=user, message=f"Migration of {vm.name} from {source} to {target} requested"
+    )
+    migration_id = migration.pk
+    transaction.on_commit(lambda: enqueue_run(migration_id))
+    transaction.on_commit(lambda: publish_progress(migration_id))
+    return migration
+
+
+def refusal_message(vm: VirtualMachine, target: VSP, reason: str) -> str:
+    return f"{vm.name} cannot migrate to {target.name}: {reason}."
+
+
+def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> list[RequestResult]:
+    """Queue several VMs for ``target``; those leaving one source go one at a time (the rest wait queued)."""
+    check_permission(user, ADD_MIGRATION_PERMISSION)
+    results = []
+    for vm in vms:
+        try:
+            results.append(RequestResult(vm, do_request_migration(vm, target, user), ""))
+        except MigrationRefused as refusal:
+            results.append(RequestResult(vm, None, refusal.message))
+    return results
+
+
+def do_cancel_migration(migration: Migration, user: Any) -> None:
+    """Cancel: a queued migration ends at once; a running one is flagged and its worker stops the agents.
+
+    From COMMITTING on it is too late: the database already decided that the target copy runs.
+    """
+    check_permission(user, CHANGE_MIGRATION_PERMISSION)
+    if _cancel_queued(migration, user):
+        return
+    with transaction.atomic():
+        flagged = Migration.objects.filter(
+            pk=migration.pk, state__in=Migration.PHASES, cancel_requested=False
+        ).update(cancel_requested=True)
+        current = Migration.objects.get(pk=migration.pk)
+        if flagged:
+            MigrationEvent.objects.create(
+                migration=current,
+                from_state=current.state,
+                to_state=current.state,
+                message=f"Cancel requested by {user}",
+                actor=_actor(user),
+            )
+    if not flagged and not current.cancel_requested:
+        raise MigrationRefused(too_late_message(current))
+    logger.info("%s requested cancel of migration %s (%s)", user, migration.pk, current.state)
+
+
+def _cancel_queued(migration: Migration, user: Any) -> bool:
+    with transaction.atomic():
+        cancelled = transition(
+            migration.pk,
+            Migration.State.QUEUED,
+            Migration.State.CANCELLED,
+            message=f"Cancelled by {user} while queued",
+            actor=_actor(user),
+            cancel_requested=True,
+            alert=f"Cancelled by {user} before it started; nothing was changed.",
+        )
+        if cancelled:
+            source_id = migration.source_id
+            transaction.on_commit(lambda: enqueue_next_for_source(source_id))
+            transaction.on_commit(lambda: publish_progress(migration.pk))
+    return cancelled
+
+
+def too_late_message(migration: Migration) -> str:
+    if migration.state == Migration.State.COMMITTING:
+        return "Too late to cancel: the migration is committing and the VM now belongs to the target host."
+    return f"Nothing to cancel: the migration has already ended ({migration.get_state_display()})."
+
+
+def _actor(user: Any) -> Any:
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def enqueue_run(migration_id: int) -> None:
+    from .tasks import run_migration
+
+    run_migration.delay(migration_id)
+
+
+def enqueue_next_for_source(source_id: int) -> None:
+    """Hand the source VSP to its oldest queued migration, if any (the hourglass moves on)."""
+    next_id = next_queued_for_source(source_id)
+    if next_id is not None:
+        enqueue_run(next_id)
+
+
+def next_queued_for_source(source_id: int) -> int | None:
+    return (
+        Migration.objects.filter(source_id=source_id, state=Migration.State.QUEUED)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+        .first()
+    )
+
+
+def do_claim_source(migration_id: int) -> bool:
+    """QUEUED -> INIT if this migration's source is free and it is the source's oldest queued one.
+
+    The source VSP row lock serializes claims per source (SQLite serializes all writers anyway), so
+    exactly one migration leaves a source at a time; the others stay QUEUED (the hourglass).
+    """
+    with transaction.atomic():
+        migration = Migration.objects.filter(pk=migration_id).select_related("source").first()
+        if migration is None or migration.state != Migration.State.QUEUED:
+            return False
+        VSP.objects.select_for_update().filter(pk=migration.source_id).first()
+        busy = (
+            Migration.objects.filter(source_id=migration.source_id, state__in=Migration.ACTIVE_STATES)
+            .exclude(state=Migration.State.QUEUED)
+            .exists()
+        )
+        if busy or next_queued_for_source(migration.source_id) != migration_id:
+            return False
+        return transition(
+            migration_id,
+            Migration.State.QUEUED,
+            Migration.State.INIT,
+            message=f"Init: {migration.source} and the target host connect",
+            heartbeat_at=timezone.now(),
+        )

@@ -1,0 +1,99 @@
+"""Pre-checks for an online migration, in plain words, read from the database only (no agent calls).
+
+The dialog shows ``check_targets(vm)`` (every VSP with its verdict); the action and the Init phase call
+``check_target`` again so that what the dialog said is re-decided at the moment it matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Sum
+
+from vms.models import VSP, Registration, VirtualMachine
+
+from .models import Migration
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    vsp: VSP
+    reason: str  # "ok" or why this VSP cannot take the VM, in plain words
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == OK
+
+
+def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
+    """Every VSP with its pre-check result for migrating ``vm`` there."""
+    source = vm.current_vsp
+    vm_reason = check_vm(vm, source)
+    return [
+        TargetCheck(vsp, vm_reason or check_target_host(vm, source, vsp) or OK) for vsp in VSP.objects.all()
+    ]
+
+
+def check_target(vm: VirtualMachine, target: VSP, *, ignoring: Migration | None = None) -> str | None:
+    """Why ``vm`` cannot migrate to ``target`` now, or None if it can.
+
+    ``ignoring`` is the migration being started itself, which must not count against it.
+    """
+    source = vm.current_vsp
+    return check_vm(vm, source, ignoring=ignoring) or check_target_host(vm, source, target, ignoring=ignoring)
+
+
+def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | None = None) -> str | None:
+    if vm.is_vpar:
+        return "vPars do not migrate"
+    if not vm.online_migration_enabled:
+        return "VM not enabled for online migration"
+    if _is_migrating(vm, ignoring):
+        return "VM is already migrating"
+    if source is None:
+        return "VM is not runnable on any VSP"
+    if not source.migration_enabled:
+        return f"source host {source.name} is disabled for online migration"
+    if not source.licensed:
+        return f"source host {source.name} is not licensed for online migration"
+    if not source.agent_reachable:
+        return f"agent unreachable on source host {source.name}"
+    return None
+
+
+def check_target_host(
+    vm: VirtualMachine, source: VSP | None, target: VSP, *, ignoring: Migration | None = None
+) -> str | None:
+    if source is not None and target.pk == source.pk:
+        return "same host"
+    if not target.migration_enabled:
+        return "host disabled"
+    if not target.licensed:
+        return "host not licensed"
+    if not target.agent_reachable:
+        return "agent unreachable"
+    free = free_memory_mib(target, ignoring=ignoring)
+    if vm.memory_mib > free:
+        return f"not enough free memory (needs {vm.memory_mib} MiB, {free} MiB free)"
+    return None
+
+
+def free_memory_mib(vsp: VSP, *, ignoring: Migration | None = None) -> int:
+    """Capacity minus the guests powered on there and the memory reserved by incoming migrations."""
+    running = Registration.objects.filter(vsp=vsp, hardware_status=Registration.HardwareStatus.ON)
+    incoming = Migration.objects.filter(target=vsp, state__in=Migration.ACTIVE_STATES)
+    if ignoring is not None:
+        incoming = incoming.exclude(pk=ignoring.pk)
+    used = (running.aggregate(total=Sum("vm__memory_mib"))["total"] or 0) + (
+        incoming.aggregate(total=Sum("vm__memory_mib"))["total"] or 0
+    )
+    return max(vsp.memory_mib - used, 0)
+
+
+def _is_migrating(vm: VirtualMachine, ignoring: Migration | None) -> bool:
+    active = Migration.objects.filter(vm=vm, state__in=Migration.ACTIVE_STATES)
+    if ignoring is not None:
+        active = active.exclude(pk=ignoring.pk)
+    return active.exists()
