@@ -1,0 +1,99 @@
+"""Builders for test data: plain functions with sensible defaults, every field overridable."""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any
+
+from django.contrib.auth.models import Group, Permission, User
+
+from vms.models import VSP, Registration, VirtualMachine
+
+_sequence = count(1)
+
+VIEW_PERMISSIONS = ("vms.view_vsp", "vms.view_virtualmachine", "vms.view_registration")
+CHANGE_PERMISSIONS = ("vms.change_virtualmachine", "vms.change_registration")
+PASSWORD = "correct-horse-battery"  # noqa: S105 - test users only
+
+
+def make_vsp(name: str | None = None, **fields: Any) -> VSP:
+    number = next(_sequence)
+    defaults: dict[str, Any] = {
+        "agent_url": f"http://127.0.0.1:{9000 + number}",
+        "agent_secret": f"agent-secret-{number}",
+        "processor_family": "Intel Xeon",
+        "processor_model": "Gold 6338",
+        "memory_mib": 16384,
+        "cpus": 8,
+    }
+    return VSP.objects.create(name=name or f"vsp-{number}", **{**defaults, **fields})
+
+
+def make_vm(
+    name: str | None = None,
+    vsp: VSP | None = None,
+    hardware_status: str = Registration.HardwareStatus.ON,
+    **fields: Any,
+) -> VirtualMachine:
+    """A VM (or vPar, with ``kind="vpar"``) registered on ``vsp`` (a new VSP when not given)."""
+    defaults: dict[str, Any] = {
+        "os_type": "Debian 12",
+        "os_status": VirtualMachine.OSStatus.UP,
+        "boot_attribute": VirtualMachine.BootAttribute.AUTO,
+        "memory_mib": 512,
+        "vcpus": 1,
+    }
+    vm = VirtualMachine.objects.create(name=name or f"vm-{next(_sequence)}", **{**defaults, **fields})
+    make_registration(vm, vsp or make_vsp(), hardware_status)
+    return vm
+
+
+def make_registration(
+    vm: VirtualMachine,
+    vsp: VSP,
+    hardware_status: str = Registration.HardwareStatus.OFF,
+    set_by: str = "",
+    reason: str = "",
+) -> Registration:
+    return Registration.objects.create(
+        vm=vm,
+        vsp=vsp,
+        hardware_status=hardware_status,
+        not_runnable_set_by=set_by,
+        not_runnable_reason=reason,
+    )
+
+
+def make_not_runnable_copy(vm: VirtualMachine, vsp: VSP, reason: str = "guest migrated") -> Registration:
+    return make_registration(
+        vm, vsp, Registration.HardwareStatus.NOT_RUNNABLE, Registration.SetBy.MIGRATE, reason
+    )
+
+
+def make_user(username: str | None = None, permissions: tuple[str, ...] = (), **fields: Any) -> User:
+    user = User.objects.create_user(username or f"user-{next(_sequence)}", password=PASSWORD, **fields)
+    user.user_permissions.add(*[permission_named(dotted) for dotted in permissions])
+    return user
+
+
+def make_admin(username: str = "admin") -> User:
+    return User.objects.create_superuser(username, password=PASSWORD)
+
+
+def make_vm_admin(username: str = "vm-admin") -> User:
+    """Not a superuser: only the model permissions the console's pages and changes need."""
+    return make_user(username, VIEW_PERMISSIONS + CHANGE_PERMISSIONS)
+
+
+def make_operator(username: str = "operator") -> User:
+    """A read-only operator: in group Operators, which only has view permissions."""
+    user = make_user(username)
+    group, _ = Group.objects.get_or_create(name="Operators")
+    group.permissions.add(*[permission_named(dotted) for dotted in VIEW_PERMISSIONS])
+    user.groups.add(group)
+    return user
+
+
+def permission_named(dotted: str) -> Permission:
+    app_label, codename = dotted.split(".")
+    return Permission.objects.get(content_type__app_label=app_label, codename=codename)
