@@ -7,5 +7,6 @@ urlpatterns = [
     path("login/", login_not_required(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("migrations/", include("migrations_app.urls")),
     path("", include("vms.urls")),
 ]

@@ -124,3 +124,13 @@ async def send_messages(messages: dict[str, ProgressMessage]) -> None:
 
 def _message(html: str) -> ProgressMessage:
     return {"type": MESSAGE_TYPE, "html": html}
+
+
+def general_tab_context(vm: VirtualMachine) -> dict[str, object]:
+    """Context provider for ``vms.general_tab``: the page and Refresh Data render what pushes render."""
+    display = get_migration_display(vm)
+    return {
+        "migration": display.migration,
+        "failed_migration": display.failed,
+        "alerts": [display.failed] if display.failed else [],
+    }

@@ -35,6 +35,12 @@ def get_row(rows: dict[int, Migration], vm_id: int) -> Migration | None:
 
 
 @register.filter
+def reason_sentence(reason: str) -> str:
+    """A check's reason as the start of a sentence; "vPars" keeps its lower-case v."""
+    return reason if reason.startswith("vPar") else reason[:1].upper() + reason[1:]
+
+
+@register.filter
 def phase_status_label(status: str) -> str:
     return PHASE_STATUS_LABELS.get(status, status)
 

@@ -128,5 +128,8 @@ async def test_a_failed_migration_shows_its_alert_to_a_browser_that_reconnects()
     assert connected
     html = await socket.receive_from(timeout=5)
     assert "Copy phase failed: the guest dirties memory faster than it can be copied." in html
-    assert '<section id="migration-phases" class="migration-phases" hx-swap-oob="true" hidden' in html
+    assert (
+        '<section id="migration-phases" class="panel section migration-phases" hx-swap-oob="true" hidden'
+        in html
+    )
     await socket.disconnect()

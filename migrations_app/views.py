@@ -1,0 +1,113 @@
+"""Migration pages: the migrate dialog, cancel, and "migrate selected" on a VSP's Virtual Machines tab.
+
+Each view reads the request, checks access, calls one action from ``actions.py``, renders.
+Refusals change nothing and say why in plain words.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import permission_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+from django_htmx.http import reswap, retarget
+
+from vms.models import VSP, VirtualMachine
+
+from .actions import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    MigrationRefused,
+    do_cancel_migration,
+    do_request_migration,
+    do_request_migrations,
+)
+from .checks import check_targets
+from .models import Migration
+from .progress import get_migration_display, render_vm_fragments
+
+DIALOG_TEMPLATE = "migrations_app/migrate_dialog.html"
+
+
+def parse_id(value: str | None) -> int | None:
+    try:
+        number = int(value or "")
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+@require_http_methods(["GET", "POST"])
+@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
+def migrate(request: HttpRequest, vm_id: int) -> HttpResponse:
+    """GET: every VSP with its pre-check result. POST: start the migration to the chosen target."""
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    if request.method == "GET":
+        return render_dialog(request, vm)
+    target_id = parse_id(request.POST.get("target"))
+    target = VSP.objects.filter(pk=target_id).first() if target_id else None
+    if target is None:
+        return render_dialog(request, vm, error="Choose a target VSP from the list.", status=400)
+    try:
+        do_request_migration(vm, target, request.user)
+    except MigrationRefused as refusal:
+        return render_dialog(request, vm, error=refusal.message, status=400)
+    if request.htmx:
+        # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
+        return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
+    messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
+    return redirect("vms:vm_general", pk=vm.pk)
+
+
+def render_dialog(
+    request: HttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
+) -> HttpResponse:
+    context = {"vm": vm, "checks": check_targets(vm), "error": error}
+    template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
+    response = render(request, template, context, status=status)
+    if request.htmx:
+        response = reswap(retarget(response, "#migrate-dialog-slot"), "innerHTML")
+    return response
+
+
+@require_POST
+@permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
+def cancel(request: HttpRequest, migration_id: int) -> HttpResponse:
+    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id)
+    try:
+        do_cancel_migration(migration, request.user)
+    except MigrationRefused as refusal:
+        return respond_notice(request, migration.vm, refusal.message, ok=False)
+    return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
+
+
+def respond_notice(request: HttpRequest, vm: VirtualMachine, text: str, *, ok: bool = True) -> HttpResponse:
+    if request.htmx:
+        context = {"notice": text, "ok": ok, **get_migration_display(vm).context(oob=True)}
+        return render(request, "migrations_app/progress.html#notice_and_state", context)
+    (messages.success if ok else messages.error)(request, text)
+    return redirect("vms:vm_general", pk=vm.pk)
+
+
+@require_POST
+@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
+def migrate_selected(request: HttpRequest, vsp_id: int) -> HttpResponse:
+    """Several VMs of one VSP to one target: they leave one at a time, the rest wait (hourglass)."""
+    vsp = get_object_or_404(VSP, pk=vsp_id)
+    target_id = parse_id(request.POST.get("target"))
+    target = VSP.objects.filter(pk=target_id).first() if target_id else None
+    vm_ids = [parse_id(value) for value in request.POST.getlist("vm")]
+    if target is None or not vm_ids or None in vm_ids:
+        messages.error(request, "Select one or more VMs and a target VSP.")
+        return redirect("vms:vsp_detail", pk=vsp.pk)
+    vms = list(VirtualMachine.objects.filter(pk__in=vm_ids, registrations__vsp=vsp).order_by("name"))
+    if len(vms) != len(set(vm_ids)):
+        messages.error(request, f"Some selected VMs are not registered on {vsp.name}; nothing was started.")
+        return redirect("vms:vsp_detail", pk=vsp.pk)
+    for result in do_request_migrations(vms, target, request.user):
+        if result.refusal:
+            messages.error(request, result.refusal)
+        else:
+            messages.success(request, f"{result.vm.name}: migration to {target.name} queued.")
+    return redirect("vms:vsp_detail", pk=vsp.pk)

@@ -1,0 +1,189 @@
+"""The migrate dialog, cancel and "migrate selected": what an admin sees and that refusals start nothing.
+
+Django's test client against the real views and templates; on_commit work (queueing the Celery task) does
+not run in these non-transactional tests, which is what keeps them to the pages themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from migrations_app.models import Migration
+
+from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet():
+    vsps = {
+        "vsp1": make_vsp("vsp1"),
+        "vsp2": make_vsp("vsp2"),
+        "vsp3": make_vsp("vsp3", licensed=False),
+        "vsp4": make_vsp("vsp4", migration_enabled=False),
+        "vsp5": make_vsp("vsp5", memory_mib=100),
+    }
+    return vsps, make_vm("web01", vsps["vsp1"], memory_mib=512)
+
+
+@pytest.fixture
+def admin_client() -> Client:
+    client = Client()
+    client.force_login(make_user("admin", *ADMIN_PERMISSIONS))
+    return client
+
+
+@pytest.fixture
+def operator_client() -> Client:
+    client = Client()
+    client.force_login(make_user("operator", "vms.view_virtualmachine", "vms.view_vsp"))
+    return client
+
+
+def dialog_url(vm) -> str:
+    return reverse("migrations_app:migrate", args=[vm.pk])
+
+
+def target_row(html: str, vsp_name: str) -> str:
+    start = html.index(f'data-vsp="{vsp_name}"')
+    return html[start : html.index("</tr>", start)]
+
+
+def test_it_lists_every_vsp_with_its_pre_check_in_plain_words(fleet, admin_client):
+    vsps, vm = fleet
+    html = admin_client.get(dialog_url(vm)).content.decode()
+    expected = {
+        "vsp1": "Same host",
+        "vsp3": "Host not licensed",
+        "vsp4": "Host disabled",
+        "vsp5": "Not enough free memory (needs 512 MiB, 100 MiB free)",
+    }
+    for name, reason in expected.items():
+        row = target_row(html, name)
+        assert reason in row and "disabled" in row and 'data-ok="false"' in row
+    assert "Ready" in target_row(html, "vsp2") and " disabled" not in target_row(html, "vsp2")
+
+
+def test_a_vpar_is_refused_on_every_target(fleet, admin_client):
+    vsps, _ = fleet
+    vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
+    html = admin_client.get(dialog_url(vpar)).content.decode()
+    for name in vsps:
+        assert "vPars do not migrate" in target_row(html, name)
+    response = admin_client.post(dialog_url(vpar), {"target": vsps["vsp2"].pk})
+    assert response.status_code == 400 and "vPars do not migrate" in response.content.decode()
+    assert not Migration.objects.exists()
+
+
+@pytest.mark.parametrize("target", ["vsp1", "vsp3", "vsp4", "vsp5"])
+def test_posting_a_refused_target_starts_nothing_and_says_why(fleet, admin_client, target):
+    vsps, vm = fleet
+    response = admin_client.post(dialog_url(vm), {"target": vsps[target].pk})
+    assert response.status_code == 400
+    assert f"web01 cannot migrate to {target}" in response.content.decode()
+    assert not Migration.objects.exists()
+
+
+@pytest.mark.parametrize("value", ["", "abc", "-1", "999999"])
+def test_a_missing_or_unknown_target_starts_nothing(fleet, admin_client, value):
+    _, vm = fleet
+    response = admin_client.post(dialog_url(vm), {"target": value})
+    assert response.status_code == 400 and "Choose a target VSP" in response.content.decode()
+    assert not Migration.objects.exists()
+
+
+def test_an_ok_target_queues_the_migration_and_the_tab_shows_it(fleet, admin_client):
+    vsps, vm = fleet
+    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk})
+    assert response.status_code == 302
+    migration = Migration.objects.get()
+    assert (migration.vm, migration.source, migration.target) == (vm, vsps["vsp1"], vsps["vsp2"])
+    page = admin_client.get(response.url).content.decode()
+    assert "Waiting its turn to migrate to VSP vsp2" in page and "migration-icon-queued" in page
+
+
+def test_with_htmx_an_ok_target_answers_with_the_phases_to_swap_in(fleet, admin_client):
+    vsps, vm = fleet
+    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}, headers={"HX-Request": "true"})
+    html = response.content.decode()
+    assert response.status_code == 200 and 'id="migration-phases"' in html and 'hx-swap-oob="true"' in html
+
+
+def test_with_htmx_a_refusal_re_renders_the_dialog_in_its_slot(fleet, admin_client):
+    vsps, vm = fleet
+    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp3"].pk}, headers={"HX-Request": "true"})
+    assert response.status_code == 400 and response["HX-Retarget"] == "#migrate-dialog-slot"
+    assert "host not licensed" in response.content.decode() and "<dialog" in response.content.decode()
+
+
+def test_a_read_only_operator_can_neither_open_the_dialog_nor_migrate_nor_cancel(fleet, operator_client):
+    vsps, vm = fleet
+    assert operator_client.get(dialog_url(vm)).status_code == 403
+    assert operator_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}).status_code == 403
+    migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
+    assert operator_client.post(reverse("migrations_app:cancel", args=[migration.pk])).status_code == 403
+    assert Migration.objects.get().state == Migration.State.QUEUED
+    page = operator_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    assert 'id="migrate-button"' not in page and 'data-can-cancel="false"' in page
+
+
+def test_anonymous_users_are_sent_to_log_in(fleet):
+    _, vm = fleet
+    response = Client().get(dialog_url(vm))
+    assert response.status_code == 302 and "/login/" in response.url
+
+
+def test_cancel_ends_a_queued_migration(fleet, admin_client):
+    vsps, vm = fleet
+    migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
+    response = admin_client.post(reverse("migrations_app:cancel", args=[migration.pk]))
+    assert response.status_code == 302
+    assert Migration.objects.get().state == Migration.State.CANCELLED
+
+
+def test_the_page_and_refresh_data_show_the_same_numbers(fleet, admin_client):
+    vsps, vm = fleet
+    make_migration(
+        vm,
+        vsps["vsp1"],
+        vsps["vsp2"],
+        state=Migration.State.COPY,
+        init_percent=100,
+        copy_percent=63,
+        bytes_sent=300 * 2**20,
+        bytes_remaining=212 * 2**20,
+        rounds=5,
+    )
+    page = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    refreshed = admin_client.get(reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"})
+    for html in (page, refreshed.content.decode()):
+        assert "63%" in html and "300.0\xa0MB" in html and "212.0\xa0MB" in html and 'data-round="5"' in html
+        assert "Migrating to VSP vsp2: Copy phase." in html
+
+
+def test_migrate_selected_queues_each_vm_and_reports_refusals(fleet, admin_client):
+    vsps, web01 = fleet
+    web02 = make_vm("web02", vsps["vsp1"])
+    vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
+    url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
+    response = admin_client.post(
+        url, {"vm": [web01.pk, web02.pk, vpar.pk], "target": vsps["vsp2"].pk}, follow=True
+    )
+    html = response.content.decode()
+    assert set(Migration.objects.values_list("vm__name", flat=True)) == {"web01", "web02"}
+    assert "vpar01 cannot migrate to vsp2: vPars do not migrate." in html
+    assert html.count("migration-icon-queued") == 2 and "Waiting to migrate to vsp2" in html
+
+
+def test_migrate_selected_refuses_vms_of_another_vsp(fleet, admin_client):
+    vsps, web01 = fleet
+    elsewhere = make_vm("db01", vsps["vsp2"])
+    url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
+    response = admin_client.post(
+        url, {"vm": [web01.pk, elsewhere.pk], "target": vsps["vsp2"].pk}, follow=True
+    )
+    assert "not registered on vsp1; nothing was started" in response.content.decode()
+    assert not Migration.objects.exists()
