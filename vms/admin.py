@@ -16,6 +16,14 @@ class VSPAdminForm(forms.ModelForm):
 
     class Meta:
         model = VSP
+        # Agents listen on plain http on loopback in the demo; without this Django warns about https.
+        formfield_callback = staticmethod(
+            lambda field, **kwargs: (
+                field.formfield(assume_scheme="http", **kwargs)
+                if field.name == "agent_url"
+                else field.formfield(**kwargs)
+            )
+        )
         fields = [
             "name",
             "agent_url",

@@ -1,0 +1,90 @@
+# ruff: noqa: S105, S106 - fake agent secrets are the point of these tests
+"""The Django admin (agent secret write-only) and the demo fleet / demo users commands."""
+
+import stat
+from io import StringIO
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
+
+from tests.factories import make_admin, make_vsp
+from vms.models import VSP, Registration, VirtualMachine
+from vms.status import online_migration_status
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_admin_never_shows_the_agent_secret(client):
+    vsp = make_vsp("h", agent_secret="very-secret-value")
+    client.force_login(make_admin())
+    assert "very-secret-value" not in client.get("/admin/vms/vsp/").text
+    assert "very-secret-value" not in client.get(f"/admin/vms/vsp/{vsp.pk}/change/").text
+
+
+def test_the_admin_keeps_the_secret_when_left_empty_and_replaces_it_when_given(client):
+    vsp = make_vsp("h", agent_secret="old-secret")
+    client.force_login(make_admin())
+    form = {
+        "name": "h",
+        "agent_url": "http://127.0.0.1:7101",
+        "agent_secret": "",
+        "migration_enabled": "on",
+        "licensed": "on",
+        "memory_mib": "1024",
+        "cpus": "2",
+        "agent_reachable": "on",
+    }
+    assert client.post(f"/admin/vms/vsp/{vsp.pk}/change/", form).status_code == 302
+    vsp.refresh_from_db()
+    assert vsp.agent_secret == "old-secret"
+    client.post(f"/admin/vms/vsp/{vsp.pk}/change/", {**form, "agent_secret": "new-secret"})
+    vsp.refresh_from_db()
+    assert vsp.agent_secret == "new-secret"
+
+
+def run(command: str, *args: str) -> str:
+    out = StringIO()
+    call_command(command, *args, stdout=out)
+    return out.getvalue()
+
+
+def test_the_demo_fleet_shows_every_status_row_a_vpar_and_a_not_runnable_copy(tmp_path):
+    run("demo_fleet", "--secrets-dir", str(tmp_path))
+    shown = {
+        online_migration_status(vm, vm.current_vsp).label
+        for vm in VirtualMachine.objects.prefetch_related("registrations__vsp")
+    }
+    assert {"Host disabled", "Host not licensed", "VM enabled", "VM disabled"} <= shown
+    assert "vPar does not support migration" in shown
+    assert VirtualMachine.objects.filter(kind="vpar").count() == 2
+    copy = Registration.objects.get(hardware_status="not_runnable")
+    assert (copy.not_runnable_set_by, copy.not_runnable_reason) == ("migrate", "guest migrated to VSP vsp2")
+    sizes = VirtualMachine.objects.values_list("memory_mib", flat=True)
+    assert 128 <= min(sizes) and max(sizes) <= 4096
+
+
+def test_the_demo_fleet_is_idempotent_and_shares_secrets_through_files(tmp_path):
+    (tmp_path / "vsp1.secret").write_text("given-secret\n")
+    run("demo_fleet", "--secrets-dir", str(tmp_path), "--agents-base-port", "8100")
+    counts = (VSP.objects.count(), VirtualMachine.objects.count(), Registration.objects.count())
+    run("demo_fleet", "--secrets-dir", str(tmp_path), "--agents-base-port", "8100")
+    assert (VSP.objects.count(), VirtualMachine.objects.count(), Registration.objects.count()) == counts
+    assert VSP.objects.get(name="vsp1").agent_secret == "given-secret"
+    assert VSP.objects.get(name="vsp2").agent_url == "http://127.0.0.1:8101"
+    written = tmp_path / "vsp2.secret"
+    assert written.read_text().strip() == VSP.objects.get(name="vsp2").agent_secret
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_demo_users_are_an_admin_and_a_read_only_operator(monkeypatch):
+    monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "pw-for-admin")
+    output = run("demo_users")
+    run("demo_users")
+    assert "admin / pw-for-admin" in output
+    admin, operator = User.objects.get(username="admin"), User.objects.get(username="operator")
+    assert admin.is_superuser and admin.check_password("pw-for-admin")
+    assert operator.groups.filter(name="Operators").exists()
+    assert operator.has_perm("vms.view_virtualmachine")
+    assert not operator.has_perm("vms.change_virtualmachine")
+    assert not operator.has_perm("vms.change_registration")
