@@ -1,0 +1,300 @@
+"""The ``qemu`` driver: guests are QEMU processes, migrated with QEMU's own live migration.
+
+Options (``DriverSettings.options``, from the agent's command line):
+  qemu_binary   QEMU to run (default ``qemu-system-x86_64``); refused below QEMU 10
+  guest_images  directory with ``vmlinuz`` and ``initramfs.cpio.gz`` (default: the repo's
+                ``guest-images/``, built by ``scripts/build_test_guest.sh``)
+  run_dir       where QMP sockets, serial consoles and QEMU logs go (default: a temp dir)
+  accel         QEMU accelerator (default ``tcg``; ``kvm`` where the host has it)
+
+Every guest boots the test guest's kernel and initramfs; its workload (memwriter) writes
+``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them, and what it says on its
+serial console is reported under ``workload`` in the guest's info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..driver import (
+    Conflict,
+    DriverSettings,
+    Endpoint,
+    GuestInfo,
+    GuestSpec,
+    HardwareStatus,
+    InvalidRequest,
+    Migration,
+    MigrationParams,
+    NotFound,
+    OsStatus,
+    PhaseLimits,
+)
+from .qemu_migration import QemuMigration, SourceMigration, TargetMigration
+from .qemu_process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "guest-images"
+GUEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_VCPUS = 8
+MAX_MEMORY_MIB = 64 * 1024
+MAX_DIRTY_RATE = 1_000_000
+
+
+@dataclass
+class QemuGuest:
+    spec: GuestSpec
+    hardware: HardwareStatus = "off"
+    process: QemuProcess | None = None
+    migration: QemuMigration | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+
+def workload_of(spec: GuestSpec) -> Workload:
+    return Workload(
+        memory_mib=int(spec["memory_mib"]),
+        vcpus=int(spec["vcpus"]),
+        dirty_pages_per_s=int(spec.get("dirty_pages_per_s", 0)),
+    )
+
+
+def check_spec(spec: GuestSpec) -> GuestSpec:
+    name = str(spec.get("name", ""))
+    if not GUEST_NAME.match(name):
+        raise InvalidRequest("name: 1-63 letters, digits, '.', '_' or '-'")
+    memory, vcpus, rate = spec.get("memory_mib"), spec.get("vcpus"), spec.get("dirty_pages_per_s", 0)
+    if not isinstance(memory, int) or not MIN_GUEST_MIB <= memory <= MAX_MEMORY_MIB:
+        raise InvalidRequest(f"memory_mib: a whole number from {MIN_GUEST_MIB} to {MAX_MEMORY_MIB}")
+    if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise InvalidRequest(f"vcpus: a whole number from 1 to {MAX_VCPUS}")
+    if not isinstance(rate, int) or not 0 <= rate <= MAX_DIRTY_RATE:
+        raise InvalidRequest(f"dirty_pages_per_s: a whole number from 0 to {MAX_DIRTY_RATE}")
+    return {
+        "name": name,
+        "memory_mib": memory,
+        "vcpus": vcpus,
+        "os_type": str(spec.get("os_type", "Linux")),
+        "dirty_pages_per_s": rate,
+    }
+
+
+class QemuDriver:
+    name = "qemu"
+
+    def __init__(self, settings: DriverSettings) -> None:
+        self.settings = settings
+        options = settings.options
+        images = Path(
+            options.get("guest_images") or os.environ.get("HOSTAGENT_GUEST_IMAGES") or DEFAULT_IMAGES
+        )
+        self._own_run_dir = "run_dir" not in options
+        run_dir = Path(options["run_dir"]) if "run_dir" in options else Path(tempfile.mkdtemp(prefix="qemu-"))
+        self.config = QemuConfig(
+            binary=options.get("qemu_binary", "qemu-system-x86_64"),
+            kernel=images / "vmlinuz",
+            initramfs=images / "initramfs.cpio.gz",
+            run_dir=run_dir,
+            accel=options.get("accel", "tcg"),
+        )
+        self.qemu_version = ""
+        self._guests: dict[str, QemuGuest] = {}
+        self._replaced: dict[str, QemuGuest] = {}
+
+    async def open(self) -> None:
+        self.qemu_version = check_qemu(self.config.binary)
+        for image in (self.config.kernel, self.config.initramfs):
+            if not image.is_file():
+                raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
+
+    async def close(self) -> None:
+        for guest in list(self._guests.values()) + list(self._replaced.values()):
+            await self._halt(guest)
+        if self._own_run_dir:
+            shutil.rmtree(self.config.run_dir, ignore_errors=True)
+
+    # --- inventory -------------------------------------------------------------------
+
+    def list_guests(self) -> list[GuestInfo]:
+        return [self._info(guest) for guest in self._guests.values()]
+
+    def get_guest(self, name: str) -> GuestInfo:
+        return self._info(self._guest(name))
+
+    def _guest(self, name: str) -> QemuGuest:
+        try:
+            return self._guests[name]
+        except KeyError:
+            raise NotFound(f"no guest {name!r} on {self.settings.agent_name}") from None
+
+    def _info(self, guest: QemuGuest) -> GuestInfo:
+        spec = guest.spec
+        workload: dict[str, object] = guest.process.workload_report() if guest.process else {}
+        return {
+            "name": spec["name"],
+            "os_type": spec.get("os_type", "Linux"),
+            "os_status": self._os_status(guest, workload),
+            "hardware_status": guest.hardware,
+            "memory_mib": spec["memory_mib"],
+            "vcpus": spec["vcpus"],
+            "migrating": guest.migration.role if guest.migration else None,
+            "workload": workload,
+        }
+
+    @staticmethod
+    def _os_status(guest: QemuGuest, workload: dict[str, object]) -> OsStatus:
+        if not guest.running or guest.hardware != "on":
+            return "down"
+        return "up" if workload.get("booted") else "initializing"
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def define_guest(self, spec: GuestSpec) -> GuestInfo:
+        clean = check_spec(spec)
+        existing = self._guests.get(clean["name"])
+        if existing is not None:
+            if existing.spec != clean:
+                raise Conflict(f"guest {clean['name']!r} exists with a different definition")
+        else:
+            self._guests[clean["name"]] = QemuGuest(spec=clean)
+        if spec.get("running"):
+            return await self.start_guest(clean["name"])
+        return self.get_guest(clean["name"])
+
+    async def start_guest(self, name: str) -> GuestInfo:
+        guest = self._guest(name)
+        if guest.hardware == "not_runnable":
+            raise Conflict(f"guest {name!r} is Not Runnable here (it migrated away)")
+        if guest.migration is not None:
+            raise Conflict(f"guest {name!r} is migrating")
+        if not guest.running:
+            process = QemuProcess(self.config, name, workload_of(guest.spec), instance="boot", incoming=False)
+            await self._launch(guest, process)
+            guest.hardware = "on"
+        return self.get_guest(name)
+
+    async def stop_guest(self, name: str) -> GuestInfo:
+        guest = self._guest(name)
+        if guest.migration is not None:
+            raise Conflict(f"guest {name!r} is migrating")
+        await self._halt(guest)
+        if guest.hardware == "on":
+            guest.hardware = "off"
+        return self.get_guest(name)
+
+    async def delete_guest(self, name: str) -> None:
+        guest = self._guest(name)
+        if guest.running or guest.migration is not None:
+            raise Conflict(f"guest {name!r} is running or migrating; stop it first")
+        del self._guests[name]
+
+    async def _launch(self, guest: QemuGuest, process: QemuProcess) -> None:
+        await process.launch()
+        guest.process = process
+        guest.tasks = [
+            asyncio.create_task(self._pump_events(guest, process)),
+            asyncio.create_task(self._watch_exit(guest, process)),
+        ]
+
+    async def _halt(self, guest: QemuGuest) -> None:
+        for task in guest.tasks:
+            task.cancel()
+        guest.tasks = []
+        if guest.process is not None:
+            await guest.process.quit()
+
+    async def _pump_events(self, guest: QemuGuest, process: QemuProcess) -> None:
+        """Hand the process's QMP events to the migration it belongs to."""
+        assert process.qmp is not None
+        while True:
+            event = await process.qmp.events.get()
+            migration = guest.migration
+            if migration is not None and migration.process is process:
+                try:
+                    await migration.handle_event(event)
+                except Exception:
+                    log.exception("%s: handling %s", guest.spec["name"], event.get("event"))
+
+    async def _watch_exit(self, guest: QemuGuest, process: QemuProcess) -> None:
+        assert process.process is not None
+        code = await process.process.wait()
+        if guest.process is process and guest.hardware == "on" and guest.migration is None:
+            log.warning("%s: QEMU exited (%s): %s", guest.spec["name"], code, process.log_tail()[-200:])
+            guest.hardware = "off"
+
+    # --- migration -------------------------------------------------------------------
+
+    async def prepare_incoming(
+        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
+    ) -> tuple[Migration, Endpoint]:
+        clean = check_spec(spec)
+        name = clean["name"]
+        existing = self._guests.get(name)
+        if existing is not None and (existing.running or existing.migration is not None):
+            raise Conflict(f"guest {name!r} already runs or migrates on {self.settings.agent_name}")
+        guest = QemuGuest(spec=clean)
+        instance = f"in-{migration_id[:12]}"
+        process = QemuProcess(self.config, name, workload_of(clean), instance=instance, incoming=True)
+        await self._launch(guest, process)
+        migration = TargetMigration(process, migration_id, limits, self.settings.data_host, self._finished)
+        guest.migration = migration
+        if existing is not None:
+            self._replaced[name] = existing
+        self._guests[name] = guest
+        await migration.begin()
+        return migration, migration.endpoint
+
+    async def start_outgoing(
+        self, guest_name: str, migration_id: str, target: Endpoint, params: MigrationParams
+    ) -> Migration:
+        guest = self._guest(guest_name)
+        if guest.migration is not None:
+            raise Conflict(f"guest {guest_name!r} is already migrating")
+        if not guest.running or guest.hardware != "on" or guest.process is None:
+            raise Conflict(f"guest {guest_name!r} is not running")
+        migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
+        guest.migration = migration
+        migration.begin()
+        return migration
+
+    def _finished(self, migration: QemuMigration) -> None:
+        """A side reached its end: update the guest it belongs to."""
+        name = migration.guest_name
+        guest = self._guests.get(name)
+        if guest is None or guest.migration is not migration:
+            return
+        guest.migration = None
+        state = migration.progress.state
+        if migration.role == "source":
+            if state == "released":
+                guest.hardware = "not_runnable"
+                self._stop_tasks(guest)
+            return
+        if state == "completed":
+            guest.hardware = "on"
+            self._replaced.pop(name, None)
+            return
+        del self._guests[name]
+        previous = self._replaced.pop(name, None)
+        if previous is not None:
+            self._guests[name] = previous
+        self._stop_tasks(guest)
+
+    @staticmethod
+    def _stop_tasks(guest: QemuGuest) -> None:
+        for task in guest.tasks:
+            task.cancel()
+        guest.tasks = []
