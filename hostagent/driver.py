@@ -48,10 +48,11 @@ TERMINAL_STATES: frozenset[str] = frozenset({"completed", "aborted", "cancelled"
 class GuestSpec(TypedDict, total=False):
     """What defines a guest. ``name``, ``memory_mib`` and ``vcpus`` are required.
 
-    ``dirty_pages_per_s`` is the simulated workload's write rate. ``io_latency_ms``
+    ``dirty_pages_per_s`` is the simulated workload's write rate, ``fill_percent``
+    how much of memory it fills at boot. ``io_latency_ms``
     (how long one simulated I/O takes, so Quiesce can be made slow) and
     ``state_save_ms`` (how long saving vCPU/device state takes, so Frozen can be
-    made slow) exist for tests; other drivers may ignore all three.
+    made slow) exist for tests; other drivers may ignore all four.
     """
 
     name: str
@@ -61,6 +62,7 @@ class GuestSpec(TypedDict, total=False):
     dirty_pages_per_s: int
     io_latency_ms: int
     state_save_ms: int
+    fill_percent: int
     running: bool
 
 
@@ -173,7 +175,12 @@ class Migration(Protocol):
     def snapshot(self) -> ProgressSnapshot: ...
 
     async def next_change(self, after_seq: int) -> ProgressSnapshot:
-        """Wait until ``seq`` > ``after_seq`` (return at once if it already is)."""
+        """Wait until ``seq`` > ``after_seq`` (at once if it already is).
+
+        Returns the first snapshot after ``after_seq`` whose state or phase changed,
+        if there is one, else the latest: a slow reader still sees every phase.
+        ``hostagent.progress.Progress`` implements this; drivers may reuse it.
+        """
         ...
 
     async def quiesce(self) -> ProgressSnapshot:

@@ -1,0 +1,109 @@
+"""``python -m hostagent --name vsp1 --listen 127.0.0.1:7101 --secret-file ... --driver simulated``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from hostagent.driver import DRIVERS, DriverSettings, load_driver
+from hostagent.server import create_app
+
+log = logging.getLogger("hostagent")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hostagent", description="Host agent for one VSP.")
+    parser.add_argument("--name", required=True, help="this VSP's name, e.g. vsp1")
+    parser.add_argument("--listen", default="127.0.0.1:7101", help="HOST:PORT for the HTTP API")
+    parser.add_argument("--secret-file", type=Path, help="file holding the API secret")
+    parser.add_argument(
+        "--secret-env", help="environment variable holding the API secret (default HOSTAGENT_SECRET)"
+    )
+    parser.add_argument("--driver", default="simulated", help=f"one of {', '.join(DRIVERS)} or module:Class")
+    parser.add_argument(
+        "--data-host", help="address the data-plane listeners bind to (default: the API host)"
+    )
+    parser.add_argument(
+        "--driver-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="driver option, repeatable (simulated: capacity_mib=65536)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def read_secret(args: argparse.Namespace) -> str:
+    if args.secret_file:
+        secret = args.secret_file.read_text().strip()
+    else:
+        secret = os.environ.get(args.secret_env or "HOSTAGENT_SECRET", "").strip()
+    if len(secret) < 16:
+        sys.exit(
+            "hostagent: a secret of at least 16 characters is required "
+            "(--secret-file, --secret-env or HOSTAGENT_SECRET)"
+        )
+    return secret
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        sys.exit(f"hostagent: --listen must be HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def driver_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"hostagent: --driver-option must be KEY=VALUE, not {pair!r}")
+        options[key] = value
+    return options
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, port = split_listen(args.listen)
+    settings = DriverSettings(
+        agent_name=args.name, data_host=args.data_host or host, options=driver_options(args.driver_option)
+    )
+    driver = load_driver(args.driver, settings)
+    runner = web.AppRunner(create_app(driver, read_secret(args), args.name), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info(
+        "agent %s listening on %s:%s (driver %s, data host %s)",
+        args.name,
+        host,
+        port,
+        driver.name,
+        settings.data_host,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("agent %s stopping", args.name)
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

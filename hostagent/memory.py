@@ -1,0 +1,127 @@
+"""Guest memory: page-addressed storage with write tracking and incremental digests.
+
+The storage is an anonymous ``mmap``: the kernel backs only the pages that were
+touched, so a 4 GiB guest that wrote little costs little RAM.
+
+Three bitmaps (one byte per page or chunk, so C-speed ``re``/``count`` work on them):
+- ``written``: pages that may be non-zero. Pages never written are zero and go
+  over the wire as a marker.
+- ``dirty``: pages written since the last ``take_dirty`` (only while tracking).
+- ``stale``: chunks whose digest must be recomputed.
+
+Digest invariant, with writers on the event-loop thread and ``refresh_digests``
+on a worker thread: a writer marks a chunk stale *after* writing it, and the
+refresher clears the mark *before* hashing, so a chunk written while hashed is
+always hashed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import re
+from collections.abc import Iterator
+
+PAGE_SIZE = 4096
+CHUNK_PAGES = 256
+CHUNK_SIZE = PAGE_SIZE * CHUNK_PAGES
+ZERO_CHUNK = bytes(CHUNK_SIZE)
+ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).digest()
+_RUNS = re.compile(rb"\x01+")
+_GAPS = re.compile(rb"\x00+")
+
+
+def runs_of(bitmap: bytes | bytearray, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """Yield (first_page, count) for each run of set bytes in ``bitmap[first:end]``."""
+    for match in _RUNS.finditer(bitmap, first, len(bitmap) if end is None else end):
+        yield match.start(), match.end() - match.start()
+
+
+def gaps_of(bitmap: bytes | bytearray, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """Yield (first_page, count) for each run of clear bytes in ``bitmap[first:end]``."""
+    for match in _GAPS.finditer(bitmap, first, len(bitmap) if end is None else end):
+        yield match.start(), match.end() - match.start()
+
+
+class GuestMemory:
+    def __init__(self, memory_mib: int) -> None:
+        self.size = memory_mib * 1024 * 1024
+        self.page_count = self.size // PAGE_SIZE
+        self.chunk_count = self.page_count // CHUNK_PAGES
+        self._map = mmap.mmap(-1, self.size)
+        self.view = memoryview(self._map)
+        self.written = bytearray(self.page_count)
+        self.stale = bytearray(self.chunk_count)
+        self._chunk_digests = [ZERO_CHUNK_DIGEST] * self.chunk_count
+        self.dirty: bytearray | None = None
+
+    # -- writing -------------------------------------------------------
+    def note_written(self, first_page: int, count: int) -> None:
+        """Record that pages were written (call after the bytes are in place)."""
+        end = first_page + count
+        self.written[first_page:end] = b"\x01" * count
+        if self.dirty is not None:
+            self.dirty[first_page:end] = b"\x01" * count
+        first_chunk, last_chunk = first_page // CHUNK_PAGES, (end - 1) // CHUNK_PAGES
+        self.stale[first_chunk : last_chunk + 1] = b"\x01" * (last_chunk - first_chunk + 1)
+
+    def zero_pages(self, first_page: int, count: int) -> None:
+        """Make pages zero; pages never written already are, and stay unbacked."""
+        end = first_page + count
+        for run_first, run_count in runs_of(self.written, first_page, end):
+            start = run_first * PAGE_SIZE
+            self.view[start : start + run_count * PAGE_SIZE] = bytes(run_count * PAGE_SIZE)
+            self.written[run_first : run_first + run_count] = bytes(run_count)
+            self.note_stale(run_first, run_count)
+
+    def note_stale(self, first_page: int, count: int) -> None:
+        first_chunk, last_chunk = first_page // CHUNK_PAGES, (first_page + count - 1) // CHUNK_PAGES
+        self.stale[first_chunk : last_chunk + 1] = b"\x01" * (last_chunk - first_chunk + 1)
+
+    def pages(self, first_page: int, count: int) -> memoryview:
+        return self.view[first_page * PAGE_SIZE : (first_page + count) * PAGE_SIZE]
+
+    # -- write tracking ------------------------------------------------
+    def start_tracking(self) -> None:
+        self.dirty = bytearray(self.page_count)
+
+    def stop_tracking(self) -> None:
+        self.dirty = None
+
+    def take_dirty(self) -> bytearray:
+        """The pages written since the last call; tracking restarts from empty."""
+        taken = self.dirty if self.dirty is not None else bytearray(self.page_count)
+        self.dirty = bytearray(self.page_count)
+        return taken
+
+    def dirty_count(self) -> int:
+        return self.dirty.count(1) if self.dirty is not None else 0
+
+    def written_count(self) -> int:
+        return self.written.count(1)
+
+    # -- digests -------------------------------------------------------
+    def refresh_digests(self) -> int:
+        """Re-hash stale chunks (thread-safe against writers, see module doc). Returns chunks hashed."""
+        hashed = 0
+        chunk = self.stale.find(1)
+        while chunk != -1:
+            self.stale[chunk] = 0
+            start = chunk * CHUNK_SIZE
+            self._chunk_digests[chunk] = hashlib.sha256(self.view[start : start + CHUNK_SIZE]).digest()
+            hashed += 1
+            chunk = self.stale.find(1, chunk + 1)
+        return hashed
+
+    def digest(self) -> str:
+        """Whole-memory digest from the chunk digests; call ``refresh_digests`` first."""
+        return hashlib.sha256(b"".join(self._chunk_digests)).hexdigest()
+
+    def close(self) -> None:
+        self.dirty = None
+        self.written = bytearray(self.page_count)
+        # Views handed out by ``pages`` may still be alive; the map then goes with them.
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self._map.close()

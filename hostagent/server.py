@@ -1,0 +1,237 @@
+"""The agent's HTTP API (aiohttp). It talks only to the ``Driver`` and ``Migration`` protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hostagent import __version__
+from hostagent.driver import (
+    TERMINAL_STATES,
+    AgentError,
+    Conflict,
+    Driver,
+    InvalidRequest,
+    Migration,
+    NotFound,
+)
+from hostagent.validation import (
+    check_endpoint,
+    check_guest_spec,
+    check_limits,
+    check_migration_id,
+    check_name,
+    check_params,
+    require_object,
+)
+
+log = logging.getLogger("hostagent.server")
+STREAM_INTERVAL_S = 0.05
+COMMANDS = ("quiesce", "freeze", "resume", "discard", "release", "cancel")
+DRIVER_KEY = web.AppKey("driver", Driver)
+SECRET_KEY = web.AppKey("secret", bytes)
+NAME_KEY = web.AppKey("name", str)
+MIGRATIONS_KEY = web.AppKey("migrations", dict)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        log.warning("refused %s %s from %s: no credential", request.method, request.path, request.remote)
+        return error_response(401, "missing credential: send Authorization: Bearer <secret>")
+    if not hmac.compare_digest(presented.strip().encode(), request.app[SECRET_KEY]):
+        log.warning("refused %s %s from %s: wrong credential", request.method, request.path, request.remote)
+        return error_response(401, "wrong credential")
+    return await handler(request)
+
+
+@web.middleware
+async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AgentError as error:
+        return error_response(error.status, error.message)
+    except web.HTTPException as error:
+        if error.status >= 400:
+            return error_response(error.status, error.reason or "request refused")
+        raise
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidRequest("the request body is not valid JSON") from error
+    return require_object(body, "the request body")
+
+
+def driver_of(request: web.Request) -> Driver:
+    return request.app[DRIVER_KEY]
+
+
+def migration_of(request: web.Request) -> Migration:
+    migration = request.app[MIGRATIONS_KEY].get(request.match_info["migration_id"])
+    if migration is None:
+        raise NotFound(f"no migration {request.match_info['migration_id']} on this host")
+    return migration
+
+
+# -- health and guests ----------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    driver = driver_of(request)
+    return web.json_response(
+        {
+            "name": request.app[NAME_KEY],
+            "version": __version__,
+            "driver": driver.name,
+            "guests": len(driver.list_guests()),
+        }
+    )
+
+
+async def list_guests(request: web.Request) -> web.Response:
+    return web.json_response({"guests": driver_of(request).list_guests()})
+
+
+async def get_guest(request: web.Request) -> web.Response:
+    return web.json_response(driver_of(request).get_guest(check_name(request.match_info["name"])))
+
+
+async def define_guest(request: web.Request) -> web.Response:
+    spec = check_guest_spec(await read_json(request), name=check_name(request.match_info["name"]))
+    return web.json_response(await driver_of(request).define_guest(spec))
+
+
+async def start_guest(request: web.Request) -> web.Response:
+    return web.json_response(await driver_of(request).start_guest(check_name(request.match_info["name"])))
+
+
+async def stop_guest(request: web.Request) -> web.Response:
+    return web.json_response(await driver_of(request).stop_guest(check_name(request.match_info["name"])))
+
+
+async def delete_guest(request: web.Request) -> web.Response:
+    name = check_name(request.match_info["name"])
+    await driver_of(request).delete_guest(name)
+    return web.json_response({"deleted": name})
+
+
+# -- migrations -------------------------------------------------------------
+def check_new_migration(request: web.Request, migration_id: str) -> None:
+    if migration_id in request.app[MIGRATIONS_KEY]:
+        raise Conflict(f"migration {migration_id} already exists on this host")
+
+
+async def prepare_incoming(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    migration_id = check_migration_id(body.get("migration_id"))
+    spec = check_guest_spec(body.get("guest"))
+    limits = check_limits(body.get("limits"))
+    check_new_migration(request, migration_id)
+    migration, endpoint = await driver_of(request).prepare_incoming(spec, migration_id, limits)
+    request.app[MIGRATIONS_KEY][migration_id] = migration
+    log.info("prepared incoming migration %s of %s on port %s", migration_id, spec["name"], endpoint["port"])
+    return web.json_response(
+        {
+            "migration_id": migration_id,
+            "data_host": endpoint["host"],
+            "data_port": endpoint["port"],
+            "token": endpoint["token"],
+        }
+    )
+
+
+async def start_outgoing(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    migration_id = check_migration_id(body.get("migration_id"))
+    guest = check_name(body.get("guest"))
+    target = check_endpoint(body.get("target"))
+    params = check_params(body.get("params"))
+    check_new_migration(request, migration_id)
+    migration = await driver_of(request).start_outgoing(guest, migration_id, target, params)
+    request.app[MIGRATIONS_KEY][migration_id] = migration
+    log.info(
+        "started outgoing migration %s of %s to %s:%s", migration_id, guest, target["host"], target["port"]
+    )
+    return web.json_response(migration.snapshot())
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    return web.json_response(migration_of(request).snapshot())
+
+
+async def run_command(request: web.Request) -> web.Response:
+    command = request.match_info["command"]
+    if command not in COMMANDS:
+        raise NotFound(f"no command {command}; commands are {', '.join(COMMANDS)}")
+    migration = migration_of(request)
+    snapshot = await getattr(migration, command)()
+    log.info("%s %s -> %s", command, migration.migration_id, snapshot["state"])
+    return web.json_response(snapshot)
+
+
+async def stream_progress(request: web.Request) -> web.StreamResponse:
+    """NDJSON: the current snapshot, then changes (at most ~20/s, but every phase change), until terminal."""
+    migration = migration_of(request)
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    sent = migration.snapshot()
+    seen_seq, sent_at = sent["seq"], time.monotonic()
+    await response.write(json.dumps(sent).encode() + b"\n")
+    pending = None
+    while sent["state"] not in TERMINAL_STATES:
+        wait = None if pending is None else max(0.0, STREAM_INTERVAL_S - (time.monotonic() - sent_at))
+        try:
+            latest = await asyncio.wait_for(migration.next_change(seen_seq), wait)
+        except TimeoutError:
+            latest, pending = pending, None
+        else:
+            seen_seq = latest["seq"]
+            changed = (latest["state"], latest["phase"]) != (sent["state"], sent["phase"])
+            if not changed and time.monotonic() - sent_at < STREAM_INTERVAL_S:
+                pending = latest
+                continue
+            pending = None
+        sent, sent_at = latest, time.monotonic()
+        await response.write(json.dumps(sent).encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+def create_app(driver: Driver, secret: str, name: str) -> web.Application:
+    app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
+    app[DRIVER_KEY] = driver
+    app[SECRET_KEY] = secret.encode()
+    app[NAME_KEY] = name
+    app[MIGRATIONS_KEY] = {}
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/guests", list_guests)
+    app.router.add_get("/v1/guests/{name}", get_guest)
+    app.router.add_put("/v1/guests/{name}", define_guest)
+    app.router.add_delete("/v1/guests/{name}", delete_guest)
+    app.router.add_post("/v1/guests/{name}/start", start_guest)
+    app.router.add_post("/v1/guests/{name}/stop", stop_guest)
+    app.router.add_post("/v1/migrations/incoming", prepare_incoming)
+    app.router.add_post("/v1/migrations/outgoing", start_outgoing)
+    app.router.add_get("/v1/migrations/{migration_id}", get_migration)
+    app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
+    app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
+    app.on_startup.append(lambda app: driver.open())
+    app.on_cleanup.append(lambda app: driver.close())
+    return app
