@@ -171,6 +171,8 @@ MIGRATION_AGENT_PARAMS = {
     "max_rounds": env_int("MIGRATION_MAX_ROUNDS", 30),
     "bandwidth_mbps": env_int("MIGRATION_BANDWIDTH_MBPS", 0) or None,
 }
+# Queue for run_migration tasks (empty: the default queue), so migrations can have workers of their own.
+MIGRATION_QUEUE = env_str("MIGRATION_QUEUE", "") or None
 # A migration whose worker showed no sign of life this long is decided by recover_migrations.
 MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
 

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -152,7 +153,7 @@ def _actor(user: Any) -> Any:
 def enqueue_run(migration_id: int) -> None:
     from .tasks import run_migration
 
-    run_migration.delay(migration_id)
+    run_migration.apply_async((migration_id,), queue=settings.MIGRATION_QUEUE)
 
 
 def enqueue_next_for_source(source_id: int) -> None:
