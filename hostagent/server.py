@@ -34,6 +34,7 @@ from hostagent.validation import (
 
 log = logging.getLogger("hostagent.server")
 STREAM_INTERVAL_S = 0.05
+HEARTBEAT_S = 5.0
 COMMANDS = ("quiesce", "freeze", "resume", "discard", "release", "cancel")
 DRIVER_KEY = web.AppKey("driver", Driver)
 SECRET_KEY = web.AppKey("secret", bytes)
@@ -185,7 +186,10 @@ async def run_command(request: web.Request) -> web.Response:
 
 
 async def stream_progress(request: web.Request) -> web.StreamResponse:
-    """NDJSON: the current snapshot, then changes (at most ~20/s, but every phase change), until terminal."""
+    """NDJSON: the current snapshot, then changes (at most ~20/s, but every phase change), until terminal.
+
+    When nothing changes for HEARTBEAT_S the current snapshot is repeated.
+    """
     migration = migration_of(request)
     response = web.StreamResponse(
         headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
@@ -196,11 +200,15 @@ async def stream_progress(request: web.Request) -> web.StreamResponse:
     await response.write(json.dumps(sent).encode() + b"\n")
     pending = None
     while sent["state"] not in TERMINAL_STATES:
-        wait = None if pending is None else max(0.0, STREAM_INTERVAL_S - (time.monotonic() - sent_at))
+        if pending is None:
+            wait = HEARTBEAT_S
+        else:
+            wait = max(0.0, STREAM_INTERVAL_S - (time.monotonic() - sent_at))
         try:
             latest = await asyncio.wait_for(migration.next_change(seen_seq), wait)
         except TimeoutError:
-            latest, pending = pending, None
+            # Nothing new for a while: repeat the latest, so readers can tell a quiet agent from a dead one.
+            latest, pending = pending or migration.snapshot(), None
         else:
             seen_seq = latest["seq"]
             changed = (latest["state"], latest["phase"]) != (sent["state"], sent["phase"])
