@@ -150,7 +150,7 @@ class QemuDriver:
             "hardware_status": guest.hardware,
             "memory_mib": spec["memory_mib"],
             "vcpus": spec["vcpus"],
-            "migrating": guest.migration.role if guest.migration else None,
+            "migrating": guest.migration.migration_id if guest.migration else None,
             "workload": workload,
         }
 

@@ -1,21 +1,21 @@
 """Both sides of a QEMU live migration, driven over QMP and mapped onto the agent's phases.
 
-The data plane is one TCP connection from the source agent to the target agent. QEMU cannot
-check a token, so the agents do it before QEMU sees the socket:
+Two TCP connections go from the source agent to the target agent's one-time listener, each
+opened with ``<token> data`` or ``<token> ctrl`` (QEMU cannot check a token, so the agents
+do, in constant time, before QEMU sees the socket):
 
-1. The target agent listens on a random port and accepts a connection only if its first line
-   is the one-time token (compared in constant time); it answers ``OK`` and hands the socket
-   to the paused target QEMU (``getfd`` + ``migrate-incoming fd:``), then stops listening.
-2. The source agent connects, sends the token, waits for ``OK`` and hands its end to the
-   source QEMU (``getfd`` + ``migrate fd:``). QEMU's own stream then flows with no copy
-   through the agents.
+1. ``data`` is handed to QEMU on both sides (``getfd`` + ``migrate fd:`` / ``migrate-incoming
+   fd:``), so QEMU's own stream flows with no copy through the agents.
+2. ``ctrl`` stays with the agents: the target sends ``READY <digest>`` once it holds a
+   verified paused copy, or ``ABORT <reason>``; either side closing it before "ready" aborts.
 
 States follow QEMU's MIGRATION events (polling misses short states); numbers come from
 ``query-migrate``. With ``pause-before-switchover`` the source stops in ``pre-switchover``
-(the vCPUs are already stopped there: QEMU drains and flushes its block devices as it stops
-them), which is I/O Quiesce; ``freeze`` lets it continue into ``device`` (Frozen). With
-``return-path`` the source reports ``completed`` only after the target loaded the stream, so
-the source's "ready" means the target verified and holds a paused copy.
+(its vCPUs already stopped: QEMU drains and flushes its block devices as it stops them),
+which is I/O Quiesce; ``freeze`` lets it continue into ``device`` (Frozen). With
+``return-path`` the source sees ``completed`` only once the target loaded the stream. Then
+both sides hash their stopped guest's RAM (``qemu_digest``) so the control plane can check
+that not one written page was lost.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import contextlib
 import hmac
 import logging
 import secrets
-import select
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from ..driver import (
@@ -43,6 +43,7 @@ from ..driver import (
     ProgressSnapshot,
     Role,
 )
+from .qemu_digest import memory_digest
 from .qemu_process import QemuProcess
 from .qemu_progress import QEMU_STATES, Progress
 from .qemu_qmp import QmpClient, QmpClosed, QmpError
@@ -54,12 +55,33 @@ HANDSHAKE_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.1
 SETTLE_TIMEOUT_S = 10.0
 FD_NAME = "migration"
+KINDS = (b"data", b"ctrl")
+LINE_LIMIT = 4096
 
 Finished = Callable[["QemuMigration"], None]
 
 
 class MigrationAborted(Exception):
     pass
+
+
+async def recv_line(sock: socket.socket) -> bytes:
+    """One ``\\n``-terminated line from a non-blocking socket; b"" on EOF."""
+    loop = asyncio.get_running_loop()
+    line = b""
+    while not line.endswith(b"\n") and len(line) < LINE_LIMIT:
+        chunk = await loop.sock_recv(sock, 1)
+        if not chunk:
+            return b""
+        line += chunk
+    return line
+
+
+async def send_line(sock: socket.socket | None, text: str) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(sock, text.encode()[: LINE_LIMIT - 1] + b"\n")
 
 
 class QemuMigration:
@@ -78,6 +100,7 @@ class QemuMigration:
         self._finished = finished
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ending = False
+        self._control: socket.socket | None = None
 
     @property
     def qmp(self) -> QmpClient:
@@ -106,20 +129,20 @@ class QemuMigration:
             current = await self.next_change(current["seq"])
         return current
 
-    async def watch_phase_limits(self) -> None:
-        while self.progress.state in ACTIVE_STATES:
-            phase = self.progress.phase
-            limit = self.limits.get(f"{phase}_s")  # type: ignore[misc]
-            if limit is not None and time.monotonic() - self.progress.phase_started > limit:
-                self.spawn(self.abort(f"the {phase} phase ran over its {limit:g} s limit"))
-                return
-            await asyncio.sleep(0.05)
-
     def stop_background(self) -> None:
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
+
+    def close_control(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    async def digest(self) -> str:
+        fifo = Path(self.process.config.run_dir) / f"{self.guest_name}.{self.role}.digest.fifo"
+        return await memory_digest(self.qmp, self.process.workload.memory_mib, fifo)
 
     async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
         raise NotImplementedError
@@ -144,33 +167,36 @@ class SourceMigration(QemuMigration):
         self.params = params
         self._continue_requested = False
         self._quiesced = False
-        self._data_socket: socket.socket | None = None
+        self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def begin(self) -> None:
-        self.spawn(self.watch_phase_limits())
+        self.spawn(self._watch_phase_limits())
         self.spawn(self._run())
 
     async def _run(self) -> None:
         try:
-            data_socket = await self._connect_target()
-            self.progress.raise_percent("init", 50)
-            await self._configure()
-            # QEMU gets its own copy; this one is kept only to notice the target going away.
-            self._data_socket = data_socket
-            await self.qmp.execute("getfd", pass_fd=data_socket.fileno(), fdname=FD_NAME)
+            data = await self._connect("data")
+            try:
+                self._control = await self._connect("ctrl")
+                self.progress.raise_percent("init", 50)
+                self.spawn(self._watch_target())
+                await self._configure()
+                await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
+            finally:
+                data.close()  # QEMU holds its own copy now
             await self.qmp.execute("migrate", uri=f"fd:{FD_NAME}")
             await self._poll_numbers()
         except (MigrationAborted, QmpError, QmpClosed, OSError, TimeoutError) as error:
             await self.abort(str(error) or type(error).__name__)
 
-    async def _connect_target(self) -> socket.socket:
+    async def _connect(self, kind: str) -> socket.socket:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.target["host"] else socket.AF_INET)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, (self.target["host"], int(self.target["port"])))
-            await loop.sock_sendall(sock, self.target["token"].encode() + b"\n")
-            answer = await asyncio.wait_for(loop.sock_recv(sock, 3), HANDSHAKE_TIMEOUT_S)
+            await loop.sock_sendall(sock, f"{self.target['token']} {kind}\n".encode())
+            answer = await asyncio.wait_for(recv_line(sock), HANDSHAKE_TIMEOUT_S)
         except BaseException:
             sock.close()
             raise
@@ -180,16 +206,16 @@ class SourceMigration(QemuMigration):
         return sock
 
     async def _configure(self) -> None:
-        capabilities = [
-            {"capability": name, "state": True}
-            for name in ("events", "pause-before-switchover", "return-path")
-        ]
+        names = ("events", "pause-before-switchover", "return-path")
+        capabilities = [{"capability": name, "state": True} for name in names]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
         bandwidth = self.params.get("bandwidth_mbps")
-        parameters: dict[str, Any] = {"downtime_limit": int(self.params.get("downtime_ms", 300))}
-        # max-bandwidth 0 means unlimited in QEMU 10; bandwidth_mbps is in megabits per second.
-        parameters["max_bandwidth"] = int(bandwidth * 1_000_000 / 8) if bandwidth else 0
-        await self.qmp.execute("migrate-set-parameters", **parameters)
+        # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
+        await self.qmp.execute(
+            "migrate-set-parameters",
+            downtime_limit=int(self.params.get("downtime_ms", 300)),
+            max_bandwidth=int(bandwidth * 125_000) if bandwidth else 0,
+        )
 
     async def _poll_numbers(self) -> None:
         max_rounds = int(self.params.get("max_rounds", 30))
@@ -197,26 +223,36 @@ class SourceMigration(QemuMigration):
             info = await self.qmp.execute("query-migrate")
             self.progress.apply_query_migrate(info)
             if self.progress.state == "copy" and self.progress.snapshot()["round"] > max_rounds:
-                raise MigrationAborted(f"memory did not converge within {max_rounds} rounds")
-            if self._target_hung_up():
-                # QEMU notices a dead peer only when it writes, and in pre-switchover it does not.
-                raise MigrationAborted("the target closed the data-plane connection")
+                snapshot = self.progress.snapshot()
+                raise MigrationAborted(
+                    f"did not converge in {max_rounds} rounds: the guest writes "
+                    f"{snapshot['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, "
+                    f"the link moves {snapshot['throughput_bytes_s'] / 1e6:.1f} MB/s"
+                )
             await asyncio.sleep(POLL_INTERVAL_S)
 
-    def _target_hung_up(self) -> bool:
-        if self._data_socket is None:
-            return False
-        poller = select.poll()
-        poller.register(self._data_socket.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
-        return bool(poller.poll(0))
+    async def _watch_phase_limits(self) -> None:
+        while self.progress.state in ACTIVE_STATES:
+            phase = self.progress.phase
+            limit = self.limits.get(f"{phase}_s")  # type: ignore[misc]
+            if limit is not None and time.monotonic() - self.progress.phase_started > limit:
+                self.spawn(self.abort(f"the {phase} phase ran over its limit of {limit:g} s"))
+                return
+            await asyncio.sleep(0.05)
 
-    def close_data_socket(self) -> None:
-        if self._data_socket is not None:
-            self._data_socket.close()
-            self._data_socket = None
+    async def _watch_target(self) -> None:
+        """The target's word on the control connection: READY with its digest, or why it gave up."""
+        assert self._control is not None
+        line = (await recv_line(self._control)).decode(errors="replace").strip()
+        word, _, rest = line.partition(" ")
+        if word == "READY" and rest:
+            self._target_ready.set_result(rest)
+        else:
+            reason = rest if word == "ABORT" else "the target closed the control connection"
+            self.spawn(self.abort(f"the target aborted: {reason}"))
 
     async def handle_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") != "MIGRATION" or self._ending or self.settled:
+        if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
             return
         status = str(event.get("data", {}).get("status"))
         if status == "pre-switchover":
@@ -225,7 +261,8 @@ class SourceMigration(QemuMigration):
             reason = await self._qemu_error() or f"QEMU reported the migration {status}"
             self.spawn(self.abort(reason))
         elif status == "completed":
-            await self._on_completed()
+            self.progress.raise_percent("frozen", 90)
+            self.spawn(self._verify_switchover())
         elif status in QEMU_STATES:
             self.progress.enter(QEMU_STATES[status])
             if status == "pre-switchover" and self._continue_requested:
@@ -236,12 +273,21 @@ class SourceMigration(QemuMigration):
             return (await self.qmp.execute("query-migrate")).get("error-desc")
         return None
 
-    async def _on_completed(self) -> None:
-        with contextlib.suppress(QmpError, QmpClosed):
+    async def _verify_switchover(self) -> None:
+        """QEMU is done: hash the stopped source, take the target's digest, then "ready"."""
+        try:
             self.progress.apply_query_migrate(await self.qmp.execute("query-migrate"))
+            source_digest = await self.digest()
+            self.progress.update(source_digest=source_digest)
+            self.progress.raise_percent("frozen", 95)
+            target_digest = await self._target_ready
+        except (QmpError, QmpClosed, OSError) as error:
+            await self.abort(f"could not verify the switchover: {error}")
+            return
+        self.progress.update(target_digest=target_digest, bytes_remaining=0)
         self.progress.enter("ready")
         self.stop_background()
-        self.close_data_socket()
+        self.close_control()
 
     async def quiesce(self) -> ProgressSnapshot:
         """Wait for QEMU to stop in pre-switchover; nothing more to do for I/O (see module doc)."""
@@ -249,12 +295,12 @@ class SourceMigration(QemuMigration):
         if snapshot["state"] == "quiesce" and not self._quiesced:
             self._quiesced = True
             devices = await self.qmp.execute("query-block")
-            log.info("%s: quiesced %d block device(s) in pre-switchover", self.guest_name, len(devices))
+            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_name, len(devices))
             self.progress.raise_percent("quiesce", 50)
         return self.snapshot()
 
     async def freeze(self) -> ProgressSnapshot:
-        """Let QEMU switch over (Frozen) and return once the target holds a verified paused copy."""
+        """Let QEMU switch over (Frozen); return once the target holds a verified paused copy."""
         if self.progress.state in ACTIVE_STATES:
             self._continue_requested = True
             if self.progress.state == "quiesce":
@@ -271,35 +317,38 @@ class SourceMigration(QemuMigration):
             log.info("%s: migrate-continue refused: %s", self.guest_name, error)
 
     async def resume(self) -> ProgressSnapshot:
-        """Make sure the guest runs here; from "ready" that is the control plane's abort."""
-        if self.progress.state == "ready":
-            await self._run_guest()
-            self.progress.fail("aborted", "aborted by the control plane after the target was ready")
-            self._finished(self)
-        elif self.settled and self.progress.state != "released":
-            await self._run_guest()
-        elif not self.settled:
-            raise Conflict(
-                f"migration {self.migration_id} is still in {self.progress.state}; cancel it first"
-            )
-        return self.snapshot()
-
-    async def release(self) -> ProgressSnapshot:
-        if self.progress.state == "ready":
-            await self.process.quit()
-            self.progress.enter("released")
-            self._finished(self)
-        elif self.progress.state != "released":
-            raise Conflict(f"cannot release migration {self.migration_id} in state {self.progress.state}")
-        return self.snapshot()
+        """The control plane aborts: the guest runs here again (from any state but released)."""
+        return await self._roll_back("aborted", "aborted by the control plane")
 
     async def cancel(self) -> ProgressSnapshot:
-        if self.progress.state in ACTIVE_STATES:
-            await self.abort("cancelled", state="cancelled")
-        elif self.progress.state == "ready":
-            raise Conflict(
-                f"migration {self.migration_id} is ready: the control plane decides (resume/release)"
-            )
+        return await self._roll_back("cancelled", "cancelled by the control plane")
+
+    async def discard(self) -> ProgressSnapshot:
+        raise Conflict("discard is a target command; the source keeps its guest")
+
+    async def release(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state == "ready":
+            await self.process.quit()
+            self.progress.enter("released")
+            self.progress.update(phase=None)
+            self._finished(self)
+        elif state != "released":
+            raise Conflict(f"release needs a migration in state ready, this one is {state}")
+        return self.snapshot()
+
+    async def _roll_back(self, state: MigrationState, reason: str) -> ProgressSnapshot:
+        current = self.progress.state
+        if current == "released":
+            raise Conflict("the guest was released after the commit; it runs on the target now")
+        if current in ACTIVE_STATES:
+            await self.abort(reason, state)
+        elif current == "ready":
+            await self._run_guest()
+            self.progress.fail(state, reason)
+            self._finished(self)
+        else:
+            await self._run_guest()
         return self.snapshot()
 
     async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
@@ -308,10 +357,11 @@ class SourceMigration(QemuMigration):
             return
         self._ending = True
         self.stop_background()
+        await send_line(self._control, f"ABORT {reason}")
+        self.close_control()
         with contextlib.suppress(QmpError, QmpClosed):
             await self.qmp.execute("migrate_cancel")
             await self._wait_qemu_settled()
-        self.close_data_socket()
         await self._run_guest()
         log.info("%s: migration %s %s: %s", self.guest_name, self.migration_id, state, reason)
         self.progress.fail(state, reason)
@@ -340,7 +390,8 @@ class TargetMigration(QemuMigration):
         super().__init__(process, migration_id, limits, finished)
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
-        self._listener = socket.create_server((data_host, 0))
+        family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
+        self._listener = socket.create_server((data_host, 0), family=family)
         self._listener.setblocking(False)
         self.endpoint: Endpoint = {
             "host": data_host,
@@ -351,32 +402,53 @@ class TargetMigration(QemuMigration):
     async def begin(self) -> None:
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
-        self.spawn(self.watch_phase_limits())
+        self.spawn(self._watch_init_limit())
         self.spawn(self._accept())
         self.spawn(self._watch_process())
 
-    async def watch_phase_limits(self) -> None:
-        """Only Init is timed here (waiting for the source); the source times the rest, since
-        this side cannot see when the source's Copy ends."""
+    async def _watch_init_limit(self) -> None:
+        """Only Init is timed here (waiting for the source); the source times the rest,
+        since this side cannot see when the source's Copy ends."""
         limit = self.limits.get("init_s")
-        while self.progress.state == "init" and not self._connected:
+        while not self._connected:
             if limit is not None and time.monotonic() - self.progress.phase_started > limit:
-                self.spawn(self.abort(f"the source did not connect within the {limit:g} s init limit"))
+                self.spawn(self.abort(f"the source did not connect within the init limit of {limit:g} s"))
                 return
             await asyncio.sleep(0.05)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while self._control is None or not self._connected:
             connection, peer = await loop.sock_accept(self._listener)
-            if await self._token_matches(connection):
-                break
-            log.warning("%s: refused a data-plane connection from %s: wrong token", self.guest_name, peer[0])
-            connection.close()
+            kind = await self._greeting(connection)
+            if kind == b"data" and not self._connected:
+                await self._start_incoming(connection)
+            elif kind == b"ctrl" and self._control is None:
+                await loop.sock_sendall(connection, b"OK\n")
+                self._control = connection
+                self.spawn(self._watch_source())
+            else:
+                log.warning(
+                    "%s: refused a data-plane connection from %s: bad token", self.guest_name, peer[0]
+                )
+                connection.close()
         self._listener.close()
+
+    async def _greeting(self, connection: socket.socket) -> bytes | None:
+        """``<token> <kind>`` with the one-time token (compared in constant time), else None."""
+        try:
+            line = await asyncio.wait_for(recv_line(connection), HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError):
+            return None
+        token, _, kind = line.strip().partition(b" ")
+        if hmac.compare_digest(token, self.token.encode()) and kind in KINDS:
+            return kind
+        return None
+
+    async def _start_incoming(self, connection: socket.socket) -> None:
         self._connected = True
         try:
-            await loop.sock_sendall(connection, b"OK\n")
+            await asyncio.get_running_loop().sock_sendall(connection, b"OK\n")
             await self.qmp.execute("getfd", pass_fd=connection.fileno(), fdname=FD_NAME)
             await self.qmp.execute("migrate-incoming", uri=f"fd:{FD_NAME}")
             self.progress.raise_percent("init", 50)
@@ -385,20 +457,13 @@ class TargetMigration(QemuMigration):
         finally:
             connection.close()
 
-    async def _token_matches(self, connection: socket.socket) -> bool:
-        expected = self.token.encode() + b"\n"
-        received = b""
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                while len(received) < len(expected):
-                    chunk = await loop.sock_recv(connection, len(expected) - len(received))
-                    if not chunk:
-                        break
-                    received += chunk
-        except (TimeoutError, OSError):
-            return False
-        return hmac.compare_digest(received, expected)
+    async def _watch_source(self) -> None:
+        assert self._control is not None
+        line = (await recv_line(self._control)).decode(errors="replace").strip()
+        if self.progress.state in ACTIVE_STATES:
+            word, _, reason = line.partition(" ")
+            why = reason if word == "ABORT" else "it closed the control connection"
+            self.spawn(self.abort(f"the source aborted: {why}"))
 
     async def _watch_process(self) -> None:
         assert self.process.process is not None
@@ -407,45 +472,59 @@ class TargetMigration(QemuMigration):
             self.spawn(self.abort(f"the target QEMU exited ({code}): {self.process.log_tail()[-200:]}"))
 
     async def handle_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") != "MIGRATION" or self._ending or self.settled:
+        if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
             return
         status = str(event.get("data", {}).get("status"))
         if status == "completed":
-            self.progress.enter("ready")
+            self.spawn(self._verify())
         elif status == "failed":
             self.spawn(self.abort("the incoming migration failed"))
         elif status in ("setup", "active"):
             self.progress.enter(QEMU_STATES[status])
 
+    async def _verify(self) -> None:
+        """QEMU loaded the stream and keeps the guest paused: hash it, tell the source."""
+        try:
+            target_digest = await self.digest()
+        except (QmpError, QmpClosed, OSError) as error:
+            await self.abort(f"could not hash the received memory: {error}")
+            return
+        self.progress.update(target_digest=target_digest)
+        self.progress.enter("ready")
+        await send_line(self._control, f"READY {target_digest}")
+
     async def quiesce(self) -> ProgressSnapshot:
-        return self.snapshot()
+        raise Conflict("quiesce is a source command")
 
     async def freeze(self) -> ProgressSnapshot:
-        return self.snapshot()
+        raise Conflict("freeze is a source command")
+
+    async def release(self) -> ProgressSnapshot:
+        raise Conflict("release is a source command; the target discards")
 
     async def resume(self) -> ProgressSnapshot:
         if self.progress.state == "ready":
             await self.qmp.execute("cont")
             self.progress.enter("completed")
             self.stop_background()
+            self.close_control()
             self._finished(self)
         elif self.progress.state != "completed":
-            raise Conflict(f"cannot resume migration {self.migration_id} in state {self.progress.state}")
+            raise Conflict(f"resume needs a migration in state ready, this one is {self.progress.state}")
         return self.snapshot()
 
     async def discard(self) -> ProgressSnapshot:
         if self.progress.state == "completed":
             raise Conflict(f"migration {self.migration_id} completed: the guest runs here")
-        if self.progress.state != "discarded":
-            await self._drop("discarded", self.progress.snapshot()["error"])
+        if self.progress.state not in TERMINAL_STATES:
+            await self._drop(
+                "discarded", self.progress.snapshot()["error"] or "discarded by the control plane"
+            )
         return self.snapshot()
 
-    async def release(self) -> ProgressSnapshot:
-        raise Conflict("release is a source command")
-
     async def cancel(self) -> ProgressSnapshot:
-        if self.progress.state in ACTIVE_STATES:
-            await self._drop("cancelled", "cancelled")
+        if self.progress.state in ACTIVE_STATES or self.progress.state == "ready":
+            await self._drop("cancelled", "cancelled by the control plane")
         return self.snapshot()
 
     async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
@@ -453,10 +532,12 @@ class TargetMigration(QemuMigration):
             return
         await self._drop(state, reason)
 
-    async def _drop(self, state: MigrationState, reason: str | None) -> None:
+    async def _drop(self, state: MigrationState, reason: str) -> None:
         self._ending = True
         self.stop_background()
         self._listener.close()
+        await send_line(self._control, f"ABORT {reason}")
+        self.close_control()
         await self.process.kill()
         log.info("%s: incoming migration %s %s: %s", self.guest_name, self.migration_id, state, reason)
         self.progress.fail(state, reason)
