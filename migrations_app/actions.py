@@ -117,7 +117,8 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
                 message=f"Cancel requested by {user}",
                 actor=_actor(user),
             )
-    if not flagged and not current.cancel_requested:
+    already_cancelling = current.state in Migration.PHASES and current.cancel_requested
+    if not flagged and not already_cancelling:
         raise MigrationRefused(too_late_message(current))
     logger.info("%s requested cancel of migration %s (%s)", user, migration.pk, current.state)
 

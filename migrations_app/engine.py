@@ -1,0 +1,498 @@
+"""Drives one migration against its two host agents (ARCHITECTURE.md, "The migration protocol").
+
+1. Claim the source VSP: QUEUED -> INIT only when no other migration is leaving it (``do_claim_source``).
+2. Run the phases in order (``phases.PHASES``), recording each in the database before acting on the agents.
+   Progress from the source agent's stream is persisted (percentages never decrease) and published,
+   throttled; a watchdog thread beats the heartbeat, notices a cancel request and backs up phase limits.
+3. Commit: in one transaction, FROZEN -> COMMITTING (only if no cancel was requested) and the registration
+   flip (target runnable and On, source Not Runnable set by Migrate). This is the point of no return.
+4. Roll forward: resume on the target, release on the source (idempotent, retried), then COMPLETED.
+Any failure before step 3 records ABORTED/CANCELLED with the alert first, then tells the target to
+discard and the source to resume: the guest never stopped belonging to the source.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from vms.agent_client import AgentClient, AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.models import VSP, Registration
+
+from .actions import do_claim_source, enqueue_next_for_source
+from .errors import MigrationCancelled, MigrationFailed, Superseded
+from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
+from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
+from .progress import publish_progress
+from .transitions import transition
+
+logger = logging.getLogger(__name__)
+
+State = Migration.State
+AGENT_FAILED_STATES = frozenset({"aborted", "cancelled", "discarded"})
+SNAPSHOT_KEYS = ("state", "percent", "bytes_sent", "bytes_remaining", "round", "converged", "seq")
+PUBLISH_INTERVAL_S = 0.2  # at most ~5 progress updates a second within a phase
+WATCH_INTERVAL_S = 0.1
+HEARTBEAT_INTERVAL_S = 1.0
+BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker steps in only if it did not
+UNDO_ATTEMPTS = 3
+ROLL_FORWARD_ATTEMPTS = 6
+
+
+def agent_for(vsp: VSP) -> AgentClient:
+    return AgentClient(vsp.agent_url, vsp.agent_secret)
+
+
+def agent_migration_id(migration: Migration) -> str:
+    """The id both agents know this attempt by; derived from the row so recovery can name it too."""
+    return f"m{migration.pk}-{migration.requested_at:%Y%m%d%H%M%S%f}"
+
+
+def load_migration(migration_id: int) -> Migration:
+    return Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
+
+
+def drive_migration(migration_id: int) -> None:
+    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
+    if not do_claim_source(migration_id):
+        return
+    migration = load_migration(migration_id)
+    run = MigrationRun(migration)
+    try:
+        if run_until_committed(run):
+            roll_forward(migration)
+    finally:
+        run.close()
+        enqueue_next_for_source(migration.source_id)
+
+
+def run_until_committed(run: MigrationRun) -> bool:
+    """Steps 2 and 3; True once committed. Failures before the commit end here, recorded and undone."""
+    publish_progress(run.migration.pk)
+    with Watchdog(run) as watchdog:
+        try:
+            run_phases(run, watchdog)
+            watchdog.disarm()
+            commit(run)
+            return True
+        except MigrationFailed as failure:
+            abort(run, failure)
+        except Superseded:
+            logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
+        except Exception:
+            logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
+            abort(run, MigrationFailed(run.migration.state, "an internal error in the control plane"))
+    return False
+
+
+def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
+    for index, phase in enumerate(PHASES):
+        if index:
+            run.enter(phase)
+        watchdog.arm(phase, phase.limit_s(run.migration))
+        try:
+            phase.run(run)
+        finally:
+            phase.cleanup(run)
+        run.finish(phase)
+
+
+class MigrationRun:
+    """One worker's hold on one migration: its agents, its last known progress, why it must stop."""
+
+    def __init__(self, migration: Migration) -> None:
+        self.migration = migration
+        self.agent_id = agent_migration_id(migration)
+        self.source = agent_for(migration.source)
+        self.target = agent_for(migration.target)
+        self.stop_reason: MigrationFailed | None = None  # set by the watchdog thread
+        self.seq = 0
+        self.last_flush = 0.0
+
+    def close(self) -> None:
+        self.source.close()
+        self.target.close()
+
+    # --- what the agents are told ---------------------------------------------------------------
+
+    def guest_spec(self) -> dict[str, Any]:
+        vm = self.migration.vm
+        return {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus, "os_type": vm.os_type}
+
+    def limits(self) -> dict[str, float | None]:
+        vm = self.migration.vm
+        return {
+            "init_s": vm.init_limit_s,
+            "copy_s": vm.copy_limit_s,
+            "quiesce_s": vm.quiesce_limit_s,
+            "frozen_s": vm.frozen_limit_s,
+        }
+
+    def agent_params(self) -> dict[str, Any]:
+        return {**settings.MIGRATION_AGENT_PARAMS, "limits": self.limits()}
+
+    # --- talking to the agents ------------------------------------------------------------------
+
+    def check_stop(self) -> None:
+        if self.stop_reason is not None:
+            raise self.stop_reason
+
+    def call(self, side: str, method: str, *args: Any) -> Any:
+        self.check_stop()
+        with self.agent_errors(side):
+            result = getattr(self.source if side == "source" else self.target, method)(*args)
+        self.check_stop()
+        return result
+
+    @contextmanager
+    def agent_errors(self, side: str) -> Iterator[None]:
+        """Agent errors become a failure of the current phase, in plain words (a stop reason wins)."""
+        try:
+            yield
+        except AgentUnreachable:
+            self.check_stop()
+            raise MigrationFailed(self.migration.state, f"the {side} host stopped answering") from None
+        except AgentRefused as refusal:
+            self.check_stop()
+            raise MigrationFailed(self.migration.state, f"the {side} host refused: {refusal}") from None
+        except AgentProtocolError:
+            self.check_stop()
+            raise MigrationFailed(
+                self.migration.state, f"the {side} host sent a reply that makes no sense"
+            ) from None
+
+    def follow_progress(self, until: Callable[[dict[str, Any]], bool]) -> None:
+        """Absorb the source's progress stream until ``until(snapshot)``; failures raise."""
+        self.check_stop()
+        with (
+            self.agent_errors("source"),
+            closing(self.source.iter_progress(self.agent_id, self.seq)) as stream,
+        ):
+            for snapshot in stream:
+                self.absorb(snapshot)
+                if until(snapshot):
+                    return
+        self.check_stop()
+        raise MigrationFailed(self.migration.state, "the source host ended its progress report early")
+
+    def digests(self, snapshot: dict[str, Any]) -> tuple[str, str]:
+        source_digest, target_digest = snapshot.get("source_digest"), snapshot.get("target_digest")
+        if not target_digest:
+            target_digest = self.call("target", "snapshot", self.agent_id).get("target_digest")
+        self.migration.source_digest, self.migration.target_digest = source_digest or "", target_digest or ""
+        return self.migration.source_digest, self.migration.target_digest
+
+    # --- progress ---------------------------------------------------------------------------------
+
+    def absorb(self, snapshot: Any, *, force: bool = False) -> None:
+        """Take a progress snapshot into the record: percentages only rise; failures raise."""
+        snapshot = checked_snapshot(snapshot, self.migration.state)
+        apply_snapshot(self.migration, snapshot)
+        self.seq = max(self.seq, int(snapshot["seq"]))
+        if snapshot["state"] in AGENT_FAILED_STATES:
+            self.check_stop()
+            raise self.failure_reported(snapshot)
+        self.check_stop()
+        self.flush(force=force)
+
+    def failure_reported(self, snapshot: dict[str, Any]) -> MigrationFailed:
+        """The source agent's own abort, in the words of the Alerts section."""
+        phase = PHASE_BY_AGENT_NAME.get(snapshot.get("failed_phase") or "", self.migration.state)
+        error = str(snapshot.get("error") or f"the source host reports {snapshot['state']}")
+        if "ran over its limit" in error:
+            limit = next(p.limit_s(self.migration) for p in PHASES if p.state == phase)
+            error = f"it ran over its time limit of {limit} s"
+        return MigrationFailed(phase, error)
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_flush < PUBLISH_INTERVAL_S:
+            return
+        migration = self.migration
+        fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+        if not Migration.objects.filter(pk=migration.pk, state=migration.state).update(**fields):
+            raise Superseded
+        self.last_flush = now
+        publish_progress(migration.pk)
+
+    # --- phase changes ----------------------------------------------------------------------------
+
+    def enter(self, phase: Phase) -> None:
+        self.check_stop()
+        fields = {**progress_fields(self.migration), "heartbeat_at": timezone.now()}
+        message = f"{phase.label} phase started"
+        if not transition(self.migration.pk, self.migration.state, phase.state, message=message, **fields):
+            raise Superseded
+        self.migration.state = phase.state
+        self.last_flush = time.monotonic()
+        publish_progress(self.migration.pk)
+
+    def finish(self, phase: Phase) -> None:
+        setattr(self.migration, PHASE_PERCENT_FIELD[phase.state], 100)
+        self.flush(force=True)
+
+
+def checked_snapshot(snapshot: Any, phase: Migration.State) -> dict[str, Any]:
+    """The agent's snapshot, or a failure in plain words if it is not one."""
+    valid = (
+        isinstance(snapshot, dict)
+        and all(key in snapshot for key in SNAPSHOT_KEYS)
+        and isinstance(snapshot["percent"], dict)
+        and all(isinstance(snapshot["percent"].get(name), int | float) for name in PHASE_BY_AGENT_NAME)
+        and isinstance(snapshot["seq"], int)
+    )
+    if not valid:
+        raise MigrationFailed(phase, "the source host sent a progress report that makes no sense")
+    return snapshot
+
+
+def apply_snapshot(migration: Migration, snapshot: dict[str, Any]) -> None:
+    for agent_phase, state in PHASE_BY_AGENT_NAME.items():
+        field = PHASE_PERCENT_FIELD[state]
+        reported = min(max(int(snapshot["percent"][agent_phase]), 0), 100)
+        setattr(migration, field, max(getattr(migration, field), reported))
+    migration.bytes_sent = int(snapshot["bytes_sent"] or 0)
+    migration.bytes_remaining = int(snapshot["bytes_remaining"] or 0)
+    migration.rounds = int(snapshot["round"] or 0)
+    migration.dirty_rate_bytes_s = int(snapshot.get("dirty_rate_bytes_s") or 0)
+    migration.throughput_bytes_s = int(snapshot.get("throughput_bytes_s") or 0)
+    if snapshot.get("expected_downtime_ms") is not None:
+        migration.expected_downtime_ms = int(snapshot["expected_downtime_ms"])
+    if snapshot.get("downtime_ms") is not None:
+        migration.downtime_ms = int(snapshot["downtime_ms"])
+
+
+PROGRESS_FIELDS = (
+    *PHASE_PERCENT_FIELD.values(),
+    "bytes_sent",
+    "bytes_remaining",
+    "rounds",
+    "dirty_rate_bytes_s",
+    "throughput_bytes_s",
+    "expected_downtime_ms",
+    "downtime_ms",
+    "source_digest",
+    "target_digest",
+)
+
+
+def progress_fields(migration: Migration) -> dict[str, Any]:
+    return {name: getattr(migration, name) for name in PROGRESS_FIELDS}
+
+
+class Watchdog:
+    """A thread beside the driving one: heartbeat, prompt cancel, and the phase time-limit backstop.
+
+    Stopping means telling the source agent to cancel, which ends whatever call the driving thread is
+    blocked in; the driving thread then raises ``run.stop_reason``. ``disarm`` (before the commit)
+    holds the lock, so no cancel can reach an agent once the commit has begun.
+    """
+
+    def __init__(self, run: MigrationRun) -> None:
+        self.run = run
+        self.agent = agent_for(run.migration.source)  # its own connection: the driver's may be streaming
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.armed = True
+        self.phase = run.migration.state
+        self.limit_s: int | None = None
+        self.deadline: float | None = None
+        self.next_heartbeat = 0.0
+        self.thread = threading.Thread(target=self.loop, name=f"watchdog-{run.migration.pk}", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+    def arm(self, phase: Phase, limit_s: int | None) -> None:
+        self.phase, self.limit_s = phase.state, limit_s
+        self.deadline = time.monotonic() + limit_s + BACKSTOP_GRACE_S if limit_s else None
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.armed = False
+
+    def loop(self) -> None:
+        try:
+            while not self.stopped.wait(WATCH_INTERVAL_S):
+                try:
+                    self.tick()
+                except Exception:
+                    logger.exception("Watchdog of migration %s", self.run.migration.pk)
+        finally:
+            self.agent.close()
+            connection.close()
+
+    def tick(self) -> None:
+        pk = self.run.migration.pk
+        if time.monotonic() >= self.next_heartbeat:
+            Migration.objects.filter(pk=pk, state__in=Migration.ACTIVE_STATES).update(
+                heartbeat_at=timezone.now()
+            )
+            self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        if not self.armed or self.run.stop_reason is not None:
+            return
+        if Migration.objects.filter(pk=pk, cancel_requested=True).exists():
+            self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            self.stop(MigrationFailed(self.phase, f"it ran over its time limit of {self.limit_s} s"))
+
+    def stop(self, reason: MigrationFailed) -> None:
+        with self.lock:
+            if not self.armed:
+                return
+            self.run.stop_reason = reason
+            try:
+                self.agent.cancel(self.run.agent_id)
+            except (AgentUnreachable, AgentRefused, AgentProtocolError) as error:
+                logger.info("Cancel of %s on the source agent: %s", self.run.agent_id, error)
+
+
+def cancelled_by(migration_id: int) -> str:
+    event = (
+        MigrationEvent.objects.filter(migration_id=migration_id, message__startswith="Cancel requested")
+        .select_related("actor")
+        .last()
+    )
+    return str(event.actor) if event and event.actor else "an administrator"
+
+
+# --- the decision: commit or abort ---------------------------------------------------------------------
+
+
+def commit(run: MigrationRun) -> None:
+    """FROZEN -> COMMITTING and the registration flip, in one transaction (the point of no return)."""
+    run.check_stop()
+    migration = run.migration
+    message = f"Committing: {migration.vm} becomes runnable on {migration.target} only"
+    fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+    try:
+        with transaction.atomic():
+            won = transition(
+                migration.pk,
+                State.FROZEN,
+                State.COMMITTING,
+                message=message,
+                where={"cancel_requested": False},
+                **fields,
+            )
+            if won:
+                flip_registrations(migration)
+    except (IntegrityError, Registration.DoesNotExist):
+        logger.exception("Registration flip of migration %s refused", migration.pk)
+        raise MigrationFailed(State.FROZEN, "the VM is no longer runnable on the source host") from None
+    if not won:
+        if Migration.objects.filter(pk=migration.pk, state=State.FROZEN, cancel_requested=True).exists():
+            raise MigrationCancelled(State.FROZEN, cancelled_by(migration.pk))
+        raise Superseded
+    migration.state = State.COMMITTING
+    publish_progress(migration.pk)
+
+
+def flip_registrations(migration: Migration) -> None:
+    """Source copy Not Runnable (set by Migrate), then target copy runnable and On: never two runnable."""
+    source_copy = Registration.objects.select_for_update().get(
+        vm_id=migration.vm_id,
+        vsp_id=migration.source_id,
+        hardware_status__in=[Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF],
+    )
+    source_copy.hardware_status = Registration.HardwareStatus.NOT_RUNNABLE
+    source_copy.not_runnable_set_by = Registration.SetBy.MIGRATE
+    source_copy.not_runnable_reason = f"guest migrated to VSP {migration.target.name}"
+    source_copy.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
+    Registration.objects.update_or_create(
+        vm_id=migration.vm_id,
+        vsp_id=migration.target_id,
+        defaults={
+            "hardware_status": Registration.HardwareStatus.ON,
+            "not_runnable_set_by": Registration.SetBy.NONE,
+            "not_runnable_reason": "",
+        },
+    )
+
+
+def abort(run: MigrationRun, failure: MigrationFailed) -> None:
+    migration = run.migration
+    recorded = record_abort(migration, failure, fields=progress_fields(migration))
+    ended = (State.ABORTED, State.CANCELLED)
+    if recorded or Migration.objects.filter(pk=migration.pk, state__in=ended).exists():
+        undo_on_agents(run.source, run.target, run.agent_id)
+
+
+def record_abort(
+    migration: Migration, failure: MigrationFailed, *, fields: dict[str, Any] | None = None
+) -> bool:
+    """Record ABORTED/CANCELLED with the alert, before any agent is told (the record decides)."""
+    outcome = State.CANCELLED if isinstance(failure, MigrationCancelled) else State.ABORTED
+    alert = f"{failure.alert} The VM keeps running on {migration.source.name}."
+    won = transition(
+        migration.pk,
+        migration.state,
+        outcome,
+        message=alert,
+        alert=alert,
+        failed_phase=failure.phase,
+        **(fields or {}),
+    )
+    if won:
+        logger.info("Migration %s %s: %s", migration.pk, outcome, alert)
+        migration.state = outcome
+        publish_progress(migration.pk)
+    return won
+
+
+def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
+    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
+    for client, command in ((source, "cancel"), (target, "discard"), (source, "resume")):
+        retry_agent(lambda client=client, command=command: getattr(client, command)(agent_id), UNDO_ATTEMPTS)
+
+
+def roll_forward(migration: Migration) -> bool:
+    """After the commit only forward: resume the target, release the source, then COMPLETED.
+
+    Both commands are idempotent, so a recovering worker may repeat what a dead one already did.
+    Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
+    """
+    agent_id = agent_migration_id(migration)
+    with agent_for(migration.source) as source, agent_for(migration.target) as target:
+        if not retry_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS):
+            return False
+        if not retry_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS):
+            return False
+    migration.refresh_from_db()
+    message = f"Completed: {migration.vm} runs on {migration.target}"
+    if migration.downtime_ms is not None:
+        message += f" (downtime {migration.downtime_ms} ms)"
+    if transition(migration.pk, State.COMMITTING, State.COMPLETED, message=message):
+        publish_progress(migration.pk)
+    return True
+
+
+def retry_agent(command: Callable[[], Any], attempts: int) -> bool:
+    """Run an idempotent agent command until it answers; a refusal is final (logged), not retried."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            command()
+            return True
+        except AgentRefused as refusal:
+            logger.warning("Agent refused a clean-up command: %s", refusal)
+            return True
+        except (AgentUnreachable, AgentProtocolError) as error:
+            logger.warning("Agent command failed (attempt %s of %s): %s", attempt, attempts, error)
+            if attempt < attempts:
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    return False

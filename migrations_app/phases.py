@@ -1,0 +1,101 @@
+"""The four phases of an online migration, in order, each a small object the engine runs.
+
+Contract: the engine records the phase (transition into ``state``) before calling ``run``; ``run``
+returns when the phase is done or raises ``MigrationFailed``; ``cleanup`` always runs after it.
+The phase's time limit is the VM's; the agents enforce it and the engine's watchdog backs it up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .checks import check_target
+from .errors import MigrationFailed
+from .models import Migration
+
+if TYPE_CHECKING:
+    from .engine import MigrationRun
+
+State = Migration.State
+
+
+class Phase:
+    state: ClassVar[Migration.State]
+    limit_field: ClassVar[str]  # the VM's time limit for this phase, in seconds (None = unlimited)
+
+    @property
+    def label(self) -> str:
+        return str(self.state.label)
+
+    def limit_s(self, migration: Migration) -> int | None:
+        return getattr(migration.vm, self.limit_field)
+
+    def run(self, run: MigrationRun) -> None:
+        raise NotImplementedError
+
+    def cleanup(self, run: MigrationRun) -> None:
+        """Called after ``run`` whether it succeeded or not."""
+
+
+class Init(Phase):
+    """Checks again in the database, then the target prepares and the source connects to it."""
+
+    state = State.INIT
+    limit_field = "init_limit_s"
+
+    def run(self, run: MigrationRun) -> None:
+        migration = run.migration
+        reason = check_target(migration.vm, migration.target, ignoring=migration)
+        if reason:
+            raise MigrationFailed(self.state, reason)
+        endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
+        run.check_stop()
+        run.call("source", "start_outgoing", migration.vm.name, run.agent_id, endpoint, run.agent_params())
+        run.follow_progress(until=lambda snapshot: snapshot["state"] != "init")
+
+
+class Copy(Phase):
+    """Pre-copy rounds run on the agents until what is left fits the allowed downtime."""
+
+    state = State.COPY
+    limit_field = "copy_limit_s"
+
+    def run(self, run: MigrationRun) -> None:
+        run.follow_progress(until=lambda snapshot: bool(snapshot["converged"]) or snapshot["state"] != "copy")
+
+
+class IOQuiesce(Phase):
+    """Outstanding guest I/O completes on the source; new requests queue for the target."""
+
+    state = State.IO_QUIESCE
+    limit_field = "quiesce_limit_s"
+
+    def run(self, run: MigrationRun) -> None:
+        run.absorb(run.call("source", "quiesce", run.agent_id), force=True)
+
+
+class Frozen(Phase):
+    """vCPUs stop, the rest goes across; done when the target is ready with a matching digest."""
+
+    state = State.FROZEN
+    limit_field = "frozen_limit_s"
+
+    def run(self, run: MigrationRun) -> None:
+        snapshot: dict[str, Any] = run.call("source", "freeze", run.agent_id)
+        run.absorb(snapshot, force=True)
+        if snapshot["state"] != "ready":
+            raise MigrationFailed(
+                self.state, f"the source host answered {snapshot['state']!r} instead of ready"
+            )
+        source_digest, target_digest = run.digests(snapshot)
+        if not source_digest or source_digest != target_digest:
+            raise MigrationFailed(self.state, "the target's memory digest does not match the source's")
+
+
+PHASES: tuple[Phase, ...] = (Init(), Copy(), IOQuiesce(), Frozen())
+PHASE_BY_AGENT_NAME: dict[str, Migration.State] = {
+    "init": State.INIT,
+    "copy": State.COPY,
+    "quiesce": State.IO_QUIESCE,
+    "frozen": State.FROZEN,
+}

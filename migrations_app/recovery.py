@@ -1,0 +1,83 @@
+"""Recovery of migrations whose driving worker died, decided by the database state alone.
+
+Before the commit (INIT .. FROZEN): abort, recording first, then discard on the target and resume on the
+source. At or after the commit (COMMITTING): roll forward. The compare-and-set on the state means a
+worker that was only slow, not dead, loses the race and stops without touching the agents.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from .actions import enqueue_next_for_source
+from .engine import (
+    agent_for,
+    agent_migration_id,
+    cancelled_by,
+    load_migration,
+    record_abort,
+    roll_forward,
+    undo_on_agents,
+)
+from .errors import MigrationCancelled, MigrationFailed
+from .models import Migration
+
+logger = logging.getLogger(__name__)
+
+State = Migration.State
+
+
+def recover_orphans(stale_after_s: float) -> list[int]:
+    """Decide every active migration whose worker showed no sign of life for ``stale_after_s``.
+
+    Returns the ids acted on. Also hands idle source VSPs to their oldest queued migration.
+    """
+    acted = []
+    for migration in stale_migrations(stale_after_s):
+        if migration.state == State.COMMITTING:
+            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+            roll_forward(migration)
+        else:
+            logger.warning(
+                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+            )
+            abort_orphan(migration)
+        acted.append(migration.pk)
+    start_idle_queues()
+    return acted
+
+
+def stale_migrations(stale_after_s: float) -> list[Migration]:
+    cutoff = timezone.now() - timedelta(seconds=stale_after_s)
+    silent = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, state_changed_at__lt=cutoff)
+    running = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
+    ids = Migration.objects.filter(silent, state__in=running).values_list("pk", flat=True)
+    return [load_migration(pk) for pk in ids]
+
+
+def abort_orphan(migration: Migration) -> None:
+    if migration.cancel_requested:
+        failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
+    else:
+        failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
+    if record_abort(migration, failure):
+        agent_id = agent_migration_id(migration)
+        with agent_for(migration.source) as source, agent_for(migration.target) as target:
+            undo_on_agents(source, target, agent_id)
+
+
+def start_idle_queues() -> None:
+    """A queued migration whose task was lost would wait for ever: re-hand each idle source its next one."""
+    busy = Migration.objects.filter(state__in=Migration.ACTIVE_STATES).exclude(state=State.QUEUED)
+    waiting = (
+        Migration.objects.filter(state=State.QUEUED)
+        .exclude(source_id__in=busy.values("source_id"))
+        .values_list("source_id", flat=True)
+        .distinct()
+    )
+    for source_id in waiting:
+        enqueue_next_for_source(source_id)

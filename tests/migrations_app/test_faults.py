@@ -1,0 +1,107 @@
+"""Faults: a worker killed mid-copy and recovered, a worker gone after the commit, a malformed agent reply."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.utils import timezone
+
+from migrations_app.actions import do_request_migration
+from migrations_app.models import Migration
+from migrations_app.tasks import recover_migrations
+from tests.factories import make_vsp
+from tests.migrations_app.guests import assert_left_on_source, place_vm, runs_on, wait_for_state
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def heartbeat_older_than(migration: Migration, seconds: float) -> bool:
+    migration.refresh_from_db()
+    return migration.heartbeat_at is not None and migration.heartbeat_at < timezone.now() - timedelta(
+        seconds=seconds
+    )
+
+
+@pytest.mark.faults
+def test_it_recovers_a_migration_whose_worker_was_killed_mid_copy(
+    host_agents, fleet, admin, killable_migration_worker, wait_for
+):
+    vm = place_vm(host_agents, fleet, memory_mib=64, fill_percent=100)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, migration, "copy")
+
+    killable_migration_worker.kill()
+    assert wait_for(lambda: heartbeat_older_than(migration, 1.5), timeout=15)
+    assert migration.state == "copy"  # nobody decided yet: the agents keep copying on their own
+
+    assert recover_migrations(stale_after_s=1) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "aborted"
+    assert migration.failed_phase == "copy"
+    assert migration.alert == (
+        "Copy phase failed: the control-plane worker driving it stopped answering. "
+        "The VM keeps running on hosta."
+    )
+    assert_left_on_source(vm, host_agents, fleet, migration)
+    assert recover_migrations(stale_after_s=1) == []  # decided once, by the database
+
+
+class MalformedAgent(BaseHTTPRequestHandler):
+    """Answers every request with 200 and a body that is not JSON.
+
+    A fake: a real agent cannot be made to send a malformed reply.
+    """
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.answer()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.answer()
+
+    def answer(self) -> None:
+        body = b"<html>this is not an agent</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def malformed_agent_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MalformedAgent)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
+    host_agents, fleet, admin, migration_worker, wait_for, malformed_agent_url
+):
+    vm = place_vm(host_agents, fleet)
+    nonsense = make_vsp(
+        "nonsense",
+        agent_url=malformed_agent_url,
+        agent_secret="nonsense-secret",  # noqa: S106 - a fake agent
+        memory_mib=4096,
+    )
+
+    migration = do_request_migration(vm, nonsense, admin)
+    wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+
+    assert migration.state == "aborted"
+    assert migration.failed_phase == "init"
+    assert migration.alert == (
+        "Init phase failed: the target host sent a reply that makes no sense. The VM keeps running on hosta."
+    )
+    assert vm.current_vsp == fleet["hosta"]
+    assert runs_on(host_agents["hosta"], vm.name)
