@@ -10,8 +10,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import Count, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -61,12 +60,8 @@ def paginate(request: HttpRequest, rows: QuerySet[Any], page_number: int | None)
 @require_GET
 @permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
 def vsp_list(request: HttpRequest) -> HttpResponse:
-    guest_count = (
-        Registration.objects.filter(vsp=OuterRef("pk")).values("vsp").annotate(n=Count("pk")).values("n")
-    )
-    vsps = with_free_memory(VSP.objects.all()).annotate(
-        guest_count=Coalesce(Subquery(guest_count, output_field=IntegerField()), 0)
-    )
+    # Count over the same join as the free-memory sum: one grouped query, no per-row subquery.
+    vsps = with_free_memory(VSP.objects.all()).annotate(guest_count=Count("registrations"))
     return render(request, "vms/vsp_list.html", {"vsps": vsps, "nav": "vsps"})
 
 
