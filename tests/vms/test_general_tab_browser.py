@@ -90,3 +90,10 @@ def test_it_shows_every_field_and_refreshes_in_place(console_server, browser_pag
     assert read_field(page, "graceful_stop_timeout") == "90 seconds"
     assert page.evaluate("window.__marker") == 1, "Refresh Data reloaded the whole page"
     assert page.url.endswith(f"/vms/{vm_ids['mail01']}/general/")
+
+    page.click("text=Mark Runnable on vsp1")
+    page.wait_for_selector(".message-error")
+    assert "Refused: mail01 is runnable on VSP vsp2" in page.inner_text(".message-error")
+    copy = page.locator('#other-registrations tr[data-vsp="vsp1"]')
+    assert copy.locator('[data-field="hardware_status"]').inner_text() == "Not Runnable"
+    assert page.evaluate("window.__marker") == 1, "a refused change reloaded the whole page"
