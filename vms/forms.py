@@ -6,8 +6,8 @@ from vms.actions import REASON_MAX_LENGTH
 from vms.models import VSP, Registration, VirtualMachine
 
 
-def with_any(choices: list[tuple[str, str]], label: str = "Any") -> list[tuple[str, str]]:
-    return [("", label), *choices]
+def with_any(choices: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("", "Any"), *choices]
 
 
 class VMFilterForm(forms.Form):

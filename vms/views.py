@@ -50,7 +50,7 @@ def bad_request(request: HttpRequest, message: str, status: int = 400) -> HttpRe
     return render(request, "vms/error.html", {"message": message}, status=status)
 
 
-def paginate(request: HttpRequest, rows: QuerySet[Any], page_number: int | None) -> Page:
+def paginate(rows: QuerySet[Any], page_number: int | None) -> Page:
     try:
         return Paginator(rows, PAGE_SIZE).page(page_number or 1)
     except EmptyPage:
@@ -73,7 +73,7 @@ def vsp_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if not form.is_valid():
         return bad_request(request, form_errors_text(form))
     guests = vsp.registrations.select_related("vm").order_by("vm__name")
-    page = paginate(request, guests, form.cleaned_data["page"])
+    page = paginate(guests, form.cleaned_data["page"])
     return render(request, "vms/vsp_detail.html", {"vsp": vsp, "page": page, "nav": "vsps"})
 
 
@@ -93,7 +93,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         vsp_id=filters["vsp"].pk if filters["vsp"] else None,
         hardware_status=filters["hardware_status"],
     )
-    page = paginate(request, vms, filters["page"])
+    page = paginate(vms, filters["page"])
     query_without_page = request.GET.copy()
     query_without_page.pop("page", None)
     context = {"form": form, "page": page, "query": query_without_page.urlencode(), "nav": "vms"}
