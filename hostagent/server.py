@@ -52,7 +52,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
-        log.warning("refused %s %s from %s: no credential", request.method, request.path, request.remote)
+        log.warning("refused %s %s from %s: missing credential", request.method, request.path, request.remote)
         return error_response(401, "missing credential: send Authorization: Bearer <secret>")
     if not hmac.compare_digest(presented.strip().encode(), request.app[SECRET_KEY]):
         log.warning("refused %s %s from %s: wrong credential", request.method, request.path, request.remote)

@@ -1,0 +1,234 @@
+"""Real host agent processes on free loopback ports, and helpers to migrate guests between them.
+
+``agent_factory(name)`` starts ``python -m hostagent`` and returns a ``RunningAgent``
+(url, secret, process, client, kill()); every agent it started is stopped when the
+test ends. Other test packages may reuse it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ManagedProcess, free_port, start_process, subprocess_env, wait_until
+from vms.agent_client import AgentClient
+
+
+@dataclass
+class RunningAgent:
+    name: str
+    url: str
+    secret: str
+    process: ManagedProcess
+    client: AgentClient = field(repr=False)
+
+    def kill(self) -> None:
+        """SIGKILL: what a crashed host looks like."""
+        self.process.kill()
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.stop()
+
+    def log(self) -> str:
+        return Path(self.process.log_path).read_text(errors="replace")
+
+    def guest(self, name: str) -> dict[str, Any] | None:
+        return next((guest for guest in self.client.list_guests() if guest["name"] == name), None)
+
+
+def start_agent(name: str, secret_dir: Path, *extra_args: str) -> RunningAgent:
+    port = free_port()
+    secret = secrets.token_urlsafe(24)
+    secret_file = secret_dir / f"{name}-{port}.secret"
+    secret_file.write_text(secret)
+    args = [sys.executable, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
+    args += ["--secret-file", str(secret_file), "--driver", "simulated", *extra_args]
+    process = start_process(f"agent-{name}", args, subprocess_env())
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            response = httpx.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {secret}"}, timeout=1)
+            return response.status_code == 200
+        except httpx.HTTPError:
+            return process.process.poll() is not None
+
+    if not wait_until(answers, timeout=30) or process.process.poll() is not None:
+        process.stop()
+        raise RuntimeError(f"host agent {name} did not start:\n{process.log_tail()}")
+    return RunningAgent(name, url, secret, process, AgentClient(url, secret, timeout_s=30))
+
+
+class AgentFactory:
+    def __init__(self, secret_dir: Path) -> None:
+        self.secret_dir = secret_dir
+        self.started: list[RunningAgent] = []
+
+    def __call__(self, name: str, *extra_args: str) -> RunningAgent:
+        agent = start_agent(name, self.secret_dir, *extra_args)
+        self.started.append(agent)
+        return agent
+
+    def stop_all(self) -> None:
+        for agent in self.started:
+            agent.stop()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[AgentFactory]:
+    factory = AgentFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def agent_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningAgent, RunningAgent]]:
+    """Two agents shared by a module's tests (each test uses guests of its own names)."""
+    factory = AgentFactory(tmp_path_factory.mktemp("agents"))
+    yield factory("vsp1"), factory("vsp2")
+    factory.stop_all()
+
+
+# -- guests and migrations ------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> dict[str, Any]:
+    body = {"name": name, "memory_mib": 16, "vcpus": 1, "dirty_pages_per_s": 200, "running": True, **spec}
+    return agent.client.define_guest(body)
+
+
+def prepare(target: RunningAgent, guest: dict[str, Any], migration_id: str, **limits: Any):
+    wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
+    return target.client.prepare_incoming(wanted, migration_id, limits)
+
+
+def start(
+    source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, **params: Any
+) -> dict[str, Any]:
+    endpoint = prepare(target, guest, migration_id, **params.get("limits", {}))
+    return source.client.start_outgoing(guest["name"], migration_id, endpoint, params)
+
+
+def follow(
+    agent: RunningAgent, migration_id: str, until: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """Progress snapshots from the stream, up to and including the first one ``until`` accepts."""
+    seen = []
+    for snapshot in agent.client.iter_progress(migration_id):
+        seen.append(snapshot)
+        if until(snapshot):
+            break
+    return seen
+
+
+def converged_or_ended(snapshot: dict[str, Any]) -> bool:
+    return snapshot["converged"] or snapshot["state"] not in ("init", "copy")
+
+
+def in_phase(phase: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda snapshot: snapshot["phase"] == phase or snapshot["state"] not in ("init", "copy", phase)
+
+
+def workload_advances(agent: RunningAgent, name: str) -> bool:
+    """The guest runs on ``agent`` and its workload goes on: pages written (if it writes any), I/O done."""
+
+    def progress() -> tuple[int, int]:
+        guest = agent.client.get_guest(name)
+        assert guest["hardware_status"] == "on" and guest["os_status"] == "up", guest
+        workload = guest["workload"]
+        return workload["pages_written"], workload["io_completed"]
+
+    pages_before, io_before = progress()
+    writes = agent.client.get_guest(name)["workload"]["dirty_pages_per_s"] > 0
+
+    def advanced() -> bool:
+        pages, io = progress()
+        return (pages > pages_before or not writes) and io > io_before
+
+    return wait_until(advanced, timeout=10)
+
+
+def wait_for_state(
+    agent: RunningAgent, migration_id: str, *states: str, timeout: float = 20
+) -> dict[str, Any]:
+    assert wait_until(lambda: agent.client.snapshot(migration_id)["state"] in states, timeout=timeout), (
+        agent.client.snapshot(migration_id)
+    )
+    return agent.client.snapshot(migration_id)
+
+
+class InBackground:
+    """Runs a blocking call (a command that answers when its phase ends) in a thread."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[[], Any]) -> None:
+        try:
+            self.result = function()
+        except BaseException as error:
+            self.error = error
+
+    def join(self, timeout: float = 30) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the call did not answer"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class SilentListener:
+    """A TCP port that accepts connections and never says a word: a hung target host."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.closed = False
+        self.port = self.sock.getsockname()[1]
+        self._accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                connection, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._accepted.append(connection)
+
+    def endpoint(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "token": "whatever"}
+
+    def close(self) -> None:
+        self.closed = True
+        self._thread.join(5)
+        self.sock.close()
+        for connection in self._accepted:
+            connection.close()
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[SilentListener]:
+    listener = SilentListener()
+    yield listener
+    listener.close()

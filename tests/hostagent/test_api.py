@@ -1,0 +1,204 @@
+"""The agent's HTTP API against a real agent process: guests, credentials, and bad requests."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.hostagent.conftest import (
+    define_running_guest,
+    follow,
+    prepare,
+    start,
+    unique,
+    wait_for_state,
+    workload_advances,
+)
+from vms.agent_client import AgentClient, AgentRefused
+
+
+def raw(agent, method: str, path: str, **kwargs) -> httpx.Response:
+    headers = kwargs.pop("headers", {"Authorization": f"Bearer {agent.secret}"})
+    return httpx.request(method, f"{agent.url}{path}", headers=headers, timeout=10, **kwargs)
+
+
+def test_it_reports_health(agent_pair):
+    vsp1, _ = agent_pair
+    health = vsp1.client.health()
+    assert health["name"] == "vsp1"
+    assert health["driver"] == "simulated"
+    assert isinstance(health["guests"], int)
+
+
+def test_it_defines_starts_stops_and_deletes_a_guest(agent_pair):
+    vsp1, _ = agent_pair
+    name = unique("life")
+    guest = vsp1.client.define_guest({"name": name, "memory_mib": 32, "vcpus": 2, "os_type": "hpux"})
+    assert (guest["hardware_status"], guest["os_status"], guest["memory_mib"], guest["vcpus"]) == (
+        "off",
+        "down",
+        32,
+        2,
+    )
+    assert vsp1.client.start_guest(name)["hardware_status"] == "on"
+    assert workload_advances(vsp1, name)
+    with pytest.raises(AgentRefused) as refused:
+        vsp1.client.delete_guest(name)
+    assert refused.value.status == 409 and "running" in refused.value.message
+    assert vsp1.client.stop_guest(name)["os_status"] == "down"
+    vsp1.client.delete_guest(name)
+    assert vsp1.guest(name) is None
+
+
+def test_it_defines_a_guest_idempotently(agent_pair):
+    vsp1, _ = agent_pair
+    name = unique("same")
+    first = define_running_guest(vsp1, name)
+    again = define_running_guest(vsp1, name)
+    assert again["name"] == first["name"] and again["hardware_status"] == "on"
+    with pytest.raises(AgentRefused) as refused:
+        define_running_guest(vsp1, name, memory_mib=64)
+    assert refused.value.status == 409
+
+
+@pytest.mark.parametrize(
+    "headers, why",
+    [({}, "missing credential"), ({"Authorization": "Bearer not-the-secret-at-all"}, "wrong credential")],
+)
+def test_it_refuses_requests_without_the_right_credential(agent_pair, headers, why):
+    vsp1, _ = agent_pair
+    response = raw(vsp1, "GET", "/v1/guests", headers=headers)
+    assert response.status_code == 401
+    assert why in response.json()["error"]
+    with pytest.raises(AgentRefused) as refused:
+        AgentClient(vsp1.url, "not-the-secret-at-all").list_guests()
+    assert refused.value.status == 401
+    log = vsp1.log()
+    assert f"refused GET /v1/guests from 127.0.0.1: {why.split()[0]} credential" in log
+    assert "not-the-secret-at-all" not in log and vsp1.secret not in log
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, words",
+    [
+        ("PUT", "/v1/guests/bad-json", b"{not json", 400, "not valid JSON"),
+        ("PUT", "/v1/guests/neg", b'{"memory_mib": -5, "vcpus": 1}', 400, "memory_mib must be between"),
+        ("PUT", "/v1/guests/huge", b'{"memory_mib": 99999999999, "vcpus": 1}', 400, "memory_mib"),
+        (
+            "PUT",
+            "/v1/guests/cpus",
+            b'{"memory_mib": 16, "vcpus": "two"}',
+            400,
+            "vcpus must be a whole number",
+        ),
+        ("PUT", "/v1/guests/list", b"[1, 2]", 400, "must be a JSON object"),
+        ("PUT", "/v1/guests/bad%20name", b'{"memory_mib": 16}', 400, "guest name"),
+        ("GET", "/v1/guests/nobody", None, 404, "no guest named nobody"),
+        ("POST", "/v1/guests/nobody/start", None, 404, "no guest named nobody"),
+        ("GET", "/v1/migrations/nothing", None, 404, "no migration nothing"),
+        ("POST", "/v1/migrations/nothing/freeze", None, 404, "no migration nothing"),
+        (
+            "POST",
+            "/v1/migrations/incoming",
+            b'{"migration_id": "m", "guest": {"name": "g"}}',
+            400,
+            "memory_mib",
+        ),
+        (
+            "POST",
+            "/v1/migrations/incoming",
+            b'{"guest": {"name": "g", "memory_mib": 16}}',
+            400,
+            "migration_id",
+        ),
+        (
+            "POST",
+            "/v1/migrations/outgoing",
+            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 70000, "token": "t"}}',
+            400,
+            "port must be between",
+        ),
+        (
+            "POST",
+            "/v1/migrations/outgoing",
+            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 1, "token": "t"},'
+            b' "params": {"downtime_ms": -1}}',
+            400,
+            "downtime_ms",
+        ),
+        (
+            "POST",
+            "/v1/migrations/outgoing",
+            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 1, "token": "t"},'
+            b' "params": {"max_rounds": 1e9, "limits": {"copy_s": -3}}}',
+            400,
+            "max_rounds",
+        ),
+        (
+            "POST",
+            "/v1/migrations/outgoing",
+            b'{"migration_id": "m", "guest": "nobody", "target": {"host": "h", "port": 1, "token": "t"}}',
+            404,
+            "no guest named nobody",
+        ),
+    ],
+)
+def test_it_answers_malformed_requests_with_a_clear_4xx_and_changes_nothing(
+    agent_pair, method, path, body, status, words
+):
+    vsp1, _ = agent_pair
+    before = vsp1.client.list_guests()
+    response = raw(vsp1, method, path, content=body)
+    assert response.status_code == status
+    assert words in response.json()["error"]
+    after = vsp1.client.list_guests()
+    assert [guest["name"] for guest in after] == [guest["name"] for guest in before]
+
+
+def test_it_refuses_a_guest_that_does_not_fit(agent_factory):
+    small = agent_factory("small", "--driver-option", "capacity_mib=64")
+    define_running_guest(small, "fits", memory_mib=48)
+    with pytest.raises(AgentRefused) as refused:
+        define_running_guest(small, "too-big", memory_mib=32)
+    assert refused.value.status == 409 and "no room" in refused.value.message
+    with pytest.raises(AgentRefused) as refused:
+        prepare(small, {"name": "incoming", "memory_mib": 32, "vcpus": 1, "os_type": "linux"}, "room-1")
+    assert refused.value.status == 409 and "no room" in refused.value.message
+    assert [guest["name"] for guest in small.client.list_guests()] == ["fits"]
+
+
+def test_it_refuses_a_second_migration_of_a_migrating_guest(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name = unique("twice")
+    guest = define_running_guest(vsp1, name, memory_mib=16, fill_percent=100)
+    first_id, second_id = unique("first"), unique("second")
+    start(vsp1, vsp2, guest, first_id, bandwidth_mbps=20)
+    with pytest.raises(AgentRefused) as refused:
+        vsp1.client.start_outgoing(name, second_id, {"host": "127.0.0.1", "port": 9, "token": "t"}, {})
+    assert refused.value.status == 409 and "already migrating" in refused.value.message
+    with pytest.raises(AgentRefused) as refused:
+        vsp1.client.delete_guest(name)
+    assert refused.value.status == 409
+    with pytest.raises(AgentRefused):
+        vsp1.client.snapshot(second_id)
+    assert vsp1.client.snapshot(first_id)["state"] in ("init", "copy")
+    vsp1.client.cancel(first_id)
+    wait_for_state(vsp2, first_id, "aborted")
+    vsp2.client.discard(first_id)
+
+
+def test_it_refuses_a_wrong_data_plane_token(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("token"), unique("tok")
+    guest = define_running_guest(vsp1, name)
+    endpoint = prepare(vsp2, guest, migration_id)
+    forged = {**endpoint, "token": "forged-token-" + "x" * 30}
+    vsp1.client.start_outgoing(name, migration_id, forged, {})
+    ended = follow(vsp1, migration_id, until=lambda s: s["state"] == "aborted")[-1]
+    assert "wrong data-plane token" in ended["error"]
+    assert ended["failed_phase"] == "init"
+    assert workload_advances(vsp1, name)
+    assert vsp2.client.snapshot(migration_id)["state"] == "init"  # still waiting for the real source
+    assert "refused data-plane connection" in vsp2.log() and "forged-token" not in vsp2.log()
+    assert vsp2.client.discard(migration_id)["state"] == "discarded"
+    assert vsp2.guest(name) is None

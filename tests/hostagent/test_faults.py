@@ -1,0 +1,185 @@
+"""Aborts: cancel and time-out in each phase, and agents killed mid-copy.
+
+After every one the source guest still runs with its workload going on, and the
+target holds no copy. Phases are made slow with the simulated guest's test
+options: a capped link (Copy), slow I/O (Quiesce), slow state saving (Frozen),
+and a listener that never answers (Init).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.hostagent.conftest import (
+    InBackground,
+    converged_or_ended,
+    define_running_guest,
+    follow,
+    in_phase,
+    prepare,
+    start,
+    unique,
+    wait_for_state,
+    workload_advances,
+)
+
+pytestmark = pytest.mark.faults
+SLOW_LINK_MBPS = 16  # 2 MB/s: a 16 MiB guest filled to 100% copies for ~8 s
+
+
+def assert_source_runs_and_target_holds_nothing(source, target, name, migration_id):
+    assert workload_advances(source, name)
+    assert source.guest(name)["migrating"] is None
+    if target is not None:
+        ended = wait_for_state(target, migration_id, "aborted", "cancelled", "discarded")
+        assert target.guest(name) is None, ended
+
+
+def test_cancel_in_init(agent_pair, silent_listener):
+    vsp1, _ = agent_pair
+    name, migration_id = unique("c-init"), unique("m")
+    define_running_guest(vsp1, name)
+    vsp1.client.start_outgoing(name, migration_id, silent_listener.endpoint(), {})
+    assert vsp1.client.snapshot(migration_id)["state"] == "init"
+    cancelled = vsp1.client.cancel(migration_id)
+    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "init")
+    assert vsp1.client.cancel(migration_id)["state"] == "cancelled"
+    assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
+
+
+def test_cancel_in_copy(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("c-copy"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
+    follow(vsp1, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] != "copy")
+    cancelled = vsp1.client.cancel(migration_id)
+    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "copy")
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_cancel_on_the_target_in_copy_aborts_the_source(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("c-tgt"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
+    follow(vsp2, migration_id, until=in_phase("copy"))
+    assert vsp2.client.cancel(migration_id)["state"] == "cancelled"
+    ended = wait_for_state(vsp1, migration_id, "aborted")
+    assert "cancelled" in ended["error"] and ended["failed_phase"] == "copy"
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_cancel_in_quiesce(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("c-quiesce"), unique("m")
+    guest = define_running_guest(vsp1, name, io_latency_ms=2_000)
+    start(vsp1, vsp2, guest, migration_id)
+    follow(vsp1, migration_id, until=converged_or_ended)
+    quiescing = InBackground(lambda: vsp1.client.quiesce(migration_id))
+    follow(vsp1, migration_id, until=in_phase("quiesce"))
+    cancelled = vsp1.client.cancel(migration_id)
+    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "quiesce")
+    assert quiescing.join()["state"] == "cancelled"
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+    assert vsp1.guest(name)["workload"]["io_queued"] == 0  # queued I/O was issued again
+
+
+def test_cancel_in_frozen(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("c-frozen"), unique("m")
+    guest = define_running_guest(vsp1, name, state_save_ms=60_000)
+    start(vsp1, vsp2, guest, migration_id)
+    follow(vsp1, migration_id, until=converged_or_ended)
+    vsp1.client.quiesce(migration_id)
+    freezing = InBackground(lambda: vsp1.client.freeze(migration_id))
+    follow(vsp1, migration_id, until=in_phase("frozen"))
+    cancelled = vsp1.client.cancel(migration_id)
+    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "frozen")
+    assert freezing.join()["state"] == "cancelled"
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_time_out_in_init_on_the_source(agent_pair, silent_listener):
+    vsp1, _ = agent_pair
+    name, migration_id = unique("t-init"), unique("m")
+    define_running_guest(vsp1, name)
+    vsp1.client.start_outgoing(name, migration_id, silent_listener.endpoint(), {"limits": {"init_s": 0.5}})
+    ended = follow(vsp1, migration_id, until=lambda s: s["state"] != "init")[-1]
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "init")
+    assert "init phase ran over its limit of 0.5 s" in ended["error"]
+    assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
+
+
+def test_time_out_in_init_on_the_target_when_no_source_comes(agent_pair):
+    _, vsp2 = agent_pair
+    name, migration_id = unique("t-init-tgt"), unique("m")
+    prepare(vsp2, {"name": name, "memory_mib": 16, "vcpus": 1, "os_type": "linux"}, migration_id, init_s=0.5)
+    assert vsp2.guest(name)["migrating"] == migration_id
+    ended = wait_for_state(vsp2, migration_id, "aborted")
+    assert ended["failed_phase"] == "init" and "no source connected" in ended["error"]
+    assert vsp2.guest(name) is None
+
+
+def test_time_out_in_copy(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("t-copy"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS, limits={"copy_s": 0.5})
+    ended = follow(vsp1, migration_id, until=lambda s: s["state"] not in ("init", "copy"))[-1]
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "copy")
+    assert "copy phase ran over its limit of 0.5 s" in ended["error"]
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_time_out_in_quiesce(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("t-quiesce"), unique("m")
+    guest = define_running_guest(vsp1, name, io_latency_ms=2_000)
+    start(vsp1, vsp2, guest, migration_id, limits={"quiesce_s": 0.3})
+    follow(vsp1, migration_id, until=converged_or_ended)
+    ended = vsp1.client.quiesce(migration_id)
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "quiesce")
+    assert "quiesce phase ran over its limit of 0.3 s" in ended["error"]
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_time_out_in_frozen(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("t-frozen"), unique("m")
+    guest = define_running_guest(vsp1, name, state_save_ms=60_000)
+    start(vsp1, vsp2, guest, migration_id, limits={"frozen_s": 0.3})
+    follow(vsp1, migration_id, until=converged_or_ended)
+    vsp1.client.quiesce(migration_id)
+    ended = vsp1.client.freeze(migration_id)
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "frozen")
+    assert "frozen phase ran over its limit of 0.3 s" in ended["error"]
+    assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
+
+
+def test_target_killed_mid_copy(agent_factory):
+    vsp1, vsp2 = agent_factory("vsp1"), agent_factory("vsp2")
+    name, migration_id = unique("k-target"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
+    follow(vsp1, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] != "copy")
+    vsp2.kill()
+    ended = follow(vsp1, migration_id, until=lambda s: s["state"] not in ("init", "copy"))[-1]
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "copy")
+    assert "lost the data-plane connection to the target" in ended["error"]
+    assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
+
+
+def test_source_killed_mid_copy(agent_factory):
+    vsp1, vsp2 = agent_factory("vsp1"), agent_factory("vsp2")
+    name, migration_id = unique("k-source"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
+    follow(vsp2, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] != "copy")
+    vsp1.kill()
+    ended = wait_for_state(vsp2, migration_id, "aborted")
+    assert (
+        ended["failed_phase"] == "copy" and "lost the data-plane connection to the source" in ended["error"]
+    )
+    assert vsp2.guest(name) is None
+    assert vsp2.client.discard(migration_id)["state"] == "discarded"
