@@ -1,11 +1,13 @@
 """Websockets that push migration progress: one per watched VM, one per watched VSP tab.
 
-On connect a socket joins its group FIRST and then sends the current state, so an update published
-meanwhile is not lost (it arrives after the snapshot, and percentages never decrease).
+On connect a socket joins its group FIRST (see ``fanout.py``) and then sends the current state,
+so an update published meanwhile is not lost: it follows the snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -13,8 +15,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from vms.models import VSP, VirtualMachine
 
+from .fanout import get_fanout
 from .progress import (
-    ProgressMessage,
     get_migration_display,
     get_row_migrations,
     render_row_fragments,
@@ -22,6 +24,8 @@ from .progress import (
     vm_group,
     vsp_group,
 )
+
+logger = logging.getLogger(__name__)
 
 VIEW_PERMISSION = "vms.view_virtualmachine"
 
@@ -45,9 +49,12 @@ def render_vsp_state(vsp_id: int) -> str | None:
 
 
 class ProgressConsumer(AsyncWebsocketConsumer):
-    """Refuses anonymous users and users who may not view VMs; then forwards ``migration.progress``."""
+    """Refuses anonymous users and users who may not view VMs; then pushes the group's HTML."""
 
     subject_kwarg = ""
+    group = ""
+    snapshot_sent = False
+    pending_html: str | None = None
 
     def group_name(self, subject_id: int) -> str:
         raise NotImplementedError
@@ -61,24 +68,37 @@ class ProgressConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept: the handshake is refused (HTTP 403)
             return
         self.group = self.group_name(subject_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await get_fanout().join(self.group, self)
         html = await database_sync_to_async(self.render_state)(subject_id)
         if html is None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
             await self.close()
             return
         await self.accept()
         await self.send(text_data=html)
+        self.snapshot_sent = True
+        if self.pending_html is not None:
+            html, self.pending_html = self.pending_html, None
+            await self.send(text_data=html)
+
+    def deliver(self, html: str) -> None:
+        """Called by the process fan-out for each update of this socket's group."""
+        if self.snapshot_sent:
+            asyncio.get_running_loop().create_task(self._send_quietly(html))
+        else:
+            self.pending_html = html  # newer than anything held before; sent after the snapshot
+
+    async def _send_quietly(self, html: str) -> None:
+        try:
+            await self.send(text_data=html)
+        except Exception:  # the browser went away meanwhile; its disconnect cleans up
+            logger.debug("Dropped a progress frame for a closed socket", exc_info=True)
 
     async def disconnect(self, code: int) -> None:
-        if getattr(self, "group", None):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.group:
+            get_fanout().leave(self.group, self)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Browsers only listen; anything they send is ignored."""
-
-    async def migration_progress(self, message: ProgressMessage) -> None:
-        await self.send(text_data=message["html"])
 
 
 class VMProgressConsumer(ProgressConsumer):

@@ -5,7 +5,8 @@ same partials (``migrations_app/progress.html``) from the same display functions
 and what is refreshed never disagree.
 
 Groups: ``vm-<vm_id>`` (the VM's General tab) and ``vsp-<vsp_id>`` (a VSP's Virtual Machines tab).
-Each update is rendered once per group (not per watcher) and sent with one ``group_send`` per group.
+Each update is rendered once per group (not per watcher) and sent with one ``group_send`` per group;
+each server process receives it once and hands it to its own sockets (``fanout.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ MESSAGE_TYPE = "migration.progress"
 
 
 class ProgressMessage(TypedDict):
-    """A channel-layer message; ``type`` names the consumer handler (``migration_progress``)."""
+    """A channel-layer message to a group (read by each server process's ``fanout``)."""
 
     type: Literal["migration.progress"]
+    group: str  # the group it was sent to: the server process hands it to that group's sockets
     html: str  # top-level elements with ids, swapped out of band by the htmx ws extension
 
 
@@ -94,10 +96,11 @@ def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
     """The message for each group interested in this migration, read fresh from the database."""
     migration = Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
     display = get_migration_display(migration.vm)
-    messages = {vm_group(migration.vm_id): _message(render_vm_fragments(display, oob=True))}
+    group = vm_group(migration.vm_id)
+    messages = {group: _message(group, render_vm_fragments(display, oob=True))}
     for vsp in (migration.source, migration.target):
-        html = render_row_fragments(vsp, {migration.vm_id: migration}, oob=True)
-        messages[vsp_group(vsp.pk)] = _message(html)
+        group = vsp_group(vsp.pk)
+        messages[group] = _message(group, render_row_fragments(vsp, {migration.vm_id: migration}, oob=True))
     return messages
 
 
@@ -122,8 +125,8 @@ async def send_messages(messages: dict[str, ProgressMessage]) -> None:
         await layer.group_send(group, message)
 
 
-def _message(html: str) -> ProgressMessage:
-    return {"type": MESSAGE_TYPE, "html": html}
+def _message(group: str, html: str) -> ProgressMessage:
+    return {"type": MESSAGE_TYPE, "group": group, "html": html}
 
 
 def general_tab_context(vm: VirtualMachine) -> dict[str, object]:

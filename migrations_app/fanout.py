@@ -1,0 +1,89 @@
+"""Per-process fan-out of progress HTML to the websockets of this server process.
+
+Stock Channels puts every group member's copy of a message through its own queue and dispatch
+task; with 1,000 browsers on one VM that costs ~0.3 ms per socket and pushes p99 past 250 ms. Here
+each server process joins a channel group ONCE, with one process channel, and one reader task hands
+each message's HTML to the local sockets of that group (one small send task each).
+
+Correctness:
+- a socket joins (locally, and the process joins the group in the channel layer) BEFORE it reads the
+  state it sends first, so an update published meanwhile is delivered after that snapshot;
+- until its snapshot is sent, a socket keeps only the newest pushed HTML and sends it right after;
+- sends to one socket run in the order they were created (uvicorn's send only waits when the
+  socket's buffer is full, and waiters resume first-in first-out);
+- group memberships in the layer expire (``group_expiry``), so they are renewed on every join and
+  every ``REFRESH_S``; groups without local sockets are left then, under the same lock as joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import defaultdict
+from typing import Protocol
+
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+REFRESH_S = 600.0
+
+
+class Watcher(Protocol):
+    def deliver(self, html: str) -> None: ...
+
+
+class ProcessFanout:
+    def __init__(self) -> None:
+        self.layer = get_channel_layer()
+        self.channel: str | None = None
+        self.members: dict[str, set[Watcher]] = defaultdict(set)
+        self.lock = asyncio.Lock()
+        self.tasks: list[asyncio.Task] = []
+
+    async def join(self, group: str, watcher: Watcher) -> None:
+        async with self.lock:
+            if self.channel is None:
+                self.channel = await self.layer.new_channel()
+                self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._refresh())]
+            self.members[group].add(watcher)
+            await self.layer.group_add(group, self.channel)
+
+    def leave(self, group: str, watcher: Watcher) -> None:
+        self.members.get(group, set()).discard(watcher)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Progress fan-out could not read from the channel layer; retrying")
+                await asyncio.sleep(1)
+                continue
+            for watcher in tuple(self.members.get(message.get("group", ""), ())):
+                watcher.deliver(message["html"])
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            async with self.lock:
+                for group, watchers in list(self.members.items()):
+                    if watchers:
+                        await self.layer.group_add(group, self.channel)
+                    else:
+                        del self.members[group]
+                        await self.layer.group_discard(group, self.channel)
+
+
+_fanouts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ProcessFanout] = weakref.WeakKeyDictionary()
+
+
+def get_fanout() -> ProcessFanout:
+    """The fan-out of the running event loop (one per server process; one per test's loop)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _fanouts:
+        _fanouts[loop] = ProcessFanout()
+    return _fanouts[loop]
