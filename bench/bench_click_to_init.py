@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ WORK_DIR = Path(tempfile.mkdtemp(prefix="bench-click-to-init-"))
 RUN_ID = secrets.token_hex(4)
 os.environ.update(
     DJANGO_SETTINGS_MODULE="matrixoe.settings",
-    DATABASE_URL=f"sqlite:///{WORK_DIR / 'bench.sqlite3'}",
+    DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{WORK_DIR / 'bench.sqlite3'}"),
     CELERY_QUEUE=f"bench-{RUN_ID}",
     CHANNELS_PREFIX=f"bench-{RUN_ID}",
     ALLOWED_HOSTS="testserver,127.0.0.1",
@@ -149,10 +150,11 @@ def main() -> None:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(WORK_DIR, ignore_errors=True)
     report(latencies)
 
 
-def measure(runs: int, ports: list[int], agent_secrets: list[str]) -> list[float]:
+def measure(runs: int, ports: list[int], agent_secrets: list[str]) -> list[tuple[float, float]]:
     import django
 
     django.setup()
@@ -180,18 +182,18 @@ def measure(runs: int, ports: list[int], agent_secrets: list[str]) -> list[float
     User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
     client = Client()
     client.login(username="bench", password="bench-password")  # noqa: S106
-    latencies = [migrate_once(client, vm, vsps[(run + 1) % 2]) for run in range(runs)]
-    return latencies
+    return [migrate_once(client, vm, vsps[(run + 1) % 2]) for run in range(runs)]
 
 
-def migrate_once(client, vm, target) -> float:
-    """One click; returns milliseconds until the worker recorded Init, after the migration completed."""
+def migrate_once(client, vm, target) -> tuple[float, float]:
+    """One click; returns milliseconds until the worker recorded Init and until the POST was answered."""
     from django.urls import reverse
 
     from migrations_app.models import Migration
 
     clicked = time.time()
     response = client.post(reverse("migrations_app:migrate", args=[vm.pk]), {"target": target.pk})
+    answered = time.time()
     assert response.status_code in (200, 302), response.content[:500]
     migration = Migration.objects.filter(vm=vm).latest("pk")
 
@@ -201,7 +203,7 @@ def migrate_once(client, vm, target) -> float:
 
     if not wait_until(lambda: reread().init_started_at is not None, timeout=30):
         raise SystemExit("the worker did not start Init within 30 s")
-    latency = (migration.init_started_at.timestamp() - clicked) * 1000
+    latency = ((migration.init_started_at.timestamp() - clicked) * 1000, (answered - clicked) * 1000)
     if not wait_until(lambda: reread().is_terminal, timeout=60, interval=0.02):
         raise SystemExit(f"migration {migration.pk} did not finish: {migration.state}")
     if migration.state != Migration.State.COMPLETED:
@@ -209,15 +211,20 @@ def migrate_once(client, vm, target) -> float:
     return latency
 
 
-def report(latencies: list[float]) -> None:
-    ordered = sorted(latencies)
+def report(samples: list[tuple[float, float]]) -> None:
+    database = "PostgreSQL" if "postgres" in os.environ["DATABASE_URL"] else "SQLite"
+    print(f"click -> Init started, {len(samples)} runs ({database}; POST via Django test client, real worker")
+    print("and real agents; each run migrates a 64 MiB guest and waits for it to complete):")
+    print("  Init started:  " + summary([init for init, _ in samples]) + "   (aim < 200 ms)")
+    print("  POST answered: " + summary([post for _, post in samples]))
+
+
+def summary(values: list[float]) -> str:
+    ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    print(
-        f"click -> Init started, {len(ordered)} runs (POST via Django test client, real worker and agents):"
-    )
-    print(
-        f"  median {statistics.median(ordered):.1f} ms   p95 {p95:.1f} ms   "
-        f"min {ordered[0]:.1f} ms   max {ordered[-1]:.1f} ms   (aim < 200 ms)"
+    return (
+        f"median {statistics.median(ordered):6.1f} ms   p95 {p95:6.1f} ms   "
+        f"min {ordered[0]:6.1f} ms   max {ordered[-1]:6.1f} ms"
     )
 
 

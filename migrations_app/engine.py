@@ -125,7 +125,8 @@ class MigrationRun:
 
     def guest_spec(self) -> dict[str, Any]:
         vm = self.migration.vm
-        return {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus, "os_type": vm.os_type}
+        spec = {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
+        return {**spec, "os_type": vm.os_type} if vm.os_type else spec
 
     def limits(self) -> dict[str, float | None]:
         vm = self.migration.vm
