@@ -18,6 +18,7 @@ from vms.models import VSP, Registration, VirtualMachine
 logger = logging.getLogger(__name__)
 
 AGENT_ERRORS = (AgentUnreachable, AgentRefused, AgentProtocolError)
+REFRESH_TIMEOUT_S = 3.0  # an admin is waiting for Refresh Data
 MIGRATING_STATES = (
     "init",
     "copy",
@@ -32,9 +33,10 @@ def collect_all_inventory() -> dict[str, bool]:
     return {vsp.name: collect_vsp_inventory(vsp) for vsp in VSP.objects.all()}
 
 
-def collect_vsp_inventory(vsp: VSP) -> bool:
+def collect_vsp_inventory(vsp: VSP, *, timeout_s: float | None = None) -> bool:
     try:
-        guests = AgentClient(vsp.agent_url, vsp.agent_secret).list_guests()
+        with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
+            guests = agent.list_guests()
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
         mark_reachable(vsp, False)
@@ -48,12 +50,14 @@ def collect_vsp_inventory(vsp: VSP) -> bool:
 
 def collect_vm_state(vm: VirtualMachine) -> None:
     """Refresh Data: ask the agent of the VSP the VM is runnable on now (no-op if it has none)."""
-    registration = Registration.objects.filter(vm=vm).exclude(
-        hardware_status=Registration.HardwareStatus.NOT_RUNNABLE
+    runnable = (
+        Registration.objects.filter(vm=vm)
+        .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+        .select_related("vsp")
+        .first()
     )
-    vsp = registration.select_related("vsp").values_list("vsp", flat=True).first()
-    if vsp is not None:
-        collect_vsp_inventory(VSP.objects.get(pk=vsp))
+    if runnable is not None:
+        collect_vsp_inventory(runnable.vsp, timeout_s=REFRESH_TIMEOUT_S)
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
