@@ -105,3 +105,44 @@ def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
     )
     assert vm.current_vsp == fleet["hosta"]
     assert runs_on(host_agents["hosta"], vm.name)
+
+
+def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
+    """Play the part of a worker up to the commit point, then vanish: both agents wait in "ready"."""
+    source, target = host_agents["hosta"].client(), host_agents["hostb"].client()
+    endpoint = target.prepare_incoming(
+        {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, migration_id
+    )
+    source.start_outgoing(vm.name, migration_id, endpoint, {"downtime_ms": 300})
+    for snapshot in source.iter_progress(migration_id):
+        if snapshot["converged"]:
+            break
+    source.quiesce(migration_id)
+    assert source.freeze(migration_id)["state"] == "ready"
+
+
+@pytest.mark.faults
+def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin):
+    from migrations_app.engine import agent_migration_id, flip_registrations
+
+    vm = place_vm(host_agents, fleet)
+    a_minute_ago = timezone.now() - timedelta(minutes=1)
+    migration = Migration.objects.create(
+        vm=vm,
+        source=fleet["hosta"],
+        target=fleet["hostb"],
+        requested_by=admin,
+        state=Migration.State.COMMITTING,
+        heartbeat_at=a_minute_ago,
+        state_changed_at=a_minute_ago,
+    )
+    bring_agents_to_ready(host_agents, vm, agent_migration_id(migration))
+    flip_registrations(migration)  # what the dead worker committed
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "completed"
+    assert vm.current_vsp == fleet["hostb"]
+    assert runs_on(host_agents["hostb"], vm.name)
+    assert not runs_on(host_agents["hosta"], vm.name)
