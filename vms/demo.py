@@ -139,3 +139,47 @@ def upsert_guest(guest: DemoGuest, vsp: VSP) -> None:
     )
     if created:
         Registration.objects.create(vm=vm, vsp=vsp, hardware_status=guest.hardware_status)
+
+
+# A demo guest writes this many pages a second, so migrations show real dirty-page rounds.
+DEMO_DIRTY_PAGES_PER_S = 500
+# Under QEMU (software emulation on a laptop) only a couple of small guests can really run.
+QEMU_DEMO_MEMORY_MIB = 256
+QEMU_DEMO_RUNNING_GUESTS = 2
+
+
+def seed_demo_agents(driver: str) -> list[str]:
+    """Define every demo guest on the agent of the VSP where it is runnable, started if it is On.
+
+    With the QEMU driver, guests get QEMU_DEMO_MEMORY_MIB and only the first
+    QEMU_DEMO_RUNNING_GUESTS that are On are started; the rest are defined but Off.
+    """
+    from vms.agent_client import AgentClient
+
+    lines = []
+    started = 0
+    runnable = (
+        Registration.objects.exclude(hardware_status=HW.NOT_RUNNABLE)
+        .select_related("vm", "vsp")
+        .order_by("vsp__name", "vm__name")
+    )
+    for registration in runnable:
+        vm, vsp = registration.vm, registration.vsp
+        running = registration.hardware_status == HW.ON
+        memory_mib = vm.memory_mib
+        if driver == "qemu":
+            memory_mib = QEMU_DEMO_MEMORY_MIB
+            running = running and started < QEMU_DEMO_RUNNING_GUESTS
+            started += running
+        spec = {
+            "name": vm.name,
+            "memory_mib": memory_mib,
+            "vcpus": vm.vcpus,
+            "os_type": vm.os_type,
+            "dirty_pages_per_s": DEMO_DIRTY_PAGES_PER_S,
+            "running": running,
+        }
+        with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
+            agent.define_guest(spec)
+        lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")
+    return lines

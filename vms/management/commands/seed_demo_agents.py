@@ -1,0 +1,17 @@
+from django.core.management.base import BaseCommand
+
+from vms.demo import seed_demo_agents
+from vms.inventory import collect_all_inventory
+
+
+class Command(BaseCommand):
+    help = "Define the demo fleet's guests on the running demo host agents, then collect their state."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--driver", choices=("simulated", "qemu"), default="simulated")
+
+    def handle(self, *args, driver: str, **options):
+        for line in seed_demo_agents(driver):
+            self.stdout.write(line)
+        answered = collect_all_inventory()
+        self.stdout.write(self.style.SUCCESS(f"Agents answering: {sum(answered.values())}/{len(answered)}"))
