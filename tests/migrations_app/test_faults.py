@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.utils import timezone
 
-from migrations_app.actions import do_request_migration
+from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
-from tests.factories import make_vsp
-from tests.migrations_app.guests import assert_left_on_source, place_vm, runs_on, wait_for_state
+from tests.factories import make_vm, make_vsp
+from tests.migrations_app.guests import assert_left_on_source, guest_on, place_vm, runs_on, wait_for_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -146,3 +148,109 @@ def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_ag
     assert vm.current_vsp == fleet["hostb"]
     assert runs_on(host_agents["hostb"], vm.name)
     assert not runs_on(host_agents["hosta"], vm.name)
+
+
+class StallingSourceAgent(BaseHTTPRequestHandler):
+    """A source agent whose migrations never leave Init, yet that keeps reporting and obeys cancel.
+
+    A fake: a real agent cannot be held in Init, so the worker's own time-limit backstop and a cancel
+    during Init are tested against this one (the target is a real agent).
+    """
+
+    migrations: dict[str, dict] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.endswith("/progress"):
+            self.stream(self.path.split("/")[3])
+        else:
+            self.reply({"guests": []})
+
+    def do_POST(self) -> None:  # noqa: N802
+        parts = self.path.split("/")
+        if self.path == "/v1/migrations/outgoing":
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.migrations[body["migration_id"]] = {"guest": body["guest"], "state": "init", "seq": 1}
+            self.reply(self.snapshot(body["migration_id"]))
+        else:
+            migration = self.migrations[parts[3]]
+            migration.update(state="cancelled", seq=migration["seq"] + 1)
+            self.reply(self.snapshot(parts[3]))
+
+    def snapshot(self, migration_id: str) -> dict:
+        migration = self.migrations[migration_id]
+        return {
+            "migration_id": migration_id,
+            "role": "source",
+            "guest": migration["guest"],
+            "state": migration["state"],
+            "phase": "init",
+            "percent": {"init": 10, "copy": 0, "quiesce": 0, "frozen": 0},
+            "bytes_sent": 0,
+            "bytes_remaining": 0,
+            "round": 0,
+            "converged": False,
+            "seq": migration["seq"],
+        }
+
+    def stream(self, migration_id: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        while True:
+            snapshot = self.snapshot(migration_id)
+            self.wfile.write(json.dumps(snapshot).encode() + b"\n")
+            self.wfile.flush()
+            if snapshot["state"] != "init":
+                return
+            time.sleep(0.2)
+
+    def reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stalling_source(host_agents):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingSourceAgent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield make_vsp("stall", agent_url=f"http://127.0.0.1:{server.server_address[1]}", agent_secret="s" * 8)
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_worker_ends_a_phase_the_agent_lets_run_over_its_limit(
+    host_agents, fleet, admin, migration_worker, wait_for, stalling_source
+):
+    vm = make_vm("stuck", vsp=stalling_source, memory_mib=16, init_limit_s=1)
+
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+
+    assert (migration.state, migration.failed_phase) == ("aborted", "init")
+    assert migration.alert == (
+        "Init phase failed: it ran over its time limit of 1 s. The VM keeps running on stall."
+    )
+    assert vm.current_vsp == stalling_source
+    assert guest_on(host_agents["hostb"], "stuck") is None  # the prepared copy was discarded
+
+
+def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wait_for, stalling_source):
+    vm = make_vm("hesitant", vsp=stalling_source, memory_mib=16, init_limit_s=60)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, migration, "init")
+
+    do_cancel_migration(migration, admin)
+    wait_for_state(wait_for, migration, "cancelled", "aborted", "completed", timeout=20)
+
+    assert (migration.state, migration.failed_phase) == ("cancelled", "init")
+    assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on stall."
+    assert vm.current_vsp == stalling_source
+    assert guest_on(host_agents["hostb"], "hesitant") is None
