@@ -59,8 +59,8 @@ def wait_for_http(url: str, timeout: float = 30, headers: dict | None = None) ->
     return False
 
 
-def start_agents(driver: str) -> list[subprocess.Popen]:
-    agents = []
+def start_agents(driver: str, agents: list[subprocess.Popen]) -> None:
+    """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
     for index, name in enumerate(DEMO_HOSTS):
         port = AGENT_BASE_PORT + index
         secret_file = agent_secret_file(name)
@@ -74,7 +74,6 @@ def start_agents(driver: str) -> list[subprocess.Popen]:
         headers = {"Authorization": f"Bearer {secret_file.read_text().strip()}"}
         if not wait_for_http(f"http://127.0.0.1:{port}/v1/health", headers=headers):
             sys.exit(f"host agent {name} did not start; see var/logs/agent-{name}.log")
-    return agents
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,32 +91,49 @@ def main() -> None:
     manage("migrate", "--noinput", "-v", "0")
     password = os.environ.setdefault("DEMO_ADMIN_PASSWORD", "matrixoe-demo")
     manage("demo_users")
-    processes = start_agents(options.hosts)
-    manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
-    manage("seed_demo_agents", "--driver", options.hosts)
-    processes += [
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    processes: list[subprocess.Popen] = []
+    try:
+        start_agents(options.hosts, processes)
+        manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
+        manage("seed_demo_agents", "--driver", options.hosts)
+        processes += start_console(options.port)
+        print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")
+        print(f"  log in as admin / {password}   (read-only: operator / {password})")
+        print(f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops all.\n")
+        wait_for_exit(processes)
+    except KeyboardInterrupt:
+        print("\nstopping...")
+    finally:
+        stop(processes)
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def start_console(port: int) -> list[subprocess.Popen]:
+    processes = [
         spawn("web", [PYTHON, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1",
-                      "--port", str(options.port), "--ws", "websockets-sansio", "--no-access-log"]),
+                      "--port", str(port), "--ws", "websockets-sansio", "--no-access-log"]),
         spawn("worker", [PYTHON, "-m", "celery", "-A", "matrixoe", "worker", "--pool", "threads",
                          "--concurrency", "8", "--loglevel", "INFO"]),
         spawn("beat", [PYTHON, "-m", "celery", "-A", "matrixoe", "beat", "--loglevel", "INFO",
                        "--schedule", str(VAR_DIR / "celerybeat-schedule")]),
     ]
-    url = f"http://127.0.0.1:{options.port}/"
-    if not wait_for_http(f"{url}login/"):
+    if not wait_for_http(f"http://127.0.0.1:{port}/login/"):
+        stop(processes)
         sys.exit("the console did not start; see var/logs/web.log")
-    print(f"\nMatrix OE console: {url}\n  log in as admin / {password}   (read-only: operator / {password})")
-    print(f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops everything.\n")
-    wait_and_stop(processes)
+    return processes
 
 
-def wait_and_stop(processes: list[subprocess.Popen]) -> None:
-    try:
-        while all(process.poll() is None for process in processes):
-            time.sleep(0.5)
-        print("a console process stopped; see var/logs/. Stopping the others.")
-    except KeyboardInterrupt:
-        print("\nstopping...")
+def wait_for_exit(processes: list[subprocess.Popen]) -> None:
+    while all(process.poll() is None for process in processes):
+        time.sleep(0.5)
+    print("a console process stopped; see var/logs/. Stopping the others.")
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
