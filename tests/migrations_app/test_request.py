@@ -52,6 +52,7 @@ def request_at_once(vm, target, users) -> list[object]:
     return outcomes
 
 
+@pytest.mark.postgres  # runs again on PostgreSQL, where the row lock does the serializing
 def test_it_starts_exactly_one_of_several_admins_migrating_the_same_vm_at_once(busy_source, celery_worker):
     source, target = busy_source
     vm = make_vm("contested", vsp=source)
