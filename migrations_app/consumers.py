@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -34,11 +35,13 @@ def user_may_watch(user: Any) -> bool:
     return bool(user is not None and user.is_authenticated and user.has_perm(VIEW_PERMISSION))
 
 
-def render_vm_state(vm_id: int) -> str | None:
+def render_vm_state(vm_id: int, seen: str = "") -> str | None:
+    """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended."""
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
     if vm is None:
         return None
-    return render_vm_fragments(get_migration_display(vm), oob=True)
+    display = get_migration_display(vm)
+    return render_vm_fragments(display, oob=True, refetch_tab=display.seen_key != seen)
 
 
 def render_vsp_state(vsp_id: int) -> str | None:
@@ -108,7 +111,8 @@ class VMProgressConsumer(ProgressConsumer):
         return vm_group(subject_id)
 
     def render_state(self, subject_id: int) -> str | None:
-        return render_vm_state(subject_id)
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        return render_vm_state(subject_id, seen=query.get("seen", [""])[0])
 
 
 class VSPProgressConsumer(ProgressConsumer):

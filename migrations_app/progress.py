@@ -54,8 +54,20 @@ class MigrationDisplay:
     migration: Migration | None  # Online Migration Phases: the active attempt, else the last if completed
     failed: Migration | None  # Alerts: the last attempt, if it was aborted or cancelled
 
-    def context(self, *, oob: bool = False) -> dict[str, object]:
-        return {"vm": self.vm, "migration": self.migration, "failed_migration": self.failed, "oob": oob}
+    def context(self, *, oob: bool = False, refetch_tab: bool = False) -> dict[str, object]:
+        """``refetch_tab``: when the shown migration has ended, make the browser re-fetch the whole tab."""
+        return {
+            "vm": self.vm,
+            "migration": self.migration,
+            "failed_migration": self.failed,
+            "oob": oob,
+            "refetch_tab": refetch_tab,
+        }
+
+    @property
+    def seen_key(self) -> str:
+        """What a page rendered from this display has seen, so a reconnect re-fetches only if it changed."""
+        return f"{self.migration.pk}-{self.migration.state}" if self.migration else ""
 
 
 def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
@@ -81,9 +93,11 @@ def get_row_migrations(vsp: VSP) -> dict[int, Migration]:
     return rows
 
 
-def render_vm_fragments(display: MigrationDisplay, *, oob: bool) -> str:
+def render_vm_fragments(display: MigrationDisplay, *, oob: bool, refetch_tab: bool = True) -> str:
     """Phases, alerts and the OS-status icon of one VM, as one HTML string."""
-    return render_to_string(f"{PROGRESS_TEMPLATE}#vm_fragments", display.context(oob=oob))
+    return render_to_string(
+        f"{PROGRESS_TEMPLATE}#vm_fragments", display.context(oob=oob, refetch_tab=refetch_tab)
+    )
 
 
 def render_row_fragments(vsp: VSP, row_migrations: dict[int, Migration], *, oob: bool) -> str:
@@ -136,4 +150,5 @@ def general_tab_context(vm: VirtualMachine) -> dict[str, object]:
         "migration": display.migration,
         "failed_migration": display.failed,
         "alerts": [display.failed] if display.failed else [],
+        "migration_seen": display.seen_key,
     }

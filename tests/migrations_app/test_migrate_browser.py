@@ -1,0 +1,154 @@
+"""In real Chromium: migrate a VM from its General tab and watch the phases fill live, in two browsers.
+
+Everything is real: the console (uvicorn), Redis, a Celery worker and two host agents (simulated
+guests). The console here is started like the shared ``console_server`` but sends ``run_migration``
+to the migration worker's queue, whose data plane is capped (see conftest) so Copy lasts seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from migrations_app.models import Migration
+from tests.conftest import free_port, log_in, run_in_thread, start_process, subprocess_env, wait_until
+from tests.factories import PASSWORD, make_user
+from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.guests import place_vm
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+PHASES = ["Init", "Copy", "I/O Quiesce", "Frozen"]
+
+# Records every version of the phases section the page shows, and what Refresh Data swapped in.
+RECORD_PHASES = """
+() => {
+  const read = () => {
+    const section = document.getElementById('migration-phases');
+    if (!section || section.hidden) return null;
+    const percents = {};
+    section.querySelectorAll('tr[data-phase]').forEach(row => {
+      percents[row.dataset.phase] = parseInt(row.querySelector('[data-field=phase_percent]').textContent);
+    });
+    const text = name => (section.querySelector(`[data-field=${name}]`) || {}).textContent;
+    return {state: section.dataset.state, percents, sent: text('bytes_sent'), round: text('round')};
+  };
+  window.__seen = [];
+  window.__marker = 'no reload';
+  new MutationObserver(() => {
+    const now = read();
+    const last = window.__seen[window.__seen.length - 1];
+    if (now && JSON.stringify(now) !== JSON.stringify(last)) window.__seen.push(now);
+  }).observe(document.body, {childList: true, subtree: true});
+  document.body.addEventListener('htmx:afterSwap', event => {
+    if (event.detail.pathInfo.requestPath.includes('/refresh/')) window.__refreshed = read();
+  });
+}
+"""
+
+
+@pytest.fixture
+def migrating_console(django_db_setup, redis_url, migration_worker, settings):
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning", "--no-access-log"]
+    server = start_process(
+        "uvicorn-migrations", args, subprocess_env(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
+    )
+    base_url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{base_url}/login/", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(answers, timeout=30), server.log_tail()
+    yield base_url
+    server.stop()
+
+
+def open_watcher(browser, base_url: str, vm_id: int):
+    page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
+    page.set_default_timeout(20_000)
+    log_in(page, base_url, "maria", PASSWORD)
+    page.goto(f"{base_url}/vms/{vm_id}/general/")
+    page.evaluate(RECORD_PHASES)
+    return page
+
+
+def field(page, name: str) -> str:
+    return page.locator(f'#general-tab [data-field="{name}"]').first.inner_text().strip()
+
+
+def test_it_migrates_from_the_browser_with_live_phases_in_two_browsers(
+    host_agents, fleet, migrating_console, browser
+):
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    vm = run_in_thread(place_vm, host_agents, fleet, memory_mib=48, fill_percent=100, dirty_pages_per_s=300)
+    admin = open_watcher(browser, migrating_console, vm.pk)
+    colleague = open_watcher(browser, migrating_console, vm.pk)
+    assert admin.locator("#migration-phases").is_hidden()
+
+    admin.click("#migrate-button")
+    dialog = admin.locator("#migrate-dialog")
+    assert "Same host" in dialog.locator('tr[data-vsp="hosta"]').inner_text()
+    assert dialog.locator('tr[data-vsp="hosta"] input').is_disabled()
+    dialog.locator('tr[data-vsp="hostb"] input').check()
+    dialog.locator("#migrate-submit").click()
+    admin.wait_for_selector("#migrate-dialog", state="detached")  # the dialog closes, nothing reloads
+
+    copy_percent = "document.querySelector('#migration-phases tr[data-phase=Copy] .phase-percent')"
+    admin.wait_for_function(
+        f"() => {copy_percent} && parseInt({copy_percent}.textContent) >= 15", timeout=30_000
+    )
+    DOCS.mkdir(exist_ok=True)
+    admin.screenshot(path=str(DOCS / "general-tab-migrating.png"), full_page=True)
+    admin.click("#refresh-data")
+    admin.wait_for_function("() => window.__refreshed !== undefined")
+    refreshed = admin.evaluate("window.__refreshed")
+
+    for page in (admin, colleague):
+        page.wait_for_selector('#migration-phases[data-state="completed"]', timeout=60_000)
+    admin.wait_for_function(
+        "() => document.querySelector('#general-tab [data-field=vsp]').innerText === 'hostb'"
+    )
+    admin.screenshot(path=str(DOCS / "general-tab-after.png"), full_page=True)
+
+    migration = run_in_thread(lambda: Migration.objects.get(vm=vm))
+    assert migration.state == "completed", migration.alert
+    for page in (admin, colleague):
+        assert page.evaluate("window.__marker") == "no reload"
+        seen = page.evaluate("window.__seen")
+        for phase in PHASES:
+            percents = [snapshot["percents"][phase] for snapshot in seen]
+            assert min(percents) < 100 and percents[-1] == 100, (phase, percents)
+            assert percents == sorted(percents), f"{phase} went backwards: {percents}"
+        copy_steps = {snapshot["percents"]["Copy"] for snapshot in seen} - {0, 100}
+        assert len(copy_steps) >= 2, f"Copy did not rise live: {sorted(copy_steps)}"
+        assert page.locator('#migration-phases [data-field="downtime"]').inner_text().endswith(" ms")
+    assert refreshed in colleague.evaluate("window.__seen"), "Refresh Data showed numbers never pushed"
+
+    assert field(admin, "vsp") == "hostb" and field(admin, "hardware_status") == "On"
+    source_copy = admin.locator('#other-registrations tr[data-vsp="hosta"]')
+    assert source_copy.locator('[data-field="hardware_status"]').inner_text() == "Not Runnable"
+    assert source_copy.locator('[data-field="not_runnable_set_by"]').inner_text() == "Migrate"
+    assert (
+        source_copy.locator('[data-field="not_runnable_reason"]').inner_text()
+        == "guest migrated to VSP hostb"
+    )
+
+    admin.goto(f"{migrating_console}/vsps/{fleet['hosta'].pk}/")
+    row = admin.locator(f'tr[data-vm="{vm.name}"]')
+    assert row.locator('[data-field="hardware_status"]').inner_text() == "Not Runnable"
+    assert "Migrated to hostb" in row.inner_text()
+    admin.goto(f"{migrating_console}/vms/{vm.pk}/general/?vsp={fleet['hosta'].pk}")
+    assert (field(admin, "hardware_status"), field(admin, "not_runnable_set_by")) == (
+        "Not Runnable",
+        "Migrate",
+    )
+    assert field(admin, "not_runnable_reason") == "guest migrated to VSP hostb"
