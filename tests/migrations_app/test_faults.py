@@ -9,6 +9,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from migrations_app.actions import do_cancel_migration, do_request_migration
@@ -139,7 +140,8 @@ def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_ag
         state_changed_at=a_minute_ago,
     )
     bring_agents_to_ready(host_agents, vm, agent_migration_id(migration))
-    flip_registrations(migration)  # what the dead worker committed
+    with transaction.atomic():
+        flip_registrations(migration)  # what the dead worker committed
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
 
