@@ -12,7 +12,7 @@ do, in constant time, before QEMU sees the socket):
 States follow QEMU's MIGRATION events (polling misses short states); numbers come from
 ``query-migrate``. With ``pause-before-switchover`` the source stops in ``pre-switchover``
 (its vCPUs already stopped: QEMU drains and flushes its block devices as it stops them),
-which is I/O Quiesce; ``freeze`` lets it continue into ``device`` (Frozen). With
+which is I/O Quiesce; ``quiesce`` then lets it continue into ``device`` (Frozen). With
 ``return-path`` the source sees ``completed`` only once the target loaded the stream. Then
 both sides hash their stopped guest's RAM (``qemu_digest``) so the control plane can check
 that not one written page was lost.
@@ -167,6 +167,7 @@ class SourceMigration(QemuMigration):
         self.params = params
         self._continue_requested = False
         self._quiesced = False
+        self._continued = False
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def begin(self) -> None:
@@ -290,17 +291,23 @@ class SourceMigration(QemuMigration):
         self.close_control()
 
     async def quiesce(self) -> ProgressSnapshot:
-        """Wait for QEMU to stop in pre-switchover; nothing more to do for I/O (see module doc)."""
+        """Wait for QEMU to stop in pre-switchover, then let it switch over.
+
+        The vCPUs already stand still there and QEMU drained and flushed the block devices as it
+        stopped them, so nothing is left to wait for: continuing at once keeps the downtime to one
+        control-plane round trip (``freeze`` then only waits for the target's verified copy).
+        """
         snapshot = await self.wait_until(lambda state: state not in ("init", "copy"))
         if snapshot["state"] == "quiesce" and not self._quiesced:
             self._quiesced = True
             devices = await self.qmp.execute("query-block")
             log.info("%s: %d block device(s) drained in pre-switchover", self.guest_name, len(devices))
             self.progress.raise_percent("quiesce", 50)
+            await self._continue()
         return self.snapshot()
 
     async def freeze(self) -> ProgressSnapshot:
-        """Let QEMU switch over (Frozen); return once the target holds a verified paused copy."""
+        """Return once the target holds a verified paused copy ("ready"), or the migration ended."""
         if self.progress.state in ACTIVE_STATES:
             self._continue_requested = True
             if self.progress.state == "quiesce":
@@ -308,8 +315,9 @@ class SourceMigration(QemuMigration):
         return await self.wait_until(lambda state: state not in ACTIVE_STATES)
 
     async def _continue(self) -> None:
-        if self.progress.state != "quiesce" or self._ending:
+        if self.progress.state != "quiesce" or self._ending or self._continued:
             return
+        self._continued = True
         self.progress.raise_percent("quiesce", 100)
         try:
             await self.qmp.execute("migrate-continue", state="pre-switchover")
