@@ -48,7 +48,7 @@ def render_vsp_state(vsp_id: int) -> str | None:
     vsp = VSP.objects.filter(pk=vsp_id).first()
     if vsp is None:
         return None
-    return render_row_fragments(vsp, get_row_migrations(vsp), oob=True)
+    return render_row_fragments(vsp, get_row_migrations(vsp), oob=True, refetch_tab=False)
 
 
 class ProgressConsumer(AsyncWebsocketConsumer):

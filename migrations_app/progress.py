@@ -100,10 +100,15 @@ def render_vm_fragments(display: MigrationDisplay, *, oob: bool, refetch_tab: bo
     )
 
 
-def render_row_fragments(vsp: VSP, row_migrations: dict[int, Migration], *, oob: bool) -> str:
-    """The migration cell of each given VM's row on ``vsp``'s Virtual Machines tab."""
-    rows = [(vm_id, migration) for vm_id, migration in row_migrations.items()]
-    return render_to_string(f"{PROGRESS_TEMPLATE}#row_fragments", {"vsp": vsp, "rows": rows, "oob": oob})
+def render_row_fragments(
+    vsp: VSP, row_migrations: dict[int, Migration], *, oob: bool, refetch_tab: bool = True
+) -> str:
+    """The migration cell of each given VM's row on ``vsp``'s Virtual Machines tab.
+
+    ``refetch_tab``: a row whose migration ended makes the browser re-fetch the tab (hardware status).
+    """
+    context = {"vsp": vsp, "rows": list(row_migrations.items()), "oob": oob, "refetch_tab": refetch_tab}
+    return render_to_string(f"{PROGRESS_TEMPLATE}#row_fragments", context)
 
 
 def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:

@@ -84,19 +84,32 @@ def row_migration_text(migration: Migration, vsp: VSP) -> str:
     return f"Migration {direction} {other} {migration.get_state_display().lower()}"
 
 
+# Inline SVG where fonts may lack the glyph (headless and minimal systems have no emoji font).
+HOURGLASS_SVG = (
+    '<svg viewBox="0 0 16 16" width="14" height="14" aria-hidden="true" focusable="false">'
+    '<path d="M4 1.5h8M4 14.5h8M5 1.5v2.5l3 4-3 4v2.5M11 1.5v2.5l-3 4 3 4v2.5" fill="none" '
+    'stroke="currentColor" stroke-width="1.6" stroke-linecap="round"/></svg>'
+)
+WARNING_SVG = (
+    '<svg viewBox="0 0 16 16" width="14" height="14" aria-hidden="true" focusable="false">'
+    '<path d="M8 1.5 15 14.5H1z" fill="none" stroke="currentColor" stroke-width="1.5"/>'
+    '<path d="M8 6v4.5M8 12v1" stroke="currentColor" stroke-width="1.6"/></svg>'
+)
+
+
 @register.simple_tag
 def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     """The hourglass or direction icon, seen from ``vsp``; accessible text in title and aria-label."""
     outgoing = migration.source_id == vsp.pk
     other = migration.target.name if outgoing else migration.source.name
     if migration.state == State.QUEUED:
-        symbol, kind = "\u231b", "queued"
+        symbol, kind = SafeString(HOURGLASS_SVG), "queued"
         text = f"Waiting to migrate {'to' if outgoing else 'here from'} VSP {other}"
     elif migration.is_active:
         symbol, kind = ("\u2192", "to") if outgoing else ("\u2190", "from")
         text = f"Migrating to VSP {other}" if outgoing else f"Migrating from VSP {other}"
     elif migration.state in (State.ABORTED, State.CANCELLED):
-        symbol, kind = "\u26a0", "failed"
+        symbol, kind = SafeString(WARNING_SVG), "failed"
         text = f"Migration to VSP {migration.target.name} {migration.get_state_display().lower()}"
     else:
         return SafeString("")

@@ -152,3 +152,55 @@ def test_it_migrates_from_the_browser_with_live_phases_in_two_browsers(
         "Migrate",
     )
     assert field(admin, "not_runnable_reason") == "guest migrated to VSP hostb"
+
+
+# Records, per VM row of a VSP's Virtual Machines tab, every migration text and icon it shows.
+RECORD_ROWS = """
+() => {
+  window.__rows = {};
+  window.__marker = 'no reload';
+  const read = () => document.querySelectorAll('.migration-row-status').forEach(cell => {
+    const icon = cell.querySelector('.migration-icon');
+    const now = (icon ? icon.getAttribute('aria-label') + ' | ' : '') + cell.textContent.trim();
+    const seen = window.__rows[cell.id] = window.__rows[cell.id] || [];
+    if (now && seen[seen.length - 1] !== now) seen.push(now);
+  });
+  new MutationObserver(read).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
+
+def test_selected_vms_leave_one_at_a_time_with_live_icons_on_the_vsp_tab(
+    host_agents, fleet, migrating_console, browser, artifact_dir
+):
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    vms = [run_in_thread(place_vm, host_agents, fleet, memory_mib=24, fill_percent=100) for _ in range(2)]
+    page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
+    page.set_default_timeout(20_000)
+    log_in(page, migrating_console, "maria", PASSWORD)
+    page.goto(f"{migrating_console}/vsps/{fleet['hosta'].pk}/")
+    for vm in vms:
+        page.locator(f'tr[data-vm="{vm.name}"] input[name="vm"]').check()
+    page.select_option("#migrate-selected-target", label="hostb")
+    page.click("#migrate-selected-button")
+    page.wait_for_load_state("networkidle")
+    page.evaluate(RECORD_ROWS)
+    page.screenshot(path=str(artifact_dir / "vsp-tab-migrate-selected.png"), full_page=True)
+
+    for vm in vms:
+        cell = f"document.getElementById('vm-{vm.pk}-migration')"
+        page.wait_for_function(f"() => {cell}.textContent.includes('Migrated to hostb')", timeout=60_000)
+
+    assert page.evaluate("window.__marker") == "no reload"
+    rows = page.evaluate("window.__rows")
+    first, second = (rows[f"vm-{vm.pk}-migration"] for vm in vms)
+    assert any(text.startswith("Migrating to VSP hostb | ") for text in first), first
+    assert any(text.startswith("Waiting to migrate to VSP hostb | ") for text in second), second
+    assert any(text.startswith("Migrating to VSP hostb | ") for text in second), second
+    migrations = run_in_thread(lambda: list(Migration.objects.filter(vm__in=vms).order_by("pk")))
+    assert [migration.state for migration in migrations] == ["completed", "completed"]
+    for vm in vms:  # the ended migrations made the tab re-fetch itself: the rows' hardware status too
+        badge = f"document.querySelector('tr[data-vm=\"{vm.name}\"] [data-field=hardware_status]')"
+        page.wait_for_function(f"() => {badge}.textContent === 'Not Runnable'")
+    assert migrations[1].init_started_at >= migrations[0].state_changed_at  # one at a time
+    page.screenshot(path=str(artifact_dir / "vsp-tab-after-migrate-selected.png"), full_page=True)
