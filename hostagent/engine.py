@@ -127,6 +127,10 @@ class SourceMigration:
         self._settled = asyncio.Event()  # "ready" or terminal
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._stop_copy = False
+        self._round_done = 0
+        self._round_started: tuple[float, int] | None = None
+        self._rounds_seconds = 0.0
+        self._rounds_bytes = 0
         self._last_mirror = 0.0
         self._dirty_mark = (time.monotonic(), 0)
 
@@ -246,6 +250,7 @@ class SourceMigration:
             "migration_id": self.migration_id,
             "guest": self.guest.name,
             "memory_mib": self.guest.memory_mib,
+            "populate": self.guest.memory.written_chunk_runs(),
         }
 
     async def _copy_phase(self) -> None:
@@ -268,15 +273,27 @@ class SourceMigration:
         async with asyncio.timeout(limit_of(self.limits, "frozen")):
             self._stop_copy = True
             await self._copy_task
+            # Hash what the last rounds changed while the vCPUs still run: it is not downtime.
+            await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
             frozen_at = time.monotonic()
             self.guest.pause_vcpus()
             if self.guest.state_save_ms:
                 await asyncio.sleep(self.guest.state_save_ms / 1000)
+            final_pages = self.guest.memory.dirty_count()
             await self._send_round(self.guest.memory.take_dirty())
+            sent_at = time.monotonic()
             self.progress.update(percent={"frozen": 50})
             memory = self.guest.memory
-            await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+            hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
             digest = memory.digest()
+            log.info(
+                "migration %s (source) frozen: %d last pages sent in %.0f ms, %d pages hashed in %.0f ms",
+                self.migration_id,
+                final_pages,
+                (sent_at - frozen_at) * 1000,
+                hashed,
+                (time.monotonic() - sent_at) * 1000,
+            )
             self.progress.update(source_digest=digest, percent={"frozen": 70})
             freeze = {"state": self.guest.save_state(), "source_digest": digest}
             await self._writer.message(FREEZE, freeze)
@@ -309,7 +326,12 @@ class SourceMigration:
         memory.start_tracking()
         self._dirty_mark = (time.monotonic(), 0)
         self.progress.update(round=1)
+        self._begin_round()
         await self._send_full_pass()
+        await self._writer.flush()  # type: ignore[union-attr]
+        self._end_round()
+        self._round_done = 1
+        await self._mirror_progress(force=True)
         while not self._stop_copy:
             await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
             self._judge_convergence()
@@ -321,6 +343,7 @@ class SourceMigration:
             self._dirty_mark = (time.monotonic(), 0)
             self.progress.update(round=self.progress.snapshot()["round"] + 1)
             await self._send_round(dirty)
+            self._round_done = self.progress.snapshot()["round"]
 
     def _judge_convergence(self) -> None:
         assert self._writer is not None
@@ -348,11 +371,26 @@ class SourceMigration:
             )
         self.progress.update(**fields)
 
-    def _throughput(self) -> float:
+    def _begin_round(self) -> None:
         assert self._writer is not None
-        if self._writer.send_seconds <= 0:
-            return 0.0
-        return self._writer.bytes_sent / self._writer.send_seconds
+        self._round_started = (time.monotonic(), self._writer.bytes_sent)
+
+    def _end_round(self) -> None:
+        assert self._writer is not None and self._round_started is not None
+        started, sent_before = self._round_started
+        self._rounds_seconds += time.monotonic() - started
+        self._rounds_bytes += self._writer.bytes_sent - sent_before
+        self._round_started = None
+
+    def _throughput(self) -> float:
+        """Bytes on the wire per wall-clock second of rounds (hashing and waits between rounds excluded)."""
+        assert self._writer is not None
+        seconds, sent = self._rounds_seconds, self._rounds_bytes
+        if self._round_started is not None:
+            started, sent_before = self._round_started
+            seconds += time.monotonic() - started
+            sent += self._writer.bytes_sent - sent_before
+        return sent / seconds if seconds > 0 else 0.0
 
     def _dirty_rate(self, pending_bytes: int) -> int:
         since, _ = self._dirty_mark
@@ -405,6 +443,7 @@ class SourceMigration:
 
     async def _send_round(self, dirty: bytearray) -> None:
         assert self._writer is not None
+        self._begin_round()
         for first, count in runs_of(dirty):
             # A taken round is always sent whole: its pages are no longer marked dirty.
             for run_first in range(first, first + count, RUN_PAGES):
@@ -412,7 +451,9 @@ class SourceMigration:
                 await self._writer.pages(run_first, self.guest.memory.pages(run_first, run_count))
             await self._mirror_progress(force=False)
         await self._writer.flush()
+        self._end_round()
         self.progress.update(bytes_sent=self._writer.bytes_sent)
+        self._round_done = self.progress.snapshot()["round"]
         await self._mirror_progress(force=True)
 
     async def _mirror_progress(self, force: bool) -> None:
@@ -425,6 +466,7 @@ class SourceMigration:
         snapshot = self.progress.snapshot()
         mirror = {name: snapshot[name] for name in MIRRORED_FIELDS}  # type: ignore[literal-required]
         mirror.update(state=snapshot["state"], phase=snapshot["phase"], percent=snapshot["percent"])
+        mirror["round_done"] = self._round_done
         await self._writer.message(PROGRESS, mirror)
 
     # -- ending ---------------------------------------------------------
@@ -486,6 +528,7 @@ class TargetMigration:
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[int] | None = None
+        self._round_done: Any = 0
         self._dropped = False
 
     @staticmethod
@@ -603,9 +646,27 @@ class TargetMigration:
                 )
                 await writer.message(REFUSE, {"error": refusal})
                 return False
+            await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello))
             await writer.message(ACCEPT, {"migration_id": self.migration_id})
             return True
         return False
+
+    def _populate_runs(self, hello: dict[str, Any]) -> list[tuple[int, int]]:
+        """The chunks the source has written, checked: they get RAM before the copy starts."""
+        runs = hello.get("populate")
+        if not isinstance(runs, list):
+            return []
+        chunk_count = self.guest.memory.chunk_count
+        return [
+            (run[0], run[1])
+            for run in runs
+            if isinstance(run, list)
+            and len(run) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in run)
+            and run[0] >= 0
+            and run[1] > 0
+            and run[0] + run[1] <= chunk_count
+        ]
 
     def _check_hello(self, kind: int, hello: dict[str, Any]) -> str | None:
         token = hello.get("token")
@@ -649,12 +710,13 @@ class TargetMigration:
         if phase in ("copy", "quiesce", "frozen"):
             fields.update(state=phase, phase=phase)
         percent = source.get("percent") if isinstance(source.get("percent"), dict) else {}
-        if source.get("round") != self.progress.snapshot()["round"]:
+        if source.get("round_done") != self._round_done:
+            self._round_done = source.get("round_done")
             self._refresh_in_background()
         self.progress.update(percent=dict(percent), **fields)
 
     def _refresh_in_background(self) -> None:
-        """Keep chunk digests warm between rounds, so the check at Frozen only hashes the last pages."""
+        """Keep page digests warm between rounds, so the check at Frozen only hashes the last pages."""
         if self._refresh is None or self._refresh.done():
             loop = asyncio.get_running_loop()
             self._refresh = loop.run_in_executor(None, self.guest.memory.refresh_digests)
@@ -662,11 +724,20 @@ class TargetMigration:
     async def _verify(self, freeze: dict[str, Any]) -> None:
         assert self._sock is not None
         self.progress.update(state="frozen", phase="frozen", percent={"frozen": 70})
+        started = time.monotonic()
         if self._refresh is not None:
             await self._refresh
+        waited = time.monotonic() - started
         memory = self.guest.memory
-        await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+        hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
         digest, source_digest = memory.digest(), freeze.get("source_digest")
+        log.info(
+            "migration %s (target) digest: waited %.0f ms for hashing in flight, then %d pages in %.0f ms",
+            self.migration_id,
+            waited * 1000,
+            hashed,
+            (time.monotonic() - started - waited) * 1000,
+        )
         writer = FrameWriter(self._sock)
         if digest != source_digest:
             await writer.message(ABORT, {"error": "memory digest mismatch"})

@@ -3,15 +3,19 @@
 The storage is an anonymous ``mmap``: the kernel backs only the pages that were
 touched, so a 4 GiB guest that wrote little costs little RAM.
 
-Three bitmaps (one byte per page or chunk, so C-speed ``re``/``count`` work on them):
+Three bitmaps (one byte per page, so C-speed ``re``/``count`` work on them):
 - ``written``: pages that may be non-zero. Pages never written are zero and go
   over the wire as a marker.
 - ``dirty``: pages written since the last ``take_dirty`` (only while tracking).
-- ``stale``: chunks whose digest must be recomputed.
+- ``stale``: pages whose digest must be recomputed.
+
+The whole-memory digest is SHA-256 over a table of per-page SHA-1 digests, so
+after a round only the pages written since are hashed again (a guest writing
+scattered pages would dirty every larger chunk).
 
 Digest invariant, with writers on the event-loop thread and ``refresh_digests``
-on a worker thread: a writer marks a chunk stale *after* writing it, and the
-refresher clears the mark *before* hashing, so a chunk written while hashed is
+on a worker thread: a writer marks a page stale *after* writing it, and the
+refresher clears the mark *before* hashing, so a page written while hashed is
 always hashed again.
 """
 
@@ -26,8 +30,9 @@ from collections.abc import Iterator
 PAGE_SIZE = 4096
 CHUNK_PAGES = 256
 CHUNK_SIZE = PAGE_SIZE * CHUNK_PAGES
-ZERO_CHUNK = bytes(CHUNK_SIZE)
-ZERO_CHUNK_DIGEST = hashlib.sha256(ZERO_CHUNK).digest()
+PAGE_DIGEST_SIZE = 20
+ZERO_PAGE_DIGEST = hashlib.sha1(bytes(PAGE_SIZE), usedforsecurity=False).digest()
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
 _RUNS = re.compile(rb"\x01+")
 _GAPS = re.compile(rb"\x00+")
 
@@ -52,8 +57,8 @@ class GuestMemory:
         self._map = mmap.mmap(-1, self.size)
         self.view = memoryview(self._map)
         self.written = bytearray(self.page_count)
-        self.stale = bytearray(self.chunk_count)
-        self._chunk_digests = [ZERO_CHUNK_DIGEST] * self.chunk_count
+        self.stale = bytearray(self.page_count)
+        self._page_digests = bytearray(ZERO_PAGE_DIGEST * self.page_count)
         self.dirty: bytearray | None = None
 
     # -- writing -------------------------------------------------------
@@ -63,8 +68,7 @@ class GuestMemory:
         self.written[first_page:end] = b"\x01" * count
         if self.dirty is not None:
             self.dirty[first_page:end] = b"\x01" * count
-        first_chunk, last_chunk = first_page // CHUNK_PAGES, (end - 1) // CHUNK_PAGES
-        self.stale[first_chunk : last_chunk + 1] = b"\x01" * (last_chunk - first_chunk + 1)
+        self.stale[first_page:end] = b"\x01" * count
 
     def zero_pages(self, first_page: int, count: int) -> None:
         """Make pages zero; pages never written already are, and stay unbacked."""
@@ -76,8 +80,26 @@ class GuestMemory:
             self.note_stale(run_first, run_count)
 
     def note_stale(self, first_page: int, count: int) -> None:
-        first_chunk, last_chunk = first_page // CHUNK_PAGES, (first_page + count - 1) // CHUNK_PAGES
-        self.stale[first_chunk : last_chunk + 1] = b"\x01" * (last_chunk - first_chunk + 1)
+        self.stale[first_page : first_page + count] = b"\x01" * count
+
+    def written_chunk_runs(self) -> list[tuple[int, int]]:
+        """(first_chunk, count) runs of chunks holding written pages: what a receiver will need backed."""
+        chunks = bytes(
+            int(self.written.find(1, chunk * CHUNK_PAGES, (chunk + 1) * CHUNK_PAGES) != -1)
+            for chunk in range(self.chunk_count)
+        )
+        return list(runs_of(chunks))
+
+    def populate(self, runs: list[tuple[int, int]]) -> None:
+        """Back these chunks with RAM now, in one call each, instead of one page fault per received page.
+
+        Blocking (run it in a thread). Kernels without MADV_POPULATE_WRITE fault lazily instead.
+        """
+        for first_chunk, count in runs:
+            try:
+                self._map.madvise(MADV_POPULATE_WRITE, first_chunk * CHUNK_SIZE, count * CHUNK_SIZE)
+            except (OSError, ValueError):
+                return
 
     def pages(self, first_page: int, count: int) -> memoryview:
         return self.view[first_page * PAGE_SIZE : (first_page + count) * PAGE_SIZE]
@@ -103,20 +125,21 @@ class GuestMemory:
 
     # -- digests -------------------------------------------------------
     def refresh_digests(self) -> int:
-        """Re-hash stale chunks (thread-safe against writers, see module doc). Returns chunks hashed."""
+        """Re-hash stale pages (thread-safe against writers, see module doc). Returns pages hashed."""
         hashed = 0
-        chunk = self.stale.find(1)
-        while chunk != -1:
-            self.stale[chunk] = 0
-            start = chunk * CHUNK_SIZE
-            self._chunk_digests[chunk] = hashlib.sha256(self.view[start : start + CHUNK_SIZE]).digest()
-            hashed += 1
-            chunk = self.stale.find(1, chunk + 1)
+        view, table, sha1 = self.view, self._page_digests, hashlib.sha1
+        for first, count in runs_of(bytes(self.stale)):
+            self.stale[first : first + count] = bytes(count)
+            for page in range(first, first + count):
+                start = page * PAGE_SIZE
+                digest = sha1(view[start : start + PAGE_SIZE], usedforsecurity=False).digest()
+                table[page * PAGE_DIGEST_SIZE : (page + 1) * PAGE_DIGEST_SIZE] = digest
+            hashed += count
         return hashed
 
     def digest(self) -> str:
-        """Whole-memory digest from the chunk digests; call ``refresh_digests`` first."""
-        return hashlib.sha256(b"".join(self._chunk_digests)).hexdigest()
+        """Whole-memory digest from the page digests; call ``refresh_digests`` first."""
+        return hashlib.sha256(self._page_digests).hexdigest()
 
     def close(self) -> None:
         self.dirty = None
