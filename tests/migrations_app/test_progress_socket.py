@@ -133,3 +133,32 @@ async def test_a_failed_migration_shows_its_alert_to_a_browser_that_reconnects()
         in html
     )
     await socket.disconnect()
+
+
+async def test_a_page_that_missed_the_end_of_a_migration_re_fetches_its_tab_once():
+    vm, migration = await migrating_vm()
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(
+        state=Migration.State.COMPLETED
+    )
+    cookie = await admin_cookie()
+    refetch = 'hx-get="" hx-trigger="load"'
+
+    rendered_while_copying, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-copy", cookie)
+    assert refetch in await rendered_while_copying.receive_from(timeout=5)
+    rendered_after_the_end, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-completed", cookie)
+    assert refetch not in await rendered_after_the_end.receive_from(timeout=5)
+    source_tab, _ = await connect(f"/ws/vsps/{migration.source_id}/", cookie)
+    snapshot = await source_tab.receive_from(timeout=5)
+    assert "Migrated to vsp2" in snapshot and refetch not in snapshot
+    for socket in (rendered_while_copying, rendered_after_the_end, source_tab):
+        await socket.disconnect()
+
+
+async def test_the_vsp_socket_refuses_anonymous_users_and_unknown_vsps():
+    await migrating_vm()
+    anonymous, connected = await connect("/ws/vsps/1/")
+    assert not connected
+    unknown, connected = await connect("/ws/vsps/999999/", await admin_cookie())
+    assert not connected
+    for socket in (anonymous, unknown):
+        await socket.disconnect()
