@@ -16,23 +16,11 @@ from typing import Any
 import pytest
 
 from hostagent.driver import PHASES
-from hostagent.drivers.qemu import DEFAULT_IMAGES
-from hostagent.drivers.qemu_process import QemuTooOld, check_qemu
 from tests.conftest import wait_until
 from tests.hostagent.conftest import AgentFactory, RunningAgent, converged_or_ended, follow, start, unique
+from tests.qemu_guest import needs_qemu, runs_intact, workload
 
-
-def qemu_missing() -> str | None:
-    try:
-        check_qemu("qemu-system-x86_64")
-    except QemuTooOld as error:
-        return f"QEMU TESTS SKIPPED: {error}"
-    if not (DEFAULT_IMAGES / "vmlinuz").is_file() or not (DEFAULT_IMAGES / "initramfs.cpio.gz").is_file():
-        return "QEMU TESTS SKIPPED: no test guest in guest-images/; run scripts/build_test_guest.sh"
-    return None
-
-
-pytestmark = [pytest.mark.qemu, pytest.mark.skipif(qemu_missing() is not None, reason=qemu_missing() or "")]
+pytestmark = needs_qemu
 
 GUEST = {"memory_mib": 256, "vcpus": 1, "os_type": "Linux"}
 BUSY_PAGES_PER_S = 5000  # 20 MB/s of writes into 160 MiB
@@ -51,10 +39,6 @@ def qemu_hosts(tmp_path_factory: pytest.TempPathFactory):
     factory.stop_all()
 
 
-def workload(agent: RunningAgent, name: str) -> dict[str, Any]:
-    return agent.client.get_guest(name)["workload"]
-
-
 def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) -> dict[str, Any]:
     guest = agent.client.define_guest(
         {"name": unique("linux"), **GUEST, "dirty_pages_per_s": pages_per_s, "running": True}
@@ -63,22 +47,6 @@ def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) ->
         workload(agent, guest["name"])["serial_log"]
     ).read_text(errors="replace")[-2000:]
     return agent.client.get_guest(guest["name"])
-
-
-def keeps_running_intact(agent: RunningAgent, name: str) -> bool:
-    """The guest runs on ``agent``: it says alive again, passes a further full self-check, never fails one."""
-    before = workload(agent, name)
-
-    def further_check() -> bool:
-        now = workload(agent, name)
-        return (
-            now["selfchecks_passed"] >= before["selfchecks_passed"] + 1
-            and now["alive_lines"] > before["alive_lines"]
-        )
-
-    passed = wait_until(further_check, timeout=30)
-    guest = agent.client.get_guest(name)
-    return passed and guest["hardware_status"] == "on" and guest["workload"]["selfchecks_failed"] == 0
 
 
 def copying(snapshot: dict[str, Any]) -> bool:
@@ -117,7 +85,7 @@ def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_
     assert_phases_in_order_without_going_back(snapshots)
     assert snapshots[-1]["percent"] == {"init": 100, "copy": 100, "quiesce": 100, "frozen": 100}
     assert ready["downtime_ms"] is not None and ready["bytes_sent"] > 0
-    assert keeps_running_intact(vsp2, guest["name"])
+    assert runs_intact(vsp2, guest["name"])
     serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
     assert "memwriter: selfcheck ok" in serial and "memwriter: alive" in serial and "FAIL" not in serial
     source_copy = vsp1.client.get_guest(guest["name"])
@@ -135,7 +103,7 @@ def test_it_cancels_during_copy_and_the_guest_keeps_running_on_the_source(qemu_h
     vsp2.client.discard(migration_id)
 
     assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "copy"), cancelled
-    assert keeps_running_intact(vsp1, guest["name"])
+    assert runs_intact(vsp1, guest["name"])
     assert vsp2.guest(guest["name"]) is None
 
 
@@ -151,7 +119,7 @@ def test_it_aborts_when_the_target_qemu_dies_during_copy_and_the_guest_keeps_run
 
     assert (aborted["state"], aborted["failed_phase"]) == ("aborted", "copy"), aborted
     assert aborted["error"]
-    assert keeps_running_intact(vsp1, guest["name"])
+    assert runs_intact(vsp1, guest["name"])
     vsp2.client.discard(migration_id)
     assert vsp2.guest(guest["name"]) is None
 
@@ -177,5 +145,5 @@ def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qem
     assert (ended[-1]["state"], ended[-1]["failed_phase"]) == ("aborted", "copy"), ended[-1]
     assert "copy phase ran over" in ended[-1]["error"]
     assert max(snapshot["round"] for snapshot in ended) >= 2, "QEMU kept sending rounds of dirty pages"
-    assert keeps_running_intact(vsp1, guest["name"])
+    assert runs_intact(vsp1, guest["name"])
     vsp2.client.discard(migration_id)

@@ -1,0 +1,162 @@
+"""Real QEMU guests moved through the console's own path: request -> Celery worker -> agents -> QEMU.
+
+Two host agents run the qemu driver (QEMU processes under TCG, the Linux test guest from
+``scripts/build_test_guest.sh`` whose memwriter keeps writing and checking its memory). A Celery
+worker of this module's own drives the migrations, with the data plane capped at 20 MB/s so that
+Copy lasts long enough to act in it. Nothing is faked. Skipped loudly without QEMU >= 10.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from migrations_app.actions import do_cancel_migration, do_request_migration
+from migrations_app.models import Migration
+from tests.conftest import ManagedProcess, start_process, subprocess_env, wait_until
+from tests.factories import make_user, make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
+from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.guests import wait_for_state
+from tests.qemu_guest import needs_qemu, runs_intact, workload
+from vms.models import Registration
+
+pytestmark = [*needs_qemu, pytest.mark.django_db(transaction=True)]
+
+MEMORY_MIB = 256
+LINK_MBPS = 160  # 20 MB/s: 256 MiB take ~13 s to copy once
+CALM_PAGES_PER_S = 1000  # 4 MB/s written: converges in a few rounds on that link
+WILD_PAGES_PER_S = 20_000  # 80 MB/s written: never fits the downtime limit on that link
+
+
+@pytest.fixture(scope="module")
+def qemu_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RunningAgent]]:
+    factory = AgentFactory(tmp_path_factory.mktemp("qemu-agents"))
+    run_dir = tmp_path_factory.mktemp("qemu-run")
+    agents = {
+        name: factory(name, "--driver", "qemu", "--driver-option", f"run_dir={run_dir / name}")
+        for name in ("hosta", "hostb")
+    }
+    yield agents
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def _qemu_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProcess]]:
+    from django.conf import settings
+
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-qemu-{time.monotonic_ns()}"
+    args = [sys.executable, "-m", "celery", "-A", "matrixoe", "worker", "--queues", queue]
+    args += ["--pool", "threads", "--concurrency", "2", "--hostname", f"qemu-{time.monotonic_ns()}@%h"]
+    args += ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    env = subprocess_env(MIGRATION_QUEUE=queue, MIGRATION_BANDWIDTH_MBPS=str(LINK_MBPS))
+    worker = start_process("celery-qemu", args, env)
+    if not wait_until(lambda: b"ready." in worker.log_path.read_bytes(), timeout=60):
+        worker.stop()
+        raise RuntimeError(f"migration worker did not start:\n{worker.log_tail()}")
+    yield queue, worker
+    worker.stop()
+
+
+@pytest.fixture
+def qemu_worker(_qemu_worker, settings) -> ManagedProcess:
+    queue, worker = _qemu_worker
+    settings.MIGRATION_QUEUE = queue
+    return worker
+
+
+@pytest.fixture
+def fleet(qemu_agents):
+    return {
+        name: make_vsp(name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=4096)
+        for name, agent in qemu_agents.items()
+    }
+
+
+@pytest.fixture
+def admin():
+    return make_user("alice", permissions=MIGRATOR)
+
+
+def place_linux_vm(agents, fleet, pages_per_s: int, **vm_fields: Any):
+    """A booted Linux guest on hosta whose memwriter has checked its memory once, and its VM row."""
+    name = unique("linux")
+    spec = {"name": name, "memory_mib": MEMORY_MIB, "vcpus": 1, "os_type": "Linux"}
+    agents["hosta"].client.define_guest({**spec, "dirty_pages_per_s": pages_per_s, "running": True})
+    assert wait_until(lambda: workload(agents["hosta"], name)["selfchecks_passed"] >= 1, timeout=60)
+    return make_vm(name, vsp=fleet["hosta"], memory_mib=MEMORY_MIB, os_type="Linux", **vm_fields)
+
+
+def assert_still_on_source(vm, agents, fleet, migration: Migration) -> None:
+    assert vm.current_vsp == fleet["hosta"]
+    assert "The VM keeps running on hosta." in migration.alert
+    assert runs_intact(agents["hosta"], vm.name)
+    target_copy = next((g for g in agents["hostb"].client.list_guests() if g["name"] == vm.name), None)
+    assert target_copy is None or target_copy["hardware_status"] != "on"
+
+
+def test_it_migrates_a_busy_linux_guest_through_the_console(qemu_agents, fleet, admin, qemu_worker):
+    vm = place_linux_vm(qemu_agents, fleet, CALM_PAGES_PER_S)
+
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_until, migration, "completed", "aborted", "cancelled", timeout=120)
+
+    assert migration.state == "completed", migration.alert
+    assert migration.source_digest and migration.source_digest == migration.target_digest
+    assert [row[1] for row in migration.phase_rows()] == [100, 100, 100, 100]
+    assert list(migration.events.values_list("to_state", flat=True)) == [
+        "queued",
+        "init",
+        "copy",
+        "io_quiesce",
+        "frozen",
+        "committing",
+        "completed",
+    ]
+    assert vm.current_vsp == fleet["hostb"]
+    assert Registration.objects.get(vm=vm, vsp=fleet["hosta"]).hardware_status == "not_runnable"
+    assert qemu_agents["hosta"].client.get_guest(vm.name)["hardware_status"] == "not_runnable"
+    assert runs_intact(qemu_agents["hostb"], vm.name), "the guest's own memory check after the move"
+
+
+def test_it_cancels_during_copy_and_the_guest_runs_on(qemu_agents, fleet, admin, qemu_worker):
+    vm = place_linux_vm(qemu_agents, fleet, CALM_PAGES_PER_S)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_until, migration, "copy", "aborted", timeout=60)
+
+    do_cancel_migration(migration, admin)
+    wait_for_state(wait_until, migration, "cancelled", "aborted", "completed")
+
+    assert (migration.state, migration.failed_phase) == ("cancelled", "copy"), migration.alert
+    assert_still_on_source(vm, qemu_agents, fleet, migration)
+
+
+def test_it_alerts_when_the_target_qemu_dies_during_copy(qemu_agents, fleet, admin, qemu_worker):
+    vm = place_linux_vm(qemu_agents, fleet, CALM_PAGES_PER_S)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_until, migration, "copy", "aborted", timeout=60)
+    assert wait_until(lambda: workload(qemu_agents["hostb"], vm.name).get("pid"), timeout=10)
+
+    os.kill(workload(qemu_agents["hostb"], vm.name)["pid"], signal.SIGKILL)
+    wait_for_state(wait_until, migration, "aborted", "cancelled", "completed")
+
+    assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+    assert_still_on_source(vm, qemu_agents, fleet, migration)
+
+
+def test_it_aborts_a_guest_that_cannot_converge_at_its_copy_limit(qemu_agents, fleet, admin, qemu_worker):
+    vm = place_linux_vm(qemu_agents, fleet, WILD_PAGES_PER_S, copy_limit_s=20)
+
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
+
+    assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+    assert "time limit of 20 s" in migration.alert
+    assert migration.rounds >= 2, "QEMU went round after round without converging"
+    assert_still_on_source(vm, qemu_agents, fleet, migration)

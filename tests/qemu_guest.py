@@ -1,0 +1,46 @@
+"""What the QEMU tests need: QEMU >= 10 and the test guest; else a loud skip reason (CI fails on skips)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hostagent.drivers.qemu import DEFAULT_IMAGES
+from hostagent.drivers.qemu_process import QemuTooOld, check_qemu
+from tests.conftest import wait_until
+
+
+def qemu_missing() -> str | None:
+    try:
+        check_qemu("qemu-system-x86_64")
+    except QemuTooOld as error:
+        return f"QEMU TESTS SKIPPED: {error}"
+    if not (DEFAULT_IMAGES / "vmlinuz").is_file() or not (DEFAULT_IMAGES / "initramfs.cpio.gz").is_file():
+        return "QEMU TESTS SKIPPED: no test guest in guest-images/; run scripts/build_test_guest.sh"
+    return None
+
+
+MISSING = qemu_missing()
+needs_qemu = [pytest.mark.qemu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+
+
+def workload(agent: Any, name: str) -> dict[str, Any]:
+    """What the guest's memwriter last said on its serial console, as the agent reports it."""
+    return agent.client.get_guest(name)["workload"]
+
+
+def runs_intact(agent: Any, name: str) -> bool:
+    """Running on ``agent``: it says alive again and passes a further full self-check, none failed."""
+    before = workload(agent, name)
+
+    def further_check() -> bool:
+        now = workload(agent, name)
+        return (
+            now["selfchecks_passed"] > before["selfchecks_passed"]
+            and now["alive_lines"] > before["alive_lines"]
+        )
+
+    passed = wait_until(further_check, timeout=30)
+    guest = agent.client.get_guest(name)
+    return passed and guest["hardware_status"] == "on" and guest["workload"]["selfchecks_failed"] == 0
