@@ -187,3 +187,17 @@ def test_migrate_selected_refuses_vms_of_another_vsp(fleet, admin_client):
     )
     assert "not registered on vsp1; nothing was started" in response.content.decode()
     assert not Migration.objects.exists()
+
+
+def test_with_htmx_cancel_answers_with_a_notice_and_the_new_state(fleet, admin_client):
+    vsps, vm = fleet
+    migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
+    url = reverse("migrations_app:cancel", args=[migration.pk])
+    response = admin_client.post(url, headers={"HX-Request": "true"})
+    html = response.content.decode()
+    assert response.status_code == 200 and 'id="migration-notice"' in html
+    assert "Cancel of the migration of web01 requested." in html
+    assert '<section id="migration-alerts"' in html and "cancelled" in html
+
+    again = admin_client.post(url, headers={"HX-Request": "true"}).content.decode()
+    assert "notice-error" in again and "already ended" in again
