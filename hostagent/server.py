@@ -21,6 +21,7 @@ from hostagent.driver import (
     InvalidRequest,
     Migration,
     NotFound,
+    ProgressSnapshot,
 )
 from hostagent.validation import (
     check_endpoint,
@@ -196,8 +197,16 @@ async def stream_progress(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     sent = migration.snapshot()
-    seen_seq, sent_at = sent["seq"], time.monotonic()
     await response.write(json.dumps(sent).encode() + b"\n")
+    try:
+        await follow_changes(migration, response, sent)
+    except ConnectionResetError:
+        log.info("progress reader of %s went away", migration.migration_id)
+    return response
+
+
+async def follow_changes(migration: Migration, response: web.StreamResponse, sent: ProgressSnapshot) -> None:
+    seen_seq, sent_at = sent["seq"], time.monotonic()
     pending = None
     while sent["state"] not in TERMINAL_STATES:
         if pending is None:
@@ -219,7 +228,6 @@ async def stream_progress(request: web.Request) -> web.StreamResponse:
         sent, sent_at = latest, time.monotonic()
         await response.write(json.dumps(sent).encode() + b"\n")
     await response.write_eof()
-    return response
 
 
 def create_app(driver: Driver, secret: str, name: str) -> web.Application:

@@ -73,7 +73,7 @@ class SimulatedDriver:
             existing = None
         if existing is None:
             self._check_room(spec["memory_mib"] if spec.get("running") else 0)
-            existing = self.guests[spec["name"]] = SimulatedGuest(spec)
+            existing = self.guests[spec["name"]] = self._new_guest(spec)
         if spec.get("running") and not existing.running:
             await self.start_guest(spec["name"])
         return existing.info()
@@ -118,7 +118,7 @@ class SimulatedDriver:
         if existing is not None and (existing.running or existing.migrating):
             raise Conflict(f"guest {spec['name']} already runs or migrates on this host")
         self._check_room(spec["memory_mib"])
-        guest = SimulatedGuest({**spec, "running": False})
+        guest = self._new_guest({**spec, "running": False})
         try:
             migration = TargetMigration(
                 guest, migration_id, limits, self.settings.data_host, self._drop_incoming
@@ -162,6 +162,16 @@ class SimulatedDriver:
         self._replaced.pop(guest.name, None)
 
     # -- helpers --------------------------------------------------------
+    def _new_guest(self, spec: GuestSpec) -> SimulatedGuest:
+        if spec["memory_mib"] > self.capacity_mib:
+            raise Conflict(f"no room: {spec['memory_mib']} MiB asked, this host has {self.capacity_mib} MiB")
+        try:
+            return SimulatedGuest(spec)
+        except (OSError, MemoryError) as error:
+            raise Conflict(
+                f"no room: cannot map {spec['memory_mib']} MiB of guest memory ({error})"
+            ) from error
+
     def _guest(self, name: str) -> SimulatedGuest:
         guest = self.guests.get(name)
         if guest is None:

@@ -164,6 +164,9 @@ def test_it_refuses_a_guest_that_does_not_fit(agent_factory):
     with pytest.raises(AgentRefused) as refused:
         prepare(small, {"name": "incoming", "memory_mib": 32, "vcpus": 1, "os_type": "linux"}, "room-1")
     assert refused.value.status == 409 and "no room" in refused.value.message
+    with pytest.raises(AgentRefused) as refused:
+        small.client.define_guest({"name": "never-fits", "memory_mib": 1024 * 1024, "vcpus": 1})
+    assert refused.value.status == 409 and "no room" in refused.value.message
     assert [guest["name"] for guest in small.client.list_guests()] == ["fits"]
 
 

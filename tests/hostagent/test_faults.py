@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     InBackground,
     converged_or_ended,
@@ -183,3 +184,35 @@ def test_source_killed_mid_copy(agent_factory):
     )
     assert vsp2.guest(name) is None
     assert vsp2.client.discard(migration_id)["state"] == "discarded"
+
+
+def reach_ready(source, target, name):
+    migration_id = unique("m")
+    guest = define_running_guest(source, name)
+    start(source, target, guest, migration_id)
+    follow(source, migration_id, until=converged_or_ended)
+    source.client.quiesce(migration_id)
+    assert source.client.freeze(migration_id)["state"] == "ready"
+    return migration_id
+
+
+def test_after_ready_the_target_waits_for_the_decision_even_when_the_source_dies(agent_factory):
+    vsp1, vsp2 = agent_factory("vsp1"), agent_factory("vsp2")
+    name = unique("orphan")
+    migration_id = reach_ready(vsp1, vsp2, name)
+    vsp1.kill()
+    assert not wait_until(lambda: vsp2.client.snapshot(migration_id)["state"] != "ready", timeout=1.5)
+    assert vsp2.guest(name)["os_status"] == "down"  # still paused: only the control plane decides
+    assert vsp2.client.resume(migration_id)["state"] == "completed"  # the commit rolls forward
+    assert workload_advances(vsp2, name)
+
+
+def test_after_ready_the_source_stays_frozen_when_the_target_dies_until_told_to_resume(agent_factory):
+    vsp1, vsp2 = agent_factory("vsp1"), agent_factory("vsp2")
+    name = unique("widow")
+    migration_id = reach_ready(vsp1, vsp2, name)
+    vsp2.kill()
+    assert not wait_until(lambda: vsp1.client.snapshot(migration_id)["state"] != "ready", timeout=1.5)
+    assert vsp1.guest(name)["os_status"] == "down"
+    assert vsp1.client.resume(migration_id)["state"] == "aborted"  # the control plane decided: abort
+    assert workload_advances(vsp1, name)
