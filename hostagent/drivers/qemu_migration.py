@@ -176,11 +176,11 @@ class SourceMigration(QemuMigration):
 
     async def _run(self) -> None:
         try:
+            self._control = await self._connect("ctrl", str(self.process.workload.memory_mib))
+            self.spawn(self._watch_target())
             data = await self._connect("data")
             try:
-                self._control = await self._connect("ctrl")
                 self.progress.raise_percent("init", 50)
-                self.spawn(self._watch_target())
                 await self._configure()
                 await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
             finally:
@@ -190,20 +190,23 @@ class SourceMigration(QemuMigration):
         except (MigrationAborted, QmpError, QmpClosed, OSError, TimeoutError) as error:
             await self.abort(str(error) or type(error).__name__)
 
-    async def _connect(self, kind: str) -> socket.socket:
+    async def _connect(self, kind: str, detail: str = "") -> socket.socket:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in self.target["host"] else socket.AF_INET)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, (self.target["host"], int(self.target["port"])))
-            await loop.sock_sendall(sock, f"{self.target['token']} {kind}\n".encode())
+            await loop.sock_sendall(sock, f"{self.target['token']} {kind} {detail}".strip().encode() + b"\n")
             answer = await asyncio.wait_for(recv_line(sock), HANDSHAKE_TIMEOUT_S)
         except BaseException:
             sock.close()
             raise
         if answer != b"OK\n":
             sock.close()
-            raise MigrationAborted("the target refused the data-plane connection")
+            reason = answer[3:].decode(errors="replace").strip() if answer.startswith(b"NO ") else ""
+            raise MigrationAborted(
+                f"the target refused the data-plane connection{': ' if reason else ''}{reason}"
+            )
         return sock
 
     async def _configure(self) -> None:
@@ -428,12 +431,16 @@ class TargetMigration(QemuMigration):
         loop = asyncio.get_running_loop()
         while self._control is None or not self._connected:
             connection, peer = await loop.sock_accept(self._listener)
-            kind = await self._greeting(connection)
+            kind, detail = await self._greeting(connection)
             if kind == b"data" and not self._connected:
                 await self._start_incoming(connection)
             elif kind == b"ctrl" and self._control is None:
-                await loop.sock_sendall(connection, b"OK\n")
+                mismatch = self._mismatch(detail)
+                await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
                 self._control = connection
+                if mismatch:
+                    self.spawn(self.abort(mismatch))
+                    return
                 self.spawn(self._watch_source())
             else:
                 log.warning(
@@ -442,15 +449,24 @@ class TargetMigration(QemuMigration):
                 connection.close()
         self._listener.close()
 
-    async def _greeting(self, connection: socket.socket) -> bytes | None:
-        """``<token> <kind>`` with the one-time token (compared in constant time), else None."""
+    async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
+        """``<token> <kind> [detail]`` with the one-time token (compared in constant time)."""
         try:
             line = await asyncio.wait_for(recv_line(connection), HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError):
-            return None
-        token, _, kind = line.strip().partition(b" ")
+            return None, b""
+        token, _, rest = line.strip().partition(b" ")
+        kind, _, detail = rest.partition(b" ")
         if hmac.compare_digest(token, self.token.encode()) and kind in KINDS:
-            return kind
+            return kind, detail
+        return None, b""
+
+    def _mismatch(self, source_memory_mib: bytes) -> str | None:
+        """QEMU cannot load RAM of another size; say so plainly instead of failing mid-stream."""
+        prepared = self.process.workload.memory_mib
+        if source_memory_mib and source_memory_mib != str(prepared).encode():
+            got = source_memory_mib.decode(errors="replace")
+            return f"the target was prepared with {prepared} MiB but the guest has {got} MiB"
         return None
 
     async def _start_incoming(self, connection: socket.socket) -> None:

@@ -147,3 +147,17 @@ def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qem
     assert max(snapshot["round"] for snapshot in ended) >= 2, "QEMU kept sending rounds of dirty pages"
     assert runs_intact(vsp1, guest["name"])
     vsp2.client.discard(migration_id)
+
+
+def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("size")
+
+    start(vsp1, vsp2, {**guest, "memory_mib": 128}, migration_id)
+    ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+
+    assert (ended["state"], ended["failed_phase"]) == ("aborted", "init"), ended
+    assert "prepared with 128 MiB but the guest has 256 MiB" in ended["error"]
+    assert runs_intact(vsp1, guest["name"])
+    vsp2.client.discard(migration_id)
