@@ -59,6 +59,7 @@ ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 HELLO_TIMEOUT_S = 5.0
+POPULATE_BUDGET_S = 3.0  # at most a quarter of the init limit
 MIRRORED_FIELDS = (
     "bytes_sent",
     "bytes_remaining",
@@ -646,7 +647,9 @@ class TargetMigration:
                 )
                 await writer.message(REFUSE, {"error": refusal})
                 return False
-            await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello))
+            init_s = limit_of(self.limits, "init") or POPULATE_BUDGET_S * 4
+            budget = min(POPULATE_BUDGET_S, init_s / 4)
+            await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
             await writer.message(ACCEPT, {"migration_id": self.migration_id})
             return True
         return False

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import mmap
 import re
+import time
 from collections.abc import Iterator
 
 PAGE_SIZE = 4096
@@ -33,6 +34,7 @@ CHUNK_SIZE = PAGE_SIZE * CHUNK_PAGES
 PAGE_DIGEST_SIZE = 20
 ZERO_PAGE_DIGEST = hashlib.sha1(bytes(PAGE_SIZE), usedforsecurity=False).digest()
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
+POPULATE_BATCH_CHUNKS = 64
 _RUNS = re.compile(rb"\x01+")
 _GAPS = re.compile(rb"\x00+")
 
@@ -90,16 +92,22 @@ class GuestMemory:
         )
         return list(runs_of(chunks))
 
-    def populate(self, runs: list[tuple[int, int]]) -> None:
-        """Back these chunks with RAM now, in one call each, instead of one page fault per received page.
+    def populate(self, runs: list[tuple[int, int]], budget_s: float) -> None:
+        """Back these chunks with RAM now, a batch per call, instead of one page fault per received page.
 
-        Blocking (run it in a thread). Kernels without MADV_POPULATE_WRITE fault lazily instead.
+        Blocking (run it in a thread); stops after ``budget_s`` (the rest faults in as pages arrive),
+        and at once on kernels without MADV_POPULATE_WRITE.
         """
+        deadline = time.monotonic() + budget_s
         for first_chunk, count in runs:
-            try:
-                self._map.madvise(MADV_POPULATE_WRITE, first_chunk * CHUNK_SIZE, count * CHUNK_SIZE)
-            except (OSError, ValueError):
-                return
+            for batch_first in range(first_chunk, first_chunk + count, POPULATE_BATCH_CHUNKS):
+                batch = min(POPULATE_BATCH_CHUNKS, first_chunk + count - batch_first)
+                try:
+                    self._map.madvise(MADV_POPULATE_WRITE, batch_first * CHUNK_SIZE, batch * CHUNK_SIZE)
+                except (OSError, ValueError):
+                    return
+                if time.monotonic() > deadline:
+                    return
 
     def pages(self, first_page: int, count: int) -> memoryview:
         return self.view[first_page * PAGE_SIZE : (first_page + count) * PAGE_SIZE]
