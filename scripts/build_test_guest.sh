@@ -60,8 +60,19 @@ INIT
     rm -rf "$tree" "$unpacked"
 }
 
+ensure_compiler() { # a fresh Debian has no gcc; install it when we may
+    printf 'int main(void){return 0;}' | gcc -static -x c -o /dev/null - 2>/dev/null && return 0
+    if [ "$(id -u)" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev >&2
+    else
+        echo "build_test_guest: needs gcc with static libc: apt-get install gcc libc6-dev" >&2
+        exit 1
+    fi
+}
+
 main() {
     local kernel_pkg kernel_deb busybox_deb
+    ensure_compiler
     kernel_pkg="$(kernel_package)"
     [ -n "$kernel_pkg" ] || { echo "build_test_guest: cannot resolve $KERNEL_META" >&2; exit 1; }
     kernel_deb="$(download "$kernel_pkg")"
