@@ -23,6 +23,7 @@ if os.environ.get("TEST_DATABASE") == "postgres":
     _test_name = f"test_matrixoe_{RUN_ID}"
     DATABASES["default"]["TEST"] = {"NAME": _test_name}
 else:
+    (BASE_DIR / "var").mkdir(exist_ok=True)
     _test_name = str(BASE_DIR / "var" / f"test-{RUN_ID}.sqlite3")
     DATABASES = {
         "default": {
