@@ -21,6 +21,7 @@ import hmac
 import logging
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,6 +43,8 @@ from hostagent.wire import (
     ACCEPT,
     FREEZE,
     HELLO,
+    MAX_PAGE_LIST,
+    PAGE_LIST,
     PAGES,
     PROGRESS,
     READY,
@@ -55,6 +58,9 @@ from hostagent.wire import (
 
 log = logging.getLogger("hostagent.engine")
 RUN_PAGES = 4 * CHUNK_PAGES
+SCATTERED_RUN = 16  # shorter runs of dirty pages travel in PAGE_LIST frames
+PAGE_LIST_BATCH = 256
+RATE_SAMPLE_BYTES = 256 * 1024
 ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
@@ -132,6 +138,8 @@ class SourceMigration:
         self._round_started: tuple[float, int] | None = None
         self._rounds_seconds = 0.0
         self._rounds_bytes = 0
+        # Scattered dirty pages go slower than the first pass's long runs; judge convergence by them.
+        self._dirty_round_rate: float | None = None
         self._last_mirror = 0.0
         self._dirty_mark = (time.monotonic(), 0)
 
@@ -274,8 +282,7 @@ class SourceMigration:
         async with asyncio.timeout(limit_of(self.limits, "frozen")):
             self._stop_copy = True
             await self._copy_task
-            # Hash what the last rounds changed while the vCPUs still run: it is not downtime.
-            await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
+            await self._last_round_before_pause()
             frozen_at = time.monotonic()
             self.guest.pause_vcpus()
             if self.guest.state_save_ms:
@@ -309,6 +316,14 @@ class SourceMigration:
             bytes_remaining=0,
         )
         self._settled.set()
+
+    async def _last_round_before_pause(self) -> None:
+        """Send and hash what the last rounds left while the vCPUs still run: that is not downtime."""
+        loop, memory = asyncio.get_running_loop(), self.guest.memory
+        await loop.run_in_executor(None, memory.refresh_digests)
+        if memory.dirty_count() * PAGE_SIZE >= RATE_SAMPLE_BYTES:
+            await self._send_round(memory.take_dirty())
+            await loop.run_in_executor(None, memory.refresh_digests)
 
     async def _read_target(self) -> None:
         """The target speaks only to refuse (ABORT) or to confirm (READY)."""
@@ -349,20 +364,23 @@ class SourceMigration:
     def _judge_convergence(self) -> None:
         assert self._writer is not None
         pending_bytes = self.guest.memory.dirty_count() * PAGE_SIZE
-        rate = self._throughput()
+        rate = self._dirty_round_rate or self._throughput()
         expected_ms = round(1000 * pending_bytes / rate) if rate else None
+        # Until a round of dirty pages measured how fast they go, only "nothing left" converges.
+        judged = self._dirty_round_rate is not None or pending_bytes < RATE_SAMPLE_BYTES
         fields: dict[str, Any] = {
             "bytes_remaining": pending_bytes,
             "expected_downtime_ms": expected_ms,
             "dirty_rate_bytes_s": self._dirty_rate(pending_bytes),
-            "throughput_bytes_s": round(rate),
+            "throughput_bytes_s": round(self._throughput()),
         }
         if self._converged.is_set():
             self.progress.update(**fields)
             return
         total = self.guest.memory.size
         fields["percent"] = {"copy": 90 + 9 * (total - min(pending_bytes, total)) // total}
-        if pending_bytes == 0 or (expected_ms is not None and expected_ms <= self.params["downtime_ms"]):
+        fits = judged and expected_ms is not None and expected_ms <= self.params["downtime_ms"]
+        if pending_bytes == 0 or fits:
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
         elif self.progress.snapshot()["round"] >= self.params["max_rounds"]:
@@ -376,12 +394,15 @@ class SourceMigration:
         assert self._writer is not None
         self._round_started = (time.monotonic(), self._writer.bytes_sent)
 
-    def _end_round(self) -> None:
+    def _end_round(self, dirty_round: bool = False) -> None:
         assert self._writer is not None and self._round_started is not None
         started, sent_before = self._round_started
-        self._rounds_seconds += time.monotonic() - started
-        self._rounds_bytes += self._writer.bytes_sent - sent_before
+        seconds, sent = time.monotonic() - started, self._writer.bytes_sent - sent_before
+        self._rounds_seconds += seconds
+        self._rounds_bytes += sent
         self._round_started = None
+        if dirty_round and sent >= RATE_SAMPLE_BYTES and seconds > 0:
+            self._dirty_round_rate = sent / seconds
 
     def _throughput(self) -> float:
         """Bytes on the wire per wall-clock second of rounds (hashing and waits between rounds excluded)."""
@@ -443,16 +464,26 @@ class SourceMigration:
         )
 
     async def _send_round(self, dirty: bytearray) -> None:
+        """Send the pages of one round, whole: once taken, they are no longer marked dirty."""
         assert self._writer is not None
         self._begin_round()
+        view, scattered = self.guest.memory.view, []
         for first, count in runs_of(dirty):
-            # A taken round is always sent whole: its pages are no longer marked dirty.
+            if count < SCATTERED_RUN:
+                scattered.extend(range(first, first + count))
+                if len(scattered) >= PAGE_LIST_BATCH:
+                    await self._writer.page_list(scattered, view)
+                    scattered = []
+                    await self._mirror_progress(force=False)
+                continue
             for run_first in range(first, first + count, RUN_PAGES):
                 run_count = min(RUN_PAGES, first + count - run_first)
                 await self._writer.pages(run_first, self.guest.memory.pages(run_first, run_count))
             await self._mirror_progress(force=False)
+        if scattered:
+            await self._writer.page_list(scattered, view)
         await self._writer.flush()
-        self._end_round()
+        self._end_round(dirty_round=True)
         self.progress.update(bytes_sent=self._writer.bytes_sent)
         self._round_done = self.progress.snapshot()["round"]
         await self._mirror_progress(force=True)
@@ -694,6 +725,8 @@ class TargetMigration:
             if kind == PAGES:
                 await reader.into(memory.pages(first, count))
                 memory.note_written(first, count)
+            elif kind == PAGE_LIST:
+                await self._receive_page_list(reader, count)
             elif kind == ZERO:
                 memory.zero_pages(first, count)
             elif kind == PROGRESS:
@@ -706,6 +739,24 @@ class TargetMigration:
                 raise MigrationAborted(f"the source aborted: {body.get('error', 'no reason')}")
             else:
                 raise ProtocolError(f"unexpected frame kind {kind} from the source")
+
+    async def _receive_page_list(self, reader: FrameReader, count: int) -> None:
+        memory = self.guest.memory
+        if not 0 < count <= MAX_PAGE_LIST:
+            raise ProtocolError(f"a page list of {count} pages")
+        numbers = bytearray(8 * count)
+        await reader.into(memoryview(numbers))
+        pages = list(struct.unpack(f"<{count}Q", numbers))
+        if max(pages) >= memory.page_count:
+            raise ProtocolError("a listed page is outside the guest's memory")
+        contents = memoryview(bytearray(count * PAGE_SIZE))
+        await reader.into(contents)
+        view = memory.view
+        for index, page in enumerate(pages):
+            view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents[
+                index * PAGE_SIZE : (index + 1) * PAGE_SIZE
+            ]
+        memory.note_pages_written(pages)
 
     def _mirror(self, source: dict[str, Any]) -> None:
         fields = {name: source[name] for name in MIRRORED_FIELDS if name in source}

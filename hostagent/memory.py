@@ -72,6 +72,13 @@ class GuestMemory:
             self.dirty[first_page:end] = b"\x01" * count
         self.stale[first_page:end] = b"\x01" * count
 
+    def note_pages_written(self, pages: list[int]) -> None:
+        """``note_written`` for scattered single pages (the target's PAGE_LIST frames)."""
+        written, stale = self.written, self.stale
+        for page in pages:
+            written[page] = 1
+            stale[page] = 1
+
     def zero_pages(self, first_page: int, count: int) -> None:
         """Make pages zero; pages never written already are, and stay unbacked."""
         end = first_page + count

@@ -3,6 +3,8 @@
 Every frame starts with a 13-byte header ``(kind, count, first_page)``:
 - PAGES: ``count`` pages starting at ``first_page`` follow, raw;
 - ZERO: ``count`` pages starting at ``first_page`` are all zero (no payload);
+- PAGE_LIST: ``count`` scattered pages: their numbers (little-endian u64 each),
+  then their contents in the same order;
 - the others carry ``count`` bytes of JSON.
 
 The source speaks first (HELLO with the one-time token); the target answers
@@ -23,7 +25,8 @@ from typing import Any
 from hostagent.memory import PAGE_SIZE
 
 HEADER = struct.Struct("!BIQ")
-HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT = range(1, 10)
+HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST = range(1, 11)
+MAX_PAGE_LIST = 4096
 JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT})
 MAX_JSON_BYTES = 1 << 20
 SMALL_PAYLOAD = 64 * 1024
@@ -70,6 +73,14 @@ class FrameWriter:
         else:
             await self.flush()
             await self._send(payload)
+
+    async def page_list(self, pages: list[int], view: memoryview) -> None:
+        """Scattered pages in one frame: one Python step per page instead of a frame each."""
+        self._buffer += HEADER.pack(PAGE_LIST, len(pages), 0)
+        self._buffer += struct.pack(f"<{len(pages)}Q", *pages)
+        self._buffer += b"".join([view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] for page in pages])
+        if len(self._buffer) >= FLUSH_AT:
+            await self.flush()
 
     async def zero(self, first_page: int, count: int) -> None:
         self._buffer += HEADER.pack(ZERO, count, first_page)
