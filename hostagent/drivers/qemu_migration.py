@@ -12,7 +12,9 @@ do, in constant time, before QEMU sees the socket):
 States follow QEMU's MIGRATION events (polling misses short states); numbers come from
 ``query-migrate``. With ``pause-before-switchover`` the source stops in ``pre-switchover``
 (its vCPUs already stopped: QEMU drains and flushes its block devices as it stops them),
-which is I/O Quiesce; ``quiesce`` then lets it continue into ``device`` (Frozen). With
+which is I/O Quiesce; the driver lets it continue at once into ``device`` (Frozen), since
+the guest is already stopped there and any wait would be downtime; ``quiesce`` and ``freeze``
+wait for those phases to end. With
 ``return-path`` the source sees ``completed`` only once the target loaded the stream. Then
 both sides hash their stopped guest's RAM (``qemu_digest``) so the control plane can check
 that not one written page was lost.
@@ -165,9 +167,6 @@ class SourceMigration(QemuMigration):
         super().__init__(process, migration_id, params.get("limits") or {}, finished)
         self.target = target
         self.params = params
-        self._continue_requested = False
-        self._quiesced = False
-        self._continued = False
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def begin(self) -> None:
@@ -269,8 +268,8 @@ class SourceMigration(QemuMigration):
             self.spawn(self._verify_switchover())
         elif status in QEMU_STATES:
             self.progress.enter(QEMU_STATES[status])
-            if status == "pre-switchover" and self._continue_requested:
-                self.spawn(self._continue())
+            if status == "pre-switchover":
+                self.spawn(self._quiesce_and_continue())
 
     async def _qemu_error(self) -> str | None:
         with contextlib.suppress(QmpError, QmpClosed):
@@ -293,39 +292,27 @@ class SourceMigration(QemuMigration):
         self.stop_background()
         self.close_control()
 
-    async def quiesce(self) -> ProgressSnapshot:
-        """Wait for QEMU to stop in pre-switchover, then let it switch over.
-
-        The vCPUs already stand still there and QEMU drained and flushed the block devices as it
-        stopped them, so nothing is left to wait for: continuing at once keeps the downtime to one
-        control-plane round trip (``freeze`` then only waits for the target's verified copy).
-        """
-        snapshot = await self.wait_until(lambda state: state not in ("init", "copy"))
-        if snapshot["state"] == "quiesce" and not self._quiesced:
-            self._quiesced = True
+    async def _quiesce_and_continue(self) -> None:
+        """Pre-switchover: the vCPUs already stand still and QEMU drained and flushed the block
+        devices as it stopped them, so switch over at once. Waiting here for the control plane
+        would only add its round trips to the guest's downtime."""
+        if self._ending or self.progress.state != "quiesce":
+            return
+        try:
             devices = await self.qmp.execute("query-block")
             log.info("%s: %d block device(s) drained in pre-switchover", self.guest_name, len(devices))
-            self.progress.raise_percent("quiesce", 50)
-            await self._continue()
-        return self.snapshot()
+            self.progress.raise_percent("quiesce", 100)
+            await self.qmp.execute("migrate-continue", state="pre-switchover")
+        except (QmpError, QmpClosed) as error:
+            await self.abort(f"could not continue from pre-switchover: {error}")
+
+    async def quiesce(self) -> ProgressSnapshot:
+        """Return once I/O Quiesce is over (the driver continues by itself) or the migration ended."""
+        return await self.wait_until(lambda state: state not in ("init", "copy", "quiesce"))
 
     async def freeze(self) -> ProgressSnapshot:
         """Return once the target holds a verified paused copy ("ready"), or the migration ended."""
-        if self.progress.state in ACTIVE_STATES:
-            self._continue_requested = True
-            if self.progress.state == "quiesce":
-                await self._continue()
         return await self.wait_until(lambda state: state not in ACTIVE_STATES)
-
-    async def _continue(self) -> None:
-        if self.progress.state != "quiesce" or self._ending or self._continued:
-            return
-        self._continued = True
-        self.progress.raise_percent("quiesce", 100)
-        try:
-            await self.qmp.execute("migrate-continue", state="pre-switchover")
-        except QmpError as error:
-            log.info("%s: migrate-continue refused: %s", self.guest_name, error)
 
     async def resume(self) -> ProgressSnapshot:
         """The control plane aborts: the guest runs here again (from any state but released)."""
