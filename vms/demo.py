@@ -152,7 +152,8 @@ def seed_demo_agents(driver: str) -> list[str]:
     """Define every demo guest on the agent of the VSP where it is runnable, started if it is On.
 
     With the QEMU driver, guests get QEMU_DEMO_MEMORY_MIB and only the first
-    QEMU_DEMO_RUNNING_GUESTS that are On are started; the rest are defined but Off.
+    QEMU_DEMO_RUNNING_GUESTS that are On are started; the rest are defined but Off. The
+    VMs' memory in the database is set to match.
     """
     from vms.agent_client import AgentClient
 
@@ -168,7 +169,9 @@ def seed_demo_agents(driver: str) -> list[str]:
         running = registration.hardware_status == HW.ON
         memory_mib = vm.memory_mib
         if driver == "qemu":
+            # The console sends the VM's size to the target agent, so both must agree.
             memory_mib = QEMU_DEMO_MEMORY_MIB
+            VirtualMachine.objects.filter(pk=vm.pk).update(memory_mib=memory_mib)
             running = running and started < QEMU_DEMO_RUNNING_GUESTS
             started += running
         spec = {
