@@ -41,6 +41,7 @@ from hostagent.progress import Progress
 from hostagent.wire import (
     ABORT,
     ACCEPT,
+    DIGESTED,
     FREEZE,
     HELLO,
     MAX_PAGE_LIST,
@@ -65,6 +66,7 @@ ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 HELLO_TIMEOUT_S = 5.0
+TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 POPULATE_BUDGET_S = 3.0  # at most a quarter of the init limit
 MIRRORED_FIELDS = (
     "bytes_sent",
@@ -140,6 +142,8 @@ class SourceMigration:
         self._rounds_bytes = 0
         # Scattered dirty pages go slower than the first pass's long runs; judge convergence by them.
         self._dirty_round_rate: float | None = None
+        self._target_digested = 0
+        self._target_hashed = asyncio.Event()
         self._last_mirror = 0.0
         self._dirty_mark = (time.monotonic(), 0)
 
@@ -322,19 +326,32 @@ class SourceMigration:
         loop, memory = asyncio.get_running_loop(), self.guest.memory
         await loop.run_in_executor(None, memory.refresh_digests)
         if memory.dirty_count() * PAGE_SIZE >= RATE_SAMPLE_BYTES:
+            self.progress.update(round=self.progress.snapshot()["round"] + 1)
             await self._send_round(memory.take_dirty())
             await loop.run_in_executor(None, memory.refresh_digests)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TARGET_HASH_WAIT_S):
+                while self._target_digested < self._round_done:
+                    self._target_hashed.clear()
+                    await self._watch(self._target_hashed.wait())
 
     async def _read_target(self) -> None:
-        """The target speaks only to refuse (ABORT) or to confirm (READY)."""
+        """The target reports hashed rounds (DIGESTED), then confirms (READY) or refuses (ABORT)."""
         assert self._reader is not None
-        kind, body = await self._reader.message()
-        if kind == READY:
-            self._ready.set_result(body)
-            return
-        if kind == ABORT:
-            raise MigrationAborted(f"the target aborted: {body.get('error', 'no reason')}")
-        raise ProtocolError(f"unexpected frame kind {kind} from the target")
+        while True:
+            kind, body = await self._reader.message()
+            if kind == DIGESTED:
+                digested = body.get("round")
+                if isinstance(digested, int):
+                    self._target_digested = max(self._target_digested, digested)
+                    self._target_hashed.set()
+            elif kind == READY:
+                self._ready.set_result(body)
+                return
+            elif kind == ABORT:
+                raise MigrationAborted(f"the target aborted: {body.get('error', 'no reason')}")
+            else:
+                raise ProtocolError(f"unexpected frame kind {kind} from the target")
 
     # -- copying --------------------------------------------------------
     async def _copy_rounds(self) -> None:
@@ -366,8 +383,10 @@ class SourceMigration:
         pending_bytes = self.guest.memory.dirty_count() * PAGE_SIZE
         rate = self._dirty_round_rate or self._throughput()
         expected_ms = round(1000 * pending_bytes / rate) if rate else None
-        # Until a round of dirty pages measured how fast they go, only "nothing left" converges.
+        # Until a round of dirty pages measured how fast they go, only "nothing left" converges;
+        # and not before the target hashed the first pass, or Frozen would wait for that.
         judged = self._dirty_round_rate is not None or pending_bytes < RATE_SAMPLE_BYTES
+        judged = judged and self._target_digested >= 1
         fields: dict[str, Any] = {
             "bytes_remaining": pending_bytes,
             "expected_downtime_ms": expected_ms,
@@ -380,7 +399,7 @@ class SourceMigration:
         total = self.guest.memory.size
         fields["percent"] = {"copy": 90 + 9 * (total - min(pending_bytes, total)) // total}
         fits = judged and expected_ms is not None and expected_ms <= self.params["downtime_ms"]
-        if pending_bytes == 0 or fits:
+        if fits or (pending_bytes == 0 and self._target_digested >= 1):
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
         elif self.progress.snapshot()["round"] >= self.params["max_rounds"]:
@@ -559,7 +578,7 @@ class TargetMigration:
         self._data_host = data_host
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self._refresh: asyncio.Future[int] | None = None
+        self._refresh: asyncio.Future[None] | None = None
         self._round_done: Any = 0
         self._dropped = False
 
@@ -772,8 +791,18 @@ class TargetMigration:
     def _refresh_in_background(self) -> None:
         """Keep page digests warm between rounds, so the check at Frozen only hashes the last pages."""
         if self._refresh is None or self._refresh.done():
-            loop = asyncio.get_running_loop()
-            self._refresh = loop.run_in_executor(None, self.guest.memory.refresh_digests)
+            self._refresh = asyncio.ensure_future(self._hash_rounds())
+
+    async def _hash_rounds(self) -> None:
+        """Hash the rounds received so far, tell the source, and go on while rounds keep coming."""
+        while True:
+            round_done = self._round_done
+            await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
+            if self._sock is not None and isinstance(round_done, int):
+                with contextlib.suppress(OSError):
+                    await FrameWriter(self._sock).message(DIGESTED, {"round": round_done})
+            if self._round_done == round_done:
+                return
 
     async def _verify(self, freeze: dict[str, Any]) -> None:
         assert self._sock is not None

@@ -10,7 +10,9 @@ Every frame starts with a 13-byte header ``(kind, count, first_page)``:
 The source speaks first (HELLO with the one-time token); the target answers
 ACCEPT or REFUSE. Then the source streams PAGES / ZERO / PROGRESS and finally
 FREEZE (vCPU/device state, queued I/O, its digest); the target answers READY or
-ABORT. Either side may send ABORT at any time before READY.
+ABORT. Either side may send ABORT at any time before READY. The target also sends
+DIGESTED after hashing a round's pages, so the source does not call Copy converged
+while the target still has the first pass to hash (that would be downtime).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any
 from hostagent.memory import PAGE_SIZE
 
 HEADER = struct.Struct("!BIQ")
-HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST = range(1, 11)
+HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED = range(1, 12)
 MAX_PAGE_LIST = 4096
-JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT})
+JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT, DIGESTED})
 MAX_JSON_BYTES = 1 << 20
 SMALL_PAYLOAD = 64 * 1024
 FLUSH_AT = 1 << 20
