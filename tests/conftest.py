@@ -147,8 +147,9 @@ def redis_url() -> str:
     return settings.REDIS_URL
 
 
-def start_console_server(port: int | None = None) -> tuple[ManagedProcess, str]:
-    port = port or free_port()
+def start_console_server(**env: str) -> tuple[ManagedProcess, str]:
+    """A uvicorn subprocess serving the console; ``env`` adds environment variables (settings)."""
+    port = free_port()
     server = start_process(
         "uvicorn",
         [
@@ -156,7 +157,7 @@ def start_console_server(port: int | None = None) -> tuple[ManagedProcess, str]:
             "--host", "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio",
             "--log-level", "warning", "--no-access-log",
         ],
-        subprocess_env(),
+        subprocess_env(**env),
     )
     base_url = f"http://127.0.0.1:{port}"
 

@@ -7,14 +7,12 @@ to the migration worker's queue, whose data plane is capped (see conftest) so Co
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from migrations_app.models import Migration
-from tests.conftest import free_port, log_in, run_in_thread, start_process, subprocess_env, wait_until
+from tests.conftest import log_in, run_in_thread, start_console_server
 from tests.factories import PASSWORD, make_user
 from tests.migrations_app.conftest import MIGRATOR
 from tests.migrations_app.guests import place_vm
@@ -53,21 +51,8 @@ RECORD_PHASES = """
 
 @pytest.fixture
 def migrating_console(django_db_setup, redis_url, migration_worker, settings):
-    port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1"]
-    args += ["--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning", "--no-access-log"]
-    server = start_process(
-        "uvicorn-migrations", args, subprocess_env(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
-    )
-    base_url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{base_url}/login/", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(answers, timeout=30), server.log_tail()
+    """The console, sending migrations to the bandwidth-capped worker so phases last long enough to watch."""
+    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
     yield base_url
     server.stop()
 
