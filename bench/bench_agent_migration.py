@@ -179,6 +179,10 @@ def main() -> None:
             print(f"\nagent logs in {scratch}")
         else:
             shutil.rmtree(scratch)
+    after = best_raw_loopback_bytes_s(total, tries=2)
+    print(
+        f"\nraw loopback again after the migrations: {after / 1e6:.0f} MB/s (a check on the machine's noise)"
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 HELLO_TIMEOUT_S = 5.0
+PRE_PAUSE_ROUNDS = 5
+HASH_RATE_SAMPLE_PAGES = 1000
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 POPULATE_BUDGET_S = 3.0  # at most a quarter of the init limit
 MIRRORED_FIELDS = (
@@ -144,6 +146,7 @@ class SourceMigration:
         self._dirty_round_rate: float | None = None
         self._target_digested = 0
         self._target_hashed = asyncio.Event()
+        self._hash_rate_pages_s: float | None = None
         self._last_mirror = 0.0
         self._dirty_mark = (time.monotonic(), 0)
 
@@ -322,18 +325,46 @@ class SourceMigration:
         self._settled.set()
 
     async def _last_round_before_pause(self) -> None:
-        """Send and hash what the last rounds left while the vCPUs still run: that is not downtime."""
-        loop, memory = asyncio.get_running_loop(), self.guest.memory
-        await loop.run_in_executor(None, memory.refresh_digests)
-        if memory.dirty_count() * PAGE_SIZE >= RATE_SAMPLE_BYTES:
+        """Send and hash what the last rounds left while the vCPUs still run: that is not downtime.
+
+        A few more rounds, until what is left would take at most half the allowed downtime.
+        """
+        memory = self.guest.memory
+        for _ in range(PRE_PAUSE_ROUNDS):
+            await self._refresh_digests()
+            pending = memory.dirty_count()
+            expected_ms = self._expected_ms(pending)
+            if pending * PAGE_SIZE < RATE_SAMPLE_BYTES or (
+                expected_ms is not None and expected_ms <= self.params["downtime_ms"] / 2
+            ):
+                break
             self.progress.update(round=self.progress.snapshot()["round"] + 1)
             await self._send_round(memory.take_dirty())
-            await loop.run_in_executor(None, memory.refresh_digests)
+        await self._refresh_digests()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TARGET_HASH_WAIT_S):
                 while self._target_digested < self._round_done:
                     self._target_hashed.clear()
                     await self._watch(self._target_hashed.wait())
+
+    async def _refresh_digests(self) -> int:
+        """Hash the pages written since the last time, in a worker thread; learns the hashing rate."""
+        started = time.monotonic()
+        hashed = await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
+        elapsed = time.monotonic() - started
+        if hashed >= HASH_RATE_SAMPLE_PAGES and elapsed > 0:
+            self._hash_rate_pages_s = hashed / elapsed
+        return hashed
+
+    def _expected_ms(self, pending_pages: int) -> int | None:
+        """Downtime to move and hash ``pending_pages`` (the target hashes alongside the source)."""
+        rate = self._dirty_round_rate or self._throughput()
+        if not rate:
+            return None
+        seconds = pending_pages * PAGE_SIZE / rate
+        if self._hash_rate_pages_s:
+            seconds += pending_pages / self._hash_rate_pages_s
+        return round(1000 * seconds)
 
     async def _read_target(self) -> None:
         """The target reports hashed rounds (DIGESTED), then confirms (READY) or refuses (ABORT)."""
@@ -366,7 +397,7 @@ class SourceMigration:
         self._round_done = 1
         await self._mirror_progress(force=True)
         while not self._stop_copy:
-            await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+            await self._refresh_digests()
             self._judge_convergence()
             if memory.dirty_count() == 0:
                 await self._mirror_progress(force=False)
@@ -381,8 +412,7 @@ class SourceMigration:
     def _judge_convergence(self) -> None:
         assert self._writer is not None
         pending_bytes = self.guest.memory.dirty_count() * PAGE_SIZE
-        rate = self._dirty_round_rate or self._throughput()
-        expected_ms = round(1000 * pending_bytes / rate) if rate else None
+        expected_ms = self._expected_ms(pending_bytes // PAGE_SIZE)
         # Until a round of dirty pages measured how fast they go, only "nothing left" converges;
         # and not before the target hashed the first pass, or Frozen would wait for that.
         judged = self._dirty_round_rate is not None or pending_bytes < RATE_SAMPLE_BYTES
@@ -405,7 +435,8 @@ class SourceMigration:
         elif self.progress.snapshot()["round"] >= self.params["max_rounds"]:
             raise MigrationAborted(
                 f"did not converge in {self.params['max_rounds']} rounds: the guest writes "
-                f"{fields['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, the link moves {rate / 1e6:.1f} MB/s"
+                f"{fields['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, "
+                f"the link moves {(self._dirty_round_rate or self._throughput()) / 1e6:.1f} MB/s"
             )
         self.progress.update(**fields)
 
