@@ -145,20 +145,18 @@ def upsert_guest(guest: DemoGuest, vsp: VSP) -> None:
 DEMO_DIRTY_PAGES_PER_S = 500
 # Under QEMU (software emulation on a laptop) only a couple of small guests can really run.
 QEMU_DEMO_MEMORY_MIB = 256
-QEMU_DEMO_RUNNING_GUESTS = 2
+QEMU_DEMO_RUNNING_GUESTS = ("web01", "web02")
 
 
 def seed_demo_agents(driver: str) -> list[str]:
     """Define every demo guest on the agent of the VSP where it is runnable, started if it is On.
 
-    With the QEMU driver, guests get QEMU_DEMO_MEMORY_MIB and only the first
-    QEMU_DEMO_RUNNING_GUESTS that are On are started; the rest are defined but Off. The
-    VMs' memory in the database is set to match.
+    With the QEMU driver, guests get QEMU_DEMO_MEMORY_MIB and only QEMU_DEMO_RUNNING_GUESTS
+    are started; the rest are defined but Off. The VMs' memory in the database is set to match.
     """
     from vms.agent_client import AgentClient
 
     lines = []
-    started = 0
     runnable = (
         Registration.objects.exclude(hardware_status=HW.NOT_RUNNABLE)
         .select_related("vm", "vsp")
@@ -172,8 +170,7 @@ def seed_demo_agents(driver: str) -> list[str]:
             # The console sends the VM's size to the target agent, so both must agree.
             memory_mib = QEMU_DEMO_MEMORY_MIB
             VirtualMachine.objects.filter(pk=vm.pk).update(memory_mib=memory_mib)
-            running = running and started < QEMU_DEMO_RUNNING_GUESTS
-            started += running
+            running = running and vm.name in QEMU_DEMO_RUNNING_GUESTS
         spec = {
             "name": vm.name,
             "memory_mib": memory_mib,
