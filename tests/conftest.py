@@ -7,19 +7,20 @@ committed for another process to see it.
 """
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from devtools import processes
+from devtools.processes import ManagedProcess, free_port, wait_until
+
+__all__ = ["ManagedProcess", "free_port", "wait_until"]  # re-exported: test modules import them from here
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 LOG_DIR = BASE_DIR / "var" / "test-logs"
@@ -52,12 +53,6 @@ def pytest_runtest_makereport(item, call):
 # --- helpers -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -69,48 +64,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-    hostname: str = ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: what a crash or an OOM kill looks like."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def start_process(name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        args, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    return ManagedProcess(name, process, log_path)
+def log_path(name: str) -> Path:
+    """A log file of this test run's own for a process it starts."""
+    return LOG_DIR / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
 
 
 def run_in_thread(function: Callable, *args, **kwargs):
@@ -150,27 +106,10 @@ def redis_url() -> str:
 def start_console_server(**env: str) -> tuple[ManagedProcess, str]:
     """A uvicorn subprocess serving the console; ``env`` adds environment variables (settings)."""
     port = free_port()
-    server = start_process(
-        "uvicorn",
-        [
-            sys.executable, "-m", "uvicorn", "matrixoe.asgi:application",
-            "--host", "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio",
-            "--log-level", "warning", "--no-access-log",
-        ],
-        subprocess_env(**env),
+    server = processes.start_console_server(
+        port, log_path("uvicorn"), "--log-level", "warning", env=subprocess_env(**env)
     )
-    base_url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{base_url}/login/", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    if not wait_until(answers, timeout=30):
-        server.stop()
-        raise RuntimeError(f"console server did not start:\n{server.log_tail()}")
-    return server, base_url
+    return server, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -181,25 +120,19 @@ def console_server(django_db_setup, django_db_blocker, redis_url) -> Iterator[st
     server.stop()
 
 
-def start_celery_worker(name: str = "worker", concurrency: int = 4) -> ManagedProcess:
+def start_celery_worker(
+    name: str = "worker", concurrency: int = 4, queue: str | None = None, **env: str
+) -> ManagedProcess:
+    """A Celery worker subprocess on ``queue`` (the test run's own by default); ``env`` adds settings."""
     from django.conf import settings
 
-    hostname = f"{name}-{time.monotonic_ns()}@{socket.gethostname()}"
-    worker = start_process(
-        "celery-" + name,
-        [
-            sys.executable, "-m", "celery", "-A", "matrixoe", "worker",
-            "--queues", settings.CELERY_TASK_DEFAULT_QUEUE, "--pool", "threads",
-            "--concurrency", str(concurrency), "--hostname", hostname,
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ],
-        subprocess_env(),
+    return processes.start_celery_worker(
+        name,
+        log_path(f"celery-{name}"),
+        queue=queue or settings.CELERY_TASK_DEFAULT_QUEUE,
+        concurrency=concurrency,
+        env=subprocess_env(**env),
     )
-    worker.hostname = hostname
-    if not wait_until(lambda: b"ready." in worker.log_path.read_bytes(), timeout=60):
-        worker.stop()
-        raise RuntimeError(f"celery worker did not start:\n{worker.log_tail()}")
-    return worker
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import secrets
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import ManagedProcess, free_port, start_process, subprocess_env, wait_until
+from devtools import processes
+from devtools.processes import write_secret_file
+from tests.conftest import ManagedProcess, free_port, log_path, subprocess_env, wait_until
 from vms.agent_client import AgentClient
 
 
@@ -46,27 +46,15 @@ class RunningAgent:
         return next((guest for guest in self.client.list_guests() if guest["name"] == name), None)
 
 
-def start_agent(name: str, secret_dir: Path, *extra_args: str) -> RunningAgent:
+def start_agent(name: str, secret_dir: Path, *extra_args: str, driver: str = "simulated") -> RunningAgent:
     port = free_port()
-    secret = secrets.token_urlsafe(24)
     secret_file = secret_dir / f"{name}-{port}.secret"
-    secret_file.write_text(secret)
-    args = [sys.executable, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
-    args += ["--secret-file", str(secret_file), "--driver", "simulated", *extra_args]
-    process = start_process(f"agent-{name}", args, subprocess_env())
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            response = httpx.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {secret}"}, timeout=1)
-            return response.status_code == 200
-        except httpx.HTTPError:
-            return process.process.poll() is not None
-
-    if not wait_until(answers, timeout=30) or process.process.poll() is not None:
-        process.stop()
-        raise RuntimeError(f"host agent {name} did not start:\n{process.log_tail()}")
-    return RunningAgent(name, url, secret, process, AgentClient(url, secret, timeout_s=30))
+    write_secret_file(secret_file)
+    started = processes.start_agent(
+        name, port, secret_file, driver, extra_args, log_path=log_path(f"agent-{name}"), env=subprocess_env()
+    )
+    client = AgentClient(started.url, started.secret, timeout_s=30)
+    return RunningAgent(name, started.url, started.secret, started.process, client)
 
 
 class AgentFactory:
@@ -74,8 +62,8 @@ class AgentFactory:
         self.secret_dir = secret_dir
         self.started: list[RunningAgent] = []
 
-    def __call__(self, name: str, *extra_args: str) -> RunningAgent:
-        agent = start_agent(name, self.secret_dir, *extra_args)
+    def __call__(self, name: str, *extra_args: str, driver: str = "simulated") -> RunningAgent:
+        agent = start_agent(name, self.secret_dir, *extra_args, driver=driver)
         self.started.append(agent)
         return agent
 

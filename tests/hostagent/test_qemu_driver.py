@@ -32,7 +32,7 @@ def qemu_hosts(tmp_path_factory: pytest.TempPathFactory):
     factory = AgentFactory(tmp_path_factory.mktemp("qemu-agents"))
     run_dir = tmp_path_factory.mktemp("qemu-run")
     hosts = [
-        factory(name, "--driver", "qemu", "--driver-option", f"run_dir={run_dir / name}")
+        factory(name, "--driver-option", f"run_dir={run_dir / name}", driver="qemu")
         for name in ("vsp1", "vsp2")
     ]
     yield hosts

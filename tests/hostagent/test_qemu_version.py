@@ -21,7 +21,7 @@ def test_it_refuses_to_start_on_qemu_older_than_10(agent_factory: AgentFactory, 
     old_qemu.chmod(0o755)
 
     with pytest.raises(RuntimeError) as refused:
-        agent_factory("vsp-old", "--driver", "qemu", "--driver-option", f"qemu_binary={old_qemu}")
+        agent_factory("vsp-old", "--driver-option", f"qemu_binary={old_qemu}", driver="qemu")
 
     message = str(refused.value)
     assert "QEMU 7.2.15" in message and "needs QEMU >= 10" in message

@@ -16,12 +16,12 @@ def place_vm(host_agents, fleet, on: str = "hosta", vm_fields: dict | None = Non
     """A VM registered On at ``on`` in the database, its guest defined and running on that host's agent."""
     name = f"guest{next(_names)}"
     spec = {"name": name, "memory_mib": 16, "vcpus": 1, "fill_percent": 5, "running": True, **guest}
-    host_agents[on].client().define_guest(spec)
+    host_agents[on].client.define_guest(spec)
     return make_vm(name, vsp=fleet[on], memory_mib=spec["memory_mib"], **(vm_fields or {}))
 
 
 def guest_on(agent, name: str) -> dict | None:
-    return next((guest for guest in agent.client().list_guests() if guest["name"] == name), None)
+    return next((guest for guest in agent.client.list_guests() if guest["name"] == name), None)
 
 
 def runs_on(agent, name: str) -> bool:

@@ -112,7 +112,7 @@ def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
 
 def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
     """Play the part of a worker up to the commit point, then vanish: both agents wait in "ready"."""
-    source, target = host_agents["hosta"].client(), host_agents["hostb"].client()
+    source, target = host_agents["hosta"].client, host_agents["hostb"].client
     endpoint = target.prepare_incoming(
         {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, migration_id
     )

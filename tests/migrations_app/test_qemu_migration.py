@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,10 +18,10 @@ import pytest
 
 from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
-from tests.conftest import ManagedProcess, start_process, subprocess_env, wait_until
+from tests.conftest import ManagedProcess, wait_until
 from tests.factories import make_user, make_vm, make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
-from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.conftest import MIGRATOR, start_migration_worker
 from tests.migrations_app.guests import wait_for_state
 from tests.qemu_guest import needs_qemu, runs_intact, workload
 from vms.models import Registration
@@ -40,7 +39,7 @@ def qemu_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     factory = AgentFactory(tmp_path_factory.mktemp("qemu-agents"))
     run_dir = tmp_path_factory.mktemp("qemu-run")
     agents = {
-        name: factory(name, "--driver", "qemu", "--driver-option", f"run_dir={run_dir / name}")
+        name: factory(name, "--driver-option", f"run_dir={run_dir / name}", driver="qemu")
         for name in ("hosta", "hostb")
     }
     yield agents
@@ -52,14 +51,7 @@ def _qemu_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProce
     from django.conf import settings
 
     queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-qemu-{time.monotonic_ns()}"
-    args = [sys.executable, "-m", "celery", "-A", "matrixoe", "worker", "--queues", queue]
-    args += ["--pool", "threads", "--concurrency", "2", "--hostname", f"qemu-{time.monotonic_ns()}@%h"]
-    args += ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    env = subprocess_env(MIGRATION_QUEUE=queue, MIGRATION_BANDWIDTH_MBPS=str(LINK_MBPS))
-    worker = start_process("celery-qemu", args, env)
-    if not wait_until(lambda: b"ready." in worker.log_path.read_bytes(), timeout=60):
-        worker.stop()
-        raise RuntimeError(f"migration worker did not start:\n{worker.log_tail()}")
+    worker = start_migration_worker(queue, "qemu", 2, MIGRATION_BANDWIDTH_MBPS=str(LINK_MBPS))
     yield queue, worker
     worker.stop()
 

@@ -1,0 +1,197 @@
+"""Start and stop the project's processes on loopback: host agents, the ASGI server, Celery workers.
+
+The tests, the benchmarks and ``scripts/run_console.py`` all start them through here. Every process
+runs in a session of its own (stopping it stops its children) and writes to a log file. Nothing from
+the console or the agent is imported, so a script may use this before it sets up Django.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; the last answer is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def answers_http(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    hostname: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def terminate(self) -> None:
+        """SIGTERM the whole process group, without waiting."""
+        if self.running:
+            os.killpg(self.process.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: what a crash or an OOM kill looks like."""
+        if self.running:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 10) -> None:
+        self.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def start_process(
+    name: str, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> ManagedProcess:
+    """Start ``args`` in the project directory, output appended to ``log_path``; ``env`` defaults to ours."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            list(args), cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return ManagedProcess(name, process, log_path)
+
+
+def stop_all(processes: Iterable[ManagedProcess]) -> None:
+    """Signal every process first, then wait for each: they shut down side by side."""
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
+
+
+# -- host agents -----------------------------------------------------------------
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    url: str
+    secret: str
+    process: ManagedProcess
+
+
+def write_secret_file(path: Path) -> str:
+    """A new random agent secret, written to ``path`` readable by its owner only."""
+    secret = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
+
+
+def start_agent(
+    name: str,
+    port: int,
+    secret_file: Path,
+    driver: str = "simulated",
+    extra_args: Sequence[str] = (),
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> AgentProcess:
+    """``python -m hostagent`` on 127.0.0.1:``port``, returned once it answers its health check.
+
+    Raises RuntimeError with the end of its log if it exits or does not answer in time.
+    """
+    secret = secret_file.read_text().strip()
+    args = [PYTHON, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
+    args += ["--secret-file", str(secret_file), "--driver", driver, *extra_args]
+    process = start_process(f"agent-{name}", args, log_path, env)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {secret}"}
+    wait_until(lambda: not process.running or answers_http(f"{url}/v1/health", headers), timeout, 0.05)
+    if not process.running or not answers_http(f"{url}/v1/health", headers):
+        process.stop()
+        raise RuntimeError(f"host agent {name} did not start:\n{process.log_tail()}")
+    return AgentProcess(name, url, secret, process)
+
+
+# -- the console: ASGI server and Celery ---------------------------------------------
+
+
+def start_console_server(
+    port: int, log_path: Path, *uvicorn_args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> ManagedProcess:
+    """uvicorn serving ``matrixoe.asgi``, returned once its login page answers."""
+    args = [PYTHON, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--ws", "websockets-sansio", "--no-access-log", *uvicorn_args]
+    server = start_process("uvicorn", args, log_path, env)
+    login = f"http://127.0.0.1:{port}/login/"
+    if not wait_until(lambda: not server.running or answers_http(login), timeout) or not server.running:
+        server.stop()
+        raise RuntimeError(f"console server did not start:\n{server.log_tail()}")
+    return server
+
+
+def start_celery_worker(
+    name: str,
+    log_path: Path,
+    *,
+    queue: str | None = None,
+    concurrency: int = 4,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> ManagedProcess:
+    """A Celery worker (threads pool) of ``matrixoe`` on ``queue``, returned once it is ready."""
+    hostname = f"{name}-{time.monotonic_ns()}@{socket.gethostname()}"
+    args = [PYTHON, "-m", "celery", "-A", "matrixoe", "worker", "--pool", "threads"]
+    args += ["--concurrency", str(concurrency), "--hostname", hostname, "--loglevel", "INFO"]
+    args += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if queue:
+        args += ["--queues", queue]
+    logged_before = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
+    worker = start_process(f"celery-{name}", args, log_path, env)
+    worker.hostname = hostname
+
+    def ready() -> bool:
+        return not worker.running or b"ready." in log_path.read_bytes()[logged_before:]
+
+    if not wait_until(ready, timeout, 0.05):
+        worker.stop()
+        raise RuntimeError(f"celery worker {name} did not start:\n{worker.log_tail()}")
+    if not worker.running:
+        raise RuntimeError(f"celery worker {name} exited:\n{worker.log_tail()}")
+    return worker
