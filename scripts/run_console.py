@@ -10,16 +10,24 @@ Ctrl-C stops them all.
 
 import argparse
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+
+from devtools.processes import (  # noqa: E402
+    ManagedProcess,
+    start_agent,
+    start_console_server,
+    start_process,
+    stop_all,
+    write_secret_file,
+)
+
 VAR_DIR = BASE_DIR / "var"
 SECRETS_DIR = VAR_DIR / "agent-secrets"
 LOG_DIR = VAR_DIR / "logs"
@@ -36,48 +44,27 @@ def agent_secret_file(name: str) -> Path:
     SECRETS_DIR.mkdir(parents=True, exist_ok=True)
     path = SECRETS_DIR / f"{name}.secret"
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
+        write_secret_file(path)
     return path
 
 
-def spawn(name: str, args: list[str]) -> subprocess.Popen:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(LOG_DIR / f"{name}.log", "ab")
-    return subprocess.Popen(args, cwd=BASE_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_http(url: str, timeout: float = 30, headers: dict | None = None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1, headers=headers).status_code < 500:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def start_agents(driver: str, agents: list[subprocess.Popen]) -> None:
+def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
     """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
     for index, name in enumerate(DEMO_HOSTS):
-        port = AGENT_BASE_PORT + index
-        secret_file = agent_secret_file(name)
-        agents.append(
-            spawn(
-                f"agent-{name}",
-                [PYTHON, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}",
-                 "--secret-file", str(secret_file), "--driver", driver],
+        log_path = LOG_DIR / f"agent-{name}.log"
+        try:
+            agent = start_agent(
+                name, AGENT_BASE_PORT + index, agent_secret_file(name), driver, log_path=log_path
             )
-        )
-        headers = {"Authorization": f"Bearer {secret_file.read_text().strip()}"}
-        if not wait_for_http(f"http://127.0.0.1:{port}/v1/health", headers=headers):
+        except RuntimeError:
             sys.exit(f"host agent {name} did not start; see var/logs/agent-{name}.log")
+        agents.append(agent.process)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hosts", choices=("simulated", "qemu"), default="simulated")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     return parser.parse_args()
@@ -92,7 +79,7 @@ def main() -> None:
     password = os.environ.setdefault("DEMO_ADMIN_PASSWORD", "matrixoe-demo")
     manage("demo_users")
     signal.signal(signal.SIGTERM, stop_on_signal)
-    processes: list[subprocess.Popen] = []
+    processes: list[ManagedProcess] = []
     try:
         start_agents(options.hosts, processes)
         manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
@@ -100,48 +87,46 @@ def main() -> None:
         processes += start_console(options.port)
         print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")
         print(f"  log in as admin / {password}   (read-only: operator / {password})")
-        print(f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops all.\n")
+        print(
+            f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops all.\n"
+        )
         wait_for_exit(processes)
     except KeyboardInterrupt:
         print("\nstopping...")
     finally:
-        stop(processes)
+        stop_all(processes)
 
 
 def stop_on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def start_console(port: int) -> list[subprocess.Popen]:
+def start_console(port: int) -> list[ManagedProcess]:
+    celery = [PYTHON, "-m", "celery", "-A", "matrixoe"]
     processes = [
-        spawn("web", [PYTHON, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1",
-                      "--port", str(port), "--ws", "websockets-sansio", "--no-access-log"]),
-        spawn("worker", [PYTHON, "-m", "celery", "-A", "matrixoe", "worker", "--pool", "threads",
-                         "--concurrency", "8", "--loglevel", "INFO"]),
-        spawn("beat", [PYTHON, "-m", "celery", "-A", "matrixoe", "beat", "--loglevel", "INFO",
-                       "--schedule", str(VAR_DIR / "celerybeat-schedule")]),
+        start_process(
+            "worker",
+            [*celery, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
+            LOG_DIR / "worker.log",
+        ),
+        start_process(
+            "beat",
+            [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
+            LOG_DIR / "beat.log",
+        ),
     ]
-    if not wait_for_http(f"http://127.0.0.1:{port}/login/"):
-        stop(processes)
+    try:
+        processes.append(start_console_server(port, LOG_DIR / "web.log"))
+    except RuntimeError:
+        stop_all(processes)
         sys.exit("the console did not start; see var/logs/web.log")
     return processes
 
 
-def wait_for_exit(processes: list[subprocess.Popen]) -> None:
-    while all(process.poll() is None for process in processes):
+def wait_for_exit(processes: list[ManagedProcess]) -> None:
+    while all(process.running for process in processes):
         time.sleep(0.5)
     print("a console process stopped; see var/logs/. Stopping the others.")
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
