@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vms.agent_client import AgentClient  # noqa: E402
+from bench.agents import BenchAgent, migrate  # noqa: E402
 
 RECEIVER = """
 import socket, sys
@@ -73,66 +71,18 @@ def raw_loopback_bytes_s(total: int) -> float:
         receiver.wait(timeout=30)
 
 
-class Agent:
-    def __init__(self, name: str, secret_dir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        secret = secrets.token_urlsafe(24)
-        secret_file = secret_dir / f"{name}.secret"
-        secret_file.write_text(secret)
-        self.log = open(secret_dir / f"{name}.log", "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
-            + ["--secret-file", str(secret_file)],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = AgentClient(f"http://127.0.0.1:{port}", secret, timeout_s=60)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.client.health()
-                return
-            except Exception:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        self.log.close()
-
-
-def migrate(source: Agent, target: Agent, name: str, memory_mib: int, dirty_pages_per_s: int) -> dict:
+def migrate_guest(
+    source: BenchAgent, target: BenchAgent, name: str, memory_mib: int, dirty_pages_per_s: int
+) -> dict:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     source.client.define_guest(
         {**spec, "dirty_pages_per_s": dirty_pages_per_s, "fill_percent": 100, "running": True}
     )
-    migration_id = f"bench-{secrets.token_hex(3)}"
-    started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(spec, migration_id, {})
-    source.client.start_outgoing(name, migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30})
-    converged_at = None
-    for snapshot in source.client.iter_progress(migration_id):
-        if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
-            converged_at = time.perf_counter()
-            break
-    source.client.quiesce(migration_id)
-    ready = source.client.freeze(migration_id)
-    total_s = time.perf_counter() - started
-    if ready["state"] != "ready":
-        raise SystemExit(f"migration did not reach ready: {ready}")
-    target.client.resume(migration_id)
-    source.client.release(migration_id)
+    moved = migrate(source, target, spec)
+    ready = moved.ready
     return {
-        "total_s": total_s,
-        "to_converged_s": (converged_at or time.perf_counter()) - started,
+        "total_s": moved.total_s,
+        "to_converged_s": moved.to_converged_s,
         "downtime_ms": ready["downtime_ms"],
         "rounds": ready["round"],
         "bytes_sent": ready["bytes_sent"],
@@ -166,11 +116,11 @@ def main() -> None:
     raw = best_raw_loopback_bytes_s(total)
     print(f"raw loopback TCP (blocking sockets, 2 processes): {raw / 1e6:.0f} MB/s")
     scratch = Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    source, target = Agent("bench-src", scratch), Agent("bench-dst", scratch)
+    source, target = BenchAgent("bench-src", scratch), BenchAgent("bench-dst", scratch)
     try:
-        report("idle guest", migrate(source, target, "bench-idle", args.memory_mib, 0), raw)
+        report("idle guest", migrate_guest(source, target, "bench-idle", args.memory_mib, 0), raw)
         dirty_mb_s = args.dirty_pages_per_s * 4096 / 1e6
-        busy = migrate(source, target, "bench-busy", args.memory_mib, args.dirty_pages_per_s)
+        busy = migrate_guest(source, target, "bench-busy", args.memory_mib, args.dirty_pages_per_s)
         report(f"busy guest ({dirty_mb_s:.0f} MB/s dirtied)", busy, raw)
     finally:
         source.stop()

@@ -17,11 +17,6 @@ the move. Needs QEMU >= 10 and
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,100 +26,42 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.agents import BenchAgent, migrate  # noqa: E402
+from devtools.processes import wait_until  # noqa: E402
 from hostagent.drivers.qemu_process import check_qemu  # noqa: E402
-from vms.agent_client import AgentClient  # noqa: E402
 
 
-class Agent:
-    def __init__(self, name: str, scratch: Path, *driver_args: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        secret = secrets.token_urlsafe(24)
-        secret_file = scratch / f"{name}.secret"
-        secret_file.write_text(secret)
-        self.log = open(scratch / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
-            + ["--secret-file", str(secret_file), *driver_args],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = AgentClient(f"http://127.0.0.1:{port}", secret, timeout_s=120)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.client.health()
-                return
-            except Exception:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self.log.close()
-
-
-def wait_for(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def boot(agent: Agent, spec: dict[str, Any]) -> tuple[float, float]:
+def boot(agent: BenchAgent, spec: dict[str, Any]) -> tuple[float, float]:
     """Seconds until the OS is up (memwriter filled its memory), and until its first full self-check."""
     started = time.perf_counter()
     agent.client.define_guest({**spec, "running": True})
-    if not wait_for(lambda: agent.client.get_guest(spec["name"])["os_status"] == "up", 90):
+    if not wait_until(lambda: agent.client.get_guest(spec["name"])["os_status"] == "up", 90):
         raise SystemExit("the guest did not boot; see its serial log")
     up_s = time.perf_counter() - started
     if spec.get("fill_percent") is None:  # a QEMU guest
-        if not wait_for(lambda: agent.client.get_guest(spec["name"])["workload"]["selfchecks_passed"], 90):
+        if not wait_until(lambda: agent.client.get_guest(spec["name"])["workload"]["selfchecks_passed"], 90):
             raise SystemExit("the QEMU guest never completed a self-check; see its serial log")
     return up_s, time.perf_counter() - started
 
 
-def migrate(source: Agent, target: Agent, spec: dict[str, Any]) -> dict[str, Any]:
-    migration_id = f"bench-{secrets.token_hex(3)}"
-    wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {})
-    source.client.start_outgoing(spec["name"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30})
-    for snapshot in source.client.iter_progress(migration_id):
-        if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
-            break
-    source.client.quiesce(migration_id)
-    ready = source.client.freeze(migration_id)
-    total_s = time.perf_counter() - started
-    if ready["state"] != "ready":
-        raise SystemExit(f"migration did not reach ready: {ready}")
-    target_digest = target.client.snapshot(migration_id)["target_digest"]
-    target.client.resume(migration_id)
-    source.client.release(migration_id)
+def migrate_guest(source: BenchAgent, target: BenchAgent, spec: dict[str, Any]) -> dict[str, Any]:
+    moved = migrate(source, target, spec)
+    ready = moved.ready
     return {
-        "total_s": total_s,
+        "total_s": moved.total_s,
         "downtime_ms": ready["downtime_ms"],
         "rounds": ready["round"],
         "bytes_sent": ready["bytes_sent"],
-        "throughput": ready["throughput_bytes_s"] or ready["bytes_sent"] / total_s,
-        "digests_equal": bool(ready["source_digest"]) and ready["source_digest"] == target_digest,
+        "throughput": ready["throughput_bytes_s"] or ready["bytes_sent"] / moved.total_s,
+        "digests_equal": bool(ready["source_digest"]) and ready["source_digest"] == moved.target_digest,
     }
 
 
-def self_check_after_move(target: Agent, name: str) -> str:
+def self_check_after_move(target: BenchAgent, name: str) -> str:
     def checked() -> bool:
         return target.client.get_guest(name)["workload"]["selfchecks_passed"] >= 2
 
-    if not wait_for(checked, 60):
+    if not wait_until(checked, 60):
         return "no full self-check within 60 s"
     workload = target.client.get_guest(name)["workload"]
     return f"{workload['selfchecks_passed']} passed, {workload['selfchecks_failed']} failed"
@@ -141,13 +78,15 @@ def report(label: str, result: dict[str, Any]) -> None:
     print(f"  digests equal                {result['digests_equal']}")
 
 
-def run_driver(scratch: Path, driver: str, spec: dict[str, Any], *options: str) -> tuple[dict, tuple, Agent]:
-    args = ("--driver", driver, *options)
-    source, target = Agent(f"{driver}-src", scratch, *args), Agent(f"{driver}-dst", scratch, *args)
+def run_driver(
+    scratch: Path, driver: str, spec: dict[str, Any], *options: str
+) -> tuple[dict, tuple, BenchAgent]:
+    source = BenchAgent(f"{driver}-src", scratch, driver, *options, timeout_s=120)
+    target = BenchAgent(f"{driver}-dst", scratch, driver, *options, timeout_s=120)
     try:
         boot_s = boot(source, spec)
         time.sleep(2)  # let the workload dirty memory for a while before moving it
-        result = migrate(source, target, spec)
+        result = migrate_guest(source, target, spec)
         result["self_check"] = self_check_after_move(target, spec["name"]) if driver == "qemu" else None
         return result, boot_s, target
     finally:

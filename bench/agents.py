@@ -1,0 +1,61 @@
+"""Host agents for the benchmarks, and one migration driven through their API as the console drives it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devtools.processes import free_port, start_agent, write_secret_file
+from vms.agent_client import AgentClient
+
+
+class BenchAgent:
+    """A real agent on a free loopback port; its secret and log go to ``scratch``."""
+
+    def __init__(
+        self, name: str, scratch: Path, driver: str = "simulated", *extra_args: str, timeout_s: float = 60
+    ) -> None:
+        secret_file = scratch / f"{name}.secret"
+        write_secret_file(secret_file)
+        started = start_agent(
+            name, free_port(), secret_file, driver, extra_args, log_path=scratch / f"{name}.log"
+        )
+        self.process = started.process
+        self.client = AgentClient(started.url, started.secret, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.stop(timeout=30)
+
+
+@dataclass
+class Moved:
+    ready: dict[str, Any]  # the source's snapshot in "ready"
+    target_digest: str | None  # as the target reported it before resuming
+    total_s: float  # start -> ready
+    to_converged_s: float  # start -> converged (or ended)
+
+
+def migrate(source: BenchAgent, target: BenchAgent, spec: dict[str, Any]) -> Moved:
+    """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands."""
+    migration_id = f"bench-{secrets.token_hex(3)}"
+    wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
+    started = time.perf_counter()
+    endpoint = target.client.prepare_incoming(wanted, migration_id, {})
+    source.client.start_outgoing(spec["name"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30})
+    for snapshot in source.client.iter_progress(migration_id):
+        if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
+            break
+    converged_s = time.perf_counter() - started
+    source.client.quiesce(migration_id)
+    ready = source.client.freeze(migration_id)
+    total_s = time.perf_counter() - started
+    if ready["state"] != "ready":
+        raise SystemExit(f"migration did not reach ready: {ready}")
+    target_digest = target.client.snapshot(migration_id)["target_digest"]
+    target.client.resume(migration_id)
+    source.client.release(migration_id)
+    return Moved(ready, target_digest, total_s, converged_s)
