@@ -15,7 +15,6 @@ import argparse
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,70 +35,22 @@ os.environ.update(
 )
 sys.path.insert(0, str(BASE_DIR))
 
-
-def spawn(name: str, args: list[str]) -> subprocess.Popen:
-    log = open(WORK_DIR / f"{name}.log", "wb")
-    return subprocess.Popen(
-        args, cwd=BASE_DIR, env=os.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.001) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
+from devtools.processes import (  # noqa: E402
+    AgentProcess,
+    ManagedProcess,
+    free_port,
+    start_agent,
+    start_celery_worker,
+    stop_all,
+    wait_until,
+    write_secret_file,
+)
 
 
-def start_agent(name: str, port: int) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    secret = secrets.token_urlsafe(24)
+def start_bench_agent(name: str) -> AgentProcess:
     secret_file = WORK_DIR / f"{name}.secret"
-    secret_file.write_text(secret)
-    process = spawn(
-        f"agent-{name}",
-        [
-            sys.executable,
-            "-m",
-            "hostagent",
-            "--name",
-            name,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--secret-file",
-            str(secret_file),
-            "--driver",
-            "simulated",
-        ],
-    )
-
-    def answers() -> bool:
-        try:
-            return (
-                httpx.get(
-                    f"http://127.0.0.1:{port}/v1/health",
-                    headers={"Authorization": f"Bearer {secret}"},
-                    timeout=1,
-                ).status_code
-                == 200
-            )
-        except httpx.HTTPError:
-            return False
-
-    if not wait_until(answers, timeout=20, interval=0.1):
-        raise SystemExit(f"agent {name} did not start; see {WORK_DIR}")
-    return process, secret
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    write_secret_file(secret_file)
+    return start_agent(name, free_port(), secret_file, log_path=WORK_DIR / f"agent-{name}.log")
 
 
 def main() -> None:
@@ -110,51 +61,20 @@ def main() -> None:
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, check=True, env=os.environ
     )
-    processes: list[subprocess.Popen] = []
+    processes: list[ManagedProcess] = []
     try:
-        ports = [free_port(), free_port()]
-        agents = [start_agent(name, port) for name, port in zip(("bench-a", "bench-b"), ports, strict=True)]
-        processes += [process for process, _ in agents]
-        worker = spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "matrixoe",
-                "worker",
-                "--queues",
-                os.environ["CELERY_QUEUE"],
-                "--pool",
-                "threads",
-                "--concurrency",
-                "4",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-        )
-        processes.append(worker)
-        if not wait_until(lambda: b"ready." in (WORK_DIR / "worker.log").read_bytes(), 60, 0.1):
-            raise SystemExit(f"worker did not start; see {WORK_DIR}")
-        latencies = measure(runs, ports, [secret for _, secret in agents])
+        agents = [start_bench_agent(name) for name in ("bench-a", "bench-b")]
+        processes += [agent.process for agent in agents]
+        worker_log = WORK_DIR / "worker.log"
+        processes.append(start_celery_worker("worker", worker_log, queue=os.environ["CELERY_QUEUE"]))
+        latencies = measure(runs, agents)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_all(processes)
         shutil.rmtree(WORK_DIR, ignore_errors=True)
     report(latencies)
 
 
-def measure(runs: int, ports: list[int], agent_secrets: list[str]) -> list[tuple[float, float]]:
+def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
     import django
 
     django.setup()
@@ -167,12 +87,12 @@ def measure(runs: int, ports: list[int], agent_secrets: list[str]) -> list[tuple
     vsps = [
         VSP.objects.create(
             name=f"bench-{letter}",
-            agent_url=f"http://127.0.0.1:{port}",
-            agent_secret=secret,
+            agent_url=agent.url,
+            agent_secret=agent.secret,
             memory_mib=8192,
             cpus=8,
         )
-        for letter, port, secret in zip("ab", ports, agent_secrets, strict=True)
+        for letter, agent in zip("ab", agents, strict=True)
     ]
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
@@ -201,7 +121,7 @@ def migrate_once(client, vm, target) -> tuple[float, float]:
         migration.refresh_from_db()
         return migration
 
-    if not wait_until(lambda: reread().init_started_at is not None, timeout=30):
+    if not wait_until(lambda: reread().init_started_at is not None, timeout=30, interval=0.001):
         raise SystemExit("the worker did not start Init within 30 s")
     latency = ((migration.init_started_at.timestamp() - clicked) * 1000, (answered - clicked) * 1000)
     if not wait_until(lambda: reread().is_terminal, timeout=60, interval=0.02):

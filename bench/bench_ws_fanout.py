@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 DB_PATH = BASE_DIR / "var" / f"bench-ws-{os.getpid()}.sqlite3"
+SERVER_LOG = BASE_DIR / "var" / f"bench-ws-{os.getpid()}-uvicorn.log"
 ENV = {
     "DJANGO_SETTINGS_MODULE": "matrixoe.settings",
     "DATABASE_URL": f"sqlite:///{DB_PATH}",
@@ -52,17 +51,12 @@ from django.contrib.auth.models import Permission, User  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.test import Client  # noqa: E402
 
+from devtools.processes import ManagedProcess, free_port, start_console_server  # noqa: E402
 from migrations_app.models import Migration  # noqa: E402
 from migrations_app.progress import build_progress_messages, send_messages, vm_group  # noqa: E402
 from vms.models import VSP, Registration, VirtualMachine  # noqa: E402
 
 ROUND = re.compile(r'data-round="(\d+)"')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_world() -> tuple[int, str]:
@@ -88,19 +82,11 @@ def make_world() -> tuple[int, str]:
     return vm.pk, client.cookies["sessionid"].value
 
 
-def start_server(port: int, deflate: bool) -> subprocess.Popen:
-    args = [sys.executable, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1"]
-    args += ["--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning", "--no-access-log"]
-    args += ["--ws-per-message-deflate", str(deflate).lower()]
-    server = subprocess.Popen(args, cwd=BASE_DIR, env={**os.environ, **ENV}, start_new_session=True)
-    for _ in range(200):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return server
-        except OSError:
-            time.sleep(0.05)
-    os.killpg(server.pid, signal.SIGTERM)
-    raise SystemExit("uvicorn did not start")
+def start_server(port: int, deflate: bool) -> ManagedProcess:
+    deflate_arg = ["--ws-per-message-deflate", str(deflate).lower()]
+    return start_console_server(
+        port, SERVER_LOG, "--log-level", "warning", *deflate_arg, env=os.environ.copy()
+    )
 
 
 def bump_counters(migration_id: int, seq: int) -> None:
@@ -251,8 +237,8 @@ def main() -> None:
                 f"{n:>8} {events:>7} {p50:>8.1f} {p99:>8.1f} {max(latencies):>8.1f} {missed:>7} {rate:>9.0f}"
             )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=10)
+        server.stop()
+        SERVER_LOG.unlink(missing_ok=True)
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(f"{DB_PATH}{suffix}").unlink(missing_ok=True)
 
