@@ -208,6 +208,27 @@ class Migration(Protocol):
         ...
 
 
+class SourceAbortCommands:
+    """A source side's resume, cancel and discard, the same for every driver.
+
+    Resume and cancel both put the guest back to running here through the driver's
+    ``_roll_back(state, reason)``; discard is a target command.
+    """
+
+    async def _roll_back(self, state: MigrationState, reason: str) -> ProgressSnapshot:
+        raise NotImplementedError
+
+    async def resume(self) -> ProgressSnapshot:
+        """After an abort decided by the control plane: the guest runs here again."""
+        return await self._roll_back("aborted", "aborted by the control plane")
+
+    async def cancel(self) -> ProgressSnapshot:
+        return await self._roll_back("cancelled", "cancelled by the control plane")
+
+    async def discard(self) -> ProgressSnapshot:
+        raise Conflict("discard is a target command; the source keeps its guest")
+
+
 @dataclass
 class DriverSettings:
     agent_name: str

@@ -34,6 +34,7 @@ from hostagent.driver import (
     MigrationParams,
     PhaseLimits,
     ProgressSnapshot,
+    SourceAbortCommands,
 )
 from hostagent.guest import SimulatedGuest
 from hostagent.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
@@ -106,7 +107,7 @@ async def wait_watching(awaitable: Awaitable[Any], watched: list[asyncio.Task[An
             waiter.cancel()
 
 
-class SourceMigration:
+class SourceMigration(SourceAbortCommands):
     role = "source"
 
     def __init__(
@@ -173,16 +174,6 @@ class SourceMigration:
             self._freeze_requested.set()
             await self._wait_for(self._settled)
         return self.snapshot()
-
-    async def resume(self) -> ProgressSnapshot:
-        """After an abort decided by the control plane: the guest runs here again."""
-        return await self._roll_back("aborted", "aborted by the control plane")
-
-    async def cancel(self) -> ProgressSnapshot:
-        return await self._roll_back("cancelled", "cancelled by the control plane")
-
-    async def discard(self) -> ProgressSnapshot:
-        raise Conflict("discard is a target command; the source keeps its guest")
 
     async def release(self) -> ProgressSnapshot:
         state = self.progress.state

@@ -44,6 +44,7 @@ from ..driver import (
     PhaseLimits,
     ProgressSnapshot,
     Role,
+    SourceAbortCommands,
 )
 from .qemu_digest import memory_digest
 from .qemu_process import QemuProcess
@@ -153,7 +154,7 @@ class QemuMigration:
         raise NotImplementedError
 
 
-class SourceMigration(QemuMigration):
+class SourceMigration(QemuMigration, SourceAbortCommands):
     role: Role = "source"
 
     def __init__(
@@ -313,16 +314,6 @@ class SourceMigration(QemuMigration):
     async def freeze(self) -> ProgressSnapshot:
         """Return once the target holds a verified paused copy ("ready"), or the migration ended."""
         return await self.wait_until(lambda state: state not in ACTIVE_STATES)
-
-    async def resume(self) -> ProgressSnapshot:
-        """The control plane aborts: the guest runs here again (from any state but released)."""
-        return await self._roll_back("aborted", "aborted by the control plane")
-
-    async def cancel(self) -> ProgressSnapshot:
-        return await self._roll_back("cancelled", "cancelled by the control plane")
-
-    async def discard(self) -> ProgressSnapshot:
-        raise Conflict("discard is a target command; the source keeps its guest")
 
     async def release(self) -> ProgressSnapshot:
         state = self.progress.state

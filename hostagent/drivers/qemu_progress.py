@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ..driver import PHASES, MigrationState, Phase, ProgressSnapshot, Role
+from ..progress import new_snapshot
 
 # QEMU migration status -> the agent's state.
 QEMU_STATES: dict[str, MigrationState] = {
@@ -24,28 +25,7 @@ QEMU_STATES: dict[str, MigrationState] = {
 
 class Progress:
     def __init__(self, migration_id: str, role: Role, guest: str) -> None:
-        self._snapshot: ProgressSnapshot = {
-            "migration_id": migration_id,
-            "role": role,
-            "guest": guest,
-            "state": "init",
-            "phase": "init",
-            "percent": {"init": 0, "copy": 0, "quiesce": 0, "frozen": 0},
-            "bytes_total": 0,
-            "bytes_sent": 0,
-            "bytes_remaining": 0,
-            "round": 0,
-            "dirty_rate_bytes_s": 0,
-            "throughput_bytes_s": 0,
-            "expected_downtime_ms": None,
-            "downtime_ms": None,
-            "converged": False,
-            "source_digest": None,
-            "target_digest": None,
-            "error": None,
-            "failed_phase": None,
-            "seq": 1,
-        }
+        self._snapshot = new_snapshot(migration_id, role, guest, bytes_total=0)
         self._changed = asyncio.Event()
         self.phase_started = time.monotonic()
 
