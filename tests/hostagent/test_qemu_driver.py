@@ -50,7 +50,9 @@ def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) ->
 
 
 def copying(snapshot: dict[str, Any]) -> bool:
-    return snapshot["percent"]["copy"] > 0 or snapshot["state"] not in ("init", "copy")
+    """In Copy with some memory sent (or already ended): never true while the state is still Init."""
+    in_copy = snapshot["state"] == "copy" and snapshot["percent"]["copy"] > 0
+    return in_copy or snapshot["state"] not in ("init", "copy")
 
 
 def assert_phases_in_order_without_going_back(snapshots: list[dict[str, Any]]) -> None:
