@@ -69,6 +69,8 @@ IDLE_ROUND_WAIT_S = 0.02
 HELLO_TIMEOUT_S = 5.0
 PRE_PAUSE_ROUNDS = 5
 HASH_RATE_SAMPLE_PAGES = 1000
+UNJUDGED_ROUND_WAIT_S = 0.2  # between rounds while the target still hashes the first pass
+UNJUDGED_ROUNDS_FACTOR = 10
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 POPULATE_BUDGET_S = 3.0  # at most a quarter of the init limit
 MIRRORED_FIELDS = (
@@ -390,6 +392,8 @@ class SourceMigration(SourceAbortCommands):
         while not self._stop_copy:
             await self._refresh_digests()
             self._judge_convergence()
+            if self._target_digested < 1:
+                await self._wait_for_target_hashing()
             if memory.dirty_count() == 0:
                 await self._mirror_progress(force=False)
                 await asyncio.sleep(IDLE_ROUND_WAIT_S)
@@ -423,13 +427,30 @@ class SourceMigration(SourceAbortCommands):
         if fits or (pending_bytes == 0 and self._target_digested >= 1):
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
-        elif self.progress.snapshot()["round"] >= self.params["max_rounds"]:
+        elif self._rounds_exhausted(judged):
             raise MigrationAborted(
                 f"did not converge in {self.params['max_rounds']} rounds: the guest writes "
                 f"{fields['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, "
                 f"the link moves {(self._dirty_round_rate or self._throughput()) / 1e6:.1f} MB/s"
             )
         self.progress.update(**fields)
+
+    async def _wait_for_target_hashing(self) -> None:
+        """Pace the rounds while the target hashes the first pass, instead of spinning through them."""
+        self._target_hashed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(UNJUDGED_ROUND_WAIT_S):
+                await self._target_hashed.wait()
+
+    def _rounds_exhausted(self, judged: bool) -> bool:
+        """Rounds run while the target still hashes a big first pass say nothing about convergence.
+
+        They count only once convergence can be judged, up to a hard cap of
+        UNJUDGED_ROUNDS_FACTOR times the limit so that a target that never reports cannot keep
+        the copy going forever.
+        """
+        rounds, limit = self.progress.snapshot()["round"], self.params["max_rounds"]
+        return (judged and rounds >= limit) or rounds >= UNJUDGED_ROUNDS_FACTOR * limit
 
     def _begin_round(self) -> None:
         assert self._writer is not None
@@ -602,7 +623,7 @@ class TargetMigration:
         self._task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None
         self._round_done: Any = 0
-        self._dropped = False
+        self._drop_task: asyncio.Future[None] | None = None
 
     @staticmethod
     def _family(host: str) -> socket.AddressFamily:
@@ -880,10 +901,17 @@ class TargetMigration:
             self._sock.close()
 
     async def _drop(self) -> None:
-        """Free the copy once: the target never keeps a half-received guest."""
-        if self._dropped:
-            return
-        self._dropped = True
+        """Free the copy once: the target never keeps a half-received guest.
+
+        The drop runs in a task of its own that every caller waits for, shielded: a
+        discard arriving while an abort is still dropping cancels the run task, and that
+        must not leave the copy half-dropped (it would block every retry to this host).
+        """
+        if self._drop_task is None:
+            self._drop_task = asyncio.ensure_future(self._drop_once())
+        await asyncio.shield(self._drop_task)
+
+    async def _drop_once(self) -> None:
         if self._refresh is not None:
             with contextlib.suppress(Exception):
                 await self._refresh

@@ -74,6 +74,25 @@ def test_it_cancels_in_each_phase_and_leaves_the_guest_on_its_source(
     assert_left_on_source(vm, host_agents, fleet, migration)
 
 
+def test_it_migrates_to_the_same_target_after_a_cancelled_attempt(
+    host_agents, fleet, admin, migration_worker, wait_for
+):
+    # Big enough that the target is still hashing what it received when the cancel lands.
+    vm = place_vm(host_agents, fleet, memory_mib=512, fill_percent=100)
+    first = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, first, "copy")
+    do_cancel_migration(first, admin)
+    wait_for_state(wait_for, first, "cancelled", "aborted", "completed", timeout=20)
+
+    retry = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, retry, "copy", "completed", "aborted", "cancelled", timeout=30)
+
+    assert (first.state, retry.state) == ("cancelled", "copy"), retry.alert  # the target took it again
+    do_cancel_migration(retry, admin)
+    wait_for_state(wait_for, retry, "cancelled", "aborted", "completed", timeout=20)
+    assert_left_on_source(vm, host_agents, fleet, retry)
+
+
 @pytest.mark.parametrize(
     ("phase", "vm_fields", "guest"),
     [
