@@ -2,10 +2,14 @@
 
 1. A Redis on REDIS_URL (started without root when none answers).
 2. The database schema, an admin and a read-only operator login.
-3. Three demo host agents on loopback (simulated guests, or QEMU with --hosts qemu).
+3. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu).
 4. The demo fleet registered with those agents, its guests defined on them.
 5. The ASGI server (pages + websockets), a Celery worker and Celery beat.
-Ctrl-C stops them all.
+Ctrl-C stops them all. A host agent that stops only shows as unreachable in the console;
+the web server, worker or beat stopping stops everything.
+
+Several consoles can share one Redis: each gets a Celery queue and a Channels prefix
+named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
 """
 
 import argparse
@@ -73,15 +77,18 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     options = parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "matrixoe.settings")
+    os.environ.setdefault("CELERY_QUEUE", f"matrixoe-{options.port}")
+    os.environ.setdefault("CHANNELS_PREFIX", f"matrixoe-{options.port}")
     VAR_DIR.mkdir(exist_ok=True)
     subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
     manage("migrate", "--noinput", "-v", "0")
     password = os.environ.setdefault("DEMO_ADMIN_PASSWORD", "matrixoe-demo")
     manage("demo_users")
     signal.signal(signal.SIGTERM, stop_on_signal)
+    agents: list[ManagedProcess] = []
     processes: list[ManagedProcess] = []
     try:
-        start_agents(options.hosts, processes)
+        start_agents(options.hosts, agents)
         manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
         manage("seed_demo_agents", "--driver", options.hosts)
         processes += start_console(options.port)
@@ -90,11 +97,11 @@ def main() -> None:
         print(
             f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops all.\n"
         )
-        wait_for_exit(processes)
+        wait_for_exit(processes, agents)
     except KeyboardInterrupt:
         print("\nstopping...")
     finally:
-        stop_all(processes)
+        stop_all(processes + agents)
 
 
 def stop_on_signal(signum: int, frame: object) -> None:
@@ -123,8 +130,14 @@ def start_console(port: int) -> list[ManagedProcess]:
     return processes
 
 
-def wait_for_exit(processes: list[ManagedProcess]) -> None:
-    while all(process.running for process in processes):
+def wait_for_exit(console: list[ManagedProcess], agents: list[ManagedProcess]) -> None:
+    """Return when a console process stops; a stopped agent is only reported (its VSP goes unreachable)."""
+    reported: set[str] = set()
+    while all(process.running for process in console):
+        for agent in agents:
+            if not agent.running and agent.name not in reported:
+                reported.add(agent.name)
+                print(f"{agent.name} stopped; the console shows its VSP unreachable. See var/logs/.")
         time.sleep(0.5)
     print("a console process stopped; see var/logs/. Stopping the others.")
 
