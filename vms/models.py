@@ -152,3 +152,11 @@ class Registration(models.Model):
     @property
     def is_runnable(self) -> bool:
         return self.hardware_status != self.HardwareStatus.NOT_RUNNABLE
+
+    @property
+    def os_status(self) -> str:
+        """The guest's OS status as seen on this copy: a Not Runnable copy never runs, so it is Down."""
+        return self.vm.os_status if self.is_runnable else VirtualMachine.OSStatus.DOWN
+
+    def get_os_status_display(self) -> str:
+        return VirtualMachine.OSStatus(self.os_status).label

@@ -37,3 +37,30 @@ def filter_vms(
         matching = Registration.objects.filter(vm=OuterRef("pk"), **registration_conditions)
         vms = vms.filter(Exists(matching))
     return vms
+
+
+def filter_registrations(
+    *,
+    name: str = "",
+    kind: str = "",
+    os_status: str = "",
+    vsp_id: int | None = None,
+    hardware_status: str = "",
+) -> QuerySet[Registration]:
+    """The copies (registrations) matching every criterion, one row each, ordered by VM then VSP.
+
+    Used when the list is filtered by VSP or hardware status: each row then shows the copy that
+    matched, not the VM's runnable copy elsewhere.
+    """
+    registrations = Registration.objects.select_related("vm", "vsp").order_by("vm__name", "vsp__name")
+    if name:
+        registrations = registrations.filter(vm__name__icontains=name)
+    if kind:
+        registrations = registrations.filter(vm__kind=kind)
+    if os_status:
+        registrations = registrations.filter(vm__os_status=os_status)
+    if vsp_id is not None:
+        registrations = registrations.filter(vsp_id=vsp_id)
+    if hardware_status:
+        registrations = registrations.filter(hardware_status=hardware_status)
+    return registrations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django import forms
@@ -28,7 +29,7 @@ from vms.capacity import with_free_memory
 from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
-from vms.queries import filter_vms, vm_with_registrations
+from vms.queries import filter_registrations, filter_vms, vm_with_registrations
 from vms.refresh import refresh_vm_state
 
 PAGE_SIZE = 25
@@ -85,19 +86,50 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "vms"}
         return render(request, "vms/vm_list.html", context, status=400)
     filters = form.cleaned_data
-    vms = filter_vms(
-        vm_with_registrations(),
-        name=filters["q"],
-        kind=filters["kind"],
-        os_status=filters["os_status"],
-        vsp_id=filters["vsp"].pk if filters["vsp"] else None,
-        hardware_status=filters["hardware_status"],
-    )
-    page = paginate(vms, filters["page"])
+    criteria = {
+        "name": filters["q"],
+        "kind": filters["kind"],
+        "os_status": filters["os_status"],
+        "vsp_id": filters["vsp"].pk if filters["vsp"] else None,
+        "hardware_status": filters["hardware_status"],
+    }
+    by_copy = criteria["vsp_id"] is not None or bool(criteria["hardware_status"])
+    if by_copy:
+        # Filtering by VSP or hardware status matches copies: list each matching copy, so every row
+        # shows the VSP and status that matched (not the VM's runnable copy on another VSP).
+        page = paginate(filter_registrations(**criteria), filters["page"])
+        rows = [VMListRow(registration.vm, registration) for registration in page]
+    else:
+        page = paginate(filter_vms(vm_with_registrations(), **criteria), filters["page"])
+        rows = [VMListRow(vm, vm.runnable_registration) for vm in page]
     query_without_page = request.GET.copy()
     query_without_page.pop("page", None)
-    context = {"form": form, "page": page, "query": query_without_page.urlencode(), "nav": "vms"}
+    context = {
+        "form": form,
+        "page": page,
+        "rows": rows,
+        "by_copy": by_copy,
+        "query": query_without_page.urlencode(),
+        "nav": "vms",
+    }
     return render(request, "vms/vm_list.html", context)
+
+
+@dataclass(frozen=True)
+class VMListRow:
+    """One row of the VM list: a guest and the copy the row shows (None: runnable nowhere)."""
+
+    vm: VirtualMachine
+    registration: Registration | None
+
+    @property
+    def os_status(self) -> str:
+        # Runnable nowhere: the guest cannot be running anywhere.
+        return self.registration.os_status if self.registration else VirtualMachine.OSStatus.DOWN
+
+    @property
+    def os_status_label(self) -> str:
+        return VirtualMachine.OSStatus(self.os_status).label
 
 
 def shown_vsp_id(request: HttpRequest) -> int | None:

@@ -7,6 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tests.factories import make_admin, make_not_runnable_copy, make_vm, make_vsp
+from tests.vms.html_fields import read_fields
 from vms.views import PAGE_SIZE
 
 pytestmark = pytest.mark.django_db
@@ -92,3 +93,56 @@ def test_the_general_tab_query_count_does_not_grow_with_the_number_of_copies(adm
     for _ in range(10):
         make_not_runnable_copy(vm, make_vsp())
     assert count_queries(admin_client, f"/vms/{vm.pk}/general/") == few
+
+
+def rows_of(html: str) -> dict[str, list[dict[str, str]]]:
+    """Each listed guest's rows, as the labelled cells a user reads (VSP, statuses)."""
+    table = html.split('id="vm-table"')[1].split("</table>")[0]
+    rows: dict[str, list[dict[str, str]]] = {}
+    for name, row in re.findall(r'<tr data-vm="([^"]+)">(.*?)</tr>', table, re.S):
+        rows.setdefault(name, []).append(read_fields(row))
+    return rows
+
+
+def test_filtering_by_not_runnable_shows_the_not_runnable_copy(admin_client, fleet):
+    rows = rows_of(admin_client.get("/?hardware_status=not_runnable").text)
+    assert rows == {"web": [{"vsp": "vsp-a", "os_status": "Down", "hardware_status": "Not Runnable"}]}
+
+
+def test_filtering_by_vsp_shows_the_copy_on_that_vsp(admin_client, fleet):
+    rows = rows_of(admin_client.get(f"/?vsp={fleet['vsp_a'].pk}").text)
+    assert rows["web"] == [{"vsp": "vsp-a", "os_status": "Down", "hardware_status": "Not Runnable"}]
+    assert rows["stopped"][0]["vsp"] == "vsp-a"
+    rows = rows_of(admin_client.get(f"/?vsp={fleet['vsp_b'].pk}").text)
+    assert rows == {"web": [{"vsp": "vsp-b", "os_status": "Up", "hardware_status": "On"}]}
+
+
+def test_a_filtered_row_links_to_the_copy_it_shows(admin_client, fleet):
+    html = admin_client.get("/?hardware_status=not_runnable").text
+    assert f'href="/vms/{fleet["web"].pk}/general/?vsp={fleet["vsp_a"].pk}"' in html
+
+
+def test_each_matching_copy_gets_its_own_row(admin_client, fleet):
+    make_not_runnable_copy(fleet["web"], make_vsp("vsp-c"))
+    rows = rows_of(admin_client.get("/?hardware_status=not_runnable").text)
+    assert [row["vsp"] for row in rows["web"]] == ["vsp-a", "vsp-c"]
+
+
+def test_without_copy_filters_each_guest_shows_where_it_runs(admin_client, fleet):
+    rows = rows_of(admin_client.get("/").text)
+    assert rows["web"] == [{"vsp": "vsp-b", "os_status": "Up", "hardware_status": "On"}]
+
+
+def test_the_list_has_no_empty_headerless_column(admin_client, fleet):
+    html = admin_client.get("/").text
+    head = html.split('id="vm-table"')[1].split("</thead>")[0]
+    assert all(text.strip() for text in re.findall(r"<th[^>]*>(.*?)</th>", head))
+
+
+def test_the_list_of_not_runnable_copies_has_a_fixed_query_count(admin_client):
+    vsps = [make_vsp(), make_vsp()]
+    make_not_runnable_copy(make_vm(vsp=vsps[0]), vsps[1])
+    few = count_queries(admin_client, "/?hardware_status=not_runnable")
+    for number in range(20):
+        make_not_runnable_copy(make_vm(vsp=vsps[number % 2]), vsps[(number + 1) % 2])
+    assert count_queries(admin_client, "/?hardware_status=not_runnable") == few
