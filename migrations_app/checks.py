@@ -54,6 +54,8 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
         return "VM is already migrating"
     if source is None:
         return "VM is not runnable on any VSP"
+    if not is_running(vm):
+        return not_running_reason(vm)
     if not source.migration_enabled:
         return f"source host {source.name} is disabled for online migration"
     if not source.licensed:
@@ -61,6 +63,18 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
     if not source.agent_reachable:
         return f"agent unreachable on source host {source.name}"
     return None
+
+
+def is_running(vm: VirtualMachine) -> bool:
+    """Whether the VM's runnable copy has virtual hardware On (what the last inventory said)."""
+    registration = vm.runnable_registration
+    return registration is not None and registration.hardware_status == Registration.HardwareStatus.ON
+
+
+def not_running_reason(vm: VirtualMachine) -> str:
+    registration = vm.runnable_registration
+    status = registration.get_hardware_status_display() if registration else "Off"
+    return f"VM is not running ({status}): online migration moves running guests only"
 
 
 def check_target_host(

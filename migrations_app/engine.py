@@ -184,6 +184,23 @@ class MigrationRun:
         self.check_stop()
         raise MigrationFailed(self.migration.state, "the source host ended its progress report early")
 
+    def source_guest_running(self) -> bool | None:
+        """Ask the source agent whether the guest runs (None if it cannot tell); a stopped one is stored Off.
+
+        Used after the source refused to start: the inventory may be older than the guest's power-off.
+        """
+        vm = self.migration.vm
+        try:
+            guest = self.source.get_guest(vm.name)
+        except (AgentUnreachable, AgentRefused, AgentProtocolError):
+            return None
+        running = guest["hardware_status"] == "on"
+        if not running:
+            Registration.objects.filter(
+                vm=vm, vsp_id=self.migration.source_id, hardware_status=Registration.HardwareStatus.ON
+            ).update(hardware_status=Registration.HardwareStatus.OFF)
+        return running
+
     def digests(self, snapshot: dict[str, Any]) -> tuple[str, str]:
         source_digest, target_digest = snapshot.get("source_digest"), snapshot.get("target_digest")
         if not target_digest:
@@ -437,7 +454,7 @@ def record_abort(
 ) -> bool:
     """Record ABORTED/CANCELLED with the alert, before any agent is told (the record decides)."""
     outcome = State.CANCELLED if isinstance(failure, MigrationCancelled) else State.ABORTED
-    alert = f"{failure.alert} The VM keeps running on {migration.source.name}."
+    alert = f"{failure.alert} {where_the_vm_stays(migration, failure)}"
     won = transition(
         migration.pk,
         migration.state,
@@ -452,6 +469,18 @@ def record_abort(
         migration.state = outcome
         publish_progress(migration.pk)
     return won
+
+
+def where_the_vm_stays(migration: Migration, failure: MigrationFailed) -> str:
+    """The alert's last sentence: "keeps running" only for a guest that was running on the source."""
+    running = failure.source_running
+    if running is None:
+        running = Registration.objects.filter(
+            vm_id=migration.vm_id, vsp_id=migration.source_id, hardware_status=Registration.HardwareStatus.ON
+        ).exists()
+    if running:
+        return f"The VM keeps running on {migration.source.name}."
+    return f"The VM stays on {migration.source.name}, where it was not running."
 
 
 def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:

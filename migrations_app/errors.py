@@ -6,9 +6,14 @@ from .models import Migration
 class MigrationFailed(Exception):
     """Ends an attempt before the commit; ``reason`` in plain words ("the target host stopped answering")."""
 
-    def __init__(self, phase: Migration.State | str, reason: str) -> None:
+    def __init__(
+        self, phase: Migration.State | str, reason: str, *, source_running: bool | None = None
+    ) -> None:
         self.phase = Migration.State(phase)
         self.reason = reason
+        # False when the guest was found not running on the source: the alert must not say it "keeps running".
+        # None: unknown here, the database's hardware status decides.
+        self.source_running = source_running
         super().__init__(self.alert)
 
     @property

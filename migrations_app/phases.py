@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .checks import check_target
+from .checks import check_target, is_running
 from .errors import MigrationFailed
 from .models import Migration
 
@@ -47,10 +47,21 @@ class Init(Phase):
         migration = run.migration
         reason = check_target(migration.vm, migration.target, ignoring=migration)
         if reason:
-            raise MigrationFailed(self.state, reason)
+            raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
         run.check_stop()
-        run.call("source", "start_outgoing", migration.vm.name, run.agent_id, endpoint, run.agent_params())
+        try:
+            run.call(
+                "source", "start_outgoing", migration.vm.name, run.agent_id, endpoint, run.agent_params()
+            )
+        except MigrationFailed:
+            if run.source_guest_running() is not False:
+                raise
+            raise MigrationFailed(
+                self.state,
+                f"VM is not running on {migration.source.name}: online migration moves running guests only",
+                source_running=False,
+            ) from None
         run.follow_progress(until=lambda snapshot: snapshot["state"] != "init")
 
 

@@ -99,3 +99,16 @@ def test_it_refuses_a_user_without_the_permission(fleet):
     with pytest.raises(PermissionDenied):
         do_request_migration(vm, make_vsp("dst"), make_user(permissions=("vms.view_virtualmachine",)))
     assert not Migration.objects.exists()
+
+
+OFF_REASON = "VM is not running (Off): online migration moves running guests only"
+
+
+def test_it_refuses_every_target_for_a_powered_off_vm_and_changes_nothing(fleet):
+    source, _ = fleet
+    build01 = make_vm("build01", vsp=source, hardware_status=Registration.HardwareStatus.OFF)
+    target = make_vsp("dst", memory_mib=8192)
+    assert set(verdicts(build01).values()) == {OFF_REASON}
+    with pytest.raises(MigrationRefused, match=r"build01 cannot migrate to dst: VM is not running \(Off\)"):
+        do_request_migration(build01, target, make_user(permissions=MIGRATOR))
+    assert not Migration.objects.exists()

@@ -135,3 +135,22 @@ def test_it_migrates_selected_vms_one_at_a_time(host_agents, fleet, admin, migra
     first_done = migrations[0].events.get(to_state="completed").at
     assert migrations[1].init_started_at >= first_done
     assert first.current_vsp == second.current_vsp == fleet["hostc"]
+
+
+def test_a_guest_found_powered_off_at_init_aborts_without_claiming_it_keeps_running(
+    host_agents, fleet, admin, migration_worker, wait_for
+):
+    # The inventory still says On (it was switched off since); the source agent knows better.
+    vm = place_vm(host_agents, fleet, running=False)
+
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, migration, "completed", "aborted", "cancelled")
+
+    assert migration.state == "aborted"
+    assert migration.alert == (
+        "Init phase failed: VM is not running on hosta: online migration moves running guests only. "
+        "The VM stays on hosta, where it was not running."
+    )
+    assert "keeps running" not in migration.alert
+    assert Registration.objects.get(vm=vm, vsp=fleet["hosta"]).hardware_status == "off"
+    assert not runs_on(host_agents["hostb"], vm.name)

@@ -201,3 +201,39 @@ def test_with_htmx_cancel_answers_with_a_notice_and_the_new_state(fleet, admin_c
 
     again = admin_client.post(url, headers={"HX-Request": "true"}).content.decode()
     assert "notice-error" in again and "already ended" in again
+
+
+def powered_off_vm(vsps):
+    from vms.models import Registration
+
+    build01 = make_vm("build01", vsps["vsp1"], os_status="down")
+    Registration.objects.filter(vm=build01).update(hardware_status=Registration.HardwareStatus.OFF)
+    return build01
+
+
+def test_a_powered_off_vm_is_refused_in_the_dialog_the_post_and_migrate_selected(fleet, admin_client):
+    vsps, web01 = fleet
+    build01 = powered_off_vm(vsps)
+    reason = "VM is not running (Off): online migration moves running guests only"
+
+    dialog = admin_client.get(dialog_url(build01)).content.decode()
+    assert reason in target_row(dialog, "vsp2") and "Ready" not in target_row(dialog, "vsp2")
+
+    posted = admin_client.post(dialog_url(build01), {"target": vsps["vsp2"].pk})
+    assert posted.status_code == 400
+    assert f"build01 cannot migrate to vsp2: {reason}." in posted.content.decode()
+    assert not Migration.objects.exists()
+
+    url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
+    selected = admin_client.post(url, {"vm": [web01.pk, build01.pk], "target": vsps["vsp2"].pk}, follow=True)
+    assert f"build01 cannot migrate to vsp2: {reason}." in selected.content.decode()
+    assert list(Migration.objects.values_list("vm__name", flat=True)) == ["web01"]
+
+
+def test_an_alert_says_once_where_the_vm_stays(fleet, admin_client):
+    vsps, web01 = fleet
+    alert = "Cancelled by admin during the Copy phase. The VM keeps running on vsp1."
+    make_migration(web01, vsps["vsp1"], vsps["vsp2"], state="cancelled", failed_phase="copy", alert=alert)
+    html = admin_client.get(reverse("vms:vm_general", args=[web01.pk])).content.decode()
+    assert alert in html
+    assert html.count("keeps running") == 1
