@@ -132,3 +132,29 @@ def test_a_superuser_sees_the_change_buttons(client, fleet):
     html = client.get(f"/vms/{fleet['web'].pk}/general/").text
     assert "Disable for VM" in html
     assert "Mark Runnable on vsp-a" in html
+
+
+def test_a_not_runnable_copy_shows_the_guest_is_not_running_there(admin_client, fleet):
+    url = f"/vms/{fleet['web'].pk}/general/?vsp={fleet['vsp_a'].pk}"
+    fields = read_fields(admin_client.get(url).text)
+    assert fields["os_status"] == "Down"
+    note = "Not running here: this copy is Not Runnable; the guest runs on VSP vsp-b."
+    assert fields["os_status_note"] == note
+
+
+def test_a_not_runnable_copy_offers_no_migrate_and_says_which_copy_migrates(client, fleet):
+    client.force_login(make_admin())
+    html = client.get(f"/vms/{fleet['web'].pk}/general/?vsp={fleet['vsp_a'].pk}").text
+    assert 'id="migrate-button"' not in html
+    assert "only the runnable copy migrates" in html
+    assert f'href="/vms/{fleet["web"].pk}/general/?vsp={fleet["vsp_b"].pk}"' in html
+    running = client.get(f"/vms/{fleet['web'].pk}/general/").text
+    assert 'id="migrate-button"' in running
+    assert "only the runnable copy migrates" not in running
+
+
+def test_a_running_copy_says_what_can_be_done_instead_of_marking_it_not_runnable(admin_client, fleet):
+    fields = read_fields(admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
+    assert "Stop the guest" not in fields["registration_hint"]
+    assert "cannot be marked Not Runnable" in fields["registration_hint"]
+    assert "migrate the guest to another VSP" in fields["registration_hint"]

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from tests.factories import make_admin, make_not_runnable_copy, make_vm, make_vsp
+from tests.factories import make_admin, make_not_runnable_copy, make_operator, make_vm, make_vsp
+from tests.vms.html_fields import read_fields
 from vms.capacity import free_memory_by_vsp, free_memory_mib
 
 pytestmark = pytest.mark.django_db
@@ -61,3 +62,37 @@ def test_repr_and_str_of_a_vsp_leave_out_its_secret():
     vsp = make_vsp("h", agent_secret="very-secret-value")
     assert "very-secret-value" not in repr(vsp)
     assert "very-secret-value" not in str(vsp)
+
+
+def vsp_tab_rows(client, vsp) -> dict[str, str]:
+    return dict(re.findall(r'<tr data-vm="([^"]+)">(.*?)</tr>', client.get(f"/vsps/{vsp.pk}/").text, re.S))
+
+
+def test_a_not_runnable_copy_on_the_vsp_tab_is_down_and_cannot_be_selected(client, fleet):
+    client.force_login(make_admin())
+    rows = vsp_tab_rows(client, fleet["vsp_a"])
+    assert read_fields(rows["web"])["os_status"] == "Down"
+    checkbox = re.search(r'<input type="checkbox"[^>]*>', rows["web"]).group(0)
+    assert " disabled" in checkbox
+    assert 'title="Not Runnable on vsp-a: only the runnable copy migrates"' in checkbox
+    running = re.search(r'<input type="checkbox"[^>]*>', vsp_tab_rows(client, fleet["vsp_b"])["web"]).group(0)
+    assert "disabled" not in running
+    assert read_fields(vsp_tab_rows(client, fleet["vsp_b"])["web"])["os_status"] == "Up"
+
+
+def test_the_vsp_tab_has_a_header_for_every_column_and_checkboxes_in_their_own(client, fleet):
+    client.force_login(make_admin())
+    html = client.get(f"/vsps/{fleet['vsp_a'].pk}/").text
+    head = html.split("<thead>")[1].split("</thead>")[0]
+    assert all(re.sub("<[^>]+>", "", text).strip() for text in re.findall(r"<th[^>]*>(.*?)</th>", head))
+    assert "Migration" in head and "Select" in head
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", vsp_tab_rows(client, fleet["vsp_a"])["web"], re.S)
+    assert cells[0].startswith('<input type="checkbox"')
+    assert 'type="checkbox"' not in cells[2]  # the Name column holds only the name
+
+
+def test_an_operator_sees_no_select_column_on_the_vsp_tab(client, fleet):
+    client.force_login(make_operator())
+    html = client.get(f"/vsps/{fleet['vsp_a'].pk}/").text
+    assert "Select" not in html.split("<thead>")[1].split("</thead>")[0]
+    assert 'type="checkbox"' not in html
