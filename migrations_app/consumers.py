@@ -104,6 +104,20 @@ class ProgressConsumer(AsyncWebsocketConsumer):
         """Browsers only listen; anything they send is ignored."""
 
 
+class UnknownRouteConsumer(AsyncWebsocketConsumer):
+    """A websocket path that names nothing (``/ws/vms/abc/``, ``/ws/nonsense/``): close with 4404.
+
+    Accepted first so the browser gets the close code (a refused handshake only says "failed").
+    """
+
+    NOT_FOUND = 4404
+
+    async def connect(self) -> None:
+        logger.info("Websocket to unknown path %s closed with %s", self.scope.get("path"), self.NOT_FOUND)
+        await self.accept()
+        await self.close(code=self.NOT_FOUND)
+
+
 class VMProgressConsumer(ProgressConsumer):
     subject_kwarg = "vm_id"
 

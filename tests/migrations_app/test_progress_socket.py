@@ -162,3 +162,12 @@ async def test_the_vsp_socket_refuses_anonymous_users_and_unknown_vsps():
     assert not connected
     for socket in (anonymous, unknown):
         await socket.disconnect()
+
+
+@pytest.mark.parametrize("path", ["/ws/vms/abc/", "/ws/nonsense/", "/ws/vsps/1/extra/", "/"])
+async def test_an_unknown_websocket_path_closes_cleanly_with_4404(path, caplog):
+    socket, connected = await connect(path, await admin_cookie())
+    assert connected
+    assert await socket.receive_output(timeout=2) == {"type": "websocket.close", "code": 4404}
+    await socket.disconnect()
+    assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
