@@ -3,11 +3,14 @@
 Only the copy that is runnable on a VSP takes the agent's On/Off and OS status; Not Runnable copies and
 VMs in the middle of a migration are left alone (the migration's worker owns them then).
 An agent that does not answer marks its VSP unreachable, which the migrate dialog shows.
+Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
@@ -34,30 +37,66 @@ def collect_all_inventory() -> dict[str, bool]:
 
 
 def collect_vsp_inventory(vsp: VSP, *, timeout_s: float | None = None) -> bool:
+    return fetch_and_store(vsp, timeout_s=timeout_s) is not None
+
+
+def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, dict[str, Any]] | None:
+    """Ask ``vsp``'s agent for its guests and store them; the guests by name, or None if it did not answer."""
     try:
         with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
         mark_reachable(vsp, False)
-        return False
+        return None
     mark_reachable(vsp, True)
-    store_guests(
-        vsp, {guest["name"]: guest for guest in guests if isinstance(guest, dict) and "name" in guest}
-    )
-    return True
+    by_name = {guest["name"]: guest for guest in guests if isinstance(guest, dict) and "name" in guest}
+    store_guests(vsp, by_name)
+    return by_name
 
 
-def collect_vm_state(vm: VirtualMachine) -> None:
-    """Refresh Data: ask the agent of the VSP the VM is runnable on now (no-op if it has none)."""
+@dataclass(frozen=True)
+class RefreshOutcome:
+    """What Refresh Data got: ``collected`` is False when the shown state is an older one."""
+
+    collected: bool
+    vsp_name: str = ""
+    problem: str = ""  # "did not answer" | "does not know this VM" | "" (collected, or no runnable copy)
+    last_known_at: datetime | None = None
+
+    @property
+    def message(self) -> str:
+        """The warning shown next to "Data as of", or "" when the state is fresh."""
+        if self.collected or not self.problem:
+            return ""
+        if self.last_known_at is None:
+            since = "showing the state last stored (never collected from a host agent)"
+        else:
+            since = f"showing the last known state from {timezone.localtime(self.last_known_at):%H:%M:%S}"
+        return f"Host {self.vsp_name} {self.problem}; {since}."
+
+
+def collect_vm_state(vm: VirtualMachine) -> RefreshOutcome:
+    """Refresh Data: ask the agent of the VSP the VM is runnable on now, and say what came of it.
+
+    A VM runnable nowhere has no agent to ask: nothing is collected, and there is nothing to warn about.
+    """
     runnable = (
         Registration.objects.filter(vm=vm)
         .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
         .select_related("vsp")
         .first()
     )
-    if runnable is not None:
-        collect_vsp_inventory(runnable.vsp, timeout_s=REFRESH_TIMEOUT_S)
+    if runnable is None:
+        return RefreshOutcome(collected=False)
+    vsp, last_known_at = runnable.vsp, runnable.state_collected_at
+    guests = fetch_and_store(vsp, timeout_s=REFRESH_TIMEOUT_S)
+    if guests is None:
+        return RefreshOutcome(False, vsp.name, "did not answer", last_known_at)
+    if vm.name not in guests:
+        logger.warning("Agent of VSP %s does not know VM %s", vsp.name, vm.name)
+        return RefreshOutcome(False, vsp.name, "does not know this VM", last_known_at)
+    return RefreshOutcome(True, vsp.name)
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
@@ -72,10 +111,13 @@ def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
         .exclude(vm__migrations__state__in=MIGRATING_STATES)
         .select_related("vm")
     )
+    reported = []
     for registration in registrations:
         guest = guests.get(registration.vm.name)
         if guest is not None:
             store_guest(registration, guest)
+            reported.append(registration.pk)
+    Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
 
 
 def store_guest(registration: Registration, guest: dict[str, Any]) -> None:

@@ -128,6 +128,9 @@ class Registration(models.Model):
         max_length=8, choices=SetBy.choices, default=SetBy.NONE, blank=True
     )
     not_runnable_reason = models.CharField(max_length=200, blank=True)
+    state_collected_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the host agent last reported this copy's state."
+    )
 
     class Meta:
         ordering = ["vm__name", "vsp__name"]

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from vms.inventory import collect_vm_state
+from dataclasses import dataclass
+
+from vms.inventory import RefreshOutcome, collect_vm_state
 from vms.models import VirtualMachine
 from vms.queries import vm_with_registrations
 
 
-def refresh_vm_state(vm: VirtualMachine) -> VirtualMachine:
-    """Return ``vm`` as freshly known: its agent is asked now and what it says is stored, then re-read.
+@dataclass(frozen=True)
+class Refreshed:
+    vm: VirtualMachine  # re-read, registrations prefetched
+    outcome: RefreshOutcome  # whether the agent was heard; its ``message`` is the tab's warning
+
+
+def refresh_vm(vm: VirtualMachine) -> Refreshed:
+    """Ask ``vm``'s agent now, store what it says, re-read the VM, and say whether anything was collected.
 
     An agent that does not answer marks its VSP unreachable; the database is shown as it is.
     """
-    collect_vm_state(vm)
-    return vm_with_registrations().get(pk=vm.pk)
+    outcome = collect_vm_state(vm)
+    return Refreshed(vm_with_registrations().get(pk=vm.pk), outcome)
+
+
+def refresh_vm_state(vm: VirtualMachine) -> VirtualMachine:
+    """Return ``vm`` as freshly known (see ``refresh_vm`` for the outcome too)."""
+    return refresh_vm(vm).vm

@@ -28,9 +28,10 @@ from vms.actions import (
 from vms.capacity import with_free_memory
 from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
 from vms.general_tab import general_tab_context
+from vms.inventory import RefreshOutcome
 from vms.models import VSP, Registration, VirtualMachine
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
-from vms.refresh import refresh_vm_state
+from vms.refresh import refresh_vm
 
 PAGE_SIZE = 25
 VIEW_VM_PERMISSION = "vms.view_virtualmachine"
@@ -139,8 +140,13 @@ def shown_vsp_id(request: HttpRequest) -> int | None:
     return form.cleaned_data["vsp"]
 
 
-def render_general(request: HttpRequest, vm: VirtualMachine, status: int = 200) -> HttpResponse:
-    """The General tab: the whole page, or only its ``general`` partial for htmx requests."""
+def render_general(
+    request: HttpRequest, vm: VirtualMachine, status: int = 200, *, refresh: RefreshOutcome | None = None
+) -> HttpResponse:
+    """The General tab: the whole page, or only its ``general`` partial for htmx requests.
+
+    ``refresh``: what Refresh Data collected; when nothing, "Data as of" keeps the last known time and warns.
+    """
     try:
         vsp_id = shown_vsp_id(request)
         context = general_tab_context(vm, vsp_id)
@@ -148,7 +154,7 @@ def render_general(request: HttpRequest, vm: VirtualMachine, status: int = 200) 
         return bad_request(request, " ".join(error.messages))
     except Registration.DoesNotExist as error:
         raise Http404(str(error)) from None
-    context |= {"nav": "vms", "pin_query": f"?vsp={vsp_id}" if vsp_id else ""}
+    context |= {"nav": "vms", "pin_query": f"?vsp={vsp_id}" if vsp_id else "", "refresh": refresh}
     template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"
     return render(request, template, context, status=status)
 
@@ -163,8 +169,8 @@ def vm_general(request: HttpRequest, pk: int) -> HttpResponse:
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
 def vm_refresh(request: HttpRequest, pk: int) -> HttpResponse:
-    vm = refresh_vm_state(get_object_or_404(VirtualMachine, pk=pk))
-    return render_general(request, vm)
+    refreshed = refresh_vm(get_object_or_404(VirtualMachine, pk=pk))
+    return render_general(request, refreshed.vm, refresh=refreshed.outcome)
 
 
 def apply_change(

@@ -59,3 +59,81 @@ def test_refresh_data_shows_the_database_when_the_agent_is_down():
 
     assert refresh_vm_state(vm).os_status == "down"
     assert not VSP.objects.get(name="gone").agent_reachable
+
+
+def refresh_page(vm) -> str:
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.factories import make_user
+
+    client = Client()
+    client.force_login(make_user(permissions=("vms.view_virtualmachine",)))
+    response = client.get(reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def data_time(html: str) -> str:
+    start = html.index('id="data-time">') + len('id="data-time">')
+    return html[start : html.index("</span>", start)]
+
+
+@pytest.fixture
+def hung_agent(tmp_path):
+    """An agent of its own, to be SIGSTOPped (the shared ones must keep answering)."""
+    from tests.hostagent.conftest import AgentFactory
+
+    factory = AgentFactory(tmp_path)
+    yield factory("frozen")
+    factory.stop_all()
+
+
+def test_refresh_data_says_when_the_agent_did_not_answer_and_keeps_the_last_known_time(hung_agent):
+    import os
+    import signal
+    import time
+
+    from django.utils import timezone
+
+    agent = hung_agent
+    vsp = make_vsp("vsp4", agent_url=agent.url, agent_secret=agent.secret)
+    vm = place_vm({"vsp4": agent}, {"vsp4": vsp}, on="vsp4")
+    fresh = refresh_page(vm)
+    assert 'id="refresh-warning"' not in fresh
+    known_at = Registration.objects.get(vm=vm).state_collected_at
+    assert known_at is not None
+
+    os.killpg(agent.process.process.pid, signal.SIGSTOP)  # alive but silent: a hung host
+    try:
+        started = time.monotonic()
+        html = refresh_page(vm)
+        elapsed = time.monotonic() - started
+    finally:
+        os.killpg(agent.process.process.pid, signal.SIGCONT)
+
+    shown = timezone.localtime(known_at)
+    assert f"Host vsp4 did not answer; showing the last known state from {shown:%H:%M:%S}." in html
+    assert data_time(html) == f"Data as of {shown:%Y-%m-%d %H:%M:%S} UTC"
+    assert elapsed < 6
+    assert Registration.objects.get(vm=vm).state_collected_at == known_at
+    assert not VSP.objects.get(pk=vsp.pk).agent_reachable
+
+
+def test_refresh_data_says_when_the_agent_does_not_know_the_vm(host_agents, fleet):
+    vm = make_vm("stranger", vsp=fleet["hosta"])  # in the database, never defined on hosta's agent
+
+    html = refresh_page(vm)
+
+    assert "Host hosta does not know this VM;" in html
+    assert data_time(html) == "Data as of an unknown time"
+    assert VSP.objects.get(pk=fleet["hosta"].pk).agent_reachable
+
+
+def test_refresh_data_from_an_answering_agent_warns_of_nothing(host_agents, fleet):
+    vm = place_vm(host_agents, fleet, on="hostc")
+
+    html = refresh_page(vm)
+
+    assert 'id="refresh-warning"' not in html and "Data as of " in data_time(html)
+    assert Registration.objects.get(vm=vm).state_collected_at is not None
