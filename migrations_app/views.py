@@ -23,7 +23,7 @@ from .actions import (
     do_request_migration,
     do_request_migrations,
 )
-from .checks import check_targets
+from .checks import TargetCheck, check_targets
 from .models import Migration
 from .progress import get_migration_display, render_vm_fragments
 
@@ -48,7 +48,9 @@ def migrate(request: HttpRequest, vm_id: int) -> HttpResponse:
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     if target is None:
-        return render_dialog(request, vm, error="Choose a target VSP from the list.", status=400)
+        checks = check_targets(vm)
+        error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
+        return render_dialog(request, vm, error=error, status=400)
     try:
         do_request_migration(vm, target, request.user)
     except MigrationRefused as refusal:
@@ -60,10 +62,39 @@ def migrate(request: HttpRequest, vm_id: int) -> HttpResponse:
     return redirect("vms:vm_general", pk=vm.pk)
 
 
+def common_refusal(checks: list[TargetCheck]) -> str | None:
+    """The one reason every target is refused for (a vPar, migration disabled for the VM...), or None."""
+    reasons = {check.reason for check in checks}
+    if len(checks) > 1 and len(reasons) == 1 and not checks[0].ok:
+        return checks[0].reason
+    return None
+
+
+def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | None:
+    """What the dialog says when no target can take ``vm``, or None when one can."""
+    if any(check.ok for check in checks):
+        return None
+    if vm.is_vpar:
+        return f"{vm.name} is a vPar: vPars never migrate, so there is no VSP to choose."
+    if reason := common_refusal(checks):
+        return f"{vm.name} cannot migrate to any VSP: {reason}."
+    return f"No VSP can take {vm.name} now; each row says why."
+
+
 def render_dialog(
     request: HttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
 ) -> HttpResponse:
-    context = {"vm": vm, "checks": check_targets(vm), "error": error}
+    checks = check_targets(vm)
+    blocked = refused_everywhere(vm, checks)
+    context = {
+        "vm": vm,
+        "checks": checks,
+        # Said once above the table, not on every row; the Migrate button is disabled then.
+        "blocked": blocked,
+        "common_refusal": common_refusal(checks),
+        "error": "" if error == blocked else error,
+        "full_page": not request.htmx,
+    }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)
     if request.htmx:

@@ -42,10 +42,10 @@ class DemoGuest:
 
 # vsp1, vsp2: enabled and licensed; vsp3: enabled, not licensed; vsp4: disabled, licensed.
 HOSTS = [
-    DemoHost("vsp1", True, True, 16384, 8, "Xeon Gold 6338"),
-    DemoHost("vsp2", True, True, 16384, 8, "Xeon Gold 6338"),
-    DemoHost("vsp3", True, False, 8192, 4, "Xeon Silver 4314"),
-    DemoHost("vsp4", False, True, 8192, 4, "Xeon Silver 4314"),
+    DemoHost("vsp1", True, True, 16384, 8, "Gold 6338"),
+    DemoHost("vsp2", True, True, 16384, 8, "Gold 6338"),
+    DemoHost("vsp3", True, False, 8192, 4, "Silver 4314"),
+    DemoHost("vsp4", False, True, 8192, 4, "Silver 4314"),
 ]
 
 GUESTS = [

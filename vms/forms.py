@@ -38,4 +38,16 @@ class NotRunnableForm(forms.Form):
 
 
 class ShownVSPForm(forms.Form):
-    vsp = forms.IntegerField(min_value=1, required=False)
+    """``?vsp=<id>`` on the General tab: which VSP's copy to show."""
+
+    vsp = forms.IntegerField(
+        label="VSP",
+        min_value=1,
+        required=False,
+        error_messages={
+            "invalid": "the address names no VSP (?vsp= takes a VSP's number). "
+            "Open the VM from its VSP's page or from the VM list.",
+            "min_value": "the address names no VSP (?vsp= takes a VSP's number, 1 or more). "
+            "Open the VM from its VSP's page or from the VM list.",
+        },
+    )

@@ -6,6 +6,8 @@ not run in these non-transactional tests, which is what keeps them to the pages 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -237,3 +239,73 @@ def test_an_alert_says_once_where_the_vm_stays(fleet, admin_client):
     html = admin_client.get(reverse("vms:vm_general", args=[web01.pk])).content.decode()
     assert alert in html
     assert html.count("keeps running") == 1
+
+
+def test_opened_by_its_address_the_dialog_is_a_styled_page_of_the_console(fleet, admin_client):
+    _, vm = fleet
+    html = admin_client.get(dialog_url(vm)).content.decode()
+    assert 'class="topbar"' in html and "/static/css/migrations.css" in html
+    assert "/static/css/console.css" in html  # where .visually-hidden hides the "Choose" header
+    assert "dialog-backdrop" not in html and "hx-post" not in html  # a plain form posting to itself
+    assert re.search(rf'href="/vms/{vm.pk}/general/"\s*>Back to web01</a>', html)
+
+
+def test_with_htmx_the_dialog_is_a_modal_posting_into_its_slot(fleet, admin_client):
+    _, vm = fleet
+    html = admin_client.get(dialog_url(vm), headers={"HX-Request": "true"}).content.decode()
+    assert "dialog-backdrop" in html and 'hx-target="#migrate-dialog-slot"' in html
+    assert 'class="topbar"' not in html
+
+
+def test_a_vpar_dialog_says_once_that_vpars_never_migrate_and_disables_migrate(fleet, admin_client):
+    vsps, _ = fleet
+    vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
+    html = admin_client.get(dialog_url(vpar)).content.decode()
+    assert "vpar01 is a vPar: vPars never migrate" in html
+    assert html.count("Refused (see above)") == len(vsps)
+    assert re.search(r'<button type="submit"[^>]*id="migrate-submit"[^>]*\sdisabled', html)
+    response = admin_client.post(dialog_url(vpar), {})
+    assert response.status_code == 400
+    assert "vPars never migrate" in response.content.decode()
+    assert "Choose a target VSP" not in response.content.decode()
+
+
+def test_a_refusal_shared_by_every_target_is_a_banner_not_a_row_each(fleet, admin_client):
+    _, vm = fleet
+    vm.online_migration_enabled = False
+    vm.save()
+    html = admin_client.get(dialog_url(vm)).content.decode()
+    banner = re.search(r'id="migrate-dialog-blocked">([^<]*)<', html).group(1)
+    assert banner == "web01 cannot migrate to any VSP: VM not enabled for online migration."
+    assert "Refused (see above)" in target_row(html, "vsp2")
+    assert re.search(r'id="migrate-submit"[^>]*\sdisabled', html)
+
+
+def test_different_refusals_stay_on_their_rows_and_migrate_stays_enabled(fleet, admin_client):
+    _, vm = fleet
+    html = admin_client.get(dialog_url(vm)).content.decode()
+    assert 'id="migrate-dialog-blocked"' not in html and "see above" not in html
+    assert not re.search(r'id="migrate-submit"[^>]*\sdisabled', html)
+
+
+def test_the_cancel_requested_notice_gives_way_to_the_final_state_once_pushed(fleet, admin_client):
+    from migrations_app.progress import build_progress_messages, vm_group
+
+    vsps, vm = fleet
+    migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"], state="copy")
+    answer = admin_client.post(
+        reverse("migrations_app:cancel", args=[migration.pk]), headers={"HX-Request": "true"}
+    )
+    assert "Cancel of the migration of web01 requested." in answer.content.decode()
+
+    empty_notice = (
+        '<div id="migration-notice" class="migration-notice" hx-swap-oob="true" aria-live="assertive"></div>'
+    )
+    while_cancelling = build_progress_messages(migration.pk)[vm_group(vm.pk)]["html"]
+    assert 'id="migration-notice"' not in while_cancelling  # still running: the notice stays
+
+    alert = "Cancelled by admin during the Copy phase. The VM keeps running on vsp1."
+    Migration.objects.filter(pk=migration.pk).update(state="cancelled", failed_phase="copy", alert=alert)
+    pushed = build_progress_messages(migration.pk)[vm_group(vm.pk)]["html"]
+    assert empty_notice in pushed
+    assert alert in pushed and pushed.count("keeps running") == 1

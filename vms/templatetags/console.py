@@ -48,3 +48,16 @@ def mib(value: int | None) -> str:
     if abs(value) >= 1024:
         return f"{value / 1024:.1f} GiB"
     return f"{value} MiB"
+
+
+@register.filter
+def processor_name(vsp: object) -> str:
+    """Family and model as one name, without saying a word twice ("Intel Xeon" + "Xeon Gold 6338")."""
+    family = (getattr(vsp, "processor_family", "") or "").strip()
+    model = (getattr(vsp, "processor_model", "") or "").strip()
+    family_words, model_words = family.split(), model.split()
+    for size in range(min(len(family_words), len(model_words)), 0, -1):
+        if [w.lower() for w in family_words[-size:]] == [w.lower() for w in model_words[:size]]:
+            model_words = model_words[size:]
+            break
+    return " ".join(family_words + model_words) or "—"

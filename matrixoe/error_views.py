@@ -1,0 +1,67 @@
+"""Friendly error pages (400, 403, 404, 405) inside the console's layout, each with a way back.
+
+Django's defaults show the exception's class name ("Resolver404") or, for 405, an empty page.
+A message written for people (``Http404("No such page.")``, a refusal's reason) is kept; anything
+else gets a plain sentence.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.shortcuts import render
+from django.urls import Resolver404
+
+NOT_FOUND = "There is no page at this address. The VM or VSP may have been deleted, or the link is wrong."
+FORBIDDEN = "Your account may look at the console but not do this."
+BAD_REQUEST = "The console could not understand this request."
+
+
+def people_message(exception: BaseException | None, default: str) -> str:
+    """The exception's own message when it was written for people, else ``default``."""
+    if exception is None or isinstance(exception, Resolver404) or not exception.args:
+        return default
+    message = exception.args[0]
+    if not isinstance(message, str) or not message or message.endswith("matches the given query."):
+        return default  # get_object_or_404's "No VirtualMachine matches the given query."
+    return message
+
+
+def error_page(request: HttpRequest, status: int, title: str, message: str) -> HttpResponse:
+    context = {"status": status, "title": title, "message": message}
+    return render(request, "error_page.html", context, status=status)
+
+
+def bad_request(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
+    return error_page(request, 400, "Bad request", BAD_REQUEST)
+
+
+def permission_denied(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
+    return error_page(request, 403, "Not allowed", people_message(exception, FORBIDDEN))
+
+
+def page_not_found(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
+    return error_page(request, 404, "Not found", people_message(exception, NOT_FOUND))
+
+
+def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse:
+    if allowed == ["POST"]:
+        message = "This address only takes a form submission (its button on the page), not a visit."
+    else:
+        message = f"This address does not take a {request.method} request (it takes {', '.join(allowed)})."
+    response = error_page(request, 405, "Not possible this way", message)
+    response["Allow"] = ", ".join(allowed)
+    return response
+
+
+class FriendlyMethodNotAllowedMiddleware:
+    """``require_POST`` and friends answer 405 with an empty body: render the 405 page instead."""
+
+    def __init__(self, get_response) -> None:  # noqa: ANN001 - Django middleware protocol
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if isinstance(response, HttpResponseNotAllowed) and not response.content:
+            allowed = [method.strip() for method in response["Allow"].split(",") if method.strip()]
+            return method_not_allowed(request, allowed)
+        return response
