@@ -44,6 +44,8 @@ WATCH_INTERVAL_S = 0.1
 HEARTBEAT_INTERVAL_S = 1.0
 BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker steps in only if it did not
 UNDO_ATTEMPTS = 3
+CANCEL_TIMEOUT_S = 1.0  # per attempt: a cancel that does not land at once is tried again, not waited on
+CANCEL_ATTEMPTS = 4
 ROLL_FORWARD_ATTEMPTS = 6
 
 
@@ -372,10 +374,8 @@ class Watchdog:
             if not self.armed:
                 return
             self.run.stop_reason = reason
-            try:
-                self.agent.cancel(self.run.agent_id)
-            except (AgentUnreachable, AgentRefused, AgentProtocolError) as error:
-                logger.info("Cancel of %s on the source agent: %s", self.run.agent_id, error)
+            if not cancel_on_source(self.agent, self.run.agent_id):
+                logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)
 
 
 def cancelled_by(migration_id: int) -> str:
@@ -483,9 +483,15 @@ def where_the_vm_stays(migration: Migration, failure: MigrationFailed) -> str:
     return f"The VM stays on {migration.source.name}, where it was not running."
 
 
+def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
+    """Tell the source to stop sending, promptly: short attempts, retried (a refusal: nothing to stop)."""
+    return retry_agent(lambda: source.cancel(agent_id, CANCEL_TIMEOUT_S), CANCEL_ATTEMPTS, delay=0.1)
+
+
 def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
     """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
-    for client, command in ((source, "cancel"), (target, "discard"), (source, "resume")):
+    cancel_on_source(source, agent_id)
+    for client, command in ((target, "discard"), (source, "resume")):
         retry_agent(lambda client=client, command=command: getattr(client, command)(agent_id), UNDO_ATTEMPTS)
 
 
@@ -510,9 +516,8 @@ def roll_forward(migration: Migration) -> bool:
     return True
 
 
-def retry_agent(command: Callable[[], Any], attempts: int) -> bool:
+def retry_agent(command: Callable[[], Any], attempts: int, *, delay: float = 0.2) -> bool:
     """Run an idempotent agent command until it answers; a refusal is final (logged), not retried."""
-    delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             command()

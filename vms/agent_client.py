@@ -225,8 +225,9 @@ class AgentClient:
     def release(self, migration_id: str) -> dict[str, Any]:
         return self._command(migration_id, "release")
 
-    def cancel(self, migration_id: str) -> dict[str, Any]:
-        return self._command(migration_id, "cancel")
+    def cancel(self, migration_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """``timeout_s``: a cancel must land promptly, so callers pass a short one and retry."""
+        return self._command(migration_id, "cancel", timeout_s)
 
     # -- plumbing -------------------------------------------------------
     def _command(self, migration_id: str, command: str, timeout_s: float | None = None) -> dict[str, Any]:

@@ -256,3 +256,69 @@ def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wai
     assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on stall."
     assert vm.current_vsp == stalling_source
     assert guest_on(host_agents["hostb"], "hesitant") is None
+
+
+class SlowToCancelSource(StallingSourceAgent):
+    """A source whose first cancel hangs (a busy host) and whose progress stream is silent until it ends.
+
+    A fake, like its parent: a real agent cannot be made to hang on exactly one cancel.
+    """
+
+    migrations: dict[str, dict] = {}
+    cancels: list[float] = []  # when each cancel attempt arrived
+    cancelled_at: list[float] = []  # when the source actually stopped
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.endswith("/cancel"):
+            self.cancels.append(time.monotonic())
+            if len(self.cancels) == 1:
+                time.sleep(8)  # the first attempt never answers in time (and is not applied)
+                return
+            if not self.cancelled_at:
+                self.cancelled_at.append(time.monotonic())
+        super().do_POST()
+
+    def stream(self, migration_id: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        sent = None
+        while True:
+            snapshot = self.snapshot(migration_id)
+            if snapshot["seq"] != sent:
+                self.wfile.write(json.dumps(snapshot).encode() + b"\n")
+                self.wfile.flush()
+                sent = snapshot["seq"]
+            if snapshot["state"] != "init":
+                return
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def slow_to_cancel_source(host_agents):
+    SlowToCancelSource.cancels.clear()
+    SlowToCancelSource.cancelled_at.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowToCancelSource)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield make_vsp("busy", agent_url=f"http://127.0.0.1:{server.server_address[1]}", agent_secret="s" * 8)
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_cancel_the_source_does_not_take_at_once_is_retried_promptly(
+    host_agents, fleet, admin, migration_worker, wait_for, slow_to_cancel_source
+):
+    vm = make_vm("sluggish", vsp=slow_to_cancel_source, memory_mib=16, init_limit_s=60)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    wait_for_state(wait_for, migration, "init")
+
+    requested = time.monotonic()
+    do_cancel_migration(migration, admin)
+    wait_for_state(wait_for, migration, "cancelled", "aborted", "completed", timeout=20)
+
+    assert len(SlowToCancelSource.cancels) >= 2  # the first attempt hung; it was tried again
+    assert SlowToCancelSource.cancelled_at and SlowToCancelSource.cancelled_at[0] - requested < 4
+    assert (migration.state, migration.failed_phase) == ("cancelled", "init")
+    assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on busy."
+    assert guest_on(host_agents["hostb"], "sluggish") is None
