@@ -112,3 +112,39 @@ def test_it_refuses_every_target_for_a_powered_off_vm_and_changes_nothing(fleet)
     with pytest.raises(MigrationRefused, match=r"build01 cannot migrate to dst: VM is not running \(Off\)"):
         do_request_migration(build01, target, make_user(permissions=MIGRATOR))
     assert not Migration.objects.exists()
+
+
+def vsp_list_free_memory(client, vsp_name: str) -> str:
+    from django.urls import reverse
+
+    html = client.get(reverse("vms:vsp_list")).content.decode()
+    row = html[html.index(f'data-vsp="{vsp_name}"') :]
+    row = row[: row.index("</tr>")]
+    return row.split('<td class="num">')[3].split("</td>")[0]  # CPUs, Memory, Free memory
+
+
+def test_the_vsp_list_counts_memory_reserved_by_incoming_migrations_like_the_pre_check(
+    fleet, client, django_assert_max_num_queries
+):
+    from migrations_app.checks import free_memory_mib as pre_check_free
+    from vms.capacity import free_memory_by_vsp, free_memory_mib
+
+    source, vm = fleet  # web1: 2048 MiB
+    target = make_vsp("dst", memory_mib=8192)
+    make_vm("resident", vsp=target, memory_mib=1024)
+    client.force_login(make_user(permissions=("vms.view_vsp",)))
+    assert vsp_list_free_memory(client, "dst") == "7 GiB"
+
+    migration = Migration.objects.create(vm=vm, source=source, target=target)  # queued: 2048 reserved
+    assert free_memory_mib(target) == pre_check_free(target) == 8192 - 1024 - 2048
+    assert free_memory_by_vsp([target.pk, source.pk])[target.pk] == 5120
+    assert vsp_list_free_memory(client, "dst") == "5 GiB"
+
+    Migration.objects.filter(pk=migration.pk).update(state="aborted")  # an ended attempt reserves nothing
+    assert free_memory_mib(target) == pre_check_free(target) == 7168
+
+    for number in range(6):  # more hosts, each with an incoming migration: still the same few queries
+        host = make_vsp(f"more{number}")
+        Migration.objects.create(vm=make_vm(f"mover{number}", vsp=source), source=source, target=host)
+    with django_assert_max_num_queries(5):
+        vsp_list_free_memory(client, "dst")
