@@ -44,11 +44,19 @@ def render_vm_state(vm_id: int, seen: str = "") -> str | None:
     return render_vm_fragments(display, oob=True, refetch_tab=display.seen_key != seen)
 
 
-def render_vsp_state(vsp_id: int) -> str | None:
+def render_vsp_state(vsp_id: int, vm_ids: frozenset[int] | None = None) -> str | None:
     vsp = VSP.objects.filter(pk=vsp_id).first()
     if vsp is None:
         return None
-    return render_row_fragments(vsp, get_row_migrations(vsp), oob=True, refetch_tab=False)
+    return render_row_fragments(vsp, get_row_migrations(vsp, vm_ids), oob=True, refetch_tab=False)
+
+
+def parse_vm_ids(query_string: bytes) -> frozenset[int] | None:
+    """``?vms=3,5,8``: the VMs whose rows the page shows; None (every VM) when not given."""
+    values = parse_qs(query_string.decode("latin-1")).get("vms")
+    if values is None:
+        return None
+    return frozenset(int(part) for part in values[0].split(",") if part.strip().isdigit())
 
 
 class ProgressConsumer(AsyncWebsocketConsumer):
@@ -130,10 +138,21 @@ class VMProgressConsumer(ProgressConsumer):
 
 
 class VSPProgressConsumer(ProgressConsumer):
+    """A VSP's Virtual Machines tab shows one page of rows: it gets updates for those rows only
+    (an out-of-band swap for a row the page lacks is an ``htmx:oobErrorNoTarget`` in the browser)."""
+
     subject_kwarg = "vsp_id"
+
+    @property
+    def vm_ids(self) -> frozenset[int] | None:
+        return parse_vm_ids(self.scope.get("query_string", b""))
 
     def group_name(self, subject_id: int) -> str:
         return vsp_group(subject_id)
 
     def render_state(self, subject_id: int) -> str | None:
-        return render_vsp_state(subject_id)
+        return render_vsp_state(subject_id, self.vm_ids)
+
+    def wants(self, message: dict[str, Any]) -> bool:
+        vm_ids = self.vm_ids
+        return vm_ids is None or message.get("vm_id") is None or message["vm_id"] in vm_ids

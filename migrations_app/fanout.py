@@ -34,6 +34,12 @@ class Watcher(Protocol):
     def deliver(self, html: str) -> None: ...
 
 
+def wanted_by(watcher: Watcher, message: dict) -> bool:
+    """A watcher may define ``wants(message)`` to skip updates its page has no place for."""
+    wants = getattr(watcher, "wants", None)
+    return wants is None or wants(message)
+
+
 class ProcessFanout:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
@@ -64,7 +70,8 @@ class ProcessFanout:
                 await asyncio.sleep(1)
                 continue
             for watcher in tuple(self.members.get(message.get("group", ""), ())):
-                watcher.deliver(message["html"])
+                if wanted_by(watcher, message):
+                    watcher.deliver(message["html"])
 
     async def _refresh(self) -> None:
         while True:

@@ -12,8 +12,9 @@ each server process receives it once and hands it to its own sockets (``fanout.p
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -36,6 +37,7 @@ class ProgressMessage(TypedDict):
     type: Literal["migration.progress"]
     group: str  # the group it was sent to: the server process hands it to that group's sockets
     html: str  # top-level elements with ids, swapped out of band by the htmx ws extension
+    vm_id: NotRequired[int]  # a VSP tab's row update: only sockets of pages showing this VM's row take it
 
 
 def vm_group(vm_id: int) -> str:
@@ -80,14 +82,16 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     return MigrationDisplay(vm=vm, migration=shown, failed=failed)
 
 
-def get_row_migrations(vsp: VSP) -> dict[int, Migration]:
-    """For a VSP's Virtual Machines tab: each VM's latest migration from or to this VSP, in one query."""
+def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[int, Migration]:
+    """For a VSP's Virtual Machines tab: each VM's latest migration from or to this VSP, in one query.
+
+    ``vm_ids``: only these VMs (the rows the page shows), so nothing is pushed for a missing row.
+    """
     rows: dict[int, Migration] = {}
-    migrations = (
-        Migration.objects.filter(Q(source=vsp) | Q(target=vsp))
-        .select_related("source", "target")
-        .order_by("requested_at", "pk")
-    )
+    migrations = Migration.objects.filter(Q(source=vsp) | Q(target=vsp))
+    if vm_ids is not None:
+        migrations = migrations.filter(vm_id__in=vm_ids)
+    migrations = migrations.select_related("source", "target").order_by("requested_at", "pk")
     for migration in migrations:
         rows[migration.vm_id] = migration  # later ones overwrite earlier ones
     return rows
@@ -119,7 +123,8 @@ def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
     messages = {group: _message(group, render_vm_fragments(display, oob=True))}
     for vsp in (migration.source, migration.target):
         group = vsp_group(vsp.pk)
-        messages[group] = _message(group, render_row_fragments(vsp, {migration.vm_id: migration}, oob=True))
+        html = render_row_fragments(vsp, {migration.vm_id: migration}, oob=True)
+        messages[group] = {**_message(group, html), "vm_id": migration.vm_id}
     return messages
 
 

@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -63,7 +63,16 @@ def paginate(rows: QuerySet[Any], page_number: int | None) -> Page:
 @permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
 def vsp_list(request: HttpRequest) -> HttpResponse:
     # Count over the same join as the free-memory sum: one grouped query, no per-row subquery.
-    vsps = with_free_memory(VSP.objects.all()).annotate(guest_count=Count("registrations"))
+    status = Registration.HardwareStatus
+    vsps = with_free_memory(VSP.objects.all()).annotate(
+        # Guests that can run there; leftover Not Runnable copies are counted apart.
+        guest_count=Count(
+            "registrations", filter=Q(registrations__hardware_status__in=[status.ON, status.OFF])
+        ),
+        not_runnable_count=Count(
+            "registrations", filter=Q(registrations__hardware_status=status.NOT_RUNNABLE)
+        ),
+    )
     return render(request, "vms/vsp_list.html", {"vsps": vsps, "nav": "vsps"})
 
 
@@ -76,7 +85,10 @@ def vsp_detail(request: HttpRequest, pk: int) -> HttpResponse:
         return bad_request(request, form_errors_text(form))
     guests = vsp.registrations.select_related("vm").order_by("vm__name")
     page = paginate(guests, form.cleaned_data["page"])
-    return render(request, "vms/vsp_detail.html", {"vsp": vsp, "page": page, "nav": "vsps"})
+    # The websocket is told which rows this page has, so it pushes updates for those rows only.
+    page_vm_ids = ",".join(str(registration.vm_id) for registration in page)
+    context = {"vsp": vsp, "page": page, "page_vm_ids": page_vm_ids, "nav": "vsps"}
+    return render(request, "vms/vsp_detail.html", context)
 
 
 @require_GET

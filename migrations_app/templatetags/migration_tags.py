@@ -60,6 +60,17 @@ def migration_summary(migration: Migration) -> str:
 
 
 @register.filter
+def last_migration_line(migration: Migration) -> str:
+    """The one line left of the phases panel once a migration completed."""
+    line = (
+        f"Last migration: completed to VSP {migration.target.name} at {migration.state_changed_at:%H:%M} UTC"
+    )
+    if migration.downtime_ms is not None:
+        line += f", downtime {migration.downtime_ms} ms"
+    return line + "."
+
+
+@register.filter
 def migration_alert_text(migration: Migration) -> str:
     if migration.alert:
         return migration.alert

@@ -309,3 +309,50 @@ def test_the_cancel_requested_notice_gives_way_to_the_final_state_once_pushed(fl
     pushed = build_progress_messages(migration.pk)[vm_group(vm.pk)]["html"]
     assert empty_notice in pushed
     assert alert in pushed and pushed.count("keeps running") == 1
+
+
+def test_the_vsp_tab_socket_names_the_vms_of_its_page(fleet, admin_client):
+    vsps, vm = fleet
+    other = make_vm("web02", vsps["vsp1"])
+    html = admin_client.get(reverse("vms:vsp_detail", args=[vsps["vsp1"].pk])).content.decode()
+    assert f'ws-connect="/ws/vsps/{vsps["vsp1"].pk}/?vms={vm.pk},{other.pk}"' in html
+
+
+def test_after_a_completed_migration_the_phases_give_way_to_one_line(fleet, admin_client):
+    vsps, vm = fleet
+    make_migration(
+        vm,
+        vsps["vsp1"],
+        vsps["vsp2"],
+        state=Migration.State.COMPLETED,
+        downtime_ms=120,
+        init_percent=100,
+        copy_percent=100,
+        quiesce_percent=100,
+        frozen_percent=100,
+    )
+    migration = Migration.objects.get()
+    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    line = re.search(r'data-field="last_migration"[^>]*>([^<]*)<', html).group(1)
+    assert line == (
+        f"Last migration: completed to VSP vsp2 at {migration.state_changed_at:%H:%M} UTC, downtime 120 ms."
+    )
+    assert "Online Migration Phases" not in html
+    assert re.search(r"<details[^>]*>\s*<summary>Phase details</summary>", html)  # folded, not gone
+
+
+def test_while_a_migration_runs_the_phases_panel_shows_in_full(fleet, admin_client):
+    vsps, vm = fleet
+    make_migration(vm, vsps["vsp1"], vsps["vsp2"], state=Migration.State.COPY, copy_percent=30)
+    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    assert "Online Migration Phases" in html and "<details" not in html
+    assert 'data-field="last_migration"' not in html
+
+
+def test_an_htmx_answer_of_the_general_tab_carries_the_breadcrumb_out_of_band(fleet, admin_client):
+    vsps, vm = fleet
+    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk]), headers={"HX-Request": "true"}).text
+    crumb = re.search(r'<p class="breadcrumb" id="vm-breadcrumb" hx-swap-oob="true">.*?</p>', html, re.S)
+    assert crumb and ">vsp1</a>" in crumb.group(0)
+    page = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    assert page.count('id="vm-breadcrumb"') == 1 and 'id="vm-breadcrumb" hx-swap-oob' not in page

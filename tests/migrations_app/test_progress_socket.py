@@ -171,3 +171,21 @@ async def test_an_unknown_websocket_path_closes_cleanly_with_4404(path, caplog):
     assert await socket.receive_output(timeout=2) == {"type": "websocket.close", "code": 4404}
     await socket.disconnect()
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_vsp_tab_gets_updates_only_for_the_rows_its_page_shows():
+    vm, migration = await migrating_vm(copy_percent=10)
+    cookie = await admin_cookie()
+    other_page, _ = await connect(f"/ws/vsps/{migration.source_id}/?vms=999998,999999", cookie)
+    this_page, _ = await connect(f"/ws/vsps/{migration.source_id}/?vms={vm.pk}", cookie)
+    snapshot = await other_page.receive_from(timeout=5)
+    assert f'id="vm-{vm.pk}-migration"' not in snapshot  # no row to swap into: nothing sent for it
+    assert f'id="vm-{vm.pk}-migration"' in await this_page.receive_from(timeout=5)
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(copy_percent=55)
+    await database_sync_to_async(publish_progress)(migration)
+
+    assert "Copy 55%" in await this_page.receive_from(timeout=5)
+    assert await other_page.receive_nothing(timeout=0.5)
+    for socket in (other_page, this_page):
+        await socket.disconnect()

@@ -96,3 +96,13 @@ def test_an_operator_sees_no_select_column_on_the_vsp_tab(client, fleet):
     html = client.get(f"/vsps/{fleet['vsp_a'].pk}/").text
     assert "Select" not in html.split("<thead>")[1].split("</thead>")[0]
     assert 'type="checkbox"' not in html
+
+
+def test_the_vsp_list_counts_runnable_guests_and_not_runnable_copies_apart(client, fleet):
+    client.force_login(make_admin())
+    rows = dict(re.findall(r'<tr data-vsp="([^"]+)">(.*?)</tr>', client.get("/vsps/").text, re.S))
+    vsp_a = read_fields(rows["vsp-a"])
+    assert vsp_a["guests"].startswith("2 ")  # vpar1 and stopped; web's copy there is Not Runnable
+    assert vsp_a["not_runnable_copies"] == "+ 1 Not Runnable"
+    assert read_fields(rows["vsp-b"])["guests"] == "1"
+    assert "not_runnable_copies" not in read_fields(rows["vsp-b"])
