@@ -1,6 +1,7 @@
 from django import forms
 from django.contrib import admin
 
+from vms.fit import host_problems, registration_problems
 from vms.models import VSP, Registration, VirtualMachine
 
 
@@ -38,6 +39,15 @@ class VSPAdminForm(forms.ModelForm):
             "agent_checked_at",
         ]
 
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if self.instance.pk is not None and not self.errors:
+            edited = VSP(pk=self.instance.pk, name=cleaned.get("name", self.instance.name))
+            edited.memory_mib, edited.cpus = cleaned.get("memory_mib"), cleaned.get("cpus")
+            if problems := host_problems(edited):
+                raise forms.ValidationError(problems)
+        return cleaned
+
     def clean_agent_secret(self) -> str:
         secret = self.cleaned_data["agent_secret"]
         if secret:
@@ -47,8 +57,29 @@ class VSPAdminForm(forms.ModelForm):
         raise forms.ValidationError("A new VSP needs its agent's secret.")
 
 
+class RegistrationAdminForm(forms.ModelForm):
+    """A copy must fit its VSP: the VM's memory and vCPUs at least the host's; a copy On needs free memory.
+
+    In the VM's page (inline), ``instance.vm`` is the VM with the values just entered, so a VM grown
+    beyond its host is refused too.
+    """
+
+    class Meta:
+        model = Registration
+        fields = ["vm", "vsp", "hardware_status", "not_runnable_set_by", "not_runnable_reason"]
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        vm, vsp = cleaned.get("vm"), cleaned.get("vsp")  # inline: ``vm`` is the parent as just edited
+        if vm is not None and vsp is not None and not self.errors:
+            if problems := registration_problems(vm, vsp, cleaned.get("hardware_status", "")):
+                raise forms.ValidationError(problems)
+        return cleaned
+
+
 class RegistrationInline(admin.TabularInline):
     model = Registration
+    form = RegistrationAdminForm
     extra = 0
     autocomplete_fields = ["vsp"]
 
@@ -79,6 +110,7 @@ class VirtualMachineAdmin(admin.ModelAdmin):
 
 @admin.register(Registration)
 class RegistrationAdmin(admin.ModelAdmin):
+    form = RegistrationAdminForm
     list_display = ["vm", "vsp", "hardware_status", "not_runnable_set_by", "not_runnable_reason"]
     list_filter = ["hardware_status", "not_runnable_set_by", "vsp"]
     list_select_related = ["vm", "vsp"]

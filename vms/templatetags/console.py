@@ -61,3 +61,11 @@ def processor_name(vsp: object) -> str:
             model_words = model_words[size:]
             break
     return " ".join(family_words + model_words) or "—"
+
+
+@register.filter
+def free_memory(value: int | None) -> str:
+    """Free memory, never negative: an overcommitted host says by how much."""
+    if value is not None and value < 0:
+        return f"overcommitted by {mib(-value)}"
+    return mib(value)
