@@ -44,6 +44,7 @@ WATCH_INTERVAL_S = 0.1
 HEARTBEAT_INTERVAL_S = 1.0
 BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker steps in only if it did not
 UNDO_ATTEMPTS = 3
+COMMAND_POLL_INTERVAL_S = 0.15  # while quiesce/freeze block: how often the source's snapshot is read
 CANCEL_TIMEOUT_S = 1.0  # per attempt: a cancel that does not land at once is tried again, not waited on
 CANCEL_ATTEMPTS = 4
 ROLL_FORWARD_ATTEMPTS = 6
@@ -202,6 +203,41 @@ class MigrationRun:
                 vm=vm, vsp_id=self.migration.source_id, hardware_status=Registration.HardwareStatus.ON
             ).update(hardware_status=Registration.HardwareStatus.OFF)
         return running
+
+    def command_with_progress(self, command: str) -> dict[str, Any]:
+        """Run a blocking source command (``quiesce``, ``freeze``) while reading the source's progress.
+
+        The command answers only when its phase is over; meanwhile this thread polls the snapshot and
+        absorbs it (throttled like Copy), so the phase's percentage moves on the page instead of
+        jumping from 0 to 100. The command runs on a connection of its own, in a helper thread.
+        """
+        self.check_stop()
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with agent_for(self.migration.source) as agent:
+                    outcome["snapshot"] = getattr(agent, command)(self.agent_id)
+            except Exception as error:  # handed to the driving thread below
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"{command}-{self.migration.pk}", daemon=True).start()
+        while not done.wait(COMMAND_POLL_INTERVAL_S):
+            try:
+                snapshot = self.source.snapshot(self.agent_id)
+            except (AgentUnreachable, AgentRefused, AgentProtocolError) as error:
+                logger.debug("Progress poll of %s during %s: %s", self.agent_id, command, error)
+                continue
+            if not done.is_set():
+                self.absorb(snapshot)
+        self.check_stop()
+        if "error" in outcome:
+            with self.agent_errors("source"):
+                raise outcome["error"]
+        return outcome["snapshot"]
 
     def digests(self, snapshot: dict[str, Any]) -> tuple[str, str]:
         source_digest, target_digest = snapshot.get("source_digest"), snapshot.get("target_digest")

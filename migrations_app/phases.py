@@ -82,7 +82,7 @@ class IOQuiesce(Phase):
     limit_field = "quiesce_limit_s"
 
     def run(self, run: MigrationRun) -> None:
-        run.absorb(run.call("source", "quiesce", run.agent_id), force=True)
+        run.absorb(run.command_with_progress("quiesce"), force=True)
 
 
 class Frozen(Phase):
@@ -92,7 +92,7 @@ class Frozen(Phase):
     limit_field = "frozen_limit_s"
 
     def run(self, run: MigrationRun) -> None:
-        snapshot: dict[str, Any] = run.call("source", "freeze", run.agent_id)
+        snapshot: dict[str, Any] = run.command_with_progress("freeze")
         run.absorb(snapshot, force=True)
         if snapshot["state"] != "ready":
             raise MigrationFailed(

@@ -321,4 +321,5 @@ def test_a_cancel_the_source_does_not_take_at_once_is_retried_promptly(
     assert SlowToCancelSource.cancelled_at and SlowToCancelSource.cancelled_at[0] - requested < 4
     assert (migration.state, migration.failed_phase) == ("cancelled", "init")
     assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on busy."
-    assert guest_on(host_agents["hostb"], "sluggish") is None
+    # recorded first, then the target is told to discard: wait for that
+    assert wait_for(lambda: guest_on(host_agents["hostb"], "sluggish") is None, timeout=10)
