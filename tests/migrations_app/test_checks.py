@@ -120,7 +120,8 @@ def vsp_list_free_memory(client, vsp_name: str) -> str:
     html = client.get(reverse("vms:vsp_list")).content.decode()
     row = html[html.index(f'data-vsp="{vsp_name}"') :]
     row = row[: row.index("</tr>")]
-    return row.split('<td class="num">')[3].split("</td>")[0]  # CPUs, Memory, Free memory
+    cell = row[row.index('data-field="free_memory">') + len('data-field="free_memory">') :]
+    return cell[: cell.index("</td>")]
 
 
 def test_the_vsp_list_counts_memory_reserved_by_incoming_migrations_like_the_pre_check(
