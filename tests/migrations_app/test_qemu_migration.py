@@ -19,9 +19,9 @@ import pytest
 from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from tests.conftest import ManagedProcess, wait_until
-from tests.factories import make_user, make_vm, make_vsp
+from tests.factories import make_vm
 from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
-from tests.migrations_app.conftest import MIGRATOR, start_migration_worker
+from tests.migrations_app.conftest import start_migration_worker
 from tests.migrations_app.guests import wait_for_state
 from tests.qemu_guest import needs_qemu, runs_intact, workload
 from vms.models import Registration
@@ -64,16 +64,9 @@ def qemu_worker(_qemu_worker, settings) -> ManagedProcess:
 
 
 @pytest.fixture
-def fleet(qemu_agents):
-    return {
-        name: make_vsp(name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=4096)
-        for name, agent in qemu_agents.items()
-    }
-
-
-@pytest.fixture
-def admin():
-    return make_user("alice", permissions=MIGRATOR)
+def host_agents(qemu_agents):
+    """The conftest's ``fleet`` registers these QEMU hosts as its VSPs."""
+    return qemu_agents
 
 
 def place_linux_vm(agents, fleet, pages_per_s: int, **vm_fields: Any):
