@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from hostagent.protocol import FailureKind
+
 from .models import Migration
 
 
@@ -7,10 +9,16 @@ class MigrationFailed(Exception):
     """Ends an attempt before the commit; ``reason`` in plain words ("the target host stopped answering")."""
 
     def __init__(
-        self, phase: Migration.State | str, reason: str, *, source_running: bool | None = None
+        self,
+        phase: Migration.State | str,
+        reason: str,
+        *,
+        kind: FailureKind | str = FailureKind.INTERNAL,
+        source_running: bool | None = None,
     ) -> None:
         self.phase = Migration.State(phase)
         self.reason = reason
+        self.kind = FailureKind(kind)  # what decisions and statistics go by; ``reason`` is for people
         # False when the guest was found not running on the source: the alert must not say it "keeps running".
         # None: unknown here, the database's hardware status decides.
         self.source_running = source_running
@@ -30,7 +38,7 @@ class MigrationCancelled(MigrationFailed):
 
     def __init__(self, phase: Migration.State | str, who: str) -> None:
         self.who = who
-        super().__init__(phase, "cancelled")
+        super().__init__(phase, "cancelled", kind=FailureKind.CANCELLED)
 
     @property
     def alert(self) -> str:

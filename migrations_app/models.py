@@ -46,6 +46,9 @@ class Migration(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
     state_changed_at = models.DateTimeField(default=timezone.now)
     cancel_requested = models.BooleanField(default=False)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     init_percent = models.PositiveSmallIntegerField(default=0)
     copy_percent = models.PositiveSmallIntegerField(default=0)
@@ -72,6 +75,10 @@ class Migration(models.Model):
     target_digest = models.CharField(max_length=128, blank=True)
 
     failed_phase = models.CharField(max_length=16, blank=True)
+    failure_kind = models.CharField(max_length=24, blank=True, help_text="hostagent.protocol.FailureKind")
+    # Per-round convergence samples, compact: a list of [seconds since Copy began (float), round,
+    # bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s], one per round.
+    round_samples = models.JSONField(default=list, blank=True)
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
 

@@ -6,6 +6,8 @@ The database enforces it with the partial unique constraint ``one_runnable_regis
 
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -60,6 +62,8 @@ class VirtualMachine(models.Model):
         MANUAL = "manual", "Manual start"
 
     name = models.CharField(max_length=64, unique=True)
+    # The guest's identity on every host agent (the protocol's ``guest_id``); the name is only displayed.
+    guest_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.VM)
     os_type = models.CharField("operating system", max_length=64, blank=True)
     os_status = models.CharField(max_length=16, choices=OSStatus.choices, default=OSStatus.DOWN)
