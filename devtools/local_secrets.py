@@ -15,7 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"
+
+
+def var_dir() -> Path:
+    """``$MATRIXOE_VAR_DIR``, else the project's ``var/``."""
+    return Path(os.environ.get("MATRIXOE_VAR_DIR") or BASE_DIR / "var")
 
 
 def secret_file(path: Path, generate: Callable[[], str]) -> str:
@@ -49,18 +53,13 @@ def token() -> str:
     return secrets.token_urlsafe(50)
 
 
-SECRET_KEY_FILE = VAR_DIR / "secret-key"
-ENCRYPTION_KEY_FILE = VAR_DIR / "secrets-encryption.key"
-REDIS_PASSWORD_FILE = VAR_DIR / "redis-password"
-ADMIN_PASSWORD_FILE = VAR_DIR / "admin-password"
-
-
 def use_local_secrets(environ: dict[str, str] | os._Environ = os.environ) -> None:
     """Point ``SECRET_KEY_FILE`` and ``SECRETS_ENCRYPTION_KEY_FILE`` at ``var/`` (created once),
     unless the environment already gives the key or its file."""
+    directory = var_dir()
     if not environ.get("SECRET_KEY") and not environ.get("SECRET_KEY_FILE"):
-        secret_file(SECRET_KEY_FILE, token)
-        environ["SECRET_KEY_FILE"] = str(SECRET_KEY_FILE)
+        secret_file(directory / "secret-key", token)
+        environ["SECRET_KEY_FILE"] = str(directory / "secret-key")
     if not environ.get("SECRETS_ENCRYPTION_KEY") and not environ.get("SECRETS_ENCRYPTION_KEY_FILE"):
-        secret_file(ENCRYPTION_KEY_FILE, fernet_key)
-        environ["SECRETS_ENCRYPTION_KEY_FILE"] = str(ENCRYPTION_KEY_FILE)
+        secret_file(directory / "secrets-encryption.key", fernet_key)
+        environ["SECRETS_ENCRYPTION_KEY_FILE"] = str(directory / "secrets-encryption.key")

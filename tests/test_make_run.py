@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -117,9 +118,18 @@ def make_run(tmp_path, redis_url):
             pass
 
 
+def kept_secrets(var_dir: Path) -> dict[str, str]:
+    names = ("secret-key", "secrets-encryption.key", "admin-password", "operator-password")
+    for name in names:
+        assert stat.S_IMODE((var_dir / name).stat().st_mode) == 0o600, name
+    return {name: (var_dir / name).read_text() for name in names}
+
+
 def test_two_sigterms_in_quick_succession_stop_everything_and_make_run_starts_again(make_run):
     make_run.start()
     assert len(make_run.started()) >= 7  # four agents, worker, beat, web server
+    first_secrets = kept_secrets(make_run.var_dir)
+    assert first_secrets["admin-password"].strip() in make_run.output  # printed on the first run
 
     make_run.signal_group(signal.SIGTERM)
     time.sleep(0.05)
@@ -133,6 +143,7 @@ def test_two_sigterms_in_quick_succession_stop_everything_and_make_run_starts_ag
 
     make_run.start()  # the same ports, the same var/: it starts again
     assert "password unchanged" in make_run.output
+    assert kept_secrets(make_run.var_dir) == first_secrets  # generated once, then reused
     make_run.signal_group(signal.SIGINT)
     make_run.process.wait(timeout=60)
     assert wait_until(lambda: not make_run.started(), 10)

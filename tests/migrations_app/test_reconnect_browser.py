@@ -47,7 +47,7 @@ def test_a_dropped_socket_shows_a_notice_then_reconnects_with_the_current_state(
         page = browser_page
         log_in(page, base_url, "watcher", "pw-watcher")
         page.goto(f"{base_url}/vms/{vm.pk}/general/")
-        page.wait_for_function("document.querySelector('#migration-phases') !== null")
+        page.wait_for_function("() => document.querySelector('#migration-phases') !== null")
         page.wait_for_timeout(500)  # the socket's snapshot has arrived
         assert page.locator(NOTICE).is_hidden()
 
@@ -59,7 +59,7 @@ def test_a_dropped_socket_shows_a_notice_then_reconnects_with_the_current_state(
         server = start_server(port)
         page.wait_for_selector(f"{NOTICE}[hidden]", state="attached", timeout=8_000)
         page.wait_for_function(
-            "document.querySelector('#migration-phases tr[data-phase=Copy] [data-field=phase_percent]')"
+            "() => document.querySelector('#migration-phases tr[data-phase=Copy] [data-field=phase_percent]')"
             ".textContent.includes('77')",
             timeout=5_000,
         )
