@@ -4,15 +4,24 @@ from django.contrib import admin
 from vms.fit import host_problems, registration_problems
 from vms.models import VSP, Registration, VirtualMachine
 
+ADDRESS_CHANGED_MESSAGE = (
+    "The agent address changed: enter the agent's secret again. The current secret is never sent to a "
+    "new address."
+)
+
 
 class VSPAdminForm(forms.ModelForm):
-    """The agent secret is write-only: never rendered back; left empty on change, it is kept."""
+    """The agent secret is write-only: never rendered back; left empty on change, it is kept, unless
+    the agent address changes too (the old secret must never reach another listener)."""
 
     agent_secret = forms.CharField(
         widget=forms.PasswordInput(render_value=False),
         required=False,
         max_length=128,
-        help_text="Credential for the host agent. Leave empty to keep the current one.",
+        help_text=(
+            "Credential for the host agent. Leave empty to keep the current one; "
+            "required again whenever the agent URL changes."
+        ),
     )
 
     class Meta:
@@ -52,9 +61,11 @@ class VSPAdminForm(forms.ModelForm):
         secret = self.cleaned_data["agent_secret"]
         if secret:
             return secret
-        if self.instance.pk:
-            return VSP.objects.values_list("agent_secret", flat=True).get(pk=self.instance.pk)
-        raise forms.ValidationError("A new VSP needs its agent's secret.")
+        if not self.instance.pk:
+            raise forms.ValidationError("A new VSP needs its agent's secret.")
+        if "agent_url" in self.fields and "agent_url" in self.changed_data:
+            raise forms.ValidationError(ADDRESS_CHANGED_MESSAGE)
+        return VSP.objects.values_list("agent_secret", flat=True).get(pk=self.instance.pk)
 
 
 class RegistrationAdminForm(forms.ModelForm):
@@ -98,6 +109,23 @@ class VSPAdmin(admin.ModelAdmin):
     ]
     list_filter = ["migration_enabled", "licensed", "agent_reachable"]
     search_fields = ["name"]
+
+    # Where the console sends a VSP's secret (and, through its agent, guests' memory) is a
+    # superuser's decision: anyone else sees the address read-only and never the secret field.
+    AGENT_FIELDS = ("agent_url", "agent_secret")
+
+    def get_fields(self, request, obj=None):  # noqa: ANN001, ANN201 - Django admin API
+        fields = super().get_fields(request, obj)
+        if request.user.is_superuser:
+            return fields
+        return [field for field in fields if field != "agent_secret"]
+
+    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201 - Django admin API
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, "agent_url"]
+
+    def has_add_permission(self, request) -> bool:  # noqa: ANN001 - a new VSP sets an agent address
+        return request.user.is_superuser and super().has_add_permission(request)
 
 
 @admin.register(VirtualMachine)

@@ -12,13 +12,17 @@ from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 
+from vms.fields import EncryptedSecretField
+
 
 class VSP(models.Model):
     """A VM Server Platform (VM host) with its host agent."""
 
     name = models.CharField(max_length=64, unique=True)
     agent_url = models.URLField(help_text="The host agent's HTTP API, e.g. http://127.0.0.1:7101")
-    agent_secret = models.CharField(max_length=128, help_text="Credential for the host agent; never shown.")
+    agent_secret = EncryptedSecretField(
+        help_text="Credential for the host agent; stored encrypted, never shown."
+    )
     migration_enabled = models.BooleanField(default=True)
     licensed = models.BooleanField(default=True)
     processor_family = models.CharField(max_length=64, blank=True)

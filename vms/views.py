@@ -17,6 +17,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from matrixoe.error_views import permission_denied
 from vms.actions import (
     CHANGE_REGISTRATION_PERMISSION,
     CHANGE_VM_PERMISSION,
@@ -213,11 +214,11 @@ def apply_change(
 def refuse_without_permission(
     request: HttpRequest, vm: VirtualMachine, permission: str
 ) -> HttpResponse | None:
+    """A short refusal (403) when the user lacks ``permission``; None when they may go on."""
     try:
         check_permission(request.user, permission)
     except PermissionDenied as error:
-        messages.error(request, str(error))
-        return render_general(request, vm_with_registrations().get(pk=vm.pk), status=403)
+        return permission_denied(request, error)
     return None
 
 

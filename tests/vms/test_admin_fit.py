@@ -111,7 +111,7 @@ def test_shrinking_a_host_below_its_running_guests_is_refused(admin_client):
     make_vm("a", vsp=host, memory_mib=8192)
     form = {
         "name": "h",
-        "agent_url": "http://127.0.0.1:7101",
+        "agent_url": host.agent_url,
         "agent_secret": "",
         "migration_enabled": "on",
         "licensed": "on",
