@@ -12,16 +12,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from vms.models import VSP, VirtualMachine
 
 from .checks import check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
+from .scheduling import enqueue_next_for_source, enqueue_run
 from .transitions import record_created, transition
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
     with transaction.atomic():
         flagged = Migration.objects.filter(
             pk=migration.pk, state__in=Migration.PHASES, cancel_requested=False
-        ).update(cancel_requested=True)
+        ).update(cancel_requested=True, cancel_requested_by=_actor(user))
         current = Migration.objects.get(pk=migration.pk)
         if flagged:
             MigrationEvent.objects.create(
@@ -132,6 +131,7 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
             message=f"Cancelled by {user} while queued",
             actor=_actor(user),
             cancel_requested=True,
+            cancel_requested_by=_actor(user),
             alert=f"Cancelled by {user} before it started; nothing was changed.",
         )
         if cancelled:
@@ -149,52 +149,3 @@ def too_late_message(migration: Migration) -> str:
 
 def _actor(user: Any) -> Any:
     return user if getattr(user, "is_authenticated", False) else None
-
-
-def enqueue_run(migration_id: int) -> None:
-    from .tasks import run_migration
-
-    run_migration.apply_async((migration_id,), queue=settings.MIGRATION_QUEUE)
-
-
-def enqueue_next_for_source(source_id: int) -> None:
-    """Hand the source VSP to its oldest queued migration, if any (the hourglass moves on)."""
-    next_id = next_queued_for_source(source_id)
-    if next_id is not None:
-        enqueue_run(next_id)
-
-
-def next_queued_for_source(source_id: int) -> int | None:
-    return (
-        Migration.objects.filter(source_id=source_id, state=Migration.State.QUEUED)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-        .first()
-    )
-
-
-def do_claim_source(migration_id: int) -> bool:
-    """QUEUED -> INIT if this migration's source is free and it is the source's oldest queued one.
-
-    The source VSP row lock serializes claims per source (SQLite serializes all writers anyway), so
-    exactly one migration leaves a source at a time; the others stay QUEUED (the hourglass).
-    """
-    with transaction.atomic():
-        migration = Migration.objects.filter(pk=migration_id).select_related("source").first()
-        if migration is None or migration.state != Migration.State.QUEUED:
-            return False
-        VSP.objects.select_for_update().filter(pk=migration.source_id).first()
-        busy = (
-            Migration.objects.filter(source_id=migration.source_id, state__in=Migration.ACTIVE_STATES)
-            .exclude(state=Migration.State.QUEUED)
-            .exists()
-        )
-        if busy or next_queued_for_source(migration.source_id) != migration_id:
-            return False
-        return transition(
-            migration_id,
-            Migration.State.QUEUED,
-            Migration.State.INIT,
-            message=f"Init: {migration.source} and the target host connect",
-            heartbeat_at=timezone.now(),
-        )
