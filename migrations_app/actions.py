@@ -68,6 +68,8 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     if reason:
         raise MigrationRefused(refusal_message(vm, target, reason))
     source = vm.current_vsp
+    if source is None:
+        raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
         migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
     record_created(
@@ -91,7 +93,7 @@ def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> 
         try:
             results.append(RequestResult(vm, do_request_migration(vm, target, user), ""))
         except MigrationRefused as refusal:
-            results.append(RequestResult(vm, None, refusal.message))
+            results.append(RequestResult(vm, None, str(refusal.message)))
     return results
 
 

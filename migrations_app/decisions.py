@@ -191,8 +191,8 @@ def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
 def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
     """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
     cancel_on_source(source, agent_id)
-    for client, command in ((target, "discard"), (source, "resume")):
-        retry_agent(lambda client=client, command=command: getattr(client, command)(agent_id), UNDO_ATTEMPTS)
+    retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)
+    retry_agent(lambda: source.resume(agent_id), UNDO_ATTEMPTS)
 
 
 def roll_forward(migration: Migration) -> bool:

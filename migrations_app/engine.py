@@ -90,16 +90,17 @@ def run_until_committed(run: MigrationRun) -> bool:
             logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
         except Exception:
             logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
-            failure = MigrationFailed(run.migration.state, "an internal error in the control plane")
-            abort(run.migration, failure, run.source, run.target, run.agent_id)
+            internal = MigrationFailed(run.migration.state, "an internal error in the control plane")
+            abort(run.migration, internal, run.source, run.target, run.agent_id)
     return False
 
 
 def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
     for index, phase in enumerate(PHASES):
+        # Armed first: once the record shows the phase, a cancel or time-out is already blamed on it.
+        watchdog.arm(phase, phase.limit_s(run.migration))
         if index:
             run.enter(phase)
-        watchdog.arm(phase, phase.limit_s(run.migration))
         try:
             phase.run(run)
         finally:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from django.contrib.auth.base_user import AbstractBaseUser
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import AbstractUser, AnonymousUser
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
@@ -19,11 +18,11 @@ from vms.models import AuditEvent, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser
+User = AbstractUser | AnonymousUser
 
 CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
 CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
-REASON_MAX_LENGTH = Registration._meta.get_field("not_runnable_reason").max_length
+REASON_MAX_LENGTH: int = Registration._meta.get_field("not_runnable_reason").max_length or 200
 
 
 def check_permission(user: User, permission: str) -> None:

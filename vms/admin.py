@@ -64,10 +64,11 @@ class VSPAdminForm(forms.ModelForm):
         ]
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         if self.instance.pk is not None and not self.errors:
             edited = VSP(pk=self.instance.pk, name=cleaned.get("name", self.instance.name))
-            edited.memory_mib, edited.cpus = cleaned.get("memory_mib"), cleaned.get("cpus")
+            edited.memory_mib, edited.cpus = cleaned["memory_mib"], cleaned["cpus"]
             if problems := host_problems(edited):
                 raise forms.ValidationError(problems)
         return cleaned
@@ -88,7 +89,8 @@ class VirtualMachineAdminForm(forms.ModelForm):
     """
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         stored = VirtualMachine.objects.filter(pk=self.instance.pk).first()
         if (
             stored is not None
@@ -112,7 +114,8 @@ class RegistrationAdminForm(forms.ModelForm):
         fields = ["vm", "vsp", "hardware_status", "not_runnable_set_by", "not_runnable_reason"]
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         vm, vsp = cleaned.get("vm"), cleaned.get("vsp")  # inline: ``vm`` is the parent as just edited
         if vm is not None and vsp is not None and not self.errors:
             if problems := registration_problems(vm, vsp, cleaned.get("hardware_status", "")):

@@ -1,4 +1,5 @@
 import os
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
@@ -14,7 +15,7 @@ class Command(BaseCommand):
         "Operators). Passwords from DEMO_ADMIN_PASSWORD and DEMO_OPERATOR_PASSWORD (default: the admin's)."
     )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         admin_password = os.environ.get("DEMO_ADMIN_PASSWORD") or DEFAULT_PASSWORD
         operator_password = os.environ.get("DEMO_OPERATOR_PASSWORD") or admin_password
         users = get_user_model()
