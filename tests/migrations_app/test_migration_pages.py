@@ -13,8 +13,7 @@ from django.test import Client
 from django.urls import reverse
 
 from migrations_app.models import Migration
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
 
 pytestmark = pytest.mark.django_db
 
@@ -34,14 +33,14 @@ def fleet():
 @pytest.fixture
 def admin_client() -> Client:
     client = Client()
-    client.force_login(make_user("admin", *ADMIN_PERMISSIONS))
+    client.force_login(make_user("admin", MIGRATION_ADMIN_PERMISSIONS))
     return client
 
 
 @pytest.fixture
 def operator_client() -> Client:
     client = Client()
-    client.force_login(make_user("operator", "vms.view_virtualmachine", "vms.view_vsp"))
+    client.force_login(make_user("operator", ("vms.view_virtualmachine", "vms.view_vsp")))
     return client
 
 
