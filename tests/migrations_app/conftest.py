@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import ManagedProcess, start_celery_worker, wait_until
-from tests.factories import make_user, make_vsp
+from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_user, make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 
 MIGRATOR = ("migrations_app.add_migration", "migrations_app.change_migration", "vms.view_virtualmachine")
@@ -78,3 +78,17 @@ def fleet(host_agents):
 @pytest.fixture
 def admin():
     return make_user("alice", permissions=MIGRATOR)
+
+
+@pytest.fixture
+def migration_admin_client(client):
+    """A client logged in as "admin", who may view VMs and VSPs and request and cancel migrations."""
+    client.force_login(make_user("admin", MIGRATION_ADMIN_PERMISSIONS))
+    return client
+
+
+@pytest.fixture
+def operator_client(client):
+    """A client logged in as "operator", who may only view VMs and VSPs."""
+    client.force_login(make_user("operator", ("vms.view_virtualmachine", "vms.view_vsp")))
+    return client
