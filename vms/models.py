@@ -189,16 +189,12 @@ class Registration(models.Model):
         Saves the copy and records who, when, why, before and after. The caller checks that the change
         is allowed (``vms.actions``) and holds the row lock; call it inside a transaction.
         """
-        before = self.audit_state()
-        self.hardware_status = self.HardwareStatus.NOT_RUNNABLE
-        self.not_runnable_set_by = set_by
-        self.not_runnable_reason = reason
-        self.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
-        return AuditEvent.record(
+        return self._set_marks(
+            self.HardwareStatus.NOT_RUNNABLE,
+            set_by,
+            reason,
             AuditEvent.Action.MARKED_NOT_RUNNABLE,
-            self,
             actor=actor,
-            before=before,
             message=reason,
             via_admin=via_admin,
         )
@@ -216,22 +212,30 @@ class Registration(models.Model):
         A copy not yet saved is created. Raises ``IntegrityError`` if another copy is runnable (the
         constraint ``one_runnable_registration_per_vm``); the caller checks first for a clear message.
         """
-        before = self.audit_state() if self.pk is not None else {}
-        self.hardware_status = hardware_status
-        self.not_runnable_set_by = self.SetBy.NONE
-        self.not_runnable_reason = ""
-        if self.pk is None:
-            self.save()
-        else:
-            self.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
-        return AuditEvent.record(
+        return self._set_marks(
+            hardware_status,
+            self.SetBy.NONE,
+            "",
             AuditEvent.Action.MARKED_RUNNABLE,
-            self,
             actor=actor,
-            before=before,
             message=message,
             via_admin=via_admin,
         )
+
+    def _set_marks(
+        self, hardware_status: str, set_by: str, reason: str, action: str, **event: Any
+    ) -> AuditEvent:
+        before = self.audit_state() if self.pk is not None else {}
+        self.hardware_status, self.not_runnable_set_by, self.not_runnable_reason = (
+            hardware_status,
+            set_by,
+            reason,
+        )
+        if self.pk is None:
+            self.save()
+        else:
+            self.save(update_fields=list(self.audit_state()))
+        return AuditEvent.record(action, self, before=before, **event)
 
 
 class AuditEvent(models.Model):
@@ -242,19 +246,20 @@ class AuditEvent(models.Model):
     """
 
     class Action(models.TextChoices):
-        ONLINE_MIGRATION_ENABLED = "online_migration_enabled", "Online migration enabled"
-        ONLINE_MIGRATION_DISABLED = "online_migration_disabled", "Online migration disabled"
-        MARKED_RUNNABLE = "marked_runnable", "Marked runnable"
-        MARKED_NOT_RUNNABLE = "marked_not_runnable", "Marked Not Runnable"
-        POLICY_CHANGED = "policy_changed", "Migration policy changed"
-        MIGRATION_REQUESTED = "migration_requested", "Migration requested"
-        MIGRATION_REFUSED = "migration_refused", "Migration refused"
-        MIGRATION_CANCELLED = "migration_cancelled", "Migration cancel requested"
-        EVACUATION_STARTED = "evacuation_started", "Evacuation started"
-        EVACUATION_CANCELLED = "evacuation_cancelled", "Evacuation cancelled"
-        CREATED = "created", "Created"
-        CHANGED = "changed", "Changed"
-        DELETED = "deleted", "Deleted"
+        # Labels are the names in words ("Marked Not Runnable"); the values are stored.
+        ONLINE_MIGRATION_ENABLED = "online_migration_enabled"
+        ONLINE_MIGRATION_DISABLED = "online_migration_disabled"
+        MARKED_RUNNABLE = "marked_runnable"
+        MARKED_NOT_RUNNABLE = "marked_not_runnable"
+        POLICY_CHANGED = "policy_changed"
+        MIGRATION_REQUESTED = "migration_requested"
+        MIGRATION_REFUSED = "migration_refused"
+        MIGRATION_CANCELLED = "migration_cancelled"
+        EVACUATION_STARTED = "evacuation_started"
+        EVACUATION_CANCELLED = "evacuation_cancelled"
+        CREATED = "created"
+        CHANGED = "changed"
+        DELETED = "deleted"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(
