@@ -237,25 +237,26 @@ def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 
 @require_POST
 def registration_mark_not_runnable(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
-    if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
-        return refused
-
-    def change(data: dict[str, Any]) -> str:
-        do_mark_not_runnable(registration, data["reason"], request.user)
-        return f"{registration} is now Not Runnable."
-
-    return apply_change(request, registration.vm, NotRunnableForm(request.POST), change)
+    return change_registration(request, pk, runnable=False)
 
 
 @require_POST
 def registration_mark_runnable(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    return change_registration(request, pk, runnable=True)
+
+
+def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) -> HttpResponse:
+    """Mark one copy runnable or Not Runnable: 404 for an unknown copy, the permission, then the action."""
     registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
     if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
         return refused
 
     def change(data: dict[str, Any]) -> str:
-        do_mark_runnable(registration, request.user)
-        return f"{registration} is now runnable."
+        if runnable:
+            do_mark_runnable(registration, request.user)
+            return f"{registration} is now runnable."
+        do_mark_not_runnable(registration, data["reason"], request.user)
+        return f"{registration} is now Not Runnable."
 
-    return apply_change(request, registration.vm, forms.Form(request.POST), change)
+    form = forms.Form(request.POST) if runnable else NotRunnableForm(request.POST)
+    return apply_change(request, registration.vm, form, change)

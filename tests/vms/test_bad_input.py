@@ -114,38 +114,27 @@ def test_a_missing_or_over_long_reason_is_refused(vm_admin_client, fleet, reason
     assert snapshot() == before
 
 
-def test_marking_a_running_copy_not_runnable_is_refused(vm_admin_client, fleet):
+@pytest.mark.parametrize(
+    ("copy", "change", "data", "says"),
+    [
+        (
+            "web_running",
+            "not-runnable",
+            {"reason": "maintenance"},
+            "stop the VM before marking it Not Runnable",
+        ),
+        ("web_copy", "runnable", {}, "Refused: web is runnable on VSP vsp-b"),
+        ("stopped_registration", "runnable", {}, "is already runnable"),
+        ("web_copy", "not-runnable", {"reason": "again"}, "is already Not Runnable"),
+    ],
+    ids=["running-copy-not-runnable", "second-runnable-copy", "runnable-again", "not-runnable-again"],
+)
+def test_a_refused_runnable_mark_says_why_and_changes_nothing(
+    vm_admin_client, fleet, copy, change, data, says
+):
     before = snapshot()
-    response = vm_admin_client.post(
-        f"/registrations/{fleet['web_running'].pk}/not-runnable/", {"reason": "maintenance"}
-    )
+    response = vm_admin_client.post(f"/registrations/{fleet[copy].pk}/{change}/", data)
     assert response.status_code == 400
-    assert "stop the VM before marking it Not Runnable" in response.text
-    assert snapshot() == before
-
-
-def test_marking_a_copy_runnable_while_another_runs_is_refused(vm_admin_client, fleet):
-    before = snapshot()
-    response = vm_admin_client.post(f"/registrations/{fleet['web_copy'].pk}/runnable/")
-    assert response.status_code == 400
-    assert "Refused: web is runnable on VSP vsp-b" in response.text
-    assert snapshot() == before
-
-
-def test_marking_an_already_runnable_copy_runnable_is_refused(vm_admin_client, fleet):
-    before = snapshot()
-    response = vm_admin_client.post(f"/registrations/{fleet['stopped_registration'].pk}/runnable/")
-    assert response.status_code == 400
-    assert "is already runnable" in response.text
-    assert snapshot() == before
-
-
-def test_marking_a_not_runnable_copy_not_runnable_again_is_refused(vm_admin_client, fleet):
-    before = snapshot()
-    response = vm_admin_client.post(
-        f"/registrations/{fleet['web_copy'].pk}/not-runnable/", {"reason": "again"}
-    )
-    assert response.status_code == 400
-    assert "is already Not Runnable" in response.text
+    assert says in response.text
     assert snapshot() == before
     assert fleet["web_copy"].not_runnable_set_by == Registration.SetBy.MIGRATE
