@@ -15,7 +15,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
-from vms.models import VSP, VirtualMachine
+from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
 from .models import Migration, MigrationEvent
@@ -72,8 +72,15 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
         raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
         migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
-    record_created(
-        migration, actor=user, message=f"Migration of {vm.name} from {source} to {target} requested"
+    message = f"Migration of {vm.name} from {source} to {target} requested"
+    record_created(migration, actor=user, message=message)
+    AuditEvent.record(
+        AuditEvent.Action.MIGRATION_REQUESTED,
+        migration,
+        actor=user,
+        after={"vm": vm.name, "source": source.name, "target": target.name},
+        message=message,
+        object_name=audit_name(migration),
     )
     migration_id = migration.pk
     transaction.on_commit(lambda: enqueue_run(migration_id))
@@ -118,6 +125,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
                 message=f"Cancel requested by {user}",
                 actor=_actor(user),
             )
+            record_cancel(current, user, f"Cancel requested by {user} during {current.get_state_display()}")
     already_cancelling = current.state in Migration.PHASES and current.cancel_requested
     if not flagged and not already_cancelling:
         raise MigrationRefused(too_late_message(current))
@@ -137,6 +145,7 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
             alert=f"Cancelled by {user} before it started; nothing was changed.",
         )
         if cancelled:
+            record_cancel(migration, user, f"Cancelled by {user} while queued")
             source_id = migration.source_id
             transaction.on_commit(lambda: enqueue_next_for_source(source_id))
             transaction.on_commit(lambda: publish_progress(migration.pk))
@@ -147,6 +156,24 @@ def too_late_message(migration: Migration) -> str:
     if migration.state == Migration.State.COMMITTING:
         return "Too late to cancel: the migration is committing and the VM now belongs to the target host."
     return f"Nothing to cancel: the migration has already ended ({migration.get_state_display()})."
+
+
+def audit_name(migration: Migration) -> str:
+    """How the audit trail names a migration, readable after the VM or VSPs are gone."""
+    return (
+        f"migration {migration.pk} of {migration.vm.name}: {migration.source.name} -> {migration.target.name}"
+    )
+
+
+def record_cancel(migration: Migration, user: Any, message: str) -> None:
+    AuditEvent.record(
+        AuditEvent.Action.MIGRATION_CANCELLED,
+        migration,
+        actor=user,
+        after={"cancel_requested": True},
+        message=message,
+        object_name=audit_name(migration),
+    )
 
 
 def _actor(user: Any) -> Any:

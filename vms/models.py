@@ -296,8 +296,11 @@ class AuditEvent(models.Model):
         after: dict[str, Any] | None = None,
         message: str = "",
         via_admin: bool = False,
+        object_name: str = "",
     ) -> AuditEvent:
         """Save one event about ``obj``; ``after`` defaults to ``obj.audit_state()`` when it has one.
+
+        ``object_name`` is what the trail calls ``obj`` (default ``str(obj)``, cut to 200 characters).
 
         ``actor`` is a user (an anonymous or missing one is recorded as the system, ``actor=None``).
         """
@@ -312,7 +315,7 @@ class AuditEvent(models.Model):
             via_admin=via_admin,
             object_type=obj._meta.label_lower,
             object_id=str(obj.pk),
-            object_name=str(obj)[:200],
+            object_name=(object_name or str(obj))[:200],
             before=before or {},
             after=after,
             message=message,
