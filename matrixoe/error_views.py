@@ -7,6 +7,8 @@ else gets a plain sentence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import render
 from django.urls import Resolver404
@@ -73,7 +75,7 @@ def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse
 class FriendlyMethodNotAllowedMiddleware:
     """``require_POST`` and friends answer 405 with an empty body: render the 405 page instead."""
 
-    def __init__(self, get_response) -> None:  # noqa: ANN001 - Django middleware protocol
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:

@@ -12,8 +12,14 @@ from channels.testing import WebsocketCommunicator
 from matrixoe.asgi import application
 from migrations_app.models import Migration
 from migrations_app.progress import publish_progress
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp, session_cookie
+from tests.factories import (
+    MIGRATION_ADMIN_PERMISSIONS,
+    make_migration,
+    make_user,
+    make_vm,
+    make_vsp,
+    session_cookie,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("redis_url")]
 
@@ -39,7 +45,7 @@ def migrating_vm(copy_percent: int = 42):
 
 @database_sync_to_async
 def admin_cookie() -> str:
-    return session_cookie(make_user("admin", *ADMIN_PERMISSIONS))
+    return session_cookie(make_user("admin", MIGRATION_ADMIN_PERMISSIONS))
 
 
 async def connect(path: str, cookie: str | None = None, origin: tuple[bytes, bytes] = ORIGIN):

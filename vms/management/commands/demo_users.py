@@ -9,11 +9,12 @@ existing user's password is left alone, so a password the admin changed stays ch
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 READ_ONLY_APPS = ("vms", "migrations_app")
 
@@ -42,7 +43,7 @@ class Command(BaseCommand):
         "directory (0600). Existing users' passwords are never reset."
     )
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001 - Django command API
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--secrets-dir",
             type=Path,
@@ -50,7 +51,7 @@ class Command(BaseCommand):
             help="Where first-run passwords are kept (default: var/).",
         )
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         secrets_dir: Path = options["secrets_dir"]
         users = get_user_model()
         for username, variable, superuser, label in (
