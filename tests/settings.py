@@ -52,7 +52,7 @@ CELERY_TASK_DEFAULT_QUEUE = f"matrixoe-test-{RUN_ID}"
 CHANNEL_LAYERS = {
     "default": {
         **CHANNEL_LAYERS["default"],
-        "CONFIG": {**dict(CHANNEL_LAYERS["default"]["CONFIG"]), "prefix": f"matrixoe-test-{RUN_ID}"},
+        "CONFIG": {**CHANNEL_LAYERS["default"]["CONFIG"], "prefix": f"matrixoe-test-{RUN_ID}"},
     }
 }
 REDIS_URL = REDIS_URL
