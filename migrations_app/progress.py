@@ -76,11 +76,14 @@ class MigrationDisplay:
 
 
 def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
-    """Two queries: the latest attempt that started (refusals are history, not state), the last completed."""
+    """The latest attempt that started (refusals are history, not state); when none runs, a second query:
+    how long the last completed one took (shown beside Migrate…, which a running migration replaces)."""
     attempts = Migration.objects.filter(vm=vm).exclude(state=Migration.State.REFUSED)
     latest = (
         attempts.select_related("source", "target", "requested_by").order_by("-requested_at", "-pk").first()
     )
+    if latest is not None and latest.is_active:
+        return MigrationDisplay(vm=vm, migration=latest, failed=None)
     last_took_s = last_completed_seconds(vm)
     if latest is None:
         return MigrationDisplay(vm=vm, migration=None, failed=None, last_took_s=last_took_s)
