@@ -133,7 +133,10 @@ class HistoryFilterForm(forms.Form):
 
     vm = forms.CharField(required=False, max_length=255, label="VM", help_text="Exact VM name")
     vsp = forms.ModelChoiceField(
-        queryset=VSP.objects.order_by("name"), required=False, label="VSP", empty_label="Any VSP"
+        queryset=VSP.objects.only("id", "name").order_by("name"),
+        required=False,
+        label="VSP",
+        empty_label="Any VSP",
     )
     outcome = forms.ChoiceField(choices=OUTCOME_CHOICES, required=False)
     user = forms.ModelChoiceField(

@@ -73,7 +73,9 @@ def test_it_starts_exactly_one_of_several_admins_migrating_the_same_vm_at_once(b
     assert sorted(refusal.requested_by.username for refusal in refusals) == sorted(
         admin.username for admin in admins if admin != starter
     )
-    assert {refusal.alert for refusal in refusals} == {"contested cannot migrate to dst: VM is already migrating."}
+    assert {refusal.alert for refusal in refusals} == {
+        "contested cannot migrate to dst: VM is already migrating."
+    }
     assert vm.current_vsp == source
 
 
