@@ -1,6 +1,8 @@
 """Per-round convergence samples kept on the migration (``Migration.round_samples``), compactly.
 
-One sample per pre-copy round, as a list (not a dict, to keep the JSON small):
+One sample per pre-copy round the engine saw (it reads the agent's snapshot a few times a second,
+so rounds shorter than that are skipped: the round numbers say which), as a list (not a dict, to keep
+the JSON small):
 ``[t_s, round, bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s]`` where ``t_s`` is
 seconds (float, 0.1 s resolution) since the first sample (the start of Copy) and the rest are the agent
 snapshot's own fields (bytes, bytes/s). While a round goes on its sample is updated in place, so each
