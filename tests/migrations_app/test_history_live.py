@@ -69,8 +69,6 @@ def test_a_report_opened_while_the_migration_runs_draws_its_chart_live(
 
     page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
     page.set_default_timeout(30_000)
-    page.on("console", lambda message: print("CONSOLE", message.type, message.text))
-    page.on("pageerror", lambda error: print("PAGEERROR", error))
     log_in(page, migrating_console, "alice", PASSWORD)
     page.goto(f"{migrating_console}/vms/{vm.pk}/general/")
     running = page.locator('#migrate-control [data-field="running_migration"]')
