@@ -108,6 +108,7 @@ class Migration(models.Model):
             # The history page: newest first, whole or filtered by VM, VSP, outcome or user.
             models.Index(fields=["-requested_at", "-id"], name="migration_history"),
             models.Index(fields=["vm", "-requested_at"], name="migration_vm_history"),
+            models.Index(fields=["vm_name", "-requested_at"], name="migration_vm_name_history"),
             models.Index(fields=["target", "-requested_at"], name="migration_target_history"),
             models.Index(fields=["state", "-requested_at"], name="migration_state_history"),
             models.Index(fields=["requested_by", "-requested_at"], name="migration_user_history"),
