@@ -12,6 +12,7 @@ urlpatterns = [
     # Browsers ask for /favicon.ico whatever the page's <link rel="icon"> says.
     path("favicon.ico", login_not_required(RedirectView.as_view(url=static("favicon.svg"), permanent=True))),
     path("migrations/", include("migrations_app.urls")),
+    path("migrations/history/", include("migrations_app.history_urls")),
     path("", include("vms.urls")),
 ]
 

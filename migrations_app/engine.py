@@ -46,6 +46,7 @@ from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
+from .samples import add_round_sample
 from .scheduling import do_claim_source, enqueue_next_for_source
 from .transitions import transition
 
@@ -252,6 +253,7 @@ class MigrationRun:
         """Take a progress snapshot into the record: percentages only rise; failures raise."""
         snapshot = checked_snapshot(snapshot, self.migration.state)
         apply_snapshot(self.migration, snapshot)
+        add_round_sample(self.migration)
         self.seq = max(self.seq, int(snapshot["seq"]))
         if snapshot["state"] in AGENT_FAILED_STATES:
             self.check_stop()
