@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from ninja import Header, Path, Query, Router
+from ninja.responses import Status
 
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
@@ -187,7 +188,7 @@ def create_migration(
         max_length=255,
         description="A retry with the same key returns the first migration (200) instead of a second one",
     ),
-) -> tuple[int, MigrationOut]:
+) -> Status[MigrationOut]:
     """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue."""
     vm, target = get_vm(body.vm), get_vsp(body.target)
     key = (idempotency_key or "").strip() or None
@@ -196,7 +197,7 @@ def create_migration(
             replay = find_replay(request.user, key, vm.pk, target.pk)
             if replay is not None:
                 response["Idempotent-Replayed"] = "true"
-                return 200, migration_out(replay)
+                return Status(200, migration_out(replay))
             migration = do_request_migration(vm, target, request.user)
             if key is not None:
                 IdempotencyKey.objects.create(user=request.user, key=key, migration=migration)
@@ -206,8 +207,8 @@ def create_migration(
         if replay is None:
             raise
         response["Idempotent-Replayed"] = "true"
-        return 200, migration_out(replay)
-    return 201, migration_out(get_migration(migration.pk))
+        return Status(200, migration_out(replay))
+    return Status(201, migration_out(get_migration(migration.pk)))
 
 
 def find_replay(user: Any, key: str | None, vm_id: int, target_id: int) -> Migration | None:
@@ -236,11 +237,11 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
 @router.post(
     "/migrations/{migration_id}/cancel", response={202: MigrationOut, **WRITE_ERRORS}, tags=["Migrations"]
 )
-def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> tuple[int, MigrationOut]:
+def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> Status[MigrationOut]:
     """Cancel: a queued migration ends at once; a running one stops before its commit (the VM stays)."""
     migration = get_migration(migration_id)
     do_cancel_migration(migration, request.user)
-    return 202, migration_out(get_migration(migration_id))
+    return Status(202, migration_out(get_migration(migration_id)))
 
 
 def page(rows: Any, limit: int, offset: int, convert: Any) -> dict:
