@@ -64,3 +64,23 @@ def read_only_api(reader) -> ApiClient:
 @pytest.fixture
 def anonymous_api() -> ApiClient:
     return ApiClient(None)
+
+
+# --- a live console: real server, a real worker on the migrations' own queue, real host agents --------------
+
+from tests.conftest import start_console_server  # noqa: E402
+from tests.migrations_app.conftest import (  # noqa: E402, F401  (fixtures shared with the migration tests)
+    _session_migration_worker,
+    fleet,
+    host_agents,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def live_console(django_db_setup, redis_url, _session_migration_worker):  # noqa: F811
+    """Base URL of a uvicorn server whose migrations go to the bandwidth-capped migration worker."""
+    queue, _worker = _session_migration_worker
+    server, base_url = start_console_server(MIGRATION_QUEUE=queue)
+    yield base_url
+    server.stop()
