@@ -53,7 +53,8 @@ StateFilter = Query(None, description="Only migrations in this state")
 
 READ_ERRORS: dict[int, Any] = {401: Problem, 403: Problem, 422: Problem}
 OBJECT_ERRORS: dict[int, Any] = {**READ_ERRORS, 404: Problem}
-WRITE_ERRORS: dict[int, Any] = {**OBJECT_ERRORS, 409: Problem}
+# 400: a body that is not JSON at all; 422: JSON of the wrong shape; 409: refused by the console's checks.
+WRITE_ERRORS: dict[int, Any] = {**OBJECT_ERRORS, 400: Problem, 409: Problem}
 
 
 def require(request: HttpRequest, permission: str) -> None:

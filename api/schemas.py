@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ninja import Field, Schema
+from pydantic import ConfigDict
 
 from migrations_app.models import Migration, MigrationEvent
 from vms.general_tab import general_tab_context
@@ -132,15 +133,21 @@ class VMOut(Schema):
 
 
 class MigrationIn(Schema):
+    model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
+
     vm: str = Field(min_length=1, max_length=64, description="VM id or name")
     target: str = Field(min_length=1, max_length=64, description="Target VSP id or name")
 
 
 class OnlineMigrationIn(Schema):
+    model_config = ConfigDict(strict=True)
+
     enabled: bool
 
 
 class NotRunnableIn(Schema):
+    model_config = ConfigDict(strict=True)
+
     reason: str = Field(max_length=1000, description="Why, in plain words (at most 200 characters kept)")
 
 

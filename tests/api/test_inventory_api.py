@@ -151,6 +151,7 @@ def test_it_enables_online_migration_and_refuses_it_for_a_vpar(api):
         "vpar1 is a vPar: a vPar does not support migration.",
     )
     assert_problem(api.put("/vms/web01/online-migration", {"enabled": "maybe"}), 422)
+    assert_problem(api.put("/vms/web01/online-migration", {"enabled": 0}), 422)
 
 
 def test_it_answers_401_to_anonymous_requests_never_the_login_page(anonymous_api, client):
