@@ -83,3 +83,24 @@ def test_it_refuses_the_progress_stream_to_anonymous_and_unknown_ids(live_consol
 
     assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
     assert unknown.status_code == 404 and unknown.json()["detail"] == "No migration with the id 424242."
+
+
+def test_it_starts_one_migration_for_two_simultaneous_posts_with_one_key(host_agents, fleet, live_console):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from migrations_app.models import Migration
+
+    token = do_create_token(make_user("alice", permissions=WRITER), "live")[1]
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "one-click-two-requests"}
+    vm = place_vm(host_agents, fleet)
+
+    def post(_):
+        body = {"vm": vm.name, "target": "hostc"}
+        return httpx.post(f"{live_console}/api/v1/migrations", json=body, headers=headers, timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(post, range(2)))
+
+    assert sorted(r.status_code for r in responses) == [200, 201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert Migration.objects.filter(vm=vm).count() == 1

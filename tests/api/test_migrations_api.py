@@ -189,3 +189,14 @@ def test_it_cancels_a_queued_migration_and_refuses_a_second_cancel(api, read_onl
         409,
         "Nothing to cancel: the migration has already ended (Cancelled).",
     )
+
+
+def test_it_answers_400_to_a_body_that_is_not_json(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    response = api.client.post(
+        "/api/v1/migrations", "vm=web01", content_type="application/json", headers=api.headers
+    )
+
+    assert_problem(response, 400)
+    assert not Migration.objects.exists()
