@@ -117,3 +117,26 @@ def test_it_cancels_a_running_migration_and_says_so(host_agents, fleet, logged_i
     again = matrixoe(logged_in, "cancel", vm.name)
     assert again.returncode == 1
     assert f"Nothing to cancel: {vm.name} has no queued or running migration." in again.stderr
+
+
+def test_it_exits_non_zero_with_the_alert_when_the_watched_migration_is_cancelled(
+    host_agents, fleet, logged_in, wait_for
+):
+    vm = place_vm(host_agents, fleet, memory_mib=64, fill_percent=100)  # a long Copy at the capped bandwidth
+    environment = os.environ | {"MATRIXOE_CONFIG_DIR": str(logged_in), "COLUMNS": "160"}
+    watching = subprocess.Popen(
+        [str(MATRIXOE), "migrate", vm.name, "--to", "hostb", "--watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in environment.items() if k not in ("MATRIXOE_URL", "MATRIXOE_TOKEN")},
+    )
+    try:
+        assert wait_for(lambda: Migration.objects.filter(vm=vm, state="copy").exists(), timeout=60)
+        assert matrixoe(logged_in, "cancel", vm.name).returncode == 0
+        stdout, stderr = watching.communicate(timeout=120)
+    finally:
+        watching.kill()
+
+    assert watching.returncode == 1, stdout + stderr
+    assert "Cancelled by alice during the Copy phase. The VM keeps running on hosta." in stderr
