@@ -233,4 +233,5 @@ def test_it_serves_the_schema_and_docs_without_a_cdn(client):
     html = docs.content.decode()
     assert docs.status_code == 200
     assert "cdn" not in html.lower() and "/static/ninja/swagger-ui-bundle.js" in html
+    assert 'data-api-csrf="true"' in html  # Swagger UI sends X-CSRFToken with the session
     assert client.get("/static/ninja/swagger-ui-bundle.js").status_code == 200
