@@ -73,11 +73,14 @@ def measure(runs: int, agents) -> tuple[list[tuple[float, float]], list[tuple[fl
     page_client = Client()
     page_client.login(username="bench", password="bench-password")  # noqa: S106
     token = do_create_token(user, "bench")[1]
+    api_client = (
+        Client()
+    )  # one client, as one for the page: a new one re-reads the middleware (WhiteNoise's file scan)
     page, api = [], []
     for run in range(2 * runs):
         target = vsps[(run + 1) % 2]
         if run % 2:
-            api.append(api_once(Client(), token, vm, target))
+            api.append(api_once(api_client, token, vm, target))
         else:
             page.append(base.migrate_once(page_client, vm, target))
     return page, api
