@@ -7,7 +7,8 @@ do, in constant time, before QEMU sees the socket):
 1. ``data`` is handed to QEMU on both sides (``getfd`` + ``migrate fd:`` / ``migrate-incoming
    fd:``), so QEMU's own stream flows with no copy through the agents.
 2. ``ctrl`` stays with the agents: the target sends ``READY <digest>`` once it holds a
-   verified paused copy, or ``ABORT <reason>``; either side closing it before "ready" aborts.
+   verified paused copy, or ``ABORT <kind> <reason>`` (``kind``: a ``FailureKind`` value);
+   either side closing it before "ready" aborts.
 
 States follow QEMU's MIGRATION events (polling misses short states); numbers come from
 ``query-migrate``. With ``pause-before-switchover`` the source stops in ``pre-switchover``
@@ -16,7 +17,7 @@ which is I/O Quiesce; the driver lets it continue at once into ``device`` (Froze
 the guest is already stopped there and any wait would be downtime; ``quiesce`` and ``freeze``
 wait for those phases to end. With
 ``return-path`` the source sees ``completed`` only once the target loaded the stream. Then
-both sides hash their stopped guest's RAM (``qemu_digest``) so the control plane can check
+both sides hash their stopped guest's RAM (``digest``) so the control plane can check
 that not one written page was lost.
 """
 
@@ -33,23 +34,23 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from ..driver import (
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.drivers.qemu.digest import memory_digest
+from hostagent.drivers.qemu.process import QemuProcess
+from hostagent.drivers.qemu.qmp import QmpClient, QmpClosed, QmpError
+from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
+from hostagent.progress import Progress
+from hostagent.protocol import (
     ACTIVE_STATES,
-    DEFAULT_LIMITS,
     TERMINAL_STATES,
-    Conflict,
     Endpoint,
+    FailureKind,
     MigrationParams,
     MigrationState,
     PhaseLimits,
     ProgressSnapshot,
     Role,
-    SourceAbortCommands,
 )
-from .qemu_digest import memory_digest
-from .qemu_process import QemuProcess
-from .qemu_progress import QEMU_STATES, Progress
-from .qemu_qmp import QmpClient, QmpClosed, QmpError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,13 @@ LINE_LIMIT = 4096
 Finished = Callable[["QemuMigration"], None]
 
 
-class MigrationAborted(Exception):
-    pass
+def abort_line(rest: str) -> tuple[FailureKind, str]:
+    """``<kind> <reason>`` of an ABORT line: the kind (INTERNAL if unknown) and the words."""
+    word, _, reason = rest.partition(" ")
+    try:
+        return FailureKind(word), reason
+    except ValueError:
+        return FailureKind.INTERNAL, rest
 
 
 async def recv_line(sock: socket.socket) -> bytes:
@@ -97,8 +103,8 @@ class QemuMigration:
     ) -> None:
         self.process = process
         self.migration_id = migration_id
-        self.guest_name = process.name
-        self.limits: PhaseLimits = {**DEFAULT_LIMITS, **limits}
+        self.guest_id = process.name  # the QEMU process is named after the guest's id
+        self.limits = limits
         self.progress = Progress(migration_id, self.role, process.name)
         self._finished = finished
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -128,8 +134,8 @@ class QemuMigration:
 
     async def wait_until(self, done: Callable[[MigrationState], bool]) -> ProgressSnapshot:
         current = self.snapshot()
-        while not done(current["state"]):
-            current = await self.next_change(current["seq"])
+        while not done(current.state):
+            current = await self.next_change(current.seq)
         return current
 
     def stop_background(self) -> None:
@@ -144,10 +150,13 @@ class QemuMigration:
             self._control = None
 
     async def digest(self) -> str:
-        fifo = Path(self.process.config.run_dir) / f"{self.guest_name}.{self.role}.digest.fifo"
+        fifo = Path(self.process.config.run_dir) / f"{self.guest_id}.{self.role}.digest.fifo"
         return await memory_digest(self.qmp, self.process.workload.memory_mib, fifo)
 
-    async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
+    async def abort(
+        self, reason: str, kind: FailureKind, state: MigrationState = "aborted", *, side: Role | None = None
+    ) -> None:
+        """Stop, keep (source) or drop (target) the guest, record why: ``kind`` for decisions."""
         raise NotImplementedError
 
     async def handle_event(self, event: dict[str, Any]) -> None:
@@ -165,7 +174,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         params: MigrationParams,
         finished: Finished,
     ) -> None:
-        super().__init__(process, migration_id, params.get("limits") or {}, finished)
+        super().__init__(process, migration_id, params.limits, finished)
         self.target = target
         self.params = params
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -187,16 +196,20 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
                 data.close()  # QEMU holds its own copy now
             await self.qmp.execute("migrate", uri=f"fd:{FD_NAME}")
             await self._poll_numbers()
-        except (MigrationAborted, QmpError, QmpClosed, OSError, TimeoutError) as error:
-            await self.abort(str(error) or type(error).__name__)
+        except MigrationAborted as error:
+            await self.abort(str(error), error.kind)
+        except (OSError, TimeoutError) as error:
+            await self.abort(str(error) or type(error).__name__, FailureKind.UNREACHABLE)
+        except (QmpError, QmpClosed) as error:
+            await self.abort(str(error) or type(error).__name__, FailureKind.INTERNAL)
 
     async def _connect(self, kind: str, detail: str = "") -> socket.socket:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if ":" in self.target["host"] else socket.AF_INET)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.target.host else socket.AF_INET)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, (self.target["host"], int(self.target["port"])))
-            await loop.sock_sendall(sock, f"{self.target['token']} {kind} {detail}".strip().encode() + b"\n")
+            await loop.sock_connect(sock, (self.target.host, self.target.port))
+            await loop.sock_sendall(sock, f"{self.target.token} {kind} {detail}".strip().encode() + b"\n")
             answer = await asyncio.wait_for(recv_line(sock), HANDSHAKE_TIMEOUT_S)
         except BaseException:
             sock.close()
@@ -205,7 +218,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             sock.close()
             reason = answer[3:].decode(errors="replace").strip() if answer.startswith(b"NO ") else ""
             raise MigrationAborted(
-                f"the target refused the data-plane connection{': ' if reason else ''}{reason}"
+                f"the target refused the data-plane connection{': ' if reason else ''}{reason}",
+                FailureKind.REFUSED,
             )
         return sock
 
@@ -213,34 +227,37 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         names = ("events", "pause-before-switchover", "return-path")
         capabilities = [{"capability": name, "state": True} for name in names]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
-        bandwidth = self.params.get("bandwidth_mbps")
+        bandwidth = self.params.bandwidth_mbps
         # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
         await self.qmp.execute(
             "migrate-set-parameters",
-            downtime_limit=int(self.params.get("downtime_ms", 300)),
+            downtime_limit=self.params.downtime_ms,
             max_bandwidth=int(bandwidth * 125_000) if bandwidth else 0,
         )
 
     async def _poll_numbers(self) -> None:
-        max_rounds = int(self.params.get("max_rounds", 30))
+        max_rounds = self.params.max_rounds
         while self.progress.state in ACTIVE_STATES:
             info = await self.qmp.execute("query-migrate")
-            self.progress.apply_query_migrate(info)
-            if self.progress.state == "copy" and self.progress.snapshot()["round"] > max_rounds:
-                snapshot = self.progress.snapshot()
+            apply_query_migrate(self.progress, info)
+            snapshot = self.progress.current
+            if snapshot.state == "copy" and snapshot.round > max_rounds:
                 raise MigrationAborted(
                     f"did not converge in {max_rounds} rounds: the guest writes "
-                    f"{snapshot['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, "
-                    f"the link moves {snapshot['throughput_bytes_s'] / 1e6:.1f} MB/s"
+                    f"{snapshot.dirty_rate_bytes_s / 1e6:.1f} MB/s, "
+                    f"the link moves {snapshot.throughput_bytes_s / 1e6:.1f} MB/s",
+                    FailureKind.NOT_CONVERGED,
                 )
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def _watch_phase_limits(self) -> None:
         while self.progress.state in ACTIVE_STATES:
             phase = self.progress.phase
-            limit = self.limits.get(f"{phase}_s")  # type: ignore[misc]
+            limit = self.limits.of(phase) if phase else None
             if limit is not None and time.monotonic() - self.progress.phase_started > limit:
-                self.spawn(self.abort(f"the {phase} phase ran over its limit of {limit:g} s"))
+                self.spawn(
+                    self.abort(f"the {phase} phase ran over its limit of {limit:g} s", FailureKind.TIME_LIMIT)
+                )
                 return
             await asyncio.sleep(0.05)
 
@@ -251,9 +268,12 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         word, _, rest = line.partition(" ")
         if word == "READY" and rest:
             self._target_ready.set_result(rest)
+        elif word == "ABORT":
+            kind, reason = abort_line(rest)
+            self.spawn(self.abort(f"the target aborted: {reason}", kind, side="target"))
         else:
-            reason = rest if word == "ABORT" else "the target closed the control connection"
-            self.spawn(self.abort(f"the target aborted: {reason}"))
+            reason = "the target closed the control connection"
+            self.spawn(self.abort(f"the target aborted: {reason}", FailureKind.UNREACHABLE, side="target"))
 
     async def handle_event(self, event: dict[str, Any]) -> None:
         if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
@@ -263,7 +283,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.progress.update(converged=True)
         if status in ("failed", "cancelled"):
             reason = await self._qemu_error() or f"QEMU reported the migration {status}"
-            self.spawn(self.abort(reason))
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
         elif status == "completed":
             self.progress.raise_percent("frozen", 90)
             self.spawn(self._verify_switchover())
@@ -280,13 +300,13 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
     async def _verify_switchover(self) -> None:
         """QEMU is done: hash the stopped source, take the target's digest, then "ready"."""
         try:
-            self.progress.apply_query_migrate(await self.qmp.execute("query-migrate"))
+            apply_query_migrate(self.progress, await self.qmp.execute("query-migrate"))
             source_digest = await self.digest()
             self.progress.update(source_digest=source_digest)
             self.progress.raise_percent("frozen", 95)
             target_digest = await self._target_ready
         except (QmpError, QmpClosed, OSError) as error:
-            await self.abort(f"could not verify the switchover: {error}")
+            await self.abort(f"could not verify the switchover: {error}", FailureKind.INTERNAL)
             return
         self.progress.update(target_digest=target_digest, bytes_remaining=0)
         self.progress.enter("ready")
@@ -301,11 +321,11 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             return
         try:
             devices = await self.qmp.execute("query-block")
-            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_name, len(devices))
+            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_id, len(devices))
             self.progress.raise_percent("quiesce", 100)
             await self.qmp.execute("migrate-continue", state="pre-switchover")
         except (QmpError, QmpClosed) as error:
-            await self.abort(f"could not continue from pre-switchover: {error}")
+            await self.abort(f"could not continue from pre-switchover: {error}", FailureKind.INTERNAL)
 
     async def quiesce(self) -> ProgressSnapshot:
         """Return once I/O Quiesce is over (the driver continues by itself) or the migration ended."""
@@ -331,29 +351,31 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         if current == "released":
             raise Conflict("the guest was released after the commit; it runs on the target now")
         if current in ACTIVE_STATES:
-            await self.abort(reason, state)
+            await self.abort(reason, FailureKind.CANCELLED, state)
         elif current == "ready":
             await self._run_guest()
-            self.progress.fail(state, reason)
+            self.progress.fail(state, reason, FailureKind.CANCELLED, keep_phase=True)
             self._finished(self)
         else:
             await self._run_guest()
         return self.snapshot()
 
-    async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
+    async def abort(
+        self, reason: str, kind: FailureKind, state: MigrationState = "aborted", *, side: Role | None = None
+    ) -> None:
         """Stop QEMU's migration, keep the guest running here, record why."""
         if self._ending or self.progress.state not in ACTIVE_STATES:
             return
         self._ending = True
         self.stop_background()
-        await send_line(self._control, f"ABORT {reason}")
+        await send_line(self._control, f"ABORT {kind} {reason}")
         self.close_control()
         with contextlib.suppress(QmpError, QmpClosed):
             await self.qmp.execute("migrate_cancel")
             await self._wait_qemu_settled()
         await self._run_guest()
-        log.info("%s: migration %s %s: %s", self.guest_name, self.migration_id, state, reason)
-        self.progress.fail(state, reason)
+        log.info("%s: migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
+        self.progress.fail(state, reason, kind, side=side, keep_phase=True)
         self._finished(self)
 
     async def _wait_qemu_settled(self) -> None:
@@ -382,11 +404,7 @@ class TargetMigration(QemuMigration):
         family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
         self._listener = socket.create_server((data_host, 0), family=family)
         self._listener.setblocking(False)
-        self.endpoint: Endpoint = {
-            "host": data_host,
-            "port": self._listener.getsockname()[1],
-            "token": self.token,
-        }
+        self.endpoint = Endpoint(host=data_host, port=self._listener.getsockname()[1], token=self.token)
 
     async def begin(self) -> None:
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
@@ -398,10 +416,11 @@ class TargetMigration(QemuMigration):
     async def _watch_init_limit(self) -> None:
         """Only Init is timed here (waiting for the source); the source times the rest,
         since this side cannot see when the source's Copy ends."""
-        limit = self.limits.get("init_s")
+        limit = self.limits.init_s
         while not self._connected:
             if limit is not None and time.monotonic() - self.progress.phase_started > limit:
-                self.spawn(self.abort(f"the source did not connect within the init limit of {limit:g} s"))
+                reason = f"the source did not connect within the init limit of {limit:g} s"
+                self.spawn(self.abort(reason, FailureKind.TIME_LIMIT))
                 return
             await asyncio.sleep(0.05)
 
@@ -417,13 +436,11 @@ class TargetMigration(QemuMigration):
                 await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
                 self._control = connection
                 if mismatch:
-                    self.spawn(self.abort(mismatch))
+                    self.spawn(self.abort(mismatch, FailureKind.REFUSED))
                     return
                 self.spawn(self._watch_source())
             else:
-                log.warning(
-                    "%s: refused a data-plane connection from %s: bad token", self.guest_name, peer[0]
-                )
+                log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
                 connection.close()
         self._listener.close()
 
@@ -455,7 +472,7 @@ class TargetMigration(QemuMigration):
             await self.qmp.execute("migrate-incoming", uri=f"fd:{FD_NAME}")
             self.progress.raise_percent("init", 50)
         except (OSError, QmpError, QmpClosed) as error:
-            self.spawn(self.abort(f"cannot start the incoming migration: {error}"))
+            self.spawn(self.abort(f"cannot start the incoming migration: {error}", FailureKind.INTERNAL))
         finally:
             connection.close()
 
@@ -463,15 +480,19 @@ class TargetMigration(QemuMigration):
         assert self._control is not None
         line = (await recv_line(self._control)).decode(errors="replace").strip()
         if self.progress.state in ACTIVE_STATES:
-            word, _, reason = line.partition(" ")
-            why = reason if word == "ABORT" else "it closed the control connection"
-            self.spawn(self.abort(f"the source aborted: {why}"))
+            word, _, rest = line.partition(" ")
+            if word == "ABORT":
+                kind, why = abort_line(rest)
+            else:
+                kind, why = FailureKind.UNREACHABLE, "it closed the control connection"
+            self.spawn(self.abort(f"the source aborted: {why}", kind, side="source"))
 
     async def _watch_process(self) -> None:
         assert self.process.process is not None
         code = await self.process.process.wait()
         if not self._ending and not self.settled:
-            self.spawn(self.abort(f"the target QEMU exited ({code}): {self.process.log_tail()[-200:]}"))
+            reason = f"the target QEMU exited ({code}): {self.process.log_tail()[-200:]}"
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
 
     async def handle_event(self, event: dict[str, Any]) -> None:
         if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
@@ -480,7 +501,7 @@ class TargetMigration(QemuMigration):
         if status == "completed":
             self.spawn(self._verify())
         elif status == "failed":
-            self.spawn(self.abort("the incoming migration failed"))
+            self.spawn(self.abort("the incoming migration failed", FailureKind.INTERNAL))
         elif status in ("setup", "active"):
             self.progress.enter(QEMU_STATES[status])
 
@@ -489,7 +510,7 @@ class TargetMigration(QemuMigration):
         try:
             target_digest = await self.digest()
         except (QmpError, QmpClosed, OSError) as error:
-            await self.abort(f"could not hash the received memory: {error}")
+            await self.abort(f"could not hash the received memory: {error}", FailureKind.INTERNAL)
             return
         self.progress.update(target_digest=target_digest)
         self.progress.enter("ready")
@@ -519,28 +540,32 @@ class TargetMigration(QemuMigration):
         if self.progress.state == "completed":
             raise Conflict(f"migration {self.migration_id} completed: the guest runs here")
         if self.progress.state not in TERMINAL_STATES:
-            await self._drop(
-                "discarded", self.progress.snapshot()["error"] or "discarded by the control plane"
-            )
+            current = self.progress.current
+            reason = current.error or "discarded by the control plane"
+            await self._drop("discarded", reason, current.failure_kind or FailureKind.CANCELLED)
         return self.snapshot()
 
     async def cancel(self) -> ProgressSnapshot:
         if self.progress.state in ACTIVE_STATES or self.progress.state == "ready":
-            await self._drop("cancelled", "cancelled by the control plane")
+            await self._drop("cancelled", "cancelled by the control plane", FailureKind.CANCELLED)
         return self.snapshot()
 
-    async def abort(self, reason: str, state: MigrationState = "aborted") -> None:
+    async def abort(
+        self, reason: str, kind: FailureKind, state: MigrationState = "aborted", *, side: Role | None = None
+    ) -> None:
         if self._ending or self.progress.state not in ACTIVE_STATES:
             return
-        await self._drop(state, reason)
+        await self._drop(state, reason, kind, side=side)
 
-    async def _drop(self, state: MigrationState, reason: str) -> None:
+    async def _drop(
+        self, state: MigrationState, reason: str, kind: FailureKind, *, side: Role | None = None
+    ) -> None:
         self._ending = True
         self.stop_background()
         self._listener.close()
-        await send_line(self._control, f"ABORT {reason}")
+        await send_line(self._control, f"ABORT {kind} {reason}")
         self.close_control()
         await self.process.kill()
-        log.info("%s: incoming migration %s %s: %s", self.guest_name, self.migration_id, state, reason)
-        self.progress.fail(state, reason)
+        log.info("%s: incoming migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
+        self.progress.fail(state, reason, kind, side=side, keep_phase=True)
         self._finished(self)
