@@ -1,7 +1,8 @@
 """The QEMU driver: guests are QEMU processes, migrated by QEMU's own live migration over QMP.
 
 Modules: ``driver`` (``QemuDriver``, the guests of one host), ``process`` (one QEMU process),
-``migration`` (both sides, mapped onto the agent's phases), ``states`` (QEMU's states and
+``migration`` (what both sides share, and how the two agents talk), ``source`` and ``target``
+(the two sides), ``states`` (QEMU's states and
 figures onto the progress snapshot), ``digest`` (hashing a stopped guest's RAM), ``qmp`` (QMP).
 """
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
-from hostagent.drivers.qemu.migration import QemuMigration, SourceMigration, TargetMigration
+from hostagent.drivers.qemu.migration import QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.source import SourceMigration
+from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.protocol import (
     Endpoint,
     GuestInfo,

@@ -14,6 +14,10 @@ Source, in order (each phase under its time limit, ``timing``; any failure abort
 5. "ready": wait for the control plane (``release`` or ``resume``/``cancel``).
 
 The frames are in ``wire``; the receiving side is ``target``.
+
+Longer than ~400 lines on purpose: it is one class, the source's data plane, whose copy rounds and
+Frozen hand-off share their state (the writer, round counters, events); the convergence judgement
+(``convergence``) and phase timing (``timing``) live apart.
 """
 
 from __future__ import annotations
