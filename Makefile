@@ -40,9 +40,11 @@ test-faults: $(STAMP)
 test-postgres: $(STAMP)
 	$(PY) scripts/run_postgres_tests.py
 
+## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 guest-image:
 	bash scripts/build_test_guest.sh

@@ -35,6 +35,7 @@ os.environ.update(
 )
 sys.path.insert(0, str(BASE_DIR))
 
+from devtools.local_secrets import use_local_secrets  # noqa: E402
 from devtools.processes import (  # noqa: E402
     AgentProcess,
     ManagedProcess,
@@ -45,6 +46,8 @@ from devtools.processes import (  # noqa: E402
     wait_until,
     write_secret_file,
 )
+
+use_local_secrets()  # SECRET_KEY and the secrets key from var/, as `make run` uses
 
 
 def start_bench_agent(name: str) -> AgentProcess:

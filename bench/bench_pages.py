@@ -27,6 +27,9 @@ def configure_django(database_path: Path) -> None:
     os.environ["DATABASE_URL"] = f"sqlite:///{database_path}"
     os.environ["ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    from devtools.local_secrets import use_local_secrets
+
+    use_local_secrets()  # SECRET_KEY and the secrets key from var/, as `make run` uses
     warnings.filterwarnings("ignore", message="No directory at", module="django.core.handlers.base")
     import django
 

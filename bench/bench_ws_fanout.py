@@ -40,6 +40,9 @@ ENV = {
     "LOG_LEVEL": "WARNING",
 }
 os.environ.update(ENV)
+from devtools.local_secrets import use_local_secrets  # noqa: E402
+
+use_local_secrets()  # SECRET_KEY and the secrets key from var/, as `make run` uses
 
 import aiohttp  # noqa: E402
 import django  # noqa: E402

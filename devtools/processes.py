@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -61,23 +62,35 @@ class ManagedProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group ended meanwhile
+
     def terminate(self) -> None:
         """SIGTERM the whole process group, without waiting."""
         if self.running:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL the whole process group: what a crash or an OOM kill looks like."""
         if self.running:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
             self.process.wait(timeout=10)
+        else:
+            self._signal_group(signal.SIGKILL)  # children left behind by a leader that exited
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self, timeout: float = 10, hurry: threading.Event | None = None) -> None:
+        """SIGTERM, wait up to ``timeout`` s (less once ``hurry`` is set), then SIGKILL the group."""
         self.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+            try:
+                self.process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
 
 
 def start_process(
@@ -92,13 +105,25 @@ def start_process(
     return ManagedProcess(name, process, log_path)
 
 
-def stop_all(processes: Iterable[ManagedProcess]) -> None:
-    """Signal every process first, then wait for each: they shut down side by side."""
+def stop_all(
+    processes: Iterable[ManagedProcess], timeout: float = 10, hurry: threading.Event | None = None
+) -> None:
+    """Signal every process first, then wait for each: they shut down side by side.
+
+    Idempotent, and every process is stopped even if stopping another raised. ``hurry`` (set by a
+    second Ctrl-C or SIGTERM) cuts the waiting short: what has not ended by then is SIGKILLed.
+    """
     processes = list(processes)
     for process in processes:
         process.terminate()
+    errors: list[BaseException] = []
     for process in processes:
-        process.stop()
+        try:
+            process.stop(timeout, hurry)
+        except Exception as error:  # noqa: PERF203 - one failure must not leave the rest running
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 # -- host agents -----------------------------------------------------------------

@@ -7,9 +7,12 @@ else gets a plain sentence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import render
 from django.urls import Resolver404
+from django.utils.html import format_html
 
 NOT_FOUND = "There is no page at this address. The VM or VSP may have been deleted, or the link is wrong."
 FORBIDDEN = "Your account may look at the console but not do this."
@@ -35,8 +38,24 @@ def bad_request(request: HttpRequest, exception: BaseException | None = None) ->
     return error_page(request, 400, "Bad request", BAD_REQUEST)
 
 
+REFUSAL_SLOT = "#refusal"  # in templates/base.html: where htmx shows a short refusal
+
+
 def permission_denied(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
-    return error_page(request, 403, "Not allowed", people_message(exception, FORBIDDEN))
+    """403: a short refusal, never the page the user may not change.
+
+    An htmx request gets one line, swapped into the layout's refusal slot (not into the form's
+    target, which keeps what it showed); any other request gets the short error page.
+    """
+    message = people_message(exception, FORBIDDEN)
+    if getattr(request, "htmx", False):
+        response = HttpResponse(
+            format_html('<p class="message message-error" role="alert">{}</p>', message), status=403
+        )
+        response["HX-Retarget"] = REFUSAL_SLOT
+        response["HX-Reswap"] = "innerHTML"
+        return response
+    return error_page(request, 403, "Not allowed", message)
 
 
 def page_not_found(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
@@ -56,7 +75,7 @@ def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse
 class FriendlyMethodNotAllowedMiddleware:
     """``require_POST`` and friends answer 405 with an empty body: render the 405 page instead."""
 
-    def __init__(self, get_response) -> None:  # noqa: ANN001 - Django middleware protocol
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:

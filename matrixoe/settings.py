@@ -4,9 +4,12 @@ Secrets may also come from a file named by ``<NAME>_FILE`` (Docker/Kubernetes se
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -45,11 +48,24 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 DEBUG = env_bool("DEBUG", False)
+# No default: a key everyone can read signs everyone's sessions. `make run` generates one into
+# var/secret-key (mode 0600) and passes SECRET_KEY_FILE.
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG and not env_bool("MATRIXOE_DEV_SECRET", True):
-        raise ImproperlyConfigured("SECRET_KEY must be set in production")
-    SECRET_KEY = "dev-only-insecure-secret-key-change-me"  # noqa: S105 - development default
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set. Set SECRET_KEY (or SECRET_KEY_FILE, a file holding it) to a long random "
+        "value, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'. `make run` does this "
+        "for you (var/secret-key)."
+    )
+# Fernet keys (comma-separated; the first encrypts, all decrypt, for rotation) for the agent secrets
+# stored in the database (vms.fields.EncryptedSecretField). `make run` generates one into var/.
+SECRETS_ENCRYPTION_KEYS = env_list("SECRETS_ENCRYPTION_KEY", "")
+if not SECRETS_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured(
+        "SECRETS_ENCRYPTION_KEY is not set. Set it (or SECRETS_ENCRYPTION_KEY_FILE) to a Fernet key, e.g. "
+        "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'. "
+        "`make run` does this for you (var/secrets-encryption.key)."
+    )
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
@@ -63,6 +79,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "channels",
+    "axes",
+    "csp",
     "vms",
     "migrations_app",
 ]
@@ -77,9 +95,24 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "matrixoe.error_views.FriendlyMethodNotAllowedMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks
 ]
+
+# Login throttling (django-axes): after AXES_FAILURE_LIMIT failed logins for one username from one
+# address, that pair is locked out for AXES_COOLOFF_MINUTES (HTTP 429); an admin can lift it in the admin.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 
 ROOT_URLCONF = "matrixoe.urls"
 ASGI_APPLICATION = "matrixoe.asgi.application"
@@ -94,6 +127,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "csp.context_processors.nonce",
             ],
         },
     },
@@ -101,7 +135,10 @@ TEMPLATES = [
 
 DATABASES = {
     "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"),
+        env_str(
+            "DATABASE_URL",
+            f"sqlite:///{Path(os.environ.get('MATRIXOE_VAR_DIR') or BASE_DIR / 'var') / 'db.sqlite3'}",
+        ),
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
     )
 }
@@ -132,7 +169,7 @@ WHITENOISE_USE_FINDERS = True
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-CHANNEL_LAYERS = {
+CHANNEL_LAYERS: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
@@ -159,6 +196,44 @@ CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cook
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 
+# --- HTTPS: set SERVED_OVER_HTTPS=true when browsers reach the console over https -----------------
+# Cookies are then sent over https only, http redirects to https and HSTS tells browsers to stay there.
+# Behind a TLS-terminating proxy, SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO=https (the header the
+# proxy sets, and ONLY when the proxy strips it from clients' requests).
+SERVED_OVER_HTTPS = env_bool("SERVED_OVER_HTTPS", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", SERVED_OVER_HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", SERVED_OVER_HTTPS)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", SERVED_OVER_HTTPS)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if SERVED_OVER_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", SERVED_OVER_HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", SERVED_OVER_HTTPS)
+_proxy_header = env_str("SECURE_PROXY_SSL_HEADER", "")
+if _proxy_header:
+    _name, _, _value = _proxy_header.partition("=")
+    if not _name.startswith("HTTP_") or not _value:
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO=https, got {_proxy_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_name, _value)
+
+# --- Content-Security-Policy (django-csp 4): scripts and styles from our own origin only --------------
+# No inline script or style, no eval: htmx runs with allowEval and its indicator styles off (see
+# templates/base.html); the progress websocket is same-origin ('self' covers ws:/wss: in CSP 3).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -176,6 +251,9 @@ LOGGING = {
     # One line per agent request drowns the worker's log; failures are logged by the callers.
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
+
+# Seconds the console waits for a host agent's answer (vms.agent_client); raise on a loaded machine.
+AGENT_TIMEOUT_S = float(env_int("AGENT_TIMEOUT_S", 10))
 
 # --- online migrations (migrations_app; owned by the migration backend) ---------------------------------
 # Sent to the source agent with every migration; the phase limits come from each VM.

@@ -12,16 +12,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
-from vms.models import VSP, VirtualMachine
+from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
+from .scheduling import enqueue_next_for_source, enqueue_run
 from .transitions import record_created, transition
 
 logger = logging.getLogger(__name__)
@@ -69,10 +68,19 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     if reason:
         raise MigrationRefused(refusal_message(vm, target, reason))
     source = vm.current_vsp
+    if source is None:
+        raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
         migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
-    record_created(
-        migration, actor=user, message=f"Migration of {vm.name} from {source} to {target} requested"
+    message = f"Migration of {vm.name} from {source} to {target} requested"
+    record_created(migration, actor=user, message=message)
+    AuditEvent.record(
+        AuditEvent.Action.MIGRATION_REQUESTED,
+        migration,
+        actor=user,
+        after={"vm": vm.name, "source": source.name, "target": target.name},
+        message=message,
+        object_name=audit_name(migration),
     )
     migration_id = migration.pk
     transaction.on_commit(lambda: enqueue_run(migration_id))
@@ -92,7 +100,7 @@ def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> 
         try:
             results.append(RequestResult(vm, do_request_migration(vm, target, user), ""))
         except MigrationRefused as refusal:
-            results.append(RequestResult(vm, None, refusal.message))
+            results.append(RequestResult(vm, None, str(refusal.message)))
     return results
 
 
@@ -107,7 +115,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
     with transaction.atomic():
         flagged = Migration.objects.filter(
             pk=migration.pk, state__in=Migration.PHASES, cancel_requested=False
-        ).update(cancel_requested=True)
+        ).update(cancel_requested=True, cancel_requested_by=_actor(user))
         current = Migration.objects.get(pk=migration.pk)
         if flagged:
             MigrationEvent.objects.create(
@@ -117,6 +125,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
                 message=f"Cancel requested by {user}",
                 actor=_actor(user),
             )
+            record_cancel(current, user, f"Cancel requested by {user} during {current.get_state_display()}")
     already_cancelling = current.state in Migration.PHASES and current.cancel_requested
     if not flagged and not already_cancelling:
         raise MigrationRefused(too_late_message(current))
@@ -132,9 +141,11 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
             message=f"Cancelled by {user} while queued",
             actor=_actor(user),
             cancel_requested=True,
+            cancel_requested_by=_actor(user),
             alert=f"Cancelled by {user} before it started; nothing was changed.",
         )
         if cancelled:
+            record_cancel(migration, user, f"Cancelled by {user} while queued")
             source_id = migration.source_id
             transaction.on_commit(lambda: enqueue_next_for_source(source_id))
             transaction.on_commit(lambda: publish_progress(migration.pk))
@@ -147,54 +158,23 @@ def too_late_message(migration: Migration) -> str:
     return f"Nothing to cancel: the migration has already ended ({migration.get_state_display()})."
 
 
-def _actor(user: Any) -> Any:
-    return user if getattr(user, "is_authenticated", False) else None
-
-
-def enqueue_run(migration_id: int) -> None:
-    from .tasks import run_migration
-
-    run_migration.apply_async((migration_id,), queue=settings.MIGRATION_QUEUE)
-
-
-def enqueue_next_for_source(source_id: int) -> None:
-    """Hand the source VSP to its oldest queued migration, if any (the hourglass moves on)."""
-    next_id = next_queued_for_source(source_id)
-    if next_id is not None:
-        enqueue_run(next_id)
-
-
-def next_queued_for_source(source_id: int) -> int | None:
+def audit_name(migration: Migration) -> str:
+    """How the audit trail names a migration, readable after the VM or VSPs are gone."""
     return (
-        Migration.objects.filter(source_id=source_id, state=Migration.State.QUEUED)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-        .first()
+        f"migration {migration.pk} of {migration.vm.name}: {migration.source.name} -> {migration.target.name}"
     )
 
 
-def do_claim_source(migration_id: int) -> bool:
-    """QUEUED -> INIT if this migration's source is free and it is the source's oldest queued one.
+def record_cancel(migration: Migration, user: Any, message: str) -> None:
+    AuditEvent.record(
+        AuditEvent.Action.MIGRATION_CANCELLED,
+        migration,
+        actor=user,
+        after={"cancel_requested": True},
+        message=message,
+        object_name=audit_name(migration),
+    )
 
-    The source VSP row lock serializes claims per source (SQLite serializes all writers anyway), so
-    exactly one migration leaves a source at a time; the others stay QUEUED (the hourglass).
-    """
-    with transaction.atomic():
-        migration = Migration.objects.filter(pk=migration_id).select_related("source").first()
-        if migration is None or migration.state != Migration.State.QUEUED:
-            return False
-        VSP.objects.select_for_update().filter(pk=migration.source_id).first()
-        busy = (
-            Migration.objects.filter(source_id=migration.source_id, state__in=Migration.ACTIVE_STATES)
-            .exclude(state=Migration.State.QUEUED)
-            .exists()
-        )
-        if busy or next_queued_for_source(migration.source_id) != migration_id:
-            return False
-        return transition(
-            migration_id,
-            Migration.State.QUEUED,
-            Migration.State.INIT,
-            message=f"Init: {migration.source} and the target host connect",
-            heartbeat_at=timezone.now(),
-        )
+
+def _actor(user: Any) -> Any:
+    return user if getattr(user, "is_authenticated", False) else None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -28,11 +29,20 @@ from .progress import (
 
 logger = logging.getLogger(__name__)
 
-VIEW_PERMISSION = "vms.view_virtualmachine"
+VM_VIEW_PERMISSION = "vms.view_virtualmachine"
+VSP_VIEW_PERMISSION = "vms.view_vsp"
+BAD_REQUEST = 4400
+MAX_PAGE_VMS = 1000  # a VSP tab shows one page of rows; more ids than this is not a page
+_SEEN_RE = re.compile(r"[0-9]{1,18}-[a-z_]{1,32}")
+_ID_RE = re.compile(r"[0-9]{1,18}")
 
 
-def user_may_watch(user: Any) -> bool:
-    return bool(user is not None and user.is_authenticated and user.has_perm(VIEW_PERMISSION))
+class BadQuery(ValueError):
+    """A websocket's query string is malformed; the socket is closed with ``BAD_REQUEST``."""
+
+
+def user_may_watch(user: Any, permission: str = VM_VIEW_PERMISSION) -> bool:
+    return bool(user is not None and user.is_authenticated and user.has_perm(permission))
 
 
 def render_vm_state(vm_id: int, seen: str = "") -> str | None:
@@ -51,18 +61,54 @@ def render_vsp_state(vsp_id: int, vm_ids: frozenset[int] | None = None) -> str |
     return render_row_fragments(vsp, get_row_migrations(vsp, vm_ids), oob=True, refetch_tab=False)
 
 
+def query_params(query_string: bytes, allowed: frozenset[str]) -> dict[str, str]:
+    """The socket's query parameters, each at most once; raises BadQuery for anything else.
+
+    Strict on purpose: a string that is not ASCII, an unknown or repeated name, or a blank pair is
+    refused rather than guessed at (``?vms=%C2%B2`` once crashed the process's progress reader).
+    """
+    try:
+        text = query_string.decode("ascii")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), max_num_fields=10)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise BadQuery(f"malformed query string: {error}") from None
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed or name in params:
+            raise BadQuery(f"unexpected or repeated parameter {name!r}")
+        params[name] = value
+    return params
+
+
 def parse_vm_ids(query_string: bytes) -> frozenset[int] | None:
-    """``?vms=3,5,8``: the VMs whose rows the page shows; None (every VM) when not given."""
-    values = parse_qs(query_string.decode("latin-1")).get("vms")
-    if values is None:
+    """``?vms=3,5,8``: the VMs whose rows the page shows; None (every VM) when not given.
+
+    Raises BadQuery unless every item is an ASCII decimal id (at most ``MAX_PAGE_VMS``); an empty
+    value is an empty page.
+    """
+    value = query_params(query_string, frozenset({"vms"})).get("vms")
+    if value is None:
         return None
-    return frozenset(int(part) for part in values[0].split(",") if part.strip().isdigit())
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if len(parts) > MAX_PAGE_VMS or not all(_ID_RE.fullmatch(part) for part in parts):
+        raise BadQuery("vms must be a comma-separated list of VM ids")
+    return frozenset(int(part) for part in parts)
+
+
+def parse_seen(query_string: bytes) -> str:
+    """``?seen=<migration id>-<state>`` (or empty): what the page already showed. Raises BadQuery."""
+    seen = query_params(query_string, frozenset({"seen"})).get("seen", "")
+    if seen and not _SEEN_RE.fullmatch(seen):
+        raise BadQuery("seen must look like '<migration id>-<state>'")
+    return seen
 
 
 class ProgressConsumer(AsyncWebsocketConsumer):
-    """Refuses anonymous users and users who may not view VMs; then pushes the group's HTML."""
+    """Refuses anonymous users and users without ``permission``; closes with 4400 on a malformed
+    query; then pushes the group's HTML. Parameters are parsed once, before the socket joins anything."""
 
     subject_kwarg = ""
+    permission = VM_VIEW_PERMISSION
     group = ""
     snapshot_sent = False
     pending_html: str | None = None
@@ -70,13 +116,24 @@ class ProgressConsumer(AsyncWebsocketConsumer):
     def group_name(self, subject_id: int) -> str:
         raise NotImplementedError
 
+    def parse_query(self, query_string: bytes) -> None:
+        """Read this socket's query parameters into attributes; raises BadQuery."""
+        query_params(query_string, frozenset())
+
     def render_state(self, subject_id: int) -> str | None:
         raise NotImplementedError
 
     async def connect(self) -> None:
-        subject_id = self.scope["url_route"]["kwargs"][self.subject_kwarg]
-        if not await database_sync_to_async(user_may_watch)(self.scope.get("user")):
+        subject_id = int(self.scope["url_route"]["kwargs"][self.subject_kwarg])
+        if not await database_sync_to_async(user_may_watch)(self.scope.get("user"), self.permission):
             await self.close()  # before accept: the handshake is refused (HTTP 403)
+            return
+        try:
+            self.parse_query(self.scope.get("query_string", b""))
+        except BadQuery as error:
+            logger.info("Websocket %s refused with %s: %s", self.scope.get("path"), BAD_REQUEST, error)
+            await self.accept()  # accepted first so the browser sees the close code
+            await self.close(code=BAD_REQUEST)
             return
         self.group = self.group_name(subject_id)
         await get_fanout().join(self.group, self)
@@ -97,6 +154,17 @@ class ProgressConsumer(AsyncWebsocketConsumer):
             asyncio.get_running_loop().create_task(self._send_quietly(html))
         else:
             self.pending_html = html  # newer than anything held before; sent after the snapshot
+
+    def drop(self) -> None:
+        """Called by the fan-out when delivering to this socket failed: close it (the page reconnects)."""
+        self.group = ""
+        asyncio.get_running_loop().create_task(self._close_quietly())
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.close(code=1011)
+        except Exception:
+            logger.debug("Could not close a failed progress socket", exc_info=True)
 
     async def _send_quietly(self, html: str) -> None:
         try:
@@ -127,28 +195,36 @@ class UnknownRouteConsumer(AsyncWebsocketConsumer):
 
 
 class VMProgressConsumer(ProgressConsumer):
+    """A VM's General tab: ``?seen=<migration id>-<state>`` says what the page already showed."""
+
     subject_kwarg = "vm_id"
+    permission = VM_VIEW_PERMISSION
+    seen = ""
 
     def group_name(self, subject_id: int) -> str:
         return vm_group(subject_id)
 
+    def parse_query(self, query_string: bytes) -> None:
+        self.seen = parse_seen(query_string)
+
     def render_state(self, subject_id: int) -> str | None:
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-        return render_vm_state(subject_id, seen=query.get("seen", [""])[0])
+        return render_vm_state(subject_id, seen=self.seen)
 
 
 class VSPProgressConsumer(ProgressConsumer):
     """A VSP's Virtual Machines tab shows one page of rows: it gets updates for those rows only
-    (an out-of-band swap for a row the page lacks is an ``htmx:oobErrorNoTarget`` in the browser)."""
+    (an out-of-band swap for a row the page lacks is an ``htmx:oobErrorNoTarget`` in the browser).
+    It shows the VSP, so it needs the VSP view permission."""
 
     subject_kwarg = "vsp_id"
-
-    @property
-    def vm_ids(self) -> frozenset[int] | None:
-        return parse_vm_ids(self.scope.get("query_string", b""))
+    permission = VSP_VIEW_PERMISSION
+    vm_ids: frozenset[int] | None = None
 
     def group_name(self, subject_id: int) -> str:
         return vsp_group(subject_id)
+
+    def parse_query(self, query_string: bytes) -> None:
+        self.vm_ids = parse_vm_ids(query_string)
 
     def render_state(self, subject_id: int) -> str | None:
         return render_vsp_state(subject_id, self.vm_ids)

@@ -1,14 +1,17 @@
-"""Drives one migration against its two host agents (ARCHITECTURE.md, "The migration protocol").
+"""The driving loop of one migration against its two host agents (``docs/migrations.md``).
 
-1. Claim the source VSP: QUEUED -> INIT only when no other migration is leaving it (``do_claim_source``).
+1. Claim the source VSP: QUEUED -> INIT only when no other migration is leaving it
+   (``scheduling.do_claim_source``).
 2. Run the phases in order (``phases.PHASES``), recording each in the database before acting on the agents.
    Progress from the source agent's stream is persisted (percentages never decrease) and published,
    throttled; a watchdog thread beats the heartbeat, notices a cancel request and backs up phase limits.
-3. Commit: in one transaction, FROZEN -> COMMITTING (only if no cancel was requested) and the registration
-   flip (target runnable and On, source Not Runnable set by Migrate). This is the point of no return.
-4. Roll forward: resume on the target, release on the source (idempotent, retried), then COMPLETED.
+3. Commit (``decisions.commit``): in one transaction, FROZEN -> COMMITTING (only if no cancel was
+   requested) and the registration flip. This is the point of no return.
+4. Roll forward (``decisions.roll_forward``): resume on the target, release on the source, then COMPLETED.
 Any failure before step 3 records ABORTED/CANCELLED with the alert first, then tells the target to
 discard and the source to resume: the guest never stopped belonging to the source.
+
+Only ``tasks`` imports this module; the decisions it shares with recovery live in ``decisions``.
 """
 
 from __future__ import annotations
@@ -21,18 +24,29 @@ from contextlib import closing, contextmanager
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
-from vms.agent_client import AgentClient, AgentProtocolError, AgentRefused, AgentUnreachable
-from vms.models import VSP, Registration
+from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.models import Registration
 
-from .actions import do_claim_source, enqueue_next_for_source
+from .decisions import (
+    abort,
+    agent_for,
+    agent_migration_id,
+    cancel_on_source,
+    cancelled_by,
+    commit,
+    load_migration,
+    progress_fields,
+    roll_forward,
+)
 from .errors import MigrationCancelled, MigrationFailed, Superseded
-from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
+from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
+from .scheduling import do_claim_source, enqueue_next_for_source
 from .transitions import transition
 
 logger = logging.getLogger(__name__)
@@ -42,24 +56,7 @@ PUBLISH_INTERVAL_S = 0.2  # at most ~5 progress updates a second within a phase
 WATCH_INTERVAL_S = 0.1
 HEARTBEAT_INTERVAL_S = 1.0
 BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker steps in only if it did not
-UNDO_ATTEMPTS = 3
 COMMAND_POLL_INTERVAL_S = 0.15  # while quiesce/freeze block: how often the source's snapshot is read
-CANCEL_TIMEOUT_S = 1.0  # per attempt: a cancel that does not land at once is tried again, not waited on
-CANCEL_ATTEMPTS = 4
-ROLL_FORWARD_ATTEMPTS = 6
-
-
-def agent_for(vsp: VSP) -> AgentClient:
-    return AgentClient(vsp.agent_url, vsp.agent_secret)
-
-
-def agent_migration_id(migration: Migration) -> str:
-    """The id both agents know this attempt by; derived from the row so recovery can name it too."""
-    return f"m{migration.pk}-{migration.requested_at:%Y%m%d%H%M%S%f}"
-
-
-def load_migration(migration_id: int) -> Migration:
-    return Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
 
 
 def drive_migration(migration_id: int) -> None:
@@ -83,23 +80,25 @@ def run_until_committed(run: MigrationRun) -> bool:
         try:
             run_phases(run, watchdog)
             watchdog.disarm()
-            commit(run)
+            commit(run.migration, run.check_stop)
             return True
         except MigrationFailed as failure:
-            abort(run, failure)
+            abort(run.migration, failure, run.source, run.target, run.agent_id)
         except Superseded:
             logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
         except Exception:
             logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
-            abort(run, MigrationFailed(run.migration.state, "an internal error in the control plane"))
+            internal = MigrationFailed(run.migration.state, "an internal error in the control plane")
+            abort(run.migration, internal, run.source, run.target, run.agent_id)
     return False
 
 
 def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
     for index, phase in enumerate(PHASES):
+        # Armed first: once the record shows the phase, a cancel or time-out is already blamed on it.
+        watchdog.arm(phase, phase.limit_s(run.migration))
         if index:
             run.enter(phase)
-        watchdog.arm(phase, phase.limit_s(run.migration))
         try:
             phase.run(run)
         finally:
@@ -318,7 +317,7 @@ class MigrationRun:
         self.flush(force=True)
 
 
-def checked_snapshot(snapshot: Any, phase: Migration.State) -> ProgressSnapshot:
+def checked_snapshot(snapshot: Any, phase: Migration.State | str) -> ProgressSnapshot:
     """The agent's snapshot (``protocol.ProgressSnapshot``), or a failure in plain words if it is not one."""
     try:
         return parse(ProgressSnapshot, snapshot, "the progress report")
@@ -340,24 +339,6 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
         migration.expected_downtime_ms = snapshot.expected_downtime_ms
     if snapshot.downtime_ms is not None:
         migration.downtime_ms = snapshot.downtime_ms
-
-
-PROGRESS_FIELDS = (
-    *PHASE_PERCENT_FIELD.values(),
-    "bytes_sent",
-    "bytes_remaining",
-    "rounds",
-    "dirty_rate_bytes_s",
-    "throughput_bytes_s",
-    "expected_downtime_ms",
-    "downtime_ms",
-    "source_digest",
-    "target_digest",
-)
-
-
-def progress_fields(migration: Migration) -> dict[str, Any]:
-    return {name: getattr(migration, name) for name in PROGRESS_FIELDS}
 
 
 class Watchdog:
@@ -419,7 +400,11 @@ class Watchdog:
         if Migration.objects.filter(pk=pk, cancel_requested=True).exists():
             self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
         elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.stop(MigrationFailed(self.phase, f"it ran over its time limit of {self.limit_s} s"))
+            self.stop(
+                MigrationFailed(
+                    self.phase, f"it ran over its time limit of {self.limit_s} s", kind=FailureKind.TIME_LIMIT
+                )
+            )
 
     def stop(self, reason: MigrationFailed) -> None:
         with self.lock:
@@ -428,158 +413,3 @@ class Watchdog:
             self.run.stop_reason = reason
             if not cancel_on_source(self.agent, self.run.agent_id):
                 logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)
-
-
-def cancelled_by(migration_id: int) -> str:
-    event = (
-        MigrationEvent.objects.filter(migration_id=migration_id, message__startswith="Cancel requested")
-        .select_related("actor")
-        .last()
-    )
-    return str(event.actor) if event and event.actor else "an administrator"
-
-
-# --- the decision: commit or abort ---------------------------------------------------------------------
-
-
-def commit(run: MigrationRun) -> None:
-    """FROZEN -> COMMITTING and the registration flip, in one transaction (the point of no return)."""
-    run.check_stop()
-    migration = run.migration
-    message = f"Committing: {migration.vm} becomes runnable on {migration.target} only"
-    fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
-    try:
-        with transaction.atomic():
-            won = transition(
-                migration.pk,
-                State.FROZEN,
-                State.COMMITTING,
-                message=message,
-                where={"cancel_requested": False},
-                **fields,
-            )
-            if won:
-                flip_registrations(migration)
-    except (IntegrityError, Registration.DoesNotExist):
-        logger.exception("Registration flip of migration %s refused", migration.pk)
-        raise MigrationFailed(State.FROZEN, "the VM is no longer runnable on the source host") from None
-    if not won:
-        if Migration.objects.filter(pk=migration.pk, state=State.FROZEN, cancel_requested=True).exists():
-            raise MigrationCancelled(State.FROZEN, cancelled_by(migration.pk))
-        raise Superseded
-    migration.state = State.COMMITTING
-    publish_progress(migration.pk)
-
-
-def flip_registrations(migration: Migration) -> None:
-    """Source copy Not Runnable (set by Migrate), then target copy runnable and On: never two runnable."""
-    source_copy = Registration.objects.select_for_update().get(
-        vm_id=migration.vm_id,
-        vsp_id=migration.source_id,
-        hardware_status__in=[Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF],
-    )
-    source_copy.hardware_status = Registration.HardwareStatus.NOT_RUNNABLE
-    source_copy.not_runnable_set_by = Registration.SetBy.MIGRATE
-    source_copy.not_runnable_reason = f"guest migrated to VSP {migration.target.name}"
-    source_copy.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
-    Registration.objects.update_or_create(
-        vm_id=migration.vm_id,
-        vsp_id=migration.target_id,
-        defaults={
-            "hardware_status": Registration.HardwareStatus.ON,
-            "not_runnable_set_by": Registration.SetBy.NONE,
-            "not_runnable_reason": "",
-        },
-    )
-
-
-def abort(run: MigrationRun, failure: MigrationFailed) -> None:
-    migration = run.migration
-    recorded = record_abort(migration, failure, fields=progress_fields(migration))
-    ended = (State.ABORTED, State.CANCELLED)
-    if recorded or Migration.objects.filter(pk=migration.pk, state__in=ended).exists():
-        undo_on_agents(run.source, run.target, run.agent_id)
-
-
-def record_abort(
-    migration: Migration, failure: MigrationFailed, *, fields: dict[str, Any] | None = None
-) -> bool:
-    """Record ABORTED/CANCELLED with the alert, before any agent is told (the record decides)."""
-    outcome = State.CANCELLED if isinstance(failure, MigrationCancelled) else State.ABORTED
-    alert = f"{failure.alert} {where_the_vm_stays(migration, failure)}"
-    won = transition(
-        migration.pk,
-        migration.state,
-        outcome,
-        message=alert,
-        alert=alert,
-        failed_phase=failure.phase,
-        **(fields or {}),
-    )
-    if won:
-        logger.info("Migration %s %s: %s", migration.pk, outcome, alert)
-        migration.state = outcome
-        publish_progress(migration.pk)
-    return won
-
-
-def where_the_vm_stays(migration: Migration, failure: MigrationFailed) -> str:
-    """The alert's last sentence: "keeps running" only for a guest that was running on the source."""
-    running = failure.source_running
-    if running is None:
-        running = Registration.objects.filter(
-            vm_id=migration.vm_id, vsp_id=migration.source_id, hardware_status=Registration.HardwareStatus.ON
-        ).exists()
-    if running:
-        return f"The VM keeps running on {migration.source.name}."
-    return f"The VM stays on {migration.source.name}, where it was not running."
-
-
-def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
-    """Tell the source to stop sending, promptly: short attempts, retried (a refusal: nothing to stop)."""
-    return retry_agent(lambda: source.cancel(agent_id, CANCEL_TIMEOUT_S), CANCEL_ATTEMPTS, delay=0.1)
-
-
-def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
-    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
-    cancel_on_source(source, agent_id)
-    for client, command in ((target, "discard"), (source, "resume")):
-        retry_agent(lambda client=client, command=command: getattr(client, command)(agent_id), UNDO_ATTEMPTS)
-
-
-def roll_forward(migration: Migration) -> bool:
-    """After the commit only forward: resume the target, release the source, then COMPLETED.
-
-    Both commands are idempotent, so a recovering worker may repeat what a dead one already did.
-    Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
-    """
-    agent_id = agent_migration_id(migration)
-    with agent_for(migration.source) as source, agent_for(migration.target) as target:
-        if not retry_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS):
-            return False
-        if not retry_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS):
-            return False
-    migration.refresh_from_db()
-    message = f"Completed: {migration.vm} runs on {migration.target}"
-    if migration.downtime_ms is not None:
-        message += f" (downtime {migration.downtime_ms} ms)"
-    if transition(migration.pk, State.COMMITTING, State.COMPLETED, message=message):
-        publish_progress(migration.pk)
-    return True
-
-
-def retry_agent(command: Callable[[], Any], attempts: int, *, delay: float = 0.2) -> bool:
-    """Run an idempotent agent command until it answers; a refusal is final (logged), not retried."""
-    for attempt in range(1, attempts + 1):
-        try:
-            command()
-            return True
-        except AgentRefused as refusal:
-            logger.warning("Agent refused a clean-up command: %s", refusal)
-            return True
-        except (AgentUnreachable, AgentProtocolError) as error:
-            logger.warning("Agent command failed (attempt %s of %s): %s", attempt, attempts, error)
-            if attempt < attempts:
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-    return False

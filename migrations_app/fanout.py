@@ -13,6 +13,10 @@ Correctness:
   socket's buffer is full, and waiters resume first-in first-out);
 - group memberships in the layer expire (``group_expiry``), so they are renewed on every join and
   every ``REFRESH_S``; groups without local sockets are left then, under the same lock as joins.
+
+Isolation: one watcher's fault (its ``wants`` or ``deliver`` raising) is logged and drops only that
+watcher (its ``drop()`` is called when it has one); the reader itself is supervised: should it ever
+end, it is logged and started again, so one page cannot stop live progress for the whole process.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class Watcher(Protocol):
     def deliver(self, html: str) -> None: ...
 
 
+READER_RESTART_DELAY_S = 0.1
+
+
 def wanted_by(watcher: Watcher, message: dict) -> bool:
     """A watcher may define ``wants(message)`` to skip updates its page has no place for."""
     wants = getattr(watcher, "wants", None)
@@ -47,17 +54,43 @@ class ProcessFanout:
         self.members: dict[str, set[Watcher]] = defaultdict(set)
         self.lock = asyncio.Lock()
         self.tasks: list[asyncio.Task] = []
+        self.reader: asyncio.Task | None = None
+        self.reader_restarts = 0
 
     async def join(self, group: str, watcher: Watcher) -> None:
         async with self.lock:
             if self.channel is None:
                 self.channel = await self.layer.new_channel()
-                self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._refresh())]
+                self.reader = self._start_reader()
+                self.tasks = [self.reader, asyncio.create_task(self._refresh())]
             self.members[group].add(watcher)
             await self.layer.group_add(group, self.channel)
 
     def leave(self, group: str, watcher: Watcher) -> None:
         self.members.get(group, set()).discard(watcher)
+
+    def _start_reader(self) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._read())
+        task.add_done_callback(self._reader_ended)
+        return task
+
+    def _reader_ended(self, task: asyncio.Task) -> None:
+        """Start the reader again unless it was cancelled (the loop or the test shutting down)."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        logger.error(
+            "Progress fan-out reader stopped; restarting it", exc_info=error if error is not None else None
+        )
+        self.reader_restarts += 1
+        loop = task.get_loop()
+        if loop.is_closed():
+            return
+        loop.call_later(READER_RESTART_DELAY_S, self._restart_reader)
+
+    def _restart_reader(self) -> None:
+        self.reader = self._start_reader()
+        self.tasks = [self.reader, *self.tasks[1:]]
 
     async def _read(self) -> None:
         while True:
@@ -69,9 +102,24 @@ class ProcessFanout:
                 logger.exception("Progress fan-out could not read from the channel layer; retrying")
                 await asyncio.sleep(1)
                 continue
-            for watcher in tuple(self.members.get(message.get("group", ""), ())):
+            self._dispatch(message)
+
+    def _dispatch(self, message: dict) -> None:
+        """Hand ``message['html']`` to each local watcher of its group; a faulty watcher is dropped alone."""
+        group = message.get("group", "")
+        for watcher in tuple(self.members.get(group, ())):
+            try:
                 if wanted_by(watcher, message):
                     watcher.deliver(message["html"])
+            except Exception:
+                logger.exception("Progress socket %r failed to take an update; dropping it", watcher)
+                self.leave(group, watcher)
+                drop = getattr(watcher, "drop", None)
+                if drop is not None:
+                    try:
+                        drop()
+                    except Exception:
+                        logger.exception("Could not close the failed progress socket %r", watcher)
 
     async def _refresh(self) -> None:
         while True:

@@ -28,7 +28,7 @@ from .models import Migration
 logger = logging.getLogger(__name__)
 
 PROGRESS_TEMPLATE = "migrations_app/progress.html"
-MESSAGE_TYPE = "migration.progress"
+MESSAGE_TYPE: Literal["migration.progress"] = "migration.progress"
 
 
 class ProgressMessage(TypedDict):

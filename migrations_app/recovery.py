@@ -3,6 +3,7 @@
 Before the commit (INIT .. FROZEN): abort, recording first, then discard on the target and resume on the
 source. At or after the commit (COMMITTING): roll forward. The compare-and-set on the state means a
 worker that was only slow, not dead, loses the race and stops without touching the agents.
+The decisions themselves are the worker's own (``decisions``); queues move on through ``scheduling``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from datetime import timedelta
 from django.db.models import Q
 from django.utils import timezone
 
-from .actions import enqueue_next_for_source
-from .engine import (
+from .decisions import (
     agent_for,
     agent_migration_id,
     cancelled_by,
@@ -25,6 +25,7 @@ from .engine import (
 )
 from .errors import MigrationCancelled, MigrationFailed
 from .models import Migration
+from .scheduling import start_idle_queues
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +69,3 @@ def abort_orphan(migration: Migration) -> None:
         agent_id = agent_migration_id(migration)
         with agent_for(migration.source) as source, agent_for(migration.target) as target:
             undo_on_agents(source, target, agent_id)
-
-
-def start_idle_queues() -> None:
-    """A queued migration whose task was lost would wait for ever: re-hand each idle source its next one."""
-    busy = Migration.objects.filter(state__in=Migration.ACTIVE_STATES).exclude(state=State.QUEUED)
-    waiting = (
-        Migration.objects.filter(state=State.QUEUED)
-        .exclude(source_id__in=busy.values("source_id"))
-        .values_list("source_id", flat=True)
-        .distinct()
-    )
-    for source_id in waiting:
-        enqueue_next_for_source(source_id)

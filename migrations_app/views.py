@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
+from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
 from .actions import (
@@ -40,7 +41,7 @@ def parse_id(value: str | None) -> int | None:
 
 @require_http_methods(["GET", "POST"])
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
-def migrate(request: HttpRequest, vm_id: int) -> HttpResponse:
+def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     """GET: every VSP with its pre-check result. POST: start the migration to the chosen target."""
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     if request.method == "GET":
@@ -54,7 +55,7 @@ def migrate(request: HttpRequest, vm_id: int) -> HttpResponse:
     try:
         do_request_migration(vm, target, request.user)
     except MigrationRefused as refusal:
-        return render_dialog(request, vm, error=refusal.message, status=400)
+        return render_dialog(request, vm, error=str(refusal.message), status=400)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
@@ -82,7 +83,7 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
 
 
 def render_dialog(
-    request: HttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
+    request: HtmxHttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
 ) -> HttpResponse:
     checks = check_targets(vm)
     blocked = refused_everywhere(vm, checks)
@@ -104,16 +105,18 @@ def render_dialog(
 
 @require_POST
 @permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
-def cancel(request: HttpRequest, migration_id: int) -> HttpResponse:
+def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id)
     try:
         do_cancel_migration(migration, request.user)
     except MigrationRefused as refusal:
-        return respond_notice(request, migration.vm, refusal.message, ok=False)
+        return respond_notice(request, migration.vm, str(refusal.message), ok=False)
     return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
 
 
-def respond_notice(request: HttpRequest, vm: VirtualMachine, text: str, *, ok: bool = True) -> HttpResponse:
+def respond_notice(
+    request: HtmxHttpRequest, vm: VirtualMachine, text: str, *, ok: bool = True
+) -> HttpResponse:
     if request.htmx:
         context = {"notice": text, "ok": ok, **get_migration_display(vm).context(oob=True)}
         return render(request, "migrations_app/progress.html#notice_and_state", context)
@@ -123,7 +126,7 @@ def respond_notice(request: HttpRequest, vm: VirtualMachine, text: str, *, ok: b
 
 @require_POST
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
-def migrate_selected(request: HttpRequest, vsp_id: int) -> HttpResponse:
+def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     """Several VMs of one VSP to one target: they leave one at a time, the rest wait (hourglass)."""
     vsp = get_object_or_404(VSP, pk=vsp_id)
     target_id = parse_id(request.POST.get("target"))

@@ -5,8 +5,16 @@
 3. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu).
 4. The demo fleet registered with those agents, its guests defined on them.
 5. The ASGI server (pages + websockets), a Celery worker and Celery beat.
-Ctrl-C stops them all. A host agent that stops only shows as unreachable in the console;
-the web server, worker or beat stopping stops everything.
+Ctrl-C (or SIGTERM) stops them all; the clean-up cannot be interrupted: a second signal only
+hurries it (what has not ended is killed). A host agent that stops only shows as unreachable in
+the console; the web server, worker or beat stopping stops everything. Every started process carries
+MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run` left running (it was
+killed with SIGKILL, say) is found by that and stopped before its replacement starts, and a port
+held by anything else is named with what to do.
+
+Secrets are generated once into var/ (mode 0600) and reused: the Django SECRET_KEY, the key that
+encrypts agent secrets in the database, the password of the Redis started here, and the first
+admin and operator passwords (printed on the first run only).
 
 Several consoles can share one Redis: each gets a Celery queue and a Channels prefix
 named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
@@ -15,14 +23,17 @@ named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from devtools.local_secrets import secret_file, token, use_local_secrets  # noqa: E402
 from devtools.processes import (  # noqa: E402
     ManagedProcess,
     start_agent,
@@ -32,9 +43,10 @@ from devtools.processes import (  # noqa: E402
     write_secret_file,
 )
 
-VAR_DIR = BASE_DIR / "var"
+VAR_DIR = Path(os.environ.get("MATRIXOE_VAR_DIR") or BASE_DIR / "var")
 SECRETS_DIR = VAR_DIR / "agent-secrets"
 LOG_DIR = VAR_DIR / "logs"
+REDIS_PORT = int(os.environ.get("MATRIXOE_REDIS_PORT", "6380"))
 DEMO_HOSTS = ("vsp1", "vsp2", "vsp3", "vsp4")
 AGENT_BASE_PORT = int(os.environ.get("AGENT_BASE_PORT", "7101"))
 PYTHON = sys.executable
@@ -52,16 +64,132 @@ def agent_secret_file(name: str) -> Path:
     return path
 
 
+# -- stopping: idempotent, uninterruptible, a second signal only hurries ---------------------------
+
+stopping = False
+hurry = threading.Event()
+
+
+def on_stop_signal(signum: int, frame: object) -> None:
+    """First SIGINT/SIGTERM: leave the main flow (KeyboardInterrupt) for the clean-up. Later ones
+    only set ``hurry``; they never raise inside the clean-up."""
+    global stopping
+    if stopping:
+        if not hurry.is_set():
+            print("\nstopping faster: killing what has not ended yet...", flush=True)
+        hurry.set()
+        return
+    stopping = True
+    raise KeyboardInterrupt
+
+
+def stop_everything(processes: list[ManagedProcess]) -> None:
+    global stopping
+    stopping = True  # from here on a signal only hurries
+    stop_all(processes, timeout=10, hurry=hurry)
+    for pid in own_processes():  # a child whose start was cut short by the signal, before it was listed
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- leftovers: processes a previous `make run` (with this var/) started and did not stop --------
+# Every process started here inherits MATRIXOE_MAKE_RUN=<var dir>; that, not a name or a port,
+# is what makes a process "ours".
+
+MARKER = "MATRIXOE_MAKE_RUN"
+
+
+def environ_of(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def own_processes() -> list[int]:
+    """Pids (not ours, not our children's) carrying this var dir's MATRIXOE_MAKE_RUN marker."""
+    tag = f"{MARKER}={VAR_DIR}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        if tag in environ_of(int(entry.name)).split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_leftovers() -> None:
+    """Stop what an earlier `make run` left running (SIGTERM, then SIGKILL after 10 s).
+
+    Exits with what to do when another `make run` with this var/ is still running.
+    """
+    leftovers = own_processes()
+    for pid in leftovers:
+        if "run_console.py" in command_line(pid):
+            sys.exit(
+                f"another make run (pid {pid}) is running with {VAR_DIR}. Stop it first (Ctrl-C in its "
+                f"terminal, or kill {pid}), or give this one its own MATRIXOE_VAR_DIR, PORT and "
+                "AGENT_BASE_PORT."
+            )
+    if not leftovers:
+        return
+    print(f"stopping {len(leftovers)} process(es) left running by an earlier make run: {leftovers}")
+    for signum, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in own_processes():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        if wait_for(lambda: not own_processes(), wait_s):
+            return
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def require_free_port(port: int, what: str, variable: str) -> None:
+    if not wait_for(lambda: port_is_free(port), 5.0):
+        sys.exit(
+            f"port {port} (for {what}) is in use by a program this make run did not start. Stop it "
+            f"(`ss -ltnp 'sport = :{port}'` shows which), or use other ports: {variable}=... make run"
+        )
+
+
+def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001 - a small local helper
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
 def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
     """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
     for index, name in enumerate(DEMO_HOSTS):
+        port = AGENT_BASE_PORT + index
+        require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
         log_path = LOG_DIR / f"agent-{name}.log"
         try:
-            agent = start_agent(
-                name, AGENT_BASE_PORT + index, agent_secret_file(name), driver, log_path=log_path
-            )
+            agent = start_agent(name, port, agent_secret_file(name), driver, log_path=log_path)
         except RuntimeError:
-            sys.exit(f"host agent {name} did not start; see var/logs/agent-{name}.log")
+            sys.exit(f"host agent {name} did not start; see {log_path}")
         agents.append(agent.process)
 
 
@@ -74,60 +202,73 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def use_local_redis() -> None:
+    """Unless REDIS_URL (or REDIS_URL_FILE) is given: our own Redis on loopback, password required.
+
+    The URL with the password is kept in var/redis-url (0600) and passed as REDIS_URL_FILE, so the
+    password appears in no command line and no environment listing of other users' processes.
+    """
+    if os.environ.get("REDIS_URL") or os.environ.get("REDIS_URL_FILE"):
+        return
+    password = secret_file(VAR_DIR / "redis-password", token)
+    url_file = VAR_DIR / "redis-url"
+    url_file.unlink(missing_ok=True)
+    secret_file(url_file, lambda: f"redis://:{password}@127.0.0.1:{REDIS_PORT}/0")
+    os.environ["REDIS_URL_FILE"] = str(url_file)
+
+
 def main() -> None:
     options = parse_args()
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "matrixoe.settings")
     os.environ.setdefault("CELERY_QUEUE", f"matrixoe-{options.port}")
     os.environ.setdefault("CHANNELS_PREFIX", f"matrixoe-{options.port}")
-    VAR_DIR.mkdir(exist_ok=True)
-    subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
-    manage("migrate", "--noinput", "-v", "0")
-    password = os.environ.setdefault("DEMO_ADMIN_PASSWORD", "matrixoe-demo")
-    manage("demo_users")
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    os.environ.setdefault("MATRIXOE_VAR_DIR", str(VAR_DIR))
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    stop_leftovers()
+    os.environ[MARKER] = str(VAR_DIR)
+    use_local_secrets()
+    use_local_redis()
     agents: list[ManagedProcess] = []
     processes: list[ManagedProcess] = []
     try:
+        subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
+        manage("migrate", "--noinput", "-v", "0")
+        manage("demo_users", "--secrets-dir", str(VAR_DIR))
         start_agents(options.hosts, agents)
         manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
         manage("seed_demo_agents", "--driver", options.hosts)
-        processes += start_console(options.port)
+        start_console(options.port, processes)
         print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")
-        print(f"  log in as admin / {password}   (read-only: operator / {password})")
-        print(
-            f"  demo host agents: {len(DEMO_HOSTS)} ({options.hosts}); logs in var/logs/. Ctrl-C stops all.\n"
-        )
+        print(f"  logins: see above (first run) or {VAR_DIR}/admin-password and operator-password")
+        hosts = f"{len(DEMO_HOSTS)} ({options.hosts})"
+        print(f"  demo host agents: {hosts}; logs in {LOG_DIR}. Ctrl-C stops all.\n", flush=True)
         wait_for_exit(processes, agents)
     except KeyboardInterrupt:
-        print("\nstopping...")
+        print("\nstopping...", flush=True)
+    except subprocess.CalledProcessError as error:
+        print(f"\n{' '.join(map(str, error.cmd[1:3]))} failed (exit status {error.returncode})", flush=True)
     finally:
-        stop_all(processes + agents)
+        stop_everything(processes + agents)
+        print("stopped.", flush=True)
 
 
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def start_console(port: int) -> list[ManagedProcess]:
+def start_console(port: int, processes: list[ManagedProcess]) -> None:
+    """Worker, beat and web server, each appended to ``processes`` at once so a failure can stop them."""
     celery = [PYTHON, "-m", "celery", "-A", "matrixoe"]
-    processes = [
-        start_process(
-            "worker",
-            [*celery, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
-            LOG_DIR / "worker.log",
-        ),
-        start_process(
-            "beat",
-            [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
-            LOG_DIR / "beat.log",
-        ),
-    ]
+    commands = {
+        "worker": [*celery, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
+        "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
+    }
+    for name, args in commands.items():
+        processes.append(start_process(name, args, LOG_DIR / f"{name}.log"))
+    require_free_port(port, "the web server", "PORT")
     try:
-        processes.append(start_console_server(port, LOG_DIR / "web.log"))
+        server = start_console_server(port, LOG_DIR / "web.log")
     except RuntimeError:
-        stop_all(processes)
-        sys.exit("the console did not start; see var/logs/web.log")
-    return processes
+        sys.exit(f"the console did not start; see {LOG_DIR / 'web.log'}")
+    processes.append(server)
 
 
 def wait_for_exit(console: list[ManagedProcess], agents: list[ManagedProcess]) -> None:

@@ -91,6 +91,27 @@ def run_in_thread(function: Callable, *args, **kwargs):
     return result.get("value")
 
 
+# --- logged-in clients ------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_client(client):
+    """A client logged in as the superuser "admin" (``make_admin``; replaces pytest-django's own)."""
+    from tests.factories import make_admin
+
+    client.force_login(make_admin())
+    return client
+
+
+@pytest.fixture
+def vm_admin_client(client):
+    """A client logged in as "vm-admin": not a superuser, only the inventory's view and change permissions."""
+    from tests.factories import make_vm_admin
+
+    client.force_login(make_vm_admin())
+    return client
+
+
 # --- services --------------------------------------------------------------------
 
 

@@ -1,4 +1,8 @@
-"""Builders for test data: plain functions with sensible defaults, every field overridable."""
+"""Builders for test data: plain functions with sensible defaults, every field overridable.
+
+The one factories module of the suite: rows are saved at once (committed in ``transaction=True`` tests,
+so other processes see them). Add a builder here rather than in a test module.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,23 @@ from itertools import count
 from typing import Any
 
 from django.contrib.auth.models import Group, Permission, User
+from django.test import Client
 
+from migrations_app.models import Migration
 from vms.models import VSP, Registration, VirtualMachine
 
 _sequence = count(1)
 
 VIEW_PERMISSIONS = ("vms.view_vsp", "vms.view_virtualmachine", "vms.view_registration")
 CHANGE_PERMISSIONS = ("vms.change_virtualmachine", "vms.change_registration")
+# What an administrator of migrations needs on the migration pages and sockets.
+MIGRATION_ADMIN_PERMISSIONS = (
+    "vms.view_virtualmachine",
+    "vms.view_vsp",
+    "migrations_app.add_migration",
+    "migrations_app.change_migration",
+    "migrations_app.view_migration",
+)
 PASSWORD = "correct-horse-battery"  # noqa: S105 - test users only
 
 
@@ -70,6 +84,11 @@ def make_not_runnable_copy(vm: VirtualMachine, vsp: VSP, reason: str = "guest mi
     )
 
 
+def make_migration(vm: VirtualMachine, source: VSP, target: VSP, **fields: Any) -> Migration:
+    """A migration row as it stands (QUEUED unless ``state`` is given); no worker is asked to run it."""
+    return Migration.objects.create(vm=vm, source=source, target=target, **fields)
+
+
 def make_user(username: str | None = None, permissions: tuple[str, ...] = (), **fields: Any) -> User:
     user = User.objects.create_user(username or f"user-{next(_sequence)}", password=PASSWORD, **fields)
     user.user_permissions.add(*[permission_named(dotted) for dotted in permissions])
@@ -97,3 +116,10 @@ def make_operator(username: str = "operator") -> User:
 def permission_named(dotted: str) -> Permission:
     app_label, codename = dotted.split(".")
     return Permission.objects.get(content_type__app_label=app_label, codename=codename)
+
+
+def session_cookie(user: User) -> str:
+    """A logged-in session id for ``user``, for a websocket or browser that does not log in itself."""
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value

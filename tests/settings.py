@@ -9,8 +9,13 @@ get ``MATRIXOE_TEST_SUBPROCESS=1`` and open the test database directly.
 import os
 import uuid
 
-from matrixoe.settings import *  # noqa: F403
-from matrixoe.settings import BASE_DIR, CHANNEL_LAYERS, DATABASES, REDIS_URL
+# Fixed keys for tests only (the server refuses to start without them); set before the import so the
+# subprocesses the tests start (which inherit the environment) use the same ones.
+os.environ.setdefault("SECRET_KEY", "test-secret-key-" + "x" * 50)
+os.environ.setdefault("SECRETS_ENCRYPTION_KEY", "dGVzdC1vbmx5LWZlcm5ldC1rZXktMzItYnl0ZXMhISE=")
+
+from matrixoe.settings import *  # noqa: E402, F403
+from matrixoe.settings import BASE_DIR, CHANNEL_LAYERS, DATABASES, REDIS_URL  # noqa: E402
 
 RUN_ID = os.environ.setdefault("MATRIXOE_TEST_RUN_ID", uuid.uuid4().hex[:8])
 IN_SUBPROCESS = os.environ.get("MATRIXOE_TEST_SUBPROCESS") == "1"
@@ -37,7 +42,8 @@ if IN_SUBPROCESS:
     DATABASES["default"]["NAME"] = _test_name
 
 DEBUG = False
-SECRET_KEY = "test-secret-key"  # noqa: S105
+# Tests log in hundreds of times (some with wrong passwords on purpose); the lockout test turns it on.
+AXES_ENABLED = os.environ.get("AXES_ENABLED", "false") == "true"
 ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests only
 

@@ -2,27 +2,27 @@
 
 Every function raises ``PermissionDenied`` when the user lacks the model permission and
 ``ValidationError`` (with a message fit for the page) when the change is refused; in both cases
-nothing is changed.
+nothing is changed. Every change leaves an ``AuditEvent``. The pages and the Django admin both change
+the inventory through these functions (``via_admin=True`` from the admin), so both refuse the same.
 """
 
 from __future__ import annotations
 
 import logging
 
-from django.contrib.auth.base_user import AbstractBaseUser
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import AbstractUser, AnonymousUser
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
-from vms.models import Registration, VirtualMachine
+from vms.models import AuditEvent, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser
+User = AbstractUser | AnonymousUser
 
 CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
 CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
-REASON_MAX_LENGTH = Registration._meta.get_field("not_runnable_reason").max_length
+REASON_MAX_LENGTH: int = Registration._meta.get_field("not_runnable_reason").max_length or 200
 
 
 def check_permission(user: User, permission: str) -> None:
@@ -31,32 +31,39 @@ def check_permission(user: User, permission: str) -> None:
 
 
 def do_set_online_migration(vm: VirtualMachine, enabled: bool, user: User) -> None:
+    """Enable or disable online migration of ``vm`` (refused for a vPar)."""
     check_permission(user, CHANGE_VM_PERMISSION)
     if vm.is_vpar:
         raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
-    vm.online_migration_enabled = enabled
-    vm.save(update_fields=["online_migration_enabled"])
+    with transaction.atomic():
+        before = {"online_migration_enabled": vm.online_migration_enabled}
+        vm.online_migration_enabled = enabled
+        vm.save(update_fields=["online_migration_enabled"])
+        action = (
+            AuditEvent.Action.ONLINE_MIGRATION_ENABLED
+            if enabled
+            else AuditEvent.Action.ONLINE_MIGRATION_DISABLED
+        )
+        AuditEvent.record(action, vm, actor=user, before=before, after={"online_migration_enabled": enabled})
     logger.info("%s %s online migration for %s", user, "enabled" if enabled else "disabled", vm.name)
 
 
-def do_mark_not_runnable(registration: Registration, reason: str, user: User) -> None:
+def do_mark_not_runnable(
+    registration: Registration, reason: str, user: User, *, via_admin: bool = False
+) -> None:
     """Mark one copy of a VM Not Runnable (set by Admin); the copy must not be running."""
     check_permission(user, CHANGE_REGISTRATION_PERMISSION)
     reason = check_reason(reason)
     with transaction.atomic():
         registration = lock_registration(registration)
-        if not registration.is_runnable:
-            raise ValidationError(f"{registration} is already Not Runnable.")
-        if registration.hardware_status == Registration.HardwareStatus.ON:
-            raise ValidationError(f"{registration} is On: stop the VM before marking it Not Runnable.")
-        registration.hardware_status = Registration.HardwareStatus.NOT_RUNNABLE
-        registration.not_runnable_set_by = Registration.SetBy.ADMIN
-        registration.not_runnable_reason = reason
-        registration.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
+        check_can_mark_not_runnable(registration)
+        registration.mark_not_runnable(
+            set_by=Registration.SetBy.ADMIN, reason=reason, actor=user, via_admin=via_admin
+        )
     logger.info("%s marked %s Not Runnable: %s", user, registration, reason)
 
 
-def do_mark_runnable(registration: Registration, user: User) -> None:
+def do_mark_runnable(registration: Registration, user: User, *, via_admin: bool = False) -> None:
     """Mark one copy of a VM runnable (hardware Off), refused while another copy is runnable.
 
     The check gives the clear message; the database constraint ``one_runnable_registration_per_vm``
@@ -66,16 +73,26 @@ def do_mark_runnable(registration: Registration, user: User) -> None:
     try:
         with transaction.atomic():
             registration = lock_registration(registration)
-            if registration.is_runnable:
-                raise ValidationError(f"{registration} is already runnable.")
-            check_no_other_runnable_copy(registration)
-            registration.hardware_status = Registration.HardwareStatus.OFF
-            registration.not_runnable_set_by = Registration.SetBy.NONE
-            registration.not_runnable_reason = ""
-            registration.save(update_fields=["hardware_status", "not_runnable_set_by", "not_runnable_reason"])
+            check_can_mark_runnable(registration)
+            registration.mark_runnable(actor=user, via_admin=via_admin)
     except IntegrityError:
         raise ValidationError(runnable_elsewhere_message(registration, other_vsp_name=None)) from None
     logger.info("%s marked %s runnable", user, registration)
+
+
+def check_can_mark_not_runnable(registration: Registration) -> None:
+    """Raises ``ValidationError`` unless this copy (as stored) may be marked Not Runnable."""
+    if not registration.is_runnable:
+        raise ValidationError(f"{registration} is already Not Runnable.")
+    if registration.hardware_status == Registration.HardwareStatus.ON:
+        raise ValidationError(f"{registration} is On: stop the VM before marking it Not Runnable.")
+
+
+def check_can_mark_runnable(registration: Registration) -> None:
+    """Raises ``ValidationError`` unless this copy (as stored) may be marked runnable."""
+    if registration.is_runnable:
+        raise ValidationError(f"{registration} is already runnable.")
+    check_no_other_runnable_copy(registration)
 
 
 def check_reason(reason: str) -> str:

@@ -1,18 +1,51 @@
+"""The Django admin of the inventory, held to the same rules as the pages.
+
+Runnable / Not Runnable changes go through ``vms.actions`` (the same refusals, the same audit event);
+every other change made here is recorded as an ``AuditEvent`` with ``via_admin`` set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
 from django import forms
 from django.contrib import admin
+from django.db import models, transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
+from vms.actions import (
+    check_can_mark_not_runnable,
+    check_can_mark_runnable,
+    check_no_other_runnable_copy,
+    check_reason,
+    do_mark_not_runnable,
+    do_mark_runnable,
+)
 from vms.fit import host_problems, registration_problems
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, AuditEvent, Registration, VirtualMachine
+
+NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
+MARK_FIELDS = {"hardware_status", "not_runnable_set_by", "not_runnable_reason"}
+
+ADDRESS_CHANGED_MESSAGE = (
+    "The agent address changed: enter the agent's secret again. The current secret is never sent to a "
+    "new address."
+)
 
 
 class VSPAdminForm(forms.ModelForm):
-    """The agent secret is write-only: never rendered back; left empty on change, it is kept."""
+    """The agent secret is write-only: never rendered back; left empty on change, it is kept, unless
+    the agent address changes too (the old secret must never reach another listener)."""
 
     agent_secret = forms.CharField(
         widget=forms.PasswordInput(render_value=False),
         required=False,
         max_length=128,
-        help_text="Credential for the host agent. Leave empty to keep the current one.",
+        help_text=(
+            "Credential for the host agent. Leave empty to keep the current one; "
+            "required again whenever the agent URL changes."
+        ),
     )
 
     class Meta:
@@ -39,11 +72,12 @@ class VSPAdminForm(forms.ModelForm):
             "agent_checked_at",
         ]
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        cleaned = self.cleaned_data
         if self.instance.pk is not None and not self.errors:
             edited = VSP(pk=self.instance.pk, name=cleaned.get("name", self.instance.name))
-            edited.memory_mib, edited.cpus = cleaned.get("memory_mib"), cleaned.get("cpus")
+            edited.memory_mib, edited.cpus = cleaned["memory_mib"], cleaned["cpus"]
             if problems := host_problems(edited):
                 raise forms.ValidationError(problems)
         return cleaned
@@ -52,9 +86,31 @@ class VSPAdminForm(forms.ModelForm):
         secret = self.cleaned_data["agent_secret"]
         if secret:
             return secret
-        if self.instance.pk:
-            return VSP.objects.values_list("agent_secret", flat=True).get(pk=self.instance.pk)
-        raise forms.ValidationError("A new VSP needs its agent's secret.")
+        if not self.instance.pk:
+            raise forms.ValidationError("A new VSP needs its agent's secret.")
+        if "agent_url" in self.fields and "agent_url" in self.changed_data:
+            raise forms.ValidationError(ADDRESS_CHANGED_MESSAGE)
+        return VSP.objects.values_list("agent_secret", flat=True).get(pk=self.instance.pk)
+
+
+class VirtualMachineAdminForm(forms.ModelForm):
+    """The page's refusal too: a vPar's online migration setting cannot be changed.
+
+    The admin gives it its model and fields (``ModelAdmin.get_form``).
+    """
+
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        cleaned = self.cleaned_data
+        stored = VirtualMachine.objects.filter(pk=self.instance.pk).first()
+        if (
+            stored is not None
+            and stored.is_vpar
+            and cleaned.get("kind") == VirtualMachine.Kind.VPAR
+            and "online_migration_enabled" in self.changed_data
+        ):
+            raise forms.ValidationError(f"{stored.name} is a vPar: a vPar does not support migration.")
+        return cleaned
 
 
 class RegistrationAdminForm(forms.ModelForm):
@@ -68,13 +124,132 @@ class RegistrationAdminForm(forms.ModelForm):
         model = Registration
         fields = ["vm", "vsp", "hardware_status", "not_runnable_set_by", "not_runnable_reason"]
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        cleaned = self.cleaned_data
         vm, vsp = cleaned.get("vm"), cleaned.get("vsp")  # inline: ``vm`` is the parent as just edited
         if vm is not None and vsp is not None and not self.errors:
             if problems := registration_problems(vm, vsp, cleaned.get("hardware_status", "")):
                 raise forms.ValidationError(problems)
+            self.check_runnable_rules(cleaned)
         return cleaned
+
+    def check_runnable_rules(self, cleaned: dict[str, Any]) -> None:
+        """The pages' refusals: never two runnable copies, never an On copy marked Not Runnable."""
+        status = cleaned.get("hardware_status", "")
+        stored = Registration.objects.filter(pk=self.instance.pk).select_related("vm", "vsp").first()
+        if stored is None:
+            if status != NOT_RUNNABLE and cleaned["vm"].pk is not None:
+                check_no_other_runnable_copy(Registration(vm=cleaned["vm"], vsp=cleaned["vsp"]))
+            return
+        if not marks_change(stored.hardware_status, status):
+            return
+        if set(self.changed_data) - MARK_FIELDS:
+            raise forms.ValidationError(
+                "Change whether a copy is runnable on its own, without changing its VM or VSP."
+            )
+        if status == NOT_RUNNABLE:
+            check_can_mark_not_runnable(stored)
+            cleaned["not_runnable_reason"] = check_reason(cleaned.get("not_runnable_reason", ""))
+            cleaned["not_runnable_set_by"] = Registration.SetBy.ADMIN
+        else:
+            check_can_mark_runnable(stored)
+            if status != Registration.HardwareStatus.OFF:
+                raise forms.ValidationError(
+                    "A copy marked runnable is Off; its host agent reports when it runs."
+                )
+
+
+def marks_change(stored_status: str, new_status: str) -> bool:
+    """Whether going from ``stored_status`` to ``new_status`` marks the copy runnable or Not Runnable."""
+    return (stored_status == NOT_RUNNABLE) != (new_status == NOT_RUNNABLE)
+
+
+def field_values(obj: models.Model, names: list[str] | set[str]) -> dict[str, Any]:
+    """``obj``'s values of ``names`` as JSON (foreign keys as their text)."""
+    values: dict[str, Any] = {}
+    for name in sorted(names):
+        field = obj._meta.get_field(name)
+        if name == "agent_secret":
+            continue  # never recorded
+        value = getattr(obj, name)
+        values[name] = str(value) if field.is_relation or not isinstance(value, bool | int | str) else value
+        if value is None:
+            values[name] = None
+    return values
+
+
+def save_audited(request: HttpRequest, form: forms.ModelForm, change: bool) -> models.Model:
+    """Save one admin form: runnable marks through ``vms.actions``, anything else with an audit event."""
+    obj = form.instance
+    stored = type(obj)._default_manager.filter(pk=obj.pk).first() if change else None
+    if isinstance(obj, Registration) and isinstance(stored, Registration):
+        if marks_change(stored.hardware_status, obj.hardware_status):
+            if obj.hardware_status == NOT_RUNNABLE:
+                do_mark_not_runnable(obj, obj.not_runnable_reason, request.user, via_admin=True)
+            else:
+                do_mark_runnable(obj, request.user, via_admin=True)
+            obj.refresh_from_db()
+            return obj
+    changed = set(form.changed_data) & {field.name for field in obj._meta.concrete_fields}
+    with transaction.atomic():
+        obj.save()
+        if stored is None or changed:
+            AuditEvent.record(
+                AuditEvent.Action.CHANGED if stored is not None else AuditEvent.Action.CREATED,
+                obj,
+                actor=request.user,
+                before=field_values(stored, changed) if stored is not None else {},
+                after=field_values(
+                    obj,
+                    changed
+                    if stored is not None
+                    else set(form.fields) & {field.name for field in obj._meta.concrete_fields},
+                ),
+                via_admin=True,
+            )
+    return obj
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """Records every save and delete made in the admin as an ``AuditEvent``."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        save_audited(request, form, change)
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        for deleted in formset.deleted_forms:
+            if deleted.instance.pk is not None:
+                record_deletion(request, deleted.instance)
+        formset.save(commit=False)
+        for inline_form in formset.forms:
+            if inline_form in formset.deleted_forms or not inline_form.has_changed():
+                continue
+            save_audited(request, inline_form, inline_form.instance.pk is not None)
+        formset.save_m2m()
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        with transaction.atomic():
+            record_deletion(request, obj)
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        with transaction.atomic():
+            for obj in queryset:
+                record_deletion(request, obj)
+            super().delete_queryset(request, queryset)
+
+
+def record_deletion(request: HttpRequest, obj: models.Model) -> None:
+    fields = {field.name for field in obj._meta.concrete_fields} - {"id"}
+    AuditEvent.record(
+        AuditEvent.Action.DELETED,
+        obj,
+        actor=request.user,
+        before=field_values(obj, fields),
+        after={},
+        via_admin=True,
+    )
 
 
 class RegistrationInline(admin.TabularInline):
@@ -85,7 +260,7 @@ class RegistrationInline(admin.TabularInline):
 
 
 @admin.register(VSP)
-class VSPAdmin(admin.ModelAdmin):
+class VSPAdmin(AuditedAdmin):
     form = VSPAdminForm
     list_display = [
         "name",
@@ -99,9 +274,28 @@ class VSPAdmin(admin.ModelAdmin):
     list_filter = ["migration_enabled", "licensed", "agent_reachable"]
     search_fields = ["name"]
 
+    # Where the console sends a VSP's secret (and, through its agent, guests' memory) is a
+    # superuser's decision: anyone else sees the address read-only and never the secret field.
+    AGENT_FIELDS = ("agent_url", "agent_secret")
+
+    def get_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[Any]:
+        fields = list(super().get_fields(request, obj))
+        if request.user.is_superuser:
+            return fields
+        return [field for field in fields if field != "agent_secret"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[str]:
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, "agent_url"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:  # a new VSP sets an agent address
+        return request.user.is_superuser and super().has_add_permission(request)
+
 
 @admin.register(VirtualMachine)
-class VirtualMachineAdmin(admin.ModelAdmin):
+class VirtualMachineAdmin(AuditedAdmin):
+    form = VirtualMachineAdminForm
+
     list_display = ["name", "kind", "os_type", "os_status", "online_migration_enabled", "memory_mib", "vcpus"]
     list_filter = ["kind", "os_status", "online_migration_enabled"]
     search_fields = ["name", "os_type"]
@@ -109,7 +303,7 @@ class VirtualMachineAdmin(admin.ModelAdmin):
 
 
 @admin.register(Registration)
-class RegistrationAdmin(admin.ModelAdmin):
+class RegistrationAdmin(AuditedAdmin):
     form = RegistrationAdminForm
     list_display = ["vm", "vsp", "hardware_status", "not_runnable_set_by", "not_runnable_reason"]
     list_filter = ["hardware_status", "not_runnable_set_by", "vsp"]

@@ -11,7 +11,7 @@ agent's words), ``AgentProtocolError`` (an answer that is not what the API promi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any, TypeVar
 
 import httpx
@@ -182,7 +182,7 @@ class AgentClient:
     def snapshot(self, migration_id: str) -> dict[str, Any]:
         return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))
 
-    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Generator[dict[str, Any], None, None]:
         """Snapshots from the streaming endpoint: the current one first, then each change.
 
         Changes with ``seq <= after_seq`` (already seen) are skipped, the first

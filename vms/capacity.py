@@ -47,10 +47,14 @@ def with_free_memory(vsps: QuerySet[VSP]) -> QuerySet[VSP]:
     ).annotate(free_memory_mib=F("memory_mib") - F("used_memory_mib") - F("reserved_memory_mib"))
 
 
+# The annotation ``with_free_memory`` adds (a name the type checker cannot see through the helper).
+FREE_MEMORY: str = "free_memory_mib"
+
+
 def free_memory_mib(vsp: VSP) -> int:
-    return with_free_memory(VSP.objects.filter(pk=vsp.pk)).values_list("free_memory_mib", flat=True).get()
+    return with_free_memory(VSP.objects.filter(pk=vsp.pk)).values_list(FREE_MEMORY, flat=True).get()
 
 
 def free_memory_by_vsp(vsp_ids: list[int]) -> dict[int, int]:
-    rows = with_free_memory(VSP.objects.filter(pk__in=vsp_ids)).values_list("pk", "free_memory_mib")
+    rows = with_free_memory(VSP.objects.filter(pk__in=vsp_ids)).values_list("pk", FREE_MEMORY)
     return dict(rows)

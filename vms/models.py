@@ -1,16 +1,23 @@
-"""Inventory: VSPs (VM hosts), VMs and vPars, and where each VM is registered.
+"""Inventory: VSPs (VM hosts), VMs and vPars, where each VM is registered, and the audit trail.
 
 Invariant: a VM is runnable (hardware status not Not Runnable) on at most one VSP.
 The database enforces it with the partial unique constraint ``one_runnable_registration_per_vm``.
+Runnable / Not Runnable marks change only through ``Registration.mark_runnable`` and
+``Registration.mark_not_runnable``, each leaving an ``AuditEvent`` (``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
+from django.utils import timezone
+
+from vms.fields import EncryptedSecretField
 
 
 class VSP(models.Model):
@@ -18,7 +25,9 @@ class VSP(models.Model):
 
     name = models.CharField(max_length=64, unique=True)
     agent_url = models.URLField(help_text="The host agent's HTTP API, e.g. http://127.0.0.1:7101")
-    agent_secret = models.CharField(max_length=128, help_text="Credential for the host agent; never shown.")
+    agent_secret = EncryptedSecretField(
+        help_text="Credential for the host agent; stored encrypted, never shown."
+    )
     migration_enabled = models.BooleanField(default=True)
     licensed = models.BooleanField(default=True)
     processor_family = models.CharField(max_length=64, blank=True)
@@ -167,3 +176,151 @@ class Registration(models.Model):
 
     def get_os_status_display(self) -> str:
         return VirtualMachine.OSStatus(self.os_status).label
+
+    def audit_state(self) -> dict[str, str]:
+        """What an audit event keeps of this copy: its hardware status and Not Runnable details."""
+        return {
+            "hardware_status": self.hardware_status,
+            "not_runnable_set_by": self.not_runnable_set_by,
+            "not_runnable_reason": self.not_runnable_reason,
+        }
+
+    def mark_not_runnable(
+        self, *, set_by: str, reason: str, actor: Any = None, via_admin: bool = False
+    ) -> AuditEvent:
+        """Make this copy Not Runnable (``set_by`` Migrate or Admin, ``reason`` up to 200 characters).
+
+        Saves the copy and records who, when, why, before and after. The caller checks that the change
+        is allowed (``vms.actions``) and holds the row lock; call it inside a transaction.
+        """
+        return self._set_marks(
+            self.HardwareStatus.NOT_RUNNABLE,
+            set_by,
+            reason,
+            AuditEvent.Action.MARKED_NOT_RUNNABLE,
+            actor=actor,
+            message=reason,
+            via_admin=via_admin,
+        )
+
+    def mark_runnable(
+        self,
+        hardware_status: str = HardwareStatus.OFF,
+        *,
+        actor: Any = None,
+        message: str = "",
+        via_admin: bool = False,
+    ) -> AuditEvent:
+        """Make this copy runnable with ``hardware_status`` (Off, or On for a migration's target copy).
+
+        A copy not yet saved is created. Raises ``IntegrityError`` if another copy is runnable (the
+        constraint ``one_runnable_registration_per_vm``); the caller checks first for a clear message.
+        """
+        return self._set_marks(
+            hardware_status,
+            self.SetBy.NONE,
+            "",
+            AuditEvent.Action.MARKED_RUNNABLE,
+            actor=actor,
+            message=message,
+            via_admin=via_admin,
+        )
+
+    def _set_marks(
+        self, hardware_status: str, set_by: str, reason: str, action: str, **event: Any
+    ) -> AuditEvent:
+        before = self.audit_state() if self.pk is not None else {}
+        self.hardware_status, self.not_runnable_set_by, self.not_runnable_reason = (
+            hardware_status,
+            set_by,
+            reason,
+        )
+        if self.pk is None:
+            self.save()
+        else:
+            self.save(update_fields=list(self.audit_state()))
+        return AuditEvent.record(action, self, before=before, **event)
+
+
+class AuditEvent(models.Model):
+    """One change to the inventory or to migrations: who, when, what, why, before and after.
+
+    The object and the actor are kept as text too, so the trail survives their deletion.
+    ``before`` and ``after`` hold the changed fields only (JSON objects; ``{}`` before a creation).
+    """
+
+    class Action(models.TextChoices):
+        # Labels are the names in words ("Marked Not Runnable"); the values are stored.
+        ONLINE_MIGRATION_ENABLED = "online_migration_enabled"
+        ONLINE_MIGRATION_DISABLED = "online_migration_disabled"
+        MARKED_RUNNABLE = "marked_runnable"
+        MARKED_NOT_RUNNABLE = "marked_not_runnable"
+        POLICY_CHANGED = "policy_changed"
+        MIGRATION_REQUESTED = "migration_requested"
+        MIGRATION_REFUSED = "migration_refused"
+        MIGRATION_CANCELLED = "migration_cancelled"
+        EVACUATION_STARTED = "evacuation_started"
+        EVACUATION_CANCELLED = "evacuation_cancelled"
+        CREATED = "created"
+        CHANGED = "changed"
+        DELETED = "deleted"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_name = models.CharField(max_length=150, blank=True, help_text="Kept if the user is deleted.")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    via_admin = models.BooleanField(default=False, help_text="Made in the Django admin.")
+    object_type = models.CharField(max_length=64, help_text='"app_label.model", e.g. "vms.registration"')
+    object_id = models.CharField(max_length=64)
+    object_name = models.CharField(max_length=200)
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at", "-pk"]
+        indexes = [
+            models.Index(fields=["object_type", "object_id", "at"], name="audit_by_object"),
+            models.Index(fields=["actor", "at"], name="audit_by_actor"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name or 'system'}: {self.get_action_display()}"
+
+    @classmethod
+    def record(
+        cls,
+        action: str,
+        obj: models.Model,
+        *,
+        actor: Any = None,
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+        message: str = "",
+        via_admin: bool = False,
+        object_name: str = "",
+    ) -> AuditEvent:
+        """Save one event about ``obj``; ``after`` defaults to ``obj.audit_state()`` when it has one.
+
+        ``object_name`` is what the trail calls ``obj`` (default ``str(obj)``, cut to 200 characters).
+
+        ``actor`` is a user (an anonymous or missing one is recorded as the system, ``actor=None``).
+        """
+        user = actor if getattr(actor, "is_authenticated", False) else None
+        if after is None:
+            audit_state = getattr(obj, "audit_state", None)
+            after = audit_state() if callable(audit_state) else {}
+        return cls.objects.create(
+            actor=user,
+            actor_name=user.get_username() if user is not None else "",
+            action=action,
+            via_admin=via_admin,
+            object_type=obj._meta.label_lower,
+            object_id=str(obj.pk),
+            object_name=(object_name or str(obj))[:200],
+            before=before or {},
+            after=after,
+            message=message,
+        )

@@ -1,4 +1,4 @@
-"""Online Migration Enabled, computed from VM and host state (DOMAIN.md, "Online migration status")."""
+"""Online Migration Enabled, computed from VM and host state (docs/domain.md, "Online migration status")."""
 
 from __future__ import annotations
 

@@ -12,11 +12,12 @@ from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
 from django.db.models import Count, Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from matrixoe.error_views import permission_denied
 from vms.actions import (
     CHANGE_REGISTRATION_PERMISSION,
     CHANGE_VM_PERMISSION,
@@ -28,6 +29,7 @@ from vms.actions import (
 from vms.capacity import with_free_memory
 from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
 from vms.general_tab import general_tab_context
+from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
 from vms.models import VSP, Registration, VirtualMachine
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
@@ -40,7 +42,7 @@ VIEW_VSP_PERMISSION = "vms.view_vsp"
 
 def form_errors_text(form: forms.Form) -> str:
     """The form's errors as one sentence per error, each prefixed by its field's label."""
-    parts = []
+    parts: list[str] = []
     for field_name, errors in form.errors.items():
         field = form.fields.get(field_name)
         label = (field.label or field_name.replace("_", " ").capitalize()) if field else ""
@@ -48,7 +50,7 @@ def form_errors_text(form: forms.Form) -> str:
     return " ".join(parts)
 
 
-def bad_request(request: HttpRequest, message: str, status: int = 400) -> HttpResponse:
+def bad_request(request: HtmxHttpRequest, message: str, status: int = 400) -> HttpResponse:
     return render(request, "vms/error.html", {"message": message}, status=status)
 
 
@@ -61,7 +63,7 @@ def paginate(rows: QuerySet[Any], page_number: int | None) -> Page:
 
 @require_GET
 @permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
-def vsp_list(request: HttpRequest) -> HttpResponse:
+def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
     # Count over the same join as the free-memory sum: one grouped query, no per-row subquery.
     status = Registration.HardwareStatus
     vsps = with_free_memory(VSP.objects.all()).annotate(
@@ -78,7 +80,7 @@ def vsp_list(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
-def vsp_detail(request: HttpRequest, pk: int) -> HttpResponse:
+def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     vsp = get_object_or_404(with_free_memory(VSP.objects.all()), pk=pk)
     form = PageForm(request.GET)
     if not form.is_valid():
@@ -93,11 +95,11 @@ def vsp_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
-def vm_list(request: HttpRequest) -> HttpResponse:
+def vm_list(request: HtmxHttpRequest) -> HttpResponse:
     form = VMFilterForm(request.GET)
     if not form.is_valid():
-        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "vms"}
-        return render(request, "vms/vm_list.html", context, status=400)
+        invalid = {"form": form, "page": None, "error": form_errors_text(form), "nav": "vms"}
+        return render(request, "vms/vm_list.html", invalid, status=400)
     filters = form.cleaned_data
     criteria = {
         "name": filters["q"],
@@ -117,7 +119,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         rows = [VMListRow(vm, vm.runnable_registration) for vm in page]
     query_without_page = request.GET.copy()
     query_without_page.pop("page", None)
-    context = {
+    context: dict[str, Any] = {
         "form": form,
         "page": page,
         "rows": rows,
@@ -145,7 +147,7 @@ class VMListRow:
         return VirtualMachine.OSStatus(self.os_status).label
 
 
-def shown_vsp_id(request: HttpRequest) -> int | None:
+def shown_vsp_id(request: HtmxHttpRequest) -> int | None:
     form = ShownVSPForm(request.GET)
     if not form.is_valid():
         raise ValidationError(form_errors_text(form))
@@ -153,7 +155,7 @@ def shown_vsp_id(request: HttpRequest) -> int | None:
 
 
 def render_general(
-    request: HttpRequest, vm: VirtualMachine, status: int = 200, *, refresh: RefreshOutcome | None = None
+    request: HtmxHttpRequest, vm: VirtualMachine, status: int = 200, *, refresh: RefreshOutcome | None = None
 ) -> HttpResponse:
     """The General tab: the whole page, or only its ``general`` partial for htmx requests.
 
@@ -173,20 +175,20 @@ def render_general(
 
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
-def vm_general(request: HttpRequest, pk: int) -> HttpResponse:
+def vm_general(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     vm = get_object_or_404(vm_with_registrations(), pk=pk)
     return render_general(request, vm)
 
 
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
-def vm_refresh(request: HttpRequest, pk: int) -> HttpResponse:
+def vm_refresh(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     refreshed = refresh_vm(get_object_or_404(VirtualMachine, pk=pk))
     return render_general(request, refreshed.vm, refresh=refreshed.outcome)
 
 
 def apply_change(
-    request: HttpRequest,
+    request: HtmxHttpRequest,
     vm: VirtualMachine,
     form: forms.Form,
     change: Callable[[dict[str, Any]], str],
@@ -211,18 +213,18 @@ def apply_change(
 
 
 def refuse_without_permission(
-    request: HttpRequest, vm: VirtualMachine, permission: str
+    request: HtmxHttpRequest, vm: VirtualMachine, permission: str
 ) -> HttpResponse | None:
+    """A short refusal (403) when the user lacks ``permission``; None when they may go on."""
     try:
         check_permission(request.user, permission)
     except PermissionDenied as error:
-        messages.error(request, str(error))
-        return render_general(request, vm_with_registrations().get(pk=vm.pk), status=403)
+        return permission_denied(request, error)
     return None
 
 
 @require_POST
-def vm_set_online_migration(request: HttpRequest, pk: int) -> HttpResponse:
+def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     vm = get_object_or_404(VirtualMachine, pk=pk)
     if refused := refuse_without_permission(request, vm, CHANGE_VM_PERMISSION):
         return refused
@@ -235,26 +237,27 @@ def vm_set_online_migration(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @require_POST
-def registration_mark_not_runnable(request: HttpRequest, pk: int) -> HttpResponse:
-    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
-    if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
-        return refused
-
-    def change(data: dict[str, Any]) -> str:
-        do_mark_not_runnable(registration, data["reason"], request.user)
-        return f"{registration} is now Not Runnable."
-
-    return apply_change(request, registration.vm, NotRunnableForm(request.POST), change)
+def registration_mark_not_runnable(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    return change_registration(request, pk, runnable=False)
 
 
 @require_POST
-def registration_mark_runnable(request: HttpRequest, pk: int) -> HttpResponse:
+def registration_mark_runnable(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    return change_registration(request, pk, runnable=True)
+
+
+def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) -> HttpResponse:
+    """Mark one copy runnable or Not Runnable: 404 for an unknown copy, the permission, then the action."""
     registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
     if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
         return refused
 
     def change(data: dict[str, Any]) -> str:
-        do_mark_runnable(registration, request.user)
-        return f"{registration} is now runnable."
+        if runnable:
+            do_mark_runnable(registration, request.user)
+            return f"{registration} is now runnable."
+        do_mark_not_runnable(registration, data["reason"], request.user)
+        return f"{registration} is now Not Runnable."
 
-    return apply_change(request, registration.vm, forms.Form(request.POST), change)
+    form = forms.Form(request.POST) if runnable else NotRunnableForm(request.POST)
+    return apply_change(request, registration.vm, form, change)

@@ -113,6 +113,7 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     """The hourglass or direction icon, seen from ``vsp``; accessible text in title and aria-label."""
     outgoing = migration.source_id == vsp.pk
     other = migration.target.name if outgoing else migration.source.name
+    symbol: str
     if migration.state == State.QUEUED:
         symbol, kind = SafeString(HOURGLASS_SVG), "queued"
         text = f"Waiting to migrate {'to' if outgoing else 'here from'} VSP {other}"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
 from tests.conftest import ManagedProcess, start_celery_worker, wait_until
-from tests.factories import make_user, make_vsp
+from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_user, make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 
 MIGRATOR = ("migrations_app.add_migration", "migrations_app.change_migration", "vms.view_virtualmachine")
@@ -34,32 +36,43 @@ def start_migration_worker(queue: str, name: str, concurrency: int = 4, **env: s
     return start_celery_worker(name, concurrency, queue, **env)
 
 
-@pytest.fixture(scope="session")
-def _session_migration_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProcess]]:
+@contextmanager
+def worker_on_own_queue(name: str, concurrency: int = 4, **env: str) -> Iterator[tuple[str, ManagedProcess]]:
+    """A migration worker on a queue of its own (``-{name}-...``); yields the queue and the worker."""
     from django.conf import settings
 
-    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-migrations"
-    worker = start_migration_worker(queue, "migrations")
-    yield queue, worker
-    worker.stop()
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{name}-{time.monotonic_ns()}"
+    worker = start_migration_worker(queue, name, concurrency, **env)
+    try:
+        yield queue, worker
+    finally:
+        worker.stop()
+
+
+def route_migrations_to(queue_and_worker: tuple[str, ManagedProcess], settings: Any) -> ManagedProcess:
+    """Send this test's migrations to that worker's queue (``settings`` is pytest-django's fixture)."""
+    queue, worker = queue_and_worker
+    settings.MIGRATION_QUEUE = queue
+    return worker
+
+
+@pytest.fixture(scope="session")
+def _session_migration_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProcess]]:
+    with worker_on_own_queue("migrations") as queue_and_worker:
+        yield queue_and_worker
 
 
 @pytest.fixture
 def migration_worker(_session_migration_worker, settings) -> ManagedProcess:
     """A real Celery worker that runs this test's migrations (requests are routed to its queue)."""
-    queue, worker = _session_migration_worker
-    settings.MIGRATION_QUEUE = queue
-    return worker
+    return route_migrations_to(_session_migration_worker, settings)
 
 
 @pytest.fixture
 def killable_migration_worker(django_db_setup, redis_url, settings) -> Iterator[ManagedProcess]:
     """A worker of its own on a queue of its own, for a test that kills it mid-migration."""
-    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-doomed-{time.monotonic_ns()}"
-    worker = start_migration_worker(queue, "doomed")
-    settings.MIGRATION_QUEUE = queue
-    yield worker
-    worker.stop()
+    with worker_on_own_queue("doomed") as queue_and_worker:
+        yield route_migrations_to(queue_and_worker, settings)
 
 
 @pytest.fixture
@@ -78,3 +91,17 @@ def fleet(host_agents):
 @pytest.fixture
 def admin():
     return make_user("alice", permissions=MIGRATOR)
+
+
+@pytest.fixture
+def migration_admin_client(client):
+    """A client logged in as "admin", who may view VMs and VSPs and request and cancel migrations."""
+    client.force_login(make_user("admin", MIGRATION_ADMIN_PERMISSIONS))
+    return client
+
+
+@pytest.fixture
+def operator_client(client):
+    """A client logged in as "operator", who may only view VMs and VSPs."""
+    client.force_login(make_user("operator", ("vms.view_virtualmachine", "vms.view_vsp")))
+    return client

@@ -1,18 +1,26 @@
-"""Faults: a worker killed mid-copy and recovered, a worker gone after the commit, a malformed agent reply."""
+"""Faults: a worker killed mid-copy and recovered, a worker gone after the commit, agents that misbehave.
+
+Agents that misbehave are fakes (``FakeAgent`` and its subclasses): a real agent cannot be made to send
+nonsense, to stay in Init for ever, or to hang on exactly one cancel. Each fake says what it plays.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 from django.db import transaction
 from django.utils import timezone
 
 from migrations_app.actions import do_cancel_migration, do_request_migration
+from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
 from tests.factories import make_vm, make_vsp
@@ -53,56 +61,57 @@ def test_it_recovers_a_migration_whose_worker_was_killed_mid_copy(
     assert recover_migrations(stale_after_s=1) == []  # decided once, by the database
 
 
-class MalformedAgent(BaseHTTPRequestHandler):
-    """Answers every request with 200 and a body that is not JSON.
+class FakeAgent(BaseHTTPRequestHandler):
+    """The HTTP plumbing of the fake agents below."""
 
-    A fake: a real agent cannot be made to send a malformed reply.
-    """
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.answer()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.answer()
-
-    def answer(self) -> None:
-        body = b"<html>this is not an agent</html>"
+    def send_body(self, data: bytes, content_type: str = "application/json") -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(data)
+
+    def reply(self, body: dict[str, Any]) -> None:
+        self.send_body(json.dumps(body).encode())
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-@pytest.fixture
-def malformed_agent_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), MalformedAgent)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+@contextmanager
+def serving(handler: type[FakeAgent]) -> Iterator[str]:
+    """Serve ``handler`` on a free loopback port; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class MalformedAgent(FakeAgent):
+    """Answers every request with 200 and a body that is not JSON."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_body(b"<html>this is not an agent</html>")
+
+    do_POST = do_GET  # noqa: N815
 
 
 def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
-    host_agents, fleet, admin, migration_worker, wait_for, malformed_agent_url
+    host_agents, fleet, admin, migration_worker, wait_for
 ):
     vm = place_vm(host_agents, fleet)
-    nonsense = make_vsp(
-        "nonsense",
-        agent_url=malformed_agent_url,
-        agent_secret="nonsense-secret",  # noqa: S106 - a fake agent
-        memory_mib=4096,
-    )
-
-    migration = do_request_migration(vm, nonsense, admin)
-    wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+    with serving(MalformedAgent) as url:
+        nonsense = make_vsp("nonsense", agent_url=url, agent_secret="s" * 8, memory_mib=4096)
+        migration = do_request_migration(vm, nonsense, admin)
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
 
     assert migration.state == "aborted"
     assert migration.failed_phase == "init"
+    assert migration.failure_kind == "internal"
     assert migration.alert == (
         "Init phase failed: the target host sent a reply that makes no sense. The VM keeps running on hosta."
     )
@@ -126,8 +135,6 @@ def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
 
 @pytest.mark.faults
 def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin):
-    from migrations_app.engine import agent_migration_id, flip_registrations
-
     vm = place_vm(host_agents, fleet)
     a_minute_ago = timezone.now() - timedelta(minutes=1)
     migration = Migration.objects.create(
@@ -152,14 +159,14 @@ def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_ag
     assert not runs_on(host_agents["hosta"], vm.name)
 
 
-class StallingSourceAgent(BaseHTTPRequestHandler):
+class StallingSourceAgent(FakeAgent):
     """A source agent whose migrations never leave Init, yet that keeps reporting and obeys cancel.
 
-    A fake: a real agent cannot be held in Init, so the worker's own time-limit backstop and a cancel
-    during Init are tested against this one (the target is a real agent).
+    The worker's own time-limit backstop and a cancel during Init are tested against it (the target is
+    a real agent).
     """
 
-    migrations: dict[str, dict] = {}
+    migrations: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.endswith("/progress"):
@@ -178,7 +185,7 @@ class StallingSourceAgent(BaseHTTPRequestHandler):
             migration.update(state="cancelled", seq=migration["seq"] + 1)
             self.reply(self.snapshot(parts[3]))
 
-    def snapshot(self, migration_id: str) -> dict:
+    def snapshot(self, migration_id: str) -> dict[str, Any]:
         migration = self.migrations[migration_id]
         return {
             "migration_id": migration_id,
@@ -194,89 +201,7 @@ class StallingSourceAgent(BaseHTTPRequestHandler):
             "seq": migration["seq"],
         }
 
-    def stream(self, migration_id: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.end_headers()
-        while True:
-            snapshot = self.snapshot(migration_id)
-            self.wfile.write(json.dumps(snapshot).encode() + b"\n")
-            self.wfile.flush()
-            if snapshot["state"] != "init":
-                return
-            time.sleep(0.2)
-
-    def reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def stalling_source(host_agents):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingSourceAgent)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield make_vsp("stall", agent_url=f"http://127.0.0.1:{server.server_address[1]}", agent_secret="s" * 8)
-    server.shutdown()
-    server.server_close()
-
-
-def test_the_worker_ends_a_phase_the_agent_lets_run_over_its_limit(
-    host_agents, fleet, admin, migration_worker, wait_for, stalling_source
-):
-    vm = make_vm("stuck", vsp=stalling_source, memory_mib=16, init_limit_s=1)
-
-    migration = do_request_migration(vm, fleet["hostb"], admin)
-    wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
-
-    assert (migration.state, migration.failed_phase) == ("aborted", "init")
-    assert migration.alert == (
-        "Init phase failed: it ran over its time limit of 1 s. The VM keeps running on stall."
-    )
-    assert vm.current_vsp == stalling_source
-    assert guest_on(host_agents["hostb"], "stuck") is None  # the prepared copy was discarded
-
-
-def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wait_for, stalling_source):
-    vm = make_vm("hesitant", vsp=stalling_source, memory_mib=16, init_limit_s=60)
-    migration = do_request_migration(vm, fleet["hostb"], admin)
-    wait_for_state(wait_for, migration, "init")
-
-    do_cancel_migration(migration, admin)
-    wait_for_state(wait_for, migration, "cancelled", "aborted", "completed", timeout=20)
-
-    assert (migration.state, migration.failed_phase) == ("cancelled", "init")
-    assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on stall."
-    assert vm.current_vsp == stalling_source
-    assert guest_on(host_agents["hostb"], "hesitant") is None
-
-
-class SlowToCancelSource(StallingSourceAgent):
-    """A source whose first cancel hangs (a busy host) and whose progress stream is silent until it ends.
-
-    A fake, like its parent: a real agent cannot be made to hang on exactly one cancel.
-    """
-
-    migrations: dict[str, dict] = {}
-    cancels: list[float] = []  # when each cancel attempt arrived
-    cancelled_at: list[float] = []  # when the source actually stopped
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.endswith("/cancel"):
-            self.cancels.append(time.monotonic())
-            if len(self.cancels) == 1:
-                time.sleep(8)  # the first attempt never answers in time (and is not applied)
-                return
-            if not self.cancelled_at:
-                self.cancelled_at.append(time.monotonic())
-        super().do_POST()
+    repeat_unchanged = True  # False: a silent stream, a snapshot only when something changed
 
     def stream(self, migration_id: str) -> None:
         self.send_response(200)
@@ -285,41 +210,85 @@ class SlowToCancelSource(StallingSourceAgent):
         sent = None
         while True:
             snapshot = self.snapshot(migration_id)
-            if snapshot["seq"] != sent:
+            if self.repeat_unchanged or snapshot["seq"] != sent:
                 self.wfile.write(json.dumps(snapshot).encode() + b"\n")
                 self.wfile.flush()
                 sent = snapshot["seq"]
             if snapshot["state"] != "init":
                 return
-            time.sleep(0.05)
+            time.sleep(0.2 if self.repeat_unchanged else 0.05)
 
 
-@pytest.fixture
-def slow_to_cancel_source(host_agents):
-    SlowToCancelSource.cancels.clear()
-    SlowToCancelSource.cancelled_at.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowToCancelSource)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield make_vsp("busy", agent_url=f"http://127.0.0.1:{server.server_address[1]}", agent_secret="s" * 8)
-    server.shutdown()
-    server.server_close()
+class SlowToCancelSource(StallingSourceAgent):
+    """A source whose first cancel hangs (a busy host) and whose progress stream is silent until it ends."""
+
+    migrations: ClassVar[dict[str, dict[str, Any]]] = {}
+    repeat_unchanged = False
+    events: ClassVar[list[str]] = []  # what happened, in order: "cancel", "cancelled", "first returned"
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.endswith("/cancel"):
+            self.events.append("cancel")
+            if self.events.count("cancel") == 1:
+                time.sleep(8)  # the first attempt never answers in time (and is not applied)
+                self.events.append("first returned")
+                return
+            if "cancelled" not in self.events:
+                self.events.append("cancelled")
+        super().do_POST()
 
 
-def test_a_cancel_the_source_does_not_take_at_once_is_retried_promptly(
-    host_agents, fleet, admin, migration_worker, wait_for, slow_to_cancel_source
+@contextmanager
+def stalling_vsp(handler: type[StallingSourceAgent], name: str) -> Iterator[Any]:
+    with serving(handler) as url:
+        yield make_vsp(name, agent_url=url, agent_secret="s" * 8)
+
+
+def test_the_worker_ends_a_phase_the_agent_lets_run_over_its_limit(
+    host_agents, fleet, admin, migration_worker, wait_for
 ):
-    vm = make_vm("sluggish", vsp=slow_to_cancel_source, memory_mib=16, init_limit_s=60)
-    migration = do_request_migration(vm, fleet["hostb"], admin)
-    wait_for_state(wait_for, migration, "init")
+    with stalling_vsp(StallingSourceAgent, "stall") as source:
+        vm = make_vm("stuck", vsp=source, memory_mib=16, init_limit_s=1)
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
 
-    requested = time.monotonic()
-    do_cancel_migration(migration, admin)
-    wait_for_state(wait_for, migration, "cancelled", "aborted", "completed", timeout=20)
+    assert (migration.state, migration.failed_phase) == ("aborted", "init")
+    assert migration.failure_kind == "time_limit"
+    assert migration.alert == (
+        "Init phase failed: it ran over its time limit of 1 s. The VM keeps running on stall."
+    )
+    assert vm.current_vsp == source
+    assert guest_on(host_agents["hostb"], "stuck") is None  # the prepared copy was discarded
 
-    assert len(SlowToCancelSource.cancels) >= 2  # the first attempt hung; it was tried again
-    assert SlowToCancelSource.cancelled_at and SlowToCancelSource.cancelled_at[0] - requested < 4
-    assert (migration.state, migration.failed_phase) == ("cancelled", "init")
-    assert migration.alert == "Cancelled by alice during the Init phase. The VM keeps running on busy."
-    # recorded first, then the target is told to discard: wait for that
-    assert wait_for(lambda: guest_on(host_agents["hostb"], "sluggish") is None, timeout=10)
+
+@pytest.mark.parametrize(
+    ("handler", "vsp_name"),
+    [
+        pytest.param(StallingSourceAgent, "stall", id="source-takes-the-cancel"),
+        pytest.param(SlowToCancelSource, "busy", id="first-cancel-hangs"),
+    ],
+)
+def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wait_for, handler, vsp_name):
+    SlowToCancelSource.events.clear()
+    with stalling_vsp(handler, vsp_name) as source:
+        vm = make_vm("hesitant", vsp=source, memory_mib=16, init_limit_s=60)
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        wait_for_state(wait_for, migration, "init")
+
+        do_cancel_migration(migration, admin)
+        wait_for_state(wait_for, migration, "cancelled", "aborted", "completed", timeout=20)
+        # recorded first, then the target is told to discard: wait for that
+        assert wait_for(lambda: guest_on(host_agents["hostb"], "hesitant") is None, timeout=10)
+
+    assert (migration.state, migration.failed_phase, migration.failure_kind) == (
+        "cancelled",
+        "init",
+        "cancelled",
+    )
+    assert migration.cancel_requested_by == admin
+    assert migration.alert == f"Cancelled by alice during the Init phase. The VM keeps running on {vsp_name}."
+    assert vm.current_vsp == source
+    if handler is SlowToCancelSource:
+        # the hung first attempt was not waited on: a second one stopped the source before it returned
+        events = SlowToCancelSource.events
+        assert events[:3] == ["cancel", "cancel", "cancelled"], events

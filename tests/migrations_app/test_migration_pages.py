@@ -13,8 +13,7 @@ from django.test import Client
 from django.urls import reverse
 
 from migrations_app.models import Migration
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+from tests.factories import make_migration, make_vm, make_vsp
 
 pytestmark = pytest.mark.django_db
 
@@ -31,20 +30,6 @@ def fleet():
     return vsps, make_vm("web01", vsps["vsp1"], memory_mib=512)
 
 
-@pytest.fixture
-def admin_client() -> Client:
-    client = Client()
-    client.force_login(make_user("admin", *ADMIN_PERMISSIONS))
-    return client
-
-
-@pytest.fixture
-def operator_client() -> Client:
-    client = Client()
-    client.force_login(make_user("operator", "vms.view_virtualmachine", "vms.view_vsp"))
-    return client
-
-
 def dialog_url(vm) -> str:
     return reverse("migrations_app:migrate", args=[vm.pk])
 
@@ -54,9 +39,9 @@ def target_row(html: str, vsp_name: str) -> str:
     return html[start : html.index("</tr>", start)]
 
 
-def test_it_lists_every_vsp_with_its_pre_check_in_plain_words(fleet, admin_client):
+def test_it_lists_every_vsp_with_its_pre_check_in_plain_words(fleet, migration_admin_client):
     vsps, vm = fleet
-    html = admin_client.get(dialog_url(vm)).content.decode()
+    html = migration_admin_client.get(dialog_url(vm)).content.decode()
     expected = {
         "vsp1": "Same host",
         "vsp3": "Host not licensed",
@@ -69,54 +54,58 @@ def test_it_lists_every_vsp_with_its_pre_check_in_plain_words(fleet, admin_clien
     assert "Ready" in target_row(html, "vsp2") and " disabled" not in target_row(html, "vsp2")
 
 
-def test_a_vpar_is_refused_on_every_target(fleet, admin_client):
+def test_a_vpar_is_refused_on_every_target(fleet, migration_admin_client):
     vsps, _ = fleet
     vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
-    html = admin_client.get(dialog_url(vpar)).content.decode()
+    html = migration_admin_client.get(dialog_url(vpar)).content.decode()
     for name in vsps:
         assert "vPars do not migrate" in target_row(html, name)
-    response = admin_client.post(dialog_url(vpar), {"target": vsps["vsp2"].pk})
+    response = migration_admin_client.post(dialog_url(vpar), {"target": vsps["vsp2"].pk})
     assert response.status_code == 400 and "vPars do not migrate" in response.content.decode()
     assert not Migration.objects.exists()
 
 
 @pytest.mark.parametrize("target", ["vsp1", "vsp3", "vsp4", "vsp5"])
-def test_posting_a_refused_target_starts_nothing_and_says_why(fleet, admin_client, target):
+def test_posting_a_refused_target_starts_nothing_and_says_why(fleet, migration_admin_client, target):
     vsps, vm = fleet
-    response = admin_client.post(dialog_url(vm), {"target": vsps[target].pk})
+    response = migration_admin_client.post(dialog_url(vm), {"target": vsps[target].pk})
     assert response.status_code == 400
     assert f"web01 cannot migrate to {target}" in response.content.decode()
     assert not Migration.objects.exists()
 
 
 @pytest.mark.parametrize("value", ["", "abc", "-1", "999999"])
-def test_a_missing_or_unknown_target_starts_nothing(fleet, admin_client, value):
+def test_a_missing_or_unknown_target_starts_nothing(fleet, migration_admin_client, value):
     _, vm = fleet
-    response = admin_client.post(dialog_url(vm), {"target": value})
+    response = migration_admin_client.post(dialog_url(vm), {"target": value})
     assert response.status_code == 400 and "Choose a target VSP" in response.content.decode()
     assert not Migration.objects.exists()
 
 
-def test_an_ok_target_queues_the_migration_and_the_tab_shows_it(fleet, admin_client):
+def test_an_ok_target_queues_the_migration_and_the_tab_shows_it(fleet, migration_admin_client):
     vsps, vm = fleet
-    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk})
+    response = migration_admin_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk})
     assert response.status_code == 302
     migration = Migration.objects.get()
     assert (migration.vm, migration.source, migration.target) == (vm, vsps["vsp1"], vsps["vsp2"])
-    page = admin_client.get(response.url).content.decode()
+    page = migration_admin_client.get(response.url).content.decode()
     assert "Waiting its turn to migrate to VSP vsp2" in page and "migration-icon-queued" in page
 
 
-def test_with_htmx_an_ok_target_answers_with_the_phases_to_swap_in(fleet, admin_client):
+def test_with_htmx_an_ok_target_answers_with_the_phases_to_swap_in(fleet, migration_admin_client):
     vsps, vm = fleet
-    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}, headers={"HX-Request": "true"})
+    response = migration_admin_client.post(
+        dialog_url(vm), {"target": vsps["vsp2"].pk}, headers={"HX-Request": "true"}
+    )
     html = response.content.decode()
     assert response.status_code == 200 and 'id="migration-phases"' in html and 'hx-swap-oob="true"' in html
 
 
-def test_with_htmx_a_refusal_re_renders_the_dialog_in_its_slot(fleet, admin_client):
+def test_with_htmx_a_refusal_re_renders_the_dialog_in_its_slot(fleet, migration_admin_client):
     vsps, vm = fleet
-    response = admin_client.post(dialog_url(vm), {"target": vsps["vsp3"].pk}, headers={"HX-Request": "true"})
+    response = migration_admin_client.post(
+        dialog_url(vm), {"target": vsps["vsp3"].pk}, headers={"HX-Request": "true"}
+    )
     assert response.status_code == 400 and response["HX-Retarget"] == "#migrate-dialog-slot"
     assert "host not licensed" in response.content.decode() and "<dialog" in response.content.decode()
 
@@ -138,15 +127,15 @@ def test_anonymous_users_are_sent_to_log_in(fleet):
     assert response.status_code == 302 and "/login/" in response.url
 
 
-def test_cancel_ends_a_queued_migration(fleet, admin_client):
+def test_cancel_ends_a_queued_migration(fleet, migration_admin_client):
     vsps, vm = fleet
     migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
-    response = admin_client.post(reverse("migrations_app:cancel", args=[migration.pk]))
+    response = migration_admin_client.post(reverse("migrations_app:cancel", args=[migration.pk]))
     assert response.status_code == 302
     assert Migration.objects.get().state == Migration.State.CANCELLED
 
 
-def test_the_page_and_refresh_data_show_the_same_numbers(fleet, admin_client):
+def test_the_page_and_refresh_data_show_the_same_numbers(fleet, migration_admin_client):
     vsps, vm = fleet
     make_migration(
         vm,
@@ -159,19 +148,21 @@ def test_the_page_and_refresh_data_show_the_same_numbers(fleet, admin_client):
         bytes_remaining=212 * 2**20,
         rounds=5,
     )
-    page = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
-    refreshed = admin_client.get(reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"})
+    page = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    refreshed = migration_admin_client.get(
+        reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"}
+    )
     for html in (page, refreshed.content.decode()):
         assert "63%" in html and "300.0\xa0MB" in html and "212.0\xa0MB" in html and 'data-round="5"' in html
         assert "Migrating to VSP vsp2: Copy phase." in html
 
 
-def test_migrate_selected_queues_each_vm_and_reports_refusals(fleet, admin_client):
+def test_migrate_selected_queues_each_vm_and_reports_refusals(fleet, migration_admin_client):
     vsps, web01 = fleet
     web02 = make_vm("web02", vsps["vsp1"])
     vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
     url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
-    response = admin_client.post(
+    response = migration_admin_client.post(
         url, {"vm": [web01.pk, web02.pk, vpar.pk], "target": vsps["vsp2"].pk}, follow=True
     )
     html = response.content.decode()
@@ -180,28 +171,28 @@ def test_migrate_selected_queues_each_vm_and_reports_refusals(fleet, admin_clien
     assert html.count("migration-icon-queued") == 2 and "Waiting to migrate to vsp2" in html
 
 
-def test_migrate_selected_refuses_vms_of_another_vsp(fleet, admin_client):
+def test_migrate_selected_refuses_vms_of_another_vsp(fleet, migration_admin_client):
     vsps, web01 = fleet
     elsewhere = make_vm("db01", vsps["vsp2"])
     url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
-    response = admin_client.post(
+    response = migration_admin_client.post(
         url, {"vm": [web01.pk, elsewhere.pk], "target": vsps["vsp2"].pk}, follow=True
     )
     assert "not registered on vsp1; nothing was started" in response.content.decode()
     assert not Migration.objects.exists()
 
 
-def test_with_htmx_cancel_answers_with_a_notice_and_the_new_state(fleet, admin_client):
+def test_with_htmx_cancel_answers_with_a_notice_and_the_new_state(fleet, migration_admin_client):
     vsps, vm = fleet
     migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
     url = reverse("migrations_app:cancel", args=[migration.pk])
-    response = admin_client.post(url, headers={"HX-Request": "true"})
+    response = migration_admin_client.post(url, headers={"HX-Request": "true"})
     html = response.content.decode()
     assert response.status_code == 200 and 'id="migration-notice"' in html
     assert "Cancel of the migration of web01 requested." in html
     assert '<section id="migration-alerts"' in html and "cancelled" in html
 
-    again = admin_client.post(url, headers={"HX-Request": "true"}).content.decode()
+    again = migration_admin_client.post(url, headers={"HX-Request": "true"}).content.decode()
     assert "notice-error" in again and "already ended" in again
 
 
@@ -213,87 +204,91 @@ def powered_off_vm(vsps):
     return build01
 
 
-def test_a_powered_off_vm_is_refused_in_the_dialog_the_post_and_migrate_selected(fleet, admin_client):
+def test_a_powered_off_vm_is_refused_in_the_dialog_the_post_and_migrate_selected(
+    fleet, migration_admin_client
+):
     vsps, web01 = fleet
     build01 = powered_off_vm(vsps)
     reason = "VM is not running (Off): online migration moves running guests only"
 
-    dialog = admin_client.get(dialog_url(build01)).content.decode()
+    dialog = migration_admin_client.get(dialog_url(build01)).content.decode()
     assert reason in target_row(dialog, "vsp2") and "Ready" not in target_row(dialog, "vsp2")
 
-    posted = admin_client.post(dialog_url(build01), {"target": vsps["vsp2"].pk})
+    posted = migration_admin_client.post(dialog_url(build01), {"target": vsps["vsp2"].pk})
     assert posted.status_code == 400
     assert f"build01 cannot migrate to vsp2: {reason}." in posted.content.decode()
     assert not Migration.objects.exists()
 
     url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
-    selected = admin_client.post(url, {"vm": [web01.pk, build01.pk], "target": vsps["vsp2"].pk}, follow=True)
+    selected = migration_admin_client.post(
+        url, {"vm": [web01.pk, build01.pk], "target": vsps["vsp2"].pk}, follow=True
+    )
     assert f"build01 cannot migrate to vsp2: {reason}." in selected.content.decode()
     assert list(Migration.objects.values_list("vm__name", flat=True)) == ["web01"]
 
 
-def test_an_alert_says_once_where_the_vm_stays(fleet, admin_client):
+def test_an_alert_says_once_where_the_vm_stays(fleet, migration_admin_client):
     vsps, web01 = fleet
     alert = "Cancelled by admin during the Copy phase. The VM keeps running on vsp1."
     make_migration(web01, vsps["vsp1"], vsps["vsp2"], state="cancelled", failed_phase="copy", alert=alert)
-    html = admin_client.get(reverse("vms:vm_general", args=[web01.pk])).content.decode()
+    html = migration_admin_client.get(reverse("vms:vm_general", args=[web01.pk])).content.decode()
     assert alert in html
     assert html.count("keeps running") == 1
 
 
-def test_opened_by_its_address_the_dialog_is_a_styled_page_of_the_console(fleet, admin_client):
+def test_opened_by_its_address_the_dialog_is_a_styled_page_of_the_console(fleet, migration_admin_client):
     _, vm = fleet
-    html = admin_client.get(dialog_url(vm)).content.decode()
+    html = migration_admin_client.get(dialog_url(vm)).content.decode()
     assert 'class="topbar"' in html and "/static/css/migrations.css" in html
     assert "/static/css/console.css" in html  # where .visually-hidden hides the "Choose" header
     assert "dialog-backdrop" not in html and "hx-post" not in html  # a plain form posting to itself
     assert re.search(rf'href="/vms/{vm.pk}/general/"\s*>Back to web01</a>', html)
 
 
-def test_with_htmx_the_dialog_is_a_modal_posting_into_its_slot(fleet, admin_client):
+def test_with_htmx_the_dialog_is_a_modal_posting_into_its_slot(fleet, migration_admin_client):
     _, vm = fleet
-    html = admin_client.get(dialog_url(vm), headers={"HX-Request": "true"}).content.decode()
+    html = migration_admin_client.get(dialog_url(vm), headers={"HX-Request": "true"}).content.decode()
     assert "dialog-backdrop" in html and 'hx-target="#migrate-dialog-slot"' in html
     assert 'class="topbar"' not in html
 
 
-def test_a_vpar_dialog_says_once_that_vpars_never_migrate_and_disables_migrate(fleet, admin_client):
+def test_a_vpar_dialog_says_once_that_vpars_never_migrate_and_disables_migrate(fleet, migration_admin_client):
     vsps, _ = fleet
     vpar = make_vm("vpar01", vsps["vsp1"], kind="vpar")
-    html = admin_client.get(dialog_url(vpar)).content.decode()
+    html = migration_admin_client.get(dialog_url(vpar)).content.decode()
     assert "vpar01 is a vPar: vPars never migrate" in html
     assert html.count("Refused (see above)") == len(vsps)
     assert re.search(r'<button type="submit"[^>]*id="migrate-submit"[^>]*\sdisabled', html)
-    response = admin_client.post(dialog_url(vpar), {})
+    response = migration_admin_client.post(dialog_url(vpar), {})
     assert response.status_code == 400
     assert "vPars never migrate" in response.content.decode()
     assert "Choose a target VSP" not in response.content.decode()
 
 
-def test_a_refusal_shared_by_every_target_is_a_banner_not_a_row_each(fleet, admin_client):
+def test_a_refusal_shared_by_every_target_is_a_banner_not_a_row_each(fleet, migration_admin_client):
     _, vm = fleet
     vm.online_migration_enabled = False
     vm.save()
-    html = admin_client.get(dialog_url(vm)).content.decode()
+    html = migration_admin_client.get(dialog_url(vm)).content.decode()
     banner = re.search(r'id="migrate-dialog-blocked">([^<]*)<', html).group(1)
     assert banner == "web01 cannot migrate to any VSP: VM not enabled for online migration."
     assert "Refused (see above)" in target_row(html, "vsp2")
     assert re.search(r'id="migrate-submit"[^>]*\sdisabled', html)
 
 
-def test_different_refusals_stay_on_their_rows_and_migrate_stays_enabled(fleet, admin_client):
+def test_different_refusals_stay_on_their_rows_and_migrate_stays_enabled(fleet, migration_admin_client):
     _, vm = fleet
-    html = admin_client.get(dialog_url(vm)).content.decode()
+    html = migration_admin_client.get(dialog_url(vm)).content.decode()
     assert 'id="migrate-dialog-blocked"' not in html and "see above" not in html
     assert not re.search(r'id="migrate-submit"[^>]*\sdisabled', html)
 
 
-def test_the_cancel_requested_notice_gives_way_to_the_final_state_once_pushed(fleet, admin_client):
+def test_the_cancel_requested_notice_gives_way_to_the_final_state_once_pushed(fleet, migration_admin_client):
     from migrations_app.progress import build_progress_messages, vm_group
 
     vsps, vm = fleet
     migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"], state="copy")
-    answer = admin_client.post(
+    answer = migration_admin_client.post(
         reverse("migrations_app:cancel", args=[migration.pk]), headers={"HX-Request": "true"}
     )
     assert "Cancel of the migration of web01 requested." in answer.content.decode()
@@ -311,14 +306,14 @@ def test_the_cancel_requested_notice_gives_way_to_the_final_state_once_pushed(fl
     assert alert in pushed and pushed.count("keeps running") == 1
 
 
-def test_the_vsp_tab_socket_names_the_vms_of_its_page(fleet, admin_client):
+def test_the_vsp_tab_socket_names_the_vms_of_its_page(fleet, migration_admin_client):
     vsps, vm = fleet
     other = make_vm("web02", vsps["vsp1"])
-    html = admin_client.get(reverse("vms:vsp_detail", args=[vsps["vsp1"].pk])).content.decode()
+    html = migration_admin_client.get(reverse("vms:vsp_detail", args=[vsps["vsp1"].pk])).content.decode()
     assert f'ws-connect="/ws/vsps/{vsps["vsp1"].pk}/?vms={vm.pk},{other.pk}"' in html
 
 
-def test_after_a_completed_migration_the_phases_give_way_to_one_line(fleet, admin_client):
+def test_after_a_completed_migration_the_phases_give_way_to_one_line(fleet, migration_admin_client):
     vsps, vm = fleet
     make_migration(
         vm,
@@ -332,7 +327,7 @@ def test_after_a_completed_migration_the_phases_give_way_to_one_line(fleet, admi
         frozen_percent=100,
     )
     migration = Migration.objects.get()
-    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    html = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
     line = re.search(r'data-field="last_migration"[^>]*>([^<]*)<', html).group(1)
     assert line == (
         f"Last migration: completed to VSP vsp2 at {migration.state_changed_at:%H:%M} UTC, downtime 120 ms."
@@ -341,18 +336,20 @@ def test_after_a_completed_migration_the_phases_give_way_to_one_line(fleet, admi
     assert re.search(r"<details[^>]*>\s*<summary>Phase details</summary>", html)  # folded, not gone
 
 
-def test_while_a_migration_runs_the_phases_panel_shows_in_full(fleet, admin_client):
+def test_while_a_migration_runs_the_phases_panel_shows_in_full(fleet, migration_admin_client):
     vsps, vm = fleet
     make_migration(vm, vsps["vsp1"], vsps["vsp2"], state=Migration.State.COPY, copy_percent=30)
-    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    html = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
     assert "Online Migration Phases" in html and "<details" not in html
     assert 'data-field="last_migration"' not in html
 
 
-def test_an_htmx_answer_of_the_general_tab_carries_the_breadcrumb_out_of_band(fleet, admin_client):
+def test_an_htmx_answer_of_the_general_tab_carries_the_breadcrumb_out_of_band(fleet, migration_admin_client):
     vsps, vm = fleet
-    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk]), headers={"HX-Request": "true"}).text
+    html = migration_admin_client.get(
+        reverse("vms:vm_general", args=[vm.pk]), headers={"HX-Request": "true"}
+    ).text
     crumb = re.search(r'<p class="breadcrumb" id="vm-breadcrumb" hx-swap-oob="true">.*?</p>', html, re.S)
     assert crumb and ">vsp1</a>" in crumb.group(0)
-    page = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    page = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
     assert page.count('id="vm-breadcrumb"') == 1 and 'id="vm-breadcrumb" hx-swap-oob' not in page

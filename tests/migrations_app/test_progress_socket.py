@@ -12,8 +12,14 @@ from channels.testing import WebsocketCommunicator
 from matrixoe.asgi import application
 from migrations_app.models import Migration
 from migrations_app.progress import publish_progress
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp, session_cookie
+from tests.factories import (
+    MIGRATION_ADMIN_PERMISSIONS,
+    make_migration,
+    make_user,
+    make_vm,
+    make_vsp,
+    session_cookie,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("redis_url")]
 
@@ -39,7 +45,7 @@ def migrating_vm(copy_percent: int = 42):
 
 @database_sync_to_async
 def admin_cookie() -> str:
-    return session_cookie(make_user("admin", *ADMIN_PERMISSIONS))
+    return session_cookie(make_user("admin", MIGRATION_ADMIN_PERMISSIONS))
 
 
 async def connect(path: str, cookie: str | None = None, origin: tuple[bytes, bytes] = ORIGIN):
@@ -188,4 +194,71 @@ async def test_a_vsp_tab_gets_updates_only_for_the_rows_its_page_shows():
     assert "Copy 55%" in await this_page.receive_from(timeout=5)
     assert await other_page.receive_nothing(timeout=0.5)
     for socket in (other_page, this_page):
+        await socket.disconnect()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "vms=%C2%B2",  # a superscript two: str.isdigit() accepts it, int() refuses it
+        "vms=1,%D9%A3",  # an Arabic-Indic three
+        "vms=1;2",
+        "vms=1&vms=2",
+        "vms=1&other=2",
+        "vms=" + ",".join(["1"] * 1001),
+        "vms=%FF",
+    ],
+)
+async def test_a_malformed_vsp_query_is_closed_with_4400_and_live_progress_goes_on(query):
+    vm, migration = await migrating_vm(copy_percent=10)
+    cookie = await admin_cookie()
+    watcher, connected = await connect(f"/ws/vms/{vm.pk}/", cookie)
+    assert connected
+    await watcher.receive_from(timeout=5)
+
+    crafted, connected = await connect(f"/ws/vsps/{migration.source_id}/?{query}", cookie)
+    assert connected
+    assert await crafted.receive_output(timeout=2) == {"type": "websocket.close", "code": 4400}
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(copy_percent=66)
+    await database_sync_to_async(publish_progress)(migration)
+    assert "66%" in await watcher.receive_from(timeout=5)
+    source_tab, _ = await connect(f"/ws/vsps/{migration.source_id}/?vms={vm.pk}", cookie)
+    assert "Copy 66%" in await source_tab.receive_from(timeout=5)
+    for socket in (watcher, crafted, source_tab):
+        await socket.disconnect()
+
+
+@pytest.mark.parametrize("query", ["seen=%C2%B2", "seen=1-copy&seen=2-copy", "seen=<script>", "foo=1"])
+async def test_a_malformed_vm_query_is_closed_with_4400(query):
+    vm, _ = await migrating_vm()
+    socket, connected = await connect(f"/ws/vms/{vm.pk}/?{query}", await admin_cookie())
+    assert connected
+    assert await socket.receive_output(timeout=2) == {"type": "websocket.close", "code": 4400}
+    await socket.disconnect()
+
+
+@pytest.mark.parametrize("path", ["/ws/vms/99999999999999999999999/", "/ws/vsps/%C2%B2/", "/ws/vms/²/"])
+async def test_an_out_of_range_or_non_ascii_id_in_the_path_closes_with_4404(path):
+    await migrating_vm()
+    socket, connected = await connect(path, await admin_cookie())
+    assert connected
+    assert await socket.receive_output(timeout=2) == {"type": "websocket.close", "code": 4404}
+    await socket.disconnect()
+
+
+async def test_the_vsp_socket_needs_the_vsp_view_permission_not_the_vm_one():
+    _, migration = await migrating_vm()
+    vm_viewer = await database_sync_to_async(
+        lambda: session_cookie(make_user("vm-viewer", "vms.view_virtualmachine"))
+    )()
+    vsp_viewer = await database_sync_to_async(
+        lambda: session_cookie(make_user("vsp-viewer", "vms.view_vsp"))
+    )()
+    refused, connected = await connect(f"/ws/vsps/{migration.source_id}/", vm_viewer)
+    assert not connected
+    allowed, connected = await connect(f"/ws/vsps/{migration.source_id}/", vsp_viewer)
+    assert connected
+    assert "Migrating to vsp2" in await allowed.receive_from(timeout=5)
+    for socket in (refused, allowed):
         await socket.disconnect()

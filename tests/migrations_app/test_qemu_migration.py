@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from migrations_app.models import Migration
 from tests.conftest import ManagedProcess, wait_until
 from tests.factories import make_vm
 from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
-from tests.migrations_app.conftest import start_migration_worker
+from tests.migrations_app.conftest import route_migrations_to, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
 from tests.qemu_guest import needs_qemu, runs_intact, workload
 from vms.models import Registration
@@ -48,19 +47,13 @@ def qemu_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 @pytest.fixture(scope="module")
 def _qemu_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProcess]]:
-    from django.conf import settings
-
-    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-qemu-{time.monotonic_ns()}"
-    worker = start_migration_worker(queue, "qemu", 2, MIGRATION_BANDWIDTH_MBPS=str(LINK_MBPS))
-    yield queue, worker
-    worker.stop()
+    with worker_on_own_queue("qemu", 2, MIGRATION_BANDWIDTH_MBPS=str(LINK_MBPS)) as queue_and_worker:
+        yield queue_and_worker
 
 
 @pytest.fixture
 def qemu_worker(_qemu_worker, settings) -> ManagedProcess:
-    queue, worker = _qemu_worker
-    settings.MIGRATION_QUEUE = queue
-    return worker
+    return route_migrations_to(_qemu_worker, settings)
 
 
 @pytest.fixture

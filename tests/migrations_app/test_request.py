@@ -13,6 +13,7 @@ from django.utils import timezone
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from tests.factories import make_user, make_vm, make_vsp
+from vms.models import AuditEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -103,3 +104,21 @@ def test_it_refuses_to_cancel_once_committing(busy_source):
     with pytest.raises(MigrationRefused, match="Too late to cancel"):
         do_cancel_migration(migration, make_user(permissions=MIGRATOR))
     assert not Migration.objects.get(pk=migration.pk).cancel_requested
+
+
+def test_it_records_who_requested_and_who_cancelled_in_the_audit_trail(busy_source, celery_worker):
+    source, target = busy_source
+    vm = make_vm("web01", vsp=source)
+    requester, canceller = make_user("ann", permissions=MIGRATOR), make_user("bob", permissions=MIGRATOR)
+
+    migration = do_request_migration(vm, target, requester)
+    do_cancel_migration(migration, canceller)
+
+    events = list(AuditEvent.objects.order_by("pk").values_list("action", "actor_name", "object_name"))
+    name = f"migration {migration.pk} of web01: src -> dst"
+    assert events == [
+        (AuditEvent.Action.MIGRATION_REQUESTED, "ann", name),
+        (AuditEvent.Action.MIGRATION_CANCELLED, "bob", name),
+    ]
+    migration.refresh_from_db()
+    assert (migration.state, migration.cancel_requested_by) == (Migration.State.CANCELLED, canceller)

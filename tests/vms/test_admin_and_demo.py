@@ -27,7 +27,7 @@ def test_the_admin_keeps_the_secret_when_left_empty_and_replaces_it_when_given(c
     client.force_login(make_admin())
     form = {
         "name": "h",
-        "agent_url": "http://127.0.0.1:7101",
+        "agent_url": vsp.agent_url,
         "agent_secret": "",
         "migration_enabled": "on",
         "licensed": "on",
@@ -77,10 +77,10 @@ def test_the_demo_fleet_is_idempotent_and_shares_secrets_through_files(tmp_path)
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
 
 
-def test_demo_users_are_an_admin_and_a_read_only_operator(monkeypatch):
+def test_demo_users_are_an_admin_and_a_read_only_operator(monkeypatch, tmp_path):
     monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "pw-for-admin")
-    output = run("demo_users")
-    run("demo_users")
+    output = run("demo_users", "--secrets-dir", str(tmp_path))
+    run("demo_users", "--secrets-dir", str(tmp_path))
     assert "admin / pw-for-admin" in output
     admin, operator = User.objects.get(username="admin"), User.objects.get(username="operator")
     assert admin.is_superuser and admin.check_password("pw-for-admin")
@@ -88,3 +88,35 @@ def test_demo_users_are_an_admin_and_a_read_only_operator(monkeypatch):
     assert operator.has_perm("vms.view_virtualmachine")
     assert not operator.has_perm("vms.change_virtualmachine")
     assert not operator.has_perm("vms.change_registration")
+
+
+def test_the_first_run_generates_a_random_admin_password_kept_private_and_printed(monkeypatch, tmp_path):
+    monkeypatch.delenv("DEMO_ADMIN_PASSWORD", raising=False)
+    monkeypatch.delenv("DEMO_OPERATOR_PASSWORD", raising=False)
+    output = run("demo_users", "--secrets-dir", str(tmp_path))
+    kept = tmp_path / "admin-password"
+    password = kept.read_text().strip()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert len(password) >= 16 and password != "matrixoe-demo"
+    assert f"admin / {password}" in output
+    assert User.objects.get(username="admin").check_password(password)
+    other_dir = tmp_path / "another-machine"
+    User.objects.all().delete()
+    run("demo_users", "--secrets-dir", str(other_dir))
+    assert (other_dir / "admin-password").read_text().strip() != password  # random, not fixed
+
+
+def test_a_password_the_admin_changed_is_never_reset(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "first-run-password")
+    run("demo_users", "--secrets-dir", str(tmp_path))
+    admin = User.objects.get(username="admin")
+    admin.set_password("changed-by-the-admin")
+    admin.save()
+
+    output = run("demo_users", "--secrets-dir", str(tmp_path))
+    monkeypatch.delenv("DEMO_ADMIN_PASSWORD")
+    run("demo_users", "--secrets-dir", str(tmp_path))
+
+    admin.refresh_from_db()
+    assert admin.check_password("changed-by-the-admin")
+    assert "password unchanged" in output and "first-run-password" not in output

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.factories import make_admin, make_registration, make_vm, make_vsp
+from tests.factories import make_registration, make_vm, make_vsp
 from tests.vms.html_fields import read_fields
 from vms.models import Registration, VirtualMachine
 from vms.templatetags.console import free_memory
@@ -14,12 +14,6 @@ from vms.templatetags.console import free_memory
 pytestmark = pytest.mark.django_db
 
 ON, OFF = Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF
-
-
-@pytest.fixture
-def admin_client(client):
-    client.force_login(make_admin())
-    return client
 
 
 def add_registration(client, vm, vsp, status):
@@ -111,7 +105,7 @@ def test_shrinking_a_host_below_its_running_guests_is_refused(admin_client):
     make_vm("a", vsp=host, memory_mib=8192)
     form = {
         "name": "h",
-        "agent_url": "http://127.0.0.1:7101",
+        "agent_url": host.agent_url,
         "agent_secret": "",
         "migration_enabled": "on",
         "licensed": "on",

@@ -2,19 +2,12 @@
 
 import pytest
 
-from tests.factories import make_vm_admin
 from tests.vms.conftest import snapshot
 from vms.models import Registration
 
 pytestmark = pytest.mark.django_db
 
 UNKNOWN = 999_999
-
-
-@pytest.fixture
-def admin_client(client):
-    client.force_login(make_vm_admin())
-    return client
 
 
 @pytest.mark.parametrize(
@@ -26,8 +19,8 @@ def admin_client(client):
         "/vms/not-a-number/general/",
     ],
 )
-def test_unknown_ids_in_pages_are_not_found(admin_client, url):
-    assert admin_client.get(url).status_code == 404
+def test_unknown_ids_in_pages_are_not_found(vm_admin_client, url):
+    assert vm_admin_client.get(url).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -38,20 +31,20 @@ def test_unknown_ids_in_pages_are_not_found(admin_client, url):
         (f"/registrations/{UNKNOWN}/runnable/", {}),
     ],
 )
-def test_unknown_ids_in_changes_are_not_found_and_change_nothing(admin_client, fleet, url, data):
+def test_unknown_ids_in_changes_are_not_found_and_change_nothing(vm_admin_client, fleet, url, data):
     before = snapshot()
-    assert admin_client.post(url, data).status_code == 404
+    assert vm_admin_client.post(url, data).status_code == 404
     assert snapshot() == before
 
 
-def test_a_general_tab_for_a_vsp_without_that_vm_is_not_found(admin_client, fleet):
-    response = admin_client.get(f"/vms/{fleet['vpar'].pk}/general/?vsp={fleet['vsp_b'].pk}")
+def test_a_general_tab_for_a_vsp_without_that_vm_is_not_found(vm_admin_client, fleet):
+    response = vm_admin_client.get(f"/vms/{fleet['vpar'].pk}/general/?vsp={fleet['vsp_b'].pk}")
     assert response.status_code == 404
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "1.5"])
-def test_a_malformed_vsp_on_the_general_tab_is_a_clear_error(admin_client, fleet, value):
-    response = admin_client.get(f"/vms/{fleet['web'].pk}/general/?vsp={value}")
+def test_a_malformed_vsp_on_the_general_tab_is_a_clear_error(vm_admin_client, fleet, value):
+    response = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/?vsp={value}")
     assert response.status_code == 400
     assert "Vsp" in response.text or "VSP" in response.text
 
@@ -69,36 +62,36 @@ def test_a_malformed_vsp_on_the_general_tab_is_a_clear_error(admin_client, fleet
         ("q=" + "x" * 65, "at most 64 characters"),
     ],
 )
-def test_malformed_vm_list_filters_are_a_clear_error(admin_client, fleet, query, says):
-    response = admin_client.get(f"/?{query}")
+def test_malformed_vm_list_filters_are_a_clear_error(vm_admin_client, fleet, query, says):
+    response = vm_admin_client.get(f"/?{query}")
     assert response.status_code == 400
     assert says in response.text
 
 
-def test_a_page_past_the_end_is_not_found(admin_client, fleet):
-    assert admin_client.get("/?page=99").status_code == 404
-    assert admin_client.get(f"/vsps/{fleet['vsp_a'].pk}/?page=99").status_code == 404
+def test_a_page_past_the_end_is_not_found(vm_admin_client, fleet):
+    assert vm_admin_client.get("/?page=99").status_code == 404
+    assert vm_admin_client.get(f"/vsps/{fleet['vsp_a'].pk}/?page=99").status_code == 404
 
 
-def test_a_malformed_page_of_a_vsp_is_a_clear_error(admin_client, fleet):
-    response = admin_client.get(f"/vsps/{fleet['vsp_a'].pk}/?page=x")
+def test_a_malformed_page_of_a_vsp_is_a_clear_error(vm_admin_client, fleet):
+    response = vm_admin_client.get(f"/vsps/{fleet['vsp_a'].pk}/?page=x")
     assert response.status_code == 400
     assert "Enter a whole number" in response.text
 
 
 @pytest.mark.parametrize("data", [{}, {"enabled": "maybe"}, {"enabled": ""}, {"enabled": "1"}])
-def test_a_malformed_online_migration_value_is_refused(admin_client, fleet, data):
+def test_a_malformed_online_migration_value_is_refused(vm_admin_client, fleet, data):
     before = snapshot()
-    response = admin_client.post(f"/vms/{fleet['web'].pk}/online-migration/", data)
+    response = vm_admin_client.post(f"/vms/{fleet['web'].pk}/online-migration/", data)
     assert response.status_code == 400
     assert "Enabled:" in response.text
     assert snapshot() == before
 
 
 @pytest.mark.parametrize("enabled", ["true", "false"])
-def test_online_migration_of_a_vpar_is_refused(admin_client, fleet, enabled):
+def test_online_migration_of_a_vpar_is_refused(vm_admin_client, fleet, enabled):
     before = snapshot()
-    response = admin_client.post(f"/vms/{fleet['vpar'].pk}/online-migration/", {"enabled": enabled})
+    response = vm_admin_client.post(f"/vms/{fleet['vpar'].pk}/online-migration/", {"enabled": enabled})
     assert response.status_code == 400
     assert "vpar1 is a vPar: a vPar does not support migration." in response.text
     assert snapshot() == before
@@ -112,45 +105,36 @@ def test_online_migration_of_a_vpar_is_refused(admin_client, fleet, enabled):
         ("x" * 201, "at most 200 characters"),
     ],
 )
-def test_a_missing_or_over_long_reason_is_refused(admin_client, fleet, reason, says):
+def test_a_missing_or_over_long_reason_is_refused(vm_admin_client, fleet, reason, says):
     before = snapshot()
     url = f"/registrations/{fleet['stopped_registration'].pk}/not-runnable/"
-    response = admin_client.post(url, {"reason": reason})
+    response = vm_admin_client.post(url, {"reason": reason})
     assert response.status_code == 400
     assert says in response.text
     assert snapshot() == before
 
 
-def test_marking_a_running_copy_not_runnable_is_refused(admin_client, fleet):
+@pytest.mark.parametrize(
+    ("copy", "change", "data", "says"),
+    [
+        (
+            "web_running",
+            "not-runnable",
+            {"reason": "maintenance"},
+            "stop the VM before marking it Not Runnable",
+        ),
+        ("web_copy", "runnable", {}, "Refused: web is runnable on VSP vsp-b"),
+        ("stopped_registration", "runnable", {}, "is already runnable"),
+        ("web_copy", "not-runnable", {"reason": "again"}, "is already Not Runnable"),
+    ],
+    ids=["running-copy-not-runnable", "second-runnable-copy", "runnable-again", "not-runnable-again"],
+)
+def test_a_refused_runnable_mark_says_why_and_changes_nothing(
+    vm_admin_client, fleet, copy, change, data, says
+):
     before = snapshot()
-    response = admin_client.post(
-        f"/registrations/{fleet['web_running'].pk}/not-runnable/", {"reason": "maintenance"}
-    )
+    response = vm_admin_client.post(f"/registrations/{fleet[copy].pk}/{change}/", data)
     assert response.status_code == 400
-    assert "stop the VM before marking it Not Runnable" in response.text
-    assert snapshot() == before
-
-
-def test_marking_a_copy_runnable_while_another_runs_is_refused(admin_client, fleet):
-    before = snapshot()
-    response = admin_client.post(f"/registrations/{fleet['web_copy'].pk}/runnable/")
-    assert response.status_code == 400
-    assert "Refused: web is runnable on VSP vsp-b" in response.text
-    assert snapshot() == before
-
-
-def test_marking_an_already_runnable_copy_runnable_is_refused(admin_client, fleet):
-    before = snapshot()
-    response = admin_client.post(f"/registrations/{fleet['stopped_registration'].pk}/runnable/")
-    assert response.status_code == 400
-    assert "is already runnable" in response.text
-    assert snapshot() == before
-
-
-def test_marking_a_not_runnable_copy_not_runnable_again_is_refused(admin_client, fleet):
-    before = snapshot()
-    response = admin_client.post(f"/registrations/{fleet['web_copy'].pk}/not-runnable/", {"reason": "again"})
-    assert response.status_code == 400
-    assert "is already Not Runnable" in response.text
+    assert says in response.text
     assert snapshot() == before
     assert fleet["web_copy"].not_runnable_set_by == Registration.SetBy.MIGRATE

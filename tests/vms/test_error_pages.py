@@ -4,16 +4,10 @@ import re
 
 import pytest
 
-from tests.factories import make_operator, make_vm_admin, make_vsp
+from tests.factories import make_operator, make_vsp
 from vms.templatetags.console import processor_name
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def admin_client(client):
-    client.force_login(make_vm_admin())
-    return client
 
 
 def assert_friendly_page(response, status: int, says: str) -> None:
@@ -27,12 +21,12 @@ def assert_friendly_page(response, status: int, says: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["/vms/abc/general/", "/nonsense/", "/vsps/999999/", "/vms/999999/general/"])
-def test_a_wrong_address_is_a_friendly_not_found_page(admin_client, url):
-    assert_friendly_page(admin_client.get(url), 404, "There is no page at this address")
+def test_a_wrong_address_is_a_friendly_not_found_page(vm_admin_client, url):
+    assert_friendly_page(vm_admin_client.get(url), 404, "There is no page at this address")
 
 
-def test_a_not_found_message_written_for_people_is_kept(admin_client, fleet):
-    response = admin_client.get(f"/vms/{fleet['vpar'].pk}/general/?vsp={fleet['vsp_b'].pk}")
+def test_a_not_found_message_written_for_people_is_kept(vm_admin_client, fleet):
+    response = vm_admin_client.get(f"/vms/{fleet['vpar'].pk}/general/?vsp={fleet['vsp_b'].pk}")
     assert_friendly_page(response, 404, "vpar1 has no configuration on VSP")
 
 
@@ -46,23 +40,23 @@ def test_a_refused_page_is_a_friendly_forbidden_page(client):
 @pytest.mark.parametrize(
     "url", ["/migrations/1/cancel/", "/vms/1/online-migration/", "/registrations/1/runnable/"]
 )
-def test_visiting_a_post_only_address_is_a_friendly_405_page(admin_client, url):
-    response = admin_client.get(url)
+def test_visiting_a_post_only_address_is_a_friendly_405_page(vm_admin_client, url):
+    response = vm_admin_client.get(url)
     assert_friendly_page(response, 405, "only takes a form submission")
     assert response["Allow"] == "POST"
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "1.5"])
-def test_a_malformed_vsp_in_the_address_is_said_in_plain_words(admin_client, fleet, value):
-    response = admin_client.get(f"/vms/{fleet['web'].pk}/general/?vsp={value}")
+def test_a_malformed_vsp_in_the_address_is_said_in_plain_words(vm_admin_client, fleet, value):
+    response = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/?vsp={value}")
     assert_friendly_page(response, 400, "VSP: the address names no VSP")
     assert "Enter a whole number" not in response.text and "Vsp:" not in response.text
 
 
-def test_the_favicon_is_linked_and_served(admin_client):
-    html = admin_client.get("/").text
+def test_the_favicon_is_linked_and_served(vm_admin_client):
+    html = vm_admin_client.get("/").text
     assert re.search(r'<link rel="icon" href="/static/favicon.svg"', html)
-    response = admin_client.get("/favicon.ico")
+    response = vm_admin_client.get("/favicon.ico")
     assert response.status_code == 301 and response["Location"] == "/static/favicon.svg"
 
 
@@ -83,8 +77,8 @@ def test_a_processor_name_never_repeats_a_word(family, model, shows):
     assert processor_name(make_vsp(processor_family=family, processor_model=model)) == shows
 
 
-def test_the_vsp_pages_show_the_processor_once(admin_client):
+def test_the_vsp_pages_show_the_processor_once(vm_admin_client):
     vsp = make_vsp("h", processor_family="Intel Xeon", processor_model="Xeon Gold 6338")
     for url in ("/vsps/", f"/vsps/{vsp.pk}/"):
-        assert "Intel Xeon Gold 6338" in admin_client.get(url).text
-        assert "Xeon Xeon" not in admin_client.get(url).text
+        assert "Intel Xeon Gold 6338" in vm_admin_client.get(url).text
+        assert "Xeon Xeon" not in vm_admin_client.get(url).text

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.factories import make_admin, make_vm_admin
+from tests.factories import make_admin
 from tests.vms.html_fields import read_all_fields, read_fields
 from vms import general_tab
 from vms.models import VirtualMachine
@@ -13,17 +13,11 @@ from vms.queries import vm_with_registrations
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def admin_client(client):
-    client.force_login(make_vm_admin())
-    return client
-
-
-def test_it_shows_every_field_of_the_running_copy(admin_client, fleet):
+def test_it_shows_every_field_of_the_running_copy(vm_admin_client, fleet):
     VirtualMachine.objects.filter(pk=fleet["web"].pk).update(
         os_type="HP-UX 11i v3", boot_attribute="manual", graceful_stop_timeout_s=45
     )
-    fields = read_fields(admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
+    fields = read_fields(vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
     assert fields["vsp"] == "vsp-b"
     assert fields["os_type"] == "HP-UX 11i v3"
     assert fields["os_status"] == "Up"
@@ -36,24 +30,24 @@ def test_it_shows_every_field_of_the_running_copy(admin_client, fleet):
     assert fields["phase_limits"] == "Init 10 s · Copy unlimited · I/O Quiesce 15 s · Frozen 60 s"
 
 
-def test_it_lists_the_copies_on_other_vsps_with_their_status(admin_client, fleet):
-    fields = read_all_fields(admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
+def test_it_lists_the_copies_on_other_vsps_with_their_status(vm_admin_client, fleet):
+    fields = read_all_fields(vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
     assert fields["hardware_status"] == ["On", "Not Runnable"]
     assert fields["not_runnable_set_by"] == ["—", "Migrate"]
     assert fields["not_runnable_reason"] == ["—", "guest migrated to VSP vsp-b"]
 
 
-def test_it_shows_the_not_runnable_copy_when_asked_for_its_vsp(admin_client, fleet):
+def test_it_shows_the_not_runnable_copy_when_asked_for_its_vsp(vm_admin_client, fleet):
     url = f"/vms/{fleet['web'].pk}/general/?vsp={fleet['vsp_a'].pk}"
-    fields = read_fields(admin_client.get(url).text)
+    fields = read_fields(vm_admin_client.get(url).text)
     assert fields["vsp"] == "vsp-a"
     assert fields["hardware_status"] == "Not Runnable"
     assert fields["not_runnable_set_by"] == "Migrate"
     assert fields["not_runnable_reason"] == "guest migrated to VSP vsp-b"
 
 
-def test_the_phases_and_alerts_sections_are_hidden_when_there_is_nothing_to_show(admin_client, fleet):
-    html = admin_client.get(f"/vms/{fleet['web'].pk}/general/").text
+def test_the_phases_and_alerts_sections_are_hidden_when_there_is_nothing_to_show(vm_admin_client, fleet):
+    html = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/").text
     assert re.search(r'<section id="migration-phases"[^>]*\shidden', html)
     assert re.search(r'<section id="migration-alerts"[^>]*\shidden', html)
     assert "Online Migration Phases" not in html
@@ -68,40 +62,40 @@ def test_a_context_provider_adds_to_the_tab_context(fleet, monkeypatch):
     assert context["vsp"] == fleet["vsp_b"]
 
 
-def test_refresh_data_for_htmx_renders_only_the_tab_with_fresh_values(admin_client, fleet):
+def test_refresh_data_for_htmx_renders_only_the_tab_with_fresh_values(vm_admin_client, fleet):
     VirtualMachine.objects.filter(pk=fleet["web"].pk).update(os_status="in_efi")
-    response = admin_client.get(f"/vms/{fleet['web'].pk}/general/refresh/", headers={"HX-Request": "true"})
+    response = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/refresh/", headers={"HX-Request": "true"})
     assert response.status_code == 200
     assert response.text.strip().startswith('<div id="general-tab"')
     assert "<html" not in response.text
     assert read_fields(response.text)["os_status"] == "In EFI"
 
 
-def test_refresh_data_without_javascript_renders_the_whole_page(admin_client, fleet):
-    response = admin_client.get(f"/vms/{fleet['web'].pk}/general/refresh/")
+def test_refresh_data_without_javascript_renders_the_whole_page(vm_admin_client, fleet):
+    response = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/refresh/")
     assert "<html" in response.text
     assert 'id="refresh-data"' in response.text
 
 
-def test_the_refresh_button_is_a_real_link_and_an_htmx_get(admin_client, fleet):
-    html = admin_client.get(f"/vms/{fleet['web'].pk}/general/").text
+def test_the_refresh_button_is_a_real_link_and_an_htmx_get(vm_admin_client, fleet):
+    html = vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/").text
     refresh = f"/vms/{fleet['web'].pk}/general/refresh/"
     assert f'href="{refresh}"' in html
     assert f'hx-get="{refresh}" hx-target="#general-tab" hx-swap="outerHTML"' in html
 
 
-def test_toggling_online_migration_with_htmx_answers_with_the_updated_tab(admin_client, fleet):
+def test_toggling_online_migration_with_htmx_answers_with_the_updated_tab(vm_admin_client, fleet):
     url = f"/vms/{fleet['web'].pk}/online-migration/"
-    response = admin_client.post(url, {"enabled": "false"}, headers={"HX-Request": "true"})
+    response = vm_admin_client.post(url, {"enabled": "false"}, headers={"HX-Request": "true"})
     assert response.status_code == 200
     assert read_fields(response.text)["online_migration"] == "VM disabled"
     assert "Online migration disabled for web." in response.text
-    response = admin_client.post(url, {"enabled": "true"}, headers={"HX-Request": "true"})
+    response = vm_admin_client.post(url, {"enabled": "true"}, headers={"HX-Request": "true"})
     assert read_fields(response.text)["online_migration"] == "VM enabled"
 
 
-def test_toggling_online_migration_without_javascript_redirects_back_with_a_message(admin_client, fleet):
-    response = admin_client.post(
+def test_toggling_online_migration_without_javascript_redirects_back_with_a_message(vm_admin_client, fleet):
+    response = vm_admin_client.post(
         f"/vms/{fleet['web'].pk}/online-migration/", {"enabled": "false"}, follow=True
     )
     assert response.redirect_chain == [(f"/vms/{fleet['web'].pk}/general/?", 302)]
@@ -109,10 +103,10 @@ def test_toggling_online_migration_without_javascript_redirects_back_with_a_mess
     assert read_fields(response.text)["online_migration"] == "VM disabled"
 
 
-def test_marking_not_runnable_then_runnable_shows_the_admin_as_setter(admin_client, fleet):
+def test_marking_not_runnable_then_runnable_shows_the_admin_as_setter(vm_admin_client, fleet):
     registration = fleet["stopped_registration"]
     vsp_query = f"?vsp={fleet['vsp_a'].pk}"
-    response = admin_client.post(
+    response = vm_admin_client.post(
         f"/registrations/{registration.pk}/not-runnable/{vsp_query}",
         {"reason": "disk replaced"},
         headers={"HX-Request": "true"},
@@ -120,7 +114,7 @@ def test_marking_not_runnable_then_runnable_shows_the_admin_as_setter(admin_clie
     fields = read_fields(response.text)
     assert (fields["hardware_status"], fields["not_runnable_set_by"]) == ("Not Runnable", "Admin")
     assert fields["not_runnable_reason"] == "disk replaced"
-    response = admin_client.post(
+    response = vm_admin_client.post(
         f"/registrations/{registration.pk}/runnable/{vsp_query}", headers={"HX-Request": "true"}
     )
     fields = read_fields(response.text)
@@ -134,9 +128,9 @@ def test_a_superuser_sees_the_change_buttons(client, fleet):
     assert "Mark Runnable on vsp-a" in html
 
 
-def test_a_not_runnable_copy_shows_the_guest_is_not_running_there(admin_client, fleet):
+def test_a_not_runnable_copy_shows_the_guest_is_not_running_there(vm_admin_client, fleet):
     url = f"/vms/{fleet['web'].pk}/general/?vsp={fleet['vsp_a'].pk}"
-    fields = read_fields(admin_client.get(url).text)
+    fields = read_fields(vm_admin_client.get(url).text)
     assert fields["os_status"] == "Down"
     note = "Not running here: this copy is Not Runnable; the guest runs on VSP vsp-b."
     assert fields["os_status_note"] == note
@@ -153,8 +147,8 @@ def test_a_not_runnable_copy_offers_no_migrate_and_says_which_copy_migrates(clie
     assert "only the runnable copy migrates" not in running
 
 
-def test_a_running_copy_says_what_can_be_done_instead_of_marking_it_not_runnable(admin_client, fleet):
-    fields = read_fields(admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
+def test_a_running_copy_says_what_can_be_done_instead_of_marking_it_not_runnable(vm_admin_client, fleet):
+    fields = read_fields(vm_admin_client.get(f"/vms/{fleet['web'].pk}/general/").text)
     assert "Stop the guest" not in fields["registration_hint"]
     assert "cannot be marked Not Runnable" in fields["registration_hint"]
     assert "migrate the guest to another VSP" in fields["registration_hint"]

@@ -84,7 +84,9 @@ def test_it_shows_every_field_and_refreshes_in_place(console_server, browser_pag
     assert read_field(page, "os_type") == "Debian 12"
     page.click("#refresh-data")
     page.wait_for_function(
-        "document.querySelector('#general-tab [data-field=\"os_type\"]').innerText.trim() === 'Debian 13'"
+        # A function, not a bare expression: Playwright evals the latter, which the page's CSP forbids.
+        "() => document.querySelector('#general-tab [data-field=\"os_type\"]')"
+        ".innerText.trim() === 'Debian 13'"
     )
     assert read_field(page, "os_status") == "In EFI"
     assert read_field(page, "graceful_stop_timeout") == "90 seconds"

@@ -1,4 +1,4 @@
-"""Online Migration Enabled: the status table of DOMAIN.md, plus "vPar does not support migration"."""
+"""Online Migration Enabled: the status table of docs/domain.md, plus "vPar does not support migration"."""
 
 import pytest
 

@@ -62,6 +62,20 @@ def test_an_operator_is_refused_every_change_and_nothing_changes(client, fleet, 
     assert snapshot() == before
 
 
+@pytest.mark.parametrize("htmx", [False, True])
+def test_a_forbidden_post_answers_a_short_refusal_not_the_general_tab(client, fleet, htmx):
+    client.force_login(make_operator())
+    headers = {"HX-Request": "true"} if htmx else {}
+    for url, data in change_requests(fleet):
+        response = client.post(url, data, headers=headers)
+        assert response.status_code == 403, url
+        assert 'id="general-tab"' not in response.text, url
+        assert fleet["web"].name not in response.text, url
+        if htmx:
+            assert response["HX-Retarget"] == "#refusal", url
+            assert len(response.text) < 200, url
+
+
 def test_an_operator_sees_no_change_buttons(client, fleet):
     client.force_login(make_operator())
     page = client.get(f"/vms/{fleet['web'].pk}/general/").text

@@ -6,17 +6,11 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from tests.factories import make_admin, make_not_runnable_copy, make_vm, make_vsp
+from tests.factories import make_not_runnable_copy, make_vm, make_vsp
 from tests.vms.html_fields import read_fields
 from vms.views import PAGE_SIZE
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def admin_client(client):
-    client.force_login(make_admin())
-    return client
 
 
 def listed(html: str) -> list[str]:

@@ -14,8 +14,8 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from hostagent.driver import MigrationAborted
 from hostagent.drivers.simulated.memory import PAGE_SIZE
-from hostagent.drivers.simulated.timing import MigrationAborted
 from hostagent.protocol import FailureKind
 
 if TYPE_CHECKING:

@@ -30,11 +30,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostagent.driver import Conflict, SourceAbortCommands
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
-from hostagent.drivers.simulated.timing import MigrationAborted, TargetAborted, kind_of, wait_watching
+from hostagent.drivers.simulated.timing import TargetAborted, kind_of, wait_watching
 from hostagent.drivers.simulated.wire import (
     ABORT,
     ACCEPT,

@@ -18,14 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostagent.driver import Conflict
+from hostagent.driver import Conflict, MigrationAborted
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
 from hostagent.drivers.simulated.timing import (
     HELLO_TIMEOUT_S,
     POPULATE_BUDGET_S,
-    MigrationAborted,
     SourceAborted,
     kind_of,
 )

@@ -1,7 +1,8 @@
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from vms.demo import create_demo_fleet
 
@@ -9,7 +10,7 @@ from vms.demo import create_demo_fleet
 class Command(BaseCommand):
     help = "Create (idempotently) the demo VSPs, VMs and vPars; agent secrets are shared through files."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--agents-base-port", type=int, default=7101, help="vsp1's agent port; vsp2 +1..."
         )
@@ -20,7 +21,7 @@ class Command(BaseCommand):
             help="Directory of {vsp}.secret files (read if present, else written with mode 600).",
         )
 
-    def handle(self, *args, agents_base_port: int, secrets_dir: Path, **options):
+    def handle(self, *args: Any, agents_base_port: int, secrets_dir: Path, **options: Any) -> None:
         for line in create_demo_fleet(agents_base_port, secrets_dir):
             self.stdout.write(line)
         self.stdout.write(self.style.SUCCESS(f"Demo fleet ready; agent secrets in {secrets_dir}"))

@@ -1,33 +1,77 @@
-import os
+"""``manage.py demo_users``: the demo logins of ``make run``, created once and never reset.
 
+On the first run 'admin' (superuser) and 'operator' (read-only, group Operators) are created with
+DEMO_ADMIN_PASSWORD / DEMO_OPERATOR_PASSWORD when set, else with a random password that is printed
+and kept in ``<secrets-dir>/admin-password`` / ``operator-password`` (mode 0600). On later runs an
+existing user's password is left alone, so a password the admin changed stays changed.
+"""
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
-DEFAULT_PASSWORD = "matrixoe-demo"  # noqa: S105 - demo only, printed so the admin can log in
 READ_ONLY_APPS = ("vms", "migrations_app")
+
+
+def first_password(variable: str, path: Path) -> str:
+    """``$variable`` when set, else the password kept in ``path`` (generated there once, mode 0600)."""
+    given = os.environ.get(variable)
+    if given:
+        return given
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text().strip():
+        path.chmod(0o600)
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(12)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(password + "\n")
+    path.chmod(0o600)
+    return password
 
 
 class Command(BaseCommand):
     help = (
-        "Create (idempotently) the demo users: 'admin' (superuser) and 'operator' (read-only, group "
-        "Operators). Passwords from DEMO_ADMIN_PASSWORD and DEMO_OPERATOR_PASSWORD (default: the admin's)."
+        "Create the demo users once: 'admin' (superuser) and 'operator' (read-only, group Operators), "
+        "with DEMO_ADMIN_PASSWORD / DEMO_OPERATOR_PASSWORD or a random password kept in the secrets "
+        "directory (0600). Existing users' passwords are never reset."
     )
 
-    def handle(self, *args, **options):
-        admin_password = os.environ.get("DEMO_ADMIN_PASSWORD") or DEFAULT_PASSWORD
-        operator_password = os.environ.get("DEMO_OPERATOR_PASSWORD") or admin_password
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--secrets-dir",
+            type=Path,
+            default=Path(settings.BASE_DIR) / "var",
+            help="Where first-run passwords are kept (default: var/).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        secrets_dir: Path = options["secrets_dir"]
         users = get_user_model()
-        admin, _ = users.objects.get_or_create(username="admin", defaults={"email": "admin@example.com"})
-        admin.is_staff = admin.is_superuser = True
-        admin.set_password(admin_password)
-        admin.save()
-        operator, _ = users.objects.get_or_create(username="operator")
-        operator.set_password(operator_password)
-        operator.save()
-        operator.groups.add(operators_group())
-        self.stdout.write(f"admin / {admin_password}   (superuser)")
-        self.stdout.write(f"operator / {operator_password}   (read-only, group Operators)")
+        for username, variable, superuser, label in (
+            ("admin", "DEMO_ADMIN_PASSWORD", True, "superuser"),
+            ("operator", "DEMO_OPERATOR_PASSWORD", False, "read-only, group Operators"),
+        ):
+            user = users.objects.filter(username=username).first()
+            if user is None:
+                password_file = secrets_dir / f"{username}-password"
+                password = first_password(variable, password_file)
+                user = users(username=username, email=f"{username}@example.com")
+                user.is_staff = user.is_superuser = superuser
+                user.set_password(password)
+                user.save()
+                kept = "" if os.environ.get(variable) else f"; kept in {password_file}"
+                self.stdout.write(f"{username} / {password}   ({label}; created now{kept})")
+            else:
+                self.stdout.write(f"{username}: exists, password unchanged   ({label})")
+            if not superuser:
+                user.groups.add(operators_group())
 
 
 def operators_group() -> Group:

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
 
 from vms.demo import seed_demo_agents
 from vms.inventory import collect_all_inventory
@@ -7,10 +9,10 @@ from vms.inventory import collect_all_inventory
 class Command(BaseCommand):
     help = "Define the demo fleet's guests on the running demo host agents, then collect their state."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--driver", choices=("simulated", "qemu"), default="simulated")
 
-    def handle(self, *args, driver: str, **options):
+    def handle(self, *args: Any, driver: str, **options: Any) -> None:
         for line in seed_demo_agents(driver):
             self.stdout.write(line)
         answered = collect_all_inventory()

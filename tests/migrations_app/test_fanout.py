@@ -1,0 +1,84 @@
+"""The per-process fan-out: one watcher's fault stays with that watcher; the reader outlives faults.
+
+Real Redis channel layer; the watchers are small objects standing in for sockets, because the fault
+under test (a watcher raising while it takes an update) is what a broken socket would do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from channels.layers import get_channel_layer
+
+from migrations_app.fanout import get_fanout
+
+pytestmark = [pytest.mark.usefixtures("redis_url")]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[str] = asyncio.Queue()
+        self.dropped = False
+
+    def deliver(self, html: str) -> None:
+        self.received.put_nowait(html)
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+class Faulty(Recorder):
+    def wants(self, message: dict) -> bool:
+        raise ValueError("invalid literal for int() with base 10: '²'")
+
+
+async def publish(group: str, html: str) -> None:
+    await get_channel_layer().group_send(group, {"type": "progress", "group": group, "html": html})
+
+
+async def test_a_watcher_that_raises_is_dropped_alone_and_the_others_keep_receiving(caplog):
+    fanout = get_fanout()
+    good, faulty = Recorder(), Faulty()
+    await fanout.join("fanout-test-a", faulty)
+    await fanout.join("fanout-test-a", good)
+    with caplog.at_level(logging.ERROR, logger="migrations_app.fanout"):
+        await publish("fanout-test-a", "first")
+        assert await asyncio.wait_for(good.received.get(), 5) == "first"
+    assert faulty.dropped and faulty not in fanout.members["fanout-test-a"]
+    assert "failed to take an update" in caplog.text
+
+    await publish("fanout-test-a", "second")
+    assert await asyncio.wait_for(good.received.get(), 5) == "second"
+    for task in fanout.tasks:
+        task.cancel()
+
+
+async def test_a_reader_that_stops_is_restarted_and_logged(caplog, monkeypatch):
+    fanout = get_fanout()
+    good = Recorder()
+    await fanout.join("fanout-test-b", good)
+    original = fanout._dispatch
+    calls = []
+
+    def breaks_once(message: dict) -> None:
+        calls.append(message)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the reader")
+        original(message)
+
+    monkeypatch.setattr(fanout, "_dispatch", breaks_once)
+    with caplog.at_level(logging.ERROR, logger="migrations_app.fanout"):
+        await publish("fanout-test-b", "lost with the reader")
+        for _ in range(100):
+            if fanout.reader_restarts:
+                break
+            await asyncio.sleep(0.05)
+        assert fanout.reader_restarts == 1
+        assert "reader stopped; restarting it" in caplog.text
+    await asyncio.sleep(0.3)
+    await publish("fanout-test-b", "after the restart")
+    assert await asyncio.wait_for(good.received.get(), 5) == "after the restart"
+    for task in fanout.tasks:
+        task.cancel()

@@ -1,0 +1,203 @@
+"""The convergence forecast (``migrations_app.forecast``): plain unit tests, no Django, no services."""
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrations_app.forecast import (
+    MB,
+    CopyState,
+    Guest,
+    Link,
+    Policy,
+    Verdict,
+    bottleneck,
+    dirtied_bytes,
+    explain,
+    forecast,
+    rescues,
+)
+
+GIB = 1024**3
+LINK = Link(rate_bytes_s=1000 * MB, overhead_ms=10)
+
+
+def guest(dirty_fraction_of_link: float, memory: int = GIB, working_set: int | None = None) -> Guest:
+    return Guest(memory, dirty_fraction_of_link * LINK.rate_bytes_s, working_set_bytes=working_set)
+
+
+def test_it_moves_an_idle_guest_in_one_round_frozen_only_for_the_switchover():
+    result = forecast(guest(0), LINK, Policy())
+
+    assert result.verdict is Verdict.CONVERGES
+    assert result.rounds == 1
+    assert result.copy_s == pytest.approx(GIB / LINK.rate_bytes_s)
+    assert result.downtime_ms == pytest.approx(LINK.overhead_ms)
+
+
+def test_it_sends_only_what_the_guest_ever_wrote_in_round_one():
+    sparse = Guest(8 * GIB, 0, written_bytes=GIB)
+
+    assert forecast(sparse, LINK, Policy()).copy_s == pytest.approx(GIB / LINK.rate_bytes_s)
+
+
+def test_it_converges_a_guest_writing_at_half_the_link_rate_in_a_few_rounds():
+    result = forecast(guest(0.5), LINK, Policy(max_downtime_ms=300))
+
+    assert result.verdict is Verdict.CONVERGES
+    assert result.rounds >= 2
+    assert result.downtime_ms <= 300
+    # Each round is at most dirty/link of the one before: the total is at most M/L / (1 - D/L).
+    first_pass_s = GIB / LINK.rate_bytes_s
+    assert first_pass_s < result.copy_s < first_pass_s / (1 - 0.5)
+
+
+def test_it_says_a_guest_writing_faster_than_the_link_will_not_converge_without_throttling():
+    busy = guest(1.5)
+
+    plain = forecast(busy, LINK, Policy())
+    throttled = forecast(busy, LINK, Policy(auto_converge=True))
+
+    assert plain.verdict is Verdict.WILL_NOT_CONVERGE
+    assert plain.downtime_ms is None
+    assert "round limit" in plain.limit_reason
+    assert throttled.verdict is Verdict.CONVERGES_WITH_THROTTLE
+    assert throttled.throttle_pct >= Policy().throttle_initial_pct
+    assert throttled.downtime_ms <= 300
+
+
+def test_it_switches_over_at_the_limit_when_the_policy_says_so_with_the_longer_freeze():
+    result = forecast(guest(1.5), LINK, Policy(at_limit="switchover", max_rounds=5))
+
+    assert result.verdict is Verdict.SWITCHOVER_AT_LIMIT
+    assert result.rounds == 5
+    assert result.downtime_ms == pytest.approx(1000 * result.left_bytes_at_limit / LINK.rate_bytes_s + 10)
+    assert result.downtime_ms > 300
+
+
+def test_it_stops_at_the_copy_time_limit():
+    result = forecast(guest(1.2), LINK, Policy(copy_limit_s=3, max_rounds=1000))
+
+    assert result.verdict is Verdict.WILL_NOT_CONVERGE
+    assert "Copy time limit" in result.limit_reason
+    assert 3 <= result.copy_s < 5
+
+
+def test_it_converges_a_stalled_copy_by_raising_the_allowed_downtime_stepwise():
+    small_working_set = guest(1.5, working_set=600 * MB)  # each round rewrites ~350 MB of it: 360 ms
+
+    plain = forecast(small_working_set, LINK, Policy())
+    escalated = forecast(small_working_set, LINK, Policy(downtime_step_ms=100, downtime_max_ms=400))
+
+    assert plain.verdict is Verdict.WILL_NOT_CONVERGE
+    assert escalated.verdict is Verdict.CONVERGES
+    assert escalated.allowed_downtime_ms == 400
+
+
+def test_it_never_escalates_past_the_ceiling():
+    result = forecast(guest(1.5), LINK, Policy(downtime_step_ms=100, downtime_max_ms=500))
+
+    assert result.verdict is Verdict.WILL_NOT_CONVERGE
+    assert result.allowed_downtime_ms == 500
+
+
+def test_it_takes_longer_under_a_bandwidth_cap():
+    capped = Policy(bandwidth_cap_bytes_s=100 * MB)
+
+    assert forecast(guest(0), LINK, capped).copy_s == pytest.approx(GIB / (100 * MB))
+    assert "bandwidth cap" in bottleneck(Guest(GIB, 150 * MB), LINK, capped)
+
+
+@pytest.mark.parametrize("rate", [0, -5, math.nan])
+def test_it_refuses_a_link_rate_that_is_not_positive(rate):
+    with pytest.raises(ValueError, match="link rate"):
+        forecast(guest(0), Link(rate), Policy())
+
+
+def test_it_continues_a_running_migration_from_its_state():
+    busy = guest(0.7)
+    fresh = forecast(busy, LINK, Policy())
+    round_no, sent, at = fresh.trail[2]
+    state = CopyState(
+        round=round_no,
+        left_bytes=dirtied_bytes(busy, sent / LINK.rate_bytes_s),
+        elapsed_s=at,
+        last_round_bytes=sent,
+    )
+
+    live = forecast(busy, LINK, Policy(), state)
+
+    assert live.rounds == fresh.rounds
+    assert live.total_s == pytest.approx(fresh.total_s)
+
+
+def test_it_offers_rescues_for_a_stalled_migration_with_their_cost():
+    busy = guest(1.5)
+    state = CopyState(round=20, left_bytes=600 * MB, elapsed_s=25, last_round_bytes=590 * MB)
+
+    options = {rescue.action: rescue for rescue in rescues(busy, LINK, Policy(), state)}
+
+    assert set(options) == {"raise_downtime", "auto_converge", "switchover"}
+    assert options["switchover"].forecast.downtime_ms == pytest.approx(610)
+    assert options["switchover"].words == "switch over now: about 0.6 s frozen"
+    assert options["raise_downtime"].forecast.converges
+    assert options["raise_downtime"].words.startswith("raise the allowed downtime to ")
+    assert options["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
+
+
+def test_it_explains_the_verdict_with_the_numbers_behind_it():
+    busy = Guest(GIB, 410 * MB)
+    link = Link(650 * MB)
+    result = forecast(busy, link, Policy())
+
+    lines = explain(
+        busy, link, Policy(), result, vm="db01", target="vsp2", link_source="on its last migration"
+    )
+
+    assert lines[0] == "db01 writes 410 MB/s; the link to vsp2 carried 650 MB/s on its last migration."
+    assert result.converges
+    assert lines[1].startswith("Expected: ")
+
+
+def test_it_names_the_bottleneck_of_a_guest_that_writes_faster_than_the_link():
+    assert bottleneck(guest(1.5), LINK, Policy()) == (
+        "the guest writes faster (1500 MB/s) than the link carries (1000 MB/s)"
+    )
+    assert bottleneck(guest(0.2), LINK, Policy()) == ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dirty=st.floats(0, 3),
+    memory_mib=st.integers(1, 64 * 1024),
+    downtime_ms=st.floats(20, 5000),
+    auto=st.booleans(),
+    at_limit=st.sampled_from(["abort", "switchover"]),
+    rounds=st.integers(1, 100),
+)
+def test_it_keeps_its_promises_for_any_guest(dirty, memory_mib, downtime_ms, auto, at_limit, rounds):
+    policy = Policy(max_downtime_ms=downtime_ms, auto_converge=auto, at_limit=at_limit, max_rounds=rounds)
+    result = forecast(Guest(memory_mib * 1024 * 1024, dirty * LINK.rate_bytes_s), LINK, policy)
+
+    assert 1 <= result.rounds <= rounds
+    assert result.copy_s >= memory_mib * 1024 * 1024 / LINK.rate_bytes_s * 0.999
+    if result.converges:
+        assert result.downtime_ms <= result.allowed_downtime_ms
+    if result.verdict is Verdict.WILL_NOT_CONVERGE:
+        assert at_limit == "abort" and result.downtime_ms is None
+    if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
+        assert auto
+    if auto:
+        return  # throttling earlier can make a busier guest finish sooner
+    # Without throttling, writing more never makes it faster.
+    slower = forecast(Guest(memory_mib * 1024 * 1024, (dirty + 0.1) * LINK.rate_bytes_s), LINK, policy)
+    assert slower.copy_s >= result.copy_s - 1e-9
+
+
+def test_it_changes_nothing_in_the_policy_it_is_given():
+    policy = Policy(auto_converge=True)
+    forecast(guest(1.5), LINK, policy)
+    assert policy == replace(Policy(), auto_converge=True)
