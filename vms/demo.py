@@ -172,13 +172,15 @@ def seed_demo_agents(driver: str) -> list[str]:
             VirtualMachine.objects.filter(pk=vm.pk).update(memory_mib=memory_mib)
             running = running and vm.name in QEMU_DEMO_RUNNING_GUESTS
         spec = {
+            "guest_id": str(vm.guest_id),  # agents know the guest by its id; the name is for people
             "name": vm.name,
             "memory_mib": memory_mib,
             "vcpus": vm.vcpus,
-            "os_type": vm.os_type,
             "dirty_pages_per_s": DEMO_DIRTY_PAGES_PER_S,
             "running": running,
         }
+        if vm.os_type:
+            spec["os_type"] = vm.os_type
         with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
             agent.define_guest(spec)
         lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")

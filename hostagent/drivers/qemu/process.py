@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .qemu_qmp import QmpClient
+from hostagent.drivers.qemu.qmp import QmpClient
 
 MIN_QEMU_MAJOR = 10
 KERNEL_OVERHEAD_MIB = 96

@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .qemu_qmp import QmpClient
+from hostagent.drivers.qemu.qmp import QmpClient
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

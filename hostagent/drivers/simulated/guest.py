@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from hostagent.driver import GuestInfo, GuestSpec
-from hostagent.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
+from hostagent.drivers.simulated.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
+from hostagent.protocol import GuestInfo, GuestSpec, HardwareStatus
 
 TICK_S = 0.01
 IO_REQUESTS_PER_S = 50
@@ -32,9 +32,10 @@ class SimulatedGuest:
 
     def __init__(self, spec: GuestSpec) -> None:
         self.spec = spec
-        self.name = spec["name"]
-        self.seed = zlib.crc32(self.name.encode())
-        self.memory = GuestMemory(spec["memory_mib"])
+        self.guest_id = spec.guest_id
+        self.name = spec.name  # for people only; the guest is known by its id
+        self.seed = zlib.crc32(self.guest_id.encode())
+        self.memory = GuestMemory(spec.memory_mib)
         self.running = False
         self.not_runnable = False
         self.booted = False
@@ -51,11 +52,11 @@ class SimulatedGuest:
 
     @property
     def memory_mib(self) -> int:
-        return self.spec["memory_mib"]
+        return self.spec.memory_mib
 
     @property
     def state_save_ms(self) -> int:
-        return self.spec.get("state_save_ms", 0)
+        return self.spec.state_save_ms
 
     # -- lifecycle -----------------------------------------------------
     async def boot(self) -> None:
@@ -69,7 +70,7 @@ class SimulatedGuest:
         self.running = True
         self.vcpus_paused = False
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._workload(), name=f"workload {self.name}")
+            self._task = asyncio.create_task(self._workload(), name=f"workload {self.guest_id}")
 
     async def power_off(self) -> None:
         self.running = False
@@ -103,7 +104,7 @@ class SimulatedGuest:
 
     def unquiesce_io(self) -> None:
         self.io_queueing = False
-        latency = self.spec.get("io_latency_ms", 20) / 1000
+        latency = self.spec.io_latency_ms / 1000
         now = time.monotonic()
         self.io_in_flight.extend((request, now + latency) for request in self.io_queued)
         self.io_queued.clear()
@@ -113,13 +114,13 @@ class SimulatedGuest:
         return {
             "vcpus": [
                 {"id": n, "rip": (self.seed + self.write_counter * (n + 1)) & 0xFFFFFFFF, "halted": False}
-                for n in range(self.spec["vcpus"])
+                for n in range(self.spec.vcpus)
             ],
             "devices": {"disk0": {"io_issued": self.io_issued, "io_completed": self.io_completed}},
             "workload": {
                 "write_counter": self.write_counter,
-                "dirty_pages_per_s": self.spec.get("dirty_pages_per_s", 0),
-                "io_latency_ms": self.spec.get("io_latency_ms", 20),
+                "dirty_pages_per_s": self.spec.dirty_pages_per_s,
+                "io_latency_ms": self.spec.io_latency_ms,
             },
             "io_queued": list(self.io_queued),
         }
@@ -127,11 +128,12 @@ class SimulatedGuest:
     def load_state(self, state: dict[str, Any]) -> None:
         workload = state["workload"]
         self.write_counter = int(workload["write_counter"])
-        self.spec = {
-            **self.spec,
-            "dirty_pages_per_s": int(workload["dirty_pages_per_s"]),
-            "io_latency_ms": int(workload["io_latency_ms"]),
-        }
+        self.spec = self.spec.model_copy(
+            update={
+                "dirty_pages_per_s": int(workload["dirty_pages_per_s"]),
+                "io_latency_ms": int(workload["io_latency_ms"]),
+            }
+        )
         disk = state["devices"]["disk0"]
         self.io_issued, self.io_completed = int(disk["io_issued"]), int(disk["io_completed"])
         self.io_queued = [int(request) for request in state["io_queued"]]
@@ -139,32 +141,34 @@ class SimulatedGuest:
 
     # -- reporting -----------------------------------------------------
     def info(self) -> GuestInfo:
+        hardware: HardwareStatus
         if self.not_runnable:
             hardware = "not_runnable"
         else:
             hardware = "on" if self.running else "off"
-        return {
-            "name": self.name,
-            "os_type": self.spec.get("os_type", "linux"),
-            "os_status": "up" if self.running and not self.vcpus_paused else "down",
-            "hardware_status": hardware,
-            "memory_mib": self.spec["memory_mib"],
-            "vcpus": self.spec["vcpus"],
-            "migrating": self.migrating,
-            "workload": {
+        return GuestInfo(
+            guest_id=self.guest_id,
+            name=self.name,
+            os_type=self.spec.os_type,
+            os_status="up" if self.running and not self.vcpus_paused else "down",
+            hardware_status=hardware,
+            memory_mib=self.spec.memory_mib,
+            vcpus=self.spec.vcpus,
+            migrating=self.migrating,
+            workload={
                 "running": self.running and not self.vcpus_paused,
-                "dirty_pages_per_s": self.spec.get("dirty_pages_per_s", 0),
+                "dirty_pages_per_s": self.spec.dirty_pages_per_s,
                 "pages_written": self.write_counter,
                 "io_completed": self.io_completed,
                 "io_in_flight": len(self.io_in_flight),
                 "io_queued": len(self.io_queued),
                 "resident_mib": self.memory.written_count() * PAGE_SIZE // (1024 * 1024),
             },
-        }
+        )
 
     # -- the workload --------------------------------------------------
     def _fill_memory(self) -> None:
-        fill_chunks = self.memory.chunk_count * self.spec.get("fill_percent", 25) // 100
+        fill_chunks = self.memory.chunk_count * self.spec.fill_percent // 100
         for chunk in range(fill_chunks):
             start = chunk * CHUNK_SIZE
             offset = (chunk * 4096) % CHUNK_SIZE
@@ -192,7 +196,7 @@ class SimulatedGuest:
             self._complete_io(now)
             if self.vcpus_paused:
                 continue
-            owed_pages += elapsed * self.spec.get("dirty_pages_per_s", 0)
+            owed_pages += elapsed * self.spec.dirty_pages_per_s
             for _ in range(int(owed_pages)):
                 self._write_next_page()
             owed_pages -= int(owed_pages)
@@ -206,7 +210,7 @@ class SimulatedGuest:
         if self.io_queueing:
             self.io_queued.append(self.io_issued)
         else:
-            self.io_in_flight.append((self.io_issued, now + self.spec.get("io_latency_ms", 20) / 1000))
+            self.io_in_flight.append((self.io_issued, now + self.spec.io_latency_ms / 1000))
 
     def _complete_io(self, now: float) -> None:
         while self.io_in_flight and self.io_in_flight[0][1] <= now:

@@ -24,7 +24,7 @@ import struct
 import time
 from typing import Any
 
-from hostagent.memory import PAGE_SIZE
+from hostagent.drivers.simulated.memory import PAGE_SIZE
 
 HEADER = struct.Struct("!BIQ")
 HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED = range(1, 12)

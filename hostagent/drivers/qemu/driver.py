@@ -17,33 +17,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..driver import (
-    Conflict,
-    DriverSettings,
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.drivers.qemu.migration import QemuMigration
+from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.source import SourceMigration
+from hostagent.drivers.qemu.target import TargetMigration
+from hostagent.protocol import (
     Endpoint,
     GuestInfo,
     GuestSpec,
     HardwareStatus,
-    InvalidRequest,
-    Migration,
     MigrationParams,
-    NotFound,
     OsStatus,
     PhaseLimits,
 )
-from .qemu_migration import QemuMigration, SourceMigration, TargetMigration
-from .qemu_process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "guest-images"
-GUEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "guest-images"
 MAX_VCPUS = 8
 MAX_MEMORY_MIB = 64 * 1024
 MAX_DIRTY_RATE = 1_000_000
@@ -63,31 +59,20 @@ class QemuGuest:
 
 
 def workload_of(spec: GuestSpec) -> Workload:
-    return Workload(
-        memory_mib=int(spec["memory_mib"]),
-        vcpus=int(spec["vcpus"]),
-        dirty_pages_per_s=int(spec.get("dirty_pages_per_s", 0)),
-    )
+    return Workload(memory_mib=spec.memory_mib, vcpus=spec.vcpus, dirty_pages_per_s=spec.dirty_pages_per_s)
 
 
 def check_spec(spec: GuestSpec) -> GuestSpec:
-    name = str(spec.get("name", ""))
-    if not GUEST_NAME.match(name):
-        raise InvalidRequest("name: 1-63 letters, digits, '.', '_' or '-'")
-    memory, vcpus, rate = spec.get("memory_mib"), spec.get("vcpus"), spec.get("dirty_pages_per_s", 0)
-    if not isinstance(memory, int) or not MIN_GUEST_MIB <= memory <= MAX_MEMORY_MIB:
+    """This driver's own bounds on top of the protocol's (QEMU needs room for the test guest's OS)."""
+    if not MIN_GUEST_MIB <= spec.memory_mib <= MAX_MEMORY_MIB:
         raise InvalidRequest(f"memory_mib: a whole number from {MIN_GUEST_MIB} to {MAX_MEMORY_MIB}")
-    if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+    if not 1 <= spec.vcpus <= MAX_VCPUS:
         raise InvalidRequest(f"vcpus: a whole number from 1 to {MAX_VCPUS}")
-    if not isinstance(rate, int) or not 0 <= rate <= MAX_DIRTY_RATE:
+    if not 0 <= spec.dirty_pages_per_s <= MAX_DIRTY_RATE:
         raise InvalidRequest(f"dirty_pages_per_s: a whole number from 0 to {MAX_DIRTY_RATE}")
-    return {
-        "name": name,
-        "memory_mib": memory,
-        "vcpus": vcpus,
-        "os_type": str(spec.get("os_type", "Linux")),
-        "dirty_pages_per_s": rate,
-    }
+    if "os_type" not in spec.model_fields_set:
+        spec = spec.model_copy(update={"os_type": "Linux"})
+    return spec
 
 
 class QemuDriver:
@@ -131,28 +116,29 @@ class QemuDriver:
     def list_guests(self) -> list[GuestInfo]:
         return [self._info(guest) for guest in self._guests.values()]
 
-    def get_guest(self, name: str) -> GuestInfo:
-        return self._info(self._guest(name))
+    def get_guest(self, guest_id: str) -> GuestInfo:
+        return self._info(self._guest(guest_id))
 
-    def _guest(self, name: str) -> QemuGuest:
+    def _guest(self, guest_id: str) -> QemuGuest:
         try:
-            return self._guests[name]
+            return self._guests[guest_id]
         except KeyError:
-            raise NotFound(f"no guest {name!r} on {self.settings.agent_name}") from None
+            raise NotFound(f"no guest {guest_id} on {self.settings.agent_name}") from None
 
     def _info(self, guest: QemuGuest) -> GuestInfo:
         spec = guest.spec
         workload: dict[str, object] = guest.process.workload_report() if guest.process else {}
-        return {
-            "name": spec["name"],
-            "os_type": spec.get("os_type", "Linux"),
-            "os_status": self._os_status(guest, workload),
-            "hardware_status": guest.hardware,
-            "memory_mib": spec["memory_mib"],
-            "vcpus": spec["vcpus"],
-            "migrating": guest.migration.migration_id if guest.migration else None,
-            "workload": workload,
-        }
+        return GuestInfo(
+            guest_id=spec.guest_id,
+            name=spec.name,
+            os_type=spec.os_type,
+            os_status=self._os_status(guest, workload),
+            hardware_status=guest.hardware,
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            migrating=guest.migration.migration_id if guest.migration else None,
+            workload=workload,
+        )
 
     @staticmethod
     def _os_status(guest: QemuGuest, workload: dict[str, object]) -> OsStatus:
@@ -164,42 +150,46 @@ class QemuDriver:
 
     async def define_guest(self, spec: GuestSpec) -> GuestInfo:
         clean = check_spec(spec)
-        existing = self._guests.get(clean["name"])
+        existing = self._guests.get(clean.guest_id)
         if existing is not None:
-            if existing.spec != clean:
-                raise Conflict(f"guest {clean['name']!r} exists with a different definition")
+            if not existing.spec.same_definition(clean):
+                raise Conflict(f"guest {clean.name!r} exists with a different definition")
         else:
-            self._guests[clean["name"]] = QemuGuest(spec=clean)
-        if spec.get("running"):
-            return await self.start_guest(clean["name"])
-        return self.get_guest(clean["name"])
+            self._guests[clean.guest_id] = QemuGuest(spec=clean)
+        if spec.running:
+            return await self.start_guest(clean.guest_id)
+        return self.get_guest(clean.guest_id)
 
-    async def start_guest(self, name: str) -> GuestInfo:
-        guest = self._guest(name)
+    async def start_guest(self, guest_id: str) -> GuestInfo:
+        guest = self._guest(guest_id)
+        name = guest.spec.name
         if guest.hardware == "not_runnable":
             raise Conflict(f"guest {name!r} is Not Runnable here (it migrated away)")
         if guest.migration is not None:
             raise Conflict(f"guest {name!r} is migrating")
         if not guest.running:
-            process = QemuProcess(self.config, name, workload_of(guest.spec), instance="boot", incoming=False)
+            process = QemuProcess(
+                self.config, guest_id, workload_of(guest.spec), instance="boot", incoming=False
+            )
             await self._launch(guest, process)
             guest.hardware = "on"
-        return self.get_guest(name)
+        return self.get_guest(guest_id)
 
-    async def stop_guest(self, name: str) -> GuestInfo:
-        guest = self._guest(name)
+    async def stop_guest(self, guest_id: str) -> GuestInfo:
+        guest = self._guest(guest_id)
+        name = guest.spec.name
         if guest.migration is not None:
             raise Conflict(f"guest {name!r} is migrating")
         await self._halt(guest)
         if guest.hardware == "on":
             guest.hardware = "off"
-        return self.get_guest(name)
+        return self.get_guest(guest_id)
 
-    async def delete_guest(self, name: str) -> None:
-        guest = self._guest(name)
+    async def delete_guest(self, guest_id: str) -> None:
+        guest = self._guest(guest_id)
         if guest.running or guest.migration is not None:
-            raise Conflict(f"guest {name!r} is running or migrating; stop it first")
-        del self._guests[name]
+            raise Conflict(f"guest {guest.spec.name!r} is running or migrating; stop it first")
+        del self._guests[guest_id]
 
     async def _launch(self, guest: QemuGuest, process: QemuProcess) -> None:
         await process.launch()
@@ -226,13 +216,13 @@ class QemuDriver:
                 try:
                     await migration.handle_event(event)
                 except Exception:
-                    log.exception("%s: handling %s", guest.spec["name"], event.get("event"))
+                    log.exception("%s: handling %s", guest.spec.guest_id, event.get("event"))
 
     async def _watch_exit(self, guest: QemuGuest, process: QemuProcess) -> None:
         assert process.process is not None
         code = await process.process.wait()
         if guest.process is process and guest.hardware == "on" and guest.migration is None:
-            log.warning("%s: QEMU exited (%s): %s", guest.spec["name"], code, process.log_tail()[-200:])
+            log.warning("%s: QEMU exited (%s): %s", guest.spec.guest_id, code, process.log_tail()[-200:])
             guest.hardware = "off"
 
     # --- migration -------------------------------------------------------------------
@@ -241,30 +231,30 @@ class QemuDriver:
         self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
     ) -> tuple[Migration, Endpoint]:
         clean = check_spec(spec)
-        name = clean["name"]
-        existing = self._guests.get(name)
+        guest_id = clean.guest_id
+        existing = self._guests.get(guest_id)
         if existing is not None and (existing.running or existing.migration is not None):
-            raise Conflict(f"guest {name!r} already runs or migrates on {self.settings.agent_name}")
+            raise Conflict(f"guest {clean.name!r} already runs or migrates on {self.settings.agent_name}")
         guest = QemuGuest(spec=clean)
         instance = f"in-{migration_id[:12]}"
-        process = QemuProcess(self.config, name, workload_of(clean), instance=instance, incoming=True)
+        process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
         await self._launch(guest, process)
         migration = TargetMigration(process, migration_id, limits, self.settings.data_host, self._finished)
         guest.migration = migration
         if existing is not None:
-            self._replaced[name] = existing
-        self._guests[name] = guest
+            self._replaced[guest_id] = existing
+        self._guests[guest_id] = guest
         await migration.begin()
         return migration, migration.endpoint
 
     async def start_outgoing(
-        self, guest_name: str, migration_id: str, target: Endpoint, params: MigrationParams
+        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
     ) -> Migration:
-        guest = self._guest(guest_name)
+        guest = self._guest(guest_id)
         if guest.migration is not None:
-            raise Conflict(f"guest {guest_name!r} is already migrating")
+            raise Conflict(f"guest {guest.spec.name!r} is already migrating")
         if not guest.running or guest.hardware != "on" or guest.process is None:
-            raise Conflict(f"guest {guest_name!r} is not running")
+            raise Conflict(f"guest {guest.spec.name!r} is not running")
         migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
         guest.migration = migration
         migration.begin()
@@ -272,7 +262,7 @@ class QemuDriver:
 
     def _finished(self, migration: QemuMigration) -> None:
         """A side reached its end: update the guest it belongs to."""
-        name = migration.guest_name
+        name = migration.guest_id
         guest = self._guests.get(name)
         if guest is None or guest.migration is not migration:
             return
