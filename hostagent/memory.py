@@ -1,6 +1,6 @@
 """Guest memory: page-addressed storage with write tracking and incremental digests.
 
-The storage is an anonymous ``mmap``: the kernel backs only the pages that were
+The storage is a private anonymous ``mmap``: the kernel backs only the pages that were
 touched, so a 4 GiB guest that wrote little costs little RAM. ``close`` gives the
 pages back to the kernel (``MADV_DONTNEED``) even while a view of them is alive.
 
@@ -44,6 +44,9 @@ ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 HASH_BATCH_PAGES = 4096  # table entries packed per call; bounds the temporary lists
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
 POPULATE_BATCH_CHUNKS = 64
+# Private, not mmap's default MAP_SHARED: shared anonymous memory is shmem, which MADV_DONTNEED does
+# not free (the pages stay in the shmem object until the last unmap).
+PRIVATE_ANONYMOUS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _RUNS = re.compile(rb"\x01+")
 _GAPS = re.compile(rb"\x00+")
 
@@ -72,11 +75,13 @@ class GuestMemory:
         self.size = memory_mib * 1024 * 1024
         self.page_count = self.size // PAGE_SIZE
         self.chunk_count = self.page_count // CHUNK_PAGES
-        self._map = mmap.mmap(-1, self.size)
+        self._map = mmap.mmap(-1, self.size, flags=PRIVATE_ANONYMOUS)
         self.view = memoryview(self._map)
         self.written: bytearray | bytes = bytearray(self.page_count)
         self.stale: bytearray | bytes = bytearray(self.page_count)
-        self._page_digests = mmap.mmap(-1, max(1, self.page_count) * PAGE_DIGEST_SIZE)
+        self._page_digests = mmap.mmap(
+            -1, max(1, self.page_count) * PAGE_DIGEST_SIZE, flags=PRIVATE_ANONYMOUS
+        )
         self.dirty: bytearray | None = None
         self.closed = False
 
