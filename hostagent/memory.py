@@ -41,7 +41,10 @@ CHUNK_PAGES = 256
 CHUNK_SIZE = PAGE_SIZE * CHUNK_PAGES
 PAGE_DIGEST_SIZE = 8
 ZERO_PAGE_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
-HASH_BATCH_PAGES = 4096  # table entries packed per call; bounds the temporary lists
+# Table entries packed per call. Between batches the hashing thread lets go of the GIL: unlike
+# hashlib's SHA-1, per-page XXH3 calls are mostly interpreter time, and the event loop receiving or
+# sending pages must not wait a whole switch interval (5 ms) for it.
+HASH_BATCH_PAGES = 1024
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
 POPULATE_BATCH_CHUNKS = 64
 # Private, not mmap's default MAP_SHARED: shared anonymous memory is shmem, which MADV_DONTNEED does
@@ -194,6 +197,7 @@ class GuestMemory:
                 table[batch * PAGE_DIGEST_SIZE : (batch + pages) * PAGE_DIGEST_SIZE] = struct.pack(
                     f"<{pages}Q", *hashes
                 )
+                time.sleep(0)
             hashed += count
         return hashed
 
