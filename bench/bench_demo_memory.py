@@ -140,6 +140,7 @@ def migrate_all_twice(clients: dict[str, AgentClient]) -> list[str]:
     ]
     for host, guest in running:
         spec = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
+        written_mib = guest["workload"]["resident_mib"]
         there, back = Agent(clients[PARTNER[host]]), Agent(clients[host])
         first = migrate(Agent(clients[host]), there, spec)
         second = migrate(there, back, spec)
@@ -149,7 +150,8 @@ def migrate_all_twice(clients: dict[str, AgentClient]) -> list[str]:
         lines.append(
             f"  {guest['name']:10} {guest['memory_mib']:>5} MiB  {host} -> {PARTNER[host]} -> {host}: "
             f"{first.total_s:.1f} s, {second.total_s:.1f} s, "
-            f"{(first.ready['bytes_sent'] + second.ready['bytes_sent']) / 2**20:.0f} MiB sent"
+            f"{(first.ready['bytes_sent'] + second.ready['bytes_sent']) / 2**20:.0f} MiB sent "
+            f"({written_mib} MiB written; rounds {first.ready['round']}, {second.ready['round']})"
         )
     return lines
 
