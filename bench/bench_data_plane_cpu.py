@@ -68,9 +68,10 @@ def main() -> None:
     source, target = BenchAgent("cpu-src", scratch), BenchAgent("cpu-dst", scratch)
     try:
         for index in range(args.runs):
-            for rate in (0, args.dirty_pages_per_s):
+            for position, rate in enumerate((0, args.dirty_pages_per_s)):
                 try:
-                    print(run(source, target, f"cpu-{index}-{rate}", args.memory_mib, rate), flush=True)
+                    name = f"cpu-{index}-{position}-{rate}"
+                    print(run(source, target, name, args.memory_mib, rate), flush=True)
                 except SystemExit as error:
                     print(f"{rate:>6} pages/s  {error}", flush=True)
     finally:
