@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--dirty-pages-per-s", type=int, default=25_000)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    # `timeout` and Ctrl-C alike: the finally below stops the processes started here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     load = Path("/proc/loadavg").read_text().strip()
     print(f"{ROOT}: guest {args.memory_mib} MiB, all pages non-zero; load {load}")
     scratch = Path(tempfile.mkdtemp(prefix="bench-cpu-"))

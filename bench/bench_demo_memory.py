@@ -164,6 +164,8 @@ def main() -> None:
         "--project", type=Path, default=ROOT, help="run this checkout's stack (e.g. an older commit's)"
     )
     args = parser.parse_args()
+    # `timeout` and Ctrl-C alike: the finally below stops the processes started here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     # A copy of the project's code, so var/ (secrets, logs, the schedule) is the bench's own.
     scratch = Path(tempfile.mkdtemp(prefix="bench-demo-memory-"))
     root = scratch / "project"
