@@ -50,7 +50,7 @@ PROGRESS_FIELDS = (
 
 def agent_for(vsp: VSP) -> AgentClient:
     """A client of ``vsp``'s host agent (close it, or use it as a context manager)."""
-    return AgentClient(vsp.agent_url, vsp.agent_secret)
+    return AgentClient.for_vsp(vsp)
 
 
 def agent_migration_id(migration: Migration) -> str:

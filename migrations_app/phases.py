@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from hostagent.protocol import FailureKind
 from hostagent.protocol import Phase as AgentPhase
+from vms.models import PairEncryption
 
 from .checks import check_target, is_running
 from .errors import MigrationFailed
@@ -51,7 +52,10 @@ class Init(Phase):
         reason = check_target(migration.vm, migration.target, ignoring=migration)
         if reason:
             raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
-        endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
+        encryption = PairEncryption.policy_between(migration.source, migration.target)
+        endpoint = run.call(
+            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption
+        )
         run.check_stop()
         try:
             run.call(
@@ -61,6 +65,7 @@ class Init(Phase):
                 run.agent_id,
                 endpoint,
                 run.agent_params(),
+                encryption,
             )
         except MigrationFailed:
             if run.source_guest_running() is not False:

@@ -187,7 +187,7 @@ def seed_demo_agents(driver: str) -> list[str]:
             spec["os_type"] = vm.os_type
         if driver != "qemu":
             spec["fill_percent"] = DEMO_FILL_PERCENT
-        with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
+        with AgentClient.for_vsp(vsp) as agent:
             agent.define_guest(spec)
         lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")
     return lines
