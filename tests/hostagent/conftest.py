@@ -15,9 +15,9 @@ import atexit
 import functools
 import secrets
 import shutil
+import socket
 import ssl
 import tempfile
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,7 +65,7 @@ class RunningAgent:
 
 
 @functools.cache
-def test_pki_dir() -> Path:
+def session_pki_dir() -> Path:
     """This test session's deployment CA (created once, removed at exit)."""
     directory = Path(tempfile.mkdtemp(prefix="matrixoe-test-pki-"))
     atexit.register(shutil.rmtree, directory, True)
@@ -87,7 +87,7 @@ def start_agent(
         extra_args,
         log_path=log_path(f"agent-{name}"),
         env=subprocess_env(),
-        pki_dir=test_pki_dir() if tls else None,
+        pki_dir=session_pki_dir() if tls else None,
     )
     trust = started.ca.read_text() if started.ca else ""
     client = AgentClient(started.url, started.secret, trust=trust, timeout_s=30)
@@ -154,7 +154,11 @@ def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> dict[st
 
 
 def prepare(
-    target: RunningAgent, guest: dict[str, Any], migration_id: str, encryption: str = "required", **limits: Any
+    target: RunningAgent,
+    guest: dict[str, Any],
+    migration_id: str,
+    encryption: str = "required",
+    **limits: Any,
 ):
     wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
     wanted["guest_id"] = guest.get("guest_id") or guest_id_for(guest["name"])

@@ -208,7 +208,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             await self._abort(str(error), error.kind, side="target")
         except MigrationAborted as error:
             await self._abort(str(error), error.kind)
-        except (OSError, ProtocolError) as error:
+        except ProtocolError as error:
+            await self._abort(f"refused the target's data-plane message: {error}", FailureKind.REFUSED)
+        except OSError as error:
             if self.progress.phase == "init":
                 await self._abort(
                     f"could not reach the target's data plane: {error}", FailureKind.UNREACHABLE

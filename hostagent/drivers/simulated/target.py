@@ -179,7 +179,9 @@ class TargetMigration:
             await self._abort(str(error), error.kind, side="source")
         except MigrationAborted as error:
             await self._abort(str(error), error.kind)
-        except (OSError, ProtocolError) as error:
+        except ProtocolError as error:
+            await self._abort(f"refused the source's data-plane message: {error}", FailureKind.REFUSED)
+        except OSError as error:
             await self._abort(
                 f"lost the data-plane connection to the source: {error}", FailureKind.UNREACHABLE
             )
@@ -231,6 +233,12 @@ class TargetMigration:
                 accept.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await accept
+            if pending:
+                log.info(
+                    "migration %s (target): dropped %d data-plane connection(s) still in their handshake",
+                    self.migration_id,
+                    len(pending),
+                )
             for task in list(pending):
                 task.cancel()
             for task in list(pending):
@@ -260,6 +268,9 @@ class TargetMigration:
             log.exception("refused data-plane connection from %s for %s", peer, self.migration_id)
             sock.close()
             return
+        except BaseException:  # cancelled: the source got in, or the migration ended
+            sock.close()
+            raise
         refusal = self._check_hello(kind, hello)
         if refusal is None and (self._claimed or won.done()):
             refusal = "the one-time token was already used"
