@@ -113,6 +113,7 @@ class PairEncryption(models.Model):
             raise ValidationError("A policy is between two different VSPs.")
         if self.vsp_a_id and self.vsp_b_id:
             low, high = sorted((self.vsp_a_id, self.vsp_b_id))
+            self.vsp_a_id, self.vsp_b_id = low, high  # stored in order (checked by a constraint)
             clash = PairEncryption.objects.filter(vsp_a_id=low, vsp_b_id=high).exclude(pk=self.pk)
             if clash.exists():
                 raise ValidationError("This pair of VSPs already has a policy; change that one.")
