@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .checks import check_target, is_running
+from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .models import Migration
 
@@ -49,6 +50,7 @@ class Init(Phase):
         if reason:
             raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
+        endpoint = route_data_plane(endpoint)
         run.check_stop()
         try:
             run.call(
