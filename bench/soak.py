@@ -18,6 +18,7 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -36,9 +37,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--max-minutes", type=float, default=0, help="start no new run after this long (0: no limit)"
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the stack's logs even without violations"
     )
     return parser.parse_args()
+
+
+stopping: list[str] = []  # SIGTERM: finish the current run, then report
 
 
 def main() -> int:
@@ -59,7 +66,12 @@ def main() -> int:
 
         admin, web = set_up_console(stack)
         print(f"soak: {args.runs} runs from seed {args.seed}; logs in {work_dir}", flush=True)
+        stop_at = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
         for index in range(args.runs):
+            if stopping or (stop_at and time.monotonic() > stop_at):
+                print(f"soak: stopping early ({stopping[0] if stopping else 'time budget'})", flush=True)
+                break
             result = run_once(stack, args.seed + index, admin, web)
             results.append(result)
             print_run(index, result)
