@@ -56,8 +56,7 @@ class DataPlaneProxy:
 
     def stall(self, hold_s: float) -> None:
         """No byte moves either way for ``hold_s`` seconds; returns once the stall has begun."""
-        self.loop.call_soon_threadsafe(self.flowing.clear)
-        self.loop.call_soon_threadsafe(self.loop.call_later, hold_s, self.flowing.set)
+        self._call(self._stall(hold_s))
 
     # -- inside the loop -----------------------------------------------------------------
     def _call(self, coroutine: Any) -> Any:
@@ -120,6 +119,10 @@ class DataPlaneProxy:
             pass
         finally:
             writer.transport.abort()
+
+    async def _stall(self, hold_s: float) -> None:
+        self.flowing.clear()
+        self.loop.call_later(hold_s, self.flowing.set)
 
     async def _close_all(self, *, listeners: bool) -> int:
         cut = len(self.links)
