@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -76,6 +77,7 @@ class Stack:
     beat: ManagedProcess | None = None
     proxy: DataPlaneProxy = field(default_factory=DataPlaneProxy)
     restarted: list[str] = field(default_factory=list)  # roles the supervisor started again, in order
+    killed_at: dict[str, datetime] = field(default_factory=dict)  # each role's last kill (UTC)
     down_until: dict[str, float] = field(default_factory=dict)  # monotonic s: a role kept down by a fault
     lock: threading.RLock = field(default_factory=threading.RLock)
     supervising: threading.Event = field(default_factory=threading.Event)
@@ -214,6 +216,7 @@ class Stack:
         """``kill -9`` of the service's whole process group; the supervisor starts it after ``down_s``."""
         with self.lock:
             self.down_until[role] = time.monotonic() + down_s
+            self.killed_at[role] = datetime.now(UTC)
             self.service(role).kill()
 
     def wait_running(self, role: str, timeout: float = 60) -> bool:
