@@ -77,6 +77,7 @@ class Stack:
     beat: ManagedProcess | None = None
     proxy: DataPlaneProxy = field(default_factory=DataPlaneProxy)
     restarted: list[str] = field(default_factory=list)  # roles the supervisor started again, in order
+    reported: set[str] = field(default_factory=set)  # invariant violations already reported by a run
     killed_at: dict[str, datetime] = field(default_factory=dict)  # each role's last kill (UTC)
     down_until: dict[str, float] = field(default_factory=dict)  # monotonic s: a role kept down by a fault
     lock: threading.RLock = field(default_factory=threading.RLock)
