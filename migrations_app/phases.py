@@ -14,6 +14,7 @@ from hostagent.protocol import Phase as AgentPhase
 from vms.models import PairEncryption
 
 from .checks import check_target, is_running
+from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .models import Migration
 
@@ -56,6 +57,7 @@ class Init(Phase):
         endpoint = run.call(
             "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption
         )
+        endpoint = route_data_plane(endpoint)
         run.check_stop()
         try:
             run.call(
