@@ -50,6 +50,7 @@ class TargetMigration(QemuMigration):
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
         self._admitting: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
         family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
         self._listener = socket.create_server((data_host, 0), family=family)
         self._listener.setblocking(False)
@@ -59,7 +60,7 @@ class TargetMigration(QemuMigration):
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
         self.spawn(self._watch_init_limit())
-        self.spawn(self._accept())
+        self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())
 
     async def _watch_init_limit(self) -> None:
@@ -77,11 +78,17 @@ class TargetMigration(QemuMigration):
         """Each connection proves itself on its own (bounded by ``HANDSHAKE_TIMEOUT_S`` and
         ``LINE_LIMIT``): a silent or wrong peer is dropped alone and never delays the real source."""
         loop = asyncio.get_running_loop()
+        try:
+            await self._accept_until_both_in(loop)
+        finally:
+            # Closed only here, after the pending accept was cancelled: a socket closed under a
+            # registered accept leaves the loop watching a file descriptor number that a later
+            # connection (an API request) reuses, whose handshake then never completes.
+            self._listener.close()
+
+    async def _accept_until_both_in(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._control is None or not self._connected:
-            try:
-                connection, peer = await loop.sock_accept(self._listener)
-            except OSError:  # closed once the source's two connections are in
-                return
+            connection, peer = await loop.sock_accept(self._listener)
             if len(self._admitting) >= MAX_PENDING_HANDSHAKES:
                 log.warning(
                     "%s: refused a data-plane connection from %s: too many at once", self.guest_id, peer[0]
@@ -91,7 +98,6 @@ class TargetMigration(QemuMigration):
             task = self.spawn(self._admit(connection, peer))
             self._admitting.add(task)
             task.add_done_callback(self._admitting.discard)
-        self._listener.close()
 
     async def _admit(self, connection: socket.socket, peer: Any) -> None:
         """One connection's greeting: the data channel goes to QEMU, the control one is kept."""
@@ -109,8 +115,8 @@ class TargetMigration(QemuMigration):
         else:
             log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
             connection.close()
-        if self._control is not None and self._connected:
-            self._listener.close()
+        if self._control is not None and self._connected and self._accept_task is not None:
+            self._accept_task.cancel()
 
     async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
         """``<token> <kind> [detail]`` with the one-time token (compared in constant time)."""
