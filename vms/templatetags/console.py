@@ -19,6 +19,7 @@ BADGE_TONES = {
     "not_runnable": "bad",
     "host_disabled": "warn",
     "host_not_licensed": "warn",
+    "maintenance": "warn",
     "not_supported": "muted",
 }
 
