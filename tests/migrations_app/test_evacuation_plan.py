@@ -68,7 +68,8 @@ def test_it_plans_what_fits_and_says_why_the_rest_stays(cramped):
     assert reasons["pinned"] == "online migration is disabled for this VM"
     assert reasons["moved-away"].startswith("Not Runnable copy here: guest migrated to VSP big")
     assert reasons["g400"] == (
-        "no target with room: needs 400 MiB, the most left is 200 MiB on big once the earlier steps are counted"
+        "no target with room: needs 400 MiB, the most left is 200 MiB on big "
+        "once the earlier steps are counted"
     )
     assert reasons["g300"].startswith("no target with room: needs 300 MiB")
     # No target is overcommitted; VSPs in maintenance or disabled take nothing.
@@ -99,7 +100,8 @@ def test_it_flags_an_admin_target_that_does_not_fit(cramped):
 
 def test_it_orders_by_forecast_largest_last_and_follows_the_admins_order(cramped):
     # Past throughput src -> big: known; src -> small: never migrated, so not known yet (last).
-    make_migration(cramped["g300"], cramped["src"], cramped["big"], state="completed", throughput_bytes_s=50_000_000)
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000}
+    make_migration(cramped["g300"], cramped["src"], cramped["big"], **past)
     plan = build_plan(cramped["src"])
     assert [(step.vm.name, step.predicted_s is not None) for step in plan.steps] == [
         ("g800", True),
@@ -135,7 +137,8 @@ def test_it_starts_an_evacuation_queues_the_guests_in_order_and_enters_maintenan
         ("migration_requested", "admin"),
         ("evacuation_started", "admin"),
     ]
-    assert {stay["vm"] for stay in evacuation.staying} == {"g400", "g300", "vpar1", "sleeper", "pinned", "moved-away"}
+    staying = {stay["vm"] for stay in evacuation.staying}
+    assert staying == {"g400", "g300", "vpar1", "sleeper", "pinned", "moved-away"}
 
 
 def test_it_refuses_a_second_evacuation_of_the_same_vsp(cramped, admin):
