@@ -1,6 +1,7 @@
 """The evacuation record: one admin's plan to empty a VSP, as an ordered list of migrations.
 
-Loaded by ``migrations_app.models`` (Django finds models there); the logic lives in ``evacuation.py``.
+Loaded by ``migrations_app.models`` (Django finds models there), so it names ``Migration`` by its label
+rather than importing it; the logic lives in ``evacuation.py``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
-
-from .models import Migration
 
 
 class Evacuation(models.Model):
@@ -67,7 +66,7 @@ class EvacuationStep(models.Model):
         null=True, blank=True, help_text="Forecast total time (s); empty: not known."
     )
     migration = models.OneToOneField(
-        Migration, null=True, on_delete=models.SET_NULL, related_name="evacuation_step"
+        "migrations_app.Migration", null=True, on_delete=models.SET_NULL, related_name="evacuation_step"
     )
 
     class Meta:

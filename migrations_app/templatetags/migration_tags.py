@@ -8,6 +8,7 @@ from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
 from vms.models import VSP, VirtualMachine
@@ -144,8 +145,6 @@ def other_vsps(vsp: VSP) -> list[VSP]:
 @register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
 def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
     """The VSP page's evacuation panel: maintenance, Evacuate…, the latest evacuation's progress."""
-    from migrations_app.evacuation_views import panel_context
-
     return panel_context(context["request"], vsp) | {"csrf_token": context.get("csrf_token")}
 
 
