@@ -461,9 +461,9 @@ def settle_after(migration_id: int) -> None:
 
 
 # -- progress and summary -------------------------------------------------------------------------------
-STEP_STATUS = {
-    Migration.State.COMPLETED: "done",
-    Migration.State.ABORTED: "failed",
+STEP_STATUS: dict[str, str] = {
+    Migration.State.COMPLETED.value: "done",
+    Migration.State.ABORTED.value: "failed",
 }
 
 
@@ -482,7 +482,7 @@ def step_status(step: EvacuationStep) -> str:
             if migration.init_started_at is None and migration.failed_phase == ""
             else "cancelled"
         )
-    return STEP_STATUS.get(migration.state, migration.state)
+    return STEP_STATUS.get(str(migration.state), str(migration.state))
 
 
 @dataclass

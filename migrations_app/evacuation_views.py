@@ -48,7 +48,7 @@ def plan_input(data: QueryDict) -> tuple[dict[int, int], list[int] | None]:
     for key, value in data.items():
         for prefix, into in (("target_", targets), ("position_", positions)):
             if key.startswith(prefix):
-                into[_positive(key[len(prefix) :], key)] = _positive(value, key)
+                into[_positive(key[len(prefix) :], key)] = _positive(str(value), key)
     order = sorted(positions, key=lambda vm_id: (positions[vm_id], vm_id)) if positions else None
     return targets, order
 

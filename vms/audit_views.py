@@ -80,7 +80,8 @@ def audit_list(request: HtmxHttpRequest) -> HttpResponse:
         raise PermissionDenied("Your account may not read the audit trail.")
     form = AuditFilterForm(request.GET)
     if not form.is_valid():
-        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "audit"}
+        error = form_errors_text(form)
+        context: dict[str, Any] = {"form": form, "page": None, "error": error, "nav": "audit"}
         return render(request, "vms/audit_list.html", context, status=400)
     filters = {key: value for key, value in form.cleaned_data.items() if key != "page"}
     try:
