@@ -83,6 +83,8 @@ INSTALLED_APPS = [
     "csp",
     "vms",
     "migrations_app",
+    "ninja",  # serves Swagger UI for /api/v1/docs from its bundled static files (no CDN)
+    "api",
 ]
 
 MIDDLEWARE = [
@@ -266,6 +268,8 @@ MIGRATION_AGENT_PARAMS = {
 MIGRATION_QUEUE = env_str("MIGRATION_QUEUE", "") or None
 # A migration whose worker showed no sign of life this long is decided by recover_migrations.
 MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
+# "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
+MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
 # --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
 CELERY_BEAT_SCHEDULE = {
@@ -278,3 +282,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("RECOVERY_INTERVAL_S", 15)),
     },
 }
+
+# --- REST API and metrics (api) ----------------------------------------------------------------------------
+# Addresses or networks that may scrape /metrics without a token, e.g. "127.0.0.1,10.0.0.0/8".
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "")

@@ -18,6 +18,7 @@ from django.db import IntegrityError, transaction
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
+from .history import record_refusal
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .scheduling import enqueue_next_for_source, enqueue_run
@@ -58,7 +59,12 @@ def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migratio
             target = VSP.objects.get(pk=target.pk)
             migration = _create_migration(vm, target, user)
     except IntegrityError:
-        raise MigrationRefused(refusal_message(vm, target, "VM is already migrating")) from None
+        refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
+        record_refusal(vm, target, user, refusal.message)
+        raise refusal from None
+    except MigrationRefused as refusal:
+        record_refusal(vm, target, user, refusal.message)  # after the rollback: nothing else changed
+        raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
 

@@ -96,10 +96,10 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
     try:
         with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
             if action == PowerAction.START:
-                guest = agent.start_guest(vm.name)
+                guest = agent.start_guest(str(vm.guest_id))
             else:
                 graceful = vm.graceful_stop_timeout_s if action == PowerAction.STOP else None
-                guest = agent.stop_guest(vm.name, graceful_timeout_s=graceful)
+                guest = agent.stop_guest(str(vm.guest_id), graceful_timeout_s=graceful)
     except AgentError as error:
         raise PowerRefused(f"{action.label} of {vm.name} on {vsp.name} failed: {error}") from None
     hardware = (
