@@ -1,7 +1,10 @@
 """VM power: Start, Stop (graceful) and Force stop of a guest's runnable copy, through its VSP's host agent.
 
-Stop is graceful: the guest gets its Graceful Stop Timeout (``graceful_stop_timeout_s``) to finish its I/O
-and shut down, then it is stopped; Force stop stops it at once. Refused (``PowerRefused``, nothing changed)
+Stop is graceful: the agent is asked to give the guest its Graceful Stop Timeout (``graceful_stop_timeout_s``)
+to finish its I/O and shut down, then to stop it; Force stop asks it to stop the guest at once. (The agents'
+drivers do not honour the timeout yet: both stop the guest at once; the request already says which.)
+
+Refused (``PowerRefused``, nothing changed)
 for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while the VM migrates
 (the migration owns the guest until it ends), and when the agent refuses or does not answer. Every action
 that happens leaves an ``AuditEvent``. ``vms`` does not import ``migrations_app``: the migrations table is
@@ -127,4 +130,4 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
 def grace_note(vm: VirtualMachine, action: PowerAction) -> str:
     if action != PowerAction.STOP:
         return ""
-    return f" (graceful stop timeout {vm.graceful_stop_timeout_s} s)"
+    return f" (graceful, with a stop timeout of {vm.graceful_stop_timeout_s} s asked of the agent)"

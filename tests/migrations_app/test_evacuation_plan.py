@@ -220,6 +220,9 @@ def test_the_plan_page_takes_the_admins_changes_and_rejects_bad_input(client, cr
     assert list(Migration.objects.order_by("pk").values_list("vm__name", flat=True)) == ["g500", "g800"]
     vsp_page = client.get(f"/vsps/{cramped['src'].pk}/").content.decode()
     assert "In maintenance" in vsp_page and 'id="evacuation-progress"' in vsp_page
+    # Every page that lists the VSP says so: the VSP list, the VM list, the General tab.
+    for url in ("/vsps/", "/?q=g800", f"/vms/{g800.pk}/general/"):
+        assert 'data-value="maintenance">In maintenance' in client.get(url).content.decode(), url
 
 
 def test_it_cancels_a_waiting_evacuation_and_the_admin_leaves_maintenance(cramped, admin):
