@@ -27,9 +27,9 @@ def test_the_upgrade_puts_existing_vsps_in_default_and_gives_each_user_the_role_
         old_vsp.objects.create(
             name=name,
             agent_url="http://127.0.0.1:7101",
-            agent_secret="s",
+            agent_secret="s",  # noqa: S106 - no agent is contacted
             memory_mib=1,
-            cpus=1,  # noqa: S106
+            cpus=1,
         )
     viewers = Group.objects.create(name="Viewers")
     viewers.permissions.add(permission_named("vms.view_vsp"))
