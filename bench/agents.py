@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from devtools.processes import free_port, start_agent, write_secret_file
 from vms.agent_client import AgentClient
+
+
+def guest_id_for(name: str) -> str:
+    """The id agents know a bench guest by (derived from its name, so the scripts can say names)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"matrixoe-bench-guest:{name}"))
 
 
 class BenchAgent:
@@ -43,9 +49,12 @@ def migrate(source: BenchAgent, target: BenchAgent, spec: dict[str, Any]) -> Mov
     """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands."""
     migration_id = f"bench-{secrets.token_hex(3)}"
     wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
+    wanted["guest_id"] = guest_id_for(spec["name"])
     started = time.perf_counter()
     endpoint = target.client.prepare_incoming(wanted, migration_id, {})
-    source.client.start_outgoing(spec["name"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30})
+    source.client.start_outgoing(
+        wanted["guest_id"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30}
+    )
     for snapshot in source.client.iter_progress(migration_id):
         if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
             break

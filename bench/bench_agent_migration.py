@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.agents import BenchAgent, migrate  # noqa: E402
+from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 RECEIVER = """
 import socket, sys
@@ -76,7 +76,13 @@ def migrate_guest(
 ) -> dict:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     source.client.define_guest(
-        {**spec, "dirty_pages_per_s": dirty_pages_per_s, "fill_percent": 100, "running": True}
+        {
+            **spec,
+            "guest_id": guest_id_for(name),
+            "dirty_pages_per_s": dirty_pages_per_s,
+            "fill_percent": 100,
+            "running": True,
+        }
     )
     moved = migrate(source, target, spec)
     ready = moved.ready

@@ -100,7 +100,14 @@ def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
     AgentClient(vsps[0].agent_url, vsps[0].agent_secret).define_guest(
-        {"name": vm.name, "memory_mib": 64, "vcpus": 1, "dirty_pages_per_s": 200, "running": True}
+        {
+            "guest_id": str(vm.guest_id),
+            "name": vm.name,
+            "memory_mib": 64,
+            "vcpus": 1,
+            "dirty_pages_per_s": 200,
+            "running": True,
+        }
     )
     User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
     client = Client()

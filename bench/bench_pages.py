@@ -1,10 +1,13 @@
-"""Server time and query count of the General tab and the VM list, with 100 and with 10,000 VMs.
+"""Server time and query count of the General tab and the VM list, with 100 and with 10,000 VMs,
+and of the migration history and a migration report, with 100 and with 100,000 migrations
+(10 events each: 1,000,000 events).
 
 Each size gets a throwaway SQLite database; requests go through Django's test Client (the whole
 middleware and template stack, no network). Prints the median of N requests per page, and fails if
 a page's query count differs between the sizes.
 
     .venv/bin/python bench/bench_pages.py [--requests 30] [--sizes 100 10000]
+        [--history-sizes 100 100000] [--skip-vms] [--skip-history]
 """
 
 from __future__ import annotations
@@ -131,6 +134,104 @@ def pages(suffix: str = "", group: str | None = None) -> dict[str, str]:
     }
 
 
+EVENTS_PER_MIGRATION = 10
+HISTORY_VMS = 500
+SAMPLED_EVERY = 100  # one migration in SAMPLED_EVERY keeps 40 rounds of convergence samples
+
+
+def fill_history(migration_count: int) -> None:
+    """``migration_count`` migrations of ``HISTORY_VMS`` guests over 8 VSPs, over the last year, with
+    ``EVENTS_PER_MIGRATION`` events each (inserted with executemany: a million rows in under a minute)."""
+    from datetime import timedelta
+
+    from django.contrib.auth.models import User
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from migrations_app.models import Migration, MigrationEvent
+    from vms.models import VSP, VirtualMachine
+
+    fill(HISTORY_VMS)
+    vsps = list(VSP.objects.order_by("pk"))
+    vms = list(VirtualMachine.objects.order_by("pk"))
+    users = [User.objects.create_user(f"admin{i}") for i in range(5)]
+    now = timezone.now()
+    outcomes = ["completed"] * 7 + ["aborted", "cancelled", "refused"]
+    samples = [[i * 0.5, i + 1, i * 2**24, 2**30 // (i + 1), 2**22, 2**25] for i in range(40)]
+    step = timedelta(days=365) / migration_count
+    rows = []
+    for n in range(migration_count):
+        at = now - step * (migration_count - n)
+        vm = vms[n % len(vms)]
+        state = outcomes[n % len(outcomes)]
+        rows.append(
+            Migration(
+                vm=vm,
+                vm_name=vm.name,
+                source=vsps[n % 8],
+                target=vsps[(n + 1) % 8],
+                requested_by=users[n % 5],
+                requested_at=at,
+                state=state,
+                state_changed_at=at + timedelta(seconds=30),
+                init_started_at=None if state == "refused" else at + timedelta(seconds=1),
+                failed_phase="copy" if state == "aborted" else "",
+                downtime_ms=40 + n % 200 if state == "completed" else None,
+                bytes_sent=2**30,
+                rounds=40,
+                round_samples=samples if n % SAMPLED_EVERY == 0 else [],
+            )
+        )
+    with transaction.atomic():
+        Migration.objects.bulk_create(rows, batch_size=5000)
+    table = MigrationEvent._meta.db_table
+    ids = list(Migration.objects.order_by("pk").values_list("pk", "requested_at"))
+    columns = "migration_id, at, from_state, to_state, message, actor_id"
+    sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s)"  # noqa: S608 - our own names
+    with transaction.atomic(), connection.cursor() as cursor:
+        batch = []
+        for pk, at in ids:
+            for e in range(EVENTS_PER_MIGRATION):
+                batch.append(
+                    (pk, at + timedelta(seconds=e), "copy", "copy", f"Event {e} of migration {pk}", None)
+                )
+            if len(batch) >= 50_000:
+                cursor.executemany(sql, batch)
+                batch = []
+        cursor.executemany(sql, batch)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+
+
+def history_pages() -> dict[str, str]:
+    from migrations_app.models import Migration
+    from vms.models import VSP
+
+    sampled = Migration.objects.exclude(round_samples=[]).order_by("pk")
+    middle = sampled[sampled.count() // 2]
+    vsp = VSP.objects.order_by("pk")[3]
+    return {
+        "History": "/migrations/history/",
+        "History, filtered": f"/migrations/history/?vsp={vsp.pk}&outcome=aborted&user=admin2",
+        "History, by VM": "/migrations/history/?vm=guest-00042",
+        "Report": f"/migrations/history/{middle.pk}/report/",
+        "Report data (JSON)": f"/migrations/history/{middle.pk}/report/data/",
+    }
+
+
+def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[float, int]]:
+    from django.core.management import call_command
+    from django.test import Client
+
+    call_command("migrate", verbosity=0)
+    started = time.perf_counter()
+    fill_history(migration_count)
+    print(f"filled {migration_count} migrations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    client = Client()
+    client.login(username="bench", password="bench-password")  # noqa: S106
+    return {name: measure(client, url, requests) for name, url in history_pages().items()}
+
+
 def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int]]:
     from django.core.management import call_command
     from django.test import Client
@@ -149,32 +250,51 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000])
+    parser.add_argument("--history-sizes", type=int, nargs="+", default=[100, 100_000])
+    parser.add_argument("--skip-vms", action="store_true")
+    parser.add_argument("--skip-history", action="store_true")
     options = parser.parse_args()
-    results: dict[int, dict[str, tuple[float, int]]] = {}
+    failed = False
     with tempfile.TemporaryDirectory() as scratch:
         configure_django(Path(scratch) / "bench.sqlite3")
-        from django.db import connection
+        if not options.skip_vms:
+            results = run_sizes(scratch, "vms", options.sizes, run_size, options.requests)
+            failed |= not report(results, options.sizes, "VMs", options.requests)
+        if not options.skip_history:
+            sizes = options.history_sizes
+            results = run_sizes(scratch, "history", sizes, run_history_size, options.requests)
+            failed |= not report(results, sizes, "migrations", options.requests)
+    return 1 if failed else 0
 
-        for size in options.sizes:
-            connection.close()
-            connection.settings_dict["NAME"] = str(Path(scratch) / f"bench-{size}.sqlite3")
-            results[size] = run_size(size, options.requests)
-            connection.close()
-    print(f"Server time (median of {options.requests} requests, Django test Client, SQLite) and query count")
-    print(f"{'page':<30}" + "".join(f"{f'{size} VMs':>24}" for size in options.sizes))
-    for name in results[options.sizes[0]]:
+
+def run_sizes(scratch: str, kind: str, sizes: list[int], run, requests: int) -> dict[int, dict]:
+    from django.db import connection
+
+    results = {}
+    for size in sizes:
+        connection.close()
+        connection.settings_dict["NAME"] = str(Path(scratch) / f"bench-{kind}-{size}.sqlite3")
+        results[size] = run(size, requests)
+        connection.close()
+    return results
+
+
+def report(
+    results: dict[int, dict[str, tuple[float, int]]], sizes: list[int], unit: str, requests: int
+) -> bool:
+    print(f"Server time (median of {requests} requests, Django test Client, SQLite) and query count")
+    print(f"{'page':<30}" + "".join(f"{f'{size} {unit}':>26}" for size in sizes))
+    for name in results[sizes[0]]:
         cells = "".join(
-            f"{f'{results[s][name][0]:.1f} ms, {results[s][name][1]} queries':>24}" for s in options.sizes
+            f"{f'{results[s][name][0]:.1f} ms, {results[s][name][1]} queries':>26}" for s in sizes
         )
         print(f"{name:<30}{cells}")
-    uneven = [
-        name for name in results[options.sizes[0]] if len({results[s][name][1] for s in options.sizes}) > 1
-    ]
+    uneven = [name for name in results[sizes[0]] if len({results[s][name][1] for s in sizes}) > 1]
     if uneven:
-        print(f"FAIL: query count depends on the number of VMs for: {', '.join(uneven)}")
-        return 1
-    print("OK: every page makes the same number of queries at every size.")
-    return 0
+        print(f"FAIL: query count depends on the number of {unit} for: {', '.join(uneven)}")
+        return False
+    print(f"OK: every page makes the same number of queries at every number of {unit}.")
+    return True
 
 
 if __name__ == "__main__":

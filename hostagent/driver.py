@@ -16,128 +16,36 @@ Rules every driver keeps:
    plane's commands move it on (commit: target ``resume`` + source ``release``;
    abort: target ``discard`` + source ``resume``).
 3. Commands are idempotent: a repeat answers the current snapshot.
-4. Each phase's percent never goes backwards; ``seq`` grows on every change.
+4. Each phase's percent never goes backwards; ``seq`` grows on every change
+   (``hostagent.progress.Progress`` keeps this for both drivers).
+5. Every abort sets the snapshot's ``failure_kind`` (``protocol.FailureKind``): the
+   control plane decides by it, never by the words of ``error``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypedDict, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-OsStatus = Literal["up", "down", "initializing", "in_efi"]
-HardwareStatus = Literal["on", "off", "not_runnable"]
-Role = Literal["source", "target"]
-Phase = Literal["init", "copy", "quiesce", "frozen"]
-MigrationState = Literal[
-    "init",
-    "copy",
-    "quiesce",
-    "frozen",
-    "ready",
-    "completed",
-    "aborted",
-    "cancelled",
-    "discarded",
-    "released",
-]
-PHASES: tuple[Phase, ...] = ("init", "copy", "quiesce", "frozen")
-ACTIVE_STATES: frozenset[str] = frozenset({"init", "copy", "quiesce", "frozen"})
-TERMINAL_STATES: frozenset[str] = frozenset({"completed", "aborted", "cancelled", "discarded", "released"})
+from hostagent.protocol import (
+    Endpoint,
+    FailureKind,
+    GuestInfo,
+    GuestSpec,
+    MigrationParams,
+    MigrationState,
+    PhaseLimits,
+    ProgressSnapshot,
+    Role,
+)
 
 
-class GuestSpec(TypedDict, total=False):
-    """What defines a guest. ``name``, ``memory_mib`` and ``vcpus`` are required.
+class MigrationAborted(Exception):
+    """Inside a driver: the migration cannot go on. ``str()`` says why in words, ``kind`` for decisions."""
 
-    ``dirty_pages_per_s`` is the simulated workload's write rate, ``fill_percent``
-    how much of memory it fills at boot. ``io_latency_ms``
-    (how long one simulated I/O takes, so Quiesce can be made slow) and
-    ``state_save_ms`` (how long saving vCPU/device state takes, so Frozen can be
-    made slow) exist for tests; other drivers may ignore all four.
-    """
-
-    name: str
-    memory_mib: int
-    vcpus: int
-    os_type: str
-    dirty_pages_per_s: int
-    io_latency_ms: int
-    state_save_ms: int
-    fill_percent: int
-    running: bool
-
-
-class GuestInfo(TypedDict):
-    name: str
-    os_type: str
-    os_status: OsStatus
-    hardware_status: HardwareStatus
-    memory_mib: int
-    vcpus: int
-    migrating: str | None
-    workload: dict[str, object]
-
-
-class PhaseLimits(TypedDict, total=False):
-    """Seconds each phase may take; None means no limit."""
-
-    init_s: float | None
-    copy_s: float | None
-    quiesce_s: float | None
-    frozen_s: float | None
-
-
-class MigrationParams(TypedDict, total=False):
-    downtime_ms: int
-    bandwidth_mbps: float | None
-    max_rounds: int
-    limits: PhaseLimits
-
-
-class Endpoint(TypedDict):
-    """Where the source connects to reach a prepared target, and its one-time token."""
-
-    host: str
-    port: int
-    token: str
-
-
-class PhasePercent(TypedDict):
-    init: int
-    copy: int
-    quiesce: int
-    frozen: int
-
-
-class ProgressSnapshot(TypedDict):
-    migration_id: str
-    role: Role
-    guest: str
-    state: MigrationState
-    phase: Phase | None
-    percent: PhasePercent
-    bytes_total: int
-    bytes_sent: int
-    bytes_remaining: int
-    round: int
-    dirty_rate_bytes_s: int
-    throughput_bytes_s: int
-    expected_downtime_ms: int | None
-    downtime_ms: int | None
-    converged: bool
-    source_digest: str | None
-    target_digest: str | None
-    error: str | None
-    failed_phase: Phase | None
-    seq: int
-
-
-DEFAULT_LIMITS: PhaseLimits = {"init_s": 10.0, "copy_s": None, "quiesce_s": 15.0, "frozen_s": 60.0}
-DEFAULT_PARAMS: MigrationParams = {
-    "downtime_ms": 300,
-    "bandwidth_mbps": None,
-    "max_rounds": 30,
-    "limits": DEFAULT_LIMITS,
-}
+    def __init__(self, message: str, kind: FailureKind = FailureKind.INTERNAL) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AgentError(Exception):
@@ -170,7 +78,7 @@ class Migration(Protocol):
 
     migration_id: str
     role: Role
-    guest_name: str
+    guest_id: str
 
     def snapshot(self) -> ProgressSnapshot: ...
 
@@ -240,6 +148,7 @@ class DriverSettings:
 class Driver(Protocol):
     """A hypervisor behind the agent. Constructed as ``DriverClass(settings: DriverSettings)``.
 
+    Guests are known by ``guest_id``; messages are ``hostagent.protocol`` models, already checked.
     Errors are raised as ``InvalidRequest`` / ``NotFound`` / ``Conflict``.
     """
 
@@ -253,17 +162,17 @@ class Driver(Protocol):
 
     def list_guests(self) -> list[GuestInfo]: ...
 
-    def get_guest(self, name: str) -> GuestInfo: ...
+    def get_guest(self, guest_id: str) -> GuestInfo: ...
 
     async def define_guest(self, spec: GuestSpec) -> GuestInfo:
         """Create the guest (idempotent when the spec is the same; Conflict when it differs)."""
         ...
 
-    async def start_guest(self, name: str) -> GuestInfo: ...
+    async def start_guest(self, guest_id: str) -> GuestInfo: ...
 
-    async def stop_guest(self, name: str) -> GuestInfo: ...
+    async def stop_guest(self, guest_id: str) -> GuestInfo: ...
 
-    async def delete_guest(self, name: str) -> None:
+    async def delete_guest(self, guest_id: str) -> None:
         """Refused (Conflict) while the guest runs or migrates."""
         ...
 
@@ -274,7 +183,7 @@ class Driver(Protocol):
         ...
 
     async def start_outgoing(
-        self, guest_name: str, migration_id: str, target: Endpoint, params: MigrationParams
+        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
     ) -> Migration:
         """Connect to the target and start Init; returns as soon as the migration exists."""
         ...

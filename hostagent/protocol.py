@@ -2,14 +2,41 @@
 
 This module is shared by the agent (server, engines, both drivers) and the console (its agent
 client and the migration control plane). It imports nothing from Django or the console, so the
-agent package still installs alone on a host.
+agent package still installs alone on a host. The HTTP API is described in ``hostagent/README.md``.
+
+Messages are pydantic v2 models (one model library across the project: the console's REST API,
+django-ninja, is pydantic too). Every bound is in the models, so an absurd value is refused with
+plain words (``plain_words``) before any driver sees it. Numbers and flags are strict (``"5"`` is
+not a whole number, ``"yes"`` is not true); unknown keys are ignored, so a newer peer may add some.
+
+Guests are known by ``guest_id`` (the console's ``VirtualMachine.guest_id``, a UUID as text); the
+display ``name`` is any printable text up to ``GUEST_NAME_MAX_CHARS`` characters.
 
 Decisions are made by ``FailureKind``, never by the words of an error; the words are for people.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+import uuid
+from collections.abc import Callable
 from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 
 class FailureKind(StrEnum):
@@ -22,3 +49,363 @@ class FailureKind(StrEnum):
     DIGEST_MISMATCH = "digest_mismatch"  # the target's memory digest differs from the source's
     NOT_CONVERGED = "not_converged"  # pre-copy hit its round limit without converging
     INTERNAL = "internal"  # anything else: a bug or an unexpected error
+
+
+# -- names of phases, states and roles --------------------------------------------------------
+
+OsStatus = Literal["up", "down", "initializing", "in_efi"]
+HardwareStatus = Literal["on", "off", "not_runnable"]
+Role = Literal["source", "target"]
+Phase = Literal["init", "copy", "quiesce", "frozen"]
+MigrationState = Literal[
+    "init",
+    "copy",
+    "quiesce",
+    "frozen",
+    "ready",
+    "completed",
+    "aborted",
+    "cancelled",
+    "discarded",
+    "released",
+]
+Command = Literal["quiesce", "freeze", "resume", "discard", "release", "cancel"]
+PHASES: tuple[Phase, ...] = ("init", "copy", "quiesce", "frozen")
+COMMANDS: tuple[Command, ...] = ("quiesce", "freeze", "resume", "discard", "release", "cancel")
+ACTIVE_STATES: frozenset[str] = frozenset(PHASES)
+TERMINAL_STATES: frozenset[str] = frozenset({"completed", "aborted", "cancelled", "discarded", "released"})
+# A side in one of these states gave up before the decision: its snapshot says why (failure_kind).
+FAILED_STATES: frozenset[str] = frozenset({"aborted", "cancelled", "discarded"})
+
+# -- bounds ---------------------------------------------------------------------------------------
+
+GUEST_NAME_MAX_CHARS = 64  # the console's VirtualMachine.name max_length: the same limit everywhere
+MAX_MEMORY_MIB = 1024 * 1024
+MAX_VCPUS = 256
+MAX_DELAY_MS = 10 * 60 * 1000
+MAX_LIMIT_S = 7 * 24 * 3600
+MAX_BYTES = 1 << 62  # byte counters in a snapshot: far beyond any guest, refuses nonsense
+MIGRATION_ID_CHARS = "letters, digits, '.', '_', ':' or '-'"
+
+
+def between(low: int, high: int) -> Callable[[int], int]:
+    """A check that a whole number lies in ``[low, high]``, refused in plain words otherwise."""
+
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise PydanticCustomError(
+                "out_of_range",
+                "must be between {low} and {high}, not {value}",
+                {"low": low, "high": high, "value": value},
+            )
+        return value
+
+    return check
+
+
+def chars(max_chars: int, what: str) -> Callable[[str], str]:
+    """A check that a text has 1 to ``max_chars`` characters (never cut: a longer one is refused)."""
+
+    def check(value: str) -> str:
+        if not 0 < len(value) <= max_chars:
+            raise PydanticCustomError(
+                "text_length", "must be {what} of 1-{max} characters", {"what": what, "max": max_chars}
+            )
+        return value
+
+    return check
+
+
+def _seconds(value: float | int) -> float:
+    if isinstance(value, bool) or not 0 < value <= MAX_LIMIT_S:
+        raise PydanticCustomError(
+            "seconds",
+            "must be more than 0 and at most {max} seconds, not {value}",
+            {"max": MAX_LIMIT_S, "value": value},
+        )
+    return float(value)
+
+
+def _guest_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise PydanticCustomError(
+            "guest_id", "must be a guest id (a UUID), not {value}", {"value": repr(value[:80])}
+        ) from None
+
+
+def _display_name(value: str) -> str:
+    if not 0 < len(value) <= GUEST_NAME_MAX_CHARS:
+        raise PydanticCustomError(
+            "guest_name",
+            "must be 1-{max} characters, not {length}",
+            {"max": GUEST_NAME_MAX_CHARS, "length": len(value)},
+        )
+    # Cc control, Cs lone surrogates, Zl/Zp line breaks: not printable. Cf stays (emoji joiners).
+    if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in value):
+        raise PydanticCustomError("guest_name", "must be printable text, without control characters", {})
+    return value
+
+
+def _migration_id(value: str) -> str:
+    ok = 0 < len(value) <= 128 and value[0].isascii() and value[0].isalnum()
+    if not ok or not all(char.isascii() and (char.isalnum() or char in "._:-") for char in value):
+        raise PydanticCustomError("migration_id", "must be 1-128 " + MIGRATION_ID_CHARS, {})
+    return value
+
+
+Seconds = Annotated[StrictFloat | StrictInt, AfterValidator(_seconds)]
+GuestId = Annotated[StrictStr, AfterValidator(_guest_id)]
+GuestName = Annotated[StrictStr, AfterValidator(_display_name)]
+MigrationId = Annotated[StrictStr, AfterValidator(_migration_id)]
+Percent = Annotated[StrictInt, AfterValidator(between(0, 100))]
+Bytes = Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))]
+ByteRate = Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))]
+Digest = Annotated[StrictStr, AfterValidator(chars(256, "a digest"))]
+
+
+class Message(BaseModel):
+    """Every protocol message: unknown keys ignored, everything else checked."""
+
+    model_config = ConfigDict(extra="ignore", validate_default=False)
+
+
+# -- guests ---------------------------------------------------------------------------------------
+
+
+class GuestSpec(Message):
+    """What defines a guest (``PUT /v1/guests/{guest_id}``, and the guest of an incoming migration).
+
+    ``dirty_pages_per_s`` is the simulated workload's write rate (pages/s), ``fill_percent`` how much
+    of memory it fills at boot; ``io_latency_ms`` (one simulated I/O, so Quiesce can be slow) and
+    ``state_save_ms`` (saving vCPU/device state, so Frozen can be slow) exist for tests; other
+    drivers may ignore all four. ``running`` is a wish (start it once defined), not part of the
+    definition.
+    """
+
+    guest_id: GuestId
+    name: GuestName
+    memory_mib: Annotated[StrictInt, AfterValidator(between(1, MAX_MEMORY_MIB))]
+    vcpus: Annotated[StrictInt, AfterValidator(between(1, MAX_VCPUS))] = 1
+    os_type: Annotated[StrictStr, AfterValidator(chars(64, "a short text"))] = "linux"
+    dirty_pages_per_s: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 100
+    io_latency_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 20
+    state_save_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 0
+    fill_percent: Annotated[StrictInt, AfterValidator(between(0, 100))] = 25
+    running: StrictBool = False
+
+    def same_definition(self, other: GuestSpec) -> bool:
+        """Same guest, same shape: only ``running`` may differ."""
+        return self.model_dump(exclude={"running"}) == other.model_dump(exclude={"running"})
+
+
+class GuestInfo(Message):
+    """A guest as an agent reports it (``GET /v1/guests/{guest_id}``); ``workload`` is driver-specific."""
+
+    guest_id: GuestId
+    name: GuestName
+    os_type: StrictStr
+    os_status: OsStatus
+    hardware_status: HardwareStatus
+    memory_mib: Annotated[StrictInt, AfterValidator(between(1, MAX_MEMORY_MIB))]
+    vcpus: Annotated[StrictInt, AfterValidator(between(1, MAX_VCPUS))]
+    migrating: StrictStr | None = None
+    workload: dict[str, Any] = Field(default_factory=dict)
+
+
+class GuestList(Message):
+    guests: list[GuestInfo]
+
+
+class Deleted(Message):
+    deleted: GuestId
+
+
+class Health(Message):
+    name: StrictStr
+    version: StrictStr
+    driver: StrictStr
+    guests: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 0
+
+
+class ErrorReply(Message):
+    """Every refusal: ``{"error": "<plain words>"}`` with a 4xx/5xx status."""
+
+    error: StrictStr
+
+
+# -- migration requests -----------------------------------------------------------------------------
+
+
+class PhaseLimits(Message):
+    """Seconds each phase may take (None: no limit). Omitted ones take the defaults below."""
+
+    init_s: Seconds | None = 10.0
+    copy_s: Seconds | None = None
+    quiesce_s: Seconds | None = 15.0
+    frozen_s: Seconds | None = 60.0
+
+    def of(self, phase: str) -> float | None:
+        """The limit of ``phase`` ("init", "copy", "quiesce", "frozen") in seconds, or None."""
+        limit: float | None = getattr(self, f"{phase}_s", None)
+        return limit
+
+
+class MigrationParams(Message):
+    """How the source migrates: the allowed downtime (ms), a bandwidth cap (Mbit/s), the round limit."""
+
+    downtime_ms: Annotated[StrictInt, AfterValidator(between(1, 600_000))] = 300
+    bandwidth_mbps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1_000_000)] | None = None
+    max_rounds: Annotated[StrictInt, AfterValidator(between(1, 10_000))] = 30
+    limits: PhaseLimits = Field(default_factory=PhaseLimits)
+
+
+class Endpoint(Message):
+    """Where the source connects to reach a prepared target, and its one-time token."""
+
+    host: Annotated[StrictStr, AfterValidator(chars(255, "a host name or address"))]
+    port: Annotated[StrictInt, AfterValidator(between(1, 65535))]
+    token: Annotated[StrictStr, AfterValidator(chars(512, "the token the target gave"))]
+
+
+class IncomingRequest(Message):
+    """``POST /v1/migrations/incoming`` on the target."""
+
+    migration_id: MigrationId
+    guest: GuestSpec
+    limits: PhaseLimits = Field(default_factory=PhaseLimits)
+
+
+class PreparedIncoming(Message):
+    """The target's answer to ``IncomingRequest``: its data-plane listener and one-time token."""
+
+    migration_id: MigrationId
+    data_host: Annotated[StrictStr, AfterValidator(chars(255, "a host name or address"))]
+    data_port: Annotated[StrictInt, AfterValidator(between(1, 65535))]
+    token: Annotated[StrictStr, AfterValidator(chars(512, "a token"))]
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(host=self.data_host, port=self.data_port, token=self.token)
+
+
+class OutgoingRequest(Message):
+    """``POST /v1/migrations/outgoing`` on the source; ``guest`` is the guest's id."""
+
+    migration_id: MigrationId
+    guest: GuestId
+    target: Endpoint
+    params: MigrationParams = Field(default_factory=MigrationParams)
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+
+class PhasePercent(TypedDict):
+    """Percent done per phase, 0-100, each never going backwards."""
+
+    init: Percent
+    copy: Percent
+    quiesce: Percent
+    frozen: Percent
+
+
+def no_percent() -> PhasePercent:
+    return {"init": 0, "copy": 0, "quiesce": 0, "frozen": 0}
+
+
+class ProgressSnapshot(Message):
+    """One side's progress (``GET /v1/migrations/{id}``, each line of ``.../progress``, every command).
+
+    Units: bytes, bytes/s, ms. ``percent`` per phase never goes backwards and ``seq`` grows on every
+    change. When the side gave up (``FAILED_STATES``): ``error`` says why in words, ``failure_kind``
+    says why for decisions, ``failed_phase`` where, ``failed_side`` which host noticed first (this
+    side, or the peer that told it), ``failed_after_s`` how long the failed phase had run (s).
+    """
+
+    migration_id: MigrationId
+    role: Role
+    guest: GuestId
+    state: MigrationState
+    phase: Phase | None = None
+    percent: PhasePercent = Field(default_factory=no_percent)
+    bytes_total: Bytes = 0
+    bytes_sent: Bytes = 0
+    bytes_remaining: Bytes = 0
+    round: Annotated[StrictInt, AfterValidator(between(0, 10_000_000))] = 0
+    dirty_rate_bytes_s: ByteRate = 0
+    throughput_bytes_s: ByteRate = 0
+    expected_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
+    downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
+    converged: StrictBool = False
+    source_digest: Digest | None = None
+    target_digest: Digest | None = None
+    error: StrictStr | None = None
+    failure_kind: FailureKind | None = None
+    failed_phase: Phase | None = None
+    failed_side: Role | None = None
+    failed_after_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S * 10)] | None = None
+    seq: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))]
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON form (what the HTTP API sends)."""
+        return self.model_dump(mode="json")
+
+
+# -- turning validation errors into plain words -------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+UNION_TAG = re.compile(r"int|float|str|bool|none|[a-z-]+\[.*\]")
+
+
+class ProtocolViolation(ValueError):
+    """A message that is not what the protocol promises; ``str()`` is plain words for people."""
+
+
+def plain_words(error: ValidationError, what: str = "the request body") -> str:
+    """The first problem of ``error`` as one sentence, e.g. "memory_mib must be between 1 and 8, not 9"."""
+    first = error.errors(include_url=False)[0]
+    # Unions add a tag per member to the location ("bandwidth_mbps.float"): people need the field.
+    path = [str(part) for part in first["loc"] if not UNION_TAG.fullmatch(str(part))]
+    where = ".".join(path) or what
+    kind = first["type"]
+    if kind == "missing":
+        return f"{where} is required"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"{where} must be a JSON object"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{where} must be a whole number"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{where} must be true or false"
+    if kind in ("float_type", "float_parsing"):
+        return f"{where} must be a number"
+    if kind in ("string_type",):
+        return f"{where} must be a text"
+    if kind == "json_invalid":
+        return f"{what} is not valid JSON"
+    message = first["msg"]
+    if kind in (
+        "literal_error",
+        "enum",
+        "greater_than",
+        "less_than_equal",
+        "greater_than_equal",
+        "less_than",
+    ):
+        message = message[0].lower() + message[1:]
+        return f"{where}: {message}"
+    return f"{where} {message}"
+
+
+def parse(model: type[M], body: bytes | str | dict[str, Any] | Any, what: str = "the request body") -> M:
+    """``body`` (JSON text or already-decoded JSON) as ``model``; ``ProtocolViolation`` in plain words."""
+    try:
+        if isinstance(body, bytes | str):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise ProtocolViolation(plain_words(error, what)) from None

@@ -8,35 +8,34 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
 
 from hostagent import __version__
-from hostagent.driver import (
+from hostagent.driver import AgentError, Conflict, Driver, InvalidRequest, Migration, NotFound
+from hostagent.protocol import (
+    COMMANDS,
     TERMINAL_STATES,
-    AgentError,
-    Conflict,
-    Driver,
-    InvalidRequest,
-    Migration,
-    NotFound,
+    Deleted,
+    GuestId,
+    GuestList,
+    GuestSpec,
+    Health,
+    IncomingRequest,
+    Message,
+    OutgoingRequest,
+    PreparedIncoming,
     ProgressSnapshot,
-)
-from hostagent.validation import (
-    check_endpoint,
-    check_guest_spec,
-    check_limits,
-    check_migration_id,
-    check_name,
-    check_params,
-    require_object,
+    ProtocolViolation,
+    parse,
+    plain_words,
 )
 
 log = logging.getLogger("hostagent.server")
 STREAM_INTERVAL_S = 0.05
 HEARTBEAT_S = 5.0
-COMMANDS = ("quiesce", "freeze", "resume", "discard", "release", "cancel")
 DRIVER_KEY = web.AppKey("driver", Driver)
 SECRET_KEY = web.AppKey("secret", bytes)
 NAME_KEY = web.AppKey("name", str)
@@ -44,8 +43,17 @@ MIGRATIONS_KEY = web.AppKey("migrations", dict)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+M = TypeVar("M", bound=Message)
+GUEST_ID = TypeAdapter(GuestId)
+
+
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def reply(message: Message) -> web.Response:
+    """A protocol message as the JSON answer."""
+    return web.Response(body=message.model_dump_json(), content_type="application/json")
 
 
 @web.middleware
@@ -73,12 +81,32 @@ async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResp
         raise
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_message(request: web.Request, model: type[M], **from_url: Any) -> M:
+    """The body as ``model`` (values from the URL win, and must agree); bad input is ``InvalidRequest``."""
+    raw = await request.read()
     try:
-        body = await request.json(loads=json.loads)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidRequest("the request body is not valid JSON") from error
-    return require_object(body, "the request body")
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    for key, value in from_url.items():
+        if key in body and body[key] != value:
+            raise InvalidRequest(f"the {key} in the body differs from the one in the URL")
+        body[key] = value
+    try:
+        return parse(model, body)
+    except ProtocolViolation as error:
+        raise InvalidRequest(str(error)) from None
+
+
+def guest_id_of(request: web.Request) -> str:
+    """The ``{guest_id}`` of the URL, checked (a UUID)."""
+    try:
+        checked: str = GUEST_ID.validate_python(request.match_info["guest_id"])
+    except ValidationError as error:
+        raise InvalidRequest(plain_words(error, "guest_id")) from None
+    return checked
 
 
 def driver_of(request: web.Request) -> Driver:
@@ -95,41 +123,37 @@ def migration_of(request: web.Request) -> Migration:
 # -- health and guests ----------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     driver = driver_of(request)
-    return web.json_response(
-        {
-            "name": request.app[NAME_KEY],
-            "version": __version__,
-            "driver": driver.name,
-            "guests": len(driver.list_guests()),
-        }
+    health = Health(
+        name=request.app[NAME_KEY], version=__version__, driver=driver.name, guests=len(driver.list_guests())
     )
+    return reply(health)
 
 
 async def list_guests(request: web.Request) -> web.Response:
-    return web.json_response({"guests": driver_of(request).list_guests()})
+    return reply(GuestList(guests=driver_of(request).list_guests()))
 
 
 async def get_guest(request: web.Request) -> web.Response:
-    return web.json_response(driver_of(request).get_guest(check_name(request.match_info["name"])))
+    return reply(driver_of(request).get_guest(guest_id_of(request)))
 
 
 async def define_guest(request: web.Request) -> web.Response:
-    spec = check_guest_spec(await read_json(request), name=check_name(request.match_info["name"]))
-    return web.json_response(await driver_of(request).define_guest(spec))
+    spec = await read_message(request, GuestSpec, guest_id=guest_id_of(request))
+    return reply(await driver_of(request).define_guest(spec))
 
 
 async def start_guest(request: web.Request) -> web.Response:
-    return web.json_response(await driver_of(request).start_guest(check_name(request.match_info["name"])))
+    return reply(await driver_of(request).start_guest(guest_id_of(request)))
 
 
 async def stop_guest(request: web.Request) -> web.Response:
-    return web.json_response(await driver_of(request).stop_guest(check_name(request.match_info["name"])))
+    return reply(await driver_of(request).stop_guest(guest_id_of(request)))
 
 
 async def delete_guest(request: web.Request) -> web.Response:
-    name = check_name(request.match_info["name"])
-    await driver_of(request).delete_guest(name)
-    return web.json_response({"deleted": name})
+    guest_id = guest_id_of(request)
+    await driver_of(request).delete_guest(guest_id)
+    return reply(Deleted(deleted=guest_id))
 
 
 # -- migrations -------------------------------------------------------------
@@ -139,41 +163,30 @@ def check_new_migration(request: web.Request, migration_id: str) -> None:
 
 
 async def prepare_incoming(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    migration_id = check_migration_id(body.get("migration_id"))
-    spec = check_guest_spec(body.get("guest"))
-    limits = check_limits(body.get("limits"))
+    incoming = await read_message(request, IncomingRequest)
+    migration_id, spec = incoming.migration_id, incoming.guest
     check_new_migration(request, migration_id)
-    migration, endpoint = await driver_of(request).prepare_incoming(spec, migration_id, limits)
+    migration, endpoint = await driver_of(request).prepare_incoming(spec, migration_id, incoming.limits)
     request.app[MIGRATIONS_KEY][migration_id] = migration
-    log.info("prepared incoming migration %s of %s on port %s", migration_id, spec["name"], endpoint["port"])
-    return web.json_response(
-        {
-            "migration_id": migration_id,
-            "data_host": endpoint["host"],
-            "data_port": endpoint["port"],
-            "token": endpoint["token"],
-        }
+    log.info("prepared incoming migration %s of %s on port %s", migration_id, spec.guest_id, endpoint.port)
+    prepared = PreparedIncoming(
+        migration_id=migration_id, data_host=endpoint.host, data_port=endpoint.port, token=endpoint.token
     )
+    return reply(prepared)
 
 
 async def start_outgoing(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    migration_id = check_migration_id(body.get("migration_id"))
-    guest = check_name(body.get("guest"))
-    target = check_endpoint(body.get("target"))
-    params = check_params(body.get("params"))
+    outgoing = await read_message(request, OutgoingRequest)
+    migration_id, guest, target = outgoing.migration_id, outgoing.guest, outgoing.target
     check_new_migration(request, migration_id)
-    migration = await driver_of(request).start_outgoing(guest, migration_id, target, params)
+    migration = await driver_of(request).start_outgoing(guest, migration_id, target, outgoing.params)
     request.app[MIGRATIONS_KEY][migration_id] = migration
-    log.info(
-        "started outgoing migration %s of %s to %s:%s", migration_id, guest, target["host"], target["port"]
-    )
-    return web.json_response(migration.snapshot())
+    log.info("started outgoing migration %s of %s to %s:%s", migration_id, guest, target.host, target.port)
+    return reply(migration.snapshot())
 
 
 async def get_migration(request: web.Request) -> web.Response:
-    return web.json_response(migration_of(request).snapshot())
+    return reply(migration_of(request).snapshot())
 
 
 async def run_command(request: web.Request) -> web.Response:
@@ -182,8 +195,8 @@ async def run_command(request: web.Request) -> web.Response:
         raise NotFound(f"no command {command}; commands are {', '.join(COMMANDS)}")
     migration = migration_of(request)
     snapshot = await getattr(migration, command)()
-    log.info("%s %s -> %s", command, migration.migration_id, snapshot["state"])
-    return web.json_response(snapshot)
+    log.info("%s %s -> %s", command, migration.migration_id, snapshot.state)
+    return reply(snapshot)
 
 
 async def stream_progress(request: web.Request) -> web.StreamResponse:
@@ -197,7 +210,7 @@ async def stream_progress(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     sent = migration.snapshot()
-    await response.write(json.dumps(sent).encode() + b"\n")
+    await response.write(line(sent))
     try:
         await follow_changes(migration, response, sent)
     except ConnectionResetError:
@@ -206,9 +219,9 @@ async def stream_progress(request: web.Request) -> web.StreamResponse:
 
 
 async def follow_changes(migration: Migration, response: web.StreamResponse, sent: ProgressSnapshot) -> None:
-    seen_seq, sent_at = sent["seq"], time.monotonic()
+    seen_seq, sent_at = sent.seq, time.monotonic()
     pending = None
-    while sent["state"] not in TERMINAL_STATES:
+    while sent.state not in TERMINAL_STATES:
         if pending is None:
             wait = HEARTBEAT_S
         else:
@@ -219,15 +232,20 @@ async def follow_changes(migration: Migration, response: web.StreamResponse, sen
             # Nothing new for a while: repeat the latest, so readers can tell a quiet agent from a dead one.
             latest, pending = pending or migration.snapshot(), None
         else:
-            seen_seq = latest["seq"]
-            changed = (latest["state"], latest["phase"]) != (sent["state"], sent["phase"])
+            seen_seq = latest.seq
+            changed = (latest.state, latest.phase) != (sent.state, sent.phase)
             if not changed and time.monotonic() - sent_at < STREAM_INTERVAL_S:
                 pending = latest
                 continue
             pending = None
         sent, sent_at = latest, time.monotonic()
-        await response.write(json.dumps(sent).encode() + b"\n")
+        await response.write(line(sent))
     await response.write_eof()
+
+
+def line(snapshot: ProgressSnapshot) -> bytes:
+    """One NDJSON line of the progress stream."""
+    return snapshot.model_dump_json().encode() + b"\n"
 
 
 def create_app(driver: Driver, secret: str, name: str) -> web.Application:
@@ -238,11 +256,11 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app[MIGRATIONS_KEY] = {}
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/guests", list_guests)
-    app.router.add_get("/v1/guests/{name}", get_guest)
-    app.router.add_put("/v1/guests/{name}", define_guest)
-    app.router.add_delete("/v1/guests/{name}", delete_guest)
-    app.router.add_post("/v1/guests/{name}/start", start_guest)
-    app.router.add_post("/v1/guests/{name}/stop", stop_guest)
+    app.router.add_get("/v1/guests/{guest_id}", get_guest)
+    app.router.add_put("/v1/guests/{guest_id}", define_guest)
+    app.router.add_delete("/v1/guests/{guest_id}", delete_guest)
+    app.router.add_post("/v1/guests/{guest_id}/start", start_guest)
+    app.router.add_post("/v1/guests/{guest_id}/stop", stop_guest)
     app.router.add_post("/v1/migrations/incoming", prepare_incoming)
     app.router.add_post("/v1/migrations/outgoing", start_outgoing)
     app.router.add_get("/v1/migrations/{migration_id}", get_migration)

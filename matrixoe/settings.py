@@ -83,6 +83,8 @@ INSTALLED_APPS = [
     "csp",
     "vms",
     "migrations_app",
+    "ninja",  # serves Swagger UI for /api/v1/docs from its bundled static files (no CDN)
+    "api",
 ]
 
 MIDDLEWARE = [
@@ -278,3 +280,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("RECOVERY_INTERVAL_S", 15)),
     },
 }
+
+# --- REST API and metrics (api) ----------------------------------------------------------------------------
+# Addresses or networks that may scrape /metrics without a token, e.g. "127.0.0.1,10.0.0.0/8".
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "")

@@ -5,6 +5,10 @@ from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from api.api import api, public_urls
+from api.metrics import metrics_view
+from api.progress import migration_events
+
 urlpatterns = [
     path("login/", login_not_required(auth_views.LoginView.as_view()), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
@@ -12,6 +16,11 @@ urlpatterns = [
     # Browsers ask for /favicon.ico whatever the page's <link rel="icon"> says.
     path("favicon.ico", login_not_required(RedirectView.as_view(url=static("favicon.svg"), permanent=True))),
     path("migrations/", include("migrations_app.urls")),
+    path("migrations/history/", include("migrations_app.history_urls")),
+    path("account/tokens/", include("api.urls")),
+    path("api/v1/migrations/<int:migration_id>/events", migration_events, name="api_migration_events"),
+    path("api/v1/", include((public_urls(api.urls[0]), "api-v1"), namespace="api-v1")),
+    path("metrics", metrics_view, name="metrics"),
     path("", include("vms.urls")),
 ]
 

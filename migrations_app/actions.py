@@ -21,6 +21,7 @@ from vms.access import check_can_cancel, check_can_migrate
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
+from .history import record_refusal
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .scheduling import enqueue_next_for_source, enqueue_run
@@ -54,7 +55,12 @@ def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migratio
             check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
             migration = _create_migration(vm, target, user)
     except IntegrityError:
-        raise MigrationRefused(refusal_message(vm, target, "VM is already migrating")) from None
+        refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
+        record_refusal(vm, target, user, refusal.message)
+        raise refusal from None
+    except MigrationRefused as refusal:
+        record_refusal(vm, target, user, refusal.message)  # after the rollback: nothing else changed
+        raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
 

@@ -8,6 +8,8 @@ class MigrationsAppConfig(AppConfig):
     def ready(self) -> None:
         from vms.general_tab import register_context_provider
 
+        from . import history
         from .progress import general_tab_context
 
         register_context_provider(general_tab_context)
+        register_context_provider(history.general_tab_context)

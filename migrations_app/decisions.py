@@ -44,6 +44,7 @@ PROGRESS_FIELDS = (
     "downtime_ms",
     "source_digest",
     "target_digest",
+    "round_samples",
 )
 
 

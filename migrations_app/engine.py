@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from hostagent.protocol import FailureKind
+from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.models import Registration
 
@@ -46,14 +46,13 @@ from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
+from .samples import add_round_sample
 from .scheduling import do_claim_source, enqueue_next_for_source
 from .transitions import transition
 
 logger = logging.getLogger(__name__)
 
 State = Migration.State
-AGENT_FAILED_STATES = frozenset({"aborted", "cancelled", "discarded"})
-SNAPSHOT_KEYS = ("state", "percent", "bytes_sent", "bytes_remaining", "round", "converged", "seq")
 PUBLISH_INTERVAL_S = 0.2  # at most ~5 progress updates a second within a phase
 WATCH_INTERVAL_S = 0.1
 HEARTBEAT_INTERVAL_S = 1.0
@@ -127,8 +126,9 @@ class MigrationRun:
     # --- what the agents are told ---------------------------------------------------------------
 
     def guest_spec(self) -> dict[str, Any]:
+        """The ``protocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
         vm = self.migration.vm
-        spec = {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
+        spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
         return {**spec, "os_type": vm.os_type} if vm.os_type else spec
 
     def limits(self) -> dict[str, float | None]:
@@ -158,22 +158,29 @@ class MigrationRun:
 
     @contextmanager
     def agent_errors(self, side: str) -> Iterator[None]:
-        """Agent errors become a failure of the current phase, in plain words (a stop reason wins)."""
+        """Agent errors become a failure of the current phase, in plain words (a stop reason wins).
+
+        The failure's kind is the error's (unreachable, refused, or internal for a bad reply).
+        """
         try:
             yield
-        except AgentUnreachable:
-            self.check_stop()
-            raise MigrationFailed(self.migration.state, f"the {side} host stopped answering") from None
-        except AgentRefused as refusal:
-            self.check_stop()
-            raise MigrationFailed(self.migration.state, f"the {side} host refused: {refusal}") from None
-        except AgentProtocolError:
+        except AgentUnreachable as error:
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host sent a reply that makes no sense"
+                self.migration.state, f"the {side} host stopped answering", kind=error.kind
+            ) from None
+        except AgentRefused as refusal:
+            self.check_stop()
+            raise MigrationFailed(
+                self.migration.state, f"the {side} host refused: {refusal}", kind=refusal.kind
+            ) from None
+        except AgentProtocolError as error:
+            self.check_stop()
+            raise MigrationFailed(
+                self.migration.state, f"the {side} host sent a reply that makes no sense", kind=error.kind
             ) from None
 
-    def follow_progress(self, until: Callable[[dict[str, Any]], bool]) -> None:
+    def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None:
         """Absorb the source's progress stream until ``until(snapshot)``; failures raise."""
         self.check_stop()
         with (
@@ -181,11 +188,14 @@ class MigrationRun:
             closing(self.source.iter_progress(self.agent_id, self.seq)) as stream,
         ):
             for snapshot in stream:
-                self.absorb(snapshot)
-                if until(snapshot):
+                if until(self.absorb(snapshot)):
                     return
         self.check_stop()
-        raise MigrationFailed(self.migration.state, "the source host ended its progress report early")
+        raise MigrationFailed(
+            self.migration.state,
+            "the source host ended its progress report early",
+            kind=FailureKind.UNREACHABLE,
+        )
 
     def source_guest_running(self) -> bool | None:
         """Ask the source agent whether the guest runs (None if it cannot tell); a stopped one is stored Off.
@@ -194,7 +204,7 @@ class MigrationRun:
         """
         vm = self.migration.vm
         try:
-            guest = self.source.get_guest(vm.name)
+            guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
             return None
         running = guest["hardware_status"] == "on"
@@ -239,34 +249,47 @@ class MigrationRun:
                 raise outcome["error"]
         return outcome["snapshot"]
 
-    def digests(self, snapshot: dict[str, Any]) -> tuple[str, str]:
-        source_digest, target_digest = snapshot.get("source_digest"), snapshot.get("target_digest")
+    def digests(self, snapshot: ProgressSnapshot) -> tuple[str, str]:
+        """Both memory digests (the source's snapshot, else the target's own), stored on the migration."""
+        source_digest, target_digest = snapshot.source_digest, snapshot.target_digest
         if not target_digest:
-            target_digest = self.call("target", "snapshot", self.agent_id).get("target_digest")
+            target_digest = checked_snapshot(
+                self.call("target", "snapshot", self.agent_id), self.migration.state
+            ).target_digest
         self.migration.source_digest, self.migration.target_digest = source_digest or "", target_digest or ""
         return self.migration.source_digest, self.migration.target_digest
 
     # --- progress ---------------------------------------------------------------------------------
 
-    def absorb(self, snapshot: Any, *, force: bool = False) -> None:
-        """Take a progress snapshot into the record: percentages only rise; failures raise."""
-        snapshot = checked_snapshot(snapshot, self.migration.state)
-        apply_snapshot(self.migration, snapshot)
-        self.seq = max(self.seq, int(snapshot["seq"]))
-        if snapshot["state"] in AGENT_FAILED_STATES:
+    def absorb(self, snapshot: Any, *, force: bool = False) -> ProgressSnapshot:
+        """Take a progress snapshot into the record: percentages only rise; failures raise.
+
+        Returns the snapshot, checked (``protocol.ProgressSnapshot``).
+        """
+        checked = checked_snapshot(snapshot, self.migration.state)
+        apply_snapshot(self.migration, checked)
+        add_round_sample(self.migration)
+        self.seq = max(self.seq, checked.seq)
+        if checked.state in FAILED_STATES:
             self.check_stop()
-            raise self.failure_reported(snapshot)
+            raise self.failure_reported(checked)
         self.check_stop()
         self.flush(force=force)
+        return checked
 
-    def failure_reported(self, snapshot: dict[str, Any]) -> MigrationFailed:
-        """The source agent's own abort, in the words of the Alerts section."""
-        phase = PHASE_BY_AGENT_NAME.get(snapshot.get("failed_phase") or "", self.migration.state)
-        error = str(snapshot.get("error") or f"the source host reports {snapshot['state']}")
-        if "ran over its limit" in error:
+    def failure_reported(self, snapshot: ProgressSnapshot) -> MigrationFailed:
+        """The source agent's own abort, in the words of the Alerts section, decided by its kind.
+
+        A phase that ran over the VM's limit on the source reads "it ran over its time limit of N s".
+        """
+        failed = snapshot.failed_phase
+        phase = PHASE_BY_AGENT_NAME[failed] if failed else self.migration.state
+        kind = snapshot.failure_kind or FailureKind.INTERNAL
+        if kind is FailureKind.TIME_LIMIT and snapshot.failed_side in (None, "source"):
             limit = next(p.limit_s(self.migration) for p in PHASES if p.state == phase)
-            error = f"it ran over its time limit of {limit} s"
-        return MigrationFailed(phase, error)
+            return MigrationFailed(phase, f"it ran over its time limit of {limit} s", kind=kind)
+        error = snapshot.error or f"the source host reports {snapshot.state}"
+        return MigrationFailed(phase, error, kind=kind)
 
     def flush(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -296,34 +319,28 @@ class MigrationRun:
         self.flush(force=True)
 
 
-def checked_snapshot(snapshot: Any, phase: Migration.State) -> dict[str, Any]:
-    """The agent's snapshot, or a failure in plain words if it is not one."""
-    valid = (
-        isinstance(snapshot, dict)
-        and all(key in snapshot for key in SNAPSHOT_KEYS)
-        and isinstance(snapshot["percent"], dict)
-        and all(isinstance(snapshot["percent"].get(name), int | float) for name in PHASE_BY_AGENT_NAME)
-        and isinstance(snapshot["seq"], int)
-    )
-    if not valid:
-        raise MigrationFailed(phase, "the source host sent a progress report that makes no sense")
-    return snapshot
+def checked_snapshot(snapshot: Any, phase: Migration.State | str) -> ProgressSnapshot:
+    """The agent's snapshot (``protocol.ProgressSnapshot``), or a failure in plain words if it is not one."""
+    try:
+        return parse(ProgressSnapshot, snapshot, "the progress report")
+    except ProtocolViolation:
+        raise MigrationFailed(phase, "the source host sent a progress report that makes no sense") from None
 
 
-def apply_snapshot(migration: Migration, snapshot: dict[str, Any]) -> None:
+def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
+    """Copy the snapshot's figures onto the record; each phase's percentage only rises."""
     for agent_phase, state in PHASE_BY_AGENT_NAME.items():
         field = PHASE_PERCENT_FIELD[state]
-        reported = min(max(int(snapshot["percent"][agent_phase]), 0), 100)
-        setattr(migration, field, max(getattr(migration, field), reported))
-    migration.bytes_sent = int(snapshot["bytes_sent"] or 0)
-    migration.bytes_remaining = int(snapshot["bytes_remaining"] or 0)
-    migration.rounds = int(snapshot["round"] or 0)
-    migration.dirty_rate_bytes_s = int(snapshot.get("dirty_rate_bytes_s") or 0)
-    migration.throughput_bytes_s = int(snapshot.get("throughput_bytes_s") or 0)
-    if snapshot.get("expected_downtime_ms") is not None:
-        migration.expected_downtime_ms = int(snapshot["expected_downtime_ms"])
-    if snapshot.get("downtime_ms") is not None:
-        migration.downtime_ms = int(snapshot["downtime_ms"])
+        setattr(migration, field, max(getattr(migration, field), snapshot.percent[agent_phase]))
+    migration.bytes_sent = snapshot.bytes_sent
+    migration.bytes_remaining = snapshot.bytes_remaining
+    migration.rounds = snapshot.round
+    migration.dirty_rate_bytes_s = snapshot.dirty_rate_bytes_s
+    migration.throughput_bytes_s = snapshot.throughput_bytes_s
+    if snapshot.expected_downtime_ms is not None:
+        migration.expected_downtime_ms = snapshot.expected_downtime_ms
+    if snapshot.downtime_ms is not None:
+        migration.downtime_ms = snapshot.downtime_ms
 
 
 class Watchdog:

@@ -22,6 +22,9 @@ class Migration(models.Model):
         COMPLETED = "completed", "Completed"
         ABORTED = "aborted", "Aborted"
         CANCELLED = "cancelled", "Cancelled"
+        # Never started: the pre-check or the one-active constraint said no. Created in this state
+        # (``migrations_app.history.record_refusal``), never transitioned into or out of.
+        REFUSED = "refused", "Refused"
 
     ACTIVE_STATES = (
         State.QUEUED,
@@ -31,13 +34,20 @@ class Migration(models.Model):
         State.FROZEN,
         State.COMMITTING,
     )
-    TERMINAL_STATES = (State.COMPLETED, State.ABORTED, State.CANCELLED)
+    TERMINAL_STATES = (State.COMPLETED, State.ABORTED, State.CANCELLED, State.REFUSED)
     PHASES = (State.INIT, State.COPY, State.IO_QUIESCE, State.FROZEN)
     # States before the commit point: a failure here aborts; from COMMITTING on, only roll forward.
     ABORTABLE_STATES = (State.QUEUED, State.INIT, State.COPY, State.IO_QUIESCE, State.FROZEN)
 
-    vm = models.ForeignKey("vms.VirtualMachine", on_delete=models.CASCADE, related_name="migrations")
-    source = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="outgoing_migrations")
+    # SET_NULL: deleting a VM keeps its migrations and their events; ``vm_name`` keeps what it was called.
+    vm = models.ForeignKey(
+        "vms.VirtualMachine", null=True, blank=True, on_delete=models.SET_NULL, related_name="migrations"
+    )
+    vm_name = models.CharField(max_length=255, blank=True, help_text="The VM's name when it was requested")
+    # Null only for a refused attempt of a VM that was runnable nowhere.
+    source = models.ForeignKey(
+        "vms.VSP", null=True, blank=True, on_delete=models.PROTECT, related_name="outgoing_migrations"
+    )
     target = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="incoming_migrations")
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -93,10 +103,25 @@ class Migration(models.Model):
                 name="one_active_migration_per_vm",
             )
         ]
-        indexes = [models.Index(fields=["source", "state"], name="migration_source_state")]
+        indexes = [
+            models.Index(fields=["source", "state"], name="migration_source_state"),
+            # The history page: newest first, whole or filtered by VM, VSP, outcome or user.
+            models.Index(fields=["-requested_at", "-id"], name="migration_history"),
+            models.Index(fields=["vm", "-requested_at"], name="migration_vm_history"),
+            models.Index(fields=["vm_name", "-requested_at"], name="migration_vm_name_history"),
+            models.Index(fields=["target", "-requested_at"], name="migration_target_history"),
+            models.Index(fields=["state", "-requested_at"], name="migration_state_history"),
+            models.Index(fields=["requested_by", "-requested_at"], name="migration_user_history"),
+        ]
 
     def __str__(self) -> str:
-        return f"migration {self.pk} of {self.vm_id}: {self.source_id} -> {self.target_id} ({self.state})"
+        vm = self.vm_name or self.vm_id
+        return f"migration {self.pk} of {vm}: {self.source_id} -> {self.target_id} ({self.state})"
+
+    def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.vm_name and self.vm is not None:
+            self.vm_name = self.vm.name
+        super().save(*args, **kwargs)
 
     @property
     def is_active(self) -> bool:
@@ -149,6 +174,7 @@ TRANSITIONS: dict[Migration.State, set[Migration.State]] = {
     S.COMPLETED: set(),
     S.ABORTED: set(),
     S.CANCELLED: set(),
+    S.REFUSED: set(),
 }
 del S
 
@@ -167,6 +193,7 @@ class MigrationEvent(models.Model):
 
     class Meta:
         ordering = ["at", "pk"]
+        indexes = [models.Index(fields=["migration", "at"], name="migration_event_timeline")]
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.from_state or '-'} -> {self.to_state}: {self.message}"

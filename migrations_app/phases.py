@@ -7,7 +7,10 @@ The phase's time limit is the VM's; the agents enforce it and the engine's watch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+from hostagent.protocol import FailureKind
+from hostagent.protocol import Phase as AgentPhase
 
 from .checks import check_target, is_running
 from .errors import MigrationFailed
@@ -52,7 +55,12 @@ class Init(Phase):
         run.check_stop()
         try:
             run.call(
-                "source", "start_outgoing", migration.vm.name, run.agent_id, endpoint, run.agent_params()
+                "source",
+                "start_outgoing",
+                str(migration.vm.guest_id),
+                run.agent_id,
+                endpoint,
+                run.agent_params(),
             )
         except MigrationFailed:
             if run.source_guest_running() is not False:
@@ -62,7 +70,7 @@ class Init(Phase):
                 f"VM is not running on {migration.source.name}: online migration moves running guests only",
                 source_running=False,
             ) from None
-        run.follow_progress(until=lambda snapshot: snapshot["state"] != "init")
+        run.follow_progress(until=lambda snapshot: snapshot.state != "init")
 
 
 class Copy(Phase):
@@ -72,7 +80,7 @@ class Copy(Phase):
     limit_field = "copy_limit_s"
 
     def run(self, run: MigrationRun) -> None:
-        run.follow_progress(until=lambda snapshot: bool(snapshot["converged"]) or snapshot["state"] != "copy")
+        run.follow_progress(until=lambda snapshot: snapshot.converged or snapshot.state != "copy")
 
 
 class IOQuiesce(Phase):
@@ -92,19 +100,21 @@ class Frozen(Phase):
     limit_field = "frozen_limit_s"
 
     def run(self, run: MigrationRun) -> None:
-        snapshot: dict[str, Any] = run.command_with_progress("freeze")
-        run.absorb(snapshot, force=True)
-        if snapshot["state"] != "ready":
-            raise MigrationFailed(
-                self.state, f"the source host answered {snapshot['state']!r} instead of ready"
-            )
+        snapshot = run.absorb(run.command_with_progress("freeze"), force=True)
+        if snapshot.state != "ready":
+            raise MigrationFailed(self.state, f"the source host answered {snapshot.state!r} instead of ready")
         source_digest, target_digest = run.digests(snapshot)
         if not source_digest or source_digest != target_digest:
-            raise MigrationFailed(self.state, "the target's memory digest does not match the source's")
+            raise MigrationFailed(
+                self.state,
+                "the target's memory digest does not match the source's",
+                kind=FailureKind.DIGEST_MISMATCH,
+            )
 
 
 PHASES: tuple[Phase, ...] = (Init(), Copy(), IOQuiesce(), Frozen())
-PHASE_BY_AGENT_NAME: dict[str, Migration.State] = {
+# The agent's phase names (``hostagent.protocol.PHASES``) -> this console's states.
+PHASE_BY_AGENT_NAME: dict[AgentPhase, Migration.State] = {
     "init": State.INIT,
     "copy": State.COPY,
     "quiesce": State.IO_QUIESCE,

@@ -23,6 +23,7 @@ from django.template.loader import render_to_string
 
 from vms.models import VSP, VirtualMachine
 
+from .history import last_completed_seconds
 from .models import Migration
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class MigrationDisplay:
     vm: VirtualMachine
     migration: Migration | None  # Online Migration Phases: the active attempt, else the last if completed
     failed: Migration | None  # Alerts: the last attempt, if it was aborted or cancelled
+    last_took_s: float | None = None  # beside Migrate…: how long the last completed migration took (s)
 
     def context(self, *, oob: bool = False, refetch_tab: bool = False) -> dict[str, object]:
         """``refetch_tab``: when the shown migration has ended, make the browser re-fetch the whole tab."""
@@ -62,6 +64,7 @@ class MigrationDisplay:
             "vm": self.vm,
             "migration": self.migration,
             "failed_migration": self.failed,
+            "last_took_s": self.last_took_s,
             "oob": oob,
             "refetch_tab": refetch_tab,
         }
@@ -73,13 +76,20 @@ class MigrationDisplay:
 
 
 def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
-    attempts = Migration.objects.filter(vm=vm).select_related("source", "target")
-    latest = attempts.order_by("-requested_at", "-pk").first()
+    """The latest attempt that started (refusals are history, not state); when none runs, a second query:
+    how long the last completed one took (shown beside Migrate…, which a running migration replaces)."""
+    attempts = Migration.objects.filter(vm=vm).exclude(state=Migration.State.REFUSED)
+    latest = (
+        attempts.select_related("source", "target", "requested_by").order_by("-requested_at", "-pk").first()
+    )
+    if latest is not None and latest.is_active:
+        return MigrationDisplay(vm=vm, migration=latest, failed=None)
+    last_took_s = last_completed_seconds(vm)
     if latest is None:
-        return MigrationDisplay(vm=vm, migration=None, failed=None)
+        return MigrationDisplay(vm=vm, migration=None, failed=None, last_took_s=last_took_s)
     shown = latest if latest.is_active or latest.state == Migration.State.COMPLETED else None
     failed = latest if latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) else None
-    return MigrationDisplay(vm=vm, migration=shown, failed=failed)
+    return MigrationDisplay(vm=vm, migration=shown, failed=failed, last_took_s=last_took_s)
 
 
 def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[int, Migration]:
@@ -88,7 +98,9 @@ def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[
     ``vm_ids``: only these VMs (the rows the page shows), so nothing is pushed for a missing row.
     """
     rows: dict[int, Migration] = {}
-    migrations = Migration.objects.filter(Q(source=vsp) | Q(target=vsp))
+    migrations = Migration.objects.filter(Q(source=vsp) | Q(target=vsp)).exclude(
+        state=Migration.State.REFUSED
+    )
     if vm_ids is not None:
         migrations = migrations.filter(vm_id__in=vm_ids)
     migrations = migrations.select_related("source", "target").order_by("requested_at", "pk")
@@ -118,13 +130,23 @@ def render_row_fragments(
 def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
     """The message for each group interested in this migration, read fresh from the database."""
     migration = Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
+    if migration.vm is None:  # the VM was deleted: no page shows it any more
+        return {}
     display = get_migration_display(migration.vm)
     group = vm_group(migration.vm_id)
     messages = {group: _message(group, render_vm_fragments(display, oob=True))}
     for vsp in (migration.source, migration.target):
+        if vsp is None:
+            continue
         group = vsp_group(vsp.pk)
         html = render_row_fragments(vsp, {migration.vm_id: migration}, oob=True)
         messages[group] = {**_message(group, html), "vm_id": migration.vm_id}
+    if migration.state == Migration.State.COMPLETED:
+        # The VM arrived: the target's open pages lack its row, so every one of them re-fetches its tab.
+        group = vsp_group(migration.target_id)
+        arrival = render_to_string(f"{PROGRESS_TEMPLATE}#vsp_arrival", {"migration": migration})
+        # (Without vm_id, so sockets of pages lacking the row take it; the re-fetch brings the row too.)
+        messages[group] = _message(group, arrival)
     return messages
 
 
@@ -161,4 +183,5 @@ def general_tab_context(vm: VirtualMachine) -> dict[str, object]:
         "failed_migration": display.failed,
         "alerts": [display.failed] if display.failed else [],
         "migration_seen": display.seen_key,
+        "last_took_s": display.last_took_s,
     }

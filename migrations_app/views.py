@@ -132,7 +132,7 @@ def render_dialog(
 @require_POST
 @permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
 def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
-    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id)
+    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
     get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
     try:
         do_cancel_migration(migration, request.user)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hostagent.drivers.qemu import DEFAULT_IMAGES
-from hostagent.drivers.qemu_process import QemuTooOld, check_qemu
+from hostagent.drivers.qemu.process import QemuTooOld, check_qemu
 from tests.conftest import wait_until
 
 
@@ -25,9 +25,14 @@ MISSING = qemu_missing()
 needs_qemu = [pytest.mark.qemu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
+def guest_named(agent: Any, name: str) -> dict[str, Any]:
+    """The guest whose display name is ``name`` on ``agent`` (test names are unique)."""
+    return next(guest for guest in agent.client.list_guests() if guest["name"] == name)
+
+
 def workload(agent: Any, name: str) -> dict[str, Any]:
     """What the guest's memwriter last said on its serial console, as the agent reports it."""
-    return agent.client.get_guest(name)["workload"]
+    return guest_named(agent, name)["workload"]
 
 
 def runs_intact(agent: Any, name: str) -> bool:
@@ -42,5 +47,5 @@ def runs_intact(agent: Any, name: str) -> bool:
         )
 
     passed = wait_until(further_check, timeout=30)
-    guest = agent.client.get_guest(name)
+    guest = guest_named(agent, name)
     return passed and guest["hardware_status"] == "on" and guest["workload"]["selfchecks_failed"] == 0

@@ -1,7 +1,9 @@
 """The one console-side client of the host agent's HTTP API (see ``hostagent/README.md``).
 
-Synchronous (``httpx``), for Celery tasks and views. Every failure is one of three
-errors, never a ``KeyError`` or an ``httpx`` exception:
+Synchronous (``httpx``), for Celery tasks and views. Replies are checked against the agent's
+own protocol models (``hostagent.protocol``) and returned in their JSON form (dicts). Guests are
+named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
+migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
 agent's words), ``AgentProtocolError`` (an answer that is not what the API promises).
 """
@@ -9,51 +11,42 @@ agent's words), ``AgentProtocolError`` (an answer that is not what the API promi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any, TypedDict
+from collections.abc import Generator
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
-SNAPSHOT_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "migration_id": str,
-    "role": str,
-    "guest": str,
-    "state": str,
-    "percent": dict,
-    "bytes_sent": int,
-    "bytes_remaining": int,
-    "round": int,
-    "converged": bool,
-    "seq": int,
-}
-GUEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "os_status": str,
-    "hardware_status": str,
-    "memory_mib": int,
-    "vcpus": int,
-}
-PHASE_NAMES = ("init", "copy", "quiesce", "frozen")
+from hostagent.protocol import (
+    FailureKind,
+    GuestInfo,
+    GuestList,
+    Health,
+    PreparedIncoming,
+    ProgressSnapshot,
+    ProtocolViolation,
+    parse,
+)
 
-
-class Endpoint(TypedDict):
-    """A prepared target's data-plane address and one-time token, as ``start_outgoing`` takes it."""
-
-    host: str
-    port: int
-    token: str
+M = TypeVar("M", bound=BaseModel)
 
 
 class AgentError(Exception):
-    pass
+    """Every failure of a call; ``kind`` is the ``FailureKind`` a migration that hits it ends with."""
+
+    kind = FailureKind.INTERNAL
 
 
 class AgentUnreachable(AgentError):
     """The agent did not answer: connection refused or reset, time-out, stream cut."""
 
+    kind = FailureKind.UNREACHABLE
+
 
 class AgentRefused(AgentError):
     """The agent answered with an error status; ``message`` is its explanation."""
+
+    kind = FailureKind.REFUSED
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -65,7 +58,9 @@ class AgentRefused(AgentError):
 
 
 class AgentProtocolError(AgentError):
-    """The agent answered something that is not what the API promises."""
+    """The agent answered something that is not what the API promises (``hostagent.protocol``)."""
+
+    kind = FailureKind.INTERNAL
 
 
 def _setting(name: str, default: float) -> float:
@@ -77,26 +72,24 @@ def _setting(name: str, default: float) -> float:
     return float(getattr(settings, name, default)) if settings.configured else default
 
 
-def _require(body: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise AgentProtocolError(f"the agent's {what} is not a JSON object")
-    for field, expected in fields.items():
-        value = body.get(field)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise AgentProtocolError(f"the agent's {what} lacks a valid {field!r}")
-    return body
+def _reply(model: type[M], body: Any, what: str) -> dict[str, Any]:
+    """``body`` checked against the protocol's ``model``, as its JSON form; else ``AgentProtocolError``."""
+    try:
+        return parse(model, body, f"the agent's {what}").model_dump(mode="json")
+    except ProtocolViolation as violation:
+        raise AgentProtocolError(
+            f"the agent's {what} is not what the protocol promises: {violation}"
+        ) from None
 
 
 def check_snapshot(body: Any) -> dict[str, Any]:
-    snapshot = _require(body, SNAPSHOT_FIELDS, "progress snapshot")
-    percent = snapshot["percent"]
-    if not all(isinstance(percent.get(phase), int) for phase in PHASE_NAMES):
-        raise AgentProtocolError("the agent's progress snapshot has no valid percent per phase")
-    return snapshot
+    """A progress snapshot (``protocol.ProgressSnapshot``) in its JSON form."""
+    return _reply(ProgressSnapshot, body, "progress snapshot")
 
 
 def check_guest(body: Any) -> dict[str, Any]:
-    return _require(body, GUEST_FIELDS, "guest")
+    """A guest (``protocol.GuestInfo``) in its JSON form."""
+    return _reply(GuestInfo, body, "guest")
 
 
 class AgentClient:
@@ -133,50 +126,54 @@ class AgentClient:
 
     # -- host and guests ------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return _require(
-            self._call("GET", "/v1/health"), {"name": str, "version": str, "driver": str}, "health"
-        )
+        """``protocol.Health``: the agent's name, version, driver and number of guests."""
+        return _reply(Health, self._call("GET", "/v1/health"), "health")
 
     def list_guests(self) -> list[dict[str, Any]]:
-        body = self._call("GET", "/v1/guests")
-        if not isinstance(body, dict) or not isinstance(body.get("guests"), list):
-            raise AgentProtocolError("the agent's guest list is not {'guests': [...]}")
-        return [check_guest(guest) for guest in body["guests"]]
+        """Every guest on the host (``protocol.GuestInfo`` each)."""
+        guests: list[dict[str, Any]] = _reply(GuestList, self._call("GET", "/v1/guests"), "guest list")[
+            "guests"
+        ]
+        return guests
 
-    def get_guest(self, name: str) -> dict[str, Any]:
-        return check_guest(self._call("GET", f"/v1/guests/{name}"))
+    def get_guest(self, guest_id: str) -> dict[str, Any]:
+        return check_guest(self._call("GET", f"/v1/guests/{guest_id}"))
 
     def define_guest(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return check_guest(self._call("PUT", f"/v1/guests/{spec['name']}", spec))
+        """``spec`` is a ``protocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
+        return check_guest(self._call("PUT", f"/v1/guests/{spec['guest_id']}", spec))
 
-    def start_guest(self, name: str) -> dict[str, Any]:
-        return check_guest(self._call("POST", f"/v1/guests/{name}/start"))
+    def start_guest(self, guest_id: str) -> dict[str, Any]:
+        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/start"))
 
-    def stop_guest(self, name: str) -> dict[str, Any]:
-        return check_guest(self._call("POST", f"/v1/guests/{name}/stop"))
+    def stop_guest(self, guest_id: str) -> dict[str, Any]:
+        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop"))
 
-    def delete_guest(self, name: str) -> None:
-        self._call("DELETE", f"/v1/guests/{name}")
+    def delete_guest(self, guest_id: str) -> None:
+        self._call("DELETE", f"/v1/guests/{guest_id}")
 
     # -- migrations -----------------------------------------------------
     def prepare_incoming(
         self, guest: dict[str, Any], migration_id: str, limits: dict[str, Any] | None = None
-    ) -> Endpoint:
-        """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes."""
+    ) -> dict[str, Any]:
+        """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes.
+
+        ``guest`` is a ``protocol.GuestSpec``; the answer a ``protocol.Endpoint`` (host, port, token).
+        """
         body = {"migration_id": migration_id, "guest": guest, "limits": limits or {}}
-        answer = _require(
-            self._call("POST", "/v1/migrations/incoming", body),
-            {"data_host": str, "data_port": int, "token": str},
-            "prepared endpoint",
-        )
-        return {"host": answer["data_host"], "port": answer["data_port"], "token": answer["token"]}
+        try:
+            answer = parse(PreparedIncoming, self._call("POST", "/v1/migrations/incoming", body))
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(f"the agent's prepared endpoint makes no sense: {violation}") from None
+        return answer.endpoint().model_dump(mode="json")
 
     def start_outgoing(
-        self, guest_name: str, migration_id: str, target: Endpoint, params: dict[str, Any] | None = None
+        self, guest_id: str, migration_id: str, target: dict[str, Any], params: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        """Source side: start migrating guest ``guest_id`` to ``target`` (what ``prepare_incoming`` gave)."""
         body = {
             "migration_id": migration_id,
-            "guest": guest_name,
+            "guest": guest_id,
             "target": {"host": target["host"], "port": target["port"], "token": target["token"]},
             "params": params or {},
         }
@@ -185,7 +182,7 @@ class AgentClient:
     def snapshot(self, migration_id: str) -> dict[str, Any]:
         return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))
 
-    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Generator[dict[str, Any], None, None]:
         """Snapshots from the streaming endpoint: the current one first, then each change.
 
         Changes with ``seq <= after_seq`` (already seen) are skipped, the first

@@ -41,7 +41,10 @@ def collect_vsp_inventory(vsp: VSP, *, timeout_s: float | None = None) -> bool:
 
 
 def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, dict[str, Any]] | None:
-    """Ask ``vsp``'s agent for its guests and store them; the guests by name, or None if it did not answer."""
+    """Ask ``vsp``'s agent for its guests and store them; the guests by id, or None if it did not answer.
+
+    Agents know a guest by its id (``VirtualMachine.guest_id`` as text); the name is only displayed.
+    """
     try:
         with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
@@ -50,9 +53,9 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
         mark_reachable(vsp, False)
         return None
     mark_reachable(vsp, True)
-    by_name = {guest["name"]: guest for guest in guests if isinstance(guest, dict) and "name" in guest}
-    store_guests(vsp, by_name)
-    return by_name
+    by_id = {guest["guest_id"]: guest for guest in guests}
+    store_guests(vsp, by_id)
+    return by_id
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def collect_vm_state(vm: VirtualMachine) -> RefreshOutcome:
     guests = fetch_and_store(vsp, timeout_s=REFRESH_TIMEOUT_S)
     if guests is None:
         return RefreshOutcome(False, vsp.name, "did not answer", last_known_at)
-    if vm.name not in guests:
+    if str(vm.guest_id) not in guests:
         logger.warning("Agent of VSP %s does not know VM %s", vsp.name, vm.name)
         return RefreshOutcome(False, vsp.name, "does not know this VM", last_known_at)
     return RefreshOutcome(True, vsp.name)
@@ -113,7 +116,7 @@ def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
     )
     reported = []
     for registration in registrations:
-        guest = guests.get(registration.vm.name)
+        guest = guests.get(str(registration.vm.guest_id))
         if guest is not None:
             store_guest(registration, guest)
             reported.append(registration.pk)

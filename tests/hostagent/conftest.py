@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class RunningAgent:
         return Path(self.process.log_path).read_text(errors="replace")
 
     def guest(self, name: str) -> dict[str, Any] | None:
+        """The guest whose display name is ``name`` (test names are unique), or None."""
         return next((guest for guest in self.client.list_guests() if guest["name"] == name), None)
 
 
@@ -94,13 +96,27 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
 
 
+def guest_id_for(name: str) -> str:
+    """The id agents know a test guest by: derived from its (unique) test name, so tests can say names."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"matrixoe-test-guest:{name}"))
+
+
 def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> dict[str, Any]:
-    body = {"name": name, "memory_mib": 16, "vcpus": 1, "dirty_pages_per_s": 200, "running": True, **spec}
+    body = {
+        "guest_id": guest_id_for(name),
+        "name": name,
+        "memory_mib": 16,
+        "vcpus": 1,
+        "dirty_pages_per_s": 200,
+        "running": True,
+        **spec,
+    }
     return agent.client.define_guest(body)
 
 
 def prepare(target: RunningAgent, guest: dict[str, Any], migration_id: str, **limits: Any):
     wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
+    wanted["guest_id"] = guest.get("guest_id") or guest_id_for(guest["name"])
     return target.client.prepare_incoming(wanted, migration_id, limits)
 
 
@@ -108,7 +124,7 @@ def start(
     source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, **params: Any
 ) -> dict[str, Any]:
     endpoint = prepare(target, guest, migration_id, **params.get("limits", {}))
-    return source.client.start_outgoing(guest["name"], migration_id, endpoint, params)
+    return source.client.start_outgoing(guest["guest_id"], migration_id, endpoint, params)
 
 
 def follow(
@@ -135,13 +151,13 @@ def workload_advances(agent: RunningAgent, name: str) -> bool:
     """The guest runs on ``agent`` and its workload goes on: pages written (if it writes any), I/O done."""
 
     def progress() -> tuple[int, int]:
-        guest = agent.client.get_guest(name)
+        guest = agent.client.get_guest(guest_id_for(name))
         assert guest["hardware_status"] == "on" and guest["os_status"] == "up", guest
         workload = guest["workload"]
         return workload["pages_written"], workload["io_completed"]
 
     pages_before, io_before = progress()
-    writes = agent.client.get_guest(name)["workload"]["dirty_pages_per_s"] > 0
+    writes = agent.client.get_guest(guest_id_for(name))["workload"]["dirty_pages_per_s"] > 0
 
     def advanced() -> bool:
         pages, io = progress()

@@ -8,6 +8,7 @@ import pytest
 from tests.hostagent.conftest import (
     define_running_guest,
     follow,
+    guest_id_for,
     prepare,
     start,
     unique,
@@ -33,20 +34,22 @@ def test_it_reports_health(agent_pair):
 def test_it_defines_starts_stops_and_deletes_a_guest(agent_pair):
     vsp1, _ = agent_pair
     name = unique("life")
-    guest = vsp1.client.define_guest({"name": name, "memory_mib": 32, "vcpus": 2, "os_type": "hpux"})
+    guest = vsp1.client.define_guest(
+        {"guest_id": guest_id_for(name), "name": name, "memory_mib": 32, "vcpus": 2, "os_type": "hpux"}
+    )
     assert (guest["hardware_status"], guest["os_status"], guest["memory_mib"], guest["vcpus"]) == (
         "off",
         "down",
         32,
         2,
     )
-    assert vsp1.client.start_guest(name)["hardware_status"] == "on"
+    assert vsp1.client.start_guest(guest_id_for(name))["hardware_status"] == "on"
     assert workload_advances(vsp1, name)
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.delete_guest(name)
+        vsp1.client.delete_guest(guest_id_for(name))
     assert refused.value.status == 409 and "running" in refused.value.message
-    assert vsp1.client.stop_guest(name)["os_status"] == "down"
-    vsp1.client.delete_guest(name)
+    assert vsp1.client.stop_guest(guest_id_for(name))["os_status"] == "down"
+    vsp1.client.delete_guest(guest_id_for(name))
     assert vsp1.guest(name) is None
 
 
@@ -78,68 +81,107 @@ def test_it_refuses_requests_without_the_right_credential(agent_pair, headers, w
     assert "not-the-secret-at-all" not in log and vsp1.secret not in log
 
 
+G = "0b7e3c52-5d43-4a5e-9d5f-6f1c2b9a8e71"  # a guest id no test defines
+
+
 @pytest.mark.parametrize(
     "method, path, body, status, words",
     [
-        ("PUT", "/v1/guests/bad-json", b"{not json", 400, "not valid JSON"),
-        ("PUT", "/v1/guests/neg", b'{"memory_mib": -5, "vcpus": 1}', 400, "memory_mib must be between"),
-        ("PUT", "/v1/guests/huge", b'{"memory_mib": 99999999999, "vcpus": 1}', 400, "memory_mib"),
+        ("PUT", f"/v1/guests/{G}", b"{not json", 400, "not valid JSON"),
         (
             "PUT",
-            "/v1/guests/cpus",
-            b'{"memory_mib": 16, "vcpus": "two"}',
+            f"/v1/guests/{G}",
+            b'{"name": "g", "memory_mib": -5, "vcpus": 1}',
+            400,
+            "memory_mib must be between",
+        ),
+        (
+            "PUT",
+            f"/v1/guests/{G}",
+            b'{"name": "g", "memory_mib": 99999999999, "vcpus": 1}',
+            400,
+            "memory_mib",
+        ),
+        (
+            "PUT",
+            f"/v1/guests/{G}",
+            b'{"name": "g", "memory_mib": 16, "vcpus": "two"}',
             400,
             "vcpus must be a whole number",
         ),
-        ("PUT", "/v1/guests/list", b"[1, 2]", 400, "must be a JSON object"),
-        ("PUT", "/v1/guests/bad%20name", b'{"memory_mib": 16}', 400, "guest name"),
-        ("GET", "/v1/guests/nobody", None, 404, "no guest named nobody"),
-        ("POST", "/v1/guests/nobody/start", None, 404, "no guest named nobody"),
+        ("PUT", f"/v1/guests/{G}", b"[1, 2]", 400, "must be a JSON object"),
+        (
+            "PUT",
+            "/v1/guests/bad%20id",
+            b'{"name": "g", "memory_mib": 16}',
+            400,
+            "guest_id must be a guest id",
+        ),
+        ("PUT", f"/v1/guests/{G}", b'{"memory_mib": 16}', 400, "name is required"),
+        (
+            "PUT",
+            f"/v1/guests/{G}",
+            '{"name": "%s", "memory_mib": 16}' % ("x" * 65),
+            400,
+            "name must be 1-64 characters",
+        ),
+        (
+            "PUT",
+            f"/v1/guests/{G}",
+            b'{"name": "bell\\u0007", "memory_mib": 16}',
+            400,
+            "without control characters",
+        ),
+        ("PUT", f"/v1/guests/{G}", b'{"name": "", "memory_mib": 16}', 400, "name must be 1-64 characters"),
+        ("GET", f"/v1/guests/{G}", None, 404, f"no guest {G}"),
+        ("POST", f"/v1/guests/{G}/start", None, 404, f"no guest {G}"),
         ("GET", "/v1/migrations/nothing", None, 404, "no migration nothing"),
         ("POST", "/v1/migrations/nothing/freeze", None, 404, "no migration nothing"),
         (
             "POST",
             "/v1/migrations/incoming",
-            b'{"migration_id": "m", "guest": {"name": "g"}}',
+            b'{"migration_id": "m", "guest": {"guest_id": "%s", "name": "g"}}' % G.encode(),
             400,
             "memory_mib",
         ),
         (
             "POST",
             "/v1/migrations/incoming",
-            b'{"guest": {"name": "g", "memory_mib": 16}}',
+            b'{"guest": {"guest_id": "%s", "name": "g", "memory_mib": 16}}' % G.encode(),
             400,
             "migration_id",
         ),
         (
             "POST",
             "/v1/migrations/outgoing",
-            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 70000, "token": "t"}}',
+            b'{"migration_id": "m", "guest": "%s", "target": {"host": "h", "port": 70000, "token": "t"}}'
+            % G.encode(),
             400,
             "port must be between",
         ),
         (
             "POST",
             "/v1/migrations/outgoing",
-            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 1, "token": "t"},'
-            b' "params": {"downtime_ms": -1}}',
+            b'{"migration_id": "m", "guest": "%s", "target": {"host": "h", "port": 1, "token": "t"},'
+            b' "params": {"downtime_ms": -1}}' % G.encode(),
             400,
             "downtime_ms",
         ),
         (
             "POST",
             "/v1/migrations/outgoing",
-            b'{"migration_id": "m", "guest": "g", "target": {"host": "h", "port": 1, "token": "t"},'
-            b' "params": {"max_rounds": 1e9, "limits": {"copy_s": -3}}}',
+            b'{"migration_id": "m", "guest": "%s", "target": {"host": "h", "port": 1, "token": "t"},'
+            b' "params": {"max_rounds": 1e9, "limits": {"copy_s": -3}}}' % G.encode(),
             400,
             "max_rounds",
         ),
         (
             "POST",
             "/v1/migrations/outgoing",
-            b'{"migration_id": "m", "guest": "nobody", "target": {"host": "h", "port": 1, "token": "t"}}',
+            b'{"migration_id": "m", "guest": "%s", "target": {"host": "h", "port": 1, "token": "t"}}'
+            % G.encode(),
             404,
-            "no guest named nobody",
+            f"no guest {G}",
         ),
     ],
 )
@@ -165,7 +207,14 @@ def test_it_refuses_a_guest_that_does_not_fit(agent_factory):
         prepare(small, {"name": "incoming", "memory_mib": 32, "vcpus": 1, "os_type": "linux"}, "room-1")
     assert refused.value.status == 409 and "no room" in refused.value.message
     with pytest.raises(AgentRefused) as refused:
-        small.client.define_guest({"name": "never-fits", "memory_mib": 1024 * 1024, "vcpus": 1})
+        small.client.define_guest(
+            {
+                "guest_id": guest_id_for("never-fits"),
+                "name": "never-fits",
+                "memory_mib": 1024 * 1024,
+                "vcpus": 1,
+            }
+        )
     assert refused.value.status == 409 and "no room" in refused.value.message
     assert [guest["name"] for guest in small.client.list_guests()] == ["fits"]
 
@@ -177,10 +226,12 @@ def test_it_refuses_a_second_migration_of_a_migrating_guest(agent_pair):
     first_id, second_id = unique("first"), unique("second")
     start(vsp1, vsp2, guest, first_id, bandwidth_mbps=20)
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.start_outgoing(name, second_id, {"host": "127.0.0.1", "port": 9, "token": "t"}, {})
+        vsp1.client.start_outgoing(
+            guest_id_for(name), second_id, {"host": "127.0.0.1", "port": 9, "token": "t"}, {}
+        )
     assert refused.value.status == 409 and "already migrating" in refused.value.message
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.delete_guest(name)
+        vsp1.client.delete_guest(guest_id_for(name))
     assert refused.value.status == 409
     with pytest.raises(AgentRefused):
         vsp1.client.snapshot(second_id)
@@ -196,7 +247,7 @@ def test_it_refuses_a_wrong_data_plane_token(agent_pair):
     guest = define_running_guest(vsp1, name)
     endpoint = prepare(vsp2, guest, migration_id)
     forged = {**endpoint, "token": "forged-token-" + "x" * 30}
-    vsp1.client.start_outgoing(name, migration_id, forged, {})
+    vsp1.client.start_outgoing(guest_id_for(name), migration_id, forged, {})
     ended = follow(vsp1, migration_id, until=lambda s: s["state"] == "aborted")[-1]
     assert "wrong data-plane token" in ended["error"]
     assert ended["failed_phase"] == "init"
@@ -205,3 +256,16 @@ def test_it_refuses_a_wrong_data_plane_token(agent_pair):
     assert "refused data-plane connection" in vsp2.log() and "forged-token" not in vsp2.log()
     assert vsp2.client.discard(migration_id)["state"] == "discarded"
     assert vsp2.guest(name) is None
+
+
+@pytest.mark.parametrize("name", ["name with spaces", "测试", "web 🚀 01", "x" * 64])
+def test_it_keeps_any_printable_name_as_given(agent_pair, name):
+    vsp1, _ = agent_pair
+    guest_id = guest_id_for(unique("printable"))
+    defined = vsp1.client.define_guest(
+        {"guest_id": guest_id, "name": name, "memory_mib": 16, "running": True}
+    )
+    assert (defined["guest_id"], defined["name"]) == (guest_id, name)
+    assert vsp1.client.get_guest(guest_id)["name"] == name
+    vsp1.client.stop_guest(guest_id)
+    vsp1.client.delete_guest(guest_id)

@@ -16,6 +16,7 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     define_running_guest,
     follow,
+    guest_id_for,
     in_phase,
     prepare,
     start,
@@ -40,7 +41,7 @@ def test_cancel_in_init(agent_pair, silent_listener):
     vsp1, _ = agent_pair
     name, migration_id = unique("c-init"), unique("m")
     define_running_guest(vsp1, name)
-    vsp1.client.start_outgoing(name, migration_id, silent_listener.endpoint(), {})
+    vsp1.client.start_outgoing(guest_id_for(name), migration_id, silent_listener.endpoint(), {})
     assert vsp1.client.snapshot(migration_id)["state"] == "init"
     cancelled = vsp1.client.cancel(migration_id)
     assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "init")
@@ -105,7 +106,9 @@ def test_time_out_in_init_on_the_source(agent_pair, silent_listener):
     vsp1, _ = agent_pair
     name, migration_id = unique("t-init"), unique("m")
     define_running_guest(vsp1, name)
-    vsp1.client.start_outgoing(name, migration_id, silent_listener.endpoint(), {"limits": {"init_s": 0.5}})
+    vsp1.client.start_outgoing(
+        guest_id_for(name), migration_id, silent_listener.endpoint(), {"limits": {"init_s": 0.5}}
+    )
     ended = follow(vsp1, migration_id, until=lambda s: s["state"] != "init")[-1]
     assert (ended["state"], ended["failed_phase"]) == ("aborted", "init")
     assert "init phase ran over its limit of 0.5 s" in ended["error"]

@@ -15,9 +15,17 @@ from typing import Any
 
 import pytest
 
-from hostagent.driver import PHASES
+from hostagent.protocol import PHASES
 from tests.conftest import wait_until
-from tests.hostagent.conftest import AgentFactory, RunningAgent, converged_or_ended, follow, start, unique
+from tests.hostagent.conftest import (
+    AgentFactory,
+    RunningAgent,
+    converged_or_ended,
+    follow,
+    guest_id_for,
+    start,
+    unique,
+)
 from tests.qemu_guest import needs_qemu, runs_intact, workload
 
 pytestmark = needs_qemu
@@ -40,13 +48,20 @@ def qemu_hosts(tmp_path_factory: pytest.TempPathFactory):
 
 
 def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) -> dict[str, Any]:
+    name = unique("linux")
     guest = agent.client.define_guest(
-        {"name": unique("linux"), **GUEST, "dirty_pages_per_s": pages_per_s, "running": True}
+        {
+            "guest_id": guest_id_for(name),
+            "name": name,
+            **GUEST,
+            "dirty_pages_per_s": pages_per_s,
+            "running": True,
+        }
     )
     assert wait_until(lambda: workload(agent, guest["name"])["selfchecks_passed"] >= 1, timeout=60), Path(
         workload(agent, guest["name"])["serial_log"]
     ).read_text(errors="replace")[-2000:]
-    return agent.client.get_guest(guest["name"])
+    return agent.client.get_guest(guest["guest_id"])
 
 
 def copying(snapshot: dict[str, Any]) -> bool:
@@ -80,7 +95,7 @@ def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_
         ready["source_digest"]
         and ready["source_digest"] == vsp2.client.snapshot(migration_id)["target_digest"]
     )
-    assert vsp2.client.get_guest(guest["name"])["os_status"] == "down", "the target must wait, paused"
+    assert vsp2.client.get_guest(guest["guest_id"])["os_status"] == "down", "the target must wait, paused"
     vsp2.client.resume(migration_id)
     vsp1.client.release(migration_id)
 
@@ -90,7 +105,7 @@ def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_
     assert runs_intact(vsp2, guest["name"])
     serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
     assert "memwriter: selfcheck ok" in serial and "memwriter: alive" in serial and "FAIL" not in serial
-    source_copy = vsp1.client.get_guest(guest["name"])
+    source_copy = vsp1.client.get_guest(guest["guest_id"])
     assert (source_copy["hardware_status"], source_copy["os_status"]) == ("not_runnable", "down")
 
 

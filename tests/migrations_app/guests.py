@@ -14,10 +14,12 @@ _names = itertools.count(1)
 
 def place_vm(host_agents, fleet, on: str = "hosta", vm_fields: dict | None = None, **guest: Any):
     """A VM registered On at ``on`` in the database, its guest defined and running on that host's agent."""
-    name = f"guest{next(_names)}"
+    fields = dict(vm_fields or {})
+    name = fields.pop("name", None) or f"guest{next(_names)}"
     spec = {"name": name, "memory_mib": 16, "vcpus": 1, "fill_percent": 5, "running": True, **guest}
-    host_agents[on].client.define_guest(spec)
-    return make_vm(name, vsp=fleet[on], memory_mib=spec["memory_mib"], **(vm_fields or {}))
+    vm = make_vm(name, vsp=fleet[on], memory_mib=spec["memory_mib"], **fields)
+    host_agents[on].client.define_guest({**spec, "guest_id": str(vm.guest_id)})
+    return vm
 
 
 def guest_on(agent, name: str) -> dict | None:

@@ -123,9 +123,9 @@ def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
     """Play the part of a worker up to the commit point, then vanish: both agents wait in "ready"."""
     source, target = host_agents["hosta"].client, host_agents["hostb"].client
     endpoint = target.prepare_incoming(
-        {"name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, migration_id
+        {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, migration_id
     )
-    source.start_outgoing(vm.name, migration_id, endpoint, {"downtime_ms": 300})
+    source.start_outgoing(str(vm.guest_id), migration_id, endpoint, {"downtime_ms": 300})
     for snapshot in source.iter_progress(migration_id):
         if snapshot["converged"]:
             break

@@ -62,7 +62,7 @@ def test_a_vpar_is_refused_on_every_target(fleet, migration_admin_client):
         assert "vPars do not migrate" in target_row(html, name)
     response = migration_admin_client.post(dialog_url(vpar), {"target": vsps["vsp2"].pk})
     assert response.status_code == 400 and "vPars do not migrate" in response.content.decode()
-    assert not Migration.objects.exists()
+    assert not Migration.objects.exclude(state=Migration.State.REFUSED).exists()
 
 
 @pytest.mark.parametrize("target", ["vsp1", "vsp3", "vsp4", "vsp5"])
@@ -71,7 +71,7 @@ def test_posting_a_refused_target_starts_nothing_and_says_why(fleet, migration_a
     response = migration_admin_client.post(dialog_url(vm), {"target": vsps[target].pk})
     assert response.status_code == 400
     assert f"web01 cannot migrate to {target}" in response.content.decode()
-    assert not Migration.objects.exists()
+    assert not Migration.objects.exclude(state=Migration.State.REFUSED).exists()
 
 
 @pytest.mark.parametrize("value", ["", "abc", "-1", "999999"])
@@ -79,7 +79,7 @@ def test_a_missing_or_unknown_target_starts_nothing(fleet, migration_admin_clien
     _, vm = fleet
     response = migration_admin_client.post(dialog_url(vm), {"target": value})
     assert response.status_code == 400 and "Choose a target VSP" in response.content.decode()
-    assert not Migration.objects.exists()
+    assert not Migration.objects.exclude(state=Migration.State.REFUSED).exists()
 
 
 def test_an_ok_target_queues_the_migration_and_the_tab_shows_it(fleet, migration_admin_client):
@@ -166,7 +166,9 @@ def test_migrate_selected_queues_each_vm_and_reports_refusals(fleet, migration_a
         url, {"vm": [web01.pk, web02.pk, vpar.pk], "target": vsps["vsp2"].pk}, follow=True
     )
     html = response.content.decode()
-    assert set(Migration.objects.values_list("vm__name", flat=True)) == {"web01", "web02"}
+    started = Migration.objects.exclude(state=Migration.State.REFUSED)
+    assert set(started.values_list("vm__name", flat=True)) == {"web01", "web02"}
+    assert Migration.objects.get(state=Migration.State.REFUSED).vm_name == "vpar01"
     assert "vpar01 cannot migrate to vsp2: vPars do not migrate." in html
     assert html.count("migration-icon-queued") == 2 and "Waiting to migrate to vsp2" in html
 
@@ -179,7 +181,7 @@ def test_migrate_selected_refuses_vms_of_another_vsp(fleet, migration_admin_clie
         url, {"vm": [web01.pk, elsewhere.pk], "target": vsps["vsp2"].pk}, follow=True
     )
     assert "not registered on vsp1; nothing was started" in response.content.decode()
-    assert not Migration.objects.exists()
+    assert not Migration.objects.exclude(state=Migration.State.REFUSED).exists()
 
 
 def test_with_htmx_cancel_answers_with_a_notice_and_the_new_state(fleet, migration_admin_client):
@@ -217,14 +219,15 @@ def test_a_powered_off_vm_is_refused_in_the_dialog_the_post_and_migrate_selected
     posted = migration_admin_client.post(dialog_url(build01), {"target": vsps["vsp2"].pk})
     assert posted.status_code == 400
     assert f"build01 cannot migrate to vsp2: {reason}." in posted.content.decode()
-    assert not Migration.objects.exists()
+    assert not Migration.objects.exclude(state=Migration.State.REFUSED).exists()
 
     url = reverse("migrations_app:migrate_selected", args=[vsps["vsp1"].pk])
     selected = migration_admin_client.post(
         url, {"vm": [web01.pk, build01.pk], "target": vsps["vsp2"].pk}, follow=True
     )
     assert f"build01 cannot migrate to vsp2: {reason}." in selected.content.decode()
-    assert list(Migration.objects.values_list("vm__name", flat=True)) == ["web01"]
+    started = Migration.objects.exclude(state=Migration.State.REFUSED)
+    assert list(started.values_list("vm__name", flat=True)) == ["web01"]
 
 
 def test_an_alert_says_once_where_the_vm_stays(fleet, migration_admin_client):

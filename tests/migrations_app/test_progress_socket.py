@@ -262,3 +262,37 @@ async def test_the_vsp_socket_needs_the_vsp_view_permission_not_the_vm_one():
     assert "Migrating to vsp2" in await allowed.receive_from(timeout=5)
     for socket in (refused, allowed):
         await socket.disconnect()
+
+
+async def test_a_vm_that_arrives_makes_the_target_vsps_open_pages_re_fetch_their_tab():
+    vm, migration = await migrating_vm()
+    cookie = await admin_cookie()
+    # The target's page shows other guests only (?vms= lists its rows): the arriving VM has no row there.
+    other = await database_sync_to_async(make_vm)("db01", migration.target)
+    target_tab, connected = await connect(f"/ws/vsps/{migration.target_id}/?vms={other.pk}", cookie)
+    assert connected
+    await target_tab.receive_from(timeout=5)
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(state="completed")
+    await database_sync_to_async(publish_progress)(migration)
+
+    html = await target_tab.receive_from(timeout=5)
+    assert 'id="vsp-arrival"' in html and 'hx-target="#virtual-machines-tab"' in html
+    assert f'data-arrived="{vm.pk}"' in html
+    await target_tab.disconnect()
+
+
+async def test_while_it_runs_the_pushed_migrate_control_names_the_migration():
+    vm, migration = await migrating_vm()
+    cookie = await admin_cookie()
+    watcher, connected = await connect(f"/ws/vms/{vm.pk}/", cookie)
+    assert connected
+    html = await watcher.receive_from(timeout=5)
+    assert 'id="migrate-control"' in html and "Migration to VSP vsp2 running" in html
+    assert 'id="migrate-button" disabled' in html
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(state="aborted")
+    await database_sync_to_async(publish_progress)(migration)
+    html = await watcher.receive_from(timeout=5)
+    assert f'hx-get="/migrations/vms/{vm.pk}/migrate/"' in html  # offered again, without a reload
+    await watcher.disconnect()

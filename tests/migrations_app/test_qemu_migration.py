@@ -65,10 +65,17 @@ def host_agents(qemu_agents):
 def place_linux_vm(agents, fleet, pages_per_s: int, **vm_fields: Any):
     """A booted Linux guest on hosta whose memwriter has checked its memory once, and its VM row."""
     name = unique("linux")
-    spec = {"name": name, "memory_mib": MEMORY_MIB, "vcpus": 1, "os_type": "Linux"}
+    vm = make_vm(name, vsp=fleet["hosta"], memory_mib=MEMORY_MIB, os_type="Linux", **vm_fields)
+    spec = {
+        "guest_id": str(vm.guest_id),
+        "name": name,
+        "memory_mib": MEMORY_MIB,
+        "vcpus": 1,
+        "os_type": "Linux",
+    }
     agents["hosta"].client.define_guest({**spec, "dirty_pages_per_s": pages_per_s, "running": True})
     assert wait_until(lambda: workload(agents["hosta"], name)["selfchecks_passed"] >= 1, timeout=60)
-    return make_vm(name, vsp=fleet["hosta"], memory_mib=MEMORY_MIB, os_type="Linux", **vm_fields)
+    return vm
 
 
 def assert_still_on_source(vm, agents, fleet, migration: Migration) -> None:
@@ -99,7 +106,7 @@ def test_it_migrates_a_busy_linux_guest_through_the_console(qemu_agents, fleet, 
     ]
     assert vm.current_vsp == fleet["hostb"]
     assert Registration.objects.get(vm=vm, vsp=fleet["hosta"]).hardware_status == "not_runnable"
-    assert qemu_agents["hosta"].client.get_guest(vm.name)["hardware_status"] == "not_runnable"
+    assert qemu_agents["hosta"].client.get_guest(str(vm.guest_id))["hardware_status"] == "not_runnable"
     assert runs_intact(qemu_agents["hostb"], vm.name), "the guest's own memory check after the move"
 
 

@@ -67,7 +67,16 @@ def test_it_starts_exactly_one_of_several_admins_migrating_the_same_vm_at_once(b
     assert all(
         refusal.message == "contested cannot migrate to dst: VM is already migrating." for refusal in refused
     )
-    assert Migration.objects.filter(vm=vm).count() == 1
+    assert Migration.objects.filter(vm=vm).exclude(state=Migration.State.REFUSED).count() == 1
+    # Nothing is forgotten: each refused admin's attempt is in the history, with who and why.
+    refusals = Migration.objects.filter(vm=vm, state=Migration.State.REFUSED)
+    starter = started[0].requested_by
+    assert sorted(refusal.requested_by.username for refusal in refusals) == sorted(
+        admin.username for admin in admins if admin != starter
+    )
+    assert {refusal.alert for refusal in refusals} == {
+        "contested cannot migrate to dst: VM is already migrating."
+    }
     assert vm.current_vsp == source
 
 

@@ -1,0 +1,210 @@
+"""Prometheus metrics at ``/metrics``, computed from the database at scrape time.
+
+A custom collector (no counters kept in process memory): every web process answers the same numbers, and
+a restart loses nothing. Readable with an API token of a user who may view migrations, or without one from
+the addresses in ``METRICS_ALLOWED_IPS`` (IPs or networks, e.g. ``127.0.0.1,10.0.0.0/8``).
+
+Metrics (units in the names, per the Prometheus naming conventions):
+- ``matrixoe_migrations_total{outcome,failed_phase}``: ended migrations (completed, aborted, cancelled);
+- ``matrixoe_migration_phase_duration_seconds{phase}``: histogram of each finished phase's duration;
+- ``matrixoe_migration_downtime_seconds``: histogram of measured downtime (Frozen) of completed migrations;
+- ``matrixoe_migration_sent_bytes_total``: guest memory bytes sent by every migration (the data plane);
+- ``matrixoe_migrations_active`` (in a phase) and ``matrixoe_migrations_queued`` (waiting, the hourglass);
+- ``matrixoe_migration_phase_age_seconds{migration,vm,phase}``: time each running migration has spent
+  in its current phase (the "stuck in one phase" alert);
+- ``matrixoe_agent_reachable{vsp}`` (1/0) and ``matrixoe_agent_checked_timestamp_seconds{vsp}`` (the
+  last inventory collection from that host's agent, Unix time).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.db.models import Count, Sum
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from migrations_app.models import PHASE_FIELD_PREFIX, Migration
+from vms.models import VSP
+
+from .problems import problem_response
+from .tokens import user_for_token
+
+logger = logging.getLogger(__name__)
+
+VIEW_MIGRATION = "migrations_app.view_migration"
+PHASE_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+DOWNTIME_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def histogram(
+    name: str,
+    documentation: str,
+    samples: dict[str, list[float]],
+    label: str | None,
+    buckets: tuple[float, ...],
+) -> HistogramMetricFamily:
+    """A histogram family from raw observations, one series per label value (``label`` None: one series)."""
+    family = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
+    for value, observations in samples.items():
+        cumulative = [(str(bound), float(sum(1 for o in observations if o <= bound))) for bound in buckets]
+        cumulative.append(("+Inf", float(len(observations))))
+        family.add_metric([value] if label else [], cumulative, sum(observations))
+    return family
+
+
+class MigrationCollector:
+    """Reads migrations and VSPs from the database on every ``collect()`` (each scrape)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._outcomes()
+        yield self._phase_durations()
+        yield self._downtime()
+        yield from self._in_flight()
+        yield from self._agents()
+
+    def _outcomes(self) -> Metric:
+        family = CounterMetricFamily(
+            "matrixoe_migrations",
+            "Ended migrations by outcome and failed phase",
+            labels=["outcome", "failed_phase"],
+        )
+        rows = (
+            Migration.objects.filter(state__in=Migration.TERMINAL_STATES)
+            .values("state", "failed_phase")
+            .annotate(n=Count("pk"))
+        )
+        counts: Counter[tuple[str, str]] = Counter()
+        for row in rows:
+            counts[(row["state"], row["failed_phase"])] += row["n"]
+        for state in Migration.TERMINAL_STATES:  # every outcome present, zero or not, so rate() works
+            counts.setdefault((state, ""), 0)
+        for (outcome, phase), n in sorted(counts.items()):
+            family.add_metric([outcome, phase], n)
+        return family
+
+    def _phase_durations(self) -> Metric:
+        samples: dict[str, list[float]] = {phase: [] for phase in Migration.PHASES}
+        fields = [f"{p}_{edge}" for p in PHASE_FIELD_PREFIX.values() for edge in ("started_at", "ended_at")]
+        for row in Migration.objects.exclude(init_ended_at=None).values(*fields).iterator():
+            for phase, prefix in PHASE_FIELD_PREFIX.items():
+                started, ended = row[f"{prefix}_started_at"], row[f"{prefix}_ended_at"]
+                if started and ended:
+                    samples[phase].append(max((ended - started).total_seconds(), 0.0))
+        return histogram(
+            "matrixoe_migration_phase_duration_seconds",
+            "Duration of each finished migration phase",
+            samples,
+            "phase",
+            PHASE_BUCKETS_S,
+        )
+
+    def _downtime(self) -> Metric:
+        observations = [
+            ms / 1000
+            for ms in Migration.objects.filter(state=Migration.State.COMPLETED)
+            .exclude(downtime_ms=None)
+            .values_list("downtime_ms", flat=True)
+        ]
+        return histogram(
+            "matrixoe_migration_downtime_seconds",
+            "Measured guest downtime (Frozen) of completed migrations",
+            {"": observations},
+            None,
+            DOWNTIME_BUCKETS_S,
+        )
+
+    def _in_flight(self) -> Iterable[Metric]:
+        sent = Migration.objects.aggregate(total=Sum("bytes_sent"))["total"] or 0
+        yield CounterMetricFamily(
+            "matrixoe_migration_sent_bytes", "Guest memory bytes sent by migrations", value=sent
+        )
+        running = Migration.objects.filter(state__in=Migration.ACTIVE_STATES).exclude(
+            state=Migration.State.QUEUED
+        )
+        queued = Migration.objects.filter(state=Migration.State.QUEUED).count()
+        yield GaugeMetricFamily(
+            "matrixoe_migrations_active", "Migrations in a phase now", value=running.count()
+        )
+        yield GaugeMetricFamily(
+            "matrixoe_migrations_queued", "Migrations waiting for their source", value=queued
+        )
+        age = GaugeMetricFamily(
+            "matrixoe_migration_phase_age_seconds",
+            "Seconds each running migration has spent in its current phase",
+            labels=["migration", "vm", "phase"],
+        )
+        now = timezone.now()
+        for pk, vm, state, changed in running.values_list("pk", "vm__name", "state", "state_changed_at"):
+            age.add_metric([str(pk), vm, state], max((now - changed).total_seconds(), 0.0))
+        yield age
+
+    def _agents(self) -> Iterable[Metric]:
+        reachable = GaugeMetricFamily(
+            "matrixoe_agent_reachable", "1 if the VSP's host agent answered", labels=["vsp"]
+        )
+        checked = GaugeMetricFamily(
+            "matrixoe_agent_checked_timestamp_seconds",
+            "When the VSP's agent was last asked (Unix time)",
+            labels=["vsp"],
+        )
+        for name, ok, at in VSP.objects.values_list("name", "agent_reachable", "agent_checked_at"):
+            reachable.add_metric([name], 1 if ok else 0)
+            if at is not None:
+                checked.add_metric([name], at.timestamp())
+        yield reachable
+        yield checked
+
+
+def render_metrics() -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MigrationCollector())
+    return generate_latest(registry)
+
+
+def address_allowed(address: str, allowed: Iterable[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    for entry in allowed:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            logger.warning("METRICS_ALLOWED_IPS: %r is not an address or network; ignored", entry)
+    return False
+
+
+def may_scrape(request: HttpRequest) -> tuple[bool, int]:
+    """(allowed, status if not): a token of a user who may view migrations, or an allowed address."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        user = user_for_token(header[7:].strip())
+        if user is None:
+            return False, 401
+        return (True, 200) if user.has_perm(VIEW_MIGRATION) else (False, 403)
+    if address_allowed(request.META.get("REMOTE_ADDR", ""), getattr(settings, "METRICS_ALLOWED_IPS", [])):
+        return True, 200
+    return False, 401
+
+
+@login_not_required
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    allowed, status = may_scrape(request)
+    if not allowed:
+        detail = (
+            "Send 'Authorization: Bearer <token>' of a user who may view migrations, "
+            "or scrape from an address in METRICS_ALLOWED_IPS."
+        )
+        return problem_response(status, detail)
+    return HttpResponse(render_metrics(), content_type=CONTENT_TYPE_LATEST)

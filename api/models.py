@@ -1,0 +1,52 @@
+"""Personal API tokens and idempotency keys for the REST API (``/api/v1/``).
+
+A token is shown once, when created; only its SHA-256 digest is stored (a token is 32 random bytes, so a
+fast hash is enough: there is nothing to brute-force). ``prefix`` (the first characters) lets a user tell
+their tokens apart on the tokens page without the secret being kept.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class ApiToken(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=64, help_text="What the token is for, e.g. 'cron on backup01'.")
+    prefix = models.CharField(
+        max_length=16, help_text="The token's first characters, shown to tell it apart."
+    )
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the token, hex.")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…) of {self.user_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class IdempotencyKey(models.Model):
+    """A client's ``Idempotency-Key`` on POST /api/v1/migrations: a retry returns the first migration."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    migration = models.ForeignKey("migrations_app.Migration", on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="one_migration_per_idempotency_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> migration {self.migration_id}"

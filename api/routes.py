@@ -1,0 +1,254 @@
+"""The REST API's operations (``/api/v1/``). Each reads the request, checks access, calls the same
+action or query as the page, and answers with a schema; refusals come back as problem documents whose
+``detail`` is the action's own message (see ``problems.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse
+from ninja import Header, Path, Query, Router
+from ninja.responses import Status
+
+from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
+from migrations_app.models import Migration
+from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
+from vms.models import VSP, Registration
+from vms.queries import filter_vms, vm_with_registrations
+
+from .lookups import MAX_ID, get_migration, get_vm, get_vsp
+from .models import IdempotencyKey
+from .problems import Conflict, Problem
+from .schemas import (
+    MigrationDetailOut,
+    MigrationIn,
+    MigrationOut,
+    MigrationPage,
+    NotRunnableIn,
+    OnlineMigrationIn,
+    VMOut,
+    VMPage,
+    VSPOut,
+    VSPPage,
+    migration_detail_out,
+    migration_out,
+    vm_out,
+    vsp_out,
+)
+
+router = Router()
+
+VIEW_VSP = "vms.view_vsp"
+VIEW_VM = "vms.view_virtualmachine"
+VIEW_MIGRATION = "migrations_app.view_migration"
+MAX_OFFSET = 10**9
+IdRef = Path(..., min_length=1, max_length=64, description="Id or name")
+MigrationId = Path(..., ge=1, le=MAX_ID)
+Limit = Query(50, ge=1, le=500, description="Page size")
+Offset = Query(0, ge=0, le=MAX_OFFSET, description="Rows to skip")
+StateFilter = Query(None, description="Only migrations in this state")
+
+READ_ERRORS: dict[int, Any] = {401: Problem, 403: Problem, 422: Problem}
+OBJECT_ERRORS: dict[int, Any] = {**READ_ERRORS, 404: Problem}
+# 400: a body that is not JSON at all; 422: JSON of the wrong shape; 409: refused by the console's checks.
+WRITE_ERRORS: dict[int, Any] = {**OBJECT_ERRORS, 400: Problem, 409: Problem}
+
+
+def require(request: HttpRequest, permission: str) -> None:
+    if not request.user.has_perm(permission):
+        raise PermissionDenied("Your account lacks the permission to see this.")
+
+
+# --- VSPs --------------------------------------------------------------------------------------------------
+
+
+@router.get("/vsps", response={200: VSPPage, **READ_ERRORS}, tags=["VSPs"])
+def list_vsps(request: HttpRequest, limit: int = Limit, offset: int = Offset) -> dict:
+    """Every VSP (VM host), by name."""
+    require(request, VIEW_VSP)
+    vsps = VSP.objects.order_by("name")
+    return page(vsps, limit, offset, vsp_out)
+
+
+@router.get("/vsps/{vsp}", response={200: VSPOut, **OBJECT_ERRORS}, tags=["VSPs"])
+def get_one_vsp(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
+    require(request, VIEW_VSP)
+    return vsp_out(get_vsp(vsp))
+
+
+# --- VMs ---------------------------------------------------------------------------------------------------
+
+
+@router.get("/vms", response={200: VMPage, **OBJECT_ERRORS}, tags=["VMs"])
+def list_vms(
+    request: HttpRequest,
+    vsp: str | None = Query(None, max_length=64, description="Only VMs with a copy on this VSP (id or name)"),
+    name: str = Query("", max_length=64, description="Name contains"),
+    limit: int = Limit,
+    offset: int = Offset,
+) -> dict:
+    """VMs and vPars with their General-tab fields, by name."""
+    require(request, VIEW_VM)
+    vsp_id = get_vsp(vsp).pk if vsp else None
+    vms = filter_vms(vm_with_registrations(), name=name.replace("\x00", ""), vsp_id=vsp_id).order_by("name")
+    return page(vms, limit, offset, vm_out)
+
+
+@router.get("/vms/{vm}", response={200: VMOut, **OBJECT_ERRORS}, tags=["VMs"])
+def get_one_vm(request: HttpRequest, vm: str = IdRef) -> VMOut:
+    """The General tab: VSP, OS, statuses, Online Migration Enabled, Not Runnable details, phases, alerts."""
+    require(request, VIEW_VM)
+    return vm_out(get_vm(vm))
+
+
+@router.put("/vms/{vm}/online-migration", response={200: VMOut, **WRITE_ERRORS}, tags=["VMs"])
+def set_online_migration(request: HttpRequest, body: OnlineMigrationIn, vm: str = IdRef) -> VMOut:
+    """Enable or disable online migration for the VM (refused for a vPar)."""
+    found = get_vm(vm)
+    do_set_online_migration(found, body.enabled, request.user)
+    return vm_out(get_vm(str(found.pk)))
+
+
+@router.post(
+    "/vms/{vm}/registrations/{vsp}/runnable", response={200: VMOut, **WRITE_ERRORS}, tags=["Registrations"]
+)
+def mark_runnable(request: HttpRequest, vm: str = IdRef, vsp: str = IdRef) -> VMOut:
+    """Mark the VM's copy on ``vsp`` runnable (refused while another copy is runnable)."""
+    registration = get_registration(vm, vsp)
+    do_mark_runnable(registration, request.user)
+    return vm_out(get_vm(str(registration.vm_id)))
+
+
+@router.post(
+    "/vms/{vm}/registrations/{vsp}/not-runnable",
+    response={200: VMOut, **WRITE_ERRORS},
+    tags=["Registrations"],
+)
+def mark_not_runnable(request: HttpRequest, body: NotRunnableIn, vm: str = IdRef, vsp: str = IdRef) -> VMOut:
+    """Mark the VM's copy on ``vsp`` Not Runnable (set by Admin) with a reason; the copy must not be On."""
+    registration = get_registration(vm, vsp)
+    do_mark_not_runnable(registration, body.reason, request.user)
+    return vm_out(get_vm(str(registration.vm_id)))
+
+
+def get_registration(vm_ref: str, vsp_ref: str) -> Registration:
+    from django.http import Http404
+
+    vm, vsp = get_vm(vm_ref), get_vsp(vsp_ref)
+    registration = Registration.objects.select_related("vm", "vsp").filter(vm=vm, vsp=vsp).first()
+    if registration is None:
+        raise Http404(f"{vm.name} has no configuration on VSP {vsp.name}.")
+    return registration
+
+
+# --- migrations --------------------------------------------------------------------------------------------
+
+
+@router.get("/migrations", response={200: MigrationPage, **OBJECT_ERRORS}, tags=["Migrations"])
+def list_migrations(
+    request: HttpRequest,
+    vm: str | None = Query(None, max_length=64, description="VM id or name"),
+    vsp: str | None = Query(None, max_length=64, description="Source or target VSP (id or name)"),
+    state: Migration.State | None = StateFilter,
+    active: bool | None = Query(None, description="true: queued or running; false: ended"),
+    limit: int = Limit,
+    offset: int = Offset,
+) -> dict:
+    """Migrations, newest first: the history."""
+    require(request, VIEW_MIGRATION)
+    migrations = Migration.objects.select_related("vm", "source", "target", "requested_by")
+    if vm:
+        migrations = migrations.filter(vm=get_vm(vm))
+    if vsp:
+        found = get_vsp(vsp)
+        migrations = migrations.filter(source=found) | migrations.filter(target=found)
+    if state:
+        migrations = migrations.filter(state=state)
+    if active is not None:
+        in_active = {"state__in": Migration.ACTIVE_STATES}
+        migrations = migrations.filter(**in_active) if active else migrations.exclude(**in_active)
+    return page(migrations.order_by("-requested_at", "-pk"), limit, offset, migration_out)
+
+
+@router.post(
+    "/migrations",
+    response={201: MigrationOut, 200: MigrationOut, **WRITE_ERRORS},
+    tags=["Migrations"],
+)
+def create_migration(
+    request: HttpRequest,
+    body: MigrationIn,
+    response: HttpResponse,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="A retry with the same key returns the first migration (200) instead of a second one",
+    ),
+) -> Status[MigrationOut]:
+    """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue."""
+    vm, target = get_vm(body.vm), get_vsp(body.target)
+    key = (idempotency_key or "").strip() or None
+    try:
+        with transaction.atomic():
+            replay = find_replay(request.user, key, vm.pk, target.pk)
+            if replay is not None:
+                response["Idempotent-Replayed"] = "true"
+                return Status(200, migration_out(replay))
+            migration = do_request_migration(vm, target, request.user)
+            if key is not None:
+                IdempotencyKey.objects.create(user=request.user, key=key, migration=migration)
+    except MigrationRefused:
+        # A concurrent request with the same key won the race: answer with its migration.
+        replay = find_replay(request.user, key, vm.pk, target.pk)
+        if replay is None:
+            raise
+        response["Idempotent-Replayed"] = "true"
+        return Status(200, migration_out(replay))
+    return Status(201, migration_out(get_migration(migration.pk)))
+
+
+def find_replay(user: Any, key: str | None, vm_id: int, target_id: int) -> Migration | None:
+    if key is None or not user.has_perm("migrations_app.add_migration"):
+        return None
+    earlier = IdempotencyKey.objects.filter(user=user, key=key).select_related("migration").first()
+    if earlier is None:
+        return None
+    if (earlier.migration.vm_id, earlier.migration.target_id) != (vm_id, target_id):
+        raise Conflict("This Idempotency-Key was already used for a different migration; use a new key.")
+    return get_migration(earlier.migration_id)
+
+
+@router.get(
+    "/migrations/{migration_id}", response={200: MigrationDetailOut, **OBJECT_ERRORS}, tags=["Migrations"]
+)
+def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> MigrationDetailOut:
+    """One migration: phases with percent and times, statistics, outcome, and its event timeline.
+
+    Live progress as JSON: ``GET /api/v1/migrations/{id}/events`` (server-sent events, current state first).
+    """
+    require(request, VIEW_MIGRATION)
+    return migration_detail_out(get_migration(migration_id))
+
+
+@router.post(
+    "/migrations/{migration_id}/cancel", response={202: MigrationOut, **WRITE_ERRORS}, tags=["Migrations"]
+)
+def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> Status[MigrationOut]:
+    """Cancel: a queued migration ends at once; a running one stops before its commit (the VM stays)."""
+    migration = get_migration(migration_id)
+    do_cancel_migration(migration, request.user)
+    return Status(202, migration_out(get_migration(migration_id)))
+
+
+def page(rows: Any, limit: int, offset: int, convert: Any) -> dict:
+    return {
+        "items": [convert(row) for row in rows[offset : offset + limit]],
+        "count": rows.count(),
+        "limit": limit,
+        "offset": offset,
+    }

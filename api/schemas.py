@@ -1,0 +1,305 @@
+"""The API's typed shapes (pydantic via django-ninja); units are in the names (``_mib``, ``_ms``, ``_s``).
+
+Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.status``,
+``migrations_app.progress``) so the API and the General tab never disagree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ninja import Field, Schema
+from pydantic import ConfigDict
+
+from migrations_app.models import Migration, MigrationEvent
+from vms.general_tab import general_tab_context
+from vms.models import VSP, Registration, VirtualMachine
+from vms.status import online_migration_status
+
+
+class Choice(Schema):
+    """A coded value with the words the page shows for it."""
+
+    value: str
+    label: str
+
+
+class VSPOut(Schema):
+    id: int
+    name: str
+    migration_enabled: bool
+    licensed: bool
+    processor_family: str
+    processor_model: str
+    memory_mib: int
+    cpus: int
+    agent_reachable: bool
+    agent_checked_at: datetime | None
+
+
+class RegistrationOut(Schema):
+    """One VM's configuration on one VSP (a "copy"); only one copy is runnable at a time."""
+
+    vsp: str
+    vsp_id: int
+    runnable: bool
+    hardware_status: Choice
+    os_status: Choice
+    not_runnable_set_by: Choice
+    not_runnable_reason: str
+    online_migration: Choice
+    state_collected_at: datetime | None
+
+
+class PhaseOut(Schema):
+    phase: str = Field(description="init, copy, io_quiesce or frozen")
+    label: str
+    percent: int = Field(ge=0, le=100)
+    status: str = Field(description="pending, running, done or failed")
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class StatisticsOut(Schema):
+    bytes_sent: int
+    bytes_remaining: int
+    rounds: int
+    dirty_rate_bytes_s: int
+    throughput_bytes_s: int
+    expected_downtime_ms: int | None
+    downtime_ms: int | None = Field(description="Measured time the guest was frozen (Frozen phase)")
+
+
+class EventOut(Schema):
+    at: datetime
+    from_state: str
+    to_state: str
+    message: str
+    actor: str | None
+
+
+class MigrationOut(Schema):
+    id: int
+    vm: str
+    vm_id: int
+    source: str
+    source_id: int
+    target: str
+    target_id: int
+    state: Choice
+    active: bool
+    requested_by: str | None
+    requested_at: datetime
+    state_changed_at: datetime
+    cancel_requested: bool
+    phases: list[PhaseOut]
+    statistics: StatisticsOut
+    failed_phase: str
+    failure_kind: str
+    alert: str = Field(description="What went wrong, in the words of the General tab's Alerts")
+
+
+class MigrationDetailOut(MigrationOut):
+    events: list[EventOut]
+
+
+class VMOut(Schema):
+    """The VM Properties General tab: every field it shows, plus the online migration status."""
+
+    id: int
+    name: str
+    guest_id: str
+    kind: Choice
+    vsp: str | None = Field(description="Where the VM is runnable now (None: nowhere)")
+    vsp_id: int | None
+    operating_system: str
+    os_status: Choice
+    migration_icon: str = Field(description="'' | 'queued' (hourglass) | 'outgoing' (to another VSP)")
+    hardware_status: Choice | None
+    boot_attribute: Choice
+    graceful_stop_timeout_s: int
+    online_migration: Choice = Field(description="Online Migration Enabled, as the General tab shows it")
+    online_migration_enabled_for_vm: bool
+    not_runnable_set_by: Choice
+    not_runnable_reason: str
+    memory_mib: int
+    vcpus: int
+    phase_time_limits_s: dict[str, int | None]
+    registrations: list[RegistrationOut]
+    migration: MigrationOut | None = Field(description="Online Migration Phases: active or just completed")
+    alert: MigrationOut | None = Field(
+        description="Alerts: the last attempt, when it failed or was cancelled"
+    )
+
+
+class MigrationIn(Schema):
+    model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
+
+    vm: str = Field(min_length=1, max_length=64, description="VM id or name")
+    target: str = Field(min_length=1, max_length=64, description="Target VSP id or name")
+
+
+class OnlineMigrationIn(Schema):
+    model_config = ConfigDict(strict=True)
+
+    enabled: bool
+
+
+class NotRunnableIn(Schema):
+    model_config = ConfigDict(strict=True)
+
+    reason: str = Field(max_length=1000, description="Why, in plain words (at most 200 characters kept)")
+
+
+def choice(value: str, label: str) -> Choice:
+    return Choice(value=value, label=label)
+
+
+def vsp_out(vsp: VSP) -> VSPOut:
+    return VSPOut.model_validate(vsp, from_attributes=True)
+
+
+def registration_out(registration: Registration) -> RegistrationOut:
+    status = online_migration_status(registration.vm, registration.vsp)
+    return RegistrationOut(
+        vsp=registration.vsp.name,
+        vsp_id=registration.vsp_id,
+        runnable=registration.is_runnable,
+        hardware_status=choice(registration.hardware_status, registration.get_hardware_status_display()),
+        os_status=choice(registration.os_status, registration.get_os_status_display()),
+        not_runnable_set_by=choice(
+            registration.not_runnable_set_by, registration.get_not_runnable_set_by_display()
+        ),
+        not_runnable_reason=registration.not_runnable_reason,
+        online_migration=choice(status.value, status.label),
+        state_collected_at=registration.state_collected_at,
+    )
+
+
+def phases_out(migration: Migration) -> list[PhaseOut]:
+    rows = []
+    for phase, (label, percent, status) in zip(Migration.PHASES, migration.phase_rows(), strict=True):
+        prefix = {"init": "init", "copy": "copy", "io_quiesce": "quiesce", "frozen": "frozen"}[phase]
+        rows.append(
+            PhaseOut(
+                phase=phase,
+                label=label,
+                percent=percent,
+                status=status,
+                started_at=getattr(migration, f"{prefix}_started_at"),
+                ended_at=getattr(migration, f"{prefix}_ended_at"),
+            )
+        )
+    return rows
+
+
+def migration_out(migration: Migration) -> MigrationOut:
+    return MigrationOut(**_migration_fields(migration))
+
+
+def migration_detail_out(migration: Migration) -> MigrationDetailOut:
+    events = [event_out(event) for event in migration.events.select_related("actor")]
+    return MigrationDetailOut(**_migration_fields(migration), events=events)
+
+
+def _migration_fields(migration: Migration) -> dict:
+    return {
+        "id": migration.pk,
+        "vm": migration.vm.name,
+        "vm_id": migration.vm_id,
+        "source": migration.source.name,
+        "source_id": migration.source_id,
+        "target": migration.target.name,
+        "target_id": migration.target_id,
+        "state": choice(migration.state, migration.get_state_display()),
+        "active": migration.is_active,
+        "requested_by": migration.requested_by.get_username() if migration.requested_by else None,
+        "requested_at": migration.requested_at,
+        "state_changed_at": migration.state_changed_at,
+        "cancel_requested": migration.cancel_requested,
+        "phases": phases_out(migration),
+        "statistics": StatisticsOut.model_validate(migration, from_attributes=True),
+        "failed_phase": migration.failed_phase,
+        "failure_kind": migration.failure_kind,
+        "alert": migration.alert,
+    }
+
+
+def event_out(event: MigrationEvent) -> EventOut:
+    return EventOut(
+        at=event.at,
+        from_state=event.from_state,
+        to_state=event.to_state,
+        message=event.message,
+        actor=event.actor.get_username() if event.actor else None,
+    )
+
+
+def vm_out(vm: VirtualMachine) -> VMOut:
+    """``vm`` with ``registrations__vsp`` prefetched (``vms.queries.vm_with_registrations``)."""
+    context = general_tab_context(vm)
+    shown: Registration | None = context["registration"]
+    vsp: VSP | None = context["vsp"]
+    status = context["online_migration"]
+    migration: Migration | None = context.get("migration")
+    failed: Migration | None = context.get("failed_migration")
+    not_runnable_here = shown is not None and not shown.is_runnable
+    set_by = shown.not_runnable_set_by if not_runnable_here else ""
+    return VMOut(
+        id=vm.pk,
+        name=vm.name,
+        guest_id=str(vm.guest_id),
+        kind=choice(vm.kind, vm.get_kind_display()),
+        vsp=vsp.name if vsp else None,
+        vsp_id=vsp.pk if vsp else None,
+        operating_system=vm.os_type,
+        os_status=choice(shown.os_status, shown.get_os_status_display())
+        if shown
+        else choice(vm.os_status, vm.get_os_status_display()),
+        migration_icon=_migration_icon(migration),
+        hardware_status=choice(shown.hardware_status, shown.get_hardware_status_display()) if shown else None,
+        boot_attribute=choice(vm.boot_attribute, vm.get_boot_attribute_display()),
+        graceful_stop_timeout_s=vm.graceful_stop_timeout_s,
+        online_migration=choice(status.value, status.label),
+        online_migration_enabled_for_vm=vm.online_migration_enabled,
+        not_runnable_set_by=choice(set_by, Registration.SetBy(set_by).label),
+        not_runnable_reason=shown.not_runnable_reason if not_runnable_here else "",
+        memory_mib=vm.memory_mib,
+        vcpus=vm.vcpus,
+        phase_time_limits_s={
+            "init": vm.init_limit_s,
+            "copy": vm.copy_limit_s,
+            "io_quiesce": vm.quiesce_limit_s,
+            "frozen": vm.frozen_limit_s,
+        },
+        registrations=[registration_out(r) for r in vm.registrations.all()],
+        migration=migration_out(migration) if migration else None,
+        alert=migration_out(failed) if failed else None,
+    )
+
+
+def _migration_icon(migration: Migration | None) -> str:
+    if migration is None or not migration.is_active:
+        return ""
+    return "queued" if migration.is_queued else "outgoing"
+
+
+class VSPPage(Schema):
+    items: list[VSPOut]
+    count: int = Field(description="How many match, over all pages")
+    limit: int
+    offset: int
+
+
+class VMPage(Schema):
+    items: list[VMOut]
+    count: int
+    limit: int
+    offset: int
+
+
+class MigrationPage(Schema):
+    items: list[MigrationOut]
+    count: int
+    limit: int
+    offset: int

@@ -1,0 +1,209 @@
+"""One QEMU process running one guest: launch, QMP, serial console, stop.
+
+Guests boot a kernel and initramfs (the test guest built by ``scripts/build_test_guest.sh``)
+whose workload, memwriter, reports on the serial console; the console goes to a file per
+process so a test or an admin can read what the guest said after a migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import re
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.drivers.qemu.qmp import QmpClient
+
+MIN_QEMU_MAJOR = 10
+KERNEL_OVERHEAD_MIB = 96
+MIN_GUEST_MIB = 128
+_PR_SET_PDEATHSIG = 1
+
+_ALIVE = re.compile(rb"memwriter: alive t=(\d+) writes=(\d+)")
+_CHECK_OK = re.compile(rb"memwriter: selfcheck ok")
+_CHECK_FAIL = re.compile(rb"memwriter: selfcheck FAIL")
+
+
+class QemuTooOld(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    binary: str
+    kernel: Path
+    initramfs: Path
+    run_dir: Path
+    accel: str = "tcg"
+
+
+@dataclass(frozen=True)
+class Workload:
+    memory_mib: int
+    vcpus: int
+    dirty_pages_per_s: int
+
+    @property
+    def written_mib(self) -> int:
+        """memwriter fills what the kernel leaves free."""
+        return max(16, self.memory_mib - KERNEL_OVERHEAD_MIB)
+
+
+def qemu_version(binary: str) -> tuple[int, int, int]:
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", output)
+    if not found:
+        raise QemuTooOld(f"cannot read the version of {binary}: {output[:80]!r}")
+    major, minor, micro = (int(part) for part in found.groups())
+    return major, minor, micro
+
+
+def check_qemu(binary: str) -> str:
+    """Refuse QEMU < 10: Debian 12's 7.2 corrupts guests that write memory while they migrate."""
+    try:
+        version = qemu_version(binary)
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise QemuTooOld(
+            f"QEMU not found ({binary}: {error}); install it with scripts/install_qemu.sh"
+        ) from error
+    text = ".".join(map(str, version))
+    if version[0] < MIN_QEMU_MAJOR:
+        raise QemuTooOld(
+            f"QEMU {text} found at {binary}, but the qemu driver needs QEMU >= {MIN_QEMU_MAJOR}: older QEMU "
+            "(Debian 12's 7.2) corrupts the memory of a guest that writes during live migration. "
+            "Install QEMU 10 from bookworm-backports with scripts/install_qemu.sh."
+        )
+    return text
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a killed agent must not leave its guests running."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class QemuProcess:
+    """A QEMU process for one guest; ``incoming`` ones start paused, waiting for a migration."""
+
+    def __init__(
+        self, config: QemuConfig, name: str, workload: Workload, instance: str, incoming: bool
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.workload = workload
+        self.incoming = incoming
+        stem = f"{name}.{instance}"
+        self.qmp_path = config.run_dir / f"{stem}.qmp"
+        self.serial_path = config.run_dir / f"{stem}.serial"
+        self.log_path = config.run_dir / f"{stem}.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp: QmpClient | None = None
+
+    def command(self) -> list[str]:
+        cmdline = (
+            f"console=ttyS0 panic=-1 quiet memwriter.mib={self.workload.written_mib} "
+            f"memwriter.rate={self.workload.dirty_pages_per_s}"
+        )
+        command = [
+            self.config.binary,
+            "-name", self.name,
+            "-machine", "q35",
+            "-accel", self.config.accel,
+            "-m", str(self.workload.memory_mib),
+            "-smp", str(self.workload.vcpus),
+            "-kernel", str(self.config.kernel),
+            "-initrd", str(self.config.initramfs),
+            "-append", cmdline,
+            "-nodefaults", "-nographic", "-no-reboot",
+            "-display", "none",
+            "-monitor", "none",
+            "-serial", f"file:{self.serial_path}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        if self.incoming:
+            command += ["-incoming", "defer", "-S"]
+        return command
+
+    async def launch(self) -> QmpClient:
+        for stale in (self.qmp_path, self.serial_path):
+            stale.unlink(missing_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
+            )
+        try:
+            self.qmp = await QmpClient.connect(str(self.qmp_path), timeout=10.0)
+        except Exception:
+            await self.kill()
+            raise RuntimeError(f"QEMU for {self.name} did not start: {self.log_tail()}") from None
+        return self.qmp
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def quit(self, timeout: float = 5.0) -> None:
+        """Ask QEMU to quit, kill it if it does not."""
+        if self.running and self.qmp is not None and not self.qmp.closed.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), timeout)
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
+        await self._close_qmp()
+
+    async def kill(self) -> None:
+        if self.running and self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        await self._close_qmp()
+
+    async def _close_qmp(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+        self.qmp_path.unlink(missing_ok=True)
+
+    def serial_text(self, limit: int = 1_000_000) -> bytes:
+        try:
+            with self.serial_path.open("rb") as serial:
+                serial.seek(0, 2)
+                size = serial.tell()
+                serial.seek(max(0, size - limit))
+                return serial.read()
+        except FileNotFoundError:
+            return b""
+
+    def workload_report(self) -> dict[str, object]:
+        """What the guest's own workload last said on its serial console."""
+        text = self.serial_text()
+        alive = _ALIVE.findall(text)
+        return {
+            "kind": "memwriter",
+            "written_mib": self.workload.written_mib,
+            "dirty_pages_per_s": self.workload.dirty_pages_per_s,
+            "booted": b"memwriter: filled" in text or bool(alive),
+            "alive_lines": len(alive),
+            "last_alive_s": int(alive[-1][0]) if alive else None,
+            "pages_written": int(alive[-1][1]) if alive else 0,
+            "selfchecks_passed": len(_CHECK_OK.findall(text)),
+            "selfchecks_failed": len(_CHECK_FAIL.findall(text)),
+            "serial_log": str(self.serial_path),
+            "pid": self.process.pid if self.process else None,
+        }
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-500:].strip()
+        except FileNotFoundError:
+            return ""

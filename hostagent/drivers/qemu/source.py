@@ -1,0 +1,266 @@
+"""The source side of a QEMU live migration (see ``migration`` for the protocol between the agents)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.drivers.qemu.migration import (
+    FD_NAME,
+    HANDSHAKE_TIMEOUT_S,
+    POLL_INTERVAL_S,
+    SETTLE_TIMEOUT_S,
+    Finished,
+    QemuMigration,
+    abort_line,
+    recv_line,
+    send_line,
+)
+from hostagent.drivers.qemu.process import QemuProcess
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
+from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
+from hostagent.protocol import (
+    ACTIVE_STATES,
+    Endpoint,
+    FailureKind,
+    MigrationParams,
+    MigrationState,
+    ProgressSnapshot,
+    Role,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SourceMigration(QemuMigration, SourceAbortCommands):
+    role: Role = "source"
+
+    def __init__(
+        self,
+        process: QemuProcess,
+        migration_id: str,
+        target: Endpoint,
+        params: MigrationParams,
+        finished: Finished,
+    ) -> None:
+        super().__init__(process, migration_id, params.limits, finished)
+        self.target = target
+        self.params = params
+        self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def begin(self) -> None:
+        self.spawn(self._watch_phase_limits())
+        self.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            self._control = await self._connect("ctrl", str(self.process.workload.memory_mib))
+            self.spawn(self._watch_target())
+            data = await self._connect("data")
+            try:
+                self.progress.raise_percent("init", 50)
+                await self._configure()
+                await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
+            finally:
+                data.close()  # QEMU holds its own copy now
+            await self.qmp.execute("migrate", uri=f"fd:{FD_NAME}")
+            await self._poll_numbers()
+        except MigrationAborted as error:
+            await self.abort(str(error), error.kind)
+        except (OSError, TimeoutError) as error:
+            await self.abort(str(error) or type(error).__name__, FailureKind.UNREACHABLE)
+        except (QmpError, QmpClosed) as error:
+            await self.abort(str(error) or type(error).__name__, FailureKind.INTERNAL)
+
+    async def _connect(self, kind: str, detail: str = "") -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.target.host else socket.AF_INET)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (self.target.host, self.target.port))
+            await loop.sock_sendall(sock, f"{self.target.token} {kind} {detail}".strip().encode() + b"\n")
+            answer = await asyncio.wait_for(recv_line(sock), HANDSHAKE_TIMEOUT_S)
+        except BaseException:
+            sock.close()
+            raise
+        if answer != b"OK\n":
+            sock.close()
+            reason = answer[3:].decode(errors="replace").strip() if answer.startswith(b"NO ") else ""
+            raise MigrationAborted(
+                f"the target refused the data-plane connection{': ' if reason else ''}{reason}",
+                FailureKind.REFUSED,
+            )
+        return sock
+
+    async def _configure(self) -> None:
+        names = ("events", "pause-before-switchover", "return-path")
+        capabilities = [{"capability": name, "state": True} for name in names]
+        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+        bandwidth = self.params.bandwidth_mbps
+        # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
+        await self.qmp.execute(
+            "migrate-set-parameters",
+            downtime_limit=self.params.downtime_ms,
+            max_bandwidth=int(bandwidth * 125_000) if bandwidth else 0,
+        )
+
+    async def _poll_numbers(self) -> None:
+        max_rounds = self.params.max_rounds
+        while self.progress.state in ACTIVE_STATES:
+            info = await self.qmp.execute("query-migrate")
+            apply_query_migrate(self.progress, info)
+            snapshot = self.progress.current
+            if snapshot.state == "copy" and snapshot.round > max_rounds:
+                raise MigrationAborted(
+                    f"did not converge in {max_rounds} rounds: the guest writes "
+                    f"{snapshot.dirty_rate_bytes_s / 1e6:.1f} MB/s, "
+                    f"the link moves {snapshot.throughput_bytes_s / 1e6:.1f} MB/s",
+                    FailureKind.NOT_CONVERGED,
+                )
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _watch_phase_limits(self) -> None:
+        while self.progress.state in ACTIVE_STATES:
+            phase = self.progress.phase
+            limit = self.limits.of(phase) if phase else None
+            if limit is not None and time.monotonic() - self.progress.phase_started > limit:
+                self.spawn(
+                    self.abort(f"the {phase} phase ran over its limit of {limit:g} s", FailureKind.TIME_LIMIT)
+                )
+                return
+            await asyncio.sleep(0.05)
+
+    async def _watch_target(self) -> None:
+        """The target's word on the control connection: READY with its digest, or why it gave up."""
+        assert self._control is not None
+        line = (await recv_line(self._control)).decode(errors="replace").strip()
+        word, _, rest = line.partition(" ")
+        if word == "READY" and rest:
+            self._target_ready.set_result(rest)
+        elif word == "ABORT":
+            kind, reason = abort_line(rest)
+            self.spawn(self.abort(f"the target aborted: {reason}", kind, side="target"))
+        else:
+            reason = "the target closed the control connection"
+            self.spawn(self.abort(f"the target aborted: {reason}", FailureKind.UNREACHABLE, side="target"))
+
+    async def handle_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
+            return
+        status = str(event.get("data", {}).get("status"))
+        if status == "pre-switchover":
+            self.progress.update(converged=True)
+        if status in ("failed", "cancelled"):
+            reason = await self._qemu_error() or f"QEMU reported the migration {status}"
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
+        elif status == "completed":
+            self.progress.raise_percent("frozen", 90)
+            self.spawn(self._verify_switchover())
+        elif status in QEMU_STATES:
+            self.progress.enter(QEMU_STATES[status])
+            if status == "pre-switchover":
+                self.spawn(self._quiesce_and_continue())
+
+    async def _qemu_error(self) -> str | None:
+        with contextlib.suppress(QmpError, QmpClosed):
+            return (await self.qmp.execute("query-migrate")).get("error-desc")
+        return None
+
+    async def _verify_switchover(self) -> None:
+        """QEMU is done: hash the stopped source, take the target's digest, then "ready"."""
+        try:
+            apply_query_migrate(self.progress, await self.qmp.execute("query-migrate"))
+            source_digest = await self.digest()
+            self.progress.update(source_digest=source_digest)
+            self.progress.raise_percent("frozen", 95)
+            target_digest = await self._target_ready
+        except (QmpError, QmpClosed, OSError) as error:
+            await self.abort(f"could not verify the switchover: {error}", FailureKind.INTERNAL)
+            return
+        self.progress.update(target_digest=target_digest, bytes_remaining=0)
+        self.progress.enter("ready")
+        self.stop_background()
+        self.close_control()
+
+    async def _quiesce_and_continue(self) -> None:
+        """Pre-switchover: the vCPUs already stand still and QEMU drained and flushed the block
+        devices as it stopped them, so switch over at once. Waiting here for the control plane
+        would only add its round trips to the guest's downtime."""
+        if self._ending or self.progress.state != "quiesce":
+            return
+        try:
+            devices = await self.qmp.execute("query-block")
+            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_id, len(devices))
+            self.progress.raise_percent("quiesce", 100)
+            await self.qmp.execute("migrate-continue", state="pre-switchover")
+        except (QmpError, QmpClosed) as error:
+            await self.abort(f"could not continue from pre-switchover: {error}", FailureKind.INTERNAL)
+
+    async def quiesce(self) -> ProgressSnapshot:
+        """Return once I/O Quiesce is over (the driver continues by itself) or the migration ended."""
+        return await self.wait_until(lambda state: state not in ("init", "copy", "quiesce"))
+
+    async def freeze(self) -> ProgressSnapshot:
+        """Return once the target holds a verified paused copy ("ready"), or the migration ended."""
+        return await self.wait_until(lambda state: state not in ACTIVE_STATES)
+
+    async def release(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state == "ready":
+            await self.process.quit()
+            self.progress.enter("released")
+            self.progress.update(phase=None)
+            self._finished(self)
+        elif state != "released":
+            raise Conflict(f"release needs a migration in state ready, this one is {state}")
+        return self.snapshot()
+
+    async def _roll_back(self, state: MigrationState, reason: str) -> ProgressSnapshot:
+        current = self.progress.state
+        if current == "released":
+            raise Conflict("the guest was released after the commit; it runs on the target now")
+        if current in ACTIVE_STATES:
+            await self.abort(reason, FailureKind.CANCELLED, state)
+        elif current == "ready":
+            await self._run_guest()
+            self.progress.fail(state, reason, FailureKind.CANCELLED, keep_phase=True)
+            self._finished(self)
+        else:
+            await self._run_guest()
+        return self.snapshot()
+
+    async def abort(
+        self, reason: str, kind: FailureKind, state: MigrationState = "aborted", *, side: Role | None = None
+    ) -> None:
+        """Stop QEMU's migration, keep the guest running here, record why."""
+        if self._ending or self.progress.state not in ACTIVE_STATES:
+            return
+        self._ending = True
+        self.stop_background()
+        await send_line(self._control, f"ABORT {kind} {reason}")
+        self.close_control()
+        with contextlib.suppress(QmpError, QmpClosed):
+            await self.qmp.execute("migrate_cancel")
+            await self._wait_qemu_settled()
+        await self._run_guest()
+        log.info("%s: migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
+        self.progress.fail(state, reason, kind, side=side, keep_phase=True)
+        self._finished(self)
+
+    async def _wait_qemu_settled(self) -> None:
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = (await self.qmp.execute("query-migrate")).get("status")
+            if status in (None, "cancelled", "failed", "completed", "none"):
+                return
+            await asyncio.sleep(0.02)
+
+    async def _run_guest(self) -> None:
+        with contextlib.suppress(QmpError, QmpClosed):
+            if not (await self.qmp.execute("query-status"))["running"]:
+                await self.qmp.execute("cont")

@@ -1,0 +1,218 @@
+"""The target side of a QEMU live migration (see ``migration`` for the protocol between the agents)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import socket
+import time
+from typing import Any
+
+from hostagent.driver import Conflict
+from hostagent.drivers.qemu.migration import (
+    FD_NAME,
+    HANDSHAKE_TIMEOUT_S,
+    KINDS,
+    TOKEN_BYTES,
+    Finished,
+    QemuMigration,
+    abort_line,
+    recv_line,
+    send_line,
+)
+from hostagent.drivers.qemu.process import QemuProcess
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
+from hostagent.drivers.qemu.states import QEMU_STATES
+from hostagent.protocol import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Endpoint,
+    FailureKind,
+    MigrationState,
+    PhaseLimits,
+    ProgressSnapshot,
+    Role,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TargetMigration(QemuMigration):
+    role: Role = "target"
+
+    def __init__(
+        self, process: QemuProcess, migration_id: str, limits: PhaseLimits, data_host: str, finished: Finished
+    ) -> None:
+        super().__init__(process, migration_id, limits, finished)
+        self.token = secrets.token_hex(TOKEN_BYTES)
+        self._connected = False
+        family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
+        self._listener = socket.create_server((data_host, 0), family=family)
+        self._listener.setblocking(False)
+        self.endpoint = Endpoint(host=data_host, port=self._listener.getsockname()[1], token=self.token)
+
+    async def begin(self) -> None:
+        capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
+        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+        self.spawn(self._watch_init_limit())
+        self.spawn(self._accept())
+        self.spawn(self._watch_process())
+
+    async def _watch_init_limit(self) -> None:
+        """Only Init is timed here (waiting for the source); the source times the rest,
+        since this side cannot see when the source's Copy ends."""
+        limit = self.limits.init_s
+        while not self._connected:
+            if limit is not None and time.monotonic() - self.progress.phase_started > limit:
+                reason = f"the source did not connect within the init limit of {limit:g} s"
+                self.spawn(self.abort(reason, FailureKind.TIME_LIMIT))
+                return
+            await asyncio.sleep(0.05)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._control is None or not self._connected:
+            connection, peer = await loop.sock_accept(self._listener)
+            kind, detail = await self._greeting(connection)
+            if kind == b"data" and not self._connected:
+                await self._start_incoming(connection)
+            elif kind == b"ctrl" and self._control is None:
+                mismatch = self._mismatch(detail)
+                await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
+                self._control = connection
+                if mismatch:
+                    self.spawn(self.abort(mismatch, FailureKind.REFUSED))
+                    return
+                self.spawn(self._watch_source())
+            else:
+                log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
+                connection.close()
+        self._listener.close()
+
+    async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
+        """``<token> <kind> [detail]`` with the one-time token (compared in constant time)."""
+        try:
+            line = await asyncio.wait_for(recv_line(connection), HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError):
+            return None, b""
+        token, _, rest = line.strip().partition(b" ")
+        kind, _, detail = rest.partition(b" ")
+        if hmac.compare_digest(token, self.token.encode()) and kind in KINDS:
+            return kind, detail
+        return None, b""
+
+    def _mismatch(self, source_memory_mib: bytes) -> str | None:
+        """QEMU cannot load RAM of another size; say so plainly instead of failing mid-stream."""
+        prepared = self.process.workload.memory_mib
+        if source_memory_mib and source_memory_mib != str(prepared).encode():
+            got = source_memory_mib.decode(errors="replace")
+            return f"the target was prepared with {prepared} MiB but the guest has {got} MiB"
+        return None
+
+    async def _start_incoming(self, connection: socket.socket) -> None:
+        self._connected = True
+        try:
+            await asyncio.get_running_loop().sock_sendall(connection, b"OK\n")
+            await self.qmp.execute("getfd", pass_fd=connection.fileno(), fdname=FD_NAME)
+            await self.qmp.execute("migrate-incoming", uri=f"fd:{FD_NAME}")
+            self.progress.raise_percent("init", 50)
+        except (OSError, QmpError, QmpClosed) as error:
+            self.spawn(self.abort(f"cannot start the incoming migration: {error}", FailureKind.INTERNAL))
+        finally:
+            connection.close()
+
+    async def _watch_source(self) -> None:
+        assert self._control is not None
+        line = (await recv_line(self._control)).decode(errors="replace").strip()
+        if self.progress.state in ACTIVE_STATES:
+            word, _, rest = line.partition(" ")
+            if word == "ABORT":
+                kind, why = abort_line(rest)
+            else:
+                kind, why = FailureKind.UNREACHABLE, "it closed the control connection"
+            self.spawn(self.abort(f"the source aborted: {why}", kind, side="source"))
+
+    async def _watch_process(self) -> None:
+        assert self.process.process is not None
+        code = await self.process.process.wait()
+        if not self._ending and not self.settled:
+            reason = f"the target QEMU exited ({code}): {self.process.log_tail()[-200:]}"
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
+
+    async def handle_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
+            return
+        status = str(event.get("data", {}).get("status"))
+        if status == "completed":
+            self.spawn(self._verify())
+        elif status == "failed":
+            self.spawn(self.abort("the incoming migration failed", FailureKind.INTERNAL))
+        elif status in ("setup", "active"):
+            self.progress.enter(QEMU_STATES[status])
+
+    async def _verify(self) -> None:
+        """QEMU loaded the stream and keeps the guest paused: hash it, tell the source."""
+        try:
+            target_digest = await self.digest()
+        except (QmpError, QmpClosed, OSError) as error:
+            await self.abort(f"could not hash the received memory: {error}", FailureKind.INTERNAL)
+            return
+        self.progress.update(target_digest=target_digest)
+        self.progress.enter("ready")
+        await send_line(self._control, f"READY {target_digest}")
+
+    async def quiesce(self) -> ProgressSnapshot:
+        raise Conflict("quiesce is a source command")
+
+    async def freeze(self) -> ProgressSnapshot:
+        raise Conflict("freeze is a source command")
+
+    async def release(self) -> ProgressSnapshot:
+        raise Conflict("release is a source command; the target discards")
+
+    async def resume(self) -> ProgressSnapshot:
+        if self.progress.state == "ready":
+            await self.qmp.execute("cont")
+            self.progress.enter("completed")
+            self.stop_background()
+            self.close_control()
+            self._finished(self)
+        elif self.progress.state != "completed":
+            raise Conflict(f"resume needs a migration in state ready, this one is {self.progress.state}")
+        return self.snapshot()
+
+    async def discard(self) -> ProgressSnapshot:
+        if self.progress.state == "completed":
+            raise Conflict(f"migration {self.migration_id} completed: the guest runs here")
+        if self.progress.state not in TERMINAL_STATES:
+            current = self.progress.current
+            reason = current.error or "discarded by the control plane"
+            await self._drop("discarded", reason, current.failure_kind or FailureKind.CANCELLED)
+        return self.snapshot()
+
+    async def cancel(self) -> ProgressSnapshot:
+        if self.progress.state in ACTIVE_STATES or self.progress.state == "ready":
+            await self._drop("cancelled", "cancelled by the control plane", FailureKind.CANCELLED)
+        return self.snapshot()
+
+    async def abort(
+        self, reason: str, kind: FailureKind, state: MigrationState = "aborted", *, side: Role | None = None
+    ) -> None:
+        if self._ending or self.progress.state not in ACTIVE_STATES:
+            return
+        await self._drop(state, reason, kind, side=side)
+
+    async def _drop(
+        self, state: MigrationState, reason: str, kind: FailureKind, *, side: Role | None = None
+    ) -> None:
+        self._ending = True
+        self.stop_background()
+        self._listener.close()
+        await send_line(self._control, f"ABORT {kind} {reason}")
+        self.close_control()
+        await self.process.kill()
+        log.info("%s: incoming migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
+        self.progress.fail(state, reason, kind, side=side, keep_phase=True)
+        self._finished(self)

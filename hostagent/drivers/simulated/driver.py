@@ -1,0 +1,164 @@
+"""The embedded default driver: simulated guests moved by the agent's page-copying engine."""
+
+from __future__ import annotations
+
+import logging
+
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.source import SourceMigration
+from hostagent.drivers.simulated.target import TargetMigration
+from hostagent.protocol import Endpoint, GuestInfo, GuestSpec, MigrationParams, PhaseLimits
+
+log = logging.getLogger("hostagent.simulated")
+DEFAULT_CAPACITY_MIB = 64 * 1024
+
+
+class SimulatedDriver:
+    name = "simulated"
+
+    def __init__(self, settings: DriverSettings) -> None:
+        self.settings = settings
+        try:
+            self.capacity_mib = int(settings.options.get("capacity_mib", DEFAULT_CAPACITY_MIB))
+        except ValueError as error:
+            raise ValueError("capacity_mib must be a whole number of MiB") from error
+        self.guests: dict[str, SimulatedGuest] = {}
+        # Guests by guest_id. A target's guest may replace a stopped guest with the same id; kept
+        # to restore on discard.
+        self._replaced: dict[str, SimulatedGuest] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        for guest in list(self.guests.values()):
+            await guest.power_off()
+            guest.drop_memory()
+        self.guests.clear()
+
+    # -- guests ---------------------------------------------------------
+    def list_guests(self) -> list[GuestInfo]:
+        return [guest.info() for guest in self.guests.values()]
+
+    def get_guest(self, guest_id: str) -> GuestInfo:
+        return self._guest(guest_id).info()
+
+    async def define_guest(self, spec: GuestSpec) -> GuestInfo:
+        existing = self.guests.get(spec.guest_id)
+        if existing is not None and not existing.spec.same_definition(spec):
+            if existing.running or existing.migrating:
+                raise Conflict(
+                    f"guest {spec.name} exists with another definition and is running or migrating"
+                )
+            await self.delete_guest(spec.guest_id)
+            existing = None
+        if existing is None:
+            self._check_room(spec.memory_mib if spec.running else 0)
+            existing = self.guests[spec.guest_id] = self._new_guest(spec)
+        if spec.running and not existing.running:
+            await self.start_guest(spec.guest_id)
+        return existing.info()
+
+    async def start_guest(self, guest_id: str) -> GuestInfo:
+        guest = self._guest(guest_id)
+        name = guest.name
+        if guest.running:
+            return guest.info()
+        if guest.not_runnable:
+            raise Conflict(f"guest {name} is Not Runnable on this host (it migrated away)")
+        if guest.migrating:
+            raise Conflict(f"guest {name} is migrating")
+        self._check_room(guest.memory_mib)
+        await guest.boot()
+        return guest.info()
+
+    async def stop_guest(self, guest_id: str) -> GuestInfo:
+        guest = self._guest(guest_id)
+        name = guest.name
+        if guest.migrating:
+            raise Conflict(f"guest {name} is migrating; cancel the migration first")
+        await guest.power_off()
+        return guest.info()
+
+    async def delete_guest(self, guest_id: str) -> None:
+        guest = self._guest(guest_id)
+        name = guest.name
+        if guest.migrating:
+            raise Conflict(f"guest {name} is migrating")
+        if guest.running:
+            raise Conflict(f"guest {name} is running; stop it first")
+        del self.guests[guest_id]
+        guest.drop_memory()
+
+    # -- migrations -----------------------------------------------------
+    async def prepare_incoming(
+        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
+    ) -> tuple[Migration, Endpoint]:
+        existing = self.guests.get(spec.guest_id)
+        if existing is not None and (existing.running or existing.migrating):
+            raise Conflict(f"guest {spec.name} already runs or migrates on this host")
+        self._check_room(spec.memory_mib)
+        guest = self._new_guest(spec.model_copy(update={"running": False}))
+        try:
+            migration = TargetMigration(
+                guest, migration_id, limits, self.settings.data_host, self._drop_incoming
+            )
+        except OSError as error:
+            guest.drop_memory()
+            raise InvalidRequest(f"cannot listen on data host {self.settings.data_host}: {error}") from error
+        self._replaced.pop(spec.guest_id, None)
+        if existing is not None:
+            self._replaced[spec.guest_id] = existing
+        self.guests[spec.guest_id] = guest
+        migration.start()
+        return migration, migration.endpoint
+
+    async def start_outgoing(
+        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
+    ) -> Migration:
+        guest = self._guest(guest_id)
+        if guest.migrating:
+            raise Conflict(f"guest {guest.name} is already migrating ({guest.migrating})")
+        if not guest.running or guest.not_runnable:
+            raise Conflict(f"guest {guest.name} is not running; only a running guest migrates online")
+        migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing)
+        migration.start()
+        return migration
+
+    async def _drop_incoming(self, guest: SimulatedGuest) -> None:
+        await guest.power_off()
+        guest.drop_memory()
+        if self.guests.get(guest.guest_id) is guest:
+            del self.guests[guest.guest_id]
+            replaced = self._replaced.pop(guest.guest_id, None)
+            if replaced is not None:
+                self.guests[guest.guest_id] = replaced
+
+    async def _release_outgoing(self, guest: SimulatedGuest) -> None:
+        """After the commit the configuration stays here, Not Runnable; the memory goes."""
+        await guest.power_off()
+        guest.not_runnable = True
+        guest.drop_memory()
+        self._replaced.pop(guest.guest_id, None)
+
+    # -- helpers --------------------------------------------------------
+    def _new_guest(self, spec: GuestSpec) -> SimulatedGuest:
+        if spec.memory_mib > self.capacity_mib:
+            raise Conflict(f"no room: {spec.memory_mib} MiB asked, this host has {self.capacity_mib} MiB")
+        try:
+            return SimulatedGuest(spec)
+        except (OSError, MemoryError) as error:
+            raise Conflict(f"no room: cannot map {spec.memory_mib} MiB of guest memory ({error})") from error
+
+    def _guest(self, guest_id: str) -> SimulatedGuest:
+        guest = self.guests.get(guest_id)
+        if guest is None:
+            raise NotFound(f"no guest {guest_id} on this host")
+        return guest
+
+    def _check_room(self, memory_mib: int) -> None:
+        used = sum(g.memory_mib for g in self.guests.values() if g.running or g.migrating)
+        if used + memory_mib > self.capacity_mib:
+            free = self.capacity_mib - used
+            raise Conflict(f"no room: {memory_mib} MiB asked, {free} MiB of {self.capacity_mib} MiB free")

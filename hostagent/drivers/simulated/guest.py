@@ -1,0 +1,248 @@
+"""A simulated guest: real memory contents, a workload writing pages, an I/O queue, vCPU state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import struct
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from hostagent.drivers.simulated.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
+from hostagent.protocol import GuestInfo, GuestSpec, HardwareStatus
+
+TICK_S = 0.01
+IO_REQUESTS_PER_S = 50
+PAGE_STAMP = struct.Struct("<QQ")
+# Odd multiplier (Knuth): walks the guest's pages in a scattered but reproducible order.
+PAGE_STRIDE = 2654435761
+# The workload rewrites at least what it writes in this many seconds (see ``working_set_pages``).
+WORKING_SET_MIN_S = 10
+
+
+class SimulatedGuest:
+    """Runs its workload as an asyncio task on the agent's loop.
+
+    The workload writes ``dirty_pages_per_s`` pages per second within its working set
+    (``working_set_pages``), as a real guest does, instead of sweeping its whole memory
+    over time; page ``n`` of the write sequence and its contents depend only on the
+    guest's seed and ``n``, so a run is reproducible, and the target carries on the same
+    sequence within the same working set.
+    """
+
+    def __init__(self, spec: GuestSpec) -> None:
+        self.spec = spec
+        self.guest_id = spec.guest_id
+        self.name = spec.name  # for people only; the guest is known by its id
+        self.seed = zlib.crc32(self.guest_id.encode())
+        self.memory = GuestMemory(spec.memory_mib)
+        self.running = False
+        self.not_runnable = False
+        self.booted = False
+        self.migrating: str | None = None
+        self.vcpus_paused = False
+        self.write_counter = 0
+        self.io_issued = 0
+        self.io_completed = 0
+        self.io_in_flight: deque[tuple[int, float]] = deque()
+        self.io_queued: list[int] = []
+        self.io_queueing = False
+        self._task: asyncio.Task[None] | None = None
+        self._pattern_bytes: bytes | None = None
+        self.working_set_pages = self._default_working_set()
+
+    def _default_working_set(self) -> int:
+        """Pages the workload writes into: the ones filled at boot, or at least WORKING_SET_MIN_S of writes.
+
+        A guest filled 100% (the data-plane benchmark) writes anywhere; a demo guest filled a
+        few percent keeps its writes, and so its RAM, within that part.
+        """
+        page_count = self.memory.page_count
+        filled = self.memory.chunk_count * self.spec.fill_percent // 100 * CHUNK_PAGES
+        by_rate = self.spec.dirty_pages_per_s * WORKING_SET_MIN_S
+        return max(1, min(page_count, max(filled, by_rate, CHUNK_PAGES)))
+
+    @property
+    def _pattern(self) -> bytes:
+        """2 MiB of seeded random bytes the pages are cut from; made on first use (a guest never
+        booted here costs nothing)."""
+        if self._pattern_bytes is None:
+            self._pattern_bytes = random.Random(self.seed).randbytes(2 * CHUNK_SIZE)
+        return self._pattern_bytes
+
+    @property
+    def memory_mib(self) -> int:
+        return self.spec.memory_mib
+
+    @property
+    def state_save_ms(self) -> int:
+        return self.spec.state_save_ms
+
+    # -- lifecycle -----------------------------------------------------
+    async def boot(self) -> None:
+        """Power on: fill part of memory as an OS would, then run the workload."""
+        if not self.booted:
+            await asyncio.to_thread(self._fill_memory)
+            self.booted = True
+        self.run()
+
+    def run(self) -> None:
+        self.running = True
+        self.vcpus_paused = False
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._workload(), name=f"workload {self.guest_id}")
+
+    async def power_off(self) -> None:
+        self.running = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.io_in_flight.clear()
+        self.io_queued.clear()
+
+    def drop_memory(self) -> None:
+        """Give the guest's RAM back to the host (after it left, or when it is deleted)."""
+        self.memory.close()
+        self._pattern_bytes = None
+
+    def pause_vcpus(self) -> None:
+        self.vcpus_paused = True
+
+    def resume_vcpus(self) -> None:
+        self.vcpus_paused = False
+
+    # -- I/O -----------------------------------------------------------
+    async def quiesce_io(self, on_progress: Callable[[int], None]) -> None:
+        """Queue new requests and wait until the ones in flight completed."""
+        self.io_queueing = True
+        outstanding = len(self.io_in_flight)
+        while self.io_in_flight:
+            if outstanding:
+                on_progress(100 * (outstanding - len(self.io_in_flight)) // outstanding)
+            await asyncio.sleep(TICK_S)
+        on_progress(100)
+
+    def unquiesce_io(self) -> None:
+        self.io_queueing = False
+        latency = self.spec.io_latency_ms / 1000
+        now = time.monotonic()
+        self.io_in_flight.extend((request, now + latency) for request in self.io_queued)
+        self.io_queued.clear()
+
+    # -- state handed to the target at Frozen ---------------------------
+    def save_state(self) -> dict[str, Any]:
+        return {
+            "vcpus": [
+                {"id": n, "rip": (self.seed + self.write_counter * (n + 1)) & 0xFFFFFFFF, "halted": False}
+                for n in range(self.spec.vcpus)
+            ],
+            "devices": {"disk0": {"io_issued": self.io_issued, "io_completed": self.io_completed}},
+            "workload": {
+                "write_counter": self.write_counter,
+                "dirty_pages_per_s": self.spec.dirty_pages_per_s,
+                "io_latency_ms": self.spec.io_latency_ms,
+                "working_set_pages": self.working_set_pages,
+            },
+            "io_queued": list(self.io_queued),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        workload = state["workload"]
+        self.write_counter = int(workload["write_counter"])
+        working_set = workload.get("working_set_pages")  # absent from an older source's state
+        if isinstance(working_set, int) and not isinstance(working_set, bool):
+            self.working_set_pages = max(1, min(self.memory.page_count, working_set))
+        self.spec = self.spec.model_copy(
+            update={
+                "dirty_pages_per_s": int(workload["dirty_pages_per_s"]),
+                "io_latency_ms": int(workload["io_latency_ms"]),
+            }
+        )
+        disk = state["devices"]["disk0"]
+        self.io_issued, self.io_completed = int(disk["io_issued"]), int(disk["io_completed"])
+        self.io_queued = [int(request) for request in state["io_queued"]]
+        self.booted = True
+
+    # -- reporting -----------------------------------------------------
+    def info(self) -> GuestInfo:
+        hardware: HardwareStatus
+        if self.not_runnable:
+            hardware = "not_runnable"
+        else:
+            hardware = "on" if self.running else "off"
+        return GuestInfo(
+            guest_id=self.guest_id,
+            name=self.name,
+            os_type=self.spec.os_type,
+            os_status="up" if self.running and not self.vcpus_paused else "down",
+            hardware_status=hardware,
+            memory_mib=self.spec.memory_mib,
+            vcpus=self.spec.vcpus,
+            migrating=self.migrating,
+            workload={
+                "running": self.running and not self.vcpus_paused,
+                "dirty_pages_per_s": self.spec.dirty_pages_per_s,
+                "pages_written": self.write_counter,
+                "io_completed": self.io_completed,
+                "io_in_flight": len(self.io_in_flight),
+                "io_queued": len(self.io_queued),
+                "resident_mib": self.memory.written_count() * PAGE_SIZE // (1024 * 1024),
+            },
+        )
+
+    # -- the workload --------------------------------------------------
+    def _fill_memory(self) -> None:
+        fill_chunks = self.memory.chunk_count * self.spec.fill_percent // 100
+        for chunk in range(fill_chunks):
+            start = chunk * CHUNK_SIZE
+            offset = (chunk * 4096) % CHUNK_SIZE
+            self.memory.view[start : start + CHUNK_SIZE] = self._pattern[offset : offset + CHUNK_SIZE]
+            PAGE_STAMP.pack_into(self.memory.view, start, self.seed, chunk)
+            self.memory.note_written(chunk * CHUNK_PAGES, CHUNK_PAGES)
+
+    def _write_next_page(self) -> None:
+        counter = self.write_counter
+        page = (counter * PAGE_STRIDE + self.seed) % self.working_set_pages
+        start = page * PAGE_SIZE
+        offset = (counter * 64) % CHUNK_SIZE
+        self.memory.view[start : start + PAGE_SIZE] = self._pattern[offset : offset + PAGE_SIZE]
+        PAGE_STAMP.pack_into(self.memory.view, start, self.seed, counter)
+        self.memory.note_written(page, 1)
+        self.write_counter = counter + 1
+
+    async def _workload(self) -> None:
+        last = time.monotonic()
+        owed_pages = owed_io = 0.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            elapsed, last = min(now - last, 1.0), now
+            self._complete_io(now)
+            if self.vcpus_paused:
+                continue
+            owed_pages += elapsed * self.spec.dirty_pages_per_s
+            for _ in range(int(owed_pages)):
+                self._write_next_page()
+            owed_pages -= int(owed_pages)
+            owed_io += elapsed * IO_REQUESTS_PER_S
+            for _ in range(int(owed_io)):
+                self._issue_io(now)
+            owed_io -= int(owed_io)
+
+    def _issue_io(self, now: float) -> None:
+        self.io_issued += 1
+        if self.io_queueing:
+            self.io_queued.append(self.io_issued)
+        else:
+            self.io_in_flight.append((self.io_issued, now + self.spec.io_latency_ms / 1000))
+
+    def _complete_io(self, now: float) -> None:
+        while self.io_in_flight and self.io_in_flight[0][1] <= now:
+            self.io_in_flight.popleft()
+            self.io_completed += 1

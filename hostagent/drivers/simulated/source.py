@@ -1,0 +1,479 @@
+"""The simulated driver's source side: it copies the guest's pages to the target (``driver.Migration``).
+
+Source, in order (each phase under its time limit, ``timing``; any failure aborts with its
+``FailureKind``):
+1. Init: connect to the target, present the one-time token, wait for ACCEPT.
+2. Copy: start write tracking, send all memory once (never-written pages as
+   ZERO markers), then rounds of the pages written meanwhile. When what is left
+   would take no longer than ``downtime_ms`` at the measured rate (``convergence``), mark
+   ``converged`` and keep sending small rounds until told to quiesce. Abort
+   after ``max_rounds`` rounds without converging.
+3. I/O Quiesce: new I/O is queued, outstanding I/O completes.
+4. Frozen (on ``freeze``): stop the vCPUs, send the last dirty pages, the
+   vCPU/device state, the queued I/O and the digest; wait for READY.
+5. "ready": wait for the control plane (``release`` or ``resume``/``cancel``).
+
+The frames are in ``wire``; the receiving side is ``target``.
+
+Longer than ~400 lines on purpose: it is one class, the source's data plane, whose copy rounds and
+Frozen hand-off share their state (the writer, round counters, events); the convergence judgement
+(``convergence``) and phase timing (``timing``) live apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
+from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
+from hostagent.drivers.simulated.timing import TargetAborted, kind_of, wait_watching
+from hostagent.drivers.simulated.wire import (
+    ABORT,
+    ACCEPT,
+    DIGESTED,
+    FREEZE,
+    HELLO,
+    PROGRESS,
+    READY,
+    FrameReader,
+    FrameWriter,
+    ProtocolError,
+    tune_socket,
+)
+from hostagent.progress import Progress
+from hostagent.protocol import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Endpoint,
+    FailureKind,
+    MigrationParams,
+    MigrationState,
+    ProgressSnapshot,
+    Role,
+)
+
+log = logging.getLogger("hostagent.simulated.source")
+RUN_PAGES = 4 * CHUNK_PAGES
+SCATTERED_RUN = 16  # shorter runs of dirty pages travel in PAGE_LIST frames
+PAGE_LIST_BATCH = 256
+ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
+PROGRESS_EVERY_S = 0.05
+IDLE_ROUND_WAIT_S = 0.02
+PRE_PAUSE_ROUNDS = 5
+TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
+# What the source tells the target of its progress (PROGRESS frames), so both snapshots agree.
+MIRRORED_FIELDS = (
+    "bytes_sent",
+    "bytes_remaining",
+    "round",
+    "dirty_rate_bytes_s",
+    "throughput_bytes_s",
+    "expected_downtime_ms",
+    "converged",
+)
+
+
+class SourceMigration(SourceAbortCommands, ConvergenceJudge):
+    role: Role = "source"
+
+    def __init__(
+        self,
+        guest: SimulatedGuest,
+        migration_id: str,
+        target: Endpoint,
+        params: MigrationParams,
+        on_release: Callable[[SimulatedGuest], Awaitable[None]],
+    ) -> None:
+        self.migration_id = migration_id
+        self.guest_id = guest.guest_id
+        self.guest = guest
+        self.target = target
+        self.params = params
+        self.limits = params.limits
+        self.progress = Progress(migration_id, "source", guest.guest_id, guest.memory.size)
+        self._on_release = on_release
+        self._sock: socket.socket | None = None
+        self._writer: FrameWriter | None = None
+        self._reader: FrameReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._copy_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._converged = asyncio.Event()
+        self._quiesce_requested = asyncio.Event()
+        self._quiesced = asyncio.Event()
+        self._freeze_requested = asyncio.Event()
+        self._settled = asyncio.Event()  # "ready" or terminal
+        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._stop_copy = False
+        self._round_done = 0
+        self._round_started: tuple[float, int] | None = None
+        self._rounds_seconds = 0.0
+        self._rounds_bytes = 0
+        # Scattered dirty pages go slower than the first pass's long runs; judge convergence by them.
+        self._dirty_round_rate: float | None = None
+        self._target_digested = 0
+        self._target_hashed = asyncio.Event()
+        self._hash_rate_pages_s: float | None = None
+        self._last_mirror = 0.0
+        self._dirty_mark = (time.monotonic(), 0)
+
+    # -- the Migration protocol -----------------------------------------
+    def start(self) -> None:
+        self.guest.migrating = self.migration_id
+        self._task = asyncio.create_task(self._run(), name=f"migrate out {self.migration_id}")
+
+    def snapshot(self) -> ProgressSnapshot:
+        return self.progress.snapshot()
+
+    async def next_change(self, after_seq: int) -> ProgressSnapshot:
+        return await self.progress.next_change(after_seq)
+
+    async def quiesce(self) -> ProgressSnapshot:
+        if self.progress.state in ACTIVE_STATES:
+            self._quiesce_requested.set()
+            await self._wait_for(self._quiesced)
+        return self.snapshot()
+
+    async def freeze(self) -> ProgressSnapshot:
+        if self.progress.state in ACTIVE_STATES:
+            self._quiesce_requested.set()
+            self._freeze_requested.set()
+            await self._wait_for(self._settled)
+        return self.snapshot()
+
+    async def release(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state == "released":
+            return self.snapshot()
+        if state != "ready":
+            raise Conflict(f"release needs a migration in state ready, this one is {state}")
+        await self._on_release(self.guest)
+        self.guest.migrating = None
+        self.progress.update(state="released", phase=None)
+        return self.snapshot()
+
+    # -- helpers for commands ------------------------------------------
+    async def _wait_for(self, event: asyncio.Event) -> None:
+        waiter = asyncio.ensure_future(event.wait())
+        settled = asyncio.ensure_future(self._settled.wait())
+        await asyncio.wait({waiter, settled}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        settled.cancel()
+
+    async def _roll_back(self, state: MigrationState, error: str) -> ProgressSnapshot:
+        current = self.progress.state
+        if current == "released":
+            raise Conflict("the guest was released after the commit; it runs on the target now")
+        if current in TERMINAL_STATES:
+            self._restore_guest()
+            return self.snapshot()
+        await self._stop_tasks()
+        self._finish(state, error, FailureKind.CANCELLED)
+        return self.snapshot()
+
+    # -- the run --------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            await self._init_phase()
+            self.progress.update(state="copy", phase="copy")
+            self._copy_task = asyncio.create_task(self._copy_rounds())
+            self._reader_task = asyncio.create_task(self._read_target())
+            await self._copy_phase()
+            await self._quiesce_phase()
+            await self._watch(self._freeze_requested.wait())
+            await self._frozen_phase()
+        except TimeoutError:
+            phase = self.progress.phase or "init"
+            limit = self.limits.of(phase)
+            await self._abort(f"the {phase} phase ran over its limit of {limit} s", FailureKind.TIME_LIMIT)
+        except TargetAborted as error:
+            await self._abort(str(error), error.kind, side="target")
+        except MigrationAborted as error:
+            await self._abort(str(error), error.kind)
+        except (OSError, ProtocolError) as error:
+            if self.progress.phase == "init":
+                await self._abort(
+                    f"could not reach the target's data plane: {error}", FailureKind.UNREACHABLE
+                )
+            else:
+                await self._abort(
+                    f"lost the data-plane connection to the target: {error}", FailureKind.UNREACHABLE
+                )
+        except Exception as error:  # a bug must still leave the guest running here
+            log.exception("migration %s failed", self.migration_id)
+            await self._abort(f"internal error: {error!r}", FailureKind.INTERNAL)
+
+    async def _watch(self, awaitable: Awaitable[Any]) -> Any:
+        return await wait_watching(awaitable, [self._copy_task, self._reader_task])
+
+    async def _init_phase(self) -> None:
+        async with asyncio.timeout(self.limits.of("init")):
+            host, port = self.target.host, self.target.port
+            self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            tune_socket(self._sock)
+            await asyncio.get_running_loop().sock_connect(self._sock, (host, port))
+            self.progress.update(percent={"init": 50})
+            cap = self.params.bandwidth_mbps
+            self._writer = FrameWriter(self._sock, cap * 125_000 if cap else None)
+            self._reader = FrameReader(self._sock)
+            await self._writer.message(HELLO, self._hello())
+            kind, answer = await self._reader.message()
+            if kind != ACCEPT:
+                raise MigrationAborted(
+                    f"the target refused the connection: {answer.get('error', 'no reason')}",
+                    FailureKind.REFUSED,
+                )
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "token": self.target.token,
+            "migration_id": self.migration_id,
+            "guest": self.guest.guest_id,
+            "memory_mib": self.guest.memory_mib,
+            "populate": self.guest.memory.written_chunk_runs(),
+        }
+
+    async def _copy_phase(self) -> None:
+        async with asyncio.timeout(self.limits.of("copy")):
+            await self._watch(self._converged.wait())
+            await self._watch(self._quiesce_requested.wait())
+
+    async def _quiesce_phase(self) -> None:
+        self.progress.update(state="quiesce", phase="quiesce")
+        async with asyncio.timeout(self.limits.of("quiesce")):
+            await self._watch(
+                self.guest.quiesce_io(lambda pct: self.progress.update(percent={"quiesce": pct}))
+            )
+        self.progress.update(percent={"quiesce": 100})
+        self._quiesced.set()
+
+    async def _frozen_phase(self) -> None:
+        assert self._writer is not None and self._copy_task is not None
+        self.progress.update(state="frozen", phase="frozen")
+        async with asyncio.timeout(self.limits.of("frozen")):
+            self._stop_copy = True
+            await self._copy_task
+            await self._last_round_before_pause()
+            frozen_at = time.monotonic()
+            self.guest.pause_vcpus()
+            if self.guest.state_save_ms:
+                await asyncio.sleep(self.guest.state_save_ms / 1000)
+            final_pages = self.guest.memory.dirty_count()
+            await self._send_round(self.guest.memory.take_dirty())
+            sent_at = time.monotonic()
+            self.progress.update(percent={"frozen": 50})
+            memory = self.guest.memory
+            hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+            digest = memory.digest()
+            log.info(
+                "migration %s (source) frozen: %d last pages sent in %.0f ms, %d pages hashed in %.0f ms",
+                self.migration_id,
+                final_pages,
+                (sent_at - frozen_at) * 1000,
+                hashed,
+                (time.monotonic() - sent_at) * 1000,
+            )
+            self.progress.update(source_digest=digest, percent={"frozen": 70})
+            freeze = {"state": self.guest.save_state(), "source_digest": digest}
+            await self._writer.message(FREEZE, freeze)
+            answer = await self._watch(self._ready)
+        self._sock.close()  # type: ignore[union-attr]
+        downtime_ms = round((time.monotonic() - frozen_at) * 1000)
+        self.progress.update(
+            state="ready",
+            percent={"frozen": 100},
+            downtime_ms=downtime_ms,
+            target_digest=answer.get("target_digest"),
+            bytes_remaining=0,
+        )
+        self._settled.set()
+
+    async def _last_round_before_pause(self) -> None:
+        """Send and hash what the last rounds left while the vCPUs still run: that is not downtime.
+
+        A few more rounds, until what is left would take at most half the allowed downtime.
+        """
+        memory = self.guest.memory
+        for _ in range(PRE_PAUSE_ROUNDS):
+            await self._refresh_digests()
+            pending = memory.dirty_count()
+            expected_ms = self._expected_ms(pending)
+            if pending * PAGE_SIZE < RATE_SAMPLE_BYTES or (
+                expected_ms is not None and expected_ms <= self.params.downtime_ms / 2
+            ):
+                break
+            self.progress.update(round=self.progress.current.round + 1)
+            await self._send_round(memory.take_dirty())
+        await self._refresh_digests()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TARGET_HASH_WAIT_S):
+                while self._target_digested < self._round_done:
+                    self._target_hashed.clear()
+                    await self._watch(self._target_hashed.wait())
+
+    async def _read_target(self) -> None:
+        """The target reports hashed rounds (DIGESTED), then confirms (READY) or refuses (ABORT)."""
+        assert self._reader is not None
+        while True:
+            kind, body = await self._reader.message()
+            if kind == DIGESTED:
+                digested = body.get("round")
+                if isinstance(digested, int):
+                    self._target_digested = max(self._target_digested, digested)
+                    self._target_hashed.set()
+            elif kind == READY:
+                self._ready.set_result(body)
+                return
+            elif kind == ABORT:
+                raise TargetAborted(f"the target aborted: {body.get('error', 'no reason')}", kind_of(body))
+            else:
+                raise ProtocolError(f"unexpected frame kind {kind} from the target")
+
+    # -- copying --------------------------------------------------------
+    async def _copy_rounds(self) -> None:
+        memory = self.guest.memory
+        memory.start_tracking()
+        self._dirty_mark = (time.monotonic(), 0)
+        self.progress.update(round=1)
+        self._begin_round()
+        await self._send_full_pass()
+        await self._writer.flush()  # type: ignore[union-attr]
+        self._end_round()
+        self._round_done = 1
+        await self._mirror_progress(force=True)
+        while not self._stop_copy:
+            await self._refresh_digests()
+            self._judge_convergence()
+            if self._target_digested < 1:
+                await self._wait_for_target_hashing()
+            if memory.dirty_count() == 0:
+                await self._mirror_progress(force=False)
+                await asyncio.sleep(IDLE_ROUND_WAIT_S)
+                continue
+            dirty = memory.take_dirty()
+            self._dirty_mark = (time.monotonic(), 0)
+            self.progress.update(round=self.progress.current.round + 1)
+            await self._send_round(dirty)
+            self._round_done = self.progress.current.round
+
+    async def _send_full_pass(self) -> None:
+        """Round 1: every page once, in address order; never-written pages as ZERO markers."""
+        memory = self.guest.memory
+        written = bytes(memory.written)
+        total = memory.size
+        position = 0
+        for first, count in gaps_of(written):
+            await self._send_written(written, position, first)
+            await self._writer_zero(first, count)
+            position = first + count
+            self._note_pass_progress(position, total)
+        await self._send_written(written, position, memory.page_count)
+        self._note_pass_progress(memory.page_count, total)
+
+    async def _send_written(self, written: bytes, first: int, end: int) -> None:
+        for run_first in range(first, end, RUN_PAGES):
+            count = min(RUN_PAGES, end - run_first)
+            await self._send_run(run_first, count)
+            if run_first % (8 * RUN_PAGES) == 0:
+                self._note_pass_progress(run_first + count, self.guest.memory.size)
+                await self._mirror_progress(force=False)
+
+    async def _writer_zero(self, first: int, count: int) -> None:
+        assert self._writer is not None
+        await self._writer.zero(first, count)
+
+    async def _send_run(self, first: int, count: int) -> None:
+        assert self._writer is not None
+        payload = self.guest.memory.pages(first, count)
+        if payload == ZERO_RUN[: len(payload)]:
+            await self._writer.zero(first, count)
+        else:
+            await self._writer.pages(first, payload)
+
+    def _note_pass_progress(self, pages_done: int, total: int) -> None:
+        done = pages_done * PAGE_SIZE
+        pending = self.guest.memory.dirty_count() * PAGE_SIZE
+        self.progress.update(
+            percent={"copy": 90 * done // total},
+            bytes_sent=self._writer.bytes_sent if self._writer else 0,
+            bytes_remaining=total - done + pending,
+            throughput_bytes_s=round(self._throughput()),
+        )
+
+    async def _send_round(self, dirty: bytearray) -> None:
+        """Send the pages of one round, whole: once taken, they are no longer marked dirty."""
+        assert self._writer is not None
+        self._begin_round()
+        view, scattered = self.guest.memory.view, list[int]()
+        for first, count in runs_of(dirty):
+            if count < SCATTERED_RUN:
+                scattered.extend(range(first, first + count))
+                if len(scattered) >= PAGE_LIST_BATCH:
+                    await self._writer.page_list(scattered, view)
+                    scattered = []
+                    await self._mirror_progress(force=False)
+                continue
+            for run_first in range(first, first + count, RUN_PAGES):
+                run_count = min(RUN_PAGES, first + count - run_first)
+                await self._writer.pages(run_first, self.guest.memory.pages(run_first, run_count))
+            await self._mirror_progress(force=False)
+        if scattered:
+            await self._writer.page_list(scattered, view)
+        await self._writer.flush()
+        self._end_round(dirty_round=True)
+        self.progress.update(bytes_sent=self._writer.bytes_sent)
+        self._round_done = self.progress.current.round
+        await self._mirror_progress(force=True)
+
+    async def _mirror_progress(self, force: bool) -> None:
+        """Tell the target how far the source is, at most every PROGRESS_EVERY_S."""
+        assert self._writer is not None
+        now = time.monotonic()
+        if not force and now - self._last_mirror < PROGRESS_EVERY_S:
+            return
+        self._last_mirror = now
+        snapshot = self.progress.current.wire()
+        mirror = {name: snapshot[name] for name in MIRRORED_FIELDS}
+        mirror.update(state=snapshot["state"], phase=snapshot["phase"], percent=snapshot["percent"])
+        mirror["round_done"] = self._round_done
+        await self._writer.message(PROGRESS, mirror)
+
+    # -- ending ---------------------------------------------------------
+    async def _abort(self, error: str, kind: FailureKind, side: Role = "source") -> None:
+        if self.progress.state not in ACTIVE_STATES:
+            return
+        log.warning("migration %s (source) aborted: %s", self.migration_id, error)
+        await self._stop_tasks(keep_main=True)
+        self._finish("aborted", error, kind, side)
+
+    async def _stop_tasks(self, keep_main: bool = False) -> None:
+        current = asyncio.current_task()
+        tasks = [self._copy_task, self._reader_task] + ([] if keep_main else [self._task])
+        for task in tasks:
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._sock is not None:
+            self._sock.close()
+
+    def _finish(self, state: MigrationState, error: str, kind: FailureKind, side: Role = "source") -> None:
+        self._restore_guest()
+        self.progress.fail(state, error, kind, side=side)
+        self._settled.set()
+
+    def _restore_guest(self) -> None:
+        """The guest stays (or becomes again) the running one, its workload going on."""
+        self.guest.memory.stop_tracking()
+        self.guest.unquiesce_io()
+        self.guest.resume_vcpus()
+        if self.guest.migrating == self.migration_id:
+            self.guest.migrating = None

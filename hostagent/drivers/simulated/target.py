@@ -1,0 +1,388 @@
+"""The simulated driver's target side: it receives the guest into a paused copy (``driver.Migration``).
+
+It listens once, checks the source's one-time token, takes pages, PAGE_LIST and ZERO frames
+(``wire``) into the guest's memory, mirrors the source's progress, and at Frozen checks the
+memory digest before it answers READY. From "ready" on it only obeys the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hostagent.driver import Conflict, MigrationAborted
+from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.memory import PAGE_SIZE
+from hostagent.drivers.simulated.source import MIRRORED_FIELDS
+from hostagent.drivers.simulated.timing import (
+    HELLO_TIMEOUT_S,
+    POPULATE_BUDGET_S,
+    SourceAborted,
+    kind_of,
+)
+from hostagent.drivers.simulated.wire import (
+    ABORT,
+    ACCEPT,
+    DIGESTED,
+    FREEZE,
+    HELLO,
+    MAX_PAGE_LIST,
+    PAGE_LIST,
+    PAGES,
+    PROGRESS,
+    READY,
+    REFUSE,
+    ZERO,
+    FrameReader,
+    FrameWriter,
+    ProtocolError,
+    tune_socket,
+)
+from hostagent.progress import Progress
+from hostagent.protocol import (
+    ACTIVE_STATES,
+    Endpoint,
+    FailureKind,
+    Phase,
+    PhaseLimits,
+    ProgressSnapshot,
+    Role,
+)
+
+log = logging.getLogger("hostagent.simulated.target")
+
+
+class TargetMigration:
+    """Receives the guest into a paused copy; from "ready" on it only obeys the control plane."""
+
+    role: Role = "target"
+
+    def __init__(
+        self,
+        guest: SimulatedGuest,
+        migration_id: str,
+        limits: PhaseLimits,
+        data_host: str,
+        on_drop: Callable[[SimulatedGuest], Awaitable[None]],
+    ) -> None:
+        self.migration_id = migration_id
+        self.guest_id = guest.guest_id
+        self.guest = guest
+        self.limits = limits
+        self.progress = Progress(migration_id, "target", guest.guest_id, guest.memory.size)
+        self._on_drop = on_drop
+        self._token = secrets.token_urlsafe(32)
+        self._listener = socket.create_server((data_host, 0), family=self._family(data_host), backlog=4)
+        self._listener.setblocking(False)
+        self._data_host = data_host
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Future[None] | None = None
+        self._round_done: Any = 0
+        self._drop_task: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _family(host: str) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(host=self._data_host, port=self._listener.getsockname()[1], token=self._token)
+
+    def start(self) -> None:
+        self.guest.migrating = self.migration_id
+        self._task = asyncio.create_task(self._run(), name=f"migrate in {self.migration_id}")
+
+    def snapshot(self) -> ProgressSnapshot:
+        return self.progress.snapshot()
+
+    async def next_change(self, after_seq: int) -> ProgressSnapshot:
+        return await self.progress.next_change(after_seq)
+
+    async def quiesce(self) -> ProgressSnapshot:
+        raise Conflict("quiesce is a source command")
+
+    async def freeze(self) -> ProgressSnapshot:
+        raise Conflict("freeze is a source command")
+
+    async def release(self) -> ProgressSnapshot:
+        raise Conflict("release is a source command")
+
+    async def resume(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state == "completed":
+            return self.snapshot()
+        if state != "ready":
+            raise Conflict(f"resume needs a migration in state ready, this one is {state}")
+        self.guest.migrating = None
+        self.guest.unquiesce_io()
+        self.guest.run()
+        self.progress.update(state="completed", phase=None)
+        return self.snapshot()
+
+    async def discard(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state == "completed":
+            raise Conflict("the guest already runs here; it cannot be discarded")
+        if state != "discarded":
+            await self._stop()
+            await self._drop()
+            current = self.progress.current
+            error = current.error or "discarded by the control plane"
+            self.progress.fail("discarded", error, current.failure_kind or FailureKind.CANCELLED)
+        return self.snapshot()
+
+    async def cancel(self) -> ProgressSnapshot:
+        state = self.progress.state
+        if state in ACTIVE_STATES or state == "ready":
+            await self._stop(notify="the target was cancelled by the control plane")
+            await self._drop()
+            self.progress.fail("cancelled", "cancelled by the control plane", FailureKind.CANCELLED)
+        elif state == "completed":
+            raise Conflict("the guest already runs here; too late to cancel")
+        return self.snapshot()
+
+    # -- the run --------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            async with asyncio.timeout(self.limits.of("init")):
+                await self._accept_source()
+            self.progress.update(state="copy", phase="copy")
+            await self._receive()
+        except TimeoutError:
+            await self._abort(
+                f"no source connected within the init limit of {self.limits.of('init')} s",
+                FailureKind.TIME_LIMIT,
+            )
+        except SourceAborted as error:
+            await self._abort(str(error), error.kind, side="source")
+        except MigrationAborted as error:
+            await self._abort(str(error), error.kind)
+        except (OSError, ProtocolError) as error:
+            await self._abort(
+                f"lost the data-plane connection to the source: {error}", FailureKind.UNREACHABLE
+            )
+        except Exception as error:
+            log.exception("migration %s (target) failed", self.migration_id)
+            await self._abort(f"internal error: {error!r}", FailureKind.INTERNAL)
+        finally:
+            self._listener.close()
+            if self._sock is not None:
+                self._sock.close()
+
+    async def _accept_source(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, peer = await loop.sock_accept(self._listener)
+            tune_socket(sock)
+            if await self._handshake(sock, peer):
+                self._sock = sock
+                self._listener.close()
+                self.progress.update(percent={"init": 100})
+                return
+            sock.close()
+
+    async def _handshake(self, sock: socket.socket, peer: Any) -> bool:
+        writer = FrameWriter(sock)
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                kind, hello = await FrameReader(sock).message()
+        except (TimeoutError, OSError, ProtocolError) as error:
+            log.warning("refused data-plane connection from %s for %s: %s", peer, self.migration_id, error)
+            return False
+        refusal = self._check_hello(kind, hello)
+        with contextlib.suppress(OSError):
+            if refusal:
+                log.warning(
+                    "refused data-plane connection from %s for %s: %s", peer, self.migration_id, refusal
+                )
+                await writer.message(REFUSE, {"error": refusal})
+                return False
+            init_s = self.limits.of("init") or POPULATE_BUDGET_S * 4
+            budget = min(POPULATE_BUDGET_S, init_s / 4)
+            await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
+            await writer.message(ACCEPT, {"migration_id": self.migration_id})
+            return True
+        return False
+
+    def _populate_runs(self, hello: dict[str, Any]) -> list[tuple[int, int]]:
+        """The chunks the source has written, checked: they get RAM before the copy starts."""
+        runs = hello.get("populate")
+        if not isinstance(runs, list):
+            return []
+        chunk_count = self.guest.memory.chunk_count
+        return [
+            (run[0], run[1])
+            for run in runs
+            if isinstance(run, list)
+            and len(run) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in run)
+            and run[0] >= 0
+            and run[1] > 0
+            and run[0] + run[1] <= chunk_count
+        ]
+
+    def _check_hello(self, kind: int, hello: dict[str, Any]) -> str | None:
+        token = hello.get("token")
+        if kind != HELLO or not isinstance(token, str):
+            return "no token presented"
+        if not hmac.compare_digest(token.encode(), self._token.encode()):
+            return "wrong data-plane token"
+        if hello.get("migration_id") != self.migration_id or hello.get("guest") != self.guest.guest_id:
+            return "this listener is for another migration"
+        if hello.get("memory_mib") != self.guest.memory_mib:
+            return f"the target guest was prepared with {self.guest.memory_mib} MiB"
+        return None
+
+    async def _receive(self) -> None:
+        assert self._sock is not None
+        reader = FrameReader(self._sock)
+        memory = self.guest.memory
+        while True:
+            kind, count, first = await reader.header()
+            if kind in (PAGES, ZERO) and (count < 1 or first + count > memory.page_count):
+                raise ProtocolError(f"pages {first}+{count} are outside the guest's memory")
+            if kind == PAGES:
+                await reader.into(memory.pages(first, count))
+                memory.note_written(first, count)
+            elif kind == PAGE_LIST:
+                await self._receive_page_list(reader, count)
+            elif kind == ZERO:
+                memory.zero_pages(first, count)
+            elif kind == PROGRESS:
+                self._mirror(await reader.json_body(count))
+            elif kind == FREEZE:
+                await self._verify(await reader.json_body(count))
+                return
+            elif kind == ABORT:
+                body = await reader.json_body(count)
+                raise SourceAborted(f"the source aborted: {body.get('error', 'no reason')}", kind_of(body))
+            else:
+                raise ProtocolError(f"unexpected frame kind {kind} from the source")
+
+    async def _receive_page_list(self, reader: FrameReader, count: int) -> None:
+        memory = self.guest.memory
+        if not 0 < count <= MAX_PAGE_LIST:
+            raise ProtocolError(f"a page list of {count} pages")
+        numbers = bytearray(8 * count)
+        await reader.into(memoryview(numbers))
+        pages = list(struct.unpack(f"<{count}Q", numbers))
+        if max(pages) >= memory.page_count:
+            raise ProtocolError("a listed page is outside the guest's memory")
+        contents = memoryview(bytearray(count * PAGE_SIZE))
+        await reader.into(contents)
+        view = memory.view
+        for index, page in enumerate(pages):
+            view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents[
+                index * PAGE_SIZE : (index + 1) * PAGE_SIZE
+            ]
+        memory.note_pages_written(pages)
+
+    def _mirror(self, source: dict[str, Any]) -> None:
+        fields = {name: source[name] for name in MIRRORED_FIELDS if name in source}
+        phase = source.get("phase")
+        if phase in ("copy", "quiesce", "frozen"):
+            fields.update(state=phase, phase=phase)
+        reported = source.get("percent")
+        percent: dict[Phase, float] = dict(reported) if isinstance(reported, dict) else {}
+        if source.get("round_done") != self._round_done:
+            self._round_done = source.get("round_done")
+            self._refresh_in_background()
+        self.progress.update(percent=percent, **fields)
+
+    def _refresh_in_background(self) -> None:
+        """Keep page digests warm between rounds, so the check at Frozen only hashes the last pages."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._hash_rounds())
+
+    async def _hash_rounds(self) -> None:
+        """Hash the rounds received so far, tell the source, and go on while rounds keep coming."""
+        while True:
+            round_done = self._round_done
+            await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
+            if self._sock is not None and isinstance(round_done, int):
+                with contextlib.suppress(OSError):
+                    await FrameWriter(self._sock).message(DIGESTED, {"round": round_done})
+            if self._round_done == round_done:
+                return
+
+    async def _verify(self, freeze: dict[str, Any]) -> None:
+        assert self._sock is not None
+        self.progress.update(state="frozen", phase="frozen", percent={"frozen": 70})
+        started = time.monotonic()
+        if self._refresh is not None:
+            await self._refresh
+        waited = time.monotonic() - started
+        memory = self.guest.memory
+        hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+        digest, source_digest = memory.digest(), freeze.get("source_digest")
+        log.info(
+            "migration %s (target) digest: waited %.0f ms for hashing in flight, then %d pages in %.0f ms",
+            self.migration_id,
+            waited * 1000,
+            hashed,
+            (time.monotonic() - started - waited) * 1000,
+        )
+        writer = FrameWriter(self._sock)
+        if digest != source_digest:
+            mismatch = FailureKind.DIGEST_MISMATCH
+            await writer.message(ABORT, {"error": "memory digest mismatch", "kind": mismatch})
+            raise MigrationAborted(
+                f"memory digest mismatch: source {source_digest}, target {digest}", mismatch
+            )
+        self.guest.load_state(freeze["state"])
+        self.guest.pause_vcpus()
+        await writer.message(READY, {"target_digest": digest})
+        self.progress.update(
+            state="ready",
+            percent={"frozen": 100},
+            source_digest=source_digest,
+            target_digest=digest,
+            bytes_remaining=0,
+        )
+
+    # -- ending ---------------------------------------------------------
+    async def _abort(self, error: str, kind: FailureKind, side: Role = "target") -> None:
+        if self.progress.state not in ACTIVE_STATES:
+            return
+        log.warning("migration %s (target) aborted: %s", self.migration_id, error)
+        await self._drop()
+        self.progress.fail("aborted", error, kind, side=side)
+
+    async def _stop(self, notify: str | None = None) -> None:
+        if notify and self._sock is not None and self.progress.state in ACTIVE_STATES:
+            with contextlib.suppress(OSError):
+                abort = {"error": notify, "kind": FailureKind.CANCELLED}
+                await asyncio.wait_for(FrameWriter(self._sock).message(ABORT, abort), 1.0)
+        if self._task is not None and self._task is not asyncio.current_task() and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._listener.close()
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _drop(self) -> None:
+        """Free the copy once: the target never keeps a half-received guest.
+
+        The drop runs in a task of its own that every caller waits for, shielded: a
+        discard arriving while an abort is still dropping cancels the run task, and that
+        must not leave the copy half-dropped (it would block every retry to this host).
+        """
+        if self._drop_task is None:
+            self._drop_task = asyncio.ensure_future(self._drop_once())
+        await asyncio.shield(self._drop_task)
+
+    async def _drop_once(self) -> None:
+        if self._refresh is not None:
+            with contextlib.suppress(Exception):
+                await self._refresh
+        await self._on_drop(self.guest)

@@ -1,0 +1,3 @@
+from matrixoe_cli.main import run
+
+run()

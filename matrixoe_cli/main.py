@@ -1,0 +1,238 @@
+"""The ``matrixoe`` command: ``login``, ``vsps``, ``vms``, ``status``, ``migrate``, ``cancel``, ``history``.
+
+Every command takes ``--json`` (the API's JSON, for scripts). Exit status: 0 done; 1 refused or failed
+(the console's words on stderr); 2 bad usage (typer).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .client import ApiError, Client
+from .config import Login, NotLoggedIn, load_login, save_login
+from .watch import watch_migration
+
+app = typer.Typer(help="The Matrix OE console from a shell.", no_args_is_help=True, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON, for scripts.")]
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(message, style="bold red", markup=False, highlight=False)
+    return typer.Exit(1)
+
+
+def client() -> Client:
+    try:
+        return Client(load_login())
+    except NotLoggedIn as error:
+        raise fail(str(error)) from None
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command()
+def login(
+    url: Annotated[str, typer.Argument(help="The console's address, e.g. https://console.example.com")],
+    token: Annotated[str | None, typer.Option(help="An API token (else asked for, hidden)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Store the console's address and your API token (create one on the console's API tokens page)."""
+    url = url.rstrip("/")
+    if not token:
+        token = typer.prompt(f"API token (from {url}/account/tokens/)", hide_input=True)
+    try:
+        Client(Login(url, token.strip())).get("/vsps", limit=1)
+    except ApiError as error:
+        raise fail(f"Login refused: {error}") from None
+    path = save_login(Login(url, token.strip()))
+    if as_json:
+        print_json({"url": url, "config": str(path)})
+    else:
+        out.print(f"Logged in to {url}; token stored in {path} (mode 600).", markup=False)
+
+
+@app.command()
+def vsps(as_json: JsonOption = False) -> None:
+    """The VSPs (VM hosts)."""
+    items = call(lambda api: api.all_pages("/vsps"))
+    if as_json:
+        return print_json(items)
+    table = Table("VSP", "Online migration", "Licensed", "Memory", "CPUs", "Agent")
+    for vsp in items:
+        table.add_row(
+            vsp["name"],
+            "enabled" if vsp["migration_enabled"] else "disabled",
+            "yes" if vsp["licensed"] else "no",
+            f"{vsp['memory_mib']} MiB",
+            str(vsp["cpus"]),
+            "reachable" if vsp["agent_reachable"] else "UNREACHABLE",
+        )
+    out.print(table)
+
+
+@app.command()
+def vms(
+    vsp: Annotated[str | None, typer.Option("--vsp", help="Only VMs with a copy on this VSP")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """VMs and vPars, where each runs, and whether it can migrate online."""
+    items = call(lambda api: api.all_pages("/vms", vsp=vsp))
+    if as_json:
+        return print_json(items)
+    table = Table("Name", "Kind", "VSP", "OS Status", "Hardware", "Online Migration", "Migration")
+    for vm in items:
+        migration = vm["migration"]
+        table.add_row(
+            vm["name"],
+            vm["kind"]["label"],
+            vm["vsp"] or "—",
+            vm["os_status"]["label"],
+            (vm["hardware_status"] or {}).get("label", "—"),
+            vm["online_migration"]["label"],
+            f"{migration['state']['label']} → {migration['target']}"
+            if migration and migration["active"]
+            else "",
+        )
+    out.print(table)
+
+
+@app.command()
+def status(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: JsonOption = False) -> None:
+    """The VM's General tab, as text."""
+    data = call(lambda api: api.get(f"/vms/{vm}"))
+    if as_json:
+        return print_json(data)
+    for label, value in general_tab_lines(data):
+        out.print(f"[bold]{label + ':':<26}[/bold] {value}", highlight=False)
+    if data["migration"]:
+        migration = data["migration"]
+        out.print(f"\nOnline Migration Phases (to {migration['target']}, {migration['state']['label']}):")
+        for phase in migration["phases"]:
+            out.print(f"  {phase['label']:<12} {phase['percent']:>3}%", highlight=False)
+    if data["alert"]:
+        out.print(f"\n[bold red]Alert:[/bold red] {data['alert']['alert']}", highlight=False)
+
+
+def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
+    limits = vm["phase_time_limits_s"]
+    copy_limit = "unlimited" if limits["copy"] is None else f"{limits['copy']} s"
+    return [
+        ("Name", f"{vm['name']} ({vm['kind']['label']})"),
+        ("VSP", vm["vsp"] or "—"),
+        ("Operating System", vm["operating_system"] or "—"),
+        (
+            "OS Status",
+            vm["os_status"]["label"]
+            + {"queued": " (waiting to migrate)", "outgoing": " (migrating)"}.get(vm["migration_icon"], ""),
+        ),
+        ("Virtual Hardware Status", (vm["hardware_status"] or {}).get("label", "—")),
+        ("Boot Attribute", vm["boot_attribute"]["label"]),
+        ("Graceful Stop Timeout", f"{vm['graceful_stop_timeout_s']} s"),
+        ("Online Migration Enabled", vm["online_migration"]["label"]),
+        ("Not Runnable Set By", vm["not_runnable_set_by"]["label"]),
+        ("Not Runnable Reason", vm["not_runnable_reason"] or "—"),
+        ("Memory", f"{vm['memory_mib']} MiB"),
+        ("vCPUs", str(vm["vcpus"])),
+        (
+            "Phase time limits",
+            f"Init {limits['init']} s · Copy {copy_limit} · I/O Quiesce {limits['io_quiesce']} s · "
+            f"Frozen {limits['frozen']} s",
+        ),
+    ]
+
+
+@app.command()
+def migrate(
+    vm: Annotated[str, typer.Argument(help="VM name or id")],
+    to: Annotated[str, typer.Option("--to", help="Target VSP name or id")],
+    watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it ends")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Migrate a running VM online to another VSP (the Migrate dialog's checks apply)."""
+    api = client()
+    try:
+        migration = api.create_migration(vm, to)
+    except ApiError as error:
+        raise fail(str(error)) from None
+    if not watch:
+        if as_json:
+            return print_json(migration)
+        out.print(
+            f"Migration {migration['id']} of {migration['vm']} to {migration['target']} queued.", markup=False
+        )
+        return
+    try:
+        final = watch_migration(api, migration, out, as_json=as_json)
+    except ApiError as error:
+        raise fail(str(error)) from None
+    if final["state"]["value"] != "completed":
+        raise fail(final["alert"] or f"The migration ended {final['state']['label']}.")
+    if not as_json:
+        out.print(f"{final['vm']} now runs on VSP {final['target']}.", markup=False, highlight=False)
+
+
+@app.command()
+def cancel(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: JsonOption = False) -> None:
+    """Cancel the VM's queued or running migration (the VM keeps running on its source)."""
+    api = client()
+    try:
+        active = api.get("/migrations", vm=vm, active="true", limit=1)["items"]
+        if not active:
+            raise ApiError(f"Nothing to cancel: {vm} has no queued or running migration.")
+        migration = api.post(f"/migrations/{active[0]['id']}/cancel")
+    except ApiError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        return print_json(migration)
+    out.print(
+        f"Cancel of the migration of {migration['vm']} requested ({migration['state']['label']}).",
+        markup=False,
+    )
+
+
+@app.command()
+def history(
+    vm: Annotated[str | None, typer.Argument(help="Only this VM (name or id)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="How many, newest first")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Past and current migrations, newest first."""
+    items = call(lambda api: api.get("/migrations", vm=vm, limit=limit)["items"])
+    if as_json:
+        return print_json(items)
+    table = Table("Id", "VM", "From", "To", "Requested", "By", "Outcome", "Downtime")
+    for m in items:
+        downtime = m["statistics"]["downtime_ms"]
+        table.add_row(
+            str(m["id"]),
+            m["vm"],
+            m["source"],
+            m["target"],
+            m["requested_at"][:19].replace("T", " "),
+            m["requested_by"] or "—",
+            m["state"]["label"] + (f" in {m['failed_phase']}" if m["failed_phase"] else ""),
+            "—" if downtime is None else f"{downtime} ms",
+        )
+    out.print(table)
+
+
+def call(function: Any) -> Any:
+    api = client()
+    try:
+        return function(api)
+    except ApiError as error:
+        raise fail(str(error)) from None
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,79 @@
+"""Pages of the migration history: the list, its CSV export, and one migration's report.
+
+Login is required (middleware) and every view checks ``migrations_app.view_migration``.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import permission_required
+from django.core.paginator import EmptyPage, Paginator
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from vms.views import form_errors_text
+
+from .history import VIEW_MIGRATION_PERMISSION, HistoryFilterForm, HistoryRow, csv_lines, filter_migrations
+from .reports import chart_data, get_report_migration, report_context
+
+PAGE_SIZE = 50
+HISTORY_TEMPLATE = "migrations_app/history.html"
+REPORT_TEMPLATE = "migrations_app/report.html"
+
+
+@require_GET
+@permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
+def history(request: HttpRequest) -> HttpResponse:
+    """Every migration, newest first, filtered and paginated; bad filters: 400 with the reason, no rows."""
+    form = HistoryFilterForm(request.GET)
+    if not form.is_valid():
+        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "migrations"}
+        return render(request, HISTORY_TEMPLATE, context, status=400)
+    try:
+        page = Paginator(filter_migrations(form.cleaned_data), PAGE_SIZE).page(form.cleaned_data["page"] or 1)
+    except EmptyPage:
+        raise Http404("No such page of the migration history.") from None
+    now = timezone.now()
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {
+        "form": form,
+        "page": page,
+        "rows": [HistoryRow.of(migration, now) for migration in page],
+        "query": query.urlencode(),
+        "nav": "migrations",
+    }
+    return render(request, HISTORY_TEMPLATE, context)
+
+
+@require_GET
+@permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
+def history_csv(request: HttpRequest) -> HttpResponse:
+    """The filtered history (all pages) as CSV, streamed; formula-like cells are neutralised."""
+    form = HistoryFilterForm(request.GET)
+    if not form.is_valid():
+        return HttpResponse(form_errors_text(form), status=400, content_type="text/plain; charset=utf-8")
+    migrations = filter_migrations(form.cleaned_data).iterator(chunk_size=2000)
+    response = StreamingHttpResponse(csv_lines(migrations), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="migrations.csv"'
+    return response
+
+
+@require_GET
+@permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
+def report(request: HttpRequest, migration_id: int) -> HttpResponse:
+    migration = get_report_migration(migration_id)
+    if migration is None:
+        raise Http404("No such migration.")
+    return render(request, REPORT_TEMPLATE, {**report_context(migration), "nav": "migrations"})
+
+
+@require_GET
+@permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
+def report_data(request: HttpRequest, migration_id: int) -> JsonResponse:
+    """The chart's samples and the live figures, re-read by the report on each progress push."""
+    migration = get_report_migration(migration_id)
+    if migration is None:
+        raise Http404("No such migration.")
+    return JsonResponse(chart_data(migration))

@@ -1,0 +1,152 @@
+"""One migration's report: its timeline, each phase against its time limit, downtime against the
+allowed downtime, and the convergence samples for the chart.
+
+Reading a report is three queries whatever the size of the history: the migration (with VM, VSPs and
+users joined), its events (with their actors), and nothing per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from .history import HistoryRow, total_seconds
+from .models import PHASE_FIELD_PREFIX, Migration, MigrationEvent
+from .samples import samples_as_series
+
+State = Migration.State
+PHASE_LIMIT_FIELD = {
+    State.INIT: "init_limit_s",
+    State.COPY: "copy_limit_s",
+    State.IO_QUIESCE: "quiesce_limit_s",
+    State.FROZEN: "frozen_limit_s",
+}
+
+
+def allowed_downtime_ms() -> int:
+    """The downtime the agents aim at (ms): ``MIGRATION_DOWNTIME_MS`` as sent to the source agent."""
+    explicit = getattr(settings, "MIGRATION_DOWNTIME_MS", None)
+    return int(explicit if explicit is not None else settings.MIGRATION_AGENT_PARAMS["downtime_ms"])
+
+
+@dataclass(frozen=True)
+class PhaseTiming:
+    """A phase's time (s) against the VM's limit for it (s; None = unlimited or the VM is gone)."""
+
+    label: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    seconds: float | None
+    limit_s: int | None
+    running: bool
+
+    @property
+    def over_limit(self) -> bool:
+        return self.seconds is not None and self.limit_s is not None and self.seconds > self.limit_s
+
+    @property
+    def percent_of_limit(self) -> int | None:
+        if self.seconds is None or not self.limit_s:
+            return None
+        return min(round(100 * self.seconds / self.limit_s), 999)
+
+
+def phase_timings(migration: Migration, now: datetime | None = None) -> list[PhaseTiming]:
+    now = now or timezone.now()
+    timings = []
+    for phase, prefix in PHASE_FIELD_PREFIX.items():
+        started = getattr(migration, f"{prefix}_started_at")
+        ended = getattr(migration, f"{prefix}_ended_at")
+        running = migration.state == phase and started is not None and ended is None
+        end = ended or (now if running else None)
+        seconds = (end - started).total_seconds() if started and end else None
+        limit = getattr(migration.vm, PHASE_LIMIT_FIELD[phase]) if migration.vm is not None else None
+        timings.append(PhaseTiming(str(State(phase).label), started, ended, seconds, limit, running))
+    return timings
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    at: datetime
+    text: str
+    actor: str
+    kind: str  # "request", "phase", "cancel", "abort", "commit", "complete", "refused", "other"
+
+
+def timeline(events: list[MigrationEvent]) -> list[TimelineEntry]:
+    """The events in order, each with who did it and a kind for the page's marker."""
+    return [
+        TimelineEntry(event.at, event.message or _state_words(event), _actor(event), _kind(event))
+        for event in events
+    ]
+
+
+def _actor(event: MigrationEvent) -> str:
+    return event.actor.get_username() if event.actor_id and event.actor else ""
+
+
+def _state_words(event: MigrationEvent) -> str:
+    return f"{State(event.to_state).label}" if event.to_state in State.values else event.to_state
+
+
+def _kind(event: MigrationEvent) -> str:
+    if not event.from_state:
+        return "refused" if event.to_state == State.REFUSED else "request"
+    if event.from_state == event.to_state:
+        return "cancel" if "cancel" in event.message.lower() else "other"
+    return {
+        State.ABORTED: "abort",
+        State.CANCELLED: "cancel",
+        State.COMMITTING: "commit",
+        State.COMPLETED: "complete",
+    }.get(State(event.to_state), "phase")
+
+
+def chart_data(migration: Migration) -> dict[str, Any]:
+    """What the report's script draws and polls: JSON-ready, columns of equal length (see samples.py)."""
+    return {
+        "id": migration.pk,
+        "state": migration.state,
+        "active": migration.is_active,
+        "series": samples_as_series(migration.round_samples or []),
+        "stats": {
+            "bytes_sent": migration.bytes_sent,
+            "bytes_remaining": migration.bytes_remaining,
+            "rounds": migration.rounds,
+            "dirty_rate_bytes_s": migration.dirty_rate_bytes_s,
+            "throughput_bytes_s": migration.throughput_bytes_s,
+            "downtime_ms": migration.downtime_ms,
+            "state_label": str(migration.get_state_display()),
+        },
+    }
+
+
+def get_report_migration(migration_id: int) -> Migration | None:
+    return (
+        Migration.objects.select_related("vm", "source", "target", "requested_by", "cancel_requested_by")
+        .filter(pk=migration_id)
+        .first()
+    )
+
+
+def report_context(migration: Migration) -> dict[str, Any]:
+    """Everything the report page shows (one more query: the events with their actors)."""
+    events = list(
+        MigrationEvent.objects.filter(migration=migration).select_related("actor").order_by("at", "pk")
+    )
+    now = timezone.now()
+    allowed = allowed_downtime_ms()
+    return {
+        "migration": migration,
+        "row": HistoryRow.of(migration, now),
+        "timeline": timeline(events),
+        "phases": phase_timings(migration, now),
+        "total_s": total_seconds(migration, now),
+        "allowed_downtime_ms": allowed,
+        "downtime_over": migration.downtime_ms is not None and migration.downtime_ms > allowed,
+        "chart": chart_data(migration),
+    }

@@ -1,0 +1,106 @@
+"""The API against a live console: a real migration created over HTTP, its progress streamed as JSON
+(server-sent events), and /metrics counting it afterwards. Real server, worker, Redis and host agents."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from api.tokens import do_create_token
+from tests.api.conftest import READ_ONLY, WRITER
+from tests.factories import make_user
+from tests.migrations_app.guests import place_vm, runs_on
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def read_events(base_url: str, token: str, migration_id: int) -> list[tuple[str, dict]]:
+    events, event = [], "message"
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"{base_url}/api/v1/migrations/{migration_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((event, json.loads(line[5:])))
+    return events
+
+
+def test_it_migrates_over_http_streams_progress_and_counts_it_in_metrics(host_agents, fleet, live_console):
+    token = do_create_token(make_user("alice", permissions=WRITER), "live")[1]
+    headers = {"Authorization": f"Bearer {token}"}
+    vm = place_vm(host_agents, fleet, memory_mib=16, fill_percent=30)
+
+    created = httpx.post(
+        f"{live_console}/api/v1/migrations",
+        json={"vm": vm.name, "target": "hostb"},
+        headers=headers,
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    events = read_events(live_console, token, created.json()["id"])
+
+    assert events[0][1]["state"]["value"] in ("queued", "init", "copy", "io_quiesce", "frozen")
+    kind, final = events[-1]
+    assert kind == "end" and final["state"]["value"] == "completed", final["alert"]
+    assert [p["percent"] for p in final["phases"]] == [100, 100, 100, 100]
+    assert final["statistics"]["downtime_ms"] is not None
+    assert runs_on(host_agents["hostb"], vm.name)
+    general = httpx.get(f"{live_console}/api/v1/vms/{vm.name}", headers=headers, timeout=30).json()
+    assert general["vsp"] == "hostb"
+
+    metrics = httpx.get(f"{live_console}/metrics", headers=headers, timeout=30)
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert 'matrixoe_migrations_total{failed_phase="",outcome="completed"} 1.0' in text
+    assert "matrixoe_migration_downtime_seconds_count 1.0" in text
+    assert 'matrixoe_agent_reachable{vsp="hostb"} 1.0' in text
+
+
+def test_it_refuses_a_scrape_without_token_from_an_address_not_allowed(live_console):
+    response = httpx.get(f"{live_console}/metrics", timeout=30)
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "METRICS_ALLOWED_IPS" in response.json()["detail"]
+    assert "matrixoe_" not in response.text
+
+
+def test_it_refuses_the_progress_stream_to_anonymous_and_unknown_ids(live_console):
+    token = do_create_token(make_user("olga", permissions=READ_ONLY), "live")[1]
+
+    anonymous = httpx.get(f"{live_console}/api/v1/migrations/1/events", timeout=30)
+    unknown = httpx.get(
+        f"{live_console}/api/v1/migrations/424242/events",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+
+    assert anonymous.status_code == 401 and anonymous.headers["content-type"] == "application/problem+json"
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "No migration with the id 424242."
+
+
+def test_it_starts_one_migration_for_two_simultaneous_posts_with_one_key(host_agents, fleet, live_console):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from migrations_app.models import Migration
+
+    token = do_create_token(make_user("alice", permissions=WRITER), "live")[1]
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "one-click-two-requests"}
+    vm = place_vm(host_agents, fleet)
+
+    def post(_):
+        body = {"vm": vm.name, "target": "hostc"}
+        return httpx.post(f"{live_console}/api/v1/migrations", json=body, headers=headers, timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(post, range(2)))
+
+    assert sorted(r.status_code for r in responses) == [200, 201], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert Migration.objects.filter(vm=vm).count() == 1

@@ -1,0 +1,60 @@
+"""/metrics access rules (token, allowed addresses) and what it counts, from the database alone."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from api.tokens import do_create_token
+from migrations_app.models import Migration
+from tests.api.conftest import READ_ONLY
+from tests.factories import make_user, make_vm, make_vsp
+
+pytestmark = pytest.mark.django_db
+
+
+def scrape(remote_addr: str = "192.0.2.10", token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Client(REMOTE_ADDR=remote_addr).get("/metrics", headers=headers)
+
+
+def test_it_serves_metrics_to_an_allowed_address_without_a_token(settings):
+    settings.METRICS_ALLOWED_IPS = ["10.0.0.0/8"]
+
+    assert scrape("10.1.2.3").status_code == 200
+    assert scrape("192.0.2.10").status_code == 401
+
+
+def test_it_refuses_a_token_of_a_user_who_may_not_view_migrations():
+    nobody = do_create_token(make_user("nobody"), "t")[1]
+
+    assert scrape(token=nobody).status_code == 403
+    assert scrape(token="moe_wrong").status_code == 401  # noqa: S106 - not a real token
+
+
+def test_it_counts_outcomes_failed_phases_queue_and_downtime_from_the_database():
+    hosta, hostb = make_vsp("hosta"), make_vsp("hostb", agent_reachable=False)
+    for state, failed_phase, downtime in (
+        ("completed", "", 120),
+        ("aborted", "copy", None),
+        ("queued", "", None),
+    ):
+        Migration.objects.create(
+            vm=make_vm(vsp=hosta),
+            source=hosta,
+            target=hostb,
+            state=state,
+            failed_phase=failed_phase,
+            downtime_ms=downtime,
+        )
+    token = do_create_token(make_user("olga", permissions=READ_ONLY), "t")[1]
+
+    text = scrape(token=token).content.decode()
+
+    assert 'matrixoe_migrations_total{failed_phase="",outcome="completed"} 1.0' in text
+    assert 'matrixoe_migrations_total{failed_phase="copy",outcome="aborted"} 1.0' in text
+    assert 'matrixoe_migrations_total{failed_phase="",outcome="cancelled"} 0.0' in text
+    assert "matrixoe_migrations_queued 1.0" in text
+    assert 'matrixoe_migration_downtime_seconds_bucket{le="0.25"} 1.0' in text
+    assert 'matrixoe_migration_downtime_seconds_bucket{le="0.1"} 0.0' in text
+    assert 'matrixoe_agent_reachable{vsp="hostb"} 0.0' in text

@@ -1,0 +1,202 @@
+"""Migrations over the API without a worker: creating (queued), refusals in the page's words, bad input,
+permissions, the Idempotency-Key, listing and filtering, cancelling a queued one.
+
+No worker runs here: in these (non-transactional) tests the queued job is never sent, so each migration
+stays Queued; ``test_live.py`` drives real ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from migrations_app.models import Migration
+from tests.api.test_inventory_api import assert_problem
+from tests.factories import make_vm, make_vsp
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def hosts():
+    return make_vsp("hosta"), make_vsp("hostb")
+
+
+def test_it_queues_a_migration_by_names(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    response = api.post("/migrations", {"vm": "web01", "target": "hostb"})
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["vm"], body["source"], body["target"], body["state"]["value"]) == (
+        "web01",
+        "hosta",
+        "hostb",
+        "queued",
+    )
+    assert [p["label"] for p in body["phases"]] == ["Init", "Copy", "I/O Quiesce", "Frozen"]
+    assert body["requested_by"] == "alice"
+    assert Migration.objects.get().target == hosts[1]
+
+
+def test_it_accepts_ids_too(api, hosts):
+    vm = make_vm("web01", vsp=hosts[0])
+
+    response = api.post("/migrations", {"vm": str(vm.pk), "target": str(hosts[1].pk)})
+
+    assert response.status_code == 201, response.content
+
+
+@pytest.mark.parametrize(
+    ("vm_fields", "target", "detail"),
+    [
+        ({"kind": "vpar"}, "hostb", "web01 cannot migrate to hostb: vPars do not migrate."),
+        (
+            {"online_migration_enabled": False},
+            "hostb",
+            "web01 cannot migrate to hostb: VM not enabled for online migration.",
+        ),
+        ({}, "hosta", "web01 cannot migrate to hosta: same host."),
+        (
+            {"memory_mib": 999_999},
+            "hostb",
+            "web01 cannot migrate to hostb: not enough free memory (needs 999999 MiB, 16384 MiB free).",
+        ),
+    ],
+)
+def test_it_refuses_with_the_dialogs_words_and_changes_nothing(api, hosts, vm_fields, target, detail):
+    make_vm("web01", vsp=hosts[0], **vm_fields)
+
+    response = api.post("/migrations", {"vm": "web01", "target": target})
+
+    assert_problem(response, 409, detail)
+    assert not Migration.objects.exists()
+
+
+def test_it_refuses_a_vm_already_migrating(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    make_vsp("hostc")
+    assert api.post("/migrations", {"vm": "web01", "target": "hostb"}).status_code == 201
+
+    response = api.post("/migrations", {"vm": "web01", "target": "hostc"})
+
+    assert_problem(response, 409, "web01 cannot migrate to hostc: VM is already migrating.")
+    assert Migration.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"vm": "nosuchvm", "target": "hostb"}, 404),
+        ({"vm": "web01", "target": "nosuchvsp"}, 404),
+        ({"vm": "web01"}, 422),
+        ({"vm": ["web01"], "target": "hostb"}, 422),
+        ({"vm": "", "target": "hostb"}, 422),
+        ({"vm": "99999999999999999999999", "target": "hostb"}, 404),
+    ],
+)
+def test_it_refuses_bad_input_and_changes_nothing(api, hosts, body, status):
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(api.post("/migrations", body), status)
+    assert not Migration.objects.exists()
+
+
+def test_it_says_which_name_is_unknown(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(
+        api.post("/migrations", {"vm": "web02", "target": "hostb"}), 404, "No VM with the id or name 'web02'."
+    )
+
+
+def test_it_answers_403_to_a_read_only_user_and_401_to_anonymous(read_only_api, anonymous_api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(
+        read_only_api.post("/migrations", {"vm": "web01", "target": "hostb"}),
+        403,
+        "Your account lacks the permission to do this.",
+    )
+    assert_problem(anonymous_api.post("/migrations", {"vm": "web01", "target": "hostb"}), 401)
+    assert not Migration.objects.exists()
+
+
+def test_it_returns_the_first_migration_for_a_retried_idempotency_key(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    key = {"Idempotency-Key": "f1b6c0de-retry"}
+
+    first = api.post("/migrations", {"vm": "web01", "target": "hostb"}, headers=key)
+    second = api.post("/migrations", {"vm": "web01", "target": "hostb"}, headers=key)
+
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert second["Idempotent-Replayed"] == "true"
+    assert Migration.objects.count() == 1
+
+
+def test_it_refuses_a_reused_idempotency_key_for_another_migration(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    make_vm("web02", vsp=hosts[0])
+    key = {"Idempotency-Key": "same-key"}
+    api.post("/migrations", {"vm": "web01", "target": "hostb"}, headers=key)
+
+    response = api.post("/migrations", {"vm": "web02", "target": "hostb"}, headers=key)
+
+    assert_problem(
+        response, 409, "This Idempotency-Key was already used for a different migration; use a new key."
+    )
+    assert Migration.objects.count() == 1
+
+
+def test_it_lists_and_filters_migrations(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    make_vm("web02", vsp=hosts[1])
+    api.post("/migrations", {"vm": "web01", "target": "hostb"})
+    api.post("/migrations", {"vm": "web02", "target": "hosta"})
+
+    assert api.get("/migrations").json()["count"] == 2
+    assert [m["vm"] for m in api.get("/migrations", vm="web02").json()["items"]] == ["web02"]
+    assert api.get("/migrations", state="completed").json()["count"] == 0
+    assert api.get("/migrations", active="true").json()["count"] == 2
+    assert api.get("/migrations", vsp="hostb").json()["count"] == 2
+    assert_problem(api.get("/migrations", state="exploded"), 422)
+
+
+def test_it_shows_one_migration_with_its_events(api, read_only_api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    created = api.post("/migrations", {"vm": "web01", "target": "hostb"}).json()
+
+    body = read_only_api.get(f"/migrations/{created['id']}").json()
+
+    assert body["statistics"]["bytes_sent"] == 0
+    assert body["events"][0]["to_state"] == "queued" and body["events"][0]["actor"] == "alice"
+    assert_problem(api.get("/migrations/424242"), 404, "No migration with the id 424242.")
+    assert_problem(api.get("/migrations/abc"), 422)
+
+
+def test_it_cancels_a_queued_migration_and_refuses_a_second_cancel(api, read_only_api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    created = api.post("/migrations", {"vm": "web01", "target": "hostb"}).json()
+
+    assert_problem(read_only_api.post(f"/migrations/{created['id']}/cancel"), 403)
+    response = api.post(f"/migrations/{created['id']}/cancel")
+
+    assert response.status_code == 202
+    assert response.json()["state"]["value"] == "cancelled"
+    assert_problem(
+        api.post(f"/migrations/{created['id']}/cancel"),
+        409,
+        "Nothing to cancel: the migration has already ended (Cancelled).",
+    )
+
+
+def test_it_answers_400_to_a_body_that_is_not_json(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    response = api.client.post(
+        "/api/v1/migrations", "vm=web01", content_type="application/json", headers=api.headers
+    )
+
+    assert_problem(response, 400)
+    assert not Migration.objects.exists()

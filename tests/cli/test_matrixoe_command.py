@@ -1,0 +1,142 @@
+"""The real ``matrixoe`` command (installed in the virtualenv by ``make``) against a live console:
+real server, worker, Redis and host agents; each run in a subprocess with its own config directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.tokens import do_create_token
+from migrations_app.models import Migration
+from tests.api.conftest import WRITER
+from tests.factories import make_user
+from tests.migrations_app.guests import place_vm
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MATRIXOE = Path(sys.executable).parent / "matrixoe"
+
+
+def matrixoe(config_dir: Path, *args: str, env: dict | None = None, timeout: float = 120):
+    assert MATRIXOE.exists(), f"{MATRIXOE} missing: `make` installs it (pip install -e . --no-deps)"
+    environment = {k: v for k, v in os.environ.items() if k not in ("MATRIXOE_URL", "MATRIXOE_TOKEN")} | {
+        "MATRIXOE_CONFIG_DIR": str(config_dir),
+        "COLUMNS": "160",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [str(MATRIXOE), *args], capture_output=True, text=True, env=environment, timeout=timeout
+    )
+
+
+@pytest.fixture
+def token():
+    return do_create_token(make_user("alice", permissions=WRITER), "cli")[1]
+
+
+@pytest.fixture
+def logged_in(tmp_path, live_console, token) -> Path:
+    result = matrixoe(tmp_path, "login", live_console, "--token", token)
+    assert result.returncode == 0, result.stderr
+    return tmp_path
+
+
+def test_it_logs_in_and_keeps_the_token_readable_by_the_user_only(logged_in, token):
+    login_file = logged_in / "login.json"
+
+    assert stat.S_IMODE(login_file.stat().st_mode) == 0o600
+    assert json.loads(login_file.read_text())["token"] == token
+
+
+def test_it_refuses_a_wrong_token_at_login(tmp_path, live_console):
+    result = matrixoe(tmp_path, "login", live_console, "--token", "moe_wrong")
+
+    assert result.returncode == 1
+    assert "Login refused" in result.stderr
+    assert not (tmp_path / "login.json").exists()
+
+
+def test_it_migrates_with_watch_showing_four_phases_at_100_and_the_new_vsp(host_agents, fleet, logged_in):
+    vm = place_vm(host_agents, fleet, memory_mib=16, fill_percent=30)
+
+    result = matrixoe(logged_in, "migrate", vm.name, "--to", "hostb", "--watch")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for label in ("Init", "Copy", "I/O Quiesce", "Frozen"):
+        assert any(
+            line.split() and line.startswith(label) and line.rstrip().endswith("100%")
+            for line in result.stdout.splitlines()
+        ), (label, result.stdout)
+    assert f"{vm.name} now runs on VSP hostb." in result.stdout
+    status = matrixoe(logged_in, "status", vm.name)
+    assert "VSP:" in status.stdout and "hostb" in status.stdout.split("VSP:")[1].splitlines()[0]
+    history = json.loads(matrixoe(logged_in, "history", vm.name, "--json").stdout)
+    assert [(m["target"], m["state"]["value"]) for m in history] == [("hostb", "completed")]
+
+
+def test_it_exits_non_zero_with_the_refusals_words(host_agents, fleet, logged_in):
+    vm = place_vm(host_agents, fleet)
+
+    result = matrixoe(logged_in, "migrate", vm.name, "--to", "hosta", "--watch")
+
+    assert result.returncode == 1
+    assert f"{vm.name} cannot migrate to hosta: same host." in result.stderr
+    assert not Migration.objects.filter(vm=vm).exists()
+
+
+def test_it_lists_as_json_with_the_environment_overriding_the_stored_login(
+    host_agents, fleet, tmp_path, live_console, token
+):
+    env = {"MATRIXOE_URL": live_console, "MATRIXOE_TOKEN": token}
+
+    vsps = matrixoe(tmp_path, "vsps", "--json", env=env)
+    vms = matrixoe(tmp_path, "vms", "--vsp", "hostc", "--json", env=env)
+    unknown = matrixoe(tmp_path, "vms", "--vsp", "nowhere", env=env)
+
+    assert [v["name"] for v in json.loads(vsps.stdout)] == ["hosta", "hostb", "hostc"]
+    assert json.loads(vms.stdout) == []
+    assert unknown.returncode == 1 and "No VSP with the id or name 'nowhere'." in unknown.stderr
+    assert matrixoe(tmp_path, "vsps").returncode == 1  # nothing stored, no environment: not logged in
+
+
+def test_it_cancels_a_running_migration_and_says_so(host_agents, fleet, logged_in, wait_for):
+    vm = place_vm(host_agents, fleet, memory_mib=64, fill_percent=100)  # a long Copy at the capped bandwidth
+
+    started = json.loads(matrixoe(logged_in, "migrate", vm.name, "--to", "hostb", "--json").stdout)
+    cancelled = matrixoe(logged_in, "cancel", vm.name)
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"Cancel of the migration of {vm.name} requested" in cancelled.stdout
+    assert wait_for(lambda: Migration.objects.get(pk=started["id"]).state == "cancelled", timeout=60)
+    again = matrixoe(logged_in, "cancel", vm.name)
+    assert again.returncode == 1
+    assert f"Nothing to cancel: {vm.name} has no queued or running migration." in again.stderr
+
+
+def test_it_exits_non_zero_with_the_alert_when_the_watched_migration_is_cancelled(
+    host_agents, fleet, logged_in, wait_for
+):
+    vm = place_vm(host_agents, fleet, memory_mib=64, fill_percent=100)  # a long Copy at the capped bandwidth
+    environment = os.environ | {"MATRIXOE_CONFIG_DIR": str(logged_in), "COLUMNS": "160"}
+    watching = subprocess.Popen(
+        [str(MATRIXOE), "migrate", vm.name, "--to", "hostb", "--watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in environment.items() if k not in ("MATRIXOE_URL", "MATRIXOE_TOKEN")},
+    )
+    try:
+        assert wait_for(lambda: Migration.objects.filter(vm=vm, state="copy").exists(), timeout=60)
+        assert matrixoe(logged_in, "cancel", vm.name).returncode == 0
+        stdout, stderr = watching.communicate(timeout=120)
+    finally:
+        watching.kill()
+
+    assert watching.returncode == 1, stdout + stderr
+    assert "Cancelled by alice during the Copy phase. The VM keeps running on hosta." in stderr
