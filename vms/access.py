@@ -19,6 +19,7 @@ fixed query count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
@@ -121,9 +122,11 @@ def can_view_vm(user: Any, vm_id: int) -> bool:
     return visible_vms(user).filter(pk=vm_id).exists()
 
 
-def get_visible_vm(user: Any, vm_id: int, vms: QuerySet[VirtualMachine] | None = None) -> VirtualMachine:
+def get_visible_vm(
+    user: Any, vm_id: int | None, vms: QuerySet[VirtualMachine] | None = None
+) -> VirtualMachine:
     """The guest ``vm_id`` from ``vms`` if ``user`` may see it; raises ``Http404`` otherwise."""
-    vm = visible_vms(user, vms).filter(pk=vm_id).first()
+    vm = visible_vms(user, vms).filter(pk=vm_id).first() if vm_id is not None else None
     if vm is None:
         raise Http404()  # the same page as for an id that never existed
     return vm
@@ -137,10 +140,13 @@ def get_visible_vsp(user: Any, vsp_id: int, vsps: QuerySet[VSP] | None = None) -
     return vsp
 
 
-def _has_role_on(user: Any, role: str, vsp_ids: list[int]) -> bool:
-    """Whether ``user`` has ``role`` or more on every VSP of ``vsp_ids`` (one query)."""
+def _has_role_on(user: Any, role: str, vsp_ids: Sequence[int | None]) -> bool:
+    """Whether ``user`` has ``role`` or more on every VSP of ``vsp_ids`` (one query; None: a deleted
+    VSP, which only superusers act on)."""
     if getattr(user, "is_superuser", False):
         return True
+    if None in vsp_ids:
+        return False
     wanted = set(vsp_ids)
     return len(wanted) == vsps_with_role(user, role).filter(pk__in=wanted).count()
 
@@ -175,7 +181,7 @@ def migration_targets(user: Any) -> QuerySet[VSP]:
     return vsps_with_role(user, Role.OPERATOR)
 
 
-def check_can_cancel(user: Any, source_id: int, target_id: int) -> None:
+def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) -> None:
     """Cancel needs ``migrations_app.change_migration`` and the operator role on the source or the target."""
     _require(user, CHANGE_MIGRATION_PERMISSION)
     if not (_has_role_on(user, Role.OPERATOR, [source_id]) or _has_role_on(user, Role.OPERATOR, [target_id])):
