@@ -1,9 +1,11 @@
 """Starting, queueing and cancelling migrations: the multi-step changes behind the Migrate and Cancel buttons.
 
-Each ``do_*`` checks permission, decides under a lock (and the ``one_active_migration_per_vm`` constraint),
-records an event, and queues the worker's job with ``transaction.on_commit`` so it never sees an
-uncommitted row. Refusals raise ``MigrationRefused`` (a ``ValidationError`` whose message is fit for the
-page); nothing is changed then.
+Each ``do_*`` checks the user's right (``vms.access``: the global permission and the operator role in
+the host groups of the source and the target), decides under a lock (and the
+``one_active_migration_per_vm`` constraint), records an event, and queues the worker's job with
+``transaction.on_commit`` so it never sees an uncommitted row. Refusals raise ``MigrationRefused``
+(a ``ValidationError`` whose message is fit for the page) or ``vms.access.AccessDenied``
+(a ``PermissionDenied``); nothing is changed then.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
+from vms.access import check_can_cancel, check_can_migrate
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
@@ -25,9 +28,6 @@ from .scheduling import enqueue_next_for_source, enqueue_run
 from .transitions import record_created, transition
 
 logger = logging.getLogger(__name__)
-
-ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
-CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
 
 
 class MigrationRefused(ValidationError):
@@ -41,22 +41,18 @@ class RequestResult:
     refusal: str  # "" when the migration was queued
 
 
-def check_permission(user: Any, permission: str) -> None:
-    if not user.has_perm(permission):
-        raise PermissionDenied("Your account lacks the permission to do this.")
-
-
 def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
 
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
     serializes the checks, and the partial unique constraint catches anything that slips past them.
+    Raises ``AccessDenied`` unless ``user`` is an operator of both the source's and the target's group.
     """
-    check_permission(user, ADD_MIGRATION_PERMISSION)
     try:
         with transaction.atomic():
             vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
             target = VSP.objects.get(pk=target.pk)
+            check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
             migration = _create_migration(vm, target, user)
     except IntegrityError:
         refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
@@ -99,14 +95,18 @@ def refusal_message(vm: VirtualMachine, target: VSP, reason: str) -> str:
 
 
 def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> list[RequestResult]:
-    """Queue several VMs for ``target``; those leaving one source go one at a time (the rest wait queued)."""
-    check_permission(user, ADD_MIGRATION_PERMISSION)
+    """Queue several VMs for ``target``; those leaving one source go one at a time (the rest wait queued).
+
+    Each VM is decided on its own: one the user may not migrate is refused with the reason, the rest go.
+    """
     results = []
     for vm in vms:
         try:
             results.append(RequestResult(vm, do_request_migration(vm, target, user), ""))
         except MigrationRefused as refusal:
             results.append(RequestResult(vm, None, str(refusal.message)))
+        except PermissionDenied as denied:
+            results.append(RequestResult(vm, None, str(denied)))
     return results
 
 
@@ -115,7 +115,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
 
     From COMMITTING on it is too late: the database already decided that the target copy runs.
     """
-    check_permission(user, CHANGE_MIGRATION_PERMISSION)
+    check_can_cancel(user, migration.source_id, migration.target_id)
     if _cancel_queued(migration, user):
         return
     with transaction.atomic():

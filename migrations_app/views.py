@@ -1,24 +1,33 @@
 """Migration pages: the migrate dialog, cancel, and "migrate selected" on a VSP's Virtual Machines tab.
 
-Each view reads the request, checks access, calls one action from ``actions.py``, renders.
-Refusals change nothing and say why in plain words.
+Each view reads the request, checks access (``vms.access``: what the user cannot see is a 404), calls
+one action from ``actions.py`` (which decides the right to act), renders. Refusals change nothing and
+say why in plain words.
 """
 
 from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
+from matrixoe.error_views import permission_denied
+from vms.access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    check_can_migrate,
+    get_visible_vm,
+    get_visible_vsp,
+    migration_targets,
+)
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
 from .actions import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
     MigrationRefused,
     do_cancel_migration,
     do_request_migration,
@@ -42,20 +51,31 @@ def parse_id(value: str | None) -> int | None:
 @require_http_methods(["GET", "POST"])
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
-    """GET: every VSP with its pre-check result. POST: start the migration to the chosen target."""
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    """GET: every VSP the user may migrate to, with its pre-check result. POST: start the migration.
+
+    A VM the user cannot see is a 404; one they may not migrate (not an operator of its source's host
+    group) a short 403. A forged target outside the user's groups is refused by the action (403, the
+    dialog says why, nothing changes).
+    """
+    vm = get_visible_vm(request.user, vm_id)
+    try:
+        check_can_migrate(request.user, vm)
+    except PermissionDenied as denied:
+        return permission_denied(request, denied)
     if request.method == "GET":
         return render_dialog(request, vm)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     if target is None:
-        checks = check_targets(vm)
+        checks = offered_checks(request, vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
     try:
         do_request_migration(vm, target, request.user)
     except MigrationRefused as refusal:
         return render_dialog(request, vm, error=str(refusal.message), status=400)
+    except PermissionDenied as denied:
+        return render_dialog(request, vm, error=str(denied), status=403)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
@@ -82,10 +102,16 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
     return f"No VSP can take {vm.name} now; each row says why."
 
 
+def offered_checks(request: HtmxHttpRequest, vm: VirtualMachine) -> list[TargetCheck]:
+    """The dialog's rows: only VSPs where the user is an operator (others are not offered at all)."""
+    offered = set(migration_targets(request.user).values_list("pk", flat=True))
+    return [check for check in check_targets(vm) if check.vsp.pk in offered]
+
+
 def render_dialog(
     request: HtmxHttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
 ) -> HttpResponse:
-    checks = check_targets(vm)
+    checks = offered_checks(request, vm)
     blocked = refused_everywhere(vm, checks)
     context = {
         "vm": vm,
@@ -107,8 +133,11 @@ def render_dialog(
 @permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
 def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
     try:
         do_cancel_migration(migration, request.user)
+    except PermissionDenied as denied:
+        return permission_denied(request, denied)
     except MigrationRefused as refusal:
         return respond_notice(request, migration.vm, str(refusal.message), ok=False)
     return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
@@ -128,7 +157,7 @@ def respond_notice(
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     """Several VMs of one VSP to one target: they leave one at a time, the rest wait (hourglass)."""
-    vsp = get_object_or_404(VSP, pk=vsp_id)
+    vsp = get_visible_vsp(request.user, vsp_id)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     vm_ids = [parse_id(value) for value in request.POST.getlist("vm")]

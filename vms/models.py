@@ -20,10 +20,68 @@ from django.utils import timezone
 from vms.fields import EncryptedSecretField
 
 
-class VSP(models.Model):
-    """A VM Server Platform (VM host) with its host agent."""
+class HostGroup(models.Model):
+    """A group of VSPs (like an oVirt cluster or a vSphere folder): the unit that rights are given on.
+
+    A VSP belongs to at most one group; a VSP in no group is seen and used by superusers only.
+    Who may do what on a group's VSPs is a ``HostGroupMembership`` (see ``vms.access``).
+    """
 
     name = models.CharField(max_length=64, unique=True)
+    description = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "host group"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    """A user's role in a host group; each role includes the rights of those before it."""
+
+    VIEWER = "viewer", "Viewer (sees the group's VSPs and guests)"
+    OPERATOR = "operator", "Operator (may also migrate and power guests)"
+    ADMINISTRATOR = "administrator", "Administrator (may also change settings and runnable marks)"
+
+    @classmethod
+    def at_least(cls, role: str) -> list[str]:
+        """The roles that include ``role``'s rights: ``at_least(OPERATOR) == [operator, administrator]``."""
+        order = list(cls)
+        return [str(r) for r in order[order.index(cls(role)) :]]
+
+
+class HostGroupMembership(models.Model):
+    """One user's role in one host group (at most one row per user and group)."""
+
+    group = models.ForeignKey(HostGroup, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="host_roles")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        ordering = ["group__name", "user__username"]
+        verbose_name = "host group membership"
+        constraints = [
+            models.UniqueConstraint(fields=["group", "user"], name="one_role_per_user_and_host_group"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} is {self.role} of {self.group}"
+
+
+class VSP(models.Model):
+    """A VM Server Platform (VM host) with its host agent, in at most one host group."""
+
+    name = models.CharField(max_length=64, unique=True)
+    group = models.ForeignKey(
+        HostGroup,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="vsps",
+        help_text="Who may see and use this VSP; in no group, only superusers do.",
+    )
     agent_url = models.URLField(help_text="The host agent's HTTP API, e.g. http://127.0.0.1:7101")
     agent_secret = EncryptedSecretField(
         help_text="Credential for the host agent; stored encrypted, never shown."

@@ -11,6 +11,7 @@ from django.utils.safestring import SafeString
 from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
+from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
 register = template.Library()
@@ -138,8 +139,9 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
 
 
 @register.filter
-def other_vsps(vsp: VSP) -> list[VSP]:
-    return list(VSP.objects.exclude(pk=vsp.pk).order_by("name"))
+def other_vsps(vsp: VSP, user: Any) -> list[VSP]:
+    """The targets "migrate selected" offers ``user`` from ``vsp``: VSPs where they are an operator."""
+    return list(migration_targets(user).exclude(pk=vsp.pk).order_by("name"))
 
 
 @register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)

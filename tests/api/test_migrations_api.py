@@ -116,7 +116,7 @@ def test_it_answers_403_to_a_read_only_user_and_401_to_anonymous(read_only_api, 
     assert_problem(
         read_only_api.post("/migrations", {"vm": "web01", "target": "hostb"}),
         403,
-        "Your account lacks the permission to do this.",
+        "You may look but not change: your account lacks the permission to do this.",
     )
     assert_problem(anonymous_api.post("/migrations", {"vm": "web01", "target": "hostb"}), 401)
     assert not Migration.objects.exists()

@@ -12,8 +12,8 @@ import pytest
 from devtools import processes
 from migrations_app.models import Migration
 from tests.conftest import free_port, log_in, log_path, run_in_thread, subprocess_env
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+from tests.factories import MIGRATION_ADMIN_PERMISSIONS as ADMIN_PERMISSIONS
+from tests.factories import make_migration, make_user, make_vm, make_vsp
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -26,7 +26,7 @@ def copying_vm():
     migration = make_migration(
         vm, vsp1, vsp2, state=Migration.State.COPY, init_percent=100, copy_percent=6, rounds=1
     )
-    make_user("watcher", *ADMIN_PERMISSIONS)
+    make_user("watcher", ADMIN_PERMISSIONS)
     return vm, migration
 
 
