@@ -24,6 +24,7 @@ from migrations_app.evacuation import (
     summarize,
 )
 from migrations_app.evacuation_models import Evacuation
+from vms.access import visible_vsps
 
 from .lookups import MAX_ID, get_vm, get_vsp
 from .routes import OBJECT_ERRORS, WRITE_ERRORS, IdRef
@@ -143,7 +144,7 @@ def evacuation_out(evacuation: Evacuation) -> EvacuationOut:
 
 def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
     evacuation = Evacuation.objects.select_related("vsp").filter(pk=evacuation_id).first()
-    if evacuation is None:
+    if evacuation is None or not visible_vsps(request.user).filter(pk=evacuation.vsp_id).exists():
         raise Http404(f"No evacuation with the id {evacuation_id}.")
     if not may_view_evacuation(request.user, evacuation.vsp):
         raise PermissionDenied("Your account lacks the permission to see this.")
@@ -153,7 +154,7 @@ def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
 @router.get("/vsps/{vsp}/evacuation-plan", response={200: PlanOut, **OBJECT_ERRORS})
 def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
     """What evacuating this VSP would do: each guest's target and forecast, and who stays, and why."""
-    host = get_vsp(vsp)
+    host = get_vsp(vsp, request.user)
     if not may_view_evacuation(request.user, host):
         raise PermissionDenied("Your account lacks the permission to see this.")
     return plan_out(build_plan(host))
@@ -167,11 +168,14 @@ def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef)
     for a VM replaces the plan's. Refused (409, nothing changed) when an evacuation of this VSP runs, or
     the plan no longer fits.
     """
-    host = get_vsp(vsp)
-    chosen = {get_vm(vm_ref).pk: get_vsp(vsp_ref).pk for vm_ref, vsp_ref in body.targets.items()}
+    host = get_vsp(vsp, request.user)
+    chosen = {
+        get_vm(vm_ref, request.user).pk: get_vsp(vsp_ref, request.user).pk
+        for vm_ref, vsp_ref in body.targets.items()
+    }
     proposed = build_plan(host, chosen)
     targets = {step.vm.pk: step.target.pk for step in proposed.steps if step.target is not None} | chosen
-    order = [get_vm(vm_ref).pk for vm_ref in body.order] if body.order is not None else None
+    order = [get_vm(vm_ref, request.user).pk for vm_ref in body.order] if body.order is not None else None
     evacuation = do_start_evacuation(host, targets, order, request.user)
     return Status(201, evacuation_out(evacuation))
 
@@ -193,5 +197,5 @@ def cancel_evacuation(request: HttpRequest, evacuation_id: int = EvacuationId) -
 @router.post("/vsps/{vsp}/leave-maintenance", response={200: VSPOut, **WRITE_ERRORS})
 def leave_maintenance(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
     """The admin's explicit end of maintenance (refused while an evacuation of it runs)."""
-    do_leave_maintenance(get_vsp(vsp), request.user)
-    return vsp_out(get_vsp(vsp))
+    do_leave_maintenance(get_vsp(vsp, request.user), request.user)
+    return vsp_out(get_vsp(vsp, request.user))
