@@ -71,7 +71,7 @@ def drive_migration(migration_id: int) -> None:
             roll_forward(migration)
     finally:
         run.close()
-        enqueue_next_for_source(migration.source_id)
+        enqueue_next_for_source(migration.require_source().pk)
 
 
 def run_until_committed(run: MigrationRun) -> bool:
@@ -113,7 +113,7 @@ class MigrationRun:
     def __init__(self, migration: Migration) -> None:
         self.migration = migration
         self.agent_id = agent_migration_id(migration)
-        self.source = agent_for(migration.source)
+        self.source = agent_for(migration.require_source())
         self.target = agent_for(migration.target)
         self.stop_reason: MigrationFailed | None = None  # set by the watchdog thread
         self.seq = 0
@@ -127,12 +127,12 @@ class MigrationRun:
 
     def guest_spec(self) -> dict[str, Any]:
         """The ``protocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
         return {**spec, "os_type": vm.os_type} if vm.os_type else spec
 
     def limits(self) -> dict[str, float | None]:
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         return {
             "init_s": vm.init_limit_s,
             "copy_s": vm.copy_limit_s,
@@ -202,7 +202,7 @@ class MigrationRun:
 
         Used after the source refused to start: the inventory may be older than the guest's power-off.
         """
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         try:
             guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
@@ -210,7 +210,7 @@ class MigrationRun:
         running = guest["hardware_status"] == "on"
         if not running:
             Registration.objects.filter(
-                vm=vm, vsp_id=self.migration.source_id, hardware_status=Registration.HardwareStatus.ON
+                vm=vm, vsp=self.migration.require_source(), hardware_status=Registration.HardwareStatus.ON
             ).update(hardware_status=Registration.HardwareStatus.OFF)
         return running
 
@@ -227,7 +227,7 @@ class MigrationRun:
 
         def work() -> None:
             try:
-                with agent_for(self.migration.source) as agent:
+                with agent_for(self.migration.require_source()) as agent:
                     outcome["snapshot"] = getattr(agent, command)(self.agent_id)
             except Exception as error:  # handed to the driving thread below
                 outcome["error"] = error
@@ -353,7 +353,8 @@ class Watchdog:
 
     def __init__(self, run: MigrationRun) -> None:
         self.run = run
-        self.agent = agent_for(run.migration.source)  # its own connection: the driver's may be streaming
+        # Its own connection: the driver's may be streaming.
+        self.agent = agent_for(run.migration.require_source())
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.armed = True

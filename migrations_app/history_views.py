@@ -5,6 +5,8 @@ Login is required (middleware) and every view checks ``migrations_app.view_migra
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -28,7 +30,12 @@ def history(request: HttpRequest) -> HttpResponse:
     """Every migration, newest first, filtered and paginated; bad filters: 400 with the reason, no rows."""
     form = HistoryFilterForm(request.GET)
     if not form.is_valid():
-        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "migrations"}
+        context: dict[str, Any] = {
+            "form": form,
+            "page": None,
+            "error": form_errors_text(form),
+            "nav": "migrations",
+        }
         return render(request, HISTORY_TEMPLATE, context, status=400)
     try:
         page = Paginator(filter_migrations(form.cleaned_data), PAGE_SIZE).page(form.cleaned_data["page"] or 1)
@@ -49,7 +56,7 @@ def history(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
-def history_csv(request: HttpRequest) -> HttpResponse:
+def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """The filtered history (all pages) as CSV, streamed; formula-like cells are neutralised."""
     form = HistoryFilterForm(request.GET)
     if not form.is_valid():

@@ -48,16 +48,17 @@ class Init(Phase):
 
     def run(self, run: MigrationRun) -> None:
         migration = run.migration
-        reason = check_target(migration.vm, migration.target, ignoring=migration)
+        vm = migration.require_vm()
+        reason = check_target(vm, migration.target, ignoring=migration)
         if reason:
-            raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
+            raise MigrationFailed(self.state, reason, source_running=is_running(vm))
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
         run.check_stop()
         try:
             run.call(
                 "source",
                 "start_outgoing",
-                str(migration.vm.guest_id),
+                str(vm.guest_id),
                 run.agent_id,
                 endpoint,
                 run.agent_params(),
@@ -67,7 +68,8 @@ class Init(Phase):
                 raise
             raise MigrationFailed(
                 self.state,
-                f"VM is not running on {migration.source.name}: online migration moves running guests only",
+                f"VM is not running on {migration.require_source().name}: "
+                "online migration moves running guests only",
                 source_running=False,
             ) from None
         run.follow_progress(until=lambda snapshot: snapshot.state != "init")

@@ -107,11 +107,12 @@ def render_dialog(
 @permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
 def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    vm = migration.require_vm()
     try:
         do_cancel_migration(migration, request.user)
     except MigrationRefused as refusal:
-        return respond_notice(request, migration.vm, str(refusal.message), ok=False)
-    return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
+        return respond_notice(request, vm, str(refusal.message), ok=False)
+    return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
 
 
 def respond_notice(
