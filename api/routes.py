@@ -16,6 +16,7 @@ from ninja.responses import Status
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
+from vms.http import AuthenticatedHttpRequest
 from vms.models import VSP, Registration
 from vms.queries import filter_vms, vm_with_registrations
 
@@ -179,7 +180,7 @@ def list_migrations(
     tags=["Migrations"],
 )
 def create_migration(
-    request: HttpRequest,
+    request: AuthenticatedHttpRequest,
     body: MigrationIn,
     response: HttpResponse,
     idempotency_key: str | None = Header(
