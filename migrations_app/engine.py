@@ -96,10 +96,12 @@ def run_until_committed(run: MigrationRun) -> bool:
 
 def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
     for index, phase in enumerate(PHASES):
-        # Armed first: once the record shows the phase, a cancel or time-out is already blamed on it.
-        watchdog.arm(phase, phase.limit_s(run.migration))
-        if index:
-            run.enter(phase)
+        # Recorded and armed under the watchdog's lock: a cancel or time-out is blamed on the phase the
+        # record shows (armed first, a stop before the record would blame a phase that never started).
+        with watchdog.lock:
+            if index:
+                run.enter(phase)
+            watchdog.arm(phase, phase.limit_s(run.migration))
         try:
             phase.run(run)
         finally:
@@ -400,19 +402,19 @@ class Watchdog:
             self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         if not self.armed or self.run.stop_reason is not None:
             return
-        if Migration.objects.filter(pk=pk, cancel_requested=True).exists():
-            self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.stop(
-                MigrationFailed(
-                    self.phase, f"it ran over its time limit of {self.limit_s} s", kind=FailureKind.TIME_LIMIT
-                )
-            )
+        cancelled = Migration.objects.filter(pk=pk, cancel_requested=True).exists()
+        with self.lock:  # the phase and its deadline as the driving thread last recorded them
+            if not self.armed or self.run.stop_reason is not None:
+                return
+            if cancelled:
+                self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
+            elif self.deadline is not None and time.monotonic() > self.deadline:
+                reason = f"it ran over its time limit of {self.limit_s} s"
+                self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.TIME_LIMIT))
 
     def stop(self, reason: MigrationFailed) -> None:
-        with self.lock:
-            if not self.armed:
-                return
+        """Called with ``lock`` held: record why the run must stop and tell the source to cancel."""
+        if self.armed:
             self.run.stop_reason = reason
             if not cancel_on_source(self.agent, self.run.agent_id):
                 logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)
