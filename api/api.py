@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.decorators import login_not_required
 from django.urls import URLPattern, URLResolver
 from ninja import NinjaAPI
 
@@ -59,5 +60,5 @@ def public_urls(patterns: list[Any]) -> list[Any]:
         if isinstance(pattern, URLResolver):
             public_urls(pattern.url_patterns)
         elif isinstance(pattern, URLPattern):
-            pattern.callback.login_required = False
+            login_not_required(pattern.callback)
     return patterns

@@ -5,7 +5,7 @@ Each ``get_*`` raises ``Http404`` with a plain sentence when nothing matches (a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db.models import Model, QuerySet
 from django.http import Http404
@@ -26,7 +26,10 @@ def parse_ref(ref: str) -> tuple[int | None, str]:
     return None, ref
 
 
-def _get_by_ref(queryset: QuerySet, ref: str, what: str) -> Model:
+M = TypeVar("M", bound=Model)
+
+
+def _get_by_ref(queryset: QuerySet[M], ref: str, what: str) -> M:
     number, name = parse_ref(ref)
     # A NUL can match no name; PostgreSQL refuses it in a query outright.
     found = None

@@ -69,7 +69,7 @@ def _frame(event: str, data: dict) -> bytes:
 
 
 @login_not_required
-async def migration_events(request: HttpRequest, migration_id: int) -> HttpResponse:
+async def migration_events(request: HttpRequest, migration_id: int) -> HttpResponse | StreamingHttpResponse:
     user = await sync_to_async(_authenticate)(request)
     if user is None:
         return problem_response(401, "Log in first: send 'Authorization: Bearer <token>'.")

@@ -17,6 +17,7 @@ from migrations_app.actions import MigrationRefused, do_cancel_migration, do_req
 from migrations_app.models import Migration
 from vms.access import visible_migration_condition, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
+from vms.http import AuthenticatedHttpRequest
 from vms.models import Registration
 from vms.queries import filter_vms, vm_with_registrations
 
@@ -184,7 +185,7 @@ def list_migrations(
     tags=["Migrations"],
 )
 def create_migration(
-    request: HttpRequest,
+    request: AuthenticatedHttpRequest,
     body: MigrationIn,
     response: HttpResponse,
     idempotency_key: str | None = Header(

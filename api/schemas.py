@@ -82,10 +82,10 @@ class EventOut(Schema):
 
 class MigrationOut(Schema):
     id: int
-    vm: str
-    vm_id: int
-    source: str
-    source_id: int
+    vm: str  # the VM's name when it was requested, if the VM was deleted since
+    vm_id: int | None  # None once the VM was deleted
+    source: str | None  # None for a refused attempt of a VM that was runnable nowhere
+    source_id: int | None
     target: str
     target_id: int
     state: Choice
@@ -207,9 +207,9 @@ def migration_detail_out(migration: Migration) -> MigrationDetailOut:
 def _migration_fields(migration: Migration) -> dict:
     return {
         "id": migration.pk,
-        "vm": migration.vm.name,
+        "vm": migration.vm.name if migration.vm is not None else migration.vm_name,
         "vm_id": migration.vm_id,
-        "source": migration.source.name,
+        "source": migration.source.name if migration.source is not None else None,
         "source_id": migration.source_id,
         "target": migration.target.name,
         "target_id": migration.target_id,
@@ -245,8 +245,8 @@ def vm_out(vm: VirtualMachine) -> VMOut:
     status = context["online_migration"]
     migration: Migration | None = context.get("migration")
     failed: Migration | None = context.get("failed_migration")
-    not_runnable_here = shown is not None and not shown.is_runnable
-    set_by = shown.not_runnable_set_by if not_runnable_here else ""
+    not_runnable_here = shown if shown is not None and not shown.is_runnable else None
+    set_by = not_runnable_here.not_runnable_set_by if not_runnable_here else ""
     return VMOut(
         id=vm.pk,
         name=vm.name,
@@ -265,7 +265,7 @@ def vm_out(vm: VirtualMachine) -> VMOut:
         online_migration=choice(status.value, status.label),
         online_migration_enabled_for_vm=vm.online_migration_enabled,
         not_runnable_set_by=choice(set_by, Registration.SetBy(set_by).label),
-        not_runnable_reason=shown.not_runnable_reason if not_runnable_here else "",
+        not_runnable_reason=not_runnable_here.not_runnable_reason if not_runnable_here else "",
         memory_mib=vm.memory_mib,
         vcpus=vm.vcpus,
         phase_time_limits_s={

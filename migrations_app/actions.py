@@ -56,10 +56,10 @@ def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migratio
             migration = _create_migration(vm, target, user)
     except IntegrityError:
         refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
-        record_refusal(vm, target, user, refusal.message)
+        record_refusal(vm, target, user, str(refusal.message))
         raise refusal from None
     except MigrationRefused as refusal:
-        record_refusal(vm, target, user, refusal.message)  # after the rollback: nothing else changed
+        record_refusal(vm, target, user, str(refusal.message))  # after the rollback: nothing else changed
         raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
@@ -152,7 +152,7 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
         )
         if cancelled:
             record_cancel(migration, user, f"Cancelled by {user} while queued")
-            source_id = migration.source_id
+            source_id = migration.require_source().pk
             transaction.on_commit(lambda: enqueue_next_for_source(source_id))
             transaction.on_commit(lambda: publish_progress(migration.pk))
     return cancelled
@@ -166,8 +166,9 @@ def too_late_message(migration: Migration) -> str:
 
 def audit_name(migration: Migration) -> str:
     """How the audit trail names a migration, readable after the VM or VSPs are gone."""
+    vm_name = migration.vm.name if migration.vm is not None else migration.vm_name
     return (
-        f"migration {migration.pk} of {migration.vm.name}: {migration.source.name} -> {migration.target.name}"
+        f"migration {migration.pk} of {vm_name}: {migration.require_source().name} -> {migration.target.name}"
     )
 
 

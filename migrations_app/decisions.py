@@ -117,7 +117,7 @@ def flip_registrations(migration: Migration) -> None:
     """
     source_copy = Registration.objects.select_for_update().get(
         vm_id=migration.vm_id,
-        vsp_id=migration.source_id,
+        vsp=migration.require_source(),
         hardware_status__in=[Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF],
     )
     actor = migration.requested_by
@@ -127,8 +127,8 @@ def flip_registrations(migration: Migration) -> None:
         actor=actor,
     )
     target_copy = Registration.objects.select_for_update().filter(
-        vm_id=migration.vm_id, vsp_id=migration.target_id
-    ).first() or Registration(vm_id=migration.vm_id, vsp_id=migration.target_id)
+        vm_id=source_copy.vm_id, vsp_id=migration.target_id
+    ).first() or Registration(vm_id=source_copy.vm_id, vsp_id=migration.target_id)
     target_copy.mark_runnable(
         Registration.HardwareStatus.ON,
         actor=actor,
@@ -175,13 +175,14 @@ def record_abort(
 def where_the_vm_stays(migration: Migration, failure: MigrationFailed) -> str:
     """The alert's last sentence: "keeps running" only for a guest that was running on the source."""
     running = failure.source_running
+    source = migration.require_source()
     if running is None:
         running = Registration.objects.filter(
-            vm_id=migration.vm_id, vsp_id=migration.source_id, hardware_status=Registration.HardwareStatus.ON
+            vm_id=migration.vm_id, vsp=source, hardware_status=Registration.HardwareStatus.ON
         ).exists()
     if running:
-        return f"The VM keeps running on {migration.source.name}."
-    return f"The VM stays on {migration.source.name}, where it was not running."
+        return f"The VM keeps running on {source.name}."
+    return f"The VM stays on {source.name}, where it was not running."
 
 
 def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
@@ -203,7 +204,7 @@ def roll_forward(migration: Migration) -> bool:
     Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
     """
     agent_id = agent_migration_id(migration)
-    with agent_for(migration.source) as source, agent_for(migration.target) as target:
+    with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
         if not retry_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS):
             return False
         if not retry_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS):

@@ -72,7 +72,7 @@ def drive_migration(migration_id: int) -> None:
             roll_forward(migration)
     finally:
         run.close()
-        enqueue_next_for_source(migration.source_id)
+        enqueue_next_for_source(migration.require_source().pk)
         settle_after(migration_id)
 
 
@@ -98,10 +98,12 @@ def run_until_committed(run: MigrationRun) -> bool:
 
 def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
     for index, phase in enumerate(PHASES):
-        # Armed first: once the record shows the phase, a cancel or time-out is already blamed on it.
-        watchdog.arm(phase, phase.limit_s(run.migration))
-        if index:
-            run.enter(phase)
+        # Recorded and armed under the watchdog's lock: a cancel or time-out is blamed on the phase the
+        # record shows (armed first, a stop before the record would blame a phase that never started).
+        with watchdog.lock:
+            if index:
+                run.enter(phase)
+            watchdog.arm(phase, phase.limit_s(run.migration))
         try:
             phase.run(run)
         finally:
@@ -115,7 +117,7 @@ class MigrationRun:
     def __init__(self, migration: Migration) -> None:
         self.migration = migration
         self.agent_id = agent_migration_id(migration)
-        self.source = agent_for(migration.source)
+        self.source = agent_for(migration.require_source())
         self.target = agent_for(migration.target)
         self.stop_reason: MigrationFailed | None = None  # set by the watchdog thread
         self.seq = 0
@@ -129,12 +131,12 @@ class MigrationRun:
 
     def guest_spec(self) -> dict[str, Any]:
         """The ``protocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
         return {**spec, "os_type": vm.os_type} if vm.os_type else spec
 
     def limits(self) -> dict[str, float | None]:
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         return {
             "init_s": vm.init_limit_s,
             "copy_s": vm.copy_limit_s,
@@ -204,7 +206,7 @@ class MigrationRun:
 
         Used after the source refused to start: the inventory may be older than the guest's power-off.
         """
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         try:
             guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
@@ -212,7 +214,7 @@ class MigrationRun:
         running = guest["hardware_status"] == "on"
         if not running:
             Registration.objects.filter(
-                vm=vm, vsp_id=self.migration.source_id, hardware_status=Registration.HardwareStatus.ON
+                vm=vm, vsp=self.migration.require_source(), hardware_status=Registration.HardwareStatus.ON
             ).update(hardware_status=Registration.HardwareStatus.OFF)
         return running
 
@@ -229,7 +231,7 @@ class MigrationRun:
 
         def work() -> None:
             try:
-                with agent_for(self.migration.source) as agent:
+                with agent_for(self.migration.require_source()) as agent:
                     outcome["snapshot"] = getattr(agent, command)(self.agent_id)
             except Exception as error:  # handed to the driving thread below
                 outcome["error"] = error
@@ -355,7 +357,8 @@ class Watchdog:
 
     def __init__(self, run: MigrationRun) -> None:
         self.run = run
-        self.agent = agent_for(run.migration.source)  # its own connection: the driver's may be streaming
+        # Its own connection: the driver's may be streaming.
+        self.agent = agent_for(run.migration.require_source())
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.armed = True
@@ -401,19 +404,19 @@ class Watchdog:
             self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         if not self.armed or self.run.stop_reason is not None:
             return
-        if Migration.objects.filter(pk=pk, cancel_requested=True).exists():
-            self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.stop(
-                MigrationFailed(
-                    self.phase, f"it ran over its time limit of {self.limit_s} s", kind=FailureKind.TIME_LIMIT
-                )
-            )
+        cancelled = Migration.objects.filter(pk=pk, cancel_requested=True).exists()
+        with self.lock:  # the phase and its deadline as the driving thread last recorded them
+            if not self.armed or self.run.stop_reason is not None:
+                return
+            if cancelled:
+                self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
+            elif self.deadline is not None and time.monotonic() > self.deadline:
+                reason = f"it ran over its time limit of {self.limit_s} s"
+                self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.TIME_LIMIT))
 
     def stop(self, reason: MigrationFailed) -> None:
-        with self.lock:
-            if not self.armed:
-                return
+        """Called with ``lock`` held: record why the run must stop and tell the source to cancel."""
+        if self.armed:
             self.run.stop_reason = reason
             if not cancel_on_source(self.agent, self.run.agent_id):
                 logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)

@@ -7,6 +7,8 @@ not found.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -53,7 +55,12 @@ def history(request: HttpRequest) -> HttpResponse:
     """Every migration, newest first, filtered and paginated; bad filters: 400 with the reason, no rows."""
     form = history_form(request)
     if not form.is_valid():
-        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "migrations"}
+        context: dict[str, Any] = {
+            "form": form,
+            "page": None,
+            "error": form_errors_text(form),
+            "nav": "migrations",
+        }
         return render(request, HISTORY_TEMPLATE, context, status=400)
     try:
         page = Paginator(
@@ -76,7 +83,7 @@ def history(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
-def history_csv(request: HttpRequest) -> HttpResponse:
+def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """The filtered history (all pages) as CSV, streamed; formula-like cells are neutralised."""
     form = history_form(request)
     if not form.is_valid():

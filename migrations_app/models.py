@@ -10,6 +10,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from vms.models import VSP, VirtualMachine
+
 
 class Migration(models.Model):
     class State(models.TextChoices):
@@ -122,6 +124,21 @@ class Migration(models.Model):
         if not self.vm_name and self.vm is not None:
             self.vm_name = self.vm.name
         super().save(*args, **kwargs)
+
+    def require_vm(self) -> VirtualMachine:
+        """The VM this migration moves; raises ``VirtualMachine.DoesNotExist`` once it was deleted.
+
+        ``vm`` is null only after the VM's deletion (its migrations stay in the history).
+        """
+        if self.vm is None:
+            raise VirtualMachine.DoesNotExist(f"the VM of migration {self.pk} ({self.vm_name}) was deleted")
+        return self.vm
+
+    def require_source(self) -> VSP:
+        """The source VSP; raises ``VSP.DoesNotExist`` for a refused attempt of a VM runnable nowhere."""
+        if self.source is None:
+            raise VSP.DoesNotExist(f"migration {self.pk} has no source VSP (refused: runnable nowhere)")
+        return self.source
 
     @property
     def is_active(self) -> bool:

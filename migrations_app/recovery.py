@@ -67,5 +67,5 @@ def abort_orphan(migration: Migration) -> None:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
     if record_abort(migration, failure):
         agent_id = agent_migration_id(migration)
-        with agent_for(migration.source) as source, agent_for(migration.target) as target:
+        with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
             undo_on_agents(source, target, agent_id)

@@ -134,13 +134,14 @@ def render_dialog(
 def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
     get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
+    vm = migration.require_vm()
     try:
         do_cancel_migration(migration, request.user)
     except PermissionDenied as denied:
         return permission_denied(request, denied)
     except MigrationRefused as refusal:
-        return respond_notice(request, migration.vm, str(refusal.message), ok=False)
-    return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
+        return respond_notice(request, vm, str(refusal.message), ok=False)
+    return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
 
 
 def respond_notice(

@@ -86,7 +86,7 @@ def migration_alert_text(migration: Migration) -> str:
 @register.filter
 def row_migration_text(migration: Migration, vsp: VSP) -> str:
     outgoing = migration.source_id == vsp.pk
-    other = migration.target.name if outgoing else migration.source.name
+    other = migration.target.name if outgoing else migration.require_source().name
     direction = "to" if outgoing else "from"
     if migration.state == State.QUEUED:
         return f"Waiting to migrate {direction} {other}"
@@ -116,7 +116,7 @@ WARNING_SVG = (
 def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     """The hourglass or direction icon, seen from ``vsp``; accessible text in title and aria-label."""
     outgoing = migration.source_id == vsp.pk
-    other = migration.target.name if outgoing else migration.source.name
+    other = migration.target.name if outgoing else migration.require_source().name
     symbol: str
     if migration.state == State.QUEUED:
         symbol, kind = SafeString(HOURGLASS_SVG), "queued"
