@@ -1,0 +1,178 @@
+"""What the seeded fault soak found (issue 10, ``docs/migrations.md`` "Fault soak"), one test per bug.
+
+Each test reproduces its soak run's fault deterministically with real host agents (simulated driver)
+over real sockets: an agent killed with SIGKILL and started again empty (what a simulated host's
+restart is: its guests die with its agent), or paused with SIGSTOP. The decisions are the control
+plane's own (``recover_migrations``, the task recovery runs), called in the test's process.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from devtools import processes
+from migrations_app.decisions import agent_migration_id, flip_registrations
+from migrations_app.models import Migration
+from migrations_app.tasks import recover_migrations
+from tests.conftest import log_path, subprocess_env
+from tests.factories import make_vsp
+from tests.hostagent.conftest import AgentFactory, RunningAgent
+from tests.migrations_app.guests import guest_on, place_vm, runs_on
+from tests.migrations_app.test_faults import bring_agents_to_ready
+from vms.agent_client import AgentClient
+from vms.models import Registration
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.faults]
+
+
+class Agents(dict[str, RunningAgent]):
+    """This test's own agents by VSP name (a test kills and restarts them): hosta, hostb."""
+
+    def __init__(self, factory: AgentFactory) -> None:
+        super().__init__({name: factory(name) for name in ("hosta", "hostb")})
+        self.factory = factory
+
+    def restart_empty(self, name: str) -> RunningAgent:
+        """SIGKILL the agent and start it again on its port, as a service manager would: it comes back
+        knowing no guest and no migration (a simulated host's guests die with its agent)."""
+        old = self[name]
+        old.kill()
+        port = int(old.url.rsplit(":", 1)[1])
+        secret_file = self.factory.secret_dir / f"{name}-again.secret"
+        secret_file.write_text(old.secret)
+        started = processes.start_agent(
+            name, port, secret_file, log_path=log_path(f"agent-{name}-again"), env=subprocess_env()
+        )
+        self[name] = agent = RunningAgent(
+            name, started.url, started.secret, started.process, AgentClient(started.url, started.secret)
+        )
+        self.factory.started.append(agent)
+        return agent
+
+
+@pytest.fixture
+def agents(tmp_path) -> Iterator[Agents]:
+    factory = AgentFactory(tmp_path)
+    yield Agents(factory)
+    factory.stop_all()
+
+
+@pytest.fixture
+def vsps(agents):
+    return {
+        name: make_vsp(name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=4096)
+        for name, agent in agents.items()
+    }
+
+
+def stale_migration(vm, vsps, admin, state: str) -> Migration:
+    """A migration in ``state`` whose worker fell silent a minute ago (recovery decides it)."""
+    a_minute_ago = timezone.now() - timedelta(minutes=1)
+    return Migration.objects.create(
+        vm=vm,
+        source=vsps["hosta"],
+        target=vsps["hostb"],
+        requested_by=admin,
+        state=state,
+        heartbeat_at=a_minute_ago,
+        state_changed_at=a_minute_ago,
+    )
+
+
+def runnable_copies(vm) -> list[str]:
+    copies = Registration.objects.filter(vm=vm).exclude(hardware_status="not_runnable")
+    return [f"{copy.vsp.name}:{copy.hardware_status}" for copy in copies.select_related("vsp")]
+
+
+def test_it_keeps_the_guest_on_the_source_when_the_target_restarted_empty_after_the_commit(
+    agents, vsps, admin
+):
+    """Soak bug 1 (seeds 5090, 5198, 5330): kill-target while committing ended COMPLETED, guest nowhere."""
+    vm = place_vm(agents, vsps, dirty_pages_per_s=200)
+    migration = stale_migration(vm, vsps, admin, Migration.State.COMMITTING)
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
+    with transaction.atomic():
+        flip_registrations(migration)  # what the worker committed before the target's host restarted
+    agents.restart_empty("hostb")
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "aborted"
+    assert migration.failed_phase == "committing"
+    assert migration.alert == (
+        "Committing phase failed: hostb lost the guest before running it (its host agent restarted). "
+        "The VM keeps running on hosta."
+    )
+    assert runs_on(agents["hosta"], vm.name)  # resumed, never released
+    assert guest_on(agents["hostb"], vm.name) is None
+    assert runnable_copies(vm) == ["hosta:on"]  # the flip turned back: runnable where the guest runs
+    assert recover_migrations(stale_after_s=5) == []
+
+
+def test_it_completes_with_an_alert_when_the_target_loses_the_guest_it_took_over(
+    agents, vsps, admin, monkeypatch
+):
+    """Soak bug 1, roll forward: the target confirmed it runs the guest, then its host restarted.
+
+    The source copy is released by then (it must be: the target ran the guest); the migration ends
+    COMPLETED, but never without an alert saying the VM may be down on the target.
+    """
+    from migrations_app import decisions
+
+    vm = place_vm(agents, vsps)
+    migration = stale_migration(vm, vsps, admin, Migration.State.COMMITTING)
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
+    with transaction.atomic():
+        flip_registrations(migration)
+    release = decisions.AgentClient.release
+
+    def release_then_target_host_restarts(client, agent_id):
+        answer = release(client, agent_id)
+        agents.restart_empty("hostb")  # between the release and the last look at the target
+        monkeypatch.setattr(decisions.AgentClient, "release", release)
+        return answer
+
+    monkeypatch.setattr(decisions.AgentClient, "release", release_then_target_host_restarts)
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "completed"
+    assert migration.alert.startswith(f"{vm.name} may not be running on hostb: its host agent restarted")
+    assert "keeps running" not in migration.alert
+    assert runnable_copies(vm) == ["hostb:on"]
+
+
+def test_it_never_releases_the_source_for_a_target_that_does_not_run_the_guest(agents, vsps, admin):
+    """A target that refuses ``resume`` (its copy was discarded) never gets the VM; the source keeps it."""
+    vm = place_vm(agents, vsps)
+    migration = stale_migration(vm, vsps, admin, Migration.State.COMMITTING)
+    agent_id = agent_migration_id(migration)
+    bring_agents_to_ready(agents, vm, agent_id)
+    with transaction.atomic():
+        flip_registrations(migration)
+    agents["hostb"].client.discard(agent_id)
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "aborted"
+    assert migration.alert.startswith("Committing phase failed: hostb did not run the guest (")
+    assert migration.alert.endswith("The VM keeps running on hosta.")
+    assert runs_on(agents["hosta"], vm.name)
+    assert runnable_copies(vm) == ["hosta:on"]
+
+
+def pause(agent: RunningAgent) -> None:
+    agent.process._signal_group(signal.SIGSTOP)
+
+
+def resume(agent: RunningAgent) -> None:
+    agent.process._signal_group(signal.SIGCONT)
