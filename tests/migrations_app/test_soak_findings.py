@@ -17,13 +17,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from devtools import processes
+from migrations_app.actions import do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
 from tests.conftest import log_path, subprocess_env
 from tests.factories import make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
-from tests.migrations_app.guests import guest_on, place_vm, runs_on
+from tests.migrations_app.guests import guest_on, place_vm, runs_on, wait_for_state
 from tests.migrations_app.test_faults import bring_agents_to_ready
 from vms.agent_client import AgentClient
 from vms.models import Registration
@@ -176,3 +177,48 @@ def pause(agent: RunningAgent) -> None:
 
 def resume(agent: RunningAgent) -> None:
     agent.process._signal_group(signal.SIGCONT)
+
+
+def test_it_does_not_say_the_vm_keeps_running_on_a_source_host_that_restarted_without_it(agents, vsps, admin):
+    """Soak bug 2 (seeds 5005, 5029, 5053, 5113, 5125): kill-source before the commit.
+
+    The database still said On, so the alert said "keeps running"; the source is asked now, and a
+    simulated host's guests die with its agent: the alert says so, and the copy is stored Off.
+    """
+    vm = place_vm(agents, vsps, fill_percent=100)
+    migration = stale_migration(vm, vsps, admin, Migration.State.COPY)
+    agent_id = agent_migration_id(migration)
+    endpoint = agents["hostb"].client.prepare_incoming(
+        {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, agent_id
+    )
+    agents["hosta"].client.start_outgoing(str(vm.guest_id), agent_id, endpoint, {"bandwidth_mbps": 8})
+    agents.restart_empty("hosta")  # the worker died with it too: recovery decides
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "aborted"
+    assert migration.alert == (
+        "Copy phase failed: the control-plane worker driving it stopped answering. The VM is not running: "
+        "hosta no longer has it (its host agent restarted, and a simulated host's guests die with its "
+        "agent: a host crash). Start it again on hosta."
+    )
+    assert runnable_copies(vm) == ["hosta:off"]
+    assert guest_on(agents["hostb"], vm.name) is None  # the target's copy was discarded
+
+
+def test_the_worker_names_a_dead_source_host_instead_of_saying_the_vm_keeps_running(
+    agents, vsps, admin, migration_worker, wait_for
+):
+    """Soak bug 2 with the real worker: the source agent killed mid-Copy (and not back yet)."""
+    vm = place_vm(agents, vsps, fill_percent=100, memory_mib=64)
+    migration = do_request_migration(vm, vsps["hostb"], admin)
+    wait_for_state(wait_for, migration, "copy")
+    agents["hosta"].kill()
+
+    wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+    assert migration.state == "aborted"
+    assert migration.alert.startswith("Copy phase failed: the source host stopped answering. ")
+    assert migration.alert.endswith(
+        "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
+    )
