@@ -59,9 +59,12 @@ PROGRESS_FIELDS = (
 )
 
 
-def agent_for(vsp: VSP) -> AgentClient:
-    """A client of ``vsp``'s host agent (close it, or use it as a context manager)."""
-    return AgentClient(vsp.agent_url, vsp.agent_secret)
+def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
+    """A client of ``vsp``'s host agent (close it, or use it as a context manager).
+
+    ``timeout_s``: per request (s); the ``AGENT_TIMEOUT_S`` setting when None.
+    """
+    return AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s)
 
 
 def agent_migration_id(migration: Migration) -> str:
@@ -154,7 +157,7 @@ def abort(
     recorded = record_abort(migration, failure, fields=progress_fields(migration))
     ended = (State.ABORTED, State.CANCELLED)
     if recorded or Migration.objects.filter(pk=migration.pk, state__in=ended).exists():
-        undo_on_agents(source, target, agent_id)
+        undo_and_mark(migration.pk, source, target, agent_id)
 
 
 def record_abort(
@@ -174,6 +177,7 @@ def record_abort(
         alert=alert,
         failed_phase=failure.phase,
         failure_kind=str(failure.kind),
+        undo_pending=True,
         **(fields or {}),
     )
     if won:
@@ -245,11 +249,42 @@ def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
     return retry_agent(lambda: source.cancel(agent_id, CANCEL_TIMEOUT_S), CANCEL_ATTEMPTS, delay=0.1)
 
 
-def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
-    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
-    cancel_on_source(source, agent_id)
-    retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)
-    retry_agent(lambda: source.resume(agent_id), UNDO_ATTEMPTS)
+def undo_on_agents(
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    attempts: int = UNDO_ATTEMPTS,
+    *,
+    cancel: bool = True,
+) -> bool:
+    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs.
+
+    True once both the target's discard and the source's resume were answered (a refusal is an answer:
+    that agent holds nothing of this migration any more); False leaves it for ``retry_pending_undos``.
+    """
+    if cancel:  # a later try skips it: the source's resume stops any sending as well
+        cancel_on_source(source, agent_id)
+    discarded = retry_agent(lambda: target.discard(agent_id), attempts)
+    resumed = retry_agent(lambda: source.resume(agent_id), attempts)
+    return discarded and resumed
+
+
+def undo_and_mark(
+    migration_id: int,
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    attempts: int = UNDO_ATTEMPTS,
+    *,
+    cancel: bool = True,
+) -> bool:
+    """``undo_on_agents``, then clear the migration's ``undo_pending`` if both agents answered."""
+    done = undo_on_agents(source, target, agent_id, attempts, cancel=cancel)
+    if done:
+        Migration.objects.filter(pk=migration_id).update(undo_pending=False)
+    else:
+        logger.warning("Undo of %s not finished: an agent did not answer; recovery tries again", agent_id)
+    return done
 
 
 def roll_forward(migration: Migration) -> bool:
@@ -321,7 +356,7 @@ def keep_on_source(
     (the target copy Not Runnable, the source copy runnable: On if it runs), in one transaction, so the
     VM stays runnable on exactly one VSP, the one that has it. Returns False if the source did not answer.
     """
-    retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)  # whatever the target still holds
+    discarded = retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)  # whatever it still holds
     resumed = ask_agent(lambda: source.resume(agent_id), ROLL_FORWARD_ATTEMPTS)
     if resumed is None:
         return False
@@ -341,6 +376,7 @@ def keep_on_source(
             alert=alert,
             failed_phase=State.COMMITTING,
             failure_kind=str(failure.kind),
+            undo_pending=not discarded,
         )
         if won:
             unflip_registrations(migration, running=status == "running")

@@ -91,6 +91,9 @@ class Migration(models.Model):
     round_samples = models.JSONField(default=list, blank=True)
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source
+    # resume); recovery retries the undo of ended migrations still marked, for a bounded time.
+    undo_pending = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["requested_at", "pk"]

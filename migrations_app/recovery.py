@@ -21,7 +21,7 @@ from .decisions import (
     load_migration,
     record_abort,
     roll_forward,
-    undo_on_agents,
+    undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
 from .models import Migration
@@ -30,6 +30,8 @@ from .scheduling import start_idle_queues
 logger = logging.getLogger(__name__)
 
 State = Migration.State
+UNDO_RETRY_WINDOW_S = 600  # an ended migration's undo is retried this long after it ended, then given up
+UNDO_RETRY_TIMEOUT_S = 2.0  # per request: a paused or dead agent must not hold up recovery
 
 
 def recover_orphans(stale_after_s: float) -> list[int]:
@@ -48,6 +50,7 @@ def recover_orphans(stale_after_s: float) -> list[int]:
             )
             abort_orphan(migration)
         acted.append(migration.pk)
+    retry_pending_undos()
     start_idle_queues()
     return acted
 
@@ -68,4 +71,28 @@ def abort_orphan(migration: Migration) -> None:
     if record_abort(migration, failure):
         agent_id = agent_migration_id(migration)
         with agent_for(migration.source) as source, agent_for(migration.target) as target:
-            undo_on_agents(source, target, agent_id)
+            undo_and_mark(migration.pk, source, target, agent_id)
+
+
+def retry_pending_undos() -> list[int]:
+    """Undo again, once each, on the agents of ended migrations whose undo was not answered.
+
+    A target paused or restarting while its migration was aborted keeps its prepared copy ("ready" waits
+    for the control plane's decision for ever); this drops it once the agent answers again, for up to
+    ``UNDO_RETRY_WINDOW_S`` after the migration ended. Returns the ids whose undo is now done.
+    """
+    cutoff = timezone.now() - timedelta(seconds=UNDO_RETRY_WINDOW_S)
+    pending = Migration.objects.filter(
+        undo_pending=True, state__in=(State.ABORTED, State.CANCELLED), state_changed_at__gte=cutoff
+    ).select_related("source", "target")
+    done = []
+    for migration in pending:
+        agent_id = agent_migration_id(migration)
+        with (
+            agent_for(migration.source, UNDO_RETRY_TIMEOUT_S) as source,
+            agent_for(migration.target, UNDO_RETRY_TIMEOUT_S) as target,
+        ):
+            if undo_and_mark(migration.pk, source, target, agent_id, attempts=1, cancel=False):
+                logger.warning("Migration %s: the undo on its agents finished on a later try", migration.pk)
+                done.append(migration.pk)
+    return done

@@ -8,7 +8,6 @@ plane's own (``recover_migrations``, the task recovery runs), called in the test
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -21,13 +20,13 @@ from migrations_app.actions import do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
-from tests.conftest import log_path, subprocess_env
+from tests.conftest import free_port, log_path, subprocess_env
 from tests.factories import make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 from tests.migrations_app.guests import guest_on, place_vm, runs_on, wait_for_state
 from tests.migrations_app.test_faults import bring_agents_to_ready
 from vms.agent_client import AgentClient
-from vms.models import Registration
+from vms.models import VSP, Registration
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.faults]
 
@@ -171,14 +170,6 @@ def test_it_never_releases_the_source_for_a_target_that_does_not_run_the_guest(a
     assert runnable_copies(vm) == ["hosta:on"]
 
 
-def pause(agent: RunningAgent) -> None:
-    agent.process._signal_group(signal.SIGSTOP)
-
-
-def resume(agent: RunningAgent) -> None:
-    agent.process._signal_group(signal.SIGCONT)
-
-
 def test_it_does_not_say_the_vm_keeps_running_on_a_source_host_that_restarted_without_it(agents, vsps, admin):
     """Soak bug 2 (seeds 5005, 5029, 5053, 5113, 5125): kill-source before the commit.
 
@@ -222,3 +213,33 @@ def test_the_worker_names_a_dead_source_host_instead_of_saying_the_vm_keeps_runn
     assert migration.alert.endswith(
         "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
     )
+
+
+def test_recovery_drops_the_copy_a_target_kept_because_it_missed_the_abort(agents, vsps, admin, settings):
+    """Soak bug 3 (seed 5109): pause-target during Frozen left the target's copy "ready" for ever.
+
+    The target cannot be reached while the abort is decided (its VSP's address leads nowhere: a network
+    partition; a paused agent would still take the queued requests once resumed), so its discard is not
+    answered. Once it is reachable again, the next recovery pass discards the copy; until then the
+    migration stays marked ``undo_pending``.
+    """
+    settings.AGENT_TIMEOUT_S = 1
+    vm = place_vm(agents, vsps)
+    migration = stale_migration(vm, vsps, admin, Migration.State.FROZEN)
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
+    VSP.objects.filter(name="hostb").update(agent_url=f"http://127.0.0.1:{free_port()}")
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert (migration.state, migration.undo_pending) == ("aborted", True)
+    assert guest_on(agents["hostb"], vm.name)["migrating"]  # the copy the soak found orphaned
+    VSP.objects.filter(name="hostb").update(agent_url=agents["hostb"].url)  # reachable again
+
+    assert recover_migrations(stale_after_s=5) == []  # nothing left to decide, but the undo is retried
+
+    migration.refresh_from_db()
+    assert not migration.undo_pending
+    assert guest_on(agents["hostb"], vm.name) is None
+    assert runs_on(agents["hosta"], vm.name)
+    assert runnable_copies(vm) == ["hosta:on"]
