@@ -41,37 +41,57 @@ def recover_orphans(stale_after_s: float) -> list[int]:
     """
     acted = []
     for migration in stale_migrations(stale_after_s):
-        if migration.state == State.COMMITTING:
-            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
-            roll_forward(migration)
-        else:
-            logger.warning(
-                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-            )
-            abort_orphan(migration)
-        acted.append(migration.pk)
+        try:
+            if recover_one(migration):
+                acted.append(migration.pk)
+        except Exception:  # one migration's trouble must not leave the others undecided
+            logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
     retry_pending_undos()
     start_idle_queues()
     return acted
 
 
+def recover_one(migration: Migration) -> bool:
+    """Decide one silent migration; False (nothing done) when another decider got there first.
+
+    Two recovery passes may run at once: each decision is a compare-and-set from the state this pass
+    read, so the one that loses skips the migration instead of failing.
+    """
+    if migration.state == State.COMMITTING:
+        logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+        roll_forward(migration)
+        return True
+    logger.warning(
+        "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+    )
+    return abort_orphan(migration)
+
+
+RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
+
+
 def stale_migrations(stale_after_s: float) -> list[Migration]:
+    """The running migrations silent for ``stale_after_s`` (one that ended while loading is left out)."""
     cutoff = timezone.now() - timedelta(seconds=stale_after_s)
     silent = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, state_changed_at__lt=cutoff)
-    running = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
-    ids = Migration.objects.filter(silent, state__in=running).values_list("pk", flat=True)
-    return [load_migration(pk) for pk in ids]
+    ids = Migration.objects.filter(silent, state__in=RUNNING).values_list("pk", flat=True)
+    loaded = [load_migration(pk) for pk in ids]
+    return [migration for migration in loaded if migration.state in RUNNING]
 
 
-def abort_orphan(migration: Migration) -> None:
+def abort_orphan(migration: Migration) -> bool:
+    """Record the abort (from the state read), then undo on the agents; False if another decider won."""
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
-    if record_abort(migration, failure):
-        agent_id = agent_migration_id(migration)
-        with agent_for(migration.source) as source, agent_for(migration.target) as target:
-            undo_and_mark(migration.pk, source, target, agent_id)
+    if not record_abort(migration, failure):
+        logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
+        return False
+    agent_id = agent_migration_id(migration)
+    with agent_for(migration.source) as source, agent_for(migration.target) as target:
+        undo_and_mark(migration.pk, source, target, agent_id)
+    return True
 
 
 def retry_pending_undos() -> list[int]:

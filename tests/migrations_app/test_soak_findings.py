@@ -243,3 +243,36 @@ def test_recovery_drops_the_copy_a_target_kept_because_it_missed_the_abort(agent
     assert guest_on(agents["hostb"], vm.name) is None
     assert runs_on(agents["hosta"], vm.name)
     assert runnable_copies(vm) == ["hosta:on"]
+
+
+def test_a_recovery_that_loses_the_race_to_another_skips_the_migration(agents, vsps, admin, monkeypatch):
+    """Soak bug 4: two recovery passes at once; the second crashed (IllegalTransition aborted -> aborted).
+
+    The interleaving is played in order: the second pass lists the silent migration, then the first pass
+    decides it, then the second loads it. The second must skip it and still decide the others.
+    """
+    from migrations_app import recovery
+
+    vm = place_vm(agents, vsps)
+    other_vm = place_vm(agents, vsps)
+    raced = stale_migration(vm, vsps, admin, Migration.State.COPY)
+    other = stale_migration(other_vm, vsps, admin, Migration.State.INIT)
+    load = recovery.load_migration
+    first_pass: list[list[int]] = []
+
+    def load_after_the_first_pass_decided(pk):
+        if pk == raced.pk and not first_pass:
+            monkeypatch.setattr(recovery, "stale_migrations", lambda stale_after_s: [load(raced.pk)])
+            first_pass.append(recover_migrations(stale_after_s=5))
+            monkeypatch.undo()
+            monkeypatch.setattr(recovery, "load_migration", load_after_the_first_pass_decided)
+        return load(pk)
+
+    monkeypatch.setattr(recovery, "load_migration", load_after_the_first_pass_decided)
+
+    assert recover_migrations(stale_after_s=5) == [other.pk]  # the second pass: no crash, the other one too
+    assert first_pass == [[raced.pk]]
+    raced.refresh_from_db()
+    assert raced.state == "aborted"
+    assert list(raced.events.values_list("to_state", flat=True)) == ["aborted"]  # decided once
+    assert runs_on(agents["hosta"], vm.name) and runs_on(agents["hosta"], other_vm.name)
