@@ -8,6 +8,7 @@ plane's own (``recover_migrations``, the task recovery runs), called in the test
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -20,7 +21,7 @@ from migrations_app.actions import do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
-from tests.conftest import free_port, log_path, subprocess_env
+from tests.conftest import free_port, log_path, subprocess_env, wait_until
 from tests.factories import make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 from tests.migrations_app.guests import guest_on, place_vm, runs_on, wait_for_state
@@ -276,3 +277,53 @@ def test_a_recovery_that_loses_the_race_to_another_skips_the_migration(agents, v
     assert raced.state == "aborted"
     assert list(raced.events.values_list("to_state", flat=True)) == ["aborted"]  # decided once
     assert runs_on(agents["hosta"], vm.name) and runs_on(agents["hosta"], other_vm.name)
+
+
+def test_a_migration_beats_its_heartbeat_while_its_first_publish_blocks(agents, vsps, admin, monkeypatch):
+    """Soak bug 6: the heartbeat started only after the first progress publish returned (Redis down: never).
+
+    The worker's driving function runs here in a thread, its first publish held until the test lets go:
+    meanwhile the heartbeat must move on, so recovery leaves the migration to its worker.
+    """
+    from django.db import connection
+
+    from migrations_app import engine
+
+    vm = place_vm(agents, vsps)
+    migration = Migration.objects.create(
+        vm=vm, source=vsps["hosta"], target=vsps["hostb"], requested_by=admin
+    )
+    publish = engine.publish_progress
+    held, let_go = threading.Event(), threading.Event()
+
+    def first_publish_blocks(migration_id):
+        if not held.is_set():
+            held.set()
+            let_go.wait(60)
+        publish(migration_id)
+
+    def drive():
+        try:
+            engine.drive_migration(migration.pk)
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(engine, "publish_progress", first_publish_blocks)
+    worker = threading.Thread(target=drive)
+    worker.start()
+    try:
+        assert held.wait(30)
+        migration.refresh_from_db()
+        claimed_beat = migration.heartbeat_at
+
+        def beat_moved_on() -> bool:
+            migration.refresh_from_db()
+            return migration.heartbeat_at > claimed_beat + timedelta(seconds=1)
+
+        assert wait_until(beat_moved_on, timeout=20), "no heartbeat while the first publish blocks"
+        assert recover_migrations(stale_after_s=1) == []
+    finally:
+        let_go.set()
+        worker.join(120)
+    migration.refresh_from_db()
+    assert migration.state == "completed"
