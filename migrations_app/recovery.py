@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 State = Migration.State
 UNDO_RETRY_WINDOW_S = 600  # an ended migration's undo is retried this long after it ended, then given up
+UNDO_RETRY_AFTER_S = 5  # the decider's own undo (retried a few seconds) goes first
 UNDO_RETRY_TIMEOUT_S = 2.0  # per request: a paused or dead agent must not hold up recovery
 
 
@@ -99,11 +100,15 @@ def retry_pending_undos() -> list[int]:
 
     A target paused or restarting while its migration was aborted keeps its prepared copy ("ready" waits
     for the control plane's decision for ever); this drops it once the agent answers again, for up to
-    ``UNDO_RETRY_WINDOW_S`` after the migration ended. Returns the ids whose undo is now done.
+    ``UNDO_RETRY_WINDOW_S`` after the migration ended (from ``UNDO_RETRY_AFTER_S`` on: the decider's own
+    undo goes first). Returns the ids whose undo is now done.
     """
-    cutoff = timezone.now() - timedelta(seconds=UNDO_RETRY_WINDOW_S)
+    now = timezone.now()
     pending = Migration.objects.filter(
-        undo_pending=True, state__in=(State.ABORTED, State.CANCELLED), state_changed_at__gte=cutoff
+        undo_pending=True,
+        state__in=(State.ABORTED, State.CANCELLED),
+        state_changed_at__gte=now - timedelta(seconds=UNDO_RETRY_WINDOW_S),
+        state_changed_at__lt=now - timedelta(seconds=UNDO_RETRY_AFTER_S),
     ).select_related("source", "target")
     done = []
     for migration in pending:

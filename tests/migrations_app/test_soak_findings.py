@@ -236,6 +236,7 @@ def test_recovery_drops_the_copy_a_target_kept_because_it_missed_the_abort(agent
     assert (migration.state, migration.undo_pending) == ("aborted", True)
     assert guest_on(agents["hostb"], vm.name)["migrating"]  # the copy the soak found orphaned
     VSP.objects.filter(name="hostb").update(agent_url=agents["hostb"].url)  # reachable again
+    Migration.objects.filter(pk=migration.pk).update(state_changed_at=timezone.now() - timedelta(seconds=30))
 
     assert recover_migrations(stale_after_s=5) == []  # nothing left to decide, but the undo is retried
 
