@@ -51,7 +51,10 @@ class Init(Phase):
         migration = run.migration
         reason = check_target(migration.vm, migration.target, ignoring=migration)
         if reason:
-            raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
+            # Off in the database: it was not running. On: the source is asked (its host may have died).
+            raise MigrationFailed(
+                self.state, reason, source_running=None if is_running(migration.vm) else False
+            )
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
         endpoint = route_data_plane(endpoint)
         run.check_stop()

@@ -328,3 +328,28 @@ def test_a_migration_beats_its_heartbeat_while_its_first_publish_blocks(agents, 
         worker.join(120)
     migration.refresh_from_db()
     assert migration.state == "completed"
+
+
+def test_a_refused_pre_check_at_init_asks_the_source_before_saying_the_vm_keeps_running(agents, vsps, admin):
+    """Soak bug 2 again (CI seed 20261137): the source killed at Init, marked unreachable, the pre-check
+    refused, and the alert took the database's On for the truth."""
+    from migrations_app.decisions import load_migration, where_the_vm_stays
+    from migrations_app.engine import MigrationRun
+    from migrations_app.errors import MigrationFailed
+    from migrations_app.phases import PHASES
+
+    vm = place_vm(agents, vsps)
+    migration = stale_migration(vm, vsps, admin, Migration.State.INIT)
+    agents["hosta"].kill()
+    VSP.objects.filter(name="hosta").update(agent_reachable=False)
+    run = MigrationRun(load_migration(migration.pk))
+    try:
+        with pytest.raises(MigrationFailed) as failed:
+            PHASES[0].run(run)
+    finally:
+        run.close()
+
+    assert f"{failed.value.alert} {where_the_vm_stays(run.migration, failed.value)}" == (
+        "Init phase failed: agent unreachable on source host hosta. "
+        "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
+    )
