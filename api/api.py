@@ -12,6 +12,7 @@ from django.urls import URLPattern, URLResolver
 from ninja import NinjaAPI
 
 from .auth import API_AUTH
+from .evacuations import router as evacuations_router
 from .problems import PROBLEM_CONTENT_TYPE, install_problem_handlers
 from .routes import router
 
@@ -48,6 +49,7 @@ api = ConsoleAPI(
 )
 install_problem_handlers(api)
 api.add_router("", router)
+api.add_router("", evacuations_router)
 
 
 def public_urls(patterns: list[Any]) -> list[Any]:

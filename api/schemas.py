@@ -35,6 +35,8 @@ class VSPOut(Schema):
     cpus: int
     agent_reachable: bool
     agent_checked_at: datetime | None
+    maintenance: bool
+    maintenance_since: datetime | None
 
 
 class RegistrationOut(Schema):

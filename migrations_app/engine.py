@@ -43,6 +43,7 @@ from .decisions import (
     roll_forward,
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
+from .evacuation import settle_after
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
@@ -72,6 +73,7 @@ def drive_migration(migration_id: int) -> None:
     finally:
         run.close()
         enqueue_next_for_source(migration.source_id)
+        settle_after(migration_id)
 
 
 def run_until_committed(run: MigrationRun) -> bool:

@@ -202,3 +202,9 @@ class MigrationEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.from_state or '-'} -> {self.to_state}: {self.message}"
+
+
+# Evacuations are models of this app kept in a module of their own.
+from .evacuation_models import Evacuation, EvacuationStep  # noqa: E402
+
+__all__ = ["PHASE_FIELD_PREFIX", "Evacuation", "EvacuationStep", "Migration", "MigrationEvent"]

@@ -169,8 +169,17 @@ class AgentClient:
     def start_guest(self, guest_id: str) -> dict[str, Any]:
         return check_guest(self._call("POST", f"/v1/guests/{guest_id}/start"))
 
-    def stop_guest(self, guest_id: str) -> dict[str, Any]:
-        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop"))
+    def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> dict[str, Any]:
+        """Stop the guest: gracefully within ``graceful_timeout_s`` seconds, or at once when None.
+
+        The request says which (``{"graceful_timeout_s": s}`` or ``{"force": true}``); the call waits up to
+        the timeout plus the client's own.
+        """
+        body: dict[str, Any] = (
+            {"force": True} if graceful_timeout_s is None else {"graceful_timeout_s": graceful_timeout_s}
+        )
+        timeout = None if graceful_timeout_s is None else self.timeout_s + graceful_timeout_s
+        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop", body, timeout_s=timeout))
 
     def delete_guest(self, guest_id: str) -> None:
         self._call("DELETE", f"/v1/guests/{guest_id}")

@@ -36,6 +36,10 @@ class VSP(models.Model):
     cpus = models.PositiveIntegerField()
     agent_reachable = models.BooleanField(default=True)
     agent_checked_at = models.DateTimeField(null=True, blank=True)
+    # In maintenance (being or having been evacuated): refused as a migration target until the admin
+    # leaves maintenance (``migrations_app.evacuation``).
+    maintenance = models.BooleanField(default=False)
+    maintenance_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -261,6 +265,12 @@ class AuditEvent(models.Model):
         MIGRATION_CANCELLED = "migration_cancelled"
         EVACUATION_STARTED = "evacuation_started"
         EVACUATION_CANCELLED = "evacuation_cancelled"
+        EVACUATION_FINISHED = "evacuation_finished"
+        MAINTENANCE_ENTERED = "maintenance_entered"
+        MAINTENANCE_LEFT = "maintenance_left"
+        VM_STARTED = "vm_started"
+        VM_STOPPED = "vm_stopped"
+        VM_FORCE_STOPPED = "vm_force_stopped"
         CREATED = "created"
         CHANGED = "changed"
         DELETED = "deleted"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
 from vms.models import VSP, VirtualMachine
@@ -137,3 +140,20 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
 @register.filter
 def other_vsps(vsp: VSP) -> list[VSP]:
     return list(VSP.objects.exclude(pk=vsp.pk).order_by("name"))
+
+
+@register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
+def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
+    """The VSP page's evacuation panel: maintenance, Evacuate…, the latest evacuation's progress."""
+    return panel_context(context["request"], vsp) | {"csrf_token": context.get("csrf_token")}
+
+
+@register.filter
+def seconds(value: float | None) -> str:
+    """A forecast or time left in words: "not known yet" for None, else "42 s" or "3 min 5 s"."""
+    if value is None:
+        return "not known yet"
+    whole = round(value)
+    if whole < 60:
+        return f"{whole} s"
+    return f"{whole // 60} min {whole % 60} s"

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('migrations_app', '0003_history_keeps_vm_name_refusals_indexes'),
+        ('migrations_app', '0004_evacuation'),
     ]
 
     operations = [
