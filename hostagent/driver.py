@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 
 from hostagent.protocol import (
     Endpoint,
+    ErrorCode,
     FailureKind,
     GuestInfo,
     GuestSpec,
@@ -49,9 +50,13 @@ class MigrationAborted(Exception):
 
 
 class AgentError(Exception):
-    """A refusal the server turns into ``{"error": message}`` with ``status``."""
+    """A refusal the server turns into ``{"error": message, "code": code}`` with ``status``.
+
+    ``code`` (``protocol.ErrorCode``) is set where the control plane decides by the refusal.
+    """
 
     status = 400
+    code: ErrorCode | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -64,6 +69,18 @@ class InvalidRequest(AgentError):
 
 class NotFound(AgentError):
     status = 404
+
+
+class UnknownMigration(NotFound):
+    """This agent holds no migration of that id: it restarted since, or was never told of it."""
+
+    code = "unknown_migration"
+
+
+class UnknownGuest(NotFound):
+    """No guest of that id on this host."""
+
+    code = "unknown_guest"
 
 
 class Conflict(AgentError):

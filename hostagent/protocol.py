@@ -229,10 +229,16 @@ class Health(Message):
     guests: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 0
 
 
+# What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not
+# know the migration (it restarted, or never was told of it) or the guest (gone from this host).
+ErrorCode = Literal["unknown_migration", "unknown_guest"]
+
+
 class ErrorReply(Message):
-    """Every refusal: ``{"error": "<plain words>"}`` with a 4xx/5xx status."""
+    """Every refusal: ``{"error": "<plain words>", "code": <ErrorCode or absent>}`` with a 4xx/5xx status."""
 
     error: StrictStr
+    code: ErrorCode | None = None
 
 
 # -- migration requests -----------------------------------------------------------------------------

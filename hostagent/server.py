@@ -15,7 +15,15 @@ from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
 from hostagent import __version__
-from hostagent.driver import AgentError, Conflict, Driver, InvalidRequest, Migration, NotFound
+from hostagent.driver import (
+    AgentError,
+    Conflict,
+    Driver,
+    InvalidRequest,
+    Migration,
+    NotFound,
+    UnknownMigration,
+)
 from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
 from hostagent.protocol import (
     COMMANDS,
@@ -50,8 +58,10 @@ M = TypeVar("M", bound=Message)
 GUEST_ID = TypeAdapter(GuestId)
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    """A refusal (``protocol.ErrorReply``): plain words, and a ``code`` where decisions depend on it."""
+    body = {"error": message} if code is None else {"error": message, "code": code}
+    return web.json_response(body, status=status)
 
 
 def reply(message: Message) -> web.Response:
@@ -77,7 +87,7 @@ async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except AgentError as error:
-        return error_response(error.status, error.message)
+        return error_response(error.status, error.message, error.code)
     except web.HTTPException as error:
         if error.status >= 400:
             return error_response(error.status, error.reason or "request refused")
@@ -119,7 +129,7 @@ def driver_of(request: web.Request) -> Driver:
 def migration_of(request: web.Request) -> Migration:
     migration = request.app[MIGRATIONS_KEY].get(request.match_info["migration_id"])
     if migration is None:
-        raise NotFound(f"no migration {request.match_info['migration_id']} on this host")
+        raise UnknownMigration(f"no migration {request.match_info['migration_id']} on this host")
     return migration
 
 

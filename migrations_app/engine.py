@@ -78,8 +78,8 @@ def drive_migration(migration_id: int) -> None:
 
 def run_until_committed(run: MigrationRun) -> bool:
     """Steps 2 and 3; True once committed. Failures before the commit end here, recorded and undone."""
-    publish_progress(run.migration.pk)
-    with Watchdog(run) as watchdog:
+    with Watchdog(run) as watchdog:  # its first heartbeat before anything that may block (a slow Redis)
+        publish_progress(run.migration.pk)
         try:
             run_phases(run, watchdog)
             watchdog.disarm()
@@ -369,6 +369,7 @@ class Watchdog:
         self.thread = threading.Thread(target=self.loop, name=f"watchdog-{run.migration.pk}", daemon=True)
 
     def __enter__(self) -> Watchdog:
+        self.beat()  # at once: recovery must never see a claimed migration without a heartbeat
         self.thread.start()
         return self
 
@@ -398,10 +399,7 @@ class Watchdog:
     def tick(self) -> None:
         pk = self.run.migration.pk
         if time.monotonic() >= self.next_heartbeat:
-            Migration.objects.filter(pk=pk, state__in=Migration.ACTIVE_STATES).update(
-                heartbeat_at=timezone.now()
-            )
-            self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+            self.beat()
         if not self.armed or self.run.stop_reason is not None:
             return
         cancelled = Migration.objects.filter(pk=pk, cancel_requested=True).exists()
@@ -413,6 +411,13 @@ class Watchdog:
             elif self.deadline is not None and time.monotonic() > self.deadline:
                 reason = f"it ran over its time limit of {self.limit_s} s"
                 self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.TIME_LIMIT))
+
+    def beat(self) -> None:
+        """The heartbeat: recovery leaves a migration alone while it is younger than the stale limit."""
+        Migration.objects.filter(pk=self.run.migration.pk, state__in=Migration.ACTIVE_STATES).update(
+            heartbeat_at=timezone.now()
+        )
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
 
     def stop(self, reason: MigrationFailed) -> None:
         """Called with ``lock`` held: record why the run must stop and tell the source to cancel."""

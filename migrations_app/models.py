@@ -93,6 +93,9 @@ class Migration(models.Model):
     round_samples = models.JSONField(default=list, blank=True)
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source
+    # resume); recovery retries the undo of ended migrations still marked, for a bounded time.
+    undo_pending = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["requested_at", "pk"]
@@ -187,7 +190,9 @@ TRANSITIONS: dict[Migration.State, set[Migration.State]] = {
     S.COPY: {S.IO_QUIESCE, S.ABORTED, S.CANCELLED},
     S.IO_QUIESCE: {S.FROZEN, S.ABORTED, S.CANCELLED},
     S.FROZEN: {S.COMMITTING, S.ABORTED, S.CANCELLED},
-    S.COMMITTING: {S.COMPLETED},
+    # ABORTED after the commit only when the target confirmed it does not hold the guest and the source,
+    # never released, runs it again (``decisions.keep_on_source``).
+    S.COMMITTING: {S.COMPLETED, S.ABORTED},
     S.COMPLETED: set(),
     S.ABORTED: set(),
     S.CANCELLED: set(),

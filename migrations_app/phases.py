@@ -69,7 +69,8 @@ class Init(Phase):
         vm = migration.require_vm()
         reason = check_target(vm, migration.target, ignoring=migration)
         if reason:
-            raise MigrationFailed(self.state, reason, source_running=is_running(vm))
+            # Off in the database: it was not running. On: the source is asked (its host may have died).
+            raise MigrationFailed(self.state, reason, source_running=None if is_running(vm) else False)
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
         endpoint = route_data_plane(endpoint)
         run.check_stop()

@@ -88,7 +88,9 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     if latest is None:
         return MigrationDisplay(vm=vm, migration=None, failed=None, last_took_s=last_took_s)
     shown = latest if latest.is_active or latest.state == Migration.State.COMPLETED else None
-    failed = latest if latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) else None
+    # Alerts: an attempt that failed, or one that completed with an alert (the target lost the guest).
+    ended_badly = latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) or bool(latest.alert)
+    failed = latest if ended_badly else None
     return MigrationDisplay(vm=vm, migration=shown, failed=failed, last_took_s=last_took_s)
 
 

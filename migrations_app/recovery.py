@@ -21,7 +21,7 @@ from .decisions import (
     load_migration,
     record_abort,
     roll_forward,
-    undo_on_agents,
+    undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
 from .models import Migration
@@ -30,6 +30,9 @@ from .scheduling import start_idle_queues
 logger = logging.getLogger(__name__)
 
 State = Migration.State
+UNDO_RETRY_WINDOW_S = 600  # an ended migration's undo is retried this long after it ended, then given up
+UNDO_RETRY_AFTER_S = 5  # the decider's own undo (retried a few seconds) goes first
+UNDO_RETRY_TIMEOUT_S = 2.0  # per request: a paused or dead agent must not hold up recovery
 
 
 def recover_orphans(stale_after_s: float) -> list[int]:
@@ -39,33 +42,82 @@ def recover_orphans(stale_after_s: float) -> list[int]:
     """
     acted = []
     for migration in stale_migrations(stale_after_s):
-        if migration.state == State.COMMITTING:
-            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
-            roll_forward(migration)
-        else:
-            logger.warning(
-                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-            )
-            abort_orphan(migration)
-        acted.append(migration.pk)
+        try:
+            if recover_one(migration):
+                acted.append(migration.pk)
+        except Exception:  # one migration's trouble must not leave the others undecided
+            logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
+    retry_pending_undos()
     start_idle_queues()
     return acted
 
 
+def recover_one(migration: Migration) -> bool:
+    """Decide one silent migration; False (nothing done) when another decider got there first.
+
+    Two recovery passes may run at once: each decision is a compare-and-set from the state this pass
+    read, so the one that loses skips the migration instead of failing.
+    """
+    if migration.state == State.COMMITTING:
+        logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+        roll_forward(migration)
+        return True
+    logger.warning(
+        "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+    )
+    return abort_orphan(migration)
+
+
+RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
+
+
 def stale_migrations(stale_after_s: float) -> list[Migration]:
+    """The running migrations silent for ``stale_after_s`` (one that ended while loading is left out)."""
     cutoff = timezone.now() - timedelta(seconds=stale_after_s)
     silent = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, state_changed_at__lt=cutoff)
-    running = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
-    ids = Migration.objects.filter(silent, state__in=running).values_list("pk", flat=True)
-    return [load_migration(pk) for pk in ids]
+    ids = Migration.objects.filter(silent, state__in=RUNNING).values_list("pk", flat=True)
+    loaded = [load_migration(pk) for pk in ids]
+    return [migration for migration in loaded if migration.state in RUNNING]
 
 
-def abort_orphan(migration: Migration) -> None:
+def abort_orphan(migration: Migration) -> bool:
+    """Record the abort (from the state read), then undo on the agents; False if another decider won."""
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
-    if record_abort(migration, failure):
+    if not record_abort(migration, failure):
+        logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
+        return False
+    agent_id = agent_migration_id(migration)
+    with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
+        undo_and_mark(migration.pk, source, target, agent_id)
+    return True
+
+
+def retry_pending_undos() -> list[int]:
+    """Undo again, once each, on the agents of ended migrations whose undo was not answered.
+
+    A target paused or restarting while its migration was aborted keeps its prepared copy ("ready" waits
+    for the control plane's decision for ever); this drops it once the agent answers again, for up to
+    ``UNDO_RETRY_WINDOW_S`` after the migration ended (from ``UNDO_RETRY_AFTER_S`` on: the decider's own
+    undo goes first). Returns the ids whose undo is now done.
+    """
+    now = timezone.now()
+    pending = Migration.objects.filter(
+        undo_pending=True,
+        state__in=(State.ABORTED, State.CANCELLED),
+        state_changed_at__gte=now - timedelta(seconds=UNDO_RETRY_WINDOW_S),
+        state_changed_at__lt=now - timedelta(seconds=UNDO_RETRY_AFTER_S),
+    ).select_related("source", "target")
+    done = []
+    for migration in pending:
         agent_id = agent_migration_id(migration)
-        with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
-            undo_on_agents(source, target, agent_id)
+        with (
+            agent_for(migration.require_source(), UNDO_RETRY_TIMEOUT_S) as source,
+            agent_for(migration.target, UNDO_RETRY_TIMEOUT_S) as target,
+        ):
+            if undo_and_mark(migration.pk, source, target, agent_id, attempts=1, cancel=False):
+                logger.warning("Migration %s: the undo on its agents finished on a later try", migration.pk)
+                done.append(migration.pk)
+    return done

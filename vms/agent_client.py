@@ -5,7 +5,8 @@ own protocol models (``hostagent.protocol``) and returned in their JSON form (di
 named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
 migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
-agent's words), ``AgentProtocolError`` (an answer that is not what the API promises).
+agent's words; ``UnknownMigration`` and ``UnknownGuest`` when the agent does not know the
+migration or the guest), ``AgentProtocolError`` (an answer that is not what the API promises).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from hostagent.protocol import (
+    ErrorReply,
     FailureKind,
     GuestInfo,
     GuestList,
@@ -55,6 +57,26 @@ class AgentRefused(AgentError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnknownMigration(AgentRefused):
+    """The agent holds no migration of that id (``protocol.ErrorReply`` code ``unknown_migration``).
+
+    It restarted since it was told of it (a simulated agent forgets everything), or was never told.
+    Not a success: a target that does not know the migration does not hold the guest's copy.
+    """
+
+    kind = FailureKind.UNREACHABLE  # for a migration it is a peer that went away and came back empty
+
+
+class UnknownGuest(AgentRefused):
+    """No guest of that id on the host (``protocol.ErrorReply`` code ``unknown_guest``)."""
+
+
+REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
+    "unknown_migration": UnknownMigration,
+    "unknown_guest": UnknownGuest,
+}
 
 
 class AgentProtocolError(AgentError):
@@ -136,8 +158,9 @@ class AgentClient:
         ]
         return guests
 
-    def get_guest(self, guest_id: str) -> dict[str, Any]:
-        return check_guest(self._call("GET", f"/v1/guests/{guest_id}"))
+    def get_guest(self, guest_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """``protocol.GuestInfo``; ``UnknownGuest`` if the host has no such guest."""
+        return check_guest(self._call("GET", f"/v1/guests/{guest_id}", timeout_s=timeout_s))
 
     def define_guest(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``spec`` is a ``protocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
@@ -262,10 +285,11 @@ class AgentClient:
 
     @staticmethod
     def _refusal(response: httpx.Response) -> AgentRefused:
+        """The refusal's class goes by its ``code`` (``protocol.ErrorReply``), never by its words."""
         try:
-            message = response.json().get("error")
-        except (ValueError, AttributeError):
-            message = None
-        if not isinstance(message, str) or not message:
-            message = f"HTTP {response.status_code} without an explanation"
-        return AgentRefused(response.status_code, message)
+            reply = parse(ErrorReply, response.content, "the agent's refusal")
+        except ProtocolViolation:
+            return AgentRefused(response.status_code, f"HTTP {response.status_code} without an explanation")
+        message = reply.error or f"HTTP {response.status_code} without an explanation"
+        refusal = REFUSAL_BY_CODE.get(reply.code or "", AgentRefused)
+        return refusal(response.status_code, message)

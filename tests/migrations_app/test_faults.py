@@ -171,6 +171,19 @@ class StallingSourceAgent(FakeAgent):
     def do_GET(self) -> None:  # noqa: N802
         if self.path.endswith("/progress"):
             self.stream(self.path.split("/")[3])
+        elif self.path.startswith("/v1/guests/"):  # asked by the alert: the guest runs here
+            guest_id = self.path.split("/")[3]
+            self.reply(
+                {
+                    "guest_id": guest_id,
+                    "name": "stalled",
+                    "os_type": "linux",
+                    "os_status": "up",
+                    "hardware_status": "on",
+                    "memory_mib": 16,
+                    "vcpus": 1,
+                }
+            )
         else:
             self.reply({"guests": []})
 

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.qemu.migration import QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.source import SourceMigration
@@ -123,7 +123,7 @@ class QemuDriver:
         try:
             return self._guests[guest_id]
         except KeyError:
-            raise NotFound(f"no guest {guest_id} on {self.settings.agent_name}") from None
+            raise UnknownGuest(f"no guest {guest_id} on {self.settings.agent_name}") from None
 
     def _info(self, guest: QemuGuest) -> GuestInfo:
         spec = guest.spec

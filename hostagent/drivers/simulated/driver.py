@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
@@ -154,7 +154,7 @@ class SimulatedDriver:
     def _guest(self, guest_id: str) -> SimulatedGuest:
         guest = self.guests.get(guest_id)
         if guest is None:
-            raise NotFound(f"no guest {guest_id} on this host")
+            raise UnknownGuest(f"no guest {guest_id} on this host")
         return guest
 
     def _check_room(self, memory_mib: int) -> None:
