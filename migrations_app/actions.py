@@ -15,6 +15,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
+from vms import migration_policy
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
@@ -46,18 +47,24 @@ def check_permission(user: Any, permission: str) -> None:
         raise PermissionDenied("Your account lacks the permission to do this.")
 
 
-def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def do_request_migration(
+    vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any] | None = None
+) -> Migration:
     """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
+
+    ``policy``: overrides of the VM's migration policy for this migration (``vms.migration_policy``);
+    bad values raise ``PolicyError`` before anything is stored. The effective policy is kept on the row.
 
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
     serializes the checks, and the partial unique constraint catches anything that slips past them.
     """
     check_permission(user, ADD_MIGRATION_PERMISSION)
+    effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
     try:
         with transaction.atomic():
             vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
             target = VSP.objects.get(pk=target.pk)
-            migration = _create_migration(vm, target, user)
+            migration = _create_migration(vm, target, user, effective)
     except IntegrityError:
         refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
         record_refusal(vm, target, user, refusal.message)
@@ -69,7 +76,7 @@ def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migratio
     return migration
 
 
-def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any]) -> Migration:
     reason = check_target(vm, target)
     if reason:
         raise MigrationRefused(refusal_message(vm, target, reason))
@@ -77,14 +84,16 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     if source is None:
         raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
-        migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
+        migration = Migration.objects.create(
+            vm=vm, source=source, target=target, requested_by=user, policy=policy
+        )
     message = f"Migration of {vm.name} from {source} to {target} requested"
     record_created(migration, actor=user, message=message)
     AuditEvent.record(
         AuditEvent.Action.MIGRATION_REQUESTED,
         migration,
         actor=user,
-        after={"vm": vm.name, "source": source.name, "target": target.name},
+        after={"vm": vm.name, "source": source.name, "target": target.name, "policy": policy},
         message=message,
         object_name=audit_name(migration),
     )

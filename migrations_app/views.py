@@ -6,6 +6,8 @@ Refusals change nothing and say why in plain words.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.http import HttpResponse
@@ -13,6 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
+from vms import migration_policy
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
@@ -52,15 +55,26 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         checks = check_targets(vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
+    overrides = policy_overrides(request.POST)
     try:
-        do_request_migration(vm, target, request.user)
+        do_request_migration(vm, target, request.user, policy=overrides)
+    except migration_policy.PolicyError as error:
+        return render_dialog(request, vm, error=str(error), status=400, policy=overrides)
     except MigrationRefused as refusal:
-        return render_dialog(request, vm, error=str(refusal.message), status=400)
+        return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
+
+
+def policy_overrides(post: Any) -> dict[str, str]:
+    """The dialog's policy fields (a preset, or Custom with its values); an unticked checkbox is off."""
+    fields = {key: post.get(key, "") for key in migration_policy.FIELDS if key in post}
+    if fields.get("preset") == "custom" and "auto_converge" not in post:
+        fields["auto_converge"] = "false"
+    return fields
 
 
 def common_refusal(checks: list[TargetCheck]) -> str | None:
@@ -83,9 +97,19 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
 
 
 def render_dialog(
-    request: HtmxHttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
+    request: HtmxHttpRequest,
+    vm: VirtualMachine,
+    *,
+    error: str = "",
+    status: int = 200,
+    policy: dict[str, Any] | None = None,
 ) -> HttpResponse:
     checks = check_targets(vm)
+    vm_policy = migration_policy.effective(vm.migration_policy)
+    try:
+        shown_policy = migration_policy.check_policy(policy or {}, base=vm_policy)
+    except migration_policy.PolicyError:
+        shown_policy = vm_policy
     blocked = refused_everywhere(vm, checks)
     context = {
         "vm": vm,
@@ -95,6 +119,10 @@ def render_dialog(
         "common_refusal": common_refusal(checks),
         "error": "" if error == blocked else error,
         "full_page": not request.htmx,
+        "vm_policy": vm_policy,
+        "policy": shown_policy,
+        "policy_words": migration_policy.describe(shown_policy),
+        "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
     }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)

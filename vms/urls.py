@@ -10,6 +10,7 @@ urlpatterns = [
     path("vms/<int:pk>/general/", views.vm_general, name="vm_general"),
     path("vms/<int:pk>/general/refresh/", views.vm_refresh, name="vm_refresh"),
     path("vms/<int:pk>/online-migration/", views.vm_set_online_migration, name="vm_set_online_migration"),
+    path("vms/<int:pk>/migration-policy/", views.vm_set_migration_policy, name="vm_set_migration_policy"),
     path(
         "registrations/<int:pk>/not-runnable/",
         views.registration_mark_not_runnable,

@@ -18,12 +18,14 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from matrixoe.error_views import permission_denied
+from vms import migration_policy
 from vms.actions import (
     CHANGE_REGISTRATION_PERMISSION,
     CHANGE_VM_PERMISSION,
     check_permission,
     do_mark_not_runnable,
     do_mark_runnable,
+    do_set_migration_policy,
     do_set_online_migration,
 )
 from vms.capacity import with_free_memory
@@ -234,6 +236,23 @@ def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return f"Online migration {'enabled' if data['enabled'] else 'disabled'} for {vm.name}."
 
     return apply_change(request, vm, OnlineMigrationForm(request.POST), change)
+
+
+@require_POST
+def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The General tab's migration policy form (a preset, or Custom with its values)."""
+    vm = get_object_or_404(VirtualMachine, pk=pk)
+    if refused := refuse_without_permission(request, vm, CHANGE_VM_PERMISSION):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
+        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
+            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
+        policy = do_set_migration_policy(vm, fields, request.user)
+        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
+
+    return apply_change(request, vm, forms.Form(request.POST), change)
 
 
 @require_POST
