@@ -6,19 +6,22 @@ Refusals change nothing and say why in plain words.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
 from vms import migration_policy
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
+from . import estimates
 from .actions import (
     ADD_MIGRATION_PERMISSION,
     CHANGE_MIGRATION_PERMISSION,
@@ -96,6 +99,58 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
     return f"No VSP can take {vm.name} now; each row says why."
 
 
+@dataclass(frozen=True)
+class TargetRow:
+    """A target's pre-check with its forecast (None: not known yet, the dialog fetches it)."""
+
+    check: TargetCheck
+    forecast: estimates.TargetForecast | None
+
+    @property
+    def vsp(self) -> VSP:
+        return self.check.vsp
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+    @property
+    def reason(self) -> str:
+        return self.check.reason
+
+
+def target_rows(
+    vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool
+) -> list[TargetRow]:
+    """Each target with its forecast; ``measure``: ask the source agent for the dirty rate if not cached."""
+    guest = estimates.cached_dirty_rate(vm)
+    if guest is None and measure and any(check.ok for check in checks):
+        guest = estimates.measure_dirty_rate(vm)
+    known = guest is not None or measure
+    return [
+        TargetRow(check, estimates.forecast_to(vm, check.vsp, policy, guest) if check.ok and known else None)
+        for check in checks
+    ]
+
+
+@require_GET
+@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
+def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
+    """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s)."""
+    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    policy = migration_policy.effective(vm.migration_policy)
+    rows = target_rows(vm, check_targets(vm), policy, measure=True)
+    html = "".join(
+        render_to_string(
+            f"{DIALOG_TEMPLATE}#forecast_cell",
+            {"check": row, "vm": vm, "forecast_oob": True},
+            request=request,
+        )
+        for row in rows
+    )
+    return HttpResponse(html)
+
+
 def render_dialog(
     request: HtmxHttpRequest,
     vm: VirtualMachine,
@@ -111,9 +166,11 @@ def render_dialog(
     except migration_policy.PolicyError:
         shown_policy = vm_policy
     blocked = refused_everywhere(vm, checks)
+    rows = target_rows(vm, checks, shown_policy, measure=not request.htmx)
     context = {
         "vm": vm,
-        "checks": checks,
+        "checks": rows,
+        "forecast_pending": any(row.ok and row.forecast is None for row in rows),
         # Said once above the table, not on every row; the Migrate button is disabled then.
         "blocked": blocked,
         "common_refusal": common_refusal(checks),

@@ -1,11 +1,13 @@
 """Migration policies end to end: the migrate dialog's overrides, stored on the row, honoured by real agents.
 
 A real Celery worker on real Redis drives real host agents (simulated driver) on loopback; the worker
-caps the data plane at 5 MB/s (conftest), and the "hot" guest writes 6 MB/s into all of its 8 MiB, so
+caps the data plane at 5 MB/s (conftest), and the "hot" guest writes 12 MB/s into all of its 8 MiB, so
 it never converges without throttling.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -14,7 +16,7 @@ from tests.migrations_app.guests import place_vm, runs_on, wait_for_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-HOT = {"memory_mib": 8, "dirty_pages_per_s": 1500, "fill_percent": 100}
+HOT = {"memory_mib": 8, "dirty_pages_per_s": 3000, "fill_percent": 100}
 HTMX = {"HX-Request": "true"}
 
 
@@ -78,3 +80,46 @@ def test_bad_policy_values_in_the_dialog_start_nothing(
     assert response.status_code == 400
     assert words in response.text
     assert not Migration.objects.filter(vm=vm).exists()
+
+
+def complete_one_migration(host_agents, fleet, admin, wait_for):
+    """A finished migration hosta -> hostb, so the console knows that link's rate."""
+    from migrations_app.actions import do_request_migration
+
+    vm = place_vm(host_agents, fleet, dirty_pages_per_s=0, fill_percent=100, memory_mib=8)
+    migration = wait_for_state(
+        wait_for, do_request_migration(vm, fleet["hostb"], admin), "completed", "aborted"
+    )
+    assert migration.state == "completed", migration.alert
+    return migration
+
+
+def forecast_cells(client, vm) -> dict[str, str]:
+    """The dialog's forecast per target VSP name, as the page shows it after fetching it."""
+    html = client.get(f"/migrations/vms/{vm.pk}/forecast/", headers=HTMX).text
+    cells = re.findall(r'<td id="forecast-(\d+)"[^>]*>(.*?)</td>', html, re.S)
+    names = {str(vsp.pk): vsp.name for vsp in Migration._meta.get_field("target").related_model.objects.all()}
+    return {names[pk]: " ".join(re.sub(r"<[^>]+>", " ", text).split()) for pk, text in cells}
+
+
+def test_the_dialog_forecasts_an_idle_and_a_hot_guest_per_target(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    complete_one_migration(host_agents, fleet, admin, wait_for)
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    hot = place_vm(host_agents, fleet, **HOT)
+
+    dialog = migration_admin_client.get(f"/migrations/vms/{idle.pk}/migrate/", headers=HTMX).text
+    assert "Measuring" in dialog and 'id="forecast-loader"' in dialog  # the dialog does not wait for it
+
+    idle_cells = forecast_cells(migration_admin_client, idle)
+    assert idle_cells["hostb"].startswith("Converges · about ")
+    said = re.search(
+        r"writes 0.0 MB/s; the link to hostb carried ([\d.]+) MB/s on its last migration, \d+ s ago",
+        idle_cells["hostb"],
+    )
+    assert said and 4.5 <= float(said.group(1)) <= 5.5, idle_cells["hostb"]  # the worker's 5 MB/s cap
+    assert "the link from hosta to hostc is not measured yet" in idle_cells["hostc"]
+    hot_cells = forecast_cells(migration_admin_client, hot)
+    assert hot_cells["hostb"].startswith("Will not converge under this policy")
+    assert "the guest writes faster" in hot_cells["hostb"]
