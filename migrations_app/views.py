@@ -21,7 +21,7 @@ from vms import migration_policy
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
-from . import estimates
+from . import estimates, steering
 from .actions import (
     ADD_MIGRATION_PERMISSION,
     CHANGE_MIGRATION_PERMISSION,
@@ -197,6 +197,20 @@ def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     except MigrationRefused as refusal:
         return respond_notice(request, migration.vm, str(refusal.message), ok=False)
     return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
+
+
+@require_POST
+def change(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
+    """Steer a running migration from its phases panel (``steering.do_change_migration``)."""
+    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    try:
+        done = steering.do_change_migration(migration, request.POST.dict(), request.user)
+    except steering.ChangeRefused as refusal:
+        response = respond_notice(request, migration.vm, refusal.message, ok=False)
+        if request.htmx:
+            response.status_code = 400
+        return response
+    return respond_notice(request, migration.vm, done)
 
 
 def respond_notice(
