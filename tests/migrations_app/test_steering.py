@@ -20,9 +20,9 @@ HOT = {"memory_mib": 8, "dirty_pages_per_s": 3000, "fill_percent": 100}
 HTMX = {"HX-Request": "true"}
 
 
-def start_hot(host_agents, fleet, admin, wait_for):
+def start_hot(host_agents, fleet, admin, wait_for, policy=None):
     vm = place_vm(host_agents, fleet, **HOT)
-    migration = do_request_migration(vm, fleet["hostb"], admin)
+    migration = do_request_migration(vm, fleet["hostb"], admin, policy=policy)
 
     def copying_with_rates() -> bool:
         migration.refresh_from_db()
@@ -84,7 +84,10 @@ def test_switch_over_now_completes_with_the_longer_downtime_shown(
 def test_bad_changes_are_refused_and_change_nothing(
     host_agents, fleet, admin, client, migration_admin_client, migration_worker, wait_for
 ):
-    _, migration = start_hot(host_agents, fleet, admin, wait_for)
+    # Switch over at the limit: it ends completed however long the refusals below take on a loaded machine.
+    _, migration = start_hot(
+        host_agents, fleet, admin, wait_for, policy={"preset": "custom", "at_limit": "switchover"}
+    )
     for fields, words in [
         (
             {"action": "raise_downtime", "downtime_ms": "-3"},
