@@ -7,6 +7,7 @@ so under the default policy (300 ms, no throttling, 30 rounds) it would stop at 
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 
 from migrations_app.actions import do_request_migration
 from migrations_app.models import Migration, MigrationEvent
@@ -82,7 +83,7 @@ def test_switch_over_now_completes_with_the_longer_downtime_shown(
 
 
 def test_bad_changes_are_refused_and_change_nothing(
-    host_agents, fleet, admin, client, migration_admin_client, migration_worker, wait_for
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
 ):
     # Switch over at the limit: it ends completed however long the refusals below take on a loaded machine.
     _, migration = start_hot(
@@ -99,8 +100,9 @@ def test_bad_changes_are_refused_and_change_nothing(
     ]:
         response = change(migration_admin_client, migration, **fields)
         assert response.status_code == 400 and words in response.text, response.text
-    client.force_login(make_user("reader", ("vms.view_virtualmachine", "vms.view_vsp")))
-    assert change(client, migration, action="switchover").status_code == 403
+    reader = Client()  # its own session: migration_admin_client is pytest-django's ``client`` too
+    reader.force_login(make_user("reader", ("vms.view_virtualmachine", "vms.view_vsp")))
+    assert change(reader, migration, action="switchover").status_code == 403
     migration.refresh_from_db()
     assert migration.policy["max_downtime_ms"] == 300 and not migration.policy["auto_converge"]
     assert not AuditEvent.objects.filter(action=AuditEvent.Action.MIGRATION_CHANGED).exists()
