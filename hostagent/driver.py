@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from hostagent.protocol import (
+    DirtyRate,
     Endpoint,
     ErrorCode,
     FailureKind,
@@ -203,6 +204,10 @@ class Driver(Protocol):
         self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
     ) -> Migration:
         """Connect to the target and start Init; returns as soon as the migration exists."""
+        ...
+
+    async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
+        """The running guest's dirty rate over ``seconds`` without migrating it (Conflict if not running)."""
         ...
 
 

@@ -36,6 +36,7 @@ from hostagent.protocol import (
     IncomingRequest,
     Message,
     OutgoingRequest,
+    ParamsChange,
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
@@ -204,6 +205,34 @@ async def start_outgoing(request: web.Request) -> web.Response:
     return reply(migration.snapshot())
 
 
+async def change_params(request: web.Request) -> web.Response:
+    """Change a running Copy's policy (``protocol.ParamsChange``); only an outgoing migration has one."""
+    change = await read_message(request, ParamsChange)
+    migration = migration_of(request)
+    apply = getattr(migration, "change_params", None)
+    if apply is None:
+        raise Conflict(f"migration {migration.migration_id} is an incoming one here; change it on its source")
+    snapshot = await apply(change) if asyncio.iscoroutinefunction(apply) else apply(change)
+    log.info("changed %s: %s", migration.migration_id, change.model_dump(exclude_defaults=True))
+    return reply(snapshot)
+
+
+MAX_DIRTY_RATE_WINDOW_S = 10.0
+
+
+async def measure_dirty_rate(request: web.Request) -> web.Response:
+    """``GET /v1/guests/{guest_id}/dirty-rate?seconds=S`` (default 1 s, at most 10 s)."""
+    guest_id = guest_id_of(request)
+    raw = request.query.get("seconds", "1")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"seconds must be a number of seconds, not {raw!r}") from None
+    if not 0.1 <= seconds <= MAX_DIRTY_RATE_WINDOW_S:
+        raise InvalidRequest(f"seconds must be between 0.1 and {MAX_DIRTY_RATE_WINDOW_S:g}")
+    return reply(await driver_of(request).measure_dirty_rate(guest_id, seconds))
+
+
 async def get_migration(request: web.Request) -> web.Response:
     return reply(migration_of(request).snapshot())
 
@@ -279,6 +308,7 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/guests", list_guests)
     app.router.add_get("/v1/guests/{guest_id}", get_guest)
+    app.router.add_get("/v1/guests/{guest_id}/dirty-rate", measure_dirty_rate)
     app.router.add_put("/v1/guests/{guest_id}", define_guest)
     app.router.add_delete("/v1/guests/{guest_id}", delete_guest)
     app.router.add_post("/v1/guests/{guest_id}/start", start_guest)
@@ -287,6 +317,7 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_post("/v1/migrations/outgoing", start_outgoing)
     app.router.add_get("/v1/migrations/{migration_id}", get_migration)
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
+    app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
     app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
     app.on_startup.append(lambda app: driver.open())
     app.on_cleanup.append(lambda app: driver.close())

@@ -17,7 +17,8 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
-from vms.access import check_can_cancel, check_can_migrate
+from vms import migration_policy
+from vms.access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
@@ -41,19 +42,31 @@ class RequestResult:
     refusal: str  # "" when the migration was queued
 
 
-def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def check_permission(user: Any, permission: str) -> None:
+    if not user.has_perm(permission):
+        raise PermissionDenied("Your account lacks the permission to do this.")
+
+
+def do_request_migration(
+    vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any] | None = None
+) -> Migration:
     """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
+
+    ``policy``: overrides of the VM's migration policy for this migration (``vms.migration_policy``);
+    bad values raise ``PolicyError`` before anything is stored. The effective policy is kept on the row.
 
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
     serializes the checks, and the partial unique constraint catches anything that slips past them.
     Raises ``AccessDenied`` unless ``user`` is an operator of both the source's and the target's group.
     """
+    check_permission(user, ADD_MIGRATION_PERMISSION)
+    effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
     try:
         with transaction.atomic():
             vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
             target = VSP.objects.get(pk=target.pk)
             check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
-            migration = _create_migration(vm, target, user)
+            migration = _create_migration(vm, target, user, effective)
     except IntegrityError:
         refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
         record_refusal(vm, target, user, str(refusal.message))
@@ -65,7 +78,7 @@ def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migratio
     return migration
 
 
-def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any]) -> Migration:
     reason = check_target(vm, target)
     if reason:
         raise MigrationRefused(refusal_message(vm, target, reason))
@@ -73,14 +86,16 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     if source is None:
         raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
-        migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
+        migration = Migration.objects.create(
+            vm=vm, source=source, target=target, requested_by=user, policy=policy
+        )
     message = f"Migration of {vm.name} from {source} to {target} requested"
     record_created(migration, actor=user, message=message)
     AuditEvent.record(
         AuditEvent.Action.MIGRATION_REQUESTED,
         migration,
         actor=user,
-        after={"vm": vm.name, "source": source.name, "target": target.name},
+        after={"vm": vm.name, "source": source.name, "target": target.name, "policy": policy},
         message=message,
         object_name=audit_name(migration),
     )

@@ -28,6 +28,7 @@ from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
+from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.models import Registration
 
@@ -145,7 +146,14 @@ class MigrationRun:
         }
 
     def agent_params(self) -> dict[str, Any]:
-        return {**settings.MIGRATION_AGENT_PARAMS, "limits": self.limits()}
+        """``protocol.MigrationParams``: the migration's effective policy, the VM's phase limits."""
+        site = settings.MIGRATION_AGENT_PARAMS
+        params = migration_policy.agent_params(
+            self.migration.policy,
+            max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
+            site_cap_mbps=site.get("bandwidth_mbps"),
+        )
+        return {**params, "limits": self.limits()}
 
     # --- talking to the agents ------------------------------------------------------------------
 

@@ -91,6 +91,11 @@ class Migration(models.Model):
     # Per-round convergence samples, compact: a list of [seconds since Copy began (float), round,
     # bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s], one per round.
     round_samples = models.JSONField(default=list, blank=True)
+    policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The effective policy (vms.migration_policy)",
+    )
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source

@@ -7,15 +7,20 @@ say why in plain words.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
 from matrixoe.error_views import permission_denied
+from vms import migration_policy
 from vms.access import (
     ADD_MIGRATION_PERMISSION,
     CHANGE_MIGRATION_PERMISSION,
@@ -27,6 +32,7 @@ from vms.access import (
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, VirtualMachine
 
+from . import estimates, steering
 from .actions import (
     MigrationRefused,
     do_cancel_migration,
@@ -70,17 +76,28 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         checks = offered_checks(request, vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
+    overrides = policy_overrides(request.POST)
     try:
-        do_request_migration(vm, target, request.user)
+        do_request_migration(vm, target, request.user, policy=overrides)
+    except migration_policy.PolicyError as error:
+        return render_dialog(request, vm, error=str(error), status=400, policy=overrides)
     except MigrationRefused as refusal:
-        return render_dialog(request, vm, error=str(refusal.message), status=400)
+        return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
     except PermissionDenied as denied:
-        return render_dialog(request, vm, error=str(denied), status=403)
+        return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
+
+
+def policy_overrides(post: Any) -> dict[str, str]:
+    """The dialog's policy fields (a preset, or Custom with its values); an unticked checkbox is off."""
+    fields = {key: post.get(key, "") for key in migration_policy.FIELDS if key in post}
+    if fields.get("preset") == "custom" and "auto_converge" not in post:
+        fields["auto_converge"] = "false"
+    return fields
 
 
 def common_refusal(checks: list[TargetCheck]) -> str | None:
@@ -108,19 +125,87 @@ def offered_checks(request: HtmxHttpRequest, vm: VirtualMachine) -> list[TargetC
     return [check for check in check_targets(vm) if check.vsp.pk in offered]
 
 
+@dataclass(frozen=True)
+class TargetRow:
+    """A target's pre-check with its forecast (None: not known yet, the dialog fetches it)."""
+
+    check: TargetCheck
+    forecast: estimates.TargetForecast | None
+
+    @property
+    def vsp(self) -> VSP:
+        return self.check.vsp
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+    @property
+    def reason(self) -> str:
+        return self.check.reason
+
+
+def target_rows(
+    vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool
+) -> list[TargetRow]:
+    """Each target with its forecast; ``measure``: ask the source agent for the dirty rate if not cached."""
+    guest = estimates.cached_dirty_rate(vm)
+    if guest is None and measure and any(check.ok for check in checks):
+        guest = estimates.measure_dirty_rate(vm)
+    known = guest is not None or measure
+    return [
+        TargetRow(check, estimates.forecast_to(vm, check.vsp, policy, guest) if check.ok and known else None)
+        for check in checks
+    ]
+
+
+@require_GET
+@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
+def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
+    """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s)."""
+    vm = get_visible_vm(request.user, vm_id)
+    policy = migration_policy.effective(vm.migration_policy)
+    rows = target_rows(vm, offered_checks(request, vm), policy, measure=True)
+    html = "".join(
+        render_to_string(
+            f"{DIALOG_TEMPLATE}#forecast_cell",
+            {"check": row, "vm": vm, "forecast_oob": True},
+            request=request,
+        )
+        for row in rows
+    )
+    return HttpResponse(html)
+
+
 def render_dialog(
-    request: HtmxHttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
+    request: HtmxHttpRequest,
+    vm: VirtualMachine,
+    *,
+    error: str = "",
+    status: int = 200,
+    policy: dict[str, Any] | None = None,
 ) -> HttpResponse:
     checks = offered_checks(request, vm)
+    vm_policy = migration_policy.effective(vm.migration_policy)
+    try:
+        shown_policy = migration_policy.check_policy(policy or {}, base=vm_policy)
+    except migration_policy.PolicyError:
+        shown_policy = vm_policy
     blocked = refused_everywhere(vm, checks)
+    rows = target_rows(vm, checks, shown_policy, measure=not request.htmx)
     context = {
         "vm": vm,
-        "checks": checks,
+        "checks": rows,
+        "forecast_pending": any(row.ok and row.forecast is None for row in rows),
         # Said once above the table, not on every row; the Migrate button is disabled then.
         "blocked": blocked,
         "common_refusal": common_refusal(checks),
         "error": "" if error == blocked else error,
         "full_page": not request.htmx,
+        "vm_policy": vm_policy,
+        "policy": shown_policy,
+        "policy_words": migration_policy.describe(shown_policy),
+        "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
     }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)
@@ -142,6 +227,21 @@ def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     except MigrationRefused as refusal:
         return respond_notice(request, vm, str(refusal.message), ok=False)
     return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
+
+
+@require_POST
+def change(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
+    """Steer a running migration from its phases panel (``steering.do_change_migration``)."""
+    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    vm = get_visible_vm(request.user, migration.require_vm().pk)  # 404 for a guest the user cannot see
+    try:
+        done = steering.do_change_migration(migration, request.POST.dict(), request.user)
+    except steering.ChangeRefused as refusal:
+        response = respond_notice(request, vm, refusal.message, ok=False)
+        if request.htmx:
+            response.status_code = 400
+        return response
+    return respond_notice(request, vm, done)
 
 
 def respond_notice(

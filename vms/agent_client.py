@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from hostagent.protocol import (
+    DirtyRate,
     ErrorReply,
     FailureKind,
     GuestInfo,
@@ -210,6 +211,19 @@ class AgentClient:
             "params": params or {},
         }
         return check_snapshot(self._call("POST", "/v1/migrations/outgoing", body))
+
+    def change_params(self, migration_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Source side: change a running Copy (a ``protocol.ParamsChange``); the snapshot after it."""
+        return check_snapshot(self._call("POST", f"/v1/migrations/{migration_id}/params", change))
+
+    def dirty_rate(self, guest_id: str, seconds: float = 1.0) -> dict[str, Any]:
+        """The running guest's dirty rate over ``seconds`` (a ``protocol.DirtyRate``); waits that long."""
+        path = f"/v1/guests/{guest_id}/dirty-rate?seconds={seconds:g}"
+        answer = self._call("GET", path, timeout_s=self.timeout_s + seconds)
+        try:
+            return parse(DirtyRate, answer).model_dump(mode="json")
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(f"the agent's dirty rate makes no sense: {violation}") from None
 
     def snapshot(self, migration_id: str) -> dict[str, Any]:
         return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))

@@ -143,6 +143,11 @@ class VirtualMachine(models.Model):
     )
     graceful_stop_timeout_s = models.PositiveIntegerField(default=30)
     online_migration_enabled = models.BooleanField(default=True)
+    migration_policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Default migration policy (vms.migration_policy)",
+    )
     memory_mib = models.PositiveIntegerField()
     vcpus = models.PositiveIntegerField(default=1)
     init_limit_s = models.PositiveIntegerField(default=10)
@@ -318,6 +323,8 @@ class AuditEvent(models.Model):
         MARKED_RUNNABLE = "marked_runnable"
         MARKED_NOT_RUNNABLE = "marked_not_runnable"
         POLICY_CHANGED = "policy_changed"
+        MIGRATION_POLICY_CHANGED = "migration_policy_changed"
+        MIGRATION_CHANGED = "migration_changed"
         MIGRATION_REQUESTED = "migration_requested"
         MIGRATION_REFUSED = "migration_refused"
         MIGRATION_CANCELLED = "migration_cancelled"

@@ -18,6 +18,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from matrixoe.error_views import permission_denied
+from vms import migration_policy
 from vms.access import (
     VIEW_VM_PERMISSION,
     VIEW_VSP_PERMISSION,
@@ -31,7 +32,12 @@ from vms.access import (
     visible_vms,
     visible_vsps,
 )
-from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
+from vms.actions import (
+    do_mark_not_runnable,
+    do_mark_runnable,
+    do_set_migration_policy,
+    do_set_online_migration,
+)
 from vms.capacity import with_free_memory
 from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
 from vms.general_tab import general_tab_context
@@ -253,6 +259,23 @@ def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return f"Online migration {'enabled' if data['enabled'] else 'disabled'} for {vm.name}."
 
     return apply_change(request, vm, OnlineMigrationForm(request.POST), change)
+
+
+@require_POST
+def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The General tab's migration policy form (a preset, or Custom with its values)."""
+    vm = get_visible_vm(request.user, pk)
+    if refused := refuse_without_right(request, check_can_change_vm, vm):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
+        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
+            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
+        policy = do_set_migration_policy(vm, fields, request.user)
+        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
+
+    return apply_change(request, vm, forms.Form(request.POST), change)
 
 
 @require_POST

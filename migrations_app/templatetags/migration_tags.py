@@ -11,6 +11,7 @@ from django.utils.safestring import SafeString
 from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
+from migrations_app.steering import Outlook, outlook
 from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
@@ -25,6 +26,12 @@ PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done
 def migration_display(vm: VirtualMachine) -> MigrationDisplay:
     """``{% migration_display vm as display %}``: what the General tab shows (see progress.py)."""
     return get_migration_display(vm)
+
+
+@register.simple_tag
+def migration_outlook(migration: Migration) -> Outlook | None:
+    """The live forecast of a running Copy (``steering.outlook``)."""
+    return outlook(migration)
 
 
 @register.simple_tag

@@ -6,9 +6,10 @@ import logging
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
-from hostagent.protocol import Endpoint, GuestInfo, GuestSpec, MigrationParams, PhaseLimits
+from hostagent.protocol import DirtyRate, Endpoint, GuestInfo, GuestSpec, MigrationParams, PhaseLimits
 
 log = logging.getLogger("hostagent.simulated")
 DEFAULT_CAPACITY_MIB = 64 * 1024
@@ -125,6 +126,20 @@ class SimulatedDriver:
         migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing)
         migration.start()
         return migration
+
+    async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
+        guest = self._guest(guest_id)
+        if not guest.running or guest.not_runnable:
+            raise Conflict(f"guest {guest.name} is not running; only a running guest has a dirty rate")
+        rate, working_set = await guest.measure_dirty_rate(seconds)
+        return DirtyRate(
+            guest_id=guest_id,
+            seconds=seconds,
+            dirty_rate_bytes_s=round(rate),
+            memory_bytes=guest.memory.size,
+            written_bytes=guest.memory.written_count() * PAGE_SIZE,
+            working_set_bytes=working_set,
+        )
 
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
         await guest.power_off()

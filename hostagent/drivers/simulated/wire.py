@@ -63,8 +63,15 @@ class FrameWriter:
         self._buffer = bytearray()
         self._cap = bandwidth_bytes_s
         self._cap_started = time.monotonic()
+        self._cap_base = 0
         self.bytes_sent = 0
         self.send_seconds = 0.0
+
+    def set_cap(self, bandwidth_bytes_s: float | None) -> None:
+        """Change the cap (bytes/s, None: none) from now on, for a running migration."""
+        self._cap = bandwidth_bytes_s
+        self._cap_started = time.monotonic()
+        self._cap_base = self.bytes_sent
 
     async def pages(self, first_page: int, payload: memoryview) -> None:
         self._buffer += HEADER.pack(PAGES, len(payload) // PAGE_SIZE, first_page)
@@ -105,7 +112,7 @@ class FrameWriter:
         await self._loop.sock_sendall(self._sock, data)
         self.bytes_sent += len(data)
         if self._cap:
-            ahead = self.bytes_sent / self._cap - (time.monotonic() - self._cap_started)
+            ahead = (self.bytes_sent - self._cap_base) / self._cap - (time.monotonic() - self._cap_started)
             if ahead > 0:
                 await asyncio.sleep(ahead)
         self.send_seconds += time.monotonic() - started
