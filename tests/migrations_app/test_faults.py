@@ -7,6 +7,8 @@ nonsense, to stay in Init for ever, or to hang on exactly one cancel. Each fake 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -254,9 +256,11 @@ def test_the_worker_ends_a_phase_the_agent_lets_run_over_its_limit(
 
     assert (migration.state, migration.failed_phase) == ("aborted", "init")
     assert migration.failure_kind == "time_limit"
-    assert migration.alert == (
-        "Init phase failed: it ran over its time limit of 1 s. The VM keeps running on stall."
-    )
+    assert re.fullmatch(
+        r"Init phase failed: it ran over its time limit of 1 s \(stopped after \d+\.\d s\)\. "
+        r"The VM keeps running on stall\.",
+        migration.alert,
+    ), migration.alert
     assert vm.current_vsp == source
     assert guest_on(host_agents["hostb"], "stuck") is None  # the prepared copy was discarded
 
@@ -292,3 +296,44 @@ def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wai
         # the hung first attempt was not waited on: a second one stopped the source before it returned
         events = SlowToCancelSource.events
         assert events[:3] == ["cancel", "cancel", "cancelled"], events
+
+
+@contextmanager
+def paused(agent) -> Iterator[None]:
+    """The agent's process group stopped (SIGSTOP: a hung host that keeps its sockets), resumed after."""
+    agent.process._signal_group(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        agent.process._signal_group(signal.SIGCONT)
+
+
+@pytest.mark.faults
+def test_it_keeps_the_init_limit_when_the_target_agent_freezes(
+    host_agents, fleet, admin, migration_worker, wait_for
+):
+    """Init limited to 2 s, the target agent SIGSTOPped for 12 s (longer than the agent client's 10 s
+    time-out): the abort is recorded while the target is still frozen, naming it and the real time."""
+    vm = place_vm(host_agents, fleet, vm_fields={"init_limit_s": 2})
+    with paused(host_agents["hostb"]):
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        frozen_until = time.monotonic() + 12
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed", timeout=11)
+        recorded_while_frozen = time.monotonic() < frozen_until
+        time.sleep(max(0.0, frozen_until - time.monotonic()))
+
+    assert recorded_while_frozen
+    assert (migration.state, migration.failed_phase, migration.failure_kind) == (
+        "aborted",
+        "init",
+        "time_limit",
+    )
+    assert re.fullmatch(
+        r"Init phase failed: it ran over its time limit of 2 s \(stopped after (\d+\.\d) s; "
+        r"the target host hostb did not answer\)\. The VM keeps running on hosta\.",
+        migration.alert,
+    ), migration.alert
+    assert float(re.search(r"after (\d+\.\d) s", migration.alert)[1]) >= 2  # type: ignore[index]
+    # once thawed, the target is told to discard what it prepared; the guest runs on the source
+    assert wait_for(lambda: guest_on(host_agents["hostb"], vm.name) is None, timeout=30)
+    assert_left_on_source(vm, host_agents, fleet, migration)
