@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
@@ -89,7 +90,7 @@ class SimulatedDriver:
         if guest.running:
             raise Conflict(f"guest {name} is running; stop it first")
         del self.guests[guest_id]
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
@@ -128,7 +129,7 @@ class SimulatedDriver:
 
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
         await guest.power_off()
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
         if self.guests.get(guest.guest_id) is guest:
             del self.guests[guest.guest_id]
             replaced = self._replaced.pop(guest.guest_id, None)
@@ -139,7 +140,7 @@ class SimulatedDriver:
         """After the commit the configuration stays here, Not Runnable; the memory goes."""
         await guest.power_off()
         guest.not_runnable = True
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
         self._replaced.pop(guest.guest_id, None)
 
     # -- helpers --------------------------------------------------------
