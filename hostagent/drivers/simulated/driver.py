@@ -129,12 +129,12 @@ class SimulatedDriver:
 
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
         await guest.power_off()
-        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
-        if self.guests.get(guest.guest_id) is guest:
+        if self.guests.get(guest.guest_id) is guest:  # gone from the listing first, then its memory
             del self.guests[guest.guest_id]
             replaced = self._replaced.pop(guest.guest_id, None)
             if replaced is not None:
                 self.guests[guest.guest_id] = replaced
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     async def _release_outgoing(self, guest: SimulatedGuest) -> None:
         """After the commit the configuration stays here, Not Runnable; the memory goes."""
