@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.inventory import mark_reachable
 from vms.models import Registration
 
 from .decisions import (
@@ -208,28 +209,36 @@ class MigrationRun:
         self.check_stop()
         return result
 
+    def host(self, side: str) -> str:
+        """ "the target host vsp2": how alerts name an agent."""
+        vsp = self.migration.source if side == "source" else self.migration.target
+        return f"the {side} host {vsp.name}"
+
     @contextmanager
     def agent_errors(self, side: str) -> Iterator[None]:
-        """Agent errors become a failure of the current phase, in plain words (a stop reason wins).
+        """Agent errors become a failure of the current phase, in plain words naming the host (a stop
+        reason wins). An agent that did not answer marks its VSP unreachable at once (the migrate
+        dialog and the checks see it), not at the next inventory collection.
 
         The failure's kind is the error's (unreachable, refused, or internal for a bad reply).
         """
         try:
             yield
         except AgentUnreachable as error:
+            mark_reachable(self.migration.source if side == "source" else self.migration.target, False)
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host stopped answering", kind=error.kind
+                self.migration.state, f"{self.host(side)} stopped answering", kind=error.kind
             ) from None
         except AgentRefused as refusal:
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host refused: {refusal}", kind=refusal.kind
+                self.migration.state, f"{self.host(side)} refused: {refusal}", kind=refusal.kind
             ) from None
         except AgentProtocolError as error:
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host sent a reply that makes no sense", kind=error.kind
+                self.migration.state, f"{self.host(side)} sent a reply that makes no sense", kind=error.kind
             ) from None
 
     def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None:
@@ -248,7 +257,7 @@ class MigrationRun:
         self.check_stop()
         raise MigrationFailed(
             self.migration.state,
-            "the source host ended its progress report early",
+            f"{self.host('source')} ended its progress report early",
             kind=FailureKind.UNREACHABLE,
         )
 

@@ -6,6 +6,7 @@ Refusals change nothing and say why in plain words.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.http import HttpResponse
@@ -14,6 +15,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
 from vms.http import HtmxHttpRequest
+from vms.inventory import probe_reachability
 from vms.models import VSP, VirtualMachine
 
 from .actions import (
@@ -45,6 +47,9 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     """GET: every VSP with its pre-check result. POST: start the migration to the chosen target."""
     vm = get_object_or_404(VirtualMachine, pk=vm_id)
     if request.method == "GET":
+        # Reachability is checked now, not taken from the last inventory (up to 30 s old).
+        if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
+            probe_reachability(list(VSP.objects.all()), settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S)
         return render_dialog(request, vm)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None

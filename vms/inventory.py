@@ -12,6 +12,7 @@ Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says wheth
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -111,6 +112,29 @@ def check_not_runnable_copies(vm: VirtualMachine, *, timeout_s: float) -> None:
     copies = Registration.objects.filter(vm=vm, hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
     for copy in copies.select_related("vsp"):
         fetch_and_store(copy.vsp, timeout_s=timeout_s)
+
+
+def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
+    """Ask every agent of ``vsps`` for its health at once (one thread each, ``timeout_s`` s at most) and
+    store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
+    Ready until the next inventory collection. The database is written from the calling thread."""
+
+    def answers(vsp: VSP) -> bool:
+        try:
+            with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
+                agent.health()
+        except AGENT_ERRORS:
+            return False
+        return True
+
+    if not vsps:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
+        verdicts = list(pool.map(answers, vsps))
+    for vsp, reachable in zip(vsps, verdicts, strict=True):
+        if not reachable:
+            logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
+        mark_reachable(vsp, reachable)
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 from django.db import transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from migrations_app.actions import do_cancel_migration, do_request_migration
@@ -26,7 +27,9 @@ from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
 from tests.factories import make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory
 from tests.migrations_app.guests import assert_left_on_source, guest_on, place_vm, runs_on, wait_for_state
+from vms.models import VSP
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,7 +118,8 @@ def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
     assert migration.failed_phase == "init"
     assert migration.failure_kind == "internal"
     assert migration.alert == (
-        "Init phase failed: the target host sent a reply that makes no sense. The VM keeps running on hosta."
+        "Init phase failed: the target host nonsense sent a reply that makes no sense. "
+        "The VM keeps running on hosta."
     )
     assert vm.current_vsp == fleet["hosta"]
     assert runs_on(host_agents["hosta"], vm.name)
@@ -337,3 +341,55 @@ def test_it_keeps_the_init_limit_when_the_target_agent_freezes(
     # once thawed, the target is told to discard what it prepared; the guest runs on the source
     assert wait_for(lambda: guest_on(host_agents["hostb"], vm.name) is None, timeout=30)
     assert_left_on_source(vm, host_agents, fleet, migration)
+
+
+@pytest.mark.faults
+def test_a_dead_target_is_marked_unreachable_at_once_and_named(
+    host_agents, fleet, admin, migration_worker, wait_for, tmp_path
+):
+    """Issue 10: after its agent stopped, a VSP stayed "reachable" until the next inventory (30 s) and
+    the alert said "the target host stopped answering" without naming it."""
+    factory = AgentFactory(tmp_path)
+    doomed = factory("hostd")
+    try:
+        hostd = make_vsp("hostd", agent_url=doomed.url, agent_secret=doomed.secret, memory_mib=4096)
+        doomed.kill()
+        assert VSP.objects.get(pk=hostd.pk).agent_reachable  # nobody asked it since
+        vm = place_vm(host_agents, fleet)
+
+        migration = do_request_migration(vm, hostd, admin)
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+    finally:
+        factory.stop_all()
+
+    assert (migration.failed_phase, migration.failure_kind) == ("init", "unreachable")
+    assert migration.alert == (
+        "Init phase failed: the target host hostd stopped answering. The VM keeps running on hosta."
+    )
+    assert not VSP.objects.get(pk=hostd.pk).agent_reachable
+    assert_left_on_source(vm, host_agents, fleet, migration)
+
+
+def test_the_migrate_dialog_checks_reachability_when_it_opens(
+    host_agents, fleet, migration_admin_client, tmp_path
+):
+    """A VSP whose agent died since the last inventory is shown unreachable when the dialog opens."""
+    factory = AgentFactory(tmp_path)
+    doomed = factory("hoste")
+    hoste = make_vsp("hoste", agent_url=doomed.url, agent_secret=doomed.secret, memory_mib=4096)
+    doomed.kill()
+    factory.stop_all()
+    VSP.objects.filter(pk=fleet["hostb"].pk).update(agent_reachable=False)  # stale: it answers
+    vm = place_vm(host_agents, fleet)
+
+    html = migration_admin_client.get(reverse("migrations_app:migrate", args=[vm.pk])).content.decode()
+
+    rows = {name: html[html.index(f'data-vsp="{name}"') :].split("</tr>")[0] for name in ("hoste", "hostb")}
+    assert ">Agent unreachable<" in rows["hoste"]
+    assert ">Ready<" in rows["hostb"], rows["hostb"]
+    assert dict(
+        VSP.objects.filter(pk__in=[hoste.pk, fleet["hostb"].pk]).values_list("name", "agent_reachable")
+    ) == {
+        "hoste": False,
+        "hostb": True,
+    }
