@@ -12,6 +12,8 @@ Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_migrations_active`` (in a phase) and ``matrixoe_migrations_queued`` (waiting, the hourglass);
 - ``matrixoe_migration_phase_age_seconds{migration,vm,phase}``: time each running migration has spent
   in its current phase (the "stuck in one phase" alert);
+- ``matrixoe_websocket_watchers``: live-progress sockets open on the web process that answers (the one
+  per-process figure: scrape every web process);
 - ``matrixoe_agent_reachable{vsp}`` (1/0) and ``matrixoe_agent_checked_timestamp_seconds{vsp}`` (the
   last inventory collection from that host's agent, Unix time).
 """
@@ -32,6 +34,7 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
 from vms.models import VSP
 
@@ -65,6 +68,11 @@ class MigrationCollector:
     """Reads migrations and VSPs from the database on every ``collect()`` (each scrape)."""
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "matrixoe_websocket_watchers",
+            "Live-progress sockets open on this web process",
+            value=watcher_count(),
+        )
         yield self._outcomes()
         yield self._phase_durations()
         yield self._downtime()

@@ -11,11 +11,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
 from hostagent import __version__
 from hostagent.driver import AgentError, Conflict, Driver, InvalidRequest, Migration, NotFound
 from hostagent.loopwatch import KEPT_S, LoopWatch
+from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
 from hostagent.protocol import (
     COMMANDS,
     TERMINAL_STATES,
@@ -42,6 +44,7 @@ SECRET_KEY = web.AppKey("secret", bytes)
 LOOP_WATCH_KEY = web.AppKey("loop_watch", LoopWatch)
 NAME_KEY = web.AppKey("name", str)
 MIGRATIONS_KEY = web.AppKey("migrations", dict)
+METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -139,6 +142,12 @@ async def health(request: web.Request) -> web.Response:
         loop_busy_ms=round(busy_ms, 1),
     )
     return reply(health)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format (``hostagent/metrics.py``), behind the secret like every route."""
+    body = exposition(request.app[METRICS_KEY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def list_guests(request: web.Request) -> web.Response:
@@ -270,7 +279,10 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app[SECRET_KEY] = secret.encode()
     app[NAME_KEY] = name
     app[MIGRATIONS_KEY] = {}
+    migrations: dict[str, Migration] = app[MIGRATIONS_KEY]
+    app[METRICS_KEY] = agent_registry(name, driver, lambda: migrations)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/guests", list_guests)
     app.router.add_get("/v1/guests/{guest_id}", get_guest)
     app.router.add_put("/v1/guests/{guest_id}", define_guest)

@@ -271,6 +271,8 @@ MIGRATION_AGENT_PARAMS = {
 MIGRATION_QUEUE = env_str("MIGRATION_QUEUE", "") or None
 # A migration whose worker showed no sign of life this long is decided by recover_migrations.
 MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
+# "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
+MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
 # --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
 CELERY_BEAT_SCHEDULE = {

@@ -142,3 +142,15 @@ def get_fanout() -> ProcessFanout:
     if loop not in _fanouts:
         _fanouts[loop] = ProcessFanout()
     return _fanouts[loop]
+
+
+def watcher_count() -> int:
+    """Progress sockets open in this process (each counted once, whatever groups it joined).
+
+    Read from another thread (the metrics view) without the loop's lock: a momentary snapshot.
+    """
+    watchers: set[int] = set()
+    for fanout in list(_fanouts.values()):
+        for members in list(fanout.members.values()):
+            watchers.update(id(watcher) for watcher in list(members))
+    return len(watchers)

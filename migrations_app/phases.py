@@ -13,6 +13,7 @@ from hostagent.protocol import FailureKind
 from hostagent.protocol import Phase as AgentPhase
 
 from .checks import check_target, is_running
+from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .models import Migration
 
@@ -52,6 +53,7 @@ class Init(Phase):
         if reason:
             raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
         endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
+        endpoint = route_data_plane(endpoint)
         run.check_stop()
         try:
             run.call(

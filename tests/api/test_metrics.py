@@ -58,3 +58,34 @@ def test_it_counts_outcomes_failed_phases_queue_and_downtime_from_the_database()
     assert 'matrixoe_migration_downtime_seconds_bucket{le="0.25"} 1.0' in text
     assert 'matrixoe_migration_downtime_seconds_bucket{le="0.1"} 0.0' in text
     assert 'matrixoe_agent_reachable{vsp="hostb"} 0.0' in text
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_counts_the_live_progress_sockets_open_on_this_web_process(settings, redis_url):
+    """Watchers joined through this process's fan-out, each counted once whatever groups it joined."""
+    from asgiref.sync import sync_to_async
+
+    from migrations_app.fanout import get_fanout
+
+    class Watcher:
+        def deliver(self, html: str) -> None:
+            pass
+
+    settings.METRICS_ALLOWED_IPS = ["10.0.0.0/8"]
+    fanout = get_fanout()
+    first, second = Watcher(), Watcher()
+    await fanout.join("vm-metrics-1", first)
+    await fanout.join("vsp-metrics-1", first)
+    await fanout.join("vm-metrics-1", second)
+    try:
+        with_two = (await sync_to_async(scrape)("10.1.2.3")).content.decode()
+        fanout.leave("vm-metrics-1", second)
+        with_one = (await sync_to_async(scrape)("10.1.2.3")).content.decode()
+    finally:
+        fanout.leave("vm-metrics-1", first)
+        fanout.leave("vsp-metrics-1", first)
+        for task in fanout.tasks:
+            task.cancel()
+
+    assert "matrixoe_websocket_watchers 2.0" in with_two
+    assert "matrixoe_websocket_watchers 1.0" in with_one

@@ -1,0 +1,212 @@
+"""The invariants a soak run must leave true once recovery has run (issue 10, "checks every invariant").
+
+Each check returns plain sentences, one per broken invariant. ``check_invariants`` retries all of them
+for up to ``SETTLE_S`` seconds (clean-up commands and inventory may land a moment after the outcome is
+recorded) and returns what was still broken at the end.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from django.db.models import Count, Q
+
+from migrations_app.engine import agent_migration_id
+from migrations_app.models import Migration
+from vms.agent_client import AgentClient, AgentError
+from vms.models import Registration, VirtualMachine
+
+if TYPE_CHECKING:
+    from soak_run import Scenario
+    from soak_stack import Stack
+
+SETTLE_S = 15.0
+WORKLOAD_SAMPLE_S = 0.4
+NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
+
+
+def check_invariants(
+    stack: Stack, scenario: Scenario, migration: Migration, web: httpx.Client, host_crash: bool
+) -> list[str]:
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        migration.refresh_from_db()
+        broken = [
+            *check_database(),
+            *check_outcome(stack, scenario, migration, host_crash),
+            *check_agents(stack),
+            *check_general_tab(web, stack.web_url, migration),
+        ]
+        # What an earlier run left broken (a leaked guest on an agent) is reported with that run only.
+        broken = [problem for problem in broken if problem not in stack.reported]
+        if not broken or time.monotonic() > deadline:
+            stack.reported.update(broken)
+            return broken
+        time.sleep(0.5)
+
+
+def check_database() -> list[str]:
+    broken = []
+    runnable = Count("registrations", filter=~Q(registrations__hardware_status=NOT_RUNNABLE))
+    for vm in VirtualMachine.objects.annotate(runnable=runnable).exclude(runnable=1):
+        broken.append(f"VM {vm.name} has {vm.runnable} runnable registrations")
+    for left in Migration.objects.exclude(state__in=Migration.TERMINAL_STATES):
+        broken.append(f"migration {left.pk} of VM {left.vm_id} left {left.state} after recovery")
+    return broken
+
+
+def runnable_copy(vm_id: int) -> Registration | None:
+    copies = Registration.objects.filter(vm_id=vm_id).exclude(hardware_status=NOT_RUNNABLE)
+    return copies.select_related("vsp").first()
+
+
+def guest_on(stack: Stack, host: str, name: str) -> dict[str, Any] | None:
+    """The agent's GuestInfo, or None if it does not know the guest; raises AgentError if it is down."""
+    agent = stack.agents[host]
+    with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+        guests = {guest["name"]: guest for guest in client.list_guests()}
+    return guests.get(name)
+
+
+def is_running(guest: dict[str, Any] | None) -> bool:
+    return bool(guest and guest["hardware_status"] == "on" and guest["workload"]["running"])
+
+
+def check_outcome(stack: Stack, scenario: Scenario, migration: Migration, host_crash: bool) -> list[str]:
+    if migration.state not in Migration.TERMINAL_STATES:
+        return []  # check_database says so
+    name = migration.vm.name
+    keeper, other = (
+        (scenario.target, scenario.source)
+        if migration.state == Migration.State.COMPLETED
+        else (scenario.source, scenario.target)
+    )
+    broken = []
+    copy = runnable_copy(migration.vm_id)
+    if copy is None or copy.vsp.name != keeper:
+        broken.append(
+            f"{migration.state}: the runnable copy is on {copy.vsp.name if copy else 'no VSP'}, not {keeper}"
+        )
+    if migration.state == Migration.State.COMPLETED and (
+        not migration.source_digest or migration.source_digest != migration.target_digest
+    ):
+        broken.append(
+            f"completed with digests source={migration.source_digest!r} target={migration.target_digest!r}"
+        )
+    try:
+        kept, left = guest_on(stack, keeper, name), guest_on(stack, other, name)
+    except AgentError as error:
+        return [*broken, f"an agent did not answer the checks: {error}"]
+    if host_crash:
+        # Killed after the outcome was recorded: the alert was true when written; a crash of a host
+        # whose migration is over is the inventory's business, not this migration's.
+        struck_after_end = migration.state_changed_at <= stack.killed_at[keeper]
+        if not struck_after_end and ("keeps running" in migration.alert or not migration.alert):
+            broken.append(
+                f"{migration.state} after {keeper}'s agent was killed (host crash, guest "
+                f"{'running' if is_running(kept) else 'gone'} there), but the alert does not say so: "
+                f"{migration.alert!r}"
+            )
+    elif not is_running(kept):
+        broken.append(f"{migration.state}: the guest does not run on {keeper}: {summary(kept)}")
+    elif scenario.dirty_pages_per_s and not workload_writes(stack, keeper, name, kept):
+        broken.append(f"{migration.state}: the guest's workload on {keeper} stopped writing")
+    if left is not None and left["hardware_status"] == "on":
+        broken.append(f"{migration.state}: a copy still on {other}: {summary(left)}")
+    if migration.state == Migration.State.COMPLETED and not host_crash:
+        broken += check_agent_digests(stack, scenario, migration)
+    return broken
+
+
+def workload_writes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> bool:
+    time.sleep(WORKLOAD_SAMPLE_S)
+    later = guest_on(stack, host, name)
+    return bool(later and later["workload"]["pages_written"] > first["workload"]["pages_written"])
+
+
+def check_agent_digests(stack: Stack, scenario: Scenario, migration: Migration) -> list[str]:
+    """The source's digest at freeze against the target's, as each agent reports it (if both know it)."""
+    agent_id = agent_migration_id(migration)
+    digests = {}
+    for side, host in (("source", scenario.source), ("target", scenario.target)):
+        agent = stack.agents[host]
+        try:
+            with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+                digests[side] = client.snapshot(agent_id).get(f"{side}_digest")
+        except AgentError:
+            return []  # restarted since: the database's copy of the digests was checked
+    if not digests["source"] or digests["source"] != digests["target"]:
+        return [f"agents' digests differ: source {digests['source']!r}, target {digests['target']!r}"]
+    return []
+
+
+def check_agents(stack: Stack) -> list[str]:
+    """No guest paused, migrating, orphaned or running where it is not the runnable copy."""
+    broken = []
+    runnable = {
+        (vm_name, vsp_name)
+        for vm_name, vsp_name in Registration.objects.exclude(hardware_status=NOT_RUNNABLE).values_list(
+            "vm__name", "vsp__name"
+        )
+    }
+    known = set(VirtualMachine.objects.values_list("name", flat=True))
+    for host, agent in stack.agents.items():
+        try:
+            with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+                guests = client.list_guests()
+        except AgentError as error:
+            broken.append(f"agent {host} did not answer: {error}")
+            continue
+        for guest in guests:
+            name = guest["name"]
+            if name not in known:
+                broken.append(f"orphan guest {name} on {host}: {summary(guest)}")
+            elif guest.get("migrating"):
+                broken.append(f"guest {name} on {host} still migrating ({guest['migrating']})")
+            elif guest["hardware_status"] == "on" and not guest["workload"]["running"]:
+                broken.append(f"guest {name} left paused on {host}")
+            elif guest["hardware_status"] == "on" and (name, host) not in runnable:
+                broken.append(f"guest {name} runs on {host} where its copy is not the runnable one")
+    return broken
+
+
+def check_general_tab(web: httpx.Client, base_url: str, migration: Migration) -> list[str]:
+    """The VM's General tab, fetched from the running server, against the database."""
+    try:
+        page = web.get(f"{base_url}/vms/{migration.vm_id}/general/", timeout=10)
+    except httpx.HTTPError as error:
+        return [f"General tab did not load: {error}"]
+    if page.status_code != 200:
+        return [f"General tab answered HTTP {page.status_code}"]
+    text = html.unescape(page.text)
+    copy = runnable_copy(migration.vm_id)
+    broken = []
+    shown_status = re.search(r'data-field="hardware_status" data-value="([^"]*)"', page.text)
+    shown_vsp = re.search(r'data-field="breadcrumb_vsp">([^<]*)<', page.text)
+    if copy is not None:
+        if not shown_status or shown_status.group(1) != copy.hardware_status:
+            broken.append(
+                f"General tab shows hardware status {shown_status and shown_status.group(1)!r}, "
+                f"database {copy.hardware_status!r}"
+            )
+        if not shown_vsp or html.unescape(shown_vsp.group(1)).strip() != copy.vsp.name:
+            broken.append(
+                f"General tab shows VSP {shown_vsp and shown_vsp.group(1)!r}, database {copy.vsp.name!r}"
+            )
+    if migration.alert and migration.alert not in text:
+        broken.append(f"General tab does not show the alert {migration.alert!r}")
+    return broken
+
+
+def summary(guest: dict[str, Any] | None) -> str:
+    if guest is None:
+        return "absent"
+    workload = guest.get("workload", {})
+    return (
+        f"hardware {guest['hardware_status']}, os {guest['os_status']}, running {workload.get('running')}, "
+        f"migrating {guest.get('migrating')}"
+    )

