@@ -26,6 +26,7 @@ from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
+from tests.conftest import wait_until
 from tests.factories import make_vm, make_vsp
 from tests.hostagent.conftest import AgentFactory
 from tests.migrations_app.guests import assert_left_on_source, guest_on, place_vm, runs_on, wait_for_state
@@ -393,3 +394,30 @@ def test_the_migrate_dialog_checks_reachability_when_it_opens(
         "hoste": False,
         "hostb": True,
     }
+
+
+@pytest.mark.faults
+def test_recovery_undoes_what_an_abort_could_not_reach(host_agents, fleet, admin):
+    """Soak finding (``SEED=5109``): the target paused during Frozen outlasted the abort's few discard
+    attempts, and its prepared copy stayed "migrating" for ever. Played here: both agents wait in
+    "ready" for a migration the database already says ABORTED; the next recovery pass undoes it."""
+    vm = place_vm(host_agents, fleet)
+    migration = Migration.objects.create(
+        vm=vm,
+        source=fleet["hosta"],
+        target=fleet["hostb"],
+        requested_by=admin,
+        state=Migration.State.ABORTED,
+        failed_phase=Migration.State.FROZEN,
+        alert="Frozen phase failed: the target host hostb stopped answering. The VM keeps running on hosta.",
+    )
+    agent_id = agent_migration_id(migration)
+    bring_agents_to_ready(host_agents, vm, agent_id)
+    assert guest_on(host_agents["hostb"], vm.name)["migrating"] == agent_id
+
+    assert recover_migrations(stale_after_s=5) == []  # nothing to decide: it is ABORTED already
+
+    assert guest_on(host_agents["hostb"], vm.name) is None
+    assert runs_on(host_agents["hosta"], vm.name)
+    written = guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"]
+    assert wait_until(lambda: guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"] > written)
