@@ -30,6 +30,7 @@ class BenchAgent:
             name, free_port(), secret_file, driver, extra_args, log_path=scratch / f"{name}.log"
         )
         self.process = started.process
+        self.secret = started.secret
         self.client = AgentClient(started.url, started.secret, timeout_s=timeout_s)
 
     def stop(self) -> None:

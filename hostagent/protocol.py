@@ -227,6 +227,10 @@ class Health(Message):
     version: StrictStr
     driver: StrictStr
     guests: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 0
+    # The longest the agent's event loop went without yielding lately (``hostagent.loopwatch``):
+    # wall ms (includes the host's load) and the loop thread's CPU ms in that gap (the agent's own work).
+    loop_stall_ms: float = 0.0
+    loop_busy_ms: float = 0.0
 
 
 # What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not

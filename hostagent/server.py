@@ -24,6 +24,7 @@ from hostagent.driver import (
     NotFound,
     UnknownMigration,
 )
+from hostagent.loopwatch import KEPT_S, LoopWatch
 from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
 from hostagent.protocol import (
     COMMANDS,
@@ -49,6 +50,7 @@ STREAM_INTERVAL_S = 0.05
 HEARTBEAT_S = 5.0
 DRIVER_KEY = web.AppKey("driver", Driver)
 SECRET_KEY = web.AppKey("secret", bytes)
+LOOP_WATCH_KEY = web.AppKey("loop_watch", LoopWatch)
 NAME_KEY = web.AppKey("name", str)
 MIGRATIONS_KEY = web.AppKey("migrations", dict)
 METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
@@ -137,8 +139,18 @@ def migration_of(request: web.Request) -> Migration:
 # -- health and guests ----------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     driver = driver_of(request)
+    try:
+        window_s = min(float(request.query.get("window_s", KEPT_S)), KEPT_S)
+    except ValueError:
+        raise InvalidRequest("window_s must be a number of seconds") from None
+    stall_ms, busy_ms = request.app[LOOP_WATCH_KEY].longest(window_s)
     health = Health(
-        name=request.app[NAME_KEY], version=__version__, driver=driver.name, guests=len(driver.list_guests())
+        name=request.app[NAME_KEY],
+        version=__version__,
+        driver=driver.name,
+        guests=len(driver.list_guests()),
+        loop_stall_ms=round(stall_ms, 1),
+        loop_busy_ms=round(busy_ms, 1),
     )
     return reply(health)
 
@@ -296,6 +308,10 @@ def line(snapshot: ProgressSnapshot) -> bytes:
     return snapshot.model_dump_json().encode() + b"\n"
 
 
+async def _start_watch(watch: LoopWatch) -> None:
+    watch.start()
+
+
 def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
     app[DRIVER_KEY] = driver
@@ -319,6 +335,9 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
     app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
     app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
+    app[LOOP_WATCH_KEY] = watch = LoopWatch()
     app.on_startup.append(lambda app: driver.open())
+    app.on_startup.append(lambda app: _start_watch(watch))
+    app.on_cleanup.append(lambda app: watch.stop())
     app.on_cleanup.append(lambda app: driver.close())
     return app

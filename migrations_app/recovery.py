@@ -9,14 +9,20 @@ The decisions themselves are the worker's own (``decisions``); queues move on th
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 
 from django.db.models import Q
 from django.utils import timezone
 
+from vms.agent_client import AgentClient
+from vms.inventory import AGENT_ERRORS
+from vms.models import VSP
+
 from .decisions import (
     agent_for,
     agent_migration_id,
+    cancel_on_source,
     cancelled_by,
     load_migration,
     record_abort,
@@ -48,6 +54,7 @@ def recover_orphans(stale_after_s: float) -> list[int]:
         except Exception:  # one migration's trouble must not leave the others undecided
             logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
     retry_pending_undos()
+    undo_leftovers()
     start_idle_queues()
     return acted
 
@@ -69,6 +76,47 @@ def recover_one(migration: Migration) -> bool:
 
 
 RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
+
+
+AGENT_ID = re.compile(r"m(\d+)-\d{20}")  # ``decisions.agent_migration_id``
+LEFTOVER_TIMEOUT_S = 3.0
+
+
+def undo_leftovers() -> list[str]:
+    """Guests an agent still shows ``migrating`` for a migration the database says ended unsuccessfully.
+
+    The undo after an abort is retried a few times only: a target paused (SIGSTOP) longer than that
+    kept its prepared copy "migrating" for ever (soak, ``SEED=5109``). Every recovery pass asks each
+    reachable agent again: a prepared copy is discarded, a source guest resumed. Returns the agent
+    migration ids undone. Agents that do not answer are skipped (inventory marks them unreachable).
+    """
+    ended = (State.ABORTED, State.CANCELLED)
+    undone = []
+    for vsp in VSP.objects.filter(agent_reachable=True):
+        with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
+            try:
+                guests = agent.list_guests()
+            except AGENT_ERRORS as error:
+                logger.warning("Leftover check on %s: %s", vsp, error)
+                continue
+            for guest in guests:
+                agent_id = guest.get("migrating") or ""
+                match = AGENT_ID.fullmatch(agent_id)
+                migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
+                if not migration or agent_migration_id(migration) != agent_id:
+                    continue
+                logger.warning("Undoing leftover %s of migration %s on %s", agent_id, migration.pk, vsp)
+                try:
+                    if vsp.pk == migration.target_id:
+                        agent.discard(agent_id)
+                    else:
+                        cancel_on_source(agent, agent_id)
+                        agent.resume(agent_id)
+                except AGENT_ERRORS as error:
+                    logger.warning("Leftover %s on %s: %s", agent_id, vsp, error)
+                    continue
+                undone.append(agent_id)
+    return undone
 
 
 def stale_migrations(stale_after_s: float) -> list[Migration]:

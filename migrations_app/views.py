@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import PermissionDenied
@@ -30,6 +31,7 @@ from vms.access import (
     migration_targets,
 )
 from vms.http import HtmxHttpRequest
+from vms.inventory import probe_reachability
 from vms.models import VSP, VirtualMachine
 
 from . import estimates, steering
@@ -69,6 +71,9 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     except PermissionDenied as denied:
         return permission_denied(request, denied)
     if request.method == "GET":
+        # Reachability is checked now, not taken from the last inventory (up to 30 s old).
+        if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
+            probe_reachability(list(VSP.objects.all()), settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S)
         return render_dialog(request, vm)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None

@@ -148,9 +148,11 @@ class AgentClient:
         self.close()
 
     # -- host and guests ------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        """``protocol.Health``: the agent's name, version, driver and number of guests."""
-        return _reply(Health, self._call("GET", "/v1/health"), "health")
+    def health(self, window_s: float | None = None) -> dict[str, Any]:
+        """``protocol.Health``: the agent's name, version, driver, number of guests, and its event loop's
+        longest stall (ms) over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
+        path = "/v1/health" if window_s is None else f"/v1/health?window_s={window_s:g}"
+        return _reply(Health, self._call("GET", path), "health")
 
     def list_guests(self) -> list[dict[str, Any]]:
         """Every guest on the host (``protocol.GuestInfo`` each)."""

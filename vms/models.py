@@ -114,6 +114,10 @@ class VSP(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("vms:vsp_detail", args=[self.pk])
 
+    def split_brain_copies(self) -> models.QuerySet[Registration]:
+        """Split-brain copies (``Registration.split_brain``) of the VMs registered on this VSP."""
+        return Registration.split_brain().filter(vm__registrations__vsp=self).distinct()
+
 
 class VirtualMachine(models.Model):
     """A guest: a VM (which can migrate) or a vPar (which never migrates)."""
@@ -186,6 +190,11 @@ class VirtualMachine(models.Model):
         return registration.vsp if registration else None
 
 
+def vm_split_brain_copies(vm: VirtualMachine) -> models.QuerySet[Registration]:
+    """``vm``'s copies found running where they are Not Runnable (``Registration.split_brain``)."""
+    return Registration.split_brain().filter(vm=vm)
+
+
 class Registration(models.Model):
     """A VM's configuration on one VSP, with its virtual hardware status there."""
 
@@ -211,6 +220,12 @@ class Registration(models.Model):
     state_collected_at = models.DateTimeField(
         null=True, blank=True, help_text="When the host agent last reported this copy's state."
     )
+    found_running_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Split brain: when the host agent reported this Not Runnable copy running "
+        "(cleared once it reports it stopped). Never changes which copy is runnable.",
+    )
 
     class Meta:
         ordering = ["vm__name", "vsp__name"]
@@ -235,6 +250,27 @@ class Registration(models.Model):
     @property
     def is_runnable(self) -> bool:
         return self.hardware_status != self.HardwareStatus.NOT_RUNNABLE
+
+    @classmethod
+    def split_brain(cls) -> models.QuerySet[Registration]:
+        """Not Runnable copies whose host agent reported the guest running: a second running copy."""
+        return cls.objects.filter(
+            hardware_status=cls.HardwareStatus.NOT_RUNNABLE, found_running_at__isnull=False
+        ).select_related("vm", "vsp")
+
+    def split_brain_alert(self) -> str:
+        """The critical alert for this copy (``split_brain``), naming where the guest may run."""
+        runnable = (
+            Registration.objects.filter(vm_id=self.vm_id)
+            .exclude(hardware_status=self.HardwareStatus.NOT_RUNNABLE)
+            .select_related("vsp")
+            .first()
+        )
+        where = f"it is runnable on {runnable.vsp.name}" if runnable else "it is runnable nowhere"
+        return (
+            f"Split brain: {self.vm.name} runs on {self.vsp.name}, where its copy is Not Runnable; {where}. "
+            f"Two running copies may corrupt the guest's disks: stop the copy on {self.vsp.name}."
+        )
 
     @property
     def os_status(self) -> str:

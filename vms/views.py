@@ -43,7 +43,7 @@ from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPFo
 from vms.general_tab import general_tab_context
 from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, Registration, VirtualMachine, vm_split_brain_copies
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
 from vms.refresh import refresh_vm
 
@@ -85,7 +85,20 @@ def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
             "registrations", filter=Q(registrations__hardware_status=status.NOT_RUNNABLE)
         ),
     )
-    return render(request, "vms/vsp_list.html", {"vsps": vsps, "nav": "vsps"})
+    split_brain = list(Registration.split_brain())
+    # A VSP shows the alert if a split-brain VM is registered there (running stray or runnable there).
+    involved = set(
+        Registration.objects.filter(vm_id__in=[copy.vm_id for copy in split_brain]).values_list(
+            "vsp_id", flat=True
+        )
+    )
+    context = {
+        "vsps": vsps,
+        "nav": "vsps",
+        "split_brain": [copy.split_brain_alert() for copy in split_brain],
+        "split_brain_vsps": involved,
+    }
+    return render(request, "vms/vsp_list.html", context)
 
 
 @require_GET
@@ -99,7 +112,13 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     page = paginate(guests, form.cleaned_data["page"])
     # The websocket is told which rows this page has, so it pushes updates for those rows only.
     page_vm_ids = ",".join(str(registration.vm_id) for registration in page)
-    context = {"vsp": vsp, "page": page, "page_vm_ids": page_vm_ids, "nav": "vsps"}
+    context = {
+        "vsp": vsp,
+        "page": page,
+        "page_vm_ids": page_vm_ids,
+        "nav": "vsps",
+        "split_brain": [copy.split_brain_alert() for copy in vsp.split_brain_copies()],
+    }
     return render(request, "vms/vsp_detail.html", context)
 
 
@@ -194,6 +213,7 @@ def render_general(
         "other_registrations": [row for row in context["other_registrations"] if row.vsp.pk in seen_vsp_ids],
         "can_change_vm": allowed(check_can_change_vm, user, vm),
         "changeable_vsp_ids": registration_changeable_vsp_ids(user, registration_vsp_ids),
+        "split_brain": [copy.split_brain_alert() for copy in vm_split_brain_copies(vm)],
     }
     template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"
     return render(request, template, context, status=status)

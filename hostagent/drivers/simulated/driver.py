@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
@@ -90,7 +91,7 @@ class SimulatedDriver:
         if guest.running:
             raise Conflict(f"guest {name} is running; stop it first")
         del self.guests[guest_id]
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
@@ -143,18 +144,18 @@ class SimulatedDriver:
 
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
         await guest.power_off()
-        guest.drop_memory()
-        if self.guests.get(guest.guest_id) is guest:
+        if self.guests.get(guest.guest_id) is guest:  # gone from the listing first, then its memory
             del self.guests[guest.guest_id]
             replaced = self._replaced.pop(guest.guest_id, None)
             if replaced is not None:
                 self.guests[guest.guest_id] = replaced
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     async def _release_outgoing(self, guest: SimulatedGuest) -> None:
         """After the commit the configuration stays here, Not Runnable; the memory goes."""
         await guest.power_off()
         guest.not_runnable = True
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
         self._replaced.pop(guest.guest_id, None)
 
     # -- helpers --------------------------------------------------------

@@ -230,7 +230,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             cap = self.params.bandwidth_mbps
             self._writer = FrameWriter(self._sock, cap * 125_000 if cap else None)
             self._reader = FrameReader(self._sock)
-            await self._writer.message(HELLO, self._hello())
+            await self._writer.message(HELLO, await self._hello())
             kind, answer = await self._reader.message()
             if kind != ACCEPT:
                 raise MigrationAborted(
@@ -238,13 +238,15 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                     FailureKind.REFUSED,
                 )
 
-    def _hello(self) -> dict[str, Any]:
+    async def _hello(self) -> dict[str, Any]:
+        # Scanning a large guest's written map is tens of ms: off the loop, which must keep answering.
+        populate = await asyncio.to_thread(self.guest.memory.written_chunk_runs)
         return {
             "token": self.target.token,
             "migration_id": self.migration_id,
             "guest": self.guest.guest_id,
             "memory_mib": self.guest.memory_mib,
-            "populate": self.guest.memory.written_chunk_runs(),
+            "populate": populate,
         }
 
     async def _copy_phase(self) -> None:
