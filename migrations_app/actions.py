@@ -18,7 +18,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
 from vms import migration_policy
-from vms.access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
+from vms.access import ADD_MIGRATION_PERMISSION, LACKS_PERMISSION, check_can_cancel, check_can_migrate
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
@@ -44,7 +44,7 @@ class RequestResult:
 
 def check_permission(user: Any, permission: str) -> None:
     if not user.has_perm(permission):
-        raise PermissionDenied("Your account lacks the permission to do this.")
+        raise PermissionDenied(LACKS_PERMISSION)
 
 
 def do_request_migration(

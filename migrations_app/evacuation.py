@@ -33,6 +33,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Avg
 from django.utils import timezone
 
+from vms.access import LACKS_PERMISSION
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, Registration, VirtualMachine
 
@@ -74,7 +75,7 @@ def may_leave_maintenance(user: Any, vsp: VSP) -> bool:
 
 def _require(allowed: bool) -> None:
     if not allowed:
-        raise PermissionDenied("Your account lacks the permission to do this.")
+        raise PermissionDenied(LACKS_PERMISSION)
 
 
 # -- the plan ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from django.http import HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from vms.access import LACKS_PERMISSION
 from vms.http import HtmxHttpRequest
 from vms.models import VSP
 
@@ -64,7 +65,7 @@ def _positive(text: str, field: str) -> int:
 
 
 def _denied() -> PermissionDenied:
-    return PermissionDenied("Your account lacks the permission to do this.")
+    return PermissionDenied(LACKS_PERMISSION)
 
 
 @require_http_methods(["GET", "POST"])

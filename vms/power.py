@@ -21,6 +21,7 @@ from django.apps import apps
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 
+from vms.access import LACKS_PERMISSION
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent, Registration, VirtualMachine
 
@@ -90,7 +91,7 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
     """
     vm = registration.vm
     if not may_power(user, vm):
-        raise PermissionDenied("You may look but not change: your account lacks the permission to do this.")
+        raise PermissionDenied(LACKS_PERMISSION)
     reason = refusals(registration, is_migrating(vm.pk))[action.value]
     if reason:
         raise PowerRefused(reason)

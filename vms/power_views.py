@@ -9,6 +9,7 @@ from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from vms.access import LACKS_PERMISSION
 from vms.http import HtmxHttpRequest
 from vms.models import Registration
 from vms.power import PowerAction, PowerRefused, do_power, may_power
@@ -23,7 +24,7 @@ def vm_power(request: HtmxHttpRequest, pk: int, action: str) -> HttpResponse:
         raise Http404("No such power action.") from None
     registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
     if not may_power(request.user, registration.vm):
-        raise PermissionDenied("You may look but not change: your account lacks the permission to do this.")
+        raise PermissionDenied(LACKS_PERMISSION)
     try:
         do_power(registration, power_action, request.user)
     except PowerRefused as refusal:
