@@ -197,7 +197,7 @@ def create_migration(
     ),
 ) -> Status[MigrationOut]:
     """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue."""
-    vm, target = get_vm(body.vm, request.user), get_vsp(body.target, request.user)
+    vm, target = get_vm(str(body.vm), request.user), get_vsp(str(body.target), request.user)
     key = (idempotency_key or "").strip() or None
     try:
         with transaction.atomic():

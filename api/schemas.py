@@ -7,6 +7,7 @@ Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.st
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from ninja import Field, Schema
 from pydantic import ConfigDict
@@ -134,11 +135,19 @@ class VMOut(Schema):
     )
 
 
+# What an admin types: an id (a number) or a name.
+IdOrName = Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class MigrationIn(Schema):
     model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
 
-    vm: str = Field(min_length=1, max_length=64, description="VM id or name")
-    target: str = Field(min_length=1, max_length=64, description="Target VSP id or name")
+    vm: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="VM id (a number) or name"
+    )
+    target: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = (
+        Field(description="Target VSP id (a number) or name")
+    )
 
 
 class OnlineMigrationIn(Schema):

@@ -42,6 +42,23 @@ from hostagent.protocol import (
 )
 
 
+def plain_connection_error(error: BaseException) -> str:
+    """An error of a data-plane socket in an admin's words (no ``[Errno 104]``); the detail goes to the log.
+
+    Maps the ``OSError`` subclasses of the standard library (``ConnectionResetError``, ...) and
+    time-outs; anything else (e.g. a ``ProtocolError`` of the wire format) keeps its own sentence.
+    """
+    if isinstance(error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return "the peer closed the connection"
+    if isinstance(error, ConnectionRefusedError):
+        return "the peer refused the connection"
+    if isinstance(error, TimeoutError):
+        return "the peer stopped answering"
+    if isinstance(error, OSError):
+        return f"the network failed ({error.strerror or type(error).__name__})"
+    return str(error)
+
+
 class MigrationAborted(Exception):
     """Inside a driver: the migration cannot go on. ``str()`` says why in words, ``kind`` for decisions."""
 

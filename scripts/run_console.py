@@ -22,6 +22,7 @@ named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -233,6 +234,8 @@ def main() -> None:
     use_local_redis()
     agents: list[ManagedProcess] = []
     processes: list[ManagedProcess] = []
+    redis_pid_file = VAR_DIR / "redis.pid"
+    redis_was_running = redis_pid_file.exists()
     try:
         subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
         manage("migrate", "--noinput", "-v", "0")
@@ -252,7 +255,20 @@ def main() -> None:
         print(f"\n{' '.join(map(str, error.cmd[1:3]))} failed (exit status {error.returncode})", flush=True)
     finally:
         stop_everything(processes + agents)
+        if not redis_was_running:
+            stop_own_redis(redis_pid_file)
         print("stopped.", flush=True)
+
+
+def stop_own_redis(pid_file: Path) -> None:
+    """Stop the Redis this run started (``scripts/ensure_redis.py`` wrote its pid); leave any other alone."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    pid_file.unlink(missing_ok=True)
 
 
 CELERY = [PYTHON, "-m", "celery", "-A", "matrixoe"]

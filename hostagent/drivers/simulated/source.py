@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands, plain_connection_error
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
@@ -207,11 +207,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         except (OSError, ProtocolError) as error:
             if self.progress.phase == "init":
                 await self._abort(
-                    f"could not reach the target's data plane: {error}", FailureKind.UNREACHABLE
+                    f"could not reach the target's data plane: {plain_connection_error(error)}",
+                    FailureKind.UNREACHABLE,
                 )
             else:
                 await self._abort(
-                    f"lost the data-plane connection to the target: {error}", FailureKind.UNREACHABLE
+                    f"lost the data-plane connection to the target: {plain_connection_error(error)}",
+                    FailureKind.UNREACHABLE,
                 )
         except Exception as error:  # a bug must still leave the guest running here
             log.exception("migration %s failed", self.migration_id)
