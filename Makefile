@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-## make run: the console with Redis, a Celery worker, three demo host agents and the demo fleet.
+## make run: the console with Redis, a Celery worker and beat, four demo host agents and the demo fleet.
 ##           HOSTS=qemu runs the demo hosts with the QEMU driver (needs QEMU >= 10 and `make guest-image`).
 run: $(STAMP)
 	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)

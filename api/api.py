@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.decorators import login_not_required
 from django.urls import URLPattern, URLResolver
 from ninja import NinjaAPI
 
 from .auth import API_AUTH
+from .evacuations import router as evacuations_router
 from .problems import PROBLEM_CONTENT_TYPE, install_problem_handlers
 from .routes import router
 
@@ -48,6 +50,7 @@ api = ConsoleAPI(
 )
 install_problem_handlers(api)
 api.add_router("", router)
+api.add_router("", evacuations_router)
 
 
 def public_urls(patterns: list[Any]) -> list[Any]:
@@ -57,5 +60,5 @@ def public_urls(patterns: list[Any]) -> list[Any]:
         if isinstance(pattern, URLResolver):
             public_urls(pattern.url_patterns)
         elif isinstance(pattern, URLPattern):
-            pattern.callback.login_required = False
+            login_not_required(pattern.callback)
     return patterns

@@ -21,7 +21,7 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
 
 class TokenAuth(HttpBearer):
-    """``Authorization: Bearer <token>``: a personal API token from the user's Tokens page."""
+    """``Authorization: Bearer <token>``: a personal API token from the user's API tokens page."""
 
     def authenticate(self, request: HttpRequest, token: str) -> Any | None:
         user = user_for_token(token)

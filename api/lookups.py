@@ -5,10 +5,13 @@ Each ``get_*`` raises ``Http404`` with a plain sentence when nothing matches (a 
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from django.db.models import Model, QuerySet
 from django.http import Http404
 
 from migrations_app.models import Migration
+from vms.access import visible_migration_condition, visible_vms, visible_vsps
 from vms.models import VSP, VirtualMachine
 from vms.queries import vm_with_registrations
 
@@ -23,7 +26,10 @@ def parse_ref(ref: str) -> tuple[int | None, str]:
     return None, ref
 
 
-def _get_by_ref(queryset: QuerySet, ref: str, what: str) -> Model:
+M = TypeVar("M", bound=Model)
+
+
+def _get_by_ref(queryset: QuerySet[M], ref: str, what: str) -> M:
     number, name = parse_ref(ref)
     # A NUL can match no name; PostgreSQL refuses it in a query outright.
     found = None
@@ -36,19 +42,21 @@ def _get_by_ref(queryset: QuerySet, ref: str, what: str) -> Model:
     return found
 
 
-def get_vsp(ref: str) -> VSP:
-    return _get_by_ref(VSP.objects.all(), ref, "VSP")
+def get_vsp(ref: str, user: Any) -> VSP:
+    """The VSP ``user`` may see (``vms.access``); another host group's is not found, like a missing one."""
+    return _get_by_ref(visible_vsps(user), ref, "VSP")
 
 
-def get_vm(ref: str) -> VirtualMachine:
-    """The VM (or vPar) with its registrations and their VSPs prefetched."""
-    return _get_by_ref(vm_with_registrations(), ref, "VM")
+def get_vm(ref: str, user: Any) -> VirtualMachine:
+    """The VM (or vPar) ``user`` may see, with its registrations and their VSPs prefetched."""
+    return _get_by_ref(visible_vms(user, vm_with_registrations()), ref, "VM")
 
 
-def get_migration(migration_id: int) -> Migration:
+def get_migration(migration_id: int, user: Any) -> Migration:
+    """The migration ``user`` may see (its source or target is in one of their host groups)."""
     migration = (
         Migration.objects.select_related("vm", "source", "target", "requested_by")
-        .filter(pk=migration_id)
+        .filter(visible_migration_condition(user), pk=migration_id)
         .first()
     )
     if migration is None:

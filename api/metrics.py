@@ -121,6 +121,7 @@ class MigrationCollector:
             for ms in Migration.objects.filter(state=Migration.State.COMPLETED)
             .exclude(downtime_ms=None)
             .values_list("downtime_ms", flat=True)
+            if ms is not None
         ]
         return histogram(
             "matrixoe_migration_downtime_seconds",

@@ -11,10 +11,14 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+NAME_MAX_LENGTH = 64  # of a token's name (characters)
+
 
 class ApiToken(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    name = models.CharField(max_length=64, help_text="What the token is for, e.g. 'cron on backup01'.")
+    name = models.CharField(
+        max_length=NAME_MAX_LENGTH, help_text="What the token is for, e.g. 'cron on backup01'."
+    )
     prefix = models.CharField(
         max_length=16, help_text="The token's first characters, shown to tell it apart."
     )

@@ -67,7 +67,7 @@ def install_problem_handlers(api: Any) -> None:
     @api.exception_handler(AuthenticationError)
     def unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
         return problem_response(
-            401, "Log in first: send 'Authorization: Bearer <token>' (create one on your Tokens page)."
+            401, "Log in first: send 'Authorization: Bearer <token>' (create one on your API tokens page)."
         )
 
     @api.exception_handler(HttpError)

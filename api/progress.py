@@ -25,6 +25,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from migrations_app.fanout import get_fanout
 from migrations_app.models import Migration
 from migrations_app.progress import vm_group
+from vms.access import visible_migration_condition
 
 from .problems import problem_response
 from .schemas import migration_out
@@ -68,13 +69,14 @@ def _frame(event: str, data: dict) -> bytes:
 
 
 @login_not_required
-async def migration_events(request: HttpRequest, migration_id: int) -> HttpResponse:
+async def migration_events(request: HttpRequest, migration_id: int) -> HttpResponse | StreamingHttpResponse:
     user = await sync_to_async(_authenticate)(request)
     if user is None:
         return problem_response(401, "Log in first: send 'Authorization: Bearer <token>'.")
     if not await sync_to_async(user.has_perm)(VIEW_MIGRATION):
         return problem_response(403, "Your account lacks the permission to see this.")
-    first = await sync_to_async(_state)(migration_id)
+    visible = Migration.objects.filter(visible_migration_condition(user), pk=migration_id)
+    first = await sync_to_async(_state)(migration_id) if await visible.aexists() else None
     if first is None:
         return problem_response(404, f"No migration with the id {migration_id}.")
     vm_id = first[0]["vm_id"]

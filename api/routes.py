@@ -15,8 +15,10 @@ from ninja.responses import Status
 
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
+from vms.access import visible_migration_condition, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
-from vms.models import VSP, Registration
+from vms.http import AuthenticatedHttpRequest
+from vms.models import Registration
 from vms.queries import filter_vms, vm_with_registrations
 
 from .lookups import MAX_ID, get_migration, get_vm, get_vsp
@@ -69,14 +71,14 @@ def require(request: HttpRequest, permission: str) -> None:
 def list_vsps(request: HttpRequest, limit: int = Limit, offset: int = Offset) -> dict:
     """Every VSP (VM host), by name."""
     require(request, VIEW_VSP)
-    vsps = VSP.objects.order_by("name")
+    vsps = visible_vsps(request.user).order_by("name")
     return page(vsps, limit, offset, vsp_out)
 
 
 @router.get("/vsps/{vsp}", response={200: VSPOut, **OBJECT_ERRORS}, tags=["VSPs"])
 def get_one_vsp(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
     require(request, VIEW_VSP)
-    return vsp_out(get_vsp(vsp))
+    return vsp_out(get_vsp(vsp, request.user))
 
 
 # --- VMs ---------------------------------------------------------------------------------------------------
@@ -92,8 +94,10 @@ def list_vms(
 ) -> dict:
     """VMs and vPars with their General-tab fields, by name."""
     require(request, VIEW_VM)
-    vsp_id = get_vsp(vsp).pk if vsp else None
-    vms = filter_vms(vm_with_registrations(), name=name.replace("\x00", ""), vsp_id=vsp_id).order_by("name")
+    vsp_id = get_vsp(vsp, request.user).pk if vsp else None
+    vms = filter_vms(
+        visible_vms(request.user, vm_with_registrations()), name=name.replace("\x00", ""), vsp_id=vsp_id
+    ).order_by("name")
     return page(vms, limit, offset, vm_out)
 
 
@@ -101,15 +105,15 @@ def list_vms(
 def get_one_vm(request: HttpRequest, vm: str = IdRef) -> VMOut:
     """The General tab: VSP, OS, statuses, Online Migration Enabled, Not Runnable details, phases, alerts."""
     require(request, VIEW_VM)
-    return vm_out(get_vm(vm))
+    return vm_out(get_vm(vm, request.user))
 
 
 @router.put("/vms/{vm}/online-migration", response={200: VMOut, **WRITE_ERRORS}, tags=["VMs"])
 def set_online_migration(request: HttpRequest, body: OnlineMigrationIn, vm: str = IdRef) -> VMOut:
     """Enable or disable online migration for the VM (refused for a vPar)."""
-    found = get_vm(vm)
+    found = get_vm(vm, request.user)
     do_set_online_migration(found, body.enabled, request.user)
-    return vm_out(get_vm(str(found.pk)))
+    return vm_out(get_vm(str(found.pk), request.user))
 
 
 @router.post(
@@ -117,9 +121,9 @@ def set_online_migration(request: HttpRequest, body: OnlineMigrationIn, vm: str 
 )
 def mark_runnable(request: HttpRequest, vm: str = IdRef, vsp: str = IdRef) -> VMOut:
     """Mark the VM's copy on ``vsp`` runnable (refused while another copy is runnable)."""
-    registration = get_registration(vm, vsp)
+    registration = get_registration(request, vm, vsp)
     do_mark_runnable(registration, request.user)
-    return vm_out(get_vm(str(registration.vm_id)))
+    return vm_out(get_vm(str(registration.vm_id), request.user))
 
 
 @router.post(
@@ -129,15 +133,15 @@ def mark_runnable(request: HttpRequest, vm: str = IdRef, vsp: str = IdRef) -> VM
 )
 def mark_not_runnable(request: HttpRequest, body: NotRunnableIn, vm: str = IdRef, vsp: str = IdRef) -> VMOut:
     """Mark the VM's copy on ``vsp`` Not Runnable (set by Admin) with a reason; the copy must not be On."""
-    registration = get_registration(vm, vsp)
+    registration = get_registration(request, vm, vsp)
     do_mark_not_runnable(registration, body.reason, request.user)
-    return vm_out(get_vm(str(registration.vm_id)))
+    return vm_out(get_vm(str(registration.vm_id), request.user))
 
 
-def get_registration(vm_ref: str, vsp_ref: str) -> Registration:
+def get_registration(request: HttpRequest, vm_ref: str, vsp_ref: str) -> Registration:
     from django.http import Http404
 
-    vm, vsp = get_vm(vm_ref), get_vsp(vsp_ref)
+    vm, vsp = get_vm(vm_ref, request.user), get_vsp(vsp_ref, request.user)
     registration = Registration.objects.select_related("vm", "vsp").filter(vm=vm, vsp=vsp).first()
     if registration is None:
         raise Http404(f"{vm.name} has no configuration on VSP {vsp.name}.")
@@ -159,11 +163,13 @@ def list_migrations(
 ) -> dict:
     """Migrations, newest first: the history."""
     require(request, VIEW_MIGRATION)
-    migrations = Migration.objects.select_related("vm", "source", "target", "requested_by")
+    migrations = Migration.objects.select_related("vm", "source", "target", "requested_by").filter(
+        visible_migration_condition(request.user)
+    )
     if vm:
-        migrations = migrations.filter(vm=get_vm(vm))
+        migrations = migrations.filter(vm=get_vm(vm, request.user))
     if vsp:
-        found = get_vsp(vsp)
+        found = get_vsp(vsp, request.user)
         migrations = migrations.filter(source=found) | migrations.filter(target=found)
     if state:
         migrations = migrations.filter(state=state)
@@ -179,7 +185,7 @@ def list_migrations(
     tags=["Migrations"],
 )
 def create_migration(
-    request: HttpRequest,
+    request: AuthenticatedHttpRequest,
     body: MigrationIn,
     response: HttpResponse,
     idempotency_key: str | None = Header(
@@ -191,7 +197,7 @@ def create_migration(
     ),
 ) -> Status[MigrationOut]:
     """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue."""
-    vm, target = get_vm(body.vm), get_vsp(body.target)
+    vm, target = get_vm(str(body.vm), request.user), get_vsp(str(body.target), request.user)
     key = (idempotency_key or "").strip() or None
     try:
         with transaction.atomic():
@@ -209,7 +215,7 @@ def create_migration(
             raise
         response["Idempotent-Replayed"] = "true"
         return Status(200, migration_out(replay))
-    return Status(201, migration_out(get_migration(migration.pk)))
+    return Status(201, migration_out(get_migration(migration.pk, request.user)))
 
 
 def find_replay(user: Any, key: str | None, vm_id: int, target_id: int) -> Migration | None:
@@ -220,7 +226,7 @@ def find_replay(user: Any, key: str | None, vm_id: int, target_id: int) -> Migra
         return None
     if (earlier.migration.vm_id, earlier.migration.target_id) != (vm_id, target_id):
         raise Conflict("This Idempotency-Key was already used for a different migration; use a new key.")
-    return get_migration(earlier.migration_id)
+    return get_migration(earlier.migration_id, user)
 
 
 @router.get(
@@ -232,7 +238,7 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
     Live progress as JSON: ``GET /api/v1/migrations/{id}/events`` (server-sent events, current state first).
     """
     require(request, VIEW_MIGRATION)
-    return migration_detail_out(get_migration(migration_id))
+    return migration_detail_out(get_migration(migration_id, request.user))
 
 
 @router.post(
@@ -240,9 +246,9 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
 )
 def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> Status[MigrationOut]:
     """Cancel: a queued migration ends at once; a running one stops before its commit (the VM stays)."""
-    migration = get_migration(migration_id)
+    migration = get_migration(migration_id, request.user)
     do_cancel_migration(migration, request.user)
-    return Status(202, migration_out(get_migration(migration_id)))
+    return Status(202, migration_out(get_migration(migration_id, request.user)))
 
 
 def page(rows: Any, limit: int, offset: int, convert: Any) -> dict:

@@ -7,6 +7,7 @@ Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.st
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from ninja import Field, Schema
 from pydantic import ConfigDict
@@ -35,6 +36,8 @@ class VSPOut(Schema):
     cpus: int
     agent_reachable: bool
     agent_checked_at: datetime | None
+    maintenance: bool
+    maintenance_since: datetime | None
 
 
 class RegistrationOut(Schema):
@@ -80,10 +83,10 @@ class EventOut(Schema):
 
 class MigrationOut(Schema):
     id: int
-    vm: str
-    vm_id: int
-    source: str
-    source_id: int
+    vm: str  # the VM's name when it was requested, if the VM was deleted since
+    vm_id: int | None  # None once the VM was deleted
+    source: str | None  # None for a refused attempt of a VM that was runnable nowhere
+    source_id: int | None
     target: str
     target_id: int
     state: Choice
@@ -132,11 +135,19 @@ class VMOut(Schema):
     )
 
 
+# What an admin types: an id (a number) or a name.
+IdOrName = Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class MigrationIn(Schema):
     model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
 
-    vm: str = Field(min_length=1, max_length=64, description="VM id or name")
-    target: str = Field(min_length=1, max_length=64, description="Target VSP id or name")
+    vm: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="VM id (a number) or name"
+    )
+    target: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = (
+        Field(description="Target VSP id (a number) or name")
+    )
 
 
 class OnlineMigrationIn(Schema):
@@ -205,9 +216,9 @@ def migration_detail_out(migration: Migration) -> MigrationDetailOut:
 def _migration_fields(migration: Migration) -> dict:
     return {
         "id": migration.pk,
-        "vm": migration.vm.name,
+        "vm": migration.vm.name if migration.vm is not None else migration.vm_name,
         "vm_id": migration.vm_id,
-        "source": migration.source.name,
+        "source": migration.source.name if migration.source is not None else None,
         "source_id": migration.source_id,
         "target": migration.target.name,
         "target_id": migration.target_id,
@@ -243,8 +254,8 @@ def vm_out(vm: VirtualMachine) -> VMOut:
     status = context["online_migration"]
     migration: Migration | None = context.get("migration")
     failed: Migration | None = context.get("failed_migration")
-    not_runnable_here = shown is not None and not shown.is_runnable
-    set_by = shown.not_runnable_set_by if not_runnable_here else ""
+    not_runnable_here = shown if shown is not None and not shown.is_runnable else None
+    set_by = not_runnable_here.not_runnable_set_by if not_runnable_here else ""
     return VMOut(
         id=vm.pk,
         name=vm.name,
@@ -263,7 +274,7 @@ def vm_out(vm: VirtualMachine) -> VMOut:
         online_migration=choice(status.value, status.label),
         online_migration_enabled_for_vm=vm.online_migration_enabled,
         not_runnable_set_by=choice(set_by, Registration.SetBy(set_by).label),
-        not_runnable_reason=shown.not_runnable_reason if not_runnable_here else "",
+        not_runnable_reason=not_runnable_here.not_runnable_reason if not_runnable_here else "",
         memory_mib=vm.memory_mib,
         vcpus=vm.vcpus,
         phase_time_limits_s={

@@ -15,12 +15,11 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from .models import ApiToken
+from .models import NAME_MAX_LENGTH, ApiToken
 
 logger = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "moe_"  # noqa: S105 - a marker, not a secret
-NAME_MAX_LENGTH = ApiToken._meta.get_field("name").max_length
 # last_used_at is written at most this often per token, so reads do not all turn into writes.
 LAST_USED_RESOLUTION = timedelta(seconds=30)
 

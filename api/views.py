@@ -8,12 +8,14 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
+from vms.http import AuthenticatedHttpRequest
+
 from .models import ApiToken
 from .tokens import do_create_token, do_revoke_token
 
 
 @require_http_methods(["GET", "POST"])
-def tokens(request: HttpRequest) -> HttpResponse:
+def tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     """GET: the user's tokens. POST: create one named ``name``; the page shows it this once."""
     created = ""
     error = ""

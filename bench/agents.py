@@ -38,8 +38,9 @@ class BenchAgent:
             pki_dir=scratch / "pki",
         )
         self.process = started.process
-        trust = started.ca.read_text() if started.ca else ""
-        self.client = AgentClient(started.url, started.secret, trust=trust, timeout_s=timeout_s)
+        self.secret = started.secret
+        self.trust = started.ca.read_text() if started.ca else ""
+        self.client = AgentClient(started.url, started.secret, trust=self.trust, timeout_s=timeout_s)
         self.encryption = "off" if driver == "qemu" else "required"
 
     def stop(self) -> None:

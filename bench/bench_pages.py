@@ -40,10 +40,16 @@ def configure_django(database_path: Path) -> None:
 
 
 def fill(vm_count: int) -> None:
-    """``vm_count`` guests over 8 VSPs; every tenth has a Not Runnable copy on the next VSP."""
-    from django.contrib.auth.models import User
+    """``vm_count`` guests over 8 VSPs; every tenth has a Not Runnable copy on the next VSP.
 
-    from vms.models import VSP, Registration, VirtualMachine
+    vsp0-vsp5 are in host group "A", vsp6 and vsp7 in "B"; "bench" is a superuser, "member" a viewer
+    of group A with the view permissions (what they see is filtered by a join on the memberships).
+    """
+    from django.contrib.auth.models import Permission, User
+
+    from vms.models import VSP, HostGroup, HostGroupMembership, Registration, VirtualMachine
+
+    group_a, group_b = HostGroup.objects.create(name="A"), HostGroup.objects.create(name="B")
 
     vsps = VSP.objects.bulk_create(
         VSP(
@@ -52,6 +58,7 @@ def fill(vm_count: int) -> None:
             agent_secret="x",  # noqa: S106 - throwaway database
             memory_mib=2**20,
             cpus=64,
+            group=group_a if i < 6 else group_b,
         )
         for i in range(8)
     )
@@ -84,6 +91,9 @@ def fill(vm_count: int) -> None:
             )
     Registration.objects.bulk_create(registrations, batch_size=2000)
     User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
+    member = User.objects.create_user("member", password="bench-password")  # noqa: S106
+    member.user_permissions.add(*Permission.objects.filter(codename__in=["view_vsp", "view_virtualmachine"]))
+    HostGroupMembership.objects.create(group=group_a, user=member, role="viewer")
 
 
 def measure(client, url: str, requests: int) -> tuple[float, int]:
@@ -103,19 +113,24 @@ def measure(client, url: str, requests: int) -> tuple[float, int]:
     return statistics.median(timings), len(queries)
 
 
-def pages() -> dict[str, str]:
+def pages(suffix: str = "", group: str | None = None) -> dict[str, str]:
+    """The measured pages; with ``group``, a guest of that host group for the General tab and the last
+    page of what a member of it sees."""
     from vms.models import VirtualMachine
     from vms.views import PAGE_SIZE
 
-    last_page = -(-VirtualMachine.objects.count() // PAGE_SIZE)
-    middle = VirtualMachine.objects.filter(registrations__hardware_status="not_runnable").order_by("pk")
+    guests = VirtualMachine.objects.all()
+    if group is not None:
+        guests = guests.filter(registrations__vsp__group__name=group).distinct()
+    last_page = -(-guests.count() // PAGE_SIZE)
+    middle = guests.filter(registrations__hardware_status="not_runnable").order_by("pk")
     vm = middle[middle.count() // 2]
     return {
-        "General tab": f"/vms/{vm.pk}/general/",
-        "VM list": "/",
-        "VM list, filtered": "/?q=guest&kind=vm&os_status=up&hardware_status=on",
-        "VM list, last page": f"/?page={last_page}",
-        "VSP list": "/vsps/",
+        f"General tab{suffix}": f"/vms/{vm.pk}/general/",
+        f"VM list{suffix}": "/",
+        f"VM list, filtered{suffix}": "/?q=guest&kind=vm&os_status=up&hardware_status=on",
+        f"VM list, last page{suffix}": f"/?page={last_page}",
+        f"VSP list{suffix}": "/vsps/",
     }
 
 
@@ -212,20 +227,26 @@ def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[flo
     started = time.perf_counter()
     fill_history(migration_count)
     print(f"filled {migration_count} migrations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    from django.contrib.auth.models import User
+
     client = Client()
-    client.login(username="bench", password="bench-password")  # noqa: S106
+    client.force_login(User.objects.get(username="bench"))  # axes wants a request for login()
     return {name: measure(client, url, requests) for name, url in history_pages().items()}
 
 
 def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int]]:
+    from django.contrib.auth.models import User
     from django.core.management import call_command
     from django.test import Client
 
     call_command("migrate", verbosity=0)
     fill(vm_count)
-    client = Client()
-    client.login(username="bench", password="bench-password")  # noqa: S106
-    return {name: measure(client, url, requests) for name, url in pages().items()}
+    client, member = Client(), Client()
+    client.force_login(User.objects.get(username="bench"))  # axes wants a request for login()
+    member.force_login(User.objects.get(username="member"))
+    results = {name: measure(client, url, requests) for name, url in pages().items()}
+    results |= {name: measure(member, url, requests) for name, url in pages(" (member)", "A").items()}
+    return results
 
 
 def main() -> int:
@@ -265,12 +286,12 @@ def report(
     results: dict[int, dict[str, tuple[float, int]]], sizes: list[int], unit: str, requests: int
 ) -> bool:
     print(f"Server time (median of {requests} requests, Django test Client, SQLite) and query count")
-    print(f"{'page':<20}" + "".join(f"{f'{size} {unit}':>26}" for size in sizes))
+    print(f"{'page':<30}" + "".join(f"{f'{size} {unit}':>26}" for size in sizes))
     for name in results[sizes[0]]:
         cells = "".join(
             f"{f'{results[s][name][0]:.1f} ms, {results[s][name][1]} queries':>26}" for s in sizes
         )
-        print(f"{name:<20}{cells}")
+        print(f"{name:<30}{cells}")
     uneven = [name for name in results[sizes[0]] if len({results[s][name][1] for s in sizes}) > 1]
     if uneven:
         print(f"FAIL: query count depends on the number of {unit} for: {', '.join(uneven)}")

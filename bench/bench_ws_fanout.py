@@ -57,7 +57,7 @@ from django.test import Client  # noqa: E402
 from devtools.processes import ManagedProcess, free_port, start_console_server  # noqa: E402
 from migrations_app.models import Migration  # noqa: E402
 from migrations_app.progress import build_progress_messages, send_messages, vm_group  # noqa: E402
-from vms.models import VSP, Registration, VirtualMachine  # noqa: E402
+from vms.models import VSP, HostGroup, HostGroupMembership, Registration, VirtualMachine  # noqa: E402
 
 ROUND = re.compile(r'data-round="(\d+)"')
 
@@ -65,9 +65,11 @@ ROUND = re.compile(r'data-round="(\d+)"')
 def make_world() -> tuple[int, str]:
     """A migrating VM and a watcher's session cookie."""
     call_command("migrate", verbosity=0)
+    group = HostGroup.objects.create(name="bench")
     vsp1, vsp2 = (
         VSP.objects.create(
             name=name,
+            group=group,
             agent_url="http://127.0.0.1:9",
             agent_secret="bench",  # noqa: S106 - no agent is contacted
             memory_mib=65536,
@@ -80,6 +82,7 @@ def make_world() -> tuple[int, str]:
     Migration.objects.create(vm=vm, source=vsp1, target=vsp2, state="copy", init_percent=100)
     user = User.objects.create_user("watcher", password=None)
     user.user_permissions.add(Permission.objects.get(codename="view_virtualmachine"))
+    HostGroupMembership.objects.create(group=group, user=user, role="viewer")
     client = Client()
     client.force_login(user)
     return vm.pk, client.cookies["sessionid"].value

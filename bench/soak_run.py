@@ -139,7 +139,11 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
 def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     """A new guest, running with its workload on the source agent, and its records in the database."""
     name = f"soak-{scenario.seed}-{time.monotonic_ns() % 1_000_000}"
+    vm = VirtualMachine.objects.create(
+        name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **LIMITS
+    )
     spec = {
+        "guest_id": str(vm.guest_id),  # agents know guests by id; the name is for display
         "name": name,
         "memory_mib": scenario.memory_mib,
         "vcpus": 1,
@@ -151,9 +155,6 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     }
     with agent_client(stack, scenario.source) as agent:
         agent.define_guest(spec)
-    vm = VirtualMachine.objects.create(
-        name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **LIMITS
-    )
     Registration.objects.create(
         vm=vm, vsp=VSP.objects.get(name=scenario.source), hardware_status=Registration.HardwareStatus.ON
     )
@@ -165,8 +166,8 @@ def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
     for name in AGENT_NAMES:
         try:
             with agent_client(stack, name) as agent:
-                agent.stop_guest(vm.name)
-                agent.delete_guest(vm.name)
+                agent.stop_guest(str(vm.guest_id))
+                agent.delete_guest(str(vm.guest_id))
         except AgentError:
             pass
 
@@ -194,7 +195,7 @@ def wait_for_phase(stack: Stack, scenario: Scenario, migration: Migration) -> No
     with agent_client(stack, scenario.target, timeout_s=1) as target:
         while time.monotonic() < deadline and state_of(migration) == "committing":
             try:
-                if target.get_guest(migration.vm.name)["os_status"] == "up":
+                if target.get_guest(str(migration.vm.guest_id))["os_status"] == "up":
                     return
             except AgentError:
                 pass

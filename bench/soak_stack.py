@@ -8,6 +8,7 @@ fault killed is started again by ``restart`` after a short delay, as a host's se
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
+from cryptography.fernet import Fernet
 
 from devtools.processes import (
     PYTHON,
@@ -100,6 +102,9 @@ class Stack:
         """What every process of the stack (and the harness itself) is configured with."""
         return {
             "DJANGO_SETTINGS_MODULE": "matrixoe.settings",
+            # The settings refuse to load without both keys: throwaway ones, like the database.
+            "SECRET_KEY": secrets.token_urlsafe(50),
+            "SECRETS_ENCRYPTION_KEY": Fernet.generate_key().decode(),
             "DATABASE_URL": f"sqlite:///{self.work_dir / 'soak.sqlite3'}",
             "REDIS_URL": self.redis_url,
             "CELERY_QUEUE": f"soak-{run_id}",

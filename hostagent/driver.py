@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from hostagent.protocol import (
+    DirtyRate,
     Encryption,
     Endpoint,
+    ErrorCode,
     FailureKind,
     GuestInfo,
     GuestSpec,
@@ -42,6 +44,23 @@ from hostagent.protocol import (
 from hostagent.tls import TlsSettings
 
 
+def plain_connection_error(error: BaseException) -> str:
+    """An error of a data-plane socket in an admin's words (no ``[Errno 104]``); the detail goes to the log.
+
+    Maps the ``OSError`` subclasses of the standard library (``ConnectionResetError``, ...) and
+    time-outs; anything else (e.g. a ``ProtocolError`` of the wire format) keeps its own sentence.
+    """
+    if isinstance(error, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return "the peer closed the connection"
+    if isinstance(error, ConnectionRefusedError):
+        return "the peer refused the connection"
+    if isinstance(error, TimeoutError):
+        return "the peer stopped answering"
+    if isinstance(error, OSError):
+        return f"the network failed ({error.strerror or type(error).__name__})"
+    return str(error)
+
+
 class MigrationAborted(Exception):
     """Inside a driver: the migration cannot go on. ``str()`` says why in words, ``kind`` for decisions."""
 
@@ -51,9 +70,13 @@ class MigrationAborted(Exception):
 
 
 class AgentError(Exception):
-    """A refusal the server turns into ``{"error": message}`` with ``status``."""
+    """A refusal the server turns into ``{"error": message, "code": code}`` with ``status``.
+
+    ``code`` (``protocol.ErrorCode``) is set where the control plane decides by the refusal.
+    """
 
     status = 400
+    code: ErrorCode | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -66,6 +89,18 @@ class InvalidRequest(AgentError):
 
 class NotFound(AgentError):
     status = 404
+
+
+class UnknownMigration(NotFound):
+    """This agent holds no migration of that id: it restarted since, or was never told of it."""
+
+    code = "unknown_migration"
+
+
+class UnknownGuest(NotFound):
+    """No guest of that id on this host."""
+
+    code = "unknown_guest"
 
 
 class Conflict(AgentError):
@@ -202,6 +237,10 @@ class Driver(Protocol):
 
         ``encryption`` as in ``prepare_incoming``: both sides must be given the same policy.
         """
+        ...
+
+    async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
+        """The running guest's dirty rate over ``seconds`` without migrating it (Conflict if not running)."""
         ...
 
 

@@ -231,12 +231,22 @@ class Health(Message):
     version: StrictStr
     driver: StrictStr
     guests: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 0
+    # The longest the agent's event loop went without yielding lately (``hostagent.loopwatch``):
+    # wall ms (includes the host's load) and the loop thread's CPU ms in that gap (the agent's own work).
+    loop_stall_ms: float = 0.0
+    loop_busy_ms: float = 0.0
+
+
+# What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not
+# know the migration (it restarted, or never was told of it) or the guest (gone from this host).
+ErrorCode = Literal["unknown_migration", "unknown_guest"]
 
 
 class ErrorReply(Message):
-    """Every refusal: ``{"error": "<plain words>"}`` with a 4xx/5xx status."""
+    """Every refusal: ``{"error": "<plain words>", "code": <ErrorCode or absent>}`` with a 4xx/5xx status."""
 
     error: StrictStr
+    code: ErrorCode | None = None
 
 
 # -- migration requests -----------------------------------------------------------------------------
@@ -256,13 +266,63 @@ class PhaseLimits(Message):
         return limit
 
 
-class MigrationParams(Message):
-    """How the source migrates: the allowed downtime (ms), a bandwidth cap (Mbit/s), the round limit."""
+DowntimeMs = Annotated[StrictInt, AfterValidator(between(1, 600_000))]
+BandwidthMbps = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1_000_000)]
+ThrottlePercent = Annotated[StrictInt, AfterValidator(between(1, 99))]
+AtLimit = Literal["abort", "switchover"]
 
-    downtime_ms: Annotated[StrictInt, AfterValidator(between(1, 600_000))] = 300
-    bandwidth_mbps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1_000_000)] | None = None
+
+class MigrationParams(Message):
+    """How the source migrates (the effective migration policy; ``migrations_app.forecast.Policy``).
+
+    ``downtime_ms``: the allowed downtime (ms). ``bandwidth_mbps``: a cap in Mbit/s (None: none).
+    ``max_rounds``: the round limit. ``auto_converge``: throttle the guest's vCPUs after each stalled
+    round, ``throttle_initial_pct`` first, ``throttle_increment_pct`` more each time, up to
+    ``throttle_max_pct`` (QEMU's ``cpu-throttle-initial`` / ``-increment`` / ``max-cpu-throttle``).
+    ``downtime_step_ms`` / ``downtime_max_ms``: raise the allowed downtime after each stalled round
+    (0: never). ``at_limit``: at the round or Copy time limit, ``abort`` or ``switchover`` anyway.
+    """
+
+    downtime_ms: DowntimeMs = 300
+    bandwidth_mbps: BandwidthMbps | None = None
     max_rounds: Annotated[StrictInt, AfterValidator(between(1, 10_000))] = 30
+    auto_converge: StrictBool = False
+    throttle_initial_pct: ThrottlePercent = 20
+    throttle_increment_pct: ThrottlePercent = 10
+    throttle_max_pct: ThrottlePercent = 99
+    downtime_step_ms: Annotated[StrictInt, AfterValidator(between(0, 600_000))] = 0
+    downtime_max_ms: DowntimeMs | None = None
+    at_limit: AtLimit = "abort"
     limits: PhaseLimits = Field(default_factory=PhaseLimits)
+
+
+class ParamsChange(Message):
+    """``POST /v1/migrations/{id}/params`` on the source: change a running Copy (omitted: unchanged).
+
+    ``downtime_ms`` raises (or lowers) the allowed downtime; ``bandwidth_mbps`` sets the cap (0: none);
+    ``auto_converge`` turns throttling on or off; ``switchover_now`` ends Copy at once, accepting a
+    downtime of what is left / the link rate. Refused (Conflict) once Copy is over.
+    """
+
+    downtime_ms: DowntimeMs | None = None
+    bandwidth_mbps: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1_000_000)] | None = None
+    auto_converge: StrictBool | None = None
+    switchover_now: StrictBool = False
+
+
+class DirtyRate(Message):
+    """``GET /v1/guests/{guest_id}/dirty-rate?seconds=S``: the guest's dirty rate over ``seconds``.
+
+    ``dirty_rate_bytes_s``: distinct bytes written per second; ``working_set_bytes``: the memory its
+    writes land in, if known; ``written_bytes``: what a first pass would send.
+    """
+
+    guest_id: GuestId
+    seconds: Seconds
+    dirty_rate_bytes_s: ByteRate
+    memory_bytes: Bytes
+    written_bytes: Bytes | None = None
+    working_set_bytes: Bytes | None = None
 
 
 class Endpoint(Message):
@@ -343,6 +403,8 @@ class ProgressSnapshot(Message):
     throughput_bytes_s: ByteRate = 0
     expected_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
     downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
+    allowed_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
+    throttle_pct: Percent = 0
     converged: StrictBool = False
     source_digest: Digest | None = None
     target_digest: Digest | None = None

@@ -14,7 +14,16 @@ from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
 from hostagent import __version__
-from hostagent.driver import AgentError, Conflict, Driver, InvalidRequest, Migration, NotFound
+from hostagent.driver import (
+    AgentError,
+    Conflict,
+    Driver,
+    InvalidRequest,
+    Migration,
+    NotFound,
+    UnknownMigration,
+)
+from hostagent.loopwatch import KEPT_S, LoopWatch
 from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
 from hostagent.protocol import (
     COMMANDS,
@@ -27,6 +36,7 @@ from hostagent.protocol import (
     IncomingRequest,
     Message,
     OutgoingRequest,
+    ParamsChange,
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
@@ -40,6 +50,7 @@ STREAM_INTERVAL_S = 0.05
 HEARTBEAT_S = 5.0
 DRIVER_KEY = web.AppKey("driver", Driver)
 SECRET_KEY = web.AppKey("secret", bytes)
+LOOP_WATCH_KEY = web.AppKey("loop_watch", LoopWatch)
 NAME_KEY = web.AppKey("name", str)
 MIGRATIONS_KEY = web.AppKey("migrations", dict)
 METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
@@ -50,8 +61,10 @@ M = TypeVar("M", bound=Message)
 GUEST_ID = TypeAdapter(GuestId)
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    """A refusal (``protocol.ErrorReply``): plain words, and a ``code`` where decisions depend on it."""
+    body = {"error": message} if code is None else {"error": message, "code": code}
+    return web.json_response(body, status=status)
 
 
 def reply(message: Message) -> web.Response:
@@ -77,7 +90,7 @@ async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except AgentError as error:
-        return error_response(error.status, error.message)
+        return error_response(error.status, error.message, error.code)
     except web.HTTPException as error:
         if error.status >= 400:
             return error_response(error.status, error.reason or "request refused")
@@ -119,15 +132,25 @@ def driver_of(request: web.Request) -> Driver:
 def migration_of(request: web.Request) -> Migration:
     migration = request.app[MIGRATIONS_KEY].get(request.match_info["migration_id"])
     if migration is None:
-        raise NotFound(f"no migration {request.match_info['migration_id']} on this host")
+        raise UnknownMigration(f"no migration {request.match_info['migration_id']} on this host")
     return migration
 
 
 # -- health and guests ----------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     driver = driver_of(request)
+    try:
+        window_s = min(float(request.query.get("window_s", KEPT_S)), KEPT_S)
+    except ValueError:
+        raise InvalidRequest("window_s must be a number of seconds") from None
+    stall_ms, busy_ms = request.app[LOOP_WATCH_KEY].longest(window_s)
     health = Health(
-        name=request.app[NAME_KEY], version=__version__, driver=driver.name, guests=len(driver.list_guests())
+        name=request.app[NAME_KEY],
+        version=__version__,
+        driver=driver.name,
+        guests=len(driver.list_guests()),
+        loop_stall_ms=round(stall_ms, 1),
+        loop_busy_ms=round(busy_ms, 1),
     )
     return reply(health)
 
@@ -198,6 +221,34 @@ async def start_outgoing(request: web.Request) -> web.Response:
     return reply(migration.snapshot())
 
 
+async def change_params(request: web.Request) -> web.Response:
+    """Change a running Copy's policy (``protocol.ParamsChange``); only an outgoing migration has one."""
+    change = await read_message(request, ParamsChange)
+    migration = migration_of(request)
+    apply = getattr(migration, "change_params", None)
+    if apply is None:
+        raise Conflict(f"migration {migration.migration_id} is an incoming one here; change it on its source")
+    snapshot = await apply(change) if asyncio.iscoroutinefunction(apply) else apply(change)
+    log.info("changed %s: %s", migration.migration_id, change.model_dump(exclude_defaults=True))
+    return reply(snapshot)
+
+
+MAX_DIRTY_RATE_WINDOW_S = 10.0
+
+
+async def measure_dirty_rate(request: web.Request) -> web.Response:
+    """``GET /v1/guests/{guest_id}/dirty-rate?seconds=S`` (default 1 s, at most 10 s)."""
+    guest_id = guest_id_of(request)
+    raw = request.query.get("seconds", "1")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"seconds must be a number of seconds, not {raw!r}") from None
+    if not 0.1 <= seconds <= MAX_DIRTY_RATE_WINDOW_S:
+        raise InvalidRequest(f"seconds must be between 0.1 and {MAX_DIRTY_RATE_WINDOW_S:g}")
+    return reply(await driver_of(request).measure_dirty_rate(guest_id, seconds))
+
+
 async def get_migration(request: web.Request) -> web.Response:
     return reply(migration_of(request).snapshot())
 
@@ -261,6 +312,10 @@ def line(snapshot: ProgressSnapshot) -> bytes:
     return snapshot.model_dump_json().encode() + b"\n"
 
 
+async def _start_watch(watch: LoopWatch) -> None:
+    watch.start()
+
+
 def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
     app[DRIVER_KEY] = driver
@@ -273,6 +328,7 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/guests", list_guests)
     app.router.add_get("/v1/guests/{guest_id}", get_guest)
+    app.router.add_get("/v1/guests/{guest_id}/dirty-rate", measure_dirty_rate)
     app.router.add_put("/v1/guests/{guest_id}", define_guest)
     app.router.add_delete("/v1/guests/{guest_id}", delete_guest)
     app.router.add_post("/v1/guests/{guest_id}/start", start_guest)
@@ -281,7 +337,11 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_post("/v1/migrations/outgoing", start_outgoing)
     app.router.add_get("/v1/migrations/{migration_id}", get_migration)
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
+    app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
     app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
+    app[LOOP_WATCH_KEY] = watch = LoopWatch()
     app.on_startup.append(lambda app: driver.open())
+    app.on_startup.append(lambda app: _start_watch(watch))
+    app.on_cleanup.append(lambda app: watch.stop())
     app.on_cleanup.append(lambda app: driver.close())
     return app

@@ -256,6 +256,9 @@ LOGGING = {
 
 # Seconds the console waits for a host agent's answer (vms.agent_client); raise on a loaded machine.
 AGENT_TIMEOUT_S = float(env_int("AGENT_TIMEOUT_S", 10))
+# The migrate dialog asks every VSP's agent for its health when it opens, all at once, this long at most
+# (seconds; 0: it trusts the last inventory collection).
+MIGRATE_DIALOG_PROBE_TIMEOUT_S = 1.0
 
 # --- online migrations (migrations_app; owned by the migration backend) ---------------------------------
 # Sent to the source agent with every migration; the phase limits come from each VM.

@@ -89,7 +89,8 @@ class Client:
 
 def parse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
     """Server-sent events (https://html.spec.whatwg.org/multipage/server-sent-events.html), JSON data."""
-    event, data = "message", []
+    event = "message"
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

@@ -1,9 +1,11 @@
 """Starting, queueing and cancelling migrations: the multi-step changes behind the Migrate and Cancel buttons.
 
-Each ``do_*`` checks permission, decides under a lock (and the ``one_active_migration_per_vm`` constraint),
-records an event, and queues the worker's job with ``transaction.on_commit`` so it never sees an
-uncommitted row. Refusals raise ``MigrationRefused`` (a ``ValidationError`` whose message is fit for the
-page); nothing is changed then.
+Each ``do_*`` checks the user's right (``vms.access``: the global permission and the operator role in
+the host groups of the source and the target), decides under a lock (and the
+``one_active_migration_per_vm`` constraint), records an event, and queues the worker's job with
+``transaction.on_commit`` so it never sees an uncommitted row. Refusals raise ``MigrationRefused``
+(a ``ValidationError`` whose message is fit for the page) or ``vms.access.AccessDenied``
+(a ``PermissionDenied``); nothing is changed then.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
+from vms import migration_policy
+from vms.access import ADD_MIGRATION_PERMISSION, LACKS_PERMISSION, check_can_cancel, check_can_migrate
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from .checks import check_target
@@ -25,9 +29,6 @@ from .scheduling import enqueue_next_for_source, enqueue_run
 from .transitions import record_created, transition
 
 logger = logging.getLogger(__name__)
-
-ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
-CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
 
 
 class MigrationRefused(ValidationError):
@@ -43,33 +44,41 @@ class RequestResult:
 
 def check_permission(user: Any, permission: str) -> None:
     if not user.has_perm(permission):
-        raise PermissionDenied("Your account lacks the permission to do this.")
+        raise PermissionDenied(LACKS_PERMISSION)
 
 
-def do_request_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def do_request_migration(
+    vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any] | None = None
+) -> Migration:
     """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
+
+    ``policy``: overrides of the VM's migration policy for this migration (``vms.migration_policy``);
+    bad values raise ``PolicyError`` before anything is stored. The effective policy is kept on the row.
 
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
     serializes the checks, and the partial unique constraint catches anything that slips past them.
+    Raises ``AccessDenied`` unless ``user`` is an operator of both the source's and the target's group.
     """
     check_permission(user, ADD_MIGRATION_PERMISSION)
+    effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
     try:
         with transaction.atomic():
             vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
             target = VSP.objects.get(pk=target.pk)
-            migration = _create_migration(vm, target, user)
+            check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
+            migration = _create_migration(vm, target, user, effective)
     except IntegrityError:
         refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
-        record_refusal(vm, target, user, refusal.message)
+        record_refusal(vm, target, user, str(refusal.message))
         raise refusal from None
     except MigrationRefused as refusal:
-        record_refusal(vm, target, user, refusal.message)  # after the rollback: nothing else changed
+        record_refusal(vm, target, user, str(refusal.message))  # after the rollback: nothing else changed
         raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
 
 
-def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
+def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any]) -> Migration:
     reason = check_target(vm, target)
     if reason:
         raise MigrationRefused(refusal_message(vm, target, reason))
@@ -77,14 +86,16 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any) -> Migration:
     if source is None:
         raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
-        migration = Migration.objects.create(vm=vm, source=source, target=target, requested_by=user)
+        migration = Migration.objects.create(
+            vm=vm, source=source, target=target, requested_by=user, policy=policy
+        )
     message = f"Migration of {vm.name} from {source} to {target} requested"
     record_created(migration, actor=user, message=message)
     AuditEvent.record(
         AuditEvent.Action.MIGRATION_REQUESTED,
         migration,
         actor=user,
-        after={"vm": vm.name, "source": source.name, "target": target.name},
+        after={"vm": vm.name, "source": source.name, "target": target.name, "policy": policy},
         message=message,
         object_name=audit_name(migration),
     )
@@ -99,14 +110,18 @@ def refusal_message(vm: VirtualMachine, target: VSP, reason: str) -> str:
 
 
 def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> list[RequestResult]:
-    """Queue several VMs for ``target``; those leaving one source go one at a time (the rest wait queued)."""
-    check_permission(user, ADD_MIGRATION_PERMISSION)
+    """Queue several VMs for ``target``; those leaving one source go one at a time (the rest wait queued).
+
+    Each VM is decided on its own: one the user may not migrate is refused with the reason, the rest go.
+    """
     results = []
     for vm in vms:
         try:
             results.append(RequestResult(vm, do_request_migration(vm, target, user), ""))
         except MigrationRefused as refusal:
             results.append(RequestResult(vm, None, str(refusal.message)))
+        except PermissionDenied as denied:
+            results.append(RequestResult(vm, None, str(denied)))
     return results
 
 
@@ -115,7 +130,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
 
     From COMMITTING on it is too late: the database already decided that the target copy runs.
     """
-    check_permission(user, CHANGE_MIGRATION_PERMISSION)
+    check_can_cancel(user, migration.source_id, migration.target_id)
     if _cancel_queued(migration, user):
         return
     with transaction.atomic():
@@ -152,7 +167,7 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
         )
         if cancelled:
             record_cancel(migration, user, f"Cancelled by {user} while queued")
-            source_id = migration.source_id
+            source_id = migration.require_source().pk
             transaction.on_commit(lambda: enqueue_next_for_source(source_id))
             transaction.on_commit(lambda: publish_progress(migration.pk))
     return cancelled
@@ -166,8 +181,9 @@ def too_late_message(migration: Migration) -> str:
 
 def audit_name(migration: Migration) -> str:
     """How the audit trail names a migration, readable after the VM or VSPs are gone."""
+    vm_name = migration.vm.name if migration.vm is not None else migration.vm_name
     return (
-        f"migration {migration.pk} of {migration.vm.name}: {migration.source.name} -> {migration.target.name}"
+        f"migration {migration.pk} of {vm_name}: {migration.require_source().name} -> {migration.target.name}"
     )
 
 

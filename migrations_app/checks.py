@@ -95,17 +95,26 @@ def not_running_reason(vm: VirtualMachine) -> str:
 def check_target_host(
     vm: VirtualMachine, source: VSP | None, target: VSP, *, ignoring: Migration | None = None
 ) -> str | None:
+    if reason := host_refusal(source, target):
+        return reason
+    free = free_memory_mib(target, ignoring=ignoring)
+    if vm.memory_mib > free:
+        return f"not enough free memory (needs {vm.memory_mib} MiB, {free} MiB free)"
+    return None
+
+
+def host_refusal(source: VSP | None, target: VSP) -> str | None:
+    """Why ``target`` cannot take any guest from ``source`` now (memory aside), or None."""
     if source is not None and target.pk == source.pk:
         return "same host"
+    if target.maintenance:
+        return "host in maintenance"
     if not target.migration_enabled:
         return "host disabled"
     if not target.licensed:
         return "host not licensed"
     if not target.agent_reachable:
         return "agent unreachable"
-    free = free_memory_mib(target, ignoring=ignoring)
-    if vm.memory_mib > free:
-        return f"not enough free memory (needs {vm.memory_mib} MiB, {free} MiB free)"
     return None
 
 

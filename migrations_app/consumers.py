@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from vms.access import can_view_vm, can_view_vsp
 from vms.models import VSP, VirtualMachine
 
 from .fanout import get_fanout
@@ -29,8 +30,6 @@ from .progress import (
 
 logger = logging.getLogger(__name__)
 
-VM_VIEW_PERMISSION = "vms.view_virtualmachine"
-VSP_VIEW_PERMISSION = "vms.view_vsp"
 BAD_REQUEST = 4400
 MAX_PAGE_VMS = 1000  # a VSP tab shows one page of rows; more ids than this is not a page
 _SEEN_RE = re.compile(r"[0-9]{1,18}-[a-z_]{1,32}")
@@ -39,10 +38,6 @@ _ID_RE = re.compile(r"[0-9]{1,18}")
 
 class BadQuery(ValueError):
     """A websocket's query string is malformed; the socket is closed with ``BAD_REQUEST``."""
-
-
-def user_may_watch(user: Any, permission: str = VM_VIEW_PERMISSION) -> bool:
-    return bool(user is not None and user.is_authenticated and user.has_perm(permission))
 
 
 def render_vm_state(vm_id: int, seen: str = "") -> str | None:
@@ -104,16 +99,21 @@ def parse_seen(query_string: bytes) -> str:
 
 
 class ProgressConsumer(AsyncWebsocketConsumer):
-    """Refuses anonymous users and users without ``permission``; closes with 4400 on a malformed
-    query; then pushes the group's HTML. Parameters are parsed once, before the socket joins anything."""
+    """Refuses anonymous users and users who may not see the subject (``may_watch``, from ``vms.access``:
+    the same 'not found' for another host group's VM or VSP as for a missing one); closes with 4400 on
+    a malformed query; then pushes the group's HTML. Parameters are parsed once, before the socket
+    joins anything."""
 
     subject_kwarg = ""
-    permission = VM_VIEW_PERMISSION
     group = ""
     snapshot_sent = False
     pending_html: str | None = None
 
     def group_name(self, subject_id: int) -> str:
+        raise NotImplementedError
+
+    def may_watch(self, user: Any, subject_id: int) -> bool:
+        """Whether ``user`` may see the subject (runs in a thread: it queries the database)."""
         raise NotImplementedError
 
     def parse_query(self, query_string: bytes) -> None:
@@ -125,7 +125,7 @@ class ProgressConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         subject_id = int(self.scope["url_route"]["kwargs"][self.subject_kwarg])
-        if not await database_sync_to_async(user_may_watch)(self.scope.get("user"), self.permission):
+        if not await database_sync_to_async(self.may_watch)(self.scope.get("user"), subject_id):
             await self.close()  # before accept: the handshake is refused (HTTP 403)
             return
         try:
@@ -198,11 +198,13 @@ class VMProgressConsumer(ProgressConsumer):
     """A VM's General tab: ``?seen=<migration id>-<state>`` says what the page already showed."""
 
     subject_kwarg = "vm_id"
-    permission = VM_VIEW_PERMISSION
     seen = ""
 
     def group_name(self, subject_id: int) -> str:
         return vm_group(subject_id)
+
+    def may_watch(self, user: Any, subject_id: int) -> bool:
+        return can_view_vm(user, subject_id)
 
     def parse_query(self, query_string: bytes) -> None:
         self.seen = parse_seen(query_string)
@@ -214,14 +216,16 @@ class VMProgressConsumer(ProgressConsumer):
 class VSPProgressConsumer(ProgressConsumer):
     """A VSP's Virtual Machines tab shows one page of rows: it gets updates for those rows only
     (an out-of-band swap for a row the page lacks is an ``htmx:oobErrorNoTarget`` in the browser).
-    It shows the VSP, so it needs the VSP view permission."""
+    It shows the VSP, so it needs the right to see that VSP."""
 
     subject_kwarg = "vsp_id"
-    permission = VSP_VIEW_PERMISSION
     vm_ids: frozenset[int] | None = None
 
     def group_name(self, subject_id: int) -> str:
         return vsp_group(subject_id)
+
+    def may_watch(self, user: Any, subject_id: int) -> bool:
+        return can_view_vsp(user, subject_id)
 
     def parse_query(self, query_string: bytes) -> None:
         self.vm_ids = parse_vm_ids(query_string)

@@ -16,7 +16,16 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from vms.agent_client import AgentClient, AgentProtocolError, AgentRefused, AgentUnreachable
+from hostagent.protocol import FailureKind
+from vms.agent_client import (
+    AgentClient,
+    AgentError,
+    AgentProtocolError,
+    AgentRefused,
+    AgentUnreachable,
+    UnknownGuest,
+    UnknownMigration,
+)
 from vms.models import VSP, Registration
 
 from .errors import MigrationCancelled, MigrationFailed, Superseded
@@ -31,6 +40,8 @@ UNDO_ATTEMPTS = 3
 CANCEL_TIMEOUT_S = 1.0  # per attempt: a cancel that does not land at once is tried again, not waited on
 CANCEL_ATTEMPTS = 4
 ROLL_FORWARD_ATTEMPTS = 6
+SOURCE_ASK_TIMEOUT_S = 2.0  # per attempt: how long the alert waits for the source to say whether the VM runs
+SOURCE_ASK_ATTEMPTS = 2
 NO_ONE_NAMED = "an administrator"
 
 PROGRESS_FIELDS = (
@@ -48,9 +59,12 @@ PROGRESS_FIELDS = (
 )
 
 
-def agent_for(vsp: VSP) -> AgentClient:
-    """A client of ``vsp``'s host agent (close it, or use it as a context manager)."""
-    return AgentClient.for_vsp(vsp)
+def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
+    """A client of ``vsp``'s host agent (close it, or use it as a context manager).
+
+    ``timeout_s``: per request (s); the ``AGENT_TIMEOUT_S`` setting when None.
+    """
+    return AgentClient.for_vsp(vsp, timeout_s=timeout_s)
 
 
 def agent_migration_id(migration: Migration) -> str:
@@ -117,7 +131,7 @@ def flip_registrations(migration: Migration) -> None:
     """
     source_copy = Registration.objects.select_for_update().get(
         vm_id=migration.vm_id,
-        vsp_id=migration.source_id,
+        vsp=migration.require_source(),
         hardware_status__in=[Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF],
     )
     actor = migration.requested_by
@@ -127,8 +141,8 @@ def flip_registrations(migration: Migration) -> None:
         actor=actor,
     )
     target_copy = Registration.objects.select_for_update().filter(
-        vm_id=migration.vm_id, vsp_id=migration.target_id
-    ).first() or Registration(vm_id=migration.vm_id, vsp_id=migration.target_id)
+        vm_id=source_copy.vm_id, vsp_id=migration.target_id
+    ).first() or Registration(vm_id=source_copy.vm_id, vsp_id=migration.target_id)
     target_copy.mark_runnable(
         Registration.HardwareStatus.ON,
         actor=actor,
@@ -143,7 +157,7 @@ def abort(
     recorded = record_abort(migration, failure, fields=progress_fields(migration))
     ended = (State.ABORTED, State.CANCELLED)
     if recorded or Migration.objects.filter(pk=migration.pk, state__in=ended).exists():
-        undo_on_agents(source, target, agent_id)
+        undo_and_mark(migration.pk, source, target, agent_id)
 
 
 def record_abort(
@@ -163,6 +177,7 @@ def record_abort(
         alert=alert,
         failed_phase=failure.phase,
         failure_kind=str(failure.kind),
+        undo_pending=True,
         **(fields or {}),
     )
     if won:
@@ -173,15 +188,60 @@ def record_abort(
 
 
 def where_the_vm_stays(migration: Migration, failure: MigrationFailed) -> str:
-    """The alert's last sentence: "keeps running" only for a guest that was running on the source."""
-    running = failure.source_running
+    """The alert's last sentence, from the source agent's own answer (the database may be out of date).
+
+    "keeps running" only for a guest the source reports running (or ``failure.source_running`` True).
+    A source that no longer has the guest lost it (a simulated host's guests die with its agent: a host
+    crash); one that does not answer is named, and nothing is claimed about the VM.
+    """
+    running: bool | str | None = failure.source_running
     if running is None:
-        running = Registration.objects.filter(
-            vm_id=migration.vm_id, vsp_id=migration.source_id, hardware_status=Registration.HardwareStatus.ON
-        ).exists()
-    if running:
-        return f"The VM keeps running on {migration.source.name}."
-    return f"The VM stays on {migration.source.name}, where it was not running."
+        with agent_for(migration.require_source()) as source_agent:
+            running = source_guest_status(migration, source_agent)
+    return stays_sentence(migration, running)
+
+
+def stays_sentence(migration: Migration, status: bool | str | None) -> str:
+    """Where the VM is, in the alert's words; ``status`` as ``source_guest_status`` gives it (or a bool)."""
+    source = migration.require_source().name
+    if status is True or status == "running":
+        return f"The VM keeps running on {source}."
+    if status is False or status == "stopped":
+        return f"The VM stays on {source}, where it was not running."
+    if status == "gone":
+        return (
+            f"The VM is not running: {source} no longer has it (its host agent restarted, and a simulated "
+            "host's guests die with its agent: a host crash). Start it again on "
+            f"{source}."
+        )
+    return f"The VM stays on {source}, which did not answer: if its host crashed, the VM is down there."
+
+
+def source_guest_status(migration: Migration, source: AgentClient) -> str:
+    """ "running", "stopped", "gone" (the source does not know the guest) or "unknown" (no answer).
+
+    A guest found stopped or gone is stored Off on the source copy if that copy was On (it stays the
+    runnable copy: the VM is still the source's).
+    """
+    vm = migration.require_vm()
+    status = "unknown"
+    for attempt in range(SOURCE_ASK_ATTEMPTS):
+        try:
+            guest = source.get_guest(str(vm.guest_id), timeout_s=SOURCE_ASK_TIMEOUT_S)
+        except UnknownGuest:
+            status = "gone"
+            break
+        except AgentError as error:
+            logger.info("Asking %s about %s (attempt %s): %s", migration.source, vm, attempt + 1, error)
+            time.sleep(0.5)
+            continue
+        status = "running" if guest["hardware_status"] == "on" else "stopped"
+        break
+    if status in ("stopped", "gone"):
+        Registration.objects.filter(
+            vm=vm, vsp_id=migration.require_source().pk, hardware_status=Registration.HardwareStatus.ON
+        ).update(hardware_status=Registration.HardwareStatus.OFF)
+    return status
 
 
 def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
@@ -189,49 +249,195 @@ def cancel_on_source(source: AgentClient, agent_id: str) -> bool:
     return retry_agent(lambda: source.cancel(agent_id, CANCEL_TIMEOUT_S), CANCEL_ATTEMPTS, delay=0.1)
 
 
-def undo_on_agents(source: AgentClient, target: AgentClient, agent_id: str) -> None:
-    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs."""
-    cancel_on_source(source, agent_id)
-    retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)
-    retry_agent(lambda: source.resume(agent_id), UNDO_ATTEMPTS)
+def undo_on_agents(
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    attempts: int = UNDO_ATTEMPTS,
+    *,
+    cancel: bool = True,
+) -> bool:
+    """After an abort: stop the source's sending, drop the target's copy, make sure the source runs.
+
+    True once both the target's discard and the source's resume were answered (a refusal is an answer:
+    that agent holds nothing of this migration any more); False leaves it for ``retry_pending_undos``.
+    """
+    if cancel:  # a later try skips it: the source's resume stops any sending as well
+        cancel_on_source(source, agent_id)
+    discarded = retry_agent(lambda: target.discard(agent_id), attempts)
+    resumed = retry_agent(lambda: source.resume(agent_id), attempts)
+    return discarded and resumed
+
+
+def undo_and_mark(
+    migration_id: int,
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    attempts: int = UNDO_ATTEMPTS,
+    *,
+    cancel: bool = True,
+) -> bool:
+    """``undo_on_agents``, then clear the migration's ``undo_pending`` if both agents answered."""
+    done = undo_on_agents(source, target, agent_id, attempts, cancel=cancel)
+    if done:
+        Migration.objects.filter(pk=migration_id).update(undo_pending=False)
+    else:
+        logger.warning("Undo of %s not finished: an agent did not answer; recovery tries again", agent_id)
+    return done
 
 
 def roll_forward(migration: Migration) -> bool:
-    """After the commit only forward: resume the target, release the source, then COMPLETED.
+    """After the commit: resume the target, and only once it confirmed it runs the guest, release the source.
 
     Both commands are idempotent, so a recovering worker may repeat what a dead one already did.
     Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
+    A target that does not run the guest after ``resume`` (it restarted and forgot the migration, or
+    refuses) never gets it: the source, never released, resumes it (``keep_on_source``). A target that
+    stops answering or forgets the migration right after it took over still ends COMPLETED (the source
+    copy is gone), with an alert saying so: never COMPLETED in silence about a lost guest.
     """
     agent_id = agent_migration_id(migration)
-    with agent_for(migration.source) as source, agent_for(migration.target) as target:
-        if not retry_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS):
+    with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
+        resumed = ask_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS)
+        if resumed is None:
             return False
-        if not retry_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS):
+        if not runs_the_guest(resumed):
+            return keep_on_source(migration, source, target, agent_id, resumed)
+        released = ask_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS)
+        if released is None:
             return False
+        if isinstance(released, AgentRefused):
+            logger.warning("Source of %s refused the release (no copy left): %s", agent_id, released)
+        alert = alert_if_target_lost_it(migration, ask_agent(lambda: target.snapshot(agent_id), 2))
     migration.refresh_from_db()
     message = f"Completed: {migration.vm} runs on {migration.target}"
     if migration.downtime_ms is not None:
         message += f" (downtime {migration.downtime_ms} ms)"
-    if transition(migration.pk, State.COMMITTING, State.COMPLETED, message=message):
+    fields: dict[str, Any] = {}
+    if alert:
+        message = f"{message}. {alert}"
+        fields = {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
+        logger.error("Migration %s: %s", migration.pk, alert)
+    if transition(migration.pk, State.COMMITTING, State.COMPLETED, message=message, **fields):
         publish_progress(migration.pk)
     return True
 
 
-def retry_agent(command: Callable[[], Any], attempts: int, *, delay: float = 0.2) -> bool:
-    """Run an idempotent agent command until it answers; a refusal is final (logged), not retried.
+def runs_the_guest(answer: Answer) -> bool:
+    """The target's answer to ``resume`` (or ``snapshot``) says it holds the guest and runs it."""
+    return isinstance(answer, dict) and answer.get("state") == "completed"
 
-    ``attempts`` tries, ``delay`` seconds apart at first, doubling up to 5 s. True once it answered.
+
+def alert_if_target_lost_it(migration: Migration, answer: Answer) -> str:
+    """After the release: the critical alert if the target no longer confirms it runs the guest, else ""."""
+    if runs_the_guest(answer):
+        return ""
+    target, vm = migration.target.name, migration.vm
+    if isinstance(answer, UnknownMigration):
+        why = (
+            "its host agent restarted right after it took over, and a simulated host's guests die with "
+            "its agent (a host crash)"
+        )
+    elif answer is None:
+        why = "it stopped answering right after it took over; if its host crashed, the VM is down"
+    else:
+        why = f"it reports {answer.get('state') if isinstance(answer, dict) else answer}"
+    released = f"The source copy on {migration.require_source().name} was released."
+    return f"{vm} may not be running on {target}: {why}. {released}"
+
+
+def keep_on_source(
+    migration: Migration, source: AgentClient, target: AgentClient, agent_id: str, refusal: Answer
+) -> bool:
+    """The target did not take the guest after the commit: the source, never released, runs it again.
+
+    Records ABORTED (failed in Committing) with a critical alert, and turns the registration flip back
+    (the target copy Not Runnable, the source copy runnable: On if it runs), in one transaction, so the
+    VM stays runnable on exactly one VSP, the one that has it. Returns False if the source did not answer.
+    """
+    discarded = retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)  # whatever it still holds
+    resumed = ask_agent(lambda: source.resume(agent_id), ROLL_FORWARD_ATTEMPTS)
+    if resumed is None:
+        return False
+    status = source_guest_status(migration, source)
+    if isinstance(refusal, UnknownMigration):
+        why = f"{migration.target.name} lost the guest before running it (its host agent restarted)"
+    else:
+        why = f"{migration.target.name} did not run the guest ({refusal})"
+    failure = MigrationFailed(State.COMMITTING, why, kind=FailureKind.UNREACHABLE)
+    alert = f"{failure.alert} {stays_sentence(migration, status)}"
+    with transaction.atomic():
+        won = transition(
+            migration.pk,
+            State.COMMITTING,
+            State.ABORTED,
+            message=alert,
+            alert=alert,
+            failed_phase=State.COMMITTING,
+            failure_kind=str(failure.kind),
+            undo_pending=not discarded,
+        )
+        if won:
+            unflip_registrations(migration, running=status == "running")
+    if won:
+        logger.error("Migration %s kept on its source after the commit: %s", migration.pk, alert)
+        publish_progress(migration.pk)
+    return True
+
+
+def unflip_registrations(migration: Migration, *, running: bool) -> None:
+    """The commit's flip undone: the target copy Not Runnable, then the source copy runnable (On if it runs).
+
+    Inside a transaction; each change is an audit event (``Registration`` methods).
+    """
+    actor = migration.requested_by
+    target, source = migration.target.name, migration.require_source().name
+    copies = Registration.objects.select_for_update().filter(vm_id=migration.vm_id)
+    target_copy = copies.filter(vsp_id=migration.target_id).first()
+    if target_copy is not None and target_copy.hardware_status != Registration.HardwareStatus.NOT_RUNNABLE:
+        target_copy.mark_not_runnable(
+            set_by=Registration.SetBy.MIGRATE,
+            reason=f"VSP {target} lost the guest after the commit; it stays on VSP {source}",
+            actor=actor,
+        )
+    source_copy = copies.get(vsp_id=migration.require_source().pk)
+    source_copy.mark_runnable(
+        Registration.HardwareStatus.ON if running else Registration.HardwareStatus.OFF,
+        actor=actor,
+        message=f"Migration {migration.pk} could not finish on VSP {target}: the guest stays on VSP {source}",
+    )
+
+
+# What an agent command came to: its snapshot, its refusal (final, not retried), or None (no answer).
+Answer = dict[str, Any] | AgentRefused | None
+
+
+def ask_agent(command: Callable[[], dict[str, Any]], attempts: int, *, delay: float = 0.2) -> Answer:
+    """Run an idempotent agent command until it answers: its snapshot, or its refusal (not retried).
+
+    ``attempts`` tries, ``delay`` seconds apart at first, doubling up to 5 s; None if it never answered.
     """
     for attempt in range(1, attempts + 1):
         try:
-            command()
-            return True
+            return command()
         except AgentRefused as refusal:
-            logger.warning("Agent refused a clean-up command: %s", refusal)
-            return True
+            return refusal
         except (AgentUnreachable, AgentProtocolError) as error:
             logger.warning("Agent command failed (attempt %s of %s): %s", attempt, attempts, error)
             if attempt < attempts:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-    return False
+    return None
+
+
+def retry_agent(command: Callable[[], Any], attempts: int, *, delay: float = 0.2) -> bool:
+    """A clean-up command (cancel, discard, resume after an abort): True once the agent answered.
+
+    A refusal counts as an answer here (logged): the agent has nothing left to clean up. Decisions that
+    depend on what the agent holds use ``ask_agent`` and go by the refusal's class.
+    """
+    answer = ask_agent(command, attempts, delay=delay)
+    if isinstance(answer, AgentRefused):
+        logger.warning("Agent refused a clean-up command: %s", answer)
+    return answer is not None

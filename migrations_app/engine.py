@@ -17,18 +17,21 @@ Only ``tasks`` imports this module; the decisions it shares with recovery live i
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
+from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.inventory import mark_reachable
 from vms.models import Registration
 
 from .decisions import (
@@ -43,6 +46,7 @@ from .decisions import (
     roll_forward,
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
+from .evacuation import settle_after
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
@@ -56,8 +60,11 @@ State = Migration.State
 PUBLISH_INTERVAL_S = 0.2  # at most ~5 progress updates a second within a phase
 WATCH_INTERVAL_S = 0.1
 HEARTBEAT_INTERVAL_S = 1.0
-BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker steps in only if it did not
+BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker stops the phase this much after it
 COMMAND_POLL_INTERVAL_S = 0.15  # while quiesce/freeze block: how often the source's snapshot is read
+SILENT_AFTER_S = 1.0  # a host whose call is this long without an answer at a time-out "did not answer"
+
+T = TypeVar("T")
 
 
 def drive_migration(migration_id: int) -> None:
@@ -71,13 +78,14 @@ def drive_migration(migration_id: int) -> None:
             roll_forward(migration)
     finally:
         run.close()
-        enqueue_next_for_source(migration.source_id)
+        enqueue_next_for_source(migration.require_source().pk)
+        settle_after(migration_id)
 
 
 def run_until_committed(run: MigrationRun) -> bool:
     """Steps 2 and 3; True once committed. Failures before the commit end here, recorded and undone."""
-    publish_progress(run.migration.pk)
-    with Watchdog(run) as watchdog:
+    with Watchdog(run) as watchdog:  # its first heartbeat before anything that may block (a slow Redis)
+        publish_progress(run.migration.pk)
         try:
             run_phases(run, watchdog)
             watchdog.disarm()
@@ -96,10 +104,12 @@ def run_until_committed(run: MigrationRun) -> bool:
 
 def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
     for index, phase in enumerate(PHASES):
-        # Armed first: once the record shows the phase, a cancel or time-out is already blamed on it.
-        watchdog.arm(phase, phase.limit_s(run.migration))
-        if index:
-            run.enter(phase)
+        # Recorded and armed under the watchdog's lock: a cancel or time-out is blamed on the phase the
+        # record shows (armed first, a stop before the record would blame a phase that never started).
+        with watchdog.lock:
+            if index:
+                run.enter(phase)
+            watchdog.arm(phase, phase.limit_s(run.migration))
         try:
             phase.run(run)
         finally:
@@ -113,11 +123,14 @@ class MigrationRun:
     def __init__(self, migration: Migration) -> None:
         self.migration = migration
         self.agent_id = agent_migration_id(migration)
-        self.source = agent_for(migration.source)
+        self.source = agent_for(migration.require_source())
         self.target = agent_for(migration.target)
         self.stop_reason: MigrationFailed | None = None  # set by the watchdog thread
         self.seq = 0
         self.last_flush = 0.0
+        self.phase_started = time.monotonic()
+        # The agent the driving thread is waiting on, and since when (monotonic s); None between calls.
+        self.waiting_on: tuple[str, float] | None = None
 
     def close(self) -> None:
         self.source.close()
@@ -127,12 +140,12 @@ class MigrationRun:
 
     def guest_spec(self) -> dict[str, Any]:
         """The ``protocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
         return {**spec, "os_type": vm.os_type} if vm.os_type else spec
 
     def limits(self) -> dict[str, float | None]:
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         return {
             "init_s": vm.init_limit_s,
             "copy_s": vm.copy_limit_s,
@@ -141,7 +154,14 @@ class MigrationRun:
         }
 
     def agent_params(self) -> dict[str, Any]:
-        return {**settings.MIGRATION_AGENT_PARAMS, "limits": self.limits()}
+        """``protocol.MigrationParams``: the migration's effective policy, the VM's phase limits."""
+        site = settings.MIGRATION_AGENT_PARAMS
+        params = migration_policy.agent_params(
+            self.migration.policy,
+            max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
+            site_cap_mbps=site.get("bandwidth_mbps"),
+        )
+        return {**params, "limits": self.limits()}
 
     # --- talking to the agents ------------------------------------------------------------------
 
@@ -149,51 +169,109 @@ class MigrationRun:
         if self.stop_reason is not None:
             raise self.stop_reason
 
+    def stop(self, reason: MigrationFailed) -> None:
+        """Called by the watchdog: the driving thread raises ``reason`` at once, even mid-call."""
+        self.stop_reason = reason
+
+    def silent_host(self) -> str | None:
+        """The side ("source"/"target") whose call has gone unanswered for ``SILENT_AFTER_S``, else None."""
+        waiting = self.waiting_on
+        if waiting is None or time.monotonic() - waiting[1] < SILENT_AFTER_S:
+            return None
+        return waiting[0]
+
+    def interruptible(self, side: str, work: Callable[[], T]) -> T:
+        """``work()`` (a call to ``side``'s agent) in a helper thread; a stop interrupts the wait.
+
+        A frozen peer (SIGSTOP, a hung host) holds an HTTP call until the client's time-out (10 s);
+        the phase's time limit must not wait for that. The abandoned call ends on its own time-out.
+        Raises what ``work`` raised, or the stop reason.
+        """
+        self.check_stop()
+        outcome: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+        def helper() -> None:
+            try:
+                outcome.put((True, work()))
+            except BaseException as error:  # handed to the driving thread
+                outcome.put((False, error))
+            finally:
+                connection.close()
+
+        self.waiting_on = (side, time.monotonic())
+        try:
+            threading.Thread(target=helper, name=f"{side}-call-{self.migration.pk}", daemon=True).start()
+            while True:
+                try:
+                    ok, value = outcome.get(timeout=WATCH_INTERVAL_S)
+                    break
+                except queue.Empty:
+                    self.check_stop()
+        finally:
+            self.waiting_on = None
+        if not ok:
+            raise value
+        return value
+
     def call(self, side: str, method: str, *args: Any) -> Any:
         self.check_stop()
+        client = self.source if side == "source" else self.target
         with self.agent_errors(side):
-            result = getattr(self.source if side == "source" else self.target, method)(*args)
+            result = self.interruptible(side, lambda: getattr(client, method)(*args))
         self.check_stop()
         return result
 
+    def host(self, side: str) -> str:
+        """ "the target host vsp2": how alerts name an agent."""
+        vsp = self.migration.require_source() if side == "source" else self.migration.target
+        return f"the {side} host {vsp.name}"
+
     @contextmanager
     def agent_errors(self, side: str) -> Iterator[None]:
-        """Agent errors become a failure of the current phase, in plain words (a stop reason wins).
+        """Agent errors become a failure of the current phase, in plain words naming the host (a stop
+        reason wins). An agent that did not answer marks its VSP unreachable at once (the migrate
+        dialog and the checks see it), not at the next inventory collection.
 
         The failure's kind is the error's (unreachable, refused, or internal for a bad reply).
         """
         try:
             yield
         except AgentUnreachable as error:
+            mark_reachable(
+                self.migration.require_source() if side == "source" else self.migration.target, False
+            )
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host stopped answering", kind=error.kind
+                self.migration.state, f"{self.host(side)} stopped answering", kind=error.kind
             ) from None
         except AgentRefused as refusal:
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host refused: {refusal}", kind=refusal.kind
+                self.migration.state, f"{self.host(side)} refused: {refusal}", kind=refusal.kind
             ) from None
         except AgentProtocolError as error:
             self.check_stop()
             raise MigrationFailed(
-                self.migration.state, f"the {side} host sent a reply that makes no sense", kind=error.kind
+                self.migration.state, f"{self.host(side)} sent a reply that makes no sense", kind=error.kind
             ) from None
 
     def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None:
         """Absorb the source's progress stream until ``until(snapshot)``; failures raise."""
         self.check_stop()
-        with (
-            self.agent_errors("source"),
-            closing(self.source.iter_progress(self.agent_id, self.seq)) as stream,
-        ):
-            for snapshot in stream:
+        stream = self.source.iter_progress(self.agent_id, self.seq)
+        end = object()
+        with self.agent_errors("source"):
+            while True:
+                snapshot = self.interruptible("source", lambda: next(stream, end))
+                if snapshot is end:
+                    break
                 if until(self.absorb(snapshot)):
+                    stream.close()
                     return
         self.check_stop()
         raise MigrationFailed(
             self.migration.state,
-            "the source host ended its progress report early",
+            f"{self.host('source')} ended its progress report early",
             kind=FailureKind.UNREACHABLE,
         )
 
@@ -202,7 +280,7 @@ class MigrationRun:
 
         Used after the source refused to start: the inventory may be older than the guest's power-off.
         """
-        vm = self.migration.vm
+        vm = self.migration.require_vm()
         try:
             guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
@@ -210,7 +288,7 @@ class MigrationRun:
         running = guest["hardware_status"] == "on"
         if not running:
             Registration.objects.filter(
-                vm=vm, vsp_id=self.migration.source_id, hardware_status=Registration.HardwareStatus.ON
+                vm=vm, vsp=self.migration.require_source(), hardware_status=Registration.HardwareStatus.ON
             ).update(hardware_status=Registration.HardwareStatus.OFF)
         return running
 
@@ -227,7 +305,7 @@ class MigrationRun:
 
         def work() -> None:
             try:
-                with agent_for(self.migration.source) as agent:
+                with agent_for(self.migration.require_source()) as agent:
                     outcome["snapshot"] = getattr(agent, command)(self.agent_id)
             except Exception as error:  # handed to the driving thread below
                 outcome["error"] = error
@@ -237,7 +315,7 @@ class MigrationRun:
         threading.Thread(target=work, name=f"{command}-{self.migration.pk}", daemon=True).start()
         while not done.wait(COMMAND_POLL_INTERVAL_S):
             try:
-                snapshot = self.source.snapshot(self.agent_id)
+                snapshot = self.interruptible("source", lambda: self.source.snapshot(self.agent_id))
             except (AgentUnreachable, AgentRefused, AgentProtocolError) as error:
                 logger.debug("Progress poll of %s during %s: %s", self.agent_id, command, error)
                 continue
@@ -287,9 +365,22 @@ class MigrationRun:
         kind = snapshot.failure_kind or FailureKind.INTERNAL
         if kind is FailureKind.TIME_LIMIT and snapshot.failed_side in (None, "source"):
             limit = next(p.limit_s(self.migration) for p in PHASES if p.state == phase)
-            return MigrationFailed(phase, f"it ran over its time limit of {limit} s", kind=kind)
+            return MigrationFailed(phase, self.over_time_limit(limit), kind=kind)
         error = snapshot.error or f"the source host reports {snapshot.state}"
         return MigrationFailed(phase, error, kind=kind)
+
+    def over_time_limit(self, limit_s: int | None, silent: str | None = None) -> str:
+        """The alert's reason for a phase stopped at its limit, with the real time it had run.
+
+        "it ran over its time limit of 2 s (stopped after 3.1 s; the target host vsp2 did not answer)":
+        ``silent`` is the side whose call went unanswered (``silent_host``), if any.
+        """
+        elapsed = time.monotonic() - self.phase_started
+        detail = f"stopped after {elapsed:.1f} s"
+        if silent is not None:
+            vsp = self.migration.require_source() if silent == "source" else self.migration.target
+            detail += f"; the {silent} host {vsp.name} did not answer"
+        return f"it ran over its time limit of {limit_s} s ({detail})"
 
     def flush(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -346,14 +437,17 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
 class Watchdog:
     """A thread beside the driving one: heartbeat, prompt cancel, and the phase time-limit backstop.
 
-    Stopping means telling the source agent to cancel, which ends whatever call the driving thread is
-    blocked in; the driving thread then raises ``run.stop_reason``. ``disarm`` (before the commit)
+    Stopping sets ``run.stop_reason``, which the driving thread raises within ``WATCH_INTERVAL_S`` even
+    when blocked in a call to a frozen agent (``MigrationRun.interruptible``), and tells the source agent
+    to cancel. A phase ends at most its limit + ``BACKSTOP_GRACE_S`` after it began, whatever the agents
+    do. ``disarm`` (before the commit)
     holds the lock, so no cancel can reach an agent once the commit has begun.
     """
 
     def __init__(self, run: MigrationRun) -> None:
         self.run = run
-        self.agent = agent_for(run.migration.source)  # its own connection: the driver's may be streaming
+        # Its own connection: the driver's may be streaming.
+        self.agent = agent_for(run.migration.require_source())
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.armed = True
@@ -364,6 +458,7 @@ class Watchdog:
         self.thread = threading.Thread(target=self.loop, name=f"watchdog-{run.migration.pk}", daemon=True)
 
     def __enter__(self) -> Watchdog:
+        self.beat()  # at once: recovery must never see a claimed migration without a heartbeat
         self.thread.start()
         return self
 
@@ -373,6 +468,7 @@ class Watchdog:
 
     def arm(self, phase: Phase, limit_s: int | None) -> None:
         self.phase, self.limit_s = phase.state, limit_s
+        self.run.phase_started = time.monotonic()
         self.deadline = time.monotonic() + limit_s + BACKSTOP_GRACE_S if limit_s else None
 
     def disarm(self) -> None:
@@ -393,25 +489,29 @@ class Watchdog:
     def tick(self) -> None:
         pk = self.run.migration.pk
         if time.monotonic() >= self.next_heartbeat:
-            Migration.objects.filter(pk=pk, state__in=Migration.ACTIVE_STATES).update(
-                heartbeat_at=timezone.now()
-            )
-            self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+            self.beat()
         if not self.armed or self.run.stop_reason is not None:
             return
-        if Migration.objects.filter(pk=pk, cancel_requested=True).exists():
-            self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.stop(
-                MigrationFailed(
-                    self.phase, f"it ran over its time limit of {self.limit_s} s", kind=FailureKind.TIME_LIMIT
-                )
-            )
+        cancelled = Migration.objects.filter(pk=pk, cancel_requested=True).exists()
+        with self.lock:  # the phase and its deadline as the driving thread last recorded them
+            if not self.armed or self.run.stop_reason is not None:
+                return
+            if cancelled:
+                self.stop(MigrationCancelled(self.phase, cancelled_by(pk)))
+            elif self.deadline is not None and time.monotonic() > self.deadline:
+                reason = self.run.over_time_limit(self.limit_s, self.run.silent_host())
+                self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.TIME_LIMIT))
+
+    def beat(self) -> None:
+        """The heartbeat: recovery leaves a migration alone while it is younger than the stale limit."""
+        Migration.objects.filter(pk=self.run.migration.pk, state__in=Migration.ACTIVE_STATES).update(
+            heartbeat_at=timezone.now()
+        )
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
 
     def stop(self, reason: MigrationFailed) -> None:
-        with self.lock:
-            if not self.armed:
-                return
-            self.run.stop_reason = reason
+        """Called with ``lock`` held: record why the run must stop and tell the source to cancel."""
+        if self.armed:
+            self.run.stop(reason)
             if not cancel_on_source(self.agent, self.run.agent_id):
                 logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)

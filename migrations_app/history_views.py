@@ -1,9 +1,13 @@
 """Pages of the migration history: the list, its CSV export, and one migration's report.
 
-Login is required (middleware) and every view checks ``migrations_app.view_migration``.
+Login is required (middleware) and every view checks ``migrations_app.view_migration``; a user sees
+the migrations whose source or target is in one of their host groups (``vms.access``), others are
+not found.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
@@ -12,12 +16,35 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from vms.access import visible_migration_condition, vsps_with_role
+from vms.models import VSP, Role
 from vms.views import form_errors_text
 
 from .history import VIEW_MIGRATION_PERMISSION, HistoryFilterForm, HistoryRow, csv_lines, filter_migrations
+from .models import Migration
 from .reports import chart_data, get_report_migration, report_context
 
 PAGE_SIZE = 50
+
+
+def history_form(request: HttpRequest) -> HistoryFilterForm:
+    """The filters, offering only VSPs of the user's host groups."""
+    form = HistoryFilterForm(request.GET)
+    vsps = vsps_with_role(request.user, Role.VIEWER, VSP.objects.only("id", "name").order_by("name"))
+    form.fields["vsp"].queryset = vsps  # type: ignore[attr-defined]
+    return form
+
+
+def visible_report_migration(request: HttpRequest, migration_id: int) -> Migration:
+    """The migration for its report, if the user may see it; raises ``Http404`` otherwise."""
+    migration = get_report_migration(migration_id)
+    if migration is None or not (
+        Migration.objects.filter(visible_migration_condition(request.user), pk=migration_id).exists()
+    ):
+        raise Http404("No such migration.")
+    return migration
+
+
 HISTORY_TEMPLATE = "migrations_app/history.html"
 REPORT_TEMPLATE = "migrations_app/report.html"
 
@@ -26,12 +53,19 @@ REPORT_TEMPLATE = "migrations_app/report.html"
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
 def history(request: HttpRequest) -> HttpResponse:
     """Every migration, newest first, filtered and paginated; bad filters: 400 with the reason, no rows."""
-    form = HistoryFilterForm(request.GET)
+    form = history_form(request)
     if not form.is_valid():
-        context = {"form": form, "page": None, "error": form_errors_text(form), "nav": "migrations"}
+        context: dict[str, Any] = {
+            "form": form,
+            "page": None,
+            "error": form_errors_text(form),
+            "nav": "migrations",
+        }
         return render(request, HISTORY_TEMPLATE, context, status=400)
     try:
-        page = Paginator(filter_migrations(form.cleaned_data), PAGE_SIZE).page(form.cleaned_data["page"] or 1)
+        page = Paginator(
+            filter_migrations(form.cleaned_data).filter(visible_migration_condition(request.user)), PAGE_SIZE
+        ).page(form.cleaned_data["page"] or 1)
     except EmptyPage:
         raise Http404("No such page of the migration history.") from None
     now = timezone.now()
@@ -49,12 +83,16 @@ def history(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
-def history_csv(request: HttpRequest) -> HttpResponse:
+def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """The filtered history (all pages) as CSV, streamed; formula-like cells are neutralised."""
-    form = HistoryFilterForm(request.GET)
+    form = history_form(request)
     if not form.is_valid():
         return HttpResponse(form_errors_text(form), status=400, content_type="text/plain; charset=utf-8")
-    migrations = filter_migrations(form.cleaned_data).iterator(chunk_size=2000)
+    migrations = (
+        filter_migrations(form.cleaned_data)
+        .filter(visible_migration_condition(request.user))
+        .iterator(chunk_size=2000)
+    )
     response = StreamingHttpResponse(csv_lines(migrations), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="migrations.csv"'
     return response
@@ -63,9 +101,7 @@ def history_csv(request: HttpRequest) -> HttpResponse:
 @require_GET
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
 def report(request: HttpRequest, migration_id: int) -> HttpResponse:
-    migration = get_report_migration(migration_id)
-    if migration is None:
-        raise Http404("No such migration.")
+    migration = visible_report_migration(request, migration_id)
     return render(request, REPORT_TEMPLATE, {**report_context(migration), "nav": "migrations"})
 
 
@@ -73,7 +109,5 @@ def report(request: HttpRequest, migration_id: int) -> HttpResponse:
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
 def report_data(request: HttpRequest, migration_id: int) -> JsonResponse:
     """The chart's samples and the live figures, re-read by the report on each progress push."""
-    migration = get_report_migration(migration_id)
-    if migration is None:
-        raise Http404("No such migration.")
+    migration = visible_report_migration(request, migration_id)
     return JsonResponse(chart_data(migration))

@@ -10,6 +10,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from vms.models import VSP, VirtualMachine
+
 
 class Migration(models.Model):
     class State(models.TextChoices):
@@ -89,8 +91,16 @@ class Migration(models.Model):
     # Per-round convergence samples, compact: a list of [seconds since Copy began (float), round,
     # bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s], one per round.
     round_samples = models.JSONField(default=list, blank=True)
+    policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The effective policy (vms.migration_policy)",
+    )
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source
+    # resume); recovery retries the undo of ended migrations still marked, for a bounded time.
+    undo_pending = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["requested_at", "pk"]
@@ -122,6 +132,21 @@ class Migration(models.Model):
         if not self.vm_name and self.vm is not None:
             self.vm_name = self.vm.name
         super().save(*args, **kwargs)
+
+    def require_vm(self) -> VirtualMachine:
+        """The VM this migration moves; raises ``VirtualMachine.DoesNotExist`` once it was deleted.
+
+        ``vm`` is null only after the VM's deletion (its migrations stay in the history).
+        """
+        if self.vm is None:
+            raise VirtualMachine.DoesNotExist(f"the VM of migration {self.pk} ({self.vm_name}) was deleted")
+        return self.vm
+
+    def require_source(self) -> VSP:
+        """The source VSP; raises ``VSP.DoesNotExist`` for a refused attempt of a VM runnable nowhere."""
+        if self.source is None:
+            raise VSP.DoesNotExist(f"migration {self.pk} has no source VSP (refused: runnable nowhere)")
+        return self.source
 
     @property
     def is_active(self) -> bool:
@@ -170,7 +195,9 @@ TRANSITIONS: dict[Migration.State, set[Migration.State]] = {
     S.COPY: {S.IO_QUIESCE, S.ABORTED, S.CANCELLED},
     S.IO_QUIESCE: {S.FROZEN, S.ABORTED, S.CANCELLED},
     S.FROZEN: {S.COMMITTING, S.ABORTED, S.CANCELLED},
-    S.COMMITTING: {S.COMPLETED},
+    # ABORTED after the commit only when the target confirmed it does not hold the guest and the source,
+    # never released, runs it again (``decisions.keep_on_source``).
+    S.COMMITTING: {S.COMPLETED, S.ABORTED},
     S.COMPLETED: set(),
     S.ABORTED: set(),
     S.CANCELLED: set(),
@@ -197,3 +224,9 @@ class MigrationEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.from_state or '-'} -> {self.to_state}: {self.message}"
+
+
+# Evacuations are models of this app kept in a module of their own.
+from .evacuation_models import Evacuation, EvacuationStep  # noqa: E402
+
+__all__ = ["PHASE_FIELD_PREFIX", "Evacuation", "EvacuationStep", "Migration", "MigrationEvent"]

@@ -7,9 +7,10 @@ The phase's time limit is the VM's; the agents enforce it and the engine's watch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
-from hostagent.protocol import FailureKind
+from hostagent.protocol import FailureKind, ProgressSnapshot
 from hostagent.protocol import Phase as AgentPhase
 from vms.models import PairEncryption
 
@@ -18,10 +19,26 @@ from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .models import Migration
 
-if TYPE_CHECKING:
-    from .engine import MigrationRun
-
 State = Migration.State
+
+
+class PhaseRun(Protocol):
+    """What a phase uses of the engine's run (``engine.MigrationRun``); a protocol, so that this module
+    does not import the engine that imports it."""
+
+    migration: Migration
+    agent_id: str
+
+    def guest_spec(self) -> dict[str, Any]: ...
+    def limits(self) -> dict[str, float | None]: ...
+    def agent_params(self) -> dict[str, Any]: ...
+    def check_stop(self) -> None: ...
+    def call(self, side: str, method: str, *args: Any) -> Any: ...
+    def source_guest_running(self) -> bool | None: ...
+    def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None: ...
+    def command_with_progress(self, command: str) -> dict[str, Any]: ...
+    def digests(self, snapshot: ProgressSnapshot) -> tuple[str, str]: ...
+    def absorb(self, snapshot: Any, *, force: bool = False) -> ProgressSnapshot: ...
 
 
 class Phase:
@@ -35,10 +52,10 @@ class Phase:
     def limit_s(self, migration: Migration) -> int | None:
         return getattr(migration.vm, self.limit_field)
 
-    def run(self, run: MigrationRun) -> None:
+    def run(self, run: PhaseRun) -> None:
         raise NotImplementedError
 
-    def cleanup(self, run: MigrationRun) -> None:
+    def cleanup(self, run: PhaseRun) -> None:
         """Called after ``run`` whether it succeeded or not."""
 
 
@@ -48,12 +65,14 @@ class Init(Phase):
     state = State.INIT
     limit_field = "init_limit_s"
 
-    def run(self, run: MigrationRun) -> None:
+    def run(self, run: PhaseRun) -> None:
         migration = run.migration
-        reason = check_target(migration.vm, migration.target, ignoring=migration)
+        vm = migration.require_vm()
+        reason = check_target(vm, migration.target, ignoring=migration)
         if reason:
-            raise MigrationFailed(self.state, reason, source_running=is_running(migration.vm))
-        encryption = PairEncryption.policy_between(migration.source, migration.target)
+            # Off in the database: it was not running. On: the source is asked (its host may have died).
+            raise MigrationFailed(self.state, reason, source_running=None if is_running(vm) else False)
+        encryption = PairEncryption.policy_between(migration.require_source(), migration.target)
         endpoint = run.call(
             "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption
         )
@@ -63,7 +82,7 @@ class Init(Phase):
             run.call(
                 "source",
                 "start_outgoing",
-                str(migration.vm.guest_id),
+                str(vm.guest_id),
                 run.agent_id,
                 endpoint,
                 run.agent_params(),
@@ -74,7 +93,8 @@ class Init(Phase):
                 raise
             raise MigrationFailed(
                 self.state,
-                f"VM is not running on {migration.source.name}: online migration moves running guests only",
+                f"VM is not running on {migration.require_source().name}: "
+                "online migration moves running guests only",
                 source_running=False,
             ) from None
         run.follow_progress(until=lambda snapshot: snapshot.state != "init")
@@ -86,7 +106,7 @@ class Copy(Phase):
     state = State.COPY
     limit_field = "copy_limit_s"
 
-    def run(self, run: MigrationRun) -> None:
+    def run(self, run: PhaseRun) -> None:
         run.follow_progress(until=lambda snapshot: snapshot.converged or snapshot.state != "copy")
 
 
@@ -96,7 +116,7 @@ class IOQuiesce(Phase):
     state = State.IO_QUIESCE
     limit_field = "quiesce_limit_s"
 
-    def run(self, run: MigrationRun) -> None:
+    def run(self, run: PhaseRun) -> None:
         run.absorb(run.command_with_progress("quiesce"), force=True)
 
 
@@ -106,7 +126,7 @@ class Frozen(Phase):
     state = State.FROZEN
     limit_field = "frozen_limit_s"
 
-    def run(self, run: MigrationRun) -> None:
+    def run(self, run: PhaseRun) -> None:
         snapshot = run.absorb(run.command_with_progress("freeze"), force=True)
         if snapshot.state != "ready":
             raise MigrationFailed(self.state, f"the source host answered {snapshot.state!r} instead of ready")

@@ -88,7 +88,9 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     if latest is None:
         return MigrationDisplay(vm=vm, migration=None, failed=None, last_took_s=last_took_s)
     shown = latest if latest.is_active or latest.state == Migration.State.COMPLETED else None
-    failed = latest if latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) else None
+    # Alerts: an attempt that failed, or one that completed with an alert (the target lost the guest).
+    ended_badly = latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) or bool(latest.alert)
+    failed = latest if ended_badly else None
     return MigrationDisplay(vm=vm, migration=shown, failed=failed, last_took_s=last_took_s)
 
 
@@ -105,7 +107,8 @@ def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[
         migrations = migrations.filter(vm_id__in=vm_ids)
     migrations = migrations.select_related("source", "target").order_by("requested_at", "pk")
     for migration in migrations:
-        rows[migration.vm_id] = migration  # later ones overwrite earlier ones
+        if migration.vm_id is not None:  # a deleted VM has no row
+            rows[migration.vm_id] = migration  # later ones overwrite earlier ones
     return rows
 
 
@@ -130,17 +133,18 @@ def render_row_fragments(
 def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
     """The message for each group interested in this migration, read fresh from the database."""
     migration = Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
-    if migration.vm is None:  # the VM was deleted: no page shows it any more
+    vm = migration.vm
+    if vm is None:  # the VM was deleted: no page shows it any more
         return {}
-    display = get_migration_display(migration.vm)
-    group = vm_group(migration.vm_id)
+    display = get_migration_display(vm)
+    group = vm_group(vm.pk)
     messages = {group: _message(group, render_vm_fragments(display, oob=True))}
     for vsp in (migration.source, migration.target):
         if vsp is None:
             continue
         group = vsp_group(vsp.pk)
-        html = render_row_fragments(vsp, {migration.vm_id: migration}, oob=True)
-        messages[group] = {**_message(group, html), "vm_id": migration.vm_id}
+        html = render_row_fragments(vsp, {vm.pk: migration}, oob=True)
+        messages[group] = {**_message(group, html), "vm_id": vm.pk}
     if migration.state == Migration.State.COMPLETED:
         # The VM arrived: the target's open pages lack its row, so every one of them re-fetches its tab.
         group = vsp_group(migration.target_id)

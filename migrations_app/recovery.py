@@ -9,19 +9,25 @@ The decisions themselves are the worker's own (``decisions``); queues move on th
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 
 from django.db.models import Q
 from django.utils import timezone
 
+from vms.agent_client import AgentClient
+from vms.inventory import AGENT_ERRORS
+from vms.models import VSP
+
 from .decisions import (
     agent_for,
     agent_migration_id,
+    cancel_on_source,
     cancelled_by,
     load_migration,
     record_abort,
     roll_forward,
-    undo_on_agents,
+    undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
 from .models import Migration
@@ -30,6 +36,9 @@ from .scheduling import start_idle_queues
 logger = logging.getLogger(__name__)
 
 State = Migration.State
+UNDO_RETRY_WINDOW_S = 600  # an ended migration's undo is retried this long after it ended, then given up
+UNDO_RETRY_AFTER_S = 5  # the decider's own undo (retried a few seconds) goes first
+UNDO_RETRY_TIMEOUT_S = 2.0  # per request: a paused or dead agent must not hold up recovery
 
 
 def recover_orphans(stale_after_s: float) -> list[int]:
@@ -39,33 +48,124 @@ def recover_orphans(stale_after_s: float) -> list[int]:
     """
     acted = []
     for migration in stale_migrations(stale_after_s):
-        if migration.state == State.COMMITTING:
-            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
-            roll_forward(migration)
-        else:
-            logger.warning(
-                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-            )
-            abort_orphan(migration)
-        acted.append(migration.pk)
+        try:
+            if recover_one(migration):
+                acted.append(migration.pk)
+        except Exception:  # one migration's trouble must not leave the others undecided
+            logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
+    retry_pending_undos()
+    undo_leftovers()
     start_idle_queues()
     return acted
 
 
+def recover_one(migration: Migration) -> bool:
+    """Decide one silent migration; False (nothing done) when another decider got there first.
+
+    Two recovery passes may run at once: each decision is a compare-and-set from the state this pass
+    read, so the one that loses skips the migration instead of failing.
+    """
+    if migration.state == State.COMMITTING:
+        logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+        roll_forward(migration)
+        return True
+    logger.warning(
+        "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+    )
+    return abort_orphan(migration)
+
+
+RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
+
+
+AGENT_ID = re.compile(r"m(\d+)-\d{20}")  # ``decisions.agent_migration_id``
+LEFTOVER_TIMEOUT_S = 3.0
+
+
+def undo_leftovers() -> list[str]:
+    """Guests an agent still shows ``migrating`` for a migration the database says ended unsuccessfully.
+
+    The undo after an abort is retried a few times only: a target paused (SIGSTOP) longer than that
+    kept its prepared copy "migrating" for ever (soak, ``SEED=5109``). Every recovery pass asks each
+    reachable agent again: a prepared copy is discarded, a source guest resumed. Returns the agent
+    migration ids undone. Agents that do not answer are skipped (inventory marks them unreachable).
+    """
+    ended = (State.ABORTED, State.CANCELLED)
+    undone = []
+    for vsp in VSP.objects.filter(agent_reachable=True):
+        with AgentClient.for_vsp(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
+            try:
+                guests = agent.list_guests()
+            except AGENT_ERRORS as error:
+                logger.warning("Leftover check on %s: %s", vsp, error)
+                continue
+            for guest in guests:
+                agent_id = guest.get("migrating") or ""
+                match = AGENT_ID.fullmatch(agent_id)
+                migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
+                if not migration or agent_migration_id(migration) != agent_id:
+                    continue
+                logger.warning("Undoing leftover %s of migration %s on %s", agent_id, migration.pk, vsp)
+                try:
+                    if vsp.pk == migration.target_id:
+                        agent.discard(agent_id)
+                    else:
+                        cancel_on_source(agent, agent_id)
+                        agent.resume(agent_id)
+                except AGENT_ERRORS as error:
+                    logger.warning("Leftover %s on %s: %s", agent_id, vsp, error)
+                    continue
+                undone.append(agent_id)
+    return undone
+
+
 def stale_migrations(stale_after_s: float) -> list[Migration]:
+    """The running migrations silent for ``stale_after_s`` (one that ended while loading is left out)."""
     cutoff = timezone.now() - timedelta(seconds=stale_after_s)
     silent = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, state_changed_at__lt=cutoff)
-    running = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
-    ids = Migration.objects.filter(silent, state__in=running).values_list("pk", flat=True)
-    return [load_migration(pk) for pk in ids]
+    ids = Migration.objects.filter(silent, state__in=RUNNING).values_list("pk", flat=True)
+    loaded = [load_migration(pk) for pk in ids]
+    return [migration for migration in loaded if migration.state in RUNNING]
 
 
-def abort_orphan(migration: Migration) -> None:
+def abort_orphan(migration: Migration) -> bool:
+    """Record the abort (from the state read), then undo on the agents; False if another decider won."""
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
-    if record_abort(migration, failure):
+    if not record_abort(migration, failure):
+        logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
+        return False
+    agent_id = agent_migration_id(migration)
+    with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
+        undo_and_mark(migration.pk, source, target, agent_id)
+    return True
+
+
+def retry_pending_undos() -> list[int]:
+    """Undo again, once each, on the agents of ended migrations whose undo was not answered.
+
+    A target paused or restarting while its migration was aborted keeps its prepared copy ("ready" waits
+    for the control plane's decision for ever); this drops it once the agent answers again, for up to
+    ``UNDO_RETRY_WINDOW_S`` after the migration ended (from ``UNDO_RETRY_AFTER_S`` on: the decider's own
+    undo goes first). Returns the ids whose undo is now done.
+    """
+    now = timezone.now()
+    pending = Migration.objects.filter(
+        undo_pending=True,
+        state__in=(State.ABORTED, State.CANCELLED),
+        state_changed_at__gte=now - timedelta(seconds=UNDO_RETRY_WINDOW_S),
+        state_changed_at__lt=now - timedelta(seconds=UNDO_RETRY_AFTER_S),
+    ).select_related("source", "target")
+    done = []
+    for migration in pending:
         agent_id = agent_migration_id(migration)
-        with agent_for(migration.source) as source, agent_for(migration.target) as target:
-            undo_on_agents(source, target, agent_id)
+        with (
+            agent_for(migration.require_source(), UNDO_RETRY_TIMEOUT_S) as source,
+            agent_for(migration.target, UNDO_RETRY_TIMEOUT_S) as target,
+        ):
+            if undo_and_mark(migration.pk, source, target, agent_id, attempts=1, cancel=False):
+                logger.warning("Migration %s: the undo on its agents finished on a later try", migration.pk)
+                done.append(migration.pk)
+    return done

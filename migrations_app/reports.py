@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
 from .history import HistoryRow, total_seconds
@@ -19,7 +20,7 @@ from .models import PHASE_FIELD_PREFIX, Migration, MigrationEvent
 from .samples import samples_as_series
 
 State = Migration.State
-PHASE_LIMIT_FIELD = {
+PHASE_LIMIT_FIELD: dict[str, str] = {
     State.INIT: "init_limit_s",
     State.COPY: "copy_limit_s",
     State.IO_QUIESCE: "quiesce_limit_s",
@@ -30,7 +31,10 @@ PHASE_LIMIT_FIELD = {
 def allowed_downtime_ms() -> int:
     """The downtime the agents aim at (ms): ``MIGRATION_DOWNTIME_MS`` as sent to the source agent."""
     explicit = getattr(settings, "MIGRATION_DOWNTIME_MS", None)
-    return int(explicit if explicit is not None else settings.MIGRATION_AGENT_PARAMS["downtime_ms"])
+    configured = explicit if explicit is not None else settings.MIGRATION_AGENT_PARAMS["downtime_ms"]
+    if configured is None:
+        raise ImproperlyConfigured("MIGRATION_AGENT_PARAMS needs a downtime_ms (ms)")
+    return int(configured)
 
 
 @dataclass(frozen=True)

@@ -52,13 +52,14 @@ def do_claim_source(migration_id: int) -> bool:
         migration = Migration.objects.filter(pk=migration_id).select_related("source").first()
         if migration is None or migration.state != Migration.State.QUEUED:
             return False
-        VSP.objects.select_for_update().filter(pk=migration.source_id).first()
+        source_id = migration.require_source().pk
+        VSP.objects.select_for_update().filter(pk=source_id).first()
         busy = (
-            Migration.objects.filter(source_id=migration.source_id, state__in=Migration.ACTIVE_STATES)
+            Migration.objects.filter(source_id=source_id, state__in=Migration.ACTIVE_STATES)
             .exclude(state=Migration.State.QUEUED)
             .exists()
         )
-        if busy or next_queued_for_source(migration.source_id) != migration_id:
+        if busy or next_queued_for_source(source_id) != migration_id:
             return False
         return transition(
             migration_id,

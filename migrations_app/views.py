@@ -1,24 +1,41 @@
 """Migration pages: the migrate dialog, cancel, and "migrate selected" on a VSP's Virtual Machines tab.
 
-Each view reads the request, checks access, calls one action from ``actions.py``, renders.
-Refusals change nothing and say why in plain words.
+Each view reads the request, checks access (``vms.access``: what the user cannot see is a 404), calls
+one action from ``actions.py`` (which decides the right to act), renders. Refusals change nothing and
+say why in plain words.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
-from vms.http import HtmxHttpRequest
-from vms.models import VSP, VirtualMachine
-
-from .actions import (
+from matrixoe.error_views import permission_denied
+from vms import migration_policy
+from vms.access import (
     ADD_MIGRATION_PERMISSION,
     CHANGE_MIGRATION_PERMISSION,
+    check_can_migrate,
+    get_visible_vm,
+    get_visible_vsp,
+    migration_targets,
+)
+from vms.http import HtmxHttpRequest
+from vms.inventory import probe_reachability
+from vms.models import VSP, VirtualMachine
+
+from . import estimates, steering
+from .actions import (
     MigrationRefused,
     do_cancel_migration,
     do_request_migration,
@@ -42,25 +59,50 @@ def parse_id(value: str | None) -> int | None:
 @require_http_methods(["GET", "POST"])
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
-    """GET: every VSP with its pre-check result. POST: start the migration to the chosen target."""
-    vm = get_object_or_404(VirtualMachine, pk=vm_id)
+    """GET: every VSP the user may migrate to, with its pre-check result. POST: start the migration.
+
+    A VM the user cannot see is a 404; one they may not migrate (not an operator of its source's host
+    group) a short 403. A forged target outside the user's groups is refused by the action (403, the
+    dialog says why, nothing changes).
+    """
+    vm = get_visible_vm(request.user, vm_id)
+    try:
+        check_can_migrate(request.user, vm)
+    except PermissionDenied as denied:
+        return permission_denied(request, denied)
     if request.method == "GET":
+        # Reachability is checked now, not taken from the last inventory (up to 30 s old).
+        if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
+            probe_reachability(list(VSP.objects.all()), settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S)
         return render_dialog(request, vm)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     if target is None:
-        checks = check_targets(vm)
+        checks = offered_checks(request, vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
+    overrides = policy_overrides(request.POST)
     try:
-        do_request_migration(vm, target, request.user)
+        do_request_migration(vm, target, request.user, policy=overrides)
+    except migration_policy.PolicyError as error:
+        return render_dialog(request, vm, error=str(error), status=400, policy=overrides)
     except MigrationRefused as refusal:
-        return render_dialog(request, vm, error=str(refusal.message), status=400)
+        return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
+    except PermissionDenied as denied:
+        return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
+
+
+def policy_overrides(post: Any) -> dict[str, str]:
+    """The dialog's policy fields (a preset, or Custom with its values); an unticked checkbox is off."""
+    fields = {key: post.get(key, "") for key in migration_policy.FIELDS if key in post}
+    if fields.get("preset") == "custom" and "auto_converge" not in post:
+        fields["auto_converge"] = "false"
+    return fields
 
 
 def common_refusal(checks: list[TargetCheck]) -> str | None:
@@ -82,19 +124,93 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
     return f"No VSP can take {vm.name} now; each row says why."
 
 
+def offered_checks(request: HtmxHttpRequest, vm: VirtualMachine) -> list[TargetCheck]:
+    """The dialog's rows: only VSPs where the user is an operator (others are not offered at all)."""
+    offered = set(migration_targets(request.user).values_list("pk", flat=True))
+    return [check for check in check_targets(vm) if check.vsp.pk in offered]
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """A target's pre-check with its forecast (None: not known yet, the dialog fetches it)."""
+
+    check: TargetCheck
+    forecast: estimates.TargetForecast | None
+
+    @property
+    def vsp(self) -> VSP:
+        return self.check.vsp
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+    @property
+    def reason(self) -> str:
+        return self.check.reason
+
+
+def target_rows(
+    vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool
+) -> list[TargetRow]:
+    """Each target with its forecast; ``measure``: ask the source agent for the dirty rate if not cached."""
+    guest = estimates.cached_dirty_rate(vm)
+    if guest is None and measure and any(check.ok for check in checks):
+        guest = estimates.measure_dirty_rate(vm)
+    known = guest is not None or measure
+    return [
+        TargetRow(check, estimates.forecast_to(vm, check.vsp, policy, guest) if check.ok and known else None)
+        for check in checks
+    ]
+
+
+@require_GET
+@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
+def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
+    """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s)."""
+    vm = get_visible_vm(request.user, vm_id)
+    policy = migration_policy.effective(vm.migration_policy)
+    rows = target_rows(vm, offered_checks(request, vm), policy, measure=True)
+    html = "".join(
+        render_to_string(
+            f"{DIALOG_TEMPLATE}#forecast_cell",
+            {"check": row, "vm": vm, "forecast_oob": True},
+            request=request,
+        )
+        for row in rows
+    )
+    return HttpResponse(html)
+
+
 def render_dialog(
-    request: HtmxHttpRequest, vm: VirtualMachine, *, error: str = "", status: int = 200
+    request: HtmxHttpRequest,
+    vm: VirtualMachine,
+    *,
+    error: str = "",
+    status: int = 200,
+    policy: dict[str, Any] | None = None,
 ) -> HttpResponse:
-    checks = check_targets(vm)
+    checks = offered_checks(request, vm)
+    vm_policy = migration_policy.effective(vm.migration_policy)
+    try:
+        shown_policy = migration_policy.check_policy(policy or {}, base=vm_policy)
+    except migration_policy.PolicyError:
+        shown_policy = vm_policy
     blocked = refused_everywhere(vm, checks)
+    rows = target_rows(vm, checks, shown_policy, measure=not request.htmx)
     context = {
         "vm": vm,
-        "checks": checks,
+        "checks": rows,
+        "forecast_pending": any(row.ok and row.forecast is None for row in rows),
         # Said once above the table, not on every row; the Migrate button is disabled then.
         "blocked": blocked,
         "common_refusal": common_refusal(checks),
         "error": "" if error == blocked else error,
         "full_page": not request.htmx,
+        "vm_policy": vm_policy,
+        "policy": shown_policy,
+        "policy_words": migration_policy.describe(shown_policy),
+        "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
     }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)
@@ -107,11 +223,30 @@ def render_dialog(
 @permission_required(CHANGE_MIGRATION_PERMISSION, raise_exception=True)
 def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
+    vm = migration.require_vm()
     try:
         do_cancel_migration(migration, request.user)
+    except PermissionDenied as denied:
+        return permission_denied(request, denied)
     except MigrationRefused as refusal:
-        return respond_notice(request, migration.vm, str(refusal.message), ok=False)
-    return respond_notice(request, migration.vm, f"Cancel of the migration of {migration.vm.name} requested.")
+        return respond_notice(request, vm, str(refusal.message), ok=False)
+    return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
+
+
+@require_POST
+def change(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
+    """Steer a running migration from its phases panel (``steering.do_change_migration``)."""
+    migration = get_object_or_404(Migration.objects.select_related("vm"), pk=migration_id, vm__isnull=False)
+    vm = get_visible_vm(request.user, migration.require_vm().pk)  # 404 for a guest the user cannot see
+    try:
+        done = steering.do_change_migration(migration, request.POST.dict(), request.user)
+    except steering.ChangeRefused as refusal:
+        response = respond_notice(request, vm, refusal.message, ok=False)
+        if request.htmx:
+            response.status_code = 400
+        return response
+    return respond_notice(request, vm, done)
 
 
 def respond_notice(
@@ -128,7 +263,7 @@ def respond_notice(
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     """Several VMs of one VSP to one target: they leave one at a time, the rest wait (hourglass)."""
-    vsp = get_object_or_404(VSP, pk=vsp_id)
+    vsp = get_visible_vsp(request.user, vsp_id)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     vm_ids = [parse_id(value) for value in request.POST.getlist("vm")]

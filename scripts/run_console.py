@@ -7,7 +7,8 @@
 5. The ASGI server (pages + websockets), a Celery worker and Celery beat.
 Ctrl-C (or SIGTERM) stops them all; the clean-up cannot be interrupted: a second signal only
 hurries it (what has not ended is killed). A host agent that stops only shows as unreachable in
-the console; the web server, worker or beat stopping stops everything. Every started process carries
+the console; the web server stopping stops everything, a worker or beat that exits is started again
+(up to 5 times a minute; the worker exits when Redis restarts). Every started process carries
 MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run` left running (it was
 killed with SIGKILL, say) is found by that and stopped before its replacement starts, and a port
 held by anything else is named with what to do.
@@ -23,6 +24,7 @@ named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -237,6 +239,8 @@ def main() -> None:
     use_local_redis()
     agents: list[ManagedProcess] = []
     processes: list[ManagedProcess] = []
+    redis_pid_file = VAR_DIR / "redis.pid"
+    redis_was_running = redis_pid_file.exists()
     try:
         subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
         manage("migrate", "--noinput", "-v", "0")
@@ -260,17 +264,37 @@ def main() -> None:
         print(f"\n{' '.join(map(str, error.cmd[1:3]))} failed (exit status {error.returncode})", flush=True)
     finally:
         stop_everything(processes + agents)
+        if not redis_was_running:
+            stop_own_redis(redis_pid_file)
         print("stopped.", flush=True)
+
+
+def stop_own_redis(pid_file: Path) -> None:
+    """Stop the Redis this run started (``scripts/ensure_redis.py`` wrote its pid); leave any other alone."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    pid_file.unlink(missing_ok=True)
+
+
+CELERY = [PYTHON, "-m", "celery", "-A", "matrixoe"]
+# Started again when they exit, as a host's service manager would (the worker exits when Redis restarts:
+# kombu's AttributeError on a lost connection, celery/kombu#582).
+RESTARTABLE = {
+    "worker": [*CELERY, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
+    "beat": [*CELERY, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
+}
+RESTART_DELAY_S = 1.0
+MAX_RESTARTS = 5  # per process and per RESTART_WINDOW_S: one that keeps exiting stops everything
+RESTART_WINDOW_S = 60.0
 
 
 def start_console(port: int, processes: list[ManagedProcess]) -> None:
     """Worker, beat and web server, each appended to ``processes`` at once so a failure can stop them."""
-    celery = [PYTHON, "-m", "celery", "-A", "matrixoe"]
-    commands = {
-        "worker": [*celery, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
-        "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
-    }
-    for name, args in commands.items():
+    for name, args in RESTARTABLE.items():
         processes.append(start_process(name, args, LOG_DIR / f"{name}.log"))
     require_free_port(port, "the web server", "PORT")
     try:
@@ -281,15 +305,34 @@ def start_console(port: int, processes: list[ManagedProcess]) -> None:
 
 
 def wait_for_exit(console: list[ManagedProcess], agents: list[ManagedProcess]) -> None:
-    """Return when a console process stops; a stopped agent is only reported (its VSP goes unreachable)."""
+    """Return when the web server stops, or a worker or beat keeps exiting.
+
+    A worker or beat that exits is started again after ``RESTART_DELAY_S`` (in place in ``console``, so
+    the clean-up stops the new one), up to ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``. A stopped agent is
+    only reported (its VSP goes unreachable).
+    """
     reported: set[str] = set()
-    while all(process.running for process in console):
+    restarts: dict[str, list[float]] = {name: [] for name in RESTARTABLE}
+    while True:
         for agent in agents:
             if not agent.running and agent.name not in reported:
                 reported.add(agent.name)
                 print(f"{agent.name} stopped; the console shows its VSP unreachable. See var/logs/.")
+        for index, process in enumerate(console):
+            if process.running:
+                continue
+            recent = [at for at in restarts.get(process.name, []) if time.monotonic() - at < RESTART_WINDOW_S]
+            if process.name not in RESTARTABLE or len(recent) >= MAX_RESTARTS:
+                print(f"{process.name} stopped; see var/logs/. Stopping the others.", flush=True)
+                return
+            status = process.process.returncode
+            print(f"{process.name} exited (status {status}); starting it again. See var/logs/.", flush=True)
+            time.sleep(RESTART_DELAY_S)
+            restarts[process.name] = [*recent, time.monotonic()]
+            console[index] = start_process(
+                process.name, RESTARTABLE[process.name], LOG_DIR / f"{process.name}.log"
+            )
         time.sleep(0.5)
-    print("a console process stopped; see var/logs/. Stopping the others.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.test import Client
 
 from migrations_app.models import Migration
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, HostGroup, HostGroupMembership, Registration, Role, VirtualMachine
 
 _sequence = count(1)
 
@@ -28,6 +28,33 @@ MIGRATION_ADMIN_PERMISSIONS = (
     "migrations_app.view_migration",
 )
 PASSWORD = "correct-horse-battery"  # noqa: S105 - test users only
+DEFAULT_GROUP = "Default"  # where make_vsp puts VSPs and make_user gives its users a role
+AUTO = "auto"
+
+
+def make_host_group(name: str = DEFAULT_GROUP, **fields: Any) -> HostGroup:
+    group, _ = HostGroup.objects.get_or_create(name=name, defaults=fields)
+    return group
+
+
+def grant_role(user: User, group: HostGroup | str, role: str) -> HostGroupMembership:
+    """Give ``user`` ``role`` (viewer, operator, administrator) in ``group`` (replacing any role there)."""
+    group = make_host_group(group) if isinstance(group, str) else group
+    membership, _ = HostGroupMembership.objects.update_or_create(
+        group=group, user=user, defaults={"role": role}
+    )
+    return membership
+
+
+def role_for_permissions(permissions: tuple[str, ...]) -> str | None:
+    """The host-group role matching global permissions, as the upgrade's data migration gives it."""
+    if any(p in permissions for p in CHANGE_PERMISSIONS):
+        return Role.ADMINISTRATOR
+    if any(p in permissions for p in ("migrations_app.add_migration", "migrations_app.change_migration")):
+        return Role.OPERATOR
+    if any(p.startswith("vms.view_") for p in permissions):
+        return Role.VIEWER
+    return None
 
 
 def make_vsp(name: str | None = None, **fields: Any) -> VSP:
@@ -40,6 +67,8 @@ def make_vsp(name: str | None = None, **fields: Any) -> VSP:
         "memory_mib": 16384,
         "cpus": 8,
     }
+    if "group" not in fields:
+        defaults["group"] = make_host_group()
     return VSP.objects.create(name=name or f"vsp-{number}", **{**defaults, **fields})
 
 
@@ -89,9 +118,22 @@ def make_migration(vm: VirtualMachine, source: VSP, target: VSP, **fields: Any) 
     return Migration.objects.create(vm=vm, source=source, target=target, **fields)
 
 
-def make_user(username: str | None = None, permissions: tuple[str, ...] = (), **fields: Any) -> User:
+def make_user(
+    username: str | None = None,
+    permissions: tuple[str, ...] = (),
+    *,
+    role: str | None = AUTO,
+    group: HostGroup | str = DEFAULT_GROUP,
+    **fields: Any,
+) -> User:
+    """A user with global ``permissions`` and ``role`` in ``group`` (``AUTO``: the role those
+    permissions had before host groups, as the upgrade gives it; None: no role anywhere)."""
     user = User.objects.create_user(username or f"user-{next(_sequence)}", password=PASSWORD, **fields)
     user.user_permissions.add(*[permission_named(dotted) for dotted in permissions])
+    if role == AUTO:
+        role = role_for_permissions(permissions)
+    if role is not None:
+        grant_role(user, group, role)
     return user
 
 
@@ -106,7 +148,7 @@ def make_vm_admin(username: str = "vm-admin") -> User:
 
 def make_operator(username: str = "operator") -> User:
     """A read-only operator: in group Operators, which only has view permissions."""
-    user = make_user(username)
+    user = make_user(username, role=Role.VIEWER)
     group, _ = Group.objects.get_or_create(name="Operators")
     group.permissions.add(*[permission_named(dotted) for dotted in VIEW_PERMISSIONS])
     user.groups.add(group)

@@ -162,3 +162,30 @@ def test_a_make_run_replaces_what_a_killed_make_run_left_running(make_run):
     make_run.signal_group(signal.SIGTERM)
     make_run.process.wait(timeout=60)
     assert wait_until(lambda: not make_run.started(), 10)
+
+
+def test_a_worker_that_exits_is_started_again(make_run):
+    """Soak bug 5: the Celery worker exits when Redis restarts (celery/kombu#582); a service manager
+    starts it again, and so does ``make run``. The worker is killed here (SIGKILL), the way it exits."""
+    make_run.start()
+    before = set(make_run.started())
+    worker = next(pid for pid in before if "celery" in command_of(pid) and " worker " in command_of(pid))
+
+    os.kill(worker, signal.SIGKILL)
+
+    def new_worker() -> bool:
+        return any(" worker " in command_of(pid) for pid in set(make_run.started()) - before)
+
+    assert wait_until(new_worker, 60), make_run.output
+    assert "worker exited (status -9); starting it again" in make_run.output
+    assert make_run.process.poll() is None  # the console keeps running
+    make_run.signal_group(signal.SIGTERM)
+    make_run.process.wait(timeout=60)
+    assert wait_until(lambda: not make_run.started(), 10), make_run.started()  # the new one stopped too
+
+
+def command_of(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

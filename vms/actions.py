@@ -1,6 +1,7 @@
 """The admin's inventory changes, like ``hpvmmodify``: each checks permission, validates, then changes.
 
-Every function raises ``PermissionDenied`` when the user lacks the model permission and
+Every function raises ``PermissionDenied`` when the user lacks the right (``vms.access``: the model
+permission and the administrator role in the host group) and
 ``ValidationError`` (with a message fit for the page) when the change is refused; in both cases
 nothing is changed. Every change leaves an ``AuditEvent``. The pages and the Django admin both change
 the inventory through these functions (``via_admin=True`` from the admin), so both refuse the same.
@@ -9,30 +10,26 @@ the inventory through these functions (``via_admin=True`` from the admin), so bo
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.contrib.auth.models import AbstractUser, AnonymousUser
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from vms import migration_policy
+from vms.access import check_can_change_registration, check_can_change_vm
 from vms.models import AuditEvent, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
 
 User = AbstractUser | AnonymousUser
 
-CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
-CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
 REASON_MAX_LENGTH: int = Registration._meta.get_field("not_runnable_reason").max_length or 200
-
-
-def check_permission(user: User, permission: str) -> None:
-    if not user.has_perm(permission):
-        raise PermissionDenied("You may look but not change: your account lacks the permission to do this.")
 
 
 def do_set_online_migration(vm: VirtualMachine, enabled: bool, user: User) -> None:
     """Enable or disable online migration of ``vm`` (refused for a vPar)."""
-    check_permission(user, CHANGE_VM_PERMISSION)
+    check_can_change_vm(user, vm)
     if vm.is_vpar:
         raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
     with transaction.atomic():
@@ -48,11 +45,36 @@ def do_set_online_migration(vm: VirtualMachine, enabled: bool, user: User) -> No
     logger.info("%s %s online migration for %s", user, "enabled" if enabled else "disabled", vm.name)
 
 
+def do_set_migration_policy(vm: VirtualMachine, raw: dict[str, Any], user: User) -> dict[str, Any]:
+    """Set ``vm``'s default migration policy from ``raw`` (``migration_policy.check_policy``); the policy set.
+
+    Refused (``ValidationError``, nothing changed) for a vPar or a value out of bounds.
+    """
+    check_can_change_vm(user, vm)
+    if vm.is_vpar:
+        raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
+    with transaction.atomic():
+        vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+        before = migration_policy.effective(vm.migration_policy)
+        try:
+            policy = migration_policy.check_policy(raw, base=before)
+        except migration_policy.PolicyError as error:
+            raise ValidationError(str(error)) from None
+        vm.migration_policy = policy
+        vm.save(update_fields=["migration_policy"])
+        AuditEvent.record(
+            AuditEvent.Action.MIGRATION_POLICY_CHANGED, vm, actor=user, before=before, after=policy,
+            message=f"Migration policy of {vm.name}: {migration_policy.describe(policy)}",
+        )  # fmt: skip
+    logger.info("%s set the migration policy of %s: %s", user, vm.name, policy)
+    return policy
+
+
 def do_mark_not_runnable(
     registration: Registration, reason: str, user: User, *, via_admin: bool = False
 ) -> None:
     """Mark one copy of a VM Not Runnable (set by Admin); the copy must not be running."""
-    check_permission(user, CHANGE_REGISTRATION_PERMISSION)
+    check_can_change_registration(user, registration)
     reason = check_reason(reason)
     with transaction.atomic():
         registration = lock_registration(registration)
@@ -69,7 +91,7 @@ def do_mark_runnable(registration: Registration, user: User, *, via_admin: bool 
     The check gives the clear message; the database constraint ``one_runnable_registration_per_vm``
     is what makes it hold under concurrent requests.
     """
-    check_permission(user, CHANGE_REGISTRATION_PERMISSION)
+    check_can_change_registration(user, registration)
     try:
         with transaction.atomic():
             registration = lock_registration(registration)

@@ -24,7 +24,15 @@ from vms.actions import (
 )
 from vms.agent_client import check_trust
 from vms.fit import host_problems, registration_problems
-from vms.models import VSP, AuditEvent, PairEncryption, Registration, VirtualMachine
+from vms.models import (
+    VSP,
+    AuditEvent,
+    HostGroup,
+    HostGroupMembership,
+    PairEncryption,
+    Registration,
+    VirtualMachine,
+)
 
 NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
 MARK_FIELDS = {"hardware_status", "not_runnable_set_by", "not_runnable_reason"}
@@ -61,6 +69,7 @@ class VSPAdminForm(forms.ModelForm):
         )
         fields = [
             "name",
+            "group",
             "agent_url",
             "agent_secret",
             "agent_certificate",
@@ -272,6 +281,7 @@ class VSPAdmin(AuditedAdmin):
     form = VSPAdminForm
     list_display = [
         "name",
+        "group",
         "agent_url",
         "migration_enabled",
         "licensed",
@@ -279,11 +289,13 @@ class VSPAdmin(AuditedAdmin):
         "cpus",
         "agent_reachable",
     ]
-    list_filter = ["migration_enabled", "licensed", "agent_reachable"]
+    list_filter = ["group", "migration_enabled", "licensed", "agent_reachable"]
+    list_select_related = ["group"]
     search_fields = ["name"]
 
     # Where the console sends a VSP's secret (and, through its agent, guests' memory) is a
     # superuser's decision: anyone else sees the address read-only and never the secret field.
+    # So is the VSP's host group, which decides who sees and uses it.
     AGENT_FIELDS = ("agent_url", "agent_secret", "agent_certificate")
 
     def get_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[Any]:
@@ -294,7 +306,9 @@ class VSPAdmin(AuditedAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[str]:
         readonly = list(super().get_readonly_fields(request, obj))
-        return readonly if request.user.is_superuser else [*readonly, "agent_url", "agent_certificate"]
+        return (
+            readonly if request.user.is_superuser else [*readonly, "agent_url", "agent_certificate", "group"]
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:  # a new VSP sets an agent address
         return request.user.is_superuser and super().has_add_permission(request)
@@ -336,3 +350,50 @@ class RegistrationAdmin(AuditedAdmin):
     list_select_related = ["vm", "vsp"]
     search_fields = ["vm__name", "vsp__name"]
     autocomplete_fields = ["vm", "vsp"]
+
+
+class HostGroupMembershipInline(admin.TabularInline):
+    model = HostGroupMembership
+    extra = 1
+    autocomplete_fields = ["user"]
+
+
+class SuperuserOnlyAdmin(AuditedAdmin):
+    """Who may see and do what is a superuser's decision: nobody else sees these pages at all."""
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_active and request.user.is_superuser
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_active and request.user.is_superuser
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return request.user.is_active and request.user.is_superuser
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_active and request.user.is_superuser
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_active and request.user.is_superuser
+
+
+@admin.register(HostGroup)
+class HostGroupAdmin(SuperuserOnlyAdmin):
+    """Host groups with their members' roles; every change (members too) is an ``AuditEvent``.
+
+    A group that still holds VSPs cannot be deleted (move them first): the VSPs would otherwise fall
+    out of everyone's sight but the superusers'.
+    """
+
+    list_display = ["name", "description"]
+    search_fields = ["name"]
+    inlines = [HostGroupMembershipInline]
+
+
+@admin.register(HostGroupMembership)
+class HostGroupMembershipAdmin(SuperuserOnlyAdmin):
+    list_display = ["group", "user", "role"]
+    list_filter = ["group", "role"]
+    list_select_related = ["group", "user"]
+    search_fields = ["group__name", "user__username"]
+    autocomplete_fields = ["group", "user"]

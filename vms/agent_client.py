@@ -5,7 +5,8 @@ own protocol models (``hostagent.protocol``) and returned in their JSON form (di
 named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
 migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
-agent's words), ``AgentProtocolError`` (an answer that is not what the API promises).
+agent's words; ``UnknownMigration`` and ``UnknownGuest`` when the agent does not know the
+migration or the guest), ``AgentProtocolError`` (an answer that is not what the API promises).
 
 TLS: an ``https://`` agent must show a certificate the console trusts, given per VSP as
 ``trust`` (``VSP.agent_certificate``): the deployment CA's certificate (PEM; the agent's
@@ -28,6 +29,8 @@ import httpx
 from pydantic import BaseModel
 
 from hostagent.protocol import (
+    DirtyRate,
+    ErrorReply,
     FailureKind,
     GuestInfo,
     GuestList,
@@ -76,6 +79,26 @@ class AgentUntrusted(AgentUnreachable):
     """
 
     kind = FailureKind.REFUSED
+
+
+class UnknownMigration(AgentRefused):
+    """The agent holds no migration of that id (``protocol.ErrorReply`` code ``unknown_migration``).
+
+    It restarted since it was told of it (a simulated agent forgets everything), or was never told.
+    Not a success: a target that does not know the migration does not hold the guest's copy.
+    """
+
+    kind = FailureKind.UNREACHABLE  # for a migration it is a peer that went away and came back empty
+
+
+class UnknownGuest(AgentRefused):
+    """No guest of that id on the host (``protocol.ErrorReply`` code ``unknown_guest``)."""
+
+
+REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
+    "unknown_migration": UnknownMigration,
+    "unknown_guest": UnknownGuest,
+}
 
 
 class AgentProtocolError(AgentError):
@@ -242,9 +265,11 @@ class AgentClient:
         self.close()
 
     # -- host and guests ------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        """``protocol.Health``: the agent's name, version, driver and number of guests."""
-        return _reply(Health, self._call("GET", "/v1/health"), "health")
+    def health(self, window_s: float | None = None) -> dict[str, Any]:
+        """``protocol.Health``: the agent's name, version, driver, number of guests, and its event loop's
+        longest stall (ms) over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
+        path = "/v1/health" if window_s is None else f"/v1/health?window_s={window_s:g}"
+        return _reply(Health, self._call("GET", path), "health")
 
     def list_guests(self) -> list[dict[str, Any]]:
         """Every guest on the host (``protocol.GuestInfo`` each)."""
@@ -253,8 +278,9 @@ class AgentClient:
         ]
         return guests
 
-    def get_guest(self, guest_id: str) -> dict[str, Any]:
-        return check_guest(self._call("GET", f"/v1/guests/{guest_id}"))
+    def get_guest(self, guest_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """``protocol.GuestInfo``; ``UnknownGuest`` if the host has no such guest."""
+        return check_guest(self._call("GET", f"/v1/guests/{guest_id}", timeout_s=timeout_s))
 
     def define_guest(self, spec: dict[str, Any]) -> dict[str, Any]:
         """``spec`` is a ``protocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
@@ -263,8 +289,17 @@ class AgentClient:
     def start_guest(self, guest_id: str) -> dict[str, Any]:
         return check_guest(self._call("POST", f"/v1/guests/{guest_id}/start"))
 
-    def stop_guest(self, guest_id: str) -> dict[str, Any]:
-        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop"))
+    def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> dict[str, Any]:
+        """Stop the guest: gracefully within ``graceful_timeout_s`` seconds, or at once when None.
+
+        The request says which (``{"graceful_timeout_s": s}`` or ``{"force": true}``); the call waits up to
+        the timeout plus the client's own.
+        """
+        body: dict[str, Any] = (
+            {"force": True} if graceful_timeout_s is None else {"graceful_timeout_s": graceful_timeout_s}
+        )
+        timeout = None if graceful_timeout_s is None else self.timeout_s + graceful_timeout_s
+        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop", body, timeout_s=timeout))
 
     def delete_guest(self, guest_id: str) -> None:
         self._call("DELETE", f"/v1/guests/{guest_id}")
@@ -314,6 +349,19 @@ class AgentClient:
             "params": params or {},
         }
         return check_snapshot(self._call("POST", "/v1/migrations/outgoing", body))
+
+    def change_params(self, migration_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Source side: change a running Copy (a ``protocol.ParamsChange``); the snapshot after it."""
+        return check_snapshot(self._call("POST", f"/v1/migrations/{migration_id}/params", change))
+
+    def dirty_rate(self, guest_id: str, seconds: float = 1.0) -> dict[str, Any]:
+        """The running guest's dirty rate over ``seconds`` (a ``protocol.DirtyRate``); waits that long."""
+        path = f"/v1/guests/{guest_id}/dirty-rate?seconds={seconds:g}"
+        answer = self._call("GET", path, timeout_s=self.timeout_s + seconds)
+        try:
+            return parse(DirtyRate, answer).model_dump(mode="json")
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(f"the agent's dirty rate makes no sense: {violation}") from None
 
     def snapshot(self, migration_id: str) -> dict[str, Any]:
         return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))
@@ -394,10 +442,11 @@ class AgentClient:
 
     @staticmethod
     def _refusal(response: httpx.Response) -> AgentRefused:
+        """The refusal's class goes by its ``code`` (``protocol.ErrorReply``), never by its words."""
         try:
-            message = load_json(response.content, "the agent's refusal").get("error")
-        except (ProtocolViolation, AttributeError):
-            message = None
-        if not isinstance(message, str) or not message:
-            message = f"HTTP {response.status_code} without an explanation"
-        return AgentRefused(response.status_code, message)
+            reply = parse(ErrorReply, response.content, "the agent's refusal")
+        except ProtocolViolation:
+            return AgentRefused(response.status_code, f"HTTP {response.status_code} without an explanation")
+        message = reply.error or f"HTTP {response.status_code} without an explanation"
+        refusal = REFUSAL_BY_CODE.get(reply.code or "", AgentRefused)
+        return refusal(response.status_code, message)

@@ -1,4 +1,4 @@
-"""The demo fleet: a few VSPs and guests in every state the General tab can show."""
+"""The demo fleet: a few VSPs in two host groups and guests in every state the General tab can show."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from django.db import transaction
 
 from vms.agent_client import certificate_fingerprint
-from vms.models import VSP, PairEncryption, Registration, VirtualMachine
+from vms.models import VSP, HostGroup, PairEncryption, Registration, VirtualMachine
 
 OS = VirtualMachine.OSStatus
 BOOT = VirtualMachine.BootAttribute
@@ -67,6 +67,22 @@ GUESTS = [
     DemoGuest("vpar-dw", "vsp3", 2048, 2, "HP-UX 11i v3", OS.DOWN, HW.OFF, kind=VirtualMachine.Kind.VPAR),
 ]
 
+# Host groups (who sees and uses which VSP, see docs/permissions.md): the demo's 'operator' is a
+# viewer of both; a user given a role in only one of them sees only its VSPs and their guests.
+DEMO_GROUPS = {
+    "Production": ("vsp1", "vsp2"),
+    "Lab": ("vsp3", "vsp4"),
+}
+# A VSP in this group (where an upgrade put every VSP that existed before host groups) or in none
+# is moved to its demo group; one an admin moved elsewhere stays there.
+UPGRADE_GROUP = "Default"
+
+
+def demo_host_groups() -> dict[str, HostGroup]:
+    """The demo's host groups by name, created if missing."""
+    return {name: HostGroup.objects.get_or_create(name=name)[0] for name in DEMO_GROUPS}
+
+
 # mail01 migrated from vsp1 to vsp2: its leftover configuration on vsp1 is Not Runnable, set by Migrate.
 MIGRATED_COPY = ("mail01", "vsp1", "guest migrated to VSP vsp2")
 
@@ -112,6 +128,12 @@ def create_demo_fleet(
                 PairEncryption.objects.filter(
                     vsp_a=low, vsp_b=high, reason="demo QEMU hosts on loopback"
                 ).delete()
+    for group_name, group in demo_host_groups().items():
+        for vsp_name in DEMO_GROUPS[group_name]:
+            vsp = hosts[vsp_name]
+            if vsp.group is None or vsp.group.name == UPGRADE_GROUP:
+                vsp.group = group
+                vsp.save(update_fields=["group"])
     for guest in GUESTS:
         upsert_guest(guest, hosts[guest.host])
     vm_name, vsp_name, reason = MIGRATED_COPY

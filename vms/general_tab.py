@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vms import migration_policy
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
@@ -54,6 +55,9 @@ def general_tab_context(vm: VirtualMachine, vsp_id: int | None = None) -> dict[s
         "vsp": vsp,
         "online_migration": online_migration_status(vm, vsp),
         "other_registrations": rows,
+        "policy": migration_policy.effective(vm.migration_policy),
+        "policy_words": migration_policy.describe(vm.migration_policy),
+        "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
         "migration": None,
         "alerts": [],
     }

@@ -2,6 +2,9 @@
 
 Only the copy that is runnable on a VSP takes the agent's On/Off and OS status; Not Runnable copies and
 VMs in the middle of a migration are left alone (the migration's worker owns them then).
+Split brain: a guest the agent reports running where its copy is Not Runnable is flagged
+(``Registration.found_running_at``) and raises a critical alert on the VM, its VSPs and the VSP list;
+which copy is runnable never changes by itself.
 An agent that does not answer marks its VSP unreachable, which the migrate dialog shows.
 Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
 """
@@ -9,6 +12,7 @@ Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says wheth
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -112,10 +116,41 @@ def collect_vm_state(vm: VirtualMachine) -> RefreshOutcome:
     guests, problem = fetch_guests(vsp, timeout_s=REFRESH_TIMEOUT_S)
     if guests is None:
         return RefreshOutcome(False, vsp.name, problem, last_known_at)
+    check_not_runnable_copies(vm, timeout_s=REFRESH_TIMEOUT_S)
     if str(vm.guest_id) not in guests:
         logger.warning("Agent of VSP %s does not know VM %s", vsp.name, vm.name)
         return RefreshOutcome(False, vsp.name, "does not know this VM", last_known_at)
     return RefreshOutcome(True, vsp.name)
+
+
+def check_not_runnable_copies(vm: VirtualMachine, *, timeout_s: float) -> None:
+    """Ask the hosts of ``vm``'s Not Runnable copies too: a copy running there is a split brain."""
+    copies = Registration.objects.filter(vm=vm, hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+    for copy in copies.select_related("vsp"):
+        fetch_and_store(copy.vsp, timeout_s=timeout_s)
+
+
+def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
+    """Ask every agent of ``vsps`` for its health at once (one thread each, ``timeout_s`` s at most) and
+    store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
+    Ready until the next inventory collection. The database is written from the calling thread."""
+
+    def answers(vsp: VSP) -> bool:
+        try:
+            with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+                agent.health()
+        except AGENT_ERRORS:
+            return False
+        return True
+
+    if not vsps:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
+        verdicts = list(pool.map(answers, vsps))
+    for vsp, reachable in zip(vsps, verdicts, strict=True):
+        if not reachable:
+            logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
+        mark_reachable(vsp, reachable)
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
@@ -137,6 +172,30 @@ def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
             store_guest(registration, guest)
             reported.append(registration.pk)
     Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
+    note_split_brain(vsp, guests)
+
+
+def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
+    """Flag (or clear) each Not Runnable copy on ``vsp`` by whether its agent reports the guest running.
+
+    A guest that migrates is left to its migration (the target's copy runs paused, then resumes).
+    """
+    copies = (
+        Registration.objects.filter(vsp=vsp, hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+        .exclude(vm__migrations__state__in=MIGRATING_STATES)
+        .select_related("vm")
+    )
+    for copy in copies:
+        guest = guests.get(str(copy.vm.guest_id))
+        running = guest is not None and guest.get("hardware_status") == "on" and not guest.get("migrating")
+        if running and copy.found_running_at is None:
+            copy.found_running_at = timezone.now()
+            copy.save(update_fields=["found_running_at"])
+            logger.critical(copy.split_brain_alert())
+        elif not running and copy.found_running_at is not None:
+            copy.found_running_at = None
+            copy.save(update_fields=["found_running_at"])
+            logger.warning("Split brain over: %s no longer runs on %s", copy.vm.name, vsp.name)
 
 
 def store_guest(registration: Registration, guest: dict[str, Any]) -> None:

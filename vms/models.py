@@ -32,10 +32,68 @@ def validate_agent_trust(value: str) -> None:
         raise ValidationError(str(error)) from None
 
 
-class VSP(models.Model):
-    """A VM Server Platform (VM host) with its host agent."""
+class HostGroup(models.Model):
+    """A group of VSPs (like an oVirt cluster or a vSphere folder): the unit that rights are given on.
+
+    A VSP belongs to at most one group; a VSP in no group is seen and used by superusers only.
+    Who may do what on a group's VSPs is a ``HostGroupMembership`` (see ``vms.access``).
+    """
 
     name = models.CharField(max_length=64, unique=True)
+    description = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "host group"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    """A user's role in a host group; each role includes the rights of those before it."""
+
+    VIEWER = "viewer", "Viewer (sees the group's VSPs and guests)"
+    OPERATOR = "operator", "Operator (may also migrate and power guests)"
+    ADMINISTRATOR = "administrator", "Administrator (may also change settings and runnable marks)"
+
+    @classmethod
+    def at_least(cls, role: str) -> list[str]:
+        """The roles that include ``role``'s rights: ``at_least(OPERATOR) == [operator, administrator]``."""
+        order = list(cls)
+        return [str(r) for r in order[order.index(cls(role)) :]]
+
+
+class HostGroupMembership(models.Model):
+    """One user's role in one host group (at most one row per user and group)."""
+
+    group = models.ForeignKey(HostGroup, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="host_roles")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        ordering = ["group__name", "user__username"]
+        verbose_name = "host group membership"
+        constraints = [
+            models.UniqueConstraint(fields=["group", "user"], name="one_role_per_user_and_host_group"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} is {self.role} of {self.group}"
+
+
+class VSP(models.Model):
+    """A VM Server Platform (VM host) with its host agent, in at most one host group."""
+
+    name = models.CharField(max_length=64, unique=True)
+    group = models.ForeignKey(
+        HostGroup,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="vsps",
+        help_text="Who may see and use this VSP; in no group, only superusers do.",
+    )
     agent_url = models.URLField(help_text="The host agent's API, e.g. https://10.0.0.11:7101")
     agent_secret = EncryptedSecretField(
         help_text="Credential for the host agent; stored encrypted, never shown."
@@ -56,6 +114,10 @@ class VSP(models.Model):
     cpus = models.PositiveIntegerField()
     agent_reachable = models.BooleanField(default=True)
     agent_checked_at = models.DateTimeField(null=True, blank=True)
+    # In maintenance (being or having been evacuated): refused as a migration target until the admin
+    # leaves maintenance (``migrations_app.evacuation``).
+    maintenance = models.BooleanField(default=False)
+    maintenance_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -71,6 +133,10 @@ class VSP(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("vms:vsp_detail", args=[self.pk])
+
+    def split_brain_copies(self) -> models.QuerySet[Registration]:
+        """Split-brain copies (``Registration.split_brain``) of the VMs registered on this VSP."""
+        return Registration.split_brain().filter(vm__registrations__vsp=self).distinct()
 
 
 class PairEncryption(models.Model):
@@ -154,6 +220,11 @@ class VirtualMachine(models.Model):
     )
     graceful_stop_timeout_s = models.PositiveIntegerField(default=30)
     online_migration_enabled = models.BooleanField(default=True)
+    migration_policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Default migration policy (vms.migration_policy)",
+    )
     memory_mib = models.PositiveIntegerField()
     vcpus = models.PositiveIntegerField(default=1)
     init_limit_s = models.PositiveIntegerField(default=10)
@@ -192,6 +263,11 @@ class VirtualMachine(models.Model):
         return registration.vsp if registration else None
 
 
+def vm_split_brain_copies(vm: VirtualMachine) -> models.QuerySet[Registration]:
+    """``vm``'s copies found running where they are Not Runnable (``Registration.split_brain``)."""
+    return Registration.split_brain().filter(vm=vm)
+
+
 class Registration(models.Model):
     """A VM's configuration on one VSP, with its virtual hardware status there."""
 
@@ -217,6 +293,12 @@ class Registration(models.Model):
     state_collected_at = models.DateTimeField(
         null=True, blank=True, help_text="When the host agent last reported this copy's state."
     )
+    found_running_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Split brain: when the host agent reported this Not Runnable copy running "
+        "(cleared once it reports it stopped). Never changes which copy is runnable.",
+    )
 
     class Meta:
         ordering = ["vm__name", "vsp__name"]
@@ -241,6 +323,27 @@ class Registration(models.Model):
     @property
     def is_runnable(self) -> bool:
         return self.hardware_status != self.HardwareStatus.NOT_RUNNABLE
+
+    @classmethod
+    def split_brain(cls) -> models.QuerySet[Registration]:
+        """Not Runnable copies whose host agent reported the guest running: a second running copy."""
+        return cls.objects.filter(
+            hardware_status=cls.HardwareStatus.NOT_RUNNABLE, found_running_at__isnull=False
+        ).select_related("vm", "vsp")
+
+    def split_brain_alert(self) -> str:
+        """The critical alert for this copy (``split_brain``), naming where the guest may run."""
+        runnable = (
+            Registration.objects.filter(vm_id=self.vm_id)
+            .exclude(hardware_status=self.HardwareStatus.NOT_RUNNABLE)
+            .select_related("vsp")
+            .first()
+        )
+        where = f"it is runnable on {runnable.vsp.name}" if runnable else "it is runnable nowhere"
+        return (
+            f"Split brain: {self.vm.name} runs on {self.vsp.name}, where its copy is Not Runnable; {where}. "
+            f"Two running copies may corrupt the guest's disks: stop the copy on {self.vsp.name}."
+        )
 
     @property
     def os_status(self) -> str:
@@ -329,11 +432,19 @@ class AuditEvent(models.Model):
         MARKED_RUNNABLE = "marked_runnable"
         MARKED_NOT_RUNNABLE = "marked_not_runnable"
         POLICY_CHANGED = "policy_changed"
+        MIGRATION_POLICY_CHANGED = "migration_policy_changed"
+        MIGRATION_CHANGED = "migration_changed"
         MIGRATION_REQUESTED = "migration_requested"
         MIGRATION_REFUSED = "migration_refused"
         MIGRATION_CANCELLED = "migration_cancelled"
         EVACUATION_STARTED = "evacuation_started"
         EVACUATION_CANCELLED = "evacuation_cancelled"
+        EVACUATION_FINISHED = "evacuation_finished"
+        MAINTENANCE_ENTERED = "maintenance_entered"
+        MAINTENANCE_LEFT = "maintenance_left"
+        VM_STARTED = "vm_started"
+        VM_STOPPED = "vm_stopped"
+        VM_FORCE_STOPPED = "vm_force_stopped"
         CREATED = "created"
         CHANGED = "changed"
         DELETED = "deleted"

@@ -1,15 +1,18 @@
 from django.urls import path
 
-from vms import views
+from vms import audit_views, power_views, views
 
 app_name = "vms"
 urlpatterns = [
     path("", views.vm_list, name="vm_list"),
     path("vsps/", views.vsp_list, name="vsp_list"),
+    path("audit/", audit_views.audit_list, name="audit_list"),
     path("vsps/<int:pk>/", views.vsp_detail, name="vsp_detail"),
     path("vms/<int:pk>/general/", views.vm_general, name="vm_general"),
     path("vms/<int:pk>/general/refresh/", views.vm_refresh, name="vm_refresh"),
     path("vms/<int:pk>/online-migration/", views.vm_set_online_migration, name="vm_set_online_migration"),
+    path("registrations/<int:pk>/power/<str:action>/", power_views.vm_power, name="vm_power"),
+    path("vms/<int:pk>/migration-policy/", views.vm_set_migration_policy, name="vm_set_migration_policy"),
     path(
         "registrations/<int:pk>/not-runnable/",
         views.registration_mark_not_runnable,

@@ -18,12 +18,24 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from matrixoe.error_views import permission_denied
+from vms import migration_policy
+from vms.access import (
+    VIEW_VM_PERMISSION,
+    VIEW_VSP_PERMISSION,
+    allowed,
+    check_can_change_registration,
+    check_can_change_vm,
+    get_visible_vm,
+    get_visible_vsp,
+    registration_changeable_vsp_ids,
+    visible_registrations,
+    visible_vms,
+    visible_vsps,
+)
 from vms.actions import (
-    CHANGE_REGISTRATION_PERMISSION,
-    CHANGE_VM_PERMISSION,
-    check_permission,
     do_mark_not_runnable,
     do_mark_runnable,
+    do_set_migration_policy,
     do_set_online_migration,
 )
 from vms.capacity import with_free_memory
@@ -31,13 +43,11 @@ from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPFo
 from vms.general_tab import general_tab_context
 from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, Registration, VirtualMachine, vm_split_brain_copies
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
 from vms.refresh import refresh_vm
 
 PAGE_SIZE = 25
-VIEW_VM_PERMISSION = "vms.view_virtualmachine"
-VIEW_VSP_PERMISSION = "vms.view_vsp"
 
 
 def form_errors_text(form: forms.Form) -> str:
@@ -66,7 +76,7 @@ def paginate(rows: QuerySet[Any], page_number: int | None) -> Page:
 def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
     # Count over the same join as the free-memory sum: one grouped query, no per-row subquery.
     status = Registration.HardwareStatus
-    vsps = with_free_memory(VSP.objects.all()).annotate(
+    vsps = with_free_memory(visible_vsps(request.user)).annotate(
         # Guests that can run there; leftover Not Runnable copies are counted apart.
         guest_count=Count(
             "registrations", filter=Q(registrations__hardware_status__in=[status.ON, status.OFF])
@@ -75,13 +85,26 @@ def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
             "registrations", filter=Q(registrations__hardware_status=status.NOT_RUNNABLE)
         ),
     )
-    return render(request, "vms/vsp_list.html", {"vsps": vsps, "nav": "vsps"})
+    split_brain = list(Registration.split_brain())
+    # A VSP shows the alert if a split-brain VM is registered there (running stray or runnable there).
+    involved = set(
+        Registration.objects.filter(vm_id__in=[copy.vm_id for copy in split_brain]).values_list(
+            "vsp_id", flat=True
+        )
+    )
+    context = {
+        "vsps": vsps,
+        "nav": "vsps",
+        "split_brain": [copy.split_brain_alert() for copy in split_brain],
+        "split_brain_vsps": involved,
+    }
+    return render(request, "vms/vsp_list.html", context)
 
 
 @require_GET
 @permission_required(VIEW_VSP_PERMISSION, raise_exception=True)
 def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    vsp = get_object_or_404(with_free_memory(VSP.objects.all()), pk=pk)
+    vsp = get_visible_vsp(request.user, pk, with_free_memory(VSP.objects.all()))
     form = PageForm(request.GET)
     if not form.is_valid():
         return bad_request(request, form_errors_text(form))
@@ -89,7 +112,13 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     page = paginate(guests, form.cleaned_data["page"])
     # The websocket is told which rows this page has, so it pushes updates for those rows only.
     page_vm_ids = ",".join(str(registration.vm_id) for registration in page)
-    context = {"vsp": vsp, "page": page, "page_vm_ids": page_vm_ids, "nav": "vsps"}
+    context = {
+        "vsp": vsp,
+        "page": page,
+        "page_vm_ids": page_vm_ids,
+        "nav": "vsps",
+        "split_brain": [copy.split_brain_alert() for copy in vsp.split_brain_copies()],
+    }
     return render(request, "vms/vsp_detail.html", context)
 
 
@@ -97,6 +126,7 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
 def vm_list(request: HtmxHttpRequest) -> HttpResponse:
     form = VMFilterForm(request.GET)
+    form.fields["vsp"].queryset = visible_vsps(request.user)  # type: ignore[attr-defined]
     if not form.is_valid():
         invalid = {"form": form, "page": None, "error": form_errors_text(form), "nav": "vms"}
         return render(request, "vms/vm_list.html", invalid, status=400)
@@ -112,10 +142,14 @@ def vm_list(request: HtmxHttpRequest) -> HttpResponse:
     if by_copy:
         # Filtering by VSP or hardware status matches copies: list each matching copy, so every row
         # shows the VSP and status that matched (not the VM's runnable copy on another VSP).
-        page = paginate(filter_registrations(**criteria), filters["page"])
+        page = paginate(
+            visible_registrations(request.user, filter_registrations(**criteria)), filters["page"]
+        )
         rows = [VMListRow(registration.vm, registration) for registration in page]
     else:
-        page = paginate(filter_vms(vm_with_registrations(), **criteria), filters["page"])
+        page = paginate(
+            filter_vms(visible_vms(request.user, vm_with_registrations()), **criteria), filters["page"]
+        )
         rows = [VMListRow(vm, vm.runnable_registration) for vm in page]
     query_without_page = request.GET.copy()
     query_without_page.pop("page", None)
@@ -168,7 +202,19 @@ def render_general(
         return bad_request(request, " ".join(error.messages))
     except Registration.DoesNotExist as error:
         raise Http404(str(error)) from None
-    context |= {"nav": "vms", "pin_query": f"?vsp={vsp_id}" if vsp_id else "", "refresh": refresh}
+    user = request.user
+    registration_vsp_ids = [registration.vsp_id for registration in vm.registrations.all()]
+    seen_vsp_ids = set(visible_vsps(user).filter(pk__in=registration_vsp_ids).values_list("pk", flat=True))
+    context |= {
+        "nav": "vms",
+        "pin_query": f"?vsp={vsp_id}" if vsp_id else "",
+        "refresh": refresh,
+        # Copies on VSPs of other host groups are not listed: their VSPs' names are not the user's to see.
+        "other_registrations": [row for row in context["other_registrations"] if row.vsp.pk in seen_vsp_ids],
+        "can_change_vm": allowed(check_can_change_vm, user, vm),
+        "changeable_vsp_ids": registration_changeable_vsp_ids(user, registration_vsp_ids),
+        "split_brain": [copy.split_brain_alert() for copy in vm_split_brain_copies(vm)],
+    }
     template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"
     return render(request, template, context, status=status)
 
@@ -176,14 +222,13 @@ def render_general(
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
 def vm_general(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    vm = get_object_or_404(vm_with_registrations(), pk=pk)
-    return render_general(request, vm)
+    return render_general(request, get_visible_vm(request.user, pk, vm_with_registrations()))
 
 
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
 def vm_refresh(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    refreshed = refresh_vm(get_object_or_404(VirtualMachine, pk=pk))
+    refreshed = refresh_vm(get_visible_vm(request.user, pk))
     return render_general(request, refreshed.vm, refresh=refreshed.outcome)
 
 
@@ -212,12 +257,12 @@ def apply_change(
     return render_general(request, vm_with_registrations().get(pk=vm.pk), status=status)
 
 
-def refuse_without_permission(
-    request: HtmxHttpRequest, vm: VirtualMachine, permission: str
+def refuse_without_right(
+    request: HtmxHttpRequest, check: Callable[..., None], *args: Any
 ) -> HttpResponse | None:
-    """A short refusal (403) when the user lacks ``permission``; None when they may go on."""
+    """A short refusal (403) when ``check(request.user, *args)`` (from ``vms.access``) refuses; else None."""
     try:
-        check_permission(request.user, permission)
+        check(request.user, *args)
     except PermissionDenied as error:
         return permission_denied(request, error)
     return None
@@ -225,8 +270,8 @@ def refuse_without_permission(
 
 @require_POST
 def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    vm = get_object_or_404(VirtualMachine, pk=pk)
-    if refused := refuse_without_permission(request, vm, CHANGE_VM_PERMISSION):
+    vm = get_visible_vm(request.user, pk)
+    if refused := refuse_without_right(request, check_can_change_vm, vm):
         return refused
 
     def change(data: dict[str, Any]) -> str:
@@ -234,6 +279,23 @@ def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return f"Online migration {'enabled' if data['enabled'] else 'disabled'} for {vm.name}."
 
     return apply_change(request, vm, OnlineMigrationForm(request.POST), change)
+
+
+@require_POST
+def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The General tab's migration policy form (a preset, or Custom with its values)."""
+    vm = get_visible_vm(request.user, pk)
+    if refused := refuse_without_right(request, check_can_change_vm, vm):
+        return refused
+
+    def change(data: dict[str, Any]) -> str:
+        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
+        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
+            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
+        policy = do_set_migration_policy(vm, fields, request.user)
+        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
+
+    return apply_change(request, vm, forms.Form(request.POST), change)
 
 
 @require_POST
@@ -247,9 +309,11 @@ def registration_mark_runnable(request: HtmxHttpRequest, pk: int) -> HttpRespons
 
 
 def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) -> HttpResponse:
-    """Mark one copy runnable or Not Runnable: 404 for an unknown copy, the permission, then the action."""
-    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
-    if refused := refuse_without_permission(request, registration.vm, CHANGE_REGISTRATION_PERMISSION):
+    """Mark one copy runnable or Not Runnable: 404 for a copy the user cannot see, the right, the action."""
+    registration = get_object_or_404(
+        visible_registrations(request.user, Registration.objects.select_related("vm", "vsp")), pk=pk
+    )
+    if refused := refuse_without_right(request, check_can_change_registration, registration):
         return refused
 
     def change(data: dict[str, Any]) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
+from migrations_app.steering import Outlook, outlook
+from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
 register = template.Library()
@@ -21,6 +26,12 @@ PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done
 def migration_display(vm: VirtualMachine) -> MigrationDisplay:
     """``{% migration_display vm as display %}``: what the General tab shows (see progress.py)."""
     return get_migration_display(vm)
+
+
+@register.simple_tag
+def migration_outlook(migration: Migration) -> Outlook | None:
+    """The live forecast of a running Copy (``steering.outlook``)."""
+    return outlook(migration)
 
 
 @register.simple_tag
@@ -82,7 +93,7 @@ def migration_alert_text(migration: Migration) -> str:
 @register.filter
 def row_migration_text(migration: Migration, vsp: VSP) -> str:
     outgoing = migration.source_id == vsp.pk
-    other = migration.target.name if outgoing else migration.source.name
+    other = migration.target.name if outgoing else migration.require_source().name
     direction = "to" if outgoing else "from"
     if migration.state == State.QUEUED:
         return f"Waiting to migrate {direction} {other}"
@@ -112,7 +123,7 @@ WARNING_SVG = (
 def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     """The hourglass or direction icon, seen from ``vsp``; accessible text in title and aria-label."""
     outgoing = migration.source_id == vsp.pk
-    other = migration.target.name if outgoing else migration.source.name
+    other = migration.target.name if outgoing else migration.require_source().name
     symbol: str
     if migration.state == State.QUEUED:
         symbol, kind = SafeString(HOURGLASS_SVG), "queued"
@@ -135,5 +146,23 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
 
 
 @register.filter
-def other_vsps(vsp: VSP) -> list[VSP]:
-    return list(VSP.objects.exclude(pk=vsp.pk).order_by("name"))
+def other_vsps(vsp: VSP, user: Any) -> list[VSP]:
+    """The targets "migrate selected" offers ``user`` from ``vsp``: VSPs where they are an operator."""
+    return list(migration_targets(user).exclude(pk=vsp.pk).order_by("name"))
+
+
+@register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
+def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
+    """The VSP page's evacuation panel: maintenance, Evacuate…, the latest evacuation's progress."""
+    return panel_context(context["request"], vsp) | {"csrf_token": context.get("csrf_token")}
+
+
+@register.filter
+def seconds(value: float | None) -> str:
+    """A forecast or time left in words: "not known yet" for None, else "42 s" or "3 min 5 s"."""
+    if value is None:
+        return "not known yet"
+    whole = round(value)
+    if whole < 60:
+        return f"{whole} s"
+    return f"{whole // 60} min {whole % 60} s"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from migrations_app.history import record_refusal
 from migrations_app.models import Migration
 from tests.api.test_inventory_api import assert_problem
-from tests.factories import make_vm, make_vsp
+from tests.factories import make_migration, make_vm, make_vsp
 
 pytestmark = pytest.mark.django_db
 
@@ -116,7 +117,7 @@ def test_it_answers_403_to_a_read_only_user_and_401_to_anonymous(read_only_api, 
     assert_problem(
         read_only_api.post("/migrations", {"vm": "web01", "target": "hostb"}),
         403,
-        "Your account lacks the permission to do this.",
+        "You may look but not change: your account lacks the permission to do this.",
     )
     assert_problem(anonymous_api.post("/migrations", {"vm": "web01", "target": "hostb"}), 401)
     assert not Migration.objects.exists()
@@ -161,6 +162,23 @@ def test_it_lists_and_filters_migrations(api, hosts):
     assert api.get("/migrations", active="true").json()["count"] == 2
     assert api.get("/migrations", vsp="hostb").json()["count"] == 2
     assert_problem(api.get("/migrations", state="exploded"), 422)
+
+
+def test_it_lists_a_refused_attempt_and_a_deleted_vms_migration(api, hosts):
+    """History rows may lack a VM (deleted since) or a source (refused: runnable nowhere)."""
+    gone = make_vm("gone01", vsp=hosts[0])
+    make_migration(gone, hosts[0], hosts[1], state="completed")
+    gone.delete()
+    nowhere = make_vm("nowhere01", vsp=hosts[0], hardware_status="not_runnable")
+    record_refusal(
+        nowhere, hosts[1], None, "nowhere01 cannot migrate to hostb: VM is not runnable on any VSP."
+    )
+
+    response = api.get("/migrations")
+
+    assert response.status_code == 200, response.content
+    rows = {(m["vm"], m["vm_id"] is None, m["source"], m["state"]["value"]) for m in response.json()["items"]}
+    assert rows == {("gone01", True, "hosta", "completed"), ("nowhere01", False, None, "refused")}
 
 
 def test_it_shows_one_migration_with_its_events(api, read_only_api, hosts):

@@ -7,7 +7,14 @@ import pytest
 
 from tests.conftest import free_port
 from tests.hostagent.conftest import define_running_guest, unique
-from vms.agent_client import AgentClient, AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.agent_client import (
+    AgentClient,
+    AgentProtocolError,
+    AgentRefused,
+    AgentUnreachable,
+    UnknownGuest,
+    UnknownMigration,
+)
 
 
 def test_it_reads_guests_and_health_from_a_real_agent(agent_pair):
@@ -36,6 +43,25 @@ def test_a_refusal_carries_the_agents_words(agent_pair):
     with pytest.raises(AgentRefused) as refused:
         list(vsp1.client.iter_progress("no-such-migration"))
     assert refused.value.status == 404
+
+
+def test_it_tells_an_unknown_migration_and_an_unknown_guest_by_their_code_not_their_words(agent_pair):
+    """What roll forward decides by: a restarted agent's 404 is not a success, and not any refusal."""
+    vsp1, _ = agent_pair
+    with pytest.raises(UnknownMigration) as unknown:
+        vsp1.client.resume("no-such-migration")
+    assert unknown.value.kind == "unreachable"  # a peer that went away and came back empty
+    with pytest.raises(UnknownMigration):
+        list(vsp1.client.iter_progress("no-such-migration"))
+    with pytest.raises(UnknownGuest):
+        vsp1.client.get_guest("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(AgentRefused) as refused:  # another 404: no such command
+        vsp1.client._command("no-such-migration", "explode")
+    assert type(refused.value) is AgentRefused
+    words_only = answering(404, b'{"error": "no migration m1 on this host"}')
+    with pytest.raises(AgentRefused) as refused:  # the same words without the code: just a refusal
+        words_only.resume("m1")
+    assert type(refused.value) is AgentRefused
 
 
 def answering(status: int, content: bytes) -> AgentClient:

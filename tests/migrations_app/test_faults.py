@@ -7,6 +7,8 @@ nonsense, to stay in Init for ever, or to hang on exactly one cancel. Each fake 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,14 +19,18 @@ from typing import Any, ClassVar
 
 import pytest
 from django.db import transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
+from tests.conftest import wait_until
 from tests.factories import make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory
 from tests.migrations_app.guests import assert_left_on_source, guest_on, place_vm, runs_on, wait_for_state
+from vms.models import VSP
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -113,7 +119,8 @@ def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
     assert migration.failed_phase == "init"
     assert migration.failure_kind == "internal"
     assert migration.alert == (
-        "Init phase failed: the target host sent a reply that makes no sense. The VM keeps running on hosta."
+        "Init phase failed: the target host nonsense sent a reply that makes no sense. "
+        "The VM keeps running on hosta."
     )
     assert vm.current_vsp == fleet["hosta"]
     assert runs_on(host_agents["hosta"], vm.name)
@@ -171,6 +178,19 @@ class StallingSourceAgent(FakeAgent):
     def do_GET(self) -> None:  # noqa: N802
         if self.path.endswith("/progress"):
             self.stream(self.path.split("/")[3])
+        elif self.path.startswith("/v1/guests/"):  # asked by the alert: the guest runs here
+            guest_id = self.path.split("/")[3]
+            self.reply(
+                {
+                    "guest_id": guest_id,
+                    "name": "stalled",
+                    "os_type": "linux",
+                    "os_status": "up",
+                    "hardware_status": "on",
+                    "memory_mib": 16,
+                    "vcpus": 1,
+                }
+            )
         else:
             self.reply({"guests": []})
 
@@ -254,9 +274,11 @@ def test_the_worker_ends_a_phase_the_agent_lets_run_over_its_limit(
 
     assert (migration.state, migration.failed_phase) == ("aborted", "init")
     assert migration.failure_kind == "time_limit"
-    assert migration.alert == (
-        "Init phase failed: it ran over its time limit of 1 s. The VM keeps running on stall."
-    )
+    assert re.fullmatch(
+        r"Init phase failed: it ran over its time limit of 1 s \(stopped after \d+\.\d s\)\. "
+        r"The VM keeps running on stall\.",
+        migration.alert,
+    ), migration.alert
     assert vm.current_vsp == source
     assert guest_on(host_agents["hostb"], "stuck") is None  # the prepared copy was discarded
 
@@ -292,3 +314,135 @@ def test_it_cancels_during_init(host_agents, fleet, admin, migration_worker, wai
         # the hung first attempt was not waited on: a second one stopped the source before it returned
         events = SlowToCancelSource.events
         assert events[:3] == ["cancel", "cancel", "cancelled"], events
+
+
+@contextmanager
+def paused(agent) -> Iterator[None]:
+    """The agent's process group stopped (SIGSTOP: a hung host that keeps its sockets), resumed after."""
+    agent.process._signal_group(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        agent.process._signal_group(signal.SIGCONT)
+
+
+@pytest.mark.faults
+def test_it_keeps_the_init_limit_when_the_target_agent_freezes(
+    host_agents, fleet, admin, migration_worker, wait_for
+):
+    """Init limited to 2 s, the target agent SIGSTOPped for 12 s (longer than the agent client's 10 s
+    time-out): the abort is recorded while the target is still frozen, naming it and the real time."""
+    vm = place_vm(host_agents, fleet, vm_fields={"init_limit_s": 2})
+    with paused(host_agents["hostb"]):
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        frozen_until = time.monotonic() + 12
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed", timeout=11)
+        recorded_while_frozen = time.monotonic() < frozen_until
+        time.sleep(max(0.0, frozen_until - time.monotonic()))
+
+    assert recorded_while_frozen
+    assert (migration.state, migration.failed_phase, migration.failure_kind) == (
+        "aborted",
+        "init",
+        "time_limit",
+    )
+    assert re.fullmatch(
+        r"Init phase failed: it ran over its time limit of 2 s \(stopped after (\d+\.\d) s; "
+        r"the target host hostb did not answer\)\. The VM keeps running on hosta\.",
+        migration.alert,
+    ), migration.alert
+    assert float(re.search(r"after (\d+\.\d) s", migration.alert)[1]) >= 2  # type: ignore[index]
+    # once thawed, the target is told to discard what it prepared; the guest runs on the source
+    assert wait_for(lambda: guest_on(host_agents["hostb"], vm.name) is None, timeout=30)
+    assert_left_on_source(vm, host_agents, fleet, migration)
+
+
+@pytest.mark.faults
+def test_a_dead_target_is_marked_unreachable_at_once_and_named(
+    host_agents, fleet, admin, migration_worker, wait_for, tmp_path
+):
+    """Issue 10: after its agent stopped, a VSP stayed "reachable" until the next inventory (30 s) and
+    the alert said "the target host stopped answering" without naming it."""
+    factory = AgentFactory(tmp_path)
+    doomed = factory("hostd")
+    try:
+        hostd = make_vsp(
+            "hostd",
+            agent_url=doomed.url,
+            agent_secret=doomed.secret,
+            agent_certificate=doomed.trust,
+            memory_mib=4096,
+        )
+        doomed.kill()
+        assert VSP.objects.get(pk=hostd.pk).agent_reachable  # nobody asked it since
+        vm = place_vm(host_agents, fleet)
+
+        migration = do_request_migration(vm, hostd, admin)
+        wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
+    finally:
+        factory.stop_all()
+
+    assert (migration.failed_phase, migration.failure_kind) == ("init", "unreachable")
+    assert migration.alert == (
+        "Init phase failed: the target host hostd stopped answering. The VM keeps running on hosta."
+    )
+    assert not VSP.objects.get(pk=hostd.pk).agent_reachable
+    assert_left_on_source(vm, host_agents, fleet, migration)
+
+
+def test_the_migrate_dialog_checks_reachability_when_it_opens(
+    host_agents, fleet, migration_admin_client, tmp_path
+):
+    """A VSP whose agent died since the last inventory is shown unreachable when the dialog opens."""
+    factory = AgentFactory(tmp_path)
+    doomed = factory("hoste")
+    hoste = make_vsp(
+        "hoste",
+        agent_url=doomed.url,
+        agent_secret=doomed.secret,
+        agent_certificate=doomed.trust,
+        memory_mib=4096,
+    )
+    doomed.kill()
+    factory.stop_all()
+    VSP.objects.filter(pk=fleet["hostb"].pk).update(agent_reachable=False)  # stale: it answers
+    vm = place_vm(host_agents, fleet)
+
+    html = migration_admin_client.get(reverse("migrations_app:migrate", args=[vm.pk])).content.decode()
+
+    rows = {name: html[html.index(f'data-vsp="{name}"') :].split("</tr>")[0] for name in ("hoste", "hostb")}
+    assert ">Agent unreachable<" in rows["hoste"]
+    assert ">Ready<" in rows["hostb"], rows["hostb"]
+    assert dict(
+        VSP.objects.filter(pk__in=[hoste.pk, fleet["hostb"].pk]).values_list("name", "agent_reachable")
+    ) == {
+        "hoste": False,
+        "hostb": True,
+    }
+
+
+@pytest.mark.faults
+def test_recovery_undoes_what_an_abort_could_not_reach(host_agents, fleet, admin):
+    """Soak finding (``SEED=5109``): the target paused during Frozen outlasted the abort's few discard
+    attempts, and its prepared copy stayed "migrating" for ever. Played here: both agents wait in
+    "ready" for a migration the database already says ABORTED; the next recovery pass undoes it."""
+    vm = place_vm(host_agents, fleet)
+    migration = Migration.objects.create(
+        vm=vm,
+        source=fleet["hosta"],
+        target=fleet["hostb"],
+        requested_by=admin,
+        state=Migration.State.ABORTED,
+        failed_phase=Migration.State.FROZEN,
+        alert="Frozen phase failed: the target host hostb stopped answering. The VM keeps running on hosta.",
+    )
+    agent_id = agent_migration_id(migration)
+    bring_agents_to_ready(host_agents, vm, agent_id)
+    assert guest_on(host_agents["hostb"], vm.name)["migrating"] == agent_id
+
+    assert recover_migrations(stale_after_s=5) == []  # nothing to decide: it is ABORTED already
+
+    assert guest_on(host_agents["hostb"], vm.name) is None
+    assert runs_on(host_agents["hosta"], vm.name)
+    written = guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"]
+    assert wait_until(lambda: guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"] > written)

@@ -21,8 +21,7 @@ from django.utils import timezone
 from migrations_app.actions import MigrationRefused, do_request_migration
 from migrations_app.models import Migration, MigrationEvent
 from migrations_app.samples import add_round_sample
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
 
 pytestmark = pytest.mark.django_db
 
@@ -37,7 +36,7 @@ def fleet():
 
 @pytest.fixture
 def alice():
-    return make_user("alice", *ADMIN_PERMISSIONS)
+    return make_user("alice", MIGRATION_ADMIN_PERMISSIONS)
 
 
 @pytest.fixture
@@ -87,7 +86,7 @@ def test_it_lists_every_migration_newest_first_with_its_figures(fleet, admin_cli
 def test_it_filters_by_vm_vsp_outcome_user_and_dates(fleet, admin_client, alice):
     vsp1, vsp2 = fleet
     vsp3 = make_vsp("vsp3")
-    bob = make_user("bob", *ADMIN_PERMISSIONS)
+    bob = make_user("bob", MIGRATION_ADMIN_PERMISSIONS)
     web, db = make_vm("web01", vsp1), make_vm("db01", vsp1)
     yesterday = timezone.now() - timedelta(days=1)
     a = finished(web, vsp1, vsp2, user=alice, at=yesterday)
@@ -198,7 +197,7 @@ def test_it_requires_login_and_the_view_permission(fleet):
         response = anonymous.get(url)
         assert response.status_code == 302 and "/login/" in response["Location"]
     viewer = Client()
-    viewer.force_login(make_user("viewer", "vms.view_virtualmachine", "vms.view_vsp"))
+    viewer.force_login(make_user("viewer", ("vms.view_virtualmachine", "vms.view_vsp")))
     for url in urls:
         assert viewer.get(url).status_code == 403
     assert 'id="nav-migrations"' not in viewer.get(reverse("vms:vm_list")).content.decode()

@@ -1,6 +1,9 @@
 """Inventory collection and Refresh Data: what real host agents say reaches the database."""
 
+import re
+
 import pytest
+from django.urls import reverse
 
 from migrations_app.tasks import collect_inventory
 from tests.factories import make_registration, make_vm, make_vsp
@@ -137,3 +140,48 @@ def test_refresh_data_from_an_answering_agent_warns_of_nothing(host_agents, flee
 
     assert 'id="refresh-warning"' not in html and "Data as of " in data_time(html)
     assert Registration.objects.get(vm=vm).state_collected_at is not None
+
+
+def split_brain_shown(client, url: str) -> list[str]:
+    html = client.get(url).content.decode()
+    return re.findall(r'data-field="split_brain">([^<]*)</div>', html)
+
+
+def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents, fleet, operator_client):
+    """Issue 10: the Not Runnable copy of a migrated VM started through its old host's agent API."""
+    vm = place_vm(host_agents, fleet, on="hosta")  # runnable and running on hosta
+    make_registration(vm, fleet["hostb"], "not_runnable", "migrate", "guest migrated to VSP hosta")
+    stray = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": 16, "vcpus": 1, "running": True}
+    host_agents["hostb"].client.define_guest(stray)
+    alert = (
+        f"Split brain: {vm.name} runs on hostb, where its copy is Not Runnable; it is runnable on hosta. "
+        "Two running copies may corrupt the guest&#x27;s disks: stop the copy on hostb."
+    )
+    try:
+        collect_inventory()
+
+        for url in (
+            reverse("vms:vm_general", args=[vm.pk]),
+            reverse("vms:vsp_list"),
+            reverse("vms:vsp_detail", args=[fleet["hostb"].pk]),
+            reverse("vms:vsp_detail", args=[fleet["hosta"].pk]),
+        ):
+            assert split_brain_shown(operator_client, url) == [alert], url
+        assert split_brain_shown(operator_client, reverse("vms:vsp_detail", args=[fleet["hostc"].pk])) == []
+        # which copy is runnable does not change by itself
+        assert dict(Registration.objects.filter(vm=vm).values_list("vsp__name", "hardware_status")) == {
+            "hosta": "on",
+            "hostb": "not_runnable",
+        }
+
+        # Refresh Data finds it too (it asks the hosts of the Not Runnable copies as well)
+        Registration.objects.filter(vm=vm).update(found_running_at=None)
+        refreshed = operator_client.get(reverse("vms:vm_refresh", args=[vm.pk]), HTTP_HX_REQUEST="true")
+        assert re.findall(r'data-field="split_brain">([^<]*)</div>', refreshed.content.decode()) == [alert]
+    finally:
+        host_agents["hostb"].client.stop_guest(str(vm.guest_id))
+        host_agents["hostb"].client.delete_guest(str(vm.guest_id))
+
+    collect_inventory()  # the stray copy stopped: the alert ends
+    assert split_brain_shown(operator_client, reverse("vms:vm_general", args=[vm.pk])) == []
+    assert split_brain_shown(operator_client, reverse("vms:vsp_list")) == []

@@ -12,8 +12,14 @@ import pytest
 from devtools import processes
 from migrations_app.models import Migration
 from tests.conftest import free_port, log_in, log_path, run_in_thread, subprocess_env
-
-from .ui_factories import ADMIN_PERMISSIONS, make_migration, make_user, make_vm, make_vsp
+from tests.factories import (
+    MIGRATION_ADMIN_PERMISSIONS,
+    PASSWORD,
+    make_migration,
+    make_user,
+    make_vm,
+    make_vsp,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -26,7 +32,7 @@ def copying_vm():
     migration = make_migration(
         vm, vsp1, vsp2, state=Migration.State.COPY, init_percent=100, copy_percent=6, rounds=1
     )
-    make_user("watcher", *ADMIN_PERMISSIONS)
+    make_user("watcher", MIGRATION_ADMIN_PERMISSIONS)
     return vm, migration
 
 
@@ -45,7 +51,7 @@ def test_a_dropped_socket_shows_a_notice_then_reconnects_with_the_current_state(
     server = start_server(port)
     try:
         page = browser_page
-        log_in(page, base_url, "watcher", "pw-watcher")
+        log_in(page, base_url, "watcher", PASSWORD)
         page.goto(f"{base_url}/vms/{vm.pk}/general/")
         page.wait_for_function("() => document.querySelector('#migration-phases') !== null")
         page.wait_for_timeout(500)  # the socket's snapshot has arrived

@@ -5,6 +5,9 @@ from __future__ import annotations
 from django import template
 from django.utils.html import format_html
 
+from vms.models import Registration
+from vms.power import PowerAction, refusals
+
 register = template.Library()
 
 BADGE_TONES = {
@@ -19,6 +22,7 @@ BADGE_TONES = {
     "not_runnable": "bad",
     "host_disabled": "warn",
     "host_not_licensed": "warn",
+    "maintenance": "warn",
     "not_supported": "muted",
 }
 
@@ -69,3 +73,20 @@ def free_memory(value: int | None) -> str:
     if value is not None and value < 0:
         return f"overcommitted by {mib(-value)}"
     return mib(value)
+
+
+@register.simple_tag
+def power_refusals(registration: Registration, migrating: bool) -> dict[str, str]:
+    """``{% power_refusals registration migrating as refused %}``: why each power button is disabled."""
+    return refusals(registration, bool(migrating))
+
+
+@register.filter
+def get_item(mapping: dict[str, str], key: str) -> str:
+    return mapping.get(key, "")
+
+
+@register.simple_tag
+def power_action_list() -> list[tuple[str, str]]:
+    """The power buttons as (action, label), in the order they are shown."""
+    return [(action.value, action.label) for action in PowerAction]

@@ -21,13 +21,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.qemu.migration import QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.protocol import (
+    DirtyRate,
     Encryption,
     Endpoint,
     GuestInfo,
@@ -134,7 +136,7 @@ class QemuDriver:
         try:
             return self._guests[guest_id]
         except KeyError:
-            raise NotFound(f"no guest {guest_id} on {self.settings.agent_name}") from None
+            raise UnknownGuest(f"no guest {guest_id} on {self.settings.agent_name}") from None
 
     def _info(self, guest: QemuGuest) -> GuestInfo:
         spec = guest.spec
@@ -278,6 +280,30 @@ class QemuDriver:
         guest.migration = migration
         migration.begin()
         return migration
+
+    async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
+        """QEMU's own measurement: ``calc-dirty-rate`` (page sampling) then ``query-dirty-rate`` (MB/s)."""
+        guest = self._guest(guest_id)
+        process = guest.process
+        if not guest.running or process is None or process.qmp is None:
+            raise Conflict(f"guest {guest.spec.name!r} is not running; only a running guest has a dirty rate")
+        calc_s = max(1, round(seconds))  # QEMU measures whole seconds
+        await process.qmp.execute("calc-dirty-rate", calc_time=calc_s)
+        info: dict[str, Any] = {}
+        for _ in range(int((calc_s + 5) / 0.1)):
+            await asyncio.sleep(0.1)
+            info = await process.qmp.execute("query-dirty-rate")
+            if info.get("status") == "measured":
+                break
+        else:
+            raise Conflict(f"QEMU did not finish measuring the dirty rate of {guest.spec.name!r}")
+        memory = guest.spec.memory_mib * 1024 * 1024
+        return DirtyRate(
+            guest_id=guest_id,
+            seconds=float(calc_s),
+            dirty_rate_bytes_s=int(info.get("dirty-rate", 0)) * 1024 * 1024,  # QEMU reports MiB/s
+            memory_bytes=memory,
+        )
 
     def _finished(self, migration: QemuMigration) -> None:
         """A side reached its end: update the guest it belongs to."""

@@ -30,11 +30,13 @@ from hostagent.protocol import (
     FailureKind,
     MigrationParams,
     MigrationState,
+    ParamsChange,
     ProgressSnapshot,
     Role,
 )
 
 log = logging.getLogger(__name__)
+FORCED_DOWNTIME_MS = 600_000  # "switch over now": a downtime limit no remaining memory exceeds
 
 
 class SourceMigration(QemuMigration, SourceAbortCommands):
@@ -51,6 +53,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         super().__init__(process, migration_id, params.limits, finished)
         self.target = target
         self.params = params
+        self.allowed_downtime_ms = params.downtime_ms
+        self._last_remaining: int | None = None
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def begin(self) -> None:
@@ -98,24 +102,80 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         return sock
 
     async def _configure(self) -> None:
+        """The policy as QEMU's own capabilities and parameters (QEMU's qapi/migration.json)."""
+        params = self.params
         names = ("events", "pause-before-switchover", "return-path")
         capabilities = [{"capability": name, "state": True} for name in names]
+        capabilities.append({"capability": "auto-converge", "state": params.auto_converge})
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
-        bandwidth = self.params.bandwidth_mbps
+        bandwidth = params.bandwidth_mbps
         # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
         await self.qmp.execute(
             "migrate-set-parameters",
-            downtime_limit=self.params.downtime_ms,
+            downtime_limit=params.downtime_ms,
             max_bandwidth=int(bandwidth * 125_000) if bandwidth else 0,
+            cpu_throttle_initial=params.throttle_initial_pct,
+            cpu_throttle_increment=params.throttle_increment_pct,
+            max_cpu_throttle=params.throttle_max_pct,
         )
+        self.allowed_downtime_ms = params.downtime_ms
+
+    async def change_params(self, change: ParamsChange) -> ProgressSnapshot:
+        """An admin's change to the running Copy, as QEMU parameters; switch over now = no downtime limit."""
+        if self.progress.state not in ("init", "copy"):
+            raise Conflict(f"migration {self.migration_id} is {self.progress.state}; its Copy is over")
+        update: dict[str, Any] = {}
+        if change.downtime_ms is not None:
+            self.allowed_downtime_ms = change.downtime_ms
+            update["downtime_ms"] = change.downtime_ms
+        if change.bandwidth_mbps is not None:
+            update["bandwidth_mbps"] = change.bandwidth_mbps or None
+            cap = int(change.bandwidth_mbps * 125_000)
+            await self.qmp.execute("migrate-set-parameters", max_bandwidth=cap)
+        if change.auto_converge is not None:
+            # QEMU takes auto-converge while migrating; it throttles from the next dirty sync on.
+            update["auto_converge"] = change.auto_converge
+            capability = [{"capability": "auto-converge", "state": change.auto_converge}]
+            await self.qmp.execute("migrate-set-capabilities", capabilities=capability)
+        self.params = self.params.model_copy(update=update)
+        if change.switchover_now:
+            self.allowed_downtime_ms = FORCED_DOWNTIME_MS
+        await self.qmp.execute("migrate-set-parameters", downtime_limit=self.allowed_downtime_ms)
+        self.progress.update(allowed_downtime_ms=min(self.allowed_downtime_ms, FORCED_DOWNTIME_MS))
+        return self.snapshot()
+
+    async def _escalate(self, remaining: int) -> None:
+        """After a stalled round, raise QEMU's downtime-limit one step (the policy's escalation)."""
+        params = self.params
+        stalled = self._last_remaining is not None and remaining > 0.9 * self._last_remaining
+        self._last_remaining = remaining
+        if stalled and params.downtime_step_ms:
+            ceiling = params.downtime_max_ms or params.downtime_ms
+            raised = min(ceiling, self.allowed_downtime_ms + params.downtime_step_ms)
+            if raised > self.allowed_downtime_ms:
+                self.allowed_downtime_ms = raised
+                await self.qmp.execute("migrate-set-parameters", downtime_limit=raised)
 
     async def _poll_numbers(self) -> None:
         max_rounds = self.params.max_rounds
+        seen_round = 0
         while self.progress.state in ACTIVE_STATES:
             info = await self.qmp.execute("query-migrate")
             apply_query_migrate(self.progress, info)
             snapshot = self.progress.current
-            if snapshot.state == "copy" and snapshot.round > max_rounds:
+            throttle = info.get("cpu-throttle-percentage")
+            if isinstance(throttle, int):
+                self.progress.update(throttle_pct=max(0, min(100, throttle)))
+            self.progress.update(allowed_downtime_ms=min(self.allowed_downtime_ms, FORCED_DOWNTIME_MS))
+            if snapshot.state == "copy" and snapshot.round > seen_round:
+                seen_round = snapshot.round
+                await self._escalate(snapshot.bytes_remaining)
+            over = snapshot.state == "copy" and snapshot.round > max_rounds
+            if over and self.params.at_limit == "switchover":
+                if self.allowed_downtime_ms < FORCED_DOWNTIME_MS:
+                    log.info("%s: round limit reached, switching over anyway", self.guest_id)
+                    await self.change_params(ParamsChange(switchover_now=True))
+            elif over:
                 raise MigrationAborted(
                     f"did not converge in {max_rounds} rounds: the guest writes "
                     f"{snapshot.dirty_rate_bytes_s / 1e6:.1f} MB/s, "
@@ -128,7 +188,17 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         while self.progress.state in ACTIVE_STATES:
             phase = self.progress.phase
             limit = self.limits.of(phase) if phase else None
-            if limit is not None and time.monotonic() - self.progress.phase_started > limit:
+            running_for = time.monotonic() - self.progress.phase_started
+            if (
+                phase == "copy"
+                and limit is not None
+                and self.params.at_limit == "switchover"
+                and running_for > 0.8 * limit
+                and self.allowed_downtime_ms < FORCED_DOWNTIME_MS
+            ):
+                log.info("%s: Copy time limit near, switching over anyway", self.guest_id)
+                self.spawn(self.change_params(ParamsChange(switchover_now=True)))
+            elif limit is not None and running_for > limit:
                 self.spawn(
                     self.abort(f"the {phase} phase ran over its limit of {limit:g} s", FailureKind.TIME_LIMIT)
                 )

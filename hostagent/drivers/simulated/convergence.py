@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ RATE_SAMPLE_BYTES = 256 * 1024
 HASH_RATE_SAMPLE_PAGES = 1000
 UNJUDGED_ROUND_WAIT_S = 0.2  # between rounds while the target still hashes the first pass
 UNJUDGED_ROUNDS_FACTOR = 10
+STALL_RATIO = 0.9  # as migrations_app.forecast: a round leaving more than 90% of the one before stalled
+
+log = logging.getLogger(__name__)
 
 
 class ConvergenceJudge:
@@ -46,6 +50,11 @@ class ConvergenceJudge:
     _rounds_seconds: float
     _rounds_bytes: int
     _dirty_mark: tuple[float, int]
+    _last_round_bytes: int | None
+    _policy_round: int
+    _force_switchover: bool
+    allowed_downtime_ms: int
+    migration_id: str
 
     async def _refresh_digests(self) -> int:
         """Hash the pages written since the last time, in a worker thread; learns the hashing rate."""
@@ -85,11 +94,19 @@ class ConvergenceJudge:
             return
         total = self.guest.memory.size
         fields["percent"] = {"copy": 90 + 9 * (total - min(pending_bytes, total)) // total}
-        fits = judged and expected_ms is not None and expected_ms <= self.params.downtime_ms
-        if fits or (pending_bytes == 0 and self._target_digested >= 1):
+        if judged:
+            self._apply_policy_after_round(pending_bytes)
+        fields["allowed_downtime_ms"] = self.allowed_downtime_ms
+        fields["throttle_pct"] = round(self.guest.throttle_pct)
+        fits = judged and expected_ms is not None and expected_ms <= self.allowed_downtime_ms
+        exhausted = self._rounds_exhausted(judged)
+        if exhausted and self.params.at_limit == "switchover":
+            log.info("migration %s: round limit reached, switching over anyway", self.migration_id)
+            self._force_switchover = True
+        if fits or self._force_switchover or (pending_bytes == 0 and self._target_digested >= 1):
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
-        elif self._rounds_exhausted(judged):
+        elif exhausted:
             raise MigrationAborted(
                 f"did not converge in {self.params.max_rounds} rounds: the guest writes "
                 f"{fields['dirty_rate_bytes_s'] / 1e6:.1f} MB/s, "
@@ -104,6 +121,26 @@ class ConvergenceJudge:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(UNJUDGED_ROUND_WAIT_S):
                 await self._target_hashed.wait()
+
+    def _apply_policy_after_round(self, pending_bytes: int) -> None:
+        """After a stalled round (more than STALL_RATIO of the round before is left): escalate the allowed
+        downtime and, with auto-converge, throttle the guest one more step (``forecast`` items 4-5)."""
+        finished = self.progress.current.round
+        if finished <= self._policy_round or self._last_round_bytes is None:
+            return
+        self._policy_round = finished
+        if pending_bytes <= STALL_RATIO * self._last_round_bytes:
+            return
+        params = self.params
+        if params.downtime_step_ms:
+            ceiling = params.downtime_max_ms or params.downtime_ms
+            self.allowed_downtime_ms = max(
+                self.allowed_downtime_ms, min(ceiling, self.allowed_downtime_ms + params.downtime_step_ms)
+            )
+        if params.auto_converge:
+            throttle = self.guest.throttle_pct
+            step = params.throttle_initial_pct if throttle == 0 else throttle + params.throttle_increment_pct
+            self.guest.throttle_pct = min(step, params.throttle_max_pct)
 
     def _rounds_exhausted(self, judged: bool) -> bool:
         """Rounds run while the target still hashes a big first pass say nothing about convergence.
@@ -126,6 +163,8 @@ class ConvergenceJudge:
         self._rounds_seconds += seconds
         self._rounds_bytes += sent
         self._round_started = None
+        if dirty_round:
+            self._last_round_bytes = sent
         if dirty_round and sent >= RATE_SAMPLE_BYTES and seconds > 0:
             self._dirty_round_rate = sent / seconds
 

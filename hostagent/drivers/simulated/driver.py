@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, NotFound
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
-from hostagent.protocol import Encryption, Endpoint, GuestInfo, GuestSpec, MigrationParams, PhaseLimits
+from hostagent.protocol import (
+    DirtyRate,
+    Encryption,
+    Endpoint,
+    GuestInfo,
+    GuestSpec,
+    MigrationParams,
+    PhaseLimits,
+)
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")
@@ -90,7 +100,7 @@ class SimulatedDriver:
         if guest.running:
             raise Conflict(f"guest {name} is running; stop it first")
         del self.guests[guest_id]
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
@@ -152,20 +162,34 @@ class SimulatedDriver:
             )
         return self.settings.tls
 
+    async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
+        guest = self._guest(guest_id)
+        if not guest.running or guest.not_runnable:
+            raise Conflict(f"guest {guest.name} is not running; only a running guest has a dirty rate")
+        rate, working_set = await guest.measure_dirty_rate(seconds)
+        return DirtyRate(
+            guest_id=guest_id,
+            seconds=seconds,
+            dirty_rate_bytes_s=round(rate),
+            memory_bytes=guest.memory.size,
+            written_bytes=guest.memory.written_count() * PAGE_SIZE,
+            working_set_bytes=working_set,
+        )
+
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
         await guest.power_off()
-        guest.drop_memory()
-        if self.guests.get(guest.guest_id) is guest:
+        if self.guests.get(guest.guest_id) is guest:  # gone from the listing first, then its memory
             del self.guests[guest.guest_id]
             replaced = self._replaced.pop(guest.guest_id, None)
             if replaced is not None:
                 self.guests[guest.guest_id] = replaced
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
 
     async def _release_outgoing(self, guest: SimulatedGuest) -> None:
         """After the commit the configuration stays here, Not Runnable; the memory goes."""
         await guest.power_off()
         guest.not_runnable = True
-        guest.drop_memory()
+        await asyncio.to_thread(guest.drop_memory)  # freeing GiBs takes 100s of ms
         self._replaced.pop(guest.guest_id, None)
 
     # -- helpers --------------------------------------------------------
@@ -180,7 +204,7 @@ class SimulatedDriver:
     def _guest(self, guest_id: str) -> SimulatedGuest:
         guest = self.guests.get(guest_id)
         if guest is None:
-            raise NotFound(f"no guest {guest_id} on this host")
+            raise UnknownGuest(f"no guest {guest_id} on this host")
         return guest
 
     def _check_room(self, memory_mib: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import struct
 import time
@@ -54,6 +55,8 @@ class SimulatedGuest:
         self._task: asyncio.Task[None] | None = None
         self._pattern_bytes: bytes | None = None
         self.working_set_pages = self._default_working_set()
+        # Auto-converge: percent of vCPU time taken away, so the workload writes that much less (as QEMU).
+        self.throttle_pct = 0.0
 
     def _default_working_set(self) -> int:
         """Pages the workload writes into: the ones filled at boot, or at least WORKING_SET_MIN_S of writes.
@@ -116,6 +119,20 @@ class SimulatedGuest:
 
     def resume_vcpus(self) -> None:
         self.vcpus_paused = False
+
+    async def measure_dirty_rate(self, seconds: float) -> tuple[float, int]:
+        """Distinct bytes written per second over ``seconds`` (bytes/s), and the working set (bytes).
+
+        Counts the workload's page writes over the window; writes land at random within the working
+        set ``W`` pages, so ``n`` writes hit ``W * (1 - exp(-n / W))`` distinct pages (the same law as
+        ``migrations_app.forecast.dirtied_bytes``).
+        """
+        before, started = self.write_counter, time.monotonic()
+        await asyncio.sleep(seconds)
+        writes, elapsed = self.write_counter - before, max(time.monotonic() - started, 1e-3)
+        pages = self.working_set_pages
+        distinct = pages * (1 - math.exp(-writes / pages))
+        return distinct * PAGE_SIZE / elapsed, pages * PAGE_SIZE
 
     # -- I/O -----------------------------------------------------------
     async def quiesce_io(self, on_progress: Callable[[int], None]) -> None:
@@ -226,7 +243,7 @@ class SimulatedGuest:
             self._complete_io(now)
             if self.vcpus_paused:
                 continue
-            owed_pages += elapsed * self.spec.dirty_pages_per_s
+            owed_pages += elapsed * self.spec.dirty_pages_per_s * (1 - self.throttle_pct / 100)
             for _ in range(int(owed_pages)):
                 self._write_next_page()
             owed_pages -= int(owed_pages)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands, plain_connection_error
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
@@ -62,6 +62,7 @@ from hostagent.protocol import (
     FailureKind,
     MigrationParams,
     MigrationState,
+    ParamsChange,
     ProgressSnapshot,
     Role,
 )
@@ -74,6 +75,7 @@ ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
+SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 # What the source tells the target of its progress (PROGRESS frames), so both snapshots agree.
 MIRRORED_FIELDS = (
@@ -134,6 +136,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._hash_rate_pages_s: float | None = None
         self._last_mirror = 0.0
         self._dirty_mark = (time.monotonic(), 0)
+        self._last_round_bytes: int | None = None
+        self._policy_round = 1
+        self._force_switchover = False
+        self.allowed_downtime_ms = params.downtime_ms
 
     # -- the Migration protocol -----------------------------------------
     def start(self) -> None:
@@ -213,11 +219,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         except OSError as error:
             if self.progress.phase == "init":
                 await self._abort(
-                    f"could not reach the target's data plane: {error}", FailureKind.UNREACHABLE
+                    f"could not reach the target's data plane: {plain_connection_error(error)}",
+                    FailureKind.UNREACHABLE,
                 )
             else:
                 await self._abort(
-                    f"lost the data-plane connection to the target: {error}", FailureKind.UNREACHABLE
+                    f"lost the data-plane connection to the target: {plain_connection_error(error)}",
+                    FailureKind.UNREACHABLE,
                 )
         except Exception as error:  # a bug must still leave the guest running here
             log.exception("migration %s failed", self.migration_id)
@@ -246,7 +254,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             cap = self.params.bandwidth_mbps
             self._writer = FrameWriter(self._channel, cap * 125_000 if cap else None)
             self._reader = FrameReader(self._channel)
-            await self._writer.message(HELLO, self._hello())
+            await self._writer.message(HELLO, await self._hello())
             kind, answer = await self._reader.message()
             if kind != ACCEPT:
                 raise MigrationAborted(
@@ -254,19 +262,60 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                     FailureKind.REFUSED,
                 )
 
-    def _hello(self) -> dict[str, Any]:
+    async def _hello(self) -> dict[str, Any]:
+        # Scanning a large guest's written map is tens of ms: off the loop, which must keep answering.
+        populate = await asyncio.to_thread(self.guest.memory.written_chunk_runs)
         return {
             "token": self.target.token,
             "migration_id": self.migration_id,
             "guest": self.guest.guest_id,
             "memory_mib": self.guest.memory_mib,
-            "populate": self.guest.memory.written_chunk_runs(),
+            "populate": populate,
         }
 
     async def _copy_phase(self) -> None:
-        async with asyncio.timeout(self.limits.of("copy")):
+        limit = self.limits.of("copy")
+        if self.params.at_limit == "switchover" and limit is not None:
+            # At the Copy time limit, switch over instead of failing (Nova's live_migration_timeout_action).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit * SWITCHOVER_AT_LIMIT_SHARE):
+                    await self._watch(self._converged.wait())
+            if not self._converged.is_set():
+                log.info("migration %s: Copy time limit near, switching over anyway", self.migration_id)
+                self.switchover_now()
+            limit *= 1 - SWITCHOVER_AT_LIMIT_SHARE
+        async with asyncio.timeout(limit):
             await self._watch(self._converged.wait())
             await self._watch(self._quiesce_requested.wait())
+
+    def switchover_now(self) -> None:
+        """End Copy now: what is left moves while the guest is frozen, however long that takes."""
+        self._force_switchover = True
+        self.progress.update(converged=True, percent={"copy": 100})
+        self._converged.set()
+
+    def change_params(self, change: ParamsChange) -> ProgressSnapshot:
+        """Apply an admin's change to the running Copy (``protocol.ParamsChange``); Conflict after Copy."""
+        if self.progress.state not in ("init", "copy"):
+            raise Conflict(f"migration {self.migration_id} is {self.progress.state}; its Copy is over")
+        update: dict[str, Any] = {}
+        if change.downtime_ms is not None:
+            self.allowed_downtime_ms = change.downtime_ms
+            update["downtime_ms"] = change.downtime_ms
+        if change.bandwidth_mbps is not None:
+            update["bandwidth_mbps"] = change.bandwidth_mbps or None
+            if self._writer is not None:
+                self._writer.set_cap(change.bandwidth_mbps * 125_000 or None)
+        if change.auto_converge is not None:
+            update["auto_converge"] = change.auto_converge
+            if not change.auto_converge:
+                self.guest.throttle_pct = 0
+        self.params = self.params.model_copy(update=update)
+        fields: dict[str, Any] = {"allowed_downtime_ms": self.allowed_downtime_ms}
+        if change.switchover_now:
+            self.switchover_now()
+        self.progress.update(**fields, throttle_pct=round(self.guest.throttle_pct))
+        return self.progress.snapshot()
 
     async def _quiesce_phase(self) -> None:
         self.progress.update(state="quiesce", phase="quiesce")
@@ -328,8 +377,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             await self._refresh_digests()
             pending = memory.dirty_count()
             expected_ms = self._expected_ms(pending)
-            if pending * PAGE_SIZE < RATE_SAMPLE_BYTES or (
-                expected_ms is not None and expected_ms <= self.params.downtime_ms / 2
+            if (
+                self._force_switchover
+                or pending * PAGE_SIZE < RATE_SAMPLE_BYTES
+                or (expected_ms is not None and expected_ms <= self.allowed_downtime_ms / 2)
             ):
                 break
             self.progress.update(round=self.progress.current.round + 1)
@@ -494,6 +545,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
     def _restore_guest(self) -> None:
         """The guest stays (or becomes again) the running one, its workload going on."""
         self.guest.memory.stop_tracking()
+        self.guest.throttle_pct = 0
         self.guest.unquiesce_io()
         self.guest.resume_vcpus()
         if self.guest.migrating == self.migration_id:

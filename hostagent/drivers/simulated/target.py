@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostagent.driver import Conflict, MigrationAborted
+from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -183,7 +183,8 @@ class TargetMigration:
             await self._abort(f"refused the source's data-plane message: {error}", FailureKind.REFUSED)
         except OSError as error:
             await self._abort(
-                f"lost the data-plane connection to the source: {error}", FailureKind.UNREACHABLE
+                f"lost the data-plane connection to the source: {plain_connection_error(error)}",
+                FailureKind.UNREACHABLE,
             )
         except Exception as error:
             log.exception("migration %s (target) failed", self.migration_id)

@@ -1,6 +1,7 @@
 """``manage.py demo_users``: the demo logins of ``make run``, created once and never reset.
 
-On the first run 'admin' (superuser) and 'operator' (read-only, group Operators) are created with
+On the first run 'admin' (superuser) and 'operator' (read-only, group Operators, a viewer of the
+demo host groups Production and Lab) are created with
 DEMO_ADMIN_PASSWORD / DEMO_OPERATOR_PASSWORD when set, else with a random password that is printed
 and kept in ``<secrets-dir>/admin-password`` / ``operator-password`` (mode 0600). On later runs an
 existing user's password is left alone, so a password the admin changed stays changed.
@@ -15,6 +16,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand, CommandParser
+
+from vms.demo import demo_host_groups
+from vms.models import HostGroupMembership, Role
 
 READ_ONLY_APPS = ("vms", "migrations_app")
 
@@ -56,7 +60,7 @@ class Command(BaseCommand):
         users = get_user_model()
         for username, variable, superuser, label in (
             ("admin", "DEMO_ADMIN_PASSWORD", True, "superuser"),
-            ("operator", "DEMO_OPERATOR_PASSWORD", False, "read-only, group Operators"),
+            ("operator", "DEMO_OPERATOR_PASSWORD", False, "read-only: viewer of Production and Lab"),
         ):
             user = users.objects.filter(username=username).first()
             if user is None:
@@ -72,6 +76,10 @@ class Command(BaseCommand):
                 self.stdout.write(f"{username}: exists, password unchanged   ({label})")
             if not superuser:
                 user.groups.add(operators_group())
+                for group in demo_host_groups().values():  # a role an admin changed is kept
+                    HostGroupMembership.objects.get_or_create(
+                        group=group, user=user, defaults={"role": Role.VIEWER}
+                    )
 
 
 def operators_group() -> Group:

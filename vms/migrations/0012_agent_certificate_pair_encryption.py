@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('vms', '0005_auditevent'),
+        ('vms', '0011_registration_found_running_at'),
     ]
 
     operations = [

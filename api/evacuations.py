@@ -1,0 +1,201 @@
+"""Evacuations in the API: the plan, starting it, its progress, cancelling it, leaving maintenance.
+
+The same functions as the VSP page's **Evacuate…** (``migrations_app.evacuation``): the plan is built
+by ``build_plan``, started by ``do_start_evacuation`` (re-checked there), cancelled by
+``do_cancel_evacuation``; refusals arrive as their problem ``detail`` word for word.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest
+from ninja import Field, Path, Router, Schema
+from ninja.responses import Status
+
+from migrations_app.evacuation import (
+    Plan,
+    build_plan,
+    do_cancel_evacuation,
+    do_leave_maintenance,
+    do_start_evacuation,
+    may_view_evacuation,
+    summarize,
+)
+from migrations_app.evacuation_models import Evacuation
+from vms.access import visible_vsps
+
+from .lookups import MAX_ID, get_vm, get_vsp
+from .routes import OBJECT_ERRORS, WRITE_ERRORS, IdRef
+from .schemas import VSPOut, vsp_out
+
+router = Router(tags=["Evacuations"])
+EvacuationId = Path(..., ge=1, le=MAX_ID)
+MAX_GUESTS = 10_000
+
+
+class PlanStepOut(Schema):
+    vm: str
+    vm_id: int
+    target: str | None
+    target_id: int | None
+    predicted_s: float | None = Field(description="Forecast total time (s); null: not known yet")
+    problem: str
+
+
+class StayingOut(Schema):
+    vm: str
+    reason: str
+
+
+class PlanOut(Schema):
+    vsp: str
+    steps: list[PlanStepOut] = Field(description="In the order they would run")
+    staying: list[StayingOut] = Field(description="Guests that cannot leave, each with its reason")
+    problems: list[str]
+    can_start: bool
+    known_total_s: float
+    unknown_count: int = Field(description="Steps whose time is not known yet")
+
+
+class EvacuationIn(Schema):
+    """Targets by VM (id or name -> VSP id or name) and the order (VM ids or names); omitted: the plan's."""
+
+    targets: dict[str, str] = Field(default_factory=dict, max_length=MAX_GUESTS)
+    order: list[str] | None = Field(default=None, max_length=MAX_GUESTS)
+
+
+class EvacuationStepOut(Schema):
+    position: int
+    vm: str
+    target: str
+    predicted_s: float | None
+    status: str = Field(description="waiting, running, done, failed, cancelled or not started")
+    migration_id: int | None
+
+
+class EvacuationOut(Schema):
+    id: int
+    vsp: str
+    state: str
+    requested_by: str
+    started_at: datetime
+    ended_at: datetime | None
+    cancel_requested: bool
+    counts: dict[str, int]
+    time_left_s: float | None
+    summary: str
+    steps: list[EvacuationStepOut]
+    staying: list[StayingOut]
+
+
+def plan_out(plan: Plan) -> PlanOut:
+    return PlanOut(
+        vsp=plan.vsp.name,
+        steps=[
+            PlanStepOut(
+                vm=step.vm.name,
+                vm_id=step.vm.pk,
+                target=step.target.name if step.target else None,
+                target_id=step.target.pk if step.target else None,
+                predicted_s=step.predicted_s,
+                problem=step.problem,
+            )
+            for step in plan.steps
+        ],
+        staying=[StayingOut(vm=stay.vm_name, reason=stay.reason) for stay in plan.staying],
+        problems=plan.problems,
+        can_start=plan.ok,
+        known_total_s=plan.known_total_s,
+        unknown_count=plan.unknown_count,
+    )
+
+
+def evacuation_out(evacuation: Evacuation) -> EvacuationOut:
+    summary = summarize(evacuation)
+    return EvacuationOut(
+        id=evacuation.pk,
+        vsp=evacuation.vsp.name,
+        state=evacuation.state,
+        requested_by=evacuation.requested_by_name,
+        started_at=evacuation.started_at,
+        ended_at=evacuation.ended_at,
+        cancel_requested=evacuation.cancel_requested,
+        counts=summary.counts(),
+        time_left_s=summary.time_left_s,
+        summary=summary.sentence(),
+        steps=[
+            EvacuationStepOut(
+                position=step.position,
+                vm=step.vm_name,
+                target=step.target.name,
+                predicted_s=step.predicted_s,
+                status=status,
+                migration_id=step.migration_id,
+            )
+            for step, status in summary.rows
+        ],
+        staying=[
+            StayingOut(vm=stay.get("vm", ""), reason=stay.get("reason", "")) for stay in evacuation.staying
+        ],
+    )
+
+
+def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
+    evacuation = Evacuation.objects.select_related("vsp").filter(pk=evacuation_id).first()
+    if evacuation is None or not visible_vsps(request.user).filter(pk=evacuation.vsp_id).exists():
+        raise Http404(f"No evacuation with the id {evacuation_id}.")
+    if not may_view_evacuation(request.user, evacuation.vsp):
+        raise PermissionDenied("Your account lacks the permission to see this.")
+    return evacuation
+
+
+@router.get("/vsps/{vsp}/evacuation-plan", response={200: PlanOut, **OBJECT_ERRORS})
+def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
+    """What evacuating this VSP would do: each guest's target and forecast, and who stays, and why."""
+    host = get_vsp(vsp, request.user)
+    if not may_view_evacuation(request.user, host):
+        raise PermissionDenied("Your account lacks the permission to see this.")
+    return plan_out(build_plan(host))
+
+
+@router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
+def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef) -> Status[EvacuationOut]:
+    """Start evacuating: the VSP enters maintenance, its guests leave one at a time through its queue.
+
+    Without ``targets`` the plan's own targets are taken (as shown by ``evacuation-plan``); a target given
+    for a VM replaces the plan's. Refused (409, nothing changed) when an evacuation of this VSP runs, or
+    the plan no longer fits.
+    """
+    host = get_vsp(vsp, request.user)
+    chosen = {
+        get_vm(vm_ref, request.user).pk: get_vsp(vsp_ref, request.user).pk
+        for vm_ref, vsp_ref in body.targets.items()
+    }
+    proposed = build_plan(host, chosen)
+    targets = {step.vm.pk: step.target.pk for step in proposed.steps if step.target is not None} | chosen
+    order = [get_vm(vm_ref, request.user).pk for vm_ref in body.order] if body.order is not None else None
+    evacuation = do_start_evacuation(host, targets, order, request.user)
+    return Status(201, evacuation_out(evacuation))
+
+
+@router.get("/evacuations/{evacuation_id}", response={200: EvacuationOut, **OBJECT_ERRORS})
+def get_one_evacuation(request: HttpRequest, evacuation_id: int = EvacuationId) -> EvacuationOut:
+    """Progress: each step's status, the counts, the time left, the summary sentence."""
+    return evacuation_out(get_evacuation(request, evacuation_id))
+
+
+@router.post("/evacuations/{evacuation_id}/cancel", response={202: EvacuationOut, **WRITE_ERRORS})
+def cancel_evacuation(request: HttpRequest, evacuation_id: int = EvacuationId) -> Status[EvacuationOut]:
+    """Cancel as a whole: waiting guests are not started, the running migration is cancelled."""
+    evacuation = get_evacuation(request, evacuation_id)
+    do_cancel_evacuation(evacuation, request.user)
+    return Status(202, evacuation_out(get_evacuation(request, evacuation_id)))
+
+
+@router.post("/vsps/{vsp}/leave-maintenance", response={200: VSPOut, **WRITE_ERRORS})
+def leave_maintenance(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
+    """The admin's explicit end of maintenance (refused while an evacuation of it runs)."""
+    do_leave_maintenance(get_vsp(vsp, request.user), request.user)
+    return vsp_out(get_vsp(vsp, request.user))

@@ -1,0 +1,197 @@
+"""What the forecast needs, measured: a guest's dirty rate and the link rate between two VSPs.
+
+- **Dirty rate**: the source agent measures the running guest over ``DIRTY_RATE_WINDOW_S``
+  (``GET /v1/guests/{id}/dirty-rate``: the simulated driver from its write tracking, the QEMU driver
+  with ``calc-dirty-rate``). Kept ``DIRTY_RATE_FRESH_S`` in the cache, so the dialog asks at most that often.
+- **Link rate**: the throughput of past migrations between the pair (source -> target), newest weighted
+  most: an exponentially weighted mean over the last ``LINK_HISTORY`` completed ones, each older one
+  weighing ``LINK_DECAY`` times the next newer. No history: "not measured yet".
+
+Both come with the time they were measured, so the page can say how old they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from migrations_app import forecast
+from vms import migration_policy
+from vms.agent_client import AgentClient, AgentError
+from vms.models import VSP, VirtualMachine
+
+from .models import Migration
+
+log = logging.getLogger(__name__)
+
+DIRTY_RATE_WINDOW_S = 0.5
+DIRTY_RATE_FRESH_S = 30
+LINK_HISTORY = 5
+LINK_DECAY = 0.5
+
+
+@dataclass(frozen=True)
+class DirtyRate:
+    """A guest's measured writes: ``rate_bytes_s`` (bytes/s), its memory and write set (bytes), when."""
+
+    rate_bytes_s: float
+    memory_bytes: int
+    written_bytes: int | None
+    working_set_bytes: int | None
+    at: datetime
+
+    def guest(self) -> forecast.Guest:
+        return forecast.Guest(
+            self.memory_bytes, self.rate_bytes_s, self.written_bytes, self.working_set_bytes
+        )
+
+
+@dataclass(frozen=True)
+class LinkRate:
+    """The link rate (bytes/s) between two VSPs, from ``migrations`` past migrations, the newest ``at``."""
+
+    rate_bytes_s: float
+    at: datetime
+    migrations: int
+
+    def words(self) -> str:
+        """Where the rate comes from, for ``forecast.explain``: "on its last migration, 3 min ago"."""
+        age = age_words(self.at)
+        if self.migrations == 1:
+            return f"on its last migration, {age}"
+        return f"over its last {self.migrations} migrations (newest {age})"
+
+
+def age_words(at: datetime) -> str:
+    """How long ago ``at`` was: "12 s ago", "3 min ago", "2 h ago"."""
+    seconds = max(0.0, (timezone.now() - at).total_seconds())
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
+
+
+def link_rate(source: VSP, target: VSP) -> LinkRate | None:
+    """The pair's link rate from its completed migrations (newest weighted most), or None without any."""
+    rows = list(
+        Migration.objects.filter(
+            source=source, target=target, state=Migration.State.COMPLETED, throughput_bytes_s__gt=0
+        )
+        .order_by("-state_changed_at")
+        .values_list("throughput_bytes_s", "state_changed_at")[:LINK_HISTORY]
+    )
+    if not rows:
+        return None
+    weights = [LINK_DECAY**index for index in range(len(rows))]
+    rate = sum(weight * row[0] for weight, row in zip(weights, rows, strict=True)) / sum(weights)
+    return LinkRate(rate, rows[0][1], len(rows))
+
+
+def _cache_key(vm: VirtualMachine) -> str:
+    return f"dirty-rate:{vm.guest_id}"
+
+
+def cached_dirty_rate(vm: VirtualMachine) -> DirtyRate | None:
+    """The last measurement of ``vm`` still fresh, or None (never waits)."""
+    found: Any = cache.get(_cache_key(vm))
+    return found if isinstance(found, DirtyRate) else None
+
+
+def measure_dirty_rate(vm: VirtualMachine) -> DirtyRate | None:
+    """Ask ``vm``'s source agent to measure its dirty rate now (about 0.5 s); None when it cannot."""
+    vsp = vm.current_vsp
+    if vsp is None:
+        return None
+    try:
+        with AgentClient.for_vsp(vsp) as agent:
+            answer = agent.dirty_rate(str(vm.guest_id), DIRTY_RATE_WINDOW_S)
+    except AgentError as error:
+        log.info("could not measure the dirty rate of %s: %s", vm.name, error)
+        return None
+    measured = DirtyRate(
+        float(answer["dirty_rate_bytes_s"]),
+        int(answer["memory_bytes"]),
+        answer.get("written_bytes"),
+        answer.get("working_set_bytes"),
+        timezone.now(),
+    )
+    cache.set(_cache_key(vm), measured, DIRTY_RATE_FRESH_S)
+    return measured
+
+
+def forecast_policy(policy: dict[str, Any], vm: VirtualMachine) -> forecast.Policy:
+    """A stored policy (``vms.migration_policy``) as the model's ``forecast.Policy``, the site cap applied."""
+    site = settings.MIGRATION_AGENT_PARAMS
+    params = migration_policy.agent_params(
+        policy,
+        max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
+        site_cap_mbps=site.get("bandwidth_mbps"),
+    )
+    cap = params["bandwidth_mbps"]
+    return forecast.Policy(
+        max_downtime_ms=params["downtime_ms"],
+        bandwidth_cap_bytes_s=cap * 125_000 if cap else None,
+        auto_converge=params["auto_converge"],
+        throttle_initial_pct=params["throttle_initial_pct"],
+        throttle_increment_pct=params["throttle_increment_pct"],
+        throttle_max_pct=params["throttle_max_pct"],
+        downtime_step_ms=params["downtime_step_ms"],
+        downtime_max_ms=params["downtime_max_ms"],
+        max_rounds=params["max_rounds"],
+        copy_limit_s=vm.copy_limit_s,
+        at_limit=params["at_limit"],
+    )
+
+
+@dataclass(frozen=True)
+class TargetForecast:
+    """The dialog's forecast for one target: ``verdict`` (None: unknown), ``lines`` of words."""
+
+    verdict: forecast.Verdict | None
+    lines: list[str]
+    total_s: float | None = None
+    downtime_ms: float | None = None
+
+    @property
+    def warns(self) -> bool:
+        return self.verdict is forecast.Verdict.WILL_NOT_CONVERGE
+
+
+def forecast_to(
+    vm: VirtualMachine, target: VSP, policy: dict[str, Any], guest: DirtyRate | None
+) -> TargetForecast:
+    """Forecast moving ``vm`` to ``target`` under ``policy`` with what is known now (never measures)."""
+    source = vm.current_vsp
+    if source is None:
+        return TargetForecast(None, [f"{vm.name} is not running anywhere: nothing to forecast."])
+    link = link_rate(source, target)
+    missing = []
+    if guest is None:
+        missing.append(f"{vm.name}'s dirty rate is not measured yet")
+    if link is None:
+        missing.append(
+            f"the link from {source.name} to {target.name} is not measured yet (no migration between them)"
+        )
+    if guest is None or link is None:
+        return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."])
+    model_policy = forecast_policy(policy, vm)
+    model_guest, model_link = guest.guest(), forecast.Link(link.rate_bytes_s)
+    result = forecast.forecast(model_guest, model_link, model_policy)
+    lines = forecast.explain(
+        model_guest,
+        model_link,
+        model_policy,
+        result,
+        vm=vm.name,
+        target=target.name,
+        link_source=link.words(),
+    )
+    lines.append(f"Dirty rate measured {age_words(guest.at)}.")
+    return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms)

@@ -1,0 +1,79 @@
+"""The evacuation record: one admin's plan to empty a VSP, as an ordered list of migrations.
+
+Loaded by ``migrations_app.models`` (Django finds models there), so it names ``Migration`` by its label
+rather than importing it; the logic lives in ``evacuation.py``.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Evacuation(models.Model):
+    """An evacuation of ``vsp``: its steps (one migration each) run through the source's queue in order.
+
+    ``staying`` keeps the guests that could not leave, as ``[{"vm": name, "reason": text}, ...]``.
+    RUNNING until every step's migration has ended, then FINISHED (or CANCELLED if the admin cancelled).
+    """
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        FINISHED = "finished", "Finished"
+        CANCELLED = "cancelled", "Cancelled"
+
+    vsp = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="evacuations")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_name = models.CharField(max_length=150, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    cancel_requested = models.BooleanField(default=False)
+    staying = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vsp"], condition=Q(state="running"), name="one_running_evacuation_per_vsp"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"evacuation {self.pk} of {self.vsp}"
+
+    @property
+    def is_running(self) -> bool:
+        return self.state == self.State.RUNNING
+
+
+class EvacuationStep(models.Model):
+    """One guest of an evacuation: where it goes, in which position, its forecast, its migration."""
+
+    evacuation = models.ForeignKey(Evacuation, on_delete=models.CASCADE, related_name="steps")
+    position = models.PositiveSmallIntegerField()
+    vm = models.ForeignKey("vms.VirtualMachine", null=True, on_delete=models.SET_NULL, related_name="+")
+    vm_name = models.CharField(max_length=64)
+    target = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="+")
+    predicted_s = models.FloatField(
+        null=True, blank=True, help_text="Forecast total time (s); empty: not known."
+    )
+    migration = models.OneToOneField(
+        "migrations_app.Migration", null=True, on_delete=models.SET_NULL, related_name="evacuation_step"
+    )
+
+    class Meta:
+        ordering = ["evacuation", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["evacuation", "position"], name="one_step_per_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.position} of {self.evacuation_id}: {self.vm_name} -> {self.target_id}"

@@ -1,0 +1,164 @@
+"""Evacuation pages: the plan (view, change targets and order, start), live progress, cancel, maintenance.
+
+Each view reads the request, checks the right (``evacuation.may_*``), calls one function of
+``evacuation.py``, renders. Refusals change nothing and say why in plain words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponse, QueryDict
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from vms.access import LACKS_PERMISSION
+from vms.http import HtmxHttpRequest
+from vms.models import VSP
+
+from .evacuation import (
+    EvacuationRefused,
+    build_plan,
+    do_cancel_evacuation,
+    do_leave_maintenance,
+    do_start_evacuation,
+    latest_evacuation,
+    may_cancel_evacuation,
+    may_evacuate,
+    may_leave_maintenance,
+    may_view_evacuation,
+    summarize,
+)
+from .evacuation_models import Evacuation
+
+
+class BadPlanInput(ValueError):
+    """A target or position field that is not a positive whole number."""
+
+
+def plan_input(data: QueryDict) -> tuple[dict[int, int], list[int] | None]:
+    """The admin's choices from ``target_<vm id>`` and ``position_<vm id>`` fields.
+
+    Returns (target VSP id per VM id, VM ids in the chosen order or None when no position was sent).
+    Raises ``BadPlanInput`` for a field that is not a positive whole number.
+    """
+    targets: dict[int, int] = {}
+    positions: dict[int, int] = {}
+    for key, value in data.items():
+        for prefix, into in (("target_", targets), ("position_", positions)):
+            if key.startswith(prefix):
+                into[_positive(key[len(prefix) :], key)] = _positive(str(value), key)
+    order = sorted(positions, key=lambda vm_id: (positions[vm_id], vm_id)) if positions else None
+    return targets, order
+
+
+def _positive(text: str, field: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise BadPlanInput(f"{field}: {text!r} is not a whole number.") from None
+    if number <= 0:
+        raise BadPlanInput(f"{field}: {number} must be 1 or more.")
+    return number
+
+
+def _denied() -> PermissionDenied:
+    return PermissionDenied(LACKS_PERMISSION)
+
+
+@require_http_methods(["GET", "POST"])
+def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
+    """GET: the plan (with the admin's changes, if any). POST: start it, re-checked now."""
+    vsp = get_object_or_404(VSP, pk=vsp_id)
+    if not may_view_evacuation(request.user, vsp):
+        raise _denied()
+    data = request.POST if request.method == "POST" else request.GET
+    try:
+        targets, order = plan_input(data)
+    except BadPlanInput as error:
+        return render_plan(request, vsp, {}, None, error=str(error), status=400)
+    if request.method == "GET":
+        return render_plan(request, vsp, targets, order)
+    if not may_evacuate(request.user, vsp):
+        raise _denied()
+    try:
+        do_start_evacuation(vsp, targets, order, request.user)
+    except EvacuationRefused as refusal:
+        return render_plan(request, vsp, targets, order, error=str(refusal.message), status=400)
+    messages.success(request, f"Evacuation of {vsp.name} started; {vsp.name} is in maintenance.")
+    return redirect("vms:vsp_detail", pk=vsp.pk)
+
+
+def render_plan(
+    request: HtmxHttpRequest,
+    vsp: VSP,
+    targets: dict[int, int],
+    order: list[int] | None,
+    *,
+    error: str = "",
+    status: int = 200,
+) -> HttpResponse:
+    plan = build_plan(vsp, targets, order)
+    running = Evacuation.objects.filter(vsp=vsp, state=Evacuation.State.RUNNING).first()
+    context: dict[str, Any] = {
+        "vsp": vsp,
+        "plan": plan,
+        "running": running,
+        "error": error,
+        "may_start": may_evacuate(request.user, vsp),
+        "nav": "vsps",
+    }
+    return render(request, "migrations_app/evacuate.html", context, status=status)
+
+
+@require_GET
+def evacuation_progress(request: HtmxHttpRequest, evacuation_id: int) -> HttpResponse:
+    """The progress panel alone, polled every second by the VSP page while the evacuation runs."""
+    evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
+    if not may_view_evacuation(request.user, evacuation.vsp):
+        raise _denied()
+    return render(request, "migrations_app/evacuation_panel.html", panel_context(request, evacuation.vsp))
+
+
+def panel_context(request: HtmxHttpRequest, vsp: VSP) -> dict[str, Any]:
+    """What the VSP page's evacuation panel shows: maintenance, the latest evacuation and its progress."""
+    evacuation = latest_evacuation(vsp)
+    vsp.refresh_from_db(fields=["maintenance", "maintenance_since"])
+    return {
+        "vsp": vsp,
+        "evacuation": evacuation,
+        "summary": summarize(evacuation) if evacuation is not None else None,
+        "may_evacuate": may_evacuate(request.user, vsp),
+        "may_cancel": may_cancel_evacuation(request.user, vsp),
+        "may_leave": may_leave_maintenance(request.user, vsp),
+    }
+
+
+@require_POST
+def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpResponse:
+    evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
+    if not may_cancel_evacuation(request.user, evacuation.vsp):
+        raise _denied()
+    try:
+        do_cancel_evacuation(evacuation, request.user)
+    except EvacuationRefused as refusal:
+        messages.error(request, str(refusal.message))
+    else:
+        messages.success(request, f"Evacuation of {evacuation.vsp.name} cancelled: waiting guests stay.")
+    return redirect("vms:vsp_detail", pk=evacuation.vsp_id)
+
+
+@require_POST
+def leave_maintenance(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
+    vsp = get_object_or_404(VSP, pk=vsp_id)
+    if not may_leave_maintenance(request.user, vsp):
+        raise _denied()
+    try:
+        do_leave_maintenance(vsp, request.user)
+    except EvacuationRefused as refusal:
+        messages.error(request, str(refusal.message))
+    else:
+        messages.success(request, f"{vsp.name} left maintenance: it may receive guests again.")
+    return redirect("vms:vsp_detail", pk=vsp.pk)

@@ -1,0 +1,177 @@
+"""Steering a running migration: its live forecast, the warning before its limit, and the admin's changes.
+
+``outlook(migration)`` continues ``migrations_app.forecast`` from where the Copy stands (the numbers the
+agent last reported); ``do_change_migration`` applies a change (raise the allowed downtime, change the
+bandwidth cap, turn throttling on, switch over now) on the source agent (``POST
+/v1/migrations/{id}/params``, answered at once) and records it as a ``MigrationEvent`` and an
+``AuditEvent`` with who and what, then pushes the page to every watcher. The page, the REST API and
+the CLI all call ``do_change_migration``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.utils import timezone
+
+from migrations_app import forecast
+from vms import migration_policy
+from vms.agent_client import AgentClient, AgentError
+from vms.models import AuditEvent
+
+from .decisions import agent_migration_id
+from .models import Migration, MigrationEvent
+from .progress import publish_progress
+
+logger = logging.getLogger(__name__)
+
+CHANGE_PERMISSION = "migrations_app.add_migration"  # who may migrate may steer
+CHANGEABLE_STATES = (Migration.State.INIT, Migration.State.COPY)
+ACTIONS = ("raise_downtime", "bandwidth", "auto_converge", "switchover")
+MiB = 1024 * 1024
+
+
+class ChangeRefused(Exception):
+    """The change was refused; ``message`` says why in plain words. Nothing was changed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What the phases panel says about a running Copy: ``lines`` of words, ``warning`` and ``rescues``."""
+
+    time_left_s: float | None
+    expected_downtime_ms: float | None
+    allowed_downtime_ms: float
+    bottleneck: str
+    warning: str
+    rescues: list[forecast.Rescue]
+
+
+def outlook(migration: Migration) -> Outlook | None:
+    """The live forecast of ``migration`` while it copies (None before the agent reported rates)."""
+    if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
+        return None
+    from .estimates import forecast_policy
+
+    policy_values = migration_policy.effective(migration.policy)
+    policy = forecast_policy(policy_values, migration.vm)
+    memory = migration.vm.memory_mib * MiB
+    guest = forecast.Guest(memory, float(migration.dirty_rate_bytes_s))
+    link = forecast.Link(float(migration.throughput_bytes_s))
+    started = migration.copy_started_at or migration.state_changed_at
+    elapsed = max(0.0, (timezone.now() - started).total_seconds())
+    left = float(migration.bytes_remaining) if migration.rounds > 1 else None
+    state = forecast.CopyState(
+        round=max(0, migration.rounds - 1), left_bytes=left, elapsed_s=elapsed, last_round_bytes=left
+    )
+    result = forecast.forecast(guest, link, policy, state)
+    why = forecast.bottleneck(guest, link, policy)
+    warning = ""
+    options: list[forecast.Rescue] = []
+    if not result.converges and result.verdict is not forecast.Verdict.SWITCHOVER_AT_LIMIT:
+        limit = result.limit_reason or "its limit"
+        warning = f"This migration will stop at {limit} and the guest will stay on its source"
+        warning += f": {why}." if why else "."
+        options = forecast.rescues(guest, link, policy, state)
+    return Outlook(
+        max(0.0, result.total_s - elapsed) if result.converges else None,
+        result.downtime_ms,
+        result.allowed_downtime_ms,
+        why,
+        warning,
+        options,
+    )
+
+
+def check_change(raw: dict[str, Any]) -> dict[str, Any]:
+    """The agent's ``protocol.ParamsChange`` from the page's or API's fields; ``ChangeRefused`` if bad.
+
+    ``action``: ``raise_downtime`` (with ``downtime_ms``), ``bandwidth`` (``bandwidth_cap_mb_s``, empty
+    or 0: no cap), ``auto_converge`` (turn throttling on) or ``switchover`` (switch over now).
+    """
+    action = raw.get("action")
+    try:
+        if action == "raise_downtime":
+            downtime = migration_policy.check_policy({"max_downtime_ms": raw.get("downtime_ms")})
+            return {"downtime_ms": downtime["max_downtime_ms"]}
+        if action == "bandwidth":
+            cap = migration_policy.check_policy({"bandwidth_cap_mb_s": raw.get("bandwidth_cap_mb_s")})
+            return {"bandwidth_mbps": (cap["bandwidth_cap_mb_s"] or 0) * 8}
+    except migration_policy.PolicyError as error:
+        raise ChangeRefused(str(error)) from None
+    if action == "auto_converge":
+        return {"auto_converge": True}
+    if action == "switchover":
+        return {"switchover_now": True}
+    raise ChangeRefused(f"Unknown change {str(action)[:40]!r}; choose one of: {', '.join(ACTIONS)}.")
+
+
+def describe_change(change: dict[str, Any]) -> str:
+    if "downtime_ms" in change:
+        return f"raised the allowed downtime to {forecast.ms(change['downtime_ms'])}"
+    if "bandwidth_mbps" in change:
+        cap = change["bandwidth_mbps"] / 8
+        return f"set the bandwidth cap to {cap:g} MB/s" if cap else "removed the bandwidth cap"
+    if change.get("auto_converge"):
+        return "turned throttling (auto-converge) on"
+    return "asked to switch over now"
+
+
+def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) -> str:
+    """Apply an admin's change to a running migration; returns what was done, in words.
+
+    Raises ``PermissionDenied`` (a user who may not migrate) or ``ChangeRefused`` (bad value, a
+    migration past its Copy, the source agent refused or is unreachable): nothing changed then.
+    """
+    if not user.has_perm(CHANGE_PERMISSION):
+        raise PermissionDenied("Your account lacks the permission to change migrations.")
+    change = check_change(raw)
+    current = Migration.objects.select_related("vm", "source").get(pk=migration.pk)
+    if current.state not in CHANGEABLE_STATES:
+        raise ChangeRefused(
+            f"Migration {current.pk} is {current.get_state_display().lower()}: only a migration in its "
+            "Init or Copy phase can be changed. Nothing was changed."
+        )
+    source = current.require_source()
+    try:
+        with AgentClient.for_vsp(source) as agent:
+            agent.change_params(agent_migration_id(current), change)
+    except AgentError as error:
+        raise ChangeRefused(
+            f"The source host did not take the change: {error}. Nothing was changed."
+        ) from None
+    words = describe_change(change)
+    with transaction.atomic():
+        row = Migration.objects.select_for_update().get(pk=current.pk)
+        policy = migration_policy.effective(row.policy)
+        before = dict(policy)
+        if "downtime_ms" in change:
+            policy["max_downtime_ms"] = change["downtime_ms"]
+        if "bandwidth_mbps" in change:
+            policy["bandwidth_cap_mb_s"] = change["bandwidth_mbps"] / 8 or None
+        if "auto_converge" in change:
+            policy["auto_converge"] = True
+        if policy != before:
+            policy["preset"] = "custom"
+        row.policy = policy
+        row.save(update_fields=["policy"])
+        actor = user if getattr(user, "is_authenticated", False) else None
+        message = f"{user} {words}"
+        MigrationEvent.objects.create(
+            migration=row, from_state=row.state, to_state=row.state, message=message, actor=actor
+        )
+        AuditEvent.record(
+            AuditEvent.Action.MIGRATION_CHANGED, row, actor=user, before=before, after={**policy, **change},
+            message=message, object_name=f"migration {row.pk} of {row.vm_name or row.pk}",
+        )  # fmt: skip
+        transaction.on_commit(lambda: publish_progress(row.pk))
+    logger.info("%s changed migration %s: %s", user, current.pk, change)
+    return f"{words[0].upper()}{words[1:]}."

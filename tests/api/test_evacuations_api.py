@@ -1,0 +1,108 @@
+"""Evacuations through the API: the plan, start, progress, refusals and cancel, on the page's own functions.
+
+The test database transaction is rolled back, so the migrations an evacuation requests are never handed
+to a worker (``transaction.on_commit`` does not fire): they stay QUEUED, as while waiting their turn.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from migrations_app.evacuation_models import Evacuation
+from migrations_app.models import Migration
+from tests.factories import make_vm, make_vsp
+from vms.models import VSP, AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def crowded():
+    """src holds two guests that fit elsewhere, one too big for any target, and a vPar."""
+    src = make_vsp("src", memory_mib=16384)
+    make_vsp("big", memory_mib=1000)
+    make_vsp("small", memory_mib=600)
+    for name, mib in (("g700", 700), ("g500", 500), ("g2000", 2000)):
+        make_vm(name, vsp=src, memory_mib=mib)
+    make_vm("vpar1", vsp=src, kind="vpar", memory_mib=64)
+    return src
+
+
+def test_it_shows_the_plan_with_targets_forecasts_and_who_stays(api, crowded):
+    response = api.get("/vsps/src/evacuation-plan")
+
+    assert response.status_code == 200
+    plan = response.json()
+    assert {(step["vm"], step["target"]) for step in plan["steps"]} == {("g700", "big"), ("g500", "small")}
+    assert all(step["predicted_s"] is None for step in plan["steps"])  # no past migration between the pairs
+    reasons = {stay["vm"]: stay["reason"] for stay in plan["staying"]}
+    assert reasons["vpar1"] == "vPars do not migrate"
+    assert reasons["g2000"].startswith("no target with room: needs 2000 MiB")
+    assert plan["can_start"] is True
+
+
+def test_it_starts_the_plan_and_reports_its_progress_and_maintenance(api, crowded):
+    response = api.post("/vsps/src/evacuations", {})
+
+    assert response.status_code == 201, response.content
+    evacuation = response.json()
+    assert (evacuation["vsp"], evacuation["state"]) == ("src", "running")
+    assert [step["status"] for step in evacuation["steps"]] == ["waiting", "waiting"]
+    assert {stay["vm"] for stay in evacuation["staying"]} == {"g2000", "vpar1"}
+    assert VSP.objects.get(name="src").maintenance
+    assert Migration.objects.filter(source__name="src", state="queued").count() == 2
+    assert api.get(f"/evacuations/{evacuation['id']}").json()["counts"]["waiting"] == 2
+    assert api.get("/vsps/src").json()["maintenance"] is True
+
+
+def test_it_takes_the_admins_target_by_name(api, crowded):
+    response = api.post("/vsps/src/evacuations", {"targets": {"g500": "big", "g700": "small"}})
+
+    assert response.status_code == 409
+    assert "g700 cannot go to small: not enough free memory" in response.json()["detail"]
+    assert not Evacuation.objects.exists()
+    assert not VSP.objects.get(name="src").maintenance
+
+
+def test_it_refuses_a_second_evacuation_and_a_migration_to_the_host_in_maintenance(api, crowded):
+    assert api.post("/vsps/src/evacuations", {}).status_code == 201
+
+    second = api.post("/vsps/src/evacuations", {})
+    into = api.post("/migrations", {"vm": make_vm("late", vsp=make_vsp("other")).name, "target": "src"})
+
+    assert second.status_code == 409
+    assert "src is already being evacuated" in second.json()["detail"]
+    assert into.status_code == 409
+    assert "maintenance" in into.json()["detail"]
+    assert Evacuation.objects.count() == 1
+
+
+def test_it_cancels_the_evacuation_and_then_leaves_maintenance(api, crowded):
+    evacuation = api.post("/vsps/src/evacuations", {}).json()
+
+    cancelled = api.post(f"/evacuations/{evacuation['id']}/cancel")
+    left = api.post("/vsps/src/leave-maintenance")
+
+    assert cancelled.status_code == 202
+    assert cancelled.json()["cancel_requested"] is True
+    assert not Migration.objects.filter(source__name="src", state="queued").exists()
+    assert left.status_code == 200, left.content
+    assert left.json()["maintenance"] is False
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.MAINTENANCE_LEFT).count() == 1
+
+
+def test_a_read_only_user_sees_the_plan_but_cannot_start_it(read_only_api, crowded):
+    assert read_only_api.get("/vsps/src/evacuation-plan").status_code == 200
+
+    response = read_only_api.post("/vsps/src/evacuations", {})
+
+    assert response.status_code == 403
+    assert response["Content-Type"] == "application/problem+json"
+    assert not Evacuation.objects.exists()
+
+
+def test_it_answers_unknown_hosts_and_evacuations_with_404(api, crowded):
+    assert api.get("/vsps/nowhere/evacuation-plan").status_code == 404
+    assert api.get("/evacuations/999").status_code == 404
+    assert api.post("/vsps/src/evacuations", {"targets": {"ghost": "big"}}).status_code == 404
+    assert not Evacuation.objects.exists()

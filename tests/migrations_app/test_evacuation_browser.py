@@ -1,0 +1,119 @@
+"""In real Chromium: the admin evacuates a VSP from its page, reviews the plan, watches it run live.
+
+Everything is real: the console (uvicorn), Redis, a Celery worker (bandwidth-capped, see conftest) and
+three host agents (simulated guests). Screenshots go to ``docs/`` for the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migrations_app.evacuation_models import Evacuation
+from tests.conftest import log_in, run_in_thread, start_console_server
+from tests.factories import PASSWORD, make_user, make_vm
+from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.guests import place_vm, runs_on
+from vms.models import VSP, Registration
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+# Notes every "done" count the panel shows, to prove the page changed by itself (no reload).
+RECORD_DONE = """
+() => {
+  window.__marker = 'no reload';
+  window.__done = [];
+  new MutationObserver(() => {
+    const done = document.querySelector('[data-count=done]');
+    const value = done && done.textContent;
+    if (value !== null && window.__done[window.__done.length - 1] !== value) window.__done.push(value);
+  }).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
+
+@pytest.fixture
+def migrating_console(django_db_setup, redis_url, migration_worker, settings):
+    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
+    yield base_url
+    server.stop()
+
+
+def build_fleet(host_agents, fleet):
+    movers = [place_vm(host_agents, fleet, memory_mib=24, fill_percent=100) for _ in range(3)]
+    hosta = fleet["hosta"]
+    stayers = {
+        "vpar-db": make_vm("vpar-db", vsp=hosta, kind="vpar", memory_mib=256),
+        "cold-spare": make_vm("cold-spare", vsp=hosta, hardware_status="off", memory_mib=128),
+        "pinned-app": make_vm("pinned-app", vsp=hosta, online_migration_enabled=False, memory_mib=128),
+    }
+    return movers, stayers
+
+
+def test_the_admin_evacuates_a_vsp_and_watches_it_live(host_agents, fleet, migrating_console, browser):
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    movers, stayers = run_in_thread(build_fleet, host_agents, fleet)
+    hosta = fleet["hosta"]
+    page = browser.new_context(viewport={"width": 1366, "height": 1000}).new_page()
+    page.set_default_timeout(30_000)
+    log_in(page, migrating_console, "maria", PASSWORD)
+
+    page.goto(f"{migrating_console}/vsps/{hosta.pk}/")
+    page.click("#evacuate-link")
+    page.wait_for_selector("#evacuation-plan")
+    steps = page.locator("#plan-steps tbody tr")
+    assert sorted(steps.evaluate_all("rows => rows.map(row => row.dataset.vm)")) == sorted(
+        vm.name for vm in movers
+    )
+    for vm in movers:
+        row = page.locator(f'#plan-steps tr[data-vm="{vm.name}"]')
+        target = row.locator("select[data-field=target] option:checked").inner_text()
+        assert target in ("hostb", "hostc")
+        assert row.locator("[data-field=predicted]").inner_text() == "not known yet"
+    reasons = {
+        name: page.locator(f'#plan-staying tr[data-vm="{name}"] [data-field=reason]').inner_text()
+        for name in stayers
+    }
+    assert reasons == {
+        "vpar-db": "vPars do not migrate",
+        "cold-spare": "powered off: online migration moves running guests only",
+        "pinned-app": "online migration is disabled for this VM",
+    }
+    assert "Predicted total" in page.locator("#plan-total").inner_text()
+    page.screenshot(path=str(DOCS / "evacuation-plan.png"), full_page=True)
+
+    page.click("#start-evacuation")
+    page.wait_for_selector("#evacuation-progress[data-state=running]")
+    assert page.locator("#maintenance-badge").inner_text() == "In maintenance"
+    page.evaluate(RECORD_DONE)
+    page.wait_for_selector('#evacuation-steps tr[data-status="running"]')
+    page.screenshot(path=str(DOCS / "evacuation.png"), full_page=True)
+    page.wait_for_selector("#evacuation-progress[data-state=finished]", timeout=120_000)
+
+    assert page.evaluate("() => window.__marker") == "no reload"
+    assert page.evaluate("() => window.__done")[-1] == "3"
+    assert len(page.evaluate("() => window.__done")) >= 2  # it counted up while the page was open
+    summary = page.locator("#evacuation-summary").inner_text()
+    assert summary == "Summary: 3 moved; 0 failed; 3 stayed."
+    statuses = page.locator("#evacuation-steps tr").evaluate_all(
+        "rows => Object.fromEntries(rows.filter(r => r.dataset.vm)"
+        ".map(r => [r.dataset.vm, r.dataset.status]))"
+    )
+    assert statuses == {
+        **{vm.name: "done" for vm in movers},
+        **{name: "stays" for name in stayers},
+    }
+    assert page.locator("#maintenance-badge").is_visible()
+    assert page.locator("#leave-maintenance").is_visible()
+
+    def after() -> tuple[list[str], bool, str]:
+        running_here = Registration.objects.filter(vsp=hosta, hardware_status="on", vm__kind="vm")
+        movable = [r.vm.name for r in running_here if r.vm.online_migration_enabled]
+        return movable, VSP.objects.get(pk=hosta.pk).maintenance, Evacuation.objects.get().state
+
+    assert run_in_thread(after) == ([], True, "finished")
+    for vm in movers:
+        assert not runs_on(host_agents["hosta"], vm.name)

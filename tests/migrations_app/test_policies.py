@@ -1,0 +1,125 @@
+"""Migration policies end to end: the migrate dialog's overrides, stored on the row, honoured by real agents.
+
+A real Celery worker on real Redis drives real host agents (simulated driver) on loopback; the worker
+caps the data plane at 5 MB/s (conftest), and the "hot" guest writes 12 MB/s into all of its 8 MiB, so
+it never converges without throttling.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from migrations_app.models import Migration
+from tests.migrations_app.guests import place_vm, runs_on, wait_for_state
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HOT = {"memory_mib": 8, "dirty_pages_per_s": 3000, "fill_percent": 100}
+HTMX = {"HX-Request": "true"}
+
+
+def test_the_dialog_offers_the_presets_with_their_words(host_agents, fleet, migration_admin_client):
+    vm = place_vm(host_agents, fleet, **HOT)
+    html = migration_admin_client.get(f"/migrations/vms/{vm.pk}/migrate/", headers=HTMX).text
+    assert "Policy for this migration: Default: at most 300 ms frozen" in html
+    assert "Finishes whatever it takes: throttles the guest" in html
+    assert 'name="preset" value="minimal_downtime"' in html
+
+
+def test_a_hot_guest_completes_under_guaranteed_completion_chosen_in_the_dialog(
+    host_agents, fleet, migration_admin_client, migration_worker, wait_for
+):
+    vm = place_vm(host_agents, fleet, **HOT)
+    form = {"target": fleet["hostb"].pk, "preset": "guaranteed_completion", "max_downtime_ms": "1"}
+    response = migration_admin_client.post(f"/migrations/vms/{vm.pk}/migrate/", form, headers=HTMX)
+    assert response.status_code == 200, response.text
+    migration = Migration.objects.get(vm=vm)
+    assert migration.policy["preset"] == "guaranteed_completion"
+    assert migration.policy["max_downtime_ms"] == 300  # a named preset is taken whole
+    assert vm.migration_policy == {}  # the VM's own default is untouched
+    wait_for_state(wait_for, migration, "completed", "aborted", "cancelled", timeout=120)
+    assert migration.state == "completed", migration.alert
+    assert migration.source_digest and migration.source_digest == migration.target_digest
+    assert runs_on(host_agents["hostb"], vm.name)
+
+
+def test_custom_values_in_the_dialog_override_the_vms_policy(
+    host_agents, fleet, migration_admin_client, migration_worker, wait_for
+):
+    vm = place_vm(host_agents, fleet, vm_fields={"migration_policy": {"max_downtime_ms": 900}})
+    form = {
+        "target": fleet["hostb"].pk,
+        "preset": "custom",
+        "max_downtime_ms": "450",
+        "at_limit": "switchover",
+    }
+    migration_admin_client.post(f"/migrations/vms/{vm.pk}/migrate/", form, headers=HTMX)
+    migration = Migration.objects.get(vm=vm)
+    assert (migration.policy["max_downtime_ms"], migration.policy["at_limit"]) == (450, "switchover")
+    assert migration.policy["auto_converge"] is False  # unticked
+    wait_for_state(wait_for, migration, "completed", "aborted", "cancelled")
+    assert migration.state == "completed", migration.alert
+
+
+@pytest.mark.parametrize(
+    ("form", "words"),
+    [
+        ({"max_downtime_ms": "-1"}, "Maximum downtime: a whole number from 1 to 600000 ms"),
+        ({"bandwidth_cap_mb_s": "lots"}, "Bandwidth cap: a number"),
+        ({"max_downtime_ms": "99999999"}, "Maximum downtime: a whole number from 1 to 600000 ms"),
+    ],
+)
+def test_bad_policy_values_in_the_dialog_start_nothing(
+    host_agents, fleet, migration_admin_client, form, words
+):
+    vm = place_vm(host_agents, fleet)
+    body = {"target": fleet["hostb"].pk, "preset": "custom", **form}
+    response = migration_admin_client.post(f"/migrations/vms/{vm.pk}/migrate/", body, headers=HTMX)
+    assert response.status_code == 400
+    assert words in response.text
+    assert not Migration.objects.filter(vm=vm).exists()
+
+
+def complete_one_migration(host_agents, fleet, admin, wait_for):
+    """A finished migration hosta -> hostb, so the console knows that link's rate."""
+    from migrations_app.actions import do_request_migration
+
+    vm = place_vm(host_agents, fleet, dirty_pages_per_s=0, fill_percent=100, memory_mib=8)
+    migration = wait_for_state(
+        wait_for, do_request_migration(vm, fleet["hostb"], admin), "completed", "aborted"
+    )
+    assert migration.state == "completed", migration.alert
+    return migration
+
+
+def forecast_cells(client, vm) -> dict[str, str]:
+    """The dialog's forecast per target VSP name, as the page shows it after fetching it."""
+    html = client.get(f"/migrations/vms/{vm.pk}/forecast/", headers=HTMX).text
+    cells = re.findall(r'<td id="forecast-(\d+)"[^>]*>(.*?)</td>', html, re.S)
+    names = {str(vsp.pk): vsp.name for vsp in Migration._meta.get_field("target").related_model.objects.all()}
+    return {names[pk]: " ".join(re.sub(r"<[^>]+>", " ", text).split()) for pk, text in cells}
+
+
+def test_the_dialog_forecasts_an_idle_and_a_hot_guest_per_target(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    complete_one_migration(host_agents, fleet, admin, wait_for)
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    hot = place_vm(host_agents, fleet, **HOT)
+
+    dialog = migration_admin_client.get(f"/migrations/vms/{idle.pk}/migrate/", headers=HTMX).text
+    assert "Measuring" in dialog and 'id="forecast-loader"' in dialog  # the dialog does not wait for it
+
+    idle_cells = forecast_cells(migration_admin_client, idle)
+    assert idle_cells["hostb"].startswith("Converges · about ")
+    said = re.search(
+        r"writes 0.0 MB/s; the link to hostb carried ([\d.]+) MB/s on its last migration, \d+ s ago",
+        idle_cells["hostb"],
+    )
+    assert said and 4.5 <= float(said.group(1)) <= 5.5, idle_cells["hostb"]  # the worker's 5 MB/s cap
+    assert "the link from hosta to hostc is not measured yet" in idle_cells["hostc"]
+    hot_cells = forecast_cells(migration_admin_client, hot)
+    assert hot_cells["hostb"].startswith("Will not converge under this policy")
+    assert "the guest writes faster" in hot_cells["hostb"]

@@ -1,0 +1,227 @@
+"""Who may see and do what, per host group: the one place every page, action, socket and API asks.
+
+Two layers, both required (superusers pass both):
+
+1. The **global model permission** is the coarse gate: what *kind* of thing the account may do at
+   all (``vms.view_vsp``, ``migrations_app.add_migration``, ``vms.change_registration``...).
+2. The **role in a host group** (``HostGroupMembership``) says *where*: viewer sees the group's
+   VSPs and their guests; operator may also migrate and power them; administrator may also change
+   settings (online migration, runnable marks, per-VM settings).
+
+A VSP in no group is seen by superusers only. A guest is visible when one of its copies
+(registrations) is on a visible VSP. What the user cannot see is answered 404 (``Http404``), never
+403, so names do not leak; what they can see but not change is refused with ``PermissionDenied``
+(403) and a plain message. See ``docs/permissions.md``.
+
+Visibility is a filter inside the page's own query (a join on the memberships), so list pages keep a
+fixed query count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.http import Http404
+
+from vms.models import VSP, Registration, Role, VirtualMachine
+
+VIEW_VSP_PERMISSION = "vms.view_vsp"
+VIEW_VM_PERMISSION = "vms.view_virtualmachine"
+CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
+CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
+ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
+CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
+
+LACKS_PERMISSION = "You may look but not change: your account lacks the permission to do this."
+
+
+class AccessDenied(PermissionDenied):
+    """Refused by a right of this module; ``str(error)`` says why in plain words."""
+
+
+def _authenticated(user: Any) -> bool:
+    return bool(user is not None and getattr(user, "is_authenticated", False) and user.is_active)
+
+
+def has_global(user: Any, permission: str) -> bool:
+    """The coarse gate: an active, logged-in user holding the model ``permission`` (superusers do)."""
+    return _authenticated(user) and bool(user.has_perm(permission))
+
+
+def vsp_condition(user: Any, role: str = Role.VIEWER, prefix: str = "") -> Q:
+    """A ``Q`` on VSPs where ``user`` has ``role`` or more (``prefix``: ``"vsp__"`` from registrations).
+
+    Superusers: everything. Others: VSPs of the groups where they have that role (none in no group).
+    """
+    if getattr(user, "is_superuser", False):
+        return Q()
+    if not _authenticated(user):
+        return Q(pk__in=[])
+    return Q(
+        **{
+            f"{prefix}group__memberships__user_id": user.pk,
+            f"{prefix}group__memberships__role__in": Role.at_least(role),
+        }
+    )
+
+
+def vsps_with_role(user: Any, role: str, vsps: QuerySet[VSP] | None = None) -> QuerySet[VSP]:
+    """``vsps`` (default all) on which ``user`` has ``role`` or more (no global permission checked)."""
+    return (VSP.objects.all() if vsps is None else vsps).filter(vsp_condition(user, role))
+
+
+def visible_vsps(user: Any, vsps: QuerySet[VSP] | None = None) -> QuerySet[VSP]:
+    """The VSPs ``user`` may see: ``vms.view_vsp`` and a role in their group. No extra query."""
+    if not has_global(user, VIEW_VSP_PERMISSION):
+        return VSP.objects.none()
+    return vsps_with_role(user, Role.VIEWER, vsps)
+
+
+def visible_registrations(
+    user: Any, registrations: QuerySet[Registration] | None = None
+) -> QuerySet[Registration]:
+    """The copies ``user`` may see: those on a VSP they see (``vms.view_virtualmachine`` needed)."""
+    registrations = Registration.objects.all() if registrations is None else registrations
+    if not has_global(user, VIEW_VM_PERMISSION):
+        return registrations.none()
+    return registrations.filter(vsp_condition(user, Role.VIEWER, prefix="vsp__"))
+
+
+def visible_vms(user: Any, vms: QuerySet[VirtualMachine] | None = None) -> QuerySet[VirtualMachine]:
+    """The guests ``user`` may see: one of their copies is on a VSP the user sees. No extra query."""
+    vms = VirtualMachine.objects.all() if vms is None else vms
+    if not has_global(user, VIEW_VM_PERMISSION):
+        return vms.none()
+    if getattr(user, "is_superuser", False):
+        return vms
+    seen = Registration.objects.filter(vm=OuterRef("pk")).filter(vsp_condition(user, prefix="vsp__"))
+    return vms.filter(Exists(seen))
+
+
+def visible_migration_condition(user: Any) -> Q:
+    """A ``Q`` on migrations (``migrations_app.Migration``) ``user`` may see: its source or its target
+    is a VSP they see (so a migration of a deleted VM stays visible to the groups it touched).
+
+    An ``IN`` subquery, not a join: no duplicate rows, no extra query. The coarse gate
+    (``migrations_app.view_migration``) is the caller's.
+    """
+    if getattr(user, "is_superuser", False):
+        return Q()
+    seen = vsps_with_role(user, Role.VIEWER).values("pk")
+    return Q(source_id__in=seen) | Q(target_id__in=seen)
+
+
+def can_view_vsp(user: Any, vsp_id: int) -> bool:
+    return visible_vsps(user).filter(pk=vsp_id).exists()
+
+
+def can_view_vm(user: Any, vm_id: int) -> bool:
+    return visible_vms(user).filter(pk=vm_id).exists()
+
+
+def get_visible_vm(
+    user: Any, vm_id: int | None, vms: QuerySet[VirtualMachine] | None = None
+) -> VirtualMachine:
+    """The guest ``vm_id`` from ``vms`` if ``user`` may see it; raises ``Http404`` otherwise."""
+    vm = visible_vms(user, vms).filter(pk=vm_id).first() if vm_id is not None else None
+    if vm is None:
+        raise Http404()  # the same page as for an id that never existed
+    return vm
+
+
+def get_visible_vsp(user: Any, vsp_id: int, vsps: QuerySet[VSP] | None = None) -> VSP:
+    """The VSP ``vsp_id`` from ``vsps`` if ``user`` may see it; raises ``Http404`` otherwise."""
+    vsp = visible_vsps(user, vsps).filter(pk=vsp_id).first()
+    if vsp is None:
+        raise Http404()  # the same page as for an id that never existed
+    return vsp
+
+
+def _has_role_on(user: Any, role: str, vsp_ids: Sequence[int | None]) -> bool:
+    """Whether ``user`` has ``role`` or more on every VSP of ``vsp_ids`` (one query; None: a deleted
+    VSP, which only superusers act on)."""
+    if getattr(user, "is_superuser", False):
+        return True
+    if None in vsp_ids:
+        return False
+    wanted = set(vsp_ids)
+    return len(wanted) == vsps_with_role(user, role).filter(pk__in=wanted).count()
+
+
+def _require(user: Any, permission: str) -> None:
+    if not has_global(user, permission):
+        raise AccessDenied(LACKS_PERMISSION)
+
+
+def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) -> None:
+    """Raises ``AccessDenied`` unless ``user`` may migrate ``vm`` (to ``target``, when given).
+
+    Needs ``migrations_app.add_migration`` and the operator role on the VM's source VSP (where it is
+    runnable) and on the target. A target the user cannot use is not named in the message.
+    """
+    _require(user, ADD_MIGRATION_PERMISSION)
+    source = vm.current_vsp
+    if source is not None and not _has_role_on(user, Role.OPERATOR, [source.pk]):
+        raise AccessDenied(
+            f"You may not migrate {vm.name}: you are not an operator of the host group of {source.name}."
+        )
+    if target is not None and not _has_role_on(user, Role.OPERATOR, [target.pk]):
+        if can_view_vsp(user, target.pk):
+            where = f"{target.name}: you are not an operator of its host group"
+        else:
+            where = "that VSP: it is not in a host group where you are an operator"
+        raise AccessDenied(f"You may not migrate {vm.name} to {where}. Nothing was changed.")
+
+
+def migration_targets(user: Any) -> QuerySet[VSP]:
+    """The VSPs the migrate dialog may offer ``user``: those where they are an operator."""
+    return vsps_with_role(user, Role.OPERATOR)
+
+
+def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) -> None:
+    """Cancel needs ``migrations_app.change_migration`` and the operator role on the source or the target."""
+    _require(user, CHANGE_MIGRATION_PERMISSION)
+    if not (_has_role_on(user, Role.OPERATOR, [source_id]) or _has_role_on(user, Role.OPERATOR, [target_id])):
+        raise AccessDenied(
+            "You may not cancel this migration: you are not an operator of its VSPs' host groups."
+        )
+
+
+def check_can_change_vm(user: Any, vm: VirtualMachine) -> None:
+    """Per-VM settings (online migration...): ``vms.change_virtualmachine`` and the administrator role
+    on every VSP where the VM is configured (a setting holds on each of them)."""
+    _require(user, CHANGE_VM_PERMISSION)
+    vsp_ids = list(Registration.objects.filter(vm=vm).values_list("vsp_id", flat=True))
+    if not _has_role_on(user, Role.ADMINISTRATOR, vsp_ids):
+        raise AccessDenied(
+            f"You may not change {vm.name}'s settings: you are not an administrator of the host group "
+            "of every VSP it is configured on."
+        )
+
+
+def check_can_change_registration(user: Any, registration: Registration) -> None:
+    """Runnable / Not Runnable marks: ``vms.change_registration`` and administrator of the copy's VSP."""
+    _require(user, CHANGE_REGISTRATION_PERMISSION)
+    if not _has_role_on(user, Role.ADMINISTRATOR, [registration.vsp_id]):
+        raise AccessDenied(
+            f"You may not change {registration}: you are not an administrator of its VSP's host group."
+        )
+
+
+def registration_changeable_vsp_ids(user: Any, vsp_ids: list[int]) -> set[int]:
+    """Of ``vsp_ids``, those where ``user`` may change copies' marks (``check_can_change_registration``)."""
+    if not has_global(user, CHANGE_REGISTRATION_PERMISSION):
+        return set()
+    return set(vsps_with_role(user, Role.ADMINISTRATOR).filter(pk__in=vsp_ids).values_list("pk", flat=True))
+
+
+def allowed(check: Any, *args: Any) -> bool:
+    """``check(*args)`` as a yes/no, for templates deciding which buttons to show."""
+    try:
+        check(*args)
+    except PermissionDenied:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""VM power: Start, Stop (graceful) and Force stop of a guest's runnable copy, through its VSP's host agent.
+
+Stop is graceful: the agent is asked to give the guest its Graceful Stop Timeout (``graceful_stop_timeout_s``)
+to finish its I/O and shut down, then to stop it; Force stop asks it to stop the guest at once. (The agents'
+drivers do not honour the timeout yet: both stop the guest at once; the request already says which.)
+
+Refused (``PowerRefused``, nothing changed)
+for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while the VM migrates
+(the migration owns the guest until it ends), and when the agent refuses or does not answer. Every action
+that happens leaves an ``AuditEvent``. ``vms`` does not import ``migrations_app``: the migrations table is
+reached through the app registry, as ``vms.capacity`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+from django.apps import apps
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+
+from vms.access import LACKS_PERMISSION
+from vms.agent_client import AgentClient, AgentError
+from vms.models import AuditEvent, Registration, VirtualMachine
+
+logger = logging.getLogger(__name__)
+
+
+class PowerAction(StrEnum):
+    START = "start"
+    STOP = "stop"
+    FORCE_STOP = "force-stop"
+
+    @property
+    def label(self) -> str:
+        return {"start": "Start", "stop": "Stop", "force-stop": "Force stop"}[self.value]
+
+
+AUDIT_ACTION = {
+    PowerAction.START: AuditEvent.Action.VM_STARTED,
+    PowerAction.STOP: AuditEvent.Action.VM_STOPPED,
+    PowerAction.FORCE_STOP: AuditEvent.Action.VM_FORCE_STOPPED,
+}
+
+
+NOT_RUNNABLE_REFUSAL = (
+    "This copy is Not Runnable and cannot be started: the guest runs only from its runnable copy."
+)
+
+
+class PowerRefused(ValidationError):
+    """The power action was refused; ``message`` says why in plain words."""
+
+
+def may_power(user: Any, vm: VirtualMachine) -> bool:
+    """Whether ``user`` may start and stop ``vm`` (one function, so finer rights can replace it)."""
+    return bool(user.has_perm("vms.change_registration"))
+
+
+def is_migrating(vm_id: int) -> bool:
+    try:
+        migration = apps.get_model("migrations_app", "Migration")
+    except LookupError:
+        return False
+    return bool(migration.objects.filter(vm_id=vm_id, state__in=migration.ACTIVE_STATES).exists())
+
+
+def refusals(registration: Registration, migrating: bool) -> dict[str, str]:
+    """Per action value, why it cannot be done on this copy now ("" when it can); no query."""
+    vm = registration.vm
+    if not registration.is_runnable:  # the same words on every button
+        blocked = NOT_RUNNABLE_REFUSAL
+        return {action.value: blocked for action in PowerAction}
+    if migrating:
+        blocked = f"{vm.name} is migrating: wait for the migration to end or cancel it."
+        return {action.value: blocked for action in PowerAction}
+    on = registration.hardware_status == Registration.HardwareStatus.ON
+    return {
+        PowerAction.START.value: f"{vm.name} is already running." if on else "",
+        PowerAction.STOP.value: "" if on else f"{vm.name} is already stopped.",
+        PowerAction.FORCE_STOP.value: "" if on else f"{vm.name} is already stopped.",
+    }
+
+
+def do_power(registration: Registration, action: PowerAction, user: Any) -> Registration:
+    """Start, stop or force-stop the guest of ``registration`` on its VSP; returns the copy as saved.
+
+    Raises ``PermissionDenied`` without the right and ``PowerRefused`` when refused (nothing changed).
+    """
+    vm = registration.vm
+    if not may_power(user, vm):
+        raise PermissionDenied(LACKS_PERMISSION)
+    reason = refusals(registration, is_migrating(vm.pk))[action.value]
+    if reason:
+        raise PowerRefused(reason)
+    vsp = registration.vsp
+    before = {"hardware_status": registration.hardware_status, "os_status": vm.os_status}
+    try:
+        with AgentClient.for_vsp(vsp) as agent:
+            if action == PowerAction.START:
+                guest = agent.start_guest(str(vm.guest_id))
+            else:
+                graceful = vm.graceful_stop_timeout_s if action == PowerAction.STOP else None
+                guest = agent.stop_guest(str(vm.guest_id), graceful_timeout_s=graceful)
+    except AgentError as error:
+        raise PowerRefused(f"{action.label} of {vm.name} on {vsp.name} failed: {error}") from None
+    hardware = (
+        Registration.HardwareStatus.ON
+        if guest["hardware_status"] == "on"
+        else Registration.HardwareStatus.OFF
+    )
+    os_status = guest["os_status"] if guest["os_status"] in VirtualMachine.OSStatus.values else vm.os_status
+    with transaction.atomic():
+        Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)
+        VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
+        registration.hardware_status, vm.os_status = hardware, os_status
+        AuditEvent.record(
+            AUDIT_ACTION[action],
+            registration,
+            actor=user,
+            before=before,
+            after={"hardware_status": hardware, "os_status": os_status},
+            message=f"{action.label} of {vm.name} on {vsp.name} by {user}{grace_note(vm, action)}",
+        )
+    logger.info("%s: %s of %s on %s", user, action.value, vm.name, vsp.name)
+    return registration
+
+
+def grace_note(vm: VirtualMachine, action: PowerAction) -> str:
+    if action != PowerAction.STOP:
+        return ""
+    return f" (graceful, with a stop timeout of {vm.graceful_stop_timeout_s} s asked of the agent)"
