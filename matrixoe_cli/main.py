@@ -156,12 +156,26 @@ def migrate(
     vm: Annotated[str, typer.Argument(help="VM name or id")],
     to: Annotated[str, typer.Option("--to", help="Target VSP name or id")],
     watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it ends")] = False,
+    max_downtime: Annotated[
+        int | None, typer.Option("--max-downtime", help="Allowed downtime (ms) for this migration")
+    ] = None,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s)")] = None,
+    auto_converge: Annotated[
+        bool, typer.Option("--auto-converge", help="Throttle the guest stepwise if it does not converge")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Migrate a running VM online to another VSP (the Migrate dialog's checks apply)."""
+    """Migrate a running VM online to another VSP (the Migrate dialog's checks and policy bounds apply)."""
+    policy: dict[str, int | bool | str] = {}
+    if max_downtime is not None:
+        policy["max_downtime_ms"] = max_downtime
+    if bandwidth is not None:
+        policy["bandwidth_cap_mb_s"] = bandwidth
+    if auto_converge:
+        policy["auto_converge"] = True
     api = client()
     try:
-        migration = api.create_migration(vm, to)
+        migration = api.create_migration(vm, to, {"preset": "custom", **policy} if policy else None)
     except ApiError as error:
         raise fail(str(error)) from None
     if not watch:
