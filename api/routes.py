@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from ninja import Header, Path, Query, Router
+from ninja.errors import HttpError
 from ninja.responses import Status
 
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
@@ -18,6 +19,7 @@ from migrations_app.models import Migration
 from vms.access import visible_migration_condition, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.http import AuthenticatedHttpRequest
+from vms.migration_policy import PolicyError
 from vms.models import Registration
 from vms.queries import filter_vms, vm_with_registrations
 
@@ -205,7 +207,10 @@ def create_migration(
             if replay is not None:
                 response["Idempotent-Replayed"] = "true"
                 return Status(200, migration_out(replay))
-            migration = do_request_migration(vm, target, request.user)
+            try:
+                migration = do_request_migration(vm, target, request.user, policy=body.policy)
+            except PolicyError as error:
+                raise HttpError(422, str(error)) from None
             if key is not None:
                 IdempotencyKey.objects.create(user=request.user, key=key, migration=migration)
     except MigrationRefused:

@@ -7,7 +7,7 @@ Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.st
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from ninja import Field, Schema
 from pydantic import ConfigDict
@@ -100,6 +100,7 @@ class MigrationOut(Schema):
     failed_phase: str
     failure_kind: str
     alert: str = Field(description="What went wrong, in the words of the General tab's Alerts")
+    policy: dict[str, Any] = Field(description="The effective migration policy (vms.migration_policy)")
 
 
 class MigrationDetailOut(MigrationOut):
@@ -142,11 +143,17 @@ IdOrName = Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_leng
 class MigrationIn(Schema):
     model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
 
-    vm: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = Field(
-        description="VM id (a number) or name"
-    )
-    target: Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)] = (
-        Field(description="Target VSP id (a number) or name")
+    vm: IdOrName = Field(description="VM id (a number) or name")
+    target: IdOrName = Field(description="Target VSP id (a number) or name")
+    policy: dict[str, int | bool | str] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Overrides of the VM's migration policy for this migration, as in the Migrate dialog: a "
+            "'preset' (default, minimal_downtime, guaranteed_completion, custom) or values: "
+            "max_downtime_ms, bandwidth_cap_mb_s, auto_converge, throttle_max_pct, downtime_step_ms, "
+            "downtime_max_ms, at_limit (abort or switchover)"
+        ),
     )
 
 
@@ -216,6 +223,7 @@ def migration_detail_out(migration: Migration) -> MigrationDetailOut:
 def _migration_fields(migration: Migration) -> dict:
     return {
         "id": migration.pk,
+        "policy": migration.policy or {},
         "vm": migration.vm.name if migration.vm is not None else migration.vm_name,
         "vm_id": migration.vm_id,
         "source": migration.source.name if migration.source is not None else None,

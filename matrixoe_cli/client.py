@@ -56,13 +56,16 @@ class Client:
             if not page["items"] or len(items) >= page["count"]:
                 return items
 
-    def create_migration(self, vm: str, target: str) -> dict:
-        """POST /migrations, retried on connection errors with one Idempotency-Key."""
+    def create_migration(self, vm: str, target: str, policy: dict | None = None) -> dict:
+        """POST /migrations (``policy``: overrides, as the API takes them), retried on connection errors
+        with one Idempotency-Key."""
         key = str(uuid.uuid4())
         for attempt in range(RETRIES):
             try:
                 return self.post(
-                    "/migrations", {"vm": vm, "target": target}, headers={"Idempotency-Key": key}
+                    "/migrations",
+                    {"vm": vm, "target": target, **({"policy": policy} if policy else {})},
+                    headers={"Idempotency-Key": key},
                 )
             except ApiError as error:
                 if error.status or attempt == RETRIES - 1:

@@ -156,12 +156,26 @@ def migrate(
     vm: Annotated[str, typer.Argument(help="VM name or id")],
     to: Annotated[str, typer.Option("--to", help="Target VSP name or id")],
     watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it ends")] = False,
+    max_downtime: Annotated[
+        int | None, typer.Option("--max-downtime", help="Allowed downtime (ms) for this migration")
+    ] = None,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s)")] = None,
+    auto_converge: Annotated[
+        bool, typer.Option("--auto-converge", help="Throttle the guest stepwise if it does not converge")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Migrate a running VM online to another VSP (the Migrate dialog's checks apply)."""
+    """Migrate a running VM online to another VSP (the Migrate dialog's checks and policy bounds apply)."""
+    policy: dict[str, int | bool | str] = {}
+    if max_downtime is not None:
+        policy["max_downtime_ms"] = max_downtime
+    if bandwidth is not None:
+        policy["bandwidth_cap_mb_s"] = bandwidth
+    if auto_converge:
+        policy["auto_converge"] = True
     api = client()
     try:
-        migration = api.create_migration(vm, to)
+        migration = api.create_migration(vm, to, {"preset": "custom", **policy} if policy else None)
     except ApiError as error:
         raise fail(str(error)) from None
     if not watch:
@@ -236,3 +250,44 @@ def call(function: Any) -> Any:
 
 def run() -> None:
     app()
+
+
+@app.command()
+def evacuate(
+    vsp: Annotated[str, typer.Argument(help="The VSP to empty (name or id)")],
+    plan_only: Annotated[bool, typer.Option("--plan-only", help="Show the plan, start nothing")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Evacuate a VSP: show the plan (each guest's target and forecast, who stays and why), then start it.
+
+    Started, the VSP enters maintenance and its guests leave one at a time; follow it on the VSP's page
+    or with ``GET /api/v1/evacuations/ID``. Exit status 1 with the console's words when refused.
+    """
+    plan = call(lambda api: api.get(f"/vsps/{vsp}/evacuation-plan"))
+    if plan_only or not plan["can_start"]:
+        if as_json:
+            print_json(plan)
+        else:
+            print_plan(plan)
+        if not plan_only:
+            raise fail(" ".join(plan["problems"]) or f"Nothing on {plan['vsp']} can leave.")
+        return
+    evacuation = call(lambda api: api.post(f"/vsps/{vsp}/evacuations", {}))
+    if as_json:
+        return print_json(evacuation)
+    print_plan(plan)
+    out.print(
+        f"Evacuation {evacuation['id']} of {evacuation['vsp']} started: {evacuation['summary']}.",
+        markup=False,
+        highlight=False,
+    )
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    table = Table("Guest", "Target", "Forecast", "Problem")
+    for step in plan["steps"]:
+        forecast = "not known yet" if step["predicted_s"] is None else f"{step['predicted_s']:.0f} s"
+        table.add_row(step["vm"], step["target"] or "-", forecast, step["problem"])
+    out.print(table)
+    for stay in plan["staying"]:
+        out.print(f"stays: {stay['vm']}: {stay['reason']}", markup=False, highlight=False)

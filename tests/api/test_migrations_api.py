@@ -218,3 +218,37 @@ def test_it_answers_400_to_a_body_that_is_not_json(api, hosts):
 
     assert_problem(response, 400)
     assert not Migration.objects.exists()
+
+
+def test_it_takes_a_policy_for_this_migration_and_shows_the_effective_one(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+
+    response = api.post(
+        "/migrations",
+        {"vm": "web01", "target": "hostb", "policy": {"max_downtime_ms": 800, "auto_converge": True}},
+    )
+
+    assert response.status_code == 201, response.content
+    policy = response.json()["policy"]
+    assert (policy["max_downtime_ms"], policy["auto_converge"]) == (800, True)
+    assert Migration.objects.get().policy["max_downtime_ms"] == 800
+
+
+@pytest.mark.parametrize(
+    "policy", [{"max_downtime_ms": -5}, {"max_downtime_ms": "soon"}, {"warp": 9}, {"at_limit": "explode"}]
+)
+def test_it_refuses_a_bad_policy_with_its_reason_and_changes_nothing(api, hosts, policy):
+    make_vm("web01", vsp=hosts[0])
+
+    body = assert_problem(api.post("/migrations", {"vm": "web01", "target": "hostb", "policy": policy}), 422)
+
+    assert body["detail"]
+    assert not Migration.objects.exclude(state="refused").exists()
+
+
+def test_it_accepts_numeric_ids(api, hosts):
+    vm = make_vm("web01", vsp=hosts[0])
+
+    response = api.post("/migrations", {"vm": vm.pk, "target": hosts[1].pk})
+
+    assert response.status_code == 201, response.content

@@ -15,8 +15,9 @@ import pytest
 from api.tokens import do_create_token
 from migrations_app.models import Migration
 from tests.api.conftest import WRITER
-from tests.factories import make_user
+from tests.factories import make_user, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm
+from vms.models import VSP
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -140,3 +141,22 @@ def test_it_exits_non_zero_with_the_alert_when_the_watched_migration_is_cancelle
 
     assert watching.returncode == 1, stdout + stderr
     assert "Cancelled by alice during the Copy phase. The VM keeps running on hosta." in stderr
+
+
+def test_it_shows_an_evacuation_plan_and_refuses_to_start_one_where_nothing_can_leave(logged_in):
+    src = make_vsp("evac-src", memory_mib=16384)
+    make_vsp("evac-big", memory_mib=1000)
+    make_vm("evac-g700", vsp=src, memory_mib=700)
+    make_vm("evac-vpar", vsp=src, kind="vpar", memory_mib=64)
+    only_vpar = make_vsp("evac-lonely", memory_mib=256)  # too small to take evac-g700
+    make_vm("evac-vpar2", vsp=only_vpar, kind="vpar", memory_mib=64)
+
+    plan = matrixoe(logged_in, "evacuate", "evac-src", "--plan-only", "--json")
+    refused = matrixoe(logged_in, "evacuate", "evac-lonely")
+
+    assert plan.returncode == 0, plan.stderr
+    steps = json.loads(plan.stdout)["steps"]
+    assert [(step["vm"], step["target"]) for step in steps] == [("evac-g700", "evac-big")]
+    assert refused.returncode == 1
+    assert "Nothing on evac-lonely can leave." in refused.stderr
+    assert not VSP.objects.get(name="evac-src").maintenance
