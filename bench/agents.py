@@ -24,14 +24,24 @@ class BenchAgent:
     def __init__(
         self, name: str, scratch: Path, driver: str = "simulated", *extra_args: str, timeout_s: float = 60
     ) -> None:
+        """TLS with a CA of the bench's own (``scratch/pki``); ``encryption`` is the data-plane policy
+        ``migrate`` uses by default ("off" for QEMU, whose driver cannot encrypt yet)."""
         secret_file = scratch / f"{name}.secret"
         write_secret_file(secret_file)
         started = start_agent(
-            name, free_port(), secret_file, driver, extra_args, log_path=scratch / f"{name}.log"
+            name,
+            free_port(),
+            secret_file,
+            driver,
+            extra_args,
+            log_path=scratch / f"{name}.log",
+            pki_dir=scratch / "pki",
         )
         self.process = started.process
         self.secret = started.secret
-        self.client = AgentClient(started.url, started.secret, timeout_s=timeout_s)
+        self.trust = started.ca.read_text() if started.ca else ""
+        self.client = AgentClient(started.url, started.secret, trust=self.trust, timeout_s=timeout_s)
+        self.encryption = "off" if driver == "qemu" else "required"
 
     def stop(self) -> None:
         self.client.close()
@@ -46,15 +56,20 @@ class Moved:
     to_converged_s: float  # start -> converged (or ended)
 
 
-def migrate(source: BenchAgent, target: BenchAgent, spec: dict[str, Any]) -> Moved:
-    """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands."""
+def migrate(source: Any, target: Any, spec: dict[str, Any], encryption: str | None = None) -> Moved:
+    """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands.
+
+    ``encryption``: the data-plane policy ("required": mutual TLS, "off": plain TCP); by default the
+    source's (``BenchAgent.encryption``), else "required".
+    """
+    policy = encryption or getattr(source, "encryption", "required")
     migration_id = f"bench-{secrets.token_hex(3)}"
     wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
     wanted["guest_id"] = guest_id_for(spec["name"])
     started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {})
+    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, policy)
     source.client.start_outgoing(
-        wanted["guest_id"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30}
+        wanted["guest_id"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30}, policy
     )
     for snapshot in source.client.iter_progress(migration_id):
         if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):

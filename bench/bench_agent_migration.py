@@ -1,13 +1,17 @@
 """Benchmark: live-migrate a 1 GiB simulated guest between two real agents over loopback.
 
     .venv/bin/python bench/bench_agent_migration.py [--memory-mib 1024] [--dirty-pages-per-s 25000]
+        [--repeat 2] [--no-busy]
 
 Runs, in one go: raw loopback TCP throughput (a sender and a receiver process
-moving the same number of non-zero bytes with plain blocking sockets), then a
-migration of an idle guest (memory filled, nothing written), then one of a
-guest writing pages at a steady rate. Prints total time (start to ready),
-downtime (the Frozen phase), rounds, data-plane throughput (bytes on the wire /
-wall-clock seconds of copy rounds) and its ratio to raw loopback.
+moving the same number of non-zero bytes with plain blocking sockets), then
+migrations of an idle guest (memory filled, nothing written) over the plain data
+plane (policy "off") and over the TLS data plane (policy "required": mutual TLS,
+the agents' certificates from a CA of the bench's own), alternating, ``--repeat``
+times each; then one of a guest writing pages at a steady rate over each. Prints
+total time (start to ready), downtime (the Frozen phase), rounds, data-plane
+throughput (bytes on the wire / wall-clock seconds of copy rounds), its ratio to
+raw loopback, TLS over plain, and the machine's load average (it is shared).
 """
 
 from __future__ import annotations
@@ -72,7 +76,12 @@ def raw_loopback_bytes_s(total: int) -> float:
 
 
 def migrate_guest(
-    source: BenchAgent, target: BenchAgent, name: str, memory_mib: int, dirty_pages_per_s: int
+    source: BenchAgent,
+    target: BenchAgent,
+    name: str,
+    memory_mib: int,
+    dirty_pages_per_s: int,
+    encryption: str = "required",
 ) -> dict:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     source.client.define_guest(
@@ -84,9 +93,12 @@ def migrate_guest(
             "running": True,
         }
     )
-    moved = migrate(source, target, spec)
+    before = cpu_s(source), cpu_s(target)
+    moved = migrate(source, target, spec, encryption)
     ready = moved.ready
     return {
+        "cpu_source_s": cpu_s(source) - before[0],
+        "cpu_target_s": cpu_s(target) - before[1],
         "total_s": moved.total_s,
         "to_converged_s": moved.to_converged_s,
         "downtime_ms": ready["downtime_ms"],
@@ -95,6 +107,12 @@ def migrate_guest(
         "throughput": ready["throughput_bytes_s"],
         "digests_equal": ready["source_digest"] == ready["target_digest"],
     }
+
+
+def cpu_s(agent: BenchAgent) -> float:
+    """User + system CPU seconds of the agent process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{agent.process.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(label: str, result: dict, raw: float) -> None:
@@ -107,27 +125,49 @@ def report(label: str, result: dict, raw: float) -> None:
     throughput = result["throughput"]
     print(f"  data-plane throughput      {throughput / 1e6:.0f} MB/s   ratio to raw {throughput / raw:.2f}")
     print(f"  digests equal              {result['digests_equal']}")
+    cpu = f"source {result['cpu_source_s']:.2f} s, target {result['cpu_target_s']:.2f} s"
+    print(f"  agents' CPU (user+system)  {cpu}")
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-mib", type=int, default=1024)
     parser.add_argument("--dirty-pages-per-s", type=int, default=25_000)
+    parser.add_argument("--repeat", type=int, default=2, help="idle migrations per data plane")
+    parser.add_argument("--no-busy", action="store_true", help="skip the busy guest")
     parser.add_argument("--keep-logs", action="store_true", help="keep the agents' logs")
     args = parser.parse_args()
     total = args.memory_mib * 2**20
     print(
         f"guest {args.memory_mib} MiB, all pages non-zero; busy run writes {args.dirty_pages_per_s} pages/s"
     )
+    print(load())
     raw = best_raw_loopback_bytes_s(total)
     print(f"raw loopback TCP (blocking sockets, 2 processes): {raw / 1e6:.0f} MB/s")
     scratch = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     source, target = BenchAgent("bench-src", scratch), BenchAgent("bench-dst", scratch)
+    idle: dict[str, list[float]] = {"off": [], "required": []}
     try:
-        report("idle guest", migrate_guest(source, target, "bench-idle", args.memory_mib, 0), raw)
-        dirty_mb_s = args.dirty_pages_per_s * 4096 / 1e6
-        busy = migrate_guest(source, target, "bench-busy", args.memory_mib, args.dirty_pages_per_s)
-        report(f"busy guest ({dirty_mb_s:.0f} MB/s dirtied)", busy, raw)
+        for attempt in range(args.repeat):
+            for policy in ("off", "required"):
+                label = "plain data plane" if policy == "off" else "TLS data plane (mutual TLS)"
+                result = migrate_guest(
+                    source, target, f"bench-idle-{policy}-{attempt}", args.memory_mib, 0, policy
+                )
+                report(f"idle guest, {label}, run {attempt + 1}", result, raw)
+                idle[policy].append(result["throughput"])
+        if not args.no_busy:
+            dirty_mb_s = args.dirty_pages_per_s * 4096 / 1e6
+            for policy in ("off", "required"):
+                label = "plain" if policy == "off" else "TLS"
+                name = f"bench-busy-{policy}"
+                busy = migrate_guest(source, target, name, args.memory_mib, args.dirty_pages_per_s, policy)
+                report(f"busy guest ({dirty_mb_s:.0f} MB/s dirtied), {label} data plane", busy, raw)
     finally:
         source.stop()
         target.stop()
@@ -139,6 +179,20 @@ def main() -> None:
     print(
         f"\nraw loopback again after the migrations: {after / 1e6:.0f} MB/s (a check on the machine's noise)"
     )
+    print(load())
+    plain, tls = idle["off"], idle["required"]
+    print("\nsummary, idle guest (ratio to the first raw loopback figure):")
+    print(f"  raw loopback TCP   {raw / 1e6:6.0f} MB/s   1.00 (after: {after / raw:.2f})")
+    print(
+        f"  plain data plane   {min(plain) / 1e6:.0f}-{max(plain) / 1e6:.0f} MB/s   "
+        f"{min(plain) / raw:.2f}-{max(plain) / raw:.2f}"
+    )
+    print(
+        f"  TLS data plane     {min(tls) / 1e6:.0f}-{max(tls) / 1e6:.0f} MB/s   "
+        f"{min(tls) / raw:.2f}-{max(tls) / raw:.2f}"
+    )
+    ratios = [t / p for t, p in zip(tls, plain, strict=True)]
+    print(f"  TLS / plain (same attempt)   {min(ratios):.2f}-{max(ratios):.2f}   (aim: at least 0.8)")
 
 
 if __name__ == "__main__":

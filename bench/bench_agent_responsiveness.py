@@ -53,7 +53,8 @@ def main() -> None:
             timings: dict[str, list[float]] = {"source": [], "target": []}
             pollers = [
                 threading.Thread(
-                    target=poll, args=(AgentClient(a.client.base_url, a.secret), stop, timings[side])
+                    target=poll,
+                    args=(AgentClient(a.client.base_url, a.secret, trust=a.trust), stop, timings[side]),
                 )
                 for side, a in (("source", source), ("target", target))
             ]

@@ -60,13 +60,18 @@ def measure(runs: int, agents) -> tuple[list[tuple[float, float]], list[tuple[fl
 
     vsps = [
         VSP.objects.create(
-            name=f"bench-{letter}", agent_url=a.url, agent_secret=a.secret, memory_mib=8192, cpus=8
+            name=f"bench-{letter}",
+            agent_url=a.url,
+            agent_secret=a.secret,
+            agent_certificate=a.fingerprint or "",
+            memory_mib=8192,
+            cpus=8,
         )
         for letter, a in zip("ab", agents, strict=True)
     ]
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
-    AgentClient(vsps[0].agent_url, vsps[0].agent_secret).define_guest(
+    AgentClient.for_vsp(vsps[0]).define_guest(
         {"name": vm.name, "memory_mib": 64, "vcpus": 1, "dirty_pages_per_s": 200, "running": True}
     )
     user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway db

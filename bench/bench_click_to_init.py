@@ -53,7 +53,8 @@ use_local_secrets()  # SECRET_KEY and the secrets key from var/, as `make run` u
 def start_bench_agent(name: str) -> AgentProcess:
     secret_file = WORK_DIR / f"{name}.secret"
     write_secret_file(secret_file)
-    return start_agent(name, free_port(), secret_file, log_path=WORK_DIR / f"agent-{name}.log")
+    log_path = WORK_DIR / f"agent-{name}.log"
+    return start_agent(name, free_port(), secret_file, log_path=log_path, pki_dir=WORK_DIR / "pki")
 
 
 def main() -> None:
@@ -92,6 +93,7 @@ def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
             name=f"bench-{letter}",
             agent_url=agent.url,
             agent_secret=agent.secret,
+            agent_certificate=agent.fingerprint or "",
             memory_mib=8192,
             cpus=8,
         )
@@ -99,7 +101,7 @@ def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
     ]
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
-    AgentClient(vsps[0].agent_url, vsps[0].agent_secret).define_guest(
+    AgentClient.for_vsp(vsps[0]).define_guest(
         {
             "guest_id": str(vm.guest_id),
             "name": vm.name,

@@ -114,11 +114,15 @@ def print_resident(title: str, rows: list[tuple[str, int, int, int]]) -> int:
 
 
 def agents_of(root: Path, base_port: int) -> dict[str, AgentClient]:
+    """Clients of `make run`'s agents: HTTPS with var/pki's CA (plain HTTP if it has none)."""
     secrets_dir = root / "var" / "agent-secrets"
+    ca = root / "var" / "pki" / "ca.pem"
+    scheme, trust = ("https", ca.read_text()) if ca.exists() else ("http", "")
     return {
         name: AgentClient(
-            f"http://127.0.0.1:{base_port + index}",
+            f"{scheme}://127.0.0.1:{base_port + index}",
             (secrets_dir / f"{name}.secret").read_text().strip(),
+            trust=trust,
             timeout_s=60,
         )
         for index, name in enumerate(HOSTS)

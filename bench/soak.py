@@ -97,7 +97,12 @@ def set_up_console(stack: Stack):
     for name in AGENT_NAMES:
         agent = stack.agents[name]
         VSP.objects.create(
-            name=name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=16384, cpus=8
+            name=name,
+            agent_url=agent.url,
+            agent_secret=agent.secret,
+            agent_certificate=agent.trust,
+            memory_mib=16384,
+            cpus=8,
         )
     password = secrets.token_urlsafe(12)
     admin = User.objects.create_superuser("soak", password=password)

@@ -67,7 +67,7 @@ def runnable_copy(vm_id: int) -> Registration | None:
 def guest_on(stack: Stack, host: str, name: str) -> dict[str, Any] | None:
     """The agent's GuestInfo, or None if it does not know the guest; raises AgentError if it is down."""
     agent = stack.agents[host]
-    with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+    with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
         guests = {guest["name"]: guest for guest in client.list_guests()}
     return guests.get(name)
 
@@ -135,7 +135,7 @@ def check_agent_digests(stack: Stack, scenario: Scenario, migration: Migration) 
     for side, host in (("source", scenario.source), ("target", scenario.target)):
         agent = stack.agents[host]
         try:
-            with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+            with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
                 digests[side] = client.snapshot(agent_id).get(f"{side}_digest")
         except AgentError:
             return []  # restarted since: the database's copy of the digests was checked
@@ -156,7 +156,7 @@ def check_agents(stack: Stack) -> list[str]:
     known = set(VirtualMachine.objects.values_list("name", flat=True))
     for host, agent in stack.agents.items():
         try:
-            with AgentClient(agent.url, agent.secret, timeout_s=3) as client:
+            with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
                 guests = client.list_guests()
         except AgentError as error:
             broken.append(f"agent {host} did not answer: {error}")

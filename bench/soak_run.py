@@ -109,7 +109,7 @@ class Result:
 
 def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient:
     agent = stack.agents[name]
-    return AgentClient(agent.url, agent.secret, timeout_s=timeout_s)
+    return AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=timeout_s)
 
 
 def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:

@@ -64,7 +64,12 @@ class Agent:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def trust(self) -> str:
+        """The soak's CA certificate (PEM): what its VSPs register and its clients verify with."""
+        return (self.secret_file.parent / "pki" / "ca.pem").read_text()
 
 
 @dataclass
@@ -167,6 +172,7 @@ class Stack:
             known.secret_file,
             log_path=self.work_dir / f"agent-{name}.log",
             env=self.child_env(),
+            pki_dir=self.work_dir / "pki",
         )
         known.process = started.process
 

@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,8 +19,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from devtools import pki
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -41,9 +45,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: f
     return predicate()
 
 
-def answers_http(url: str, headers: dict[str, str] | None = None) -> bool:
+def answers_http(url: str, headers: dict[str, str] | None = None, verify: Any = True) -> bool:
     try:
-        return httpx.get(url, headers=headers, timeout=1).status_code == 200
+        return httpx.get(url, headers=headers, timeout=1, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -135,6 +139,8 @@ class AgentProcess:
     url: str
     secret: str
     process: ManagedProcess
+    ca: Path | None = None  # the deployment CA (PEM) its certificate comes from; None: plain HTTP
+    fingerprint: str | None = None  # SHA-256 of its certificate (``devtools.pki.fingerprint``)
 
 
 def write_secret_file(path: Path) -> str:
@@ -156,22 +162,37 @@ def start_agent(
     log_path: Path,
     env: dict[str, str] | None = None,
     timeout: float = 30,
+    pki_dir: Path | None = None,
 ) -> AgentProcess:
     """``python -m hostagent`` on 127.0.0.1:``port``, returned once it answers its health check.
 
+    ``pki_dir``: the deployment CA's directory (``devtools.pki``): the agent gets a certificate of
+    its own from it and serves HTTPS and a mutual-TLS data plane. None: ``--insecure-http``.
     Raises RuntimeError with the end of its log if it exits or does not answer in time.
     """
     secret = secret_file.read_text().strip()
     args = [PYTHON, "-m", "hostagent", "--name", name, "--listen", f"127.0.0.1:{port}"]
-    args += ["--secret-file", str(secret_file), "--driver", driver, *extra_args]
+    args += ["--secret-file", str(secret_file), "--driver", driver]
+    ca = fingerprint = None
+    verify: Any = True
+    if pki_dir is not None:
+        issued = pki.ensure_agent_cert(pki_dir, name)
+        args += issued.agent_args()
+        ca, fingerprint = issued.ca, issued.fingerprint()
+        verify = ssl.create_default_context(cafile=str(ca))
+        url = f"https://127.0.0.1:{port}"
+    else:
+        args.append("--insecure-http")
+        url = f"http://127.0.0.1:{port}"
+    args += list(extra_args)
     process = start_process(f"agent-{name}", args, log_path, env)
-    url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {secret}"}
-    wait_until(lambda: not process.running or answers_http(f"{url}/v1/health", headers), timeout, 0.05)
-    if not process.running or not answers_http(f"{url}/v1/health", headers):
+    health = f"{url}/v1/health"
+    wait_until(lambda: not process.running or answers_http(health, headers, verify), timeout, 0.05)
+    if not process.running or not answers_http(health, headers, verify):
         process.stop()
         raise RuntimeError(f"host agent {name} did not start:\n{process.log_tail()}")
-    return AgentProcess(name, url, secret, process)
+    return AgentProcess(name, url, secret, process, ca, fingerprint)
 
 
 # -- the console: ASGI server and Celery ---------------------------------------------

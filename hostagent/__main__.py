@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from hostagent.driver import DRIVERS, DriverSettings, load_driver
 from hostagent.server import create_app
+from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent")
 
@@ -37,6 +39,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="driver option, repeatable (simulated: capacity_mib=65536)",
     )
+    parser.add_argument(
+        "--tls-cert", type=Path, help="this agent's certificate (PEM) for HTTPS and the data plane"
+    )
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="the deployment CA (PEM): data-plane peers must show a certificate from it",
+    )
+    parser.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="development only: serve the API over plain HTTP and the data plane only with the policy off",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -52,6 +68,26 @@ def read_secret(args: argparse.Namespace) -> str:
             "(--secret-file, --secret-env or HOSTAGENT_SECRET)"
         )
     return secret
+
+
+def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
+    """The TLS files (all three or none); none only with ``--insecure-http``."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if all(given):
+        settings = TlsSettings(args.tls_cert, args.tls_key, args.tls_ca)
+        try:
+            settings.check()
+        except (OSError, ssl.SSLError) as error:
+            sys.exit(f"hostagent: cannot load the TLS certificate, key or CA: {error}")
+        return settings
+    if any(given):
+        sys.exit("hostagent: --tls-cert, --tls-key and --tls-ca go together")
+    if not args.insecure_http:
+        sys.exit(
+            "hostagent: TLS is required: give --tls-cert, --tls-key and --tls-ca "
+            "(or --insecure-http for development only)"
+        )
+    return None
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -73,16 +109,28 @@ def driver_options(pairs: list[str]) -> dict[str, str]:
 
 async def serve(args: argparse.Namespace) -> None:
     host, port = split_listen(args.listen)
+    tls = tls_settings(args)
     settings = DriverSettings(
-        agent_name=args.name, data_host=args.data_host or host, options=driver_options(args.driver_option)
+        agent_name=args.name,
+        data_host=args.data_host or host,
+        options=driver_options(args.driver_option),
+        tls=tls,
     )
     driver = load_driver(args.driver, settings)
     runner = web.AppRunner(create_app(driver, read_secret(args), args.name), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=tls.api_context() if tls else None).start()
+    if tls is None:
+        log.warning(
+            "INSECURE: agent %s serves its API over plain HTTP (--insecure-http): the secret and every "
+            "request cross the network in clear, and its data plane cannot encrypt (policy off only). "
+            "Development only.",
+            args.name,
+        )
     log.info(
-        "agent %s listening on %s:%s (driver %s, data host %s)",
+        "agent %s listening on %s://%s:%s (driver %s, data host %s)",
         args.name,
+        "https" if tls else "http",
         host,
         port,
         driver.name,

@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 
 from hostagent.protocol import (
     DirtyRate,
+    Encryption,
     Endpoint,
     ErrorCode,
     FailureKind,
@@ -40,6 +41,7 @@ from hostagent.protocol import (
     ProgressSnapshot,
     Role,
 )
+from hostagent.tls import TlsSettings
 
 
 def plain_connection_error(error: BaseException) -> str:
@@ -177,6 +179,7 @@ class DriverSettings:
     agent_name: str
     data_host: str = "127.0.0.1"
     options: dict[str, str] = field(default_factory=dict)
+    tls: TlsSettings | None = None  # None: the agent cannot encrypt its data plane (policy "off" only)
 
 
 @runtime_checkable
@@ -212,15 +215,28 @@ class Driver(Protocol):
         ...
 
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
+        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
     ) -> tuple[Migration, Endpoint]:
-        """Reserve memory, create the paused guest, open a listener with a one-time token."""
+        """Reserve memory, create the paused guest, open a listener with a one-time token.
+
+        ``encryption`` "required": the listener speaks mutual TLS (``DriverSettings.tls``); a driver
+        that cannot encrypt raises ``InvalidRequest`` rather than listen in clear.
+        """
         ...
 
     async def start_outgoing(
-        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
+        self,
+        guest_id: str,
+        migration_id: str,
+        target: Endpoint,
+        params: MigrationParams,
+        *,
+        encryption: Encryption = "required",
     ) -> Migration:
-        """Connect to the target and start Init; returns as soon as the migration exists."""
+        """Connect to the target and start Init; returns as soon as the migration exists.
+
+        ``encryption`` as in ``prepare_incoming``: both sides must be given the same policy.
+        """
         ...
 
     async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:

@@ -17,6 +17,7 @@ Decisions are made by ``FailureKind``, never by the words of an error; the words
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 import uuid
@@ -69,6 +70,9 @@ MigrationState = Literal[
     "discarded",
     "released",
 ]
+Encryption = Literal["required", "off"]
+"""The data plane's encryption policy for a pair of hosts: mutual TLS ("required", the default) or
+plain TCP ("off", for a trusted dedicated migration network). Both sides get it; they must agree."""
 Command = Literal["quiesce", "freeze", "resume", "discard", "release", "cancel"]
 PHASES: tuple[Phase, ...] = ("init", "copy", "quiesce", "frozen")
 COMMANDS: tuple[Command, ...] = ("quiesce", "freeze", "resume", "discard", "release", "cancel")
@@ -335,6 +339,7 @@ class IncomingRequest(Message):
     migration_id: MigrationId
     guest: GuestSpec
     limits: PhaseLimits = Field(default_factory=PhaseLimits)
+    encryption: Encryption = "required"
 
 
 class PreparedIncoming(Message):
@@ -356,6 +361,7 @@ class OutgoingRequest(Message):
     guest: GuestId
     target: Endpoint
     params: MigrationParams = Field(default_factory=MigrationParams)
+    encryption: Encryption = "required"
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -461,6 +467,15 @@ def plain_words(error: ValidationError, what: str = "the request body") -> str:
         message = message[0].lower() + message[1:]
         return f"{where}: {message}"
     return f"{where} {message}"
+
+
+def load_json(raw: bytes | bytearray | str, what: str = "the request body") -> Any:
+    """``raw`` decoded as JSON; anything that is not (bad UTF-8, bad syntax, nesting deep enough to
+    exhaust the parser's recursion) is ``ProtocolViolation``, never another exception."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProtocolViolation(f"{what} is not valid JSON") from None
 
 
 def parse(model: type[M], body: bytes | str | dict[str, Any] | Any, what: str = "the request body") -> M:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +40,7 @@ from hostagent.protocol import (
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
+    load_json,
     parse,
     plain_words,
 )
@@ -101,9 +101,9 @@ async def read_message(request: web.Request, model: type[M], **from_url: Any) ->
     """The body as ``model`` (values from the URL win, and must agree); bad input is ``InvalidRequest``."""
     raw = await request.read()
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidRequest("the request body is not valid JSON") from error
+        body = load_json(raw)
+    except ProtocolViolation as error:
+        raise InvalidRequest(str(error)) from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     for key, value in from_url.items():
@@ -198,7 +198,9 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     incoming = await read_message(request, IncomingRequest)
     migration_id, spec = incoming.migration_id, incoming.guest
     check_new_migration(request, migration_id)
-    migration, endpoint = await driver_of(request).prepare_incoming(spec, migration_id, incoming.limits)
+    migration, endpoint = await driver_of(request).prepare_incoming(
+        spec, migration_id, incoming.limits, encryption=incoming.encryption
+    )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("prepared incoming migration %s of %s on port %s", migration_id, spec.guest_id, endpoint.port)
     prepared = PreparedIncoming(
@@ -211,7 +213,9 @@ async def start_outgoing(request: web.Request) -> web.Response:
     outgoing = await read_message(request, OutgoingRequest)
     migration_id, guest, target = outgoing.migration_id, outgoing.guest, outgoing.target
     check_new_migration(request, migration_id)
-    migration = await driver_of(request).start_outgoing(guest, migration_id, target, outgoing.params)
+    migration = await driver_of(request).start_outgoing(
+        guest, migration_id, target, outgoing.params, encryption=outgoing.encryption
+    )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("started outgoing migration %s of %s to %s:%s", migration_id, guest, target.host, target.port)
     return reply(migration.snapshot())

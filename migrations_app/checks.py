@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Sum
+from django.db.models import Q, Sum
 
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, PairEncryption, Registration, VirtualMachine
 
 from .models import Migration
 
@@ -21,18 +21,33 @@ OK = "ok"
 class TargetCheck:
     vsp: VSP
     reason: str  # "ok" or why this VSP cannot take the VM, in plain words
+    encryption: str = PairEncryption.Policy.REQUIRED  # the pair's data-plane policy: "required" | "off"
 
     @property
     def ok(self) -> bool:
         return self.reason == OK
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != PairEncryption.Policy.OFF
 
 
 def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
     """Every VSP with its pre-check result for migrating ``vm`` there."""
     source = vm.current_vsp
     vm_reason = check_vm(vm, source)
+    plain: set[int] = set()
+    if source is not None:
+        pairs = PairEncryption.objects.filter(Q(vsp_a=source) | Q(vsp_b=source), encryption="off")
+        plain = {vsp_id for pair in pairs.values_list("vsp_a_id", "vsp_b_id") for vsp_id in pair}
+        plain.discard(source.pk)
     return [
-        TargetCheck(vsp, vm_reason or check_target_host(vm, source, vsp) or OK) for vsp in VSP.objects.all()
+        TargetCheck(
+            vsp,
+            vm_reason or check_target_host(vm, source, vsp) or OK,
+            PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
+        )
+        for vsp in VSP.objects.all()
     ]
 
 

@@ -64,7 +64,7 @@ def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
 
     ``timeout_s``: per request (s); the ``AGENT_TIMEOUT_S`` setting when None.
     """
-    return AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s)
+    return AgentClient.for_vsp(vsp, timeout_s=timeout_s)
 
 
 def agent_migration_id(migration: Migration) -> str:

@@ -110,7 +110,7 @@ def measure_dirty_rate(vm: VirtualMachine) -> DirtyRate | None:
     if vsp is None:
         return None
     try:
-        with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
+        with AgentClient.for_vsp(vsp) as agent:
             answer = agent.dirty_rate(str(vm.guest_id), DIRTY_RATE_WINDOW_S)
     except AgentError as error:
         log.info("could not measure the dirty rate of %s: %s", vm.name, error)

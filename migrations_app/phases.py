@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from hostagent.protocol import FailureKind, ProgressSnapshot
 from hostagent.protocol import Phase as AgentPhase
+from vms.models import PairEncryption
 
 from .checks import check_target, is_running
 from .dataplane import route_data_plane
@@ -71,7 +72,10 @@ class Init(Phase):
         if reason:
             # Off in the database: it was not running. On: the source is asked (its host may have died).
             raise MigrationFailed(self.state, reason, source_running=None if is_running(vm) else False)
-        endpoint = run.call("target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits())
+        encryption = PairEncryption.policy_between(migration.require_source(), migration.target)
+        endpoint = run.call(
+            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption
+        )
         endpoint = route_data_plane(endpoint)
         run.check_stop()
         try:
@@ -82,6 +86,7 @@ class Init(Phase):
                 run.agent_id,
                 endpoint,
                 run.agent_params(),
+                encryption,
             )
         except MigrationFailed:
             if run.source_guest_running() is not False:

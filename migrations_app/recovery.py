@@ -93,7 +93,7 @@ def undo_leftovers() -> list[str]:
     ended = (State.ABORTED, State.CANCELLED)
     undone = []
     for vsp in VSP.objects.filter(agent_reachable=True):
-        with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
+        with AgentClient.for_vsp(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
             try:
                 guests = agent.list_guests()
             except AGENT_ERRORS as error:

@@ -142,7 +142,7 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
         )
     source = current.require_source()
     try:
-        with AgentClient(source.agent_url, source.agent_secret) as agent:
+        with AgentClient.for_vsp(source) as agent:
             agent.change_params(agent_migration_id(current), change)
     except AgentError as error:
         raise ChangeRefused(

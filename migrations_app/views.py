@@ -149,6 +149,14 @@ class TargetRow:
     def reason(self) -> str:
         return self.check.reason
 
+    @property
+    def encryption(self) -> str:
+        return self.check.encryption
+
+    @property
+    def encrypted(self) -> bool:
+        return self.check.encrypted
+
 
 def target_rows(
     vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool

@@ -15,7 +15,9 @@ held by anything else is named with what to do.
 
 Secrets are generated once into var/ (mode 0600) and reused: the Django SECRET_KEY, the key that
 encrypts agent secrets in the database, the password of the Redis started here, and the first
-admin and operator passwords (printed on the first run only).
+admin and operator passwords (printed on the first run only). So is the demo's small PKI in
+var/pki/ (devtools/pki.py): a CA and one certificate per host agent (keys 0600); the agents serve
+HTTPS and a mutual-TLS data plane with them, and each demo VSP registers its agent's fingerprint.
 
 Several consoles can share one Redis: each gets a Celery queue and a Channels prefix
 named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
@@ -47,6 +49,7 @@ from devtools.processes import (  # noqa: E402
 
 VAR_DIR = Path(os.environ.get("MATRIXOE_VAR_DIR") or BASE_DIR / "var")
 SECRETS_DIR = VAR_DIR / "agent-secrets"
+PKI_DIR = VAR_DIR / "pki"  # the demo's CA and one certificate per agent (devtools.pki), reused
 LOG_DIR = VAR_DIR / "logs"
 REDIS_PORT = int(os.environ.get("MATRIXOE_REDIS_PORT", "6380"))
 DEMO_HOSTS = ("vsp1", "vsp2", "vsp3", "vsp4")
@@ -189,7 +192,9 @@ def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
         require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
         log_path = LOG_DIR / f"agent-{name}.log"
         try:
-            agent = start_agent(name, port, agent_secret_file(name), driver, log_path=log_path)
+            agent = start_agent(
+                name, port, agent_secret_file(name), driver, log_path=log_path, pki_dir=PKI_DIR
+            )
         except RuntimeError:
             sys.exit(f"host agent {name} did not start; see {log_path}")
         agents.append(agent.process)
@@ -241,7 +246,11 @@ def main() -> None:
         manage("migrate", "--noinput", "-v", "0")
         manage("demo_users", "--secrets-dir", str(VAR_DIR))
         start_agents(options.hosts, agents)
-        manage("demo_fleet", "--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR))
+        manage(
+            "demo_fleet",
+            *("--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR)),
+            *("--pki-dir", str(PKI_DIR), "--data-plane", "off" if options.hosts == "qemu" else "required"),
+        )
         manage("seed_demo_agents", "--driver", options.hosts)
         start_console(options.port, processes)
         print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")

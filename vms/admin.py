@@ -22,8 +22,17 @@ from vms.actions import (
     do_mark_not_runnable,
     do_mark_runnable,
 )
+from vms.agent_client import check_trust
 from vms.fit import host_problems, registration_problems
-from vms.models import VSP, AuditEvent, HostGroup, HostGroupMembership, Registration, VirtualMachine
+from vms.models import (
+    VSP,
+    AuditEvent,
+    HostGroup,
+    HostGroupMembership,
+    PairEncryption,
+    Registration,
+    VirtualMachine,
+)
 
 NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
 MARK_FIELDS = {"hardware_status", "not_runnable_set_by", "not_runnable_reason"}
@@ -63,6 +72,7 @@ class VSPAdminForm(forms.ModelForm):
             "group",
             "agent_url",
             "agent_secret",
+            "agent_certificate",
             "migration_enabled",
             "licensed",
             "processor_family",
@@ -82,6 +92,12 @@ class VSPAdminForm(forms.ModelForm):
             if problems := host_problems(edited):
                 raise forms.ValidationError(problems)
         return cleaned
+
+    def clean_agent_certificate(self) -> str:
+        try:
+            return check_trust(self.cleaned_data.get("agent_certificate", ""))
+        except ValueError as error:
+            raise forms.ValidationError(str(error)) from None
 
     def clean_agent_secret(self) -> str:
         secret = self.cleaned_data["agent_secret"]
@@ -280,7 +296,7 @@ class VSPAdmin(AuditedAdmin):
     # Where the console sends a VSP's secret (and, through its agent, guests' memory) is a
     # superuser's decision: anyone else sees the address read-only and never the secret field.
     # So is the VSP's host group, which decides who sees and uses it.
-    AGENT_FIELDS = ("agent_url", "agent_secret")
+    AGENT_FIELDS = ("agent_url", "agent_secret", "agent_certificate")
 
     def get_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[Any]:
         fields = list(super().get_fields(request, obj))
@@ -290,10 +306,30 @@ class VSPAdmin(AuditedAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: VSP | None = None) -> list[str]:
         readonly = list(super().get_readonly_fields(request, obj))
-        return readonly if request.user.is_superuser else [*readonly, "agent_url", "group"]
+        return (
+            readonly if request.user.is_superuser else [*readonly, "agent_url", "agent_certificate", "group"]
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:  # a new VSP sets an agent address
         return request.user.is_superuser and super().has_add_permission(request)
+
+
+@admin.register(PairEncryption)
+class PairEncryptionAdmin(AuditedAdmin):
+    """Whether guest memory between two VSPs may cross the network in clear: superusers decide."""
+
+    list_display = ["vsp_a", "vsp_b", "encryption", "reason"]
+    list_filter = ["encryption"]
+    autocomplete_fields = ["vsp_a", "vsp_b"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_superuser
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
 
 
 @admin.register(VirtualMachine)

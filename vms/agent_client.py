@@ -7,11 +7,21 @@ migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
 agent's words; ``UnknownMigration`` and ``UnknownGuest`` when the agent does not know the
 migration or the guest), ``AgentProtocolError`` (an answer that is not what the API promises).
+
+TLS: an ``https://`` agent must show a certificate the console trusts, given per VSP as
+``trust`` (``VSP.agent_certificate``): the deployment CA's certificate (PEM; the agent's
+certificate must name the URL's host), or the SHA-256 fingerprint of the agent's own certificate
+(pinned: the console fetches the certificate, compares the fingerprint, and then trusts exactly
+that certificate). Without either, the system's CAs. The bearer secret is sent only over a
+connection whose certificate passed; a failed check is ``AgentUntrusted``, naming the URL.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import hmac
+import re
+import ssl
 from collections.abc import Generator
 from typing import Any, TypeVar
 
@@ -28,6 +38,7 @@ from hostagent.protocol import (
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
+    load_json,
     parse,
 )
 
@@ -58,6 +69,16 @@ class AgentRefused(AgentError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class AgentUntrusted(AgentUnreachable):
+    """The agent's TLS certificate is not the one registered (or not signed by the registered CA).
+
+    An ``AgentUnreachable`` for every caller (nothing was sent to it, not even the secret), with
+    kind ``refused``: it answered, but not as the host the console knows.
+    """
+
+    kind = FailureKind.REFUSED
 
 
 class UnknownMigration(AgentRefused):
@@ -115,31 +136,127 @@ def check_guest(body: Any) -> dict[str, Any]:
     return _reply(GuestInfo, body, "guest")
 
 
+FINGERPRINT = re.compile(r"(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}")
+
+
+def normalize_fingerprint(text: str) -> str | None:
+    """``AB:CD:..`` (32 upper-case hex pairs) from hex with or without colons; None if it is not one."""
+    text = text.strip()
+    if text.lower().startswith("sha256:"):
+        text = text[7:]
+    if not FINGERPRINT.fullmatch(text):
+        return None
+    digits = text.replace(":", "").upper()
+    if len(digits) != 64:
+        return None
+    return ":".join(digits[i : i + 2] for i in range(0, 64, 2))
+
+
+def check_trust(trust: str) -> str:
+    """``trust`` (a CA certificate in PEM, or a SHA-256 fingerprint) checked and normalized.
+
+    Raises ``ValueError`` in plain words when it is neither.
+    """
+    trust = trust.strip()
+    if not trust:
+        return ""
+    if "-----BEGIN CERTIFICATE-----" in trust:
+        try:
+            ssl.create_default_context(cadata=trust)
+        except (ssl.SSLError, ValueError):
+            raise ValueError("this is not a readable PEM certificate") from None
+        return trust
+    fingerprint = normalize_fingerprint(trust)
+    if fingerprint is None:
+        raise ValueError(
+            "give the CA certificate (PEM, -----BEGIN CERTIFICATE-----) or the SHA-256 fingerprint of the "
+            "agent's certificate (64 hex digits, colons optional)"
+        )
+    return fingerprint
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, 64, 2))
+
+
 class AgentClient:
+    """One agent's API. ``trust``: see the module's TLS paragraph (ignored for ``http://`` URLs)."""
+
     def __init__(
         self,
         base_url: str,
         secret: str,
         *,
+        trust: str = "",
         timeout_s: float | None = None,
         command_timeout_s: float | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._secret = secret
+        self._trust = trust.strip()
+        self._transport = transport
+        self._client: httpx.Client | None = None
         self.timeout_s = timeout_s if timeout_s is not None else _setting("AGENT_TIMEOUT_S", 10.0)
         # quiesce and freeze answer when their phase is over: up to the phase limits.
         self.command_timeout_s = (
             command_timeout_s if command_timeout_s is not None else _setting("AGENT_COMMAND_TIMEOUT_S", 180.0)
         )
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {secret}"},
-            timeout=self.timeout_s,
-            transport=transport,
-        )
+
+    @classmethod
+    def for_vsp(cls, vsp: Any, **options: Any) -> AgentClient:
+        """The client of ``vsp``'s agent (``vms.VSP``: its URL, secret and registered certificate)."""
+        return cls(vsp.agent_url, vsp.agent_secret, trust=getattr(vsp, "agent_certificate", ""), **options)
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The HTTP client, built on first use: pinning by fingerprint first fetches the certificate."""
+        if self._client is None:
+            self._client = httpx.Client(
+                base_url=self.base_url,
+                headers={"Authorization": f"Bearer {self._secret}"},
+                timeout=self.timeout_s,
+                transport=self._transport,
+                verify=self._verify(),
+            )
+        return self._client
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        url = httpx.URL(self.base_url)
+        if url.scheme != "https" or not self._trust:
+            return True
+        if "-----BEGIN CERTIFICATE-----" in self._trust:
+            try:
+                return ssl.create_default_context(cadata=self._trust)
+            except (ssl.SSLError, ValueError):
+                raise AgentUntrusted(
+                    f"the CA certificate registered for {self.base_url} is unreadable"
+                ) from None
+        wanted = normalize_fingerprint(self._trust)
+        if wanted is None:
+            raise AgentUntrusted(f"the certificate fingerprint registered for {self.base_url} is unreadable")
+        address = (url.host, url.port or 443)
+        try:
+            pem = ssl.get_server_certificate(address, timeout=self.timeout_s)
+        except (OSError, ValueError) as error:
+            raise AgentUnreachable(
+                f"{self.base_url}: no TLS answer: {error or type(error).__name__}"
+            ) from error
+        presented = certificate_fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+        if not hmac.compare_digest(presented, wanted):
+            raise AgentUntrusted(
+                f"the agent at {self.base_url} presented a certificate with SHA-256 fingerprint {presented}, "
+                f"not the registered {wanted}: refusing to talk to it"
+            )
+        context = ssl.create_default_context(cadata=pem)
+        context.check_hostname = False  # the pinned certificate itself is the identity
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return context
 
     def close(self) -> None:
-        self._http.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -189,13 +306,23 @@ class AgentClient:
 
     # -- migrations -----------------------------------------------------
     def prepare_incoming(
-        self, guest: dict[str, Any], migration_id: str, limits: dict[str, Any] | None = None
+        self,
+        guest: dict[str, Any],
+        migration_id: str,
+        limits: dict[str, Any] | None = None,
+        encryption: str = "required",
     ) -> dict[str, Any]:
         """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes.
 
         ``guest`` is a ``protocol.GuestSpec``; the answer a ``protocol.Endpoint`` (host, port, token).
+        ``encryption``: the pair's data-plane policy, "required" (mutual TLS) or "off".
         """
-        body = {"migration_id": migration_id, "guest": guest, "limits": limits or {}}
+        body = {
+            "migration_id": migration_id,
+            "guest": guest,
+            "limits": limits or {},
+            "encryption": encryption,
+        }
         try:
             answer = parse(PreparedIncoming, self._call("POST", "/v1/migrations/incoming", body))
         except ProtocolViolation as violation:
@@ -203,10 +330,19 @@ class AgentClient:
         return answer.endpoint().model_dump(mode="json")
 
     def start_outgoing(
-        self, guest_id: str, migration_id: str, target: dict[str, Any], params: dict[str, Any] | None = None
+        self,
+        guest_id: str,
+        migration_id: str,
+        target: dict[str, Any],
+        params: dict[str, Any] | None = None,
+        encryption: str = "required",
     ) -> dict[str, Any]:
-        """Source side: start migrating guest ``guest_id`` to ``target`` (what ``prepare_incoming`` gave)."""
+        """Source side: start migrating guest ``guest_id`` to ``target`` (what ``prepare_incoming`` gave).
+
+        ``encryption`` must be what the target was prepared with.
+        """
         body = {
+            "encryption": encryption,
             "migration_id": migration_id,
             "guest": guest_id,
             "target": {"host": target["host"], "port": target["port"], "token": target["token"]},
@@ -285,6 +421,11 @@ class AgentClient:
                 method, path, json=body, timeout=timeout_s if timeout_s is not None else self.timeout_s
             )
         except httpx.TransportError as error:
+            if "CERTIFICATE_VERIFY_FAILED" in str(error):
+                raise AgentUntrusted(
+                    f"the agent at {self.base_url} presented a certificate the console does not trust "
+                    f"(not from the registered CA, or not the pinned one): {error}"
+                ) from error
             raise AgentUnreachable(
                 f"{method} {self.base_url}{path}: {error or type(error).__name__}"
             ) from error
@@ -295,9 +436,9 @@ class AgentClient:
     @staticmethod
     def _decode(content: bytes | str) -> Any:
         try:
-            return json.loads(content)
-        except ValueError as error:
-            raise AgentProtocolError("the agent's answer is not JSON") from error
+            return load_json(content, "the agent's answer")
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(str(violation)) from None
 
     @staticmethod
     def _refusal(response: httpx.Response) -> AgentRefused:

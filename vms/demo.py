@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.db import transaction
 
-from vms.models import VSP, HostGroup, Registration, VirtualMachine
+from vms.agent_client import certificate_fingerprint
+from vms.models import VSP, HostGroup, PairEncryption, Registration, VirtualMachine
 
 OS = VirtualMachine.OSStatus
 BOOT = VirtualMachine.BootAttribute
@@ -99,11 +101,33 @@ def read_or_create_secret(secrets_dir: Path, host_name: str) -> str:
 
 
 @transaction.atomic
-def create_demo_fleet(agents_base_port: int, secrets_dir: Path) -> list[str]:
-    """Create or update the demo fleet; running it again changes nothing but the agents' addresses."""
+def create_demo_fleet(
+    agents_base_port: int, secrets_dir: Path, pki_dir: Path | None = None, data_plane: str = "required"
+) -> list[str]:
+    """Create or update the demo fleet; running it again changes nothing but the agents' addresses.
+
+    ``pki_dir`` (``devtools.pki``'s layout, ``<vsp>.pem`` per agent): the agents serve HTTPS and
+    each VSP registers its agent's certificate fingerprint (SHA-256). ``data_plane`` "off" sets
+    every pair's data-plane encryption policy to off (the QEMU driver cannot encrypt yet).
+    """
     hosts = {
-        host.name: upsert_host(host, index, agents_base_port, secrets_dir) for index, host in enumerate(HOSTS)
+        host.name: upsert_host(host, index, agents_base_port, secrets_dir, pki_dir)
+        for index, host in enumerate(HOSTS)
     }
+    names = sorted(hosts)
+    for position, first in enumerate(names):
+        for second in names[position + 1 :]:
+            low, high = sorted((hosts[first], hosts[second]), key=lambda vsp: vsp.pk)
+            if data_plane == "off":
+                PairEncryption.objects.update_or_create(
+                    vsp_a=low,
+                    vsp_b=high,
+                    defaults={"encryption": "off", "reason": "demo QEMU hosts on loopback"},
+                )
+            else:
+                PairEncryption.objects.filter(
+                    vsp_a=low, vsp_b=high, reason="demo QEMU hosts on loopback"
+                ).delete()
     for group_name, group in demo_host_groups().items():
         for vsp_name in DEMO_GROUPS[group_name]:
             vsp = hosts[vsp_name]
@@ -125,10 +149,19 @@ def create_demo_fleet(agents_base_port: int, secrets_dir: Path) -> list[str]:
     return [f"{vsp.name}: agent {vsp.agent_url}" for vsp in hosts.values()]
 
 
-def upsert_host(host: DemoHost, index: int, agents_base_port: int, secrets_dir: Path) -> VSP:
+def upsert_host(
+    host: DemoHost, index: int, agents_base_port: int, secrets_dir: Path, pki_dir: Path | None = None
+) -> VSP:
+    certificate = pki_dir / f"{host.name}.pem" if pki_dir else None
+    scheme = "https" if certificate and certificate.exists() else "http"
     agent = {
-        "agent_url": f"http://127.0.0.1:{agents_base_port + index}",
+        "agent_url": f"{scheme}://127.0.0.1:{agents_base_port + index}",
         "agent_secret": read_or_create_secret(secrets_dir, host.name),
+        "agent_certificate": (
+            certificate_fingerprint(ssl.PEM_cert_to_DER_cert(certificate.read_text()))
+            if certificate and certificate.exists()
+            else ""
+        ),
     }
     vsp, _ = VSP.objects.update_or_create(
         name=host.name,
@@ -209,7 +242,7 @@ def seed_demo_agents(driver: str) -> list[str]:
             spec["os_type"] = vm.os_type
         if driver != "qemu":
             spec["fill_percent"] = DEMO_FILL_PERCENT
-        with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
+        with AgentClient.for_vsp(vsp) as agent:
             agent.define_guest(spec)
         lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")
     return lines

@@ -19,7 +19,13 @@ from typing import Any
 
 from django.utils import timezone
 
-from vms.agent_client import AgentClient, AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.agent_client import (
+    AgentClient,
+    AgentProtocolError,
+    AgentRefused,
+    AgentUnreachable,
+    AgentUntrusted,
+)
 from vms.models import VSP, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
@@ -49,17 +55,27 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
 
     Agents know a guest by its id (``VirtualMachine.guest_id`` as text); the name is only displayed.
     """
+    return fetch_guests(vsp, timeout_s=timeout_s)[0]
+
+
+def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
+    untrusted certificate)."""
     try:
-        with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
+    except AgentUntrusted as error:
+        logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
+        mark_reachable(vsp, False)
+        return None, "presented a TLS certificate the console does not trust (not the registered one)"
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
         mark_reachable(vsp, False)
-        return None
+        return None, "did not answer"
     mark_reachable(vsp, True)
     by_id = {guest["guest_id"]: guest for guest in guests}
     store_guests(vsp, by_id)
-    return by_id
+    return by_id, ""
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,7 @@ class RefreshOutcome:
 
     collected: bool
     vsp_name: str = ""
-    problem: str = ""  # "did not answer" | "does not know this VM" | "" (collected, or no runnable copy)
+    problem: str = ""  # "did not answer" | "does not know this VM" | untrusted certificate | "" (fresh)
     last_known_at: datetime | None = None
 
     @property
@@ -97,9 +113,9 @@ def collect_vm_state(vm: VirtualMachine) -> RefreshOutcome:
     if runnable is None:
         return RefreshOutcome(collected=False)
     vsp, last_known_at = runnable.vsp, runnable.state_collected_at
-    guests = fetch_and_store(vsp, timeout_s=REFRESH_TIMEOUT_S)
+    guests, problem = fetch_guests(vsp, timeout_s=REFRESH_TIMEOUT_S)
     if guests is None:
-        return RefreshOutcome(False, vsp.name, "did not answer", last_known_at)
+        return RefreshOutcome(False, vsp.name, problem, last_known_at)
     check_not_runnable_copies(vm, timeout_s=REFRESH_TIMEOUT_S)
     if str(vm.guest_id) not in guests:
         logger.warning("Agent of VSP %s does not know VM %s", vsp.name, vm.name)
@@ -121,7 +137,7 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
 
     def answers(vsp: VSP) -> bool:
         try:
-            with AgentClient(vsp.agent_url, vsp.agent_secret, timeout_s=timeout_s) as agent:
+            with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
                 agent.health()
         except AGENT_ERRORS:
             return False

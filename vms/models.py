@@ -20,6 +20,18 @@ from django.utils import timezone
 from vms.fields import EncryptedSecretField
 
 
+def validate_agent_trust(value: str) -> None:
+    """A VSP's ``agent_certificate``: a PEM CA certificate or a SHA-256 fingerprint (or empty)."""
+    from django.core.exceptions import ValidationError
+
+    from vms.agent_client import check_trust
+
+    try:
+        check_trust(value)
+    except ValueError as error:
+        raise ValidationError(str(error)) from None
+
+
 class HostGroup(models.Model):
     """A group of VSPs (like an oVirt cluster or a vSphere folder): the unit that rights are given on.
 
@@ -82,9 +94,17 @@ class VSP(models.Model):
         related_name="vsps",
         help_text="Who may see and use this VSP; in no group, only superusers do.",
     )
-    agent_url = models.URLField(help_text="The host agent's HTTP API, e.g. http://127.0.0.1:7101")
+    agent_url = models.URLField(help_text="The host agent's API, e.g. https://10.0.0.11:7101")
     agent_secret = EncryptedSecretField(
         help_text="Credential for the host agent; stored encrypted, never shown."
+    )
+    agent_certificate = models.TextField(
+        blank=True,
+        validators=[validate_agent_trust],
+        help_text=(
+            "How the console recognises the agent over HTTPS: the deployment CA's certificate (PEM), or "
+            "the SHA-256 fingerprint of the agent's own certificate (pinned). Empty: the system's CAs."
+        ),
     )
     migration_enabled = models.BooleanField(default=True)
     licensed = models.BooleanField(default=True)
@@ -117,6 +137,59 @@ class VSP(models.Model):
     def split_brain_copies(self) -> models.QuerySet[Registration]:
         """Split-brain copies (``Registration.split_brain``) of the VMs registered on this VSP."""
         return Registration.split_brain().filter(vm__registrations__vsp=self).distinct()
+
+
+class PairEncryption(models.Model):
+    """The data plane's encryption policy between two VSPs (either direction), like encrypted vMotion.
+
+    No row: "required" (mutual TLS between the agents). "off" is for a trusted, dedicated migration
+    network: guest memory then crosses it in clear (the one-time token is still required). The pair
+    is stored with the lower VSP id first; ``policy_between`` reads it either way round.
+    """
+
+    class Policy(models.TextChoices):
+        REQUIRED = "required", "Required (mutual TLS)"
+        OFF = "off", "Off (trusted migration network)"
+
+    vsp_a = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+", verbose_name="VSP")
+    vsp_b = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+", verbose_name="other VSP")
+    encryption = models.CharField(max_length=16, choices=Policy.choices, default=Policy.REQUIRED)
+    reason = models.CharField(max_length=200, blank=True, help_text="Why, e.g. the dedicated network's name.")
+
+    class Meta:
+        verbose_name = "data-plane encryption policy"
+        verbose_name_plural = "data-plane encryption policies"
+        constraints = [
+            models.UniqueConstraint(fields=["vsp_a", "vsp_b"], name="one_encryption_policy_per_pair"),
+            models.CheckConstraint(condition=Q(vsp_a__lt=models.F("vsp_b")), name="encryption_pair_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.vsp_a} <-> {self.vsp_b}: {self.get_encryption_display()}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.vsp_a_id and self.vsp_b_id and self.vsp_a_id > self.vsp_b_id:
+            self.vsp_a_id, self.vsp_b_id = self.vsp_b_id, self.vsp_a_id
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.vsp_a_id and self.vsp_a_id == self.vsp_b_id:
+            raise ValidationError("A policy is between two different VSPs.")
+        if self.vsp_a_id and self.vsp_b_id:
+            low, high = sorted((self.vsp_a_id, self.vsp_b_id))
+            self.vsp_a_id, self.vsp_b_id = low, high  # stored in order (checked by a constraint)
+            clash = PairEncryption.objects.filter(vsp_a_id=low, vsp_b_id=high).exclude(pk=self.pk)
+            if clash.exists():
+                raise ValidationError("This pair of VSPs already has a policy; change that one.")
+
+    @classmethod
+    def policy_between(cls, source: VSP, target: VSP) -> str:
+        """ "required" or "off" for a migration from ``source`` to ``target`` (default "required")."""
+        low, high = sorted((source.pk, target.pk))
+        found = cls.objects.filter(vsp_a_id=low, vsp_b_id=high).values_list("encryption", flat=True).first()
+        return found or cls.Policy.REQUIRED
 
 
 class VirtualMachine(models.Model):

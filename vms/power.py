@@ -98,7 +98,7 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
     vsp = registration.vsp
     before = {"hardware_status": registration.hardware_status, "os_status": vm.os_status}
     try:
-        with AgentClient(vsp.agent_url, vsp.agent_secret) as agent:
+        with AgentClient.for_vsp(vsp) as agent:
             if action == PowerAction.START:
                 guest = agent.start_guest(str(vm.guest_id))
             else:

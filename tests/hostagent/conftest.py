@@ -3,12 +3,21 @@
 ``agent_factory(name)`` starts ``python -m hostagent`` and returns a ``RunningAgent``
 (url, secret, process, client, kill()); every agent it started is stopped when the
 test ends. Other test packages may reuse it.
+
+Agents run with TLS by default: one test CA per test session (``devtools.pki``, the module
+``make run`` uses), one certificate per agent name; ``tls=False`` starts one with
+``--insecure-http`` (its data plane then only works with the policy "off").
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import secrets
+import shutil
 import socket
+import ssl
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from devtools import processes
+from devtools import pki, processes
 from devtools.processes import write_secret_file
 from tests.conftest import ManagedProcess, free_port, log_path, subprocess_env, wait_until
 from vms.agent_client import AgentClient
@@ -31,6 +40,13 @@ class RunningAgent:
     secret: str
     process: ManagedProcess
     client: AgentClient = field(repr=False)
+    trust: str = ""  # what a VSP registers for it: the test CA's certificate (PEM)
+    fingerprint: str | None = None
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What a raw ``httpx`` call to this agent verifies its certificate with (the test CA)."""
+        return ssl.create_default_context(cadata=self.trust) if self.trust else True
 
     def kill(self) -> None:
         """SIGKILL: what a crashed host looks like."""
@@ -48,15 +64,36 @@ class RunningAgent:
         return next((guest for guest in self.client.list_guests() if guest["name"] == name), None)
 
 
-def start_agent(name: str, secret_dir: Path, *extra_args: str, driver: str = "simulated") -> RunningAgent:
+@functools.cache
+def session_pki_dir() -> Path:
+    """This test session's deployment CA (created once, removed at exit)."""
+    directory = Path(tempfile.mkdtemp(prefix="matrixoe-test-pki-"))
+    atexit.register(shutil.rmtree, directory, True)
+    pki.ensure_ca(directory)
+    return directory
+
+
+def start_agent(
+    name: str, secret_dir: Path, *extra_args: str, driver: str = "simulated", tls: bool = True
+) -> RunningAgent:
     port = free_port()
     secret_file = secret_dir / f"{name}-{port}.secret"
     write_secret_file(secret_file)
     started = processes.start_agent(
-        name, port, secret_file, driver, extra_args, log_path=log_path(f"agent-{name}"), env=subprocess_env()
+        name,
+        port,
+        secret_file,
+        driver,
+        extra_args,
+        log_path=log_path(f"agent-{name}"),
+        env=subprocess_env(),
+        pki_dir=session_pki_dir() if tls else None,
     )
-    client = AgentClient(started.url, started.secret, timeout_s=30)
-    return RunningAgent(name, started.url, started.secret, started.process, client)
+    trust = started.ca.read_text() if started.ca else ""
+    client = AgentClient(started.url, started.secret, trust=trust, timeout_s=30)
+    return RunningAgent(
+        name, started.url, started.secret, started.process, client, trust, started.fingerprint
+    )
 
 
 class AgentFactory:
@@ -64,8 +101,10 @@ class AgentFactory:
         self.secret_dir = secret_dir
         self.started: list[RunningAgent] = []
 
-    def __call__(self, name: str, *extra_args: str, driver: str = "simulated") -> RunningAgent:
-        agent = start_agent(name, self.secret_dir, *extra_args, driver=driver)
+    def __call__(
+        self, name: str, *extra_args: str, driver: str = "simulated", tls: bool = True
+    ) -> RunningAgent:
+        agent = start_agent(name, self.secret_dir, *extra_args, driver=driver, tls=tls)
         self.started.append(agent)
         return agent
 
@@ -114,17 +153,29 @@ def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> dict[st
     return agent.client.define_guest(body)
 
 
-def prepare(target: RunningAgent, guest: dict[str, Any], migration_id: str, **limits: Any):
+def prepare(
+    target: RunningAgent,
+    guest: dict[str, Any],
+    migration_id: str,
+    encryption: str = "required",
+    **limits: Any,
+):
     wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
     wanted["guest_id"] = guest.get("guest_id") or guest_id_for(guest["name"])
-    return target.client.prepare_incoming(wanted, migration_id, limits)
+    return target.client.prepare_incoming(wanted, migration_id, limits, encryption)
 
 
 def start(
-    source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, **params: Any
+    source: RunningAgent,
+    target: RunningAgent,
+    guest: dict[str, Any],
+    migration_id: str,
+    encryption: str = "required",
+    **params: Any,
 ) -> dict[str, Any]:
-    endpoint = prepare(target, guest, migration_id, **params.get("limits", {}))
-    return source.client.start_outgoing(guest["guest_id"], migration_id, endpoint, params)
+    """Prepare ``target`` and start ``source``; ``encryption`` is the pair's data-plane policy."""
+    endpoint = prepare(target, guest, migration_id, encryption, **params.get("limits", {}))
+    return source.client.start_outgoing(guest["guest_id"], migration_id, endpoint, params, encryption)
 
 
 def follow(

@@ -20,7 +20,9 @@ from vms.agent_client import AgentClient, AgentRefused
 
 def raw(agent, method: str, path: str, **kwargs) -> httpx.Response:
     headers = kwargs.pop("headers", {"Authorization": f"Bearer {agent.secret}"})
-    return httpx.request(method, f"{agent.url}{path}", headers=headers, timeout=10, **kwargs)
+    return httpx.request(
+        method, f"{agent.url}{path}", headers=headers, timeout=10, verify=agent.verify, **kwargs
+    )
 
 
 def test_it_reports_health(agent_pair):
@@ -74,7 +76,7 @@ def test_it_refuses_requests_without_the_right_credential(agent_pair, headers, w
     assert response.status_code == 401
     assert why in response.json()["error"]
     with pytest.raises(AgentRefused) as refused:
-        AgentClient(vsp1.url, "not-the-secret-at-all").list_guests()
+        AgentClient(vsp1.url, "not-the-secret-at-all", trust=vsp1.trust).list_guests()
     assert refused.value.status == 401
     log = vsp1.log()
     assert f"refused GET /v1/guests from 127.0.0.1: {why.split()[0]} credential" in log

@@ -242,7 +242,7 @@ def test_it_answers_health_during_an_uncapped_migration_of_a_large_guest(agent_p
     stop, answered, failed = threading.Event(), {"vsp1": 0, "vsp2": 0}, []
 
     def poll(agent) -> None:
-        with AgentClient(agent.url, agent.secret, timeout_s=5) as client:
+        with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=5) as client:
             while not stop.is_set():
                 try:
                     client.health()

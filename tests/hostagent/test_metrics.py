@@ -10,7 +10,7 @@ from tests.hostagent.conftest import converged_or_ended, define_running_guest, f
 
 def scrape(agent, secret: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return httpx.get(f"{agent.url}/metrics", headers=headers, timeout=10)
+    return httpx.get(f"{agent.url}/metrics", headers=headers, timeout=10, verify=agent.verify)
 
 
 def samples(response: httpx.Response) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -23,12 +23,18 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     follow,
     guest_id_for,
-    start,
     unique,
 )
+from tests.hostagent.conftest import start as start_with_policy
 from tests.qemu_guest import needs_qemu, runs_intact, workload
 
 pytestmark = needs_qemu
+
+
+def start(*args: Any, **params: Any) -> dict[str, Any]:
+    """The QEMU driver cannot encrypt its migration stream yet: its pairs run with the policy off."""
+    return start_with_policy(*args, encryption="off", **params)
+
 
 GUEST = {"memory_mib": 256, "vcpus": 1, "os_type": "Linux"}
 BUSY_PAGES_PER_S = 5000  # 20 MB/s of writes into 160 MiB

@@ -83,7 +83,13 @@ def wait_for() -> Callable[..., bool]:
 @pytest.fixture
 def fleet(host_agents):
     return {
-        name: make_vsp(name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=4096)
+        name: make_vsp(
+            name,
+            agent_url=agent.url,
+            agent_secret=agent.secret,
+            agent_certificate=agent.trust,
+            memory_mib=4096,
+        )
         for name, agent in host_agents.items()
     }
 

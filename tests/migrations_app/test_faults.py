@@ -366,7 +366,13 @@ def test_a_dead_target_is_marked_unreachable_at_once_and_named(
     factory = AgentFactory(tmp_path)
     doomed = factory("hostd")
     try:
-        hostd = make_vsp("hostd", agent_url=doomed.url, agent_secret=doomed.secret, memory_mib=4096)
+        hostd = make_vsp(
+            "hostd",
+            agent_url=doomed.url,
+            agent_secret=doomed.secret,
+            agent_certificate=doomed.trust,
+            memory_mib=4096,
+        )
         doomed.kill()
         assert VSP.objects.get(pk=hostd.pk).agent_reachable  # nobody asked it since
         vm = place_vm(host_agents, fleet)
@@ -390,7 +396,13 @@ def test_the_migrate_dialog_checks_reachability_when_it_opens(
     """A VSP whose agent died since the last inventory is shown unreachable when the dialog opens."""
     factory = AgentFactory(tmp_path)
     doomed = factory("hoste")
-    hoste = make_vsp("hoste", agent_url=doomed.url, agent_secret=doomed.secret, memory_mib=4096)
+    hoste = make_vsp(
+        "hoste",
+        agent_url=doomed.url,
+        agent_secret=doomed.secret,
+        agent_certificate=doomed.trust,
+        memory_mib=4096,
+    )
     doomed.kill()
     factory.stop_all()
     VSP.objects.filter(pk=fleet["hostb"].pk).update(agent_reachable=False)  # stale: it answers

@@ -100,7 +100,7 @@ def test_refresh_data_says_when_the_agent_did_not_answer_and_keeps_the_last_know
     from django.utils import timezone
 
     agent = hung_agent
-    vsp = make_vsp("vsp4", agent_url=agent.url, agent_secret=agent.secret)
+    vsp = make_vsp("vsp4", agent_url=agent.url, agent_secret=agent.secret, agent_certificate=agent.trust)
     vm = place_vm({"vsp4": agent}, {"vsp4": vsp}, on="vsp4")
     fresh = refresh_page(vm)
     assert 'id="refresh-warning"' not in fresh

@@ -23,7 +23,7 @@ from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
 from tests.migrations_app.conftest import route_migrations_to, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
 from tests.qemu_guest import needs_qemu, runs_intact, workload
-from vms.models import Registration
+from vms.models import PairEncryption, Registration
 
 pytestmark = [*needs_qemu, pytest.mark.django_db(transaction=True)]
 
@@ -54,6 +54,16 @@ def _qemu_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProce
 @pytest.fixture
 def qemu_worker(_qemu_worker, settings) -> ManagedProcess:
     return route_migrations_to(_qemu_worker, settings)
+
+
+@pytest.fixture
+def fleet(fleet):
+    """The conftest's fleet with every pair's data-plane policy off: the QEMU driver cannot encrypt yet."""
+    hosts = sorted(fleet.values(), key=lambda vsp: vsp.pk)
+    for index, first in enumerate(hosts):
+        for second in hosts[index + 1 :]:
+            PairEncryption.objects.create(vsp_a=first, vsp_b=second, encryption="off")
+    return fleet
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
 from tests.conftest import free_port, log_path, subprocess_env, wait_until
 from tests.factories import make_vsp
-from tests.hostagent.conftest import AgentFactory, RunningAgent
+from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir
 from tests.migrations_app.guests import guest_on, place_vm, runs_on, wait_for_state
 from tests.migrations_app.test_faults import bring_agents_to_ready
 from vms.agent_client import AgentClient
@@ -48,10 +48,16 @@ class Agents(dict[str, RunningAgent]):
         secret_file = self.factory.secret_dir / f"{name}-again.secret"
         secret_file.write_text(old.secret)
         started = processes.start_agent(
-            name, port, secret_file, log_path=log_path(f"agent-{name}-again"), env=subprocess_env()
+            name,
+            port,
+            secret_file,
+            log_path=log_path(f"agent-{name}-again"),
+            env=subprocess_env(),
+            pki_dir=session_pki_dir() if old.trust else None,
         )
+        client = AgentClient(started.url, started.secret, trust=old.trust)
         self[name] = agent = RunningAgent(
-            name, started.url, started.secret, started.process, AgentClient(started.url, started.secret)
+            name, started.url, started.secret, started.process, client, old.trust, started.fingerprint
         )
         self.factory.started.append(agent)
         return agent
@@ -67,7 +73,13 @@ def agents(tmp_path) -> Iterator[Agents]:
 @pytest.fixture
 def vsps(agents):
     return {
-        name: make_vsp(name, agent_url=agent.url, agent_secret=agent.secret, memory_mib=4096)
+        name: make_vsp(
+            name,
+            agent_url=agent.url,
+            agent_secret=agent.secret,
+            agent_certificate=agent.trust,
+            memory_mib=4096,
+        )
         for name, agent in agents.items()
     }
 

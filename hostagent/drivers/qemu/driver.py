@@ -30,6 +30,7 @@ from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.protocol import (
     DirtyRate,
+    Encryption,
     Endpoint,
     GuestInfo,
     GuestSpec,
@@ -45,6 +46,16 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "guest-images"
 MAX_VCPUS = 8
 MAX_MEMORY_MIB = 64 * 1024
 MAX_DIRTY_RATE = 1_000_000
+
+
+def refuse_encryption(encryption: Encryption) -> None:
+    """The QEMU driver does not encrypt its migration stream yet (QEMU's ``tls-creds-x509`` is not
+    wired): it refuses the policy "required" rather than send guest memory in clear."""
+    if encryption != "off":
+        raise InvalidRequest(
+            "the QEMU driver cannot encrypt the migration stream yet: set this pair's data-plane "
+            "encryption policy to off (a trusted migration network) to migrate QEMU guests"
+        )
 
 
 @dataclass
@@ -230,8 +241,9 @@ class QemuDriver:
     # --- migration -------------------------------------------------------------------
 
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
+        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
     ) -> tuple[Migration, Endpoint]:
+        refuse_encryption(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
         existing = self._guests.get(guest_id)
@@ -250,8 +262,15 @@ class QemuDriver:
         return migration, migration.endpoint
 
     async def start_outgoing(
-        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
+        self,
+        guest_id: str,
+        migration_id: str,
+        target: Endpoint,
+        params: MigrationParams,
+        *,
+        encryption: Encryption = "required",
     ) -> Migration:
+        refuse_encryption(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")

@@ -36,6 +36,7 @@ from hostagent.protocol import (
     Role,
 )
 
+MAX_PENDING_HANDSHAKES = 32  # connections greeting at once; more are closed at once
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +49,8 @@ class TargetMigration(QemuMigration):
         super().__init__(process, migration_id, limits, finished)
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
+        self._admitting: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
         family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
         self._listener = socket.create_server((data_host, 0), family=family)
         self._listener.setblocking(False)
@@ -57,7 +60,7 @@ class TargetMigration(QemuMigration):
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
         self.spawn(self._watch_init_limit())
-        self.spawn(self._accept())
+        self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())
 
     async def _watch_init_limit(self) -> None:
@@ -72,24 +75,48 @@ class TargetMigration(QemuMigration):
             await asyncio.sleep(0.05)
 
     async def _accept(self) -> None:
+        """Each connection proves itself on its own (bounded by ``HANDSHAKE_TIMEOUT_S`` and
+        ``LINE_LIMIT``): a silent or wrong peer is dropped alone and never delays the real source."""
         loop = asyncio.get_running_loop()
+        try:
+            await self._accept_until_both_in(loop)
+        finally:
+            # Closed only here, after the pending accept was cancelled: a socket closed under a
+            # registered accept leaves the loop watching a file descriptor number that a later
+            # connection (an API request) reuses, whose handshake then never completes.
+            self._listener.close()
+
+    async def _accept_until_both_in(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._control is None or not self._connected:
             connection, peer = await loop.sock_accept(self._listener)
-            kind, detail = await self._greeting(connection)
-            if kind == b"data" and not self._connected:
-                await self._start_incoming(connection)
-            elif kind == b"ctrl" and self._control is None:
-                mismatch = self._mismatch(detail)
-                await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
-                self._control = connection
-                if mismatch:
-                    self.spawn(self.abort(mismatch, FailureKind.REFUSED))
-                    return
-                self.spawn(self._watch_source())
-            else:
-                log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
+            if len(self._admitting) >= MAX_PENDING_HANDSHAKES:
+                log.warning(
+                    "%s: refused a data-plane connection from %s: too many at once", self.guest_id, peer[0]
+                )
                 connection.close()
-        self._listener.close()
+                continue
+            task = self.spawn(self._admit(connection, peer))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, connection: socket.socket, peer: Any) -> None:
+        """One connection's greeting: the data channel goes to QEMU, the control one is kept."""
+        kind, detail = await self._greeting(connection)
+        if kind == b"data" and not self._connected:
+            await self._start_incoming(connection)
+        elif kind == b"ctrl" and self._control is None:
+            mismatch = self._mismatch(detail)
+            await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
+            self._control = connection
+            if mismatch:
+                self.spawn(self.abort(mismatch, FailureKind.REFUSED))
+                return
+            self.spawn(self._watch_source())
+        else:
+            log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
+            connection.close()
+        if self._control is not None and self._connected and self._accept_task is not None:
+            self._accept_task.cancel()
 
     async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
         """``<token> <kind> [detail]`` with the one-time token (compared in constant time)."""

@@ -10,7 +10,16 @@ from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
-from hostagent.protocol import DirtyRate, Endpoint, GuestInfo, GuestSpec, MigrationParams, PhaseLimits
+from hostagent.protocol import (
+    DirtyRate,
+    Encryption,
+    Endpoint,
+    GuestInfo,
+    GuestSpec,
+    MigrationParams,
+    PhaseLimits,
+)
+from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")
 DEFAULT_CAPACITY_MIB = 64 * 1024
@@ -95,8 +104,9 @@ class SimulatedDriver:
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits
+        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
     ) -> tuple[Migration, Endpoint]:
+        tls = self._tls_for(encryption)
         existing = self.guests.get(spec.guest_id)
         if existing is not None and (existing.running or existing.migrating):
             raise Conflict(f"guest {spec.name} already runs or migrates on this host")
@@ -104,7 +114,12 @@ class SimulatedDriver:
         guest = self._new_guest(spec.model_copy(update={"running": False}))
         try:
             migration = TargetMigration(
-                guest, migration_id, limits, self.settings.data_host, self._drop_incoming
+                guest,
+                migration_id,
+                limits,
+                self.settings.data_host,
+                self._drop_incoming,
+                tls.data_server_context() if tls else None,
             )
         except OSError as error:
             guest.drop_memory()
@@ -117,16 +132,35 @@ class SimulatedDriver:
         return migration, migration.endpoint
 
     async def start_outgoing(
-        self, guest_id: str, migration_id: str, target: Endpoint, params: MigrationParams
+        self,
+        guest_id: str,
+        migration_id: str,
+        target: Endpoint,
+        params: MigrationParams,
+        *,
+        encryption: Encryption = "required",
     ) -> Migration:
+        tls = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migrating:
             raise Conflict(f"guest {guest.name} is already migrating ({guest.migrating})")
         if not guest.running or guest.not_runnable:
             raise Conflict(f"guest {guest.name} is not running; only a running guest migrates online")
-        migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing)
+        context = tls.data_client_context() if tls else None
+        migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing, context)
         migration.start()
         return migration
+
+    def _tls_for(self, encryption: Encryption) -> TlsSettings | None:
+        """The TLS settings the data plane uses under ``encryption``; refuses "required" without any."""
+        if encryption == "off":
+            return None
+        if self.settings.tls is None:
+            raise InvalidRequest(
+                "the encryption policy requires TLS on the data plane, but this agent has no certificate "
+                "(start it with --tls-cert --tls-key --tls-ca, or set the pair's policy to off)"
+            )
+        return self.settings.tls
 
     async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
         guest = self._guest(guest_id)

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,9 +44,14 @@ from hostagent.drivers.simulated.wire import (
     HELLO,
     PROGRESS,
     READY,
+    Channel,
+    DigestedFrame,
     FrameReader,
     FrameWriter,
+    PlainChannel,
     ProtocolError,
+    TlsChannel,
+    check,
     tune_socket,
 )
 from hostagent.progress import Progress
@@ -93,7 +99,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         target: Endpoint,
         params: MigrationParams,
         on_release: Callable[[SimulatedGuest], Awaitable[None]],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: the data plane's client context (mutual TLS), or None for plain TCP (policy "off")."""
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
         self.guest = guest
@@ -103,6 +111,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self.progress = Progress(migration_id, "source", guest.guest_id, guest.memory.size)
         self._on_release = on_release
         self._sock: socket.socket | None = None
+        self._tls = tls
+        self._channel: Channel | None = None
         self._writer: FrameWriter | None = None
         self._reader: FrameReader | None = None
         self._task: asyncio.Task[None] | None = None
@@ -204,7 +214,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             await self._abort(str(error), error.kind, side="target")
         except MigrationAborted as error:
             await self._abort(str(error), error.kind)
-        except (OSError, ProtocolError) as error:
+        except ProtocolError as error:
+            await self._abort(f"refused the target's data-plane message: {error}", FailureKind.REFUSED)
+        except OSError as error:
             if self.progress.phase == "init":
                 await self._abort(
                     f"could not reach the target's data plane: {plain_connection_error(error)}",
@@ -228,10 +240,20 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             tune_socket(self._sock)
             await asyncio.get_running_loop().sock_connect(self._sock, (host, port))
+            if self._tls is not None:
+                try:
+                    self._channel = await TlsChannel.handshake(self._sock, self._tls, server_side=False)
+                except ssl.SSLError as error:
+                    raise MigrationAborted(
+                        f"the target's data plane failed the TLS handshake: {error.reason or error}",
+                        FailureKind.REFUSED,
+                    ) from error
+            else:
+                self._channel = PlainChannel(self._sock)
             self.progress.update(percent={"init": 50})
             cap = self.params.bandwidth_mbps
-            self._writer = FrameWriter(self._sock, cap * 125_000 if cap else None)
-            self._reader = FrameReader(self._sock)
+            self._writer = FrameWriter(self._channel, cap * 125_000 if cap else None)
+            self._reader = FrameReader(self._channel)
             await self._writer.message(HELLO, await self._hello())
             kind, answer = await self._reader.message()
             if kind != ACCEPT:
@@ -376,10 +398,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         while True:
             kind, body = await self._reader.message()
             if kind == DIGESTED:
-                digested = body.get("round")
-                if isinstance(digested, int):
-                    self._target_digested = max(self._target_digested, digested)
-                    self._target_hashed.set()
+                digested = check(DigestedFrame, body, "DIGESTED from the target").round
+                self._target_digested = max(self._target_digested, digested)
+                self._target_hashed.set()
             elif kind == READY:
                 self._ready.set_result(body)
                 return

@@ -13,6 +13,7 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -41,9 +42,15 @@ from hostagent.drivers.simulated.wire import (
     READY,
     REFUSE,
     ZERO,
+    Channel,
     FrameReader,
     FrameWriter,
+    FreezeFrame,
+    PlainChannel,
+    ProgressFrame,
     ProtocolError,
+    TlsChannel,
+    check,
     tune_socket,
 )
 from hostagent.progress import Progress
@@ -58,6 +65,7 @@ from hostagent.protocol import (
 )
 
 log = logging.getLogger("hostagent.simulated.target")
+MAX_PENDING_HANDSHAKES = 32  # connections proving themselves at once; more are closed at once
 
 
 class TargetMigration:
@@ -72,7 +80,9 @@ class TargetMigration:
         limits: PhaseLimits,
         data_host: str,
         on_drop: Callable[[SimulatedGuest], Awaitable[None]],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: the data plane's server context (mutual TLS), or None for plain TCP (policy "off")."""
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
         self.guest = guest
@@ -84,6 +94,9 @@ class TargetMigration:
         self._listener.setblocking(False)
         self._data_host = data_host
         self._sock: socket.socket | None = None
+        self._channel: Channel | None = None
+        self._tls = tls
+        self._claimed = False
         self._task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None
         self._round_done: Any = 0
@@ -166,7 +179,9 @@ class TargetMigration:
             await self._abort(str(error), error.kind, side="source")
         except MigrationAborted as error:
             await self._abort(str(error), error.kind)
-        except (OSError, ProtocolError) as error:
+        except ProtocolError as error:
+            await self._abort(f"refused the source's data-plane message: {error}", FailureKind.REFUSED)
+        except OSError as error:
             await self._abort(
                 f"lost the data-plane connection to the source: {plain_connection_error(error)}",
                 FailureKind.UNREACHABLE,
@@ -180,39 +195,111 @@ class TargetMigration:
                 self._sock.close()
 
     async def _accept_source(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, peer = await loop.sock_accept(self._listener)
-            tune_socket(sock)
-            if await self._handshake(sock, peer):
-                self._sock = sock
-                self._listener.close()
-                self.progress.update(percent={"init": 100})
-                return
-            sock.close()
+        """Accept connections until one proves itself; each one's handshake runs on its own.
 
-    async def _handshake(self, sock: socket.socket, peer: Any) -> bool:
-        writer = FrameWriter(sock)
+        A stranger (no certificate from the CA, no or a wrong token, garbage, or silence) is
+        dropped alone after at most ``HELLO_TIMEOUT_S``; it never delays the real source, whose
+        handshake runs beside the strangers' ones. At most ``MAX_PENDING_HANDSHAKES`` run at once.
+        """
+        loop = asyncio.get_running_loop()
+        won: asyncio.Future[Channel] = loop.create_future()
+        pending: set[asyncio.Task[None]] = set()
+        accept: asyncio.Future[tuple[socket.socket, Any]] | None = None
+        try:
+            while not won.done():
+                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+                await asyncio.wait({accept, won}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+                if not accept.done():
+                    accept.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await accept
+                    break
+                sock, peer = accept.result()
+                if won.done() or len(pending) >= MAX_PENDING_HANDSHAKES:
+                    log.warning(
+                        "refused data-plane connection from %s for %s: too many handshakes at once",
+                        peer,
+                        self.migration_id,
+                    )
+                    sock.close()
+                    continue
+                tune_socket(sock)
+                task = asyncio.create_task(self._handshake(sock, peer, won))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            # A cancelled run (the init limit) must not leave an accept registered on the listener's
+            # file descriptor: the next listener may get the same number.
+            if accept is not None and not accept.done():
+                accept.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await accept
+            if pending:
+                log.info(
+                    "migration %s (target): dropped %d data-plane connection(s) still in their handshake",
+                    self.migration_id,
+                    len(pending),
+                )
+            for task in list(pending):
+                task.cancel()
+            for task in list(pending):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._channel = won.result()
+        self._sock = self._channel.sock
+        self._listener.close()
+        self.progress.update(percent={"init": 100})
+
+    async def _handshake(self, sock: socket.socket, peer: Any, won: asyncio.Future[Channel]) -> None:
+        """One connection's TLS handshake and HELLO, bounded in time and size; never raises."""
         try:
             async with asyncio.timeout(HELLO_TIMEOUT_S):
-                kind, hello = await FrameReader(sock).message()
-        except (TimeoutError, OSError, ProtocolError) as error:
-            log.warning("refused data-plane connection from %s for %s: %s", peer, self.migration_id, error)
-            return False
+                channel: Channel
+                if self._tls is not None:
+                    channel = await TlsChannel.handshake(sock, self._tls, server_side=True)
+                else:
+                    channel = PlainChannel(sock)
+                kind, hello = await FrameReader(channel).message()
+        except (TimeoutError, OSError, ProtocolError) as error:  # ssl.SSLError is an OSError
+            reason = "no HELLO within the handshake limit" if isinstance(error, TimeoutError) else error
+            log.warning("refused data-plane connection from %s for %s: %s", peer, self.migration_id, reason)
+            sock.close()
+            return
+        except Exception:
+            log.exception("refused data-plane connection from %s for %s", peer, self.migration_id)
+            sock.close()
+            return
+        except BaseException:  # cancelled: the source got in, or the migration ended
+            sock.close()
+            raise
         refusal = self._check_hello(kind, hello)
-        with contextlib.suppress(OSError):
+        if refusal is None and (self._claimed or won.done()):
+            refusal = "the one-time token was already used"
+        writer = FrameWriter(channel)
+        try:
             if refusal:
                 log.warning(
                     "refused data-plane connection from %s for %s: %s", peer, self.migration_id, refusal
                 )
-                await writer.message(REFUSE, {"error": refusal})
-                return False
+                with contextlib.suppress(OSError):
+                    await asyncio.wait_for(writer.message(REFUSE, {"error": refusal}), 1.0)
+                sock.close()
+                return
+            self._claimed = True
             init_s = self.limits.of("init") or POPULATE_BUDGET_S * 4
             budget = min(POPULATE_BUDGET_S, init_s / 4)
             await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
             await writer.message(ACCEPT, {"migration_id": self.migration_id})
-            return True
-        return False
+        except (OSError, TimeoutError) as error:
+            log.warning("data-plane source %s for %s went away: %s", peer, self.migration_id, error)
+            sock.close()
+            if not won.done():
+                won.set_exception(ConnectionError(f"the source went away during the handshake: {error}"))
+            return
+        if not won.done():
+            won.set_result(channel)
+        else:
+            sock.close()
 
     def _populate_runs(self, hello: dict[str, Any]) -> list[tuple[int, int]]:
         """The chunks the source has written, checked: they get RAM before the copy starts."""
@@ -233,7 +320,7 @@ class TargetMigration:
 
     def _check_hello(self, kind: int, hello: dict[str, Any]) -> str | None:
         token = hello.get("token")
-        if kind != HELLO or not isinstance(token, str):
+        if kind != HELLO or not isinstance(token, str) or len(token) > 512:
             return "no token presented"
         if not hmac.compare_digest(token.encode(), self._token.encode()):
             return "wrong data-plane token"
@@ -244,8 +331,8 @@ class TargetMigration:
         return None
 
     async def _receive(self) -> None:
-        assert self._sock is not None
-        reader = FrameReader(self._sock)
+        assert self._channel is not None
+        reader = FrameReader(self._channel)
         memory = self.guest.memory
         while True:
             kind, count, first = await reader.header()
@@ -259,9 +346,11 @@ class TargetMigration:
             elif kind == ZERO:
                 memory.zero_pages(first, count)
             elif kind == PROGRESS:
-                self._mirror(await reader.json_body(count))
+                self._mirror(check(ProgressFrame, await reader.json_body(count), "PROGRESS from the source"))
             elif kind == FREEZE:
-                await self._verify(await reader.json_body(count))
+                await self._verify(
+                    check(FreezeFrame, await reader.json_body(count), "FREEZE from the source")
+                )
                 return
             elif kind == ABORT:
                 body = await reader.json_body(count)
@@ -287,15 +376,14 @@ class TargetMigration:
             ]
         memory.note_pages_written(pages)
 
-    def _mirror(self, source: dict[str, Any]) -> None:
-        fields = {name: source[name] for name in MIRRORED_FIELDS if name in source}
-        phase = source.get("phase")
+    def _mirror(self, source: ProgressFrame) -> None:
+        fields = {name: getattr(source, name) for name in MIRRORED_FIELDS if name in source.model_fields_set}
+        phase = source.phase
         if phase in ("copy", "quiesce", "frozen"):
             fields.update(state=phase, phase=phase)
-        reported = source.get("percent")
-        percent: dict[Phase, float] = dict(reported) if isinstance(reported, dict) else {}
-        if source.get("round_done") != self._round_done:
-            self._round_done = source.get("round_done")
+        percent: dict[Phase, float] = dict(source.percent)
+        if source.round_done != self._round_done:
+            self._round_done = source.round_done
             self._refresh_in_background()
         self.progress.update(percent=percent, **fields)
 
@@ -309,14 +397,14 @@ class TargetMigration:
         while True:
             round_done = self._round_done
             await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
-            if self._sock is not None and isinstance(round_done, int):
+            if self._channel is not None and isinstance(round_done, int):
                 with contextlib.suppress(OSError):
-                    await FrameWriter(self._sock).message(DIGESTED, {"round": round_done})
+                    await FrameWriter(self._channel).message(DIGESTED, {"round": round_done})
             if self._round_done == round_done:
                 return
 
-    async def _verify(self, freeze: dict[str, Any]) -> None:
-        assert self._sock is not None
+    async def _verify(self, freeze: FreezeFrame) -> None:
+        assert self._channel is not None
         self.progress.update(state="frozen", phase="frozen", percent={"frozen": 70})
         started = time.monotonic()
         if self._refresh is not None:
@@ -324,7 +412,7 @@ class TargetMigration:
         waited = time.monotonic() - started
         memory = self.guest.memory
         hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
-        digest, source_digest = memory.digest(), freeze.get("source_digest")
+        digest, source_digest = memory.digest(), freeze.source_digest
         log.info(
             "migration %s (target) digest: waited %.0f ms for hashing in flight, then %d pages in %.0f ms",
             self.migration_id,
@@ -332,14 +420,14 @@ class TargetMigration:
             hashed,
             (time.monotonic() - started - waited) * 1000,
         )
-        writer = FrameWriter(self._sock)
+        writer = FrameWriter(self._channel)
         if digest != source_digest:
             mismatch = FailureKind.DIGEST_MISMATCH
             await writer.message(ABORT, {"error": "memory digest mismatch", "kind": mismatch})
             raise MigrationAborted(
                 f"memory digest mismatch: source {source_digest}, target {digest}", mismatch
             )
-        self.guest.load_state(freeze["state"])
+        self.guest.load_state(freeze.state.model_dump())
         self.guest.pause_vcpus()
         await writer.message(READY, {"target_digest": digest})
         self.progress.update(
@@ -359,10 +447,10 @@ class TargetMigration:
         self.progress.fail("aborted", error, kind, side=side)
 
     async def _stop(self, notify: str | None = None) -> None:
-        if notify and self._sock is not None and self.progress.state in ACTIVE_STATES:
-            with contextlib.suppress(OSError):
+        if notify and self._channel is not None and self.progress.state in ACTIVE_STATES:
+            with contextlib.suppress(OSError, TimeoutError):
                 abort = {"error": notify, "kind": FailureKind.CANCELLED}
-                await asyncio.wait_for(FrameWriter(self._sock).message(ABORT, abort), 1.0)
+                await asyncio.wait_for(FrameWriter(self._channel).message(ABORT, abort), 1.0)
         if self._task is not None and self._task is not asyncio.current_task() and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -7,6 +7,11 @@ Every frame starts with a 13-byte header ``(kind, count, first_page)``:
   then their contents in the same order;
 - the others carry ``count`` bytes of JSON.
 
+The bytes travel over a ``Channel``: plain TCP (``PlainChannel``, the policy "off") or TLS with
+both sides proving a certificate from the deployment CA (``TlsChannel``, the policy "required").
+The TLS layer runs over the same non-blocking socket through ``ssl.SSLObject`` and memory BIOs,
+so received pages are still decrypted straight into the guest's memory.
+
 The source speaks first (HELLO with the one-time token); the target answers
 ACCEPT or REFUSE. Then the source streams PAGES / ZERO / PROGRESS and finally
 FREEZE (vCPU/device state, queued I/O, its digest); the target answers READY or
@@ -20,17 +25,34 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import struct
 import time
-from typing import Any
+from typing import Annotated, Any, Protocol
+
+from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt
 
 from hostagent.drivers.simulated.memory import PAGE_SIZE
+from hostagent.protocol import (
+    MAX_DELAY_MS,
+    ByteRate,
+    Bytes,
+    Message,
+    Phase,
+    ProtocolViolation,
+    between,
+    load_json,
+    parse,
+)
 
 HEADER = struct.Struct("!BIQ")
 HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED = range(1, 12)
 MAX_PAGE_LIST = 4096
 JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT, DIGESTED})
-MAX_JSON_BYTES = 1 << 20
+MAX_JSON_BYTES = 1 << 20  # a HELLO lists the written 1 MiB chunks: 1 MiB holds ~70,000 runs
+MAX_ROUND = 10_000_000
+TLS_RECORD_BATCH = 1 << 20  # plaintext encrypted per ssl write before the ciphertext is sent
+TLS_RECEIVE_BUFFER = 1 << 20
 SMALL_PAYLOAD = 64 * 1024
 FLUSH_AT = 1 << 20
 SOCKET_BUFFER = 4 << 20
@@ -54,7 +76,191 @@ class Breather:
 
 
 class ProtocolError(Exception):
-    pass
+    """The peer sent something the data plane does not allow (the connection is dropped)."""
+
+
+# -- control frames the receiver trusts only after checking them ----------------------------------
+
+Round = Annotated[StrictInt, AfterValidator(between(0, MAX_ROUND))]
+
+
+PercentValue = Annotated[StrictInt | StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class ProgressFrame(Message):
+    """PROGRESS from the source: the figures the target mirrors, each bounded like the snapshot's."""
+
+    bytes_sent: Bytes = 0
+    bytes_remaining: Bytes = 0
+    round: Round = 0
+    dirty_rate_bytes_s: ByteRate = 0
+    throughput_bytes_s: ByteRate = 0
+    expected_downtime_ms: Bytes | None = None
+    converged: StrictBool = False
+    state: str | None = None
+    phase: Phase | None = None
+    percent: dict[Phase, PercentValue] = Field(default_factory=dict)
+    round_done: Round = 0
+
+
+class DigestedFrame(Message):
+    """DIGESTED from the target: the last round it has hashed."""
+
+    round: Round
+
+
+Count = Annotated[StrictInt, AfterValidator(between(0, 1 << 62))]
+
+
+class WorkloadState(Message):
+    write_counter: Count
+    dirty_pages_per_s: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))]
+    io_latency_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))]
+    working_set_pages: Count | None = None
+
+
+class DiskState(Message):
+    io_issued: Count
+    io_completed: Count
+
+
+class DevicesState(Message):
+    disk0: DiskState
+
+
+class GuestState(Message):
+    """The vCPU/device state FREEZE carries: the workload's rate is bounded like ``GuestSpec``'s."""
+
+    workload: WorkloadState
+    devices: DevicesState
+    io_queued: Annotated[list[Count], Field(max_length=100_000)]
+    vcpus: list[Any] = Field(default_factory=list)
+
+
+class FreezeFrame(Message):
+    state: GuestState
+    source_digest: Annotated[str, Field(max_length=256)] | None = None
+
+
+class HelloFrame(Message):
+    """HELLO from the source (its token is checked before anything else is looked at)."""
+
+    token: Annotated[str, Field(max_length=512)]
+    migration_id: Annotated[str, Field(max_length=128)]
+    guest: Annotated[str, Field(max_length=64)]
+    memory_mib: StrictInt
+    populate: list[Any] = Field(default_factory=list)
+
+
+def check(model: type[Any], body: dict[str, Any], what: str) -> Any:
+    """``body`` as the frame ``model``; a value out of bounds is ``ProtocolError`` in plain words."""
+    try:
+        return parse(model, body, what)
+    except ProtocolViolation as violation:
+        raise ProtocolError(f"{what}: {violation}") from None
+
+
+# -- channels: plain TCP or TLS over the same non-blocking socket ----------------------------------
+
+
+class Channel(Protocol):
+    """A connected byte stream; ``recv_into`` returns 0 when the peer closed it."""
+
+    sock: socket.socket
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def recv_into(self, view: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class PlainChannel:
+    """Plain TCP (the encryption policy "off")."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        await self._loop.sock_sendall(self.sock, data)
+
+    async def recv_into(self, view: memoryview) -> int:
+        return await self._loop.sock_recv_into(self.sock, view)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TlsChannel:
+    """TLS through ``ssl.SSLObject`` over a non-blocking socket (``handshake`` builds one).
+
+    Sends are serialised by a lock: ciphertext must leave in the order it was encrypted, and the
+    target sends DIGESTED from a hashing task while its main task may answer too.
+    """
+
+    def __init__(
+        self, sock: socket.socket, ssl_object: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._ssl = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._raw = bytearray(TLS_RECEIVE_BUFFER)
+        self._raw_view = memoryview(self._raw)
+        self._send_lock = asyncio.Lock()
+
+    @classmethod
+    async def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool) -> TlsChannel:
+        """Run the TLS handshake; ``ssl.SSLError`` (e.g. no or a foreign certificate) if it fails."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_object = context.wrap_bio(incoming, outgoing, server_side=server_side)
+        channel = cls(sock, ssl_object, incoming, outgoing)
+        while True:
+            try:
+                ssl_object.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await channel._flush()
+                if not await channel._fill():
+                    raise ConnectionError("the peer closed the connection during the TLS handshake") from None
+        await channel._flush()
+        return channel
+
+    async def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data:
+            await self._loop.sock_sendall(self.sock, data)
+
+    async def _fill(self) -> bool:
+        received = await self._loop.sock_recv_into(self.sock, self._raw_view)
+        if received == 0:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(self._raw_view[:received])
+        return True
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        async with self._send_lock:
+            for start in range(0, len(view), TLS_RECORD_BATCH):
+                self._ssl.write(view[start : start + TLS_RECORD_BATCH])
+                await self._flush()
+
+    async def recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                read: int = self._ssl.read(len(view), view)  # type: ignore[arg-type, assignment]
+                return read
+            except ssl.SSLWantReadError:
+                if not await self._fill():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -74,9 +280,8 @@ class FrameWriter:
     sending (including cap waits), so ``bytes_sent / send_seconds`` is the link rate.
     """
 
-    def __init__(self, sock: socket.socket, bandwidth_bytes_s: float | None = None) -> None:
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, channel: Channel, bandwidth_bytes_s: float | None = None) -> None:
+        self._channel = channel
         self._buffer = bytearray()
         self._cap = bandwidth_bytes_s
         self._cap_started = time.monotonic()
@@ -117,7 +322,7 @@ class FrameWriter:
             await self._breather.breathe()
 
     async def message(self, kind: int, body: dict[str, Any], flush: bool = True) -> None:
-        data = json.dumps(body).encode()
+        data = json_bytes(body)
         self._buffer += HEADER.pack(kind, len(data), 0) + data
         if flush:
             await self.flush()
@@ -129,7 +334,7 @@ class FrameWriter:
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
         started = time.monotonic()
-        await self._loop.sock_sendall(self._sock, data)
+        await self._channel.sendall(data)
         self.bytes_sent += len(data)
         if self._cap:
             ahead = (self.bytes_sent - self._cap_base) / self._cap - (time.monotonic() - self._cap_started)
@@ -140,9 +345,8 @@ class FrameWriter:
 
 
 class FrameReader:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
         self._header = bytearray(HEADER.size)
         self._breather = Breather()
         self.bytes_received = 0
@@ -153,29 +357,34 @@ class FrameReader:
 
     async def into(self, view: memoryview) -> None:
         while view:
-            received = await self._loop.sock_recv_into(self._sock, view)
+            received = await self._channel.recv_into(view)
             if received == 0:
                 raise ConnectionError("the peer closed the data-plane connection")
             self.bytes_received += received
             view = view[received:]
         await self._breather.breathe()
 
-    async def json_body(self, size: int) -> dict[str, Any]:
-        if size > MAX_JSON_BYTES:
+    async def json_body(self, size: int, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+        """``size`` bytes of JSON object; too large, not JSON, too deeply nested: ``ProtocolError``."""
+        if size > limit:
             raise ProtocolError(f"control message of {size} bytes is too large")
         body = bytearray(size)
         await self.into(memoryview(body))
         try:
-            decoded = json.loads(body)
-        except ValueError as error:
-            raise ProtocolError("control message is not JSON") from error
+            decoded = load_json(body, "control message")
+        except ProtocolViolation as violation:
+            raise ProtocolError(str(violation)) from None
         if not isinstance(decoded, dict):
             raise ProtocolError("control message is not a JSON object")
         return decoded
 
-    async def message(self) -> tuple[int, dict[str, Any]]:
+    async def message(self, limit: int = MAX_JSON_BYTES) -> tuple[int, dict[str, Any]]:
         """Read one JSON frame (the handshake and the target's answers are only these)."""
         kind, size, _ = await self.header()
         if kind not in JSON_KINDS:
             raise ProtocolError(f"unexpected frame kind {kind}")
-        return kind, await self.json_body(size)
+        return kind, await self.json_body(size, limit)
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()

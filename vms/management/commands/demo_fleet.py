@@ -21,7 +21,27 @@ class Command(BaseCommand):
             help="Directory of {vsp}.secret files (read if present, else written with mode 600).",
         )
 
-    def handle(self, *args: Any, agents_base_port: int, secrets_dir: Path, **options: Any) -> None:
-        for line in create_demo_fleet(agents_base_port, secrets_dir):
+        parser.add_argument(
+            "--pki-dir",
+            type=Path,
+            help="Directory of the agents' certificates (<vsp>.pem): HTTPS URLs, fingerprints registered.",
+        )
+        parser.add_argument(
+            "--data-plane",
+            choices=("required", "off"),
+            default="required",
+            help="Data-plane encryption policy between the demo hosts (off: the QEMU demo).",
+        )
+
+    def handle(
+        self,
+        *args: Any,
+        agents_base_port: int,
+        secrets_dir: Path,
+        pki_dir: Path | None = None,
+        data_plane: str = "required",
+        **options: Any,
+    ) -> None:
+        for line in create_demo_fleet(agents_base_port, secrets_dir, pki_dir, data_plane):
             self.stdout.write(line)
         self.stdout.write(self.style.SUCCESS(f"Demo fleet ready; agent secrets in {secrets_dir}"))
