@@ -137,14 +137,14 @@ class VMOut(Schema):
 
 
 # What an admin types: an id (a number) or a name.
-IdOrName = Annotated[int, Field(ge=1, le=2**53)] | Annotated[str, Field(min_length=1, max_length=64)]
+IdOrName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class MigrationIn(Schema):
     model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
 
-    vm: IdOrName = Field(description="VM id (a number) or name")
-    target: IdOrName = Field(description="Target VSP id (a number) or name")
+    vm: IdOrName = Field(description="VM id or name, as text")
+    target: IdOrName = Field(description="Target VSP id or name, as text")
     policy: dict[str, int | bool | str] | None = Field(
         default=None,
         max_length=16,

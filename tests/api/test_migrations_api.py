@@ -244,11 +244,3 @@ def test_it_refuses_a_bad_policy_with_its_reason_and_changes_nothing(api, hosts,
 
     assert body["detail"]
     assert not Migration.objects.exclude(state="refused").exists()
-
-
-def test_it_accepts_numeric_ids(api, hosts):
-    vm = make_vm("web01", vsp=hosts[0])
-
-    response = api.post("/migrations", {"vm": vm.pk, "target": hosts[1].pk})
-
-    assert response.status_code == 201, response.content
