@@ -222,7 +222,7 @@ def test_the_worker_names_a_dead_source_host_instead_of_saying_the_vm_keeps_runn
 
     wait_for_state(wait_for, migration, "aborted", "cancelled", "completed")
     assert migration.state == "aborted"
-    assert migration.alert.startswith("Copy phase failed: the source host stopped answering. ")
+    assert migration.alert.startswith("Copy phase failed: the source host hosta stopped answering. ")
     assert migration.alert.endswith(
         "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
     )
