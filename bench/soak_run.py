@@ -51,6 +51,7 @@ MOMENT_MAX_S = {
 }
 PAST_LIMIT_S = 2.0  # a pause or stall lasts the phase's limit plus this
 OUTCOME_TIMEOUT_S = 90.0
+FLEET_READY_TIMEOUT_S = 30.0  # six inventory intervals of the soak's stack
 POLL_S = 0.005
 
 
@@ -113,11 +114,32 @@ def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient
 
 
 def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
+    """One seeded run: wait until the console sees every agent again, migrate with one fault, check.
+
+    A console that still calls a restarted agent unreachable after ``FLEET_READY_TIMEOUT_S`` is itself a
+    violation (an admin could not migrate from that host); so is a refusal of the run's migration.
+    """
     scenario = Scenario.from_seed(seed)
     result = Result(scenario)
     started = time.monotonic()
+    still_unreachable = wait_for_fleet_reachable()
+    if still_unreachable:
+        result.outcome = "not started"
+        result.violations.append(
+            f"the console still calls {', '.join(still_unreachable)} unreachable "
+            f"{FLEET_READY_TIMEOUT_S:.0f} s after the previous run"
+        )
+        result.seconds = time.monotonic() - started
+        return result
     vm = create_guest(stack, scenario)
-    migration = do_request_migration(vm, VSP.objects.get(name=scenario.target), admin)
+    try:
+        migration = do_request_migration(vm, VSP.objects.get(name=scenario.target), admin)
+    except MigrationRefused as refused:
+        retire_guest(stack, vm)
+        result.outcome = "refused"
+        result.violations.append(f"the run's migration was refused: {'; '.join(refused.messages)}")
+        result.seconds = time.monotonic() - started
+        return result
     restarts_before = len(stack.restarted)
     try:
         inject(stack, scenario, migration, admin, result)
@@ -134,6 +156,19 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         retire_guest(stack, vm)
         result.seconds = time.monotonic() - started
     return result
+
+
+def wait_for_fleet_reachable() -> list[str]:
+    """Wait until the console marks every VSP reachable (inventory collection after a restart).
+
+    Returns the names of the VSPs still unreachable after ``FLEET_READY_TIMEOUT_S`` (empty: all back).
+    """
+    deadline = time.monotonic() + FLEET_READY_TIMEOUT_S
+    while True:
+        down = sorted(VSP.objects.filter(agent_reachable=False).values_list("name", flat=True))
+        if not down or time.monotonic() > deadline:
+            return down
+        time.sleep(0.2)
 
 
 def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:

@@ -28,7 +28,9 @@ def test_it_keeps_every_invariant_under_twenty_seeded_faults():
     )
     lines = finished.stdout.strip().splitlines()
     assert lines, finished.stderr[-3000:]
-    assert lines[-1] == f"{RUNS} runs, 0 invariant violations", finished.stdout[-6000:]
+    assert lines[-1] == f"{RUNS} runs, 0 invariant violations", (
+        finished.stdout[-6000:] + finished.stderr[-3000:]
+    )
     assert finished.returncode == 0, finished.stdout[-6000:]
     sys.path.insert(0, str(BASE_DIR / "bench"))
     from soak_run import FAULT_KINDS
