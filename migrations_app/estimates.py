@@ -172,17 +172,28 @@ def forecast_to(
     if source is None:
         return TargetForecast(None, [f"{vm.name} is not running anywhere: nothing to forecast."])
     link = link_rate(source, target)
+    model_policy = forecast_policy(policy, vm)
+    cap = model_policy.bandwidth_cap_bytes_s
+    unmeasured = (
+        f"the link from {source.name} to {target.name} is not measured yet (no migration between them)"
+    )
     missing = []
     if guest is None:
         missing.append(f"{vm.name}'s dirty rate is not measured yet")
-    if link is None:
-        missing.append(
-            f"the link from {source.name} to {target.name} is not measured yet (no migration between them)"
-        )
-    if guest is None or link is None:
+    if link is None and cap is None:
+        missing.append(unmeasured)
+    if guest is None or (link is None and cap is None):
         return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."])
-    model_policy = forecast_policy(policy, vm)
-    model_guest, model_link = guest.guest(), forecast.Link(link.rate_bytes_s)
+    assert guest is not None
+    if link is not None:
+        model_link, link_words = forecast.Link(link.rate_bytes_s), link.words()
+    else:
+        # No history but a cap: the migration can carry at most the cap, so the forecast is a best case
+        # (a guest that writes faster than the cap cannot converge whatever the link).
+        assert cap is not None
+        model_link = forecast.Link(cap)
+        link_words = ""  # forecast.explain: not measured, the cap is the best case
+    model_guest = guest.guest()
     result = forecast.forecast(model_guest, model_link, model_policy)
     lines = forecast.explain(
         model_guest,
@@ -191,7 +202,7 @@ def forecast_to(
         result,
         vm=vm.name,
         target=target.name,
-        link_source=link.words(),
+        link_source=link_words,
     )
     lines.append(f"Dirty rate measured {age_words(guest.at)}.")
     return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms)

@@ -369,14 +369,21 @@ def explain(
 ) -> list[str]:
     """The sentences behind a verdict, e.g. "db01 writes 410 MB/s; the link to vsp2 carried 650 MB/s ...".
 
-    ``link_source`` says where the link rate comes from ("on its last migration", "in a probe 2 min ago").
+    ``link_source`` says where the link rate comes from ("on its last migration", "in a probe 2 min ago");
+    an empty one means the link is not measured and ``link`` is the policy's bandwidth cap (a best case).
     """
     rate = effective_rate(link, policy)
-    lines = [
-        f"{vm} writes {mb(guest.dirty_rate_bytes_s)}; the link to {target} carried "
-        f"{mb(link.rate_bytes_s)} {link_source}."
-    ]
-    if rate < link.rate_bytes_s:
+    if not link_source:
+        lines = [
+            f"{vm} writes {mb(guest.dirty_rate_bytes_s)}; the link to {target} is not measured yet "
+            f"(no migration between them), and the bandwidth cap allows at most {mb(rate)}."
+        ]
+    else:
+        lines = [
+            f"{vm} writes {mb(guest.dirty_rate_bytes_s)}; the link to {target} carried "
+            f"{mb(link.rate_bytes_s)} {link_source}."
+        ]
+    if link_source and rate < link.rate_bytes_s:
         lines.append(f"The bandwidth cap allows {mb(rate)}.")
     if result.converges:
         lines.append(

@@ -7,10 +7,12 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.db import transaction
 
 from vms.agent_client import certificate_fingerprint
+from vms.migration_policy import check_policy
 from vms.models import VSP, HostGroup, PairEncryption, Registration, VirtualMachine
 
 OS = VirtualMachine.OSStatus
@@ -40,6 +42,8 @@ class DemoGuest:
     boot: str = BOOT.AUTO
     kind: str = VirtualMachine.Kind.VM
     online_migration_enabled: bool = True
+    dirty_pages_per_s: int = 500  # what its workload writes (4 KiB pages a second)
+    policy: tuple[tuple[str, Any], ...] = ()  # its default migration policy's settings (vms.migration_policy)
 
 
 # vsp1, vsp2: enabled and licensed; vsp3: enabled, not licensed; vsp4: disabled, licensed.
@@ -54,6 +58,21 @@ GUESTS = [
     DemoGuest("web01", "vsp1", 512, 1, "Debian 12", OS.UP, HW.ON),
     DemoGuest("web02", "vsp1", 512, 1, "Debian 12", OS.UP, HW.ON),
     DemoGuest("db01", "vsp1", 4096, 4, "Red Hat Enterprise Linux 9", OS.UP, HW.ON),
+    # The busy one: it writes ~12 MB/s and its migrations are capped at 10 MB/s (they share a slow
+    # link), so the migrate dialog warns that it will not converge under its policy, and once started
+    # anyway the page warns before its limit and offers the rescues (throttle, a longer downtime,
+    # switch over now). Its working set (10 s of writes, ~120 MiB) keeps the demo's memory small.
+    DemoGuest(
+        "reports01",
+        "vsp1",
+        512,
+        2,
+        "Debian 12",
+        OS.UP,
+        HW.ON,
+        dirty_pages_per_s=3000,
+        policy=(("preset", "custom"), ("bandwidth_cap_mb_s", 10)),
+    ),
     DemoGuest("build01", "vsp1", 1024, 2, "Ubuntu 24.04", OS.DOWN, HW.OFF, BOOT.MANUAL),
     DemoGuest("batch01", "vsp2", 2048, 2, "HP-UX 11i v3", OS.UP, HW.ON, online_migration_enabled=False),
     DemoGuest("cache01", "vsp2", 256, 1, "Alpine Linux 3.20", OS.INITIALIZING, HW.ON),
@@ -190,14 +209,13 @@ def upsert_guest(guest: DemoGuest, vsp: VSP) -> None:
             "memory_mib": guest.memory_mib,
             "vcpus": guest.vcpus,
             "online_migration_enabled": guest.online_migration_enabled,
+            "migration_policy": check_policy(dict(guest.policy)) if guest.policy else {},
         },
     )
     if created:
         Registration.objects.create(vm=vm, vsp=vsp, hardware_status=guest.hardware_status)
 
 
-# A demo guest writes this many pages a second, so migrations show real dirty-page rounds.
-DEMO_DIRTY_PAGES_PER_S = 500
 # Share of a simulated demo guest's RAM its OS filled at boot; the workload writes within it (at
 # least 10 s of writes). Ten running guests of 14 GiB in all then hold ~0.7 GiB, so the whole
 # `make run` stack stays under 2 GiB resident (bench/bench_demo_memory.py measures it).
@@ -205,6 +223,11 @@ DEMO_FILL_PERCENT = 5
 # Under QEMU (software emulation on a laptop) only a couple of small guests can really run.
 QEMU_DEMO_MEMORY_MIB = 256
 QEMU_DEMO_RUNNING_GUESTS = ("web01", "web02")
+
+
+# What each demo guest's workload writes (pages a second), so migrations show real dirty-page rounds.
+DEMO_DIRTY_PAGES = {guest.name: guest.dirty_pages_per_s for guest in GUESTS}
+DEFAULT_DIRTY_PAGES_PER_S = 500
 
 
 def seed_demo_agents(driver: str) -> list[str]:
@@ -235,7 +258,7 @@ def seed_demo_agents(driver: str) -> list[str]:
             "name": vm.name,
             "memory_mib": memory_mib,
             "vcpus": vm.vcpus,
-            "dirty_pages_per_s": DEMO_DIRTY_PAGES_PER_S,
+            "dirty_pages_per_s": DEMO_DIRTY_PAGES.get(vm.name, DEFAULT_DIRTY_PAGES_PER_S),
             "running": running,
         }
         if vm.os_type:

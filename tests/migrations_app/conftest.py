@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ManagedProcess, start_celery_worker, wait_until
+from tests.conftest import ManagedProcess, start_celery_worker, start_console_server, wait_until
 from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_user, make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 
@@ -73,6 +73,15 @@ def killable_migration_worker(django_db_setup, redis_url, settings) -> Iterator[
     """A worker of its own on a queue of its own, for a test that kills it mid-migration."""
     with worker_on_own_queue("doomed") as queue_and_worker:
         yield route_migrations_to(queue_and_worker, settings)
+
+
+@pytest.fixture
+def migrating_console(django_db_setup, redis_url, migration_worker, settings) -> Iterator[str]:
+    """The console (uvicorn), sending migrations to the bandwidth-capped worker so phases last long enough
+    to watch; yields its base URL."""
+    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
+    yield base_url
+    server.stop()
 
 
 @pytest.fixture

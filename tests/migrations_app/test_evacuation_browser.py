@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.evacuation_models import Evacuation
-from tests.conftest import log_in, run_in_thread, start_console_server
+from tests.conftest import log_in, run_in_thread
 from tests.factories import PASSWORD, make_user, make_vm
 from tests.migrations_app.conftest import MIGRATOR
 from tests.migrations_app.guests import place_vm, runs_on
@@ -33,13 +33,6 @@ RECORD_DONE = """
   }).observe(document.body, {childList: true, subtree: true});
 }
 """
-
-
-@pytest.fixture
-def migrating_console(django_db_setup, redis_url, migration_worker, settings):
-    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
-    yield base_url
-    server.stop()
 
 
 def build_fleet(host_agents, fleet):

@@ -12,7 +12,7 @@ from django.urls import reverse
 
 from migrations_app.actions import do_request_migration
 from migrations_app.models import Migration
-from tests.conftest import log_in, run_in_thread, start_console_server
+from tests.conftest import log_in, run_in_thread
 from tests.factories import PASSWORD, make_user
 from tests.migrations_app.conftest import MIGRATOR
 from tests.migrations_app.guests import place_vm, wait_for_state
@@ -49,13 +49,6 @@ def test_a_completed_real_migration_has_a_full_report_and_one_sample_per_round(
     assert data["series"]["bytes_sent"][-1] == migration.bytes_sent
     listed = client.get(reverse("migration_history:list"), {"vm": vm.name}).content.decode()
     assert f'data-migration="{migration.pk}" data-outcome="completed"' in listed
-
-
-@pytest.fixture
-def migrating_console(django_db_setup, redis_url, migration_worker, settings):
-    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
-    yield base_url
-    server.stop()
 
 
 @pytest.mark.browser

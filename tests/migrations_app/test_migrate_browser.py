@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.models import Migration
-from tests.conftest import log_in, run_in_thread, start_console_server
+from tests.conftest import log_in, run_in_thread
 from tests.factories import PASSWORD, make_user
 from tests.migrations_app.conftest import MIGRATOR
 from tests.migrations_app.guests import place_vm
@@ -48,14 +48,6 @@ RECORD_PHASES = """
   });
 }
 """
-
-
-@pytest.fixture
-def migrating_console(django_db_setup, redis_url, migration_worker, settings):
-    """The console, sending migrations to the bandwidth-capped worker so phases last long enough to watch."""
-    server, base_url = start_console_server(MIGRATION_QUEUE=settings.MIGRATION_QUEUE)
-    yield base_url
-    server.stop()
 
 
 def open_watcher(browser, base_url: str, vm_id: int):

@@ -123,3 +123,22 @@ def test_the_dialog_forecasts_an_idle_and_a_hot_guest_per_target(
     hot_cells = forecast_cells(migration_admin_client, hot)
     assert hot_cells["hostb"].startswith("Will not converge under this policy")
     assert "the guest writes faster" in hot_cells["hostb"]
+
+
+def test_with_no_history_a_capped_policy_still_flags_a_guest_that_writes_faster_than_the_cap(
+    host_agents, fleet, migration_admin_client
+):
+    """The demo's reports01 case: no migration between the pair yet, but the VM's policy caps bandwidth
+    below what the guest writes, so the dialog can say it will not converge without waiting for history."""
+    hot = place_vm(host_agents, fleet, **HOT)
+    hot.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    hot.save(update_fields=["migration_policy"])
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    idle.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    idle.save(update_fields=["migration_policy"])
+
+    hot_cell = forecast_cells(migration_admin_client, hot)["hostc"]
+    assert hot_cell.startswith("Will not converge under this policy"), hot_cell
+    assert "the link to hostc is not measured yet (no migration between them)" in hot_cell
+    assert "allows at most 5.0 MB/s" in hot_cell
+    assert forecast_cells(migration_admin_client, idle)["hostc"].startswith("Converges · about ")

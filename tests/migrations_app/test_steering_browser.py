@@ -1,0 +1,94 @@
+"""In real Chromium: the dialog forecasts per target, the page warns before the limit, a click rescues it.
+
+Everything is real: the console (uvicorn), Redis, the bandwidth-capped Celery worker (5 MB/s, conftest)
+and the simulated host agents. A first, idle migration hosta -> hostb gives the console that link's rate;
+the hot guest then writes 12 MB/s into all of its 8 MiB, which that link cannot carry under the default
+policy (it would stop at its round limit with the guest left on hosta).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from migrations_app.models import Migration, MigrationEvent
+from tests.conftest import log_in, run_in_thread
+from tests.factories import PASSWORD, make_user
+from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.guests import place_vm, runs_on
+from tests.migrations_app.test_policies import HOT, complete_one_migration
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def open_general_tab(browser, base_url: str, username: str, vm_id: int):
+    page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
+    page.set_default_timeout(30_000)
+    log_in(page, base_url, username, PASSWORD)
+    page.goto(f"{base_url}/vms/{vm_id}/general/")
+    page.evaluate("window.__marker = 'no reload'")
+    return page
+
+
+def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_browsers(
+    host_agents, fleet, migrating_console, browser, wait_for
+):
+    maria = run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    run_in_thread(make_user, "omar", permissions=(*MIGRATOR, "vms.view_vsp"))
+    run_in_thread(complete_one_migration, host_agents, fleet, maria, wait_for)
+    hot = run_in_thread(place_vm, host_agents, fleet, **HOT)
+    admin = open_general_tab(browser, migrating_console, "maria", hot.pk)
+    colleague = open_general_tab(browser, migrating_console, "omar", hot.pk)
+
+    admin.click("#migrate-button")
+    dialog = admin.locator("#migrate-dialog")
+    verdict = dialog.locator(f"#forecast-{fleet['hostb'].pk} [data-field=verdict]")
+    verdict.wait_for()
+    assert verdict.inner_text() == "Will not converge under this policy"
+    assert "the guest writes faster" in dialog.locator(f"#forecast-{fleet['hostb'].pk}").inner_text()
+    DOCS.mkdir(exist_ok=True)
+    admin.screenshot(path=str(DOCS / "migrate-dialog-forecast.png"), full_page=True)
+    dialog.locator('tr[data-vsp="hostb"] input').check()
+    dialog.locator("#migrate-submit").click()  # started anyway
+    admin.wait_for_selector("#migrate-dialog", state="detached")
+
+    for page in (admin, colleague):
+        warning = page.locator("#migration-warning [data-field=warning]")
+        warning.wait_for(timeout=60_000)
+        assert warning.inner_text().startswith("This migration will stop at ")
+        assert page.locator("#migration-warning [data-field=rescue]").count() >= 1
+    admin.screenshot(path=str(DOCS / "general-tab-warning.png"), full_page=True)
+    migration = run_in_thread(lambda: Migration.objects.get(vm=hot))
+    assert migration.state == "copy", migration.alert  # warned before it stopped
+
+    # The panel is redrawn on every push; what the admin is typing must survive it.
+    downtime = colleague.locator(".migration-steer input[name=downtime_ms]")
+    downtime.fill("4321")
+    rounds = int(colleague.locator("#migration-phases [data-field=round]").inner_text())
+    round_now = "parseInt(document.querySelector('#migration-phases [data-field=round]').textContent)"
+    colleague.wait_for_function(f"() => {round_now} > {rounds}")
+    assert downtime.input_value() == "4321", "a progress push wiped what the admin was typing"
+
+    admin.click("#steer-switchover")  # the rescue: switch over now, accepting the longer freeze
+    for page in (admin, colleague):
+        page.wait_for_selector('#migration-phases[data-state="completed"]', timeout=120_000)
+        assert page.evaluate("window.__marker") == "no reload"
+        downtime = page.locator('#migration-phases [data-field="downtime"]').text_content()
+        assert re.fullmatch(r"\d+ ms", downtime), downtime
+    admin.screenshot(path=str(DOCS / "general-tab-rescued.png"), full_page=True)
+    migration = run_in_thread(lambda: Migration.objects.get(pk=migration.pk))
+    assert migration.state == "completed", migration.alert
+    assert migration.source_digest and migration.source_digest == migration.target_digest
+    assert runs_on(host_agents["hostb"], hot.name)
+    changed = run_in_thread(
+        lambda: (
+            MigrationEvent.objects.filter(migration=migration, actor__username="maria")
+            .filter(message__icontains="switch")
+            .exists()
+        )
+    )
+    assert changed, "the rescue is not recorded with who made it"
