@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from migrations_app import forecast
 from vms import migration_policy
+from vms.access import check_can_migrate
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
@@ -168,14 +169,17 @@ def within_site_cap(change: dict[str, Any]) -> dict[str, Any]:
 def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) -> str:
     """Apply an admin's change to a running migration; returns what was done, in words.
 
-    ``raw``: either form of ``check_change``. Raises ``PermissionDenied`` (a user who may not migrate),
+    ``raw``: either form of ``check_change``. Raises ``PermissionDenied`` (a user who may not migrate
+    it: ``add_migration`` and an operator of its source's and its target's host groups),
     ``BadChange`` (an unknown change or a bad value) or ``ChangeRefused`` (a migration not in Init or
     Copy, the source agent refused or is unreachable): nothing changed then.
     """
     if not user.has_perm(CHANGE_PERMISSION):
         raise PermissionDenied("Your account lacks the permission to change migrations.")
+    current = Migration.objects.select_related("vm", "source", "target").get(pk=migration.pk)
+    if current.vm is not None:  # as for starting it: an operator of its source's and target's groups
+        check_can_migrate(user, current.vm, current.target)
     change = check_change(raw)
-    current = Migration.objects.select_related("vm", "source").get(pk=migration.pk)
     if current.state not in CHANGEABLE_STATES:
         raise ChangeRefused(
             f"Migration {current.pk} is {current.get_state_display().lower()}: only a migration in its "

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from api.tokens import do_create_token
 from migrations_app import steering
 from migrations_app.models import Migration, MigrationEvent
+from tests.api.conftest import WRITER, ApiClient
 from tests.api.test_inventory_api import assert_problem
-from tests.factories import make_migration, make_vm, make_vsp
+from tests.factories import make_migration, make_user, make_vm, make_vsp
 from tests.migrations_app.conftest import BANDWIDTH_MBPS
 from tests.migrations_app.guests import place_vm, runs_on, wait_for_state
-from vms.models import AuditEvent
+from vms.models import AuditEvent, Role
 
 HOT = {"memory_mib": 8, "dirty_pages_per_s": 3000, "fill_percent": 100}
 LIVE = pytest.mark.django_db(transaction=True)
@@ -211,3 +213,17 @@ def test_a_new_bandwidth_cap_never_lifts_the_site_wide_cap(settings):
     assert steering.within_site_cap({"bandwidth_mbps": 0}) == {"bandwidth_mbps": 40}  # "no cap": the site's
     assert steering.within_site_cap({"bandwidth_mbps": 16}) == {"bandwidth_mbps": 16}
     assert steering.within_site_cap({"downtime_ms": 900}) == {"downtime_ms": 900}
+
+
+@pytest.mark.django_db
+def test_only_an_operator_of_its_host_groups_may_change_it(ended):
+    viewer = make_user("vera", permissions=WRITER, role=Role.VIEWER)  # may migrate elsewhere, views here
+    as_viewer = ApiClient(do_create_token(viewer, "tests")[1])
+
+    for response in (
+        as_viewer.patch(f"/migrations/{ended.pk}/policy", {"max_downtime_ms": 900}),
+        as_viewer.post(f"/migrations/{ended.pk}/switchover"),
+    ):
+        assert_problem(
+            response, 403, "You may not migrate web01: you are not an operator of the host group of hosta."
+        )
