@@ -103,4 +103,6 @@ def install_problem_handlers(api: Any) -> None:
 
 
 def _plain_error(error: dict[str, Any]) -> dict[str, Any]:
-    return {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
+    # A schema's own check (a ValueError with the page's words) reads as those words alone.
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    return {"loc": [str(part) for part in error.get("loc", ())], "msg": message}

@@ -14,6 +14,7 @@ from ninja import Header, Path, Query, Router
 from ninja.errors import HttpError
 from ninja.responses import Status
 
+from migrations_app import steering
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from vms.access import visible_migration_condition, visible_vms, visible_vsps
@@ -27,16 +28,19 @@ from .lookups import MAX_ID, get_migration, get_vm, get_vsp
 from .models import IdempotencyKey
 from .problems import Conflict, Problem
 from .schemas import (
+    MigrationChangedOut,
     MigrationDetailOut,
     MigrationIn,
     MigrationOut,
     MigrationPage,
     NotRunnableIn,
     OnlineMigrationIn,
+    PolicyChangeIn,
     VMOut,
     VMPage,
     VSPOut,
     VSPPage,
+    migration_changed_out,
     migration_detail_out,
     migration_out,
     vm_out,
@@ -254,6 +258,45 @@ def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> S
     migration = get_migration(migration_id, request.user)
     do_cancel_migration(migration, request.user)
     return Status(202, migration_out(get_migration(migration_id, request.user)))
+
+
+@router.patch(
+    "/migrations/{migration_id}/policy",
+    response={200: MigrationChangedOut, **WRITE_ERRORS},
+    tags=["Migrations"],
+)
+def change_migration(
+    request: HttpRequest, body: PolicyChangeIn, migration_id: int = MigrationId
+) -> MigrationChangedOut:
+    """Change a running migration (Init or Copy) at once, as its phases panel does: raise the allowed
+    downtime, set or remove the bandwidth cap, turn throttling on or off. Recorded as an event with who
+    and what and pushed to every watcher; 409 once its Copy is over (nothing changed then)."""
+    migration = get_migration(migration_id, request.user)
+    done = steer(migration, body.model_dump(exclude_unset=True), request)
+    return migration_changed_out(get_migration(migration_id, request.user), done)
+
+
+@router.post(
+    "/migrations/{migration_id}/switchover",
+    response={202: MigrationChangedOut, **WRITE_ERRORS},
+    tags=["Migrations"],
+)
+def switch_over_now(request: HttpRequest, migration_id: int = MigrationId) -> Status[MigrationChangedOut]:
+    """Switch over now: end Copy at once and freeze the guest for what is left, however long that takes
+    (the phases panel's *Switch over now*). 409 once its Copy is over."""
+    migration = get_migration(migration_id, request.user)
+    done = steer(migration, {"action": "switchover"}, request)
+    return Status(202, migration_changed_out(get_migration(migration_id, request.user), done))
+
+
+def steer(migration: Migration, raw: dict[str, Any], request: HttpRequest) -> str:
+    """``steering.do_change_migration``, its refusals as problems: 422 a bad change, 409 the others."""
+    try:
+        return steering.do_change_migration(migration, raw, request.user)
+    except steering.BadChange as refusal:
+        raise HttpError(422, refusal.message) from None
+    except steering.ChangeRefused as refusal:
+        raise Conflict(refusal.message) from None
 
 
 def page(rows: Any, limit: int, offset: int, convert: Any) -> dict:

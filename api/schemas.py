@@ -7,12 +7,14 @@ Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.st
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict
+from pydantic import ConfigDict, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app.models import Migration, MigrationEvent
+from vms import migration_policy
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import online_migration_status
@@ -103,6 +105,10 @@ class MigrationOut(Schema):
     policy: dict[str, Any] = Field(description="The effective migration policy (vms.migration_policy)")
 
 
+class MigrationChangedOut(MigrationOut):
+    done: str = Field(description="What was done, in the words the page shows")
+
+
 class MigrationDetailOut(MigrationOut):
     events: list[EventOut]
 
@@ -155,6 +161,36 @@ class MigrationIn(Schema):
             "downtime_max_ms, at_limit (abort or switchover)"
         ),
     )
+
+
+class PolicyChangeIn(Schema):
+    """A change to a running migration's policy (Init or Copy): any of these at once, the rest unchanged.
+
+    A value out of bounds or not a number is refused (422) with the Migrate dialog's words, before
+    anything is sent to the agent (``migrations_app.steering.check_change`` checks it again).
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"minProperties": 1})
+
+    max_downtime_ms: (
+        Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)] | SkipJsonSchema[None]
+    ) = Field(None, description="The allowed downtime (ms), whole; raising it lets a stalled Copy finish")
+    bandwidth_cap_mb_s: (
+        Literal[0] | Annotated[float, Field(ge=1, le=migration_policy.MAX_BANDWIDTH_MB_S)] | None
+    ) = Field(None, description="The bandwidth cap (MB/s, 10^6 bytes); 0 or null: no cap")
+    auto_converge: bool | SkipJsonSchema[None] = Field(
+        None, description="Throttle the guest's vCPUs stepwise while Copy stalls (true) or stop (false)"
+    )
+
+    @field_validator("max_downtime_ms", "bandwidth_cap_mb_s", "auto_converge", mode="before")
+    @classmethod
+    def in_the_dialogs_words(cls, value: Any, info: Any) -> Any:
+        """A bad value is refused with the dialog's words (``PolicyError`` is a ``ValueError``)."""
+        checked = migration_policy.check_policy({info.field_name: value})[info.field_name]
+        if isinstance(value, str):  # passed the dialog's check as text ("5", "on"), as a form sends it
+            kind = "true or false" if info.field_name == "auto_converge" else "a number"
+            raise ValueError(f"send {kind}, not the text {value[:40]!r}.")
+        return checked
 
 
 class OnlineMigrationIn(Schema):
@@ -213,6 +249,10 @@ def phases_out(migration: Migration) -> list[PhaseOut]:
 
 def migration_out(migration: Migration) -> MigrationOut:
     return MigrationOut(**_migration_fields(migration))
+
+
+def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOut:
+    return MigrationChangedOut(**_migration_fields(migration), done=done)
 
 
 def migration_detail_out(migration: Migration) -> MigrationDetailOut:

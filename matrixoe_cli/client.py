@@ -39,6 +39,9 @@ class Client:
     def post(self, path: str, body: dict | None = None, headers: dict | None = None) -> Any:
         return self._call("POST", path, json=body or {}, headers=headers)
 
+    def patch(self, path: str, body: dict) -> Any:
+        return self._call("PATCH", path, json=body)
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)

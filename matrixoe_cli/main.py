@@ -1,4 +1,5 @@
-"""The ``matrixoe`` command: ``login``, ``vsps``, ``vms``, ``status``, ``migrate``, ``cancel``, ``history``.
+"""The ``matrixoe`` command: ``login``, ``vsps``, ``vms``, ``status``, ``migrate``, ``change``,
+``switchover``, ``cancel``, ``history``, ``evacuate``.
 
 Every command takes ``--json`` (the API's JSON, for scripts). Exit status: 0 done; 1 refused or failed
 (the console's words on stderr); 2 bad usage (typer).
@@ -212,6 +213,57 @@ def cancel(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: Js
         f"Cancel of the migration of {migration['vm']} requested ({migration['state']['label']}).",
         markup=False,
     )
+
+
+@app.command()
+def change(
+    vm: Annotated[str, typer.Argument(help="VM name or id")],
+    max_downtime: Annotated[
+        int | None, typer.Option("--max-downtime", help="Allowed downtime (ms); raising it lets Copy finish")
+    ] = None,
+    bandwidth: Annotated[
+        float | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s); 0: no cap")
+    ] = None,
+    auto_converge: Annotated[
+        bool | None,
+        typer.Option("--auto-converge/--no-auto-converge", help="Turn throttling of the guest on or off"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change the VM's running migration (Init or Copy) at once, as its phases panel does."""
+    body: dict[str, Any] = {}
+    if max_downtime is not None:
+        body["max_downtime_ms"] = max_downtime
+    if bandwidth is not None:
+        body["bandwidth_cap_mb_s"] = int(bandwidth) if bandwidth == int(bandwidth) else bandwidth
+    if auto_converge is not None:
+        body["auto_converge"] = auto_converge
+    if not body:
+        raise fail(
+            "Nothing to change: give --max-downtime, --bandwidth or --auto-converge/--no-auto-converge."
+        )
+    steer(vm, lambda api, migration_id: api.patch(f"/migrations/{migration_id}/policy", body), as_json)
+
+
+@app.command()
+def switchover(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: JsonOption = False) -> None:
+    """Switch the VM's running migration over now: Copy ends at once, the guest is frozen for what is left."""
+    steer(vm, lambda api, migration_id: api.post(f"/migrations/{migration_id}/switchover"), as_json)
+
+
+def steer(vm: str, request: Any, as_json: bool) -> None:
+    """``request(api, id)`` on the VM's queued or running migration; the console's words either way."""
+    api = client()
+    try:
+        active = api.get("/migrations", vm=vm, active="true", limit=1)["items"]
+        if not active:
+            raise ApiError(f"Nothing to change: {vm} has no running migration.")
+        migration = request(api, active[0]["id"])
+    except ApiError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        return print_json(migration)
+    out.print(f"{migration['vm']}: {migration['done']}", markup=False, highlight=False)
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 ``outlook(migration)`` continues ``migrations_app.forecast`` from where the Copy stands (the numbers the
 agent last reported); ``do_change_migration`` applies a change (raise the allowed downtime, change the
-bandwidth cap, turn throttling on, switch over now) on the source agent (``POST
+bandwidth cap, turn throttling on or off, switch over now) on the source agent (``POST
 /v1/migrations/{id}/params``, answered at once) and records it as a ``MigrationEvent`` and an
 ``AuditEvent`` with who and what, then pushes the page to every watcher. The page, the REST API and
 the CLI all call ``do_change_migration``.
@@ -14,12 +14,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import forecast
 from vms import migration_policy
+from vms.access import check_can_migrate
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 CHANGE_PERMISSION = "migrations_app.add_migration"  # who may migrate may steer
 CHANGEABLE_STATES = (Migration.State.INIT, Migration.State.COPY)
 ACTIONS = ("raise_downtime", "bandwidth", "auto_converge", "switchover")
+POLICY_CHANGES = ("max_downtime_ms", "bandwidth_cap_mb_s", "auto_converge")  # the API's form
 MiB = 1024 * 1024
 
 
@@ -41,6 +44,11 @@ class ChangeRefused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class BadChange(ChangeRefused):
+    """The change itself is wrong (an unknown change, a value out of bounds or not a number), whatever
+    the migration's state: the API answers 422 to it, 409 to the other refusals."""
 
 
 @dataclass(frozen=True)
@@ -92,49 +100,86 @@ def outlook(migration: Migration) -> Outlook | None:
 
 
 def check_change(raw: dict[str, Any]) -> dict[str, Any]:
-    """The agent's ``protocol.ParamsChange`` from the page's or API's fields; ``ChangeRefused`` if bad.
+    """The agent's ``protocol.ParamsChange`` from the page's or API's fields; ``BadChange`` if bad.
 
-    ``action``: ``raise_downtime`` (with ``downtime_ms``), ``bandwidth`` (``bandwidth_cap_mb_s``, empty
-    or 0: no cap), ``auto_converge`` (turn throttling on) or ``switchover`` (switch over now).
+    Two forms, one check (``migration_policy.check_policy``, so the words are the dialog's):
+
+    - the page's, one ``action`` at a time: ``raise_downtime`` (with ``downtime_ms``), ``bandwidth``
+      (``bandwidth_cap_mb_s``, empty or 0: no cap), ``auto_converge`` (turn throttling on) or
+      ``switchover`` (switch over now);
+    - the API's, any of the policy's own keys at once: ``max_downtime_ms`` (ms),
+      ``bandwidth_cap_mb_s`` (MB/s; None, empty or 0: no cap), ``auto_converge`` (on or off). All are
+      checked before anything is sent, so one bad value changes nothing.
     """
-    action = raw.get("action")
-    try:
+    if "action" in raw:
+        action = raw.get("action")
         if action == "raise_downtime":
-            downtime = migration_policy.check_policy({"max_downtime_ms": raw.get("downtime_ms")})
-            return {"downtime_ms": downtime["max_downtime_ms"]}
+            return check_change({"max_downtime_ms": raw.get("downtime_ms")})
         if action == "bandwidth":
-            cap = migration_policy.check_policy({"bandwidth_cap_mb_s": raw.get("bandwidth_cap_mb_s")})
-            return {"bandwidth_mbps": (cap["bandwidth_cap_mb_s"] or 0) * 8}
+            return check_change({"bandwidth_cap_mb_s": raw.get("bandwidth_cap_mb_s")})
+        if action == "auto_converge":
+            return {"auto_converge": True}
+        if action == "switchover":
+            return {"switchover_now": True}
+        raise BadChange(f"Unknown change {str(action)[:40]!r}; choose one of: {', '.join(ACTIONS)}.")
+    unknown = sorted(set(raw) - set(POLICY_CHANGES))
+    if unknown:
+        words = ", ".join(str(key)[:40] for key in unknown[:5])
+        raise BadChange(f"Unknown change {words}; change one of: {', '.join(POLICY_CHANGES)}.")
+    if not raw:
+        raise BadChange(f"Nothing to change: give one of {', '.join(POLICY_CHANGES)}.")
+    try:
+        checked = migration_policy.check_policy(raw)
     except migration_policy.PolicyError as error:
-        raise ChangeRefused(str(error)) from None
-    if action == "auto_converge":
-        return {"auto_converge": True}
-    if action == "switchover":
-        return {"switchover_now": True}
-    raise ChangeRefused(f"Unknown change {str(action)[:40]!r}; choose one of: {', '.join(ACTIONS)}.")
+        raise BadChange(str(error)) from None
+    change: dict[str, Any] = {}
+    if "max_downtime_ms" in raw:
+        change["downtime_ms"] = checked["max_downtime_ms"]
+    if "bandwidth_cap_mb_s" in raw:
+        change["bandwidth_mbps"] = (checked["bandwidth_cap_mb_s"] or 0) * 8
+    if "auto_converge" in raw:
+        change["auto_converge"] = checked["auto_converge"]
+    return change
 
 
 def describe_change(change: dict[str, Any]) -> str:
+    """``change`` (a ``ParamsChange``) in words: "raised the allowed downtime to 5.0 s and ..."."""
+    parts = []
     if "downtime_ms" in change:
-        return f"raised the allowed downtime to {forecast.ms(change['downtime_ms'])}"
+        parts.append(f"raised the allowed downtime to {forecast.ms(change['downtime_ms'])}")
     if "bandwidth_mbps" in change:
         cap = change["bandwidth_mbps"] / 8
-        return f"set the bandwidth cap to {cap:g} MB/s" if cap else "removed the bandwidth cap"
-    if change.get("auto_converge"):
-        return "turned throttling (auto-converge) on"
-    return "asked to switch over now"
+        parts.append(f"set the bandwidth cap to {cap:g} MB/s" if cap else "removed the bandwidth cap")
+    if "auto_converge" in change:
+        parts.append(f"turned throttling (auto-converge) {'on' if change['auto_converge'] else 'off'}")
+    if change.get("switchover_now"):
+        parts.append("asked to switch over now")
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def within_site_cap(change: dict[str, Any]) -> dict[str, Any]:
+    """``change`` as sent to the agent: a new bandwidth cap (or none) never lifts the site-wide
+    ``MIGRATION_BANDWIDTH_MBPS``, as ``migration_policy.agent_params`` does at the start."""
+    site = settings.MIGRATION_AGENT_PARAMS.get("bandwidth_mbps")
+    if "bandwidth_mbps" not in change or not site:
+        return change
+    return {**change, "bandwidth_mbps": min(change["bandwidth_mbps"] or site, site)}
 
 
 def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) -> str:
     """Apply an admin's change to a running migration; returns what was done, in words.
 
-    Raises ``PermissionDenied`` (a user who may not migrate) or ``ChangeRefused`` (bad value, a
-    migration past its Copy, the source agent refused or is unreachable): nothing changed then.
+    ``raw``: either form of ``check_change``. Raises ``PermissionDenied`` (a user who may not migrate
+    it: ``add_migration`` and an operator of its source's and its target's host groups),
+    ``BadChange`` (an unknown change or a bad value) or ``ChangeRefused`` (a migration not in Init or
+    Copy, the source agent refused or is unreachable): nothing changed then.
     """
     if not user.has_perm(CHANGE_PERMISSION):
         raise PermissionDenied("Your account lacks the permission to change migrations.")
+    current = Migration.objects.select_related("vm", "source", "target").get(pk=migration.pk)
+    if current.vm is not None:  # as for starting it: an operator of its source's and target's groups
+        check_can_migrate(user, current.vm, current.target)
     change = check_change(raw)
-    current = Migration.objects.select_related("vm", "source").get(pk=migration.pk)
     if current.state not in CHANGEABLE_STATES:
         raise ChangeRefused(
             f"Migration {current.pk} is {current.get_state_display().lower()}: only a migration in its "
@@ -143,7 +188,7 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
     source = current.require_source()
     try:
         with AgentClient.for_vsp(source) as agent:
-            agent.change_params(agent_migration_id(current), change)
+            agent.change_params(agent_migration_id(current), within_site_cap(change))
     except AgentError as error:
         raise ChangeRefused(
             f"The source host did not take the change: {error}. Nothing was changed."
@@ -158,7 +203,7 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
         if "bandwidth_mbps" in change:
             policy["bandwidth_cap_mb_s"] = change["bandwidth_mbps"] / 8 or None
         if "auto_converge" in change:
-            policy["auto_converge"] = True
+            policy["auto_converge"] = change["auto_converge"]
         if policy != before:
             policy["preset"] = "custom"
         row.policy = policy

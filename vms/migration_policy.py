@@ -239,7 +239,7 @@ def _number(value: Any, name: str) -> float:
         raise PolicyError(f"{name}: a number, not {value}.")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond any float
         raise PolicyError(f"{name}: a number, not {str(value)[:40]!r}.") from None
     if not math.isfinite(number):
         raise PolicyError(f"{name}: a number, not {value}.")

@@ -37,6 +37,11 @@ class ApiClient:
             headers={**self.headers, **(headers or {})},
         )
 
+    def patch(self, path: str, body: dict):
+        return self.client.patch(
+            f"/api/v1{path}", body, content_type="application/json", headers=self.headers
+        )
+
     def put(self, path: str, body: dict):
         return self.client.put(f"/api/v1{path}", body, content_type="application/json", headers=self.headers)
 
@@ -73,6 +78,7 @@ from tests.migrations_app.conftest import (  # noqa: E402, F401  (fixtures share
     _session_migration_worker,
     fleet,
     host_agents,
+    migration_worker,
     wait_for,
 )
 

@@ -104,3 +104,64 @@ def test_it_starts_one_migration_for_two_simultaneous_posts_with_one_key(host_ag
     assert sorted(r.status_code for r in responses) == [200, 201], [r.text for r in responses]
     assert len({r.json()["id"] for r in responses}) == 1
     assert Migration.objects.filter(vm=vm).count() == 1
+
+
+def test_a_change_to_a_running_migration_reaches_its_progress_stream(
+    host_agents, fleet, live_console, wait_for
+):
+    """A program watching the stream sees an admin's change as it happens, and the event says who and what."""
+    import threading
+
+    from migrations_app.models import Migration
+
+    token = do_create_token(make_user("alice", permissions=WRITER), "live")[1]
+    headers = {"Authorization": f"Bearer {token}"}
+    vm = place_vm(
+        host_agents, fleet, memory_mib=8, dirty_pages_per_s=3000, fill_percent=100
+    )  # never converges
+    created = httpx.post(
+        f"{live_console}/api/v1/migrations",
+        json={"vm": vm.name, "target": "hostb"},
+        headers=headers,
+        timeout=30,
+    )
+    migration_id = created.json()["id"]
+    assert wait_for(lambda: Migration.objects.get(pk=migration_id).state == "copy", timeout=60)
+    seen: list[tuple[str, dict]] = []
+
+    def watch() -> None:
+        for event in stream_events(live_console, token, migration_id):
+            seen.append(event)
+
+    watching = threading.Thread(target=watch)
+    watching.start()
+    assert wait_for(lambda: bool(seen), timeout=30)  # the stream's current state arrived: it is watching
+
+    changed = httpx.patch(
+        f"{live_console}/api/v1/migrations/{migration_id}/policy",
+        json={"max_downtime_ms": 5000},
+        headers=headers,
+        timeout=30,
+    )
+    watching.join(timeout=150)
+
+    assert changed.status_code == 200, changed.text
+    assert seen[0][1]["policy"]["max_downtime_ms"] == 300
+    assert any(kind == "progress" and data["policy"]["max_downtime_ms"] == 5000 for kind, data in seen)
+    assert seen[-1][0] == "end" and seen[-1][1]["state"]["value"] == "completed", seen[-1][1]["alert"]
+    detail = httpx.get(f"{live_console}/api/v1/migrations/{migration_id}", headers=headers, timeout=30).json()
+    assert {"actor": "alice", "message": "alice raised the allowed downtime to 5.0 s"}.items() <= next(
+        event for event in detail["events"] if "raised" in event["message"]
+    ).items()
+
+
+def stream_events(base_url: str, token: str, migration_id: int):
+    """``read_events``, yielding each event as it arrives."""
+    event = "message"
+    url = f"{base_url}/api/v1/migrations/{migration_id}/events"
+    with httpx.stream("GET", url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                yield event, json.loads(line[5:])

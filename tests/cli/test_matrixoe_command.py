@@ -22,6 +22,8 @@ from vms.models import VSP
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MATRIXOE = Path(sys.executable).parent / "matrixoe"
+# The command's code from this checkout, whichever checkout the virtualenv's editable install points at.
+SOURCE = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def matrixoe(config_dir: Path, *args: str, env: dict | None = None, timeout: float = 120):
@@ -29,6 +31,7 @@ def matrixoe(config_dir: Path, *args: str, env: dict | None = None, timeout: flo
     environment = {k: v for k, v in os.environ.items() if k not in ("MATRIXOE_URL", "MATRIXOE_TOKEN")} | {
         "MATRIXOE_CONFIG_DIR": str(config_dir),
         "COLUMNS": "160",
+        **SOURCE,
         **(env or {}),
     }
     return subprocess.run(
@@ -124,7 +127,7 @@ def test_it_exits_non_zero_with_the_alert_when_the_watched_migration_is_cancelle
     host_agents, fleet, logged_in, wait_for
 ):
     vm = place_vm(host_agents, fleet, memory_mib=64, fill_percent=100)  # a long Copy at the capped bandwidth
-    environment = os.environ | {"MATRIXOE_CONFIG_DIR": str(logged_in), "COLUMNS": "160"}
+    environment = os.environ | {"MATRIXOE_CONFIG_DIR": str(logged_in), "COLUMNS": "160", **SOURCE}
     watching = subprocess.Popen(
         [str(MATRIXOE), "migrate", vm.name, "--to", "hostb", "--watch"],
         stdout=subprocess.PIPE,
@@ -160,3 +163,31 @@ def test_it_shows_an_evacuation_plan_and_refuses_to_start_one_where_nothing_can_
     assert refused.returncode == 1
     assert "Nothing on evac-lonely can leave." in refused.stderr
     assert not VSP.objects.get(name="evac-src").maintenance
+
+
+def test_it_changes_the_running_migration_and_switches_it_over(host_agents, fleet, logged_in, wait_for):
+    vm = place_vm(
+        host_agents, fleet, memory_mib=8, dirty_pages_per_s=3000, fill_percent=100
+    )  # never converges
+    started = json.loads(matrixoe(logged_in, "migrate", vm.name, "--to", "hostb", "--json").stdout)
+    assert wait_for(lambda: Migration.objects.get(pk=started["id"]).state == "copy", timeout=60)
+
+    refused = matrixoe(logged_in, "change", vm.name, "--bandwidth", "-5")
+    nothing = matrixoe(logged_in, "change", vm.name)
+    changed = matrixoe(logged_in, "change", vm.name, "--max-downtime", "400", "--no-auto-converge", "--json")
+    switched = matrixoe(logged_in, "switchover", vm.name)
+
+    assert refused.returncode == 1
+    assert "Bandwidth cap: from 1 to 100000 MB/s (empty for no cap), not -5." in refused.stderr
+    assert nothing.returncode == 1 and "Nothing to change: give --max-downtime" in nothing.stderr
+    assert changed.returncode == 0, changed.stderr
+    body = json.loads(changed.stdout)
+    assert body["done"] == "Raised the allowed downtime to 400 ms and turned throttling (auto-converge) off."
+    assert body["policy"]["max_downtime_ms"] == 400
+    assert switched.returncode == 0, switched.stderr
+    assert f"{vm.name}: Asked to switch over now." in switched.stdout
+    assert wait_for(lambda: not Migration.objects.get(pk=started["id"]).is_active, timeout=120)
+    assert Migration.objects.get(pk=started["id"]).state == "completed"
+    again = matrixoe(logged_in, "switchover", vm.name)
+    assert again.returncode == 1
+    assert f"Nothing to change: {vm.name} has no running migration." in again.stderr
