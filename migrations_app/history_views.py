@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -28,10 +29,15 @@ PAGE_SIZE = 50
 
 
 def history_form(request: HttpRequest) -> HistoryFilterForm:
-    """The filters, offering only VSPs of the user's host groups."""
+    """The filters, offering only VSPs of the user's host groups and people who requested a migration the
+    user can see (no other account name leaks)."""
     form = HistoryFilterForm(request.GET)
     vsps = vsps_with_role(request.user, Role.VIEWER, VSP.objects.only("id", "name").order_by("name"))
     form.fields["vsp"].queryset = vsps  # type: ignore[attr-defined]
+    requesters = Migration.objects.filter(visible_migration_condition(request.user)).values("requested_by")
+    form.fields["user"].queryset = (  # type: ignore[attr-defined]
+        get_user_model().objects.filter(pk__in=requesters).order_by("username")
+    )
     return form
 
 

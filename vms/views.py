@@ -150,7 +150,12 @@ def vm_list(request: HtmxHttpRequest) -> HttpResponse:
         page = paginate(
             filter_vms(visible_vms(request.user, vm_with_registrations()), **criteria), filters["page"]
         )
-        rows = [VMListRow(vm, vm.runnable_registration) for vm in page]
+        seen_vsps = set(visible_vsps(request.user).values_list("pk", flat=True))
+        rows = [
+            VMListRow(vm, copy, vsp_hidden=_runs_outside(copy, seen_vsps))
+            for vm in page
+            for copy in [vm.runnable_registration]
+        ]
     query_without_page = request.GET.copy()
     query_without_page.pop("page", None)
     context: dict[str, Any] = {
@@ -170,6 +175,7 @@ class VMListRow:
 
     vm: VirtualMachine
     registration: Registration | None
+    vsp_hidden: bool = False  # the copy runs on a VSP outside the user's host groups: its name is not shown
 
     @property
     def os_status(self) -> str:
@@ -179,6 +185,10 @@ class VMListRow:
     @property
     def os_status_label(self) -> str:
         return VirtualMachine.OSStatus(self.os_status).label
+
+
+def _runs_outside(registration: Registration | None, seen_vsp_ids: set[int]) -> bool:
+    return registration is not None and registration.vsp_id not in seen_vsp_ids
 
 
 def shown_vsp_id(request: HtmxHttpRequest) -> int | None:

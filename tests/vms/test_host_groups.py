@@ -152,6 +152,30 @@ def test_the_general_tab_does_not_list_copies_on_another_groups_vsps(client, gro
     assert "vsp-l1" not in page
 
 
+def test_the_vm_list_does_not_name_another_groups_vsp_where_a_visible_guest_runs(client, groups):
+    """lab-box runs on vsp-l1 (Lab) and left a Not Runnable copy on vsp-p1 (Prod): Prod's viewer sees the
+    guest through that copy, but not the name of the Lab VSP it runs on."""
+    make_not_runnable_copy(groups["vms"]["lab"], groups["vsps"]["p1"], reason="left behind")
+    login(client, groups, "viewer")
+    page = client.get(reverse("vms:vm_list")).text
+    row = page[page.index('<tr data-vm="lab-box">') :].split("</tr>")[0]
+    assert "a VSP outside your host groups" in row
+    assert "vsp-l1" not in page
+    login(client, groups, "other")
+    row = client.get(reverse("vms:vm_list")).text.split('<tr data-vm="lab-box">')[1].split("</tr>")[0]
+    assert "vsp-l1" in row  # Lab's own member sees it
+
+
+def test_the_history_filters_offer_only_people_and_vsps_the_user_can_see(client, groups):
+    vsps, users = groups["vsps"], groups["users"]
+    make_migration(groups["vms"]["prod"], vsps["p1"], vsps["p2"], requested_by=users["operator"])
+    make_migration(groups["vms"]["lab"], vsps["l1"], vsps["l1"], requested_by=users["other"])
+    login(client, groups, "viewer")
+    page = client.get(reverse("migration_history:list")).text
+    assert 'value="prod-operator"' in page
+    assert "lab-operator" not in page and "vsp-l1" not in page
+
+
 def test_the_list_pages_stay_at_a_fixed_query_count_for_a_group_member(client, groups):
     login(client, groups, "operator")
     urls = [reverse("vms:vsp_list"), reverse("vms:vm_list"), f"{reverse('vms:vm_list')}?hardware_status=on"]
