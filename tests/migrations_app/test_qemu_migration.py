@@ -15,14 +15,17 @@ from typing import Any
 
 import pytest
 
+from devtools import processes
 from migrations_app.actions import do_cancel_migration, do_request_migration
+from migrations_app.decisions import agent_migration_id
 from migrations_app.models import Migration
-from tests.conftest import ManagedProcess, wait_until
-from tests.factories import make_vm
-from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
+from tests.conftest import ManagedProcess, log_path, subprocess_env, wait_until
+from tests.factories import make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir, unique
 from tests.migrations_app.conftest import route_migrations_to, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
-from tests.qemu_guest import needs_qemu, runs_intact, workload
+from tests.qemu_guest import guest_named, needs_qemu, runs_intact, workload
+from vms.agent_client import AgentClient, UnknownMigration
 from vms.models import PairEncryption, Registration
 
 pytestmark = [*needs_qemu, pytest.mark.django_db(transaction=True)]
@@ -155,3 +158,84 @@ def test_it_aborts_a_guest_that_cannot_converge_at_its_copy_limit(qemu_agents, f
     assert "time limit of 20 s" in migration.alert
     assert migration.rounds >= 2, "QEMU went round after round without converging"
     assert_still_on_source(vm, qemu_agents, fleet, migration)
+
+
+def restart_agent(factory: AgentFactory, old: RunningAgent, *extra_args: str) -> RunningAgent:
+    """Start the agent again on its port with its secret and run directory, as a service manager would."""
+    port = int(old.url.rsplit(":", 1)[1])
+    secret_file = factory.secret_dir / f"{old.name}-again.secret"
+    secret_file.write_text(old.secret)
+    started = processes.start_agent(
+        old.name,
+        port,
+        secret_file,
+        "qemu",
+        extra_args,
+        log_path=log_path(f"agent-{old.name}-again"),
+        env=subprocess_env(),
+        pki_dir=session_pki_dir() if old.trust else None,
+    )
+    client = AgentClient(started.url, started.secret, trust=old.trust, timeout_s=30)
+    agent = RunningAgent(
+        old.name, started.url, started.secret, started.process, client, old.trust, started.fingerprint
+    )
+    factory.started.append(agent)
+    return agent
+
+
+@pytest.mark.faults
+def test_a_source_agent_killed_mid_copy_re_adopts_its_running_guest_and_the_migration_aborts(
+    tmp_path, tmp_path_factory, admin, qemu_worker
+):
+    """Issue 10, item 2: ``kill -9`` of the source's agent (not its guests) during Copy, restarted at once.
+
+    The migration aborts; the guest never stopped: the same QEMU (pid) runs on the source, its vCPUs
+    running and its memory checks passing, and the restarted agent lists it and knows no migration.
+    """
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qr")  # short: QMP's unix socket path has a length limit
+    run_dirs = {name: ("--driver-option", f"run_dir={run_dir / name}") for name in ("hosta", "hostb")}
+    agents = {name: factory(name, *args, driver="qemu") for name, args in run_dirs.items()}
+    try:
+        vsps = {
+            name: make_vsp(
+                name,
+                agent_url=agent.url,
+                agent_secret=agent.secret,
+                agent_certificate=agent.trust,
+                memory_mib=4096,
+            )
+            for name, agent in agents.items()
+        }
+        PairEncryption.objects.create(vsp_a=vsps["hosta"], vsp_b=vsps["hostb"], encryption="off")
+        vm = place_linux_vm(agents, vsps, CALM_PAGES_PER_S)
+        qemu_pid = workload(agents["hosta"], vm.name)["pid"]
+        migration = do_request_migration(vm, vsps["hostb"], admin)
+        wait_for_state(wait_until, migration, "copy", "aborted", timeout=60)
+        assert wait_until(lambda: refreshed(migration).copy_percent > 0, timeout=30), migration.alert
+
+        agent_process = agents["hosta"].process.process
+        os.kill(agent_process.pid, signal.SIGKILL)  # the agent alone: its guests are not its process
+        agent_process.wait(timeout=10)
+        source = restart_agent(factory, agents["hosta"], *run_dirs["hosta"])
+
+        wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
+        assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+        guest = guest_named(source, vm.name)
+        assert guest["hardware_status"] == "on" and guest["migrating"] is None
+        assert guest["workload"]["pid"] == qemu_pid, "the same QEMU, re-adopted, not a new boot"
+        assert guest["workload"]["vcpus_running"] is True  # QMP query-status: running
+        assert runs_intact(source, vm.name)
+        with pytest.raises(UnknownMigration):
+            source.client.snapshot(agent_migration_id(migration))
+        vm.refresh_from_db()
+        assert vm.current_vsp == vsps["hosta"]
+        target_copy = next((g for g in agents["hostb"].client.list_guests() if g["name"] == vm.name), None)
+        assert target_copy is None or target_copy["hardware_status"] != "on"
+    finally:
+        factory.stop_all()
+
+
+def refreshed(migration: Migration) -> Migration:
+    migration.refresh_from_db()
+    return migration
