@@ -31,6 +31,7 @@ from .decisions import (
     undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
+from .evacuation import settle_after
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
 from .scheduling import start_idle_queues
@@ -76,14 +77,17 @@ def recover_one(migration: Migration, stale_after_s: float) -> bool:
         if migration.state == State.COMMITTING:
             logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
             roll_forward(migration, lease)
-            return True
-        logger.warning(
-            "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-        )
-        return abort_orphan(migration, lease)
+        else:
+            logger.warning(
+                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+            )
+            if not abort_orphan(migration, lease):
+                return False
     except LeaseLost:  # this pass itself stalled past the limit and a later pass took over
         record_stood_down(lease)
         return False
+    settle_after(migration.pk)  # as the worker would have: its evacuation ends if this was its last step
+    return True
 
 
 RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
@@ -140,7 +144,7 @@ def stale_migrations(stale_after_s: float) -> list[Migration]:
 
 
 def abort_orphan(migration: Migration, lease: Lease) -> bool:
-    """Record the abort (from the state read), then undo on the agents; False if another decider won."""
+    """Record the abort (from the state read), then undo on the agents; False if the state moved first."""
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:

@@ -159,3 +159,31 @@ def test_a_worker_frozen_after_its_commit_does_not_roll_forward_again(host_agent
     assert runnable_on(vm) == ["hostb"]
     assert runs_on(agents["hostb"], vm.name)
     assert guest_on(agents["hosta"], vm.name)["hardware_status"] == "not_runnable"
+
+
+def test_recovery_ends_the_evacuation_whose_last_migration_it_decided(host_agents, fleet, admin):
+    """The worker that would have ended the evacuation is gone (or stood down): its decider does it."""
+    from migrations_app.evacuation_models import Evacuation, EvacuationStep
+
+    vm = place_vm(host_agents, fleet)
+    a_minute_ago = timezone.now() - timedelta(minutes=1)
+    migration = Migration.objects.create(
+        vm=vm,
+        source=fleet["hosta"],
+        target=fleet["hostb"],
+        requested_by=admin,
+        state=Migration.State.COPY,
+        heartbeat_at=a_minute_ago,
+        state_changed_at=a_minute_ago,
+        lease_owner="worker:gone",
+    )
+    evacuation = Evacuation.objects.create(vsp=fleet["hosta"], requested_by=admin)
+    EvacuationStep.objects.create(
+        evacuation=evacuation, position=0, vm=vm, vm_name=vm.name, target=fleet["hostb"], migration=migration
+    )
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    evacuation.refresh_from_db()
+    assert evacuation.state == Evacuation.State.FINISHED
+    assert runs_on(host_agents["hosta"], vm.name)
