@@ -3,7 +3,8 @@
 Commit (the point of no return: FROZEN -> COMMITTING and the registration flip in one transaction),
 abort (record ABORTED/CANCELLED with the alert first, then undo on the agents), and roll forward
 (resume on the target, release on the source, then COMPLETED). Every state change is a compare-and-set
-with an event row (``transitions.transition``), so two deciders never both act.
+with an event row (``transitions.transition``) that also compares the decider's lease (``lease``), so two
+deciders never both act: a decider that lost its lease raises ``LeaseLost`` before any agent command.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -28,7 +29,8 @@ from vms.agent_client import (
 )
 from vms.models import VSP, Registration
 
-from .errors import MigrationCancelled, MigrationFailed, Superseded
+from .errors import MigrationCancelled, MigrationFailed
+from .lease import Lease
 from .models import PHASE_PERCENT_FIELD, Migration
 from .progress import publish_progress
 from .transitions import transition
@@ -43,6 +45,7 @@ ROLL_FORWARD_ATTEMPTS = 6
 SOURCE_ASK_TIMEOUT_S = 2.0  # per attempt: how long the alert waits for the source to say whether the VM runs
 SOURCE_ASK_ATTEMPTS = 2
 NO_ONE_NAMED = "an administrator"
+T = TypeVar("T")
 
 PROGRESS_FIELDS = (
     *PHASE_PERCENT_FIELD.values(),
@@ -90,14 +93,15 @@ def cancelled_by(migration_id: int) -> str:
     return str(requester.cancel_requested_by)
 
 
-def commit(migration: Migration, check_stop: Callable[[], None]) -> None:
+def commit(migration: Migration, check_stop: Callable[[], None], lease: Lease) -> None:
     """FROZEN -> COMMITTING and the registration flip, in one transaction (the point of no return).
 
     ``check_stop`` raises the worker's stop reason, if any. Raises ``MigrationCancelled`` when a cancel
-    was requested first, ``MigrationFailed`` when the source copy is no longer runnable, ``Superseded``
-    when another decider moved the migration.
+    was requested first, ``MigrationFailed`` when the source copy is no longer runnable, ``LeaseLost``
+    when another decider took the lease, ``Superseded`` when the state moved otherwise.
     """
     check_stop()
+    lease.check()
     message = f"Committing: {migration.vm} becomes runnable on {migration.target} only"
     fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
     try:
@@ -107,7 +111,7 @@ def commit(migration: Migration, check_stop: Callable[[], None]) -> None:
                 State.FROZEN,
                 State.COMMITTING,
                 message=message,
-                where={"cancel_requested": False},
+                where={"cancel_requested": False, **lease.where},
                 **fields,
             )
             if won:
@@ -118,7 +122,7 @@ def commit(migration: Migration, check_stop: Callable[[], None]) -> None:
     if not won:
         if Migration.objects.filter(pk=migration.pk, state=State.FROZEN, cancel_requested=True).exists():
             raise MigrationCancelled(State.FROZEN, cancelled_by(migration.pk))
-        raise Superseded
+        raise lease.superseded()
     migration.state = State.COMMITTING
     publish_progress(migration.pk)
 
@@ -151,22 +155,32 @@ def flip_registrations(migration: Migration) -> None:
 
 
 def abort(
-    migration: Migration, failure: MigrationFailed, source: AgentClient, target: AgentClient, agent_id: str
+    migration: Migration,
+    failure: MigrationFailed,
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    lease: Lease,
 ) -> None:
-    """Record the failure (the record decides), then undo on the agents if this decider won or it ended."""
-    recorded = record_abort(migration, failure, fields=progress_fields(migration))
+    """Record the failure (the record decides), then undo on the agents if this decider won or it ended
+    under this decider's lease; ``LeaseLost`` (nothing done) when another decider holds the lease."""
+    recorded = record_abort(migration, failure, lease, fields=progress_fields(migration))
     ended = (State.ABORTED, State.CANCELLED)
+    if not recorded:
+        lease.confirm()
     if recorded or Migration.objects.filter(pk=migration.pk, state__in=ended).exists():
         undo_and_mark(migration.pk, source, target, agent_id)
 
 
 def record_abort(
-    migration: Migration, failure: MigrationFailed, *, fields: dict[str, Any] | None = None
+    migration: Migration, failure: MigrationFailed, lease: Lease, *, fields: dict[str, Any] | None = None
 ) -> bool:
     """Record ABORTED/CANCELLED with the alert and the failure's kind, before any agent is told.
 
-    Returns False when another decider changed the state first (nothing recorded then).
+    Returns False when the state changed first (nothing recorded then); raises ``LeaseLost`` (nothing
+    asked, nothing written) when another decider holds the lease.
     """
+    lease.confirm()
     outcome = State.CANCELLED if isinstance(failure, MigrationCancelled) else State.ABORTED
     alert = f"{failure.alert} {where_the_vm_stays(migration, failure)}"
     won = transition(
@@ -178,6 +192,7 @@ def record_abort(
         failed_phase=failure.phase,
         failure_kind=str(failure.kind),
         undo_pending=True,
+        where=lease.where,
         **(fields or {}),
     )
     if won:
@@ -287,10 +302,11 @@ def undo_and_mark(
     return done
 
 
-def roll_forward(migration: Migration) -> bool:
+def roll_forward(migration: Migration, lease: Lease) -> bool:
     """After the commit: resume the target, and only once it confirmed it runs the guest, release the source.
 
-    Both commands are idempotent, so a recovering worker may repeat what a dead one already did.
+    Both commands are idempotent, so a recovering worker may repeat what a dead one already did; each is
+    sent only while ``lease`` is still this decider's (``LeaseLost`` otherwise, nothing more done).
     Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
     A target that does not run the guest after ``resume`` (it restarted and forgot the migration, or
     refuses) never gets it: the source, never released, resumes it (``keep_on_source``). A target that
@@ -299,12 +315,12 @@ def roll_forward(migration: Migration) -> bool:
     """
     agent_id = agent_migration_id(migration)
     with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
-        resumed = ask_agent(lambda: target.resume(agent_id), ROLL_FORWARD_ATTEMPTS)
+        resumed = ask_agent(leased(lease, lambda: target.resume(agent_id)), ROLL_FORWARD_ATTEMPTS)
         if resumed is None:
             return False
         if not runs_the_guest(resumed):
-            return keep_on_source(migration, source, target, agent_id, resumed)
-        released = ask_agent(lambda: source.release(agent_id), ROLL_FORWARD_ATTEMPTS)
+            return keep_on_source(migration, source, target, agent_id, resumed, lease)
+        released = ask_agent(leased(lease, lambda: source.release(agent_id)), ROLL_FORWARD_ATTEMPTS)
         if released is None:
             return False
         if isinstance(released, AgentRefused):
@@ -319,9 +335,23 @@ def roll_forward(migration: Migration) -> bool:
         message = f"{message}. {alert}"
         fields = {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
         logger.error("Migration %s: %s", migration.pk, alert)
-    if transition(migration.pk, State.COMMITTING, State.COMPLETED, message=message, **fields):
+    if transition(
+        migration.pk, State.COMMITTING, State.COMPLETED, message=message, where=lease.where, **fields
+    ):
         publish_progress(migration.pk)
+    elif Migration.objects.filter(pk=migration.pk, state=State.COMMITTING).exists():
+        raise lease.superseded()
     return True
+
+
+def leased(lease: Lease, command: Callable[[], T]) -> Callable[[], T]:
+    """``command`` sent only after ``lease.confirm()`` (each retry confirms again)."""
+
+    def confirmed() -> T:
+        lease.confirm()
+        return command()
+
+    return confirmed
 
 
 def runs_the_guest(answer: Answer) -> bool:
@@ -348,7 +378,12 @@ def alert_if_target_lost_it(migration: Migration, answer: Answer) -> str:
 
 
 def keep_on_source(
-    migration: Migration, source: AgentClient, target: AgentClient, agent_id: str, refusal: Answer
+    migration: Migration,
+    source: AgentClient,
+    target: AgentClient,
+    agent_id: str,
+    refusal: Answer,
+    lease: Lease,
 ) -> bool:
     """The target did not take the guest after the commit: the source, never released, runs it again.
 
@@ -356,8 +391,8 @@ def keep_on_source(
     (the target copy Not Runnable, the source copy runnable: On if it runs), in one transaction, so the
     VM stays runnable on exactly one VSP, the one that has it. Returns False if the source did not answer.
     """
-    discarded = retry_agent(lambda: target.discard(agent_id), UNDO_ATTEMPTS)  # whatever it still holds
-    resumed = ask_agent(lambda: source.resume(agent_id), ROLL_FORWARD_ATTEMPTS)
+    discarded = retry_agent(leased(lease, lambda: target.discard(agent_id)), UNDO_ATTEMPTS)
+    resumed = ask_agent(leased(lease, lambda: source.resume(agent_id)), ROLL_FORWARD_ATTEMPTS)
     if resumed is None:
         return False
     status = source_guest_status(migration, source)
@@ -377,12 +412,15 @@ def keep_on_source(
             failed_phase=State.COMMITTING,
             failure_kind=str(failure.kind),
             undo_pending=not discarded,
+            where=lease.where,
         )
         if won:
             unflip_registrations(migration, running=status == "running")
     if won:
         logger.error("Migration %s kept on its source after the commit: %s", migration.pk, alert)
         publish_progress(migration.pk)
+    elif Migration.objects.filter(pk=migration.pk, state=State.COMMITTING).exists():
+        raise lease.superseded()
     return True
 
 

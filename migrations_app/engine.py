@@ -1,7 +1,7 @@
 """The driving loop of one migration against its two host agents (``docs/migrations.md``).
 
 1. Claim the source VSP: QUEUED -> INIT only when no other migration is leaving it
-   (``scheduling.do_claim_source``).
+   (``scheduling.do_claim_source``); the claim takes the decider's lease (``lease``).
 2. Run the phases in order (``phases.PHASES``), recording each in the database before acting on the agents.
    Progress from the source agent's stream is persisted (percentages never decrease) and published,
    throttled; a watchdog thread beats the heartbeat, notices a cancel request and backs up phase limits.
@@ -10,6 +10,10 @@
 4. Roll forward (``decisions.roll_forward``): resume on the target, release on the source, then COMPLETED.
 Any failure before step 3 records ABORTED/CANCELLED with the alert first, then tells the target to
 discard and the source to resume: the guest never stopped belonging to the source.
+The watchdog renews the lease with each heartbeat, from the claim to the end of the roll forward. A
+renewal that matches no row (recovery took over a worker silent past the limit, e.g. SIGSTOPped) stops
+the run at once: it raises ``LeaseLost``, sends no further agent command, and writes only the event
+saying it stood down (``lease.record_stood_down``); the new decider moves the queue on.
 
 Only ``tasks`` imports this module; the decisions it shares with recovery live in ``decisions``.
 """
@@ -47,6 +51,7 @@ from .decisions import (
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .evacuation import settle_after
+from .lease import Lease, LeaseLost, new_owner, record_stood_down
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
@@ -69,36 +74,50 @@ T = TypeVar("T")
 
 def drive_migration(migration_id: int) -> None:
     """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
-    if not do_claim_source(migration_id):
+    lease = Lease(migration_id, new_owner("worker"))
+    if not do_claim_source(migration_id, lease.owner):
         return
     migration = load_migration(migration_id)
-    run = MigrationRun(migration)
+    run = MigrationRun(migration, lease)
+    stood_down = False
     try:
-        if run_until_committed(run):
-            roll_forward(migration)
+        # The watchdog's first heartbeat before anything that may block (a slow Redis); it renews the
+        # lease until the roll forward is over.
+        with Watchdog(run) as watchdog:
+            if run_until_committed(run, watchdog):
+                roll_forward(migration, lease)
+    except LeaseLost:
+        stood_down = True
+        record_stood_down(lease)
     finally:
         run.close()
-        enqueue_next_for_source(migration.require_source().pk)
-        settle_after(migration_id)
+        if not stood_down:  # the decider that took over moves the queue and the evacuation on
+            enqueue_next_for_source(migration.require_source().pk)
+            settle_after(migration_id)
 
 
-def run_until_committed(run: MigrationRun) -> bool:
-    """Steps 2 and 3; True once committed. Failures before the commit end here, recorded and undone."""
-    with Watchdog(run) as watchdog:  # its first heartbeat before anything that may block (a slow Redis)
-        publish_progress(run.migration.pk)
-        try:
-            run_phases(run, watchdog)
-            watchdog.disarm()
-            commit(run.migration, run.check_stop)
-            return True
-        except MigrationFailed as failure:
-            abort(run.migration, failure, run.source, run.target, run.agent_id)
-        except Superseded:
-            logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
-        except Exception:
-            logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
-            internal = MigrationFailed(run.migration.state, "an internal error in the control plane")
-            abort(run.migration, internal, run.source, run.target, run.agent_id)
+def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:
+    """Steps 2 and 3; True once committed. Failures before the commit end here, recorded and undone.
+
+    Raises ``LeaseLost`` (nothing recorded, no agent told) once another decider took the lease.
+    """
+    publish_progress(run.migration.pk)
+    try:
+        run_phases(run, watchdog)
+        watchdog.disarm()
+        commit(run.migration, run.check_stop, run.lease)
+        return True
+    except LeaseLost:
+        raise
+    except MigrationFailed as failure:
+        abort(run.migration, failure, run.source, run.target, run.agent_id, run.lease)
+    except Superseded:
+        logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
+    except Exception:
+        run.lease.check()
+        logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
+        internal = MigrationFailed(run.migration.state, "an internal error in the control plane")
+        abort(run.migration, internal, run.source, run.target, run.agent_id, run.lease)
     return False
 
 
@@ -120,12 +139,14 @@ def run_phases(run: MigrationRun, watchdog: Watchdog) -> None:
 class MigrationRun:
     """One worker's hold on one migration: its agents, its last known progress, why it must stop."""
 
-    def __init__(self, migration: Migration) -> None:
+    def __init__(self, migration: Migration, lease: Lease) -> None:
         self.migration = migration
+        self.lease = lease
         self.agent_id = agent_migration_id(migration)
         self.source = agent_for(migration.require_source())
         self.target = agent_for(migration.target)
-        self.stop_reason: MigrationFailed | None = None  # set by the watchdog thread
+        # Set by the watchdog thread: a cancel or time limit (``MigrationFailed``) or ``LeaseLost``.
+        self.stop_reason: MigrationFailed | LeaseLost | None = None
         self.seq = 0
         self.last_flush = 0.0
         self.phase_started = time.monotonic()
@@ -169,7 +190,7 @@ class MigrationRun:
         if self.stop_reason is not None:
             raise self.stop_reason
 
-    def stop(self, reason: MigrationFailed) -> None:
+    def stop(self, reason: MigrationFailed | LeaseLost) -> None:
         """Called by the watchdog: the driving thread raises ``reason`` at once, even mid-call."""
         self.stop_reason = reason
 
@@ -215,6 +236,7 @@ class MigrationRun:
 
     def call(self, side: str, method: str, *args: Any) -> Any:
         self.check_stop()
+        self.lease.confirm()
         client = self.source if side == "source" else self.target
         with self.agent_errors(side):
             result = self.interruptible(side, lambda: getattr(client, method)(*args))
@@ -237,6 +259,7 @@ class MigrationRun:
         try:
             yield
         except AgentUnreachable as error:
+            self.lease.check()
             mark_reachable(
                 self.migration.require_source() if side == "source" else self.migration.target, False
             )
@@ -281,6 +304,7 @@ class MigrationRun:
         Used after the source refused to start: the inventory may be older than the guest's power-off.
         """
         vm = self.migration.require_vm()
+        self.lease.check()
         try:
             guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
@@ -300,6 +324,7 @@ class MigrationRun:
         jumping from 0 to 100. The command runs on a connection of its own, in a helper thread.
         """
         self.check_stop()
+        self.lease.confirm()
         done = threading.Event()
         outcome: dict[str, Any] = {}
 
@@ -388,8 +413,9 @@ class MigrationRun:
             return
         migration = self.migration
         fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
-        if not Migration.objects.filter(pk=migration.pk, state=migration.state).update(**fields):
-            raise Superseded
+        rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **self.lease.where)
+        if not rows.update(**fields):
+            raise self.lease.superseded()
         self.last_flush = now
         publish_progress(migration.pk)
 
@@ -399,8 +425,15 @@ class MigrationRun:
         self.check_stop()
         fields = {**progress_fields(self.migration), "heartbeat_at": timezone.now()}
         message = f"{phase.label} phase started"
-        if not transition(self.migration.pk, self.migration.state, phase.state, message=message, **fields):
-            raise Superseded
+        if not transition(
+            self.migration.pk,
+            self.migration.state,
+            phase.state,
+            message=message,
+            where=self.lease.where,
+            **fields,
+        ):
+            raise self.lease.superseded()
         self.migration.state = phase.state
         self.last_flush = time.monotonic()
         publish_progress(self.migration.pk)
@@ -503,15 +536,18 @@ class Watchdog:
                 self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.TIME_LIMIT))
 
     def beat(self) -> None:
-        """The heartbeat: recovery leaves a migration alone while it is younger than the stale limit."""
-        Migration.objects.filter(pk=self.run.migration.pk, state__in=Migration.ACTIVE_STATES).update(
-            heartbeat_at=timezone.now()
-        )
+        """The heartbeat renews the lease: recovery leaves a migration alone while it is younger than the
+        stale limit. A renewal that matches no row (recovery took over) stops the run with ``LeaseLost``."""
         self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        if not self.run.lease.renew() and self.run.stop_reason is None:
+            self.run.stop(LeaseLost(f"{self.run.lease.owner} lost its lease"))
 
     def stop(self, reason: MigrationFailed) -> None:
         """Called with ``lock`` held: record why the run must stop and tell the source to cancel."""
         if self.armed:
             self.run.stop(reason)
+            if not self.run.lease.renew():  # a decider that took over tells the agents, not this one
+                self.run.stop(LeaseLost(f"{self.run.lease.owner} lost its lease"))
+                return
             if not cancel_on_source(self.agent, self.run.agent_id):
                 logger.warning("The source agent did not take the cancel of %s", self.run.agent_id)

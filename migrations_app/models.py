@@ -98,6 +98,9 @@ class Migration(models.Model):
     )
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The decider's lease (``migrations_app.lease``): who decides this migration now (a worker or
+    # recovery); it expires MIGRATION_HEARTBEAT_STALE_S after ``heartbeat_at``, its last renewal.
+    lease_owner = models.CharField(max_length=100, blank=True)
     # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source
     # resume); recovery retries the undo of ended migrations still marked, for a bounded time.
     undo_pending = models.BooleanField(default=False)

@@ -1,8 +1,9 @@
 """Recovery of migrations whose driving worker died, decided by the database state alone.
 
 Before the commit (INIT .. FROZEN): abort, recording first, then discard on the target and resume on the
-source. At or after the commit (COMMITTING): roll forward. The compare-and-set on the state means a
-worker that was only slow, not dead, loses the race and stops without touching the agents.
+source. At or after the commit (COMMITTING): roll forward. Recovery first takes over the migration's
+expired lease (``lease.take_over_expired``, a compare-and-set): a worker that was only slow, not dead,
+finds its lease gone at its next renewal and stands down without touching the agents again.
 The decisions themselves are the worker's own (``decisions``); queues move on through ``scheduling``.
 """
 
@@ -30,6 +31,8 @@ from .decisions import (
     undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
+from .evacuation import settle_after
+from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
 from .scheduling import start_idle_queues
 
@@ -49,7 +52,7 @@ def recover_orphans(stale_after_s: float) -> list[int]:
     acted = []
     for migration in stale_migrations(stale_after_s):
         try:
-            if recover_one(migration):
+            if recover_one(migration, stale_after_s):
                 acted.append(migration.pk)
         except Exception:  # one migration's trouble must not leave the others undecided
             logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
@@ -59,20 +62,32 @@ def recover_orphans(stale_after_s: float) -> list[int]:
     return acted
 
 
-def recover_one(migration: Migration) -> bool:
+def recover_one(migration: Migration, stale_after_s: float) -> bool:
     """Decide one silent migration; False (nothing done) when another decider got there first.
 
-    Two recovery passes may run at once: each decision is a compare-and-set from the state this pass
-    read, so the one that loses skips the migration instead of failing.
+    Recovery takes over the lease only once it expired (no renewal for ``stale_after_s``), by a
+    compare-and-set from the state this pass read: a worker that renewed meanwhile keeps it, and of two
+    recovery passes at once the one that loses skips the migration instead of failing.
     """
-    if migration.state == State.COMMITTING:
-        logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
-        roll_forward(migration)
-        return True
-    logger.warning(
-        "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-    )
-    return abort_orphan(migration)
+    lease = take_over_expired(migration, stale_after_s, new_owner("recovery"))
+    if lease is None:
+        logger.info("Migration %s: its lease was renewed or taken first; recovery skips it", migration.pk)
+        return False
+    try:
+        if migration.state == State.COMMITTING:
+            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+            roll_forward(migration, lease)
+        else:
+            logger.warning(
+                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
+            )
+            if not abort_orphan(migration, lease):
+                return False
+    except LeaseLost:  # this pass itself stalled past the limit and a later pass took over
+        record_stood_down(lease)
+        return False
+    settle_after(migration.pk)  # as the worker would have: its evacuation ends if this was its last step
+    return True
 
 
 RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
@@ -128,13 +143,13 @@ def stale_migrations(stale_after_s: float) -> list[Migration]:
     return [migration for migration in loaded if migration.state in RUNNING]
 
 
-def abort_orphan(migration: Migration) -> bool:
-    """Record the abort (from the state read), then undo on the agents; False if another decider won."""
+def abort_orphan(migration: Migration, lease: Lease) -> bool:
+    """Record the abort (from the state read), then undo on the agents; False if the state moved first."""
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
-    if not record_abort(migration, failure):
+    if not record_abort(migration, failure, lease):
         logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
         return False
     agent_id = agent_migration_id(migration)

@@ -42,8 +42,10 @@ def next_queued_for_source(source_id: int) -> int | None:
     )
 
 
-def do_claim_source(migration_id: int) -> bool:
+def do_claim_source(migration_id: int, lease_owner: str) -> bool:
     """QUEUED -> INIT if this migration's source is free and it is the source's oldest queued one.
+
+    The claim takes the decider's lease for ``lease_owner`` (``lease.new_owner``) with its first heartbeat.
 
     The source VSP row lock serializes claims per source (SQLite serializes all writers anyway), so
     exactly one migration leaves a source at a time; the others stay QUEUED (the hourglass).
@@ -67,6 +69,7 @@ def do_claim_source(migration_id: int) -> bool:
             Migration.State.INIT,
             message=f"Init: {migration.source} and the target host connect",
             heartbeat_at=timezone.now(),
+            lease_owner=lease_owner,
         )
 
 

@@ -11,18 +11,22 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devtools import processes
 from migrations_app.actions import do_cancel_migration, do_request_migration
+from migrations_app.decisions import agent_migration_id
 from migrations_app.models import Migration
-from tests.conftest import ManagedProcess, wait_until
-from tests.factories import make_vm
-from tests.hostagent.conftest import AgentFactory, RunningAgent, unique
+from tests.conftest import ManagedProcess, log_path, subprocess_env, wait_until
+from tests.factories import make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir, unique
 from tests.migrations_app.conftest import route_migrations_to, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
-from tests.qemu_guest import needs_qemu, runs_intact, workload
+from tests.qemu_guest import guest_named, needs_qemu, runs_intact, workload
+from vms.agent_client import AgentClient, UnknownMigration
 from vms.models import PairEncryption, Registration
 
 pytestmark = [*needs_qemu, pytest.mark.django_db(transaction=True)]
@@ -155,3 +159,132 @@ def test_it_aborts_a_guest_that_cannot_converge_at_its_copy_limit(qemu_agents, f
     assert "time limit of 20 s" in migration.alert
     assert migration.rounds >= 2, "QEMU went round after round without converging"
     assert_still_on_source(vm, qemu_agents, fleet, migration)
+
+
+def restart_agent(factory: AgentFactory, old: RunningAgent, *extra_args: str) -> RunningAgent:
+    """Start the agent again on its port with its secret and run directory, as a service manager would."""
+    port = int(old.url.rsplit(":", 1)[1])
+    secret_file = factory.secret_dir / f"{old.name}-again.secret"
+    secret_file.write_text(old.secret)
+    started = processes.start_agent(
+        old.name,
+        port,
+        secret_file,
+        "qemu",
+        extra_args,
+        log_path=log_path(f"agent-{old.name}-again"),
+        env=subprocess_env(),
+        pki_dir=session_pki_dir() if old.trust else None,
+    )
+    client = AgentClient(started.url, started.secret, trust=old.trust, timeout_s=30)
+    agent = RunningAgent(
+        old.name, started.url, started.secret, started.process, client, old.trust, started.fingerprint
+    )
+    factory.started.append(agent)
+    return agent
+
+
+class RestartableHosts:
+    """Two QEMU hosts of one test's own (hosta, hostb), each with a fixed run directory, so that a test
+    can ``kill -9`` an agent alone and start it again on its port, as a service manager would."""
+
+    def __init__(self, factory: AgentFactory, run_dir: Path) -> None:
+        self.factory = factory
+        self.args = {name: ("--driver-option", f"run_dir={run_dir / name}") for name in ("hosta", "hostb")}
+        self.agents = {name: factory(name, *args, driver="qemu") for name, args in self.args.items()}
+        self.vsps = {
+            name: make_vsp(
+                name,
+                agent_url=agent.url,
+                agent_secret=agent.secret,
+                agent_certificate=agent.trust,
+                memory_mib=4096,
+            )
+            for name, agent in self.agents.items()
+        }
+        PairEncryption.objects.create(vsp_a=self.vsps["hosta"], vsp_b=self.vsps["hostb"], encryption="off")
+
+    def kill_and_restart(self, name: str) -> RunningAgent:
+        """SIGKILL the agent's own process (not its process group: its guests run on), then restart it."""
+        agent_process = self.agents[name].process.process
+        os.kill(agent_process.pid, signal.SIGKILL)
+        agent_process.wait(timeout=10)
+        self.agents[name] = restart_agent(self.factory, self.agents[name], *self.args[name])
+        return self.agents[name]
+
+
+@pytest.fixture
+def restartable_hosts(tmp_path, tmp_path_factory) -> Iterator[RestartableHosts]:
+    factory = AgentFactory(tmp_path)
+    try:
+        yield RestartableHosts(factory, tmp_path_factory.mktemp("qr"))  # short: unix socket paths
+    finally:
+        factory.stop_all()
+
+
+def migrating_in_copy(hosts: RestartableHosts, admin) -> tuple[Any, Migration]:
+    """A booted Linux guest on hosta, its migration to hostb requested and some of its Copy done."""
+    vm = place_linux_vm(hosts.agents, hosts.vsps, CALM_PAGES_PER_S)
+    migration = do_request_migration(vm, hosts.vsps["hostb"], admin)
+    wait_for_state(wait_until, migration, "copy", "aborted", timeout=60)
+    assert wait_until(lambda: refreshed(migration).copy_percent > 0, timeout=30), migration.alert
+    return vm, migration
+
+
+@pytest.mark.faults
+def test_a_source_agent_killed_mid_copy_re_adopts_its_running_guest_and_the_migration_aborts(
+    restartable_hosts, admin, qemu_worker
+):
+    """Issue 10, item 2: ``kill -9`` of the source's agent (not its guests) during Copy, restarted at once.
+
+    The migration aborts; the guest never stopped: the same QEMU (pid) runs on the source, its vCPUs
+    running and its memory checks passing, and the restarted agent lists it and knows no migration.
+    """
+    hosts = restartable_hosts
+    vm, migration = migrating_in_copy(hosts, admin)
+    qemu_pid = workload(hosts.agents["hosta"], vm.name)["pid"]
+
+    source = hosts.kill_and_restart("hosta")
+
+    wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
+    assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+    guest = guest_named(source, vm.name)
+    assert guest["hardware_status"] == "on" and guest["migrating"] is None
+    assert guest["workload"]["pid"] == qemu_pid, "the same QEMU, re-adopted, not a new boot"
+    assert guest["workload"]["vcpus_running"] is True  # QMP query-status: running
+    assert runs_intact(source, vm.name)
+    with pytest.raises(UnknownMigration):
+        source.client.snapshot(agent_migration_id(migration))
+    vm.refresh_from_db()
+    assert vm.current_vsp == hosts.vsps["hosta"]
+    target_copy = next((g for g in hosts.agents["hostb"].client.list_guests() if g["name"] == vm.name), None)
+    assert target_copy is None or target_copy["hardware_status"] != "on"
+
+
+@pytest.mark.faults
+def test_a_target_agent_killed_mid_copy_discards_the_incoming_copy_on_restart(
+    restartable_hosts, admin, qemu_worker
+):
+    """The target's agent killed during Copy and restarted: its incoming copy is gone for good (QEMU may
+    end by itself when the stream breaks; the restarted agent discards whatever its record names), it
+    knows no migration, and the guest runs on at the source."""
+    hosts = restartable_hosts
+    vm, migration = migrating_in_copy(hosts, admin)
+    incoming_pid = workload(hosts.agents["hostb"], vm.name)["pid"]
+
+    target = hosts.kill_and_restart("hostb")
+
+    wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
+    assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+    assert [g for g in target.client.list_guests() if g["name"] == vm.name] == []
+    assert wait_until(lambda: not Path(f"/proc/{incoming_pid}").exists(), timeout=15), "incoming QEMU left"
+    with pytest.raises(UnknownMigration):
+        target.client.snapshot(agent_migration_id(migration))
+    vm.refresh_from_db()
+    assert vm.current_vsp == hosts.vsps["hosta"]
+    assert runs_intact(hosts.agents["hosta"], vm.name)
+
+
+def refreshed(migration: Migration) -> Migration:
+    migration.refresh_from_db()
+    return migration

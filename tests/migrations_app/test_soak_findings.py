@@ -348,13 +348,15 @@ def test_a_refused_pre_check_at_init_asks_the_source_before_saying_the_vm_keeps_
     from migrations_app.decisions import load_migration, where_the_vm_stays
     from migrations_app.engine import MigrationRun
     from migrations_app.errors import MigrationFailed
+    from migrations_app.lease import Lease
     from migrations_app.phases import PHASES
 
     vm = place_vm(agents, vsps)
     migration = stale_migration(vm, vsps, admin, Migration.State.INIT)
     agents["hosta"].kill()
     VSP.objects.filter(name="hosta").update(agent_reachable=False)
-    run = MigrationRun(load_migration(migration.pk))
+    Migration.objects.filter(pk=migration.pk).update(lease_owner="worker:this-test")
+    run = MigrationRun(load_migration(migration.pk), Lease(migration.pk, "worker:this-test"))
     try:
         with pytest.raises(MigrationFailed) as failed:
             PHASES[0].run(run)

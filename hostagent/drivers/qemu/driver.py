@@ -4,17 +4,36 @@ Options (``DriverSettings.options``, from the agent's command line):
   qemu_binary   QEMU to run (default ``qemu-system-x86_64``); refused below QEMU 10
   guest_images  directory with ``vmlinuz`` and ``initramfs.cpio.gz`` (default: the repo's
                 ``guest-images/``, built by ``scripts/build_test_guest.sh``)
-  run_dir       where QMP sockets, serial consoles and QEMU logs go (default: a temp dir)
+  run_dir       where QMP sockets, serial consoles, QEMU logs and guest records go (default: a new
+                temp dir per start; give a fixed one to re-adopt the guests after a restart)
   accel         QEMU accelerator (default ``tcg``; ``kvm`` where the host has it)
 
 Every guest boots the test guest's kernel and initramfs; its workload (memwriter) writes
 ``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them, and what it says on its
-serial console is reported under ``workload`` in the guest's info.
+serial console is reported under ``workload`` in the guest's info (with ``vcpus_running``, QEMU's
+run state as its STOP/RESUME events last said).
+
+Guests survive the agent's own death (``kill -9``): each guest's record (its definition, its power
+state, its QEMU's pid and instance, the migration it is in) is kept in ``run_dir/<guest_id>.guest.json``
+while the agent runs, and the agent's next start re-adopts what it finds (``_readopt``):
+
+1. A guest whose QEMU still runs is adopted (its QMP socket reconnected) and listed again.
+2. A source guest of an interrupted migration: QEMU's migration is cancelled if it still runs
+   (``migrate_cancel``) and the guest continues (``cont``): it runs on here, and the control plane, which
+   asks about the migration, hears ``UnknownMigration`` and decides from its database. A source whose
+   QEMU had sent everything (``postmigrate``: the control plane may have committed to the target)
+   stays paused, as only the control plane knows which copy is the guest's now (``vcpus_running``
+   False).
+3. The incoming copy of an interrupted migration (target) is discarded (its QEMU quits); a definition
+   it replaced comes back.
+4. A guest whose QEMU is gone is listed Off.
+A clean stop (SIGTERM) halts the guests and forgets them, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -24,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.qemu.migration import QemuMigration
+from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
@@ -46,6 +65,17 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "guest-images"
 MAX_VCPUS = 8
 MAX_MEMORY_MIB = 64 * 1024
 MAX_DIRTY_RATE = 1_000_000
+RECORD_SUFFIX = ".guest.json"
+# QEMU's migration statuses while its migration still runs (qapi/migration.json ``MigrationStatus``).
+QEMU_MIGRATING = (
+    "setup",
+    "active",
+    "pre-switchover",
+    "device",
+    "cancelling",
+    "wait-unplug",
+    "postcopy-active",
+)
 
 
 def refuse_encryption(encryption: Encryption) -> None:
@@ -65,6 +95,7 @@ class QemuGuest:
     process: QemuProcess | None = None
     migration: QemuMigration | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    paused: bool = False  # QEMU's vCPUs stopped (STOP/RESUME events; query-status at adoption)
 
     @property
     def running(self) -> bool:
@@ -117,12 +148,131 @@ class QemuDriver:
                 raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
+        await self._readopt()
 
     async def close(self) -> None:
         for guest in list(self._guests.values()) + list(self._replaced.values()):
             await self._halt(guest)
+        for record in self.config.run_dir.glob(f"*{RECORD_SUFFIX}"):
+            record.unlink(missing_ok=True)  # a clean stop halted its guests: nothing to re-adopt
         if self._own_run_dir:
             shutil.rmtree(self.config.run_dir, ignore_errors=True)
+
+    # --- records and re-adoption after a restart ---------------------------------------
+
+    def _record_path(self, guest_id: str) -> Path:
+        return self.config.run_dir / f"{guest_id}{RECORD_SUFFIX}"
+
+    def _save(self, guest_id: str) -> None:
+        """Write the guest's record (atomically), or remove it once the guest is gone."""
+        path = self._record_path(guest_id)
+        guest = self._guests.get(guest_id)
+        if guest is None:
+            path.unlink(missing_ok=True)
+            return
+        process = guest.process if guest.running else None
+        replaced = self._replaced.get(guest_id)
+        record = {
+            "spec": guest.spec.model_dump(mode="json"),
+            "hardware": guest.hardware,
+            "process": process
+            and {"pid": process.pid, "instance": process.instance, "incoming": process.incoming},
+            "migration": guest.migration
+            and {"id": guest.migration.migration_id, "role": guest.migration.role},
+            "replaced": replaced
+            and {"spec": replaced.spec.model_dump(mode="json"), "hardware": replaced.hardware},
+        }
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, path)
+
+    async def _readopt(self) -> None:
+        """After a restart: take back the guests an earlier run left (module docstring, steps 1-4)."""
+        for path in sorted(self.config.run_dir.glob(f"*{RECORD_SUFFIX}")):
+            try:
+                await self._readopt_one(json.loads(path.read_text()))
+            except Exception:
+                log.exception("qemu driver: cannot re-adopt the guest recorded in %s", path)
+
+    async def _readopt_one(self, record: dict[str, Any]) -> None:
+        spec = GuestSpec.model_validate(record["spec"])
+        guest = QemuGuest(spec=spec, hardware=record["hardware"])
+        process = await self._adopt_process(spec, record.get("process"))
+        migration = record.get("migration") or {}
+        if migration.get("role") == "target":
+            if process is not None:
+                await process.quit()
+            log.warning(
+                "%s: discarded the incoming copy of interrupted migration %s", spec.name, migration["id"]
+            )
+            replaced = record.get("replaced")
+            if replaced:
+                previous = GuestSpec.model_validate(replaced["spec"])
+                self._guests[spec.guest_id] = QemuGuest(spec=previous, hardware=replaced["hardware"])
+            self._save(spec.guest_id)
+            return
+        self._guests[spec.guest_id] = guest
+        if process is None:
+            if guest.hardware == "on":
+                guest.hardware = "off"
+            self._save(spec.guest_id)
+            return
+        guest.process = process
+        guest.tasks = [
+            asyncio.create_task(self._pump_events(guest, process)),
+            asyncio.create_task(self._watch_exit(guest, process)),
+        ]
+        if migration.get("role") == "source":
+            await self._settle_interrupted_source(guest, migration["id"])
+        assert process.qmp is not None
+        guest.paused = not (await process.qmp.execute("query-status"))["running"]
+        log.warning("%s: re-adopted QEMU pid %s (%s)", spec.name, process.pid, guest.hardware)
+        self._save(spec.guest_id)
+
+    async def _adopt_process(self, spec: GuestSpec, recorded: dict[str, Any] | None) -> QemuProcess | None:
+        if not recorded:
+            return None
+        try:
+            return await QemuProcess.adopt(
+                self.config,
+                spec.guest_id,
+                workload_of(spec),
+                recorded["instance"],
+                recorded["incoming"],
+                recorded["pid"],
+            )
+        except RuntimeError as error:
+            log.warning("%s: %s", spec.name, error)
+            return None
+
+    async def _settle_interrupted_source(self, guest: QemuGuest, migration_id: str) -> None:
+        """A source whose migration the agent's death interrupted: cancel QEMU's migration if it still
+        runs, then let the guest run on here, unless QEMU had sent everything (``postmigrate``)."""
+        assert guest.process is not None and guest.process.qmp is not None
+        qmp = guest.process.qmp
+        for _ in range(int(SETTLE_TIMEOUT_S / 0.05)):
+            status = (await qmp.execute("query-migrate")).get("status")
+            if status not in QEMU_MIGRATING:
+                break
+            if status != "cancelling":
+                await qmp.execute("migrate_cancel")
+            await asyncio.sleep(0.05)
+        run_state = (await qmp.execute("query-status"))["status"]
+        if run_state == "postmigrate":
+            log.warning(
+                "%s: migration %s had sent everything before the agent restarted; the guest stays paused "
+                "(the control plane decides which copy runs)",
+                guest.spec.name,
+                migration_id,
+            )
+            return
+        if run_state != "running":
+            await qmp.execute("cont")
+        log.warning(
+            "%s: migration %s interrupted by the agent's restart; the guest runs here",
+            guest.spec.name,
+            migration_id,
+        )
 
     # --- inventory -------------------------------------------------------------------
 
@@ -141,6 +291,8 @@ class QemuDriver:
     def _info(self, guest: QemuGuest) -> GuestInfo:
         spec = guest.spec
         workload: dict[str, object] = guest.process.workload_report() if guest.process else {}
+        if guest.running:
+            workload["vcpus_running"] = not guest.paused
         return GuestInfo(
             guest_id=spec.guest_id,
             name=spec.name,
@@ -169,6 +321,7 @@ class QemuDriver:
                 raise Conflict(f"guest {clean.name!r} exists with a different definition")
         else:
             self._guests[clean.guest_id] = QemuGuest(spec=clean)
+            self._save(clean.guest_id)
         if spec.running:
             return await self.start_guest(clean.guest_id)
         return self.get_guest(clean.guest_id)
@@ -186,6 +339,9 @@ class QemuDriver:
             )
             await self._launch(guest, process)
             guest.hardware = "on"
+        elif guest.paused and guest.process is not None and guest.process.qmp is not None:
+            await guest.process.qmp.execute("cont")  # a re-adopted source left paused (postmigrate)
+        self._save(guest_id)
         return self.get_guest(guest_id)
 
     async def stop_guest(self, guest_id: str) -> GuestInfo:
@@ -196,6 +352,7 @@ class QemuDriver:
         await self._halt(guest)
         if guest.hardware == "on":
             guest.hardware = "off"
+        self._save(guest_id)
         return self.get_guest(guest_id)
 
     async def delete_guest(self, guest_id: str) -> None:
@@ -203,10 +360,12 @@ class QemuDriver:
         if guest.running or guest.migration is not None:
             raise Conflict(f"guest {guest.spec.name!r} is running or migrating; stop it first")
         del self._guests[guest_id]
+        self._save(guest_id)
 
     async def _launch(self, guest: QemuGuest, process: QemuProcess) -> None:
         await process.launch()
         guest.process = process
+        guest.paused = process.incoming  # an incoming QEMU starts stopped (-S)
         guest.tasks = [
             asyncio.create_task(self._pump_events(guest, process)),
             asyncio.create_task(self._watch_exit(guest, process)),
@@ -224,6 +383,8 @@ class QemuDriver:
         assert process.qmp is not None
         while True:
             event = await process.qmp.events.get()
+            if event.get("event") in ("STOP", "RESUME"):
+                guest.paused = event["event"] == "STOP"
             migration = guest.migration
             if migration is not None and migration.process is process:
                 try:
@@ -232,11 +393,11 @@ class QemuDriver:
                     log.exception("%s: handling %s", guest.spec.guest_id, event.get("event"))
 
     async def _watch_exit(self, guest: QemuGuest, process: QemuProcess) -> None:
-        assert process.process is not None
-        code = await process.process.wait()
+        await process.wait()
         if guest.process is process and guest.hardware == "on" and guest.migration is None:
-            log.warning("%s: QEMU exited (%s): %s", guest.spec.guest_id, code, process.log_tail()[-200:])
+            log.warning("%s: QEMU exited: %s", guest.spec.guest_id, process.log_tail()[-200:])
             guest.hardware = "off"
+            self._save(guest.spec.guest_id)
 
     # --- migration -------------------------------------------------------------------
 
@@ -258,6 +419,7 @@ class QemuDriver:
         if existing is not None:
             self._replaced[guest_id] = existing
         self._guests[guest_id] = guest
+        self._save(guest_id)
         await migration.begin()
         return migration, migration.endpoint
 
@@ -278,6 +440,7 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
         migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
         guest.migration = migration
+        self._save(guest_id)
         migration.begin()
         return migration
 
@@ -312,6 +475,13 @@ class QemuDriver:
         if guest is None or guest.migration is not migration:
             return
         guest.migration = None
+        try:
+            self._settle_finished(guest, migration)
+        finally:
+            self._save(name)
+
+    def _settle_finished(self, guest: QemuGuest, migration: QemuMigration) -> None:
+        name = migration.guest_id
         state = migration.progress.state
         if migration.role == "source":
             if state == "released":

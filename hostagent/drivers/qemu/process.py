@@ -3,13 +3,18 @@
 Guests boot a kernel and initramfs (the test guest built by ``scripts/build_test_guest.sh``)
 whose workload, memwriter, reports on the serial console; the console goes to a file per
 process so a test or an admin can read what the guest said after a migration.
+
+A guest outlives its agent's own death, as a real host's guests outlive their management agent:
+QEMU runs in the agent's process group (a stop of the whole service, ``kill`` of the group, ends
+it) but not tied to the agent's process, so a ``kill -9`` of the agent alone leaves it running, and
+the agent's next start re-adopts it (``QemuProcess.adopt``: by its pid and its QMP socket).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import os
 import re
 import signal
 import subprocess
@@ -21,7 +26,6 @@ from hostagent.drivers.qemu.qmp import QmpClient
 MIN_QEMU_MAJOR = 10
 KERNEL_OVERHEAD_MIB = 96
 MIN_GUEST_MIB = 128
-_PR_SET_PDEATHSIG = 1
 
 _ALIVE = re.compile(rb"memwriter: alive t=(\d+) writes=(\d+)")
 _CHECK_OK = re.compile(rb"memwriter: selfcheck ok")
@@ -80,10 +84,24 @@ def check_qemu(binary: str) -> str:
     return text
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: a killed agent must not leave its guests running."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def pid_alive(pid: int) -> bool:
+    """The process ``pid`` exists and is not a zombie (an adopted QEMU is not this process's child)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def is_qemu_of(pid: int, binary: str, name: str) -> bool:
+    """``pid`` is a QEMU (``binary``) started for guest ``name`` (``-name <name>``): not a reused pid."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if not argv or Path(argv[0].decode(errors="replace")).name != Path(binary).name:
+        return False
+    return any(argv[i] == b"-name" and argv[i + 1] == name.encode() for i in range(len(argv) - 1))
 
 
 class QemuProcess:
@@ -96,12 +114,44 @@ class QemuProcess:
         self.name = name
         self.workload = workload
         self.incoming = incoming
+        self.instance = instance
         stem = f"{name}.{instance}"
         self.qmp_path = config.run_dir / f"{stem}.qmp"
         self.serial_path = config.run_dir / f"{stem}.serial"
         self.log_path = config.run_dir / f"{stem}.log"
         self.process: asyncio.subprocess.Process | None = None
+        self.adopted_pid: int | None = None  # a QEMU started by an earlier run of the agent
         self.qmp: QmpClient | None = None
+
+    @classmethod
+    async def adopt(
+        cls, config: QemuConfig, name: str, workload: Workload, instance: str, incoming: bool, pid: int
+    ) -> QemuProcess:
+        """The QEMU an earlier run of the agent started (its pid and QMP socket in ``run_dir``), with a
+        new QMP connection. Raises ``RuntimeError`` if it is gone or is not that guest's QEMU."""
+        process = cls(config, name, workload, instance, incoming)
+        if not (pid_alive(pid) and is_qemu_of(pid, config.binary, name)):
+            raise RuntimeError(f"QEMU of {name} (pid {pid}) is no longer running")
+        process.adopted_pid = pid
+        try:
+            process.qmp = await QmpClient.connect(str(process.qmp_path), timeout=5.0)
+        except Exception as error:
+            raise RuntimeError(f"QEMU of {name} (pid {pid}): no QMP on {process.qmp_path}: {error}") from None
+        return process
+
+    @property
+    def pid(self) -> int | None:
+        if self.process is not None:
+            return self.process.pid
+        return self.adopted_pid
+
+    async def wait(self) -> None:
+        """Until QEMU exited (an adopted one is polled: it is not this process's child)."""
+        if self.process is not None:
+            await self.process.wait()
+            return
+        while self.adopted_pid is not None and pid_alive(self.adopted_pid):
+            await asyncio.sleep(0.2)
 
     def command(self) -> list[str]:
         cmdline = (
@@ -137,7 +187,6 @@ class QemuProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, before exec
             )
         try:
             self.qmp = await QmpClient.connect(str(self.qmp_path), timeout=10.0)
@@ -148,25 +197,28 @@ class QemuProcess:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        if self.process is not None:
+            return self.process.returncode is None
+        return self.adopted_pid is not None and pid_alive(self.adopted_pid)
 
     async def quit(self, timeout: float = 5.0) -> None:
         """Ask QEMU to quit, kill it if it does not."""
         if self.running and self.qmp is not None and not self.qmp.closed.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), timeout)
-        if self.process is not None:
+        if self.pid is not None:
             try:
-                await asyncio.wait_for(self.process.wait(), timeout)
+                await asyncio.wait_for(self.wait(), timeout)
             except TimeoutError:
                 await self.kill()
         await self._close_qmp()
 
     async def kill(self) -> None:
-        if self.running and self.process is not None:
+        pid = self.pid
+        if self.running and pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
+                os.kill(pid, signal.SIGKILL)
+            await self.wait()
         await self._close_qmp()
 
     async def _close_qmp(self) -> None:
@@ -199,7 +251,7 @@ class QemuProcess:
             "selfchecks_passed": len(_CHECK_OK.findall(text)),
             "selfchecks_failed": len(_CHECK_FAIL.findall(text)),
             "serial_log": str(self.serial_path),
-            "pid": self.process.pid if self.process else None,
+            "pid": self.pid,
         }
 
     def log_tail(self) -> str:
