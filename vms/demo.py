@@ -64,7 +64,7 @@ GUESTS = [
     # switch over now). Its working set (10 s of writes, ~120 MiB) keeps the demo's memory small.
     DemoGuest(
         "reports01",
-        "vsp1",
+        "vsp2",
         512,
         2,
         "Debian 12",
