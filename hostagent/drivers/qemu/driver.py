@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from hostagent.protocol import (
     MigrationParams,
     OsStatus,
     PhaseLimits,
+    StopOutcome,
+    StoppedGuest,
 )
 
 log = logging.getLogger(__name__)
@@ -188,15 +191,28 @@ class QemuDriver:
             guest.hardware = "on"
         return self.get_guest(guest_id)
 
-    async def stop_guest(self, guest_id: str) -> GuestInfo:
+    async def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> StoppedGuest:
+        """Graceful: the ACPI power button, then up to ``graceful_timeout_s`` for the guest to power off
+        (QEMU exits), else ``quit`` (kill if QEMU does not). None: ``quit`` at once."""
         guest = self._guest(guest_id)
         name = guest.spec.name
         if guest.migration is not None:
             raise Conflict(f"guest {name!r} is migrating")
+        started = time.monotonic()
+        outcome: StopOutcome = "forced"
+        if not guest.running or guest.process is None:
+            outcome = "already_off"
+        elif graceful_timeout_s is not None:
+            self._stop_tasks(guest)  # its exit is expected now: no warning from _watch_exit
+            shut_down = await guest.process.power_down(graceful_timeout_s)
+            outcome = "shut_down" if shut_down else "timed_out"
+            if not shut_down:
+                log.info("%s: no power-off %s s after the ACPI power button: quit", name, graceful_timeout_s)
         await self._halt(guest)
         if guest.hardware == "on":
             guest.hardware = "off"
-        return self.get_guest(guest_id)
+        elapsed = round(time.monotonic() - started, 3)
+        return StoppedGuest(**self.get_guest(guest_id).model_dump(), stop=outcome, stop_s=elapsed)
 
     async def delete_guest(self, guest_id: str) -> None:
         guest = self._guest(guest_id)
