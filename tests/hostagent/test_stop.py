@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_until
-from tests.hostagent.conftest import define_running_guest, guest_id_for, unique
+from tests.hostagent.conftest import InBackground, define_running_guest, guest_id_for, unique
 
 SLOW_IO = {"io_latency_ms": 2000}  # 50 I/O a second, each 2 s in flight: ~100 in flight at any time
 
@@ -96,3 +96,16 @@ def test_an_empty_stop_request_forces_the_stop_as_the_first_agents_did(agent_pai
     )
     assert response.status_code == 200
     assert (response.json()["stop"], response.json()["hardware_status"]) == ("forced", "off")
+
+
+def test_a_force_stop_cuts_a_graceful_stop_short(agent_pair):
+    vsp1, _ = agent_pair
+    name = unique("cut-short")
+    define_running_guest(vsp1, name, shutdown_ms=60_000)
+    graceful = InBackground(lambda: vsp1.client.stop_guest(guest_id_for(name), graceful_timeout_s=120))
+    assert wait_until(lambda: vsp1.client.get_guest(guest_id_for(name))["workload"]["shutting_down"])
+
+    forced = vsp1.client.stop_guest(guest_id_for(name))
+
+    assert (forced["stop"], forced["hardware_status"]) == ("forced", "off")
+    assert graceful.join()["stop"] == "forced"  # the graceful stop says it did not end by itself

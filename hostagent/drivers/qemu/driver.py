@@ -68,6 +68,8 @@ class QemuGuest:
     process: QemuProcess | None = None
     migration: QemuMigration | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    power_cut: bool = False  # a force stop quit QEMU while a graceful stop waited for the guest
+    shutting_down: bool = False  # a graceful stop waits for the guest: it may not start to migrate
 
     @property
     def running(self) -> bool:
@@ -204,10 +206,16 @@ class QemuDriver:
             outcome = "already_off"
         elif graceful_timeout_s is not None:
             self._stop_tasks(guest)  # its exit is expected now: no warning from _watch_exit
-            shut_down = await guest.process.power_down(graceful_timeout_s)
-            outcome = "shut_down" if shut_down else "timed_out"
+            guest.power_cut, guest.shutting_down = False, True
+            try:
+                shut_down = await guest.process.power_down(graceful_timeout_s)
+            finally:
+                guest.shutting_down = False
+            outcome = ("forced" if guest.power_cut else "shut_down") if shut_down else "timed_out"
             if not shut_down:
                 log.info("%s: no power-off %s s after the ACPI power button: quit", name, graceful_timeout_s)
+        else:
+            guest.power_cut = True
         await self._halt(guest)
         if guest.hardware == "on":
             guest.hardware = "off"
@@ -292,6 +300,8 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")
         if not guest.running or guest.hardware != "on" or guest.process is None:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
+        if guest.shutting_down:
+            raise Conflict(f"guest {guest.spec.name!r} is shutting down")
         migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
         guest.migration = migration
         migration.begin()

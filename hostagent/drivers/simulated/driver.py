@@ -100,8 +100,8 @@ class SimulatedDriver:
             outcome = "already_off"
         elif graceful_timeout_s is not None:
             try:
-                await asyncio.wait_for(guest.shut_down(), graceful_timeout_s)
-                outcome = "shut_down"
+                powered_itself_off = await asyncio.wait_for(guest.shut_down(), graceful_timeout_s)
+                outcome = "shut_down" if powered_itself_off else "forced"  # else a force stop came first
             except TimeoutError:
                 outcome = "timed_out"
                 log.info("guest %s did not shut down within %s s: power cut", name, graceful_timeout_s)

@@ -102,20 +102,26 @@ class SimulatedGuest:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._workload(), name=f"workload {self.guest_id}")
 
-    async def shut_down(self) -> None:
+    async def shut_down(self) -> bool:
         """What the OS does when asked to shut down, then the power goes off.
 
         1. Writes stop: the workload dirties no page and issues no I/O from now on.
         2. The I/O in flight completes (``io_latency_ms`` at most).
         3. The rest of the shutdown takes ``shutdown_ms``; then the guest powers off, no I/O lost.
         Cancelled (the caller's timeout ran out), it leaves the guest running, its writes stopped.
+        False if the power was cut meanwhile (a force stop), True if the guest powered itself off.
         """
         self.shutting_down = True
         self.io_lost_at_stop = 0
         while self.io_in_flight and self.running:
             await asyncio.sleep(TICK_S)
-        await asyncio.sleep(self.spec.shutdown_ms / 1000)
+        done_at = time.monotonic() + self.spec.shutdown_ms / 1000
+        while self.running and time.monotonic() < done_at:
+            await asyncio.sleep(min(TICK_S * 10, max(done_at - time.monotonic(), 0)))
+        if not self.running:
+            return False
         await self.power_off()
+        return True
 
     async def cut_power(self) -> None:
         """A stop that is not a shutdown: the I/O in flight or queued is lost (counted in the report)."""
