@@ -92,6 +92,9 @@ def test_it_stops_a_guest_gracefully_within_its_timeout_and_says_so(host_agents,
     vm = place_vm(host_agents, fleet, vm_fields={"graceful_stop_timeout_s": 30}, shutdown_ms=200)
     client.force_login(operator)
 
+    general = client.get(f"/vms/{vm.pk}/general/").content.decode()
+    assert 'data-power="stop" title="Shut the guest down: it gets its Graceful Stop Timeout (30 s)' in general
+
     page = client.post(f"/registrations/{copy_of(vm).pk}/power/stop/", follow=True).content.decode()
 
     assert "message-success" in page and "the guest shut down cleanly in" in page
