@@ -258,9 +258,12 @@ stop was asked; it was not running."""
 
 
 class StoppedGuest(GuestInfo):
-    """The reply to a stop: the guest as now, ``stop`` (how it ended) and ``stop_s`` (seconds it took)."""
+    """The reply to a stop: the guest as now, ``stop`` (how it ended) and ``stop_s`` (seconds it took).
 
-    stop: StopOutcome
+    ``stop`` is None from an agent older than ``StopRequest`` (it stopped the guest at once).
+    """
+
+    stop: StopOutcome | None = None
     stop_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S)] = 0.0
 
 

@@ -125,7 +125,7 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
         else Registration.HardwareStatus.OFF
     )
     os_status = guest["os_status"] if guest["os_status"] in VirtualMachine.OSStatus.values else vm.os_status
-    outcome = str(guest.get("stop", ""))
+    outcome = str(guest.get("stop") or "")  # None: an older agent, which stopped it at once
     notice = power_notice(vm, vsp.name, action, outcome, float(guest.get("stop_s", 0.0)))
     with transaction.atomic():
         Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)

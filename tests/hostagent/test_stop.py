@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from hostagent.protocol import StoppedGuest, parse
 from tests.conftest import wait_until
 from tests.hostagent.conftest import InBackground, define_running_guest, guest_id_for, unique
 
@@ -109,3 +110,16 @@ def test_a_force_stop_cuts_a_graceful_stop_short(agent_pair):
 
     assert (forced["stop"], forced["hardware_status"]) == ("forced", "off")
     assert graceful.join()["stop"] == "forced"  # the graceful stop says it did not end by itself
+
+
+def test_a_stop_reply_from_an_agent_older_than_the_stop_request_still_reads():
+    older = {
+        "guest_id": guest_id_for("older"),
+        "name": "older",
+        "os_type": "linux",
+        "os_status": "down",
+        "hardware_status": "off",
+        "memory_mib": 16,
+        "vcpus": 1,
+    }
+    assert parse(StoppedGuest, older).stop is None  # it stopped the guest at once, and does not say
