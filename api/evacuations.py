@@ -162,7 +162,9 @@ def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
 
 @router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
 def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef) -> Status[EvacuationOut]:
-    """Start evacuating: the VSP enters maintenance, its guests leave one at a time through its queue.
+    """Start evacuating: the VSP enters maintenance, its guests leave through its migration queue.
+
+    They go one at a time, or as many at once as the VSP's ``max_concurrent_migrations`` allows.
 
     Without ``targets`` the plan's own targets are taken (as shown by ``evacuation-plan``); a target given
     for a VM replaces the plan's. Refused (409, nothing changed) when an evacuation of this VSP runs, or

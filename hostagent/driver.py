@@ -40,6 +40,7 @@ from hostagent.protocol import (
     PhaseLimits,
     ProgressSnapshot,
     Role,
+    StoppedGuest,
 )
 from hostagent.tls import TlsSettings
 
@@ -208,7 +209,10 @@ class Driver(Protocol):
 
     async def start_guest(self, guest_id: str) -> GuestInfo: ...
 
-    async def stop_guest(self, guest_id: str) -> GuestInfo: ...
+    async def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> StoppedGuest:
+        """Stop the guest: ask its OS to shut down and wait up to ``graceful_timeout_s`` (s), then cut
+        the power; None cuts it at once. Conflict while it migrates. Says how it ended (``stop``)."""
+        ...
 
     async def delete_guest(self, guest_id: str) -> None:
         """Refused (Conflict) while the guest runs or migrates."""

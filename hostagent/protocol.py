@@ -35,6 +35,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
@@ -88,6 +89,7 @@ MAX_MEMORY_MIB = 1024 * 1024
 MAX_VCPUS = 256
 MAX_DELAY_MS = 10 * 60 * 1000
 MAX_LIMIT_S = 7 * 24 * 3600
+MAX_GRACEFUL_STOP_S = 3600  # a graceful stop holds its HTTP request open this long at most
 MAX_BYTES = 1 << 62  # byte counters in a snapshot: far beyond any guest, refuses nonsense
 MIGRATION_ID_CHARS = "letters, digits, '.', '_', ':' or '-'"
 
@@ -183,8 +185,10 @@ class GuestSpec(Message):
 
     ``dirty_pages_per_s`` is the simulated workload's write rate (pages/s), ``fill_percent`` how much
     of memory it fills at boot; ``io_latency_ms`` (one simulated I/O, so Quiesce can be slow) and
-    ``state_save_ms`` (saving vCPU/device state, so Frozen can be slow) exist for tests; other
-    drivers may ignore all four. ``running`` is a wish (start it once defined), not part of the
+    ``state_save_ms`` (saving vCPU/device state, so Frozen can be slow) exist for tests;
+    ``shutdown_ms`` is how long the simulated OS takes to shut down once asked (after its I/O in
+    flight completed; a graceful stop with a shorter timeout is forced). Other drivers may ignore
+    all five. ``running`` is a wish (start it once defined), not part of the
     definition.
     """
 
@@ -196,6 +200,7 @@ class GuestSpec(Message):
     dirty_pages_per_s: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] = 100
     io_latency_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 20
     state_save_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 0
+    shutdown_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 1500
     fill_percent: Annotated[StrictInt, AfterValidator(between(0, 100))] = 25
     running: StrictBool = False
 
@@ -216,6 +221,50 @@ class GuestInfo(Message):
     vcpus: Annotated[StrictInt, AfterValidator(between(1, MAX_VCPUS))]
     migrating: StrictStr | None = None
     workload: dict[str, Any] = Field(default_factory=dict)
+
+
+def _grace_seconds(value: float | int) -> float:
+    if isinstance(value, bool) or not 0 <= value <= MAX_GRACEFUL_STOP_S:
+        raise PydanticCustomError(
+            "seconds",
+            "must be from 0 to {max} seconds, not {value}",
+            {"max": MAX_GRACEFUL_STOP_S, "value": value},
+        )
+    return float(value)
+
+
+class StopRequest(Message):
+    """``POST /v1/guests/{guest_id}/stop``: how to stop the guest.
+
+    ``graceful_timeout_s``: ask the guest's OS to shut down (QEMU: the ACPI power button; simulated:
+    its writes stop, its I/O in flight completes, then ``GuestSpec.shutdown_ms``) and give it up to
+    this many seconds, then stop it anyway (power cut). ``force``: the power cut at once. An empty
+    body means ``force`` (what the first agents did); both at once is refused.
+    """
+
+    graceful_timeout_s: Annotated[StrictFloat | StrictInt, AfterValidator(_grace_seconds)] | None = None
+    force: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StopRequest:
+        if self.force and self.graceful_timeout_s is not None:
+            raise PydanticCustomError("stop", "must ask for either force or graceful_timeout_s, not both", {})
+        return self
+
+
+StopOutcome = Literal["shut_down", "timed_out", "forced", "already_off"]
+"""How a stop ended: the guest shut down within its timeout; it did not and was forced off; a force
+stop was asked; it was not running."""
+
+
+class StoppedGuest(GuestInfo):
+    """The reply to a stop: the guest as now, ``stop`` (how it ended) and ``stop_s`` (seconds it took).
+
+    ``stop`` is None from an agent older than ``StopRequest`` (it stopped the guest at once).
+    """
+
+    stop: StopOutcome | None = None
+    stop_s: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S)] = 0.0
 
 
 class GuestList(Message):

@@ -40,6 +40,7 @@ from hostagent.protocol import (
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
+    StopRequest,
     load_json,
     parse,
     plain_words,
@@ -179,7 +180,13 @@ async def start_guest(request: web.Request) -> web.Response:
 
 
 async def stop_guest(request: web.Request) -> web.Response:
-    return reply(await driver_of(request).stop_guest(guest_id_of(request)))
+    """Stop gracefully within ``graceful_timeout_s`` or at once (``protocol.StopRequest``; empty: at once)."""
+    guest_id = guest_id_of(request)
+    stop = await read_message(request, StopRequest) if request.can_read_body else StopRequest()
+    grace = None if stop.force else stop.graceful_timeout_s
+    stopped = await driver_of(request).stop_guest(guest_id, graceful_timeout_s=grace)
+    log.info("stopped %s: %s after %.1f s", guest_id, stopped.stop, stopped.stop_s)
+    return reply(stopped)
 
 
 async def delete_guest(request: web.Request) -> web.Response:

@@ -312,8 +312,9 @@ def evacuate(
 ) -> None:
     """Evacuate a VSP: show the plan (each guest's target and forecast, who stays and why), then start it.
 
-    Started, the VSP enters maintenance and its guests leave one at a time; follow it on the VSP's page
-    or with ``GET /api/v1/evacuations/ID``. Exit status 1 with the console's words when refused.
+    Started, the VSP enters maintenance and its guests leave one at a time (or as many at once as the
+    VSP allows); follow it on the VSP's page or with ``GET /api/v1/evacuations/ID``. Exit status 1
+    with the console's words when refused.
     """
     plan = call(lambda api: api.get(f"/vsps/{vsp}/evacuation-plan"))
     if plan_only or not plan["can_start"]:

@@ -14,9 +14,10 @@ rate measured by this pair's completed migrations (their mean throughput and dir
 migrated before has no forecast ("not known yet").
 
 **Running** (``do_start_evacuation``): in one transaction the VSP enters maintenance and each step is
-requested through ``actions.do_request_migration``, in plan order, so the guests go one at a time
-through the source's own queue (``scheduling``); a plan that no longer fits is refused with the reason
-and nothing changes. A failed or cancelled guest stays runnable on the source and the queue goes on.
+requested through ``actions.do_request_migration``, in plan order, so the guests go through the
+source's own queue (``scheduling``): one at a time, or ``VSP.max_concurrent_migrations`` at once; a
+plan that no longer fits is refused with the reason and nothing changes. A failed or cancelled guest
+stays runnable on the source and the queue goes on.
 ``settle`` ends the evacuation once every step's migration has ended (called by the worker after each
 migration, by cancel and by the pages). Leaving maintenance is the admin's explicit action.
 """
@@ -114,7 +115,9 @@ class Plan:
 
     @property
     def known_total_s(self) -> float:
-        return sum(step.predicted_s for step in self.steps if step.predicted_s is not None)
+        """When the steps with a forecast would all be done, ``max_concurrent_migrations`` at a time (s)."""
+        known = [step.predicted_s for step in self.steps if step.predicted_s is not None]
+        return time_left_s(known, self.vsp.max_concurrent_migrations)
 
     @property
     def unknown_count(self) -> int:
@@ -534,23 +537,32 @@ class Summary:
 
 
 def summarize(evacuation: Evacuation) -> Summary:
-    """The evacuation's progress in two queries (its steps with their migrations and targets)."""
+    """The evacuation's progress in two queries (its steps with their migrations and targets), the time
+    left counting ``max_concurrent_migrations`` at once (its VSP: one more query unless loaded)."""
     steps = list(evacuation.steps.select_related("migration", "target"))
     rows = [(step, step_status(step)) for step in steps]
     now = timezone.now()
-    time_left: float | None = 0.0
+    left: list[float] = []
     for step, status in rows:
         if status not in ("waiting", "running"):
             continue
         if step.predicted_s is None:
-            time_left = None
-            break
+            return Summary(evacuation, rows, None)
         elapsed = 0.0
         if status == "running" and step.migration is not None and step.migration.init_started_at:
             elapsed = (now - step.migration.init_started_at).total_seconds()
-        assert time_left is not None
-        time_left += max(step.predicted_s - elapsed, 0.0)
-    return Summary(evacuation, rows, time_left)
+        left.append(max(step.predicted_s - elapsed, 0.0))
+    return Summary(evacuation, rows, time_left_s(left, evacuation.vsp.max_concurrent_migrations))
+
+
+def time_left_s(left: list[float], at_once: int) -> float:
+    """When the last of ``left`` (seconds each, running ones first, then in queue order) ends, with
+    ``at_once`` running at a time: each next one takes the slot that frees first."""
+    slots = [0.0] * max(at_once, 1)
+    for seconds in left:
+        soonest = min(range(len(slots)), key=slots.__getitem__)
+        slots[soonest] += seconds
+    return max(slots)
 
 
 def latest_evacuation(vsp: VSP) -> Evacuation | None:

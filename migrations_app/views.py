@@ -270,7 +270,7 @@ def respond_notice(
 @require_POST
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
-    """Several VMs of one VSP to one target: they leave one at a time, the rest wait (hourglass)."""
+    """Several VMs of one VSP to one target: they leave N at a time (the VSP's setting), the rest wait."""
     vsp = get_visible_vsp(request.user, vsp_id)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None

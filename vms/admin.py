@@ -74,6 +74,7 @@ class VSPAdminForm(forms.ModelForm):
             "agent_secret",
             "agent_certificate",
             "migration_enabled",
+            "max_concurrent_migrations",
             "licensed",
             "processor_family",
             "processor_model",
@@ -92,6 +93,19 @@ class VSPAdminForm(forms.ModelForm):
             if problems := host_problems(edited):
                 raise forms.ValidationError(problems)
         return cleaned
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "max_concurrent_migrations" in self.fields:  # left out (an older form): kept as it is
+            self.fields["max_concurrent_migrations"].required = False
+
+    def clean_max_concurrent_migrations(self) -> int:
+        value: int | None = self.cleaned_data.get("max_concurrent_migrations")
+        if value is None:
+            if "max_concurrent_migrations" in self.changed_data:  # not a change: nothing to audit
+                self.changed_data.remove("max_concurrent_migrations")
+            return self.instance.max_concurrent_migrations
+        return value
 
     def clean_agent_certificate(self) -> str:
         try:

@@ -38,6 +38,7 @@ from hostagent.protocol import (
     PreparedIncoming,
     ProgressSnapshot,
     ProtocolViolation,
+    StoppedGuest,
     load_json,
     parse,
 )
@@ -292,14 +293,17 @@ class AgentClient:
     def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> dict[str, Any]:
         """Stop the guest: gracefully within ``graceful_timeout_s`` seconds, or at once when None.
 
-        The request says which (``{"graceful_timeout_s": s}`` or ``{"force": true}``); the call waits up to
-        the timeout plus the client's own.
+        The request says which (``protocol.StopRequest``: ``{"graceful_timeout_s": s}`` or
+        ``{"force": true}``); the call waits up to the timeout plus the client's own. Returns
+        ``protocol.StoppedGuest``: the guest, ``stop`` (how it ended: "shut_down", "timed_out" when the
+        guest did not shut down in time and was forced off, "forced", "already_off") and ``stop_s``.
         """
         body: dict[str, Any] = (
             {"force": True} if graceful_timeout_s is None else {"graceful_timeout_s": graceful_timeout_s}
         )
         timeout = None if graceful_timeout_s is None else self.timeout_s + graceful_timeout_s
-        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/stop", body, timeout_s=timeout))
+        reply = self._call("POST", f"/v1/guests/{guest_id}/stop", body, timeout_s=timeout)
+        return _reply(StoppedGuest, reply, "stopped guest")
 
     def delete_guest(self, guest_id: str) -> None:
         self._call("DELETE", f"/v1/guests/{guest_id}")

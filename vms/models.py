@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
@@ -82,6 +83,9 @@ class HostGroupMembership(models.Model):
         return f"{self.user} is {self.role} of {self.group}"
 
 
+MAX_CONCURRENT_MIGRATIONS = 8
+
+
 class VSP(models.Model):
     """A VM Server Platform (VM host) with its host agent, in at most one host group."""
 
@@ -118,11 +122,29 @@ class VSP(models.Model):
     # leaves maintenance (``migrations_app.evacuation``).
     maintenance = models.BooleanField(default=False)
     maintenance_since = models.DateTimeField(null=True, blank=True)
+    # How many migrations may leave this VSP at once (``migrations_app.scheduling``); the others wait
+    # queued, in the order they were requested. Evacuations go through the same queue.
+    max_concurrent_migrations = models.PositiveSmallIntegerField(
+        "migrations at once",
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_CONCURRENT_MIGRATIONS)],
+        help_text=(
+            f"How many migrations may leave this VSP at the same time (1-{MAX_CONCURRENT_MIGRATIONS}); "
+            "the others wait their turn. More at once share the host's network and CPU."
+        ),
+    )
 
     class Meta:
         ordering = ["name"]
         verbose_name = "VSP"
         verbose_name_plural = "VSPs"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_concurrent_migrations__gte=1)
+                & Q(max_concurrent_migrations__lte=MAX_CONCURRENT_MIGRATIONS),
+                name="vsp_migrations_at_once_1_to_8",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -1,8 +1,10 @@
 """VM power: Start, Stop (graceful) and Force stop of a guest's runnable copy, through its VSP's host agent.
 
 Stop is graceful: the agent is asked to give the guest its Graceful Stop Timeout (``graceful_stop_timeout_s``)
-to finish its I/O and shut down, then to stop it; Force stop asks it to stop the guest at once. (The agents'
-drivers do not honour the timeout yet: both stop the guest at once; the request already says which.)
+to finish its I/O and shut down (QEMU: the ACPI power button; simulated: its writes stop, its I/O completes,
+then its OS takes ``shutdown_ms``), then to stop it anyway; Force stop asks it to stop the guest at once.
+The agent says how the stop ended (``protocol.StoppedGuest.stop``); when the guest ran out of time and was
+forced off, the notice and the audit event say so.
 
 Refused (``PowerRefused``, nothing changed)
 for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while the VM migrates
@@ -14,6 +16,7 @@ reached through the app registry, as ``vms.capacity`` does.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -84,8 +87,18 @@ def refusals(registration: Registration, migrating: bool) -> dict[str, str]:
     }
 
 
-def do_power(registration: Registration, action: PowerAction, user: Any) -> Registration:
-    """Start, stop or force-stop the guest of ``registration`` on its VSP; returns the copy as saved.
+@dataclass(frozen=True)
+class PowerDone:
+    """What a power action did: the copy as saved, ``notice`` (one sentence for people) and ``forced``
+    (a graceful stop ran out of time and the guest was stopped anyway)."""
+
+    registration: Registration
+    notice: str
+    forced: bool = False
+
+
+def do_power(registration: Registration, action: PowerAction, user: Any) -> PowerDone:
+    """Start, stop or force-stop the guest of ``registration`` on its VSP; says what was done.
 
     Raises ``PermissionDenied`` without the right and ``PowerRefused`` when refused (nothing changed).
     """
@@ -112,6 +125,8 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
         else Registration.HardwareStatus.OFF
     )
     os_status = guest["os_status"] if guest["os_status"] in VirtualMachine.OSStatus.values else vm.os_status
+    outcome = str(guest.get("stop") or "")  # None: an older agent, which stopped it at once
+    notice = power_notice(vm, vsp.name, action, outcome, float(guest.get("stop_s", 0.0)))
     with transaction.atomic():
         Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
@@ -121,14 +136,25 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Regi
             registration,
             actor=user,
             before=before,
-            after={"hardware_status": hardware, "os_status": os_status},
-            message=f"{action.label} of {vm.name} on {vsp.name} by {user}{grace_note(vm, action)}",
+            after={"hardware_status": hardware, "os_status": os_status}
+            | ({"stop": outcome} if outcome else {}),
+            message=f"{notice} (by {user})",
         )
-    logger.info("%s: %s of %s on %s", user, action.value, vm.name, vsp.name)
-    return registration
+    logger.info("%s: %s of %s on %s: %s", user, action.value, vm.name, vsp.name, outcome or "done")
+    return PowerDone(registration, notice, forced=outcome == "timed_out")
 
 
-def grace_note(vm: VirtualMachine, action: PowerAction) -> str:
-    if action != PowerAction.STOP:
-        return ""
-    return f" (graceful, with a stop timeout of {vm.graceful_stop_timeout_s} s asked of the agent)"
+def power_notice(vm: VirtualMachine, vsp_name: str, action: PowerAction, outcome: str, took_s: float) -> str:
+    """One sentence on what was done; ``outcome``: the agent's ``StoppedGuest.stop`` ("" for Start)."""
+    what = f"{action.label} of {vm.name} on {vsp_name}"
+    timeout_s = vm.graceful_stop_timeout_s
+    if outcome == "timed_out":
+        return (
+            f"{what}: the guest did not shut down within its Graceful Stop Timeout ({timeout_s} s), "
+            "so it was forced off; I/O it had not finished may be lost."
+        )
+    if outcome == "shut_down":
+        return f"{what}: the guest shut down cleanly in {took_s:.1f} s (Graceful Stop Timeout {timeout_s} s)."
+    if outcome == "already_off":
+        return f"{what}: the guest was already off."
+    return f"{what} done."

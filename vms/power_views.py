@@ -26,12 +26,11 @@ def vm_power(request: HtmxHttpRequest, pk: int, action: str) -> HttpResponse:
     if not may_power(request.user, registration.vm):
         raise PermissionDenied(LACKS_PERMISSION)
     try:
-        do_power(registration, power_action, request.user)
+        done = do_power(registration, power_action, request.user)
     except PowerRefused as refusal:
         messages.error(request, " ".join(refusal.messages))
-    else:
-        done = f"{power_action.label}: {registration.vm.name} on {registration.vsp.name} done."
-        messages.success(request, done)
+    else:  # a graceful stop that ran out of time is a warning: the guest was cut off
+        (messages.warning if done.forced else messages.success)(request, done.notice)
     if request.POST.get("back") == "vsp":
         return redirect("vms:vsp_detail", pk=registration.vsp_id)
     return redirect(f"{reverse('vms:vm_general', args=[registration.vm_id])}?vsp={registration.vsp_id}")

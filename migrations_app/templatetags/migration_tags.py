@@ -56,11 +56,20 @@ def phase_status_label(status: str) -> str:
     return PHASE_STATUS_LABELS.get(status, status)
 
 
+def at_once(migration: Migration) -> str:
+    """How many migrations may leave the migration's source at once, in words."""
+    source = migration.source
+    limit = source.max_concurrent_migrations if source is not None else 1
+    if limit == 1:
+        return "one migration at a time leaves a VSP"
+    return f"{limit} migrations at a time leave {source}"
+
+
 @register.filter
 def migration_summary(migration: Migration) -> str:
     target = migration.target.name
     if migration.state == State.QUEUED:
-        return f"Waiting its turn to migrate to VSP {target} (one migration at a time leaves a VSP)."
+        return f"Waiting its turn to migrate to VSP {target} ({at_once(migration)})."
     if migration.state in Migration.PHASES:
         return f"Migrating to VSP {target}: {migration.get_state_display()} phase."
     if migration.state == State.COMMITTING:

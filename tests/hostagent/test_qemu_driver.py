@@ -184,3 +184,25 @@ def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
     assert "prepared with 128 MiB but the guest has 256 MiB" in ended["error"]
     assert runs_intact(vsp1, guest["name"])
     vsp2.client.discard(migration_id)
+
+
+def test_it_presses_the_acpi_power_button_then_quits_qemu_when_the_timeout_runs_out(qemu_hosts):
+    """A graceful stop of a real QEMU guest: ``system_powerdown`` (the ACPI power button), then QEMU quits
+    once the Graceful Stop Timeout runs out.
+
+    The test guest does not honour the power button: its init is a busybox shell running memwriter, with
+    no acpid (nor anything else) listening to the button's input event, and the kernel alone does not
+    power off on it. So the path tested here is the timeout, then the forced quit; the driver's clean
+    path (QEMU exits by itself when the guest powers off) is the same ``power_down`` wait returning True.
+    """
+    vsp1, _ = qemu_hosts
+    guest = boot_busy_guest(vsp1, pages_per_s=100)
+    pid = workload(vsp1, guest["name"])["pid"]
+
+    stopped = vsp1.client.stop_guest(guest["guest_id"], graceful_timeout_s=3)
+
+    assert (stopped["stop"], stopped["hardware_status"], stopped["os_status"]) == ("timed_out", "off", "down")
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert vsp1.client.start_guest(guest["guest_id"])["hardware_status"] == "on"
+    forced = vsp1.client.stop_guest(guest["guest_id"])
+    assert (forced["stop"], forced["hardware_status"]) == ("forced", "off")

@@ -86,3 +86,34 @@ def test_it_refuses_what_makes_no_sense_and_who_may_not(host_agents, fleet, oper
     assert response.status_code == 302 and response.url == f"/vsps/{fleet['hosta'].pk}/"
     assert copy_of(vm).hardware_status == "off"
     assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "off"
+
+
+def test_it_stops_a_guest_gracefully_within_its_timeout_and_says_so(host_agents, fleet, operator, client):
+    vm = place_vm(host_agents, fleet, vm_fields={"graceful_stop_timeout_s": 30}, shutdown_ms=200)
+    client.force_login(operator)
+
+    general = client.get(f"/vms/{vm.pk}/general/").content.decode()
+    assert 'data-power="stop" title="Shut the guest down: it gets its Graceful Stop Timeout (30 s)' in general
+
+    page = client.post(f"/registrations/{copy_of(vm).pk}/power/stop/", follow=True).content.decode()
+
+    assert "message-success" in page and "the guest shut down cleanly in" in page
+    assert guest_on(host_agents["hosta"], vm.name)["workload"]["io_lost_at_stop"] == 0
+    event = AuditEvent.objects.get(action="vm_stopped", object_name=f"{vm.name} on hosta")
+    assert event.after == {"hardware_status": "off", "os_status": "down", "stop": "shut_down"}
+
+
+def test_it_says_when_a_graceful_stop_ran_out_of_time_and_the_guest_was_forced(
+    host_agents, fleet, operator, client
+):
+    vm = place_vm(host_agents, fleet, vm_fields={"graceful_stop_timeout_s": 1}, shutdown_ms=60_000)
+    client.force_login(operator)
+
+    page = client.post(f"/registrations/{copy_of(vm).pk}/power/stop/", follow=True).content.decode()
+
+    assert "message-warning" in page
+    assert "did not shut down within its Graceful Stop Timeout (1 s), so it was forced off" in page
+    assert copy_of(vm).hardware_status == "off"
+    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "off"
+    event = AuditEvent.objects.get(action="vm_stopped", object_name=f"{vm.name} on hosta")
+    assert event.after["stop"] == "timed_out" and "forced off" in event.message

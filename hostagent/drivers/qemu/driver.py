@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ from hostagent.protocol import (
     MigrationParams,
     OsStatus,
     PhaseLimits,
+    StopOutcome,
+    StoppedGuest,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,8 @@ class QemuGuest:
     migration: QemuMigration | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     paused: bool = False  # QEMU's vCPUs stopped (STOP/RESUME events; query-status at adoption)
+    power_cut: bool = False  # a force stop quit QEMU while a graceful stop waited for the guest
+    shutting_down: bool = False  # a graceful stop waits for the guest: it may not start to migrate
 
     @property
     def running(self) -> bool:
@@ -344,16 +349,35 @@ class QemuDriver:
         self._save(guest_id)
         return self.get_guest(guest_id)
 
-    async def stop_guest(self, guest_id: str) -> GuestInfo:
+    async def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> StoppedGuest:
+        """Graceful: the ACPI power button, then up to ``graceful_timeout_s`` for the guest to power off
+        (QEMU exits), else ``quit`` (kill if QEMU does not). None: ``quit`` at once."""
         guest = self._guest(guest_id)
         name = guest.spec.name
         if guest.migration is not None:
             raise Conflict(f"guest {name!r} is migrating")
+        started = time.monotonic()
+        outcome: StopOutcome = "forced"
+        if not guest.running or guest.process is None:
+            outcome = "already_off"
+        elif graceful_timeout_s is not None:
+            self._stop_tasks(guest)  # its exit is expected now: no warning from _watch_exit
+            guest.power_cut, guest.shutting_down = False, True
+            try:
+                shut_down = await guest.process.power_down(graceful_timeout_s)
+            finally:
+                guest.shutting_down = False
+            outcome = ("forced" if guest.power_cut else "shut_down") if shut_down else "timed_out"
+            if not shut_down:
+                log.info("%s: no power-off %s s after the ACPI power button: quit", name, graceful_timeout_s)
+        else:
+            guest.power_cut = True
         await self._halt(guest)
         if guest.hardware == "on":
             guest.hardware = "off"
         self._save(guest_id)
-        return self.get_guest(guest_id)
+        elapsed = round(time.monotonic() - started, 3)
+        return StoppedGuest(**self.get_guest(guest_id).model_dump(), stop=outcome, stop_s=elapsed)
 
     async def delete_guest(self, guest_id: str) -> None:
         guest = self._guest(guest_id)
@@ -438,6 +462,8 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")
         if not guest.running or guest.hardware != "on" or guest.process is None:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
+        if guest.shutting_down:
+            raise Conflict(f"guest {guest.spec.name!r} is shutting down")
         migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
         guest.migration = migration
         self._save(guest_id)

@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent.drivers.qemu.qmp import QmpClient
+from hostagent.drivers.qemu.qmp import QmpClient, QmpClosed, QmpError
 
 MIN_QEMU_MAJOR = 10
 KERNEL_OVERHEAD_MIB = 96
@@ -200,6 +200,21 @@ class QemuProcess:
         if self.process is not None:
             return self.process.returncode is None
         return self.adopted_pid is not None and pid_alive(self.adopted_pid)
+
+    async def power_down(self, timeout: float) -> bool:
+        """Press the ACPI power button (``system_powerdown``) and wait up to ``timeout`` s for the guest
+        to power off, which ends QEMU; True if it did. The caller quits or kills it otherwise."""
+        if not self.running or self.process is None:
+            return True
+        if self.qmp is None or self.qmp.closed.is_set():
+            return False
+        with contextlib.suppress(QmpError, QmpClosed):
+            await self.qmp.execute("system_powerdown")
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def quit(self, timeout: float = 5.0) -> None:
         """Ask QEMU to quit, kill it if it does not."""

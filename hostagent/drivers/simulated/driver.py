@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.simulated.guest import SimulatedGuest
@@ -18,6 +19,8 @@ from hostagent.protocol import (
     GuestSpec,
     MigrationParams,
     PhaseLimits,
+    StopOutcome,
+    StoppedGuest,
 )
 from hostagent.tls import TlsSettings
 
@@ -84,13 +87,27 @@ class SimulatedDriver:
         await guest.boot()
         return guest.info()
 
-    async def stop_guest(self, guest_id: str) -> GuestInfo:
+    async def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> StoppedGuest:
+        """Graceful: the guest shuts down (``SimulatedGuest.shut_down``) within the timeout, or the power
+        is cut when it runs out; None: cut at once."""
         guest = self._guest(guest_id)
         name = guest.name
         if guest.migrating:
             raise Conflict(f"guest {name} is migrating; cancel the migration first")
-        await guest.power_off()
-        return guest.info()
+        started = time.monotonic()
+        outcome: StopOutcome = "forced"
+        if not guest.running:
+            outcome = "already_off"
+        elif graceful_timeout_s is not None:
+            try:
+                powered_itself_off = await asyncio.wait_for(guest.shut_down(), graceful_timeout_s)
+                outcome = "shut_down" if powered_itself_off else "forced"  # else a force stop came first
+            except TimeoutError:
+                outcome = "timed_out"
+                log.info("guest %s did not shut down within %s s: power cut", name, graceful_timeout_s)
+        await guest.cut_power()  # a no-op after a clean shutdown
+        elapsed = round(time.monotonic() - started, 3)
+        return StoppedGuest(**guest.info().model_dump(), stop=outcome, stop_s=elapsed)
 
     async def delete_guest(self, guest_id: str) -> None:
         guest = self._guest(guest_id)
@@ -146,6 +163,8 @@ class SimulatedDriver:
             raise Conflict(f"guest {guest.name} is already migrating ({guest.migrating})")
         if not guest.running or guest.not_runnable:
             raise Conflict(f"guest {guest.name} is not running; only a running guest migrates online")
+        if guest.shutting_down:
+            raise Conflict(f"guest {guest.name} is shutting down")
         context = tls.data_client_context() if tls else None
         migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing, context)
         migration.start()

@@ -52,6 +52,9 @@ class SimulatedGuest:
         self.io_in_flight: deque[tuple[int, float]] = deque()
         self.io_queued: list[int] = []
         self.io_queueing = False
+        # Shutting down: the workload writes no page and issues no I/O; what is in flight completes.
+        self.shutting_down = False
+        self.io_lost_at_stop = 0  # I/O requests in flight when the power was last cut (0: a clean stop)
         self._task: asyncio.Task[None] | None = None
         self._pattern_bytes: bytes | None = None
         self.working_set_pages = self._default_working_set()
@@ -99,8 +102,36 @@ class SimulatedGuest:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._workload(), name=f"workload {self.guest_id}")
 
+    async def shut_down(self) -> bool:
+        """What the OS does when asked to shut down, then the power goes off.
+
+        1. Writes stop: the workload dirties no page and issues no I/O from now on.
+        2. The I/O in flight completes (``io_latency_ms`` at most).
+        3. The rest of the shutdown takes ``shutdown_ms``; then the guest powers off, no I/O lost.
+        Cancelled (the caller's timeout ran out), it leaves the guest running, its writes stopped.
+        False if the power was cut meanwhile (a force stop), True if the guest powered itself off.
+        """
+        self.shutting_down = True
+        self.io_lost_at_stop = 0
+        while self.io_in_flight and self.running:
+            await asyncio.sleep(TICK_S)
+        done_at = time.monotonic() + self.spec.shutdown_ms / 1000
+        while self.running and time.monotonic() < done_at:
+            await asyncio.sleep(min(TICK_S * 10, max(done_at - time.monotonic(), 0)))
+        if not self.running:
+            return False
+        await self.power_off()
+        return True
+
+    async def cut_power(self) -> None:
+        """A stop that is not a shutdown: the I/O in flight or queued is lost (counted in the report)."""
+        if self.running:
+            self.io_lost_at_stop = len(self.io_in_flight) + len(self.io_queued)
+        await self.power_off()
+
     async def power_off(self) -> None:
         self.running = False
+        self.shutting_down = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -210,6 +241,8 @@ class SimulatedGuest:
                 "io_in_flight": len(self.io_in_flight),
                 "io_queued": len(self.io_queued),
                 "resident_mib": self.memory.written_count() * PAGE_SIZE // (1024 * 1024),
+                "shutting_down": self.shutting_down,
+                "io_lost_at_stop": self.io_lost_at_stop,
             },
         )
 
@@ -241,7 +274,7 @@ class SimulatedGuest:
             now = time.monotonic()
             elapsed, last = min(now - last, 1.0), now
             self._complete_io(now)
-            if self.vcpus_paused:
+            if self.vcpus_paused or self.shutting_down:
                 continue
             owed_pages += elapsed * self.spec.dirty_pages_per_s * (1 - self.throttle_pct / 100)
             for _ in range(int(owed_pages)):
