@@ -55,6 +55,36 @@ def test_it_defines_starts_stops_and_deletes_a_guest(agent_pair):
     assert vsp1.guest(name) is None
 
 
+def test_a_booting_guest_is_reported_on_and_initializing_never_off(agent_pair):
+    """Soak seed 40: an inventory taken while a guest booted (its OS filling memory) said Off, and stored
+    that over the copy the admin had just started; the migration was then refused "VM is not running"."""
+    import threading
+
+    vsp1, _ = agent_pair
+    name = unique("boot")
+    spec = {"guest_id": guest_id_for(name), "name": name, "memory_mib": 1024, "fill_percent": 100}
+    defined = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def define() -> None:
+        try:
+            with AgentClient(vsp1.url, vsp1.secret, trust=vsp1.trust, timeout_s=60) as client:
+                client.define_guest({**spec, "running": True})
+        finally:
+            defined.set()
+
+    threading.Thread(target=define, daemon=True).start()
+    while not defined.is_set():
+        guest = vsp1.guest(name)
+        if guest is not None:
+            seen.append((guest["hardware_status"], guest["os_status"]))
+    assert seen and ("off", "down") not in seen, seen
+    assert ("on", "initializing") in seen, seen
+    assert (vsp1.guest(name)["hardware_status"], vsp1.guest(name)["os_status"]) == ("on", "up")
+    vsp1.client.stop_guest(guest_id_for(name))
+    vsp1.client.delete_guest(guest_id_for(name))
+
+
 def test_it_defines_a_guest_idempotently(agent_pair):
     vsp1, _ = agent_pair
     name = unique("same")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
-from hostagent.protocol import GuestInfo, GuestSpec, HardwareStatus
+from hostagent.protocol import GuestInfo, GuestSpec, HardwareStatus, OsStatus
 
 TICK_S = 0.01
 IO_REQUESTS_PER_S = 50
@@ -44,6 +44,7 @@ class SimulatedGuest:
         self.running = False
         self.not_runnable = False
         self.booted = False
+        self.booting = False  # powered on, its OS still starting (filling memory): On, Initializing
         self.migrating: str | None = None
         self.vcpus_paused = False
         self.write_counter = 0
@@ -92,7 +93,11 @@ class SimulatedGuest:
     async def boot(self) -> None:
         """Power on: fill part of memory as an OS would, then run the workload."""
         if not self.booted:
-            await asyncio.to_thread(self._fill_memory)
+            self.booting = True
+            try:
+                await asyncio.to_thread(self._fill_memory)
+            finally:
+                self.booting = False
             self.booted = True
         self.run()
 
@@ -223,12 +228,15 @@ class SimulatedGuest:
         if self.not_runnable:
             hardware = "not_runnable"
         else:
-            hardware = "on" if self.running else "off"
+            hardware = "on" if self.running or self.booting else "off"
+        os_status: OsStatus = "up" if self.running and not self.vcpus_paused else "down"
+        if self.booting:
+            os_status = "initializing"
         return GuestInfo(
             guest_id=self.guest_id,
             name=self.name,
             os_type=self.spec.os_type,
-            os_status="up" if self.running and not self.vcpus_paused else "down",
+            os_status=os_status,
             hardware_status=hardware,
             memory_mib=self.spec.memory_mib,
             vcpus=self.spec.vcpus,
