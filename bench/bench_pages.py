@@ -96,21 +96,26 @@ def fill(vm_count: int) -> None:
     HostGroupMembership.objects.create(group=group_a, user=member, role="viewer")
 
 
-def measure(client, url: str, requests: int) -> tuple[float, int]:
-    """Median server time in ms and the query count of one request."""
+def measure(client, url: str, requests: int) -> tuple[float, int, float]:
+    """Median server time in ms, the query count of one request, and the median CPU time in ms.
+
+    The CPU time (``time.process_time``: this process, SQLite included, as it runs in-process) is what
+    a quiet machine would take; on a shared machine the wall time adds the waits for a core.
+    """
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     client.get(url)  # warm caches (templates, permissions) as a running server would have them
-    timings = []
+    timings, cpu = [], []
     for _ in range(requests):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         response = client.get(url)
         timings.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - started_cpu) * 1000)
         assert response.status_code == 200, (url, response.status_code)
     with CaptureQueriesContext(connection) as queries:
         client.get(url)
-    return statistics.median(timings), len(queries)
+    return statistics.median(timings), len(queries), statistics.median(cpu)
 
 
 def pages(suffix: str = "", group: str | None = None) -> dict[str, str]:
@@ -219,7 +224,7 @@ def history_pages() -> dict[str, str]:
     }
 
 
-def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[float, int]]:
+def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[float, int, float]]:
     from django.core.management import call_command
     from django.test import Client
 
@@ -234,7 +239,7 @@ def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[flo
     return {name: measure(client, url, requests) for name, url in history_pages().items()}
 
 
-def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int]]:
+def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int, float]]:
     from django.contrib.auth.models import User
     from django.core.management import call_command
     from django.test import Client
@@ -282,15 +287,20 @@ def run_sizes(scratch: str, kind: str, sizes: list[int], run, requests: int) -> 
     return results
 
 
+def cell(wall_ms: float, queries: int, cpu_ms: float) -> str:
+    return f"{wall_ms:.1f} ms (CPU {cpu_ms:.1f}), {queries} queries"
+
+
 def report(
-    results: dict[int, dict[str, tuple[float, int]]], sizes: list[int], unit: str, requests: int
+    results: dict[int, dict[str, tuple[float, int, float]]], sizes: list[int], unit: str, requests: int
 ) -> bool:
-    print(f"Server time (median of {requests} requests, Django test Client, SQLite) and query count")
-    print(f"{'page':<30}" + "".join(f"{f'{size} {unit}':>26}" for size in sizes))
+    print(
+        f"Server time (median of {requests} requests, Django test Client, SQLite; CPU time in brackets),"
+        f" query count; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'page':<30}" + "".join(f"{f'{size} {unit}':>36}" for size in sizes))
     for name in results[sizes[0]]:
-        cells = "".join(
-            f"{f'{results[s][name][0]:.1f} ms, {results[s][name][1]} queries':>26}" for s in sizes
-        )
+        cells = "".join(f"{cell(*results[size][name]):>36}" for size in sizes)
         print(f"{name:<30}{cells}")
     uneven = [name for name in results[sizes[0]] if len({results[s][name][1] for s in sizes}) > 1]
     if uneven:
