@@ -241,8 +241,15 @@ class QemuDriver:
     # --- migration -------------------------------------------------------------------
 
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
+        self,
+        spec: GuestSpec,
+        migration_id: str,
+        limits: PhaseLimits,
+        *,
+        encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
+        """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's)."""
         refuse_encryption(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
@@ -269,7 +276,9 @@ class QemuDriver:
         params: MigrationParams,
         *,
         encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> Migration:
+        """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels)."""
         refuse_encryption(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:

@@ -41,6 +41,7 @@ class ConvergenceJudge:
     params: MigrationParams
     progress: Progress
     _writer: FrameWriter | None
+    _writers: list[FrameWriter]
     _converged: asyncio.Event
     _target_hashed: asyncio.Event
     _target_digested: int
@@ -75,8 +76,11 @@ class ConvergenceJudge:
             seconds += pending_pages / self._hash_rate_pages_s
         return round(1000 * seconds)
 
+    def _bytes_sent(self) -> int:
+        """Bytes sent on every stream so far."""
+        return sum(writer.bytes_sent for writer in self._writers)
+
     def _judge_convergence(self) -> None:
-        assert self._writer is not None
         pending_bytes = self.guest.memory.dirty_count() * PAGE_SIZE
         expected_ms = self._expected_ms(pending_bytes // PAGE_SIZE)
         # Until a round of dirty pages measured how fast they go, only "nothing left" converges;
@@ -153,13 +157,12 @@ class ConvergenceJudge:
         return (judged and rounds >= limit) or rounds >= UNJUDGED_ROUNDS_FACTOR * limit
 
     def _begin_round(self) -> None:
-        assert self._writer is not None
-        self._round_started = (time.monotonic(), self._writer.bytes_sent)
+        self._round_started = (time.monotonic(), self._bytes_sent())
 
     def _end_round(self, dirty_round: bool = False) -> None:
-        assert self._writer is not None and self._round_started is not None
+        assert self._round_started is not None
         started, sent_before = self._round_started
-        seconds, sent = time.monotonic() - started, self._writer.bytes_sent - sent_before
+        seconds, sent = time.monotonic() - started, self._bytes_sent() - sent_before
         self._rounds_seconds += seconds
         self._rounds_bytes += sent
         self._round_started = None
@@ -170,12 +173,11 @@ class ConvergenceJudge:
 
     def _throughput(self) -> float:
         """Bytes on the wire per wall-clock second of rounds (hashing and waits between rounds excluded)."""
-        assert self._writer is not None
         seconds, sent = self._rounds_seconds, self._rounds_bytes
         if self._round_started is not None:
             started, sent_before = self._round_started
             seconds += time.monotonic() - started
-            sent += self._writer.bytes_sent - sent_before
+            sent += self._bytes_sent() - sent_before
         return sent / seconds if seconds > 0 else 0.0
 
     def _dirty_rate(self, pending_bytes: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.simulated.guest import SimulatedGuest
@@ -18,6 +19,7 @@ from hostagent.protocol import (
     GuestSpec,
     MigrationParams,
     PhaseLimits,
+    resolve_streams,
 )
 from hostagent.tls import TlsSettings
 
@@ -104,8 +106,15 @@ class SimulatedDriver:
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
+        self,
+        spec: GuestSpec,
+        migration_id: str,
+        limits: PhaseLimits,
+        *,
+        encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
+        """``streams`` is not needed here: the target admits the count the source's first HELLO names."""
         tls = self._tls_for(encryption)
         existing = self.guests.get(spec.guest_id)
         if existing is not None and (existing.running or existing.migrating):
@@ -139,7 +148,9 @@ class SimulatedDriver:
         params: MigrationParams,
         *,
         encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> Migration:
+        """``streams`` None: sized from this host's cores and the guest's memory (``auto_streams``)."""
         tls = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migrating:
@@ -147,7 +158,10 @@ class SimulatedDriver:
         if not guest.running or guest.not_runnable:
             raise Conflict(f"guest {guest.name} is not running; only a running guest migrates online")
         context = tls.data_client_context() if tls else None
-        migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing, context)
+        count = resolve_streams(streams, guest.memory_mib, os.cpu_count())
+        migration = SourceMigration(
+            guest, migration_id, target, params, self._release_outgoing, context, streams=count
+        )
         migration.start()
         return migration
 
