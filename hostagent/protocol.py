@@ -431,6 +431,7 @@ class ProgressSnapshot(Message):
     allowed_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
     throttle_pct: Percent = 0
     converged: StrictBool = False
+    streams: Streams | None = None  # parallel data-plane connections in use (None: not connected yet)
     source_digest: Digest | None = None
     target_digest: Digest | None = None
     error: StrictStr | None = None

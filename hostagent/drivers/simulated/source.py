@@ -82,6 +82,7 @@ PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
 SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
+STREAM_END_GRACE_S = 5.0  # after FREEZE, a stream's end waits this long for READY before it fails
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 # What the source tells the target of its progress (PROGRESS frames), so both snapshots agree.
 MIRRORED_FIELDS = (
@@ -128,6 +129,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._writers: list[FrameWriter] = []  # one per stream, stream 0's first
         self._reader: FrameReader | None = None
         self._stream_watchers: list[asyncio.Task[None]] = []
+        self._freeze_sent = False
         self._pass_pages = 0  # first-pass pages sent, all streams together
         self._batch = 0  # send batches (the first pass, then each round) every stream has ended
         self._task: asyncio.Task[None] | None = None
@@ -259,6 +261,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             others = [self._open_stream(index, {**hello, "populate": []}) for index in range(1, self.streams)]
             opened = await gather_all(others)
             self._writers = [self._writer, *(writer for writer, _ in opened)]
+            self.progress.update(streams=self.streams)
             self._stream_watchers = [
                 asyncio.create_task(self._watch_stream(index, reader))
                 for index, (_, reader) in enumerate(opened, start=1)
@@ -302,6 +305,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         try:
             kind, _ = await reader.message()
         except ConnectionError as error:
+            if self._freeze_sent:
+                # The target closes every stream right after READY on stream 0, and that EOF may be
+                # seen first: it is no failure if READY follows.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STREAM_END_GRACE_S):
+                        await asyncio.shield(self._ready)
+                        return
             closed = f"data-plane stream {index} of {self.streams} was closed: {error}"
             raise ConnectionError(closed) from None
         raise ProtocolError(f"unexpected frame kind {kind} on data-plane stream {index}")
@@ -398,6 +408,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             )
             self.progress.update(source_digest=digest, percent={"frozen": 70})
             freeze = {"state": self.guest.save_state(), "source_digest": digest, "batches": self._batch}
+            self._freeze_sent = True
             await self._writer.message(FREEZE, freeze)
             answer = await self._watch(self._ready)
         await self._stop_watchers()

@@ -260,6 +260,7 @@ class TargetMigration:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         won.result()
+        self.progress.update(streams=self._streams)
         self._channel = self._channels[0]
         self._sock = self._channel.sock if self._channel is not None else None
         self._listener.close()
