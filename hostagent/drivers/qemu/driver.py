@@ -260,7 +260,9 @@ class QemuDriver:
         instance = f"in-{migration_id[:12]}"
         process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
         await self._launch(guest, process)
-        migration = TargetMigration(process, migration_id, limits, self.settings.data_host, self._finished)
+        migration = TargetMigration(
+            process, migration_id, limits, self.settings.data_host, self._finished, channels=streams or 1
+        )
         guest.migration = migration
         if existing is not None:
             self._replaced[guest_id] = existing
@@ -285,7 +287,9 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")
         if not guest.running or guest.hardware != "on" or guest.process is None:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
-        migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
+        migration = SourceMigration(
+            guest.process, migration_id, target, params, self._finished, channels=streams or 1
+        )
         guest.migration = migration
         migration.begin()
         return migration
