@@ -47,6 +47,7 @@ class ConvergenceJudge:
     _target_digested: int
     _dirty_round_rate: float | None
     _hash_rate_pages_s: float | None
+    _hashed_once: bool
     _round_started: tuple[float, int] | None
     _rounds_seconds: float
     _rounds_bytes: int
@@ -64,6 +65,7 @@ class ConvergenceJudge:
         elapsed = time.monotonic() - started
         if hashed >= HASH_RATE_SAMPLE_PAGES and elapsed > 0:
             self._hash_rate_pages_s = hashed / elapsed
+        self._hashed_once = True
         return hashed
 
     def _expected_ms(self, pending_pages: int) -> int | None:
@@ -86,7 +88,9 @@ class ConvergenceJudge:
         # Until a round of dirty pages measured how fast they go, only "nothing left" converges;
         # and not before the target hashed the first pass, or Frozen would wait for that.
         judged = self._dirty_round_rate is not None or pending_bytes < RATE_SAMPLE_BYTES
-        judged = judged and self._target_digested >= 1
+        # Nor before this side hashed it (in the background, ``source._hash_in_background``): until
+        # then the hashing rate, part of the expected downtime, is unknown.
+        judged = judged and self._target_digested >= 1 and self._hashed_once
         fields: dict[str, Any] = {
             "bytes_remaining": pending_bytes,
             "expected_downtime_ms": expected_ms,
@@ -107,7 +111,7 @@ class ConvergenceJudge:
         if exhausted and self.params.at_limit == "switchover":
             log.info("migration %s: round limit reached, switching over anyway", self.migration_id)
             self._force_switchover = True
-        if fits or self._force_switchover or (pending_bytes == 0 and self._target_digested >= 1):
+        if fits or self._force_switchover or (pending_bytes == 0 and judged):
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
         elif exhausted:

@@ -130,6 +130,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._reader: FrameReader | None = None
         self._stream_watchers: list[asyncio.Task[None]] = []
         self._freeze_sent = False
+        self._hashed_once = False
         self._hashing: asyncio.Future[int] | None = None  # the background refresh of page digests
         self._pass_pages = 0  # first-pass pages sent, all streams together
         self._batch = 0  # send batches (the first pass, then each round) every stream has ended
