@@ -8,8 +8,9 @@ The console reaches the control socket through ``route_via_proxy``, named by the
 environment variable ``DATA_PLANE_PROXY``.
 
 Faults: ``cut(hold_s)`` closes every forwarded connection and closes new ones at once for ``hold_s``
-seconds; ``cut_one(index)`` closes only the ``index``-th connection forwarded (one data-plane stream); ``stall(hold_s)`` stops forwarding bytes in both directions for ``hold_s`` seconds (the sockets
-stay open, TCP back-pressure holds the senders). Nothing from the console or the agent is imported.
+seconds; ``cut_one(index)`` closes only the ``index``-th connection forwarded (one data-plane stream);
+``stall(hold_s)`` stops forwarding bytes in both directions for ``hold_s`` seconds (the sockets stay
+open, TCP back-pressure holds the senders). Nothing from the console or the agent is imported.
 """
 
 from __future__ import annotations

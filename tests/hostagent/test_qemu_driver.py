@@ -132,6 +132,7 @@ def test_it_migrates_a_busy_guest_over_two_multifd_channels_and_its_self_check_p
     assert ready["state"] == "ready", ready
     assert ready["streams"] == 2 and vsp2.client.snapshot(migration_id)["streams"] == 2
     assert ready["source_digest"] == vsp2.client.snapshot(migration_id)["target_digest"]
+    assert "relaying data connection 3 of 3 (main channel + 2 multifd channels)" in vsp2.log()
     vsp2.client.resume(migration_id)
     vsp1.client.release(migration_id)
     assert runs_intact(vsp2, guest["name"])

@@ -206,6 +206,13 @@ class TargetMigration(QemuMigration):
             connection.close()
             self.spawn(self.abort(f"cannot start the incoming migration: {error}", FailureKind.INTERNAL))
             return
+        log.info(
+            "%s: multifd: relaying data connection %d of %d (main channel + %d multifd channels)",
+            self.guest_id,
+            self._data_joined,
+            self._data_expected,
+            self.channels,
+        )
         self.spawn(relay(connection, qemu))
 
     async def _watch_source(self) -> None:
