@@ -82,6 +82,7 @@ PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
 SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
+PEER_REASON_WAIT_S = 0.5  # a broken connection waits this long for the target's ABORT already sent
 STREAM_END_GRACE_S = 5.0  # after FREEZE, a stream's end waits this long for READY before it fails
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 # What the source tells the target of its progress (PROGRESS frames), so both snapshots agree.
@@ -236,6 +237,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         except ProtocolError as error:
             await self._abort(f"refused the target's data-plane message: {error}", FailureKind.REFUSED)
         except OSError as error:
+            told = await self._target_said_why()
+            if told is not None:
+                await self._abort(str(told), told.kind, side="target")
+                return
             if self.progress.phase == "init":
                 await self._abort(
                     f"could not reach the target's data plane: {plain_connection_error(error)}",
@@ -249,6 +254,20 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         except Exception as error:  # a bug must still leave the guest running here
             log.exception("migration %s failed", self.migration_id)
             await self._abort(f"internal error: {error!r}", FailureKind.INTERNAL)
+
+    async def _target_said_why(self) -> TargetAborted | None:
+        """The target's ABORT, if it sent one before the connection broke (a send may fail first).
+
+        A target that gives up sends ABORT on stream 0, then closes every stream: the copy task's next
+        send may fail before the reader task has read the ABORT waiting in the socket.
+        """
+        reader = self._reader_task
+        if reader is None:
+            return None
+        if not reader.done():
+            await asyncio.wait({reader}, timeout=PEER_REASON_WAIT_S)
+        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        return failure if isinstance(failure, TargetAborted) else None
 
     async def _watch(self, awaitable: Awaitable[Any]) -> Any:
         return await wait_watching(awaitable, [self._copy_task, self._reader_task, *self._stream_watchers])

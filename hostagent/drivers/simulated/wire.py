@@ -76,16 +76,19 @@ YIELD_EVERY_S = 0.005
 
 
 class Breather:
-    """``await breathe()`` yields to the event loop if ``YIELD_EVERY_S`` passed since it last did."""
+    """``await breathe()`` yields to the event loop if ``YIELD_EVERY_S`` passed since any breather did.
 
-    def __init__(self) -> None:
-        self._last = time.monotonic()
+    The time of the last yield is shared by every stream's reader and writer in the process: one
+    loop iteration runs a step of every stream that is ready, so with per-stream clocks N streams
+    would hold the loop N times as long before the API got its turn.
+    """
+
+    _last = time.monotonic()  # shared: the agent runs one event loop
 
     async def breathe(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= YIELD_EVERY_S:
+        if time.monotonic() - Breather._last >= YIELD_EVERY_S:
             await asyncio.sleep(0)
-            self._last = time.monotonic()
+            Breather._last = time.monotonic()
 
 
 class ProtocolError(Exception):
@@ -402,13 +405,14 @@ class FrameReader:
         return HEADER.unpack(self._header)
 
     async def into(self, view: memoryview) -> None:
+        """Fill ``view``; yields to the loop within a large frame too (a 4 MiB TLS frame is 256 records)."""
         while view:
             received = await self._channel.recv_into(view)
             if received == 0:
                 raise ConnectionError("the peer closed the data-plane connection")
             self.bytes_received += received
             view = view[received:]
-        await self._breather.breathe()
+            await self._breather.breathe()
 
     async def json_body(self, size: int, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
         """``size`` bytes of JSON object; too large, not JSON, too deeply nested: ``ProtocolError``."""
