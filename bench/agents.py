@@ -56,21 +56,23 @@ class Moved:
     to_converged_s: float  # start -> converged (or ended)
 
 
-def migrate(source: Any, target: Any, spec: dict[str, Any], encryption: str | None = None) -> Moved:
+def migrate(
+    source: Any, target: Any, spec: dict[str, Any], encryption: str | None = None, streams: int | None = None
+) -> Moved:
     """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands.
 
     ``encryption``: the data-plane policy ("required": mutual TLS, "off": plain TCP); by default the
-    source's (``BenchAgent.encryption``), else "required".
+    source's (``BenchAgent.encryption``), else "required". ``streams``: parallel data-plane connections
+    (1..16, None: the source agent sizes them).
     """
     policy = encryption or getattr(source, "encryption", "required")
     migration_id = f"bench-{secrets.token_hex(3)}"
     wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
     wanted["guest_id"] = guest_id_for(spec["name"])
     started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, policy)
-    source.client.start_outgoing(
-        wanted["guest_id"], migration_id, endpoint, {"downtime_ms": 300, "max_rounds": 30}, policy
-    )
+    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, policy, streams)
+    params = {"downtime_ms": 300, "max_rounds": 30}
+    source.client.start_outgoing(wanted["guest_id"], migration_id, endpoint, params, policy, streams)
     for snapshot in source.client.iter_progress(migration_id):
         if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
             break

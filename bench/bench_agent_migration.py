@@ -1,17 +1,17 @@
-"""Benchmark: live-migrate a 1 GiB simulated guest between two real agents over loopback.
+"""Benchmark: live-migrate a 1 GiB simulated guest between two real agents over loopback, 1 and N streams.
 
     .venv/bin/python bench/bench_agent_migration.py [--memory-mib 1024] [--dirty-pages-per-s 25000]
-        [--repeat 2] [--no-busy]
+        [--streams 4] [--repeat 1] [--tls] [--keep-logs]
 
-Runs, in one go: raw loopback TCP throughput (a sender and a receiver process
-moving the same number of non-zero bytes with plain blocking sockets), then
-migrations of an idle guest (memory filled, nothing written) over the plain data
-plane (policy "off") and over the TLS data plane (policy "required": mutual TLS,
-the agents' certificates from a CA of the bench's own), alternating, ``--repeat``
-times each; then one of a guest writing pages at a steady rate over each. Prints
-total time (start to ready), downtime (the Frozen phase), rounds, data-plane
-throughput (bytes on the wire / wall-clock seconds of copy rounds), its ratio to
-raw loopback, TLS over plain, and the machine's load average (it is shared).
+Runs, in one go: raw loopback TCP throughput with 1 connection and with N (sender and receiver
+processes moving the same number of non-zero bytes with plain blocking sockets, one thread per
+connection), then migrations over the plain data plane (policy "off", like the raw figure) with 1
+stream and with N: an idle guest (memory filled, nothing written) and a guest writing
+``--dirty-pages-per-s`` pages a second, ``--repeat`` times each; with ``--tls`` the same again over
+the TLS data plane. Prints each run's total time (start to ready), downtime (the Frozen phase),
+rounds, data-plane throughput (bytes on the wire / wall-clock seconds of copy rounds) as a ratio of
+raw loopback with the same number of connections, whether the digests were equal, the agents' CPU,
+and the machine's load average before and after (it is shared).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,45 +33,67 @@ sys.path.insert(0, str(ROOT))
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 RECEIVER = """
-import socket, sys
-listener = socket.create_server(("127.0.0.1", 0))
+import socket, sys, threading
+streams, total = int(sys.argv[1]), int(sys.argv[2])
+listener = socket.create_server(("127.0.0.1", 0), backlog=streams)
 print(listener.getsockname()[1], flush=True)
-connection, _ = listener.accept()
-connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-buffer = memoryview(bytearray(4 << 20))
-left = int(sys.argv[1])
-while left:
-    received = connection.recv_into(buffer[: min(len(buffer), left)])
-    if not received:
-        break
-    left -= received
-connection.sendall(b"k")
+
+def receive(connection, left):
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    buffer = memoryview(bytearray(4 << 20))
+    while left:
+        received = connection.recv_into(buffer[: min(len(buffer), left)])
+        if not received:
+            break
+        left -= received
+    connection.sendall(b"k")
+
+threads = []
+for index in range(streams):
+    connection, _ = listener.accept()
+    share = total // streams + (total % streams if index == 0 else 0)
+    threads.append(threading.Thread(target=receive, args=(connection, share)))
+    threads[-1].start()
+for thread in threads:
+    thread.join()
 """
 
 
-def best_raw_loopback_bytes_s(total: int, tries: int = 3) -> float:
+def best_raw_loopback_bytes_s(total: int, streams: int, tries: int = 3) -> float:
     """The best of a few runs: the machine is shared, a single run can be unlucky."""
-    return max(raw_loopback_bytes_s(total) for _ in range(tries))
+    return max(raw_loopback_bytes_s(total, streams) for _ in range(tries))
 
 
-def raw_loopback_bytes_s(total: int) -> float:
-    """Same bytes, same machine, no agent: the ceiling for the data plane."""
+def raw_loopback_bytes_s(total: int, streams: int) -> float:
+    """Same bytes, same machine, no agent, over ``streams`` connections: the data plane's ceiling."""
     receiver = subprocess.Popen(
-        [sys.executable, "-c", RECEIVER, str(total)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", RECEIVER, str(streams), str(total)], stdout=subprocess.PIPE, text=True
     )
     try:
         port = int(receiver.stdout.readline())
         payload = memoryview(os.urandom(4 << 20))
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+
+        def send(sock: socket.socket, share: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            started = time.perf_counter()
             sent = 0
-            while sent < total:
-                chunk = payload[: min(len(payload), total - sent)]
+            while sent < share:
+                chunk = payload[: min(len(payload), share - sent)]
                 sock.sendall(chunk)
                 sent += len(chunk)
             sock.recv(1)
-            return total / (time.perf_counter() - started)
+
+        shares = [total // streams + (total % streams if index == 0 else 0) for index in range(streams)]
+        threads = [threading.Thread(target=send, args=pair) for pair in zip(sockets, shares, strict=True)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        for sock in sockets:
+            sock.close()
+        return total / elapsed
     finally:
         receiver.wait(timeout=30)
 
@@ -82,6 +105,7 @@ def migrate_guest(
     memory_mib: int,
     dirty_pages_per_s: int,
     encryption: str = "required",
+    streams: int = 1,
 ) -> dict:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     source.client.define_guest(
@@ -94,7 +118,7 @@ def migrate_guest(
         }
     )
     before = cpu_s(source), cpu_s(target)
-    moved = migrate(source, target, spec, encryption)
+    moved = migrate(source, target, spec, encryption, streams)
     ready = moved.ready
     return {
         "cpu_source_s": cpu_s(source) - before[0],
@@ -105,7 +129,8 @@ def migrate_guest(
         "rounds": ready["round"],
         "bytes_sent": ready["bytes_sent"],
         "throughput": ready["throughput_bytes_s"],
-        "digests_equal": ready["source_digest"] == ready["target_digest"],
+        "digests_equal": ready["source_digest"] == ready["target_digest"] == moved.target_digest,
+        "streams": ready["streams"],
     }
 
 
@@ -120,7 +145,7 @@ def report(label: str, result: dict, raw: float) -> None:
     converged = f"(to converged {result['to_converged_s']:.2f} s)"
     print(f"  total time (start -> ready) {result['total_s']:.2f} s   {converged}")
     print(f"  downtime (Frozen)          {result['downtime_ms']} ms")
-    print(f"  rounds                     {result['rounds']}")
+    print(f"  rounds                     {result['rounds']}   streams {result['streams']}")
     print(f"  bytes on the wire          {result['bytes_sent'] / 2**20:.0f} MiB")
     throughput = result["throughput"]
     print(f"  data-plane throughput      {throughput / 1e6:.0f} MB/s   ratio to raw {throughput / raw:.2f}")
@@ -138,36 +163,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-mib", type=int, default=1024)
     parser.add_argument("--dirty-pages-per-s", type=int, default=25_000)
-    parser.add_argument("--repeat", type=int, default=2, help="idle migrations per data plane")
-    parser.add_argument("--no-busy", action="store_true", help="skip the busy guest")
+    parser.add_argument("--streams", type=int, default=4, help="N, the multi-stream count (2..16)")
+    parser.add_argument("--repeat", type=int, default=1, help="migrations per stream count and workload")
+    parser.add_argument("--tls", action="store_true", help="also run over the TLS data plane")
     parser.add_argument("--keep-logs", action="store_true", help="keep the agents' logs")
     args = parser.parse_args()
-    total = args.memory_mib * 2**20
+    total, counts = args.memory_mib * 2**20, (1, args.streams)
     print(
-        f"guest {args.memory_mib} MiB, all pages non-zero; busy run writes {args.dirty_pages_per_s} pages/s"
+        f"guest {args.memory_mib} MiB, all pages non-zero; busy runs write {args.dirty_pages_per_s} pages/s"
     )
     print(load())
-    raw = best_raw_loopback_bytes_s(total)
-    print(f"raw loopback TCP (blocking sockets, 2 processes): {raw / 1e6:.0f} MB/s")
+    raw = {count: best_raw_loopback_bytes_s(total, count) for count in counts}
+    for count in counts:
+        print(
+            f"raw loopback TCP, {count} connection(s), blocking sockets, 2 processes: "
+            f"{raw[count] / 1e6:.0f} MB/s"
+        )
     scratch = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     source, target = BenchAgent("bench-src", scratch), BenchAgent("bench-dst", scratch)
-    idle: dict[str, list[float]] = {"off": [], "required": []}
+    policies = ("off", "required") if args.tls else ("off",)
+    rows: list[tuple[str, int, int, list[dict]]] = []
     try:
-        for attempt in range(args.repeat):
-            for policy in ("off", "required"):
-                label = "plain data plane" if policy == "off" else "TLS data plane (mutual TLS)"
-                result = migrate_guest(
-                    source, target, f"bench-idle-{policy}-{attempt}", args.memory_mib, 0, policy
-                )
-                report(f"idle guest, {label}, run {attempt + 1}", result, raw)
-                idle[policy].append(result["throughput"])
-        if not args.no_busy:
-            dirty_mb_s = args.dirty_pages_per_s * 4096 / 1e6
-            for policy in ("off", "required"):
-                label = "plain" if policy == "off" else "TLS"
-                name = f"bench-busy-{policy}"
-                busy = migrate_guest(source, target, name, args.memory_mib, args.dirty_pages_per_s, policy)
-                report(f"busy guest ({dirty_mb_s:.0f} MB/s dirtied), {label} data plane", busy, raw)
+        for policy in policies:
+            for rate in (0, args.dirty_pages_per_s):
+                for count in counts:
+                    results = []
+                    for attempt in range(args.repeat):
+                        name = f"bench-{policy}-{rate}-{count}-{attempt}"
+                        try:
+                            result = migrate_guest(source, target, name, args.memory_mib, rate, policy, count)
+                        except SystemExit as failure:  # e.g. not converged within the round limit
+                            print(f"\n{name}: {failure}")
+                            continue
+                        plane = "plain" if policy == "off" else "TLS"
+                        workload = "idle" if not rate else f"{rate} pages/s"
+                        report(
+                            f"{workload}, {plane} data plane, {count} stream(s), run {attempt + 1}",
+                            result,
+                            raw[count],
+                        )
+                        results.append(result)
+                    rows.append((policy, rate, count, results))
     finally:
         source.stop()
         target.stop()
@@ -175,24 +211,38 @@ def main() -> None:
             print(f"\nagent logs in {scratch}")
         else:
             shutil.rmtree(scratch)
-    after = best_raw_loopback_bytes_s(total, tries=2)
-    print(
-        f"\nraw loopback again after the migrations: {after / 1e6:.0f} MB/s (a check on the machine's noise)"
-    )
-    print(load())
-    plain, tls = idle["off"], idle["required"]
-    print("\nsummary, idle guest (ratio to the first raw loopback figure):")
-    print(f"  raw loopback TCP   {raw / 1e6:6.0f} MB/s   1.00 (after: {after / raw:.2f})")
-    print(
-        f"  plain data plane   {min(plain) / 1e6:.0f}-{max(plain) / 1e6:.0f} MB/s   "
-        f"{min(plain) / raw:.2f}-{max(plain) / raw:.2f}"
-    )
-    print(
-        f"  TLS data plane     {min(tls) / 1e6:.0f}-{max(tls) / 1e6:.0f} MB/s   "
-        f"{min(tls) / raw:.2f}-{max(tls) / raw:.2f}"
-    )
-    ratios = [t / p for t, p in zip(tls, plain, strict=True)]
-    print(f"  TLS / plain (same attempt)   {min(ratios):.2f}-{max(ratios):.2f}   (aim: at least 0.8)")
+    after = {count: best_raw_loopback_bytes_s(total, count, tries=2) for count in counts}
+    print(f"\n{load()}")
+    print("\nsummary (throughput as a ratio of raw loopback with the same number of connections):")
+    for count in counts:
+        print(
+            f"  raw loopback TCP, {count:2d} connection(s)   {raw[count] / 1e6:6.0f} MB/s   "
+            f"(after the migrations: {after[count] / 1e6:.0f} MB/s)"
+        )
+    for policy, rate, count, results in rows:
+        plane = "plain" if policy == "off" else "TLS  "
+        workload = "idle        " if not rate else f"{rate:6d} pages/s"
+        if not results:
+            print(f"  {policy} data plane, {rate} pages/s, {count} stream(s): no migration reached ready")
+            continue
+        speeds = [result["throughput"] for result in results]
+        equal = all(result["digests_equal"] for result in results)
+        print(
+            f"  {plane} data plane, {workload}, {count:2d} stream(s)   {max(speeds) / 1e6:6.0f} MB/s   "
+            f"ratio {max(speeds) / raw[count]:.2f}   downtime {max(r['downtime_ms'] for r in results)} ms   "
+            f"rounds {max(r['rounds'] for r in results)}   digests equal {equal}"
+        )
+    for policy, rate in sorted({(policy, rate) for policy, rate, _, _ in rows}):
+        by_count = {
+            count: max(r["throughput"] for r in results)
+            for p, q, count, results in rows
+            if (p, q) == (policy, rate) and results
+        }
+        if len(by_count) == 2:
+            print(
+                f"  {policy}, {rate} pages/s: {args.streams} streams / 1 stream = "
+                f"{by_count[args.streams] / by_count[1]:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ The console reaches the control socket through ``route_via_proxy``, named by the
 environment variable ``DATA_PLANE_PROXY``.
 
 Faults: ``cut(hold_s)`` closes every forwarded connection and closes new ones at once for ``hold_s``
-seconds; ``stall(hold_s)`` stops forwarding bytes in both directions for ``hold_s`` seconds (the sockets
-stay open, TCP back-pressure holds the senders). Nothing from the console or the agent is imported.
+seconds; ``cut_one(index)`` closes only the ``index``-th connection forwarded (one data-plane stream);
+``stall(hold_s)`` stops forwarding bytes in both directions for ``hold_s`` seconds (the sockets stay
+open, TCP back-pressure holds the senders). Nothing from the console or the agent is imported.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class DataPlaneProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, name="data-plane-proxy", daemon=True)
         self.control_port = 0
         self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.arrivals: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []  # every link, in order
         self.listeners: list[asyncio.Server] = []
         self.flowing = asyncio.Event()
         self.cut_until = 0.0  # monotonic seconds: new connections are closed at once until then
@@ -53,6 +55,10 @@ class DataPlaneProxy:
         """Close every forwarded connection now, and new ones for ``hold_s`` s; returns how many were cut."""
         self.cut_until = time.monotonic() + hold_s
         return self._call(self._close_all(listeners=False))
+
+    def cut_one(self, index: int) -> bool:
+        """Close only the ``index``-th connection forwarded (0: the first); False if it is not open."""
+        return bool(self._call(self._cut_one(index)))
 
     def stall(self, hold_s: float) -> None:
         """No byte moves either way for ``hold_s`` seconds; returns once the stall has begun."""
@@ -100,6 +106,7 @@ class DataPlaneProxy:
             return
         link = (client_writer, upstream_writer)
         self.links.add(link)
+        self.arrivals.append(link)
         try:
             await asyncio.gather(
                 self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer)
@@ -123,6 +130,13 @@ class DataPlaneProxy:
     async def _stall(self, hold_s: float) -> None:
         self.flowing.clear()
         self.loop.call_later(hold_s, self.flowing.set)
+
+    async def _cut_one(self, index: int) -> bool:
+        if index >= len(self.arrivals) or self.arrivals[index] not in self.links:
+            return False
+        for writer in self.arrivals[index]:
+            writer.transport.abort()
+        return True
 
     async def _close_all(self, *, listeners: bool) -> int:
         cut = len(self.links)

@@ -219,12 +219,19 @@ class Driver(Protocol):
         ...
 
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
+        self,
+        spec: GuestSpec,
+        migration_id: str,
+        limits: PhaseLimits,
+        *,
+        encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
         """Reserve memory, create the paused guest, open a listener with a one-time token.
 
         ``encryption`` "required": the listener speaks mutual TLS (``DriverSettings.tls``); a driver
-        that cannot encrypt raises ``InvalidRequest`` rather than listen in clear.
+        that cannot encrypt raises ``InvalidRequest`` rather than listen in clear. ``streams``: the
+        pair's stream policy (1..``protocol.MAX_STREAMS``, None: automatic), the same as the source's.
         """
         ...
 
@@ -236,10 +243,12 @@ class Driver(Protocol):
         params: MigrationParams,
         *,
         encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> Migration:
         """Connect to the target and start Init; returns as soon as the migration exists.
 
         ``encryption`` as in ``prepare_incoming``: both sides must be given the same policy.
+        ``streams``: parallel data-plane connections (1..``protocol.MAX_STREAMS``, None: automatic).
         """
         ...
 

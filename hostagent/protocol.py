@@ -92,6 +92,8 @@ MAX_LIMIT_S = 7 * 24 * 3600
 MAX_GRACEFUL_STOP_S = 3600  # a graceful stop holds its HTTP request open this long at most
 MAX_BYTES = 1 << 62  # byte counters in a snapshot: far beyond any guest, refuses nonsense
 MIGRATION_ID_CHARS = "letters, digits, '.', '_', ':' or '-'"
+MAX_STREAMS = 16  # data-plane connections of one migration (QEMU: multifd-channels)
+AUTO_STREAM_MIB = 512  # automatic sizing: at most one stream per this much guest memory
 
 
 def between(low: int, high: int) -> Callable[[int], int]:
@@ -374,6 +376,25 @@ class DirtyRate(Message):
     working_set_bytes: Bytes | None = None
 
 
+Streams = Annotated[StrictInt, AfterValidator(between(1, MAX_STREAMS))]
+"""How many parallel data-plane connections a migration uses (1..``MAX_STREAMS``); None: automatic."""
+
+
+def auto_streams(memory_mib: int, cpu_count: int | None) -> int:
+    """The automatic stream count: one per core, one per ``AUTO_STREAM_MIB`` of guest, 1..``MAX_STREAMS``.
+
+    A small guest gains nothing from more connections (each first pass is short); a host with few cores
+    has nobody to drive them.
+    """
+    by_size = memory_mib // AUTO_STREAM_MIB
+    return max(1, min(MAX_STREAMS, cpu_count or 1, by_size))
+
+
+def resolve_streams(requested: int | None, memory_mib: int, cpu_count: int | None) -> int:
+    """``requested`` if set (already bounded by ``Streams``), else ``auto_streams``."""
+    return requested if requested is not None else auto_streams(memory_mib, cpu_count)
+
+
 class Endpoint(Message):
     """Where the source connects to reach a prepared target, and its one-time token."""
 
@@ -389,6 +410,9 @@ class IncomingRequest(Message):
     guest: GuestSpec
     limits: PhaseLimits = Field(default_factory=PhaseLimits)
     encryption: Encryption = "required"
+    # The pair's stream policy, the same as the source's: the simulated target takes whatever count the
+    # source announces (up to MAX_STREAMS); QEMU must set its multifd-channels before migrate-incoming.
+    streams: Streams | None = None
 
 
 class PreparedIncoming(Message):
@@ -411,6 +435,7 @@ class OutgoingRequest(Message):
     target: Endpoint
     params: MigrationParams = Field(default_factory=MigrationParams)
     encryption: Encryption = "required"
+    streams: Streams | None = None  # parallel data-plane connections, None: automatic (``auto_streams``)
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -455,6 +480,7 @@ class ProgressSnapshot(Message):
     allowed_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
     throttle_pct: Percent = 0
     converged: StrictBool = False
+    streams: Streams | None = None  # parallel data-plane connections in use (None: not connected yet)
     source_digest: Digest | None = None
     target_digest: Digest | None = None
     error: StrictStr | None = None

@@ -206,7 +206,7 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     migration_id, spec = incoming.migration_id, incoming.guest
     check_new_migration(request, migration_id)
     migration, endpoint = await driver_of(request).prepare_incoming(
-        spec, migration_id, incoming.limits, encryption=incoming.encryption
+        spec, migration_id, incoming.limits, encryption=incoming.encryption, streams=incoming.streams
     )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("prepared incoming migration %s of %s on port %s", migration_id, spec.guest_id, endpoint.port)
@@ -221,7 +221,12 @@ async def start_outgoing(request: web.Request) -> web.Response:
     migration_id, guest, target = outgoing.migration_id, outgoing.guest, outgoing.target
     check_new_migration(request, migration_id)
     migration = await driver_of(request).start_outgoing(
-        guest, migration_id, target, outgoing.params, encryption=outgoing.encryption
+        guest,
+        migration_id,
+        target,
+        outgoing.params,
+        encryption=outgoing.encryption,
+        streams=outgoing.streams,
     )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("started outgoing migration %s of %s to %s:%s", migration_id, guest, target.host, target.port)

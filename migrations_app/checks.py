@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from django.db.models import Q, Sum
 
-from vms.models import VSP, PairEncryption, Registration, VirtualMachine
+from vms.models import VSP, PairEncryption, Registration, VirtualMachine, streams_label
 
 from .models import Migration
 
@@ -22,6 +22,7 @@ class TargetCheck:
     vsp: VSP
     reason: str  # "ok" or why this VSP cannot take the VM, in plain words
     encryption: str = PairEncryption.Policy.REQUIRED  # the pair's data-plane policy: "required" | "off"
+    streams: int | None = None  # the pair's parallel data-plane connections (None: automatic)
 
     @property
     def ok(self) -> bool:
@@ -31,21 +32,31 @@ class TargetCheck:
     def encrypted(self) -> bool:
         return self.encryption != PairEncryption.Policy.OFF
 
+    @property
+    def streams_label(self) -> str:
+        return streams_label(self.streams)
+
 
 def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
     """Every VSP with its pre-check result for migrating ``vm`` there."""
     source = vm.current_vsp
     vm_reason = check_vm(vm, source)
     plain: set[int] = set()
+    streams: dict[int, int | None] = {}
     if source is not None:
-        pairs = PairEncryption.objects.filter(Q(vsp_a=source) | Q(vsp_b=source), encryption="off")
-        plain = {vsp_id for pair in pairs.values_list("vsp_a_id", "vsp_b_id") for vsp_id in pair}
-        plain.discard(source.pk)
+        pairs = PairEncryption.objects.filter(Q(vsp_a=source) | Q(vsp_b=source))
+        rows = pairs.values_list("vsp_a_id", "vsp_b_id", "encryption", "streams")
+        for low, high, encryption, count in rows:
+            other = high if low == source.pk else low
+            streams[other] = count
+            if encryption == PairEncryption.Policy.OFF:
+                plain.add(other)
     return [
         TargetCheck(
             vsp,
             vm_reason or check_target_host(vm, source, vsp) or OK,
             PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
+            streams.get(vsp.pk),
         )
         for vsp in VSP.objects.all()
     ]

@@ -72,9 +72,11 @@ class Init(Phase):
         if reason:
             # Off in the database: it was not running. On: the source is asked (its host may have died).
             raise MigrationFailed(self.state, reason, source_running=None if is_running(vm) else False)
-        encryption = PairEncryption.policy_between(migration.require_source(), migration.target)
+        source = migration.require_source()
+        encryption = PairEncryption.policy_between(source, migration.target)
+        streams = PairEncryption.streams_between(source, migration.target)
         endpoint = run.call(
-            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption
+            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption, streams
         )
         endpoint = route_data_plane(endpoint)
         run.check_stop()
@@ -87,6 +89,7 @@ class Init(Phase):
                 endpoint,
                 run.agent_params(),
                 encryption,
+                streams,
             )
         except MigrationFailed:
             if run.source_guest_running() is not False:

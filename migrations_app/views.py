@@ -157,6 +157,10 @@ class TargetRow:
     def encrypted(self) -> bool:
         return self.check.encrypted
 
+    @property
+    def streams_label(self) -> str:
+        return self.check.streams_label
+
 
 def target_rows(
     vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool

@@ -332,7 +332,7 @@ class VSPAdmin(AuditedAdmin):
 class PairEncryptionAdmin(AuditedAdmin):
     """Whether guest memory between two VSPs may cross the network in clear: superusers decide."""
 
-    list_display = ["vsp_a", "vsp_b", "encryption", "reason"]
+    list_display = ["vsp_a", "vsp_b", "encryption", "streams_display", "reason"]
     list_filter = ["encryption"]
     autocomplete_fields = ["vsp_a", "vsp_b"]
 

@@ -315,17 +315,20 @@ class AgentClient:
         migration_id: str,
         limits: dict[str, Any] | None = None,
         encryption: str = "required",
+        streams: int | None = None,
     ) -> dict[str, Any]:
         """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes.
 
         ``guest`` is a ``protocol.GuestSpec``; the answer a ``protocol.Endpoint`` (host, port, token).
-        ``encryption``: the pair's data-plane policy, "required" (mutual TLS) or "off".
+        ``encryption``: the pair's data-plane policy, "required" (mutual TLS) or "off". ``streams``: the
+        pair's stream policy, 1..16 parallel connections or None (automatic); the same for both sides.
         """
         body = {
             "migration_id": migration_id,
             "guest": guest,
             "limits": limits or {},
             "encryption": encryption,
+            "streams": streams,
         }
         try:
             answer = parse(PreparedIncoming, self._call("POST", "/v1/migrations/incoming", body))
@@ -340,13 +343,15 @@ class AgentClient:
         target: dict[str, Any],
         params: dict[str, Any] | None = None,
         encryption: str = "required",
+        streams: int | None = None,
     ) -> dict[str, Any]:
         """Source side: start migrating guest ``guest_id`` to ``target`` (what ``prepare_incoming`` gave).
 
-        ``encryption`` must be what the target was prepared with.
+        ``encryption`` and ``streams`` must be what the target was prepared with.
         """
         body = {
             "encryption": encryption,
+            "streams": streams,
             "migration_id": migration_id,
             "guest": guest_id,
             "target": {"host": target["host"], "port": target["port"], "token": target["token"]},

@@ -18,6 +18,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from hostagent.protocol import MAX_STREAMS
 from vms.fields import EncryptedSecretField
 
 
@@ -162,11 +163,14 @@ class VSP(models.Model):
 
 
 class PairEncryption(models.Model):
-    """The data plane's encryption policy between two VSPs (either direction), like encrypted vMotion.
+    """The data plane's policy between two VSPs (either direction): encryption and parallel streams.
 
-    No row: "required" (mutual TLS between the agents). "off" is for a trusted, dedicated migration
-    network: guest memory then crosses it in clear (the one-time token is still required). The pair
-    is stored with the lower VSP id first; ``policy_between`` reads it either way round.
+    Encryption, like encrypted vMotion. No row: "required" (mutual TLS between the agents). "off" is
+    for a trusted, dedicated migration network: guest memory then crosses it in clear (the one-time
+    token is still required). ``streams``: how many parallel data-plane connections a migration
+    between them uses, 1..16 (QEMU: multifd channels), or empty for automatic (the source agent sizes
+    it from its cores and the guest's memory). The pair is stored with the lower VSP id first;
+    ``policy_between`` and ``streams_between`` read it either way round.
     """
 
     class Policy(models.TextChoices):
@@ -176,6 +180,13 @@ class PairEncryption(models.Model):
     vsp_a = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+", verbose_name="VSP")
     vsp_b = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+", verbose_name="other VSP")
     encryption = models.CharField(max_length=16, choices=Policy.choices, default=Policy.REQUIRED)
+    streams = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_STREAMS)],
+        help_text=f"Parallel data-plane connections per migration, 1-{MAX_STREAMS}; empty: automatic "
+        "(sized by the source host from its cores and the guest's memory).",
+    )
     reason = models.CharField(max_length=200, blank=True, help_text="Why, e.g. the dedicated network's name.")
 
     class Meta:
@@ -184,10 +195,14 @@ class PairEncryption(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["vsp_a", "vsp_b"], name="one_encryption_policy_per_pair"),
             models.CheckConstraint(condition=Q(vsp_a__lt=models.F("vsp_b")), name="encryption_pair_ordered"),
+            models.CheckConstraint(
+                condition=Q(streams__isnull=True) | Q(streams__gte=1, streams__lte=MAX_STREAMS),
+                name="pair_streams_in_bounds",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.vsp_a} <-> {self.vsp_b}: {self.get_encryption_display()}"
+        return f"{self.vsp_a} <-> {self.vsp_b}: {self.get_encryption_display()}, {self.streams_display}"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.vsp_a_id and self.vsp_b_id and self.vsp_a_id > self.vsp_b_id:
@@ -212,6 +227,26 @@ class PairEncryption(models.Model):
         low, high = sorted((source.pk, target.pk))
         found = cls.objects.filter(vsp_a_id=low, vsp_b_id=high).values_list("encryption", flat=True).first()
         return found or cls.Policy.REQUIRED
+
+    @property
+    def streams_display(self) -> str:
+        return streams_label(self.streams)
+
+    @classmethod
+    def streams_between(cls, source: VSP, target: VSP) -> int | None:
+        """The pair's stream count (1..16), or None for automatic (also when the pair has no row)."""
+        low, high = sorted((source.pk, target.pk))
+        found: int | None = (
+            cls.objects.filter(vsp_a_id=low, vsp_b_id=high).values_list("streams", flat=True).first()
+        )
+        return found
+
+
+def streams_label(streams: int | None) -> str:
+    """ "4 streams", "1 stream" or "streams: automatic", as the console shows a pair's stream policy."""
+    if streams is None:
+        return "streams: automatic"
+    return f"{streams} stream{'' if streams == 1 else 's'}"
 
 
 class VirtualMachine(models.Model):

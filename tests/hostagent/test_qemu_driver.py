@@ -115,6 +115,31 @@ def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_
     assert (source_copy["hardware_status"], source_copy["os_status"]) == ("not_runnable", "down")
 
 
+def test_it_migrates_a_busy_guest_over_two_multifd_channels_and_its_self_check_passes_on_the_target(
+    qemu_hosts,
+):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("multifd")
+    wanted = {key: guest[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "os_type")}
+    # The pair's stream policy: 2, so both QEMUs get multifd with 2 channels before they start.
+    endpoint = vsp2.client.prepare_incoming(wanted, migration_id, {}, "off", 2)
+    vsp1.client.start_outgoing(guest["guest_id"], migration_id, endpoint, {"downtime_ms": 300}, "off", 2)
+    follow(vsp1, migration_id, converged_or_ended)
+    vsp1.client.quiesce(migration_id)
+    ready = vsp1.client.freeze(migration_id)
+
+    assert ready["state"] == "ready", ready
+    assert ready["streams"] == 2 and vsp2.client.snapshot(migration_id)["streams"] == 2
+    assert ready["source_digest"] == vsp2.client.snapshot(migration_id)["target_digest"]
+    assert "relaying data connection 3 of 3 (main channel + 2 multifd channels)" in vsp2.log()
+    vsp2.client.resume(migration_id)
+    vsp1.client.release(migration_id)
+    assert runs_intact(vsp2, guest["name"])
+    serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
+    assert "memwriter: selfcheck ok" in serial and "FAIL" not in serial
+
+
 def test_it_cancels_during_copy_and_the_guest_keeps_running_on_the_source(qemu_hosts):
     vsp1, vsp2 = qemu_hosts
     guest = boot_busy_guest(vsp1)

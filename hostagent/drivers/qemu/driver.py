@@ -426,8 +426,15 @@ class QemuDriver:
     # --- migration -------------------------------------------------------------------
 
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
+        self,
+        spec: GuestSpec,
+        migration_id: str,
+        limits: PhaseLimits,
+        *,
+        encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
+        """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's)."""
         refuse_encryption(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
@@ -438,7 +445,9 @@ class QemuDriver:
         instance = f"in-{migration_id[:12]}"
         process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
         await self._launch(guest, process)
-        migration = TargetMigration(process, migration_id, limits, self.settings.data_host, self._finished)
+        migration = TargetMigration(
+            process, migration_id, limits, self.settings.data_host, self._finished, channels=streams or 1
+        )
         guest.migration = migration
         if existing is not None:
             self._replaced[guest_id] = existing
@@ -455,7 +464,9 @@ class QemuDriver:
         params: MigrationParams,
         *,
         encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> Migration:
+        """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels)."""
         refuse_encryption(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
@@ -464,7 +475,9 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
         if guest.shutting_down:
             raise Conflict(f"guest {guest.spec.name!r} is shutting down")
-        migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
+        migration = SourceMigration(
+            guest.process, migration_id, target, params, self._finished, channels=streams or 1
+        )
         guest.migration = migration
         self._save(guest_id)
         migration.begin()

@@ -12,6 +12,15 @@ do, in constant time, before QEMU sees the socket):
    verified paused copy, or ``ABORT <kind> <reason>`` (``kind``: a ``FailureKind`` value);
    either side closing it before "ready" aborts.
 
+Streams (``streams`` > 1): QEMU's ``multifd`` capability with ``multifd-channels`` = streams, set on
+both QEMUs before ``migrate`` / ``migrate-incoming``. QEMU then opens the main channel and one
+connection per multifd channel itself, which an ``fd:`` URI cannot give it; so each side's QEMU
+talks to a Unix socket of its agent's (in a private 0700 directory), and every such connection is
+relayed over its own ``<token> data`` connection between the agents (``relay``; one copy through
+each agent). One stream keeps the single ``fd:`` connection handed straight to QEMU. ``streams``
+None (automatic) keeps one: both QEMUs must be given the same channel count before either knows
+the other's cores.
+
 States follow QEMU's MIGRATION events (polling misses short states); numbers come from
 ``query-migrate``. With ``pause-before-switchover`` the source stops in ``pre-switchover``
 (its vCPUs already stopped: QEMU drains and flushes its block devices as it stops them),
@@ -85,6 +94,37 @@ async def send_line(sock: socket.socket | None, text: str) -> None:
         return
     with contextlib.suppress(OSError):
         await asyncio.get_running_loop().sock_sendall(sock, text.encode()[: LINE_LIMIT - 1] + b"\n")
+
+
+RELAY_BUFFER = 1 << 20
+
+
+async def relay(first: socket.socket, second: socket.socket) -> None:
+    """Copy bytes both ways between two non-blocking sockets until either side ends; closes both."""
+    try:
+        await asyncio.gather(_copy(first, second), _copy(second, first))
+    finally:
+        first.close()
+        second.close()
+
+
+async def _copy(source: socket.socket, sink: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    buffer = memoryview(bytearray(RELAY_BUFFER))
+    try:
+        while received := await loop.sock_recv_into(source, buffer):
+            await loop.sock_sendall(sink, buffer[:received])
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def multifd_settings(channels: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """QEMU's capabilities and parameters for ``channels`` streams (nothing for one)."""
+    if channels <= 1:
+        return [], {}
+    return [{"capability": "multifd", "state": True}], {"multifd_channels": channels}
 
 
 class QemuMigration:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -18,7 +21,9 @@ from hostagent.drivers.qemu.migration import (
     Finished,
     QemuMigration,
     abort_line,
+    multifd_settings,
     recv_line,
+    relay,
     send_line,
 )
 from hostagent.drivers.qemu.process import QemuProcess
@@ -26,6 +31,7 @@ from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
 from hostagent.protocol import (
     ACTIVE_STATES,
+    MAX_STREAMS,
     Endpoint,
     FailureKind,
     MigrationParams,
@@ -49,8 +55,12 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         target: Endpoint,
         params: MigrationParams,
         finished: Finished,
+        channels: int = 1,
     ) -> None:
+        """``channels`` > 1: QEMU's multifd with that many channels (the target's must be the same)."""
         super().__init__(process, migration_id, params.limits, finished)
+        self.channels = channels
+        self._relay_dir: str | None = None
         self.target = target
         self.params = params
         self.allowed_downtime_ms = params.downtime_ms
@@ -65,14 +75,18 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         try:
             self._control = await self._connect("ctrl", str(self.process.workload.memory_mib))
             self.spawn(self._watch_target())
-            data = await self._connect("data")
-            try:
-                self.progress.raise_percent("init", 50)
-                await self._configure()
-                await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
-            finally:
-                data.close()  # QEMU holds its own copy now
-            await self.qmp.execute("migrate", uri=f"fd:{FD_NAME}")
+            if self.channels > 1:
+                await self._start_multifd()
+            else:
+                data = await self._connect("data")
+                try:
+                    self.progress.raise_percent("init", 50)
+                    await self._configure()
+                    await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
+                finally:
+                    data.close()  # QEMU holds its own copy now
+                await self.qmp.execute("migrate", uri=f"fd:{FD_NAME}")
+            self.progress.update(streams=self.channels)
             await self._poll_numbers()
         except MigrationAborted as error:
             await self.abort(str(error), error.kind)
@@ -80,6 +94,43 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             await self.abort(str(error) or type(error).__name__, FailureKind.UNREACHABLE)
         except (QmpError, QmpClosed) as error:
             await self.abort(str(error) or type(error).__name__, FailureKind.INTERNAL)
+
+    async def _start_multifd(self) -> None:
+        """QEMU migrates to a Unix socket of this agent's; each of its connections (the main channel,
+        then one per multifd channel) is relayed over a ``data`` connection of its own to the target."""
+        self._relay_dir = tempfile.mkdtemp(prefix="hostagent-multifd-")  # 0700: only this user connects
+        path = os.path.join(self._relay_dir, "migration.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        listener.listen(MAX_STREAMS + 1)
+        listener.setblocking(False)
+        self.spawn(self._relay_channels(listener))
+        self.progress.raise_percent("init", 50)
+        await self._configure()
+        await self.qmp.execute("migrate", uri=f"unix:{path}")
+
+    async def _relay_channels(self, listener: socket.socket) -> None:
+        """Relay QEMU's main channel and its ``channels`` multifd channels; a failure aborts."""
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(self.channels + 1):
+                channel, _ = await loop.sock_accept(listener)
+                channel.setblocking(False)
+                try:
+                    data = await self._connect("data")
+                except BaseException:
+                    channel.close()
+                    raise
+                self.spawn(relay(channel, data))
+        except MigrationAborted as error:
+            await self.abort(str(error), error.kind)
+        except (OSError, TimeoutError) as error:
+            reason = f"a multifd channel could not reach the target: {error}"
+            await self.abort(reason, FailureKind.UNREACHABLE)
+        finally:
+            listener.close()
+            if self._relay_dir is not None:
+                shutil.rmtree(self._relay_dir, ignore_errors=True)
 
     async def _connect(self, kind: str, detail: str = "") -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -107,7 +158,10 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         names = ("events", "pause-before-switchover", "return-path")
         capabilities = [{"capability": name, "state": True} for name in names]
         capabilities.append({"capability": "auto-converge", "state": params.auto_converge})
-        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+        multifd_capabilities, multifd_parameters = multifd_settings(self.channels)
+        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities + multifd_capabilities)
+        if multifd_parameters:
+            await self.qmp.execute("migrate-set-parameters", **multifd_parameters)
         bandwidth = params.bandwidth_mbps
         # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
         await self.qmp.execute(

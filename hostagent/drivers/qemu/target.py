@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -19,7 +22,9 @@ from hostagent.drivers.qemu.migration import (
     Finished,
     QemuMigration,
     abort_line,
+    multifd_settings,
     recv_line,
+    relay,
     send_line,
 )
 from hostagent.drivers.qemu.process import QemuProcess
@@ -44,9 +49,22 @@ class TargetMigration(QemuMigration):
     role: Role = "target"
 
     def __init__(
-        self, process: QemuProcess, migration_id: str, limits: PhaseLimits, data_host: str, finished: Finished
+        self,
+        process: QemuProcess,
+        migration_id: str,
+        limits: PhaseLimits,
+        data_host: str,
+        finished: Finished,
+        channels: int = 1,
     ) -> None:
+        """``channels`` > 1: QEMU's multifd with that many channels (the source's must be the same)."""
         super().__init__(process, migration_id, limits, finished)
+        self.channels = channels
+        # Data connections: one handed to QEMU, or with multifd the main channel + one per channel relayed.
+        self._data_expected = 1 if channels <= 1 else channels + 1
+        self._data_joined = 0
+        self._incoming: asyncio.Future[str] | None = None  # the Unix socket QEMU listens on (multifd)
+        self._relay_dir: str | None = None
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
         self._admitting: set[asyncio.Task[None]] = set()
@@ -58,7 +76,10 @@ class TargetMigration(QemuMigration):
 
     async def begin(self) -> None:
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
-        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+        multifd_capabilities, multifd_parameters = multifd_settings(self.channels)
+        await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities + multifd_capabilities)
+        if multifd_parameters:
+            await self.qmp.execute("migrate-set-parameters", **multifd_parameters)
         self.spawn(self._watch_init_limit())
         self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())
@@ -87,7 +108,7 @@ class TargetMigration(QemuMigration):
             self._listener.close()
 
     async def _accept_until_both_in(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._control is None or not self._connected:
+        while self._control is None or self._data_joined < self._data_expected:
             connection, peer = await loop.sock_accept(self._listener)
             if len(self._admitting) >= MAX_PENDING_HANDSHAKES:
                 log.warning(
@@ -102,8 +123,12 @@ class TargetMigration(QemuMigration):
     async def _admit(self, connection: socket.socket, peer: Any) -> None:
         """One connection's greeting: the data channel goes to QEMU, the control one is kept."""
         kind, detail = await self._greeting(connection)
-        if kind == b"data" and not self._connected:
-            await self._start_incoming(connection)
+        if kind == b"data" and self._data_joined < self._data_expected:
+            self._data_joined += 1
+            if self.channels > 1:
+                await self._relay_incoming(connection)
+            else:
+                await self._start_incoming(connection)
         elif kind == b"ctrl" and self._control is None:
             mismatch = self._mismatch(detail)
             await send_line(connection, f"NO {mismatch}" if mismatch else "OK")
@@ -115,7 +140,8 @@ class TargetMigration(QemuMigration):
         else:
             log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
             connection.close()
-        if self._control is not None and self._connected and self._accept_task is not None:
+        all_in = self._data_joined >= self._data_expected
+        if self._control is not None and all_in and self._accept_task is not None:
             self._accept_task.cancel()
 
     async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
@@ -149,6 +175,45 @@ class TargetMigration(QemuMigration):
             self.spawn(self.abort(f"cannot start the incoming migration: {error}", FailureKind.INTERNAL))
         finally:
             connection.close()
+
+    async def _relay_incoming(self, connection: socket.socket) -> None:
+        """Multifd: the first data connection starts QEMU's incoming migration on a Unix socket; each
+        data connection is relayed to a connection of its own to that socket."""
+        self._connected = True
+        loop = asyncio.get_running_loop()
+        if self._incoming is None:
+            self._incoming = loop.create_future()
+            try:
+                self._relay_dir = tempfile.mkdtemp(prefix="hostagent-multifd-")  # 0700
+                path = os.path.join(self._relay_dir, "migration.sock")
+                await self.qmp.execute("migrate-incoming", uri=f"unix:{path}")
+                self._incoming.set_result(path)
+                self.progress.update(streams=self.channels)
+                self.progress.raise_percent("init", 50)
+            except (OSError, QmpError, QmpClosed) as error:
+                self._incoming.set_exception(error)
+        try:
+            path = await asyncio.shield(self._incoming)
+            qemu = socket.socket(socket.AF_UNIX)
+            qemu.setblocking(False)
+            try:
+                await loop.sock_connect(qemu, path)
+                await loop.sock_sendall(connection, b"OK\n")
+            except BaseException:
+                qemu.close()
+                raise
+        except (OSError, QmpError, QmpClosed) as error:
+            connection.close()
+            self.spawn(self.abort(f"cannot start the incoming migration: {error}", FailureKind.INTERNAL))
+            return
+        log.info(
+            "%s: multifd: relaying data connection %d of %d (main channel + %d multifd channels)",
+            self.guest_id,
+            self._data_joined,
+            self._data_expected,
+            self.channels,
+        )
+        self.spawn(relay(connection, qemu))
 
     async def _watch_source(self) -> None:
         assert self._control is not None
@@ -237,6 +302,8 @@ class TargetMigration(QemuMigration):
         self._ending = True
         self.stop_background()
         self._listener.close()
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
         await send_line(self._control, f"ABORT {kind} {reason}")
         self.close_control()
         await self.process.kill()

@@ -41,11 +41,13 @@ class ConvergenceJudge:
     params: MigrationParams
     progress: Progress
     _writer: FrameWriter | None
+    _writers: list[FrameWriter]
     _converged: asyncio.Event
     _target_hashed: asyncio.Event
     _target_digested: int
     _dirty_round_rate: float | None
     _hash_rate_pages_s: float | None
+    _hashed_once: bool
     _round_started: tuple[float, int] | None
     _rounds_seconds: float
     _rounds_bytes: int
@@ -63,6 +65,7 @@ class ConvergenceJudge:
         elapsed = time.monotonic() - started
         if hashed >= HASH_RATE_SAMPLE_PAGES and elapsed > 0:
             self._hash_rate_pages_s = hashed / elapsed
+        self._hashed_once = True
         return hashed
 
     def _expected_ms(self, pending_pages: int) -> int | None:
@@ -75,14 +78,19 @@ class ConvergenceJudge:
             seconds += pending_pages / self._hash_rate_pages_s
         return round(1000 * seconds)
 
+    def _bytes_sent(self) -> int:
+        """Bytes sent on every stream so far."""
+        return sum(writer.bytes_sent for writer in self._writers)
+
     def _judge_convergence(self) -> None:
-        assert self._writer is not None
         pending_bytes = self.guest.memory.dirty_count() * PAGE_SIZE
         expected_ms = self._expected_ms(pending_bytes // PAGE_SIZE)
         # Until a round of dirty pages measured how fast they go, only "nothing left" converges;
         # and not before the target hashed the first pass, or Frozen would wait for that.
         judged = self._dirty_round_rate is not None or pending_bytes < RATE_SAMPLE_BYTES
-        judged = judged and self._target_digested >= 1
+        # Nor before this side hashed it (in the background, ``source._hash_in_background``): until
+        # then the hashing rate, part of the expected downtime, is unknown.
+        judged = judged and self._target_digested >= 1 and self._hashed_once
         fields: dict[str, Any] = {
             "bytes_remaining": pending_bytes,
             "expected_downtime_ms": expected_ms,
@@ -103,7 +111,7 @@ class ConvergenceJudge:
         if exhausted and self.params.at_limit == "switchover":
             log.info("migration %s: round limit reached, switching over anyway", self.migration_id)
             self._force_switchover = True
-        if fits or self._force_switchover or (pending_bytes == 0 and self._target_digested >= 1):
+        if fits or self._force_switchover or (pending_bytes == 0 and judged):
             fields.update(converged=True, percent={"copy": 100})
             self._converged.set()
         elif exhausted:
@@ -153,13 +161,12 @@ class ConvergenceJudge:
         return (judged and rounds >= limit) or rounds >= UNJUDGED_ROUNDS_FACTOR * limit
 
     def _begin_round(self) -> None:
-        assert self._writer is not None
-        self._round_started = (time.monotonic(), self._writer.bytes_sent)
+        self._round_started = (time.monotonic(), self._bytes_sent())
 
     def _end_round(self, dirty_round: bool = False) -> None:
-        assert self._writer is not None and self._round_started is not None
+        assert self._round_started is not None
         started, sent_before = self._round_started
-        seconds, sent = time.monotonic() - started, self._writer.bytes_sent - sent_before
+        seconds, sent = time.monotonic() - started, self._bytes_sent() - sent_before
         self._rounds_seconds += seconds
         self._rounds_bytes += sent
         self._round_started = None
@@ -170,12 +177,11 @@ class ConvergenceJudge:
 
     def _throughput(self) -> float:
         """Bytes on the wire per wall-clock second of rounds (hashing and waits between rounds excluded)."""
-        assert self._writer is not None
         seconds, sent = self._rounds_seconds, self._rounds_bytes
         if self._round_started is not None:
             started, sent_before = self._round_started
             seconds += time.monotonic() - started
-            sent += self._writer.bytes_sent - sent_before
+            sent += self._bytes_sent() - sent_before
         return sent / seconds if seconds > 0 else 0.0
 
     def _dirty_rate(self, pending_bytes: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
@@ -21,6 +22,7 @@ from hostagent.protocol import (
     PhaseLimits,
     StopOutcome,
     StoppedGuest,
+    resolve_streams,
 )
 from hostagent.tls import TlsSettings
 
@@ -121,8 +123,15 @@ class SimulatedDriver:
 
     # -- migrations -----------------------------------------------------
     async def prepare_incoming(
-        self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
+        self,
+        spec: GuestSpec,
+        migration_id: str,
+        limits: PhaseLimits,
+        *,
+        encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
+        """``streams`` is not needed here: the target admits the count the source's first HELLO names."""
         tls = self._tls_for(encryption)
         existing = self.guests.get(spec.guest_id)
         if existing is not None and (existing.running or existing.migrating):
@@ -156,7 +165,9 @@ class SimulatedDriver:
         params: MigrationParams,
         *,
         encryption: Encryption = "required",
+        streams: int | None = None,
     ) -> Migration:
+        """``streams`` None: sized from this host's cores and the guest's memory (``auto_streams``)."""
         tls = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migrating:
@@ -166,7 +177,10 @@ class SimulatedDriver:
         if guest.shutting_down:
             raise Conflict(f"guest {guest.name} is shutting down")
         context = tls.data_client_context() if tls else None
-        migration = SourceMigration(guest, migration_id, target, params, self._release_outgoing, context)
+        count = resolve_streams(streams, guest.memory_mib, os.cpu_count())
+        migration = SourceMigration(
+            guest, migration_id, target, params, self._release_outgoing, context, streams=count
+        )
         migration.start()
         return migration
 

@@ -2,9 +2,11 @@
 
 Source, in order (each phase under its time limit, ``timing``; any failure aborts with its
 ``FailureKind``):
-1. Init: connect to the target, present the one-time token, wait for ACCEPT.
+1. Init: connect to the target, present the one-time token, wait for ACCEPT; then open the
+   other streams (``streams`` in all) with the same token, each naming its index.
 2. Copy: start write tracking, send all memory once (never-written pages as
-   ZERO markers), then rounds of the pages written meanwhile. When what is left
+   ZERO markers), then rounds of the pages written meanwhile. Each pass or round is one send
+   batch: every stream sends its pages of it (``wire.stream_of``) at once, then ROUND_END. When what is left
    would take no longer than ``downtime_ms`` at the measured rate (``convergence``), mark
    ``converged`` and keep sending small rounds until told to quiesce. Abort
    after ``max_rounds`` rounds without converging.
@@ -28,8 +30,8 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands, plain_connection_error
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
@@ -42,6 +44,7 @@ from hostagent.drivers.simulated.wire import (
     DIGESTED,
     FREEZE,
     HELLO,
+    PARTITION_PAGES,
     PROGRESS,
     READY,
     Channel,
@@ -52,6 +55,8 @@ from hostagent.drivers.simulated.wire import (
     ProtocolError,
     TlsChannel,
     check,
+    split_by_stream,
+    stream_of,
     tune_socket,
 )
 from hostagent.progress import Progress
@@ -68,6 +73,7 @@ from hostagent.protocol import (
 )
 
 log = logging.getLogger("hostagent.simulated.source")
+T = TypeVar("T")
 RUN_PAGES = 4 * CHUNK_PAGES
 SCATTERED_RUN = 16  # shorter runs of dirty pages travel in PAGE_LIST frames
 PAGE_LIST_BATCH = 256
@@ -76,6 +82,8 @@ PROGRESS_EVERY_S = 0.05
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
 SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
+PEER_REASON_WAIT_S = 0.5  # a broken connection waits this long for the target's ABORT already sent
+STREAM_END_GRACE_S = 5.0  # after FREEZE, a stream's end waits this long for READY before it fails
 TARGET_HASH_WAIT_S = 2.0  # before pausing, wait this long at most for the target to hash the last round
 # What the source tells the target of its progress (PROGRESS frames), so both snapshots agree.
 MIRRORED_FIELDS = (
@@ -100,8 +108,12 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         params: MigrationParams,
         on_release: Callable[[SimulatedGuest], Awaitable[None]],
         tls: ssl.SSLContext | None = None,
+        streams: int = 1,
     ) -> None:
-        """``tls``: the data plane's client context (mutual TLS), or None for plain TCP (policy "off")."""
+        """``tls``: the data plane's client context (mutual TLS), or None for plain TCP (policy "off").
+
+        ``streams``: parallel data-plane connections (1..``protocol.MAX_STREAMS``, already resolved).
+        """
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
         self.guest = guest
@@ -111,10 +123,18 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self.progress = Progress(migration_id, "source", guest.guest_id, guest.memory.size)
         self._on_release = on_release
         self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._tls = tls
-        self._channel: Channel | None = None
-        self._writer: FrameWriter | None = None
+        self.streams = streams
+        self._writer: FrameWriter | None = None  # stream 0's: pages and every control frame
+        self._writers: list[FrameWriter] = []  # one per stream, stream 0's first
         self._reader: FrameReader | None = None
+        self._stream_watchers: list[asyncio.Task[None]] = []
+        self._freeze_sent = False
+        self._hashed_once = False
+        self._hashing: asyncio.Future[int] | None = None  # the background refresh of page digests
+        self._pass_pages = 0  # first-pass pages sent, all streams together
+        self._batch = 0  # send batches (the first pass, then each round) every stream has ended
         self._task: asyncio.Task[None] | None = None
         self._copy_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -217,6 +237,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         except ProtocolError as error:
             await self._abort(f"refused the target's data-plane message: {error}", FailureKind.REFUSED)
         except OSError as error:
+            told = await self._target_said_why()
+            if told is not None:
+                await self._abort(str(told), told.kind, side="target")
+                return
             if self.progress.phase == "init":
                 await self._abort(
                     f"could not reach the target's data plane: {plain_connection_error(error)}",
@@ -231,36 +255,87 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             log.exception("migration %s failed", self.migration_id)
             await self._abort(f"internal error: {error!r}", FailureKind.INTERNAL)
 
+    async def _target_said_why(self) -> TargetAborted | None:
+        """The target's ABORT, if it sent one before the connection broke (a send may fail first).
+
+        A target that gives up sends ABORT on stream 0, then closes every stream: the copy task's next
+        send may fail before the reader task has read the ABORT waiting in the socket.
+        """
+        reader = self._reader_task
+        if reader is None:
+            return None
+        if not reader.done():
+            await asyncio.wait({reader}, timeout=PEER_REASON_WAIT_S)
+        failure = reader.exception() if reader.done() and not reader.cancelled() else None
+        return failure if isinstance(failure, TargetAborted) else None
+
     async def _watch(self, awaitable: Awaitable[Any]) -> Any:
-        return await wait_watching(awaitable, [self._copy_task, self._reader_task])
+        return await wait_watching(awaitable, [self._copy_task, self._reader_task, *self._stream_watchers])
 
     async def _init_phase(self) -> None:
         async with asyncio.timeout(self.limits.of("init")):
-            host, port = self.target.host, self.target.port
-            self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            tune_socket(self._sock)
-            await asyncio.get_running_loop().sock_connect(self._sock, (host, port))
-            if self._tls is not None:
-                try:
-                    self._channel = await TlsChannel.handshake(self._sock, self._tls, server_side=False)
-                except ssl.SSLError as error:
-                    raise MigrationAborted(
-                        f"the target's data plane failed the TLS handshake: {error.reason or error}",
-                        FailureKind.REFUSED,
-                    ) from error
-            else:
-                self._channel = PlainChannel(self._sock)
+            hello = await self._hello()
+            self._writer, self._reader = await self._open_stream(0, hello)
+            self._sock = self._socks[0]
             self.progress.update(percent={"init": 50})
-            cap = self.params.bandwidth_mbps
-            self._writer = FrameWriter(self._channel, cap * 125_000 if cap else None)
-            self._reader = FrameReader(self._channel)
-            await self._writer.message(HELLO, await self._hello())
-            kind, answer = await self._reader.message()
-            if kind != ACCEPT:
+            # The populate list is for the first stream only: the target backs memory once.
+            others = [self._open_stream(index, {**hello, "populate": []}) for index in range(1, self.streams)]
+            opened = await gather_all(others)
+            self._writers = [self._writer, *(writer for writer, _ in opened)]
+            self.progress.update(streams=self.streams)
+            self._stream_watchers = [
+                asyncio.create_task(self._watch_stream(index, reader))
+                for index, (_, reader) in enumerate(opened, start=1)
+            ]
+
+    async def _open_stream(self, index: int, hello: dict[str, Any]) -> tuple[FrameWriter, FrameReader]:
+        """Connect stream ``index``, prove it with the token (TLS first under "required"), wait for ACCEPT."""
+        host, port = self.target.host, self.target.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socks.append(sock)  # closed by _stop_tasks whatever happens next
+        tune_socket(sock)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        channel: Channel
+        if self._tls is not None:
+            try:
+                channel = await TlsChannel.handshake(sock, self._tls, server_side=False)
+            except ssl.SSLError as error:
                 raise MigrationAborted(
-                    f"the target refused the connection: {answer.get('error', 'no reason')}",
+                    f"the target's data plane failed the TLS handshake: {error.reason or error}",
                     FailureKind.REFUSED,
-                )
+                ) from error
+        else:
+            channel = PlainChannel(sock)
+        writer = FrameWriter(channel, self._stream_cap(self.params.bandwidth_mbps))
+        reader = FrameReader(channel)
+        await writer.message(HELLO, {**hello, "stream": index, "streams": self.streams})
+        kind, answer = await reader.message()
+        if kind != ACCEPT:
+            raise MigrationAborted(
+                f"the target refused the connection: {answer.get('error', 'no reason')}",
+                FailureKind.REFUSED,
+            )
+        return writer, reader
+
+    def _stream_cap(self, bandwidth_mbps: float | None) -> float | None:
+        """Each stream's share of the cap (bytes/s), or None for no cap."""
+        return bandwidth_mbps * 125_000 / self.streams if bandwidth_mbps else None
+
+    async def _watch_stream(self, index: int, reader: FrameReader) -> None:
+        """Streams other than 0 carry nothing back: any frame, or their end, fails the migration."""
+        try:
+            kind, _ = await reader.message()
+        except ConnectionError as error:
+            if self._freeze_sent:
+                # The target closes every stream right after READY on stream 0, and that EOF may be
+                # seen first: it is no failure if READY follows.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STREAM_END_GRACE_S):
+                        await asyncio.shield(self._ready)
+                        return
+            closed = f"data-plane stream {index} of {self.streams} was closed: {error}"
+            raise ConnectionError(closed) from None
+        raise ProtocolError(f"unexpected frame kind {kind} on data-plane stream {index}")
 
     async def _hello(self) -> dict[str, Any]:
         # Scanning a large guest's written map is tens of ms: off the loop, which must keep answering.
@@ -304,8 +379,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             update["downtime_ms"] = change.downtime_ms
         if change.bandwidth_mbps is not None:
             update["bandwidth_mbps"] = change.bandwidth_mbps or None
-            if self._writer is not None:
-                self._writer.set_cap(change.bandwidth_mbps * 125_000 or None)
+            for writer in self._writers:
+                writer.set_cap(self._stream_cap(change.bandwidth_mbps))
         if change.auto_converge is not None:
             update["auto_converge"] = change.auto_converge
             if not change.auto_converge:
@@ -353,10 +428,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 (time.monotonic() - sent_at) * 1000,
             )
             self.progress.update(source_digest=digest, percent={"frozen": 70})
-            freeze = {"state": self.guest.save_state(), "source_digest": digest}
+            freeze = {"state": self.guest.save_state(), "source_digest": digest, "batches": self._batch}
+            self._freeze_sent = True
             await self._writer.message(FREEZE, freeze)
             answer = await self._watch(self._ready)
-        self._sock.close()  # type: ignore[union-attr]
+        await self._stop_watchers()
+        for sock in self._socks:
+            sock.close()
         downtime_ms = round((time.monotonic() - frozen_at) * 1000)
         self.progress.update(
             state="ready",
@@ -373,6 +451,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         A few more rounds, until what is left would take at most half the allowed downtime.
         """
         memory = self.guest.memory
+        if self._hashing is not None:
+            await self._hashing  # the last background refresh (Copy has ended: no new one starts)
         for _ in range(PRE_PAUSE_ROUNDS):
             await self._refresh_digests()
             pending = memory.dirty_count()
@@ -417,12 +497,11 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self.progress.update(round=1)
         self._begin_round()
         await self._send_full_pass()
-        await self._writer.flush()  # type: ignore[union-attr]
         self._end_round()
         self._round_done = 1
         await self._mirror_progress(force=True)
         while not self._stop_copy:
-            await self._refresh_digests()
+            self._hash_in_background()
             self._judge_convergence()
             if self._target_digested < 1:
                 await self._wait_for_target_hashing()
@@ -436,74 +515,107 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             await self._send_round(dirty)
             self._round_done = self.progress.current.round
 
-    async def _send_full_pass(self) -> None:
-        """Round 1: every page once, in address order; never-written pages as ZERO markers."""
-        memory = self.guest.memory
-        written = bytes(memory.written)
-        total = memory.size
-        position = 0
-        for first, count in gaps_of(written):
-            await self._send_written(written, position, first)
-            await self._writer_zero(first, count)
-            position = first + count
-            self._note_pass_progress(position, total)
-        await self._send_written(written, position, memory.page_count)
-        self._note_pass_progress(memory.page_count, total)
+    def _hash_in_background(self) -> None:
+        """Re-hash the pages sent so far in a worker thread while the next round goes out.
 
-    async def _send_written(self, written: bytes, first: int, end: int) -> None:
+        Hashing is kept off the sending path: on a loaded machine, hashing a round's pages before
+        sending the next one made each round last long enough for the guest to dirty as much again
+        (1 GiB at 25,000 pages/s never converged). One refresh at a time; the stale marks keep it
+        correct whenever it runs (``memory``), and the last one is awaited before the vCPUs stop.
+        """
+        if self._hashing is None or self._hashing.done():
+            self._hashing = asyncio.ensure_future(self._refresh_digests())
+
+    async def _send_full_pass(self) -> None:
+        """Round 1: every page once, each stream its blocks in address order; never-written pages as
+        ZERO markers."""
+        written = bytes(self.guest.memory.written)
+        self._pass_pages = 0
+        self._batch += 1
+        await gather_all([self._send_pass_part(index, written) for index in range(self.streams)])
+        self._note_pass_progress(self.guest.memory.page_count, self.guest.memory.size)
+
+    async def _send_pass_part(self, index: int, written: bytes) -> None:
+        """Stream ``index``'s share of the first pass: its blocks of ``PARTITION_PAGES`` pages."""
+        writer, page_count = self._writers[index], self.guest.memory.page_count
+        step = self.streams * PARTITION_PAGES
+        for block in range(index * PARTITION_PAGES, page_count, step):
+            end = min(block + PARTITION_PAGES, page_count)
+            position = block
+            for first, count in gaps_of(written, block, end):
+                await self._send_written(writer, position, first)
+                await writer.zero(first, count)
+                position = first + count
+            await self._send_written(writer, position, end)
+            self._pass_pages += end - block
+            if block % (8 * step) < step:
+                self._note_pass_progress(self._pass_pages, self.guest.memory.size)
+                if index == 0:  # control frames travel on stream 0, written by its sender only
+                    await self._mirror_progress(force=False)
+        await writer.round_end(self._batch, self.progress.current.round)
+
+    async def _send_written(self, writer: FrameWriter, first: int, end: int) -> None:
         for run_first in range(first, end, RUN_PAGES):
             count = min(RUN_PAGES, end - run_first)
-            await self._send_run(run_first, count)
-            if run_first % (8 * RUN_PAGES) == 0:
-                self._note_pass_progress(run_first + count, self.guest.memory.size)
-                await self._mirror_progress(force=False)
-
-    async def _writer_zero(self, first: int, count: int) -> None:
-        assert self._writer is not None
-        await self._writer.zero(first, count)
-
-    async def _send_run(self, first: int, count: int) -> None:
-        assert self._writer is not None
-        payload = self.guest.memory.pages(first, count)
-        if payload == ZERO_RUN[: len(payload)]:
-            await self._writer.zero(first, count)
-        else:
-            await self._writer.pages(first, payload)
+            payload = self.guest.memory.pages(run_first, count)
+            if payload == ZERO_RUN[: len(payload)]:
+                await writer.zero(run_first, count)
+            else:
+                await writer.pages(run_first, payload)
 
     def _note_pass_progress(self, pages_done: int, total: int) -> None:
         done = pages_done * PAGE_SIZE
         pending = self.guest.memory.dirty_count() * PAGE_SIZE
         self.progress.update(
             percent={"copy": 90 * done // total},
-            bytes_sent=self._writer.bytes_sent if self._writer else 0,
+            bytes_sent=self._bytes_sent(),
             bytes_remaining=total - done + pending,
             throughput_bytes_s=round(self._throughput()),
         )
 
     async def _send_round(self, dirty: bytearray) -> None:
-        """Send the pages of one round, whole: once taken, they are no longer marked dirty."""
-        assert self._writer is not None
+        """Send the pages of one round, whole: once taken, they are no longer marked dirty.
+
+        Each stream sends its own pages of the round at once (``wire.stream_of``).
+        """
         self._begin_round()
-        view, scattered = self.guest.memory.view, list[int]()
+        self._batch += 1
+        parts: list[list[tuple[int, int]]] = [[] for _ in range(self.streams)]
         for first, count in runs_of(dirty):
+            if self.streams == 1:
+                parts[0].append((first, count))
+            elif count == 1:
+                parts[stream_of(first, self.streams)].append((first, 1))
+            else:
+                for index, pieces in enumerate(split_by_stream(first, count, self.streams)):
+                    parts[index].extend(pieces)
+        await gather_all([self._send_round_part(index, runs) for index, runs in enumerate(parts)])
+        self._end_round(dirty_round=True)
+        self.progress.update(bytes_sent=self._bytes_sent())
+        self._round_done = self.progress.current.round
+        await self._mirror_progress(force=True)
+
+    async def _send_round_part(self, index: int, runs: list[tuple[int, int]]) -> None:
+        """Stream ``index``'s pages of a round: long runs as PAGES, short ones batched in PAGE_LIST."""
+        writer, memory = self._writers[index], self.guest.memory
+        view, scattered = memory.view, list[int]()
+        for first, count in runs:
             if count < SCATTERED_RUN:
                 scattered.extend(range(first, first + count))
                 if len(scattered) >= PAGE_LIST_BATCH:
-                    await self._writer.page_list(scattered, view)
+                    await writer.page_list(scattered, view)
                     scattered = []
-                    await self._mirror_progress(force=False)
+                    if index == 0:
+                        await self._mirror_progress(force=False)
                 continue
             for run_first in range(first, first + count, RUN_PAGES):
                 run_count = min(RUN_PAGES, first + count - run_first)
-                await self._writer.pages(run_first, self.guest.memory.pages(run_first, run_count))
-            await self._mirror_progress(force=False)
+                await writer.pages(run_first, memory.pages(run_first, run_count))
+            if index == 0:
+                await self._mirror_progress(force=False)
         if scattered:
-            await self._writer.page_list(scattered, view)
-        await self._writer.flush()
-        self._end_round(dirty_round=True)
-        self.progress.update(bytes_sent=self._writer.bytes_sent)
-        self._round_done = self.progress.current.round
-        await self._mirror_progress(force=True)
+            await writer.page_list(scattered, view)
+        await writer.round_end(self._batch, self.progress.current.round)
 
     async def _mirror_progress(self, force: bool) -> None:
         """Tell the target how far the source is, at most every PROGRESS_EVERY_S."""
@@ -528,14 +640,23 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
 
     async def _stop_tasks(self, keep_main: bool = False) -> None:
         current = asyncio.current_task()
-        tasks = [self._copy_task, self._reader_task] + ([] if keep_main else [self._task])
-        for task in tasks:
+        tasks = [self._copy_task, self._reader_task, *self._stream_watchers]
+        for task in tasks + ([] if keep_main else [self._task]):
             if task is not None and task is not current and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._sock is not None:
-            self._sock.close()
+        if self._hashing is not None and not self._hashing.done():
+            self._hashing.cancel()  # its worker thread finishes the batch it is in; nobody waits for it
+        for sock in self._socks:
+            sock.close()
+
+    async def _stop_watchers(self) -> None:
+        """After READY the target closes every stream; their watchers have nothing left to watch."""
+        for task in self._stream_watchers:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def _finish(self, state: MigrationState, error: str, kind: FailureKind, side: Role = "source") -> None:
         self._restore_guest()
@@ -550,3 +671,23 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self.guest.resume_vcpus()
         if self.guest.migrating == self.migration_id:
             self.guest.migrating = None
+
+
+async def gather_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coroutines`` at once (one per stream) and return their results in order.
+
+    The first failure cancels the others and is raised as itself (not an ``ExceptionGroup``, which the
+    run's ``except OSError`` would miss); one coroutine runs without a task of its own.
+    """
+    if len(coroutines) == 1:
+        return [await coroutines[0]]
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,8 +1,11 @@
 """The simulated driver's target side: it receives the guest into a paused copy (``driver.Migration``).
 
-It listens once, checks the source's one-time token, takes pages, PAGE_LIST and ZERO frames
-(``wire``) into the guest's memory, mirrors the source's progress, and at Frozen checks the
-memory digest before it answers READY. From "ready" on it only obeys the control plane.
+It listens once, checks the source's one-time token, admits the streams the first one announced
+(each index once, with the same token), takes pages, PAGE_LIST and ZERO frames (``wire``) from every
+stream into the guest's memory, mirrors the source's progress, and at Frozen, once every stream has
+delivered every send batch (ROUND_END), checks the memory digest before it answers READY. A stream
+that ends or breaks the partition before that aborts the migration. From "ready" on it only obeys the
+control plane.
 """
 
 from __future__ import annotations
@@ -36,21 +39,27 @@ from hostagent.drivers.simulated.wire import (
     FREEZE,
     HELLO,
     MAX_PAGE_LIST,
+    MAX_ROUND,
+    PAGE_KINDS,
     PAGE_LIST,
     PAGES,
+    PARTITION_PAGES,
     PROGRESS,
     READY,
     REFUSE,
+    ROUND_END,
     ZERO,
     Channel,
     FrameReader,
     FrameWriter,
     FreezeFrame,
+    HelloFrame,
     PlainChannel,
     ProgressFrame,
     ProtocolError,
     TlsChannel,
     check,
+    stream_of,
     tune_socket,
 )
 from hostagent.progress import Progress
@@ -94,9 +103,15 @@ class TargetMigration:
         self._listener.setblocking(False)
         self._data_host = data_host
         self._sock: socket.socket | None = None
-        self._channel: Channel | None = None
+        self._channel: Channel | None = None  # stream 0: pages and every control frame
+        self._channels: list[Channel | None] = []  # by stream index, filled as streams join
+        self._streams = 1  # announced by stream 0's HELLO
+        self._done_batch: list[int] = []  # per stream: the last send batch it ended (ROUND_END)
+        self._done_round: list[int] = []  # per stream: the round of that batch
+        self._batch_ended = asyncio.Event()
         self._tls = tls
         self._claimed = False
+        self._joining: set[int] = set()  # stream indexes admitted, their ACCEPT not yet sent
         self._task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None
         self._round_done: Any = 0
@@ -191,18 +206,17 @@ class TargetMigration:
             await self._abort(f"internal error: {error!r}", FailureKind.INTERNAL)
         finally:
             self._listener.close()
-            if self._sock is not None:
-                self._sock.close()
+            self._close_streams()
 
     async def _accept_source(self) -> None:
-        """Accept connections until one proves itself; each one's handshake runs on its own.
+        """Accept connections until every stream of the source proved itself; each handshake runs alone.
 
         A stranger (no certificate from the CA, no or a wrong token, garbage, or silence) is
         dropped alone after at most ``HELLO_TIMEOUT_S``; it never delays the real source, whose
-        handshake runs beside the strangers' ones. At most ``MAX_PENDING_HANDSHAKES`` run at once.
+        handshakes run beside the strangers' ones. At most ``MAX_PENDING_HANDSHAKES`` run at once.
         """
         loop = asyncio.get_running_loop()
-        won: asyncio.Future[Channel] = loop.create_future()
+        won: asyncio.Future[None] = loop.create_future()  # every stream is in
         pending: set[asyncio.Task[None]] = set()
         accept: asyncio.Future[tuple[socket.socket, Any]] | None = None
         try:
@@ -245,12 +259,14 @@ class TargetMigration:
             for task in list(pending):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._channel = won.result()
-        self._sock = self._channel.sock
+        won.result()
+        self.progress.update(streams=self._streams)
+        self._channel = self._channels[0]
+        self._sock = self._channel.sock if self._channel is not None else None
         self._listener.close()
         self.progress.update(percent={"init": 100})
 
-    async def _handshake(self, sock: socket.socket, peer: Any, won: asyncio.Future[Channel]) -> None:
+    async def _handshake(self, sock: socket.socket, peer: Any, won: asyncio.Future[None]) -> None:
         """One connection's TLS handshake and HELLO, bounded in time and size; never raises."""
         try:
             async with asyncio.timeout(HELLO_TIMEOUT_S):
@@ -273,8 +289,9 @@ class TargetMigration:
             sock.close()
             raise
         refusal = self._check_hello(kind, hello)
-        if refusal is None and (self._claimed or won.done()):
-            refusal = "the one-time token was already used"
+        index = 0
+        if refusal is None:
+            refusal, index = self._admit_stream(hello, won)
         writer = FrameWriter(channel)
         try:
             if refusal:
@@ -285,21 +302,53 @@ class TargetMigration:
                     await asyncio.wait_for(writer.message(REFUSE, {"error": refusal}), 1.0)
                 sock.close()
                 return
-            self._claimed = True
-            init_s = self.limits.of("init") or POPULATE_BUDGET_S * 4
-            budget = min(POPULATE_BUDGET_S, init_s / 4)
-            await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
-            await writer.message(ACCEPT, {"migration_id": self.migration_id})
+            if index == 0:
+                init_s = self.limits.of("init") or POPULATE_BUDGET_S * 4
+                budget = min(POPULATE_BUDGET_S, init_s / 4)
+                await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
+            await writer.message(ACCEPT, {"migration_id": self.migration_id, "stream": index})
         except (OSError, TimeoutError) as error:
             log.warning("data-plane source %s for %s went away: %s", peer, self.migration_id, error)
             sock.close()
             if not won.done():
                 won.set_exception(ConnectionError(f"the source went away during the handshake: {error}"))
             return
-        if not won.done():
-            won.set_result(channel)
-        else:
+        if won.done():
             sock.close()
+            return
+        self._channels[index] = channel
+        if all(joined is not None for joined in self._channels):
+            won.set_result(None)
+
+    def _admit_stream(self, hello: dict[str, Any], won: asyncio.Future[None]) -> tuple[str | None, int]:
+        """(refusal or None, stream index) for a HELLO with the right token; claims the index at once.
+
+        Stream 0 comes first and announces the count; the token then admits each further index once.
+        """
+        try:
+            frame = check(HelloFrame, hello, "HELLO")
+        except ProtocolError as error:
+            return str(error), 0
+        index = frame.stream
+        if won.done():
+            return "the one-time token was already used", index
+        if index == 0:
+            if self._claimed:
+                return "the one-time token was already used", index
+            self._claimed = True
+            self._streams = frame.streams
+            self._channels = [None] * frame.streams
+            self._done_batch = [0] * frame.streams
+            self._done_round = [0] * frame.streams
+            return None, index
+        if not self._claimed:
+            return "stream 0 must join first", index
+        if frame.streams != self._streams or index >= self._streams:
+            return f"stream {index} of {frame.streams} does not fit the {self._streams} announced", index
+        if self._channels[index] is not None or index in self._joining:
+            return f"stream {index} already joined (the one-time token admits each stream once)", index
+        self._joining.add(index)
+        return None, index
 
     def _populate_runs(self, hello: dict[str, Any]) -> list[tuple[int, int]]:
         """The chunks the source has written, checked: they get RAM before the copy starts."""
@@ -331,18 +380,46 @@ class TargetMigration:
         return None
 
     async def _receive(self) -> None:
-        assert self._channel is not None
-        reader = FrameReader(self._channel)
+        """Read every stream at once until stream 0's FREEZE is verified; any stream failing aborts."""
+        tasks = [
+            asyncio.create_task(self._receive_stream(index, channel))
+            for index, channel in enumerate(self._channels)
+            if channel is not None
+        ]
+        pending: set[asyncio.Task[None]] = set(tasks)
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if tasks[0] in done:
+                    return tasks[0].result()
+                for task in done:
+                    task.result()  # streams other than 0 end only by failing
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _receive_stream(self, index: int, channel: Channel) -> None:
+        """One stream's frames into memory; stream 0 also carries the control frames, ends at FREEZE."""
+        reader = FrameReader(channel)
         memory = self.guest.memory
         while True:
             kind, count, first = await reader.header()
-            if kind in (PAGES, ZERO) and (count < 1 or first + count > memory.page_count):
-                raise ProtocolError(f"pages {first}+{count} are outside the guest's memory")
+            if index and kind not in PAGE_KINDS:
+                raise ProtocolError(f"data-plane stream {index} carried a control frame (kind {kind})")
+            if kind in (PAGES, ZERO):
+                if count < 1 or first + count > memory.page_count:
+                    raise ProtocolError(f"pages {first}+{count} are outside the guest's memory")
+                self._check_partition(index, first, count)
             if kind == PAGES:
                 await reader.into(memory.pages(first, count))
                 memory.note_written(first, count)
             elif kind == PAGE_LIST:
-                await self._receive_page_list(reader, count)
+                await self._receive_page_list(reader, count, index)
+            elif kind == ROUND_END:
+                self._stream_ended_batch(index, count, first)
             elif kind == ZERO:
                 memory.zero_pages(first, count)
             elif kind == PROGRESS:
@@ -358,7 +435,36 @@ class TargetMigration:
             else:
                 raise ProtocolError(f"unexpected frame kind {kind} from the source")
 
-    async def _receive_page_list(self, reader: FrameReader, count: int) -> None:
+    def _check_partition(self, index: int, first: int, count: int) -> None:
+        """Pages travel only on their own stream (``wire.stream_of``), or a stale copy could win."""
+        streams = self._streams
+        if streams > 1 and (
+            count > PARTITION_PAGES
+            or stream_of(first, streams) != index
+            or stream_of(first + count - 1, streams) != index
+        ):
+            raise ProtocolError(f"pages {first}+{count} do not belong to data-plane stream {index}")
+
+    def _stream_ended_batch(self, index: int, batch: int, round_number: int) -> None:
+        """ROUND_END: stream ``index`` sent all its pages of ``batch``; a round every stream ended is
+        hashed in the background (DIGESTED tells the source)."""
+        if batch != self._done_batch[index] + 1 or round_number > MAX_ROUND:
+            raise ProtocolError(f"stream {index} ended batch {batch} after batch {self._done_batch[index]}")
+        self._done_batch[index] = batch
+        self._done_round[index] = round_number
+        self._batch_ended.set()
+        received = min(self._done_round)
+        if received != self._round_done:
+            self._round_done = received
+            self._refresh_in_background()
+
+    async def _all_streams_ended(self, batches: int) -> None:
+        """Wait until every stream ended send batch ``batches`` (FREEZE names it)."""
+        while min(self._done_batch) < batches:
+            self._batch_ended.clear()
+            await self._batch_ended.wait()
+
+    async def _receive_page_list(self, reader: FrameReader, count: int, index: int = 0) -> None:
         memory = self.guest.memory
         if not 0 < count <= MAX_PAGE_LIST:
             raise ProtocolError(f"a page list of {count} pages")
@@ -367,6 +473,9 @@ class TargetMigration:
         pages = list(struct.unpack(f"<{count}Q", numbers))
         if max(pages) >= memory.page_count:
             raise ProtocolError("a listed page is outside the guest's memory")
+        streams = self._streams
+        if streams > 1 and any((page // PARTITION_PAGES) % streams != index for page in pages):
+            raise ProtocolError(f"a listed page does not belong to data-plane stream {index}")
         contents = memoryview(bytearray(count * PAGE_SIZE))
         await reader.into(contents)
         view = memory.view
@@ -382,9 +491,6 @@ class TargetMigration:
         if phase in ("copy", "quiesce", "frozen"):
             fields.update(state=phase, phase=phase)
         percent: dict[Phase, float] = dict(source.percent)
-        if source.round_done != self._round_done:
-            self._round_done = source.round_done
-            self._refresh_in_background()
         self.progress.update(percent=percent, **fields)
 
     def _refresh_in_background(self) -> None:
@@ -407,6 +513,7 @@ class TargetMigration:
         assert self._channel is not None
         self.progress.update(state="frozen", phase="frozen", percent={"frozen": 70})
         started = time.monotonic()
+        await self._all_streams_ended(freeze.batches)
         if self._refresh is not None:
             await self._refresh
         waited = time.monotonic() - started
@@ -456,8 +563,12 @@ class TargetMigration:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._listener.close()
-        if self._sock is not None:
-            self._sock.close()
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        for channel in self._channels:
+            if channel is not None:
+                channel.close()
 
     async def _drop(self) -> None:
         """Free the copy once: the target never keeps a half-received guest.

@@ -1,11 +1,18 @@
-"""The data plane's framing: one TCP connection from the source agent to the target agent.
+"""The data plane's framing: 1..16 TCP connections (streams) from the source agent to the target agent.
 
 Every frame starts with a 13-byte header ``(kind, count, first_page)``:
 - PAGES: ``count`` pages starting at ``first_page`` follow, raw;
 - ZERO: ``count`` pages starting at ``first_page`` are all zero (no payload);
 - PAGE_LIST: ``count`` scattered pages: their numbers (little-endian u64 each),
   then their contents in the same order;
+- ROUND_END: this stream has sent all its pages of send batch ``count`` (pass or round) of round
+  ``first_page``; no payload;
 - the others carry ``count`` bytes of JSON.
+
+Streams: every page belongs to one stream (``stream_of``: blocks of ``PARTITION_PAGES`` pages dealt
+round-robin), and travels only on it, in TCP's order. So a page's later version always arrives after its
+earlier ones whatever the other streams do, and the target needs no version numbers. Stream 0 also
+carries every control frame; the others carry only pages and ROUND_END.
 
 The bytes travel over a ``Channel``: plain TCP (``PlainChannel``, the policy "off") or TLS with
 both sides proving a certificate from the deployment CA (``TlsChannel``, the policy "required").
@@ -13,7 +20,9 @@ The TLS layer runs over the same non-blocking socket through ``ssl.SSLObject`` a
 so received pages are still decrypted straight into the guest's memory.
 
 The source speaks first (HELLO with the one-time token); the target answers
-ACCEPT or REFUSE. Then the source streams PAGES / ZERO / PROGRESS and finally
+ACCEPT or REFUSE. Every further stream then opens with the same token, naming its index (HELLO
+``stream``) and the count (``streams``); the token admits each index once. Then the source streams
+PAGES / ZERO / PROGRESS and finally
 FREEZE (vCPU/device state, queued I/O, its digest); the target answers READY or
 ABORT. Either side may send ABORT at any time before READY. The target also sends
 DIGESTED after hashing a round's pages, so the source does not call Copy converged
@@ -35,6 +44,7 @@ from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.protocol import (
     MAX_DELAY_MS,
+    MAX_STREAMS,
     ByteRate,
     Bytes,
     Message,
@@ -46,7 +56,10 @@ from hostagent.protocol import (
 )
 
 HEADER = struct.Struct("!BIQ")
-HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED = range(1, 12)
+(HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED, ROUND_END) = range(
+    1, 13
+)
+PAGE_KINDS = frozenset({PAGES, ZERO, PAGE_LIST, ROUND_END})  # what streams other than 0 may carry
 MAX_PAGE_LIST = 4096
 JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT, DIGESTED})
 MAX_JSON_BYTES = 1 << 20  # a HELLO lists the written 1 MiB chunks: 1 MiB holds ~70,000 runs
@@ -63,20 +76,45 @@ YIELD_EVERY_S = 0.005
 
 
 class Breather:
-    """``await breathe()`` yields to the event loop if ``YIELD_EVERY_S`` passed since it last did."""
+    """``await breathe()`` yields to the event loop if ``YIELD_EVERY_S`` passed since any breather did.
 
-    def __init__(self) -> None:
-        self._last = time.monotonic()
+    The time of the last yield is shared by every stream's reader and writer in the process: one
+    loop iteration runs a step of every stream that is ready, so with per-stream clocks N streams
+    would hold the loop N times as long before the API got its turn.
+    """
+
+    _last = time.monotonic()  # shared: the agent runs one event loop
 
     async def breathe(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= YIELD_EVERY_S:
+        if time.monotonic() - Breather._last >= YIELD_EVERY_S:
             await asyncio.sleep(0)
-            self._last = time.monotonic()
+            Breather._last = time.monotonic()
 
 
 class ProtocolError(Exception):
     """The peer sent something the data plane does not allow (the connection is dropped)."""
+
+
+PARTITION_PAGES = 1024  # 4 MiB: a full pass's runs (source.RUN_PAGES) stay whole on one stream
+
+
+def stream_of(page: int, streams: int) -> int:
+    """The stream page ``page`` always travels on (of ``streams``)."""
+    return (page // PARTITION_PAGES) % streams
+
+
+def split_by_stream(first: int, count: int, streams: int) -> list[list[tuple[int, int]]]:
+    """The run ``first``+``count`` cut at partition edges: per stream, its (first, count) pieces."""
+    pieces: list[list[tuple[int, int]]] = [[] for _ in range(streams)]
+    if streams == 1:
+        pieces[0].append((first, count))
+        return pieces
+    end = first + count
+    while first < end:
+        edge = min(end, (first // PARTITION_PAGES + 1) * PARTITION_PAGES)
+        pieces[stream_of(first, streams)].append((first, edge - first))
+        first = edge
+    return pieces
 
 
 # -- control frames the receiver trusts only after checking them ----------------------------------
@@ -138,8 +176,12 @@ class GuestState(Message):
 
 
 class FreezeFrame(Message):
+    """FREEZE: the guest's state, the source's digest, and how many send batches each stream carried
+    (the target checks its digest only once every stream's ROUND_END reached ``batches``)."""
+
     state: GuestState
     source_digest: Annotated[str, Field(max_length=256)] | None = None
+    batches: Round = 0
 
 
 class HelloFrame(Message):
@@ -150,6 +192,8 @@ class HelloFrame(Message):
     guest: Annotated[str, Field(max_length=64)]
     memory_mib: StrictInt
     populate: list[Any] = Field(default_factory=list)
+    streams: Annotated[StrictInt, AfterValidator(between(1, MAX_STREAMS))] = 1
+    stream: Annotated[StrictInt, AfterValidator(between(0, MAX_STREAMS - 1))] = 0
 
 
 def check(model: type[Any], body: dict[str, Any], what: str) -> Any:
@@ -314,6 +358,11 @@ class FrameWriter:
         if len(self._buffer) >= FLUSH_AT:
             await self.flush()
 
+    async def round_end(self, batch: int, round_number: int) -> None:
+        """Mark the end of this stream's share of a send batch, and send what is buffered."""
+        self._buffer += HEADER.pack(ROUND_END, batch, round_number)
+        await self.flush()
+
     async def zero(self, first_page: int, count: int) -> None:
         self._buffer += HEADER.pack(ZERO, count, first_page)
         if len(self._buffer) >= FLUSH_AT:
@@ -356,13 +405,14 @@ class FrameReader:
         return HEADER.unpack(self._header)
 
     async def into(self, view: memoryview) -> None:
+        """Fill ``view``; yields to the loop within a large frame too (a 4 MiB TLS frame is 256 records)."""
         while view:
             received = await self._channel.recv_into(view)
             if received == 0:
                 raise ConnectionError("the peer closed the data-plane connection")
             self.bytes_received += received
             view = view[received:]
-        await self._breather.breathe()
+            await self._breather.breathe()
 
     async def json_body(self, size: int, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
         """``size`` bytes of JSON object; too large, not JSON, too deeply nested: ``ProtocolError``."""
