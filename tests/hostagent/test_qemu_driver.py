@@ -8,8 +8,11 @@ Nothing here is faked. Skipped (loudly) without QEMU >= 10 or the guest image; C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +26,14 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     follow,
     guest_id_for,
+    prepare,
+    start,
     unique,
 )
-from tests.hostagent.conftest import start as start_with_policy
 from tests.qemu_guest import needs_qemu, runs_intact, workload
+from vms.agent_client import AgentRefused
 
 pytestmark = needs_qemu
-
-
-def start(*args: Any, **params: Any) -> dict[str, Any]:
-    """The QEMU driver cannot encrypt its migration stream yet: its pairs run with the policy off."""
-    return start_with_policy(*args, encryption="off", **params)
 
 
 GUEST = {"memory_mib": 256, "vcpus": 1, "os_type": "Linux"}
@@ -184,3 +184,129 @@ def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
     assert "prepared with 128 MiB but the guest has 256 MiB" in ended["error"]
     assert runs_intact(vsp1, guest["name"])
     vsp2.client.discard(migration_id)
+
+
+# -- the migration stream's encryption ----------------------------------------------
+
+QEMU_STREAM_MAGIC = b"QEVM"  # the first bytes of QEMU's plain migration stream (QEMU_VM_FILE_MAGIC)
+
+
+class RecordingRelay:
+    """A TCP relay in front of a target's data-plane endpoint that keeps every byte the source sends,
+    as an eavesdropper on the migration network would see them."""
+
+    def __init__(self, endpoint: dict[str, Any]) -> None:
+        self.target = (endpoint["host"], endpoint["port"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = {**endpoint, "host": "127.0.0.1", "port": self.listener.getsockname()[1]}
+        self.seen = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def recorded(self) -> bytes:
+        with self.lock:
+            return bytes(self.seen)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                incoming, _ = self.listener.accept()
+                outgoing = socket.create_connection(self.target)
+                threading.Thread(target=self._pump, args=(incoming, outgoing, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(outgoing, incoming, False), daemon=True).start()
+
+    def _pump(self, reader: socket.socket, writer: socket.socket, record: bool) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := reader.recv(256 * 1024):
+                if record:
+                    with self.lock:
+                        self.seen += chunk
+                writer.sendall(chunk)
+        with contextlib.suppress(OSError):
+            writer.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def start_through_relay(
+    source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, encryption: str
+) -> RecordingRelay:
+    relay = RecordingRelay(prepare(target, guest, migration_id, encryption))
+    source.client.start_outgoing(guest["guest_id"], migration_id, relay.endpoint, {}, encryption)
+    return relay
+
+
+def test_it_sends_guest_memory_only_inside_tls_under_the_policy_required(qemu_hosts):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("tls")
+
+    relay = start_through_relay(vsp1, vsp2, guest, migration_id, "required")
+    follow(vsp1, migration_id, converged_or_ended)
+    vsp1.client.quiesce(migration_id)
+    ready = vsp1.client.freeze(migration_id)
+    assert ready["state"] == "ready", ready
+    vsp2.client.resume(migration_id)
+    vsp1.client.release(migration_id)
+    relay.close()
+
+    seen = relay.recorded()
+    assert len(seen) > guest["memory_mib"] * 1024 * 1024 // 4, "the guest's memory crossed the relay"
+    assert QEMU_STREAM_MAGIC not in seen, "QEMU's migration stream crossed the network in clear"
+    assert b"\x16\x03" in seen[:4096], "a TLS handshake record opens the stream"
+    assert runs_intact(vsp2, guest["name"])
+
+
+def test_it_sends_qemus_plain_stream_under_the_policy_off(qemu_hosts):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("plain")
+
+    relay = start_through_relay(vsp1, vsp2, guest, migration_id, "off")
+    follow(vsp1, migration_id, copying)
+    assert wait_until(lambda: QEMU_STREAM_MAGIC in relay.recorded(), timeout=30)
+    vsp1.client.cancel(migration_id)
+    vsp2.client.discard(migration_id)
+    relay.close()
+
+    assert runs_intact(vsp1, guest["name"])
+
+
+def test_it_refuses_a_target_whose_certificate_comes_from_another_ca(qemu_hosts, tmp_path, tmp_path_factory):
+    vsp1, _ = qemu_hosts
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    stranger = factory(
+        "stranger", "--driver-option", f"run_dir={run_dir}", driver="qemu", pki_dir=tmp_path / "pki"
+    )
+    try:
+        guest = boot_busy_guest(vsp1)
+        migration_id = unique("stranger")
+
+        start(vsp1, stranger, guest, migration_id)
+        ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+
+        assert ended["state"] == "aborted", ended
+        assert "certificate hasn't got a known issuer" in ended["error"], ended
+        assert runs_intact(vsp1, guest["name"])
+        assert vsp1.client.get_guest(guest["guest_id"])["migrating"] is None
+        stranger.client.discard(migration_id)
+        assert stranger.guest(guest["name"]) is None
+    finally:
+        factory.stop_all()
+
+
+def test_it_refuses_the_policy_required_on_an_agent_without_a_certificate(tmp_path):
+    factory = AgentFactory(tmp_path)
+    plain = factory("plain", "--driver-option", f"run_dir={tmp_path / 'run'}", driver="qemu", tls=False)
+    try:
+        guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
+        with pytest.raises(AgentRefused) as refused:
+            plain.client.prepare_incoming(guest, unique("move"), {}, "required")
+
+        assert "requires TLS on the data plane" in str(refused.value)
+        assert "--tls-cert" in str(refused.value)
+        assert plain.client.list_guests() == []
+    finally:
+        factory.stop_all()

@@ -47,6 +47,7 @@ from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
+from hostagent.drivers.qemu.tls import write_credentials
 from hostagent.protocol import (
     DirtyRate,
     Encryption,
@@ -76,16 +77,6 @@ QEMU_MIGRATING = (
     "wait-unplug",
     "postcopy-active",
 )
-
-
-def refuse_encryption(encryption: Encryption) -> None:
-    """The QEMU driver does not encrypt its migration stream yet (QEMU's ``tls-creds-x509`` is not
-    wired): it refuses the policy "required" rather than send guest memory in clear."""
-    if encryption != "off":
-        raise InvalidRequest(
-            "the QEMU driver cannot encrypt the migration stream yet: set this pair's data-plane "
-            "encryption policy to off (a trusted migration network) to migrate QEMU guests"
-        )
 
 
 @dataclass
@@ -138,6 +129,7 @@ class QemuDriver:
             accel=options.get("accel", "tcg"),
         )
         self.qemu_version = ""
+        self._tls_dir: Path | None = None  # QEMU's copy of the agent's TLS files (``tls``)
         self._guests: dict[str, QemuGuest] = {}
         self._replaced: dict[str, QemuGuest] = {}
 
@@ -147,6 +139,8 @@ class QemuDriver:
             if not image.is_file():
                 raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.tls is not None:
+            self._tls_dir = write_credentials(self.settings.tls, self.config.run_dir)
         log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
         await self._readopt()
 
@@ -404,7 +398,7 @@ class QemuDriver:
     async def prepare_incoming(
         self, spec: GuestSpec, migration_id: str, limits: PhaseLimits, *, encryption: Encryption = "required"
     ) -> tuple[Migration, Endpoint]:
-        refuse_encryption(encryption)
+        tls_dir = self._tls_for(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
         existing = self._guests.get(guest_id)
@@ -414,7 +408,9 @@ class QemuDriver:
         instance = f"in-{migration_id[:12]}"
         process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
         await self._launch(guest, process)
-        migration = TargetMigration(process, migration_id, limits, self.settings.data_host, self._finished)
+        migration = TargetMigration(
+            process, migration_id, limits, self.settings.data_host, self._finished, tls_dir=tls_dir
+        )
         guest.migration = migration
         if existing is not None:
             self._replaced[guest_id] = existing
@@ -432,17 +428,31 @@ class QemuDriver:
         *,
         encryption: Encryption = "required",
     ) -> Migration:
-        refuse_encryption(encryption)
+        tls_dir = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")
         if not guest.running or guest.hardware != "on" or guest.process is None:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
-        migration = SourceMigration(guest.process, migration_id, target, params, self._finished)
+        migration = SourceMigration(
+            guest.process, migration_id, target, params, self._finished, tls_dir=tls_dir
+        )
         guest.migration = migration
         self._save(guest_id)
         migration.begin()
         return migration
+
+    def _tls_for(self, encryption: Encryption) -> Path | None:
+        """QEMU's credentials directory under ``encryption`` (None: plain TCP); refuses "required"
+        on an agent without a certificate rather than send guest memory in clear."""
+        if encryption == "off":
+            return None
+        if self._tls_dir is None:
+            raise InvalidRequest(
+                "the encryption policy requires TLS on the data plane, but this agent has no certificate "
+                "(start it with --tls-cert --tls-key --tls-ca, or set the pair's policy to off)"
+            )
+        return self._tls_dir
 
     async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
         """QEMU's own measurement: ``calc-dirty-rate`` (page sampling) then ``query-dirty-rate`` (MB/s)."""

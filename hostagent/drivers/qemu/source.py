@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
@@ -24,6 +25,7 @@ from hostagent.drivers.qemu.migration import (
 from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
+from hostagent.drivers.qemu.tls import use_plain, use_tls
 from hostagent.protocol import (
     ACTIVE_STATES,
     Endpoint,
@@ -49,8 +51,11 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         target: Endpoint,
         params: MigrationParams,
         finished: Finished,
+        *,
+        tls_dir: Path | None = None,
     ) -> None:
         super().__init__(process, migration_id, params.limits, finished)
+        self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
         self.target = target
         self.params = params
         self.allowed_downtime_ms = params.downtime_ms
@@ -69,6 +74,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             try:
                 self.progress.raise_percent("init", 50)
                 await self._configure()
+                await self._secure()
                 await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
             finally:
                 data.close()  # QEMU holds its own copy now
@@ -119,6 +125,13 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             max_cpu_throttle=params.throttle_max_pct,
         )
         self.allowed_downtime_ms = params.downtime_ms
+
+    async def _secure(self) -> None:
+        """QEMU's TLS to the target under "required" (``tls``), checking its certificate's name."""
+        if self.tls_dir is None:
+            await use_plain(self.qmp)
+        else:
+            await use_tls(self.qmp, "client", self.tls_dir, hostname=self.target.host)
 
     async def change_params(self, change: ParamsChange) -> ProgressSnapshot:
         """An admin's change to the running Copy, as QEMU parameters; switch over now = no downtime limit."""

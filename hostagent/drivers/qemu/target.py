@@ -8,6 +8,7 @@ import logging
 import secrets
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict
@@ -25,6 +26,7 @@ from hostagent.drivers.qemu.migration import (
 from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES
+from hostagent.drivers.qemu.tls import use_tls
 from hostagent.protocol import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -44,9 +46,17 @@ class TargetMigration(QemuMigration):
     role: Role = "target"
 
     def __init__(
-        self, process: QemuProcess, migration_id: str, limits: PhaseLimits, data_host: str, finished: Finished
+        self,
+        process: QemuProcess,
+        migration_id: str,
+        limits: PhaseLimits,
+        data_host: str,
+        finished: Finished,
+        *,
+        tls_dir: Path | None = None,
     ) -> None:
         super().__init__(process, migration_id, limits, finished)
+        self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
         self._admitting: set[asyncio.Task[None]] = set()
@@ -59,6 +69,8 @@ class TargetMigration(QemuMigration):
     async def begin(self) -> None:
         capabilities = [{"capability": name, "state": True} for name in ("events", "return-path")]
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+        if self.tls_dir is not None:  # a new QEMU: without it, its migration is plain already
+            await use_tls(self.qmp, "server", self.tls_dir)
         self.spawn(self._watch_init_limit())
         self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())
