@@ -45,6 +45,7 @@ from typing import Any
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.drivers.qemu.tls import write_credentials
@@ -52,6 +53,7 @@ from hostagent.protocol import (
     DirtyRate,
     Encryption,
     Endpoint,
+    FailureKind,
     GuestInfo,
     GuestSpec,
     HardwareStatus,
@@ -416,7 +418,12 @@ class QemuDriver:
             self._replaced[guest_id] = existing
         self._guests[guest_id] = guest
         self._save(guest_id)
-        await migration.begin()
+        try:
+            await migration.begin()
+        except (QmpError, QmpClosed) as error:  # e.g. QEMU refused the TLS credentials
+            reason = f"the target QEMU refused the migration set-up: {error}"
+            await migration.abort(reason, FailureKind.INTERNAL)  # its guest goes, a replaced one returns
+            raise Conflict(reason) from None
         return migration, migration.endpoint
 
     async def start_outgoing(
