@@ -9,6 +9,8 @@ Nothing here is faked. Skipped (loudly) without QEMU >= 10 or the guest image; C
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import os
 import signal
 import socket
@@ -17,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostagent.protocol import PHASES
 from tests.conftest import wait_until
@@ -27,6 +33,7 @@ from tests.hostagent.conftest import (
     follow,
     guest_id_for,
     prepare,
+    session_pki_dir,
     start,
     unique,
 )
@@ -308,5 +315,65 @@ def test_it_refuses_the_policy_required_on_an_agent_without_a_certificate(tmp_pa
         assert "requires TLS on the data plane" in str(refused.value)
         assert "--tls-cert" in str(refused.value)
         assert plain.client.list_guests() == []
+    finally:
+        factory.stop_all()
+
+
+def issue_server_only_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate from the session's CA for TLS servers only: its extended key usage is critical,
+    which makes QEMU refuse it for the client role (a non-critical one is only a warning to QEMU)."""
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(loopback, critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_a_source_whose_certificate_qemu_refuses_for_the_client_role_aborts_and_runs_on(
+    qemu_hosts, tmp_path, tmp_path_factory
+):
+    _, vsp2 = qemu_hosts
+    cert, key = issue_server_only_certificate(session_pki_dir(), unique("serveronly"))
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    source = factory(
+        "serveronly",
+        *("--driver-option", f"run_dir={run_dir}", "--tls-cert", str(cert), "--tls-key", str(key)),
+        driver="qemu",
+    )
+    try:
+        guest = boot_busy_guest(source)
+        migration_id = unique("noclient")
+
+        start(source, vsp2, guest, migration_id)
+        ended = follow(source, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+
+        assert ended["state"] == "aborted", ended
+        assert "TLS client" in ended["error"], ended
+        assert runs_intact(source, guest["name"])
+        vsp2.client.discard(migration_id)
+        assert vsp2.guest(guest["name"]) is None
     finally:
         factory.stop_all()
