@@ -319,16 +319,18 @@ def test_it_refuses_the_policy_required_on_an_agent_without_a_certificate(tmp_pa
         factory.stop_all()
 
 
-def issue_server_only_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A certificate from the session's CA for TLS servers only: its extended key usage is critical,
-    which makes QEMU refuse it for the client role (a non-critical one is only a warning to QEMU)."""
+def issue_certificate(
+    directory: Path, name: str, *extensions: tuple[x509.ExtensionType, bool]
+) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 from the CA in ``directory`` with ``extensions`` (each with its
+    critical flag) instead of ``devtools/pki.py``'s."""
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
@@ -337,9 +339,10 @@ def issue_server_only_certificate(directory: Path, name: str) -> tuple[Path, Pat
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(loopback, critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=True)
-        .sign(ca_key, hashes.SHA256())
     )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = builder.sign(ca_key, hashes.SHA256())
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -355,7 +358,10 @@ def test_a_source_whose_certificate_qemu_refuses_for_the_client_role_aborts_and_
     qemu_hosts, tmp_path, tmp_path_factory
 ):
     _, vsp2 = qemu_hosts
-    cert, key = issue_server_only_certificate(session_pki_dir(), unique("serveronly"))
+    # A critical extended key usage without client authentication: QEMU refuses it as a client (a
+    # non-critical one is only a warning to QEMU).
+    server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    cert, key = issue_certificate(session_pki_dir(), unique("serveronly"), (server_only, True))
     factory = AgentFactory(tmp_path)
     run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
     source = factory(
@@ -375,5 +381,37 @@ def test_a_source_whose_certificate_qemu_refuses_for_the_client_role_aborts_and_
         assert runs_intact(source, guest["name"])
         vsp2.client.discard(migration_id)
         assert vsp2.guest(guest["name"]) is None
+    finally:
+        factory.stop_all()
+
+
+def test_a_target_whose_certificate_qemu_refuses_fails_prepare_and_keeps_nothing(tmp_path, tmp_path_factory):
+    # A critical key usage without key encipherment (usual for EC keys): QEMU refuses it in any role.
+    signing_only = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert, key = issue_certificate(session_pki_dir(), unique("signingonly"), (signing_only, True))
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    target = factory(
+        "signingonly",
+        *("--driver-option", f"run_dir={run_dir}", "--tls-cert", str(cert), "--tls-key", str(key)),
+        driver="qemu",
+    )
+    try:
+        guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
+        with pytest.raises(AgentRefused) as refused:
+            target.client.prepare_incoming(guest, unique("move"), {}, "required")
+
+        assert "does not permit key encipherment" in str(refused.value)
+        assert target.client.list_guests() == []
     finally:
         factory.stop_all()
