@@ -25,7 +25,7 @@ class BenchAgent:
         self, name: str, scratch: Path, driver: str = "simulated", *extra_args: str, timeout_s: float = 60
     ) -> None:
         """TLS with a CA of the bench's own (``scratch/pki``); ``encryption`` is the data-plane policy
-        ``migrate`` uses by default ("off" for QEMU, whose driver cannot encrypt yet)."""
+        ``migrate`` uses by default ("required": mutual TLS, QEMU's own migration TLS for QEMU)."""
         secret_file = scratch / f"{name}.secret"
         write_secret_file(secret_file)
         started = start_agent(
@@ -41,7 +41,7 @@ class BenchAgent:
         self.secret = started.secret
         self.trust = started.ca.read_text() if started.ca else ""
         self.client = AgentClient(started.url, started.secret, trust=self.trust, timeout_s=timeout_s)
-        self.encryption = "off" if driver == "qemu" else "required"
+        self.encryption = "required"
 
     def stop(self) -> None:
         self.client.close()

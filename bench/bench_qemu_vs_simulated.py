@@ -1,6 +1,7 @@
 """Benchmark: the same busy guest migrated by the qemu driver and by the simulated driver, in one run.
 
-    .venv/bin/python bench/bench_qemu_vs_simulated.py [--memory-mib 256] [--dirty-pages-per-s 5000]
+    .venv/bin/python bench/bench_qemu_vs_simulated.py [--memory-mib 256] [--dirty-pages-per-s 5000] \
+        [--encryption required|off]
 
 Starts two real agents per driver on loopback. The QEMU guest is the test guest (a Linux kernel
 running memwriter, writing ``dirty_pages_per_s`` random pages of its memory); the simulated guest
@@ -9,8 +10,9 @@ API exactly as the console does (prepare, start, quiesce once converged, freeze,
 Prints per driver: total time (start -> target ready), downtime, rounds, bytes on the wire,
 throughput (as the driver reports it: QEMU's last ``mbps``, the engine's bytes per second of
 sending; and bytes on the wire over total time), and whether the digests of both copies
-matched; for QEMU also its version, the guest's boot time and its own memory self-check after
-the move. Needs QEMU >= 10 and
+matched, under the data-plane policy ``--encryption`` (QEMU's migration TLS or the simulated
+data plane's mutual TLS under "required", the default; plain TCP under "off"); for QEMU also its
+version, the guest's boot time and its own memory self-check after the move. Needs QEMU >= 10 and
 ``scripts/build_test_guest.sh``.
 """
 
@@ -46,8 +48,10 @@ def boot(agent: BenchAgent, spec: dict[str, Any]) -> tuple[float, float]:
     return up_s, time.perf_counter() - started
 
 
-def migrate_guest(source: BenchAgent, target: BenchAgent, spec: dict[str, Any]) -> dict[str, Any]:
-    moved = migrate(source, target, spec)
+def migrate_guest(
+    source: BenchAgent, target: BenchAgent, spec: dict[str, Any], encryption: str
+) -> dict[str, Any]:
+    moved = migrate(source, target, spec, encryption)
     ready = moved.ready
     return {
         "total_s": moved.total_s,
@@ -81,14 +85,14 @@ def report(label: str, result: dict[str, Any]) -> None:
 
 
 def run_driver(
-    scratch: Path, driver: str, spec: dict[str, Any], *options: str
+    scratch: Path, driver: str, spec: dict[str, Any], encryption: str, *options: str
 ) -> tuple[dict, tuple, BenchAgent]:
     source = BenchAgent(f"{driver}-src", scratch, driver, *options, timeout_s=120)
     target = BenchAgent(f"{driver}-dst", scratch, driver, *options, timeout_s=120)
     try:
         boot_s = boot(source, spec)
         time.sleep(2)  # let the workload dirty memory for a while before moving it
-        result = migrate_guest(source, target, spec)
+        result = migrate_guest(source, target, spec, encryption)
         result["self_check"] = self_check_after_move(target, spec["name"]) if driver == "qemu" else None
         return result, boot_s, target
     finally:
@@ -100,20 +104,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--dirty-pages-per-s", type=int, default=5000)
+    parser.add_argument("--encryption", choices=("required", "off"), default="required")
     args = parser.parse_args()
     version = check_qemu("qemu-system-x86_64")
     base = {"memory_mib": args.memory_mib, "vcpus": 1, "os_type": "Linux"}
     rate = args.dirty_pages_per_s
     written = f"{rate} pages/s written ({rate * 4096 / 1e6:.0f} MB/s)"
-    print(f"guest {args.memory_mib} MiB, {written}; QEMU {version}, TCG")
+    print(f"guest {args.memory_mib} MiB, {written}; QEMU {version}, TCG; data plane {args.encryption}")
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         qemu_spec = {**base, "name": "bench-qemu", "dirty_pages_per_s": rate}
         qemu, boot_s, _ = run_driver(
-            scratch, "qemu", qemu_spec, "--driver-option", f"run_dir={scratch / 'run'}"
+            scratch, "qemu", qemu_spec, args.encryption, "--driver-option", f"run_dir={scratch / 'run'}"
         )
         simulated_spec = {**base, "name": "bench-sim", "dirty_pages_per_s": rate, "fill_percent": 100}
-        simulated, _, _ = run_driver(scratch, "simulated", simulated_spec)
+        simulated, _, _ = run_driver(scratch, "simulated", simulated_spec, args.encryption)
     up_s, checked_s = boot_s
     report(
         f"qemu driver (OS up in {up_s:.1f} s, first self-check at {checked_s:.1f} s; QEMU's downtime)", qemu

@@ -115,7 +115,9 @@ def ensure_agent_cert(directory: Path, name: str, hosts: tuple[str, ...] = DEFAU
 
     The certificate names ``hosts`` (IP addresses or DNS names) as subject alternative names and
     allows both server and client authentication: an agent is a server to the console and to its
-    source peer, and a client to its target peer.
+    source peer, and a client to its target peer. That also suits QEMU's migration TLS (GnuTLS
+    checks the purposes; no key-usage extension means any), which moreover checks the target's
+    host name: ``hosts`` must include the agent's ``--data-host`` address.
     """
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"an agent name for a certificate file must be letters, digits, - or _: {name!r}")

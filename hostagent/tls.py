@@ -10,7 +10,8 @@ One certificate serves three roles (``devtools/pki.py`` issues such certificates
 
 The data plane authenticates membership of the deployment (the CA), not a host name: a data-plane
 address is handed out by the target itself through the authenticated API, and the one-time
-token binds the connection to the migration. TLS 1.2 is the minimum; OpenSSL picks AES-GCM or
+token binds the connection to the migration (the QEMU driver's stream is QEMU's own TLS, which
+does check the target's name: ``drivers/qemu/tls.py``). TLS 1.2 is the minimum; OpenSSL picks AES-GCM or
 ChaCha20-Poly1305 (AES-GCM with AES-NI runs at several GB/s per core).
 """
 

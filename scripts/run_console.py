@@ -249,7 +249,7 @@ def main() -> None:
         manage(
             "demo_fleet",
             *("--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR)),
-            *("--pki-dir", str(PKI_DIR), "--data-plane", "off" if options.hosts == "qemu" else "required"),
+            *("--pki-dir", str(PKI_DIR), "--data-plane", "required"),
         )
         manage("seed_demo_agents", "--driver", options.hosts)
         start_console(options.port, processes)

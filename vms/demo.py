@@ -127,7 +127,9 @@ def create_demo_fleet(
 
     ``pki_dir`` (``devtools.pki``'s layout, ``<vsp>.pem`` per agent): the agents serve HTTPS and
     each VSP registers its agent's certificate fingerprint (SHA-256). ``data_plane`` "off" sets
-    every pair's data-plane encryption policy to off (the QEMU driver cannot encrypt yet).
+    every pair's data-plane encryption policy to off (a trusted migration network); "required" (also
+    for QEMU hosts, whose driver encrypts with QEMU's migration TLS) removes the rows an earlier
+    "off" run left, so the default policy applies again.
     """
     hosts = {
         host.name: upsert_host(host, index, agents_base_port, secrets_dir, pki_dir)

@@ -74,8 +74,15 @@ def session_pki_dir() -> Path:
 
 
 def start_agent(
-    name: str, secret_dir: Path, *extra_args: str, driver: str = "simulated", tls: bool = True
+    name: str,
+    secret_dir: Path,
+    *extra_args: str,
+    driver: str = "simulated",
+    tls: bool = True,
+    pki_dir: Path | None = None,
 ) -> RunningAgent:
+    """An agent with a certificate from the session's CA, or from the CA in ``pki_dir`` if given
+    (a host of another deployment), or none (``tls=False``: ``--insecure-http``)."""
     port = free_port()
     secret_file = secret_dir / f"{name}-{port}.secret"
     write_secret_file(secret_file)
@@ -87,7 +94,7 @@ def start_agent(
         extra_args,
         log_path=log_path(f"agent-{name}"),
         env=subprocess_env(),
-        pki_dir=session_pki_dir() if tls else None,
+        pki_dir=(pki_dir or session_pki_dir()) if tls else None,
     )
     trust = started.ca.read_text() if started.ca else ""
     client = AgentClient(started.url, started.secret, trust=trust, timeout_s=30)
@@ -102,9 +109,14 @@ class AgentFactory:
         self.started: list[RunningAgent] = []
 
     def __call__(
-        self, name: str, *extra_args: str, driver: str = "simulated", tls: bool = True
+        self,
+        name: str,
+        *extra_args: str,
+        driver: str = "simulated",
+        tls: bool = True,
+        pki_dir: Path | None = None,
     ) -> RunningAgent:
-        agent = start_agent(name, self.secret_dir, *extra_args, driver=driver, tls=tls)
+        agent = start_agent(name, self.secret_dir, *extra_args, driver=driver, tls=tls, pki_dir=pki_dir)
         self.started.append(agent)
         return agent
 

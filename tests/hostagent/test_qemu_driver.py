@@ -8,12 +8,21 @@ Nothing here is faked. Skipped (loudly) without QEMU >= 10 or the guest image; C
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import ipaddress
 import os
 import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostagent.protocol import PHASES
 from tests.conftest import wait_until
@@ -23,17 +32,15 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     follow,
     guest_id_for,
+    prepare,
+    session_pki_dir,
+    start,
     unique,
 )
-from tests.hostagent.conftest import start as start_with_policy
 from tests.qemu_guest import needs_qemu, runs_intact, workload
+from vms.agent_client import AgentRefused
 
 pytestmark = needs_qemu
-
-
-def start(*args: Any, **params: Any) -> dict[str, Any]:
-    """The QEMU driver cannot encrypt its migration stream yet: its pairs run with the policy off."""
-    return start_with_policy(*args, encryption="off", **params)
 
 
 GUEST = {"memory_mib": 256, "vcpus": 1, "os_type": "Linux"}
@@ -231,3 +238,227 @@ def test_it_presses_the_acpi_power_button_then_quits_qemu_when_the_timeout_runs_
     assert vsp1.client.start_guest(guest["guest_id"])["hardware_status"] == "on"
     forced = vsp1.client.stop_guest(guest["guest_id"])
     assert (forced["stop"], forced["hardware_status"]) == ("forced", "off")
+
+
+# -- the migration stream's encryption ----------------------------------------------
+
+QEMU_STREAM_MAGIC = b"QEVM"  # the first bytes of QEMU's plain migration stream (QEMU_VM_FILE_MAGIC)
+
+
+class RecordingRelay:
+    """A TCP relay in front of a target's data-plane endpoint that keeps every byte the source sends,
+    as an eavesdropper on the migration network would see them."""
+
+    def __init__(self, endpoint: dict[str, Any]) -> None:
+        self.target = (endpoint["host"], endpoint["port"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = {**endpoint, "host": "127.0.0.1", "port": self.listener.getsockname()[1]}
+        self.seen = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def recorded(self) -> bytes:
+        with self.lock:
+            return bytes(self.seen)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                incoming, _ = self.listener.accept()
+                outgoing = socket.create_connection(self.target)
+                threading.Thread(target=self._pump, args=(incoming, outgoing, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(outgoing, incoming, False), daemon=True).start()
+
+    def _pump(self, reader: socket.socket, writer: socket.socket, record: bool) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := reader.recv(256 * 1024):
+                if record:
+                    with self.lock:
+                        self.seen += chunk
+                writer.sendall(chunk)
+        with contextlib.suppress(OSError):
+            writer.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def start_through_relay(
+    source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, encryption: str
+) -> RecordingRelay:
+    relay = RecordingRelay(prepare(target, guest, migration_id, encryption))
+    source.client.start_outgoing(guest["guest_id"], migration_id, relay.endpoint, {}, encryption)
+    return relay
+
+
+def test_it_sends_guest_memory_only_inside_tls_under_the_policy_required(qemu_hosts):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("tls")
+
+    relay = start_through_relay(vsp1, vsp2, guest, migration_id, "required")
+    follow(vsp1, migration_id, converged_or_ended)
+    vsp1.client.quiesce(migration_id)
+    ready = vsp1.client.freeze(migration_id)
+    assert ready["state"] == "ready", ready
+    vsp2.client.resume(migration_id)
+    vsp1.client.release(migration_id)
+    relay.close()
+
+    seen = relay.recorded()
+    assert len(seen) > guest["memory_mib"] * 1024 * 1024 // 4, "the guest's memory crossed the relay"
+    assert QEMU_STREAM_MAGIC not in seen, "QEMU's migration stream crossed the network in clear"
+    assert b"\x16\x03" in seen[:4096], "a TLS handshake record opens the stream"
+    assert runs_intact(vsp2, guest["name"])
+
+
+def test_it_sends_qemus_plain_stream_under_the_policy_off(qemu_hosts):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1)
+    migration_id = unique("plain")
+
+    relay = start_through_relay(vsp1, vsp2, guest, migration_id, "off")
+    follow(vsp1, migration_id, copying)
+    assert wait_until(lambda: QEMU_STREAM_MAGIC in relay.recorded(), timeout=30)
+    vsp1.client.cancel(migration_id)
+    vsp2.client.discard(migration_id)
+    relay.close()
+
+    assert runs_intact(vsp1, guest["name"])
+
+
+def test_it_refuses_a_target_whose_certificate_comes_from_another_ca(qemu_hosts, tmp_path, tmp_path_factory):
+    vsp1, _ = qemu_hosts
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    stranger = factory(
+        "stranger", "--driver-option", f"run_dir={run_dir}", driver="qemu", pki_dir=tmp_path / "pki"
+    )
+    try:
+        guest = boot_busy_guest(vsp1)
+        migration_id = unique("stranger")
+
+        start(vsp1, stranger, guest, migration_id)
+        ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+
+        assert ended["state"] == "aborted", ended
+        assert "certificate hasn't got a known issuer" in ended["error"], ended
+        assert runs_intact(vsp1, guest["name"])
+        assert vsp1.client.get_guest(guest["guest_id"])["migrating"] is None
+        stranger.client.discard(migration_id)
+        assert stranger.guest(guest["name"]) is None
+    finally:
+        factory.stop_all()
+
+
+def test_it_refuses_the_policy_required_on_an_agent_without_a_certificate(tmp_path):
+    factory = AgentFactory(tmp_path)
+    plain = factory("plain", "--driver-option", f"run_dir={tmp_path / 'run'}", driver="qemu", tls=False)
+    try:
+        guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
+        with pytest.raises(AgentRefused) as refused:
+            plain.client.prepare_incoming(guest, unique("move"), {}, "required")
+
+        assert "requires TLS on the data plane" in str(refused.value)
+        assert "--tls-cert" in str(refused.value)
+        assert plain.client.list_guests() == []
+    finally:
+        factory.stop_all()
+
+
+def issue_certificate(
+    directory: Path, name: str, *extensions: tuple[x509.ExtensionType, bool]
+) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 from the CA in ``directory`` with ``extensions`` (each with its
+    critical flag) instead of ``devtools/pki.py``'s."""
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(loopback, critical=False)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_a_source_whose_certificate_qemu_refuses_for_the_client_role_aborts_and_runs_on(
+    qemu_hosts, tmp_path, tmp_path_factory
+):
+    _, vsp2 = qemu_hosts
+    # A critical extended key usage without client authentication: QEMU refuses it as a client (a
+    # non-critical one is only a warning to QEMU).
+    server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    cert, key = issue_certificate(session_pki_dir(), unique("serveronly"), (server_only, True))
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    source = factory(
+        "serveronly",
+        *("--driver-option", f"run_dir={run_dir}", "--tls-cert", str(cert), "--tls-key", str(key)),
+        driver="qemu",
+    )
+    try:
+        guest = boot_busy_guest(source)
+        migration_id = unique("noclient")
+
+        start(source, vsp2, guest, migration_id)
+        ended = follow(source, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+
+        assert ended["state"] == "aborted", ended
+        assert "TLS client" in ended["error"], ended
+        assert runs_intact(source, guest["name"])
+        vsp2.client.discard(migration_id)
+        assert vsp2.guest(guest["name"]) is None
+    finally:
+        factory.stop_all()
+
+
+def test_a_target_whose_certificate_qemu_refuses_fails_prepare_and_keeps_nothing(tmp_path, tmp_path_factory):
+    # A critical key usage without key encipherment (usual for EC keys): QEMU refuses it in any role.
+    signing_only = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert, key = issue_certificate(session_pki_dir(), unique("signingonly"), (signing_only, True))
+    factory = AgentFactory(tmp_path)
+    run_dir = tmp_path_factory.mktemp("qs")  # short: QMP's unix socket paths
+    target = factory(
+        "signingonly",
+        *("--driver-option", f"run_dir={run_dir}", "--tls-cert", str(cert), "--tls-key", str(key)),
+        driver="qemu",
+    )
+    try:
+        guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
+        with pytest.raises(AgentRefused) as refused:
+            target.client.prepare_incoming(guest, unique("move"), {}, "required")
+
+        assert "does not permit key encipherment" in str(refused.value)
+        assert target.client.list_guests() == []
+    finally:
+        factory.stop_all()

@@ -27,7 +27,7 @@ from tests.migrations_app.conftest import route_migrations_to, worker_on_own_que
 from tests.migrations_app.guests import wait_for_state
 from tests.qemu_guest import guest_named, needs_qemu, runs_intact, workload
 from vms.agent_client import AgentClient, UnknownMigration
-from vms.models import PairEncryption, Registration
+from vms.models import Registration
 
 pytestmark = [*needs_qemu, pytest.mark.django_db(transaction=True)]
 
@@ -58,16 +58,6 @@ def _qemu_worker(django_db_setup, redis_url) -> Iterator[tuple[str, ManagedProce
 @pytest.fixture
 def qemu_worker(_qemu_worker, settings) -> ManagedProcess:
     return route_migrations_to(_qemu_worker, settings)
-
-
-@pytest.fixture
-def fleet(fleet):
-    """The conftest's fleet with every pair's data-plane policy off: the QEMU driver cannot encrypt yet."""
-    hosts = sorted(fleet.values(), key=lambda vsp: vsp.pk)
-    for index, first in enumerate(hosts):
-        for second in hosts[index + 1 :]:
-            PairEncryption.objects.create(vsp_a=first, vsp_b=second, encryption="off")
-    return fleet
 
 
 @pytest.fixture
@@ -202,7 +192,6 @@ class RestartableHosts:
             )
             for name, agent in self.agents.items()
         }
-        PairEncryption.objects.create(vsp_a=self.vsps["hosta"], vsp_b=self.vsps["hostb"], encryption="off")
 
     def kill_and_restart(self, name: str) -> RunningAgent:
         """SIGKILL the agent's own process (not its process group: its guests run on), then restart it."""

@@ -46,12 +46,15 @@ from typing import Any
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.source import SourceMigration
 from hostagent.drivers.qemu.target import TargetMigration
+from hostagent.drivers.qemu.tls import write_credentials
 from hostagent.protocol import (
     DirtyRate,
     Encryption,
     Endpoint,
+    FailureKind,
     GuestInfo,
     GuestSpec,
     HardwareStatus,
@@ -79,16 +82,6 @@ QEMU_MIGRATING = (
     "wait-unplug",
     "postcopy-active",
 )
-
-
-def refuse_encryption(encryption: Encryption) -> None:
-    """The QEMU driver does not encrypt its migration stream yet (QEMU's ``tls-creds-x509`` is not
-    wired): it refuses the policy "required" rather than send guest memory in clear."""
-    if encryption != "off":
-        raise InvalidRequest(
-            "the QEMU driver cannot encrypt the migration stream yet: set this pair's data-plane "
-            "encryption policy to off (a trusted migration network) to migrate QEMU guests"
-        )
 
 
 @dataclass
@@ -143,6 +136,7 @@ class QemuDriver:
             accel=options.get("accel", "tcg"),
         )
         self.qemu_version = ""
+        self._tls_dir: Path | None = None  # QEMU's copy of the agent's TLS files (``tls``)
         self._guests: dict[str, QemuGuest] = {}
         self._replaced: dict[str, QemuGuest] = {}
 
@@ -152,6 +146,8 @@ class QemuDriver:
             if not image.is_file():
                 raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.tls is not None:
+            self._tls_dir = write_credentials(self.settings.tls, self.config.run_dir)
         log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
         await self._readopt()
 
@@ -435,7 +431,7 @@ class QemuDriver:
         streams: int | None = None,
     ) -> tuple[Migration, Endpoint]:
         """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's)."""
-        refuse_encryption(encryption)
+        tls_dir = self._tls_for(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
         existing = self._guests.get(guest_id)
@@ -446,14 +442,25 @@ class QemuDriver:
         process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
         await self._launch(guest, process)
         migration = TargetMigration(
-            process, migration_id, limits, self.settings.data_host, self._finished, channels=streams or 1
+            process,
+            migration_id,
+            limits,
+            self.settings.data_host,
+            self._finished,
+            channels=streams or 1,
+            tls_dir=tls_dir,
         )
         guest.migration = migration
         if existing is not None:
             self._replaced[guest_id] = existing
         self._guests[guest_id] = guest
         self._save(guest_id)
-        await migration.begin()
+        try:
+            await migration.begin()
+        except (QmpError, QmpClosed) as error:  # e.g. QEMU refused the TLS credentials
+            reason = f"the target QEMU refused the migration set-up: {error}"
+            await migration.abort(reason, FailureKind.INTERNAL)  # its guest goes, a replaced one returns
+            raise Conflict(reason) from None
         return migration, migration.endpoint
 
     async def start_outgoing(
@@ -467,7 +474,7 @@ class QemuDriver:
         streams: int | None = None,
     ) -> Migration:
         """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels)."""
-        refuse_encryption(encryption)
+        tls_dir = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
             raise Conflict(f"guest {guest.spec.name!r} is already migrating")
@@ -476,12 +483,30 @@ class QemuDriver:
         if guest.shutting_down:
             raise Conflict(f"guest {guest.spec.name!r} is shutting down")
         migration = SourceMigration(
-            guest.process, migration_id, target, params, self._finished, channels=streams or 1
+            guest.process,
+            migration_id,
+            target,
+            params,
+            self._finished,
+            channels=streams or 1,
+            tls_dir=tls_dir,
         )
         guest.migration = migration
         self._save(guest_id)
         migration.begin()
         return migration
+
+    def _tls_for(self, encryption: Encryption) -> Path | None:
+        """QEMU's credentials directory under ``encryption`` (None: plain TCP); refuses "required"
+        on an agent without a certificate rather than send guest memory in clear."""
+        if encryption == "off":
+            return None
+        if self._tls_dir is None:
+            raise InvalidRequest(
+                "the encryption policy requires TLS on the data plane, but this agent has no certificate "
+                "(start it with --tls-cert --tls-key --tls-ca, or set the pair's policy to off)"
+            )
+        return self._tls_dir
 
     async def measure_dirty_rate(self, guest_id: str, seconds: float) -> DirtyRate:
         """QEMU's own measurement: ``calc-dirty-rate`` (page sampling) then ``query-dirty-rate`` (MB/s)."""

@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
@@ -29,6 +30,7 @@ from hostagent.drivers.qemu.migration import (
 from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
+from hostagent.drivers.qemu.tls import use_plain, use_tls
 from hostagent.protocol import (
     ACTIVE_STATES,
     MAX_STREAMS,
@@ -56,11 +58,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         params: MigrationParams,
         finished: Finished,
         channels: int = 1,
+        *,
+        tls_dir: Path | None = None,
     ) -> None:
         """``channels`` > 1: QEMU's multifd with that many channels (the target's must be the same)."""
         super().__init__(process, migration_id, params.limits, finished)
         self.channels = channels
         self._relay_dir: str | None = None
+        self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
         self.target = target
         self.params = params
         self.allowed_downtime_ms = params.downtime_ms
@@ -82,6 +87,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
                 try:
                     self.progress.raise_percent("init", 50)
                     await self._configure()
+                    await self._secure()
                     await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
                 finally:
                     data.close()  # QEMU holds its own copy now
@@ -107,6 +113,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self.spawn(self._relay_channels(listener))
         self.progress.raise_percent("init", 50)
         await self._configure()
+        await self._secure()  # TLS end to end between the QEMUs, through the relay
         await self.qmp.execute("migrate", uri=f"unix:{path}")
 
     async def _relay_channels(self, listener: socket.socket) -> None:
@@ -173,6 +180,13 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             max_cpu_throttle=params.throttle_max_pct,
         )
         self.allowed_downtime_ms = params.downtime_ms
+
+    async def _secure(self) -> None:
+        """QEMU's TLS to the target under "required" (``tls``), checking its certificate's name."""
+        if self.tls_dir is None:
+            await use_plain(self.qmp)
+        else:
+            await use_tls(self.qmp, "client", self.tls_dir, hostname=self.target.host)
 
     async def change_params(self, change: ParamsChange) -> ProgressSnapshot:
         """An admin's change to the running Copy, as QEMU parameters; switch over now = no downtime limit."""

@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict
@@ -30,6 +31,7 @@ from hostagent.drivers.qemu.migration import (
 from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES
+from hostagent.drivers.qemu.tls import use_tls
 from hostagent.protocol import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -56,6 +58,8 @@ class TargetMigration(QemuMigration):
         data_host: str,
         finished: Finished,
         channels: int = 1,
+        *,
+        tls_dir: Path | None = None,
     ) -> None:
         """``channels`` > 1: QEMU's multifd with that many channels (the source's must be the same)."""
         super().__init__(process, migration_id, limits, finished)
@@ -65,6 +69,7 @@ class TargetMigration(QemuMigration):
         self._data_joined = 0
         self._incoming: asyncio.Future[str] | None = None  # the Unix socket QEMU listens on (multifd)
         self._relay_dir: str | None = None
+        self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
         self._admitting: set[asyncio.Task[None]] = set()
@@ -80,6 +85,8 @@ class TargetMigration(QemuMigration):
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities + multifd_capabilities)
         if multifd_parameters:
             await self.qmp.execute("migrate-set-parameters", **multifd_parameters)
+        if self.tls_dir is not None:  # a new QEMU: without it, its migration is plain already
+            await use_tls(self.qmp, "server", self.tls_dir)
         self.spawn(self._watch_init_limit())
         self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())

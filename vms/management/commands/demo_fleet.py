@@ -30,7 +30,7 @@ class Command(BaseCommand):
             "--data-plane",
             choices=("required", "off"),
             default="required",
-            help="Data-plane encryption policy between the demo hosts (off: the QEMU demo).",
+            help="Data-plane encryption policy between the demo hosts (off: a trusted migration network).",
         )
 
     def handle(
