@@ -147,3 +147,40 @@ def test_a_guest_that_cannot_converge_aborts_at_the_round_limit_and_keeps_runnin
     assert workload_advances(vsp1, name)
     assert wait_for_state(vsp2, migration_id, "aborted")["failed_phase"] == "copy"
     assert vsp2.guest(name) is None
+
+
+def test_copy_percent_is_the_share_of_bytes_sent_and_moves_within_the_first_round(agent_pair):
+    """Issue 12 item 6: Copy's percent counted pages *scanned*, so a quarter-filled guest read 70% when a
+    quarter of its bytes had gone, and progress moved only between rounds. With a 10 MB/s cap the first
+    pass of a 128 MiB guest filled 25% (32 MiB written, the rest zero markers) lasts ~3 s: the percent
+    must follow the bytes sent against the bytes written (measured independently, before the move)."""
+    vsp1, vsp2 = agent_pair
+    name = unique("share")
+    guest = define_running_guest(vsp1, name, memory_mib=128, fill_percent=25, dirty_pages_per_s=0)
+    written = vsp1.guest(name)["workload"]["resident_mib"] * 2**20
+    assert written >= 30 * 2**20
+    migration_id = unique("share")
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=80, downtime_ms=300, max_rounds=30)
+
+    seen = follow(vsp1, migration_id, converged_or_ended)
+    first_round = [s for s in seen if s["state"] == "copy" and s["round"] == 1 and s["bytes_sent"] > 0]
+    assert len({s["percent"]["copy"] for s in first_round}) >= 4, first_round  # it moved within the round
+    for snapshot in first_round:
+        expected = 100 * snapshot["bytes_sent"] / written
+        assert abs(snapshot["percent"]["copy"] - expected) <= 5, (snapshot["percent"], expected)
+    percents = [s["percent"]["copy"] for s in seen]
+    assert percents == sorted(percents)
+    vsp1.client.cancel(migration_id)
+
+
+def test_the_dirty_rate_reads_from_the_first_round_of_a_busy_guest(agent_pair):
+    vsp1, vsp2 = agent_pair
+    name = unique("busy")
+    guest = define_running_guest(vsp1, name, memory_mib=64, fill_percent=100, dirty_pages_per_s=2000)
+    migration_id = unique("busy")
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=80, downtime_ms=300, max_rounds=30)
+
+    seen = follow(vsp1, migration_id, lambda s: s["round"] > 1 or s["state"] not in ("init", "copy"))
+    first_round = [s for s in seen if s["state"] == "copy" and s["round"] == 1]
+    assert any(s["dirty_rate_bytes_s"] > 0 for s in first_round), first_round[-3:]
+    vsp1.client.cancel(migration_id)

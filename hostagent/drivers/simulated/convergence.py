@@ -100,8 +100,8 @@ class ConvergenceJudge:
         if self._converged.is_set():
             self.progress.update(**fields)
             return
-        total = self.guest.memory.size
-        fields["percent"] = {"copy": 90 + 9 * (total - min(pending_bytes, total)) // total}
+        sent = self._bytes_sent()
+        fields["percent"] = {"copy": min(99, 100 * sent // (sent + pending_bytes)) if sent else 0}
         if judged:
             self._apply_policy_after_round(pending_bytes)
         fields["allowed_downtime_ms"] = self.allowed_downtime_ms

@@ -79,6 +79,7 @@ SCATTERED_RUN = 16  # shorter runs of dirty pages travel in PAGE_LIST frames
 PAGE_LIST_BATCH = 256
 ZERO_RUN = bytes(RUN_PAGES * PAGE_SIZE)
 PROGRESS_EVERY_S = 0.05
+COPY_PROGRESS_EVERY_S = 0.2  # the source's own Copy progress within a round (the page wants >= 2/s)
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
 SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
@@ -155,6 +156,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._target_hashed = asyncio.Event()
         self._hash_rate_pages_s: float | None = None
         self._last_mirror = 0.0
+        self._last_copy_note = 0.0  # when the Copy progress was last noted (monotonic s)
+        self._to_send_bytes = 0  # what the round under way has to send (bytes)
         self._dirty_mark = (time.monotonic(), 0)
         self._last_round_bytes: int | None = None
         self._policy_round = 1
@@ -531,9 +534,11 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         ZERO markers."""
         written = bytes(self.guest.memory.written)
         self._pass_pages = 0
+        self._to_send_bytes = written.count(1) * PAGE_SIZE  # ZERO markers cost (next to) nothing
         self._batch += 1
         await gather_all([self._send_pass_part(index, written) for index in range(self.streams)])
-        self._note_pass_progress(self.guest.memory.page_count, self.guest.memory.size)
+        self._to_send_bytes = 0
+        self._note_copy_progress(force=True)
 
     async def _send_pass_part(self, index: int, written: bytes) -> None:
         """Stream ``index``'s share of the first pass: its blocks of ``PARTITION_PAGES`` pages."""
@@ -548,10 +553,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 position = first + count
             await self._send_written(writer, position, end)
             self._pass_pages += end - block
-            if block % (8 * step) < step:
-                self._note_pass_progress(self._pass_pages, self.guest.memory.size)
-                if index == 0:  # control frames travel on stream 0, written by its sender only
-                    await self._mirror_progress(force=False)
+            self._note_copy_progress()
+            if index == 0:  # control frames travel on stream 0, written by its sender only
+                await self._mirror_progress(force=False)
         await writer.round_end(self._batch, self.progress.current.round)
 
     async def _send_written(self, writer: FrameWriter, first: int, end: int) -> None:
@@ -563,13 +567,27 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             else:
                 await writer.pages(run_first, payload)
 
-    def _note_pass_progress(self, pages_done: int, total: int) -> None:
-        done = pages_done * PAGE_SIZE
-        pending = self.guest.memory.dirty_count() * PAGE_SIZE
+    def _note_copy_progress(self, *, force: bool = False) -> None:
+        """Copy's progress within a round, at most every ``COPY_PROGRESS_EVERY_S`` (``force``: now).
+
+        ``percent``: the share of the bytes to send that has been sent, sent / (sent + left), where
+        left is what the current round still has to send plus the pages dirtied since it began; capped
+        at 99 until Copy converges (``Progress`` never lets it go back when the guest dirties more).
+        ``dirty_rate_bytes_s`` is measured from the start of the round, so it reads from round 1 on.
+        """
+        now = time.monotonic()
+        if not force and now - self._last_copy_note < COPY_PROGRESS_EVERY_S:
+            return
+        self._last_copy_note = now
+        sent = self._bytes_sent()
+        round_sent = sent - (self._round_started[1] if self._round_started else sent)
+        dirtied = self.guest.memory.dirty_count() * PAGE_SIZE
+        left = max(0, self._to_send_bytes - round_sent) + dirtied
         self.progress.update(
-            percent={"copy": 90 * done // total},
-            bytes_sent=self._bytes_sent(),
-            bytes_remaining=total - done + pending,
+            percent={"copy": min(99, 100 * sent // (sent + left)) if sent + left else 0},
+            bytes_sent=sent,
+            bytes_remaining=left,
+            dirty_rate_bytes_s=self._dirty_rate(dirtied),
             throughput_bytes_s=round(self._throughput()),
         )
 
@@ -589,7 +607,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             else:
                 for index, pieces in enumerate(split_by_stream(first, count, self.streams)):
                     parts[index].extend(pieces)
+        self._to_send_bytes = dirty.count(1) * PAGE_SIZE
         await gather_all([self._send_round_part(index, runs) for index, runs in enumerate(parts)])
+        self._to_send_bytes = 0
         self._end_round(dirty_round=True)
         self.progress.update(bytes_sent=self._bytes_sent())
         self._round_done = self.progress.current.round
@@ -605,12 +625,14 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 if len(scattered) >= PAGE_LIST_BATCH:
                     await writer.page_list(scattered, view)
                     scattered = []
+                    self._note_copy_progress()
                     if index == 0:
                         await self._mirror_progress(force=False)
                 continue
             for run_first in range(first, first + count, RUN_PAGES):
                 run_count = min(RUN_PAGES, first + count - run_first)
                 await writer.pages(run_first, memory.pages(run_first, run_count))
+                self._note_copy_progress()
             if index == 0:
                 await self._mirror_progress(force=False)
         if scattered:
