@@ -5,18 +5,29 @@ VMs in the middle of a migration are left alone (the migration's worker owns the
 Split brain: a guest the agent reports running where its copy is Not Runnable is flagged
 (``Registration.found_running_at``) and raises a critical alert on the VM, its VSPs and the VSP list;
 which copy is runnable never changes by itself.
-An agent that does not answer marks its VSP unreachable, which the migrate dialog shows.
 Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
+
+Periodic collection runs in rounds (``InventoryRound``): ``start_round`` records one, then one Celery task
+per VSP calls ``collect_vsp`` (``migrations_app.tasks``), each with a short time-out
+(``INVENTORY_AGENT_TIMEOUT_S``), so a slow or dead agent holds up only its own VSP.
+
+Reachability: every unanswered call counts (``VSP.agent_failures``); periodic collection marks a VSP
+unreachable only at ``INVENTORY_UNREACHABLE_AFTER`` in a row (a lost packet does not flip a host), while a
+call someone waits on (a migration, the migrate dialog's probe, Refresh Data) marks it at once
+(``mark_reachable(vsp, False)``). ``VSP.unreachable_since`` says since when; any answer resets both.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from vms.agent_client import (
@@ -26,7 +37,7 @@ from vms.agent_client import (
     AgentUnreachable,
     AgentUntrusted,
 )
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +52,66 @@ MIGRATING_STATES = (
 )  # Migration.ACTIVE_STATES minus queued
 
 
+KEEP_ROUNDS = 100  # InventoryRound rows kept (the metrics read the last finished one)
+
+
 def collect_all_inventory() -> dict[str, bool]:
-    """Re-collect every VSP; returns whether each agent answered."""
-    return {vsp.name: collect_vsp_inventory(vsp) for vsp in VSP.objects.all()}
+    """Re-collect every VSP in this process, one after the other (``seed_demo_agents``, tests); returns
+    whether each agent answered. The periodic collection fans out instead (``start_round``)."""
+    round_id, vsp_ids = start_round()
+    names = dict(VSP.objects.filter(pk__in=vsp_ids).values_list("pk", "name"))
+    return {names[pk]: collect_vsp(pk, round_id) for pk in vsp_ids}
 
 
-def collect_vsp_inventory(vsp: VSP, *, timeout_s: float | None = None) -> bool:
-    return fetch_and_store(vsp, timeout_s=timeout_s) is not None
+def start_round() -> tuple[int, list[int]]:
+    """Record a new collection round over every VSP; returns its id and the VSPs' ids to collect.
+
+    Rounds beyond the last ``KEEP_ROUNDS`` are deleted.
+    """
+    vsp_ids = list(VSP.objects.order_by("pk").values_list("pk", flat=True))
+    inventory_round = InventoryRound.objects.create(vsps=len(vsp_ids))
+    InventoryRound.objects.filter(pk__lte=inventory_round.pk - KEEP_ROUNDS).delete()
+    if not vsp_ids:
+        InventoryRound.objects.filter(pk=inventory_round.pk).update(finished_at=timezone.now())
+    return inventory_round.pk, vsp_ids
+
+
+def collect_vsp(vsp_id: int, round_id: int | None = None) -> bool:
+    """Collect one VSP's guests with the periodic time-out and count it in round ``round_id``.
+
+    Returns whether the agent answered. An unanswered call counts toward marking the VSP unreachable
+    (``INVENTORY_UNREACHABLE_AFTER`` in a row); a VSP deleted meanwhile is only counted.
+    """
+    vsp = VSP.objects.filter(pk=vsp_id).first()
+    answered = False
+    if vsp is not None:
+        guests, _ = fetch_guests(vsp, timeout_s=settings.INVENTORY_AGENT_TIMEOUT_S, periodic=True)
+        answered = guests is not None
+    if round_id is not None:
+        count_in_round(round_id, answered)
+    return answered
+
+
+def count_in_round(round_id: int, answered: bool) -> None:
+    """One VSP of round ``round_id`` done: one ``UPDATE`` (SET reads the row as it was before it), so
+    concurrent workers lose no count and exactly one of them sets ``finished_at``."""
+    now = timezone.now()
+    InventoryRound.objects.filter(pk=round_id).update(
+        done=F("done") + 1,
+        unanswered=F("unanswered") + (0 if answered else 1),
+        finished_at=Case(
+            When(Q(finished_at=None) & Q(done__gte=F("vsps") - 1), then=Value(now)),
+            default=F("finished_at"),
+        ),
+    )
+    finished = InventoryRound.objects.filter(pk=round_id, finished_at=now).first()
+    if finished is not None:
+        logger.info(
+            "Inventory collection of %d VSPs took %.1f s (%d unanswered)",
+            finished.vsps,
+            finished.duration_s or 0.0,
+            finished.unanswered,
+        )
 
 
 def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, dict[str, Any]] | None:
@@ -58,21 +122,29 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
     return fetch_guests(vsp, timeout_s=timeout_s)[0]
 
 
-def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
+def fetch_guests(
+    vsp: VSP, *, timeout_s: float | None = None, periodic: bool = False
+) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
-    untrusted certificate)."""
+    untrusted certificate). ``periodic``: the call is the periodic collection's, so no answer marks the
+    VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER`` in a row (else at once); its duration is
+    stored (``VSP.agent_collect_ms``) either way."""
+    started = time.monotonic()
+    problem = ""
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
-        mark_reachable(vsp, False)
-        return None, "presented a TLS certificate the console does not trust (not the registered one)"
+        problem = "presented a TLS certificate the console does not trust (not the registered one)"
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
-        mark_reachable(vsp, False)
-        return None, "did not answer"
-    mark_reachable(vsp, True)
+        problem = "did not answer"
+    took_ms = round((time.monotonic() - started) * 1000) if periodic else None
+    if problem:
+        record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
+        return None, problem
+    record_answered(vsp, took_ms=took_ms)
     by_id = {guest["guest_id"]: guest for guest in guests}
     store_guests(vsp, by_id)
     return by_id, ""
@@ -154,8 +226,45 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
-    VSP.objects.filter(pk=vsp.pk).update(agent_reachable=reachable, agent_checked_at=timezone.now())
-    vsp.agent_reachable = reachable
+    """What a call someone waits on learnt: an answer resets the count, no answer marks ``vsp``
+    unreachable at once (a migration's call, the migrate dialog's probe, Refresh Data)."""
+    if reachable:
+        record_answered(vsp)
+    else:
+        record_unanswered(vsp, at_once=True)
+
+
+def record_answered(vsp: VSP, *, took_ms: int | None = None) -> None:
+    """The agent answered: reachable again, no failures counted, no "unreachable since"."""
+    now = timezone.now()
+    fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
+    fields["agent_checked_at"] = now
+    if took_ms is not None:
+        fields["agent_collect_ms"] = took_ms
+    if VSP.objects.filter(pk=vsp.pk, agent_reachable=False).update(**fields):
+        logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)
+    else:
+        VSP.objects.filter(pk=vsp.pk).update(**fields)
+    vsp.agent_reachable, vsp.agent_failures, vsp.unreachable_since = True, 0, None
+
+
+def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) -> None:
+    """One more unanswered call; the VSP is marked unreachable (compare-and-set, with the time) when the
+    count reaches ``INVENTORY_UNREACHABLE_AFTER``, or at once."""
+    now = timezone.now()
+    fields: dict[str, Any] = {"agent_failures": F("agent_failures") + 1, "agent_checked_at": now}
+    if took_ms is not None:
+        fields["agent_collect_ms"] = took_ms
+    VSP.objects.filter(pk=vsp.pk).update(**fields)
+    limit = 1 if at_once else settings.INVENTORY_UNREACHABLE_AFTER
+    if VSP.objects.filter(pk=vsp.pk, agent_reachable=True, agent_failures__gte=limit).update(
+        agent_reachable=False, unreachable_since=now
+    ):
+        logger.warning("Agent of VSP %s marked unreachable (%d unanswered in a row)", vsp.name, limit)
+    try:
+        vsp.refresh_from_db(fields=["agent_reachable", "agent_failures", "unreachable_since"])
+    except VSP.DoesNotExist:  # deleted meanwhile: nothing left to show
+        pass
 
 
 def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
