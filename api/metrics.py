@@ -22,7 +22,8 @@ Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_inventory_collection_duration_seconds``: the last finished collection round over every VSP
   (fan-out to the last answer or time-out; it should stay under the collection interval),
   ``matrixoe_inventory_collection_finished_timestamp_seconds`` (when it finished, Unix time) and
-  ``matrixoe_inventory_collection_vsps{outcome}`` (answered / unanswered in that round).
+  ``matrixoe_inventory_collection_vsps{outcome}`` (answered / unanswered / skipped in that round;
+  skipped: its task did not start before the next round was due, the workers are too few).
 """
 
 from __future__ import annotations
@@ -208,14 +209,15 @@ class MigrationCollector:
         )
         vsps = GaugeMetricFamily(
             "matrixoe_inventory_collection_vsps",
-            "VSPs of the last finished inventory collection by whether their agent answered",
+            "VSPs of the last finished inventory collection by outcome (skipped: not started in time)",
             labels=["outcome"],
         )
         if last is not None and last.finished_at is not None:
             duration.add_metric([], last.duration_s or 0.0)
             finished.add_metric([], last.finished_at.timestamp())
-            vsps.add_metric(["answered"], last.vsps - last.unanswered)
+            vsps.add_metric(["answered"], last.vsps - last.unanswered - last.skipped)
             vsps.add_metric(["unanswered"], last.unanswered)
+            vsps.add_metric(["skipped"], last.skipped)
         yield from (duration, finished, vsps)
 
 

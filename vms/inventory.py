@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
@@ -76,29 +77,43 @@ def start_round() -> tuple[int, list[int]]:
     return inventory_round.pk, vsp_ids
 
 
-def collect_vsp(vsp_id: int, round_id: int | None = None) -> bool:
+def collect_vsp(vsp_id: int, round_id: int | None = None, *, deadline: float | None = None) -> bool:
     """Collect one VSP's guests with the periodic time-out and count it in round ``round_id``.
 
     Returns whether the agent answered. An unanswered call counts toward marking the VSP unreachable
-    (``INVENTORY_UNREACHABLE_AFTER`` in a row); a VSP deleted meanwhile is only counted.
+    (``INVENTORY_UNREACHABLE_AFTER`` in a row); a VSP deleted meanwhile is only counted. Past
+    ``deadline`` (Unix time: the next round is due) the agent is not asked and the VSP counts as skipped,
+    so a backlog drains at once and the round still finishes. The agent is asked outside any
+    transaction; what it said is stored in one (one commit per VSP: with SQLite, whose writers queue one
+    at a time, that is what 500 VSPs in one interval hinge on).
     """
+    if deadline is not None and time.time() > deadline:
+        if round_id is not None:
+            count_in_round(round_id, SKIPPED)
+        return False
     vsp = VSP.objects.filter(pk=vsp_id).first()
-    answered = False
-    if vsp is not None:
-        guests, _ = fetch_guests(vsp, timeout_s=settings.INVENTORY_AGENT_TIMEOUT_S, periodic=True)
-        answered = guests is not None
-    if round_id is not None:
-        count_in_round(round_id, answered)
+    asked = ask_agent(vsp, settings.INVENTORY_AGENT_TIMEOUT_S) if vsp is not None else None
+    answered = asked is not None and asked.guests is not None
+    with transaction.atomic():
+        if vsp is not None and asked is not None:
+            record_asked(vsp, asked, periodic=True)
+        if round_id is not None:  # last: the round's row stays locked only until the commit
+            count_in_round(round_id, ANSWERED if answered else UNANSWERED)
     return answered
 
 
-def count_in_round(round_id: int, answered: bool) -> None:
-    """One VSP of round ``round_id`` done: one ``UPDATE`` (SET reads the row as it was before it), so
-    concurrent workers lose no count and exactly one of them sets ``finished_at``."""
+ANSWERED, UNANSWERED, SKIPPED = "answered", "unanswered", "skipped"
+
+
+def count_in_round(round_id: int, outcome: str) -> None:
+    """One VSP of round ``round_id`` done (``outcome``: ANSWERED, UNANSWERED or SKIPPED): one ``UPDATE``
+    (SET reads the row as it was before it), so concurrent workers lose no count and exactly one of
+    them sets ``finished_at``."""
     now = timezone.now()
     InventoryRound.objects.filter(pk=round_id).update(
         done=F("done") + 1,
-        unanswered=F("unanswered") + (0 if answered else 1),
+        unanswered=F("unanswered") + (outcome == UNANSWERED),
+        skipped=F("skipped") + (outcome == SKIPPED),
         finished_at=Case(
             When(Q(finished_at=None) & Q(done__gte=F("vsps") - 1), then=Value(now)),
             default=F("finished_at"),
@@ -106,11 +121,13 @@ def count_in_round(round_id: int, answered: bool) -> None:
     )
     finished = InventoryRound.objects.filter(pk=round_id, finished_at=now).first()
     if finished is not None:
-        logger.info(
-            "Inventory collection of %d VSPs took %.1f s (%d unanswered)",
+        log = logger.warning if finished.skipped else logger.info
+        log(
+            "Inventory collection of %d VSPs took %.1f s (%d unanswered, %d skipped: not started in time)",
             finished.vsps,
             finished.duration_s or 0.0,
             finished.unanswered,
+            finished.skipped,
         )
 
 
@@ -122,15 +139,29 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
     return fetch_guests(vsp, timeout_s=timeout_s)[0]
 
 
-def fetch_guests(
-    vsp: VSP, *, timeout_s: float | None = None, periodic: bool = False
-) -> tuple[dict[str, dict[str, Any]] | None, str]:
+def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
-    untrusted certificate). ``periodic``: the call is the periodic collection's, so no answer marks the
-    VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER`` in a row (else at once); its duration is
-    stored (``VSP.agent_collect_ms``) either way."""
+    untrusted certificate); no answer marks the VSP unreachable at once (someone is waiting on it)."""
+    asked = ask_agent(vsp, timeout_s)
+    with transaction.atomic():
+        record_asked(vsp, asked, periodic=False)
+    return asked.guests, asked.problem
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms."""
+
+    guests: dict[str, dict[str, Any]] | None
+    problem: str
+    took_ms: int
+
+
+def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
+    """Ask ``vsp``'s agent for its guests (nothing is stored; no database access)."""
     started = time.monotonic()
     problem = ""
+    guests: list[dict[str, Any]] = []
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
@@ -140,14 +171,22 @@ def fetch_guests(
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
         problem = "did not answer"
-    took_ms = round((time.monotonic() - started) * 1000) if periodic else None
+    took_ms = round((time.monotonic() - started) * 1000)
     if problem:
+        return Asked(None, problem, took_ms)
+    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms)
+
+
+def record_asked(vsp: VSP, asked: Asked, *, periodic: bool) -> None:
+    """Store what ``ask_agent`` got. ``periodic``: the periodic collection's call, so no answer marks the
+    VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER`` in a row (else at once), and its
+    duration is kept (``VSP.agent_collect_ms``)."""
+    took_ms = asked.took_ms if periodic else None
+    if asked.guests is None:
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
-        return None, problem
+        return
     record_answered(vsp, took_ms=took_ms)
-    by_id = {guest["guest_id"]: guest for guest in guests}
-    store_guests(vsp, by_id)
-    return by_id, ""
+    store_guests(vsp, asked.guests)
 
 
 @dataclass(frozen=True)
@@ -236,64 +275,68 @@ def mark_reachable(vsp: VSP, reachable: bool) -> None:
 
 def record_answered(vsp: VSP, *, took_ms: int | None = None) -> None:
     """The agent answered: reachable again, no failures counted, no "unreachable since"."""
-    now = timezone.now()
     fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
-    fields["agent_checked_at"] = now
+    fields["agent_checked_at"] = timezone.now()
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
-    if VSP.objects.filter(pk=vsp.pk, agent_reachable=False).update(**fields):
+    VSP.objects.filter(pk=vsp.pk).update(**fields)
+    if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
         logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)
-    else:
-        VSP.objects.filter(pk=vsp.pk).update(**fields)
     vsp.agent_reachable, vsp.agent_failures, vsp.unreachable_since = True, 0, None
 
 
 def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) -> None:
-    """One more unanswered call; the VSP is marked unreachable (compare-and-set, with the time) when the
-    count reaches ``INVENTORY_UNREACHABLE_AFTER``, or at once."""
+    """One more unanswered call; the VSP is marked unreachable, with the time, by the call that brings
+    the count to ``INVENTORY_UNREACHABLE_AFTER`` (or at once). One ``UPDATE``: SET reads the row as it
+    was, so concurrent callers count every call and only the first to reach the limit sets the time."""
     now = timezone.now()
-    fields: dict[str, Any] = {"agent_failures": F("agent_failures") + 1, "agent_checked_at": now}
+    reaches_limit = Q(agent_failures__gte=(1 if at_once else settings.INVENTORY_UNREACHABLE_AFTER) - 1)
+    fields: dict[str, Any] = {
+        "agent_failures": F("agent_failures") + 1,
+        "agent_checked_at": now,
+        "agent_reachable": Case(When(reaches_limit, then=Value(False)), default=F("agent_reachable")),
+        "unreachable_since": Case(
+            When(reaches_limit & Q(agent_reachable=True), then=Value(now)), default=F("unreachable_since")
+        ),
+    }
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
     VSP.objects.filter(pk=vsp.pk).update(**fields)
-    limit = 1 if at_once else settings.INVENTORY_UNREACHABLE_AFTER
-    if VSP.objects.filter(pk=vsp.pk, agent_reachable=True, agent_failures__gte=limit).update(
-        agent_reachable=False, unreachable_since=now
-    ):
-        logger.warning("Agent of VSP %s marked unreachable (%d unanswered in a row)", vsp.name, limit)
     try:
         vsp.refresh_from_db(fields=["agent_reachable", "agent_failures", "unreachable_since"])
     except VSP.DoesNotExist:  # deleted meanwhile: nothing left to show
-        pass
+        return
+    if vsp.unreachable_since == now:
+        logger.warning("Agent of VSP %s marked unreachable (%d unanswered)", vsp.name, vsp.agent_failures)
 
 
 def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
-    registrations = (
+    """Store what the agent says about the copies on ``vsp`` that it owns, then check the Not Runnable
+    ones for a split brain; copies whose VM is migrating are left to the migration. One query reads
+    them all (inventory collection runs this once per VSP every interval)."""
+    registrations = list(
         Registration.objects.filter(vsp=vsp)
-        .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
         .exclude(vm__migrations__state__in=MIGRATING_STATES)
         .select_related("vm")
     )
+    not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
     reported = []
     for registration in registrations:
         guest = guests.get(str(registration.vm.guest_id))
-        if guest is not None:
+        if guest is not None and registration.hardware_status != not_runnable:
             store_guest(registration, guest)
             reported.append(registration.pk)
-    Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
-    note_split_brain(vsp, guests)
+    if reported:
+        Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
+    note_split_brain(vsp, guests, [r for r in registrations if r.hardware_status == not_runnable])
 
 
-def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
-    """Flag (or clear) each Not Runnable copy on ``vsp`` by whether its agent reports the guest running.
+def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+    """Flag (or clear) each Not Runnable copy on ``vsp`` (``copies``, their VMs not migrating) by whether
+    its agent reports the guest running.
 
     A guest that migrates is left to its migration (the target's copy runs paused, then resumes).
     """
-    copies = (
-        Registration.objects.filter(vsp=vsp, hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
-        .exclude(vm__migrations__state__in=MIGRATING_STATES)
-        .select_related("vm")
-    )
     for copy in copies:
         guest = guests.get(str(copy.vm.guest_id))
         running = guest is not None and guest.get("hardware_status") == "on" and not guest.get("migrating")

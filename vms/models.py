@@ -156,15 +156,17 @@ class VSP(models.Model):
 class InventoryRound(models.Model):
     """One periodic inventory collection: the fan-out of one task per VSP, counted as each one ends.
 
-    ``done`` and ``unanswered`` grow by one per VSP collected (one conditional ``UPDATE`` each, so
-    concurrent workers never lose a count); ``finished_at`` is set by the update that brings ``done`` to
-    ``vsps``. A round whose tasks expired (a backlog) never finishes. Only the last rounds are kept.
+    ``done`` grows by one per VSP (and ``unanswered`` or ``skipped`` with it), each by one conditional
+    ``UPDATE``, so concurrent workers never lose a count; ``finished_at`` is set by the update that brings
+    ``done`` to ``vsps``. A VSP whose task did not start before the next round was due is skipped (not
+    asked). A round whose tasks were lost (a worker killed) never finishes. Only the last rounds are kept.
     """
 
     started_at = models.DateTimeField(default=timezone.now)
     vsps = models.PositiveIntegerField()
     done = models.PositiveIntegerField(default=0)
     unanswered = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)  # not started before the next round was due
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

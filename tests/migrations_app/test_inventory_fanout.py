@@ -21,6 +21,7 @@ from migrations_app.tasks import collect_inventory
 from tests.conftest import ManagedProcess, free_port, start_celery_worker
 from tests.factories import make_vsp
 from tests.migrations_app.guests import place_vm
+from vms.inventory import collect_vsp, start_round
 from vms.models import VSP, InventoryRound, Registration
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -141,6 +142,7 @@ def test_metrics_tell_how_long_collection_took_and_which_agents_answer(
     assert took and float(took[1]) == pytest.approx(done.duration_s, abs=1e-3)
     assert 'matrixoe_inventory_collection_vsps{outcome="answered"} 3.0' in text
     assert 'matrixoe_inventory_collection_vsps{outcome="unanswered"} 1.0' in text
+    assert 'matrixoe_inventory_collection_vsps{outcome="skipped"} 0.0' in text
     assert "matrixoe_inventory_collection_finished_timestamp_seconds " in text
     for name in ("hosta", "hostb", "hostc", "silent"):
         series = rf'^matrixoe_agent_collection_duration_seconds{{vsp="{name}"}} [0-9.e+-]+$'
@@ -148,3 +150,18 @@ def test_metrics_tell_how_long_collection_took_and_which_agents_answer(
     assert 'matrixoe_agent_reachable{vsp="silent"} 0.0' in text
     assert 'matrixoe_agent_reachable{vsp="hosta"} 1.0' in text
     assert 'matrixoe_agent_unanswered_calls{vsp="silent"} 3.0' in text
+
+
+def test_a_task_that_starts_after_the_next_round_was_due_skips_its_agent(host_agents, fleet):
+    """A backlog (too few workers, a worker that was down) drains without asking anyone, and the round
+    still finishes, saying how many it skipped."""
+    round_id, vsp_ids = start_round()
+
+    answered = [collect_vsp(pk, round_id, deadline=time.time() - 1) for pk in vsp_ids]
+
+    assert answered == [False, False, False]
+    done = InventoryRound.objects.get(pk=round_id)
+    assert (done.done, done.unanswered, done.skipped, done.finished_at is not None) == (3, 0, 3, True)
+    assert set(VSP.objects.values_list("agent_checked_at", "agent_failures", "agent_reachable")) == {
+        (None, 0, True)
+    }
