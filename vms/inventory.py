@@ -112,8 +112,8 @@ def count_in_round(round_id: int, outcome: str) -> None:
     now = timezone.now()
     InventoryRound.objects.filter(pk=round_id).update(
         done=F("done") + 1,
-        unanswered=F("unanswered") + (outcome == UNANSWERED),
-        skipped=F("skipped") + (outcome == SKIPPED),
+        unanswered=F("unanswered") + int(outcome == UNANSWERED),
+        skipped=F("skipped") + int(outcome == SKIPPED),
         finished_at=Case(
             When(Q(finished_at=None) & Q(done__gte=F("vsps") - 1), then=Value(now)),
             default=F("finished_at"),

@@ -14,6 +14,7 @@ from vms.refresh import refresh_vm_state
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.mark.postgres  # the conditional UPDATEs of reachability and of the round, on PostgreSQL too
 def test_it_marks_an_agent_unreachable_after_three_unanswered_collections_and_the_others_reachable(
     host_agents, fleet
 ):
