@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
@@ -83,32 +83,43 @@ def collect_vsp(vsp_id: int, round_id: int | None = None, *, deadline: float | N
     Returns whether the agent answered. An unanswered call counts toward marking the VSP unreachable
     (``INVENTORY_UNREACHABLE_AFTER`` in a row); a VSP deleted meanwhile is only counted. Past
     ``deadline`` (Unix time: the next round is due) the agent is not asked and the VSP counts as skipped,
-    so a backlog drains at once and the round still finishes. The agent is asked outside any
-    transaction; what it said is stored in one (one commit per VSP: with SQLite, whose writers queue one
-    at a time, that is what 500 VSPs in one interval hinge on).
+    so a backlog drains at once and the round still finishes; so does a VSP whose answer could not be
+    stored (a database error, logged).
+
+    1. Ask the agent (no transaction open) and read the VSP's copies.
+    2. In one short transaction, only writes: reachability, the copies (compare-and-set), the count in
+       the round, last so that its row stays locked only until the commit. With SQLite (one writer at
+       a time, the lock taken at BEGIN) this is what 500 VSPs in one interval hinge on.
     """
     if deadline is not None and time.time() > deadline:
         if round_id is not None:
-            count_in_round(round_id, SKIPPED)
+            finish_log(round_id, count_in_round(round_id, SKIPPED))
         return False
     vsp = VSP.objects.filter(pk=vsp_id).first()
     asked = ask_agent(vsp, settings.INVENTORY_AGENT_TIMEOUT_S) if vsp is not None else None
     answered = asked is not None and asked.guests is not None
-    with transaction.atomic():
-        if vsp is not None and asked is not None:
-            record_asked(vsp, asked, periodic=True)
-        if round_id is not None:  # last: the round's row stays locked only until the commit
-            count_in_round(round_id, ANSWERED if answered else UNANSWERED)
+    outcome = ANSWERED if answered else UNANSWERED
+    copies = copies_to_store(vsp) if vsp is not None and answered else []
+    try:
+        with transaction.atomic():
+            if vsp is not None and asked is not None:
+                record_asked(vsp, asked, copies, periodic=True)
+            counted = count_in_round(round_id, outcome) if round_id is not None else None
+    except DatabaseError:
+        logger.exception("Inventory of VSP %s not stored", vsp.name if vsp else vsp_id)
+        counted = count_in_round(round_id, SKIPPED) if round_id is not None else None
+    if round_id is not None and counted is not None:
+        finish_log(round_id, counted)
     return answered
 
 
 ANSWERED, UNANSWERED, SKIPPED = "answered", "unanswered", "skipped"
 
 
-def count_in_round(round_id: int, outcome: str) -> None:
+def count_in_round(round_id: int, outcome: str) -> datetime:
     """One VSP of round ``round_id`` done (``outcome``: ANSWERED, UNANSWERED or SKIPPED): one ``UPDATE``
     (SET reads the row as it was before it), so concurrent workers lose no count and exactly one of
-    them sets ``finished_at``."""
+    them sets ``finished_at``, to the time returned."""
     now = timezone.now()
     InventoryRound.objects.filter(pk=round_id).update(
         done=F("done") + 1,
@@ -119,11 +130,16 @@ def count_in_round(round_id: int, outcome: str) -> None:
             default=F("finished_at"),
         ),
     )
-    finished = InventoryRound.objects.filter(pk=round_id, finished_at=now).first()
+    return now
+
+
+def finish_log(round_id: int, counted_at: datetime) -> None:
+    """Log the round's figures if the count made at ``counted_at`` was its last."""
+    finished = InventoryRound.objects.filter(pk=round_id, finished_at=counted_at).first()
     if finished is not None:
         log = logger.warning if finished.skipped else logger.info
         log(
-            "Inventory collection of %d VSPs took %.1f s (%d unanswered, %d skipped: not started in time)",
+            "Inventory collection of %d VSPs took %.1f s (%d unanswered, %d skipped)",
             finished.vsps,
             finished.duration_s or 0.0,
             finished.unanswered,
@@ -143,8 +159,9 @@ def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str,
     """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
     untrusted certificate); no answer marks the VSP unreachable at once (someone is waiting on it)."""
     asked = ask_agent(vsp, timeout_s)
+    copies = copies_to_store(vsp) if asked.guests is not None else []
     with transaction.atomic():
-        record_asked(vsp, asked, periodic=False)
+        record_asked(vsp, asked, copies, periodic=False)
     return asked.guests, asked.problem
 
 
@@ -177,16 +194,16 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms)
 
 
-def record_asked(vsp: VSP, asked: Asked, *, periodic: bool) -> None:
-    """Store what ``ask_agent`` got. ``periodic``: the periodic collection's call, so no answer marks the
-    VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER`` in a row (else at once), and its
-    duration is kept (``VSP.agent_collect_ms``)."""
+def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
+    """Store what ``ask_agent`` got about ``copies`` (``copies_to_store``). ``periodic``: the periodic
+    collection's call, so no answer marks the VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER``
+    in a row (else at once), and its duration is kept (``VSP.agent_collect_ms``)."""
     took_ms = asked.took_ms if periodic else None
     if asked.guests is None:
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
         return
     record_answered(vsp, took_ms=took_ms)
-    store_guests(vsp, asked.guests)
+    store_guests(vsp, asked.guests, copies)
 
 
 @dataclass(frozen=True)
@@ -310,25 +327,32 @@ def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) ->
         logger.warning("Agent of VSP %s marked unreachable (%d unanswered)", vsp.name, vsp.agent_failures)
 
 
-def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
-    """Store what the agent says about the copies on ``vsp`` that it owns, then check the Not Runnable
-    ones for a split brain; copies whose VM is migrating are left to the migration. One query reads
-    them all (inventory collection runs this once per VSP every interval)."""
-    registrations = list(
+def copies_to_store(vsp: VSP) -> list[Registration]:
+    """The copies on ``vsp`` that an agent's answer may change: all but those of a migrating VM (the
+    migration's worker owns them then). Read before the writing transaction; ``store_guests`` writes
+    by compare-and-set, so a copy changed meanwhile (a migration's commit) is left as it now is."""
+    return list(
         Registration.objects.filter(vsp=vsp)
         .exclude(vm__migrations__state__in=MIGRATING_STATES)
         .select_related("vm")
     )
+
+
+def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+    """Store what the agent says about the runnable ``copies``, then check the Not Runnable ones for a
+    split brain."""
     not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
     reported = []
-    for registration in registrations:
+    for registration in copies:
         guest = guests.get(str(registration.vm.guest_id))
         if guest is not None and registration.hardware_status != not_runnable:
             store_guest(registration, guest)
             reported.append(registration.pk)
     if reported:
-        Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
-    note_split_brain(vsp, guests, [r for r in registrations if r.hardware_status == not_runnable])
+        Registration.objects.filter(pk__in=reported).exclude(hardware_status=not_runnable).update(
+            state_collected_at=timezone.now()
+        )
+    note_split_brain(vsp, guests, [r for r in copies if r.hardware_status == not_runnable])
 
 
 def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
@@ -357,10 +381,11 @@ def store_guest(registration: Registration, guest: dict[str, Any]) -> None:
         else Registration.HardwareStatus.OFF
     )
     if registration.hardware_status != hardware:
-        registration.hardware_status = hardware
-        registration.save(update_fields=["hardware_status"])
+        # compare-and-set: the copy may have become Not Runnable since it was read (a migration's commit)
+        Registration.objects.filter(pk=registration.pk, hardware_status=registration.hardware_status).update(
+            hardware_status=hardware
+        )
     vm = registration.vm
     os_status = guest.get("os_status")
     if os_status in VirtualMachine.OSStatus.values and vm.os_status != os_status:
-        vm.os_status = os_status
-        vm.save(update_fields=["os_status"])
+        VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
