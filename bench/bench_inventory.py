@@ -9,10 +9,10 @@ Celery worker (threads pool, ``--threads``) on a private queue, and the real tas
 (``INVENTORY_AGENT_TIMEOUT_S``, 5 s unless set).
 
 - **Answering VSPs are served by real host agents** (``python -m hostagent``, simulated driver, HTTPS
-  with certificates from a CA of the bench's own): ``--agents`` processes (20), each the agent of
+  with certificates from a CA of the bench's own): ``--agents`` processes (10), each the agent of
   several VSP rows (their ``agent_url`` is the same; the agent does not know, the console treats each
   row as its own host). Each VSP has ``--guests`` registered guests (2, powered off, 1 MiB) defined on
-  its agent, so every call lists all the guests of that agent (50 by default) and stores its own.
+  its agent, so every call lists all the guests of that agent (90 by default) and stores its own.
   The agents share the machine's cores with the worker (on real hosts they would not).
 - **Not answering VSPs** (every tenth) point at ports that **accept the connection and never answer**
   (``devtools.blackhole``: listening sockets never read; the TLS handshake hangs), the costly kind of
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vsps", type=int, default=500)
     parser.add_argument("--dead-percent", type=int, default=10, help="VSPs whose agent never answers")
-    parser.add_argument("--agents", type=int, default=20, help="real agent processes serving the others")
+    parser.add_argument("--agents", type=int, default=10, help="real agent processes serving the others")
     parser.add_argument("--guests", type=int, default=2, help="registered guests per answering VSP")
     parser.add_argument("--threads", type=int, default=32, help="the worker's threads (--concurrency)")
     parser.add_argument("--rounds", type=int, default=3)
