@@ -15,7 +15,15 @@ Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_websocket_watchers``: live-progress sockets open on the web process that answers (the one
   per-process figure: scrape every web process);
 - ``matrixoe_agent_reachable{vsp}`` (1/0) and ``matrixoe_agent_checked_timestamp_seconds{vsp}`` (the
-  last inventory collection from that host's agent, Unix time).
+  last inventory collection from that host's agent, Unix time); ``matrixoe_agent_unanswered_calls{vsp}``
+  (unanswered in a row: the VSP turns unreachable at ``INVENTORY_UNREACHABLE_AFTER``);
+- ``matrixoe_agent_collection_duration_seconds{vsp}``: the last periodic inventory call to that agent,
+  answered or timed out;
+- ``matrixoe_inventory_collection_duration_seconds``: the last finished collection round over every VSP
+  (fan-out to the last answer or time-out; it should stay under the collection interval),
+  ``matrixoe_inventory_collection_finished_timestamp_seconds`` (when it finished, Unix time) and
+  ``matrixoe_inventory_collection_vsps{outcome}`` (answered / unanswered / skipped in that round;
+  skipped: its task did not start before the next round was due, the workers are too few).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
-from vms.models import VSP
+from vms.models import VSP, InventoryRound
 
 from .problems import problem_response
 from .tokens import user_for_token
@@ -165,12 +173,52 @@ class MigrationCollector:
             "When the VSP's agent was last asked (Unix time)",
             labels=["vsp"],
         )
-        for name, ok, at in VSP.objects.values_list("name", "agent_reachable", "agent_checked_at"):
+        failures = GaugeMetricFamily(
+            "matrixoe_agent_unanswered_calls",
+            "Calls to the VSP's agent left unanswered in a row",
+            labels=["vsp"],
+        )
+        took = GaugeMetricFamily(
+            "matrixoe_agent_collection_duration_seconds",
+            "How long the last periodic inventory call to the VSP's agent took, answered or timed out",
+            labels=["vsp"],
+        )
+        rows = VSP.objects.values_list(
+            "name", "agent_reachable", "agent_checked_at", "agent_failures", "agent_collect_ms"
+        )
+        for name, ok, at, failed, collect_ms in rows:
             reachable.add_metric([name], 1 if ok else 0)
+            failures.add_metric([name], failed)
             if at is not None:
                 checked.add_metric([name], at.timestamp())
-        yield reachable
-        yield checked
+            if collect_ms is not None:
+                took.add_metric([name], collect_ms / 1000)
+        yield from (reachable, checked, failures, took)
+        yield from self._inventory_round()
+
+    def _inventory_round(self) -> Iterable[Metric]:
+        """The last finished collection round (none yet: the families are empty)."""
+        last = InventoryRound.objects.exclude(finished_at=None).order_by("-finished_at").first()
+        duration = GaugeMetricFamily(
+            "matrixoe_inventory_collection_duration_seconds",
+            "The last finished inventory collection over every VSP, fan-out to the last answer or time-out",
+        )
+        finished = GaugeMetricFamily(
+            "matrixoe_inventory_collection_finished_timestamp_seconds",
+            "When the last inventory collection finished (Unix time)",
+        )
+        vsps = GaugeMetricFamily(
+            "matrixoe_inventory_collection_vsps",
+            "VSPs of the last finished inventory collection by outcome (skipped: not started in time)",
+            labels=["outcome"],
+        )
+        if last is not None and last.finished_at is not None:
+            duration.add_metric([], last.duration_s or 0.0)
+            finished.add_metric([], last.finished_at.timestamp())
+            vsps.add_metric(["answered"], last.vsps - last.unanswered - last.skipped)
+            vsps.add_metric(["unanswered"], last.unanswered)
+            vsps.add_metric(["skipped"], last.skipped)
+        yield from (duration, finished, vsps)
 
 
 def render_metrics() -> bytes:

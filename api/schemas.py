@@ -38,6 +38,9 @@ class VSPOut(Schema):
     cpus: int
     agent_reachable: bool
     agent_checked_at: datetime | None
+    # When the VSP was marked unreachable (after 3 unanswered inventory collections, or a migration's
+    # failed call); null while it is reachable.
+    unreachable_since: datetime | None
     maintenance: bool
     maintenance_since: datetime | None
 

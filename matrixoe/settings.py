@@ -274,11 +274,25 @@ MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
 # "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
 MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
+# --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
+# Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
+INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
+# Seconds each step of one agent's inventory call may take (connect, TLS, answer): a dead agent costs one
+# worker thread this long, never the other VSPs' collection.
+INVENTORY_AGENT_TIMEOUT_S = float(env_int("INVENTORY_AGENT_TIMEOUT_S", 5))
+# Collections a VSP's agent must leave unanswered in a row before the VSP is marked unreachable.
+INVENTORY_UNREACHABLE_AFTER = env_int("INVENTORY_UNREACHABLE_AFTER", 3)
+if INVENTORY_UNREACHABLE_AFTER < 1 or INVENTORY_AGENT_TIMEOUT_S < 1:
+    raise ImproperlyConfigured("INVENTORY_UNREACHABLE_AFTER and INVENTORY_AGENT_TIMEOUT_S must be at least 1")
+# Queue of the per-VSP collection tasks (empty: the default queue), so a worker with many threads can
+# take them: `celery -A matrixoe worker -Q inventory --pool threads --concurrency 32`.
+INVENTORY_QUEUE = env_str("INVENTORY_QUEUE", "") or None
+
 # --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
 CELERY_BEAT_SCHEDULE = {
     "collect-inventory": {
         "task": "migrations_app.tasks.collect_inventory",
-        "schedule": float(env_int("INVENTORY_INTERVAL_S", 30)),
+        "schedule": INVENTORY_INTERVAL_S,
     },
     "recover-migrations": {
         "task": "migrations_app.tasks.recover_migrations",

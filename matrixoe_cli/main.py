@@ -8,6 +8,7 @@ Every command takes ``--json`` (the API's JSON, for scripts). Exit status: 0 don
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -76,9 +77,17 @@ def vsps(as_json: JsonOption = False) -> None:
             "yes" if vsp["licensed"] else "no",
             f"{vsp['memory_mib']} MiB",
             str(vsp["cpus"]),
-            "reachable" if vsp["agent_reachable"] else "UNREACHABLE",
+            "reachable" if vsp["agent_reachable"] else unreachable(vsp.get("unreachable_since")),
         )
     out.print(table)
+
+
+def unreachable(since: str | None) -> str:
+    """ "UNREACHABLE since 2026-11-29 20:41 UTC" from the API's ISO time (as the console sent it)."""
+    if not since:
+        return "UNREACHABLE"
+    moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    return f"UNREACHABLE since {moment:%Y-%m-%d %H:%M} {moment.tzname() or ''}".rstrip()
 
 
 @app.command()

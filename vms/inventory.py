@@ -5,18 +5,30 @@ VMs in the middle of a migration are left alone (the migration's worker owns the
 Split brain: a guest the agent reports running where its copy is Not Runnable is flagged
 (``Registration.found_running_at``) and raises a critical alert on the VM, its VSPs and the VSP list;
 which copy is runnable never changes by itself.
-An agent that does not answer marks its VSP unreachable, which the migrate dialog shows.
 Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
+
+Periodic collection runs in rounds (``InventoryRound``): ``start_round`` records one, then one Celery task
+per VSP calls ``collect_vsp`` (``migrations_app.tasks``), each with a short time-out
+(``INVENTORY_AGENT_TIMEOUT_S``), so a slow or dead agent holds up only its own VSP.
+
+Reachability: every unanswered call counts (``VSP.agent_failures``); periodic collection marks a VSP
+unreachable only at ``INVENTORY_UNREACHABLE_AFTER`` in a row (a lost packet does not flip a host), while a
+call someone waits on (a migration, the migrate dialog's probe, Refresh Data) marks it at once
+(``mark_reachable(vsp, False)``). ``VSP.unreachable_since`` says since when; any answer resets both.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from vms.agent_client import (
@@ -26,7 +38,7 @@ from vms.agent_client import (
     AgentUnreachable,
     AgentUntrusted,
 )
-from vms.models import VSP, Registration, VirtualMachine
+from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +53,98 @@ MIGRATING_STATES = (
 )  # Migration.ACTIVE_STATES minus queued
 
 
+KEEP_ROUNDS = 100  # InventoryRound rows kept (the metrics read the last finished one)
+
+
 def collect_all_inventory() -> dict[str, bool]:
-    """Re-collect every VSP; returns whether each agent answered."""
-    return {vsp.name: collect_vsp_inventory(vsp) for vsp in VSP.objects.all()}
+    """Re-collect every VSP in this process, one after the other (``seed_demo_agents``, tests); returns
+    whether each agent answered. The periodic collection fans out instead (``start_round``)."""
+    round_id, vsp_ids = start_round()
+    names = dict(VSP.objects.filter(pk__in=vsp_ids).values_list("pk", "name"))
+    return {names[pk]: collect_vsp(pk, round_id) for pk in vsp_ids}
 
 
-def collect_vsp_inventory(vsp: VSP, *, timeout_s: float | None = None) -> bool:
-    return fetch_and_store(vsp, timeout_s=timeout_s) is not None
+def start_round() -> tuple[int, list[int]]:
+    """Record a new collection round over every VSP; returns its id and the VSPs' ids to collect.
+
+    Rounds beyond the last ``KEEP_ROUNDS`` are deleted.
+    """
+    vsp_ids = list(VSP.objects.order_by("pk").values_list("pk", flat=True))
+    inventory_round = InventoryRound.objects.create(vsps=len(vsp_ids))
+    InventoryRound.objects.filter(pk__lte=inventory_round.pk - KEEP_ROUNDS).delete()
+    if not vsp_ids:
+        InventoryRound.objects.filter(pk=inventory_round.pk).update(finished_at=timezone.now())
+    return inventory_round.pk, vsp_ids
+
+
+def collect_vsp(vsp_id: int, round_id: int | None = None, *, deadline: float | None = None) -> bool:
+    """Collect one VSP's guests with the periodic time-out and count it in round ``round_id``.
+
+    Returns whether the agent answered. An unanswered call counts toward marking the VSP unreachable
+    (``INVENTORY_UNREACHABLE_AFTER`` in a row); a VSP deleted meanwhile is only counted. Past
+    ``deadline`` (Unix time: the next round is due) the agent is not asked and the VSP counts as skipped,
+    so a backlog drains at once and the round still finishes; so does a VSP whose answer could not be
+    stored (a database error, logged).
+
+    1. Ask the agent (no transaction open) and read the VSP's copies.
+    2. In one short transaction, only writes: reachability, the copies (compare-and-set), the count in
+       the round, last so that its row stays locked only until the commit. With SQLite (one writer at
+       a time, the lock taken at BEGIN) this is what 500 VSPs in one interval hinge on.
+    """
+    if deadline is not None and time.time() > deadline:
+        if round_id is not None:
+            finish_log(round_id, count_in_round(round_id, SKIPPED))
+        return False
+    vsp = VSP.objects.filter(pk=vsp_id).first()
+    asked = ask_agent(vsp, settings.INVENTORY_AGENT_TIMEOUT_S) if vsp is not None else None
+    answered = asked is not None and asked.guests is not None
+    outcome = ANSWERED if answered else UNANSWERED
+    copies = copies_to_store(vsp) if vsp is not None and answered else []
+    try:
+        with transaction.atomic():
+            if vsp is not None and asked is not None:
+                record_asked(vsp, asked, copies, periodic=True)
+            counted = count_in_round(round_id, outcome) if round_id is not None else None
+    except DatabaseError:
+        logger.exception("Inventory of VSP %s not stored", vsp.name if vsp else vsp_id)
+        counted = count_in_round(round_id, SKIPPED) if round_id is not None else None
+    if round_id is not None and counted is not None:
+        finish_log(round_id, counted)
+    return answered
+
+
+ANSWERED, UNANSWERED, SKIPPED = "answered", "unanswered", "skipped"
+
+
+def count_in_round(round_id: int, outcome: str) -> datetime:
+    """One VSP of round ``round_id`` done (``outcome``: ANSWERED, UNANSWERED or SKIPPED): one ``UPDATE``
+    (SET reads the row as it was before it), so concurrent workers lose no count and exactly one of
+    them sets ``finished_at``, to the time returned."""
+    now = timezone.now()
+    InventoryRound.objects.filter(pk=round_id).update(
+        done=F("done") + 1,
+        unanswered=F("unanswered") + int(outcome == UNANSWERED),
+        skipped=F("skipped") + int(outcome == SKIPPED),
+        finished_at=Case(
+            When(Q(finished_at=None) & Q(done__gte=F("vsps") - 1), then=Value(now)),
+            default=F("finished_at"),
+        ),
+    )
+    return now
+
+
+def finish_log(round_id: int, counted_at: datetime) -> None:
+    """Log the round's figures if the count made at ``counted_at`` was its last."""
+    finished = InventoryRound.objects.filter(pk=round_id, finished_at=counted_at).first()
+    if finished is not None:
+        log = logger.warning if finished.skipped else logger.info
+        log(
+            "Inventory collection of %d VSPs took %.1f s (%d unanswered, %d skipped)",
+            finished.vsps,
+            finished.duration_s or 0.0,
+            finished.unanswered,
+            finished.skipped,
+        )
 
 
 def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, dict[str, Any]] | None:
@@ -60,22 +157,53 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
 
 def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
-    untrusted certificate)."""
+    untrusted certificate); no answer marks the VSP unreachable at once (someone is waiting on it)."""
+    asked = ask_agent(vsp, timeout_s)
+    copies = copies_to_store(vsp) if asked.guests is not None else []
+    with transaction.atomic():
+        record_asked(vsp, asked, copies, periodic=False)
+    return asked.guests, asked.problem
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms."""
+
+    guests: dict[str, dict[str, Any]] | None
+    problem: str
+    took_ms: int
+
+
+def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
+    """Ask ``vsp``'s agent for its guests (nothing is stored; no database access)."""
+    started = time.monotonic()
+    problem = ""
+    guests: list[dict[str, Any]] = []
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
-        mark_reachable(vsp, False)
-        return None, "presented a TLS certificate the console does not trust (not the registered one)"
+        problem = "presented a TLS certificate the console does not trust (not the registered one)"
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
-        mark_reachable(vsp, False)
-        return None, "did not answer"
-    mark_reachable(vsp, True)
-    by_id = {guest["guest_id"]: guest for guest in guests}
-    store_guests(vsp, by_id)
-    return by_id, ""
+        problem = "did not answer"
+    took_ms = round((time.monotonic() - started) * 1000)
+    if problem:
+        return Asked(None, problem, took_ms)
+    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms)
+
+
+def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
+    """Store what ``ask_agent`` got about ``copies`` (``copies_to_store``). ``periodic``: the periodic
+    collection's call, so no answer marks the VSP unreachable only after ``INVENTORY_UNREACHABLE_AFTER``
+    in a row (else at once), and its duration is kept (``VSP.agent_collect_ms``)."""
+    took_ms = asked.took_ms if periodic else None
+    if asked.guests is None:
+        record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
+        return
+    record_answered(vsp, took_ms=took_ms)
+    store_guests(vsp, asked.guests, copies)
 
 
 @dataclass(frozen=True)
@@ -154,37 +282,85 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
-    VSP.objects.filter(pk=vsp.pk).update(agent_reachable=reachable, agent_checked_at=timezone.now())
-    vsp.agent_reachable = reachable
+    """What a call someone waits on learnt: an answer resets the count, no answer marks ``vsp``
+    unreachable at once (a migration's call, the migrate dialog's probe, Refresh Data)."""
+    if reachable:
+        record_answered(vsp)
+    else:
+        record_unanswered(vsp, at_once=True)
 
 
-def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
-    registrations = (
+def record_answered(vsp: VSP, *, took_ms: int | None = None) -> None:
+    """The agent answered: reachable again, no failures counted, no "unreachable since"."""
+    fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
+    fields["agent_checked_at"] = timezone.now()
+    if took_ms is not None:
+        fields["agent_collect_ms"] = took_ms
+    VSP.objects.filter(pk=vsp.pk).update(**fields)
+    if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
+        logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)
+    vsp.agent_reachable, vsp.agent_failures, vsp.unreachable_since = True, 0, None
+
+
+def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) -> None:
+    """One more unanswered call; the VSP is marked unreachable, with the time, by the call that brings
+    the count to ``INVENTORY_UNREACHABLE_AFTER`` (or at once). One ``UPDATE``: SET reads the row as it
+    was, so concurrent callers count every call and only the first to reach the limit sets the time."""
+    now = timezone.now()
+    reaches_limit = Q(agent_failures__gte=(1 if at_once else settings.INVENTORY_UNREACHABLE_AFTER) - 1)
+    fields: dict[str, Any] = {
+        "agent_failures": F("agent_failures") + 1,
+        "agent_checked_at": now,
+        "agent_reachable": Case(When(reaches_limit, then=Value(False)), default=F("agent_reachable")),
+        "unreachable_since": Case(
+            When(reaches_limit & Q(agent_reachable=True), then=Value(now)), default=F("unreachable_since")
+        ),
+    }
+    if took_ms is not None:
+        fields["agent_collect_ms"] = took_ms
+    VSP.objects.filter(pk=vsp.pk).update(**fields)
+    try:
+        vsp.refresh_from_db(fields=["agent_reachable", "agent_failures", "unreachable_since"])
+    except VSP.DoesNotExist:  # deleted meanwhile: nothing left to show
+        return
+    if vsp.unreachable_since == now:
+        logger.warning("Agent of VSP %s marked unreachable (%d unanswered)", vsp.name, vsp.agent_failures)
+
+
+def copies_to_store(vsp: VSP) -> list[Registration]:
+    """The copies on ``vsp`` that an agent's answer may change: all but those of a migrating VM (the
+    migration's worker owns them then). Read before the writing transaction; ``store_guests`` writes
+    by compare-and-set, so a copy changed meanwhile (a migration's commit) is left as it now is."""
+    return list(
         Registration.objects.filter(vsp=vsp)
-        .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
         .exclude(vm__migrations__state__in=MIGRATING_STATES)
         .select_related("vm")
     )
+
+
+def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+    """Store what the agent says about the runnable ``copies``, then check the Not Runnable ones for a
+    split brain."""
+    not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
     reported = []
-    for registration in registrations:
+    for registration in copies:
         guest = guests.get(str(registration.vm.guest_id))
-        if guest is not None:
+        if guest is not None and registration.hardware_status != not_runnable:
             store_guest(registration, guest)
             reported.append(registration.pk)
-    Registration.objects.filter(pk__in=reported).update(state_collected_at=timezone.now())
-    note_split_brain(vsp, guests)
+    if reported:
+        Registration.objects.filter(pk__in=reported).exclude(hardware_status=not_runnable).update(
+            state_collected_at=timezone.now()
+        )
+    note_split_brain(vsp, guests, [r for r in copies if r.hardware_status == not_runnable])
 
 
-def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]]) -> None:
-    """Flag (or clear) each Not Runnable copy on ``vsp`` by whether its agent reports the guest running.
+def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+    """Flag (or clear) each Not Runnable copy on ``vsp`` (``copies``, their VMs not migrating) by whether
+    its agent reports the guest running.
 
     A guest that migrates is left to its migration (the target's copy runs paused, then resumes).
     """
-    copies = (
-        Registration.objects.filter(vsp=vsp, hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
-        .exclude(vm__migrations__state__in=MIGRATING_STATES)
-        .select_related("vm")
-    )
     for copy in copies:
         guest = guests.get(str(copy.vm.guest_id))
         running = guest is not None and guest.get("hardware_status") == "on" and not guest.get("migrating")
@@ -205,10 +381,11 @@ def store_guest(registration: Registration, guest: dict[str, Any]) -> None:
         else Registration.HardwareStatus.OFF
     )
     if registration.hardware_status != hardware:
-        registration.hardware_status = hardware
-        registration.save(update_fields=["hardware_status"])
+        # compare-and-set: the copy may have become Not Runnable since it was read (a migration's commit)
+        Registration.objects.filter(pk=registration.pk, hardware_status=registration.hardware_status).update(
+            hardware_status=hardware
+        )
     vm = registration.vm
     os_status = guest.get("os_status")
     if os_status in VirtualMachine.OSStatus.values and vm.os_status != os_status:
-        vm.os_status = os_status
-        vm.save(update_fields=["os_status"])
+        VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)

@@ -117,8 +117,22 @@ class VSP(models.Model):
     processor_model = models.CharField(max_length=64, blank=True)
     memory_mib = models.PositiveIntegerField()
     cpus = models.PositiveIntegerField()
+    # Reachability (``vms.inventory``): inventory collection marks the VSP unreachable only after
+    # ``INVENTORY_UNREACHABLE_AFTER`` unanswered calls in a row; a call a migration, the migrate dialog or
+    # Refresh Data waits on marks it at once. Any answer resets all three.
     agent_reachable = models.BooleanField(default=True)
     agent_checked_at = models.DateTimeField(null=True, blank=True)
+    agent_failures = models.PositiveIntegerField(
+        default=0, help_text="Calls to the agent left unanswered in a row (0 once it answers)."
+    )
+    unreachable_since = models.DateTimeField(
+        null=True, blank=True, help_text="When the VSP was marked unreachable (empty while reachable)."
+    )
+    agent_collect_ms = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="How long the last inventory call to the agent took (ms), answered or not.",
+    )
     # In maintenance (being or having been evacuated): refused as a migration target until the admin
     # leaves maintenance (``migrations_app.evacuation``).
     maintenance = models.BooleanField(default=False)
@@ -160,6 +174,36 @@ class VSP(models.Model):
     def split_brain_copies(self) -> models.QuerySet[Registration]:
         """Split-brain copies (``Registration.split_brain``) of the VMs registered on this VSP."""
         return Registration.split_brain().filter(vm__registrations__vsp=self).distinct()
+
+
+class InventoryRound(models.Model):
+    """One periodic inventory collection: the fan-out of one task per VSP, counted as each one ends.
+
+    ``done`` grows by one per VSP (and ``unanswered`` or ``skipped`` with it), each by one conditional
+    ``UPDATE``, so concurrent workers never lose a count; ``finished_at`` is set by the update that brings
+    ``done`` to ``vsps``. A VSP whose task did not start before the next round was due is skipped (not
+    asked). A round whose tasks were lost (a worker killed) never finishes. Only the last rounds are kept.
+    """
+
+    started_at = models.DateTimeField(default=timezone.now)
+    vsps = models.PositiveIntegerField()
+    done = models.PositiveIntegerField(default=0)
+    unanswered = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)  # not started before the next round was due
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-pk"]
+
+    def __str__(self) -> str:
+        return f"inventory round {self.pk}: {self.done}/{self.vsps}"
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the fan-out to the last VSP's answer or time-out; None until it finishes."""
+        if self.finished_at is None:
+            return None
+        return max((self.finished_at - self.started_at).total_seconds(), 0.0)
 
 
 class PairEncryption(models.Model):

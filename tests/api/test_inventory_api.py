@@ -43,6 +43,19 @@ def test_it_finds_a_vsp_by_id_or_name(api):
     assert_problem(api.get("/vsps/nowhere"), 404, "No VSP with the id or name 'nowhere'.")
 
 
+def test_it_says_since_when_a_vsp_is_unreachable(api):
+    from datetime import UTC, datetime
+
+    since = datetime(2026, 11, 29, 20, 41, 7, tzinfo=UTC)
+    make_vsp("hosta", agent_reachable=False, unreachable_since=since, agent_failures=3)
+    make_vsp("hostb")
+    items = api.get("/vsps").json()["items"]
+
+    shown = {v["name"]: (v["agent_reachable"], v["unreachable_since"]) for v in items}
+
+    assert shown == {"hosta": (False, "2026-11-29T20:41:07Z"), "hostb": (True, None)}
+
+
 def test_it_shows_every_general_tab_field_of_a_vm(api):
     hosta, hostb = make_vsp("hosta", migration_enabled=False), make_vsp("hostb")
     vm = make_vm("web01", vsp=hosta, os_type="HP-UX 11i v3", graceful_stop_timeout_s=45, copy_limit_s=None)

@@ -386,7 +386,9 @@ def test_a_dead_target_is_marked_unreachable_at_once_and_named(
     assert migration.alert == (
         "Init phase failed: the target host hostd stopped answering. The VM keeps running on hosta."
     )
-    assert not VSP.objects.get(pk=hostd.pk).agent_reachable
+    hostd.refresh_from_db()
+    # at once, not after INVENTORY_UNREACHABLE_AFTER inventory collections
+    assert (hostd.agent_reachable, hostd.unreachable_since is not None) == (False, True)
     assert_left_on_source(vm, host_agents, fleet, migration)
 
 

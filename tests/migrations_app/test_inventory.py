@@ -5,26 +5,36 @@ import re
 import pytest
 from django.urls import reverse
 
-from migrations_app.tasks import collect_inventory
 from tests.factories import make_registration, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm
+from vms.inventory import collect_all_inventory
 from vms.models import VSP, Registration, VirtualMachine
 from vms.refresh import refresh_vm_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_it_marks_an_agent_that_does_not_answer_unreachable_and_the_others_reachable(host_agents, fleet):
+@pytest.mark.postgres  # the conditional UPDATEs of reachability and of the round, on PostgreSQL too
+def test_it_marks_an_agent_unreachable_after_three_unanswered_collections_and_the_others_reachable(
+    host_agents, fleet
+):
     from tests.conftest import free_port
 
     silent = make_vsp("silent", agent_url=f"http://127.0.0.1:{free_port()}", agent_reachable=True)
-    VSP.objects.filter(pk=fleet["hosta"].pk).update(agent_reachable=False)
+    VSP.objects.filter(pk=fleet["hosta"].pk).update(agent_reachable=False, agent_failures=4)
 
-    collect_inventory()
+    seen = []
+    for _ in range(3):  # INVENTORY_UNREACHABLE_AFTER
+        collect_all_inventory()
+        seen.append(VSP.objects.values_list("agent_reachable", "agent_failures").get(pk=silent.pk))
 
+    assert seen == [(True, 1), (True, 2), (False, 3)]
     reachable = dict(VSP.objects.values_list("name", "agent_reachable"))
     assert reachable == {"silent": False, "hosta": True, "hostb": True, "hostc": True}
     assert VSP.objects.get(pk=silent.pk).agent_checked_at is not None
+    assert VSP.objects.get(pk=silent.pk).unreachable_since is not None
+    hosta = VSP.objects.get(pk=fleet["hosta"].pk)
+    assert (hosta.agent_failures, hosta.unreachable_since) == (0, None)
 
 
 def test_it_stores_what_the_agent_says_about_the_runnable_copy_only(host_agents, fleet):
@@ -33,7 +43,7 @@ def test_it_stores_what_the_agent_says_about_the_runnable_copy_only(host_agents,
     VirtualMachine.objects.filter(pk=vm.pk).update(os_status="down")
     leftover = make_registration(vm, fleet["hostb"], "not_runnable", "migrate", "guest migrated to VSP hosta")
 
-    collect_inventory()
+    collect_all_inventory()
 
     assert Registration.objects.get(vm=vm, vsp=fleet["hosta"]).hardware_status == "on"
     assert VirtualMachine.objects.get(pk=vm.pk).os_status == "up"
@@ -158,7 +168,7 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
         "Two running copies may corrupt the guest&#x27;s disks: stop the copy on hostb."
     )
     try:
-        collect_inventory()
+        collect_all_inventory()
 
         for url in (
             reverse("vms:vm_general", args=[vm.pk]),
@@ -182,6 +192,6 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
         host_agents["hostb"].client.stop_guest(str(vm.guest_id))
         host_agents["hostb"].client.delete_guest(str(vm.guest_id))
 
-    collect_inventory()  # the stray copy stopped: the alert ends
+    collect_all_inventory()  # the stray copy stopped: the alert ends
     assert split_brain_shown(operator_client, reverse("vms:vm_general", args=[vm.pk])) == []
     assert split_brain_shown(operator_client, reverse("vms:vsp_list")) == []

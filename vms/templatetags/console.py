@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django import template
+from django.utils import timezone
 from django.utils.html import format_html
 
 from vms.models import Registration
@@ -65,6 +68,16 @@ def processor_name(vsp: object) -> str:
             model_words = model_words[size:]
             break
     return " ".join(family_words + model_words) or "—"
+
+
+@register.filter
+def since(moment: datetime | None) -> str:
+    """ "since 20:41 UTC" (today) or "since 2026-11-28 20:41 UTC", in the console's time zone; "" if None."""
+    if moment is None:
+        return ""
+    local = timezone.localtime(moment)
+    when = f"{local:%H:%M}" if local.date() == timezone.localdate() else f"{local:%Y-%m-%d %H:%M}"
+    return f"since {when} {local.tzname()}"
 
 
 @register.filter
