@@ -14,7 +14,7 @@ def date_the_unreachable(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('vms', '0012_agent_certificate_pair_encryption'),
+        ('vms', '0014_pairencryption_streams'),
     ]
 
     operations = [
