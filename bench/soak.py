@@ -46,6 +46,11 @@ def parse_args() -> argparse.Namespace:
         help="the agents' driver (qemu: two QEMU hosts, real guests under TCG)",
     )
     parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated fault kinds: seeds of other kinds are skipped (a seed still replays alone)",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the stack's logs even without violations"
     )
     return parser.parse_args()
@@ -77,11 +82,12 @@ def main() -> int:
         )
         stop_at = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
         signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
-        for index in range(args.runs):
+        seeds = run_seeds(args.seed, args.runs, args.only, args.driver)
+        for index, seed in enumerate(seeds):
             if stopping or (stop_at and time.monotonic() > stop_at):
                 print(f"soak: stopping early ({stopping[0] if stopping else 'time budget'})", flush=True)
                 break
-            result = run_once(stack, args.seed + index, admin, web)
+            result = run_once(stack, seed, admin, web)
             results.append(result)
             print_run(index, result)
     finally:
@@ -97,6 +103,28 @@ def main() -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{len(results)} runs, {violations} invariant violations")
     return 1 if violations else 0
+
+
+def run_seeds(first: int, runs: int, only: str, driver: str) -> list[int]:
+    """``runs`` seeds from ``first`` upwards; with ``only``, just those whose fault kind it names.
+
+    Raises SystemExit naming the known kinds if ``only`` names one the driver does not have.
+    """
+    from soak_run import FAULT_KINDS, QEMU_FAULT_KINDS, Scenario
+
+    if not only:
+        return list(range(first, first + runs))
+    kinds = {kind.strip() for kind in only.split(",") if kind.strip()}
+    known = QEMU_FAULT_KINDS if driver == "qemu" else FAULT_KINDS
+    if not kinds or kinds - set(known):
+        raise SystemExit(f"soak: --only takes fault kinds of the {driver} driver: {', '.join(known)}")
+    seeds: list[int] = []
+    seed = first
+    while len(seeds) < runs:
+        if Scenario.from_seed(seed, driver).kind in kinds:
+            seeds.append(seed)
+        seed += 1
+    return seeds
 
 
 def set_up_console(stack: Stack):

@@ -9,8 +9,8 @@ With the QEMU driver (``make soak DRIVER=qemu``) a run boots the test guest (its
 checks its own memory) on one of two QEMU hosts and draws from ``QEMU_FAULT_KINDS``: no SIGSTOP of an
 agent (it would stop its QEMUs too, being their process group). The data-plane link faults apply: the
 source agent connects to the endpoint the console hands it (the proxy's) and passes that socket to
-QEMU, so QEMU's migration stream goes through the proxy. A kill of either agent strikes in Copy (the
-issue's acceptance case); the other kinds aim at a random phase.
+QEMU, so QEMU's migration stream goes through the proxy. A kill of either agent and the link faults strike in
+Copy (``QEMU_COPY_KINDS``); the other kinds aim at a random phase.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ QEMU_FAULT_KINDS = (
     "cancel",
 )
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
+# Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
+# flows in Copy and Frozen, and Frozen lasts a moment).
+QEMU_COPY_KINDS = ("kill-source", "kill-target", "link-cut", "link-stall")
 # QEMU passes I/O Quiesce at once (pre-switchover, continued at once): not a phase to aim at.
 QEMU_PHASES = ("init", "copy", "copy", "frozen", "committing", "roll_forward")
 # The guest's phase limits (s): short, so a stalled link or a paused peer overruns one quickly.
@@ -124,7 +127,7 @@ class Scenario:
         rng = random.Random(seed)
         kind = QEMU_FAULT_KINDS[seed % len(QEMU_FAULT_KINDS)]
         phase = rng.choice(QEMU_PHASES)
-        if kind in ("kill-source", "kill-target"):
+        if kind in QEMU_COPY_KINDS:
             phase = "copy"
         source, target = rng.sample(QEMU_AGENT_NAMES, 2)
         return cls(

@@ -6,6 +6,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR / "bench"))
 
@@ -15,14 +17,14 @@ from soak_stack import QEMU_AGENT_NAMES, Agent, Stack  # noqa: E402
 from devtools.processes import PYTHON, start_process, wait_until  # noqa: E402
 
 
-def test_ten_consecutive_qemu_seeds_draw_every_qemu_fault_and_kill_agents_in_copy():
+def test_ten_consecutive_qemu_seeds_draw_every_qemu_fault_and_kills_and_link_faults_in_copy():
     scenarios = [Scenario.from_seed(seed, "qemu") for seed in range(700, 710)]
 
     assert sorted(scenario.kind for scenario in scenarios) == sorted(QEMU_FAULT_KINDS)
     for scenario in scenarios:
         assert {scenario.source, scenario.target} == set(QEMU_AGENT_NAMES)
         assert scenario.memory_mib in (128, 192)
-        if scenario.kind in ("kill-source", "kill-target"):
+        if scenario.kind in ("kill-source", "kill-target", "link-cut", "link-stall"):
             assert scenario.phase == "copy"
     assert Scenario.from_seed(703, "qemu") == Scenario.from_seed(703, "qemu")  # a seed replays
     assert not {"pause-source", "pause-target"} & set(QEMU_FAULT_KINDS)  # SIGSTOP would stop its QEMUs
@@ -59,3 +61,16 @@ def test_killing_a_qemu_host_agent_leaves_the_rest_of_its_process_group_running(
         assert os.getpgid(child) == process.process.pid, "in the agent's process group"
     finally:
         os.killpg(process.process.pid, signal.SIGKILL)
+
+
+def test_only_keeps_the_seeds_of_the_named_kinds_and_refuses_an_unknown_kind():
+    from soak import run_seeds
+
+    seeds = run_seeds(1, 3, "kill-source", "qemu")
+
+    assert seeds == [1, 11, 21]  # QEMU_FAULT_KINDS[seed % 10] == "kill-source"
+    assert run_seeds(5, 2, "", "simulated") == [5, 6]
+    with pytest.raises(SystemExit, match="pause-source"):  # the message lists the driver's kinds
+        run_seeds(1, 1, "link-cut,nope", "simulated")
+    with pytest.raises(SystemExit, match="fault kinds of the qemu driver"):
+        run_seeds(1, 1, "pause-source", "qemu")
