@@ -1,7 +1,8 @@
 """The QEMU source's data-plane handshake with a target that does not answer (no QEMU needed).
 
-Found by the QEMU fault soak (``make soak DRIVER=qemu SEED=20261137 RUNS=1`` before the fix: the link
-stalled in Init): the migration aborted with the alert "Init phase failed: TimeoutError.".
+Found by the QEMU fault soak (its first batch, seed 20261137: the data-plane link stalled in Init,
+before the soak aimed link faults at Copy): the migration aborted with the alert "Init phase failed:
+TimeoutError." (the source's handshake time-out, without a word of what timed out).
 """
 
 from __future__ import annotations
