@@ -56,8 +56,11 @@ bench: $(STAMP)
 
 ## make soak RUNS=20 SEED=1: seeded migrations with one fault each (kills, Redis restart, data-plane cut or
 ##           stall, SIGSTOP, cancel, none) on a private stack; ends "N runs, K invariant violations", non-zero if K > 0.
+##           DRIVER=qemu: two QEMU hosts with real test guests (needs QEMU >= 10 and guest-images/).
+##           ONLY=kill-source,cancel: only the seeds of those fault kinds.
 soak: $(STAMP)
-	$(PY) bench/soak.py --runs $(or $(RUNS),20) --seed $(or $(SEED),1)
+	$(PY) bench/soak.py --runs $(or $(RUNS),20) --seed $(or $(SEED),1) --driver $(or $(DRIVER),simulated) \
+		$(if $(ONLY),--only $(ONLY))
 
 stop:
 	-@test -f var/redis.pid && kill $$(cat var/redis.pid) && rm -f var/redis.pid

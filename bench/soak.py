@@ -29,7 +29,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from soak_stack import AGENT_NAMES, Stack  # noqa: E402
+from soak_stack import Stack  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,6 +38,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--max-minutes", type=float, default=0, help="start no new run after this long (0: no limit)"
+    )
+    parser.add_argument(
+        "--driver",
+        choices=("simulated", "qemu"),
+        default="simulated",
+        help="the agents' driver (qemu: two QEMU hosts, real guests under TCG)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated fault kinds: seeds of other kinds are skipped (a seed still replays alone)",
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the stack's logs even without violations"
@@ -53,7 +64,7 @@ def main() -> int:
     work_dir = Path(
         tempfile.mkdtemp(prefix="soak-", dir=BASE_DIR / "var" if (BASE_DIR / "var").is_dir() else None)
     )
-    stack = Stack(work_dir)
+    stack = Stack(work_dir, driver=args.driver)
     os.environ.update(stack.environment(secrets.token_hex(4)))
     results = []
     try:
@@ -65,20 +76,27 @@ def main() -> int:
         from soak_run import run_once
 
         admin, web = set_up_console(stack)
-        print(f"soak: {args.runs} runs from seed {args.seed}; logs in {work_dir}", flush=True)
+        print(
+            f"soak: {args.runs} runs from seed {args.seed} ({args.driver} driver); logs in {work_dir}",
+            flush=True,
+        )
         stop_at = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
         signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
-        for index in range(args.runs):
+        seeds = run_seeds(args.seed, args.runs, args.only, args.driver)
+        for index, seed in enumerate(seeds):
             if stopping or (stop_at and time.monotonic() > stop_at):
                 print(f"soak: stopping early ({stopping[0] if stopping else 'time budget'})", flush=True)
                 break
-            result = run_once(stack, args.seed + index, admin, web)
+            result = run_once(stack, seed, admin, web)
             results.append(result)
             print_run(index, result)
     finally:
         stack.stop()
-    violations = sum(1 for result in results if result.violations)
+    orphans = stack.kill_leftover_qemus() if args.driver == "qemu" else {}
+    violations = sum(1 for result in results if result.violations) + (1 if orphans else 0)
     print_table(results)
+    for pid, line in orphans.items():
+        print(f"! orphan QEMU process {pid} left after the stack stopped (killed now): {line[:160]}")
     if violations or args.keep_logs:
         print(f"logs kept in {work_dir}")
     else:
@@ -87,14 +105,39 @@ def main() -> int:
     return 1 if violations else 0
 
 
+def run_seeds(first: int, runs: int, only: str, driver: str) -> list[int]:
+    """``runs`` seeds from ``first`` upwards; with ``only``, just those whose fault kind it names.
+
+    Raises SystemExit naming the known kinds if ``only`` names one the driver does not have.
+    """
+    from soak_run import FAULT_KINDS, QEMU_FAULT_KINDS, Scenario
+
+    if not only:
+        return list(range(first, first + runs))
+    kinds = {kind.strip() for kind in only.split(",") if kind.strip()}
+    known = QEMU_FAULT_KINDS if driver == "qemu" else FAULT_KINDS
+    if not kinds or kinds - set(known):
+        raise SystemExit(f"soak: --only takes fault kinds of the {driver} driver: {', '.join(known)}")
+    seeds: list[int] = []
+    seed = first
+    while len(seeds) < runs:
+        if Scenario.from_seed(seed, driver).kind in kinds:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
 def set_up_console(stack: Stack):
-    """Four VSPs for the agents, an admin, and an HTTP session of that admin on the web server."""
+    """A VSP per agent, an admin, and an HTTP session of that admin on the web server.
+
+    QEMU: every pair's data-plane encryption policy off (QEMU's own stream cannot do the console's TLS).
+    """
     import httpx
     from django.contrib.auth.models import User
 
-    from vms.models import VSP
+    from vms.models import VSP, PairEncryption
 
-    for name in AGENT_NAMES:
+    for name in stack.agent_names:
         agent = stack.agents[name]
         VSP.objects.create(
             name=name,
@@ -104,6 +147,13 @@ def set_up_console(stack: Stack):
             memory_mib=16384,
             cpus=8,
         )
+    if stack.driver == "qemu":
+        hosts = list(VSP.objects.order_by("pk"))
+        for index, first in enumerate(hosts):
+            for second in hosts[index + 1 :]:
+                PairEncryption.objects.create(
+                    vsp_a=first, vsp_b=second, encryption="off", reason="soak: QEMU's data plane"
+                )
     password = secrets.token_urlsafe(12)
     admin = User.objects.create_superuser("soak", password=password)
     web = httpx.Client(base_url=stack.web_url, follow_redirects=True, timeout=10)

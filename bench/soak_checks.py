@@ -3,6 +3,10 @@
 Each check returns plain sentences, one per broken invariant. ``check_invariants`` retries all of them
 for up to ``SETTLE_S`` seconds (clean-up commands and inventory may land a moment after the outcome is
 recorded) and returns what was still broken at the end.
+
+A QEMU guest "runs" when QMP says its vCPUs run (``workload.vcpus_running``) and "keeps working" when
+its own memwriter passes a further full memory self-check with none failed (``selfcheck_passes``); on a
+completed migration's target that proves no written page was lost, besides the digests at freeze.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
 
 SETTLE_S = 15.0
 WORKLOAD_SAMPLE_S = 0.4
+SELFCHECK_WAIT_S = 30.0  # the memwriter checks all its memory every 2 s (longer under a loaded TCG)
 NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
 
 
@@ -73,8 +78,35 @@ def guest_on(stack: Stack, host: str, name: str) -> dict[str, Any] | None:
     return guests.get(name)
 
 
+def vcpus_running(guest: dict[str, Any]) -> bool:
+    """Simulated: ``workload.running``; QEMU: ``workload.vcpus_running`` (QMP's run state)."""
+    workload = guest["workload"]
+    return bool(workload["running"] if "running" in workload else workload.get("vcpus_running"))
+
+
 def is_running(guest: dict[str, Any] | None) -> bool:
-    return bool(guest and guest["hardware_status"] == "on" and guest["workload"]["running"])
+    return bool(guest and guest["hardware_status"] == "on" and vcpus_running(guest))
+
+
+def selfcheck_passes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> str | None:
+    """A QEMU guest's memwriter says alive again and passes a further self-check, none failed.
+
+    Returns None when it does, else the sentence of what it did instead.
+    """
+    before = first["workload"]
+    deadline = time.monotonic() + SELFCHECK_WAIT_S
+    while True:
+        now = (guest_on(stack, host, name) or {}).get("workload", {})
+        if now.get("selfchecks_failed"):
+            failed, log = now["selfchecks_failed"], now.get("serial_log")
+            return f"its memory self-check FAILED {failed} time(s) (serial log {log})"
+        if now.get("selfchecks_passed", 0) > before.get("selfchecks_passed", 0) and now.get(
+            "alive_lines", 0
+        ) > before.get("alive_lines", 0):
+            return None
+        if time.monotonic() > deadline:
+            return f"no further memory self-check within {SELFCHECK_WAIT_S:.0f} s (workload {now})"
+        time.sleep(0.5)
 
 
 def check_outcome(stack: Stack, scenario: Scenario, migration: Migration, host_crash: bool) -> list[str]:
@@ -117,6 +149,10 @@ def check_outcome(stack: Stack, scenario: Scenario, migration: Migration, host_c
             )
     elif not is_running(kept):
         broken.append(f"{migration.state}: the guest does not run on {keeper}: {summary(kept)}")
+    elif scenario.driver == "qemu":
+        assert kept is not None
+        if (trouble := selfcheck_passes(stack, keeper, name, kept)) is not None:
+            broken.append(f"{migration.state}: the guest on {keeper}: {trouble}")
     elif scenario.dirty_pages_per_s and not workload_writes(stack, keeper, name, kept):
         broken.append(f"{migration.state}: the guest's workload on {keeper} stopped writing")
     if left is not None and left["hardware_status"] == "on":
@@ -175,7 +211,7 @@ def check_agents(stack: Stack) -> list[str]:
                 broken.append(f"orphan guest {name} on {host}: {summary(guest)}")
             elif guest.get("migrating"):
                 broken.append(f"guest {name} on {host} still migrating ({guest['migrating']})")
-            elif guest["hardware_status"] == "on" and not guest["workload"]["running"]:
+            elif guest["hardware_status"] == "on" and not vcpus_running(guest):
                 broken.append(f"guest {name} left paused on {host}")
             elif guest["hardware_status"] == "on" and (name, host) not in runnable:
                 broken.append(f"guest {name} runs on {host} where its copy is not the runnable one")
@@ -214,7 +250,8 @@ def summary(guest: dict[str, Any] | None) -> str:
     if guest is None:
         return "absent"
     workload = guest.get("workload", {})
+    running = workload.get("running", workload.get("vcpus_running"))
     return (
-        f"hardware {guest['hardware_status']}, os {guest['os_status']}, running {workload.get('running')}, "
+        f"hardware {guest['hardware_status']}, os {guest['os_status']}, running {running}, "
         f"migrating {guest.get('migrating')}"
     )

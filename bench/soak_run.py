@@ -4,6 +4,13 @@ Everything a run does comes from ``random.Random(seed)``: the guest's size and d
 target, the fault (``FAULT_KINDS[seed % len(FAULT_KINDS)]``, so consecutive seeds go round all kinds),
 the phase and the moment within it. ``make soak SEED=<seed> RUNS=1`` replays one run.
 Django must be set up before this module is imported (``soak.py`` does it).
+
+With the QEMU driver (``make soak DRIVER=qemu``) a run boots the test guest (its memwriter writes and
+checks its own memory) on one of two QEMU hosts and draws from ``QEMU_FAULT_KINDS``: no SIGSTOP of an
+agent (it would stop its QEMUs too, being their process group). The data-plane link faults apply: the
+source agent connects to the endpoint the console hands it (the proxy's) and passes that socket to
+QEMU, so QEMU's migration stream goes through the proxy. A kill of either agent and the link faults strike in
+Copy (``QEMU_COPY_KINDS``); the other kinds aim at a random phase.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 from django.contrib.auth.models import User
 from soak_checks import check_invariants
-from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, RESTART_DELAY_S, Stack
+from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, QEMU_AGENT_NAMES, RESTART_DELAY_S, Stack
 
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
@@ -36,7 +43,24 @@ FAULT_KINDS = (
     "pause-worker",
     "cancel",
 )
+QEMU_FAULT_KINDS = (
+    "none",
+    "kill-source",
+    "kill-target",
+    "kill-worker",
+    "kill-web",
+    "redis-restart",
+    "link-cut",
+    "link-stall",
+    "pause-worker",
+    "cancel",
+)
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
+# Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
+# flows in Copy and Frozen, and Frozen lasts a moment).
+QEMU_COPY_KINDS = ("kill-source", "kill-target", "link-cut", "link-stall")
+# QEMU passes I/O Quiesce at once (pre-switchover, continued at once): not a phase to aim at.
+QEMU_PHASES = ("init", "copy", "copy", "frozen", "committing", "roll_forward")
 # The guest's phase limits (s): short, so a stalled link or a paused peer overruns one quickly.
 LIMITS = {"init_limit_s": 3, "copy_limit_s": 15, "quiesce_limit_s": 3, "frozen_limit_s": 3}
 LIMIT_OF_PHASE = {"init": 3, "copy": 15, "io_quiesce": 3, "frozen": 3, "committing": 3, "roll_forward": 3}
@@ -53,6 +77,12 @@ PAST_LIMIT_S = 2.0  # a pause or stall lasts the phase's limit plus this
 OUTCOME_TIMEOUT_S = 90.0
 FLEET_READY_TIMEOUT_S = 30.0  # six inventory intervals of the soak's stack
 POLL_S = 0.005
+# QEMU under TCG on a loaded 2-core machine: starting the target's QEMU and hashing RAM take seconds.
+QEMU_LIMITS = {"init_limit_s": 15, "copy_limit_s": 30, "quiesce_limit_s": 5, "frozen_limit_s": 10}
+QEMU_LIMIT_OF_PHASE = {"init": 15, "copy": 30, "io_quiesce": 5, "frozen": 10, "committing": 5}
+QEMU_MEMORY_MIB = (128, 192)  # 128: the driver's smallest (96 MiB of it for the kernel)
+QEMU_PAGES_PER_S = (0, 200, 1000)  # converges on QEMU_BANDWIDTH_MBPS
+QEMU_BOOT_TIMEOUT_S = 120.0  # until the guest's memwriter has passed its first self-check
 
 
 @dataclass
@@ -68,9 +98,12 @@ class Scenario:
     fill_percent: int
     io_latency_ms: int
     state_save_ms: int
+    driver: str = "simulated"
 
     @classmethod
-    def from_seed(cls, seed: int) -> Scenario:
+    def from_seed(cls, seed: int, driver: str = "simulated") -> Scenario:
+        if driver == "qemu":
+            return cls.qemu_from_seed(seed)
         rng = random.Random(seed)
         kind = FAULT_KINDS[seed % len(FAULT_KINDS)]
         phase = rng.choice(PHASES)
@@ -89,7 +122,35 @@ class Scenario:
             state_save_ms=rng.choice((0, 200, 600)),
         )
 
+    @classmethod
+    def qemu_from_seed(cls, seed: int) -> Scenario:
+        rng = random.Random(seed)
+        kind = QEMU_FAULT_KINDS[seed % len(QEMU_FAULT_KINDS)]
+        phase = rng.choice(QEMU_PHASES)
+        if kind in QEMU_COPY_KINDS:
+            phase = "copy"
+        source, target = rng.sample(QEMU_AGENT_NAMES, 2)
+        return cls(
+            seed=seed,
+            kind=kind,
+            phase=phase,
+            moment_s=round(rng.uniform(0, MOMENT_MAX_S[phase]), 3),
+            source=source,
+            target=target,
+            memory_mib=rng.choice(QEMU_MEMORY_MIB),
+            dirty_pages_per_s=rng.choice(QEMU_PAGES_PER_S),
+            fill_percent=100,
+            io_latency_ms=0,
+            state_save_ms=0,
+            driver="qemu",
+        )
+
     def describe(self) -> str:
+        if self.driver == "qemu":
+            return (
+                f"seed {self.seed} (qemu): {self.kind} at {self.phase}+{self.moment_s}s, "
+                f"{self.source}->{self.target}, {self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s"
+            )
         return (
             f"seed {self.seed}: {self.kind} at {self.phase}+{self.moment_s}s, {self.source}->{self.target}, "
             f"{self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s, fill {self.fill_percent}%, "
@@ -106,6 +167,7 @@ class Result:
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    source_qemu_pid: int | None = None  # QEMU: the guest's QEMU on the source when its agent was killed
 
 
 def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient:
@@ -119,7 +181,7 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
     A console that still calls a restarted agent unreachable after ``FLEET_READY_TIMEOUT_S`` is itself a
     violation (an admin could not migrate from that host); so is a refusal of the run's migration.
     """
-    scenario = Scenario.from_seed(seed)
+    scenario = Scenario.from_seed(seed, stack.driver)
     result = Result(scenario)
     started = time.monotonic()
     still_unreachable = wait_for_fleet_reachable()
@@ -131,7 +193,13 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         )
         result.seconds = time.monotonic() - started
         return result
-    vm = create_guest(stack, scenario)
+    try:
+        vm = create_guest(stack, scenario)
+    except GuestDidNotBoot as error:
+        result.outcome = "not started"
+        result.violations.append(str(error))
+        result.seconds = time.monotonic() - started
+        return result
     try:
         migration = do_request_migration(vm, VSP.objects.get(name=scenario.target), admin)
     except MigrationRefused as refused:
@@ -150,10 +218,15 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         if restarted:
             result.notes.append(f"the service manager restarted {', '.join(restarted)}, which had exited")
         lost_keeper = "kill-target" if result.outcome == "completed" else "kill-source"
-        result.host_crash = scenario.kind == lost_keeper
+        # A QEMU agent's guests outlive it (re-adopted on restart): its kill is no host crash.
+        result.host_crash = scenario.kind == lost_keeper and stack.driver != "qemu"
         result.violations = check_invariants(stack, scenario, migration, web, result.host_crash)
+        if result.source_qemu_pid is not None and result.outcome != "completed":
+            result.violations += check_re_adopted(stack, scenario, migration, result)
     finally:
         retire_guest(stack, vm)
+        if stack.driver == "qemu":
+            result.violations += check_no_qemu_left(stack)
         result.seconds = time.monotonic() - started
     return result
 
@@ -171,11 +244,20 @@ def wait_for_fleet_reachable() -> list[str]:
         time.sleep(0.2)
 
 
+class GuestDidNotBoot(Exception):
+    """The run's QEMU guest did not pass its first memory self-check in time (a sentence)."""
+
+
 def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
-    """A new guest, running with its workload on the source agent, and its records in the database."""
+    """A new guest, running with its workload on the source agent, and its records in the database.
+
+    QEMU: returns once the guest's memwriter has passed its first self-check; raises GuestDidNotBoot
+    (the guest retired) if it has not within ``QEMU_BOOT_TIMEOUT_S``.
+    """
     name = f"soak-{scenario.seed}-{time.monotonic_ns() % 1_000_000}"
+    limits = QEMU_LIMITS if scenario.driver == "qemu" else LIMITS
     vm = VirtualMachine.objects.create(
-        name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **LIMITS
+        name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **limits
     )
     spec = {
         "guest_id": str(vm.guest_id),  # agents know guests by id; the name is for display
@@ -188,17 +270,69 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
         "io_latency_ms": scenario.io_latency_ms,
         "state_save_ms": scenario.state_save_ms,
     }
+    if scenario.driver == "qemu":
+        spec = {key: spec[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "running")}
+        spec |= {"os_type": "Linux", "dirty_pages_per_s": scenario.dirty_pages_per_s}
     with agent_client(stack, scenario.source) as agent:
         agent.define_guest(spec)
+    if scenario.driver == "qemu" and not wait_for_first_selfcheck(stack, scenario.source, str(vm.guest_id)):
+        retire_guest(stack, vm)
+        raise GuestDidNotBoot(
+            f"guest {name} did not pass its first memory self-check on {scenario.source} "
+            f"within {QEMU_BOOT_TIMEOUT_S:.0f} s"
+        )
     Registration.objects.create(
         vm=vm, vsp=VSP.objects.get(name=scenario.source), hardware_status=Registration.HardwareStatus.ON
     )
     return vm
 
 
+def wait_for_first_selfcheck(stack: Stack, host: str, guest_id: str) -> bool:
+    deadline = time.monotonic() + QEMU_BOOT_TIMEOUT_S
+    with agent_client(stack, host) as agent:
+        while time.monotonic() < deadline:
+            try:
+                if agent.get_guest(guest_id)["workload"].get("selfchecks_passed", 0) >= 1:
+                    return True
+            except AgentError:
+                pass
+            time.sleep(0.5)
+    return False
+
+
+def qemu_pid(stack: Stack, host: str, guest_id: str) -> int | None:
+    try:
+        with agent_client(stack, host) as agent:
+            return agent.get_guest(guest_id)["workload"].get("pid")
+    except AgentError:
+        return None
+
+
+def check_re_adopted(stack: Stack, scenario: Scenario, migration: Migration, result: Result) -> list[str]:
+    """After its agent's kill -9, the source's restarted agent lists the same QEMU (pid) as the guest."""
+    now = qemu_pid(stack, scenario.source, str(migration.vm.guest_id))
+    if now != result.source_qemu_pid:
+        return [
+            f"the restarted {scenario.source} lists the guest with QEMU pid {now}, "
+            f"not the re-adopted {result.source_qemu_pid}"
+        ]
+    result.notes.append(f"{scenario.source} re-adopted QEMU pid {now} after its agent's kill -9")
+    return []
+
+
+def check_no_qemu_left(stack: Stack, timeout_s: float = 15.0) -> list[str]:
+    """After the run's guest was deleted everywhere, no QEMU process of the stack may be left."""
+    deadline = time.monotonic() + timeout_s
+    while (left := stack.qemu_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [
+        f"orphan QEMU process {pid} after the guest was deleted: {line[:160]}" for pid, line in left.items()
+    ]
+
+
 def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
     """Free the run's guest on every agent (the database keeps its records)."""
-    for name in AGENT_NAMES:
+    for name in stack.agents:
         try:
             with agent_client(stack, name) as agent:
                 agent.stop_guest(str(vm.guest_id))
@@ -245,10 +379,13 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
     time.sleep(scenario.moment_s)
     state = state_of(migration)
     result.hit_phase = "roll_forward" if scenario.phase == "roll_forward" and state == "committing" else state
-    hold_s = LIMIT_OF_PHASE.get(state, 3) + PAST_LIMIT_S
+    limit_of_phase = QEMU_LIMIT_OF_PHASE if scenario.driver == "qemu" else LIMIT_OF_PHASE
+    hold_s = limit_of_phase.get(state, 3) + PAST_LIMIT_S
     kind = scenario.kind
     if kind in ("kill-source", "kill-target", "kill-worker", "kill-web", "redis-restart"):
         role = killed_role(scenario)
+        if scenario.driver == "qemu" and kind == "kill-source":
+            result.source_qemu_pid = qemu_pid(stack, scenario.source, str(migration.vm.guest_id))
         stack.kill(role, down_s=3.0 if kind == "redis-restart" else RESTART_DELAY_S)  # Redis: a few seconds
         stack.wait_running(role)
     elif kind == "link-cut":

@@ -1,12 +1,19 @@
-"""The soak's private stack: its own Redis, web server, Celery worker and beat, four host agents, a proxy.
+"""The soak's private stack: its own Redis, web server, Celery worker and beat, host agents, a proxy.
 
 Everything runs on free loopback ports with a throwaway SQLite database (``soak.py`` sets the
 environment before Django is set up). Processes start through ``devtools.processes``. A service that a
 fault killed is started again by ``restart`` after a short delay, as a host's service manager would.
+
+``driver`` "simulated": four simulated agents (``AGENT_NAMES``). ``driver`` "qemu": two QEMU agents
+(``QEMU_AGENT_NAMES``; software emulation on a small machine), each with a fixed run directory
+(``<work_dir>/run/<name>``) so that a restart re-adopts its guests; killing such an agent kills its own
+process only (its QEMUs run on, as on a real host), and the Copy phase is capped at
+``QEMU_BANDWIDTH_MBPS`` so that it lasts long enough to strike in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -37,6 +44,8 @@ from devtools.processes import (
 from devtools.tcp_proxy import CONTROL_ENV, DataPlaneProxy
 
 AGENT_NAMES = ("vsp1", "vsp2", "vsp3", "vsp4")
+QEMU_AGENT_NAMES = ("vsp1", "vsp2")  # 2 cores: two TCG hosts, one guest at a time
+QEMU_BANDWIDTH_MBPS = 160  # 20 MB/s: a 128-192 MiB guest's Copy lasts a few seconds
 RESTART_DELAY_S = 1.0  # a service manager's restart delay
 HEARTBEAT_STALE_S = (
     6  # recovery decides a migration whose worker was silent this long (3 s misfired at load 10)
@@ -75,6 +84,7 @@ class Agent:
 @dataclass
 class Stack:
     work_dir: Path
+    driver: str = "simulated"  # or "qemu"
     redis_port: int = field(default_factory=free_port)
     web_port: int = field(default_factory=free_port)
     agents: dict[str, Agent] = field(default_factory=dict)
@@ -89,6 +99,14 @@ class Stack:
     down_until: dict[str, float] = field(default_factory=dict)  # monotonic s: a role kept down by a fault
     lock: threading.RLock = field(default_factory=threading.RLock)
     supervising: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def agent_names(self) -> tuple[str, ...]:
+        return QEMU_AGENT_NAMES if self.driver == "qemu" else AGENT_NAMES
+
+    def run_dir(self, name: str) -> Path:
+        """A QEMU agent's fixed run directory (QMP sockets, serial logs, guest records)."""
+        return self.work_dir / "run" / name
 
     @property
     def redis_url(self) -> str:
@@ -116,7 +134,7 @@ class Stack:
             "RECOVERY_INTERVAL_S": str(RECOVERY_INTERVAL_S),
             "INVENTORY_INTERVAL_S": str(INVENTORY_INTERVAL_S),
             "MIGRATION_DATA_ENDPOINT_HOOK": "devtools.tcp_proxy:route_via_proxy",
-        }
+        } | ({"MIGRATION_BANDWIDTH_MBPS": str(QEMU_BANDWIDTH_MBPS)} if self.driver == "qemu" else {})
 
     def child_env(self) -> dict[str, str]:
         return {**os.environ, "LOG_LEVEL": "INFO"}
@@ -166,10 +184,15 @@ class Stack:
             secret = write_secret_file(secret_file)
             known = Agent(name, free_port(), secret_file, secret, None)  # type: ignore[arg-type]
             self.agents[name] = known
+        extra_args = []
+        if self.driver == "qemu":
+            extra_args = ["--driver-option", f"run_dir={self.run_dir(name)}"]
         started = start_agent(
             name,
             known.port,
             known.secret_file,
+            self.driver,
+            extra_args,
             log_path=self.work_dir / f"agent-{name}.log",
             env=self.child_env(),
             pki_dir=self.work_dir / "pki",
@@ -185,7 +208,7 @@ class Stack:
             env=self.child_env(),
             cwd=Path(__file__).resolve().parent.parent,
         )
-        for name in AGENT_NAMES:
+        for name in self.agent_names:
             self.start_agent(name)
         self.start_web()
         self.start_worker()
@@ -215,6 +238,29 @@ class Stack:
         stop_all(self.processes())
         self.proxy.stop()
 
+    def qemu_processes(self) -> dict[int, str]:
+        """The QEMU processes running with a run directory of this stack: {pid: command line}."""
+        marker = str(self.work_dir / "run")
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "qemu-system" in cmdline and marker in cmdline:
+                found[int(entry.name)] = cmdline.strip()
+        return found
+
+    def kill_leftover_qemus(self) -> dict[int, str]:
+        """After ``stop``: SIGKILL any QEMU of this stack still running (an orphan); returns those found."""
+        left = self.qemu_processes()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
     # -- faults ---------------------------------------------------------------------------
     def service(self, role: str) -> ManagedProcess:
         """``role``: "worker", "web", "redis", or an agent's name."""
@@ -225,11 +271,21 @@ class Stack:
         return process
 
     def kill(self, role: str, down_s: float = RESTART_DELAY_S) -> None:
-        """``kill -9`` of the service's whole process group; the supervisor starts it after ``down_s``."""
+        """``kill -9`` of the service's whole process group; the supervisor starts it after ``down_s``.
+
+        A QEMU agent: ``kill -9`` of the agent's own process only; its QEMUs (in its process group) run
+        on, and the agent started again with the same run directory re-adopts them.
+        """
         with self.lock:
             self.down_until[role] = time.monotonic() + down_s
             self.killed_at[role] = datetime.now(UTC)
-            self.service(role).kill()
+            service = self.service(role)
+            if self.driver == "qemu" and role in self.agents:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(service.process.pid, signal.SIGKILL)
+                service.process.wait(timeout=10)
+            else:
+                service.kill()
 
     def wait_running(self, role: str, timeout: float = 60) -> bool:
         return wait_until(lambda: self.service(role).running, timeout, 0.1)

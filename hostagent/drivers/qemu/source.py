@@ -140,6 +140,11 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
                 shutil.rmtree(self._relay_dir, ignore_errors=True)
 
     async def _connect(self, kind: str, detail: str = "") -> socket.socket:
+        """A ``kind`` ("ctrl" or "data") connection to the target's endpoint, its handshake answered OK.
+
+        Raises MigrationAborted: REFUSED if the target said no, UNREACHABLE (naming the endpoint) if it
+        did not answer the handshake within ``HANDSHAKE_TIMEOUT_S``; OSError if it could not connect.
+        """
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in self.target.host else socket.AF_INET)
         sock.setblocking(False)
@@ -147,6 +152,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             await loop.sock_connect(sock, (self.target.host, self.target.port))
             await loop.sock_sendall(sock, f"{self.target.token} {kind} {detail}".strip().encode() + b"\n")
             answer = await asyncio.wait_for(recv_line(sock), HANDSHAKE_TIMEOUT_S)
+        except TimeoutError:
+            # Found by the QEMU soak (a stalled link in Init): the alert said only "TimeoutError".
+            sock.close()
+            raise MigrationAborted(
+                f"the target's data plane at {self.target.host}:{self.target.port} did not answer the "
+                f"{kind} connection's handshake within {HANDSHAKE_TIMEOUT_S:g} s",
+                FailureKind.UNREACHABLE,
+            ) from None
         except BaseException:
             sock.close()
             raise
