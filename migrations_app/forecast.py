@@ -40,6 +40,7 @@ STALL_RATIO = 0.9  # a round that leaves more than 90% of the round before did n
 MAX_SIMULATED_ROUNDS = 10_000  # a backstop: policies cap rounds far lower
 DEFAULT_OVERHEAD_MS = 10.0  # switchover cost measured with the simulated driver (docs/convergence.md)
 MB = 1_000_000
+CLICK_ROUNDS = 1  # a rescue must still work this many rounds later: the admin reads, then clicks
 
 
 class Verdict(StrEnum):
@@ -96,6 +97,22 @@ class Guest:
     dirty_rate_bytes_s: float
     written_bytes: int | None = None
     working_set_bytes: int | None = None
+
+    @classmethod
+    def measured(
+        cls,
+        memory_bytes: int,
+        distinct_rate_bytes_s: float,
+        window_s: float,
+        written_bytes: int | None = None,
+        working_set_bytes: int | None = None,
+        throttle_pct: float = 0.0,
+    ) -> Guest:
+        """The guest as a dirty-rate measurement describes it (``write_rate`` undoes the saturation)."""
+        wss = memory_bytes if working_set_bytes is None else max(1, min(working_set_bytes, memory_bytes))
+        rate = write_rate(distinct_rate_bytes_s, window_s, wss)
+        unthrottled = rate / max(1.0 - min(max(throttle_pct, 0.0), 99.0) / 100.0, 0.01)
+        return cls(memory_bytes, unthrottled, written_bytes, working_set_bytes)
 
     @property
     def first_pass_bytes(self) -> int:
@@ -179,6 +196,25 @@ def dirtied_bytes(guest: Guest, seconds: float, throttle_pct: float = 0.0) -> fl
     return wss * -math.expm1(-rate * max(seconds, 0.0) / wss)
 
 
+SATURATED = 0.99  # past this share of the working set dirty, faster writes cannot be told apart
+
+
+def write_rate(distinct_rate_bytes_s: float, window_s: float, working_set_bytes: float) -> float:
+    """The guest's write rate ``D`` (bytes/s) from a measured *distinct* dirty rate (bytes/s).
+
+    An agent counts the distinct pages dirtied over ``window_s`` (the dirty-rate endpoint; a round's
+    ``dirty_rate_bytes_s``, whose window is the round). Writes spread over a working set ``W`` hit
+    ``W * (1 - exp(-D t / W))`` distinct bytes (step 2), so a measurement over a window that is long
+    against ``W / D`` reads low: an 8 MiB guest writing 12 MB/s measured over 1.5 s reads 4.7 MB/s.
+    This inverts it: ``D = -W / t * ln(1 - d t / W)``, with ``d t / W`` capped at ``SATURATED`` (then
+    ``D`` is a lower bound). Zero or a zero window: returned as it is.
+    """
+    if distinct_rate_bytes_s <= 0 or window_s <= 0 or working_set_bytes <= 0:
+        return max(0.0, distinct_rate_bytes_s)
+    share = min(distinct_rate_bytes_s * window_s / working_set_bytes, SATURATED)
+    return -working_set_bytes / window_s * math.log1p(-share)
+
+
 def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None = None) -> Forecast:
     """Simulate pre-copy round by round (steps 1-6 of the module docstring) and say how it ends.
 
@@ -192,13 +228,27 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     last_round = state.last_round_bytes
     left = state.left_bytes
     trail: list[tuple[int, float, float]] = []
-    if left is None:  # round 1: the whole written memory
+    # The agent judges a round once, when it ends (stall -> throttle and escalation, then "does it fit?");
+    # a running migration's state is a round the agent judged already.
+    judged = state.left_bytes is not None
+    if left is None:  # round 1: the whole written memory; the agent never calls it stalled
         seconds = guest.first_pass_bytes / rate
-        rounds, elapsed, last_round = 1, elapsed + seconds, float(guest.first_pass_bytes)
+        rounds, elapsed, last_round = 1, elapsed + seconds, None
         left = dirtied_bytes(guest, seconds, throttle)
         trail.append((rounds, float(guest.first_pass_bytes), elapsed))
+        judged = True
     ever_throttled = throttle > 0
     while True:
+        if not judged and last_round is not None and left > STALL_RATIO * last_round:
+            # As the agent does after a stalled round: the new throttle slows the writes of the next
+            # round on, the raised downtime counts for this very judgement.
+            if policy.auto_converge:
+                throttle = _next_throttle(policy, throttle)
+                ever_throttled = True
+            if policy.downtime_step_ms > 0:
+                ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
+                allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
+        judged = False
         downtime_ms = 1000.0 * left / rate + link.overhead_ms
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
@@ -215,18 +265,10 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
         reason = _limit_reached(policy, rounds, elapsed)
         if reason:
             return _at_limit(policy, elapsed, rounds, throttle, allowed, left, downtime_ms, reason, trail)
-        stalled = last_round is not None and left > STALL_RATIO * last_round
         seconds = left / rate
         rounds, elapsed, last_round = rounds + 1, elapsed + seconds, left
         trail.append((rounds, left, elapsed))
         left = dirtied_bytes(guest, seconds, throttle)
-        if stalled:
-            if policy.auto_converge:
-                throttle = _next_throttle(policy, throttle)
-                ever_throttled = True
-            if policy.downtime_step_ms > 0:
-                ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
-                allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
 
 
 def _limit_reached(policy: Policy, rounds: int, elapsed: float) -> str:
@@ -314,8 +356,9 @@ class Rescue:
 def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[Rescue]:
     """What would rescue a running migration from ``state``, and what each costs, cheapest freeze first.
 
-    Offers: raising the allowed downtime to what one more round would need, throttling the guest,
-    and switching over now (frozen for what is left / the link rate).
+    Offers: raising the allowed downtime to what one more round would need, throttling the guest
+    (only when the agent's stepwise throttle, started now, completes within the rounds and time left
+    with ``CLICK_ROUNDS`` to spare), and switching over now (frozen for what is left / the link rate).
     """
     rate = effective_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
@@ -327,7 +370,10 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
         if result.converges:
             options.append(Rescue("raise_downtime", f"raise the allowed downtime to {ms(needed_ms)}", result))
     if not policy.auto_converge:
-        throttled = replace(policy, auto_converge=True, at_limit="abort")
+        # Offered only if it completes with a round to spare: the click lands while a round runs, and
+        # the agent throttles from the round judged after it (20% first, then 10% more per stalled round).
+        rounds_left = policy.max_rounds - CLICK_ROUNDS
+        throttled = replace(policy, auto_converge=True, at_limit="abort", max_rounds=rounds_left)
         result = forecast(guest, link, throttled, state)
         if result.converges:
             options.append(
