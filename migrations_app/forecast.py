@@ -126,10 +126,16 @@ class Guest:
 
 @dataclass(frozen=True)
 class Link:
-    """The path between two VSPs' data planes: ``rate_bytes_s`` measured, ``overhead_ms`` per switchover."""
+    """The path between two VSPs' data planes: ``rate_bytes_s`` measured, ``overhead_ms`` per switchover.
+
+    ``round_rate_bytes_s``: how fast the later rounds' scattered dirty pages move, when known (a round of
+    single pages costs the agents more per byte than round 1's long runs: the simulated agent judges
+    convergence by it); None: the same as ``rate_bytes_s``.
+    """
 
     rate_bytes_s: float
     overhead_ms: float = DEFAULT_OVERHEAD_MS
+    round_rate_bytes_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,13 @@ def effective_rate(link: Link, policy: Policy) -> float:
     return rate
 
 
+def round_rate(link: Link, policy: Policy) -> float:
+    """Bytes/s the dirty rounds and the switchover get: ``link.round_rate_bytes_s`` (else its rate), capped."""
+    if link.round_rate_bytes_s is None:
+        return effective_rate(link, policy)
+    return effective_rate(replace(link, rate_bytes_s=link.round_rate_bytes_s), policy)
+
+
 def dirtied_bytes(guest: Guest, seconds: float, throttle_pct: float = 0.0) -> float:
     """Distinct bytes the guest dirties in ``seconds`` under a throttle (step 2 of the model)."""
     rate = max(0.0, guest.dirty_rate_bytes_s) * (1.0 - min(max(throttle_pct, 0.0), 100.0) / 100.0)
@@ -221,7 +234,7 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     ``state`` continues a running migration (the live panel); None forecasts one not started yet.
     Raises ValueError when the link rate is not a positive number.
     """
-    rate = effective_rate(link, policy)
+    first_rate, rate = effective_rate(link, policy), round_rate(link, policy)
     state = state or CopyState()
     allowed = state.allowed_downtime_ms if state.allowed_downtime_ms is not None else policy.max_downtime_ms
     throttle, elapsed, rounds = state.throttle_pct, state.elapsed_s, state.round
@@ -232,7 +245,7 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     # a running migration's state is a round the agent judged already.
     judged = state.left_bytes is not None
     if left is None:  # round 1: the whole written memory; the agent never calls it stalled
-        seconds = guest.first_pass_bytes / rate
+        seconds = guest.first_pass_bytes / first_rate
         rounds, elapsed, last_round = 1, elapsed + seconds, None
         left = dirtied_bytes(guest, seconds, throttle)
         trail.append((rounds, float(guest.first_pass_bytes), elapsed))
@@ -327,7 +340,7 @@ def _next_throttle(policy: Policy, throttle: float) -> float:
 
 def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
     """Why Copy does not converge, in plain words; "" when it converges as it is."""
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     if forecast(guest, link, replace(policy, auto_converge=False, at_limit="abort")).converges:
         return ""
     capped = policy.bandwidth_cap_bytes_s is not None and policy.bandwidth_cap_bytes_s < link.rate_bytes_s
@@ -360,7 +373,7 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
     (only when the agent's stepwise throttle, started now, completes within the rounds and time left
     with ``CLICK_ROUNDS`` to spare), and switching over now (frozen for what is left / the link rate).
     """
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     options: list[Rescue] = []
     needed_ms = _downtime_that_converges(guest, link, policy, state)
@@ -400,7 +413,7 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
 
 def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
     """The smallest allowed downtime (ms, rounded up to 50 ms) under which one more round ends the copy."""
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     next_left = dirtied_bytes(guest, left / rate, state.throttle_pct)
     needed = 1000.0 * next_left / rate + link.overhead_ms

@@ -181,6 +181,24 @@ def test_it_throttles_from_the_round_after_the_stalled_one_as_the_agent_does():
     assert result.trail[2][1] == pytest.approx(dirtied_bytes(busy, round_5_s, 20))
 
 
+def test_it_moves_the_dirty_rounds_at_their_own_rate_when_known():
+    # Round 1 streams long runs at the link rate; scattered dirty pages may move slower (the agent
+    # judges convergence by their rate): the later rounds and the freeze take that rate.
+    busy = guest(0.2)
+    slow_rounds = Link(LINK.rate_bytes_s, overhead_ms=10, round_rate_bytes_s=250 * MB)
+
+    same = forecast(busy, LINK, Policy())
+    slower = forecast(busy, slow_rounds, Policy())
+
+    assert slower.trail[0] == same.trail[0]  # round 1 unchanged
+    assert slower.copy_s > same.copy_s
+    left = dirtied_bytes(busy, slower.trail[-1][1] / (250 * MB)) if slower.rounds > 1 else None
+    assert left is not None and slower.downtime_ms == pytest.approx(1000 * left / (250 * MB) + 10)
+    # a cap below both still rules
+    capped = forecast(busy, slow_rounds, Policy(bandwidth_cap_bytes_s=100 * MB))
+    assert capped.trail[0][2] == pytest.approx(GIB / (100 * MB))
+
+
 def test_it_offers_no_throttle_that_cannot_finish_in_the_rounds_left():
     # The browser run: an 8 MiB guest writing 12 MB/s over a 5 MB/s cap, warned at round 21 of 30.
     # Its throttle rises 10% a stalled round from 20%: too late to bring the rounds under 300 ms.
