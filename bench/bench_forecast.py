@@ -196,7 +196,8 @@ def main() -> None:
             f"measured link rate (idle guest at the cap): {end_to_end / 1e6:.0f} MB/s start to ready "
             f"({idle.total_s:.2f} s; the agent's data-plane throughput {idle.throughput / 1e6:.0f} MB/s)"
         )
-        link = forecast.Link(end_to_end)
+        pre_pause = forecast.SIMULATED_PRE_PAUSE_ROUNDS  # the simulated source's rounds before its pause
+        link = forecast.Link(end_to_end, pre_pause_rounds=pre_pause)
         if args.calibrate_percent:
             # Dirty rounds move scattered pages, slower than round 1's runs: what does the agent expect?
             pages_per_s = round(args.calibrate_percent / 100 * end_to_end / PAGE)
@@ -206,7 +207,9 @@ def main() -> None:
             drop(source, "fc-calibrate")
             rates = sorted(calibration.round_rates)
             if rates:
-                link = forecast.Link(end_to_end, round_rate_bytes_s=rates[len(rates) // 2])
+                link = forecast.Link(
+                    end_to_end, round_rate_bytes_s=rates[len(rates) // 2], pre_pause_rounds=pre_pause
+                )
                 print(
                     f"dirty rounds' rate (median of what the agent expected, guest at "
                     f"{args.calibrate_percent}% of the link): {rates[len(rates) // 2] / 1e6:.0f} MB/s"

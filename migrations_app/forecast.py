@@ -40,6 +40,7 @@ STALL_RATIO = 0.9  # a round that leaves more than 90% of the round before did n
 MAX_SIMULATED_ROUNDS = 10_000  # a backstop: policies cap rounds far lower
 DEFAULT_OVERHEAD_MS = 10.0  # switchover cost measured with the simulated driver (docs/convergence.md)
 MB = 1_000_000
+SIMULATED_PRE_PAUSE_ROUNDS = 5  # hostagent/drivers/simulated/source.py PRE_PAUSE_ROUNDS
 CLICK_ROUNDS = 1  # a rescue must still work this many rounds later: the admin reads, then clicks
 
 
@@ -130,12 +131,16 @@ class Link:
 
     ``round_rate_bytes_s``: how fast the later rounds' scattered dirty pages move, when known (a round of
     single pages costs the agents more per byte than round 1's long runs: the simulated agent judges
-    convergence by it); None: the same as ``rate_bytes_s``.
+    convergence by it); None: the same as ``rate_bytes_s``. ``pre_pause_rounds``: once converged, the
+    source sends up to this many more rounds while the freeze would take more than half the allowed
+    downtime, before it pauses the guest, the round under way when it is asked to switch over always
+    finishing first (the simulated agent: ``SIMULATED_PRE_PAUSE_ROUNDS``; QEMU: 0).
     """
 
     rate_bytes_s: float
     overhead_ms: float = DEFAULT_OVERHEAD_MS
     round_rate_bytes_s: float | None = None
+    pre_pause_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ def effective_rate(link: Link, policy: Policy) -> float:
 
 
 def round_rate(link: Link, policy: Policy) -> float:
-    """Bytes/s the dirty rounds and the switchover get: ``link.round_rate_bytes_s`` (else its rate), capped."""
+    """Bytes/s of the dirty rounds and the switchover: ``link.round_rate_bytes_s`` (else its rate), capped."""
     if link.round_rate_bytes_s is None:
         return effective_rate(link, policy)
     return effective_rate(replace(link, rate_bytes_s=link.round_rate_bytes_s), policy)
@@ -265,9 +270,19 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
         downtime_ms = 1000.0 * left / rate + link.overhead_ms
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
+            copy_s = elapsed
+            for extra in range(link.pre_pause_rounds):  # step 3: rounds sent before the pause
+                # the round under way when the switchover is asked for finishes first
+                if extra and downtime_ms <= allowed / 2:
+                    break
+                seconds = left / rate
+                rounds, elapsed = rounds + 1, elapsed + seconds
+                trail.append((rounds, left, elapsed))
+                left = dirtied_bytes(guest, seconds, throttle)
+                downtime_ms = 1000.0 * left / rate + link.overhead_ms
             return Forecast(
                 verdict,
-                elapsed,
+                copy_s,
                 elapsed + downtime_ms / 1000,
                 downtime_ms,
                 rounds,

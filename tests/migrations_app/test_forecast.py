@@ -199,6 +199,19 @@ def test_it_moves_the_dirty_rounds_at_their_own_rate_when_known():
     assert capped.trail[0][2] == pytest.approx(GIB / (100 * MB))
 
 
+def test_it_sends_rounds_before_the_pause_until_the_freeze_is_half_the_allowed_one():
+    # The simulated source, once converged, sends up to 5 more rounds while the freeze would take more
+    # than half the allowed downtime: a shorter freeze, a longer total.
+    busy = guest(0.5)
+    plain = forecast(busy, LINK, Policy())
+    settling = forecast(busy, replace(LINK, pre_pause_rounds=5), Policy())
+
+    assert plain.downtime_ms > 150
+    assert settling.downtime_ms <= 150 < plain.downtime_ms
+    assert settling.rounds > plain.rounds and settling.total_s > plain.copy_s
+    assert settling.copy_s == pytest.approx(plain.copy_s)  # converged at the same moment
+
+
 def test_it_offers_no_throttle_that_cannot_finish_in_the_rounds_left():
     # The browser run: an 8 MiB guest writing 12 MB/s over a 5 MB/s cap, warned at round 21 of 30.
     # Its throttle rises 10% a stalled round from 20%: too late to bring the rounds under 300 ms.
