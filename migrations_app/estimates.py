@@ -47,8 +47,13 @@ class DirtyRate:
     at: datetime
 
     def guest(self) -> forecast.Guest:
-        return forecast.Guest(
-            self.memory_bytes, self.rate_bytes_s, self.written_bytes, self.working_set_bytes
+        """The model's guest: the write rate behind this distinct-page rate (``forecast.write_rate``)."""
+        return forecast.Guest.measured(
+            self.memory_bytes,
+            self.rate_bytes_s,
+            DIRTY_RATE_WINDOW_S,
+            self.written_bytes,
+            self.working_set_bytes,
         )
 
 

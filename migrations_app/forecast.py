@@ -40,6 +40,8 @@ STALL_RATIO = 0.9  # a round that leaves more than 90% of the round before did n
 MAX_SIMULATED_ROUNDS = 10_000  # a backstop: policies cap rounds far lower
 DEFAULT_OVERHEAD_MS = 10.0  # switchover cost measured with the simulated driver (docs/convergence.md)
 MB = 1_000_000
+SIMULATED_PRE_PAUSE_ROUNDS = 5  # hostagent/drivers/simulated/source.py PRE_PAUSE_ROUNDS
+CLICK_ROUNDS = 1  # a rescue must still work this many rounds later: the admin reads, then clicks
 
 
 class Verdict(StrEnum):
@@ -97,6 +99,22 @@ class Guest:
     written_bytes: int | None = None
     working_set_bytes: int | None = None
 
+    @classmethod
+    def measured(
+        cls,
+        memory_bytes: int,
+        distinct_rate_bytes_s: float,
+        window_s: float,
+        written_bytes: int | None = None,
+        working_set_bytes: int | None = None,
+        throttle_pct: float = 0.0,
+    ) -> Guest:
+        """The guest as a dirty-rate measurement describes it (``write_rate`` undoes the saturation)."""
+        wss = memory_bytes if working_set_bytes is None else max(1, min(working_set_bytes, memory_bytes))
+        rate = write_rate(distinct_rate_bytes_s, window_s, wss)
+        unthrottled = rate / max(1.0 - min(max(throttle_pct, 0.0), 99.0) / 100.0, 0.01)
+        return cls(memory_bytes, unthrottled, written_bytes, working_set_bytes)
+
     @property
     def first_pass_bytes(self) -> int:
         return self.memory_bytes if self.written_bytes is None else min(self.written_bytes, self.memory_bytes)
@@ -109,10 +127,20 @@ class Guest:
 
 @dataclass(frozen=True)
 class Link:
-    """The path between two VSPs' data planes: ``rate_bytes_s`` measured, ``overhead_ms`` per switchover."""
+    """The path between two VSPs' data planes: ``rate_bytes_s`` measured, ``overhead_ms`` per switchover.
+
+    ``round_rate_bytes_s``: how fast the later rounds' scattered dirty pages move, when known (a round of
+    single pages costs the agents more per byte than round 1's long runs: the simulated agent judges
+    convergence by it); None: the same as ``rate_bytes_s``. ``pre_pause_rounds``: once converged, the
+    source sends up to this many more rounds while the freeze would take more than half the allowed
+    downtime, before it pauses the guest, the round under way when it is asked to switch over always
+    finishing first (the simulated agent: ``SIMULATED_PRE_PAUSE_ROUNDS``; QEMU: 0).
+    """
 
     rate_bytes_s: float
     overhead_ms: float = DEFAULT_OVERHEAD_MS
+    round_rate_bytes_s: float | None = None
+    pre_pause_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,11 +200,37 @@ def effective_rate(link: Link, policy: Policy) -> float:
     return rate
 
 
+def round_rate(link: Link, policy: Policy) -> float:
+    """Bytes/s of the dirty rounds and the switchover: ``link.round_rate_bytes_s`` (else its rate), capped."""
+    if link.round_rate_bytes_s is None:
+        return effective_rate(link, policy)
+    return effective_rate(replace(link, rate_bytes_s=link.round_rate_bytes_s), policy)
+
+
 def dirtied_bytes(guest: Guest, seconds: float, throttle_pct: float = 0.0) -> float:
     """Distinct bytes the guest dirties in ``seconds`` under a throttle (step 2 of the model)."""
     rate = max(0.0, guest.dirty_rate_bytes_s) * (1.0 - min(max(throttle_pct, 0.0), 100.0) / 100.0)
     wss = guest.write_set_bytes
     return wss * -math.expm1(-rate * max(seconds, 0.0) / wss)
+
+
+SATURATED = 0.99  # past this share of the working set dirty, faster writes cannot be told apart
+
+
+def write_rate(distinct_rate_bytes_s: float, window_s: float, working_set_bytes: float) -> float:
+    """The guest's write rate ``D`` (bytes/s) from a measured *distinct* dirty rate (bytes/s).
+
+    An agent counts the distinct pages dirtied over ``window_s`` (the dirty-rate endpoint; a round's
+    ``dirty_rate_bytes_s``, whose window is the round). Writes spread over a working set ``W`` hit
+    ``W * (1 - exp(-D t / W))`` distinct bytes (step 2), so a measurement over a window that is long
+    against ``W / D`` reads low: an 8 MiB guest writing 12 MB/s measured over 1.5 s reads 4.7 MB/s.
+    This inverts it: ``D = -W / t * ln(1 - d t / W)``, with ``d t / W`` capped at ``SATURATED`` (then
+    ``D`` is a lower bound). Zero or a zero window: returned as it is.
+    """
+    if distinct_rate_bytes_s <= 0 or window_s <= 0 or working_set_bytes <= 0:
+        return max(0.0, distinct_rate_bytes_s)
+    share = min(distinct_rate_bytes_s * window_s / working_set_bytes, SATURATED)
+    return -working_set_bytes / window_s * math.log1p(-share)
 
 
 def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None = None) -> Forecast:
@@ -185,26 +239,50 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     ``state`` continues a running migration (the live panel); None forecasts one not started yet.
     Raises ValueError when the link rate is not a positive number.
     """
-    rate = effective_rate(link, policy)
+    first_rate, rate = effective_rate(link, policy), round_rate(link, policy)
     state = state or CopyState()
     allowed = state.allowed_downtime_ms if state.allowed_downtime_ms is not None else policy.max_downtime_ms
     throttle, elapsed, rounds = state.throttle_pct, state.elapsed_s, state.round
     last_round = state.last_round_bytes
     left = state.left_bytes
     trail: list[tuple[int, float, float]] = []
-    if left is None:  # round 1: the whole written memory
-        seconds = guest.first_pass_bytes / rate
-        rounds, elapsed, last_round = 1, elapsed + seconds, float(guest.first_pass_bytes)
+    # The agent judges a round once, when it ends (stall -> throttle and escalation, then "does it fit?");
+    # a running migration's state is a round the agent judged already.
+    judged = state.left_bytes is not None
+    if left is None:  # round 1: the whole written memory; the agent never calls it stalled
+        seconds = guest.first_pass_bytes / first_rate
+        rounds, elapsed, last_round = 1, elapsed + seconds, None
         left = dirtied_bytes(guest, seconds, throttle)
         trail.append((rounds, float(guest.first_pass_bytes), elapsed))
+        judged = True
     ever_throttled = throttle > 0
     while True:
+        if not judged and last_round is not None and left > STALL_RATIO * last_round:
+            # As the agent does after a stalled round: the new throttle slows the writes of the next
+            # round on, the raised downtime counts for this very judgement.
+            if policy.auto_converge:
+                throttle = _next_throttle(policy, throttle)
+                ever_throttled = True
+            if policy.downtime_step_ms > 0:
+                ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
+                allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
+        judged = False
         downtime_ms = 1000.0 * left / rate + link.overhead_ms
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
+            copy_s = elapsed
+            for extra in range(link.pre_pause_rounds):  # step 3: rounds sent before the pause
+                # the round under way when the switchover is asked for finishes first
+                if extra and downtime_ms <= allowed / 2:
+                    break
+                seconds = left / rate
+                rounds, elapsed = rounds + 1, elapsed + seconds
+                trail.append((rounds, left, elapsed))
+                left = dirtied_bytes(guest, seconds, throttle)
+                downtime_ms = 1000.0 * left / rate + link.overhead_ms
             return Forecast(
                 verdict,
-                elapsed,
+                copy_s,
                 elapsed + downtime_ms / 1000,
                 downtime_ms,
                 rounds,
@@ -215,18 +293,10 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
         reason = _limit_reached(policy, rounds, elapsed)
         if reason:
             return _at_limit(policy, elapsed, rounds, throttle, allowed, left, downtime_ms, reason, trail)
-        stalled = last_round is not None and left > STALL_RATIO * last_round
         seconds = left / rate
         rounds, elapsed, last_round = rounds + 1, elapsed + seconds, left
         trail.append((rounds, left, elapsed))
         left = dirtied_bytes(guest, seconds, throttle)
-        if stalled:
-            if policy.auto_converge:
-                throttle = _next_throttle(policy, throttle)
-                ever_throttled = True
-            if policy.downtime_step_ms > 0:
-                ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
-                allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
 
 
 def _limit_reached(policy: Policy, rounds: int, elapsed: float) -> str:
@@ -285,7 +355,7 @@ def _next_throttle(policy: Policy, throttle: float) -> float:
 
 def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
     """Why Copy does not converge, in plain words; "" when it converges as it is."""
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     if forecast(guest, link, replace(policy, auto_converge=False, at_limit="abort")).converges:
         return ""
     capped = policy.bandwidth_cap_bytes_s is not None and policy.bandwidth_cap_bytes_s < link.rate_bytes_s
@@ -314,10 +384,11 @@ class Rescue:
 def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[Rescue]:
     """What would rescue a running migration from ``state``, and what each costs, cheapest freeze first.
 
-    Offers: raising the allowed downtime to what one more round would need, throttling the guest,
-    and switching over now (frozen for what is left / the link rate).
+    Offers: raising the allowed downtime to what one more round would need, throttling the guest
+    (only when the agent's stepwise throttle, started now, completes within the rounds and time left
+    with ``CLICK_ROUNDS`` to spare), and switching over now (frozen for what is left / the link rate).
     """
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     options: list[Rescue] = []
     needed_ms = _downtime_that_converges(guest, link, policy, state)
@@ -327,7 +398,10 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
         if result.converges:
             options.append(Rescue("raise_downtime", f"raise the allowed downtime to {ms(needed_ms)}", result))
     if not policy.auto_converge:
-        throttled = replace(policy, auto_converge=True, at_limit="abort")
+        # Offered only if it completes with a round to spare: the click lands while a round runs, and
+        # the agent throttles from the round judged after it (20% first, then 10% more per stalled round).
+        rounds_left = policy.max_rounds - CLICK_ROUNDS
+        throttled = replace(policy, auto_converge=True, at_limit="abort", max_rounds=rounds_left)
         result = forecast(guest, link, throttled, state)
         if result.converges:
             options.append(
@@ -354,7 +428,7 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
 
 def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
     """The smallest allowed downtime (ms, rounded up to 50 ms) under which one more round ends the copy."""
-    rate = effective_rate(link, policy)
+    rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     next_left = dirtied_bytes(guest, left / rate, state.throttle_pct)
     needed = 1000.0 * next_left / rate + link.overhead_ms

@@ -72,11 +72,15 @@ def outlook(migration: Migration) -> Outlook | None:
     policy_values = migration_policy.effective(migration.policy)
     policy = forecast_policy(policy_values, migration.vm)
     memory = migration.vm.memory_mib * MiB
-    guest = forecast.Guest(memory, float(migration.dirty_rate_bytes_s))
+    left = float(migration.bytes_remaining) if migration.rounds > 1 else None
+    # The agent's dirty rate is what the last round left over that round's time (distinct pages): for a
+    # guest rewriting a small memory that reads far below what it writes; the model wants its write rate.
+    dirty = float(migration.dirty_rate_bytes_s)
+    window = left / dirty if left and dirty > 0 else 0.0
+    guest = forecast.Guest.measured(memory, dirty, window)
     link = forecast.Link(float(migration.throughput_bytes_s))
     started = migration.copy_started_at or migration.state_changed_at
     elapsed = max(0.0, (timezone.now() - started).total_seconds())
-    left = float(migration.bytes_remaining) if migration.rounds > 1 else None
     state = forecast.CopyState(
         round=max(0, migration.rounds - 1), left_bytes=left, elapsed_s=elapsed, last_round_bytes=left
     )

@@ -19,6 +19,7 @@ from migrations_app.forecast import (
     explain,
     forecast,
     rescues,
+    write_rate,
 )
 
 GIB = 1024**3
@@ -146,6 +147,85 @@ def test_it_offers_rescues_for_a_stalled_migration_with_their_cost():
     assert options["raise_downtime"].forecast.converges
     assert options["raise_downtime"].words.startswith("raise the allowed downtime to ")
     assert options["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
+
+
+def test_it_recovers_the_write_rate_from_a_distinct_page_measurement():
+    # An 8 MiB guest writing 12 MB/s over 1.5 s dirties 7.7 MB of distinct pages: it "reads" 5.1 MB/s.
+    memory, writes = 8 * 1024**2, 12 * MB
+    distinct = Guest(memory, writes)
+    measured = dirtied_bytes(distinct, 1.5) / 1.5
+
+    assert measured < 5.2 * MB
+    assert write_rate(measured, 1.5, memory) == pytest.approx(writes)
+    assert Guest.measured(memory, measured, 1.5).dirty_rate_bytes_s == pytest.approx(writes)
+    # Under a 40% throttle it wrote 60% of that: the guest itself writes the full rate.
+    throttled = dirtied_bytes(distinct, 1.5, 40) / 1.5
+    assert Guest.measured(memory, throttled, 1.5, throttle_pct=40).dirty_rate_bytes_s == pytest.approx(writes)
+    # A short window against a large guest reads about the write rate: nothing to undo.
+    assert write_rate(300 * MB, 0.5, GIB) == pytest.approx(300 * MB, rel=0.1)
+    assert write_rate(0, 0.5, GIB) == 0
+
+
+def test_it_throttles_from_the_round_after_the_stalled_one_as_the_agent_does():
+    # A copy that stalls at round 3: the agent throttles the guest when it judges round 3, so the
+    # pages round 5 sends were written under that throttle (the model used to lag a round behind).
+    busy = guest(1.5)
+    state = CopyState(round=3, left_bytes=400 * MB, elapsed_s=1, last_round_bytes=400 * MB)
+
+    result = forecast(busy, LINK, Policy(auto_converge=True, max_rounds=6), state)
+
+    seconds = 400 * MB / LINK.rate_bytes_s
+    assert result.trail[0] == (4, 400 * MB, pytest.approx(1 + seconds))  # judged already: not throttled
+    assert result.trail[1][1] == pytest.approx(dirtied_bytes(busy, seconds))
+    round_5_s = result.trail[1][1] / LINK.rate_bytes_s
+    assert result.trail[2][1] == pytest.approx(dirtied_bytes(busy, round_5_s, 20))
+
+
+def test_it_moves_the_dirty_rounds_at_their_own_rate_when_known():
+    # Round 1 streams long runs at the link rate; scattered dirty pages may move slower (the agent
+    # judges convergence by their rate): the later rounds and the freeze take that rate.
+    busy = guest(0.2)
+    slow_rounds = Link(LINK.rate_bytes_s, overhead_ms=10, round_rate_bytes_s=250 * MB)
+
+    same = forecast(busy, LINK, Policy())
+    slower = forecast(busy, slow_rounds, Policy())
+
+    assert slower.trail[0] == same.trail[0]  # round 1 unchanged
+    assert slower.copy_s > same.copy_s
+    left = dirtied_bytes(busy, slower.trail[-1][1] / (250 * MB)) if slower.rounds > 1 else None
+    assert left is not None and slower.downtime_ms == pytest.approx(1000 * left / (250 * MB) + 10)
+    # a cap below both still rules
+    capped = forecast(busy, slow_rounds, Policy(bandwidth_cap_bytes_s=100 * MB))
+    assert capped.trail[0][2] == pytest.approx(GIB / (100 * MB))
+
+
+def test_it_sends_rounds_before_the_pause_until_the_freeze_is_half_the_allowed_one():
+    # The simulated source, once converged, sends up to 5 more rounds while the freeze would take more
+    # than half the allowed downtime: a shorter freeze, a longer total.
+    busy = guest(0.5)
+    plain = forecast(busy, LINK, Policy())
+    settling = forecast(busy, replace(LINK, pre_pause_rounds=5), Policy())
+
+    assert plain.downtime_ms > 150
+    assert settling.downtime_ms <= 150 < plain.downtime_ms
+    assert settling.rounds > plain.rounds and settling.total_s > plain.copy_s
+    assert settling.copy_s == pytest.approx(plain.copy_s)  # converged at the same moment
+
+
+def test_it_offers_no_throttle_that_cannot_finish_in_the_rounds_left():
+    # The browser run: an 8 MiB guest writing 12 MB/s over a 5 MB/s cap, warned at round 21 of 30.
+    # Its throttle rises 10% a stalled round from 20%: too late to bring the rounds under 300 ms.
+    hot, link = Guest(8 * 1024**2, 12 * MB), Link(5 * MB)
+    late = CopyState(round=21, left_bytes=7.3 * MB, elapsed_s=32, last_round_bytes=7.3 * MB)
+    early = replace(late, round=5, elapsed_s=8)
+
+    assert "auto_converge" not in {rescue.action for rescue in rescues(hot, link, Policy(), late)}
+    offered = {rescue.action: rescue for rescue in rescues(hot, link, Policy(), early)}
+    throttle = offered["auto_converge"]
+    assert throttle.forecast.converges
+    # with a round to spare for the click
+    assert throttle.forecast.rounds <= Policy().max_rounds - 1
+    assert forecast(hot, link, Policy(auto_converge=True), replace(early, round=6)).converges
 
 
 def test_it_explains_the_verdict_with_the_numbers_behind_it():

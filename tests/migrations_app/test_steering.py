@@ -72,6 +72,27 @@ def test_turning_throttling_on_while_it_runs_makes_it_complete(
     assert_completed_intact(host_agents, migration, wait_for)
 
 
+def test_the_offered_throttle_rescue_completes_it(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    """The browser run that did not rescue: the throttle offered with the warning must complete it."""
+    from migrations_app.steering import outlook
+
+    _, migration = start_hot(host_agents, fleet, admin, wait_for)
+    offered: list[str] = []
+
+    def warned_with_a_throttle() -> bool:
+        migration.refresh_from_db()
+        seen = outlook(migration)
+        offered[:] = [rescue.words for rescue in seen.rescues] if seen else []
+        return seen is not None and seen.warning != "" and any("throttle" in words for words in offered)
+
+    assert wait_for(warned_with_a_throttle, timeout=60), (migration.state, migration.rounds, offered)
+    response = change(migration_admin_client, migration, action="auto_converge")
+    assert "Turned throttling (auto-converge) on." in response.text
+    assert_completed_intact(host_agents, migration, wait_for)
+
+
 def test_switch_over_now_completes_with_the_longer_downtime_shown(
     host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
 ):
@@ -132,7 +153,9 @@ def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_thei
         "This migration will stop at the round limit (30 rounds) and the guest will stay on its source"
         in html
     )
-    assert "Slow because the guest writes faster (10 MB/s) than the link carries (5.0 MB/s)." in html
-    assert "Raise the allowed downtime to 1.4 s" in html
+    # 8 MB left of 8 MiB after a 0.8 s round (10 MB/s distinct): the guest writes about 32 MB/s.
+    assert "Slow because the guest writes faster (32 MB/s) than the link carries (5.0 MB/s)." in html
+    assert "Raise the allowed downtime to 1.7 s" in html
+    assert "Throttle the guest (up to 90% of its vCPU time" in html
     assert "Switch over now: about 1.6 s frozen" in html
     assert 'value="switchover"' in html and 'value="auto_converge"' in html
