@@ -109,6 +109,19 @@ def test_a_bandwidth_cap_holds(agent_pair):
     finish(vsp1, vsp2, migration_id)
 
 
+def test_a_bandwidth_cap_holds_across_the_pauses_between_rounds(agent_pair):
+    """A busy guest over two streams (the cap is split between them): every round's throughput stays
+    within the cap plus 10%, the pauses between rounds (hashing, waiting for the target) included."""
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("bursty"), unique("m")
+    guest = define_running_guest(vsp1, name, memory_mib=128, dirty_pages_per_s=3000, fill_percent=100)
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=320, max_rounds=30, streams=2)  # 40 MB/s
+    stream = follow(vsp1, migration_id, until=lambda s: s["round"] >= 5 or s["state"] not in ("init", "copy"))
+    rates = [s["throughput_bytes_s"] for s in stream if s["round"] >= 2]
+    assert rates and max(rates) <= 40_000_000 * 1.1, max(rates)
+    vsp1.client.cancel(migration_id)
+
+
 def test_changing_a_finished_migration_is_refused_and_changes_nothing(agent_pair):
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("done"), unique("m")
