@@ -293,15 +293,25 @@ class TlsChannel:
                 await self._flush()
 
     async def recv_into(self, view: memoryview) -> int:
-        while True:
+        """Decrypt into ``view`` every record already received (one ``ssl.read`` gives one 16 KiB
+        record: returning after each made the receiver spend a Python round trip per record, 0.24 of
+        the plain data plane); wait for the network only when nothing is buffered. 0: the peer closed."""
+        filled, wanted = 0, len(view)
+        while filled < wanted:
             try:
-                read: int = self._ssl.read(len(view), view)  # type: ignore[arg-type, assignment]
-                return read
+                read: int = self._ssl.read(wanted - filled, view[filled:])  # type: ignore[arg-type, assignment]
             except ssl.SSLWantReadError:
+                if filled:
+                    return filled
                 if not await self._fill():
                     return 0
+                continue
             except ssl.SSLZeroReturnError:
-                return 0
+                return filled
+            if not read:
+                return filled
+            filled += read
+        return filled
 
     def close(self) -> None:
         self.sock.close()
