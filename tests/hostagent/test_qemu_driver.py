@@ -208,7 +208,7 @@ def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qem
 # dirty as the last (measured: ~105 MB left each round), far above the 15 MB 300 ms allow at 50 MB/s.
 UNCONVERGING = {"downtime_ms": 300, "bandwidth_mbps": 400, "max_rounds": 20, "limits": {"copy_s": 120}}
 # QEMU throttles after every second stalled round: 60%, 80%, then its ceiling of 95%, where the guest
-# dirties a few MB a second (measured: it converged at round 9-14 of the 20 allowed).
+# dirties a few MB a second (measured: it converged at round 11-13 of the 20 allowed).
 AUTO_CONVERGE = {
     "auto_converge": True,
     "throttle_initial_pct": 60,
