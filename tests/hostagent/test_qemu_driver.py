@@ -204,6 +204,91 @@ def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qem
     vsp2.client.discard(migration_id)
 
 
+# 80 MB/s of random page writes into 160 MiB against a 50 MB/s cap: every round leaves about as much
+# dirty as the last (measured: ~105 MB left each round), far above the 15 MB 300 ms allow at 50 MB/s.
+UNCONVERGING = {"downtime_ms": 300, "bandwidth_mbps": 400, "max_rounds": 20, "limits": {"copy_s": 120}}
+# QEMU throttles after every second stalled round: 60%, 80%, then its ceiling of 95%, where the guest
+# dirties a few MB a second (measured: it converged at round 11-13 of the 20 allowed).
+AUTO_CONVERGE = {
+    "auto_converge": True,
+    "throttle_initial_pct": 60,
+    "throttle_increment_pct": 20,
+    "throttle_max_pct": 95,
+}
+
+
+def convergence_figures(snapshots: list[dict[str, Any]]) -> str:
+    """What QEMU reported during Copy, for the test's output (``-s``): rounds, dirty rate, throttle."""
+    copy = [snapshot for snapshot in snapshots if snapshot["state"] == "copy"]
+    return (
+        f"rounds {max((s['round'] for s in snapshots), default=0)}, "
+        f"dirty rate {max((s['dirty_rate_bytes_s'] for s in copy), default=0) / 1e6:.1f} MB/s at most, "
+        f"link {max((s['throughput_bytes_s'] for s in copy), default=0) / 1e6:.1f} MB/s at most, "
+        f"throttle {sorted({s['throttle_pct'] for s in snapshots})} %"
+    )
+
+
+def test_a_busy_guest_that_cannot_converge_completes_with_auto_converge_and_checks_itself_on_the_target(
+    qemu_hosts,
+):
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1, pages_per_s=20_000)
+
+    stuck_id = unique("noconverge")
+    start(vsp1, vsp2, guest, stuck_id, **UNCONVERGING)
+    stuck = follow(vsp1, stuck_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))
+    print("without auto-converge:", convergence_figures(stuck), "->", stuck[-1]["error"])
+
+    assert (stuck[-1]["state"], stuck[-1]["failed_phase"]) == ("aborted", "copy"), stuck[-1]
+    assert stuck[-1]["failure_kind"] == "not_converged", stuck[-1]
+    assert f"did not converge in {UNCONVERGING['max_rounds']} rounds" in stuck[-1]["error"]
+    assert {snapshot["throttle_pct"] for snapshot in stuck} == {0}, "nothing throttled the guest"
+    vsp2.client.discard(stuck_id)
+    assert runs_intact(vsp1, guest["name"])
+
+    moved_id = unique("autoconverge")
+    start(vsp1, vsp2, guest, moved_id, **UNCONVERGING, **AUTO_CONVERGE)
+    moved = follow(vsp1, moved_id, converged_or_ended)
+    vsp1.client.quiesce(moved_id)
+    ready = vsp1.client.freeze(moved_id)
+    print("with auto-converge:", convergence_figures(moved), "-> downtime", ready["downtime_ms"], "ms")
+
+    assert ready["state"] == "ready", ready
+    assert max(snapshot["throttle_pct"] for snapshot in moved) >= 60, "QEMU throttled the guest's vCPUs"
+    assert (
+        ready["source_digest"] and ready["source_digest"] == vsp2.client.snapshot(moved_id)["target_digest"]
+    )
+    vsp2.client.resume(moved_id)
+    vsp1.client.release(moved_id)
+    assert runs_intact(vsp2, guest["name"])
+    serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
+    assert "memwriter: selfcheck ok" in serial and "FAIL" not in serial
+
+
+def test_turning_auto_converge_on_during_a_qemu_migration_is_refused_and_changes_nothing(qemu_hosts):
+    """QEMU refuses ``migrate-set-capabilities`` while a migration runs, and auto-converge is one."""
+    vsp1, vsp2 = qemu_hosts
+    guest = boot_busy_guest(vsp1, pages_per_s=20_000)
+    migration_id = unique("midway")
+
+    start(vsp1, vsp2, guest, migration_id, **UNCONVERGING)
+    follow(
+        vsp1,
+        migration_id,
+        lambda snapshot: snapshot["round"] >= 2 or snapshot["state"] not in ("init", "copy"),
+    )
+    with pytest.raises(AgentRefused) as refused:
+        vsp1.client.change_params(migration_id, {"auto_converge": True, "downtime_ms": 5000})
+    unchanged = vsp1.client.snapshot(migration_id)
+    vsp1.client.cancel(migration_id)
+    vsp2.client.discard(migration_id)
+
+    assert "QEMU cannot turn auto-converge on or off during a migration" in str(refused.value)
+    assert unchanged["state"] == "copy" and unchanged["throttle_pct"] == 0, unchanged
+    assert unchanged["allowed_downtime_ms"] == UNCONVERGING["downtime_ms"], unchanged
+    assert runs_intact(vsp1, guest["name"])
+
+
 def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
     vsp1, vsp2 = qemu_hosts
     guest = boot_busy_guest(vsp1)

@@ -205,6 +205,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         """An admin's change to the running Copy, as QEMU parameters; switch over now = no downtime limit."""
         if self.progress.state not in ("init", "copy"):
             raise Conflict(f"migration {self.migration_id} is {self.progress.state}; its Copy is over")
+        if change.auto_converge is not None and change.auto_converge != self.params.auto_converge:
+            # QEMU refuses migrate-set-capabilities while a migration runs ("There's a migration process
+            # in progress"), and auto-converge is a capability: refuse before changing anything.
+            raise Conflict(
+                "QEMU cannot turn auto-converge on or off during a migration; it is "
+                f"{'on' if self.params.auto_converge else 'off'} for this one (set it in the policy before "
+                "starting, or raise the allowed downtime / switch over now instead)"
+            )
         update: dict[str, Any] = {}
         if change.downtime_ms is not None:
             self.allowed_downtime_ms = change.downtime_ms
@@ -213,11 +221,6 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             update["bandwidth_mbps"] = change.bandwidth_mbps or None
             cap = int(change.bandwidth_mbps * 125_000)
             await self.qmp.execute("migrate-set-parameters", max_bandwidth=cap)
-        if change.auto_converge is not None:
-            # QEMU takes auto-converge while migrating; it throttles from the next dirty sync on.
-            update["auto_converge"] = change.auto_converge
-            capability = [{"capability": "auto-converge", "state": change.auto_converge}]
-            await self.qmp.execute("migrate-set-capabilities", capabilities=capability)
         self.params = self.params.model_copy(update=update)
         if change.switchover_now:
             self.allowed_downtime_ms = FORCED_DOWNTIME_MS
