@@ -127,6 +127,7 @@ def undo_leftovers() -> list[str]:
     """
     ended = (State.ABORTED, State.CANCELLED)
     undone = []
+    claimed: dict[int, bool] = {}  # migration id -> this pass may try it
     for vsp in VSP.objects.filter(agent_reachable=True):
         with AgentClient.for_vsp(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
             try:
@@ -140,7 +141,9 @@ def undo_leftovers() -> list[str]:
                 migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
                 if not migration or agent_migration_id(migration) != agent_id:
                     continue
-                if not claim_undo_try(migration):  # tried a moment ago (here or by the retry above)
+                if migration.pk not in claimed:  # one claim a pass: this try covers each agent it is on
+                    claimed[migration.pk] = claim_undo_try(migration)
+                if not claimed[migration.pk]:  # tried a moment ago (here or by the retry above)
                     continue
                 logger.warning("Undoing leftover %s of migration %s on %s", agent_id, migration.pk, vsp)
                 try:
