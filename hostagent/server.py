@@ -88,6 +88,12 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request gets an answer: a refusal in plain words, or a 500 naming what went wrong.
+
+    A ``CancelledError`` that is not this request's own cancellation (an awaited task of a migration
+    was cancelled) would make aiohttp close the connection without a word, and the control plane
+    could only retry for ever (soak, seed 1 run 93): it is answered as an internal error instead.
+    """
     try:
         return await handler(request)
     except AgentError as error:
@@ -96,6 +102,15 @@ async def plain_errors(request: web.Request, handler: Handler) -> web.StreamResp
         if error.status >= 400:
             return error_response(error.status, error.reason or "request refused")
         raise
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # this request itself is cancelled (the agent stops): nothing to answer
+        log.exception("%s %s: interrupted by a cancelled task", request.method, request.path)
+        return error_response(500, f"internal error: {request.method} {request.path} was interrupted")
+    except Exception as error:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {request.method} {request.path}: {error!r}")
 
 
 async def read_message(request: web.Request, model: type[M], **from_url: Any) -> M:

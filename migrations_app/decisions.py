@@ -472,10 +472,14 @@ def ask_agent(command: Callable[[], dict[str, Any]], attempts: int, *, delay: fl
 def retry_agent(command: Callable[[], Any], attempts: int, *, delay: float = 0.2) -> bool:
     """A clean-up command (cancel, discard, resume after an abort): True once the agent answered.
 
-    A refusal counts as an answer here (logged): the agent has nothing left to clean up. Decisions that
-    depend on what the agent holds use ``ask_agent`` and go by the refusal's class.
+    A refusal (4xx) counts as an answer here (logged): the agent has nothing left to clean up. A 5xx
+    (the agent failed to do it) does not: the clean-up is still to be done. Decisions that depend on
+    what the agent holds use ``ask_agent`` and go by the refusal's class.
     """
     answer = ask_agent(command, attempts, delay=delay)
     if isinstance(answer, AgentRefused):
+        if answer.status >= 500:
+            logger.warning("Agent failed a clean-up command: %s", answer)
+            return False
         logger.warning("Agent refused a clean-up command: %s", answer)
     return answer is not None

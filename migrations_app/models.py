@@ -104,6 +104,10 @@ class Migration(models.Model):
     # Set when an abort is recorded, cleared once both agents answered the undo (target discard, source
     # resume); recovery retries the undo of ended migrations still marked, for a bounded time.
     undo_pending = models.BooleanField(default=False)
+    # Recovery's tries of that undo (and of a leftover copy's), backed off per migration
+    # (``recovery.claim_undo_try``): the number made, and when the next one may start.
+    undo_tries = models.PositiveIntegerField(default=0)
+    undo_retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["requested_at", "pk"]

@@ -13,7 +13,7 @@ import logging
 import re
 from datetime import timedelta
 
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from vms.agent_client import AgentClient
@@ -42,6 +42,25 @@ State = Migration.State
 UNDO_RETRY_WINDOW_S = 600  # an ended migration's undo is retried this long after it ended, then given up
 UNDO_RETRY_AFTER_S = 5  # the decider's own undo (retried a few seconds) goes first
 UNDO_RETRY_TIMEOUT_S = 2.0  # per request: a paused or dead agent must not hold up recovery
+UNDO_BACKOFF_MAX_S = 60  # the wait between two undo tries of one migration doubles up to this
+
+
+def claim_undo_try(migration: Migration) -> bool:
+    """Claim recovery's next undo try of ``migration`` (as read): False while its back-off runs.
+
+    The tries of one migration are ``UNDO_RETRY_AFTER_S`` apart, doubling each time up to
+    ``UNDO_BACKOFF_MAX_S``, however often recovery passes run (every second in the soak: a target
+    that dropped every discard got ~4 a second for 6 minutes). The claim is a compare-and-set on
+    ``undo_tries``: of two passes at once, one tries.
+    """
+    now = timezone.now()
+    if migration.undo_retry_at is not None and migration.undo_retry_at > now:
+        return False
+    wait_s = min(UNDO_RETRY_AFTER_S * 2 ** min(migration.undo_tries, 16), UNDO_BACKOFF_MAX_S)
+    claimed = Migration.objects.filter(pk=migration.pk, undo_tries=migration.undo_tries).update(
+        undo_tries=F("undo_tries") + 1, undo_retry_at=now + timedelta(seconds=wait_s)
+    )
+    return claimed == 1
 
 
 def recover_orphans(stale_after_s: float) -> list[int]:
@@ -102,11 +121,13 @@ def undo_leftovers() -> list[str]:
 
     The undo after an abort is retried a few times only: a target paused (SIGSTOP) longer than that
     kept its prepared copy "migrating" for ever (soak, ``SEED=5109``). Every recovery pass asks each
-    reachable agent again: a prepared copy is discarded, a source guest resumed. Returns the agent
-    migration ids undone. Agents that do not answer are skipped (inventory marks them unreachable).
+    reachable agent again (backed off per migration, ``claim_undo_try``): a prepared copy is discarded,
+    a source guest resumed. Returns the agent migration ids undone. Agents that do not answer are
+    skipped (inventory marks them unreachable).
     """
     ended = (State.ABORTED, State.CANCELLED)
     undone = []
+    claimed: dict[int, bool] = {}  # migration id -> this pass may try it
     for vsp in VSP.objects.filter(agent_reachable=True):
         with AgentClient.for_vsp(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
             try:
@@ -119,6 +140,10 @@ def undo_leftovers() -> list[str]:
                 match = AGENT_ID.fullmatch(agent_id)
                 migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
                 if not migration or agent_migration_id(migration) != agent_id:
+                    continue
+                if migration.pk not in claimed:  # one claim a pass: this try covers each agent it is on
+                    claimed[migration.pk] = claim_undo_try(migration)
+                if not claimed[migration.pk]:  # tried a moment ago (here or by the retry above)
                     continue
                 logger.warning("Undoing leftover %s of migration %s on %s", agent_id, migration.pk, vsp)
                 try:
@@ -164,7 +189,7 @@ def retry_pending_undos() -> list[int]:
     A target paused or restarting while its migration was aborted keeps its prepared copy ("ready" waits
     for the control plane's decision for ever); this drops it once the agent answers again, for up to
     ``UNDO_RETRY_WINDOW_S`` after the migration ended (from ``UNDO_RETRY_AFTER_S`` on: the decider's own
-    undo goes first). Returns the ids whose undo is now done.
+    undo goes first), backed off per migration (``claim_undo_try``). Returns the ids whose undo is now done.
     """
     now = timezone.now()
     pending = Migration.objects.filter(
@@ -175,6 +200,8 @@ def retry_pending_undos() -> list[int]:
     ).select_related("source", "target")
     done = []
     for migration in pending:
+        if not claim_undo_try(migration):
+            continue
         agent_id = agent_migration_id(migration)
         with (
             agent_for(migration.require_source(), UNDO_RETRY_TIMEOUT_S) as source,

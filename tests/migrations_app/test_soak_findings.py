@@ -367,3 +367,41 @@ def test_a_refused_pre_check_at_init_asks_the_source_before_saying_the_vm_keeps_
         "Init phase failed: agent unreachable on source host hosta. "
         "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
     )
+
+
+def test_recovery_backs_off_its_undo_tries_per_migration(agents, vsps, admin, settings):
+    """Soak seed 1 run 93: a target that dropped every discard got ~4 tries a second for 6 minutes,
+    from each recovery pass (every second in the soak) and each leftover check. Now one migration's
+    tries are claimed one back-off slot at a time, the wait doubling; once the target answers, the
+    next slot's try drops the copy."""
+    settings.AGENT_TIMEOUT_S = 1
+    vm = place_vm(agents, vsps)
+    migration = stale_migration(vm, vsps, admin, Migration.State.FROZEN)
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
+    VSP.objects.filter(name="hostb").update(agent_url=f"http://127.0.0.1:{free_port()}")  # nowhere
+    assert recover_migrations(stale_after_s=5) == [migration.pk]  # the abort; its own undo fails
+    Migration.objects.filter(pk=migration.pk).update(state_changed_at=timezone.now() - timedelta(seconds=30))
+
+    for _ in range(3):  # passes in quick succession: one try, then the back-off holds
+        recover_migrations(stale_after_s=5)
+    migration.refresh_from_db()
+    assert (migration.undo_pending, migration.undo_tries) == (True, 1)
+    first_wait = migration.undo_retry_at - timezone.now()
+    assert first_wait > timedelta(seconds=1)
+
+    Migration.objects.filter(pk=migration.pk).update(undo_retry_at=timezone.now())  # the slot came
+    recover_migrations(stale_after_s=5)
+    migration.refresh_from_db()
+    assert migration.undo_tries == 2
+    assert migration.undo_retry_at - timezone.now() > first_wait  # the wait doubled
+
+    VSP.objects.filter(name="hostb").update(agent_url=agents["hostb"].url)  # reachable again
+    recover_migrations(stale_after_s=5)
+    migration.refresh_from_db()
+    assert (migration.undo_pending, migration.undo_tries) == (True, 2)  # not before its slot
+    Migration.objects.filter(pk=migration.pk).update(undo_retry_at=timezone.now())
+    recover_migrations(stale_after_s=5)
+    migration.refresh_from_db()
+    assert not migration.undo_pending
+    assert guest_on(agents["hostb"], vm.name) is None
+    assert runs_on(agents["hosta"], vm.name)

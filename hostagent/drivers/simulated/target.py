@@ -75,6 +75,7 @@ from hostagent.protocol import (
 
 log = logging.getLogger("hostagent.simulated.target")
 MAX_PENDING_HANDSHAKES = 32  # connections proving themselves at once; more are closed at once
+STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
 
 
 class TargetMigration:
@@ -116,6 +117,9 @@ class TargetMigration:
         self._refresh: asyncio.Future[None] | None = None
         self._round_done: Any = 0
         self._drop_task: asyncio.Future[None] | None = None
+        # Work in threads on the guest's memory (hashing, pre-faulting): a cancelled await leaves the
+        # thread running, so the drop waits for these before it frees the memory.
+        self._threads: set[asyncio.Future[Any]] = set()
 
     @staticmethod
     def _family(host: str) -> socket.AddressFamily:
@@ -305,7 +309,7 @@ class TargetMigration:
             if index == 0:
                 init_s = self.limits.of("init") or POPULATE_BUDGET_S * 4
                 budget = min(POPULATE_BUDGET_S, init_s / 4)
-                await asyncio.to_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
+                await self._in_thread(self.guest.memory.populate, self._populate_runs(hello), budget)
             await writer.message(ACCEPT, {"migration_id": self.migration_id, "stream": index})
         except (OSError, TimeoutError) as error:
             log.warning("data-plane source %s for %s went away: %s", peer, self.migration_id, error)
@@ -502,7 +506,7 @@ class TargetMigration:
         """Hash the rounds received so far, tell the source, and go on while rounds keep coming."""
         while True:
             round_done = self._round_done
-            await asyncio.get_running_loop().run_in_executor(None, self.guest.memory.refresh_digests)
+            await self._in_thread(self.guest.memory.refresh_digests)
             if self._channel is not None and isinstance(round_done, int):
                 with contextlib.suppress(OSError):
                     await FrameWriter(self._channel).message(DIGESTED, {"round": round_done})
@@ -515,10 +519,13 @@ class TargetMigration:
         started = time.monotonic()
         await self._all_streams_ended(freeze.batches)
         if self._refresh is not None:
-            await self._refresh
+            # Shielded: awaiting the task itself would cancel it with this run (a discard during
+            # Frozen), and the drop that then awaited the cancelled task raised CancelledError into
+            # every later discard: the agent closed the connection without an answer (soak, seed 1 run 93).
+            await asyncio.shield(self._refresh)
         waited = time.monotonic() - started
         memory = self.guest.memory
-        hashed = await asyncio.get_running_loop().run_in_executor(None, memory.refresh_digests)
+        hashed = await self._in_thread(memory.refresh_digests)
         digest, source_digest = memory.digest(), freeze.source_digest
         log.info(
             "migration %s (target) digest: waited %.0f ms for hashing in flight, then %d pages in %.0f ms",
@@ -553,15 +560,33 @@ class TargetMigration:
         await self._drop()
         self.progress.fail("aborted", error, kind, side=side)
 
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in a worker thread, remembered until it ends (``_drop`` waits for it)."""
+        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+        self._threads.add(future)
+        future.add_done_callback(self._threads.discard)
+        return await future
+
     async def _stop(self, notify: str | None = None) -> None:
+        """End the run (cancelled) and close the data plane; never raises, waits ``STOP_WAIT_S`` at most.
+
+        Waiting with ``asyncio.wait`` neither cancels the caller nor lets the run's own ending
+        (CancelledError included) escape into the command that stops it.
+        """
         if notify and self._channel is not None and self.progress.state in ACTIVE_STATES:
             with contextlib.suppress(OSError, TimeoutError):
                 abort = {"error": notify, "kind": FailureKind.CANCELLED}
                 await asyncio.wait_for(FrameWriter(self._channel).message(ABORT, abort), 1.0)
-        if self._task is not None and self._task is not asyncio.current_task() and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_WAIT_S)
+            if not task.done():
+                log.error(
+                    "migration %s (target): the run did not end within %s s of its cancel; dropping anyway",
+                    self.migration_id,
+                    STOP_WAIT_S,
+                )
         self._listener.close()
         self._close_streams()
 
@@ -577,12 +602,15 @@ class TargetMigration:
         discard arriving while an abort is still dropping cancels the run task, and that
         must not leave the copy half-dropped (it would block every retry to this host).
         """
-        if self._drop_task is None:
-            self._drop_task = asyncio.ensure_future(self._drop_once())
+        previous = self._drop_task
+        if previous is None or (previous.done() and (previous.cancelled() or previous.exception())):
+            self._drop_task = asyncio.ensure_future(self._drop_once())  # a failed drop is tried again
+        assert self._drop_task is not None
         await asyncio.shield(self._drop_task)
 
     async def _drop_once(self) -> None:
-        if self._refresh is not None:
-            with contextlib.suppress(Exception):
-                await self._refresh
+        """Wait for the work in threads on the guest's memory (however it ended), then free it."""
+        busy = {*self._threads, *([self._refresh] if self._refresh is not None else [])}
+        if busy:
+            await asyncio.wait(busy)
         await self._on_drop(self.guest)
