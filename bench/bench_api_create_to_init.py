@@ -72,11 +72,18 @@ def measure(runs: int, agents) -> tuple[list[tuple[float, float]], list[tuple[fl
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
     AgentClient.for_vsp(vsps[0]).define_guest(
-        {"name": vm.name, "memory_mib": 64, "vcpus": 1, "dirty_pages_per_s": 200, "running": True}
+        {
+            "guest_id": str(vm.guest_id),
+            "name": vm.name,
+            "memory_mib": 64,
+            "vcpus": 1,
+            "dirty_pages_per_s": 200,
+            "running": True,
+        }
     )
     user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway db
     page_client = Client()
-    page_client.login(username="bench", password="bench-password")  # noqa: S106
+    page_client.force_login(user)  # django-axes wants a request for login(); the session is the same
     token = do_create_token(user, "bench")[1]
     api_client = (
         Client()

@@ -13,27 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-WORK_DIR = Path(tempfile.mkdtemp(prefix="bench-click-to-init-"))
-RUN_ID = secrets.token_hex(4)
-os.environ.update(
-    DJANGO_SETTINGS_MODULE="matrixoe.settings",
-    DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{WORK_DIR / 'bench.sqlite3'}"),
-    CELERY_QUEUE=f"bench-{RUN_ID}",
-    CHANNELS_PREFIX=f"bench-{RUN_ID}",
-    ALLOWED_HOSTS="testserver,127.0.0.1",
-    LOG_LEVEL="WARNING",
-)
-sys.path.insert(0, str(BASE_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolated import BASE_DIR, isolated_console  # noqa: E402
+
+WORK_DIR = isolated_console("bench-click-to-init-", ALLOWED_HOSTS="testserver,127.0.0.1")
 
 from devtools.local_secrets import use_local_secrets  # noqa: E402
 from devtools.processes import (  # noqa: E402
@@ -111,9 +101,9 @@ def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
             "running": True,
         }
     )
-    User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
+    user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
     client = Client()
-    client.login(username="bench", password="bench-password")  # noqa: S106
+    client.force_login(user)  # django-axes wants a request for login(); the session is the same
     return [migrate_once(client, vm, vsps[(run + 1) % 2]) for run in range(runs)]
 
 

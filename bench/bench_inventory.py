@@ -28,27 +28,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-WORK_DIR = Path(tempfile.mkdtemp(prefix="bench-inventory-"))
-RUN_ID = secrets.token_hex(4)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isolated import BASE_DIR, isolated_console  # noqa: E402
+
+WORK_DIR = isolated_console("bench-inventory-")
 INTERVAL_S = 30.0
-os.environ.update(
-    DJANGO_SETTINGS_MODULE="matrixoe.settings",
-    DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{WORK_DIR / 'bench.sqlite3'}"),
-    CELERY_QUEUE=f"bench-{RUN_ID}",
-    CHANNELS_PREFIX=f"bench-{RUN_ID}",
-    LOG_LEVEL="WARNING",
-)
-sys.path.insert(0, str(BASE_DIR))
 
 from devtools.blackhole import BlackHole  # noqa: E402
 from devtools.local_secrets import use_local_secrets  # noqa: E402
