@@ -224,12 +224,15 @@ def _whole(value: Any, name: str, low: int, high: int, unit: str, *, allow_blank
 
 
 def _cap(value: Any) -> float | None:
-    if value is None or (isinstance(value, str) and not value.strip()) or value == 0:
+    """A cap in MB/s, or None for none: empty, None or 0 (the API's "no cap", typed or sent as text)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     number = _number(value, "Bandwidth cap")
+    if number == 0:
+        return None
     if not 1 <= number <= MAX_BANDWIDTH_MB_S:
         raise PolicyError(
-            f"Bandwidth cap: from 1 to {MAX_BANDWIDTH_MB_S} MB/s (empty for no cap), not {value}."
+            f"Bandwidth cap: from 1 to {MAX_BANDWIDTH_MB_S} MB/s (0 or empty for no cap), not {value}."
         )
     return number
 

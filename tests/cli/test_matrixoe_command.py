@@ -178,7 +178,7 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
     switched = matrixoe(logged_in, "switchover", vm.name)
 
     assert refused.returncode == 1
-    assert "Bandwidth cap: from 1 to 100000 MB/s (empty for no cap), not -5." in refused.stderr
+    assert "Bandwidth cap: from 1 to 100000 MB/s (0 or empty for no cap), not -5." in refused.stderr
     assert nothing.returncode == 1 and "Nothing to change: give --max-downtime" in nothing.stderr
     assert changed.returncode == 0, changed.stderr
     body = json.loads(changed.stdout)

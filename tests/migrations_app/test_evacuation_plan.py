@@ -113,6 +113,32 @@ def test_it_orders_by_forecast_largest_last_and_follows_the_admins_order(cramped
     assert [step.vm.name for step in reordered.steps] == ["g500", "g800"]
 
 
+def test_the_plan_forecasts_each_guest_under_its_own_policy_and_measured_dirty_rate(cramped):
+    """QA: evacuating vsp1 planned the busy reports01 (12 MB/s under its 10 MB/s policy cap) at 3 s, like an
+    idle guest; its migration then ran to its round limit. The plan now uses the VM's policy and the
+    dirty rate the migrate dialog measured (from the cache, never an agent call)."""
+    from django.core.cache import cache
+    from django.utils import timezone
+
+    from migrations_app import estimates
+
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000}
+    make_migration(cramped["g300"], cramped["src"], cramped["big"], **past)
+    idle_s = build_plan(cramped["src"]).steps[0].predicted_s
+    busy = cramped["g800"]
+    busy.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 10}
+    busy.save(update_fields=["migration_policy"])
+    memory = busy.memory_mib * 1024 * 1024
+    measured = estimates.DirtyRate(12_000_000.0, memory, memory // 8, memory // 8, timezone.now())
+    cache.set(estimates._cache_key(busy), measured, 60)
+    try:
+        step = next(step for step in build_plan(cramped["src"]).steps if step.vm.pk == busy.pk)
+    finally:
+        cache.delete(estimates._cache_key(busy))
+    assert idle_s is not None and step.predicted_s is not None
+    assert step.predicted_s > 5 * idle_s, (step.predicted_s, idle_s)
+
+
 def reviewed(plan):
     return {step.vm.pk: step.target.pk for step in plan.steps}, [step.vm.pk for step in plan.steps]
 

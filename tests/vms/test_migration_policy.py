@@ -114,3 +114,12 @@ def test_the_agent_params_carry_every_setting():
         "downtime_max_ms": 1500,
         "at_limit": "switchover",
     }
+
+
+def test_a_bandwidth_cap_of_zero_means_no_cap_in_the_form_as_in_the_api(vm_admin_client, fleet):
+    """QA: the API and CLI took 0 as "no cap" while the pages refused it ("from 1 to 100000, not 0")."""
+    form = {"preset": "custom", "bandwidth_cap_mb_s": "0", "max_downtime_ms": "400"}
+    response = vm_admin_client.post(url(fleet["web"]), form, headers=HTMX)
+    assert response.status_code == 200, response.text
+    stored = VirtualMachine.objects.get(pk=fleet["web"].pk).migration_policy
+    assert stored["bandwidth_cap_mb_s"] is None and stored["max_downtime_ms"] == 400
