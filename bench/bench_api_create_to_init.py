@@ -48,46 +48,16 @@ def main() -> None:
 
 
 def measure(runs: int, agents) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    import django
-
-    django.setup()
-    from django.contrib.auth.models import User
+    vsps, vm, user = base.bench_fleet(agents)
     from django.test import Client
 
     from api.tokens import do_create_token
-    from vms.agent_client import AgentClient
-    from vms.models import VSP, Registration, VirtualMachine
 
-    vsps = [
-        VSP.objects.create(
-            name=f"bench-{letter}",
-            agent_url=a.url,
-            agent_secret=a.secret,
-            agent_certificate=a.fingerprint or "",
-            memory_mib=8192,
-            cpus=8,
-        )
-        for letter, a in zip("ab", agents, strict=True)
-    ]
-    vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
-    Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
-    AgentClient.for_vsp(vsps[0]).define_guest(
-        {
-            "guest_id": str(vm.guest_id),
-            "name": vm.name,
-            "memory_mib": 64,
-            "vcpus": 1,
-            "dirty_pages_per_s": 200,
-            "running": True,
-        }
-    )
-    user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway db
     page_client = Client()
     page_client.force_login(user)  # django-axes wants a request for login(); the session is the same
     token = do_create_token(user, "bench")[1]
-    api_client = (
-        Client()
-    )  # one client, as one for the page: a new one re-reads the middleware (WhiteNoise's file scan)
+    # One client each, kept: a new one re-reads the middleware (WhiteNoise's file scan).
+    api_client = Client()
     page, api = [], []
     for run in range(2 * runs):
         target = vsps[(run + 1) % 2]

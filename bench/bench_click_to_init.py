@@ -69,11 +69,23 @@ def main() -> None:
 
 
 def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
+    vsps, vm, user = bench_fleet(agents)
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)  # django-axes wants a request for login(); the session is the same
+    return [migrate_once(client, vm, vsps[(run + 1) % 2]) for run in range(runs)]
+
+
+def bench_fleet(agents: list[AgentProcess]):
+    """Django set up; a VSP per agent, a running 64 MiB guest on the first, and a superuser "bench".
+
+    Returns (vsps, vm, user). Also used by ``bench_api_create_to_init``.
+    """
     import django
 
     django.setup()
     from django.contrib.auth.models import User
-    from django.test import Client
 
     from vms.agent_client import AgentClient
     from vms.models import VSP, Registration, VirtualMachine
@@ -91,20 +103,10 @@ def measure(runs: int, agents: list[AgentProcess]) -> list[tuple[float, float]]:
     ]
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
-    AgentClient.for_vsp(vsps[0]).define_guest(
-        {
-            "guest_id": str(vm.guest_id),
-            "name": vm.name,
-            "memory_mib": 64,
-            "vcpus": 1,
-            "dirty_pages_per_s": 200,
-            "running": True,
-        }
-    )
+    spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": 64, "vcpus": 1}
+    AgentClient.for_vsp(vsps[0]).define_guest({**spec, "dirty_pages_per_s": 200, "running": True})
     user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
-    client = Client()
-    client.force_login(user)  # django-axes wants a request for login(); the session is the same
-    return [migrate_once(client, vm, vsps[(run + 1) % 2]) for run in range(runs)]
+    return vsps, vm, user
 
 
 def migrate_once(client, vm, target) -> tuple[float, float]:
