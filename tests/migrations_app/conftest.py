@@ -89,8 +89,8 @@ def wait_for() -> Callable[..., bool]:
     return wait_until
 
 
-@pytest.fixture
-def fleet(host_agents):
+def vsps_for(agents: dict[str, RunningAgent]) -> dict[str, Any]:
+    """A VSP (4 GiB) registered for each running agent, by the agent's name."""
     return {
         name: make_vsp(
             name,
@@ -99,8 +99,13 @@ def fleet(host_agents):
             agent_certificate=agent.trust,
             memory_mib=4096,
         )
-        for name, agent in host_agents.items()
+        for name, agent in agents.items()
     }
+
+
+@pytest.fixture
+def fleet(host_agents):
+    return vsps_for(host_agents)
 
 
 @pytest.fixture

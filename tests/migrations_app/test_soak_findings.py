@@ -22,8 +22,8 @@ from migrations_app.decisions import agent_migration_id, flip_registrations
 from migrations_app.models import Migration
 from migrations_app.tasks import recover_migrations
 from tests.conftest import free_port, log_path, subprocess_env, wait_until
-from tests.factories import make_vsp
 from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir
+from tests.migrations_app.conftest import vsps_for
 from tests.migrations_app.guests import guest_on, place_vm, runs_on, wait_for_state
 from tests.migrations_app.test_faults import bring_agents_to_ready
 from vms.agent_client import AgentClient
@@ -72,16 +72,7 @@ def agents(tmp_path) -> Iterator[Agents]:
 
 @pytest.fixture
 def vsps(agents):
-    return {
-        name: make_vsp(
-            name,
-            agent_url=agent.url,
-            agent_secret=agent.secret,
-            agent_certificate=agent.trust,
-            memory_mib=4096,
-        )
-        for name, agent in agents.items()
-    }
+    return vsps_for(agents)
 
 
 def stale_migration(vm, vsps, admin, state: str) -> Migration:
