@@ -111,9 +111,8 @@ def test_pages_carry_a_content_security_policy_without_unsafe_inline(client):
     response = client.get("/vms/")
     policy = response["Content-Security-Policy"]
     assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
-    directives = dict(
-        (name, rest.split()) for name, _, rest in (d.strip().partition(" ") for d in policy.split(";")) if name
-    )
+    parts = (directive.strip().partition(" ") for directive in policy.split(";"))
+    directives = {name: rest.split() for name, _, rest in parts if name}
     assert directives["script-src"][0] == "'self'"
     assert all(re.fullmatch(r"'nonce-[^']+'", source) for source in directives["script-src"][1:])
     assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
