@@ -59,7 +59,10 @@ from hostagent.tls import TlsSettings
 log = logging.getLogger("hostagent.probe")
 FILLER_CHUNK = 1 << 20  # bytes per FILLER frame, and the receiver's whole buffer
 ACCEPT_S = 10.0  # a probe listener nobody proved himself to within this closes
-GRACE_S = 2.0  # beyond the granted seconds, for the last bytes in flight and the answer
+# Beyond the granted seconds, for the bytes still in the socket buffers (up to ~8 MiB: wire.SOCKET_BUFFER
+# on each side) and the answer: a link down to about 1 MB/s still finishes; the receiver holds no more
+# memory meanwhile (one FILLER_CHUNK buffer).
+GRACE_S = 10.0
 MAX_LISTENERS = 4
 _filler: bytes | None = None
 

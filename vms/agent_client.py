@@ -398,8 +398,8 @@ class AgentClient:
         """Sending side: probe the listener ``prepared`` (``prepare_probe`` of the peer) now.
 
         Returns a ``protocol.ProbeResult`` (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s); waits
-        at most the probe's seconds plus the handshake (about 8 s). A peer that refuses or cannot be
-        reached is ``AgentRefused`` (409) with the words why.
+        at most the probe's seconds plus about 16 s (handshake, draining a slow link). A peer that
+        refuses or cannot be reached is ``AgentRefused`` (409) with the words why.
         """
         body = {
             "target": {
@@ -411,7 +411,8 @@ class AgentClient:
             "max_bytes": prepared["max_bytes"],
             "seconds": prepared["seconds"],
         }
-        answer = self._call("POST", "/v1/probes/outgoing", body, timeout_s=self.timeout_s + 10)
+        # The agent answers within the handshake (6 s), the probe's seconds and its grace (10 s).
+        answer = self._call("POST", "/v1/probes/outgoing", body, timeout_s=self.timeout_s + 20)
         try:
             return parse(ProbeResult, answer).model_dump(mode="json")
         except ProtocolViolation as violation:
