@@ -106,6 +106,17 @@ def link_rate(source: VSP, target: VSP) -> LinkRate | None:
     return LinkRate(rate, rows[0][1], len(rows))
 
 
+def model_link(source: VSP, rate_bytes_s: float) -> forecast.Link:
+    """The model's link from ``source`` at ``rate_bytes_s`` (bytes/s), with how its driver switches over.
+
+    A simulated source sends up to ``forecast.SIMULATED_PRE_PAUSE_ROUNDS`` more rounds before it pauses
+    the guest; QEMU switches over at once (0). The driver is what the agent's health said last
+    (``VSP.agent_driver``, recorded when the migrate dialog opens); unknown counts as QEMU's 0.
+    """
+    rounds = forecast.SIMULATED_PRE_PAUSE_ROUNDS if source.agent_driver == "simulated" else 0
+    return forecast.Link(rate_bytes_s, pre_pause_rounds=rounds)
+
+
 def known_link_rate(source: VSP, target: VSP) -> tuple[LinkRate | None, bool]:
     """(the pair's link rate, whether a probe is being measured): history first, else the last probe.
 
@@ -218,18 +229,18 @@ def forecast_to(
         return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."], measuring_link=measuring)
     assert guest is not None
     if link is not None:
-        model_link, link_words = forecast.Link(link.rate_bytes_s), link.words()
+        the_link, link_words = model_link(source, link.rate_bytes_s), link.words()
     else:
         # No history but a cap: the migration can carry at most the cap, so the forecast is a best case
         # (a guest that writes faster than the cap cannot converge whatever the link).
         assert cap is not None
-        model_link = forecast.Link(cap)
+        the_link = model_link(source, cap)
         link_words = ""  # forecast.explain: not measured, the cap is the best case
     model_guest = guest.guest()
-    result = forecast.forecast(model_guest, model_link, model_policy)
+    result = forecast.forecast(model_guest, the_link, model_policy)
     lines = forecast.explain(
         model_guest,
-        model_link,
+        the_link,
         model_policy,
         result,
         vm=vm.name,
@@ -238,7 +249,7 @@ def forecast_to(
     )
     if measuring:
         lines.append(
-            f"Link rate {'being measured again' if link else 'not known yet'}: measuring with a probe."
+            "Link rate being measured again with a probe." if link else "Link rate not known yet — measuring."
         )
     lines.append(f"Dirty rate measured {age_words(guest.at)}.")
     return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms, measuring)

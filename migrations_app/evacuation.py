@@ -177,7 +177,12 @@ def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
         return None  # a probe's link rate, and the guest's dirty rate not measured lately
     else:
         guest = forecast.Guest(vm.memory_mib * MIB, dirty_rate_bytes_s=history.dirty_rate_bytes_s)
-    link = forecast.Link(rate_bytes_s=history.throughput_bytes_s)
+    source = vm.current_vsp
+    link = (
+        estimates.model_link(source, history.throughput_bytes_s)
+        if source is not None
+        else forecast.Link(history.throughput_bytes_s)
+    )
     return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm)).total_s
 
 
