@@ -97,6 +97,7 @@ class ProbeListener:
         family = socket.AF_INET6 if ":" in data_host else socket.AF_INET
         self._listener = socket.create_server((data_host, 0), family=family, backlog=4)
         self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
         self._data_host = data_host
         self._channel: Channel | None = None
         self._claimed = False
@@ -105,14 +106,14 @@ class ProbeListener:
     def prepared(self) -> PreparedProbe:
         return PreparedProbe(
             data_host=self._data_host,
-            data_port=self._listener.getsockname()[1],
+            data_port=self.port,
             token=self._token,
             max_bytes=self.request.max_bytes,
             seconds=self.request.seconds,
         )
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"probe listener {self.prepared().data_port}")
+        self.task = asyncio.create_task(self._run(), name=f"probe listener {self.port}")
 
     async def _run(self) -> None:
         won: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -135,14 +136,6 @@ class ProbeListener:
             if self._channel is not None:
                 self._channel.close()
 
-    @property
-    def port(self) -> int:
-        try:
-            port: int = self._listener.getsockname()[1]
-        except OSError:
-            return 0
-        return port
-
     async def _handshake(self, sock: socket.socket, peer: Any, won: asyncio.Future[None]) -> None:
         """One connection's TLS and HELLO (``wire.read_hello``); the first with the token wins."""
         try:
@@ -152,7 +145,11 @@ class ProbeListener:
             log.warning("refused probe connection from %s: %s", peer, reason)
             sock.close()
             return
-        except BaseException:
+        except Exception:
+            log.exception("refused probe connection from %s", peer)
+            sock.close()
+            return
+        except BaseException:  # cancelled: the prober got in, or the listener's time is up
             sock.close()
             raise
         refusal = token_refusal(kind, hello, self._token) or self._check_session(hello)

@@ -134,8 +134,12 @@ def test_a_wrong_token_or_a_stranger_cannot_use_a_probe_listener_and_the_right_p
     assert read_frame(migration) == (REFUSE, {"error": "this listener is for a link probe"})
     migration.close()
 
+    # A silent stranger holds its own handshake only: the real peer's runs beside it.
+    silent = socket.create_connection((prepared["data_host"], prepared["data_port"]), timeout=30)
+
     assert vsp1.client.probe(prepared, "required")["rate_bytes_s"] > 0
     assert "refused probe connection" in vsp2.log()
+    assert is_dropped(silent)  # closed once the prober got in
 
 
 def test_a_certificate_from_another_ca_cannot_probe(agent_pair, tmp_path):
