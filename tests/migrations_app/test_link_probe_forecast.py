@@ -1,8 +1,9 @@
 """The migrate dialog's link rate for a pair with no migration history: a probe between the agents.
 
-Real host agents (simulated driver, mutual TLS on the data plane) on loopback. The probe task is called
-directly in the test process (``migrations_app.tasks.probe_link``, the Celery task's own function), not
-through a worker: what is checked is that the dialog queues it, stays fast, and uses its result.
+Real host agents (simulated driver, mutual TLS on the data plane) on loopback. Most tests call the probe
+task directly in the test process (``migrations_app.tasks.probe_link``, the Celery task's own function):
+what they check is that the dialog queues it, stays fast, and uses its result. The last one runs it
+through Redis and a real Celery worker.
 """
 
 from __future__ import annotations
@@ -91,3 +92,21 @@ def test_a_refused_probe_keeps_the_words_and_no_rate(host_agents, fleet):
 
     probe = LinkProbe.objects.get(source=hosta, target=hostb)
     assert probe.rate_bytes_s is None and probe.error, probe.error
+
+
+def test_a_real_worker_runs_the_probe_the_dialog_queued(
+    host_agents, fleet, migration_admin_client, celery_worker, wait_for
+):
+    """End to end through Redis and a real Celery worker (the test run's queue, which is where
+    ``INVENTORY_QUEUE`` sends when unset): the dialog's fetch queues the probe, the worker measures it,
+    and the next fetch shows it."""
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    hosta, hostb = fleet["hosta"], fleet["hostb"]
+    assert "measuring" in forecast_cells(migration_admin_client, idle)["hostb"]
+
+    def measured() -> bool:
+        return LinkProbe.objects.filter(source=hosta, target=hostb, rate_bytes_s__gt=0).exists()
+
+    assert wait_for(measured, timeout=120), LinkProbe.objects.filter(source=hosta, target=hostb).values()
+    cell = forecast_cells(migration_admin_client, idle)["hostb"]
+    assert re.search(r"the link to hostb carried [\d.]+ MB/s in a probe \d+ s ago", cell), cell
