@@ -18,6 +18,7 @@ from hostagent.driver import (
     AgentError,
     Conflict,
     Driver,
+    DriverSettings,
     InvalidRequest,
     Migration,
     NotFound,
@@ -25,7 +26,9 @@ from hostagent.driver import (
 )
 from hostagent.loopwatch import KEPT_S, LoopWatch
 from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
+from hostagent.probe import ProbeListeners, run_probe
 from hostagent.protocol import (
+    ACTIVE_STATES,
     COMMANDS,
     TERMINAL_STATES,
     Deleted,
@@ -38,6 +41,8 @@ from hostagent.protocol import (
     OutgoingRequest,
     ParamsChange,
     PreparedIncoming,
+    ProbeRequest,
+    ProbeRun,
     ProgressSnapshot,
     ProtocolViolation,
     StopRequest,
@@ -55,6 +60,8 @@ LOOP_WATCH_KEY = web.AppKey("loop_watch", LoopWatch)
 NAME_KEY = web.AppKey("name", str)
 MIGRATIONS_KEY = web.AppKey("migrations", dict)
 METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
+SETTINGS_KEY = web.AppKey("settings", DriverSettings)
+PROBES_KEY = web.AppKey("probes", ProbeListeners)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -276,6 +283,42 @@ async def measure_dirty_rate(request: web.Request) -> web.Response:
     return reply(await driver_of(request).measure_dirty_rate(guest_id, seconds))
 
 
+# -- link probes (``hostagent/probe.py``) -------------------------------------------------------------
+def check_no_active_migration(request: web.Request) -> None:
+    """A probe would slow a running migration and measure a link it shares: 409 while one is active."""
+    for migration in request.app[MIGRATIONS_KEY].values():
+        snapshot = migration.snapshot()
+        if snapshot.state in ACTIVE_STATES:
+            raise Conflict(
+                f"a migration ({snapshot.role} of {snapshot.migration_id}) is running here; probe later"
+            )
+
+
+async def prepare_probe(request: web.Request) -> web.Response:
+    """``POST /v1/probes/incoming``: open a one-time probe listener (``protocol.PreparedProbe``)."""
+    probe = await read_message(request, ProbeRequest)
+    check_no_active_migration(request)
+    settings = request.app[SETTINGS_KEY]
+    prepared = request.app[PROBES_KEY].open(probe, settings.data_host, settings.tls)
+    log.info("prepared a link probe on port %s (%s)", prepared.data_port, probe.encryption)
+    return reply(prepared)
+
+
+async def start_probe(request: web.Request) -> web.Response:
+    """``POST /v1/probes/outgoing``: probe a peer's prepared listener now (``protocol.ProbeResult``)."""
+    run = await read_message(request, ProbeRun)
+    check_no_active_migration(request)
+    result = await run_probe(run, request.app[SETTINGS_KEY].tls)
+    log.info(
+        "link probe to %s:%s: %d bytes in %.3f s",
+        run.target.host,
+        run.target.port,
+        result.bytes,
+        result.seconds,
+    )
+    return reply(result)
+
+
 async def get_migration(request: web.Request) -> web.Response:
     return reply(migration_of(request).snapshot())
 
@@ -343,8 +386,15 @@ async def _start_watch(watch: LoopWatch) -> None:
     watch.start()
 
 
-def create_app(driver: Driver, secret: str, name: str) -> web.Application:
+def create_app(
+    driver: Driver, secret: str, name: str, settings: DriverSettings | None = None
+) -> web.Application:
+    """The agent's API over ``driver``; ``settings`` (the driver's by default) give the data plane's
+    address and TLS to link probes."""
     app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
+    found = settings or getattr(driver, "settings", None)
+    app[SETTINGS_KEY] = found if isinstance(found, DriverSettings) else DriverSettings(agent_name=name)
+    app[PROBES_KEY] = probes = ProbeListeners()
     app[DRIVER_KEY] = driver
     app[SECRET_KEY] = secret.encode()
     app[NAME_KEY] = name
@@ -362,6 +412,8 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.router.add_post("/v1/guests/{guest_id}/stop", stop_guest)
     app.router.add_post("/v1/migrations/incoming", prepare_incoming)
     app.router.add_post("/v1/migrations/outgoing", start_outgoing)
+    app.router.add_post("/v1/probes/incoming", prepare_probe)
+    app.router.add_post("/v1/probes/outgoing", start_probe)
     app.router.add_get("/v1/migrations/{migration_id}", get_migration)
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
     app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
@@ -370,5 +422,6 @@ def create_app(driver: Driver, secret: str, name: str) -> web.Application:
     app.on_startup.append(lambda app: driver.open())
     app.on_startup.append(lambda app: _start_watch(watch))
     app.on_cleanup.append(lambda app: watch.stop())
+    app.on_cleanup.append(lambda app: probes.close())
     app.on_cleanup.append(lambda app: driver.close())
     return app

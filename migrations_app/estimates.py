@@ -5,7 +5,11 @@
   with ``calc-dirty-rate``). Kept ``DIRTY_RATE_FRESH_S`` in the cache, so the dialog asks at most that often.
 - **Link rate**: the throughput of past migrations between the pair (source -> target), newest weighted
   most: an exponentially weighted mean over the last ``LINK_HISTORY`` completed ones, each older one
-  weighing ``LINK_DECAY`` times the next newer. No history: "not measured yet".
+  weighing ``LINK_DECAY`` times the next newer. No history: the pair's last link probe
+  (``link_probes``: a short burst of filler between the two agents' data planes), queued in the
+  background when there is none or it is older than ``link_probes.PROBE_FRESH_S``; until it arrives
+  the dialog says "not known yet, measuring" (a stale probe is still used meanwhile, with its age).
+  History, when there is any, wins over a probe.
 
 Both come with the time they were measured, so the page can say how old they are.
 """
@@ -21,7 +25,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from migrations_app import forecast
+from migrations_app import forecast, link_probes
 from vms import migration_policy
 from vms.agent_client import AgentClient, AgentError
 from vms.models import VSP, VirtualMachine
@@ -59,7 +63,8 @@ class DirtyRate:
 
 @dataclass(frozen=True)
 class LinkRate:
-    """The link rate (bytes/s) between two VSPs, from ``migrations`` past migrations, the newest ``at``."""
+    """The link rate (bytes/s) between two VSPs, from ``migrations`` past migrations (0: from a link
+    probe), the newest ``at``."""
 
     rate_bytes_s: float
     at: datetime
@@ -68,6 +73,8 @@ class LinkRate:
     def words(self) -> str:
         """Where the rate comes from, for ``forecast.explain``: "on its last migration, 3 min ago"."""
         age = age_words(self.at)
+        if self.migrations == 0:
+            return f"in a probe {age}"
         if self.migrations == 1:
             return f"on its last migration, {age}"
         return f"over its last {self.migrations} migrations (newest {age})"
@@ -97,6 +104,35 @@ def link_rate(source: VSP, target: VSP) -> LinkRate | None:
     weights = [LINK_DECAY**index for index in range(len(rows))]
     rate = sum(weight * row[0] for weight, row in zip(weights, rows, strict=True)) / sum(weights)
     return LinkRate(rate, rows[0][1], len(rows))
+
+
+def model_link(source: VSP, rate_bytes_s: float) -> forecast.Link:
+    """The model's link from ``source`` at ``rate_bytes_s`` (bytes/s), with how its driver switches over.
+
+    A simulated source sends up to ``forecast.SIMULATED_PRE_PAUSE_ROUNDS`` more rounds before it pauses
+    the guest; QEMU switches over at once (0). The driver is what the agent's health said last
+    (``VSP.agent_driver``, recorded when the migrate dialog opens); unknown counts as QEMU's 0.
+    """
+    rounds = forecast.SIMULATED_PRE_PAUSE_ROUNDS if source.agent_driver == "simulated" else 0
+    return forecast.Link(rate_bytes_s, pre_pause_rounds=rounds)
+
+
+def known_link_rate(source: VSP, target: VSP) -> tuple[LinkRate | None, bool]:
+    """(the pair's link rate, whether a probe is being measured): history first, else the last probe.
+
+    With no history and no probe measured within ``link_probes.PROBE_FRESH_S``, a probe is queued in the
+    background (at most once a minute per pair); a stale one is still returned meanwhile. Never waits.
+    """
+    history = link_rate(source, target)
+    if history is not None:
+        return history, False
+    probe = link_probes.latest_probe(source, target)
+    fresh = probe is not None and link_probes.is_fresh(probe)
+    if not fresh:
+        link_probes.request_probe(source, target)
+    if probe is None or probe.rate_bytes_s is None or probe.measured_at is None:
+        return None, True
+    return LinkRate(probe.rate_bytes_s, probe.measured_at, 0), not fresh
 
 
 def _cache_key(vm: VirtualMachine) -> str:
@@ -163,6 +199,7 @@ class TargetForecast:
     lines: list[str]
     total_s: float | None = None
     downtime_ms: float | None = None
+    measuring_link: bool = False  # a link probe is on its way: the dialog asks again shortly
 
     @property
     def warns(self) -> bool:
@@ -176,11 +213,12 @@ def forecast_to(
     source = vm.current_vsp
     if source is None:
         return TargetForecast(None, [f"{vm.name} is not running anywhere: nothing to forecast."])
-    link = link_rate(source, target)
+    link, measuring = known_link_rate(source, target)
     model_policy = forecast_policy(policy, vm)
     cap = model_policy.bandwidth_cap_bytes_s
     unmeasured = (
-        f"the link from {source.name} to {target.name} is not measured yet (no migration between them)"
+        f"the link from {source.name} to {target.name} is not known yet (no migration between them): "
+        "measuring it with a short probe"
     )
     missing = []
     if guest is None:
@@ -188,26 +226,30 @@ def forecast_to(
     if link is None and cap is None:
         missing.append(unmeasured)
     if guest is None or (link is None and cap is None):
-        return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."])
+        return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."], measuring_link=measuring)
     assert guest is not None
     if link is not None:
-        model_link, link_words = forecast.Link(link.rate_bytes_s), link.words()
+        the_link, link_words = model_link(source, link.rate_bytes_s), link.words()
     else:
         # No history but a cap: the migration can carry at most the cap, so the forecast is a best case
         # (a guest that writes faster than the cap cannot converge whatever the link).
         assert cap is not None
-        model_link = forecast.Link(cap)
+        the_link = model_link(source, cap)
         link_words = ""  # forecast.explain: not measured, the cap is the best case
     model_guest = guest.guest()
-    result = forecast.forecast(model_guest, model_link, model_policy)
+    result = forecast.forecast(model_guest, the_link, model_policy)
     lines = forecast.explain(
         model_guest,
-        model_link,
+        the_link,
         model_policy,
         result,
         vm=vm.name,
         target=target.name,
         link_source=link_words,
     )
+    if measuring:
+        lines.append(
+            "Link rate being measured again with a probe." if link else "Link rate not known yet — measuring."
+        )
     lines.append(f"Dirty rate measured {age_words(guest.at)}.")
-    return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms)
+    return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms, measuring)

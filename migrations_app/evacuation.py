@@ -11,7 +11,9 @@ again (``problems``) before it may start.
 
 **The forecast** per guest: ``forecast.forecast`` (``docs/convergence.md``) with the link rate and dirty
 rate measured by this pair's completed migrations (their mean throughput and dirty rate); a pair never
-migrated before has no forecast ("not known yet").
+migrated before uses its last link probe (``link_probes``; one is queued in the background when there is
+none or it is older than an hour) with the guest's dirty rate if the migrate dialog measured it lately,
+else it has no forecast ("not known yet").
 
 **Running** (``do_start_evacuation``): in one transaction the VSP enters maintenance and each step is
 requested through ``actions.do_request_migration``, in plan order, so the guests go through the
@@ -38,7 +40,7 @@ from vms.access import LACKS_PERMISSION
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, Registration, VirtualMachine
 
-from . import estimates, forecast
+from . import estimates, forecast, link_probes
 from .actions import MigrationRefused, do_cancel_migration, do_request_migration
 from .checks import check_vm, host_refusal
 from .evacuation_models import Evacuation, EvacuationStep
@@ -126,20 +128,36 @@ class Plan:
 
 @dataclass(frozen=True)
 class PairHistory:
-    """What completed migrations from the source to one target measured (bytes/s)."""
+    """What completed migrations from the source to one target measured (bytes/s); with no migration
+    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest)."""
 
     throughput_bytes_s: float
-    dirty_rate_bytes_s: float
+    dirty_rate_bytes_s: float | None
 
 
-def pair_history(source: VSP) -> dict[int, PairHistory]:
-    """Per target VSP id: the mean throughput and dirty rate of completed migrations from ``source``."""
+def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHistory]:
+    """Per target VSP id: the mean throughput and dirty rate of completed migrations from ``source``.
+
+    Each of ``targets`` with no such history gets its last link probe's rate if there is one
+    (``link_probes``), and a probe is queued in the background when there is none or it is stale.
+    """
     rows = (
         Migration.objects.filter(source=source, state=Migration.State.COMPLETED, throughput_bytes_s__gt=0)
         .values("target_id")
         .annotate(throughput=Avg("throughput_bytes_s"), dirty=Avg("dirty_rate_bytes_s"))
     )
-    return {row["target_id"]: PairHistory(float(row["throughput"]), float(row["dirty"] or 0)) for row in rows}
+    found = {
+        row["target_id"]: PairHistory(float(row["throughput"]), float(row["dirty"] or 0)) for row in rows
+    }
+    for target in targets:
+        if target.pk in found:
+            continue
+        probe = link_probes.latest_probe(source, target)
+        if probe is None or not link_probes.is_fresh(probe):
+            link_probes.request_probe(source, target)
+        if probe is not None and probe.rate_bytes_s:
+            found[target.pk] = PairHistory(probe.rate_bytes_s, None)
+    return found
 
 
 def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
@@ -155,9 +173,16 @@ def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
     measured = estimates.cached_dirty_rate(vm)
     if measured is not None:
         guest = measured.guest()
+    elif history.dirty_rate_bytes_s is None:
+        return None  # a probe's link rate, and the guest's dirty rate not measured lately
     else:
         guest = forecast.Guest(vm.memory_mib * MIB, dirty_rate_bytes_s=history.dirty_rate_bytes_s)
-    link = forecast.Link(rate_bytes_s=history.throughput_bytes_s)
+    source = vm.current_vsp
+    link = (
+        estimates.model_link(source, history.throughput_bytes_s)
+        if source is not None
+        else forecast.Link(history.throughput_bytes_s)
+    )
     return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm)).total_s
 
 
@@ -201,7 +226,7 @@ def build_plan(
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}
     by_id = {other.pk: (other, refusal) for other, refusal, _ in targets}
     planned_free = {other.pk: free.get(other.pk, 0) for other in others}
-    history = pair_history(vsp)
+    history = pair_history(vsp, list(eligible.values()))
 
     leaving: list[VirtualMachine] = []
     staying: list[Staying] = []

@@ -233,7 +233,32 @@ class MigrationEvent(models.Model):
         return f"{self.at:%H:%M:%S} {self.from_state or '-'} -> {self.to_state}: {self.message}"
 
 
+class LinkProbe(models.Model):
+    """The last link probe from ``source`` to ``target`` (``migrations_app/link_probes.py``): the link rate
+    the forecast uses for a pair with no migration history, with its time.
+
+    ``rate_bytes_s``: bytes/s the target's data plane received, ``measured_at`` when (None: never
+    measured). ``requested_at``: when the last probe was asked for (one per pair per
+    ``link_probes.PROBE_INTERVAL_S``, claimed by compare-and-set). ``error``: why the last attempt
+    failed, in words ('' when it worked).
+    """
+
+    source = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+")
+    target = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="+")
+    rate_bytes_s = models.FloatField(null=True, blank=True)
+    measured_at = models.DateTimeField(null=True, blank=True)
+    requested_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["source", "target"], name="one_link_probe_per_pair")]
+
+    def __str__(self) -> str:
+        rate = f"{self.rate_bytes_s / 1e6:.0f} MB/s" if self.rate_bytes_s else "not measured"
+        return f"{self.source} -> {self.target}: {rate}"
+
+
 # Evacuations are models of this app kept in a module of their own.
 from .evacuation_models import Evacuation, EvacuationStep  # noqa: E402
 
-__all__ = ["PHASE_FIELD_PREFIX", "Evacuation", "EvacuationStep", "Migration", "MigrationEvent"]
+__all__ = ["PHASE_FIELD_PREFIX", "Evacuation", "EvacuationStep", "LinkProbe", "Migration", "MigrationEvent"]

@@ -67,7 +67,7 @@ def outlook(migration: Migration) -> Outlook | None:
     """The live forecast of ``migration`` while it copies (None before the agent reported rates)."""
     if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
         return None
-    from .estimates import forecast_policy
+    from .estimates import forecast_policy, model_link
 
     policy_values = migration_policy.effective(migration.policy)
     policy = forecast_policy(policy_values, migration.vm)
@@ -78,7 +78,8 @@ def outlook(migration: Migration) -> Outlook | None:
     dirty = float(migration.dirty_rate_bytes_s)
     window = left / dirty if left and dirty > 0 else 0.0
     guest = forecast.Guest.measured(memory, dirty, window)
-    link = forecast.Link(float(migration.throughput_bytes_s))
+    rate = float(migration.throughput_bytes_s)
+    link = model_link(migration.source, rate) if migration.source is not None else forecast.Link(rate)
     started = migration.copy_started_at or migration.state_changed_at
     elapsed = max(0.0, (timezone.now() - started).total_seconds())
     state = forecast.CopyState(

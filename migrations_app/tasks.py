@@ -10,6 +10,7 @@ from django.conf import settings
 from vms.inventory import collect_vsp, start_round
 
 from .engine import drive_migration
+from .link_probes import probe_now
 from .recovery import recover_orphans
 
 
@@ -44,3 +45,9 @@ def recover_migrations(stale_after_s: float | None = None) -> list[int]:
     return recover_orphans(
         stale_after_s if stale_after_s is not None else settings.MIGRATION_HEARTBEAT_STALE_S
     )
+
+
+@shared_task(ignore_result=True)
+def probe_link(source_id: int, target_id: int) -> None:
+    """Probe the link from one VSP to another and store the rate (``link_probes.probe_now``, a few s)."""
+    probe_now(source_id, target_id)

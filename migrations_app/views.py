@@ -162,6 +162,9 @@ class TargetRow:
         return self.check.streams_label
 
 
+LINK_POLL_S = 3  # while a link probe runs, the dialog asks for its forecasts again this often
+
+
 def target_rows(
     vm: VirtualMachine, checks: list[TargetCheck], policy: dict[str, Any], *, measure: bool
 ) -> list[TargetRow]:
@@ -191,7 +194,15 @@ def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         )
         for row in rows
     )
+    if measuring_link(rows):  # ask again once the link probe may have landed (one loader, replaced)
+        context = {"vm": vm, "forecast_oob": True, "forecast_delay_s": LINK_POLL_S}
+        html += render_to_string(f"{DIALOG_TEMPLATE}#forecast_loader", context, request=request)
     return HttpResponse(html)
+
+
+def measuring_link(rows: list[TargetRow]) -> bool:
+    """Whether a target's link is being probed (``estimates.known_link_rate``): the dialog asks again."""
+    return any(row.forecast is not None and row.forecast.measuring_link for row in rows)
 
 
 def render_dialog(
@@ -213,7 +224,8 @@ def render_dialog(
     context = {
         "vm": vm,
         "checks": rows,
-        "forecast_pending": any(row.ok and row.forecast is None for row in rows),
+        "forecast_pending": any(row.ok and row.forecast is None for row in rows) or measuring_link(rows),
+        "forecast_delay_s": 0 if any(row.ok and row.forecast is None for row in rows) else LINK_POLL_S,
         # Said once above the table, not on every row; the Migrate button is disabled then.
         "blocked": blocked,
         "common_refusal": common_refusal(checks),

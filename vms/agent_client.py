@@ -36,6 +36,8 @@ from hostagent.protocol import (
     GuestList,
     Health,
     PreparedIncoming,
+    PreparedProbe,
+    ProbeResult,
     ProgressSnapshot,
     ProtocolViolation,
     StoppedGuest,
@@ -371,6 +373,50 @@ class AgentClient:
             return parse(DirtyRate, answer).model_dump(mode="json")
         except ProtocolViolation as violation:
             raise AgentProtocolError(f"the agent's dirty rate makes no sense: {violation}") from None
+
+    # -- link probes ----------------------------------------------------
+    def prepare_probe(
+        self, encryption: str = "required", max_bytes: int | None = None, seconds: float | None = None
+    ) -> dict[str, Any]:
+        """Receiving side: open a one-time probe listener; a ``protocol.PreparedProbe`` (for ``probe``).
+
+        ``encryption``: the pair's data-plane policy; ``max_bytes`` (1-64 MiB) and ``seconds``
+        (0.05-2 s) bound the session (the agent's defaults, 64 MiB and 0.5 s, when None).
+        """
+        body: dict[str, Any] = {"encryption": encryption}
+        if max_bytes is not None:
+            body["max_bytes"] = max_bytes
+        if seconds is not None:
+            body["seconds"] = seconds
+        answer = self._call("POST", "/v1/probes/incoming", body)
+        try:
+            return parse(PreparedProbe, answer).model_dump(mode="json")
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(f"the agent's prepared probe makes no sense: {violation}") from None
+
+    def probe(self, prepared: dict[str, Any], encryption: str = "required") -> dict[str, Any]:
+        """Sending side: probe the listener ``prepared`` (``prepare_probe`` of the peer) now.
+
+        Returns a ``protocol.ProbeResult`` (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s); waits
+        at most the probe's seconds plus about 16 s (handshake, draining a slow link). A peer that
+        refuses or cannot be reached is ``AgentRefused`` (409) with the words why.
+        """
+        body = {
+            "target": {
+                "host": prepared["data_host"],
+                "port": prepared["data_port"],
+                "token": prepared["token"],
+            },
+            "encryption": encryption,
+            "max_bytes": prepared["max_bytes"],
+            "seconds": prepared["seconds"],
+        }
+        # The agent answers within the handshake (6 s), the probe's seconds and its grace (10 s).
+        answer = self._call("POST", "/v1/probes/outgoing", body, timeout_s=self.timeout_s + 20)
+        try:
+            return parse(ProbeResult, answer).model_dump(mode="json")
+        except ProtocolViolation as violation:
+            raise AgentProtocolError(f"the agent's probe result makes no sense: {violation}") from None
 
     def snapshot(self, migration_id: str) -> dict[str, Any]:
         return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))

@@ -260,25 +260,32 @@ def check_not_runnable_copies(vm: VirtualMachine, *, timeout_s: float) -> None:
 
 def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     """Ask every agent of ``vsps`` for its health at once (one thread each, ``timeout_s`` s at most) and
-    store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
-    Ready until the next inventory collection. The database is written from the calling thread."""
+    store whether it answered, and its driver (``VSP.agent_driver``): the migrate dialog does it when it
+    opens, so a dead target is not shown Ready until the next inventory collection. The database is
+    written from the calling thread."""
 
-    def answers(vsp: VSP) -> bool:
+    def answers(vsp: VSP) -> str | None:
+        """The agent's driver if it answered, else None."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-                agent.health()
+                driver: str = agent.health()["driver"]
         except AGENT_ERRORS:
-            return False
-        return True
+            return None
+        return driver
 
     if not vsps:
         return
     with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
-        verdicts = list(pool.map(answers, vsps))
-    for vsp, reachable in zip(vsps, verdicts, strict=True):
-        if not reachable:
+        drivers = list(pool.map(answers, vsps))
+    for vsp, driver in zip(vsps, drivers, strict=True):
+        if driver is None:
             logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
-        mark_reachable(vsp, reachable)
+        elif (
+            driver != vsp.agent_driver
+        ):  # the forecast models each driver's switchover (Link.pre_pause_rounds)
+            VSP.objects.filter(pk=vsp.pk).update(agent_driver=driver[:64])
+            vsp.agent_driver = driver[:64]
+        mark_reachable(vsp, driver is not None)
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:

@@ -133,6 +133,11 @@ class VSP(models.Model):
         blank=True,
         help_text="How long the last inventory call to the agent took (ms), answered or not.",
     )
+    agent_driver = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The agent's driver as its health answer last said ('simulated', 'qemu'; empty: not yet).",
+    )
     # In maintenance (being or having been evacuated): refused as a migration target until the admin
     # leaves maintenance (``migrations_app.evacuation``).
     maintenance = models.BooleanField(default=False)

@@ -273,3 +273,30 @@ def test_it_cancels_a_waiting_evacuation_and_the_admin_leaves_maintenance(crampe
         "evacuation_finished",
         "maintenance_left",
     ]
+
+
+def test_a_pair_never_migrated_is_planned_with_its_link_probe_and_probed_when_it_has_none(cramped):
+    """No history to big or small: the plan queues a link probe per eligible target (not to VSPs in
+    maintenance or disabled) and says "not known yet"; with a probe's rate and the dialog's measured
+    dirty rate it forecasts (without the dirty rate a probe alone is not enough: it moves no guest)."""
+    from django.core.cache import cache
+    from django.utils import timezone
+
+    from migrations_app import estimates
+    from migrations_app.models import LinkProbe
+
+    src = cramped["src"]
+    assert all(step.predicted_s is None for step in build_plan(src).steps)
+    queued = LinkProbe.objects.filter(source=src, requested_at__isnull=False)
+    assert sorted(queued.values_list("target__name", flat=True)) == ["big", "small"]
+
+    queued.update(rate_bytes_s=50_000_000, measured_at=timezone.now())
+    assert all(step.predicted_s is None for step in build_plan(src).steps)  # dirty rates not measured
+    g800 = cramped["g800"]
+    memory = g800.memory_mib * 1024 * 1024
+    cache.set(estimates._cache_key(g800), estimates.DirtyRate(0.0, memory, memory, None, timezone.now()), 60)
+    try:
+        step = next(step for step in build_plan(src).steps if step.vm.pk == g800.pk)
+    finally:
+        cache.delete(estimates._cache_key(g800))
+    assert step.predicted_s == pytest.approx(memory / 50_000_000, rel=0.1)

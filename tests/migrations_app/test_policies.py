@@ -119,7 +119,8 @@ def test_the_dialog_forecasts_an_idle_and_a_hot_guest_per_target(
         idle_cells["hostb"],
     )
     assert said and 4.5 <= float(said.group(1)) <= 5.5, idle_cells["hostb"]  # the worker's 5 MB/s cap
-    assert "the link from hosta to hostc is not measured yet" in idle_cells["hostc"]
+    assert "the link from hosta to hostc is not known yet" in idle_cells["hostc"]
+    assert "measuring it with a short probe" in idle_cells["hostc"]
     hot_cells = forecast_cells(migration_admin_client, hot)
     assert hot_cells["hostb"].startswith("Will not converge under this policy")
     assert "the guest writes faster" in hot_cells["hostb"]

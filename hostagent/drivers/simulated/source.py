@@ -51,13 +51,11 @@ from hostagent.drivers.simulated.wire import (
     DigestedFrame,
     FrameReader,
     FrameWriter,
-    PlainChannel,
     ProtocolError,
-    TlsChannel,
     check,
+    connect,
     split_by_stream,
     stream_of,
-    tune_socket,
 )
 from hostagent.progress import Progress
 from hostagent.protocol import (
@@ -293,22 +291,14 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
 
     async def _open_stream(self, index: int, hello: dict[str, Any]) -> tuple[FrameWriter, FrameReader]:
         """Connect stream ``index``, prove it with the token (TLS first under "required"), wait for ACCEPT."""
-        host, port = self.target.host, self.target.port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self._socks.append(sock)  # closed by _stop_tasks whatever happens next
-        tune_socket(sock)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
         channel: Channel
-        if self._tls is not None:
-            try:
-                channel = await TlsChannel.handshake(sock, self._tls, server_side=False)
-            except ssl.SSLError as error:
-                raise MigrationAborted(
-                    f"the target's data plane failed the TLS handshake: {error.reason or error}",
-                    FailureKind.REFUSED,
-                ) from error
-        else:
-            channel = PlainChannel(sock)
+        try:
+            channel = await connect(self.target.host, self.target.port, self._tls, self._socks)
+        except ssl.SSLError as error:
+            raise MigrationAborted(
+                f"the target's data plane failed the TLS handshake: {error.reason or error}",
+                FailureKind.REFUSED,
+            ) from error
         writer = FrameWriter(channel, self._stream_cap(self.params.bandwidth_mbps))
         reader = FrameReader(channel)
         await writer.message(HELLO, {**hello, "stream": index, "streams": self.streams})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import socket
@@ -27,7 +26,6 @@ from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
 from hostagent.drivers.simulated.timing import (
-    HELLO_TIMEOUT_S,
     POPULATE_BUDGET_S,
     SourceAborted,
     kind_of,
@@ -37,7 +35,6 @@ from hostagent.drivers.simulated.wire import (
     ACCEPT,
     DIGESTED,
     FREEZE,
-    HELLO,
     MAX_PAGE_LIST,
     MAX_ROUND,
     PAGE_KINDS,
@@ -54,13 +51,13 @@ from hostagent.drivers.simulated.wire import (
     FrameWriter,
     FreezeFrame,
     HelloFrame,
-    PlainChannel,
     ProgressFrame,
     ProtocolError,
-    TlsChannel,
+    accept_until,
     check,
+    read_hello,
     stream_of,
-    tune_socket,
+    token_refusal,
 )
 from hostagent.progress import Progress
 from hostagent.protocol import (
@@ -74,7 +71,6 @@ from hostagent.protocol import (
 )
 
 log = logging.getLogger("hostagent.simulated.target")
-MAX_PENDING_HANDSHAKES = 32  # connections proving themselves at once; more are closed at once
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
 
 
@@ -215,54 +211,12 @@ class TargetMigration:
     async def _accept_source(self) -> None:
         """Accept connections until every stream of the source proved itself; each handshake runs alone.
 
-        A stranger (no certificate from the CA, no or a wrong token, garbage, or silence) is
-        dropped alone after at most ``HELLO_TIMEOUT_S``; it never delays the real source, whose
-        handshakes run beside the strangers' ones. At most ``MAX_PENDING_HANDSHAKES`` run at once.
+        ``wire.accept_until``: a stranger (no certificate from the CA, no or a wrong token, garbage,
+        or silence) is dropped alone after at most ``HELLO_TIMEOUT_S``; it never delays the real
+        source, whose handshakes run beside the strangers' ones.
         """
-        loop = asyncio.get_running_loop()
-        won: asyncio.Future[None] = loop.create_future()  # every stream is in
-        pending: set[asyncio.Task[None]] = set()
-        accept: asyncio.Future[tuple[socket.socket, Any]] | None = None
-        try:
-            while not won.done():
-                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
-                await asyncio.wait({accept, won}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-                if not accept.done():
-                    accept.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, OSError):
-                        await accept
-                    break
-                sock, peer = accept.result()
-                if won.done() or len(pending) >= MAX_PENDING_HANDSHAKES:
-                    log.warning(
-                        "refused data-plane connection from %s for %s: too many handshakes at once",
-                        peer,
-                        self.migration_id,
-                    )
-                    sock.close()
-                    continue
-                tune_socket(sock)
-                task = asyncio.create_task(self._handshake(sock, peer, won))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-        finally:
-            # A cancelled run (the init limit) must not leave an accept registered on the listener's
-            # file descriptor: the next listener may get the same number.
-            if accept is not None and not accept.done():
-                accept.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await accept
-            if pending:
-                log.info(
-                    "migration %s (target): dropped %d data-plane connection(s) still in their handshake",
-                    self.migration_id,
-                    len(pending),
-                )
-            for task in list(pending):
-                task.cancel()
-            for task in list(pending):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        won: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # every stream is in
+        await accept_until(self._listener, self._handshake, won, f"migration {self.migration_id} (target)")
         won.result()
         self.progress.update(streams=self._streams)
         self._channel = self._channels[0]
@@ -273,13 +227,7 @@ class TargetMigration:
     async def _handshake(self, sock: socket.socket, peer: Any, won: asyncio.Future[None]) -> None:
         """One connection's TLS handshake and HELLO, bounded in time and size; never raises."""
         try:
-            async with asyncio.timeout(HELLO_TIMEOUT_S):
-                channel: Channel
-                if self._tls is not None:
-                    channel = await TlsChannel.handshake(sock, self._tls, server_side=True)
-                else:
-                    channel = PlainChannel(sock)
-                kind, hello = await FrameReader(channel).message()
+            channel, kind, hello = await read_hello(sock, self._tls)
         except (TimeoutError, OSError, ProtocolError) as error:  # ssl.SSLError is an OSError
             reason = "no HELLO within the handshake limit" if isinstance(error, TimeoutError) else error
             log.warning("refused data-plane connection from %s for %s: %s", peer, self.migration_id, reason)
@@ -372,11 +320,9 @@ class TargetMigration:
         ]
 
     def _check_hello(self, kind: int, hello: dict[str, Any]) -> str | None:
-        token = hello.get("token")
-        if kind != HELLO or not isinstance(token, str) or len(token) > 512:
-            return "no token presented"
-        if not hmac.compare_digest(token.encode(), self._token.encode()):
-            return "wrong data-plane token"
+        refusal = token_refusal(kind, hello, self._token)
+        if refusal is not None:
+            return refusal
         if hello.get("migration_id") != self.migration_id or hello.get("guest") != self.guest.guest_id:
             return "this listener is for another migration"
         if hello.get("memory_mib") != self.guest.memory_mib:

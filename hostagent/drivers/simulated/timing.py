@@ -13,9 +13,9 @@ from collections.abc import Awaitable
 from typing import Any
 
 from hostagent.driver import MigrationAborted
+from hostagent.drivers.simulated.wire import HELLO_TIMEOUT_S  # noqa: F401  (kept importable from here)
 from hostagent.protocol import FailureKind
 
-HELLO_TIMEOUT_S = 5.0  # a data-plane connection must present its token within this
 POPULATE_BUDGET_S = 3.0  # target: at most this (and a quarter of the init limit) to pre-fault RAM
 
 

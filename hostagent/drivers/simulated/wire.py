@@ -32,11 +32,15 @@ while the target still has the first pass to hash (that would be downtime).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
+import logging
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt
@@ -55,10 +59,12 @@ from hostagent.protocol import (
     parse,
 )
 
+log = logging.getLogger("hostagent.simulated.wire")
 HEADER = struct.Struct("!BIQ")
 (HELLO, ACCEPT, REFUSE, PAGES, ZERO, PROGRESS, FREEZE, READY, ABORT, PAGE_LIST, DIGESTED, ROUND_END) = range(
     1, 13
 )
+FILLER = 13  # a link probe's filler: ``count`` bytes that mean nothing (``hostagent/probe.py``)
 PAGE_KINDS = frozenset({PAGES, ZERO, PAGE_LIST, ROUND_END})  # what streams other than 0 may carry
 MAX_PAGE_LIST = 4096
 JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT, DIGESTED})
@@ -73,6 +79,8 @@ SOCKET_BUFFER = 4 << 20
 # sender or receiver faster than its peer would never let the agent answer its API (issue 10: health
 # took 10.8 s during an uncapped Copy). Each side yields to the loop at least this often.
 YIELD_EVERY_S = 0.005
+HELLO_TIMEOUT_S = 5.0  # a data-plane connection must finish TLS and present its token within this
+MAX_PENDING_HANDSHAKES = 32  # connections proving themselves at once on one listener; more are closed
 
 
 class Breather:
@@ -368,6 +376,13 @@ class FrameWriter:
         if len(self._buffer) >= FLUSH_AT:
             await self.flush()
 
+    async def filler(self, payload: bytes | memoryview) -> None:
+        """A link probe's FILLER frame of ``len(payload)`` bytes (0: the end of the filler)."""
+        self._buffer += HEADER.pack(FILLER, len(payload), 0)
+        await self.flush()
+        if payload:
+            await self._send(payload)
+
     async def round_end(self, batch: int, round_number: int) -> None:
         """Mark the end of this stream's share of a send batch, and send what is buffered."""
         self._buffer += HEADER.pack(ROUND_END, batch, round_number)
@@ -448,3 +463,99 @@ class FrameReader:
 
 def json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
+
+
+# -- the handshake both sides of every data-plane session share (migrations and link probes) -------
+
+
+async def connect(host: str, port: int, tls: ssl.SSLContext | None, socks: list[socket.socket]) -> Channel:
+    """Source side: connect to a listener and, with ``tls`` (policy "required"), run the TLS handshake.
+
+    The socket is appended to ``socks`` at once, so the caller closes it whatever happens next.
+    Raises ``OSError`` (``ssl.SSLError`` is one) when the peer cannot be reached or fails TLS.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    socks.append(sock)
+    tune_socket(sock)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    if tls is None:
+        return PlainChannel(sock)
+    return await TlsChannel.handshake(sock, tls, server_side=False)
+
+
+async def read_hello(sock: socket.socket, tls: ssl.SSLContext | None) -> tuple[Channel, int, dict[str, Any]]:
+    """Listener side: TLS (with ``tls``: the peer must show a certificate from the CA), then the first frame.
+
+    Bounded by ``HELLO_TIMEOUT_S`` and ``MAX_JSON_BYTES``. Raises ``TimeoutError``, ``OSError`` (TLS
+    refused, peer gone) or ``ProtocolError`` (not a JSON frame, too large, not JSON).
+    """
+    async with asyncio.timeout(HELLO_TIMEOUT_S):
+        channel: Channel
+        if tls is not None:
+            channel = await TlsChannel.handshake(sock, tls, server_side=True)
+        else:
+            channel = PlainChannel(sock)
+        kind, hello = await FrameReader(channel).message()
+    return channel, kind, hello
+
+
+def token_refusal(kind: int, hello: dict[str, Any], token: str) -> str | None:
+    """Why a first frame does not prove the one-time ``token`` (compared in constant time), or None."""
+    presented = hello.get("token")
+    if kind != HELLO or not isinstance(presented, str) or len(presented) > 512:
+        return "no token presented"
+    if not hmac.compare_digest(presented.encode(), token.encode()):
+        return "wrong data-plane token"
+    return None
+
+
+Handshake = Callable[[socket.socket, Any, "asyncio.Future[None]"], Coroutine[Any, Any, None]]
+
+
+async def accept_until(
+    listener: socket.socket, handshake: Handshake, won: asyncio.Future[None], what: str
+) -> None:
+    """Accept connections on ``listener`` until ``won`` is done; each runs ``handshake(sock, peer, won)``.
+
+    A stranger (no certificate from the CA, no or a wrong token, garbage, or silence) is dropped by
+    its own handshake task; it never delays the real peer, whose handshakes run beside it. At most
+    ``MAX_PENDING_HANDSHAKES`` run at once (more are closed at once). On return (or cancellation) the
+    handshakes still pending are cancelled. ``what`` names the session in the log.
+    """
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    accept: asyncio.Future[tuple[socket.socket, Any]] | None = None
+    try:
+        while not won.done():
+            accept = asyncio.ensure_future(loop.sock_accept(listener))
+            await asyncio.wait({accept, won}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+            if not accept.done():
+                accept.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await accept
+                break
+            sock, peer = accept.result()
+            if won.done() or len(pending) >= MAX_PENDING_HANDSHAKES:
+                log.warning(
+                    "refused data-plane connection from %s for %s: too many handshakes at once", peer, what
+                )
+                sock.close()
+                continue
+            tune_socket(sock)
+            task = asyncio.create_task(handshake(sock, peer, won))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+    finally:
+        # A cancelled wait (a time limit) must not leave an accept registered on the listener's
+        # file descriptor: the next listener may get the same number.
+        if accept is not None and not accept.done():
+            accept.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await accept
+        if pending:
+            log.info("%s: dropped %d data-plane connection(s) still in their handshake", what, len(pending))
+        for task in list(pending):
+            task.cancel()
+        for task in list(pending):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
