@@ -111,7 +111,8 @@ def model_link(source: VSP, rate_bytes_s: float) -> forecast.Link:
 
     A simulated source sends up to ``forecast.SIMULATED_PRE_PAUSE_ROUNDS`` more rounds before it pauses
     the guest; QEMU switches over at once (0). The driver is what the agent's health said last
-    (``VSP.agent_driver``, recorded when the migrate dialog opens); unknown counts as QEMU's 0.
+    (``VSP.agent_driver``, recorded when the migrate dialog opens and by the inventory collection);
+    unknown counts as QEMU's 0.
     """
     rounds = forecast.SIMULATED_PRE_PAUSE_ROUNDS if source.agent_driver == "simulated" else 0
     return forecast.Link(rate_bytes_s, pre_pause_rounds=rounds)

@@ -167,21 +167,28 @@ def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str,
 
 @dataclass(frozen=True)
 class Asked:
-    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms."""
+    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms, and
+    the agent's driver when it was asked too (a VSP whose driver is not known yet), else ""."""
 
     guests: dict[str, dict[str, Any]] | None
     problem: str
     took_ms: int
+    driver: str = ""
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
-    """Ask ``vsp``'s agent for its guests (nothing is stored; no database access)."""
+    """Ask ``vsp``'s agent for its guests, and for its driver if ``VSP.agent_driver`` is not known yet
+    (the forecast models each driver's switchover), so every VSP's driver is known after one inventory
+    collection (nothing is stored; no database access)."""
     started = time.monotonic()
     problem = ""
+    driver = ""
     guests: list[dict[str, Any]] = []
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
+            if not vsp.agent_driver:
+                driver = str(agent.health()["driver"])[:64]
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"
@@ -191,7 +198,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms)
-    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms)
+    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms, driver)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -203,6 +210,9 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
         return
     record_answered(vsp, took_ms=took_ms)
+    if asked.driver and asked.driver != vsp.agent_driver:
+        VSP.objects.filter(pk=vsp.pk).update(agent_driver=asked.driver)
+        vsp.agent_driver = asked.driver
     store_guests(vsp, asked.guests, copies)
 
 

@@ -4,7 +4,7 @@ Before, the console forecast every source as QEMU (no rounds before the pause), 
 source sends up to ``SIMULATED_PRE_PAUSE_ROUNDS`` more rounds while the freeze would take more than
 half the allowed downtime (``bench/bench_forecast.py`` already modelled that): the dialog promised a
 simulated guest a longer freeze than it got. The console now learns each agent's driver from its health
-answer when the migrate dialog opens (``VSP.agent_driver``).
+answer when the migrate dialog opens and at its first inventory collection (``VSP.agent_driver``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,22 @@ def test_opening_the_dialog_records_each_agents_driver(host_agents, fleet, migra
     dialog = migration_admin_client.get(f"/migrations/vms/{vm.pk}/migrate/", headers=HTMX)
 
     assert dialog.status_code == 200
+    drivers = dict(
+        VSP.objects.filter(pk__in=[vsp.pk for vsp in fleet.values()]).values_list("name", "agent_driver")
+    )
+    assert drivers == {name: "simulated" for name in fleet}, drivers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_inventory_collection_records_each_agents_driver(host_agents, fleet):
+    """A VSP whose dialog was never opened is modelled with its own driver in evacuation plans too."""
+    from vms.inventory import collect_vsp
+
+    VSP.objects.update(agent_driver="")
+
+    for vsp in fleet.values():
+        assert collect_vsp(vsp.pk)
+
     drivers = dict(
         VSP.objects.filter(pk__in=[vsp.pk for vsp in fleet.values()]).values_list("name", "agent_driver")
     )
