@@ -227,7 +227,11 @@ def forecast_to(
     if link is None and cap is None:
         missing.append(unmeasured)
     if guest is None or (link is None and cap is None):
-        return TargetForecast(None, [f"No forecast: {'; '.join(missing)}."], measuring_link=measuring)
+        lines = [f"No forecast: {'; '.join(missing)}."]
+        failed = link_probes.last_failure(source, target) if measuring else ""
+        if failed:
+            lines.append(f"The last link probe failed: {failed}. Trying again within a minute.")
+        return TargetForecast(None, lines, measuring_link=measuring)
     assert guest is not None
     if link is not None:
         the_link, link_words = model_link(source, link.rate_bytes_s), link.words()
@@ -252,5 +256,8 @@ def forecast_to(
         lines.append(
             "Link rate being measured again with a probe." if link else "Link rate not known yet — measuring."
         )
+        failed = link_probes.last_failure(source, target)
+        if failed:
+            lines.append(f"The last link probe failed: {failed}. Trying again within a minute.")
     lines.append(f"Dirty rate measured {age_words(guest.at)}.")
     return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms, measuring)

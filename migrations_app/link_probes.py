@@ -44,6 +44,12 @@ def latest_probe(source: VSP, target: VSP) -> LinkProbe | None:
     return LinkProbe.objects.filter(source=source, target=target, rate_bytes_s__gt=0).first()
 
 
+def last_failure(source: VSP, target: VSP) -> str:
+    """Why the pair's last probe failed, in words ('' when it worked or none was tried)."""
+    errors = LinkProbe.objects.filter(source=source, target=target).values_list("error", flat=True)
+    return errors.first() or ""
+
+
 def is_fresh(probe: LinkProbe) -> bool:
     """Measured within ``PROBE_FRESH_S``."""
     return probe.measured_at is not None and timezone.now() - probe.measured_at <= timedelta(

@@ -8,6 +8,7 @@ through Redis and a real Celery worker.
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import timedelta
 
@@ -92,6 +93,23 @@ def test_a_refused_probe_keeps_the_words_and_no_rate(host_agents, fleet):
 
     probe = LinkProbe.objects.get(source=hosta, target=hostb)
     assert probe.rate_bytes_s is None and probe.error, probe.error
+
+
+def test_the_dialog_says_why_the_last_probe_failed(host_agents, fleet, migration_admin_client):
+    """A pair whose probe keeps failing does not say "measuring" forever with no reason."""
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    hosta, hostb = fleet["hosta"], fleet["hostb"]
+    real_url = hostb.agent_url
+    hostb.agent_url = "https://127.0.0.1:9"  # nobody listens there
+    hostb.save(update_fields=["agent_url"])
+    probe_link(hosta.pk, hostb.pk)
+    hostb.agent_url = real_url  # the target answers the dialog again; the probe failed meanwhile
+    hostb.save(update_fields=["agent_url"])
+
+    cell = forecast_cells(migration_admin_client, idle)["hostb"]
+
+    assert "measuring" in cell and "The last link probe failed: " in cell, cell
+    assert LinkProbe.objects.get(source=hosta, target=hostb).error in html.unescape(cell)
 
 
 def test_a_real_worker_runs_the_probe_the_dialog_queued(
