@@ -172,6 +172,7 @@ class Asked:
     guests: dict[str, dict[str, Any]] | None
     problem: str
     took_ms: int
+    driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
@@ -179,9 +180,12 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     started = time.monotonic()
     problem = ""
     guests: list[dict[str, Any]] = []
+    driver = ""
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
+            if not vsp.agent_driver:
+                driver = agent.health()["driver"]
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"
@@ -191,7 +195,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms)
-    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms)
+    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms, driver)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -202,7 +206,7 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
     if asked.guests is None:
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
         return
-    record_answered(vsp, took_ms=took_ms)
+    record_answered(vsp, took_ms=took_ms, driver=asked.driver)
     store_guests(vsp, asked.guests, copies)
 
 
@@ -263,22 +267,47 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
     Ready until the next inventory collection. The database is written from the calling thread."""
 
-    def answers(vsp: VSP) -> bool:
+    def answers(vsp: VSP) -> str | None:
+        """The agent's driver, or None when it did not answer."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-                agent.health()
+                return str(agent.health()["driver"])
         except AGENT_ERRORS:
-            return False
-        return True
+            return None
 
     if not vsps:
         return
     with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
-        verdicts = list(pool.map(answers, vsps))
-    for vsp, reachable in zip(vsps, verdicts, strict=True):
-        if not reachable:
+        drivers = list(pool.map(answers, vsps))
+    for vsp, driver in zip(vsps, drivers, strict=True):
+        if driver is None:
             logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
-        mark_reachable(vsp, reachable)
+            record_unanswered(vsp, at_once=True)
+        else:
+            record_answered(vsp, driver=driver)
+
+
+DRIVER_ASK_TIMEOUT_S = 2.0
+
+
+def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
+    """``vsp``'s agent driver (``VSP.agent_driver``), asked once (``GET /v1/health``) while not known.
+
+    Returns it, or "" when the agent did not answer (nothing is recorded then: the next health probe
+    or inventory collection asks again). A migration's Init calls it, so that every running migration's
+    rescues match what its source can do (``migrations_app.steering.can_throttle_live``).
+    """
+    if vsp.agent_driver:
+        return vsp.agent_driver
+    try:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+            driver = str(agent.health()["driver"])[:32]
+    except AGENT_ERRORS as error:
+        logger.info("Agent of VSP %s did not say its driver: %s", vsp.name, error)
+        return ""
+    VSP.objects.filter(pk=vsp.pk).update(agent_driver=driver)
+    vsp.agent_driver = driver
+    return driver
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
@@ -290,12 +319,15 @@ def mark_reachable(vsp: VSP, reachable: bool) -> None:
         record_unanswered(vsp, at_once=True)
 
 
-def record_answered(vsp: VSP, *, took_ms: int | None = None) -> None:
-    """The agent answered: reachable again, no failures counted, no "unreachable since"."""
+def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -> None:
+    """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver``
+    (its health answer's, when asked) is kept as ``VSP.agent_driver``."""
     fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
     fields["agent_checked_at"] = timezone.now()
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
+    if driver:
+        fields["agent_driver"] = vsp.agent_driver = driver[:32]
     VSP.objects.filter(pk=vsp.pk).update(**fields)
     if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
         logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)

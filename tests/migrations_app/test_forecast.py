@@ -155,6 +155,7 @@ def test_it_offers_rescues_for_a_stalled_migration_with_their_cost():
 def test_it_recovers_the_write_rate_from_a_distinct_page_measurement():
     # An 8 MiB guest writing 12 MB/s over 1.5 s dirties 7.7 MB of distinct pages: it "reads" 5.1 MB/s.
     memory, writes = 8 * 1024**2, 12 * MB
+
     def reads(rate: float) -> float:  # random writes over 1.5 s, as the agents count them
         return memory * -math.expm1(-rate * 1.5 / memory) / 1.5
 
@@ -294,7 +295,9 @@ def test_each_round_is_the_dirty_rate_over_the_link_rate_of_the_one_before_up_to
     result = forecast(guest(0.4), LINK, Policy(max_rounds=4, max_downtime_ms=1))
     sizes = [sent for _, sent, _ in result.trail]
 
-    assert [later / earlier for earlier, later in zip(sizes, sizes[1:])] == pytest.approx([0.4] * 3)
+    assert [later / earlier for earlier, later in zip(sizes, sizes[1:], strict=False)] == pytest.approx(
+        [0.4] * 3
+    )
     assert dirtied_bytes(guest(2.0, working_set=300 * MB), 10) == 300 * MB
 
 
@@ -362,7 +365,9 @@ def test_switching_over_now_freezes_for_what_is_left_or_for_what_the_round_under
     # The simulated source first sends the 400 MB the round under way still has (0.4 s, the guest
     # dirtying 200 MB meanwhile), then freezes for the 200 MB dirtied before and the 200 MB after.
     simulated = replace(LINK, pre_pause_rounds=5)
-    frozen_ms, running_s = switchover_now(busy, simulated, Policy(), replace(state, round_left_bytes=400 * MB))
+    frozen_ms, running_s = switchover_now(
+        busy, simulated, Policy(), replace(state, round_left_bytes=400 * MB)
+    )
     assert running_s == pytest.approx(0.4) and frozen_ms == pytest.approx(410)
     offered = {rescue.action: rescue for rescue in rescues(busy, simulated, Policy(), state)}
     assert offered["switchover"].forecast.downtime_ms == pytest.approx(310)  # unknown rest: all of it
