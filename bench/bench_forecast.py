@@ -11,7 +11,8 @@ migrated at that cap: the second one's data-plane throughput, as the agent repor
 round is the time spent outside Copy's rounds (``Link.setup_s``). Then a guest writing
 ``--calibrate-percent`` of ``L`` is migrated and its dirty rounds timed (scattered pages):
 a line through (bytes, seconds) per round gives their rate and fixed cost per round
-(``Link.round_rate_bytes_s``, ``Link.round_overhead_s``). Then, for each dirty rate (a percentage of
+(``Link.round_rate_bytes_s``, ``Link.round_overhead_s``), and what the source expects of the freeze when
+it judges a round (bytes left over expected downtime: send and hash) gives ``Link.freeze_rate_bytes_s``. Then, for each dirty rate (a percentage of
 ``L``), with and without auto-converge, a fresh guest of ``--memory-mib`` (all pages written, writes
 spread over all of it) is started, its dirty rate is measured through the agent's dirty-rate endpoint
 over the console's window (``estimates.DIRTY_RATE_WINDOW_S``, turned into a write rate by
@@ -34,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class Actual:
     digests_equal: bool | None
     round_starts: list[tuple[float, int, int]]  # (s since start, round, bytes sent) as each round began
     settle_s: float = 0.0  # from the converged snapshot to the end of the I/O quiesce
+    judged: list[tuple[int, int]] = field(default_factory=list)  # (bytes left, expected downtime ms)
 
 
 def define(agent: BenchAgent, name: str, memory_mib: int, pages_per_s: int) -> dict[str, Any]:
@@ -96,9 +98,15 @@ def migrate(
     source.client.start_outgoing(wanted["guest_id"], migration_id, endpoint, params, encryption)
     last: dict[str, Any] = {}
     round_starts: list[tuple[float, int, int]] = []
+    judged: list[tuple[int, int]] = []
     for snapshot in source.client.iter_progress(migration_id):
         if snapshot.get("round") != last.get("round") and snapshot["state"] == "copy":
             round_starts.append((time.perf_counter() - started, snapshot["round"], snapshot["bytes_sent"]))
+            # A new round's first snapshot carries the judgement of the one before: what is left and the
+            # freeze the source expects for it (send and hash).
+            expected_ms = snapshot.get("expected_downtime_ms")
+            if snapshot["round"] >= 3 and expected_ms and snapshot["bytes_remaining"] > 1 << 20:
+                judged.append((snapshot["bytes_remaining"], expected_ms))
         if os.environ.get("BENCH_TRACE") and snapshot.get("round") != last.get("round"):
             keys = ("round", "bytes_remaining", "expected_downtime_ms", "allowed_downtime_ms",
                     "dirty_rate_bytes_s", "throughput_bytes_s", "throttle_pct", "converged")  # fmt: skip
@@ -141,6 +149,7 @@ def migrate(
         ready["source_digest"] == ready["target_digest"],
         round_starts,
         settle_s,
+        judged,
     )
 
 
@@ -229,11 +238,21 @@ def main() -> None:
             drop(target, "fc-calibrate")
             drop(source, "fc-calibrate")
             fitted = forecast.dirty_round_cost(dirty_rounds(calibration.round_starts))
+            freezes = sorted(left / (expected_ms / 1000) for left, expected_ms in calibration.judged)
+            freeze_rate = freezes[len(freezes) // 2] if freezes else None
             if fitted:
-                link = forecast.Link(rate, round_rate_bytes_s=fitted[0], round_overhead_s=fitted[1], **timing)
+                link = forecast.Link(
+                    rate,
+                    round_rate_bytes_s=fitted[0],
+                    round_overhead_s=fitted[1],
+                    freeze_rate_bytes_s=freeze_rate,
+                    **timing,
+                )
+                freeze_words = f"{freeze_rate / 1e6:.0f} MB/s" if freeze_rate else "not judged"
                 print(
                     f"dirty rounds (timed while migrating a guest writing {args.calibrate_percent}% of the "
-                    f"link): {fitted[0] / 1e6:.0f} MB/s plus {1000 * fitted[1]:.0f} ms a round"
+                    f"link): {fitted[0] / 1e6:.0f} MB/s plus {1000 * fitted[1]:.0f} ms a round; the freeze "
+                    f"the source expects (send and hash, median): {freeze_words}"
                 )
         header = f"{'dirty':>5} {'auto-conv':>9} {'measured':>9} | {'predicted':<34} | {'actual':<42} | aim"
         print()

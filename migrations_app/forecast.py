@@ -18,10 +18,14 @@ NSDI 2005, sections 3 and 5):
    the agents more per byte: they move at their own rate ``L_r`` (``Link.round_rate_bytes_s``) plus a
    fixed cost per round ``c`` (``Link.round_overhead_s``: the round's end markers and the judgement).
 3. The copy converges when what is left would move within the allowed downtime:
-   ``left / L_r + overhead <= allowed``. The Frozen phase (the guest's downtime) then lasts
-   ``left / L_r + overhead``, where ``overhead`` is the fixed cost of the switchover (vCPU and device
-   state, queued I/O, the target's check). A migration not started yet also spends ``Link.setup_s``
-   outside Copy (Init, the I/O quiesce and the hand-over), counted in its total time.
+   ``left / L_f + overhead <= allowed``, where ``L_f`` is how fast the paused guest's last pages move,
+   checks included (``Link.freeze_rate_bytes_s``, else ``L_r``) and ``overhead`` the fixed cost of the
+   switchover (vCPU and device state, queued I/O, the target's check). The Frozen phase (the guest's
+   downtime) then lasts ``left / L_f + overhead``. The simulated source keeps sending rounds until
+   it is asked to freeze (``Link.settle_s`` later), then finishes the round under way and sends a
+   few more while the freeze would take more than half the allowed downtime
+   (``Link.pre_pause_rounds``; QEMU switches over at once). A migration not started yet also spends
+   ``Link.setup_s`` outside Copy (Init, the I/O quiesce and the hand-over), counted in its total.
 4. Auto-converge: after every *stalled* round (one that did not shrink what is left to at most
    ``STALL_RATIO`` of the round before), the guest's vCPUs are throttled: first
    ``throttle_initial_pct``, then ``throttle_increment_pct`` more per stalled round, up to
@@ -32,8 +36,9 @@ NSDI 2005, sections 3 and 5):
    ``live_migration_downtime_steps``).
 6. The copy stops after ``max_rounds`` rounds or ``copy_limit_s`` seconds; ``at_limit`` then says
    what happens: ``"abort"`` (the migration fails, the guest stays on its source) or
-   ``"switchover"`` (switch over anyway, accepting a downtime of ``left / L + overhead``;
-   Nova's ``live_migration_timeout_action``).
+   ``"switchover"`` (switch over anyway, accepting a downtime of ``left / L_f + overhead``;
+   Nova's ``live_migration_timeout_action``). Switching over *now* (``switchover_now``): QEMU pauses
+   at once; the simulated source first sends the rest of the round under way.
 7. A promise it can keep: the measured ``D`` and ``L`` are noisy (a loaded host moves its dirty
    rounds slower, a guest writes in bursts), and near ``D ~ L`` a small error decides whether the
    last allowed round is enough. So "converges" is said only when the copy also converges with the
@@ -153,7 +158,9 @@ class Link:
     ``setup_s``: the time a migration spends outside Copy (s: Init, I/O quiesce, the hand-over), added
     to the total of a migration not started yet. ``settle_s``: of that, the time from convergence to
     the freeze request (the I/O quiesce), during which the simulated source keeps sending rounds (with
-    ``pre_pause_rounds``). All 0 when not measured.
+    ``pre_pause_rounds``). All 0 when not measured. ``freeze_rate_bytes_s``: how fast what is left
+    moves when the guest is paused, checks included (the simulated agents hash every page they move,
+    and the source judges convergence by send and hash together); None: the dirty rounds' rate.
     """
 
     rate_bytes_s: float
@@ -163,6 +170,7 @@ class Link:
     round_overhead_s: float = 0.0
     setup_s: float = 0.0
     settle_s: float = 0.0
+    freeze_rate_bytes_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,18 @@ def round_rate(link: Link, policy: Policy) -> float:
     if link.round_rate_bytes_s is None:
         return effective_rate(link, policy)
     return effective_rate(replace(link, rate_bytes_s=link.round_rate_bytes_s), policy)
+
+
+def freeze_ms(link: Link, policy: Policy, left_bytes: float) -> float:
+    """The freeze (ms) to move ``left_bytes`` with the guest paused: ``left / L_f + overhead`` (step 3).
+
+    ``L_f`` is ``link.freeze_rate_bytes_s`` when known (never above the dirty rounds' rate), else the
+    dirty rounds' rate (``round_rate``).
+    """
+    rate = round_rate(link, policy)
+    if link.freeze_rate_bytes_s is not None and link.freeze_rate_bytes_s > 0:
+        rate = min(rate, link.freeze_rate_bytes_s)
+    return 1000.0 * max(left_bytes, 0.0) / rate + link.overhead_ms
 
 
 def dirtied_bytes(guest: Guest, seconds: float, throttle_pct: float = 0.0) -> float:
@@ -337,15 +357,15 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
                 ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
                 allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
         judged = False
-        downtime_ms = 1000.0 * left / rate + link.overhead_ms
+        downtime_ms = freeze_ms(link, policy, left)
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
             copy_s = elapsed
             if link.pre_pause_rounds > 0:  # step 3: the simulated source's rounds before its pause
                 rounds, elapsed, left = _settle(
-                    guest, link, rate, throttle, allowed, rounds, elapsed, left, trail
+                    guest, link, policy, rate, throttle, allowed, rounds, elapsed, left, trail
                 )
-                downtime_ms = 1000.0 * left / rate + link.overhead_ms
+                downtime_ms = freeze_ms(link, policy, left)
             # setup_s holds the time from convergence to the freeze: only rounds past it add to the total
             after_freeze_s = max(0.0, elapsed - copy_s - link.settle_s)
             return Forecast(
@@ -374,6 +394,7 @@ SETTLE_ROUNDS_MAX = 200  # rounds shrinking toward nothing: the backstop of ``_s
 def _settle(
     guest: Guest,
     link: Link,
+    policy: Policy,
     rate: float,
     throttle: float,
     allowed: float,
@@ -404,7 +425,7 @@ def _settle(
             break
         send()
     for _ in range(link.pre_pause_rounds):
-        if 1000.0 * left / rate + link.overhead_ms <= allowed / 2:
+        if freeze_ms(link, policy, left) <= allowed / 2:
             break
         send()
     return rounds, elapsed, left
@@ -560,12 +581,12 @@ def switchover_now(guest: Guest, link: Link, policy: Policy, state: CopyState) -
     rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     if link.pre_pause_rounds <= 0:
-        return 1000.0 * left / rate + link.overhead_ms, 0.0
+        return freeze_ms(link, policy, left), 0.0
     rest = left if state.round_left_bytes is None else min(max(state.round_left_bytes, 0.0), left)
     finishing_s = rest / rate
     dirtied = dirtied_bytes(guest, finishing_s, state.throttle_pct)
     frozen = min(left - rest + dirtied, float(guest.write_set_bytes))
-    return 1000.0 * max(frozen, 0.0) / rate + link.overhead_ms, finishing_s
+    return freeze_ms(link, policy, frozen), finishing_s
 
 
 def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
@@ -575,7 +596,7 @@ def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: Co
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     busier = replace(guest, dirty_rate_bytes_s=guest.dirty_rate_bytes_s * (1 + MARGIN))  # step 7
     next_left = dirtied_bytes(busier, left / rate + link.round_overhead_s, state.throttle_pct)
-    needed = 1000.0 * next_left / rate + link.overhead_ms
+    needed = freeze_ms(link, policy, next_left)
     current = state.allowed_downtime_ms or policy.max_downtime_ms
     if needed <= current:
         return None

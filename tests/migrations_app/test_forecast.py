@@ -371,3 +371,18 @@ def test_switching_over_now_freezes_for_what_is_left_or_for_what_the_round_under
     assert running_s == pytest.approx(0.4) and frozen_ms == pytest.approx(410)
     offered = {rescue.action: rescue for rescue in rescues(busy, simulated, Policy(), state)}
     assert offered["switchover"].forecast.downtime_ms == pytest.approx(310)  # unknown rest: all of it
+
+
+def test_the_freeze_and_the_convergence_judgement_move_at_the_freeze_rate_when_known():
+    # The simulated agents hash what they move: the source judges a round by send and hash together, and
+    # the paused guest's last pages take that long too, while the rounds themselves only send.
+    busy = guest(0.1)
+    hashing = replace(LINK, freeze_rate_bytes_s=200 * MB)
+
+    plain = forecast(busy, LINK, Policy())
+    slower = forecast(busy, hashing, Policy())
+
+    assert slower.rounds > plain.rounds  # it needs a smaller rest to fit the same allowed downtime
+    left = dirtied_bytes(busy, slower.trail[-1][1] / LINK.rate_bytes_s)
+    assert slower.downtime_ms == pytest.approx(1000 * left / (200 * MB) + 10)
+    assert slower.downtime_ms <= 300
