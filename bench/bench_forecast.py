@@ -1,7 +1,7 @@
 """Benchmark: the convergence forecast (``migrations_app.forecast``) against real migrations.
 
     .venv/bin/python bench/bench_forecast.py [--memory-mib 1024] [--cap-mb-s 200] [--max-rounds 8]
-        [--percents 0,25,50,75,100,150] [--calibrate-percent 25] [--encryption off] [--keep-logs]
+        [--percents 0,25,50,75,100,150] [--calibrate-percent 50] [--encryption off] [--keep-logs]
     BENCH_TRACE=1 ...   also prints the source's snapshot at each round
 
 Two real host agents (simulated driver) on loopback. The "link" is the migration's bandwidth cap
@@ -9,20 +9,20 @@ Two real host agents (simulated driver) on loopback. The "link" is the migration
 migrated at that cap: the second one's data-plane throughput, as the agent reports it, is the link rate
 ``L`` (what the console keeps per pair, ``estimates.link_rate``), and its start -> ready less its one
 round is the time spent outside Copy's rounds (``Link.setup_s``). Then a guest writing
-``--calibrate-percent`` of ``L`` is migrated and its dirty rounds timed (scattered pages):
-a line through (bytes, seconds) per round gives their rate and fixed cost per round
+``--calibrate-percent`` of ``L`` is migrated and its dirty rounds timed (scattered pages): a line
+through (bytes, seconds) per round gives their rate and fixed cost per round
 (``Link.round_rate_bytes_s``, ``Link.round_overhead_s``), and what the source expects of the freeze when
-it judges a round (bytes left over expected downtime: send and hash) gives ``Link.freeze_rate_bytes_s``. Then, for each dirty rate (a percentage of
-``L``), with and without auto-converge, a fresh guest of ``--memory-mib`` (all pages written, writes
-spread over all of it) is started, its dirty rate is measured through the agent's dirty-rate endpoint
-over the console's window (``estimates.DIRTY_RATE_WINDOW_S``, turned into a write rate by
-``Guest.measured``), ``forecast(Guest, Link, Policy)`` predicts the outcome under the default policy's
-300 ms downtime and ``--max-rounds``, and the guest is migrated through the agent API as the console
-drives it. One row per case: predicted against actual total time (start to ready) and downtime (the
-Frozen phase), rounds, the throttle reached and the outcome ("will_not (close)": the measured rates
-alone would converge, but not with the model's margin, ``forecast.MARGIN``); then how many cases met
-the aim (the forecast says converges: it does, total within 25% and downtime within 50 ms; it says
-will not converge: it fails) and the machine's load.
+it judges a round (bytes left over expected downtime: send and hash) gives ``Link.freeze_rate_bytes_s``.
+Then, for each dirty rate (a percentage of ``L``), with and without auto-converge, a fresh guest of
+``--memory-mib`` (all pages written, writes spread over all of it) is started, its dirty rate is
+measured through the agent's dirty-rate endpoint over the console's window
+(``estimates.DIRTY_RATE_WINDOW_S``, turned into a write rate by ``Guest.measured``), ``forecast(Guest,
+Link, Policy)`` predicts the outcome under the default policy's 300 ms downtime and ``--max-rounds``,
+and the guest is migrated through the agent API as the console drives it. One row per case: predicted
+against actual total time (start to ready) and downtime (the Frozen phase), rounds, the throttle reached
+and the outcome ("will_not (close)": the measured rates alone would converge, but not with the model's
+margin, ``forecast.MARGIN``); then how many cases met the aim (the forecast says converges: it does,
+total within 25% and downtime within 50 ms; it says will not converge: it fails) and the machine's load.
 """
 
 from __future__ import annotations
