@@ -1,25 +1,28 @@
 """Benchmark: the convergence forecast (``migrations_app.forecast``) against real migrations.
 
     .venv/bin/python bench/bench_forecast.py [--memory-mib 1024] [--cap-mb-s 200] [--max-rounds 8]
-        [--percents 0,25,50,75,100,150] [--calibrate-percent 25] [--encryption off] [--keep-logs]
+        [--percents 0,25,50,75,100,150] [--calibrate-percent 50] [--encryption off] [--keep-logs]
     BENCH_TRACE=1 ...   also prints the source's snapshot at each round
 
 Two real host agents (simulated driver) on loopback. The "link" is the migration's bandwidth cap
-(``bandwidth_mbps``), so the simulated workload can write faster than it. First an idle guest is
-migrated at that cap: its bytes over start -> ready are the link rate ``L`` (the agent's own
-throughput leaves out Init, the target hashing round 1 and the switchover). Then a guest writing
-``--calibrate-percent`` of ``L`` is migrated to learn the rate of the dirty rounds (scattered pages,
-hashing included: what the agent expects, ``bytes_remaining / expected_downtime_ms``), which is the
-model's ``Link.round_rate_bytes_s``. Then, for each dirty rate (a percentage of ``L``), with and
-without auto-converge, a fresh guest of ``--memory-mib`` (all pages written, writes spread over all of
-it) is started, its dirty rate is measured through the agent's dirty-rate endpoint over the console's
-window (``estimates.DIRTY_RATE_WINDOW_S``, turned into a write rate by ``Guest.measured``),
-``forecast(Guest, Link, Policy)`` predicts the outcome under the default policy's 300 ms downtime and
-``--max-rounds``, and the guest is migrated through the agent API as the console drives it. One row
-per case: predicted against actual total time (start to ready) and downtime (the Frozen phase),
-rounds, the throttle reached and the outcome; then how many cases met the aim (the forecast says
-converges: it does, total within 25% and downtime within 50 ms; it says will not converge: it fails)
-and the machine's load.
+(``bandwidth_mbps``), so the simulated workload can write faster than it. First two idle guests are
+migrated at that cap: the second one's data-plane throughput, as the agent reports it, is the link rate
+``L`` (what the console keeps per pair, ``estimates.link_rate``), and its start -> ready less its one
+round is the time spent outside Copy's rounds (``Link.setup_s``). Then a guest writing
+``--calibrate-percent`` of ``L`` is migrated and its dirty rounds timed (scattered pages): a line
+through (bytes, seconds) per round gives their rate and fixed cost per round
+(``Link.round_rate_bytes_s``, ``Link.round_overhead_s``), and what the source expects of the freeze when
+it judges a round (bytes left over expected downtime: send and hash) gives ``Link.freeze_rate_bytes_s``.
+Then, for each dirty rate (a percentage of ``L``), with and without auto-converge, a fresh guest of
+``--memory-mib`` (all pages written, writes spread over all of it) is started, its dirty rate is
+measured through the agent's dirty-rate endpoint over the console's window
+(``estimates.DIRTY_RATE_WINDOW_S``, turned into a write rate by ``Guest.measured``), ``forecast(Guest,
+Link, Policy)`` predicts the outcome under the default policy's 300 ms downtime and ``--max-rounds``,
+and the guest is migrated through the agent API as the console drives it. One row per case: predicted
+against actual total time (start to ready) and downtime (the Frozen phase), rounds, the throttle reached
+and the outcome ("will_not (close)": the measured rates alone would converge, but not with the model's
+margin, ``forecast.MARGIN``); then how many cases met the aim (the forecast says converges: it does,
+total within 25% and downtime within 50 ms; it says will not converge: it fails) and the machine's load.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,9 @@ class Actual:
     throughput: float
     throttle_pct: int
     digests_equal: bool | None
-    round_rates: list[float]  # bytes/s the agent expected its dirty rounds to move at (rounds 2+)
+    round_starts: list[tuple[float, int, int]]  # (s since start, round, bytes sent) as each round began
+    settle_s: float = 0.0  # from the converged snapshot to the end of the I/O quiesce
+    judged: list[tuple[int, int]] = field(default_factory=list)  # (bytes left, expected downtime ms)
 
 
 def define(agent: BenchAgent, name: str, memory_mib: int, pages_per_s: int) -> dict[str, Any]:
@@ -92,11 +97,16 @@ def migrate(
     endpoint = target.client.prepare_incoming(wanted, migration_id, {}, encryption)
     source.client.start_outgoing(wanted["guest_id"], migration_id, endpoint, params, encryption)
     last: dict[str, Any] = {}
-    round_rates: list[float] = []
+    round_starts: list[tuple[float, int, int]] = []
+    judged: list[tuple[int, int]] = []
     for snapshot in source.client.iter_progress(migration_id):
-        expected_ms = snapshot.get("expected_downtime_ms")
-        if snapshot.get("round", 0) >= 2 and expected_ms and snapshot["bytes_remaining"] > 1 << 20:
-            round_rates.append(snapshot["bytes_remaining"] / (expected_ms / 1000))
+        if snapshot.get("round") != last.get("round") and snapshot["state"] == "copy":
+            round_starts.append((time.perf_counter() - started, snapshot["round"], snapshot["bytes_sent"]))
+            # A new round's first snapshot carries the judgement of the one before: what is left and the
+            # freeze the source expects for it (send and hash).
+            expected_ms = snapshot.get("expected_downtime_ms")
+            if snapshot["round"] >= 3 and expected_ms and snapshot["bytes_remaining"] > 1 << 20:
+                judged.append((snapshot["bytes_remaining"], expected_ms))
         if os.environ.get("BENCH_TRACE") and snapshot.get("round") != last.get("round"):
             keys = ("round", "bytes_remaining", "expected_downtime_ms", "allowed_downtime_ms",
                     "dirty_rate_bytes_s", "throughput_bytes_s", "throttle_pct", "converged")  # fmt: skip
@@ -117,13 +127,16 @@ def migrate(
             last.get("throughput_bytes_s", 0),
             last.get("throttle_pct", 0),
             None,
-            round_rates,
+            round_starts,
         )
+    converged_at = time.perf_counter()
     source.client.quiesce(migration_id)
+    settle_s = time.perf_counter() - converged_at
     ready = source.client.freeze(migration_id)
     total_s = time.perf_counter() - started
     if ready["state"] != "ready":
-        return Actual(f"failed: {ready.get('error')}", total_s, None, ready["round"], 0, 0, None, round_rates)
+        failed = f"failed: {ready.get('error')}"
+        return Actual(failed, total_s, None, ready["round"], 0, 0, None, round_starts)
     target.client.resume(migration_id)
     source.client.release(migration_id)
     return Actual(
@@ -134,8 +147,19 @@ def migrate(
         ready["throughput_bytes_s"],
         ready.get("throttle_pct", 0),
         ready["source_digest"] == ready["target_digest"],
-        round_rates,
+        round_starts,
+        settle_s,
+        judged,
     )
+
+
+def dirty_rounds(round_starts: list[tuple[float, int, int]]) -> list[tuple[float, float]]:
+    """(bytes, seconds) of each dirty round (2 on) of one migration, from its round starts."""
+    return [
+        (sent_next - sent, at_next - at)
+        for (at, number, sent), (at_next, _, sent_next) in zip(round_starts, round_starts[1:], strict=False)
+        if number >= 2 and sent_next - sent > 1 << 20
+    ]
 
 
 def load() -> str:
@@ -168,7 +192,7 @@ def main() -> None:
     parser.add_argument("--percents", default="0,25,50,75,100,150", help="dirty rates, %% of the link")
     parser.add_argument("--encryption", default="off", choices=("off", "required"))
     parser.add_argument(
-        "--calibrate-percent", type=int, default=25, help="measure the dirty rounds' rate (0: skip)"
+        "--calibrate-percent", type=int, default=50, help="time the dirty rounds at this rate (0: skip)"
     )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
@@ -185,34 +209,50 @@ def main() -> None:
     rows: list[tuple[str, forecast.Forecast, Actual, bool, str]] = []
     try:
         base = {"downtime_ms": 300, "max_rounds": args.max_rounds, "bandwidth_mbps": cap_mbps}
-        spec = define(source, "fc-idle", args.memory_mib, 0)
-        idle = migrate(source, target, spec, base, args.encryption)
-        drop(target, "fc-idle")
-        drop(source, "fc-idle")
-        # The link as a migration sees it end to end: the idle guest's bytes over start -> ready (Init, the
-        # target hashing round 1 and the switchover included; the agent's own throughput leaves them out).
-        end_to_end = args.memory_mib * 2**20 / idle.total_s
+        # The link as the console knows it: the agent's data-plane throughput of a past migration between
+        # the pair (``estimates.link_rate``). Two idle guests: the first migration of a fresh agent pays
+        # for warming up (the target backing its memory); the second is what later migrations see.
+        for attempt in (1, 2):
+            spec = define(source, f"fc-idle-{attempt}", args.memory_mib, 0)
+            idle = migrate(source, target, spec, base, args.encryption)
+            drop(target, spec["name"])
+            drop(source, spec["name"])
+        memory = args.memory_mib * 2**20
+        rate = idle.throughput
+        # What a migration spends outside Copy's rounds (Init, the I/O quiesce, the hand-over, the target's
+        # check): the idle guest's start -> ready less its one round and its freeze.
+        setup_s = max(0.0, idle.total_s - memory / rate - (idle.downtime_ms or 0) / 1000)
         print(
-            f"measured link rate (idle guest at the cap): {end_to_end / 1e6:.0f} MB/s start to ready "
-            f"({idle.total_s:.2f} s; the agent's data-plane throughput {idle.throughput / 1e6:.0f} MB/s)"
+            f"measured link rate (idle guest at the cap): the agent's throughput {rate / 1e6:.0f} MB/s; "
+            f"start to ready {idle.total_s:.2f} s, of which {setup_s:.2f} s outside the copy rounds "
+            f"({idle.settle_s:.2f} s from convergence to the end of the I/O quiesce)"
         )
         pre_pause = forecast.SIMULATED_PRE_PAUSE_ROUNDS  # the simulated source's rounds before its pause
-        link = forecast.Link(end_to_end, pre_pause_rounds=pre_pause)
+        timing = {"pre_pause_rounds": pre_pause, "setup_s": setup_s, "settle_s": idle.settle_s}
+        link = forecast.Link(rate, **timing)
         if args.calibrate_percent:
-            # Dirty rounds move scattered pages, slower than round 1's runs: what does the agent expect?
-            pages_per_s = round(args.calibrate_percent / 100 * end_to_end / PAGE)
+            # Dirty rounds move scattered pages, perhaps slower than round 1's runs: time them.
+            pages_per_s = round(args.calibrate_percent / 100 * rate / PAGE)
             spec = define(source, "fc-calibrate", args.memory_mib, pages_per_s)
-            calibration = migrate(source, target, spec, {**base, "max_rounds": 4}, args.encryption)
+            calibration = migrate(source, target, spec, {**base, "max_rounds": 30}, args.encryption)
             drop(target, "fc-calibrate")
             drop(source, "fc-calibrate")
-            rates = sorted(calibration.round_rates)
-            if rates:
+            fitted = forecast.dirty_round_cost(dirty_rounds(calibration.round_starts))
+            freezes = sorted(left / (expected_ms / 1000) for left, expected_ms in calibration.judged)
+            freeze_rate = freezes[len(freezes) // 2] if freezes else None
+            if fitted:
                 link = forecast.Link(
-                    end_to_end, round_rate_bytes_s=rates[len(rates) // 2], pre_pause_rounds=pre_pause
+                    rate,
+                    round_rate_bytes_s=fitted[0],
+                    round_overhead_s=fitted[1],
+                    freeze_rate_bytes_s=freeze_rate,
+                    **timing,
                 )
+                freeze_words = f"{freeze_rate / 1e6:.0f} MB/s" if freeze_rate else "not judged"
                 print(
-                    f"dirty rounds' rate (median of what the agent expected, guest at "
-                    f"{args.calibrate_percent}% of the link): {rates[len(rates) // 2] / 1e6:.0f} MB/s"
+                    f"dirty rounds (timed while migrating a guest writing {args.calibrate_percent}% of the "
+                    f"link): {fitted[0] / 1e6:.0f} MB/s plus {1000 * fitted[1]:.0f} ms a round; the freeze "
+                    f"the source expects (send and hash, median): {freeze_words}"
                 )
         header = f"{'dirty':>5} {'auto-conv':>9} {'measured':>9} | {'predicted':<34} | {'actual':<42} | aim"
         print()
@@ -255,6 +295,8 @@ def main() -> None:
                 if actual.digests_equal is False:
                     outcome += " (digests differ!)"
                 verdict = predicted.verdict.value.replace("converges_with_throttle", "converges w/ thr")
+                if predicted.close_call:
+                    verdict = "will_not (close)"
                 total_p = f"{predicted.total_s:.1f}s" if predicted.converges else "-"
                 rate = measured["dirty_rate_bytes_s"] / 1e6
                 print(

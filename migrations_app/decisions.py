@@ -54,6 +54,7 @@ PROGRESS_FIELDS = (
     "rounds",
     "dirty_rate_bytes_s",
     "throughput_bytes_s",
+    "throttle_pct",
     "expected_downtime_ms",
     "downtime_ms",
     "source_digest",

@@ -371,7 +371,7 @@ class MigrationRun:
         """
         checked = checked_snapshot(snapshot, self.migration.state)
         apply_snapshot(self.migration, checked)
-        add_round_sample(self.migration)
+        add_round_sample(self.migration, keep_left=checked.state in FREEZE_STATES)
         self.seq = max(self.seq, checked.seq)
         if checked.state in FAILED_STATES:
             self.check_stop()
@@ -443,6 +443,12 @@ class MigrationRun:
         self.flush(force=True)
 
 
+# Agent states from the freeze request on: what is left then shrinks with the last send while the guest is
+# paused, and "ready" reports 0 left; taken into the round's sample as they are, they drew a chart whose
+# last round left nothing, whatever the freeze moved (``samples.add_round_sample``'s ``keep_left``).
+FREEZE_STATES = ("frozen", "ready")
+
+
 def checked_snapshot(snapshot: Any, phase: Migration.State | str) -> ProgressSnapshot:
     """The agent's snapshot (``protocol.ProgressSnapshot``), or a failure in plain words if it is not one."""
     try:
@@ -461,6 +467,7 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
     migration.rounds = snapshot.round
     migration.dirty_rate_bytes_s = snapshot.dirty_rate_bytes_s
     migration.throughput_bytes_s = snapshot.throughput_bytes_s
+    migration.throttle_pct = snapshot.throttle_pct
     if snapshot.expected_downtime_ms is not None:
         migration.expected_downtime_ms = snapshot.expected_downtime_ms
     if snapshot.downtime_ms is not None:

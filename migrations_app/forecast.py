@@ -9,13 +9,23 @@ NSDI 2005, sections 3 and 5):
    bandwidth cap). Pages never written travel as zero markers and cost nothing here.
 2. While a round of ``t`` seconds is on the wire, the guest dirties pages at ``D`` bytes/s; the next
    round sends those. Writes fall within a working set of ``W`` bytes, so one round never holds more
-   than ``W``: ``dirtied(t) = W * (1 - exp(-D * t / W))`` (distinct pages hit by writes spread over the
-   working set; about ``D * t`` while ``D * t`` is small against ``W``). Each round is thus about
-   ``D / L`` of the one before: it converges when ``D`` is well below ``L``.
+   than ``W``: ``dirtied(t) = min(D * t, W)``. That is an upper bound whatever the write pattern (a
+   write dirties at most one new page, and at most ``W`` can be dirty); it is exact for the simulated
+   guest, whose writes walk its working set in a scattered order without repeating a page, and errs
+   toward "will not converge" for a guest that rewrites hot pages. Each round is thus ``D / L`` of the
+   one before (Clark et al.'s geometric series): it converges when ``D`` is well below ``L``.
+   Round 1 moves long runs of pages at ``L``; the later rounds move scattered pages, which can cost
+   the agents more per byte: they move at their own rate ``L_r`` (``Link.round_rate_bytes_s``) plus a
+   fixed cost per round ``c`` (``Link.round_overhead_s``: the round's end markers and the judgement).
 3. The copy converges when what is left would move within the allowed downtime:
-   ``left / L + overhead <= allowed``. The Frozen phase (the guest's downtime) then lasts
-   ``left / L + overhead``, where ``overhead`` is the fixed cost of the switchover (vCPU and device
-   state, queued I/O, the target's check).
+   ``left / L_f + overhead <= allowed``, where ``L_f`` is how fast the paused guest's last pages move,
+   checks included (``Link.freeze_rate_bytes_s``, else ``L_r``) and ``overhead`` the fixed cost of the
+   switchover (vCPU and device state, queued I/O, the target's check). The Frozen phase (the guest's
+   downtime) then lasts ``left / L_f + overhead``. The simulated source keeps sending rounds until
+   it is asked to freeze (``Link.settle_s`` later), then finishes the round under way and sends a
+   few more while the freeze would take more than half the allowed downtime
+   (``Link.pre_pause_rounds``; QEMU switches over at once). A migration not started yet also spends
+   ``Link.setup_s`` outside Copy (Init, the I/O quiesce and the hand-over), counted in its total.
 4. Auto-converge: after every *stalled* round (one that did not shrink what is left to at most
    ``STALL_RATIO`` of the round before), the guest's vCPUs are throttled: first
    ``throttle_initial_pct``, then ``throttle_increment_pct`` more per stalled round, up to
@@ -26,8 +36,15 @@ NSDI 2005, sections 3 and 5):
    ``live_migration_downtime_steps``).
 6. The copy stops after ``max_rounds`` rounds or ``copy_limit_s`` seconds; ``at_limit`` then says
    what happens: ``"abort"`` (the migration fails, the guest stays on its source) or
-   ``"switchover"`` (switch over anyway, accepting a downtime of ``left / L + overhead``;
-   Nova's ``live_migration_timeout_action``).
+   ``"switchover"`` (switch over anyway, accepting a downtime of ``left / L_f + overhead``;
+   Nova's ``live_migration_timeout_action``). Switching over *now* (``switchover_now``): QEMU pauses
+   at once; the simulated source first sends the rest of the round under way.
+7. A promise it can keep: the measured ``D`` and ``L`` are noisy (a loaded host moves its dirty
+   rounds slower, a guest writes in bursts), and near ``D ~ L`` a small error decides whether the
+   last allowed round is enough. So "converges" is said only when the copy also converges with the
+   guest writing ``1 + MARGIN`` times faster; otherwise the numbers are those of that careful run:
+   "converges only with throttling" when the policy's auto-converge rescues it, else "will not
+   converge under this policy" (``Forecast.close_call`` says the nominal run would have made it).
 """
 
 from __future__ import annotations
@@ -42,6 +59,8 @@ DEFAULT_OVERHEAD_MS = 10.0  # switchover cost measured with the simulated driver
 MB = 1_000_000
 SIMULATED_PRE_PAUSE_ROUNDS = 5  # hostagent/drivers/simulated/source.py PRE_PAUSE_ROUNDS
 CLICK_ROUNDS = 1  # a rescue must still work this many rounds later: the admin reads, then clicks
+PAGE_BYTES = 4096
+MARGIN = 0.25  # step 7: a verdict "converges" must hold with the guest writing this much faster
 
 
 class Verdict(StrEnum):
@@ -135,12 +154,23 @@ class Link:
     source sends up to this many more rounds while the freeze would take more than half the allowed
     downtime, before it pauses the guest, the round under way when it is asked to switch over always
     finishing first (the simulated agent: ``SIMULATED_PRE_PAUSE_ROUNDS``; QEMU: 0).
+    ``round_overhead_s``: a dirty round's fixed cost (s) on top of its bytes / ``round_rate_bytes_s``.
+    ``setup_s``: the time a migration spends outside Copy (s: Init, I/O quiesce, the hand-over), added
+    to the total of a migration not started yet. ``settle_s``: of that, the time from convergence to
+    the freeze request (the I/O quiesce), during which the simulated source keeps sending rounds (with
+    ``pre_pause_rounds``). All 0 when not measured. ``freeze_rate_bytes_s``: how fast what is left
+    moves when the guest is paused, checks included (the simulated agents hash every page they move,
+    and the source judges convergence by send and hash together); None: the dirty rounds' rate.
     """
 
     rate_bytes_s: float
     overhead_ms: float = DEFAULT_OVERHEAD_MS
     round_rate_bytes_s: float | None = None
     pre_pause_rounds: int = 0
+    round_overhead_s: float = 0.0
+    setup_s: float = 0.0
+    settle_s: float = 0.0
+    freeze_rate_bytes_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +180,8 @@ class CopyState:
     ``round``: rounds finished. ``left_bytes``: dirty bytes waiting for the next round (None before round 1
     ends). ``elapsed_s``: Copy seconds so far. ``throttle_pct`` and ``allowed_downtime_ms`` (None: the
     policy's) as they are now; ``last_round_bytes``: what the last round sent (stall detection).
+    ``round_left_bytes``: the part of ``left_bytes`` the round under way has still to send (the rest was
+    dirtied since it began); None: not known, taken as all of it.
     """
 
     round: int = 0
@@ -158,6 +190,7 @@ class CopyState:
     throttle_pct: float = 0.0
     allowed_downtime_ms: float | None = None
     last_round_bytes: float | None = None
+    round_left_bytes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +202,8 @@ class Forecast:
     time at the switchover, None when the migration would abort. ``throttle_pct`` and
     ``allowed_downtime_ms`` are the values in force at the end (after auto-converge and escalation).
     ``left_bytes_at_limit``: what was left when the limit hit (the cost of a forced switchover).
+    ``close_call``: the measured rates alone would converge without throttling, but not with the
+    ``MARGIN`` the verdict needs (step 7): the verdict is the careful one.
     """
 
     verdict: Verdict
@@ -180,6 +215,7 @@ class Forecast:
     allowed_downtime_ms: float
     left_bytes_at_limit: float | None = None
     limit_reason: str = ""
+    close_call: bool = False
     trail: list[tuple[int, float, float]] = field(default_factory=list, repr=False)  # (round, bytes, t_s)
 
     @property
@@ -207,11 +243,44 @@ def round_rate(link: Link, policy: Policy) -> float:
     return effective_rate(replace(link, rate_bytes_s=link.round_rate_bytes_s), policy)
 
 
+def freeze_ms(link: Link, policy: Policy, left_bytes: float) -> float:
+    """The freeze (ms) to move ``left_bytes`` with the guest paused: ``left / L_f + overhead`` (step 3).
+
+    ``L_f`` is ``link.freeze_rate_bytes_s`` when known (never above the dirty rounds' rate), else the
+    dirty rounds' rate (``round_rate``).
+    """
+    rate = round_rate(link, policy)
+    if link.freeze_rate_bytes_s is not None and link.freeze_rate_bytes_s > 0:
+        rate = min(rate, link.freeze_rate_bytes_s)
+    return 1000.0 * max(left_bytes, 0.0) / rate + link.overhead_ms
+
+
 def dirtied_bytes(guest: Guest, seconds: float, throttle_pct: float = 0.0) -> float:
-    """Distinct bytes the guest dirties in ``seconds`` under a throttle (step 2 of the model)."""
+    """Distinct bytes the guest dirties in ``seconds`` under a throttle: ``min(D t, W)`` (step 2)."""
     rate = max(0.0, guest.dirty_rate_bytes_s) * (1.0 - min(max(throttle_pct, 0.0), 100.0) / 100.0)
-    wss = guest.write_set_bytes
-    return wss * -math.expm1(-rate * max(seconds, 0.0) / wss)
+    return min(rate * max(seconds, 0.0), float(guest.write_set_bytes))
+
+
+def dirty_round_cost(rounds: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The dirty rounds' rate (bytes/s) and fixed cost per round (s), from measured rounds.
+
+    ``rounds``: (bytes sent, seconds taken) of dirty rounds (round 2 on) of one migration. A
+    least-squares line ``seconds = cost + bytes / rate`` through them gives ``Link.round_rate_bytes_s``
+    and ``Link.round_overhead_s``; when the line makes no sense (rounds of about one size, or noise
+    giving a negative cost or slope), the mean rate with no fixed cost. None with fewer than two rounds
+    or no time measured.
+    """
+    rounds = [(float(sent), float(seconds)) for sent, seconds in rounds if sent > 0 and seconds > 0]
+    if len(rounds) < 2:
+        return None
+    mean_b = sum(sent for sent, _ in rounds) / len(rounds)
+    mean_t = sum(seconds for _, seconds in rounds) / len(rounds)
+    spread = sum((sent - mean_b) ** 2 for sent, _ in rounds)
+    slope = sum((sent - mean_b) * (seconds - mean_t) for sent, seconds in rounds) / spread if spread else 0.0
+    cost = mean_t - slope * mean_b
+    if slope <= 0 or cost < 0:
+        return sum(sent for sent, _ in rounds) / sum(seconds for _, seconds in rounds), 0.0
+    return 1 / slope, cost
 
 
 SATURATED = 0.99  # past this share of the working set dirty, faster writes cannot be told apart
@@ -221,11 +290,14 @@ def write_rate(distinct_rate_bytes_s: float, window_s: float, working_set_bytes:
     """The guest's write rate ``D`` (bytes/s) from a measured *distinct* dirty rate (bytes/s).
 
     An agent counts the distinct pages dirtied over ``window_s`` (the dirty-rate endpoint; a round's
-    ``dirty_rate_bytes_s``, whose window is the round). Writes spread over a working set ``W`` hit
-    ``W * (1 - exp(-D t / W))`` distinct bytes (step 2), so a measurement over a window that is long
-    against ``W / D`` reads low: an 8 MiB guest writing 12 MB/s measured over 1.5 s reads 4.7 MB/s.
-    This inverts it: ``D = -W / t * ln(1 - d t / W)``, with ``d t / W`` capped at ``SATURATED`` (then
-    ``D`` is a lower bound). Zero or a zero window: returned as it is.
+    ``dirty_rate_bytes_s``, whose window is the round). Writes landing at random within a working set
+    ``W`` hit ``W * (1 - exp(-D t / W))`` distinct bytes (the law the simulated agent's dirty-rate
+    endpoint reports by, and what QEMU's sampled ``calc-dirty-rate`` sees of rewritten hot pages), so a
+    measurement over a window that is long against ``W / D`` reads low: an 8 MiB guest writing 12 MB/s
+    measured over 1.5 s reads 5.1 MB/s. This inverts it: ``D = -W / t * ln(1 - d t / W)``, with
+    ``d t / W`` capped at ``SATURATED`` (then ``D`` is a lower bound). For writes that never repeat a
+    page it reads a little high near saturation, the safe side for step 2. Zero or a zero window:
+    returned as it is.
     """
     if distinct_rate_bytes_s <= 0 or window_s <= 0 or working_set_bytes <= 0:
         return max(0.0, distinct_rate_bytes_s)
@@ -234,12 +306,30 @@ def write_rate(distinct_rate_bytes_s: float, window_s: float, working_set_bytes:
 
 
 def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None = None) -> Forecast:
-    """Simulate pre-copy round by round (steps 1-6 of the module docstring) and say how it ends.
+    """Simulate pre-copy round by round and say how it ends, keeping only promises it can keep.
 
-    ``state`` continues a running migration (the live panel); None forecasts one not started yet.
-    Raises ValueError when the link rate is not a positive number.
+    Steps 1-6 of the module docstring with the measured rates, then step 7: a verdict that converges
+    must also converge with the guest writing ``1 + MARGIN`` times faster, else the careful run's
+    verdict and numbers are returned, marked ``close_call``. ``state`` continues a running migration
+    (the live panel); None forecasts one not started yet. Raises ValueError when the link rate is not
+    a positive number.
     """
+    nominal = _simulate(guest, link, policy, state)
+    if not nominal.converges:
+        return nominal
+    busier = replace(guest, dirty_rate_bytes_s=guest.dirty_rate_bytes_s * (1 + MARGIN))
+    careful = _simulate(busier, link, policy, state)
+    if careful.converges:
+        if careful.verdict is Verdict.CONVERGES_WITH_THROTTLE:
+            return replace(nominal, verdict=Verdict.CONVERGES_WITH_THROTTLE)
+        return nominal
+    return replace(careful, close_call=nominal.verdict is Verdict.CONVERGES)
+
+
+def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None) -> Forecast:
+    """Pre-copy round by round (steps 1-6 of the module docstring), with the rates as given."""
     first_rate, rate = effective_rate(link, policy), round_rate(link, policy)
+    setup = link.setup_s if state is None else 0.0
     state = state or CopyState()
     allowed = state.allowed_downtime_ms if state.allowed_downtime_ms is not None else policy.max_downtime_ms
     throttle, elapsed, rounds = state.throttle_pct, state.elapsed_s, state.round
@@ -267,23 +357,21 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
                 ceiling = policy.downtime_max_ms if policy.downtime_max_ms is not None else allowed
                 allowed = min(allowed + policy.downtime_step_ms, max(ceiling, allowed))
         judged = False
-        downtime_ms = 1000.0 * left / rate + link.overhead_ms
+        downtime_ms = freeze_ms(link, policy, left)
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
             copy_s = elapsed
-            for extra in range(link.pre_pause_rounds):  # step 3: rounds sent before the pause
-                # the round under way when the switchover is asked for finishes first
-                if extra and downtime_ms <= allowed / 2:
-                    break
-                seconds = left / rate
-                rounds, elapsed = rounds + 1, elapsed + seconds
-                trail.append((rounds, left, elapsed))
-                left = dirtied_bytes(guest, seconds, throttle)
-                downtime_ms = 1000.0 * left / rate + link.overhead_ms
+            if link.pre_pause_rounds > 0:  # step 3: the simulated source's rounds before its pause
+                rounds, elapsed, left = _settle(
+                    guest, link, policy, rate, throttle, allowed, rounds, elapsed, left, trail
+                )
+                downtime_ms = freeze_ms(link, policy, left)
+            # setup_s holds the time from convergence to the freeze: only rounds past it add to the total
+            after_freeze_s = max(0.0, elapsed - copy_s - link.settle_s)
             return Forecast(
                 verdict,
                 copy_s,
-                elapsed + downtime_ms / 1000,
+                setup + copy_s + after_freeze_s + downtime_ms / 1000,
                 downtime_ms,
                 rounds,
                 throttle,
@@ -292,11 +380,55 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
             )
         reason = _limit_reached(policy, rounds, elapsed)
         if reason:
-            return _at_limit(policy, elapsed, rounds, throttle, allowed, left, downtime_ms, reason, trail)
-        seconds = left / rate
+            ended = (elapsed, setup, rounds, throttle, allowed, left, downtime_ms)
+            return _at_limit(policy, *ended, reason, trail)
+        seconds = left / rate + link.round_overhead_s
         rounds, elapsed, last_round = rounds + 1, elapsed + seconds, left
         trail.append((rounds, left, elapsed))
         left = dirtied_bytes(guest, seconds, throttle)
+
+
+SETTLE_ROUNDS_MAX = 200  # rounds shrinking toward nothing: the backstop of ``_settle``'s loop
+
+
+def _settle(
+    guest: Guest,
+    link: Link,
+    policy: Policy,
+    rate: float,
+    throttle: float,
+    allowed: float,
+    rounds: int,
+    elapsed: float,
+    left: float,
+    trail: list[tuple[int, float, float]],
+) -> tuple[int, float, float]:
+    """The simulated source's rounds from convergence to the pause (step 3): (rounds, elapsed s, left).
+
+    It keeps sending rounds until it is asked to freeze ``link.settle_s`` later (the console's I/O
+    quiesce), the round under way then finishing; then up to ``link.pre_pause_rounds`` more while the
+    freeze would take more than half the allowed downtime. Appends each round to ``trail``.
+    """
+    freeze_at = elapsed + link.settle_s
+
+    def send() -> None:
+        nonlocal rounds, elapsed, left
+        seconds = left / rate + link.round_overhead_s
+        rounds, elapsed = rounds + 1, elapsed + seconds
+        trail.append((rounds, left, elapsed))
+        left = dirtied_bytes(guest, seconds, throttle)
+
+    if left >= PAGE_BYTES:
+        send()  # the round under way when convergence is seen
+    for _ in range(SETTLE_ROUNDS_MAX):
+        if elapsed >= freeze_at or left < PAGE_BYTES:
+            break
+        send()
+    for _ in range(link.pre_pause_rounds):
+        if freeze_ms(link, policy, left) <= allowed / 2:
+            break
+        send()
+    return rounds, elapsed, left
 
 
 def _limit_reached(policy: Policy, rounds: int, elapsed: float) -> str:
@@ -310,6 +442,7 @@ def _limit_reached(policy: Policy, rounds: int, elapsed: float) -> str:
 def _at_limit(
     policy: Policy,
     elapsed: float,
+    setup: float,
     rounds: int,
     throttle: float,
     allowed: float,
@@ -322,7 +455,7 @@ def _at_limit(
         return Forecast(
             Verdict.SWITCHOVER_AT_LIMIT,
             elapsed,
-            elapsed + downtime_ms / 1000,
+            setup + elapsed + downtime_ms / 1000,
             downtime_ms,
             rounds,
             throttle,
@@ -334,7 +467,7 @@ def _at_limit(
     return Forecast(
         Verdict.WILL_NOT_CONVERGE,
         elapsed,
-        elapsed,
+        setup + elapsed,
         None,
         rounds,
         throttle,
@@ -356,7 +489,8 @@ def _next_throttle(policy: Policy, throttle: float) -> float:
 def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
     """Why Copy does not converge, in plain words; "" when it converges as it is."""
     rate = round_rate(link, policy)
-    if forecast(guest, link, replace(policy, auto_converge=False, at_limit="abort")).converges:
+    unthrottled = forecast(guest, link, replace(policy, auto_converge=False, at_limit="abort"))
+    if unthrottled.converges:
         return ""
     capped = policy.bandwidth_cap_bytes_s is not None and policy.bandwidth_cap_bytes_s < link.rate_bytes_s
     if guest.dirty_rate_bytes_s >= rate:
@@ -366,6 +500,12 @@ def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
                 f"{mb(rate)} lets through"
             )
         return f"the guest writes faster ({mb(guest.dirty_rate_bytes_s)}) than the link carries ({mb(rate)})"
+    if unthrottled.close_call:
+        return (
+            f"the guest writes {mb(guest.dirty_rate_bytes_s)}, "
+            f"{100 * guest.dirty_rate_bytes_s / rate:.0f}% of what the link carries ({mb(rate)}): "
+            f"the copy would need nearly all of its {policy.max_rounds} rounds, too close to promise"
+        )
     return (
         f"what the guest rewrites during one round takes longer to send than the allowed downtime "
         f"of {ms(policy.max_downtime_ms)}"
@@ -381,15 +521,16 @@ class Rescue:
     forecast: Forecast
 
 
-def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[Rescue]:
+def rescues(
+    guest: Guest, link: Link, policy: Policy, state: CopyState, *, can_throttle: bool = True
+) -> list[Rescue]:
     """What would rescue a running migration from ``state``, and what each costs, cheapest freeze first.
 
     Offers: raising the allowed downtime to what one more round would need, throttling the guest
-    (only when the agent's stepwise throttle, started now, completes within the rounds and time left
-    with ``CLICK_ROUNDS`` to spare), and switching over now (frozen for what is left / the link rate).
+    (only when the source can turn it on mid-migration, ``can_throttle``: QEMU cannot; and only when
+    the agent's stepwise throttle, started now, completes within the rounds and time left with
+    ``CLICK_ROUNDS`` to spare), and switching over now (``switchover_now``).
     """
-    rate = round_rate(link, policy)
-    left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     options: list[Rescue] = []
     needed_ms = _downtime_that_converges(guest, link, policy, state)
     if needed_ms is not None:
@@ -397,7 +538,7 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
         result = forecast(guest, link, raised, replace(state, allowed_downtime_ms=needed_ms))
         if result.converges:
             options.append(Rescue("raise_downtime", f"raise the allowed downtime to {ms(needed_ms)}", result))
-    if not policy.auto_converge:
+    if can_throttle and not policy.auto_converge:
         # Offered only if it completes with a round to spare: the click lands while a round runs, and
         # the agent throttles from the round judged after it (20% first, then 10% more per stalled round).
         rounds_left = policy.max_rounds - CLICK_ROUNDS
@@ -412,26 +553,50 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
                     result,
                 )
             )
-    now_ms = 1000.0 * left / rate + link.overhead_ms
+    now_ms, finishing_s = switchover_now(guest, link, policy, state)
     now = Forecast(
         Verdict.CONVERGES,
-        state.elapsed_s,
-        state.elapsed_s + now_ms / 1000,
+        state.elapsed_s + finishing_s,
+        state.elapsed_s + finishing_s + now_ms / 1000,
         now_ms,
         state.round,
         state.throttle_pct,
         max(now_ms, policy.max_downtime_ms),
     )
-    options.append(Rescue("switchover", f"switch over now: about {seconds_words(now_ms / 1000)} frozen", now))
+    words = f"switch over now: about {seconds_words(now_ms / 1000)} frozen"
+    if finishing_s >= 1:
+        words += f", once the round under way is sent (about {seconds_words(finishing_s)} more)"
+    options.append(Rescue("switchover", words, now))
     return sorted(options, key=lambda rescue: rescue.forecast.downtime_ms or math.inf)
 
 
-def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
-    """The smallest allowed downtime (ms, rounded up to 50 ms) under which one more round ends the copy."""
+def switchover_now(guest: Guest, link: Link, policy: Policy, state: CopyState) -> tuple[float, float]:
+    """Switching over now: the freeze (ms) and the seconds the guest still runs before it (step 6).
+
+    A source that pauses at once (QEMU: ``link.pre_pause_rounds`` 0) freezes for all that is left:
+    ``left / L_r + overhead``. The simulated source first finishes the round under way
+    (``state.round_left_bytes``, else all of ``left``) while the guest runs, which dirties more
+    meanwhile: frozen for ``min(left - rest + dirtied(rest / L_r), W) / L_r + overhead``.
+    """
     rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
-    next_left = dirtied_bytes(guest, left / rate, state.throttle_pct)
-    needed = 1000.0 * next_left / rate + link.overhead_ms
+    if link.pre_pause_rounds <= 0:
+        return freeze_ms(link, policy, left), 0.0
+    rest = left if state.round_left_bytes is None else min(max(state.round_left_bytes, 0.0), left)
+    finishing_s = rest / rate
+    dirtied = dirtied_bytes(guest, finishing_s, state.throttle_pct)
+    frozen = min(left - rest + dirtied, float(guest.write_set_bytes))
+    return freeze_ms(link, policy, frozen), finishing_s
+
+
+def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
+    """The smallest allowed downtime (ms, rounded up to 50 ms) under which one more round ends the copy,
+    with the guest writing ``MARGIN`` faster than measured (step 7)."""
+    rate = round_rate(link, policy)
+    left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
+    busier = replace(guest, dirty_rate_bytes_s=guest.dirty_rate_bytes_s * (1 + MARGIN))  # step 7
+    next_left = dirtied_bytes(busier, left / rate + link.round_overhead_s, state.throttle_pct)
+    needed = freeze_ms(link, policy, next_left)
     current = state.allowed_downtime_ms or policy.max_downtime_ms
     if needed <= current:
         return None

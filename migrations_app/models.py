@@ -83,6 +83,9 @@ class Migration(models.Model):
     throughput_bytes_s = models.BigIntegerField(default=0)
     expected_downtime_ms = models.IntegerField(null=True, blank=True)
     downtime_ms = models.IntegerField(null=True, blank=True)
+    # Auto-converge's throttle in force now (percent of the guest's vCPU time taken away), as the source
+    # agent last reported it: the live forecast continues from it (``steering.outlook``).
+    throttle_pct = models.PositiveSmallIntegerField(default=0)
     source_digest = models.CharField(max_length=128, blank=True)
     target_digest = models.CharField(max_length=128, blank=True)
 

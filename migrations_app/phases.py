@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from hostagent.protocol import FailureKind, ProgressSnapshot
 from hostagent.protocol import Phase as AgentPhase
+from vms.inventory import learn_driver
 from vms.models import PairEncryption
 
 from .checks import check_target, is_running
@@ -100,6 +101,7 @@ class Init(Phase):
                 "online migration moves running guests only",
                 source_running=False,
             ) from None
+        learn_driver(source)  # once per VSP: which rescues its running migrations can be offered
         run.follow_progress(until=lambda snapshot: snapshot.state != "init")
 
 

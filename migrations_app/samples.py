@@ -25,15 +25,19 @@ from .models import Migration
 # other sample (the first and the newest kept), so the row and the chart stay small.
 MAX_ROUND_SAMPLES = 600
 
+MIN_ROUND_S = 0.3  # a dirty round shorter than this says little about its rate (``dirty_rounds``)
+MIN_ROUND_BYTES = 1 << 20
 T, ROUND, BYTES_SENT, BYTES_REMAINING, DIRTY_RATE, THROUGHPUT = range(6)
 FIELDS = ("t_s", "round", "bytes_sent", "bytes_remaining", "dirty_rate_bytes_s", "throughput_bytes_s")
 
 
-def add_round_sample(migration: Migration, now: Any = None) -> None:
+def add_round_sample(migration: Migration, now: Any = None, *, keep_left: bool = False) -> None:
     """Record ``migration``'s current progress fields (already absorbed) as its round's sample.
 
     Nothing before the first round (``rounds`` 0). A new round appends; the same round replaces its
-    sample. Changes ``migration.round_samples`` in memory only.
+    sample. ``keep_left`` (the freeze was asked for): the same round's bytes left never go down, so the
+    last round shows what was left when the guest was to be paused, not the 0 the agent reports once
+    the paused guest's last pages are across. Changes ``migration.round_samples`` in memory only.
     """
     if migration.rounds <= 0:
         return
@@ -49,6 +53,8 @@ def add_round_sample(migration: Migration, now: Any = None) -> None:
         migration.throughput_bytes_s,
     ]
     if samples and samples[-1][ROUND] == migration.rounds:
+        if keep_left:
+            sample[BYTES_REMAINING] = max(sample[BYTES_REMAINING], samples[-1][BYTES_REMAINING])
         samples[-1] = sample
     else:
         samples.append(sample)
@@ -76,3 +82,38 @@ def samples_as_series(samples: list[list[float | int]]) -> dict[str, list[float 
         for name, value in zip(FIELDS, sample, strict=False):
             columns[name].append(value)
     return columns
+
+
+def dirty_rounds(samples: list[list[float | int]], *, running: bool) -> list[tuple[float, float]]:
+    """(bytes sent, seconds) of each dirty round (2 on) the samples hold with the round before it.
+
+    A round's sample holds the last state seen in it, about its end, so round ``r`` sent
+    ``bytes_sent[r] - bytes_sent[r - 1]`` in ``t[r] - t[r - 1]``. Rounds whose neighbour was skipped,
+    shorter than ``MIN_ROUND_S`` (the times are kept to 0.1 s) or of under 1 MiB are left out, and so
+    is the last one while the migration runs (``running``: still under way). For
+    ``forecast.dirty_round_cost``.
+    """
+    usable = [sample for sample in samples if len(sample) >= len(FIELDS)]
+    if running:
+        usable = usable[:-1]
+    rounds = []
+    for before, sample in zip(usable, usable[1:], strict=False):
+        if sample[ROUND] != before[ROUND] + 1 or sample[ROUND] < 2:
+            continue
+        sent, seconds = sample[BYTES_SENT] - before[BYTES_SENT], sample[T] - before[T]
+        if sent >= MIN_ROUND_BYTES and seconds >= MIN_ROUND_S:
+            rounds.append((float(sent), float(seconds)))
+    return rounds
+
+
+def round_left_bytes(samples: list[list[float | int]], round_number: int, bytes_sent: int) -> float | None:
+    """What the round under way (``round_number``) has still to send, in bytes, or None when unknown.
+
+    The round before it left ``bytes_remaining`` at its last sample: about what this round took to send
+    (the pages dirtied until it was taken); less what was sent since. For
+    ``forecast.CopyState.round_left_bytes``.
+    """
+    before = next((sample for sample in reversed(samples) if sample[ROUND] == round_number - 1), None)
+    if before is None or len(before) < len(FIELDS):
+        return None
+    return float(max(0, before[BYTES_REMAINING] - (bytes_sent - before[BYTES_SENT])))

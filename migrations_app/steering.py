@@ -11,7 +11,7 @@ the CLI all call ``do_change_migration``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -28,6 +28,7 @@ from vms.models import AuditEvent
 from .decisions import agent_migration_id
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
+from .samples import dirty_rounds, round_left_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ CHANGEABLE_STATES = (Migration.State.INIT, Migration.State.COPY)
 ACTIONS = ("raise_downtime", "bandwidth", "auto_converge", "switchover")
 POLICY_CHANGES = ("max_downtime_ms", "bandwidth_cap_mb_s", "auto_converge")  # the API's form
 MiB = 1024 * 1024
+# Drivers whose source can turn auto-converge on while Copy runs. QEMU cannot: auto-converge is a
+# migration capability, which QEMU refuses to change during a migration (its agent answers 409).
+LIVE_THROTTLE_DRIVERS = frozenset({"simulated"})
+# Rounds the source sends once converged, before it pauses the guest (``forecast.Link.pre_pause_rounds``).
+PRE_PAUSE_ROUNDS = {"simulated": forecast.SIMULATED_PRE_PAUSE_ROUNDS}
 
 
 class ChangeRefused(Exception):
@@ -61,39 +67,75 @@ class Outlook:
     bottleneck: str
     warning: str
     rescues: list[forecast.Rescue]
+    can_throttle: bool = False
+
+
+def can_throttle_live(migration: Migration) -> bool:
+    """Whether throttling (auto-converge) can be turned on while ``migration`` runs: its source agent's
+    driver can (``LIVE_THROTTLE_DRIVERS``; ``VSP.agent_driver``). A driver not known yet: not offered."""
+    source = migration.source
+    return source is not None and source.agent_driver in LIVE_THROTTLE_DRIVERS
+
+
+def live_link(migration: Migration) -> forecast.Link:
+    """The link as this migration measured it: the agent's throughput, and its own dirty rounds' rate and
+    fixed cost per round (``samples.dirty_rounds``, ``forecast.dirty_round_cost``) once it timed two."""
+    driver = migration.source.agent_driver if migration.source is not None else ""
+    link = forecast.Link(
+        float(migration.throughput_bytes_s), pre_pause_rounds=PRE_PAUSE_ROUNDS.get(driver, 0)
+    )
+    fitted = forecast.dirty_round_cost(dirty_rounds(migration.round_samples or [], running=True))
+    if fitted is None:
+        return link
+    return replace(link, round_rate_bytes_s=fitted[0], round_overhead_s=fitted[1])
 
 
 def outlook(migration: Migration) -> Outlook | None:
-    """The live forecast of ``migration`` while it copies (None before the agent reported rates)."""
+    """The live forecast of ``migration`` while it copies (None before the agent reported rates).
+
+    Continues ``forecast.forecast`` from the row's last reported numbers: what is left, the round, the
+    throttle auto-converge applies now (``Migration.throttle_pct``: the measured dirty rate is the
+    throttled guest's), the link as this migration measured it (``live_link``). Rescues are offered only
+    as the source's driver can do them (``can_throttle_live``).
+    """
     if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
         return None
-    from .estimates import forecast_policy, model_link
+    from .estimates import forecast_policy
 
     policy_values = migration_policy.effective(migration.policy)
     policy = forecast_policy(policy_values, migration.vm)
     memory = migration.vm.memory_mib * MiB
     left = float(migration.bytes_remaining) if migration.rounds > 1 else None
+    throttle = float(migration.throttle_pct)
     # The agent's dirty rate is what the last round left over that round's time (distinct pages): for a
-    # guest rewriting a small memory that reads far below what it writes; the model wants its write rate.
+    # guest rewriting a small memory that reads far below what it writes; the model wants its write rate,
+    # unthrottled (the throttle in force is applied again by the model).
     dirty = float(migration.dirty_rate_bytes_s)
     window = left / dirty if left and dirty > 0 else 0.0
-    guest = forecast.Guest.measured(memory, dirty, window)
-    rate = float(migration.throughput_bytes_s)
-    link = model_link(migration.source, rate) if migration.source is not None else forecast.Link(rate)
+    guest = forecast.Guest.measured(memory, dirty, window, throttle_pct=throttle)
+    link = live_link(migration)
     started = migration.copy_started_at or migration.state_changed_at
     elapsed = max(0.0, (timezone.now() - started).total_seconds())
     state = forecast.CopyState(
-        round=max(0, migration.rounds - 1), left_bytes=left, elapsed_s=elapsed, last_round_bytes=left
+        round=max(0, migration.rounds - 1),
+        left_bytes=left,
+        elapsed_s=elapsed,
+        throttle_pct=throttle,
+        last_round_bytes=left,
+        round_left_bytes=round_left_bytes(
+            migration.round_samples or [], migration.rounds, migration.bytes_sent
+        ),
     )
     result = forecast.forecast(guest, link, policy, state)
     why = forecast.bottleneck(guest, link, policy)
     warning = ""
     options: list[forecast.Rescue] = []
+    throttle_live = can_throttle_live(migration)
     if not result.converges and result.verdict is not forecast.Verdict.SWITCHOVER_AT_LIMIT:
         limit = result.limit_reason or "its limit"
         warning = f"This migration will stop at {limit} and the guest will stay on its source"
         warning += f": {why}." if why else "."
-        options = forecast.rescues(guest, link, policy, state)
+        options = forecast.rescues(guest, link, policy, state, can_throttle=throttle_live)
     return Outlook(
         max(0.0, result.total_s - elapsed) if result.converges else None,
         result.downtime_ms,
@@ -101,6 +143,7 @@ def outlook(migration: Migration) -> Outlook | None:
         why,
         warning,
         options,
+        throttle_live,
     )
 
 

@@ -167,28 +167,25 @@ def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str,
 
 @dataclass(frozen=True)
 class Asked:
-    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms, and
-    the agent's driver when it was asked too (a VSP whose driver is not known yet), else ""."""
+    """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms."""
 
     guests: dict[str, dict[str, Any]] | None
     problem: str
     took_ms: int
-    driver: str = ""
+    driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
-    """Ask ``vsp``'s agent for its guests, and for its driver if ``VSP.agent_driver`` is not known yet
-    (the forecast models each driver's switchover), so every VSP's driver is known after one inventory
-    collection (nothing is stored; no database access)."""
+    """Ask ``vsp``'s agent for its guests (nothing is stored; no database access)."""
     started = time.monotonic()
     problem = ""
-    driver = ""
     guests: list[dict[str, Any]] = []
+    driver = ""
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
             if not vsp.agent_driver:
-                driver = str(agent.health()["driver"])[:64]
+                driver = agent.health()["driver"]
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"
@@ -209,10 +206,7 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
     if asked.guests is None:
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
         return
-    record_answered(vsp, took_ms=took_ms)
-    if asked.driver and asked.driver != vsp.agent_driver:
-        VSP.objects.filter(pk=vsp.pk).update(agent_driver=asked.driver)
-        vsp.agent_driver = asked.driver
+    record_answered(vsp, took_ms=took_ms, driver=asked.driver)
     store_guests(vsp, asked.guests, copies)
 
 
@@ -270,18 +264,16 @@ def check_not_runnable_copies(vm: VirtualMachine, *, timeout_s: float) -> None:
 
 def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     """Ask every agent of ``vsps`` for its health at once (one thread each, ``timeout_s`` s at most) and
-    store whether it answered, and its driver (``VSP.agent_driver``): the migrate dialog does it when it
-    opens, so a dead target is not shown Ready until the next inventory collection. The database is
-    written from the calling thread."""
+    store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
+    Ready until the next inventory collection. The database is written from the calling thread."""
 
     def answers(vsp: VSP) -> str | None:
-        """The agent's driver if it answered, else None."""
+        """The agent's driver, or None when it did not answer."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-                driver: str = agent.health()["driver"]
+                return str(agent.health()["driver"])
         except AGENT_ERRORS:
             return None
-        return driver
 
     if not vsps:
         return
@@ -290,12 +282,32 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     for vsp, driver in zip(vsps, drivers, strict=True):
         if driver is None:
             logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
-        elif (
-            driver != vsp.agent_driver
-        ):  # the forecast models each driver's switchover (Link.pre_pause_rounds)
-            VSP.objects.filter(pk=vsp.pk).update(agent_driver=driver[:64])
-            vsp.agent_driver = driver[:64]
-        mark_reachable(vsp, driver is not None)
+            record_unanswered(vsp, at_once=True)
+        else:
+            record_answered(vsp, driver=driver)
+
+
+DRIVER_ASK_TIMEOUT_S = 2.0
+
+
+def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
+    """``vsp``'s agent driver (``VSP.agent_driver``), asked once (``GET /v1/health``) while not known.
+
+    Returns it, or "" when the agent did not answer (nothing is recorded then: the next health probe
+    or inventory collection asks again). A migration's Init calls it, so that every running migration's
+    rescues match what its source can do (``migrations_app.steering.can_throttle_live``).
+    """
+    if vsp.agent_driver:
+        return vsp.agent_driver
+    try:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+            driver = str(agent.health()["driver"])[:32]
+    except AGENT_ERRORS as error:
+        logger.info("Agent of VSP %s did not say its driver: %s", vsp.name, error)
+        return ""
+    VSP.objects.filter(pk=vsp.pk).update(agent_driver=driver)
+    vsp.agent_driver = driver
+    return driver
 
 
 def mark_reachable(vsp: VSP, reachable: bool) -> None:
@@ -307,12 +319,15 @@ def mark_reachable(vsp: VSP, reachable: bool) -> None:
         record_unanswered(vsp, at_once=True)
 
 
-def record_answered(vsp: VSP, *, took_ms: int | None = None) -> None:
-    """The agent answered: reachable again, no failures counted, no "unreachable since"."""
+def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -> None:
+    """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver``
+    (its health answer's, when asked) is kept as ``VSP.agent_driver``."""
     fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
     fields["agent_checked_at"] = timezone.now()
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
+    if driver:
+        fields["agent_driver"] = vsp.agent_driver = driver[:32]
     VSP.objects.filter(pk=vsp.pk).update(**fields)
     if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
         logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)

@@ -128,6 +128,9 @@ class VSP(models.Model):
     unreachable_since = models.DateTimeField(
         null=True, blank=True, help_text="When the VSP was marked unreachable (empty while reachable)."
     )
+    # The host agent's driver ("simulated", "qemu") from its last health answer (``vms.inventory``); empty
+    # until it answered one. What a running migration can be changed with depends on it (QEMU cannot
+    # turn auto-converge on mid-migration: ``migrations_app.steering.can_throttle_live``).
     agent_collect_ms = models.PositiveIntegerField(
         null=True,
         blank=True,

@@ -11,7 +11,7 @@ from django.utils.safestring import SafeString
 from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
-from migrations_app.steering import Outlook, outlook
+from migrations_app.steering import Outlook, can_throttle_live, outlook
 from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
@@ -32,6 +32,12 @@ def migration_display(vm: VirtualMachine) -> MigrationDisplay:
 def migration_outlook(migration: Migration) -> Outlook | None:
     """The live forecast of a running Copy (``steering.outlook``)."""
     return outlook(migration)
+
+
+@register.filter
+def throttles_live(migration: Migration) -> bool:
+    """``{% if migration|throttles_live %}``: throttling can be turned on while it runs (not on QEMU)."""
+    return can_throttle_live(migration)
 
 
 @register.simple_tag

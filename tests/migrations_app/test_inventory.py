@@ -195,3 +195,18 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
     collect_all_inventory()  # the stray copy stopped: the alert ends
     assert split_brain_shown(operator_client, reverse("vms:vm_general", args=[vm.pk])) == []
     assert split_brain_shown(operator_client, reverse("vms:vsp_list")) == []
+
+
+def test_it_learns_each_agents_driver_once_from_its_health(host_agents, fleet):
+    """What a running migration can be changed with depends on its source's driver (QEMU cannot throttle a
+    running migration): the inventory collection and the migrate dialog's probe keep it on the VSP."""
+    from vms.inventory import probe_reachability
+
+    assert VSP.objects.get(pk=fleet["hosta"].pk).agent_driver == ""
+    collect_all_inventory()
+    assert set(VSP.objects.values_list("agent_driver", flat=True)) == {"simulated"}
+
+    VSP.objects.update(agent_driver="")
+    probe_reachability([fleet["hostb"]], timeout_s=10)
+    drivers = dict(VSP.objects.values_list("name", "agent_driver"))
+    assert drivers == {"hosta": "", "hostb": "simulated", "hostc": ""}

@@ -277,3 +277,35 @@ def test_a_target_agent_killed_mid_copy_discards_the_incoming_copy_on_restart(
 def refreshed(migration: Migration) -> Migration:
     migration.refresh_from_db()
     return migration
+
+
+def test_a_qemu_guests_warning_offers_no_throttle_qemu_cannot_turn_on(qemu_agents, fleet, admin, qemu_worker):
+    """QEMU refuses to enable auto-converge during a migration (its agent answers 409), so the warning
+    before the limit offers only what it can do: raise the allowed downtime or switch over now."""
+    from migrations_app.progress import get_migration_display, render_vm_fragments
+    from migrations_app.steering import outlook
+
+    vm = place_linux_vm(qemu_agents, fleet, WILD_PAGES_PER_S, copy_limit_s=60)
+    migration = do_request_migration(vm, fleet["hostb"], admin)
+    seen: list[Any] = []
+
+    def warned() -> bool:
+        migration.refresh_from_db()
+        seen[:] = [outlook(migration), migration.state]
+        return (seen[0] is not None and seen[0].warning != "") or migration.state not in (
+            "queued",
+            "init",
+            "copy",
+        )
+
+    assert wait_until(warned, timeout=60) and seen[0] is not None, seen
+    fleet["hosta"].refresh_from_db()
+    assert fleet["hosta"].agent_driver == "qemu"  # learnt when the migration started
+    assert {rescue.action for rescue in seen[0].rescues} == {"raise_downtime", "switchover"}
+    html = render_vm_fragments(get_migration_display(vm), oob=False)
+    assert "Throttle the guest" not in html and 'value="auto_converge"' not in html
+    assert "Switch over now: about" in html
+
+    do_cancel_migration(migration, admin)
+    wait_for_state(wait_until, migration, "cancelled", "aborted", "completed")
+    assert_still_on_source(vm, qemu_agents, fleet, migration)

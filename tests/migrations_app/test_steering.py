@@ -135,20 +135,30 @@ def test_bad_changes_are_refused_and_change_nothing(
     assert Migration.objects.get(pk=migration.pk).policy["max_downtime_ms"] == 300
 
 
-def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_their_cost(fleet):
-    """The panel as rendered from the numbers an agent reported (rates stored on the row, no agent here)."""
+def hot_copy_panel(fleet, driver: str, **fields) -> str:
+    """The panel as rendered from the numbers an agent reported (rates stored on the row, no agent here),
+    the source's agent driver being ``driver``."""
     from django.utils import timezone
 
     from migrations_app.progress import get_migration_display, render_vm_fragments
     from tests.factories import make_vm
 
-    vm = make_vm("hot", vsp=fleet["hosta"], memory_mib=8)
+    source = fleet["hosta"]
+    source.agent_driver = driver
+    source.save(update_fields=["agent_driver"])
+    vm = make_vm("hot", vsp=source, memory_mib=8)
+    numbers = {
+        "rounds": 4, "bytes_remaining": 8_000_000, "dirty_rate_bytes_s": 10_000_000,
+        "throughput_bytes_s": 5_000_000, **fields,
+    }  # fmt: skip
     Migration.objects.create(
-        vm=vm, source=fleet["hosta"], target=fleet["hostb"], state="copy", rounds=4,
-        bytes_remaining=8_000_000, dirty_rate_bytes_s=10_000_000, throughput_bytes_s=5_000_000,
-        copy_started_at=timezone.now(),
-    )  # fmt: skip
-    html = render_vm_fragments(get_migration_display(vm), oob=False)
+        vm=vm, source=source, target=fleet["hostb"], state="copy", copy_started_at=timezone.now(), **numbers
+    )
+    return render_vm_fragments(get_migration_display(vm), oob=False)
+
+
+def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_their_cost(fleet):
+    html = hot_copy_panel(fleet, "simulated")
     assert (
         "This migration will stop at the round limit (30 rounds) and the guest will stay on its source"
         in html
@@ -157,5 +167,76 @@ def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_thei
     assert "Slow because the guest writes faster (32 MB/s) than the link carries (5.0 MB/s)." in html
     assert "Raise the allowed downtime to 1.7 s" in html
     assert "Throttle the guest (up to 90% of its vCPU time" in html
-    assert "Switch over now: about 1.6 s frozen" in html
+    # The simulated source sends the round under way (8 MB, 1.6 s) first; the guest dirties all of it again.
+    assert "Switch over now: about 1.7 s frozen, once the round under way is sent (about 1.6 s more)" in html
     assert 'value="switchover"' in html and 'value="auto_converge"' in html
+
+
+@pytest.mark.parametrize("driver", ["qemu", ""])
+def test_the_panel_offers_no_throttle_a_qemu_source_cannot_turn_on(fleet, driver):
+    """QEMU cannot enable auto-converge mid-migration (its agent answers 409): neither the rescue list nor
+    the buttons offer it; nor while the source's driver is not known yet."""
+    html = hot_copy_panel(fleet, driver)
+
+    assert "This migration will stop at the round limit (30 rounds)" in html
+    # QEMU pauses at once, with all that is left (8 MB at 5 MB/s).
+    assert "Raise the allowed downtime to 1.7 s" in html and "Switch over now: about 1.6 s frozen<" in html
+    assert "Throttle the guest" not in html
+    assert 'value="auto_converge"' not in html
+    assert 'value="switchover"' in html and 'value="raise_downtime"' in html
+
+
+def test_the_outlook_continues_from_the_throttle_in_force(fleet):
+    """Auto-converge at 80% at round 21 of 30: the dirty rate the agent measures is the throttled guest's, and
+    the next stalled round takes the throttle to 90%, not back to 20% (which would need more rounds than
+    are left): the panel expects it to finish, and shows the throttle."""
+    policy = {"preset": "custom", "auto_converge": True}
+    numbers = {"policy": policy, "rounds": 21, "dirty_rate_bytes_s": 1_500_000}
+    throttled = hot_copy_panel(fleet, "simulated", throttle_pct=80, **numbers)
+
+    assert '<dd data-field="throttle"' in throttled and "80%</dd>" in throttled
+    assert "This migration will stop" not in throttled
+    assert "left; expected downtime" in throttled
+
+
+def test_the_throttle_auto_converge_applies_is_kept_on_the_migration_as_it_rises(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    """Under auto-converge the source throttles the hot guest stepwise; the row keeps the throttle in force
+    (the live forecast continues from it) and learns the source's driver when the migration starts."""
+    vm = place_vm(host_agents, fleet, **HOT)
+    policy = {"preset": "custom", "auto_converge": True}
+    migration = do_request_migration(vm, fleet["hostb"], admin, policy=policy)
+    seen: set[int] = set()
+
+    def throttled() -> bool:
+        migration.refresh_from_db()
+        seen.add(migration.throttle_pct)
+        return migration.throttle_pct >= 20 or migration.state not in ("queued", "init", "copy")
+
+    assert wait_for(throttled, timeout=90), (migration.state, seen)
+    assert migration.throttle_pct >= 20, (migration.state, seen, migration.alert)
+    fleet["hosta"].refresh_from_db()
+    assert fleet["hosta"].agent_driver == "simulated"
+    assert_completed_intact(host_agents, migration, wait_for)
+
+
+def test_a_forced_switchover_at_the_time_limit_charts_what_the_freeze_moved(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    """QA: after a switch-over at the Copy time limit the chart's last round showed 0 MiB left, the value
+    the agent reports once the guest is on the target. It keeps what was left when Copy ended."""
+    from migrations_app.reports import chart_data, phase_timings
+
+    vm = place_vm(host_agents, fleet, vm_fields={"copy_limit_s": 8}, **HOT)
+    policy = {"preset": "custom", "at_limit": "switchover"}
+    migration = do_request_migration(vm, fleet["hostb"], admin, policy=policy)
+    assert_completed_intact(host_agents, migration, wait_for)
+
+    assert migration.downtime_ms > 300  # it did not converge: what was left moved while frozen
+    series = chart_data(migration)["series"]
+    assert series["round"] and series["bytes_remaining"][-1] > 0, series
+    frozen = next(timing for timing in phase_timings(migration) if timing.label == "Frozen")
+    assert frozen.seconds is not None and frozen.seconds * 1000 >= migration.downtime_ms
+    report = migration_admin_client.get(f"/migrations/history/{migration.pk}/report/").text
+    assert f"{migration.downtime_ms} ms" in report and "(allowed 300 ms)" in report

@@ -159,9 +159,11 @@ class SimulatedGuest:
     async def measure_dirty_rate(self, seconds: float) -> tuple[float, int]:
         """Distinct bytes written per second over ``seconds`` (bytes/s), and the working set (bytes).
 
-        Counts the workload's page writes over the window; writes land at random within the working
-        set ``W`` pages, so ``n`` writes hit ``W * (1 - exp(-n / W))`` distinct pages (the same law as
-        ``migrations_app.forecast.dirtied_bytes``).
+        Counts the workload's page writes over the window and reports them as random writes within the
+        working set of ``W`` pages would hit: ``W * (1 - exp(-n / W))`` distinct pages, the law
+        ``migrations_app.forecast.write_rate`` inverts back to ``n``. The write sequence itself walks the
+        working set without repeating a page, so a round of ``n`` writes dirties ``min(n, W)`` pages
+        (``forecast.dirtied_bytes``).
         """
         before, started = self.write_counter, time.monotonic()
         await asyncio.sleep(seconds)
