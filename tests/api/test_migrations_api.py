@@ -244,3 +244,26 @@ def test_it_refuses_a_bad_policy_with_its_reason_and_changes_nothing(api, hosts,
 
     assert body["detail"]
     assert not Migration.objects.exclude(state="refused").exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "detail"),
+    [
+        (lambda api: api.post("/migrations", {"vm": "web01"}), "Bad input: target: required"),
+        (
+            lambda api: api.post("/migrations", {"vm": 7, "target": "hostb"}),
+            "Bad input: vm: must be text, in quotes",
+        ),
+        (lambda api: api.get("/migrations", limit=0), "Bad input: limit: must be at least 1"),
+        (lambda api: api.get("/migrations", limit="lots"), "Bad input: limit: must be a whole number"),
+        (
+            lambda api: api.patch("/migrations/1/policy", {"max_downtime_ms": 2.5}),
+            "Bad input: max_downtime_ms: Maximum downtime: a whole number from 1 to 600000 ms, not 2.5.",
+        ),
+    ],
+)
+def test_a_bad_inputs_place_reads_as_the_field_the_admin_typed(api, hosts, call, detail):
+    """QA: details began "body.body.policy..."; ninja's source and parameter name are not the admin's."""
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(call(api), 422, detail)
