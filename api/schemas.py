@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app.models import Migration, MigrationEvent
@@ -149,6 +149,8 @@ class VMOut(Schema):
 IdOrName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+# Every input shape refuses a field it does not know (422 naming it), rather than ignoring it: a setting
+# sent in the wrong place would otherwise be dropped silently.
 INPUT_CONFIG = ConfigDict(strict=True, extra="forbid")  # strict: no 0 for false, no 5 for "5"
 
 Whole = Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)]
@@ -199,7 +201,7 @@ class PolicyIn(Schema):
 
 
 class MigrationIn(Schema):
-    model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
+    model_config = INPUT_CONFIG
 
     vm: IdOrName = Field(description="VM id or name, as text")
     target: IdOrName = Field(description="Target VSP id or name, as text")
@@ -210,6 +212,19 @@ class MigrationIn(Schema):
             'target), e.g. {"max_downtime_ms": 500, "auto_converge": true}'
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def policy_settings_go_under_policy(cls, data: Any) -> Any:
+        """A policy setting sent beside ``vm`` is refused with where it belongs (not as merely unknown)."""
+        if isinstance(data, dict):
+            misplaced = [key for key in data if key in migration_policy.FIELDS]
+            if misplaced:
+                raise ValueError(
+                    f'{", ".join(misplaced)}: a policy setting goes inside "policy", e.g. '
+                    f'{{"vm": ..., "target": ..., "policy": {{"{misplaced[0]}": ...}}}}.'
+                )
+        return data
 
     def policy_overrides(self) -> dict[str, Any] | None:
         """The settings sent (for ``do_request_migration``), or None when no policy was sent."""
@@ -243,13 +258,13 @@ class PolicyChangeIn(Schema):
 
 
 class OnlineMigrationIn(Schema):
-    model_config = ConfigDict(strict=True)
+    model_config = INPUT_CONFIG
 
     enabled: bool
 
 
 class NotRunnableIn(Schema):
-    model_config = ConfigDict(strict=True)
+    model_config = INPUT_CONFIG
 
     reason: str = Field(max_length=1000, description="Why, in plain words (at most 200 characters kept)")
 

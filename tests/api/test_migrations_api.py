@@ -250,6 +250,32 @@ def test_it_refuses_a_bad_policy_with_its_reason_and_changes_nothing(api, hosts,
 
 
 @pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (
+            {"vm": "web01", "target": "hostb", "max_downtime_ms": 500},
+            'Bad input: max_downtime_ms: a policy setting goes inside "policy", e.g. '
+            '{"vm": ..., "target": ..., "policy": {"max_downtime_ms": ...}}.',
+        ),
+        (
+            {"vm": "web01", "target": "hostb", "priority": "high"},
+            "Bad input: priority: not a field here: check its spelling and where it is nested",
+        ),
+        (
+            {"vm": "web01", "target": "hostb", "policy": {"warp": 9}},
+            "Bad input: policy.warp: not a field here: check its spelling and where it is nested",
+        ),
+    ],
+)
+def test_it_refuses_a_field_it_does_not_know_and_names_it(api, hosts, body, detail):
+    """QA: ``max_downtime_ms`` beside ``vm`` was ignored and the migration queued under the VM's policy."""
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(api.post("/migrations", body), 422, detail)
+    assert not Migration.objects.exists()
+
+
+@pytest.mark.parametrize(
     ("policy", "field", "words"),
     [
         (
@@ -316,3 +342,17 @@ def test_a_bad_inputs_place_reads_as_the_field_the_admin_typed(api, hosts, call,
     make_vm("web01", vsp=hosts[0])
 
     assert_problem(call(api), 422, detail)
+
+
+def test_every_api_input_refuses_a_field_it_does_not_know(api, hosts):
+    """The same for the other inputs: a field sent in the wrong place or misspelt is never ignored."""
+    vm = make_vm("web01", vsp=hosts[0])
+
+    for response in (
+        api.put("/vms/web01/online-migration", {"enabled": False, "reason": "maintenance"}),
+        api.post("/vms/web01/registrations/hosta/not-runnable", {"reason": "x", "set_by": "admin"}),
+    ):
+        body = assert_problem(response, 422)
+        assert "not a field here" in body["detail"], body["detail"]
+    vm.refresh_from_db()
+    assert vm.online_migration_enabled and vm.registrations.get().is_runnable
