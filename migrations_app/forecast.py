@@ -409,7 +409,7 @@ def rescues(guest: Guest, link: Link, policy: Policy, state: CopyState) -> list[
                 Rescue(
                     "auto_converge",
                     f"throttle the guest (up to {result.throttle_pct:.0f}% of its vCPU time, "
-                    f"about {result.total_s - state.elapsed_s:.0f} s more)",
+                    f"about {seconds_words(max(result.total_s - state.elapsed_s, 0))} more)",
                     result,
                 )
             )
@@ -503,6 +503,7 @@ def ms(milliseconds: float) -> str:
 
 
 def seconds_words(seconds: float) -> str:
+    """A duration for a sentence: "0.4 s", "12 s", "2.5 min" (tenths below 10 s, so never "0 s")."""
     if seconds >= 90:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
