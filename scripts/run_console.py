@@ -10,10 +10,10 @@ hurries it (what has not ended is killed). SIGTERM never hurries it: a SIGTERM t
 group reaches this process twice (once from the group, once passed on by make), and one SIGTERM must
 mean a graceful stop. A host agent that stops only shows as unreachable in
 the console; the web server stopping stops everything, a worker or beat that exits is started again
-(up to 5 times a minute; the worker exits when Redis restarts). Every started process carries
-MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run` left running (it was
-killed with SIGKILL, say) is found by that and stopped before its replacement starts, and a port
-held by anything else is named with what to do.
+(up to 5 times a minute; a Redis restart no longer ends the worker: see WORKER_OPTIONS). Every
+started process carries MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run`
+left running (it was killed with SIGKILL, say) is found by that and stopped before its replacement
+starts, and a port held by anything else is named with what to do.
 
 Secrets are generated once into var/ (mode 0600) and reused: the Django SECRET_KEY, the key that
 encrypts agent secrets in the database, the password of the Redis started here, and the first
@@ -287,10 +287,23 @@ def stop_own_redis(pid_file: Path) -> None:
 
 
 CELERY = [PYTHON, "-m", "celery", "-A", "matrixoe"]
-# Started again when they exit, as a host's service manager would (the worker exits when Redis restarts:
-# kombu's AttributeError on a lost connection, celery/kombu#582).
+# Without gossip and mingle: neither is used here, and gossip's stop on a broker restart used a closed
+# connection and ended the worker ('NoneType' object has no attribute 'hostname', celery/kombu#582; the
+# same error from restoring unacknowledged tasks is matrixoe/celery_consumer.py's).
+WORKER_OPTIONS = ["--without-gossip", "--without-mingle"]
+# Started again if they exit anyway, as a host's service manager would.
 RESTARTABLE = {
-    "worker": [*CELERY, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
+    "worker": [
+        *CELERY,
+        "worker",
+        *WORKER_OPTIONS,
+        "--pool",
+        "threads",
+        "--concurrency",
+        "8",
+        "--loglevel",
+        "INFO",
+    ],
     "beat": [*CELERY, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
 }
 RESTART_DELAY_S = 1.0

@@ -183,8 +183,8 @@ def test_a_make_run_replaces_what_a_killed_make_run_left_running(make_run):
 
 
 def test_a_worker_that_exits_is_started_again(make_run):
-    """Soak bug 5: the Celery worker exits when Redis restarts (celery/kombu#582); a service manager
-    starts it again, and so does ``make run``. The worker is killed here (SIGKILL), the way it exits."""
+    """A worker that exits anyway (soak bug 5 was a Redis restart: ``test_worker_redis_restart.py``) is
+    started again by ``make run``, as a service manager would. It is killed here (SIGKILL)."""
     make_run.start()
     before = set(make_run.started())
     worker = next(pid for pid in before if "celery" in command_of(pid) and " worker " in command_of(pid))
