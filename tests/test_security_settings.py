@@ -112,7 +112,9 @@ def test_pages_carry_a_content_security_policy_without_unsafe_inline(client):
     policy = response["Content-Security-Policy"]
     assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
     directives = dict(
-        (name, rest.split()) for name, _, rest in (d.strip().partition(" ") for d in policy.split(";")) if name
+        (name, rest.split())
+        for name, _, rest in (d.strip().partition(" ") for d in policy.split(";"))
+        if name
     )
     assert directives["script-src"][0] == "'self'"
     assert all(re.fullmatch(r"'nonce-[^']+'", source) for source in directives["script-src"][1:])
