@@ -13,6 +13,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest
 from ninja import Field, Path, Router, Schema
 from ninja.responses import Status
+from pydantic import ConfigDict
 
 from migrations_app.evacuation import (
     Plan,
@@ -61,6 +62,8 @@ class PlanOut(Schema):
 
 class EvacuationIn(Schema):
     """Targets by VM (id or name -> VSP id or name) and the order (VM ids or names); omitted: the plan's."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt "order" is refused, not silently the plan's
 
     targets: dict[str, str] = Field(default_factory=dict, max_length=MAX_GUESTS)
     order: list[str] | None = Field(default=None, max_length=MAX_GUESTS)

@@ -93,7 +93,7 @@ def install_problem_handlers(api: Any) -> None:
     @api.exception_handler(NinjaValidationError)
     def bad_input(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
         errors = [_plain_error(error) for error in exc.errors]
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "Bad input."
+        detail = "; ".join(_sentence(e) for e in errors) or "Bad input."
         return problem_response(422, f"Bad input: {detail}", errors=errors)
 
     @api.exception_handler(Exception)
@@ -102,7 +102,65 @@ def install_problem_handlers(api: Any) -> None:
         return problem_response(500, "Internal error; the console's log has the details.")
 
 
+# Where ninja says a value came from; the first part of each error's location.
+SOURCES = frozenset({"body", "query", "path", "header", "cookie", "form", "file"})
+
+# Pydantic's messages for the common mistakes, in plain words ("{...}": the error's context).
+PLAIN_MESSAGES = {
+    "extra_forbidden": "not a field here: check its spelling and where it is nested",
+    "missing": "required",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be text, in quotes",
+    "dict_type": "must be an object ({...})",
+    "model_type": "must be an object ({...})",
+    "model_attributes_type": "must be an object ({...})",
+    "list_type": "must be a list ([...])",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be more than {gt}",
+    "less_than": "must be less than {lt}",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
+    "too_long": "must have at most {max_length} items",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def field_path(loc: list[Any] | tuple[Any, ...]) -> list[str]:
+    """Where an admin typed the bad value: ``("body", "body", "policy", "max_downtime_ms")`` ->
+    ``["policy", "max_downtime_ms"]``, ``("query", "limit")`` -> ``["limit"]``.
+
+    Ninja's location starts with the source (body, query, ...); a JSON body's then names the view's
+    parameter that holds the whole body, which the admin never typed.
+    """
+    parts = [str(part) for part in loc]
+    if parts and parts[0] in SOURCES:
+        source, parts = parts[0], parts[1:]
+        if source == "body" and parts:
+            parts = parts[1:]
+    return parts
+
+
 def _plain_error(error: dict[str, Any]) -> dict[str, Any]:
-    # A schema's own check (a ValueError with the page's words) reads as those words alone.
-    message = str(error.get("msg", "")).removeprefix("Value error, ")
-    return {"loc": [str(part) for part in error.get("loc", ())], "msg": message}
+    """``{"loc": [...], "field": "policy.max_downtime_ms", "msg": "..."}`` from one of ninja's errors."""
+    path = field_path(error.get("loc", ()))
+    template = PLAIN_MESSAGES.get(str(error.get("type", "")))
+    if template is not None:
+        try:
+            message = template.format(**(error.get("ctx") or {}))
+        except (KeyError, IndexError, ValueError):
+            message = str(error.get("msg", ""))
+    else:
+        # A schema's own check (a ValueError with the page's words) reads as those words alone.
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+    return {"loc": path, "field": ".".join(path), "msg": message}
+
+
+def _sentence(error: dict[str, Any]) -> str:
+    return f"{error['field']}: {error['msg']}" if error["field"] else error["msg"]

@@ -212,9 +212,11 @@ def create_migration(
                 response["Idempotent-Replayed"] = "true"
                 return Status(200, migration_out(replay))
             try:
-                migration = do_request_migration(vm, target, request.user, policy=body.policy)
+                migration = do_request_migration(vm, target, request.user, policy=body.policy_overrides())
             except PolicyError as error:
-                raise HttpError(422, str(error)) from None
+                # Each value passed the schema (422 otherwise): what is left is how they fit together
+                # and with the VM's own policy (a ceiling under the downtime), a refusal like a pre-check's.
+                raise Conflict(str(error)) from None
             if key is not None:
                 IdempotencyKey.objects.create(user=request.user, key=key, migration=migration)
     except MigrationRefused:

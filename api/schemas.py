@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from ninja import Field, Schema
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app.models import Migration, MigrationEvent
@@ -149,21 +149,86 @@ class VMOut(Schema):
 IdOrName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+# Every input shape refuses a field it does not know (422 naming it), rather than ignoring it: a setting
+# sent in the wrong place would otherwise be dropped silently.
+INPUT_CONFIG = ConfigDict(strict=True, extra="forbid")  # strict: no 0 for false, no 5 for "5"
+
+Whole = Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)]
+BandwidthCap = Literal[0] | Annotated[float, Field(ge=1, le=migration_policy.MAX_BANDWIDTH_MB_S)]
+TEXT_SETTINGS = frozenset({"preset", "at_limit"})  # the only settings whose values are words
+
+
+def policy_value(field: str, value: Any) -> Any:
+    """A policy setting from JSON, checked by ``migration_policy.check_value`` (the dialog's words).
+
+    Raises ``ValueError`` (shown as a 422 at the setting's place): out of bounds, not a whole number
+    where one is needed, or a number or true/false sent as text.
+    """
+    checked = migration_policy.check_value(field, value)
+    if isinstance(value, str) and field not in TEXT_SETTINGS:  # passed as form text ("5", "on")
+        kind = "true or false" if field == "auto_converge" else "a number"
+        raise ValueError(f"send {kind}, not the text {value[:40]!r}.")
+    return checked
+
+
+class PolicyIn(Schema):
+    """Overrides of the VM's migration policy for one migration, as in the Migrate dialog: a ``preset``
+    (taken whole unless ``custom``) or values; what is not sent comes from the VM's own policy."""
+
+    model_config = INPUT_CONFIG
+
+    preset: (
+        Literal["default", "minimal_downtime", "guaranteed_completion", "custom"] | SkipJsonSchema[None]
+    ) = Field(None, description="A named policy; another preset than custom ignores the values")
+    max_downtime_ms: Whole | SkipJsonSchema[None] = Field(None, description="Allowed downtime (ms), whole")
+    bandwidth_cap_mb_s: BandwidthCap | None = Field(None, description="MB/s (10^6 bytes); 0 or null: no cap")
+    auto_converge: bool | SkipJsonSchema[None] = Field(None, description="Throttle the guest if Copy stalls")
+    throttle_max_pct: Annotated[int, Field(ge=1, le=99)] | SkipJsonSchema[None] = Field(
+        None, description="The throttle's ceiling (% of vCPU time), whole"
+    )
+    downtime_step_ms: Annotated[int, Field(ge=0, le=migration_policy.MAX_DOWNTIME_MS)] | None = Field(
+        None, description="Raise the allowed downtime by this much per stalled round (ms); 0: never"
+    )
+    downtime_max_ms: Whole | None = Field(None, description="... up to this (ms); needed with a step")
+    at_limit: Literal["abort", "switchover"] | SkipJsonSchema[None] = Field(
+        None, description="At the round or Copy time limit: abort (the guest stays) or switch over"
+    )
+
+    @field_validator(*migration_policy.FIELDS, mode="before")
+    @classmethod
+    def in_the_dialogs_words(cls, value: Any, info: Any) -> Any:
+        return policy_value(info.field_name, value)
+
+
 class MigrationIn(Schema):
-    model_config = ConfigDict(strict=True)  # no 0 for false, no 5 for "5": what is sent is what is meant
+    model_config = INPUT_CONFIG
 
     vm: IdOrName = Field(description="VM id or name, as text")
     target: IdOrName = Field(description="Target VSP id or name, as text")
-    policy: dict[str, int | bool | str] | None = Field(
+    policy: PolicyIn | None = Field(
         default=None,
-        max_length=16,
         description=(
-            "Overrides of the VM's migration policy for this migration, as in the Migrate dialog: a "
-            "'preset' (default, minimal_downtime, guaranteed_completion, custom) or values: "
-            "max_downtime_ms, bandwidth_cap_mb_s, auto_converge, throttle_max_pct, downtime_step_ms, "
-            "downtime_max_ms, at_limit (abort or switchover)"
+            "Overrides of the VM's migration policy for this migration (nested here, not beside vm and "
+            'target), e.g. {"max_downtime_ms": 500, "auto_converge": true}'
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def policy_settings_go_under_policy(cls, data: Any) -> Any:
+        """A policy setting sent beside ``vm`` is refused with where it belongs (not as merely unknown)."""
+        if isinstance(data, dict):
+            misplaced = [key for key in data if key in migration_policy.FIELDS]
+            if misplaced:
+                raise ValueError(
+                    f'{", ".join(misplaced)}: a policy setting goes inside "policy", e.g. '
+                    f'{{"vm": ..., "target": ..., "policy": {{"{misplaced[0]}": ...}}}}.'
+                )
+        return data
+
+    def policy_overrides(self) -> dict[str, Any] | None:
+        """The settings sent (for ``do_request_migration``), or None when no policy was sent."""
+        return None if self.policy is None else self.policy.model_dump(exclude_unset=True)
 
 
 class PolicyChangeIn(Schema):
@@ -175,12 +240,12 @@ class PolicyChangeIn(Schema):
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"minProperties": 1})
 
-    max_downtime_ms: (
-        Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)] | SkipJsonSchema[None]
-    ) = Field(None, description="The allowed downtime (ms), whole; raising it lets a stalled Copy finish")
-    bandwidth_cap_mb_s: (
-        Literal[0] | Annotated[float, Field(ge=1, le=migration_policy.MAX_BANDWIDTH_MB_S)] | None
-    ) = Field(None, description="The bandwidth cap (MB/s, 10^6 bytes); 0 or null: no cap")
+    max_downtime_ms: Whole | SkipJsonSchema[None] = Field(
+        None, description="The allowed downtime (ms), whole; raising it lets a stalled Copy finish"
+    )
+    bandwidth_cap_mb_s: BandwidthCap | None = Field(
+        None, description="The bandwidth cap (MB/s, 10^6 bytes); 0 or null: no cap"
+    )
     auto_converge: bool | SkipJsonSchema[None] = Field(
         None, description="Throttle the guest's vCPUs stepwise while Copy stalls (true) or stop (false)"
     )
@@ -189,21 +254,17 @@ class PolicyChangeIn(Schema):
     @classmethod
     def in_the_dialogs_words(cls, value: Any, info: Any) -> Any:
         """A bad value is refused with the dialog's words (``PolicyError`` is a ``ValueError``)."""
-        checked = migration_policy.check_policy({info.field_name: value})[info.field_name]
-        if isinstance(value, str):  # passed the dialog's check as text ("5", "on"), as a form sends it
-            kind = "true or false" if info.field_name == "auto_converge" else "a number"
-            raise ValueError(f"send {kind}, not the text {value[:40]!r}.")
-        return checked
+        return policy_value(info.field_name, value)
 
 
 class OnlineMigrationIn(Schema):
-    model_config = ConfigDict(strict=True)
+    model_config = INPUT_CONFIG
 
     enabled: bool
 
 
 class NotRunnableIn(Schema):
-    model_config = ConfigDict(strict=True)
+    model_config = INPUT_CONFIG
 
     reason: str = Field(max_length=1000, description="Why, in plain words (at most 200 characters kept)")
 

@@ -191,6 +191,16 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A Redis restart or outage must not end a worker (soak bug 5, QA): it reconnects for as long as it takes
+# (Celery's default gives up after 100 tries, minutes of outage, and the worker exits) ...
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# ... and a migration task keeps driving its migration meanwhile: its state is in the database, not in
+# Redis (True, Celery 6's default, would cancel it on the lost connection and redeliver it).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# A lost connection with unacknowledged tasks ended the worker inside kombu ("'NoneType' object has no
+# attribute 'hostname'"): matrixoe/celery_consumer.py. Workers also run --without-gossip --without-mingle
+# (WORKER_OPTIONS in scripts/run_console.py, README): gossip's stop fails the same way (celery/kombu#582).
+CELERY_WORKER_CONSUMER = "matrixoe.celery_consumer:BrokerRestartSafeConsumer"
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "matrixoe")
 
 SESSION_COOKIE_HTTPONLY = True

@@ -345,10 +345,18 @@ def evacuate(
     )
 
 
+def seconds_text(seconds: float) -> str:
+    """A forecast in words as the evacuation page says it: "under 1 s", "42 s", "3 min 5 s"."""
+    if 0 < seconds < 1:
+        return "under 1 s"
+    whole = round(seconds)
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60} s"
+
+
 def print_plan(plan: dict[str, Any]) -> None:
     table = Table("Guest", "Target", "Forecast", "Problem")
     for step in plan["steps"]:
-        forecast = "not known yet" if step["predicted_s"] is None else f"{step['predicted_s']:.0f} s"
+        forecast = "not known yet" if step["predicted_s"] is None else seconds_text(step["predicted_s"])
         table.add_row(step["vm"], step["target"] or "-", forecast, step["problem"])
     out.print(table)
     for stay in plan["staying"]:

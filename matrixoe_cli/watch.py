@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.text import Text
 
 from .client import Client
 
@@ -44,26 +46,31 @@ def watch_migration(api: Client, migration: dict, console: Console, *, as_json: 
 
 
 def _watch_bars(api: Client, migration: dict, console: Console) -> dict:
+    """The phases as bars, the statistics as plain text under them that wraps at the terminal's width.
+
+    (The statistics were a row of the progress table: at 80 columns rich cut them off with "...".)
+    """
     console.print(
         f"Migrating {migration['vm']} from {migration['source']} to {migration['target']}", markup=False
     )
-    with Progress(
+    progress = Progress(
         TextColumn("{task.description:<12}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("{task.fields[status]}"),
         console=console,
-    ) as progress:
-        bars: dict[str, TaskID] = {
-            phase["phase"]: progress.add_task(phase["label"], total=100, status="")
-            for phase in migration["phases"]
-        }
-        stats = progress.add_task("", total=None, status="", visible=True)
-        final = migration
+    )
+    bars: dict[str, TaskID] = {
+        phase["phase"]: progress.add_task(phase["label"], total=100, status="")
+        for phase in migration["phases"]
+    }
+    statistics = Text(statistics_line(migration), overflow="fold")
+    final = migration
+    with Live(Group(progress, statistics), console=console, refresh_per_second=10):
         for _, final in api.watch(migration["id"]):
             for phase in final["phases"]:
                 progress.update(bars[phase["phase"]], completed=phase["percent"], status=phase["status"])
-            progress.update(stats, description="", status=statistics_line(final))
+            statistics.plain = statistics_line(final)
     return final
 
 

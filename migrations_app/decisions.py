@@ -31,7 +31,7 @@ from vms.models import VSP, Registration
 
 from .errors import MigrationCancelled, MigrationFailed
 from .lease import Lease
-from .models import PHASE_PERCENT_FIELD, Migration
+from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
 from .progress import publish_progress
 from .transitions import transition
 
@@ -233,6 +233,38 @@ def stays_sentence(migration: Migration, status: bool | str | None) -> str:
     return f"The VM stays on {source}, which did not answer: if its host crashed, the VM is down there."
 
 
+def restate_where_the_vm_stays(migration_id: int, source: AgentClient) -> bool:
+    """The source answered again (its undo went through): an alert that ends "which did not answer: ...
+    the VM is down there" is restated with where the VM is now, as the source reports it.
+
+    QA: a QEMU source agent killed mid-migration, restarted, re-adopted its guest and resumed it, and the
+    alert still said the VM was down there. Compare-and-set on the alert text, with an event row and a
+    push; returns whether it was restated (False: nothing to restate, or the source still says nothing).
+    """
+    migration = Migration.objects.select_related("vm", "source").get(pk=migration_id)
+    unanswered = stays_sentence(migration, "unknown") if migration.source_id else ""
+    if not unanswered or migration.vm_id is None or not migration.alert.endswith(unanswered):
+        return False
+    status = source_guest_status(migration, source)
+    if status == "unknown":
+        return False
+    now = stays_sentence(migration, status).removesuffix(".")
+    again = "its host agent answered again after the abort"
+    alert = f"{migration.alert.removesuffix(unanswered)}{now} ({again})."
+    with transaction.atomic():
+        if not Migration.objects.filter(pk=migration.pk, alert=migration.alert).update(alert=alert):
+            return False
+        MigrationEvent.objects.create(
+            migration=migration,
+            from_state=migration.state,
+            to_state=migration.state,
+            message=f"{migration.source} answered again: {now[0].lower()}{now[1:]}.",
+        )
+        transaction.on_commit(lambda: publish_progress(migration.pk))
+    logger.info("Migration %s: alert restated after its source answered again: %s", migration.pk, now)
+    return True
+
+
 def source_guest_status(migration: Migration, source: AgentClient) -> str:
     """ "running", "stopped", "gone" (the source does not know the guest) or "unknown" (no answer).
 
@@ -298,6 +330,7 @@ def undo_and_mark(
     done = undo_on_agents(source, target, agent_id, attempts, cancel=cancel)
     if done:
         Migration.objects.filter(pk=migration_id).update(undo_pending=False)
+        restate_where_the_vm_stays(migration_id, source)
     else:
         logger.warning("Undo of %s not finished: an agent did not answer; recovery tries again", agent_id)
     return done

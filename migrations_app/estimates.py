@@ -81,8 +81,10 @@ class LinkRate:
 
 
 def age_words(at: datetime) -> str:
-    """How long ago ``at`` was: "12 s ago", "3 min ago", "2 h ago"."""
+    """How long ago ``at`` was: "just now" (under 1 s), "12 s ago", "3 min ago", "2 h ago"."""
     seconds = max(0.0, (timezone.now() - at).total_seconds())
+    if seconds < 1:
+        return "just now"
     if seconds < 90:
         return f"{seconds:.0f} s ago"
     if seconds < 90 * 60:

@@ -494,12 +494,13 @@ def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
         return ""
     capped = policy.bandwidth_cap_bytes_s is not None and policy.bandwidth_cap_bytes_s < link.rate_bytes_s
     if guest.dirty_rate_bytes_s >= rate:
+        writes, carried = mb_apart(guest.dirty_rate_bytes_s, rate)
+        if writes == carried:  # equal even to 1 kB/s: "more than" would read false
+            limit = "the bandwidth cap lets through" if capped else "the link carries"
+            return f"the guest writes {writes}, as fast as {limit}"
         if capped:
-            return (
-                f"the guest writes {mb(guest.dirty_rate_bytes_s)}, more than the bandwidth cap of "
-                f"{mb(rate)} lets through"
-            )
-        return f"the guest writes faster ({mb(guest.dirty_rate_bytes_s)}) than the link carries ({mb(rate)})"
+            return f"the guest writes {writes}, more than the bandwidth cap of {carried} lets through"
+        return f"the guest writes faster ({writes}) than the link carries ({carried})"
     if unthrottled.close_call:
         return (
             f"the guest writes {mb(guest.dirty_rate_bytes_s)}, "
@@ -549,7 +550,7 @@ def rescues(
                 Rescue(
                     "auto_converge",
                     f"throttle the guest (up to {result.throttle_pct:.0f}% of its vCPU time, "
-                    f"about {result.total_s - state.elapsed_s:.0f} s more)",
+                    f"about {seconds_words(max(result.total_s - state.elapsed_s, 0))} more)",
                     result,
                 )
             )
@@ -613,17 +614,16 @@ def explain(
     """
     rate = effective_rate(link, policy)
     if not link_source:
+        writes, allowed = mb_apart(guest.dirty_rate_bytes_s, rate)
         lines = [
-            f"{vm} writes {mb(guest.dirty_rate_bytes_s)}; the link to {target} is not measured yet "
-            f"(no migration between them), and the bandwidth cap allows at most {mb(rate)}."
+            f"{vm} writes {writes}; the link to {target} is not measured yet "
+            f"(no migration between them), and the bandwidth cap allows at most {allowed}."
         ]
     else:
-        lines = [
-            f"{vm} writes {mb(guest.dirty_rate_bytes_s)}; the link to {target} carried "
-            f"{mb(link.rate_bytes_s)} {link_source}."
-        ]
+        writes, carried = mb_apart(guest.dirty_rate_bytes_s, link.rate_bytes_s)
+        lines = [f"{vm} writes {writes}; the link to {target} carried {carried} {link_source}."]
     if link_source and rate < link.rate_bytes_s:
-        lines.append(f"The bandwidth cap allows {mb(rate)}.")
+        lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
     if result.converges:
         lines.append(
             f"Expected: {seconds_words(result.total_s)} in {result.rounds} rounds, frozen about "
@@ -642,10 +642,25 @@ def explain(
     return lines
 
 
-def mb(bytes_s: float) -> str:
-    """A rate in MB/s (10^6 bytes), as admins read link and dirty rates."""
+def mb(bytes_s: float, decimals: int | None = None) -> str:
+    """A rate in MB/s (10^6 bytes), as admins read link and dirty rates: whole from 10 MB/s, else one
+    decimal; ``decimals`` forces that many."""
     value = bytes_s / MB
-    return f"{value:.0f} MB/s" if value >= 10 else f"{value:.1f} MB/s"
+    if decimals is None:
+        decimals = 0 if value >= 10 else 1
+    return f"{value:.{decimals}f} MB/s"
+
+
+def mb_apart(first: float, second: float) -> tuple[str, str]:
+    """Two rates (bytes/s) as ``mb`` words, with as many decimals (up to 3) as it takes to tell them
+    apart, so a sentence that compares them never reads "10 MB/s, more than the cap of 10 MB/s".
+    The same words for both means they are equal to 1 kB/s."""
+    words = (mb(first), mb(second))
+    for decimals in (1, 2, 3):
+        if words[0] != words[1] or first == second:
+            break
+        words = (mb(first, decimals), mb(second, decimals))
+    return words
 
 
 def ms(milliseconds: float) -> str:
@@ -653,6 +668,7 @@ def ms(milliseconds: float) -> str:
 
 
 def seconds_words(seconds: float) -> str:
+    """A duration for a sentence: "0.4 s", "12 s", "2.5 min" (tenths below 10 s, so never "0 s")."""
     if seconds >= 90:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"

@@ -57,6 +57,7 @@ class MigrationDisplay:
     migration: Migration | None  # Online Migration Phases: the active attempt, else the last if completed
     failed: Migration | None  # Alerts: the last attempt, if it was aborted or cancelled
     last_took_s: float | None = None  # beside Migrate…: how long the last completed migration took (s)
+    latest: Migration | None = None  # the latest attempt that started, whatever its state (history's top row)
 
     def context(self, *, oob: bool = False, refetch_tab: bool = False) -> dict[str, object]:
         """``refetch_tab``: when the shown migration has ended, make the browser re-fetch the whole tab."""
@@ -67,12 +68,22 @@ class MigrationDisplay:
             "last_took_s": self.last_took_s,
             "oob": oob,
             "refetch_tab": refetch_tab,
+            "latest_ended": self.latest_ended,
         }
 
     @property
+    def latest_ended(self) -> bool:
+        """Whether the latest attempt is over (completed, aborted or cancelled)."""
+        return self.latest is not None and self.latest.is_terminal
+
+    @property
     def seen_key(self) -> str:
-        """What a page rendered from this display has seen, so a reconnect re-fetches only if it changed."""
-        return f"{self.migration.pk}-{self.migration.state}" if self.migration else ""
+        """What a page rendered from this display has seen, so a reconnect re-fetches only if it changed.
+
+        The latest attempt and its state (``"<id>-<state>"``, empty if none): the history table shows
+        every attempt, so any end (a cancel too, which the phases panel does not show) changes it.
+        """
+        return f"{self.latest.pk}-{self.latest.state}" if self.latest else ""
 
 
 def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
@@ -83,7 +94,7 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
         attempts.select_related("source", "target", "requested_by").order_by("-requested_at", "-pk").first()
     )
     if latest is not None and latest.is_active:
-        return MigrationDisplay(vm=vm, migration=latest, failed=None)
+        return MigrationDisplay(vm=vm, migration=latest, failed=None, latest=latest)
     last_took_s = last_completed_seconds(vm)
     if latest is None:
         return MigrationDisplay(vm=vm, migration=None, failed=None, last_took_s=last_took_s)
@@ -91,7 +102,7 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     # Alerts: an attempt that failed, or one that completed with an alert (the target lost the guest).
     ended_badly = latest.state in (Migration.State.ABORTED, Migration.State.CANCELLED) or bool(latest.alert)
     failed = latest if ended_badly else None
-    return MigrationDisplay(vm=vm, migration=shown, failed=failed, last_took_s=last_took_s)
+    return MigrationDisplay(vm=vm, migration=shown, failed=failed, last_took_s=last_took_s, latest=latest)
 
 
 def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[int, Migration]:
@@ -113,7 +124,11 @@ def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[
 
 
 def render_vm_fragments(display: MigrationDisplay, *, oob: bool, refetch_tab: bool = True) -> str:
-    """Phases, alerts and the OS-status icon of one VM, as one HTML string."""
+    """Phases, alerts and the OS-status icon of one VM, as one HTML string.
+
+    ``refetch_tab`` (pushed copies): once the latest attempt has ended, however it ended, the copy
+    also makes the browser re-fetch the whole General tab, whose history row, VSP and statuses changed.
+    """
     return render_to_string(
         f"{PROGRESS_TEMPLATE}#vm_fragments", display.context(oob=oob, refetch_tab=refetch_tab)
     )

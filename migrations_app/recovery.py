@@ -27,6 +27,7 @@ from .decisions import (
     cancelled_by,
     load_migration,
     record_abort,
+    restate_where_the_vm_stays,
     roll_forward,
     undo_and_mark,
 )
@@ -152,6 +153,7 @@ def undo_leftovers() -> list[str]:
                     else:
                         cancel_on_source(agent, agent_id)
                         agent.resume(agent_id)
+                        restate_where_the_vm_stays(migration.pk, agent)
                 except AGENT_ERRORS as error:
                     logger.warning("Leftover %s on %s: %s", agent_id, vsp, error)
                     continue

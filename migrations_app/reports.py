@@ -7,6 +7,7 @@ users joined), its events (with their actors), and nothing per row.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,14 +109,20 @@ class TimelineEntry:
 
 def timeline(events: list[MigrationEvent]) -> list[TimelineEntry]:
     """The events in order, each with who did it and a kind for the page's marker."""
-    return [
-        TimelineEntry(event.at, event.message or _state_words(event), _actor(event), _kind(event))
-        for event in events
-    ]
+    entries = []
+    for event in events:
+        text = event.message or _state_words(event)
+        entries.append(TimelineEntry(event.at, text, _actor(event, text), _kind(event)))
+    return entries
 
 
-def _actor(event: MigrationEvent) -> str:
-    return event.actor.get_username() if event.actor_id and event.actor else ""
+def _actor(event: MigrationEvent, text: str) -> str:
+    """Who did it, for the page's "by ..."; "" when nobody did or the text already names them
+    ("admin asked to switch over now", "Cancel requested by admin"): once is enough."""
+    name = event.actor.get_username() if event.actor_id and event.actor else ""
+    if name and re.search(rf"(?<![\w.@+-]){re.escape(name)}(?![\w.@+-])", text):
+        return ""
+    return name
 
 
 def _state_words(event: MigrationEvent) -> str:

@@ -5,13 +5,15 @@
 3. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu).
 4. The demo fleet registered with those agents, its guests defined on them.
 5. The ASGI server (pages + websockets), a Celery worker and Celery beat.
-Ctrl-C (or SIGTERM) stops them all; the clean-up cannot be interrupted: a second signal only
-hurries it (what has not ended is killed). A host agent that stops only shows as unreachable in
+Ctrl-C (or SIGTERM) stops them all; the clean-up cannot be interrupted: a second Ctrl-C only
+hurries it (what has not ended is killed). SIGTERM never hurries it: a SIGTERM to `make run`'s process
+group reaches this process twice (once from the group, once passed on by make), and one SIGTERM must
+mean a graceful stop. A host agent that stops only shows as unreachable in
 the console; the web server stopping stops everything, a worker or beat that exits is started again
-(up to 5 times a minute; the worker exits when Redis restarts). Every started process carries
-MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run` left running (it was
-killed with SIGKILL, say) is found by that and stopped before its replacement starts, and a port
-held by anything else is named with what to do.
+(up to 5 times a minute; a Redis restart no longer ends the worker: see WORKER_OPTIONS). Every
+started process carries MATRIXOE_MAKE_RUN=<var dir> in its environment; what an earlier `make run`
+left running (it was killed with SIGKILL, say) is found by that and stopped before its replacement
+starts, and a port held by anything else is named with what to do.
 
 Secrets are generated once into var/ (mode 0600) and reused: the Django SECRET_KEY, the key that
 encrypts agent secrets in the database, the password of the Redis started here, and the first
@@ -69,17 +71,21 @@ def agent_secret_file(name: str) -> Path:
     return path
 
 
-# -- stopping: idempotent, uninterruptible, a second signal only hurries ---------------------------
+# -- stopping: idempotent, uninterruptible, a second Ctrl-C only hurries -------------------------
 
 stopping = False
 hurry = threading.Event()
 
 
 def on_stop_signal(signum: int, frame: object) -> None:
-    """First SIGINT/SIGTERM: leave the main flow (KeyboardInterrupt) for the clean-up. Later ones
-    only set ``hurry``; they never raise inside the clean-up."""
+    """First SIGINT/SIGTERM: leave the main flow (KeyboardInterrupt) for the clean-up. A later SIGINT
+    (a second Ctrl-C) only sets ``hurry``; a later SIGTERM is the same request again (GNU make passes
+    its SIGTERM on to its recipe, which the process group's SIGTERM reached already) and is ignored.
+    Neither raises inside the clean-up."""
     global stopping
     if stopping:
+        if signum != signal.SIGINT:
+            return
         if not hurry.is_set():
             print("\nstopping faster: killing what has not ended yet...", flush=True)
         hurry.set()
@@ -281,10 +287,23 @@ def stop_own_redis(pid_file: Path) -> None:
 
 
 CELERY = [PYTHON, "-m", "celery", "-A", "matrixoe"]
-# Started again when they exit, as a host's service manager would (the worker exits when Redis restarts:
-# kombu's AttributeError on a lost connection, celery/kombu#582).
+# Without gossip and mingle: neither is used here, and gossip's stop on a broker restart used a closed
+# connection and ended the worker ('NoneType' object has no attribute 'hostname', celery/kombu#582; the
+# same error from restoring unacknowledged tasks is matrixoe/celery_consumer.py's).
+WORKER_OPTIONS = ["--without-gossip", "--without-mingle"]
+# Started again if they exit anyway, as a host's service manager would.
 RESTARTABLE = {
-    "worker": [*CELERY, "worker", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO"],
+    "worker": [
+        *CELERY,
+        "worker",
+        *WORKER_OPTIONS,
+        "--pool",
+        "threads",
+        "--concurrency",
+        "8",
+        "--loglevel",
+        "INFO",
+    ],
     "beat": [*CELERY, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
 }
 RESTART_DELAY_S = 1.0

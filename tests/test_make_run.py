@@ -7,6 +7,7 @@ and signals it as a terminal's second Ctrl-C, a service manager or a CI job woul
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -125,7 +126,9 @@ def kept_secrets(var_dir: Path) -> dict[str, str]:
     return {name: (var_dir / name).read_text() for name in names}
 
 
-def test_two_sigterms_in_quick_succession_stop_everything_and_make_run_starts_again(make_run):
+def test_two_sigterms_in_quick_succession_stop_everything_gracefully_and_make_run_starts_again(make_run):
+    """QA: a SIGTERM to `make run`'s process group reaches run_console twice (the group's, and make's
+    own passed on to its recipe); it was counted as a second signal and killed everything at once."""
     make_run.start()
     assert len(make_run.started()) >= 7  # four agents, worker, beat, web server
     first_secrets = kept_secrets(make_run.var_dir)
@@ -138,6 +141,7 @@ def test_two_sigterms_in_quick_succession_stop_everything_and_make_run_starts_ag
     make_run.process.wait(timeout=60)
     assert "Traceback" not in make_run.output and "KeyboardInterrupt" not in make_run.output, make_run.output
     assert "stopped." in make_run.output
+    assert "stopping faster" not in make_run.output, make_run.output  # one request: a graceful stop
     assert wait_until(lambda: not make_run.started(), 10), make_run.started()
     assert all(port_free(port) for port in make_run.ports())
 
@@ -147,6 +151,20 @@ def test_two_sigterms_in_quick_succession_stop_everything_and_make_run_starts_ag
     make_run.signal_group(signal.SIGINT)
     make_run.process.wait(timeout=60)
     assert wait_until(lambda: not make_run.started(), 10)
+
+
+def test_a_repeated_sigterm_is_the_same_request_and_a_second_ctrl_c_hurries():
+    """The stop signal handler itself (the signals above may coalesce under load, so this is exact)."""
+    spec = importlib.util.spec_from_file_location("run_console", BASE_DIR / "scripts" / "run_console.py")
+    run_console = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_console)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_console.on_stop_signal(signal.SIGTERM, None)  # the process group's copy: stop
+    run_console.on_stop_signal(signal.SIGTERM, None)  # make's copy of the same SIGTERM
+    assert not run_console.hurry.is_set()
+    run_console.on_stop_signal(signal.SIGINT, None)  # Ctrl-C while stopping
+    assert run_console.hurry.is_set()
 
 
 def test_a_make_run_replaces_what_a_killed_make_run_left_running(make_run):
@@ -165,8 +183,8 @@ def test_a_make_run_replaces_what_a_killed_make_run_left_running(make_run):
 
 
 def test_a_worker_that_exits_is_started_again(make_run):
-    """Soak bug 5: the Celery worker exits when Redis restarts (celery/kombu#582); a service manager
-    starts it again, and so does ``make run``. The worker is killed here (SIGKILL), the way it exits."""
+    """A worker that exits anyway (soak bug 5 was a Redis restart: ``test_worker_redis_restart.py``) is
+    started again by ``make run``, as a service manager would. It is killed here (SIGKILL)."""
     make_run.start()
     before = set(make_run.started())
     worker = next(pid for pid in before if "celery" in command_of(pid) and " worker " in command_of(pid))

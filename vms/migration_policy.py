@@ -128,27 +128,8 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
         policy["preset"] = "custom"
     values = {key: value for key, value in raw.items() if key != "preset"}
     checked = dict(policy)
-    if "max_downtime_ms" in values:
-        checked["max_downtime_ms"] = _whole(
-            values["max_downtime_ms"], "Maximum downtime", 1, MAX_DOWNTIME_MS, "ms"
-        )
-    if "bandwidth_cap_mb_s" in values:
-        checked["bandwidth_cap_mb_s"] = _cap(values["bandwidth_cap_mb_s"])
-    if "auto_converge" in values:
-        checked["auto_converge"] = _flag(values["auto_converge"], "Auto-converge")
-    if "throttle_max_pct" in values:
-        checked["throttle_max_pct"] = _whole(values["throttle_max_pct"], "Throttle ceiling", 1, 99, "%")
-    if "downtime_step_ms" in values:
-        step = _whole(values["downtime_step_ms"], "Downtime step", 0, MAX_DOWNTIME_MS, "ms", allow_blank=True)
-        checked["downtime_step_ms"] = step or 0
-    if "downtime_max_ms" in values:
-        checked["downtime_max_ms"] = _whole(
-            values["downtime_max_ms"], "Downtime ceiling", 1, MAX_DOWNTIME_MS, "ms", allow_blank=True
-        )
-    if "at_limit" in values:
-        if values["at_limit"] not in AT_LIMIT_CHOICES:
-            raise PolicyError("At the limit: choose abort or switchover.")
-        checked["at_limit"] = values["at_limit"]
+    for key, value in values.items():
+        checked[key] = check_value(key, value)
     if checked["downtime_step_ms"] and checked["downtime_max_ms"] is None:
         raise PolicyError("Downtime escalation needs a ceiling: give the downtime ceiling (ms).")
     ceiling = checked["downtime_max_ms"]
@@ -160,6 +141,37 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
     if values and any(checked[key] != policy[key] for key in values):
         checked["preset"] = "custom"
     return checked
+
+
+def check_value(key: str, value: Any) -> Any:
+    """One policy setting ``key`` (one of ``FIELDS``) checked alone: its type and bounds, not how it fits
+    the others (``check_policy`` checks that). Returns the value in the policy's form (an int, a float
+    or None for the bandwidth cap, a bool, a word); raises ``PolicyError`` in the Migrate dialog's words.
+    """
+    if key == "preset":
+        if not isinstance(value, str | None):
+            raise PolicyError(f"Preset: one of {', '.join(PRESETS)}.")
+        if value in (None, "", "custom"):
+            return value
+        preset_policy(str(value))  # raises for an unknown one
+        return value
+    if key == "max_downtime_ms":
+        return _whole(value, "Maximum downtime", 1, MAX_DOWNTIME_MS, "ms")
+    if key == "bandwidth_cap_mb_s":
+        return _cap(value)
+    if key == "auto_converge":
+        return _flag(value, "Auto-converge")
+    if key == "throttle_max_pct":
+        return _whole(value, "Throttle ceiling", 1, 99, "%")
+    if key == "downtime_step_ms":
+        return _whole(value, "Downtime step", 0, MAX_DOWNTIME_MS, "ms", allow_blank=True) or 0
+    if key == "downtime_max_ms":
+        return _whole(value, "Downtime ceiling", 1, MAX_DOWNTIME_MS, "ms", allow_blank=True)
+    if key == "at_limit":
+        if not isinstance(value, str) or value not in AT_LIMIT_CHOICES:
+            raise PolicyError("At the limit: choose abort or switchover.")
+        return value
+    raise PolicyError(f"Unknown policy setting {key}.")
 
 
 def agent_params(

@@ -174,9 +174,12 @@ def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
 
 @register.filter
 def seconds(value: float | None) -> str:
-    """A forecast or time left in words: "not known yet" for None, else "42 s" or "3 min 5 s"."""
+    """A duration, forecast or time left in words: "not known yet" for None, "under 1 s" for less
+    than a second (rounded it read "took 0 s"), else "42 s" or "3 min 5 s"."""
     if value is None:
         return "not known yet"
+    if 0 < value < 1:
+        return "under 1 s"
     whole = round(value)
     if whole < 60:
         return f"{whole} s"

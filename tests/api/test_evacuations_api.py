@@ -10,6 +10,7 @@ import pytest
 
 from migrations_app.evacuation_models import Evacuation
 from migrations_app.models import Migration
+from tests.api.test_inventory_api import assert_problem
 from tests.factories import make_vm, make_vsp
 from vms.models import VSP, AuditEvent
 
@@ -105,4 +106,13 @@ def test_it_answers_unknown_hosts_and_evacuations_with_404(api, crowded):
     assert api.get("/vsps/nowhere/evacuation-plan").status_code == 404
     assert api.get("/evacuations/999").status_code == 404
     assert api.post("/vsps/src/evacuations", {"targets": {"ghost": "big"}}).status_code == 404
+    assert not Evacuation.objects.exists()
+
+
+def test_it_refuses_a_misspelt_field_instead_of_running_the_plans_order(api, crowded):
+    response = api.post("/vsps/src/evacuations", {"ordr": ["g700", "g500"]})
+
+    assert_problem(
+        response, 422, "Bad input: ordr: not a field here: check its spelling and where it is nested"
+    )
     assert not Evacuation.objects.exists()

@@ -7,12 +7,15 @@ stays Queued; ``test_live.py`` drives real ones.
 
 from __future__ import annotations
 
+from unittest.mock import ANY
+
 import pytest
 
 from migrations_app.history import record_refusal
 from migrations_app.models import Migration
 from tests.api.test_inventory_api import assert_problem
 from tests.factories import make_migration, make_vm, make_vsp
+from vms.migration_policy import PolicyError, check_policy
 
 pytestmark = pytest.mark.django_db
 
@@ -244,3 +247,112 @@ def test_it_refuses_a_bad_policy_with_its_reason_and_changes_nothing(api, hosts,
 
     assert body["detail"]
     assert not Migration.objects.exclude(state="refused").exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (
+            {"vm": "web01", "target": "hostb", "max_downtime_ms": 500},
+            'Bad input: max_downtime_ms: a policy setting goes inside "policy", e.g. '
+            '{"vm": ..., "target": ..., "policy": {"max_downtime_ms": ...}}.',
+        ),
+        (
+            {"vm": "web01", "target": "hostb", "priority": "high"},
+            "Bad input: priority: not a field here: check its spelling and where it is nested",
+        ),
+        (
+            {"vm": "web01", "target": "hostb", "policy": {"warp": 9}},
+            "Bad input: policy.warp: not a field here: check its spelling and where it is nested",
+        ),
+    ],
+)
+def test_it_refuses_a_field_it_does_not_know_and_names_it(api, hosts, body, detail):
+    """QA: ``max_downtime_ms`` beside ``vm`` was ignored and the migration queued under the VM's policy."""
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(api.post("/migrations", body), 422, detail)
+    assert not Migration.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "words"),
+    [
+        (
+            {"max_downtime_ms": 300.5},
+            "max_downtime_ms",
+            "Maximum downtime: a whole number from 1 to 600000 ms",
+        ),
+        ({"max_downtime_ms": 0}, "max_downtime_ms", "Maximum downtime: a whole number from 1 to 600000 ms"),
+        (
+            {"max_downtime_ms": 10**30},
+            "max_downtime_ms",
+            "Maximum downtime: a whole number from 1 to 600000 ms",
+        ),
+        ({"max_downtime_ms": [300]}, "max_downtime_ms", "Maximum downtime: a number, not"),
+        ({"max_downtime_ms": "300"}, "max_downtime_ms", "send a number, not the text '300'."),
+        ({"throttle_max_pct": 12.5}, "throttle_max_pct", "Throttle ceiling: a whole number from 1 to 99 %"),
+        ({"bandwidth_cap_mb_s": -3}, "bandwidth_cap_mb_s", "Bandwidth cap: from 1 to 100000 MB/s"),
+        ({"auto_converge": "maybe"}, "auto_converge", "Auto-converge"),
+        ({"preset": "fastest"}, "preset", "Unknown preset 'fastest'"),
+    ],
+)
+def test_a_bad_policy_value_is_refused_in_the_dialogs_words_at_its_place(api, hosts, policy, field, words):
+    """QA: 300.5 was refused with pydantic's "Input should be a valid integer" three times over."""
+    make_vm("web01", vsp=hosts[0])
+
+    body = assert_problem(api.post("/migrations", {"vm": "web01", "target": "hostb", "policy": policy}), 422)
+
+    assert body["detail"].startswith(f"Bad input: policy.{field}: {words}"), body["detail"]
+    assert "Input should" not in body["detail"] and "body." not in body["detail"]
+    assert body["errors"] == [{"loc": ["policy", field], "field": f"policy.{field}", "msg": ANY}]
+    assert not Migration.objects.exists()
+
+
+def test_the_api_and_the_dialog_say_the_same_about_a_decimal_downtime(api, hosts):
+    make_vm("web01", vsp=hosts[0])
+    with pytest.raises(PolicyError) as page_says:  # what the Migrate dialog shows for "300.5"
+        check_policy({"max_downtime_ms": "300.5"})
+
+    body = assert_problem(
+        api.post("/migrations", {"vm": "web01", "target": "hostb", "policy": {"max_downtime_ms": 300.5}}), 422
+    )
+
+    assert body["detail"] == f"Bad input: policy.max_downtime_ms: {page_says.value}"
+
+
+@pytest.mark.parametrize(
+    ("call", "detail"),
+    [
+        (lambda api: api.post("/migrations", {"vm": "web01"}), "Bad input: target: required"),
+        (
+            lambda api: api.post("/migrations", {"vm": 7, "target": "hostb"}),
+            "Bad input: vm: must be text, in quotes",
+        ),
+        (lambda api: api.get("/migrations", limit=0), "Bad input: limit: must be at least 1"),
+        (lambda api: api.get("/migrations", limit="lots"), "Bad input: limit: must be a whole number"),
+        (
+            lambda api: api.patch("/migrations/1/policy", {"max_downtime_ms": 2.5}),
+            "Bad input: max_downtime_ms: Maximum downtime: a whole number from 1 to 600000 ms, not 2.5.",
+        ),
+    ],
+)
+def test_a_bad_inputs_place_reads_as_the_field_the_admin_typed(api, hosts, call, detail):
+    """QA: details began "body.body.policy..."; ninja's source and parameter name are not the admin's."""
+    make_vm("web01", vsp=hosts[0])
+
+    assert_problem(call(api), 422, detail)
+
+
+def test_every_api_input_refuses_a_field_it_does_not_know(api, hosts):
+    """The same for the other inputs: a field sent in the wrong place or misspelt is never ignored."""
+    vm = make_vm("web01", vsp=hosts[0])
+
+    for response in (
+        api.put("/vms/web01/online-migration", {"enabled": False, "reason": "maintenance"}),
+        api.post("/vms/web01/registrations/hosta/not-runnable", {"reason": "x", "set_by": "admin"}),
+    ):
+        body = assert_problem(response, 422)
+        assert "not a field here" in body["detail"], body["detail"]
+    vm.refresh_from_db()
+    assert vm.online_migration_enabled and vm.registrations.get().is_runnable

@@ -168,7 +168,7 @@ def ended():
             "Bandwidth cap: from 1 to 100000 MB/s (0 or empty for no cap), not 0.5.",
         ),
         ({"auto_converge": "maybe"}, "Auto-converge: on or off, not 'maybe'."),
-        ({"max_downtime": 900}, "Extra inputs are not permitted"),
+        ({"max_downtime": 900}, "max_downtime: not a field here: check its spelling and where it is nested"),
         ({}, "Nothing to change: give one of max_downtime_ms, bandwidth_cap_mb_s, auto_converge."),
     ],
 )

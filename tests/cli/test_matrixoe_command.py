@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -82,6 +83,23 @@ def test_it_migrates_with_watch_showing_four_phases_at_100_and_the_new_vsp(host_
     assert "VSP:" in status.stdout and "hostb" in status.stdout.split("VSP:")[1].splitlines()[0]
     history = json.loads(matrixoe(logged_in, "history", vm.name, "--json").stdout)
     assert [(m["target"], m["state"]["value"]) for m in history] == [("hostb", "completed")]
+
+
+def test_watch_on_an_80_column_terminal_cuts_off_nothing(host_agents, fleet, logged_in):
+    """QA: at 80 columns the bars' statistics row was cut off with "…" (rich fits a table row to the
+    width); the statistics now wrap under the bars. TTY_COMPATIBLE=1: rich draws as on a terminal."""
+    vm = place_vm(host_agents, fleet, memory_mib=16, fill_percent=30)
+
+    terminal = {"COLUMNS": "80", "TTY_COMPATIBLE": "1"}
+    result = matrixoe(logged_in, "migrate", vm.name, "--to", "hostb", "--watch", env=terminal)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "\n", result.stdout)
+    assert "━" in shown, shown  # the bars were drawn: the terminal path, not the log lines
+    assert "…" not in shown, shown
+    assert re.search(r"throughput\s+[\d.]+\s+MiB/s\s+·\s+downtime\s+\d+\s+ms", shown), shown
+    assert f"{vm.name} now runs on VSP hostb." in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80, shown
 
 
 def test_it_exits_non_zero_with_the_refusals_words(host_agents, fleet, logged_in):

@@ -448,3 +448,39 @@ def test_recovery_undoes_what_an_abort_could_not_reach(host_agents, fleet, admin
     assert runs_on(host_agents["hosta"], vm.name)
     written = guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"]
     assert wait_until(lambda: guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"] > written)
+
+
+@pytest.mark.faults
+def test_an_alert_that_said_the_source_did_not_answer_is_restated_once_it_answers(
+    host_agents, fleet, admin, client
+):
+    """QA (QEMU, kill the source agent): the restarted agent re-adopted and resumed the guest, and the
+    alert still said "if its host crashed, the VM is down there". Played here: the abort could not
+    reach the source (undo pending, both agents wait in "ready"); recovery's retry reaches it."""
+    vm = place_vm(host_agents, fleet)
+    unanswered = "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
+    migration = Migration.objects.create(
+        vm=vm,
+        source=fleet["hosta"],
+        target=fleet["hostb"],
+        requested_by=admin,
+        state=Migration.State.ABORTED,
+        state_changed_at=timezone.now() - timedelta(seconds=30),
+        failed_phase=Migration.State.FROZEN,
+        undo_pending=True,
+        alert=f"Frozen phase failed: the source host hosta stopped answering. {unanswered}",
+    )
+    bring_agents_to_ready(host_agents, vm, agent_migration_id(migration))
+
+    recover_migrations(stale_after_s=5)
+
+    migration.refresh_from_db()
+    assert runs_on(host_agents["hosta"], vm.name)
+    assert migration.alert == (
+        "Frozen phase failed: the source host hosta stopped answering. "
+        "The VM keeps running on hosta (its host agent answered again after the abort)."
+    )
+    assert migration.events.filter(message="hosta answered again: the VM keeps running on hosta.").exists()
+    client.force_login(admin)
+    page = client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    assert "keeps running on hosta (its host agent answered again" in page and "down there" not in page

@@ -1,6 +1,7 @@
 """The convergence forecast (``migrations_app.forecast``): plain unit tests, no Django, no services."""
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -386,3 +387,25 @@ def test_the_freeze_and_the_convergence_judgement_move_at_the_freeze_rate_when_k
     left = dirtied_bytes(busy, slower.trail[-1][1] / LINK.rate_bytes_s)
     assert slower.downtime_ms == pytest.approx(1000 * left / (200 * MB) + 10)
     assert slower.downtime_ms <= 300
+
+
+@pytest.mark.parametrize("writes_mb_s", [10.2, 10.004, 10.4, 99.6, 50.4])
+def test_a_rate_said_to_be_more_than_the_cap_never_reads_as_the_same_number(writes_mb_s):
+    """QA: "the guest writes 10 MB/s, more than the bandwidth cap of 10 MB/s lets through"."""
+    capped = Policy(bandwidth_cap_bytes_s=int(writes_mb_s) * MB)
+
+    words = bottleneck(Guest(GIB, writes_mb_s * MB), LINK, capped)
+
+    match = re.fullmatch(
+        r"the guest writes ([\d.]+) MB/s, more than the bandwidth cap of ([\d.]+) MB/s lets through", words
+    )
+    assert match, words
+    assert float(match[1]) > float(match[2]), words
+
+
+def test_a_rate_equal_to_the_cap_is_said_to_be_as_fast_not_more():
+    capped = Policy(bandwidth_cap_bytes_s=10 * MB)
+    rate = bottleneck(Guest(GIB, 10 * MB), LINK, capped)
+
+    assert "more than" not in rate
+    assert rate.startswith("the guest writes 10 MB/s, as fast as the bandwidth cap lets through"), rate

@@ -355,3 +355,40 @@ def test_a_forced_switchovers_report_says_how_much_of_frozen_the_guest_still_ran
     assert "24.0 s" in frozen_row
     assert "guest paused 12000 ms of it: for the first 12.0 s it still ran" in frozen_row
     assert "12000 ms" in html and "(allowed 500 ms)" in html
+
+
+def test_a_timeline_names_who_did_it_once(fleet, admin_client, alice):
+    """QA: "alice asked to switch over now by alice"; the cancel's events named alice twice too."""
+    from migrations_app.actions import do_cancel_migration
+    from migrations_app.steering import describe_change
+
+    vsp1, vsp2 = fleet
+    migration = do_request_migration(make_vm("web01", vsp1), vsp2, alice)
+    MigrationEvent.objects.create(  # as steering.do_change_migration records a switch-over
+        migration=migration,
+        from_state="queued",
+        to_state="queued",
+        message=f"{alice} {describe_change({'switchover_now': True})}",
+        actor=alice,
+    )
+    do_cancel_migration(migration, alice)
+
+    html = admin_client.get(reverse("migration_history:report", args=[migration.pk])).content.decode()
+    section = html[html.index('<ol class="timeline">') :]
+    section = section[: section.index("</ol>")]
+    items = re.findall(r"<li[^>]*>(.*?)</li>", section, re.S)
+    lines = [re.sub(r"<[^>]+>|\s+", " ", item).strip() for item in items]
+    timeline = [line for line in lines if "alice" in line]
+    assert any(line.endswith("alice asked to switch over now") for line in timeline), timeline
+    assert any(line.endswith("Cancelled by alice while queued") for line in timeline), timeline
+    assert all(line.count("alice") == 1 for line in timeline), timeline
+
+
+def test_a_sub_second_duration_reads_under_1_s_not_0_s(fleet, admin_client, alice):
+    vsp1, vsp2 = fleet
+    vm = make_vm("web01", vsp1)
+    finished(vm, vsp1, vsp2, seconds=0.3, user=alice)
+
+    html = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+
+    assert re.search(r'data-field="last_took">Last time this took under 1 s\.', html), "took 0 s?"

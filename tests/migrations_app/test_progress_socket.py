@@ -160,6 +160,32 @@ async def test_a_page_that_missed_the_end_of_a_migration_re_fetches_its_tab_once
         await socket.disconnect()
 
 
+REFETCH_TAB = 'id="general-tab-refetch" hidden hx-swap-oob="true"><span hx-get="" hx-trigger="load"'
+
+
+ENDS = [Migration.State.CANCELLED, Migration.State.ABORTED, Migration.State.COMPLETED]
+
+
+@pytest.mark.parametrize("end", ENDS)
+async def test_every_end_of_a_migration_makes_watching_pages_re_fetch_their_tab(end):
+    """The tab's history row still said "Running" after a cancel: only a completion re-fetched the tab."""
+    vm, migration = await migrating_vm()
+    cookie = await admin_cookie()
+    socket, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-copy", cookie)
+    assert REFETCH_TAB not in await socket.receive_from(timeout=5)  # running: nothing to re-fetch yet
+
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(state=end)
+    await database_sync_to_async(publish_progress)(migration)
+
+    assert REFETCH_TAB in await socket.receive_from(timeout=5)
+    reconnected, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-copy", cookie)
+    assert REFETCH_TAB in await reconnected.receive_from(timeout=5)  # the page missed the end
+    up_to_date, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-{end}", cookie)
+    assert REFETCH_TAB not in await up_to_date.receive_from(timeout=5)
+    for each in (socket, reconnected, up_to_date):
+        await each.disconnect()
+
+
 async def test_the_vsp_socket_refuses_anonymous_users_and_unknown_vsps():
     await migrating_vm()
     anonymous, connected = await connect("/ws/vsps/1/")
