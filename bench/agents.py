@@ -22,10 +22,17 @@ class BenchAgent:
     """A real agent on a free loopback port; its secret and log go to ``scratch``."""
 
     def __init__(
-        self, name: str, scratch: Path, driver: str = "simulated", *extra_args: str, timeout_s: float = 60
+        self,
+        name: str,
+        scratch: Path,
+        driver: str = "simulated",
+        *extra_args: str,
+        timeout_s: float = 60,
+        env: dict[str, str] | None = None,
     ) -> None:
         """TLS with a CA of the bench's own (``scratch/pki``); ``encryption`` is the data-plane policy
-        ``migrate`` uses by default ("required": mutual TLS, QEMU's own migration TLS for QEMU)."""
+        ``migrate`` uses by default ("required": mutual TLS, QEMU's own migration TLS for QEMU).
+        ``env``: the agent process's environment (None: ours)."""
         secret_file = scratch / f"{name}.secret"
         write_secret_file(secret_file)
         started = start_agent(
@@ -36,6 +43,7 @@ class BenchAgent:
             extra_args,
             log_path=scratch / f"{name}.log",
             pki_dir=scratch / "pki",
+            env=env,
         )
         self.process = started.process
         self.secret = started.secret

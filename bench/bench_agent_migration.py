@@ -1,7 +1,7 @@
 """Benchmark: live-migrate a 1 GiB simulated guest between two real agents over loopback, 1 and N streams.
 
     .venv/bin/python bench/bench_agent_migration.py [--memory-mib 1024] [--dirty-pages-per-s 25000]
-        [--streams 4] [--repeat 1] [--tls] [--keep-logs]
+        [--streams 4] [--repeat 1] [--tls] [--keep-logs] [--profile DIR]
 
 Runs, in one go: raw loopback TCP throughput with 1 connection and with N (sender and receiver
 processes moving the same number of non-zero bytes with plain blocking sockets, one thread per
@@ -11,7 +11,9 @@ stream and with N: an idle guest (memory filled, nothing written) and a guest wr
 the TLS data plane. Prints each run's total time (start to ready), downtime (the Frozen phase),
 rounds, data-plane throughput (bytes on the wire / wall-clock seconds of copy rounds) as a ratio of
 raw loopback with the same number of connections, whether the digests were equal, the agents' CPU,
-and the machine's load average before and after (it is shared).
+and the machine's load average before and after (it is shared). ``--profile DIR``: both agents
+run under cProfile (their event-loop threads), written to ``DIR/loop.prof.bench-src`` and
+``.bench-dst`` when they stop (read with ``python -m pstats``).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="migrations per stream count and workload")
     parser.add_argument("--tls", action="store_true", help="also run over the TLS data plane")
     parser.add_argument("--keep-logs", action="store_true", help="keep the agents' logs")
+    parser.add_argument("--profile", type=Path, help="cProfile both agents' event loops into this directory")
     args = parser.parse_args()
     total, counts = args.memory_mib * 2**20, (1, args.streams)
     print(
@@ -180,7 +183,11 @@ def main() -> None:
             f"{raw[count] / 1e6:.0f} MB/s"
         )
     scratch = Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    source, target = BenchAgent("bench-src", scratch), BenchAgent("bench-dst", scratch)
+    env = None
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HOSTAGENT_PROFILE": str(args.profile.resolve() / "loop.prof")}
+    source, target = BenchAgent("bench-src", scratch, env=env), BenchAgent("bench-dst", scratch, env=env)
     policies = ("off", "required") if args.tls else ("off",)
     rows: list[tuple[str, int, int, list[dict]]] = []
     try:

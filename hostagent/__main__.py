@@ -150,7 +150,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(args))
+    profile = os.environ.get("HOSTAGENT_PROFILE")
+    if not profile:
+        asyncio.run(serve(args))
+        return
+    # Development: cProfile of the event-loop thread (the data plane's lanes and worker threads are
+    # not in it), written to HOSTAGENT_PROFILE.<name> when the agent stops (bench_agent_migration --profile).
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(asyncio.run, serve(args))
+    finally:
+        profiler.dump_stats(f"{profile}.{args.name}")
 
 
 if __name__ == "__main__":
