@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     if not profile:
         asyncio.run(serve(args))
         return
-    # Development: cProfile of the event-loop thread (the data plane's lanes and worker threads are
+    # Development: cProfile of the event-loop thread (the data plane's worker threads are
     # not in it), written to HOSTAGENT_PROFILE.<name> when the agent stops (bench_agent_migration --profile).
     import cProfile
 
