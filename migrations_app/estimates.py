@@ -206,7 +206,8 @@ class TargetForecast:
 
     @property
     def warns(self) -> bool:
-        return self.verdict is forecast.Verdict.WILL_NOT_CONVERGE
+        """The dialog warns: the migration will, or may, stop at its limit (``Verdict.warns``)."""
+        return self.verdict is not None and self.verdict.warns
 
 
 def forecast_to(

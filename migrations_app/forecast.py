@@ -525,7 +525,7 @@ def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
         return (
             f"the guest writes {mb(guest.dirty_rate_bytes_s)}, "
             f"{100 * guest.dirty_rate_bytes_s / rate:.0f}% of what the link carries ({mb(rate)}): "
-            f"the copy needs {unthrottled.rounds} of its {policy.max_rounds} rounds, too close to promise"
+            "too close to promise"
         )
     return (
         f"what the guest rewrites during one round takes longer to send than the allowed downtime "
@@ -623,7 +623,9 @@ def promises(guest: Guest, link: Link, policy: Policy) -> list[Rescue]:
     if not policy.auto_converge:
         result = forecast(guest, link, replace(policy, auto_converge=True))
         if result.converges:
-            words = f"turn on throttling (up to {result.throttle_pct:.0f}% of the guest's vCPU time)"
+            words = "turn on throttling (auto-converge)"
+            if result.throttle_pct > 0:
+                words = f"turn on throttling (up to {result.throttle_pct:.0f}% of the guest's vCPU time)"
             options.append(Rescue("auto_converge", words, result))
     for rounds in range(policy.max_rounds + 1, PROMISE_ROUNDS_MAX + 1):
         result = forecast(guest, link, replace(policy, max_rounds=rounds))

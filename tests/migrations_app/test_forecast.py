@@ -154,6 +154,11 @@ def test_it_offers_rescues_for_a_stalled_migration_with_their_cost():
     stalling = {option.action: option for option in promises(guest(1.0), LINK, Policy())}
     assert stalling["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
     assert stalling["auto_converge"].words.startswith("turn on throttling (up to ")
+    # A close call the throttle rescues without the measured rates ever stalling: no "up to 0%".
+    near = Guest(GIB, 0.8 * LINK.rate_bytes_s)
+    assert forecast(near, LINK, Policy()).verdict is Verdict.MAY_NOT_CONVERGE
+    rescue = {option.action: option for option in promises(near, LINK, Policy())}["auto_converge"]
+    assert rescue.forecast.converges and "up to 0%" not in rescue.words
 
 
 def test_it_recovers_the_write_rate_from_a_distinct_page_measurement():
@@ -359,12 +364,17 @@ def test_it_says_what_would_make_a_close_call_a_promise():
     stalling = {option.action: option for option in promises(guest(1.0), LINK, Policy())}
     assert stalling["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
     assert stalling["auto_converge"].words.startswith("turn on throttling (up to ")
+    # A close call the throttle rescues without the measured rates ever stalling: no "up to 0%".
+    near = Guest(GIB, 0.8 * LINK.rate_bytes_s)
+    assert forecast(near, LINK, Policy()).verdict is Verdict.MAY_NOT_CONVERGE
+    rescue = {option.action: option for option in promises(near, LINK, Policy())}["auto_converge"]
+    assert rescue.forecast.converges and "up to 0%" not in rescue.words
     # The dialog's words: the numbers if the rates hold, where the careful run stops, and the rescues.
     lines = explain(
         close, LINK, six, forecast(close, LINK, six), vm="db01", target="vsp2", link_source="lately"
     )
     assert lines[1].startswith("If the measured rates hold: ")
-    assert lines[2].startswith("With the guest writing 25% faster it would stop at the round limit (6 rounds)")
+    assert lines[2].startswith("With the guest writing 25% faster it would stop at the round limit (6 ")
     assert lines[3] == "A promise with any one of: " + "; ".join(o.words for o in options.values()) + "."
     # Nothing to offer for a promise already made.
     assert promises(Guest(GIB, 0.3 * LINK.rate_bytes_s), LINK, six) == []

@@ -144,3 +144,42 @@ def test_with_no_history_a_capped_policy_still_flags_a_guest_that_writes_faster_
     assert "the link to hostc is not measured yet (no migration between them)" in hot_cell
     assert "allows at most 5.0 MB/s" in hot_cell
     assert forecast_cells(migration_admin_client, idle)["hostc"].startswith("Converges · about ")
+
+
+def test_the_dialog_says_a_close_call_may_not_converge_with_what_would_make_it_a_promise(
+    host_agents, fleet, migration_admin_client
+):
+    """Too close to promise: the measured rates converge within the rounds, a guest writing the model's
+    margin faster would not. The dialog neither promises it nor says it will not converge: its own words,
+    the time if the rates hold, and the changes that would make it a promise; the cell warns."""
+    from migrations_app import estimates, forecast
+
+    warm = place_vm(host_agents, fleet, memory_mib=8, dirty_pages_per_s=300, fill_percent=100)
+    first = forecast_cells(migration_admin_client, warm)  # measures the guest (cached for the dialog)
+    measured = estimates.cached_dirty_rate(warm)
+    assert measured is not None and measured.rate_bytes_s > 0, first
+
+    # No migration between the pair: the policy's cap is the link. The model's boundary for this guest:
+    # the first cap, coming down in 0.05 MB/s steps, under which it is too close to promise.
+    def verdict(cap_mb_s: float) -> forecast.Verdict:
+        policy = estimates.forecast_policy({"preset": "custom", "bandwidth_cap_mb_s": cap_mb_s}, warm)
+        link = estimates.model_link(warm.current_vsp, cap_mb_s * 1_000_000)
+        return forecast.forecast(measured.guest(), link, policy).verdict
+
+    caps = [round(50 - 0.05 * step, 2) for step in range(990)]
+    close = next(cap for cap in caps if verdict(cap) is forecast.Verdict.MAY_NOT_CONVERGE)
+    warm.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": close}
+    warm.save(update_fields=["migration_policy"])
+    html = migration_admin_client.get(f"/migrations/vms/{warm.pk}/forecast/", headers=HTMX).text
+    cell = forecast_cells(migration_admin_client, warm)["hostc"]
+
+    assert cell.startswith("May not converge under this policy: too close to promise · if the measured "), (
+        cell
+    )
+    assert "Will not converge" not in cell and "Converges" not in cell
+    assert (
+        "If the measured rates hold: " in cell
+        and "With the guest writing 25% faster it would stop at" in cell
+    )
+    assert "A promise with any one of: allow " in cell, cell
+    assert re.search(rf'<td id="forecast-{fleet["hostc"].pk}" class="target-forecast forecast-warns"', html)
