@@ -183,3 +183,47 @@ def test_the_dialog_says_a_close_call_may_not_converge_with_what_would_make_it_a
     )
     assert "A promise with any one of: allow " in cell, cell
     assert re.search(rf'<td id="forecast-{fleet["hostc"].pk}" class="target-forecast forecast-warns"', html)
+
+
+def test_the_dialog_forecasts_with_the_pairs_dirty_rounds_timed_on_its_last_migrations(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    """The live panel and the bench move the dirty rounds at their own measured rate and fixed cost per
+    round; the dialog now does too, from the pair's completed migrations' round samples (two here, each
+    with dirty rounds: 16 MiB writing about half the worker's 5 MB/s cap)."""
+    from dataclasses import replace
+
+    from migrations_app import estimates, forecast
+    from migrations_app.actions import do_request_migration
+    from vms import migration_policy
+
+    warm = {"memory_mib": 16, "dirty_pages_per_s": 600, "fill_percent": 100}
+    for _ in range(2):
+        vm = place_vm(host_agents, fleet, **warm)
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        wait_for_state(wait_for, migration, "completed", "aborted", "cancelled", timeout=120)
+        assert migration.state == "completed", migration.alert
+    cost = estimates.round_cost(fleet["hosta"], fleet["hostb"])
+    assert cost is not None and cost.migrations == 2, cost
+    link = estimates.link_rate(fleet["hosta"], fleet["hostb"])
+    assert link is not None
+
+    third = place_vm(host_agents, fleet, **warm)
+    cell = forecast_cells(migration_admin_client, third)["hostb"]
+    measured = estimates.cached_dirty_rate(third)
+    assert measured is not None, cell
+
+    said = re.search(
+        r"Its dirty rounds moved ([\d.]+) MB/s plus (\d+) ms a round over its last 2 migrations", cell
+    )
+    assert said, cell
+    assert said.group(0) + "." == cost.words()
+    fleet["hosta"].refresh_from_db()  # its agent's driver, recorded when the dialog opened
+    fitted = replace(
+        estimates.model_link(fleet["hosta"], link.rate_bytes_s),
+        round_rate_bytes_s=cost.rate_bytes_s,
+        round_overhead_s=cost.overhead_s,
+    )
+    policy = estimates.forecast_policy(migration_policy.effective(third.migration_policy), third)
+    expected = forecast.forecast(measured.guest(), fitted, policy)
+    assert f"about {expected.total_s:.1f} s" in cell, (cell, expected)
