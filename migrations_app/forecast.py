@@ -324,9 +324,8 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     must also converge with the guest writing ``1 + MARGIN`` times faster; else "converges only with
     throttling" when the policy's auto-converge rescues the careful run, or ``Verdict.MAY_NOT_CONVERGE``
     (marked ``close_call``) with the measured rates' numbers and the careful run's limit. ``state``
-    continues a running migration
-    (the live panel); None forecasts one not started yet. Raises ValueError when the link rate is not
-    a positive number.
+    continues a running migration (the live panel); None forecasts one not started yet. Raises
+    ValueError when the link rate is not a positive number.
     """
     nominal = _simulate(guest, link, policy, state)
     if not nominal.converges:
