@@ -10,7 +10,8 @@ the largest expected time last; the admin may change any target or the order, an
 again (``problems``) before it may start.
 
 **The forecast** per guest: ``forecast.forecast`` (``docs/convergence.md``) with the link rate and dirty
-rate measured by this pair's completed migrations (their mean throughput and dirty rate); a pair never
+rate measured by this pair's completed migrations (their mean throughput and dirty rate, and their dirty
+rounds' rate and cost per round as the migrate dialog uses them, ``estimates.round_cost``); a pair never
 migrated before uses its last link probe (``link_probes``; one is queued in the background when there is
 none or it is older than an hour) with the guest's dirty rate if the migrate dialog measured it lately,
 else it has no forecast ("not known yet").
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -141,10 +142,12 @@ class Plan:
 @dataclass(frozen=True)
 class PairHistory:
     """What completed migrations from the source to one target measured (bytes/s); with no migration
-    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest)."""
+    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest).
+    ``rounds``: their dirty rounds' rate and cost per round (``estimates.round_cost``), when timed."""
 
     throughput_bytes_s: float
     dirty_rate_bytes_s: float | None
+    rounds: estimates.RoundCost | None = None
 
 
 def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHistory]:
@@ -162,7 +165,8 @@ def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHist
         row["target_id"]: PairHistory(float(row["throughput"]), float(row["dirty"] or 0)) for row in rows
     }
     for target in targets:
-        if target.pk in found:
+        if target.pk in found:  # as the migrate dialog: the dirty rounds at the pair's own cost
+            found[target.pk] = replace(found[target.pk], rounds=estimates.round_cost(source, target))
             continue
         probe = link_probes.latest_probe(source, target)
         if probe is None or not link_probes.is_fresh(probe):
@@ -203,6 +207,10 @@ def predict(vm: VirtualMachine, history: PairHistory | None) -> forecast.Forecas
         if source is not None
         else forecast.Link(history.throughput_bytes_s)
     )
+    if history.rounds is not None:
+        link = replace(
+            link, round_rate_bytes_s=history.rounds.rate_bytes_s, round_overhead_s=history.rounds.overhead_s
+        )
     return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm))
 
 

@@ -345,3 +345,33 @@ def test_the_plan_page_says_which_guests_may_or_will_not_converge(client, crampe
 
     assert "May not converge under this policy: too close to promise" in cell("g800")
     assert "Will not converge under this policy" in cell("g500")
+
+
+def test_the_plan_forecasts_with_the_pairs_dirty_rounds_as_the_dialog_does(cramped):
+    """The pair's last completed migration timed its dirty rounds (round samples: a slow 40 MB/s with
+    0.2 s a round, against a 50 MB/s link): the plan's time is the model's with them, as the dialog's."""
+    from dataclasses import replace
+
+    from migrations_app import estimates, forecast
+
+    src, big = cramped["src"], cramped["big"]
+    # [t_s, round, bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s] at each round's end
+    samples = [
+        [2.0, 1, 100_000_000, 40_000_000, 0, 50_000_000],
+        [3.2, 2, 140_000_000, 20_000_000, 0, 50_000_000],  # 40 MB in 1.2 s
+        [3.9, 3, 160_000_000, 10_000_000, 0, 50_000_000],  # 20 MB in 0.7 s
+        [4.35, 4, 170_000_000, 5_000_000, 0, 50_000_000],  # 10 MB in 0.45 s
+    ]
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000, "dirty_rate_bytes_s": 20_000_000}
+    make_migration(cramped["g300"], src, big, round_samples=samples, **past)
+    cost = estimates.round_cost(src, big)
+    assert cost is not None and round(cost.rate_bytes_s) == 40_000_000 and round(cost.overhead_s, 3) == 0.2
+
+    step = next(step for step in build_plan(src).steps if step.target == big)
+
+    guest = forecast.Guest(step.vm.memory_mib * 1024 * 1024, dirty_rate_bytes_s=20_000_000)
+    link = estimates.model_link(src, 50_000_000)
+    policy = estimates.forecast_policy(step.vm.migration_policy, step.vm)
+    fitted = replace(link, round_rate_bytes_s=cost.rate_bytes_s, round_overhead_s=cost.overhead_s)
+    assert step.predicted_s == forecast.forecast(guest, fitted, policy).total_s
+    assert step.predicted_s != forecast.forecast(guest, link, policy).total_s
