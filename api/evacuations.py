@@ -8,6 +8,7 @@ by ``build_plan``, started by ``do_start_evacuation`` (re-checked there), cancel
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest
@@ -33,6 +34,10 @@ from .schemas import VSPOut, vsp_out
 
 router = Router(tags=["Evacuations"])
 EvacuationId = Path(..., ge=1, le=MAX_ID)
+# forecast.Verdict's values, spelt out for the OpenAPI schema (tests/api check they match)
+VerdictName = Literal[
+    "converges", "converges_with_throttle", "switchover_at_limit", "may_not_converge", "will_not_converge"
+]
 MAX_GUESTS = 10_000
 
 
@@ -42,6 +47,19 @@ class PlanStepOut(Schema):
     target: str | None
     target_id: int | None
     predicted_s: float | None = Field(description="Forecast total time (s); null: not known yet")
+    verdict: VerdictName | None = Field(
+        description=(
+            "The forecast's verdict under the VM's policy (docs/convergence.md); null: not known yet. "
+            "converges; converges_with_throttle (only with auto-converge); switchover_at_limit (switches "
+            "over at the limit, with a longer freeze); may_not_converge (too close to promise: the measured "
+            "rates converge, but not with the model's margin; predicted_s is the time if they hold); "
+            "will_not_converge (stops at the limit, the guest stays on its source; predicted_s runs to "
+            "the limit)"
+        )
+    )
+    verdict_label: str | None = Field(
+        description='The verdict in words, e.g. "may not converge under this policy: too close to promise"'
+    )
     problem: str
 
 
@@ -103,6 +121,8 @@ def plan_out(plan: Plan) -> PlanOut:
                 target=step.target.name if step.target else None,
                 target_id=step.target.pk if step.target else None,
                 predicted_s=step.predicted_s,
+                verdict=step.verdict.value if step.verdict else None,
+                verdict_label=step.verdict.label if step.verdict else None,
                 problem=step.problem,
             )
             for step in plan.steps

@@ -20,9 +20,11 @@ measured through the agent's dirty-rate endpoint over the console's window
 Link, Policy)`` predicts the outcome under the default policy's 300 ms downtime and ``--max-rounds``,
 and the guest is migrated through the agent API as the console drives it. One row per case: predicted
 against actual total time (start to ready) and downtime (the Frozen phase), rounds, the throttle reached
-and the outcome ("will_not (close)": the measured rates alone would converge, but not with the model's
-margin, ``forecast.MARGIN``); then how many cases met the aim (the forecast says converges: it does,
-total within 25% and downtime within 50 ms; it says will not converge: it fails) and the machine's load.
+and the outcome; then how many cases met the aim, per verdict (it says converges, with or without
+throttling: it does, total within 25% and downtime within 50 ms; it says will not converge: it fails)
+and the machine's load. A "may not converge" verdict (``forecast.Verdict.MAY_NOT_CONVERGE``: the
+measured rates converge, but not with the model's margin, ``forecast.MARGIN``) promises nothing either
+way: those cases are reported (how many completed), not scored.
 """
 
 from __future__ import annotations
@@ -167,8 +169,10 @@ def load() -> str:
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
-def met_aim(predicted: forecast.Forecast, actual: Actual) -> tuple[bool, str]:
-    """The issue's aim for one case, and why not in words."""
+def met_aim(predicted: forecast.Forecast, actual: Actual) -> tuple[bool | None, str]:
+    """The issue's aim for one case, and why not in words; None: "may not converge", not scored."""
+    if predicted.verdict is forecast.Verdict.MAY_NOT_CONVERGE:
+        return None, "not scored"
     if predicted.converges:
         if actual.outcome != "completed":
             return False, "predicted to converge, failed"
@@ -206,7 +210,7 @@ def main() -> None:
     print(load())
     scratch = Path(tempfile.mkdtemp(prefix="bench-forecast-"))
     source, target = BenchAgent("fc-src", scratch), BenchAgent("fc-dst", scratch)
-    rows: list[tuple[str, forecast.Forecast, Actual, bool, str]] = []
+    rows: list[tuple[str, forecast.Forecast, Actual, bool | None, str]] = []
     try:
         base = {"downtime_ms": 300, "max_rounds": args.max_rounds, "bandwidth_mbps": cap_mbps}
         # The link as the console knows it: the agent's data-plane throughput of a past migration between
@@ -295,15 +299,14 @@ def main() -> None:
                 if actual.digests_equal is False:
                     outcome += " (digests differ!)"
                 verdict = predicted.verdict.value.replace("converges_with_throttle", "converges w/ thr")
-                if predicted.close_call:
-                    verdict = "will_not (close)"
-                total_p = f"{predicted.total_s:.1f}s" if predicted.converges else "-"
+                shows_times = predicted.converges or predicted.verdict is forecast.Verdict.MAY_NOT_CONVERGE
+                total_p = f"{predicted.total_s:.1f}s" if shows_times else "-"
                 rate = measured["dirty_rate_bytes_s"] / 1e6
                 print(
                     f"{percent:>5} {'on' if auto else 'off':>9} {rate:>9.0f} | "
                     f"{verdict:<19} {total_p:>6} {down_p:>7} | "
                     f"{outcome:<19} {actual.total_s:>5.1f}s {down_a:>7} {actual.rounds:>3} "
-                    f"{actual.throttle_pct:>3}% | {'yes' if ok else 'NO: ' + why}",
+                    f"{actual.throttle_pct:>3}% | {aim_words(ok, why)}",
                     flush=True,
                 )
     finally:
@@ -313,11 +316,30 @@ def main() -> None:
             print(f"\nagent logs in {scratch}")
         else:
             shutil.rmtree(scratch)
-    met = sum(1 for row in rows if row[3])
+    print()
+    for verdict in forecast.Verdict:
+        cases = [row for row in rows if row[1].verdict is verdict]
+        if not cases:
+            continue
+        completed = sum(1 for row in cases if row[2].outcome == "completed")
+        if verdict is forecast.Verdict.MAY_NOT_CONVERGE:
+            print(f"{verdict.label}: {len(cases)} cases, {completed} completed (not scored)")
+        else:
+            met = sum(1 for row in cases if row[3])
+            print(f"{verdict.label}: {len(cases)} cases, {completed} completed, {met} met the aim")
+    scored = [row for row in rows if row[3] is not None]
+    met = sum(1 for row in scored if row[3])
     print(
-        f"\nmet the aim: {met} of {len(rows)} cases; "
+        f"met the aim: {met} of {len(scored)} scored cases ({len(rows) - len(scored)} not scored); "
         f"whole bench {time.perf_counter() - bench_started:.0f} s; {load()}"
     )
+
+
+def aim_words(ok: bool | None, why: str) -> str:
+    """The aim column: "yes", "NO: why", or "(not scored)" for a "may not converge" case."""
+    if ok is None:
+        return f"({why})"
+    return "yes" if ok else f"NO: {why}"
 
 
 if __name__ == "__main__":

@@ -357,6 +357,8 @@ def print_plan(plan: dict[str, Any]) -> None:
     table = Table("Guest", "Target", "Forecast", "Problem")
     for step in plan["steps"]:
         forecast = "not known yet" if step["predicted_s"] is None else seconds_text(step["predicted_s"])
+        if step.get("verdict") in ("may_not_converge", "will_not_converge"):  # forecast.Verdict.warns
+            forecast += f" ({step['verdict_label']})"
         table.add_row(step["vm"], step["target"] or "-", forecast, step["problem"])
     out.print(table)
     for stay in plan["staying"]:

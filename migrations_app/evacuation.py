@@ -10,7 +10,8 @@ the largest expected time last; the admin may change any target or the order, an
 again (``problems``) before it may start.
 
 **The forecast** per guest: ``forecast.forecast`` (``docs/convergence.md``) with the link rate and dirty
-rate measured by this pair's completed migrations (their mean throughput and dirty rate); a pair never
+rate measured by this pair's completed migrations (their mean throughput and dirty rate, and their dirty
+rounds' rate and cost per round as the migrate dialog uses them, ``estimates.round_cost``); a pair never
 migrated before uses its last link probe (``link_probes``; one is queued in the background when there is
 none or it is older than an hour) with the guest's dirty rate if the migrate dialog measured it lately,
 else it has no forecast ("not known yet").
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -85,12 +86,24 @@ def _require(allowed: bool) -> None:
 @dataclass
 class PlanStep:
     """A guest that leaves: ``target`` (None: none chosen), ``predicted_s`` (None: not known yet),
-    ``problem`` (why the admin's choice cannot be, "" when it can)."""
+    ``problem`` (why the admin's choice cannot be, "" when it can), ``verdict``: the forecast's
+    (``forecast.Verdict``; None: not known yet)."""
 
     vm: VirtualMachine
     target: VSP | None
     predicted_s: float | None
     problem: str = ""
+    verdict: forecast.Verdict | None = None
+
+    @classmethod
+    def of(
+        cls, vm: VirtualMachine, target: VSP | None, history: PairHistory | None, problem: str = ""
+    ) -> PlanStep:
+        """The step moving ``vm`` to ``target`` over a pair with ``history``, forecast by ``predict``."""
+        result = predict(vm, history)
+        if result is None:
+            return cls(vm, target, None, problem)
+        return cls(vm, target, result.total_s, problem, result.verdict)
 
 
 @dataclass(frozen=True)
@@ -129,10 +142,12 @@ class Plan:
 @dataclass(frozen=True)
 class PairHistory:
     """What completed migrations from the source to one target measured (bytes/s); with no migration
-    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest)."""
+    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest).
+    ``rounds``: their dirty rounds' rate and cost per round (``estimates.round_cost``), when timed."""
 
     throughput_bytes_s: float
     dirty_rate_bytes_s: float | None
+    rounds: estimates.RoundCost | None = None
 
 
 def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHistory]:
@@ -150,7 +165,8 @@ def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHist
         row["target_id"]: PairHistory(float(row["throughput"]), float(row["dirty"] or 0)) for row in rows
     }
     for target in targets:
-        if target.pk in found:
+        if target.pk in found:  # as the migrate dialog: the dirty rounds at the pair's own cost
+            found[target.pk] = replace(found[target.pk], rounds=estimates.round_cost(source, target))
             continue
         probe = link_probes.latest_probe(source, target)
         if probe is None or not link_probes.is_fresh(probe):
@@ -161,12 +177,20 @@ def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHist
 
 
 def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
-    """The forecast total time (s) of migrating ``vm`` over a pair with ``history``; None: not known yet.
+    """The forecast total time (s) of migrating ``vm`` over a pair with ``history``; None: not known yet
+    (``predict``)."""
+    result = predict(vm, history)
+    return None if result is None else result.total_s
+
+
+def predict(vm: VirtualMachine, history: PairHistory | None) -> forecast.Forecast | None:
+    """The forecast of migrating ``vm`` over a pair with ``history``; None: not known yet.
 
     Under the VM's own migration policy (bandwidth cap, downtime, throttling: ``estimates.forecast_policy``)
     and with its own dirty rate when the migrate dialog measured it lately (``estimates.cached_dirty_rate``,
     never an agent call here), else the pair's mean. A guest that cannot converge under its policy is
-    forecast to run until its limit (QA: a busy guest under a 10 MB/s cap was planned at 3 s).
+    forecast to run until its limit (QA: a busy guest under a 10 MB/s cap was planned at 3 s); one that
+    may not converge (a close call, ``Verdict.MAY_NOT_CONVERGE``) at the time its measured rates give.
     """
     if history is None:
         return None
@@ -183,7 +207,11 @@ def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
         if source is not None
         else forecast.Link(history.throughput_bytes_s)
     )
-    return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm)).total_s
+    if history.rounds is not None:
+        link = replace(
+            link, round_rate_bytes_s=history.rounds.rate_bytes_s, round_overhead_s=history.rounds.overhead_s
+        )
+    return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm))
 
 
 def stay_reason(registration: Registration, vsp: VSP) -> str | None:
@@ -257,7 +285,7 @@ def build_plan(
             planned_free[target_id] -= vm.memory_mib
         if problem:
             problems.append(problem)
-        steps.append(PlanStep(vm, target, predict_s(vm, history.get(target_id)), problem))
+        steps.append(PlanStep.of(vm, target, history.get(target_id), problem))
     for vm in free_choice:
         roomy = [pk for pk in eligible if planned_free[pk] >= vm.memory_mib]
         if not roomy:
@@ -274,7 +302,7 @@ def build_plan(
 
         best = min(roomy, key=preference)
         planned_free[best] -= vm.memory_mib
-        steps.append(PlanStep(vm, eligible[best], predict_s(vm, history.get(best))))
+        steps.append(PlanStep.of(vm, eligible[best], history.get(best)))
 
     steps = _ordered(steps, order, problems)
     staying.sort(key=lambda stay: stay.vm_name)

@@ -42,9 +42,12 @@ NSDI 2005, sections 3 and 5):
 7. A promise it can keep: the measured ``D`` and ``L`` are noisy (a loaded host moves its dirty
    rounds slower, a guest writes in bursts), and near ``D ~ L`` a small error decides whether the
    last allowed round is enough. So "converges" is said only when the copy also converges with the
-   guest writing ``1 + MARGIN`` times faster; otherwise the numbers are those of that careful run:
-   "converges only with throttling" when the policy's auto-converge rescues it, else "will not
-   converge under this policy" (``Forecast.close_call`` says the nominal run would have made it).
+   guest writing ``1 + MARGIN`` times faster. When the measured rates converge but that careful run
+   does not, the verdict is "converges only with throttling" if the policy's auto-converge rescues
+   the careful run, else "may not converge under this policy: too close to promise"
+   (``Verdict.MAY_NOT_CONVERGE``, ``Forecast.close_call``), with the numbers of the measured rates
+   (what happens if they hold) and ``promises`` says what would make it a promise. "Will not
+   converge" is said only when the measured rates themselves do not converge.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Verdict(StrEnum):
     CONVERGES = "converges"
     CONVERGES_WITH_THROTTLE = "converges_with_throttle"
     SWITCHOVER_AT_LIMIT = "switchover_at_limit"
+    MAY_NOT_CONVERGE = "may_not_converge"
     WILL_NOT_CONVERGE = "will_not_converge"
 
     @property
@@ -77,8 +81,14 @@ class Verdict(StrEnum):
             Verdict.CONVERGES: "converges",
             Verdict.CONVERGES_WITH_THROTTLE: "converges only with throttling",
             Verdict.SWITCHOVER_AT_LIMIT: "switches over at the limit, with a longer freeze",
+            Verdict.MAY_NOT_CONVERGE: "may not converge under this policy: too close to promise",
             Verdict.WILL_NOT_CONVERGE: "will not converge under this policy",
         }[self]
+
+    @property
+    def warns(self) -> bool:
+        """Whether the admin is warned: the migration will, or may, stop at its limit."""
+        return self in (Verdict.MAY_NOT_CONVERGE, Verdict.WILL_NOT_CONVERGE)
 
 
 @dataclass(frozen=True)
@@ -202,8 +212,10 @@ class Forecast:
     time at the switchover, None when the migration would abort. ``throttle_pct`` and
     ``allowed_downtime_ms`` are the values in force at the end (after auto-converge and escalation).
     ``left_bytes_at_limit``: what was left when the limit hit (the cost of a forced switchover).
-    ``close_call``: the measured rates alone would converge without throttling, but not with the
-    ``MARGIN`` the verdict needs (step 7): the verdict is the careful one.
+    ``close_call``: the measured rates alone converge, but not with the ``MARGIN`` a promise needs
+    (step 7): the verdict is ``Verdict.MAY_NOT_CONVERGE``, the times, rounds and downtime those of the
+    measured rates (what happens if they hold), ``limit_reason`` and ``left_bytes_at_limit`` those of
+    the careful run (where it would stop).
     """
 
     verdict: Verdict
@@ -309,10 +321,11 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     """Simulate pre-copy round by round and say how it ends, keeping only promises it can keep.
 
     Steps 1-6 of the module docstring with the measured rates, then step 7: a verdict that converges
-    must also converge with the guest writing ``1 + MARGIN`` times faster, else the careful run's
-    verdict and numbers are returned, marked ``close_call``. ``state`` continues a running migration
-    (the live panel); None forecasts one not started yet. Raises ValueError when the link rate is not
-    a positive number.
+    must also converge with the guest writing ``1 + MARGIN`` times faster; else "converges only with
+    throttling" when the policy's auto-converge rescues the careful run, or ``Verdict.MAY_NOT_CONVERGE``
+    (marked ``close_call``) with the measured rates' numbers and the careful run's limit. ``state``
+    continues a running migration (the live panel); None forecasts one not started yet. Raises
+    ValueError when the link rate is not a positive number.
     """
     nominal = _simulate(guest, link, policy, state)
     if not nominal.converges:
@@ -323,7 +336,13 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
         if careful.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             return replace(nominal, verdict=Verdict.CONVERGES_WITH_THROTTLE)
         return nominal
-    return replace(careful, close_call=nominal.verdict is Verdict.CONVERGES)
+    return replace(
+        nominal,
+        verdict=Verdict.MAY_NOT_CONVERGE,
+        close_call=True,
+        limit_reason=careful.limit_reason,
+        left_bytes_at_limit=careful.left_bytes_at_limit,
+    )
 
 
 def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None) -> Forecast:
@@ -505,7 +524,7 @@ def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
         return (
             f"the guest writes {mb(guest.dirty_rate_bytes_s)}, "
             f"{100 * guest.dirty_rate_bytes_s / rate:.0f}% of what the link carries ({mb(rate)}): "
-            f"the copy would need nearly all of its {policy.max_rounds} rounds, too close to promise"
+            "too close to promise"
         )
     return (
         f"what the guest rewrites during one round takes longer to send than the allowed downtime "
@@ -571,6 +590,55 @@ def rescues(
     return sorted(options, key=lambda rescue: rescue.forecast.downtime_ms or math.inf)
 
 
+PROMISE_DOWNTIME_MAX_MS = 10_000.0  # ``promises`` looks no further for an allowed downtime
+PROMISE_ROUNDS_MAX = 200  # ... nor for a round limit
+
+
+def promises(guest: Guest, link: Link, policy: Policy) -> list[Rescue]:
+    """What would make a forecast of a migration not started yet a promise (a converging verdict).
+
+    For "may not converge" (a close call) or "will not converge": each policy change, alone, under
+    which ``forecast`` converges with the margin of step 7: the smallest allowed downtime (in 50 ms
+    steps, up to ``PROMISE_DOWNTIME_MAX_MS``; action ``raise_downtime``), throttling turned on when it
+    is off (``auto_converge``), the smallest round limit (up to ``PROMISE_ROUNDS_MAX``; ``max_rounds``,
+    the console's site setting). Empty when none does (or the forecast converges already). Each
+    ``Rescue.forecast`` is the forecast under that change.
+    """
+    if forecast(guest, link, policy).converges:
+        return []
+    options: list[Rescue] = []
+    start = math.floor(policy.max_downtime_ms / 50.0) * 50.0 + 50.0
+    for needed in _steps(start, PROMISE_DOWNTIME_MAX_MS, 50.0):
+        ceiling = policy.downtime_max_ms
+        raised = replace(
+            policy,
+            max_downtime_ms=needed,
+            downtime_max_ms=None if ceiling is None else max(ceiling, needed),
+        )
+        result = forecast(guest, link, raised)
+        if result.converges:
+            options.append(Rescue("raise_downtime", f"allow {ms(needed)} of downtime", result))
+            break
+    if not policy.auto_converge:
+        result = forecast(guest, link, replace(policy, auto_converge=True))
+        if result.converges:
+            words = "turn on throttling (auto-converge)"
+            if result.throttle_pct > 0:
+                words = f"turn on throttling (up to {result.throttle_pct:.0f}% of the guest's vCPU time)"
+            options.append(Rescue("auto_converge", words, result))
+    for rounds in range(policy.max_rounds + 1, PROMISE_ROUNDS_MAX + 1):
+        result = forecast(guest, link, replace(policy, max_rounds=rounds))
+        if result.converges:
+            words = f"allow {rounds} rounds (the site's round limit, now {policy.max_rounds})"
+            options.append(Rescue("max_rounds", words, result))
+            break
+    return options
+
+
+def _steps(start: float, stop: float, step: float) -> list[float]:
+    return [start + step * index for index in range(int((stop - start) // step) + 1)]
+
+
 def switchover_now(guest: Guest, link: Link, policy: Policy, state: CopyState) -> tuple[float, float]:
     """Switching over now: the freeze (ms) and the seconds the guest still runs before it (step 6).
 
@@ -631,6 +699,20 @@ def explain(
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
+    elif result.verdict is Verdict.MAY_NOT_CONVERGE:
+        lines.append(
+            f"If the measured rates hold: {seconds_words(result.total_s)} in {result.rounds} rounds, "
+            f"frozen about {ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
+        )
+        reason = bottleneck(guest, link, policy) or "too close to promise"
+        stops = "switch over anyway" if policy.at_limit == "switchover" else "stop"
+        lines.append(
+            f"With the guest writing {100 * MARGIN:.0f}% faster it would {stops} at "
+            f"{result.limit_reason or 'its limit'}: {reason}."
+        )
+        options = promises(guest, link, policy)
+        if options:
+            lines.append("A promise with any one of: " + "; ".join(option.words for option in options) + ".")
     elif result.verdict is Verdict.SWITCHOVER_AT_LIMIT:
         lines.append(
             f"At {result.limit_reason} it switches over anyway: about "

@@ -131,13 +131,25 @@ def outlook(migration: Migration) -> Outlook | None:
     warning = ""
     options: list[forecast.Rescue] = []
     throttle_live = can_throttle_live(migration)
-    if not result.converges and result.verdict is not forecast.Verdict.SWITCHOVER_AT_LIMIT:
+    if result.verdict.warns:
         limit = result.limit_reason or "its limit"
-        warning = f"This migration will stop at {limit} and the guest will stay on its source"
-        warning += f": {why}." if why else "."
+        will = "may" if result.verdict is forecast.Verdict.MAY_NOT_CONVERGE else "will"
+        if policy.at_limit == "switchover":  # only a close call warns then: the careful run switches over
+            warning = f"This migration {will} reach {limit} and switch over anyway, with a longer freeze"
+        else:
+            stays = "would" if will == "may" else "will"
+            warning = f"This migration {will} stop at {limit} and the guest {stays} stay on its source"
+        reason = why
+        if will == "may" and "too close to promise" not in why:
+            # bottleneck() judges a migration from its start; a close call from here is its own reason
+            faster = f"{100 * forecast.MARGIN:.0f}% faster"
+            reason = f"too close to promise (with the guest writing {faster} it would not finish in time)"
+        warning += f": {reason}." if reason else "."
         options = forecast.rescues(guest, link, policy, state, can_throttle=throttle_live)
+    # A close call's times are those of the measured rates (what happens if they hold).
+    hopes = result.converges or result.verdict is forecast.Verdict.MAY_NOT_CONVERGE
     return Outlook(
-        max(0.0, result.total_s - elapsed) if result.converges else None,
+        max(0.0, result.total_s - elapsed) if hopes else None,
         result.downtime_ms,
         result.allowed_downtime_ms,
         why,

@@ -11,8 +11,8 @@ import pytest
 from migrations_app.evacuation_models import Evacuation
 from migrations_app.models import Migration
 from tests.api.test_inventory_api import assert_problem
-from tests.factories import make_vm, make_vsp
-from vms.models import VSP, AuditEvent
+from tests.factories import make_migration, make_vm, make_vsp
+from vms.models import VSP, AuditEvent, VirtualMachine
 
 pytestmark = pytest.mark.django_db
 
@@ -40,6 +40,51 @@ def test_it_shows_the_plan_with_targets_forecasts_and_who_stays(api, crowded):
     assert reasons["vpar1"] == "vPars do not migrate"
     assert reasons["g2000"].startswith("no target with room: needs 2000 MiB")
     assert plan["can_start"] is True
+
+
+def test_the_plan_says_when_a_guest_may_not_converge_and_the_schema_lists_the_verdicts(api, client, crowded):
+    """A close call (the measured rates converge, but not with the model's margin) is its own verdict: the
+    plan's step says "may not converge", never "will not converge" nor a promise."""
+    from django.core.cache import cache
+    from django.utils import timezone
+
+    from migrations_app import estimates, forecast
+
+    g700 = VirtualMachine.objects.get(name="g700")
+    big = VSP.objects.get(name="big")
+    make_migration(g700, crowded, big, state="completed", throughput_bytes_s=50_000_000)
+    memory = g700.memory_mib * 1024 * 1024
+    link = estimates.model_link(crowded, 50_000_000)
+    policy = estimates.forecast_policy(g700.migration_policy, g700)
+
+    def measured(rate: float) -> estimates.DirtyRate:
+        return estimates.DirtyRate(rate, memory, memory, memory, timezone.now())
+
+    # The model's own boundary: the first rate, in 0.1 MB/s steps, that is too close to promise.
+    close = next(
+        rate
+        for rate in (step * 100_000.0 for step in range(1, 500))
+        if forecast.forecast(measured(rate).guest(), link, policy).verdict.value == "may_not_converge"
+    )
+    verdicts = {}
+    for rate in (close / 4, close):
+        cache.set(estimates._cache_key(g700), measured(rate), 60)
+        try:
+            steps = api.get("/vsps/src/evacuation-plan").json()["steps"]
+        finally:
+            cache.delete(estimates._cache_key(g700))
+        verdicts[rate] = next(step for step in steps if step["vm"] == "g700")
+
+    assert verdicts[close / 4]["verdict"] == "converges"
+    step = verdicts[close]
+    assert step["verdict"] == "may_not_converge"
+    assert step["verdict_label"] == "may not converge under this policy: too close to promise"
+    assert step["predicted_s"] > 0  # the time if the measured rates hold
+    schema = client.get("/api/v1/openapi.json").json()
+    listed = schema["components"]["schemas"]["PlanStepOut"]["properties"]["verdict"]
+    values = {value for option in listed.get("anyOf", [listed]) for value in option.get("enum", [])}
+    assert values == {verdict.value for verdict in forecast.Verdict}
+    assert "may_not_converge" in listed["description"]
 
 
 def test_it_starts_the_plan_and_reports_its_progress_and_maintenance(api, crowded):

@@ -183,6 +183,37 @@ def test_it_shows_an_evacuation_plan_and_refuses_to_start_one_where_nothing_can_
     assert not VSP.objects.get(name="evac-src").maintenance
 
 
+def test_the_plan_table_says_which_guest_may_not_converge(logged_in):
+    """A guest too close to promise under its policy: the plan's JSON has the verdict, the table its words."""
+    from migrations_app import estimates, forecast
+    from tests.factories import make_migration
+
+    src = make_vsp("close-src", memory_mib=16384)
+    big = make_vsp("close-big", memory_mib=4096)
+    vm = make_vm("close-g700", vsp=src, memory_mib=700)
+    link = estimates.model_link(src, 50_000_000)
+    policy = estimates.forecast_policy(vm.migration_policy, vm)
+    # The model's boundary: the first dirty rate, in 0.1 MB/s steps, too close to promise.
+    close = next(
+        rate
+        for rate in (step * 100_000 for step in range(1, 500))
+        if forecast.forecast(forecast.Guest(700 * 1024 * 1024, rate), link, policy).verdict.value
+        == "may_not_converge"
+    )
+    make_migration(vm, src, big, state="completed", throughput_bytes_s=50_000_000, dirty_rate_bytes_s=close)
+
+    plan = matrixoe(logged_in, "evacuate", "close-src", "--plan-only", "--json")
+    table = matrixoe(logged_in, "evacuate", "close-src", "--plan-only")
+
+    assert plan.returncode == 0, plan.stderr
+    step = json.loads(plan.stdout)["steps"][0]
+    assert (step["vm"], step["verdict"]) == ("close-g700", "may_not_converge")
+    assert table.returncode == 0, table.stderr
+    words = " ".join(re.sub(r"[│┃|]", " ", table.stdout).split())
+    assert "(may not converge under this policy" in words, words
+    assert "will not converge" not in words
+
+
 def test_it_changes_the_running_migration_and_switches_it_over(host_agents, fleet, logged_in, wait_for):
     vm = place_vm(
         host_agents, fleet, memory_mib=8, dirty_pages_per_s=3000, fill_percent=100

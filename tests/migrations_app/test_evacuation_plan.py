@@ -300,3 +300,78 @@ def test_a_pair_never_migrated_is_planned_with_its_link_probe_and_probed_when_it
     finally:
         cache.delete(estimates._cache_key(g800))
     assert step.predicted_s == pytest.approx(memory / 50_000_000, rel=0.1)
+
+
+def test_the_plan_page_says_which_guests_may_or_will_not_converge(client, cramped, admin):
+    """Beside a step's time, the page says when the forecast warns: "may not converge" for a close call
+    (the time is then the measured rates'), "will not converge" when the measured rates do not."""
+    import re
+
+    from migrations_app import estimates, forecast
+
+    src, small = cramped["src"], cramped["small"]
+    link = estimates.model_link(src, 50_000_000)
+
+    def verdict(vm, rate: int) -> str:
+        policy = estimates.forecast_policy(vm.migration_policy, vm)
+        return forecast.forecast(
+            forecast.Guest(vm.memory_mib * 1024 * 1024, rate), link, policy
+        ).verdict.value
+
+    g800, g500 = cramped["g800"], cramped["g500"]
+    close = next(
+        rate for rate in range(100_000, 50_000_000, 100_000) if verdict(g800, rate) == "may_not_converge"
+    )
+    assert verdict(g500, 3 * close) == "will_not_converge"
+    # The plan forecasts a guest with its pair's mean dirty rate; g800 goes to big, g500 to small (the
+    # most free memory), g400 and g300 find no room.
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000}
+    make_migration(cramped["g400"], src, cramped["big"], dirty_rate_bytes_s=close, **past)
+    make_migration(cramped["g300"], src, small, dirty_rate_bytes_s=3 * close, **past)
+    client.force_login(admin)
+    plan = build_plan(src)
+    chosen = {step.vm.name: (step.target.name, step.verdict) for step in plan.steps}
+    assert chosen == {
+        "g800": ("big", forecast.Verdict.MAY_NOT_CONVERGE),
+        "g500": ("small", forecast.Verdict.WILL_NOT_CONVERGE),
+    }
+
+    html = client.get(f"/migrations/vsps/{src.pk}/evacuate/").content.decode()
+
+    def cell(name: str) -> str:
+        row = re.search(rf'<tr data-vm="{name}".*?</tr>', html, re.S)
+        assert row, name
+        return " ".join(re.sub(r"<[^>]+>", " ", row.group(0)).split())
+
+    assert "May not converge under this policy: too close to promise" in cell("g800")
+    assert "Will not converge under this policy" in cell("g500")
+
+
+def test_the_plan_forecasts_with_the_pairs_dirty_rounds_as_the_dialog_does(cramped):
+    """The pair's last completed migration timed its dirty rounds (round samples: a slow 40 MB/s with
+    0.2 s a round, against a 50 MB/s link): the plan's time is the model's with them, as the dialog's."""
+    from dataclasses import replace
+
+    from migrations_app import estimates, forecast
+
+    src, big = cramped["src"], cramped["big"]
+    # [t_s, round, bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s] at each round's end
+    samples = [
+        [2.0, 1, 100_000_000, 40_000_000, 0, 50_000_000],
+        [3.2, 2, 140_000_000, 20_000_000, 0, 50_000_000],  # 40 MB in 1.2 s
+        [3.9, 3, 160_000_000, 10_000_000, 0, 50_000_000],  # 20 MB in 0.7 s
+        [4.35, 4, 170_000_000, 5_000_000, 0, 50_000_000],  # 10 MB in 0.45 s
+    ]
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000, "dirty_rate_bytes_s": 20_000_000}
+    make_migration(cramped["g300"], src, big, round_samples=samples, **past)
+    cost = estimates.round_cost(src, big)
+    assert cost is not None and round(cost.rate_bytes_s) == 40_000_000 and round(cost.overhead_s, 3) == 0.2
+
+    step = next(step for step in build_plan(src).steps if step.target == big)
+
+    guest = forecast.Guest(step.vm.memory_mib * 1024 * 1024, dirty_rate_bytes_s=20_000_000)
+    link = estimates.model_link(src, 50_000_000)
+    policy = estimates.forecast_policy(step.vm.migration_policy, step.vm)
+    fitted = replace(link, round_rate_bytes_s=cost.rate_bytes_s, round_overhead_s=cost.overhead_s)
+    assert step.predicted_s == forecast.forecast(guest, fitted, policy).total_s
+    assert step.predicted_s != forecast.forecast(guest, link, policy).total_s

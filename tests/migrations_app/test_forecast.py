@@ -21,6 +21,7 @@ from migrations_app.forecast import (
     dirty_round_cost,
     explain,
     forecast,
+    promises,
     rescues,
     switchover_now,
     write_rate,
@@ -150,7 +151,14 @@ def test_it_offers_rescues_for_a_stalled_migration_with_their_cost():
     assert options["switchover"].words == "switch over now: about 0.6 s frozen"
     assert options["raise_downtime"].forecast.converges
     assert options["raise_downtime"].words.startswith("raise the allowed downtime to ")
-    assert options["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
+    stalling = {option.action: option for option in promises(guest(1.0), LINK, Policy())}
+    assert stalling["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
+    assert stalling["auto_converge"].words.startswith("turn on throttling (up to ")
+    # A close call the throttle rescues without the measured rates ever stalling: no "up to 0%".
+    near = Guest(GIB, 0.8 * LINK.rate_bytes_s)
+    assert forecast(near, LINK, Policy()).verdict is Verdict.MAY_NOT_CONVERGE
+    rescue = {option.action: option for option in promises(near, LINK, Policy())}["auto_converge"]
+    assert rescue.forecast.converges and "up to 0%" not in rescue.words
 
 
 def test_it_recovers_the_write_rate_from_a_distinct_page_measurement():
@@ -277,8 +285,12 @@ def test_it_keeps_its_promises_for_any_guest(dirty, memory_mib, downtime_ms, aut
         assert at_limit == "abort" and result.downtime_ms is None
     if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
         assert auto
-    if auto or result.close_call:
-        return  # throttling earlier can make a busier guest finish sooner; a close call has busier numbers
+    if result.verdict is Verdict.MAY_NOT_CONVERGE:
+        # Not a promise, but the measured rates converge: their numbers, and where the careful run stops.
+        assert result.close_call and result.downtime_ms <= result.allowed_downtime_ms
+        assert result.limit_reason
+    if auto:
+        return  # throttling earlier can make a busier guest finish sooner
     # Without throttling, writing more never makes it faster.
     slower = forecast(Guest(memory_mib * 1024 * 1024, (dirty + 0.1) * LINK.rate_bytes_s), LINK, policy)
     assert slower.copy_s >= result.copy_s - 1e-9
@@ -302,23 +314,70 @@ def test_each_round_is_the_dirty_rate_over_the_link_rate_of_the_one_before_up_to
     assert dirtied_bytes(guest(2.0, working_set=300 * MB), 10) == 300 * MB
 
 
-def test_it_says_will_not_converge_when_only_the_last_rounds_would_make_it():
+def test_it_says_may_not_converge_when_only_the_last_rounds_would_make_it():
     # A guest at 55% of the link needs 6 rounds of 6 to leave 50 ms: were it to write a little faster, or the
-    # rounds go a little slower, it would stop at the limit. No promise then, and the reason in words.
+    # rounds go a little slower, it would stop at the limit. No promise, but no "will not converge" either:
+    # it usually makes it. Its own verdict, the measured rates' numbers, and what would make it a promise.
     close = Guest(GIB, 0.55 * LINK.rate_bytes_s)
     six = Policy(max_rounds=6, max_downtime_ms=50)
-    assert forecast(close, LINK, replace(six, max_rounds=100)).verdict is Verdict.CONVERGES
+    unlimited = forecast(close, LINK, replace(six, max_rounds=100))
+    assert unlimited.verdict is Verdict.CONVERGES and unlimited.rounds == 6
 
     result = forecast(close, LINK, six)
 
-    assert result.verdict is Verdict.WILL_NOT_CONVERGE and result.close_call
+    assert result.verdict is Verdict.MAY_NOT_CONVERGE and result.close_call and not result.converges
+    assert result.verdict.label == "may not converge under this policy: too close to promise"
+    assert result.verdict.warns and Verdict.WILL_NOT_CONVERGE.warns and not Verdict.CONVERGES.warns
+    assert (result.total_s, result.downtime_ms, result.rounds) == (
+        unlimited.total_s,
+        unlimited.downtime_ms,
+        unlimited.rounds,
+    )
+    assert result.limit_reason == "the round limit (6 rounds)"
     assert "too close to promise" in bottleneck(close, LINK, six)
     # Comfortably below: the promise stands, with the measured rates' numbers.
     easy = forecast(Guest(GIB, 0.3 * LINK.rate_bytes_s), LINK, six)
     assert easy.verdict is Verdict.CONVERGES and not easy.close_call
+    # "Will not converge" only when the measured rates themselves do not.
+    assert forecast(guest(0.8), LINK, six).verdict is Verdict.WILL_NOT_CONVERGE
     # With throttling in the policy the careful run throttles: converges only with throttling.
     throttled = forecast(Guest(GIB, 1.0 * LINK.rate_bytes_s), LINK, Policy(auto_converge=True))
     assert throttled.verdict is Verdict.CONVERGES_WITH_THROTTLE
+
+
+def test_it_says_what_would_make_a_close_call_a_promise():
+    close = Guest(GIB, 0.55 * LINK.rate_bytes_s)
+    six = Policy(max_rounds=6, max_downtime_ms=50)
+
+    options = {option.action: option for option in promises(close, LINK, six)}
+
+    # Throttling is not offered: every round shrinks the next well enough, so none stalls and
+    # auto-converge never starts (the agent throttles after a stalled round only).
+    assert set(options) == {"raise_downtime", "max_rounds"}
+    assert all(option.forecast.converges for option in options.values())
+    # The smallest of each: 50 ms less downtime, or one round fewer, is still no promise.
+    needed = options["raise_downtime"].forecast.allowed_downtime_ms
+    assert needed > 50 and options["raise_downtime"].words == f"allow {needed:.0f} ms of downtime"
+    assert not forecast(close, LINK, replace(six, max_downtime_ms=needed - 50)).converges
+    rounds = int(re.search(r"allow (\d+) rounds", options["max_rounds"].words).group(1))
+    assert rounds > 6 and not forecast(close, LINK, replace(six, max_rounds=rounds - 1)).converges
+    stalling = {option.action: option for option in promises(guest(1.0), LINK, Policy())}
+    assert stalling["auto_converge"].forecast.verdict is Verdict.CONVERGES_WITH_THROTTLE
+    assert stalling["auto_converge"].words.startswith("turn on throttling (up to ")
+    # A close call the throttle rescues without the measured rates ever stalling: no "up to 0%".
+    near = Guest(GIB, 0.8 * LINK.rate_bytes_s)
+    assert forecast(near, LINK, Policy()).verdict is Verdict.MAY_NOT_CONVERGE
+    rescue = {option.action: option for option in promises(near, LINK, Policy())}["auto_converge"]
+    assert rescue.forecast.converges and "up to 0%" not in rescue.words
+    # The dialog's words: the numbers if the rates hold, where the careful run stops, and the rescues.
+    lines = explain(
+        close, LINK, six, forecast(close, LINK, six), vm="db01", target="vsp2", link_source="lately"
+    )
+    assert lines[1].startswith("If the measured rates hold: ")
+    assert lines[2].startswith("With the guest writing 25% faster it would stop at the round limit (6 ")
+    assert lines[3] == "A promise with any one of: " + "; ".join(o.words for o in options.values()) + "."
+    # Nothing to offer for a promise already made.
+    assert promises(Guest(GIB, 0.3 * LINK.rate_bytes_s), LINK, six) == []
 
 
 @pytest.mark.parametrize("rounds", [3, 6, 30])

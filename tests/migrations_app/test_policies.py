@@ -144,3 +144,86 @@ def test_with_no_history_a_capped_policy_still_flags_a_guest_that_writes_faster_
     assert "the link to hostc is not measured yet (no migration between them)" in hot_cell
     assert "allows at most 5.0 MB/s" in hot_cell
     assert forecast_cells(migration_admin_client, idle)["hostc"].startswith("Converges · about ")
+
+
+def test_the_dialog_says_a_close_call_may_not_converge_with_what_would_make_it_a_promise(
+    host_agents, fleet, migration_admin_client
+):
+    """Too close to promise: the measured rates converge within the rounds, a guest writing the model's
+    margin faster would not. The dialog neither promises it nor says it will not converge: its own words,
+    the time if the rates hold, and the changes that would make it a promise; the cell warns."""
+    from migrations_app import estimates, forecast
+
+    warm = place_vm(host_agents, fleet, memory_mib=8, dirty_pages_per_s=300, fill_percent=100)
+    first = forecast_cells(migration_admin_client, warm)  # measures the guest (cached for the dialog)
+    measured = estimates.cached_dirty_rate(warm)
+    assert measured is not None and measured.rate_bytes_s > 0, first
+
+    # No migration between the pair: the policy's cap is the link. The model's boundary for this guest:
+    # the first cap, coming down in 0.05 MB/s steps, under which it is too close to promise.
+    def verdict(cap_mb_s: float) -> forecast.Verdict:
+        policy = estimates.forecast_policy({"preset": "custom", "bandwidth_cap_mb_s": cap_mb_s}, warm)
+        link = estimates.model_link(warm.current_vsp, cap_mb_s * 1_000_000)
+        return forecast.forecast(measured.guest(), link, policy).verdict
+
+    caps = [round(50 - 0.05 * step, 2) for step in range(990)]
+    close = next(cap for cap in caps if verdict(cap) is forecast.Verdict.MAY_NOT_CONVERGE)
+    warm.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": close}
+    warm.save(update_fields=["migration_policy"])
+    html = migration_admin_client.get(f"/migrations/vms/{warm.pk}/forecast/", headers=HTMX).text
+    cell = forecast_cells(migration_admin_client, warm)["hostc"]
+
+    assert cell.startswith("May not converge under this policy: too close to promise · if the measured "), (
+        cell
+    )
+    assert "Will not converge" not in cell and "Converges" not in cell
+    assert (
+        "If the measured rates hold: " in cell
+        and "With the guest writing 25% faster it would stop at" in cell
+    )
+    assert "A promise with any one of: allow " in cell, cell
+    assert re.search(rf'<td id="forecast-{fleet["hostc"].pk}" class="target-forecast forecast-warns"', html)
+
+
+def test_the_dialog_forecasts_with_the_pairs_dirty_rounds_timed_on_its_last_migrations(
+    host_agents, fleet, admin, migration_admin_client, migration_worker, wait_for
+):
+    """The live panel and the bench move the dirty rounds at their own measured rate and fixed cost per
+    round; the dialog now does too, from the pair's completed migrations' round samples (two here, each
+    with dirty rounds: 16 MiB writing about half the worker's 5 MB/s cap)."""
+    from dataclasses import replace
+
+    from migrations_app import estimates, forecast
+    from migrations_app.actions import do_request_migration
+    from vms import migration_policy
+
+    warm = {"memory_mib": 16, "dirty_pages_per_s": 600, "fill_percent": 100}
+    for _ in range(2):
+        vm = place_vm(host_agents, fleet, **warm)
+        migration = do_request_migration(vm, fleet["hostb"], admin)
+        wait_for_state(wait_for, migration, "completed", "aborted", "cancelled", timeout=120)
+        assert migration.state == "completed", migration.alert
+    cost = estimates.round_cost(fleet["hosta"], fleet["hostb"])
+    assert cost is not None and cost.migrations == 2, cost
+    link = estimates.link_rate(fleet["hosta"], fleet["hostb"])
+    assert link is not None
+
+    third = place_vm(host_agents, fleet, **warm)
+    cell = forecast_cells(migration_admin_client, third)["hostb"]
+    measured = estimates.cached_dirty_rate(third)
+    assert measured is not None, cell
+
+    said = re.search(
+        r"Its dirty rounds moved ([\d.]+) MB/s plus (\d+) ms a round over its last 2 migrations", cell
+    )
+    assert said, cell
+    assert said.group(0) + "." == cost.words()
+    fleet["hosta"].refresh_from_db()  # its agent's driver, recorded when the dialog opened
+    fitted = replace(
+        estimates.model_link(fleet["hosta"], link.rate_bytes_s),
+        round_rate_bytes_s=cost.rate_bytes_s,
+        round_overhead_s=cost.overhead_s,
+    )
+    policy = estimates.forecast_policy(migration_policy.effective(third.migration_policy), third)
+    expected = forecast.forecast(measured.guest(), fitted, policy)
+    assert f"about {expected.total_s:.1f} s" in cell, (cell, expected)

@@ -240,3 +240,30 @@ def test_a_forced_switchover_at_the_time_limit_charts_what_the_freeze_moved(
     assert frozen.seconds is not None and frozen.seconds * 1000 >= migration.downtime_ms
     report = migration_admin_client.get(f"/migrations/history/{migration.pk}/report/").text
     assert f"{migration.downtime_ms} ms" in report and "(allowed 300 ms)" in report
+
+
+def test_the_panel_says_a_close_call_may_stop_at_its_limit_not_that_it_will(fleet):
+    """Too close to promise (the measured rates finish within the rounds left, a guest writing the model's
+    margin faster would not): the panel warns that it *may* stop, shows the time if the rates hold, and
+    offers the rescues; a guest comfortably below gets no warning."""
+    from migrations_app.progress import get_migration_display, render_vm_fragments
+    from migrations_app.steering import outlook
+
+    hot_copy_panel(fleet, "qemu", rounds=26, bytes_remaining=4_000_000, dirty_rate_bytes_s=100_000)
+    migration = Migration.objects.get(vm__name="hot")
+    easy = outlook(migration)
+    assert easy is not None and easy.warning == "" and easy.time_left_s is not None
+    # The model's boundary: the first dirty rate, in 50 kB/s steps, that is too close to promise.
+    for rate in range(150_000, 5_000_000, 50_000):
+        Migration.objects.filter(pk=migration.pk).update(dirty_rate_bytes_s=rate)
+        look = outlook(Migration.objects.get(pk=migration.pk))
+        assert look is not None
+        if look.warning:
+            break
+    assert look.warning.startswith("This migration may stop at the round limit (30 rounds)"), look.warning
+    assert "too close to promise" in look.warning
+    html = render_vm_fragments(get_migration_display(migration.vm), oob=False)
+    assert "This migration may stop at the round limit (30 rounds)" in html
+    assert "will stop" not in html
+    assert 'data-field="time_left"' in html  # the time if the measured rates hold
+    assert "Raise the allowed downtime to " in html
