@@ -46,6 +46,7 @@ from .actions import MigrationRefused, do_cancel_migration, do_request_migration
 from .checks import check_vm, host_refusal
 from .evacuation_models import Evacuation, EvacuationStep
 from .models import Migration
+from .progress import publish_vsp_overview
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +270,8 @@ def build_plan(
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}
     by_id = {other.pk: (other, refusal) for other, refusal, _ in targets}
     planned_free = {other.pk: free.get(other.pk, 0) for other in others}
-    for target in eligible.values():  # as the dialog: a pair with no known link rate gets a probe queued
-        estimates.known_link_rate(vsp, target)
+    for eligible_vsp in eligible.values():  # as the dialog: a pair with no known link rate gets a probe
+        estimates.known_link_rate(vsp, eligible_vsp)
 
     leaving: list[VirtualMachine] = []
     staying: list[Staying] = []
@@ -432,6 +433,7 @@ def do_start_evacuation(
                 message=f"Evacuation of {vsp.name} requested and started by {user}: "
                 f"{len(plan.steps)} guests leave, {len(plan.staying)} stay",
             )
+            publish_after_commit(vsp.pk)
     except IntegrityError:
         raise EvacuationRefused(f"{vsp.name} is already being evacuated.") from None
     logger.info("%s started evacuation %s of %s", user, evacuation.pk, vsp.name)
@@ -483,6 +485,7 @@ def do_leave_maintenance(vsp: VSP, user: Any) -> None:
             after={"maintenance": False},
             message=f"{vsp.name} left maintenance ({user})",
         )
+        publish_after_commit(vsp.pk)
 
 
 def do_cancel_evacuation(evacuation: Evacuation, user: Any) -> None:
@@ -507,6 +510,7 @@ def do_cancel_evacuation(evacuation: Evacuation, user: Any) -> None:
             after={"cancel_requested": True},
             message=f"Evacuation of {evacuation.vsp.name} cancelled by {user}",
         )
+        publish_after_commit(evacuation.vsp_id)
     steps = list(evacuation.steps.select_related("migration__vm", "migration__source", "migration__target"))
     # The waiting ones first, the last first, so that none of them is handed the source meanwhile.
     waiting_first = sorted(
@@ -550,6 +554,7 @@ def settle(evacuation: Evacuation) -> bool:
                 message=f"Evacuation of {evacuation.vsp.name} {end_state.label.lower()}: "
                 f"{summary.sentence()}",
             )
+            publish_after_commit(evacuation.vsp_id)
     return bool(ended)
 
 
@@ -667,6 +672,12 @@ def latest_evacuation(vsp: VSP) -> Evacuation | None:
     if evacuation is not None and settle(evacuation):
         evacuation.refresh_from_db()
     return evacuation
+
+
+def publish_after_commit(vsp_id: int) -> None:
+    """Once the current transaction commits, the VSP's open pages re-fetch their evacuation panel and
+    maintenance flag (``progress.publish_vsp_overview``)."""
+    transaction.on_commit(lambda: publish_vsp_overview(vsp_id))
 
 
 def _actor(user: Any) -> Any:
