@@ -12,7 +12,7 @@ from typing import Literal
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest
-from ninja import Field, Path, Router, Schema
+from ninja import Field, Path, Query, Router, Schema
 from ninja.responses import Status
 from pydantic import ConfigDict
 
@@ -183,13 +183,28 @@ def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
     return evacuation
 
 
+ExcludeQuery = Query(default_factory=list, max_length=MAX_GUESTS, description="VMs that stay (ids or names)")
+ConfirmQuery = Query(
+    default_factory=list, max_length=MAX_GUESTS, description="VMs started although their forecast warns"
+)
+
+
 @router.get("/vsps/{vsp}/evacuation-plan", response={200: PlanOut, **OBJECT_ERRORS})
-def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
-    """What evacuating this VSP would do: each guest's target and forecast, and who stays, and why."""
+def get_plan(
+    request: HttpRequest,
+    vsp: str = IdRef,
+    exclude: list[str] = ExcludeQuery,
+    confirm: list[str] = ConfirmQuery,
+) -> PlanOut:
+    """What evacuating this VSP would do: each guest's target and forecast (each guest's dirty rate is
+    measured now unless cached), who stays and why. ``exclude`` and ``confirm`` as the start takes them:
+    ``can_start`` is false while a step that may or will not converge is neither."""
     host = get_vsp(vsp, request.user)
     if not may_view_evacuation(request.user, host):
         raise PermissionDenied("Your account lacks the permission to see this.")
-    return plan_out(build_plan(host, rates=dirty_rates(host)))
+    excluded = {get_vm(vm_ref, request.user).pk for vm_ref in exclude}
+    confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in confirm}
+    return plan_out(build_plan(host, rates=dirty_rates(host), excluded=excluded, confirmed=confirmed))
 
 
 @router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
