@@ -12,13 +12,14 @@ from typing import Literal
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest
-from ninja import Field, Path, Router, Schema
+from ninja import Field, Path, Query, Router, Schema
 from ninja.responses import Status
 from pydantic import ConfigDict
 
 from migrations_app.evacuation import (
     Plan,
     build_plan,
+    dirty_rates,
     do_cancel_evacuation,
     do_leave_maintenance,
     do_start_evacuation,
@@ -85,6 +86,14 @@ class EvacuationIn(Schema):
 
     targets: dict[str, str] = Field(default_factory=dict, max_length=MAX_GUESTS)
     order: list[str] | None = Field(default=None, max_length=MAX_GUESTS)
+    exclude: list[str] = Field(
+        default_factory=list, max_length=MAX_GUESTS, description="VMs (ids or names) that stay on the VSP"
+    )
+    confirm: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_GUESTS,
+        description="VMs started although their forecast may or will not converge (else: refused)",
+    )
 
 
 class EvacuationStepOut(Schema):
@@ -174,13 +183,28 @@ def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
     return evacuation
 
 
+ExcludeQuery = Query(default_factory=list, max_length=MAX_GUESTS, description="VMs that stay (ids or names)")
+ConfirmQuery = Query(
+    default_factory=list, max_length=MAX_GUESTS, description="VMs started although their forecast warns"
+)
+
+
 @router.get("/vsps/{vsp}/evacuation-plan", response={200: PlanOut, **OBJECT_ERRORS})
-def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
-    """What evacuating this VSP would do: each guest's target and forecast, and who stays, and why."""
+def get_plan(
+    request: HttpRequest,
+    vsp: str = IdRef,
+    exclude: list[str] = ExcludeQuery,
+    confirm: list[str] = ConfirmQuery,
+) -> PlanOut:
+    """What evacuating this VSP would do: each guest's target and forecast (each guest's dirty rate is
+    measured now unless cached), who stays and why. ``exclude`` and ``confirm`` as the start takes them:
+    ``can_start`` is false while a step that may or will not converge is neither."""
     host = get_vsp(vsp, request.user)
     if not may_view_evacuation(request.user, host):
         raise PermissionDenied("Your account lacks the permission to see this.")
-    return plan_out(build_plan(host))
+    excluded = {get_vm(vm_ref, request.user).pk for vm_ref in exclude}
+    confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in confirm}
+    return plan_out(build_plan(host, rates=dirty_rates(host), excluded=excluded, confirmed=confirmed))
 
 
 @router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
@@ -190,18 +214,21 @@ def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef)
     They go one at a time, or as many at once as the VSP's ``max_concurrent_migrations`` allows.
 
     Without ``targets`` the plan's own targets are taken (as shown by ``evacuation-plan``); a target given
-    for a VM replaces the plan's. Refused (409, nothing changed) when an evacuation of this VSP runs, or
-    the plan no longer fits.
+    for a VM replaces the plan's. Refused (409, nothing changed) when an evacuation of this VSP runs, the
+    plan no longer fits, or a step may or will not converge and is not in ``confirm``.
     """
     host = get_vsp(vsp, request.user)
     chosen = {
         get_vm(vm_ref, request.user).pk: get_vsp(vsp_ref, request.user).pk
         for vm_ref, vsp_ref in body.targets.items()
     }
-    proposed = build_plan(host, chosen)
+    excluded = {get_vm(vm_ref, request.user).pk for vm_ref in body.exclude}
+    confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in body.confirm}
+    proposed = build_plan(host, chosen, excluded=excluded)
     targets = {step.vm.pk: step.target.pk for step in proposed.steps if step.target is not None} | chosen
     order = [get_vm(vm_ref, request.user).pk for vm_ref in body.order] if body.order is not None else None
-    evacuation = do_start_evacuation(host, targets, order, request.user)
+    choices = {"excluded": excluded, "confirmed": confirmed}
+    evacuation = do_start_evacuation(host, targets, order, request.user, **choices)
     return Status(201, evacuation_out(evacuation))
 
 

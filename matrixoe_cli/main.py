@@ -317,15 +317,24 @@ def run() -> None:
 def evacuate(
     vsp: Annotated[str, typer.Argument(help="The VSP to empty (name or id)")],
     plan_only: Annotated[bool, typer.Option("--plan-only", help="Show the plan, start nothing")] = False,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="A VM that stays (repeatable)")
+    ] = None,
+    confirm: Annotated[
+        list[str] | None,
+        typer.Option("--confirm", help="Start this VM although it may or will not converge (repeatable)"),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evacuate a VSP: show the plan (each guest's target and forecast, who stays and why), then start it.
 
     Started, the VSP enters maintenance and its guests leave one at a time (or as many at once as the
     VSP allows); follow it on the VSP's page or with ``GET /api/v1/evacuations/ID``. Exit status 1
-    with the console's words when refused.
+    with the console's words when refused: a guest that may or will not converge is not started unless
+    it is given to ``--confirm`` (or ``--exclude``, or its policy is changed).
     """
-    plan = call(lambda api: api.get(f"/vsps/{vsp}/evacuation-plan"))
+    choices = {"exclude": exclude or [], "confirm": confirm or []}
+    plan = call(lambda api: api.get(f"/vsps/{vsp}/evacuation-plan", **choices))
     if plan_only or not plan["can_start"]:
         if as_json:
             print_json(plan)
@@ -334,7 +343,7 @@ def evacuate(
         if not plan_only:
             raise fail(" ".join(plan["problems"]) or f"Nothing on {plan['vsp']} can leave.")
         return
-    evacuation = call(lambda api: api.post(f"/vsps/{vsp}/evacuations", {}))
+    evacuation = call(lambda api: api.post(f"/vsps/{vsp}/evacuations", choices))
     if as_json:
         return print_json(evacuation)
     print_plan(plan)

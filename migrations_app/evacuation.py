@@ -9,12 +9,13 @@ included). Between VSPs with equal room the one with the shorter forecast wins. 
 the largest expected time last; the admin may change any target or the order, and the plan is checked
 again (``problems``) before it may start.
 
-**The forecast** per guest: ``forecast.forecast`` (``docs/convergence.md``) with the link rate and dirty
-rate measured by this pair's completed migrations (their mean throughput and dirty rate, and their dirty
-rounds' rate and cost per round as the migrate dialog uses them, ``estimates.round_cost``); a pair never
-migrated before uses its last link probe (``link_probes``; one is queued in the background when there is
-none or it is older than an hour) with the guest's dirty rate if the migrate dialog measured it lately,
-else it has no forecast ("not known yet").
+**The forecast** per guest is the migrate dialog's, by the same function with the same inputs
+(``estimates.forecast_to``): the VM's own policy, its own dirty rate (measured by its agent or cached
+by the dialog, ``dirty_rates``), the pair's link rate (its newest migrations weighted most, else its link
+probe, else the policy's cap) and the pair's fitted dirty rounds. A guest whose dirty rate cannot be
+measured, or a pair with no known link rate, has no forecast ("not known yet"). A step forecast to
+*may not* / *will not converge* keeps the plan from starting until the admin changes the VM's policy,
+excludes the VM (it stays) or confirms that step.
 
 **Running** (``do_start_evacuation``): in one transaction the VSP enters maintenance and each step is
 requested through ``actions.do_request_migration``, in plan order, so the guests go through the
@@ -28,24 +29,24 @@ migration, by cancel and by the pages). Leaving maintenance is the admin's expli
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Avg
 from django.utils import timezone
 
 from vms.access import LACKS_PERMISSION
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, Registration, VirtualMachine
 
-from . import estimates, forecast, link_probes
+from . import estimates, forecast
 from .actions import MigrationRefused, do_cancel_migration, do_request_migration
 from .checks import check_vm, host_refusal
 from .evacuation_models import Evacuation, EvacuationStep
 from .models import Migration
+from .progress import publish_vsp_overview
 
 logger = logging.getLogger(__name__)
 
@@ -87,35 +88,66 @@ def _require(allowed: bool) -> None:
 class PlanStep:
     """A guest that leaves: ``target`` (None: none chosen), ``predicted_s`` (None: not known yet),
     ``problem`` (why the admin's choice cannot be, "" when it can), ``verdict``: the forecast's
-    (``forecast.Verdict``; None: not known yet)."""
+    (``forecast.Verdict``; None: not known yet), ``reasons``: the forecast's explanation in words (the
+    migrate dialog's lines), ``confirmed``: the admin starts it although its forecast warns."""
 
     vm: VirtualMachine
     target: VSP | None
     predicted_s: float | None
     problem: str = ""
     verdict: forecast.Verdict | None = None
+    reasons: list[str] = field(default_factory=list)
+    confirmed: bool = False
 
     @classmethod
     def of(
-        cls, vm: VirtualMachine, target: VSP | None, history: PairHistory | None, problem: str = ""
+        cls,
+        vm: VirtualMachine,
+        target: VSP | None,
+        rate: estimates.DirtyRate | None,
+        problem: str = "",
+        confirmed: bool = False,
     ) -> PlanStep:
-        """The step moving ``vm`` to ``target`` over a pair with ``history``, forecast by ``predict``."""
-        result = predict(vm, history)
+        """The step moving ``vm`` to ``target`` with its measured dirty ``rate``, forecast by ``predict``."""
+        result = predict(vm, target, rate) if target is not None else None
         if result is None:
-            return cls(vm, target, None, problem)
-        return cls(vm, target, result.total_s, problem, result.verdict)
+            return cls(vm, target, None, problem, confirmed=confirmed)
+        return cls(vm, target, result.total_s, problem, result.verdict, result.lines, confirmed)
+
+    @property
+    def warns(self) -> bool:
+        """Its forecast says it will, or may, not converge (``forecast.Verdict.warns``)."""
+        return self.verdict is not None and self.verdict.warns
+
+    @property
+    def unconfirmed_warning(self) -> str:
+        """Why it may not start as it is ("" when it may): a warning forecast the admin did not confirm."""
+        if not self.warns or self.confirmed:
+            return ""
+        assert self.verdict is not None
+        return (
+            f"{self.vm.name} {self.verdict.label}: change its migration policy, exclude it from the "
+            "evacuation, or confirm that it starts anyway."
+        )
 
 
 @dataclass(frozen=True)
 class Staying:
+    """A guest that stays, with why; ``vm_id`` when the admin excluded it (so the page may undo that)."""
+
     vm_name: str
     reason: str
+    vm_id: int | None = None
+
+
+EXCLUDED_REASON = "excluded from this evacuation by the admin"
 
 
 @dataclass
 class Plan:
     """``steps`` in the order they run; ``staying`` with their reasons; ``targets``: every other VSP with
-    its refusal ("" when eligible) and free memory (MiB) before the plan; ``planned_free``: after it."""
+    its refusal ("" when eligible) and free memory (MiB) before the plan; ``planned_free``: after it.
+    ``problems``: what keeps it from starting (a choice that cannot be, a warning not confirmed)."""
 
     vsp: VSP
     steps: list[PlanStep]
@@ -139,79 +171,50 @@ class Plan:
         return sum(1 for step in self.steps if step.predicted_s is None)
 
 
-@dataclass(frozen=True)
-class PairHistory:
-    """What completed migrations from the source to one target measured (bytes/s); with no migration
-    history, the pair's last link probe (``dirty_rate_bytes_s`` None: a probe moves no guest).
-    ``rounds``: their dirty rounds' rate and cost per round (``estimates.round_cost``), when timed."""
+def dirty_rates(vsp: VSP, *, measure: bool = True) -> dict[int, estimates.DirtyRate]:
+    """Per VM id: the dirty rate of each running guest on ``vsp``, as the migrate dialog has it.
 
-    throughput_bytes_s: float
-    dirty_rate_bytes_s: float | None
-    rounds: estimates.RoundCost | None = None
-
-
-def pair_history(source: VSP, targets: Sequence[VSP] = ()) -> dict[int, PairHistory]:
-    """Per target VSP id: the mean throughput and dirty rate of completed migrations from ``source``.
-
-    Each of ``targets`` with no such history gets its last link probe's rate if there is one
-    (``link_probes``), and a probe is queued in the background when there is none or it is stale.
+    The cached measurement (``estimates.cached_dirty_rate``) when fresh, else (``measure``) a new one
+    from the source agent (``estimates.measure_dirty_rate``, about 0.5 s a guest, then cached); a guest
+    it cannot measure is left out (its time is then "not known yet", never another guest's rate).
     """
-    rows = (
-        Migration.objects.filter(source=source, state=Migration.State.COMPLETED, throughput_bytes_s__gt=0)
-        .values("target_id")
-        .annotate(throughput=Avg("throughput_bytes_s"), dirty=Avg("dirty_rate_bytes_s"))
-    )
-    found = {
-        row["target_id"]: PairHistory(float(row["throughput"]), float(row["dirty"] or 0)) for row in rows
-    }
-    for target in targets:
-        if target.pk in found:  # as the migrate dialog: the dirty rounds at the pair's own cost
-            found[target.pk] = replace(found[target.pk], rounds=estimates.round_cost(source, target))
+    rates: dict[int, estimates.DirtyRate] = {}
+    registrations = Registration.objects.filter(
+        vsp=vsp, hardware_status=Registration.HardwareStatus.ON
+    ).select_related("vm")
+    for registration in registrations:
+        vm = registration.vm
+        if not registration.is_runnable or vm.is_vpar or not vm.online_migration_enabled:
             continue
-        probe = link_probes.latest_probe(source, target)
-        if probe is None or not link_probes.is_fresh(probe):
-            link_probes.request_probe(source, target)
-        if probe is not None and probe.rate_bytes_s:
-            found[target.pk] = PairHistory(probe.rate_bytes_s, None)
-    return found
+        rate = estimates.cached_dirty_rate(vm)
+        if rate is None and measure:
+            rate = estimates.measure_dirty_rate(vm)
+        if rate is not None:
+            rates[vm.pk] = rate
+    return rates
 
 
-def predict_s(vm: VirtualMachine, history: PairHistory | None) -> float | None:
-    """The forecast total time (s) of migrating ``vm`` over a pair with ``history``; None: not known yet
-    (``predict``)."""
-    result = predict(vm, history)
+def predict_s(vm: VirtualMachine, target: VSP, rate: estimates.DirtyRate | None) -> float | None:
+    """The forecast total time (s) of migrating ``vm`` to ``target``; None: not known yet (``predict``)."""
+    result = predict(vm, target, rate)
     return None if result is None else result.total_s
 
 
-def predict(vm: VirtualMachine, history: PairHistory | None) -> forecast.Forecast | None:
-    """The forecast of migrating ``vm`` over a pair with ``history``; None: not known yet.
+def predict(
+    vm: VirtualMachine, target: VSP, rate: estimates.DirtyRate | None
+) -> estimates.TargetForecast | None:
+    """The migrate dialog's forecast of moving ``vm`` to ``target``; None: not known yet.
 
-    Under the VM's own migration policy (bandwidth cap, downtime, throttling: ``estimates.forecast_policy``)
-    and with its own dirty rate when the migrate dialog measured it lately (``estimates.cached_dirty_rate``,
-    never an agent call here), else the pair's mean. A guest that cannot converge under its policy is
-    forecast to run until its limit (QA: a busy guest under a 10 MB/s cap was planned at 3 s); one that
-    may not converge (a close call, ``Verdict.MAY_NOT_CONVERGE``) at the time its measured rates give.
+    The very function the dialog calls (``estimates.forecast_to``) with the same inputs: the VM's own
+    policy, its measured dirty ``rate`` (``dirty_rates``), the pair's link rate (newest migrations
+    weighted most, else its link probe, else the policy's cap as a best case) and the pair's fitted
+    dirty rounds. Without the guest's own dirty rate there is no forecast: the mean of other guests'
+    rates over the pair is not this guest's (QA: the idle db01 was planned at 48 s and took 3 s).
     """
-    if history is None:
+    if rate is None:
         return None
-    measured = estimates.cached_dirty_rate(vm)
-    if measured is not None:
-        guest = measured.guest()
-    elif history.dirty_rate_bytes_s is None:
-        return None  # a probe's link rate, and the guest's dirty rate not measured lately
-    else:
-        guest = forecast.Guest(vm.memory_mib * MIB, dirty_rate_bytes_s=history.dirty_rate_bytes_s)
-    source = vm.current_vsp
-    link = (
-        estimates.model_link(source, history.throughput_bytes_s)
-        if source is not None
-        else forecast.Link(history.throughput_bytes_s)
-    )
-    if history.rounds is not None:
-        link = replace(
-            link, round_rate_bytes_s=history.rounds.rate_bytes_s, round_overhead_s=history.rounds.overhead_s
-        )
-    return forecast.forecast(guest, link, estimates.forecast_policy(vm.migration_policy, vm))
+    result = estimates.forecast_to(vm, target, vm.migration_policy, rate)
+    return None if result.verdict is None else result
 
 
 def stay_reason(registration: Registration, vsp: VSP) -> str | None:
@@ -233,6 +236,10 @@ def build_plan(
     vsp: VSP,
     chosen_targets: Mapping[int, int] | None = None,
     order: Sequence[int] | None = None,
+    *,
+    rates: Mapping[int, estimates.DirtyRate] | None = None,
+    excluded: Collection[int] = (),
+    confirmed: Collection[int] = (),
 ) -> Plan:
     """The evacuation plan of ``vsp``.
 
@@ -240,8 +247,17 @@ def build_plan(
     the order the admin wants (every leaving VM once); None orders by forecast, the largest time last and
     unknown times after the known ones, larger guests later. A choice that cannot be (unknown VSP, not
     eligible, no room) is kept on its step with a ``problem`` and listed in ``plan.problems``.
+    ``rates``: each guest's measured dirty rate by VM id (``dirty_rates``; None: the cached ones only).
+    ``excluded``: VM ids the admin keeps on ``vsp`` (they stay, with ``EXCLUDED_REASON``).
+    ``confirmed``: VM ids the admin starts although their forecast may or will not converge; any other
+    such step is listed in ``plan.problems`` (``PlanStep.unconfirmed_warning``), so it is never started
+    silently.
     """
-    chosen_targets = chosen_targets or {}
+    chosen_targets = {vm: vsp_id for vm, vsp_id in (chosen_targets or {}).items() if vm not in excluded}
+    if order is not None:
+        order = [vm_id for vm_id in order if vm_id not in excluded]
+    if rates is None:
+        rates = dirty_rates(vsp, measure=False)
     registrations = (
         Registration.objects.filter(vsp=vsp)
         .select_related("vm")
@@ -254,14 +270,18 @@ def build_plan(
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}
     by_id = {other.pk: (other, refusal) for other, refusal, _ in targets}
     planned_free = {other.pk: free.get(other.pk, 0) for other in others}
-    history = pair_history(vsp, list(eligible.values()))
+    for eligible_vsp in eligible.values():  # as the dialog: a pair with no known link rate gets a probe
+        estimates.known_link_rate(vsp, eligible_vsp)
 
     leaving: list[VirtualMachine] = []
     staying: list[Staying] = []
     for registration in registrations:
         reason = stay_reason(registration, vsp)
+        if not reason and registration.vm_id in excluded:
+            reason = EXCLUDED_REASON
         if reason:
-            staying.append(Staying(registration.vm.name, reason))
+            chosen_to_stay = registration.vm_id if reason == EXCLUDED_REASON else None
+            staying.append(Staying(registration.vm.name, reason, chosen_to_stay))
         else:
             leaving.append(registration.vm)
 
@@ -285,7 +305,7 @@ def build_plan(
             planned_free[target_id] -= vm.memory_mib
         if problem:
             problems.append(problem)
-        steps.append(PlanStep.of(vm, target, history.get(target_id), problem))
+        steps.append(PlanStep.of(vm, target, rates.get(vm.pk), problem, vm.pk in confirmed))
     for vm in free_choice:
         roomy = [pk for pk in eligible if planned_free[pk] >= vm.memory_mib]
         if not roomy:
@@ -293,7 +313,7 @@ def build_plan(
             continue
 
         def preference(pk: int, vm: VirtualMachine = vm) -> tuple[int, float, str]:
-            predicted = predict_s(vm, history.get(pk))
+            predicted = predict_s(vm, eligible[pk], rates.get(vm.pk))
             return (
                 -planned_free[pk],
                 predicted if predicted is not None else float("inf"),
@@ -302,9 +322,10 @@ def build_plan(
 
         best = min(roomy, key=preference)
         planned_free[best] -= vm.memory_mib
-        steps.append(PlanStep.of(vm, eligible[best], history.get(best)))
+        steps.append(PlanStep.of(vm, eligible[best], rates.get(vm.pk), confirmed=vm.pk in confirmed))
 
     steps = _ordered(steps, order, problems)
+    problems.extend(step.unconfirmed_warning for step in steps if step.unconfirmed_warning)
     staying.sort(key=lambda stay: stay.vm_name)
     return Plan(vsp, steps, staying, targets, planned_free, problems)
 
@@ -339,20 +360,32 @@ def _ordered(steps: list[PlanStep], order: Sequence[int] | None, problems: list[
 
 # -- starting, following, cancelling --------------------------------------------------------------------
 def do_start_evacuation(
-    vsp: VSP, chosen_targets: Mapping[int, int], order: Sequence[int] | None, user: Any
+    vsp: VSP,
+    chosen_targets: Mapping[int, int],
+    order: Sequence[int] | None,
+    user: Any,
+    *,
+    excluded: Collection[int] = (),
+    confirmed: Collection[int] = (),
 ) -> Evacuation:
     """Start evacuating ``vsp`` with the admin's targets and order, re-checked now.
 
+    ``excluded`` and ``confirmed``: VM ids, as ``build_plan`` takes them. The guests' dirty rates are
+    measured first (``dirty_rates``, outside the transaction), so each step's forecast, stored as its
+    ``predicted_s`` and counted down by ``summarize``, is the plan page's and the migrate dialog's.
+
     Raises ``PermissionDenied`` without the right, ``EvacuationRefused`` (nothing changed) when an
     evacuation of ``vsp`` runs, the guests changed since the plan was shown (a guest without a target
-    in ``chosen_targets``), or the plan no longer fits.
+    in ``chosen_targets``), a step's forecast may or will not converge and the admin did not confirm it,
+    or the plan no longer fits.
     """
     _require(may_evacuate(user, vsp))
+    rates = dirty_rates(vsp)
     try:
         with transaction.atomic():
             vsp = VSP.objects.select_for_update().get(pk=vsp.pk)
             _refuse_if_running(vsp)
-            plan = build_plan(vsp, chosen_targets, order)
+            plan = build_plan(vsp, chosen_targets, order, rates=rates, excluded=excluded, confirmed=confirmed)
             misfits = [step.problem for step in plan.steps if step.problem]
             if misfits:
                 raise EvacuationRefused(f"The plan no longer fits: {' '.join(misfits)}")
@@ -394,11 +427,13 @@ def do_start_evacuation(
                 actor=user,
                 after={
                     "steps": [f"{step.vm.name} -> {step.target.name}" for step in plan.steps if step.target],
+                    "confirmed": [f"{step.vm.name}: {step.verdict}" for step in plan.steps if step.warns],
                     "staying": [f"{stay.vm_name}: {stay.reason}" for stay in plan.staying],
                 },
                 message=f"Evacuation of {vsp.name} requested and started by {user}: "
                 f"{len(plan.steps)} guests leave, {len(plan.staying)} stay",
             )
+            publish_after_commit(vsp.pk)
     except IntegrityError:
         raise EvacuationRefused(f"{vsp.name} is already being evacuated.") from None
     logger.info("%s started evacuation %s of %s", user, evacuation.pk, vsp.name)
@@ -450,6 +485,7 @@ def do_leave_maintenance(vsp: VSP, user: Any) -> None:
             after={"maintenance": False},
             message=f"{vsp.name} left maintenance ({user})",
         )
+        publish_after_commit(vsp.pk)
 
 
 def do_cancel_evacuation(evacuation: Evacuation, user: Any) -> None:
@@ -474,6 +510,7 @@ def do_cancel_evacuation(evacuation: Evacuation, user: Any) -> None:
             after={"cancel_requested": True},
             message=f"Evacuation of {evacuation.vsp.name} cancelled by {user}",
         )
+        publish_after_commit(evacuation.vsp_id)
     steps = list(evacuation.steps.select_related("migration__vm", "migration__source", "migration__target"))
     # The waiting ones first, the last first, so that none of them is handed the source meanwhile.
     waiting_first = sorted(
@@ -517,6 +554,7 @@ def settle(evacuation: Evacuation) -> bool:
                 message=f"Evacuation of {evacuation.vsp.name} {end_state.label.lower()}: "
                 f"{summary.sentence()}",
             )
+            publish_after_commit(evacuation.vsp_id)
     return bool(ended)
 
 
@@ -634,6 +672,12 @@ def latest_evacuation(vsp: VSP) -> Evacuation | None:
     if evacuation is not None and settle(evacuation):
         evacuation.refresh_from_db()
     return evacuation
+
+
+def publish_after_commit(vsp_id: int) -> None:
+    """Once the current transaction commits, the VSP's open pages re-fetch their evacuation panel and
+    maintenance flag (``progress.publish_vsp_overview``)."""
+    transaction.on_commit(lambda: publish_vsp_overview(vsp_id))
 
 
 def _actor(user: Any) -> Any:

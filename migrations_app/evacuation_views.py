@@ -21,6 +21,7 @@ from vms.models import VSP
 from .evacuation import (
     EvacuationRefused,
     build_plan,
+    dirty_rates,
     do_cancel_evacuation,
     do_leave_maintenance,
     do_start_evacuation,
@@ -54,6 +55,11 @@ def plan_input(data: QueryDict) -> tuple[dict[int, int], list[int] | None]:
     return targets, order
 
 
+def checked_vms(data: QueryDict, prefix: str) -> set[int]:
+    """VM ids of the ticked ``<prefix><vm id>`` boxes (``exclude_``, ``confirm_``); ``BadPlanInput``."""
+    return {_positive(key[len(prefix) :], key) for key in data if key.startswith(prefix)}
+
+
 def _positive(text: str, field: str) -> int:
     try:
         number = int(text)
@@ -77,16 +83,20 @@ def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     data = request.POST if request.method == "POST" else request.GET
     try:
         targets, order = plan_input(data)
+        excluded, confirmed = checked_vms(data, "exclude_"), checked_vms(data, "confirm_")
     except BadPlanInput as error:
         return render_plan(request, vsp, {}, None, error=str(error), status=400)
     if request.method == "GET":
-        return render_plan(request, vsp, targets, order)
+        return render_plan(request, vsp, targets, order, excluded=excluded, confirmed=confirmed)
     if not may_evacuate(request.user, vsp):
         raise _denied()
     try:
-        do_start_evacuation(vsp, targets, order, request.user)
+        do_start_evacuation(vsp, targets, order, request.user, excluded=excluded, confirmed=confirmed)
     except EvacuationRefused as refusal:
-        return render_plan(request, vsp, targets, order, error=str(refusal.message), status=400)
+        refused = str(refusal.message)
+        return render_plan(
+            request, vsp, targets, order, error=refused, status=400, excluded=excluded, confirmed=confirmed
+        )
     messages.success(request, f"Evacuation of {vsp.name} started; {vsp.name} is in maintenance.")
     return redirect("vms:vsp_detail", pk=vsp.pk)
 
@@ -99,8 +109,14 @@ def render_plan(
     *,
     error: str = "",
     status: int = 200,
+    excluded: set[int] | None = None,
+    confirmed: set[int] | None = None,
 ) -> HttpResponse:
-    plan = build_plan(vsp, targets, order)
+    """The plan page; each guest's dirty rate is measured now unless cached (``dirty_rates``)."""
+    excluded = excluded or set()
+    plan = build_plan(
+        vsp, targets, order, rates=dirty_rates(vsp), excluded=excluded, confirmed=confirmed or set()
+    )
     running = Evacuation.objects.filter(vsp=vsp, state=Evacuation.State.RUNNING).first()
     context: dict[str, Any] = {
         "vsp": vsp,

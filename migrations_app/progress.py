@@ -183,6 +183,21 @@ def publish_progress(migration: Migration | int) -> None:
         logger.exception("Could not publish progress of migration %s", migration_id)
 
 
+def publish_vsp_overview(vsp_id: int) -> None:
+    """Make every open page of VSP ``vsp_id`` re-fetch its overview (the evacuation panel, the
+    maintenance flag, Evacuate… / Leave maintenance): pushed when an evacuation starts, is cancelled or
+    ends, and when the VSP leaves maintenance, so a page opened before sees it live. Each browser
+    re-fetches with its own session, so the buttons it gets are its user's. Best effort, as
+    ``publish_progress``: a page reloaded shows the same from the database.
+    """
+    group = vsp_group(vsp_id)
+    html = render_to_string(f"{PROGRESS_TEMPLATE}#vsp_overview_refetch", {})
+    try:
+        async_to_sync(send_messages)({group: _message(group, html)})
+    except Exception:
+        logger.exception("Could not push the overview of VSP %s", vsp_id)
+
+
 async def send_messages(messages: dict[str, ProgressMessage]) -> None:
     # One coroutine for all groups, so the layer reuses one Redis connection.
     layer = get_channel_layer()

@@ -183,35 +183,49 @@ def test_it_shows_an_evacuation_plan_and_refuses_to_start_one_where_nothing_can_
     assert not VSP.objects.get(name="evac-src").maintenance
 
 
-def test_the_plan_table_says_which_guest_may_not_converge(logged_in):
-    """A guest too close to promise under its policy: the plan's JSON has the verdict, the table its words."""
-    from migrations_app import estimates, forecast
-    from tests.factories import make_migration
+def test_the_plan_table_says_which_guest_will_not_converge_and_it_starts_only_confirmed(
+    host_agents, fleet, logged_in, wait_for
+):
+    """A guest writing 20 MB/s (measured by its real agent) under a 10 MB/s policy cap: the plan's JSON has
+    the verdict, the table its words; ``evacuate`` refuses with the reason, ``--confirm`` starts it."""
+    from migrations_app.evacuation import do_cancel_evacuation
+    from migrations_app.evacuation_models import Evacuation
+    from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration
 
-    src = make_vsp("close-src", memory_mib=16384)
-    big = make_vsp("close-big", memory_mib=4096)
-    vm = make_vm("close-g700", vsp=src, memory_mib=700)
-    link = estimates.model_link(src, 50_000_000)
-    policy = estimates.forecast_policy(vm.migration_policy, vm)
-    # The model's boundary: the first dirty rate, in 0.1 MB/s steps, too close to promise.
-    close = next(
-        rate
-        for rate in (step * 100_000 for step in range(1, 500))
-        if forecast.forecast(forecast.Guest(700 * 1024 * 1024, rate), link, policy).verdict.value
-        == "may_not_converge"
+    hosta = fleet["hosta"]
+    capped = {"preset": "custom", "bandwidth_cap_mb_s": 10}
+    vm = place_vm(
+        host_agents,
+        fleet,
+        memory_mib=16,
+        fill_percent=50,
+        dirty_pages_per_s=5000,
+        vm_fields={"migration_policy": capped},
     )
-    make_migration(vm, src, big, state="completed", throughput_bytes_s=50_000_000, dirty_rate_bytes_s=close)
+    earlier = make_vm("cli-earlier", vsp=fleet["hostb"], memory_mib=16, hardware_status="off")
+    for target in (fleet["hostb"], fleet["hostc"]):
+        make_migration(earlier, hosta, target, state="completed", throughput_bytes_s=50_000_000)
 
-    plan = matrixoe(logged_in, "evacuate", "close-src", "--plan-only", "--json")
-    table = matrixoe(logged_in, "evacuate", "close-src", "--plan-only")
+    plan = matrixoe(logged_in, "evacuate", "hosta", "--plan-only", "--json")
+    table = matrixoe(logged_in, "evacuate", "hosta", "--plan-only")
+    refused = matrixoe(logged_in, "evacuate", "hosta")
 
     assert plan.returncode == 0, plan.stderr
     step = json.loads(plan.stdout)["steps"][0]
-    assert (step["vm"], step["verdict"]) == ("close-g700", "may_not_converge")
+    assert (step["vm"], step["verdict"]) == (vm.name, "will_not_converge")
     assert table.returncode == 0, table.stderr
     words = " ".join(re.sub(r"[│┃|]", " ", table.stdout).split())
-    assert "(may not converge under this policy" in words, words
-    assert "will not converge" not in words
+    assert "(will not converge under this policy" in words, words
+    assert refused.returncode == 1
+    assert f"{vm.name} will not converge under this policy: change its migration policy" in refused.stderr
+    assert not Evacuation.objects.exists()
+
+    started = matrixoe(logged_in, "evacuate", "hosta", "--confirm", vm.name, "--json")
+    assert started.returncode == 0, started.stderr
+    evacuation = Evacuation.objects.get()
+    assert json.loads(started.stdout)["id"] == evacuation.pk
+    do_cancel_evacuation(evacuation, make_user("canceller", MIGRATION_ADMIN_PERMISSIONS))
+    assert wait_for(lambda: Evacuation.objects.get().state == "cancelled", timeout=120)
 
 
 def test_it_changes_the_running_migration_and_switches_it_over(host_agents, fleet, logged_in, wait_for):

@@ -100,3 +100,85 @@ def test_it_cancels_an_evacuation_the_running_guest_stops_and_the_waiting_ones_n
         assert runs_on(host_agents["hosta"], vm.name)
     assert Evacuation.objects.get().cancel_requested_by == admin
     assert AuditEvent.objects.filter(action="evacuation_cancelled", actor=admin).count() == 1
+
+
+def test_the_plan_forecasts_as_the_dialog_and_a_guest_that_will_not_converge_waits_for_the_admin(
+    host_agents, fleet, admin, migration_worker, wait_for, client
+):
+    """QA's vsp1 (real agents measure the dirty rates): the busy guest writes 20 MB/s under a 10 MB/s
+    policy cap, so the migrate dialog says it will not converge, while the plan said "1 min 0 s" and
+    started it; the idle one was planned at 48 s (another guest's dirty rate) and moved in 3 s.
+
+    Now the plan page shows each guest's forecast as the dialog's (same function, same measurement),
+    says why the busy one will not converge, refuses to start it unconfirmed, and the running evacuation
+    counts down from the very times the page showed."""
+    import re
+
+    from migrations_app import estimates
+    from migrations_app.templatetags.migration_tags import seconds
+    from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration, make_user, make_vm
+
+    hosta, hostb, hostc = fleet["hosta"], fleet["hostb"], fleet["hostc"]
+    capped = {"preset": "custom", "bandwidth_cap_mb_s": 10}
+    busy = place_vm(
+        host_agents,
+        fleet,
+        memory_mib=64,
+        fill_percent=50,
+        dirty_pages_per_s=5000,
+        vm_fields={"name": "reports01", "migration_policy": capped},
+    )
+    idle = place_vm(host_agents, fleet, memory_mib=48, fill_percent=5, vm_fields={"name": "db01"})
+    # Earlier migrations from hosta measured each pair's link (and a busy guest's high dirty rate).
+    earlier = make_vm("earlier", vsp=hostb, memory_mib=16, hardware_status="off")
+    for target in (hostb, hostc):
+        make_migration(
+            earlier,
+            hosta,
+            target,
+            state="completed",
+            throughput_bytes_s=50_000_000,
+            dirty_rate_bytes_s=30_000_000,
+        )
+    client.force_login(make_user("evacuator", MIGRATION_ADMIN_PERMISSIONS))
+    html = client.get(f"/migrations/vsps/{hosta.pk}/evacuate/").content.decode()
+
+    def row(name: str, attribute: str = "data-vm") -> str:
+        found = re.search(rf'<tr {attribute}="{name}".*?</tr>', html, re.S)
+        assert found, name
+        return " ".join(re.sub(r"<[^>]+>", " ", found.group(0)).split())
+
+    plan = build_plan(hosta)  # the measurements the page just took, from the cache
+    shown = {step.vm.name: step for step in plan.steps}
+    for vm in (busy, idle):
+        step = shown[vm.name]
+        dialog = estimates.forecast_to(vm, step.target, vm.migration_policy, estimates.cached_dirty_rate(vm))
+        assert dialog.total_s is not None and (step.predicted_s, step.verdict) == (
+            dialog.total_s,
+            dialog.verdict,
+        )
+        assert seconds(step.predicted_s) in row(vm.name)
+    assert shown["reports01"].verdict.value == "will_not_converge"
+    assert "Will not converge under this policy" in row("reports01")
+    assert "is not started unless you choose" in row("reports01", "data-warning-for")
+    assert not shown["db01"].warns
+    assert shown["db01"].predicted_s < 10  # the idle guest's own rate, not the earlier busy one's
+
+    chosen = {f"target_{step.vm.pk}": step.target.pk for step in plan.steps}
+    chosen |= {f"position_{step.vm.pk}": position for position, step in enumerate(plan.steps, start=1)}
+    refused = client.post(f"/migrations/vsps/{hosta.pk}/evacuate/", chosen)
+    assert refused.status_code == 400
+    assert (
+        "reports01 will not converge under this policy: change its migration policy"
+        in refused.content.decode()
+    )
+    assert not Evacuation.objects.exists()
+
+    started = client.post(f"/migrations/vsps/{hosta.pk}/evacuate/", {**chosen, f"confirm_{busy.pk}": "on"})
+    assert started.status_code == 302
+    evacuation = Evacuation.objects.get()
+    stored = dict(evacuation.steps.values_list("vm_name", "predicted_s"))
+    assert stored == {name: step.predicted_s for name, step in shown.items()}
+    do_cancel_evacuation(evacuation, admin)
+    wait_until_ended(wait_for, evacuation)
+    assert runs_on(host_agents["hosta"], "reports01")

@@ -110,3 +110,66 @@ def test_the_admin_evacuates_a_vsp_and_watches_it_live(host_agents, fleet, migra
     assert run_in_thread(after) == ([], True, "finished")
     for vm in movers:
         assert not runs_on(host_agents["hosta"], vm.name)
+
+
+# An init script (run as is on every page of the context): notes when the page's websocket opens.
+SOCKET_OPEN = """
+window.__socketOpen = false;
+document.addEventListener('htmx:wsOpen', () => { window.__socketOpen = true; });
+"""
+
+
+def test_a_page_opened_before_the_evacuation_shows_it_start_cancel_and_leave_maintenance_live(
+    host_agents, fleet, migrating_console, browser
+):
+    """QA: browser B had /vsps/1/ open when browser A started the evacuation of vsp1: B's rows moved but it
+    kept "Maintenance: No" and "Evacuate…" and never showed the panel, even after the cancel. Now the VSP's
+    push group tells B's page to re-fetch its overview when the evacuation starts, is cancelled or ends,
+    and when the VSP leaves maintenance; B never reloads."""
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    run_in_thread(make_user, "bob", permissions=(*MIGRATOR, "vms.view_vsp"))
+    # Large enough that the three take a while at the worker's capped bandwidth: the cancel finds work.
+    run_in_thread(lambda: [place_vm(host_agents, fleet, memory_mib=64, fill_percent=100) for _ in range(3)])
+    hosta = fleet["hosta"]
+    vsp_page = f"{migrating_console}/vsps/{hosta.pk}/"
+
+    watcher_context = browser.new_context(viewport={"width": 1366, "height": 1000})
+    watcher_context.add_init_script(SOCKET_OPEN)
+    watcher = watcher_context.new_page()
+    watcher.set_default_timeout(30_000)
+    log_in(watcher, migrating_console, "bob", PASSWORD)
+    watcher.goto(vsp_page)
+    watcher.wait_for_function("() => window.__socketOpen === true")
+    watcher.evaluate("() => { window.__marker = 'no reload'; }")
+    maintenance = watcher.locator("[data-field=maintenance]")
+    assert maintenance.inner_text() == "No"
+    assert watcher.locator("#evacuate-link").is_visible()
+    assert watcher.locator("#evacuation-progress").count() == 0
+
+    admin = browser.new_context(viewport={"width": 1366, "height": 1000}).new_page()
+    admin.set_default_timeout(30_000)
+    log_in(admin, migrating_console, "maria", PASSWORD)
+    admin.goto(f"{migrating_console}/migrations/vsps/{hosta.pk}/evacuate/")
+    admin.click("#start-evacuation")
+    admin.wait_for_selector("#evacuation-progress[data-state=running]")
+
+    watcher.wait_for_selector("#evacuation-progress[data-state=running]", timeout=60_000)
+    assert maintenance.inner_text().startswith("In maintenance since")
+    assert watcher.locator("#maintenance-badge").is_visible()
+    assert watcher.locator("#evacuate-link").count() == 0
+    assert watcher.locator("#cancel-evacuation").is_visible()  # bob's own rights: he may cancel too
+
+    admin.click("#cancel-evacuation")
+    watcher.wait_for_selector("#evacuation-progress[data-state=cancelled]", timeout=120_000)
+    assert "Summary:" in watcher.locator("#evacuation-summary").inner_text()
+    assert watcher.locator("#evacuate-link").is_visible()
+    assert watcher.locator("#leave-maintenance").is_visible()
+    assert maintenance.inner_text().startswith("In maintenance since")
+
+    admin.click("#leave-maintenance")
+    watcher.wait_for_function(
+        "() => document.querySelector('[data-field=maintenance]').textContent === 'No'", timeout=60_000
+    )
+    assert watcher.locator("#maintenance-badge").count() == 0
+    assert watcher.locator("#leave-maintenance").count() == 0
+    assert watcher.evaluate("() => window.__marker") == "no reload"

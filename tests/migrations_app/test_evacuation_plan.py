@@ -34,6 +34,30 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
+def measured():
+    """Cache a guest's dirty rate as the migrate dialog (or the plan page) measured it moments ago:
+    ``measured(vm, bytes_per_s)`` returns the ``estimates.DirtyRate``; the cache is cleared after."""
+    from django.core.cache import cache
+    from django.utils import timezone
+
+    from migrations_app import estimates
+
+    keys = []
+
+    def measure(vm, rate: float, written: int | None = None) -> estimates.DirtyRate:
+        memory = vm.memory_mib * 1024 * 1024
+        found = estimates.DirtyRate(
+            float(rate), memory, memory if written is None else written, None, timezone.now()
+        )
+        cache.set(estimates._cache_key(vm), found, 60)
+        keys.append(estimates._cache_key(vm))
+        return found
+
+    yield measure
+    cache.delete_many(keys)
+
+
+@pytest.fixture
 def admin():
     return make_user("admin", MIGRATION_ADMIN_PERMISSIONS)
 
@@ -98,22 +122,24 @@ def test_it_flags_an_admin_target_that_does_not_fit(cramped):
     ]
 
 
-def test_it_orders_by_forecast_largest_last_and_follows_the_admins_order(cramped):
+def test_it_orders_by_forecast_largest_last_and_follows_the_admins_order(cramped, measured):
     # Past throughput src -> big: known; src -> small: never migrated, so not known yet (last).
     past = {"state": "completed", "throughput_bytes_s": 50_000_000}
     make_migration(cramped["g300"], cramped["src"], cramped["big"], **past)
+    measured(cramped["g800"], 0)
+    measured(cramped["g500"], 0)
     plan = build_plan(cramped["src"])
     assert [(step.vm.name, step.predicted_s is not None) for step in plan.steps] == [
         ("g800", True),
         ("g500", False),
     ]
-    assert plan.steps[0].predicted_s == pytest.approx(800 * 1024 * 1024 / 50_000_000, rel=0.05)
+    assert plan.steps[0].predicted_s == pytest.approx(800 * 1024 * 1024 / 50_000_000, rel=0.1)
 
     reordered = build_plan(cramped["src"], order=[cramped["g500"].pk, cramped["g800"].pk])
     assert [step.vm.name for step in reordered.steps] == ["g500", "g800"]
 
 
-def test_the_plan_forecasts_each_guest_under_its_own_policy_and_measured_dirty_rate(cramped):
+def test_the_plan_forecasts_each_guest_under_its_own_policy_and_measured_dirty_rate(cramped, measured):
     """QA: evacuating vsp1 planned the busy reports01 (12 MB/s under its 10 MB/s policy cap) at 3 s, like an
     idle guest; its migration then ran to its round limit. The plan now uses the VM's policy and the
     dirty rate the migrate dialog measured (from the cache, never an agent call)."""
@@ -124,6 +150,7 @@ def test_the_plan_forecasts_each_guest_under_its_own_policy_and_measured_dirty_r
 
     past = {"state": "completed", "throughput_bytes_s": 50_000_000}
     make_migration(cramped["g300"], cramped["src"], cramped["big"], **past)
+    measured(cramped["g800"], 0)
     idle_s = build_plan(cramped["src"]).steps[0].predicted_s
     busy = cramped["g800"]
     busy.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 10}
@@ -275,14 +302,12 @@ def test_it_cancels_a_waiting_evacuation_and_the_admin_leaves_maintenance(crampe
     ]
 
 
-def test_a_pair_never_migrated_is_planned_with_its_link_probe_and_probed_when_it_has_none(cramped):
+def test_a_pair_never_migrated_is_planned_with_its_link_probe_and_probed_when_it_has_none(cramped, measured):
     """No history to big or small: the plan queues a link probe per eligible target (not to VSPs in
-    maintenance or disabled) and says "not known yet"; with a probe's rate and the dialog's measured
+    maintenance or disabled) and says "not known yet"; with a probe's rate and the guest's measured
     dirty rate it forecasts (without the dirty rate a probe alone is not enough: it moves no guest)."""
-    from django.core.cache import cache
     from django.utils import timezone
 
-    from migrations_app import estimates
     from migrations_app.models import LinkProbe
 
     src = cramped["src"]
@@ -293,41 +318,59 @@ def test_a_pair_never_migrated_is_planned_with_its_link_probe_and_probed_when_it
     queued.update(rate_bytes_s=50_000_000, measured_at=timezone.now())
     assert all(step.predicted_s is None for step in build_plan(src).steps)  # dirty rates not measured
     g800 = cramped["g800"]
-    memory = g800.memory_mib * 1024 * 1024
-    cache.set(estimates._cache_key(g800), estimates.DirtyRate(0.0, memory, memory, None, timezone.now()), 60)
-    try:
-        step = next(step for step in build_plan(src).steps if step.vm.pk == g800.pk)
-    finally:
-        cache.delete(estimates._cache_key(g800))
-    assert step.predicted_s == pytest.approx(memory / 50_000_000, rel=0.1)
+    measured(g800, 0)
+    step = next(step for step in build_plan(src).steps if step.vm.pk == g800.pk)
+    assert step.predicted_s == pytest.approx(g800.memory_mib * 1024 * 1024 / 50_000_000, rel=0.1)
 
 
-def test_the_plan_page_says_which_guests_may_or_will_not_converge(client, cramped, admin):
+def test_a_guest_never_measured_is_not_known_yet_not_another_guests_rate(cramped, measured):
+    """QA: db01 (idle) was planned at 48 s and moved in 3 s: with no measurement of its own, the plan used
+    the mean dirty rate of the pair's earlier migrations (other, busy guests). Now its time is "not known
+    yet" until its own rate is measured; measured idle, it is the idle guest's time."""
+    src, big = cramped["src"], cramped["big"]
+    busy_past = {"state": "completed", "throughput_bytes_s": 50_000_000, "dirty_rate_bytes_s": 30_000_000}
+    make_migration(cramped["g300"], src, big, **busy_past)
+    g800 = cramped["g800"]
+    assert next(step for step in build_plan(src).steps if step.vm.pk == g800.pk).predicted_s is None
+    measured(g800, 0)
+    step = next(step for step in build_plan(src).steps if step.vm.pk == g800.pk)
+    assert step.predicted_s == pytest.approx(g800.memory_mib * 1024 * 1024 / 50_000_000, rel=0.1)
+
+
+def close_and_hopeless_rates(vm, target, measured):
+    """Dirty rates (bytes/s) at which ``vm`` may not, and will not, converge to ``target`` (the dialog's
+    own forecast, ``estimates.forecast_to``)."""
+    from migrations_app import estimates
+
+    def verdict(rate: int) -> str:
+        found = estimates.forecast_to(vm, target, vm.migration_policy, measured(vm, rate))
+        assert found.verdict is not None
+        return found.verdict.value
+
+    close = next(rate for rate in range(100_000, 50_000_000, 100_000) if verdict(rate) == "may_not_converge")
+    hopeless = next(
+        rate for rate in range(close, 200_000_000, 1_000_000) if verdict(rate) == "will_not_converge"
+    )
+    return close, hopeless
+
+
+def test_the_plan_page_says_which_guests_may_or_will_not_converge(client, cramped, admin, measured):
     """Beside a step's time, the page says when the forecast warns: "may not converge" for a close call
-    (the time is then the measured rates'), "will not converge" when the measured rates do not."""
+    (the time is then the measured rates'), "will not converge" when the measured rates do not; the
+    reason is spelled out and the admin is told how to go on."""
     import re
 
-    from migrations_app import estimates, forecast
+    from migrations_app import forecast
 
-    src, small = cramped["src"], cramped["small"]
-    link = estimates.model_link(src, 50_000_000)
-
-    def verdict(vm, rate: int) -> str:
-        policy = estimates.forecast_policy(vm.migration_policy, vm)
-        return forecast.forecast(
-            forecast.Guest(vm.memory_mib * 1024 * 1024, rate), link, policy
-        ).verdict.value
-
-    g800, g500 = cramped["g800"], cramped["g500"]
-    close = next(
-        rate for rate in range(100_000, 50_000_000, 100_000) if verdict(g800, rate) == "may_not_converge"
-    )
-    assert verdict(g500, 3 * close) == "will_not_converge"
-    # The plan forecasts a guest with its pair's mean dirty rate; g800 goes to big, g500 to small (the
-    # most free memory), g400 and g300 find no room.
+    src, big, small = cramped["src"], cramped["big"], cramped["small"]
     past = {"state": "completed", "throughput_bytes_s": 50_000_000}
-    make_migration(cramped["g400"], src, cramped["big"], dirty_rate_bytes_s=close, **past)
-    make_migration(cramped["g300"], src, small, dirty_rate_bytes_s=3 * close, **past)
+    make_migration(cramped["g400"], src, big, **past)
+    make_migration(cramped["g300"], src, small, **past)
+    g800, g500 = cramped["g800"], cramped["g500"]
+    close, _ = close_and_hopeless_rates(g800, big, measured)
+    _, hopeless = close_and_hopeless_rates(g500, small, measured)
+    measured(g800, close)
+    measured(g500, hopeless)
     client.force_login(admin)
     plan = build_plan(src)
     chosen = {step.vm.name: (step.target.name, step.verdict) for step in plan.steps}
@@ -338,21 +381,54 @@ def test_the_plan_page_says_which_guests_may_or_will_not_converge(client, crampe
 
     html = client.get(f"/migrations/vsps/{src.pk}/evacuate/").content.decode()
 
-    def cell(name: str) -> str:
-        row = re.search(rf'<tr data-vm="{name}".*?</tr>', html, re.S)
+    def cell(name: str, attribute: str = "data-vm") -> str:
+        row = re.search(rf'<tr {attribute}="{name}".*?</tr>', html, re.S)
         assert row, name
         return " ".join(re.sub(r"<[^>]+>", " ", row.group(0)).split())
 
     assert "May not converge under this policy: too close to promise" in cell("g800")
     assert "Will not converge under this policy" in cell("g500")
+    assert "is not started unless you choose" in cell("g500", "data-warning-for")
+    assert "exclude it" in cell("g500", "data-warning-for")
+    assert 'id="start-evacuation" disabled' in html
 
 
-def test_the_plan_forecasts_with_the_pairs_dirty_rounds_as_the_dialog_does(cramped):
-    """The pair's last completed migration timed its dirty rounds (round samples: a slow 40 MB/s with
-    0.2 s a round, against a 50 MB/s link): the plan's time is the model's with them, as the dialog's."""
-    from dataclasses import replace
+def test_a_step_that_will_not_converge_is_never_started_silently(cramped, admin, measured):
+    """Start refuses (nothing changes) while a warning step is neither excluded nor confirmed; excluded it
+    stays on the source with the reason; confirmed it starts, and the audit says it was confirmed."""
+    src, big, small = cramped["src"], cramped["big"], cramped["small"]
+    past = {"state": "completed", "throughput_bytes_s": 50_000_000}
+    make_migration(cramped["g400"], src, big, **past)
+    make_migration(cramped["g300"], src, small, **past)
+    g800, g500 = cramped["g800"], cramped["g500"]
+    measured(g800, 0)
+    _, hopeless = close_and_hopeless_rates(g500, small, measured)
+    measured(g500, hopeless)
+    targets, order = reviewed(build_plan(src))
 
-    from migrations_app import estimates, forecast
+    with pytest.raises(EvacuationRefused, match="g500 will not converge under this policy: change its"):
+        do_start_evacuation(src, targets, order, admin)
+    assert not Evacuation.objects.exists()
+    src.refresh_from_db()
+    assert not src.maintenance
+
+    kept = build_plan(src, excluded={g500.pk})  # (its room on small now takes g400)
+    assert kept.ok and "g500" not in [step.vm.name for step in kept.steps]
+    assert ("g500", "excluded from this evacuation by the admin") in [
+        (stay.vm_name, stay.reason) for stay in kept.staying
+    ]
+
+    evacuation = do_start_evacuation(src, targets, order, admin, confirmed={g500.pk})
+    assert sorted(evacuation.steps.values_list("vm_name", flat=True)) == ["g500", "g800"]
+    started = AuditEvent.objects.filter(action=AuditEvent.Action.EVACUATION_STARTED).get()
+    assert started.after["confirmed"] == ["g500: will_not_converge"]
+
+
+def test_the_plans_time_is_the_migrate_dialogs_forecast(cramped, measured):
+    """The plan calls the dialog's own forecast with the same inputs: the VM's policy, its measured dirty
+    rate, the pair's newest-weighted link rate and its fitted dirty rounds (round samples: a slow 40 MB/s
+    with 0.2 s a round, against a 50 MB/s link), so both say the same time and verdict."""
+    from migrations_app import estimates
 
     src, big = cramped["src"], cramped["big"]
     # [t_s, round, bytes_sent, bytes_remaining, dirty_rate_bytes_s, throughput_bytes_s] at each round's end
@@ -364,14 +440,16 @@ def test_the_plan_forecasts_with_the_pairs_dirty_rounds_as_the_dialog_does(cramp
     ]
     past = {"state": "completed", "throughput_bytes_s": 50_000_000, "dirty_rate_bytes_s": 20_000_000}
     make_migration(cramped["g300"], src, big, round_samples=samples, **past)
+    make_migration(cramped["g400"], src, big, state="completed", throughput_bytes_s=20_000_000)
     cost = estimates.round_cost(src, big)
     assert cost is not None and round(cost.rate_bytes_s) == 40_000_000 and round(cost.overhead_s, 3) == 0.2
+    g800 = cramped["g800"]
+    g800.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 30}
+    g800.save(update_fields=["migration_policy"])
+    rate = measured(g800, 5_000_000)
 
-    step = next(step for step in build_plan(src).steps if step.target == big)
+    step = next(step for step in build_plan(src).steps if step.vm.pk == g800.pk)
 
-    guest = forecast.Guest(step.vm.memory_mib * 1024 * 1024, dirty_rate_bytes_s=20_000_000)
-    link = estimates.model_link(src, 50_000_000)
-    policy = estimates.forecast_policy(step.vm.migration_policy, step.vm)
-    fitted = replace(link, round_rate_bytes_s=cost.rate_bytes_s, round_overhead_s=cost.overhead_s)
-    assert step.predicted_s == forecast.forecast(guest, fitted, policy).total_s
-    assert step.predicted_s != forecast.forecast(guest, link, policy).total_s
+    dialog = estimates.forecast_to(g800, big, g800.migration_policy, rate)
+    assert step.target == big and step.predicted_s is not None
+    assert (step.predicted_s, step.verdict) == (dialog.total_s, dialog.verdict)
