@@ -273,7 +273,16 @@ def test_a_number_written_as_the_page_takes_it_is_taken(host_agents, fleet, logg
     vm = place_vm(host_agents, fleet)
 
     result = matrixoe(
-        logged_in, "migrate", vm.name, "--to", "hostb", "--max-downtime", "1e3", "--bandwidth", "7.5", "--json"
+        logged_in,
+        "migrate",
+        vm.name,
+        "--to",
+        "hostb",
+        "--max-downtime",
+        "1e3",
+        "--bandwidth",
+        "7.5",
+        "--json",
     )
 
     assert result.returncode == 0, result.stderr

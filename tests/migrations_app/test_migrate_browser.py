@@ -196,7 +196,9 @@ def test_selected_vms_leave_one_at_a_time_with_live_icons_on_the_vsp_tab(
     page.screenshot(path=str(artifact_dir / "vsp-tab-after-migrate-selected.png"), full_page=True)
 
 
-def test_the_dialog_forecasts_again_as_the_policy_is_changed_in_it(host_agents, fleet, console_server, browser):
+def test_the_dialog_forecasts_again_as_the_policy_is_changed_in_it(
+    host_agents, fleet, console_server, browser
+):
     """The QA's reports01 case in Chromium: the saved policy caps a hot guest below what it writes (will
     not converge); ticking Auto-converge in the dialog picks Custom and forecasts every target again, the
     summary line follows; a bad value says why beside its field and leaves the cells alone."""

@@ -272,7 +272,11 @@ def test_the_dialog_forecasts_with_the_policy_typed_into_it(host_agents, fleet, 
 @pytest.mark.parametrize(
     ("form", "field", "words"),
     [
-        ({"max_downtime_ms": "300.5"}, "max_downtime_ms", "Maximum downtime: a whole number from 1 to 600000 ms"),
+        (
+            {"max_downtime_ms": "300.5"},
+            "max_downtime_ms",
+            "Maximum downtime: a whole number from 1 to 600000 ms",
+        ),
         ({"bandwidth_cap_mb_s": "lots"}, "bandwidth_cap_mb_s", "Bandwidth cap: a number, not 'lots'"),
         ({"downtime_step_ms": "100"}, "downtime_max_ms", "Downtime escalation needs a ceiling"),
     ],
