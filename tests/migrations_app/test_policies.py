@@ -262,6 +262,8 @@ def test_the_dialog_forecasts_with_the_policy_typed_into_it(host_agents, fleet, 
     assert not cells["hostc"].startswith("Will not converge"), cells["hostc"]
     assert "throttl" in cells["hostc"].lower(), cells["hostc"]
     assert "throttles the guest up to 99%" in text_of(html, "migrate-policy-words")
+    seen = re.search(r"converging in round (\d+) of the (\d+) allowed", cells["hostc"])
+    assert seen and int(seen.group(1)) <= int(seen.group(2)) == 30, cells["hostc"]  # never past the limit
 
     _, html = forecast_with(migration_admin_client, hot, {"preset": "guaranteed_completion"})
     assert text_of(html, "migrate-policy-words").startswith("Guaranteed completion: ")
