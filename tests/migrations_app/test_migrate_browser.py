@@ -206,7 +206,17 @@ def test_the_dialog_forecasts_again_as_the_policy_is_changed_in_it(
     vm = run_in_thread(place_vm, host_agents, fleet, memory_mib=8, fill_percent=100, dirty_pages_per_s=3000)
     vm.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 5}
     run_in_thread(vm.save, update_fields=["migration_policy"])
-    page = open_watcher(browser, console_server, vm.pk)
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    # The progress socket's first message (the current state) replaces the Migrate button and the
+    # dialog's slot: a click before it lands loses the dialog, so the test clicks after it.
+    context.add_init_script(
+        "document.addEventListener('htmx:wsAfterMessage', () => { window.__socketSpoke = true; });"
+    )
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    log_in(page, console_server, "maria", PASSWORD)
+    page.goto(f"{console_server}/vms/{vm.pk}/general/")
+    page.wait_for_function("() => window.__socketSpoke === true", timeout=30_000)
     page.click("#migrate-button")
     cell = page.locator("#migrate-dialog tr[data-vsp=hostc] [data-field=forecast]")
     page.wait_for_function(
