@@ -2,12 +2,15 @@
 ``switchover``, ``cancel``, ``history``, ``evacuate``.
 
 Every command takes ``--json`` (the API's JSON, for scripts). Exit status: 0 done; 1 refused or failed
-(the console's words on stderr); 2 bad usage (typer).
+(the console's words on stderr), a bad value of a numeric option included (taken as text and checked
+by the API, so the words are the Migrate dialog's); 2 bad usage (typer: an unknown option, a missing
+argument).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -29,6 +32,38 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON, 
 def fail(message: str) -> typer.Exit:
     err.print(message, style="bold red", markup=False, highlight=False)
     return typer.Exit(1)
+
+
+def json_number(text: str) -> int | float | str:
+    """An option's text as the JSON number the API takes ("300" -> 300, "1e3" -> 1000, "2.5" -> 2.5).
+
+    Text that is not a finite number is sent as it is: the API refuses it with the Migrate dialog's
+    words ("Maximum downtime: a number, not 'abc'."), which the command prints, exit status 1. So
+    numeric options are taken as text, never refused by the option parser in other words (exit 2).
+    """
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text
+    return int(number) if number.is_integer() else number
+
+
+def whole_option(text: str, option: str, low: int, high: int) -> int:
+    """A whole-number option checked here (not a policy value: no API field says it in words).
+
+    Raises ``typer.Exit(1)`` with "--limit: a whole number from 1 to 500, not 'abc'." when it is not.
+    """
+    number = json_number(text)
+    if isinstance(number, int) and low <= number <= high:
+        return number
+    raise fail(f"{option}: a whole number from {low} to {high}, not {text!r}.")
 
 
 def client() -> Client:
@@ -167,20 +202,20 @@ def migrate(
     to: Annotated[str, typer.Option("--to", help="Target VSP name or id")],
     watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it ends")] = False,
     max_downtime: Annotated[
-        int | None, typer.Option("--max-downtime", help="Allowed downtime (ms) for this migration")
+        str | None, typer.Option("--max-downtime", help="Allowed downtime (ms) for this migration")
     ] = None,
-    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s)")] = None,
+    bandwidth: Annotated[str | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s)")] = None,
     auto_converge: Annotated[
         bool, typer.Option("--auto-converge", help="Throttle the guest stepwise if it does not converge")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Migrate a running VM online to another VSP (the Migrate dialog's checks and policy bounds apply)."""
-    policy: dict[str, int | bool | str] = {}
+    policy: dict[str, int | float | bool | str] = {}
     if max_downtime is not None:
-        policy["max_downtime_ms"] = max_downtime
+        policy["max_downtime_ms"] = json_number(max_downtime)
     if bandwidth is not None:
-        policy["bandwidth_cap_mb_s"] = bandwidth
+        policy["bandwidth_cap_mb_s"] = json_number(bandwidth)
     if auto_converge:
         policy["auto_converge"] = True
     api = client()
@@ -228,10 +263,10 @@ def cancel(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: Js
 def change(
     vm: Annotated[str, typer.Argument(help="VM name or id")],
     max_downtime: Annotated[
-        int | None, typer.Option("--max-downtime", help="Allowed downtime (ms); raising it lets Copy finish")
+        str | None, typer.Option("--max-downtime", help="Allowed downtime (ms); raising it lets Copy finish")
     ] = None,
     bandwidth: Annotated[
-        float | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s); 0: no cap")
+        str | None, typer.Option("--bandwidth", help="Bandwidth cap (MB/s); 0: no cap")
     ] = None,
     auto_converge: Annotated[
         bool | None,
@@ -242,9 +277,9 @@ def change(
     """Change the VM's running migration (Init or Copy) at once, as its phases panel does."""
     body: dict[str, Any] = {}
     if max_downtime is not None:
-        body["max_downtime_ms"] = max_downtime
+        body["max_downtime_ms"] = json_number(max_downtime)
     if bandwidth is not None:
-        body["bandwidth_cap_mb_s"] = int(bandwidth) if bandwidth == int(bandwidth) else bandwidth
+        body["bandwidth_cap_mb_s"] = json_number(bandwidth)
     if auto_converge is not None:
         body["auto_converge"] = auto_converge
     if not body:
@@ -278,11 +313,12 @@ def steer(vm: str, request: Any, as_json: bool) -> None:
 @app.command()
 def history(
     vm: Annotated[str | None, typer.Argument(help="Only this VM (name or id)")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500, help="How many, newest first")] = 20,
+    limit: Annotated[str, typer.Option(help="How many, newest first (1 to 500)")] = "20",
     as_json: JsonOption = False,
 ) -> None:
     """Past and current migrations, newest first."""
-    items = call(lambda api: api.get("/migrations", vm=vm, limit=limit)["items"])
+    count = whole_option(limit, "--limit", 1, 500)
+    items = call(lambda api: api.get("/migrations", vm=vm, limit=count)["items"])
     if as_json:
         return print_json(items)
     table = Table("Id", "VM", "From", "To", "Requested", "By", "Outcome", "Downtime")

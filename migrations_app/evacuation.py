@@ -292,10 +292,16 @@ def build_plan(
     free_choice = sorted((vm for vm in leaving if vm.pk not in chosen_targets), key=lambda vm: -vm.memory_mib)
     for vm in chosen:
         target_id = chosen_targets[vm.pk]
-        target, refusal = by_id.get(target_id, (None, "no such VSP"))
+        target, refusal = by_id.get(target_id, (None, ""))
         problem = ""
-        if target is None or refusal:
-            problem = f"{vm.name} cannot go to {target.name if target else 'that VSP'}: {refusal}"
+        if target_id == vsp.pk:
+            problem = (
+                f"{vm.name} cannot go to {vsp.name}: it is the host being evacuated; choose another target"
+            )
+        elif target is None:
+            problem = f"{vm.name} cannot go to VSP {target_id}: there is no such VSP; choose another target"
+        elif refusal:
+            problem = f"{vm.name} cannot go to {target.name}: {refusal}"
         elif planned_free[target_id] < vm.memory_mib:
             problem = (
                 f"{vm.name} cannot go to {target.name}: not enough free memory once the earlier steps "

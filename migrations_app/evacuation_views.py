@@ -6,6 +6,7 @@ Each view reads the request, checks the right (``evacuation.may_*``), calls one 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.contrib import messages
@@ -16,7 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from vms.access import LACKS_PERMISSION
 from vms.http import HtmxHttpRequest
-from vms.models import VSP
+from vms.models import VSP, Registration
 
 from .evacuation import (
     EvacuationRefused,
@@ -36,38 +37,64 @@ from .evacuation_models import Evacuation
 
 
 class BadPlanInput(ValueError):
-    """A target or position field that is not a positive whole number."""
+    """A target or position field that is not a positive whole number; ``str()`` names the guest."""
 
 
-def plan_input(data: QueryDict) -> tuple[dict[int, int], list[int] | None]:
+FIELD_WORDS = {
+    "target_": ("Target for {vm}", "is not a VSP"),
+    "position_": ("Position of {vm}", "is not a whole number of 1 or more"),
+}
+
+
+def plan_input(
+    data: QueryDict, names: Mapping[int, str] | None = None
+) -> tuple[dict[int, int], list[int] | None]:
     """The admin's choices from ``target_<vm id>`` and ``position_<vm id>`` fields.
 
     Returns (target VSP id per VM id, VM ids in the chosen order or None when no position was sent).
-    Raises ``BadPlanInput`` for a field that is not a positive whole number.
+    Raises ``BadPlanInput`` for a field that is not a positive whole number, in the page's words: the
+    guest's name from ``names`` (VM id -> name), e.g. "Target for web01: 'abc' is not a VSP.".
     """
+    names = names or {}
     targets: dict[int, int] = {}
     positions: dict[int, int] = {}
     for key, value in data.items():
         for prefix, into in (("target_", targets), ("position_", positions)):
-            if key.startswith(prefix):
-                into[_positive(key[len(prefix) :], key)] = _positive(str(value), key)
+            if not key.startswith(prefix):
+                continue
+            vm_id = _id(key[len(prefix) :])
+            if vm_id is None:
+                raise BadPlanInput(f"The plan has no field {key[:60]!r}: reload the plan.")
+            label, not_valid = FIELD_WORDS[prefix]
+            label = label.format(vm=names.get(vm_id, f"the guest with id {vm_id}"))
+            number = _id(str(value))
+            if number is None:
+                raise BadPlanInput(f"{label}: {str(value)[:40]!r} {not_valid}.")
+            into[vm_id] = number
     order = sorted(positions, key=lambda vm_id: (positions[vm_id], vm_id)) if positions else None
     return targets, order
 
 
 def checked_vms(data: QueryDict, prefix: str) -> set[int]:
-    """VM ids of the ticked ``<prefix><vm id>`` boxes (``exclude_``, ``confirm_``); ``BadPlanInput``."""
-    return {_positive(key[len(prefix) :], key) for key in data if key.startswith(prefix)}
+    """VM ids of the ticked ``<prefix><vm id>`` boxes (``exclude_``, ``confirm_``); ``BadPlanInput``
+    for a box that names no guest id."""
+    ids = set()
+    for key in data:
+        if key.startswith(prefix):
+            vm_id = _id(key[len(prefix) :])
+            if vm_id is None:
+                raise BadPlanInput(f"The plan has no field {key[:60]!r}: reload the plan.")
+            ids.add(vm_id)
+    return ids
 
 
-def _positive(text: str, field: str) -> int:
+def _id(text: str) -> int | None:
+    """A positive whole number from ``text``, or None."""
     try:
         number = int(text)
     except ValueError:
-        raise BadPlanInput(f"{field}: {text!r} is not a whole number.") from None
-    if number <= 0:
-        raise BadPlanInput(f"{field}: {number} must be 1 or more.")
-    return number
+        return None
+    return number if number > 0 else None
 
 
 def _denied() -> PermissionDenied:
@@ -81,8 +108,9 @@ def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     if not may_view_evacuation(request.user, vsp):
         raise _denied()
     data = request.POST if request.method == "POST" else request.GET
+    names = dict(Registration.objects.filter(vsp=vsp).values_list("vm_id", "vm__name"))
     try:
-        targets, order = plan_input(data)
+        targets, order = plan_input(data, names)
         excluded, confirmed = checked_vms(data, "exclude_"), checked_vms(data, "confirm_")
     except BadPlanInput as error:
         return render_plan(request, vsp, {}, None, error=str(error), status=400)

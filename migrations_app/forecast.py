@@ -207,6 +207,12 @@ class CopyState:
 class Forecast:
     """The answer. Times in s and ms; ``rounds`` counts pre-copy rounds including round 1.
 
+    ``converged_round``: the round whose end saw convergence (None when it does not converge). The
+    round limit (``Policy.max_rounds``) bounds it, as the agents' does: convergence must be seen by the
+    end of round ``max_rounds``. The rounds the simulated source sends after that, until it freezes
+    the guest (step 3), are not counted against the limit: ``rounds`` includes them, so it may exceed
+    ``max_rounds``; the agent's round counter (the run's "round") does the same.
+
     ``copy_s``: Copy phase duration; ``total_s``: Copy plus the switchover (Init and I/O Quiesce are not
     modelled: they are short and do not depend on the guest). ``downtime_ms`` is the expected Frozen
     time at the switchover, None when the migration would abort. ``throttle_pct`` and
@@ -229,6 +235,7 @@ class Forecast:
     limit_reason: str = ""
     close_call: bool = False
     trail: list[tuple[int, float, float]] = field(default_factory=list, repr=False)  # (round, bytes, t_s)
+    converged_round: int | None = None
 
     @property
     def converges(self) -> bool:
@@ -379,7 +386,7 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
         downtime_ms = freeze_ms(link, policy, left)
         if downtime_ms <= allowed:
             verdict = Verdict.CONVERGES_WITH_THROTTLE if ever_throttled else Verdict.CONVERGES
-            copy_s = elapsed
+            copy_s, converged_round = elapsed, rounds
             if link.pre_pause_rounds > 0:  # step 3: the simulated source's rounds before its pause
                 rounds, elapsed, left = _settle(
                     guest, link, policy, rate, throttle, allowed, rounds, elapsed, left, trail
@@ -396,6 +403,7 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
                 throttle,
                 allowed,
                 trail=trail,
+                converged_round=converged_round,
             )
         reason = _limit_reached(policy, rounds, elapsed)
         if reason:
@@ -503,6 +511,21 @@ def _next_throttle(policy: Policy, throttle: float) -> float:
 
 
 # --- what the admin reads ---------------------------------------------------------------------------
+
+
+def rounds_words(result: Forecast, policy: Policy) -> str:
+    """The rounds of a converging ``result`` against the round limit, in words.
+
+    "converging in round 30 of the 30 allowed, then 1 more round before the freeze": the limit bounds
+    the round that sees convergence (``Forecast.converged_round``); the rounds after it, until the guest
+    is frozen, are not counted against it (docs/convergence.md step 6).
+    """
+    seen = result.converged_round if result.converged_round is not None else result.rounds
+    words = f"converging in round {seen} of the {policy.max_rounds} allowed"
+    after = result.rounds - seen
+    if after > 0:
+        words += f", then {after} more round{'s' if after != 1 else ''} before the freeze"
+    return words
 
 
 def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
@@ -694,14 +717,14 @@ def explain(
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
     if result.converges:
         lines.append(
-            f"Expected: {seconds_words(result.total_s)} in {result.rounds} rounds, frozen about "
+            f"Expected: {seconds_words(result.total_s)}, {rounds_words(result, policy)}, frozen about "
             f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
     elif result.verdict is Verdict.MAY_NOT_CONVERGE:
         lines.append(
-            f"If the measured rates hold: {seconds_words(result.total_s)} in {result.rounds} rounds, "
+            f"If the measured rates hold: {seconds_words(result.total_s)}, {rounds_words(result, policy)}, "
             f"frozen about {ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         reason = bottleneck(guest, link, policy) or "too close to promise"

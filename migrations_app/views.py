@@ -182,9 +182,24 @@ def target_rows(
 @require_GET
 @permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
-    """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s)."""
+    """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s).
+
+    The dialog sends its policy fields along (``preset`` and the others, as the Migrate form posts
+    them): the forecast is then the one of that policy, and the policy's summary line and field errors
+    are swapped too. A bad value leaves the cells as they were and says why beside its field.
+    Without policy fields (an old page), the VM's saved policy.
+    """
     vm = get_visible_vm(request.user, vm_id)
-    policy = migration_policy.effective(vm.migration_policy)
+    vm_policy = migration_policy.effective(vm.migration_policy)
+    from_form = "preset" in request.GET
+    try:
+        policy = (
+            migration_policy.check_policy(policy_overrides(request.GET), base=vm_policy)
+            if from_form
+            else vm_policy
+        )
+    except migration_policy.PolicyError as error:
+        return HttpResponse(policy_feedback(request, vm, error=error))
     rows = target_rows(vm, offered_checks(request, vm), policy, measure=True)
     html = "".join(
         render_to_string(
@@ -194,10 +209,45 @@ def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         )
         for row in rows
     )
+    if from_form:
+        html += policy_feedback(request, vm, policy=policy)
     if measuring_link(rows):  # ask again once the link probe may have landed (one loader, replaced)
         context = {"vm": vm, "forecast_oob": True, "forecast_delay_s": LINK_POLL_S}
         html += render_to_string(f"{DIALOG_TEMPLATE}#forecast_loader", context, request=request)
     return HttpResponse(html)
+
+
+def policy_feedback(
+    request: HtmxHttpRequest,
+    vm: VirtualMachine,
+    *,
+    policy: dict[str, Any] | None = None,
+    error: migration_policy.PolicyError | None = None,
+) -> str:
+    """Out-of-band swaps of the dialog's policy summary (for a valid ``policy``) and field errors."""
+    context: dict[str, Any] = {"vm": vm, "forecast_oob": True, **policy_error_context(error)}
+    html = "".join(
+        render_to_string(
+            "vms/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
+        )
+        for key in POLICY_ERROR_FIELDS
+    )
+    if policy is not None:
+        context["policy_words"] = migration_policy.describe(policy)
+        html += render_to_string(f"{DIALOG_TEMPLATE}#policy_words", context, request=request)
+    return html
+
+
+POLICY_ERROR_FIELDS = (*migration_policy.FIELDS, "")  # "": words about no one field
+
+
+def policy_error_context(error: migration_policy.PolicyError | None) -> dict[str, Any]:
+    """What the policy fields' error spans show (``vms/_policy_field_error.html``)."""
+    return {
+        "policy_errors_id": "migrate-policy-error",
+        "policy_error": str(error) if error else "",
+        "policy_error_field": error.field if error else None,
+    }
 
 
 def measuring_link(rows: list[TargetRow]) -> bool:
@@ -215,10 +265,15 @@ def render_dialog(
 ) -> HttpResponse:
     checks = offered_checks(request, vm)
     vm_policy = migration_policy.effective(vm.migration_policy)
+    policy_error: migration_policy.PolicyError | None = None
     try:
         shown_policy = migration_policy.check_policy(policy or {}, base=vm_policy)
-    except migration_policy.PolicyError:
-        shown_policy = vm_policy
+    except migration_policy.PolicyError as bad:
+        shown_policy, policy_error = vm_policy, bad
+    form_policy = shown_policy
+    if policy_error and policy:  # the form keeps what was typed, the error beside the bad field
+        typed = {key: value for key, value in policy.items() if key != "auto_converge"}
+        form_policy = {**vm_policy, **typed, "auto_converge": policy.get("auto_converge") == "true"}
     blocked = refused_everywhere(vm, checks)
     rows = target_rows(vm, checks, shown_policy, measure=not request.htmx)
     context = {
@@ -232,9 +287,10 @@ def render_dialog(
         "error": "" if error == blocked else error,
         "full_page": not request.htmx,
         "vm_policy": vm_policy,
-        "policy": shown_policy,
+        "policy": form_policy,
         "policy_words": migration_policy.describe(shown_policy),
         "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
+        **policy_error_context(policy_error),
     }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)

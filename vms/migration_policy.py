@@ -74,7 +74,15 @@ FIELDS = (
 
 
 class PolicyError(ValueError):
-    """A policy value out of bounds or not a value at all; ``str()`` says which and why, in words."""
+    """A policy value out of bounds or not a value at all; ``str()`` says which and why, in words.
+
+    ``field``: the policy key (one of ``FIELDS``) the words are about, so a form can show them beside
+    that field; "" when they are about no one field (an unknown setting).
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def default_policy() -> dict[str, Any]:
@@ -123,6 +131,7 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
         raise PolicyError(f"Unknown policy setting {', '.join(unknown)}.")
     preset = raw.get("preset")
     if preset not in (None, "", "custom"):
+        check_value("preset", preset)  # raises, about the preset field, for an unknown one
         return preset_policy(str(preset))
     if preset == "custom":
         policy["preset"] = "custom"
@@ -131,12 +140,15 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
     for key, value in values.items():
         checked[key] = check_value(key, value)
     if checked["downtime_step_ms"] and checked["downtime_max_ms"] is None:
-        raise PolicyError("Downtime escalation needs a ceiling: give the downtime ceiling (ms).")
+        raise PolicyError(
+            "Downtime escalation needs a ceiling: give the downtime ceiling (ms).", "downtime_max_ms"
+        )
     ceiling = checked["downtime_max_ms"]
     if ceiling is not None and ceiling < checked["max_downtime_ms"]:
         raise PolicyError(
             f"The downtime ceiling ({ceiling} ms) must be at least the maximum downtime "
-            f"({checked['max_downtime_ms']} ms)."
+            f"({checked['max_downtime_ms']} ms).",
+            "downtime_max_ms",
         )
     if values and any(checked[key] != policy[key] for key in values):
         checked["preset"] = "custom"
@@ -146,8 +158,17 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
 def check_value(key: str, value: Any) -> Any:
     """One policy setting ``key`` (one of ``FIELDS``) checked alone: its type and bounds, not how it fits
     the others (``check_policy`` checks that). Returns the value in the policy's form (an int, a float
-    or None for the bandwidth cap, a bool, a word); raises ``PolicyError`` in the Migrate dialog's words.
+    or None for the bandwidth cap, a bool, a word); raises ``PolicyError`` in the Migrate dialog's words,
+    its ``field`` set to ``key``.
     """
+    try:
+        return _check_value(key, value)
+    except PolicyError as error:
+        error.field = error.field or (key if key in FIELDS else "")
+        raise
+
+
+def _check_value(key: str, value: Any) -> Any:
     if key == "preset":
         if not isinstance(value, str | None):
             raise PolicyError(f"Preset: one of {', '.join(PRESETS)}.")

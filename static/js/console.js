@@ -4,6 +4,8 @@
 //    reconnecting…" until it is open again; reconnect attempts come every 0.5-3 s (the extension's
 //    default backs off to about a minute), and the server sends the current state on every connect.
 // 2. [data-empty-on-click="<selector>"]: a click empties that element (the migrate dialog's Close).
+// 3. Migration policy forms: changing a custom value (max downtime, cap, auto-converge...) picks the
+//    Custom preset, since a named preset is taken whole and the values apply only with Custom.
 (function () {
   "use strict";
 
@@ -76,6 +78,18 @@
     if (target) {
       event.preventDefault();
       target.replaceChildren();
+    }
+  });
+
+  document.addEventListener("change", function (event) {
+    var field = event.target;
+    var custom = field.closest && field.closest("fieldset.policy-custom");
+    if (!custom || !field.form) {
+      return;
+    }
+    var preset = field.form.querySelector('input[name="preset"][value="custom"]');
+    if (preset) {
+      preset.checked = true;
     }
   });
 })();

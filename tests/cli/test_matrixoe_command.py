@@ -236,12 +236,17 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
     assert wait_for(lambda: Migration.objects.get(pk=started["id"]).state == "copy", timeout=60)
 
     refused = matrixoe(logged_in, "change", vm.name, "--bandwidth", "-5")
+    not_whole = matrixoe(logged_in, "change", vm.name, "--max-downtime", "300.5")
+    not_a_number = matrixoe(logged_in, "change", vm.name, "--bandwidth", "abc")
     nothing = matrixoe(logged_in, "change", vm.name)
     changed = matrixoe(logged_in, "change", vm.name, "--max-downtime", "400", "--no-auto-converge", "--json")
     switched = matrixoe(logged_in, "switchover", vm.name)
 
     assert refused.returncode == 1
     assert "Bandwidth cap: from 1 to 100000 MB/s (0 or empty for no cap), not -5." in refused.stderr
+    assert not_whole.returncode == 1 and not_a_number.returncode == 1  # not typer's exit 2
+    assert "Maximum downtime: a whole number from 1 to 600000 ms, not 300.5." in not_whole.stderr
+    assert "Bandwidth cap: a number, not 'abc'." in not_a_number.stderr
     assert nothing.returncode == 1 and "Nothing to change: give --max-downtime" in nothing.stderr
     assert changed.returncode == 0, changed.stderr
     body = json.loads(changed.stdout)
@@ -254,3 +259,54 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
     again = matrixoe(logged_in, "switchover", vm.name)
     assert again.returncode == 1
     assert f"Nothing to change: {vm.name} has no running migration." in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("typed", "words"),
+    [
+        ("300.5", "Maximum downtime: a whole number from 1 to 600000 ms, not 300.5."),
+        ("abc", "Maximum downtime: a number, not 'abc'."),
+        ("-1", "Maximum downtime: a whole number from 1 to 600000 ms, not -1."),
+    ],
+)
+def test_a_bad_number_gets_the_dialogs_words_and_exit_status_1_not_the_option_parsers(
+    host_agents, fleet, logged_in, typed, words
+):
+    """The QA's case: typer refused these with exit 2 and its own "valid integer" box."""
+    vm = place_vm(host_agents, fleet)
+
+    result = matrixoe(logged_in, "migrate", vm.name, "--to", "hostb", f"--max-downtime={typed}")
+
+    assert result.returncode == 1, result.stderr
+    assert words in result.stderr, result.stderr
+    assert "valid integer" not in result.stderr
+    assert not Migration.objects.filter(vm=vm).exists()
+
+
+def test_a_number_written_as_the_page_takes_it_is_taken(host_agents, fleet, logged_in):
+    vm = place_vm(host_agents, fleet)
+
+    result = matrixoe(
+        logged_in,
+        "migrate",
+        vm.name,
+        "--to",
+        "hostb",
+        "--max-downtime",
+        "1e3",
+        "--bandwidth",
+        "7.5",
+        "--json",
+    )
+
+    assert result.returncode == 0, result.stderr
+    policy = Migration.objects.get(pk=json.loads(result.stdout)["id"]).policy
+    assert (policy["max_downtime_ms"], policy["bandwidth_cap_mb_s"]) == (1000, 7.5)
+
+
+@pytest.mark.parametrize("typed", ["abc", "0", "2.5", "501"])
+def test_a_bad_history_limit_is_said_in_words_with_exit_status_1(logged_in, typed):
+    result = matrixoe(logged_in, "history", "--limit", typed)
+
+    assert result.returncode == 1, result.stderr
+    assert f"--limit: a whole number from 1 to 500, not '{typed}'." in result.stderr

@@ -258,7 +258,7 @@ def test_the_plan_page_takes_the_admins_changes_and_rejects_bad_input(client, cr
     g800, g500 = cramped["g800"], cramped["g500"]
 
     bad = client.get(url, {f"target_{g800.pk}": "big"})
-    assert bad.status_code == 400 and "is not a whole number" in bad.content.decode()
+    assert bad.status_code == 400 and "Target for g800: &#x27;big&#x27; is not a VSP." in bad.content.decode()
 
     started = client.post(
         url,

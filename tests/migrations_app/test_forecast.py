@@ -468,3 +468,36 @@ def test_a_rate_equal_to_the_cap_is_said_to_be_as_fast_not_more():
 
     assert "more than" not in rate
     assert rate.startswith("the guest writes 10 MB/s, as fast as the bandwidth cap lets through"), rate
+
+
+def test_the_round_limit_bounds_the_round_that_sees_convergence_not_the_rounds_before_the_freeze():
+    """QA: "Expected: 1.9 min in 31 rounds" beside a 30-round limit (the run then ended at round 33).
+    As the agent does, the limit bounds the round whose end sees convergence; the simulated source
+    then keeps sending rounds until it freezes the guest, which the limit does not count. The words
+    say both numbers, so they never read as the limit broken."""
+    hot, link = Guest(8 * 1024**2, 12 * MB), Link(5 * MB, pre_pause_rounds=5)
+    limit = next(
+        n for n in range(1, 60) if forecast(hot, link, Policy(auto_converge=True, max_rounds=n)).converges
+    )
+    policy = Policy(auto_converge=True, max_rounds=limit)
+
+    at_limit = forecast(hot, link, policy)
+    one_less = forecast(hot, link, replace(policy, max_rounds=limit - 1))
+
+    assert at_limit.converged_round == limit < at_limit.rounds  # seen in the last round allowed
+    assert one_less.verdict is Verdict.WILL_NOT_CONVERGE and one_less.rounds == limit - 1
+    assert one_less.converged_round is None
+    more = at_limit.rounds - limit
+    lines = explain(hot, link, policy, at_limit, vm="reports01", target="vsp1", link_source="just now")
+    expected = [line for line in lines if line.startswith("Expected: ")]
+    assert expected, lines
+    assert (
+        f"converging in round {limit} of the {limit} allowed, then {more} more round"
+        f"{'s' if more != 1 else ''} before the freeze, frozen about " in expected[0]
+    ), expected[0]
+    assert f"in {at_limit.rounds} rounds" not in " ".join(lines)
+    # without rounds after convergence (QEMU switches over at once) only the one number
+    plain = forecast(hot, Link(5 * MB), policy)
+    words = explain(hot, Link(5 * MB), policy, plain, vm="reports01", target="vsp1", link_source="just now")
+    assert plain.converges and plain.rounds == plain.converged_round == limit
+    assert f"converging in round {limit} of the {limit} allowed, frozen about " in " ".join(words)

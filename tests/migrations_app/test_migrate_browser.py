@@ -194,3 +194,61 @@ def test_selected_vms_leave_one_at_a_time_with_live_icons_on_the_vsp_tab(
         page.wait_for_function(f"() => {badge}.textContent === 'Not Runnable'")
     assert migrations[1].init_started_at >= migrations[0].state_changed_at  # one at a time
     page.screenshot(path=str(artifact_dir / "vsp-tab-after-migrate-selected.png"), full_page=True)
+
+
+def test_the_dialog_forecasts_again_as_the_policy_is_changed_in_it(
+    host_agents, fleet, console_server, browser
+):
+    """The QA's reports01 case in Chromium: the saved policy caps a hot guest below what it writes (will
+    not converge); ticking Auto-converge in the dialog picks Custom and forecasts every target again, the
+    summary line follows; a bad value says why beside its field and leaves the cells alone."""
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    vm = run_in_thread(place_vm, host_agents, fleet, memory_mib=8, fill_percent=100, dirty_pages_per_s=3000)
+    vm.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    run_in_thread(vm.save, update_fields=["migration_policy"])
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    # The progress socket's first message (the current state) replaces the Migrate button and the
+    # dialog's slot: a click before it lands loses the dialog, so the test clicks after it.
+    context.add_init_script(
+        "document.addEventListener('htmx:wsAfterMessage', () => { window.__socketSpoke = true; });"
+    )
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    log_in(page, console_server, "maria", PASSWORD)
+    page.goto(f"{console_server}/vms/{vm.pk}/general/")
+    page.wait_for_function("() => window.__socketSpoke === true", timeout=30_000)
+    page.click("#migrate-button")
+    cell = page.locator("#migrate-dialog tr[data-vsp=hostc] [data-field=forecast]")
+    page.wait_for_function(
+        "() => document.querySelector('#migrate-dialog tr[data-vsp=hostc] [data-field=verdict]')",
+        timeout=30_000,
+    )
+    assert cell.inner_text().startswith("Will not converge"), cell.inner_text()
+    words = page.locator("#migrate-policy-words")
+    assert "no throttling" in words.inner_text()
+
+    page.locator("#migrate-policy summary").click()
+    page.locator('#migrate-policy input[name="auto_converge"]').check()
+    page.wait_for_function(
+        "() => document.querySelector('#migrate-policy-words').innerText.includes('throttles the guest')",
+        timeout=30_000,
+    )
+    assert page.locator('#migrate-policy input[name="preset"][value="custom"]').is_checked()
+    page.wait_for_function(
+        "() => !document.querySelector('#migrate-dialog tr[data-vsp=hostc] [data-field=forecast]')"
+        ".innerText.startsWith('Will not converge')",
+        timeout=30_000,
+    )
+    throttled = cell.inner_text()
+    assert "throttl" in throttled.lower(), throttled
+
+    page.locator('#migrate-policy input[name="downtime_step_ms"]').fill("100")
+    page.locator('#migrate-policy input[name="downtime_step_ms"]').dispatch_event("change")
+    error = page.locator("#migrate-policy-error-downtime_max_ms")
+    page.wait_for_function(
+        "() => document.querySelector('#migrate-policy-error-downtime_max_ms').innerText.length > 0",
+        timeout=30_000,
+    )
+    assert "Downtime escalation needs a ceiling" in error.inner_text()
+    assert cell.inner_text() == throttled  # the cells keep the last good forecast
+    assert "throttles the guest" in words.inner_text()

@@ -8,6 +8,7 @@ it never converges without throttling.
 from __future__ import annotations
 
 import re
+from html import unescape
 
 import pytest
 
@@ -23,7 +24,8 @@ HTMX = {"HX-Request": "true"}
 def test_the_dialog_offers_the_presets_with_their_words(host_agents, fleet, migration_admin_client):
     vm = place_vm(host_agents, fleet, **HOT)
     html = migration_admin_client.get(f"/migrations/vms/{vm.pk}/migrate/", headers=HTMX).text
-    assert "Policy for this migration: Default: at most 300 ms frozen" in html
+    assert text_of(html, "migrate-policy-words").startswith("Default: at most 300 ms frozen")
+    assert "Policy for this migration: " in html
     assert "Finishes whatever it takes: throttles the guest" in html
     assert 'name="preset" value="minimal_downtime"' in html
 
@@ -227,3 +229,67 @@ def test_the_dialog_forecasts_with_the_pairs_dirty_rounds_timed_on_its_last_migr
     policy = estimates.forecast_policy(migration_policy.effective(third.migration_policy), third)
     expected = forecast.forecast(measured.guest(), fitted, policy)
     assert f"about {expected.total_s:.1f} s" in cell, (cell, expected)
+
+
+def forecast_with(client, vm, form: dict[str, str]) -> tuple[dict[str, str], str]:
+    """The forecast cells per target VSP name for the dialog's policy fields ``form``, and the raw html."""
+    html = client.get(f"/migrations/vms/{vm.pk}/forecast/", form, headers=HTMX).text
+    cells = re.findall(r'<td id="forecast-(\d+)"[^>]*>(.*?)</td>', html, re.S)
+    names = {str(vsp.pk): vsp.name for vsp in Migration._meta.get_field("target").related_model.objects.all()}
+    return {names[pk]: " ".join(re.sub(r"<[^>]+>", " ", text).split()) for pk, text in cells}, html
+
+
+def text_of(html: str, element_id: str) -> str:
+    found = re.search(rf'<span id="{element_id}"[^>]*>(.*?)</span>', html, re.S)
+    assert found, f"no #{element_id} in {html[:500]}"
+    return " ".join(unescape(found.group(1)).split())
+
+
+def test_the_dialog_forecasts_with_the_policy_typed_into_it(host_agents, fleet, migration_admin_client):
+    """The QA's reports01 case: the VM's saved policy caps a hot guest below what it writes, so it will
+    not converge; ticking Auto-converge in the dialog forecasts every target again with that policy, and
+    the summary line follows. The VM's saved policy is untouched."""
+    hot = place_vm(host_agents, fleet, **HOT)
+    hot.migration_policy = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    hot.save(update_fields=["migration_policy"])
+    typed = {"preset": "custom", "max_downtime_ms": "300", "bandwidth_cap_mb_s": "5", "at_limit": "abort"}
+
+    saved, _ = forecast_with(migration_admin_client, hot, typed)  # as the dialog opens: auto-converge off
+    assert saved["hostc"].startswith("Will not converge under this policy"), saved
+
+    cells, html = forecast_with(migration_admin_client, hot, {**typed, "auto_converge": "true"})
+    assert set(cells) == set(saved)
+    assert not cells["hostc"].startswith("Will not converge"), cells["hostc"]
+    assert "throttl" in cells["hostc"].lower(), cells["hostc"]
+    assert "throttles the guest up to 99%" in text_of(html, "migrate-policy-words")
+    seen = re.search(r"converging in round (\d+) of the (\d+) allowed", cells["hostc"])
+    assert seen and int(seen.group(1)) <= int(seen.group(2)) == 30, cells["hostc"]  # never past the limit
+
+    _, html = forecast_with(migration_admin_client, hot, {"preset": "guaranteed_completion"})
+    assert text_of(html, "migrate-policy-words").startswith("Guaranteed completion: ")
+    hot.refresh_from_db()
+    assert hot.migration_policy == {"preset": "custom", "bandwidth_cap_mb_s": 5}
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "words"),
+    [
+        (
+            {"max_downtime_ms": "300.5"},
+            "max_downtime_ms",
+            "Maximum downtime: a whole number from 1 to 600000 ms",
+        ),
+        ({"bandwidth_cap_mb_s": "lots"}, "bandwidth_cap_mb_s", "Bandwidth cap: a number, not 'lots'"),
+        ({"downtime_step_ms": "100"}, "downtime_max_ms", "Downtime escalation needs a ceiling"),
+    ],
+)
+def test_a_bad_value_typed_into_the_dialog_says_why_beside_its_field_and_keeps_the_cells(
+    host_agents, fleet, migration_admin_client, form, field, words
+):
+    vm = place_vm(host_agents, fleet)
+    cells, html = forecast_with(migration_admin_client, vm, {"preset": "custom", **form})
+    assert cells == {}  # the cells stay as they were (no swap)
+    assert words in text_of(html, f"migrate-policy-error-{field}")
+    assert 'id="migrate-policy-words"' not in html  # the summary keeps the last good policy
+    others = re.findall(r'<span id="migrate-policy-error-(\w+)"[^>]*>(.*?)</span>', html)
+    assert {name for name, text in others if text} == {field}  # the other fields' errors are cleared

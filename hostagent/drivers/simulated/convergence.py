@@ -1,10 +1,11 @@
 """Convergence judgement of the simulated source: how fast pages move, and when pre-copy may stop.
 
 Pre-copy has converged when what is still dirty would move (and be hashed) within the allowed
-downtime at the measured rate (``downtime_ms``); it gives up after ``max_rounds`` rounds that
-could be judged. Rates: bytes per wall-clock second of rounds (waits between rounds excluded);
-the dirty-page rounds' own rate is preferred, since scattered pages go slower than the first
-pass's long runs.
+downtime at the measured rate (``downtime_ms``); it gives up when round ``max_rounds`` (or a later
+one, when the rounds before could not be judged yet) ends judged and not converged. Rounds sent
+after convergence, until the pause, are not counted against the limit. Rates: bytes per
+wall-clock second of rounds (waits between rounds excluded); the dirty-page rounds' own rate is
+preferred, since scattered pages go slower than the first pass's long runs.
 """
 
 from __future__ import annotations
