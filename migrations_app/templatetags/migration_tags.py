@@ -12,6 +12,7 @@ from migrations_app.evacuation_views import panel_context
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
 from migrations_app.steering import Outlook, can_throttle_live, outlook
+from migrations_app.steering import steer_values as steering_values
 from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
@@ -32,6 +33,12 @@ def migration_display(vm: VirtualMachine) -> MigrationDisplay:
 def migration_outlook(migration: Migration) -> Outlook | None:
     """The live forecast of a running Copy (``steering.outlook``)."""
     return outlook(migration)
+
+
+@register.filter
+def steer_values(migration: Migration) -> dict[str, Any]:
+    """``{% with now=migration|steer_values %}``: the policy in force (``steering.steer_values``)."""
+    return steering_values(migration)
 
 
 @register.filter
