@@ -708,14 +708,14 @@ def explain(
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
     if result.converges:
         lines.append(
-            f"Expected: {seconds_words(result.total_s)} in {result.rounds} rounds, frozen about "
+            f"Expected: {duration_words(result.total_s)} in {rounds_words(result.rounds)}, frozen about "
             f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
     elif result.verdict is Verdict.MAY_NOT_CONVERGE:
         lines.append(
-            f"If the measured rates hold: {seconds_words(result.total_s)} in {result.rounds} rounds, "
+            f"If the measured rates hold: {duration_words(result.total_s)} in {rounds_words(result.rounds)}, "
             f"frozen about {ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         reason = bottleneck(guest, link, policy) or "too close to promise"
@@ -761,6 +761,25 @@ def mb_apart(first: float, second: float) -> tuple[str, str]:
 
 def ms(milliseconds: float) -> str:
     return f"{milliseconds / 1000:.1f} s" if milliseconds >= 1000 else f"{milliseconds:.0f} ms"
+
+
+def duration_words(value: float | None) -> str:
+    """A duration, forecast or time left in words, the console's one format (the ``seconds`` template
+    filter): "not known yet" for None, "under 1 s" for less than a second (rounded it read "took 0 s"),
+    else "42 s" or "3 min 5 s"."""
+    if value is None:
+        return "not known yet"
+    if 0 < value < 1:
+        return "under 1 s"
+    whole = round(value)
+    if whole < 60:
+        return f"{whole} s"
+    return f"{whole // 60} min {whole % 60} s"
+
+
+def rounds_words(rounds: int) -> str:
+    """ "1 round", "12 rounds"."""
+    return f"{rounds} round{'' if rounds == 1 else 's'}"
 
 
 def seconds_words(seconds: float) -> str:
