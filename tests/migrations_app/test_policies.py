@@ -237,4 +237,7 @@ def test_the_dialog_forecasts_with_the_pairs_dirty_rounds_timed_on_its_last_migr
     )
     policy = estimates.forecast_policy(migration_policy.effective(third.migration_policy), third)
     expected = forecast.forecast(measured.guest(), fitted, policy)
-    assert f"about {expected.total_s:.1f} s" in cell, (cell, expected)
+    words = (
+        f"Expected: {forecast.duration_words(expected.total_s)} in {forecast.rounds_words(expected.rounds)}"
+    )
+    assert words in cell, (cell, expected)
