@@ -255,6 +255,7 @@ class TargetForecast:
     total_s: float | None = None
     downtime_ms: float | None = None
     measuring_link: bool = False  # a link probe is on its way: the dialog asks again shortly
+    limit_reason: str = ""  # where a migration that will not converge stops: "the round limit (30 rounds)"
 
     @property
     def warns(self) -> bool:
@@ -323,4 +324,6 @@ def forecast_to(
         if failed:
             lines.append(f"The last link probe failed: {failed}. Trying again within a minute.")
     lines.append(f"Dirty rate measured {age_words(guest.at)}.")
-    return TargetForecast(result.verdict, lines, result.total_s, result.downtime_ms, measuring)
+    return TargetForecast(
+        result.verdict, lines, result.total_s, result.downtime_ms, measuring, result.limit_reason
+    )

@@ -557,11 +557,19 @@ def bottleneck(guest: Guest, link: Link, policy: Policy) -> str:
 
 @dataclass(frozen=True)
 class Rescue:
-    """One way to make a stalled migration finish: ``action`` (machine name), ``words``, ``forecast``."""
+    """One way to make a stalled migration finish: ``action`` (machine name), ``words``, ``forecast``.
+
+    For the live panel's one-click buttons (``rescues``): ``label`` is the button's text ("Raise the
+    allowed downtime to 53.7 s"), ``cost`` what it costs, said beside it, and ``downtime_ms`` the exact
+    value a ``raise_downtime`` button submits (ms; what ``label`` shows, to the tenth of a second).
+    """
 
     action: str
     words: str
     forecast: Forecast
+    label: str = ""
+    cost: str = ""
+    downtime_ms: float | None = None
 
 
 def rescues(
@@ -580,7 +588,12 @@ def rescues(
         raised = replace(policy, max_downtime_ms=needed_ms, at_limit="abort")
         result = forecast(guest, link, raised, replace(state, allowed_downtime_ms=needed_ms))
         if result.converges:
-            options.append(Rescue("raise_downtime", f"raise the allowed downtime to {ms(needed_ms)}", result))
+            more = seconds_words(max(result.total_s - state.elapsed_s, 0))
+            cost = f"frozen about {ms(result.downtime_ms or needed_ms)}, about {more} more"
+            label = f"Raise the allowed downtime to {ms(needed_ms)}"
+            options.append(
+                Rescue("raise_downtime", f"{label[0].lower()}{label[1:]}", result, label, cost, needed_ms)
+            )
     if can_throttle and not policy.auto_converge:
         # Offered only if it completes with a round to spare: the click lands while a round runs, and
         # the agent throttles from the round judged after it (20% first, then 10% more per stalled round).
@@ -588,13 +601,12 @@ def rescues(
         throttled = replace(policy, auto_converge=True, at_limit="abort", max_rounds=rounds_left)
         result = forecast(guest, link, throttled, state)
         if result.converges:
+            cost = (
+                f"up to {result.throttle_pct:.0f}% of its vCPU time, "
+                f"about {seconds_words(max(result.total_s - state.elapsed_s, 0))} more"
+            )
             options.append(
-                Rescue(
-                    "auto_converge",
-                    f"throttle the guest (up to {result.throttle_pct:.0f}% of its vCPU time, "
-                    f"about {seconds_words(max(result.total_s - state.elapsed_s, 0))} more)",
-                    result,
-                )
+                Rescue("auto_converge", f"throttle the guest ({cost})", result, "Throttle the guest", cost)
             )
     now_ms, finishing_s = switchover_now(guest, link, policy, state)
     now = Forecast(
@@ -606,10 +618,10 @@ def rescues(
         state.throttle_pct,
         max(now_ms, policy.max_downtime_ms),
     )
-    words = f"switch over now: about {seconds_words(now_ms / 1000)} frozen"
+    cost = f"about {seconds_words(now_ms / 1000)} frozen"
     if finishing_s >= 1:
-        words += f", once the round under way is sent (about {seconds_words(finishing_s)} more)"
-    options.append(Rescue("switchover", words, now))
+        cost += f", once the round under way is sent (about {seconds_words(finishing_s)} more)"
+    options.append(Rescue("switchover", f"switch over now: {cost}", now, "Switch over now", cost))
     return sorted(options, key=lambda rescue: rescue.forecast.downtime_ms or math.inf)
 
 
@@ -682,8 +694,9 @@ def switchover_now(guest: Guest, link: Link, policy: Policy, state: CopyState) -
 
 
 def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: CopyState) -> float | None:
-    """The smallest allowed downtime (ms, rounded up to 50 ms) under which one more round ends the copy,
-    with the guest writing ``MARGIN`` faster than measured (step 7)."""
+    """The smallest allowed downtime (ms) under which one more round ends the copy, with the guest writing
+    ``MARGIN`` faster than measured (step 7); rounded up to 50 ms, or to 100 ms from 1 s, so that ``ms``
+    shows it exactly (the panel's button says "53.7 s" and submits 53,700 ms)."""
     rate = round_rate(link, policy)
     left = state.left_bytes if state.left_bytes is not None else float(guest.first_pass_bytes)
     busier = replace(guest, dirty_rate_bytes_s=guest.dirty_rate_bytes_s * (1 + MARGIN))  # step 7
@@ -692,7 +705,8 @@ def _downtime_that_converges(guest: Guest, link: Link, policy: Policy, state: Co
     current = state.allowed_downtime_ms or policy.max_downtime_ms
     if needed <= current:
         return None
-    return math.ceil(needed / 50.0) * 50.0
+    step = 100.0 if needed >= 950.0 else 50.0
+    return math.ceil(needed / step) * step
 
 
 def explain(
@@ -717,14 +731,14 @@ def explain(
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
     if result.converges:
         lines.append(
-            f"Expected: {seconds_words(result.total_s)}, {rounds_words(result, policy)}, frozen about "
+            f"Expected: {duration_words(result.total_s)}, {rounds_words(result, policy)}, frozen about "
             f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
     elif result.verdict is Verdict.MAY_NOT_CONVERGE:
         lines.append(
-            f"If the measured rates hold: {seconds_words(result.total_s)}, {rounds_words(result, policy)}, "
+            f"If the measured rates hold: {duration_words(result.total_s)}, {rounds_words(result, policy)}, "
             f"frozen about {ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         reason = bottleneck(guest, link, policy) or "too close to promise"
@@ -770,6 +784,20 @@ def mb_apart(first: float, second: float) -> tuple[str, str]:
 
 def ms(milliseconds: float) -> str:
     return f"{milliseconds / 1000:.1f} s" if milliseconds >= 1000 else f"{milliseconds:.0f} ms"
+
+
+def duration_words(value: float | None) -> str:
+    """A duration, forecast or time left in words, the console's one format (the ``seconds`` template
+    filter): "not known yet" for None, "under 1 s" for less than a second (rounded it read "took 0 s"),
+    else "42 s" or "3 min 5 s"."""
+    if value is None:
+        return "not known yet"
+    if 0 < value < 1:
+        return "under 1 s"
+    whole = round(value)
+    if whole < 60:
+        return f"{whole} s"
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def seconds_words(seconds: float) -> str:

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from vms.models import VSP, VirtualMachine
 
+from .forecast import duration_words
 from .models import Migration, MigrationEvent
 
 State = Migration.State
@@ -84,6 +85,16 @@ def total_seconds(migration: Migration, now: datetime | None = None) -> float | 
     return max((end - start).total_seconds(), 0.0)
 
 
+def total_words(migration: Migration, total_s: float | None) -> str:
+    """The Total time column: "12.3 s" once over; "running, 3 min 5 s so far" while it runs (the list
+    redraws itself then, so it moves on); "—" for one that never started."""
+    if total_s is None:
+        return "—"
+    if not migration.is_terminal:
+        return f"running, {duration_words(total_s)} so far"
+    return f"{total_s:.1f} s"
+
+
 def outcome(migration: Migration) -> str:
     """The history's Outcome column: the terminal state's label, or "Running (Copy)" / "Queued"."""
     if migration.is_terminal:
@@ -132,7 +143,7 @@ class HistoryRow:
             total_s=total_s,
             downtime_ms=migration.downtime_ms,
             requested_at_text=f"{timezone.localtime(migration.requested_at):%Y-%m-%d %H:%M}",
-            total_text="—" if total_s is None else f"{total_s:.1f} s",
+            total_text=total_words(migration, total_s),
             downtime_text="—" if migration.downtime_ms is None else f"{migration.downtime_ms} ms",
             report_url=_url_with_id("migration_history:report", migration.pk),
             vm_url=_url_with_id("vms:vm_general", migration.vm_id) if migration.vm_id else "",

@@ -53,6 +53,7 @@ def visible_report_migration(request: HttpRequest, migration_id: int) -> Migrati
 
 HISTORY_TEMPLATE = "migrations_app/history.html"
 REPORT_TEMPLATE = "migrations_app/report.html"
+HISTORY_POLL_S = 3  # how often a page of the history with a running migration redraws its table
 
 
 @require_GET
@@ -77,10 +78,15 @@ def history(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     query = request.GET.copy()
     query.pop("page", None)
+    rows = [HistoryRow.of(migration, now) for migration in page]
     context = {
         "form": form,
         "page": page,
-        "rows": [HistoryRow.of(migration, now) for migration in page],
+        "rows": rows,
+        # While a row on this page runs (or waits), the table fetches itself again every few seconds
+        # (same filters and page: the same URL) until none does.
+        "live": any(not row.migration.is_terminal for row in rows),
+        "poll_s": HISTORY_POLL_S,
         "query": query.urlencode(),
         "nav": "migrations",
     }

@@ -131,16 +131,29 @@ def outlook(migration: Migration) -> Outlook | None:
     warning = ""
     options: list[forecast.Rescue] = []
     throttle_live = can_throttle_live(migration)
+    # Throttling still climbing (auto-converge on, short of its ceiling): how far the guest slows under it
+    # is learnt round by round, so a stop is not certain yet: "may", and no time promised.
+    climbing = (
+        result.verdict is forecast.Verdict.WILL_NOT_CONVERGE
+        and policy.auto_converge
+        and throttle < policy.throttle_max_pct
+    )
     if result.verdict.warns:
         limit = result.limit_reason or "its limit"
-        will = "may" if result.verdict is forecast.Verdict.MAY_NOT_CONVERGE else "will"
+        may = climbing or result.verdict is forecast.Verdict.MAY_NOT_CONVERGE
+        will = "may" if may else "will"
         if policy.at_limit == "switchover":  # only a close call warns then: the careful run switches over
             warning = f"This migration {will} reach {limit} and switch over anyway, with a longer freeze"
         else:
             stays = "would" if will == "may" else "will"
             warning = f"This migration {will} stop at {limit} and the guest {stays} stay on its source"
         reason = why
-        if will == "may" and "too close to promise" not in why:
+        if climbing:
+            reason = (
+                f"throttling is at {throttle:.0f}% and still climbing (up to "
+                f"{policy.throttle_max_pct:.0f}%); whether the guest slows enough shows round by round"
+            )
+        elif will == "may" and "too close to promise" not in why:
             # bottleneck() judges a migration from its start; a close call from here is its own reason
             faster = f"{100 * forecast.MARGIN:.0f}% faster"
             reason = f"too close to promise (with the guest writing {faster} it would not finish in time)"
@@ -157,6 +170,17 @@ def outlook(migration: Migration) -> Outlook | None:
         options,
         throttle_live,
     )
+
+
+def steer_values(migration: Migration) -> dict[str, Any]:
+    """What the panel's manual form is prefilled with: the migration's policy in force now.
+
+    ``{"downtime_ms": int, "bandwidth_cap_mb_s": float | None}`` (ms; MB/s, None: no cap of its own),
+    from ``Migration.policy`` (``migration_policy.effective``), the same values a change writes back.
+    """
+    policy = migration_policy.effective(migration.policy)
+    cap = policy.get("bandwidth_cap_mb_s")
+    return {"downtime_ms": int(policy["max_downtime_ms"]), "bandwidth_cap_mb_s": cap or None}
 
 
 def check_change(raw: dict[str, Any]) -> dict[str, Any]:

@@ -322,18 +322,27 @@ def change(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     try:
         done = steering.do_change_migration(migration, request.POST.dict(), request.user)
     except steering.ChangeRefused as refusal:
-        response = respond_notice(request, vm, refusal.message, ok=False)
-        if request.htmx:
-            response.status_code = 400
-        return response
-    return respond_notice(request, vm, done)
+        if request.htmx:  # said beside the buttons that asked (progress.html#steer_error), not at the top
+            context = {"steer_migration_id": migration.pk, "steer_error": refusal.message, "oob": True}
+            return render(request, "migrations_app/progress.html#steer_refused", context, status=400)
+        return respond_notice(request, vm, refusal.message, ok=False)
+    return respond_notice(request, vm, done, steered=migration)
 
 
 def respond_notice(
-    request: HtmxHttpRequest, vm: VirtualMachine, text: str, *, ok: bool = True
+    request: HtmxHttpRequest,
+    vm: VirtualMachine,
+    text: str,
+    *,
+    ok: bool = True,
+    steered: Migration | None = None,
 ) -> HttpResponse:
+    """``text`` as the page's notice (htmx: with the panel's fragments; else a message and a redirect).
+    ``steered``: the migration a change went through for, whose earlier refusal beside its buttons clears."""
     if request.htmx:
         context = {"notice": text, "ok": ok, **get_migration_display(vm).context(oob=True)}
+        if steered is not None:
+            context |= {"steered": True, "steer_error": "", "steer_migration_id": steered.pk}
         return render(request, "migrations_app/progress.html#notice_and_state", context)
     (messages.success if ok else messages.error)(request, text)
     return redirect("vms:vm_general", pk=vm.pk)

@@ -9,9 +9,11 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from migrations_app.evacuation_views import panel_context
+from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
 from migrations_app.steering import Outlook, can_throttle_live, outlook
+from migrations_app.steering import steer_values as steering_values
 from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
@@ -32,6 +34,12 @@ def migration_display(vm: VirtualMachine) -> MigrationDisplay:
 def migration_outlook(migration: Migration) -> Outlook | None:
     """The live forecast of a running Copy (``steering.outlook``)."""
     return outlook(migration)
+
+
+@register.filter
+def steer_values(migration: Migration) -> dict[str, Any]:
+    """``{% with now=migration|steer_values %}``: the policy in force (``steering.steer_values``)."""
+    return steering_values(migration)
 
 
 @register.filter
@@ -176,11 +184,4 @@ def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
 def seconds(value: float | None) -> str:
     """A duration, forecast or time left in words: "not known yet" for None, "under 1 s" for less
     than a second (rounded it read "took 0 s"), else "42 s" or "3 min 5 s"."""
-    if value is None:
-        return "not known yet"
-    if 0 < value < 1:
-        return "under 1 s"
-    whole = round(value)
-    if whole < 60:
-        return f"{whole} s"
-    return f"{whole // 60} min {whole % 60} s"
+    return duration_words(value)

@@ -304,7 +304,8 @@ def test_a_qemu_guests_warning_offers_no_throttle_qemu_cannot_turn_on(qemu_agent
     assert {rescue.action for rescue in seen[0].rescues} == {"raise_downtime", "switchover"}
     html = render_vm_fragments(get_migration_display(vm), oob=False)
     assert "Throttle the guest" not in html and 'value="auto_converge"' not in html
-    assert "Switch over now: about" in html
+    assert 'data-field="rescue_button">Switch over now<' in html
+    assert 'data-field="rescue_cost">about ' in html
 
     do_cancel_migration(migration, admin)
     wait_for_state(wait_until, migration, "cancelled", "aborted", "completed")

@@ -6,6 +6,8 @@ so under the default policy (300 ms, no throttling, 30 rounds) it would stop at 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -135,6 +137,18 @@ def test_bad_changes_are_refused_and_change_nothing(
     assert Migration.objects.get(pk=migration.pk).policy["max_downtime_ms"] == 300
 
 
+def rescue_buttons(html: str) -> dict[str, tuple[str, str | None]]:
+    """The warning's one-click rescues: action -> (button text, the downtime_ms it submits or None)."""
+    found = {}
+    for form in re.findall(r'<form class="rescue-form".*?</form>', html, re.S):
+        action = re.search(r'name="action" value="(\w+)"', form)
+        value = re.search(r'name="downtime_ms" value="(\d+)"', form)
+        label = re.search(r'data-field="rescue_button">([^<]*)<', form)
+        assert action and label, form
+        found[action.group(1)] = (label.group(1), value.group(1) if value else None)
+    return found
+
+
 def hot_copy_panel(fleet, driver: str, **fields) -> str:
     """The panel as rendered from the numbers an agent reported (rates stored on the row, no agent here),
     the source's agent driver being ``driver``."""
@@ -165,10 +179,17 @@ def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_thei
     )
     # 8 MB left of 8 MiB after a 0.8 s round (10 MB/s distinct): the guest writes about 32 MB/s.
     assert "Slow because the guest writes faster (32 MB/s) than the link carries (5.0 MB/s)." in html
-    assert "Raise the allowed downtime to 1.7 s" in html
-    assert "Throttle the guest (up to 90% of its vCPU time" in html
+    # Each rescue is one click carrying the exact value its label shows, its cost beside it.
+    buttons = rescue_buttons(html)
+    assert buttons["raise_downtime"] == ("Raise the allowed downtime to 1.7 s", "1700")
+    assert buttons["auto_converge"] == ("Throttle the guest", None)
+    assert buttons["switchover"] == ("Switch over now", None)
+    assert re.search(r'data-field="rescue_cost">frozen about 1\.\d s, about [\d.]+ s more<', html), html
+    assert 'data-field="rescue_cost">up to 90% of its vCPU time, about ' in html
     # The simulated source sends the round under way (8 MB, 1.6 s) first; the guest dirties all of it again.
-    assert "Switch over now: about 1.7 s frozen, once the round under way is sent (about 1.6 s more)" in html
+    assert ">about 1.7 s frozen, once the round under way is sent (about 1.6 s more)<" in html
+    # The manual form shows the values in force, never empty, so a click on its button sends them.
+    assert 'name="downtime_ms" min="1" max="600000" step="1" value="300"' in html
     assert 'value="switchover"' in html and 'value="auto_converge"' in html
 
 
@@ -180,7 +201,8 @@ def test_the_panel_offers_no_throttle_a_qemu_source_cannot_turn_on(fleet, driver
 
     assert "This migration will stop at the round limit (30 rounds)" in html
     # QEMU pauses at once, with all that is left (8 MB at 5 MB/s).
-    assert "Raise the allowed downtime to 1.7 s" in html and "Switch over now: about 1.6 s frozen<" in html
+    assert rescue_buttons(html)["raise_downtime"] == ("Raise the allowed downtime to 1.7 s", "1700")
+    assert 'data-field="rescue_cost">about 1.6 s frozen<' in html
     assert "Throttle the guest" not in html
     assert 'value="auto_converge"' not in html
     assert 'value="switchover"' in html and 'value="raise_downtime"' in html
@@ -267,3 +289,49 @@ def test_the_panel_says_a_close_call_may_stop_at_its_limit_not_that_it_will(flee
     assert "will stop" not in html
     assert 'data-field="time_left"' in html  # the time if the measured rates hold
     assert "Raise the allowed downtime to " in html
+
+
+def test_the_panel_says_each_number_once_and_a_climbing_throttle_may_not_stop(fleet):
+    """QA on reports01: the stat read "Expected downtime 9030 ms" (the agent's figure, all that is left at
+    full speed) under the sentence "expected downtime 125 ms of 300 ms allowed"; the dirty-rate stat sat
+    unlabelled beside a larger "the guest writes"; and with throttling on from the start, the early
+    rounds said the guest *will* stay on its source, and it then completed."""
+    policy = {"preset": "custom", "auto_converge": True}
+    html = hot_copy_panel(
+        fleet, "simulated", policy=policy, rounds=26, bytes_remaining=4_000_000,
+        dirty_rate_bytes_s=100_000, throttle_pct=0, expected_downtime_ms=9030,
+    )  # fmt: skip
+    sentence = re.search(r'data-field="outlook_downtime">(\d+) ms<', html)
+    stat = re.search(r'data-field="expected_downtime">(\d+) ms<', html)
+    assert sentence and stat and stat.group(1) == sentence.group(1), html
+    assert "9030 ms" not in html
+    assert ">Dirtied last round</dt>" in html
+
+    # Round 24 of 30, throttling on and at 30%: the careful run would stop at the round limit, but the
+    # throttle has steps left to take, and how the guest answers them is learnt round by round.
+    from migrations_app.progress import get_migration_display, render_vm_fragments
+
+    migration = Migration.objects.get(vm__name="hot")
+    Migration.objects.filter(pk=migration.pk).update(
+        rounds=24, bytes_remaining=8_000_000, dirty_rate_bytes_s=10_000_000, throttle_pct=30
+    )
+    climbing = render_vm_fragments(get_migration_display(migration.vm), oob=False)
+    assert "This migration will stop" not in climbing
+    assert "This migration may stop at the round limit (30 rounds)" in climbing, climbing
+    assert "throttling is at 30% and still climbing (up to 99%)" in climbing
+    assert 'data-field="time_left"' not in climbing  # no time promised for it
+
+
+def test_a_refused_change_is_said_beside_the_buttons_and_a_good_one_clears_it(fleet, admin, client):
+    """QA: "Maximum downtime: give a whole number…" showed at the top of the page, far from the form."""
+    hot_copy_panel(fleet, "simulated")
+    migration = Migration.objects.get(vm__name="hot")
+    client.force_login(admin)
+    response = change(client, migration, action="raise_downtime", downtime_ms="")
+    assert response.status_code == 400
+    assert f'<div id="migration-steer-error-text-{migration.pk}" hx-swap-oob="true">' in response.text
+    assert 'data-field="steer_error">Maximum downtime' in response.text
+    assert 'id="migration-notice"' not in response.text  # not at the top
+    panel = client.get(f"/vms/{migration.vm_id}/general/").text
+    assert f'<div id="migration-steer-error-{migration.pk}" class="steer-error" hx-preserve="true"' in panel
+    assert f'id="migration-steer-error-text-{migration.pk}"' in panel  # the slot the answer goes to

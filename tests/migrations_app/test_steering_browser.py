@@ -92,3 +92,56 @@ def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_bro
         )
     )
     assert changed, "the rescue is not recorded with who made it"
+
+
+def test_a_rescue_is_one_click_with_the_value_it_shows_and_a_refusal_is_said_beside_the_form(
+    host_agents, fleet, migrating_console, browser, wait_for
+):
+    """QA on reports01: "Raise the allowed downtime to 53.7 s" was plain text, the Allowed downtime box was
+    empty, its button answered 400 at the top of the page, and the box later held another value than the
+    suggestion. Here: the rescue is a button that submits what it says, the manual form shows the values
+    in force, and a refusal is said beside the buttons, surviving the pushes that redraw the panel."""
+    from migrations_app.actions import do_request_migration
+
+    maria = run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    hot = run_in_thread(place_vm, host_agents, fleet, **HOT)
+    admin = open_general_tab(browser, migrating_console, "maria", hot.pk)
+    migration = run_in_thread(do_request_migration, hot, fleet["hostb"], maria)
+
+    raise_button = admin.locator('#migration-warning [data-action="raise_downtime"] button')
+    raise_button.wait_for(timeout=60_000)
+    steer = admin.locator(".migration-steer")
+    assert steer.locator("input[name=downtime_ms]").input_value() == "300"  # the policy in force
+    assert steer.locator("input[name=bandwidth_cap_mb_s]").input_value() == ""  # no cap of its own
+
+    # A value the server refuses (the browser lets it through): said beside the buttons, kept across pushes.
+    steer.locator("input[name=bandwidth_cap_mb_s]").fill("1e15")
+    admin.click("#steer-bandwidth")
+    error = admin.locator(f"#migration-steer-error-{migration.pk} [data-field=steer_error]")
+    error.wait_for()
+    assert "Bandwidth cap: from 1 to 100000 MB/s" in error.inner_text()
+    assert admin.locator("#migration-notice .notice").count() == 0  # not at the top of the page
+    rounds = int(admin.locator("#migration-phases [data-field=round]").inner_text())
+    round_now = "parseInt(document.querySelector('#migration-phases [data-field=round]').textContent)"
+    admin.wait_for_function(f"() => {round_now} > {rounds}")
+    assert error.is_visible(), "a progress push wiped the refusal"
+
+    label = raise_button.inner_text()
+    match = re.fullmatch(r"Raise the allowed downtime to (\d+(?:\.\d)?) (s|ms)", label)
+    assert match, label
+    expected_ms = round(float(match.group(1)) * (1000 if match.group(2) == "s" else 1))
+    cost = admin.locator('#migration-warning [data-action="raise_downtime"] [data-field=rescue_cost]')
+    assert cost.inner_text().startswith("frozen about ")
+    raise_button.click()  # one click, nothing typed
+    admin.wait_for_selector('#migration-phases[data-state="completed"]', timeout=120_000)
+    assert admin.evaluate("window.__marker") == "no reload"
+    done = run_in_thread(lambda: Migration.objects.get(pk=migration.pk))
+    assert done.state == "completed", done.alert
+    assert done.policy["max_downtime_ms"] == expected_ms, (label, done.policy)
+    assert run_in_thread(
+        lambda: MigrationEvent.objects.filter(
+            migration=done,
+            actor__username="maria",
+            message__contains=f"raised the allowed downtime to {match.group(1)}",
+        ).exists()
+    )
