@@ -255,6 +255,22 @@ def check_can_change_registration(user: Any, registration: Registration) -> None
         )
 
 
+def check_can_power(user: Any, registration: Registration) -> None:
+    """Start, stop, force-stop a copy: ``vms.change_registration`` and operator of the copy's VSP's group."""
+    _require(user, CHANGE_REGISTRATION_PERMISSION)
+    if not _has_role_on(user, Role.OPERATOR, [registration.vsp_id]):
+        raise AccessDenied(
+            f"You may not start or stop {registration}: you are not an operator of its VSP's host group."
+        )
+
+
+def may_act_on_vsp(user: Any, permission: str, vsp_id: int) -> bool:
+    """Whether ``user`` holds ``permission`` and the operator role on VSP ``vsp_id`` (one query): what a
+    VSP page's per-row controls need ("migrate selected": ``add_migration``; power:
+    ``change_registration``), decided once for every row."""
+    return has_global(user, permission) and _has_role_on(user, Role.OPERATOR, [vsp_id])
+
+
 def registration_changeable_vsp_ids(user: Any, vsp_ids: list[int]) -> set[int]:
     """Of ``vsp_ids``, those where ``user`` may change copies' marks (``check_can_change_registration``)."""
     if not has_global(user, CHANGE_REGISTRATION_PERMISSION):
