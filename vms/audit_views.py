@@ -91,7 +91,9 @@ def audit_list(request: HtmxHttpRequest) -> HttpResponse:
         return render(request, "vms/audit_list.html", context, status=400)
     filters = {key: value for key, value in form.cleaned_data.items() if key != "page"}
     try:
-        page = Paginator(filter_events(request.user, **filters), AUDIT_PAGE_SIZE).page(form.cleaned_data["page"] or 1)
+        page = Paginator(filter_events(request.user, **filters), AUDIT_PAGE_SIZE).page(
+            form.cleaned_data["page"] or 1
+        )
     except EmptyPage:
         raise Http404("No such page.") from None
     query = request.GET.copy()

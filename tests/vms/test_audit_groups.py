@@ -102,9 +102,7 @@ def test_a_superuser_still_reads_every_event(client, trail):
 
 
 def test_a_viewer_of_production_reads_its_migration_and_settings_but_not_lab(client, trail):
-    production_viewer = make_user(
-        "prod-viewer", OPERATOR_PERMISSIONS, role=Role.VIEWER, group="Production"
-    )
+    production_viewer = make_user("prod-viewer", OPERATOR_PERMISSIONS, role=Role.VIEWER, group="Production")
     client.force_login(production_viewer)
 
     seen = objects(client.get(URL))
