@@ -180,7 +180,7 @@ def get_plan(request: HttpRequest, vsp: str = IdRef) -> PlanOut:
     host = get_vsp(vsp, request.user)
     if not may_view_evacuation(request.user, host):
         raise PermissionDenied("Your account lacks the permission to see this.")
-    return plan_out(build_plan(host))
+    return plan_out(build_plan(host, user=request.user))
 
 
 @router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
@@ -198,7 +198,7 @@ def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef)
         get_vm(vm_ref, request.user).pk: get_vsp(vsp_ref, request.user).pk
         for vm_ref, vsp_ref in body.targets.items()
     }
-    proposed = build_plan(host, chosen)
+    proposed = build_plan(host, chosen, user=request.user)
     targets = {step.vm.pk: step.target.pk for step in proposed.steps if step.target is not None} | chosen
     order = [get_vm(vm_ref, request.user).pk for vm_ref in body.order] if body.order is not None else None
     evacuation = do_start_evacuation(host, targets, order, request.user)

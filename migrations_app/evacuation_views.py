@@ -10,11 +10,11 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse, QueryDict
+from django.http import Http404, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from vms.access import LACKS_PERMISSION
+from vms.access import LACKS_PERMISSION, get_visible_vsp
 from vms.http import HtmxHttpRequest
 from vms.models import VSP
 
@@ -71,9 +71,7 @@ def _denied() -> PermissionDenied:
 @require_http_methods(["GET", "POST"])
 def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     """GET: the plan (with the admin's changes, if any). POST: start it, re-checked now."""
-    vsp = get_object_or_404(VSP, pk=vsp_id)
-    if not may_view_evacuation(request.user, vsp):
-        raise _denied()
+    vsp = get_visible_vsp(request.user, vsp_id)  # another group's VSP: not found, like a missing one
     data = request.POST if request.method == "POST" else request.GET
     try:
         targets, order = plan_input(data)
@@ -100,7 +98,7 @@ def render_plan(
     error: str = "",
     status: int = 200,
 ) -> HttpResponse:
-    plan = build_plan(vsp, targets, order)
+    plan = build_plan(vsp, targets, order, user=request.user)
     running = Evacuation.objects.filter(vsp=vsp, state=Evacuation.State.RUNNING).first()
     context: dict[str, Any] = {
         "vsp": vsp,
@@ -118,7 +116,7 @@ def evacuation_progress(request: HtmxHttpRequest, evacuation_id: int) -> HttpRes
     """The progress panel alone, polled every second by the VSP page while the evacuation runs."""
     evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
     if not may_view_evacuation(request.user, evacuation.vsp):
-        raise _denied()
+        raise Http404()  # another group's VSP: not found, like a missing one
     return render(request, "migrations_app/evacuation_panel.html", panel_context(request, evacuation.vsp))
 
 
@@ -139,6 +137,8 @@ def panel_context(request: HtmxHttpRequest, vsp: VSP) -> dict[str, Any]:
 @require_POST
 def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpResponse:
     evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
+    if not may_view_evacuation(request.user, evacuation.vsp):
+        raise Http404()
     if not may_cancel_evacuation(request.user, evacuation.vsp):
         raise _denied()
     try:
@@ -152,7 +152,7 @@ def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpRespo
 
 @require_POST
 def leave_maintenance(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
-    vsp = get_object_or_404(VSP, pk=vsp_id)
+    vsp = get_visible_vsp(request.user, vsp_id)
     if not may_leave_maintenance(request.user, vsp):
         raise _denied()
     try:

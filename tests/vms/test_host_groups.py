@@ -251,6 +251,23 @@ def test_migrate_selected_shows_targets_that_cannot_take_guests_disabled_with_th
     assert "No VSP you may use" not in page
 
 
+def test_the_evacuation_plan_follows_host_groups(client, groups):
+    """Another group's member could read Production's plan (guests and every VSP's name) by its id and, with
+    the global permission, start it; the plan offered targets in every group."""
+    vsps = groups["vsps"]
+    url = reverse("migrations_app:evacuate", args=[vsps["p1"].pk])
+    login(client, groups, "other")
+    assert client.get(url).status_code == 404
+    assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["l1"].pk}).status_code == 404
+    login(client, groups, "viewer")
+    page = client.get(url).text
+    assert "prod-web" in page and "vsp-l1" not in page and "vsp-x" not in page
+    assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["p2"].pk}).status_code == 403
+    login(client, groups, "operator")
+    page = client.get(url).text
+    assert 'data-vsp="vsp-p2"' in page and "vsp-l1" not in page
+
+
 def test_the_history_filters_offer_only_people_and_vsps_the_user_can_see(client, groups):
     vsps, users = groups["vsps"], groups["users"]
     make_migration(groups["vms"]["prod"], vsps["p1"], vsps["p2"], requested_by=users["operator"])
