@@ -174,9 +174,9 @@ def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
         return {}
     display = get_migration_display(vm)
     group = vm_group(vm.pk)
-    messages = {
-        group: {**_message(group, render_vm_fragments(display, oob=True)), "controls": control_vsps(display)}
-    }
+    vm_message = _message(group, render_vm_fragments(display, oob=True))
+    vm_message["controls"] = control_vsps(display)
+    messages: dict[str, ProgressMessage] = {group: vm_message}
     for vsp in (migration.source, migration.target):
         if vsp is None:
             continue

@@ -178,7 +178,12 @@ def test_the_general_tab_of_a_guest_running_in_another_group_never_names_that_vs
     assert client.get(url, {"vsp": groups["vsps"]["l1"].pk}).status_code == 404
 
 
-STEERING = ('id="steer-switchover"', 'id="steer-downtime"', 'id="steer-bandwidth"', 'class="migration-cancel"')
+STEERING = (
+    'id="steer-switchover"',
+    'id="steer-downtime"',
+    'id="steer-bandwidth"',
+    'class="migration-cancel"',
+)
 
 
 @pytest.mark.parametrize(("who", "shown"), [("viewer", False), ("operator", True), ("superuser", True)])
