@@ -199,6 +199,7 @@ def test_the_first_render_of_a_running_migration_draws_its_controls_only_for_who
     assert 'id="migration-phases"' in page
     for control in (*STEERING, 'id="migrate-button"'):
         assert (control in page) is shown, control
+    assert 'id="vm-policy"' not in page or who == "superuser"  # settings: administrators only
 
 
 def test_another_groups_operator_sees_no_steering_of_a_migration_leaving_their_group(client, groups):
@@ -268,9 +269,12 @@ def test_the_evacuation_plan_follows_host_groups(client, groups):
     page = client.get(url).text
     assert "prod-web" in page and "vsp-l1" not in page and "vsp-x" not in page
     assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["p2"].pk}).status_code == 403
+    vsp_page = reverse("vms:vsp_detail", args=[vsps["p1"].pk])
+    assert 'id="evacuate-link"' not in client.get(vsp_page).text  # the viewer may not start one
     login(client, groups, "operator")
     page = client.get(url).text
     assert 'data-vsp="vsp-p2"' in page and "vsp-l1" not in page
+    assert 'id="evacuate-link"' in client.get(vsp_page).text
 
 
 def test_the_history_filters_offer_only_people_and_vsps_the_user_can_see(client, groups):
