@@ -204,7 +204,10 @@ def get_plan(
         raise PermissionDenied("Your account lacks the permission to see this.")
     excluded = {get_vm(vm_ref, request.user).pk for vm_ref in exclude}
     confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in confirm}
-    return plan_out(build_plan(host, rates=dirty_rates(host), excluded=excluded, confirmed=confirmed))
+    plan = build_plan(
+        host, rates=dirty_rates(host), excluded=excluded, confirmed=confirmed, user=request.user
+    )
+    return plan_out(plan)
 
 
 @router.post("/vsps/{vsp}/evacuations", response={201: EvacuationOut, **WRITE_ERRORS})
@@ -224,7 +227,7 @@ def start_evacuation(request: HttpRequest, body: EvacuationIn, vsp: str = IdRef)
     }
     excluded = {get_vm(vm_ref, request.user).pk for vm_ref in body.exclude}
     confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in body.confirm}
-    proposed = build_plan(host, chosen, excluded=excluded)
+    proposed = build_plan(host, chosen, excluded=excluded, user=request.user)
     targets = {step.vm.pk: step.target.pk for step in proposed.steps if step.target is not None} | chosen
     order = [get_vm(vm_ref, request.user).pk for vm_ref in body.order] if body.order is not None else None
     choices = {"excluded": excluded, "confirmed": confirmed}

@@ -1,8 +1,9 @@
 """Prometheus metrics at ``/metrics``, computed from the database at scrape time.
 
 A custom collector (no counters kept in process memory): every web process answers the same numbers, and
-a restart loses nothing. Readable with an API token of a user who may view migrations, or without one from
-the addresses in ``METRICS_ALLOWED_IPS`` (IPs or networks, e.g. ``127.0.0.1,10.0.0.0/8``).
+a restart loses nothing. Readable with an API token of a user who may view migrations and sees every VSP
+(the metrics name every VSP and running guest: a user limited to some host groups is refused, 403), or
+without one from the addresses in ``METRICS_ALLOWED_IPS`` (IPs or networks, e.g. ``127.0.0.1,10.0.0.0/8``).
 
 Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_migrations_total{outcome,failed_phase}``: ended migrations (completed, aborted, cancelled);
@@ -32,6 +33,7 @@ import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
@@ -44,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
+from vms.access import visible_vsps
 from vms.models import VSP, InventoryRound
 
 from .problems import problem_response
@@ -241,14 +244,22 @@ def address_allowed(address: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+def sees_whole_inventory(user: Any) -> bool:
+    """Whether ``user`` may view migrations and sees every VSP (``vms.access.visible_vsps``; one query)."""
+    if not user.has_perm(VIEW_MIGRATION):
+        return False
+    return bool(user.is_superuser) or not VSP.objects.exclude(pk__in=visible_vsps(user).values("pk")).exists()
+
+
 def may_scrape(request: HttpRequest) -> tuple[bool, int]:
-    """(allowed, status if not): a token of a user who may view migrations, or an allowed address."""
+    """(allowed, status if not): a token of a user who may view migrations and sees every VSP (the
+    metrics are inventory-wide), or an allowed address."""
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         user = user_for_token(header[7:].strip())
         if user is None:
             return False, 401
-        return (True, 200) if user.has_perm(VIEW_MIGRATION) else (False, 403)
+        return (True, 200) if sees_whole_inventory(user) else (False, 403)
     if address_allowed(request.META.get("REMOTE_ADDR", ""), getattr(settings, "METRICS_ALLOWED_IPS", [])):
         return True, 200
     return False, 401
@@ -260,7 +271,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     allowed, status = may_scrape(request)
     if not allowed:
         detail = (
-            "Send 'Authorization: Bearer <token>' of a user who may view migrations, "
+            "Send 'Authorization: Bearer <token>' of a user who may view migrations on every VSP, "
             "or scrape from an address in METRICS_ALLOWED_IPS."
         )
         return problem_response(status, detail)

@@ -1,12 +1,13 @@
-"""The user's own API tokens page: list, create (the token is shown once), revoke. CSRF-protected forms."""
+"""The user's own API tokens page: list, create (the token is shown once), revoke (after a confirmation
+page). CSRF-protected forms."""
 
 from __future__ import annotations
 
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
-from django.views.decorators.http import require_http_methods, require_POST
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods
 
 from vms.http import AuthenticatedHttpRequest
 
@@ -37,8 +38,13 @@ def tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     return response
 
 
-@require_POST
+@require_http_methods(["GET", "POST"])
 def revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    """GET: ask to confirm (the token's name, what revoking does; no inline script, the page's CSP
+    forbids it). POST: revoke. Another user's token, or none: 404 on GET, a message on POST."""
+    if request.method == "GET":
+        token = get_object_or_404(ApiToken, pk=token_id, user=request.user, revoked_at=None)
+        return render(request, "api/revoke_token.html", {"nav": "tokens", "token": token})
     try:
         token = do_revoke_token(request.user, token_id)
     except ApiToken.DoesNotExist:

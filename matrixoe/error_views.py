@@ -1,4 +1,5 @@
-"""Friendly error pages (400, 403, 404, 405) inside the console's layout, each with a way back.
+"""Friendly error pages (400, 403, 404, 405, a failed CSRF check) inside the console's layout, each with a
+way back.
 
 Django's defaults show the exception's class name ("Resolver404") or, for 405, an empty page.
 A message written for people (``Http404("No such page.")``, a refusal's reason) is kept; anything
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.shortcuts import render
 from django.urls import Resolver404
@@ -17,6 +19,11 @@ from django.utils.html import format_html
 NOT_FOUND = "There is no page at this address. The VM or VSP may have been deleted, or the link is wrong."
 FORBIDDEN = "Your account may look at the console but not do this."
 BAD_REQUEST = "The console could not understand this request."
+CSRF_EXPIRED = (
+    "Your session's form expired or came from another site; reload the page and try again. "
+    "Nothing was changed."
+)
+API_PREFIX = "/api/"
 
 
 def people_message(exception: BaseException | None, default: str) -> str:
@@ -56,6 +63,20 @@ def permission_denied(request: HttpRequest, exception: BaseException | None = No
         response["HX-Reswap"] = "innerHTML"
         return response
     return error_page(request, 403, "Not allowed", message)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """``CSRF_FAILURE_VIEW``: a form whose CSRF token expired or came from elsewhere (403).
+
+    Pages get the friendly 403 (an htmx request its one-line refusal); ``/api/`` gets an RFC 9457 problem
+    document (``application/problem+json``), as the API's own errors. ``reason`` (Django's, e.g. "CSRF
+    token missing.") is logged by Django and not shown: it means nothing to people.
+    """
+    if request.path.startswith(API_PREFIX):
+        from api.problems import problem_response  # the API app is optional to this module
+
+        return problem_response(403, CSRF_EXPIRED)
+    return permission_denied(request, PermissionDenied(CSRF_EXPIRED))
 
 
 def page_not_found(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:

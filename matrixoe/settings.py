@@ -204,6 +204,7 @@ CELERY_WORKER_CONSUMER = "matrixoe.celery_consumer:BrokerRestartSafeConsumer"
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "matrixoe")
 
 SESSION_COOKIE_HTTPONLY = True
+CSRF_FAILURE_VIEW = "matrixoe.error_views.csrf_failure"  # the friendly 403, problem+json under /api/
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie.
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True

@@ -18,8 +18,10 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from vms.access import can_view_vm, can_view_vsp
 from vms.models import VSP, VirtualMachine
 
+from .controls import WatcherRights, strip_controls, watcher_rights
 from .fanout import get_fanout
 from .progress import (
+    control_vsps,
     get_migration_display,
     get_row_migrations,
     render_row_fragments,
@@ -40,13 +42,18 @@ class BadQuery(ValueError):
     """A websocket's query string is malformed; the socket is closed with ``BAD_REQUEST``."""
 
 
-def render_vm_state(vm_id: int, seen: str = "") -> str | None:
-    """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended."""
+def render_vm_state(vm_id: int, seen: str = "", rights: WatcherRights | None = None) -> str | None:
+    """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended.
+
+    ``rights``: the watcher's, so only the controls its user may use are kept (``None``: none kept).
+    """
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
     if vm is None:
         return None
     display = get_migration_display(vm)
-    return render_vm_fragments(display, oob=True, refetch_tab=display.seen_key != seen)
+    html = render_vm_fragments(display, oob=True, refetch_tab=display.seen_key != seen)
+    keep = rights.allowed(control_vsps(display)) if rights is not None else frozenset()
+    return strip_controls(html, keep)
 
 
 def render_vsp_state(vsp_id: int, vm_ids: frozenset[int] | None = None) -> str | None:
@@ -108,6 +115,7 @@ class ProgressConsumer(AsyncWebsocketConsumer):
     group = ""
     snapshot_sent = False
     pending_html: str | None = None
+    rights = WatcherRights(may_add=False, may_change=False, operator_vsp_ids=frozenset())  # read at connect
 
     def group_name(self, subject_id: int) -> str:
         raise NotImplementedError
@@ -147,6 +155,12 @@ class ProgressConsumer(AsyncWebsocketConsumer):
         if self.pending_html is not None:
             html, self.pending_html = self.pending_html, None
             await self.send(text_data=html)
+
+    def view(self, message: dict[str, Any]) -> str:
+        """What this socket sends of ``message``: its HTML without the controls its user may not use."""
+        if "controls" not in message:
+            return message["html"]
+        return strip_controls(message["html"], self.rights.allowed(message["controls"]))
 
     def deliver(self, html: str) -> None:
         """Called by the process fan-out for each update of this socket's group."""
@@ -204,13 +218,16 @@ class VMProgressConsumer(ProgressConsumer):
         return vm_group(subject_id)
 
     def may_watch(self, user: Any, subject_id: int) -> bool:
-        return can_view_vm(user, subject_id)
+        if not can_view_vm(user, subject_id):
+            return False
+        self.rights = watcher_rights(user)  # the live controls this user is shown (controls.py)
+        return True
 
     def parse_query(self, query_string: bytes) -> None:
         self.seen = parse_seen(query_string)
 
     def render_state(self, subject_id: int) -> str | None:
-        return render_vm_state(subject_id, seen=self.seen)
+        return render_vm_state(subject_id, seen=self.seen, rights=self.rights)
 
 
 class VSPProgressConsumer(ProgressConsumer):

@@ -37,7 +37,15 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from vms.access import LACKS_PERMISSION
+from vms.access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    LACKS_PERMISSION,
+    can_view_vsp,
+    may_act_on_vsp,
+    migration_targets,
+    visible_vsps,
+)
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, Registration, VirtualMachine
 
@@ -59,23 +67,26 @@ class EvacuationRefused(ValidationError):
 
 # -- rights: one function per right, so per-host-group permissions can replace the global checks ------
 def may_view_evacuation(user: Any, vsp: VSP) -> bool:
-    """Whether ``user`` may see ``vsp``'s evacuation plan and progress."""
-    return bool(user.has_perm("vms.view_vsp"))
+    """Whether ``user`` may see ``vsp``'s evacuation plan and progress: they see ``vsp``
+    (``vms.access.can_view_vsp``: ``vms.view_vsp`` and a role in its host group)."""
+    return can_view_vsp(user, vsp.pk)
 
 
 def may_evacuate(user: Any, vsp: VSP) -> bool:
-    """Whether ``user`` may start an evacuation of ``vsp`` (it requests migrations)."""
-    return bool(user.has_perm("migrations_app.add_migration"))
+    """Whether ``user`` may start an evacuation of ``vsp`` (it requests migrations): ``add_migration``
+    and operator of ``vsp``'s host group (the plan then offers only targets where they are operator)."""
+    return may_act_on_vsp(user, ADD_MIGRATION_PERMISSION, vsp.pk)
 
 
 def may_cancel_evacuation(user: Any, vsp: VSP) -> bool:
-    """Whether ``user`` may cancel ``vsp``'s running evacuation (it cancels migrations)."""
-    return bool(user.has_perm("migrations_app.change_migration"))
+    """Whether ``user`` may cancel ``vsp``'s running evacuation (it cancels migrations):
+    ``change_migration`` and operator of ``vsp``'s host group."""
+    return may_act_on_vsp(user, CHANGE_MIGRATION_PERMISSION, vsp.pk)
 
 
 def may_leave_maintenance(user: Any, vsp: VSP) -> bool:
-    """Whether ``user`` may take ``vsp`` out of maintenance."""
-    return bool(user.has_perm("migrations_app.add_migration"))
+    """Whether ``user`` may take ``vsp`` out of maintenance: ``add_migration`` and operator of its group."""
+    return may_act_on_vsp(user, ADD_MIGRATION_PERMISSION, vsp.pk)
 
 
 def _require(allowed: bool) -> None:
@@ -240,8 +251,13 @@ def build_plan(
     rates: Mapping[int, estimates.DirtyRate] | None = None,
     excluded: Collection[int] = (),
     confirmed: Collection[int] = (),
+    user: Any = None,
 ) -> Plan:
     """The evacuation plan of ``vsp``.
+
+    ``user``: targets are the VSPs where they are an operator when they may start this evacuation
+    (``vms.access.migration_targets``), else the VSPs they see (``visible_vsps``: a viewer reads what the
+    plan would do among them); another group's VSP is neither offered nor named. ``None``: every VSP.
 
     ``chosen_targets``: the admin's target VSP id per VM id (others are chosen here). ``order``: VM ids in
     the order the admin wants (every leaving VM once); None orders by forecast, the largest time last and
@@ -264,7 +280,11 @@ def build_plan(
         .prefetch_related("vm__registrations__vsp")
         .order_by("vm__name")
     )
-    others = list(VSP.objects.exclude(pk=vsp.pk).order_by("name"))
+    if user is None:
+        candidates = VSP.objects.all()
+    else:
+        candidates = migration_targets(user) if may_evacuate(user, vsp) else visible_vsps(user)
+    others = list(candidates.exclude(pk=vsp.pk).order_by("name"))
     free = free_memory_by_vsp([other.pk for other in others])
     targets = [(other, host_refusal(vsp, other) or "", free.get(other.pk, 0)) for other in others]
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}
@@ -391,7 +411,9 @@ def do_start_evacuation(
         with transaction.atomic():
             vsp = VSP.objects.select_for_update().get(pk=vsp.pk)
             _refuse_if_running(vsp)
-            plan = build_plan(vsp, chosen_targets, order, rates=rates, excluded=excluded, confirmed=confirmed)
+            plan = build_plan(
+                vsp, chosen_targets, order, rates=rates, excluded=excluded, confirmed=confirmed, user=user
+            )
             misfits = [step.problem for step in plan.steps if step.problem]
             if misfits:
                 raise EvacuationRefused(f"The plan no longer fits: {' '.join(misfits)}")

@@ -11,11 +11,11 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse, QueryDict
+from django.http import Http404, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from vms.access import LACKS_PERMISSION
+from vms.access import LACKS_PERMISSION, get_visible_vsp
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, Registration
 
@@ -104,9 +104,7 @@ def _denied() -> PermissionDenied:
 @require_http_methods(["GET", "POST"])
 def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     """GET: the plan (with the admin's changes, if any). POST: start it, re-checked now."""
-    vsp = get_object_or_404(VSP, pk=vsp_id)
-    if not may_view_evacuation(request.user, vsp):
-        raise _denied()
+    vsp = get_visible_vsp(request.user, vsp_id)  # another group's VSP: not found, like a missing one
     data = request.POST if request.method == "POST" else request.GET
     names = dict(Registration.objects.filter(vsp=vsp).values_list("vm_id", "vm__name"))
     try:
@@ -143,7 +141,13 @@ def render_plan(
     """The plan page; each guest's dirty rate is measured now unless cached (``dirty_rates``)."""
     excluded = excluded or set()
     plan = build_plan(
-        vsp, targets, order, rates=dirty_rates(vsp), excluded=excluded, confirmed=confirmed or set()
+        vsp,
+        targets,
+        order,
+        rates=dirty_rates(vsp),
+        excluded=excluded,
+        confirmed=confirmed or set(),
+        user=request.user,
     )
     running = Evacuation.objects.filter(vsp=vsp, state=Evacuation.State.RUNNING).first()
     context: dict[str, Any] = {
@@ -162,7 +166,7 @@ def evacuation_progress(request: HtmxHttpRequest, evacuation_id: int) -> HttpRes
     """The progress panel alone, polled every second by the VSP page while the evacuation runs."""
     evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
     if not may_view_evacuation(request.user, evacuation.vsp):
-        raise _denied()
+        raise Http404()  # another group's VSP: not found, like a missing one
     return render(request, "migrations_app/evacuation_panel.html", panel_context(request, evacuation.vsp))
 
 
@@ -183,6 +187,8 @@ def panel_context(request: HtmxHttpRequest, vsp: VSP) -> dict[str, Any]:
 @require_POST
 def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpResponse:
     evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
+    if not may_view_evacuation(request.user, evacuation.vsp):
+        raise Http404()
     if not may_cancel_evacuation(request.user, evacuation.vsp):
         raise _denied()
     try:
@@ -196,7 +202,7 @@ def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpRespo
 
 @require_POST
 def leave_maintenance(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
-    vsp = get_object_or_404(VSP, pk=vsp_id)
+    vsp = get_visible_vsp(request.user, vsp_id)
     if not may_leave_maintenance(request.user, vsp):
         raise _denied()
     try:

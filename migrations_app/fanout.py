@@ -47,6 +47,13 @@ def wanted_by(watcher: Watcher, message: dict) -> bool:
     return wants is None or wants(message)
 
 
+def view_for(watcher: Watcher, message: dict) -> str:
+    """What ``watcher`` is sent of ``message``: its own ``view(message)`` (e.g. without the controls its
+    user may not use, ``controls.py``) when it defines one, else the message's HTML."""
+    view = getattr(watcher, "view", None)
+    return message["html"] if view is None else view(message)
+
+
 class ProcessFanout:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
@@ -105,12 +112,13 @@ class ProcessFanout:
             self._dispatch(message)
 
     def _dispatch(self, message: dict) -> None:
-        """Hand ``message['html']`` to each local watcher of its group; a faulty watcher is dropped alone."""
+        """Hand ``message['html']`` (as each sees it, ``view_for``) to each local watcher of its group; a
+        faulty watcher is dropped alone."""
         group = message.get("group", "")
         for watcher in tuple(self.members.get(group, ())):
             try:
                 if wanted_by(watcher, message):
-                    watcher.deliver(message["html"])
+                    watcher.deliver(view_for(watcher, message))
             except Exception:
                 logger.exception("Progress socket %r failed to take an update; dropping it", watcher)
                 self.leave(group, watcher)

@@ -19,10 +19,12 @@ from typing import Literal, NotRequired, TypedDict
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db.models import Q
+from django.http import HttpRequest
 from django.template.loader import render_to_string
 
 from vms.models import VSP, VirtualMachine
 
+from .controls import ControlVSPs
 from .history import last_completed_seconds
 from .models import Migration
 
@@ -39,6 +41,8 @@ class ProgressMessage(TypedDict):
     group: str  # the group it was sent to: the server process hands it to that group's sockets
     html: str  # top-level elements with ids, swapped out of band by the htmx ws extension
     vm_id: NotRequired[int]  # a VSP tab's row update: only sockets of pages showing this VM's row take it
+    # A VM's fragments: the VSPs deciding its marked controls; each socket strips what its user may not use
+    controls: NotRequired[ControlVSPs]
 
 
 def vm_group(vm_id: int) -> str:
@@ -86,6 +90,17 @@ class MigrationDisplay:
         return f"{self.latest.pk}-{self.latest.state}" if self.latest else ""
 
 
+def control_vsps(display: MigrationDisplay) -> ControlVSPs:
+    """The VSPs deciding the controls of ``display``'s fragments (``controls.WatcherRights.allowed``)."""
+    migration = display.migration
+    current = display.vm.current_vsp
+    return {
+        "source_id": migration.source_id if migration is not None else None,
+        "target_id": migration.target_id if migration is not None else None,
+        "current_id": current.pk if current is not None else None,
+    }
+
+
 def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     """The latest attempt that started (refusals are history, not state); when none runs, a second query:
     how long the last completed one took (shown beside Migrate…, which a running migration replaces)."""
@@ -123,14 +138,20 @@ def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[
     return rows
 
 
-def render_vm_fragments(display: MigrationDisplay, *, oob: bool, refetch_tab: bool = True) -> str:
+def render_vm_fragments(
+    display: MigrationDisplay, *, oob: bool, refetch_tab: bool = True, request: HttpRequest | None = None
+) -> str:
     """Phases, alerts and the OS-status icon of one VM, as one HTML string.
 
     ``refetch_tab`` (pushed copies): once the latest attempt has ended, however it ended, the copy
     also makes the browser re-fetch the whole General tab, whose history row, VSP and statuses changed.
+    ``request``: draw only the controls its user may use; without one (a push), every control is drawn
+    between markers that each socket strips for its user (``controls.py``).
     """
     return render_to_string(
-        f"{PROGRESS_TEMPLATE}#vm_fragments", display.context(oob=oob, refetch_tab=refetch_tab)
+        f"{PROGRESS_TEMPLATE}#vm_fragments",
+        display.context(oob=oob, refetch_tab=refetch_tab),
+        request=request,
     )
 
 
@@ -153,7 +174,9 @@ def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
         return {}
     display = get_migration_display(vm)
     group = vm_group(vm.pk)
-    messages = {group: _message(group, render_vm_fragments(display, oob=True))}
+    vm_message = _message(group, render_vm_fragments(display, oob=True))
+    vm_message["controls"] = control_vsps(display)
+    messages: dict[str, ProgressMessage] = {group: vm_message}
     for vsp in (migration.source, migration.target):
         if vsp is None:
             continue

@@ -92,7 +92,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
-        return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True))
+        return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True, request=request))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
 

@@ -1,7 +1,8 @@
 """The audit trail page: every ``AuditEvent`` (who, when, what, before and after), filtered and paginated.
 
 One query for the page's rows and one for the count, whatever the number of events: the trail keeps the
-actor's and the object's names as text, so no row reaches another table.
+actor's and the object's names as text, so no row reaches another table. A user limited to host groups
+reads only the events about objects in their groups (``vms.access.visible_audit_condition``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from vms.access import visible_audit_condition
 from vms.http import HtmxHttpRequest
 from vms.models import AuditEvent
 from vms.views import form_errors_text
@@ -49,6 +51,7 @@ class AuditFilterForm(forms.Form):
 
 
 def filter_events(
+    viewer: Any = None,
     *,
     user: str = "",
     object: str = "",  # noqa: A002 - the filter's name on the page
@@ -57,8 +60,11 @@ def filter_events(
     until: datetime.date | None = None,
 ) -> QuerySet[AuditEvent]:
     """Events newest first, by actor name (exact; "system" for none), object name (contains), action and
-    local date range (both ends included)."""
+    local date range (both ends included). ``viewer``: only the events that user may read
+    (``vms.access.visible_audit_condition``: objects in their host groups); ``None``: every event."""
     events = AuditEvent.objects.all()
+    if viewer is not None:
+        events = events.filter(visible_audit_condition(viewer))
     if user:
         events = events.filter(actor_name="" if user.lower() == "system" else user)
     if object:
@@ -85,7 +91,9 @@ def audit_list(request: HtmxHttpRequest) -> HttpResponse:
         return render(request, "vms/audit_list.html", context, status=400)
     filters = {key: value for key, value in form.cleaned_data.items() if key != "page"}
     try:
-        page = Paginator(filter_events(**filters), AUDIT_PAGE_SIZE).page(form.cleaned_data["page"] or 1)
+        page = Paginator(filter_events(request.user, **filters), AUDIT_PAGE_SIZE).page(
+            form.cleaned_data["page"] or 1
+        )
     except EmptyPage:
         raise Http404("No such page.") from None
     query = request.GET.copy()

@@ -12,7 +12,7 @@ Other apps add to the context with ``register_context_provider`` (``vms`` must n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +37,21 @@ class RegistrationRow:
     online_migration: OnlineMigrationStatus
 
 
-def general_tab_context(vm: VirtualMachine, vsp_id: int | None = None) -> dict[str, Any]:
+def general_tab_context(
+    vm: VirtualMachine, vsp_id: int | None = None, visible_vsp_ids: Collection[int] | None = None
+) -> dict[str, Any]:
     """Context for ``vm`` as registered on VSP ``vsp_id`` (default: where it is runnable).
 
+    ``visible_vsp_ids``: the VSPs the viewer may see (``None``: all); copies elsewhere are left out, and
+    the default is then the first copy seen when the runnable one is on a VSP the viewer does not see.
     ``vm.registrations`` should be prefetched with their VSPs. Raises ``Registration.DoesNotExist`` when
-    ``vsp_id`` names a VSP where the VM has no configuration.
+    ``vsp_id`` names a VSP where the VM has no configuration (or none the viewer sees).
     """
-    registrations = list(vm.registrations.all())
+    registrations = [
+        registration
+        for registration in vm.registrations.all()
+        if visible_vsp_ids is None or registration.vsp_id in visible_vsp_ids
+    ]
     shown = shown_registration(vm, registrations, vsp_id)
     vsp = shown.vsp if shown else None
     rows = [
@@ -74,4 +82,7 @@ def shown_registration(
             if registration.vsp_id == vsp_id:
                 return registration
         raise Registration.DoesNotExist(f"{vm.name} has no configuration on VSP #{vsp_id}.")
-    return vm.runnable_registration or (registrations[0] if registrations else None)
+    runnable = vm.runnable_registration
+    if runnable is not None and runnable in registrations:
+        return runnable
+    return registrations[0] if registrations else None

@@ -21,10 +21,10 @@ from enum import StrEnum
 from typing import Any
 
 from django.apps import apps
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from vms.access import LACKS_PERMISSION
+from vms.access import allowed, check_can_power
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent, Registration, VirtualMachine
 
@@ -57,9 +57,10 @@ class PowerRefused(ValidationError):
     """The power action was refused; ``message`` says why in plain words."""
 
 
-def may_power(user: Any, vm: VirtualMachine) -> bool:
-    """Whether ``user`` may start and stop ``vm`` (one function, so finer rights can replace it)."""
-    return bool(user.has_perm("vms.change_registration"))
+def may_power(user: Any, registration: Registration) -> bool:
+    """Whether ``user`` may start and stop the guest's copy ``registration`` (``access.check_can_power``:
+    ``vms.change_registration`` and operator of the copy's VSP's host group)."""
+    return allowed(check_can_power, user, registration)
 
 
 def is_migrating(vm_id: int) -> bool:
@@ -103,8 +104,7 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     Raises ``PermissionDenied`` without the right and ``PowerRefused`` when refused (nothing changed).
     """
     vm = registration.vm
-    if not may_power(user, vm):
-        raise PermissionDenied(LACKS_PERMISSION)
+    check_can_power(user, registration)
     reason = refusals(registration, is_migrating(vm.pk))[action.value]
     if reason:
         raise PowerRefused(reason)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from vms.access import LACKS_PERMISSION
+from vms.access import check_can_power, visible_registrations
 from vms.http import HtmxHttpRequest
 from vms.models import Registration
-from vms.power import PowerAction, PowerRefused, do_power, may_power
+from vms.power import PowerAction, PowerRefused, do_power
 
 
 @require_POST
@@ -22,9 +21,10 @@ def vm_power(request: HtmxHttpRequest, pk: int, action: str) -> HttpResponse:
         power_action = PowerAction(action)
     except ValueError:
         raise Http404("No such power action.") from None
-    registration = get_object_or_404(Registration.objects.select_related("vm", "vsp"), pk=pk)
-    if not may_power(request.user, registration.vm):
-        raise PermissionDenied(LACKS_PERMISSION)
+    registration = get_object_or_404(
+        visible_registrations(request.user, Registration.objects.select_related("vm", "vsp")), pk=pk
+    )  # another group's copy: not found, like a missing one
+    check_can_power(request.user, registration)
     try:
         done = do_power(registration, power_action, request.user)
     except PowerRefused as refusal:

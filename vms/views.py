@@ -20,6 +20,8 @@ from django.views.decorators.http import require_GET, require_POST
 from matrixoe.error_views import permission_denied
 from vms import migration_policy
 from vms.access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_REGISTRATION_PERMISSION,
     VIEW_VM_PERMISSION,
     VIEW_VSP_PERMISSION,
     allowed,
@@ -27,6 +29,7 @@ from vms.access import (
     check_can_change_vm,
     get_visible_vm,
     get_visible_vsp,
+    may_act_on_vsp,
     registration_changeable_vsp_ids,
     visible_registrations,
     visible_vms,
@@ -118,6 +121,9 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         "page_vm_ids": page_vm_ids,
         "nav": "vsps",
         "split_brain": [copy.split_brain_alert() for copy in vsp.split_brain_copies()],
+        # Per-row controls, decided once for the page (every row is a copy on this VSP):
+        "may_migrate_here": may_act_on_vsp(request.user, ADD_MIGRATION_PERMISSION, vsp.pk),
+        "may_power_here": may_act_on_vsp(request.user, CHANGE_REGISTRATION_PERMISSION, vsp.pk),
     }
     return render(request, "vms/vsp_detail.html", context)
 
@@ -205,16 +211,19 @@ def render_general(
 
     ``refresh``: what Refresh Data collected; when nothing, "Data as of" keeps the last known time and warns.
     """
+    user = request.user
+    registration_vsp_ids = [registration.vsp_id for registration in vm.registrations.all()]
+    seen_vsp_ids = set(visible_vsps(user).filter(pk__in=registration_vsp_ids).values_list("pk", flat=True))
     try:
         vsp_id = shown_vsp_id(request)
-        context = general_tab_context(vm, vsp_id)
+        # Only copies on VSPs the user sees: the one shown too (another group's VSP is not named).
+        context = general_tab_context(vm, vsp_id, seen_vsp_ids)
     except ValidationError as error:
         return bad_request(request, " ".join(error.messages))
     except Registration.DoesNotExist as error:
         raise Http404(str(error)) from None
-    user = request.user
-    registration_vsp_ids = [registration.vsp_id for registration in vm.registrations.all()]
-    seen_vsp_ids = set(visible_vsps(user).filter(pk__in=registration_vsp_ids).values_list("pk", flat=True))
+    shown = context["registration"]
+    current = vm.current_vsp
     context |= {
         "nav": "vms",
         "pin_query": f"?vsp={vsp_id}" if vsp_id else "",
@@ -223,6 +232,8 @@ def render_general(
         "other_registrations": [row for row in context["other_registrations"] if row.vsp.pk in seen_vsp_ids],
         "can_change_vm": allowed(check_can_change_vm, user, vm),
         "changeable_vsp_ids": registration_changeable_vsp_ids(user, registration_vsp_ids),
+        "current_vsp_seen": current if current is not None and current.pk in seen_vsp_ids else None,
+        "may_power": shown is not None and may_act_on_vsp(user, CHANGE_REGISTRATION_PERMISSION, shown.vsp_id),
         "split_brain": [copy.split_brain_alert() for copy in vm_split_brain_copies(vm)],
     }
     template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"

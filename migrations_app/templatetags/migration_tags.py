@@ -8,6 +8,8 @@ from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from migrations_app.checks import host_refusal
+from migrations_app.controls import control_allowed
 from migrations_app.evacuation_views import panel_context
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
@@ -169,9 +171,15 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
 
 
 @register.filter
-def other_vsps(vsp: VSP, user: Any) -> list[VSP]:
-    """The targets "migrate selected" offers ``user`` from ``vsp``: VSPs where they are an operator."""
-    return list(migration_targets(user).exclude(pk=vsp.pk).order_by("name"))
+def other_vsps(vsp: VSP, user: Any) -> list[tuple[VSP, str]]:
+    """The targets "migrate selected" offers ``user`` from ``vsp``: VSPs where they are an operator, each
+    with why it cannot take any guest from ``vsp`` now ("" when it can; ``checks.host_refusal``:
+    maintenance, disabled, not licensed, agent unreachable), so the form shows it disabled with the reason,
+    as the single-VM dialog does. Memory and per-guest checks stay the action's (they differ per guest)."""
+    return [
+        (other, host_refusal(vsp, other) or "")
+        for other in migration_targets(user).exclude(pk=vsp.pk).order_by("name")
+    ]
 
 
 @register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
@@ -185,3 +193,22 @@ def seconds(value: float | None) -> str:
     """A duration, forecast or time left in words: "not known yet" for None, "under 1 s" for less
     than a second (rounded it read "took 0 s"), else "42 s" or "3 min 5 s"."""
     return duration_words(value)
+
+
+@register.simple_tag(takes_context=True)
+def control_shown(context: template.Context, control: str) -> bool:
+    """Whether to draw live ``control`` (``migrations_app.controls.CONTROLS``) for ``vm`` / ``migration``.
+
+    Rendered for a request: whether its user may use it. Rendered for no user (a pushed fragment, sent
+    to every watcher): True, between markers each socket strips for its own user (``controls.py``).
+    """
+    user = context.get("user")
+    if user is None:
+        return True
+    return control_allowed(user, control, context["vm"], context.get("migration"))
+
+
+@register.filter
+def any_target_open(targets: list[tuple[VSP, str]]) -> bool:
+    """Whether one of ``other_vsps``'s targets can take guests now (no refusal)."""
+    return any(not reason for _, reason in targets)

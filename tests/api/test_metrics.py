@@ -8,7 +8,8 @@ from django.test import Client
 from api.tokens import do_create_token
 from migrations_app.models import Migration
 from tests.api.conftest import READ_ONLY
-from tests.factories import make_user, make_vm, make_vsp
+from tests.factories import grant_role, make_host_group, make_user, make_vm, make_vsp
+from vms.models import Role
 
 pytestmark = pytest.mark.django_db
 
@@ -30,6 +31,22 @@ def test_it_refuses_a_token_of_a_user_who_may_not_view_migrations():
 
     assert scrape(token=nobody).status_code == 403
     assert scrape(token="moe_wrong").status_code == 401  # noqa: S106 - not a real token
+
+
+def test_it_refuses_a_token_of_a_user_limited_to_some_host_groups_since_metrics_name_every_vsp():
+    production, lab = make_host_group("Production"), make_host_group("Lab")
+    vsp1, vsp3 = make_vsp("vsp1", group=production), make_vsp("vsp3", group=lab)
+    make_vm("web01", vsp1)
+    lab_viewer = make_user("lab-viewer", permissions=READ_ONLY, role=Role.VIEWER, group=lab)
+    token = do_create_token(lab_viewer, "t")[1]
+
+    response = scrape(token=token)
+
+    assert response.status_code == 403
+    assert "vsp1" not in response.content.decode()
+    grant_role(lab_viewer, production, Role.VIEWER)  # now sees every VSP: the whole inventory
+    assert 'matrixoe_agent_reachable{vsp="vsp1"}' in scrape(token=token).content.decode()
+    assert vsp3.name in scrape(token=token).content.decode()
 
 
 def test_it_counts_outcomes_failed_phases_queue_and_downtime_from_the_database():

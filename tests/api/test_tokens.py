@@ -73,6 +73,26 @@ def test_it_revokes_a_token_which_then_stops_working(browser):
     assert ApiClient(plain).get("/vsps").status_code == 401
 
 
+def test_revoke_is_a_danger_button_that_asks_for_confirmation_first(browser):
+    """The QA case: "Revoke" was near-invisible link text that revoked at once."""
+    user = User.objects.get(username="olga")
+    token, plain = do_create_token(user, "cron")
+    page = browser.get("/account/tokens/").content.decode()
+    assert f'class="button button-small button-danger" href="/account/tokens/{token.pk}/revoke/"' in page
+
+    confirm = browser.get(f"/account/tokens/{token.pk}/revoke/")
+
+    html = confirm.content.decode()
+    assert confirm.status_code == 200 and "Revoke API token “cron”?" in html
+    assert 'id="confirm-revoke"' in html and 'id="keep-token"' in html and "onclick" not in html
+    token.refresh_from_db()
+    assert token.revoked_at is None and ApiClient(plain).get("/vsps").status_code == 200  # not yet
+    browser.post(f"/account/tokens/{token.pk}/revoke/", {"csrfmiddlewaretoken": csrf(browser)})
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    assert browser.get(f"/account/tokens/{token.pk}/revoke/").status_code == 404  # nothing left to confirm
+
+
 def test_it_never_revokes_another_users_token(browser):
     other, plain = do_create_token(make_user("mallory", permissions=READ_ONLY), "theirs")
 
@@ -82,6 +102,7 @@ def test_it_never_revokes_another_users_token(browser):
     assert other.revoked_at is None
     assert ApiClient(plain).get("/vsps").status_code == 200
     assert "theirs" not in browser.get("/account/tokens/").content.decode()
+    assert browser.get(f"/account/tokens/{other.pk}/revoke/").status_code == 404  # nor names it
 
 
 def test_it_sends_anonymous_visitors_of_the_tokens_page_to_the_login_page(client):

@@ -87,3 +87,44 @@ async def test_a_user_of_another_group_cannot_watch_the_migration():
     socket, connected = await connect(f"/ws/vms/{fleet['lab_vm'].pk}/", cookie)
     assert connected  # their own group's VM
     await socket.disconnect()
+
+
+STEER_CONTROLS = (
+    'id="steer-switchover"',
+    'id="steer-downtime"',
+    'id="steer-bandwidth"',
+    'class="migration-cancel"',
+)
+
+
+def publish(migration_id: int) -> None:
+    from migrations_app.progress import publish_progress
+
+    publish_progress(migration_id)
+
+
+async def test_pushed_fragments_carry_steering_controls_only_for_the_users_who_may_use_them():
+    """The QA case: a read-only watcher of a running migration was sent Switch over now, Throttle, Set
+    allowed downtime, Set bandwidth cap and Cancel (each click a 403); an operator still gets them."""
+    fleet = await two_groups()
+    migration_id = await database_sync_to_async(lambda: Migration.objects.get(vm=fleet["web"]).pk)()
+    sockets = {}
+    for who in ("viewer", "operator", "superuser"):
+        socket, connected = await connect(f"/ws/vms/{fleet['web'].pk}/", fleet["cookies"][who])
+        assert connected
+        sockets[who] = socket
+    snapshots = {who: await socket.receive_from(timeout=5) for who, socket in sockets.items()}
+    await database_sync_to_async(publish)(migration_id)
+    pushed = {who: await socket.receive_from(timeout=10) for who, socket in sockets.items()}
+
+    for html in (snapshots["viewer"], pushed["viewer"]):
+        assert "42%" in html
+        for control in (*STEER_CONTROLS, 'id="migrate-button"'):
+            assert control not in html, control
+        assert "<!--control:" not in html
+    for who in ("operator", "superuser"):
+        for html in (snapshots[who], pushed[who]):
+            for control in (*STEER_CONTROLS, 'id="migrate-button"'):
+                assert control in html, (who, control)
+    for socket in sockets.values():
+        await socket.disconnect()

@@ -22,6 +22,7 @@ from tests.migrations_app.test_policies import HOT, complete_one_migration
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
+READ_ONLY = ("vms.view_virtualmachine", "vms.view_vsp", "migrations_app.view_migration")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
@@ -39,10 +40,14 @@ def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_bro
 ):
     maria = run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
     run_in_thread(make_user, "omar", permissions=(*MIGRATOR, "vms.view_vsp"))
+    # Read-only (a viewer): watches the same pushes, and is shown no control it cannot use (QA: it was
+    # shown Switch over now, Throttle, downtime, bandwidth cap and Cancel, each click a 403).
+    run_in_thread(make_user, "rita", permissions=READ_ONLY)
     run_in_thread(complete_one_migration, host_agents, fleet, maria, wait_for)
     hot = run_in_thread(place_vm, host_agents, fleet, **HOT)
     admin = open_general_tab(browser, migrating_console, "maria", hot.pk)
     colleague = open_general_tab(browser, migrating_console, "omar", hot.pk)
+    reader = open_general_tab(browser, migrating_console, "rita", hot.pk)
 
     admin.click("#migrate-button")
     dialog = admin.locator("#migrate-dialog")
@@ -61,6 +66,21 @@ def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_bro
         warning.wait_for(timeout=60_000)
         assert warning.inner_text().startswith("This migration will stop at ")
         assert page.locator("#migration-warning [data-field=rescue]").count() >= 1
+    reader.locator("#migration-warning [data-field=warning]").wait_for(timeout=60_000)
+    reader_rounds = int(reader.locator("#migration-phases [data-field=round]").inner_text())
+    reader.wait_for_function(
+        "() => parseInt(document.querySelector('#migration-phases [data-field=round]').textContent) > "
+        f"{reader_rounds}"
+    )  # pushed fragments arrived since the first render
+    for control in (
+        "#steer-switchover",
+        "#steer-downtime",
+        "#steer-bandwidth",
+        ".migration-cancel",
+        "#migrate-button",
+    ):
+        assert reader.locator(control).count() == 0, control
+    assert colleague.locator("#steer-switchover").count() == 1
     admin.screenshot(path=str(DOCS / "general-tab-warning.png"), full_page=True)
     migration = run_in_thread(lambda: Migration.objects.get(vm=hot))
     assert migration.state == "copy", migration.alert  # warned before it stopped

@@ -3,7 +3,9 @@
 import re
 
 import pytest
+from django.test import Client
 
+from api.models import ApiToken
 from tests.factories import make_operator, make_vsp
 from vms.templatetags.console import processor_name
 
@@ -82,3 +84,25 @@ def test_the_vsp_pages_show_the_processor_once(vm_admin_client):
     for url in ("/vsps/", f"/vsps/{vsp.pk}/"):
         assert "Intel Xeon Gold 6338" in vm_admin_client.get(url).text
         assert "Xeon Xeon" not in vm_admin_client.get(url).text
+
+
+def test_a_form_with_an_expired_csrf_token_is_a_friendly_forbidden_page(admin_user):
+    """The QA case: a stale form showed Django's unstyled "CSRF verification failed" page."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    response = client.post("/account/tokens/", {"name": "cron", "csrfmiddlewaretoken": "stale" * 8})
+    assert_friendly_page(
+        response, 403, "form expired or came from another site; reload the page and try again"
+    )
+    assert "CSRF verification failed" not in response.text
+    assert not ApiToken.objects.exists()
+
+
+def test_a_failed_csrf_check_under_the_api_answers_a_problem_document(admin_user):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    response = client.post("/api/v1/migrations/1/events")
+    assert response.status_code == 403
+    assert response["Content-Type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 403 and "reload the page and try again" in problem["detail"]

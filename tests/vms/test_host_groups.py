@@ -166,6 +166,117 @@ def test_the_vm_list_does_not_name_another_groups_vsp_where_a_visible_guest_runs
     assert "vsp-l1" in row  # Lab's own member sees it
 
 
+def test_the_general_tab_of_a_guest_running_in_another_group_never_names_that_vsp(client, groups):
+    """lab-box runs on vsp-l1 (Lab) and left a Not Runnable copy on vsp-p1: Prod's viewer opens the guest
+    (by default the runnable copy was shown, naming vsp-l1) and asks for the Lab copy by its id."""
+    make_not_runnable_copy(groups["vms"]["lab"], groups["vsps"]["p1"], reason="left behind")
+    login(client, groups, "viewer")
+    url = reverse("vms:vm_general", args=[groups["vms"]["lab"].pk])
+    page = client.get(url).text
+    assert "vsp-l1" not in page
+    assert "the guest runs on a VSP outside your host groups" in page
+    assert client.get(url, {"vsp": groups["vsps"]["l1"].pk}).status_code == 404
+
+
+STEERING = (
+    'id="steer-switchover"',
+    'id="steer-downtime"',
+    'id="steer-bandwidth"',
+    'class="migration-cancel"',
+)
+
+
+@pytest.mark.parametrize(("who", "shown"), [("viewer", False), ("operator", True), ("superuser", True)])
+def test_the_first_render_of_a_running_migration_draws_its_controls_only_for_who_may_use_them(
+    client, groups, who, shown
+):
+    """The QA case: a read-only user opened reports01 while it migrated and was shown Switch over now,
+    Throttle the guest, Set allowed downtime, Set bandwidth cap and a hidden Cancel (each a 403)."""
+    vm, vsps = groups["vms"]["prod"], groups["vsps"]
+    make_migration(vm, vsps["p1"], vsps["p2"], state=Migration.State.COPY, init_percent=100, copy_percent=40)
+    login(client, groups, who)
+    page = client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    assert 'id="migration-phases"' in page
+    for control in (*STEERING, 'id="migrate-button"'):
+        assert (control in page) is shown, control
+    assert 'id="vm-policy"' not in page or who == "superuser"  # settings: administrators only
+
+
+def test_another_groups_operator_sees_no_steering_of_a_migration_leaving_their_group(client, groups):
+    """lab-box migrates vsp-l1 -> vsp-p1: Lab's operator may cancel (operator of the source) but not steer
+    (steering needs both ends)."""
+    vm, vsps = groups["vms"]["lab"], groups["vsps"]
+    make_migration(vm, vsps["l1"], vsps["p1"], state=Migration.State.COPY, init_percent=100, copy_percent=40)
+    login(client, groups, "other")
+    page = client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    assert 'class="migration-cancel"' in page
+    assert 'id="steer-switchover"' not in page and 'id="steer-bandwidth"' not in page
+
+
+def test_the_vsp_page_offers_migrate_selected_and_power_only_to_an_operator_of_its_group(client, groups):
+    url = reverse("vms:vsp_detail", args=[groups["vsps"]["p1"].pk])
+    login(client, groups, "viewer")
+    page = client.get(url).text
+    assert 'id="migrate-selected-form"' not in page and 'form="migrate-selected-form"' not in page
+    assert "data-power=" not in page
+    login(client, groups, "operator")
+    page = client.get(url).text
+    assert 'id="migrate-selected-form"' in page and 'form="migrate-selected-form"' in page
+    assert 'data-power="stop"' in page
+
+
+def test_power_follows_the_copys_host_group(client, groups):
+    """A viewer gets 403 with the reason; another group's member 404 (the copy is not theirs to find)."""
+    registration = groups["vms"]["prod"].registrations.get()
+    url = reverse("vms:vm_power", args=[registration.pk, "stop"])
+    login(client, groups, "viewer")
+    response = client.post(url)
+    assert response.status_code == 403 and "not an operator of its VSP" in response.text
+    login(client, groups, "other")
+    assert client.post(url).status_code == 404
+    page = client.get(reverse("vms:vm_general", args=[groups["vms"]["lab"].pk])).text
+    assert 'data-power="stop"' in page  # their own group's guest
+    registration.refresh_from_db()
+    assert registration.hardware_status == Registration.HardwareStatus.ON
+
+
+def test_migrate_selected_shows_targets_that_cannot_take_guests_disabled_with_the_reason(client, groups):
+    """The QA case: vsp3 (not licensed) and vsp4 (disabled) were offered, and always refused."""
+    vsps = groups["vsps"]
+    vsps["p2"].licensed = False
+    vsps["p2"].save()
+    login(client, groups, "operator")
+    page = client.get(reverse("vms:vsp_detail", args=[vsps["p1"].pk])).text
+    select = page[page.index('id="migrate-selected-target"') : page.index("</select>")]
+    assert f'<option value="{vsps["p2"].pk}" disabled>vsp-p2 (host not licensed)</option>' in select
+    assert "No VSP you may use can take guests from vsp-p1 now." in page
+    vsps["p2"].licensed = True
+    vsps["p2"].save()
+    page = client.get(reverse("vms:vsp_detail", args=[vsps["p1"].pk])).text
+    assert f'<option value="{vsps["p2"].pk}">vsp-p2</option>' in page
+    assert "No VSP you may use" not in page
+
+
+def test_the_evacuation_plan_follows_host_groups(client, groups):
+    """Another group's member could read Production's plan (guests and every VSP's name) by its id and, with
+    the global permission, start it; the plan offered targets in every group."""
+    vsps = groups["vsps"]
+    url = reverse("migrations_app:evacuate", args=[vsps["p1"].pk])
+    login(client, groups, "other")
+    assert client.get(url).status_code == 404
+    assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["l1"].pk}).status_code == 404
+    login(client, groups, "viewer")
+    page = client.get(url).text
+    assert "prod-web" in page and "vsp-l1" not in page and "vsp-x" not in page
+    assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["p2"].pk}).status_code == 403
+    vsp_page = reverse("vms:vsp_detail", args=[vsps["p1"].pk])
+    assert 'id="evacuate-link"' not in client.get(vsp_page).text  # the viewer may not start one
+    login(client, groups, "operator")
+    page = client.get(url).text
+    assert 'data-vsp="vsp-p2"' in page and "vsp-l1" not in page
+    assert 'id="evacuate-link"' in client.get(vsp_page).text
+
+
 def test_the_history_filters_offer_only_people_and_vsps_the_user_can_see(client, groups):
     vsps, users = groups["vsps"], groups["users"]
     make_migration(groups["vms"]["prod"], vsps["p1"], vsps["p2"], requested_by=users["operator"])
