@@ -46,12 +46,18 @@ def render_vm_state(vm_id: int, seen: str = "", rights: WatcherRights | None = N
     """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended.
 
     ``rights``: the watcher's, so only the controls its user may use are kept (``None``: none kept).
+    A page that shows the latest attempt as it is now, with none running (``seen``), keeps its Migrate…
+    control: it depends on nothing else, and replacing it would drop a click made a moment before.
     """
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
     if vm is None:
         return None
     display = get_migration_display(vm)
-    html = render_vm_fragments(display, oob=True, refetch_tab=display.seen_key != seen)
+    unchanged = display.seen_key == seen
+    idle = display.latest is None or display.latest.is_terminal
+    html = render_vm_fragments(
+        display, oob=True, refetch_tab=not unchanged, keep_migrate_control=unchanged and idle
+    )
     keep = rights.allowed(control_vsps(display)) if rights is not None else frozenset()
     return strip_controls(html, keep)
 

@@ -139,20 +139,25 @@ def get_row_migrations(vsp: VSP, vm_ids: Collection[int] | None = None) -> dict[
 
 
 def render_vm_fragments(
-    display: MigrationDisplay, *, oob: bool, refetch_tab: bool = True, request: HttpRequest | None = None
+    display: MigrationDisplay,
+    *,
+    oob: bool,
+    refetch_tab: bool = True,
+    request: HttpRequest | None = None,
+    keep_migrate_control: bool = False,
 ) -> str:
-    """Phases, alerts and the OS-status icon of one VM, as one HTML string.
+    """Phases, alerts, the OS-status icon and the Migrate… control of one VM, as one HTML string.
 
     ``refetch_tab`` (pushed copies): once the latest attempt has ended, however it ended, the copy
     also makes the browser re-fetch the whole General tab, whose history row, VSP and statuses changed.
     ``request``: draw only the controls its user may use; without one (a push), every control is drawn
     between markers that each socket strips for its user (``controls.py``).
+    ``keep_migrate_control``: leave the page's Migrate… control out (a socket's first message to a page
+    that shows it as it is): replacing it would drop a click made just before the message came.
     """
-    return render_to_string(
-        f"{PROGRESS_TEMPLATE}#vm_fragments",
-        display.context(oob=oob, refetch_tab=refetch_tab),
-        request=request,
-    )
+    context = display.context(oob=oob, refetch_tab=refetch_tab)
+    context["keep_migrate_control"] = keep_migrate_control
+    return render_to_string(f"{PROGRESS_TEMPLATE}#vm_fragments", context, request=request)
 
 
 def render_row_fragments(

@@ -186,6 +186,26 @@ async def test_every_end_of_a_migration_makes_watching_pages_re_fetch_their_tab(
         await each.disconnect()
 
 
+async def test_a_page_already_up_to_date_keeps_its_migrate_button_when_the_socket_opens():
+    """Clicking Migrate… before the socket's first message did nothing: the message replaced the button
+    while its request was on its way, and htmx dropped the dialog ("Invalid re-target")."""
+    vm, migration = await migrating_vm()
+    await database_sync_to_async(Migration.objects.filter(pk=migration.pk).update)(
+        state=Migration.State.COMPLETED
+    )
+    cookie = await admin_cookie()
+
+    up_to_date, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-completed", cookie)
+    first = await up_to_date.receive_from(timeout=5)
+    missed_the_end, _ = await connect(f"/ws/vms/{vm.pk}/?seen={migration.pk}-copy", cookie)
+    second = await missed_the_end.receive_from(timeout=5)
+
+    assert 'id="migration-phases"' in first and 'id="migrate-control"' not in first
+    assert 'id="migrate-control"' in second and 'id="migrate-button"' in second
+    for socket in (up_to_date, missed_the_end):
+        await socket.disconnect()
+
+
 async def test_the_vsp_socket_refuses_anonymous_users_and_unknown_vsps():
     await migrating_vm()
     anonymous, connected = await connect("/ws/vsps/1/")
