@@ -193,6 +193,19 @@ def test_the_phases_panel_warns_before_the_round_limit_with_the_rescues_and_thei
     assert 'value="switchover"' in html and 'value="auto_converge"' in html
 
 
+@pytest.mark.parametrize("cap", [10.0, 8.5, 10, None])
+def test_every_id_in_the_panel_is_a_selector_htmx_can_find(fleet, cap):
+    """QA: a migration capped at 10 MB/s drew its form as id="migration-steer-1-free-300-10.0": not a
+    valid selector, so htmx could not keep it across pushes (a loose copy of the controls piled up below
+    the footer each push, and a click posted the plain form). Every id the panel draws is a plain name."""
+    html = hot_copy_panel(fleet, "simulated", policy={"preset": "custom", "bandwidth_cap_mb_s": cap})
+
+    ids = re.findall(r'\bid="([^"]*)"', html)
+
+    assert any(name.startswith("migration-steer-") for name in ids), ids
+    assert [name for name in ids if not re.fullmatch(r"[A-Za-z][\w-]*", name)] == []
+
+
 @pytest.mark.parametrize("driver", ["qemu", ""])
 def test_the_panel_offers_no_throttle_a_qemu_source_cannot_turn_on(fleet, driver):
     """QEMU cannot enable auto-converge mid-migration (its agent answers 409): neither the rescue list nor
