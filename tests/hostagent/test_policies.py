@@ -166,3 +166,21 @@ def test_it_measures_a_guests_dirty_rate_without_migrating(agent_pair):
     # 3000 pages/s of 4 KiB within 16 MiB: about 10 MB/s of distinct pages over half a second.
     assert 5_000_000 < busy_rate["dirty_rate_bytes_s"] < 13_000_000
     assert busy_rate["working_set_bytes"] == 16 * 1024 * 1024
+
+
+def test_the_rounds_before_the_pause_stop_once_they_no_longer_shrink_what_is_left(agent_pair):
+    """QA: an allowed downtime raised to 24 s on a capped link let a guest writing faster than the cap
+    converge; the source then sent round after round before pausing it (each as large as the last)
+    until the Frozen phase's limit aborted the migration. It now pauses once a round stops shrinking."""
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("hot-prepause"), unique("m")
+    guest = define_running_guest(vsp1, name, **HOT)
+    # 16 MiB all dirty at 5 MB/s: a freeze of ~3.4 s, within 5 s allowed but above its half.
+    start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=40, max_rounds=1000, downtime_ms=5000)
+    stream = follow(vsp1, migration_id, until=converged_or_ended)
+    assert stream[-1]["converged"], stream[-1]
+    converged_round = stream[-1]["round"]
+
+    frozen = finish(vsp1, vsp2, migration_id)
+
+    assert frozen["round"] <= converged_round + 2, (converged_round, frozen)

@@ -80,6 +80,7 @@ PROGRESS_EVERY_S = 0.05
 COPY_PROGRESS_EVERY_S = 0.2  # the source's own Copy progress within a round (the page wants >= 2/s)
 IDLE_ROUND_WAIT_S = 0.02
 PRE_PAUSE_ROUNDS = 5
+PRE_PAUSE_SHRINK = 0.8  # a round before the pause must leave at most this share of what it sent
 SWITCHOVER_AT_LIMIT_SHARE = 0.8  # with at_limit=switchover, Copy ends at this share of its time limit
 PEER_REASON_WAIT_S = 0.5  # a broken connection waits this long for the target's ABORT already sent
 STREAM_END_GRACE_S = 5.0  # after FREEZE, a stream's end waits this long for READY before it fails
@@ -441,11 +442,15 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
     async def _last_round_before_pause(self) -> None:
         """Send and hash what the last rounds left while the vCPUs still run: that is not downtime.
 
-        A few more rounds, until what is left would take at most half the allowed downtime.
+        A few more rounds (at most ``PRE_PAUSE_ROUNDS``), until what is left would take at most half the
+        allowed downtime, or a round no longer shrinks what is left (by ``PRE_PAUSE_SHRINK``): a guest
+        that writes as fast as the link carries would otherwise run every round while the Frozen phase's
+        time limit runs out (QA: an allowed downtime raised to 24 s on a capped link, aborted in Frozen).
         """
         memory = self.guest.memory
         if self._hashing is not None:
             await self._hashing  # the last background refresh (Copy has ended: no new one starts)
+        before: int | None = None
         for _ in range(PRE_PAUSE_ROUNDS):
             await self._refresh_digests()
             pending = memory.dirty_count()
@@ -454,8 +459,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 self._force_switchover
                 or pending * PAGE_SIZE < RATE_SAMPLE_BYTES
                 or (expected_ms is not None and expected_ms <= self.allowed_downtime_ms / 2)
+                or (before is not None and pending > before * PRE_PAUSE_SHRINK)
             ):
                 break
+            before = pending
             self.progress.update(round=self.progress.current.round + 1)
             await self._send_round(memory.take_dirty())
         await self._refresh_digests()
