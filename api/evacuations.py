@@ -183,9 +183,17 @@ def get_evacuation(request: HttpRequest, evacuation_id: int) -> Evacuation:
     return evacuation
 
 
-ExcludeQuery = Query(default_factory=list, max_length=MAX_GUESTS, description="VMs that stay (ids or names)")
+# A URL must stay well within what servers and proxies take (uvicorn's h11: 16 KiB for the request
+# line and headers; it answers a longer one with a bare 400 before the console sees it), so the plan's
+# query lists are bounded far below a body's MAX_GUESTS; POST /vsps/{vsp}/evacuations takes more.
+MAX_QUERY_GUESTS = 100
+ExcludeQuery = Query(
+    default_factory=list, max_length=MAX_QUERY_GUESTS, description="VMs that stay (ids or names), at most 100"
+)
 ConfirmQuery = Query(
-    default_factory=list, max_length=MAX_GUESTS, description="VMs started although their forecast warns"
+    default_factory=list,
+    max_length=MAX_QUERY_GUESTS,
+    description="VMs started although their forecast warns (ids or names), at most 100",
 )
 
 
