@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run test test-fast test-browser test-faults test-postgres lint bench soak stop clean
+.PHONY: run test test-fast test-browser test-faults test-postgres lint bench soak stop clean agent-bundle
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -46,6 +46,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+## make agent-bundle: var/hostagent.tar.gz, what a host installs: hostagent/, agentprotocol/, requirements.txt.
+agent-bundle:
+	$(PYTHON) scripts/agent_bundle.py var/hostagent.tar.gz
 
 guest-image:
 	bash scripts/build_test_guest.sh

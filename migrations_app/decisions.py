@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from hostagent.protocol import FailureKind
+from agentprotocol import FailureKind
 from vms.agent_client import (
     AgentClient,
     AgentError,

@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
+from agentprotocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
 from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.inventory import mark_reachable
@@ -160,7 +160,7 @@ class MigrationRun:
     # --- what the agents are told ---------------------------------------------------------------
 
     def guest_spec(self) -> dict[str, Any]:
-        """The ``protocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
+        """The ``agentprotocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
         vm = self.migration.require_vm()
         spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
         return {**spec, "os_type": vm.os_type} if vm.os_type else spec
@@ -175,7 +175,7 @@ class MigrationRun:
         }
 
     def agent_params(self) -> dict[str, Any]:
-        """``protocol.MigrationParams``: the migration's effective policy, the VM's phase limits."""
+        """``agentprotocol.MigrationParams``: the migration's effective policy, the VM's phase limits."""
         site = settings.MIGRATION_AGENT_PARAMS
         params = migration_policy.agent_params(
             self.migration.policy,
@@ -367,7 +367,7 @@ class MigrationRun:
     def absorb(self, snapshot: Any, *, force: bool = False) -> ProgressSnapshot:
         """Take a progress snapshot into the record: percentages only rise; failures raise.
 
-        Returns the snapshot, checked (``protocol.ProgressSnapshot``).
+        Returns the snapshot, checked (``agentprotocol.ProgressSnapshot``).
         """
         checked = checked_snapshot(snapshot, self.migration.state)
         apply_snapshot(self.migration, checked)
@@ -450,7 +450,7 @@ FREEZE_STATES = ("frozen", "ready")
 
 
 def checked_snapshot(snapshot: Any, phase: Migration.State | str) -> ProgressSnapshot:
-    """The agent's snapshot (``protocol.ProgressSnapshot``), or a failure in plain words if it is not one."""
+    """The agent's snapshot (``ProgressSnapshot``), or a failure in plain words if it is not one."""
     try:
         return parse(ProgressSnapshot, snapshot, "the progress report")
     except ProtocolViolation:

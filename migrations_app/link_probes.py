@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PROBE_FRESH_S = 3600  # a probe older than this is measured again when the forecast needs it
 PROBE_INTERVAL_S = 60  # at most one probe per pair in this time
-PROBE_BYTES = 64 << 20  # filler per probe, at most (the agent's bound: protocol.MAX_PROBE_BYTES)
+PROBE_BYTES = 64 << 20  # filler per probe, at most (the agent's bound: agentprotocol.MAX_PROBE_BYTES)
 PROBE_SECONDS = 0.5  # sending time per probe, at most
 PROBE_TASK = "migrations_app.tasks.probe_link"
 

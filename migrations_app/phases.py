@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from hostagent.protocol import FailureKind, ProgressSnapshot
-from hostagent.protocol import Phase as AgentPhase
+from agentprotocol import FailureKind, ProgressSnapshot
+from agentprotocol import Phase as AgentPhase
 from vms.inventory import learn_driver
 from vms.models import PairEncryption
 
@@ -145,7 +145,7 @@ class Frozen(Phase):
 
 
 PHASES: tuple[Phase, ...] = (Init(), Copy(), IOQuiesce(), Frozen())
-# The agent's phase names (``hostagent.protocol.PHASES``) -> this console's states.
+# The agent's phase names (``agentprotocol.PHASES``) -> this console's states.
 PHASE_BY_AGENT_NAME: dict[AgentPhase, Migration.State] = {
     "init": State.INIT,
     "copy": State.COPY,

@@ -184,7 +184,7 @@ def steer_values(migration: Migration) -> dict[str, Any]:
 
 
 def check_change(raw: dict[str, Any]) -> dict[str, Any]:
-    """The agent's ``protocol.ParamsChange`` from the page's or API's fields; ``BadChange`` if bad.
+    """The agent's ``agentprotocol.ParamsChange`` from the page's or API's fields; ``BadChange`` if bad.
 
     Two forms, one check (``migration_policy.check_policy``, so the words are the dialog's):
 

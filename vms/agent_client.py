@@ -1,7 +1,7 @@
 """The one console-side client of the host agent's HTTP API (see ``hostagent/README.md``).
 
 Synchronous (``httpx``), for Celery tasks and views. Replies are checked against the agent's
-own protocol models (``hostagent.protocol``) and returned in their JSON form (dicts). Guests are
+own protocol models (``agentprotocol``) and returned in their JSON form (dicts). Guests are
 named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
 migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from hostagent.protocol import (
+from agentprotocol import (
     DirtyRate,
     ErrorReply,
     FailureKind,
@@ -85,7 +85,7 @@ class AgentUntrusted(AgentUnreachable):
 
 
 class UnknownMigration(AgentRefused):
-    """The agent holds no migration of that id (``protocol.ErrorReply`` code ``unknown_migration``).
+    """The agent holds no migration of that id (``agentprotocol.ErrorReply`` code ``unknown_migration``).
 
     It restarted since it was told of it (a simulated agent forgets everything), or was never told.
     Not a success: a target that does not know the migration does not hold the guest's copy.
@@ -95,7 +95,7 @@ class UnknownMigration(AgentRefused):
 
 
 class UnknownGuest(AgentRefused):
-    """No guest of that id on the host (``protocol.ErrorReply`` code ``unknown_guest``)."""
+    """No guest of that id on the host (``agentprotocol.ErrorReply`` code ``unknown_guest``)."""
 
 
 REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
@@ -105,7 +105,7 @@ REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
 
 
 class AgentProtocolError(AgentError):
-    """The agent answered something that is not what the API promises (``hostagent.protocol``)."""
+    """The agent answered something that is not what the API promises (``agentprotocol``)."""
 
     kind = FailureKind.INTERNAL
 
@@ -130,12 +130,12 @@ def _reply(model: type[M], body: Any, what: str) -> dict[str, Any]:
 
 
 def check_snapshot(body: Any) -> dict[str, Any]:
-    """A progress snapshot (``protocol.ProgressSnapshot``) in its JSON form."""
+    """A progress snapshot (``agentprotocol.ProgressSnapshot``) in its JSON form."""
     return _reply(ProgressSnapshot, body, "progress snapshot")
 
 
 def check_guest(body: Any) -> dict[str, Any]:
-    """A guest (``protocol.GuestInfo``) in its JSON form."""
+    """A guest (``agentprotocol.GuestInfo``) in its JSON form."""
     return _reply(GuestInfo, body, "guest")
 
 
@@ -269,24 +269,24 @@ class AgentClient:
 
     # -- host and guests ------------------------------------------------
     def health(self, window_s: float | None = None) -> dict[str, Any]:
-        """``protocol.Health``: the agent's name, version, driver, number of guests, and its event loop's
+        """``agentprotocol.Health``: the agent's name, version, driver, number of guests, and its event loop's
         longest stall (ms) over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
         path = "/v1/health" if window_s is None else f"/v1/health?window_s={window_s:g}"
         return _reply(Health, self._call("GET", path), "health")
 
     def list_guests(self) -> list[dict[str, Any]]:
-        """Every guest on the host (``protocol.GuestInfo`` each)."""
+        """Every guest on the host (``agentprotocol.GuestInfo`` each)."""
         guests: list[dict[str, Any]] = _reply(GuestList, self._call("GET", "/v1/guests"), "guest list")[
             "guests"
         ]
         return guests
 
     def get_guest(self, guest_id: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """``protocol.GuestInfo``; ``UnknownGuest`` if the host has no such guest."""
+        """``agentprotocol.GuestInfo``; ``UnknownGuest`` if the host has no such guest."""
         return check_guest(self._call("GET", f"/v1/guests/{guest_id}", timeout_s=timeout_s))
 
     def define_guest(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """``spec`` is a ``protocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
+        """``spec`` is a ``agentprotocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
         return check_guest(self._call("PUT", f"/v1/guests/{spec['guest_id']}", spec))
 
     def start_guest(self, guest_id: str) -> dict[str, Any]:
@@ -295,9 +295,9 @@ class AgentClient:
     def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> dict[str, Any]:
         """Stop the guest: gracefully within ``graceful_timeout_s`` seconds, or at once when None.
 
-        The request says which (``protocol.StopRequest``: ``{"graceful_timeout_s": s}`` or
+        The request says which (``agentprotocol.StopRequest``: ``{"graceful_timeout_s": s}`` or
         ``{"force": true}``); the call waits up to the timeout plus the client's own. Returns
-        ``protocol.StoppedGuest``: the guest, ``stop`` (how it ended: "shut_down", "timed_out" when the
+        ``agentprotocol.StoppedGuest``: the guest, ``stop`` (how it ended: "shut_down", "timed_out" when the
         guest did not shut down in time and was forced off, "forced", "already_off") and ``stop_s``.
         """
         body: dict[str, Any] = (
@@ -321,7 +321,7 @@ class AgentClient:
     ) -> dict[str, Any]:
         """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes.
 
-        ``guest`` is a ``protocol.GuestSpec``; the answer a ``protocol.Endpoint`` (host, port, token).
+        ``guest`` is a ``GuestSpec``; the answer an ``Endpoint`` (host, port, token).
         ``encryption``: the pair's data-plane policy, "required" (mutual TLS) or "off". ``streams``: the
         pair's stream policy, 1..16 parallel connections or None (automatic); the same for both sides.
         """
@@ -362,11 +362,11 @@ class AgentClient:
         return check_snapshot(self._call("POST", "/v1/migrations/outgoing", body))
 
     def change_params(self, migration_id: str, change: dict[str, Any]) -> dict[str, Any]:
-        """Source side: change a running Copy (a ``protocol.ParamsChange``); the snapshot after it."""
+        """Source side: change a running Copy (a ``agentprotocol.ParamsChange``); the snapshot after it."""
         return check_snapshot(self._call("POST", f"/v1/migrations/{migration_id}/params", change))
 
     def dirty_rate(self, guest_id: str, seconds: float = 1.0) -> dict[str, Any]:
-        """The running guest's dirty rate over ``seconds`` (a ``protocol.DirtyRate``); waits that long."""
+        """The running guest's dirty rate over ``seconds`` (a ``DirtyRate``); waits that long."""
         path = f"/v1/guests/{guest_id}/dirty-rate?seconds={seconds:g}"
         answer = self._call("GET", path, timeout_s=self.timeout_s + seconds)
         try:
@@ -378,7 +378,7 @@ class AgentClient:
     def prepare_probe(
         self, encryption: str = "required", max_bytes: int | None = None, seconds: float | None = None
     ) -> dict[str, Any]:
-        """Receiving side: open a one-time probe listener; a ``protocol.PreparedProbe`` (for ``probe``).
+        """Receiving side: open a one-time probe listener; a ``agentprotocol.PreparedProbe`` (for ``probe``).
 
         ``encryption``: the pair's data-plane policy; ``max_bytes`` (1-64 MiB) and ``seconds``
         (0.05-2 s) bound the session (the agent's defaults, 64 MiB and 0.5 s, when None).
@@ -397,7 +397,7 @@ class AgentClient:
     def probe(self, prepared: dict[str, Any], encryption: str = "required") -> dict[str, Any]:
         """Sending side: probe the listener ``prepared`` (``prepare_probe`` of the peer) now.
 
-        Returns a ``protocol.ProbeResult`` (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s); waits
+        Returns a ``agentprotocol.ProbeResult`` (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s); waits
         at most the probe's seconds plus about 16 s (handshake, draining a slow link). A peer that
         refuses or cannot be reached is ``AgentRefused`` (409) with the words why.
         """
@@ -497,7 +497,7 @@ class AgentClient:
 
     @staticmethod
     def _refusal(response: httpx.Response) -> AgentRefused:
-        """The refusal's class goes by its ``code`` (``protocol.ErrorReply``), never by its words."""
+        """The refusal's class goes by its ``code`` (``agentprotocol.ErrorReply``), never by its words."""
         try:
             reply = parse(ErrorReply, response.content, "the agent's refusal")
         except ProtocolViolation:

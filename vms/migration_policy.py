@@ -15,7 +15,7 @@ on ``Migration.policy`` as the effective one of a migration) with these keys, in
 =====================  =========================================================================
 
 ``check_policy`` turns form or JSON input into a checked policy, or raises ``PolicyError`` in plain
-words (nothing is stored then). ``agent_params`` is the ``hostagent.protocol.MigrationParams`` form.
+words (nothing is stored then). ``agent_params`` is the ``agentprotocol.MigrationParams`` form.
 The model behind the presets' promises is ``migrations_app.forecast`` (docs/convergence.md).
 """
 
@@ -198,7 +198,7 @@ def _check_value(key: str, value: Any) -> Any:
 def agent_params(
     policy: Mapping[str, Any], max_rounds: int = DEFAULT_MAX_ROUNDS, site_cap_mbps: float | None = None
 ) -> dict[str, Any]:
-    """``policy`` as ``hostagent.protocol.MigrationParams`` (bandwidth in Mbit/s, as the agent takes it).
+    """``policy`` as ``agentprotocol.MigrationParams`` (bandwidth in Mbit/s, as the agent takes it).
 
     ``site_cap_mbps``: the site-wide cap (Mbit/s); the lower of it and the policy's cap applies.
     """

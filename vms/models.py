@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
-from hostagent.protocol import MAX_STREAMS
+from agentprotocol import MAX_STREAMS
 from vms.fields import EncryptedSecretField
 
 

@@ -3,8 +3,8 @@
 Stop is graceful: the agent is asked to give the guest its Graceful Stop Timeout (``graceful_stop_timeout_s``)
 to finish its I/O and shut down (QEMU: the ACPI power button; simulated: its writes stop, its I/O completes,
 then its OS takes ``shutdown_ms``), then to stop it anyway; Force stop asks it to stop the guest at once.
-The agent says how the stop ended (``protocol.StoppedGuest.stop``); when the guest ran out of time and was
-forced off, the notice and the audit event say so.
+The agent says how the stop ended (``agentprotocol.StoppedGuest.stop``); when the guest ran out of
+time and was forced off, the notice and the audit event say so.
 
 Refused (``PowerRefused``, nothing changed)
 for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while the VM migrates

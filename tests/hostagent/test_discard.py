@@ -17,9 +17,9 @@ import threading
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from agentprotocol import GuestSpec, MigrationParams, PhaseLimits
 from hostagent.driver import DriverSettings
 from hostagent.drivers.simulated.driver import SimulatedDriver
-from hostagent.protocol import GuestSpec, MigrationParams, PhaseLimits
 from hostagent.server import MIGRATIONS_KEY, create_app
 from tests.hostagent.conftest import (
     InBackground,

@@ -13,10 +13,10 @@ import ssl
 import httpx
 import pytest
 
+from agentprotocol import MAX_PROBE_BYTES
 from devtools import pki
 from hostagent.drivers.simulated.wire import ACCEPT, FILLER, HEADER, HELLO, READY, REFUSE
 from hostagent.probe import FILLER_CHUNK
-from hostagent.protocol import MAX_PROBE_BYTES
 from tests.hostagent.conftest import (
     converged_or_ended,
     define_running_guest,

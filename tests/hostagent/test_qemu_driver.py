@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostagent.protocol import PHASES
+from agentprotocol import PHASES
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     AgentFactory,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from hostagent.protocol import StoppedGuest, parse
+from agentprotocol import StoppedGuest, parse
 from tests.conftest import wait_until
 from tests.hostagent.conftest import InBackground, define_running_guest, guest_id_for, unique
 

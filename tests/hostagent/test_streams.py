@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from agentprotocol import auto_streams
 from devtools.tcp_proxy import CONTROL_ENV, DataPlaneProxy, route_via_proxy
 from hostagent.drivers.simulated.wire import PARTITION_PAGES, split_by_stream, stream_of
-from hostagent.protocol import auto_streams
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     converged_or_ended,

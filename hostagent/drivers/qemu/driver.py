@@ -43,14 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
-from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
-from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
-from hostagent.drivers.qemu.source import SourceMigration
-from hostagent.drivers.qemu.target import TargetMigration
-from hostagent.drivers.qemu.tls import write_credentials
-from hostagent.protocol import (
+from agentprotocol import (
     DirtyRate,
     Encryption,
     Endpoint,
@@ -64,6 +57,13 @@ from hostagent.protocol import (
     StopOutcome,
     StoppedGuest,
 )
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
+from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
+from hostagent.drivers.qemu.source import SourceMigration
+from hostagent.drivers.qemu.target import TargetMigration
+from hostagent.drivers.qemu.tls import write_credentials
 
 log = logging.getLogger(__name__)
 
