@@ -54,6 +54,12 @@ class PreparedProbe(Message):
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.data_host, port=self.data_port, token=self.token)
 
+    def probe_run(self, encryption: Encryption) -> ProbeRun:
+        """The sending agent's request to probe this listener, within the bounds it granted."""
+        return ProbeRun(
+            target=self.endpoint(), encryption=encryption, max_bytes=self.max_bytes, seconds=self.seconds
+        )
+
 
 class ProbeRun(Message):
     """``POST /v1/probes/outgoing`` on the sending agent: probe the prepared ``target`` now.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from agentprotocol import FailureKind
+from agentprotocol import FailureKind, ProgressSnapshot
 from vms.agent_client import (
     AgentClient,
     AgentError,
@@ -283,7 +283,7 @@ def source_guest_status(migration: Migration, source: AgentClient) -> str:
             logger.info("Asking %s about %s (attempt %s): %s", migration.source, vm, attempt + 1, error)
             time.sleep(0.5)
             continue
-        status = "running" if guest["hardware_status"] == "on" else "stopped"
+        status = "running" if guest.hardware_status == "on" else "stopped"
         break
     if status in ("stopped", "gone"):
         Registration.objects.filter(
@@ -390,7 +390,7 @@ def leased(lease: Lease, command: Callable[[], T]) -> Callable[[], T]:
 
 def runs_the_guest(answer: Answer) -> bool:
     """The target's answer to ``resume`` (or ``snapshot``) says it holds the guest and runs it."""
-    return isinstance(answer, dict) and answer.get("state") == "completed"
+    return isinstance(answer, ProgressSnapshot) and answer.state == "completed"
 
 
 def alert_if_target_lost_it(migration: Migration, answer: Answer) -> str:
@@ -406,7 +406,7 @@ def alert_if_target_lost_it(migration: Migration, answer: Answer) -> str:
     elif answer is None:
         why = "it stopped answering right after it took over; if its host crashed, the VM is down"
     else:
-        why = f"it reports {answer.get('state') if isinstance(answer, dict) else answer}"
+        why = f"it reports {answer.state if isinstance(answer, ProgressSnapshot) else answer}"
     released = f"The source copy on {migration.require_source().name} was released."
     return f"{vm} may not be running on {target}: {why}. {released}"
 
@@ -482,10 +482,10 @@ def unflip_registrations(migration: Migration, *, running: bool) -> None:
 
 
 # What an agent command came to: its snapshot, its refusal (final, not retried), or None (no answer).
-Answer = dict[str, Any] | AgentRefused | None
+Answer = ProgressSnapshot | AgentRefused | None
 
 
-def ask_agent(command: Callable[[], dict[str, Any]], attempts: int, *, delay: float = 0.2) -> Answer:
+def ask_agent(command: Callable[[], ProgressSnapshot], attempts: int, *, delay: float = 0.2) -> Answer:
     """Run an idempotent agent command until it answers: its snapshot, or its refusal (not retried).
 
     ``attempts`` tries, ``delay`` seconds apart at first, doubling up to 5 s; None if it never answered.

@@ -32,9 +32,19 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from agentprotocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
+from agentprotocol import (
+    FAILED_STATES,
+    FailureKind,
+    GuestSpec,
+    MigrationParams,
+    PhaseLimits,
+    ProgressSnapshot,
+    ProtocolViolation,
+    parse,
+)
 from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
+from vms.agent_messages import guest_spec, phase_limits
 from vms.inventory import mark_reachable
 from vms.models import Registration
 
@@ -159,30 +169,22 @@ class MigrationRun:
 
     # --- what the agents are told ---------------------------------------------------------------
 
-    def guest_spec(self) -> dict[str, Any]:
-        """The ``agentprotocol.GuestSpec`` the target prepares: the guest's id, its display name, its size."""
-        vm = self.migration.require_vm()
-        spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": vm.vcpus}
-        return {**spec, "os_type": vm.os_type} if vm.os_type else spec
+    def guest_spec(self) -> GuestSpec:
+        """The guest the target prepares: its id, its display name, its size."""
+        return guest_spec(self.migration.require_vm())
 
-    def limits(self) -> dict[str, float | None]:
-        vm = self.migration.require_vm()
-        return {
-            "init_s": vm.init_limit_s,
-            "copy_s": vm.copy_limit_s,
-            "quiesce_s": vm.quiesce_limit_s,
-            "frozen_s": vm.frozen_limit_s,
-        }
+    def limits(self) -> PhaseLimits:
+        return phase_limits(self.migration.require_vm())
 
-    def agent_params(self) -> dict[str, Any]:
-        """``agentprotocol.MigrationParams``: the migration's effective policy, the VM's phase limits."""
+    def agent_params(self) -> MigrationParams:
+        """The migration's effective policy, the VM's phase limits."""
         site = settings.MIGRATION_AGENT_PARAMS
         params = migration_policy.agent_params(
             self.migration.policy,
             max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
             site_cap_mbps=site.get("bandwidth_mbps"),
         )
-        return {**params, "limits": self.limits()}
+        return params.model_copy(update={"limits": self.limits()})
 
     # --- talking to the agents ------------------------------------------------------------------
 
@@ -309,14 +311,14 @@ class MigrationRun:
             guest = self.source.get_guest(str(vm.guest_id))
         except (AgentUnreachable, AgentRefused, AgentProtocolError):
             return None
-        running = guest["hardware_status"] == "on"
+        running = guest.hardware_status == "on"
         if not running:
             Registration.objects.filter(
                 vm=vm, vsp=self.migration.require_source(), hardware_status=Registration.HardwareStatus.ON
             ).update(hardware_status=Registration.HardwareStatus.OFF)
         return running
 
-    def command_with_progress(self, command: str) -> dict[str, Any]:
+    def command_with_progress(self, command: str) -> ProgressSnapshot:
         """Run a blocking source command (``quiesce``, ``freeze``) while reading the source's progress.
 
         The command answers only when its phase is over; meanwhile this thread polls the snapshot and

@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from agentprotocol import FailureKind, ProgressSnapshot
+from agentprotocol import (
+    FailureKind,
+    GuestSpec,
+    IncomingRequest,
+    MigrationParams,
+    OutgoingRequest,
+    PhaseLimits,
+    ProgressSnapshot,
+)
 from agentprotocol import Phase as AgentPhase
 from vms.inventory import learn_driver
 from vms.models import PairEncryption
@@ -30,14 +38,14 @@ class PhaseRun(Protocol):
     migration: Migration
     agent_id: str
 
-    def guest_spec(self) -> dict[str, Any]: ...
-    def limits(self) -> dict[str, float | None]: ...
-    def agent_params(self) -> dict[str, Any]: ...
+    def guest_spec(self) -> GuestSpec: ...
+    def limits(self) -> PhaseLimits: ...
+    def agent_params(self) -> MigrationParams: ...
     def check_stop(self) -> None: ...
     def call(self, side: str, method: str, *args: Any) -> Any: ...
     def source_guest_running(self) -> bool | None: ...
     def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None: ...
-    def command_with_progress(self, command: str) -> dict[str, Any]: ...
+    def command_with_progress(self, command: str) -> ProgressSnapshot: ...
     def digests(self, snapshot: ProgressSnapshot) -> tuple[str, str]: ...
     def absorb(self, snapshot: Any, *, force: bool = False) -> ProgressSnapshot: ...
 
@@ -76,22 +84,26 @@ class Init(Phase):
         source = migration.require_source()
         encryption = PairEncryption.policy_between(source, migration.target)
         streams = PairEncryption.streams_between(source, migration.target)
-        endpoint = run.call(
-            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption, streams
+        incoming = IncomingRequest(
+            migration_id=run.agent_id,
+            guest=run.guest_spec(),
+            limits=run.limits(),
+            encryption=encryption,
+            streams=streams,
         )
-        endpoint = route_data_plane(endpoint)
+        prepared = run.call("target", "prepare_incoming", incoming)
+        endpoint = route_data_plane(prepared.endpoint())
         run.check_stop()
+        outgoing = OutgoingRequest(
+            migration_id=run.agent_id,
+            guest=str(vm.guest_id),
+            target=endpoint,
+            params=run.agent_params(),
+            encryption=encryption,
+            streams=streams,
+        )
         try:
-            run.call(
-                "source",
-                "start_outgoing",
-                str(vm.guest_id),
-                run.agent_id,
-                endpoint,
-                run.agent_params(),
-                encryption,
-                streams,
-            )
+            run.call("source", "start_outgoing", outgoing)
         except MigrationFailed:
             if run.source_guest_running() is not False:
                 raise

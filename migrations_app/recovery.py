@@ -137,7 +137,7 @@ def undo_leftovers() -> list[str]:
                 logger.warning("Leftover check on %s: %s", vsp, error)
                 continue
             for guest in guests:
-                agent_id = guest.get("migrating") or ""
+                agent_id = guest.migrating or ""
                 match = AGENT_ID.fullmatch(agent_id)
                 migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
                 if not migration or agent_migration_id(migration) != agent_id:

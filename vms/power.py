@@ -23,7 +23,9 @@ from typing import Any
 from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from pydantic import ValidationError as InvalidMessage
 
+from agentprotocol import GuestInfo, StoppedGuest, StopRequest, plain_words
 from vms.access import allowed, check_can_power
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent, Registration, VirtualMachine
@@ -111,22 +113,25 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     vsp = registration.vsp
     before = {"hardware_status": registration.hardware_status, "os_status": vm.os_status}
     try:
+        stop = None if action == PowerAction.START else stop_request(vm, action)
+    except InvalidMessage as error:  # a Graceful Stop Timeout beyond what an agent waits
+        raise PowerRefused(f"{action.label} of {vm.name}: {plain_words(error, 'the stop')}") from None
+    guest: GuestInfo
+    try:
         with AgentClient.for_vsp(vsp) as agent:
-            if action == PowerAction.START:
+            if stop is None:
                 guest = agent.start_guest(str(vm.guest_id))
             else:
-                graceful = vm.graceful_stop_timeout_s if action == PowerAction.STOP else None
-                guest = agent.stop_guest(str(vm.guest_id), graceful_timeout_s=graceful)
+                guest = agent.stop_guest(str(vm.guest_id), stop)
     except AgentError as error:
         raise PowerRefused(f"{action.label} of {vm.name} on {vsp.name} failed: {error}") from None
     hardware = (
-        Registration.HardwareStatus.ON
-        if guest["hardware_status"] == "on"
-        else Registration.HardwareStatus.OFF
+        Registration.HardwareStatus.ON if guest.hardware_status == "on" else Registration.HardwareStatus.OFF
     )
-    os_status = guest["os_status"] if guest["os_status"] in VirtualMachine.OSStatus.values else vm.os_status
-    outcome = str(guest.get("stop") or "")  # None: an older agent, which stopped it at once
-    notice = power_notice(vm, vsp.name, action, outcome, float(guest.get("stop_s", 0.0)))
+    os_status = guest.os_status if guest.os_status in VirtualMachine.OSStatus.values else vm.os_status
+    stopped = guest if isinstance(guest, StoppedGuest) else None
+    outcome = (stopped.stop if stopped else None) or ""  # None: Start, or an older agent (stopped at once)
+    notice = power_notice(vm, vsp.name, action, outcome, stopped.stop_s if stopped else 0.0)
     with transaction.atomic():
         Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
@@ -142,6 +147,13 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
         )
     logger.info("%s: %s of %s on %s: %s", user, action.value, vm.name, vsp.name, outcome or "done")
     return PowerDone(registration, notice, forced=outcome == "timed_out")
+
+
+def stop_request(vm: VirtualMachine, action: PowerAction) -> StopRequest:
+    """Stop: gracefully within the VM's Graceful Stop Timeout; Force stop: at once."""
+    if action == PowerAction.STOP:
+        return StopRequest(graceful_timeout_s=vm.graceful_stop_timeout_s)
+    return StopRequest(force=True)
 
 
 def power_notice(vm: VirtualMachine, vsp_name: str, action: PowerAction, outcome: str, took_s: float) -> str:

@@ -158,7 +158,7 @@ def test_a_worker_frozen_after_its_commit_does_not_roll_forward_again(host_agent
     assert decisions(migration) == ["committing", "completed"]
     assert runnable_on(vm) == ["hostb"]
     assert runs_on(agents["hostb"], vm.name)
-    assert guest_on(agents["hosta"], vm.name)["hardware_status"] == "not_runnable"
+    assert guest_on(agents["hosta"], vm.name).hardware_status == "not_runnable"
 
 
 def test_recovery_ends_the_evacuation_whose_last_migration_it_decided(host_agents, fleet, admin):

@@ -16,6 +16,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from agentprotocol import GuestSpec, IncomingRequest, MigrationParams, OutgoingRequest
 from devtools import processes
 from migrations_app.actions import do_request_migration
 from migrations_app.decisions import agent_migration_id, flip_registrations
@@ -183,10 +184,14 @@ def test_it_does_not_say_the_vm_keeps_running_on_a_source_host_that_restarted_wi
     vm = place_vm(agents, vsps, fill_percent=100)
     migration = stale_migration(vm, vsps, admin, Migration.State.COPY)
     agent_id = agent_migration_id(migration)
-    endpoint = agents["hostb"].client.prepare_incoming(
-        {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, agent_id
+    guest = GuestSpec(guest_id=str(vm.guest_id), name=vm.name, memory_mib=vm.memory_mib, vcpus=1)
+    prepared = agents["hostb"].client.prepare_incoming(IncomingRequest(migration_id=agent_id, guest=guest))
+    params = MigrationParams(bandwidth_mbps=8)
+    agents["hosta"].client.start_outgoing(
+        OutgoingRequest(
+            migration_id=agent_id, guest=guest.guest_id, target=prepared.endpoint(), params=params
+        )
     )
-    agents["hosta"].client.start_outgoing(str(vm.guest_id), agent_id, endpoint, {"bandwidth_mbps": 8})
     agents.restart_empty("hosta")  # the worker died with it too: recovery decides
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
@@ -237,7 +242,7 @@ def test_recovery_drops_the_copy_a_target_kept_because_it_missed_the_abort(agent
 
     migration.refresh_from_db()
     assert (migration.state, migration.undo_pending) == ("aborted", True)
-    assert guest_on(agents["hostb"], vm.name)["migrating"]  # the copy the soak found orphaned
+    assert guest_on(agents["hostb"], vm.name).migrating  # the copy the soak found orphaned
     VSP.objects.filter(name="hostb").update(agent_url=agents["hostb"].url)  # reachable again
     Migration.objects.filter(pk=migration.pk).update(state_changed_at=timezone.now() - timedelta(seconds=30))
 

@@ -29,7 +29,7 @@ def test_the_engine_migrates_over_the_pairs_stream_count(
     wait_for_state(wait_for, migration, "completed", "aborted", "cancelled")
     assert migration.state == "completed", migration.alert
     assert runs_on(host_agents["hostc"], vm.name)
-    assert host_agents["hostc"].client.snapshot(agent_migration_id(migration))["streams"] == 3
+    assert host_agents["hostc"].client.snapshot(agent_migration_id(migration)).streams == 3
 
 
 def test_the_migrate_dialog_shows_each_targets_stream_policy_beside_its_encryption(host_agents, fleet):
