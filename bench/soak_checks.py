@@ -21,7 +21,7 @@ import httpx
 from django.db.models import Count, Q
 
 from agentprotocol import GuestInfo
-from migrations_app.engine import agent_migration_id
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
 from vms.models import Registration, VirtualMachine

@@ -27,7 +27,7 @@ from vms.access import check_can_migrate
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
-from .decisions import agent_migration_id
+from .agents import agent_migration_id
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .samples import dirty_rounds, round_left_bytes

@@ -24,8 +24,9 @@ from django.utils import timezone
 
 from agentprotocol import GuestSpec, IncomingRequest, MigrationParams, OutgoingRequest
 from migrations_app.actions import do_cancel_migration, do_request_migration
-from migrations_app.decisions import agent_migration_id, flip_registrations
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
+from migrations_app.records import flip_registrations
 from migrations_app.tasks import recover_migrations
 from tests.conftest import wait_until
 from tests.factories import make_vm, make_vsp

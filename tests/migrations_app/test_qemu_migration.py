@@ -19,7 +19,7 @@ import pytest
 from agentprotocol import GuestSpec
 from devtools import processes
 from migrations_app.actions import do_cancel_migration, do_request_migration
-from migrations_app.decisions import agent_migration_id
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from tests.conftest import ManagedProcess, log_path, subprocess_env, wait_until
 from tests.factories import make_vm, make_vsp

@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 
 from migrations_app.actions import do_request_migration
-from migrations_app.decisions import agent_migration_id
+from migrations_app.agents import agent_migration_id
 from tests.factories import make_admin
 from tests.migrations_app.guests import place_vm, runs_on, wait_for_state
 from vms.models import PairEncryption
