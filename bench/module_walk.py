@@ -7,9 +7,14 @@ and one whose Copy runs over its 1 s time limit and aborts. The driving thread i
 into another is an *entry*. Each distinct call site (caller function -> callee function) counts once,
 however often a loop repeats it. Printed per migration:
 
-- the walk: the entries in the order first made, as ``caller module -> callee module.function``;
+- the walk (``--verbose``): the entries in the order first made, ``caller module -> callee.function``,
+  marked ``RETURN`` or ``again``;
 - ``modules``: how many modules the walk passes through (the task's module included);
-- ``returns``: entries into a module the walk had already entered before (and left), by module.
+- ``returns``: entries into a module the walk left for another and has not finished with (it is still
+  on the call stack below): a callback, the story sent back into a module it left (``phases`` calling
+  into the ``engine`` that runs it);
+- ``re-entries``: entries into a module entered before (returns included), by module: how many places
+  the story goes back to it from.
 
 Helper threads (the watchdog, the calls to agents made interruptible) are not traced: the walk is the
 driving loop's.
@@ -20,6 +25,7 @@ driving loop's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -52,7 +58,8 @@ class Walk:
     """The cross-module call sites of the traced thread, in the order first made."""
 
     def __init__(self) -> None:
-        self.edges: list[tuple[str, str, str]] = []  # (caller module, callee module, callee function)
+        # (caller module, callee module, callee function, whether the callee module is on the stack below)
+        self.edges: list[tuple[str, str, str, bool]] = []
         self._seen: set[tuple[str, str, str, str]] = set()
 
     def profile(self, frame: FrameType, event: str, arg: Any) -> None:
@@ -72,18 +79,33 @@ class Walk:
         site = (caller, caller_frame.f_code.co_name, callee, frame.f_code.co_name)
         if site not in self._seen:
             self._seen.add(site)
-            self.edges.append((caller, callee, frame.f_code.co_name))
+            self.edges.append((caller, callee, frame.f_code.co_name, callee in modules_below(caller_frame)))
 
-    def figures(self) -> tuple[int, Counter[str]]:
-        """(modules passed through, entries into an already entered module counted by that module)."""
+    def figures(self) -> tuple[int, Counter[str], Counter[str]]:
+        """(modules passed through, returns by module, re-entries by module)."""
         entered: set[str] = set()
         returns: Counter[str] = Counter()
-        for _caller, callee, _function in self.edges:
-            if callee in entered:
+        again: Counter[str] = Counter()
+        for _caller, callee, _function, is_return in self.edges:
+            if is_return:
                 returns[callee] += 1
+            if callee in entered:
+                again[callee] += 1
             entered.add(callee)
-        modules = entered | {caller for caller, _callee, _function in self.edges}
-        return len(modules), returns
+        modules = entered | {edge[0] for edge in self.edges}
+        return len(modules), returns, again
+
+
+def modules_below(frame: FrameType) -> set[str]:
+    """The console modules on the stack under ``frame`` (the modules it was called from)."""
+    below = set()
+    caller = frame.f_back
+    while caller is not None:
+        name = caller.f_globals.get("__name__", "")
+        if name.startswith(APPS):
+            below.add(name)
+        caller = caller.f_back
+    return below - {frame.f_globals.get("__name__", "")}
 
 
 def beneath_a_leaf(frame: FrameType | None) -> bool:
@@ -117,19 +139,30 @@ def traced_run(migration_id: int) -> Walk:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--verbose", action="store_true", help="print every entry of the walk")
-    verbose = parser.parse_args().verbose
+    parser.add_argument("--json", help="also write the walks' entries to this file")
+    args = parser.parse_args()
+    verbose = args.verbose
     subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, check=True, env=os.environ
     )
     agents = [start_walk_agent(name) for name in ("walk-a", "walk-b")]
     try:
-        for label, walk in walk_both(agents):
-            modules, returns = walk.figures()
-            print(f"{label}: {modules} modules, {sum(returns.values())} returns ({dict(returns)})")
+        walks = walk_both(agents)
+        if args.json:
+            Path(args.json).write_text(json.dumps({label: walk.edges for label, walk in walks}))
+        for label, walk in walks:
+            modules, returns, again = walk.figures()
+            print(
+                f"{label}: {modules} modules, {sum(returns.values())} returns {dict(returns)}, "
+                f"{sum(again.values())} re-entries {dict(again)}"
+            )
             if verbose:
-                for caller, callee, function in walk.edges:
-                    print(f"    {caller} -> {callee}.{function}")
+                entered: set[str] = set()
+                for caller, callee, function, is_return in walk.edges:
+                    mark = "RETURN" if is_return else "again" if callee in entered else ""
+                    entered.add(callee)
+                    print(f"    {caller} -> {callee}.{function} {mark}")
     finally:
         stop_all([agent.process for agent in agents])
         shutil.rmtree(WORK_DIR, ignore_errors=True)
