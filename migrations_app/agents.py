@@ -117,6 +117,12 @@ class MigrationAgents:
         self.source.close()
         self.target.close()
 
+    def __enter__(self) -> MigrationAgents:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def interrupt(self, reason: MigrationFailed | LeaseLost) -> None:
         """From another thread: the driving thread raises ``reason`` at its next call or check, and at once
         from a call it is waiting on (within ``WATCH_INTERVAL_S``)."""
@@ -126,12 +132,6 @@ class MigrationAgents:
         """Raise the reason of an ``interrupt``, if any."""
         if self.stop_reason is not None:
             raise self.stop_reason
-
-    def __enter__(self) -> MigrationAgents:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # --- the requests, built from the records ----------------------------------------------------
 
