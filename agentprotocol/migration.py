@@ -41,6 +41,7 @@ class FailureKind(StrEnum):
 
 
 # -- names of phases, states and roles --------------------------------------------------------
+
 Role = Literal["source", "target"]
 Phase = Literal["init", "copy", "quiesce", "frozen"]
 MigrationState = Literal[

@@ -287,7 +287,7 @@ def test_turning_auto_converge_on_during_a_qemu_migration_is_refused_and_changes
 
     assert "QEMU cannot turn auto-converge on or off during a migration" in str(refused.value)
     assert unchanged.state == "copy" and unchanged.throttle_pct == 0, unchanged
-    assert unchanged.allowed_downtime_ms == UNCONVERGING.downtime_ms, unchanged
+    assert unchanged.allowed_downtime_ms == UNCONVERGING["downtime_ms"], unchanged
     assert runs_intact(vsp1, guest.name)
 
 
