@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from hostagent.drivers.libvirt.connection import Connection, Domain, libvirt_module
+from hostagent.drivers.libvirt.connection import Connection, Domain, LibvirtUnavailable, libvirt_module
 
 Stage = Literal["init", "copy", "switchover", "completed", "cancelled", "failed"]
 Encryption = Literal["required", "off"]
@@ -340,7 +340,11 @@ class MigrationJob:
     # -- following -------------------------------------------------------------------------------
 
     def snapshot(self) -> JobSnapshot:
-        """Where the job is now; once it ended, its final snapshot (the same object every time)."""
+        """Where the job is now; once it ended, its final snapshot (the same object every time).
+
+        Raises LibvirtUnavailable when the connection to the source daemon is lost (the daemon
+        died or restarted): the job's outcome is then for a new connection to find out.
+        """
         if self._final is not None:
             return self._final
         self._drain_events()
@@ -351,6 +355,7 @@ class MigrationJob:
             stats = self.domain.jobStats()
             state, reason = self.domain.state()
         except libvirt.libvirtError:
+            self._check_connection()
             stats, state, reason = {}, _STATE_SHUTOFF, 0  # the domain stopped running here: the job ended
         if stats.get("type", _JOB_NONE) == _JOB_NONE:
             if self._outcome is None:
@@ -387,9 +392,20 @@ class MigrationJob:
                 raise TimeoutError(f"the migration of {self.name} still runs after {timeout} s")
         raise AssertionError("unreachable: snapshots() ends with a final snapshot")
 
+    def _check_connection(self) -> None:
+        """Raise LibvirtUnavailable when the source daemon's connection is gone: how the job ends
+        is unknown until it answers again (a restarted libvirtd cancels an outgoing migration it
+        finds and lets the domain run on; reconnect, then ``attach`` or read the domain's state)."""
+        if not self.connection.isAlive():
+            raise LibvirtUnavailable(
+                f"lost the connection to the source's libvirt daemon while migrating {self.name}; "
+                "the job's outcome is unknown until it answers again"
+            )
+
     def _finish(self) -> JobSnapshot:
         """The final snapshot: the outcome, the completed job's statistics, the source's state checked."""
         libvirt = libvirt_module()
+        self._check_connection()
         error = self._outcome.error if self._outcome is not None else None
         state, reason = self._source_state()
         if error is None and self._outcome is None:
@@ -414,7 +430,10 @@ class MigrationJob:
         libvirt = libvirt_module()
         try:
             state, reason = self.domain.state()
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as error:
+            if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                self._check_connection()
+                raise
             return _STATE_SHUTOFF, _SHUTOFF_MIGRATED  # a transient domain that left: gone from here
         return int(state), int(reason)
 
