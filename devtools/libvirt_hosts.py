@@ -159,6 +159,26 @@ class LibvirtHost:
     def pid_file(self) -> Path:
         return self.base / "libvirtd.pid"
 
+    def serial(self, domain: str) -> str:
+        """What ``domain``'s serial console said on this host (``memwriter_domain_xml`` puts it there)."""
+        try:
+            return (self.log_dir / "qemu" / f"{domain}.serial").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def memory_checks(self, domain: str) -> tuple[int, int]:
+        """memwriter's (passed, failed) full checks of its memory while ``domain`` ran on this host."""
+        text = self.serial(domain)
+        return text.count("memwriter: selfcheck ok"), text.count("memwriter: selfcheck FAIL")
+
+    def qemu_pid(self, domain: str) -> int | None:
+        """The pid of ``domain``'s QEMU on this host while it runs (libvirt's pid file), or None."""
+        try:
+            pid = int((self.base / "run" / "qemu" / f"{domain}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _is_process(pid, b"qemu-system") else None
+
     def daemon_pid(self) -> int | None:
         """The running libvirtd's pid, or None."""
         try:
@@ -390,6 +410,34 @@ class LibvirtHosts:
 
     def restore_link(self, name: str) -> None:
         _run("ip", "link", "set", self.hosts[name].veth, "up")
+
+
+def memwriter_domain_xml(name: str, memory_mib: int = 256, dirty_pages_per_s: int = 2000) -> str:
+    """The QEMU test guest (``scripts/build_test_guest.sh``) as an admin would define it in libvirt.
+
+    TCG (``type='qemu'``), kernel and initrd from the host's /var/lib/libvirt/boot
+    (``install_boot_files``), memwriter filling all but 96 MiB (the kernel's) and rewriting
+    ``dirty_pages_per_s`` random pages; its serial console goes to the host's
+    ``log/qemu/<name>.serial`` (``LibvirtHost.serial``).
+    """
+    written_mib = max(16, memory_mib - 96)
+    cmdline = f"console=ttyS0 panic=-1 quiet memwriter.mib={written_mib} memwriter.rate={dirty_pages_per_s}"
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>/var/lib/libvirt/boot/vmlinuz</kernel>
+    <initrd>/var/lib/libvirt/boot/initramfs.cpio.gz</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <serial type='file'><source path='/var/log/libvirt/qemu/{name}.serial'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
 
 
 def _answers(host: LibvirtHost) -> bool:
