@@ -16,8 +16,8 @@ local machine"). So each host here is one ``libvirtd`` in namespaces of its own:
 Each daemon has its own ``host_uuid`` (else libvirt refuses a migration "to the same host") and a
 Unix socket outside the bind mounts, owner root, mode 0700, ``auth_unix_rw = "none"``: only root
 on this machine can use it, the same rule as the system socket's. The source daemon of a
-peer-to-peer migration opens the target's socket itself (``qemu+unix:///system?socket=...``); no
-TCP listener, no TLS, no SASL. The layout under ``root/<name>/``::
+peer-to-peer migration opens the target's socket itself (``qemu+unix:///system?socket=...``): no
+TCP, TLS or SASL listener of libvirt's own. The layout under ``root/<name>/``::
 
     etc/ run/ lib/ log/ cache/     bind-mounted over libvirt's paths (domains' XML in etc/qemu/)
     sock/libvirt-sock              the host's libvirt URI: ``host.uri``

@@ -252,7 +252,10 @@ class MigrationJob:
             raise MigrationRefused(f"domain {name!r} does not run: a live migration needs a running guest")
         flags, params = migration_call(policy)
         if policy.downtime_ms is not None:
-            domain.migrateSetMaxDowntime(policy.downtime_ms)
+            try:
+                domain.migrateSetMaxDowntime(policy.downtime_ms)
+            except libvirt.libvirtError as error:  # it stopped meanwhile, say
+                raise MigrationRefused(f"domain {name!r}: {error.get_error_message()}") from None
         job = cls(connection, domain, _Outcome())
 
         def call() -> None:
