@@ -167,7 +167,7 @@ mount -t tmpfs -o mode=0755 run /run
 hostname -F /etc/hostname
 FWCFG=/sys/firmware/qemu_fw_cfg/by_name/opt/org.matrixoe/guestload/raw
 value() { cat /etc/guestload.conf "$FWCFG" 2>/dev/null | sed -n "s/^$1=//p" | tail -1; }
-acpid -c /etc/acpi
+acpid -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid  # the power button powers off
 disk="$(findfs LABEL=mxroot)"
 echo "disk=${disk%[0-9]}3" >/run/guestload.auto
 ip link set lo up
