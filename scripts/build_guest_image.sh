@@ -59,7 +59,9 @@ ensure_tools() { # install what is missing when we may; say what is needed other
     if [[ " ${missing[*]} " == *" qemu-utils "* ]] && apt-cache policy qemu-utils | grep -q bookworm-backports; then
         target=(-t bookworm-backports)
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${target[@]}" "${missing[@]}" >&2
+    local install=(apt-get install -y -q --no-install-recommends "${target[@]}" "${missing[@]}")
+    # A fresh machine may not have fetched the package lists yet.
+    DEBIAN_FRONTEND=noninteractive "${install[@]}" >&2 || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive "${install[@]}" >&2; }
 }
 
 download() { # download <package>: fetch its .deb into the cache once, print its path
