@@ -7,7 +7,7 @@ LIBVIRT_REQ := $(shell pkg-config --exists 'libvirt >= 11' 2>/dev/null && echo h
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ) | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run test test-fast test-browser test-faults test-postgres lint bench soak stop clean
+.PHONY: run test test-fast test-browser test-faults test-postgres lint guest-image bench soak stop clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -50,8 +50,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+## make guest-image: the QEMU guests in guest-images/: the test guest (kernel + initramfs) and the OS image
+##           (guest-os.qcow2, a bootable disk). Both idempotent; the OS image is rebuilt only when an input changed.
 guest-image:
 	bash scripts/build_test_guest.sh
+	bash scripts/build_guest_image.sh
 
 bench: $(STAMP)
 	$(PY) scripts/ensure_redis.py

@@ -191,15 +191,30 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001 - a small local
     return predicate()
 
 
+def qemu_image_options() -> list[str]:
+    """The QEMU demo hosts boot their guests from the OS image (``make guest-image``) when it is built:
+    every guest's disk in one pool directory all four agents are given (a shared pool), a network card
+    on QEMU's user-mode networking. Without the image: the built-in test guest, no disk."""
+    image = BASE_DIR / "guest-images" / "guest-os.qcow2"
+    if not image.is_file():
+        print(f"  {image} not built (make guest-image): QEMU guests run the test guest, without disks")
+        return []
+    pool = VAR_DIR / "pools" / "shared"
+    pool.mkdir(parents=True, exist_ok=True)
+    options = [f"boot_image={image}", f"pool={pool}", "network=user"]
+    return [argument for option in options for argument in ("--driver-option", option)]
+
+
 def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
     """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
+    extra_args = qemu_image_options() if driver == "qemu" else []
     for index, name in enumerate(DEMO_HOSTS):
         port = AGENT_BASE_PORT + index
         require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
         log_path = LOG_DIR / f"agent-{name}.log"
         try:
             agent = start_agent(
-                name, port, agent_secret_file(name), driver, log_path=log_path, pki_dir=PKI_DIR
+                name, port, agent_secret_file(name), driver, extra_args, log_path=log_path, pki_dir=PKI_DIR
             )
         except RuntimeError:
             sys.exit(f"host agent {name} did not start; see {log_path}")
