@@ -285,6 +285,41 @@ MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
 # "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
 MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
+# --- the broker's visibility timeout: long migrations are not handed out again (issue 18 item 12) -------
+# With CELERY_TASK_ACKS_LATE a task's message stays unacknowledged in Redis while the task runs, and
+# kombu's Redis transport hands a message out again once it has been unacknowledged for longer than
+# ``visibility_timeout`` (1 hour by default; celery #5935): a migration running longer would be delivered
+# to a second worker. The timeout is therefore set above the longest run:
+#
+#   visibility_timeout = MIGRATION_LONGEST_RUN_S + MIGRATION_HEARTBEAT_STALE_S
+#
+# where MIGRATION_LONGEST_RUN_S is the longest migration this site allows, Init to the end of the roll
+# forward: the sum of the largest Init, Copy, I/O Quiesce and Frozen limits its VMs have, plus the roll
+# forward (ROLL_FORWARD_ATTEMPTS agent calls, under a minute). The phase limits are per VM and Copy's is
+# unlimited by default (the vendor's default), so no limit bounds that sum: a site sets it to what it
+# allows. The default, 48 hours, is 30 pre-copy rounds (MIGRATION_MAX_ROUNDS) of a 512 GiB guest at
+# 1 Gbit/s (30 x 4,398 s = 36.6 h) plus the default Init, I/O Quiesce and Frozen limits (85 s), rounded
+# up. The heartbeat limit is the margin: a worker silent that long has lost its lease anyway.
+# A delivery past the timeout still changes nothing: the task's claim of its migration is a
+# compare-and-set on QUEUED (migrations_app.scheduling.do_claim_source), so a second delivery of a
+# migration already claimed stands down (tests/migrations_app/test_redelivery.py). A lost task does
+# not wait for the timeout either: recovery re-hands queued migrations and takes over silent ones.
+MIGRATION_LONGEST_RUN_S = env_int("MIGRATION_LONGEST_RUN_S", 48 * 3600)
+BROKER_VISIBILITY_TIMEOUT_S = env_int(
+    "BROKER_VISIBILITY_TIMEOUT_S", MIGRATION_LONGEST_RUN_S + MIGRATION_HEARTBEAT_STALE_S
+)
+if BROKER_VISIBILITY_TIMEOUT_S < 1:
+    raise ImproperlyConfigured(
+        f"BROKER_VISIBILITY_TIMEOUT_S must be at least 1, got {BROKER_VISIBILITY_TIMEOUT_S}"
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "visibility_timeout": BROKER_VISIBILITY_TIMEOUT_S,
+    # How often a worker looks for messages unacknowledged past the timeout (kombu: every
+    # interval x throttle s, 100 s by default); a tenth of the timeout at most, so a short one (tests) works.
+    "unacked_restore_interval": max(1, min(100, BROKER_VISIBILITY_TIMEOUT_S // 10)),
+    "unacked_restore_throttle": 1,
+}
+
 # --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))

@@ -72,11 +72,15 @@ SILENT_AFTER_S = 1.0  # a host whose call is this long without an answer at a ti
 T = TypeVar("T")
 
 
-def drive_migration(migration_id: int) -> None:
-    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
+def drive_migration(migration_id: int) -> bool:
+    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED.
+
+    False, with nothing done, when it could not claim the migration: not its source's turn yet, or no
+    longer QUEUED (another delivery of its task claimed it, or it was decided or cancelled).
+    """
     lease = Lease(migration_id, new_owner("worker"))
     if not do_claim_source(migration_id, lease.owner):
-        return
+        return False
     migration = load_migration(migration_id)
     run = MigrationRun(migration, lease)
     stood_down = False
@@ -94,6 +98,7 @@ def drive_migration(migration_id: int) -> None:
         if not stood_down:  # the decider that took over moves the queue and the evacuation on
             enqueue_next_for_source(migration.require_source().pk)
             settle_after(migration_id)
+    return True
 
 
 def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from devtools.processes import free_port, start_process, wait_until
+from devtools.processes import start_process, wait_until
 from matrixoe.celery import app
 from tests.conftest import log_path, subprocess_env
 from tests.factories import make_vsp
+from tests.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.faults
 
@@ -36,32 +34,6 @@ def make_run_worker_args() -> list[str]:
     run_console = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_console)
     return list(run_console.RESTARTABLE["worker"])
-
-
-class PrivateRedis:
-    """``scripts/ensure_redis.py`` on a port of its own (no password), started again on demand."""
-
-    def __init__(self, var_dir: Path) -> None:
-        self.url = f"redis://127.0.0.1:{free_port()}/0"
-        self.env = {**os.environ, "MATRIXOE_VAR_DIR": str(var_dir), "REDIS_URL": self.url}
-        self.env.pop("REDIS_URL_FILE", None)
-        self.pid_file = var_dir / "redis.pid"
-
-    def start(self) -> None:
-        subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=BASE_DIR, env=self.env, check=True)
-
-    def kill(self) -> None:
-        pid = int(self.pid_file.read_text())
-        os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 20)
-        self.pid_file.unlink()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.fixture
