@@ -7,6 +7,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dj_database_url
 from csp.constants import NONCE, NONE, SELF
@@ -320,6 +321,74 @@ CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "unacked_restore_throttle": 1,
 }
 
+
+# --- Redis through Sentinel (a deployment past one machine; README "Scaling out", deploy/) -------------
+# Unset (the default): one Redis at REDIS_URL, as above. Set REDIS_SENTINELS to the Sentinels'
+# addresses ("10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379") and both the channel layer
+# (channels-redis: "sentinels" + "master_name" in its host entry) and the Celery broker (kombu:
+# "sentinel://" URLs + "master_name" in the transport options) ask the Sentinels for the current
+# master on every new connection, so a failover moves them to the promoted replica. REDIS_URL is not
+# used then. No result backend is used (CELERY_RESULT_BACKEND is None), so none needs Sentinel.
+#   REDIS_SENTINEL_MASTER            the name the Sentinels monitor the master by (default "matrixoe")
+#   REDIS_PASSWORD[_FILE]            the password of the master and replicas (requirepass), if any
+#   REDIS_SENTINEL_PASSWORD[_FILE]   the Sentinels' own password (their requirepass), if any
+#   REDIS_DB                         the database number (default 0)
+
+
+def env_host_ports(name: str) -> list[tuple[str, int]]:
+    """``$name`` as a list of (host, port): "h1:26379,[::1]:26380"; ImproperlyConfigured on a bad entry."""
+    addresses = []
+    for entry in env_list(name, ""):
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ImproperlyConfigured(f"{name} must be a comma-separated list of host:port, got {entry!r}")
+        addresses.append((host, int(port)))
+    return addresses
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+REDIS_SENTINELS = env_host_ports("REDIS_SENTINELS")
+if REDIS_SENTINELS:
+    _master_name = env_str("REDIS_SENTINEL_MASTER", "matrixoe")
+    _redis_password = env_str("REDIS_PASSWORD", "") or None
+    _sentinel_password = env_str("REDIS_SENTINEL_PASSWORD", "") or None
+    _redis_db = env_int("REDIS_DB", 0)
+    if not _master_name or _redis_db < 0:
+        raise ImproperlyConfigured("REDIS_SENTINEL_MASTER must not be empty and REDIS_DB must be 0 or more")
+    _sentinel_kwargs = {"password": _sentinel_password} if _sentinel_password else {}
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+        {
+            "sentinels": REDIS_SENTINELS,
+            "master_name": _master_name,
+            "sentinel_kwargs": {**_sentinel_kwargs, "socket_connect_timeout": 2, "socket_timeout": 2},
+            "password": _redis_password,
+            "db": _redis_db,
+            # A master whose machine vanished (no reset): fail the call and ask the Sentinels again,
+            # rather than wait on the dead connection. Above the layer's 5 s blocking read.
+            "socket_connect_timeout": 5,
+            "socket_timeout": 15,
+            "socket_keepalive": True,
+        }
+    ]
+    # The password, quoted, is the master's; every "sentinel://" address is a Sentinel to ask.
+    _userinfo = f":{quote(_redis_password, safe='')}@" if _redis_password else ""
+    CELERY_BROKER_URL = env_str(
+        "CELERY_BROKER_URL",
+        ";".join(
+            f"sentinel://{_userinfo}{_url_host(host)}:{port}/{_redis_db}" for host, port in REDIS_SENTINELS
+        ),
+    )
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        master_name=_master_name,
+        sentinel_kwargs={**_sentinel_kwargs, "socket_connect_timeout": 2, "socket_timeout": 2},
+        # kombu: without a socket time-out a publish on a connection to a vanished master waits for ever.
+        socket_connect_timeout=5,
+        socket_timeout=15,
+    )
 # --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
