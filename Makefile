@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run test test-fast test-browser test-faults test-postgres lint bench soak stop clean
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres lint bench soak stop clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -19,6 +19,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 ##           HOSTS=qemu runs the demo hosts with the QEMU driver (needs QEMU >= 10 and `make guest-image`).
 run: $(STAMP)
 	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)
+
+## make run-cluster: the reference deployment on one machine (README "Scaling out"): PostgreSQL, Redis as a master,
+##           a replica and three Sentinels, HAProxy on PORT (8000) in front of WEB (3) uvicorn processes, WORKERS (2)
+##           Celery workers, beat and the demo agents. Installs Debian's packages for them first when missing.
+run-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PY) scripts/run_console.py --cluster --hosts $(or $(HOSTS),simulated) --web $(or $(WEB),3) \
+		--workers $(or $(WORKERS),2)
 
 ## make test: every test (SQLite), then the database-constraint tests again on PostgreSQL.
 test: $(STAMP)
