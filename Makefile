@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres lint bench soak stop clean
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint bench soak stop clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -36,7 +36,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) scripts/ensure_redis.py
-	$(PYTEST) -m "not browser and not faults and not qemu"
+	$(PYTEST) -m "not browser and not faults and not qemu and not cluster"
 
 test-browser: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -48,6 +48,11 @@ test-faults: $(STAMP)
 
 test-postgres: $(STAMP)
 	$(PY) scripts/run_postgres_tests.py
+
+## make test-cluster: the fault tests against the cluster profile (tests/cluster/, marker `cluster`).
+test-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PYTEST) -m cluster
 
 ## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
 lint: $(STAMP)
