@@ -118,6 +118,9 @@ class RedisSet:
             "appendonly no",
             f"requirepass {self.password}",
             f"masterauth {self.password}",  # a master demoted by a failover follows the new one with it
+            # Stopped, a master waits this long for its replicas to catch up (they do within
+            # milliseconds while they run; 10 s by default when they are being stopped too).
+            "shutdown-timeout 2",
         ]
         if replica_of is not None:
             lines.append(f"replicaof 127.0.0.1 {replica_of}")

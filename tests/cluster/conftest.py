@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from devtools.cluster import MASTER_NAME, OwnPostgres
-from devtools.processes import free_port, wait_until
+from devtools.processes import ManagedProcess, free_port, wait_until
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 INHERITED_NOT = (
@@ -86,6 +86,7 @@ class Cluster:
             METRICS_ALLOWED_IPS="127.0.0.1",  # each web process's /metrics, asked directly
             MIGRATION_BANDWIDTH_MBPS="40",  # 5 MB/s: a demo guest's Copy lasts seconds
             RECOVERY_INTERVAL_S="2",
+            MIGRATION_HEARTBEAT_STALE_S="6",  # a killed worker's migration is decided within seconds
             AGENT_TIMEOUT_S="60",  # seeding the demo guests on a machine shared by several test runs
             PYTHONUNBUFFERED="1",
         )
@@ -94,6 +95,9 @@ class Cluster:
         self.output = ""
         self.started_in_s: float | None = None
         self.repl: subprocess.Popen | None = None
+        self.extra: list[
+            ManagedProcess
+        ] = []  # started by a test (a service it restarted): stopped at the end
 
     # --- life ------------------------------------------------------------------------------------
 
@@ -127,6 +131,8 @@ class Cluster:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
+        for process in self.extra:
+            process.stop()
         for pid in self.started():  # whatever a failure left behind
             try:
                 os.kill(pid, signal.SIGKILL)
