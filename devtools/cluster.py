@@ -310,9 +310,10 @@ def haproxy_config(path: Path, port: int, web_ports: Sequence[int]) -> Path:
     """A balancer on 127.0.0.1:``port`` over the web processes; websockets pass (``timeout tunnel``).
 
     ``leastconn``: a websocket stays for as long as a page is open, so the process with the fewest
-    goes first. A process is out after two failed checks a second apart (``fall 2``); a connection
-    refused meanwhile is retried on another one (``option redispatch``, ``retries``). The client's own
-    X-Forwarded-For is dropped and replaced by the address the balancer sees.
+    goes first (``http-server-close``: plain requests do not count). A process is out after two failed
+    checks a second apart (``fall 2``); a connection refused meanwhile is retried on another one
+    (``option redispatch``, ``retries``). The client's own X-Forwarded-For is dropped and replaced by
+    the address the balancer sees.
     """
     servers = [
         f"    server web{index + 1} 127.0.0.1:{web_port} check" for index, web_port in enumerate(web_ports)
@@ -334,6 +335,8 @@ defaults
     timeout tunnel 1h
     retries 3
     option redispatch 1
+    # A page's requests hold no web process between them, so a process's connections are its sockets.
+    option http-server-close
 
 frontend console
     bind 127.0.0.1:{port}

@@ -158,6 +158,7 @@ def test_a_web_process_killed_under_watching_pages_loses_none_of_them(cluster, b
         page.wait_for_function(f"() => document.querySelector('{COPY_PERCENT}') !== null")
 
     held = cluster.watchers()
+    assert sorted(held.values()) == [1, 1], held  # leastconn: the two sockets on the two web processes
     victim = max(held, key=held.get)
     os.kill(cluster.pid(victim), signal.SIGKILL)
     killed_at = time.monotonic()
