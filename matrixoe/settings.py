@@ -357,8 +357,12 @@ if REDIS_SENTINELS:
     _redis_password = env_str("REDIS_PASSWORD", "") or None
     _sentinel_password = env_str("REDIS_SENTINEL_PASSWORD", "") or None
     _redis_db = env_int("REDIS_DB", 0)
-    if not _master_name or _redis_db < 0:
-        raise ImproperlyConfigured("REDIS_SENTINEL_MASTER must not be empty and REDIS_DB must be 0 or more")
+    if not _master_name:
+        raise ImproperlyConfigured(
+            "REDIS_SENTINEL_MASTER must not be empty (the Sentinels' name for the master)"
+        )
+    if _redis_db < 0:
+        raise ImproperlyConfigured(f"REDIS_DB must be 0 or more, got {_redis_db}")
     _sentinel_kwargs = {"password": _sentinel_password} if _sentinel_password else {}
     CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
         {
@@ -389,6 +393,7 @@ if REDIS_SENTINELS:
         socket_connect_timeout=5,
         socket_timeout=15,
     )
+
 # --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
