@@ -41,7 +41,8 @@ def watching(cluster: Cluster, browser, vm_name: str):
     page.set_default_timeout(20_000)
     log_in(page, cluster.url, "admin", cluster.password("admin"))
     page.goto(f"{cluster.url}/vms/{vm_ids(cluster)[vm_name]}/general/")
-    assert wait_until(lambda: sum(cluster.watchers().values()) > before, 20), cluster.watchers()
+    opened = wait_until(lambda: sum(cluster.watchers().values()) > before, 45)
+    assert opened, (cluster.watchers(), page.url, page.locator(NOTICE).inner_text(), page.content()[:2000])
     return page
 
 
