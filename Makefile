@@ -7,7 +7,7 @@ LIBVIRT_REQ := $(shell pkg-config --exists 'libvirt >= 11' 2>/dev/null && echo h
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ) | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run test test-fast test-browser test-faults test-postgres lint guest-image bench soak stop clean
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench soak stop clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -23,6 +23,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 run: $(STAMP)
 	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)
 
+## make run-cluster: the reference deployment on one machine (README "Scaling out"): PostgreSQL, Redis as a master,
+##           a replica and three Sentinels, HAProxy on PORT (8000) in front of WEB (3) uvicorn processes, WORKERS (2)
+##           Celery workers, beat and the demo agents. Installs Debian's packages for them first when missing.
+run-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PY) scripts/run_console.py --cluster --hosts $(or $(HOSTS),simulated) --web $(or $(WEB),3) \
+		--workers $(or $(WORKERS),2)
+
 ## make test: every test (SQLite), then the database-constraint tests again on PostgreSQL.
 test: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -31,7 +39,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) scripts/ensure_redis.py
-	$(PYTEST) -m "not browser and not faults and not qemu and not libvirt"
+	$(PYTEST) -m "not browser and not faults and not qemu and not libvirt and not cluster"
 
 test-browser: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -43,6 +51,11 @@ test-faults: $(STAMP)
 
 test-postgres: $(STAMP)
 	$(PY) scripts/run_postgres_tests.py
+
+## make test-cluster: the fault tests against the cluster profile (tests/cluster/, marker `cluster`).
+test-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PYTEST) -m cluster
 
 ## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
 lint: $(STAMP)

@@ -51,7 +51,7 @@ from .decisions import (
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .evacuation import settle_after
-from .lease import Lease, LeaseLost, new_owner, record_stood_down
+from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
 from .models import PHASE_PERCENT_FIELD, Migration
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
@@ -72,11 +72,15 @@ SILENT_AFTER_S = 1.0  # a host whose call is this long without an answer at a ti
 T = TypeVar("T")
 
 
-def drive_migration(migration_id: int) -> None:
-    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
+def drive_migration(migration_id: int) -> bool:
+    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED.
+
+    False, with nothing done, when it could not claim the migration: not its source's turn yet, or no
+    longer QUEUED (another delivery of its task claimed it, or it was decided or cancelled).
+    """
     lease = Lease(migration_id, new_owner("worker"))
     if not do_claim_source(migration_id, lease.owner):
-        return
+        return False
     migration = load_migration(migration_id)
     run = MigrationRun(migration, lease)
     stood_down = False
@@ -94,6 +98,7 @@ def drive_migration(migration_id: int) -> None:
         if not stood_down:  # the decider that took over moves the queue and the evacuation on
             enqueue_next_for_source(migration.require_source().pk)
             settle_after(migration_id)
+    return True
 
 
 def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:
@@ -414,7 +419,15 @@ class MigrationRun:
         migration = self.migration
         fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
         rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **self.lease.where)
-        if not rows.update(**fields):
+        try:
+            updated = rows.update(**fields)
+        except DATABASE_GONE:
+            # The database dropped the connection (a restart, a failover): the next flush records the
+            # progress, on a new connection. Percentages only rise, so nothing is lost but this write.
+            logger.warning("Migration %s: progress not recorded, the database did not answer", migration.pk)
+            connection.close()
+            return
+        if not updated:
             raise self.lease.superseded()
         self.last_flush = now
         publish_progress(migration.pk)
@@ -520,6 +533,11 @@ class Watchdog:
             while not self.stopped.wait(WATCH_INTERVAL_S):
                 try:
                     self.tick()
+                except DATABASE_GONE as error:
+                    logger.warning(
+                        "Migration %s: the database did not answer (%s)", self.run.migration.pk, error
+                    )
+                    connection.close()  # the next tick connects again
                 except Exception:
                     logger.exception("Watchdog of migration %s", self.run.migration.pk)
         finally:

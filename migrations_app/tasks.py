@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
@@ -13,11 +15,24 @@ from .engine import drive_migration
 from .link_probes import probe_now
 from .recovery import recover_orphans
 
+logger = logging.getLogger(__name__)
 
-@shared_task(ignore_result=True)
-def run_migration(migration_id: int) -> None:
-    """Drive one migration; a no-op if it is not (or no longer) its source's turn."""
-    drive_migration(migration_id)
+
+@shared_task(bind=True, ignore_result=True)
+def run_migration(self: Any, migration_id: int) -> None:
+    """Drive one migration; a no-op if it is not (or no longer) its source's turn.
+
+    The broker may deliver this task again while its first delivery still runs (acks-late: its message
+    stays unacknowledged until the end, and the Redis transport hands it out again after its visibility
+    timeout). The second delivery finds the migration claimed and changes nothing; it says so in the log.
+    """
+    claimed = drive_migration(migration_id)
+    if not claimed and (self.request.delivery_info or {}).get("redelivered"):
+        logger.info(
+            "Migration %s: its task was delivered again (the broker's visibility timeout passed, or a "
+            "worker was lost) and found it no longer waiting to start: this delivery changed nothing",
+            migration_id,
+        )
 
 
 @shared_task(ignore_result=True)
