@@ -20,7 +20,6 @@ from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
-from matrixoe.error_views import permission_denied
 from vms import migration_policy
 from vms.access import (
     ADD_MIGRATION_PERMISSION,
@@ -66,10 +65,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     dialog says why, nothing changes).
     """
     vm = get_visible_vm(request.user, vm_id)
-    try:
-        check_can_migrate(request.user, vm)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
+    check_can_migrate(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
     if request.method == "GET":
         # Reachability is checked now, not taken from the last inventory (up to 30 s old).
         if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
@@ -306,9 +302,7 @@ def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
     vm = migration.require_vm()
     try:
-        do_cancel_migration(migration, request.user)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
+        do_cancel_migration(migration, request.user)  # PermissionDenied: handler403, as above
     except MigrationRefused as refusal:
         return respond_notice(request, vm, str(refusal.message), ok=False)
     return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")

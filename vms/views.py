@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpResponse
@@ -17,7 +17,6 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from matrixoe.error_views import permission_denied
 from vms import migration_policy
 from vms.access import (
     ADD_MIGRATION_PERMISSION,
@@ -278,22 +277,10 @@ def apply_change(
     return render_general(request, vm_with_registrations().get(pk=vm.pk), status=status)
 
 
-def refuse_without_right(
-    request: HtmxHttpRequest, check: Callable[..., None], *args: Any
-) -> HttpResponse | None:
-    """A short refusal (403) when ``check(request.user, *args)`` (from ``vms.access``) refuses; else None."""
-    try:
-        check(request.user, *args)
-    except PermissionDenied as error:
-        return permission_denied(request, error)
-    return None
-
-
 @require_POST
 def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     vm = get_visible_vm(request.user, pk)
-    if refused := refuse_without_right(request, check_can_change_vm, vm):
-        return refused
+    check_can_change_vm(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
 
     def change(data: dict[str, Any]) -> str:
         do_set_online_migration(vm, data["enabled"], request.user)
@@ -306,8 +293,7 @@ def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """The General tab's migration policy form (a preset, or Custom with its values)."""
     vm = get_visible_vm(request.user, pk)
-    if refused := refuse_without_right(request, check_can_change_vm, vm):
-        return refused
+    check_can_change_vm(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
 
     def change(data: dict[str, Any]) -> str:
         fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
@@ -334,8 +320,7 @@ def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) ->
     registration = get_object_or_404(
         visible_registrations(request.user, Registration.objects.select_related("vm", "vsp")), pk=pk
     )
-    if refused := refuse_without_right(request, check_can_change_registration, registration):
-        return refused
+    check_can_change_registration(request.user, registration)
 
     def change(data: dict[str, Any]) -> str:
         if runnable:
