@@ -50,9 +50,9 @@ from .decisions import (
     roll_forward,
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
-from .evacuation import settle_after
 from .lease import Lease, LeaseLost, new_owner, record_stood_down
 from .models import PHASE_PERCENT_FIELD, Migration
+from .outcomes import deliver_outcome_of
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
 from .samples import add_round_sample
@@ -91,9 +91,9 @@ def drive_migration(migration_id: int) -> None:
         record_stood_down(lease)
     finally:
         run.close()
-        if not stood_down:  # the decider that took over moves the queue and the evacuation on
+        if not stood_down:  # the decider that took over moves the queue on and delivers the outcome
             enqueue_next_for_source(migration.require_source().pk)
-            settle_after(migration_id)
+            deliver_outcome_of(migration_id)  # its followers (an evacuation...), once the undo was tried
 
 
 def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:

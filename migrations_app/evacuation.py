@@ -22,8 +22,8 @@ requested through ``actions.do_request_migration``, in plan order, so the guests
 source's own queue (``scheduling``): one at a time, or ``VSP.max_concurrent_migrations`` at once; a
 plan that no longer fits is refused with the reason and nothing changes. A failed or cancelled guest
 stays runnable on the source and the queue goes on.
-``settle`` ends the evacuation once every step's migration has ended (called by the worker after each
-migration, by cancel and by the pages). Leaving maintenance is the admin's explicit action.
+``settle`` ends the evacuation once every step's migration has ended (called for each migration outcome,
+``follow_outcome``, and by cancel and the pages). Leaving maintenance is the admin's explicit action.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .actions import MigrationRefused, do_cancel_migration, do_request_migration
 from .checks import check_vm, host_refusal
 from .evacuation_models import Evacuation, EvacuationStep
 from .models import Migration
+from .outcomes import Outcome
 from .progress import publish_vsp_overview
 
 logger = logging.getLogger(__name__)
@@ -586,9 +587,14 @@ def settle(evacuation: Evacuation) -> bool:
     return bool(ended)
 
 
-def settle_after(migration_id: int) -> None:
-    """Called by the worker when a migration ends: end its evacuation if it was the last step."""
-    step = EvacuationStep.objects.filter(migration_id=migration_id).select_related("evacuation__vsp").first()
+def follow_outcome(outcome: Outcome) -> None:
+    """The outcome follower (``outcomes.register_follower``): a migration ended, so its evacuation ends if
+    it was its last step. Idempotent (``settle`` is a compare-and-set)."""
+    step = (
+        EvacuationStep.objects.filter(migration_id=outcome.migration_id)
+        .select_related("evacuation__vsp")
+        .first()
+    )
     if step is not None:
         settle(step.evacuation)
 

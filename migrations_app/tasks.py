@@ -11,6 +11,7 @@ from vms.inventory import collect_vsp, start_round
 
 from .engine import drive_migration
 from .link_probes import probe_now
+from .outcomes import deliver_pending
 from .recovery import recover_orphans
 
 
@@ -41,10 +42,12 @@ def collect_vsp_inventory(vsp_id: int, round_id: int | None = None, deadline: fl
 
 @shared_task(ignore_result=True)
 def recover_migrations(stale_after_s: float | None = None) -> list[int]:
-    """Decide migrations whose worker died (no heartbeat for ``stale_after_s``)."""
-    return recover_orphans(
-        stale_after_s if stale_after_s is not None else settings.MIGRATION_HEARTBEAT_STALE_S
-    )
+    """Decide migrations whose worker died (no heartbeat for ``stale_after_s``), then deliver the
+    outcomes their deciders did not (``outcomes.deliver_pending``)."""
+    stale_s = stale_after_s if stale_after_s is not None else settings.MIGRATION_HEARTBEAT_STALE_S
+    acted = recover_orphans(stale_s)
+    deliver_pending()
+    return acted
 
 
 @shared_task(ignore_result=True)
