@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "csp",
     "vms",
     "migrations_app",
+    "evacuations",
     "ninja",  # serves Swagger UI for /api/v1/docs from its bundled static files (no CDN)
     "api",
 ]

@@ -11,12 +11,10 @@ class MigrationsAppConfig(AppConfig):
         from vms.general_tab import register_context_provider
         from vms.models import VSP
 
-        from . import evacuation, history
-        from .outcomes import register_follower
+        from . import history
         from .progress import general_tab_context
         from .scheduling import on_vsp_saved
 
         post_save.connect(on_vsp_saved, sender=VSP, dispatch_uid="migrations_app.scheduling.on_vsp_saved")
         register_context_provider(general_tab_context)
         register_context_provider(history.general_tab_context)
-        register_follower("evacuations", evacuation.follow_outcome)

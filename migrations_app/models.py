@@ -286,15 +286,4 @@ class MigrationOutcome(models.Model):
         return f"migration {self.migration_id} {self.outcome} at {self.at:%H:%M:%S} ({delivered})"
 
 
-# Evacuations are models of this app kept in a module of their own.
-from .evacuation_models import Evacuation, EvacuationStep  # noqa: E402
-
-__all__ = [
-    "PHASE_FIELD_PREFIX",
-    "Evacuation",
-    "EvacuationStep",
-    "LinkProbe",
-    "Migration",
-    "MigrationEvent",
-    "MigrationOutcome",
-]
+__all__ = ["PHASE_FIELD_PREFIX", "LinkProbe", "Migration", "MigrationEvent", "MigrationOutcome"]

@@ -10,7 +10,6 @@ from django.utils.safestring import SafeString
 
 from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
-from migrations_app.evacuation_views import panel_context
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
@@ -180,12 +179,6 @@ def other_vsps(vsp: VSP, user: Any) -> list[tuple[VSP, str]]:
         (other, host_refusal(vsp, other) or "")
         for other in migration_targets(user).exclude(pk=vsp.pk).order_by("name")
     ]
-
-
-@register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
-def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
-    """The VSP page's evacuation panel: maintenance, Evacuate…, the latest evacuation's progress."""
-    return panel_context(context["request"], vsp) | {"csrf_token": context.get("csrf_token")}
 
 
 @register.filter

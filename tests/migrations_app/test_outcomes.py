@@ -148,7 +148,7 @@ def test_recovery_beat_task_delivers_left_over_outcomes(migration, followed, mon
 def test_a_migration_ended_by_the_periodic_pass_ends_its_evacuation(migration):
     """The evacuation follower (registered by its app) through the robust path: the worker died between
     its commit and its follow-up, the pass delivers, the evacuation ends and says how."""
-    from migrations_app.evacuation_models import Evacuation, EvacuationStep
+    from evacuations.models import Evacuation, EvacuationStep
 
     evacuation = Evacuation.objects.create(vsp=migration.source)
     EvacuationStep.objects.create(
