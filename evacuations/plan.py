@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrations_app import estimates, forecast
+from migrations_app.access import migration_targets
 from migrations_app.checks import check_vm, host_refusal
-from vms.access import migration_targets, visible_vsps
+from vms.access import visible_vsps
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, Registration, VirtualMachine
 

@@ -8,13 +8,8 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 
-from vms.access import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
-    LACKS_PERMISSION,
-    can_view_vsp,
-    may_act_on_vsp,
-)
+from migrations_app.access import ADD_MIGRATION_PERMISSION, CHANGE_MIGRATION_PERMISSION
+from vms.access import LACKS_PERMISSION, can_view_vsp, may_act_on_vsp
 from vms.models import VSP
 
 

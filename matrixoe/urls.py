@@ -22,6 +22,7 @@ urlpatterns = [
     path("api/v1/migrations/<int:migration_id>/events", migration_events, name="api_migration_events"),
     path("api/v1/", include((public_urls(api.urls[0]), "api-v1"), namespace="api-v1")),
     path("metrics", metrics_view, name="metrics"),
+    path("", include("migrations_app.vm_urls")),
     path("", include("vms.urls")),
 ]
 

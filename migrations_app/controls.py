@@ -22,16 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from vms.access import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
-    allowed,
-    check_can_cancel,
-    check_can_migrate,
-    has_global,
-    vsps_with_role,
-)
+from vms.access import allowed, has_global, vsps_with_role
 from vms.models import Role, VirtualMachine
+
+from .access import ADD_MIGRATION_PERMISSION, CHANGE_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
 
 CONTROLS = ("steer", "cancel", "migrate")
 

@@ -33,11 +33,11 @@ from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
-from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.inventory import mark_reachable
 from vms.models import Registration
 
+from . import migration_policy
 from .decisions import (
     abort,
     agent_for,

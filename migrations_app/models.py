@@ -97,7 +97,7 @@ class Migration(models.Model):
     policy = models.JSONField(
         default=dict,
         blank=True,
-        help_text="The effective policy (vms.migration_policy)",
+        help_text="The effective policy (migrations_app.migration_policy)",
     )
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)

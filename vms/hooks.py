@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from django.db.models import Expression, QuerySet
+from django.db.models import QuerySet
+from django.db.models.expressions import BaseExpression
 
 # Each place of the inventory's pages another app may fill, with what it is for.
 SLOTS: dict[str, str] = {
@@ -101,7 +102,7 @@ def busy_reasons(vm_ids: Iterable[int]) -> dict[int, str]:
 
 
 # -- memory reserved on a host ---------------------------------------------------------------------------
-Reservation = Callable[[], Expression]
+Reservation = Callable[[], BaseExpression]
 _reservations: list[Reservation] = []
 
 
@@ -112,7 +113,7 @@ def register_reservation(reservation: Reservation) -> None:
         _reservations.append(reservation)
 
 
-def reservations() -> list[Expression]:
+def reservations() -> list[BaseExpression]:
     """The registered reservation expressions, made now (each call builds fresh ones)."""
     return [reservation() for reservation in _reservations]
 

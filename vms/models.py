@@ -332,7 +332,7 @@ class VirtualMachine(models.Model):
     migration_policy = models.JSONField(
         default=dict,
         blank=True,
-        help_text="Default migration policy (vms.migration_policy)",
+        help_text="The default migration policy, a JSON object (the migrations app checks and reads it)",
     )
     memory_mib = models.PositiveIntegerField()
     vcpus = models.PositiveIntegerField(default=1)

@@ -106,9 +106,10 @@ def free_memory(value: int | None) -> str:
 
 
 @register.simple_tag
-def power_refusals(registration: Registration, migrating: bool) -> dict[str, str]:
-    """``{% power_refusals registration migrating as refused %}``: why each power button is disabled."""
-    return refusals(registration, bool(migrating))
+def power_refusals(registration: Registration, busy: str) -> dict[str, str]:
+    """``{% power_refusals registration busy as refused %}``: why each power button is disabled (``busy``:
+    why the guest is busy now, "" when it is not)."""
+    return refusals(registration, str(busy or ""))
 
 
 @register.filter
