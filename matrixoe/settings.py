@@ -286,7 +286,7 @@ MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
 # "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
 MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
-# --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
+# --- inventory collection (vms.inventory; vms.tasks.collect_inventory fans out one task per VSP) -----------
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
 # Seconds each step of one agent's inventory call may take (connect, TLS, answer): a dead agent costs one
@@ -300,10 +300,10 @@ if INVENTORY_UNREACHABLE_AFTER < 1 or INVENTORY_AGENT_TIMEOUT_S < 1:
 # take them: `celery -A matrixoe worker -Q inventory --pool threads --concurrency 32`.
 INVENTORY_QUEUE = env_str("INVENTORY_QUEUE", "") or None
 
-# --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
+# --- CELERY_BEAT_SCHEDULE (periodic tasks; run `celery -A matrixoe beat`) ---------------------------------
 CELERY_BEAT_SCHEDULE = {
     "collect-inventory": {
-        "task": "migrations_app.tasks.collect_inventory",
+        "task": "vms.tasks.collect_inventory",
         "schedule": INVENTORY_INTERVAL_S,
     },
     "recover-migrations": {

@@ -3,8 +3,8 @@
 Two layers, both required (superusers pass both):
 
 1. The **global model permission** is the coarse gate: what *kind* of thing the account may do at
-   all (``vms.view_vsp``, ``vms.change_registration``...; other apps' rights build on these functions,
-   e.g. migrating a guest: ``migrations_app.access``).
+   all (``vms.view_vsp``, ``vms.change_registration``...; other apps' rights, e.g. migrating a guest,
+   build on these functions).
 2. The **role in a host group** (``HostGroupMembership``) says *where*: viewer sees the group's
    VSPs and their guests; operator may also migrate and power them; administrator may also change
    settings (online migration, runnable marks, per-VM settings).

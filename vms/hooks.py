@@ -1,9 +1,9 @@
 """What other apps add to the inventory, without the inventory importing them.
 
-The inventory (``vms``) sits below the apps that use it (``migrations_app``, ``evacuations``): they
-register here from their ``AppConfig.ready()``, and the inventory's pages and rules ask here. With
-nothing registered every hook adds nothing, so the inventory works alone (an import-linter contract in
-``pyproject.toml`` keeps ``vms`` from importing those apps).
+The inventory (``vms``) sits below the apps that use it (migrations, evacuations): they register here
+from their ``AppConfig.ready()``, and the inventory's pages and rules ask here. With nothing registered
+every hook adds nothing, so the inventory works alone (an import-linter contract in ``pyproject.toml``
+keeps ``vms`` from importing those apps).
 
 - **slots**: templates another app renders into named places of the inventory's pages
   (``{% slot "name" %}``, ``vms.templatetags.console``), with the page's context;
