@@ -41,11 +41,13 @@ test-faults: $(STAMP)
 test-postgres: $(STAMP)
 	$(PY) scripts/run_postgres_tests.py
 
-## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
+## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps,
+##           and the layer contracts (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 guest-image:
 	bash scripts/build_test_guest.sh
