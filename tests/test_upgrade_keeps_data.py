@@ -56,7 +56,7 @@ def upgrade():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_upgrade_keeps_every_evacuation_and_gives_each_ended_migration_its_outcome_event():
+def test_an_upgrade_keeps_every_evacuation_and_gives_each_ended_migration_its_outcome_event(latest_schema):
     old = old_models()
     assert "migrations_app_evacuation" in connection.introspection.table_names()
     hosta, hostb = (
