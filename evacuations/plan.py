@@ -196,8 +196,9 @@ def build_plan(
     """The evacuation plan of ``vsp``.
 
     ``user``: targets are the VSPs where they are an operator when they may start this evacuation
-    (``vms.access.migration_targets``), else the VSPs they see (``visible_vsps``: a viewer reads what the
-    plan would do among them); another group's VSP is neither offered nor named. ``None``: every VSP.
+    (``migrations_app.access.migration_targets``), else the VSPs they see (``visible_vsps``: a viewer
+    reads what the plan would do among them); another group's VSP is neither offered nor named.
+    ``None``: every VSP.
 
     ``chosen_targets``: the admin's target VSP id per VM id (others are chosen here). ``order``: VM ids in
     the order the admin wants (every leaving VM once); None orders by forecast, the largest time last and

@@ -1,6 +1,6 @@
 """Who may see and do what about evacuations: one function per right, so per-host-group permissions
 replace the global checks in one place. An evacuation requests and cancels migrations, so its rights are
-the migration rights on the VSP's host group (``vms.access``)."""
+the migration rights on the VSP's host group (``migrations_app.access``, built on ``vms.access``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Starting, queueing and cancelling migrations: the multi-step changes behind the Migrate and Cancel buttons.
 
-Each ``do_*`` checks the user's right (``vms.access``: the global permission and the operator role in
+Each ``do_*`` checks the user's right (``access``: the global permission and the operator role in
 the host groups of the source and the target), decides under a lock (and the
 ``one_active_migration_per_vm`` constraint), records an event, and queues the worker's job with
 ``transaction.on_commit`` so it never sees an uncommitted row. Refusals raise ``MigrationRefused``

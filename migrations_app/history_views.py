@@ -1,7 +1,7 @@
 """Pages of the migration history: the list, its CSV export, and one migration's report.
 
 Login is required (middleware) and every view checks ``migrations_app.view_migration``; a user sees
-the migrations whose source or target is in one of their host groups (``vms.access``), others are
+the migrations whose source or target is in one of their host groups (``access``), others are
 not found.
 """
 
