@@ -119,6 +119,7 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         # What other apps add (their slots' context, e.g. a column per row): ``vms.hooks``.
         **vsp_page_context(request, vsp, vm_ids),
     }
+    # Name, Type, OS status, Hardware status, Memory, vCPUs; Power; other apps' columns.
     context["column_count"] = 6 + int(may_power_here) + context["row_columns"]
     return render(request, "vms/vsp_detail.html", context)
 
