@@ -264,7 +264,8 @@ class LinkProbe(models.Model):
 class MigrationOutcome(models.Model):
     """The end of one migration as an event: written in the transaction that records the terminal state
     (``transitions.transition``; ``history.record_refusal`` for a refusal), read by its followers
-    (``migrations_app.outcomes``: an evacuation moves on, ...), so the migration core calls none of them.
+    (``migrations_app.outcomes``: an evacuation ends after its last step, ...), so the migration core
+    calls none of them.
 
     One row per ended migration (the one-to-one says so). ``delivered_at``: when every follower took it
     (None: not yet). ``attempts``: deliveries claimed; ``retry_at``: when a later pass may claim it again

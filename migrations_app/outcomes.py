@@ -2,9 +2,9 @@
 
 A migration ends (COMPLETED, ABORTED, CANCELLED, or created REFUSED) in one transaction that also writes
 its ``MigrationOutcome`` row (``record_outcome``, called by ``transitions.transition`` and
-``history.record_refusal``). Whoever cares about ends (an evacuation moving on to its next step or
-ending, ...) registers a *follower* (``register_follower``) from its own app's ``ready()``; the
-migration core imports none of them.
+``history.record_refusal``). Whoever cares about ends (an evacuation that ends after its last step,
+...) registers a *follower* (``register_follower``) from its own app's ``ready()``; the migration core
+imports none of them.
 
 Delivery (``deliver``) claims the row by compare-and-set, calls every follower with an ``Outcome``
 (plain facts: ids and the state), and marks the row delivered once all of them returned. Three paths
