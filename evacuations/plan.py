@@ -32,8 +32,6 @@ from vms.models import VSP, Registration, VirtualMachine
 
 from .rights import may_evacuate
 
-MIB = 1024 * 1024
-
 
 @dataclass
 class PlanStep:
