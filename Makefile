@@ -57,11 +57,13 @@ test-cluster: $(STAMP)
 	bash scripts/install_cluster_packages.sh
 	$(PYTEST) -m cluster
 
-## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
+## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps,
+##           and the layer contracts (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 ## make guest-image: the QEMU guests in guest-images/: the test guest (kernel + initramfs) and the OS image
 ##           (guest-os.qcow2, a bootable disk). Both idempotent; the OS image is rebuilt only when an input changed.

@@ -84,6 +84,7 @@ INSTALLED_APPS = [
     "csp",
     "vms",
     "migrations_app",
+    "evacuations",
     "ninja",  # serves Swagger UI for /api/v1/docs from its bundled static files (no CDN)
     "api",
 ]
@@ -394,7 +395,7 @@ if REDIS_SENTINELS:
         socket_timeout=15,
     )
 
-# --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
+# --- inventory collection (vms.inventory; vms.tasks.collect_inventory fans out one task per VSP) -----------
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
 # Seconds each step of one agent's inventory call may take (connect, TLS, answer): a dead agent costs one
@@ -408,10 +409,10 @@ if INVENTORY_UNREACHABLE_AFTER < 1 or INVENTORY_AGENT_TIMEOUT_S < 1:
 # take them: `celery -A matrixoe worker -Q inventory --pool threads --concurrency 32`.
 INVENTORY_QUEUE = env_str("INVENTORY_QUEUE", "") or None
 
-# --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
+# --- CELERY_BEAT_SCHEDULE (periodic tasks; run `celery -A matrixoe beat`) ---------------------------------
 CELERY_BEAT_SCHEDULE = {
     "collect-inventory": {
-        "task": "migrations_app.tasks.collect_inventory",
+        "task": "vms.tasks.collect_inventory",
         "schedule": INVENTORY_INTERVAL_S,
     },
     "recover-migrations": {

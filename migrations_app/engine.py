@@ -33,11 +33,11 @@ from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
-from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.inventory import mark_reachable
 from vms.models import Registration
 
+from . import migration_policy
 from .decisions import (
     abort,
     agent_for,
@@ -50,9 +50,9 @@ from .decisions import (
     roll_forward,
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
-from .evacuation import settle_after
 from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
 from .models import PHASE_PERCENT_FIELD, Migration
+from .outcomes import deliver_outcome_of
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
 from .samples import add_round_sample
@@ -95,9 +95,9 @@ def drive_migration(migration_id: int) -> bool:
         record_stood_down(lease)
     finally:
         run.close()
-        if not stood_down:  # the decider that took over moves the queue and the evacuation on
+        if not stood_down:  # the decider that took over moves the queue on and delivers the outcome
             enqueue_next_for_source(migration.require_source().pk)
-            settle_after(migration_id)
+            deliver_outcome_of(migration_id)  # its followers (an evacuation...), once the undo was tried
     return True
 
 
