@@ -3,7 +3,7 @@
 One ``MigrationAgents`` per decider run (the worker's, recovery's): a client of each agent (connected on
 first use), the id both agents know the attempt by, and the requests built from the migration's
 records (``IncomingRequest`` and ``OutgoingRequest``: the guest from ``vms.agent_messages``, the policy
-from ``vms.migration_policy``). Its calls come in two kinds:
+from ``migration_policy``). Its calls come in two kinds:
 
 - **during the phases** (``prepare_target``, ``start_source``, ``progress``, ``command_progress``,
   ``target_snapshot``): each runs in a helper thread so that an ``interrupt`` (the watchdog's: a cancel,
@@ -42,7 +42,6 @@ from agentprotocol import (
     ProgressSnapshot,
     plain_words,
 )
-from vms import migration_policy
 from vms.agent_client import (
     AgentClient,
     AgentError,
@@ -55,7 +54,7 @@ from vms.agent_messages import guest_spec, phase_limits
 from vms.inventory import mark_reachable
 from vms.models import VSP
 
-from . import alerts
+from . import alerts, migration_policy
 from .errors import MigrationFailed
 from .lease import Lease, LeaseLost
 from .models import Migration

@@ -34,9 +34,9 @@ from . import alerts, records
 from .agents import MigrationAgents
 from .endings import abort, roll_forward
 from .errors import MigrationCancelled, MigrationFailed, Superseded
-from .evacuation import settle_after
-from .lease import Lease, LeaseLost, new_owner, record_stood_down
+from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
 from .models import Migration
+from .outcomes import deliver_outcome_of
 from .phases import PHASES, Phase
 from .progress import publish_progress
 from .records import ProgressRecord
@@ -49,11 +49,15 @@ HEARTBEAT_INTERVAL_S = 1.0
 BACKSTOP_GRACE_S = 1.0  # the agent enforces each limit; the worker stops the phase this much after it
 
 
-def drive_migration(migration_id: int) -> None:
-    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
+def drive_migration(migration_id: int) -> bool:
+    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED.
+
+    False, with nothing done, when it could not claim the migration: not its source's turn yet, or no
+    longer QUEUED (another delivery of its task claimed it, or it was decided or cancelled).
+    """
     lease = Lease(migration_id, new_owner("worker"))
     if not do_claim_source(migration_id, lease.owner):
-        return
+        return False
     run = MigrationRun(records.load_migration(migration_id), lease)
     stood_down = False
     try:
@@ -67,9 +71,10 @@ def drive_migration(migration_id: int) -> None:
         record_stood_down(lease)
     finally:
         run.close()
-        if not stood_down:  # the decider that took over moves the queue and the evacuation on
+        if not stood_down:  # the decider that took over moves the queue on and delivers the outcome
             enqueue_next_for_source(run.migration.require_source().pk)
-            settle_after(migration_id)
+            deliver_outcome_of(migration_id)  # its followers (an evacuation...), once the undo was tried
+    return True
 
 
 def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:
@@ -174,6 +179,11 @@ class Watchdog:
             while not self.stopped.wait(WATCH_INTERVAL_S):
                 try:
                     self.tick()
+                except DATABASE_GONE as error:
+                    logger.warning(
+                        "Migration %s: the database did not answer (%s)", self.run.migration.pk, error
+                    )
+                    connection.close()  # the next tick connects again
                 except Exception:
                     logger.exception("Watchdog of migration %s", self.run.migration.pk)
         finally:

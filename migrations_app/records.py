@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from agentprotocol import FailureKind, ProgressSnapshot
@@ -24,7 +24,7 @@ from vms.models import Registration
 
 from .alerts import cancelled_by
 from .errors import MigrationCancelled, MigrationFailed
-from .lease import Lease
+from .lease import DATABASE_GONE, Lease
 from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
 from .progress import publish_progress
 from .samples import add_round_sample
@@ -97,8 +97,8 @@ class ProgressRecord:
         now = time.monotonic()
         if not force and now - self.last_flush < PUBLISH_INTERVAL_S:
             return
-        save_progress(self.migration, self.lease)
-        self.last_flush = now
+        if save_progress(self.migration, self.lease):
+            self.last_flush = now
 
     def enter(self, state: Migration.State, label: str) -> None:
         enter_phase(self.migration, state, label, self.lease)
@@ -130,14 +130,23 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
         migration.downtime_ms = snapshot.downtime_ms
 
 
-def save_progress(migration: Migration, lease: Lease) -> None:
+def save_progress(migration: Migration, lease: Lease) -> bool:
     """Store the progress held in memory, with a heartbeat, while the state and the lease are unchanged;
-    raises ``lease.superseded()`` otherwise."""
+    raises ``lease.superseded()`` otherwise. False when the database dropped the connection (a restart,
+    a failover): the next save records the progress, on a new connection; percentages only rise, so
+    nothing is lost but this write."""
     fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
     rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **lease.where)
-    if not rows.update(**fields):
+    try:
+        updated = rows.update(**fields)
+    except DATABASE_GONE:
+        logger.warning("Migration %s: progress not recorded, the database did not answer", migration.pk)
+        connection.close()
+        return False
+    if not updated:
         raise lease.superseded()
     publish_progress(migration.pk)
+    return True
 
 
 def enter_phase(migration: Migration, state: Migration.State, label: str, lease: Lease) -> None:

@@ -24,9 +24,9 @@ from .agents import MigrationAgents, agent_for, agent_migration_id
 from .alerts import cancelled_by
 from .endings import abort, restate_where_the_vm_is, roll_forward, undo_and_mark
 from .errors import MigrationCancelled, MigrationFailed
-from .evacuation import settle_after
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
+from .outcomes import deliver_outcome_of
 from .records import load_migration
 from .scheduling import start_idle_queues
 
@@ -102,7 +102,7 @@ def recover_one(migration: Migration, stale_after_s: float) -> bool:
     except LeaseLost:  # this pass itself stalled past the limit and a later pass took over
         record_stood_down(lease)
         return False
-    settle_after(migration.pk)  # as the worker would have: its evacuation ends if this was its last step
+    deliver_outcome_of(migration.pk)  # as the worker would have: its followers (an evacuation...) learn it
     return True
 
 

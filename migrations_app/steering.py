@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from agentprotocol import ParamsChange, plain_words
 from migrations_app import forecast
-from vms import migration_policy
-from vms.access import check_can_migrate
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
+from . import migration_policy
+from .access import check_can_migrate
 from .agents import agent_migration_id
 from .models import Migration, MigrationEvent
 from .progress import publish_progress

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -20,26 +21,25 @@ from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
-from matrixoe.error_views import permission_denied
-from vms import migration_policy
-from vms.access import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
-    check_can_migrate,
-    get_visible_vm,
-    get_visible_vsp,
-    migration_targets,
-)
+from vms.access import check_can_change_vm, get_visible_vm, get_visible_vsp
 from vms.http import HtmxHttpRequest
 from vms.inventory import probe_reachability
 from vms.models import VSP, VirtualMachine
+from vms.views import apply_change
 
-from . import estimates, steering
+from . import estimates, migration_policy, steering
+from .access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    check_can_migrate,
+    migration_targets,
+)
 from .actions import (
     MigrationRefused,
     do_cancel_migration,
     do_request_migration,
     do_request_migrations,
+    do_set_migration_policy,
 )
 from .checks import TargetCheck, check_targets
 from .models import Migration
@@ -66,10 +66,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     dialog says why, nothing changes).
     """
     vm = get_visible_vm(request.user, vm_id)
-    try:
-        check_can_migrate(request.user, vm)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
+    check_can_migrate(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
     if request.method == "GET":
         # Reachability is checked now, not taken from the last inventory (up to 30 s old).
         if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
@@ -228,7 +225,7 @@ def policy_feedback(
     context: dict[str, Any] = {"vm": vm, "forecast_oob": True, **policy_error_context(error)}
     html = "".join(
         render_to_string(
-            "vms/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
+            "migrations_app/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
         )
         for key in POLICY_ERROR_FIELDS
     )
@@ -242,7 +239,7 @@ POLICY_ERROR_FIELDS = (*migration_policy.FIELDS, "")  # "": words about no one f
 
 
 def policy_error_context(error: migration_policy.PolicyError | None) -> dict[str, Any]:
-    """What the policy fields' error spans show (``vms/_policy_field_error.html``)."""
+    """What the policy fields' error spans show (``migrations_app/_policy_field_error.html``)."""
     return {
         "policy_errors_id": "migrate-policy-error",
         "policy_error": str(error) if error else "",
@@ -306,9 +303,7 @@ def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
     vm = migration.require_vm()
     try:
-        do_cancel_migration(migration, request.user)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
+        do_cancel_migration(migration, request.user)  # PermissionDenied: handler403, as above
     except MigrationRefused as refusal:
         return respond_notice(request, vm, str(refusal.message), ok=False)
     return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
@@ -369,3 +364,20 @@ def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
         else:
             messages.success(request, f"{result.vm.name}: migration to {target.name} queued.")
     return redirect("vms:vsp_detail", pk=vsp.pk)
+
+
+@require_POST
+def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The General tab's migration policy form (a preset, or Custom with its values); answers with the
+    tab, as the inventory's own forms do (``vms.views.apply_change``)."""
+    vm = get_visible_vm(request.user, pk)
+    check_can_change_vm(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
+
+    def change(data: dict[str, Any]) -> str:
+        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
+        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
+            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
+        policy = do_set_migration_policy(vm, fields, request.user)
+        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
+
+    return apply_change(request, vm, forms.Form(request.POST), change)
