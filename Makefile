@@ -7,7 +7,7 @@ LIBVIRT_REQ := $(shell pkg-config --exists 'libvirt >= 11' 2>/dev/null && echo h
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ) | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench soak stop clean
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench soak stop clean agent-bundle
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -64,6 +64,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
+
+## make agent-bundle: var/hostagent.tar.gz, what a host installs: hostagent/, agentprotocol/, requirements.txt.
+agent-bundle:
+	$(PYTHON) scripts/agent_bundle.py var/hostagent.tar.gz
 
 ## make guest-image: the QEMU guests in guest-images/: the test guest (kernel + initramfs) and the OS image
 ##           (guest-os.qcow2, a bootable disk). Both idempotent; the OS image is rebuilt only when an input changed.

@@ -9,6 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentprotocol import (
+    Encryption,
+    GuestSpec,
+    IncomingRequest,
+    MigrationParams,
+    OutgoingRequest,
+    ProgressSnapshot,
+)
 from devtools.processes import free_port, start_agent, write_secret_file
 from vms.agent_client import AgentClient
 
@@ -49,7 +57,7 @@ class BenchAgent:
         self.secret = started.secret
         self.trust = started.ca.read_text() if started.ca else ""
         self.client = AgentClient(started.url, started.secret, trust=self.trust, timeout_s=timeout_s)
-        self.encryption = "required"
+        self.encryption: Encryption = "required"
 
     def stop(self) -> None:
         self.client.close()
@@ -58,14 +66,18 @@ class BenchAgent:
 
 @dataclass
 class Moved:
-    ready: dict[str, Any]  # the source's snapshot in "ready"
+    ready: ProgressSnapshot  # the source's snapshot in "ready"
     target_digest: str | None  # as the target reported it before resuming
     total_s: float  # start -> ready
     to_converged_s: float  # start -> converged (or ended)
 
 
 def migrate(
-    source: Any, target: Any, spec: dict[str, Any], encryption: str | None = None, streams: int | None = None
+    source: Any,
+    target: Any,
+    spec: dict[str, Any],
+    encryption: Encryption | None = None,
+    streams: int | None = None,
 ) -> Moved:
     """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands.
 
@@ -75,22 +87,34 @@ def migrate(
     """
     policy = encryption or getattr(source, "encryption", "required")
     migration_id = f"bench-{secrets.token_hex(3)}"
-    wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    wanted["guest_id"] = guest_id_for(spec["name"])
+    wanted = GuestSpec(
+        guest_id=spec.get("guest_id") or guest_id_for(spec["name"]),
+        **{key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")},
+    )
     started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, policy, streams)
-    params = {"downtime_ms": 300, "max_rounds": 30}
-    source.client.start_outgoing(wanted["guest_id"], migration_id, endpoint, params, policy, streams)
+    incoming = IncomingRequest(migration_id=migration_id, guest=wanted, encryption=policy, streams=streams)
+    endpoint = target.client.prepare_incoming(incoming).endpoint()
+    params = MigrationParams(downtime_ms=300, max_rounds=30)
+    source.client.start_outgoing(
+        OutgoingRequest(
+            migration_id=migration_id,
+            guest=wanted.guest_id,
+            target=endpoint,
+            params=params,
+            encryption=policy,
+            streams=streams,
+        )
+    )
     for snapshot in source.client.iter_progress(migration_id):
-        if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
+        if snapshot.converged or snapshot.state not in ("init", "copy"):
             break
     converged_s = time.perf_counter() - started
     source.client.quiesce(migration_id)
     ready = source.client.freeze(migration_id)
     total_s = time.perf_counter() - started
-    if ready["state"] != "ready":
+    if ready.state != "ready":
         raise SystemExit(f"migration did not reach ready: {ready}")
-    target_digest = target.client.snapshot(migration_id)["target_digest"]
+    target_digest = target.client.snapshot(migration_id).target_digest
     target.client.resume(migration_id)
     source.client.release(migration_id)
     return Moved(ready, target_digest, total_s, converged_s)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentprotocol import Encryption, GuestSpec  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 RECEIVER = """
@@ -106,18 +107,20 @@ def migrate_guest(
     name: str,
     memory_mib: int,
     dirty_pages_per_s: int,
-    encryption: str = "required",
+    encryption: Encryption = "required",
     streams: int = 1,
 ) -> dict:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     source.client.define_guest(
-        {
-            **spec,
-            "guest_id": guest_id_for(name),
-            "dirty_pages_per_s": dirty_pages_per_s,
-            "fill_percent": 100,
-            "running": True,
-        }
+        GuestSpec.model_validate(
+            {
+                **spec,
+                "guest_id": guest_id_for(name),
+                "dirty_pages_per_s": dirty_pages_per_s,
+                "fill_percent": 100,
+                "running": True,
+            }
+        )
     )
     before = cpu_s(source), cpu_s(target)
     moved = migrate(source, target, spec, encryption, streams)
@@ -127,12 +130,12 @@ def migrate_guest(
         "cpu_target_s": cpu_s(target) - before[1],
         "total_s": moved.total_s,
         "to_converged_s": moved.to_converged_s,
-        "downtime_ms": ready["downtime_ms"],
-        "rounds": ready["round"],
-        "bytes_sent": ready["bytes_sent"],
-        "throughput": ready["throughput_bytes_s"],
-        "digests_equal": ready["source_digest"] == ready["target_digest"] == moved.target_digest,
-        "streams": ready["streams"],
+        "downtime_ms": ready.downtime_ms,
+        "rounds": ready.round,
+        "bytes_sent": ready.bytes_sent,
+        "throughput": ready.throughput_bytes_s,
+        "digests_equal": ready.source_digest == ready.target_digest == moved.target_digest,
+        "streams": ready.streams,
     }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agentprotocol import GuestSpec  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from vms.agent_client import AgentClient  # noqa: E402
 
@@ -47,8 +48,10 @@ def main() -> None:
                 "vcpus": 1,
                 "fill_percent": args.fill_percent,
             }
-            guest = source.client.define_guest({**spec, "guest_id": guest_id_for(name), "running": True})
-            spec["os_type"] = guest["os_type"]
+            guest = source.client.define_guest(
+                GuestSpec.model_validate({**spec, "guest_id": guest_id_for(name), "running": True})
+            )
+            spec["os_type"] = guest.os_type
             stop = threading.Event()
             timings: dict[str, list[float]] = {"source": [], "target": []}
             pollers = [
@@ -76,8 +79,8 @@ def main() -> None:
                 health = agent.client.health(window_s=time.monotonic() - started)
                 print(
                     f"  {side}: {len(took)} health polls, p50 {statistics.median(took):.1f} ms, "
-                    f"p99 {p99:.1f} ms, max {took[-1]:.1f} ms; loop stall {health['loop_stall_ms']} ms "
-                    f"(loop CPU {health['loop_busy_ms']} ms)"
+                    f"p99 {p99:.1f} ms, max {took[-1]:.1f} ms; loop stall {health.loop_stall_ms} ms "
+                    f"(loop CPU {health.loop_busy_ms} ms)"
                 )
         finally:
             source.stop()

@@ -88,6 +88,7 @@ def bench_fleet(agents: list[AgentProcess]):
     from django.contrib.auth.models import User
 
     from vms.agent_client import AgentClient
+    from vms.agent_messages import guest_spec
     from vms.models import VSP, Registration, VirtualMachine
 
     vsps = [
@@ -103,8 +104,7 @@ def bench_fleet(agents: list[AgentProcess]):
     ]
     vm = VirtualMachine.objects.create(name="bench-guest", os_status="up", memory_mib=64, vcpus=1)
     Registration.objects.create(vm=vm, vsp=vsps[0], hardware_status=Registration.HardwareStatus.ON)
-    spec = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": 64, "vcpus": 1}
-    AgentClient.for_vsp(vsps[0]).define_guest({**spec, "dirty_pages_per_s": 200, "running": True})
+    AgentClient.for_vsp(vsps[0]).define_guest(guest_spec(vm, dirty_pages_per_s=200, running=True))
     user = User.objects.create_superuser("bench", password="bench-password")  # noqa: S106 - throwaway database
     return vsps, vm, user
 

@@ -140,22 +140,22 @@ def migrate_all_twice(clients: dict[str, AgentClient]) -> list[str]:
         (host, guest)
         for host in HOSTS
         for guest in clients[host].list_guests()
-        if guest["hardware_status"] == "on" and not guest["migrating"]
+        if guest.hardware_status == "on" and not guest.migrating
     ]
     for host, guest in running:
-        spec = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-        written_mib = guest["workload"]["resident_mib"]
+        spec = guest.model_dump(include={"guest_id", "name", "memory_mib", "vcpus", "os_type"})
+        written_mib = guest.workload["resident_mib"]
         there, back = Agent(clients[PARTNER[host]]), Agent(clients[host])
         first = migrate(Agent(clients[host]), there, spec)
         second = migrate(there, back, spec)
         for moved in (first, second):
-            if moved.ready["source_digest"] != moved.target_digest:
-                raise SystemExit(f"{guest['name']}: digests differ: {moved.ready}")
+            if moved.ready.source_digest != moved.target_digest:
+                raise SystemExit(f"{guest.name}: digests differ: {moved.ready}")
         lines.append(
-            f"  {guest['name']:10} {guest['memory_mib']:>5} MiB  {host} -> {PARTNER[host]} -> {host}: "
+            f"  {guest.name:10} {guest.memory_mib:>5} MiB  {host} -> {PARTNER[host]} -> {host}: "
             f"{first.total_s:.1f} s, {second.total_s:.1f} s, "
-            f"{(first.ready['bytes_sent'] + second.ready['bytes_sent']) / 2**20:.0f} MiB sent "
-            f"({written_mib} MiB written; rounds {first.ready['round']}, {second.ready['round']})"
+            f"{(first.ready.bytes_sent + second.ready.bytes_sent) / 2**20:.0f} MiB sent "
+            f"({written_mib} MiB written; rounds {first.ready.round}, {second.ready.round})"
         )
     return lines
 

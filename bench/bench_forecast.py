@@ -44,6 +44,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentprotocol import (  # noqa: E402
+    Encryption,
+    GuestSpec,
+    IncomingRequest,
+    MigrationParams,
+    OutgoingRequest,
+    ProgressSnapshot,
+    StopRequest,
+)
 from bench.agents import BenchAgent, guest_id_for  # noqa: E402
 from migrations_app import forecast  # noqa: E402  (plain module: no Django needed)
 
@@ -68,13 +77,15 @@ class Actual:
 def define(agent: BenchAgent, name: str, memory_mib: int, pages_per_s: int) -> dict[str, Any]:
     spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
     agent.client.define_guest(
-        {
-            **spec,
-            "guest_id": guest_id_for(name),
-            "dirty_pages_per_s": pages_per_s,
-            "fill_percent": 100,
-            "running": True,
-        }
+        GuestSpec.model_validate(
+            {
+                **spec,
+                "guest_id": guest_id_for(name),
+                "dirty_pages_per_s": pages_per_s,
+                "fill_percent": 100,
+                "running": True,
+            }
+        )
     )
     return spec
 
@@ -83,51 +94,67 @@ def drop(agent: BenchAgent, name: str) -> None:
     """Stop and delete a bench guest (frees its memory: two 1 GiB guests per case otherwise pile up)."""
     guest_id = guest_id_for(name)
     with contextlib.suppress(Exception):
-        agent.client.stop_guest(guest_id, graceful_timeout_s=0)
+        agent.client.stop_guest(guest_id, StopRequest(graceful_timeout_s=0))
     with contextlib.suppress(Exception):
         agent.client.delete_guest(guest_id)
 
 
 def migrate(
-    source: BenchAgent, target: BenchAgent, spec: dict[str, Any], params: dict[str, Any], encryption: str
+    source: BenchAgent,
+    target: BenchAgent,
+    spec: dict[str, Any],
+    params: dict[str, Any],
+    encryption: Encryption,
 ) -> Actual:
     """Prepare, start with ``params``, quiesce once converged, freeze, resume, release (as the console)."""
     migration_id = f"bench-{secrets.token_hex(3)}"
-    wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    wanted["guest_id"] = guest_id_for(spec["name"])
+    wanted = GuestSpec(
+        guest_id=guest_id_for(spec["name"]),
+        **{key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")},
+    )
     started = time.perf_counter()
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, encryption)
-    source.client.start_outgoing(wanted["guest_id"], migration_id, endpoint, params, encryption)
-    last: dict[str, Any] = {}
+    incoming = IncomingRequest(migration_id=migration_id, guest=wanted, encryption=encryption)
+    endpoint = target.client.prepare_incoming(incoming).endpoint()
+    source.client.start_outgoing(
+        OutgoingRequest(
+            migration_id=migration_id,
+            guest=wanted.guest_id,
+            target=endpoint,
+            params=MigrationParams.model_validate(params),
+            encryption=encryption,
+        )
+    )
+    last: ProgressSnapshot | None = None
     round_starts: list[tuple[float, int, int]] = []
     judged: list[tuple[int, int]] = []
     for snapshot in source.client.iter_progress(migration_id):
-        if snapshot.get("round") != last.get("round") and snapshot["state"] == "copy":
-            round_starts.append((time.perf_counter() - started, snapshot["round"], snapshot["bytes_sent"]))
+        new_round = last is None or snapshot.round != last.round
+        if new_round and snapshot.state == "copy":
+            round_starts.append((time.perf_counter() - started, snapshot.round, snapshot.bytes_sent))
             # A new round's first snapshot carries the judgement of the one before: what is left and the
             # freeze the source expects for it (send and hash).
-            expected_ms = snapshot.get("expected_downtime_ms")
-            if snapshot["round"] >= 3 and expected_ms and snapshot["bytes_remaining"] > 1 << 20:
-                judged.append((snapshot["bytes_remaining"], expected_ms))
-        if os.environ.get("BENCH_TRACE") and snapshot.get("round") != last.get("round"):
-            keys = ("round", "bytes_remaining", "expected_downtime_ms", "allowed_downtime_ms",
-                    "dirty_rate_bytes_s", "throughput_bytes_s", "throttle_pct", "converged")  # fmt: skip
-            trace = {key: snapshot.get(key) for key in keys}
+            expected_ms = snapshot.expected_downtime_ms
+            if snapshot.round >= 3 and expected_ms and snapshot.bytes_remaining > 1 << 20:
+                judged.append((snapshot.bytes_remaining, expected_ms))
+        if os.environ.get("BENCH_TRACE") and new_round:
+            keys = {"round", "bytes_remaining", "expected_downtime_ms", "allowed_downtime_ms",
+                    "dirty_rate_bytes_s", "throughput_bytes_s", "throttle_pct", "converged"}  # fmt: skip
+            trace = snapshot.model_dump(include=keys)
             print(f"    {time.perf_counter() - started:6.2f}s {trace}", flush=True)
         last = snapshot
-        if snapshot["converged"] or snapshot["state"] not in ("init", "copy"):
+        if snapshot.converged or snapshot.state not in ("init", "copy"):
             break
-    if not last.get("converged"):
+    if last is None or not last.converged:
         ended = time.perf_counter() - started
         with contextlib.suppress(Exception):
             target.client.cancel(migration_id)
         return Actual(
-            f"failed: {last.get('error') or last.get('state')}",
+            f"failed: {last and (last.error or last.state)}",
             ended,
             None,
-            last.get("round", 0),
-            last.get("throughput_bytes_s", 0),
-            last.get("throttle_pct", 0),
+            last.round if last else 0,
+            last.throughput_bytes_s if last else 0,
+            last.throttle_pct if last else 0,
             None,
             round_starts,
         )
@@ -136,19 +163,19 @@ def migrate(
     settle_s = time.perf_counter() - converged_at
     ready = source.client.freeze(migration_id)
     total_s = time.perf_counter() - started
-    if ready["state"] != "ready":
-        failed = f"failed: {ready.get('error')}"
-        return Actual(failed, total_s, None, ready["round"], 0, 0, None, round_starts)
+    if ready.state != "ready":
+        failed = f"failed: {ready.error}"
+        return Actual(failed, total_s, None, ready.round, 0, 0, None, round_starts)
     target.client.resume(migration_id)
     source.client.release(migration_id)
     return Actual(
         "completed",
         total_s,
-        ready["downtime_ms"],
-        ready["round"],
-        ready["throughput_bytes_s"],
-        ready.get("throttle_pct", 0),
-        ready["source_digest"] == ready["target_digest"],
+        ready.downtime_ms,
+        ready.round,
+        ready.throughput_bytes_s,
+        ready.throttle_pct,
+        ready.source_digest == ready.target_digest,
         round_starts,
         settle_s,
         judged,
@@ -273,8 +300,8 @@ def main() -> None:
                 time.sleep(0.3)  # the workload is running
                 measured = source.client.dirty_rate(guest_id_for(name), DIRTY_RATE_WINDOW_S)
                 guest = forecast.Guest.measured(
-                    measured["memory_bytes"],
-                    measured["dirty_rate_bytes_s"],
+                    measured.memory_bytes,
+                    measured.dirty_rate_bytes_s,
                     DIRTY_RATE_WINDOW_S,
                     measured.get("written_bytes"),
                     measured.get("working_set_bytes"),
@@ -301,7 +328,7 @@ def main() -> None:
                 verdict = predicted.verdict.value.replace("converges_with_throttle", "converges w/ thr")
                 shows_times = predicted.converges or predicted.verdict is forecast.Verdict.MAY_NOT_CONVERGE
                 total_p = f"{predicted.total_s:.1f}s" if shows_times else "-"
-                rate = measured["dirty_rate_bytes_s"] / 1e6
+                rate = measured.dirty_rate_bytes_s / 1e6
                 print(
                     f"{percent:>5} {'on' if auto else 'off':>9} {rate:>9.0f} | "
                     f"{verdict:<19} {total_p:>6} {down_p:>7} | "

@@ -115,6 +115,7 @@ def populate(count: int, agents: list[AgentProcess], dead_urls: list[str], ca: s
 
     django.setup()
     from vms.agent_client import AgentClient
+    from vms.agent_messages import guest_spec
     from vms.models import VSP, Registration, VirtualMachine
 
     dead = iter(dead_urls)
@@ -138,9 +139,7 @@ def populate(count: int, agents: list[AgentProcess], dead_urls: list[str], ca: s
                     name=f"{vsp.name}-g{index}", memory_mib=1, vcpus=1, os_status="down"
                 )
                 Registration.objects.create(vm=vm, vsp=vsp, hardware_status=Registration.HardwareStatus.OFF)
-                client.define_guest(
-                    {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": 1, "fill_percent": 0}
-                )
+                client.define_guest(guest_spec(vm, fill_percent=0))
 
 
 Collected = tuple[float, float, tuple[int, int], list[int | None], list[int | None]]

@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentprotocol import GuestSpec  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from devtools.processes import wait_until  # noqa: E402
 from hostagent.drivers.qemu import DEFAULT_IMAGES  # noqa: E402
@@ -52,7 +53,7 @@ from hostagent.drivers.qemu.storage import image_writers  # noqa: E402
 
 
 def workload(agent: BenchAgent, name: str) -> dict[str, Any]:
-    return agent.client.get_guest(guest_id_for(name))["workload"]
+    return agent.client.get_guest(guest_id_for(name)).workload
 
 
 def move(
@@ -80,7 +81,7 @@ def move(
     if writers != [workload(target, name)["pid"]]:
         raise SystemExit(f"the image's writers after the move: {writers}")
     return {
-        "downtime_ms": moved.ready["downtime_ms"],
+        "downtime_ms": moved.ready.downtime_ms,
         "paused_ms": (resumed_at - stopped_at) * 1000,
         "blackout_ms": blackout.gap_ms,
         "lost": blackout.lost,
@@ -143,7 +144,9 @@ def main() -> None:
                 "dirty_pages_per_s": args.dirty_pages_per_s,
             }
             started = time.perf_counter()
-            agents[0].client.define_guest({**spec, "guest_id": guest_id_for(spec["name"]), "running": True})
+            agents[0].client.define_guest(
+                GuestSpec.model_validate({**spec, "guest_id": guest_id_for(spec["name"]), "running": True})
+            )
             if not wait_until(lambda: workload(agents[0], spec["name"])["booted"], 180):
                 raise SystemExit("the guest did not boot; see its serial log")
             booted_s = time.perf_counter() - started

@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentprotocol import GuestSpec  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from devtools.processes import wait_until  # noqa: E402
 from hostagent.drivers.qemu.process import check_qemu  # noqa: E402
@@ -36,13 +37,15 @@ from hostagent.drivers.qemu.process import check_qemu  # noqa: E402
 def boot(agent: BenchAgent, spec: dict[str, Any]) -> tuple[float, float]:
     """Seconds until the OS is up (memwriter filled its memory), and until its first full self-check."""
     started = time.perf_counter()
-    agent.client.define_guest({**spec, "guest_id": guest_id_for(spec["name"]), "running": True})
-    if not wait_until(lambda: agent.client.get_guest(guest_id_for(spec["name"]))["os_status"] == "up", 90):
+    agent.client.define_guest(
+        GuestSpec.model_validate({**spec, "guest_id": guest_id_for(spec["name"]), "running": True})
+    )
+    if not wait_until(lambda: agent.client.get_guest(guest_id_for(spec["name"])).os_status == "up", 90):
         raise SystemExit("the guest did not boot; see its serial log")
     up_s = time.perf_counter() - started
     if spec.get("fill_percent") is None:  # a QEMU guest
         if not wait_until(
-            lambda: agent.client.get_guest(guest_id_for(spec["name"]))["workload"]["selfchecks_passed"], 90
+            lambda: agent.client.get_guest(guest_id_for(spec["name"])).workload["selfchecks_passed"], 90
         ):
             raise SystemExit("the QEMU guest never completed a self-check; see its serial log")
     return up_s, time.perf_counter() - started
@@ -55,21 +58,21 @@ def migrate_guest(
     ready = moved.ready
     return {
         "total_s": moved.total_s,
-        "downtime_ms": ready["downtime_ms"],
-        "rounds": ready["round"],
-        "bytes_sent": ready["bytes_sent"],
-        "throughput": ready["throughput_bytes_s"] or ready["bytes_sent"] / moved.total_s,
-        "digests_equal": bool(ready["source_digest"]) and ready["source_digest"] == moved.target_digest,
+        "downtime_ms": ready.downtime_ms,
+        "rounds": ready.round,
+        "bytes_sent": ready.bytes_sent,
+        "throughput": ready.throughput_bytes_s or ready.bytes_sent / moved.total_s,
+        "digests_equal": bool(ready.source_digest) and ready.source_digest == moved.target_digest,
     }
 
 
 def self_check_after_move(target: BenchAgent, name: str) -> str:
     def checked() -> bool:
-        return target.client.get_guest(guest_id_for(name))["workload"]["selfchecks_passed"] >= 2
+        return target.client.get_guest(guest_id_for(name)).workload["selfchecks_passed"] >= 2
 
     if not wait_until(checked, 60):
         return "no full self-check within 60 s"
-    workload = target.client.get_guest(guest_id_for(name))["workload"]
+    workload = target.client.get_guest(guest_id_for(name)).workload
     return f"{workload['selfchecks_passed']} passed, {workload['selfchecks_failed']} failed"
 
 

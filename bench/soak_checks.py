@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from django.db.models import Count, Q
 
-from migrations_app.engine import agent_migration_id
+from agentprotocol import GuestInfo
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
 from vms.models import Registration, VirtualMachine
@@ -74,18 +75,18 @@ def guest_on(stack: Stack, host: str, name: str) -> dict[str, Any] | None:
     """The agent's GuestInfo, or None if it does not know the guest; raises AgentError if it is down."""
     agent = stack.agents[host]
     with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
-        guests = {guest["name"]: guest for guest in client.list_guests()}
+        guests = {guest.name: guest for guest in client.list_guests()}
     return guests.get(name)
 
 
-def vcpus_running(guest: dict[str, Any]) -> bool:
+def vcpus_running(guest: GuestInfo) -> bool:
     """Simulated: ``workload.running``; QEMU: ``workload.vcpus_running`` (QMP's run state)."""
-    workload = guest["workload"]
+    workload = guest.workload
     return bool(workload["running"] if "running" in workload else workload.get("vcpus_running"))
 
 
-def is_running(guest: dict[str, Any] | None) -> bool:
-    return bool(guest and guest["hardware_status"] == "on" and vcpus_running(guest))
+def is_running(guest: GuestInfo | None) -> bool:
+    return bool(guest and guest.hardware_status == "on" and vcpus_running(guest))
 
 
 def selfcheck_passes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> str | None:
@@ -93,7 +94,7 @@ def selfcheck_passes(stack: Stack, host: str, name: str, first: dict[str, Any]) 
 
     Returns None when it does, else the sentence of what it did instead.
     """
-    before = first["workload"]
+    before = first.workload
     deadline = time.monotonic() + SELFCHECK_WAIT_S
     while True:
         now = (guest_on(stack, host, name) or {}).get("workload", {})
@@ -155,7 +156,7 @@ def check_outcome(stack: Stack, scenario: Scenario, migration: Migration, host_c
             broken.append(f"{migration.state}: the guest on {keeper}: {trouble}")
     elif scenario.dirty_pages_per_s and not workload_writes(stack, keeper, name, kept):
         broken.append(f"{migration.state}: the guest's workload on {keeper} stopped writing")
-    if left is not None and left["hardware_status"] == "on":
+    if left is not None and left.hardware_status == "on":
         broken.append(f"{migration.state}: a copy still on {other}: {summary(left)}")
     if migration.state == Migration.State.COMPLETED and not host_crash:
         broken += check_agent_digests(stack, scenario, migration)
@@ -169,7 +170,7 @@ ENDING_RACE = timedelta(seconds=ENDING_RACE_S)
 def workload_writes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> bool:
     time.sleep(WORKLOAD_SAMPLE_S)
     later = guest_on(stack, host, name)
-    return bool(later and later["workload"]["pages_written"] > first["workload"]["pages_written"])
+    return bool(later and later.workload["pages_written"] > first.workload["pages_written"])
 
 
 def check_agent_digests(stack: Stack, scenario: Scenario, migration: Migration) -> list[str]:
@@ -180,7 +181,8 @@ def check_agent_digests(stack: Stack, scenario: Scenario, migration: Migration) 
         agent = stack.agents[host]
         try:
             with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
-                digests[side] = client.snapshot(agent_id).get(f"{side}_digest")
+                snapshot = client.snapshot(agent_id)
+                digests[side] = snapshot.source_digest if side == "source" else snapshot.target_digest
         except AgentError:
             return []  # restarted since: the database's copy of the digests was checked
     if not digests["source"] or digests["source"] != digests["target"]:
@@ -206,14 +208,14 @@ def check_agents(stack: Stack) -> list[str]:
             broken.append(f"agent {host} did not answer: {error}")
             continue
         for guest in guests:
-            name = guest["name"]
+            name = guest.name
             if name not in known:
                 broken.append(f"orphan guest {name} on {host}: {summary(guest)}")
             elif guest.get("migrating"):
-                broken.append(f"guest {name} on {host} still migrating ({guest['migrating']})")
-            elif guest["hardware_status"] == "on" and not vcpus_running(guest):
+                broken.append(f"guest {name} on {host} still migrating ({guest.migrating})")
+            elif guest.hardware_status == "on" and not vcpus_running(guest):
                 broken.append(f"guest {name} left paused on {host}")
-            elif guest["hardware_status"] == "on" and (name, host) not in runnable:
+            elif guest.hardware_status == "on" and (name, host) not in runnable:
                 broken.append(f"guest {name} runs on {host} where its copy is not the runnable one")
     return broken
 
@@ -246,12 +248,12 @@ def check_general_tab(web: httpx.Client, base_url: str, migration: Migration) ->
     return broken
 
 
-def summary(guest: dict[str, Any] | None) -> str:
+def summary(guest: GuestInfo | None) -> str:
     if guest is None:
         return "absent"
     workload = guest.get("workload", {})
     running = workload.get("running", workload.get("vcpus_running"))
     return (
-        f"hardware {guest['hardware_status']}, os {guest['os_status']}, running {running}, "
+        f"hardware {guest.hardware_status}, os {guest.os_status}, running {running}, "
         f"migrating {guest.get('migrating')}"
     )

@@ -24,6 +24,7 @@ from django.contrib.auth.models import User
 from soak_checks import check_invariants
 from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, QEMU_AGENT_NAMES, RESTART_DELAY_S, Stack
 
+from agentprotocol import GuestSpec
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
@@ -265,7 +266,7 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
         spec = {key: spec[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "running")}
         spec |= {"os_type": "Linux", "dirty_pages_per_s": scenario.dirty_pages_per_s}
     with agent_client(stack, scenario.source) as agent:
-        agent.define_guest(spec)
+        agent.define_guest(GuestSpec.model_validate(spec))
     if scenario.driver == "qemu" and not wait_for_first_selfcheck(stack, scenario.source, str(vm.guest_id)):
         retire_guest(stack, vm)
         raise GuestDidNotBoot(
@@ -283,7 +284,7 @@ def wait_for_first_selfcheck(stack: Stack, host: str, guest_id: str) -> bool:
     with agent_client(stack, host) as agent:
         while time.monotonic() < deadline:
             try:
-                if agent.get_guest(guest_id)["workload"].get("selfchecks_passed", 0) >= 1:
+                if agent.get_guest(guest_id).workload.get("selfchecks_passed", 0) >= 1:
                     return True
             except AgentError:
                 pass
@@ -294,7 +295,7 @@ def wait_for_first_selfcheck(stack: Stack, host: str, guest_id: str) -> bool:
 def qemu_pid(stack: Stack, host: str, guest_id: str) -> int | None:
     try:
         with agent_client(stack, host) as agent:
-            return agent.get_guest(guest_id)["workload"].get("pid")
+            return agent.get_guest(guest_id).workload.get("pid")
     except AgentError:
         return None
 
@@ -355,7 +356,7 @@ def wait_for_phase(stack: Stack, scenario: Scenario, migration: Migration) -> No
     with agent_client(stack, scenario.target, timeout_s=1) as target:
         while time.monotonic() < deadline and state_of(migration) == "committing":
             try:
-                if target.get_guest(str(migration.vm.guest_id))["os_status"] == "up":
+                if target.get_guest(str(migration.vm.guest_id)).os_status == "up":
                     return
             except AgentError:
                 pass

@@ -18,7 +18,7 @@ Rules every driver keeps:
 3. Commands are idempotent: a repeat answers the current snapshot.
 4. Each phase's percent never goes backwards; ``seq`` grows on every change
    (``hostagent.progress.Progress`` keeps this for both drivers).
-5. Every abort sets the snapshot's ``failure_kind`` (``protocol.FailureKind``): the
+5. Every abort sets the snapshot's ``failure_kind`` (``agentprotocol.FailureKind``): the
    control plane decides by it, never by the words of ``error``.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from hostagent.protocol import (
+from agentprotocol import (
     DirtyRate,
     Encryption,
     Endpoint,
@@ -73,7 +73,7 @@ class MigrationAborted(Exception):
 class AgentError(Exception):
     """A refusal the server turns into ``{"error": message, "code": code}`` with ``status``.
 
-    ``code`` (``protocol.ErrorCode``) is set where the control plane decides by the refusal.
+    ``code`` (``agentprotocol.ErrorCode``) is set where the control plane decides by the refusal.
     """
 
     status = 400
@@ -187,7 +187,7 @@ class DriverSettings:
 class Driver(Protocol):
     """A hypervisor behind the agent. Constructed as ``DriverClass(settings: DriverSettings)``.
 
-    Guests are known by ``guest_id``; messages are ``hostagent.protocol`` models, already checked.
+    Guests are known by ``guest_id``; messages are ``agentprotocol`` models, already checked.
     Errors are raised as ``InvalidRequest`` / ``NotFound`` / ``Conflict``.
     """
 
@@ -231,7 +231,7 @@ class Driver(Protocol):
 
         ``encryption`` "required": the listener speaks mutual TLS (``DriverSettings.tls``); a driver
         that cannot encrypt raises ``InvalidRequest`` rather than listen in clear. ``streams``: the
-        pair's stream policy (1..``protocol.MAX_STREAMS``, None: automatic), the same as the source's.
+        pair's stream policy (1..``agentprotocol.MAX_STREAMS``, None: automatic), the same as the source's.
         """
         ...
 
@@ -248,7 +248,7 @@ class Driver(Protocol):
         """Connect to the target and start Init; returns as soon as the migration exists.
 
         ``encryption`` as in ``prepare_incoming``: both sides must be given the same policy.
-        ``streams``: parallel data-plane connections (1..``protocol.MAX_STREAMS``, None: automatic).
+        ``streams``: parallel data-plane connections (1..``agentprotocol.MAX_STREAMS``, None: automatic).
         """
         ...
 

@@ -4,7 +4,7 @@ A task wakes every ``TICK_S``; between two wake-ups the loop ran other callbacks
 - wall: how late the wake-up came (ms) — includes time the OS gave the process no CPU (a loaded host);
 - CPU: how much CPU the loop's thread used in the gap (ms, ``time.thread_time``) — work that ran
   without yielding, whatever the host's load. Health reports the longest of each over the last
-  ``window_s`` seconds, at most ``KEPT_S`` (``protocol.Health.loop_stall_ms`` / ``loop_busy_ms``).
+  ``window_s`` seconds, at most ``KEPT_S`` (``agentprotocol.Health.loop_stall_ms`` / ``loop_busy_ms``).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agentprotocol import ACTIVE_STATES
 from hostagent import __version__
 from hostagent.driver import Driver, Migration
-from hostagent.protocol import ACTIVE_STATES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

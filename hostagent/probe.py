@@ -36,6 +36,7 @@ import ssl
 import time
 from typing import Any
 
+from agentprotocol import Encryption, PreparedProbe, ProbeRequest, ProbeResult, ProbeRun
 from hostagent.driver import Conflict, InvalidRequest
 from hostagent.drivers.simulated.wire import (
     ACCEPT,
@@ -53,7 +54,6 @@ from hostagent.drivers.simulated.wire import (
     read_hello,
     token_refusal,
 )
-from hostagent.protocol import Encryption, PreparedProbe, ProbeRequest, ProbeResult, ProbeRun
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.probe")

@@ -1,6 +1,6 @@
 """One migration side's progress, for every driver: a snapshot that only moves forward, and waiting for it.
 
-The snapshot is ``protocol.ProgressSnapshot``. Rules (``driver.py``, "Rules every driver keeps"):
+The snapshot is ``agentprotocol.ProgressSnapshot``. Rules (``driver.py``, "Rules every driver keeps"):
 each phase's percent never goes backwards, a phase is 100 % once a later one starts, ``seq`` grows
 on every change, and ``next_change`` lets a slow reader still see every phase, in order.
 """
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Any
 
-from hostagent.protocol import PHASES, FailureKind, MigrationState, Phase, ProgressSnapshot, Role
+from agentprotocol import PHASES, FailureKind, MigrationState, Phase, ProgressSnapshot, Role
 
 TRANSITIONS_KEPT = 32  # state/phase changes remembered for slow readers (a migration has ~10)
 

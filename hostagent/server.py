@@ -13,21 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
-from hostagent import __version__
-from hostagent.driver import (
-    AgentError,
-    Conflict,
-    Driver,
-    DriverSettings,
-    InvalidRequest,
-    Migration,
-    NotFound,
-    UnknownMigration,
-)
-from hostagent.loopwatch import KEPT_S, LoopWatch
-from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
-from hostagent.probe import ProbeListeners, run_probe
-from hostagent.protocol import (
+from agentprotocol import (
     ACTIVE_STATES,
     COMMANDS,
     TERMINAL_STATES,
@@ -50,6 +36,20 @@ from hostagent.protocol import (
     parse,
     plain_words,
 )
+from hostagent import __version__
+from hostagent.driver import (
+    AgentError,
+    Conflict,
+    Driver,
+    DriverSettings,
+    InvalidRequest,
+    Migration,
+    NotFound,
+    UnknownMigration,
+)
+from hostagent.loopwatch import KEPT_S, LoopWatch
+from hostagent.metrics import CONTENT_TYPE, agent_registry, exposition
+from hostagent.probe import ProbeListeners, run_probe
 
 log = logging.getLogger("hostagent.server")
 STREAM_INTERVAL_S = 0.05
@@ -70,7 +70,7 @@ GUEST_ID = TypeAdapter(GuestId)
 
 
 def error_response(status: int, message: str, code: str | None = None) -> web.Response:
-    """A refusal (``protocol.ErrorReply``): plain words, and a ``code`` where decisions depend on it."""
+    """A refusal (``agentprotocol.ErrorReply``): plain words, and a ``code`` where decisions depend on it."""
     body = {"error": message} if code is None else {"error": message, "code": code}
     return web.json_response(body, status=status)
 
@@ -202,7 +202,7 @@ async def start_guest(request: web.Request) -> web.Response:
 
 
 async def stop_guest(request: web.Request) -> web.Response:
-    """Stop gracefully within ``graceful_timeout_s`` or at once (``protocol.StopRequest``; empty: at once)."""
+    """Stop gracefully within ``graceful_timeout_s`` or at once (``StopRequest``; empty: at once)."""
     guest_id = guest_id_of(request)
     stop = await read_message(request, StopRequest) if request.can_read_body else StopRequest()
     grace = None if stop.force else stop.graceful_timeout_s
@@ -256,7 +256,7 @@ async def start_outgoing(request: web.Request) -> web.Response:
 
 
 async def change_params(request: web.Request) -> web.Response:
-    """Change a running Copy's policy (``protocol.ParamsChange``); only an outgoing migration has one."""
+    """Change a running Copy's policy (``agentprotocol.ParamsChange``); only an outgoing migration has one."""
     change = await read_message(request, ParamsChange)
     migration = migration_of(request)
     apply = getattr(migration, "change_params", None)
@@ -295,7 +295,7 @@ def check_no_active_migration(request: web.Request) -> None:
 
 
 async def prepare_probe(request: web.Request) -> web.Response:
-    """``POST /v1/probes/incoming``: open a one-time probe listener (``protocol.PreparedProbe``)."""
+    """``POST /v1/probes/incoming``: open a one-time probe listener (``agentprotocol.PreparedProbe``)."""
     probe = await read_message(request, ProbeRequest)
     check_no_active_migration(request)
     settings = request.app[SETTINGS_KEY]
@@ -305,7 +305,7 @@ async def prepare_probe(request: web.Request) -> web.Response:
 
 
 async def start_probe(request: web.Request) -> web.Response:
-    """``POST /v1/probes/outgoing``: probe a peer's prepared listener now (``protocol.ProbeResult``)."""
+    """``POST /v1/probes/outgoing``: probe a peer's prepared listener now (``agentprotocol.ProbeResult``)."""
     run = await read_message(request, ProbeRun)
     check_no_active_migration(request)
     result = await run_probe(run, request.app[SETTINGS_KEY].tls)

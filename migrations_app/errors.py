@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hostagent.protocol import FailureKind
+from agentprotocol import FailureKind
 
 from .models import Migration
 

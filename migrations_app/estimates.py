@@ -212,10 +212,10 @@ def measure_dirty_rate(vm: VirtualMachine) -> DirtyRate | None:
         log.info("could not measure the dirty rate of %s: %s", vm.name, error)
         return None
     measured = DirtyRate(
-        float(answer["dirty_rate_bytes_s"]),
-        int(answer["memory_bytes"]),
-        answer.get("written_bytes"),
-        answer.get("working_set_bytes"),
+        float(answer.dirty_rate_bytes_s),
+        answer.memory_bytes,
+        answer.written_bytes,
+        answer.working_set_bytes,
         timezone.now(),
     )
     cache.set(_cache_key(vm), measured, DIRTY_RATE_FRESH_S)
@@ -230,19 +230,19 @@ def forecast_policy(policy: dict[str, Any], vm: VirtualMachine) -> forecast.Poli
         max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
         site_cap_mbps=site.get("bandwidth_mbps"),
     )
-    cap = params["bandwidth_mbps"]
+    cap = params.bandwidth_mbps
     return forecast.Policy(
-        max_downtime_ms=params["downtime_ms"],
+        max_downtime_ms=params.downtime_ms,
         bandwidth_cap_bytes_s=cap * 125_000 if cap else None,
-        auto_converge=params["auto_converge"],
-        throttle_initial_pct=params["throttle_initial_pct"],
-        throttle_increment_pct=params["throttle_increment_pct"],
-        throttle_max_pct=params["throttle_max_pct"],
-        downtime_step_ms=params["downtime_step_ms"],
-        downtime_max_ms=params["downtime_max_ms"],
-        max_rounds=params["max_rounds"],
+        auto_converge=params.auto_converge,
+        throttle_initial_pct=params.throttle_initial_pct,
+        throttle_increment_pct=params.throttle_increment_pct,
+        throttle_max_pct=params.throttle_max_pct,
+        downtime_step_ms=params.downtime_step_ms,
+        downtime_max_ms=params.downtime_max_ms,
+        max_rounds=params.max_rounds,
         copy_limit_s=vm.copy_limit_s,
-        at_limit=params["at_limit"],
+        at_limit=params.at_limit,
     )
 
 

@@ -25,6 +25,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from agentprotocol import ProbeRequest
 from vms.agent_client import AgentClient, AgentError
 from vms.models import VSP, PairEncryption
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PROBE_FRESH_S = 3600  # a probe older than this is measured again when the forecast needs it
 PROBE_INTERVAL_S = 60  # at most one probe per pair in this time
-PROBE_BYTES = 64 << 20  # filler per probe, at most (the agent's bound: protocol.MAX_PROBE_BYTES)
+PROBE_BYTES = 64 << 20  # filler per probe, at most (the agent's bound: agentprotocol.MAX_PROBE_BYTES)
 PROBE_SECONDS = 0.5  # sending time per probe, at most
 PROBE_TASK = "migrations_app.tasks.probe_link"
 
@@ -90,15 +91,16 @@ def probe_now(source_id: int, target_id: int) -> LinkProbe | None:
     encryption = PairEncryption.policy_between(source, target)
     try:
         with AgentClient.for_vsp(target) as receiver:
-            prepared = receiver.prepare_probe(encryption, PROBE_BYTES, PROBE_SECONDS)
+            request = ProbeRequest(encryption=encryption, max_bytes=PROBE_BYTES, seconds=PROBE_SECONDS)
+            prepared = receiver.prepare_probe(request)
         with AgentClient.for_vsp(source) as sender:
-            result = sender.probe(prepared, encryption)
+            result = sender.probe(prepared.probe_run(encryption))
     except AgentError as error:
         log.info("link probe %s -> %s failed: %s", source.name, target.name, error)
         probe.error = str(error)[:500]
         probe.save(update_fields=["error"])
         return probe
-    probe.rate_bytes_s = float(result["rate_bytes_s"])
+    probe.rate_bytes_s = float(result.rate_bytes_s)
     probe.measured_at = timezone.now()
     probe.error = ""
     probe.save(update_fields=["rate_bytes_s", "measured_at", "error"])

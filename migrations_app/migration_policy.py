@@ -15,7 +15,7 @@ on ``Migration.policy`` as the effective one of a migration) with these keys, in
 =====================  =========================================================================
 
 ``check_policy`` turns form or JSON input into a checked policy, or raises ``PolicyError`` in plain
-words (nothing is stored then). ``agent_params`` is the ``hostagent.protocol.MigrationParams`` form.
+words (nothing is stored then). ``agent_params`` is the ``agentprotocol.MigrationParams`` form.
 The model behind the presets' promises is ``migrations_app.forecast`` (docs/convergence.md).
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from agentprotocol import MigrationParams
 
 MAX_DOWNTIME_MS = 600_000
 MAX_BANDWIDTH_MB_S = 100_000
@@ -197,8 +199,9 @@ def _check_value(key: str, value: Any) -> Any:
 
 def agent_params(
     policy: Mapping[str, Any], max_rounds: int = DEFAULT_MAX_ROUNDS, site_cap_mbps: float | None = None
-) -> dict[str, Any]:
-    """``policy`` as ``hostagent.protocol.MigrationParams`` (bandwidth in Mbit/s, as the agent takes it).
+) -> MigrationParams:
+    """``policy`` as the agent's ``MigrationParams`` (bandwidth in Mbit/s, as the agent takes it), without
+    the phase limits (the VM's: ``vms.agent_messages.phase_limits``).
 
     ``site_cap_mbps``: the site-wide cap (Mbit/s); the lower of it and the policy's cap applies.
     """
@@ -206,18 +209,18 @@ def agent_params(
     caps = [c for c in (policy["bandwidth_cap_mb_s"], site_cap_mbps / 8 if site_cap_mbps else None) if c]
     cap = min(caps) if caps else None
     step = policy["downtime_step_ms"] if policy["downtime_max_ms"] is not None else 0
-    return {
-        "downtime_ms": policy["max_downtime_ms"],
-        "bandwidth_mbps": cap * 8 if cap else None,
-        "max_rounds": max_rounds,
-        "auto_converge": policy["auto_converge"],
-        "throttle_initial_pct": min(THROTTLE_INITIAL_PCT, policy["throttle_max_pct"]),
-        "throttle_increment_pct": THROTTLE_INCREMENT_PCT,
-        "throttle_max_pct": policy["throttle_max_pct"],
-        "downtime_step_ms": step,
-        "downtime_max_ms": policy["downtime_max_ms"],
-        "at_limit": policy["at_limit"],
-    }
+    return MigrationParams(
+        downtime_ms=policy["max_downtime_ms"],
+        bandwidth_mbps=cap * 8 if cap else None,
+        max_rounds=max_rounds,
+        auto_converge=policy["auto_converge"],
+        throttle_initial_pct=min(THROTTLE_INITIAL_PCT, policy["throttle_max_pct"]),
+        throttle_increment_pct=THROTTLE_INCREMENT_PCT,
+        throttle_max_pct=policy["throttle_max_pct"],
+        downtime_step_ms=step,
+        downtime_max_ms=policy["downtime_max_ms"],
+        at_limit=policy["at_limit"],
+    )
 
 
 def describe(policy: Mapping[str, Any]) -> str:

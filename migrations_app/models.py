@@ -206,7 +206,7 @@ TRANSITIONS: dict[Migration.State, set[Migration.State]] = {
     S.IO_QUIESCE: {S.FROZEN, S.ABORTED, S.CANCELLED},
     S.FROZEN: {S.COMMITTING, S.ABORTED, S.CANCELLED},
     # ABORTED after the commit only when the target confirmed it does not hold the guest and the source,
-    # never released, runs it again (``decisions.keep_on_source``).
+    # never released, runs it again (``endings.keep_on_source``).
     S.COMMITTING: {S.COMPLETED, S.ABORTED},
     S.COMPLETED: set(),
     S.ABORTED: set(),

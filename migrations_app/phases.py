@@ -3,43 +3,38 @@
 Contract: the engine records the phase (transition into ``state``) before calling ``run``; ``run``
 returns when the phase is done or raises ``MigrationFailed``; ``cleanup`` always runs after it.
 The phase's time limit is the VM's; the agents enforce it and the engine's watchdog backs it up.
+A phase talks to the agents through ``run.agents`` (``agents.MigrationAgents``) and records what the
+source reports through ``run.progress`` (``records.ProgressRecord``), with the helpers at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from contextlib import closing
+from typing import ClassVar, Literal, Protocol
 
-from hostagent.protocol import FailureKind, ProgressSnapshot
-from hostagent.protocol import Phase as AgentPhase
+from agentprotocol import FailureKind, ProgressSnapshot
 from vms.inventory import learn_driver
 from vms.models import PairEncryption
 
+from . import alerts, records
+from .agents import MigrationAgents
 from .checks import check_target, is_running
 from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .models import Migration
+from .records import PHASE_BY_AGENT_NAME, ProgressRecord
 
 State = Migration.State
 
 
 class PhaseRun(Protocol):
-    """What a phase uses of the engine's run (``engine.MigrationRun``); a protocol, so that this module
-    does not import the engine that imports it."""
+    """What a phase uses of the engine's run (``engine.MigrationRun``): the migration, its agents, the
+    progress it records; a protocol, so that this module does not import the engine that imports it."""
 
     migration: Migration
-    agent_id: str
-
-    def guest_spec(self) -> dict[str, Any]: ...
-    def limits(self) -> dict[str, float | None]: ...
-    def agent_params(self) -> dict[str, Any]: ...
-    def check_stop(self) -> None: ...
-    def call(self, side: str, method: str, *args: Any) -> Any: ...
-    def source_guest_running(self) -> bool | None: ...
-    def follow_progress(self, until: Callable[[ProgressSnapshot], bool]) -> None: ...
-    def command_with_progress(self, command: str) -> dict[str, Any]: ...
-    def digests(self, snapshot: ProgressSnapshot) -> tuple[str, str]: ...
-    def absorb(self, snapshot: Any, *, force: bool = False) -> ProgressSnapshot: ...
+    agents: MigrationAgents
+    progress: ProgressRecord
 
 
 class Phase:
@@ -76,24 +71,13 @@ class Init(Phase):
         source = migration.require_source()
         encryption = PairEncryption.policy_between(source, migration.target)
         streams = PairEncryption.streams_between(source, migration.target)
-        endpoint = run.call(
-            "target", "prepare_incoming", run.guest_spec(), run.agent_id, run.limits(), encryption, streams
-        )
-        endpoint = route_data_plane(endpoint)
-        run.check_stop()
+        prepared = run.agents.prepare_target(encryption, streams)
+        endpoint = route_data_plane(prepared.endpoint())
+        run.agents.check_stop()
         try:
-            run.call(
-                "source",
-                "start_outgoing",
-                str(vm.guest_id),
-                run.agent_id,
-                endpoint,
-                run.agent_params(),
-                encryption,
-                streams,
-            )
+            run.agents.start_source(endpoint, encryption, streams)
         except MigrationFailed:
-            if run.source_guest_running() is not False:
+            if source_guest_running(run) is not False:
                 raise
             raise MigrationFailed(
                 self.state,
@@ -102,7 +86,7 @@ class Init(Phase):
                 source_running=False,
             ) from None
         learn_driver(source)  # once per VSP: which rescues its running migrations can be offered
-        run.follow_progress(until=lambda snapshot: snapshot.state != "init")
+        follow_progress(run, until=lambda snapshot: snapshot.state != "init")
 
 
 class Copy(Phase):
@@ -112,7 +96,7 @@ class Copy(Phase):
     limit_field = "copy_limit_s"
 
     def run(self, run: PhaseRun) -> None:
-        run.follow_progress(until=lambda snapshot: snapshot.converged or snapshot.state != "copy")
+        follow_progress(run, until=lambda snapshot: snapshot.converged or snapshot.state != "copy")
 
 
 class IOQuiesce(Phase):
@@ -122,7 +106,7 @@ class IOQuiesce(Phase):
     limit_field = "quiesce_limit_s"
 
     def run(self, run: PhaseRun) -> None:
-        run.absorb(run.command_with_progress("quiesce"), force=True)
+        command(run, "quiesce")
 
 
 class Frozen(Phase):
@@ -132,10 +116,10 @@ class Frozen(Phase):
     limit_field = "frozen_limit_s"
 
     def run(self, run: PhaseRun) -> None:
-        snapshot = run.absorb(run.command_with_progress("freeze"), force=True)
+        snapshot = command(run, "freeze")
         if snapshot.state != "ready":
             raise MigrationFailed(self.state, f"the source host answered {snapshot.state!r} instead of ready")
-        source_digest, target_digest = run.digests(snapshot)
+        source_digest, target_digest = store_digests(run, snapshot)
         if not source_digest or source_digest != target_digest:
             raise MigrationFailed(
                 self.state,
@@ -145,10 +129,71 @@ class Frozen(Phase):
 
 
 PHASES: tuple[Phase, ...] = (Init(), Copy(), IOQuiesce(), Frozen())
-# The agent's phase names (``hostagent.protocol.PHASES``) -> this console's states.
-PHASE_BY_AGENT_NAME: dict[AgentPhase, Migration.State] = {
-    "init": State.INIT,
-    "copy": State.COPY,
-    "quiesce": State.IO_QUIESCE,
-    "frozen": State.FROZEN,
-}
+
+
+# --- what the phases do with the source's progress ----------------------------------------------------
+
+
+def follow_progress(run: PhaseRun, until: Callable[[ProgressSnapshot], bool]) -> None:
+    """Absorb the source's progress stream until ``until(snapshot)``; failures raise."""
+    with closing(run.agents.progress(run.progress.seq)) as stream:
+        for snapshot in stream:
+            if until(absorb(run, snapshot)):
+                return
+    run.agents.check_stop()
+    source = run.migration.require_source().name
+    raise MigrationFailed(
+        run.migration.state, alerts.progress_ended_early(source), kind=FailureKind.UNREACHABLE
+    )
+
+
+def command(run: PhaseRun, name: Literal["quiesce", "freeze"]) -> ProgressSnapshot:
+    """A blocking source command, the source's progress absorbed while it runs; its answer, absorbed."""
+    for answered, snapshot in run.agents.command_progress(name):
+        absorb(run, snapshot, force=answered)
+    return snapshot
+
+
+def absorb(run: PhaseRun, snapshot: ProgressSnapshot, *, force: bool = False) -> ProgressSnapshot:
+    """Take a progress snapshot into the record (percentages only rise); the source's own abort raises
+    (``reported_failure``), a stop first. Returns the snapshot."""
+    run.progress.take(snapshot)
+    run.agents.check_stop()
+    if snapshot.failed:
+        raise reported_failure(run.migration, snapshot, run.progress.elapsed_s())
+    run.progress.flush(force=force)
+    return snapshot
+
+
+def store_digests(run: PhaseRun, snapshot: ProgressSnapshot) -> tuple[str, str]:
+    """Both memory digests (the source's snapshot, else the target's own), kept on the migration."""
+    source_digest, target_digest = snapshot.source_digest, snapshot.target_digest
+    if not target_digest:
+        target_digest = run.agents.target_snapshot().target_digest
+    run.migration.source_digest, run.migration.target_digest = source_digest or "", target_digest or ""
+    return run.migration.source_digest, run.migration.target_digest
+
+
+def source_guest_running(run: PhaseRun) -> bool | None:
+    """Ask the source agent whether the guest runs (None if it cannot tell); a stopped one is stored Off.
+
+    Used after the source refused to start: the inventory may be older than the guest's power-off.
+    """
+    status = run.agents.source_guest_status(attempts=1, timeout_s=None)
+    if status == "stopped":
+        records.store_source_guest_off(run.migration)
+    return {"running": True, "stopped": False}.get(status)
+
+
+def reported_failure(migration: Migration, snapshot: ProgressSnapshot, elapsed_s: float) -> MigrationFailed:
+    """The source agent's own abort (a snapshot in ``FAILED_STATES``), decided by its kind, blamed on the
+    phase it names. A phase that ran over the VM's limit on the source reads "it ran over its time limit
+    of N s (stopped after ``elapsed_s`` s)"."""
+    failed = snapshot.failed_phase
+    phase = PHASE_BY_AGENT_NAME[failed] if failed else migration.state
+    kind = snapshot.failure_kind or FailureKind.INTERNAL
+    if kind is FailureKind.TIME_LIMIT and snapshot.failed_side in (None, "source"):
+        limit = next(p.limit_s(migration) for p in PHASES if p.state == phase)
+        return MigrationFailed(phase, alerts.over_time_limit(limit, elapsed_s), kind=kind)
+    error = snapshot.error or f"the source host reports {snapshot.state}"
+    return MigrationFailed(phase, error, kind=kind)

@@ -4,7 +4,8 @@ Before the commit (INIT .. FROZEN): abort, recording first, then discard on the 
 source. At or after the commit (COMMITTING): roll forward. Recovery first takes over the migration's
 expired lease (``lease.take_over_expired``, a compare-and-set): a worker that was only slow, not dead,
 finds its lease gone at its next renewal and stands down without touching the agents again.
-The decisions themselves are the worker's own (``decisions``); queues move on through ``scheduling``.
+It ends a migration as its worker would (``endings``, through ``agents.MigrationAgents``); queues move on
+through ``scheduling``.
 """
 
 from __future__ import annotations
@@ -16,25 +17,17 @@ from datetime import timedelta
 from django.db.models import F, Q
 from django.utils import timezone
 
-from vms.agent_client import AgentClient
 from vms.inventory import AGENT_ERRORS
 from vms.models import VSP
 
-from .decisions import (
-    agent_for,
-    agent_migration_id,
-    cancel_on_source,
-    cancelled_by,
-    load_migration,
-    record_abort,
-    restate_where_the_vm_stays,
-    roll_forward,
-    undo_and_mark,
-)
+from .agents import MigrationAgents, agent_for, agent_migration_id
+from .alerts import cancelled_by
+from .endings import abort, restate_where_the_vm_is, roll_forward, undo_and_mark
 from .errors import MigrationCancelled, MigrationFailed
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
 from .outcomes import deliver_outcome_of
+from .records import load_migration
 from .scheduling import start_idle_queues
 
 logger = logging.getLogger(__name__)
@@ -94,15 +87,18 @@ def recover_one(migration: Migration, stale_after_s: float) -> bool:
         logger.info("Migration %s: its lease was renewed or taken first; recovery skips it", migration.pk)
         return False
     try:
-        if migration.state == State.COMMITTING:
-            logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
-            roll_forward(migration, lease)
-        else:
-            logger.warning(
-                "Recovering migration %s: aborting (its worker stopped in %s)", migration.pk, migration.state
-            )
-            if not abort_orphan(migration, lease):
-                return False
+        with MigrationAgents(migration, lease) as agents:
+            if migration.state == State.COMMITTING:
+                logger.warning("Recovering migration %s: rolling forward after the commit", migration.pk)
+                roll_forward(agents, lease)
+            else:
+                logger.warning(
+                    "Recovering migration %s: aborting (its worker stopped in %s)",
+                    migration.pk,
+                    migration.state,
+                )
+                if not abort_orphan(agents, lease):
+                    return False
     except LeaseLost:  # this pass itself stalled past the limit and a later pass took over
         record_stood_down(lease)
         return False
@@ -113,7 +109,7 @@ def recover_one(migration: Migration, stale_after_s: float) -> bool:
 RUNNING = [state for state in Migration.ACTIVE_STATES if state != State.QUEUED]
 
 
-AGENT_ID = re.compile(r"m(\d+)-\d{20}")  # ``decisions.agent_migration_id``
+AGENT_ID = re.compile(r"m(\d+)-\d{20}")  # ``agents.agent_migration_id``
 LEFTOVER_TIMEOUT_S = 3.0
 
 
@@ -130,14 +126,14 @@ def undo_leftovers() -> list[str]:
     undone = []
     claimed: dict[int, bool] = {}  # migration id -> this pass may try it
     for vsp in VSP.objects.filter(agent_reachable=True):
-        with AgentClient.for_vsp(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
+        with agent_for(vsp, timeout_s=LEFTOVER_TIMEOUT_S) as agent:
             try:
                 guests = agent.list_guests()
             except AGENT_ERRORS as error:
                 logger.warning("Leftover check on %s: %s", vsp, error)
                 continue
             for guest in guests:
-                agent_id = guest.get("migrating") or ""
+                agent_id = guest.migrating or ""
                 match = AGENT_ID.fullmatch(agent_id)
                 migration = match and Migration.objects.filter(pk=int(match[1]), state__in=ended).first()
                 if not migration or agent_migration_id(migration) != agent_id:
@@ -147,18 +143,24 @@ def undo_leftovers() -> list[str]:
                 if not claimed[migration.pk]:  # tried a moment ago (here or by the retry above)
                     continue
                 logger.warning("Undoing leftover %s of migration %s on %s", agent_id, migration.pk, vsp)
-                try:
-                    if vsp.pk == migration.target_id:
-                        agent.discard(agent_id)
-                    else:
-                        cancel_on_source(agent, agent_id)
-                        agent.resume(agent_id)
-                        restate_where_the_vm_stays(migration.pk, agent)
-                except AGENT_ERRORS as error:
-                    logger.warning("Leftover %s on %s: %s", agent_id, vsp, error)
+                if not undo_leftover(migration, vsp):
+                    logger.warning("Leftover %s on %s: its agent did not answer", agent_id, vsp)
                     continue
                 undone.append(agent_id)
     return undone
+
+
+def undo_leftover(migration: Migration, vsp: VSP) -> bool:
+    """One try of the undo on ``vsp``, the ended ``migration``'s target (drop its copy) or source (stop
+    sending, run the guest on, and restate an alert that said it did not answer); True once it answered."""
+    with MigrationAgents(migration, timeout_s=LEFTOVER_TIMEOUT_S) as agents:
+        if vsp.pk == migration.target_id:
+            return agents.discard_target(attempts=1)
+        agents.cancel_source()
+        if agents.resume_source(attempts=1) is None:
+            return False
+        restate_where_the_vm_is(agents)
+        return True
 
 
 def stale_migrations(stale_after_s: float) -> list[Migration]:
@@ -170,18 +172,16 @@ def stale_migrations(stale_after_s: float) -> list[Migration]:
     return [migration for migration in loaded if migration.state in RUNNING]
 
 
-def abort_orphan(migration: Migration, lease: Lease) -> bool:
+def abort_orphan(agents: MigrationAgents, lease: Lease) -> bool:
     """Record the abort (from the state read), then undo on the agents; False if the state moved first."""
+    migration = agents.migration
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
-    if not record_abort(migration, failure, lease):
+    if not abort(agents, lease, failure):
         logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
         return False
-    agent_id = agent_migration_id(migration)
-    with agent_for(migration.require_source()) as source, agent_for(migration.target) as target:
-        undo_and_mark(migration.pk, source, target, agent_id)
     return True
 
 
@@ -204,12 +204,8 @@ def retry_pending_undos() -> list[int]:
     for migration in pending:
         if not claim_undo_try(migration):
             continue
-        agent_id = agent_migration_id(migration)
-        with (
-            agent_for(migration.require_source(), UNDO_RETRY_TIMEOUT_S) as source,
-            agent_for(migration.target, UNDO_RETRY_TIMEOUT_S) as target,
-        ):
-            if undo_and_mark(migration.pk, source, target, agent_id, attempts=1, cancel=False):
+        with MigrationAgents(migration, timeout_s=UNDO_RETRY_TIMEOUT_S) as agents:
+            if undo_and_mark(agents, attempts=1, cancel=False):
                 logger.warning("Migration %s: the undo on its agents finished on a later try", migration.pk)
                 done.append(migration.pk)
     return done

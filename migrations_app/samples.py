@@ -9,7 +9,7 @@ snapshot's own fields (bytes, bytes/s). While a round goes on its sample is upda
 round ends up holding the last state seen in it, and the report's chart moves within a long round.
 
 The engine calls ``add_round_sample`` after every snapshot it absorbs; ``flush`` writes the list with
-the other progress fields (``decisions.PROGRESS_FIELDS``).
+the other progress fields (``records.PROGRESS_FIELDS``).
 """
 
 from __future__ import annotations

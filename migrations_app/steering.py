@@ -18,14 +18,16 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
+from pydantic import ValidationError
 
+from agentprotocol import ParamsChange, plain_words
 from migrations_app import forecast
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
 from . import migration_policy
 from .access import check_can_migrate
-from .decisions import agent_migration_id
+from .agents import agent_migration_id
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .samples import dirty_rounds, round_left_bytes
@@ -183,8 +185,9 @@ def steer_values(migration: Migration) -> dict[str, Any]:
     return {"downtime_ms": int(policy["max_downtime_ms"]), "bandwidth_cap_mb_s": cap or None}
 
 
-def check_change(raw: dict[str, Any]) -> dict[str, Any]:
-    """The agent's ``protocol.ParamsChange`` from the page's or API's fields; ``BadChange`` if bad.
+def check_change(raw: dict[str, Any]) -> ParamsChange:
+    """The agent's ``ParamsChange`` from the page's or API's fields (only what is changed is set in it);
+    ``BadChange`` if bad.
 
     Two forms, one check (``migration_policy.check_policy``, so the words are the dialog's):
 
@@ -202,9 +205,9 @@ def check_change(raw: dict[str, Any]) -> dict[str, Any]:
         if action == "bandwidth":
             return check_change({"bandwidth_cap_mb_s": raw.get("bandwidth_cap_mb_s")})
         if action == "auto_converge":
-            return {"auto_converge": True}
+            return ParamsChange(auto_converge=True)
         if action == "switchover":
-            return {"switchover_now": True}
+            return ParamsChange(switchover_now=True)
         raise BadChange(f"Unknown change {str(action)[:40]!r}; choose one of: {', '.join(ACTIONS)}.")
     unknown = sorted(set(raw) - set(POLICY_CHANGES))
     if unknown:
@@ -223,31 +226,34 @@ def check_change(raw: dict[str, Any]) -> dict[str, Any]:
         change["bandwidth_mbps"] = (checked["bandwidth_cap_mb_s"] or 0) * 8
     if "auto_converge" in raw:
         change["auto_converge"] = checked["auto_converge"]
-    return change
+    try:
+        return ParamsChange.model_validate(change)
+    except ValidationError as error:  # within the policy's bounds, so never seen: still plain words
+        raise BadChange(plain_words(error, "the change")) from None
 
 
-def describe_change(change: dict[str, Any]) -> str:
-    """``change`` (a ``ParamsChange``) in words: "raised the allowed downtime to 5.0 s and ..."."""
+def describe_change(change: ParamsChange) -> str:
+    """``change`` in words: "raised the allowed downtime to 5.0 s and ..." (what is set in it)."""
     parts = []
-    if "downtime_ms" in change:
-        parts.append(f"raised the allowed downtime to {forecast.ms(change['downtime_ms'])}")
-    if "bandwidth_mbps" in change:
-        cap = change["bandwidth_mbps"] / 8
+    if change.downtime_ms is not None:
+        parts.append(f"raised the allowed downtime to {forecast.ms(change.downtime_ms)}")
+    if change.bandwidth_mbps is not None:
+        cap = change.bandwidth_mbps / 8
         parts.append(f"set the bandwidth cap to {cap:g} MB/s" if cap else "removed the bandwidth cap")
-    if "auto_converge" in change:
-        parts.append(f"turned throttling (auto-converge) {'on' if change['auto_converge'] else 'off'}")
-    if change.get("switchover_now"):
+    if change.auto_converge is not None:
+        parts.append(f"turned throttling (auto-converge) {'on' if change.auto_converge else 'off'}")
+    if change.switchover_now:
         parts.append("asked to switch over now")
     return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
-def within_site_cap(change: dict[str, Any]) -> dict[str, Any]:
+def within_site_cap(change: ParamsChange) -> ParamsChange:
     """``change`` as sent to the agent: a new bandwidth cap (or none) never lifts the site-wide
     ``MIGRATION_BANDWIDTH_MBPS``, as ``migration_policy.agent_params`` does at the start."""
     site = settings.MIGRATION_AGENT_PARAMS.get("bandwidth_mbps")
-    if "bandwidth_mbps" not in change or not site:
+    if change.bandwidth_mbps is None or not site:
         return change
-    return {**change, "bandwidth_mbps": min(change["bandwidth_mbps"] or site, site)}
+    return change.model_copy(update={"bandwidth_mbps": min(change.bandwidth_mbps or site, site)})
 
 
 def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) -> str:
@@ -282,12 +288,12 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
         row = Migration.objects.select_for_update().get(pk=current.pk)
         policy = migration_policy.effective(row.policy)
         before = dict(policy)
-        if "downtime_ms" in change:
-            policy["max_downtime_ms"] = change["downtime_ms"]
-        if "bandwidth_mbps" in change:
-            policy["bandwidth_cap_mb_s"] = change["bandwidth_mbps"] / 8 or None
-        if "auto_converge" in change:
-            policy["auto_converge"] = change["auto_converge"]
+        if change.downtime_ms is not None:
+            policy["max_downtime_ms"] = change.downtime_ms
+        if change.bandwidth_mbps is not None:
+            policy["bandwidth_cap_mb_s"] = change.bandwidth_mbps / 8 or None
+        if change.auto_converge is not None:
+            policy["auto_converge"] = change.auto_converge
         if policy != before:
             policy["preset"] = "custom"
         row.policy = policy
@@ -298,9 +304,10 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
             migration=row, from_state=row.state, to_state=row.state, message=message, actor=actor
         )
         AuditEvent.record(
-            AuditEvent.Action.MIGRATION_CHANGED, row, actor=user, before=before, after={**policy, **change},
+            AuditEvent.Action.MIGRATION_CHANGED, row, actor=user, before=before,
+            after={**policy, **change.model_dump(exclude_unset=True)},
             message=message, object_name=f"migration {row.pk} of {row.vm_name or row.pk}",
         )  # fmt: skip
         transaction.on_commit(lambda: publish_progress(row.pk))
-    logger.info("%s changed migration %s: %s", user, current.pk, change)
+    logger.info("%s changed migration %s: %s", user, current.pk, change.model_dump(exclude_unset=True))
     return f"{words[0].upper()}{words[1:]}."

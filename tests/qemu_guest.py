@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from agentprotocol import GuestInfo
 from hostagent.drivers.qemu import DEFAULT_IMAGES
 from hostagent.drivers.qemu.process import QemuTooOld, check_qemu
 from tests.conftest import wait_until
@@ -36,14 +37,14 @@ needs_os_image = [
 ]
 
 
-def guest_named(agent: Any, name: str) -> dict[str, Any]:
+def guest_named(agent: Any, name: str) -> GuestInfo:
     """The guest whose display name is ``name`` on ``agent`` (test names are unique)."""
-    return next(guest for guest in agent.client.list_guests() if guest["name"] == name)
+    return next(guest for guest in agent.client.list_guests() if guest.name == name)
 
 
 def workload(agent: Any, name: str) -> dict[str, Any]:
     """What the guest's memwriter last said on its serial console, as the agent reports it."""
-    return guest_named(agent, name)["workload"]
+    return guest_named(agent, name).workload
 
 
 def runs_intact(agent: Any, name: str) -> bool:
@@ -59,4 +60,4 @@ def runs_intact(agent: Any, name: str) -> bool:
 
     passed = wait_until(further_check, timeout=30)
     guest = guest_named(agent, name)
-    return passed and guest["hardware_status"] == "on" and guest["workload"]["selfchecks_failed"] == 0
+    return passed and guest.hardware_status == "on" and guest.workload["selfchecks_failed"] == 0

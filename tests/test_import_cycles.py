@@ -52,6 +52,28 @@ def test_it_lets_only_the_celery_tasks_import_the_driving_loop():
     assert graph.find_modules_that_directly_import("migrations_app.engine") == {"migrations_app.tasks"}
 
 
+def test_the_console_reaches_the_agent_only_through_the_protocol_package():
+    """The console imports ``agentprotocol`` (the messages), never the agent package itself; the
+    protocol package imports neither side."""
+    console = console_packages()
+    graph = build_graph([*console, "hostagent", "agentprotocol"])
+    crossings = [
+        (importer, imported)
+        for importer in sorted(graph.modules)
+        if importer.split(".")[0] in console
+        for imported in sorted(graph.find_modules_directly_imported_by(importer))
+        if imported.split(".")[0] == "hostagent"
+    ]
+    protocol_imports = {
+        imported.split(".")[0]
+        for importer in graph.find_children("agentprotocol") | {"agentprotocol"}
+        for imported in graph.find_modules_directly_imported_by(importer)
+    }
+    assert crossings == []
+    assert protocol_imports <= {"agentprotocol"}
+    assert graph.find_modules_that_directly_import("agentprotocol") & {"vms.agent_client"}
+
+
 def test_it_would_report_a_cycle(tmp_path, monkeypatch):
     package = tmp_path / "knot"
     package.mkdir()

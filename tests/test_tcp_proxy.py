@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from agentprotocol import Endpoint
 from devtools.tcp_proxy import CONTROL_ENV, DataPlaneProxy, route_via_proxy
 from migrations_app.dataplane import route_data_plane
 
@@ -72,12 +73,13 @@ def test_it_holds_bytes_while_stalled_and_delivers_them_after(proxy, echo_server
 
 def test_it_leaves_the_endpoint_alone_without_a_hook(settings):
     settings.MIGRATION_DATA_ENDPOINT_HOOK = ""
-    endpoint = {"host": "127.0.0.1", "port": 4000, "token": "t"}
+    endpoint = Endpoint.model_validate({"host": "127.0.0.1", "port": 4000, "token": "t"})
     assert route_data_plane(endpoint) == endpoint
 
 
 def test_it_maps_the_endpoint_with_the_hook_named_in_settings(settings, proxy, echo_server):
     settings.MIGRATION_DATA_ENDPOINT_HOOK = "devtools.tcp_proxy:route_via_proxy"
-    routed = route_data_plane({"host": "127.0.0.1", "port": echo_server, "token": "t"})
-    assert routed["port"] != echo_server
+    endpoint = Endpoint.model_validate({"host": "127.0.0.1", "port": echo_server, "token": "t"})
+    routed = route_data_plane(endpoint)
+    assert routed.port != echo_server
     assert proxy.routed == 1

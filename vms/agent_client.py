@@ -1,8 +1,11 @@
 """The one console-side client of the host agent's HTTP API (see ``hostagent/README.md``).
 
-Synchronous (``httpx``), for Celery tasks and views. Replies are checked against the agent's
-own protocol models (``hostagent.protocol``) and returned in their JSON form (dicts). Guests are
-named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
+Synchronous (``httpx``), for Celery tasks and views. Every request is a message of the protocol
+package (``agentprotocol``: ``GuestSpec``, ``IncomingRequest``, ``OutgoingRequest``, ``StopRequest``,
+``ParamsChange``, ``ProbeRequest``, ``ProbeRun``) and every answer is parsed into one (``GuestInfo``,
+``ProgressSnapshot``, ...) and returned as that model: no hand-built dict goes out, none comes back.
+A field added to a message is a change of its model only: the client sends and returns whole models.
+Guests are named by ``guest_id``. Every failure is one of three errors (each with the ``FailureKind`` a
 migration hitting it ends with), never a ``KeyError`` or an ``httpx`` exception:
 ``AgentUnreachable`` (no answer), ``AgentRefused`` (a 4xx/5xx answer, with the
 agent's words; ``UnknownMigration`` and ``UnknownGuest`` when the agent does not know the
@@ -28,24 +31,34 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from hostagent.protocol import (
+from agentprotocol import (
+    Deleted,
     DirtyRate,
     ErrorReply,
     FailureKind,
     GuestInfo,
     GuestList,
+    GuestSpec,
     Health,
+    IncomingRequest,
+    Message,
+    OutgoingRequest,
+    ParamsChange,
     PreparedIncoming,
     PreparedProbe,
+    ProbeRequest,
     ProbeResult,
+    ProbeRun,
     ProgressSnapshot,
     ProtocolViolation,
     StoppedGuest,
+    StopRequest,
     load_json,
     parse,
 )
 
 M = TypeVar("M", bound=BaseModel)
+FORCE = StopRequest(force=True)  # a stop without a graceful timeout: the power cut at once
 
 
 class AgentError(Exception):
@@ -85,7 +98,7 @@ class AgentUntrusted(AgentUnreachable):
 
 
 class UnknownMigration(AgentRefused):
-    """The agent holds no migration of that id (``protocol.ErrorReply`` code ``unknown_migration``).
+    """The agent holds no migration of that id (``agentprotocol.ErrorReply`` code ``unknown_migration``).
 
     It restarted since it was told of it (a simulated agent forgets everything), or was never told.
     Not a success: a target that does not know the migration does not hold the guest's copy.
@@ -95,7 +108,7 @@ class UnknownMigration(AgentRefused):
 
 
 class UnknownGuest(AgentRefused):
-    """No guest of that id on the host (``protocol.ErrorReply`` code ``unknown_guest``)."""
+    """No guest of that id on the host (``agentprotocol.ErrorReply`` code ``unknown_guest``)."""
 
 
 REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
@@ -105,7 +118,7 @@ REFUSAL_BY_CODE: dict[str, type[AgentRefused]] = {
 
 
 class AgentProtocolError(AgentError):
-    """The agent answered something that is not what the API promises (``hostagent.protocol``)."""
+    """The agent answered something that is not what the API promises (``agentprotocol``)."""
 
     kind = FailureKind.INTERNAL
 
@@ -119,24 +132,20 @@ def _setting(name: str, default: float) -> float:
     return float(getattr(settings, name, default)) if settings.configured else default
 
 
-def _reply(model: type[M], body: Any, what: str) -> dict[str, Any]:
-    """``body`` checked against the protocol's ``model``, as its JSON form; else ``AgentProtocolError``."""
+def _reply(model: type[M], body: Any, what: str) -> M:
+    """``body`` parsed as the protocol's ``model``; else ``AgentProtocolError`` in plain words."""
     try:
-        return parse(model, body, f"the agent's {what}").model_dump(mode="json")
+        return parse(model, body, f"the agent's {what}")
     except ProtocolViolation as violation:
         raise AgentProtocolError(
             f"the agent's {what} is not what the protocol promises: {violation}"
         ) from None
 
 
-def check_snapshot(body: Any) -> dict[str, Any]:
-    """A progress snapshot (``protocol.ProgressSnapshot``) in its JSON form."""
-    return _reply(ProgressSnapshot, body, "progress snapshot")
-
-
-def check_guest(body: Any) -> dict[str, Any]:
-    """A guest (``protocol.GuestInfo``) in its JSON form."""
-    return _reply(GuestInfo, body, "guest")
+def wire(message: Message) -> dict[str, Any]:
+    """A request as it goes on the wire: the JSON of what the console set (the rest is the model's
+    default on both sides, so the agent reads the same message)."""
+    return message.model_dump(mode="json", exclude_unset=True)
 
 
 FINGERPRINT = re.compile(r"(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}")
@@ -268,160 +277,84 @@ class AgentClient:
         self.close()
 
     # -- host and guests ------------------------------------------------
-    def health(self, window_s: float | None = None) -> dict[str, Any]:
-        """``protocol.Health``: the agent's name, version, driver, number of guests, and its event loop's
-        longest stall (ms) over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
+    def health(self, window_s: float | None = None) -> Health:
+        """The agent's name, version, driver, number of guests, and its event loop's longest stall (ms)
+        over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
         path = "/v1/health" if window_s is None else f"/v1/health?window_s={window_s:g}"
-        return _reply(Health, self._call("GET", path), "health")
+        return self._call("GET", path, Health, "health")
 
-    def list_guests(self) -> list[dict[str, Any]]:
-        """Every guest on the host (``protocol.GuestInfo`` each)."""
-        guests: list[dict[str, Any]] = _reply(GuestList, self._call("GET", "/v1/guests"), "guest list")[
-            "guests"
-        ]
-        return guests
+    def list_guests(self) -> list[GuestInfo]:
+        """Every guest on the host."""
+        return self._call("GET", "/v1/guests", GuestList, "guest list").guests
 
-    def get_guest(self, guest_id: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """``protocol.GuestInfo``; ``UnknownGuest`` if the host has no such guest."""
-        return check_guest(self._call("GET", f"/v1/guests/{guest_id}", timeout_s=timeout_s))
+    def get_guest(self, guest_id: str, timeout_s: float | None = None) -> GuestInfo:
+        """``UnknownGuest`` if the host has no such guest."""
+        return self._call("GET", f"/v1/guests/{guest_id}", GuestInfo, "guest", timeout_s=timeout_s)
 
-    def define_guest(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """``spec`` is a ``protocol.GuestSpec`` (``guest_id``, display ``name``, ``memory_mib``, ...)."""
-        return check_guest(self._call("PUT", f"/v1/guests/{spec['guest_id']}", spec))
+    def define_guest(self, spec: GuestSpec) -> GuestInfo:
+        """Define (or keep: same definition) the guest ``spec`` describes; ``spec.running`` also starts it."""
+        return self._call("PUT", f"/v1/guests/{spec.guest_id}", GuestInfo, "guest", spec)
 
-    def start_guest(self, guest_id: str) -> dict[str, Any]:
-        return check_guest(self._call("POST", f"/v1/guests/{guest_id}/start"))
+    def start_guest(self, guest_id: str) -> GuestInfo:
+        return self._call("POST", f"/v1/guests/{guest_id}/start", GuestInfo, "guest")
 
-    def stop_guest(self, guest_id: str, *, graceful_timeout_s: float | None = None) -> dict[str, Any]:
-        """Stop the guest: gracefully within ``graceful_timeout_s`` seconds, or at once when None.
+    def stop_guest(self, guest_id: str, stop: StopRequest = FORCE) -> StoppedGuest:
+        """Stop the guest as ``stop`` says: gracefully within ``stop.graceful_timeout_s`` seconds, or at once
+        (``force``, the default).
 
-        The request says which (``protocol.StopRequest``: ``{"graceful_timeout_s": s}`` or
-        ``{"force": true}``); the call waits up to the timeout plus the client's own. Returns
-        ``protocol.StoppedGuest``: the guest, ``stop`` (how it ended: "shut_down", "timed_out" when the
-        guest did not shut down in time and was forced off, "forced", "already_off") and ``stop_s``.
+        The call waits up to the graceful timeout plus the client's own. The answer says how the stop
+        ended (``StoppedGuest.stop``: "shut_down", "timed_out" when the guest did not shut down in time and
+        was forced off, "forced", "already_off") and ``stop_s``.
         """
-        body: dict[str, Any] = (
-            {"force": True} if graceful_timeout_s is None else {"graceful_timeout_s": graceful_timeout_s}
-        )
-        timeout = None if graceful_timeout_s is None else self.timeout_s + graceful_timeout_s
-        reply = self._call("POST", f"/v1/guests/{guest_id}/stop", body, timeout_s=timeout)
-        return _reply(StoppedGuest, reply, "stopped guest")
+        grace = stop.graceful_timeout_s
+        timeout = None if grace is None else self.timeout_s + grace
+        path = f"/v1/guests/{guest_id}/stop"
+        return self._call("POST", path, StoppedGuest, "stopped guest", stop, timeout_s=timeout)
 
-    def delete_guest(self, guest_id: str) -> None:
-        self._call("DELETE", f"/v1/guests/{guest_id}")
+    def delete_guest(self, guest_id: str) -> Deleted:
+        return self._call("DELETE", f"/v1/guests/{guest_id}", Deleted, "deletion")
 
     # -- migrations -----------------------------------------------------
-    def prepare_incoming(
-        self,
-        guest: dict[str, Any],
-        migration_id: str,
-        limits: dict[str, Any] | None = None,
-        encryption: str = "required",
-        streams: int | None = None,
-    ) -> dict[str, Any]:
-        """Target side: reserve room, open the data-plane listener; returns what ``start_outgoing`` takes.
+    def prepare_incoming(self, request: IncomingRequest) -> PreparedIncoming:
+        """Target side: reserve room, open the data-plane listener; its ``endpoint()`` is what the source's
+        ``OutgoingRequest.target`` takes."""
+        path = "/v1/migrations/incoming"
+        return self._call("POST", path, PreparedIncoming, "prepared endpoint", request)
 
-        ``guest`` is a ``protocol.GuestSpec``; the answer a ``protocol.Endpoint`` (host, port, token).
-        ``encryption``: the pair's data-plane policy, "required" (mutual TLS) or "off". ``streams``: the
-        pair's stream policy, 1..16 parallel connections or None (automatic); the same for both sides.
-        """
-        body = {
-            "migration_id": migration_id,
-            "guest": guest,
-            "limits": limits or {},
-            "encryption": encryption,
-            "streams": streams,
-        }
-        try:
-            answer = parse(PreparedIncoming, self._call("POST", "/v1/migrations/incoming", body))
-        except ProtocolViolation as violation:
-            raise AgentProtocolError(f"the agent's prepared endpoint makes no sense: {violation}") from None
-        return answer.endpoint().model_dump(mode="json")
+    def start_outgoing(self, request: OutgoingRequest) -> ProgressSnapshot:
+        """Source side: start migrating ``request.guest`` to ``request.target`` (``encryption`` and
+        ``streams`` as the target was prepared with)."""
+        return self._call("POST", "/v1/migrations/outgoing", ProgressSnapshot, "progress snapshot", request)
 
-    def start_outgoing(
-        self,
-        guest_id: str,
-        migration_id: str,
-        target: dict[str, Any],
-        params: dict[str, Any] | None = None,
-        encryption: str = "required",
-        streams: int | None = None,
-    ) -> dict[str, Any]:
-        """Source side: start migrating guest ``guest_id`` to ``target`` (what ``prepare_incoming`` gave).
+    def change_params(self, migration_id: str, change: ParamsChange) -> ProgressSnapshot:
+        """Source side: change a running Copy; the snapshot after it."""
+        path = f"/v1/migrations/{migration_id}/params"
+        return self._call("POST", path, ProgressSnapshot, "progress snapshot", change)
 
-        ``encryption`` and ``streams`` must be what the target was prepared with.
-        """
-        body = {
-            "encryption": encryption,
-            "streams": streams,
-            "migration_id": migration_id,
-            "guest": guest_id,
-            "target": {"host": target["host"], "port": target["port"], "token": target["token"]},
-            "params": params or {},
-        }
-        return check_snapshot(self._call("POST", "/v1/migrations/outgoing", body))
-
-    def change_params(self, migration_id: str, change: dict[str, Any]) -> dict[str, Any]:
-        """Source side: change a running Copy (a ``protocol.ParamsChange``); the snapshot after it."""
-        return check_snapshot(self._call("POST", f"/v1/migrations/{migration_id}/params", change))
-
-    def dirty_rate(self, guest_id: str, seconds: float = 1.0) -> dict[str, Any]:
-        """The running guest's dirty rate over ``seconds`` (a ``protocol.DirtyRate``); waits that long."""
+    def dirty_rate(self, guest_id: str, seconds: float = 1.0) -> DirtyRate:
+        """The running guest's dirty rate over ``seconds``; waits that long."""
         path = f"/v1/guests/{guest_id}/dirty-rate?seconds={seconds:g}"
-        answer = self._call("GET", path, timeout_s=self.timeout_s + seconds)
-        try:
-            return parse(DirtyRate, answer).model_dump(mode="json")
-        except ProtocolViolation as violation:
-            raise AgentProtocolError(f"the agent's dirty rate makes no sense: {violation}") from None
+        return self._call("GET", path, DirtyRate, "dirty rate", timeout_s=self.timeout_s + seconds)
 
     # -- link probes ----------------------------------------------------
-    def prepare_probe(
-        self, encryption: str = "required", max_bytes: int | None = None, seconds: float | None = None
-    ) -> dict[str, Any]:
-        """Receiving side: open a one-time probe listener; a ``protocol.PreparedProbe`` (for ``probe``).
+    def prepare_probe(self, request: ProbeRequest) -> PreparedProbe:
+        """Receiving side: open a one-time probe listener (for the sender's ``ProbeRun``, ``probe_run``)."""
+        return self._call("POST", "/v1/probes/incoming", PreparedProbe, "prepared probe", request)
 
-        ``encryption``: the pair's data-plane policy; ``max_bytes`` (1-64 MiB) and ``seconds``
-        (0.05-2 s) bound the session (the agent's defaults, 64 MiB and 0.5 s, when None).
-        """
-        body: dict[str, Any] = {"encryption": encryption}
-        if max_bytes is not None:
-            body["max_bytes"] = max_bytes
-        if seconds is not None:
-            body["seconds"] = seconds
-        answer = self._call("POST", "/v1/probes/incoming", body)
-        try:
-            return parse(PreparedProbe, answer).model_dump(mode="json")
-        except ProtocolViolation as violation:
-            raise AgentProtocolError(f"the agent's prepared probe makes no sense: {violation}") from None
+    def probe(self, run: ProbeRun) -> ProbeResult:
+        """Sending side: probe the peer's listener now (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s).
 
-    def probe(self, prepared: dict[str, Any], encryption: str = "required") -> dict[str, Any]:
-        """Sending side: probe the listener ``prepared`` (``prepare_probe`` of the peer) now.
-
-        Returns a ``protocol.ProbeResult`` (``bytes``, ``seconds``, ``rate_bytes_s`` in bytes/s); waits
-        at most the probe's seconds plus about 16 s (handshake, draining a slow link). A peer that
+        Waits at most the probe's seconds plus about 16 s (handshake, draining a slow link). A peer that
         refuses or cannot be reached is ``AgentRefused`` (409) with the words why.
         """
-        body = {
-            "target": {
-                "host": prepared["data_host"],
-                "port": prepared["data_port"],
-                "token": prepared["token"],
-            },
-            "encryption": encryption,
-            "max_bytes": prepared["max_bytes"],
-            "seconds": prepared["seconds"],
-        }
         # The agent answers within the handshake (6 s), the probe's seconds and its grace (10 s).
-        answer = self._call("POST", "/v1/probes/outgoing", body, timeout_s=self.timeout_s + 20)
-        try:
-            return parse(ProbeResult, answer).model_dump(mode="json")
-        except ProtocolViolation as violation:
-            raise AgentProtocolError(f"the agent's probe result makes no sense: {violation}") from None
+        timeout = self.timeout_s + 20
+        return self._call("POST", "/v1/probes/outgoing", ProbeResult, "probe result", run, timeout_s=timeout)
 
-    def snapshot(self, migration_id: str) -> dict[str, Any]:
-        return check_snapshot(self._call("GET", f"/v1/migrations/{migration_id}"))
+    def snapshot(self, migration_id: str) -> ProgressSnapshot:
+        return self._call("GET", f"/v1/migrations/{migration_id}", ProgressSnapshot, "progress snapshot")
 
-    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Generator[dict[str, Any], None, None]:
+    def iter_progress(self, migration_id: str, after_seq: int = 0) -> Generator[ProgressSnapshot, None, None]:
         """Snapshots from the streaming endpoint: the current one first, then each change.
 
         Changes with ``seq <= after_seq`` (already seen) are skipped, the first
@@ -439,38 +372,49 @@ class AgentClient:
                 for line in response.iter_lines():
                     if not line.strip():
                         continue
-                    snapshot = check_snapshot(self._decode(line))
-                    if first or snapshot["seq"] > after_seq:
+                    snapshot = _reply(ProgressSnapshot, self._decode(line), "progress snapshot")
+                    if first or snapshot.seq > after_seq:
                         yield snapshot
                     first = False
         except httpx.TransportError as error:
             raise AgentUnreachable(f"progress stream from {self.base_url} broke off: {error}") from error
 
-    def quiesce(self, migration_id: str) -> dict[str, Any]:
+    def quiesce(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "quiesce", self.command_timeout_s)
 
-    def freeze(self, migration_id: str) -> dict[str, Any]:
+    def freeze(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "freeze", self.command_timeout_s)
 
-    def resume(self, migration_id: str) -> dict[str, Any]:
+    def resume(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "resume")
 
-    def discard(self, migration_id: str) -> dict[str, Any]:
+    def discard(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "discard")
 
-    def release(self, migration_id: str) -> dict[str, Any]:
+    def release(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "release")
 
-    def cancel(self, migration_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+    def cancel(self, migration_id: str, timeout_s: float | None = None) -> ProgressSnapshot:
         """``timeout_s``: a cancel must land promptly, so callers pass a short one and retry."""
         return self._command(migration_id, "cancel", timeout_s)
 
     # -- plumbing -------------------------------------------------------
-    def _command(self, migration_id: str, command: str, timeout_s: float | None = None) -> dict[str, Any]:
+    def _command(self, migration_id: str, command: str, timeout_s: float | None = None) -> ProgressSnapshot:
         path = f"/v1/migrations/{migration_id}/{command}"
-        return check_snapshot(self._call("POST", path, timeout_s=timeout_s))
+        return self._call("POST", path, ProgressSnapshot, "progress snapshot", timeout_s=timeout_s)
 
-    def _call(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        reply: type[M],
+        what: str,
+        request: Message | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> M:
+        """Send ``request`` (a protocol message, or no body) and parse the answer as ``reply``."""
+        body = None if request is None else wire(request)
         try:
             response = self._http.request(
                 method, path, json=body, timeout=timeout_s if timeout_s is not None else self.timeout_s
@@ -486,7 +430,7 @@ class AgentClient:
             ) from error
         if response.status_code >= 400:
             raise self._refusal(response)
-        return self._decode(response.content)
+        return _reply(reply, self._decode(response.content), what)
 
     @staticmethod
     def _decode(content: bytes | str) -> Any:
@@ -497,7 +441,7 @@ class AgentClient:
 
     @staticmethod
     def _refusal(response: httpx.Response) -> AgentRefused:
-        """The refusal's class goes by its ``code`` (``protocol.ErrorReply``), never by its words."""
+        """The refusal's class goes by its ``code`` (``agentprotocol.ErrorReply``), never by its words."""
         try:
             reply = parse(ErrorReply, response.content, "the agent's refusal")
         except ProtocolViolation:

@@ -241,6 +241,7 @@ def seed_demo_agents(driver: str) -> list[str]:
     are started; the rest are defined but Off. The VMs' memory in the database is set to match.
     """
     from vms.agent_client import AgentClient
+    from vms.agent_messages import guest_spec
 
     lines = []
     runnable = (
@@ -257,18 +258,10 @@ def seed_demo_agents(driver: str) -> list[str]:
             memory_mib = QEMU_DEMO_MEMORY_MIB
             VirtualMachine.objects.filter(pk=vm.pk).update(memory_mib=memory_mib)
             running = running and vm.name in QEMU_DEMO_RUNNING_GUESTS
-        spec = {
-            "guest_id": str(vm.guest_id),  # agents know the guest by its id; the name is for people
-            "name": vm.name,
-            "memory_mib": memory_mib,
-            "vcpus": vm.vcpus,
-            "dirty_pages_per_s": DEMO_DIRTY_PAGES.get(vm.name, DEFAULT_DIRTY_PAGES_PER_S),
-            "running": running,
-        }
-        if vm.os_type:
-            spec["os_type"] = vm.os_type
+        workload = {"dirty_pages_per_s": DEMO_DIRTY_PAGES.get(vm.name, DEFAULT_DIRTY_PAGES_PER_S)}
         if driver != "qemu":
-            spec["fill_percent"] = DEMO_FILL_PERCENT
+            workload["fill_percent"] = DEMO_FILL_PERCENT
+        spec = guest_spec(vm, memory_mib=memory_mib, running=running, **workload)
         with AgentClient.for_vsp(vsp) as agent:
             agent.define_guest(spec)
         lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")

@@ -31,6 +31,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
+from agentprotocol import GuestInfo
 from vms.agent_client import (
     AgentClient,
     AgentProtocolError,
@@ -147,7 +148,7 @@ def finish_log(round_id: int, counted_at: datetime) -> None:
         )
 
 
-def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, dict[str, Any]] | None:
+def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, GuestInfo] | None:
     """Ask ``vsp``'s agent for its guests and store them; the guests by id, or None if it did not answer.
 
     Agents know a guest by its id (``VirtualMachine.guest_id`` as text); the name is only displayed.
@@ -155,7 +156,7 @@ def fetch_and_store(vsp: VSP, *, timeout_s: float | None = None) -> dict[str, di
     return fetch_guests(vsp, timeout_s=timeout_s)[0]
 
 
-def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
+def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str, GuestInfo] | None, str]:
     """``fetch_and_store`` with the problem in words when it got nothing ("did not answer", or an
     untrusted certificate); no answer marks the VSP unreachable at once (someone is waiting on it)."""
     asked = ask_agent(vsp, timeout_s)
@@ -169,7 +170,7 @@ def fetch_guests(vsp: VSP, *, timeout_s: float | None = None) -> tuple[dict[str,
 class Asked:
     """What one ``GET /v1/guests`` got: the guests by id (None: no answer), the problem in words, ms."""
 
-    guests: dict[str, dict[str, Any]] | None
+    guests: dict[str, GuestInfo] | None
     problem: str
     took_ms: int
     driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
@@ -179,13 +180,13 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     """Ask ``vsp``'s agent for its guests (nothing is stored; no database access)."""
     started = time.monotonic()
     problem = ""
-    guests: list[dict[str, Any]] = []
+    guests: list[GuestInfo] = []
     driver = ""
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
             if not vsp.agent_driver:
-                driver = agent.health()["driver"]
+                driver = agent.health().driver
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"
@@ -195,7 +196,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms)
-    return Asked({guest["guest_id"]: guest for guest in guests}, "", took_ms, driver)
+    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -271,7 +272,7 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
         """The agent's driver, or None when it did not answer."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-                return str(agent.health()["driver"])
+                return agent.health().driver
         except AGENT_ERRORS:
             return None
 
@@ -301,7 +302,7 @@ def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
         return vsp.agent_driver
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-            driver = str(agent.health()["driver"])[:32]
+            driver = agent.health().driver[:32]
     except AGENT_ERRORS as error:
         logger.info("Agent of VSP %s did not say its driver: %s", vsp.name, error)
         return ""
@@ -370,7 +371,7 @@ def copies_to_store(vsp: VSP) -> list[Registration]:
     )
 
 
-def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+def store_guests(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration]) -> None:
     """Store what the agent says about the runnable ``copies``, then check the Not Runnable ones for a
     split brain."""
     not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
@@ -387,7 +388,7 @@ def store_guests(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Regis
     note_split_brain(vsp, guests, [r for r in copies if r.hardware_status == not_runnable])
 
 
-def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[Registration]) -> None:
+def note_split_brain(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration]) -> None:
     """Flag (or clear) each Not Runnable copy on ``vsp`` (``copies``, their VMs not migrating) by whether
     its agent reports the guest running.
 
@@ -395,7 +396,7 @@ def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[R
     """
     for copy in copies:
         guest = guests.get(str(copy.vm.guest_id))
-        running = guest is not None and guest.get("hardware_status") == "on" and not guest.get("migrating")
+        running = guest is not None and guest.hardware_status == "on" and not guest.migrating
         if running and copy.found_running_at is None:
             copy.found_running_at = timezone.now()
             copy.save(update_fields=["found_running_at"])
@@ -406,11 +407,9 @@ def note_split_brain(vsp: VSP, guests: dict[str, dict[str, Any]], copies: list[R
             logger.warning("Split brain over: %s no longer runs on %s", copy.vm.name, vsp.name)
 
 
-def store_guest(registration: Registration, guest: dict[str, Any]) -> None:
+def store_guest(registration: Registration, guest: GuestInfo) -> None:
     hardware = (
-        Registration.HardwareStatus.ON
-        if guest.get("hardware_status") == "on"
-        else Registration.HardwareStatus.OFF
+        Registration.HardwareStatus.ON if guest.hardware_status == "on" else Registration.HardwareStatus.OFF
     )
     if registration.hardware_status != hardware:
         # compare-and-set: the copy may have become Not Runnable since it was read (a migration's commit)
@@ -418,6 +417,6 @@ def store_guest(registration: Registration, guest: dict[str, Any]) -> None:
             hardware_status=hardware
         )
     vm = registration.vm
-    os_status = guest.get("os_status")
+    os_status = guest.os_status
     if os_status in VirtualMachine.OSStatus.values and vm.os_status != os_status:
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)

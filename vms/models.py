@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
-from hostagent.protocol import MAX_STREAMS
+from agentprotocol import MAX_STREAMS, Encryption
 from vms.fields import EncryptedSecretField
 
 
@@ -274,11 +274,11 @@ class PairEncryption(models.Model):
                 raise ValidationError("This pair of VSPs already has a policy; change that one.")
 
     @classmethod
-    def policy_between(cls, source: VSP, target: VSP) -> str:
+    def policy_between(cls, source: VSP, target: VSP) -> Encryption:
         """ "required" or "off" for a migration from ``source`` to ``target`` (default "required")."""
         low, high = sorted((source.pk, target.pk))
         found = cls.objects.filter(vsp_a_id=low, vsp_b_id=high).values_list("encryption", flat=True).first()
-        return found or cls.Policy.REQUIRED
+        return "off" if found == cls.Policy.OFF else "required"
 
     @property
     def streams_display(self) -> str:

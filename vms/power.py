@@ -3,8 +3,8 @@
 Stop is graceful: the agent is asked to give the guest its Graceful Stop Timeout (``graceful_stop_timeout_s``)
 to finish its I/O and shut down (QEMU: the ACPI power button; simulated: its writes stop, its I/O completes,
 then its OS takes ``shutdown_ms``), then to stop it anyway; Force stop asks it to stop the guest at once.
-The agent says how the stop ended (``protocol.StoppedGuest.stop``); when the guest ran out of time and was
-forced off, the notice and the audit event say so.
+The agent says how the stop ended (``agentprotocol.StoppedGuest.stop``); when the guest ran out of
+time and was forced off, the notice and the audit event say so.
 
 Refused (``PowerRefused``, nothing changed)
 for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while another app says
@@ -21,7 +21,9 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from pydantic import ValidationError as InvalidMessage
 
+from agentprotocol import GuestInfo, StoppedGuest, StopRequest, plain_words
 from vms.access import allowed, check_can_power
 from vms.agent_client import AgentClient, AgentError
 from vms.hooks import busy_reasons
@@ -104,22 +106,25 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     vsp = registration.vsp
     before = {"hardware_status": registration.hardware_status, "os_status": vm.os_status}
     try:
+        stop = None if action == PowerAction.START else stop_request(vm, action)
+    except InvalidMessage as error:  # a Graceful Stop Timeout beyond what an agent waits
+        raise PowerRefused(f"{action.label} of {vm.name}: {plain_words(error, 'the stop')}") from None
+    guest: GuestInfo
+    try:
         with AgentClient.for_vsp(vsp) as agent:
-            if action == PowerAction.START:
+            if stop is None:
                 guest = agent.start_guest(str(vm.guest_id))
             else:
-                graceful = vm.graceful_stop_timeout_s if action == PowerAction.STOP else None
-                guest = agent.stop_guest(str(vm.guest_id), graceful_timeout_s=graceful)
+                guest = agent.stop_guest(str(vm.guest_id), stop)
     except AgentError as error:
         raise PowerRefused(f"{action.label} of {vm.name} on {vsp.name} failed: {error}") from None
     hardware = (
-        Registration.HardwareStatus.ON
-        if guest["hardware_status"] == "on"
-        else Registration.HardwareStatus.OFF
+        Registration.HardwareStatus.ON if guest.hardware_status == "on" else Registration.HardwareStatus.OFF
     )
-    os_status = guest["os_status"] if guest["os_status"] in VirtualMachine.OSStatus.values else vm.os_status
-    outcome = str(guest.get("stop") or "")  # None: an older agent, which stopped it at once
-    notice = power_notice(vm, vsp.name, action, outcome, float(guest.get("stop_s", 0.0)))
+    os_status = guest.os_status if guest.os_status in VirtualMachine.OSStatus.values else vm.os_status
+    stopped = guest if isinstance(guest, StoppedGuest) else None
+    outcome = (stopped.stop if stopped else None) or ""  # None: Start, or an older agent (stopped at once)
+    notice = power_notice(vm, vsp.name, action, outcome, stopped.stop_s if stopped else 0.0)
     with transaction.atomic():
         Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
@@ -135,6 +140,13 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
         )
     logger.info("%s: %s of %s on %s: %s", user, action.value, vm.name, vsp.name, outcome or "done")
     return PowerDone(registration, notice, forced=outcome == "timed_out")
+
+
+def stop_request(vm: VirtualMachine, action: PowerAction) -> StopRequest:
+    """Stop: gracefully within the VM's Graceful Stop Timeout; Force stop: at once."""
+    if action == PowerAction.STOP:
+        return StopRequest(graceful_timeout_s=vm.graceful_stop_timeout_s)
+    return StopRequest(force=True)
 
 
 def power_notice(vm: VirtualMachine, vsp_name: str, action: PowerAction, outcome: str, took_s: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from agentprotocol import ParamsChange
 from api.tokens import do_create_token
 from migrations_app import steering
 from migrations_app.models import Migration, MigrationEvent
@@ -212,10 +213,13 @@ def test_unknown_ids_anonymous_and_read_only_users(api, read_only_api, anonymous
 def test_a_new_bandwidth_cap_never_lifts_the_site_wide_cap(settings):
     settings.MIGRATION_AGENT_PARAMS = {**settings.MIGRATION_AGENT_PARAMS, "bandwidth_mbps": 40}
 
-    assert steering.within_site_cap({"bandwidth_mbps": 800}) == {"bandwidth_mbps": 40}
-    assert steering.within_site_cap({"bandwidth_mbps": 0}) == {"bandwidth_mbps": 40}  # "no cap": the site's
-    assert steering.within_site_cap({"bandwidth_mbps": 16}) == {"bandwidth_mbps": 16}
-    assert steering.within_site_cap({"downtime_ms": 900}) == {"downtime_ms": 900}
+    def capped(change: dict) -> dict:
+        return steering.within_site_cap(ParamsChange.model_validate(change)).model_dump(exclude_unset=True)
+
+    assert capped({"bandwidth_mbps": 800}) == {"bandwidth_mbps": 40}
+    assert capped({"bandwidth_mbps": 0}) == {"bandwidth_mbps": 40}  # "no cap": the site's
+    assert capped({"bandwidth_mbps": 16}) == {"bandwidth_mbps": 16}
+    assert capped({"downtime_ms": 900}) == {"downtime_ms": 900}
 
 
 @pytest.mark.django_db

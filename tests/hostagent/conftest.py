@@ -25,8 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from agentprotocol import (
+    Encryption,
+    Endpoint,
+    GuestInfo,
+    GuestSpec,
+    IncomingRequest,
+    MigrationParams,
+    OutgoingRequest,
+    PhaseLimits,
+    PreparedIncoming,
+    ProgressSnapshot,
+)
 from devtools import pki, processes
 from devtools.processes import write_secret_file
 from tests.conftest import ManagedProcess, free_port, log_path, subprocess_env, wait_until
@@ -59,9 +72,9 @@ class RunningAgent:
     def log(self) -> str:
         return Path(self.process.log_path).read_text(errors="replace")
 
-    def guest(self, name: str) -> dict[str, Any] | None:
+    def guest(self, name: str) -> GuestInfo | None:
         """The guest whose display name is ``name`` (test names are unique), or None."""
-        return next((guest for guest in self.client.list_guests() if guest["name"] == name), None)
+        return next((guest for guest in self.client.list_guests() if guest.name == name), None)
 
 
 @functools.cache
@@ -152,47 +165,93 @@ def guest_id_for(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"matrixoe-test-guest:{name}"))
 
 
-def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> dict[str, Any]:
-    body = {
-        "guest_id": guest_id_for(name),
-        "name": name,
-        "memory_mib": 16,
-        "vcpus": 1,
-        "dirty_pages_per_s": 200,
-        "running": True,
-        **spec,
-    }
-    return agent.client.define_guest(body)
+def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> GuestInfo:
+    defaults = {"memory_mib": 16, "vcpus": 1, "dirty_pages_per_s": 200, "running": True}
+    wanted = {"guest_id": guest_id_for(name), "name": name, **defaults, **spec}
+    return agent.client.define_guest(GuestSpec.model_validate(wanted))
+
+
+def raw_post(agent: RunningAgent, path: str, body: Any) -> httpx.Response:
+    """``body`` as it is, to ``agent``'s API with its secret: what any caller of the API may send (the
+    console's typed client refuses a bad value before it leaves)."""
+    headers = {"Authorization": f"Bearer {agent.secret}"}
+    return httpx.post(f"{agent.url}{path}", json=body, headers=headers, verify=agent.verify, timeout=30)
+
+
+def wanted_spec(guest: GuestInfo | dict[str, Any]) -> GuestSpec:
+    """What a target prepares for ``guest`` (as its source reports it, or a dict of its fields: an id is
+    derived from the name when it has none)."""
+    fields = guest.model_dump() if isinstance(guest, GuestInfo) else guest
+    return GuestSpec(
+        guest_id=fields.get("guest_id") or guest_id_for(fields["name"]),
+        name=fields["name"],
+        memory_mib=fields["memory_mib"],
+        vcpus=fields["vcpus"],
+        os_type=fields["os_type"],
+    )
 
 
 def prepare(
     target: RunningAgent,
-    guest: dict[str, Any],
+    guest: GuestInfo | dict[str, Any],
     migration_id: str,
-    encryption: str = "required",
+    encryption: Encryption = "required",
+    *,
+    streams: int | None = None,
     **limits: Any,
-):
-    wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    wanted["guest_id"] = guest.get("guest_id") or guest_id_for(guest["name"])
-    return target.client.prepare_incoming(wanted, migration_id, limits, encryption)
+) -> PreparedIncoming:
+    request = IncomingRequest(
+        migration_id=migration_id,
+        guest=wanted_spec(guest),
+        limits=PhaseLimits.model_validate(limits),
+        encryption=encryption,
+        streams=streams,
+    )
+    return target.client.prepare_incoming(request)
+
+
+def outgoing(
+    guest_id: str,
+    migration_id: str,
+    target: Endpoint,
+    encryption: Encryption = "required",
+    *,
+    streams: int | None = None,
+    **params: Any,
+) -> OutgoingRequest:
+    """The source's request: ``params`` are ``MigrationParams`` fields (``limits`` a dict of its own)."""
+    return OutgoingRequest(
+        migration_id=migration_id,
+        guest=guest_id,
+        target=target,
+        params=MigrationParams.model_validate(params),
+        encryption=encryption,
+        streams=streams,
+    )
 
 
 def start(
     source: RunningAgent,
     target: RunningAgent,
-    guest: dict[str, Any],
+    guest: GuestInfo,
     migration_id: str,
-    encryption: str = "required",
+    encryption: Encryption = "required",
+    *,
+    streams: int | None = None,
     **params: Any,
-) -> dict[str, Any]:
-    """Prepare ``target`` and start ``source``; ``encryption`` is the pair's data-plane policy."""
-    endpoint = prepare(target, guest, migration_id, encryption, **params.get("limits", {}))
-    return source.client.start_outgoing(guest["guest_id"], migration_id, endpoint, params, encryption)
+) -> ProgressSnapshot:
+    """Prepare ``target`` and start ``source``; ``encryption`` and ``streams`` are the pair's data-plane
+    policy, ``params`` the migration's (``MigrationParams`` fields)."""
+    prepared = prepare(target, guest, migration_id, encryption, streams=streams, **params.get("limits", {}))
+    endpoint = prepared.endpoint()
+    return source.client.start_outgoing(
+        outgoing(guest.guest_id, migration_id, endpoint, encryption, streams=streams, **params)
+    )
 
 
 def follow(
-    agent: RunningAgent, migration_id: str, until: Callable[[dict[str, Any]], bool]
-) -> list[dict[str, Any]]:
+    agent: RunningAgent, migration_id: str, until: Callable[[ProgressSnapshot], bool]
+) -> list[ProgressSnapshot]:
     """Progress snapshots from the stream, up to and including the first one ``until`` accepts."""
     seen = []
     for snapshot in agent.client.iter_progress(migration_id):
@@ -202,12 +261,12 @@ def follow(
     return seen
 
 
-def converged_or_ended(snapshot: dict[str, Any]) -> bool:
-    return snapshot["converged"] or snapshot["state"] not in ("init", "copy")
+def converged_or_ended(snapshot: ProgressSnapshot) -> bool:
+    return snapshot.converged or snapshot.state not in ("init", "copy")
 
 
-def in_phase(phase: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda snapshot: snapshot["phase"] == phase or snapshot["state"] not in ("init", "copy", phase)
+def in_phase(phase: str) -> Callable[[ProgressSnapshot], bool]:
+    return lambda snapshot: snapshot.phase == phase or snapshot.state not in ("init", "copy", phase)
 
 
 def workload_advances(agent: RunningAgent, name: str) -> bool:
@@ -215,12 +274,12 @@ def workload_advances(agent: RunningAgent, name: str) -> bool:
 
     def progress() -> tuple[int, int]:
         guest = agent.client.get_guest(guest_id_for(name))
-        assert guest["hardware_status"] == "on" and guest["os_status"] == "up", guest
-        workload = guest["workload"]
+        assert guest.hardware_status == "on" and guest.os_status == "up", guest
+        workload = guest.workload
         return workload["pages_written"], workload["io_completed"]
 
     pages_before, io_before = progress()
-    writes = agent.client.get_guest(guest_id_for(name))["workload"]["dirty_pages_per_s"] > 0
+    writes = agent.client.get_guest(guest_id_for(name)).workload["dirty_pages_per_s"] > 0
 
     def advanced() -> bool:
         pages, io = progress()
@@ -231,8 +290,8 @@ def workload_advances(agent: RunningAgent, name: str) -> bool:
 
 def wait_for_state(
     agent: RunningAgent, migration_id: str, *states: str, timeout: float = 20
-) -> dict[str, Any]:
-    assert wait_until(lambda: agent.client.snapshot(migration_id)["state"] in states, timeout=timeout), (
+) -> ProgressSnapshot:
+    assert wait_until(lambda: agent.client.snapshot(migration_id).state in states, timeout=timeout), (
         agent.client.snapshot(migration_id)
     )
     return agent.client.snapshot(migration_id)
@@ -283,8 +342,8 @@ class SilentListener:
                 return
             self._accepted.append(connection)
 
-    def endpoint(self) -> dict[str, Any]:
-        return {"host": "127.0.0.1", "port": self.port, "token": "whatever"}
+    def endpoint(self) -> Endpoint:
+        return Endpoint(host="127.0.0.1", port=self.port, token="whatever")  # noqa: S106 - no listener checks it
 
     def close(self) -> None:
         self.closed = True

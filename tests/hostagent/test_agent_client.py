@@ -5,8 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from agentprotocol import GuestSpec, IncomingRequest
 from tests.conftest import free_port
-from tests.hostagent.conftest import define_running_guest, unique
+from tests.hostagent.conftest import define_running_guest, guest_id_for, unique
 from vms.agent_client import (
     AgentClient,
     AgentProtocolError,
@@ -21,9 +22,9 @@ def test_it_reads_guests_and_health_from_a_real_agent(agent_pair):
     vsp1, _ = agent_pair
     name = unique("client")
     define_running_guest(vsp1, name, memory_mib=32, vcpus=2)
-    guests = {guest["name"]: guest for guest in vsp1.client.list_guests()}
-    assert (guests[name]["memory_mib"], guests[name]["vcpus"], guests[name]["os_status"]) == (32, 2, "up")
-    assert vsp1.client.health()["name"] == "vsp1"
+    guests = {guest.name: guest for guest in vsp1.client.list_guests()}
+    assert (guests[name].memory_mib, guests[name].vcpus, guests[name].os_status) == (32, 2, "up")
+    assert vsp1.client.health().name == "vsp1"
 
 
 def test_an_agent_that_does_not_answer_is_unreachable():
@@ -113,6 +114,7 @@ def test_an_error_without_explanation_still_reads_plainly():
 
 def test_a_prepared_endpoint_missing_its_token_is_a_protocol_error():
     with pytest.raises(AgentProtocolError):
+        guest = GuestSpec(guest_id=guest_id_for("g"), name="g", memory_mib=16)
         answering(200, b'{"migration_id": "m", "data_host": "h", "data_port": 1}').prepare_incoming(
-            {"name": "g", "memory_mib": 16, "vcpus": 1}, "m"
+            IncomingRequest(migration_id="m", guest=guest)
         )

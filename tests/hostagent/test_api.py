@@ -5,10 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from agentprotocol import Endpoint, GuestSpec
 from tests.hostagent.conftest import (
     define_running_guest,
     follow,
     guest_id_for,
+    outgoing,
     prepare,
     start,
     unique,
@@ -28,29 +30,29 @@ def raw(agent, method: str, path: str, **kwargs) -> httpx.Response:
 def test_it_reports_health(agent_pair):
     vsp1, _ = agent_pair
     health = vsp1.client.health()
-    assert health["name"] == "vsp1"
-    assert health["driver"] == "simulated"
-    assert isinstance(health["guests"], int)
+    assert health.name == "vsp1"
+    assert health.driver == "simulated"
+    assert isinstance(health.guests, int)
 
 
 def test_it_defines_starts_stops_and_deletes_a_guest(agent_pair):
     vsp1, _ = agent_pair
     name = unique("life")
     guest = vsp1.client.define_guest(
-        {"guest_id": guest_id_for(name), "name": name, "memory_mib": 32, "vcpus": 2, "os_type": "hpux"}
+        GuestSpec(guest_id=guest_id_for(name), name=name, memory_mib=32, vcpus=2, os_type="hpux")
     )
-    assert (guest["hardware_status"], guest["os_status"], guest["memory_mib"], guest["vcpus"]) == (
+    assert (guest.hardware_status, guest.os_status, guest.memory_mib, guest.vcpus) == (
         "off",
         "down",
         32,
         2,
     )
-    assert vsp1.client.start_guest(guest_id_for(name))["hardware_status"] == "on"
+    assert vsp1.client.start_guest(guest_id_for(name)).hardware_status == "on"
     assert workload_advances(vsp1, name)
     with pytest.raises(AgentRefused) as refused:
         vsp1.client.delete_guest(guest_id_for(name))
     assert refused.value.status == 409 and "running" in refused.value.message
-    assert vsp1.client.stop_guest(guest_id_for(name))["os_status"] == "down"
+    assert vsp1.client.stop_guest(guest_id_for(name)).os_status == "down"
     vsp1.client.delete_guest(guest_id_for(name))
     assert vsp1.guest(name) is None
 
@@ -69,7 +71,7 @@ def test_a_booting_guest_is_reported_on_and_initializing_never_off(agent_pair):
     def define() -> None:
         try:
             with AgentClient(vsp1.url, vsp1.secret, trust=vsp1.trust, timeout_s=60) as client:
-                client.define_guest({**spec, "running": True})
+                client.define_guest(GuestSpec.model_validate({**spec, "running": True}))
         finally:
             defined.set()
 
@@ -77,10 +79,10 @@ def test_a_booting_guest_is_reported_on_and_initializing_never_off(agent_pair):
     while not defined.is_set():
         guest = vsp1.guest(name)
         if guest is not None:
-            seen.append((guest["hardware_status"], guest["os_status"]))
+            seen.append((guest.hardware_status, guest.os_status))
     assert seen and ("off", "down") not in seen, seen
     assert ("on", "initializing") in seen, seen
-    assert (vsp1.guest(name)["hardware_status"], vsp1.guest(name)["os_status"]) == ("on", "up")
+    assert (vsp1.guest(name).hardware_status, vsp1.guest(name).os_status) == ("on", "up")
     vsp1.client.stop_guest(guest_id_for(name))
     vsp1.client.delete_guest(guest_id_for(name))
 
@@ -90,7 +92,7 @@ def test_it_defines_a_guest_idempotently(agent_pair):
     name = unique("same")
     first = define_running_guest(vsp1, name)
     again = define_running_guest(vsp1, name)
-    assert again["name"] == first["name"] and again["hardware_status"] == "on"
+    assert again.name == first.name and again.hardware_status == "on"
     with pytest.raises(AgentRefused) as refused:
         define_running_guest(vsp1, name, memory_mib=64)
     assert refused.value.status == 409
@@ -226,7 +228,7 @@ def test_it_answers_malformed_requests_with_a_clear_4xx_and_changes_nothing(
     assert response.status_code == status
     assert words in response.json()["error"]
     after = vsp1.client.list_guests()
-    assert [guest["name"] for guest in after] == [guest["name"] for guest in before]
+    assert [guest.name for guest in after] == [guest.name for guest in before]
 
 
 def test_it_refuses_a_guest_that_does_not_fit(agent_factory):
@@ -240,15 +242,10 @@ def test_it_refuses_a_guest_that_does_not_fit(agent_factory):
     assert refused.value.status == 409 and "no room" in refused.value.message
     with pytest.raises(AgentRefused) as refused:
         small.client.define_guest(
-            {
-                "guest_id": guest_id_for("never-fits"),
-                "name": "never-fits",
-                "memory_mib": 1024 * 1024,
-                "vcpus": 1,
-            }
+            GuestSpec(guest_id=guest_id_for("never-fits"), name="never-fits", memory_mib=1024 * 1024, vcpus=1)
         )
     assert refused.value.status == 409 and "no room" in refused.value.message
-    assert [guest["name"] for guest in small.client.list_guests()] == ["fits"]
+    assert [guest.name for guest in small.client.list_guests()] == ["fits"]
 
 
 def test_it_refuses_a_second_migration_of_a_migrating_guest(agent_pair):
@@ -259,7 +256,7 @@ def test_it_refuses_a_second_migration_of_a_migrating_guest(agent_pair):
     start(vsp1, vsp2, guest, first_id, bandwidth_mbps=20)
     with pytest.raises(AgentRefused) as refused:
         vsp1.client.start_outgoing(
-            guest_id_for(name), second_id, {"host": "127.0.0.1", "port": 9, "token": "t"}, {}
+            outgoing(guest_id_for(name), second_id, Endpoint(host="127.0.0.1", port=9, token="t"))  # noqa: S106
         )
     assert refused.value.status == 409 and "already migrating" in refused.value.message
     with pytest.raises(AgentRefused) as refused:
@@ -267,7 +264,7 @@ def test_it_refuses_a_second_migration_of_a_migrating_guest(agent_pair):
     assert refused.value.status == 409
     with pytest.raises(AgentRefused):
         vsp1.client.snapshot(second_id)
-    assert vsp1.client.snapshot(first_id)["state"] in ("init", "copy")
+    assert vsp1.client.snapshot(first_id).state in ("init", "copy")
     vsp1.client.cancel(first_id)
     wait_for_state(vsp2, first_id, "aborted")
     vsp2.client.discard(first_id)
@@ -277,16 +274,16 @@ def test_it_refuses_a_wrong_data_plane_token(agent_pair):
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("token"), unique("tok")
     guest = define_running_guest(vsp1, name)
-    endpoint = prepare(vsp2, guest, migration_id)
-    forged = {**endpoint, "token": "forged-token-" + "x" * 30}
-    vsp1.client.start_outgoing(guest_id_for(name), migration_id, forged, {})
-    ended = follow(vsp1, migration_id, until=lambda s: s["state"] == "aborted")[-1]
-    assert "wrong data-plane token" in ended["error"]
-    assert ended["failed_phase"] == "init"
+    endpoint = prepare(vsp2, guest, migration_id).endpoint()
+    forged = endpoint.model_copy(update={"token": "forged-token-" + "x" * 30})
+    vsp1.client.start_outgoing(outgoing(guest_id_for(name), migration_id, forged))
+    ended = follow(vsp1, migration_id, until=lambda s: s.state == "aborted")[-1]
+    assert "wrong data-plane token" in ended.error
+    assert ended.failed_phase == "init"
     assert workload_advances(vsp1, name)
-    assert vsp2.client.snapshot(migration_id)["state"] == "init"  # still waiting for the real source
+    assert vsp2.client.snapshot(migration_id).state == "init"  # still waiting for the real source
     assert "refused data-plane connection" in vsp2.log() and "forged-token" not in vsp2.log()
-    assert vsp2.client.discard(migration_id)["state"] == "discarded"
+    assert vsp2.client.discard(migration_id).state == "discarded"
     assert vsp2.guest(name) is None
 
 
@@ -294,10 +291,8 @@ def test_it_refuses_a_wrong_data_plane_token(agent_pair):
 def test_it_keeps_any_printable_name_as_given(agent_pair, name):
     vsp1, _ = agent_pair
     guest_id = guest_id_for(unique("printable"))
-    defined = vsp1.client.define_guest(
-        {"guest_id": guest_id, "name": name, "memory_mib": 16, "running": True}
-    )
-    assert (defined["guest_id"], defined["name"]) == (guest_id, name)
-    assert vsp1.client.get_guest(guest_id)["name"] == name
+    defined = vsp1.client.define_guest(GuestSpec(guest_id=guest_id, name=name, memory_mib=16, running=True))
+    assert (defined.guest_id, defined.name) == (guest_id, name)
+    assert vsp1.client.get_guest(guest_id).name == name
     vsp1.client.stop_guest(guest_id)
     vsp1.client.delete_guest(guest_id)

@@ -17,12 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agentprotocol import Endpoint
 from devtools import pki
 from hostagent.drivers.simulated.wire import ACCEPT, HEADER, HELLO, PROGRESS
 from tests.hostagent.conftest import (
     define_running_guest,
     follow,
     guest_id_for,
+    outgoing,
     prepare,
     session_pki_dir,
     unique,
@@ -37,8 +39,8 @@ pytestmark = pytest.mark.faults
 NESTED = b"[" * 5000
 
 
-def connect(endpoint: dict) -> socket.socket:
-    sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout=10)
+def connect(endpoint: Endpoint) -> socket.socket:
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
     return sock
 
 
@@ -56,12 +58,12 @@ def frame(kind: int, body: bytes) -> bytes:
 
 def finish(source, target, guest, migration_id, endpoint, encryption="required"):
     """Start the source towards ``endpoint`` and drive the migration to completion."""
-    source.client.start_outgoing(guest["guest_id"], migration_id, endpoint, {}, encryption)
-    ended = follow(source, migration_id, until=lambda s: s["converged"] or s["state"] not in ("init", "copy"))
-    assert ended[-1]["converged"], ended[-1]
+    source.client.start_outgoing(outgoing(guest.guest_id, migration_id, endpoint, encryption))
+    ended = follow(source, migration_id, until=lambda s: s.converged or s.state not in ("init", "copy"))
+    assert ended[-1].converged, ended[-1]
     source.client.quiesce(migration_id)
     frozen = source.client.freeze(migration_id)
-    assert frozen["state"] == "ready", frozen
+    assert frozen.state == "ready", frozen
     commit(source, target, migration_id)
 
 
@@ -82,7 +84,7 @@ def test_it_drops_a_nested_json_frame_and_idle_connections_alone_during_a_real_m
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("strangers"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=32, dirty_pages_per_s=0, fill_percent=50)
-    endpoint = prepare(vsp2, guest, migration_id)  # Init limit 10 s
+    endpoint = prepare(vsp2, guest, migration_id).endpoint()  # Init limit 10 s
 
     idle = [connect(endpoint), connect(endpoint)]  # strangers without a certificate: never a word
     # A peer with a certificate from the deployment CA, but no token: deeply nested JSON as HELLO.
@@ -103,16 +105,16 @@ def test_a_peer_with_a_certificate_from_another_ca_is_refused_even_with_the_toke
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("foreign"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=16, dirty_pages_per_s=0)
-    endpoint = prepare(vsp2, guest, migration_id)
+    endpoint = prepare(vsp2, guest, migration_id).endpoint()
 
     foreign = pki.ensure_agent_cert(tmp_path / "other-ca", "vsp1")  # same name, another CA
     context = ssl.create_default_context(cafile=str(foreign.ca))
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     context.load_cert_chain(str(foreign.cert), str(foreign.key))
     hello = {
-        "token": endpoint["token"],
+        "token": endpoint.token,
         "migration_id": migration_id,
-        "guest": guest["guest_id"],
+        "guest": guest.guest_id,
         "memory_mib": 16,
     }
 
@@ -135,28 +137,28 @@ def test_a_token_holder_cannot_make_the_target_spin_with_absurd_figures(agent_pa
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("absurd"), unique("m")
     guest = {"guest_id": guest_id_for(name), "name": name, "memory_mib": 16, "vcpus": 1, "os_type": "linux"}
-    endpoint = prepare(vsp2, guest, migration_id)
+    endpoint = prepare(vsp2, guest, migration_id).endpoint()
     source = tls_client(pki.ensure_agent_cert(session_pki_dir(), "vsp1"))
 
     with source.wrap_socket(connect(endpoint)) as sock:
-        hello = {"token": endpoint["token"], "migration_id": migration_id, "guest": guest["guest_id"]}
+        hello = {"token": endpoint.token, "migration_id": migration_id, "guest": guest["guest_id"]}
         sock.sendall(frame(HELLO, json.dumps({**hello, "memory_mib": 16}).encode()))
         kind, _, _ = HEADER.unpack(sock.recv(HEADER.size))
         assert kind == ACCEPT
         absurd = {"round": 10**30, "percent": {"copy": 1e308}, "dirty_rate_bytes_s": -5}
         sock.sendall(frame(PROGRESS, json.dumps(absurd).encode()))
         ended = wait_for_state(vsp2, migration_id, "aborted")
-    assert ended["failure_kind"] == "refused"
-    assert "PROGRESS from the source" in ended["error"]
+    assert ended.failure_kind == "refused"
+    assert "PROGRESS from the source" in ended.error
     assert vsp2.guest(name) is None  # the copy is dropped; the agent goes on serving
-    assert vsp2.client.health()["name"] == "vsp2"
+    assert vsp2.client.health().name == "vsp2"
 
 
 def test_with_the_policy_off_the_plain_data_plane_still_works(agent_pair):
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("plain"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=16, dirty_pages_per_s=0)
-    endpoint = prepare(vsp2, guest, migration_id, encryption="off")
+    endpoint = prepare(vsp2, guest, migration_id, encryption="off").endpoint()
     plain = connect(endpoint)
     plain.sendall(frame(HELLO, NESTED))  # garbage on the plain listener: dropped alone too
     assert is_dropped(plain)
@@ -169,12 +171,12 @@ def test_the_source_refuses_a_target_without_a_certificate_from_the_ca(agent_pai
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("mismatch"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=16, dirty_pages_per_s=0)
-    endpoint = prepare(vsp2, guest, migration_id, encryption="off")
+    endpoint = prepare(vsp2, guest, migration_id, encryption="off").endpoint()
     vsp1.client.start_outgoing(
-        guest["guest_id"], migration_id, endpoint, {"limits": {"init_s": 5}}, "required"
+        outgoing(guest.guest_id, migration_id, endpoint, "required", limits={"init_s": 5})
     )
     ended = wait_for_state(vsp1, migration_id, "aborted")
-    assert ended["failed_phase"] == "init"
+    assert ended.failed_phase == "init"
     assert workload_advances(vsp1, name)
 
 
@@ -192,7 +194,7 @@ def test_the_agent_refuses_plain_http_and_nested_json_bodies(agent_pair):
     )
     assert response.status_code == 400
     assert response.json() == {"error": "the request body is not valid JSON"}
-    assert vsp1.client.health()["name"] == "vsp1"
+    assert vsp1.client.health().name == "vsp1"
 
 
 def test_an_agent_without_tls_refuses_the_policy_required(agent_factory):
@@ -232,7 +234,7 @@ def test_the_console_refuses_an_agent_whose_certificate_is_not_the_registered_on
     vsp1, _ = agent_pair
     assert vsp1.fingerprint
     pinned = AgentClient(vsp1.url, vsp1.secret, trust=vsp1.fingerprint.replace(":", "").lower())
-    assert pinned.health()["name"] == "vsp1"
+    assert pinned.health().name == "vsp1"
 
     wrong = "AA:" * 31 + "AA"
     with pytest.raises(AgentUntrusted, match=rf"{vsp1.url}.*not the registered {wrong}"):

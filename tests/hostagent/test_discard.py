@@ -17,9 +17,9 @@ import threading
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from agentprotocol import GuestSpec, MigrationParams, PhaseLimits
 from hostagent.driver import DriverSettings
 from hostagent.drivers.simulated.driver import SimulatedDriver
-from hostagent.protocol import GuestSpec, MigrationParams, PhaseLimits
 from hostagent.server import MIGRATIONS_KEY, create_app
 from tests.hostagent.conftest import (
     InBackground,
@@ -91,14 +91,14 @@ def test_target_paused_in_frozen_past_the_limit_answers_the_discard_and_frees_th
     os.killpg(group, signal.SIGSTOP)
     try:
         ended = freeze.join()
-        assert (ended["state"], ended["failed_phase"]) == ("aborted", "frozen"), ended
+        assert (ended.state, ended.failed_phase) == ("aborted", "frozen"), ended
         discard = InBackground(lambda: vsp1.client.discard(migration_id))  # waits at the paused agent
     finally:
         os.killpg(group, signal.SIGCONT)
-    assert discard.join()["state"] == "discarded"
-    assert vsp1.client.discard(migration_id)["state"] == "discarded"
+    assert discard.join().state == "discarded"
+    assert vsp1.client.discard(migration_id).state == "discarded"
     assert vsp1.guest(name) is None
-    assert vsp3.client.resume(migration_id)["state"] == "aborted"
+    assert vsp3.client.resume(migration_id).state == "aborted"
     assert workload_advances(vsp3, name)
 
 

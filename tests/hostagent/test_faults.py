@@ -21,6 +21,7 @@ from tests.hostagent.conftest import (
     follow,
     guest_id_for,
     in_phase,
+    outgoing,
     prepare,
     start,
     unique,
@@ -35,7 +36,7 @@ SLOW_LINK_MBPS = 16  # 2 MB/s: a 16 MiB guest filled to 100% copies for ~8 s
 
 def assert_source_runs_and_target_holds_nothing(source, target, name, migration_id):
     assert workload_advances(source, name)
-    assert source.guest(name)["migrating"] is None
+    assert source.guest(name).migrating is None
     if target is not None:
         ended = wait_for_state(target, migration_id, "aborted", "cancelled", "discarded")
         assert target.guest(name) is None, ended
@@ -45,11 +46,11 @@ def test_cancel_in_init(agent_pair, silent_listener):
     vsp1, _ = agent_pair
     name, migration_id = unique("c-init"), unique("m")
     define_running_guest(vsp1, name)
-    vsp1.client.start_outgoing(guest_id_for(name), migration_id, silent_listener.endpoint(), {})
-    assert vsp1.client.snapshot(migration_id)["state"] == "init"
+    vsp1.client.start_outgoing(outgoing(guest_id_for(name), migration_id, silent_listener.endpoint()))
+    assert vsp1.client.snapshot(migration_id).state == "init"
     cancelled = vsp1.client.cancel(migration_id)
-    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "init")
-    assert vsp1.client.cancel(migration_id)["state"] == "cancelled"
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "init")
+    assert vsp1.client.cancel(migration_id).state == "cancelled"
     assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
 
 
@@ -58,9 +59,9 @@ def test_cancel_in_copy(agent_pair):
     name, migration_id = unique("c-copy"), unique("m")
     guest = define_running_guest(vsp1, name, fill_percent=100)
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
-    follow(vsp1, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] not in ("init", "copy"))
+    follow(vsp1, migration_id, until=lambda s: s.percent["copy"] > 0 or s.state not in ("init", "copy"))
     cancelled = vsp1.client.cancel(migration_id)
-    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "copy")
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "copy")
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -70,9 +71,9 @@ def test_cancel_on_the_target_in_copy_aborts_the_source(agent_pair):
     guest = define_running_guest(vsp1, name, fill_percent=100)
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
     follow(vsp2, migration_id, until=in_phase("copy"))
-    assert vsp2.client.cancel(migration_id)["state"] == "cancelled"
+    assert vsp2.client.cancel(migration_id).state == "cancelled"
     ended = wait_for_state(vsp1, migration_id, "aborted")
-    assert "cancelled" in ended["error"] and ended["failed_phase"] == "copy"
+    assert "cancelled" in ended.error and ended.failed_phase == "copy"
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -85,10 +86,10 @@ def test_cancel_in_quiesce(agent_pair):
     quiescing = InBackground(lambda: vsp1.client.quiesce(migration_id))
     follow(vsp1, migration_id, until=in_phase("quiesce"))
     cancelled = vsp1.client.cancel(migration_id)
-    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "quiesce")
-    assert quiescing.join()["state"] == "cancelled"
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "quiesce")
+    assert quiescing.join().state == "cancelled"
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
-    assert vsp1.guest(name)["workload"]["io_queued"] == 0  # queued I/O was issued again
+    assert vsp1.guest(name).workload["io_queued"] == 0  # queued I/O was issued again
 
 
 def test_cancel_in_frozen(agent_pair):
@@ -101,8 +102,8 @@ def test_cancel_in_frozen(agent_pair):
     freezing = InBackground(lambda: vsp1.client.freeze(migration_id))
     follow(vsp1, migration_id, until=in_phase("frozen"))
     cancelled = vsp1.client.cancel(migration_id)
-    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "frozen")
-    assert freezing.join()["state"] == "cancelled"
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "frozen")
+    assert freezing.join().state == "cancelled"
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -111,11 +112,11 @@ def test_time_out_in_init_on_the_source(agent_pair, silent_listener):
     name, migration_id = unique("t-init"), unique("m")
     define_running_guest(vsp1, name)
     vsp1.client.start_outgoing(
-        guest_id_for(name), migration_id, silent_listener.endpoint(), {"limits": {"init_s": 0.5}}
+        outgoing(guest_id_for(name), migration_id, silent_listener.endpoint(), limits={"init_s": 0.5})
     )
-    ended = follow(vsp1, migration_id, until=lambda s: s["state"] != "init")[-1]
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "init")
-    assert "init phase ran over its limit of 0.5 s" in ended["error"]
+    ended = follow(vsp1, migration_id, until=lambda s: s.state != "init")[-1]
+    assert (ended.state, ended.failed_phase) == ("aborted", "init")
+    assert "init phase ran over its limit of 0.5 s" in ended.error
     assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
 
 
@@ -123,9 +124,9 @@ def test_time_out_in_init_on_the_target_when_no_source_comes(agent_pair):
     _, vsp2 = agent_pair
     name, migration_id = unique("t-init-tgt"), unique("m")
     prepare(vsp2, {"name": name, "memory_mib": 16, "vcpus": 1, "os_type": "linux"}, migration_id, init_s=0.5)
-    assert vsp2.guest(name)["migrating"] == migration_id
+    assert vsp2.guest(name).migrating == migration_id
     ended = wait_for_state(vsp2, migration_id, "aborted")
-    assert ended["failed_phase"] == "init" and "no source connected" in ended["error"]
+    assert ended.failed_phase == "init" and "no source connected" in ended.error
     assert vsp2.guest(name) is None
 
 
@@ -134,9 +135,9 @@ def test_time_out_in_copy(agent_pair):
     name, migration_id = unique("t-copy"), unique("m")
     guest = define_running_guest(vsp1, name, fill_percent=100)
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS, limits={"copy_s": 0.5})
-    ended = follow(vsp1, migration_id, until=lambda s: s["state"] not in ("init", "copy"))[-1]
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "copy")
-    assert "copy phase ran over its limit of 0.5 s" in ended["error"]
+    ended = follow(vsp1, migration_id, until=lambda s: s.state not in ("init", "copy"))[-1]
+    assert (ended.state, ended.failed_phase) == ("aborted", "copy")
+    assert "copy phase ran over its limit of 0.5 s" in ended.error
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -147,8 +148,8 @@ def test_time_out_in_quiesce(agent_pair):
     start(vsp1, vsp2, guest, migration_id, limits={"quiesce_s": 0.3})
     follow(vsp1, migration_id, until=converged_or_ended)
     ended = vsp1.client.quiesce(migration_id)
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "quiesce")
-    assert "quiesce phase ran over its limit of 0.3 s" in ended["error"]
+    assert (ended.state, ended.failed_phase) == ("aborted", "quiesce")
+    assert "quiesce phase ran over its limit of 0.3 s" in ended.error
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -160,8 +161,8 @@ def test_time_out_in_frozen(agent_pair):
     follow(vsp1, migration_id, until=converged_or_ended)
     vsp1.client.quiesce(migration_id)
     ended = vsp1.client.freeze(migration_id)
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "frozen")
-    assert "frozen phase ran over its limit of 0.3 s" in ended["error"]
+    assert (ended.state, ended.failed_phase) == ("aborted", "frozen")
+    assert "frozen phase ran over its limit of 0.3 s" in ended.error
     assert_source_runs_and_target_holds_nothing(vsp1, vsp2, name, migration_id)
 
 
@@ -170,11 +171,11 @@ def test_target_killed_mid_copy(agent_factory):
     name, migration_id = unique("k-target"), unique("m")
     guest = define_running_guest(vsp1, name, fill_percent=100)
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
-    follow(vsp1, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] not in ("init", "copy"))
+    follow(vsp1, migration_id, until=lambda s: s.percent["copy"] > 0 or s.state not in ("init", "copy"))
     vsp2.kill()
-    ended = follow(vsp1, migration_id, until=lambda s: s["state"] not in ("init", "copy"))[-1]
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "copy")
-    assert "lost the data-plane connection to the target" in ended["error"]
+    ended = follow(vsp1, migration_id, until=lambda s: s.state not in ("init", "copy"))[-1]
+    assert (ended.state, ended.failed_phase) == ("aborted", "copy")
+    assert "lost the data-plane connection to the target" in ended.error
     assert_source_runs_and_target_holds_nothing(vsp1, None, name, migration_id)
 
 
@@ -183,14 +184,12 @@ def test_source_killed_mid_copy(agent_factory):
     name, migration_id = unique("k-source"), unique("m")
     guest = define_running_guest(vsp1, name, fill_percent=100)
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
-    follow(vsp2, migration_id, until=lambda s: s["percent"]["copy"] > 0 or s["state"] not in ("init", "copy"))
+    follow(vsp2, migration_id, until=lambda s: s.percent["copy"] > 0 or s.state not in ("init", "copy"))
     vsp1.kill()
     ended = wait_for_state(vsp2, migration_id, "aborted")
-    assert (
-        ended["failed_phase"] == "copy" and "lost the data-plane connection to the source" in ended["error"]
-    )
+    assert ended.failed_phase == "copy" and "lost the data-plane connection to the source" in ended.error
     assert vsp2.guest(name) is None
-    assert vsp2.client.discard(migration_id)["state"] == "discarded"
+    assert vsp2.client.discard(migration_id).state == "discarded"
 
 
 def reach_ready(source, target, name):
@@ -199,7 +198,7 @@ def reach_ready(source, target, name):
     start(source, target, guest, migration_id)
     follow(source, migration_id, until=converged_or_ended)
     source.client.quiesce(migration_id)
-    assert source.client.freeze(migration_id)["state"] == "ready"
+    assert source.client.freeze(migration_id).state == "ready"
     return migration_id
 
 
@@ -208,9 +207,9 @@ def test_after_ready_the_target_waits_for_the_decision_even_when_the_source_dies
     name = unique("orphan")
     migration_id = reach_ready(vsp1, vsp2, name)
     vsp1.kill()
-    assert not wait_until(lambda: vsp2.client.snapshot(migration_id)["state"] != "ready", timeout=1.5)
-    assert vsp2.guest(name)["os_status"] == "down"  # still paused: only the control plane decides
-    assert vsp2.client.resume(migration_id)["state"] == "completed"  # the commit rolls forward
+    assert not wait_until(lambda: vsp2.client.snapshot(migration_id).state != "ready", timeout=1.5)
+    assert vsp2.guest(name).os_status == "down"  # still paused: only the control plane decides
+    assert vsp2.client.resume(migration_id).state == "completed"  # the commit rolls forward
     assert workload_advances(vsp2, name)
 
 
@@ -219,9 +218,9 @@ def test_after_ready_the_source_stays_frozen_when_the_target_dies_until_told_to_
     name = unique("widow")
     migration_id = reach_ready(vsp1, vsp2, name)
     vsp2.kill()
-    assert not wait_until(lambda: vsp1.client.snapshot(migration_id)["state"] != "ready", timeout=1.5)
-    assert vsp1.guest(name)["os_status"] == "down"
-    assert vsp1.client.resume(migration_id)["state"] == "aborted"  # the control plane decided: abort
+    assert not wait_until(lambda: vsp1.client.snapshot(migration_id).state != "ready", timeout=1.5)
+    assert vsp1.guest(name).os_status == "down"
+    assert vsp1.client.resume(migration_id).state == "aborted"  # the control plane decided: abort
     assert workload_advances(vsp1, name)
 
 
@@ -259,9 +258,9 @@ def test_it_answers_health_during_an_uncapped_migration_of_a_large_guest(agent_p
         start(vsp1, vsp2, guest, migration_id)
         follow(vsp1, migration_id, until=converged_or_ended)
         vsp1.client.quiesce(migration_id)
-        assert vsp1.client.freeze(migration_id)["state"] == "ready"
-        assert vsp2.client.resume(migration_id)["state"] == "completed"
-        assert vsp1.client.release(migration_id)["state"] == "released"
+        assert vsp1.client.freeze(migration_id).state == "ready"
+        assert vsp2.client.resume(migration_id).state == "completed"
+        assert vsp1.client.release(migration_id).state == "released"
     finally:
         stop.set()
         for poller in pollers:
@@ -271,6 +270,6 @@ def test_it_answers_health_during_an_uncapped_migration_of_a_large_guest(agent_p
     assert answered["vsp1"] > 0 and answered["vsp2"] > 0
     for agent in (vsp1, vsp2):
         health = agent.client.health(window_s=window_s)
-        assert health["loop_busy_ms"] < LOOP_BUSY_BOUND_MS, (agent.name, health)
-    vsp2.client.stop_guest(guest["guest_id"])
-    vsp2.client.delete_guest(guest["guest_id"])
+        assert health.loop_busy_ms < LOOP_BUSY_BOUND_MS, (agent.name, health)
+    vsp2.client.stop_guest(guest.guest_id)
+    vsp2.client.delete_guest(guest.guest_id)

@@ -13,15 +13,16 @@ import ssl
 import httpx
 import pytest
 
+from agentprotocol import MAX_PROBE_BYTES, PreparedProbe, ProbeRequest
 from devtools import pki
 from hostagent.drivers.simulated.wire import ACCEPT, FILLER, HEADER, HELLO, READY, REFUSE
 from hostagent.probe import FILLER_CHUNK
-from hostagent.protocol import MAX_PROBE_BYTES
 from tests.hostagent.conftest import (
     converged_or_ended,
     define_running_guest,
     follow,
-    guest_id_for,
+    outgoing,
+    prepare,
     session_pki_dir,
     unique,
 )
@@ -44,8 +45,8 @@ def tls_insider(name: str = "insider") -> ssl.SSLContext:
     return context
 
 
-def open_session(prepared: dict, context: ssl.SSLContext | None = None) -> socket.socket:
-    sock = socket.create_connection((prepared["data_host"], prepared["data_port"]), timeout=30)
+def open_session(prepared: PreparedProbe, context: ssl.SSLContext | None = None) -> socket.socket:
+    sock = socket.create_connection((prepared.data_host, prepared.data_port), timeout=30)
     return (context or tls_insider()).wrap_socket(sock) if context is not False else sock
 
 
@@ -76,11 +77,11 @@ def is_dropped(sock: socket.socket) -> bool:
         sock.close()
 
 
-def probe_hello(prepared: dict, **changes) -> bytes:
+def probe_hello(prepared: PreparedProbe, **changes) -> bytes:
     hello = {
-        "token": prepared["token"],
+        "token": prepared.token,
         "session": "probe",
-        "max_bytes": prepared["max_bytes"],
+        "max_bytes": prepared.max_bytes,
         "seconds": 0.5,
     }
     hello.update(changes)
@@ -89,21 +90,23 @@ def probe_hello(prepared: dict, **changes) -> bytes:
 
 def test_it_measures_a_positive_rate_between_two_real_agents(agent_pair):
     vsp1, vsp2 = agent_pair
-    prepared = vsp2.client.prepare_probe("required")
-    assert prepared["max_bytes"] == MAX_PROBE_BYTES and prepared["seconds"] == 0.5
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required"))
+    assert prepared.max_bytes == MAX_PROBE_BYTES and prepared.seconds == 0.5
 
-    result = vsp1.client.probe(prepared, "required")
+    result = vsp1.client.probe(prepared.probe_run("required"))
 
-    assert result["bytes"] > 0 and result["rate_bytes_s"] > 0, result
-    assert result["rate_bytes_s"] == pytest.approx(result["bytes"] / result["seconds"], rel=0.01)
-    assert result["bytes"] <= MAX_PROBE_BYTES and result["encryption"] == "required"
+    assert result.bytes > 0 and result.rate_bytes_s > 0, result
+    assert result.rate_bytes_s == pytest.approx(result.bytes / result.seconds, rel=0.01)
+    assert result.bytes <= MAX_PROBE_BYTES and result.encryption == "required"
     assert "link probe on port" in vsp2.log()
 
 
 def test_the_plain_policy_probes_too(agent_factory):
     vsp1, vsp2 = agent_factory("vsp1", tls=False), agent_factory("vsp2", tls=False)
-    result = vsp1.client.probe(vsp2.client.prepare_probe("off", max_bytes=4 << 20), "off")
-    assert 0 < result["bytes"] <= 4 << 20 and result["rate_bytes_s"] > 0
+    result = vsp1.client.probe(
+        vsp2.client.prepare_probe(ProbeRequest(encryption="off", max_bytes=4 << 20)).probe_run("off")
+    )
+    assert 0 < result.bytes <= 4 << 20 and result.rate_bytes_s > 0
 
 
 def test_the_probe_api_needs_the_agents_secret(agent_pair):
@@ -117,7 +120,7 @@ def test_the_probe_api_needs_the_agents_secret(agent_pair):
 
 def test_a_wrong_token_or_a_stranger_cannot_use_a_probe_listener_and_the_right_peer_still_can(agent_pair):
     vsp1, vsp2 = agent_pair
-    prepared = vsp2.client.prepare_probe("required")
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required"))
 
     # An insider (a certificate from the CA) with a wrong token is refused in words.
     wrong = open_session(prepared)
@@ -130,21 +133,21 @@ def test_a_wrong_token_or_a_stranger_cannot_use_a_probe_listener_and_the_right_p
     assert is_dropped(plain)
     # A migration's HELLO with the right token is not a probe session.
     migration = open_session(prepared)
-    migration.sendall(frame(HELLO, json.dumps({"token": prepared["token"], "migration_id": "m1"}).encode()))
+    migration.sendall(frame(HELLO, json.dumps({"token": prepared.token, "migration_id": "m1"}).encode()))
     assert read_frame(migration) == (REFUSE, {"error": "this listener is for a link probe"})
     migration.close()
 
     # A silent stranger holds its own handshake only: the real peer's runs beside it.
-    silent = socket.create_connection((prepared["data_host"], prepared["data_port"]), timeout=30)
+    silent = socket.create_connection((prepared.data_host, prepared.data_port), timeout=30)
 
-    assert vsp1.client.probe(prepared, "required")["rate_bytes_s"] > 0
+    assert vsp1.client.probe(prepared.probe_run("required")).rate_bytes_s > 0
     assert "refused probe connection" in vsp2.log()
     assert is_dropped(silent)  # closed once the prober got in
 
 
 def test_a_certificate_from_another_ca_cannot_probe(agent_pair, tmp_path):
     vsp1, vsp2 = agent_pair
-    prepared = vsp2.client.prepare_probe("required")
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required"))
     foreign = pki.ensure_agent_cert(tmp_path / "other-ca", "vsp1")  # same name, another CA
     context = ssl.create_default_context(cafile=str(foreign.ca))
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
@@ -153,15 +156,15 @@ def test_a_certificate_from_another_ca_cannot_probe(agent_pair, tmp_path):
         stolen = open_session(prepared, context)
         stolen.sendall(probe_hello(prepared))
         read_frame(stolen)
-    assert vsp1.client.probe(prepared, "required")["bytes"] > 0
+    assert vsp1.client.probe(prepared.probe_run("required")).bytes > 0
 
 
 def test_a_token_is_good_for_one_probe(agent_pair):
     vsp1, vsp2 = agent_pair
-    prepared = vsp2.client.prepare_probe("required", max_bytes=2 << 20)
-    assert vsp1.client.probe(prepared, "required")["bytes"] > 0
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required", max_bytes=2 << 20))
+    assert vsp1.client.probe(prepared.probe_run("required")).bytes > 0
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.probe(prepared, "required")
+        vsp1.client.probe(prepared.probe_run("required"))
     assert refused.value.status == 409 and "link probe" in refused.value.message
 
 
@@ -194,10 +197,10 @@ def test_absurd_bounds_are_refused_with_a_clear_error(agent_pair, body, words):
 
 def test_a_probe_asking_more_than_the_listener_granted_is_refused(agent_pair):
     vsp1, vsp2 = agent_pair
-    prepared = vsp2.client.prepare_probe("required", max_bytes=1 << 20, seconds=0.1)
-    greedy = {**prepared, "max_bytes": 64 << 20, "seconds": 2.0}
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required", max_bytes=1 << 20, seconds=0.1))
+    greedy = prepared.probe_run("required").model_copy(update={"max_bytes": 64 << 20, "seconds": 2.0})
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.probe(greedy, "required")
+        vsp1.client.probe(greedy)
     assert "may send at most 1048576 bytes" in refused.value.message
 
 
@@ -206,7 +209,7 @@ def test_a_token_holder_cannot_make_the_listener_hold_more_than_it_granted(agent
     granted, is refused and dropped; the receiver never asks for more than ``FILLER_CHUNK`` at once."""
     vsp1, vsp2 = agent_pair
     for sizes in ([FILLER_CHUNK + 1], [FILLER_CHUNK, FILLER_CHUNK, 1]):
-        prepared = vsp2.client.prepare_probe("required", max_bytes=2 * FILLER_CHUNK)
+        prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required", max_bytes=2 * FILLER_CHUNK))
         session = open_session(prepared)
         session.sendall(probe_hello(prepared))
         assert read_frame(session)[0] == ACCEPT
@@ -218,7 +221,7 @@ def test_a_token_holder_cannot_make_the_listener_hold_more_than_it_granted(agent
         assert kind == REFUSE and "more than the 2097152 bytes granted" in answer["error"], answer
         session.close()
     # An honest filler of what was granted is counted exactly.
-    prepared = vsp2.client.prepare_probe("required", max_bytes=FILLER_CHUNK)
+    prepared = vsp2.client.prepare_probe(ProbeRequest(encryption="required", max_bytes=FILLER_CHUNK))
     session = open_session(prepared)
     session.sendall(probe_hello(prepared))
     assert read_frame(session)[0] == ACCEPT
@@ -233,19 +236,23 @@ def test_no_probe_while_a_migration_runs_on_either_agent(agent_pair):
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("probe-busy"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=64, dirty_pages_per_s=0)
-    wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    endpoint = vsp2.client.prepare_incoming({**wanted, "guest_id": guest_id_for(name)}, migration_id, {})
+    endpoint = prepare(vsp2, guest, migration_id).endpoint()
     with pytest.raises(AgentRefused) as refused:
-        vsp2.client.prepare_probe("required")
+        vsp2.client.prepare_probe(ProbeRequest(encryption="required"))
     assert refused.value.status == 409 and "is running here" in refused.value.message
-    prepared = vsp1.client.prepare_probe("required")
+    prepared = vsp1.client.prepare_probe(ProbeRequest(encryption="required"))
     with pytest.raises(AgentRefused) as refused:
-        vsp2.client.probe(prepared, "required")
+        vsp2.client.probe(prepared.probe_run("required"))
     assert refused.value.status == 409 and "is running here" in refused.value.message
 
-    vsp1.client.start_outgoing(guest["guest_id"], migration_id, endpoint, {}, "required")
-    assert follow(vsp1, migration_id, until=converged_or_ended)[-1]["converged"]
+    vsp1.client.start_outgoing(outgoing(guest.guest_id, migration_id, endpoint, "required"))
+    assert follow(vsp1, migration_id, until=converged_or_ended)[-1].converged
     vsp1.client.quiesce(migration_id)
-    assert vsp1.client.freeze(migration_id)["state"] == "ready"
+    assert vsp1.client.freeze(migration_id).state == "ready"
     commit(vsp1, vsp2, migration_id)
-    assert vsp1.client.probe(vsp2.client.prepare_probe("required"), "required")["bytes"] > 0  # free again
+    assert (
+        vsp1.client.probe(
+            vsp2.client.prepare_probe(ProbeRequest(encryption="required")).probe_run("required")
+        ).bytes
+        > 0
+    )  # free again

@@ -33,12 +33,12 @@ def rss_anon(agent) -> int:
 
 def migrate_and_commit(source, target, guest, migration_id):
     start(source, target, guest, migration_id)
-    assert follow(source, migration_id, until=converged_or_ended)[-1]["converged"]
+    assert follow(source, migration_id, until=converged_or_ended)[-1].converged
     source.client.quiesce(migration_id)
     ready = source.client.freeze(migration_id)
-    assert ready["state"] == "ready", ready
-    assert target.client.resume(migration_id)["state"] == "completed"
-    assert source.client.release(migration_id)["state"] == "released"
+    assert ready.state == "ready", ready
+    assert target.client.resume(migration_id).state == "completed"
+    assert source.client.release(migration_id).state == "released"
     return ready
 
 
@@ -48,10 +48,10 @@ def test_it_ends_a_busy_guests_migration_with_equal_xxh3_digests(agent_factory):
     # 64 MiB written through; 4,000 pages/s rewritten while the pages travel, over several rounds.
     guest = define_running_guest(vsp1, name, memory_mib=64, dirty_pages_per_s=4000, fill_percent=100)
     ready = migrate_and_commit(vsp1, vsp2, guest, migration_id)
-    assert ready["round"] > 1
-    assert ready["source_digest"].startswith("xxh3-128:")
-    assert ready["source_digest"] == ready["target_digest"]
-    assert vsp2.client.snapshot(migration_id)["target_digest"] == ready["source_digest"]
+    assert ready.round > 1
+    assert ready.source_digest.startswith("xxh3-128:")
+    assert ready.source_digest == ready.target_digest
+    assert vsp2.client.snapshot(migration_id).target_digest == ready.source_digest
     assert workload_advances(vsp2, name)
 
 
@@ -63,8 +63,8 @@ def test_it_gives_different_digests_to_different_memory(agent_factory):
         name, migration_id = unique(f"fill{fill}"), unique("m")
         guest = define_running_guest(vsp1, name, memory_mib=16, dirty_pages_per_s=0, fill_percent=fill)
         ready = migrate_and_commit(vsp1, vsp2, guest, migration_id)
-        assert ready["source_digest"] == ready["target_digest"]
-        digests.append(ready["source_digest"])
+        assert ready.source_digest == ready.target_digest
+        digests.append(ready.source_digest)
     assert digests[0] != digests[1]
 
 
@@ -77,7 +77,7 @@ def test_it_gives_a_guests_memory_back_when_it_leaves(agent_factory):
     assert held > 200 * MIB
     migrate_and_commit(vsp1, vsp2, guest, migration_id)
     # The source keeps the guest's configuration (Not Runnable), not its RAM.
-    assert vsp1.guest(name)["hardware_status"] == "not_runnable"
+    assert vsp1.guest(name).hardware_status == "not_runnable"
     assert wait_until(lambda: rss_anon(vsp1) - before_source < held // 4, timeout=10), rss_anon(vsp1)
     assert rss_anon(vsp2) - before_target > 200 * MIB
     # And back: the copy that came in leaves the target's RAM too.
@@ -92,7 +92,7 @@ def test_it_frees_a_discarded_incoming_copy(agent_factory):
     guest = define_running_guest(vsp1, name, memory_mib=256, dirty_pages_per_s=0, fill_percent=100)
     before_target = rss_anon(vsp2)
     start(vsp1, vsp2, guest, migration_id)
-    assert follow(vsp1, migration_id, until=converged_or_ended)[-1]["converged"]
+    assert follow(vsp1, migration_id, until=converged_or_ended)[-1].converged
     assert rss_anon(vsp2) - before_target > 200 * MIB
     vsp1.client.cancel(migration_id)
     assert wait_for_state(vsp2, migration_id, "cancelled", "aborted", "discarded")

@@ -51,7 +51,7 @@ def test_it_shows_a_running_migration_by_side_and_state(agent_pair):
     guest = define_running_guest(vsp1, unique("metered-move"), memory_mib=64, dirty_pages_per_s=2000)
     migration_id = unique("m")
     start(vsp1, vsp2, guest, migration_id, downtime_ms=1)  # too small to converge: it stays in Copy
-    follow(vsp1, migration_id, lambda snapshot: snapshot["bytes_sent"] > 0 or converged_or_ended(snapshot))
+    follow(vsp1, migration_id, lambda snapshot: snapshot.bytes_sent > 0 or converged_or_ended(snapshot))
 
     source = samples(scrape(vsp1, vsp1.secret))
     target = samples(scrape(vsp2, vsp2.secret))

@@ -24,7 +24,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostagent.protocol import PHASES
+from agentprotocol import (
+    PHASES,
+    Encryption,
+    Endpoint,
+    GuestInfo,
+    GuestSpec,
+    ParamsChange,
+    ProgressSnapshot,
+    StopRequest,
+)
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     AgentFactory,
@@ -32,6 +41,7 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     follow,
     guest_id_for,
+    outgoing,
     prepare,
     session_pki_dir,
     start,
@@ -60,36 +70,32 @@ def qemu_hosts(tmp_path_factory: pytest.TempPathFactory):
     factory.stop_all()
 
 
-def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) -> dict[str, Any]:
+def boot_busy_guest(agent: RunningAgent, pages_per_s: int = BUSY_PAGES_PER_S) -> GuestInfo:
     name = unique("linux")
     guest = agent.client.define_guest(
-        {
-            "guest_id": guest_id_for(name),
-            "name": name,
-            **GUEST,
-            "dirty_pages_per_s": pages_per_s,
-            "running": True,
-        }
+        GuestSpec(
+            guest_id=guest_id_for(name), name=name, **GUEST, dirty_pages_per_s=pages_per_s, running=True
+        )
     )
-    assert wait_until(lambda: workload(agent, guest["name"])["selfchecks_passed"] >= 1, timeout=60), Path(
-        workload(agent, guest["name"])["serial_log"]
+    assert wait_until(lambda: workload(agent, guest.name)["selfchecks_passed"] >= 1, timeout=60), Path(
+        workload(agent, guest.name)["serial_log"]
     ).read_text(errors="replace")[-2000:]
-    return agent.client.get_guest(guest["guest_id"])
+    return agent.client.get_guest(guest.guest_id)
 
 
-def copying(snapshot: dict[str, Any]) -> bool:
+def copying(snapshot: ProgressSnapshot) -> bool:
     """In Copy with some memory sent (or already ended): never true while the state is still Init."""
-    in_copy = snapshot["state"] == "copy" and snapshot["percent"]["copy"] > 0
-    return in_copy or snapshot["state"] not in ("init", "copy")
+    in_copy = snapshot.state == "copy" and snapshot.percent["copy"] > 0
+    return in_copy or snapshot.state not in ("init", "copy")
 
 
-def assert_phases_in_order_without_going_back(snapshots: list[dict[str, Any]]) -> None:
-    phases_seen = [snapshot["phase"] for snapshot in snapshots if snapshot["phase"]]
+def assert_phases_in_order_without_going_back(snapshots: list[ProgressSnapshot]) -> None:
+    phases_seen = [snapshot.phase for snapshot in snapshots if snapshot.phase]
     order = [PHASES.index(phase) for phase in phases_seen]
     assert order == sorted(order), phases_seen
     for earlier, later in zip(snapshots, snapshots[1:], strict=False):
         for phase in PHASES:
-            assert later["percent"][phase] >= earlier["percent"][phase], (phase, earlier, later)
+            assert later.percent[phase] >= earlier.percent[phase], (phase, earlier, later)
 
 
 def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_target(qemu_hosts):
@@ -101,25 +107,22 @@ def test_it_migrates_a_busy_linux_guest_that_passes_its_own_memory_check_on_the_
     snapshots = follow(vsp1, migration_id, converged_or_ended)
     vsp1.client.quiesce(migration_id)
     ready = vsp1.client.freeze(migration_id)
-    snapshots += follow(vsp1, migration_id, lambda snapshot: snapshot["state"] == "ready")
+    snapshots += follow(vsp1, migration_id, lambda snapshot: snapshot.state == "ready")
 
-    assert ready["state"] == "ready", ready
-    assert (
-        ready["source_digest"]
-        and ready["source_digest"] == vsp2.client.snapshot(migration_id)["target_digest"]
-    )
-    assert vsp2.client.get_guest(guest["guest_id"])["os_status"] == "down", "the target must wait, paused"
+    assert ready.state == "ready", ready
+    assert ready.source_digest and ready.source_digest == vsp2.client.snapshot(migration_id).target_digest
+    assert vsp2.client.get_guest(guest.guest_id).os_status == "down", "the target must wait, paused"
     vsp2.client.resume(migration_id)
     vsp1.client.release(migration_id)
 
     assert_phases_in_order_without_going_back(snapshots)
-    assert snapshots[-1]["percent"] == {"init": 100, "copy": 100, "quiesce": 100, "frozen": 100}
-    assert ready["downtime_ms"] is not None and ready["bytes_sent"] > 0
-    assert runs_intact(vsp2, guest["name"])
-    serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
+    assert snapshots[-1].percent == {"init": 100, "copy": 100, "quiesce": 100, "frozen": 100}
+    assert ready.downtime_ms is not None and ready.bytes_sent > 0
+    assert runs_intact(vsp2, guest.name)
+    serial = Path(workload(vsp2, guest.name)["serial_log"]).read_text(errors="replace")
     assert "memwriter: selfcheck ok" in serial and "memwriter: alive" in serial and "FAIL" not in serial
-    source_copy = vsp1.client.get_guest(guest["guest_id"])
-    assert (source_copy["hardware_status"], source_copy["os_status"]) == ("not_runnable", "down")
+    source_copy = vsp1.client.get_guest(guest.guest_id)
+    assert (source_copy.hardware_status, source_copy.os_status) == ("not_runnable", "down")
 
 
 def test_it_migrates_a_busy_guest_over_two_multifd_channels_and_its_self_check_passes_on_the_target(
@@ -128,22 +131,23 @@ def test_it_migrates_a_busy_guest_over_two_multifd_channels_and_its_self_check_p
     vsp1, vsp2 = qemu_hosts
     guest = boot_busy_guest(vsp1)
     migration_id = unique("multifd")
-    wanted = {key: guest[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "os_type")}
     # The pair's stream policy: 2, so both QEMUs get multifd with 2 channels before they start.
-    endpoint = vsp2.client.prepare_incoming(wanted, migration_id, {}, "off", 2)
-    vsp1.client.start_outgoing(guest["guest_id"], migration_id, endpoint, {"downtime_ms": 300}, "off", 2)
+    endpoint = prepare(vsp2, guest, migration_id, "off", streams=2).endpoint()
+    vsp1.client.start_outgoing(
+        outgoing(guest.guest_id, migration_id, endpoint, "off", streams=2, downtime_ms=300)
+    )
     follow(vsp1, migration_id, converged_or_ended)
     vsp1.client.quiesce(migration_id)
     ready = vsp1.client.freeze(migration_id)
 
-    assert ready["state"] == "ready", ready
-    assert ready["streams"] == 2 and vsp2.client.snapshot(migration_id)["streams"] == 2
-    assert ready["source_digest"] == vsp2.client.snapshot(migration_id)["target_digest"]
+    assert ready.state == "ready", ready
+    assert ready.streams == 2 and vsp2.client.snapshot(migration_id).streams == 2
+    assert ready.source_digest == vsp2.client.snapshot(migration_id).target_digest
     assert "relaying data connection 3 of 3 (main channel + 2 multifd channels)" in vsp2.log()
     vsp2.client.resume(migration_id)
     vsp1.client.release(migration_id)
-    assert runs_intact(vsp2, guest["name"])
-    serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
+    assert runs_intact(vsp2, guest.name)
+    serial = Path(workload(vsp2, guest.name)["serial_log"]).read_text(errors="replace")
     assert "memwriter: selfcheck ok" in serial and "FAIL" not in serial
 
 
@@ -157,9 +161,9 @@ def test_it_cancels_during_copy_and_the_guest_keeps_running_on_the_source(qemu_h
     cancelled = vsp1.client.cancel(migration_id)
     vsp2.client.discard(migration_id)
 
-    assert (cancelled["state"], cancelled["failed_phase"]) == ("cancelled", "copy"), cancelled
-    assert runs_intact(vsp1, guest["name"])
-    assert vsp2.guest(guest["name"]) is None
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "copy"), cancelled
+    assert runs_intact(vsp1, guest.name)
+    assert vsp2.guest(guest.name) is None
 
 
 def test_it_aborts_when_the_target_qemu_dies_during_copy_and_the_guest_keeps_running(qemu_hosts):
@@ -169,14 +173,14 @@ def test_it_aborts_when_the_target_qemu_dies_during_copy_and_the_guest_keeps_run
 
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=SLOW_LINK_MBPS)
     follow(vsp1, migration_id, copying)
-    os.kill(workload(vsp2, guest["name"])["pid"], signal.SIGKILL)
-    aborted = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+    os.kill(workload(vsp2, guest.name)["pid"], signal.SIGKILL)
+    aborted = follow(vsp1, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))[-1]
 
-    assert (aborted["state"], aborted["failed_phase"]) == ("aborted", "copy"), aborted
-    assert aborted["error"]
-    assert runs_intact(vsp1, guest["name"])
+    assert (aborted.state, aborted.failed_phase) == ("aborted", "copy"), aborted
+    assert aborted.error
+    assert runs_intact(vsp1, guest.name)
     vsp2.client.discard(migration_id)
-    assert vsp2.guest(guest["name"]) is None
+    assert vsp2.guest(guest.name) is None
 
 
 def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qemu_hosts):
@@ -195,12 +199,12 @@ def test_it_aborts_a_guest_that_cannot_converge_under_a_tight_downtime_limit(qem
         max_rounds=10_000,
         limits={"copy_s": 10},
     )
-    ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))
+    ended = follow(vsp1, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))
 
-    assert (ended[-1]["state"], ended[-1]["failed_phase"]) == ("aborted", "copy"), ended[-1]
-    assert "copy phase ran over" in ended[-1]["error"]
-    assert max(snapshot["round"] for snapshot in ended) >= 2, "QEMU kept sending rounds of dirty pages"
-    assert runs_intact(vsp1, guest["name"])
+    assert (ended[-1].state, ended[-1].failed_phase) == ("aborted", "copy"), ended[-1]
+    assert "copy phase ran over" in ended[-1].error
+    assert max(snapshot.round for snapshot in ended) >= 2, "QEMU kept sending rounds of dirty pages"
+    assert runs_intact(vsp1, guest.name)
     vsp2.client.discard(migration_id)
 
 
@@ -219,12 +223,12 @@ AUTO_CONVERGE = {
 
 def convergence_figures(snapshots: list[dict[str, Any]]) -> str:
     """What QEMU reported during Copy, for the test's output (``-s``): rounds, dirty rate, throttle."""
-    copy = [snapshot for snapshot in snapshots if snapshot["state"] == "copy"]
+    copy = [snapshot for snapshot in snapshots if snapshot.state == "copy"]
     return (
-        f"rounds {max((s['round'] for s in snapshots), default=0)}, "
-        f"dirty rate {max((s['dirty_rate_bytes_s'] for s in copy), default=0) / 1e6:.1f} MB/s at most, "
-        f"link {max((s['throughput_bytes_s'] for s in copy), default=0) / 1e6:.1f} MB/s at most, "
-        f"throttle {sorted({s['throttle_pct'] for s in snapshots})} %"
+        f"rounds {max((s.round for s in snapshots), default=0)}, "
+        f"dirty rate {max((s.dirty_rate_bytes_s for s in copy), default=0) / 1e6:.1f} MB/s at most, "
+        f"link {max((s.throughput_bytes_s for s in copy), default=0) / 1e6:.1f} MB/s at most, "
+        f"throttle {sorted({s.throttle_pct for s in snapshots})} %"
     )
 
 
@@ -236,32 +240,30 @@ def test_a_busy_guest_that_cannot_converge_completes_with_auto_converge_and_chec
 
     stuck_id = unique("noconverge")
     start(vsp1, vsp2, guest, stuck_id, **UNCONVERGING)
-    stuck = follow(vsp1, stuck_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))
-    print("without auto-converge:", convergence_figures(stuck), "->", stuck[-1]["error"])
+    stuck = follow(vsp1, stuck_id, lambda snapshot: snapshot.state not in ("init", "copy"))
+    print("without auto-converge:", convergence_figures(stuck), "->", stuck[-1].error)
 
-    assert (stuck[-1]["state"], stuck[-1]["failed_phase"]) == ("aborted", "copy"), stuck[-1]
-    assert stuck[-1]["failure_kind"] == "not_converged", stuck[-1]
-    assert f"did not converge in {UNCONVERGING['max_rounds']} rounds" in stuck[-1]["error"]
-    assert {snapshot["throttle_pct"] for snapshot in stuck} == {0}, "nothing throttled the guest"
+    assert (stuck[-1].state, stuck[-1].failed_phase) == ("aborted", "copy"), stuck[-1]
+    assert stuck[-1].failure_kind == "not_converged", stuck[-1]
+    assert f"did not converge in {UNCONVERGING['max_rounds']} rounds" in stuck[-1].error
+    assert {snapshot.throttle_pct for snapshot in stuck} == {0}, "nothing throttled the guest"
     vsp2.client.discard(stuck_id)
-    assert runs_intact(vsp1, guest["name"])
+    assert runs_intact(vsp1, guest.name)
 
     moved_id = unique("autoconverge")
     start(vsp1, vsp2, guest, moved_id, **UNCONVERGING, **AUTO_CONVERGE)
     moved = follow(vsp1, moved_id, converged_or_ended)
     vsp1.client.quiesce(moved_id)
     ready = vsp1.client.freeze(moved_id)
-    print("with auto-converge:", convergence_figures(moved), "-> downtime", ready["downtime_ms"], "ms")
+    print("with auto-converge:", convergence_figures(moved), "-> downtime", ready.downtime_ms, "ms")
 
-    assert ready["state"] == "ready", ready
-    assert max(snapshot["throttle_pct"] for snapshot in moved) >= 60, "QEMU throttled the guest's vCPUs"
-    assert (
-        ready["source_digest"] and ready["source_digest"] == vsp2.client.snapshot(moved_id)["target_digest"]
-    )
+    assert ready.state == "ready", ready
+    assert max(snapshot.throttle_pct for snapshot in moved) >= 60, "QEMU throttled the guest's vCPUs"
+    assert ready.source_digest and ready.source_digest == vsp2.client.snapshot(moved_id).target_digest
     vsp2.client.resume(moved_id)
     vsp1.client.release(moved_id)
-    assert runs_intact(vsp2, guest["name"])
-    serial = Path(workload(vsp2, guest["name"])["serial_log"]).read_text(errors="replace")
+    assert runs_intact(vsp2, guest.name)
+    serial = Path(workload(vsp2, guest.name)["serial_log"]).read_text(errors="replace")
     assert "memwriter: selfcheck ok" in serial and "FAIL" not in serial
 
 
@@ -275,18 +277,18 @@ def test_turning_auto_converge_on_during_a_qemu_migration_is_refused_and_changes
     follow(
         vsp1,
         migration_id,
-        lambda snapshot: snapshot["round"] >= 2 or snapshot["state"] not in ("init", "copy"),
+        lambda snapshot: snapshot.round >= 2 or snapshot.state not in ("init", "copy"),
     )
     with pytest.raises(AgentRefused) as refused:
-        vsp1.client.change_params(migration_id, {"auto_converge": True, "downtime_ms": 5000})
+        vsp1.client.change_params(migration_id, ParamsChange(auto_converge=True, downtime_ms=5000))
     unchanged = vsp1.client.snapshot(migration_id)
     vsp1.client.cancel(migration_id)
     vsp2.client.discard(migration_id)
 
     assert "QEMU cannot turn auto-converge on or off during a migration" in str(refused.value)
-    assert unchanged["state"] == "copy" and unchanged["throttle_pct"] == 0, unchanged
-    assert unchanged["allowed_downtime_ms"] == UNCONVERGING["downtime_ms"], unchanged
-    assert runs_intact(vsp1, guest["name"])
+    assert unchanged.state == "copy" and unchanged.throttle_pct == 0, unchanged
+    assert unchanged.allowed_downtime_ms == UNCONVERGING["downtime_ms"], unchanged
+    assert runs_intact(vsp1, guest.name)
 
 
 def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
@@ -294,12 +296,12 @@ def test_it_refuses_a_target_prepared_with_another_memory_size(qemu_hosts):
     guest = boot_busy_guest(vsp1)
     migration_id = unique("size")
 
-    start(vsp1, vsp2, {**guest, "memory_mib": 128}, migration_id)
-    ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+    start(vsp1, vsp2, guest.model_copy(update={"memory_mib": 128}), migration_id)
+    ended = follow(vsp1, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))[-1]
 
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "init"), ended
-    assert "prepared with 128 MiB but the guest has 256 MiB" in ended["error"]
-    assert runs_intact(vsp1, guest["name"])
+    assert (ended.state, ended.failed_phase) == ("aborted", "init"), ended
+    assert "prepared with 128 MiB but the guest has 256 MiB" in ended.error
+    assert runs_intact(vsp1, guest.name)
     vsp2.client.discard(migration_id)
 
 
@@ -314,15 +316,15 @@ def test_it_presses_the_acpi_power_button_then_quits_qemu_when_the_timeout_runs_
     """
     vsp1, _ = qemu_hosts
     guest = boot_busy_guest(vsp1, pages_per_s=100)
-    pid = workload(vsp1, guest["name"])["pid"]
+    pid = workload(vsp1, guest.name)["pid"]
 
-    stopped = vsp1.client.stop_guest(guest["guest_id"], graceful_timeout_s=3)
+    stopped = vsp1.client.stop_guest(guest.guest_id, StopRequest(graceful_timeout_s=3))
 
-    assert (stopped["stop"], stopped["hardware_status"], stopped["os_status"]) == ("timed_out", "off", "down")
+    assert (stopped.stop, stopped.hardware_status, stopped.os_status) == ("timed_out", "off", "down")
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-    assert vsp1.client.start_guest(guest["guest_id"])["hardware_status"] == "on"
-    forced = vsp1.client.stop_guest(guest["guest_id"])
-    assert (forced["stop"], forced["hardware_status"]) == ("forced", "off")
+    assert vsp1.client.start_guest(guest.guest_id).hardware_status == "on"
+    forced = vsp1.client.stop_guest(guest.guest_id)
+    assert (forced.stop, forced.hardware_status) == ("forced", "off")
 
 
 # -- the migration stream's encryption ----------------------------------------------
@@ -336,10 +338,10 @@ class RecordingRelay:
     """A TCP relay in front of a target's data-plane endpoint that keeps every byte the source sends,
     as an eavesdropper on the migration network would see them."""
 
-    def __init__(self, endpoint: dict[str, Any]) -> None:
-        self.target = (endpoint["host"], endpoint["port"])
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.target = (endpoint.host, endpoint.port)
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = {**endpoint, "host": "127.0.0.1", "port": self.listener.getsockname()[1]}
+        self.endpoint = Endpoint(host="127.0.0.1", port=self.listener.getsockname()[1], token=endpoint.token)
         self.seen = bytearray()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -371,10 +373,10 @@ class RecordingRelay:
 
 
 def start_through_relay(
-    source: RunningAgent, target: RunningAgent, guest: dict[str, Any], migration_id: str, encryption: str
+    source: RunningAgent, target: RunningAgent, guest: GuestInfo, migration_id: str, encryption: Encryption
 ) -> RecordingRelay:
-    relay = RecordingRelay(prepare(target, guest, migration_id, encryption))
-    source.client.start_outgoing(guest["guest_id"], migration_id, relay.endpoint, {}, encryption)
+    relay = RecordingRelay(prepare(target, guest, migration_id, encryption).endpoint())
+    source.client.start_outgoing(outgoing(guest.guest_id, migration_id, relay.endpoint, encryption))
     return relay
 
 
@@ -387,16 +389,16 @@ def test_it_sends_guest_memory_only_inside_tls_under_the_policy_required(qemu_ho
     follow(vsp1, migration_id, converged_or_ended)
     vsp1.client.quiesce(migration_id)
     ready = vsp1.client.freeze(migration_id)
-    assert ready["state"] == "ready", ready
+    assert ready.state == "ready", ready
     vsp2.client.resume(migration_id)
     vsp1.client.release(migration_id)
     relay.close()
 
     seen = relay.recorded()
-    assert len(seen) > guest["memory_mib"] * 1024 * 1024 // 4, "the guest's memory crossed the relay"
+    assert len(seen) > guest.memory_mib * 1024 * 1024 // 4, "the guest's memory crossed the relay"
     assert QEMU_STREAM_MAGIC not in seen, "QEMU's migration stream crossed the network in clear"
     assert b"\x16\x03" in seen[:4096], "a TLS handshake record opens the stream"
-    assert runs_intact(vsp2, guest["name"])
+    assert runs_intact(vsp2, guest.name)
 
 
 def test_it_sends_qemus_plain_stream_under_the_policy_off(qemu_hosts):
@@ -411,7 +413,7 @@ def test_it_sends_qemus_plain_stream_under_the_policy_off(qemu_hosts):
     vsp2.client.discard(migration_id)
     relay.close()
 
-    assert runs_intact(vsp1, guest["name"])
+    assert runs_intact(vsp1, guest.name)
 
 
 def test_it_refuses_a_target_whose_certificate_comes_from_another_ca(qemu_hosts, tmp_path, tmp_path_factory):
@@ -426,14 +428,14 @@ def test_it_refuses_a_target_whose_certificate_comes_from_another_ca(qemu_hosts,
         migration_id = unique("stranger")
 
         start(vsp1, stranger, guest, migration_id)
-        ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+        ended = follow(vsp1, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))[-1]
 
-        assert ended["state"] == "aborted", ended
-        assert "certificate hasn't got a known issuer" in ended["error"], ended
-        assert runs_intact(vsp1, guest["name"])
-        assert vsp1.client.get_guest(guest["guest_id"])["migrating"] is None
+        assert ended.state == "aborted", ended
+        assert "certificate hasn't got a known issuer" in ended.error, ended
+        assert runs_intact(vsp1, guest.name)
+        assert vsp1.client.get_guest(guest.guest_id).migrating is None
         stranger.client.discard(migration_id)
-        assert stranger.guest(guest["name"]) is None
+        assert stranger.guest(guest.name) is None
     finally:
         factory.stop_all()
 
@@ -444,7 +446,7 @@ def test_it_refuses_the_policy_required_on_an_agent_without_a_certificate(tmp_pa
     try:
         guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
         with pytest.raises(AgentRefused) as refused:
-            plain.client.prepare_incoming(guest, unique("move"), {}, "required")
+            prepare(plain, guest, unique("move"), "required")
 
         assert "requires TLS on the data plane" in str(refused.value)
         assert "--tls-cert" in str(refused.value)
@@ -508,13 +510,13 @@ def test_a_source_whose_certificate_qemu_refuses_for_the_client_role_aborts_and_
         migration_id = unique("noclient")
 
         start(source, vsp2, guest, migration_id)
-        ended = follow(source, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+        ended = follow(source, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))[-1]
 
-        assert ended["state"] == "aborted", ended
-        assert "TLS client" in ended["error"], ended
-        assert runs_intact(source, guest["name"])
+        assert ended.state == "aborted", ended
+        assert "TLS client" in ended.error, ended
+        assert runs_intact(source, guest.name)
         vsp2.client.discard(migration_id)
-        assert vsp2.guest(guest["name"]) is None
+        assert vsp2.guest(guest.name) is None
     finally:
         factory.stop_all()
 
@@ -543,7 +545,7 @@ def test_a_target_whose_certificate_qemu_refuses_fails_prepare_and_keeps_nothing
     try:
         guest = {"guest_id": guest_id_for(unique("linux")), "name": "linux", **GUEST}
         with pytest.raises(AgentRefused) as refused:
-            target.client.prepare_incoming(guest, unique("move"), {}, "required")
+            prepare(target, guest, unique("move"), "required")
 
         assert "does not permit key encipherment" in str(refused.value)
         assert target.client.list_guests() == []

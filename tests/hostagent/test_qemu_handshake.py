@@ -12,9 +12,9 @@ import socket
 
 import pytest
 
+from agentprotocol import Endpoint, FailureKind
 from hostagent.driver import MigrationAborted
 from hostagent.drivers.qemu import source
-from hostagent.protocol import Endpoint, FailureKind
 
 
 def test_a_target_that_never_answers_the_handshake_aborts_with_a_sentence_naming_it(monkeypatch):

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from agentprotocol import GuestInfo, GuestSpec, StopRequest
 from hostagent.drivers.qemu.guestload import SelfCheck, request_selfcheck
 from hostagent.drivers.qemu.network import (
     HeartbeatListener,
@@ -42,6 +43,7 @@ from tests.hostagent.conftest import (
     converged_or_ended,
     follow,
     guest_id_for,
+    prepare,
     start,
     unique,
 )
@@ -100,11 +102,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             delete_isolated_network(netns)
 
 
-def boot(lab: Lab, agent: RunningAgent) -> dict[str, Any]:
+def boot(lab: Lab, agent: RunningAgent) -> GuestInfo:
     """A running image guest on ``agent`` whose checks passed once and whose heartbeats arrive."""
     name = unique("os")
     guest_id = guest_id_for(name)
-    agent.client.define_guest({"guest_id": guest_id, "name": name, **GUEST, "running": True})
+    agent.client.define_guest(
+        GuestSpec.model_validate({"guest_id": guest_id, "name": name, **GUEST, "running": True})
+    )
 
     def up() -> bool:
         return workload(agent, name)["selfchecks_passed"] >= 1 and len(lab.listener.heartbeats(guest_id)) > 10
@@ -126,19 +130,19 @@ def locks_of(volume: Path, pid: int) -> set[int]:
     return {byte for holder in image_holders(volume, [pid]) for byte in holder.lock_bytes}
 
 
-def move(lab: Lab, source: RunningAgent, target: RunningAgent, guest: dict[str, Any]) -> dict[str, Any]:
+def move(lab: Lab, source: RunningAgent, target: RunningAgent, guest: GuestInfo) -> dict[str, Any]:
     """Migrate ``guest`` and commit, checking the single writer on the way; figures of the move."""
-    volume = lab.pool / f"{guest['guest_id']}.qcow2"
-    source_pid = workload(source, guest["name"])["pid"]
-    source_trace = Path(workload(source, guest["name"])["trace_log"])
+    volume = lab.pool / f"{guest.guest_id}.qcow2"
+    source_pid = workload(source, guest.name)["pid"]
+    source_trace = Path(workload(source, guest.name)["trace_log"])
     assert image_writers(volume) == [source_pid]
     migration_id = unique("move")
     started = time.time()
 
     # 50 MB/s: a few seconds of Copy, long enough to look at the incoming side.
     start(source, target, guest, migration_id, downtime_ms=300, bandwidth_mbps=400)
-    follow(source, migration_id, lambda snapshot: snapshot["state"] != "init")
-    target_pid = workload(target, guest["name"])["pid"]
+    follow(source, migration_id, lambda snapshot: snapshot.state != "init")
+    target_pid = workload(target, guest.name)["pid"]
     assert image_holders(volume, [target_pid]), "the incoming QEMU opens the same image"
     assert locks_of(volume, target_pid) == set(), "the incoming QEMU holds no lock on the image in Copy"
     assert image_writers(volume) == [source_pid]
@@ -146,7 +150,7 @@ def move(lab: Lab, source: RunningAgent, target: RunningAgent, guest: dict[str, 
     follow(source, migration_id, converged_or_ended)
     source.client.quiesce(migration_id)
     ready = source.client.freeze(migration_id)
-    assert ready["state"] == "ready", ready
+    assert ready.state == "ready", ready
     assert image_writers(volume) == [], "after the switchover the source stopped writing; the target waits"
     assert locks_of(volume, target_pid) == set(), "the paused target has not taken the image yet"
 
@@ -155,16 +159,16 @@ def move(lab: Lab, source: RunningAgent, target: RunningAgent, guest: dict[str, 
     assert image_writers(volume) == [target_pid]
     assert not image_holders(volume, [source_pid]), "the released source's QEMU holds nothing of the image"
 
-    target_trace = Path(workload(target, guest["name"])["trace_log"])
+    target_trace = Path(workload(target, guest.name)["trace_log"])
     stopped_at = state_changes(read_trace(source_trace), "finish-migrate")[-1]
-    assert wait_until(lambda: len(lab.listener.heartbeats(guest["guest_id"])) > 0, timeout=5)
+    assert wait_until(lambda: len(lab.listener.heartbeats(guest.guest_id)) > 0, timeout=5)
     assert wait_until(lambda: bool(state_changes(read_trace(target_trace), "running")), timeout=5)
     resumed_at = state_changes(read_trace(target_trace), "running")[-1]
     assert wait_until(
-        lambda: any(beat.arrived > resumed_at + 1 for beat in lab.listener.heartbeats(guest["guest_id"])),
+        lambda: any(beat.arrived > resumed_at + 1 for beat in lab.listener.heartbeats(guest.guest_id)),
         timeout=10,
     ), "heartbeats come from the target after the switchover"
-    blackout = network_blackout(lab.listener.heartbeats(guest["guest_id"]), stopped_at, resumed_at)
+    blackout = network_blackout(lab.listener.heartbeats(guest.guest_id), stopped_at, resumed_at)
     quiesce = io_quiesce(source_trace, after=started)
     announced = [line for line in read_trace(target_trace) if line.event == "qemu_announce_self_iter"]
     return {"ready": ready, "blackout": blackout, "quiesce": quiesce, "announced": announced}
@@ -173,7 +177,7 @@ def move(lab: Lab, source: RunningAgent, target: RunningAgent, guest: dict[str, 
 def test_an_image_guest_moves_with_its_shared_disk_and_network_and_its_self_check_passes_after_each_move(lab):
     vsp1, vsp2 = lab.source, lab.target
     guest = boot(lab, vsp1)
-    name = guest["name"]
+    name = guest.name
 
     there = move(lab, vsp1, vsp2, guest)
     check = selfcheck(vsp2, name, "after-move-1")
@@ -181,7 +185,7 @@ def test_an_image_guest_moves_with_its_shared_disk_and_network_and_its_self_chec
     assert disk_writes_advance(vsp2, name)
     assert runs_intact(vsp2, name)
 
-    back = move(lab, vsp2, vsp1, vsp2.client.get_guest(guest["guest_id"]))
+    back = move(lab, vsp2, vsp1, vsp2.client.get_guest(guest.guest_id))
     check = selfcheck(vsp1, name, "after-move-2")
     assert check.ok and int(check.fields["blocks"]) > 0, check.line
     assert disk_writes_advance(vsp1, name)
@@ -193,7 +197,7 @@ def test_an_image_guest_moves_with_its_shared_disk_and_network_and_its_self_chec
         assert quiesce.flushed_ms is not None and quiesce.requests_traced > 0, quiesce
         assert figures["announced"], "the target QEMU announced the guest's MAC after resuming"
         print(
-            f"\n{lab.network} networking: downtime {figures['ready']['downtime_ms']} ms (QEMU's), network "
+            f"\n{lab.network} networking: downtime {figures['ready'].downtime_ms} ms (QEMU's), network "
             f"blackout {blackout.gap_ms} ms ({blackout.lost} heartbeats lost), I/O quiesce: "
             f"{quiesce.outstanding} request(s) outstanding at the stop, drained in {quiesce.drain_ms} ms, "
             f"flushed after {quiesce.flushed_ms} ms"
@@ -205,17 +209,17 @@ def test_an_image_guest_moves_with_its_shared_disk_and_network_and_its_self_chec
 def test_an_abort_in_copy_leaves_the_image_guest_running_and_writing_on_its_source(lab):
     vsp1, vsp2 = lab.source, lab.target
     guest = boot(lab, vsp1)
-    name = guest["name"]
-    volume = lab.pool / f"{guest['guest_id']}.qcow2"
+    name = guest.name
+    volume = lab.pool / f"{guest.guest_id}.qcow2"
     source_pid = workload(vsp1, name)["pid"]
     migration_id = unique("abort")
 
     # 10 MB/s against a Copy limit of 3 s: 256 MiB cannot make it, the source aborts in Copy.
     start(vsp1, vsp2, guest, migration_id, bandwidth_mbps=80, limits={"copy_s": 3})
-    ended = follow(vsp1, migration_id, lambda snapshot: snapshot["state"] not in ("init", "copy"))[-1]
+    ended = follow(vsp1, migration_id, lambda snapshot: snapshot.state not in ("init", "copy"))[-1]
     vsp2.client.discard(migration_id)
 
-    assert (ended["state"], ended["failed_phase"]) == ("aborted", "copy"), ended
+    assert (ended.state, ended.failed_phase) == ("aborted", "copy"), ended
     assert vsp2.guest(name) is None
     assert image_writers(volume) == [source_pid], "the source's QEMU still holds the image for writing"
     assert disk_writes_advance(vsp1, name)
@@ -224,8 +228,8 @@ def test_an_abort_in_copy_leaves_the_image_guest_running_and_writing_on_its_sour
     assert runs_intact(vsp1, name)
 
     # The image's init powers off on the ACPI power button (the test guest ignores it).
-    stopped = vsp1.client.stop_guest(guest["guest_id"], graceful_timeout_s=60)
-    assert stopped["stop"] == "shut_down", stopped
+    stopped = vsp1.client.stop_guest(guest.guest_id, StopRequest(graceful_timeout_s=60))
+    assert stopped.stop == "shut_down", stopped
     assert image_holders(volume) == []
 
 
@@ -246,9 +250,7 @@ def test_a_target_that_does_not_see_the_guests_disk_refuses_the_migration_and_ke
     guest = {"guest_id": guest_id_for(name), "name": name, **GUEST}
 
     with pytest.raises(AgentRefused) as refused:
-        vsp3.client.prepare_incoming(
-            {key: guest[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "os_type")}, unique("m")
-        )
+        prepare(vsp3, guest, unique("m"))
 
     assert refused.value.status == 409
     assert f"does not see the disk of {name!r}" in refused.value.message

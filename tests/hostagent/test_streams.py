@@ -11,53 +11,53 @@ from typing import Any
 
 import pytest
 
+from agentprotocol import Encryption, Endpoint, GuestInfo, ProgressSnapshot, auto_streams
 from devtools.tcp_proxy import CONTROL_ENV, DataPlaneProxy, route_via_proxy
 from hostagent.drivers.simulated.wire import PARTITION_PAGES, split_by_stream, stream_of
-from hostagent.protocol import auto_streams
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     converged_or_ended,
     define_running_guest,
     follow,
     guest_id_for,
+    outgoing,
+    prepare,
+    raw_post,
     unique,
     wait_for_state,
     workload_advances,
 )
-from vms.agent_client import AgentRefused
 
 
 def start_with_streams(
     source: Any,
     target: Any,
-    guest: dict[str, Any],
+    guest: GuestInfo,
     migration_id: str,
     streams: int | None,
     *,
-    encryption: str = "required",
+    encryption: Encryption = "required",
     route: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     **params: Any,
-) -> dict[str, Any]:
-    """Prepare ``target`` and start ``source`` with the pair's stream policy, as the Init phase does."""
-    wanted = {key: guest[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    wanted["guest_id"] = guest["guest_id"]
-    endpoint = target.client.prepare_incoming(wanted, migration_id, {}, encryption, streams)
+) -> ProgressSnapshot:
+    """Prepare ``target`` and start ``source`` with the pair's stream policy, as the Init phase does;
+    ``route``: a ``MIGRATION_DATA_ENDPOINT_HOOK`` the endpoint goes through."""
+    endpoint = prepare(target, guest, migration_id, encryption, streams=streams).endpoint()
     if route is not None:
-        endpoint = route(endpoint)
-    return source.client.start_outgoing(
-        guest["guest_id"], migration_id, endpoint, params, encryption, streams
-    )
+        endpoint = Endpoint.model_validate(route(endpoint.model_dump()))
+    request = outgoing(guest.guest_id, migration_id, endpoint, encryption, streams=streams, **params)
+    return source.client.start_outgoing(request)
 
 
-def migrate_and_commit(source: Any, target: Any, guest: dict[str, Any], migration_id: str) -> dict[str, Any]:
+def migrate_and_commit(source: Any, target: Any, guest: GuestInfo, migration_id: str) -> ProgressSnapshot:
     """Follow Copy until converged, quiesce, freeze, commit; returns the freeze answer."""
     stream = follow(source, migration_id, until=converged_or_ended)
-    assert stream[-1]["converged"], stream[-1]
+    assert stream[-1].converged, stream[-1]
     source.client.quiesce(migration_id)
     frozen = source.client.freeze(migration_id)
-    assert frozen["state"] == "ready", (frozen["error"], target.log()[-3000:])
-    assert target.client.resume(migration_id)["state"] == "completed"
-    assert source.client.release(migration_id)["state"] == "released"
+    assert frozen.state == "ready", (frozen.error, target.log()[-3000:])
+    assert target.client.resume(migration_id).state == "completed"
+    assert source.client.release(migration_id).state == "released"
     return frozen
 
 
@@ -68,9 +68,9 @@ def test_it_migrates_a_busy_guest_over_four_streams_with_equal_digests(agent_pai
     guest = define_running_guest(vsp1, name, memory_mib=32, dirty_pages_per_s=600, fill_percent=50)
     start_with_streams(vsp1, vsp2, guest, migration_id, 4, bandwidth_mbps=64, downtime_ms=50)
     frozen = migrate_and_commit(vsp1, vsp2, guest, migration_id)
-    assert frozen["streams"] == 4 and frozen["round"] >= 2
-    assert frozen["source_digest"] == frozen["target_digest"]
-    assert vsp2.client.snapshot(migration_id)["streams"] == 4
+    assert frozen.streams == 4 and frozen.round >= 2
+    assert frozen.source_digest == frozen.target_digest
+    assert vsp2.client.snapshot(migration_id).streams == 4
     assert workload_advances(vsp2, name)
 
 
@@ -82,8 +82,8 @@ def test_pages_rewritten_while_in_flight_on_different_streams_end_equal(agent_pa
     guest = define_running_guest(vsp1, name, memory_mib=64, dirty_pages_per_s=20_000, fill_percent=100)
     start_with_streams(vsp1, vsp2, guest, migration_id, 3, encryption="off", downtime_ms=300)
     frozen = migrate_and_commit(vsp1, vsp2, guest, migration_id)
-    assert frozen["streams"] == 3 and frozen["round"] >= 2
-    assert frozen["source_digest"] == frozen["target_digest"]
+    assert frozen.streams == 3 and frozen.round >= 2
+    assert frozen.source_digest == frozen.target_digest
     assert workload_advances(vsp2, name)
 
 
@@ -100,18 +100,18 @@ def test_a_stream_dropped_mid_copy_aborts_with_the_guest_running_on_the_source(a
         follow(
             vsp1,
             migration_id,
-            until=lambda s: s["percent"]["copy"] >= 10 or s["state"] not in ("init", "copy"),
+            until=lambda s: s.percent["copy"] >= 10 or s.state not in ("init", "copy"),
         )
         assert len(proxy.arrivals) == 4
         assert proxy.cut_one(2)  # stream 2 only
         ended = wait_for_state(vsp1, migration_id, "aborted")
     finally:
         proxy.stop()
-    assert ended["failure_kind"] == "unreachable" and ended["failed_phase"] == "copy", ended
-    assert "connection" in ended["error"] or "stream" in ended["error"], ended["error"]
+    assert ended.failure_kind == "unreachable" and ended.failed_phase == "copy", ended
+    assert "connection" in ended.error or "stream" in ended.error, ended.error
     assert workload_advances(vsp1, name)
-    assert vsp1.guest(name)["migrating"] is None and vsp1.guest(name)["hardware_status"] == "on"
-    assert wait_for_state(vsp2, migration_id, "aborted")["state"] == "aborted"
+    assert vsp1.guest(name).migrating is None and vsp1.guest(name).hardware_status == "on"
+    assert wait_for_state(vsp2, migration_id, "aborted").state == "aborted"
     assert wait_until(lambda: vsp2.guest(name) is None)  # the target dropped its copy
 
 
@@ -122,16 +122,21 @@ def test_an_absurd_stream_count_is_refused_and_changes_nothing(agent_pair, strea
     vsp1, vsp2 = agent_pair
     name, migration_id = unique("absurd"), unique("m")
     guest = define_running_guest(vsp1, name, memory_mib=8, dirty_pages_per_s=0)
+    # The console's requests refuse such a count before they leave; the agents refuse any caller's too.
     spec = {"guest_id": guest_id_for(name), "name": name, "memory_mib": 8, "vcpus": 1, "os_type": "linux"}
-    with pytest.raises(AgentRefused) as refused:
-        vsp2.client.prepare_incoming(spec, migration_id, {}, "required", streams)
-    assert refused.value.status == 400 and "streams" in str(refused.value) and words in str(refused.value)
+    body = {"migration_id": migration_id, "guest": spec, "encryption": "required", "streams": streams}
+    refused = raw_post(vsp2, "/v1/migrations/incoming", body)
+    assert (
+        refused.status_code == 400
+        and "streams" in refused.json()["error"]
+        and words in refused.json()["error"]
+    )
     assert vsp2.guest(name) is None
     endpoint = {"host": "127.0.0.1", "port": 9, "token": "x" * 20}
-    with pytest.raises(AgentRefused) as refused:
-        vsp1.client.start_outgoing(guest["guest_id"], migration_id, endpoint, {}, "required", streams)
-    assert refused.value.status == 400 and words in str(refused.value)
-    assert vsp1.guest(name)["migrating"] is None
+    body = {"migration_id": migration_id, "guest": guest.guest_id, "target": endpoint, "streams": streams}
+    refused = raw_post(vsp1, "/v1/migrations/outgoing", body)
+    assert refused.status_code == 400 and words in refused.json()["error"]
+    assert vsp1.guest(name).migrating is None
 
 
 def test_automatic_streams_follow_the_cores_and_the_guest_size():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from agentprotocol import GuestInfo, GuestSpec
 from migrations_app.models import Migration
 from tests.factories import make_vm
 from vms.models import Registration
@@ -18,17 +19,17 @@ def place_vm(host_agents, fleet, on: str = "hosta", vm_fields: dict | None = Non
     name = fields.pop("name", None) or f"guest{next(_names)}"
     spec = {"name": name, "memory_mib": 16, "vcpus": 1, "fill_percent": 5, "running": True, **guest}
     vm = make_vm(name, vsp=fleet[on], memory_mib=spec["memory_mib"], **fields)
-    host_agents[on].client.define_guest({**spec, "guest_id": str(vm.guest_id)})
+    host_agents[on].client.define_guest(GuestSpec.model_validate({**spec, "guest_id": str(vm.guest_id)}))
     return vm
 
 
-def guest_on(agent, name: str) -> dict | None:
-    return next((guest for guest in agent.client.list_guests() if guest["name"] == name), None)
+def guest_on(agent, name: str) -> GuestInfo | None:
+    return next((guest for guest in agent.client.list_guests() if guest.name == name), None)
 
 
 def runs_on(agent, name: str) -> bool:
     guest = guest_on(agent, name)
-    return guest is not None and guest["hardware_status"] == "on" and not guest.get("migrating")
+    return guest is not None and guest.hardware_status == "on" and not guest.migrating
 
 
 def wait_for_state(wait_for, migration: Migration, *states: str, timeout: float = 60) -> Migration:

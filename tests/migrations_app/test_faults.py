@@ -22,9 +22,11 @@ from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from agentprotocol import GuestSpec, IncomingRequest, MigrationParams, OutgoingRequest
 from migrations_app.actions import do_cancel_migration, do_request_migration
-from migrations_app.decisions import agent_migration_id, flip_registrations
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
+from migrations_app.records import flip_registrations
 from migrations_app.tasks import recover_migrations
 from tests.conftest import wait_until
 from tests.factories import make_vm, make_vsp
@@ -129,15 +131,17 @@ def test_it_aborts_cleanly_when_the_target_agent_answers_nonsense(
 def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
     """Play the part of a worker up to the commit point, then vanish: both agents wait in "ready"."""
     source, target = host_agents["hosta"].client, host_agents["hostb"].client
-    endpoint = target.prepare_incoming(
-        {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, migration_id
+    guest = GuestSpec(guest_id=str(vm.guest_id), name=vm.name, memory_mib=vm.memory_mib, vcpus=1)
+    endpoint = target.prepare_incoming(IncomingRequest(migration_id=migration_id, guest=guest)).endpoint()
+    params = MigrationParams(downtime_ms=300)
+    source.start_outgoing(
+        OutgoingRequest(migration_id=migration_id, guest=guest.guest_id, target=endpoint, params=params)
     )
-    source.start_outgoing(str(vm.guest_id), migration_id, endpoint, {"downtime_ms": 300})
     for snapshot in source.iter_progress(migration_id):
-        if snapshot["converged"]:
+        if snapshot.converged:
             break
     source.quiesce(migration_id)
-    assert source.freeze(migration_id)["state"] == "ready"
+    assert source.freeze(migration_id).state == "ready"
 
 
 @pytest.mark.faults
@@ -440,14 +444,14 @@ def test_recovery_undoes_what_an_abort_could_not_reach(host_agents, fleet, admin
     )
     agent_id = agent_migration_id(migration)
     bring_agents_to_ready(host_agents, vm, agent_id)
-    assert guest_on(host_agents["hostb"], vm.name)["migrating"] == agent_id
+    assert guest_on(host_agents["hostb"], vm.name).migrating == agent_id
 
     assert recover_migrations(stale_after_s=5) == []  # nothing to decide: it is ABORTED already
 
     assert guest_on(host_agents["hostb"], vm.name) is None
     assert runs_on(host_agents["hosta"], vm.name)
-    written = guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"]
-    assert wait_until(lambda: guest_on(host_agents["hosta"], vm.name)["workload"]["pages_written"] > written)
+    written = guest_on(host_agents["hosta"], vm.name).workload["pages_written"]
+    assert wait_until(lambda: guest_on(host_agents["hosta"], vm.name).workload["pages_written"] > written)
 
 
 @pytest.mark.faults

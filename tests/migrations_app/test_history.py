@@ -359,6 +359,7 @@ def test_a_forced_switchovers_report_says_how_much_of_frozen_the_guest_still_ran
 
 def test_a_timeline_names_who_did_it_once(fleet, admin_client, alice):
     """QA: "alice asked to switch over now by alice"; the cancel's events named alice twice too."""
+    from agentprotocol import ParamsChange
     from migrations_app.actions import do_cancel_migration
     from migrations_app.steering import describe_change
 
@@ -368,7 +369,7 @@ def test_a_timeline_names_who_did_it_once(fleet, admin_client, alice):
         migration=migration,
         from_state="queued",
         to_state="queued",
-        message=f"{alice} {describe_change({'switchover_now': True})}",
+        message=f"{alice} {describe_change(ParamsChange(switchover_now=True))}",
         actor=alice,
     )
     do_cancel_migration(migration, alice)

@@ -5,6 +5,7 @@ import re
 import pytest
 from django.urls import reverse
 
+from agentprotocol import GuestSpec
 from tests.factories import make_registration, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm
 from vms.inventory import collect_all_inventory
@@ -162,7 +163,7 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
     vm = place_vm(host_agents, fleet, on="hosta")  # runnable and running on hosta
     make_registration(vm, fleet["hostb"], "not_runnable", "migrate", "guest migrated to VSP hosta")
     stray = {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": 16, "vcpus": 1, "running": True}
-    host_agents["hostb"].client.define_guest(stray)
+    host_agents["hostb"].client.define_guest(GuestSpec.model_validate(stray))
     alert = (
         f"Split brain: {vm.name} runs on hostb, where its copy is Not Runnable; it is runnable on hosta. "
         "Two running copies may corrupt the guest&#x27;s disks: stop the copy on hostb."

@@ -24,5 +24,5 @@ def test_it_migrates_a_vm_whatever_its_name(host_agents, fleet, admin, migration
     assert migration.state == "completed", migration.alert
     assert vm.current_vsp == fleet["hostb"]
     assert runs_on(host_agents["hostb"], name)
-    assert host_agents["hostb"].client.get_guest(str(vm.guest_id))["name"] == name
+    assert host_agents["hostb"].client.get_guest(str(vm.guest_id)).name == name
     assert not runs_on(host_agents["hosta"], name)

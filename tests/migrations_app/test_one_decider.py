@@ -113,11 +113,11 @@ def test_a_worker_frozen_after_its_commit_does_not_roll_forward_again(host_agent
     at_roll_forward = threading.Event()
     agent_commands_after_thaw: list[str] = []
 
-    def freeze_then_roll_forward(migration_row, lease):
+    def freeze_then_roll_forward(agents, lease):
         FrozenLease.frozen.set()
         at_roll_forward.set()
         FrozenLease.thawed.wait(120)
-        return roll_forward(migration_row, lease)
+        return roll_forward(agents, lease)
 
     def drive():
         try:
@@ -158,7 +158,7 @@ def test_a_worker_frozen_after_its_commit_does_not_roll_forward_again(host_agent
     assert decisions(migration) == ["committing", "completed"]
     assert runnable_on(vm) == ["hostb"]
     assert runs_on(agents["hostb"], vm.name)
-    assert guest_on(agents["hosta"], vm.name)["hardware_status"] == "not_runnable"
+    assert guest_on(agents["hosta"], vm.name).hardware_status == "not_runnable"
 
 
 def test_recovery_ends_the_evacuation_whose_last_migration_it_decided(host_agents, fleet, admin):

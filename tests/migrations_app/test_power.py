@@ -33,11 +33,11 @@ def test_it_stops_and_starts_a_guest_on_its_agent(host_agents, fleet, operator, 
     vm = place_vm(host_agents, fleet)
 
     do_power(copy_of(vm), stop, operator)
-    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "off"
+    assert guest_on(host_agents["hosta"], vm.name).hardware_status == "off"
     assert copy_of(vm).hardware_status == "off"
 
     do_power(copy_of(vm), PowerAction.START, operator)
-    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "on"
+    assert guest_on(host_agents["hosta"], vm.name).hardware_status == "on"
     assert copy_of(vm).hardware_status == "on"
     events = list(AuditEvent.objects.filter(object_name=f"{vm.name} on hosta").order_by("pk"))
     assert [
@@ -69,7 +69,7 @@ def test_it_refuses_power_while_the_vm_migrates(
 
     with pytest.raises(PowerRefused, match="is migrating"):
         do_power(copy_of(vm), PowerAction.FORCE_STOP, operator)
-    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "on"
+    assert guest_on(host_agents["hosta"], vm.name).hardware_status == "on"
     wait_for_state(wait_for, migration, "completed", "aborted")
 
 
@@ -85,7 +85,7 @@ def test_it_refuses_what_makes_no_sense_and_who_may_not(host_agents, fleet, oper
     response = client.post(f"/registrations/{copy_of(vm).pk}/power/stop/", {"back": "vsp"})
     assert response.status_code == 302 and response.url == f"/vsps/{fleet['hosta'].pk}/"
     assert copy_of(vm).hardware_status == "off"
-    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "off"
+    assert guest_on(host_agents["hosta"], vm.name).hardware_status == "off"
 
 
 def test_it_stops_a_guest_gracefully_within_its_timeout_and_says_so(host_agents, fleet, operator, client):
@@ -98,7 +98,7 @@ def test_it_stops_a_guest_gracefully_within_its_timeout_and_says_so(host_agents,
     page = client.post(f"/registrations/{copy_of(vm).pk}/power/stop/", follow=True).content.decode()
 
     assert "message-success" in page and "the guest shut down cleanly in" in page
-    assert guest_on(host_agents["hosta"], vm.name)["workload"]["io_lost_at_stop"] == 0
+    assert guest_on(host_agents["hosta"], vm.name).workload["io_lost_at_stop"] == 0
     event = AuditEvent.objects.get(action="vm_stopped", object_name=f"{vm.name} on hosta")
     assert event.after == {"hardware_status": "off", "os_status": "down", "stop": "shut_down"}
 
@@ -114,6 +114,6 @@ def test_it_says_when_a_graceful_stop_ran_out_of_time_and_the_guest_was_forced(
     assert "message-warning" in page
     assert "did not shut down within its Graceful Stop Timeout (1 s), so it was forced off" in page
     assert copy_of(vm).hardware_status == "off"
-    assert guest_on(host_agents["hosta"], vm.name)["hardware_status"] == "off"
+    assert guest_on(host_agents["hosta"], vm.name).hardware_status == "off"
     event = AuditEvent.objects.get(action="vm_stopped", object_name=f"{vm.name} on hosta")
     assert event.after["stop"] == "timed_out" and "forced off" in event.message

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from agentprotocol import GuestSpec
 from devtools import processes
 from migrations_app.actions import do_cancel_migration, do_request_migration
-from migrations_app.decisions import agent_migration_id
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from tests.conftest import ManagedProcess, log_path, subprocess_env, wait_until
 from tests.factories import make_vm, make_vsp
@@ -77,7 +78,9 @@ def place_linux_vm(agents, fleet, pages_per_s: int, **vm_fields: Any):
         "vcpus": 1,
         "os_type": "Linux",
     }
-    agents["hosta"].client.define_guest({**spec, "dirty_pages_per_s": pages_per_s, "running": True})
+    agents["hosta"].client.define_guest(
+        GuestSpec.model_validate({**spec, "dirty_pages_per_s": pages_per_s, "running": True})
+    )
     assert wait_until(lambda: workload(agents["hosta"], name)["selfchecks_passed"] >= 1, timeout=60)
     return vm
 
@@ -86,8 +89,8 @@ def assert_still_on_source(vm, agents, fleet, migration: Migration) -> None:
     assert vm.current_vsp == fleet["hosta"]
     assert "The VM keeps running on hosta." in migration.alert
     assert runs_intact(agents["hosta"], vm.name)
-    target_copy = next((g for g in agents["hostb"].client.list_guests() if g["name"] == vm.name), None)
-    assert target_copy is None or target_copy["hardware_status"] != "on"
+    target_copy = next((g for g in agents["hostb"].client.list_guests() if g.name == vm.name), None)
+    assert target_copy is None or target_copy.hardware_status != "on"
 
 
 def test_it_migrates_a_busy_linux_guest_through_the_console(qemu_agents, fleet, admin, qemu_worker):
@@ -110,7 +113,7 @@ def test_it_migrates_a_busy_linux_guest_through_the_console(qemu_agents, fleet, 
     ]
     assert vm.current_vsp == fleet["hostb"]
     assert Registration.objects.get(vm=vm, vsp=fleet["hosta"]).hardware_status == "not_runnable"
-    assert qemu_agents["hosta"].client.get_guest(str(vm.guest_id))["hardware_status"] == "not_runnable"
+    assert qemu_agents["hosta"].client.get_guest(str(vm.guest_id)).hardware_status == "not_runnable"
     assert runs_intact(qemu_agents["hostb"], vm.name), "the guest's own memory check after the move"
 
 
@@ -238,16 +241,16 @@ def test_a_source_agent_killed_mid_copy_re_adopts_its_running_guest_and_the_migr
     wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
     assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
     guest = guest_named(source, vm.name)
-    assert guest["hardware_status"] == "on" and guest["migrating"] is None
-    assert guest["workload"]["pid"] == qemu_pid, "the same QEMU, re-adopted, not a new boot"
-    assert guest["workload"]["vcpus_running"] is True  # QMP query-status: running
+    assert guest.hardware_status == "on" and guest.migrating is None
+    assert guest.workload["pid"] == qemu_pid, "the same QEMU, re-adopted, not a new boot"
+    assert guest.workload["vcpus_running"] is True  # QMP query-status: running
     assert runs_intact(source, vm.name)
     with pytest.raises(UnknownMigration):
         source.client.snapshot(agent_migration_id(migration))
     vm.refresh_from_db()
     assert vm.current_vsp == hosts.vsps["hosta"]
-    target_copy = next((g for g in hosts.agents["hostb"].client.list_guests() if g["name"] == vm.name), None)
-    assert target_copy is None or target_copy["hardware_status"] != "on"
+    target_copy = next((g for g in hosts.agents["hostb"].client.list_guests() if g.name == vm.name), None)
+    assert target_copy is None or target_copy.hardware_status != "on"
 
 
 @pytest.mark.faults
@@ -265,7 +268,7 @@ def test_a_target_agent_killed_mid_copy_discards_the_incoming_copy_on_restart(
 
     wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
     assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
-    assert [g for g in target.client.list_guests() if g["name"] == vm.name] == []
+    assert [g for g in target.client.list_guests() if g.name == vm.name] == []
     assert wait_until(lambda: not Path(f"/proc/{incoming_pid}").exists(), timeout=15), "incoming QEMU left"
     with pytest.raises(UnknownMigration):
         target.client.snapshot(agent_migration_id(migration))

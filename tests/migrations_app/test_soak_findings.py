@@ -16,10 +16,12 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from agentprotocol import GuestSpec, IncomingRequest, MigrationParams, OutgoingRequest
 from devtools import processes
 from migrations_app.actions import do_request_migration
-from migrations_app.decisions import agent_migration_id, flip_registrations
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
+from migrations_app.records import flip_registrations
 from migrations_app.tasks import recover_migrations
 from tests.conftest import free_port, log_path, subprocess_env, wait_until
 from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir
@@ -128,22 +130,20 @@ def test_it_completes_with_an_alert_when_the_target_loses_the_guest_it_took_over
     The source copy is released by then (it must be: the target ran the guest); the migration ends
     COMPLETED, but never without an alert saying the VM may be down on the target.
     """
-    from migrations_app import decisions
-
     vm = place_vm(agents, vsps)
     migration = stale_migration(vm, vsps, admin, Migration.State.COMMITTING)
     bring_agents_to_ready(agents, vm, agent_migration_id(migration))
     with transaction.atomic():
         flip_registrations(migration)
-    release = decisions.AgentClient.release
+    release = AgentClient.release
 
     def release_then_target_host_restarts(client, agent_id):
         answer = release(client, agent_id)
         agents.restart_empty("hostb")  # between the release and the last look at the target
-        monkeypatch.setattr(decisions.AgentClient, "release", release)
+        monkeypatch.setattr(AgentClient, "release", release)
         return answer
 
-    monkeypatch.setattr(decisions.AgentClient, "release", release_then_target_host_restarts)
+    monkeypatch.setattr(AgentClient, "release", release_then_target_host_restarts)
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
 
@@ -183,10 +183,14 @@ def test_it_does_not_say_the_vm_keeps_running_on_a_source_host_that_restarted_wi
     vm = place_vm(agents, vsps, fill_percent=100)
     migration = stale_migration(vm, vsps, admin, Migration.State.COPY)
     agent_id = agent_migration_id(migration)
-    endpoint = agents["hostb"].client.prepare_incoming(
-        {"guest_id": str(vm.guest_id), "name": vm.name, "memory_mib": vm.memory_mib, "vcpus": 1}, agent_id
+    guest = GuestSpec(guest_id=str(vm.guest_id), name=vm.name, memory_mib=vm.memory_mib, vcpus=1)
+    prepared = agents["hostb"].client.prepare_incoming(IncomingRequest(migration_id=agent_id, guest=guest))
+    params = MigrationParams(bandwidth_mbps=8)
+    agents["hosta"].client.start_outgoing(
+        OutgoingRequest(
+            migration_id=agent_id, guest=guest.guest_id, target=prepared.endpoint(), params=params
+        )
     )
-    agents["hosta"].client.start_outgoing(str(vm.guest_id), agent_id, endpoint, {"bandwidth_mbps": 8})
     agents.restart_empty("hosta")  # the worker died with it too: recovery decides
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
@@ -237,7 +241,7 @@ def test_recovery_drops_the_copy_a_target_kept_because_it_missed_the_abort(agent
 
     migration.refresh_from_db()
     assert (migration.state, migration.undo_pending) == ("aborted", True)
-    assert guest_on(agents["hostb"], vm.name)["migrating"]  # the copy the soak found orphaned
+    assert guest_on(agents["hostb"], vm.name).migrating  # the copy the soak found orphaned
     VSP.objects.filter(name="hostb").update(agent_url=agents["hostb"].url)  # reachable again
     Migration.objects.filter(pk=migration.pk).update(state_changed_at=timezone.now() - timedelta(seconds=30))
 
@@ -336,11 +340,12 @@ def test_a_migration_beats_its_heartbeat_while_its_first_publish_blocks(agents, 
 def test_a_refused_pre_check_at_init_asks_the_source_before_saying_the_vm_keeps_running(agents, vsps, admin):
     """Soak bug 2 again (CI seed 20261137): the source killed at Init, marked unreachable, the pre-check
     refused, and the alert took the database's On for the truth."""
-    from migrations_app.decisions import load_migration, where_the_vm_stays
+    from migrations_app.endings import abort_alert
     from migrations_app.engine import MigrationRun
     from migrations_app.errors import MigrationFailed
     from migrations_app.lease import Lease
     from migrations_app.phases import PHASES
+    from migrations_app.records import load_migration
 
     vm = place_vm(agents, vsps)
     migration = stale_migration(vm, vsps, admin, Migration.State.INIT)
@@ -351,10 +356,11 @@ def test_a_refused_pre_check_at_init_asks_the_source_before_saying_the_vm_keeps_
     try:
         with pytest.raises(MigrationFailed) as failed:
             PHASES[0].run(run)
+        alert = abort_alert(run.agents, failed.value)
     finally:
         run.close()
 
-    assert f"{failed.value.alert} {where_the_vm_stays(run.migration, failed.value)}" == (
+    assert alert == (
         "Init phase failed: agent unreachable on source host hosta. "
         "The VM stays on hosta, which did not answer: if its host crashed, the VM is down there."
     )

@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 
 from migrations_app.actions import do_request_migration
-from migrations_app.decisions import agent_migration_id
+from migrations_app.agents import agent_migration_id
 from tests.factories import make_admin
 from tests.migrations_app.guests import place_vm, runs_on, wait_for_state
 from vms.models import PairEncryption
@@ -29,7 +29,7 @@ def test_the_engine_migrates_over_the_pairs_stream_count(
     wait_for_state(wait_for, migration, "completed", "aborted", "cancelled")
     assert migration.state == "completed", migration.alert
     assert runs_on(host_agents["hostc"], vm.name)
-    assert host_agents["hostc"].client.snapshot(agent_migration_id(migration))["streams"] == 3
+    assert host_agents["hostc"].client.snapshot(agent_migration_id(migration)).streams == 3
 
 
 def test_the_migrate_dialog_shows_each_targets_stream_policy_beside_its_encryption(host_agents, fleet):

@@ -57,17 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
-from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
-from hostagent.drivers.qemu.network import NetworkError
-from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
-from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
-from hostagent.drivers.qemu.source import SourceMigration
-from hostagent.drivers.qemu.storage import VolumeError, create_volume
-from hostagent.drivers.qemu.target import TargetMigration
-from hostagent.drivers.qemu.tls import write_credentials
-from hostagent.protocol import (
+from agentprotocol import (
     DirtyRate,
     Encryption,
     Endpoint,
@@ -81,6 +71,16 @@ from hostagent.protocol import (
     StopOutcome,
     StoppedGuest,
 )
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
+from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
+from hostagent.drivers.qemu.network import NetworkError
+from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
+from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
+from hostagent.drivers.qemu.source import SourceMigration
+from hostagent.drivers.qemu.storage import VolumeError, create_volume
+from hostagent.drivers.qemu.target import TargetMigration
+from hostagent.drivers.qemu.tls import write_credentials
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from hostagent.drivers.qemu.digest import memory_digest
-from hostagent.drivers.qemu.process import QemuProcess
-from hostagent.drivers.qemu.qmp import QmpClient
-from hostagent.progress import Progress
-from hostagent.protocol import (
+from agentprotocol import (
     TERMINAL_STATES,
     FailureKind,
     MigrationState,
@@ -54,6 +50,10 @@ from hostagent.protocol import (
     ProgressSnapshot,
     Role,
 )
+from hostagent.drivers.qemu.digest import memory_digest
+from hostagent.drivers.qemu.process import QemuProcess
+from hostagent.drivers.qemu.qmp import QmpClient
+from hostagent.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agentprotocol import (
+    ACTIVE_STATES,
+    MAX_STREAMS,
+    Endpoint,
+    FailureKind,
+    MigrationParams,
+    MigrationState,
+    ParamsChange,
+    ProgressSnapshot,
+    Role,
+)
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
@@ -32,17 +43,6 @@ from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.quiesce import IoQuiesce, enable_request_tracing, io_quiesce
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
 from hostagent.drivers.qemu.tls import use_plain, use_tls
-from hostagent.protocol import (
-    ACTIVE_STATES,
-    MAX_STREAMS,
-    Endpoint,
-    FailureKind,
-    MigrationParams,
-    MigrationState,
-    ParamsChange,
-    ProgressSnapshot,
-    Role,
-)
 
 log = logging.getLogger(__name__)
 FORCED_DOWNTIME_MS = 600_000  # "switch over now": a downtime limit no remaining memory exceeds

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agentprotocol import MigrationState
 from hostagent.progress import Progress
-from hostagent.protocol import MigrationState
 
 # QEMU migration status -> the agent's state.
 QEMU_STATES: dict[str, MigrationState] = {

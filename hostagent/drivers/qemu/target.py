@@ -14,6 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agentprotocol import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Endpoint,
+    FailureKind,
+    MigrationState,
+    PhaseLimits,
+    ProgressSnapshot,
+    Role,
+)
 from hostagent.driver import Conflict
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
@@ -32,16 +42,6 @@ from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES
 from hostagent.drivers.qemu.tls import use_tls
-from hostagent.protocol import (
-    ACTIVE_STATES,
-    TERMINAL_STATES,
-    Endpoint,
-    FailureKind,
-    MigrationState,
-    PhaseLimits,
-    ProgressSnapshot,
-    Role,
-)
 
 MAX_PENDING_HANDSHAKES = 32  # connections greeting at once; more are closed at once
 log = logging.getLogger(__name__)

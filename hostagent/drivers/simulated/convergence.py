@@ -16,15 +16,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agentprotocol import FailureKind
 from hostagent.driver import MigrationAborted
 from hostagent.drivers.simulated.memory import PAGE_SIZE
-from hostagent.protocol import FailureKind
 
 if TYPE_CHECKING:
+    from agentprotocol import MigrationParams
     from hostagent.drivers.simulated.guest import SimulatedGuest
     from hostagent.drivers.simulated.wire import FrameWriter
     from hostagent.progress import Progress
-    from hostagent.protocol import MigrationParams
 
 RATE_SAMPLE_BYTES = 256 * 1024
 HASH_RATE_SAMPLE_PAGES = 1000

@@ -7,12 +7,7 @@ import logging
 import os
 import time
 
-from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.simulated.guest import SimulatedGuest
-from hostagent.drivers.simulated.memory import PAGE_SIZE
-from hostagent.drivers.simulated.source import SourceMigration
-from hostagent.drivers.simulated.target import TargetMigration
-from hostagent.protocol import (
+from agentprotocol import (
     DirtyRate,
     Encryption,
     Endpoint,
@@ -24,6 +19,11 @@ from hostagent.protocol import (
     StoppedGuest,
     resolve_streams,
 )
+from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.simulated.guest import SimulatedGuest
+from hostagent.drivers.simulated.memory import PAGE_SIZE
+from hostagent.drivers.simulated.source import SourceMigration
+from hostagent.drivers.simulated.target import TargetMigration
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")

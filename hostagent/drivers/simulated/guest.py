@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from agentprotocol import GuestInfo, GuestSpec, HardwareStatus, OsStatus
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
-from hostagent.protocol import GuestInfo, GuestSpec, HardwareStatus, OsStatus
 
 TICK_S = 0.01
 IO_REQUESTS_PER_S = 50

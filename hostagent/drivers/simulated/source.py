@@ -33,6 +33,17 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from agentprotocol import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    Endpoint,
+    FailureKind,
+    MigrationParams,
+    MigrationState,
+    ParamsChange,
+    ProgressSnapshot,
+    Role,
+)
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands, plain_connection_error
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
 from hostagent.drivers.simulated.guest import SimulatedGuest
@@ -58,17 +69,6 @@ from hostagent.drivers.simulated.wire import (
     stream_of,
 )
 from hostagent.progress import Progress
-from hostagent.protocol import (
-    ACTIVE_STATES,
-    TERMINAL_STATES,
-    Endpoint,
-    FailureKind,
-    MigrationParams,
-    MigrationState,
-    ParamsChange,
-    ProgressSnapshot,
-    Role,
-)
 
 log = logging.getLogger("hostagent.simulated.source")
 T = TypeVar("T")
@@ -112,7 +112,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
     ) -> None:
         """``tls``: the data plane's client context (mutual TLS), or None for plain TCP (policy "off").
 
-        ``streams``: parallel data-plane connections (1..``protocol.MAX_STREAMS``, already resolved).
+        ``streams``: parallel data-plane connections (1..``agentprotocol.MAX_STREAMS``, already resolved).
         """
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
@@ -364,7 +364,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._converged.set()
 
     def change_params(self, change: ParamsChange) -> ProgressSnapshot:
-        """Apply an admin's change to the running Copy (``protocol.ParamsChange``); Conflict after Copy."""
+        """Apply an admin's change to the running Copy (``ParamsChange``); Conflict after Copy."""
         if self.progress.state not in ("init", "copy"):
             raise Conflict(f"migration {self.migration_id} is {self.progress.state}; its Copy is over")
         update: dict[str, Any] = {}

@@ -21,6 +21,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agentprotocol import (
+    ACTIVE_STATES,
+    Endpoint,
+    FailureKind,
+    Phase,
+    PhaseLimits,
+    ProgressSnapshot,
+    Role,
+)
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
@@ -60,15 +69,6 @@ from hostagent.drivers.simulated.wire import (
     token_refusal,
 )
 from hostagent.progress import Progress
-from hostagent.protocol import (
-    ACTIVE_STATES,
-    Endpoint,
-    FailureKind,
-    Phase,
-    PhaseLimits,
-    ProgressSnapshot,
-    Role,
-)
 
 log = logging.getLogger("hostagent.simulated.target")
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway

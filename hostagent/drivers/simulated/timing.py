@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
+from agentprotocol import FailureKind
 from hostagent.driver import MigrationAborted
 from hostagent.drivers.simulated.wire import HELLO_TIMEOUT_S  # noqa: F401  (kept importable from here)
-from hostagent.protocol import FailureKind
 
 POPULATE_BUDGET_S = 3.0  # target: at most this (and a quarter of the init limit) to pre-fault RAM
 

@@ -45,8 +45,7 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt
 
-from hostagent.drivers.simulated.memory import PAGE_SIZE
-from hostagent.protocol import (
+from agentprotocol import (
     MAX_DELAY_MS,
     MAX_STREAMS,
     ByteRate,
@@ -58,6 +57,7 @@ from hostagent.protocol import (
     load_json,
     parse,
 )
+from hostagent.drivers.simulated.memory import PAGE_SIZE
 
 log = logging.getLogger("hostagent.simulated.wire")
 HEADER = struct.Struct("!BIQ")

@@ -1,0 +1,131 @@
+"""The words of a migration's alerts and failures, for people; decisions go by ``FailureKind``.
+
+Every sentence an alert or a timeline event says about why a migration failed and where its VM is
+comes from here: the failure of a phase (an agent that stopped answering, refused, or answered
+nonsense; a time limit), where the VM stays after an abort, what the target lost after the commit.
+Nothing here changes state or asks an agent: callers pass what they learnt.
+"""
+
+from __future__ import annotations
+
+from agentprotocol import ProgressSnapshot
+from vms.agent_client import AgentError, AgentRefused, AgentUnreachable, UnknownMigration
+
+from .errors import MigrationFailed
+from .models import Migration
+
+NO_ONE_NAMED = "an administrator"
+
+
+def cancelled_by(migration_id: int) -> str:
+    """Who asked to cancel, for the alert: ``Migration.cancel_requested_by``, or "an administrator"."""
+    requester = Migration.objects.filter(pk=migration_id).select_related("cancel_requested_by").first()
+    if requester is None or requester.cancel_requested_by is None:
+        return NO_ONE_NAMED
+    return str(requester.cancel_requested_by)
+
+
+def host(side: str, vsp_name: str) -> str:
+    """ "the target host vsp2": how alerts name an agent."""
+    return f"the {side} host {vsp_name}"
+
+
+def agent_failure(vsp_name: str, side: str, error: AgentError) -> str:
+    """Why a phase failed at an agent's error: "the target host vsp2 stopped answering", "... refused:
+    <its words>", "... sent a reply that makes no sense"."""
+    if isinstance(error, AgentUnreachable):
+        return f"{host(side, vsp_name)} stopped answering"
+    if isinstance(error, AgentRefused):
+        return f"{host(side, vsp_name)} refused: {error}"
+    return f"{host(side, vsp_name)} sent a reply that makes no sense"
+
+
+def progress_ended_early(source_name: str) -> str:
+    return f"{host('source', source_name)} ended its progress report early"
+
+
+def over_time_limit(limit_s: int | None, elapsed_s: float, silent: tuple[str, str] | None = None) -> str:
+    """The reason of a phase stopped at its limit, with the real time it had run: "it ran over its time
+    limit of 2 s (stopped after 3.1 s; the target host vsp2 did not answer)". ``silent``: (side, VSP
+    name) of the call that went unanswered, if any."""
+    detail = f"stopped after {elapsed_s:.1f} s"
+    if silent is not None:
+        detail += f"; {host(*silent)} did not answer"
+    return f"it ran over its time limit of {limit_s} s ({detail})"
+
+
+def stays_sentence(migration: Migration, status: bool | str | None) -> str:
+    """Where the VM is, in the alert's last sentence; ``status`` as ``MigrationAgents.source_guest_status``
+    gives it ("running", "stopped", "gone", "unknown") or a bool (runs or not)."""
+    source = migration.require_source().name
+    if status is True or status == "running":
+        return f"The VM keeps running on {source}."
+    if status is False or status == "stopped":
+        return f"The VM stays on {source}, where it was not running."
+    if status == "gone":
+        return (
+            f"The VM is not running: {source} no longer has it (its host agent restarted, and a simulated "
+            "host's guests die with its agent: a host crash). Start it again on "
+            f"{source}."
+        )
+    return f"The VM stays on {source}, which did not answer: if its host crashed, the VM is down there."
+
+
+def abort_alert(migration: Migration, failure: MigrationFailed, status: bool | str | None) -> str:
+    """The alert of an abort: the failure, then where the VM stays (``stays_sentence``)."""
+    return f"{failure.alert} {stays_sentence(migration, status)}"
+
+
+def says_unanswered(migration: Migration) -> bool:
+    """The abort's alert ends saying the source did not answer (so it may be restated)."""
+    return migration.alert.endswith(stays_sentence(migration, "unknown"))
+
+
+def restated_alert(migration: Migration, status: str) -> tuple[str, str] | None:
+    """An abort's alert that said the source "did not answer", restated now that it answered (``status``
+    as ``stays_sentence`` takes it): (new alert, timeline event), or None when there is nothing to say
+    (the alert did not end so, or the source still says nothing).
+
+    QA: a QEMU source agent killed mid-migration, restarted, re-adopted its guest and resumed it, and the
+    alert still said the VM was down there.
+    """
+    unanswered = stays_sentence(migration, "unknown")
+    if status == "unknown" or not migration.alert.endswith(unanswered):
+        return None
+    now = stays_sentence(migration, status).removesuffix(".")
+    again = "its host agent answered again after the abort"
+    alert = f"{migration.alert.removesuffix(unanswered)}{now} ({again})."
+    return alert, f"{migration.source} answered again: {now[0].lower()}{now[1:]}."
+
+
+def target_lost(migration: Migration, answer: ProgressSnapshot | AgentRefused | None) -> str:
+    """After the release, the target no longer confirms it runs the guest (``answer``: what it said
+    instead): the critical alert of a COMPLETED migration whose VM may be down."""
+    target, vm = migration.target.name, migration.vm
+    if isinstance(answer, UnknownMigration):
+        why = (
+            "its host agent restarted right after it took over, and a simulated host's guests die with "
+            "its agent (a host crash)"
+        )
+    elif answer is None:
+        why = "it stopped answering right after it took over; if its host crashed, the VM is down"
+    else:
+        why = f"it reports {answer.state if isinstance(answer, ProgressSnapshot) else answer}"
+    released = f"The source copy on {migration.require_source().name} was released."
+    return f"{vm} may not be running on {target}: {why}. {released}"
+
+
+def target_did_not_run(migration: Migration, refusal: ProgressSnapshot | AgentRefused) -> str:
+    """Why a migration was kept on its source after the commit: the target's answer to ``resume``."""
+    if isinstance(refusal, UnknownMigration):
+        return f"{migration.target.name} lost the guest before running it (its host agent restarted)"
+    said = f"it reports {refusal.state}" if isinstance(refusal, ProgressSnapshot) else str(refusal)
+    return f"{migration.target.name} did not run the guest ({said})"
+
+
+def completed_message(migration: Migration) -> str:
+    """The timeline's last event: "Completed: web01 runs on vsp2 (downtime 120 ms)"."""
+    message = f"Completed: {migration.vm} runs on {migration.target}"
+    if migration.downtime_ms is not None:
+        message += f" (downtime {migration.downtime_ms} ms)"
+    return message

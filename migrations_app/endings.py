@@ -1,0 +1,140 @@
+"""How a migration ends, the same for its worker and for recovery (``docs/migrations.md``).
+
+- ``abort``: before the commit. Record ABORTED/CANCELLED with the alert first (the record decides),
+  then undo on the agents: the target drops its copy, the source runs the guest on.
+- ``roll_forward``: after the commit. The target runs the guest, and only once it said so the source
+  lets its copy go; then COMPLETED. A target that never runs it (``keep_on_source``): the source, never
+  released, runs it again and the commit's flip is turned back.
+
+Each step reads top to bottom: what the agents say (``agents.MigrationAgents``), the words of the alert
+(``alerts``), the record (``records``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agentprotocol import FailureKind, ProgressSnapshot
+from vms.agent_client import AgentRefused
+
+from . import alerts, records
+from .agents import UNDO_ATTEMPTS, GuestStatus, MigrationAgents, runs_the_guest
+from .errors import MigrationFailed
+from .lease import Lease
+from .models import Migration
+
+logger = logging.getLogger(__name__)
+
+State = Migration.State
+
+
+def abort(
+    agents: MigrationAgents, lease: Lease, failure: MigrationFailed, fields: dict[str, Any] | None = None
+) -> bool:
+    """Record the failure (the record decides), then undo on the agents if this decider recorded it or
+    the migration ended unsuccessfully anyway; returns whether this decider recorded it.
+
+    ``fields``: progress columns recorded with it (the worker's, as held in memory). Raises ``LeaseLost``
+    (nothing done) when another decider holds the lease.
+    """
+    migration = agents.migration
+    recorded = records.record_abort(migration, failure, abort_alert(agents, failure), lease, fields=fields)
+    if not recorded:
+        lease.confirm()
+    if recorded or records.has_ended_unsuccessfully(migration.pk):
+        undo_and_mark(agents)
+    return recorded
+
+
+def abort_alert(agents: MigrationAgents, failure: MigrationFailed) -> str:
+    """The abort's alert: the failure, then where the VM stays, by the source agent's own answer unless the
+    failure already knows the guest was not running (``MigrationFailed.source_running``)."""
+    known = failure.source_running
+    return alerts.abort_alert(agents.migration, failure, where_the_vm_is(agents) if known is None else known)
+
+
+def where_the_vm_is(agents: MigrationAgents) -> GuestStatus:
+    """Whether the guest runs on the source, from the source agent's own answer (the database may be out
+    of date). A guest it reports stopped or no longer has is stored Off."""
+    status = agents.source_guest_status()
+    if status in ("stopped", "gone"):
+        records.store_source_guest_off(agents.migration)
+    return status
+
+
+def undo_and_mark(agents: MigrationAgents, attempts: int = UNDO_ATTEMPTS, *, cancel: bool = True) -> bool:
+    """``MigrationAgents.undo``, then clear the migration's ``undo_pending`` if both agents answered (and
+    restate an alert that said the source did not answer); False leaves it for recovery's next try."""
+    done = agents.undo(attempts, cancel=cancel)
+    if done:
+        records.mark_undone(agents.migration.pk)
+        restate_where_the_vm_is(agents)
+    else:
+        logger.warning(
+            "Undo of %s not finished: an agent did not answer; recovery tries again", agents.agent_id
+        )
+    return done
+
+
+def restate_where_the_vm_is(agents: MigrationAgents) -> bool:
+    """The source answered again (its undo went through): an alert that said it did not answer is
+    restated with where the VM is now, as the source reports it. Returns whether it was restated."""
+    migration = records.load_migration(agents.migration.pk)
+    if migration.source_id is None or migration.vm_id is None or not alerts.says_unanswered(migration):
+        return False
+    restated = alerts.restated_alert(migration, where_the_vm_is(agents))
+    if restated is None or not records.restate_alert(migration, *restated):
+        return False
+    logger.info("Migration %s: alert restated after its source answered again: %s", migration.pk, restated[1])
+    return True
+
+
+def roll_forward(agents: MigrationAgents, lease: Lease) -> bool:
+    """After the commit: resume the target, and only once it confirmed it runs the guest, release the source.
+
+    Both commands are idempotent, so a recovering worker may repeat what a dead one already did; each is
+    sent only while ``lease`` is still this decider's (``LeaseLost`` otherwise, nothing more done).
+    Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
+    A target that does not run the guest after ``resume`` (it restarted and forgot the migration, or
+    refuses) never gets it: the source, never released, resumes it (``keep_on_source``). A target that
+    stops answering or forgets the migration right after it took over still ends COMPLETED (the source
+    copy is gone), with an alert saying so: never COMPLETED in silence about a lost guest.
+    """
+    migration = agents.migration
+    resumed = agents.resume_target()
+    if resumed is None:
+        return False
+    if not runs_the_guest(resumed):
+        return keep_on_source(agents, lease, resumed)
+    released = agents.release_source()
+    if released is None:
+        return False
+    if isinstance(released, AgentRefused):
+        logger.warning("Source of %s refused the release (no copy left): %s", agents.agent_id, released)
+    still = agents.ask_target()
+    alert = "" if runs_the_guest(still) else alerts.target_lost(migration, still)
+    migration.refresh_from_db()
+    records.record_completed(migration, lease, alerts.completed_message(migration), alert)
+    return True
+
+
+def keep_on_source(agents: MigrationAgents, lease: Lease, refusal: ProgressSnapshot | AgentRefused) -> bool:
+    """The target did not take the guest after the commit: the source, never released, runs it again.
+
+    Records ABORTED (failed in Committing) with a critical alert and turns the registration flip back.
+    Returns False if the source did not answer.
+    """
+    migration = agents.migration
+    discarded = agents.discard_target(leased=True)
+    if agents.resume_source() is None:
+        return False
+    status = where_the_vm_is(agents)
+    failure = MigrationFailed(
+        State.COMMITTING, alerts.target_did_not_run(migration, refusal), kind=FailureKind.UNREACHABLE
+    )
+    alert = alerts.abort_alert(migration, failure, status)
+    records.record_kept_on_source(
+        migration, failure, alert, lease, discarded=discarded, running=status == "running"
+    )
+    return True

@@ -1,0 +1,377 @@
+"""What the database records of one migration: every state change of its deciders, and nothing else.
+
+Each change is a compare-and-set with an event row (``transitions.transition``) that also compares the
+decider's lease (``lease.Lease.where``): a decider that lost its lease changes nothing
+(``lease.superseded`` says why). The phases and their progress (``ProgressRecord``: what the worker
+holds in memory, written throttled), the commit (the point of no return: FROZEN -> COMMITTING and the
+registration flip in one transaction), the abort (recorded before any agent is told), the completion,
+the flip turned back when the target never ran the guest, and an alert restated once the source
+answered again. Each change is pushed to the pages (``progress.publish_progress``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from agentprotocol import FailureKind, ProgressSnapshot
+from agentprotocol import Phase as AgentPhase
+from vms.models import Registration
+
+from .alerts import cancelled_by
+from .errors import MigrationCancelled, MigrationFailed
+from .lease import DATABASE_GONE, Lease
+from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
+from .progress import publish_progress
+from .samples import add_round_sample
+from .transitions import transition
+
+logger = logging.getLogger(__name__)
+
+State = Migration.State
+
+PROGRESS_FIELDS = (
+    *PHASE_PERCENT_FIELD.values(),
+    "bytes_sent",
+    "bytes_remaining",
+    "rounds",
+    "dirty_rate_bytes_s",
+    "throughput_bytes_s",
+    "throttle_pct",
+    "expected_downtime_ms",
+    "downtime_ms",
+    "source_digest",
+    "target_digest",
+    "round_samples",
+)
+
+
+def load_migration(migration_id: int) -> Migration:
+    """The migration with its VM and both VSPs (raises ``Migration.DoesNotExist``)."""
+    return Migration.objects.select_related("vm", "source", "target").get(pk=migration_id)
+
+
+def progress_fields(migration: Migration) -> dict[str, Any]:
+    """The progress columns of ``migration`` as held in memory, for a compare-and-set update."""
+    return {name: getattr(migration, name) for name in PROGRESS_FIELDS}
+
+
+# --- the phases ------------------------------------------------------------------------------------
+
+PUBLISH_INTERVAL_S = 0.2  # at most ~5 progress updates a second within a phase
+# The agent's phase names (``agentprotocol.PHASES``) -> this console's states.
+PHASE_BY_AGENT_NAME: dict[AgentPhase, Migration.State] = {
+    "init": State.INIT,
+    "copy": State.COPY,
+    "quiesce": State.IO_QUIESCE,
+    "frozen": State.FROZEN,
+}
+# Agent states from the freeze request on: what is left then shrinks with the last send while the guest is
+# paused, and "ready" reports 0 left; taken into the round's sample as they are, they drew a chart whose
+# last round left nothing, whatever the freeze moved (``samples.add_round_sample``'s ``keep_left``).
+FREEZE_STATES = ("frozen", "ready")
+
+
+class ProgressRecord:
+    """The progress of one running migration as its worker holds it: taken from the source's snapshots in
+    memory (``take``: each phase's percentage only rises), written with a heartbeat at most every
+    ``PUBLISH_INTERVAL_S`` or when forced (``flush``), each phase's start recorded (``enter``)."""
+
+    def __init__(self, migration: Migration, lease: Lease) -> None:
+        self.migration = migration
+        self.lease = lease
+        self.seq = 0  # the last snapshot's sequence number: the stream goes on from there
+        self.last_flush = 0.0
+        self.phase_started = time.monotonic()
+
+    def take(self, snapshot: ProgressSnapshot) -> None:
+        apply_snapshot(self.migration, snapshot)
+        add_round_sample(self.migration, keep_left=snapshot.state in FREEZE_STATES)
+        self.seq = max(self.seq, snapshot.seq)
+
+    def flush(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_flush < PUBLISH_INTERVAL_S:
+            return
+        if save_progress(self.migration, self.lease):
+            self.last_flush = now
+
+    def enter(self, state: Migration.State, label: str) -> None:
+        enter_phase(self.migration, state, label, self.lease)
+        self.last_flush = time.monotonic()
+
+    def finish(self, state: Migration.State) -> None:
+        setattr(self.migration, PHASE_PERCENT_FIELD[state], 100)
+        self.flush(force=True)
+
+    def elapsed_s(self) -> float:
+        """Seconds since the current phase began (``phase_started``, set by the watchdog as it arms it)."""
+        return time.monotonic() - self.phase_started
+
+
+def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
+    """Copy the snapshot's figures onto the record; each phase's percentage only rises."""
+    for agent_phase, state in PHASE_BY_AGENT_NAME.items():
+        field = PHASE_PERCENT_FIELD[state]
+        setattr(migration, field, max(getattr(migration, field), snapshot.percent[agent_phase]))
+    migration.bytes_sent = snapshot.bytes_sent
+    migration.bytes_remaining = snapshot.bytes_remaining
+    migration.rounds = snapshot.round
+    migration.dirty_rate_bytes_s = snapshot.dirty_rate_bytes_s
+    migration.throughput_bytes_s = snapshot.throughput_bytes_s
+    migration.throttle_pct = snapshot.throttle_pct
+    if snapshot.expected_downtime_ms is not None:
+        migration.expected_downtime_ms = snapshot.expected_downtime_ms
+    if snapshot.downtime_ms is not None:
+        migration.downtime_ms = snapshot.downtime_ms
+
+
+def save_progress(migration: Migration, lease: Lease) -> bool:
+    """Store the progress held in memory, with a heartbeat, while the state and the lease are unchanged;
+    raises ``lease.superseded()`` otherwise. False when the database dropped the connection (a restart,
+    a failover): the next save records the progress, on a new connection; percentages only rise, so
+    nothing is lost but this write."""
+    fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+    rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **lease.where)
+    try:
+        updated = rows.update(**fields)
+    except DATABASE_GONE:
+        logger.warning("Migration %s: progress not recorded, the database did not answer", migration.pk)
+        connection.close()
+        return False
+    if not updated:
+        raise lease.superseded()
+    publish_progress(migration.pk)
+    return True
+
+
+def enter_phase(migration: Migration, state: Migration.State, label: str, lease: Lease) -> None:
+    """The next phase begins (``state``), recorded with its progress so far; raises ``lease.superseded()``
+    when the state or the lease moved."""
+    fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+    message = f"{label} phase started"
+    if not transition(migration.pk, migration.state, state, message=message, where=lease.where, **fields):
+        raise lease.superseded()
+    migration.state = state
+    publish_progress(migration.pk)
+
+
+# --- the commit ------------------------------------------------------------------------------------
+
+
+def commit(migration: Migration, lease: Lease) -> None:
+    """FROZEN -> COMMITTING and the registration flip, in one transaction (the point of no return).
+
+    Raises ``MigrationCancelled`` when a cancel was requested first, ``MigrationFailed`` when the source
+    copy is no longer runnable, ``LeaseLost`` when another decider took the lease, ``Superseded`` when the
+    state moved otherwise.
+    """
+    lease.check()
+    message = f"Committing: {migration.vm} becomes runnable on {migration.target} only"
+    fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+    try:
+        with transaction.atomic():
+            won = transition(
+                migration.pk,
+                State.FROZEN,
+                State.COMMITTING,
+                message=message,
+                where={"cancel_requested": False, **lease.where},
+                **fields,
+            )
+            if won:
+                flip_registrations(migration)
+    except (IntegrityError, Registration.DoesNotExist):
+        logger.exception("Registration flip of migration %s refused", migration.pk)
+        raise MigrationFailed(State.FROZEN, "the VM is no longer runnable on the source host") from None
+    if not won:
+        if Migration.objects.filter(pk=migration.pk, state=State.FROZEN, cancel_requested=True).exists():
+            raise MigrationCancelled(State.FROZEN, cancelled_by(migration.pk))
+        raise lease.superseded()
+    migration.state = State.COMMITTING
+    publish_progress(migration.pk)
+
+
+def flip_registrations(migration: Migration) -> None:
+    """Source copy Not Runnable (set by Migrate), then target copy runnable and On: never two runnable.
+
+    Both changes go through the ``Registration`` methods, so each leaves an audit event.
+    Raises ``Registration.DoesNotExist`` if the source copy is no longer runnable.
+    """
+    source_copy = Registration.objects.select_for_update().get(
+        vm_id=migration.vm_id,
+        vsp=migration.require_source(),
+        hardware_status__in=[Registration.HardwareStatus.ON, Registration.HardwareStatus.OFF],
+    )
+    actor = migration.requested_by
+    source_copy.mark_not_runnable(
+        set_by=Registration.SetBy.MIGRATE,
+        reason=f"guest migrated to VSP {migration.target.name}",
+        actor=actor,
+    )
+    target_copy = Registration.objects.select_for_update().filter(
+        vm_id=source_copy.vm_id, vsp_id=migration.target_id
+    ).first() or Registration(vm_id=source_copy.vm_id, vsp_id=migration.target_id)
+    target_copy.mark_runnable(
+        Registration.HardwareStatus.ON,
+        actor=actor,
+        message=f"Migration {migration.pk} committed: the guest runs on VSP {migration.target.name}",
+    )
+
+
+# --- the abort -------------------------------------------------------------------------------------
+
+
+def record_abort(
+    migration: Migration,
+    failure: MigrationFailed,
+    alert: str,
+    lease: Lease,
+    *,
+    fields: dict[str, Any] | None = None,
+) -> bool:
+    """Record ABORTED (CANCELLED for a cancel) with ``alert`` and the failure's kind, before any agent is
+    told, and with ``undo_pending`` until the agents answered the undo (``mark_undone``).
+
+    Returns False when the state changed first (nothing recorded then); raises ``LeaseLost`` (nothing
+    asked, nothing written) when another decider holds the lease.
+    """
+    lease.confirm()
+    outcome = State.CANCELLED if isinstance(failure, MigrationCancelled) else State.ABORTED
+    won = transition(
+        migration.pk,
+        migration.state,
+        outcome,
+        message=alert,
+        alert=alert,
+        failed_phase=failure.phase,
+        failure_kind=str(failure.kind),
+        undo_pending=True,
+        where=lease.where,
+        **(fields or {}),
+    )
+    if won:
+        logger.info("Migration %s %s: %s", migration.pk, outcome, alert)
+        migration.state = outcome
+        publish_progress(migration.pk)
+    return won
+
+
+def has_ended_unsuccessfully(migration_id: int) -> bool:
+    return Migration.objects.filter(pk=migration_id, state__in=(State.ABORTED, State.CANCELLED)).exists()
+
+
+def mark_undone(migration_id: int) -> None:
+    """Both agents answered the undo: nothing of this migration is left on them."""
+    Migration.objects.filter(pk=migration_id).update(undo_pending=False)
+
+
+def restate_alert(migration: Migration, alert: str, event: str) -> bool:
+    """Replace the alert as read (compare-and-set on its text) with ``alert``, with a timeline ``event``;
+    False when the alert changed meanwhile."""
+    with transaction.atomic():
+        if not Migration.objects.filter(pk=migration.pk, alert=migration.alert).update(alert=alert):
+            return False
+        MigrationEvent.objects.create(
+            migration=migration, from_state=migration.state, to_state=migration.state, message=event
+        )
+        transaction.on_commit(lambda: publish_progress(migration.pk))
+    return True
+
+
+def store_source_guest_off(migration: Migration) -> None:
+    """The source said it does not run the guest (stopped, or gone): its copy, if stored On, is Off.
+
+    It stays the runnable copy: the VM is still the source's.
+    """
+    Registration.objects.filter(
+        vm_id=migration.vm_id,
+        vsp_id=migration.require_source().pk,
+        hardware_status=Registration.HardwareStatus.ON,
+    ).update(hardware_status=Registration.HardwareStatus.OFF)
+
+
+# --- after the commit ------------------------------------------------------------------------------
+
+
+def record_completed(migration: Migration, lease: Lease, message: str, alert: str = "") -> None:
+    """COMMITTING -> COMPLETED, with ``alert`` (the target may have lost the guest) when there is one.
+
+    Raises ``lease.superseded()`` when it is still COMMITTING but not this decider's to change.
+    """
+    fields: dict[str, Any] = {}
+    if alert:
+        message = f"{message}. {alert}"
+        fields = {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
+        logger.error("Migration %s: %s", migration.pk, alert)
+    if transition(
+        migration.pk, State.COMMITTING, State.COMPLETED, message=message, where=lease.where, **fields
+    ):
+        migration.state = State.COMPLETED
+        publish_progress(migration.pk)
+    elif Migration.objects.filter(pk=migration.pk, state=State.COMMITTING).exists():
+        raise lease.superseded()
+
+
+def record_kept_on_source(
+    migration: Migration,
+    failure: MigrationFailed,
+    alert: str,
+    lease: Lease,
+    *,
+    discarded: bool,
+    running: bool,
+) -> None:
+    """COMMITTING -> ABORTED (failed in Committing) with ``alert``, and the registration flip turned back
+    (``unflip_registrations``), in one transaction, so the VM stays runnable on exactly one VSP, the one
+    that has it. ``discarded``: the target answered its discard (else the undo stays pending).
+
+    Raises ``lease.superseded()`` when it is still COMMITTING but not this decider's to change.
+    """
+    with transaction.atomic():
+        won = transition(
+            migration.pk,
+            State.COMMITTING,
+            State.ABORTED,
+            message=alert,
+            alert=alert,
+            failed_phase=State.COMMITTING,
+            failure_kind=str(failure.kind),
+            undo_pending=not discarded,
+            where=lease.where,
+        )
+        if won:
+            unflip_registrations(migration, running=running)
+    if won:
+        logger.error("Migration %s kept on its source after the commit: %s", migration.pk, alert)
+        migration.state = State.ABORTED
+        publish_progress(migration.pk)
+    elif Migration.objects.filter(pk=migration.pk, state=State.COMMITTING).exists():
+        raise lease.superseded()
+
+
+def unflip_registrations(migration: Migration, *, running: bool) -> None:
+    """The commit's flip undone: the target copy Not Runnable, then the source copy runnable (On if it runs).
+
+    Inside a transaction; each change is an audit event (``Registration`` methods).
+    """
+    actor = migration.requested_by
+    target, source = migration.target.name, migration.require_source().name
+    copies = Registration.objects.select_for_update().filter(vm_id=migration.vm_id)
+    target_copy = copies.filter(vsp_id=migration.target_id).first()
+    if target_copy is not None and target_copy.hardware_status != Registration.HardwareStatus.NOT_RUNNABLE:
+        target_copy.mark_not_runnable(
+            set_by=Registration.SetBy.MIGRATE,
+            reason=f"VSP {target} lost the guest after the commit; it stays on VSP {source}",
+            actor=actor,
+        )
+    source_copy = copies.get(vsp_id=migration.require_source().pk)
+    source_copy.mark_runnable(
+        Registration.HardwareStatus.ON if running else Registration.HardwareStatus.OFF,
+        actor=actor,
+        message=f"Migration {migration.pk} could not finish on VSP {target}: the guest stays on VSP {source}",
+    )
