@@ -22,6 +22,7 @@ from .base import (
     between,
     chars,
 )
+from .storage import MAX_DISKS, MAX_NICS, DiskInfo, DiskSpec, NicSpec, check_unique_devices
 
 OsStatus = Literal["up", "down", "initializing", "in_efi"]
 HardwareStatus = Literal["on", "off", "not_runnable"]
@@ -36,7 +37,8 @@ class GuestSpec(Message):
     ``shutdown_ms`` is how long the simulated OS takes to shut down once asked (after its I/O in
     flight completed; a graceful stop with a shorter timeout is forced). Other drivers may ignore
     all five. ``running`` is a wish (start it once defined), not part of the
-    definition.
+    definition. ``disks`` (volumes in the host's pools) and ``nics`` (cards on its networks): no two
+    disks on one device or volume, no two cards with one MAC.
     """
 
     guest_id: GuestId
@@ -49,7 +51,14 @@ class GuestSpec(Message):
     state_save_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 0
     shutdown_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_DELAY_MS))] = 1500
     fill_percent: Annotated[StrictInt, AfterValidator(between(0, 100))] = 25
+    disks: Annotated[list[DiskSpec], Field(max_length=MAX_DISKS)] = Field(default_factory=list)
+    nics: Annotated[list[NicSpec], Field(max_length=MAX_NICS)] = Field(default_factory=list)
     running: StrictBool = False
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> GuestSpec:
+        check_unique_devices(self.disks, self.nics)
+        return self
 
     def same_definition(self, other: GuestSpec) -> bool:
         """Same guest, same shape: only ``running`` may differ."""
@@ -67,6 +76,8 @@ class GuestInfo(Message):
     memory_mib: Annotated[StrictInt, AfterValidator(between(1, MAX_MEMORY_MIB))]
     vcpus: Annotated[StrictInt, AfterValidator(between(1, MAX_VCPUS))]
     migrating: StrictStr | None = None
+    disks: list[DiskInfo] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=list)
     workload: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -229,6 +229,12 @@ class ProgressSnapshot(Message):
     allowed_downtime_ms: Annotated[StrictInt, AfterValidator(between(0, MAX_BYTES))] | None = None
     throttle_pct: Percent = 0
     converged: StrictBool = False
+    # I/O Quiesce: guest I/O requests outstanding when it began, and how long they took to complete (ms).
+    io_outstanding: Annotated[StrictInt, AfterValidator(between(0, 1_000_000))] | None = None
+    io_drain_ms: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S * 1000)] | None = None
+    # The network blackout a client of the guest saw: the longest gap in the guest's heartbeats around
+    # the switchover (ms), measured by whoever listens to them (``docs/qemu-driver.md``); None: unknown.
+    network_blackout_ms: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S * 1000)] | None = None
     streams: Streams | None = None  # parallel data-plane connections in use (None: not connected yet)
     source_digest: Digest | None = None
     target_digest: Digest | None = None
