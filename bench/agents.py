@@ -69,6 +69,9 @@ def migrate(
 ) -> Moved:
     """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands.
 
+    ``spec``: the guest's name, memory_mib, vcpus, os_type and, for a guest the agents know by another
+    id than ``guest_id_for(name)`` (a console-defined guest), its ``guest_id``.
+
     ``encryption``: the data-plane policy ("required": mutual TLS, "off": plain TCP); by default the
     source's (``BenchAgent.encryption``), else "required". ``streams``: parallel data-plane connections
     (1..16, None: the source agent sizes them).
@@ -76,7 +79,8 @@ def migrate(
     policy = encryption or getattr(source, "encryption", "required")
     migration_id = f"bench-{secrets.token_hex(3)}"
     wanted = {key: spec[key] for key in ("name", "memory_mib", "vcpus", "os_type")}
-    wanted["guest_id"] = guest_id_for(spec["name"])
+    # A guest the agents already know by its console id (the demo's) keeps it; a bench guest's derives.
+    wanted["guest_id"] = spec.get("guest_id") or guest_id_for(spec["name"])
     started = time.perf_counter()
     endpoint = target.client.prepare_incoming(wanted, migration_id, {}, policy, streams)
     params = {"downtime_ms": 300, "max_rounds": 30}
