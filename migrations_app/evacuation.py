@@ -49,7 +49,7 @@ from vms.access import (
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, Registration, VirtualMachine
 
-from . import estimates, forecast
+from . import estimates, forecast, refusals
 from .actions import MigrationRefused, do_cancel_migration, do_request_migration
 from .checks import check_vm, host_refusal
 from .evacuation_models import Evacuation, EvacuationStep
@@ -414,9 +414,10 @@ def do_start_evacuation(
             plan = build_plan(
                 vsp, chosen_targets, order, rates=rates, excluded=excluded, confirmed=confirmed, user=user
             )
-            misfits = [step.problem for step in plan.steps if step.problem]
+            misfits = [step for step in plan.steps if step.problem]
             if misfits:
-                raise EvacuationRefused(f"The plan no longer fits: {' '.join(misfits)}")
+                note_refused_steps(vsp, misfits, chosen_targets, user)
+                raise EvacuationRefused(f"The plan no longer fits: {' '.join(s.problem for s in misfits)}")
             unreviewed = [step.vm.name for step in plan.steps if step.vm.pk not in chosen_targets]
             if unreviewed:
                 raise EvacuationRefused(
@@ -466,6 +467,19 @@ def do_start_evacuation(
         raise EvacuationRefused(f"{vsp.name} is already being evacuated.") from None
     logger.info("%s started evacuation %s of %s", user, evacuation.pk, vsp.name)
     return evacuation
+
+
+def note_refused_steps(vsp: VSP, misfits: list[PlanStep], chosen: Mapping[int, int], user: Any) -> None:
+    """Keep each guest the re-checked plan refuses in the history, as the migrate dialog's refusals are:
+    a pre-check (maintenance, memory, ...), or a target outside the user's operator groups (permission).
+    A target that is the evacuated host itself or no VSP at all is a bad choice, not an attempt."""
+    for step in misfits:
+        target, kind = step.target, refusals.PRECHECK
+        if target is None:
+            target = VSP.objects.exclude(pk=vsp.pk).filter(pk=chosen.get(step.vm.pk, 0)).first()
+            kind = refusals.PERMISSION
+        if target is not None:
+            refusals.note_refusal(step.vm, target, user, f"{step.problem}.", kind)
 
 
 def _refuse_if_running(vsp: VSP) -> None:

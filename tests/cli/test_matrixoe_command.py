@@ -109,7 +109,16 @@ def test_it_exits_non_zero_with_the_refusals_words(host_agents, fleet, logged_in
 
     assert result.returncode == 1
     assert f"{vm.name} cannot migrate to hosta: same host." in result.stderr
-    assert not Migration.objects.filter(vm=vm).exists()
+    # Nothing started, and the refused attempt is in the history (it was rolled back with the API's
+    # transaction: issue 18 item 5), for the console's pages and the command alike.
+    refused = Migration.objects.get(vm=vm)
+    assert (refused.state, refused.requested_by.username, refused.target.name) == (
+        "refused",
+        "alice",
+        "hosta",
+    )
+    history = matrixoe(logged_in, "history", vm.name)
+    assert history.returncode == 0 and re.search(rf"{vm.name}\s.*hosta\s.*alice\s.*Refused", history.stdout)
 
 
 def test_it_lists_as_json_with_the_environment_overriding_the_stored_login(
