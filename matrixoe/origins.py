@@ -88,4 +88,3 @@ class SameOriginValidator:
         if origin_allowed(scope):
             return await self.application(scope, receive, send)
         return await WebsocketDenier()(scope, receive, send)
-
