@@ -291,6 +291,9 @@ LOGGING = {
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
 
+# Plain http:// agent addresses (the agent's secret in clear on the wire): refused unless this is on; on by
+# default with DEBUG only. Never for a VSP with an agent certificate registered (vms.agent_address).
+AGENT_PLAIN_HTTP_ALLOWED = env_bool("AGENT_PLAIN_HTTP_ALLOWED", DEBUG)
 # Seconds the console waits for a host agent's answer (vms.agent_client); raise on a loaded machine.
 AGENT_TIMEOUT_S = float(env_int("AGENT_TIMEOUT_S", 10))
 # The migrate dialog asks every VSP's agent for its health when it opens, all at once, this long at most
