@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.agents import BenchAgent, migrate  # noqa: E402
+from bench import quick  # noqa: E402
+from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -36,19 +37,25 @@ def cpu_s(agent: BenchAgent) -> float:
 
 
 def run(source: BenchAgent, target: BenchAgent, name: str, memory_mib: int, rate: int) -> str:
-    spec = {"name": name, "memory_mib": memory_mib, "vcpus": 2, "os_type": "linux"}
+    spec = {
+        "guest_id": guest_id_for(name),
+        "name": name,
+        "memory_mib": memory_mib,
+        "vcpus": 2,
+        "os_type": "linux",
+    }
     source.client.define_guest({**spec, "dirty_pages_per_s": rate, "fill_percent": 100, "running": True})
     time.sleep(0.5)
     before = cpu_s(source), cpu_s(target)
     try:
         moved = migrate(source, target, spec)
     except SystemExit:
-        source.client.stop_guest(name)  # a busy guest left running would skew the next runs
+        source.client.stop_guest(spec["guest_id"])  # a busy guest left running would skew the next runs
         raise
     source_cpu, target_cpu = cpu_s(source) - before[0], cpu_s(target) - before[1]
     ready = moved.ready
-    target.client.stop_guest(name)
-    target.client.delete_guest(name)
+    target.client.stop_guest(spec["guest_id"])
+    target.client.delete_guest(spec["guest_id"])
     return (
         f"{rate:>6} pages/s  {moved.total_s:6.2f} s  {ready['throughput_bytes_s'] / 1e6:6.0f} MB/s  "
         f"rounds {ready['round']:>3}  {ready['bytes_sent'] / 2**20:6.0f} MiB  "
@@ -62,7 +69,7 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=1024)
     parser.add_argument("--dirty-pages-per-s", type=int, default=25_000)
     parser.add_argument("--runs", type=int, default=2)
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 64, "dirty_pages_per_s": 2_000, "runs": 1})
     # `timeout` and Ctrl-C alike: the finally below stops the processes started here.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     load = Path("/proc/loadavg").read_text().strip()
