@@ -177,3 +177,31 @@ def test_the_metrics_count_refusals_by_kind(fleet, alice, viewer, settings):
     assert 'matrixoe_migration_refusals_total{kind="precheck"} 1.0' in text
     assert 'matrixoe_migration_refusals_total{kind="permission"} 1.0' in text
     assert 'matrixoe_migration_refusals_total{kind="already_migrating"} 1.0' in text
+
+
+def test_a_refusal_inside_any_callers_transaction_is_kept_once_whether_it_rolls_back_or_commits(fleet, alice):
+    """The mechanism every path relies on (an evacuation's start turns the refusal into its own error
+    and rolls back; a batch may go on and commit): kept once, after the transaction, never twice."""
+    from django.db import transaction
+
+    from migrations_app.actions import MigrationRefused, do_request_migration
+    from migrations_app.refusals import refusals_recorded
+
+    class Rollback(Exception):
+        pass
+
+    with refusals_recorded(), pytest.raises(Rollback):
+        with transaction.atomic():
+            try:
+                do_request_migration(fleet["web01"], fleet["vsp1"], alice)
+            except MigrationRefused:
+                assert refusals() == []  # not yet: this transaction may still roll back
+                raise Rollback from None
+    assert [why for *_, why in refusals()] == ["web01 cannot migrate to vsp1: same host."]
+
+    with refusals_recorded():
+        with transaction.atomic():
+            with pytest.raises(MigrationRefused):
+                do_request_migration(fleet["web01"], fleet["full"], alice)
+        assert len(refusals()) == 2  # written at the commit
+    assert len(refusals()) == 2  # and not again when the work ends
