@@ -2,15 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
+# The libvirt driver's binding builds only against libvirt's headers (scripts/install_libvirt.sh): installed when they are.
+LIBVIRT_REQ := $(shell pkg-config --exists 'libvirt >= 11' 2>/dev/null && echo hostagent/requirements-libvirt.txt)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ) | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run test test-fast test-browser test-faults test-postgres lint bench bench-quick soak stop clean
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench bench-quick soak stop clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(if $(LIBVIRT_REQ),$(PY) -m pip install -q -r $(LIBVIRT_REQ))
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
@@ -20,6 +23,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 run: $(STAMP)
 	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)
 
+## make run-cluster: the reference deployment on one machine (README "Scaling out"): PostgreSQL, Redis as a master,
+##           a replica and three Sentinels, HAProxy on PORT (8000) in front of WEB (3) uvicorn processes, WORKERS (2)
+##           Celery workers, beat and the demo agents. Installs Debian's packages for them first when missing.
+run-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PY) scripts/run_console.py --cluster --hosts $(or $(HOSTS),simulated) --web $(or $(WEB),3) \
+		--workers $(or $(WORKERS),2)
+
 ## make test: every test (SQLite), then the database-constraint tests again on PostgreSQL.
 test: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -28,7 +39,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) scripts/ensure_redis.py
-	$(PYTEST) -m "not browser and not faults and not qemu and not bench"
+	$(PYTEST) -m "not browser and not faults and not qemu and not libvirt and not cluster and not bench"
 
 test-browser: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -41,14 +52,24 @@ test-faults: $(STAMP)
 test-postgres: $(STAMP)
 	$(PY) scripts/run_postgres_tests.py
 
-## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps.
+## make test-cluster: the fault tests against the cluster profile (tests/cluster/, marker `cluster`).
+test-cluster: $(STAMP)
+	bash scripts/install_cluster_packages.sh
+	$(PYTEST) -m cluster
+
+## make lint: ruff (lint and format) over the tree, mypy (settings in pyproject.toml) over the console's apps,
+##           and the layer contracts (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
+## make guest-image: the QEMU guests in guest-images/: the test guest (kernel + initramfs) and the OS image
+##           (guest-os.qcow2, a bootable disk). Both idempotent; the OS image is rebuilt only when an input changed.
 guest-image:
 	bash scripts/build_test_guest.sh
+	bash scripts/build_guest_image.sh
 
 bench: $(STAMP)
 	$(PY) scripts/ensure_redis.py

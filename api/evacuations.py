@@ -1,6 +1,6 @@
 """Evacuations in the API: the plan, starting it, its progress, cancelling it, leaving maintenance.
 
-The same functions as the VSP page's **Evacuate…** (``migrations_app.evacuation``): the plan is built
+The same functions as the VSP page's **Evacuate…** (``evacuations``): the plan is built
 by ``build_plan``, started by ``do_start_evacuation`` (re-checked there), cancelled by
 ``do_cancel_evacuation``; refusals arrive as their problem ``detail`` word for word.
 """
@@ -16,17 +16,11 @@ from ninja import Field, Path, Query, Router, Schema
 from ninja.responses import Status
 from pydantic import ConfigDict
 
-from migrations_app.evacuation import (
-    Plan,
-    build_plan,
-    dirty_rates,
-    do_cancel_evacuation,
-    do_leave_maintenance,
-    do_start_evacuation,
-    may_view_evacuation,
-    summarize,
-)
-from migrations_app.evacuation_models import Evacuation
+from evacuations.actions import do_cancel_evacuation, do_leave_maintenance, do_start_evacuation
+from evacuations.models import Evacuation
+from evacuations.plan import Plan, build_plan, dirty_rates
+from evacuations.rights import may_view_evacuation
+from evacuations.summary import summarize
 from vms.access import visible_vsps
 
 from .lookups import MAX_ID, get_vm, get_vsp

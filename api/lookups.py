@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 from django.db.models import Model, QuerySet
 from django.http import Http404
 
+from migrations_app.access import visible_migration_condition
 from migrations_app.models import Migration
-from vms.access import visible_migration_condition, visible_vms, visible_vsps
+from vms.access import visible_vms, visible_vsps
 from vms.models import VSP, VirtualMachine
 from vms.queries import vm_with_registrations
 

@@ -13,6 +13,9 @@ Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_migration_phase_duration_seconds{phase}``: histogram of each finished phase's duration;
 - ``matrixoe_migration_downtime_seconds``: histogram of measured downtime (Frozen) of completed migrations;
 - ``matrixoe_migration_sent_bytes_total``: guest memory bytes sent by every migration (the data plane);
+- ``matrixoe_migration_outcomes_undelivered`` and ``matrixoe_migration_outcome_undelivered_age_seconds``:
+  migration outcome events (``migrations_app.outcomes``) no follower has taken yet, and the oldest's wait
+  (a growing one: a follower keeps failing, or recovery's beat does not run);
 - ``matrixoe_migrations_active`` (in a phase) and ``matrixoe_migrations_queued`` (waiting, the hourglass);
 - ``matrixoe_migration_phase_age_seconds{migration,vm,phase}``: time each running migration has spent
   in its current phase (the "stuck in one phase" alert);
@@ -50,6 +53,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from migrations_app import refusals
 from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
+from migrations_app.outcomes import undelivered_count
 from vms.access import visible_vsps
 from vms.models import VSP, InventoryRound
 
@@ -90,6 +94,7 @@ class MigrationCollector:
         )
         yield self._outcomes()
         yield self._refusals()
+        yield from self._undelivered_outcomes()
         yield self._phase_durations()
         yield self._downtime()
         yield from self._in_flight()
@@ -134,6 +139,20 @@ class MigrationCollector:
         for kind, n in sorted(counts.items()):
             family.add_metric([kind], n)
         return family
+
+    def _undelivered_outcomes(self) -> Iterable[Metric]:
+        count, oldest = undelivered_count()
+        yield GaugeMetricFamily(
+            "matrixoe_migration_outcomes_undelivered",
+            "Migration outcome events not yet taken by every follower (e.g. an evacuation)",
+            value=count,
+        )
+        age = (timezone.now() - oldest).total_seconds() if oldest is not None else 0.0
+        yield GaugeMetricFamily(
+            "matrixoe_migration_outcome_undelivered_age_seconds",
+            "How long the oldest undelivered outcome event has waited (0: none waits)",
+            value=max(age, 0.0),
+        )
 
     def _phase_durations(self) -> Metric:
         samples: dict[str, list[float]] = {phase: [] for phase in Migration.PHASES}

@@ -22,10 +22,10 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
+from migrations_app.access import visible_migration_condition
 from migrations_app.fanout import get_fanout
 from migrations_app.models import Migration
 from migrations_app.progress import vm_group
-from vms.access import visible_migration_condition
 
 from .problems import problem_response
 from .schemas import migration_out

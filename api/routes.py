@@ -15,12 +15,13 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 
 from migrations_app import steering
+from migrations_app.access import visible_migration_condition
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
+from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
-from vms.access import visible_migration_condition, visible_vms, visible_vsps
+from vms.access import visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.http import AuthenticatedHttpRequest
-from vms.migration_policy import PolicyError
 from vms.models import Registration
 from vms.queries import filter_vms, vm_with_registrations
 

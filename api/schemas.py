@@ -13,8 +13,8 @@ from ninja import Field, Schema
 from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from migrations_app import migration_policy
 from migrations_app.models import Migration, MigrationEvent
-from vms import migration_policy
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import online_migration_status
@@ -105,7 +105,9 @@ class MigrationOut(Schema):
     failed_phase: str
     failure_kind: str
     alert: str = Field(description="What went wrong, in the words of the General tab's Alerts")
-    policy: dict[str, Any] = Field(description="The effective migration policy (vms.migration_policy)")
+    policy: dict[str, Any] = Field(
+        description="The effective migration policy (migrations_app.migration_policy)"
+    )
 
 
 class MigrationChangedOut(MigrationOut):

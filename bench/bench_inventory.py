@@ -4,7 +4,7 @@ Issue 13's target: the whole collection finishes within the 30 s collection inte
 
 The stack (private, on loopback): a throwaway SQLite database, the shared Redis as broker, one real
 Celery worker (threads pool, ``--threads``) on a private queue, and the real task that beat sends
-(``migrations_app.tasks.collect_inventory``): it records a round and fans out one
+(``vms.tasks.collect_inventory``): it records a round and fans out one
 ``collect_vsp_inventory`` task per VSP, each with the default per-agent time-out
 (``INVENTORY_AGENT_TIMEOUT_S``, 5 s unless set).
 
@@ -168,7 +168,7 @@ def collect_once() -> Collected:
 
     before = InventoryRound.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
     sent = time.time()
-    current_app.send_task("migrations_app.tasks.collect_inventory", queue=os.environ["CELERY_QUEUE"])
+    current_app.send_task("vms.tasks.collect_inventory", queue=os.environ["CELERY_QUEUE"])
 
     def finished() -> InventoryRound | None:
         return InventoryRound.objects.filter(pk__gt=before).exclude(finished_at=None).first()

@@ -8,6 +8,7 @@ the console or the agent is imported, so a script may use this before it sets up
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import signal
 import socket
@@ -98,13 +99,32 @@ class ManagedProcess:
 
 
 def start_process(
-    name: str, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    name: str,
+    args: Sequence[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    user: str | None = None,
+    umask: int = -1,
 ) -> ManagedProcess:
-    """Start ``args`` in the project directory, output appended to ``log_path``; ``env`` defaults to ours."""
+    """Start ``args`` in the project directory, output appended to ``log_path``; ``env`` defaults to ours.
+
+    ``user``: run it as that user (needs root; e.g. PostgreSQL, which refuses to run as root).
+    ``umask``: the child's (e.g. 0o077 for a server that rewrites a configuration holding passwords).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            list(args), cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            list(args),
+            cwd=BASE_DIR if user is None else "/",
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user=user,
+            group=None if user is None else pwd.getpwnam(user).pw_gid,
+            extra_groups=None if user is None else [],
+            umask=umask,
         )
     return ManagedProcess(name, process, log_path)
 

@@ -8,6 +8,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dj_database_url
 from csp.constants import NONCE, NONE, SELF
@@ -97,6 +98,7 @@ INSTALLED_APPS = [
     "csp",
     "vms",
     "migrations_app",
+    "evacuations",
     "ninja",  # serves Swagger UI for /api/v1/docs from its bundled static files (no CDN)
     "api",
 ]
@@ -314,7 +316,115 @@ MIGRATION_HEARTBEAT_STALE_S = env_int("MIGRATION_HEARTBEAT_STALE_S", 30)
 # "module:function" that maps the target's data-plane endpoint for the source (migrations_app/dataplane.py).
 MIGRATION_DATA_ENDPOINT_HOOK = env_str("MIGRATION_DATA_ENDPOINT_HOOK", "")
 
-# --- inventory collection (vms.inventory; migrations_app.tasks.collect_inventory fans out one task per VSP) -
+# --- the broker's visibility timeout: long migrations are not handed out again (issue 18 item 12) -------
+# With CELERY_TASK_ACKS_LATE a task's message stays unacknowledged in Redis while the task runs, and
+# kombu's Redis transport hands a message out again once it has been unacknowledged for longer than
+# ``visibility_timeout`` (1 hour by default; celery #5935): a migration running longer would be delivered
+# to a second worker. The timeout is therefore set above the longest run:
+#
+#   visibility_timeout = MIGRATION_LONGEST_RUN_S + MIGRATION_HEARTBEAT_STALE_S
+#
+# where MIGRATION_LONGEST_RUN_S is the longest migration this site allows, Init to the end of the roll
+# forward: the sum of the largest Init, Copy, I/O Quiesce and Frozen limits its VMs have, plus the roll
+# forward (ROLL_FORWARD_ATTEMPTS agent calls, under a minute). The phase limits are per VM and Copy's is
+# unlimited by default (the vendor's default), so no limit bounds that sum: a site sets it to what it
+# allows. The default, 48 hours, is 30 pre-copy rounds (MIGRATION_MAX_ROUNDS) of a 512 GiB guest at
+# 1 Gbit/s (30 x 4,398 s = 36.6 h) plus the default Init, I/O Quiesce and Frozen limits (85 s), rounded
+# up. The heartbeat limit is the margin: a worker silent that long has lost its lease anyway.
+# A delivery past the timeout still changes nothing: the task's claim of its migration is a
+# compare-and-set on QUEUED (migrations_app.scheduling.do_claim_source), so a second delivery of a
+# migration already claimed stands down (tests/migrations_app/test_redelivery.py). A lost task does
+# not wait for the timeout either: recovery re-hands queued migrations and takes over silent ones.
+MIGRATION_LONGEST_RUN_S = env_int("MIGRATION_LONGEST_RUN_S", 48 * 3600)
+BROKER_VISIBILITY_TIMEOUT_S = env_int(
+    "BROKER_VISIBILITY_TIMEOUT_S", MIGRATION_LONGEST_RUN_S + MIGRATION_HEARTBEAT_STALE_S
+)
+if BROKER_VISIBILITY_TIMEOUT_S < 1:
+    raise ImproperlyConfigured(
+        f"BROKER_VISIBILITY_TIMEOUT_S must be at least 1, got {BROKER_VISIBILITY_TIMEOUT_S}"
+    )
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "visibility_timeout": BROKER_VISIBILITY_TIMEOUT_S,
+    # How often a worker looks for messages unacknowledged past the timeout (kombu: every
+    # interval x throttle s, 100 s by default); a tenth of the timeout at most, so a short one (tests) works.
+    "unacked_restore_interval": max(1, min(100, BROKER_VISIBILITY_TIMEOUT_S // 10)),
+    "unacked_restore_throttle": 1,
+}
+
+
+# --- Redis through Sentinel (a deployment past one machine; README "Scaling out", deploy/) -------------
+# Unset (the default): one Redis at REDIS_URL, as above. Set REDIS_SENTINELS to the Sentinels'
+# addresses ("10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379") and both the channel layer
+# (channels-redis: "sentinels" + "master_name" in its host entry) and the Celery broker (kombu:
+# "sentinel://" URLs + "master_name" in the transport options) ask the Sentinels for the current
+# master on every new connection, so a failover moves them to the promoted replica. REDIS_URL is not
+# used then. No result backend is used (CELERY_RESULT_BACKEND is None), so none needs Sentinel.
+#   REDIS_SENTINEL_MASTER            the name the Sentinels monitor the master by (default "matrixoe")
+#   REDIS_PASSWORD[_FILE]            the password of the master and replicas (requirepass), if any
+#   REDIS_SENTINEL_PASSWORD[_FILE]   the Sentinels' own password (their requirepass), if any
+#   REDIS_DB                         the database number (default 0)
+
+
+def env_host_ports(name: str) -> list[tuple[str, int]]:
+    """``$name`` as a list of (host, port): "h1:26379,[::1]:26380"; ImproperlyConfigured on a bad entry."""
+    addresses = []
+    for entry in env_list(name, ""):
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ImproperlyConfigured(f"{name} must be a comma-separated list of host:port, got {entry!r}")
+        addresses.append((host, int(port)))
+    return addresses
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+REDIS_SENTINELS = env_host_ports("REDIS_SENTINELS")
+if REDIS_SENTINELS:
+    _master_name = env_str("REDIS_SENTINEL_MASTER", "matrixoe")
+    _redis_password = env_str("REDIS_PASSWORD", "") or None
+    _sentinel_password = env_str("REDIS_SENTINEL_PASSWORD", "") or None
+    _redis_db = env_int("REDIS_DB", 0)
+    if not _master_name:
+        raise ImproperlyConfigured(
+            "REDIS_SENTINEL_MASTER must not be empty (the Sentinels' name for the master)"
+        )
+    if _redis_db < 0:
+        raise ImproperlyConfigured(f"REDIS_DB must be 0 or more, got {_redis_db}")
+    _sentinel_kwargs = {"password": _sentinel_password} if _sentinel_password else {}
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+        {
+            "sentinels": REDIS_SENTINELS,
+            "master_name": _master_name,
+            "sentinel_kwargs": {**_sentinel_kwargs, "socket_connect_timeout": 2, "socket_timeout": 2},
+            "password": _redis_password,
+            "db": _redis_db,
+            # A master whose machine vanished (no reset): fail the call and ask the Sentinels again,
+            # rather than wait on the dead connection. Above the layer's 5 s blocking read.
+            "socket_connect_timeout": 5,
+            "socket_timeout": 15,
+            "socket_keepalive": True,
+        }
+    ]
+    # The password, quoted, is the master's; every "sentinel://" address is a Sentinel to ask.
+    _userinfo = f":{quote(_redis_password, safe='')}@" if _redis_password else ""
+    CELERY_BROKER_URL = env_str(
+        "CELERY_BROKER_URL",
+        ";".join(
+            f"sentinel://{_userinfo}{_url_host(host)}:{port}/{_redis_db}" for host, port in REDIS_SENTINELS
+        ),
+    )
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        master_name=_master_name,
+        sentinel_kwargs={**_sentinel_kwargs, "socket_connect_timeout": 2, "socket_timeout": 2},
+        # kombu: without a socket time-out a publish on a connection to a vanished master waits for ever.
+        socket_connect_timeout=5,
+        socket_timeout=15,
+    )
+
+# --- inventory collection (vms.inventory; vms.tasks.collect_inventory fans out one task per VSP) -----------
 # Seconds between collections (beat); a VSP's task not started within one interval is dropped (expires).
 INVENTORY_INTERVAL_S = float(env_int("INVENTORY_INTERVAL_S", 30))
 # Seconds each step of one agent's inventory call may take (connect, TLS, answer): a dead agent costs one
@@ -328,10 +438,10 @@ if INVENTORY_UNREACHABLE_AFTER < 1 or INVENTORY_AGENT_TIMEOUT_S < 1:
 # take them: `celery -A matrixoe worker -Q inventory --pool threads --concurrency 32`.
 INVENTORY_QUEUE = env_str("INVENTORY_QUEUE", "") or None
 
-# --- CELERY_BEAT_SCHEDULE (migrations_app periodic tasks; run `celery -A matrixoe beat`) -------------------
+# --- CELERY_BEAT_SCHEDULE (periodic tasks; run `celery -A matrixoe beat`) ---------------------------------
 CELERY_BEAT_SCHEDULE = {
     "collect-inventory": {
-        "task": "migrations_app.tasks.collect_inventory",
+        "task": "vms.tasks.collect_inventory",
         "schedule": INVENTORY_INTERVAL_S,
     },
     "recover-migrations": {

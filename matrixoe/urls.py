@@ -16,11 +16,13 @@ urlpatterns = [
     # Browsers ask for /favicon.ico whatever the page's <link rel="icon"> says.
     path("favicon.ico", login_not_required(RedirectView.as_view(url=static("favicon.svg"), permanent=True))),
     path("migrations/", include("migrations_app.urls")),
+    path("migrations/", include("evacuations.urls")),
     path("migrations/history/", include("migrations_app.history_urls")),
     path("account/tokens/", include("api.urls")),
     path("api/v1/migrations/<int:migration_id>/events", migration_events, name="api_migration_events"),
     path("api/v1/", include((public_urls(api.urls[0]), "api-v1"), namespace="api-v1")),
     path("metrics", metrics_view, name="metrics"),
+    path("", include("migrations_app.vm_urls")),
     path("", include("vms.urls")),
 ]
 

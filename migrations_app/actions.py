@@ -1,6 +1,6 @@
 """Starting, queueing and cancelling migrations: the multi-step changes behind the Migrate and Cancel buttons.
 
-Each ``do_*`` checks the user's right (``vms.access``: the global permission and the operator role in
+Each ``do_*`` checks the user's right (``access``: the global permission and the operator role in
 the host groups of the source and the target), decides under a lock (and the
 ``one_active_migration_per_vm`` constraint), records an event, and queues the worker's job with
 ``transaction.on_commit`` so it never sees an uncommitted row. Refusals raise ``MigrationRefused``
@@ -18,11 +18,11 @@ from typing import Any
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
-from vms import migration_policy
-from vms.access import ADD_MIGRATION_PERMISSION, LACKS_PERMISSION, check_can_cancel, check_can_migrate
+from vms.access import LACKS_PERMISSION, check_can_change_vm
 from vms.models import VSP, AuditEvent, VirtualMachine
 
-from . import refusals
+from . import migration_policy, refusals
+from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
 from .checks import ALREADY_MIGRATING_REASON, check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
@@ -56,7 +56,7 @@ def do_request_migration(
 ) -> Migration:
     """Queue an online migration of ``vm`` to ``target``; the worker starts it when its source is free.
 
-    ``policy``: overrides of the VM's migration policy for this migration (``vms.migration_policy``);
+    ``policy``: overrides of the VM's migration policy for this migration (``migration_policy``);
     bad values raise ``PolicyError`` before anything is stored. The effective policy is kept on the row.
 
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
@@ -215,3 +215,28 @@ def record_cancel(migration: Migration, user: Any, message: str) -> None:
 
 def _actor(user: Any) -> Any:
     return user if getattr(user, "is_authenticated", False) else None
+
+
+def do_set_migration_policy(vm: VirtualMachine, raw: dict[str, Any], user: Any) -> dict[str, Any]:
+    """Set ``vm``'s default migration policy from ``raw`` (``migration_policy.check_policy``); the policy set.
+
+    Refused (``ValidationError``, nothing changed) for a vPar or a value out of bounds.
+    """
+    check_can_change_vm(user, vm)
+    if vm.is_vpar:
+        raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
+    with transaction.atomic():
+        vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+        before = migration_policy.effective(vm.migration_policy)
+        try:
+            policy = migration_policy.check_policy(raw, base=before)
+        except migration_policy.PolicyError as error:
+            raise ValidationError(str(error)) from None
+        vm.migration_policy = policy
+        vm.save(update_fields=["migration_policy"])
+        AuditEvent.record(
+            AuditEvent.Action.MIGRATION_POLICY_CHANGED, vm, actor=user, before=before, after=policy,
+            message=f"Migration policy of {vm.name}: {migration_policy.describe(policy)}",
+        )  # fmt: skip
+    logger.info("%s set the migration policy of %s: %s", user, vm.name, policy)
+    return policy

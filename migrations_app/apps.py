@@ -8,13 +8,10 @@ class MigrationsAppConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_save
 
-        from vms.general_tab import register_context_provider
         from vms.models import VSP
 
-        from . import history
-        from .progress import general_tab_context
+        from . import inventory_hooks
         from .scheduling import on_vsp_saved
 
         post_save.connect(on_vsp_saved, sender=VSP, dispatch_uid="migrations_app.scheduling.on_vsp_saved")
-        register_context_provider(general_tab_context)
-        register_context_provider(history.general_tab_context)
+        inventory_hooks.register()  # what the inventory's pages and rules show and count of migrations

@@ -3,9 +3,9 @@
 Controls (the names are the markers' names):
 
 - ``steer``: Switch over now, Throttle the guest, Set allowed downtime, Set bandwidth cap. Who may:
-  ``vms.access.check_can_migrate(user, vm, target)``: ``add_migration`` + operator of the source's
+  ``access.check_can_migrate(user, vm, target)``: ``add_migration`` + operator of the source's
   and the target's host group.
-- ``cancel``: Cancel migration. ``vms.access.check_can_cancel``: ``change_migration`` + operator of
+- ``cancel``: Cancel migration. ``access.check_can_cancel``: ``change_migration`` + operator of
   the source's or the target's group.
 - ``migrate``: the Migrate… button. ``check_can_migrate(user, vm)``: ``add_migration`` + operator of
   the group of the VSP the guest runs on.
@@ -22,16 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from vms.access import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
-    allowed,
-    check_can_cancel,
-    check_can_migrate,
-    has_global,
-    vsps_with_role,
-)
+from vms.access import allowed, has_global, vsps_with_role
 from vms.models import Role, VirtualMachine
+
+from .access import ADD_MIGRATION_PERMISSION, CHANGE_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
 
 CONTROLS = ("steer", "cancel", "migrate")
 

@@ -33,11 +33,11 @@ from django.db import connection
 from django.utils import timezone
 
 from hostagent.protocol import FAILED_STATES, FailureKind, ProgressSnapshot, ProtocolViolation, parse
-from vms import migration_policy
 from vms.agent_client import AgentProtocolError, AgentRefused, AgentUnreachable
 from vms.inventory import mark_reachable
 from vms.models import Registration
 
+from . import migration_policy
 from .decisions import (
     abort,
     agent_for,
@@ -50,9 +50,9 @@ from .decisions import (
     roll_forward,
 )
 from .errors import MigrationCancelled, MigrationFailed, Superseded
-from .evacuation import settle_after
-from .lease import Lease, LeaseLost, new_owner, record_stood_down
+from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
 from .models import PHASE_PERCENT_FIELD, Migration
+from .outcomes import deliver_outcome_of
 from .phases import PHASE_BY_AGENT_NAME, PHASES, Phase
 from .progress import publish_progress
 from .samples import add_round_sample
@@ -72,11 +72,15 @@ SILENT_AFTER_S = 1.0  # a host whose call is this long without an answer at a ti
 T = TypeVar("T")
 
 
-def drive_migration(migration_id: int) -> None:
-    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED."""
+def drive_migration(migration_id: int) -> bool:
+    """The whole life of one migration, from its claim of the source to COMPLETED, ABORTED or CANCELLED.
+
+    False, with nothing done, when it could not claim the migration: not its source's turn yet, or no
+    longer QUEUED (another delivery of its task claimed it, or it was decided or cancelled).
+    """
     lease = Lease(migration_id, new_owner("worker"))
     if not do_claim_source(migration_id, lease.owner):
-        return
+        return False
     migration = load_migration(migration_id)
     run = MigrationRun(migration, lease)
     stood_down = False
@@ -91,9 +95,10 @@ def drive_migration(migration_id: int) -> None:
         record_stood_down(lease)
     finally:
         run.close()
-        if not stood_down:  # the decider that took over moves the queue and the evacuation on
+        if not stood_down:  # the decider that took over moves the queue on and delivers the outcome
             enqueue_next_for_source(migration.require_source().pk)
-            settle_after(migration_id)
+            deliver_outcome_of(migration_id)  # its followers (an evacuation...), once the undo was tried
+    return True
 
 
 def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:
@@ -414,7 +419,15 @@ class MigrationRun:
         migration = self.migration
         fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
         rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **self.lease.where)
-        if not rows.update(**fields):
+        try:
+            updated = rows.update(**fields)
+        except DATABASE_GONE:
+            # The database dropped the connection (a restart, a failover): the next flush records the
+            # progress, on a new connection. Percentages only rise, so nothing is lost but this write.
+            logger.warning("Migration %s: progress not recorded, the database did not answer", migration.pk)
+            connection.close()
+            return
+        if not updated:
             raise self.lease.superseded()
         self.last_flush = now
         publish_progress(migration.pk)
@@ -520,6 +533,11 @@ class Watchdog:
             while not self.stopped.wait(WATCH_INTERVAL_S):
                 try:
                     self.tick()
+                except DATABASE_GONE as error:
+                    logger.warning(
+                        "Migration %s: the database did not answer (%s)", self.run.migration.pk, error
+                    )
+                    connection.close()  # the next tick connects again
                 except Exception:
                     logger.exception("Watchdog of migration %s", self.run.migration.pk)
         finally:

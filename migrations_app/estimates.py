@@ -32,10 +32,10 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from migrations_app import forecast, link_probes
-from vms import migration_policy
 from vms.agent_client import AgentClient, AgentError
 from vms.models import VSP, VirtualMachine
 
+from . import migration_policy
 from .models import Migration
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def measure_dirty_rate(vm: VirtualMachine) -> DirtyRate | None:
 
 
 def forecast_policy(policy: dict[str, Any], vm: VirtualMachine) -> forecast.Policy:
-    """A stored policy (``vms.migration_policy``) as the model's ``forecast.Policy``, the site cap applied."""
+    """A stored policy (``migration_policy``) as the model's ``forecast.Policy``, the site cap applied."""
     site = settings.MIGRATION_AGENT_PARAMS
     params = migration_policy.agent_params(
         policy,

@@ -25,6 +25,7 @@ from vms.models import VSP, VirtualMachine
 
 from .forecast import duration_words
 from .models import Migration, MigrationEvent
+from .outcomes import record_outcome
 
 State = Migration.State
 VIEW_MIGRATION_PERMISSION = "migrations_app.view_migration"
@@ -67,6 +68,7 @@ def record_refusal(vm: VirtualMachine, target: VSP, user: Any, reason: str, kind
         MigrationEvent.objects.create(
             migration=migration, at=now, from_state="", to_state=State.REFUSED, message=reason, actor=actor
         )
+        record_outcome(migration.pk, State.REFUSED, now)
     return migration
 
 

@@ -1,7 +1,7 @@
 """Pages of the migration history: the list, its CSV export, and one migration's report.
 
 Login is required (middleware) and every view checks ``migrations_app.view_migration``; a user sees
-the migrations whose source or target is in one of their host groups (``vms.access``), others are
+the migrations whose source or target is in one of their host groups (``access``), others are
 not found.
 """
 
@@ -17,10 +17,11 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from vms.access import visible_migration_condition, vsps_with_role
+from vms.access import vsps_with_role
 from vms.models import VSP, Role
 from vms.views import form_errors_text
 
+from .access import visible_migration_condition
 from .history import VIEW_MIGRATION_PERMISSION, HistoryFilterForm, HistoryRow, csv_lines, filter_migrations
 from .models import Migration
 from .reports import chart_data, get_report_migration, report_context

@@ -22,9 +22,11 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -32,6 +34,27 @@ from .errors import Superseded
 from .models import Migration, MigrationEvent
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What a query raises when the database dropped this thread's connection (a restart, a failover).
+DATABASE_GONE = (OperationalError, InterfaceError)
+
+
+def reconnecting(query: Callable[[], T]) -> T:
+    """``query()``, and once more on a new connection if the database had dropped this thread's.
+
+    Django reconnects only between requests (or tasks); a worker's threads live for a whole migration,
+    so after a database restart each of their queries failed until the migration was over (QA: the
+    cluster profile's PostgreSQL restarted mid-Copy: the heartbeat stopped and recovery aborted the
+    migration). Only for idempotent queries, outside a transaction; raises the second error.
+    """
+    try:
+        return query()
+    except DATABASE_GONE:
+        if connection.in_atomic_block:
+            raise
+        connection.close()
+        return query()
 
 
 class LeaseLost(Superseded):
@@ -58,12 +81,15 @@ class Lease:
         return {"lease_owner": self.owner}
 
     def renew(self) -> bool:
-        """Renew by compare-and-set; False (and ``lost`` set for good) when another decider holds it."""
+        """Renew by compare-and-set; False (and ``lost`` set for good) when another decider holds it.
+
+        Raises ``DATABASE_GONE`` errors while the database does not answer (on a new connection).
+        """
         with self._lock:
             if self.lost.is_set():
                 return False
             rows = Migration.objects.filter(pk=self.migration_id, lease_owner=self.owner)
-            if not rows.update(heartbeat_at=timezone.now()):
+            if not reconnecting(lambda: rows.update(heartbeat_at=timezone.now())):
                 self.lost.set()
                 logger.warning("Migration %s: %s lost its lease", self.migration_id, self.owner)
         return not self.lost.is_set()

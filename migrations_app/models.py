@@ -97,7 +97,7 @@ class Migration(models.Model):
     policy = models.JSONField(
         default=dict,
         blank=True,
-        help_text="The effective policy (vms.migration_policy)",
+        help_text="The effective policy (migrations_app.migration_policy)",
     )
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -261,7 +261,30 @@ class LinkProbe(models.Model):
         return f"{self.source} -> {self.target}: {rate}"
 
 
-# Evacuations are models of this app kept in a module of their own.
-from .evacuation_models import Evacuation, EvacuationStep  # noqa: E402
+class MigrationOutcome(models.Model):
+    """The end of one migration as an event: written in the transaction that records the terminal state
+    (``transitions.transition``; ``history.record_refusal`` for a refusal), read by its followers
+    (``migrations_app.outcomes``: an evacuation ends after its last step, ...), so the migration core
+    calls none of them.
 
-__all__ = ["PHASE_FIELD_PREFIX", "Evacuation", "EvacuationStep", "LinkProbe", "Migration", "MigrationEvent"]
+    One row per ended migration (the one-to-one says so). ``delivered_at``: when every follower took it
+    (None: not yet). ``attempts``: deliveries claimed; ``retry_at``: when a later pass may claim it again
+    (a deliverer that died mid-way leaves it undelivered; ``outcomes.deliver_pending`` takes it then).
+    """
+
+    migration = models.OneToOneField(Migration, on_delete=models.CASCADE, related_name="outcome_event")
+    outcome = models.CharField(max_length=16, choices=Migration.State.choices)
+    at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    retry_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["delivered_at", "at"], name="migration_outcome_pending")]
+
+    def __str__(self) -> str:
+        delivered = "delivered" if self.delivered_at else "not delivered yet"
+        return f"migration {self.migration_id} {self.outcome} at {self.at:%H:%M:%S} ({delivered})"
+
+
+__all__ = ["PHASE_FIELD_PREFIX", "LinkProbe", "Migration", "MigrationEvent", "MigrationOutcome"]

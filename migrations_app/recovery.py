@@ -32,9 +32,9 @@ from .decisions import (
     undo_and_mark,
 )
 from .errors import MigrationCancelled, MigrationFailed
-from .evacuation import settle_after
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
+from .outcomes import deliver_outcome_of
 from .scheduling import start_idle_queues
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def recover_one(migration: Migration, stale_after_s: float) -> bool:
     except LeaseLost:  # this pass itself stalled past the limit and a later pass took over
         record_stood_down(lease)
         return False
-    settle_after(migration.pk)  # as the worker would have: its evacuation ends if this was its last step
+    deliver_outcome_of(migration.pk)  # as the worker would have: its followers (an evacuation...) learn it
     return True
 
 

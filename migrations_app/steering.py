@@ -20,11 +20,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from migrations_app import forecast
-from vms import migration_policy
-from vms.access import check_can_migrate
 from vms.agent_client import AgentClient, AgentError
 from vms.models import AuditEvent
 
+from . import migration_policy
+from .access import check_can_migrate
 from .decisions import agent_migration_id
 from .models import Migration, MigrationEvent
 from .progress import publish_progress

@@ -2,52 +2,66 @@
 
 from __future__ import annotations
 
-import time
+import logging
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
 
-from vms.inventory import collect_vsp, start_round
+from vms import tasks as inventory_tasks
 
 from .engine import drive_migration
 from .link_probes import probe_now
+from .outcomes import deliver_pending
 from .recovery import recover_orphans
 
-
-@shared_task(ignore_result=True)
-def run_migration(migration_id: int) -> None:
-    """Drive one migration; a no-op if it is not (or no longer) its source's turn."""
-    drive_migration(migration_id)
+logger = logging.getLogger(__name__)
 
 
-@shared_task(ignore_result=True)
-def collect_inventory() -> int:
-    """Beat's periodic collection: one ``collect_vsp_inventory`` task per VSP (so a slow or dead agent
-    holds up only its own), on ``INVENTORY_QUEUE``; a task not started before the next round is due
-    skips its agent, so a backlog drains rather than piles up. Returns the round's id
-    (``vms.InventoryRound``)."""
-    round_id, vsp_ids = start_round()
-    deadline = time.time() + settings.INVENTORY_INTERVAL_S
-    for vsp_id in vsp_ids:
-        collect_vsp_inventory.apply_async((vsp_id, round_id, deadline), queue=settings.INVENTORY_QUEUE)
-    return round_id
+@shared_task(bind=True, ignore_result=True)
+def run_migration(self: Any, migration_id: int) -> None:
+    """Drive one migration; a no-op if it is not (or no longer) its source's turn.
 
-
-@shared_task(ignore_result=True)
-def collect_vsp_inventory(vsp_id: int, round_id: int | None = None, deadline: float | None = None) -> bool:
-    """Collect one VSP's guests (``vms.inventory.collect_vsp``); whether its agent answered."""
-    return collect_vsp(vsp_id, round_id, deadline=deadline)
+    The broker may deliver this task again while its first delivery still runs (acks-late: its message
+    stays unacknowledged until the end, and the Redis transport hands it out again after its visibility
+    timeout). The second delivery finds the migration claimed and changes nothing; it says so in the log.
+    """
+    claimed = drive_migration(migration_id)
+    if not claimed and (self.request.delivery_info or {}).get("redelivered"):
+        logger.info(
+            "Migration %s: its task was delivered again (the broker's visibility timeout passed, or a "
+            "worker was lost) and found it no longer waiting to start: this delivery changed nothing",
+            migration_id,
+        )
 
 
 @shared_task(ignore_result=True)
 def recover_migrations(stale_after_s: float | None = None) -> list[int]:
-    """Decide migrations whose worker died (no heartbeat for ``stale_after_s``)."""
-    return recover_orphans(
-        stale_after_s if stale_after_s is not None else settings.MIGRATION_HEARTBEAT_STALE_S
-    )
+    """Decide migrations whose worker died (no heartbeat for ``stale_after_s``), then deliver the
+    outcomes their deciders did not (``outcomes.deliver_pending``)."""
+    stale_s = stale_after_s if stale_after_s is not None else settings.MIGRATION_HEARTBEAT_STALE_S
+    acted = recover_orphans(stale_s)
+    deliver_pending()
+    return acted
 
 
 @shared_task(ignore_result=True)
 def probe_link(source_id: int, target_id: int) -> None:
     """Probe the link from one VSP to another and store the rate (``link_probes.probe_now``, a few s)."""
     probe_now(source_id, target_id)
+
+
+# The inventory's tasks were defined here until they moved to ``vms.tasks``: tasks queued under these
+# names (a broker of a running deployment, a beat schedule of that time) still run, as the new ones.
+@shared_task(name="migrations_app.tasks.collect_inventory", ignore_result=True)
+def collect_inventory_by_its_old_name() -> int:
+    """``vms.tasks.collect_inventory``, under the name it was queued with before it moved."""
+    return inventory_tasks.collect_inventory()
+
+
+@shared_task(name="migrations_app.tasks.collect_vsp_inventory", ignore_result=True)
+def collect_vsp_inventory_by_its_old_name(
+    vsp_id: int, round_id: int | None = None, deadline: float | None = None
+) -> bool:
+    """``vms.tasks.collect_vsp_inventory``, under the name it was queued with before it moved."""
+    return inventory_tasks.collect_vsp_inventory(vsp_id, round_id, deadline)

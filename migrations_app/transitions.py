@@ -8,6 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import PHASE_FIELD_PREFIX, TRANSITIONS, Migration, MigrationEvent
+from .outcomes import record_outcome
 
 
 class IllegalTransition(ValueError):
@@ -29,6 +30,8 @@ def transition(
     Returns False when 0 rows matched: another worker (or a cancel, or recovery) changed it first.
     ``where`` adds conditions to the compare (e.g. ``{"cancel_requested": False}`` for the commit).
     Leaving a phase stamps its ``*_ended_at``; entering one stamps ``*_started_at`` (unless given).
+    Entering a terminal state also writes the outcome event (``outcomes.record_outcome``), in the same
+    transaction: whoever follows migration ends learns of this one.
     """
     expected, new = Migration.State(expected), Migration.State(new)
     if new not in TRANSITIONS[expected]:
@@ -42,6 +45,8 @@ def transition(
         MigrationEvent.objects.create(
             migration_id=migration_id, at=now, from_state=expected, to_state=new, message=message, actor=actor
         )
+        if new in Migration.TERMINAL_STATES:
+            record_outcome(migration_id, new, now)
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
@@ -20,26 +21,25 @@ from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import reswap, retarget
 
-from matrixoe.error_views import permission_denied
-from vms import migration_policy
-from vms.access import (
-    ADD_MIGRATION_PERMISSION,
-    CHANGE_MIGRATION_PERMISSION,
-    check_can_migrate,
-    get_visible_vm,
-    get_visible_vsp,
-    migration_targets,
-)
+from vms.access import check_can_change_vm, get_visible_vm, get_visible_vsp
 from vms.http import HtmxHttpRequest
 from vms.inventory import probe_reachability
 from vms.models import VSP, VirtualMachine
+from vms.views import apply_change
 
-from . import estimates, steering
+from . import estimates, migration_policy, steering
+from .access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    check_can_migrate,
+    migration_targets,
+)
 from .actions import (
     MigrationRefused,
     do_cancel_migration,
     do_request_migration,
     do_request_migrations,
+    do_set_migration_policy,
 )
 from .checks import TargetCheck, check_targets
 from .models import Migration
@@ -69,8 +69,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         raise PermissionDenied  # no dialog for an account that may never migrate, whichever VM
     vm = get_visible_vm(request.user, vm_id)
     if request.method == "GET":
-        if denied := migrate_denied(request, vm):
-            return denied
+        check_can_migrate(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
         # Reachability is checked now, not taken from the last inventory (up to 30 s old).
         if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
             probe_reachability(list(VSP.objects.all()), settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S)
@@ -78,8 +77,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
     if target is None:  # no attempt to keep: nothing was asked of a VSP
-        if denied := migrate_denied(request, vm):
-            return denied
+        check_can_migrate(request.user, vm)
         checks = offered_checks(request, vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
@@ -91,23 +89,13 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     except MigrationRefused as refusal:
         return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
     except PermissionDenied as denied:
-        return migrate_denied(request, vm) or render_dialog(
-            request, vm, error=str(denied), status=403, policy=overrides
-        )
+        check_can_migrate(request.user, vm)  # may not migrate it at all: the short refusal page
+        return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True, request=request))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
-
-
-def migrate_denied(request: HtmxHttpRequest, vm: VirtualMachine) -> HttpResponse | None:
-    """The short 403 page when the user may not migrate ``vm`` at all (to any target), else None."""
-    try:
-        check_can_migrate(request.user, vm)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
-    return None
 
 
 def policy_overrides(post: Any) -> dict[str, str]:
@@ -241,7 +229,7 @@ def policy_feedback(
     context: dict[str, Any] = {"vm": vm, "forecast_oob": True, **policy_error_context(error)}
     html = "".join(
         render_to_string(
-            "vms/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
+            "migrations_app/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
         )
         for key in POLICY_ERROR_FIELDS
     )
@@ -255,7 +243,7 @@ POLICY_ERROR_FIELDS = (*migration_policy.FIELDS, "")  # "": words about no one f
 
 
 def policy_error_context(error: migration_policy.PolicyError | None) -> dict[str, Any]:
-    """What the policy fields' error spans show (``vms/_policy_field_error.html``)."""
+    """What the policy fields' error spans show (``migrations_app/_policy_field_error.html``)."""
     return {
         "policy_errors_id": "migrate-policy-error",
         "policy_error": str(error) if error else "",
@@ -319,9 +307,7 @@ def cancel(request: HtmxHttpRequest, migration_id: int) -> HttpResponse:
     get_visible_vm(request.user, migration.vm_id)  # 404 for a migration of a guest the user cannot see
     vm = migration.require_vm()
     try:
-        do_cancel_migration(migration, request.user)
-    except PermissionDenied as denied:
-        return permission_denied(request, denied)
+        do_cancel_migration(migration, request.user)  # PermissionDenied: handler403, as above
     except MigrationRefused as refusal:
         return respond_notice(request, vm, str(refusal.message), ok=False)
     return respond_notice(request, vm, f"Cancel of the migration of {vm.name} requested.")
@@ -384,3 +370,20 @@ def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
         else:
             messages.success(request, f"{result.vm.name}: migration to {target.name} queued.")
     return redirect("vms:vsp_detail", pk=vsp.pk)
+
+
+@require_POST
+def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The General tab's migration policy form (a preset, or Custom with its values); answers with the
+    tab, as the inventory's own forms do (``vms.views.apply_change``)."""
+    vm = get_visible_vm(request.user, pk)
+    check_can_change_vm(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
+
+    def change(data: dict[str, Any]) -> str:
+        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
+        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
+            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
+        policy = do_set_migration_policy(vm, fields, request.user)
+        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
+
+    return apply_change(request, vm, forms.Form(request.POST), change)

@@ -1,10 +1,12 @@
 """`make run`: start everything the console needs on one machine, then wait.
 
 1. A Redis on REDIS_URL (started without root when none answers).
-2. The database schema, an admin and a read-only operator login.
-3. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu).
-4. The demo fleet registered with those agents, its guests defined on them.
-5. The ASGI server (pages + websockets), a Celery worker and Celery beat.
+2. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu), while the database
+   schema is written; then an admin and a read-only operator login.
+3. The demo fleet registered with those agents, its guests defined on them.
+4. The ASGI server (pages + websockets), a Celery worker and Celery beat.
+With --cluster (`make run-cluster`), step 1 is PostgreSQL and Redis with a replica and three Sentinels,
+and step 4 several web processes behind HAProxy, several workers and beat (``ClusterProfile``).
 Ctrl-C (or SIGTERM) stops them all; the clean-up cannot be interrupted: a second Ctrl-C only
 hurries it (what has not ended is killed). SIGTERM never hurries it: a SIGTERM to `make run`'s process
 group reaches this process twice (once from the group, once passed on by make), and one SIGTERM must
@@ -28,6 +30,7 @@ named after its port unless CELERY_QUEUE / CHANNELS_PREFIX say otherwise.
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -36,11 +39,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from devtools import cluster as cluster_services  # noqa: E402
+from devtools.cluster import ClusterError  # noqa: E402
 from devtools.local_secrets import secret_file, token, use_local_secrets  # noqa: E402
 from devtools.processes import (  # noqa: E402
     ManagedProcess,
@@ -96,15 +102,23 @@ def on_stop_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def stop_everything(processes: list[ManagedProcess]) -> None:
+def stop_everything(*groups: list[ManagedProcess]) -> None:
+    """Stop each group in turn (the cluster profile's services after the processes that use them)."""
     global stopping
     stopping = True  # from here on a signal only hurries
-    stop_all(processes, timeout=10, hurry=hurry)
+    failed: list[Exception] = []
+    for group in groups:
+        try:
+            stop_all(group, timeout=10, hurry=hurry)
+        except Exception as error:  # noqa: PERF203 - the next group must stop all the same
+            failed.append(error)
     for pid in own_processes():  # a child whose start was cut short by the signal, before it was listed
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if failed:
+        raise failed[0]
 
 
 # -- leftovers: processes a previous `make run` (with this var/) started and did not stop --------
@@ -193,15 +207,30 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001 - a small local
     return predicate()
 
 
+def qemu_image_options() -> list[str]:
+    """The QEMU demo hosts boot their guests from the OS image (``make guest-image``) when it is built:
+    every guest's disk in one pool directory all four agents are given (a shared pool), a network card
+    on QEMU's user-mode networking. Without the image: the built-in test guest, no disk."""
+    image = BASE_DIR / "guest-images" / "guest-os.qcow2"
+    if not image.is_file():
+        print(f"  {image} not built (make guest-image): QEMU guests run the test guest, without disks")
+        return []
+    pool = VAR_DIR / "pools" / "shared"
+    pool.mkdir(parents=True, exist_ok=True)
+    options = [f"boot_image={image}", f"pool={pool}", "network=user"]
+    return [argument for option in options for argument in ("--driver-option", option)]
+
+
 def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
     """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
+    extra_args = qemu_image_options() if driver == "qemu" else []
     for index, name in enumerate(DEMO_HOSTS):
         port = AGENT_BASE_PORT + index
         require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
         log_path = LOG_DIR / f"agent-{name}.log"
         try:
             agent = start_agent(
-                name, port, agent_secret_file(name), driver, log_path=log_path, pki_dir=PKI_DIR
+                name, port, agent_secret_file(name), driver, extra_args, log_path=log_path, pki_dir=PKI_DIR
             )
         except RuntimeError:
             sys.exit(f"host agent {name} did not start; see {log_path}")
@@ -214,7 +243,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--hosts", choices=("simulated", "qemu"), default="simulated")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    return parser.parse_args()
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the reference deployment (make run-cluster): PostgreSQL, Redis with a replica and three "
+        "Sentinels, HAProxy in front of --web uvicorn processes on --port, --workers Celery workers",
+    )
+    parser.add_argument("--web", type=int, default=int(os.environ.get("CLUSTER_WEB", "3")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("CLUSTER_WORKERS", "2")))
+    options = parser.parse_args()
+    if options.web < 1 or options.workers < 1:
+        parser.error("--web and --workers must be at least 1")
+    return options
 
 
 PRIVATE_UMASK = 0o077  # files 0600, directories 0700: what this run and every process it starts creates
@@ -252,7 +292,172 @@ def use_local_redis() -> None:
     os.environ["REDIS_URL_FILE"] = str(url_file)
 
 
+# -- the cluster profile (`make run-cluster`): every process of a multi-machine deployment, on one machine --
+
+
+# What a console process of the cluster needs (written to var/cluster/console.env).
+CONSOLE_ENV = (
+    "DJANGO_SETTINGS_MODULE",
+    "MATRIXOE_VAR_DIR",
+    "SECRET_KEY_FILE",
+    "SECRETS_ENCRYPTION_KEY_FILE",
+    "DATABASE_URL",
+    "DATABASE_URL_FILE",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_PASSWORD_FILE",
+    "REDIS_SENTINEL_PASSWORD_FILE",
+    "CELERY_QUEUE",
+    "CHANNELS_PREFIX",
+)
+
+
+class ClusterProfile:
+    """PostgreSQL, Redis (master, replica, three Sentinels), then ``--web`` uvicorn processes behind
+    HAProxy on ``--port``, ``--workers`` Celery workers and beat (``devtools.cluster`` starts the services).
+
+    Ports: the balancer on ``--port``, the web processes from WEB_BASE_PORT (``--port`` + 1), the Redis
+    master on MATRIXOE_REDIS_PORT (6380) and its replica on the next, the Sentinels from
+    SENTINEL_BASE_PORT (26380). PostgreSQL: DATABASE_URL when given; else the machine's server on
+    127.0.0.1:5432 (user postgres), database CLUSTER_DATABASE_NAME (matrixoe_cluster), created if
+    missing; else (or with CLUSTER_POSTGRES=own) a server of its own on CLUSTER_POSTGRES_PORT (5433).
+    What runs where is written to var/cluster/cluster.json.
+    """
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.directory = VAR_DIR / "cluster"
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        web_base = int(os.environ.get("WEB_BASE_PORT") or options.port + 1)
+        self.web_ports = [web_base + index for index in range(options.web)]
+        sentinel_base = int(os.environ.get("SENTINEL_BASE_PORT") or 26380)
+        self.redis = cluster_services.RedisSet(
+            directory=self.directory,
+            master_port=REDIS_PORT,
+            replica_port=REDIS_PORT + 1,
+            sentinel_ports=[sentinel_base + index for index in range(3)],
+            password=secret_file(VAR_DIR / "redis-password", token),
+            sentinel_password=secret_file(self.directory / "sentinel-password", token),
+            timings=cluster_services.SentinelTimings.from_environ(),
+        )
+        self.database = ""  # what the summary says about PostgreSQL
+
+    def start_services(self, services: list[ManagedProcess]) -> None:
+        """The database and Redis; the console's settings for them go into our environment."""
+        self.use_postgres(services)
+        self.redis.start(LOG_DIR, services)
+        os.environ.pop("REDIS_URL", None)
+        os.environ.pop("REDIS_URL_FILE", None)
+        os.environ.update(
+            self.redis.environ(VAR_DIR / "redis-password", self.directory / "sentinel-password")
+        )
+        self.write_console_env()
+
+    def write_console_env(self) -> None:
+        """var/cluster/console.env: the settings every console process of this cluster gets (files for
+        the secrets, never the secrets), for `set -a; . var/cluster/console.env; manage.py ...`."""
+        lines = [f"{name}={os.environ[name]}" for name in CONSOLE_ENV if os.environ.get(name)]
+        secret_path = self.directory / "console.env"
+        secret_path.unlink(missing_ok=True)
+        secret_file(secret_path, lambda: "\n".join(lines))
+
+    def use_postgres(self, services: list[ManagedProcess]) -> None:
+        if os.environ.get("DATABASE_URL") or os.environ.get("DATABASE_URL_FILE"):
+            self.database = "the server of DATABASE_URL"
+            return
+        name = os.environ.get("CLUSTER_DATABASE_NAME") or "matrixoe_cluster"
+        wanted = os.environ.get("CLUSTER_POSTGRES", "auto")
+        if wanted != "own" and cluster_services.postgres_answers(cluster_services.MACHINE_POSTGRES):
+            cluster_services.ensure_database(cluster_services.MACHINE_POSTGRES, name)
+            os.environ["DATABASE_URL"] = cluster_services.MACHINE_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+            self.database = f"the machine's server on 127.0.0.1:5432, database {name}"
+            return
+        port = int(os.environ.get("CLUSTER_POSTGRES_PORT") or 5433)
+        own = cluster_services.OwnPostgres(
+            self.directory, port, secret_file(self.directory / "postgres-password", token)
+        )
+        own.start(LOG_DIR, services)
+        cluster_services.ensure_database(own.url("postgres"), name)
+        url_file = self.directory / "database-url"
+        url_file.unlink(missing_ok=True)
+        secret_file(url_file, lambda: own.url(name))
+        os.environ["DATABASE_URL_FILE"] = str(url_file)
+        self.database = f"its own server on 127.0.0.1:{port} (data in {own.data_dir}), database {name}"
+
+    def start_console(self, processes: list[ManagedProcess]) -> None:
+        """Workers and beat, the web processes (started side by side), then the balancer."""
+        for index in range(self.options.workers):
+            args = [*RESTARTABLE["worker"], "--hostname", f"worker{index + 1}@%h"]
+            processes.append(start_process(f"worker-{index + 1}", args, LOG_DIR / f"worker-{index + 1}.log"))
+        beat = [
+            *CELERY,
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(self.directory / "celerybeat-schedule"),
+        ]
+        processes.append(start_process("beat", beat, LOG_DIR / "beat.log"))
+        for port in [*self.web_ports, self.options.port]:
+            require_free_port(port, "the cluster's web processes and balancer", "PORT, WEB_BASE_PORT")
+        started: dict[int, ManagedProcess | BaseException] = {}
+
+        def start_web(index: int, port: int) -> None:
+            try:
+                started[index] = start_console_server(port, LOG_DIR / f"web-{index + 1}.log", timeout=90)
+            except BaseException as error:  # noqa: BLE001 - reported by the main thread
+                started[index] = error
+
+        threads = [threading.Thread(target=start_web, args=item) for item in enumerate(self.web_ports)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for index in range(len(self.web_ports)):
+            result = started[index]
+            if isinstance(result, BaseException):
+                sys.exit(f"web process {index + 1} did not start; see {LOG_DIR / f'web-{index + 1}.log'}")
+            result.name = f"web-{index + 1}"
+            processes.append(result)
+        config = cluster_services.haproxy_config(
+            self.directory / "haproxy.cfg", self.options.port, self.web_ports
+        )
+        processes.append(cluster_services.start_haproxy(config, LOG_DIR / "balancer.log", self.options.port))
+        if not wait_for(self.redis.ready, 30):
+            print(
+                "warning: the Sentinels do not all see the master, its replica and each other yet", flush=True
+            )
+
+    def write_state(self, processes: list[ManagedProcess]) -> None:
+        """var/cluster/cluster.json: each process's pid and port, for people and the fault tests."""
+        ports = {f"web-{index + 1}": port for index, port in enumerate(self.web_ports)}
+        ports |= {"balancer": self.options.port, f"redis-{self.redis.master_port}": self.redis.master_port}
+        ports |= {f"redis-{self.redis.replica_port}": self.redis.replica_port}
+        ports |= {f"sentinel-{port}": port for port in self.redis.sentinel_ports}
+        state = {
+            "url": f"http://127.0.0.1:{self.options.port}/",
+            "master_name": cluster_services.MASTER_NAME,
+            "sentinel_ports": list(self.redis.sentinel_ports),
+            "database": self.database,
+            "processes": {p.name: {"pid": p.process.pid, "port": ports.get(p.name)} for p in processes},
+        }
+        path = self.directory / "cluster.json"
+        path.write_text(json.dumps(state, indent=2) + "\n")
+
+    def describe(self, processes: list[ManagedProcess]) -> None:
+        self.write_state(processes)
+        web = ", ".join(map(str, self.web_ports))
+        sentinels = ", ".join(map(str, self.redis.sentinel_ports))
+        redis_ports = f"master {self.redis.master_port}, replica {self.redis.replica_port}"
+        print(f"  cluster profile: HAProxy on {self.options.port}, in front of web processes on {web}")
+        print(f"  Celery: {self.options.workers} workers and beat; they and the channel layer reach Redis")
+        print(f"    through the Sentinels on {sentinels} ({redis_ports})")
+        print(f"  PostgreSQL: {self.database}")
+        print(f"  every process and port: {self.directory / 'cluster.json'}")
+
+
 def main() -> None:
+    started_at = time.monotonic()
     options = parse_args()
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
@@ -264,34 +469,62 @@ def main() -> None:
     stop_leftovers()
     os.environ[MARKER] = str(VAR_DIR)
     use_local_secrets()
-    use_local_redis()
+    if not options.cluster:
+        use_local_redis()
     agents: list[ManagedProcess] = []
     processes: list[ManagedProcess] = []
+    services: list[ManagedProcess] = []  # the cluster profile's PostgreSQL, Redis, Sentinels
     redis_pid_file = VAR_DIR / "redis.pid"
-    redis_was_running = redis_pid_file.exists()
+    redis_was_running = options.cluster or redis_pid_file.exists()
+    cluster: ClusterProfile | None = None
     try:
-        subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
-        manage("migrate", "--noinput", "-v", "0")
+        if options.cluster:
+            cluster = ClusterProfile(options)
+            cluster.start_services(services)
+        else:
+            subprocess.run([PYTHON, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
+        # The schema is written while the agents start: neither needs the other (20 s saved on PostgreSQL).
+        migrating = subprocess.Popen([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=BASE_DIR)
+        try:
+            start_agents(options.hosts, agents)
+        except BaseException:
+            migrating.terminate()
+            migrating.wait()
+            raise
+        if migrating.wait():
+            raise subprocess.CalledProcessError(migrating.returncode, migrating.args)
         manage("demo_users", "--secrets-dir", str(VAR_DIR))
-        start_agents(options.hosts, agents)
         manage(
             "demo_fleet",
             *("--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR)),
             *("--pki-dir", str(PKI_DIR), "--data-plane", "required"),
         )
         manage("seed_demo_agents", "--driver", options.hosts)
-        start_console(options.port, processes)
+        if cluster:
+            cluster.start_console(processes)
+        else:
+            start_console(options.port, processes)
         print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")
         print(f"  logins: see above (first run) or {VAR_DIR}/admin-password and operator-password")
+        if cluster:
+            cluster.describe(processes + services + agents)
         hosts = f"{len(DEMO_HOSTS)} ({options.hosts})"
-        print(f"  demo host agents: {hosts}; logs in {LOG_DIR}. Ctrl-C stops all.\n", flush=True)
-        wait_for_exit(processes, agents)
+        print(f"  demo host agents: {hosts}; logs in {LOG_DIR}. Ctrl-C stops all.")
+        print(f"  started in {time.monotonic() - started_at:.0f} s\n", flush=True)
+        if cluster:
+            restartable = [process.name for process in processes if process.name != "balancer"]
+            on_restart = lambda: cluster.write_state(processes + services + agents)  # noqa: E731
+            wait_for_exit(processes, agents + services, restartable, on_restart)
+        else:
+            wait_for_exit(processes, agents)
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
     except subprocess.CalledProcessError as error:
         print(f"\n{' '.join(map(str, error.cmd[1:3]))} failed (exit status {error.returncode})", flush=True)
+    except ClusterError as error:
+        print(f"\n{error}", flush=True)
     finally:
-        stop_everything(processes + agents)
+        stop_everything(processes + agents, services)  # the console's processes first: they use the services
         if not redis_was_running:
             stop_own_redis(redis_pid_file)
         print("stopped.", flush=True)
@@ -345,34 +578,44 @@ def start_console(port: int, processes: list[ManagedProcess]) -> None:
     processes.append(server)
 
 
-def wait_for_exit(console: list[ManagedProcess], agents: list[ManagedProcess]) -> None:
-    """Return when the web server stops, or a worker or beat keeps exiting.
+def wait_for_exit(
+    console: list[ManagedProcess],
+    watched: list[ManagedProcess],
+    restartable: Collection[str] = tuple(RESTARTABLE),
+    on_restart: Callable[[], None] | None = None,
+) -> None:
+    """Return when a process of ``console`` not in ``restartable`` stops (the web server; the balancer
+    of the cluster profile), or a restartable one keeps exiting.
 
-    A worker or beat that exits is started again after ``RESTART_DELAY_S`` (in place in ``console``, so
-    the clean-up stops the new one), up to ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``. A stopped agent is
-    only reported (its VSP goes unreachable).
+    A restartable process that exits is started again with the same command after ``RESTART_DELAY_S``
+    (in place in ``console``, so the clean-up stops the new one; then ``on_restart()``), up to
+    ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``. A stopped process of ``watched`` (an agent: its VSP goes
+    unreachable; a service of the cluster profile) is only reported.
     """
     reported: set[str] = set()
-    restarts: dict[str, list[float]] = {name: [] for name in RESTARTABLE}
+    restarts: dict[str, list[float]] = {name: [] for name in restartable}
     while True:
-        for agent in agents:
-            if not agent.running and agent.name not in reported:
-                reported.add(agent.name)
-                print(f"{agent.name} stopped; the console shows its VSP unreachable. See var/logs/.")
+        for other in watched:
+            if not other.running and other.name not in reported:
+                reported.add(other.name)
+                print(f"{other.name} stopped (not started again); see {other.log_path}.", flush=True)
         for index, process in enumerate(console):
             if process.running:
                 continue
             recent = [at for at in restarts.get(process.name, []) if time.monotonic() - at < RESTART_WINDOW_S]
-            if process.name not in RESTARTABLE or len(recent) >= MAX_RESTARTS:
-                print(f"{process.name} stopped; see var/logs/. Stopping the others.", flush=True)
+            if process.name not in restartable or len(recent) >= MAX_RESTARTS:
+                print(f"{process.name} stopped; see {process.log_path}. Stopping the others.", flush=True)
                 return
             status = process.process.returncode
-            print(f"{process.name} exited (status {status}); starting it again. See var/logs/.", flush=True)
+            print(
+                f"{process.name} exited (status {status}); starting it again. See {process.log_path}.",
+                flush=True,
+            )
             time.sleep(RESTART_DELAY_S)
             restarts[process.name] = [*recent, time.monotonic()]
-            console[index] = start_process(
-                process.name, RESTARTABLE[process.name], LOG_DIR / f"{process.name}.log"
-            )
+            console[index] = start_process(process.name, process.process.args, process.log_path)
+            if on_restart:
+                on_restart()
         time.sleep(0.5)
 
 

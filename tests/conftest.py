@@ -112,6 +112,23 @@ def vm_admin_client(client):
     return client
 
 
+@pytest.fixture
+def latest_schema(transactional_db):
+    """For a test that migrates the database back to an old schema: the latest schema before it (an
+    earlier test may have left an old one) and again after it, so the tests that follow find every
+    table and column."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    def migrate_to_latest() -> None:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+
+    migrate_to_latest()
+    yield
+    migrate_to_latest()
+
+
 # --- services --------------------------------------------------------------------
 
 

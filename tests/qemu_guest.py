@@ -24,6 +24,17 @@ def qemu_missing() -> str | None:
 MISSING = qemu_missing()
 needs_qemu = [pytest.mark.qemu, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
+OS_IMAGE = DEFAULT_IMAGES / "guest-os.qcow2"
+OS_IMAGE_MISSING = MISSING or (
+    None
+    if OS_IMAGE.is_file()
+    else "QEMU TESTS SKIPPED: no OS image guest-images/guest-os.qcow2; run scripts/build_guest_image.sh"
+)
+needs_os_image = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(OS_IMAGE_MISSING is not None, reason=OS_IMAGE_MISSING or ""),
+]
+
 
 def guest_named(agent: Any, name: str) -> dict[str, Any]:
     """The guest whose display name is ``name`` on ``agent`` (test names are unique)."""

@@ -3,7 +3,8 @@
 Two layers, both required (superusers pass both):
 
 1. The **global model permission** is the coarse gate: what *kind* of thing the account may do at
-   all (``vms.view_vsp``, ``migrations_app.add_migration``, ``vms.change_registration``...).
+   all (``vms.view_vsp``, ``vms.change_registration``...; other apps' rights, e.g. migrating a guest,
+   build on these functions).
 2. The **role in a host group** (``HostGroupMembership``) says *where*: viewer sees the group's
    VSPs and their guests; operator may also migrate and power them; administrator may also change
    settings (online migration, runnable marks, per-VM settings).
@@ -27,14 +28,13 @@ from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
 from django.db.models.functions import Cast
 from django.http import Http404
 
-from vms.models import VSP, Registration, Role, VirtualMachine
+from vms.hooks import audit_subjects
+from vms.models import VSP, PairEncryption, Registration, Role, VirtualMachine
 
 VIEW_VSP_PERMISSION = "vms.view_vsp"
 VIEW_VM_PERMISSION = "vms.view_virtualmachine"
 CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
 CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
-ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
-CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
 
 LACKS_PERMISSION = "You may look but not change: your account lacks the permission to do this."
 
@@ -102,20 +102,7 @@ def visible_vms(user: Any, vms: QuerySet[VirtualMachine] | None = None) -> Query
     return vms.filter(Exists(seen))
 
 
-def visible_migration_condition(user: Any) -> Q:
-    """A ``Q`` on migrations (``migrations_app.Migration``) ``user`` may see: its source or its target
-    is a VSP they see (so a migration of a deleted VM stays visible to the groups it touched).
-
-    An ``IN`` subquery, not a join: no duplicate rows, no extra query. The coarse gate
-    (``migrations_app.view_migration``) is the caller's.
-    """
-    if getattr(user, "is_superuser", False):
-        return Q()
-    seen = vsps_with_role(user, Role.VIEWER).values("pk")
-    return Q(source_id__in=seen) | Q(target_id__in=seen)
-
-
-def _ids_as_text(queryset: QuerySet[Any]) -> QuerySet[Any]:
+def ids_as_text(queryset: QuerySet[Any]) -> QuerySet[Any]:
     """``queryset``'s primary keys as text, to compare with ``AuditEvent.object_id`` in a subquery."""
     return queryset.annotate(pk_text=Cast("pk", output_field=CharField())).values("pk_text")
 
@@ -124,8 +111,8 @@ def visible_audit_condition(user: Any) -> Q:
     """A ``Q`` on ``AuditEvent`` rows ``user`` may read: events about an object they see **now**.
 
     - a VSP, a guest, a copy (registration): as ``visible_vsps`` / ``visible_vms`` /
-      ``visible_registrations``; a migration: as ``visible_migration_condition``; a pair's encryption
-      setting: both VSPs seen;
+      ``visible_registrations``; a pair's encryption setting: both VSPs seen; another app's object: as
+      that app registered it (``vms.hooks.register_audit_subject``, e.g. a migration);
     - any other object (host groups, memberships: inventory-wide) and objects since deleted (their
       group is not known any more): superusers only.
 
@@ -136,26 +123,21 @@ def visible_audit_condition(user: Any) -> Q:
         return Q()
     if not _authenticated(user):
         return Q(pk__in=[])
-    from django.apps import apps  # migrations_app imports vms: resolved at call time
-
-    migration_model = apps.get_model("migrations_app", "Migration")
-    pair_model = apps.get_model("vms", "PairEncryption")
     seen_vsps = vsps_with_role(user, Role.VIEWER).values("pk")
-    return (
-        Q(object_type="vms.vsp", object_id__in=_ids_as_text(visible_vsps(user)))
-        | Q(object_type="vms.virtualmachine", object_id__in=_ids_as_text(visible_vms(user)))
-        | Q(object_type="vms.registration", object_id__in=_ids_as_text(visible_registrations(user)))
-        | Q(
-            object_type="migrations_app.migration",
-            object_id__in=_ids_as_text(migration_model.objects.filter(visible_migration_condition(user))),
-        )
+    condition = (
+        Q(object_type="vms.vsp", object_id__in=ids_as_text(visible_vsps(user)))
+        | Q(object_type="vms.virtualmachine", object_id__in=ids_as_text(visible_vms(user)))
+        | Q(object_type="vms.registration", object_id__in=ids_as_text(visible_registrations(user)))
         | Q(
             object_type="vms.pairencryption",
-            object_id__in=_ids_as_text(
-                pair_model.objects.filter(vsp_a_id__in=seen_vsps, vsp_b_id__in=seen_vsps)
+            object_id__in=ids_as_text(
+                PairEncryption.objects.filter(vsp_a_id__in=seen_vsps, vsp_b_id__in=seen_vsps)
             ),
         )
     )
+    for object_type, visible in audit_subjects().items():
+        condition |= Q(object_type=object_type, object_id__in=ids_as_text(visible(user)))
+    return condition
 
 
 def can_view_vsp(user: Any, vsp_id: int) -> bool:
@@ -184,7 +166,7 @@ def get_visible_vsp(user: Any, vsp_id: int, vsps: QuerySet[VSP] | None = None) -
     return vsp
 
 
-def _has_role_on(user: Any, role: str, vsp_ids: Sequence[int | None]) -> bool:
+def has_role_on(user: Any, role: str, vsp_ids: Sequence[int | None]) -> bool:
     """Whether ``user`` has ``role`` or more on every VSP of ``vsp_ids`` (one query; None: a deleted
     VSP, which only superusers act on)."""
     if getattr(user, "is_superuser", False):
@@ -195,51 +177,18 @@ def _has_role_on(user: Any, role: str, vsp_ids: Sequence[int | None]) -> bool:
     return len(wanted) == vsps_with_role(user, role).filter(pk__in=wanted).count()
 
 
-def _require(user: Any, permission: str) -> None:
+def require_global(user: Any, permission: str) -> None:
+    """Raises ``AccessDenied`` (the plain refusal) unless ``user`` holds the model ``permission``."""
     if not has_global(user, permission):
         raise AccessDenied(LACKS_PERMISSION)
-
-
-def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) -> None:
-    """Raises ``AccessDenied`` unless ``user`` may migrate ``vm`` (to ``target``, when given).
-
-    Needs ``migrations_app.add_migration`` and the operator role on the VM's source VSP (where it is
-    runnable) and on the target. A target the user cannot use is not named in the message.
-    """
-    _require(user, ADD_MIGRATION_PERMISSION)
-    source = vm.current_vsp
-    if source is not None and not _has_role_on(user, Role.OPERATOR, [source.pk]):
-        raise AccessDenied(
-            f"You may not migrate {vm.name}: you are not an operator of the host group of {source.name}."
-        )
-    if target is not None and not _has_role_on(user, Role.OPERATOR, [target.pk]):
-        if can_view_vsp(user, target.pk):
-            where = f"{target.name}: you are not an operator of its host group"
-        else:
-            where = "that VSP: it is not in a host group where you are an operator"
-        raise AccessDenied(f"You may not migrate {vm.name} to {where}. Nothing was changed.")
-
-
-def migration_targets(user: Any) -> QuerySet[VSP]:
-    """The VSPs the migrate dialog may offer ``user``: those where they are an operator."""
-    return vsps_with_role(user, Role.OPERATOR)
-
-
-def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) -> None:
-    """Cancel needs ``migrations_app.change_migration`` and the operator role on the source or the target."""
-    _require(user, CHANGE_MIGRATION_PERMISSION)
-    if not (_has_role_on(user, Role.OPERATOR, [source_id]) or _has_role_on(user, Role.OPERATOR, [target_id])):
-        raise AccessDenied(
-            "You may not cancel this migration: you are not an operator of its VSPs' host groups."
-        )
 
 
 def check_can_change_vm(user: Any, vm: VirtualMachine) -> None:
     """Per-VM settings (online migration...): ``vms.change_virtualmachine`` and the administrator role
     on every VSP where the VM is configured (a setting holds on each of them)."""
-    _require(user, CHANGE_VM_PERMISSION)
+    require_global(user, CHANGE_VM_PERMISSION)
     vsp_ids = list(Registration.objects.filter(vm=vm).values_list("vsp_id", flat=True))
-    if not _has_role_on(user, Role.ADMINISTRATOR, vsp_ids):
+    if not has_role_on(user, Role.ADMINISTRATOR, vsp_ids):
         raise AccessDenied(
             f"You may not change {vm.name}'s settings: you are not an administrator of the host group "
             "of every VSP it is configured on."
@@ -248,8 +197,8 @@ def check_can_change_vm(user: Any, vm: VirtualMachine) -> None:
 
 def check_can_change_registration(user: Any, registration: Registration) -> None:
     """Runnable / Not Runnable marks: ``vms.change_registration`` and administrator of the copy's VSP."""
-    _require(user, CHANGE_REGISTRATION_PERMISSION)
-    if not _has_role_on(user, Role.ADMINISTRATOR, [registration.vsp_id]):
+    require_global(user, CHANGE_REGISTRATION_PERMISSION)
+    if not has_role_on(user, Role.ADMINISTRATOR, [registration.vsp_id]):
         raise AccessDenied(
             f"You may not change {registration}: you are not an administrator of its VSP's host group."
         )
@@ -257,8 +206,8 @@ def check_can_change_registration(user: Any, registration: Registration) -> None
 
 def check_can_power(user: Any, registration: Registration) -> None:
     """Start, stop, force-stop a copy: ``vms.change_registration`` and operator of the copy's VSP's group."""
-    _require(user, CHANGE_REGISTRATION_PERMISSION)
-    if not _has_role_on(user, Role.OPERATOR, [registration.vsp_id]):
+    require_global(user, CHANGE_REGISTRATION_PERMISSION)
+    if not has_role_on(user, Role.OPERATOR, [registration.vsp_id]):
         raise AccessDenied(
             f"You may not start or stop {registration}: you are not an operator of its VSP's host group."
         )
@@ -266,9 +215,9 @@ def check_can_power(user: Any, registration: Registration) -> None:
 
 def may_act_on_vsp(user: Any, permission: str, vsp_id: int) -> bool:
     """Whether ``user`` holds ``permission`` and the operator role on VSP ``vsp_id`` (one query): what a
-    VSP page's per-row controls need ("migrate selected": ``add_migration``; power:
-    ``change_registration``), decided once for every row."""
-    return has_global(user, permission) and _has_role_on(user, Role.OPERATOR, [vsp_id])
+    VSP page's per-row controls need (power: ``change_registration``; other apps' own, e.g. "migrate
+    selected"), decided once for every row."""
+    return has_global(user, permission) and has_role_on(user, Role.OPERATOR, [vsp_id])
 
 
 def registration_changeable_vsp_ids(user: Any, vsp_ids: list[int]) -> set[int]:

@@ -10,13 +10,11 @@ the inventory through these functions (``via_admin=True`` from the admin), so bo
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from django.contrib.auth.models import AbstractUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from vms import migration_policy
 from vms.access import check_can_change_registration, check_can_change_vm
 from vms.models import AuditEvent, Registration, VirtualMachine
 
@@ -43,31 +41,6 @@ def do_set_online_migration(vm: VirtualMachine, enabled: bool, user: User) -> No
         )
         AuditEvent.record(action, vm, actor=user, before=before, after={"online_migration_enabled": enabled})
     logger.info("%s %s online migration for %s", user, "enabled" if enabled else "disabled", vm.name)
-
-
-def do_set_migration_policy(vm: VirtualMachine, raw: dict[str, Any], user: User) -> dict[str, Any]:
-    """Set ``vm``'s default migration policy from ``raw`` (``migration_policy.check_policy``); the policy set.
-
-    Refused (``ValidationError``, nothing changed) for a vPar or a value out of bounds.
-    """
-    check_can_change_vm(user, vm)
-    if vm.is_vpar:
-        raise ValidationError(f"{vm.name} is a vPar: a vPar does not support migration.")
-    with transaction.atomic():
-        vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
-        before = migration_policy.effective(vm.migration_policy)
-        try:
-            policy = migration_policy.check_policy(raw, base=before)
-        except migration_policy.PolicyError as error:
-            raise ValidationError(str(error)) from None
-        vm.migration_policy = policy
-        vm.save(update_fields=["migration_policy"])
-        AuditEvent.record(
-            AuditEvent.Action.MIGRATION_POLICY_CHANGED, vm, actor=user, before=before, after=policy,
-            message=f"Migration policy of {vm.name}: {migration_policy.describe(policy)}",
-        )  # fmt: skip
-    logger.info("%s set the migration policy of %s: %s", user, vm.name, policy)
-    return policy
 
 
 def do_mark_not_runnable(

@@ -12,7 +12,6 @@ from typing import Any
 from django.db import transaction
 
 from vms.agent_client import certificate_fingerprint
-from vms.migration_policy import check_policy
 from vms.models import VSP, HostGroup, PairEncryption, Registration, VirtualMachine
 
 OS = VirtualMachine.OSStatus
@@ -43,7 +42,9 @@ class DemoGuest:
     kind: str = VirtualMachine.Kind.VM
     online_migration_enabled: bool = True
     dirty_pages_per_s: int = 500  # what its workload writes (4 KiB pages a second)
-    policy: tuple[tuple[str, Any], ...] = ()  # its default migration policy's settings (vms.migration_policy)
+    policy: tuple[
+        tuple[str, Any], ...
+    ] = ()  # its default migration policy's settings (as the policy form takes them)
 
 
 # vsp1, vsp2: enabled and licensed; vsp3: enabled, not licensed; vsp4: disabled, licensed.
@@ -211,7 +212,8 @@ def upsert_guest(guest: DemoGuest, vsp: VSP) -> None:
             "memory_mib": guest.memory_mib,
             "vcpus": guest.vcpus,
             "online_migration_enabled": guest.online_migration_enabled,
-            "migration_policy": check_policy(dict(guest.policy)) if guest.policy else {},
+            # Stored as given: whoever reads a policy fills the keys it lacks with the defaults.
+            "migration_policy": dict(guest.policy),
         },
     )
     if created:

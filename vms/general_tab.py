@@ -1,13 +1,9 @@
 """What the VM Properties General tab shows, as one context dict used by the page, htmx and pushes.
 
-Template contract (``vms/vm_general.html``):
-- partial ``general``: the whole tab (root ``<div id="general-tab">``), for Refresh Data and forms;
-- partial ``phases``: root ``<section id="migration-phases">``, hidden and empty unless ``migration`` is
-  truthy; reads ``migration.phases`` (items with ``label`` and ``percent``);
-- partial ``alerts``: root ``<section id="migration-alerts">``, hidden and empty unless ``alerts`` is
-  non-empty; reads each alert's ``message`` and ``created_at``.
-
-Other apps add to the context with ``register_context_provider`` (``vms`` must not import them).
+Template (``vms/vm_general.html``): partial ``general`` is the whole tab (root ``<div id="general-tab">``),
+for Refresh Data and forms. Other apps add to the tab through its slots (``vms.hooks.SLOTS``, e.g.
+``vm_general.phases``) and add what their templates need to the context with
+``register_context_provider`` (``vms`` must not import them).
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from vms import migration_policy
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
@@ -25,7 +20,8 @@ _context_providers: list[ContextProvider] = []
 
 
 def register_context_provider(provider: ContextProvider) -> None:
-    """Add ``provider(vm) -> dict`` whose keys (e.g. ``migration``, ``alerts``) join the tab's context."""
+    """Add ``provider(vm) -> dict`` whose keys join the tab's context (the same ``vm`` for the page, htmx
+    answers and Refresh Data)."""
     if provider not in _context_providers:
         _context_providers.append(provider)
 
@@ -63,11 +59,6 @@ def general_tab_context(
         "vsp": vsp,
         "online_migration": online_migration_status(vm, vsp),
         "other_registrations": rows,
-        "policy": migration_policy.effective(vm.migration_policy),
-        "policy_words": migration_policy.describe(vm.migration_policy),
-        "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
-        "migration": None,
-        "alerts": [],
     }
     for provider in _context_providers:
         context.update(provider(vm))

@@ -8,7 +8,7 @@ which copy is runnable never changes by itself.
 Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
 
 Periodic collection runs in rounds (``InventoryRound``): ``start_round`` records one, then one Celery task
-per VSP calls ``collect_vsp`` (``migrations_app.tasks``), each with a short time-out
+per VSP calls ``collect_vsp`` (``vms.tasks``), each with a short time-out
 (``INVENTORY_AGENT_TIMEOUT_S``), so a slow or dead agent holds up only its own VSP.
 
 Reachability: every unanswered call counts (``VSP.agent_failures``); periodic collection marks a VSP
@@ -299,7 +299,7 @@ def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
 
     Returns it, or "" when the agent did not answer (nothing is recorded then: the next health probe
     or inventory collection asks again). A migration's Init calls it, so that every running migration's
-    rescues match what its source can do (``migrations_app.steering.can_throttle_live``).
+    rescues match what its source can do.
     """
     if vsp.agent_driver:
         return vsp.agent_driver

@@ -132,7 +132,7 @@ class VSP(models.Model):
     )
     # The host agent's driver ("simulated", "qemu") from its last health answer (``vms.inventory``); empty
     # until it answered one. What a running migration can be changed with depends on it (QEMU cannot
-    # turn auto-converge on mid-migration: ``migrations_app.steering.can_throttle_live``).
+    # turn auto-converge on mid-migration).
     agent_collect_ms = models.PositiveIntegerField(
         null=True,
         blank=True,
@@ -144,10 +144,10 @@ class VSP(models.Model):
         help_text="The agent's driver as its health answer last said ('simulated', 'qemu'; empty: not yet).",
     )
     # In maintenance (being or having been evacuated): refused as a migration target until the admin
-    # leaves maintenance (``migrations_app.evacuation``).
+    # leaves maintenance.
     maintenance = models.BooleanField(default=False)
     maintenance_since = models.DateTimeField(null=True, blank=True)
-    # How many migrations may leave this VSP at once (``migrations_app.scheduling``); the others wait
+    # How many migrations may leave this VSP at once (the migrations' scheduling); the others wait
     # queued, in the order they were requested. Evacuations go through the same queue.
     max_concurrent_migrations = models.PositiveSmallIntegerField(
         "migrations at once",
@@ -342,7 +342,7 @@ class VirtualMachine(models.Model):
     migration_policy = models.JSONField(
         default=dict,
         blank=True,
-        help_text="Default migration policy (vms.migration_policy)",
+        help_text="The default migration policy, a JSON object (the migrations app checks and reads it)",
     )
     memory_mib = models.PositiveIntegerField()
     vcpus = models.PositiveIntegerField(default=1)

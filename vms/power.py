@@ -7,10 +7,9 @@ The agent says how the stop ended (``protocol.StoppedGuest.stop``); when the gue
 forced off, the notice and the audit event say so.
 
 Refused (``PowerRefused``, nothing changed)
-for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while the VM migrates
-(the migration owns the guest until it ends), and when the agent refuses or does not answer. Every action
-that happens leaves an ``AuditEvent``. ``vms`` does not import ``migrations_app``: the migrations table is
-reached through the app registry, as ``vms.capacity`` does.
+for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while another app says
+the guest is busy (``vms.hooks.register_busy_check``: a migration owns the guest until it ends), and when
+the agent refuses or does not answer. Every action that happens leaves an ``AuditEvent``.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from vms.access import allowed, check_can_power
 from vms.agent_client import AgentClient, AgentError
+from vms.hooks import busy_reasons
 from vms.models import AuditEvent, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
@@ -63,23 +62,17 @@ def may_power(user: Any, registration: Registration) -> bool:
     return allowed(check_can_power, user, registration)
 
 
-def is_migrating(vm_id: int) -> bool:
-    try:
-        migration = apps.get_model("migrations_app", "Migration")
-    except LookupError:
-        return False
-    return bool(migration.objects.filter(vm_id=vm_id, state__in=migration.ACTIVE_STATES).exists())
+def refusals(registration: Registration, busy: str) -> dict[str, str]:
+    """Per action value, why it cannot be done on this copy now ("" when it can); no query.
 
-
-def refusals(registration: Registration, migrating: bool) -> dict[str, str]:
-    """Per action value, why it cannot be done on this copy now ("" when it can); no query."""
+    ``busy``: why the guest is busy now, in one sentence (``vms.hooks.busy_reasons``; "" when it is not).
+    """
     vm = registration.vm
     if not registration.is_runnable:  # the same words on every button
         blocked = NOT_RUNNABLE_REFUSAL
         return {action.value: blocked for action in PowerAction}
-    if migrating:
-        blocked = f"{vm.name} is migrating: wait for the migration to end or cancel it."
-        return {action.value: blocked for action in PowerAction}
+    if busy:
+        return {action.value: busy for action in PowerAction}
     on = registration.hardware_status == Registration.HardwareStatus.ON
     return {
         PowerAction.START.value: f"{vm.name} is already running." if on else "",
@@ -105,7 +98,7 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     """
     vm = registration.vm
     check_can_power(user, registration)
-    reason = refusals(registration, is_migrating(vm.pk))[action.value]
+    reason = refusals(registration, busy_reasons([vm.pk]).get(vm.pk, ""))[action.value]
     if reason:
         raise PowerRefused(reason)
     vsp = registration.vsp

@@ -12,7 +12,6 @@ urlpatterns = [
     path("vms/<int:pk>/general/refresh/", views.vm_refresh, name="vm_refresh"),
     path("vms/<int:pk>/online-migration/", views.vm_set_online_migration, name="vm_set_online_migration"),
     path("registrations/<int:pk>/power/<str:action>/", power_views.vm_power, name="vm_power"),
-    path("vms/<int:pk>/migration-policy/", views.vm_set_migration_policy, name="vm_set_migration_policy"),
     path(
         "registrations/<int:pk>/not-runnable/",
         views.registration_mark_not_runnable,

@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import permission_required
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpResponse
@@ -17,10 +17,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from matrixoe.error_views import permission_denied
-from vms import migration_policy
 from vms.access import (
-    ADD_MIGRATION_PERMISSION,
     CHANGE_REGISTRATION_PERMISSION,
     VIEW_VM_PERMISSION,
     VIEW_VSP_PERMISSION,
@@ -35,15 +32,11 @@ from vms.access import (
     visible_vms,
     visible_vsps,
 )
-from vms.actions import (
-    do_mark_not_runnable,
-    do_mark_runnable,
-    do_set_migration_policy,
-    do_set_online_migration,
-)
+from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.capacity import with_free_memory
 from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
 from vms.general_tab import general_tab_context
+from vms.hooks import busy_reasons, vsp_page_context
 from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
 from vms.models import VSP, Registration, VirtualMachine, vm_split_brain_copies
@@ -113,18 +106,21 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         return bad_request(request, form_errors_text(form))
     guests = vsp.registrations.select_related("vm").order_by("vm__name")
     page = paginate(guests, form.cleaned_data["page"])
-    # The websocket is told which rows this page has, so it pushes updates for those rows only.
-    page_vm_ids = ",".join(str(registration.vm_id) for registration in page)
+    vm_ids = [registration.vm_id for registration in page]
+    may_power_here = may_act_on_vsp(request.user, CHANGE_REGISTRATION_PERMISSION, vsp.pk)
     context = {
         "vsp": vsp,
         "page": page,
-        "page_vm_ids": page_vm_ids,
         "nav": "vsps",
         "split_brain": [copy.split_brain_alert() for copy in vsp.split_brain_copies()],
         # Per-row controls, decided once for the page (every row is a copy on this VSP):
-        "may_migrate_here": may_act_on_vsp(request.user, ADD_MIGRATION_PERMISSION, vsp.pk),
-        "may_power_here": may_act_on_vsp(request.user, CHANGE_REGISTRATION_PERMISSION, vsp.pk),
+        "may_power_here": may_power_here,
+        "busy": busy_reasons(vm_ids) if may_power_here else {},
+        # What other apps add (their slots' context, e.g. a column per row): ``vms.hooks``.
+        **vsp_page_context(request, vsp, vm_ids),
     }
+    # Name, Type, OS status, Hardware status, Memory, vCPUs; Power; other apps' columns.
+    context["column_count"] = 6 + int(may_power_here) + context["row_columns"]
     return render(request, "vms/vsp_detail.html", context)
 
 
@@ -236,6 +232,8 @@ def render_general(
         "may_power": shown is not None and may_act_on_vsp(user, CHANGE_REGISTRATION_PERMISSION, shown.vsp_id),
         "split_brain": [copy.split_brain_alert() for copy in vm_split_brain_copies(vm)],
     }
+    # Why its power buttons are off now (another app's say: ``vms.hooks.register_busy_check``).
+    context["busy"] = busy_reasons([vm.pk]).get(vm.pk, "") if context["may_power"] else ""
     template = "vms/vm_general.html#general" if request.htmx else "vms/vm_general.html"
     return render(request, template, context, status=status)
 
@@ -278,45 +276,16 @@ def apply_change(
     return render_general(request, vm_with_registrations().get(pk=vm.pk), status=status)
 
 
-def refuse_without_right(
-    request: HtmxHttpRequest, check: Callable[..., None], *args: Any
-) -> HttpResponse | None:
-    """A short refusal (403) when ``check(request.user, *args)`` (from ``vms.access``) refuses; else None."""
-    try:
-        check(request.user, *args)
-    except PermissionDenied as error:
-        return permission_denied(request, error)
-    return None
-
-
 @require_POST
 def vm_set_online_migration(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     vm = get_visible_vm(request.user, pk)
-    if refused := refuse_without_right(request, check_can_change_vm, vm):
-        return refused
+    check_can_change_vm(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
 
     def change(data: dict[str, Any]) -> str:
         do_set_online_migration(vm, data["enabled"], request.user)
         return f"Online migration {'enabled' if data['enabled'] else 'disabled'} for {vm.name}."
 
     return apply_change(request, vm, OnlineMigrationForm(request.POST), change)
-
-
-@require_POST
-def vm_set_migration_policy(request: HtmxHttpRequest, pk: int) -> HttpResponse:
-    """The General tab's migration policy form (a preset, or Custom with its values)."""
-    vm = get_visible_vm(request.user, pk)
-    if refused := refuse_without_right(request, check_can_change_vm, vm):
-        return refused
-
-    def change(data: dict[str, Any]) -> str:
-        fields = {key: request.POST.get(key, "") for key in migration_policy.FIELDS if key in request.POST}
-        if "auto_converge" not in request.POST and request.POST.get("preset") == "custom":
-            fields["auto_converge"] = "false"  # an unticked checkbox sends nothing
-        policy = do_set_migration_policy(vm, fields, request.user)
-        return f"Migration policy of {vm.name} set. {migration_policy.describe(policy)}"
-
-    return apply_change(request, vm, forms.Form(request.POST), change)
 
 
 @require_POST
@@ -334,8 +303,7 @@ def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) ->
     registration = get_object_or_404(
         visible_registrations(request.user, Registration.objects.select_related("vm", "vsp")), pk=pk
     )
-    if refused := refuse_without_right(request, check_can_change_registration, registration):
-        return refused
+    check_can_change_registration(request.user, registration)
 
     def change(data: dict[str, Any]) -> str:
         if runnable:

@@ -8,15 +8,14 @@ from django import template
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from migrations_app.access import migration_targets
 from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
-from migrations_app.evacuation_views import panel_context
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
-from migrations_app.progress import MigrationDisplay, get_migration_display, get_row_migrations
+from migrations_app.progress import MigrationDisplay, get_migration_display
 from migrations_app.steering import Outlook, can_throttle_live, outlook
 from migrations_app.steering import steer_values as steering_values
-from vms.access import migration_targets
 from vms.models import VSP, VirtualMachine
 
 register = template.Library()
@@ -48,12 +47,6 @@ def steer_values(migration: Migration) -> dict[str, Any]:
 def throttles_live(migration: Migration) -> bool:
     """``{% if migration|throttles_live %}``: throttling can be turned on while it runs (not on QEMU)."""
     return can_throttle_live(migration)
-
-
-@register.simple_tag
-def row_migrations(vsp: VSP) -> dict[int, Migration]:
-    """``{% row_migrations vsp as rows %}``: each VM's latest migration from or to ``vsp`` (one query)."""
-    return get_row_migrations(vsp)
 
 
 @register.filter
@@ -180,12 +173,6 @@ def other_vsps(vsp: VSP, user: Any) -> list[tuple[VSP, str]]:
         (other, host_refusal(vsp, other) or "")
         for other in migration_targets(user).exclude(pk=vsp.pk).order_by("name")
     ]
-
-
-@register.inclusion_tag("migrations_app/evacuation_panel.html", takes_context=True)
-def evacuation_panel(context: template.Context, vsp: VSP) -> dict[str, Any]:
-    """The VSP page's evacuation panel: maintenance, Evacuate…, the latest evacuation's progress."""
-    return panel_context(context["request"], vsp) | {"csrf_token": context.get("csrf_token")}
 
 
 @register.filter

@@ -10,10 +10,7 @@
  *   memwriter: selfcheck ok round=1 pages=16384        (after each full pass)
  *   memwriter: selfcheck FAIL round=2 bad=3 first=517  (a page lost or corrupted)
  *
- * Every page holds its own index and a sequence number in its first words and a payload
- * derived from both; a separate table (elsewhere in memory) holds the sequence each page
- * must have. A page whose contents no longer match its header, or whose header is older
- * than the table (a write lost by a migration), fails the check.
+ * The pattern and its check are in pages.h (shared with guestload, the OS image's workload).
  *
  * Parameters come from the kernel command line: memwriter.mib=, memwriter.rate= (pages
  * written per second), memwriter.check_s= (seconds per full check pass).
@@ -29,47 +26,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE_BYTES 4096
-#define PAGE_WORDS (PAGE_BYTES / 8)
-#define MAGIC 0x4d454d5752495445ULL /* "MEMWRITE" */
-#define TICK_NS 10000000LL          /* 10 ms */
+#include "pages.h"
+
+#define TICK_NS 10000000LL /* 10 ms */
 
 struct params {
     long mib;
     long rate;
     long check_s;
 };
-
-static uint64_t mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-
-static uint64_t payload_base(uint64_t index, uint64_t seq) { return mix(index * 0x100000001b3ULL ^ mix(seq)); }
-
-static void write_page(uint64_t *page, uint64_t index, uint64_t seq) {
-    uint64_t base = payload_base(index, seq);
-    page[0] = MAGIC;
-    page[1] = index;
-    page[2] = seq;
-    for (uint64_t w = 3; w < PAGE_WORDS; w++) page[w] = base + w * 0x9e3779b97f4a7c15ULL;
-}
-
-static int page_is_intact(const uint64_t *page, uint64_t index, uint64_t expected_seq) {
-    if (page[0] != MAGIC || page[1] != index || page[2] != expected_seq) return 0;
-    uint64_t base = payload_base(index, expected_seq);
-    for (uint64_t w = 3; w < PAGE_WORDS; w++)
-        if (page[w] != base + w * 0x9e3779b97f4a7c15ULL) return 0;
-    return 1;
-}
-
-static long long now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 static long cmdline_value(const char *cmdline, const char *key, long fallback) {
     const char *found = strstr(cmdline, key);

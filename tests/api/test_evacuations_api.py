@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrations_app.evacuation_models import Evacuation
+from evacuations.models import Evacuation
 from migrations_app.models import Migration
 from tests.api.test_inventory_api import assert_problem
 from tests.factories import make_migration, make_vm, make_vsp

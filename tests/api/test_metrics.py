@@ -106,3 +106,25 @@ async def test_it_counts_the_live_progress_sockets_open_on_this_web_process(sett
 
     assert "matrixoe_websocket_watchers 2.0" in with_two
     assert "matrixoe_websocket_watchers 1.0" in with_one
+
+
+def test_it_counts_outcome_events_no_follower_has_taken_yet(settings):
+    """A worker that died between its commit and its follow-up left an outcome undelivered (this test's
+    transaction never commits, so its on-commit delivery never runs); the periodic pass delivers it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.outcomes import deliver_pending
+    from migrations_app.transitions import transition
+
+    settings.METRICS_ALLOWED_IPS = ["10.0.0.0/8"]
+    hosta, hostb = make_vsp("hosta"), make_vsp("hostb")
+    migration = Migration.objects.create(vm=make_vm(vsp=hosta), source=hosta, target=hostb)
+    assert "matrixoe_migration_outcomes_undelivered 0.0" in scrape("10.1.2.3").content.decode()
+
+    transition(migration.pk, "queued", "cancelled", message="cancelled while queued")
+
+    assert "matrixoe_migration_outcomes_undelivered 1.0" in scrape("10.1.2.3").content.decode()
+    deliver_pending(timezone.now() + timedelta(minutes=10))
+    assert "matrixoe_migration_outcomes_undelivered 0.0" in scrape("10.1.2.3").content.decode()

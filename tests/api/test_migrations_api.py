@@ -12,10 +12,10 @@ from unittest.mock import ANY
 import pytest
 
 from migrations_app.history import record_refusal
+from migrations_app.migration_policy import PolicyError, check_policy
 from migrations_app.models import Migration
 from tests.api.test_inventory_api import assert_problem
 from tests.factories import make_migration, make_vm, make_vsp
-from vms.migration_policy import PolicyError, check_policy
 
 pytestmark = pytest.mark.django_db
 

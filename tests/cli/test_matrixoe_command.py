@@ -197,8 +197,8 @@ def test_the_plan_table_says_which_guest_will_not_converge_and_it_starts_only_co
 ):
     """A guest writing 20 MB/s (measured by its real agent) under a 10 MB/s policy cap: the plan's JSON has
     the verdict, the table its words; ``evacuate`` refuses with the reason, ``--confirm`` starts it."""
-    from migrations_app.evacuation import do_cancel_evacuation
-    from migrations_app.evacuation_models import Evacuation
+    from evacuations.actions import do_cancel_evacuation
+    from evacuations.models import Evacuation
     from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration
 
     hosta = fleet["hosta"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from evacuations.actions import do_start_evacuation
+from evacuations.plan import build_plan, time_left_s
+from evacuations.summary import summarize
 from migrations_app.actions import do_request_migrations
-from migrations_app.evacuation import build_plan, do_start_evacuation, summarize, time_left_s
 from migrations_app.models import Migration
 from tests.factories import make_admin, make_vsp
 from tests.migrations_app.guests import place_vm, runs_on, wait_for_state

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from migrations_app.evacuation import build_plan, do_cancel_evacuation, do_start_evacuation, summarize
-from migrations_app.evacuation_models import Evacuation
+from evacuations.actions import do_cancel_evacuation, do_start_evacuation
+from evacuations.models import Evacuation
+from evacuations.plan import build_plan
+from evacuations.summary import summarize
 from tests.migrations_app.guests import guest_on, place_vm, runs_on
 from vms.models import VSP, AuditEvent, Registration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from migrations_app.evacuation_models import Evacuation
+from evacuations.models import Evacuation
 from tests.conftest import log_in, run_in_thread
 from tests.factories import PASSWORD, make_user, make_vm
 from tests.migrations_app.conftest import MIGRATOR

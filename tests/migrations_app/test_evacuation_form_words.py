@@ -10,8 +10,9 @@ from html import unescape
 
 import pytest
 
-from migrations_app.evacuation import EvacuationRefused, build_plan, do_start_evacuation
-from migrations_app.evacuation_models import Evacuation
+from evacuations.actions import EvacuationRefused, do_start_evacuation
+from evacuations.models import Evacuation
+from evacuations.plan import build_plan
 from migrations_app.models import Migration
 from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_user, make_vm, make_vsp
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 from django.core.exceptions import PermissionDenied
 
-from migrations_app.actions import MigrationRefused, do_request_migration
-from migrations_app.evacuation import (
+from evacuations.actions import (
     EvacuationRefused,
-    build_plan,
     do_cancel_evacuation,
     do_leave_maintenance,
     do_start_evacuation,
 )
-from migrations_app.evacuation_models import Evacuation
+from evacuations.models import Evacuation
+from evacuations.plan import build_plan
+from migrations_app.actions import MigrationRefused, do_request_migration
 from migrations_app.models import Migration
 from tests.factories import (
     MIGRATION_ADMIN_PERMISSIONS,

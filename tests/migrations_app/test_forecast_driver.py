@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 
-from migrations_app import estimates, forecast
+from migrations_app import estimates, forecast, migration_policy
 from migrations_app.models import Migration
 from tests.factories import make_migration, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm
 from tests.migrations_app.test_policies import HTMX
-from vms import migration_policy
 from vms.models import VSP
 
 MIB = 1024 * 1024

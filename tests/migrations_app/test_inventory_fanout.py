@@ -17,12 +17,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from devtools.blackhole import BlackHole
-from migrations_app.tasks import collect_inventory
 from tests.conftest import ManagedProcess, free_port, start_celery_worker
 from tests.factories import make_vsp
 from tests.migrations_app.guests import place_vm
 from vms.inventory import collect_vsp, start_round
 from vms.models import VSP, InventoryRound, Registration
+from vms.tasks import collect_inventory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

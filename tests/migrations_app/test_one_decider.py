@@ -163,7 +163,7 @@ def test_a_worker_frozen_after_its_commit_does_not_roll_forward_again(host_agent
 
 def test_recovery_ends_the_evacuation_whose_last_migration_it_decided(host_agents, fleet, admin):
     """The worker that would have ended the evacuation is gone (or stood down): its decider does it."""
-    from migrations_app.evacuation_models import Evacuation, EvacuationStep
+    from evacuations.models import Evacuation, EvacuationStep
 
     vm = place_vm(host_agents, fleet)
     a_minute_ago = timezone.now() - timedelta(minutes=1)

@@ -206,9 +206,8 @@ def test_the_dialog_forecasts_with_the_pairs_dirty_rounds_timed_on_its_last_migr
     with dirty rounds: 16 MiB writing about half the worker's 5 MB/s cap)."""
     from dataclasses import replace
 
-    from migrations_app import estimates, forecast
+    from migrations_app import estimates, forecast, migration_policy
     from migrations_app.actions import do_request_migration
-    from vms import migration_policy
 
     warm = {"memory_mib": 16, "dirty_pages_per_s": 600, "fill_percent": 100}
     for _ in range(2):

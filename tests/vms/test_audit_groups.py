@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from migrations_app.actions import do_request_migration
+from migrations_app.actions import do_request_migration, do_set_migration_policy
 from tests.factories import make_admin, make_host_group, make_user, make_vm, make_vsp
-from vms.actions import do_mark_not_runnable, do_set_migration_policy, do_set_online_migration
+from vms.actions import do_mark_not_runnable, do_set_online_migration
 from vms.models import Role
 
 pytestmark = pytest.mark.django_db

@@ -261,7 +261,7 @@ def test_the_evacuation_plan_follows_host_groups(client, groups):
     """Another group's member could read Production's plan (guests and every VSP's name) by its id and, with
     the global permission, start it; the plan offered targets in every group."""
     vsps = groups["vsps"]
-    url = reverse("migrations_app:evacuate", args=[vsps["p1"].pk])
+    url = reverse("evacuations:evacuate", args=[vsps["p1"].pk])
     login(client, groups, "other")
     assert client.get(url).status_code == 404
     assert client.post(url, {f"target_{groups['vms']['prod'].pk}": vsps["l1"].pk}).status_code == 404

@@ -19,7 +19,7 @@ AFTER = ("vms", "0008_default_host_group")
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_upgrade_puts_existing_vsps_in_default_and_gives_each_user_the_role_they_had():
+def test_the_upgrade_puts_existing_vsps_in_default_and_gives_each_user_the_role_they_had(latest_schema):
     executor = MigrationExecutor(connection)
     executor.migrate([BEFORE])
     old_vsp = executor.loader.project_state([BEFORE]).apps.get_model("vms", "VSP")

@@ -2,9 +2,9 @@
 
 import pytest
 
+from migrations_app import migration_policy
 from tests.factories import make_user
 from tests.vms.html_fields import read_fields
-from vms import migration_policy
 from vms.models import AuditEvent, VirtualMachine
 
 pytestmark = pytest.mark.django_db

@@ -1,4 +1,4 @@
-"""Small display helpers for console templates (badges for statuses)."""
+"""Small display helpers for console templates (badges for statuses), and ``{% slot %}``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,28 @@ from datetime import datetime
 from django import template
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
+from vms.hooks import slot_templates
 from vms.models import Registration
 from vms.power import PowerAction, refusals
 
 register = template.Library()
+
+
+@register.simple_tag(takes_context=True)
+def slot(context: template.Context, name: str) -> SafeString:
+    """``{% slot "vsp_detail.overview" %}``: the templates other apps registered for this place of the
+    page (``vms.hooks.register_slot``), rendered with the page's context, as ``{% include %}`` would;
+    nothing when none is registered."""
+    assert context.template is not None  # a tag renders inside a template
+    engine = context.template.engine
+    parts = []
+    for template_name in slot_templates(name):
+        with context.push():
+            parts.append(engine.get_template(template_name).render(context))
+    return SafeString("".join(parts))
+
 
 BADGE_TONES = {
     "up": "ok",
@@ -89,9 +106,10 @@ def free_memory(value: int | None) -> str:
 
 
 @register.simple_tag
-def power_refusals(registration: Registration, migrating: bool) -> dict[str, str]:
-    """``{% power_refusals registration migrating as refused %}``: why each power button is disabled."""
-    return refusals(registration, bool(migrating))
+def power_refusals(registration: Registration, busy: str) -> dict[str, str]:
+    """``{% power_refusals registration busy as refused %}``: why each power button is disabled (``busy``:
+    why the guest is busy now, "" when it is not)."""
+    return refusals(registration, str(busy or ""))
 
 
 @register.filter

@@ -8,10 +8,22 @@ Options (``DriverSettings.options``, from the agent's command line):
                 temp dir per start; give a fixed one to re-adopt the guests after a restart)
   accel         QEMU accelerator (default ``tcg``; ``kvm`` where the host has it)
 
-Every guest boots the test guest's kernel and initramfs; its workload (memwriter) writes
-``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them, and what it says on its
-serial console is reported under ``workload`` in the guest's info (with ``vcpus_running``, QEMU's
-run state as its STOP/RESUME events last said).
+Without ``boot_image`` every guest boots the test guest's kernel and initramfs; its workload
+(memwriter) writes ``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them. With it, every
+guest boots from its own disk, a copy of the OS image in a storage pool, and runs guestload (memory
+as memwriter, plus sequence-numbered disk writes and UDP heartbeats; ``machine``, ``guestload``).
+Until the protocol carries disks and network cards, these options describe them for every guest:
+  boot_image    the OS image (``guest-images/guest-os.qcow2``, built by ``scripts/build_guest_image.sh``)
+  pool          the storage pool directory; guest ``<id>``'s disk is ``<pool>/<id>.qcow2``, created
+                from ``boot_image`` when the guest is defined; an incoming migration opens the same
+                file, so two agents given the same (shared) directory migrate without copying disks
+  network       ``user`` (QEMU's NAT) or ``bridge:[<netns>/]<bridge>`` (a tap per QEMU on that bridge)
+  guest_subnet  bridged guests' addresses: ``10.77.0.0/24`` (each guest's derived from its id)
+  heartbeat     ``<address>:<port>`` guestload sends its heartbeats to (user-mode networking:
+                ``10.0.2.2:<port>`` reaches the host's ``127.0.0.1:<port>``)
+  disk_rate     guestload's disk writes per second (default 200)
+What the workload says on its serial console is reported under ``workload`` in the guest's info
+(with ``vcpus_running``, QEMU's run state as its STOP/RESUME events last said).
 
 Guests survive the agent's own death (``kill -9``): each guest's record (its definition, its power
 state, its QEMU's pid and instance, the migration it is in) is kept in ``run_dir/<guest_id>.guest.json``
@@ -33,6 +45,8 @@ A clean stop (SIGTERM) halts the guests and forgets them, as before.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -44,10 +58,13 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
+from hostagent.drivers.qemu.network import NetworkError
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.source import SourceMigration
+from hostagent.drivers.qemu.storage import VolumeError, create_volume
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.drivers.qemu.tls import write_credentials
 from hostagent.protocol import (
@@ -72,6 +89,8 @@ MAX_VCPUS = 8
 MAX_MEMORY_MIB = 64 * 1024
 MAX_DIRTY_RATE = 1_000_000
 RECORD_SUFFIX = ".guest.json"
+DEFAULT_DISK_RATE = 200  # guestload's 4 KiB disk writes per second
+USER_NET_GUEST = "10.0.2.15/24"  # QEMU's user-mode networking gives the guest this address
 # QEMU's migration statuses while its migration still runs (qapi/migration.json ``MigrationStatus``).
 QEMU_MIGRATING = (
     "setup",
@@ -102,6 +121,85 @@ class QemuGuest:
 
 def workload_of(spec: GuestSpec) -> Workload:
     return Workload(memory_mib=spec.memory_mib, vcpus=spec.vcpus, dirty_pages_per_s=spec.dirty_pages_per_s)
+
+
+def parse_network(option: str | None) -> Network | None:
+    """The ``network`` option: ``user``, ``bridge:<bridge>`` or ``bridge:<netns>/<bridge>``."""
+    if not option:
+        return None
+    if option == "user":
+        return UserNetwork()
+    kind, _, where = option.partition(":")
+    netns, _, bridge = where.rpartition("/")
+    if kind != "bridge" or not bridge:
+        raise ValueError(f"network: 'user' or 'bridge:[<netns>/]<bridge>', not {option!r}")
+    return BridgeNetwork(bridge=bridge, netns=netns or None)
+
+
+@dataclass(frozen=True)
+class ImageGuests:
+    """The driver options that make every guest an OS image guest (module docstring)."""
+
+    image: Path
+    pool: Path
+    network: Network | None = None
+    subnet: ipaddress.IPv4Network | None = None
+    heartbeat: tuple[str, int] | None = None
+    disk_rate: int = DEFAULT_DISK_RATE
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> ImageGuests | None:
+        """None without ``boot_image``; raises ``ValueError`` naming a bad or missing option."""
+        if not options.get("boot_image"):
+            return None
+        if not options.get("pool"):
+            raise ValueError("boot_image needs pool=<directory> for the guests' disks")
+        heartbeat = None
+        if options.get("heartbeat"):
+            host, _, port = options["heartbeat"].rpartition(":")
+            ipaddress.IPv4Address(host)
+            heartbeat = (host, int(port))
+        network = parse_network(options.get("network"))
+        subnet = ipaddress.IPv4Network(options["guest_subnet"]) if options.get("guest_subnet") else None
+        if isinstance(network, BridgeNetwork) and subnet is None:
+            raise ValueError("network=bridge:... needs guest_subnet=<a.b.c.d/n> for the guests' addresses")
+        return cls(
+            image=Path(options["boot_image"]),
+            pool=Path(options["pool"]),
+            network=network,
+            subnet=subnet,
+            heartbeat=heartbeat,
+            disk_rate=int(options.get("disk_rate", DEFAULT_DISK_RATE)),
+        )
+
+    def volume(self, guest_id: str) -> Path:
+        return self.pool / f"{guest_id}.qcow2"
+
+    def address(self, guest_id: str) -> str:
+        """The guest's address with prefix: user-mode networking's, or one of ``subnet`` derived from
+        the guest's id (from the 10th host on; the same on every agent, so it survives a move)."""
+        if self.subnet is None:
+            return USER_NET_GUEST
+        hosts = self.subnet.num_addresses - 12
+        offset = 10 + int(hashlib.sha256(guest_id.encode()).hexdigest(), 16) % max(1, hosts)
+        return f"{self.subnet.network_address + offset}/{self.subnet.prefixlen}"
+
+    def machine(self, spec: GuestSpec, workload: Workload) -> Machine:
+        guest_id = spec.guest_id
+        config = [
+            ("mib", str(workload.written_mib)),
+            ("rate", str(workload.dirty_pages_per_s)),
+            ("disk_rate", str(self.disk_rate)),
+            ("hb_id", guest_id),
+        ]
+        nics: tuple[Nic, ...] = ()
+        if self.network is not None:
+            nics = (Nic(mac=mac_for(guest_id), network=self.network),)
+            config.append(("ip", self.address(guest_id)))
+            if self.heartbeat is not None:
+                config += [("hb_host", self.heartbeat[0]), ("hb_port", str(self.heartbeat[1]))]
+        disk = Disk(name="vda", path=self.volume(guest_id), format="qcow2", boot=True)
+        return Machine(disks=(disk,), nics=nics, guest_config=tuple(config))
 
 
 def check_spec(spec: GuestSpec) -> GuestSpec:
@@ -135,6 +233,10 @@ class QemuDriver:
             run_dir=run_dir,
             accel=options.get("accel", "tcg"),
         )
+        try:
+            self.image_guests = ImageGuests.from_options(options)
+        except ValueError as error:
+            raise RuntimeError(f"qemu driver: {error}") from None
         self.qemu_version = ""
         self._tls_dir: Path | None = None  # QEMU's copy of the agent's TLS files (``tls``)
         self._guests: dict[str, QemuGuest] = {}
@@ -142,8 +244,15 @@ class QemuDriver:
 
     async def open(self) -> None:
         self.qemu_version = check_qemu(self.config.binary)
+        if self.image_guests is not None:
+            if not self.image_guests.image.is_file():
+                raise RuntimeError(
+                    f"OS image {self.image_guests.image} missing: build it with scripts/build_guest_image.sh"
+                )
+            if not self.image_guests.pool.is_dir():
+                raise RuntimeError(f"storage pool {self.image_guests.pool} is not a directory")
         for image in (self.config.kernel, self.config.initramfs):
-            if not image.is_file():
+            if self.image_guests is None and not image.is_file():
                 raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.tls is not None:
@@ -241,6 +350,7 @@ class QemuDriver:
                 recorded["instance"],
                 recorded["incoming"],
                 recorded["pid"],
+                self._machine(spec),
             )
         except RuntimeError as error:
             log.warning("%s: %s", spec.name, error)
@@ -283,6 +393,12 @@ class QemuDriver:
     def get_guest(self, guest_id: str) -> GuestInfo:
         return self._info(self._guest(guest_id))
 
+    def _machine(self, spec: GuestSpec) -> Machine:
+        """The guest's disks and network cards (none for the test guest)."""
+        if self.image_guests is None:
+            return Machine()
+        return self.image_guests.machine(spec, workload_of(spec))
+
     def _guest(self, guest_id: str) -> QemuGuest:
         try:
             return self._guests[guest_id]
@@ -321,11 +437,25 @@ class QemuDriver:
             if not existing.spec.same_definition(clean):
                 raise Conflict(f"guest {clean.name!r} exists with a different definition")
         else:
+            await self._create_volume(clean)
             self._guests[clean.guest_id] = QemuGuest(spec=clean)
             self._save(clean.guest_id)
         if spec.running:
             return await self.start_guest(clean.guest_id)
         return self.get_guest(clean.guest_id)
+
+    async def _create_volume(self, spec: GuestSpec) -> None:
+        """An OS image guest's disk: a copy of the image in the pool, unless the pool has it already
+        (a guest defined again keeps its disk)."""
+        if self.image_guests is None:
+            return
+        volume = self.image_guests.volume(spec.guest_id)
+        if volume.exists():
+            return
+        try:
+            await asyncio.to_thread(create_volume, self.image_guests.image, volume)
+        except VolumeError as error:
+            raise Conflict(f"cannot create the disk of {spec.name!r}: {error}") from None
 
     async def start_guest(self, guest_id: str) -> GuestInfo:
         guest = self._guest(guest_id)
@@ -336,7 +466,12 @@ class QemuDriver:
             raise Conflict(f"guest {name!r} is migrating")
         if not guest.running:
             process = QemuProcess(
-                self.config, guest_id, workload_of(guest.spec), instance="boot", incoming=False
+                self.config,
+                guest_id,
+                workload_of(guest.spec),
+                instance="boot",
+                incoming=False,
+                machine=self._machine(guest.spec),
             )
             await self._launch(guest, process)
             guest.hardware = "on"
@@ -383,7 +518,10 @@ class QemuDriver:
         self._save(guest_id)
 
     async def _launch(self, guest: QemuGuest, process: QemuProcess) -> None:
-        await process.launch()
+        try:
+            await process.launch()
+        except NetworkError as error:
+            raise Conflict(f"cannot attach the network card of {guest.spec.name!r}: {error}") from None
         guest.process = process
         guest.paused = process.incoming  # an incoming QEMU starts stopped (-S)
         guest.tasks = [
@@ -437,9 +575,18 @@ class QemuDriver:
         existing = self._guests.get(guest_id)
         if existing is not None and (existing.running or existing.migration is not None):
             raise Conflict(f"guest {clean.name!r} already runs or migrates on {self.settings.agent_name}")
+        machine = self._machine(clean)
+        for disk in machine.disks:
+            if not disk.path.is_file():
+                raise Conflict(
+                    f"{self.settings.agent_name} does not see the disk of {clean.name!r} ({disk.path}): "
+                    "its pool is not shared with the source"
+                )
         guest = QemuGuest(spec=clean)
         instance = f"in-{migration_id[:12]}"
-        process = QemuProcess(self.config, guest_id, workload_of(clean), instance=instance, incoming=True)
+        process = QemuProcess(
+            self.config, guest_id, workload_of(clean), instance=instance, incoming=True, machine=machine
+        )
         await self._launch(guest, process)
         migration = TargetMigration(
             process,

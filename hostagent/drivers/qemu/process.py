@@ -1,8 +1,11 @@
 """One QEMU process running one guest: launch, QMP, serial console, stop.
 
-Guests boot a kernel and initramfs (the test guest built by ``scripts/build_test_guest.sh``)
-whose workload, memwriter, reports on the serial console; the console goes to a file per
-process so a test or an admin can read what the guest said after a migration.
+A guest boots either the built-in test guest (a kernel and initramfs from
+``scripts/build_test_guest.sh``, workload memwriter) or, when its ``Machine`` has a boot disk, from
+its own disk image (``scripts/build_guest_image.sh``, workload guestload; see ``machine``). The
+workload reports on the serial console, which goes to a file per process so a test or an admin can
+read what the guest said after a migration. Each QEMU also writes a trace file (``quiesce``) with
+its run-state changes, from which the switchover's stop, drain and resume are timed.
 
 A guest outlives its agent's own death, as a real host's guests outlive their management agent:
 QEMU runs in the agent's process group (a stop of the whole service, ``kill`` of the group, ends
@@ -21,7 +24,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostagent.drivers.qemu import guestload
+from hostagent.drivers.qemu.machine import GUESTLOAD_FW_CFG, BridgeNetwork, Machine, qemu_escape, tap_name
+from hostagent.drivers.qemu.network import open_tap
 from hostagent.drivers.qemu.qmp import QmpClient, QmpClosed, QmpError
+from hostagent.drivers.qemu.quiesce import LAUNCH_TRACE_EVENTS
 
 MIN_QEMU_MAJOR = 10
 KERNEL_OVERHEAD_MIB = 96
@@ -108,28 +115,45 @@ class QemuProcess:
     """A QEMU process for one guest; ``incoming`` ones start paused, waiting for a migration."""
 
     def __init__(
-        self, config: QemuConfig, name: str, workload: Workload, instance: str, incoming: bool
+        self,
+        config: QemuConfig,
+        name: str,
+        workload: Workload,
+        instance: str,
+        incoming: bool,
+        machine: Machine | None = None,
     ) -> None:
         self.config = config
         self.name = name
         self.workload = workload
         self.incoming = incoming
         self.instance = instance
+        self.machine = machine or Machine()
         stem = f"{name}.{instance}"
         self.qmp_path = config.run_dir / f"{stem}.qmp"
         self.serial_path = config.run_dir / f"{stem}.serial"
         self.log_path = config.run_dir / f"{stem}.log"
+        self.trace_path = config.run_dir / f"{stem}.trace"
+        self.command_path = config.run_dir / f"{stem}.cmd"  # the OS image guest's command port (ttyS1)
+        self.guest_config_path = config.run_dir / f"{stem}.guestload.conf"
         self.process: asyncio.subprocess.Process | None = None
         self.adopted_pid: int | None = None  # a QEMU started by an earlier run of the agent
         self.qmp: QmpClient | None = None
 
     @classmethod
     async def adopt(
-        cls, config: QemuConfig, name: str, workload: Workload, instance: str, incoming: bool, pid: int
+        cls,
+        config: QemuConfig,
+        name: str,
+        workload: Workload,
+        instance: str,
+        incoming: bool,
+        pid: int,
+        machine: Machine | None = None,
     ) -> QemuProcess:
         """The QEMU an earlier run of the agent started (its pid and QMP socket in ``run_dir``), with a
         new QMP connection. Raises ``RuntimeError`` if it is gone or is not that guest's QEMU."""
-        process = cls(config, name, workload, instance, incoming)
+        process = cls(config, name, workload, instance, incoming, machine)
         if not (pid_alive(pid) and is_qemu_of(pid, config.binary, name)):
             raise RuntimeError(f"QEMU of {name} (pid {pid}) is no longer running")
         process.adopted_pid = pid
@@ -153,11 +177,8 @@ class QemuProcess:
         while self.adopted_pid is not None and pid_alive(self.adopted_pid):
             await asyncio.sleep(0.2)
 
-    def command(self) -> list[str]:
-        cmdline = (
-            f"console=ttyS0 panic=-1 quiet memwriter.mib={self.workload.written_mib} "
-            f"memwriter.rate={self.workload.dirty_pages_per_s}"
-        )
+    def command(self, tap_fds: tuple[int, ...] = ()) -> list[str]:
+        """QEMU's command line; ``tap_fds``: one open tap per bridged network card, in card order."""
         command = [
             self.config.binary,
             "-name", self.name,
@@ -165,29 +186,69 @@ class QemuProcess:
             "-accel", self.config.accel,
             "-m", str(self.workload.memory_mib),
             "-smp", str(self.workload.vcpus),
-            "-kernel", str(self.config.kernel),
-            "-initrd", str(self.config.initramfs),
-            "-append", cmdline,
             "-nodefaults", "-nographic", "-no-reboot",
             "-display", "none",
             "-monitor", "none",
             "-serial", f"file:{self.serial_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-msg", "timestamp=on",
+            "-D", str(self.trace_path),
         ]  # fmt: skip
+        for event in LAUNCH_TRACE_EVENTS:
+            command += ["-trace", f"enable={event}"]
+        machine = self.machine
+        if machine.boots_from_disk:
+            command += ["-serial", f"unix:{self.command_path},server=on,wait=off"]  # ttyS1: commands
+            config_file = qemu_escape(str(self.guest_config_path))
+            command += ["-fw_cfg", f"name={GUESTLOAD_FW_CFG},file={config_file}"]
+        else:
+            cmdline = (
+                f"console=ttyS0 panic=-1 quiet memwriter.mib={self.workload.written_mib} "
+                f"memwriter.rate={self.workload.dirty_pages_per_s}"
+            )
+            command += ["-kernel", str(self.config.kernel), "-initrd", str(self.config.initramfs)]
+            command += ["-append", cmdline]
+        for disk in machine.disks:
+            command += disk.args()
+        taps = iter(tap_fds)
+        for index, nic in enumerate(machine.nics):
+            command += nic.args(index, next(taps) if isinstance(nic.network, BridgeNetwork) else None)
         if self.incoming:
             command += ["-incoming", "defer", "-S"]
         return command
 
+    def _open_taps(self) -> list[int]:
+        """A tap on its bridge for each bridged card (``network.open_tap``); the caller closes them."""
+        fds: list[int] = []
+        try:
+            for index, nic in enumerate(self.machine.nics):
+                if isinstance(nic.network, BridgeNetwork):
+                    name = tap_name(self.name, self.instance, index)
+                    fds.append(open_tap(name, nic.network.bridge, nic.network.netns, nic.mac))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     async def launch(self) -> QmpClient:
-        for stale in (self.qmp_path, self.serial_path):
+        for stale in (self.qmp_path, self.serial_path, self.command_path, self.trace_path):
             stale.unlink(missing_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.command(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        if self.machine.boots_from_disk:
+            self.guest_config_path.write_text(self.machine.guest_config_text())
+        tap_fds = await asyncio.to_thread(self._open_taps)
+        try:
+            with self.log_path.open("wb") as log:
+                self.process = await asyncio.create_subprocess_exec(
+                    *self.command(tuple(tap_fds)),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=tap_fds,
+                )
+        finally:
+            for fd in tap_fds:  # QEMU holds its own copies; the taps live as long as QEMU
+                os.close(fd)
         try:
             self.qmp = await QmpClient.connect(str(self.qmp_path), timeout=10.0)
         except Exception:
@@ -251,9 +312,22 @@ class QemuProcess:
         except FileNotFoundError:
             return b""
 
+    async def request_selfcheck(self, tag: str, timeout: float = 60.0) -> guestload.SelfCheck:
+        """The OS image guest's self-check, now (``guestload.request_selfcheck``). Raises
+        ``guestload.SelfCheckError`` (also for the test guest, which has no command port)."""
+        if not self.machine.boots_from_disk:
+            raise guestload.SelfCheckError(f"{self.name} runs the test guest, which has no command port")
+        return await guestload.request_selfcheck(self.command_path, tag, timeout)
+
     def workload_report(self) -> dict[str, object]:
         """What the guest's own workload last said on its serial console."""
         text = self.serial_text()
+        if self.machine.boots_from_disk:
+            report = guestload.workload_report(text)
+            report.update(written_mib=self.workload.written_mib, serial_log=str(self.serial_path))
+            report.update(dirty_pages_per_s=self.workload.dirty_pages_per_s, pid=self.pid)
+            report.update(command_port=str(self.command_path), trace_log=str(self.trace_path))
+            return report
         alive = _ALIVE.findall(text)
         return {
             "kind": "memwriter",

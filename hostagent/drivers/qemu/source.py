@@ -29,6 +29,7 @@ from hostagent.drivers.qemu.migration import (
 )
 from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
+from hostagent.drivers.qemu.quiesce import IoQuiesce, enable_request_tracing, io_quiesce
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
 from hostagent.drivers.qemu.tls import use_plain, use_tls
 from hostagent.protocol import (
@@ -71,6 +72,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self.allowed_downtime_ms = params.downtime_ms
         self._last_remaining: int | None = None
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._started_wall = time.time()
+        self.io_quiesce: IoQuiesce | None = None  # the switchover's drain, once measured (``quiesce``)
 
     def begin(self) -> None:
         self.spawn(self._watch_phase_limits())
@@ -182,6 +185,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         await self.qmp.execute("migrate-set-capabilities", capabilities=capabilities + multifd_capabilities)
         if multifd_parameters:
             await self.qmp.execute("migrate-set-parameters", **multifd_parameters)
+        if self.process.machine.disks:
+            await enable_request_tracing(self.qmp)  # to measure I/O Quiesce's drain (``quiesce``)
         bandwidth = params.bandwidth_mbps
         # bandwidth_mbps is megabits per second; QEMU's max-bandwidth is bytes per second, 0 = unlimited.
         await self.qmp.execute(
@@ -349,11 +354,29 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             return
         try:
             devices = await self.qmp.execute("query-block")
-            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_id, len(devices))
+            self._measure_io_quiesce(len(devices))
             self.progress.raise_percent("quiesce", 100)
             await self.qmp.execute("migrate-continue", state="pre-switchover")
         except (QmpError, QmpClosed) as error:
             await self.abort(f"could not continue from pre-switchover: {error}", FailureKind.INTERNAL)
+
+    def _measure_io_quiesce(self, devices: int) -> None:
+        """What QEMU's drain did at the stop, from its trace (``quiesce``); logged and kept."""
+        if not self.process.machine.disks:
+            log.info("%s: %d block device(s) drained in pre-switchover", self.guest_id, devices)
+            return
+        self.io_quiesce = io_quiesce(self.process.trace_path, after=self._started_wall)
+        if self.io_quiesce is None:
+            log.warning("%s: no switchover stop in QEMU's trace %s", self.guest_id, self.process.trace_path)
+            return
+        log.info(
+            "%s: I/O quiesce: %d request(s) outstanding when the vCPUs stopped, drained in %.3f ms, "
+            "flushed %s ms after the stop",
+            self.guest_id,
+            self.io_quiesce.outstanding,
+            self.io_quiesce.drain_ms,
+            self.io_quiesce.flushed_ms,
+        )
 
     async def quiesce(self) -> ProgressSnapshot:
         """Return once I/O Quiesce is over (the driver continues by itself) or the migration ended."""
@@ -401,6 +424,9 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         with contextlib.suppress(QmpError, QmpClosed):
             await self.qmp.execute("migrate_cancel")
             await self._wait_qemu_settled()
+        if self.process.machine.disks:
+            with contextlib.suppress(QmpError, QmpClosed):
+                await enable_request_tracing(self.qmp, enable=False)
         await self._run_guest()
         log.info("%s: migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
         self.progress.fail(state, reason, kind, side=side, keep_phase=True)

@@ -1,7 +1,7 @@
 """Evacuation pages: the plan (view, change targets and order, start), live progress, cancel, maintenance.
 
-Each view reads the request, checks the right (``evacuation.may_*``), calls one function of
-``evacuation.py``, renders. Refusals change nothing and say why in plain words.
+Each view reads the request, checks the right (``rights.may_*``), calls one function of ``actions`` (or
+builds the ``plan``), renders. Refusals change nothing and say why in plain words.
 """
 
 from __future__ import annotations
@@ -19,21 +19,11 @@ from vms.access import LACKS_PERMISSION, get_visible_vsp
 from vms.http import HtmxHttpRequest
 from vms.models import VSP, Registration
 
-from .evacuation import (
-    EvacuationRefused,
-    build_plan,
-    dirty_rates,
-    do_cancel_evacuation,
-    do_leave_maintenance,
-    do_start_evacuation,
-    latest_evacuation,
-    may_cancel_evacuation,
-    may_evacuate,
-    may_leave_maintenance,
-    may_view_evacuation,
-    summarize,
-)
-from .evacuation_models import Evacuation
+from .actions import EvacuationRefused, do_cancel_evacuation, do_leave_maintenance, do_start_evacuation
+from .models import Evacuation
+from .panel import panel_context
+from .plan import build_plan, dirty_rates
+from .rights import may_cancel_evacuation, may_evacuate, may_leave_maintenance, may_view_evacuation
 
 
 class BadPlanInput(ValueError):
@@ -158,7 +148,7 @@ def render_plan(
         "may_start": may_evacuate(request.user, vsp),
         "nav": "vsps",
     }
-    return render(request, "migrations_app/evacuate.html", context, status=status)
+    return render(request, "evacuations/evacuate.html", context, status=status)
 
 
 @require_GET
@@ -167,21 +157,7 @@ def evacuation_progress(request: HtmxHttpRequest, evacuation_id: int) -> HttpRes
     evacuation = get_object_or_404(Evacuation.objects.select_related("vsp"), pk=evacuation_id)
     if not may_view_evacuation(request.user, evacuation.vsp):
         raise Http404()  # another group's VSP: not found, like a missing one
-    return render(request, "migrations_app/evacuation_panel.html", panel_context(request, evacuation.vsp))
-
-
-def panel_context(request: HtmxHttpRequest, vsp: VSP) -> dict[str, Any]:
-    """What the VSP page's evacuation panel shows: maintenance, the latest evacuation and its progress."""
-    evacuation = latest_evacuation(vsp)
-    vsp.refresh_from_db(fields=["maintenance", "maintenance_since"])
-    return {
-        "vsp": vsp,
-        "evacuation": evacuation,
-        "summary": summarize(evacuation) if evacuation is not None else None,
-        "may_evacuate": may_evacuate(request.user, vsp),
-        "may_cancel": may_cancel_evacuation(request.user, vsp),
-        "may_leave": may_leave_maintenance(request.user, vsp),
-    }
+    return render(request, "evacuations/evacuation_panel.html", panel_context(request.user, evacuation.vsp))
 
 
 @require_POST

@@ -1,7 +1,7 @@
 """The evacuation record: one admin's plan to empty a VSP, as an ordered list of migrations.
 
-Loaded by ``migrations_app.models`` (Django finds models there), so it names ``Migration`` by its label
-rather than importing it; the logic lives in ``evacuation.py``.
+Made in ``migrations_app`` before evacuations were an app of their own: the tables keep their names
+(``db_table``), so a console upgraded from then keeps every evacuation (``migrations/0001_initial.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Evacuation(models.Model):
     staying = models.JSONField(default=list, blank=True)
 
     class Meta:
+        db_table = "migrations_app_evacuation"
         ordering = ["-started_at", "-pk"]
         constraints = [
             models.UniqueConstraint(
@@ -70,6 +71,7 @@ class EvacuationStep(models.Model):
     )
 
     class Meta:
+        db_table = "migrations_app_evacuationstep"
         ordering = ["evacuation", "position"]
         constraints = [
             models.UniqueConstraint(fields=["evacuation", "position"], name="one_step_per_position")

@@ -1,5 +1,7 @@
 """``manage.py demo_users``: the demo logins of ``make run``, created once and never reset.
 
+A command of this app (not of ``vms``) because the read-only operator may view migrations too.
+
 On the first run 'admin' (superuser) and 'operator' (read-only, group Operators, a viewer of the
 demo host groups Production and Lab) are created with
 DEMO_ADMIN_PASSWORD / DEMO_OPERATOR_PASSWORD when set, else with a random password that is printed
@@ -20,7 +22,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from vms.demo import demo_host_groups
 from vms.models import HostGroupMembership, Role
 
-READ_ONLY_APPS = ("vms", "migrations_app")
+READ_ONLY_APPS = ("vms", "migrations_app", "evacuations")
 
 
 def first_password(variable: str, path: Path) -> str:

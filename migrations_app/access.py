@@ -1,0 +1,74 @@
+"""Who may see, request and cancel migrations: the migration rights, on top of the inventory's host-group
+roles (``vms.access``: the global model permission, then the role in the host groups of the VSPs).
+
+- see a migration: ``migrations_app.view_migration`` (the caller's gate) and a VSP it touches is seen;
+- migrate a guest: ``migrations_app.add_migration`` and operator of its source and of the target;
+- cancel a migration: ``migrations_app.change_migration`` and operator of its source or its target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q, QuerySet
+
+from vms.access import AccessDenied, can_view_vsp, has_role_on, require_global, vsps_with_role
+from vms.models import VSP, Role, VirtualMachine
+
+from .models import Migration
+
+VIEW_MIGRATION_PERMISSION = "migrations_app.view_migration"
+ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
+CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
+
+
+def visible_migration_condition(user: Any) -> Q:
+    """A ``Q`` on migrations (``migrations_app.Migration``) ``user`` may see: its source or its target
+    is a VSP they see (so a migration of a deleted VM stays visible to the groups it touched).
+
+    An ``IN`` subquery, not a join: no duplicate rows, no extra query. The coarse gate
+    (``migrations_app.view_migration``) is the caller's.
+    """
+    if getattr(user, "is_superuser", False):
+        return Q()
+    seen = vsps_with_role(user, Role.VIEWER).values("pk")
+    return Q(source_id__in=seen) | Q(target_id__in=seen)
+
+
+def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) -> None:
+    """Raises ``AccessDenied`` unless ``user`` may migrate ``vm`` (to ``target``, when given).
+
+    Needs ``migrations_app.add_migration`` and the operator role on the VM's source VSP (where it is
+    runnable) and on the target. A target the user cannot use is not named in the message.
+    """
+    require_global(user, ADD_MIGRATION_PERMISSION)
+    source = vm.current_vsp
+    if source is not None and not has_role_on(user, Role.OPERATOR, [source.pk]):
+        raise AccessDenied(
+            f"You may not migrate {vm.name}: you are not an operator of the host group of {source.name}."
+        )
+    if target is not None and not has_role_on(user, Role.OPERATOR, [target.pk]):
+        if can_view_vsp(user, target.pk):
+            where = f"{target.name}: you are not an operator of its host group"
+        else:
+            where = "that VSP: it is not in a host group where you are an operator"
+        raise AccessDenied(f"You may not migrate {vm.name} to {where}. Nothing was changed.")
+
+
+def migration_targets(user: Any) -> QuerySet[VSP]:
+    """The VSPs the migrate dialog may offer ``user``: those where they are an operator."""
+    return vsps_with_role(user, Role.OPERATOR)
+
+
+def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) -> None:
+    """Cancel needs ``migrations_app.change_migration`` and the operator role on the source or the target."""
+    require_global(user, CHANGE_MIGRATION_PERMISSION)
+    if not (has_role_on(user, Role.OPERATOR, [source_id]) or has_role_on(user, Role.OPERATOR, [target_id])):
+        raise AccessDenied(
+            "You may not cancel this migration: you are not an operator of its VSPs' host groups."
+        )
+
+
+def visible_migrations(user: Any) -> QuerySet[Migration]:
+    """The migrations ``user`` may see (``visible_migration_condition``), e.g. for the audit trail."""
+    return Migration.objects.filter(visible_migration_condition(user))
