@@ -19,7 +19,11 @@ import pytest
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted(path.name for path in (BASE_DIR / "bench").glob("bench_*.py"))
-NEEDS_QEMU = {"bench_qemu_vs_simulated.py"}
+MARKS = {  # what a benchmark needs beyond the test run's own processes
+    "bench_qemu_vs_simulated.py": [pytest.mark.qemu],
+    "bench_qemu_image_guest.py": [pytest.mark.qemu],
+    "bench_libvirt_migration.py": [pytest.mark.libvirt],
+}
 
 
 def bench_environment() -> dict[str, str]:
@@ -32,7 +36,7 @@ def bench_environment() -> dict[str, str]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "script",
-    [pytest.param(name, marks=[pytest.mark.qemu] if name in NEEDS_QEMU else []) for name in BENCHMARKS],
+    [pytest.param(name, marks=MARKS.get(name, [])) for name in BENCHMARKS],
 )
 def test_the_benchmark_runs_quick(script, redis_url):
     finished = subprocess.run(
