@@ -150,7 +150,7 @@ def test_an_evacuation_refused_for_a_guest_keeps_that_guests_refusal(fleet, alic
     maintenance meanwhile refuses the whole start, and that guest's refusal outlives the rollback."""
     vsp2 = fleet["vsp2"]
     client = logged_in(alice)
-    url = reverse("migrations_app:evacuate", args=[fleet["vsp1"].pk])
+    url = reverse("evacuations:evacuate", args=[fleet["vsp1"].pk])
     vsp2.maintenance = True
     vsp2.save(update_fields=["maintenance"])
 
