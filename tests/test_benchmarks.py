@@ -5,7 +5,7 @@ benchmark nobody runs breaks unseen: QA found ``bench_demo_memory.py`` failing a
 ``--quick`` run here found two more (``bench_data_plane_cpu.py`` and ``bench_page_reuse.py`` called the
 agents' API and ``SimulatedGuest`` as they were before guest ids). A new benchmark is picked up by its
 file name and must take ``--quick`` (argparse refuses an unknown option: the test fails). The whole set
-takes about two minutes on the 2-core machine; ``make bench-quick`` runs only this.
+cost 141 s of CPU (442 s wall at load 6-16) on the 2-core machine; ``make bench-quick`` runs only this.
 """
 
 from __future__ import annotations
