@@ -7,7 +7,7 @@ LIBVIRT_REQ := $(shell pkg-config --exists 'libvirt >= 11' 2>/dev/null && echo h
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ) | cksum | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench soak stop clean agent-bundle
+.PHONY: run run-cluster test test-fast test-browser test-faults test-postgres test-cluster lint guest-image bench bench-quick soak stop clean agent-bundle
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Python venv missing: apt-get install python3-venv"; exit 1; }
@@ -39,7 +39,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) scripts/ensure_redis.py
-	$(PYTEST) -m "not browser and not faults and not qemu and not libvirt and not cluster"
+	$(PYTEST) -m "not browser and not faults and not qemu and not libvirt and not cluster and not bench"
 
 test-browser: $(STAMP)
 	$(PY) scripts/ensure_redis.py
@@ -78,6 +78,11 @@ guest-image:
 bench: $(STAMP)
 	$(PY) scripts/ensure_redis.py
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+## make bench-quick: every benchmark with --quick (seconds each: does it still run?); `make test` runs it too.
+bench-quick: $(STAMP)
+	$(PY) scripts/ensure_redis.py
+	$(PYTEST) tests/test_benchmarks.py
 
 ## make soak RUNS=20 SEED=1: seeded migrations with one fault each (kills, Redis restart, data-plane cut or
 ##           stall, SIGSTOP, cancel, none) on a private stack; ends "N runs, K invariant violations", non-zero if K > 0.

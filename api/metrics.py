@@ -7,6 +7,9 @@ without one from the addresses in ``METRICS_ALLOWED_IPS`` (IPs or networks, e.g.
 
 Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_migrations_total{outcome,failed_phase}``: ended migrations (completed, aborted, cancelled);
+- ``matrixoe_migration_refusals_total{kind}``: refused attempts, whatever path asked, by kind: the user's
+  rights (``permission``), the pre-checks (``precheck``), a migration already queued or running
+  (``already_migrating``); see ``migrations_app.refusals``;
 - ``matrixoe_migration_phase_duration_seconds{phase}``: histogram of each finished phase's duration;
 - ``matrixoe_migration_downtime_seconds``: histogram of measured downtime (Frozen) of completed migrations;
 - ``matrixoe_migration_sent_bytes_total``: guest memory bytes sent by every migration (the data plane);
@@ -47,6 +50,7 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from migrations_app import refusals
 from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
 from migrations_app.outcomes import undelivered_count
@@ -89,6 +93,7 @@ class MigrationCollector:
             value=watcher_count(),
         )
         yield self._outcomes()
+        yield self._refusals()
         yield from self._undelivered_outcomes()
         yield self._phase_durations()
         yield self._downtime()
@@ -113,6 +118,26 @@ class MigrationCollector:
             counts.setdefault((state, ""), 0)
         for (outcome, phase), n in sorted(counts.items()):
             family.add_metric([outcome, phase], n)
+        return family
+
+    def _refusals(self) -> Metric:
+        """Refused attempts by kind (``migrations_app.refusals.KINDS``); rows kept before kinds were
+        (only pre-checks and "already migrating" were kept then) count as pre-checks."""
+        family = CounterMetricFamily(
+            "matrixoe_migration_refusals",
+            "Refused migration attempts by kind: permission, precheck, already_migrating",
+            labels=["kind"],
+        )
+        counts: Counter[str] = Counter({kind: 0 for kind in refusals.KINDS})
+        rows = (
+            Migration.objects.filter(state=Migration.State.REFUSED)
+            .values("failure_kind")
+            .annotate(n=Count("pk"))
+        )
+        for row in rows:
+            counts[row["failure_kind"] or refusals.PRECHECK] += row["n"]
+        for kind, n in sorted(counts.items()):
+            family.add_metric([kind], n)
         return family
 
     def _undelivered_outcomes(self) -> Iterable[Metric]:

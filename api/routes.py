@@ -220,11 +220,14 @@ def create_migration(
                 raise Conflict(str(error)) from None
             if key is not None:
                 IdempotencyKey.objects.create(user=request.user, key=key, migration=migration)
-    except MigrationRefused:
-        # A concurrent request with the same key won the race: answer with its migration.
+    except MigrationRefused as refusal:
+        # A concurrent request with the same key won the race: answer with its migration. Otherwise the
+        # refusal is kept in the history once this transaction's rollback is over (migrations_app.refusals).
         replay = find_replay(request.user, key, vm.pk, target.pk)
         if replay is None:
             raise
+        if refusal.attempt is not None:
+            refusal.attempt.withdraw()
         response["Idempotent-Replayed"] = "true"
         return Status(200, migration_out(replay))
     return Status(201, migration_out(get_migration(migration.pk, request.user)))

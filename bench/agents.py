@@ -81,6 +81,9 @@ def migrate(
 ) -> Moved:
     """Prepare, start, quiesce once converged, freeze, resume, release: the console's order of commands.
 
+    ``spec``: the guest's name, memory_mib, vcpus, os_type and, for a guest the agents know by another
+    id than ``guest_id_for(name)`` (a console-defined guest), its ``guest_id``.
+
     ``encryption``: the data-plane policy ("required": mutual TLS, "off": plain TCP); by default the
     source's (``BenchAgent.encryption``), else "required". ``streams``: parallel data-plane connections
     (1..16, None: the source agent sizes them).

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentprotocol import Encryption, GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 RECEIVER = """
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="also run over the TLS data plane")
     parser.add_argument("--keep-logs", action="store_true", help="keep the agents' logs")
     parser.add_argument("--profile", type=Path, help="cProfile both agents' event loops into this directory")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 64, "dirty_pages_per_s": 2_000, "streams": 2})
     total, counts = args.memory_mib * 2**20, (1, args.streams)
     print(
         f"guest {args.memory_mib} MiB, all pages non-zero; busy runs write {args.dirty_pages_per_s} pages/s"

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentprotocol import GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from vms.agent_client import AgentClient  # noqa: E402
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-mib", type=int, default=7168)
     parser.add_argument("--fill-percent", type=int, default=2)
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 256})
     with tempfile.TemporaryDirectory() as scratch:
         source, target = BenchAgent("vsp1", Path(scratch)), BenchAgent("vsp2", Path(scratch))
         try:

@@ -20,12 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_click_to_init as base  # noqa: E402  (sets up the environment of the private stack)
+import quick  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20, help="runs per path (page and API)")
-    runs = parser.parse_args().runs
+    runs = quick.parse_args(parser, {"runs": 1}).runs
     subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=base.BASE_DIR, check=True)
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=base.BASE_DIR, check=True)
     processes = []

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quick  # noqa: E402
 from isolated import BASE_DIR, isolated_console  # noqa: E402
 
 WORK_DIR = isolated_console("bench-click-to-init-", ALLOWED_HOSTS="testserver,127.0.0.1")
@@ -50,7 +52,7 @@ def start_bench_agent(name: str) -> AgentProcess:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
-    runs = parser.parse_args().runs
+    runs = quick.parse_args(parser, {"runs": 1}).runs
     subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v", "0"], cwd=BASE_DIR, check=True, env=os.environ

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentprotocol import GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=1024)
     parser.add_argument("--dirty-pages-per-s", type=int, default=25_000)
     parser.add_argument("--runs", type=int, default=2)
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 64, "dirty_pages_per_s": 2_000, "runs": 1})
     # `timeout` and Ctrl-C alike: the finally below stops the processes started here.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     load = Path("/proc/loadavg").read_text().strip()

@@ -53,6 +53,7 @@ from agentprotocol import (  # noqa: E402
     ProgressSnapshot,
     StopRequest,
 )
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for  # noqa: E402
 from migrations_app import forecast  # noqa: E402  (plain module: no Django needed)
 
@@ -226,7 +227,14 @@ def main() -> None:
         "--calibrate-percent", type=int, default=50, help="time the dirty rounds at this rate (0: skip)"
     )
     parser.add_argument("--keep-logs", action="store_true")
-    args = parser.parse_args()
+    quick_load = {
+        "memory_mib": 64,
+        "cap_mb_s": 400,
+        "max_rounds": 3,
+        "percents": "0,150",
+        "calibrate_percent": 0,
+    }
+    args = quick.parse_args(parser, quick_load)
     bench_started = time.perf_counter()
     cap_mbps = args.cap_mb_s * 8
     print(

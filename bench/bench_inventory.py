@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quick  # noqa: E402
 from isolated import BASE_DIR, isolated_console  # noqa: E402
 
 WORK_DIR = isolated_console("bench-inventory-")
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=32, help="the worker's threads (--concurrency)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=int, help="INVENTORY_AGENT_TIMEOUT_S for the worker (default: 5)")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"vsps": 10, "agents": 1, "threads": 8, "rounds": 1, "timeout": 1})
     if args.timeout:
         os.environ["INVENTORY_AGENT_TIMEOUT_S"] = str(args.timeout)
     subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import quick  # noqa: E402
 from devtools.libvirt_hosts import CACHE_SEED, LibvirtHosts, memwriter_domain_xml  # noqa: E402
 from devtools.libvirt_hosts import libvirt_missing as rig_missing  # noqa: E402
 from devtools.processes import wait_until  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> int:
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--dirty-pages-per-s", type=int, default=2000)
     parser.add_argument("--encryption", choices=("required", "off"), default="required")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"runs": 1, "memory_mib": 128})
     missing = rig_missing() or libvirt_missing()
     if missing or not (DEFAULT_IMAGES / "vmlinuz").is_file():
         print(f"bench_libvirt_migration: skipped: {missing or 'no test guest (make guest-image)'}")

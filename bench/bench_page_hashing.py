@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import quick  # noqa: E402
 from hostagent.drivers.simulated.memory import PAGE_SIZE, GuestMemory  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 16, "runs": 1})
     data = os.urandom(args.memory_mib * 2**20)
     memory = GuestMemory(args.memory_mib)
     memory.view[:] = data

@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentprotocol import GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
+from bench.agents import guest_id_for  # noqa: E402
 from hostagent.drivers.simulated.guest import SimulatedGuest  # noqa: E402
 from hostagent.drivers.simulated.memory import PAGE_SIZE, runs_of  # noqa: E402
 
@@ -68,7 +71,7 @@ def main() -> None:
     parser.add_argument("--fill-percent", type=int, default=5)
     parser.add_argument("--dirty-pages-per-s", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=5.0, help="of workload between the two versions")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 128, "seconds": 0.5})
     spec = {
         "name": "db01",
         "memory_mib": args.memory_mib,
@@ -76,7 +79,7 @@ def main() -> None:
         "fill_percent": args.fill_percent,
         "dirty_pages_per_s": args.dirty_pages_per_s,
     }
-    guest = SimulatedGuest(spec)  # type: ignore[arg-type]
+    guest = SimulatedGuest(GuestSpec(**spec, guest_id=guest_id_for(spec["name"])))
     guest._fill_memory()
     memory = guest.memory
     written = bytes(memory.written)
@@ -130,7 +133,7 @@ def first_pass_page(guest: SimulatedGuest, page: int) -> bytes:
     from hostagent.drivers.simulated.guest import CHUNK_PAGES, CHUNK_SIZE, PAGE_STAMP
 
     chunk, index = divmod(page, CHUNK_PAGES)
-    if chunk >= guest.memory.chunk_count * guest.spec.get("fill_percent", 25) // 100:
+    if chunk >= guest.memory.chunk_count * guest.spec.fill_percent // 100:
         return bytes(PAGE_SIZE)
     offset = (chunk * 4096) % CHUNK_SIZE + index * PAGE_SIZE
     content = bytearray(guest._pattern[offset : offset + PAGE_SIZE])

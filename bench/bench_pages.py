@@ -24,6 +24,8 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench import quick  # noqa: E402
+
 
 def configure_django(database_path: Path) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "matrixoe.settings"
@@ -261,7 +263,7 @@ def main() -> int:
     parser.add_argument("--history-sizes", type=int, nargs="+", default=[100, 100_000])
     parser.add_argument("--skip-vms", action="store_true")
     parser.add_argument("--skip-history", action="store_true")
-    options = parser.parse_args()
+    options = quick.parse_args(parser, {"requests": 2, "sizes": [20, 40], "history_sizes": [100, 200]})
     failed = False
     with tempfile.TemporaryDirectory() as scratch:
         configure_django(Path(scratch) / "bench.sqlite3")

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentprotocol import GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from devtools.processes import wait_until  # noqa: E402
 from hostagent.drivers.qemu import DEFAULT_IMAGES  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--dirty-pages-per-s", type=int, default=2000)
     parser.add_argument("--disk-rate", type=int, default=200, help="guestload's 4 KiB disk writes per second")
     parser.add_argument("--network", choices=("bridge", "user"), default="bridge")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"migrations": 1, "network": "user"})
     print(f"QEMU {check_qemu('qemu-system-x86_64')}, image {DEFAULT_IMAGES / 'guest-os.qcow2'}")
     print(f"load average at start: {load_average()} ({os.cpu_count()} cores)")
 

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentprotocol import GuestSpec  # noqa: E402
+from bench import quick  # noqa: E402
 from bench.agents import BenchAgent, guest_id_for, migrate  # noqa: E402
 from devtools.processes import wait_until  # noqa: E402
 from hostagent.drivers.qemu.process import check_qemu  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--dirty-pages-per-s", type=int, default=5000)
     parser.add_argument("--encryption", choices=("required", "off"), default="required")
-    args = parser.parse_args()
+    args = quick.parse_args(parser, {"memory_mib": 128, "dirty_pages_per_s": 500})
     version = check_qemu("qemu-system-x86_64")
     base = {"memory_mib": args.memory_mib, "vcpus": 1, "os_type": "Linux"}
     rate = args.dirty_pages_per_s

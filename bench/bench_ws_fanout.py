@@ -31,6 +31,9 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench import quick  # noqa: E402
+
 DB_PATH = BASE_DIR / "var" / f"bench-ws-{os.getpid()}.sqlite3"
 SERVER_LOG = BASE_DIR / "var" / f"bench-ws-{os.getpid()}-uvicorn.log"
 ENV = {
@@ -221,7 +224,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--deflate", action="store_true", help="clients ask for permessage-deflate")
-    options = parser.parse_args()
+    options = quick.parse_args(parser, {"clients": [1, 10], "events": 5})
     DEFLATE = options.deflate
     subprocess.run([sys.executable, str(BASE_DIR / "scripts" / "ensure_redis.py")], check=True)
     vm_id, cookie = make_world()

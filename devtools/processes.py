@@ -223,7 +223,8 @@ def start_console_server(
 ) -> ManagedProcess:
     """uvicorn serving ``matrixoe.asgi``, returned once its login page answers."""
     args = [PYTHON, "-m", "uvicorn", "matrixoe.asgi:application", "--host", "127.0.0.1"]
-    args += ["--port", str(port), "--ws", "websockets-sansio", "--no-access-log", *uvicorn_args]
+    args += ["--port", str(port), "--ws", "websockets-sansio", "--no-access-log", "--no-proxy-headers"]
+    args += uvicorn_args  # the console believes forwarded headers from TRUSTED_PROXIES only (matrixoe.asgi)
     server = start_process("uvicorn", args, log_path, env)
     login = f"http://127.0.0.1:{port}/login/"
     if not wait_until(lambda: not server.running or answers_http(login), timeout) or not server.running:

@@ -20,6 +20,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from migrations_app import refusals
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from migrations_app.outcomes import Outcome
@@ -27,7 +28,7 @@ from migrations_app.progress import publish_vsp_overview
 from vms.models import VSP, AuditEvent
 
 from .models import Evacuation, EvacuationStep
-from .plan import build_plan, dirty_rates
+from .plan import PlanStep, build_plan, dirty_rates
 from .rights import may_cancel_evacuation, may_evacuate, may_leave_maintenance, require
 from .summary import summarize
 
@@ -67,9 +68,10 @@ def do_start_evacuation(
             plan = build_plan(
                 vsp, chosen_targets, order, rates=rates, excluded=excluded, confirmed=confirmed, user=user
             )
-            misfits = [step.problem for step in plan.steps if step.problem]
+            misfits = [step for step in plan.steps if step.problem]
             if misfits:
-                raise EvacuationRefused(f"The plan no longer fits: {' '.join(misfits)}")
+                note_refused_steps(vsp, misfits, chosen_targets, user)
+                raise EvacuationRefused(f"The plan no longer fits: {' '.join(s.problem for s in misfits)}")
             unreviewed = [step.vm.name for step in plan.steps if step.vm.pk not in chosen_targets]
             if unreviewed:
                 raise EvacuationRefused(
@@ -119,6 +121,19 @@ def do_start_evacuation(
         raise EvacuationRefused(f"{vsp.name} is already being evacuated.") from None
     logger.info("%s started evacuation %s of %s", user, evacuation.pk, vsp.name)
     return evacuation
+
+
+def note_refused_steps(vsp: VSP, misfits: list[PlanStep], chosen: Mapping[int, int], user: Any) -> None:
+    """Keep each guest the re-checked plan refuses in the history, as the migrate dialog's refusals are:
+    a pre-check (maintenance, memory, ...), or a target outside the user's operator groups (permission).
+    A target that is the evacuated host itself or no VSP at all is a bad choice, not an attempt."""
+    for step in misfits:
+        target, kind = step.target, refusals.PRECHECK
+        if target is None:
+            target = VSP.objects.exclude(pk=vsp.pk).filter(pk=chosen.get(step.vm.pk, 0)).first()
+            kind = refusals.PERMISSION
+        if target is not None:
+            refusals.note_refusal(step.vm, target, user, f"{step.problem}.", kind)
 
 
 def _refuse_if_running(vsp: VSP) -> None:

@@ -3,6 +3,7 @@
 Secrets may also come from a file named by ``<NAME>_FILE`` (Docker/Kubernetes secrets).
 """
 
+import ipaddress
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +47,19 @@ def env_int(name: str, default: int) -> int:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_networks(name: str) -> list[str]:
+    """Comma-separated IP addresses or networks ("10.0.0.2,192.168.0.0/24"), each checked."""
+    networks = env_list(name, "")
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} takes IP addresses or networks (10.0.0.2, 192.168.0.0/24), not {network!r}"
+            ) from None
+    return networks
 
 
 DEBUG = env_bool("DEBUG", False)
@@ -97,6 +111,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    # A refused migration request is kept in the history even when the request's transaction rolls back.
+    "migrations_app.refusals.RecordRefusalsMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
@@ -107,6 +123,8 @@ MIDDLEWARE = [
 
 # Login throttling (django-axes): after AXES_FAILURE_LIMIT failed logins for one username from one
 # address, that pair is locked out for AXES_COOLOFF_MINUTES (HTTP 429); an admin can lift it in the admin.
+# The pair, never the username alone: failures from one address cannot lock the account out from any
+# other. The address is the client's own (REMOTE_ADDR, forwarded only by TRUSTED_PROXIES, see below).
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
@@ -147,7 +165,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Owner only: the database holds session keys, password hashes and encrypted agent secrets.
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Several processes (web, worker) share the file: wait for locks instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
 
@@ -222,6 +241,13 @@ SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", SERVED_OVER_HTTPS)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if SERVED_OVER_HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", SERVED_OVER_HTTPS)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", SERVED_OVER_HTTPS)
+# --- Reverse proxies: the only ones whose X-Forwarded-For / X-Forwarded-Proto are believed ------------
+# Addresses or networks of the reverse proxies in front of the web processes; none by default. A request
+# arriving from one of them has its client address (the login throttle's, the metrics allow-list's) and
+# scheme taken from those headers (matrixoe/asgi.py); from anyone else they are ignored. The web server
+# must leave the headers alone (uvicorn --no-proxy-headers: its default believes 127.0.0.1, and under
+# `make run` every client is 127.0.0.1, so anyone could have named any address).
+TRUSTED_PROXIES = env_networks("TRUSTED_PROXIES")
 _proxy_header = env_str("SECURE_PROXY_SSL_HEADER", "")
 if _proxy_header:
     _name, _, _value = _proxy_header.partition("=")
@@ -267,6 +293,9 @@ LOGGING = {
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
 
+# Plain http:// agent addresses (the agent's secret in clear on the wire): refused unless this is on; on by
+# default with DEBUG only. Never for a VSP with an agent certificate registered (vms.agent_address).
+AGENT_PLAIN_HTTP_ALLOWED = env_bool("AGENT_PLAIN_HTTP_ALLOWED", DEBUG)
 # Seconds the console waits for a host agent's answer (vms.agent_client); raise on a loaded machine.
 AGENT_TIMEOUT_S = float(env_int("AGENT_TIMEOUT_S", 10))
 # The migrate dialog asks every VSP's agent for its health when it opens, all at once, this long at most
@@ -422,5 +451,6 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- REST API and metrics (api) ----------------------------------------------------------------------------
-# Addresses or networks that may scrape /metrics without a token, e.g. "127.0.0.1,10.0.0.0/8".
-METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "")
+# Addresses or networks that may scrape /metrics without a token, e.g. "127.0.0.1,10.0.0.0/8": the client's
+# own address (a forwarded one only from TRUSTED_PROXIES).
+METRICS_ALLOWED_IPS = env_networks("METRICS_ALLOWED_IPS")

@@ -11,22 +11,28 @@ from typing import Any
 import httpx
 
 from .config import Login
+from .safe import for_terminal, terminal_text
 
 TIMEOUT_S = 30.0
 RETRIES = 3  # for a create: the same Idempotency-Key on each try, so a retry never starts a second one
 
 
 class ApiError(Exception):
-    """The console refused (a problem document) or could not be reached; ``str()`` is its plain words."""
+    """The console refused (a problem document) or could not be reached; ``str()`` is its plain words,
+    safe for a terminal (``safe.terminal_text``: they may quote what someone typed)."""
 
     def __init__(self, detail: str, status: int = 0) -> None:
-        super().__init__(detail)
+        super().__init__(terminal_text(detail))
         self.status = status
 
 
 class Client:
-    def __init__(self, login: Login) -> None:
+    """The API's JSON; with ``for_terminal`` (all but ``--json``) every string in it is made safe for a
+    terminal (``safe.for_terminal``) before any command sees it: tables, lines, bars and errors alike."""
+
+    def __init__(self, login: Login, *, for_terminal: bool = True) -> None:
         self.login = login
+        self.for_terminal = for_terminal
         self.http = httpx.Client(
             base_url=f"{login.url}/api/v1",
             headers={"Authorization": f"Bearer {login.token}", "Accept": "application/json"},
@@ -45,11 +51,16 @@ class Client:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
+        except httpx.InvalidURL as error:
+            raise ApiError(f"Not an address the console could be asked at: {error}") from None
         except httpx.HTTPError as error:
             raise ApiError(f"Could not reach the console at {self.login.url}: {error}") from None
         if response.status_code >= 400:
             raise ApiError(problem_detail(response), response.status_code)
-        return response.json()
+        return self._shown(response.json())
+
+    def _shown(self, data: Any) -> Any:
+        return for_terminal(data) if self.for_terminal else data
 
     def all_pages(self, path: str, **params: Any) -> list[dict]:
         items: list[dict] = []
@@ -88,7 +99,8 @@ class Client:
                 if response.status_code >= 400:
                     response.read()
                     raise ApiError(problem_detail(response), response.status_code)
-                yield from parse_events(response.iter_lines())
+                for event, data in parse_events(response.iter_lines()):
+                    yield event, self._shown(data)
         except httpx.HTTPError as error:
             raise ApiError(f"Lost the progress stream from {self.login.url}: {error}") from None
 

@@ -17,9 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .client import ApiError, Client
 from .config import Login, NotLoggedIn, load_login, save_login
+from .safe import segment, terminal_text
 from .watch import watch_migration
 
 app = typer.Typer(help="The Matrix OE console from a shell.", no_args_is_help=True, add_completion=False)
@@ -30,8 +32,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON, 
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(message, style="bold red", markup=False, highlight=False)
+    err.print(terminal_text(message), style="bold red", markup=False, highlight=False)
     return typer.Exit(1)
+
+
+def plain(*values: str) -> list[Text]:
+    """Table cells shown as the text they are: never read as rich markup (a name like "[blink]x")."""
+    return [Text(value) for value in values]
 
 
 def json_number(text: str) -> int | float | str:
@@ -66,9 +73,10 @@ def whole_option(text: str, option: str, low: int, high: int) -> int:
     raise fail(f"{option}: a whole number from {low} to {high}, not {text!r}.")
 
 
-def client() -> Client:
+def client(as_json: bool = False) -> Client:
+    """The API client; its answers made safe for a terminal unless ``as_json`` (``safe.py``)."""
     try:
-        return Client(load_login())
+        return Client(load_login(), for_terminal=not as_json)
     except NotLoggedIn as error:
         raise fail(str(error)) from None
 
@@ -101,18 +109,20 @@ def login(
 @app.command()
 def vsps(as_json: JsonOption = False) -> None:
     """The VSPs (VM hosts)."""
-    items = call(lambda api: api.all_pages("/vsps"))
+    items = call(lambda api: api.all_pages("/vsps"), as_json)
     if as_json:
         return print_json(items)
     table = Table("VSP", "Online migration", "Licensed", "Memory", "CPUs", "Agent")
     for vsp in items:
         table.add_row(
-            vsp["name"],
-            "enabled" if vsp["migration_enabled"] else "disabled",
-            "yes" if vsp["licensed"] else "no",
-            f"{vsp['memory_mib']} MiB",
-            str(vsp["cpus"]),
-            "reachable" if vsp["agent_reachable"] else unreachable(vsp.get("unreachable_since")),
+            *plain(
+                vsp["name"],
+                "enabled" if vsp["migration_enabled"] else "disabled",
+                "yes" if vsp["licensed"] else "no",
+                f"{vsp['memory_mib']} MiB",
+                str(vsp["cpus"]),
+                "reachable" if vsp["agent_reachable"] else unreachable(vsp.get("unreachable_since")),
+            )
         )
     out.print(table)
 
@@ -131,22 +141,24 @@ def vms(
     as_json: JsonOption = False,
 ) -> None:
     """VMs and vPars, where each runs, and whether it can migrate online."""
-    items = call(lambda api: api.all_pages("/vms", vsp=vsp))
+    items = call(lambda api: api.all_pages("/vms", vsp=vsp), as_json)
     if as_json:
         return print_json(items)
     table = Table("Name", "Kind", "VSP", "OS Status", "Hardware", "Online Migration", "Migration")
     for vm in items:
         migration = vm["migration"]
         table.add_row(
-            vm["name"],
-            vm["kind"]["label"],
-            vm["vsp"] or "—",
-            vm["os_status"]["label"],
-            (vm["hardware_status"] or {}).get("label", "—"),
-            vm["online_migration"]["label"],
-            f"{migration['state']['label']} → {migration['target']}"
-            if migration and migration["active"]
-            else "",
+            *plain(
+                vm["name"],
+                vm["kind"]["label"],
+                vm["vsp"] or "—",
+                vm["os_status"]["label"],
+                (vm["hardware_status"] or {}).get("label", "—"),
+                vm["online_migration"]["label"],
+                f"{migration['state']['label']} → {migration['target']}"
+                if migration and migration["active"]
+                else "",
+            )
         )
     out.print(table)
 
@@ -154,18 +166,19 @@ def vms(
 @app.command()
 def status(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: JsonOption = False) -> None:
     """The VM's General tab, as text."""
-    data = call(lambda api: api.get(f"/vms/{vm}"))
+    data = call(lambda api: api.get(f"/vms/{segment(vm)}"), as_json)
     if as_json:
         return print_json(data)
     for label, value in general_tab_lines(data):
-        out.print(f"[bold]{label + ':':<26}[/bold] {value}", highlight=False)
+        out.print(Text.assemble((f"{label + ':':<26}", "bold"), " ", value), highlight=False)
     if data["migration"]:
         migration = data["migration"]
-        out.print(f"\nOnline Migration Phases (to {migration['target']}, {migration['state']['label']}):")
+        heading = f"\nOnline Migration Phases (to {migration['target']}, {migration['state']['label']}):"
+        out.print(heading, markup=False, highlight=False)
         for phase in migration["phases"]:
-            out.print(f"  {phase['label']:<12} {phase['percent']:>3}%", highlight=False)
+            out.print(f"  {phase['label']:<12} {phase['percent']:>3}%", markup=False, highlight=False)
     if data["alert"]:
-        out.print(f"\n[bold red]Alert:[/bold red] {data['alert']['alert']}", highlight=False)
+        out.print(Text.assemble("\n", ("Alert:", "bold red"), " ", data["alert"]["alert"]), highlight=False)
 
 
 def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
@@ -218,7 +231,7 @@ def migrate(
         policy["bandwidth_cap_mb_s"] = json_number(bandwidth)
     if auto_converge:
         policy["auto_converge"] = True
-    api = client()
+    api = client(as_json)
     try:
         migration = api.create_migration(vm, to, {"preset": "custom", **policy} if policy else None)
     except ApiError as error:
@@ -243,7 +256,7 @@ def migrate(
 @app.command()
 def cancel(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: JsonOption = False) -> None:
     """Cancel the VM's queued or running migration (the VM keeps running on its source)."""
-    api = client()
+    api = client(as_json)
     try:
         active = api.get("/migrations", vm=vm, active="true", limit=1)["items"]
         if not active:
@@ -297,7 +310,7 @@ def switchover(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json
 
 def steer(vm: str, request: Any, as_json: bool) -> None:
     """``request(api, id)`` on the VM's queued or running migration; the console's words either way."""
-    api = client()
+    api = client(as_json)
     try:
         active = api.get("/migrations", vm=vm, active="true", limit=1)["items"]
         if not active:
@@ -318,27 +331,29 @@ def history(
 ) -> None:
     """Past and current migrations, newest first."""
     count = whole_option(limit, "--limit", 1, 500)
-    items = call(lambda api: api.get("/migrations", vm=vm, limit=count)["items"])
+    items = call(lambda api: api.get("/migrations", vm=vm, limit=count)["items"], as_json)
     if as_json:
         return print_json(items)
     table = Table("Id", "VM", "From", "To", "Requested", "By", "Outcome", "Downtime")
     for m in items:
         downtime = m["statistics"]["downtime_ms"]
         table.add_row(
-            str(m["id"]),
-            m["vm"],
-            m["source"],
-            m["target"],
-            m["requested_at"][:19].replace("T", " "),
-            m["requested_by"] or "—",
-            m["state"]["label"] + (f" in {m['failed_phase']}" if m["failed_phase"] else ""),
-            "—" if downtime is None else f"{downtime} ms",
+            *plain(
+                str(m["id"]),
+                m["vm"],
+                m["source"],
+                m["target"],
+                m["requested_at"][:19].replace("T", " "),
+                m["requested_by"] or "—",
+                m["state"]["label"] + (f" in {m['failed_phase']}" if m["failed_phase"] else ""),
+                "—" if downtime is None else f"{downtime} ms",
+            )
         )
     out.print(table)
 
 
-def call(function: Any) -> Any:
-    api = client()
+def call(function: Any, as_json: bool = False) -> Any:
+    api = client(as_json)
     try:
         return function(api)
     except ApiError as error:
@@ -370,7 +385,7 @@ def evacuate(
     it is given to ``--confirm`` (or ``--exclude``, or its policy is changed).
     """
     choices = {"exclude": exclude or [], "confirm": confirm or []}
-    plan = call(lambda api: api.get(f"/vsps/{vsp}/evacuation-plan", **choices))
+    plan = call(lambda api: api.get(f"/vsps/{segment(vsp)}/evacuation-plan", **choices), as_json)
     if plan_only or not plan["can_start"]:
         if as_json:
             print_json(plan)
@@ -379,7 +394,7 @@ def evacuate(
         if not plan_only:
             raise fail(" ".join(plan["problems"]) or f"Nothing on {plan['vsp']} can leave.")
         return
-    evacuation = call(lambda api: api.post(f"/vsps/{vsp}/evacuations", choices))
+    evacuation = call(lambda api: api.post(f"/vsps/{segment(vsp)}/evacuations", choices), as_json)
     if as_json:
         return print_json(evacuation)
     print_plan(plan)
@@ -404,7 +419,7 @@ def print_plan(plan: dict[str, Any]) -> None:
         forecast = "not known yet" if step["predicted_s"] is None else seconds_text(step["predicted_s"])
         if step.get("verdict") in ("may_not_converge", "will_not_converge"):  # forecast.Verdict.warns
             forecast += f" ({step['verdict_label']})"
-        table.add_row(step["vm"], step["target"] or "-", forecast, step["problem"])
+        table.add_row(*plain(step["vm"], step["target"] or "-", forecast, step["problem"]))
     out.print(table)
     for stay in plan["staying"]:
         out.print(f"stays: {stay['vm']}: {stay['reason']}", markup=False, highlight=False)

@@ -1,4 +1,6 @@
-"""``migrate --watch``: one live progress bar per phase and the statistics, from the progress stream."""
+"""``migrate --watch``: one live progress bar per phase and the statistics, from the progress stream.
+
+The stream's data arrive made safe for a terminal (``Client.for_terminal``)."""
 
 from __future__ import annotations
 
@@ -53,11 +55,11 @@ def _watch_bars(api: Client, migration: dict, console: Console) -> dict:
     console.print(
         f"Migrating {migration['vm']} from {migration['source']} to {migration['target']}", markup=False
     )
-    progress = Progress(
-        TextColumn("{task.description:<12}"),
+    progress = Progress(  # the phases' words are the server's: shown as text, never as rich markup
+        TextColumn("{task.description:<12}", markup=False),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
         console=console,
     )
     bars: dict[str, TaskID] = {

@@ -5,7 +5,8 @@ the host groups of the source and the target), decides under a lock (and the
 ``one_active_migration_per_vm`` constraint), records an event, and queues the worker's job with
 ``transaction.on_commit`` so it never sees an uncommitted row. Refusals raise ``MigrationRefused``
 (a ``ValidationError`` whose message is fit for the page) or ``vms.access.AccessDenied``
-(a ``PermissionDenied``); nothing is changed then.
+(a ``PermissionDenied``); nothing is changed then, but a refused migration request is kept in the
+history (``refusals``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from django.db import IntegrityError, transaction
 from vms.access import LACKS_PERMISSION, check_can_change_vm
 from vms.models import VSP, AuditEvent, VirtualMachine
 
-from . import migration_policy
+from . import migration_policy, refusals
 from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
-from .checks import check_target
-from .history import record_refusal
+from .checks import ALREADY_MIGRATING_REASON, check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .scheduling import enqueue_next_for_source, enqueue_run
@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 class MigrationRefused(ValidationError):
-    """The migration (or cancel) was refused; ``message`` says why in plain words."""
+    """The migration (or cancel) was refused; ``message`` says why in plain words, ``code`` its kind
+    (``refusals.KINDS``). ``attempt``: the refused attempt kept in the history (``do_request_migration``)."""
+
+    attempt: refusals.RefusedAttempt | None = None
 
 
 @dataclass(frozen=True)
@@ -59,21 +62,29 @@ def do_request_migration(
     Two admins at once: the VM row lock (PostgreSQL) or the write lock (SQLite, IMMEDIATE transactions)
     serializes the checks, and the partial unique constraint catches anything that slips past them.
     Raises ``AccessDenied`` unless ``user`` is an operator of both the source's and the target's group.
+    Every refusal, ``MigrationRefused`` (``code``: its kind) or ``PermissionDenied``, is kept in the
+    history (``refusals.note_refusal``; its ``attempt`` rides on the error); bad input is not.
     """
-    check_permission(user, ADD_MIGRATION_PERMISSION)
-    effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
     try:
-        with transaction.atomic():
-            vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
-            target = VSP.objects.get(pk=target.pk)
-            check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
-            migration = _create_migration(vm, target, user, effective)
-    except IntegrityError:
-        refusal = MigrationRefused(refusal_message(vm, target, "VM is already migrating"))
-        record_refusal(vm, target, user, str(refusal.message))
-        raise refusal from None
+        check_permission(user, ADD_MIGRATION_PERMISSION)
+        effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
+        try:
+            with transaction.atomic():
+                vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
+                target = VSP.objects.get(pk=target.pk)
+                check_can_migrate(user, vm, target)  # under the lock: the source is the one being moved from
+                migration = _create_migration(vm, target, user, effective)
+        except IntegrityError:
+            reason = refusal_message(vm, target, ALREADY_MIGRATING_REASON)
+            raise MigrationRefused(reason, code=refusals.ALREADY_MIGRATING) from None
     except MigrationRefused as refusal:
-        record_refusal(vm, target, user, str(refusal.message))  # after the rollback: nothing else changed
+        kind = refusal.code or refusals.PRECHECK
+        refusal.attempt = refusals.note_refusal(vm, target, user, str(refusal.message), kind)
+        raise
+    except PermissionDenied as denied:
+        denied.attempt = refusals.note_refusal(  # type: ignore[attr-defined]
+            vm, target, user, str(denied), refusals.PERMISSION
+        )
         raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
@@ -82,10 +93,13 @@ def do_request_migration(
 def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any]) -> Migration:
     reason = check_target(vm, target)
     if reason:
-        raise MigrationRefused(refusal_message(vm, target, reason))
+        kind = refusals.ALREADY_MIGRATING if reason == ALREADY_MIGRATING_REASON else refusals.PRECHECK
+        raise MigrationRefused(refusal_message(vm, target, reason), code=kind)
     source = vm.current_vsp
     if source is None:
-        raise MigrationRefused(refusal_message(vm, target, "VM is not runnable on any VSP"))
+        raise MigrationRefused(
+            refusal_message(vm, target, "VM is not runnable on any VSP"), code=refusals.PRECHECK
+        )
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
         migration = Migration.objects.create(
             vm=vm, source=source, target=target, requested_by=user, policy=policy

@@ -15,6 +15,7 @@ from vms.models import VSP, PairEncryption, Registration, VirtualMachine, stream
 from .models import Migration
 
 OK = "ok"
+ALREADY_MIGRATING_REASON = "VM is already migrating"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
     if not vm.online_migration_enabled:
         return "VM not enabled for online migration"
     if _is_migrating(vm, ignoring):
-        return "VM is already migrating"
+        return ALREADY_MIGRATING_REASON
     if source is None:
         return "VM is not runnable on any VSP"
     if not is_running(vm):

@@ -42,12 +42,13 @@ OUTCOME_CHOICES = [
 ]
 
 
-def record_refusal(vm: VirtualMachine, target: VSP, user: Any, reason: str) -> Migration:
+def record_refusal(vm: VirtualMachine, target: VSP, user: Any, reason: str, kind: str = "") -> Migration:
     """Keep a refused attempt (who, what, why) as a Migration in the terminal state REFUSED.
 
     Created directly in REFUSED (never transitioned), so the transition table and the
     ``one_active_migration_per_vm`` constraint (active states only) are untouched. ``reason`` is the
-    sentence the user was shown. Call it outside the refused transaction (that one rolled back).
+    sentence the user was shown; ``kind`` (``refusals.KINDS``) is kept as the row's ``failure_kind``.
+    Call it outside the refused transaction (that one rolled back): ``refusals.note_refusal`` does.
     """
     actor = user if getattr(user, "is_authenticated", False) else None
     now = timezone.now()
@@ -62,6 +63,7 @@ def record_refusal(vm: VirtualMachine, target: VSP, user: Any, reason: str) -> M
             state=State.REFUSED,
             state_changed_at=now,
             alert=reason,
+            failure_kind=kind,
         )
         MigrationEvent.objects.create(
             migration=migration, at=now, from_state="", to_state=State.REFUSED, message=reason, actor=actor

@@ -57,24 +57,27 @@ def parse_id(value: str | None) -> int | None:
 
 
 @require_http_methods(["GET", "POST"])
-@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     """GET: every VSP the user may migrate to, with its pre-check result. POST: start the migration.
 
-    A VM the user cannot see is a 404; one they may not migrate (not an operator of its source's host
-    group) a short 403. A forged target outside the user's groups is refused by the action (403, the
-    dialog says why, nothing changes).
+    A VM the user cannot see is a 404; one they may not migrate (the permission, or the operator role
+    on its source's host group) a short 403. A forged target outside the user's groups is refused by
+    the action (403, the dialog says why, nothing changes). Every refused POST with a target is kept in
+    the history, permission refusals included (the action records them).
     """
+    if request.method == "GET" and not request.user.has_perm(ADD_MIGRATION_PERMISSION):
+        raise PermissionDenied  # no dialog for an account that may never migrate, whichever VM
     vm = get_visible_vm(request.user, vm_id)
-    check_can_migrate(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
     if request.method == "GET":
+        check_can_migrate(request.user, vm)  # PermissionDenied: the project's handler403, a short refusal
         # Reachability is checked now, not taken from the last inventory (up to 30 s old).
         if settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S:
             probe_reachability(list(VSP.objects.all()), settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S)
         return render_dialog(request, vm)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None
-    if target is None:
+    if target is None:  # no attempt to keep: nothing was asked of a VSP
+        check_can_migrate(request.user, vm)
         checks = offered_checks(request, vm)
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
@@ -86,6 +89,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     except MigrationRefused as refusal:
         return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
     except PermissionDenied as denied:
+        check_can_migrate(request.user, vm)  # may not migrate it at all: the short refusal page
         return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
@@ -344,9 +348,11 @@ def respond_notice(
 
 
 @require_POST
-@permission_required(ADD_MIGRATION_PERMISSION, raise_exception=True)
 def migrate_selected(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
-    """Several VMs of one VSP to one target: they leave N at a time (the VSP's setting), the rest wait."""
+    """Several VMs of one VSP to one target: they leave N at a time (the VSP's setting), the rest wait.
+
+    The action decides each VM's rights (and keeps each refusal in the history), so no permission
+    decorator answers first."""
     vsp = get_visible_vsp(request.user, vsp_id)
     target_id = parse_id(request.POST.get("target"))
     target = VSP.objects.filter(pk=target_id).first() if target_id else None

@@ -17,7 +17,8 @@ started process carries MATRIXOE_MAKE_RUN=<var dir> in its environment; what an 
 left running (it was killed with SIGKILL, say) is found by that and stopped before its replacement
 starts, and a port held by anything else is named with what to do.
 
-Secrets are generated once into var/ (mode 0600) and reused: the Django SECRET_KEY, the key that
+var/ is its owner's only (0700, files 0600, the umask of every process started here 077), and
+secrets are generated once into it and reused: the Django SECRET_KEY, the key that
 encrypts agent secrets in the database, the password of the Redis started here, and the first
 admin and operator passwords (printed on the first run only). So is the demo's small PKI in
 var/pki/ (devtools/pki.py): a CA and one certificate per host agent (keys 0600); the agents serve
@@ -33,6 +34,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -255,6 +257,26 @@ def parse_args() -> argparse.Namespace:
     return options
 
 
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700: what this run and every process it starts creates
+
+
+def keep_var_private() -> None:
+    """var/ and everything in it readable by its owner only, now and later.
+
+    It holds the SQLite database (live session keys, password hashes, encrypted agent secrets) with its
+    -wal and -shm files, the secrets, the PKI's keys and the logs. The umask is inherited by every
+    process started here (Redis, the agents, the web server, the worker, beat), so the files they
+    create later are private too; what an earlier run (before this rule) left readable is narrowed.
+    """
+    os.umask(PRIVATE_UMASK)
+    VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in [VAR_DIR, *VAR_DIR.rglob("*")]:
+        with contextlib.suppress(FileNotFoundError):  # a leftover process may remove a file meanwhile
+            mode = path.lstat().st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
+                path.chmod(stat.S_IMODE(mode) & 0o700)
+
+
 def use_local_redis() -> None:
     """Unless REDIS_URL (or REDIS_URL_FILE) is given: our own Redis on loopback, password required.
 
@@ -443,7 +465,7 @@ def main() -> None:
     os.environ.setdefault("CELERY_QUEUE", f"matrixoe-{options.port}")
     os.environ.setdefault("CHANNELS_PREFIX", f"matrixoe-{options.port}")
     os.environ.setdefault("MATRIXOE_VAR_DIR", str(VAR_DIR))
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    keep_var_private()
     stop_leftovers()
     os.environ[MARKER] = str(VAR_DIR)
     use_local_secrets()

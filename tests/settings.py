@@ -45,6 +45,9 @@ DEBUG = False
 # Tests log in hundreds of times (some with wrong passwords on purpose); the lockout test turns it on.
 AXES_ENABLED = os.environ.get("AXES_ENABLED", "false") == "true"
 ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
+# Stand-in agents and listeners of many tests speak plain http (no certificate registered); the tests of
+# the refusal (tests/vms/test_agent_address.py) turn it off, as production has it.
+AGENT_PLAIN_HTTP_ALLOWED = os.environ.get("AGENT_PLAIN_HTTP_ALLOWED", "true") == "true"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests only
 
 # Private queue and channel prefix: a worker left over from another run never takes these tasks.

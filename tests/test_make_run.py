@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from devtools.processes import free_port, wait_until
@@ -207,3 +208,51 @@ def command_of(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def umask_of(pid: int) -> int | None:
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+
+
+def readable_by_others(var_dir: Path) -> list[str]:
+    """Everything under ``var_dir`` (itself included) that anyone but its owner may read or enter."""
+    found = []
+    for path in [var_dir, *var_dir.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
+            found.append(f"{path.relative_to(var_dir.parent)} {stat.S_IMODE(mode):o}")
+    return found
+
+
+def test_var_and_everything_in_it_are_its_owners_only_also_what_is_written_later(make_run):
+    """QA (issue 18 item 16): `make run` created var/ 0755 and the SQLite database 0644, with live
+    session keys in it (a local user took over a logged-in admin's session), password hashes and
+    encrypted agent secrets. An earlier run's files are narrowed too."""
+    make_run.var_dir.mkdir(mode=0o755)
+    make_run.var_dir.chmod(0o755)
+    earlier = make_run.var_dir / "logs" / "web.log"
+    earlier.parent.mkdir(mode=0o755)
+    earlier.write_text("an earlier run's log\n")
+    earlier.chmod(0o644)
+
+    make_run.start()
+    # Written now, by the running processes: a login (a session row in the database, its journal).
+    with httpx.Client(base_url=f"http://127.0.0.1:{make_run.port}") as browser:
+        page = browser.get("/login/")
+        token = page.text.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+        password = (make_run.var_dir / "admin-password").read_text().strip()
+        form = {"username": "admin", "password": password, "csrfmiddlewaretoken": token}
+        assert browser.post("/login/", data=form).status_code == 302
+
+    names = {path.name for path in make_run.var_dir.rglob("*")}
+    assert {"db.sqlite3", "secret-key", "admin-password", "ca.key", "web.log"} <= names
+    assert readable_by_others(make_run.var_dir) == []
+    started = make_run.started()
+    assert len(started) >= 7 and {umask_of(pid) for pid in started} == {0o077}  # later files too
+    make_run.signal_group(signal.SIGTERM)
+    make_run.process.wait(timeout=60)
+    assert wait_until(lambda: not make_run.started(), 10)

@@ -59,10 +59,10 @@ class VSPAdminForm(forms.ModelForm):
 
     class Meta:
         model = VSP
-        # Agents listen on plain http on loopback in the demo; without this Django warns about https.
+        # An address typed without a scheme is https: agents serve HTTPS (plain http: vms.agent_address).
         formfield_callback = staticmethod(
             lambda field, **kwargs: (
-                field.formfield(assume_scheme="http", **kwargs)
+                field.formfield(assume_scheme="https", **kwargs)
                 if field.name == "agent_url"
                 else field.formfield(**kwargs)
             )

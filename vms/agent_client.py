@@ -56,6 +56,7 @@ from agentprotocol import (
     load_json,
     parse,
 )
+from vms.agent_address import check_agent_address
 
 M = TypeVar("M", bound=BaseModel)
 FORCE = StopRequest(force=True)  # a stop without a graceful timeout: the power cut at once
@@ -95,6 +96,11 @@ class AgentUntrusted(AgentUnreachable):
     """
 
     kind = FailureKind.REFUSED
+
+
+class AgentAddressRefused(AgentUntrusted):
+    """The console will not talk to this address at all: plain http beside a registered certificate,
+    or plain http in production (``vms.agent_address``); nothing was sent. ``str()`` says why."""
 
 
 class UnknownMigration(AgentRefused):
@@ -235,6 +241,10 @@ class AgentClient:
         return self._client
 
     def _verify(self) -> ssl.SSLContext | bool:
+        try:  # before any connection: no secret goes to a plain-http address that must not get one
+            check_agent_address(self.base_url, self._trust)
+        except ValueError as error:
+            raise AgentAddressRefused(f"{self.base_url}: {error}") from None
         url = httpx.URL(self.base_url)
         if url.scheme != "https" or not self._trust:
             return True

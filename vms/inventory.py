@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from agentprotocol import GuestInfo
 from vms.agent_client import (
+    AgentAddressRefused,
     AgentClient,
     AgentProtocolError,
     AgentRefused,
@@ -187,6 +188,9 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
             guests = agent.list_guests()
             if not vsp.agent_driver:
                 driver = agent.health().driver
+    except AgentAddressRefused as error:
+        logger.warning("Agent of VSP %s not asked: %s", vsp.name, error)
+        problem = f"was not asked: {str(error).split(': ', 1)[-1]}"
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -19,6 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from agentprotocol import MAX_STREAMS, Encryption
+from vms.agent_address import check_agent_address
 from vms.fields import EncryptedSecretField
 
 
@@ -178,6 +180,14 @@ class VSP(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("vms:vsp_detail", args=[self.pk])
+
+    def clean(self) -> None:
+        """Model validation (the admin's form, every ModelForm, ``full_clean``): an agent address the
+        console may send the secret to (``vms.agent_address``)."""
+        try:
+            check_agent_address(self.agent_url or "", self.agent_certificate or "")
+        except ValueError as error:
+            raise ValidationError({"agent_url": str(error)}) from None
 
     def split_brain_copies(self) -> models.QuerySet[Registration]:
         """Split-brain copies (``Registration.split_brain``) of the VMs registered on this VSP."""

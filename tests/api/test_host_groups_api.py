@@ -66,7 +66,10 @@ def test_the_api_refuses_a_migration_to_a_target_outside_the_users_operator_grou
     response = api.post("/migrations", {"vm": "prod-web", "target": "vsp-l1"})
     assert response.status_code == 403
     assert "you are not an operator of its host group" in response.json()["detail"]
-    assert Migration.objects.count() == before
+    # Nothing started; the refused attempt (the second, on a VSP the user sees) is kept in the history.
+    assert Migration.objects.count() == before + 1
+    refused = Migration.objects.latest("pk")
+    assert (refused.state, refused.failure_kind, refused.target.name) == ("refused", "permission", "vsp-l1")
 
 
 def test_the_history_and_reports_show_only_the_users_groups(world):

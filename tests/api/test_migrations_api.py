@@ -74,7 +74,8 @@ def test_it_refuses_with_the_dialogs_words_and_changes_nothing(api, hosts, vm_fi
     response = api.post("/migrations", {"vm": "web01", "target": target})
 
     assert_problem(response, 409, detail)
-    assert not Migration.objects.exists()
+    # Nothing starts; the refused attempt is kept in the history, as the dialog's refusals are.
+    assert list(Migration.objects.values_list("state", "alert")) == [("refused", detail)]
 
 
 def test_it_refuses_a_vm_already_migrating(api, hosts):
@@ -85,7 +86,10 @@ def test_it_refuses_a_vm_already_migrating(api, hosts):
     response = api.post("/migrations", {"vm": "web01", "target": "hostc"})
 
     assert_problem(response, 409, "web01 cannot migrate to hostc: VM is already migrating.")
-    assert Migration.objects.count() == 1
+    assert sorted(Migration.objects.values_list("state", "failure_kind")) == [
+        ("queued", ""),
+        ("refused", "already_migrating"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -123,7 +127,13 @@ def test_it_answers_403_to_a_read_only_user_and_401_to_anonymous(read_only_api, 
         "You may look but not change: your account lacks the permission to do this.",
     )
     assert_problem(anonymous_api.post("/migrations", {"vm": "web01", "target": "hostb"}), 401)
-    assert not Migration.objects.exists()
+    # The read-only user's attempt is kept (who, what, why); the anonymous one is no one's attempt.
+    refused = Migration.objects.get()
+    assert (refused.state, refused.failure_kind, refused.requested_by.username) == (
+        "refused",
+        "permission",
+        "olga",
+    )
 
 
 def test_it_returns_the_first_migration_for_a_retried_idempotency_key(api, hosts):

@@ -15,7 +15,7 @@ import pytest
 
 from api.tokens import do_create_token
 from migrations_app.models import Migration
-from tests.api.conftest import WRITER
+from tests.api.conftest import WRITER, ApiClient
 from tests.factories import make_user, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm
 from vms.models import VSP
@@ -109,7 +109,16 @@ def test_it_exits_non_zero_with_the_refusals_words(host_agents, fleet, logged_in
 
     assert result.returncode == 1
     assert f"{vm.name} cannot migrate to hosta: same host." in result.stderr
-    assert not Migration.objects.filter(vm=vm).exists()
+    # Nothing started, and the refused attempt is in the history (it was rolled back with the API's
+    # transaction: issue 18 item 5), for the console's pages and the command alike.
+    refused = Migration.objects.get(vm=vm)
+    assert (refused.state, refused.requested_by.username, refused.target.name) == (
+        "refused",
+        "alice",
+        "hosta",
+    )
+    history = matrixoe(logged_in, "history", vm.name)
+    assert history.returncode == 0 and re.search(rf"{vm.name}\s.*hosta\s.*alice\s.*Refused", history.stdout)
 
 
 def test_it_lists_as_json_with_the_environment_overriding_the_stored_login(
@@ -310,3 +319,55 @@ def test_a_bad_history_limit_is_said_in_words_with_exit_status_1(logged_in, type
 
     assert result.returncode == 1, result.stderr
     assert f"--limit: a whole number from 1 to 500, not '{typed}'." in result.stderr
+
+
+# Sequences a terminal would obey: clear the screen and home the cursor, a fake green status line, a
+# window title (OSC ... BEL), a C1 CSI, a right-to-left override, and a line break faking another field.
+ESCAPES = "\x1b[2J\x1b[H\x1b[32mMigration completed\x1b[0m\x1b]0;owned\x07\x9b31m\u202erevo\nVSP:  vsp9"
+OBEYED = ("\x1b[2J", "\x1b[H", "\x1b]0;", "\x07", "\x9b", "\u202e", "\x1b[32mMigration")
+
+
+def obeyed(output: str) -> list[str]:
+    return [sequence for sequence in OBEYED if sequence in output]
+
+
+def test_what_the_server_sends_is_printed_inert_in_lines_tables_and_errors(
+    host_agents, fleet, logged_in, token
+):
+    """QA (issue 18 item 17): a Lab administrator set a Not Runnable reason with clear-screen and
+    fake-status escapes; `matrixoe status` printed them raw (BEL was stripped, ESC was not)."""
+    vm = make_vm("lab01", vsp=fleet["hostb"], hardware_status="off")
+    make_vm("[blink]web\x1b[2J", vsp=fleet["hostc"])  # a name typed in the admin, rich markup and all
+    copy = ApiClient(token).post(f"/vms/{vm.name}/registrations/hostb/not-runnable", {"reason": ESCAPES})
+    assert copy.status_code == 200, copy.content
+
+    for terminal in ({}, {"TTY_COMPATIBLE": "1"}):  # a pipe, and a terminal (rich's own styling on)
+        status = matrixoe(logged_in, "status", vm.name, env=terminal)
+        listed = matrixoe(logged_in, "vms", env=terminal)
+        refused = matrixoe(logged_in, "status", "\x1b[2Jnobody", env=terminal)
+        for result in (status, listed, refused):
+            assert obeyed(result.stdout + result.stderr) == [], (terminal, result.stdout + result.stderr)
+        assert "\\x1b[2J\\x1b[H\\x1b[32mMigration completed" in status.stdout, status.stdout
+        assert "\\u202erevo\\nVSP:  vsp9" in status.stdout
+        assert not re.search(r"^VSP:\s+vsp9", status.stdout, re.MULTILINE)  # no forged line
+        assert "[blink]web\\x1b[2J" in listed.stdout  # shown as typed, not as markup
+        assert refused.returncode == 1 and "\\x1b[2Jnobody" in refused.stderr
+    as_json = matrixoe(logged_in, "status", vm.name, "--json").stdout
+    assert obeyed(as_json) == [] and json.loads(as_json)["not_runnable_reason"] == ESCAPES  # exact, escaped
+
+
+def test_watch_bars_on_a_terminal_print_the_servers_names_inert(host_agents, fleet, logged_in):
+    """The bars' heading and last line carry the VSPs' names as the console has them (a superuser types
+    them in the admin; the agents never see them)."""
+    vm = place_vm(host_agents, fleet, memory_mib=16, fill_percent=30)
+    target = fleet["hostb"]
+    target.name = "hostb\x1b]0;owned\x07\x1b[2J"
+    target.save(update_fields=["name"])
+
+    terminal = {"COLUMNS": "120", "TTY_COMPATIBLE": "1"}
+    result = matrixoe(logged_in, "migrate", vm.name, "--to", str(target.pk), "--watch", env=terminal)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "━" in result.stdout  # the bars were drawn
+    assert obeyed(result.stdout) == [], result.stdout
+    assert "hostb\\x1b]0;owned\\x07\\x1b[2J" in result.stdout

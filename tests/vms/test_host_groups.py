@@ -334,6 +334,11 @@ def test_the_dialog_offers_only_targets_in_the_users_operator_groups(client, gro
         assert "vsp-l1" not in response.text and "vsp-x" not in response.text
 
 
+def refused_only() -> list[tuple[str, str]]:
+    """(state, kind) of every migration row: a refused attempt is kept (issue 18 item 5), nothing else."""
+    return list(Migration.objects.values_list("state", "failure_kind"))
+
+
 def test_a_target_the_user_only_views_is_not_offered_either(client, groups):
     user = groups["users"]["operator"]
     grant_role(user, groups["lab"], Role.VIEWER)
@@ -344,7 +349,7 @@ def test_a_target_the_user_only_views_is_not_offered_either(client, groups):
     assert (
         "You may not migrate prod-web to vsp-l1: you are not an operator of its host group" in response.text
     )
-    assert not Migration.objects.exists()
+    assert refused_only() == [("refused", "permission")]  # nothing started; the attempt is kept
 
 
 @pytest.mark.parametrize("htmx", [False, True])
@@ -364,7 +369,7 @@ def test_a_forged_post_to_a_target_outside_the_users_groups_is_refused_and_chang
         in response.text
     )
     assert groups["vsps"][target].name not in response.text  # a target the user cannot see is not named
-    assert not Migration.objects.exists()
+    assert refused_only() == [("refused", "permission")]  # nothing started; the attempt is kept
     assert (snapshot(), AuditEvent.objects.count()) == before
 
 
@@ -393,7 +398,8 @@ def test_a_viewer_can_neither_open_the_dialog_nor_migrate_nor_cancel(client, gro
     assert response.status_code == 403
     assert "you are not an operator of the host group of vsp-p1" in response.text
     response = client.post(dialog_url(vm), {"target": vsps["p2"].pk})
-    assert response.status_code == 403 and not Migration.objects.exists()
+    assert response.status_code == 403 and refused_only() == [("refused", "permission")]
+    Migration.objects.all().delete()
     migration = make_migration(vm, vsps["p1"], vsps["p2"])
     response = client.post(reverse("migrations_app:cancel", args=[migration.pk]))
     assert response.status_code == 403 and "You may not cancel this migration" in response.text
@@ -402,7 +408,7 @@ def test_a_viewer_can_neither_open_the_dialog_nor_migrate_nor_cancel(client, gro
         reverse("migrations_app:migrate_selected", args=[vsps["p1"].pk]),
         {"target": vsps["p2"].pk, "vm": vm.pk},
     )
-    assert Migration.objects.count() == 1  # only the one made above
+    assert Migration.objects.filter(state=Migration.State.QUEUED).count() == 1  # only the one made above
 
 
 def test_a_user_of_another_group_cannot_cancel_or_even_find_the_migration(client, groups):
@@ -428,7 +434,8 @@ def test_migrate_selected_offers_only_the_users_targets_and_refuses_a_forged_one
         follow=True,
     )
     assert "it is not in a host group where you are an operator" in response.text
-    assert not Migration.objects.exists()
+    assert refused_only() == [("refused", "permission")]
+    Migration.objects.all().delete()
     login(client, groups, "other")
     response = client.post(
         reverse("migrations_app:migrate_selected", args=[vsps["p1"].pk]),

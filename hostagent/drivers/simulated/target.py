@@ -537,9 +537,13 @@ class TargetMigration:
         self._close_streams()
 
     def _close_streams(self) -> None:
+        """Close the data-plane streams and let go of them (their buffers: see the source's
+        ``_drop_streams``); the agent keeps the ended migration listed."""
         for channel in self._channels:
             if channel is not None:
                 channel.close()
+        self._channels = [None] * len(self._channels)
+        self._channel, self._sock = None, None
 
     async def _drop(self) -> None:
         """Free the copy once: the target never keeps a half-received guest.
