@@ -311,8 +311,8 @@ def main() -> None:
                     measured.memory_bytes,
                     measured.dirty_rate_bytes_s,
                     DIRTY_RATE_WINDOW_S,
-                    measured.get("written_bytes"),
-                    measured.get("working_set_bytes"),
+                    measured.written_bytes,
+                    measured.working_set_bytes,
                 )
                 policy = forecast.Policy(
                     max_downtime_ms=300,

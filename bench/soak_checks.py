@@ -15,7 +15,7 @@ import html
 import re
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 from django.db.models import Count, Q
@@ -71,7 +71,7 @@ def runnable_copy(vm_id: int) -> Registration | None:
     return copies.select_related("vsp").first()
 
 
-def guest_on(stack: Stack, host: str, name: str) -> dict[str, Any] | None:
+def guest_on(stack: Stack, host: str, name: str) -> GuestInfo | None:
     """The agent's GuestInfo, or None if it does not know the guest; raises AgentError if it is down."""
     agent = stack.agents[host]
     with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
@@ -89,7 +89,7 @@ def is_running(guest: GuestInfo | None) -> bool:
     return bool(guest and guest.hardware_status == "on" and vcpus_running(guest))
 
 
-def selfcheck_passes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> str | None:
+def selfcheck_passes(stack: Stack, host: str, name: str, first: GuestInfo) -> str | None:
     """A QEMU guest's memwriter says alive again and passes a further self-check, none failed.
 
     Returns None when it does, else the sentence of what it did instead.
@@ -97,7 +97,8 @@ def selfcheck_passes(stack: Stack, host: str, name: str, first: dict[str, Any]) 
     before = first.workload
     deadline = time.monotonic() + SELFCHECK_WAIT_S
     while True:
-        now = (guest_on(stack, host, name) or {}).get("workload", {})
+        found = guest_on(stack, host, name)
+        now = found.workload if found is not None else {}
         if now.get("selfchecks_failed"):
             failed, log = now["selfchecks_failed"], now.get("serial_log")
             return f"its memory self-check FAILED {failed} time(s) (serial log {log})"
@@ -167,7 +168,7 @@ ENDING_RACE_S = 0.25
 ENDING_RACE = timedelta(seconds=ENDING_RACE_S)
 
 
-def workload_writes(stack: Stack, host: str, name: str, first: dict[str, Any]) -> bool:
+def workload_writes(stack: Stack, host: str, name: str, first: GuestInfo) -> bool:
     time.sleep(WORKLOAD_SAMPLE_S)
     later = guest_on(stack, host, name)
     return bool(later and later.workload["pages_written"] > first.workload["pages_written"])
@@ -211,7 +212,7 @@ def check_agents(stack: Stack) -> list[str]:
             name = guest.name
             if name not in known:
                 broken.append(f"orphan guest {name} on {host}: {summary(guest)}")
-            elif guest.get("migrating"):
+            elif guest.migrating:
                 broken.append(f"guest {name} on {host} still migrating ({guest.migrating})")
             elif guest.hardware_status == "on" and not vcpus_running(guest):
                 broken.append(f"guest {name} left paused on {host}")
@@ -251,9 +252,9 @@ def check_general_tab(web: httpx.Client, base_url: str, migration: Migration) ->
 def summary(guest: GuestInfo | None) -> str:
     if guest is None:
         return "absent"
-    workload = guest.get("workload", {})
+    workload = guest.workload
     running = workload.get("running", workload.get("vcpus_running"))
     return (
         f"hardware {guest.hardware_status}, os {guest.os_status}, running {running}, "
-        f"migrating {guest.get('migrating')}"
+        f"migrating {guest.migrating}"
     )
