@@ -29,12 +29,14 @@ import httpx
 import pytest
 
 from agentprotocol import (
+    DiskSpec,
     Encryption,
     Endpoint,
     GuestInfo,
     GuestSpec,
     IncomingRequest,
     MigrationParams,
+    NicSpec,
     OutgoingRequest,
     PhaseLimits,
     PreparedIncoming,
@@ -182,12 +184,18 @@ def wanted_spec(guest: GuestInfo | dict[str, Any]) -> GuestSpec:
     """What a target prepares for ``guest`` (as its source reports it, or a dict of its fields: an id is
     derived from the name when it has none)."""
     fields = guest.model_dump() if isinstance(guest, GuestInfo) else guest
+    disks = [
+        DiskSpec.model_validate({**disk, "create": False, "allocated_bytes": None, "backing": None})
+        for disk in fields.get("disks", [])
+    ]
     return GuestSpec(
         guest_id=fields.get("guest_id") or guest_id_for(fields["name"]),
         name=fields["name"],
         memory_mib=fields["memory_mib"],
         vcpus=fields["vcpus"],
         os_type=fields["os_type"],
+        disks=disks,
+        nics=[NicSpec.model_validate(nic) for nic in fields.get("nics", [])],
     )
 
 
