@@ -6,13 +6,12 @@ migration of a guest writing its disk on a shared pool: one writer at a time, I/
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from agentprotocol import GuestSpec, HostResources
+from agentprotocol import HostResources
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     AgentFactory,
