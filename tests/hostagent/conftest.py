@@ -34,6 +34,7 @@ from agentprotocol import (
     Endpoint,
     GuestInfo,
     GuestSpec,
+    HostResources,
     IncomingRequest,
     MigrationParams,
     NicSpec,
@@ -171,6 +172,14 @@ def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> GuestIn
     defaults = {"memory_mib": 16, "vcpus": 1, "dirty_pages_per_s": 200, "running": True}
     wanted = {"guest_id": guest_id_for(name), "name": name, **defaults, **spec}
     return agent.client.define_guest(GuestSpec.model_validate(wanted))
+
+
+def resources(agent: RunningAgent) -> HostResources:
+    """``GET /v1/resources`` of ``agent``: its pools, networks and volume writers."""
+    headers = {"Authorization": f"Bearer {agent.secret}"}
+    response = httpx.get(f"{agent.url}/v1/resources", headers=headers, verify=agent.verify, timeout=30)
+    response.raise_for_status()
+    return HostResources.model_validate_json(response.content)
 
 
 def raw_post(agent: RunningAgent, path: str, body: Any) -> httpx.Response:

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from agentprotocol import HostResources
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     AgentFactory,
@@ -21,19 +20,13 @@ from tests.hostagent.conftest import (
     guest_id_for,
     prepare,
     raw_post,
+    resources,
     start,
     unique,
 )
 from vms.agent_client import AgentRefused
 
 GIB = 1 << 30
-
-
-def resources(agent: RunningAgent) -> HostResources:
-    headers = {"Authorization": f"Bearer {agent.secret}"}
-    response = httpx.get(f"{agent.url}/v1/resources", headers=headers, verify=agent.verify, timeout=30)
-    response.raise_for_status()
-    return HostResources.model_validate_json(response.content)
 
 
 def put_guest(agent: RunningAgent, name: str, **fields: Any) -> httpx.Response:
