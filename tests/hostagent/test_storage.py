@@ -241,3 +241,30 @@ def test_a_guest_writing_its_shared_disk_moves_with_one_writer_at_a_time_and_io_
     assert moved.nics and moved.hardware_status == "on"
     assert raw_post(vsp1, f"/v1/guests/{guest_id}/start", {}).status_code == 409, "source is Not Runnable"
     assert (shared / volume).exists()
+
+
+def test_a_cancel_in_io_quiesce_leaves_the_guest_writing_its_disk_on_the_source(hosts):
+    agents, _, _ = hosts
+    vsp1, vsp2 = agents["vsp1"], agents["vsp2"]
+    name, volume = running_guest_with_disk(vsp1, io_latency_ms=2000)  # I/O Quiesce lasts ~2 s
+    guest_id = guest_id_for(name)
+    migration_id = unique("move")
+    start(vsp1, vsp2, vsp1.client.get_guest(guest_id), migration_id, "off", downtime_ms=300)
+    follow(vsp1, migration_id, converged_or_ended)
+    quiescing = threading.Thread(target=lambda: vsp1.client.quiesce(migration_id))
+    quiescing.start()
+    follow(vsp1, migration_id, lambda snapshot: snapshot.state != "copy")
+
+    cancelled = vsp1.client.cancel(migration_id)
+    vsp2.client.discard(migration_id)
+    quiescing.join()
+
+    assert (cancelled.state, cancelled.failed_phase) == ("cancelled", "quiesce"), cancelled
+    assert cancelled.io_outstanding and cancelled.io_outstanding > 0, "it had I/O in flight"
+    before = vsp1.client.get_guest(guest_id).workload["disk_writes"]
+    assert wait_until(lambda: vsp1.client.get_guest(guest_id).workload["disk_writes"] > before, timeout=15)
+    assert [(w.guest_id, w.volume) for w in resources(vsp1).writers if w.volume == volume] == [
+        (guest_id, volume)
+    ]
+    assert not [w for w in resources(vsp2).writers if w.volume == volume]
+    assert vsp2.guest(name) is None
