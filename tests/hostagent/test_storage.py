@@ -79,6 +79,9 @@ def test_it_reports_pools_with_free_space_networks_and_one_identity_per_shared_s
     assert san["vsp1"].location == str(shared.resolve())
     assert [network.name for network in seen["vsp1"].networks] == ["prod"]
     assert [network.name for network in seen["vsp3"].networks] == ["test"]
+    headers = {"Authorization": f"Bearer {agents['vsp1'].secret}"}
+    scraped = httpx.get(f"{agents['vsp1'].url}/metrics", headers=headers, verify=agents["vsp1"].verify).text
+    assert 'matrixoe_agent_pool_free_bytes{kind="shared",pool="san"}' in scraped
 
 
 def test_it_creates_a_sparse_disk_reports_it_and_who_writes_it(hosts):
