@@ -266,3 +266,40 @@ def test_a_target_that_does_not_see_the_guests_disk_refuses_the_migration_and_ke
     assert refused.value.status == 409
     assert f"vsp3 does not mount pool san: {name}'s disk vda" in refused.value.message
     assert vsp3.guest(name) is None
+
+
+def test_a_new_disk_is_made_by_qemu_img_and_a_bad_definition_makes_nothing(lab):
+    vsp1 = lab.source
+    name = unique("blank")
+    guest_id = guest_id_for(name)
+    vdb = {
+        "device": "vdb",
+        "pool": "san",
+        "volume": f"{name}.qcow2",
+        "virtual_size_bytes": 1 << 30,
+        "create": True,
+    }
+    info = vsp1.client.define_guest(
+        GuestSpec.model_validate({"guest_id": guest_id, "name": name, **GUEST, "disks": [vdb]})
+    )
+
+    (disk,) = info.disks
+    assert (lab.pool / f"{name}.qcow2").read_bytes()[:4] == b"QFI\xfb", "a qcow2 image"
+    assert disk.virtual_size_bytes == 1 << 30 and disk.allocated_bytes < 1 << 20, disk
+    before = sorted(path.name for path in lab.pool.iterdir())
+    for bad, words in (
+        ({**vdb, "create": False}, f"volume {name}.qcow2 in pool san is used by guest {name}"),
+        ({**vdb, "volume": "other.qcow2", "bus": "sata"}, "virtio disks only, not sata"),
+        ({**vdb, "volume": "other.qcow2", "pool": "nfs"}, "no storage pool nfs"),
+    ):
+        other = unique("bad")
+        with pytest.raises(AgentRefused) as refused:
+            vsp1.client.define_guest(
+                GuestSpec.model_validate(
+                    {"guest_id": guest_id_for(other), "name": other, **GUEST, "disks": [bad]}
+                )
+            )
+        assert words in refused.value.message
+        assert vsp1.guest(other) is None
+    assert sorted(path.name for path in lab.pool.iterdir()) == before, "nothing created"
+    vsp1.client.delete_guest(guest_id)

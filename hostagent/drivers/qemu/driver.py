@@ -601,6 +601,12 @@ class QemuDriver:
             macs.update((nic.mac, guest.spec.name) for nic in guest.spec.nics)
         planned = self.storage.plan_disks(spec, volumes)
         self.storage.check_nics(spec, macs, ("user", "bridge"))
+        bridged = any(getattr(self.storage.network(nic.network), "kind", "") == "bridge" for nic in spec.nics)
+        if bridged and any(disk.boot for disk in spec.disks) and self.guestload.subnet is None:
+            raise InvalidRequest(
+                f"{self.settings.agent_name} cannot give a booted guest an address on a bridge: "
+                "start its agent with --driver-option guest_subnet=<a.b.c.d/n>"
+            )
         for disk in planned:
             if not disk.spec.create:
                 try:
