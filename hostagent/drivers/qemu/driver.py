@@ -63,7 +63,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,7 +93,13 @@ from hostagent.drivers.qemu.network import HeartbeatListener, NetworkError, netw
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.source import SourceMigration
-from hostagent.drivers.qemu.storage import VolumeError, create_volume, image_writers
+from hostagent.drivers.qemu.storage import (
+    VolumeError,
+    create_empty_volume,
+    create_volume,
+    image_writers,
+    virtual_size,
+)
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.drivers.qemu.tls import write_credentials
 from hostagent.resources import HostStorage, PlannedDisk, allocated_bytes
@@ -248,42 +253,6 @@ def guest_address(subnet: ipaddress.IPv4Network | None, guest_id: str) -> str:
     hosts = subnet.num_addresses - 12
     offset = 10 + int(hashlib.sha256(guest_id.encode()).hexdigest(), 16) % max(1, hosts)
     return f"{subnet.network_address + offset}/{subnet.prefixlen}"
-
-
-def virtual_size(path: Path, disk_format: str) -> int:
-    """A volume's virtual size (bytes): a qcow2 header's ``size`` field, or a raw file's length.
-    Raises OSError, or VolumeError if the file is not in that format."""
-    with path.open("rb") as image:
-        header = image.read(32)
-        if disk_format == "raw":
-            return max(1, os.fstat(image.fileno()).st_size)
-    if len(header) < 32 or header[:4] != b"QFI\xfb":
-        raise VolumeError(f"volume {path.name} is not a qcow2 image")
-    return int.from_bytes(header[24:32], "big")
-
-
-def create_empty_volume(disk: PlannedDisk) -> None:
-    """A new, empty volume (``qemu-img create``), under a temporary name, then linked to its own (which
-    fails if it appeared meanwhile). Raises VolumeError."""
-    partial = disk.path.with_name(f".{disk.path.name}.partial")
-    command = [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        disk.spec.format,
-        str(partial),
-        str(disk.spec.virtual_size_bytes),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    try:
-        if done.returncode != 0:
-            raise VolumeError(f"qemu-img could not create {disk.spec.volume}: {done.stderr.strip()}")
-        os.link(partial, disk.path)
-    except FileExistsError:
-        raise VolumeError(f"volume {disk.spec.volume} appeared in pool {disk.pool.name} meanwhile") from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def check_spec(spec: GuestSpec) -> GuestSpec:
