@@ -850,6 +850,8 @@ class QemuDriver:
         if listener is None:
             return
         guest_id = migration.guest_id
+        if not any(beat.arrived > since - BLACKOUT_BEFORE_S for beat in listener.heartbeats(guest_id)):
+            return  # it sends none here (no guestload, or its heartbeats go to another listener)
         deadline = time.monotonic() + BLACKOUT_WAIT_S
         while not any(beat.arrived > since for beat in listener.heartbeats(guest_id)):
             if time.monotonic() > deadline:
