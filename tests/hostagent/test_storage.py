@@ -5,12 +5,16 @@ migration of a guest writing its disk on a shared pool: one writer at a time, I/
 
 from __future__ import annotations
 
+import secrets
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import httpx
 import pytest
 
+from hostagent.hostconfig import parse_pool
 from tests.conftest import wait_until
 from tests.hostagent.conftest import (
     AgentFactory,
@@ -165,8 +169,6 @@ def running_guest_with_disk(agent: RunningAgent, **more: Any) -> tuple[str, str]
 
 
 def unique_mac() -> str:
-    import secrets
-
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in secrets.token_bytes(3))
 
 
@@ -271,3 +273,32 @@ def test_a_cancel_in_io_quiesce_leaves_the_guest_writing_its_disk_on_the_source(
     ]
     assert not [w for w in resources(vsp2).writers if w.volume == volume]
     assert vsp2.guest(name) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--pool", "san:nfs:/tmp"], "the kind must be shared or local"),
+        (["--pool", "san:shared:/no/such/dir"], "is not a directory"),
+        (["--pool", "san/a:shared:/tmp"], "the name must be"),
+        (["--pool", "san:shared:/tmp", "--pool", "san:local:/tmp"], "pool san is given twice"),
+        (["--network", "lan:bridge"], "a bridge network needs NAME:bridge:[<netns>/]<bridge>"),
+        (["--network", "lan:vlan"], "the kind must be bridge, user or simulated"),
+    ],
+)
+def test_an_agent_with_a_bad_pool_or_network_refuses_to_start_saying_which(args, words, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    command = [sys.executable, "-m", "hostagent", "--name", "vsp9", "--secret-file", str(secret)]
+    done = subprocess.run([*command, "--insecure-http", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and words in done.stderr, done.stderr
+
+
+def test_a_pool_without_an_identity_gets_one_from_its_marker_the_same_for_every_host(tmp_path):
+    first, again = parse_pool(f"san:shared:{tmp_path}", "vsp1"), parse_pool(f"a:shared:{tmp_path}", "vsp2")
+    given = parse_pool(f"san:shared:{tmp_path}:san-a-export", "vsp1")
+    local = parse_pool(f"scratch:local:{tmp_path}", "vsp1")
+
+    assert first.identity == again.identity == (tmp_path / ".matrixoe-pool").read_text().strip()
+    assert given.identity == "san-a-export"
+    assert local.identity == f"local-vsp1-{first.identity}"
