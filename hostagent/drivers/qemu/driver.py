@@ -485,8 +485,10 @@ class QemuDriver:
         nics = []
         for nic in spec.nics:
             network = self.storage.network(nic.network)
-            if network is None:
-                raise Conflict(f"no network {nic.network} on {self.settings.agent_name}")
+            if network is None or network.kind == "simulated":
+                raise Conflict(
+                    f"no network {nic.network} a QEMU card can plug into on {self.settings.agent_name}"
+                )
             netns, bridge = network.netns_and_bridge
             on: Network = BridgeNetwork(bridge, netns) if network.kind == "bridge" else UserNetwork()
             nics.append(Nic(mac=nic.mac, network=on))
