@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hostagent.driver import DRIVERS, DriverSettings, load_driver
+from hostagent.hostconfig import NetworkConfig, PoolConfig, parse_network, parse_pool
 from hostagent.server import create_app
 from hostagent.tls import TlsSettings
 
@@ -38,6 +39,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="driver option, repeatable (simulated: capacity_mib=65536)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="NAME:KIND:PATH[:IDENTITY]",
+        help="a storage pool, repeatable: KIND shared or local, PATH a directory; IDENTITY: equal on every "
+        "host mounting the same shared storage (default: from the marker file .matrixoe-pool in PATH)",
+    )
+    parser.add_argument(
+        "--network",
+        action="append",
+        default=[],
+        metavar="NAME:KIND[:BRIDGE]",
+        help="a network guests' cards plug into, repeatable: KIND bridge ([NETNS/]BRIDGE), user or simulated",
     )
     parser.add_argument(
         "--tls-cert", type=Path, help="this agent's certificate (PEM) for HTTPS and the data plane"
@@ -107,14 +123,31 @@ def driver_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def host_resources(args: argparse.Namespace) -> tuple[list[PoolConfig], list[NetworkConfig]]:
+    """The ``--pool`` and ``--network`` options; exits naming a bad one or a name given twice."""
+    try:
+        pools = [parse_pool(text, args.name) for text in args.pool]
+        networks = [parse_network(text) for text in args.network]
+    except (ValueError, OSError) as error:
+        sys.exit(f"hostagent: {error}")
+    for what, names in (("pool", [p.name for p in pools]), ("network", [n.name for n in networks])):
+        twice = {name for name in names if names.count(name) > 1}
+        if twice:
+            sys.exit(f"hostagent: {what} {sorted(twice)[0]} is given twice")
+    return pools, networks
+
+
 async def serve(args: argparse.Namespace) -> None:
     host, port = split_listen(args.listen)
     tls = tls_settings(args)
+    pools, networks = host_resources(args)
     settings = DriverSettings(
         agent_name=args.name,
         data_host=args.data_host or host,
         options=driver_options(args.driver_option),
         tls=tls,
+        pools=pools,
+        networks=networks,
     )
     driver = load_driver(args.driver, settings)
     runner = web.AppRunner(create_app(driver, read_secret(args), args.name), access_log=None)

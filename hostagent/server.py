@@ -184,6 +184,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def resources(request: web.Request) -> web.Response:
+    """``GET /v1/resources``: ``agentprotocol.HostResources`` (pools, networks, volume writers)."""
+    return reply(driver_of(request).resources())
+
+
 async def list_guests(request: web.Request) -> web.Response:
     return reply(GuestList(guests=driver_of(request).list_guests()))
 
@@ -403,6 +408,7 @@ def create_app(
     app[METRICS_KEY] = agent_registry(name, driver, lambda: migrations)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/resources", resources)
     app.router.add_get("/v1/guests", list_guests)
     app.router.add_get("/v1/guests/{guest_id}", get_guest)
     app.router.add_get("/v1/guests/{guest_id}/dirty-rate", measure_dirty_rate)
