@@ -319,14 +319,18 @@ def start_celery_worker(
     concurrency: int = 4,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """A Celery worker (threads pool) of ``matrixoe`` on ``queue``, returned once it is ready."""
+    """A Celery worker (threads pool) of ``matrixoe`` on ``queue``, returned once it is ready.
+
+    ``extra_args``: more ``celery worker`` flags (a benchmark's ``--include``)."""
     hostname = f"{name}-{time.monotonic_ns()}@{socket.gethostname()}"
     args = [PYTHON, "-m", "celery", "-A", "matrixoe", "worker", "--pool", "threads"]
     args += ["--concurrency", str(concurrency), "--hostname", hostname, "--loglevel", "INFO"]
     args += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     if queue:
         args += ["--queues", queue]
+    args += list(extra_args)
     logged_before = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
     worker = start_process(f"celery-{name}", args, log_path, env)
     worker.hostname = hostname
