@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from aiohttp import web
 
 from hostagent.driver import DRIVERS, DriverSettings, load_driver
 from hostagent.hostconfig import NetworkConfig, PoolConfig, parse_network, parse_pool
+from hostagent.options import driver_options, tls_settings
 from hostagent.server import create_app
-from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent")
 
@@ -86,41 +85,11 @@ def read_secret(args: argparse.Namespace) -> str:
     return secret
 
 
-def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
-    """The TLS files (all three or none); none only with ``--insecure-http``."""
-    given = [args.tls_cert, args.tls_key, args.tls_ca]
-    if all(given):
-        settings = TlsSettings(args.tls_cert, args.tls_key, args.tls_ca)
-        try:
-            settings.check()
-        except (OSError, ssl.SSLError) as error:
-            sys.exit(f"hostagent: cannot load the TLS certificate, key or CA: {error}")
-        return settings
-    if any(given):
-        sys.exit("hostagent: --tls-cert, --tls-key and --tls-ca go together")
-    if not args.insecure_http:
-        sys.exit(
-            "hostagent: TLS is required: give --tls-cert, --tls-key and --tls-ca "
-            "(or --insecure-http for development only)"
-        )
-    return None
-
-
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         sys.exit(f"hostagent: --listen must be HOST:PORT, not {listen!r}")
     return host.strip("[]"), int(port)
-
-
-def driver_options(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            sys.exit(f"hostagent: --driver-option must be KEY=VALUE, not {pair!r}")
-        options[key] = value
-    return options
 
 
 def host_resources(args: argparse.Namespace) -> tuple[list[PoolConfig], list[NetworkConfig]]:

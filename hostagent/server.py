@@ -392,10 +392,19 @@ async def _start_watch(watch: LoopWatch) -> None:
 
 
 def create_app(
-    driver: Driver, secret: str, name: str, settings: DriverSettings | None = None
+    driver: Driver,
+    secret: str,
+    name: str,
+    settings: DriverSettings | None = None,
+    *,
+    watch: LoopWatch | None = None,
 ) -> web.Application:
     """The agent's API over ``driver``; ``settings`` (the driver's by default) give the data plane's
-    address and TLS to link probes."""
+    address and TLS to link probes.
+
+    ``watch``: an event-loop watch shared by every app of one process (``hostagent.fleet``), started and
+    stopped by its owner; None: the app starts and stops a watch of its own.
+    """
     app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
     found = settings or getattr(driver, "settings", None)
     app[SETTINGS_KEY] = found if isinstance(found, DriverSettings) else DriverSettings(agent_name=name)
@@ -424,10 +433,13 @@ def create_app(
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
     app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
     app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
-    app[LOOP_WATCH_KEY] = watch = LoopWatch()
     app.on_startup.append(lambda app: driver.open())
-    app.on_startup.append(lambda app: _start_watch(watch))
-    app.on_cleanup.append(lambda app: watch.stop())
+    if watch is None:
+        app[LOOP_WATCH_KEY] = own = LoopWatch()
+        app.on_startup.append(lambda app: _start_watch(own))
+        app.on_cleanup.append(lambda app: own.stop())
+    else:
+        app[LOOP_WATCH_KEY] = watch
     app.on_cleanup.append(lambda app: probes.close())
     app.on_cleanup.append(lambda app: driver.close())
     return app
