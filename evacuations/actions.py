@@ -274,6 +274,14 @@ def latest_evacuation(vsp: VSP) -> Evacuation | None:
     return evacuation
 
 
+def evacuations_on_vsp(vsp_id: int) -> list[str]:
+    """Why VSP ``vsp_id`` may not be retired for evacuations (``vms.hooks.register_vsp_busy_check``):
+    one of it, or one bringing guests back to it, still running."""
+    if Evacuation.objects.filter(vsp_id=vsp_id, state=Evacuation.State.RUNNING).exists():
+        return ["an evacuation of it is running: wait for it to end or cancel it"]
+    return []
+
+
 def publish_after_commit(vsp_id: int) -> None:
     """Once the current transaction commits, the VSP's open pages re-fetch their evacuation panel and
     maintenance flag (``progress.publish_vsp_overview``)."""

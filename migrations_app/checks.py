@@ -119,6 +119,8 @@ def host_refusal(source: VSP | None, target: VSP) -> str | None:
     """Why ``target`` cannot take any guest from ``source`` now (memory aside), or None."""
     if source is not None and target.pk == source.pk:
         return "same host"
+    if target.retired_at is not None:
+        return "host retired"
     if target.maintenance:
         return "host in maintenance"
     if not target.migration_enabled:

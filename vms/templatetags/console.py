@@ -121,3 +121,11 @@ def get_item(mapping: dict[str, str], key: str) -> str:
 def power_action_list() -> list[tuple[str, str]]:
     """The power buttons as (action, label), in the order they are shown."""
     return [(action.value, action.label) for action in PowerAction]
+
+
+@register.filter
+def may_set_up_hosts(user: object) -> bool:
+    """Whether the navigation offers ``user`` **Hosts and rights** (``vms.host_setup.may_set_up_hosts``)."""
+    from vms.host_setup import may_set_up_hosts as allowed
+
+    return allowed(user)

@@ -1,0 +1,165 @@
+"""Setting up hosts and rights in the console (``vms.host_setup``, its pages and API) against real agents.
+
+Each agent here is a real ``python -m hostagent`` process with a TLS certificate from the test CA.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from api.tokens import do_create_token
+from tests.api.conftest import ApiClient
+from tests.factories import grant_role, make_admin, make_host_group, make_user, make_vm, make_vsp
+from tests.hostagent.conftest import AgentFactory, RunningAgent, define_running_guest
+from vms import host_setup
+from vms.models import VSP, AuditEvent, HostGroupMembership, Registration, Role
+
+pytestmark = pytest.mark.django_db
+
+SETUP_PERMISSIONS = (
+    "vms.view_vsp",
+    "vms.add_vsp",
+    "vms.change_vsp",
+    "vms.delete_vsp",
+    "vms.change_hostgroup",
+)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory) -> RunningAgent:
+    factory = AgentFactory(tmp_path_factory.mktemp("setup-agents"))
+    running = factory("newhost", "--driver-option", "capacity_mib=24576")
+    define_running_guest(running, "setup-guest-1", memory_mib=64)
+    yield running
+    factory.stop_all()
+
+
+def test_it_shows_the_agents_fingerprint_without_sending_it_anything(agent):
+    contact = host_setup.first_contact(agent.url.removeprefix("https://"))
+    assert contact.url == agent.url
+    assert contact.fingerprint == agent.fingerprint
+
+
+def test_it_reports_driver_memory_and_guests_over_the_pinned_connection(agent):
+    report = host_setup.check_agent(agent.url, agent.secret, agent.fingerprint)
+    assert (report.driver, report.memory_mib) == ("simulated", 24576)
+    assert [guest.name for guest in report.guests] == ["setup-guest-1"]
+
+
+def test_it_refuses_a_certificate_other_than_the_confirmed_one(agent):
+    other = "AA:" * 31 + "AA"
+    with pytest.raises(host_setup.SetupRefused, match="not the registered") as refused:
+        host_setup.check_agent(agent.url, agent.secret, other)
+    assert "Nothing was sent" in str(refused.value.message)
+
+
+def test_it_adds_a_vsp_from_the_pages_in_three_steps(client, agent):
+    admin = make_admin()
+    group = make_host_group("Staging")
+    client.force_login(admin)
+    url = reverse("vms:setup_add_vsp")
+    page = client.post(url, {"step": "contact", "agent_url": agent.url})
+    assert agent.fingerprint in page.content.decode()
+    unconfirmed = client.post(url, {"step": "connect", "agent_secret": agent.secret})
+    assert unconfirmed.status_code == 400 and "tick to confirm" in unconfirmed.content.decode()
+    report = client.post(url, {"step": "connect", "agent_secret": agent.secret, "confirm": "on"})
+    body = report.content.decode()
+    assert "simulated" in body and "setup-guest-1" in body and agent.secret not in body
+    added = client.post(
+        url,
+        {
+            "step": "add",
+            "name": "newhost",
+            "group": group.pk,
+            "memory_mib": 24576,
+            "cpus": 4,
+            "migration_enabled": "on",
+            "licensed": "on",
+            "max_concurrent_migrations": 2,
+        },
+    )
+    assert added.status_code == 302, added.content.decode()
+    vsp = VSP.objects.get(name="newhost")
+    assert (vsp.agent_certificate, vsp.agent_secret, vsp.group) == (agent.fingerprint, agent.secret, group)
+    assert vsp.max_concurrent_migrations == 2 and vsp.agent_driver == "simulated"
+    event = AuditEvent.objects.filter(object_type="vms.vsp", object_id=str(vsp.pk), action="created").get()
+    assert event.actor == admin and agent.secret not in str(event.after) + event.message
+
+
+def test_a_group_administrator_adds_only_into_their_group_and_the_api_pins_the_fingerprint(agent):
+    mine, other = make_host_group("Mine"), make_host_group("Theirs")
+    user = make_user("gadmin", SETUP_PERMISSIONS, role=Role.ADMINISTRATOR, group=mine)
+    api = ApiClient(do_create_token(user, "tests")[1])
+    body = {"agent_url": agent.url, "agent_secret": agent.secret, "confirmed_fingerprint": agent.fingerprint}
+    refused = api.post("/vsps", {**body, "group": other.name})
+    assert refused.status_code == 403 and "not an administrator" in refused.json()["detail"]
+    seen = api.post("/setup/agent-fingerprint", {"agent_url": agent.url}).json()
+    assert seen["fingerprint"] == agent.fingerprint
+    added = api.post("/vsps", {**body, "group": mine.name, "name": "api-host"})
+    assert added.status_code == 201, added.content
+    assert added.json()["report"]["guests"][0]["name"] == "setup-guest-1"
+    assert added.json()["vsp"]["memory_mib"] == 24576  # as the agent reported it
+    assert VSP.objects.get(name="api-host").agent_certificate == agent.fingerprint
+    assert not VSP.objects.filter(group=other).exists()
+
+
+def test_retiring_is_refused_with_why_while_a_guest_can_run_there():
+    admin = make_admin()
+    vsp = make_vsp("busy-host")
+    make_vm("still-here", vsp, hardware_status=Registration.HardwareStatus.OFF)
+    with pytest.raises(host_setup.SetupRefused, match="still-here"):
+        host_setup.do_retire_vsp(admin, vsp)
+    vsp.refresh_from_db()
+    assert vsp.retired_at is None and vsp.agent_secret
+
+
+def test_retiring_erases_the_secret_and_keeps_it_out_of_the_lists(client):
+    admin = make_admin()
+    vsp = make_vsp("old-host")
+    client.force_login(admin)
+    response = client.post(reverse("vms:setup_retire_vsp", args=[vsp.pk]))
+    assert response.status_code == 302
+    vsp.refresh_from_db()
+    assert vsp.retired_at is not None and vsp.agent_secret == "" and not vsp.migration_enabled
+    client.get(reverse("vms:setup"))  # the success message is shown (and used up) here
+    assert 'data-vsp="old-host"' not in client.get(reverse("vms:vsp_list")).content.decode()
+    assert AuditEvent.objects.filter(object_id=str(vsp.pk), message__contains="retired").exists()
+
+
+def test_roles_are_given_and_taken_from_the_group_page_and_audited(client):
+    admin = make_admin()
+    group = make_host_group("Lab")
+    bob = make_user("bob", role=None)
+    client.force_login(admin)
+    page = reverse("vms:setup_group", args=[group.pk])
+    client.post(page, {"action": "set_role", "username": "bob", "role": "operator"})
+    assert HostGroupMembership.objects.get(group=group, user=bob).role == "operator"
+    missing = client.post(page, {"action": "set_role", "username": "nobody<b>", "role": "viewer"})
+    assert missing.status_code == 400 and "nobody&lt;b&gt;" in missing.content.decode()
+    client.post(page, {"action": "remove", "username": "bob"})
+    assert not HostGroupMembership.objects.filter(group=group, user=bob).exists()
+    actions = list(
+        AuditEvent.objects.filter(object_type="vms.hostgroupmembership")
+        .order_by("pk")
+        .values_list("action", flat=True)
+    )
+    assert actions == ["created", "deleted"]
+
+
+def test_someone_without_the_administrator_role_gets_no_setup_page(client):
+    viewer = make_user("viewer1", SETUP_PERMISSIONS, role=Role.OPERATOR, group="Ops")
+    client.force_login(viewer)
+    assert client.get(reverse("vms:setup")).status_code == 403
+    vsp = make_vsp("ops-host", group=make_host_group("Ops"))
+    assert client.get(reverse("vms:setup_vsp", args=[vsp.pk])).status_code == 404
+    grant_role(viewer, "Ops", Role.ADMINISTRATOR)
+    assert client.get(reverse("vms:setup_vsp", args=[vsp.pk])).status_code == 200
+
+
+def test_a_group_holding_vsps_is_not_deleted():
+    admin = make_admin()
+    group = make_host_group("Full")
+    make_vsp("in-full", group=group)
+    with pytest.raises(host_setup.SetupRefused, match="in-full"):
+        host_setup.do_delete_group(admin, group)
