@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 from django.http import Http404, HttpRequest
-from ninja import Field, Router, Schema
+from ninja import Field, Path, Router, Schema
 from ninja.responses import Status
 from pydantic import ConfigDict
 
@@ -117,10 +117,14 @@ def _refused(error: host_setup.SetupRefused) -> Exception:
     return Conflict(str(error.message))
 
 
+GroupName = Path(..., min_length=1, max_length=64, description="Host group name")
+Username = Path(..., min_length=1, max_length=150, description="User name")
+
+
 def _group_named(name: str | None) -> HostGroup | None:
     if name is None:
         return None
-    group = HostGroup.objects.filter(name=name).first()
+    group = HostGroup.objects.filter(name=name).first() if "\x00" not in name else None
     if group is None:
         raise Http404(f"No host group named {name!r}.")
     return group
@@ -129,8 +133,10 @@ def _group_named(name: str | None) -> HostGroup | None:
 def _managed_vsp(request: HttpRequest, ref: str) -> VSP:
     from .lookups import parse_ref
 
-    number, name = parse_ref(ref)
-    vsp = VSP.objects.filter(pk=number).first() if number else VSP.objects.filter(name=name).first()
+    number, _ = parse_ref(ref)
+    vsp = VSP.objects.filter(pk=number).first() if number else None
+    if vsp is None and "\x00" not in ref:
+        vsp = VSP.objects.filter(name=ref.strip()).first()
     if vsp is None:
         raise Http404(f"No VSP with the id or name {ref.strip()!r}.")
     try:
@@ -141,7 +147,7 @@ def _managed_vsp(request: HttpRequest, ref: str) -> VSP:
 
 
 def _managed_group(request: HttpRequest, name: str) -> HostGroup:
-    group = HostGroup.objects.filter(name=name).first()
+    group = HostGroup.objects.filter(name=name).first() if "\x00" not in name else None
     if group is None or group.pk not in {g.pk for g in host_setup.manageable_groups(request.user)}:
         raise Http404(f"No host group named {name!r}.")
     return group
@@ -250,7 +256,7 @@ def create_group(request: HttpRequest, body: GroupIn) -> Status[GroupOut]:
 
 
 @router.delete("/host-groups/{name}", response={204: None, **WRITE_ERRORS})
-def delete_group(request: HttpRequest, name: str) -> Status[None]:
+def delete_group(request: HttpRequest, name: str = GroupName) -> Status[None]:
     """Delete an empty host group (superusers)."""
     group = _managed_group(request, name)
     try:
@@ -261,10 +267,10 @@ def delete_group(request: HttpRequest, name: str) -> Status[None]:
 
 
 @router.put("/host-groups/{name}/members/{username}", response={200: GroupOut, **WRITE_ERRORS})
-def set_role(request: HttpRequest, body: RoleIn, name: str, username: str) -> GroupOut:
+def set_role(request: HttpRequest, body: RoleIn, name: str = GroupName, username: str = Username) -> GroupOut:
     """Give ``username`` a role in the group (replacing the one they had)."""
     group = _managed_group(request, name)
-    member = get_user_model().objects.filter(username=username).first()
+    member = get_user_model().objects.filter(username=username).first() if "\x00" not in username else None
     if member is None:
         raise Http404(f"No user {username!r}.")
     try:
@@ -275,10 +281,10 @@ def set_role(request: HttpRequest, body: RoleIn, name: str, username: str) -> Gr
 
 
 @router.delete("/host-groups/{name}/members/{username}", response={200: GroupOut, **WRITE_ERRORS})
-def remove_member(request: HttpRequest, name: str, username: str) -> GroupOut:
+def remove_member(request: HttpRequest, name: str = GroupName, username: str = Username) -> GroupOut:
     """Take ``username``'s role in the group away."""
     group = _managed_group(request, name)
-    member = get_user_model().objects.filter(username=username).first()
+    member = get_user_model().objects.filter(username=username).first() if "\x00" not in username else None
     if member is None:
         raise Http404(f"No user {username!r}.")
     try:

@@ -153,6 +153,9 @@ def build_return_plan(
     refusals = {host_refusal(vm.current_vsp, vsp) for vm in leaving} - {None}
     if refusals:
         problems.append(f"{vsp.name} cannot take guests now: {', '.join(sorted(r for r in refusals if r))}.")
+    for source in {vm.current_vsp for vm in leaving} - {None}:  # as the dialog: an unknown link is probed
+        assert source is not None
+        estimates.known_link_rate(source, vsp)
     free = free_memory_by_vsp([vsp.pk]).get(vsp.pk, 0)
     steps: list[PlanStep] = []
     for vm in sorted(leaving, key=lambda vm: (-vm.memory_mib, vm.name)):

@@ -166,6 +166,7 @@ class FirstContact:
 def normalize_url(url: str) -> str:
     """``url`` stripped, without a trailing slash, ``https://`` added when no scheme was typed; raises
     ``SetupRefused`` for an address that is not http(s)://host:port."""
+    check_text(agent_url=url)
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = f"https://{url}"
@@ -298,7 +299,15 @@ def audit_fields(vsp: VSP, names: list[str] | tuple[str, ...]) -> dict[str, Any]
     return values
 
 
+def check_text(**values: Any) -> None:
+    """Refuse a text value with a NUL character (no database stores it the same; PostgreSQL refuses it)."""
+    for name, value in values.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise SetupRefused(f"{name.replace('_', ' ').capitalize()}: a NUL character is not allowed.")
+
+
 def _validated(vsp: VSP) -> None:
+    check_text(name=vsp.name, agent_url=vsp.agent_url)
     try:
         vsp.full_clean()
     except ValidationError as error:
@@ -446,6 +455,7 @@ def do_retire_vsp(user: Any, vsp: VSP) -> None:
 def do_create_group(user: Any, name: str, description: str = "") -> HostGroup:
     """A new host group (superusers only). Raises ``SetupRefused`` for an empty or taken name."""
     check_superuser(user, "create host groups")
+    check_text(name=name, description=description)
     group = HostGroup(name=name.strip(), description=description.strip())
     try:
         group.full_clean()
@@ -466,6 +476,7 @@ def do_create_group(user: Any, name: str, description: str = "") -> HostGroup:
 def do_describe_group(user: Any, group: HostGroup, description: str) -> None:
     """Change ``group``'s description (its administrators or superusers)."""
     check_can_manage_group(user, group)
+    check_text(description=description)
     description = description.strip()
     if len(description) > 200:
         raise SetupRefused("The description is at most 200 characters.")

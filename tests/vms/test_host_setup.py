@@ -39,6 +39,8 @@ def test_it_shows_the_agents_fingerprint_without_sending_it_anything(agent):
     contact = host_setup.first_contact(agent.url.removeprefix("https://"))
     assert contact.url == agent.url
     assert contact.fingerprint == agent.fingerprint
+    # ... the very fingerprint the agent printed when it started, for the admin to compare
+    assert f"certificate SHA-256 fingerprint: {agent.fingerprint}" in agent.log()
 
 
 def test_it_reports_driver_memory_and_guests_over_the_pinned_connection(agent):

@@ -73,7 +73,17 @@ def test_the_admin_adds_a_host_group_and_a_vsp_from_the_console(console_server, 
             return (vsp.group.name, vsp.agent_certificate, vsp.memory_mib, vsp.agent_driver, role, events)
 
         group, pin, memory, driver, role, events = run_in_thread(stored)
-        assert (group, pin, memory, driver, role) == ("Staging", agent.fingerprint, 32768, "simulated", "operator")
-        assert {("vms.vsp", "created"), ("vms.hostgroup", "created"), ("vms.hostgroupmembership", "created")} <= events
+        assert (group, pin, memory, driver, role) == (
+            "Staging",
+            agent.fingerprint,
+            32768,
+            "simulated",
+            "operator",
+        )
+        assert {
+            ("vms.vsp", "created"),
+            ("vms.hostgroup", "created"),
+            ("vms.hostgroupmembership", "created"),
+        } <= events
     finally:
         factory.stop_all()
