@@ -165,3 +165,49 @@ def test_a_group_holding_vsps_is_not_deleted():
     make_vsp("in-full", group=group)
     with pytest.raises(host_setup.SetupRefused, match="in-full"):
         host_setup.do_delete_group(admin, group)
+
+
+def test_a_vsp_with_a_migration_under_way_is_not_retired_and_the_api_says_why():
+    from tests.factories import make_migration
+
+    admin = make_admin()
+    source, target = make_vsp("from-here"), make_vsp("to-there")
+    vm = make_vm("mover", source)
+    Registration.objects.filter(vm=vm).update(hardware_status="not_runnable", not_runnable_set_by="admin")
+    make_migration(vm, source, target)  # queued
+    api = ApiClient(do_create_token(admin, "tests")[1])
+    refused = api.post(f"/vsps/{source.name}/retire")
+    assert refused.status_code == 409
+    assert "1 migration from or to it not ended yet (mover)" in refused.json()["detail"]
+    source.refresh_from_db()
+    assert source.retired_at is None
+
+
+def test_the_api_changes_a_vsp_and_moving_it_needs_the_administrator_role_in_both_groups():
+    mine, other = make_host_group("Mine"), make_host_group("Other")
+    user = make_user("gadmin", SETUP_PERMISSIONS, role=Role.ADMINISTRATOR, group=mine)
+    vsp = make_vsp("movable", group=mine)
+    api = ApiClient(do_create_token(user, "tests")[1])
+    changed = api.patch(f"/vsps/{vsp.name}", {"memory_mib": 8192, "licensed": False})
+    assert changed.status_code == 200, changed.content
+    assert (changed.json()["memory_mib"], changed.json()["licensed"]) == (8192, False)
+    event = AuditEvent.objects.filter(object_type="vms.vsp", action="changed").get()
+    assert event.before == {"memory_mib": 16384, "licensed": True}
+    assert event.after == {"memory_mib": 8192, "licensed": False}
+    moved = api.patch(f"/vsps/{vsp.name}", {"group": other.name})
+    assert moved.status_code == 403 and "Other" in moved.json()["detail"]
+    assert api.patch("/vsps/movable", {"name": "bad\u0000name"}).status_code == 409
+    assert VSP.objects.get(pk=vsp.pk).group == mine
+
+
+def test_the_api_manages_roles_only_in_groups_the_user_administers():
+    mine, other = make_host_group("Mine"), make_host_group("Other")
+    user = make_user("gadmin", SETUP_PERMISSIONS, role=Role.ADMINISTRATOR, group=mine)
+    make_user("carol", role=None)
+    api = ApiClient(do_create_token(user, "tests")[1])
+    assert [group["name"] for group in api.get("/host-groups").json()] == ["Mine"]
+    given = api.put("/host-groups/Mine/members/carol", {"role": "viewer"})
+    assert given.status_code == 200 and {"user": "carol", "role": "viewer"} in given.json()["members"]
+    assert api.put("/host-groups/Other/members/carol", {"role": "viewer"}).status_code == 404
+    assert api.post("/host-groups", {"name": "Mine2"}).status_code == 403  # superusers create groups
+    assert not HostGroupMembership.objects.filter(group=other).exists()
