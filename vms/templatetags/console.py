@@ -129,3 +129,12 @@ def may_set_up_hosts(user: object) -> bool:
     from vms.host_setup import may_set_up_hosts as allowed
 
     return allowed(user)
+
+
+@register.filter
+def may_manage_vsp(user: object, vsp: object) -> bool:
+    """Whether ``user`` may change ``vsp`` on its setup page (``vms.host_setup.check_can_manage_vsp``)."""
+    from vms.access import allowed
+    from vms.host_setup import check_can_manage_vsp
+
+    return allowed(check_can_manage_vsp, user, vsp)
