@@ -402,6 +402,33 @@ def do_change_vsp(user: Any, vsp: VSP, changes: dict[str, Any]) -> list[str]:
     return changed
 
 
+def do_change_agent(user: Any, vsp: VSP, *, url: str, secret: str, pin: str, driver: str = "") -> None:
+    """Point ``vsp`` at a new agent address, secret and pinned certificate (a reinstalled host, a new
+    certificate), after ``check_agent`` answered with them. Needs the superuser or the ``vms.change_vsp``
+    + administrator right (``check_can_manage_vsp``). Audited: the address and pin before and after, the
+    secret never. ``SetupRefused`` for an address the console may not use."""
+    check_can_manage_vsp(user, vsp)
+    url = normalize_url(url)
+    with transaction.atomic():
+        stored = VSP.objects.select_for_update().get(pk=vsp.pk)
+        if stored.retired_at is not None:
+            raise SetupRefused(f"{stored.name} is retired.")
+        before = audit_fields(stored, ("agent_url", "agent_certificate", "agent_driver"))
+        stored.agent_url, stored.agent_secret, stored.agent_certificate = url, secret, pin
+        stored.agent_driver = driver[:64] or stored.agent_driver
+        _validated(stored)
+        stored.save(update_fields=["agent_url", "agent_secret", "agent_certificate", "agent_driver"])
+        AuditEvent.record(
+            AuditEvent.Action.CHANGED,
+            stored,
+            actor=user,
+            before=before,
+            after=audit_fields(stored, ("agent_url", "agent_certificate", "agent_driver")),
+            message=f"VSP {stored.name}'s agent changed by {user}: {url}"
+            f"{', certificate pinned' if pin else ', plain http'}; new secret",
+        )
+
+
 def retire_refusal(vsp: VSP) -> str:
     """Why ``vsp`` cannot be retired now ("" when it can): guests that can run there, busy work."""
     runnable = list(

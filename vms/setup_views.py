@@ -118,6 +118,46 @@ def _pending(request: HtmxHttpRequest) -> dict[str, Any]:
 
 
 @require_http_methods(["GET", "POST"])
+def change_agent(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """The add page's first two steps for an existing VSP (a reinstalled host, a new certificate): the
+    new address, its fingerprint to confirm, the secret; the pinned check, then it is saved
+    (``host_setup.do_change_agent``)."""
+    vsp = _managed_vsp(request, pk)
+    step = request.POST.get("step", "") if request.method == "POST" else ""
+    context: dict[str, Any] = {
+        "nav": "setup",
+        "address_form": AddressForm(initial={"agent_url": vsp.agent_url}),
+        "step": "address",
+        "vsp": vsp,
+    }
+    if step == "contact":
+        return _contact(request, context)
+    if step != "connect":
+        request.session.pop(PENDING_KEY, None)
+        return render(request, "vms/setup/add_vsp.html", context)
+    response = _connect(request, context)
+    if response.status_code != 200:
+        return response
+    pending = _pending(request)
+    try:
+        host_setup.do_change_agent(
+            request.user,
+            vsp,
+            url=pending["url"],
+            secret=decrypt_secret(pending["secret"]),
+            pin=host_setup.pin_of(pending.get("fingerprint")),
+            driver=str(pending.get("report", {}).get("driver", "")),
+        )
+    except SetupRefused as error:
+        context.update(step="address", error=_refusal(error))
+        return render(request, "vms/setup/add_vsp.html", context, status=400)
+    request.session.pop(PENDING_KEY, None)
+    guests = len(pending.get("report", {}).get("guests", []))
+    messages.success(request, f"{vsp.name} now talks to {pending['url']} ({guests} guests reported).")
+    return redirect("vms:setup_vsp", pk=vsp.pk)
+
+
+@require_http_methods(["GET", "POST"])
 def add_vsp(request: HtmxHttpRequest) -> HttpResponse:
     """Three steps on one page, each a POST naming its ``step``:
 

@@ -28,6 +28,7 @@ urlpatterns += [
     path("setup/", setup_views.setup_home, name="setup"),
     path("setup/vsps/add/", setup_views.add_vsp, name="setup_add_vsp"),
     path("setup/vsps/<int:pk>/", setup_views.edit_vsp, name="setup_vsp"),
+    path("setup/vsps/<int:pk>/agent/", setup_views.change_agent, name="setup_vsp_agent"),
     path("setup/vsps/<int:pk>/retire/", setup_views.retire_vsp, name="setup_retire_vsp"),
     path("setup/groups/", setup_views.create_group, name="setup_create_group"),
     path("setup/groups/<int:pk>/", setup_views.edit_group, name="setup_group"),

@@ -211,3 +211,31 @@ def test_the_api_manages_roles_only_in_groups_the_user_administers():
     assert api.put("/host-groups/Other/members/carol", {"role": "viewer"}).status_code == 404
     assert api.post("/host-groups", {"name": "Mine2"}).status_code == 403  # superusers create groups
     assert not HostGroupMembership.objects.filter(group=other).exists()
+
+
+def test_a_vsp_is_pointed_at_a_new_agent_after_confirming_its_fingerprint(client, agent, tmp_path):
+    """A reinstalled host: a new address, a new certificate, a new secret; the old pin refuses it, so the
+    admin confirms the new fingerprint and the VSP is pinned to it (audited, the secret never)."""
+    factory = AgentFactory(tmp_path)
+    try:
+        new = factory("reinstalled")
+        vsp = make_vsp(
+            "moved-host", agent_url=agent.url, agent_secret=agent.secret, agent_certificate=agent.fingerprint
+        )
+        client.force_login(make_admin())
+        url = reverse("vms:setup_vsp_agent", args=[vsp.pk])
+        assert new.fingerprint in client.post(url, {"step": "contact", "agent_url": new.url}).content.decode()
+        saved = client.post(url, {"step": "connect", "agent_secret": new.secret, "confirm": "on"})
+        assert saved.status_code == 302, saved.content.decode()
+        vsp.refresh_from_db()
+        assert (vsp.agent_url, vsp.agent_secret, vsp.agent_certificate) == (
+            new.url,
+            new.secret,
+            new.fingerprint,
+        )
+        event = AuditEvent.objects.filter(object_id=str(vsp.pk), action="changed").get()
+        assert event.before["agent_certificate"] == agent.fingerprint
+        assert event.after["agent_certificate"] == new.fingerprint
+        assert new.secret not in str(event.after) + event.message
+    finally:
+        factory.stop_all()
