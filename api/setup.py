@@ -228,6 +228,32 @@ def change_vsp(request: HttpRequest, body: VSPChangeIn, vsp: str = IdRef) -> VSP
     return vsp_out(found)
 
 
+class AgentChangeIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+    agent_url: str = Field(max_length=200)
+    agent_secret: str = Field(min_length=1, max_length=128)
+    confirmed_fingerprint: str | None = Field(
+        description="The fingerprint from /setup/agent-fingerprint; null for plain http"
+    )
+
+
+@router.put("/vsps/{vsp}/agent", response={200: VSPAddOut, **WRITE_ERRORS})
+def change_agent(request: HttpRequest, body: AgentChangeIn, vsp: str = IdRef) -> VSPAddOut:
+    """Point a VSP at a new agent (address, secret, pinned certificate), after asking it over the pinned
+    connection (409 with why if it refuses or presents another certificate)."""
+    found = _managed_vsp(request, vsp)
+    try:
+        pin = host_setup.pin_of(body.confirmed_fingerprint)
+        report = host_setup.check_agent(body.agent_url, body.agent_secret, pin)
+        host_setup.do_change_agent(
+            request.user, found, url=body.agent_url, secret=body.agent_secret, pin=pin, driver=report.driver
+        )
+    except host_setup.SetupRefused as error:
+        raise _refused(error) from None
+    found.refresh_from_db()
+    return VSPAddOut(vsp=vsp_out(found), report=AgentReportOut(**report.as_json()))
+
+
 @router.post("/vsps/{vsp}/retire", response={200: VSPOut, **WRITE_ERRORS})
 def retire_vsp(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
     """Retire a VSP (409 with every reason while guests can run there or migrations involve it)."""

@@ -444,6 +444,16 @@ def retire_refusal(vsp: VSP) -> str:
             f"{len(runnable)} guest{'s' if len(runnable) != 1 else ''} can run there ({shown}): migrate "
             "them away (Evacuate…) or mark them Not Runnable first"
         )
+    only_here = sorted(
+        Registration.objects.filter(vsp=vsp)
+        .exclude(vm__registrations__vsp__in=VSP.objects.exclude(pk=vsp.pk))
+        .values_list("vm__name", flat=True)
+    )
+    if only_here:
+        has = "has its only configuration" if len(only_here) == 1 else "have their only configurations"
+        reasons.append(
+            f"{', '.join(only_here[:5])} {has} here: make it runnable elsewhere or delete the guest first"
+        )
     reasons.extend(vsp_busy_reasons(vsp.pk))
     return "; ".join(reasons)
 

@@ -239,3 +239,13 @@ def test_a_vsp_is_pointed_at_a_new_agent_after_confirming_its_fingerprint(client
         assert new.secret not in str(event.after) + event.message
     finally:
         factory.stop_all()
+
+
+def test_a_guests_only_configuration_is_never_removed_by_retiring_its_vsp():
+    admin = make_admin()
+    vsp = make_vsp("last-home")
+    orphan = make_vm("orphan", vsp)
+    Registration.objects.filter(vm=orphan).update(hardware_status="not_runnable", not_runnable_set_by="admin")
+    with pytest.raises(host_setup.SetupRefused, match="orphan has its only configuration here"):
+        host_setup.do_retire_vsp(admin, vsp)
+    assert Registration.objects.filter(vm=orphan, vsp=vsp).exists()
