@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from evacuations.actions import EvacuationRefused, do_leave_maintenance, do_start_evacuation
+from evacuations.actions import (
+    EvacuationRefused,
+    do_cancel_evacuation,
+    do_leave_maintenance,
+    do_start_evacuation,
+)
 from evacuations.models import Evacuation, EvacuationStep
 from evacuations.plan import build_plan
 from evacuations.returns import build_return_plan, do_start_return, returnable_count
+from evacuations.summary import summarize
 from migrations_app.models import Migration
 from tests.api.conftest import ApiClient
 from tests.factories import (
@@ -100,6 +106,9 @@ def test_the_return_plan_brings_back_what_the_evacuation_moved_once_out_of_maint
     assert AuditEvent.objects.filter(action="evacuation_started", message__startswith="Return of 2").exists()
     with pytest.raises(EvacuationRefused):
         do_start_return(home, admin)  # one at a time
+    do_cancel_evacuation(returning, admin)
+    returning.refresh_from_db()
+    assert summarize(returning).sentence().endswith("still runnable where they were: web, db")
 
 
 def test_a_return_that_does_not_fit_keeps_the_rest_where_it_is(evacuated, admin):
