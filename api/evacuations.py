@@ -45,6 +45,11 @@ MAX_GUESTS = 10_000
 class PlanStepOut(Schema):
     vm: str
     vm_id: int
+    source: str | None = Field(
+        default=None,
+        description='A return plan\'s: where the guest runs now ("a VSP outside your host groups" for one '
+        "you do not see); null in an evacuation plan (the source is the VSP)",
+    )
     target: str | None
     target_id: int | None
     predicted_s: float | None = Field(description="Forecast total time (s); null: not known yet")
@@ -130,12 +135,14 @@ class EvacuationOut(Schema):
 
 
 def plan_out(plan: Plan) -> PlanOut:
+    sources: dict[int, str] = getattr(plan, "sources", {})  # a ReturnPlan's
     return PlanOut(
         vsp=plan.vsp.name,
         steps=[
             PlanStepOut(
                 vm=step.vm.name,
                 vm_id=step.vm.pk,
+                source=sources.get(step.vm.pk),
                 target=step.target.name if step.target else None,
                 target_id=step.target.pk if step.target else None,
                 predicted_s=step.predicted_s,

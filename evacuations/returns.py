@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
@@ -29,6 +29,7 @@ from migrations_app.access import check_can_migrate
 from migrations_app.actions import MigrationRefused, do_request_migration
 from migrations_app.checks import host_refusal
 from migrations_app.models import Migration
+from vms.access import visible_vsps
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent, VirtualMachine
 
@@ -44,6 +45,9 @@ class ReturnPlan(Plan):
     now; ``evacuation``: the evacuation whose guests come back (None: there is none)."""
 
     evacuation: Evacuation | None = None
+    # Where each leaving guest runs now, by VM id, as the user may read it ("a VSP outside your host
+    # groups" for a VSP they do not see).
+    sources: dict[int, str] = field(default_factory=dict)
 
     @property
     def known_total_s(self) -> float:
@@ -106,8 +110,21 @@ def return_rates(vms: list[VirtualMachine], *, measure: bool = True) -> dict[int
     return rates
 
 
-def candidates(vsp: VSP) -> tuple[Evacuation | None, list[VirtualMachine], list[Staying]]:
-    """The guests that may come back to ``vsp`` and those that stay, each with why."""
+OUTSIDE = "a VSP outside your host groups"
+
+
+def shown_name(host: VSP | None, seen: set[int] | None) -> str:
+    """``host``'s name, unless ``seen`` (the VSP ids the user sees; None: all) leaves it out."""
+    if host is None:
+        return "nowhere"
+    return host.name if seen is None or host.pk in seen else OUTSIDE
+
+
+def candidates(
+    vsp: VSP, seen: set[int] | None = None
+) -> tuple[Evacuation | None, list[VirtualMachine], list[Staying]]:
+    """The guests that may come back to ``vsp`` and those that stay, each with why (a VSP not in
+    ``seen``, the ids of the VSPs the user sees, is not named)."""
     evacuation = last_evacuation(vsp)
     if evacuation is None:
         return None, [], []
@@ -118,7 +135,7 @@ def candidates(vsp: VSP) -> tuple[Evacuation | None, list[VirtualMachine], list[
         assert vm is not None
         registration = vm.runnable_registration
         if registration is None or registration.vsp_id != step.target_id:
-            where = registration.vsp.name if registration is not None else "nowhere"
+            where = shown_name(registration.vsp if registration is not None else None, seen)
             if registration is not None and registration.vsp_id == vsp.pk:
                 staying.append(Staying(vm.name, f"back on {vsp.name} already"))
             else:
@@ -147,7 +164,8 @@ def build_return_plan(
     that stay where they are. ``confirmed``: VM ids started although their forecast warns. ``user``:
     whose migration rights are checked (None: nobody's). What keeps it from starting is in ``problems``.
     """
-    evacuation, leaving, staying = candidates(vsp)
+    seen = None if user is None else set(visible_vsps(user).values_list("pk", flat=True))
+    evacuation, leaving, staying = candidates(vsp, seen)
     rates = rates if rates is not None else return_rates(leaving, measure=False)
     problems: list[str] = []
     refusals = {host_refusal(vm.current_vsp, vsp) for vm in leaving} - {None}
@@ -160,7 +178,8 @@ def build_return_plan(
     steps: list[PlanStep] = []
     for vm in sorted(leaving, key=lambda vm: (-vm.memory_mib, vm.name)):
         if vm.pk in excluded:
-            staying.append(Staying(vm.name, f"excluded by the admin: it stays on {vm.current_vsp}", vm.pk))
+            where = shown_name(vm.current_vsp, seen)
+            staying.append(Staying(vm.name, f"excluded by the admin: it stays on {where}", vm.pk))
             continue
         if vm.memory_mib > free:
             staying.append(
@@ -168,7 +187,7 @@ def build_return_plan(
             )
             continue
         free -= vm.memory_mib
-        problem = _permission_problem(user, vm, vsp)
+        problem = _permission_problem(user, vm, vsp, seen)
         if problem:
             problems.append(problem)
         steps.append(PlanStep.of(vm, vsp, rates.get(vm.pk), problem, vm.pk in confirmed))
@@ -178,15 +197,19 @@ def build_return_plan(
     total_free = free_memory_by_vsp([vsp.pk]).get(vsp.pk, 0)
     plan = ReturnPlan(vsp, steps, staying, [(vsp, "", total_free)], {vsp.pk: free}, problems)
     plan.evacuation = evacuation
+    plan.sources = {step.vm.pk: shown_name(step.vm.current_vsp, seen) for step in steps}
     return plan
 
 
-def _permission_problem(user: Any, vm: VirtualMachine, vsp: VSP) -> str:
+def _permission_problem(user: Any, vm: VirtualMachine, vsp: VSP, seen: set[int] | None) -> str:
     if user is None:
         return ""
     try:
         check_can_migrate(user, vm, vsp)
     except PermissionDenied as denied:
+        source = vm.current_vsp
+        if source is not None and seen is not None and source.pk not in seen:
+            return f"You may not bring {vm.name} back: it runs on {OUTSIDE}."
         return str(denied)
     return ""
 

@@ -226,3 +226,23 @@ def test_the_total_leaves_out_a_step_that_will_not_converge_and_start_waits_only
     )
     assert started.status_code == 302
     assert Evacuation.objects.get(vsp=src).steps.count() == 2
+
+
+def test_the_return_plan_does_not_name_a_vsp_outside_the_users_groups(evacuated):
+    """db went to right, which is in another host group: an operator of home's group reads that it runs
+    on "a VSP outside your host groups", and may not bring it back, without learning right's name."""
+    from api.tokens import do_create_token
+    from tests.factories import make_host_group
+
+    home = evacuated["home"]
+    VSP.objects.filter(pk=home.pk).update(maintenance=False)
+    VSP.objects.filter(pk=evacuated["right"].pk).update(group=make_host_group("Elsewhere"))
+    operator = make_user("op", MIGRATION_ADMIN_PERMISSIONS + ("migrations_app.view_migration",))
+    api = ApiClient(do_create_token(operator, "tests")[1])
+    plan = api.get(f"/vsps/{home.name}/return-plan")
+    assert plan.status_code == 200, plan.content
+    steps = {step["vm"]: step for step in plan.json()["steps"]}
+    assert steps["web"]["source"] == "left" and steps["db"]["source"] == "a VSP outside your host groups"
+    assert steps["db"]["problem"] == "You may not bring db back: it runs on a VSP outside your host groups."
+    assert "right" not in plan.content.decode()
+    assert not plan.json()["can_start"]
