@@ -247,7 +247,7 @@ def build_plan(
         candidates = VSP.objects.all()
     else:
         candidates = migration_targets(user) if may_evacuate(user, vsp) else visible_vsps(user)
-    others = list(candidates.exclude(pk=vsp.pk).order_by("name"))
+    others = list(candidates.exclude(pk=vsp.pk).filter(retired_at=None).order_by("name"))
     free = free_memory_by_vsp([other.pk for other in others])
     targets = [(other, host_refusal(vsp, other) or "", free.get(other.pk, 0)) for other in others]
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}

@@ -249,3 +249,17 @@ def test_a_guests_only_configuration_is_never_removed_by_retiring_its_vsp():
     with pytest.raises(host_setup.SetupRefused, match="orphan has its only configuration here"):
         host_setup.do_retire_vsp(admin, vsp)
     assert Registration.objects.filter(vm=orphan, vsp=vsp).exists()
+
+
+def test_a_retired_vsp_is_offered_as_a_target_nowhere():
+    from evacuations.plan import build_plan
+    from migrations_app.access import migration_targets
+    from migrations_app.checks import check_targets
+
+    admin = make_admin()
+    home, old = make_vsp("home-host"), make_vsp("old-target")
+    vm = make_vm("web-x", home)
+    host_setup.do_retire_vsp(admin, old)
+    assert "old-target" not in [check.vsp.name for check in check_targets(vm)]
+    assert not migration_targets(admin).filter(pk=old.pk).exists()
+    assert "old-target" not in [target.name for target, _, _ in build_plan(home).targets]
