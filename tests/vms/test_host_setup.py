@@ -263,3 +263,19 @@ def test_a_retired_vsp_is_offered_as_a_target_nowhere():
     assert "old-target" not in [check.vsp.name for check in check_targets(vm)]
     assert not migration_targets(admin).filter(pk=old.pk).exists()
     assert "old-target" not in [target.name for target, _, _ in build_plan(home).targets]
+
+
+def test_setup_changes_need_the_pages_csrf_token():
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(make_admin())
+    refused = browser.post(reverse("vms:setup_create_group"), {"name": "Forged"})
+    assert refused.status_code == 403
+    page = browser.get(reverse("vms:setup")).content.decode()
+    token = page.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+    created = browser.post(reverse("vms:setup_create_group"), {"name": "Real", "csrfmiddlewaretoken": token})
+    assert created.status_code == 302
+    from vms.models import HostGroup
+
+    assert set(HostGroup.objects.values_list("name", flat=True)) == {"Real"}  # not "Forged"
