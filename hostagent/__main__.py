@@ -138,6 +138,8 @@ async def serve(args: argparse.Namespace) -> None:
         driver.name,
         settings.data_host,
     )
+    if tls is not None:  # what the admin compares when adding this VSP in the console
+        log.info("agent %s certificate SHA-256 fingerprint: %s", args.name, tls.fingerprint())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -174,8 +175,26 @@ async def health(request: web.Request) -> web.Response:
         guests=len(driver.list_guests()),
         loop_stall_ms=round(stall_ms, 1),
         loop_busy_ms=round(busy_ms, 1),
+        memory_mib=host_memory_mib(driver),
+        cpus=os.cpu_count(),
     )
     return reply(health)
+
+
+def host_memory_mib(driver: Any) -> int | None:
+    """The memory guests may use on this host (MiB): the driver's ``capacity_mib`` when it has one (the
+    simulated driver's option), else the machine's (``MemTotal`` in ``/proc/meminfo``); None: unknown."""
+    capacity = getattr(driver, "capacity_mib", None)
+    if isinstance(capacity, int):
+        return capacity
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for row in meminfo:
+                if row.startswith("MemTotal:"):
+                    return int(row.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 async def metrics(request: web.Request) -> web.Response:
