@@ -121,18 +121,22 @@ def vsps(as_json: JsonOption = False) -> None:
                 "yes" if vsp["licensed"] else "no",
                 f"{vsp['memory_mib']} MiB",
                 str(vsp["cpus"]),
-                "reachable" if vsp["agent_reachable"] else unreachable(vsp.get("unreachable_since")),
+                "reachable"
+                if vsp["agent_reachable"]
+                else unreachable(vsp.get("unreachable_since"), vsp.get("agent_problem") or ""),
             )
         )
     out.print(table)
 
 
-def unreachable(since: str | None) -> str:
-    """ "UNREACHABLE since 2026-11-29 20:41 UTC" from the API's ISO time (as the console sent it)."""
+def unreachable(since: str | None, problem: str = "") -> str:
+    """ "UNREACHABLE since 2026-11-29 20:41 UTC: agent not running (connection refused)" from the API's
+    ISO time (as the console sent it) and the VSP's ``agent_problem`` (why, when known)."""
+    why = f": {problem}" if problem else ""
     if not since:
-        return "UNREACHABLE"
+        return f"UNREACHABLE{why}"
     moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    return f"UNREACHABLE since {moment:%Y-%m-%d %H:%M} {moment.tzname() or ''}".rstrip()
+    return f"UNREACHABLE since {moment:%Y-%m-%d %H:%M} {moment.tzname() or ''}".rstrip() + why
 
 
 @app.command()

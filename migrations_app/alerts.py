@@ -9,7 +9,16 @@ Nothing here changes state or asks an agent: callers pass what they learnt.
 from __future__ import annotations
 
 from agentprotocol import ProgressSnapshot
-from vms.agent_client import AgentError, AgentRefused, AgentUnreachable, UnknownMigration
+from vms.agent_client import (
+    AgentAddressRefused,
+    AgentError,
+    AgentNotRunning,
+    AgentRefused,
+    AgentTimedOut,
+    AgentUnreachable,
+    AgentUntrusted,
+    UnknownMigration,
+)
 
 from .errors import MigrationFailed
 from .models import Migration
@@ -31,13 +40,35 @@ def host(side: str, vsp_name: str) -> str:
 
 
 def agent_failure(vsp_name: str, side: str, error: AgentError) -> str:
-    """Why a phase failed at an agent's error: "the target host vsp2 stopped answering", "... refused:
-    <its words>", "... sent a reply that makes no sense"."""
+    """Why a phase failed at an agent's error, by its cause (``unreachable_cause``), "... refused: <its
+    words>", or "... sent a reply that makes no sense"."""
     if isinstance(error, AgentUnreachable):
-        return f"{host(side, vsp_name)} stopped answering"
+        return unreachable_cause(host(side, vsp_name), error)
     if isinstance(error, AgentRefused):
         return f"{host(side, vsp_name)} refused: {error}"
     return f"{host(side, vsp_name)} sent a reply that makes no sense"
+
+
+def unreachable_cause(who: str, error: AgentUnreachable) -> str:
+    """What the console knows of why ``who`` ("the target host vsp2") could not be asked:
+
+    - a certificate it does not trust: "... presented a TLS certificate the console does not trust
+      (SHA-256 fingerprint AB:CD:...)": the agent answered, but not as the host registered;
+    - connection refused: "... agent is not running (connection refused)": it stopped or crashed;
+    - a time-out: "... stopped answering (no answer in 10 s)": it or its host hangs;
+    - anything else (a reset, a stream cut): "... stopped answering (the connection broke off)".
+    """
+    if isinstance(error, AgentAddressRefused):
+        return f"{who} was not asked: {str(error).split(': ', 1)[-1]}"
+    if isinstance(error, AgentUntrusted):
+        fingerprint = f" (SHA-256 fingerprint {error.fingerprint})" if error.fingerprint else ""
+        return f"{who} presented a TLS certificate the console does not trust{fingerprint}"
+    if isinstance(error, AgentNotRunning):
+        return f"{who}'s agent is not running (connection refused)"
+    if isinstance(error, AgentTimedOut):
+        within = f" in {error.timeout_s:g} s" if error.timeout_s else ""
+        return f"{who} stopped answering (no answer{within})"
+    return f"{who} stopped answering (the connection broke off)"
 
 
 def progress_ended_early(source_name: str) -> str:
