@@ -45,6 +45,7 @@ from agentprotocol import (
 from vms.agent_client import (
     AgentClient,
     AgentError,
+    AgentNotRunning,
     AgentProtocolError,
     AgentRefused,
     AgentUnreachable,
@@ -79,6 +80,8 @@ ROLL_FORWARD_ATTEMPTS = 6
 SOURCE_ASK_TIMEOUT_S = 2.0  # per attempt: how long an alert waits for the source to say whether the VM runs
 SOURCE_ASK_ATTEMPTS = 2
 CAUSE_ASK_TIMEOUT_S = 2.0  # asking an agent why a call or the data plane broke: once, briefly
+CAUSE_RESTART_WAIT_S = 4.0  # how long an agent refusing connections is asked again (a restart)
+CAUSE_RETRY_S = 0.5
 
 
 def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
@@ -334,25 +337,36 @@ class MigrationAgents:
         return error
 
     def peer_cause(self, side: Side) -> str | None:
-        """Why the data plane broke, as ``side``'s agent tells it (asked once, briefly), in words: its
-        agent is not running, hangs, restarted (it no longer knows the migration), or untrusted; None when
-        it answers with the migration still known (then the link itself failed). A peer that did not
-        answer is marked unreachable."""
+        """Why the data plane broke, as ``side``'s agent tells it, in words: its agent is not running,
+        hangs, restarted (it no longer knows the migration), or untrusted; None when it answers with the
+        migration still known (then the link itself failed). A peer that did not answer is marked
+        unreachable.
+
+        An agent that refuses connections is asked again for ``CAUSE_RESTART_WAIT_S``: one that a service
+        manager restarts at once comes back empty, and "restarted" says more than "not running".
+        """
         who = alerts.host(side, self.vsp(side).name)
-        client = self.target if side == "target" else self.source
-        try:
-            with agent_for(self.vsp(side), CAUSE_ASK_TIMEOUT_S) as agent:
-                agent.snapshot(self.agent_id)
-        except UnknownMigration:
-            return f"{who}'s agent restarted and no longer knows the migration (it crashed or was restarted)"
-        except AgentUnreachable as error:
-            if type(error) is AgentUnreachable:
-                error = self.why_unreachable(side, error)
-            mark_reachable(self.vsp(side), False, error=error)
-            return alerts.unreachable_cause(who, error)
-        except AgentError as error:
-            logger.info("Asking %s why the data plane broke: %s", client.base_url, error)
-        return None
+        deadline = time.monotonic() + CAUSE_RESTART_WAIT_S
+        while True:
+            try:
+                with agent_for(self.vsp(side), CAUSE_ASK_TIMEOUT_S) as agent:
+                    agent.snapshot(self.agent_id)
+            except UnknownMigration:
+                return f"{who}'s agent restarted and no longer knows the migration (a crash or a restart)"
+            except AgentNotRunning as error:
+                if time.monotonic() < deadline:
+                    time.sleep(CAUSE_RETRY_S)
+                    continue
+                mark_reachable(self.vsp(side), False, error=error)
+                return alerts.unreachable_cause(who, error)
+            except AgentUnreachable as error:
+                if type(error) is AgentUnreachable:
+                    error = self.why_unreachable(side, error)
+                mark_reachable(self.vsp(side), False, error=error)
+                return alerts.unreachable_cause(who, error)
+            except AgentError as error:
+                logger.info("Asking the %s why the data plane broke: %s", who, error)
+            return None
 
     # --- in the endings: retried, answers instead of errors ---------------------------------------
 
