@@ -129,6 +129,25 @@ def restated_alert(migration: Migration, status: str) -> tuple[str, str] | None:
     return alert, f"{migration.source} answered again: {now[0].lower()}{now[1:]}."
 
 
+def restated_target_back(migration: Migration) -> tuple[str, str] | None:
+    """An abort's alert that said the target's agent was not running, restated once that agent answered
+    again (its discard went through): it was not running and now answers, so it restarted. (new alert,
+    timeline event), or None when the alert did not say so.
+
+    QA: a target agent killed mid-Copy and restarted by its service manager read as "the network
+    failed"; the abort itself can only say it was not running (the restart comes seconds later).
+    """
+    not_running = f"{host('target', migration.target.name)}'s agent is not running (connection refused)"
+    if not_running not in migration.alert:
+        return None
+    restarted = (
+        f"{host('target', migration.target.name)}'s agent stopped (connection refused) and has restarted "
+        "since: it crashed or was restarted"
+    )
+    event = f"{migration.target.name} answered again: its agent had stopped and restarted."
+    return migration.alert.replace(not_running, restarted), event
+
+
 def target_lost(migration: Migration, answer: ProgressSnapshot | AgentRefused | None) -> str:
     """After the release, the target no longer confirms it runs the guest (``answer``: what it said
     instead): the critical alert of a COMPLETED migration whose VM may be down."""
