@@ -95,6 +95,18 @@ def test_a_target_agent_killed_mid_copy_is_named_not_the_network(
     assert (hostb.agent_reachable, hostb.agent_problem) == (False, "agent not running (connection refused)")
     assert wait_for(lambda: runs_on(fresh_agents["hosta"], vm.name), timeout=30)
 
+    # started again later: once it answers the discard, the alert says it had stopped and restarted
+    fresh_agents.restart_empty("hostb")
+
+    def restated() -> bool:
+        recover_migrations()
+        migration.refresh_from_db()
+        return bool(RESTARTED.search(migration.alert))
+
+    assert wait_for(restated, timeout=90), migration.alert
+    assert "stopped (connection refused) and has restarted since" in migration.alert
+    assert migration.events.filter(message="hostb answered again: its agent had stopped and restarted.")
+
 
 def test_a_target_agent_restarted_mid_copy_is_named_as_restarted(
     fresh_agents, fresh_vsps, admin, migration_worker, wait_for
