@@ -20,8 +20,9 @@ from migrations_app import steering
 from migrations_app.actions import do_request_migration
 from migrations_app.downtime import downtime_excess
 from migrations_app.models import Migration, MigrationEvent
-from tests.api.conftest import ApiClient
+from tests.api.conftest import ApiClient, live_console  # noqa: F401  (fixture)
 from tests.api.test_steering_api import HOT
+from tests.cli.test_matrixoe_command import matrixoe
 from tests.factories import make_migration, make_vm, make_vsp
 from tests.migrations_app.guests import place_vm, wait_for_state
 
@@ -64,7 +65,15 @@ def assert_flagged_everywhere(migration: Migration, sentence: str, admin_client,
 
 @LIVE
 def test_a_switch_over_asked_mid_copy_is_flagged_with_what_was_left_and_at_what_rate(
-    host_agents, fleet, admin, migration_worker, wait_for, admin_client, api
+    host_agents,
+    fleet,
+    admin,
+    migration_worker,
+    wait_for,
+    admin_client,
+    api,
+    live_console,  # noqa: F811
+    tmp_path,
 ):
     vm = place_vm(host_agents, fleet, **HOT)
     migration = do_request_migration(vm, fleet["hostb"], admin)
@@ -80,6 +89,17 @@ def test_a_switch_over_asked_mid_copy_is_flagged_with_what_was_left_and_at_what_
     assert sentence, migration.alert
     assert float(sentence["left"]) > 0 and float(sentence["rate"]) <= 5.5  # the worker's 5 MB/s cap
     assert_flagged_everywhere(migration, migration.alert, admin_client, api)
+    # the CLI's history and the VM's General tab (its Alert line)
+    token = api.headers["Authorization"].removeprefix("Bearer ")
+    assert matrixoe(tmp_path, "login", live_console, "--token", token).returncode == 0
+    wide = {"COLUMNS": "300"}
+    over = migration.downtime_ms - 300
+    assert (
+        f"{migration.downtime_ms} ms ({over} ms over the allowed 300 ms)"
+        in matrixoe(tmp_path, "history", vm.name, env=wide).stdout
+    )
+    status = matrixoe(tmp_path, "status", vm.name, env=wide).stdout.replace("\n", " ")
+    assert "an administrator asked to switch over before Copy converged" in status, status
 
 
 @LIVE
