@@ -49,6 +49,7 @@ def page_change(client: Client, migration: Migration, **fields: str):
 
 
 @LIVE
+@pytest.mark.faults  # the target agent is paused (SIGSTOP)
 def test_during_init_a_switch_over_or_a_change_is_refused_in_the_consoles_words(
     host_agents,
     fleet,
