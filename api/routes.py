@@ -64,6 +64,9 @@ READ_ERRORS: dict[int, Any] = {401: Problem, 403: Problem, 422: Problem}
 OBJECT_ERRORS: dict[int, Any] = {**READ_ERRORS, 404: Problem}
 # 400: a body that is not JSON at all; 422: JSON of the wrong shape; 409: refused by the console's checks.
 WRITE_ERRORS: dict[int, Any] = {**OBJECT_ERRORS, 400: Problem, 409: Problem}
+# Steering a running migration: 409 when the change does not apply now, 503 when its source host could
+# not be asked (``steering.SourceUnavailable``).
+STEER_ERRORS: dict[int, Any] = {**WRITE_ERRORS, 503: Problem}
 
 
 def require(request: HttpRequest, permission: str) -> None:
@@ -268,7 +271,7 @@ def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> S
 
 @router.patch(
     "/migrations/{migration_id}/policy",
-    response={200: MigrationChangedOut, **WRITE_ERRORS},
+    response={200: MigrationChangedOut, **STEER_ERRORS},
     tags=["Migrations"],
 )
 def change_migration(
@@ -284,7 +287,7 @@ def change_migration(
 
 @router.post(
     "/migrations/{migration_id}/switchover",
-    response={202: MigrationChangedOut, **WRITE_ERRORS},
+    response={202: MigrationChangedOut, **STEER_ERRORS},
     tags=["Migrations"],
 )
 def switch_over_now(request: HttpRequest, migration_id: int = MigrationId) -> Status[MigrationChangedOut]:
@@ -296,11 +299,14 @@ def switch_over_now(request: HttpRequest, migration_id: int = MigrationId) -> St
 
 
 def steer(migration: Migration, raw: dict[str, Any], request: HttpRequest) -> str:
-    """``steering.do_change_migration``, its refusals as problems: 422 a bad change, 409 the others."""
+    """``steering.do_change_migration``, its refusals as problems: 422 a bad change, 503 a source agent
+    that could not be asked, 409 the others (the change does not apply to the migration as it is)."""
     try:
         return steering.do_change_migration(migration, raw, request.user)
     except steering.BadChange as refusal:
         raise HttpError(422, refusal.message) from None
+    except steering.SourceUnavailable as refusal:
+        raise HttpError(503, refusal.message) from None
     except steering.ChangeRefused as refusal:
         raise Conflict(refusal.message) from None
 

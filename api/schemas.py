@@ -14,6 +14,8 @@ from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app import migration_policy
+from migrations_app.downtime import allowed_for, downtime_excess
+from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
@@ -41,6 +43,12 @@ class VSPOut(Schema):
     # When the VSP was marked unreachable (after 3 unanswered inventory collections, or a migration's
     # failed call); null while it is reachable.
     unreachable_since: datetime | None
+    agent_problem: str = Field(
+        description=(
+            "Why its agent's last call failed ('TLS certificate not trusted (SHA-256 fingerprint ...)', "
+            "'agent not running (connection refused)', 'no answer in 10 s'); empty once it answers"
+        )
+    )
     maintenance: bool
     maintenance_since: datetime | None
 
@@ -66,6 +74,12 @@ class PhaseOut(Schema):
     status: str = Field(description="pending, running, done or failed")
     started_at: datetime | None
     ended_at: datetime | None
+    limit_s: int | None = Field(
+        description="The phase's time limit it ran under (s; null: unlimited), kept when it was requested"
+    )
+    limit_recorded: bool = Field(
+        description="false for a migration from before limits were kept: limit_s is then the VM's of today"
+    )
 
 
 class StatisticsOut(Schema):
@@ -105,6 +119,10 @@ class MigrationOut(Schema):
     failed_phase: str
     failure_kind: str
     alert: str = Field(description="What went wrong, in the words of the General tab's Alerts")
+    allowed_downtime_ms: int = Field(description="The downtime its policy allowed (ms), as it ran")
+    downtime_over: str = Field(
+        description="A downtime over the allowed one: by how much and why, in the report's words ('' if not)"
+    )
     policy: dict[str, Any] = Field(
         description="The effective migration policy (migrations_app.migration_policy)"
     )
@@ -298,6 +316,7 @@ def registration_out(registration: Registration) -> RegistrationOut:
 
 def phases_out(migration: Migration) -> list[PhaseOut]:
     rows = []
+    limits = phase_limits_of(migration)
     for phase, (label, percent, status) in zip(Migration.PHASES, migration.phase_rows(), strict=True):
         prefix = {"init": "init", "copy": "copy", "io_quiesce": "quiesce", "frozen": "frozen"}[phase]
         rows.append(
@@ -308,6 +327,8 @@ def phases_out(migration: Migration) -> list[PhaseOut]:
                 status=status,
                 started_at=getattr(migration, f"{prefix}_started_at"),
                 ended_at=getattr(migration, f"{prefix}_ended_at"),
+                limit_s=limits.of(phase),
+                limit_recorded=limits.recorded,
             )
         )
     return rows
@@ -347,6 +368,8 @@ def _migration_fields(migration: Migration) -> dict:
         "failed_phase": migration.failed_phase,
         "failure_kind": migration.failure_kind,
         "alert": migration.alert,
+        "allowed_downtime_ms": allowed_for(migration),
+        "downtime_over": excess.sentence if (excess := downtime_excess(migration)) else "",
     }
 
 

@@ -59,6 +59,8 @@ def plain_connection_error(error: BaseException) -> str:
         return "the peer refused the connection"
     if isinstance(error, TimeoutError):
         return "the peer stopped answering"
+    if isinstance(error, ConnectionError) and not error.strerror:  # raised with words, not an errno
+        return "the connection was lost"
     if isinstance(error, OSError):
         return f"the network failed ({error.strerror or type(error).__name__})"
     return str(error)

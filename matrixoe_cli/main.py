@@ -121,18 +121,22 @@ def vsps(as_json: JsonOption = False) -> None:
                 "yes" if vsp["licensed"] else "no",
                 f"{vsp['memory_mib']} MiB",
                 str(vsp["cpus"]),
-                "reachable" if vsp["agent_reachable"] else unreachable(vsp.get("unreachable_since")),
+                "reachable"
+                if vsp["agent_reachable"]
+                else unreachable(vsp.get("unreachable_since"), vsp.get("agent_problem") or ""),
             )
         )
     out.print(table)
 
 
-def unreachable(since: str | None) -> str:
-    """ "UNREACHABLE since 2026-11-29 20:41 UTC" from the API's ISO time (as the console sent it)."""
+def unreachable(since: str | None, problem: str = "") -> str:
+    """ "UNREACHABLE since 2026-11-29 20:41 UTC: agent not running (connection refused)" from the API's
+    ISO time (as the console sent it) and the VSP's ``agent_problem`` (why, when known)."""
+    why = f": {problem}" if problem else ""
     if not since:
-        return "UNREACHABLE"
+        return f"UNREACHABLE{why}"
     moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    return f"UNREACHABLE since {moment:%Y-%m-%d %H:%M} {moment.tzname() or ''}".rstrip()
+    return f"UNREACHABLE since {moment:%Y-%m-%d %H:%M} {moment.tzname() or ''}".rstrip() + why
 
 
 @app.command()
@@ -336,7 +340,6 @@ def history(
         return print_json(items)
     table = Table("Id", "VM", "From", "To", "Requested", "By", "Outcome", "Downtime")
     for m in items:
-        downtime = m["statistics"]["downtime_ms"]
         table.add_row(
             *plain(
                 str(m["id"]),
@@ -346,10 +349,21 @@ def history(
                 m["requested_at"][:19].replace("T", " "),
                 m["requested_by"] or "—",
                 m["state"]["label"] + (f" in {m['failed_phase']}" if m["failed_phase"] else ""),
-                "—" if downtime is None else f"{downtime} ms",
+                downtime_cell(m),
             )
         )
     out.print(table)
+
+
+def downtime_cell(migration: dict[str, Any]) -> str:
+    """ "4012 ms (3712 ms over the allowed 300 ms)": the history's Downtime, flagged when over."""
+    downtime = migration["statistics"]["downtime_ms"]
+    if downtime is None:
+        return "—"
+    allowed = migration.get("allowed_downtime_ms")
+    if migration.get("downtime_over") and isinstance(allowed, int):
+        return f"{downtime} ms ({downtime - allowed} ms over the allowed {allowed} ms)"
+    return f"{downtime} ms"
 
 
 def call(function: Any, as_json: bool = False) -> Any:

@@ -21,8 +21,9 @@ from django.db import IntegrityError, transaction
 from vms.access import LACKS_PERMISSION, check_can_change_vm
 from vms.models import VSP, AuditEvent, VirtualMachine
 
-from . import migration_policy, refusals
+from . import limits, migration_policy, refusals
 from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
+from .alerts import NO_ONE_NAMED
 from .checks import ALREADY_MIGRATING_REASON, check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
@@ -102,7 +103,12 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[s
         )
     with transaction.atomic():  # a savepoint, so an IntegrityError leaves the outer transaction usable
         migration = Migration.objects.create(
-            vm=vm, source=source, target=target, requested_by=user, policy=policy
+            vm=vm,
+            source=source,
+            target=target,
+            requested_by=user,
+            policy=policy,
+            phase_limits=limits.snapshot(vm),  # kept: a later change of the VM's limits is not this one's
         )
     message = f"Migration of {vm.name} from {source} to {target} requested"
     record_created(migration, actor=user, message=message)
@@ -152,7 +158,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
         flagged = Migration.objects.filter(
             pk=migration.pk, state__in=Migration.PHASES, cancel_requested=False
         ).update(cancel_requested=True, cancel_requested_by=_actor(user))
-        current = Migration.objects.get(pk=migration.pk)
+        current = Migration.objects.select_related("source", "cancel_requested_by").get(pk=migration.pk)
         if flagged:
             MigrationEvent.objects.create(
                 migration=current,
@@ -162,8 +168,7 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
                 actor=_actor(user),
             )
             record_cancel(current, user, f"Cancel requested by {user} during {current.get_state_display()}")
-    already_cancelling = current.state in Migration.PHASES and current.cancel_requested
-    if not flagged and not already_cancelling:
+    if not flagged:
         raise MigrationRefused(too_late_message(current))
     logger.info("%s requested cancel of migration %s (%s)", user, migration.pk, current.state)
 
@@ -189,6 +194,14 @@ def _cancel_queued(migration: Migration, user: Any) -> bool:
 
 
 def too_late_message(migration: Migration) -> str:
+    """Why a cancel does not apply to ``migration`` as it is now, in the console's words."""
+    if migration.state in Migration.PHASES and migration.cancel_requested:
+        who = migration.cancel_requested_by or NO_ONE_NAMED
+        source = migration.source.name if migration.source else "its source"
+        return (
+            f"Already cancelling: {who} asked to cancel it; it stops before its commit and the VM stays "
+            f"on {source}."
+        )
     if migration.state == Migration.State.COMMITTING:
         return "Too late to cancel: the migration is committing and the VM now belongs to the target host."
     return f"Nothing to cancel: the migration has already ended ({migration.get_state_display()})."

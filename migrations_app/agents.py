@@ -45,18 +45,21 @@ from agentprotocol import (
 from vms.agent_client import (
     AgentClient,
     AgentError,
+    AgentNotRunning,
     AgentProtocolError,
     AgentRefused,
     AgentUnreachable,
     UnknownGuest,
+    UnknownMigration,
 )
-from vms.agent_messages import guest_spec, phase_limits
+from vms.agent_messages import guest_spec
 from vms.inventory import mark_reachable
 from vms.models import VSP
 
 from . import alerts, migration_policy
 from .errors import MigrationFailed
 from .lease import Lease, LeaseLost
+from .limits import phase_limits_of
 from .models import Migration
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,9 @@ CANCEL_ATTEMPTS = 4
 ROLL_FORWARD_ATTEMPTS = 6
 SOURCE_ASK_TIMEOUT_S = 2.0  # per attempt: how long an alert waits for the source to say whether the VM runs
 SOURCE_ASK_ATTEMPTS = 2
+CAUSE_ASK_TIMEOUT_S = 2.0  # asking an agent why a call or the data plane broke: once, briefly
+CAUSE_RESTART_WAIT_S = 4.0  # how long an agent refusing connections is asked again (a restart)
+CAUSE_RETRY_S = 0.5
 
 
 def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
@@ -140,7 +146,7 @@ class MigrationAgents:
         return IncomingRequest(
             migration_id=self.agent_id,
             guest=guest_spec(vm),
-            limits=phase_limits(vm),
+            limits=phase_limits_of(self.migration).agent_form(),
             encryption=encryption,
             streams=streams,
         )
@@ -167,7 +173,7 @@ class MigrationAgents:
             max_rounds=site.get("max_rounds") or migration_policy.DEFAULT_MAX_ROUNDS,
             site_cap_mbps=site.get("bandwidth_mbps"),
         )
-        return params.model_copy(update={"limits": phase_limits(self.migration.require_vm())})
+        return params.model_copy(update={"limits": phase_limits_of(self.migration).agent_form()})
 
     # --- during the phases: interruptible, failures in words --------------------------------------
 
@@ -308,12 +314,59 @@ class MigrationAgents:
         try:
             yield
         except AgentError as error:
+            if type(error) is AgentUnreachable:  # the connection broke off: ask why
+                error = self.why_unreachable(side, error)
             if isinstance(error, AgentUnreachable):
                 self._check_lease()
-                mark_reachable(self.vsp(side), False)
+                mark_reachable(self.vsp(side), False, error=error)
             self.check_stop()
             reason = alerts.agent_failure(self.vsp(side).name, side, error)
             raise MigrationFailed(self.migration.state, reason, kind=error.kind) from None
+
+    def why_unreachable(self, side: Side, error: AgentUnreachable) -> AgentUnreachable:
+        """A call to ``side`` broke off (a reset, a stream cut): ask its agent once more, briefly, so the
+        alert can say whether it is not running (connection refused: it crashed or stopped) or hangs
+        (no answer). Returns the more telling error, else ``error`` (it answers again)."""
+        try:
+            with agent_for(self.vsp(side), CAUSE_ASK_TIMEOUT_S) as agent:
+                agent.health()
+        except AgentUnreachable as again:
+            return again if type(again) is not AgentUnreachable else error
+        except AgentError:
+            pass
+        return error
+
+    def peer_cause(self, side: Side) -> str | None:
+        """Why the data plane broke, as ``side``'s agent tells it, in words: its agent is not running,
+        hangs, restarted (it no longer knows the migration), or untrusted; None when it answers with the
+        migration still known (then the link itself failed). A peer that did not answer is marked
+        unreachable.
+
+        An agent that refuses connections is asked again for ``CAUSE_RESTART_WAIT_S``: one that a service
+        manager restarts at once comes back empty, and "restarted" says more than "not running".
+        """
+        who = alerts.host(side, self.vsp(side).name)
+        deadline = time.monotonic() + CAUSE_RESTART_WAIT_S
+        while True:
+            try:
+                with agent_for(self.vsp(side), CAUSE_ASK_TIMEOUT_S) as agent:
+                    agent.snapshot(self.agent_id)
+            except UnknownMigration:
+                return f"{who}'s agent restarted and no longer knows the migration (a crash or a restart)"
+            except AgentNotRunning as error:
+                if time.monotonic() < deadline:
+                    time.sleep(CAUSE_RETRY_S)
+                    continue
+                mark_reachable(self.vsp(side), False, error=error)
+                return alerts.unreachable_cause(who, error)
+            except AgentUnreachable as error:
+                if type(error) is AgentUnreachable:
+                    error = self.why_unreachable(side, error)
+                mark_reachable(self.vsp(side), False, error=error)
+                return alerts.unreachable_cause(who, error)
+            except AgentError as error:
+                logger.info("Asking the %s why the data plane broke: %s", who, error)
+            return None
 
     # --- in the endings: retried, answers instead of errors ---------------------------------------
 

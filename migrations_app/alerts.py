@@ -9,7 +9,16 @@ Nothing here changes state or asks an agent: callers pass what they learnt.
 from __future__ import annotations
 
 from agentprotocol import ProgressSnapshot
-from vms.agent_client import AgentError, AgentRefused, AgentUnreachable, UnknownMigration
+from vms.agent_client import (
+    AgentAddressRefused,
+    AgentError,
+    AgentNotRunning,
+    AgentRefused,
+    AgentTimedOut,
+    AgentUnreachable,
+    AgentUntrusted,
+    UnknownMigration,
+)
 
 from .errors import MigrationFailed
 from .models import Migration
@@ -31,13 +40,35 @@ def host(side: str, vsp_name: str) -> str:
 
 
 def agent_failure(vsp_name: str, side: str, error: AgentError) -> str:
-    """Why a phase failed at an agent's error: "the target host vsp2 stopped answering", "... refused:
-    <its words>", "... sent a reply that makes no sense"."""
+    """Why a phase failed at an agent's error, by its cause (``unreachable_cause``), "... refused: <its
+    words>", or "... sent a reply that makes no sense"."""
     if isinstance(error, AgentUnreachable):
-        return f"{host(side, vsp_name)} stopped answering"
+        return unreachable_cause(host(side, vsp_name), error)
     if isinstance(error, AgentRefused):
         return f"{host(side, vsp_name)} refused: {error}"
     return f"{host(side, vsp_name)} sent a reply that makes no sense"
+
+
+def unreachable_cause(who: str, error: AgentUnreachable) -> str:
+    """What the console knows of why ``who`` ("the target host vsp2") could not be asked:
+
+    - a certificate it does not trust: "... presented a TLS certificate the console does not trust
+      (SHA-256 fingerprint AB:CD:...)": the agent answered, but not as the host registered;
+    - connection refused: "... agent is not running (connection refused)": it stopped or crashed;
+    - a time-out: "... stopped answering (no answer in 10 s)": it or its host hangs;
+    - anything else (a reset, a stream cut): "... stopped answering (the connection broke off)".
+    """
+    if isinstance(error, AgentAddressRefused):
+        return f"{who} was not asked: {str(error).split(': ', 1)[-1]}"
+    if isinstance(error, AgentUntrusted):
+        fingerprint = f" (SHA-256 fingerprint {error.fingerprint})" if error.fingerprint else ""
+        return f"{who} presented a TLS certificate the console does not trust{fingerprint}"
+    if isinstance(error, AgentNotRunning):
+        return f"{who}'s agent is not running (connection refused)"
+    if isinstance(error, AgentTimedOut):
+        within = f" in {error.timeout_s:g} s" if error.timeout_s else ""
+        return f"{who} stopped answering (no answer{within})"
+    return f"{who} stopped answering (the connection broke off)"
 
 
 def progress_ended_early(source_name: str) -> str:
@@ -96,6 +127,25 @@ def restated_alert(migration: Migration, status: str) -> tuple[str, str] | None:
     again = "its host agent answered again after the abort"
     alert = f"{migration.alert.removesuffix(unanswered)}{now} ({again})."
     return alert, f"{migration.source} answered again: {now[0].lower()}{now[1:]}."
+
+
+def restated_target_back(migration: Migration) -> tuple[str, str] | None:
+    """An abort's alert that said the target's agent was not running, restated once that agent answered
+    again (its discard went through): it was not running and now answers, so it restarted. (new alert,
+    timeline event), or None when the alert did not say so.
+
+    QA: a target agent killed mid-Copy and restarted by its service manager read as "the network
+    failed"; the abort itself can only say it was not running (the restart comes seconds later).
+    """
+    not_running = f"{host('target', migration.target.name)}'s agent is not running (connection refused)"
+    if not_running not in migration.alert:
+        return None
+    restarted = (
+        f"{host('target', migration.target.name)}'s agent stopped (connection refused) and has restarted "
+        "since: it crashed or was restarted"
+    )
+    event = f"{migration.target.name} answered again: its agent had stopped and restarted."
+    return migration.alert.replace(not_running, restarted), event
 
 
 def target_lost(migration: Migration, answer: ProgressSnapshot | AgentRefused | None) -> str:

@@ -88,7 +88,7 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
     if not source.licensed:
         return f"source host {source.name} is not licensed for online migration"
     if not source.agent_reachable:
-        return f"agent unreachable on source host {source.name}"
+        return f"agent unreachable on source host {source.name}{problem_words(source)}"
     return None
 
 
@@ -128,8 +128,14 @@ def host_refusal(source: VSP | None, target: VSP) -> str | None:
     if not target.licensed:
         return "host not licensed"
     if not target.agent_reachable:
-        return "agent unreachable"
+        return f"agent unreachable{problem_words(target)}"
     return None
+
+
+def problem_words(vsp: VSP) -> str:
+    """ ": TLS certificate not trusted (SHA-256 fingerprint ...)": why ``vsp``'s agent was last found
+    unreachable (``VSP.agent_problem``), to follow "agent unreachable"; "" when not known."""
+    return f": {vsp.agent_problem}" if vsp.agent_problem else ""
 
 
 def free_memory_mib(vsp: VSP, *, ignoring: Migration | None = None) -> int:

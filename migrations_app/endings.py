@@ -70,6 +70,7 @@ def undo_and_mark(agents: MigrationAgents, attempts: int = UNDO_ATTEMPTS, *, can
     if done:
         records.mark_undone(agents.migration.pk)
         restate_where_the_vm_is(agents)
+        restate_target_back(agents)
     else:
         logger.warning(
             "Undo of %s not finished: an agent did not answer; recovery tries again", agents.agent_id
@@ -87,6 +88,17 @@ def restate_where_the_vm_is(agents: MigrationAgents) -> bool:
     if restated is None or not records.restate_alert(migration, *restated):
         return False
     logger.info("Migration %s: alert restated after its source answered again: %s", migration.pk, restated[1])
+    return True
+
+
+def restate_target_back(agents: MigrationAgents) -> bool:
+    """The target answered again (its discard went through): an alert that said its agent was not
+    running is restated (``alerts.restated_target_back``). Returns whether it was restated."""
+    migration = records.load_migration(agents.migration.pk)
+    restated = alerts.restated_target_back(migration)
+    if restated is None or not records.restate_alert(migration, *restated):
+        return False
+    logger.info("Migration %s: alert restated after its target answered again: %s", migration.pk, restated[1])
     return True
 
 

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from vms.models import VSP, VirtualMachine
 
+from .downtime import downtime_excess
 from .forecast import duration_words
 from .models import Migration, MigrationEvent
 from .outcomes import record_outcome
@@ -131,11 +132,16 @@ class HistoryRow:
     downtime_text: str = "—"  # "85 ms"
     report_url: str = ""
     vm_url: str = ""  # "" when the VM was deleted
+    # A downtime over the allowed one (``downtime.downtime_excess``): "3.7 s over the allowed 300 ms",
+    # and the whole sentence with why; "" when it was within it.
+    downtime_over_text: str = ""
+    downtime_why: str = ""
 
     @classmethod
     def of(cls, migration: Migration, now: datetime | None = None) -> HistoryRow:
         user = migration.requested_by
         total_s = total_seconds(migration, now)
+        excess = downtime_excess(migration) if migration.state == State.COMPLETED else None
         return cls(
             migration=migration,
             vm_name=migration.vm_name or (migration.vm.name if migration.vm else ""),
@@ -151,6 +157,8 @@ class HistoryRow:
             downtime_text="—" if migration.downtime_ms is None else f"{migration.downtime_ms} ms",
             report_url=_url_with_id("migration_history:report", migration.pk),
             vm_url=_url_with_id("vms:vm_general", migration.vm_id) if migration.vm_id else "",
+            downtime_over_text=excess.short if excess else "",
+            downtime_why=excess.sentence if excess else "",
         )
 
 

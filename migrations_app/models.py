@@ -99,6 +99,14 @@ class Migration(models.Model):
         blank=True,
         help_text="The effective policy (migrations_app.migration_policy)",
     )
+    # The VM's phase time limits in force when it was requested (s; None: unlimited), by phase:
+    # {"init": 10, "copy": None, "io_quiesce": 15, "frozen": 60} (``migrations_app.limits``). The worker,
+    # the agents and the report read these, not the VM's limits of today; {} only for a row recorded
+    # before they were kept (``limits.phase_limits_of`` then says so).
+    phase_limits = models.JSONField(default=dict, blank=True)
+    # When an administrator asked to switch over now (None: never): one switch-over per migration
+    # (``steering``), and the report's explanation of a downtime longer than allowed (``downtime``).
+    switchover_requested_at = models.DateTimeField(null=True, blank=True)
     alert = models.TextField(blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # The decider's lease (``migrations_app.lease``): who decides this migration now (a worker or

@@ -22,6 +22,7 @@ from .agents import MigrationAgents
 from .checks import check_target, is_running
 from .dataplane import route_data_plane
 from .errors import MigrationFailed
+from .limits import phase_limits_of
 from .models import Migration
 from .records import PHASE_BY_AGENT_NAME, ProgressRecord
 
@@ -46,7 +47,8 @@ class Phase:
         return str(self.state.label)
 
     def limit_s(self, migration: Migration) -> int | None:
-        return getattr(migration.vm, self.limit_field)
+        """The phase's limit (s; None: unlimited) as ``migration`` was requested with (``limits``)."""
+        return phase_limits_of(migration).of(self.state)
 
     def run(self, run: PhaseRun) -> None:
         raise NotImplementedError
@@ -160,7 +162,7 @@ def absorb(run: PhaseRun, snapshot: ProgressSnapshot, *, force: bool = False) ->
     run.progress.take(snapshot)
     run.agents.check_stop()
     if snapshot.failed:
-        raise reported_failure(run.migration, snapshot, run.progress.elapsed_s())
+        raise blamed(run, reported_failure(run.migration, snapshot, run.progress.elapsed_s()), snapshot)
     run.progress.flush(force=force)
     return snapshot
 
@@ -183,6 +185,27 @@ def source_guest_running(run: PhaseRun) -> bool | None:
     if status == "stopped":
         records.store_source_guest_off(run.migration)
     return {"running": True, "stopped": False}.get(status)
+
+
+def blamed(run: PhaseRun, failure: MigrationFailed, snapshot: ProgressSnapshot) -> MigrationFailed:
+    """The source's report that it lost its peer (kind ``unreachable``) with the real cause: the target
+    agent is asked (``MigrationAgents.peer_cause``). A target not running, hanging, restarted or
+    untrusted is named as the cause; a target that still holds the migration leaves the link to blame.
+
+    QA: a target agent killed mid-Copy read "the network failed (ConnectionError)".
+    """
+    if failure.kind is not FailureKind.UNREACHABLE or snapshot.failed_side not in (None, "source"):
+        return failure
+    source, target = run.migration.require_source().name, run.migration.target.name
+    said = f"{alerts.host('source', source)} {failure.reason}"
+    cause = run.agents.peer_cause("target")
+    if cause is None:
+        reason = (
+            f"the data-plane link from {source} to {target} failed while both agents kept running ({said})"
+        )
+    else:
+        reason = f"{cause} ({said})"
+    return MigrationFailed(failure.phase, reason, kind=failure.kind, source_running=failure.source_running)
 
 
 def reported_failure(migration: Migration, snapshot: ProgressSnapshot, elapsed_s: float) -> MigrationFailed:

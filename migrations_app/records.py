@@ -23,6 +23,7 @@ from agentprotocol import Phase as AgentPhase
 from vms.models import Registration
 
 from .alerts import cancelled_by
+from .downtime import downtime_excess
 from .errors import MigrationCancelled, MigrationFailed
 from .lease import DATABASE_GONE, Lease
 from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
@@ -299,7 +300,9 @@ def store_source_guest_off(migration: Migration) -> None:
 
 
 def record_completed(migration: Migration, lease: Lease, message: str, alert: str = "") -> None:
-    """COMMITTING -> COMPLETED, with ``alert`` (the target may have lost the guest) when there is one.
+    """COMMITTING -> COMPLETED, with ``alert`` (the target may have lost the guest) when there is one,
+    and a downtime over the allowed one flagged in the alert and the timeline (``downtime.downtime_excess``:
+    by how much and why), so the Alerts list shows it.
 
     Raises ``lease.superseded()`` when it is still COMMITTING but not this decider's to change.
     """
@@ -308,6 +311,11 @@ def record_completed(migration: Migration, lease: Lease, message: str, alert: st
         message = f"{message}. {alert}"
         fields = {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
         logger.error("Migration %s: %s", migration.pk, alert)
+    excess = downtime_excess(migration)
+    if excess is not None:
+        message = f"{message}. {excess.sentence}"
+        fields["alert"] = f"{alert} {excess.sentence}" if alert else excess.sentence
+        logger.warning("Migration %s: %s", migration.pk, excess.sentence)
     if transition(
         migration.pk, State.COMMITTING, State.COMPLETED, message=message, where=lease.where, **fields
     ):

@@ -22,7 +22,7 @@ from vms.models import VSP
 
 from .agents import MigrationAgents, agent_for, agent_migration_id
 from .alerts import cancelled_by
-from .endings import abort, restate_where_the_vm_is, roll_forward, undo_and_mark
+from .endings import abort, restate_target_back, restate_where_the_vm_is, roll_forward, undo_and_mark
 from .errors import MigrationCancelled, MigrationFailed
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
@@ -155,7 +155,10 @@ def undo_leftover(migration: Migration, vsp: VSP) -> bool:
     sending, run the guest on, and restate an alert that said it did not answer); True once it answered."""
     with MigrationAgents(migration, timeout_s=LEFTOVER_TIMEOUT_S) as agents:
         if vsp.pk == migration.target_id:
-            return agents.discard_target(attempts=1)
+            if not agents.discard_target(attempts=1):
+                return False
+            restate_target_back(agents)
+            return True
         agents.cancel_source()
         if agents.resume_source(attempts=1) is None:
             return False

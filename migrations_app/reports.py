@@ -12,37 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
+from . import migration_policy
+from .downtime import allowed_for, downtime_excess
 from .history import HistoryRow, total_seconds
+from .limits import phase_limits_of
 from .models import PHASE_FIELD_PREFIX, Migration, MigrationEvent
 from .samples import samples_as_series
 
 State = Migration.State
-PHASE_LIMIT_FIELD: dict[str, str] = {
-    State.INIT: "init_limit_s",
-    State.COPY: "copy_limit_s",
-    State.IO_QUIESCE: "quiesce_limit_s",
-    State.FROZEN: "frozen_limit_s",
-}
-
-
-def allowed_downtime_ms() -> int:
-    """The downtime the agents aim at (ms): ``MIGRATION_DOWNTIME_MS`` as sent to the source agent."""
-    explicit = getattr(settings, "MIGRATION_DOWNTIME_MS", None)
-    configured = explicit if explicit is not None else settings.MIGRATION_AGENT_PARAMS["downtime_ms"]
-    if configured is None:
-        raise ImproperlyConfigured("MIGRATION_AGENT_PARAMS needs a downtime_ms (ms)")
-    return int(configured)
-
-
-def allowed_for(migration: Migration) -> int:
-    """The downtime ``migration`` was allowed (ms): its policy's (as last changed while it ran), else the
-    site's (``allowed_downtime_ms``) for a migration recorded before policies."""
-    chosen = (migration.policy or {}).get("max_downtime_ms")
-    return int(chosen) if isinstance(chosen, int | float) and chosen > 0 else allowed_downtime_ms()
 
 
 RUNNING_IN_FROZEN_NOTE_S = 1.0
@@ -65,7 +44,11 @@ def running_in_frozen_s(migration: Migration, timings: list[PhaseTiming]) -> flo
 
 @dataclass(frozen=True)
 class PhaseTiming:
-    """A phase's time (s) against the VM's limit for it (s; None = unlimited or the VM is gone)."""
+    """A phase's time (s) against the limit it ran under (s; None = unlimited, or not known).
+
+    ``limit_recorded``: False for a migration recorded before its limits were kept: ``limit_s`` is then
+    the VM's limit of today (None once the VM is gone), which the page marks as such.
+    """
 
     label: str
     started_at: datetime | None
@@ -73,6 +56,7 @@ class PhaseTiming:
     seconds: float | None
     limit_s: int | None
     running: bool
+    limit_recorded: bool = True
 
     @property
     def over_limit(self) -> bool:
@@ -87,6 +71,7 @@ class PhaseTiming:
 
 def phase_timings(migration: Migration, now: datetime | None = None) -> list[PhaseTiming]:
     now = now or timezone.now()
+    limits = phase_limits_of(migration)
     timings = []
     for phase, prefix in PHASE_FIELD_PREFIX.items():
         started = getattr(migration, f"{prefix}_started_at")
@@ -94,8 +79,9 @@ def phase_timings(migration: Migration, now: datetime | None = None) -> list[Pha
         running = migration.state == phase and started is not None and ended is None
         end = ended or (now if running else None)
         seconds = (end - started).total_seconds() if started and end else None
-        limit = getattr(migration.vm, PHASE_LIMIT_FIELD[phase]) if migration.vm is not None else None
-        timings.append(PhaseTiming(str(State(phase).label), started, ended, seconds, limit, running))
+        label = str(State(phase).label)
+        timing = PhaseTiming(label, started, ended, seconds, limits.of(phase), running, limits.recorded)
+        timings.append(timing)
     return timings
 
 
@@ -185,6 +171,8 @@ def report_context(migration: Migration) -> dict[str, Any]:
         "frozen_running_s": running_in_frozen_s(migration, phases),
         "total_s": total_seconds(migration, now),
         "allowed_downtime_ms": allowed,
+        "policy_words": migration_policy.describe(migration.policy) if migration.policy else "",
         "downtime_over": migration.downtime_ms is not None and migration.downtime_ms > allowed,
+        "downtime_excess": downtime_excess(migration),
         "chart": chart_data(migration),
     }

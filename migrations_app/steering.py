@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from http import HTTPStatus
 from typing import Any
 
 from django.conf import settings
@@ -22,12 +23,13 @@ from pydantic import ValidationError
 
 from agentprotocol import ParamsChange, plain_words
 from migrations_app import forecast
-from vms.agent_client import AgentClient, AgentError
+from vms.agent_client import AgentClient, AgentError, AgentRefused, AgentUnreachable, UnknownMigration
 from vms.models import AuditEvent
 
-from . import migration_policy
+from . import alerts, migration_policy
 from .access import check_can_migrate
 from .agents import agent_migration_id
+from .limits import phase_limits_of
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
 from .samples import dirty_rounds, round_left_bytes
@@ -47,11 +49,20 @@ PRE_PAUSE_ROUNDS = {"simulated": forecast.SIMULATED_PRE_PAUSE_ROUNDS}
 
 
 class ChangeRefused(Exception):
-    """The change was refused; ``message`` says why in plain words. Nothing was changed."""
+    """The change was refused; ``message`` says why in plain words. Nothing was changed.
+
+    The API answers 409 to it: the change does not apply to the migration as it is now (not yet, or
+    no more).
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class SourceUnavailable(ChangeRefused):
+    """The source host's agent could not be asked (not running, not answering, an untrusted
+    certificate): the change may apply, but nothing was changed. The API answers 503 to it."""
 
 
 class BadChange(ChangeRefused):
@@ -105,7 +116,11 @@ def outlook(migration: Migration) -> Outlook | None:
     from .estimates import forecast_policy
 
     policy_values = migration_policy.effective(migration.policy)
-    policy = forecast_policy(policy_values, migration.vm)
+    # The Copy limit it was requested with, not the VM's of today (``limits``).
+    policy = replace(
+        forecast_policy(policy_values, migration.vm),
+        copy_limit_s=phase_limits_of(migration).of(Migration.State.COPY),
+    )
     memory = migration.vm.memory_mib * MiB
     left = float(migration.bytes_remaining) if migration.rounds > 1 else None
     throttle = float(migration.throttle_pct)
@@ -270,19 +285,15 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
     if current.vm is not None:  # as for starting it: an operator of its source's and target's groups
         check_can_migrate(user, current.vm, current.target)
     change = check_change(raw)
-    if current.state not in CHANGEABLE_STATES:
-        raise ChangeRefused(
-            f"Migration {current.pk} is {current.get_state_display().lower()}: only a migration in its "
-            "Init or Copy phase can be changed. Nothing was changed."
-        )
-    source = current.require_source()
+    check_applies(current, change)
+    if change.switchover_now:
+        claim_switchover(current)
     try:
-        with AgentClient.for_vsp(source) as agent:
-            agent.change_params(agent_migration_id(current), within_site_cap(change))
-    except AgentError as error:
-        raise ChangeRefused(
-            f"The source host did not take the change: {error}. Nothing was changed."
-        ) from None
+        send_change(current, change)
+    except ChangeRefused:
+        if change.switchover_now:  # not taken: another switch-over may be asked
+            Migration.objects.filter(pk=current.pk).update(switchover_requested_at=None)
+        raise
     words = describe_change(change)
     with transaction.atomic():
         row = Migration.objects.select_for_update().get(pk=current.pk)
@@ -311,3 +322,96 @@ def do_change_migration(migration: Migration, raw: dict[str, Any], user: Any) ->
         transaction.on_commit(lambda: publish_progress(row.pk))
     logger.info("%s changed migration %s: %s", user, current.pk, change.model_dump(exclude_unset=True))
     return f"{words[0].upper()}{words[1:]}."
+
+
+NOTHING_CHANGED = "Nothing was changed."
+
+
+def check_applies(migration: Migration, change: ParamsChange) -> None:
+    """Raise ``ChangeRefused`` in the console's words when ``change`` does not apply to ``migration`` as
+    it stands: not in Init or Copy; a switch-over before Copy began, or after one was asked; any change
+    once its Copy is over (a switch-over asked, or Copy converged: the worker is about to quiesce)."""
+    state, number = migration.state, migration.pk
+    if state not in CHANGEABLE_STATES:
+        raise ChangeRefused(
+            f"Migration {number} is {migration.get_state_display().lower()}: only a migration in its "
+            f"Init or Copy phase can be changed. {NOTHING_CHANGED}"
+        )
+    if migration.switchover_requested_at is not None:
+        raise ChangeRefused(copy_over_words(migration, "a switch-over was already asked"))
+    if state == Migration.State.COPY and migration.copy_percent >= 100:
+        raise ChangeRefused(copy_over_words(migration, "its Copy converged"))
+    if change.switchover_now and state == Migration.State.INIT:
+        raise ChangeRefused(
+            f"Migration {number} is still in its Init phase: there is nothing to switch over yet. "
+            f"Switching over is possible once Copy has begun. {NOTHING_CHANGED}"
+        )
+
+
+def copy_over_words(migration: Migration, why: str) -> str:
+    """ "Migration 7's Copy is over (a switch-over was already asked at 12:03:04): it is switching over
+    now, and this change no longer applies. Nothing was changed." """
+    if migration.switchover_requested_at is not None and "switch-over" in why:
+        why += f" at {timezone.localtime(migration.switchover_requested_at):%H:%M:%S}"
+    return (
+        f"Migration {migration.pk}'s Copy is over ({why}): it is switching over now, and this change "
+        f"no longer applies. {NOTHING_CHANGED}"
+    )
+
+
+def claim_switchover(migration: Migration) -> None:
+    """Mark the switch-over asked, by compare-and-set: of two at once, the second is refused
+    (``check_applies``' words), before anything is sent to the agent."""
+    now = timezone.now()
+    claimed = Migration.objects.filter(
+        pk=migration.pk, state=Migration.State.COPY, switchover_requested_at__isnull=True
+    ).update(switchover_requested_at=now)
+    if not claimed:
+        current = Migration.objects.get(pk=migration.pk)
+        check_applies(current, ParamsChange(switchover_now=True))
+        raise ChangeRefused(copy_over_words(current, "a switch-over was already asked"))
+    migration.switchover_requested_at = now
+
+
+def send_change(migration: Migration, change: ParamsChange) -> None:
+    """``change`` to the source agent; its errors as ``ChangeRefused`` in the console's words (the
+    state as it is now when the agent no longer has the Copy), ``SourceUnavailable`` when it could not
+    be asked."""
+    source = migration.require_source()
+    try:
+        with AgentClient.for_vsp(source) as agent:
+            agent.change_params(agent_migration_id(migration), within_site_cap(change))
+    except AgentUnreachable as error:
+        cause = alerts.agent_failure(source.name, "source", error)
+        raise SourceUnavailable(
+            f"{cause[0].upper()}{cause[1:]}: the change could not be sent. {NOTHING_CHANGED}"
+        ) from None
+    except AgentRefused as error:
+        raise ChangeRefused(refusal_words(migration, error)) from None
+    except AgentError:
+        raise ChangeRefused(
+            f"The source host {source.name} sent a reply that makes no sense; the change may not have "
+            f"been taken. {NOTHING_CHANGED}"
+        ) from None
+
+
+def refusal_words(migration: Migration, error: AgentRefused) -> str:
+    """Why the source agent refused a change, in the console's words: the migration as it is now when it
+    moved on (or never reached the source yet), else the agent's own reason."""
+    current = Migration.objects.get(pk=migration.pk)
+    if current.state not in CHANGEABLE_STATES:
+        check_applies(current, ParamsChange())  # raises: ended or past Copy
+    source = current.require_source().name
+    if isinstance(error, UnknownMigration):
+        if current.state == Migration.State.INIT:
+            return (
+                f"Migration {current.pk} is still in its Init phase: the source host {source} has not "
+                f"begun sending yet. Try again once Copy has begun. {NOTHING_CHANGED}"
+            )
+        return (
+            f"The source host {source} no longer holds migration {current.pk} (its agent restarted?); "
+            f"the worker ends it. {NOTHING_CHANGED}"
+        )
+    if error.status == HTTPStatus.CONFLICT and current.state == Migration.State.COPY:
+        return copy_over_words(current, "its Copy converged")
+    return f"The source host {source} refused the change: {error}. {NOTHING_CHANGED}"

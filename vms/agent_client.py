@@ -74,6 +74,20 @@ class AgentUnreachable(AgentError):
     kind = FailureKind.UNREACHABLE
 
 
+class AgentNotRunning(AgentUnreachable):
+    """Connection refused: nothing listens at the agent's address, so its process is not running (it
+    stopped or crashed), while its host answers."""
+
+
+class AgentTimedOut(AgentUnreachable):
+    """No answer within the time-out (``timeout_s``): the agent or its host hangs, or the network
+    drops what it sends."""
+
+    def __init__(self, message: str, timeout_s: float | None = None) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+
+
 class AgentRefused(AgentError):
     """The agent answered with an error status; ``message`` is its explanation."""
 
@@ -92,10 +106,15 @@ class AgentUntrusted(AgentUnreachable):
     """The agent's TLS certificate is not the one registered (or not signed by the registered CA).
 
     An ``AgentUnreachable`` for every caller (nothing was sent to it, not even the secret), with
-    kind ``refused``: it answered, but not as the host the console knows.
+    kind ``refused``: it answered, but not as the host the console knows. ``fingerprint``: the SHA-256
+    fingerprint of the certificate it presented (``AB:CD:...``), when it could be read; else None.
     """
 
     kind = FailureKind.REFUSED
+
+    def __init__(self, message: str, fingerprint: str | None = None) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
 
 
 class AgentAddressRefused(AgentUntrusted):
@@ -198,6 +217,61 @@ def certificate_fingerprint(der: bytes) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, 64, 2))
 
 
+def transport_failure(error: BaseException, message: str, timeout_s: float | None) -> AgentUnreachable:
+    """The ``AgentUnreachable`` a failed connection or request is, by its cause: ``AgentNotRunning``
+    (connection refused), ``AgentTimedOut`` (no answer within ``timeout_s`` s), else the base class (a
+    reset, a stream cut, a name that does not resolve)."""
+    if _caused_by(error, ConnectionRefusedError) or "Connection refused" in str(error):
+        return AgentNotRunning(message)
+    if isinstance(error, httpx.TimeoutException | TimeoutError) or _caused_by(error, TimeoutError):
+        return AgentTimedOut(message, timeout_s)
+    return AgentUnreachable(message)
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = error
+    for _ in range(8):  # httpx -> httpcore -> OSError: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def unreachable_words(error: AgentUnreachable) -> str:
+    """Why an agent could not be asked, in a few words that follow "Agent unreachable: " (a VSP's
+    ``agent_problem``): "certificate not trusted (SHA-256 fingerprint AB:...)", "agent not running
+    (connection refused)", "no answer in 10 s", "not asked: <why>", "the connection broke off"."""
+    if isinstance(error, AgentAddressRefused):
+        return f"not asked: {str(error).split(': ', 1)[-1]}"
+    if isinstance(error, AgentUntrusted):
+        fingerprint = f" (SHA-256 fingerprint {error.fingerprint})" if error.fingerprint else ""
+        return f"TLS certificate not trusted{fingerprint}"
+    if isinstance(error, AgentNotRunning):
+        return "agent not running (connection refused)"
+    if isinstance(error, AgentTimedOut):
+        return f"no answer in {error.timeout_s:g} s" if error.timeout_s else "no answer"
+    return "the connection broke off"
+
+
+PRESENTED_TIMEOUT_S = 2.0
+
+
+def presented_fingerprint(base_url: str) -> str | None:
+    """The SHA-256 fingerprint of the certificate the ``https://`` agent at ``base_url`` presents (read
+    without trusting it; nothing is sent), or None if it cannot be read: an alert about an untrusted
+    certificate names it, so an administrator can compare it with the host's own."""
+    url = httpx.URL(base_url)
+    if url.scheme != "https":
+        return None
+    try:
+        pem = ssl.get_server_certificate((url.host, url.port or 443), timeout=PRESENTED_TIMEOUT_S)
+        return certificate_fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+    except (OSError, ValueError):
+        return None
+
+
 class AgentClient:
     """One agent's API. ``trust``: see the module's TLS paragraph (ignored for ``http://`` URLs)."""
 
@@ -262,14 +336,15 @@ class AgentClient:
         try:
             pem = ssl.get_server_certificate(address, timeout=self.timeout_s)
         except (OSError, ValueError) as error:
-            raise AgentUnreachable(
-                f"{self.base_url}: no TLS answer: {error or type(error).__name__}"
+            raise transport_failure(
+                error, f"{self.base_url}: no TLS answer: {error or type(error).__name__}", self.timeout_s
             ) from error
         presented = certificate_fingerprint(ssl.PEM_cert_to_DER_cert(pem))
         if not hmac.compare_digest(presented, wanted):
             raise AgentUntrusted(
                 f"the agent at {self.base_url} presented a certificate with SHA-256 fingerprint {presented}, "
-                f"not the registered {wanted}: refusing to talk to it"
+                f"not the registered {wanted}: refusing to talk to it",
+                fingerprint=presented,
             )
         context = ssl.create_default_context(cadata=pem)
         context.check_hostname = False  # the pinned certificate itself is the identity
@@ -387,7 +462,8 @@ class AgentClient:
                         yield snapshot
                     first = False
         except httpx.TransportError as error:
-            raise AgentUnreachable(f"progress stream from {self.base_url} broke off: {error}") from error
+            message = f"progress stream from {self.base_url} broke off: {error or type(error).__name__}"
+            raise transport_failure(error, message, self.timeout_s) from error
 
     def quiesce(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "quiesce", self.command_timeout_s)
@@ -433,10 +509,12 @@ class AgentClient:
             if "CERTIFICATE_VERIFY_FAILED" in str(error):
                 raise AgentUntrusted(
                     f"the agent at {self.base_url} presented a certificate the console does not trust "
-                    f"(not from the registered CA, or not the pinned one): {error}"
+                    f"(not from the registered CA, or not the pinned one): {error}",
+                    fingerprint=presented_fingerprint(self.base_url),
                 ) from error
-            raise AgentUnreachable(
-                f"{method} {self.base_url}{path}: {error or type(error).__name__}"
+            message = f"{method} {self.base_url}{path}: {error or type(error).__name__}"
+            raise transport_failure(
+                error, message, timeout_s if timeout_s is not None else self.timeout_s
             ) from error
         if response.status_code >= 400:
             raise self._refusal(response)

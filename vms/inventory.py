@@ -35,10 +35,12 @@ from agentprotocol import GuestInfo
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
+    AgentError,
     AgentProtocolError,
     AgentRefused,
     AgentUnreachable,
     AgentUntrusted,
+    unreachable_words,
 )
 from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
@@ -175,6 +177,7 @@ class Asked:
     problem: str
     took_ms: int
     driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
+    cause: str = ""  # why it got nothing (``agent_client.unreachable_words``): kept as ``VSP.agent_problem``
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
@@ -182,7 +185,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     started = time.monotonic()
     problem = ""
     guests: list[GuestInfo] = []
-    driver = ""
+    driver = cause = ""
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
@@ -191,15 +194,21 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     except AgentAddressRefused as error:
         logger.warning("Agent of VSP %s not asked: %s", vsp.name, error)
         problem = f"was not asked: {str(error).split(': ', 1)[-1]}"
+        cause = unreachable_words(error)
     except AgentUntrusted as error:
         logger.warning("Agent of VSP %s refused: untrusted TLS certificate: %s", vsp.name, error)
         problem = "presented a TLS certificate the console does not trust (not the registered one)"
+        if error.fingerprint:
+            problem = f"{problem[:-1]}: SHA-256 fingerprint {error.fingerprint})"
+        cause = unreachable_words(error)
     except AGENT_ERRORS as error:
         logger.warning("Agent of VSP %s did not answer: %s", vsp.name, error)
         problem = "did not answer"
+        if isinstance(error, AgentUnreachable):
+            cause = unreachable_words(error)
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
-        return Asked(None, problem, took_ms)
+        return Asked(None, problem, took_ms, cause=cause)
     return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver)
 
 
@@ -209,7 +218,7 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
     in a row (else at once), and its duration is kept (``VSP.agent_collect_ms``)."""
     took_ms = asked.took_ms if periodic else None
     if asked.guests is None:
-        record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
+        record_unanswered(vsp, at_once=not periodic, took_ms=took_ms, problem=asked.cause)
         return
     record_answered(vsp, took_ms=took_ms, driver=asked.driver)
     store_guests(vsp, asked.guests, copies)
@@ -272,22 +281,23 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
     Ready until the next inventory collection. The database is written from the calling thread."""
 
-    def answers(vsp: VSP) -> str | None:
-        """The agent's driver, or None when it did not answer."""
+    def answers(vsp: VSP) -> str | AgentError:
+        """The agent's driver, or the error of a call that got no answer."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
                 return agent.health().driver
-        except AGENT_ERRORS:
-            return None
+        except AGENT_ERRORS as error:
+            return error
 
     if not vsps:
         return
     with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
         drivers = list(pool.map(answers, vsps))
     for vsp, driver in zip(vsps, drivers, strict=True):
-        if driver is None:
+        if isinstance(driver, AgentError):
             logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
-            record_unanswered(vsp, at_once=True)
+            problem = unreachable_words(driver) if isinstance(driver, AgentUnreachable) else ""
+            record_unanswered(vsp, at_once=True, problem=problem)
         else:
             record_answered(vsp, driver=driver)
 
@@ -315,19 +325,25 @@ def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
     return driver
 
 
-def mark_reachable(vsp: VSP, reachable: bool) -> None:
+def mark_reachable(vsp: VSP, reachable: bool, *, error: AgentUnreachable | None = None) -> None:
     """What a call someone waits on learnt: an answer resets the count, no answer marks ``vsp``
-    unreachable at once (a migration's call, the migrate dialog's probe, Refresh Data)."""
+    unreachable at once (a migration's call, the migrate dialog's probe, Refresh Data). ``error``: the
+    call's, kept as why (``VSP.agent_problem``)."""
     if reachable:
         record_answered(vsp)
     else:
-        record_unanswered(vsp, at_once=True)
+        record_unanswered(vsp, at_once=True, problem=unreachable_words(error) if error else "")
 
 
 def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -> None:
     """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver``
     (its health answer's, when asked) is kept as ``VSP.agent_driver``."""
-    fields: dict[str, Any] = {"agent_reachable": True, "agent_failures": 0, "unreachable_since": None}
+    fields: dict[str, Any] = {
+        "agent_reachable": True,
+        "agent_failures": 0,
+        "unreachable_since": None,
+        "agent_problem": "",
+    }
     fields["agent_checked_at"] = timezone.now()
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
@@ -337,12 +353,14 @@ def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -
     if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
         logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)
     vsp.agent_reachable, vsp.agent_failures, vsp.unreachable_since = True, 0, None
+    vsp.agent_problem = ""
 
 
-def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) -> None:
+def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None, problem: str = "") -> None:
     """One more unanswered call; the VSP is marked unreachable, with the time, by the call that brings
     the count to ``INVENTORY_UNREACHABLE_AFTER`` (or at once). One ``UPDATE``: SET reads the row as it
-    was, so concurrent callers count every call and only the first to reach the limit sets the time."""
+    was, so concurrent callers count every call and only the first to reach the limit sets the time.
+    ``problem``: why, in words (``agent_client.unreachable_words``), kept as ``VSP.agent_problem``."""
     now = timezone.now()
     reaches_limit = Q(agent_failures__gte=(1 if at_once else settings.INVENTORY_UNREACHABLE_AFTER) - 1)
     fields: dict[str, Any] = {
@@ -355,9 +373,13 @@ def record_unanswered(vsp: VSP, *, at_once: bool, took_ms: int | None = None) ->
     }
     if took_ms is not None:
         fields["agent_collect_ms"] = took_ms
+    if problem:
+        fields["agent_problem"] = problem[:300]
     VSP.objects.filter(pk=vsp.pk).update(**fields)
     try:
-        vsp.refresh_from_db(fields=["agent_reachable", "agent_failures", "unreachable_since"])
+        vsp.refresh_from_db(
+            fields=["agent_reachable", "agent_failures", "unreachable_since", "agent_problem"]
+        )
     except VSP.DoesNotExist:  # deleted meanwhile: nothing left to show
         return
     if vsp.unreachable_since == now:

@@ -130,6 +130,14 @@ class VSP(models.Model):
     unreachable_since = models.DateTimeField(
         null=True, blank=True, help_text="When the VSP was marked unreachable (empty while reachable)."
     )
+    agent_problem = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text=(
+            "Why the agent's last call failed, in words ('TLS certificate not trusted (SHA-256 fingerprint "
+            "...)', 'agent not running (connection refused)', 'no answer in 10 s'); empty once it answers."
+        ),
+    )
     # The host agent's driver ("simulated", "qemu") from its last health answer (``vms.inventory``); empty
     # until it answered one. What a running migration can be changed with depends on it (QEMU cannot
     # turn auto-converge on mid-migration).

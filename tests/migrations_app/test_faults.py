@@ -387,12 +387,15 @@ def test_a_dead_target_is_marked_unreachable_at_once_and_named(
         factory.stop_all()
 
     assert (migration.failed_phase, migration.failure_kind) == ("init", "unreachable")
+    # Issue 18.10: the cause the console can know (connection refused: its agent is not running)
     assert migration.alert == (
-        "Init phase failed: the target host hostd stopped answering. The VM keeps running on hosta."
+        "Init phase failed: the target host hostd's agent is not running (connection refused). "
+        "The VM keeps running on hosta."
     )
     hostd.refresh_from_db()
     # at once, not after INVENTORY_UNREACHABLE_AFTER inventory collections
     assert (hostd.agent_reachable, hostd.unreachable_since is not None) == (False, True)
+    assert hostd.agent_problem == "agent not running (connection refused)"
     assert_left_on_source(vm, host_agents, fleet, migration)
 
 
@@ -417,7 +420,7 @@ def test_the_migrate_dialog_checks_reachability_when_it_opens(
     html = migration_admin_client.get(reverse("migrations_app:migrate", args=[vm.pk])).content.decode()
 
     rows = {name: html[html.index(f'data-vsp="{name}"') :].split("</tr>")[0] for name in ("hoste", "hostb")}
-    assert ">Agent unreachable<" in rows["hoste"]
+    assert ">Agent unreachable: agent not running (connection refused)<" in rows["hoste"]
     assert ">Ready<" in rows["hostb"], rows["hostb"]
     assert dict(
         VSP.objects.filter(pk__in=[hoste.pk, fleet["hostb"].pk]).values_list("name", "agent_reachable")
