@@ -195,6 +195,9 @@ class PolicyIn(Schema):
     at_limit: Literal["abort", "switchover"] | SkipJsonSchema[None] = Field(
         None, description="At the round or Copy time limit: abort (the guest stays) or switch over"
     )
+    no_progress_s: (
+        Annotated[int, Field(ge=1, le=migration_policy.MAX_NO_PROGRESS_S)] | SkipJsonSchema[None]
+    ) = Field(None, description="The no-progress limit (s): a phase in which nothing moves this long aborts")
 
     @field_validator(*migration_policy.FIELDS, mode="before")
     @classmethod

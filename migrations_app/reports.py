@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
+from . import migration_policy
 from .history import HistoryRow, total_seconds
 from .models import PHASE_FIELD_PREFIX, Migration, MigrationEvent
 from .samples import samples_as_series
@@ -187,4 +188,5 @@ def report_context(migration: Migration) -> dict[str, Any]:
         "allowed_downtime_ms": allowed,
         "downtime_over": migration.downtime_ms is not None and migration.downtime_ms > allowed,
         "chart": chart_data(migration),
+        "no_progress_s": migration_policy.no_progress_limit_s(migration.policy),
     }
