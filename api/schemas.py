@@ -105,6 +105,12 @@ class MigrationOut(Schema):
     failed_phase: str
     failure_kind: str
     alert: str = Field(description="What went wrong, in the words of the General tab's Alerts")
+    warning: str = Field(
+        description="While it runs: what holds it up now (no progress; a host the roll forward cannot reach)"
+    )
+    release_pending: bool = Field(
+        description="Completed while its source had not answered the release of its copy (asked again)"
+    )
     policy: dict[str, Any] = Field(
         description="The effective migration policy (migrations_app.migration_policy)"
     )
@@ -350,6 +356,8 @@ def _migration_fields(migration: Migration) -> dict:
         "failed_phase": migration.failed_phase,
         "failure_kind": migration.failure_kind,
         "alert": migration.alert,
+        "warning": migration.warning,
+        "release_pending": migration.release_pending,
     }
 
 
