@@ -173,9 +173,7 @@ class Watchdog:
         self.phase, self.limit_s = phase.state, limit_s
         self.run.progress.phase_started = time.monotonic()
         self.deadline = time.monotonic() + limit_s + BACKSTOP_GRACE_S if limit_s else None
-        self.no_progress.restart(
-            ()
-        )  # a new phase is progress: the next look takes its key (and withdraws a warning)
+        self.no_progress.new_phase()
 
     def disarm(self) -> None:
         with self.lock:
@@ -287,7 +285,7 @@ class NoProgress:
 
     ``see(key)`` after each look at the progress (``progress_key``) says what to do: "warn" once, when
     nothing moved for ``migration_policy.no_progress_warn_after_s``; "moving again" when it moves after a
-    warning; "stop" at the limit; "" otherwise. ``restart`` at each phase's start: a new phase is progress.
+    warning; "stop" at the limit; "" otherwise. ``new_phase`` at each phase's start: a new phase is progress.
     """
 
     def __init__(self, limit_s: int) -> None:
@@ -301,6 +299,10 @@ class NoProgress:
 
     def restart(self, key: tuple[object, ...]) -> None:
         self.key, self.at, self.since = key, time.monotonic(), timezone.now()
+
+    def new_phase(self) -> None:
+        """A new phase is progress: the next look sees a change (and withdraws a warning)."""
+        self.key = ()
 
     def stalled_s(self) -> float:
         return time.monotonic() - self.at
