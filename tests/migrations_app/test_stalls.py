@@ -148,6 +148,33 @@ def test_a_copy_that_stops_moving_warns_then_aborts_with_the_reason(
     assert_left_on_source(vm, agents, fleet, migration)
 
 
+@pytest.mark.faults
+def test_a_stall_warning_is_withdrawn_when_bytes_move_again(own_agents, admin, migration_worker):
+    """Only stalled, not stuck: the target paused until the page warns, then resumed well before the
+    limit (12 s): the warning is withdrawn with a timeline event, and the migration completes."""
+    _, agents = own_agents
+    fleet = vsps_for(agents)
+    vm = place_vm(agents, fleet, memory_mib=128, fill_percent=100)
+    migration = do_request_migration(vm, fleet["hostb"], admin, policy={"no_progress_s": 12})
+
+    def in_copy_with(percent: int = 0, warned: bool = False) -> bool:
+        migration.refresh_from_db()
+        shown = migration.warning.startswith("No progress")
+        return migration.state == "copy" and migration.copy_percent >= percent and shown == warned
+
+    assert wait_until(lambda: in_copy_with(percent=50), timeout=60), (migration.state, migration.copy_percent)
+    with paused(agents["hostb"]):
+        assert wait_until(lambda: in_copy_with(warned=True), timeout=40), (migration.state, migration.alert)
+    assert wait_until(lambda: in_copy_with(warned=False), timeout=10), (migration.state, migration.alert)
+
+    wait_for_state(wait_until, migration, "completed", "aborted", "cancelled", timeout=120)
+    assert migration.state == "completed", migration.alert
+    messages = list(migration.events.filter(to_state="copy").values_list("message", flat=True))
+    assert any(text.startswith("No progress in the Copy phase") for text in messages), messages
+    assert any(text.startswith("Progress again after") for text in messages), messages
+    assert runs_on(agents["hostb"], vm.name)
+
+
 # --- 18.3: a roll forward that cannot reach the source ---------------------------------------------
 
 
