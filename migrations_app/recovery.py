@@ -223,7 +223,10 @@ def retry_pending_releases() -> list[int]:
     for migration in pending.select_related("vm", "source", "target"):
         if not claim_undo_try(migration):
             continue
-        with MigrationAgents(migration, timeout_s=UNDO_RETRY_TIMEOUT_S) as agents:
-            if finish_release(agents):
-                done.append(migration.pk)
+        try:
+            with MigrationAgents(migration, timeout_s=UNDO_RETRY_TIMEOUT_S) as agents:
+                if finish_release(agents):
+                    done.append(migration.pk)
+        except Exception:  # one migration's trouble must not keep recovery from the rest of its pass
+            logger.exception("Pending release of migration %s: the next pass tries again", migration.pk)
     return done
