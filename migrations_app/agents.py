@@ -423,7 +423,7 @@ class MigrationAgents:
                 self._check_lease()
                 mark_reachable(self.vsp(side), False)
                 raise
-            except AgentError:
+            except AgentRefused:  # an answer, though not the one hoped for
                 note_answered(self.vsp(side))
                 raise
             note_answered(self.vsp(side))
