@@ -384,6 +384,7 @@ def record_kept_on_source(
             failed_phase=State.COMMITTING,
             failure_kind=str(failure.kind),
             undo_pending=not discarded,
+            warning="",
             where=lease.where,
         )
         if won:

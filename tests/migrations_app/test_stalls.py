@@ -277,6 +277,42 @@ def test_an_administrator_of_the_source_may_forget_a_release_that_never_comes(ow
     assert client.post(url).status_code == 409
 
 
+@pytest.mark.faults
+def test_a_target_lost_in_committing_is_named_at_once_and_decided_when_it_returns(own_agents, admin, client):
+    """The target killed after the commit, before its resume: the migration stays Committing (nothing is
+    released) with a warning naming the host and the pending resume, the host marked unreachable; once
+    it answers again (restarted empty: a simulated host's guests die with its agent), the source, never
+    released, runs the guest on and the migration is kept there."""
+    factory, agents = own_agents
+    fleet = vsps_for(agents)
+    migration, vm = committed_then_worker_gone(agents, fleet, admin)
+    agents["hostb"].kill()
+
+    recover_migrations(stale_after_s=5)
+
+    migration.refresh_from_db()
+    assert migration.state == "committing"
+    assert migration.warning.startswith(
+        f"the target host hostb does not answer after the commit: {vm.name} is committed to hostb and its "
+        "resume there is pending"
+    ), migration.warning
+    assert migration.events.filter(message=migration.warning).count() == 1
+    assert not VSP.objects.get(pk=fleet["hostb"].pk).agent_reachable
+    client.force_login(admin)
+    page = client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    assert 'data-field="live_warning"' in page and "resume there is pending" in page
+
+    restart_agent(factory, agents["hostb"])
+    Migration.objects.filter(pk=migration.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=1))
+    recover_migrations(stale_after_s=5)
+
+    migration.refresh_from_db()
+    assert (migration.state, migration.failed_phase, migration.warning) == ("aborted", "committing", "")
+    assert runs_on(agents["hosta"], vm.name)
+    assert vm.current_vsp == fleet["hosta"]
+    assert VSP.objects.get(pk=fleet["hostb"].pk).agent_reachable
+
+
 # --- 18.11: an answer marks a host reachable at once -----------------------------------------------
 
 
