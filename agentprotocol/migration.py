@@ -32,6 +32,7 @@ class FailureKind(StrEnum):
     """Why a migration attempt ended before its commit; the console builds the alert's words from it."""
 
     TIME_LIMIT = "time_limit"  # a phase ran over its time limit
+    NO_PROGRESS = "no_progress"  # nothing moved for the no-progress limit (the console's watchdog decides)
     CANCELLED = "cancelled"  # an administrator (or the control plane) cancelled it
     REFUSED = "refused"  # the target refused (no room, already has the guest, bad token, ...)
     UNREACHABLE = "unreachable"  # a peer (agent or data plane) stopped answering

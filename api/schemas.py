@@ -123,6 +123,12 @@ class MigrationOut(Schema):
     downtime_over: str = Field(
         description="A downtime over the allowed one: by how much and why, in the report's words ('' if not)"
     )
+    warning: str = Field(
+        description="While it runs: what holds it up now (no progress; a host the roll forward cannot reach)"
+    )
+    release_pending: bool = Field(
+        description="Completed while its source had not answered the release of its copy (asked again)"
+    )
     policy: dict[str, Any] = Field(
         description="The effective migration policy (migrations_app.migration_policy)"
     )
@@ -213,6 +219,9 @@ class PolicyIn(Schema):
     at_limit: Literal["abort", "switchover"] | SkipJsonSchema[None] = Field(
         None, description="At the round or Copy time limit: abort (the guest stays) or switch over"
     )
+    no_progress_s: (
+        Annotated[int, Field(ge=1, le=migration_policy.MAX_NO_PROGRESS_S)] | SkipJsonSchema[None]
+    ) = Field(None, description="The no-progress limit (s): a phase in which nothing moves this long aborts")
 
     @field_validator(*migration_policy.FIELDS, mode="before")
     @classmethod
@@ -370,6 +379,8 @@ def _migration_fields(migration: Migration) -> dict:
         "alert": migration.alert,
         "allowed_downtime_ms": allowed_for(migration),
         "downtime_over": excess.sentence if (excess := downtime_excess(migration)) else "",
+        "warning": migration.warning,
+        "release_pending": migration.release_pending,
     }
 
 

@@ -47,6 +47,8 @@ def check_invariants(
             *check_outcome(stack, scenario, migration, host_crash),
             *check_agents(stack),
             *check_general_tab(web, stack.web_url, migration),
+            *check_release_settled(migration),
+            *check_stall(scenario, migration),
         ]
         # What an earlier run left broken (a leaked guest on an agent) is reported with that run only.
         broken = [problem for problem in broken if problem not in stack.reported]
@@ -258,3 +260,35 @@ def summary(guest: GuestInfo | None) -> str:
         f"hardware {guest.hardware_status}, os {guest.os_status}, running {running}, "
         f"migrating {guest.migrating}"
     )
+
+
+def check_release_settled(migration: Migration) -> list[str]:
+    """Issue 18 item 3: a completed migration whose source did not answer its release has it pending,
+    with an alert naming the host; once the source answers again (the service manager restarted it),
+    recovery finishes the release and the alert goes."""
+    if migration.state == Migration.State.COMPLETED and migration.release_pending:
+        return [f"completed with the source's release still pending after it came back: {migration.alert!r}"]
+    return []
+
+
+def check_stall(scenario: Scenario, migration: Migration) -> list[str]:
+    """Issue 18 item 2: a target paused past the no-progress limit in Copy (Copy unlimited) ends the
+    migration aborted in Copy for want of progress, after a warning recorded while it was only stalled."""
+    if scenario.kind != "stall-copy" or migration.state not in Migration.TERMINAL_STATES:
+        return []
+    if (migration.state, migration.failed_phase, migration.failure_kind) != (
+        "aborted",
+        "copy",
+        "no_progress",
+    ):
+        return [
+            f"target paused past the no-progress limit, but it ended {migration.state} "
+            f"({migration.failed_phase or '-'}, {migration.failure_kind or '-'}): {migration.alert!r}"
+        ]
+    events = list(migration.events.order_by("at", "pk").values_list("to_state", "message"))
+    warned = [
+        i for i, (state, text) in enumerate(events) if state == "copy" and text.startswith("No progress")
+    ]
+    if not warned or warned[0] >= len(events) - 1:
+        return ["aborted for want of progress without a warning first"]
+    return []

@@ -43,10 +43,18 @@ FAULT_KINDS = (
     "pause-target",
     "pause-worker",
     "cancel",
+    # issue 18 item 2: the target paused past the no-progress limit, Copy unlimited (``stall_scenario``)
+    "stall-copy",
+    # issue 18 item 3: the source agent killed once the migration reached Committing
+    "lose-source-committing",
 )
+# Faults of issue 18 (items 2, 3) that only the simulated hosts take (a pause, a commit-time kill).
+SIMULATED_ONLY_KINDS = ("stall-copy", "lose-source-committing")
 # With QEMU hosts no agent is paused: SIGSTOP of a QEMU host's agent would stop its QEMUs too. The
 # order is FAULT_KINDS' (a seed picks its kind by position).
-QEMU_FAULT_KINDS = tuple(kind for kind in FAULT_KINDS if kind not in ("pause-source", "pause-target"))
+QEMU_FAULT_KINDS = tuple(
+    kind for kind in FAULT_KINDS if kind not in ("pause-source", "pause-target", *SIMULATED_ONLY_KINDS)
+)
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
 # Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
 # flows in Copy and Frozen, and Frozen lasts a moment).
@@ -75,6 +83,12 @@ QEMU_LIMIT_OF_PHASE = {"init": 15, "copy": 30, "io_quiesce": 5, "frozen": 10, "c
 QEMU_MEMORY_MIB = (128, 192)  # 128: the driver's smallest (96 MiB of it for the kernel)
 QEMU_PAGES_PER_S = (0, 200, 1000)  # converges on QEMU_BANDWIDTH_MBPS
 QEMU_BOOT_TIMEOUT_S = 120.0  # until the guest's memwriter has passed its first self-check
+# "stall-copy": Copy unlimited, a no-progress limit of NO_PROGRESS_S, a bandwidth cap so that a large
+# guest's Copy lasts seconds and leaves more to send than loopback's TCP buffers and the proxy absorb
+# (~40 MB here) when the target stops; the pause lasts past the limit by STALL_HOLD_EXTRA_S.
+NO_PROGRESS_S = 4
+STALL_CAP_MB_S = 20
+STALL_HOLD_EXTRA_S = 8.0
 
 
 @dataclass
@@ -100,7 +114,7 @@ class Scenario:
         kind = FAULT_KINDS[seed % len(FAULT_KINDS)]
         phase = rng.choice(PHASES)
         source, target = rng.sample(AGENT_NAMES, 2)
-        return cls(
+        scenario = cls(
             seed=seed,
             kind=kind,
             phase=phase,
@@ -113,6 +127,7 @@ class Scenario:
             io_latency_ms=rng.choice((20, 300, 800)),
             state_save_ms=rng.choice((0, 200, 600)),
         )
+        return issue_18_scenario(scenario, rng)
 
     @classmethod
     def qemu_from_seed(cls, seed: int) -> Scenario:
@@ -148,6 +163,44 @@ class Scenario:
             f"{self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s, fill {self.fill_percent}%, "
             f"io {self.io_latency_ms} ms, state save {self.state_save_ms} ms"
         )
+
+
+def issue_18_scenario(scenario: Scenario, rng: random.Random) -> Scenario:
+    """The faults of issue 18 aim at one phase each: "stall-copy" pauses the target early in Copy, with a
+    guest large enough for its Copy to outlast the buffers (``NO_PROGRESS_S``); "lose-source-committing"
+    kills the source at the first sight of Committing. Other kinds are left as drawn (the draws above are
+    made for every kind, so no other seed changes)."""
+    if scenario.kind == "stall-copy":
+        scenario.phase, scenario.moment_s = "copy", round(rng.uniform(0, 1.0), 3)
+        scenario.memory_mib, scenario.fill_percent = 192, 100
+        scenario.dirty_pages_per_s = min(scenario.dirty_pages_per_s, 2000)  # under the cap: it converges
+    elif scenario.kind == "lose-source-committing":
+        scenario.phase, scenario.moment_s = "committing", 0.0
+    return scenario
+
+
+def issue_18_policy(scenario: Scenario) -> dict[str, object] | None:
+    """The migration's policy overrides for the kinds of issue 18 (None: the VM's own)."""
+    if scenario.kind == "stall-copy":
+        return {"preset": "custom", "no_progress_s": NO_PROGRESS_S, "bandwidth_cap_mb_s": STALL_CAP_MB_S}
+    return None
+
+
+def issue_18_notes(scenario: Scenario, migration: Migration) -> list[str]:
+    """What the run's line says for the kinds of issue 18: why a stalled run ended, whether the source's
+    release was left pending by the kill (and finished once it answered again: ``check_invariants``)."""
+    migration.refresh_from_db()
+    if scenario.kind == "stall-copy":
+        return [f"ended {migration.state} ({migration.failure_kind or 'no failure'})"]
+    if scenario.kind == "lose-source-committing":
+        pending = migration.events.filter(message__contains="release of its old copy").exists()
+        return ["release left pending by the kill" if pending else "released before the kill"]
+    return []
+
+
+def issue_18_limits(scenario: Scenario) -> dict[str, int | None]:
+    """The guest's phase limits: "stall-copy" has Copy unlimited (the default the issue ran with)."""
+    return {**LIMITS, "copy_limit_s": None} if scenario.kind == "stall-copy" else LIMITS
 
 
 @dataclass
@@ -193,7 +246,8 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         result.seconds = time.monotonic() - started
         return result
     try:
-        migration = do_request_migration(vm, VSP.objects.get(name=scenario.target), admin)
+        target = VSP.objects.get(name=scenario.target)
+        migration = do_request_migration(vm, target, admin, policy=issue_18_policy(scenario))
     except MigrationRefused as refused:
         retire_guest(stack, vm)
         result.outcome = "refused"
@@ -211,7 +265,9 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
             result.notes.append(f"the service manager restarted {', '.join(restarted)}, which had exited")
         lost_keeper = "kill-target" if result.outcome == "completed" else "kill-source"
         # A QEMU agent's guests outlive it (re-adopted on restart): its kill is no host crash.
-        result.host_crash = scenario.kind == lost_keeper and stack.driver != "qemu"
+        lost_source = scenario.kind == "lose-source-committing" and result.outcome != "completed"
+        result.host_crash = (scenario.kind == lost_keeper or lost_source) and stack.driver != "qemu"
+        result.notes += issue_18_notes(scenario, migration)
         result.violations = check_invariants(stack, scenario, migration, web, result.host_crash)
         if result.source_qemu_pid is not None and result.outcome != "completed":
             result.violations += check_re_adopted(stack, scenario, migration, result)
@@ -247,7 +303,7 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     (the guest retired) if it has not within ``QEMU_BOOT_TIMEOUT_S``.
     """
     name = f"soak-{scenario.seed}-{time.monotonic_ns() % 1_000_000}"
-    limits = QEMU_LIMITS if scenario.driver == "qemu" else LIMITS
+    limits = QEMU_LIMITS if scenario.driver == "qemu" else issue_18_limits(scenario)
     vm = VirtualMachine.objects.create(
         name=name, os_status="up", memory_mib=scenario.memory_mib, vcpus=1, os_type="linux", **limits
     )
@@ -374,7 +430,16 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
     limit_of_phase = QEMU_LIMIT_OF_PHASE if scenario.driver == "qemu" else LIMIT_OF_PHASE
     hold_s = limit_of_phase.get(state, 3) + PAST_LIMIT_S
     kind = scenario.kind
-    if kind in ("kill-source", "kill-target", "kill-worker", "kill-web", "redis-restart"):
+    if kind == "stall-copy":
+        stack.pause(scenario.target, NO_PROGRESS_S + STALL_HOLD_EXTRA_S)
+    elif kind in (
+        "kill-source",
+        "kill-target",
+        "kill-worker",
+        "kill-web",
+        "redis-restart",
+        "lose-source-committing",
+    ):
         role = killed_role(scenario)
         if scenario.driver == "qemu" and kind == "kill-source":
             result.source_qemu_pid = qemu_pid(stack, scenario.source, str(migration.vm.guest_id))
@@ -400,7 +465,12 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
 
 def killed_role(scenario: Scenario) -> str:
     """The service a kill or Redis restart stops ("" for the other kinds)."""
-    roles = {"kill-source": scenario.source, "kill-target": scenario.target, "redis-restart": "redis"}
+    roles = {
+        "kill-source": scenario.source,
+        "kill-target": scenario.target,
+        "redis-restart": "redis",
+        "lose-source-committing": scenario.source,
+    }
     if scenario.kind in roles:
         return roles[scenario.kind]
     return scenario.kind.removeprefix("kill-") if scenario.kind.startswith("kill-") else ""

@@ -313,6 +313,9 @@ MIGRATION_AGENT_PARAMS = {
     "downtime_ms": env_int("MIGRATION_DOWNTIME_MS", 300),
     "max_rounds": env_int("MIGRATION_MAX_ROUNDS", 30),
     "bandwidth_mbps": env_int("MIGRATION_BANDWIDTH_MBPS", 0) or None,
+    # The default policy's no-progress limit (s): a phase with no byte moving this long is aborted; a
+    # VM's policy or a migration's may set its own (migrations_app.migration_policy, ``no_progress_s``).
+    "no_progress_s": env_int("MIGRATION_NO_PROGRESS_S", 150),
 }
 # Queue for run_migration tasks (empty: the default queue), so migrations can have workers of their own.
 MIGRATION_QUEUE = env_str("MIGRATION_QUEUE", "") or None

@@ -3,7 +3,9 @@ roles (``vms.access``: the global model permission, then the role in the host gr
 
 - see a migration: ``migrations_app.view_migration`` (the caller's gate) and a VSP it touches is seen;
 - migrate a guest: ``migrations_app.add_migration`` and operator of its source and of the target;
-- cancel a migration: ``migrations_app.change_migration`` and operator of its source or its target.
+- cancel a migration: ``migrations_app.change_migration`` and operator of its source or its target;
+- forget a completed migration's pending release: ``migrations_app.change_migration`` and administrator
+  of its source.
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) ->
         raise AccessDenied(
             "You may not cancel this migration: you are not an operator of its VSPs' host groups."
         )
+
+
+def check_can_forget_release(user: Any, source_id: int | None) -> None:
+    """Forgetting a completed migration's pending release needs ``migrations_app.change_migration`` and the
+    administrator role on its source (the host whose copy the console stops asking about)."""
+    require_global(user, CHANGE_MIGRATION_PERMISSION)
+    if not has_role_on(user, Role.ADMINISTRATOR, [source_id]):
+        raise AccessDenied(
+            "You may not forget this release: you are not an administrator of its source VSP's host group."
+        )
+
+
+def may_forget_release(user: Any, migration: Migration) -> bool:
+    """Whether ``user`` may forget ``migration``'s pending release now (the report offers the button)."""
+    if not migration.release_pending:
+        return False
+    try:
+        check_can_forget_release(user, migration.source_id)
+    except AccessDenied:
+        return False
+    return True
 
 
 def visible_migrations(user: Any) -> QuerySet[Migration]:

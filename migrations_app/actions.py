@@ -15,18 +15,21 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 
 from vms.access import LACKS_PERMISSION, check_can_change_vm
+from vms.inventory import probe_reachability
 from vms.models import VSP, AuditEvent, VirtualMachine
 
-from . import limits, migration_policy, refusals
-from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_migrate
+from . import alerts, limits, migration_policy, refusals
+from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_forget_release, check_can_migrate
 from .alerts import NO_ONE_NAMED
 from .checks import ALREADY_MIGRATING_REASON, check_target
 from .models import Migration, MigrationEvent
 from .progress import publish_progress
+from .records import record_released
 from .scheduling import enqueue_next_for_source, enqueue_run
 from .transitions import record_created, transition
 
@@ -69,6 +72,7 @@ def do_request_migration(
     try:
         check_permission(user, ADD_MIGRATION_PERMISSION)
         effective = migration_policy.check_policy(policy or {}, base=vm.migration_policy)
+        ask_hosts_marked_unreachable(vm, target)
         try:
             with transaction.atomic():
                 vm = VirtualMachine.objects.select_for_update().get(pk=vm.pk)
@@ -89,6 +93,18 @@ def do_request_migration(
         raise
     logger.info("%s requested migration %s of %s to %s", user, migration.pk, vm.name, target.name)
     return migration
+
+
+def ask_hosts_marked_unreachable(vm: VirtualMachine, target: VSP) -> None:
+    """Ask the agents of the VM's source and of ``target`` that are marked unreachable whether they answer
+    now (a health question, ``MIGRATE_DIALOG_PROBE_TIMEOUT_S`` s at most), before the checks refuse them: an
+    agent that came back since its last failure (restarted) is reachable again at once, not at the next
+    inventory collection. Hosts marked reachable are not asked; 0 s turns it off."""
+    timeout_s = settings.MIGRATE_DIALOG_PROBE_TIMEOUT_S
+    hosts = {vsp.pk: vsp for vsp in (vm.current_vsp, target) if vsp is not None}
+    doubtful = list(VSP.objects.filter(pk__in=hosts, agent_reachable=False))
+    if doubtful and timeout_s > 0:
+        probe_reachability(doubtful, timeout_s)
 
 
 def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[str, Any]) -> Migration:
@@ -253,3 +269,17 @@ def do_set_migration_policy(vm: VirtualMachine, raw: dict[str, Any], user: Any) 
         )  # fmt: skip
     logger.info("%s set the migration policy of %s: %s", user, vm.name, policy)
     return policy
+
+
+def do_forget_release(migration: Migration, user: Any) -> None:
+    """An administrator gives up on a completed migration's pending release (its source host never came
+    back, or was reinstalled): the console stops asking it, the alert's pending part is removed, and the
+    timeline names who. Raises ``AccessDenied`` (``access.check_can_forget_release``), or
+    ``MigrationRefused`` when no release is pending (any more); nothing is changed then.
+    """
+    check_can_forget_release(user, migration.source_id)
+    source = migration.require_source().name
+    alert = migration.alert.replace(alerts.release_pending(migration), "").strip()
+    if not record_released(migration, alert, alerts.release_forgotten(source), actor=_actor(user)):
+        raise MigrationRefused("No release is pending for this migration (any more).", code="not_pending")
+    logger.warning("%s forgot the pending release of migration %s on %s", user, migration.pk, source)

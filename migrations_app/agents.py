@@ -53,7 +53,7 @@ from vms.agent_client import (
     UnknownMigration,
 )
 from vms.agent_messages import guest_spec
-from vms.inventory import mark_reachable
+from vms.inventory import mark_reachable, note_answered
 from vms.models import VSP
 
 from . import alerts, migration_policy
@@ -77,11 +77,16 @@ UNDO_ATTEMPTS = 3
 CANCEL_TIMEOUT_S = 1.0  # per attempt: a cancel that does not land at once is tried again, not waited on
 CANCEL_ATTEMPTS = 4
 ROLL_FORWARD_ATTEMPTS = 6
+# The source's release after the target runs the guest: 0.2 + 0.4 s between tries, so a dead source is
+# reported within about a second of the commit (plus the client's time-out per try for a hung one).
+RELEASE_ATTEMPTS = 3
+RELEASE_TIMEOUT_S = 3.0  # per try: a hung (SIGSTOPped) source must not hold the completion for long
 SOURCE_ASK_TIMEOUT_S = 2.0  # per attempt: how long an alert waits for the source to say whether the VM runs
 SOURCE_ASK_ATTEMPTS = 2
 CAUSE_ASK_TIMEOUT_S = 2.0  # asking an agent why a call or the data plane broke: once, briefly
 CAUSE_RESTART_WAIT_S = 4.0  # how long an agent refusing connections is asked again (a restart)
 CAUSE_RETRY_S = 0.5
+HEALTH_TIMEOUT_S = 1.0  # a stalled migration asks each agent whether it answers at all, this long at most
 
 
 def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
@@ -253,6 +258,23 @@ class MigrationAgents:
             return None
         return waiting[0]
 
+    def silent_agent(self, timeout_s: float = HEALTH_TIMEOUT_S) -> Side | None:
+        """Which agent does not answer a health question within ``timeout_s`` (the target first: it is
+        the one a stalled data plane waits on), or None when both answer. Each answer or silence is
+        recorded on its VSP at once (``vms.inventory.mark_reachable``)."""
+        silent: Side | None = None
+        sides: tuple[Side, ...] = ("target", "source")
+        for side in sides:
+            with agent_for(self.vsp(side), timeout_s) as agent:
+                try:
+                    agent.health()
+                except AgentError:
+                    mark_reachable(self.vsp(side), False)
+                    silent = silent or side
+                    continue
+            mark_reachable(self.vsp(side), True)
+        return silent
+
     def _request(self, build: Callable[[], T]) -> T:
         """A request built from the records; a value out of the protocol's bounds fails the phase in words
         (no agent is asked)."""
@@ -269,6 +291,7 @@ class MigrationAgents:
             self._confirm_lease()
         with self._failures(side):
             result = self._interruptible(side, work)
+        note_answered(self.vsp(side))  # an agent that answers is reachable again at once
         self.check_stop()
         return result
 
@@ -386,25 +409,31 @@ class MigrationAgents:
         if cancel:
             self.cancel_source()
         discarded = self.discard_target(attempts)
-        resumed = retried(lambda: self.source.resume(self.agent_id), attempts)
+        resumed = retried(self._noted("source", lambda: self.source.resume(self.agent_id)), attempts)
         return discarded and resumed
 
     def discard_target(self, attempts: int = UNDO_ATTEMPTS, *, leased: bool = False) -> bool:
         """The target drops its copy; True once it answered."""
-        return retried(self._leased(lambda: self.target.discard(self.agent_id), leased), attempts)
+        command = self._leased(lambda: self.target.discard(self.agent_id), leased)
+        return retried(self._noted("target", command), attempts)
 
     def resume_target(self) -> Answer:
-        """After the commit: the target runs the guest (``ROLL_FORWARD_ATTEMPTS`` tries, under the lease)."""
-        return ask(self._leased(lambda: self.target.resume(self.agent_id)), ROLL_FORWARD_ATTEMPTS)
+        """After the commit: the target runs the guest (``ROLL_FORWARD_ATTEMPTS`` tries, under the lease).
+        Its answer, or its silence, is recorded on its VSP at once (``_noted``)."""
+        command = self._leased(lambda: self.target.resume(self.agent_id))
+        return ask(self._noted("target", command), ROLL_FORWARD_ATTEMPTS)
 
-    def release_source(self) -> Answer:
-        """After the target runs the guest: the source lets its copy go (under the lease)."""
-        return ask(self._leased(lambda: self.source.release(self.agent_id)), ROLL_FORWARD_ATTEMPTS)
+    def release_source(self, attempts: int = RELEASE_ATTEMPTS, timeout_s: float | None = None) -> Answer:
+        """After the target runs the guest: the source lets its copy go (under the lease, if any). A few
+        short tries: the migration completes without the answer (``endings.roll_forward``) and recovery
+        asks again. ``timeout_s``: per try (the client's when None). Recorded on its VSP (``_noted``)."""
+        command = self._leased(lambda: self.source.release(self.agent_id, timeout_s))
+        return ask(self._noted("source", command), attempts)
 
     def resume_source(self, attempts: int = ROLL_FORWARD_ATTEMPTS) -> Answer:
         """The source runs its guest again (under the lease): the target never took it after the commit, or
         the migration ended and its undo is tried again."""
-        return ask(self._leased(lambda: self.source.resume(self.agent_id)), attempts)
+        return ask(self._noted("source", self._leased(lambda: self.source.resume(self.agent_id))), attempts)
 
     def ask_target(self, attempts: int = 2) -> Answer:
         """The target's snapshot, or its refusal, or None: whether it still runs the guest it took over."""
@@ -435,6 +464,25 @@ class MigrationAgents:
 
     def vsp(self, side: Side) -> VSP:
         return self.migration.require_source() if side == "source" else self.migration.target
+
+    def _noted(self, side: Side, command: Callable[[], T]) -> Callable[[], T]:
+        """``command`` to ``side``'s agent, its outcome recorded on the VSP at once: no answer marks it
+        unreachable (the dialog and the checks see it), an answer (a refusal too) reachable again."""
+
+        def noted() -> T:
+            try:
+                result = command()
+            except AgentUnreachable:
+                self._check_lease()
+                mark_reachable(self.vsp(side), False)
+                raise
+            except AgentRefused:  # an answer, though not the one hoped for
+                note_answered(self.vsp(side))
+                raise
+            note_answered(self.vsp(side))
+            return result
+
+        return noted
 
     def _leased(self, command: Callable[[], T], leased: bool = True) -> Callable[[], T]:
         """``command`` sent only after the lease is confirmed (each retry confirms again)."""

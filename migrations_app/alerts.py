@@ -8,6 +8,8 @@ Nothing here changes state or asks an agent: callers pass what they learnt.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from agentprotocol import ProgressSnapshot
 from vms.agent_client import (
     AgentAddressRefused,
@@ -83,6 +85,42 @@ def over_time_limit(limit_s: int | None, elapsed_s: float, silent: tuple[str, st
     if silent is not None:
         detail += f"; {host(*silent)} did not answer"
     return f"it ran over its time limit of {limit_s} s ({detail})"
+
+
+def no_progress_detail(since: datetime, silent: tuple[str, str] | None) -> str:
+    """ "nothing moved since 18:52:03 UTC; the target host vsp2 does not answer" (``silent``: (side,
+    VSP name) of the call waited on, if any)."""
+    detail = f"nothing moved since {since:%H:%M:%S} UTC"
+    if silent is not None:
+        detail += f"; {host(*silent)} does not answer"
+    return detail
+
+
+def no_progress_warning(
+    phase: str, stalled_s: float, limit_s: int, since: datetime, silent: tuple[str, str] | None = None
+) -> str:
+    """The page's warning while a phase is only stalled: "No progress in the Copy phase for 75 s (nothing
+    moved since 18:52:03 UTC; the target host vsp2 does not answer). The migration aborts at 150 s without
+    progress (its no-progress limit); the VM keeps running on its source meanwhile." """
+    return (
+        f"No progress in the {phase} phase for {stalled_s:.0f} s ({no_progress_detail(since, silent)}). "
+        f"The migration aborts at {limit_s} s without progress (its no-progress limit); the VM keeps "
+        "running on its source meanwhile."
+    )
+
+
+def no_progress_moving_again(stalled_s: float) -> str:
+    """The timeline's line when bytes move again after a warning."""
+    return f"Progress again after {stalled_s:.0f} s without any: the no-progress warning is withdrawn"
+
+
+def over_no_progress_limit(
+    limit_s: int, stalled_s: float, since: datetime, silent: tuple[str, str] | None = None
+) -> str:
+    """The reason of a phase stopped at the no-progress limit: "no progress for 150.2 s, over its
+    no-progress limit of 150 s (nothing moved since 18:52:03 UTC; the target host vsp2 does not answer)"."""
+    detail = no_progress_detail(since, silent).replace("does not answer", "did not answer")
+    return f"no progress for {stalled_s:.1f} s, over its no-progress limit of {limit_s} s ({detail})"
 
 
 def stays_sentence(migration: Migration, status: bool | str | None) -> str:
@@ -171,6 +209,41 @@ def target_did_not_run(migration: Migration, refusal: ProgressSnapshot | AgentRe
         return f"{migration.target.name} lost the guest before running it (its host agent restarted)"
     said = f"it reports {refusal.state}" if isinstance(refusal, ProgressSnapshot) else str(refusal)
     return f"{migration.target.name} did not run the guest ({said})"
+
+
+def resume_pending(migration: Migration) -> str:
+    """The page's warning while the roll forward cannot reach the target after the commit."""
+    target, source = migration.target.name, migration.require_source().name
+    return (
+        f"{host('target', target)} does not answer after the commit: {migration.vm} is committed to "
+        f"{target} and its resume there is pending ({target} is marked unreachable; tried again until it "
+        f"answers). The copy on {source} is kept paused, not released, meanwhile."
+    )
+
+
+def release_pending(migration: Migration) -> str:
+    """The critical alert of a migration completed while the source did not answer its release: the host,
+    what is pending, what an administrator may do. ``endings.finish_release`` removes exactly this text."""
+    target, source = migration.target.name, migration.require_source().name
+    return (
+        f"{host('source', source)} did not answer after the commit: {migration.vm} runs on {target}, but "
+        f"the release of its old copy on {source} is pending ({source} is marked unreachable; the release "
+        f"is tried again until it answers). That copy stays paused and Not Runnable: do not start it. If "
+        f"{source} never comes back, an administrator may forget that copy from this migration's report."
+    )
+
+
+def released_again(source_name: str) -> str:
+    """The timeline's line once a pending release was answered."""
+    return f"{source_name} answered again: its copy was released; nothing is pending"
+
+
+def release_forgotten(source_name: str) -> str:
+    """The timeline's line once an administrator forgot a pending release."""
+    return (
+        f"The pending release on {source_name} was forgotten by an administrator: the console no longer "
+        f"asks {source_name} to let its copy go"
+    )
 
 
 def completed_message(migration: Migration) -> str:

@@ -3,7 +3,8 @@
 - ``abort``: before the commit. Record ABORTED/CANCELLED with the alert first (the record decides),
   then undo on the agents: the target drops its copy, the source runs the guest on.
 - ``roll_forward``: after the commit. The target runs the guest, and only once it said so the source
-  lets its copy go; then COMPLETED. A target that never runs it (``keep_on_source``): the source, never
+  lets its copy go; then COMPLETED (with the release pending when the source does not answer it:
+  ``finish_release`` later). A target that never runs it (``keep_on_source``): the source, never
   released, runs it again and the commit's flip is turned back.
 
 Each step reads top to bottom: what the agents say (``agents.MigrationAgents``), the words of the alert
@@ -19,7 +20,7 @@ from agentprotocol import FailureKind, ProgressSnapshot
 from vms.agent_client import AgentRefused
 
 from . import alerts, records
-from .agents import UNDO_ATTEMPTS, GuestStatus, MigrationAgents, runs_the_guest
+from .agents import RELEASE_TIMEOUT_S, UNDO_ATTEMPTS, GuestStatus, MigrationAgents, runs_the_guest
 from .errors import MigrationFailed
 from .lease import Lease
 from .models import Migration
@@ -107,27 +108,59 @@ def roll_forward(agents: MigrationAgents, lease: Lease) -> bool:
 
     Both commands are idempotent, so a recovering worker may repeat what a dead one already did; each is
     sent only while ``lease`` is still this decider's (``LeaseLost`` otherwise, nothing more done).
-    Returns False (still COMMITTING, for recovery to finish) if an agent cannot be reached.
-    A target that does not run the guest after ``resume`` (it restarted and forgot the migration, or
-    refuses) never gets it: the source, never released, resumes it (``keep_on_source``). A target that
-    stops answering or forgets the migration right after it took over still ends COMPLETED (the source
-    copy is gone), with an alert saying so: never COMPLETED in silence about a lost guest.
+    Returns False (still COMMITTING, for recovery to finish) if the target cannot be reached: its VSP
+    is marked unreachable and the page warns at once, naming it and the pending resume
+    (``records.record_warning``). A target that does not run the guest after ``resume`` (it restarted
+    and forgot the migration, or refuses) never gets it: the source, never released, resumes it
+    (``keep_on_source``). A target that stops answering or forgets the migration right after it took
+    over still ends COMPLETED (the source copy is gone), with an alert saying so: never COMPLETED in
+    silence about a lost guest. A source that does not answer its release (a few short tries) does not
+    hold the end up: the target runs the guest, so it ends COMPLETED with ``release_pending`` and a
+    critical alert naming the host (``alerts.release_pending``), its VSP marked unreachable; recovery
+    asks again until it answers (``finish_release``), or an administrator forgets that copy.
     """
     migration = agents.migration
     resumed = agents.resume_target()
     if resumed is None:
+        warn_once(migration, lease, alerts.resume_pending(migration))
         return False
     if not runs_the_guest(resumed):
         return keep_on_source(agents, lease, resumed)
-    released = agents.release_source()
-    if released is None:
-        return False
+    released = agents.release_source(timeout_s=RELEASE_TIMEOUT_S)
     if isinstance(released, AgentRefused):
         logger.warning("Source of %s refused the release (no copy left): %s", agents.agent_id, released)
     still = agents.ask_target()
     alert = "" if runs_the_guest(still) else alerts.target_lost(migration, still)
+    if released is None:
+        alert = " ".join(filter(None, (alert, alerts.release_pending(migration))))
     migration.refresh_from_db()
-    records.record_completed(migration, lease, alerts.completed_message(migration), alert)
+    message = alerts.completed_message(migration)
+    records.record_completed(migration, lease, message, alert, release_pending=released is None)
+    return True
+
+
+def warn_once(migration: Migration, lease: Lease, warning: str) -> None:
+    """The page's warning (with a timeline event), unless it says so already."""
+    migration.refresh_from_db(fields=["warning"])
+    if migration.warning != warning:
+        records.record_warning(migration, lease, warning, warning)
+
+
+def finish_release(agents: MigrationAgents) -> bool:
+    """Recovery's try of a completed migration's pending release (``Migration.release_pending``): once the
+    source answers (a refusal is an answer: it holds nothing of the migration any more, e.g. its agent
+    restarted), the release is recorded done and the alert restated (``records.record_released``).
+    Returns whether it was done; False leaves it for the next try."""
+    migration = agents.migration
+    answer = agents.release_source(attempts=1)
+    if answer is None or (isinstance(answer, AgentRefused) and answer.status >= 500):
+        return False
+    source = migration.require_source().name
+    before = alerts.release_pending(migration)
+    alert = migration.alert.replace(before, "").strip()
+    if not records.record_released(migration, alert, alerts.released_again(source)):
+        return False
+    logger.warning("Migration %s: the source %s answered again; its copy was released", migration.pk, source)
     return True
 
 

@@ -5,7 +5,8 @@
 2. Run the phases in order (``phases.PHASES``), recording each in the database before acting on the
    agents (``records``). Progress from the source agent is recorded (percentages never decrease) and
    published, throttled (``records.ProgressRecord``); a watchdog thread beats the heartbeat, notices a
-   cancel request and backs up the phase limits.
+   cancel request, backs up the phase limits and keeps the no-progress limit (``NoProgress``): a phase
+   in which nothing moves warns on the page from half of it, then is aborted with the reason.
 3. Commit (``records.commit``): in one transaction, FROZEN -> COMMITTING (only if no cancel was
    requested) and the registration flip. This is the point of no return.
 4. Roll forward (``endings.roll_forward``): resume on the target, release on the source, then COMPLETED.
@@ -25,13 +26,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 
 from django.db import connection
+from django.utils import timezone
 
 from agentprotocol import FailureKind
 
-from . import alerts, records
-from .agents import MigrationAgents
+from . import alerts, migration_policy, records
+from .agents import MigrationAgents, Side
 from .endings import abort, roll_forward
 from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
@@ -153,6 +156,7 @@ class Watchdog:
         self.phase = run.migration.state
         self.limit_s: int | None = None
         self.deadline: float | None = None
+        self.no_progress = NoProgress(migration_policy.no_progress_limit_s(run.migration.policy))
         self.next_heartbeat = 0.0
         self.thread = threading.Thread(target=self.loop, name=f"watchdog-{run.migration.pk}", daemon=True)
 
@@ -169,6 +173,7 @@ class Watchdog:
         self.phase, self.limit_s = phase.state, limit_s
         self.run.progress.phase_started = time.monotonic()
         self.deadline = time.monotonic() + limit_s + BACKSTOP_GRACE_S if limit_s else None
+        self.no_progress.new_phase()
 
     def disarm(self) -> None:
         with self.lock:
@@ -204,6 +209,38 @@ class Watchdog:
                 self.stop(MigrationCancelled(self.phase, alerts.cancelled_by(pk)))
             elif self.deadline is not None and time.monotonic() > self.deadline:
                 self.stop(MigrationFailed(self.phase, self.over_time_limit(), kind=FailureKind.TIME_LIMIT))
+            else:
+                self.watch_progress()
+
+    def watch_progress(self) -> None:
+        """Called with ``lock`` held: the no-progress limit. Warn on the page (a timeline event) once nothing
+        moved for half of it, withdraw the warning when something moves again, stop the run at the limit."""
+        watch, migration = self.no_progress, self.run.migration
+        verdict = watch.see(progress_key(migration))
+        if verdict == "moving again":
+            records.record_warning(
+                migration, self.run.lease, "", alerts.no_progress_moving_again(watch.shown_s)
+            )
+        elif verdict == "warn":
+            warning = alerts.no_progress_warning(
+                Migration.State(self.phase).label,
+                watch.stalled_s(),
+                watch.limit_s,
+                watch.since,
+                self.silent_host(),
+            )
+            records.record_warning(migration, self.run.lease, warning, warning)
+        elif verdict == "stop":
+            reason = alerts.over_no_progress_limit(
+                watch.limit_s, watch.stalled_s(), watch.since, self.silent_host()
+            )
+            self.stop(MigrationFailed(self.phase, reason, kind=FailureKind.NO_PROGRESS))
+
+    def silent_host(self) -> tuple[str, str] | None:
+        """(side, VSP name) of the agent that does not answer a short health question, if one does not (it
+        is marked unreachable; one that answers, reachable): who holds the migration up."""
+        side: Side | None = self.agents.silent_agent()
+        return (side, self.agents.vsp(side).name) if side else None
 
     def over_time_limit(self) -> str:
         """The alert's reason, with the real time the phase ran and the host that did not answer, if any."""
@@ -227,3 +264,61 @@ class Watchdog:
                 return
             if not self.agents.cancel_source():
                 logger.warning("The source agent did not take the cancel of %s", self.agents.agent_id)
+
+
+def progress_key(migration: Migration) -> tuple[object, ...]:
+    """What changes while a migration makes progress: its state, the bytes sent, the round, each phase's
+    percentage (bytes left may grow while nothing is sent: a guest dirtying pages; it is left out)."""
+    return (
+        migration.state,
+        migration.bytes_sent,
+        migration.rounds,
+        migration.init_percent,
+        migration.copy_percent,
+        migration.quiesce_percent,
+        migration.frozen_percent,
+    )
+
+
+class NoProgress:
+    """The no-progress limit of one run (``limit_s`` s, from its policy), as the watchdog keeps it.
+
+    ``see(key)`` after each look at the progress (``progress_key``) says what to do: "warn" once, when
+    nothing moved for ``migration_policy.no_progress_warn_after_s``; "moving again" when it moves after a
+    warning; "stop" at the limit; "" otherwise. ``new_phase`` at each phase's start: a new phase is progress.
+    """
+
+    def __init__(self, limit_s: int) -> None:
+        self.limit_s = limit_s
+        self.warn_after_s = migration_policy.no_progress_warn_after_s(limit_s)
+        self.key: tuple[object, ...] = ()
+        self.at = time.monotonic()  # when the key last changed (monotonic s)
+        self.since: datetime = timezone.now()  # the same moment, for people
+        self.warned = False
+        self.shown_s = 0.0  # how long it had stalled when it moved again after a warning (s)
+
+    def restart(self, key: tuple[object, ...]) -> None:
+        self.key, self.at, self.since = key, time.monotonic(), timezone.now()
+
+    def new_phase(self) -> None:
+        """A new phase is progress: the next look sees a change (and withdraws a warning)."""
+        self.key = ()
+
+    def stalled_s(self) -> float:
+        return time.monotonic() - self.at
+
+    def see(self, key: tuple[object, ...]) -> str:
+        if key != self.key:
+            self.shown_s = self.stalled_s()
+            self.restart(key)
+            if self.warned:
+                self.warned = False
+                return "moving again"
+            return ""
+        stalled = self.stalled_s()
+        if stalled >= self.limit_s:
+            return "stop"
+        if stalled >= self.warn_after_s and not self.warned:
+            self.warned = True
+            return "warn"
+        return ""

@@ -13,15 +13,16 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
 from vms.access import vsps_with_role
 from vms.models import VSP, Role
 from vms.views import form_errors_text
 
-from .access import visible_migration_condition
+from .access import may_forget_release, visible_migration_condition
+from .actions import MigrationRefused, do_forget_release
 from .history import VIEW_MIGRATION_PERMISSION, HistoryFilterForm, HistoryRow, csv_lines, filter_migrations
 from .models import Migration
 from .reports import chart_data, get_report_migration, report_context
@@ -115,7 +116,22 @@ def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
 def report(request: HttpRequest, migration_id: int) -> HttpResponse:
     migration = visible_report_migration(request, migration_id)
-    return render(request, REPORT_TEMPLATE, {**report_context(migration), "nav": "migrations"})
+    context = {**report_context(migration), "nav": "migrations"}
+    context["may_forget_release"] = may_forget_release(request.user, migration)
+    return render(request, REPORT_TEMPLATE, context)
+
+
+@require_POST
+@permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
+def forget_release(request: HttpRequest, migration_id: int) -> HttpResponse:
+    """An administrator of the source forgets a completed migration's pending release (its host never
+    came back); 403 without the right, 409 when none is pending; back to the report."""
+    migration = visible_report_migration(request, migration_id)
+    try:
+        do_forget_release(migration, request.user)
+    except MigrationRefused as refused:
+        return HttpResponse(refused.message, status=409, content_type="text/plain; charset=utf-8")
+    return redirect("migration_history:report", migration_id=migration.pk)
 
 
 @require_GET

@@ -12,6 +12,10 @@ on ``Migration.policy`` as the effective one of a migration) with these keys, in
 ``downtime_step_ms``   raise the allowed downtime by this much per stalled round (0: never)
 ``downtime_max_ms``    ... up to this (ms); None: no escalation
 ``at_limit``           at the round or Copy time limit: ``abort`` or ``switchover``
+``no_progress_s``      the no-progress limit (s), 1 to 86 400: a phase in which no byte moves and no
+                       percentage rises for this long is aborted, as a phase over its time limit is
+                       (KubeVirt's ``progressTimeout``, 150 s there too); a warning shows from half of
+                       it (``NO_PROGRESS_WARN_SHARE``). The worker enforces it (``engine.Watchdog``).
 =====================  =========================================================================
 
 ``check_policy`` turns form or JSON input into a checked policy, or raises ``PolicyError`` in plain
@@ -30,6 +34,9 @@ from agentprotocol import MigrationParams
 MAX_DOWNTIME_MS = 600_000
 MAX_BANDWIDTH_MB_S = 100_000
 DEFAULT_MAX_ROUNDS = 30
+DEFAULT_NO_PROGRESS_S = 150  # KubeVirt's progressTimeout default: the migration stalled, not merely slow
+MAX_NO_PROGRESS_S = 86_400
+NO_PROGRESS_WARN_SHARE = 0.5  # the page warns once nothing moved for this share of the no-progress limit
 THROTTLE_INITIAL_PCT = 20  # QEMU's cpu-throttle-initial default
 THROTTLE_INCREMENT_PCT = 10  # QEMU's cpu-throttle-increment default
 AT_LIMIT_CHOICES = {
@@ -72,6 +79,7 @@ FIELDS = (
     "downtime_step_ms",
     "downtime_max_ms",
     "at_limit",
+    "no_progress_s",
 )
 
 
@@ -105,6 +113,7 @@ def default_policy() -> dict[str, Any]:
         "downtime_step_ms": 0,
         "downtime_max_ms": None,
         "at_limit": "abort",
+        "no_progress_s": int(base.get("no_progress_s") or DEFAULT_NO_PROGRESS_S),
     }
 
 
@@ -194,7 +203,19 @@ def _check_value(key: str, value: Any) -> Any:
         if not isinstance(value, str) or value not in AT_LIMIT_CHOICES:
             raise PolicyError("At the limit: choose abort or switchover.")
         return value
+    if key == "no_progress_s":
+        return _whole(value, "No-progress limit", 1, MAX_NO_PROGRESS_S, "s")
     raise PolicyError(f"Unknown policy setting {key}.")
+
+
+def no_progress_limit_s(policy: Mapping[str, Any] | None) -> int:
+    """The no-progress limit (s) of ``policy`` (a stored one without it: ``DEFAULT_NO_PROGRESS_S``)."""
+    return int(effective(policy)["no_progress_s"])
+
+
+def no_progress_warn_after_s(limit_s: float) -> float:
+    """After how many seconds without progress the page warns (s): half the limit."""
+    return limit_s * NO_PROGRESS_WARN_SHARE
 
 
 def agent_params(

@@ -108,6 +108,13 @@ class Migration(models.Model):
     # (``steering``), and the report's explanation of a downtime longer than allowed (``downtime``).
     switchover_requested_at = models.DateTimeField(null=True, blank=True)
     alert = models.TextField(blank=True)
+    # What is wrong now while it runs, for the page beside the phases (no bytes moving for a while; a host
+    # the roll forward cannot reach): set and cleared with a timeline event. ``alert`` says how it ended.
+    warning = models.TextField(blank=True)
+    # COMPLETED (the target runs the guest) while the source's release was not answered: its host did not
+    # answer after the commit. Recovery asks again until it answers (``recovery.retry_pending_releases``),
+    # or an administrator forgets the source copy (``endings.forget_release``); docs/migrations.md.
+    release_pending = models.BooleanField(default=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # The decider's lease (``migrations_app.lease``): who decides this migration now (a worker or
     # recovery); it expires MIGRATION_HEARTBEAT_STALE_S after ``heartbeat_at``, its last renewal.

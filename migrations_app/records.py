@@ -161,6 +161,22 @@ def enter_phase(migration: Migration, state: Migration.State, label: str, lease:
     publish_progress(migration.pk)
 
 
+def record_warning(migration: Migration, lease: Lease, warning: str, event: str) -> bool:
+    """Set the running migration's page warning (``Migration.warning``; "" withdraws it) with a timeline
+    ``event``, while its state and the lease are unchanged; False (nothing written) otherwise."""
+    with transaction.atomic():
+        rows = Migration.objects.filter(pk=migration.pk, state=migration.state, **lease.where)
+        if not rows.update(warning=warning):
+            return False
+        MigrationEvent.objects.create(
+            migration_id=migration.pk, from_state=migration.state, to_state=migration.state, message=event
+        )
+    migration.warning = warning
+    logger.warning("Migration %s: %s", migration.pk, event)
+    publish_progress(migration.pk)
+    return True
+
+
 # --- the commit ------------------------------------------------------------------------------------
 
 
@@ -252,6 +268,7 @@ def record_abort(
         failed_phase=failure.phase,
         failure_kind=str(failure.kind),
         undo_pending=True,
+        warning="",
         where=lease.where,
         **(fields or {}),
     )
@@ -299,17 +316,21 @@ def store_source_guest_off(migration: Migration) -> None:
 # --- after the commit ------------------------------------------------------------------------------
 
 
-def record_completed(migration: Migration, lease: Lease, message: str, alert: str = "") -> None:
-    """COMMITTING -> COMPLETED, with ``alert`` (the target may have lost the guest) when there is one,
-    and a downtime over the allowed one flagged in the alert and the timeline (``downtime.downtime_excess``:
-    by how much and why), so the Alerts list shows it.
+def record_completed(
+    migration: Migration, lease: Lease, message: str, alert: str = "", *, release_pending: bool = False
+) -> None:
+    """COMMITTING -> COMPLETED, with ``alert`` (the target may have lost the guest; the source's release
+    is pending) when there is one; ``release_pending``: the source did not answer its release (recovery
+    asks again, ``record_released``). Any warning of the run is withdrawn. A downtime over the allowed
+    one is flagged in the alert and the timeline (``downtime.downtime_excess``: by how much and why), so
+    the Alerts list shows it.
 
     Raises ``lease.superseded()`` when it is still COMMITTING but not this decider's to change.
     """
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"warning": "", "release_pending": release_pending}
     if alert:
         message = f"{message}. {alert}"
-        fields = {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
+        fields |= {"alert": alert, "failure_kind": str(FailureKind.UNREACHABLE)}
         logger.error("Migration %s: %s", migration.pk, alert)
     excess = downtime_excess(migration)
     if excess is not None:
@@ -323,6 +344,27 @@ def record_completed(migration: Migration, lease: Lease, message: str, alert: st
         publish_progress(migration.pk)
     elif Migration.objects.filter(pk=migration.pk, state=State.COMMITTING).exists():
         raise lease.superseded()
+
+
+def record_released(migration: Migration, alert: str, event: str, actor: Any = None) -> bool:
+    """A completed migration's pending release is over (the source answered it, or ``actor`` forgot it):
+    ``release_pending`` cleared and the alert replaced by ``alert`` (compare-and-set on the flag), with a
+    timeline ``event``. False when it was not pending any more."""
+    with transaction.atomic():
+        rows = Migration.objects.filter(pk=migration.pk, state=State.COMPLETED, release_pending=True)
+        cleared = {} if alert else {"failure_kind": ""}  # nothing left to alert about
+        if not rows.update(release_pending=False, alert=alert, **cleared):
+            return False
+        MigrationEvent.objects.create(
+            migration_id=migration.pk,
+            from_state=State.COMPLETED,
+            to_state=State.COMPLETED,
+            message=event,
+            actor=actor,
+        )
+        transaction.on_commit(lambda: publish_progress(migration.pk))
+    migration.release_pending, migration.alert = False, alert
+    return True
 
 
 def record_kept_on_source(
@@ -350,6 +392,7 @@ def record_kept_on_source(
             failed_phase=State.COMMITTING,
             failure_kind=str(failure.kind),
             undo_pending=not discarded,
+            warning="",
             where=lease.where,
         )
         if won:

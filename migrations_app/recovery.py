@@ -22,7 +22,14 @@ from vms.models import VSP
 
 from .agents import MigrationAgents, agent_for, agent_migration_id
 from .alerts import cancelled_by
-from .endings import abort, restate_target_back, restate_where_the_vm_is, roll_forward, undo_and_mark
+from .endings import (
+    abort,
+    finish_release,
+    restate_target_back,
+    restate_where_the_vm_is,
+    roll_forward,
+    undo_and_mark,
+)
 from .errors import MigrationCancelled, MigrationFailed
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
@@ -70,6 +77,7 @@ def recover_orphans(stale_after_s: float) -> list[int]:
         except Exception:  # one migration's trouble must not leave the others undecided
             logger.exception("Recovery of migration %s failed; the next pass tries again", migration.pk)
     retry_pending_undos()
+    retry_pending_releases()
     undo_leftovers()
     start_idle_queues()
     return acted
@@ -211,4 +219,24 @@ def retry_pending_undos() -> list[int]:
             if undo_and_mark(agents, attempts=1, cancel=False):
                 logger.warning("Migration %s: the undo on its agents finished on a later try", migration.pk)
                 done.append(migration.pk)
+    return done
+
+
+def retry_pending_releases() -> list[int]:
+    """Ask again, once each, the sources of completed migrations whose release was not answered (their
+    host died or hung after the commit: ``Migration.release_pending``), backed off per migration as the
+    undos are (``claim_undo_try``: 5 s, doubling up to 60 s), with no end: the target runs the guest and
+    the source's copy stays paused and Not Runnable until its host answers or an administrator forgets it
+    (docs/migrations.md). Returns the ids whose release is now done."""
+    done = []
+    pending = Migration.objects.filter(release_pending=True, state=State.COMPLETED)
+    for migration in pending.select_related("vm", "source", "target"):
+        if not claim_undo_try(migration):
+            continue
+        try:
+            with MigrationAgents(migration, timeout_s=UNDO_RETRY_TIMEOUT_S) as agents:
+                if finish_release(agents):
+                    done.append(migration.pk)
+        except Exception:  # one migration's trouble must not keep recovery from the rest of its pass
+            logger.exception("Pending release of migration %s: the next pass tries again", migration.pk)
     return done

@@ -175,4 +175,5 @@ def report_context(migration: Migration) -> dict[str, Any]:
         "downtime_over": migration.downtime_ms is not None and migration.downtime_ms > allowed,
         "downtime_excess": downtime_excess(migration),
         "chart": chart_data(migration),
+        "no_progress_s": migration_policy.no_progress_limit_s(migration.policy),
     }

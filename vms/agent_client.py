@@ -477,8 +477,9 @@ class AgentClient:
     def discard(self, migration_id: str) -> ProgressSnapshot:
         return self._command(migration_id, "discard")
 
-    def release(self, migration_id: str) -> ProgressSnapshot:
-        return self._command(migration_id, "release")
+    def release(self, migration_id: str, timeout_s: float | None = None) -> ProgressSnapshot:
+        """``timeout_s``: per request (the client's own when None)."""
+        return self._command(migration_id, "release", timeout_s)
 
     def cancel(self, migration_id: str, timeout_s: float | None = None) -> ProgressSnapshot:
         """``timeout_s``: a cancel must land promptly, so callers pass a short one and retry."""

@@ -335,6 +335,20 @@ def mark_reachable(vsp: VSP, reachable: bool, *, error: AgentUnreachable | None 
         record_unanswered(vsp, at_once=True, problem=unreachable_words(error) if error else "")
 
 
+def note_answered(vsp: VSP) -> bool:
+    """An agent answered a call (a migration's command, a probe): a VSP marked unreachable, or with failed
+    calls counted, is reachable again at once, as one unanswered call marks it unreachable at once. One
+    ``UPDATE`` that matches no row while all is well. Returns whether it changed anything."""
+    troubled = Q(agent_reachable=False) | Q(agent_failures__gt=0)
+    changed = VSP.objects.filter(troubled, pk=vsp.pk).update(
+        agent_reachable=True, agent_failures=0, unreachable_since=None
+    )
+    if changed:
+        logger.warning("Agent of VSP %s answered a call: marked reachable", vsp.name)
+    vsp.agent_reachable, vsp.agent_failures, vsp.unreachable_since = True, 0, None
+    return bool(changed)
+
+
 def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -> None:
     """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver``
     (its health answer's, when asked) is kept as ``VSP.agent_driver``."""

@@ -137,8 +137,8 @@ def test_it_completes_with_an_alert_when_the_target_loses_the_guest_it_took_over
         flip_registrations(migration)
     release = AgentClient.release
 
-    def release_then_target_host_restarts(client, agent_id):
-        answer = release(client, agent_id)
+    def release_then_target_host_restarts(client, agent_id, *timeout_s):
+        answer = release(client, agent_id, *timeout_s)
         agents.restart_empty("hostb")  # between the release and the last look at the target
         monkeypatch.setattr(AgentClient, "release", release)
         return answer

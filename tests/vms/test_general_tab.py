@@ -28,6 +28,7 @@ def test_it_shows_every_field_of_the_running_copy(vm_admin_client, fleet):
     assert fields["not_runnable_set_by"] == "—"
     assert fields["not_runnable_reason"] == "—"
     assert fields["phase_limits"] == "Init 10 s · Copy unlimited · I/O Quiesce 15 s · Frozen 60 s"
+    assert fields["no_progress_limit"] == "150 s, in every phase"
 
 
 def test_it_lists_the_copies_on_other_vsps_with_their_status(vm_admin_client, fleet):

@@ -44,6 +44,7 @@ def test_it_sets_custom_values(vm_admin_client, fleet):
         "downtime_max_ms": "",
         "at_limit": "abort",
         "auto_converge": "true",
+        "no_progress_s": "90",
     }
     response = vm_admin_client.post(url(fleet["web"]), form, headers=HTMX)
     assert response.status_code == 200, response.text
@@ -57,6 +58,7 @@ def test_it_sets_custom_values(vm_admin_client, fleet):
         "downtime_step_ms": 0,
         "downtime_max_ms": None,
         "at_limit": "abort",
+        "no_progress_s": 90,
     }
     assert "throttles the guest up to 60%" in read_fields(response.text)["migration_policy"]
 
