@@ -192,6 +192,10 @@ class CopyState:
     policy's) as they are now; ``last_round_bytes``: what the last round sent (stall detection).
     ``round_left_bytes``: the part of ``left_bytes`` the round under way has still to send (the rest was
     dirtied since it began); None: not known, taken as all of it.
+    ``first_pass_left_bytes``: while round 1 runs (``left_bytes`` None), what it has still to send
+    (bytes); None: all of the guest's written memory (a migration not started yet). Round 1 then ends
+    after that over the link rate, and what the guest dirtied since round 1 began (``elapsed_s`` ago)
+    waits for round 2.
     """
 
     round: int = 0
@@ -201,6 +205,7 @@ class CopyState:
     allowed_downtime_ms: float | None = None
     last_round_bytes: float | None = None
     round_left_bytes: float | None = None
+    first_pass_left_bytes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -365,11 +370,15 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
     # The agent judges a round once, when it ends (stall -> throttle and escalation, then "does it fit?");
     # a running migration's state is a round the agent judged already.
     judged = state.left_bytes is not None
-    if left is None:  # round 1: the whole written memory; the agent never calls it stalled
-        seconds = guest.first_pass_bytes / first_rate
+    if left is None:  # round 1: the whole written memory (or what it has still to send); never "stalled"
+        first_pass = guest.first_pass_bytes
+        if state.first_pass_left_bytes is not None:
+            first_pass = max(0.0, min(state.first_pass_left_bytes, float(first_pass)))
+        seconds = first_pass / first_rate
+        round_s = seconds + (elapsed if state.first_pass_left_bytes is not None else 0.0)
         rounds, elapsed, last_round = 1, elapsed + seconds, None
-        left = dirtied_bytes(guest, seconds, throttle)
-        trail.append((rounds, float(guest.first_pass_bytes), elapsed))
+        left = dirtied_bytes(guest, round_s, throttle)
+        trail.append((rounds, float(first_pass), elapsed))
         judged = True
     ever_throttled = throttle > 0
     while True:
