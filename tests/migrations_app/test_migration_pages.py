@@ -111,15 +111,15 @@ def test_with_htmx_a_refusal_re_renders_the_dialog_in_its_slot(fleet, migration_
     assert "host not licensed" in response.content.decode() and "<dialog" in response.content.decode()
 
 
-def test_a_read_only_operator_can_neither_open_the_dialog_nor_migrate_nor_cancel(fleet, operator_client):
+def test_a_read_only_operator_can_neither_open_the_dialog_nor_migrate_nor_cancel(fleet, viewer_client):
     vsps, vm = fleet
-    assert operator_client.get(dialog_url(vm)).status_code == 403
-    assert operator_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}).status_code == 403
+    assert viewer_client.get(dialog_url(vm)).status_code == 403
+    assert viewer_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}).status_code == 403
     assert Migration.objects.get().state == Migration.State.REFUSED  # the attempt is kept, nothing started
     migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
-    assert operator_client.post(reverse("migrations_app:cancel", args=[migration.pk])).status_code == 403
+    assert viewer_client.post(reverse("migrations_app:cancel", args=[migration.pk])).status_code == 403
     assert Migration.objects.get(pk=migration.pk).state == Migration.State.QUEUED
-    page = operator_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    page = viewer_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
     assert 'id="migrate-button"' not in page
     assert 'class="migration-cancel"' not in page  # not drawn at all (it used to be hidden by CSS)
 
