@@ -366,3 +366,31 @@ def test_every_api_input_refuses_a_field_it_does_not_know(api, hosts):
         assert "not a field here" in body["detail"], body["detail"]
     vm.refresh_from_db()
     assert vm.online_migration_enabled and vm.registrations.get().is_runnable
+
+
+def test_a_request_without_a_body_names_the_fields_it_must_hold(api, hosts):
+    """Issue 21.7: a POST with no body at all answered "Bad input: required", naming nothing."""
+    response = api.client.post(
+        "/api/v1/migrations", data="", content_type="application/json", headers=api.headers
+    )
+
+    assert_problem(
+        response, 422, "Bad input: the request has no JSON body: send an object with vm and target."
+    )
+    assert [error["field"] for error in response.json()["errors"]] == ["vm", "target"]
+    assert not Migration.objects.exists()
+
+
+def test_an_unknown_api_address_answers_a_problem_document_and_api_docs_leads_to_the_docs(api, client):
+    response = api.client.get("/api/v1/no-such-thing", headers=api.headers)
+    assert_problem(
+        response, 404, "No API operation at /api/v1/no-such-thing: the operations are listed at /api/v1/docs."
+    )
+    anonymous = client.get("/api/v1/vms/1/no-such-thing")
+    assert anonymous.status_code == 404 and anonymous["Content-Type"] == "application/problem+json"
+    wrong_method = client.get("/api/v1/migrations/1/cancel")  # takes POST only
+    assert_problem(wrong_method, 405, "This address does not take a GET request (it takes POST).")
+    for address in ("/api/docs", "/api/docs/", "/api/"):
+        redirect = client.get(address)
+        assert (redirect.status_code, redirect["Location"]) == (302, "/api/v1/docs"), address
+    assert client.get("/api/v1/docs").status_code == 200
