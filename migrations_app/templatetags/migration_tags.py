@@ -125,6 +125,21 @@ def migration_alert_text(migration: Migration) -> str:
 
 
 @register.filter
+def never_migrates(vm: VirtualMachine) -> str:
+    """Why ``vm`` cannot migrate whatever the target, in words ("" when it may): a vPar never migrates;
+    a VM with online migration disabled does not until it is enabled. The General tab then shows
+    Migrate… disabled with these words beside it instead of a dialog that refuses every target."""
+    if vm.is_vpar:
+        return f"{vm.name} is a vPar: vPars never migrate."
+    if not vm.online_migration_enabled:
+        return (
+            f"Online migration is disabled for {vm.name}: enable it (Online Migration Enabled, above) "
+            "to migrate."
+        )
+    return ""
+
+
+@register.filter
 def row_migration_text(migration: Migration, vsp: VSP) -> str:
     outgoing = migration.source_id == vsp.pk
     other = migration.target.name if outgoing else migration.require_source().name
@@ -165,7 +180,7 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     elif migration.is_active:
         symbol, kind = ("\u2192", "to") if outgoing else ("\u2190", "from")
         text = f"Migrating to VSP {other}" if outgoing else f"Migrating from VSP {other}"
-    elif migration.state in (State.ABORTED, State.CANCELLED):
+    elif migration.state == State.ABORTED:  # a cancel is someone's choice, not a failure: no warning
         symbol, kind = SafeString(WARNING_SVG), "failed"
         text = f"Migration to VSP {migration.target.name} {migration.get_state_display().lower()}"
     else:

@@ -121,3 +121,14 @@ def get_item(mapping: dict[str, str], key: str) -> str:
 def power_action_list() -> list[tuple[str, str]]:
     """The power buttons as (action, label), in the order they are shown."""
     return [(action.value, action.label) for action in PowerAction]
+
+
+@register.filter
+def runnable_elsewhere(registration: Registration) -> Registration | None:
+    """The VM's other copy that is runnable (On or Off, not Not Runnable), or None: while it is, marking
+    ``registration`` runnable is always refused (``actions.check_no_other_runnable_copy``), so the
+    button is shown disabled with why. Reads ``vm.registrations`` (prefetched on the General tab)."""
+    for other in registration.vm.registrations.all():
+        if other.pk != registration.pk and other.hardware_status != Registration.HardwareStatus.NOT_RUNNABLE:
+            return other
+    return None
