@@ -36,12 +36,13 @@ from .access import (
 )
 from .actions import (
     MigrationRefused,
+    already_migrating_message,
     do_cancel_migration,
     do_request_migration,
     do_request_migrations,
     do_set_migration_policy,
 )
-from .checks import TargetCheck, check_targets
+from .checks import ALREADY_MIGRATING_REASON, TargetCheck, check_targets
 from .models import Migration
 from .progress import get_migration_display, render_vm_fragments
 
@@ -120,6 +121,8 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
         return None
     if vm.is_vpar:
         return f"{vm.name} is a vPar: vPars never migrate, so there is no VSP to choose."
+    if common_refusal(checks) == ALREADY_MIGRATING_REASON:  # who won, to where and when: one message
+        return already_migrating_message(vm)
     if reason := common_refusal(checks):
         return f"{vm.name} cannot migrate to any VSP: {reason}."
     return f"No VSP can take {vm.name} now; each row says why."

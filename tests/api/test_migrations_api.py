@@ -7,6 +7,8 @@ stays Queued; ``test_live.py`` drives real ones.
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from unittest.mock import ANY
 
 import pytest
@@ -83,9 +85,11 @@ def test_it_refuses_a_vm_already_migrating(api, hosts):
     make_vsp("hostc")
     assert api.post("/migrations", {"vm": "web01", "target": "hostb"}).status_code == 201
 
+    won = Migration.objects.get()
     response = api.post("/migrations", {"vm": "web01", "target": "hostc"})
 
-    assert_problem(response, 409, "web01 cannot migrate to hostc: VM is already migrating.")
+    at = won.requested_at.astimezone(UTC).strftime("%H:%M")
+    assert_problem(response, 409, f"web01 is already migrating to hostb, started by alice at {at} UTC.")
     assert sorted(Migration.objects.values_list("state", "failure_kind")) == [
         ("queued", ""),
         ("refused", "already_migrating"),
