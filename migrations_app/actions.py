@@ -131,7 +131,7 @@ def refusal_message(vm: VirtualMachine, target: VSP, reason: str) -> str:
 
 
 def already_migrating_message(vm: VirtualMachine) -> str:
-    """"db01 is already migrating to vsp2, started by alice at 14:02 UTC." (the running or queued
+    """ "db01 is already migrating to vsp2, started by alice at 14:02 UTC." (the running or queued
     migration of ``vm``: its target, who asked, when); the plain words when none is found any more."""
     running = (
         Migration.objects.filter(vm=vm, state__in=Migration.ACTIVE_STATES)

@@ -744,7 +744,12 @@ def explain(
             f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
-            lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
+            # The same throttle as the policy's summary ("throttles the guest up to 99%"): its ceiling,
+            # and how far this migration is expected to take it (issue 21.4: "up to 30%" beside "99%").
+            lines.append(
+                f"Throttling expected to reach {result.throttle_pct:.0f}% (the policy allows up to "
+                f"{policy.throttle_max_pct:.0f}%)."
+            )
     elif result.verdict is Verdict.MAY_NOT_CONVERGE:
         lines.append(
             f"If the measured rates hold: {duration_words(result.total_s)}, {rounds_words(result, policy)}, "
@@ -764,9 +769,9 @@ def explain(
             f"At {result.limit_reason} it switches over anyway: about "
             f"{seconds_words((result.downtime_ms or 0) / 1000)} frozen."
         )
-    else:
-        reason = bottleneck(guest, link, policy) or "it does not shrink fast enough"
-        lines.append(f"It stops at {result.limit_reason}: {reason}.")
+    else:  # where and when it stops is the verdict's own line (the dialog's headline): here only why
+        reason = bottleneck(guest, link, policy) or "what is left does not shrink fast enough"
+        lines.append(f"Because {reason}.")
     return lines
 
 

@@ -306,7 +306,11 @@ def test_it_refuses_a_field_it_does_not_know_and_names_it(api, hosts, body, deta
         ({"max_downtime_ms": [300]}, "max_downtime_ms", "Maximum downtime: a number, not"),
         ({"max_downtime_ms": "300"}, "max_downtime_ms", "send a number, not the text '300'."),
         ({"throttle_max_pct": 12.5}, "throttle_max_pct", "Throttle ceiling: a whole number from 1 to 99 %"),
-        ({"bandwidth_cap_mb_s": -3}, "bandwidth_cap_mb_s", "Bandwidth cap: from 1 to 100000 MB/s"),
+        (
+            {"bandwidth_cap_mb_s": -3},
+            "bandwidth_cap_mb_s",
+            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals",
+        ),
         ({"auto_converge": "maybe"}, "auto_converge", "Auto-converge"),
         ({"preset": "fastest"}, "preset", "Unknown preset 'fastest'"),
     ],

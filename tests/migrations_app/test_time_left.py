@@ -23,7 +23,9 @@ def copying(memory_mib: int, **numbers) -> Migration:
     vm = VirtualMachine(name="db01", memory_mib=memory_mib)
     source = VSP(name="vsp1", agent_driver="simulated")
     fields = {"rounds": 1, "dirty_rate_bytes_s": 0, **numbers}
-    return Migration(vm=vm, source=source, state="copy", copy_started_at=now - timedelta(seconds=10), **fields)
+    return Migration(
+        vm=vm, source=source, state="copy", copy_started_at=now - timedelta(seconds=10), **fields
+    )
 
 
 def test_it_reads_round_1_from_the_bytes_left_not_from_the_whole_memory():

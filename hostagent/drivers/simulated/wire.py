@@ -422,7 +422,9 @@ class FrameWriter:
             await self._channel.sendall(piece)
             self.bytes_sent += len(piece)
             if self._cap:
-                ahead = (self.bytes_sent - self._cap_base) / self._cap - (time.monotonic() - self._cap_started)
+                ahead = (self.bytes_sent - self._cap_base) / self._cap - (
+                    time.monotonic() - self._cap_started
+                )
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             if self.on_sent is not None:
