@@ -167,7 +167,8 @@ def summary(points: list[tuple[float, float]]) -> str:
     errors = [abs(predicted - real) for predicted, real in points]
     shares = [abs(predicted - real) / real for predicted, real in points if real >= 1]
     signed = [predicted - real for predicted, real in points]
-    words = f"{len(points):4d} readings | error median {statistics.median(errors):6.2f} s, worst {max(errors):6.2f} s"
+    words = f"{len(points):4d} readings | error median {statistics.median(errors):6.2f} s"
+    words += f", worst {max(errors):6.2f} s"
     if shares:
         words += f" | {100 * statistics.median(shares):4.0f} % median, {100 * max(shares):4.0f} % worst"
     words += f" | bias {statistics.median(signed):+.2f} s"

@@ -371,9 +371,9 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
     # a running migration's state is a round the agent judged already.
     judged = state.left_bytes is not None
     if left is None:  # round 1: the whole written memory (or what it has still to send); never "stalled"
-        first_pass = guest.first_pass_bytes
+        first_pass = float(guest.first_pass_bytes)
         if state.first_pass_left_bytes is not None:
-            first_pass = max(0.0, min(state.first_pass_left_bytes, float(first_pass)))
+            first_pass = max(0.0, min(state.first_pass_left_bytes, first_pass))
         seconds = first_pass / first_rate
         round_s = seconds + (elapsed if state.first_pass_left_bytes is not None else 0.0)
         rounds, elapsed, last_round = 1, elapsed + seconds, None

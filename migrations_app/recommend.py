@@ -65,7 +65,10 @@ def _reason(
         return f"{check.vsp.name}: it fits and {room}; its forecast is not known yet."
     if len(fits) > 1:
         return f"{check.vsp.name}: it fits and {room}; no target's forecast converges under this policy."
-    return f"{check.vsp.name}: the only target that fits ({left} free after the move), though its forecast does not converge."
+    return (
+        f"{check.vsp.name}: the only target that fits ({left} free after the move), though its forecast "
+        "does not converge."
+    )
 
 
 def _mib(value: int) -> str:

@@ -84,7 +84,7 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         return render_dialog(request, vm, error=error, status=400)
     overrides = policy_overrides(request.POST)
     # A refused dialog keeps the target chosen and every value typed (issue 21.4).
-    kept = {"policy": overrides, "chosen": target.pk}
+    kept: dict[str, Any] = {"policy": overrides, "chosen": target.pk}
     try:
         do_request_migration(vm, target, request.user, policy=overrides)
     except migration_policy.PolicyError as error:

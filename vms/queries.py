@@ -53,8 +53,8 @@ def filter_registrations(
     vsp_id: int | None = None,
     hardware_status: str = "",
 ) -> QuerySet[Registration]:
-    """The copies (registrations) matching every criterion, one row each, ordered by VM (case-insensitively, as
-    ``filter_vms``) then VSP.
+    """The copies (registrations) matching every criterion, one row each, ordered by VM
+    (case-insensitively, as ``filter_vms``) then VSP.
 
     Used when the list is filtered by VSP or hardware status: each row then shows the copy that
     matched, not the VM's runnable copy elsewhere.

@@ -8,7 +8,6 @@ stays Queued; ``test_live.py`` drives real ones.
 from __future__ import annotations
 
 from datetime import UTC
-
 from unittest.mock import ANY
 
 import pytest

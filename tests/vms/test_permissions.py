@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.factories import make_viewer, make_user, make_vm_admin
+from tests.factories import make_user, make_viewer, make_vm_admin
 from tests.vms.conftest import snapshot
 
 pytestmark = pytest.mark.django_db
