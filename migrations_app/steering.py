@@ -40,6 +40,7 @@ CHANGEABLE_STATES = (Migration.State.INIT, Migration.State.COPY)
 ACTIONS = ("raise_downtime", "bandwidth", "auto_converge", "switchover")
 POLICY_CHANGES = ("max_downtime_ms", "bandwidth_cap_mb_s", "auto_converge")  # the API's form
 MiB = 1024 * 1024
+MIN_RATE_S = 1.0  # Copy seconds before the live panel says a time left (``outlook``)
 # Drivers whose source can turn auto-converge on while Copy runs. QEMU cannot: auto-converge is a
 # migration capability, which QEMU refuses to change during a migration (its agent answers 409).
 LIVE_THROTTLE_DRIVERS = frozenset({"simulated"})
@@ -116,6 +117,12 @@ def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None
     """
     if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
         return None
+    started = migration.copy_started_at or migration.state_changed_at
+    elapsed = max(0.0, ((now or timezone.now()) - started).total_seconds())
+    if elapsed < MIN_RATE_S or not migration.bytes_sent:
+        # A rate over the Copy's first instants (the agent's first figures, before it counted what the
+        # first pass has to send) said "About 28 min left" for an 8 s copy: no time until it means one.
+        return None
     from .estimates import forecast_policy
 
     policy_values = migration_policy.effective(migration.policy)
@@ -130,8 +137,6 @@ def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None
     window = left / dirty if left and dirty > 0 else 0.0
     guest = forecast.Guest.measured(memory, dirty, window, throttle_pct=throttle)
     link = live_link(migration)
-    started = migration.copy_started_at or migration.state_changed_at
-    elapsed = max(0.0, ((now or timezone.now()) - started).total_seconds())
     state = forecast.CopyState(
         round=max(0, migration.rounds - 1),
         left_bytes=left,

@@ -30,13 +30,16 @@ def shown_percent(migration: Migration, status: str, percent: int) -> str:
     """``{% shown_percent migration status percent as shown %}``: a phase's percent as the panel says it.
 
     The running Copy below 10 % gets a tenth from its bytes (sent / (sent + left), the agent's own
-    formula), so a big guest's first minutes never read "0 %" while bytes move (issue 21.2): "0.4".
+    formula), so a big guest's first minutes never read "0 %" while bytes move (issue 21.2): "0.4",
+    "<0.1" once anything moved.
     Otherwise the whole percent the agent reported ("37").
     """
     if status == "running" and migration.state == State.COPY and percent < 10:
         total = migration.bytes_sent + migration.bytes_remaining
         if total > 0:
             fine = 100 * migration.bytes_sent / total
+            if 0 < fine < 0.1:
+                return "<0.1"  # started: bytes moved, fewer than a thousandth of them
             return f"{min(max(fine, float(percent)), 9.9):.1f}"
     return str(percent)
 

@@ -22,7 +22,7 @@ def copying(memory_mib: int, **numbers) -> Migration:
     now = timezone.now()
     vm = VirtualMachine(name="db01", memory_mib=memory_mib)
     source = VSP(name="vsp1", agent_driver="simulated")
-    fields = {"rounds": 1, "dirty_rate_bytes_s": 0, **numbers}
+    fields = {"rounds": 1, "dirty_rate_bytes_s": 0, "bytes_sent": 10 * MB, **numbers}
     return Migration(
         vm=vm, source=source, state="copy", copy_started_at=now - timedelta(seconds=10), **fields
     )
@@ -52,3 +52,24 @@ def test_what_the_guest_dirtied_since_round_1_began_is_left_for_round_2():
     assert 4.5 < quiet.time_left_s < 5.5, quiet.time_left_s
     # 10 MB of the 50 MB left were dirtied in the 10 s so far: 40 MB of round 1, then what was dirtied.
     assert busy.time_left_s > quiet.time_left_s + 0.5, (quiet.time_left_s, busy.time_left_s)
+
+
+def test_no_time_is_said_before_the_rate_means_something():
+    """The browser test's first reading was "About 28 min left" for an 8 s copy: the agent's figures of
+    the Copy's first instant (nothing sent yet, the whole memory left)."""
+    fresh = copying(256, bytes_remaining=256 * 2**20, throughput_bytes_s=160_000, bytes_sent=0)
+    assert outlook(fresh) is None
+    just_started = copying(256, bytes_remaining=8 * MB, throughput_bytes_s=MB)
+    just_started.copy_started_at = timezone.now()
+    assert outlook(just_started) is None
+
+
+def test_a_big_guests_started_copy_shows_tenths_not_0_percent():
+    """Issue 21.2: a 16 GiB guest showed "Copy 0 %" for about 7 s after Init."""
+    from migrations_app.templatetags.migration_tags import shown_percent
+
+    migration = copying(16384, bytes_sent=35 * MB, bytes_remaining=9000 * MB, throughput_bytes_s=5 * MB)
+    assert shown_percent(migration, "running", 0) == "0.4"
+    assert shown_percent(migration, "running", 37) == "37"
+    assert shown_percent(migration, "done", 100) == "100"
+    assert shown_percent(copying(256, bytes_sent=242, bytes_remaining=8 * MB), "running", 0) == "<0.1"
