@@ -738,10 +738,10 @@ def explain(
         lines = [f"{vm} writes {writes}; the link to {target} carried {carried} {link_source}."]
     if link_source and rate < link.rate_bytes_s:
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
-    if result.converges:
+    if result.converges:  # its time and freeze are the verdict's own line: said once (issue 21.4)
         lines.append(
-            f"Expected: {duration_words(result.total_s)}, {rounds_words(result, policy)}, frozen about "
-            f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
+            f"Expected: {rounds_words(result, policy)}, within the allowed downtime of "
+            f"{ms(result.allowed_downtime_ms)}."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
             # The same throttle as the policy's summary ("throttles the guest up to 99%"): its ceiling,

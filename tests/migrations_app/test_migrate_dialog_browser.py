@@ -8,7 +8,6 @@ free than hostc, so with both converging hostb is the recommended target.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
