@@ -6,6 +6,8 @@ so under the default policy (300 ms, no throttling, 30 rounds) it would stop at 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import re
 
 import pytest
@@ -166,10 +168,12 @@ def hot_copy_panel(fleet, driver: str, **fields) -> str:
     vm = make_vm("hot", vsp=source, memory_mib=8)
     numbers = {
         "rounds": 4, "bytes_remaining": 8_000_000, "dirty_rate_bytes_s": 10_000_000,
-        "throughput_bytes_s": 5_000_000, **fields,
+        "throughput_bytes_s": 5_000_000, "bytes_sent": 12_000_000, **fields,
     }  # fmt: skip
+    # Copy began 2 s ago: the live panel says a time only once the rate means something (MIN_RATE_S).
+    began = timezone.now() - timedelta(seconds=2)
     Migration.objects.create(
-        vm=vm, source=source, target=fleet["hostb"], state="copy", copy_started_at=timezone.now(), **numbers
+        vm=vm, source=source, target=fleet["hostb"], state="copy", copy_started_at=began, **numbers
     )
     return render_vm_fragments(get_migration_display(vm), oob=False)
 
