@@ -6,9 +6,8 @@ so under the default policy (300 ms, no throttling, 30 rounds) it would stop at 
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import re
+from datetime import timedelta
 
 import pytest
 from django.test import Client
