@@ -7,8 +7,10 @@ Body: ``{"type", "title", "status", "detail"}`` and, for bad input, ``errors`` (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -92,6 +94,12 @@ def install_problem_handlers(api: Any) -> None:
 
     @api.exception_handler(NinjaValidationError)
     def bad_input(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
+        if any(_whole_body_missing(error) for error in exc.errors):
+            fields = required_body_fields(api, request.method or "", request.path)
+            if fields:  # no body at all: name what it must hold, as a body without them is told
+                errors = [{"loc": [name], "field": name, "msg": "required"} for name in fields]
+                detail = f"the request has no JSON body: send an object with {_and(fields)}"
+                return problem_response(422, f"Bad input: {detail}.", errors=errors)
         errors = [_plain_error(error) for error in exc.errors]
         detail = "; ".join(_sentence(e) for e in errors) or "Bad input."
         return problem_response(422, f"Bad input: {detail}", errors=errors)
@@ -160,6 +168,43 @@ def _plain_error(error: dict[str, Any]) -> dict[str, Any]:
         # A schema's own check (a ValueError with the page's words) reads as those words alone.
         message = str(error.get("msg", "")).removeprefix("Value error, ")
     return {"loc": path, "field": ".".join(path), "msg": message}
+
+
+def _whole_body_missing(error: dict[str, Any]) -> bool:
+    """Ninja's error for a request with no body at all: "missing" at the body itself (no field)."""
+    loc = [str(part) for part in error.get("loc", ())]
+    return error.get("type") == "missing" and bool(loc) and loc[0] == "body" and not field_path(loc)
+
+
+def required_body_fields(api: Any, method: str, path: str) -> list[str]:
+    """The required fields of the JSON body ``method path`` takes, from the API's own OpenAPI schema
+    (``["vm", "target"]``); [] when the operation takes no body or has none required."""
+    for (verb, pattern), fields in _body_patterns(api):
+        if verb == method.lower() and pattern.fullmatch(path):
+            return fields
+    return []
+
+
+@functools.cache
+def _body_patterns(api: Any) -> list[tuple[tuple[str, re.Pattern[str]], list[str]]]:
+    """((verb, path pattern), required body fields) of each operation with a JSON body (once)."""
+    schema = api.get_openapi_schema()
+    components = schema.get("components", {}).get("schemas", {})
+    found = []
+    for route, operations in schema.get("paths", {}).items():
+        pattern = re.compile(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(route)))
+        for verb, operation in operations.items():
+            content = (operation.get("requestBody") or {}).get("content", {})
+            body = content.get("application/json", {}).get("schema", {})
+            if "$ref" in body:
+                body = components.get(body["$ref"].rsplit("/", 1)[-1], {})
+            if body.get("required"):
+                found.append(((verb, pattern), list(body["required"])))
+    return found
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _sentence(error: dict[str, Any]) -> str:

@@ -80,6 +80,13 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
 
 
 def page_not_found(request: HttpRequest, exception: BaseException | None = None) -> HttpResponse:
+    """404: the page in the console's layout; under ``/api/`` an RFC 9457 problem document, as the API's
+    own 404s, naming the address and where the operations are listed (a script never parses HTML)."""
+    if request.path.startswith(API_PREFIX):
+        from api.problems import problem_response  # the API app is optional to this module
+
+        detail = f"No API operation at {request.path[:200]}: the operations are listed at /api/v1/docs."
+        return problem_response(404, detail)
     return error_page(request, 404, "Not found", people_message(exception, NOT_FOUND))
 
 
@@ -88,20 +95,28 @@ def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse
         message = "This address only takes a form submission (its button on the page), not a visit."
     else:
         message = f"This address does not take a {request.method} request (it takes {', '.join(allowed)})."
-    response = error_page(request, 405, "Not possible this way", message)
+    if request.path.startswith(API_PREFIX):
+        from api.problems import problem_response  # the API app is optional to this module
+
+        message = f"This address does not take a {request.method} request (it takes {', '.join(allowed)})."
+        response = problem_response(405, message)
+    else:
+        response = error_page(request, 405, "Not possible this way", message)
     response["Allow"] = ", ".join(allowed)
     return response
 
 
 class FriendlyMethodNotAllowedMiddleware:
-    """``require_POST`` and friends answer 405 with an empty body: render the 405 page instead."""
+    """``require_POST`` and friends answer 405 with an empty body: render the 405 page instead; under
+    ``/api/`` (ninja answers a plain-text 405) a problem document."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         response = self.get_response(request)
-        if isinstance(response, HttpResponseNotAllowed) and not response.content:
+        api_text = request.path.startswith(API_PREFIX) and "problem" not in response.get("Content-Type", "")
+        if isinstance(response, HttpResponseNotAllowed) and (not response.content or api_text):
             allowed = [method.strip() for method in response["Allow"].split(",") if method.strip()]
             return method_not_allowed(request, allowed)
         return response

@@ -456,6 +456,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "migrations_app.tasks.recover_migrations",
         "schedule": float(env_int("RECOVERY_INTERVAL_S", 15)),
     },
+    # Links of pairs with no migration yet measured before a Migrate dialog asks (link_probes).
+    "probe-unmeasured-links": {
+        "task": "migrations_app.tasks.probe_unmeasured_links",
+        "schedule": float(env_int("LINK_SWEEP_INTERVAL_S", 60)),
+    },
 }
 
 # --- REST API and metrics (api) ----------------------------------------------------------------------------

@@ -21,6 +21,10 @@ urlpatterns = [
     path("account/tokens/", include("api.urls")),
     path("api/v1/migrations/<int:migration_id>/events", migration_events, name="api_migration_events"),
     path("api/v1/", include((public_urls(api.urls[0]), "api-v1"), namespace="api-v1")),
+    # The API's docs by the address people guess (the navigation links here): the current version's.
+    path("api/docs", login_not_required(RedirectView.as_view(url="/api/v1/docs")), name="api_docs"),
+    path("api/docs/", login_not_required(RedirectView.as_view(url="/api/v1/docs"))),
+    path("api/", login_not_required(RedirectView.as_view(url="/api/v1/docs"))),
     path("metrics", metrics_view, name="metrics"),
     path("", include("migrations_app.vm_urls")),
     path("", include("vms.urls")),

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from vms.access import LACKS_PERMISSION, check_can_change_vm
 from vms.inventory import probe_reachability
@@ -143,7 +145,28 @@ def _create_migration(vm: VirtualMachine, target: VSP, user: Any, policy: dict[s
 
 
 def refusal_message(vm: VirtualMachine, target: VSP, reason: str) -> str:
+    """The refusal's sentence: "web01 cannot migrate to vsp2: host disabled."; for a VM already migrating,
+    who won, to where and when (``already_migrating_message``), whatever target the loser chose."""
+    if reason == ALREADY_MIGRATING_REASON:
+        return already_migrating_message(vm)
     return f"{vm.name} cannot migrate to {target.name}: {reason}."
+
+
+def already_migrating_message(vm: VirtualMachine) -> str:
+    """ "db01 is already migrating to vsp2, started by alice at 14:02 UTC." (the running or queued
+    migration of ``vm``: its target, who asked, when); the plain words when none is found any more."""
+    running = (
+        Migration.objects.filter(vm=vm, state__in=Migration.ACTIVE_STATES)
+        .select_related("target", "requested_by")
+        .order_by("-requested_at")
+        .first()
+    )
+    if running is None:
+        return f"{vm.name} is already migrating."
+    who = running.requested_by.get_username() if running.requested_by else "the system"
+    to = running.target.name if running.target else "another VSP"
+    at = timezone.localtime(running.requested_at, UTC).strftime("%H:%M")
+    return f"{vm.name} is already migrating to {to}, started by {who} at {at} UTC."
 
 
 def do_request_migrations(vms: list[VirtualMachine], target: VSP, user: Any) -> list[RequestResult]:

@@ -24,6 +24,13 @@ class TargetCheck:
     reason: str  # "ok" or why this VSP cannot take the VM, in plain words
     encryption: str = PairEncryption.Policy.REQUIRED  # the pair's data-plane policy: "required" | "off"
     streams: int | None = None  # the pair's parallel data-plane connections (None: automatic)
+    free_mib: int | None = None  # the VSP's free memory now (MiB, ``free_memory_mib``); None: the source
+    guest_mib: int = 0  # the guest's memory (MiB)
+
+    @property
+    def left_after_mib(self) -> int | None:
+        """What the VSP would have free once the guest moved in (MiB), or None for the source."""
+        return None if self.free_mib is None else self.free_mib - self.guest_mib
 
     @property
     def ok(self) -> bool:
@@ -39,7 +46,8 @@ class TargetCheck:
 
 
 def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
-    """Every VSP in service (not retired) with its pre-check result for migrating ``vm`` there."""
+    """Every VSP in service (not retired) with its pre-check result for migrating ``vm`` there, and its
+    free memory (not the source's)."""
     source = vm.current_vsp
     vm_reason = check_vm(vm, source)
     plain: set[int] = set()
@@ -58,6 +66,8 @@ def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
             vm_reason or check_target_host(vm, source, vsp) or OK,
             PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
             streams.get(vsp.pk),
+            None if source is not None and vsp.pk == source.pk else free_memory_mib(vsp),
+            vm.memory_mib,
         )
         for vsp in VSP.objects.filter(retired_at=None)
     ]

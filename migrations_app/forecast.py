@@ -192,6 +192,10 @@ class CopyState:
     policy's) as they are now; ``last_round_bytes``: what the last round sent (stall detection).
     ``round_left_bytes``: the part of ``left_bytes`` the round under way has still to send (the rest was
     dirtied since it began); None: not known, taken as all of it.
+    ``first_pass_left_bytes``: while round 1 runs (``left_bytes`` None), what it has still to send
+    (bytes); None: all of the guest's written memory (a migration not started yet). Round 1 then ends
+    after that over the link rate, and what the guest dirtied since round 1 began (``elapsed_s`` ago)
+    waits for round 2.
     """
 
     round: int = 0
@@ -201,6 +205,7 @@ class CopyState:
     allowed_downtime_ms: float | None = None
     last_round_bytes: float | None = None
     round_left_bytes: float | None = None
+    first_pass_left_bytes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -365,11 +370,15 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
     # The agent judges a round once, when it ends (stall -> throttle and escalation, then "does it fit?");
     # a running migration's state is a round the agent judged already.
     judged = state.left_bytes is not None
-    if left is None:  # round 1: the whole written memory; the agent never calls it stalled
-        seconds = guest.first_pass_bytes / first_rate
+    if left is None:  # round 1: the whole written memory (or what it has still to send); never "stalled"
+        first_pass = float(guest.first_pass_bytes)
+        if state.first_pass_left_bytes is not None:
+            first_pass = max(0.0, min(state.first_pass_left_bytes, first_pass))
+        seconds = first_pass / first_rate
+        round_s = seconds + (elapsed if state.first_pass_left_bytes is not None else 0.0)
         rounds, elapsed, last_round = 1, elapsed + seconds, None
-        left = dirtied_bytes(guest, seconds, throttle)
-        trail.append((rounds, float(guest.first_pass_bytes), elapsed))
+        left = dirtied_bytes(guest, round_s, throttle)
+        trail.append((rounds, float(first_pass), elapsed))
         judged = True
     ever_throttled = throttle > 0
     while True:
@@ -729,13 +738,18 @@ def explain(
         lines = [f"{vm} writes {writes}; the link to {target} carried {carried} {link_source}."]
     if link_source and rate < link.rate_bytes_s:
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
-    if result.converges:
+    if result.converges:  # its time and freeze are the verdict's own line: said once (issue 21.4)
         lines.append(
-            f"Expected: {duration_words(result.total_s)}, {rounds_words(result, policy)}, frozen about "
-            f"{ms(result.downtime_ms or 0)} (allowed {ms(result.allowed_downtime_ms)})."
+            f"Expected: {rounds_words(result, policy)}, within the allowed downtime of "
+            f"{ms(result.allowed_downtime_ms)}."
         )
         if result.verdict is Verdict.CONVERGES_WITH_THROTTLE:
-            lines.append(f"Auto-converge throttles the guest up to {result.throttle_pct:.0f}%.")
+            # The same throttle as the policy's summary ("throttles the guest up to 99%"): its ceiling,
+            # and how far this migration is expected to take it (issue 21.4: "up to 30%" beside "99%").
+            lines.append(
+                f"Throttling expected to reach {result.throttle_pct:.0f}% (the policy allows up to "
+                f"{policy.throttle_max_pct:.0f}%)."
+            )
     elif result.verdict is Verdict.MAY_NOT_CONVERGE:
         lines.append(
             f"If the measured rates hold: {duration_words(result.total_s)}, {rounds_words(result, policy)}, "
@@ -755,9 +769,9 @@ def explain(
             f"At {result.limit_reason} it switches over anyway: about "
             f"{seconds_words((result.downtime_ms or 0) / 1000)} frozen."
         )
-    else:
-        reason = bottleneck(guest, link, policy) or "it does not shrink fast enough"
-        lines.append(f"It stops at {result.limit_reason}: {reason}.")
+    else:  # where and when it stops is the verdict's own line (the dialog's headline): here only why
+        reason = bottleneck(guest, link, policy) or "what is left does not shrink fast enough"
+        lines.append(f"Because {reason}.")
     return lines
 
 

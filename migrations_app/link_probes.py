@@ -12,6 +12,10 @@ target) is a ``LinkProbe`` row with its time.
   within the interval), so at most one per pair is in flight.
 - ``probe_now`` is the task's body: it asks the target to open a probe listener, the source to probe
   it, and stores the rate, or the refusal's words (an agent busy migrating refuses: probe later).
+- ``probe_unmeasured_pairs`` (the periodic task ``probe_unmeasured_links``, every
+  ``LINK_SWEEP_INTERVAL_S``) requests a probe for every pair that could migrate and has neither
+  history nor a fresh probe, so the first dialog opened already has its links measured (issue 21.4:
+  a fresh console said "not known yet: measuring it" for every target).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ PROBE_INTERVAL_S = 60  # at most one probe per pair in this time
 PROBE_BYTES = 64 << 20  # filler per probe, at most (the agent's bound: agentprotocol.MAX_PROBE_BYTES)
 PROBE_SECONDS = 0.5  # sending time per probe, at most
 PROBE_TASK = "migrations_app.tasks.probe_link"
+SWEEP_MAX_PAIRS = 50  # probes a sweep requests at most (a big fleet's pairs are covered over several)
 
 
 def latest_probe(source: VSP, target: VSP) -> LinkProbe | None:
@@ -106,3 +111,38 @@ def probe_now(source_id: int, target_id: int) -> LinkProbe | None:
     probe.save(update_fields=["rate_bytes_s", "measured_at", "error"])
     log.info("link probe %s -> %s: %.0f MB/s", source.name, target.name, probe.rate_bytes_s / 1e6)
     return probe
+
+
+def probe_unmeasured_pairs(limit: int = SWEEP_MAX_PAIRS) -> int:
+    """Request a probe (``request_probe``) for each ordered pair of VSPs that may take part in a
+    migration (agent reachable, migration enabled and licensed; the target not in maintenance) with no
+    completed migration between them and no probe measured within ``PROBE_FRESH_S``; at most ``limit``
+    pairs, the longest unprobed first. Returns how many were queued. Three reads whatever the fleet,
+    then one claim per pair requested.
+    """
+    from .models import Migration
+
+    usable = list(
+        VSP.objects.filter(agent_reachable=True, migration_enabled=True, licensed=True).order_by("pk")
+    )
+    history = set(
+        Migration.objects.filter(state=Migration.State.COMPLETED, throughput_bytes_s__gt=0)
+        .values_list("source_id", "target_id")
+        .distinct()
+    )
+    since = timezone.now() - timedelta(seconds=PROBE_FRESH_S)
+    probes = {
+        (probe.source_id, probe.target_id): probe
+        for probe in LinkProbe.objects.filter(source__in=usable, target__in=usable)
+    }
+    due = []
+    for source in usable:
+        for target in usable:
+            pair = (source.pk, target.pk)
+            probe = probes.get(pair)
+            fresh = probe is not None and probe.measured_at is not None and probe.measured_at >= since
+            if source.pk != target.pk and not target.maintenance and pair not in history and not fresh:
+                asked = probe.requested_at if probe is not None and probe.requested_at else None
+                due.append((asked is not None, asked or since, source, target))
+    due.sort(key=lambda row: (row[0], row[1]))
+    return sum(request_probe(source, target) for _, _, source, target in due[:limit])

@@ -33,6 +33,7 @@ from agentprotocol import MigrationParams
 
 MAX_DOWNTIME_MS = 600_000
 MAX_BANDWIDTH_MB_S = 100_000
+BANDWIDTH_STEP_MB_S = 0.001  # the forms' step: the smallest cap, and the grain of any cap
 DEFAULT_MAX_ROUNDS = 30
 DEFAULT_NO_PROGRESS_S = 150  # KubeVirt's progressTimeout default: the migration stalled, not merely slow
 MAX_NO_PROGRESS_S = 86_400
@@ -166,6 +167,32 @@ def check_policy(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) 
     return checked
 
 
+def policy_errors(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Every bad field of ``raw`` at once: ``{field: words}`` ("" for words about no one field), empty
+    when ``check_policy(raw, base)`` passes. Each value is checked alone (``check_value``); how they fit
+    together only once each is good, as ``check_policy`` does. A form shows each beside its field."""
+    errors: dict[str, str] = {}
+    preset = raw.get("preset")
+    if preset not in (None, "", "custom"):  # a named preset is taken whole: only the preset can be bad
+        values: Mapping[str, Any] = {"preset": preset}
+    else:
+        values = raw
+    for key, value in values.items():
+        if key not in FIELDS:
+            errors[""] = f"Unknown policy setting {key}."
+            continue
+        try:
+            check_value(key, value)
+        except PolicyError as error:
+            errors[error.field] = str(error)
+    if not errors:
+        try:
+            check_policy(raw, base)
+        except PolicyError as error:
+            errors[error.field] = str(error)
+    return errors
+
+
 def check_value(key: str, value: Any) -> Any:
     """One policy setting ``key`` (one of ``FIELDS``) checked alone: its type and bounds, not how it fits
     the others (``check_policy`` checks that). Returns the value in the policy's form (an int, a float
@@ -281,15 +308,22 @@ def _whole(value: Any, name: str, low: int, high: int, unit: str, *, allow_blank
 
 
 def _cap(value: Any) -> float | None:
-    """A cap in MB/s, or None for none: empty, None or 0 (the API's "no cap", typed or sent as text)."""
+    """A cap in MB/s, or None for none: empty, None or 0 (the API's "no cap", typed or sent as text).
+
+    Exactly what the forms' field takes in the browser (``<input type=number min=0 max=100000
+    step=0.001>``, ``BANDWIDTH_STEP_MB_S``): a number from 0 to ``MAX_BANDWIDTH_MB_S`` in thousandths
+    of a MB/s (issue 21.4: the browser took 0.5 and the server refused it).
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     number = _number(value, "Bandwidth cap")
     if number == 0:
         return None
-    if not 1 <= number <= MAX_BANDWIDTH_MB_S:
+    thousandths = number / BANDWIDTH_STEP_MB_S
+    if not 0 < number <= MAX_BANDWIDTH_MB_S or abs(thousandths - round(thousandths)) > 1e-6:
         raise PolicyError(
-            f"Bandwidth cap: from 1 to {MAX_BANDWIDTH_MB_S} MB/s (0 or empty for no cap), not {value}."
+            f"Bandwidth cap: from 0 to {MAX_BANDWIDTH_MB_S} MB/s with at most 3 decimals (0 or empty for "
+            f"no cap), not {value}."
         )
     return number
 

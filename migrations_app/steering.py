@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -41,6 +42,7 @@ CHANGEABLE_STATES = (Migration.State.INIT, Migration.State.COPY)
 ACTIONS = ("raise_downtime", "bandwidth", "auto_converge", "switchover")
 POLICY_CHANGES = ("max_downtime_ms", "bandwidth_cap_mb_s", "auto_converge")  # the API's form
 MiB = 1024 * 1024
+MIN_RATE_S = 1.0  # Copy seconds before the live panel says a time left (``outlook``)
 # Drivers whose source can turn auto-converge on while Copy runs. QEMU cannot: auto-converge is a
 # migration capability, which QEMU refuses to change during a migration (its agent answers 409).
 LIVE_THROTTLE_DRIVERS = frozenset({"simulated"})
@@ -103,15 +105,34 @@ def live_link(migration: Migration) -> forecast.Link:
     return replace(link, round_rate_bytes_s=fitted[0], round_overhead_s=fitted[1])
 
 
-def outlook(migration: Migration) -> Outlook | None:
+def first_pass_left(migration: Migration, elapsed_s: float) -> float:
+    """What round 1 has still to send (bytes): the agent's ``bytes_remaining`` less what the guest
+    dirtied since Copy began (``dirty_rate_bytes_s`` is measured from the round's start, so about
+    ``dirty_rate_bytes_s * elapsed_s``), which waits for round 2 (``forecast.CopyState``)."""
+    remaining = float(migration.bytes_remaining)
+    dirtied = min(remaining, float(migration.dirty_rate_bytes_s) * elapsed_s)
+    return max(0.0, remaining - dirtied)
+
+
+def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None:
     """The live forecast of ``migration`` while it copies (None before the agent reported rates).
 
-    Continues ``forecast.forecast`` from the row's last reported numbers: what is left, the round, the
-    throttle auto-converge applies now (``Migration.throttle_pct``: the measured dirty rate is the
-    throttled guest's), the link as this migration measured it (``live_link``). Rescues are offered only
-    as the source's driver can do them (``can_throttle_live``).
+    Continues ``forecast.forecast`` from the row's last reported numbers: what is left (bytes, the
+    agent's ``bytes_remaining``; in round 1 too, where it is what the first pass has still to send plus
+    what the guest dirtied since: the guest's whole memory is never assumed), the round, the throttle
+    auto-converge applies now (``Migration.throttle_pct``: the measured dirty rate is the throttled
+    guest's), the link as this migration measures it now (``live_link``). ``now``: the moment of the
+    reading (default: ``timezone.now()``; a replay passes its own). Rescues are offered only as the
+    source's driver can do them (``can_throttle_live``). ``Outlook.time_left_s`` is in seconds; how far
+    it is from the truth is what ``bench/bench_time_left.py`` measures.
     """
     if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
+        return None
+    started = migration.copy_started_at or migration.state_changed_at
+    elapsed = max(0.0, ((now or timezone.now()) - started).total_seconds())
+    if elapsed < MIN_RATE_S or not migration.bytes_sent:
+        # A rate over the Copy's first instants (the agent's first figures, before it counted what the
+        # first pass has to send) said "About 28 min left" for an 8 s copy: no time until it means one.
         return None
     from .estimates import forecast_policy
 
@@ -131,8 +152,6 @@ def outlook(migration: Migration) -> Outlook | None:
     window = left / dirty if left and dirty > 0 else 0.0
     guest = forecast.Guest.measured(memory, dirty, window, throttle_pct=throttle)
     link = live_link(migration)
-    started = migration.copy_started_at or migration.state_changed_at
-    elapsed = max(0.0, (timezone.now() - started).total_seconds())
     state = forecast.CopyState(
         round=max(0, migration.rounds - 1),
         left_bytes=left,
@@ -142,6 +161,7 @@ def outlook(migration: Migration) -> Outlook | None:
         round_left_bytes=round_left_bytes(
             migration.round_samples or [], migration.rounds, migration.bytes_sent
         ),
+        first_pass_left_bytes=first_pass_left(migration, elapsed) if left is None else None,
     )
     result = forecast.forecast(guest, link, policy, state)
     why = forecast.bottleneck(guest, link, policy)

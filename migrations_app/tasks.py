@@ -11,7 +11,7 @@ from django.conf import settings
 from vms import tasks as inventory_tasks
 
 from .engine import drive_migration
-from .link_probes import probe_now
+from .link_probes import probe_now, probe_unmeasured_pairs
 from .outcomes import deliver_pending
 from .recovery import recover_orphans
 
@@ -49,6 +49,13 @@ def recover_migrations(stale_after_s: float | None = None) -> list[int]:
 def probe_link(source_id: int, target_id: int) -> None:
     """Probe the link from one VSP to another and store the rate (``link_probes.probe_now``, a few s)."""
     probe_now(source_id, target_id)
+
+
+@shared_task(ignore_result=True)
+def probe_unmeasured_links() -> int:
+    """Periodic (beat): probe the pairs no migration or fresh probe measured yet, before a dialog asks
+    (``link_probes.probe_unmeasured_pairs``); returns how many probes were queued."""
+    return probe_unmeasured_pairs()
 
 
 # The inventory's tasks were defined here until they moved to ``vms.tasks``: tasks queued under these

@@ -27,7 +27,7 @@ from vms.inventory import probe_reachability
 from vms.models import VSP, VirtualMachine
 from vms.views import apply_change
 
-from . import estimates, migration_policy, steering
+from . import estimates, migration_policy, recommend, steering
 from .access import (
     ADD_MIGRATION_PERMISSION,
     CHANGE_MIGRATION_PERMISSION,
@@ -36,12 +36,13 @@ from .access import (
 )
 from .actions import (
     MigrationRefused,
+    already_migrating_message,
     do_cancel_migration,
     do_request_migration,
     do_request_migrations,
     do_set_migration_policy,
 )
-from .checks import TargetCheck, check_targets
+from .checks import ALREADY_MIGRATING_REASON, TargetCheck, check_targets
 from .models import Migration
 from .progress import get_migration_display, render_vm_fragments
 
@@ -82,15 +83,25 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         error = refused_everywhere(vm, checks) or "Choose a target VSP from the list."
         return render_dialog(request, vm, error=error, status=400)
     overrides = policy_overrides(request.POST)
+    # A refused dialog keeps the target chosen and every value typed (issue 21.4).
+    kept: dict[str, Any] = {"policy": overrides, "chosen": target.pk}
     try:
         do_request_migration(vm, target, request.user, policy=overrides)
     except migration_policy.PolicyError as error:
-        return render_dialog(request, vm, error=str(error), status=400, policy=overrides)
+        errors = migration_policy.policy_errors(overrides, base=vm.migration_policy) or {
+            error.field: str(error)
+        }
+        words = (
+            str(error)
+            if len(errors) == 1
+            else f"{len(errors)} values are not valid: each says why beside it."
+        )
+        return render_dialog(request, vm, error=words, status=400, **kept)
     except MigrationRefused as refusal:
-        return render_dialog(request, vm, error=str(refusal.message), status=400, policy=overrides)
+        return render_dialog(request, vm, error=str(refusal.message), status=400, **kept)
     except PermissionDenied as denied:
         check_can_migrate(request.user, vm)  # may not migrate it at all: the short refusal page
-        return render_dialog(request, vm, error=str(denied), status=403, policy=overrides)
+        return render_dialog(request, vm, error=str(denied), status=403, **kept)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
         return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True, request=request))
@@ -120,6 +131,8 @@ def refused_everywhere(vm: VirtualMachine, checks: list[TargetCheck]) -> str | N
         return None
     if vm.is_vpar:
         return f"{vm.name} is a vPar: vPars never migrate, so there is no VSP to choose."
+    if common_refusal(checks) == ALREADY_MIGRATING_REASON:  # who won, to where and when: one message
+        return already_migrating_message(vm)
     if reason := common_refusal(checks):
         return f"{vm.name} cannot migrate to any VSP: {reason}."
     return f"No VSP can take {vm.name} now; each row says why."
@@ -162,6 +175,14 @@ class TargetRow:
     def streams_label(self) -> str:
         return self.check.streams_label
 
+    @property
+    def free_mib(self) -> int | None:
+        return self.check.free_mib
+
+    @property
+    def left_after_mib(self) -> int | None:
+        return self.check.left_after_mib
+
 
 LINK_POLL_S = 3  # while a link probe runs, the dialog asks for its forecasts again this often
 
@@ -185,31 +206,31 @@ def target_rows(
 def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     """The dialog's forecast cells (out-of-band swaps), after measuring the dirty rate (about 0.5 s).
 
-    The dialog sends its policy fields along (``preset`` and the others, as the Migrate form posts
-    them): the forecast is then the one of that policy, and the policy's summary line and field errors
-    are swapped too. A bad value leaves the cells as they were and says why beside its field.
-    Without policy fields (an old page), the VM's saved policy.
+    The dialog sends its fields along (``preset`` and the other policy fields, as the Migrate form posts
+    them, and the chosen ``target``): the forecast is then the one of that policy, and the policy's
+    summary line, field errors and the recommendation are swapped too; the target is moved to the
+    recommended one unless the admin chose another (the one sent is not the last recommendation).
+    Every bad value is said beside its field and the cells stay as they were, a note saying they show
+    the last valid policy. Without policy fields (an old page), the VM's saved policy.
     """
     vm = get_visible_vm(request.user, vm_id)
     vm_policy = migration_policy.effective(vm.migration_policy)
     from_form = "preset" in request.GET
-    try:
-        policy = (
-            migration_policy.check_policy(policy_overrides(request.GET), base=vm_policy)
-            if from_form
-            else vm_policy
-        )
-    except migration_policy.PolicyError as error:
-        return HttpResponse(policy_feedback(request, vm, error=error))
+    overrides = policy_overrides(request.GET)
+    errors = migration_policy.policy_errors(overrides, base=vm_policy) if from_form else {}
+    if errors:
+        return HttpResponse(policy_feedback(request, vm, errors=errors))
+    policy = migration_policy.check_policy(overrides, base=vm_policy) if from_form else vm_policy
     rows = target_rows(vm, offered_checks(request, vm), policy, measure=True)
+    sent, shown = parse_id(request.GET.get("target")), parse_id(request.GET.get("recommended"))
+    pick = recommendation(rows)
+    chosen = sent if sent is not None and sent != shown else (pick.vsp_id if pick else sent)
+    context = {"vm": vm, "forecast_oob": True, "recommendation": pick, "chosen": chosen}
     html = "".join(
-        render_to_string(
-            f"{DIALOG_TEMPLATE}#forecast_cell",
-            {"check": row, "vm": vm, "forecast_oob": True},
-            request=request,
-        )
+        render_to_string(f"{DIALOG_TEMPLATE}#target_cells", {**context, "check": row}, request=request)
         for row in rows
     )
+    html += render_to_string(f"{DIALOG_TEMPLATE}#recommendation", context, request=request)
     if from_form:
         html += policy_feedback(request, vm, policy=policy)
     if measuring_link(rows):  # ask again once the link probe may have landed (one loader, replaced)
@@ -218,15 +239,21 @@ def forecast_cells(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     return HttpResponse(html)
 
 
+def recommendation(rows: list[TargetRow]) -> recommend.Recommendation | None:
+    """The dialog's recommended target (``recommend.recommend``) among its rows."""
+    return recommend.recommend([(row.check, row.forecast) for row in rows])
+
+
 def policy_feedback(
     request: HtmxHttpRequest,
     vm: VirtualMachine,
     *,
     policy: dict[str, Any] | None = None,
-    error: migration_policy.PolicyError | None = None,
+    errors: dict[str, str] | None = None,
 ) -> str:
-    """Out-of-band swaps of the dialog's policy summary (for a valid ``policy``) and field errors."""
-    context: dict[str, Any] = {"vm": vm, "forecast_oob": True, **policy_error_context(error)}
+    """Out-of-band swaps of the dialog's policy summary (for a valid ``policy``), every field's error
+    (``errors``: ``migration_policy.policy_errors``; none: each cleared) and the forecast's note."""
+    context: dict[str, Any] = {"vm": vm, "forecast_oob": True, **policy_error_context(errors)}
     html = "".join(
         render_to_string(
             "migrations_app/_policy_field_error.html", {**context, "key": key, "oob": True}, request=request
@@ -236,19 +263,17 @@ def policy_feedback(
     if policy is not None:
         context["policy_words"] = migration_policy.describe(policy)
         html += render_to_string(f"{DIALOG_TEMPLATE}#policy_words", context, request=request)
+    html += render_to_string(f"{DIALOG_TEMPLATE}#forecast_note", context, request=request)
     return html
 
 
 POLICY_ERROR_FIELDS = (*migration_policy.FIELDS, "")  # "": words about no one field
 
 
-def policy_error_context(error: migration_policy.PolicyError | None) -> dict[str, Any]:
-    """What the policy fields' error spans show (``migrations_app/_policy_field_error.html``)."""
-    return {
-        "policy_errors_id": "migrate-policy-error",
-        "policy_error": str(error) if error else "",
-        "policy_error_field": error.field if error else None,
-    }
+def policy_error_context(errors: dict[str, str] | None) -> dict[str, Any]:
+    """What the policy fields' error spans show (``migrations_app/_policy_field_error.html``): each bad
+    field's words at once (issue 21.4: only the first was shown)."""
+    return {"policy_errors_id": "migrate-policy-error", "policy_errors": errors or {}}
 
 
 def measuring_link(rows: list[TargetRow]) -> bool:
@@ -263,23 +288,27 @@ def render_dialog(
     error: str = "",
     status: int = 200,
     policy: dict[str, Any] | None = None,
+    chosen: int | None = None,
 ) -> HttpResponse:
+    """The dialog: every offered target with its memory, pre-check and forecast, the recommended one
+    marked and preselected (``chosen``: the target the admin had chosen, kept after a refusal), the
+    policy as typed with every bad field's words beside it."""
     checks = offered_checks(request, vm)
     vm_policy = migration_policy.effective(vm.migration_policy)
-    policy_error: migration_policy.PolicyError | None = None
-    try:
-        shown_policy = migration_policy.check_policy(policy or {}, base=vm_policy)
-    except migration_policy.PolicyError as bad:
-        shown_policy, policy_error = vm_policy, bad
+    errors = migration_policy.policy_errors(policy or {}, base=vm_policy)
+    shown_policy = vm_policy if errors else migration_policy.check_policy(policy or {}, base=vm_policy)
     form_policy = shown_policy
-    if policy_error and policy:  # the form keeps what was typed, the error beside the bad field
+    if errors and policy:  # the form keeps what was typed, the errors beside the bad fields
         typed = {key: value for key, value in policy.items() if key != "auto_converge"}
         form_policy = {**vm_policy, **typed, "auto_converge": policy.get("auto_converge") == "true"}
     blocked = refused_everywhere(vm, checks)
     rows = target_rows(vm, checks, shown_policy, measure=not request.htmx)
+    pick = recommendation(rows)
     context = {
         "vm": vm,
         "checks": rows,
+        "recommendation": pick,
+        "chosen": chosen if chosen is not None else (pick.vsp_id if pick else None),
         "forecast_pending": any(row.ok and row.forecast is None for row in rows) or measuring_link(rows),
         "forecast_delay_s": 0 if any(row.ok and row.forecast is None for row in rows) else LINK_POLL_S,
         # Said once above the table, not on every row; the Migrate button is disabled then.
@@ -291,7 +320,7 @@ def render_dialog(
         "policy": form_policy,
         "policy_words": migration_policy.describe(shown_policy),
         "presets": [(key, label, words) for key, (label, words, _) in migration_policy.PRESETS.items()],
-        **policy_error_context(policy_error),
+        **policy_error_context(errors),
     }
     template = f"{DIALOG_TEMPLATE}#dialog" if request.htmx else DIALOG_TEMPLATE
     response = render(request, template, context, status=status)

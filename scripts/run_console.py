@@ -2,7 +2,7 @@
 
 1. A Redis on REDIS_URL (started without root when none answers).
 2. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu), while the database
-   schema is written; then an admin and a read-only operator login.
+   schema is written; then an admin and a read-only viewer login.
 3. The demo fleet registered with those agents, its guests defined on them.
 4. The ASGI server (pages + websockets), a Celery worker and Celery beat.
 With --cluster (`make run-cluster`), step 1 is PostgreSQL and Redis with a replica and three Sentinels,
@@ -20,7 +20,7 @@ starts, and a port held by anything else is named with what to do.
 var/ is its owner's only (0700, files 0600, the umask of every process started here 077), and
 secrets are generated once into it and reused: the Django SECRET_KEY, the key that
 encrypts agent secrets in the database, the password of the Redis started here, and the first
-admin and operator passwords (printed on the first run only). So is the demo's small PKI in
+admin and viewer passwords (printed on the first run only). So is the demo's small PKI in
 var/pki/ (devtools/pki.py): a CA and one certificate per host agent (keys 0600); the agents serve
 HTTPS and a mutual-TLS data plane with them, and each demo VSP registers its agent's fingerprint.
 
@@ -505,7 +505,7 @@ def main() -> None:
         else:
             start_console(options.port, processes)
         print(f"\nMatrix OE console: http://127.0.0.1:{options.port}/")
-        print(f"  logins: see above (first run) or {VAR_DIR}/admin-password and operator-password")
+        print(f"  logins: see above (first run) or {VAR_DIR}/admin-password and viewer-password")
         if cluster:
             cluster.describe(processes + services + agents)
         hosts = f"{len(DEMO_HOSTS)} ({options.hosts})"

@@ -146,10 +146,10 @@ def make_vm_admin(username: str = "vm-admin") -> User:
     return make_user(username, VIEW_PERMISSIONS + CHANGE_PERMISSIONS)
 
 
-def make_operator(username: str = "operator") -> User:
-    """A read-only operator: in group Operators, which only has view permissions."""
+def make_viewer(username: str = "viewer") -> User:
+    """A read-only viewer, as the demo's: in group Viewers, which only has view permissions."""
     user = make_user(username, role=Role.VIEWER)
-    group, _ = Group.objects.get_or_create(name="Operators")
+    group, _ = Group.objects.get_or_create(name="Viewers")
     group.permissions.add(*[permission_named(dotted) for dotted in VIEW_PERMISSIONS])
     user.groups.add(group)
     return user

@@ -121,7 +121,7 @@ def make_run(tmp_path, redis_url):
 
 
 def kept_secrets(var_dir: Path) -> dict[str, str]:
-    names = ("secret-key", "secrets-encryption.key", "admin-password", "operator-password")
+    names = ("secret-key", "secrets-encryption.key", "admin-password", "viewer-password")
     for name in names:
         assert stat.S_IMODE((var_dir / name).stat().st_mode) == 0o600, name
     return {name: (var_dir / name).read_text() for name in names}

@@ -87,7 +87,7 @@ GUESTS = [
     DemoGuest("vpar-dw", "vsp3", 2048, 2, "HP-UX 11i v3", OS.DOWN, HW.OFF, kind=VirtualMachine.Kind.VPAR),
 ]
 
-# Host groups (who sees and uses which VSP, see docs/permissions.md): the demo's 'operator' is a
+# Host groups (who sees and uses which VSP, see docs/permissions.md): the demo's 'viewer' is a
 # viewer of both; a user given a role in only one of them sees only its VSPs and their guests.
 DEMO_GROUPS = {
     "Production": ("vsp1", "vsp2"),

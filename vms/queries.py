@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import Exists, OuterRef, Prefetch, QuerySet
+from django.db.models.functions import Lower
 
 from vms.models import Registration, VirtualMachine
 
@@ -21,7 +22,12 @@ def filter_vms(
     vsp_id: int | None = None,
     hardware_status: str = "",
 ) -> QuerySet[VirtualMachine]:
-    """VMs matching every given criterion; VSP and hardware status must hold for the same registration."""
+    """VMs matching every given criterion; VSP and hardware status must hold for the same registration.
+
+    Ordered by name as people read it: case-insensitively ("app01", "Backup", "db01"), then by name and
+    pk so equal names in other cases keep one order (issue 21.8: "Zeta" came before "alpha").
+    """
+    vms = vms.order_by(Lower("name"), "name", "pk")
     if name:
         vms = vms.filter(name__icontains=name)
     if kind:
@@ -47,12 +53,15 @@ def filter_registrations(
     vsp_id: int | None = None,
     hardware_status: str = "",
 ) -> QuerySet[Registration]:
-    """The copies (registrations) matching every criterion, one row each, ordered by VM then VSP.
+    """The copies (registrations) matching every criterion, one row each, ordered by VM
+    (case-insensitively, as ``filter_vms``) then VSP.
 
     Used when the list is filtered by VSP or hardware status: each row then shows the copy that
     matched, not the VM's runnable copy elsewhere.
     """
-    registrations = Registration.objects.select_related("vm", "vsp").order_by("vm__name", "vsp__name")
+    registrations = Registration.objects.select_related("vm", "vsp").order_by(
+        Lower("vm__name"), "vm__name", "vsp__name"
+    )
     if name:
         registrations = registrations.filter(vm__name__icontains=name)
     if kind:

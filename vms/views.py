@@ -12,6 +12,7 @@ from django.contrib.auth.decorators import permission_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import EmptyPage, Page, Paginator
 from django.db.models import Count, Q, QuerySet
+from django.db.models.functions import Lower
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -104,7 +105,7 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     form = PageForm(request.GET)
     if not form.is_valid():
         return bad_request(request, form_errors_text(form))
-    guests = vsp.registrations.select_related("vm").order_by("vm__name")
+    guests = vsp.registrations.select_related("vm").order_by(Lower("vm__name"), "vm__name")
     page = paginate(guests, form.cleaned_data["page"])
     vm_ids = [registration.vm_id for registration in page]
     may_power_here = may_act_on_vsp(request.user, CHANGE_REGISTRATION_PERMISSION, vsp.pk)

@@ -26,6 +26,25 @@ PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done
 
 
 @register.simple_tag
+def shown_percent(migration: Migration, status: str, percent: int) -> str:
+    """``{% shown_percent migration status percent as shown %}``: a phase's percent as the panel says it.
+
+    The running Copy below 10 % gets a tenth from its bytes (sent / (sent + left), the agent's own
+    formula), so a big guest's first minutes never read "0 %" while bytes move (issue 21.2): "0.4",
+    "<0.1" once anything moved.
+    Otherwise the whole percent the agent reported ("37").
+    """
+    if status == "running" and migration.state == State.COPY and percent < 10:
+        total = migration.bytes_sent + migration.bytes_remaining
+        if total > 0:
+            fine = 100 * migration.bytes_sent / total
+            if 0 < fine < 0.1:
+                return "<0.1"  # started: bytes moved, fewer than a thousandth of them
+            return f"{min(max(fine, float(percent)), 9.9):.1f}"
+    return str(percent)
+
+
+@register.simple_tag
 def migration_display(vm: VirtualMachine) -> MigrationDisplay:
     """``{% migration_display vm as display %}``: what the General tab shows (see progress.py)."""
     return get_migration_display(vm)
@@ -109,6 +128,21 @@ def migration_alert_text(migration: Migration) -> str:
 
 
 @register.filter
+def never_migrates(vm: VirtualMachine) -> str:
+    """Why ``vm`` cannot migrate whatever the target, in words ("" when it may): a vPar never migrates;
+    a VM with online migration disabled does not until it is enabled. The General tab then shows
+    Migrate… disabled with these words beside it instead of a dialog that refuses every target."""
+    if vm.is_vpar:
+        return f"{vm.name} is a vPar: vPars never migrate."
+    if not vm.online_migration_enabled:
+        return (
+            f"Online migration is disabled for {vm.name}: enable it (Online Migration Enabled, above) "
+            "to migrate."
+        )
+    return ""
+
+
+@register.filter
 def row_migration_text(migration: Migration, vsp: VSP) -> str:
     outgoing = migration.source_id == vsp.pk
     other = migration.target.name if outgoing else migration.require_source().name
@@ -149,7 +183,7 @@ def migration_icon(migration: Migration, vsp: VSP) -> SafeString:
     elif migration.is_active:
         symbol, kind = ("\u2192", "to") if outgoing else ("\u2190", "from")
         text = f"Migrating to VSP {other}" if outgoing else f"Migrating from VSP {other}"
-    elif migration.state in (State.ABORTED, State.CANCELLED):
+    elif migration.state == State.ABORTED:  # a cancel is someone's choice, not a failure: no warning
         symbol, kind = SafeString(WARNING_SVG), "failed"
         text = f"Migration to VSP {migration.target.name} {migration.get_state_display().lower()}"
     else:

@@ -9,7 +9,7 @@ from api.tokens import do_create_token
 from tests.factories import VIEW_PERMISSIONS, make_user
 
 MIGRATION_VIEW = ("migrations_app.view_migration", "migrations_app.view_migrationevent")
-# What the demo 'operator' has: view permissions only.
+# What the demo 'viewer' has: view permissions only.
 READ_ONLY = VIEW_PERMISSIONS + MIGRATION_VIEW
 WRITER = READ_ONLY + (
     "vms.change_virtualmachine",

@@ -38,3 +38,17 @@ def test_it_renders_the_docs_from_local_files_under_a_strict_csp(browser_page, c
     assert any("/api/v1/migrations" in path for path in paths)
     assert requested_hosts == {console_server.split("/")[2]}
     assert violations == []
+
+
+def test_the_navigation_links_the_api_docs_by_the_address_people_guess(browser_page, console_server):
+    """Issue 21.7: /api/docs answered 404 and nothing on the pages led to the docs."""
+    from tests.conftest import log_in, run_in_thread
+    from tests.factories import PASSWORD, make_user
+
+    run_in_thread(make_user, "reader", ("vms.view_vsp", "vms.view_virtualmachine"))
+    log_in(browser_page, console_server, "reader", PASSWORD)
+    browser_page.click("#nav-api-docs")
+    browser_page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+    assert browser_page.url == f"{console_server}/api/v1/docs"
+    browser_page.goto(f"{console_server}/api/docs")
+    assert browser_page.url == f"{console_server}/api/v1/docs"

@@ -7,6 +7,7 @@ stays Queued; ``test_live.py`` drives real ones.
 
 from __future__ import annotations
 
+from datetime import UTC
 from unittest.mock import ANY
 
 import pytest
@@ -83,9 +84,11 @@ def test_it_refuses_a_vm_already_migrating(api, hosts):
     make_vsp("hostc")
     assert api.post("/migrations", {"vm": "web01", "target": "hostb"}).status_code == 201
 
+    won = Migration.objects.get()
     response = api.post("/migrations", {"vm": "web01", "target": "hostc"})
 
-    assert_problem(response, 409, "web01 cannot migrate to hostc: VM is already migrating.")
+    at = won.requested_at.astimezone(UTC).strftime("%H:%M")
+    assert_problem(response, 409, f"web01 is already migrating to hostb, started by alice at {at} UTC.")
     assert sorted(Migration.objects.values_list("state", "failure_kind")) == [
         ("queued", ""),
         ("refused", "already_migrating"),
@@ -302,7 +305,11 @@ def test_it_refuses_a_field_it_does_not_know_and_names_it(api, hosts, body, deta
         ({"max_downtime_ms": [300]}, "max_downtime_ms", "Maximum downtime: a number, not"),
         ({"max_downtime_ms": "300"}, "max_downtime_ms", "send a number, not the text '300'."),
         ({"throttle_max_pct": 12.5}, "throttle_max_pct", "Throttle ceiling: a whole number from 1 to 99 %"),
-        ({"bandwidth_cap_mb_s": -3}, "bandwidth_cap_mb_s", "Bandwidth cap: from 1 to 100000 MB/s"),
+        (
+            {"bandwidth_cap_mb_s": -3},
+            "bandwidth_cap_mb_s",
+            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals",
+        ),
         ({"auto_converge": "maybe"}, "auto_converge", "Auto-converge"),
         ({"preset": "fastest"}, "preset", "Unknown preset 'fastest'"),
     ],
@@ -366,3 +373,31 @@ def test_every_api_input_refuses_a_field_it_does_not_know(api, hosts):
         assert "not a field here" in body["detail"], body["detail"]
     vm.refresh_from_db()
     assert vm.online_migration_enabled and vm.registrations.get().is_runnable
+
+
+def test_a_request_without_a_body_names_the_fields_it_must_hold(api, hosts):
+    """Issue 21.7: a POST with no body at all answered "Bad input: required", naming nothing."""
+    response = api.client.post(
+        "/api/v1/migrations", data="", content_type="application/json", headers=api.headers
+    )
+
+    assert_problem(
+        response, 422, "Bad input: the request has no JSON body: send an object with vm and target."
+    )
+    assert [error["field"] for error in response.json()["errors"]] == ["vm", "target"]
+    assert not Migration.objects.exists()
+
+
+def test_an_unknown_api_address_answers_a_problem_document_and_api_docs_leads_to_the_docs(api, client):
+    response = api.client.get("/api/v1/no-such-thing", headers=api.headers)
+    assert_problem(
+        response, 404, "No API operation at /api/v1/no-such-thing: the operations are listed at /api/v1/docs."
+    )
+    anonymous = client.get("/api/v1/vms/1/no-such-thing")
+    assert anonymous.status_code == 404 and anonymous["Content-Type"] == "application/problem+json"
+    wrong_method = client.get("/api/v1/migrations/1/cancel")  # takes POST only
+    assert_problem(wrong_method, 405, "This address does not take a GET request (it takes POST).")
+    for address in ("/api/docs", "/api/docs/", "/api/"):
+        redirect = client.get(address)
+        assert (redirect.status_code, redirect["Location"]) == (302, "/api/v1/docs"), address
+    assert client.get("/api/v1/docs").status_code == 200

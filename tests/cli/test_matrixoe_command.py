@@ -252,7 +252,10 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
     switched = matrixoe(logged_in, "switchover", vm.name)
 
     assert refused.returncode == 1
-    assert "Bandwidth cap: from 1 to 100000 MB/s (0 or empty for no cap), not -5." in refused.stderr
+    assert (
+        "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals (0 or empty for no cap), not -5."
+        in refused.stderr
+    )
     assert not_whole.returncode == 1 and not_a_number.returncode == 1  # not typer's exit 2
     assert "Maximum downtime: a whole number from 1 to 600000 ms, not 300.5." in not_whole.stderr
     assert "Bandwidth cap: a number, not 'abc'." in not_a_number.stderr

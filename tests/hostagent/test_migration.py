@@ -184,3 +184,17 @@ def test_the_dirty_rate_reads_from_the_first_round_of_a_busy_guest(agent_pair):
     first_round = [s for s in seen if s.state == "copy" and s.round == 1]
     assert any(s.dirty_rate_bytes_s > 0 for s in first_round), first_round[-3:]
     vsp1.client.cancel(migration_id)
+
+
+def test_on_a_slow_link_the_bytes_sent_move_within_each_run_of_pages(agent_pair):
+    """Issue 21.2: at a 1-2 MB/s cap the source reported its bytes once per 4 MiB run, so the page stood
+    still for seconds at a time; now a capped send goes out in slices and each is reported."""
+    vsp1, vsp2 = agent_pair
+    name, migration_id = unique("slow"), unique("m")
+    # 4 MiB, all written: round 1 is one 4 MiB run per stream, about 2 s at 2 MB/s.
+    guest = define_running_guest(vsp1, name, memory_mib=4, dirty_pages_per_s=0, fill_percent=100)
+    stream, frozen = migrate_to_ready(vsp1, vsp2, guest, migration_id, bandwidth_mbps=16, streams=1)
+    assert frozen.state == "ready"
+    round_one = {s.bytes_sent for s in stream if s.phase == "copy" and s.round == 1 and not s.converged}
+    assert len(round_one) >= 4, sorted(round_one)  # before: one value, the whole run at once
+    commit(vsp1, vsp2, migration_id)

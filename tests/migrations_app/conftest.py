@@ -121,7 +121,7 @@ def migration_admin_client(client):
 
 
 @pytest.fixture
-def operator_client(client):
-    """A client logged in as "operator", who may only view VMs and VSPs."""
-    client.force_login(make_user("operator", ("vms.view_virtualmachine", "vms.view_vsp")))
+def viewer_client(client):
+    """A client logged in as "viewer", who may only view VMs and VSPs."""
+    client.force_login(make_user("viewer", ("vms.view_virtualmachine", "vms.view_vsp")))
     return client

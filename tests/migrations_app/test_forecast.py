@@ -485,11 +485,11 @@ def test_the_round_limit_bounds_the_round_that_sees_convergence_not_the_rounds_b
     assert expected, lines
     assert (
         f"converging in round {limit} of the {limit} allowed, then {more} more round"
-        f"{'s' if more != 1 else ''} before the freeze, frozen about " in expected[0]
+        f"{'s' if more != 1 else ''} before the freeze, within the allowed downtime of " in expected[0]
     ), expected[0]
     assert f"in {at_limit.rounds} rounds" not in " ".join(lines)
     # without rounds after convergence (QEMU switches over at once) only the one number
     plain = forecast(hot, Link(5 * MB), policy)
     words = explain(hot, Link(5 * MB), policy, plain, vm="reports01", target="vsp1", link_source="just now")
     assert plain.converges and plain.rounds == plain.converged_round == limit
-    assert f"converging in round {limit} of the {limit} allowed, frozen about " in " ".join(words)
+    assert f"converging in round {limit} of the {limit} allowed, within the allowed" in " ".join(words)

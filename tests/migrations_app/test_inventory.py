@@ -158,7 +158,7 @@ def split_brain_shown(client, url: str) -> list[str]:
     return re.findall(r'data-field="split_brain">([^<]*)</div>', html)
 
 
-def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents, fleet, operator_client):
+def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents, fleet, viewer_client):
     """Issue 10: the Not Runnable copy of a migrated VM started through its old host's agent API."""
     vm = place_vm(host_agents, fleet, on="hosta")  # runnable and running on hosta
     make_registration(vm, fleet["hostb"], "not_runnable", "migrate", "guest migrated to VSP hosta")
@@ -177,8 +177,8 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
             reverse("vms:vsp_detail", args=[fleet["hostb"].pk]),
             reverse("vms:vsp_detail", args=[fleet["hosta"].pk]),
         ):
-            assert split_brain_shown(operator_client, url) == [alert], url
-        assert split_brain_shown(operator_client, reverse("vms:vsp_detail", args=[fleet["hostc"].pk])) == []
+            assert split_brain_shown(viewer_client, url) == [alert], url
+        assert split_brain_shown(viewer_client, reverse("vms:vsp_detail", args=[fleet["hostc"].pk])) == []
         # which copy is runnable does not change by itself
         assert dict(Registration.objects.filter(vm=vm).values_list("vsp__name", "hardware_status")) == {
             "hosta": "on",
@@ -187,15 +187,15 @@ def test_it_raises_a_split_brain_alert_when_a_not_runnable_copy_runs(host_agents
 
         # Refresh Data finds it too (it asks the hosts of the Not Runnable copies as well)
         Registration.objects.filter(vm=vm).update(found_running_at=None)
-        refreshed = operator_client.get(reverse("vms:vm_refresh", args=[vm.pk]), HTTP_HX_REQUEST="true")
+        refreshed = viewer_client.get(reverse("vms:vm_refresh", args=[vm.pk]), HTTP_HX_REQUEST="true")
         assert re.findall(r'data-field="split_brain">([^<]*)</div>', refreshed.content.decode()) == [alert]
     finally:
         host_agents["hostb"].client.stop_guest(str(vm.guest_id))
         host_agents["hostb"].client.delete_guest(str(vm.guest_id))
 
     collect_all_inventory()  # the stray copy stopped: the alert ends
-    assert split_brain_shown(operator_client, reverse("vms:vm_general", args=[vm.pk])) == []
-    assert split_brain_shown(operator_client, reverse("vms:vsp_list")) == []
+    assert split_brain_shown(viewer_client, reverse("vms:vm_general", args=[vm.pk])) == []
+    assert split_brain_shown(viewer_client, reverse("vms:vsp_list")) == []
 
 
 def test_it_learns_each_agents_driver_once_from_its_health(host_agents, fleet):

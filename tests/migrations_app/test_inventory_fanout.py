@@ -95,7 +95,7 @@ def test_a_hung_agent_delays_no_other_vsp(hung_vsp, host_agents, fleet, inventor
 
 
 def test_unreachable_after_three_unanswered_rounds_with_since_when_then_reachable_again(
-    host_agents, fleet, inventory_worker, wait_for, operator_client
+    host_agents, fleet, inventory_worker, wait_for, viewer_client
 ):
     hosta = fleet["hosta"]
     real_url = hosta.agent_url
@@ -105,15 +105,15 @@ def test_unreachable_after_three_unanswered_rounds_with_since_when_then_reachabl
     shown = []
     for _ in range(3):
         finished_round(collect_inventory(), wait_for)
-        shown.append(agent_shown(operator_client, list_url, "hosta"))
-    detail = agent_shown(operator_client, detail_url)
+        shown.append(agent_shown(viewer_client, list_url, "hosta"))
+    detail = agent_shown(viewer_client, detail_url)
 
     since = VSP.objects.get(pk=hosta.pk).unreachable_since
     assert since is not None
     assert shown[:2] == ["Reachable", "Reachable"]
     assert shown[2] == f"Unreachable since {timezone.localtime(since):%H:%M} UTC"
     assert detail.startswith(f"Unreachable since {timezone.localtime(since):%H:%M} UTC (last asked ")
-    assert {name: agent_shown(operator_client, list_url, name) for name in ("hostb", "hostc")} == {
+    assert {name: agent_shown(viewer_client, list_url, name) for name in ("hostb", "hostc")} == {
         "hostb": "Reachable",
         "hostc": "Reachable",
     }
@@ -124,8 +124,8 @@ def test_unreachable_after_three_unanswered_rounds_with_since_when_then_reachabl
     assert VSP.objects.values_list("agent_reachable", "agent_failures", "unreachable_since").get(
         pk=hosta.pk
     ) == (True, 0, None)
-    assert agent_shown(operator_client, list_url, "hosta") == "Reachable"
-    assert agent_shown(operator_client, detail_url).startswith("Reachable (last asked ")
+    assert agent_shown(viewer_client, list_url, "hosta") == "Reachable"
+    assert agent_shown(viewer_client, detail_url).startswith("Reachable (last asked ")
 
 
 def test_metrics_tell_how_long_collection_took_and_which_agents_answer(

@@ -130,3 +130,27 @@ def test_a_real_worker_runs_the_probe_the_dialog_queued(
     assert wait_for(measured, timeout=120), LinkProbe.objects.filter(source=hosta, target=hostb).values()
     cell = forecast_cells(migration_admin_client, idle)["hostb"]
     assert re.search(r"the link to hostb carried [\d.]+ MB/s in a probe (\d+ s ago|just now)", cell), cell
+
+
+def test_the_links_of_every_pair_are_measured_before_anyone_opens_the_dialog(
+    host_agents, fleet, migration_admin_client
+):
+    """Issue 21.4: on a fresh console the first dialog said "not known yet: measuring it" for every target.
+    The periodic sweep (``probe_unmeasured_links``, run here as the worker runs it) probes each pair that
+    has no history; then the first dialog opened already forecasts every target."""
+    from migrations_app.tasks import probe_unmeasured_links
+
+    idle = place_vm(host_agents, fleet, dirty_pages_per_s=0, memory_mib=8)
+    queued = probe_unmeasured_links()
+    pairs = set(
+        LinkProbe.objects.filter(requested_at__isnull=False).values_list("source__name", "target__name")
+    )
+    assert {("hosta", "hostb"), ("hosta", "hostc"), ("hostb", "hosta")} <= pairs, pairs
+    assert queued == len(pairs)
+    for source, target in pairs:  # what the worker runs for each queued probe
+        probe_link(fleet[source].pk, fleet[target].pk)
+    assert probe_unmeasured_links() == 0  # measured: nothing left to probe
+
+    cells = forecast_cells(migration_admin_client, idle)
+    assert "not known yet" not in cells["hostb"] and "not known yet" not in cells["hostc"], cells
+    assert "in a probe" in cells["hostc"], cells["hostc"]

@@ -111,15 +111,15 @@ def test_with_htmx_a_refusal_re_renders_the_dialog_in_its_slot(fleet, migration_
     assert "host not licensed" in response.content.decode() and "<dialog" in response.content.decode()
 
 
-def test_a_read_only_operator_can_neither_open_the_dialog_nor_migrate_nor_cancel(fleet, operator_client):
+def test_a_read_only_operator_can_neither_open_the_dialog_nor_migrate_nor_cancel(fleet, viewer_client):
     vsps, vm = fleet
-    assert operator_client.get(dialog_url(vm)).status_code == 403
-    assert operator_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}).status_code == 403
+    assert viewer_client.get(dialog_url(vm)).status_code == 403
+    assert viewer_client.post(dialog_url(vm), {"target": vsps["vsp2"].pk}).status_code == 403
     assert Migration.objects.get().state == Migration.State.REFUSED  # the attempt is kept, nothing started
     migration = make_migration(vm, vsps["vsp1"], vsps["vsp2"])
-    assert operator_client.post(reverse("migrations_app:cancel", args=[migration.pk])).status_code == 403
+    assert viewer_client.post(reverse("migrations_app:cancel", args=[migration.pk])).status_code == 403
     assert Migration.objects.get(pk=migration.pk).state == Migration.State.QUEUED
-    page = operator_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
+    page = viewer_client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
     assert 'id="migrate-button"' not in page
     assert 'class="migration-cancel"' not in page  # not drawn at all (it used to be hidden by CSS)
 
@@ -359,3 +359,16 @@ def test_an_htmx_answer_of_the_general_tab_carries_the_breadcrumb_out_of_band(fl
     assert crumb and ">vsp1</a>" in crumb.group(0)
     page = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
     assert page.count('id="vm-breadcrumb"') == 1 and 'id="vm-breadcrumb" hx-swap-oob' not in page
+
+
+def test_a_cancelled_migration_leaves_no_warning_beside_the_vm_on_the_vsp_page(fleet, migration_admin_client):
+    """Issue 21.5: a cancel is the admin's choice, not a failure; an abort still warns."""
+    vsps, web01 = fleet
+    web02 = make_vm("web02", vsps["vsp1"])
+    make_migration(web01, vsps["vsp1"], vsps["vsp2"], state="cancelled", failed_phase="copy")
+    make_migration(web02, vsps["vsp1"], vsps["vsp2"], state="aborted", failed_phase="copy")
+    html = migration_admin_client.get(reverse("vms:vsp_detail", args=[vsps["vsp1"].pk])).content.decode()
+    cancelled = re.search(rf'id="vm-{web01.pk}-migration".*?</span>\s*</span>', html, re.S).group(0)
+    aborted = re.search(rf'id="vm-{web02.pk}-migration".*?</span>\s*</span>', html, re.S).group(0)
+    assert "Migration to vsp2 cancelled" in cancelled and "migration-icon-failed" not in cancelled
+    assert "migration-icon-failed" in aborted

@@ -5,6 +5,7 @@ so the worker's claim declines them and nothing reaches a host.
 """
 
 import threading
+from datetime import UTC
 
 import pytest
 from django.db import connection
@@ -64,9 +65,11 @@ def test_it_starts_exactly_one_of_several_admins_migrating_the_same_vm_at_once(b
     started = [outcome for outcome in outcomes if isinstance(outcome, Migration)]
     refused = [outcome for outcome in outcomes if isinstance(outcome, MigrationRefused)]
     assert len(started) == 1 and len(refused) == 5
-    assert all(
-        refusal.message == "contested cannot migrate to dst: VM is already migrating." for refusal in refused
-    )
+    # Each loser is told who won, to where and when (issue 21.4).
+    won = started[0]
+    at = won.requested_at.astimezone(UTC).strftime("%H:%M")
+    said = f"contested is already migrating to dst, started by {won.requested_by.username} at {at} UTC."
+    assert all(refusal.message == said for refusal in refused), [r.message for r in refused]
     assert Migration.objects.filter(vm=vm).exclude(state=Migration.State.REFUSED).count() == 1
     # Nothing is forgotten: each refused admin's attempt is in the history, with who and why.
     refusals = Migration.objects.filter(vm=vm, state=Migration.State.REFUSED)
@@ -74,9 +77,7 @@ def test_it_starts_exactly_one_of_several_admins_migrating_the_same_vm_at_once(b
     assert sorted(refusal.requested_by.username for refusal in refusals) == sorted(
         admin.username for admin in admins if admin != starter
     )
-    assert {refusal.alert for refusal in refusals} == {
-        "contested cannot migrate to dst: VM is already migrating."
-    }
+    assert {refusal.alert for refusal in refusals} == {said}
     assert vm.current_vsp == source
 
 

@@ -77,22 +77,39 @@ def test_the_demo_fleet_is_idempotent_and_shares_secrets_through_files(tmp_path)
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
 
 
-def test_demo_users_are_an_admin_and_a_read_only_operator(monkeypatch, tmp_path):
+def test_demo_users_are_an_admin_and_a_read_only_viewer(monkeypatch, tmp_path):
     monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "pw-for-admin")
     output = run("demo_users", "--secrets-dir", str(tmp_path))
     run("demo_users", "--secrets-dir", str(tmp_path))
     assert "admin / pw-for-admin" in output
-    admin, operator = User.objects.get(username="admin"), User.objects.get(username="operator")
+    admin, viewer = User.objects.get(username="admin"), User.objects.get(username="viewer")
     assert admin.is_superuser and admin.check_password("pw-for-admin")
-    assert operator.groups.filter(name="Operators").exists()
-    assert operator.has_perm("vms.view_virtualmachine")
-    assert not operator.has_perm("vms.change_virtualmachine")
-    assert not operator.has_perm("vms.change_registration")
+    assert viewer.groups.filter(name="Viewers").exists()
+    assert viewer.has_perm("vms.view_virtualmachine")
+    assert not viewer.has_perm("vms.change_virtualmachine")
+    assert not viewer.has_perm("vms.change_registration")
+    assert not User.objects.filter(username="operator").exists()  # the role's name, not a login's
+
+
+def test_an_older_consoles_read_only_operator_login_becomes_viewer_with_its_password(monkeypatch, tmp_path):
+    """Issue 21.7: the read-only login was 'operator', the name of the role that may migrate."""
+    from django.contrib.auth.models import Group
+
+    old = User.objects.create_user("operator", password="kept-password")
+    old.groups.add(Group.objects.create(name="Operators"))
+    (tmp_path / "operator-password").write_text("kept-password\n")
+    output = run("demo_users", "--secrets-dir", str(tmp_path))
+    assert "operator: renamed viewer" in output
+    viewer = User.objects.get(username="viewer")
+    assert viewer.pk == old.pk and viewer.check_password("kept-password")
+    assert viewer.groups.filter(name="Viewers").exists() and viewer.has_perm("vms.view_virtualmachine")
+    assert (tmp_path / "viewer-password").read_text().strip() == "kept-password"
+    assert not User.objects.filter(username="operator").exists()
 
 
 def test_the_first_run_generates_a_random_admin_password_kept_private_and_printed(monkeypatch, tmp_path):
     monkeypatch.delenv("DEMO_ADMIN_PASSWORD", raising=False)
-    monkeypatch.delenv("DEMO_OPERATOR_PASSWORD", raising=False)
+    monkeypatch.delenv("DEMO_VIEWER_PASSWORD", raising=False)
     output = run("demo_users", "--secrets-dir", str(tmp_path))
     kept = tmp_path / "admin-password"
     password = kept.read_text().strip()

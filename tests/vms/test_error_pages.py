@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 
 from api.models import ApiToken
-from tests.factories import make_operator, make_vsp
+from tests.factories import make_viewer, make_vsp
 from vms.templatetags.console import processor_name
 
 pytestmark = pytest.mark.django_db
@@ -33,7 +33,7 @@ def test_a_not_found_message_written_for_people_is_kept(vm_admin_client, fleet):
 
 
 def test_a_refused_page_is_a_friendly_forbidden_page(client):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     assert_friendly_page(
         client.get("/migrations/vms/1/migrate/"), 403, "may look at the console but not do this"
     )

@@ -52,6 +52,17 @@ def test_it_shows_every_field_and_refreshes_in_place(console_server, browser_pag
     for name, shows in EXPECTED_STATUS.items():
         page.goto(f"{console_server}/vms/{vm_ids[name]}/general/")
         assert read_field(page, "online_migration") == shows, name
+    # Issue 21.5: Migrate… is offered only when it can work; else disabled, the reason beside it.
+    for name, why in (
+        ("vpar-erp", "vpar-erp is a vPar: vPars never migrate."),
+        ("batch01", "Online migration is disabled for batch01: enable it (Online Migration Enabled, above) "
+         "to migrate."),
+    ):  # fmt: skip
+        page.goto(f"{console_server}/vms/{vm_ids[name]}/general/")
+        assert page.locator("#migrate-button").is_disabled(), name
+        assert page.locator("#migrate-why").inner_text() == why
+    page.goto(f"{console_server}/vms/{vm_ids['web01']}/general/")
+    assert page.locator("#migrate-button").is_enabled() and page.locator("#migrate-why").count() == 0
 
     page.goto(f"{console_server}/vms/{vm_ids['mail01']}/general/")
     fields = {name: read_field(page, name) for name in FIELDS}
@@ -93,9 +104,12 @@ def test_it_shows_every_field_and_refreshes_in_place(console_server, browser_pag
     assert page.evaluate("window.__marker") == 1, "Refresh Data reloaded the whole page"
     assert page.url.endswith(f"/vms/{vm_ids['mail01']}/general/")
 
-    page.click("text=Mark Runnable on vsp1")
-    page.wait_for_selector(".message-error")
-    assert "Refused: mail01 is runnable on VSP vsp2" in page.inner_text(".message-error")
+    # Issue 21.5: offered while the other copy runs, it was always refused; now disabled, saying why.
     copy = page.locator('#other-registrations tr[data-vsp="vsp1"]')
+    assert copy.locator("button", has_text="Mark Runnable on vsp1").is_disabled()
+    assert copy.locator("[data-field=runnable_why]").inner_text() == (
+        "mail01 is runnable on vsp2 and runs there: a VM is runnable on one VSP at a time. Mark that copy "
+        "Not Runnable first (stop it, or migrate the guest here)."
+    )
     assert copy.locator('[data-field="hardware_status"]').inner_text() == "Not Runnable"
-    assert page.evaluate("window.__marker") == 1, "a refused change reloaded the whole page"
+    assert page.evaluate("window.__marker") == 1, "the page was reloaded"

@@ -68,17 +68,17 @@ def run(command: str, *args: str) -> str:
 
 
 @pytest.mark.django_db
-def test_the_demo_puts_its_vsps_in_two_groups_and_the_operator_views_both(tmp_path):
+def test_the_demo_puts_its_vsps_in_two_groups_and_the_viewer_views_both(tmp_path):
     run("demo_users", "--secrets-dir", str(tmp_path))
     run("demo_fleet", "--secrets-dir", str(tmp_path))
     groups = {vsp.name: vsp.group.name for vsp in VSP.objects.select_related("group")}
     assert groups == {"vsp1": "Production", "vsp2": "Production", "vsp3": "Lab", "vsp4": "Lab"}
-    operator = User.objects.get(username="operator")
-    assert set(operator.host_roles.values_list("group__name", "role")) == {
+    viewer = User.objects.get(username="viewer")
+    assert set(viewer.host_roles.values_list("group__name", "role")) == {
         ("Production", Role.VIEWER),
         ("Lab", Role.VIEWER),
     }
-    assert visible_vsps(operator).count() == 4
+    assert visible_vsps(viewer).count() == 4
 
     lab_user = make_user("lab-only", ("vms.view_vsp", "vms.view_virtualmachine"), role=None)
     grant_role(lab_user, HostGroup.objects.get(name="Lab"), Role.OPERATOR)
@@ -86,6 +86,6 @@ def test_the_demo_puts_its_vsps_in_two_groups_and_the_operator_views_both(tmp_pa
     assert "web01" not in set(visible_vms(lab_user).values_list("name", flat=True))
     assert "ldap01" in set(visible_vms(lab_user).values_list("name", flat=True))
 
-    HostGroupMembership.objects.filter(user=operator, group__name="Lab").update(role=Role.OPERATOR)
+    HostGroupMembership.objects.filter(user=viewer, group__name="Lab").update(role=Role.OPERATOR)
     run("demo_users", "--secrets-dir", str(tmp_path))  # a later run keeps a role the admin changed
-    assert operator.host_roles.get(group__name="Lab").role == Role.OPERATOR
+    assert viewer.host_roles.get(group__name="Lab").role == Role.OPERATOR

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.factories import make_admin, make_not_runnable_copy, make_operator, make_vm, make_vsp
+from tests.factories import make_admin, make_not_runnable_copy, make_viewer, make_vm, make_vsp
 from tests.vms.html_fields import read_fields
 from vms.capacity import free_memory_by_vsp, free_memory_mib
 
@@ -92,7 +92,7 @@ def test_the_vsp_tab_has_a_header_for_every_column_and_checkboxes_in_their_own(c
 
 
 def test_an_operator_sees_no_select_column_on_the_vsp_tab(client, fleet):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     html = client.get(f"/vsps/{fleet['vsp_a'].pk}/").text
     assert "Select" not in html.split("<thead>")[1].split("</thead>")[0]
     assert 'type="checkbox"' not in html

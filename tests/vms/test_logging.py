@@ -7,7 +7,7 @@ import pytest
 from django.core.exceptions import PermissionDenied
 
 from matrixoe.log_filters import ClientErrorsOnOneLine
-from tests.factories import make_operator
+from tests.factories import make_viewer
 
 pytestmark = pytest.mark.django_db
 
@@ -27,7 +27,7 @@ def as_written(record: logging.LogRecord) -> str:
 
 
 def test_a_403_for_a_read_only_operator_is_one_line_in_the_log(client, caplog):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     with caplog.at_level(logging.WARNING, logger="django.request"):
         assert client.get("/migrations/vms/1/migrate/").status_code == 403
     (record,) = [r for r in caplog.records if r.name == "django.request"]

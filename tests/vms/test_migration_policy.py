@@ -68,7 +68,7 @@ def test_it_sets_custom_values(vm_admin_client, fleet):
     [
         ({"max_downtime_ms": "-5"}, "Maximum downtime: a whole number from 1 to 600000 ms, not -5."),
         ({"max_downtime_ms": "soon"}, "Maximum downtime: a number, not &#x27;soon&#x27;."),
-        ({"bandwidth_cap_mb_s": "1e12"}, "Bandwidth cap: from 1 to 100000 MB/s"),
+        ({"bandwidth_cap_mb_s": "1e12"}, "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals"),
         ({"throttle_max_pct": "150"}, "Throttle ceiling: a whole number from 1 to 99 %"),
         ({"downtime_step_ms": "100", "downtime_max_ms": ""}, "Downtime escalation needs a ceiling"),
         ({"max_downtime_ms": "500", "downtime_max_ms": "200"}, "must be at least the maximum downtime"),
@@ -125,3 +125,35 @@ def test_a_bandwidth_cap_of_zero_means_no_cap_in_the_form_as_in_the_api(vm_admin
     assert response.status_code == 200, response.text
     stored = VirtualMachine.objects.get(pk=fleet["web"].pk).migration_policy
     assert stored["bandwidth_cap_mb_s"] is None and stored["max_downtime_ms"] == 400
+
+
+def test_every_bad_field_is_told_at_once():
+    """Issue 21.4: a validation error showed one field's error; the others were found one submit later."""
+    from migrations_app.migration_policy import policy_errors
+
+    raw = {"preset": "custom", "max_downtime_ms": "0", "bandwidth_cap_mb_s": "-2", "throttle_max_pct": "120"}
+    errors = policy_errors(raw)
+    assert set(errors) == {"max_downtime_ms", "bandwidth_cap_mb_s", "throttle_max_pct"}
+    assert errors["throttle_max_pct"].startswith("Throttle ceiling: a whole number from 1 to 99")
+    assert policy_errors({"preset": "custom", "max_downtime_ms": "500"}) == {}
+    ceiling = policy_errors({"preset": "custom", "max_downtime_ms": "500", "downtime_max_ms": "400"})
+    assert list(ceiling) == ["downtime_max_ms"]
+
+
+@pytest.mark.parametrize(
+    ("typed", "taken"),
+    [("0", None), ("", None), ("0.5", 0.5), ("0.001", 0.001), ("100000", 100000), ("12.345", 12.345)],
+)
+def test_the_server_takes_every_bandwidth_cap_the_dialog_field_takes(typed, taken):
+    """The field is <input type=number min=0 max=100000 step=0.001>: the server takes the same values."""
+    from migrations_app.migration_policy import check_value
+
+    assert check_value("bandwidth_cap_mb_s", typed) == taken
+
+
+@pytest.mark.parametrize("typed", ["-1", "0.0005", "100000.001", "12.3456"])
+def test_the_server_refuses_every_bandwidth_cap_the_dialog_field_refuses(typed):
+    from migrations_app.migration_policy import PolicyError, check_value
+
+    with pytest.raises(PolicyError, match="Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals"):
+        check_value("bandwidth_cap_mb_s", typed)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.factories import make_operator, make_user, make_vm_admin
+from tests.factories import make_user, make_viewer, make_vm_admin
 from tests.vms.conftest import snapshot
 
 pytestmark = pytest.mark.django_db
@@ -45,14 +45,14 @@ def test_it_sends_anonymous_changes_to_login_and_changes_nothing(client, fleet):
 
 
 def test_an_operator_can_look_at_every_page(client, fleet):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     for url in page_urls(fleet):
         assert client.get(url).status_code == 200, url
 
 
 @pytest.mark.parametrize("htmx", [False, True])
 def test_an_operator_is_refused_every_change_and_nothing_changes(client, fleet, htmx):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     headers = {"HX-Request": "true"} if htmx else {}
     before = snapshot()
     for url, data in change_requests(fleet):
@@ -64,7 +64,7 @@ def test_an_operator_is_refused_every_change_and_nothing_changes(client, fleet, 
 
 @pytest.mark.parametrize("htmx", [False, True])
 def test_a_forbidden_post_answers_a_short_refusal_not_the_general_tab(client, fleet, htmx):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     headers = {"HX-Request": "true"} if htmx else {}
     for url, data in change_requests(fleet):
         response = client.post(url, data, headers=headers)
@@ -77,7 +77,7 @@ def test_a_forbidden_post_answers_a_short_refusal_not_the_general_tab(client, fl
 
 
 def test_an_operator_sees_no_change_buttons(client, fleet):
-    client.force_login(make_operator())
+    client.force_login(make_viewer())
     page = client.get(f"/vms/{fleet['web'].pk}/general/").text
     assert "Disable for VM" not in page
     assert "Mark Not Runnable" not in page

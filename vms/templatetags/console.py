@@ -138,3 +138,14 @@ def may_manage_vsp(user: object, vsp: object) -> bool:
     from vms.host_setup import check_can_manage_vsp
 
     return allowed(check_can_manage_vsp, user, vsp)
+
+
+@register.filter
+def runnable_elsewhere(registration: Registration) -> Registration | None:
+    """The VM's other copy that is runnable (On or Off, not Not Runnable), or None: while it is, marking
+    ``registration`` runnable is always refused (``actions.check_no_other_runnable_copy``), so the
+    button is shown disabled with why. Reads ``vm.registrations`` (prefetched on the General tab)."""
+    for other in registration.vm.registrations.all():
+        if other.pk != registration.pk and other.hardware_status != Registration.HardwareStatus.NOT_RUNNABLE:
+            return other
+    return None

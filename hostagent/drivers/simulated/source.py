@@ -284,6 +284,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             others = [self._open_stream(index, {**hello, "populate": []}) for index in range(1, self.streams)]
             opened = await gather_all(others)
             self._writers = [self._writer, *(writer for writer, _ in opened)]
+            for writer in self._writers:
+                writer.on_sent = self._copy_progress_tick
             self.progress.update(streams=self.streams)
             self._stream_watchers = [
                 asyncio.create_task(self._watch_stream(index, reader))
@@ -569,6 +571,12 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 await writer.zero(run_first, count)
             else:
                 await writer.pages(run_first, payload)
+
+    def _copy_progress_tick(self) -> None:
+        """A slice went out on a stream (``FrameWriter.on_sent``): Copy's progress, while its rounds run
+        (throttled by ``_note_copy_progress``), so a slow link's bytes move on the page every second."""
+        if self.progress.state == "copy" and not self._converged.is_set():
+            self._note_copy_progress()
 
     def _note_copy_progress(self, *, force: bool = False) -> None:
         """Copy's progress within a round, at most every ``COPY_PROGRESS_EVERY_S`` (``force``: now).

@@ -74,6 +74,8 @@ TLS_RECORD_BATCH = 1 << 20  # plaintext encrypted per ssl write before the ciphe
 TLS_RECEIVE_BUFFER = 1 << 20
 SMALL_PAYLOAD = 64 * 1024
 FLUSH_AT = 1 << 20
+CAP_SLICE_S = 0.1  # under a bandwidth cap, a send goes out in slices of this many seconds of the cap
+CAP_SLICE_MIN_BYTES = 16 * 1024
 SOCKET_BUFFER = 4 << 20
 # The loop's socket calls return without suspending while the kernel's buffers have room, so a
 # sender or receiver faster than its peer would never let the agent answer its API (issue 10: health
@@ -351,6 +353,8 @@ class FrameWriter:
         self._breather = Breather()
         self.bytes_sent = 0
         self.send_seconds = 0.0
+        # Called after each slice sent (no arguments; must not block): the source notes its progress.
+        self.on_sent: Callable[[], None] | None = None
 
     def set_cap(self, bandwidth_bytes_s: float | None) -> None:
         """Change the cap (bytes/s, None: none) from now on, for a running migration."""
@@ -407,13 +411,24 @@ class FrameWriter:
             await self._send(data)
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` whole; under a cap, in slices of ``CAP_SLICE_S`` of the cap, each followed by its
+        wait, so ``bytes_sent`` (and the progress ``on_sent`` reports) moves several times a second
+        even on a slow link: a 4 MiB run at 1 MB/s otherwise jumped once every 4 s (issue 21.2)."""
         started = time.monotonic()
-        await self._channel.sendall(data)
-        self.bytes_sent += len(data)
-        if self._cap:
-            ahead = (self.bytes_sent - self._cap_base) / self._cap - (time.monotonic() - self._cap_started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+        view = memoryview(data)
+        step = max(CAP_SLICE_MIN_BYTES, int(self._cap * CAP_SLICE_S)) if self._cap else len(view)
+        for offset in range(0, len(view), max(step, 1)):
+            piece = view[offset : offset + step]
+            await self._channel.sendall(piece)
+            self.bytes_sent += len(piece)
+            if self._cap:
+                ahead = (self.bytes_sent - self._cap_base) / self._cap - (
+                    time.monotonic() - self._cap_started
+                )
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if self.on_sent is not None:
+                self.on_sent()
         self.send_seconds += time.monotonic() - started
         await self._breather.breathe()
 
