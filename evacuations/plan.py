@@ -207,6 +207,8 @@ def stay_reason(registration: Registration, vsp: VSP) -> str | None:
         return f"Not Runnable copy here{why}; nothing runs to move"
     if vm.is_vpar:
         return "vPars do not migrate"
+    if registration.is_lost:
+        return "lost: its host no longer reports it, so nothing runs to move (Start defines it again)"
     if registration.hardware_status != Registration.HardwareStatus.ON:
         return "powered off: online migration moves running guests only"
     if not vm.online_migration_enabled:

@@ -134,13 +134,16 @@ def test_refresh_data_says_when_the_agent_did_not_answer_and_keeps_the_last_know
     assert not VSP.objects.get(pk=vsp.pk).agent_reachable
 
 
-def test_refresh_data_says_when_the_agent_does_not_know_the_vm(host_agents, fleet):
+def test_refresh_data_shows_a_vm_its_agent_does_not_know_as_lost(host_agents, fleet):
+    """Issue 18.4: it said "Host hosta does not know this VM" and still showed Up/On."""
     vm = make_vm("stranger", vsp=fleet["hosta"])  # in the database, never defined on hosta's agent
 
     html = refresh_page(vm)
 
-    assert "Host hosta does not know this VM;" in html
-    assert data_time(html) == "Data as of an unknown time"
+    assert 'data-field="hardware_status" data-value="lost"' in html
+    assert 'data-field="os_status" data-value="lost"' in html
+    assert "Lost: hosta no longer reports stranger (since " in html
+    assert data_time(html).startswith("Data as of ")
     assert VSP.objects.get(pk=fleet["hosta"].pk).agent_reachable
 
 
