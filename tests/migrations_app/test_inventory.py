@@ -75,14 +75,14 @@ def test_refresh_data_shows_the_database_when_the_agent_is_down():
     assert not VSP.objects.get(name="gone").agent_reachable
 
 
-def refresh_page(vm) -> str:
+def refresh_page(vm, permissions=("vms.view_virtualmachine",)) -> str:
     from django.test import Client
     from django.urls import reverse
 
     from tests.factories import make_user
 
     client = Client()
-    client.force_login(make_user(permissions=("vms.view_virtualmachine",)))
+    client.force_login(make_user(permissions=permissions))
     response = client.get(reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"})
     assert response.status_code == 200
     return response.content.decode()
@@ -138,7 +138,7 @@ def test_refresh_data_shows_a_vm_its_agent_does_not_know_as_lost(host_agents, fl
     """Issue 18.4: it said "Host hosta does not know this VM" and still showed Up/On."""
     vm = make_vm("stranger", vsp=fleet["hosta"])  # in the database, never defined on hosta's agent
 
-    html = refresh_page(vm)
+    html = refresh_page(vm, ("vms.view_virtualmachine", "vms.view_vsp"))
 
     assert 'data-field="hardware_status" data-value="lost"' in html
     assert 'data-field="os_status" data-value="lost"' in html
