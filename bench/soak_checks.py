@@ -22,7 +22,7 @@ from django.db.models import Count, Q
 
 from agentprotocol import GuestInfo
 from evacuations.models import Evacuation
-from evacuations.summary import summarize
+from evacuations.summary import said_not_running, summarize
 from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
@@ -286,7 +286,9 @@ def check_running_not_stays_or_lost(stack: Stack, migration: Migration) -> list[
         if evacuation.is_running:
             continue
         summary = summarize(evacuation)
-        said_away = [row.vm_name for row in summary.staying_rows if not row.runs_here]
+        said_away = [
+            row.vm_name for row in summary.staying_rows if not row.runs_here and said_not_running(row.reason)
+        ]
         said_away += [step.vm_name for step, status in summary.rows if status == "did not arrive"]
         for name in said_away:
             try:

@@ -53,7 +53,7 @@ FAULT_KINDS = (
     "pause-target",
     "pause-worker",
     "cancel",
-    "evacuate-arriving",  # issue 18.1: the target's evacuation starts while the guest is arriving
+    "evac-arriving",  # issue 18.1: the target's evacuation starts while the guest is arriving
     "restart-lost",  # issue 18.4: the keeper's agent restarts without its guests after the outcome
 )
 # With QEMU hosts no agent is paused: SIGSTOP of a QEMU host's agent would stop its QEMUs too. The
@@ -62,7 +62,7 @@ FAULT_KINDS = (
 QEMU_FAULT_KINDS = tuple(
     kind
     for kind in FAULT_KINDS
-    if kind not in ("pause-source", "pause-target", "evacuate-arriving", "restart-lost")
+    if kind not in ("pause-source", "pause-target", "evac-arriving", "restart-lost")
 )
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
 # Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
@@ -222,7 +222,7 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
     try:
         inject(stack, scenario, migration, admin, result)
         result.outcome = wait_for_outcome(migration)
-        if scenario.kind == "evacuate-arriving":
+        if scenario.kind == "evac-arriving":
             checked = follow_evacuation(scenario, migration, admin, result)
         elif scenario.kind == "restart-lost":
             restart_with_guests_gone(stack, scenario, migration, admin, result)
@@ -416,7 +416,7 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
             do_cancel_migration(Migration.objects.get(pk=migration.pk), admin)
         except MigrationRefused as refusal:
             result.notes.append(f"cancel refused: {refusal.message}")
-    elif kind == "evacuate-arriving":
+    elif kind == "evac-arriving":
         evacuate_target(scenario, migration, admin, result)
     elif kind == "restart-lost":
         result.hit_phase = "-"  # struck after the outcome (``restart_with_guests_gone``)
@@ -455,15 +455,21 @@ def evacuate_target(scenario: Scenario, migration: Migration, admin: User, resul
     others = set(
         Registration.objects.filter(vsp=target).exclude(vm=migration.vm).values_list("vm", flat=True)
     )
-    try:
+    for attempt in (1, 2):  # a guest that landed meanwhile changes the plan: review it again, once
         plan = build_plan(target, excluded=others, user=admin)
-        evacuation = do_start_evacuation(target, {}, None, admin, excluded=others)
-    except EvacuationRefused as refusal:
-        result.notes.append(f"evacuation refused: {refusal.message} ({plan_words(target, others)})")
-        return
+        chosen = {step.vm.pk: step.target.pk for step in plan.steps if step.target is not None}
+        try:
+            evacuation = do_start_evacuation(target, chosen, None, admin, excluded=others)
+            break
+        except EvacuationRefused as refusal:
+            if attempt == 2:
+                result.notes.append(f"evacuation refused: {refusal.message} ({plan_words(target, others)})")
+                return
     arriving = [f"{a.vm.name} -> {a.target.name if a.target else '?'}" for a in plan.arriving]
+    leaving = [f"{step.vm.name} -> {step.target.name if step.target else '?'}" for step in plan.steps]
     result.notes.append(
-        f"evacuation {evacuation.pk} of {target.name} started; arriving: {arriving or 'none'}"
+        f"evacuation {evacuation.pk} of {target.name} started; arriving: {arriving or 'none'}, "
+        f"leaving: {leaving or 'none'}"
     )
 
 
@@ -478,6 +484,7 @@ def follow_evacuation(
     """Wait for the run's evacuation to end, take its target out of maintenance, and say what the
     invariants are checked against: the guest's onward migration when it was moved on (from the
     evacuated target to its new host), else the run's own migration."""
+    migration.refresh_from_db()
     target = VSP.objects.get(name=scenario.target)
     evacuation = Evacuation.objects.filter(vsp=target).order_by("-pk").first()
     if evacuation is None or evacuation.started_at < migration.requested_at:
@@ -504,7 +511,7 @@ def follow_evacuation(
     if onward.state not in Migration.TERMINAL_STATES:
         wait_for_outcome(onward)
         onward.refresh_from_db()
-    result.outcome = f"{result.outcome}, moved on: {onward.state}"
+    result.notes.append(f"moved on from {scenario.target} to {onward.target.name}: {onward.state}")
     moved = Scenario(**{**scenario.__dict__, "source": scenario.target, "target": onward.target.name})
     return moved, onward
 

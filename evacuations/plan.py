@@ -199,6 +199,10 @@ def predict(
     return None if result.verdict is None else result
 
 
+# How the stay reasons of a guest not running on the VSP begin (``summary.said_not_running``).
+NOT_RUNNING_REASONS = ("Not Runnable copy here", "lost:", "powered off:")
+
+
 def stay_reason(registration: Registration, vsp: VSP) -> str | None:
     """Why the guest of this copy on ``vsp`` cannot leave by online migration, or None if it can."""
     vm = registration.vm

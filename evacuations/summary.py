@@ -15,7 +15,7 @@ from migrations_app.models import Migration
 from vms.models import Registration
 
 from .models import Evacuation, EvacuationStep
-from .plan import time_left_s
+from .plan import NOT_RUNNING_REASONS, time_left_s
 
 STEP_STATUS: dict[str, str] = {
     Migration.State.COMPLETED.value: "done",
@@ -172,11 +172,22 @@ def summarize(evacuation: Evacuation) -> Summary:
 
 def staying_now(evacuation: Evacuation) -> list[StayingRow]:
     """The guests the plan listed as staying, each checked against the database now (one query): one
-    whose copy on the evacuated VSP is runnable and On runs there, whatever the plan said."""
+    the plan said did not run there (``said_not_running``) whose copy there is now runnable and On
+    runs there, whatever the plan said."""
     names = [stay["vm"] for stay in evacuation.staying]
     running = set(
         Registration.objects.filter(
             vsp_id=evacuation.vsp_id, vm__name__in=names, hardware_status=Registration.HardwareStatus.ON
         ).values_list("vm__name", flat=True)
     )
-    return [StayingRow(stay["vm"], stay["reason"], stay["vm"] in running) for stay in evacuation.staying]
+    return [
+        StayingRow(stay["vm"], stay["reason"], stay["vm"] in running and said_not_running(stay["reason"]))
+        for stay in evacuation.staying
+    ]
+
+
+def said_not_running(reason: str) -> bool:
+    """Whether a stay ``reason`` says the guest did not run on the VSP (Not Runnable copy, powered off,
+    lost); a guest that stays for another reason (a vPar, online migration disabled, no room) runs
+    there and is rightly said to stay."""
+    return reason.startswith(NOT_RUNNING_REASONS)

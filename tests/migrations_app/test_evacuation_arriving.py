@@ -122,3 +122,7 @@ def test_a_staying_guest_that_runs_on_the_host_now_is_never_called_staying(fleet
     assert summary.sentence() == "0 moved; 0 failed; 0 stayed; still runnable on hosta: sleeper"
     Registration.objects.filter(vm=sleeper).update(hardware_status="off")
     assert summarize(evacuation).sentence() == "0 moved; 0 failed; 1 stayed"
+    # A guest that stays for what it is (a vPar) runs there and is rightly said to stay.
+    make_vm("vpar-db", vsp=fleet["hosta"], kind="vpar", hardware_status="on")
+    evacuation.staying = [{"vm": "vpar-db", "reason": "vPars do not migrate"}]
+    assert summarize(evacuation).staying_rows[0].words == "Stays: vPars do not migrate"
