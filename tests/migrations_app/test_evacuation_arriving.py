@@ -126,3 +126,56 @@ def test_a_staying_guest_that_runs_on_the_host_now_is_never_called_staying(fleet
     make_vm("vpar-db", vsp=fleet["hosta"], kind="vpar", hardware_status="on")
     evacuation.staying = [{"vm": "vpar-db", "reason": "vPars do not migrate"}]
     assert summarize(evacuation).staying_rows[0].words == "Stays: vPars do not migrate"
+
+
+def landed_guest(fleet):
+    """A guest that has just landed on hosta from hostb (its migration completed), runnable there."""
+    from tests.factories import make_migration, make_registration
+
+    vm = make_vm("late", vsp=fleet["hosta"], memory_mib=16)
+    make_registration(vm, fleet["hostb"], "not_runnable", "migrate", "guest migrated to VSP hosta")
+    return vm, make_migration(vm, fleet["hostb"], fleet["hosta"], state="completed")
+
+
+def test_a_guest_that_lands_unplanned_on_an_evacuated_vsp_is_adopted_and_moved_on(fleet, admin, settings):
+    """Its Init began just before the evacuation put the VSP in maintenance: no step waited for it."""
+    from django.utils import timezone
+
+    from evacuations.actions import follow_outcome
+    from migrations_app.outcomes import Outcome
+
+    settings.MIGRATION_QUEUE = f"nowhere-{timezone.now().timestamp()}"  # no worker runs the onward one
+    vm, landed = landed_guest(fleet)
+    evacuation = Evacuation.objects.create(vsp=fleet["hosta"], requested_by=admin)
+    type(fleet["hosta"]).objects.filter(pk=fleet["hosta"].pk).update(maintenance=True)
+
+    outcome = Outcome(landed.pk, "completed", timezone.now(), vm.pk, fleet["hostb"].pk, fleet["hosta"].pk)
+    follow_outcome(outcome)
+    follow_outcome(outcome)  # delivered twice: still one step, one onward migration
+
+    step = evacuation.steps.get()
+    assert step.arriving == landed and step.migration is not None
+    assert (step.migration.source, step.migration.state) == (fleet["hosta"], "queued")
+    assert step.target != fleet["hosta"]
+    assert dict((s.vm_name, status) for s, status in summarize(evacuation).rows) == {"late": "waiting"}
+
+
+def test_a_guest_landing_after_the_evacuation_was_cancelled_is_named_still_runnable_there(fleet, admin):
+    from evacuations.actions import settle
+    from evacuations.models import EvacuationStep
+
+    vm, landed = landed_guest(fleet)
+    evacuation = Evacuation.objects.create(vsp=fleet["hosta"], requested_by=admin, cancel_requested=True)
+    EvacuationStep.objects.create(
+        evacuation=evacuation, position=1, vm=vm, vm_name=vm.name, target=fleet["hostc"], arriving=landed
+    )
+
+    assert settle(evacuation)
+
+    summary = summarize(evacuation)
+    assert [status for _, status, _ in summary.lines] == ["not moved"]
+    assert summary.lines[0][2] == (
+        "Not moved: landed on hosta but was not moved on: the evacuation was cancelled before it "
+        "landed; it runs on hosta"
+    )
+    assert summary.sentence() == "0 moved; 0 failed; 0 stayed; still runnable on hosta: late"
