@@ -357,11 +357,11 @@ def adopt_landed(outcome: Outcome) -> None:
     evacuation = Evacuation.objects.filter(
         vsp_id=outcome.target_id, state=Evacuation.State.RUNNING, cancel_requested=False
     ).first()
-    if evacuation is None or outcome.vm_id is None:
-        return
+    if evacuation is None or outcome.vm_id is None or outcome.at < evacuation.started_at:
+        return  # landed before the evacuation: its plan saw the guest there (a step, or staying)
     with transaction.atomic():
-        if evacuation.steps.filter(arriving_id=outcome.migration_id).exists():
-            return
+        if evacuation.steps.filter(vm_id=outcome.vm_id).exists():
+            return  # waited for already (or a step of its own): one step per guest
         migration = Migration.objects.select_related("vm").get(pk=outcome.migration_id)
         vm = migration.vm
         if vm is None:
