@@ -72,12 +72,25 @@ class PlanStepOut(Schema):
 class StayingOut(Schema):
     vm: str
     reason: str
+    runs_here: bool = Field(
+        default=False, description="It runs on the evacuated VSP now (never reported as staying then)"
+    )
+
+
+class ArrivingOut(Schema):
+    vm: str
+    source: str | None = Field(description="The VSP it is migrating from")
+    target: str | None = Field(description="Where it is moved on once it lands; null: no VSP has room")
+    words: str = Field(description="What the plan says of it")
 
 
 class PlanOut(Schema):
     vsp: str
     steps: list[PlanStepOut] = Field(description="In the order they would run")
     staying: list[StayingOut] = Field(description="Guests that cannot leave, each with its reason")
+    arriving: list[ArrivingOut] = Field(
+        description="Guests migrating to the VSP now: moved on once they land", default_factory=list
+    )
     problems: list[str]
     can_start: bool
     known_total_s: float = Field(
@@ -112,7 +125,11 @@ class EvacuationStepOut(Schema):
     vm: str
     target: str
     predicted_s: float | None
-    status: str = Field(description="waiting, running, done, failed, cancelled or not started")
+    status: str = Field(
+        description="waiting, running, done, failed, cancelled or not started; for a guest that was "
+        "migrating to the VSP: arriving, landed, did not arrive or not moved"
+    )
+    words: str = Field(default="", description="The status in words, as the VSP page shows it")
     migration_id: int | None
 
 
@@ -153,6 +170,15 @@ def plan_out(plan: Plan) -> PlanOut:
             for step in plan.steps
         ],
         staying=[StayingOut(vm=stay.vm_name, reason=stay.reason) for stay in plan.staying],
+        arriving=[
+            ArrivingOut(
+                vm=arriving.vm.name,
+                source=arriving.migration.source.name if arriving.migration.source else None,
+                target=arriving.target.name if arriving.target else None,
+                words=arriving.words,
+            )
+            for arriving in plan.arriving
+        ],
         problems=plan.problems,
         can_start=plan.ok,
         known_total_s=plan.known_total_s,
@@ -182,12 +208,14 @@ def evacuation_out(evacuation: Evacuation) -> EvacuationOut:
                 target=step.target.name,
                 predicted_s=step.predicted_s,
                 status=status,
+                words=words,
                 migration_id=step.migration_id,
             )
-            for step, status in summary.rows
+            for step, status, words in summary.lines
         ],
         staying=[
-            StayingOut(vm=stay.get("vm", ""), reason=stay.get("reason", "")) for stay in evacuation.staying
+            StayingOut(vm=row.vm_name, reason=row.reason, runs_here=row.runs_here)
+            for row in summary.staying_rows
         ],
     )
 

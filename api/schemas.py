@@ -65,6 +65,9 @@ class RegistrationOut(Schema):
     not_runnable_reason: str
     online_migration: Choice
     state_collected_at: datetime | None
+    lost_since: datetime | None = Field(
+        default=None, description="Lost: since when its host no longer reports the guest (null: not lost)"
+    )
 
 
 class PhaseOut(Schema):
@@ -155,6 +158,9 @@ class VMOut(Schema):
     os_status: Choice
     migration_icon: str = Field(description="'' | 'queued' (hourglass) | 'outgoing' (to another VSP)")
     hardware_status: Choice | None
+    lost_since: datetime | None = Field(
+        default=None, description="Lost: since when its host no longer reports the guest (null: not lost)"
+    )
     boot_attribute: Choice
     graceful_stop_timeout_s: int
     online_migration: Choice = Field(description="Online Migration Enabled, as the General tab shows it")
@@ -320,6 +326,7 @@ def registration_out(registration: Registration) -> RegistrationOut:
         not_runnable_reason=registration.not_runnable_reason,
         online_migration=choice(status.value, status.label),
         state_collected_at=registration.state_collected_at,
+        lost_since=registration.lost_since,
     )
 
 
@@ -417,6 +424,7 @@ def vm_out(vm: VirtualMachine) -> VMOut:
         else choice(vm.os_status, vm.get_os_status_display()),
         migration_icon=_migration_icon(migration),
         hardware_status=choice(shown.hardware_status, shown.get_hardware_status_display()) if shown else None,
+        lost_since=shown.lost_since if shown is not None and shown.is_lost else None,
         boot_attribute=choice(vm.boot_attribute, vm.get_boot_attribute_display()),
         graceful_stop_timeout_s=vm.graceful_stop_timeout_s,
         online_migration=choice(status.value, status.label),

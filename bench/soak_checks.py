@@ -21,6 +21,8 @@ import httpx
 from django.db.models import Count, Q
 
 from agentprotocol import GuestInfo
+from evacuations.models import Evacuation
+from evacuations.summary import said_not_running, summarize
 from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
@@ -49,6 +51,8 @@ def check_invariants(
             *check_general_tab(web, stack.web_url, migration),
             *check_release_settled(migration),
             *check_stall(scenario, migration),
+            *check_running_not_stays_or_lost(stack, migration),
+            *check_unreported_not_up(stack, migration),
         ]
         # What an earlier run left broken (a leaked guest on an agent) is reported with that run only.
         broken = [problem for problem in broken if problem not in stack.reported]
@@ -291,4 +295,60 @@ def check_stall(scenario: Scenario, migration: Migration) -> list[str]:
     ]
     if not warned or warned[0] >= len(events) - 1:
         return ["aborted for want of progress without a warning first"]
+    return []
+
+
+# -- issue 18's invariants ----------------------------------------------------------------------
+
+EVACUATIONS_CHECKED = 3  # the latest ones: earlier runs' evacuations were checked with their run
+
+
+def check_running_not_stays_or_lost(stack: Stack, migration: Migration) -> list[str]:
+    """No running guest is reported as "stays" or lost: the run's guest is not Lost in the database
+    while its host's agent runs it, and no guest an evacuation summary lists as staying (or as "did not
+    arrive") runs on the evacuated VSP."""
+    broken = []
+    copy = runnable_copy(migration.vm_id)
+    if copy is not None and copy.is_lost:
+        try:
+            guest = guest_on(stack, copy.vsp.name, migration.vm.name)
+        except AgentError:
+            guest = None  # not answering: nothing known to contradict
+        if is_running(guest):
+            broken.append(f"{migration.vm.name} is shown Lost on {copy.vsp.name}, where its agent runs it")
+    for evacuation in Evacuation.objects.select_related("vsp").order_by("-pk")[:EVACUATIONS_CHECKED]:
+        if evacuation.is_running:
+            continue
+        summary = summarize(evacuation)
+        said_away = [
+            row.vm_name for row in summary.staying_rows if not row.runs_here and said_not_running(row.reason)
+        ]
+        said_away += [step.vm_name for step, status in summary.rows if status == "did not arrive"]
+        for name in said_away:
+            try:
+                guest = guest_on(stack, evacuation.vsp.name, name)
+            except AgentError:
+                continue
+            if is_running(guest):
+                broken.append(
+                    f"evacuation {evacuation.pk} of {evacuation.vsp.name} says {name} stays or did not "
+                    f"arrive, but it runs there: {summary.sentence()}"
+                )
+    return broken
+
+
+def check_unreported_not_up(stack: Stack, migration: Migration) -> list[str]:
+    """No guest its host does not report is shown Up (or On): the run's guest, wherever it is runnable."""
+    copy = runnable_copy(migration.vm_id)
+    if copy is None or (copy.hardware_status != "on" and copy.os_status != "up"):
+        return []
+    try:
+        guest = guest_on(stack, copy.vsp.name, migration.vm.name)
+    except AgentError:
+        return []  # a host that does not answer reports nothing either way (the alert says so)
+    if guest is None:
+        return [
+            f"{migration.vm.name} is shown {copy.get_hardware_status_display()}/"
+            f"{copy.get_os_status_display()} on {copy.vsp.name}, whose agent does not report it"
+        ]
     return []

@@ -25,10 +25,20 @@ from soak_checks import check_invariants
 from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, QEMU_AGENT_NAMES, RESTART_DELAY_S, Stack
 
 from agentprotocol import GuestSpec
+from evacuations.actions import (
+    EvacuationRefused,
+    do_cancel_evacuation,
+    do_leave_maintenance,
+    do_start_evacuation,
+)
+from evacuations.models import Evacuation
+from evacuations.plan import build_plan
+from evacuations.summary import summarize
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
 from vms.models import VSP, Registration, VirtualMachine
+from vms.power import PowerAction, PowerRefused, do_power
 
 FAULT_KINDS = (
     "none",
@@ -47,13 +57,18 @@ FAULT_KINDS = (
     "stall-copy",
     # issue 18 item 3: the source agent killed once the migration reached Committing
     "lose-source-committing",
+    "evac-arriving",  # issue 18.1: the target's evacuation starts while the guest is arriving
+    "restart-lost",  # issue 18.4: the keeper's agent restarts without its guests after the outcome
 )
 # Faults of issue 18 (items 2, 3) that only the simulated hosts take (a pause, a commit-time kill).
 SIMULATED_ONLY_KINDS = ("stall-copy", "lose-source-committing")
 # With QEMU hosts no agent is paused: SIGSTOP of a QEMU host's agent would stop its QEMUs too. The
-# order is FAULT_KINDS' (a seed picks its kind by position).
+# order is FAULT_KINDS' (a seed picks its kind by position). Nor issue 18.1/18.4's kinds: an evacuation
+# needs a third host, and a QEMU agent's restart re-adopts its guests (none is lost).
 QEMU_FAULT_KINDS = tuple(
-    kind for kind in FAULT_KINDS if kind not in ("pause-source", "pause-target", *SIMULATED_ONLY_KINDS)
+    kind
+    for kind in FAULT_KINDS
+    if kind not in ("pause-source", "pause-target", "evac-arriving", "restart-lost", *SIMULATED_ONLY_KINDS)
 )
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
 # Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
@@ -255,9 +270,14 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         result.seconds = time.monotonic() - started
         return result
     restarts_before = len(stack.restarted)
+    checked = (scenario, migration)
     try:
         inject(stack, scenario, migration, admin, result)
         result.outcome = wait_for_outcome(migration)
+        if scenario.kind == "evac-arriving":
+            checked = follow_evacuation(scenario, migration, admin, result)
+        elif scenario.kind == "restart-lost":
+            restart_with_guests_gone(stack, scenario, migration, admin, result)
         restarted = stack.restarted[restarts_before:]
         if killed_role(scenario) in restarted:
             restarted.remove(killed_role(scenario))
@@ -268,7 +288,7 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         lost_source = scenario.kind == "lose-source-committing" and result.outcome != "completed"
         result.host_crash = (scenario.kind == lost_keeper or lost_source) and stack.driver != "qemu"
         result.notes += issue_18_notes(scenario, migration)
-        result.violations = check_invariants(stack, scenario, migration, web, result.host_crash)
+        result.violations += check_invariants(stack, *checked, web, result.host_crash)
         if result.source_qemu_pid is not None and result.outcome != "completed":
             result.violations += check_re_adopted(stack, scenario, migration, result)
     finally:
@@ -420,7 +440,7 @@ def wait_for_phase(stack: Stack, scenario: Scenario, migration: Migration) -> No
 
 
 def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, result: Result) -> None:
-    if scenario.kind == "none":
+    if scenario.kind in ("none", "restart-lost"):
         result.hit_phase = "-"
         return
     wait_for_phase(stack, scenario, migration)
@@ -459,6 +479,10 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
             do_cancel_migration(Migration.objects.get(pk=migration.pk), admin)
         except MigrationRefused as refusal:
             result.notes.append(f"cancel refused: {refusal.message}")
+    elif kind == "evac-arriving":
+        evacuate_target(scenario, migration, admin, result)
+    elif kind == "restart-lost":
+        result.hit_phase = "-"  # struck after the outcome (``restart_with_guests_gone``)
     else:
         raise ValueError(f"unknown fault kind {kind}")
 
@@ -484,3 +508,124 @@ def wait_for_outcome(migration: Migration) -> str:
             return state
         time.sleep(0.05)
     return f"stuck: {state_of(migration)}"
+
+
+# -- issue 18: an evacuation that sees arriving guests; a guest lost with its agent -------------
+
+
+def evacuate_target(scenario: Scenario, migration: Migration, admin: User, result: Result) -> None:
+    """Start the evacuation of the run's target while the guest migrates to it (issue 18.1).
+
+    Only the run's guest concerns it: every other guest on the target (earlier runs' records) is
+    excluded, so the evacuation waits for the arriving guest alone and moves it on once it lands.
+    """
+    target = VSP.objects.get(name=scenario.target)
+    others = set(
+        Registration.objects.filter(vsp=target).exclude(vm=migration.vm).values_list("vm", flat=True)
+    )
+    for attempt in (1, 2):  # a guest that landed meanwhile changes the plan: review it again, once
+        plan = build_plan(target, excluded=others, user=admin)
+        chosen = {step.vm.pk: step.target.pk for step in plan.steps if step.target is not None}
+        try:
+            evacuation = do_start_evacuation(target, chosen, None, admin, excluded=others)
+            break
+        except EvacuationRefused as refusal:
+            if attempt == 2:
+                result.notes.append(f"evacuation refused: {refusal.message} ({plan_words(target, others)})")
+                return
+    arriving = [f"{a.vm.name} -> {a.target.name if a.target else '?'}" for a in plan.arriving]
+    leaving = [f"{step.vm.name} -> {step.target.name if step.target else '?'}" for step in plan.steps]
+    result.notes.append(
+        f"evacuation {evacuation.pk} of {target.name} started; arriving: {arriving or 'none'}, "
+        f"leaving: {leaving or 'none'}"
+    )
+
+
+def plan_words(target: VSP, excluded: set[int]) -> str:
+    plan = build_plan(target, excluded=excluded)
+    return f"{len(plan.arriving)} arriving, problems: {plan.problems}"
+
+
+def follow_evacuation(
+    scenario: Scenario, migration: Migration, admin: User, result: Result
+) -> tuple[Scenario, Migration]:
+    """Wait for the run's evacuation to end, take its target out of maintenance, and say what the
+    invariants are checked against: the guest's onward migration when it was moved on (from the
+    evacuated target to its new host), else the run's own migration."""
+    migration.refresh_from_db()
+    target = VSP.objects.get(name=scenario.target)
+    evacuation = Evacuation.objects.filter(vsp=target).order_by("-pk").first()
+    if evacuation is None or evacuation.started_at < migration.requested_at:
+        leave_maintenance(target, admin, result)
+        return scenario, migration
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while evacuation.is_running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        evacuation.refresh_from_db()
+    if evacuation.is_running:
+        result.violations.append(
+            f"evacuation {evacuation.pk} still running {OUTCOME_TIMEOUT_S:.0f} s after the run's outcome: "
+            f"{summarize(evacuation).counts()}"
+        )
+        do_cancel_evacuation(evacuation, admin)
+    step = evacuation.steps.filter(vm=migration.vm).select_related("migration__target").first()
+    summary = summarize(evacuation)
+    result.notes.append(f"evacuation {evacuation.state}: {summary.sentence()}")
+    onward = step.migration if step is not None else None
+    leave_maintenance(target, admin, result)
+    if onward is None or migration.state != Migration.State.COMPLETED:
+        return scenario, migration
+    onward.refresh_from_db()
+    if onward.state not in Migration.TERMINAL_STATES:
+        wait_for_outcome(onward)
+        onward.refresh_from_db()
+    result.notes.append(f"moved on from {scenario.target} to {onward.target.name}: {onward.state}")
+    moved = Scenario(**{**scenario.__dict__, "source": scenario.target, "target": onward.target.name})
+    return moved, onward
+
+
+def leave_maintenance(vsp: VSP, admin: User, result: Result) -> None:
+    vsp.refresh_from_db()
+    if not vsp.maintenance:
+        return
+    try:
+        do_leave_maintenance(vsp, admin)
+    except EvacuationRefused as refusal:
+        result.violations.append(f"{vsp.name} cannot leave maintenance after the run: {refusal.message}")
+
+
+LOST_WAIT_S = 20.0  # four inventory rounds of the soak's stack
+
+
+def restart_with_guests_gone(
+    stack: Stack, scenario: Scenario, migration: Migration, admin: User, result: Result
+) -> None:
+    """Kill the agent of the host that keeps the guest after the outcome and let the service manager
+    start it again: a simulated host's guests die with its agent (issue 18.4). The console must come to
+    show the guest Lost (never On/Up), and an admin's Start must define it there again and run it."""
+    copy = Registration.objects.exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+    keeper = copy.select_related("vsp").filter(vm=migration.vm).first()
+    if keeper is None:
+        result.violations.append("no runnable copy of the run's guest before its host's restart")
+        return
+    host = keeper.vsp.name
+    stack.kill(host)
+    stack.wait_running(host)
+    deadline = time.monotonic() + LOST_WAIT_S
+    while time.monotonic() < deadline:
+        keeper.refresh_from_db()
+        if keeper.is_lost:
+            break
+        time.sleep(0.2)
+    if not keeper.is_lost:
+        result.violations.append(
+            f"{host} restarted without the guest, but after {LOST_WAIT_S:.0f} s the console shows its copy "
+            f"{keeper.get_hardware_status_display()} (OS {keeper.get_os_status_display()}), not Lost"
+        )
+        return
+    result.notes.append(f"{host} restarted without the guest: shown Lost since {keeper.lost_since:%H:%M:%S}")
+    keeper = Registration.objects.select_related("vm", "vsp").get(pk=keeper.pk)
+    try:
+        do_power(keeper, PowerAction.START, admin)
+    except PowerRefused as refusal:
+        result.violations.append(f"Start of the lost guest on {host} refused: {refusal.message}")

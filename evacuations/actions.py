@@ -8,6 +8,15 @@ guest stays runnable on the source and the queue goes on.
 ``settle`` ends the evacuation once every step's migration has ended: called for each migration outcome
 (``follow_outcome``, a follower of ``migrations_app.outcomes``: the migration core never calls this app),
 and by cancel and the pages. Leaving maintenance is the admin's explicit action.
+
+**Guests arriving** (``plan.Arriving``): a guest migrating to the VSP when its evacuation starts gets a
+step that waits for that migration (``EvacuationStep.arriving``). Once it has landed (its outcome,
+followed here, or any later ``settle``: a lost delivery only delays it) the guest is moved on
+(``move_on``) by the admin who started the evacuation, to the planned target or another with room; if
+none takes it, the step says why (``note``) and the summary lists the guest as still runnable here. A
+migration to the VSP that completes while the evacuation runs without being in its plan (it began
+Init just before maintenance) is adopted the same way (``adopt_landed``). The evacuation does not end
+while a guest it waits for may still land, unless it was cancelled.
 """
 
 from __future__ import annotations
@@ -16,15 +25,17 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from migrations_app import refusals
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
+from migrations_app.checks import host_refusal
 from migrations_app.models import Migration
 from migrations_app.outcomes import Outcome
 from migrations_app.progress import publish_vsp_overview
+from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, AuditEvent
 
 from .models import Evacuation, EvacuationStep
@@ -83,7 +94,7 @@ def do_start_evacuation(
                 )
             if plan.problems:
                 raise EvacuationRefused(f"The plan cannot start: {' '.join(plan.problems)}")
-            if not plan.steps:
+            if not plan.steps and not plan.arriving:
                 return _maintenance_only(vsp, plan.staying, user)
             evacuation = Evacuation.objects.create(
                 vsp=vsp,
@@ -107,6 +118,16 @@ def do_start_evacuation(
                     predicted_s=step.predicted_s,
                     migration=migration,
                 )
+            for position, arriving in enumerate(plan.arriving, start=len(plan.steps) + 1):
+                assert arriving.target is not None  # a plan without problems has one per arriving guest
+                EvacuationStep.objects.create(
+                    evacuation=evacuation,
+                    position=position,
+                    vm=arriving.vm,
+                    vm_name=arriving.vm.name,
+                    target=arriving.target,
+                    arriving=arriving.migration,
+                )
             AuditEvent.record(
                 AuditEvent.Action.EVACUATION_STARTED,
                 vsp,
@@ -115,9 +136,11 @@ def do_start_evacuation(
                     "steps": [f"{step.vm.name} -> {step.target.name}" for step in plan.steps if step.target],
                     "confirmed": [f"{step.vm.name}: {step.verdict}" for step in plan.steps if step.warns],
                     "staying": [f"{stay.vm_name}: {stay.reason}" for stay in plan.staying],
+                    "arriving": [f"{arriving.vm.name}: {arriving.words}" for arriving in plan.arriving],
                 },
                 message=f"Evacuation of {vsp.name} requested and started by {user}: "
-                f"{len(plan.steps)} guests leave, {len(plan.staying)} stay",
+                f"{len(plan.steps)} guests leave, {len(plan.arriving)} arriving move on once landed, "
+                f"{len(plan.staying)} stay",
             )
             publish_after_commit(vsp.pk)
     except IntegrityError:
@@ -260,6 +283,8 @@ def settle(evacuation: Evacuation) -> bool:
     """
     if not evacuation.is_running:
         return False
+    if awaits_arrivals(evacuation):
+        return False
     active = Migration.objects.filter(
         evacuation_step__evacuation=evacuation, state__in=Migration.ACTIVE_STATES
     )
@@ -284,11 +309,122 @@ def settle(evacuation: Evacuation) -> bool:
     return bool(ended)
 
 
+def awaits_arrivals(evacuation: Evacuation) -> bool:
+    """Move on every guest of ``evacuation`` that has landed (``move_on``); True while one it waits for
+    may still land (its migration to the VSP is active), unless the evacuation was cancelled."""
+    pending = evacuation.steps.filter(arriving__isnull=False, migration__isnull=True, note="")
+    waiting = False
+    for step in pending.select_related("arriving"):
+        assert step.arriving is not None
+        if step.arriving.state == Migration.State.COMPLETED:
+            move_on(step.pk)
+        elif step.arriving.is_active and not evacuation.cancel_requested:
+            waiting = True
+    return waiting
+
+
+def move_on(step_id: int) -> Migration | None:
+    """The guest of arriving step ``step_id`` has landed: request its migration onward, by the admin who
+    started the evacuation, to the step's target or else the eligible VSP with the most free memory.
+
+    Idempotent: the step row is locked and a step already moved on (``migration``) or given up
+    (``note``) is left as it is. Returns the onward migration (None when none was requested: then the
+    step's ``note`` says why, e.g. the evacuation was cancelled or every target refused).
+    """
+    with transaction.atomic():
+        step = (
+            EvacuationStep.objects.select_for_update()
+            .select_related("evacuation__vsp", "evacuation__requested_by", "vm", "arriving", "target")
+            .get(pk=step_id)
+        )
+        arriving = step.arriving
+        if step.migration_id or step.note or arriving is None or arriving.state != Migration.State.COMPLETED:
+            return None
+        evacuation, vsp = step.evacuation, step.evacuation.vsp
+        user, vm = evacuation.requested_by, step.vm
+        reasons: list[str] = []
+        if evacuation.cancel_requested or not evacuation.is_running:
+            reasons.append("the evacuation was cancelled before it landed")
+        elif user is None or vm is None:
+            reasons.append("the admin who started the evacuation, or the guest, no longer exists")
+        else:
+            for target in [step.target, *other_targets(vsp, step.target, vm.memory_mib)]:
+                try:
+                    migration = do_request_migration(vm, target, user)
+                except MigrationRefused as refusal:
+                    reasons.append(f"{target.name}: {refusal.message}")
+                    continue
+                except ValidationError as error:
+                    reasons.append(f"{target.name}: {' '.join(error.messages)}")
+                    continue
+                except PermissionDenied as denied:  # the admin lost a right since: said, not raised
+                    reasons.append(f"{target.name}: {denied}")
+                    continue
+                step.migration, step.target = migration, target
+                step.save(update_fields=["migration", "target"])
+                logger.info("Evacuation %s: %s landed on %s, moved on to %s", evacuation.pk, vm, vsp, target)
+                publish_after_commit(vsp.pk)
+                return migration
+        step.note = f"landed on {vsp.name} but was not moved on: {'; '.join(reasons)}"[:300]
+        step.save(update_fields=["note"])
+        logger.warning("Evacuation %s: %s %s", evacuation.pk, step.vm_name, step.note)
+        publish_after_commit(vsp.pk)
+    return None
+
+
+def other_targets(vsp: VSP, planned: VSP, memory_mib: int) -> list[VSP]:
+    """The VSPs other than ``vsp`` and ``planned`` that take guests now and have ``memory_mib`` free,
+    the most free memory first."""
+    others = list(VSP.objects.exclude(pk__in=[vsp.pk, planned.pk]))
+    free = free_memory_by_vsp([other.pk for other in others])
+    fitting = [o for o in others if not host_refusal(vsp, o) and free.get(o.pk, 0) >= memory_mib]
+    return sorted(fitting, key=lambda other: (-free.get(other.pk, 0), other.name))
+
+
+def adopt_landed(outcome: Outcome) -> None:
+    """A migration to a VSP being evacuated completed without a step waiting for it (it began Init just
+    before the evacuation put the VSP in maintenance): give it one, moved on like the planned ones."""
+    evacuation = Evacuation.objects.filter(
+        vsp_id=outcome.target_id, state=Evacuation.State.RUNNING, cancel_requested=False
+    ).first()
+    if evacuation is None or outcome.vm_id is None or outcome.at < evacuation.started_at:
+        return  # landed before the evacuation: its plan saw the guest there (a step, or staying)
+    with transaction.atomic():
+        if evacuation.steps.filter(vm_id=outcome.vm_id).exists():
+            return  # waited for already (or a step of its own): one step per guest
+        migration = Migration.objects.select_related("vm").get(pk=outcome.migration_id)
+        vm = migration.vm
+        if vm is None:
+            return
+        targets = other_targets(evacuation.vsp, evacuation.vsp, vm.memory_mib)
+        last = evacuation.steps.order_by("-position").values_list("position", flat=True).first() or 0
+        step = EvacuationStep.objects.create(
+            evacuation=evacuation,
+            position=last + 1,
+            vm=vm,
+            vm_name=vm.name,
+            target=targets[0] if targets else evacuation.vsp,
+            arriving=migration,
+            note="" if targets else f"landed on {evacuation.vsp.name}; no other VSP takes it now",
+        )
+    logger.warning(
+        "Evacuation %s: %s landed on %s unplanned; moving it on", evacuation.pk, vm, evacuation.vsp
+    )
+    move_on(step.pk)
+
+
 def follow_outcome(outcome: Outcome) -> None:
     """The outcome follower (``outcomes.register_follower``): a migration ended, so its evacuation ends if
-    it was its last step. Idempotent (``settle`` is a compare-and-set)."""
+    it was its last step; a guest an evacuation waited for (or one that landed on an evacuated VSP) is
+    moved on. Idempotent (``move_on`` locks its step, ``settle`` is a compare-and-set)."""
+    if outcome.state == Migration.State.COMPLETED:
+        adopt_landed(outcome)
     step = (
         EvacuationStep.objects.filter(migration_id=outcome.migration_id)
+        .select_related("evacuation__vsp")
+        .first()
+    ) or (
+        EvacuationStep.objects.filter(arriving_id=outcome.migration_id)
         .select_related("evacuation__vsp")
         .first()
     )

@@ -81,6 +81,19 @@ class EvacuationStep(models.Model):
     migration = models.OneToOneField(
         "migrations_app.Migration", null=True, on_delete=models.SET_NULL, related_name="evacuation_step"
     )
+    # A guest that was migrating *to* the evacuated VSP when the evacuation started: the step waits for
+    # that migration (``arriving``), then moves the guest on (``migration``), or says why not (``note``).
+    arriving = models.ForeignKey(
+        "migrations_app.Migration",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The migration bringing this guest to the evacuated VSP; empty: it was there already.",
+    )
+    note = models.CharField(
+        max_length=300, blank=True, help_text="Why a guest that landed was not moved on (empty: it was)."
+    )
 
     class Meta:
         db_table = "migrations_app_evacuationstep"

@@ -26,6 +26,7 @@ from typing import Any
 from migrations_app import estimates, forecast
 from migrations_app.access import migration_targets
 from migrations_app.checks import check_vm, host_refusal
+from migrations_app.models import Migration
 from vms.access import visible_vsps
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, Registration, VirtualMachine
@@ -97,6 +98,37 @@ class Staying:
 EXCLUDED_REASON = "excluded from this evacuation by the admin"
 
 
+@dataclass(frozen=True)
+class Arriving:
+    """A guest migrating to the evacuated VSP (``migration``, still active): once it lands it is moved
+    on to ``target`` (None: no VSP has room, a problem of the plan)."""
+
+    vm: VirtualMachine
+    migration: Migration
+    target: VSP | None
+
+    @property
+    def words(self) -> str:
+        """What the plan says of it, e.g. "migrating here from vsp1 (Copy): the evacuation waits for it
+        to land, then moves it on to vsp2"."""
+        source = self.migration.source.name if self.migration.source else "another VSP"
+        state = self.migration.get_state_display()
+        then = f"moves it on to {self.target.name}" if self.target else "cannot move it on (no room)"
+        return (
+            f"migrating here from {source} ({state}): the evacuation waits for it to land, then {then}; "
+            f"if its migration does not complete, it stays on {source}"
+        )
+
+
+def arriving_migrations(vsp: VSP) -> list[Migration]:
+    """The active migrations whose target is ``vsp`` (queued ones too), the largest guest first."""
+    return list(
+        Migration.objects.filter(target=vsp, state__in=Migration.ACTIVE_STATES, vm__isnull=False)
+        .select_related("vm", "source")
+        .order_by("-vm__memory_mib", "pk")
+    )
+
+
 @dataclass
 class Plan:
     """``steps`` in the order they run; ``staying`` with their reasons; ``targets``: every other VSP with
@@ -109,10 +141,11 @@ class Plan:
     targets: list[tuple[VSP, str, int]] = field(default_factory=list)
     planned_free: dict[int, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    arriving: list[Arriving] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and bool(self.steps)
+        return not self.problems and bool(self.steps or self.arriving)
 
     @property
     def known_total_s(self) -> float:
@@ -190,6 +223,10 @@ def predict(
     return None if result.verdict is None else result
 
 
+# How the stay reasons of a guest not running on the VSP begin (``summary.said_not_running``).
+NOT_RUNNING_REASONS = ("Not Runnable copy here", "lost:", "powered off:")
+
+
 def stay_reason(registration: Registration, vsp: VSP) -> str | None:
     """Why the guest of this copy on ``vsp`` cannot leave by online migration, or None if it can."""
     vm = registration.vm
@@ -198,6 +235,8 @@ def stay_reason(registration: Registration, vsp: VSP) -> str | None:
         return f"Not Runnable copy here{why}; nothing runs to move"
     if vm.is_vpar:
         return "vPars do not migrate"
+    if registration.is_lost:
+        return "lost: its host no longer reports it, so nothing runs to move (Start defines it again)"
     if registration.hardware_status != Registration.HardwareStatus.ON:
         return "powered off: online migration moves running guests only"
     if not vm.online_migration_enabled:
@@ -256,9 +295,13 @@ def build_plan(
     for eligible_vsp in eligible.values():  # as the dialog: a pair with no known link rate gets a probe
         estimates.known_link_rate(vsp, eligible_vsp)
 
+    incoming = arriving_migrations(vsp)
+    arriving_ids = {migration.vm_id for migration in incoming}
     leaving: list[VirtualMachine] = []
     staying: list[Staying] = []
     for registration in registrations:
+        if registration.vm_id in arriving_ids:
+            continue  # whatever its copy here says now, it is on its way: listed as arriving
         reason = stay_reason(registration, vsp)
         if not reason and registration.vm_id in excluded:
             reason = EXCLUDED_REASON
@@ -316,7 +359,28 @@ def build_plan(
     steps = _ordered(steps, order, problems)
     problems.extend(step.unconfirmed_warning for step in steps if step.unconfirmed_warning)
     staying.sort(key=lambda stay: stay.vm_name)
-    return Plan(vsp, steps, staying, targets, planned_free, problems)
+    arriving = [plan_arriving(migration, eligible, planned_free, problems) for migration in incoming]
+    return Plan(vsp, steps, staying, targets, planned_free, problems, arriving)
+
+
+def plan_arriving(
+    migration: Migration, eligible: dict[int, VSP], planned_free: dict[int, int], problems: list[str]
+) -> Arriving:
+    """Where the guest of ``migration`` goes on once it lands: the eligible VSP with the most memory left
+    (``planned_free``, which it then takes); none: a problem of the plan, in ``problems``."""
+    vm = migration.vm
+    assert vm is not None  # arriving_migrations: only migrations of a VM
+    roomy = [pk for pk in eligible if planned_free[pk] >= vm.memory_mib]
+    if not roomy:
+        source = migration.source.name if migration.source else "another VSP"
+        problems.append(
+            f"{vm.name} is migrating here from {source} and no other VSP can take it on once it lands "
+            f"({no_room_reason(vm, planned_free, eligible)}): wait for its migration to end, or cancel it."
+        )
+        return Arriving(vm, migration, None)
+    best = max(roomy, key=lambda pk: (planned_free[pk], eligible[pk].name))
+    planned_free[best] -= vm.memory_mib
+    return Arriving(vm, migration, eligible[best])
 
 
 def no_room_reason(vm: VirtualMachine, planned_free: dict[int, int], eligible: dict[int, VSP]) -> str:

@@ -1,15 +1,21 @@
-"""An evacuation's progress: each step's status, the counts, the time left, the closing sentence."""
+"""An evacuation's progress: each step's status, the counts, the time left, the closing sentence.
+
+Never "stays" for a guest that runs on the evacuated VSP: a guest arriving there is a step of its own
+("arriving", then moved on or "not moved"), and a guest listed as staying that runs there now (it
+arrived by a path the plan could not see) is shown running there and named among those still runnable.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.utils import timezone
 
 from migrations_app.models import Migration
+from vms.models import Registration
 
 from .models import Evacuation, EvacuationStep
-from .plan import time_left_s
+from .plan import NOT_RUNNING_REASONS, time_left_s
 
 STEP_STATUS: dict[str, str] = {
     Migration.State.COMPLETED.value: "done",
@@ -17,9 +23,17 @@ STEP_STATUS: dict[str, str] = {
 }
 
 
+STILL_HERE = ("failed", "cancelled", "not started", "not moved", "landed")
+
+
 def step_status(step: EvacuationStep) -> str:
-    """ "waiting", "running", "done", "failed", "cancelled" (stopped while moving) or "not started"."""
+    """ "waiting", "running", "done", "failed", "cancelled" (stopped while moving) or "not started";
+    for a guest that was migrating to the VSP: "arriving" (not landed yet), "did not arrive" (its
+    migration ended otherwise: it runs on its source), "landed" (being moved on) or "not moved"
+    (landed, then not moved on: ``step.note`` says why)."""
     migration = step.migration
+    if migration is None and step.arriving_id is not None:
+        return arrival_status(step)
     if migration is None:
         return "not started"
     if migration.state == Migration.State.QUEUED:
@@ -35,6 +49,50 @@ def step_status(step: EvacuationStep) -> str:
     return STEP_STATUS.get(str(migration.state), str(migration.state))
 
 
+def arrival_status(step: EvacuationStep) -> str:
+    """The status of a step still waiting for its guest to land (see ``step_status``)."""
+    arriving = step.arriving
+    if step.note:
+        return "not moved"
+    if arriving is not None and arriving.is_active:
+        return "arriving"
+    if arriving is not None and arriving.state == Migration.State.COMPLETED:
+        return "landed"
+    return "did not arrive"
+
+
+def status_words(step: EvacuationStep, status: str, vsp_name: str) -> str:
+    """The status cell's text for ``step``, e.g. "Arriving from vsp1: moved on to vsp2 once it lands"."""
+    arriving = step.arriving
+    source = arriving.source.name if arriving is not None and arriving.source else "its source"
+    if status == "arriving":
+        return f"Arriving from {source}: moved on to {step.target.name} once it lands"
+    if status == "landed":
+        return f"Landed on {vsp_name}: being moved on"
+    if status == "did not arrive":
+        return f"Did not arrive: its migration from {source} ended without it, so it runs on {source}"
+    if status == "not moved":
+        return f"Not moved: {step.note}; it runs on {vsp_name}"
+    if status == "failed" and step.migration is not None and step.migration.alert:
+        return f"Failed: {step.migration.alert}"
+    return status.capitalize()
+
+
+@dataclass(frozen=True)
+class StayingRow:
+    """A guest the plan listed as staying: ``runs_here`` when it runs on the evacuated VSP now."""
+
+    vm_name: str
+    reason: str
+    runs_here: bool
+
+    @property
+    def words(self) -> str:
+        if self.runs_here:
+            return f"Runs here now: not moved by this evacuation (when it started: {self.reason})"
+        return f"Stays: {self.reason}"
+
+
 @dataclass
 class Summary:
     """An evacuation's progress: its steps with their status, the counts, the time left (s)."""
@@ -42,6 +100,13 @@ class Summary:
     evacuation: Evacuation
     rows: list[tuple[EvacuationStep, str]]
     time_left_s: float | None  # None: not known (a step without a forecast is still to run)
+    staying_rows: list[StayingRow] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[tuple[EvacuationStep, str, str]]:
+        """Each step with its status and the status cell's words (``status_words``)."""
+        vsp_name = self.evacuation.vsp.name
+        return [(step, status, status_words(step, status, vsp_name)) for step, status in self.rows]
 
     def count(self, status: str) -> int:
         return sum(1 for _, row_status in self.rows if row_status == status)
@@ -63,20 +128,22 @@ class Summary:
         return self.count("failed")
 
     def counts(self) -> dict[str, int]:
-        return {
-            status: self.count(status)
-            for status in ("done", "running", "waiting", "failed", "cancelled", "not started")
-        } | {"staying": len(self.evacuation.staying)}
+        statuses = ("done", "running", "waiting", "failed", "cancelled", "not started")
+        arrivals = ("arriving", "landed", "did not arrive", "not moved")
+        counts = {status: self.count(status) for status in statuses}
+        counts |= {status: self.count(status) for status in arrivals if self.count(status)}
+        return counts | {"staying": sum(1 for row in self.staying_rows if not row.runs_here)}
 
     def sentence(self) -> str:
         counts = self.counts()
         parts = [f"{counts['done']} moved", f"{counts['failed']} failed"]
         if counts["cancelled"] or counts["not started"]:
             parts.append(f"{counts['cancelled']} cancelled, {counts['not started']} not started")
+        if counts.get("did not arrive"):
+            parts.append(f"{counts['did not arrive']} did not arrive (still on their source)")
         parts.append(f"{counts['staying']} stayed")
-        failed = [
-            step.vm_name for step, status in self.rows if status in ("failed", "cancelled", "not started")
-        ]
+        failed = [step.vm_name for step, status in self.rows if status in STILL_HERE]
+        failed += [row.vm_name for row in self.staying_rows if row.runs_here]
         if failed:
             # A return's guests that did not come back stay on the hosts they were on.
             where = "where they were" if self.evacuation.is_return else f"on {self.evacuation.vsp.name}"
@@ -87,17 +154,42 @@ class Summary:
 def summarize(evacuation: Evacuation) -> Summary:
     """The evacuation's progress in two queries (its steps with their migrations and targets), the time
     left counting ``max_concurrent_migrations`` at once (its VSP: one more query unless loaded)."""
-    steps = list(evacuation.steps.select_related("migration", "target"))
+    steps = list(evacuation.steps.select_related("migration", "target", "arriving__source"))
     rows = [(step, step_status(step)) for step in steps]
+    staying_rows = staying_now(evacuation)
     now = timezone.now()
     left: list[float] = []
     for step, status in rows:
-        if status not in ("waiting", "running"):
+        if status not in ("waiting", "running", "arriving", "landed"):
             continue
         if step.predicted_s is None:
-            return Summary(evacuation, rows, None)
+            return Summary(evacuation, rows, None, staying_rows)
         elapsed = 0.0
         if status == "running" and step.migration is not None and step.migration.init_started_at:
             elapsed = (now - step.migration.init_started_at).total_seconds()
         left.append(max(step.predicted_s - elapsed, 0.0))
-    return Summary(evacuation, rows, time_left_s(left, evacuation.vsp.max_concurrent_migrations))
+    at_once = evacuation.vsp.max_concurrent_migrations
+    return Summary(evacuation, rows, time_left_s(left, at_once), staying_rows)
+
+
+def staying_now(evacuation: Evacuation) -> list[StayingRow]:
+    """The guests the plan listed as staying, each checked against the database now (one query): one
+    the plan said did not run there (``said_not_running``) whose copy there is now runnable and On
+    runs there, whatever the plan said."""
+    names = [stay["vm"] for stay in evacuation.staying]
+    running = set(
+        Registration.objects.filter(
+            vsp_id=evacuation.vsp_id, vm__name__in=names, hardware_status=Registration.HardwareStatus.ON
+        ).values_list("vm__name", flat=True)
+    )
+    return [
+        StayingRow(stay["vm"], stay["reason"], stay["vm"] in running and said_not_running(stay["reason"]))
+        for stay in evacuation.staying
+    ]
+
+
+def said_not_running(reason: str) -> bool:
+    """Whether a stay ``reason`` says the guest did not run on the VSP (Not Runnable copy, powered off,
+    lost); a guest that stays for another reason (a vPar, online migration disabled, no room) runs
+    there and is rightly said to stay."""
+    return reason.startswith(NOT_RUNNING_REASONS)

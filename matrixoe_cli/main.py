@@ -435,5 +435,7 @@ def print_plan(plan: dict[str, Any]) -> None:
             forecast += f" ({step['verdict_label']})"
         table.add_row(*plain(step["vm"], step["target"] or "-", forecast, step["problem"]))
     out.print(table)
+    for arriving in plan.get("arriving", []):  # migrating to the VSP now: moved on once landed
+        out.print(f"arriving: {arriving['vm']}: {arriving['words']}", markup=False, highlight=False)
     for stay in plan["staying"]:
         out.print(f"stays: {stay['vm']}: {stay['reason']}", markup=False, highlight=False)

@@ -5,6 +5,11 @@ VMs in the middle of a migration are left alone (the migration's worker owns the
 Split brain: a guest the agent reports running where its copy is Not Runnable is flagged
 (``Registration.found_running_at``) and raises a critical alert on the VM, its VSPs and the VSP list;
 which copy is runnable never changes by itself.
+Lost guests: a runnable copy whose agent answers without the guest (it died with its agent, or was
+removed behind the console's back) is marked Lost (``Registration.HardwareStatus.LOST``, with
+``lost_since``): its hardware and OS status say so, the VM's pages and the VSP list raise an alert, and
+Start defines it again from the console's record (``vms.power``). A guest reported again is no longer
+lost. A copy whose VM migrates is left to the migration, as always.
 Refresh Data (``collect_vm_state``) returns a ``RefreshOutcome`` that says whether anything was collected.
 
 Periodic collection runs in rounds (``InventoryRound``): ``start_round`` records one, then one Celery task
@@ -264,8 +269,8 @@ def collect_vm_state(vm: VirtualMachine) -> RefreshOutcome:
         return RefreshOutcome(False, vsp.name, problem, last_known_at)
     check_not_runnable_copies(vm, timeout_s=REFRESH_TIMEOUT_S)
     if str(vm.guest_id) not in guests:
-        logger.warning("Agent of VSP %s does not know VM %s", vsp.name, vm.name)
-        return RefreshOutcome(False, vsp.name, "does not know this VM", last_known_at)
+        # Collected all the same: the copy is now shown Lost (``store_guests``), with its alert.
+        logger.warning("Agent of VSP %s does not know VM %s: shown as lost", vsp.name, vm.name)
     return RefreshOutcome(True, vsp.name)
 
 
@@ -418,9 +423,13 @@ def store_guests(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registrati
     reported = []
     for registration in copies:
         guest = guests.get(str(registration.vm.guest_id))
-        if guest is not None and registration.hardware_status != not_runnable:
+        if registration.hardware_status == not_runnable:
+            continue
+        if guest is not None:
             store_guest(registration, guest)
             reported.append(registration.pk)
+        else:
+            mark_lost(registration)
     if reported:
         Registration.objects.filter(pk__in=reported).exclude(hardware_status=not_runnable).update(
             state_collected_at=timezone.now()
@@ -448,15 +457,41 @@ def note_split_brain(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Regist
 
 
 def store_guest(registration: Registration, guest: GuestInfo) -> None:
+    """Store the agent's On/Off and OS status of the runnable copy ``registration``; a lost copy is
+    found again. With hardware Off the OS status stored is Down (never Up and Off together)."""
     hardware = (
         Registration.HardwareStatus.ON if guest.hardware_status == "on" else Registration.HardwareStatus.OFF
     )
     if registration.hardware_status != hardware:
         # compare-and-set: the copy may have become Not Runnable since it was read (a migration's commit)
         Registration.objects.filter(pk=registration.pk, hardware_status=registration.hardware_status).update(
-            hardware_status=hardware
+            hardware_status=hardware, lost_since=None
         )
+        if registration.is_lost:
+            logger.warning("%s is reported by %s again: no longer lost", registration.vm, registration.vsp)
     vm = registration.vm
-    os_status = guest.os_status
+    os_status: str = guest.os_status
+    if hardware == Registration.HardwareStatus.OFF:
+        os_status = VirtualMachine.OSStatus.DOWN
     if os_status in VirtualMachine.OSStatus.values and vm.os_status != os_status:
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
+
+
+def mark_lost(registration: Registration) -> bool:
+    """The agent answered without the guest of the runnable copy ``registration``: mark it Lost, since
+    now, and log the alert. Compare-and-set on its status as read, and never while its VM migrates
+    (the migration owns the copies then); returns whether this call marked it."""
+    if registration.is_lost:
+        return False
+    now = timezone.now()
+    marked = (
+        Registration.objects.filter(pk=registration.pk, hardware_status=registration.hardware_status)
+        .exclude(vm__migrations__state__in=MIGRATING_STATES)
+        .update(hardware_status=Registration.HardwareStatus.LOST, lost_since=now)
+    )
+    if not marked:
+        return False
+    VirtualMachine.objects.filter(pk=registration.vm_id).update(os_status=VirtualMachine.OSStatus.LOST)
+    registration.hardware_status, registration.lost_since = Registration.HardwareStatus.LOST, now
+    logger.error(registration.lost_alert())
+    return True

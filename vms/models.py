@@ -336,6 +336,7 @@ class VirtualMachine(models.Model):
         DOWN = "down", "Down"
         INITIALIZING = "initializing", "Initializing"
         IN_EFI = "in_efi", "In EFI"
+        LOST = "lost", "Lost"  # its host no longer reports the guest (``Registration.lost_since``)
 
     class BootAttribute(models.TextChoices):
         AUTO = "auto", "Auto start"
@@ -407,6 +408,9 @@ class Registration(models.Model):
         ON = "on", "On"
         OFF = "off", "Off"
         NOT_RUNNABLE = "not_runnable", "Not Runnable"
+        # The runnable copy whose host agent no longer reports the guest (it died with its agent, or
+        # was removed behind the console's back): still the runnable one, started again from its record.
+        LOST = "lost", "Lost"
 
     class SetBy(models.TextChoices):
         NONE = "", "—"
@@ -430,6 +434,12 @@ class Registration(models.Model):
         blank=True,
         help_text="Split brain: when the host agent reported this Not Runnable copy running "
         "(cleared once it reports it stopped). Never changes which copy is runnable.",
+    )
+    lost_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Lost: since when the host agent no longer reports this runnable copy's guest "
+        "(cleared once it reports it again).",
     )
 
     class Meta:
@@ -478,9 +488,34 @@ class Registration(models.Model):
         )
 
     @property
+    def is_lost(self) -> bool:
+        return self.hardware_status == self.HardwareStatus.LOST
+
+    def lost_alert(self) -> str:
+        """The alert for a lost copy (``is_lost``): what is known, since when, and what the admin can do."""
+        since = timezone.localtime(self.lost_since).strftime("%Y-%m-%d %H:%M:%S") if self.lost_since else "?"
+        return (
+            f"Lost: {self.vsp.name} no longer reports {self.vm.name} (since {since}); the guest is not "
+            f"running there (its host agent restarted without it, or it was removed). Its copy on "
+            f"{self.vsp.name} is still the runnable one: Start defines it there again and starts it."
+        )
+
+    @classmethod
+    def lost(cls) -> models.QuerySet[Registration]:
+        """Runnable copies whose host agent no longer reports the guest (``is_lost``)."""
+        return cls.objects.filter(hardware_status=cls.HardwareStatus.LOST).select_related("vm", "vsp")
+
+    @property
     def os_status(self) -> str:
-        """The guest's OS status as seen on this copy: a Not Runnable copy never runs, so it is Down."""
-        return self.vm.os_status if self.is_runnable else VirtualMachine.OSStatus.DOWN
+        """The guest's OS status as seen on this copy: a Not Runnable copy never runs, so it is Down; a
+        lost one is Lost; with hardware Off it is Down whatever was last stored (never Up and Off)."""
+        if not self.is_runnable:
+            return VirtualMachine.OSStatus.DOWN
+        if self.is_lost:
+            return VirtualMachine.OSStatus.LOST
+        if self.hardware_status == self.HardwareStatus.OFF:
+            return VirtualMachine.OSStatus.DOWN
+        return self.vm.os_status
 
     def get_os_status_display(self) -> str:
         return VirtualMachine.OSStatus(self.os_status).label

@@ -10,6 +10,10 @@ Refused (``PowerRefused``, nothing changed)
 for a Not Runnable copy (it must never run: the guest's runnable copy is elsewhere), while another app says
 the guest is busy (``vms.hooks.register_busy_check``: a migration owns the guest until it ends), and when
 the agent refuses or does not answer. Every action that happens leaves an ``AuditEvent``.
+
+A **lost** copy (its host no longer reports the guest: ``Registration.HardwareStatus.LOST``) is still the
+runnable one: Start defines the guest on its host again from the console's record
+(``agent_messages.guest_spec``) and starts it; Stop and Force stop have nothing to stop.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pydantic import ValidationError as InvalidMessage
 
 from agentprotocol import GuestInfo, StoppedGuest, StopRequest, plain_words
 from vms.access import allowed, check_can_power
-from vms.agent_client import AgentClient, AgentError
+from vms.agent_client import AgentClient, AgentError, UnknownGuest
+from vms.agent_messages import guest_spec
 from vms.hooks import busy_reasons
 from vms.models import AuditEvent, Registration, VirtualMachine
 
@@ -75,6 +80,13 @@ def refusals(registration: Registration, busy: str) -> dict[str, str]:
         return {action.value: blocked for action in PowerAction}
     if busy:
         return {action.value: busy for action in PowerAction}
+    if registration.is_lost:
+        nothing = f"{vm.name} is lost: its host no longer reports it, so there is nothing to stop."
+        return {
+            PowerAction.START.value: "",
+            PowerAction.STOP.value: nothing,
+            PowerAction.FORCE_STOP.value: nothing,
+        }
     on = registration.hardware_status == Registration.HardwareStatus.ON
     return {
         PowerAction.START.value: f"{vm.name} is already running." if on else "",
@@ -110,12 +122,15 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     except InvalidMessage as error:  # a Graceful Stop Timeout beyond what an agent waits
         raise PowerRefused(f"{action.label} of {vm.name}: {plain_words(error, 'the stop')}") from None
     guest: GuestInfo
+    redefined = False
     try:
         with AgentClient.for_vsp(vsp) as agent:
             if stop is None:
-                guest = agent.start_guest(str(vm.guest_id))
+                guest, redefined = start_guest(agent, vm, lost=registration.is_lost)
             else:
                 guest = agent.stop_guest(str(vm.guest_id), stop)
+    except InvalidMessage as error:  # the console's record is beyond what an agent defines
+        raise PowerRefused(f"{action.label} of {vm.name}: {plain_words(error, 'the guest')}") from None
     except AgentError as error:
         raise PowerRefused(f"{action.label} of {vm.name} on {vsp.name} failed: {error}") from None
     hardware = (
@@ -123,12 +138,16 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
     )
     os_status = guest.os_status if guest.os_status in VirtualMachine.OSStatus.values else vm.os_status
     stopped = guest if isinstance(guest, StoppedGuest) else None
-    outcome = (stopped.stop if stopped else None) or ""  # None: Start, or an older agent (stopped at once)
+    outcome: str = (stopped.stop if stopped else None) or ""  # None: Start, or an older agent
+    outcome = "redefined" if redefined else outcome
+    if hardware == Registration.HardwareStatus.OFF:
+        os_status = VirtualMachine.OSStatus.DOWN  # never Up with hardware Off
     notice = power_notice(vm, vsp.name, action, outcome, stopped.stop_s if stopped else 0.0)
     with transaction.atomic():
-        Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware)
+        Registration.objects.filter(pk=registration.pk).update(hardware_status=hardware, lost_since=None)
         VirtualMachine.objects.filter(pk=vm.pk).update(os_status=os_status)
         registration.hardware_status, vm.os_status = hardware, os_status
+        registration.lost_since = None
         AuditEvent.record(
             AUDIT_ACTION[action],
             registration,
@@ -140,6 +159,22 @@ def do_power(registration: Registration, action: PowerAction, user: Any) -> Powe
         )
     logger.info("%s: %s of %s on %s: %s", user, action.value, vm.name, vsp.name, outcome or "done")
     return PowerDone(registration, notice, forced=outcome == "timed_out")
+
+
+def start_guest(agent: AgentClient, vm: VirtualMachine, *, lost: bool) -> tuple[GuestInfo, bool]:
+    """Start ``vm``'s guest on ``agent``; a ``lost`` guest the agent does not know is defined again from
+    the console's record and started. Returns the guest and whether it was defined again.
+
+    Raises ``AgentError`` (the agent refused or did not answer) and ``pydantic.ValidationError`` (the
+    record is out of the protocol's bounds).
+    """
+    guest_id = str(vm.guest_id)
+    if lost:
+        try:
+            agent.get_guest(guest_id)
+        except UnknownGuest:
+            return agent.define_guest(guest_spec(vm, running=True)), True
+    return agent.start_guest(guest_id), False
 
 
 def stop_request(vm: VirtualMachine, action: PowerAction) -> StopRequest:
@@ -162,4 +197,6 @@ def power_notice(vm: VirtualMachine, vsp_name: str, action: PowerAction, outcome
         return f"{what}: the guest shut down cleanly in {took_s:.1f} s (Graceful Stop Timeout {timeout_s} s)."
     if outcome == "already_off":
         return f"{what}: the guest was already off."
+    if outcome == "redefined":
+        return f"{what}: the guest was lost, so it was defined again from the console's record and started."
     return f"{what} done."

@@ -76,7 +76,7 @@ def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
     vsps = with_free_memory(visible_vsps(request.user).filter(retired_at=None)).annotate(
         # Guests that can run there; leftover Not Runnable copies are counted apart.
         guest_count=Count(
-            "registrations", filter=Q(registrations__hardware_status__in=[status.ON, status.OFF])
+            "registrations", filter=Q(registrations__hardware_status__in=[status.ON, status.OFF, status.LOST])
         ),
         not_runnable_count=Count(
             "registrations", filter=Q(registrations__hardware_status=status.NOT_RUNNABLE)
@@ -94,6 +94,9 @@ def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
         "nav": "vsps",
         "split_brain": [copy.split_brain_alert() for copy in split_brain],
         "split_brain_vsps": involved,
+        "lost": [
+            copy.lost_alert() for copy in Registration.lost().filter(vsp__in=visible_vsps(request.user))
+        ],
     }
     return render(request, "vms/vsp_list.html", context)
 
@@ -114,6 +117,7 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         "page": page,
         "nav": "vsps",
         "split_brain": [copy.split_brain_alert() for copy in vsp.split_brain_copies()],
+        "lost": [copy.lost_alert() for copy in Registration.lost().filter(vsp=vsp)],
         # Per-row controls, decided once for the page (every row is a copy on this VSP):
         "may_power_here": may_power_here,
         "busy": busy_reasons(vm_ids) if may_power_here else {},

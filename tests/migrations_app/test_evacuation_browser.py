@@ -173,3 +173,64 @@ def test_a_page_opened_before_the_evacuation_shows_it_start_cancel_and_leave_mai
     assert watcher.locator("#maintenance-badge").count() == 0
     assert watcher.locator("#leave-maintenance").count() == 0
     assert watcher.evaluate("() => window.__marker") == "no reload"
+
+
+def arriving_fleet(host_agents, fleet, user):
+    """Issue 18.1 as the testers saw it: a guest copying from hostb to hosta (96 MiB filled at 5 MB/s:
+    its Copy lasts a while) with a Not Runnable copy left on hosta, and one resident guest on hosta."""
+    from migrations_app.actions import do_request_migration
+    from tests.conftest import wait_until
+
+    resident = place_vm(host_agents, fleet, memory_mib=16)
+    guest = place_vm(host_agents, fleet, on="hostb", memory_mib=96, fill_percent=100)
+    Registration.objects.create(
+        vm=guest,
+        vsp=fleet["hosta"],
+        hardware_status="not_runnable",
+        not_runnable_set_by="migrate",
+        not_runnable_reason="guest migrated to VSP hostb",
+    )
+    incoming = do_request_migration(guest, fleet["hosta"], user)
+
+    def copying() -> bool:
+        incoming.refresh_from_db()
+        return incoming.state == "copy"
+
+    assert wait_until(copying, 60)
+    return resident, guest
+
+
+def test_the_plan_and_summary_say_what_happens_to_a_guest_arriving_at_the_evacuated_vsp(
+    host_agents, fleet, migrating_console, browser
+):
+    user = run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    resident, guest = run_in_thread(arriving_fleet, host_agents, fleet, user)
+    hosta = fleet["hosta"]
+    page = browser.new_context(viewport={"width": 1366, "height": 1000}).new_page()
+    page.set_default_timeout(30_000)
+    log_in(page, migrating_console, "maria", PASSWORD)
+
+    page.goto(f"{migrating_console}/migrations/vsps/{hosta.pk}/evacuate/")
+    words = page.locator(f'#plan-arriving tr[data-vm="{guest.name}"] [data-field=words]').inner_text()
+    assert words.startswith("Arriving: migrating here from hostb (Copy): the evacuation waits for it to land")
+    assert "if its migration does not complete, it stays on hostb" in words
+    assert "The evacuation waits for each to land, then moves it on" in page.inner_text(
+        "#plan-arriving-intro"
+    )
+    assert page.locator(f'#plan-staying tr[data-vm="{guest.name}"]').count() == 0
+    assert page.locator(f'#plan-steps tr[data-vm="{resident.name}"]').count() == 1
+
+    page.click("#start-evacuation")
+    page.wait_for_selector("#evacuation-progress[data-state=running]")
+    arriving = page.locator(f'#evacuation-steps tr[data-vm="{guest.name}"] [data-field=status]')
+    assert arriving.inner_text().startswith("Arriving from hostb: moved on to host")
+    page.wait_for_selector("#evacuation-progress[data-state=finished]", timeout=120_000)
+
+    assert page.locator("#evacuation-summary").inner_text() == "Summary: 2 moved; 0 failed; 0 stayed."
+    statuses = page.locator("#evacuation-steps tr").evaluate_all(
+        "rows => Object.fromEntries(rows.filter(r => r.dataset.vm)"
+        ".map(r => [r.dataset.vm, r.dataset.status]))"
+    )
+    assert statuses == {resident.name: "done", guest.name: "done"}
+    assert not runs_on(host_agents["hosta"], guest.name)
+    assert runs_on(host_agents["hostb"], guest.name) or runs_on(host_agents["hostc"], guest.name)

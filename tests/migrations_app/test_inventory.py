@@ -75,14 +75,14 @@ def test_refresh_data_shows_the_database_when_the_agent_is_down():
     assert not VSP.objects.get(name="gone").agent_reachable
 
 
-def refresh_page(vm) -> str:
+def refresh_page(vm, permissions=("vms.view_virtualmachine",)) -> str:
     from django.test import Client
     from django.urls import reverse
 
     from tests.factories import make_user
 
     client = Client()
-    client.force_login(make_user(permissions=("vms.view_virtualmachine",)))
+    client.force_login(make_user(permissions=permissions))
     response = client.get(reverse("vms:vm_refresh", args=[vm.pk]), headers={"HX-Request": "true"})
     assert response.status_code == 200
     return response.content.decode()
@@ -134,13 +134,16 @@ def test_refresh_data_says_when_the_agent_did_not_answer_and_keeps_the_last_know
     assert not VSP.objects.get(pk=vsp.pk).agent_reachable
 
 
-def test_refresh_data_says_when_the_agent_does_not_know_the_vm(host_agents, fleet):
+def test_refresh_data_shows_a_vm_its_agent_does_not_know_as_lost(host_agents, fleet):
+    """Issue 18.4: it said "Host hosta does not know this VM" and still showed Up/On."""
     vm = make_vm("stranger", vsp=fleet["hosta"])  # in the database, never defined on hosta's agent
 
-    html = refresh_page(vm)
+    html = refresh_page(vm, ("vms.view_virtualmachine", "vms.view_vsp"))
 
-    assert "Host hosta does not know this VM;" in html
-    assert data_time(html) == "Data as of an unknown time"
+    assert 'data-field="hardware_status" data-value="lost"' in html
+    assert 'data-field="os_status" data-value="lost"' in html
+    assert "Lost: hosta no longer reports stranger (since " in html
+    assert data_time(html).startswith("Data as of ")
     assert VSP.objects.get(pk=fleet["hosta"].pk).agent_reachable
 
 

@@ -40,6 +40,7 @@ BADGE_TONES = {
     "initializing": "info",
     "in_efi": "info",
     "not_runnable": "bad",
+    "lost": "bad",
     "host_disabled": "warn",
     "host_not_licensed": "warn",
     "maintenance": "warn",
