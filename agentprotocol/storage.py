@@ -134,7 +134,10 @@ class DiskSpec(Message):
     ``create``: make a new, empty volume of ``virtual_size_bytes`` when the guest is defined (refused
     if the volume exists); otherwise the volume must exist (an image already in the pool), and
     ``virtual_size_bytes`` is what the agent found. ``shareable``: several guests may write it at
-    once (a cluster disk); ``read_only``: the guest cannot write it.
+    once (a cluster disk); ``read_only``: the guest cannot write it. ``pool_identity``: the pool's
+    ``StoragePool.identity``; agents fill it in what they report, and a migration's target finds the
+    pool of an incoming guest's disk by it (by ``pool`` when absent), so two hosts may call the same
+    shared storage by different names.
     """
 
     device: Device
@@ -146,6 +149,7 @@ class DiskSpec(Message):
     read_only: StrictBool = False
     shareable: StrictBool = False
     create: StrictBool = False
+    pool_identity: Identity | None = None
 
 
 class DiskInfo(DiskSpec):
