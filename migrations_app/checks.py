@@ -1,5 +1,7 @@
 """Pre-checks for an online migration, in plain words, read from the database only (no agent calls).
 
+Storage and networks (``placement``): the target must mount every shared pool of the guest's disks and
+have each of its cards' networks; a disk on a local pool keeps the guest where it is.
 The dialog shows ``check_targets(vm)`` (every VSP with its verdict); the action and the Init phase call
 ``check_target`` again so that what the dialog said is re-decided at the moment it matters.
 """
@@ -13,6 +15,7 @@ from django.db.models import Q, Sum
 from vms.models import VSP, PairEncryption, Registration, VirtualMachine, streams_label
 
 from .models import Migration
+from .placement import devices_refusal, local_disk_refusal
 
 OK = "ok"
 ALREADY_MIGRATING_REASON = "VM is already migrating"
@@ -89,7 +92,7 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
         return f"source host {source.name} is not licensed for online migration"
     if not source.agent_reachable:
         return f"agent unreachable on source host {source.name}"
-    return None
+    return local_disk_refusal(vm, source)
 
 
 def is_running(vm: VirtualMachine) -> bool:
@@ -108,6 +111,8 @@ def check_target_host(
     vm: VirtualMachine, source: VSP | None, target: VSP, *, ignoring: Migration | None = None
 ) -> str | None:
     if reason := host_refusal(source, target):
+        return reason
+    if reason := devices_refusal(vm, source, target):
         return reason
     free = free_memory_mib(target, ignoring=ignoring)
     if vm.memory_mib > free:

@@ -31,7 +31,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from agentprotocol import GuestInfo
+from agentprotocol import GuestInfo, HostResources
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
@@ -40,6 +40,7 @@ from vms.agent_client import (
     AgentUnreachable,
     AgentUntrusted,
 )
+from vms.devices import store_guest_devices, store_resources
 from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class Asked:
     problem: str
     took_ms: int
     driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
+    # Its pools and networks (``GET /v1/resources``); None: an agent older than pools (404).
+    resources: HostResources | None = None
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
@@ -183,9 +186,11 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     problem = ""
     guests: list[GuestInfo] = []
     driver = ""
+    resources = None
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
+            resources = agent.resources()
             if not vsp.agent_driver:
                 driver = agent.health().driver
     except AgentAddressRefused as error:
@@ -200,7 +205,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms)
-    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver)
+    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver, resources)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -212,7 +217,9 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms)
         return
     record_answered(vsp, took_ms=took_ms, driver=asked.driver)
-    store_guests(vsp, asked.guests, copies)
+    if asked.resources is not None:
+        store_resources(vsp, asked.resources)
+    store_guests(vsp, asked.guests, copies, devices=asked.resources is not None)
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,23 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
             record_unanswered(vsp, at_once=True)
         else:
             record_answered(vsp, driver=driver)
+
+
+def refresh_resources(vsp: VSP, timeout_s: float = REFRESH_TIMEOUT_S) -> bool:
+    """Ask ``vsp``'s agent for its pools and networks now and store them (a migration's Init does, so a
+    pool or network gone since the click is seen before anything is sent). False: not asked or no
+    answer, or an agent older than pools (what was last stored stays)."""
+    try:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+            resources = agent.resources()
+    except AGENT_ERRORS as error:
+        logger.info("Agent of VSP %s did not report its pools and networks: %s", vsp.name, error)
+        return False
+    if resources is None:
+        return False
+    with transaction.atomic():
+        store_resources(vsp, resources)
+    return True
 
 
 DRIVER_ASK_TIMEOUT_S = 2.0
@@ -375,15 +399,20 @@ def copies_to_store(vsp: VSP) -> list[Registration]:
     )
 
 
-def store_guests(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration]) -> None:
+def store_guests(
+    vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration], *, devices: bool = False
+) -> None:
     """Store what the agent says about the runnable ``copies``, then check the Not Runnable ones for a
-    split brain."""
+    split brain. ``devices``: the agent reports pools, so its guests' disks and cards are stored too
+    (an older agent's empty lists would wipe what the console knows)."""
     not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
     reported = []
     for registration in copies:
         guest = guests.get(str(registration.vm.guest_id))
         if guest is not None and registration.hardware_status != not_runnable:
             store_guest(registration, guest)
+            if devices:
+                store_guest_devices(registration.vm, vsp, guest)
             reported.append(registration.pk)
     if reported:
         Registration.objects.filter(pk__in=reported).exclude(hardware_status=not_runnable).update(
