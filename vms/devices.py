@@ -81,7 +81,9 @@ def store_guest_devices(vm: VirtualMachine, vsp: VSP, guest: GuestInfo) -> None:
     NetworkCard.objects.filter(vm=vm).delete()
     for index, nic in enumerate(guest.nics):
         if nic.mac in taken:
-            logger.warning("%s's nic %d on %s: MAC %s is another VM's; not stored", vm.name, index, vsp, nic.mac)
+            logger.warning(
+                "%s's nic %d on %s: MAC %s is another VM's; not stored", vm.name, index, vsp, nic.mac
+            )
             continue
         NetworkCard.objects.create(vm=vm, index=index, network=nic.network, mac=nic.mac, model=nic.model)
 
