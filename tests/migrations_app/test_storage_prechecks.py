@@ -11,7 +11,7 @@ import pytest
 
 from evacuations.plan import build_plan
 from migrations_app.actions import MigrationRefused, do_request_migration
-from migrations_app.checks import check_targets
+from migrations_app.checks import check_target, check_targets
 from migrations_app.models import Migration
 from tests.api.conftest import WRITER, ApiClient
 from tests.factories import (
@@ -127,3 +127,36 @@ def test_the_plan_keeps_a_guest_no_target_can_take_with_the_reason(hosts):
     assert [(stay.vm_name, stay.reason) for stay in plan.staying] == [
         ("db01", "vsp2 does not mount pool san-a: db01's disk vda")
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_init_refuses_when_the_pool_went_away_since_the_click_and_sends_nothing(host_agents, fleet):
+    """Real agents: the migration was accepted, then hostb stopped mounting san-a; Init asks hostb's agent
+    for its pools again (an agent older than pools answers 404: the last known ones stand), refuses with
+    the disk's name, and neither agent was asked to prepare or start anything."""
+    from migrations_app.engine import MigrationRun
+    from migrations_app.errors import MigrationFailed
+    from migrations_app.lease import Lease
+    from migrations_app.phases import PHASES
+    from migrations_app.records import load_migration
+    from tests.migrations_app.guests import guest_on, place_vm, runs_on
+
+    vm = place_vm(host_agents, fleet)
+    give_disk(vm, make_pool(fleet["hosta"], "san-a"))
+    make_pool(fleet["hostb"], "san-a")
+    assert check_target(vm, fleet["hostb"]) is None  # what the click was told
+    migration = Migration.objects.create(  # requested, its worker now at Init (no worker is involved)
+        vm=vm, source=fleet["hosta"], target=fleet["hostb"], state="init", lease_owner="worker:this-test"
+    )
+    StoragePool.objects.filter(vsp=fleet["hostb"]).delete()  # gone before Init
+
+    run = MigrationRun(load_migration(migration.pk), Lease(migration.pk, "worker:this-test"))
+    try:
+        with pytest.raises(MigrationFailed) as failed:
+            PHASES[0].run(run)
+    finally:
+        run.close()
+
+    assert failed.value.reason == f"hostb does not mount pool san-a: {vm.name}'s disk vda"
+    assert guest_on(host_agents["hostb"], vm.name) is None  # nothing prepared on the target
+    assert runs_on(host_agents["hosta"], vm.name)  # and the guest runs on, untouched
