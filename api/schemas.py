@@ -43,6 +43,51 @@ class VSPOut(Schema):
     unreachable_since: datetime | None
     maintenance: bool
     maintenance_since: datetime | None
+    resources_collected_at: datetime | None = Field(
+        None, description="When its agent last reported pools and networks; null: not known (an older agent)"
+    )
+    pools: list[PoolOut] = Field(default_factory=list, description="Its storage pools, with free space")
+    networks: list[NetworkOut] = Field(default_factory=list)
+
+
+class PoolOut(Schema):
+    """A storage pool of a VSP as its agent last reported it (bytes); ``identity`` is equal on every VSP
+    that mounts the same shared storage."""
+
+    name: str
+    kind: str = Field(description="'shared' | 'local'")
+    identity: str
+    capacity_bytes: int
+    free_bytes: int
+    location: str
+
+
+class NetworkOut(Schema):
+    name: str
+    kind: str = Field(description="'bridge' | 'user' | 'simulated'")
+    bridge: str
+
+
+class DiskOut(Schema):
+    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes)."""
+
+    device: str
+    pool: str
+    pool_identity: str
+    volume: str
+    virtual_size_bytes: int
+    allocated_bytes: int
+    format: str
+    bus: str
+    read_only: bool
+    shareable: bool
+
+
+class NicOut(Schema):
+    index: int = Field(description="nic 0, nic 1, ... as the pre-checks name them")
+    network: str
+    mac: str
+    model: str
 
 
 class RegistrationOut(Schema):
@@ -141,6 +186,8 @@ class VMOut(Schema):
     vcpus: int
     phase_time_limits_s: dict[str, int | None]
     registrations: list[RegistrationOut]
+    disks: list[DiskOut] = Field(default_factory=list, description="The Storage tab")
+    nics: list[NicOut] = Field(default_factory=list, description="The Network tab")
     migration: MigrationOut | None = Field(description="Online Migration Phases: active or just completed")
     alert: MigrationOut | None = Field(
         description="Alerts: the last attempt, when it failed or was cancelled"
@@ -276,7 +323,12 @@ def choice(value: str, label: str) -> Choice:
 
 
 def vsp_out(vsp: VSP) -> VSPOut:
-    return VSPOut.model_validate(vsp, from_attributes=True)
+    out = VSPOut.model_validate(vsp, from_attributes=True)
+    out.pools = [PoolOut.model_validate(pool, from_attributes=True) for pool in vsp.pools.order_by("name")]
+    out.networks = [
+        NetworkOut.model_validate(net, from_attributes=True) for net in vsp.networks.order_by("name")
+    ]
+    return out
 
 
 def registration_out(registration: Registration) -> RegistrationOut:
@@ -398,6 +450,8 @@ def vm_out(vm: VirtualMachine) -> VMOut:
             "frozen": vm.frozen_limit_s,
         },
         registrations=[registration_out(r) for r in vm.registrations.all()],
+        disks=[DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")],
+        nics=[NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")],
         migration=migration_out(migration) if migration else None,
         alert=migration_out(failed) if failed else None,
     )
@@ -428,3 +482,37 @@ class MigrationPage(Schema):
     count: int
     limit: int
     offset: int
+
+
+class DiskIn(Schema):
+    """A disk of a VM to define: a new volume of ``size_bytes`` in ``pool``, or ``image``: the name of a
+    volume already in ``pool`` (a name, never a path)."""
+
+    model_config = INPUT_CONFIG
+
+    pool: str = Field(min_length=1, max_length=64)
+    size_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    image: str = Field("", max_length=200)
+
+
+class NicIn(Schema):
+    """A network card: on ``network`` of the VSP; ``mac`` empty: generated (unique in the console)."""
+
+    model_config = INPUT_CONFIG
+
+    network: str = Field(min_length=1, max_length=64)
+    mac: str = Field("", max_length=32)
+
+
+class VMDefineIn(Schema):
+    """A VM to define on ``vsp`` (id or name), with its disks (vda, vdb, ...) and cards (nic 0, ...)."""
+
+    model_config = INPUT_CONFIG
+
+    name: str = Field(min_length=1, max_length=64)
+    vsp: IdOrName
+    memory_mib: int = Field(ge=1, le=4 * 1024 * 1024)
+    vcpus: int = Field(1, ge=1, le=256)
+    os_type: str = Field("", max_length=64)
+    disks: list[DiskIn] = Field(default_factory=list, max_length=16)
+    nics: list[NicIn] = Field(default_factory=list, max_length=8)
