@@ -10,8 +10,18 @@ every target with that reason. A guest without disks or cards (what agents older
 
 from __future__ import annotations
 
+import re
+
 from vms.devices import RESOURCES_UNKNOWN, disk_identity, pool_by_name
 from vms.models import VSP, Network, StoragePool, VirtualDisk, VirtualMachine
+
+# Reasons of this module begin with a host's or a guest's name, which a sentence keeps as it is written.
+_NAMED_FIRST = re.compile(r"\S+( does not mount pool | has no network | cannot be checked: |'s disk )")
+
+
+def begins_with_a_name(reason: str) -> bool:
+    """Whether ``reason`` is one of this module's, opening with a VSP's or VM's name ("vsp3 has no ...")."""
+    return bool(_NAMED_FIRST.match(reason))
 
 
 def local_disk_refusal(vm: VirtualMachine, source: VSP | None) -> str | None:

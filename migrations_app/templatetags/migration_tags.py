@@ -13,6 +13,7 @@ from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
+from migrations_app.placement import begins_with_a_name
 from migrations_app.progress import MigrationDisplay, get_migration_display
 from migrations_app.steering import Outlook, can_throttle_live, outlook
 from migrations_app.steering import steer_values as steering_values
@@ -56,8 +57,11 @@ def get_row(rows: dict[int, Migration], vm_id: int) -> Migration | None:
 
 @register.filter
 def reason_sentence(reason: str) -> str:
-    """A check's reason as the start of a sentence; "vPars" keeps its lower-case v."""
-    return reason if reason.startswith("vPar") else reason[:1].upper() + reason[1:]
+    """A check's reason as the start of a sentence; "vPars" keeps its lower-case v, and a reason opening
+    with a host's or guest's name keeps the name as written ("vsp3 does not mount pool ...")."""
+    if reason.startswith("vPar") or begins_with_a_name(reason):
+        return reason
+    return reason[:1].upper() + reason[1:]
 
 
 @register.filter
