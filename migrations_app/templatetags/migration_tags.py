@@ -14,6 +14,7 @@ from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.placement import begins_with_a_name
+from vms.devices import size_text
 from migrations_app.progress import MigrationDisplay, get_migration_display
 from migrations_app.steering import Outlook, can_throttle_live, outlook
 from migrations_app.steering import steer_values as steering_values
@@ -203,3 +204,20 @@ def control_shown(context: template.Context, control: str) -> bool:
 def any_target_open(targets: list[tuple[VSP, str]]) -> bool:
     """Whether one of ``other_vsps``'s targets can take guests now (no refusal)."""
     return any(not reason for _, reason in targets)
+
+
+@register.filter
+def guest_disks(devices: dict | None) -> str:
+    """A migration's ``guest_devices`` disks in words: "vda: san-a/db01-vda.qcow2 (20 GiB)"; "" if none."""
+    disks = (devices or {}).get("disks") or []
+    return "; ".join(
+        f"{disk['device']}: {disk['pool']}/{disk['volume']} ({size_text(disk['virtual_size_bytes'])})"
+        for disk in disks
+    )
+
+
+@register.filter
+def guest_networks(devices: dict | None) -> str:
+    """A migration's ``guest_devices`` cards in words: "nic 0: prod-net (52:54:00:..)"; "" if none."""
+    nics = (devices or {}).get("nics") or []
+    return "; ".join(f"nic {index}: {nic['network']} ({nic['mac']})" for index, nic in enumerate(nics))
