@@ -14,10 +14,10 @@ from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.placement import begins_with_a_name
-from vms.devices import size_text
 from migrations_app.progress import MigrationDisplay, get_migration_display
 from migrations_app.steering import Outlook, can_throttle_live, outlook
 from migrations_app.steering import steer_values as steering_values
+from vms.devices import size_text
 from vms.models import VSP, VirtualMachine
 
 register = template.Library()
