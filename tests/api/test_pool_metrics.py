@@ -18,12 +18,12 @@ def test_it_reports_each_pools_free_and_total_bytes(settings):
     text = scrape("10.1.2.3").content.decode()
 
     assert (
-        'matrixoe_storage_pool_free_bytes{identity="lun7",kind="shared",pool="san-a",vsp="vsp1"} 3.221225472e+09'
-        in text
+        'matrixoe_storage_pool_free_bytes{identity="lun7",kind="shared",pool="san-a",vsp="vsp1"} '
+        "3.221225472e+09" in text
     )
     assert (
-        'matrixoe_storage_pool_capacity_bytes{identity="lun7",kind="shared",pool="san-a",vsp="vsp1"} 8.589934592e+09'
-        in text
+        'matrixoe_storage_pool_capacity_bytes{identity="lun7",kind="shared",pool="san-a",vsp="vsp1"} '
+        "8.589934592e+09" in text
     )
     assert (
         'matrixoe_storage_pool_free_bytes{identity="local-vsp2-1",kind="local",pool="scratch",vsp="vsp2"}'
