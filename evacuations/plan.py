@@ -276,11 +276,11 @@ def build_plan(
         steps.append(PlanStep.of(vm, target, rates.get(vm.pk), problem, vm.pk in confirmed))
     for vm in free_choice:
         # The guest's disks and cards first: a target without its shared pools or networks never takes it.
-        devices = {pk: devices_refusal(vm, vsp, eligible[pk]) for pk in eligible}
-        reachable = {pk: other for pk, other in eligible.items() if not devices[pk]}
+        unfit = {pk: devices_refusal(vm, vsp, eligible[pk]) for pk in eligible}
+        reachable = {pk: other for pk, other in eligible.items() if not unfit[pk]}
         roomy = [pk for pk in reachable if planned_free[pk] >= vm.memory_mib]
         if not roomy:
-            refused = next((why for why in devices.values() if why), "")
+            refused = next((why for why in unfit.values() if why), "")
             reason = refused if eligible and not reachable else no_room_reason(vm, planned_free, reachable)
             staying.append(Staying(vm.name, reason))
             continue
