@@ -26,7 +26,7 @@ from typing import Any
 from migrations_app import estimates, forecast
 from migrations_app.access import migration_targets
 from migrations_app.checks import check_vm, host_refusal
-from migrations_app.placement import devices_refusal
+from migrations_app.placement import devices_refusal, load_devices
 from vms.access import visible_vsps
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, Registration, VirtualMachine
@@ -276,7 +276,8 @@ def build_plan(
         steps.append(PlanStep.of(vm, target, rates.get(vm.pk), problem, vm.pk in confirmed))
     for vm in free_choice:
         # The guest's disks and cards first: a target without its shared pools or networks never takes it.
-        unfit = {pk: devices_refusal(vm, vsp, eligible[pk]) for pk in eligible}
+        had = load_devices(vm, vsp)
+        unfit = {pk: devices_refusal(vm, vsp, eligible[pk], had) for pk in eligible}
         reachable = {pk: other for pk, other in eligible.items() if not unfit[pk]}
         roomy = [pk for pk in reachable if planned_free[pk] >= vm.memory_mib]
         if not roomy:

@@ -15,7 +15,7 @@ from django.db.models import Q, Sum
 from vms.models import VSP, PairEncryption, Registration, VirtualMachine, streams_label
 
 from .models import Migration
-from .placement import devices_refusal, local_disk_refusal
+from .placement import GuestDevices, devices_refusal, load_devices, local_disk_refusal
 
 OK = "ok"
 ALREADY_MIGRATING_REASON = "VM is already migrating"
@@ -55,10 +55,11 @@ def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
             streams[other] = count
             if encryption == PairEncryption.Policy.OFF:
                 plain.add(other)
+    devices = load_devices(vm, source) if not vm_reason else None
     return [
         TargetCheck(
             vsp,
-            vm_reason or check_target_host(vm, source, vsp) or OK,
+            vm_reason or check_target_host(vm, source, vsp, devices=devices) or OK,
             PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
             streams.get(vsp.pk),
         )
@@ -108,11 +109,16 @@ def not_running_reason(vm: VirtualMachine) -> str:
 
 
 def check_target_host(
-    vm: VirtualMachine, source: VSP | None, target: VSP, *, ignoring: Migration | None = None
+    vm: VirtualMachine,
+    source: VSP | None,
+    target: VSP,
+    *,
+    ignoring: Migration | None = None,
+    devices: GuestDevices | None = None,
 ) -> str | None:
     if reason := host_refusal(source, target):
         return reason
-    if reason := devices_refusal(vm, source, target):
+    if reason := devices_refusal(vm, source, target, devices):
         return reason
     free = free_memory_mib(target, ignoring=ignoring)
     if vm.memory_mib > free:

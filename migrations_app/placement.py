@@ -11,9 +11,10 @@ every target with that reason. A guest without disks or cards (what agents older
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from vms.devices import RESOURCES_UNKNOWN, disk_identity, pool_by_name
-from vms.models import VSP, Network, StoragePool, VirtualDisk, VirtualMachine
+from vms.models import VSP, Network, NetworkCard, StoragePool, VirtualDisk, VirtualMachine
 
 # Reasons of this module begin with a host's or a guest's name, which a sentence keeps as it is written.
 _NAMED_FIRST = re.compile(r"\S+( does not mount pool | has no network | cannot be checked: |'s disk )")
@@ -39,21 +40,39 @@ def local_disk_refusal(vm: VirtualMachine, source: VSP | None) -> str | None:
     return None
 
 
-def devices_refusal(vm: VirtualMachine, source: VSP | None, target: VSP) -> str | None:
+@dataclass(frozen=True)
+class GuestDevices:
+    """A guest's disks and cards with its source's pools by name, read once for every target checked."""
+
+    disks: list[VirtualDisk]
+    cards: list[NetworkCard]
+    source_pools: dict[str, StoragePool]
+
+
+def load_devices(vm: VirtualMachine, source: VSP | None) -> GuestDevices:
+    disks = list(VirtualDisk.objects.filter(vm=vm).order_by("device"))
+    cards = list(NetworkCard.objects.filter(vm=vm).order_by("index"))
+    pools = pool_by_name(source) if source is not None and disks else {}
+    return GuestDevices(disks, cards, pools)
+
+
+def devices_refusal(
+    vm: VirtualMachine, source: VSP | None, target: VSP, devices: GuestDevices | None = None
+) -> str | None:
     """Why ``target`` cannot take ``vm``'s disks or cards, or None: the first disk whose shared pool it
     does not mount, else the first card whose network it lacks. ``target``'s pools not known (its agent
-    is older than pools) refuses a guest that has disks or cards: they cannot be checked."""
-    disks = list(VirtualDisk.objects.filter(vm=vm).order_by("device"))
-    cards = list(vm.nics.order_by("index"))
+    is older than pools) refuses a guest that has disks or cards: they cannot be checked. ``devices``:
+    ``load_devices(vm, source)`` when checking several targets (read once)."""
+    devices = devices or load_devices(vm, source)
+    disks, cards = devices.disks, devices.cards
     if not disks and not cards:
         return None
     if target.resources_collected_at is None:
         first = f"disk {disks[0].device}" if disks else f"nic {cards[0].index}"
         return f"{target.name} cannot be checked: {RESOURCES_UNKNOWN}: {vm.name}'s {first}"
-    source_pools = pool_by_name(source) if source is not None else {}
     mounted = set(StoragePool.objects.filter(vsp=target).values_list("identity", flat=True))
     for disk in disks:
-        identity = disk_identity(disk, source_pools)
+        identity = disk_identity(disk, devices.source_pools)
         if identity not in mounted:
             return f"{target.name} does not mount pool {disk.pool}: {vm.name}'s disk {disk.device}"
     networks = set(Network.objects.filter(vsp=target).values_list("name", flat=True))
