@@ -216,3 +216,17 @@ def test_the_api_defines_and_refuses_with_409(agent_vsp, admin):
         (0, "prod-net", "52:54:00:00:00:33")
     ]
     assert agent.guest("db03") is not None
+
+
+@pytest.mark.skipif(not agent_has_pools(), reason="this checkout's agent has no --pool yet (agent branch)")
+@pytest.mark.django_db(transaction=True)
+def test_an_image_the_agent_does_not_find_is_its_refusal_and_nothing_is_created(agent_vsp, admin):
+    vsp, agent = agent_vsp
+
+    with pytest.raises(ValidationError) as refused:
+        define(vsp, admin, disks=[DiskRequest("san-a", image="missing.qcow2")])
+
+    assert refused.value.messages[0].startswith("vsp1 refused db02: ")
+    assert "missing.qcow2" in refused.value.messages[0]
+    assert not VirtualMachine.objects.filter(name="db02").exists()
+    assert agent.guest("db02") is None
