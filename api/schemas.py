@@ -484,11 +484,15 @@ class MigrationPage(Schema):
     offset: int
 
 
+# Unknown fields refused; numbers as JSON Schema reads "integer" (20.0 is 20).
+DEFINE_CONFIG = ConfigDict(extra="forbid")
+
+
 class DiskIn(Schema):
     """A disk of a VM to define: a new volume of ``size_bytes`` in ``pool``, or ``image``: the name of a
     volume already in ``pool`` (a name, never a path)."""
 
-    model_config = INPUT_CONFIG
+    model_config = DEFINE_CONFIG
 
     pool: str = Field(min_length=1, max_length=64)
     size_bytes: int | None = Field(None, ge=1, le=1 << 50)
@@ -498,7 +502,7 @@ class DiskIn(Schema):
 class NicIn(Schema):
     """A network card: on ``network`` of the VSP; ``mac`` empty: generated (unique in the console)."""
 
-    model_config = INPUT_CONFIG
+    model_config = DEFINE_CONFIG
 
     network: str = Field(min_length=1, max_length=64)
     mac: str = Field("", max_length=32)
@@ -507,7 +511,7 @@ class NicIn(Schema):
 class VMDefineIn(Schema):
     """A VM to define on ``vsp`` (id or name), with its disks (vda, vdb, ...) and cards (nic 0, ...)."""
 
-    model_config = INPUT_CONFIG
+    model_config = DEFINE_CONFIG
 
     name: str = Field(min_length=1, max_length=64)
     vsp: IdOrName
