@@ -137,7 +137,8 @@ class DiskSpec(Message):
     once (a cluster disk); ``read_only``: the guest cannot write it. ``pool_identity``: the pool's
     ``StoragePool.identity``; agents fill it in what they report, and a migration's target finds the
     pool of an incoming guest's disk by it (by ``pool`` when absent), so two hosts may call the same
-    shared storage by different names.
+    shared storage by different names. ``boot``: the guest boots from this disk (at most one; a guest
+    without one boots its driver's built-in test guest, its disks attached as data disks).
     """
 
     device: Device
@@ -150,6 +151,7 @@ class DiskSpec(Message):
     shareable: StrictBool = False
     create: StrictBool = False
     pool_identity: Identity | None = None
+    boot: StrictBool = False
 
 
 class DiskInfo(DiskSpec):
@@ -169,7 +171,7 @@ class NicSpec(Message):
 
 
 def check_unique_devices(disks: list[DiskSpec], nics: list[NicSpec]) -> None:
-    """Refuse two disks with one device name or one volume, and two cards with one MAC.
+    """Refuse two disks with one device name or one volume, two boot disks, and two cards with one MAC.
 
     Raises ``PydanticCustomError`` naming the first duplicate.
     """
@@ -179,6 +181,8 @@ def check_unique_devices(disks: list[DiskSpec], nics: list[NicSpec]) -> None:
             if value in seen[what]:
                 raise PydanticCustomError("duplicate", "two disks use the same {what}", {"what": what})
             seen[what].add(value)
+    if sum(disk.boot for disk in disks) > 1:
+        raise PydanticCustomError("duplicate", "only one disk can be the boot disk", {})
     for nic in nics:
         if nic.mac in seen["mac"]:
             raise PydanticCustomError("duplicate", "two network cards use MAC {mac}", {"mac": nic.mac})

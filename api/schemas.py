@@ -81,6 +81,7 @@ class DiskOut(Schema):
     bus: str
     read_only: bool
     shareable: bool
+    boot: bool
 
 
 class NicOut(Schema):

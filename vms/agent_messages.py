@@ -63,6 +63,7 @@ def disk_specs(vm: VirtualMachine) -> list[DiskSpec]:
             read_only=disk.read_only,
             shareable=disk.shareable,
             pool_identity=disk.pool_identity or None,
+            boot=disk.boot,
         )
         for disk in vm.disks.order_by("device")
     ]

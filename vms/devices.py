@@ -74,6 +74,7 @@ def store_guest_devices(vm: VirtualMachine, vsp: VSP, guest: GuestInfo) -> None:
                 "bus": disk.bus,
                 "read_only": disk.read_only,
                 "shareable": disk.shareable,
+                "boot": disk.boot,
             },
         )
     macs = [nic.mac for nic in guest.nics]

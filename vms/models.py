@@ -697,6 +697,7 @@ class VirtualDisk(models.Model):
     bus = models.CharField(max_length=8, default="virtio")
     read_only = models.BooleanField(default=False)
     shareable = models.BooleanField(default=False)
+    boot = models.BooleanField(default=False, help_text="The guest boots from this disk (at most one).")
 
     class Meta:
         ordering = ["vm__name", "device"]

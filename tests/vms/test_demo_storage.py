@@ -8,6 +8,7 @@ import pytest
 
 from migrations_app.checks import check_targets
 from tests.hostagent.conftest import AgentFactory
+from tests.vms.older_agent import OlderAgent
 from tests.vms.test_storage_inventory import agent_has_pools
 from vms.demo import HOSTS, create_demo_fleet, seed_demo_agents
 from vms.demo_storage import agent_storage_options
@@ -21,22 +22,30 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def demo_agents(tmp_path):
     """``start(options_for_host)``: the demo fleet in the database, its four VSPs on real agents."""
     factory = AgentFactory(tmp_path)
+    proxies: list[OlderAgent] = []
 
-    def start(options=lambda name: []):
+    def start(options=lambda name: [], *, older=False):
+        """``older``: each agent as those older than pools answer (``tests.vms.older_agent``)."""
         create_demo_fleet(agents_base_port=7101, secrets_dir=tmp_path / "secrets")
         for host in HOSTS:
-            agent = factory(host.name, *options(host.name))
-            VSP.objects.filter(name=host.name).update(agent_url=agent.url, agent_certificate=agent.trust)
+            agent = factory(host.name, *options(host.name), tls=not older)
+            url, trust = agent.url, agent.trust
+            if older:
+                proxies.append(OlderAgent(agent.url))
+                url, trust = proxies[-1].url, ""
+            VSP.objects.filter(name=host.name).update(agent_url=url, agent_certificate=trust)
             vsp = VSP.objects.get(name=host.name)
             vsp.agent_secret = agent.secret
             vsp.save(update_fields=["agent_secret"])
 
     yield start
+    for proxy in proxies:
+        proxy.close()
     factory.stop_all()
 
 
 def test_with_agents_older_than_pools_the_demo_runs_without_disks_and_says_so(demo_agents, tmp_path):
-    demo_agents()
+    demo_agents(older=True)
 
     lines = seed_demo_agents("simulated", tmp_path / "pool")
     answered = collect_all_inventory()

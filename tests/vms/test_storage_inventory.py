@@ -26,6 +26,7 @@ from tests.factories import (
     make_vsp,
 )
 from tests.hostagent.conftest import AgentFactory
+from tests.vms.older_agent import OlderAgent
 from vms.inventory import Asked, collect_vsp, copies_to_store, record_asked
 from vms.models import VSP, NetworkCard, VirtualDisk
 
@@ -166,10 +167,13 @@ def test_a_reported_mac_another_vm_holds_is_not_stored_twice():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_agent_older_than_pools_answers_404_and_the_pages_say_not_known(agents, client):
-    """A real agent of today: ``GET /v1/resources`` is 404. Collection goes on; pools are "not known"."""
-    agent = agents("old1")
-    vsp = make_vsp("old1", agent_url=agent.url, agent_secret=agent.secret, agent_certificate=agent.trust)
+def test_an_agent_older_than_pools_answers_404_and_the_pages_say_not_known(agents, client, request):
+    """An agent older than pools (``older_agent``: ``GET /v1/resources`` is 404). Collection goes on;
+    pools are "not known"."""
+    agent = agents("old1", tls=False)
+    older = OlderAgent(agent.url)
+    request.addfinalizer(older.close)
+    vsp = make_vsp("old1", agent_url=older.url, agent_secret=agent.secret)
     vm = make_vm("db01", vsp=vsp)
     give_disk(vm, make_pool(make_vsp("other"), "san-a"))
     VSP.objects.filter(pk=vsp.pk).update(resources_collected_at=None)
@@ -205,3 +209,19 @@ def test_a_real_agent_with_a_shared_pool_and_a_network_is_collected(agents, tmp_
     assert vsp.resources_collected_at is not None
     assert list(vsp.pools.values_list("name", "kind", "identity")) == [("san-a", "shared", "san-a-lun7")]
     assert list(vsp.networks.values_list("name", flat=True)) == ["prod-net"]
+
+
+def test_what_a_migrations_target_is_told_carries_the_disks_with_their_pools_identity_and_the_cards():
+    from vms.agent_messages import guest_spec
+
+    vsp = make_vsp("vsp1")
+    vm = make_vm("db01", vsp=vsp)
+    collect(vsp, vm)
+
+    spec = guest_spec(vm)
+
+    assert [(d.device, d.pool, d.pool_identity, d.volume, d.create) for d in spec.disks] == [
+        ("vda", "san-a", "san-a-lun7", "db01-vda.qcow2", False),
+        ("vdb", "san-a", "san-a-lun7", "db01-vdb.qcow2", False),
+    ]
+    assert [(nic.network, nic.mac) for nic in spec.nics] == [("prod-net", "52:54:00:aa:bb:01")]
