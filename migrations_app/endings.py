@@ -115,8 +115,18 @@ def roll_forward(agents: MigrationAgents, lease: Lease) -> bool:
     still = agents.ask_target()
     alert = "" if runs_the_guest(still) else alerts.target_lost(migration, still)
     migration.refresh_from_db()
+    note_blackout(migration, still)
     records.record_completed(migration, lease, alerts.completed_message(migration), alert)
     return True
+
+
+def note_blackout(migration: Migration, snapshot: object) -> None:
+    """Keep the network blackout the target measured once the guest ran there (``ProgressSnapshot.
+    network_blackout_ms``: the longest gap in its heartbeats, ms), when it says one; a figure only."""
+    blackout = getattr(snapshot, "network_blackout_ms", None)
+    if isinstance(snapshot, ProgressSnapshot) and blackout is not None:
+        Migration.objects.filter(pk=migration.pk).update(network_blackout_ms=blackout)
+        migration.network_blackout_ms = blackout
 
 
 def keep_on_source(agents: MigrationAgents, lease: Lease, refusal: ProgressSnapshot | AgentRefused) -> bool:

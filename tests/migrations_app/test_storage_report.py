@@ -56,3 +56,20 @@ def test_the_history_row_names_the_disks_and_networks(moved, admin_client):  # n
     html = admin_client.get(reverse("migration_history:list")).content.decode()
 
     assert "vda: san-a/db01-vda.qcow2 (20 GiB); nic 0: prod-net (52:54:00:00:00:07)" in html
+
+
+def test_the_blackout_the_target_measured_after_the_switchover_is_kept(moved, admin_client):  # noqa: F811
+    from migrations_app.endings import note_blackout
+
+    after = ProgressSnapshot(
+        seq=30,
+        migration_id="m-1",
+        role="target",
+        guest=str(moved.vm.guest_id),
+        state="completed",
+        network_blackout_ms=95.5,
+    )
+    note_blackout(moved, after)
+
+    html = admin_client.get(reverse("migration_history:report", args=[moved.pk])).content.decode()
+    assert "96 ms" in html and "Frozen 180 ms" in html
