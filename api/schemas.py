@@ -324,12 +324,15 @@ def choice(value: str, label: str) -> Choice:
 
 
 def vsp_out(vsp: VSP) -> VSPOut:
-    out = VSPOut.model_validate(vsp, from_attributes=True)
-    out.pools = [PoolOut.model_validate(pool, from_attributes=True) for pool in vsp.pools.order_by("name")]
-    out.networks = [
-        NetworkOut.model_validate(net, from_attributes=True) for net in vsp.networks.order_by("name")
-    ]
-    return out
+    # ``.all()`` sorted here: a list prefetches both (``list_vsps``), so a page costs two queries in all.
+    pools = sorted(vsp.pools.all(), key=lambda pool: pool.name)
+    networks = sorted(vsp.networks.all(), key=lambda network: network.name)
+    fields = {name: getattr(vsp, name) for name in VSPOut.model_fields if name not in ("pools", "networks")}
+    return VSPOut(
+        **fields,
+        pools=[PoolOut.model_validate(pool, from_attributes=True) for pool in pools],
+        networks=[NetworkOut.model_validate(network, from_attributes=True) for network in networks],
+    )
 
 
 def registration_out(registration: Registration) -> RegistrationOut:

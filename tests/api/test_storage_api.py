@@ -1,4 +1,4 @@
-"""/metrics counts each storage pool's free bytes, per VSP, from the inventory."""
+"""Storage in the API: pools and networks on the VSP list (a fixed number of queries), pools in /metrics."""
 
 from __future__ import annotations
 
@@ -29,3 +29,22 @@ def test_it_reports_each_pools_free_and_total_bytes(settings):
         'matrixoe_storage_pool_free_bytes{identity="local-vsp2-1",kind="local",pool="scratch",vsp="vsp2"}'
         in text
     )
+
+
+def test_the_vsp_list_shows_pools_and_networks_in_a_fixed_number_of_queries(django_assert_max_num_queries):
+    from api.tokens import do_create_token
+    from tests.api.conftest import READ_ONLY, ApiClient
+    from tests.factories import make_network, make_user
+
+    api = ApiClient(do_create_token(make_user("olga", permissions=READ_ONLY), "t")[1])
+    for number in range(6):
+        vsp = make_vsp(f"vsp{number}")
+        make_pool(vsp, "san-a", identity="lun7")
+        make_network(vsp, "prod-net")
+
+    with django_assert_max_num_queries(12):
+        items = api.get("/vsps").json()["items"]
+
+    assert [(vsp["pools"][0]["identity"], vsp["networks"][0]["name"]) for vsp in items] == [
+        ("lun7", "prod-net")
+    ] * 6
