@@ -34,14 +34,17 @@ def storage_fleet(host_agents, fleet):
     give_disk(vm, san, "vda", 20 << 30)
     give_disk(vm, san, "vdb", 100 << 30)
     give_nic(vm, "prod-net", mac="52:54:00:3c:1a:07")
+    scratch = make_pool(fleet["hosta"], "scratch", kind="local", identity="local-hosta-1")
+    local = place_vm(host_agents, fleet, vm_fields={"name": "cache02"})
+    give_disk(local, scratch)
     make_user("maria", permissions=(*MIGRATOR, "vms.view_vsp"))
-    return vm
+    return vm, local
 
 
 def test_the_dialog_greys_targets_without_the_pool_or_network_and_the_tabs_list_them(
     host_agents, fleet, console_server, browser_page
 ):
-    vm = run_in_thread(storage_fleet, host_agents, fleet)
+    vm, local = run_in_thread(storage_fleet, host_agents, fleet)
     page = browser_page
     log_in(page, console_server, "maria", PASSWORD)
 
@@ -67,3 +70,11 @@ def test_the_dialog_greys_targets_without_the_pool_or_network_and_the_tabs_list_
     assert card.inner_text().split("\t")[:3] == ["nic 0", "prod-net", "bridge (br0)"]
     assert "52:54:00:3c:1a:07" in card.inner_text()
     page.screenshot(path=str(DOCS / "vm-network-tab.png"), full_page=True)
+
+    page.goto(f"{console_server}/vms/{local.pk}/general/")  # cache02: a disk on hosta's local pool
+    page.click("#migrate-button")
+    assert page.locator("#migrate-dialog-blocked, #migrate-dialog-error").first.inner_text() == (
+        "cache02 cannot migrate to any VSP: cache02's disk vda is on local pool scratch of hosta: "
+        "local disks cannot move yet (only disks on shared pools do)."
+    )
+    assert page.locator("#migrate-dialog input[name=target]:enabled").count() == 0
