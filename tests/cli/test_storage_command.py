@@ -49,3 +49,19 @@ def test_status_lists_the_disks_and_the_cards(host_agents, fleet, logged_in):
     assert shown.returncode == 0, shown.stderr
     assert "vda" in shown.stdout and f"{vm.name}-vda.qcow2" in shown.stdout and "10 GiB" in shown.stdout
     assert "nic 0" in shown.stdout and "52:54:00:00:00:99" in shown.stdout
+
+
+def test_define_refuses_in_words_and_defines_a_plain_vm(host_agents, fleet, tmp_path, live_console):
+    token = do_create_token(make_user("ada", permissions=(*WRITER, "vms.add_virtualmachine")), "cli")[1]
+    assert matrixoe(tmp_path, "login", live_console, "--token", token).returncode == 0
+    make_pool(fleet["hostb"], "san-a", free_bytes=1 << 30)
+
+    refused = matrixoe(tmp_path, "define", "db09", "--vsp", "hostb", "--disk", "san-a:2G", "--nic", "dmz")
+    made = matrixoe(tmp_path, "define", "db10", "--vsp", "hosta", "--memory", "32")
+
+    assert refused.returncode == 1
+    assert "Disk vda: pool san-a on hostb has 1 GiB free; the new volumes there need 2 GiB." in refused.stderr
+    assert "Network card 0: hostb has no network 'dmz' (its networks: none)." in refused.stderr
+    assert made.returncode == 0, made.stderr
+    assert "db10 defined on hosta." in made.stdout
+    assert host_agents["hosta"].guest("db10") is not None
