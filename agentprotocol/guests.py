@@ -142,6 +142,10 @@ class Health(Message):
     # wall ms (includes the host's load) and the loop thread's CPU ms in that gap (the agent's own work).
     loop_stall_ms: float = 0.0
     loop_busy_ms: float = 0.0
+    # The host's memory guests may use (MiB) and its CPUs, as the agent knows them (None: an older
+    # agent, or not known): what the console proposes when an admin adds the VSP.
+    memory_mib: Annotated[StrictInt, AfterValidator(between(0, 1 << 40))] | None = None
+    cpus: Annotated[StrictInt, AfterValidator(between(0, 1 << 20))] | None = None
 
 
 # What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not

@@ -16,6 +16,7 @@ from .auth import API_AUTH
 from .evacuations import router as evacuations_router
 from .problems import PROBLEM_CONTENT_TYPE, install_problem_handlers
 from .routes import router
+from .setup import router as setup_router
 
 DESCRIPTION = """The Matrix OE console's API: the same actions, checks and words as its pages.
 
@@ -51,6 +52,7 @@ api = ConsoleAPI(
 install_problem_handlers(api)
 api.add_router("", router)
 api.add_router("", evacuations_router)
+api.add_router("", setup_router)
 
 
 def public_urls(patterns: list[Any]) -> list[Any]:

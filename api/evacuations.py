@@ -16,9 +16,15 @@ from ninja import Field, Path, Query, Router, Schema
 from ninja.responses import Status
 from pydantic import ConfigDict
 
-from evacuations.actions import do_cancel_evacuation, do_leave_maintenance, do_start_evacuation
+from evacuations.actions import (
+    do_cancel_evacuation,
+    do_leave_maintenance,
+    do_start_evacuation,
+    latest_evacuation,
+)
 from evacuations.models import Evacuation
 from evacuations.plan import Plan, build_plan, dirty_rates
+from evacuations.returns import build_return_plan, candidates, do_start_return, return_rates
 from evacuations.rights import may_view_evacuation
 from evacuations.summary import summarize
 from vms.access import visible_vsps
@@ -39,6 +45,11 @@ MAX_GUESTS = 10_000
 class PlanStepOut(Schema):
     vm: str
     vm_id: int
+    source: str | None = Field(
+        default=None,
+        description='A return plan\'s: where the guest runs now ("a VSP outside your host groups" for one '
+        "you do not see); null in an evacuation plan (the source is the VSP)",
+    )
     target: str | None
     target_id: int | None
     predicted_s: float | None = Field(description="Forecast total time (s); null: not known yet")
@@ -69,8 +80,14 @@ class PlanOut(Schema):
     staying: list[StayingOut] = Field(description="Guests that cannot leave, each with its reason")
     problems: list[str]
     can_start: bool
-    known_total_s: float
+    known_total_s: float = Field(
+        description="When the steps with a forecast would all be done (s); steps forecast not to converge "
+        "are not counted (not_converging_count)"
+    )
     unknown_count: int = Field(description="Steps whose time is not known yet")
+    not_converging_count: int = Field(
+        description="Steps forecast not to converge (will_not_converge), left out of known_total_s"
+    )
 
 
 class EvacuationIn(Schema):
@@ -102,6 +119,9 @@ class EvacuationStepOut(Schema):
 class EvacuationOut(Schema):
     id: int
     vsp: str
+    kind: str = Field(
+        description="evacuation (guests leave vsp) or return (the guests its last evacuation moved come back)"
+    )
     state: str
     requested_by: str
     started_at: datetime
@@ -115,12 +135,14 @@ class EvacuationOut(Schema):
 
 
 def plan_out(plan: Plan) -> PlanOut:
+    sources: dict[int, str] = getattr(plan, "sources", {})  # a ReturnPlan's
     return PlanOut(
         vsp=plan.vsp.name,
         steps=[
             PlanStepOut(
                 vm=step.vm.name,
                 vm_id=step.vm.pk,
+                source=sources.get(step.vm.pk),
                 target=step.target.name if step.target else None,
                 target_id=step.target.pk if step.target else None,
                 predicted_s=step.predicted_s,
@@ -135,6 +157,7 @@ def plan_out(plan: Plan) -> PlanOut:
         can_start=plan.ok,
         known_total_s=plan.known_total_s,
         unknown_count=plan.unknown_count,
+        not_converging_count=plan.not_converging_count,
     )
 
 
@@ -143,6 +166,7 @@ def evacuation_out(evacuation: Evacuation) -> EvacuationOut:
     return EvacuationOut(
         id=evacuation.pk,
         vsp=evacuation.vsp.name,
+        kind=evacuation.kind,
         state=evacuation.state,
         requested_by=evacuation.requested_by_name,
         started_at=evacuation.started_at,
@@ -249,6 +273,64 @@ def cancel_evacuation(request: HttpRequest, evacuation_id: int = EvacuationId) -
     evacuation = get_evacuation(request, evacuation_id)
     do_cancel_evacuation(evacuation, request.user)
     return Status(202, evacuation_out(get_evacuation(request, evacuation_id)))
+
+
+class ReturnIn(Schema):
+    """The guests that stay where they are, and those started although their forecast warns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_GUESTS, description="VMs (ids or names)")
+    confirm: list[str] = Field(default_factory=list, max_length=MAX_GUESTS, description="VMs (ids or names)")
+
+
+MAX_LISTED = 100
+
+
+@router.get("/vsps/{vsp}/evacuations", response={200: list[EvacuationOut], **OBJECT_ERRORS})
+def list_evacuations(
+    request: HttpRequest, vsp: str = IdRef, limit: int = Query(20, ge=1, le=MAX_LISTED)
+) -> list[EvacuationOut]:
+    """The VSP's evacuations and returns of its guests, newest first (at most ``limit``)."""
+    host = get_vsp(vsp, request.user)
+    if not may_view_evacuation(request.user, host):
+        raise PermissionDenied("Your account lacks the permission to see this.")
+    latest_evacuation(host)  # settles the running one if its migrations have all ended
+    found = Evacuation.objects.filter(vsp=host).select_related("vsp")[:limit]
+    return [evacuation_out(evacuation) for evacuation in found]
+
+
+@router.get("/vsps/{vsp}/return-plan", response={200: PlanOut, **OBJECT_ERRORS})
+def get_return_plan(
+    request: HttpRequest,
+    vsp: str = IdRef,
+    exclude: list[str] = ExcludeQuery,
+    confirm: list[str] = ConfirmQuery,
+) -> PlanOut:
+    """What bringing back the guests the VSP's last evacuation moved away would do: each guest's
+    forecast to the VSP, who stays where it is and why (``evacuations.returns``)."""
+    host = get_vsp(vsp, request.user)
+    if not may_view_evacuation(request.user, host):
+        raise PermissionDenied("Your account lacks the permission to see this.")
+    _, leaving, _ = candidates(host)
+    plan = build_return_plan(
+        host,
+        rates=return_rates(leaving),
+        excluded={get_vm(vm_ref, request.user).pk for vm_ref in exclude},
+        confirmed={get_vm(vm_ref, request.user).pk for vm_ref in confirm},
+        user=request.user,
+    )
+    return plan_out(plan)
+
+
+@router.post("/vsps/{vsp}/returns", response={201: EvacuationOut, **WRITE_ERRORS})
+def start_return(request: HttpRequest, body: ReturnIn, vsp: str = IdRef) -> Status[EvacuationOut]:
+    """Bring the guests back (refused, 409, while the VSP is in maintenance or a step warns unconfirmed)."""
+    host = get_vsp(vsp, request.user)
+    excluded = {get_vm(vm_ref, request.user).pk for vm_ref in body.exclude}
+    confirmed = {get_vm(vm_ref, request.user).pk for vm_ref in body.confirm}
+    evacuation = do_start_return(host, request.user, excluded=excluded, confirmed=confirmed)
+    return Status(201, evacuation_out(evacuation))
 
 
 @router.post("/vsps/{vsp}/leave-maintenance", response={200: VSPOut, **WRITE_ERRORS})

@@ -80,7 +80,12 @@ def require(request: HttpRequest, permission: str) -> None:
 def list_vsps(request: HttpRequest, limit: int = Limit, offset: int = Offset) -> dict:
     """Every VSP (VM host), by name."""
     require(request, VIEW_VSP)
-    vsps = visible_vsps(request.user).prefetch_related("pools", "networks").order_by("name")
+    vsps = (
+        visible_vsps(request.user)
+        .filter(retired_at=None)
+        .prefetch_related("pools", "networks")
+        .order_by("name")
+    )
     return page(vsps, limit, offset, vsp_out)
 
 

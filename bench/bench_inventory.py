@@ -8,11 +8,12 @@ Celery worker (threads pool, ``--threads``) on a private queue, and the real tas
 ``collect_vsp_inventory`` task per VSP, each with the default per-agent time-out
 (``INVENTORY_AGENT_TIMEOUT_S``, 5 s unless set).
 
-- **Answering VSPs are served by real host agents** (``python -m hostagent``, simulated driver, HTTPS
-  with certificates from a CA of the bench's own): ``--agents`` processes (10), each the agent of
-  several VSP rows (their ``agent_url`` is the same; the agent does not know, the console treats each
-  row as its own host). Each VSP has ``--guests`` registered guests (2, powered off, 1 MiB) defined on
-  its agent, so every call lists all the guests of that agent (90 by default) and stores its own.
+- **Answering VSPs are real hosts of a fleet** (``python -m hostagent.fleet``, simulated driver, HTTPS
+  with a certificate from a CA of the bench's own): ``--agents`` fleet processes (2) share them out,
+  and each VSP is its own host there: its own port, secret and guests. Each VSP has ``--guests``
+  registered guests (2, powered off, 1 MiB) defined on it. ``--design shared-agents`` runs the earlier
+  stand-in instead, for comparison: ``--agents`` plain agent processes (10), each the agent of several
+  VSP rows (one ``agent_url`` for many rows, so every call lists the guests of all of them).
   The agents share the machine's cores with the worker (on real hosts they would not).
 - **Not answering VSPs** (every tenth) point at ports that **accept the connection and never answer**
   (``devtools.blackhole``: listening sockets never read; the TLS handshake hangs), the costly kind of
@@ -22,6 +23,7 @@ Each round is timed from the fan-out (``InventoryRound.started_at``) to the last
 time-out (``finished_at``), as ``/metrics`` reports it (``matrixoe_inventory_collection_duration_seconds``).
 
     .venv/bin/python bench/bench_inventory.py [--vsps 500] [--dead-percent 10] [--threads 32] [--rounds 3]
+        [--design fleet|shared-agents] [--agents N]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from devtools.processes import (  # noqa: E402
     free_port,
     start_agent,
     start_celery_worker,
+    start_fleet,
     stop_all,
     wait_until,
     write_secret_file,
@@ -63,12 +66,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vsps", type=int, default=500)
     parser.add_argument("--dead-percent", type=int, default=10, help="VSPs whose agent never answers")
-    parser.add_argument("--agents", type=int, default=10, help="real agent processes serving the others")
+    parser.add_argument(
+        "--design",
+        choices=("fleet", "shared-agents"),
+        default="fleet",
+        help="fleet: every answering VSP its own host in --agents fleet processes; shared-agents: the "
+        "earlier stand-in, --agents agents each serving several VSP rows",
+    )
+    parser.add_argument(
+        "--agents", type=int, help="processes serving the answering VSPs (fleet 2, shared 10)"
+    )
     parser.add_argument("--guests", type=int, default=2, help="registered guests per answering VSP")
     parser.add_argument("--threads", type=int, default=32, help="the worker's threads (--concurrency)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=int, help="INVENTORY_AGENT_TIMEOUT_S for the worker (default: 5)")
     args = quick.parse_args(parser, {"vsps": 10, "agents": 1, "threads": 8, "rounds": 1, "timeout": 1})
+    args.agents = args.agents or (2 if args.design == "fleet" else 10)
     if args.timeout:
         os.environ["INVENTORY_AGENT_TIMEOUT_S"] = str(args.timeout)
     subprocess.run([sys.executable, "scripts/ensure_redis.py"], cwd=BASE_DIR, check=True)
@@ -77,8 +90,11 @@ def main() -> None:
     processes: list[ManagedProcess] = []
     hole = BlackHole(dead_count)
     try:
-        agents = [start_bench_agent(f"inv-{n}") for n in range(args.agents)]
-        processes += [agent.process for agent in agents]
+        if args.design == "fleet":
+            agents = start_bench_fleets(args.vsps - dead_count, args.agents)
+        else:
+            agents = [start_bench_agent(f"inv-{n}") for n in range(args.agents)]
+        processes += list({id(agent.process): agent.process for agent in agents}.values())
         ca = agents[0].ca.read_text() if agents[0].ca else ""
         populate(args.vsps, agents, hole.urls("https"), ca, args.guests)
         processes.append(
@@ -89,7 +105,8 @@ def main() -> None:
                 concurrency=args.threads,
             )
         )
-        worker, agent_pids = processes[-1].process.pid, [agent.process.process.pid for agent in agents]
+        worker = processes[-1].process.pid
+        agent_pids = sorted({agent.process.process.pid for agent in agents})
         rounds = []
         for _ in range(args.rounds):
             cpu_before = cpu_seconds([worker]), cpu_seconds(agent_pids)
@@ -110,9 +127,25 @@ def start_bench_agent(name: str) -> AgentProcess:
     return start_agent(name, free_port(), secret_file, log_path=log_path, pki_dir=WORK_DIR / "pki")
 
 
+def start_bench_fleets(answering: int, fleets: int) -> list[AgentProcess]:
+    """``answering`` VSPs, each its own host, spread over ``fleets`` fleet processes (one list, in order)."""
+    members: list[AgentProcess] = []
+    per_fleet = -(-answering // fleets)
+    for number in range(fleets):
+        count = min(per_fleet, answering - len(members))
+        if count <= 0:
+            break
+        prefix = f"inv{number}x"
+        members += start_fleet(
+            prefix, count, WORK_DIR / "secrets", log_path=WORK_DIR / f"{prefix}.log", pki_dir=WORK_DIR / "pki"
+        )
+    return members
+
+
 def populate(count: int, agents: list[AgentProcess], dead_urls: list[str], ca: str, guests: int) -> None:
     """``count`` VSPs: every tenth (while ``dead_urls`` last) at a silent port, the others shared out over
-    ``agents``, each with ``guests`` registered guests that its agent knows (powered off, 1 MiB)."""
+    ``agents`` (one each for a fleet, several each for shared agents), each with ``guests`` registered
+    guests that its agent knows (powered off, 1 MiB)."""
     import django
 
     django.setup()
@@ -122,9 +155,11 @@ def populate(count: int, agents: list[AgentProcess], dead_urls: list[str], ca: s
 
     dead = iter(dead_urls)
     step = max(count // max(len(dead_urls), 1), 1)
+    answering = 0
     for number in range(count):
         silent = next(dead, None) if number % step == step - 1 else None
-        agent = agents[number % len(agents)]
+        agent = agents[answering % len(agents)]
+        answering += 0 if silent else 1
         vsp = VSP.objects.create(
             name=f"vsp{number:03d}",
             agent_url=silent or agent.url,
@@ -187,7 +222,7 @@ def report(args: argparse.Namespace, dead: int, rounds: list[Round]) -> None:
     load = os.getloadavg()[0]
     print(
         f"Inventory collection: {args.vsps} VSPs, {dead} not answering (accept, never answer), "
-        f"{args.agents} real agents serving the rest ({args.guests} guests per VSP), one worker with "
+        f"{serving(args)} ({args.guests} guests per VSP), one worker with "
         f"{args.threads} threads, agent time-out {agent_timeout_s():g} s; {os.cpu_count()} cores, "
         f"load average {load:.1f}"
     )
@@ -201,6 +236,12 @@ def report(args: argparse.Namespace, dead: int, rounds: list[Round]) -> None:
         print(f"    answering agents' calls: {summary(answered)}")
         print(f"    silent agents' calls:    {summary(silent)}")
         print(f"    CPU used: worker {worker_cpu:.1f} s, agents {agents_cpu:.1f} s")
+
+
+def serving(args: argparse.Namespace) -> str:
+    if args.design == "fleet":
+        return f"the rest each its own host in {args.agents} fleet process(es)"
+    return f"{args.agents} real agents each serving several VSP rows"
 
 
 def agent_timeout_s() -> float:

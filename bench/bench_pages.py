@@ -2,12 +2,14 @@
 and of the migration history and a migration report, with 100 and with 100,000 migrations
 (10 events each: 1,000,000 events).
 
-Each size gets a throwaway SQLite database; requests go through Django's test Client (the whole
-middleware and template stack, no network). Prints the median of N requests per page, and fails if
-a page's query count differs between the sizes.
+Each size gets a throwaway SQLite database, or with ``--postgres`` a throwaway PostgreSQL database on the
+local server (``BENCH_POSTGRES_SERVER``, default ``postgres://postgres@127.0.0.1:5432``), as production
+runs; requests go through Django's test Client (the whole middleware and template stack, no network).
+Prints the median of N requests per page, and fails if a page's query count differs between the sizes.
 
     .venv/bin/python bench/bench_pages.py [--requests 30] [--sizes 100 10000]
-        [--history-sizes 100 100000] [--skip-vms] [--skip-history]
+        [--history-sizes 100 100000] [--skip-vms] [--skip-history] [--postgres]
+    .venv/bin/python bench/bench_pages.py --postgres --sizes 1000 100000 --history-sizes 1000 100000
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ sys.path.insert(0, str(BASE_DIR))
 
 from bench import quick  # noqa: E402
 
+POSTGRES_SERVER = os.environ.get("BENCH_POSTGRES_SERVER", "postgres://postgres@127.0.0.1:5432")
 
-def configure_django(database_path: Path) -> None:
+
+def configure_django(database_url: str) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "matrixoe.settings"
-    os.environ["DATABASE_URL"] = f"sqlite:///{database_path}"
+    os.environ["DATABASE_URL"] = database_url
     os.environ["ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     from devtools.local_secrets import use_local_secrets
@@ -233,12 +237,25 @@ def run_history_size(migration_count: int, requests: int) -> dict[str, tuple[flo
     call_command("migrate", verbosity=0)
     started = time.perf_counter()
     fill_history(migration_count)
+    analyze()
     print(f"filled {migration_count} migrations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     from django.contrib.auth.models import User
 
     client = Client()
     client.force_login(User.objects.get(username="bench"))  # axes wants a request for login()
     return {name: measure(client, url, requests) for name, url in history_pages().items()}
+
+
+def analyze() -> None:
+    """PostgreSQL: planner statistics for the rows just bulk-loaded, as autovacuum would soon gather
+    them; without them it plans the pages as if the tables were empty. SQLite gathers none by itself,
+    so none here either (its figures stay comparable with earlier runs)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
 
 
 def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int, float]]:
@@ -248,6 +265,7 @@ def run_size(vm_count: int, requests: int) -> dict[str, tuple[float, int, float]
 
     call_command("migrate", verbosity=0)
     fill(vm_count)
+    analyze()
     client, member = Client(), Client()
     client.force_login(User.objects.get(username="bench"))  # axes wants a request for login()
     member.force_login(User.objects.get(username="member"))
@@ -263,30 +281,54 @@ def main() -> int:
     parser.add_argument("--history-sizes", type=int, nargs="+", default=[100, 100_000])
     parser.add_argument("--skip-vms", action="store_true")
     parser.add_argument("--skip-history", action="store_true")
+    parser.add_argument("--postgres", action="store_true", help="throwaway PostgreSQL databases, not SQLite")
     options = quick.parse_args(parser, {"requests": 2, "sizes": [20, 40], "history_sizes": [100, 200]})
     failed = False
     with tempfile.TemporaryDirectory() as scratch:
-        configure_django(Path(scratch) / "bench.sqlite3")
+        postgres = options.postgres
+        configure_django(f"{POSTGRES_SERVER}/postgres" if postgres else f"sqlite:///{scratch}/bench.sqlite3")
+        engine = "PostgreSQL" if postgres else "SQLite"
         if not options.skip_vms:
-            results = run_sizes(scratch, "vms", options.sizes, run_size, options.requests)
-            failed |= not report(results, options.sizes, "VMs", options.requests)
+            results = run_sizes(scratch, "vms", options.sizes, run_size, options.requests, postgres)
+            failed |= not report(results, options.sizes, "VMs", options.requests, engine)
         if not options.skip_history:
             sizes = options.history_sizes
-            results = run_sizes(scratch, "history", sizes, run_history_size, options.requests)
-            failed |= not report(results, sizes, "migrations", options.requests)
+            results = run_sizes(scratch, "history", sizes, run_history_size, options.requests, postgres)
+            failed |= not report(results, sizes, "migrations", options.requests, engine)
     return 1 if failed else 0
 
 
-def run_sizes(scratch: str, kind: str, sizes: list[int], run, requests: int) -> dict[int, dict]:
+def run_sizes(
+    scratch: str, kind: str, sizes: list[int], run, requests: int, postgres: bool = False
+) -> dict[int, dict]:
+    """``run(size, requests)`` on a database of its own per size (a file, or a PostgreSQL database made
+    and dropped here)."""
     from django.db import connection
 
     results = {}
     for size in sizes:
         connection.close()
-        connection.settings_dict["NAME"] = str(Path(scratch) / f"bench-{kind}-{size}.sqlite3")
-        results[size] = run(size, requests)
-        connection.close()
+        name = f"bench_{kind}_{size}_{os.getpid()}"
+        if postgres:
+            postgres_database(name, create=True)
+            connection.settings_dict["NAME"] = name
+        else:
+            connection.settings_dict["NAME"] = str(Path(scratch) / f"{name}.sqlite3")
+        try:
+            results[size] = run(size, requests)
+        finally:
+            connection.close()
+            if postgres:
+                postgres_database(name, create=False)
     return results
+
+
+def postgres_database(name: str, create: bool) -> None:
+    """Create (or drop) the database ``name`` on the bench's PostgreSQL server."""
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE DATABASE {name}" if create else f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def cell(wall_ms: float, queries: int, cpu_ms: float) -> str:
@@ -294,10 +336,15 @@ def cell(wall_ms: float, queries: int, cpu_ms: float) -> str:
 
 
 def report(
-    results: dict[int, dict[str, tuple[float, int, float]]], sizes: list[int], unit: str, requests: int
+    results: dict[int, dict[str, tuple[float, int, float]]],
+    sizes: list[int],
+    unit: str,
+    requests: int,
+    engine: str = "SQLite",
 ) -> bool:
+    cpu_note = "CPU time in brackets" if engine == "SQLite" else "CPU time of Django only in brackets"
     print(
-        f"Server time (median of {requests} requests, Django test Client, SQLite; CPU time in brackets),"
+        f"Server time (median of {requests} requests, Django test Client, {engine}; {cpu_note}),"
         f" query count; load average {os.getloadavg()[0]:.1f}"
     )
     print(f"{'page':<30}" + "".join(f"{f'{size} {unit}':>36}" for size in sizes))

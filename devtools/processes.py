@@ -218,6 +218,84 @@ def start_agent(
 # -- the console: ASGI server and Celery ---------------------------------------------
 
 
+def free_port_range(count: int, attempts: int = 50) -> int:
+    """The first of ``count`` consecutive loopback ports that were all free just now (a fleet's ports).
+
+    Raises RuntimeError if ``attempts`` random ranges between 20000 and 60000 each had a taken port.
+    """
+    import random
+
+    for _ in range(attempts):
+        first = random.randrange(20000, 60000 - count)
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found on 127.0.0.1")
+
+
+def fleet_names(prefix: str, count: int) -> list[str]:
+    """The fleet's VSP names, as ``hostagent.fleet.member_names`` makes them (``prefix`` + padded number)."""
+    width = len(str(count))
+    return [f"{prefix}{index:0{width}d}" for index in range(1, count + 1)]
+
+
+def start_fleet(
+    prefix: str,
+    count: int,
+    secret_dir: Path,
+    *,
+    log_path: Path,
+    pki_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> list[AgentProcess]:
+    """``python -m hostagent.fleet``: ``count`` simulated VSPs in one process, each on its own port with
+    its own secret (written to ``secret_dir``), returned once the last one answers its health check.
+
+    Every returned ``AgentProcess`` shares the one ``ManagedProcess``: stopping any stops the fleet.
+    ``pki_dir``: the deployment CA's directory (one certificate, named ``prefix``, for every VSP);
+    None: ``--insecure-http``. Raises RuntimeError with the end of its log if it does not answer in time.
+    """
+    first = free_port_range(count)
+    names = fleet_names(prefix, count)
+    secrets_by_name = {name: write_secret_file(secret_dir / f"{name}.secret") for name in names}
+    args = [PYTHON, "-m", "hostagent.fleet", "--vsps", str(count), "--prefix", prefix]
+    args += ["--first-port", str(first), "--secret-dir", str(secret_dir)]
+    ca = fingerprint = None
+    verify: Any = True
+    scheme = "http"
+    if pki_dir is not None:
+        issued = pki.ensure_agent_cert(pki_dir, prefix)
+        args += issued.agent_args()
+        ca, fingerprint, scheme = issued.ca, issued.fingerprint(), "https"
+        verify = ssl.create_default_context(cafile=str(ca))
+    else:
+        args.append("--insecure-http")
+    process = start_process(f"fleet-{prefix}", args, log_path, env)
+    last = names[-1]
+    health = f"{scheme}://127.0.0.1:{first + count - 1}/v1/health"
+    headers = {"Authorization": f"Bearer {secrets_by_name[last]}"}
+    wait_until(lambda: not process.running or answers_http(health, headers, verify), timeout, 0.1)
+    if not process.running or not answers_http(health, headers, verify):
+        process.stop()
+        raise RuntimeError(f"fleet {prefix} did not start:\n{process.log_tail()}")
+    return [
+        AgentProcess(
+            name, f"{scheme}://127.0.0.1:{first + index}", secrets_by_name[name], process, ca, fingerprint
+        )
+        for index, name in enumerate(names)
+    ]
+
+
 def start_console_server(
     port: int, log_path: Path, *uvicorn_args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> ManagedProcess:
@@ -241,14 +319,18 @@ def start_celery_worker(
     concurrency: int = 4,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """A Celery worker (threads pool) of ``matrixoe`` on ``queue``, returned once it is ready."""
+    """A Celery worker (threads pool) of ``matrixoe`` on ``queue``, returned once it is ready.
+
+    ``extra_args``: more ``celery worker`` flags (a benchmark's ``--include``)."""
     hostname = f"{name}-{time.monotonic_ns()}@{socket.gethostname()}"
     args = [PYTHON, "-m", "celery", "-A", "matrixoe", "worker", "--pool", "threads"]
     args += ["--concurrency", str(concurrency), "--hostname", hostname, "--loglevel", "INFO"]
     args += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     if queue:
         args += ["--queues", queue]
+    args += list(extra_args)
     logged_before = log_path.stat().st_size if log_path.exists() else 0  # the log may be appended to
     worker = start_process(f"celery-{name}", args, log_path, env)
     worker.hostname = hostname

@@ -28,7 +28,7 @@ from migrations_app.progress import publish_vsp_overview
 from vms.models import VSP, AuditEvent
 
 from .models import Evacuation, EvacuationStep
-from .plan import PlanStep, build_plan, dirty_rates
+from .plan import PlanStep, Staying, build_plan, dirty_rates
 from .rights import may_cancel_evacuation, may_evacuate, may_leave_maintenance, require
 from .summary import summarize
 
@@ -53,6 +53,9 @@ def do_start_evacuation(
     ``excluded`` and ``confirmed``: VM ids, as ``build_plan`` takes them. The guests' dirty rates are
     measured first (``dirty_rates``, outside the transaction), so each step's forecast, stored as its
     ``predicted_s`` and counted down by ``summarize``, is the plan page's and the migrate dialog's.
+
+    When no guest can leave (all powered off, vPars, excluded...) and nothing is wrong, ``vsp`` still
+    enters maintenance: the evacuation moved nothing and is finished at once.
 
     Raises ``PermissionDenied`` without the right, ``EvacuationRefused`` (nothing changed) when an
     evacuation of ``vsp`` runs, the guests changed since the plan was shown (a guest without a target
@@ -81,7 +84,7 @@ def do_start_evacuation(
             if plan.problems:
                 raise EvacuationRefused(f"The plan cannot start: {' '.join(plan.problems)}")
             if not plan.steps:
-                raise EvacuationRefused(f"No guest on {vsp.name} can leave: nothing to evacuate.")
+                return _maintenance_only(vsp, plan.staying, user)
             evacuation = Evacuation.objects.create(
                 vsp=vsp,
                 requested_by=_actor(user),
@@ -120,6 +123,33 @@ def do_start_evacuation(
     except IntegrityError:
         raise EvacuationRefused(f"{vsp.name} is already being evacuated.") from None
     logger.info("%s started evacuation %s of %s", user, evacuation.pk, vsp.name)
+    return evacuation
+
+
+def _maintenance_only(vsp: VSP, staying: list[Staying], user: Any) -> Evacuation:
+    """No guest can leave (all powered off, vPars...): ``vsp`` enters maintenance all the same, recorded
+    as an evacuation that moved nothing and ended at once. Refused if it is in maintenance already."""
+    if vsp.maintenance:
+        raise EvacuationRefused(f"No guest on {vsp.name} can leave and it is in maintenance already.")
+    now = timezone.now()
+    evacuation = Evacuation.objects.create(
+        vsp=vsp,
+        requested_by=_actor(user),
+        requested_by_name=user.get_username(),
+        staying=[{"vm": stay.vm_name, "reason": stay.reason} for stay in staying],
+        started_at=now,
+        ended_at=now,
+        state=Evacuation.State.FINISHED,
+    )
+    AuditEvent.record(
+        AuditEvent.Action.EVACUATION_STARTED,
+        vsp,
+        actor=user,
+        after={"steps": [], "staying": [f"{stay.vm_name}: {stay.reason}" for stay in staying]},
+        message=f"{vsp.name} entered maintenance by {user}: no running guest to move, {len(staying)} stay",
+    )
+    enter_maintenance(vsp, user)
+    publish_after_commit(vsp.pk)
     return evacuation
 
 
@@ -272,6 +302,14 @@ def latest_evacuation(vsp: VSP) -> Evacuation | None:
     if evacuation is not None and settle(evacuation):
         evacuation.refresh_from_db()
     return evacuation
+
+
+def evacuations_on_vsp(vsp_id: int) -> list[str]:
+    """Why VSP ``vsp_id`` may not be retired for evacuations (``vms.hooks.register_vsp_busy_check``):
+    one of it, or one bringing guests back to it, still running."""
+    if Evacuation.objects.filter(vsp_id=vsp_id, state=Evacuation.State.RUNNING).exists():
+        return ["an evacuation of it is running: wait for it to end or cancel it"]
+    return []
 
 
 def publish_after_commit(vsp_id: int) -> None:

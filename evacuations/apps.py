@@ -13,9 +13,10 @@ class EvacuationsConfig(AppConfig):
 
     def ready(self) -> None:
         from migrations_app.outcomes import register_follower
-        from vms.hooks import register_slot
+        from vms.hooks import register_slot, register_vsp_busy_check
 
-        from .actions import follow_outcome
+        from .actions import evacuations_on_vsp, follow_outcome
 
         register_follower("evacuations", follow_outcome)
+        register_vsp_busy_check(evacuations_on_vsp)
         register_slot("vsp_detail.overview", "evacuations/vsp_overview.html")

@@ -15,6 +15,7 @@ from django.utils import timezone
 class Evacuation(models.Model):
     """An evacuation of ``vsp``: its steps (one migration each) run through the source's queue in order.
 
+    ``kind``: an evacuation of ``vsp``, or the return of its guests to it (``Kind``).
     ``staying`` keeps the guests that could not leave, as ``[{"vm": name, "reason": text}, ...]``.
     RUNNING until every step's migration has ended, then FINISHED (or CANCELLED if the admin cancelled).
     """
@@ -24,6 +25,12 @@ class Evacuation(models.Model):
         FINISHED = "finished", "Finished"
         CANCELLED = "cancelled", "Cancelled"
 
+    class Kind(models.TextChoices):
+        # An evacuation empties ``vsp``; a return brings back to ``vsp`` the guests its last evacuation
+        # moved away (``evacuations.returns``): its steps' migrations come from several VSPs to ``vsp``.
+        EVACUATION = "evacuation", "Evacuation"
+        RETURN = "return", "Return of guests"
+
     vsp = models.ForeignKey("vms.VSP", on_delete=models.PROTECT, related_name="evacuations")
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -32,6 +39,7 @@ class Evacuation(models.Model):
     started_at = models.DateTimeField(default=timezone.now)
     ended_at = models.DateTimeField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.EVACUATION)
     cancel_requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -53,6 +61,10 @@ class Evacuation(models.Model):
     @property
     def is_running(self) -> bool:
         return self.state == self.State.RUNNING
+
+    @property
+    def is_return(self) -> bool:
+        return self.kind == self.Kind.RETURN
 
 
 class EvacuationStep(models.Model):

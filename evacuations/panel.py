@@ -8,6 +8,7 @@ from typing import Any
 from vms.models import VSP
 
 from .actions import latest_evacuation
+from .returns import returnable_count
 from .rights import may_cancel_evacuation, may_evacuate, may_leave_maintenance
 from .summary import summarize
 
@@ -23,4 +24,6 @@ def panel_context(user: Any, vsp: VSP) -> dict[str, Any]:
         "may_evacuate": may_evacuate(user, vsp),
         "may_cancel": may_cancel_evacuation(user, vsp),
         "may_leave": may_leave_maintenance(user, vsp),
+        # Guests the last evacuation moved away that may come back (offered once out of maintenance).
+        "returnable": returnable_count(vsp) if not vsp.maintenance and may_evacuate(user, vsp) else 0,
     }

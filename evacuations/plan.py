@@ -65,6 +65,11 @@ class PlanStep:
         return cls(vm, target, result.total_s, problem, result.verdict, result.lines, confirmed)
 
     @property
+    def stops_at_limit(self) -> bool:
+        """Its forecast says it will not converge: it would run until its limit and stay on its source."""
+        return self.verdict == forecast.Verdict.WILL_NOT_CONVERGE
+
+    @property
     def warns(self) -> bool:
         """Its forecast says it will, or may, not converge (``forecast.Verdict.warns``)."""
         return self.verdict is not None and self.verdict.warns
@@ -112,9 +117,28 @@ class Plan:
 
     @property
     def known_total_s(self) -> float:
-        """When the steps with a forecast would all be done, ``max_concurrent_migrations`` at a time (s)."""
-        known = [step.predicted_s for step in self.steps if step.predicted_s is not None]
+        """When the steps with a forecast would all be done, ``max_concurrent_migrations`` at a time (s).
+
+        A step forecast not to converge is not counted (``not_converging_count``): it moves nothing.
+        """
+        known = [
+            step.predicted_s
+            for step in self.steps
+            if step.predicted_s is not None and not step.stops_at_limit
+        ]
         return time_left_s(known, self.vsp.max_concurrent_migrations)
+
+    @property
+    def not_converging_count(self) -> int:
+        """Steps forecast not to converge (``PlanStep.stops_at_limit``), left out of ``known_total_s``."""
+        return sum(1 for step in self.steps if step.stops_at_limit)
+
+    @property
+    def blocking_problems(self) -> list[str]:
+        """The problems that ticking "start it anyway" does not solve (the others are unconfirmed
+        warnings: the page's Start waits for a choice on each, without Update plan)."""
+        unconfirmed = {step.unconfirmed_warning for step in self.steps if step.unconfirmed_warning}
+        return [problem for problem in self.problems if problem not in unconfirmed]
 
     @property
     def unknown_count(self) -> int:
@@ -224,7 +248,7 @@ def build_plan(
         candidates = VSP.objects.all()
     else:
         candidates = migration_targets(user) if may_evacuate(user, vsp) else visible_vsps(user)
-    others = list(candidates.exclude(pk=vsp.pk).order_by("name"))
+    others = list(candidates.exclude(pk=vsp.pk).filter(retired_at=None).order_by("name"))
     free = free_memory_by_vsp([other.pk for other in others])
     targets = [(other, host_refusal(vsp, other) or "", free.get(other.pk, 0)) for other in others]
     eligible = {other.pk: other for other, refusal, _ in targets if not refusal}

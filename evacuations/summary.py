@@ -78,7 +78,9 @@ class Summary:
             step.vm_name for step, status in self.rows if status in ("failed", "cancelled", "not started")
         ]
         if failed:
-            parts.append(f"still runnable on {self.evacuation.vsp.name}: {', '.join(failed)}")
+            # A return's guests that did not come back stay on the hosts they were on.
+            where = "where they were" if self.evacuation.is_return else f"on {self.evacuation.vsp.name}"
+            parts.append(f"still runnable {where}: {', '.join(failed)}")
         return "; ".join(parts)
 
 

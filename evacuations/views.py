@@ -22,7 +22,15 @@ from vms.models import VSP, Registration
 from .actions import EvacuationRefused, do_cancel_evacuation, do_leave_maintenance, do_start_evacuation
 from .models import Evacuation
 from .panel import panel_context
-from .plan import build_plan, dirty_rates
+from .plan import Plan, build_plan, dirty_rates
+from .returns import (
+    ReturnPlan,
+    build_return_plan,
+    candidates,
+    do_start_return,
+    return_rates,
+    returnable_count,
+)
 from .rights import may_cancel_evacuation, may_evacuate, may_leave_maintenance, may_view_evacuation
 
 
@@ -102,7 +110,7 @@ def evacuate(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
         excluded, confirmed = checked_vms(data, "exclude_"), checked_vms(data, "confirm_")
     except BadPlanInput as error:
         return render_plan(request, vsp, {}, None, error=str(error), status=400)
-    if request.method == "GET":
+    if request.method == "GET" or "update" in request.POST:  # Update plan posts (CSRF token in the body)
         return render_plan(request, vsp, targets, order, excluded=excluded, confirmed=confirmed)
     if not may_evacuate(request.user, vsp):
         raise _denied()
@@ -139,16 +147,37 @@ def render_plan(
         confirmed=confirmed or set(),
         user=request.user,
     )
+    return render(
+        request, "evacuations/evacuate.html", plan_context(request, vsp, plan, error), status=status
+    )
+
+
+def plan_is_return(plan: Plan) -> bool:
+    return isinstance(plan, ReturnPlan)
+
+
+def plan_context(request: HtmxHttpRequest, vsp: VSP, plan: Plan, error: str) -> dict[str, Any]:
+    """What the plan page shows of ``plan`` (an evacuation's, or a return's: ``plan_mode``).
+
+    ``startable``: Start is enabled now; ``needs_choice``: Start waits only for a choice (exclude or
+    start anyway) on each warning step, enabled in the browser as soon as each has one (``console.js``);
+    ``maintenance_only``: no guest can leave, Start just enters maintenance.
+    """
     running = Evacuation.objects.filter(vsp=vsp, state=Evacuation.State.RUNNING).first()
-    context: dict[str, Any] = {
+    blocked = bool(plan.blocking_problems) or running is not None
+    maintenance_only = not plan.steps and not blocked and not vsp.maintenance and not plan_is_return(plan)
+    return {
         "vsp": vsp,
         "plan": plan,
         "running": running,
         "error": error,
         "may_start": may_evacuate(request.user, vsp),
+        "startable": (plan.ok or maintenance_only) and not blocked,
+        "needs_choice": bool(plan.steps) and not blocked and not plan.ok,
+        "maintenance_only": maintenance_only,
+        "returning": plan_is_return(plan),
         "nav": "vsps",
     }
-    return render(request, "evacuations/evacuate.html", context, status=status)
 
 
 @require_GET
@@ -176,6 +205,57 @@ def cancel_evacuation(request: HtmxHttpRequest, evacuation_id: int) -> HttpRespo
     return redirect("vms:vsp_detail", pk=evacuation.vsp_id)
 
 
+@require_http_methods(["GET", "POST"])
+def return_guests(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
+    """The return plan (``returns``): GET or POST ``update`` shows it; POST starts it, re-checked now."""
+    vsp = get_visible_vsp(request.user, vsp_id)
+    data = request.POST if request.method == "POST" else request.GET
+    try:
+        excluded, confirmed = checked_vms(data, "exclude_"), checked_vms(data, "confirm_")
+    except BadPlanInput as error:
+        return render_return_plan(request, vsp, error=str(error), status=400)
+    if request.method == "GET" or "update" in request.POST:
+        return render_return_plan(request, vsp, excluded=excluded, confirmed=confirmed)
+    if not may_evacuate(request.user, vsp):
+        raise _denied()
+    try:
+        evacuation = do_start_return(vsp, request.user, excluded=excluded, confirmed=confirmed)
+    except EvacuationRefused as refusal:
+        refused = str(refusal.message)
+        return render_return_plan(
+            request, vsp, error=refused, status=400, excluded=excluded, confirmed=confirmed
+        )
+    count = evacuation.steps.count()
+    messages.success(
+        request,
+        f"{count} guest{'s' if count != 1 else ''} on the way back to {vsp.name}.",
+    )
+    return redirect("vms:vsp_detail", pk=vsp.pk)
+
+
+def render_return_plan(
+    request: HtmxHttpRequest,
+    vsp: VSP,
+    *,
+    error: str = "",
+    status: int = 200,
+    excluded: set[int] | None = None,
+    confirmed: set[int] | None = None,
+) -> HttpResponse:
+    """The plan page in its return mode; each guest's dirty rate is measured now unless cached."""
+    _, leaving, _ = candidates(vsp)
+    plan = build_return_plan(
+        vsp,
+        rates=return_rates(leaving),
+        excluded=excluded or set(),
+        confirmed=confirmed or set(),
+        user=request.user,
+    )
+    return render(
+        request, "evacuations/evacuate.html", plan_context(request, vsp, plan, error), status=status
+    )
+
+
 @require_POST
 def leave_maintenance(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
     vsp = get_visible_vsp(request.user, vsp_id)
@@ -187,4 +267,6 @@ def leave_maintenance(request: HtmxHttpRequest, vsp_id: int) -> HttpResponse:
         messages.error(request, str(refusal.message))
     else:
         messages.success(request, f"{vsp.name} left maintenance: it may receive guests again.")
+        if returnable_count(vsp):
+            return redirect("evacuations:return_guests", vsp_id=vsp.pk)  # the offer to bring them back
     return redirect("vms:vsp_detail", pk=vsp.pk)

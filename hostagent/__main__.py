@@ -7,15 +7,15 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
 from hostagent.driver import DRIVERS, DriverSettings, load_driver
+from hostagent.hostconfig import NetworkConfig, PoolConfig, parse_network, parse_pool
+from hostagent.options import driver_options, tls_settings
 from hostagent.server import create_app
-from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent")
 
@@ -38,6 +38,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="driver option, repeatable (simulated: capacity_mib=65536)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="NAME:KIND:PATH[:IDENTITY]",
+        help="a storage pool, repeatable: KIND shared or local, PATH a directory; IDENTITY: equal on every "
+        "host mounting the same shared storage (default: from the marker file .matrixoe-pool in PATH)",
+    )
+    parser.add_argument(
+        "--network",
+        action="append",
+        default=[],
+        metavar="NAME:KIND[:BRIDGE]",
+        help="a network guests' cards plug into, repeatable: KIND bridge ([NETNS/]BRIDGE), user or simulated",
     )
     parser.add_argument(
         "--tls-cert", type=Path, help="this agent's certificate (PEM) for HTTPS and the data plane"
@@ -70,26 +85,6 @@ def read_secret(args: argparse.Namespace) -> str:
     return secret
 
 
-def tls_settings(args: argparse.Namespace) -> TlsSettings | None:
-    """The TLS files (all three or none); none only with ``--insecure-http``."""
-    given = [args.tls_cert, args.tls_key, args.tls_ca]
-    if all(given):
-        settings = TlsSettings(args.tls_cert, args.tls_key, args.tls_ca)
-        try:
-            settings.check()
-        except (OSError, ssl.SSLError) as error:
-            sys.exit(f"hostagent: cannot load the TLS certificate, key or CA: {error}")
-        return settings
-    if any(given):
-        sys.exit("hostagent: --tls-cert, --tls-key and --tls-ca go together")
-    if not args.insecure_http:
-        sys.exit(
-            "hostagent: TLS is required: give --tls-cert, --tls-key and --tls-ca "
-            "(or --insecure-http for development only)"
-        )
-    return None
-
-
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -97,24 +92,31 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def driver_options(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            sys.exit(f"hostagent: --driver-option must be KEY=VALUE, not {pair!r}")
-        options[key] = value
-    return options
+def host_resources(args: argparse.Namespace) -> tuple[list[PoolConfig], list[NetworkConfig]]:
+    """The ``--pool`` and ``--network`` options; exits naming a bad one or a name given twice."""
+    try:
+        pools = [parse_pool(text, args.name) for text in args.pool]
+        networks = [parse_network(text) for text in args.network]
+    except (ValueError, OSError) as error:
+        sys.exit(f"hostagent: {error}")
+    for what, names in (("pool", [p.name for p in pools]), ("network", [n.name for n in networks])):
+        twice = {name for name in names if names.count(name) > 1}
+        if twice:
+            sys.exit(f"hostagent: {what} {sorted(twice)[0]} is given twice")
+    return pools, networks
 
 
 async def serve(args: argparse.Namespace) -> None:
     host, port = split_listen(args.listen)
     tls = tls_settings(args)
+    pools, networks = host_resources(args)
     settings = DriverSettings(
         agent_name=args.name,
         data_host=args.data_host or host,
         options=driver_options(args.driver_option),
         tls=tls,
+        pools=pools,
+        networks=networks,
     )
     driver = load_driver(args.driver, settings)
     runner = web.AppRunner(create_app(driver, read_secret(args), args.name), access_log=None)
@@ -136,6 +138,8 @@ async def serve(args: argparse.Namespace) -> None:
         driver.name,
         settings.data_host,
     )
+    if tls is not None:  # what the admin compares when adding this VSP in the console
+        log.info("agent %s certificate SHA-256 fingerprint: %s", args.name, tls.fingerprint())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

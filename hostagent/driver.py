@@ -35,6 +35,7 @@ from agentprotocol import (
     FailureKind,
     GuestInfo,
     GuestSpec,
+    HostResources,
     MigrationParams,
     MigrationState,
     PhaseLimits,
@@ -42,6 +43,7 @@ from agentprotocol import (
     Role,
     StoppedGuest,
 )
+from hostagent.hostconfig import NetworkConfig, PoolConfig
 from hostagent.tls import TlsSettings
 
 
@@ -181,6 +183,8 @@ class DriverSettings:
     data_host: str = "127.0.0.1"
     options: dict[str, str] = field(default_factory=dict)
     tls: TlsSettings | None = None  # None: the agent cannot encrypt its data plane (policy "off" only)
+    pools: list[PoolConfig] = field(default_factory=list)  # ``--pool`` (``hostagent.hostconfig``)
+    networks: list[NetworkConfig] = field(default_factory=list)  # ``--network``
 
 
 @runtime_checkable
@@ -200,6 +204,10 @@ class Driver(Protocol):
         ...
 
     def list_guests(self) -> list[GuestInfo]: ...
+
+    def resources(self) -> HostResources:
+        """This host's pools (with free bytes now), networks, and which guest process writes which volume."""
+        ...
 
     def get_guest(self, guest_id: str) -> GuestInfo: ...
 

@@ -11,6 +11,8 @@ Exported (all gauges; bytes in bytes, memory in MiB):
 - ``matrixoe_agent_migrations{role,state}``: migrations this agent serves, by side and state
 - ``matrixoe_agent_migration_bytes_sent{migration_id,role}``, ``..._bytes_remaining``,
   ``..._dirty_rate_bytes_per_second``, ``..._round``: per active migration
+- ``matrixoe_agent_pool_capacity_bytes{pool,kind}``, ``matrixoe_agent_pool_free_bytes{pool,kind}``: each
+  storage pool now (``statvfs``); ``matrixoe_agent_volume_writers{pool}``: volumes held open for writing
 - the process's own CPU, resident memory and open files (``process_*``, prometheus-client's
   ``ProcessCollector``)
 """
@@ -44,7 +46,25 @@ class AgentCollector(Collector):
         info.add_metric([self.name, __version__, self.driver.name], 1)
         yield info
         yield from self._guests()
+        yield from self._pools()
         yield from self._migrations(list(self.migrations().values()))
+
+    def _pools(self) -> Iterable[GaugeMetricFamily]:
+        resources = self.driver.resources()
+        labels = ["pool", "kind"]
+        capacity = GaugeMetricFamily(
+            "matrixoe_agent_pool_capacity_bytes", "Storage pool size (bytes)", labels=labels
+        )
+        free = GaugeMetricFamily("matrixoe_agent_pool_free_bytes", "Storage pool free bytes", labels=labels)
+        writers = GaugeMetricFamily(
+            "matrixoe_agent_volume_writers", "Volumes held open for writing", labels=["pool"]
+        )
+        written = Counter(writer.pool_identity for writer in resources.writers)
+        for pool in resources.pools:
+            capacity.add_metric([pool.name, pool.kind], pool.capacity_bytes)
+            free.add_metric([pool.name, pool.kind], pool.free_bytes)
+            writers.add_metric([pool.name], written[pool.identity])
+        return (capacity, free, writers)
 
     def _guests(self) -> Iterable[GaugeMetricFamily]:
         count = GaugeMetricFamily("matrixoe_agent_guests", "Guests on this host", labels=["hardware_status"])

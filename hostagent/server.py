@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -174,14 +175,37 @@ async def health(request: web.Request) -> web.Response:
         guests=len(driver.list_guests()),
         loop_stall_ms=round(stall_ms, 1),
         loop_busy_ms=round(busy_ms, 1),
+        memory_mib=host_memory_mib(driver),
+        cpus=os.cpu_count(),
     )
     return reply(health)
+
+
+def host_memory_mib(driver: Any) -> int | None:
+    """The memory guests may use on this host (MiB): the driver's ``capacity_mib`` when it has one (the
+    simulated driver's option), else the machine's (``MemTotal`` in ``/proc/meminfo``); None: unknown."""
+    capacity = getattr(driver, "capacity_mib", None)
+    if isinstance(capacity, int):
+        return capacity
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for row in meminfo:
+                if row.startswith("MemTotal:"):
+                    return int(row.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' text format (``hostagent/metrics.py``), behind the secret like every route."""
     body = exposition(request.app[METRICS_KEY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def resources(request: web.Request) -> web.Response:
+    """``GET /v1/resources``: ``agentprotocol.HostResources`` (pools, networks, volume writers)."""
+    return reply(driver_of(request).resources())
 
 
 async def list_guests(request: web.Request) -> web.Response:
@@ -387,10 +411,19 @@ async def _start_watch(watch: LoopWatch) -> None:
 
 
 def create_app(
-    driver: Driver, secret: str, name: str, settings: DriverSettings | None = None
+    driver: Driver,
+    secret: str,
+    name: str,
+    settings: DriverSettings | None = None,
+    *,
+    watch: LoopWatch | None = None,
 ) -> web.Application:
     """The agent's API over ``driver``; ``settings`` (the driver's by default) give the data plane's
-    address and TLS to link probes."""
+    address and TLS to link probes.
+
+    ``watch``: an event-loop watch shared by every app of one process (``hostagent.fleet``), started and
+    stopped by its owner; None: the app starts and stops a watch of its own.
+    """
     app = web.Application(middlewares=[plain_errors, authenticate], client_max_size=1 << 20)
     found = settings or getattr(driver, "settings", None)
     app[SETTINGS_KEY] = found if isinstance(found, DriverSettings) else DriverSettings(agent_name=name)
@@ -403,6 +436,7 @@ def create_app(
     app[METRICS_KEY] = agent_registry(name, driver, lambda: migrations)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/resources", resources)
     app.router.add_get("/v1/guests", list_guests)
     app.router.add_get("/v1/guests/{guest_id}", get_guest)
     app.router.add_get("/v1/guests/{guest_id}/dirty-rate", measure_dirty_rate)
@@ -418,10 +452,13 @@ def create_app(
     app.router.add_get("/v1/migrations/{migration_id}/progress", stream_progress)
     app.router.add_post("/v1/migrations/{migration_id}/params", change_params)
     app.router.add_post("/v1/migrations/{migration_id}/{command}", run_command)
-    app[LOOP_WATCH_KEY] = watch = LoopWatch()
     app.on_startup.append(lambda app: driver.open())
-    app.on_startup.append(lambda app: _start_watch(watch))
-    app.on_cleanup.append(lambda app: watch.stop())
+    if watch is None:
+        app[LOOP_WATCH_KEY] = own = LoopWatch()
+        app.on_startup.append(lambda app: _start_watch(own))
+        app.on_cleanup.append(lambda app: own.stop())
+    else:
+        app[LOOP_WATCH_KEY] = watch
     app.on_cleanup.append(lambda app: probes.close())
     app.on_cleanup.append(lambda app: driver.close())
     return app

@@ -17,6 +17,7 @@ ChaCha20-Poly1305 (AES-GCM with AES-NI runs at several GB/s per core).
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,16 @@ class TlsSettings:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self.cert), str(self.key))
         return context
+
+    def fingerprint(self) -> str:
+        """The SHA-256 fingerprint of the agent's own certificate (the first in ``cert``), as
+        ``AB:CD:...``: what an admin compares when adding the VSP in the console (trust on first use)."""
+        text, end = self.cert.read_text(), "-----END CERTIFICATE-----"
+        der = ssl.PEM_cert_to_DER_cert(
+            text[text.index("-----BEGIN CERTIFICATE-----") : text.index(end) + len(end)]
+        )
+        digest = hashlib.sha256(der).hexdigest().upper()
+        return ":".join(digest[i : i + 2] for i in range(0, 64, 2))
 
     def api_context(self) -> ssl.SSLContext:
         """Server context of the HTTPS API (no client certificate: the console uses the secret)."""

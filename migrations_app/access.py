@@ -56,8 +56,8 @@ def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) 
 
 
 def migration_targets(user: Any) -> QuerySet[VSP]:
-    """The VSPs the migrate dialog may offer ``user``: those where they are an operator."""
-    return vsps_with_role(user, Role.OPERATOR)
+    """The VSPs the migrate dialog may offer ``user``: those where they are an operator (not retired)."""
+    return vsps_with_role(user, Role.OPERATOR).filter(retired_at=None)  # a retired VSP takes no guests
 
 
 def check_can_cancel(user: Any, source_id: int | None, target_id: int | None) -> None:

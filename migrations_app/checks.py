@@ -42,7 +42,7 @@ class TargetCheck:
 
 
 def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
-    """Every VSP with its pre-check result for migrating ``vm`` there."""
+    """Every VSP in service (not retired) with its pre-check result for migrating ``vm`` there."""
     source = vm.current_vsp
     vm_reason = check_vm(vm, source)
     plain: set[int] = set()
@@ -63,7 +63,7 @@ def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
             PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
             streams.get(vsp.pk),
         )
-        for vsp in VSP.objects.all()
+        for vsp in VSP.objects.filter(retired_at=None)
     ]
 
 
@@ -130,6 +130,8 @@ def host_refusal(source: VSP | None, target: VSP) -> str | None:
     """Why ``target`` cannot take any guest from ``source`` now (memory aside), or None."""
     if source is not None and target.pk == source.pk:
         return "same host"
+    if target.retired_at is not None:
+        return "host retired"
     if target.maintenance:
         return "host in maintenance"
     if not target.migration_enabled:

@@ -4,7 +4,7 @@
 - the VM General tab: live progress and the Migrate… control, the phases panel, alerts, the status icon,
   the VM's migration history, its migration policy and phase limits (``SLOTS``, context providers);
 - a VSP's page: the live part and "migrate selected", a selection and a migration column per row;
-- power: a guest that migrates is busy (its power buttons say why);
+- power: a guest that migrates is busy (its power buttons say why); a VSP with migrations cannot retire;
 - free memory: an in-flight migration reserves its guest's memory on its target;
 - the audit trail: events about a migration are readable by whoever may see the migration.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from typing import Any
+
+from django.db.models import Q
 
 from vms import general_tab, hooks
 from vms.access import may_act_on_vsp
@@ -46,6 +48,7 @@ def register() -> None:
     general_tab.register_context_provider(policy_context)
     hooks.register_vsp_page_context(vsp_page_context)
     hooks.register_busy_check(migrating_guests)
+    hooks.register_vsp_busy_check(migrations_on_vsp)
     hooks.register_reservation(reserved_by_incoming_migrations)
     hooks.register_audit_subject("migrations_app.migration", visible_migrations)
 
@@ -70,6 +73,20 @@ def vsp_page_context(request: Any, vsp: VSP, vm_ids: Collection[int]) -> dict[st
         "page_vm_ids": ",".join(str(vm_id) for vm_id in vm_ids),
         "row_columns": 2 if may_migrate_here else 1,  # the selection box, the migration's status
     }
+
+
+def migrations_on_vsp(vsp_id: int) -> list[str]:
+    """Why VSP ``vsp_id`` may not be retired for migrations: those queued or running from or to it."""
+    active = Migration.objects.filter(state__in=Migration.ACTIVE_STATES).filter(
+        Q(source_id=vsp_id) | Q(target_id=vsp_id)
+    )
+    names = sorted(active.values_list("vm__name", flat=True))
+    if not names:
+        return []
+    return [
+        f"{len(names)} migration{'s' if len(names) != 1 else ''} from or to it not ended yet "
+        f"({', '.join(names[:5])}): wait for them to end or cancel them"
+    ]
 
 
 def migrating_guests(vm_ids: Collection[int]) -> dict[int, str]:

@@ -10,6 +10,7 @@ keeps ``vms`` from importing those apps).
 - **VSP page context**: what those templates need on a VSP's page (the VM General tab's is
   ``vms.general_tab.register_context_provider``);
 - **busy guests**: why a guest's power may not change now (e.g. a migration owns it);
+- **busy hosts**: why a VSP may not be retired now (migrations, evacuations);
 - **reservations**: memory a host holds for guests on their way to it (free memory counts it);
 - **audit subjects**: which audit events about another app's objects a user may read.
 """
@@ -99,6 +100,23 @@ def busy_reasons(vm_ids: Iterable[int]) -> dict[int, str]:
         for vm_id, reason in check(wanted).items():
             reasons.setdefault(vm_id, reason)
     return reasons
+
+
+# -- busy hosts -----------------------------------------------------------------------------------------
+VSPBusyCheck = Callable[[int], list[str]]
+_vsp_busy_checks: list[VSPBusyCheck] = []
+
+
+def register_vsp_busy_check(check: VSPBusyCheck) -> None:
+    """Add ``check(vsp_id) -> [reason, ...]``: why the VSP may not be retired now (e.g. "2 migrations
+    to or from it are running"), each a phrase for people; empty when nothing holds it."""
+    if check not in _vsp_busy_checks:
+        _vsp_busy_checks.append(check)
+
+
+def vsp_busy_reasons(vsp_id: int) -> list[str]:
+    """Every registered check's reasons why VSP ``vsp_id`` is busy (empty: nothing holds it)."""
+    return [reason for check in _vsp_busy_checks for reason in check(vsp_id)]
 
 
 # -- memory reserved on a host ---------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def start_round() -> tuple[int, list[int]]:
 
     Rounds beyond the last ``KEEP_ROUNDS`` are deleted.
     """
-    vsp_ids = list(VSP.objects.order_by("pk").values_list("pk", flat=True))
+    vsp_ids = list(VSP.objects.filter(retired_at=None).order_by("pk").values_list("pk", flat=True))
     inventory_round = InventoryRound.objects.create(vsps=len(vsp_ids))
     InventoryRound.objects.filter(pk__lte=inventory_round.pk - KEEP_ROUNDS).delete()
     if not vsp_ids:

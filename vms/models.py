@@ -152,6 +152,11 @@ class VSP(models.Model):
     # leaves maintenance.
     maintenance = models.BooleanField(default=False)
     maintenance_since = models.DateTimeField(null=True, blank=True)
+    # Retired (``vms.host_setup.do_retire_vsp``): out of the lists and inventory collection, takes no
+    # guests, its agent secret erased; kept for the history that names it.
+    retired_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the VSP was retired (empty: in service)."
+    )
     # How many migrations may leave this VSP at once (the migrations' scheduling); the others wait
     # queued, in the order they were requested. Evacuations go through the same queue.
     max_concurrent_migrations = models.PositiveSmallIntegerField(

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from vms import audit_views, power_views, views
+from vms import audit_views, power_views, setup_views, views
 
 app_name = "vms"
 urlpatterns = [
@@ -25,4 +25,14 @@ urlpatterns = [
         views.registration_mark_runnable,
         name="registration_mark_runnable",
     ),
+]
+
+urlpatterns += [
+    path("setup/", setup_views.setup_home, name="setup"),
+    path("setup/vsps/add/", setup_views.add_vsp, name="setup_add_vsp"),
+    path("setup/vsps/<int:pk>/", setup_views.edit_vsp, name="setup_vsp"),
+    path("setup/vsps/<int:pk>/agent/", setup_views.change_agent, name="setup_vsp_agent"),
+    path("setup/vsps/<int:pk>/retire/", setup_views.retire_vsp, name="setup_retire_vsp"),
+    path("setup/groups/", setup_views.create_group, name="setup_create_group"),
+    path("setup/groups/<int:pk>/", setup_views.edit_group, name="setup_group"),
 ]

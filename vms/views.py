@@ -83,7 +83,7 @@ def paginate(rows: QuerySet[Any], page_number: int | None) -> Page:
 def vsp_list(request: HtmxHttpRequest) -> HttpResponse:
     # Count over the same join as the free-memory sum: one grouped query, no per-row subquery.
     status = Registration.HardwareStatus
-    vsps = with_free_memory(visible_vsps(request.user)).annotate(
+    vsps = with_free_memory(visible_vsps(request.user).filter(retired_at=None)).annotate(
         # Guests that can run there; leftover Not Runnable copies are counted apart.
         guest_count=Count(
             "registrations", filter=Q(registrations__hardware_status__in=[status.ON, status.OFF])

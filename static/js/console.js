@@ -6,6 +6,9 @@
 // 2. [data-empty-on-click="<selector>"]: a click empties that element (the migrate dialog's Close).
 // 3. Migration policy forms: changing a custom value (max downtime, cap, auto-converge...) picks the
 //    Custom preset, since a named preset is taken whole and the values apply only with Custom.
+// 4. The evacuation (or return) plan: Start waits for a choice on each guest that may not converge
+//    (exclude it, or start it anyway); ticking one enables Start at once, without Update plan (the
+//    server checks the choices again when it starts).
 (function () {
   "use strict";
 
@@ -91,5 +94,17 @@
     if (preset) {
       preset.checked = true;
     }
+  });
+
+  document.addEventListener("change", function (event) {
+    var form = event.target.closest && event.target.closest("form[data-start-when-chosen]");
+    var start = form && form.querySelector("#start-evacuation[data-needs-choice]");
+    if (!start) {
+      return;
+    }
+    var rows = form.querySelectorAll("tr[data-warning-for]");
+    start.disabled = !Array.prototype.every.call(rows, function (row) {
+      return row.querySelector('input[data-field="confirm"]:checked, input[data-field="exclude"]:checked');
+    });
   });
 })();

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.schemathesis, pytest.mark.django_db(transaction=True)]
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
+@pytest.mark.timeout(900)  # every operation of the schema, 25 examples each: 480 s seen at load 15
 def test_it_passes_schemathesis_over_the_whole_schema(host_agents, fleet, live_console, tmp_path):
     place_vm(host_agents, fleet)  # something real to find, migrate and cancel
     token = do_create_token(make_user("fuzzer", permissions=WRITER), "schemathesis")[1]

@@ -29,12 +29,15 @@ import httpx
 import pytest
 
 from agentprotocol import (
+    DiskSpec,
     Encryption,
     Endpoint,
     GuestInfo,
     GuestSpec,
+    HostResources,
     IncomingRequest,
     MigrationParams,
+    NicSpec,
     OutgoingRequest,
     PhaseLimits,
     PreparedIncoming,
@@ -171,6 +174,14 @@ def define_running_guest(agent: RunningAgent, name: str, **spec: Any) -> GuestIn
     return agent.client.define_guest(GuestSpec.model_validate(wanted))
 
 
+def resources(agent: RunningAgent) -> HostResources:
+    """``GET /v1/resources`` of ``agent``: its pools, networks and volume writers."""
+    headers = {"Authorization": f"Bearer {agent.secret}"}
+    response = httpx.get(f"{agent.url}/v1/resources", headers=headers, verify=agent.verify, timeout=30)
+    response.raise_for_status()
+    return HostResources.model_validate_json(response.content)
+
+
 def raw_post(agent: RunningAgent, path: str, body: Any) -> httpx.Response:
     """``body`` as it is, to ``agent``'s API with its secret: what any caller of the API may send (the
     console's typed client refuses a bad value before it leaves)."""
@@ -182,12 +193,18 @@ def wanted_spec(guest: GuestInfo | dict[str, Any]) -> GuestSpec:
     """What a target prepares for ``guest`` (as its source reports it, or a dict of its fields: an id is
     derived from the name when it has none)."""
     fields = guest.model_dump() if isinstance(guest, GuestInfo) else guest
+    disks = [
+        DiskSpec.model_validate({**disk, "create": False, "allocated_bytes": None, "backing": None})
+        for disk in fields.get("disks", [])
+    ]
     return GuestSpec(
         guest_id=fields.get("guest_id") or guest_id_for(fields["name"]),
         name=fields["name"],
         memory_mib=fields["memory_mib"],
         vcpus=fields["vcpus"],
         os_type=fields["os_type"],
+        disks=disks,
+        nics=[NicSpec.model_validate(nic) for nic in fields.get("nics", [])],
     )
 
 

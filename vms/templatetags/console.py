@@ -128,3 +128,20 @@ def get_item(mapping: dict[str, str], key: str) -> str:
 def power_action_list() -> list[tuple[str, str]]:
     """The power buttons as (action, label), in the order they are shown."""
     return [(action.value, action.label) for action in PowerAction]
+
+
+@register.filter
+def may_set_up_hosts(user: object) -> bool:
+    """Whether the navigation offers ``user`` **Hosts and rights** (``vms.host_setup.may_set_up_hosts``)."""
+    from vms.host_setup import may_set_up_hosts as allowed
+
+    return allowed(user)
+
+
+@register.filter
+def may_manage_vsp(user: object, vsp: object) -> bool:
+    """Whether ``user`` may change ``vsp`` on its setup page (``vms.host_setup.check_can_manage_vsp``)."""
+    from vms.access import allowed
+    from vms.host_setup import check_can_manage_vsp
+
+    return allowed(check_can_manage_vsp, user, vsp)

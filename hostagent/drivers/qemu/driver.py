@@ -8,20 +8,31 @@ Options (``DriverSettings.options``, from the agent's command line):
                 temp dir per start; give a fixed one to re-adopt the guests after a restart)
   accel         QEMU accelerator (default ``tcg``; ``kvm`` where the host has it)
 
-Without ``boot_image`` every guest boots the test guest's kernel and initramfs; its workload
-(memwriter) writes ``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them. With it, every
-guest boots from its own disk, a copy of the OS image in a storage pool, and runs guestload (memory
-as memwriter, plus sequence-numbered disk writes and UDP heartbeats; ``machine``, ``guestload``).
-Until the protocol carries disks and network cards, these options describe them for every guest:
+A guest's disks and network cards come with its definition (``GuestSpec.disks``/``nics``) on the
+agent's pools and networks (``--pool``, ``--network``; ``hostagent.hostconfig``): each disk is a
+``-blockdev`` on its volume's file, each card a ``virtio-net-pci`` on user-mode networking (a ``user``
+network) or on a tap on the network's bridge (a ``bridge`` network, ``[<netns>/]<bridge>``). New
+volumes are made by ``qemu-img create``. A guest with a ``boot`` disk boots from it and runs
+guestload (memory as memwriter, plus sequence-numbered disk writes and UDP heartbeats; ``machine``,
+``guestload``); a guest without one boots the test guest's kernel and initramfs, its disks attached,
+and its workload (memwriter) writes ``memory_mib - 96`` MiB at ``dirty_pages_per_s`` and checks them.
+Options for guestload:
+  guest_subnet  bridged guests' addresses: ``10.77.0.0/24`` (each guest's derived from its id)
+  heartbeat     ``<address>:<port>`` guestload sends its heartbeats to (user-mode networking:
+                ``10.0.2.2:<port>`` reaches the host's ``127.0.0.1:<port>``)
+  heartbeat_listen  ``[<netns>/]<address>:<port>``: this agent listens to the guests' heartbeats there
+                and reports the **network blackout** of each switchover it takes part in
+                (``network_blackout_ms``: the longest gap in the guest's heartbeats around it,
+                measured by the target as it resumes, or by the source as it releases, whichever
+                listens; one listener per network is enough)
+  disk_rate     guestload's disk writes per second (default 200)
+Older options make *every* guest defined without disks an OS image guest, its disk a copy of one
+image in one pool directory (kept for the benchmark ``bench/bench_qemu_image_guest.py``):
   boot_image    the OS image (``guest-images/guest-os.qcow2``, built by ``scripts/build_guest_image.sh``)
   pool          the storage pool directory; guest ``<id>``'s disk is ``<pool>/<id>.qcow2``, created
                 from ``boot_image`` when the guest is defined; an incoming migration opens the same
                 file, so two agents given the same (shared) directory migrate without copying disks
   network       ``user`` (QEMU's NAT) or ``bridge:[<netns>/]<bridge>`` (a tap per QEMU on that bridge)
-  guest_subnet  bridged guests' addresses: ``10.77.0.0/24`` (each guest's derived from its id)
-  heartbeat     ``<address>:<port>`` guestload sends its heartbeats to (user-mode networking:
-                ``10.0.2.2:<port>`` reaches the host's ``127.0.0.1:<port>``)
-  disk_rate     guestload's disk writes per second (default 200)
 What the workload says on its serial console is reported under ``workload`` in the guest's info
 (with ``vcpus_running``, QEMU's run state as its STOP/RESUME events last said).
 
@@ -45,6 +56,7 @@ A clean stop (SIGTERM) halts the guests and forgets them, as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -65,22 +77,32 @@ from agentprotocol import (
     GuestInfo,
     GuestSpec,
     HardwareStatus,
+    HostResources,
     MigrationParams,
     OsStatus,
     PhaseLimits,
     StopOutcome,
     StoppedGuest,
+    VolumeWriter,
 )
+from agentprotocol.storage import DiskInfo
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
 from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
-from hostagent.drivers.qemu.network import NetworkError
+from hostagent.drivers.qemu.network import HeartbeatListener, NetworkError, network_blackout
 from hostagent.drivers.qemu.process import MIN_GUEST_MIB, QemuConfig, QemuProcess, Workload, check_qemu
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.source import SourceMigration
-from hostagent.drivers.qemu.storage import VolumeError, create_volume
+from hostagent.drivers.qemu.storage import (
+    VolumeError,
+    create_empty_volume,
+    create_volume,
+    image_writers,
+    virtual_size,
+)
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.drivers.qemu.tls import write_credentials
+from hostagent.resources import HostStorage, PlannedDisk, allocated_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +113,9 @@ MAX_DIRTY_RATE = 1_000_000
 RECORD_SUFFIX = ".guest.json"
 DEFAULT_DISK_RATE = 200  # guestload's 4 KiB disk writes per second
 USER_NET_GUEST = "10.0.2.15/24"  # QEMU's user-mode networking gives the guest this address
+BLACKOUT_WAIT_S = 3.0  # after the switchover, wait this long at most for the guest's next heartbeat
+BLACKOUT_BEFORE_S = 10.0  # the switchover's silence began within this many seconds before the resume
+HEARTBEATS_KEPT_S = 60.0
 # QEMU's migration statuses while its migration still runs (qapi/migration.json ``MigrationStatus``).
 QEMU_MIGRATING = (
     "setup",
@@ -176,13 +201,7 @@ class ImageGuests:
         return self.pool / f"{guest_id}.qcow2"
 
     def address(self, guest_id: str) -> str:
-        """The guest's address with prefix: user-mode networking's, or one of ``subnet`` derived from
-        the guest's id (from the 10th host on; the same on every agent, so it survives a move)."""
-        if self.subnet is None:
-            return USER_NET_GUEST
-        hosts = self.subnet.num_addresses - 12
-        offset = 10 + int(hashlib.sha256(guest_id.encode()).hexdigest(), 16) % max(1, hosts)
-        return f"{self.subnet.network_address + offset}/{self.subnet.prefixlen}"
+        return guest_address(self.subnet, guest_id)
 
     def machine(self, spec: GuestSpec, workload: Workload) -> Machine:
         guest_id = spec.guest_id
@@ -202,6 +221,40 @@ class ImageGuests:
         return Machine(disks=(disk,), nics=nics, guest_config=tuple(config))
 
 
+@dataclass(frozen=True)
+class GuestloadOptions:
+    """The driver options for guests that boot from their own disk (module docstring)."""
+
+    subnet: ipaddress.IPv4Network | None = None
+    heartbeat: tuple[str, int] | None = None
+    disk_rate: int = DEFAULT_DISK_RATE
+    listen: tuple[str | None, str, int] | None = None  # heartbeat_listen: netns, address, port
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> GuestloadOptions:
+        """Raises ``ValueError`` naming a bad option."""
+        heartbeat = listen = None
+        if options.get("heartbeat"):
+            host, _, port = options["heartbeat"].rpartition(":")
+            heartbeat = (str(ipaddress.IPv4Address(host)), int(port))
+        if options.get("heartbeat_listen"):
+            where, _, port = options["heartbeat_listen"].rpartition(":")
+            netns, _, host = where.rpartition("/")
+            listen = (netns or None, str(ipaddress.IPv4Address(host)), int(port))
+        subnet = ipaddress.IPv4Network(options["guest_subnet"]) if options.get("guest_subnet") else None
+        return cls(subnet, heartbeat, int(options.get("disk_rate", DEFAULT_DISK_RATE)), listen)
+
+
+def guest_address(subnet: ipaddress.IPv4Network | None, guest_id: str) -> str:
+    """The guest's address with prefix: user-mode networking's, or one of ``subnet`` derived from
+    the guest's id (from the 10th host on; the same on every agent, so it survives a move)."""
+    if subnet is None:
+        return USER_NET_GUEST
+    hosts = subnet.num_addresses - 12
+    offset = 10 + int(hashlib.sha256(guest_id.encode()).hexdigest(), 16) % max(1, hosts)
+    return f"{subnet.network_address + offset}/{subnet.prefixlen}"
+
+
 def check_spec(spec: GuestSpec) -> GuestSpec:
     """This driver's own bounds on top of the protocol's (QEMU needs room for the test guest's OS)."""
     if not MIN_GUEST_MIB <= spec.memory_mib <= MAX_MEMORY_MIB:
@@ -210,6 +263,14 @@ def check_spec(spec: GuestSpec) -> GuestSpec:
         raise InvalidRequest(f"vcpus: a whole number from 1 to {MAX_VCPUS}")
     if not 0 <= spec.dirty_pages_per_s <= MAX_DIRTY_RATE:
         raise InvalidRequest(f"dirty_pages_per_s: a whole number from 0 to {MAX_DIRTY_RATE}")
+    for disk in spec.disks:
+        if disk.bus != "virtio":
+            raise InvalidRequest(
+                f"disk {disk.device}: the qemu driver attaches virtio disks only, not {disk.bus}"
+            )
+    for index, nic in enumerate(spec.nics):
+        if nic.model != "virtio":
+            raise InvalidRequest(f"nic {index}: the qemu driver plugs virtio cards only, not {nic.model}")
     if "os_type" not in spec.model_fields_set:
         spec = spec.model_copy(update={"os_type": "Linux"})
     return spec
@@ -235,8 +296,11 @@ class QemuDriver:
         )
         try:
             self.image_guests = ImageGuests.from_options(options)
+            self.guestload = GuestloadOptions.from_options(options)
         except ValueError as error:
             raise RuntimeError(f"qemu driver: {error}") from None
+        self.storage = HostStorage(settings.pools, settings.networks, settings.agent_name)
+        self._heartbeats: HeartbeatListener | None = None
         self.qemu_version = ""
         self._tls_dir: Path | None = None  # QEMU's copy of the agent's TLS files (``tls``)
         self._guests: dict[str, QemuGuest] = {}
@@ -255,6 +319,9 @@ class QemuDriver:
             if self.image_guests is None and not image.is_file():
                 raise RuntimeError(f"guest image {image} missing: build it with scripts/build_test_guest.sh")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.guestload.listen is not None:
+            netns, host, port = self.guestload.listen
+            self._heartbeats = HeartbeatListener(host, port, netns=netns, keep_s=HEARTBEATS_KEPT_S)
         if self.settings.tls is not None:
             self._tls_dir = write_credentials(self.settings.tls, self.config.run_dir)
         log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
@@ -267,6 +334,8 @@ class QemuDriver:
             record.unlink(missing_ok=True)  # a clean stop halted its guests: nothing to re-adopt
         if self._own_run_dir:
             shutil.rmtree(self.config.run_dir, ignore_errors=True)
+        if self._heartbeats is not None:
+            self._heartbeats.close()
 
     # --- records and re-adoption after a restart ---------------------------------------
 
@@ -394,10 +463,128 @@ class QemuDriver:
         return self._info(self._guest(guest_id))
 
     def _machine(self, spec: GuestSpec) -> Machine:
-        """The guest's disks and network cards (none for the test guest)."""
+        """The guest's disks and network cards: those of its definition, or (defined without any) the
+        old options' image guest, or none (the test guest)."""
+        if spec.disks or spec.nics:
+            return self._spec_machine(spec)
         if self.image_guests is None:
             return Machine()
         return self.image_guests.machine(spec, workload_of(spec))
+
+    def _spec_machine(self, spec: GuestSpec) -> Machine:
+        """Disks on this host's pools, cards on its networks (the spec was checked against them)."""
+        disks = []
+        for disk in spec.disks:
+            pool = self.storage.pool(disk.pool)
+            if pool is None:
+                raise Conflict(
+                    f"disk {disk.device}: no storage pool {disk.pool} on {self.settings.agent_name}"
+                )
+            path = self.storage.volume_path(pool, disk.volume, disk.device)
+            disks.append(Disk(disk.device, path, disk.format, read_only=disk.read_only, boot=disk.boot))
+        nics = []
+        for nic in spec.nics:
+            network = self.storage.network(nic.network)
+            if network is None or network.kind == "simulated":
+                raise Conflict(
+                    f"no network {nic.network} a QEMU card can plug into on {self.settings.agent_name}"
+                )
+            netns, bridge = network.netns_and_bridge
+            on: Network = BridgeNetwork(bridge, netns) if network.kind == "bridge" else UserNetwork()
+            nics.append(Nic(mac=nic.mac, network=on))
+        config: list[tuple[str, str]] = []
+        if any(disk.boot for disk in disks):
+            config = self._guestload_config(
+                spec, bridged=any(isinstance(n.network, BridgeNetwork) for n in nics)
+            )
+        return Machine(disks=tuple(disks), nics=tuple(nics), guest_config=tuple(config))
+
+    def _guestload_config(self, spec: GuestSpec, bridged: bool) -> list[tuple[str, str]]:
+        options, workload = self.guestload, workload_of(spec)
+        config = [
+            ("mib", str(workload.written_mib)),
+            ("rate", str(workload.dirty_pages_per_s)),
+            ("disk_rate", str(options.disk_rate)),
+            ("hb_id", spec.guest_id),
+        ]
+        if spec.nics:
+            config.append(("ip", guest_address(options.subnet if bridged else None, spec.guest_id)))
+            if options.heartbeat is not None:
+                config += [("hb_host", options.heartbeat[0]), ("hb_port", str(options.heartbeat[1]))]
+        return config
+
+    def resources(self) -> HostResources:
+        """Pools and networks (``--pool``, ``--network``); the writers are read from the kernel: each
+        of this agent's QEMUs holding QEMU's write lock on a disk's image (``storage.image_writers``)."""
+        writers = []
+        for guest in self._guests.values():
+            pid = guest.process.pid if guest.process is not None and guest.running else None
+            if pid is None:
+                continue
+            for disk, path in self._disk_paths(guest.spec):
+                if path is not None and pid in image_writers(path, [pid]):
+                    identity = self._pool_identity(disk.pool)
+                    writers.append(
+                        VolumeWriter(
+                            pool_identity=identity, volume=disk.volume, guest_id=guest.spec.guest_id, pid=pid
+                        )
+                    )
+        return self.storage.report(writers)
+
+    def _pool_identity(self, name: str) -> str:
+        pool = self.storage.pool(name)
+        return pool.identity if pool is not None else f"unknown-{name}"
+
+    def _disk_paths(self, spec: GuestSpec) -> list[tuple[Any, Path | None]]:
+        found = []
+        for disk in spec.disks:
+            pool = self.storage.pool(disk.pool)
+            found.append(
+                (disk, None if pool is None else self.storage.volume_path(pool, disk.volume, disk.device))
+            )
+        return found
+
+    def _disk_infos(self, spec: GuestSpec) -> list[DiskInfo]:
+        infos = []
+        for disk, path in self._disk_paths(spec):
+            size, allocated = disk.virtual_size_bytes, 0
+            if path is not None:
+                with contextlib.suppress(OSError, VolumeError):
+                    size, allocated = virtual_size(path, disk.format), allocated_bytes(path)
+            fields = disk.model_dump() | {
+                "virtual_size_bytes": max(1, size),
+                "pool_identity": self._pool_identity(disk.pool),
+            }
+            infos.append(DiskInfo(**fields, allocated_bytes=allocated))
+        return infos
+
+    def _plan(self, spec: GuestSpec) -> list[PlannedDisk]:
+        """The definition's disks and cards checked against this host and its other guests; each
+        existing volume must be of the format the disk says."""
+        volumes: dict[Path, tuple[str, bool]] = {}
+        macs: dict[str, str] = {}
+        for guest in self._guests.values():
+            if guest.spec.guest_id == spec.guest_id:
+                continue
+            for disk, path in self._disk_paths(guest.spec):
+                if path is not None:
+                    volumes[path] = (guest.spec.name, disk.shareable)
+            macs.update((nic.mac, guest.spec.name) for nic in guest.spec.nics)
+        planned = self.storage.plan_disks(spec, volumes)
+        self.storage.check_nics(spec, macs, ("user", "bridge"))
+        bridged = any(getattr(self.storage.network(nic.network), "kind", "") == "bridge" for nic in spec.nics)
+        if bridged and any(disk.boot for disk in spec.disks) and self.guestload.subnet is None:
+            raise InvalidRequest(
+                f"{self.settings.agent_name} cannot give a booted guest an address on a bridge: "
+                "start its agent with --driver-option guest_subnet=<a.b.c.d/n>"
+            )
+        for disk in planned:
+            if not disk.spec.create:
+                try:
+                    virtual_size(disk.path, disk.spec.format)
+                except (OSError, VolumeError) as error:
+                    raise InvalidRequest(f"disk {disk.spec.device}: {error}") from None
+        return planned
 
     def _guest(self, guest_id: str) -> QemuGuest:
         try:
@@ -419,6 +606,8 @@ class QemuDriver:
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             migrating=guest.migration.migration_id if guest.migration else None,
+            disks=self._disk_infos(spec),
+            nics=list(spec.nics),
             workload=workload,
         )
 
@@ -436,6 +625,14 @@ class QemuDriver:
         if existing is not None:
             if not existing.spec.same_definition(clean):
                 raise Conflict(f"guest {clean.name!r} exists with a different definition")
+        elif clean.disks or clean.nics:
+            planned = self._plan(clean)
+            try:
+                await asyncio.to_thread(self.storage.create_volumes, planned, create_empty_volume)
+            except VolumeError as error:
+                raise Conflict(f"cannot create the disks of {clean.name!r}: {error}") from None
+            self._guests[clean.guest_id] = QemuGuest(spec=clean)
+            self._save(clean.guest_id)
         else:
             await self._create_volume(clean)
             self._guests[clean.guest_id] = QemuGuest(spec=clean)
@@ -575,6 +772,8 @@ class QemuDriver:
         existing = self._guests.get(guest_id)
         if existing is not None and (existing.running or existing.migration is not None):
             raise Conflict(f"guest {clean.name!r} already runs or migrates on {self.settings.agent_name}")
+        if clean.disks or clean.nics:
+            clean = self.storage.incoming_spec(clean)  # refuses a pool or network this host lacks
         machine = self._machine(clean)
         for disk in machine.disks:
             if not disk.path.is_file():
@@ -598,6 +797,7 @@ class QemuDriver:
             tls_dir=tls_dir,
         )
         guest.migration = migration
+        migration.after_switchover = self._measure_blackout
         if existing is not None:
             self._replaced[guest_id] = existing
         self._guests[guest_id] = guest
@@ -639,9 +839,36 @@ class QemuDriver:
             tls_dir=tls_dir,
         )
         guest.migration = migration
+        migration.after_switchover = self._measure_blackout
         self._save(guest_id)
         migration.begin()
         return migration
+
+    async def _measure_blackout(self, migration: QemuMigration, since: float) -> None:
+        """The network blackout of ``migration``'s switchover, if this agent listens to heartbeats: wait
+        (``BLACKOUT_WAIT_S`` at most) for one sent after ``since`` (the guest runs again), then record
+        the longest gap before it (``network.network_blackout``) as ``network_blackout_ms``."""
+        listener = self._heartbeats
+        if listener is None:
+            return
+        guest_id = migration.guest_id
+        if not any(beat.arrived > since - BLACKOUT_BEFORE_S for beat in listener.heartbeats(guest_id)):
+            return  # it sends none here (no guestload, or its heartbeats go to another listener)
+        deadline = time.monotonic() + BLACKOUT_WAIT_S
+        while not any(beat.arrived > since for beat in listener.heartbeats(guest_id)):
+            if time.monotonic() > deadline:
+                log.warning("%s: no heartbeat after the switchover: network blackout unknown", guest_id)
+                return
+            await asyncio.sleep(0.02)
+        try:
+            blackout = network_blackout(listener.heartbeats(guest_id), since - BLACKOUT_BEFORE_S, since)
+        except ValueError as error:
+            log.warning("%s: network blackout unknown: %s", guest_id, error)
+            return
+        migration.progress.update(network_blackout_ms=blackout.gap_ms)
+        log.info(
+            "%s: network blackout of migration %s: %.1f ms", guest_id, migration.migration_id, blackout.gap_ms
+        )
 
     def _tls_for(self, encryption: Encryption) -> Path | None:
         """QEMU's credentials directory under ``encryption`` (None: plain TCP); refuses "required"

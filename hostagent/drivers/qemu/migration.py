@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,14 @@ class QemuMigration:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ending = False
         self._control: socket.socket | None = None
+        # Called (awaited) once the guest ran again after the switchover: by the target as it resumes, by
+        # the source as it releases; ``since`` is that moment (wall s). The driver measures the network
+        # blackout there (``QemuDriver._measure_blackout``).
+        self.after_switchover: Callable[[QemuMigration, float], Coroutine[Any, Any, None]] | None = None
+
+    async def _after_switchover(self) -> None:
+        if self.after_switchover is not None:
+            await self.after_switchover(self, time.time())
 
     @property
     def qmp(self) -> QmpClient:

@@ -195,7 +195,11 @@ class HeartbeatListener:
     """A UDP socket (in ``netns`` if given) recording every guest heartbeat that reaches it, in a
     thread of its own. ``port`` 0 picks a free port (``address`` tells which)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, netns: str | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, netns: str | None = None, keep_s: float | None = None
+    ) -> None:
+        """``keep_s``: forget heartbeats older than that many seconds (None: keep all, for a test)."""
+
         def bind() -> socket.socket:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind((host, port))
@@ -206,6 +210,7 @@ class HeartbeatListener:
         self.address: tuple[str, int] = self._sock.getsockname()
         self._lock = threading.Lock()
         self._received: list[Heartbeat] = []
+        self._keep_s = keep_s
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
         self._thread.start()
@@ -222,6 +227,13 @@ class HeartbeatListener:
             if heartbeat is not None:
                 with self._lock:
                     self._received.append(heartbeat)
+                    if (
+                        self._keep_s is not None
+                        and self._received[0].arrived < heartbeat.arrived - 2 * self._keep_s
+                    ):
+                        self._received = [
+                            b for b in self._received if b.arrived >= heartbeat.arrived - self._keep_s
+                        ]
 
     def heartbeats(self, guest: str | None = None) -> list[Heartbeat]:
         """What arrived so far (of ``guest`` only, if given), in arrival order."""

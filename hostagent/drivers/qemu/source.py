@@ -369,6 +369,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         if self.io_quiesce is None:
             log.warning("%s: no switchover stop in QEMU's trace %s", self.guest_id, self.process.trace_path)
             return
+        self.progress.update(io_outstanding=self.io_quiesce.outstanding, io_drain_ms=self.io_quiesce.drain_ms)
         log.info(
             "%s: I/O quiesce: %d request(s) outstanding when the vCPUs stopped, drained in %.3f ms, "
             "flushed %s ms after the stop",
@@ -393,6 +394,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.progress.enter("released")
             self.progress.update(phase=None)
             self._finished(self)
+            await self._after_switchover()
         elif state != "released":
             raise Conflict(f"release needs a migration in state ready, this one is {state}")
         return self.snapshot()

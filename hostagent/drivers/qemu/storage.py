@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hostagent.drivers.qemu.qmp import QmpClient
+from hostagent.resources import PlannedDisk
 
 LOCK_PERM_BASE = 100  # QEMU's RAW_LOCK_PERM_BASE
 LOCK_SHARED_BASE = 200  # QEMU's RAW_LOCK_SHARED_BASE
@@ -132,6 +133,42 @@ def create_volume(template: Path, volume: Path) -> Path:
         raise VolumeError(f"qemu-img could not create {volume}: {done.stderr.strip()}")
     os.replace(partial, volume)
     return volume
+
+
+def virtual_size(path: Path, disk_format: str) -> int:
+    """A volume's virtual size (bytes): a qcow2 header's ``size`` field, or a raw file's length.
+    Raises OSError, or VolumeError if the file is not in that format."""
+    with path.open("rb") as image:
+        header = image.read(32)
+        if disk_format == "raw":
+            return max(1, os.fstat(image.fileno()).st_size)
+    if len(header) < 32 or header[:4] != b"QFI\xfb":
+        raise VolumeError(f"volume {path.name} is not a qcow2 image")
+    return int.from_bytes(header[24:32], "big")
+
+
+def create_empty_volume(disk: PlannedDisk) -> None:
+    """A new, empty volume (``qemu-img create``), under a temporary name, then linked to its own (which
+    fails if it appeared meanwhile). Raises VolumeError."""
+    partial = disk.path.with_name(f".{disk.path.name}.partial")
+    command = [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        disk.spec.format,
+        str(partial),
+        str(disk.spec.virtual_size_bytes),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        if done.returncode != 0:
+            raise VolumeError(f"qemu-img could not create {disk.spec.volume}: {done.stderr.strip()}")
+        os.link(partial, disk.path)
+    except FileExistsError:
+        raise VolumeError(f"volume {disk.spec.volume} appeared in pool {disk.pool.name} meanwhile") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,7 @@ class TargetMigration(QemuMigration):
             self.stop_background()
             self.close_control()
             self._finished(self)
+            await self._after_switchover()
         elif self.progress.state != "completed":
             raise Conflict(f"resume needs a migration in state ready, this one is {self.progress.state}")
         return self.snapshot()

@@ -1,4 +1,9 @@
-"""The embedded default driver: simulated guests moved by the agent's page-copying engine."""
+"""The embedded default driver: simulated guests moved by the agent's page-copying engine.
+
+Disks are sparse files in the host's pools (``--pool``), created by ``truncate`` when a definition
+asks (``create``); network cards are names and MACs on the host's networks (``--network``, of any
+kind). The checks before anything is created are ``hostagent.resources``'.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 
 from agentprotocol import (
     DirtyRate,
@@ -13,10 +19,12 @@ from agentprotocol import (
     Endpoint,
     GuestInfo,
     GuestSpec,
+    HostResources,
     MigrationParams,
     PhaseLimits,
     StopOutcome,
     StoppedGuest,
+    VolumeWriter,
     resolve_streams,
 )
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
@@ -24,6 +32,7 @@ from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
+from hostagent.resources import HostStorage, PlannedDisk
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")
@@ -40,6 +49,7 @@ class SimulatedDriver:
         except ValueError as error:
             raise ValueError("capacity_mib must be a whole number of MiB") from error
         self.guests: dict[str, SimulatedGuest] = {}
+        self.storage = HostStorage(settings.pools, settings.networks, settings.agent_name)
         # Guests by guest_id. A target's guest may replace a stopped guest with the same id; kept
         # to restore on discard.
         self._replaced: dict[str, SimulatedGuest] = {}
@@ -60,18 +70,38 @@ class SimulatedDriver:
     def get_guest(self, guest_id: str) -> GuestInfo:
         return self._guest(guest_id).info()
 
+    def resources(self) -> HostResources:
+        """Pools and networks (``--pool``, ``--network``); a writer per disk a guest holds open to write."""
+        writers = [
+            VolumeWriter(
+                pool_identity=guest.disk_identities[disk.device],
+                volume=disk.volume,
+                guest_id=guest.guest_id,
+                pid=os.getpid(),
+            )
+            for guest in self.guests.values()
+            for disk in guest.spec.disks
+            if disk.device in guest.disk_files
+        ]
+        return self.storage.report(writers)
+
     async def define_guest(self, spec: GuestSpec) -> GuestInfo:
+        """Check the disks and cards first (``HostStorage``), then create the new volumes (sparse
+        files) and the guest; a refusal creates nothing."""
         existing = self.guests.get(spec.guest_id)
         if existing is not None and not existing.spec.same_definition(spec):
             if existing.running or existing.migrating:
                 raise Conflict(
                     f"guest {spec.name} exists with another definition and is running or migrating"
                 )
-            await self.delete_guest(spec.guest_id)
-            existing = None
-        if existing is None:
+        if existing is None or not existing.spec.same_definition(spec):
             self._check_room(spec.memory_mib if spec.running else 0)
-            existing = self.guests[spec.guest_id] = self._new_guest(spec)
+            planned = self._plan(spec)
+            if existing is not None:
+                await self.delete_guest(spec.guest_id)
+            self.storage.create_volumes(planned, create_sparse_file)
+            disks = {disk.spec.device: (disk.path, disk.pool.identity) for disk in planned}
+            existing = self.guests[spec.guest_id] = self._new_guest(spec, disks)
         if spec.running and not existing.running:
             await self.start_guest(spec.guest_id)
         return existing.info()
@@ -137,7 +167,16 @@ class SimulatedDriver:
         if existing is not None and (existing.running or existing.migrating):
             raise Conflict(f"guest {spec.name} already runs or migrates on this host")
         self._check_room(spec.memory_mib)
-        guest = self._new_guest(spec.model_copy(update={"running": False}))
+        here = self.storage.incoming_spec(spec)  # refuses a pool or network this host lacks
+        disks = {}
+        for disk in here.disks:
+            pool = self.storage.pool(disk.pool)
+            assert pool is not None and disk.pool_identity is not None
+            disks[disk.device] = (
+                self.storage.volume_path(pool, disk.volume, disk.device),
+                disk.pool_identity,
+            )
+        guest = self._new_guest(spec.model_copy(update={"running": False}), disks)
         try:
             migration = TargetMigration(
                 guest,
@@ -226,11 +265,26 @@ class SimulatedDriver:
         self._replaced.pop(guest.guest_id, None)
 
     # -- helpers --------------------------------------------------------
-    def _new_guest(self, spec: GuestSpec) -> SimulatedGuest:
+    def _plan(self, spec: GuestSpec) -> list[PlannedDisk]:
+        """The definition's disks and cards checked against this host and its other guests."""
+        volumes: dict[Path, tuple[str, bool]] = {}
+        macs: dict[str, str] = {}
+        for guest in self.guests.values():
+            if guest.guest_id == spec.guest_id:
+                continue
+            for disk in guest.spec.disks:
+                if disk.device in guest.disk_paths:
+                    volumes[guest.disk_paths[disk.device]] = (guest.name, disk.shareable)
+            macs.update((nic.mac, guest.name) for nic in guest.spec.nics)
+        planned = self.storage.plan_disks(spec, volumes)
+        self.storage.check_nics(spec, macs, ("simulated", "bridge", "user"))
+        return planned
+
+    def _new_guest(self, spec: GuestSpec, disks: dict[str, tuple[Path, str]] | None = None) -> SimulatedGuest:
         if spec.memory_mib > self.capacity_mib:
             raise Conflict(f"no room: {spec.memory_mib} MiB asked, this host has {self.capacity_mib} MiB")
         try:
-            return SimulatedGuest(spec)
+            return SimulatedGuest(spec, disks)
         except (OSError, MemoryError) as error:
             raise Conflict(f"no room: cannot map {spec.memory_mib} MiB of guest memory ({error})") from error
 
@@ -245,3 +299,9 @@ class SimulatedDriver:
         if used + memory_mib > self.capacity_mib:
             free = self.capacity_mib - used
             raise Conflict(f"no room: {memory_mib} MiB asked, {free} MiB of {self.capacity_mib} MiB free")
+
+
+def create_sparse_file(disk: PlannedDisk) -> None:
+    """A new volume: a sparse file of the disk's virtual size (refused if the file exists)."""
+    with open(disk.path, "xb") as volume:
+        volume.truncate(disk.spec.virtual_size_bytes)

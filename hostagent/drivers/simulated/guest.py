@@ -1,24 +1,36 @@
-"""A simulated guest: real memory contents, a workload writing pages, an I/O queue, vCPU state."""
+"""A simulated guest: real memory contents, a workload writing pages, an I/O queue, vCPU state, disks.
+
+Its disks are sparse files in the host's pools. Each I/O request, when it completes, writes one
+sequence-numbered 4 KiB block to the first writable disk (``DISK_BLOCK``): the I/O queue is the
+disk's write load. A guest holds its writable disks open (``disk_files``) exactly while it may
+write them, which is what ``VolumeWriter`` reports: from boot or resume until it powers off, and
+on a migration's source until the Frozen phase paused it (its requests in flight drained in I/O
+Quiesce, new ones queued for the target); the target opens them when it resumes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import os
 import random
 import struct
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from agentprotocol import GuestInfo, GuestSpec, HardwareStatus, OsStatus
+from agentprotocol import DiskInfo, GuestInfo, GuestSpec, HardwareStatus, OsStatus
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, CHUNK_SIZE, PAGE_SIZE, GuestMemory
 
 TICK_S = 0.01
 IO_REQUESTS_PER_S = 50
 PAGE_STAMP = struct.Struct("<QQ")
+DISK_BLOCK = 4096  # bytes one completed I/O request writes
+DISK_STAMP = struct.Struct("<8sQQ")  # b"MXDISK01", the guest's seed, the request's number
 # Odd multiplier (Knuth): walks the guest's pages in a scattered but reproducible order.
 PAGE_STRIDE = 2654435761
 # The workload rewrites at least what it writes in this many seconds (see ``working_set_pages``).
@@ -35,8 +47,14 @@ class SimulatedGuest:
     sequence within the same working set.
     """
 
-    def __init__(self, spec: GuestSpec) -> None:
+    def __init__(self, spec: GuestSpec, disks: dict[str, tuple[Path, str]] | None = None) -> None:
+        """``disks``: each disk's file and its pool's identity by device name (``spec.disks``, resolved
+        in this host's pools)."""
         self.spec = spec
+        self.disk_paths = {device: path for device, (path, _) in (disks or {}).items()}
+        self.disk_identities = {device: identity for device, (_, identity) in (disks or {}).items()}
+        self.disk_files: dict[str, int] = {}  # device -> descriptor open for writing (see module doc)
+        self.disk_writes = 0
         self.guest_id = spec.guest_id
         self.name = spec.name  # for people only; the guest is known by its id
         self.seed = zlib.crc32(self.guest_id.encode())
@@ -104,6 +122,7 @@ class SimulatedGuest:
     def run(self) -> None:
         self.running = True
         self.vcpus_paused = False
+        self.activate_disks()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._workload(), name=f"workload {self.guest_id}")
 
@@ -144,6 +163,23 @@ class SimulatedGuest:
             self._task = None
         self.io_in_flight.clear()
         self.io_queued.clear()
+        self.deactivate_disks()
+
+    # -- disks ---------------------------------------------------------
+    def activate_disks(self) -> None:
+        """Open the writable disks for writing (idempotent): this guest writes them from now on."""
+        for disk in self.spec.disks:
+            path = self.disk_paths.get(disk.device)
+            if path is not None and not disk.read_only and disk.device not in self.disk_files:
+                self.disk_files[disk.device] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def deactivate_disks(self) -> None:
+        """Flush and close them (idempotent): another host may write them now."""
+        for fd in self.disk_files.values():
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self.disk_files.clear()
 
     def drop_memory(self) -> None:
         """Give the guest's RAM back to the host (after it left, or when it is deleted)."""
@@ -173,8 +209,8 @@ class SimulatedGuest:
         return distinct * PAGE_SIZE / elapsed, pages * PAGE_SIZE
 
     # -- I/O -----------------------------------------------------------
-    async def quiesce_io(self, on_progress: Callable[[int], None]) -> None:
-        """Queue new requests and wait until the ones in flight completed."""
+    async def quiesce_io(self, on_progress: Callable[[int], None]) -> int:
+        """Queue new requests and wait until the ones in flight completed; returns how many were."""
         self.io_queueing = True
         outstanding = len(self.io_in_flight)
         while self.io_in_flight:
@@ -182,6 +218,7 @@ class SimulatedGuest:
                 on_progress(100 * (outstanding - len(self.io_in_flight)) // outstanding)
             await asyncio.sleep(TICK_S)
         on_progress(100)
+        return outstanding
 
     def unquiesce_io(self) -> None:
         self.io_queueing = False
@@ -243,6 +280,8 @@ class SimulatedGuest:
             memory_mib=self.spec.memory_mib,
             vcpus=self.spec.vcpus,
             migrating=self.migrating,
+            disks=self.disk_infos(),
+            nics=list(self.spec.nics),
             workload={
                 "running": self.running and not self.vcpus_paused,
                 "dirty_pages_per_s": self.spec.dirty_pages_per_s,
@@ -253,8 +292,27 @@ class SimulatedGuest:
                 "resident_mib": self.memory.written_count() * PAGE_SIZE // (1024 * 1024),
                 "shutting_down": self.shutting_down,
                 "io_lost_at_stop": self.io_lost_at_stop,
+                "disk_writes": self.disk_writes,
+                "disks_open_for_writing": sorted(self.disk_files),
             },
         )
+
+    def disk_infos(self) -> list[DiskInfo]:
+        """The disks as they are on the pool now: size and allocated bytes from their files."""
+        infos = []
+        for disk in self.spec.disks:
+            path = self.disk_paths.get(disk.device)
+            size, allocated = disk.virtual_size_bytes, 0
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    status = os.stat(path)
+                    size, allocated = max(1, status.st_size), status.st_blocks * 512
+            fields = disk.model_dump() | {
+                "virtual_size_bytes": size,
+                "pool_identity": self.disk_identities.get(disk.device, disk.pool_identity),
+            }
+            infos.append(DiskInfo(**fields, allocated_bytes=allocated))
+        return infos
 
     # -- the workload --------------------------------------------------
     def _fill_memory(self) -> None:
@@ -304,5 +362,18 @@ class SimulatedGuest:
 
     def _complete_io(self, now: float) -> None:
         while self.io_in_flight and self.io_in_flight[0][1] <= now:
-            self.io_in_flight.popleft()
+            request, _ = self.io_in_flight.popleft()
+            self._write_block(request)
             self.io_completed += 1
+
+    def _write_block(self, request: int) -> None:
+        """Request ``request``'s block on the first writable disk open here (none: only counted)."""
+        for disk in self.spec.disks:
+            fd = self.disk_files.get(disk.device)
+            if fd is None:
+                continue
+            blocks = max(1, disk.virtual_size_bytes // DISK_BLOCK)
+            block = DISK_STAMP.pack(b"MXDISK01", self.seed, request).ljust(DISK_BLOCK, b"\0")
+            os.pwrite(fd, block, (request % blocks) * DISK_BLOCK)
+            self.disk_writes += 1
+            return

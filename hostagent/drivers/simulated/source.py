@@ -387,12 +387,16 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         return self.progress.snapshot()
 
     async def _quiesce_phase(self) -> None:
-        self.progress.update(state="quiesce", phase="quiesce")
+        """Queue new I/O, let the requests in flight complete; report how many there were and how long
+        they took (``io_outstanding``, ``io_drain_ms``)."""
+        self.progress.update(state="quiesce", phase="quiesce", io_outstanding=len(self.guest.io_in_flight))
+        began = time.monotonic()
         async with asyncio.timeout(self.limits.of("quiesce")):
-            await self._watch(
+            outstanding = await self._watch(
                 self.guest.quiesce_io(lambda pct: self.progress.update(percent={"quiesce": pct}))
             )
-        self.progress.update(percent={"quiesce": 100})
+        drain_ms = round((time.monotonic() - began) * 1000, 1) if outstanding else 0.0
+        self.progress.update(percent={"quiesce": 100}, io_outstanding=outstanding, io_drain_ms=drain_ms)
         self._quiesced.set()
 
     async def _frozen_phase(self) -> None:
@@ -404,6 +408,9 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             await self._last_round_before_pause()
             frozen_at = time.monotonic()
             self.guest.pause_vcpus()
+            # Its I/O drained in Quiesce and new requests queue: it writes its disks no more, so it lets
+            # go of them before the target may open them (one writer at a time).
+            self.guest.deactivate_disks()
             if self.guest.state_save_ms:
                 await asyncio.sleep(self.guest.state_save_ms / 1000)
             final_pages = self.guest.memory.dirty_count()
@@ -695,6 +702,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self.guest.throttle_pct = 0
         self.guest.unquiesce_io()
         self.guest.resume_vcpus()
+        if self.guest.running:
+            self.guest.activate_disks()
         if self.guest.migrating == self.migration_id:
             self.guest.migrating = None
 

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('vms', '0017_migration_policy_help_text'),
+        ('vms', '0018_vsp_retired_at'),
     ]
 
     operations = [
