@@ -55,7 +55,7 @@ from migrations_app.fanout import watcher_count
 from migrations_app.models import PHASE_FIELD_PREFIX, Migration
 from migrations_app.outcomes import undelivered_count
 from vms.access import visible_vsps
-from vms.models import VSP, InventoryRound
+from vms.models import VSP, InventoryRound, StoragePool
 
 from .problems import problem_response
 from .tokens import user_for_token
@@ -242,6 +242,25 @@ class MigrationCollector:
                 took.add_metric([name], collect_ms / 1000)
         yield from (reachable, checked, failures, took)
         yield from self._inventory_round()
+        yield from self._pools()
+
+    def _pools(self) -> Iterable[Metric]:
+        """Each storage pool's free and total bytes as its agent last reported them (a shared pool once per
+        VSP that mounts it: ``identity`` says which rows are the same storage)."""
+        labels = ["vsp", "pool", "kind", "identity"]
+        free = GaugeMetricFamily(
+            "matrixoe_storage_pool_free_bytes", "Free bytes of a VSP's storage pool", labels=labels
+        )
+        capacity = GaugeMetricFamily(
+            "matrixoe_storage_pool_capacity_bytes", "Capacity of a VSP's storage pool (bytes)", labels=labels
+        )
+        rows = StoragePool.objects.values_list(
+            "vsp__name", "name", "kind", "identity", "free_bytes", "capacity_bytes"
+        )
+        for vsp, name, kind, identity, free_bytes, capacity_bytes in rows:
+            free.add_metric([vsp, name, kind, identity], free_bytes)
+            capacity.add_metric([vsp, name, kind, identity], capacity_bytes)
+        yield from (free, capacity)
 
     def _inventory_round(self) -> Iterable[Metric]:
         """The last finished collection round (none yet: the families are empty)."""

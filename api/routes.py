@@ -21,6 +21,7 @@ from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
 from vms.access import visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
+from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
 from vms.http import AuthenticatedHttpRequest
 from vms.models import Registration
 from vms.queries import filter_vms, vm_with_registrations
@@ -37,6 +38,7 @@ from .schemas import (
     NotRunnableIn,
     OnlineMigrationIn,
     PolicyChangeIn,
+    VMDefineIn,
     VMOut,
     VMPage,
     VSPOut,
@@ -81,7 +83,12 @@ def require(request: HttpRequest, permission: str) -> None:
 def list_vsps(request: HttpRequest, limit: int = Limit, offset: int = Offset) -> dict:
     """Every VSP (VM host), by name."""
     require(request, VIEW_VSP)
-    vsps = visible_vsps(request.user).filter(retired_at=None).order_by("name")
+    vsps = (
+        visible_vsps(request.user)
+        .filter(retired_at=None)
+        .prefetch_related("pools", "networks")
+        .order_by("name")
+    )
     return page(vsps, limit, offset, vsp_out)
 
 
@@ -116,6 +123,26 @@ def get_one_vm(request: HttpRequest, vm: str = IdRef) -> VMOut:
     """The General tab: VSP, OS, statuses, Online Migration Enabled, Not Runnable details, phases, alerts."""
     require(request, VIEW_VM)
     return vm_out(get_vm(vm, request.user))
+
+
+@router.post("/vms", response={201: VMOut, **WRITE_ERRORS}, tags=["VMs"])
+def define_vm(request: HttpRequest, body: VMDefineIn) -> Status:
+    """Define a VM on a VSP with disks (new volumes of a size in a pool, or an image already in a pool) and
+    network cards on the VSP's networks (MAC generated unless given). A bad definition is refused (409,
+    every problem in words) and nothing is created, on the console or the host. Needs
+    ``vms.add_virtualmachine`` and the administrator role in the VSP's host group."""
+    vsp = get_vsp(body.vsp, request.user)
+    definition = Definition(
+        name=body.name,
+        vsp=vsp,
+        memory_mib=body.memory_mib,
+        vcpus=body.vcpus,
+        os_type=body.os_type,
+        disks=[DiskRequest(pool=d.pool, size_bytes=d.size_bytes, image=d.image) for d in body.disks],
+        nics=[NicRequest(network=n.network, mac=n.mac) for n in body.nics],
+    )
+    vm = do_define_vm(definition, request.user)
+    return Status(201, vm_out(get_vm(str(vm.pk), request.user)))
 
 
 @router.put("/vms/{vm}/online-migration", response={200: VMOut, **WRITE_ERRORS}, tags=["VMs"])

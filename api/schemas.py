@@ -51,6 +51,52 @@ class VSPOut(Schema):
     )
     maintenance: bool
     maintenance_since: datetime | None
+    resources_collected_at: datetime | None = Field(
+        None, description="When its agent last reported pools and networks; null: not known (an older agent)"
+    )
+    pools: list[PoolOut] = Field(default_factory=list, description="Its storage pools, with free space")
+    networks: list[NetworkOut] = Field(default_factory=list)
+
+
+class PoolOut(Schema):
+    """A storage pool of a VSP as its agent last reported it (bytes); ``identity`` is equal on every VSP
+    that mounts the same shared storage."""
+
+    name: str
+    kind: str = Field(description="'shared' | 'local'")
+    identity: str
+    capacity_bytes: int
+    free_bytes: int
+    location: str
+
+
+class NetworkOut(Schema):
+    name: str
+    kind: str = Field(description="'bridge' | 'user' | 'simulated'")
+    bridge: str
+
+
+class DiskOut(Schema):
+    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes)."""
+
+    device: str
+    pool: str
+    pool_identity: str
+    volume: str
+    virtual_size_bytes: int
+    allocated_bytes: int
+    format: str
+    bus: str
+    read_only: bool
+    shareable: bool
+    boot: bool
+
+
+class NicOut(Schema):
+    index: int = Field(description="nic 0, nic 1, ... as the pre-checks name them")
+    network: str
+    mac: str
+    model: str
 
 
 class RegistrationOut(Schema):
@@ -171,6 +217,8 @@ class VMOut(Schema):
     vcpus: int
     phase_time_limits_s: dict[str, int | None]
     registrations: list[RegistrationOut]
+    disks: list[DiskOut] = Field(default_factory=list, description="The Storage tab")
+    nics: list[NicOut] = Field(default_factory=list, description="The Network tab")
     migration: MigrationOut | None = Field(description="Online Migration Phases: active or just completed")
     alert: MigrationOut | None = Field(
         description="Alerts: the last attempt, when it failed or was cancelled"
@@ -309,7 +357,15 @@ def choice(value: str, label: str) -> Choice:
 
 
 def vsp_out(vsp: VSP) -> VSPOut:
-    return VSPOut.model_validate(vsp, from_attributes=True)
+    # ``.all()`` sorted here: a list prefetches both (``list_vsps``), so a page costs two queries in all.
+    pools = sorted(vsp.pools.all(), key=lambda pool: pool.name)
+    networks = sorted(vsp.networks.all(), key=lambda network: network.name)
+    fields = {name: getattr(vsp, name) for name in VSPOut.model_fields if name not in ("pools", "networks")}
+    return VSPOut(
+        **fields,
+        pools=[PoolOut.model_validate(pool, from_attributes=True) for pool in pools],
+        networks=[NetworkOut.model_validate(network, from_attributes=True) for network in networks],
+    )
 
 
 def registration_out(registration: Registration) -> RegistrationOut:
@@ -440,6 +496,8 @@ def vm_out(vm: VirtualMachine) -> VMOut:
             "frozen": vm.frozen_limit_s,
         },
         registrations=[registration_out(r) for r in vm.registrations.all()],
+        disks=[DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")],
+        nics=[NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")],
         migration=migration_out(migration) if migration else None,
         alert=migration_out(failed) if failed else None,
     )
@@ -470,3 +528,41 @@ class MigrationPage(Schema):
     count: int
     limit: int
     offset: int
+
+
+# Unknown fields refused; numbers as JSON Schema reads "integer" (20.0 is 20).
+DEFINE_CONFIG = ConfigDict(extra="forbid")
+
+
+class DiskIn(Schema):
+    """A disk of a VM to define: a new volume of ``size_bytes`` in ``pool``, or ``image``: the name of a
+    volume already in ``pool`` (a name, never a path)."""
+
+    model_config = DEFINE_CONFIG
+
+    pool: str = Field(min_length=1, max_length=64)
+    size_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    image: str = Field("", max_length=200)
+
+
+class NicIn(Schema):
+    """A network card: on ``network`` of the VSP; ``mac`` empty: generated (unique in the console)."""
+
+    model_config = DEFINE_CONFIG
+
+    network: str = Field(min_length=1, max_length=64)
+    mac: str = Field("", max_length=32)
+
+
+class VMDefineIn(Schema):
+    """A VM to define on ``vsp`` (id or name), with its disks (vda, vdb, ...) and cards (nic 0, ...)."""
+
+    model_config = DEFINE_CONFIG
+
+    name: str = Field(min_length=1, max_length=64)
+    vsp: IdOrName
+    memory_mib: int = Field(ge=1, le=4 * 1024 * 1024)
+    vcpus: int = Field(1, ge=1, le=256)
+    os_type: str = Field("", max_length=64)
+    disks: list[DiskIn] = Field(default_factory=list, max_length=16)
+    nics: list[NicIn] = Field(default_factory=list, max_length=8)

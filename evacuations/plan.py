@@ -27,6 +27,7 @@ from migrations_app import estimates, forecast
 from migrations_app.access import migration_targets
 from migrations_app.checks import check_vm, host_refusal
 from migrations_app.models import Migration
+from migrations_app.placement import devices_refusal, load_devices
 from vms.access import visible_vsps
 from vms.capacity import free_memory_by_vsp
 from vms.models import VSP, Registration, VirtualMachine
@@ -328,6 +329,8 @@ def build_plan(
             problem = f"{vm.name} cannot go to VSP {target_id}: there is no such VSP; choose another target"
         elif refusal:
             problem = f"{vm.name} cannot go to {target.name}: {refusal}"
+        elif devices := devices_refusal(vm, vsp, target):
+            problem = f"{vm.name} cannot go to {target.name}: {devices}"
         elif planned_free[target_id] < vm.memory_mib:
             problem = (
                 f"{vm.name} cannot go to {target.name}: not enough free memory once the earlier steps "
@@ -339,9 +342,15 @@ def build_plan(
             problems.append(problem)
         steps.append(PlanStep.of(vm, target, rates.get(vm.pk), problem, vm.pk in confirmed))
     for vm in free_choice:
-        roomy = [pk for pk in eligible if planned_free[pk] >= vm.memory_mib]
+        # The guest's disks and cards first: a target without its shared pools or networks never takes it.
+        had = load_devices(vm, vsp)
+        unfit = {pk: devices_refusal(vm, vsp, eligible[pk], had) for pk in eligible}
+        reachable = {pk: other for pk, other in eligible.items() if not unfit[pk]}
+        roomy = [pk for pk in reachable if planned_free[pk] >= vm.memory_mib]
         if not roomy:
-            staying.append(Staying(vm.name, no_room_reason(vm, planned_free, eligible)))
+            refused = next((why for why in unfit.values() if why), "")
+            reason = refused if eligible and not reachable else no_room_reason(vm, planned_free, reachable)
+            staying.append(Staying(vm.name, reason))
             continue
 
         def preference(pk: int, vm: VirtualMachine = vm) -> tuple[int, float, str]:

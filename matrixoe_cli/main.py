@@ -1,5 +1,5 @@
-"""The ``matrixoe`` command: ``login``, ``vsps``, ``vms``, ``status``, ``migrate``, ``change``,
-``switchover``, ``cancel``, ``history``, ``evacuate``.
+"""The ``matrixoe`` command: ``login``, ``vsps``, ``pools``, ``vms``, ``status``, ``define``, ``migrate``,
+``change``, ``switchover``, ``cancel``, ``history``, ``evacuate``.
 
 Every command takes ``--json`` (the API's JSON, for scripts). Exit status: 0 done; 1 refused or failed
 (the console's words on stderr), a bad value of a numeric option included (taken as text and checked
@@ -181,8 +181,124 @@ def status(vm: Annotated[str, typer.Argument(help="VM name or id")], as_json: Js
         out.print(heading, markup=False, highlight=False)
         for phase in migration["phases"]:
             out.print(f"  {phase['label']:<12} {phase['percent']:>3}%", markup=False, highlight=False)
+    print_devices(data)
     if data["alert"]:
         out.print(Text.assemble("\n", ("Alert:", "bold red"), " ", data["alert"]["alert"]), highlight=False)
+
+
+def size_text(size: int) -> str:
+    """Bytes for people, as the console's pages say them: "10 GiB", "1.5 TiB"."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{f'{value:.1f}'.removesuffix('.0')} {units[unit]}"
+
+
+def print_devices(vm: dict) -> None:
+    """The Storage and Network tabs: one table each (nothing when the VM has none)."""
+    if vm.get("disks"):
+        table = Table("Disk", "Pool", "Volume", "Virtual size", "Allocated", "Access", title="Storage")
+        for disk in vm["disks"]:
+            access = "read-only" if disk["read_only"] else "read-write"
+            table.add_row(
+                *plain(
+                    disk["device"],
+                    disk["pool"],
+                    disk["volume"],
+                    size_text(disk["virtual_size_bytes"]),
+                    size_text(disk["allocated_bytes"]),
+                    access + (", shareable" if disk["shareable"] else ""),
+                )
+            )
+        out.print(table)
+    if vm.get("nics"):
+        table = Table("Card", "Network", "MAC", "Model", title="Network")
+        for nic in vm["nics"]:
+            table.add_row(*plain(f"nic {nic['index']}", nic["network"], nic["mac"], nic["model"]))
+        out.print(table)
+
+
+@app.command()
+def pools(vsp: Annotated[str, typer.Argument(help="VSP name or id")], as_json: JsonOption = False) -> None:
+    """A VSP's storage pools (free space) and networks, as its agent last reported them."""
+    data = call(lambda api: api.get(f"/vsps/{segment(vsp)}"), as_json)
+    if as_json:
+        return print_json(
+            {key: data.get(key) for key in ("name", "resources_collected_at", "pools", "networks")}
+        )
+    if not data.get("resources_collected_at"):
+        out.print(
+            f"{data['name']}: storage pools and networks not known (its agent does not report them).",
+            markup=False,
+            highlight=False,
+        )
+        return
+    table = Table("Pool", "Kind", "Identity", "Capacity", "Free", title=f"Storage pools of {data['name']}")
+    for pool in data["pools"]:
+        table.add_row(
+            *plain(
+                pool["name"],
+                pool["kind"],
+                pool["identity"],
+                size_text(pool["capacity_bytes"]),
+                size_text(pool["free_bytes"]),
+            )
+        )
+    out.print(table)
+    networks = Table("Network", "Kind", "Bridged to", title=f"Networks of {data['name']}")
+    for network in data["networks"]:
+        networks.add_row(*plain(network["name"], network["kind"], network["bridge"] or "—"))
+    out.print(networks)
+
+
+def disk_option(text: str) -> dict[str, Any]:
+    """``--disk POOL:SIZE`` (a new volume: "10G", "512M", bytes) or ``--disk POOL:image=NAME``."""
+    pool, _, rest = text.partition(":")
+    if rest.startswith("image="):
+        return {"pool": pool, "image": rest.removeprefix("image=")}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (rest[:-1], units[rest[-1].upper()]) if rest[-1:].upper() in units else (rest, 1)
+    try:
+        size = float(number) * unit
+    except ValueError:
+        raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.") from None
+    if not math.isfinite(size) or size < 1:
+        raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.")
+    return {"pool": pool, "size_bytes": int(size)}
+
+
+@app.command()
+def define(
+    name: Annotated[str, typer.Argument(help="The new VM's name")],
+    vsp: Annotated[str, typer.Option("--vsp", help="The VSP to define it on (name or id)")],
+    memory: Annotated[str, typer.Option("--memory", help="Memory (MiB)")] = "512",
+    vcpus: Annotated[str, typer.Option("--vcpus", help="Virtual CPUs")] = "1",
+    disk: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--disk", help="POOL:SIZE (a new volume, e.g. san-a:10G) or POOL:image=NAME (repeatable)"
+        ),
+    ] = None,
+    nic: Annotated[
+        list[str] | None, typer.Option("--nic", help="NETWORK or NETWORK=MAC (repeatable; MAC generated)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Define a VM on a VSP with disks in its pools and network cards on its networks."""
+    body = {
+        "name": name,
+        "vsp": vsp,
+        "memory_mib": json_number(memory),
+        "vcpus": json_number(vcpus),
+        "disks": [disk_option(text) for text in disk or []],
+        "nics": [dict(zip(("network", "mac"), text.split("=", 1), strict=False)) for text in nic or []],
+    }
+    data = call(lambda api: api.post("/vms", body), as_json)
+    if as_json:
+        return print_json(data)
+    out.print(f"{data['name']} defined on {data['vsp'] or vsp}.", markup=False, highlight=False)
+    print_devices(data)
 
 
 def general_tab_lines(vm: dict) -> list[tuple[str, str]]:

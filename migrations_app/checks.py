@@ -1,5 +1,7 @@
 """Pre-checks for an online migration, in plain words, read from the database only (no agent calls).
 
+Storage and networks (``placement``): the target must mount every shared pool of the guest's disks and
+have each of its cards' networks; a disk on a local pool keeps the guest where it is.
 The dialog shows ``check_targets(vm)`` (every VSP with its verdict); the action and the Init phase call
 ``check_target`` again so that what the dialog said is re-decided at the moment it matters.
 """
@@ -13,6 +15,7 @@ from django.db.models import Q, Sum
 from vms.models import VSP, PairEncryption, Registration, VirtualMachine, streams_label
 
 from .models import Migration
+from .placement import GuestDevices, devices_refusal, load_devices, local_disk_refusal
 
 OK = "ok"
 ALREADY_MIGRATING_REASON = "VM is already migrating"
@@ -60,10 +63,11 @@ def check_targets(vm: VirtualMachine) -> list[TargetCheck]:
             streams[other] = count
             if encryption == PairEncryption.Policy.OFF:
                 plain.add(other)
+    devices = load_devices(vm, source) if not vm_reason else None
     return [
         TargetCheck(
             vsp,
-            vm_reason or check_target_host(vm, source, vsp) or OK,
+            vm_reason or check_target_host(vm, source, vsp, devices=devices) or OK,
             PairEncryption.Policy.OFF if vsp.pk in plain else PairEncryption.Policy.REQUIRED,
             streams.get(vsp.pk),
             None if source is not None and vsp.pk == source.pk else free_memory_mib(vsp),
@@ -99,7 +103,7 @@ def check_vm(vm: VirtualMachine, source: VSP | None, *, ignoring: Migration | No
         return f"source host {source.name} is not licensed for online migration"
     if not source.agent_reachable:
         return f"agent unreachable on source host {source.name}{problem_words(source)}"
-    return None
+    return local_disk_refusal(vm, source)
 
 
 def is_running(vm: VirtualMachine) -> bool:
@@ -115,9 +119,16 @@ def not_running_reason(vm: VirtualMachine) -> str:
 
 
 def check_target_host(
-    vm: VirtualMachine, source: VSP | None, target: VSP, *, ignoring: Migration | None = None
+    vm: VirtualMachine,
+    source: VSP | None,
+    target: VSP,
+    *,
+    ignoring: Migration | None = None,
+    devices: GuestDevices | None = None,
 ) -> str | None:
     if reason := host_refusal(source, target):
+        return reason
+    if reason := devices_refusal(vm, source, target, devices):
         return reason
     free = free_memory_mib(target, ignoring=ignoring)
     if vm.memory_mib > free:

@@ -134,6 +134,7 @@ def roll_forward(agents: MigrationAgents, lease: Lease) -> bool:
     if released is None:
         alert = " ".join(filter(None, (alert, alerts.release_pending(migration))))
     migration.refresh_from_db()
+    note_blackout(migration, still)
     message = alerts.completed_message(migration)
     records.record_completed(migration, lease, message, alert, release_pending=released is None)
     return True
@@ -162,6 +163,15 @@ def finish_release(agents: MigrationAgents) -> bool:
         return False
     logger.warning("Migration %s: the source %s answered again; its copy was released", migration.pk, source)
     return True
+
+
+def note_blackout(migration: Migration, snapshot: object) -> None:
+    """Keep the network blackout the target measured once the guest ran there (``ProgressSnapshot.
+    network_blackout_ms``: the longest gap in its heartbeats, ms), when it says one; a figure only."""
+    blackout = getattr(snapshot, "network_blackout_ms", None)
+    if isinstance(snapshot, ProgressSnapshot) and blackout is not None:
+        Migration.objects.filter(pk=migration.pk).update(network_blackout_ms=blackout)
+        migration.network_blackout_ms = blackout
 
 
 def keep_on_source(agents: MigrationAgents, lease: Lease, refusal: ProgressSnapshot | AgentRefused) -> bool:

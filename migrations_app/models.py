@@ -5,6 +5,8 @@ State changes go only through ``migrations_app.transitions.transition`` (compare
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -86,6 +88,15 @@ class Migration(models.Model):
     # Auto-converge's throttle in force now (percent of the guest's vCPU time taken away), as the source
     # agent last reported it: the live forecast continues from it (``steering.outlook``).
     throttle_pct = models.PositiveSmallIntegerField(default=0)
+    # I/O Quiesce as the source reported it: guest I/O requests outstanding when it began and how long
+    # they took to complete (ms); the network blackout a client of the guest saw (the longest gap in its
+    # heartbeats around the switchover, ms). Null: not reported (an older agent, or no disk / no card).
+    io_outstanding = models.PositiveIntegerField(null=True, blank=True)
+    io_drain_ms = models.FloatField(null=True, blank=True)
+    network_blackout_ms = models.FloatField(null=True, blank=True)
+    # The guest's disks and network cards when it was requested, for the history and the report:
+    # {"disks": [{"device", "pool", "volume", "virtual_size_bytes"}], "nics": [{"network", "mac"}]}.
+    guest_devices = models.JSONField(default=dict, blank=True)
     source_digest = models.CharField(max_length=128, blank=True)
     target_digest = models.CharField(max_length=128, blank=True)
 
@@ -156,6 +167,8 @@ class Migration(models.Model):
     def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not self.vm_name and self.vm is not None:
             self.vm_name = self.vm.name
+        if self.pk is None and not self.guest_devices and self.vm is not None:
+            self.guest_devices = devices_record(self.vm)
         super().save(*args, **kwargs)
 
     def require_vm(self) -> VirtualMachine:
@@ -303,3 +316,10 @@ class MigrationOutcome(models.Model):
 
 
 __all__ = ["PHASE_FIELD_PREFIX", "LinkProbe", "Migration", "MigrationEvent", "MigrationOutcome"]
+
+
+def devices_record(vm: VirtualMachine) -> dict[str, Any]:
+    """What a migration keeps of ``vm``'s disks and cards (``Migration.guest_devices``)."""
+    disks = vm.disks.order_by("device").values("device", "pool", "volume", "virtual_size_bytes")
+    nics = vm.nics.order_by("index").values("network", "mac")
+    return {"disks": list(disks), "nics": list(nics)}

@@ -14,7 +14,7 @@ from contextlib import closing
 from typing import ClassVar, Literal, Protocol
 
 from agentprotocol import FailureKind, ProgressSnapshot
-from vms.inventory import learn_driver
+from vms.inventory import learn_driver, refresh_resources
 from vms.models import PairEncryption
 
 from . import alerts, records
@@ -66,6 +66,8 @@ class Init(Phase):
     def run(self, run: PhaseRun) -> None:
         migration = run.migration
         vm = migration.require_vm()
+        if vm.disks.exists() or vm.nics.exists():  # a pool or network gone since the click: seen now
+            refresh_resources(migration.target)
         reason = check_target(vm, migration.target, ignoring=migration)
         if reason:
             # Off in the database: it was not running. On: the source is asked (its host may have died).

@@ -45,6 +45,9 @@ PROGRESS_FIELDS = (
     "throttle_pct",
     "expected_downtime_ms",
     "downtime_ms",
+    "io_outstanding",
+    "io_drain_ms",
+    "network_blackout_ms",
     "source_digest",
     "target_digest",
     "round_samples",
@@ -129,6 +132,9 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
         migration.expected_downtime_ms = snapshot.expected_downtime_ms
     if snapshot.downtime_ms is not None:
         migration.downtime_ms = snapshot.downtime_ms
+    for figure in ("io_outstanding", "io_drain_ms", "network_blackout_ms"):  # I/O Quiesce, blackout
+        if (value := getattr(snapshot, figure)) is not None:
+            setattr(migration, figure, value)
 
 
 def save_progress(migration: Migration, lease: Lease) -> bool:

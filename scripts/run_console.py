@@ -221,16 +221,46 @@ def qemu_image_options() -> list[str]:
     return [argument for option in options for argument in ("--driver-option", option)]
 
 
+DEMO_POOL_DIR = VAR_DIR / "pools" / "san-a"  # the simulated demo's shared pool, mounted by every agent
+
+
+def agent_takes_pools() -> bool:
+    """Whether this checkout's agent takes ``--pool`` (older agents have no pools: the demo runs without)."""
+    helped = subprocess.run(
+        [PYTHON, "-m", "hostagent", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--pool" in helped.stdout
+
+
+def storage_options(driver: str) -> Callable[[str], list[str]]:
+    """Each simulated demo agent's pool and networks (``vms.demo.agent_storage_options``), or none."""
+    if driver == "qemu" or not agent_takes_pools():
+        if driver != "qemu":
+            print("  this agent has no storage pools yet (no --pool): the demo guests get no disks")
+        return lambda name: []
+    from vms.demo_storage import agent_storage_options
+
+    DEMO_POOL_DIR.mkdir(parents=True, exist_ok=True)
+    return lambda name: agent_storage_options(name, DEMO_POOL_DIR)
+
+
 def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
     """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
     extra_args = qemu_image_options() if driver == "qemu" else []
+    storage = storage_options(driver)
     for index, name in enumerate(DEMO_HOSTS):
         port = AGENT_BASE_PORT + index
         require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
         log_path = LOG_DIR / f"agent-{name}.log"
         try:
             agent = start_agent(
-                name, port, agent_secret_file(name), driver, extra_args, log_path=log_path, pki_dir=PKI_DIR
+                name,
+                port,
+                agent_secret_file(name),
+                driver,
+                [*extra_args, *storage(name)],
+                log_path=log_path,
+                pki_dir=PKI_DIR,
             )
         except RuntimeError:
             sys.exit(f"host agent {name} did not start; see {log_path}")
@@ -499,7 +529,7 @@ def main() -> None:
             *("--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR)),
             *("--pki-dir", str(PKI_DIR), "--data-plane", "required"),
         )
-        manage("seed_demo_agents", "--driver", options.hosts)
+        manage("seed_demo_agents", "--driver", options.hosts, "--pool-dir", str(DEMO_POOL_DIR))
         if cluster:
             cluster.start_console(processes)
         else:

@@ -11,9 +11,21 @@ from typing import Any
 
 from django.contrib.auth.models import Group, Permission, User
 from django.test import Client
+from django.utils import timezone
 
 from migrations_app.models import Migration
-from vms.models import VSP, HostGroup, HostGroupMembership, Registration, Role, VirtualMachine
+from vms.models import (
+    VSP,
+    HostGroup,
+    HostGroupMembership,
+    Network,
+    NetworkCard,
+    Registration,
+    Role,
+    StoragePool,
+    VirtualDisk,
+    VirtualMachine,
+)
 
 _sequence = count(1)
 
@@ -165,3 +177,45 @@ def session_cookie(user: User) -> str:
     client = Client()
     client.force_login(user)
     return client.cookies["sessionid"].value
+
+
+GIB = 1 << 30
+
+
+def make_pool(
+    vsp: VSP, name: str = "san-a", kind: str = "shared", identity: str | None = None, **fields: Any
+) -> StoragePool:
+    """A pool ``vsp``'s agent reported (``identity`` defaults to the name's: the same storage everywhere);
+    the VSP's pools and networks are known from then on."""
+    VSP.objects.filter(pk=vsp.pk).update(resources_collected_at=timezone.now())
+    vsp.resources_collected_at = timezone.now()
+    defaults = {"capacity_bytes": 100 * GIB, "free_bytes": 50 * GIB, "location": f"/pools/{name}"}
+    return StoragePool.objects.create(
+        vsp=vsp, name=name, kind=kind, identity=identity or f"id-{name}", **{**defaults, **fields}
+    )
+
+
+def make_network(vsp: VSP, name: str = "prod-net", kind: str = "bridge", bridge: str = "br0") -> Network:
+    VSP.objects.filter(pk=vsp.pk).update(resources_collected_at=timezone.now())
+    vsp.resources_collected_at = timezone.now()
+    return Network.objects.create(vsp=vsp, name=name, kind=kind, bridge=bridge)
+
+
+def give_disk(
+    vm: VirtualMachine, pool: StoragePool, device: str = "vda", size: int = 10 * GIB
+) -> VirtualDisk:
+    return VirtualDisk.objects.create(
+        vm=vm,
+        device=device,
+        pool=pool.name,
+        pool_identity=pool.identity,
+        volume=f"{vm.name}-{device}.qcow2",
+        virtual_size_bytes=size,
+        allocated_bytes=size // 10,
+    )
+
+
+def give_nic(vm: VirtualMachine, network: str = "prod-net", mac: str | None = None) -> NetworkCard:
+    index = vm.nics.count()
+    mac = mac or f"52:54:00:00:{vm.pk % 256:02x}:{index:02x}"
+    return NetworkCard.objects.create(vm=vm, index=index, network=network, mac=mac)

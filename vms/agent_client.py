@@ -40,6 +40,7 @@ from agentprotocol import (
     GuestList,
     GuestSpec,
     Health,
+    HostResources,
     IncomingRequest,
     Message,
     OutgoingRequest,
@@ -367,6 +368,16 @@ class AgentClient:
         over the last ``window_s`` s (default: as long as the agent keeps, 120 s)."""
         path = "/v1/health" if window_s is None else f"/v1/health?window_s={window_s:g}"
         return self._call("GET", path, Health, "health")
+
+    def resources(self) -> HostResources | None:
+        """The host's storage pools, networks and volume writers; None from an agent older than pools
+        (it answers ``GET /v1/resources`` with 404: its pools and networks are not known)."""
+        try:
+            return self._call("GET", "/v1/resources", HostResources, "resources")
+        except AgentRefused as refusal:
+            if refusal.status == 404 and not isinstance(refusal, UnknownGuest | UnknownMigration):
+                return None
+            raise
 
     def list_guests(self) -> list[GuestInfo]:
         """Every guest on the host."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentprotocol import GuestSpec, PhaseLimits
+from agentprotocol import DiskSpec, GuestSpec, NicSpec, PhaseLimits
 
 from .models import VirtualMachine
 
@@ -19,6 +19,8 @@ from .models import VirtualMachine
 def guest_spec(vm: VirtualMachine, **extra: Any) -> GuestSpec:
     """``vm`` as an agent defines it: its id (what agents know it by), display name, size, OS type.
 
+    Its disks (with their pools' identity, so a migration's target finds the same shared storage
+    whatever its name there) and network cards, as the console knows them, when it has any.
     ``extra``: more ``GuestSpec`` fields, or other values of these (the demo's simulated workload,
     ``running``, a QEMU demo guest's memory). Raises ``pydantic.ValidationError`` for a value out of the
     protocol's bounds.
@@ -31,6 +33,10 @@ def guest_spec(vm: VirtualMachine, **extra: Any) -> GuestSpec:
     }
     if vm.os_type:
         fields["os_type"] = vm.os_type
+    if disks := disk_specs(vm):
+        fields["disks"] = disks
+    if nics := nic_specs(vm):
+        fields["nics"] = nics
     return GuestSpec.model_validate({**fields, **extra})
 
 
@@ -42,3 +48,30 @@ def phase_limits(vm: VirtualMachine) -> PhaseLimits:
         quiesce_s=vm.quiesce_limit_s,
         frozen_s=vm.frozen_limit_s,
     )
+
+
+def disk_specs(vm: VirtualMachine) -> list[DiskSpec]:
+    """``vm``'s disks as the protocol carries them (existing volumes: ``create`` False)."""
+    return [
+        DiskSpec(
+            device=disk.device,
+            pool=disk.pool,
+            volume=disk.volume,
+            virtual_size_bytes=max(disk.virtual_size_bytes, 1),
+            format=disk.format,  # type: ignore[arg-type]
+            bus=disk.bus,  # type: ignore[arg-type]
+            read_only=disk.read_only,
+            shareable=disk.shareable,
+            pool_identity=disk.pool_identity or None,
+            boot=disk.boot,
+        )
+        for disk in vm.disks.order_by("device")
+    ]
+
+
+def nic_specs(vm: VirtualMachine) -> list[NicSpec]:
+    """``vm``'s network cards in order (nic 0 first)."""
+    return [
+        NicSpec(network=nic.network, mac=nic.mac, model=nic.model)  # type: ignore[arg-type]
+        for nic in vm.nics.order_by("index")
+    ]

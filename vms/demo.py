@@ -12,6 +12,7 @@ from typing import Any
 from django.db import transaction
 
 from vms.agent_client import certificate_fingerprint
+from vms.demo_storage import DEMO_DISK_BYTES, DEMO_GUEST_NETWORK, DEMO_POOL, DEMO_POOL_IDENTITY
 from vms.models import VSP, HostGroup, PairEncryption, Registration, VirtualMachine
 
 OS = VirtualMachine.OSStatus
@@ -234,11 +235,14 @@ DEMO_DIRTY_PAGES = {guest.name: guest.dirty_pages_per_s for guest in GUESTS}
 DEFAULT_DIRTY_PAGES_PER_S = 500
 
 
-def seed_demo_agents(driver: str) -> list[str]:
+def seed_demo_agents(driver: str, pool_dir: Path | None = None) -> list[str]:
     """Define every demo guest on the agent of the VSP where it is runnable, started if it is On.
 
     With the QEMU driver, guests get QEMU_DEMO_MEMORY_MIB and only QEMU_DEMO_RUNNING_GUESTS
     are started; the rest are defined but Off. The VMs' memory in the database is set to match.
+    Simulated guests whose agent mounts the demo pool get a system disk there (``pool_dir``: its
+    directory, so a volume made by an earlier run is taken as it is) and a network card
+    (``demo_devices``); an agent older than pools gets neither, and says so.
     """
     from vms.agent_client import AgentClient
     from vms.agent_messages import guest_spec
@@ -261,8 +265,40 @@ def seed_demo_agents(driver: str) -> list[str]:
         workload = {"dirty_pages_per_s": DEMO_DIRTY_PAGES.get(vm.name, DEFAULT_DIRTY_PAGES_PER_S)}
         if driver != "qemu":
             workload["fill_percent"] = DEMO_FILL_PERCENT
-        spec = guest_spec(vm, memory_mib=memory_mib, running=running, **workload)
         with AgentClient.for_vsp(vsp) as agent:
+            devices = demo_devices(agent, vm, pool_dir) if driver != "qemu" else {}
+            spec = guest_spec(vm, memory_mib=memory_mib, running=running, **workload, **devices)
             agent.define_guest(spec)
-        lines.append(f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'})")
+        lines.append(
+            f"{vsp.name}: {vm.name} ({memory_mib} MiB, {'running' if running else 'off'}"
+            f"{', no pools known on its agent' if driver != 'qemu' and not devices else ''})"
+        )
     return lines
+
+
+def demo_devices(agent: Any, vm: VirtualMachine, pool_dir: Path | None) -> dict[str, Any]:
+    """``vm``'s demo disk (vda, on the shared pool) and card, as ``GuestSpec`` fields; {} when the agent
+    does not mount the demo pool (or is older than pools: ``resources()`` is None)."""
+    from agentprotocol import DiskSpec, NicSpec
+
+    resources = agent.resources()
+    if resources is None or not any(pool.name == DEMO_POOL for pool in resources.pools):
+        return {}
+    volume = f"{vm.name}-vda.qcow2"
+    made = pool_dir is not None and (pool_dir / volume).exists()
+    network = DEMO_GUEST_NETWORK.get(vm.name, "prod-net")
+    disk = DiskSpec(
+        device="vda",
+        pool=DEMO_POOL,
+        volume=volume,
+        virtual_size_bytes=DEMO_DISK_BYTES,
+        create=not made,
+        pool_identity=DEMO_POOL_IDENTITY,
+    )
+    return {"disks": [disk], "nics": [NicSpec(network=network, mac=demo_mac(vm))]}
+
+
+def demo_mac(vm: VirtualMachine) -> str:
+    """A stable MAC per demo guest, from its id (the same on every run)."""
+    digits = vm.guest_id.hex[:6]
+    return f"52:54:00:{digits[0:2]}:{digits[2:4]}:{digits[4:6]}"

@@ -51,3 +51,53 @@ class ShownVSPForm(forms.Form):
             "Open the VM from its VSP's page or from the VM list.",
         },
     )
+
+
+DISK_ROWS = 3  # disks the define page offers (the API takes up to the protocol's 16)
+NIC_ROWS = 2
+
+
+class DefineVMForm(forms.Form):
+    """Define a VM on one VSP: the page's fields; disk rows (pool, new size in GiB or an image's name)
+    and card rows (network, optional MAC) left empty are ignored. Only shapes are checked here; the
+    definition itself is checked by ``vms.define``."""
+
+    name = forms.CharField(max_length=64)
+    memory_mib = forms.IntegerField(label="Memory (MiB)", min_value=1, max_value=4 * 1024 * 1024, initial=512)
+    vcpus = forms.IntegerField(label="vCPUs", min_value=1, max_value=256, initial=1)
+    os_type = forms.CharField(label="Operating system", max_length=64, required=False)
+
+    def __init__(self, *args: object, pools: list[str], networks: list[str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        pool_choices = [("", "—"), *[(name, name) for name in pools]]
+        network_choices = [("", "—"), *[(name, name) for name in networks]]
+        for row in range(DISK_ROWS):
+            self.fields[f"disk{row}_pool"] = forms.ChoiceField(
+                label=f"Disk {row + 1}: pool", choices=pool_choices, required=False
+            )
+            self.fields[f"disk{row}_size_gib"] = forms.DecimalField(
+                label=f"Disk {row + 1}: new volume (GiB)",
+                min_value=0,
+                max_digits=9,
+                decimal_places=2,
+                required=False,
+            )
+            self.fields[f"disk{row}_image"] = forms.CharField(
+                label=f"Disk {row + 1}: or an image in the pool", max_length=200, required=False
+            )
+        for row in range(NIC_ROWS):
+            self.fields[f"nic{row}_network"] = forms.ChoiceField(
+                label=f"Network card {row}: network", choices=network_choices, required=False
+            )
+            self.fields[f"nic{row}_mac"] = forms.CharField(
+                label=f"Network card {row}: MAC (empty: generated)", max_length=32, required=False
+            )
+
+    def disk_rows(self) -> list[tuple[forms.BoundField, forms.BoundField, forms.BoundField]]:
+        return [
+            (self[f"disk{row}_pool"], self[f"disk{row}_size_gib"], self[f"disk{row}_image"])
+            for row in range(DISK_ROWS)
+        ]
+
+    def nic_rows(self) -> list[tuple[forms.BoundField, forms.BoundField]]:
+        return [(self[f"nic{row}_network"], self[f"nic{row}_mac"]) for row in range(NIC_ROWS)]

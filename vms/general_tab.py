@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from vms.devices import device_summary
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
@@ -59,6 +60,7 @@ def general_tab_context(
         "vsp": vsp,
         "online_migration": online_migration_status(vm, vsp),
         "other_registrations": rows,
+        "devices": device_summary(vm),  # the summary's disks (count, total size) and networks
     }
     for provider in _context_providers:
         context.update(provider(vm))

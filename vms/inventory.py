@@ -36,7 +36,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from agentprotocol import GuestInfo
+from agentprotocol import GuestInfo, HostResources
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
@@ -47,6 +47,7 @@ from vms.agent_client import (
     AgentUntrusted,
     unreachable_words,
 )
+from vms.devices import store_guest_devices, store_resources
 from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ class Asked:
     took_ms: int
     driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
     cause: str = ""  # why it got nothing (``agent_client.unreachable_words``): kept as ``VSP.agent_problem``
+    # Its pools and networks (``GET /v1/resources``); None: an agent older than pools (404).
+    resources: HostResources | None = None
 
 
 def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
@@ -191,9 +194,11 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     problem = ""
     guests: list[GuestInfo] = []
     driver = cause = ""
+    resources = None
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
+            resources = agent.resources()
             if not vsp.agent_driver:
                 driver = agent.health().driver
     except AgentAddressRefused as error:
@@ -214,7 +219,7 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms, cause=cause)
-    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver)
+    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver, resources=resources)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -226,7 +231,9 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms, problem=asked.cause)
         return
     record_answered(vsp, took_ms=took_ms, driver=asked.driver)
-    store_guests(vsp, asked.guests, copies)
+    if asked.resources is not None:
+        store_resources(vsp, asked.resources)
+    store_guests(vsp, asked.guests, copies, devices=asked.resources is not None)
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,23 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
             record_unanswered(vsp, at_once=True, problem=problem)
         else:
             record_answered(vsp, driver=driver)
+
+
+def refresh_resources(vsp: VSP, timeout_s: float = REFRESH_TIMEOUT_S) -> bool:
+    """Ask ``vsp``'s agent for its pools and networks now and store them (a migration's Init does, so a
+    pool or network gone since the click is seen before anything is sent). False: not asked or no
+    answer, or an agent older than pools (what was last stored stays)."""
+    try:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+            resources = agent.resources()
+    except AGENT_ERRORS as error:
+        logger.info("Agent of VSP %s did not report its pools and networks: %s", vsp.name, error)
+        return False
+    if resources is None:
+        return False
+    with transaction.atomic():
+        store_resources(vsp, resources)
+    return True
 
 
 DRIVER_ASK_TIMEOUT_S = 2.0
@@ -416,9 +440,12 @@ def copies_to_store(vsp: VSP) -> list[Registration]:
     )
 
 
-def store_guests(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration]) -> None:
+def store_guests(
+    vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registration], *, devices: bool = False
+) -> None:
     """Store what the agent says about the runnable ``copies``, then check the Not Runnable ones for a
-    split brain."""
+    split brain. ``devices``: the agent reports pools, so its guests' disks and cards are stored too
+    (an older agent's empty lists would wipe what the console knows)."""
     not_runnable = Registration.HardwareStatus.NOT_RUNNABLE
     reported = []
     for registration in copies:
@@ -427,6 +454,8 @@ def store_guests(vsp: VSP, guests: dict[str, GuestInfo], copies: list[Registrati
             continue
         if guest is not None:
             store_guest(registration, guest)
+            if devices:
+                store_guest_devices(registration.vm, vsp, guest)
             reported.append(registration.pk)
         else:
             mark_lost(registration)

@@ -151,6 +151,11 @@ class VSP(models.Model):
         blank=True,
         help_text="The agent's driver as its health answer last said ('simulated', 'qemu'; empty: not yet).",
     )
+    # When the agent last reported its storage pools and networks (``GET /v1/resources``); empty: never
+    # (an agent older than pools answers 404: its pools and networks are not known, see ``vms.inventory``).
+    resources_collected_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the agent last reported its storage pools and networks."
+    )
     # In maintenance (being or having been evacuated): refused as a migration target until the admin
     # leaves maintenance.
     maintenance = models.BooleanField(default=False)
@@ -675,3 +680,96 @@ class AuditEvent(models.Model):
             after=after,
             message=message,
         )
+
+
+# -- storage and networks ---------------------------------------------------------------------------------
+
+
+class StoragePool(models.Model):
+    """A storage pool of one VSP, as its agent last reported it (``GET /v1/resources``).
+
+    ``identity`` is the same on every VSP that reaches the same storage (a shared pool: one SAN or NFS
+    export, whatever each host calls it); a local pool's is its host's alone. Sizes are bytes.
+    """
+
+    class Kind(models.TextChoices):
+        SHARED = "shared", "Shared"
+        LOCAL = "local", "Local"
+
+    vsp = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="pools")
+    name = models.CharField(max_length=64)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    identity = models.CharField(max_length=128, db_index=True)
+    capacity_bytes = models.BigIntegerField(default=0)
+    free_bytes = models.BigIntegerField(default=0)
+    location = models.CharField(max_length=4096, blank=True)
+
+    class Meta:
+        ordering = ["vsp__name", "name"]
+        verbose_name = "storage pool"
+        constraints = [models.UniqueConstraint(fields=["vsp", "name"], name="one_pool_name_per_vsp")]
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.vsp}"
+
+
+class Network(models.Model):
+    """A network (virtual switch) of one VSP, as its agent last reported it; guests' cards plug in by name."""
+
+    vsp = models.ForeignKey(VSP, on_delete=models.CASCADE, related_name="networks")
+    name = models.CharField(max_length=64)
+    kind = models.CharField(max_length=16)  # bridge | user | simulated (``agentprotocol.NetworkKind``)
+    bridge = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["vsp__name", "name"]
+        constraints = [models.UniqueConstraint(fields=["vsp", "name"], name="one_network_name_per_vsp")]
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.vsp}"
+
+
+class VirtualDisk(models.Model):
+    """One disk of a VM: ``volume`` in pool ``pool`` of the VSP it runs on (``pool_identity``: that
+    pool's identity, so the same shared storage is found on another VSP whatever it is called there).
+    Sizes are bytes; ``allocated_bytes`` is what a thin image takes on the pool now."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="disks")
+    device = models.CharField(max_length=8)
+    pool = models.CharField(max_length=64)
+    pool_identity = models.CharField(max_length=128, blank=True)
+    volume = models.CharField(max_length=64)
+    virtual_size_bytes = models.BigIntegerField()
+    allocated_bytes = models.BigIntegerField(default=0)
+    format = models.CharField(max_length=8, default="qcow2")
+    bus = models.CharField(max_length=8, default="virtio")
+    read_only = models.BooleanField(default=False)
+    shareable = models.BooleanField(default=False)
+    boot = models.BooleanField(default=False, help_text="The guest boots from this disk (at most one).")
+
+    class Meta:
+        ordering = ["vm__name", "device"]
+        verbose_name = "virtual disk"
+        constraints = [models.UniqueConstraint(fields=["vm", "device"], name="one_disk_per_vm_device")]
+
+    def __str__(self) -> str:
+        return f"{self.vm}'s disk {self.device}"
+
+
+class NetworkCard(models.Model):
+    """One network card of a VM: plugged into network ``network`` (by name) with a MAC unique in the
+    console; ``index`` orders a VM's cards (nic 0, nic 1, ...)."""
+
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="nics")
+    index = models.PositiveSmallIntegerField()
+    network = models.CharField(max_length=64)
+    mac = models.CharField("MAC", max_length=17, unique=True)
+    model = models.CharField(max_length=8, default="virtio")
+
+    class Meta:
+        ordering = ["vm__name", "index"]
+        verbose_name = "network card"
+        constraints = [models.UniqueConstraint(fields=["vm", "index"], name="one_nic_per_vm_index")]
+
+    def __str__(self) -> str:
+        return f"{self.vm}'s nic {self.index}"

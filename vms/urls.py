@@ -10,6 +10,9 @@ urlpatterns = [
     path("vsps/<int:pk>/", views.vsp_detail, name="vsp_detail"),
     path("vms/<int:pk>/general/", views.vm_general, name="vm_general"),
     path("vms/<int:pk>/general/refresh/", views.vm_refresh, name="vm_refresh"),
+    path("vms/<int:pk>/storage/", views.vm_storage, name="vm_storage"),
+    path("vms/<int:pk>/network/", views.vm_network, name="vm_network"),
+    path("vms/define/", views.vm_define, name="vm_define"),
     path("vms/<int:pk>/online-migration/", views.vm_set_online_migration, name="vm_set_online_migration"),
     path("registrations/<int:pk>/power/<str:action>/", power_views.vm_power, name="vm_power"),
     path(

@@ -16,7 +16,7 @@ from django.db.models.functions import Lower
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from vms.access import (
     CHANGE_REGISTRATION_PERMISSION,
@@ -35,12 +35,23 @@ from vms.access import (
 )
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.capacity import with_free_memory
-from vms.forms import NotRunnableForm, OnlineMigrationForm, PageForm, ShownVSPForm, VMFilterForm
+from vms.define import Definition, DiskRequest, NicRequest, check_can_define, do_define_vm
+from vms.devices import RESOURCES_UNKNOWN, device_summary
+from vms.forms import (
+    DISK_ROWS,
+    NIC_ROWS,
+    DefineVMForm,
+    NotRunnableForm,
+    OnlineMigrationForm,
+    PageForm,
+    ShownVSPForm,
+    VMFilterForm,
+)
 from vms.general_tab import general_tab_context
 from vms.hooks import busy_reasons, vsp_page_context
 from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
-from vms.models import VSP, Registration, VirtualMachine, vm_split_brain_copies
+from vms.models import VSP, Network, Registration, StoragePool, VirtualMachine, vm_split_brain_copies
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
 from vms.refresh import refresh_vm
 
@@ -123,6 +134,12 @@ def vsp_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         "busy": busy_reasons(vm_ids) if may_power_here else {},
         # What other apps add (their slots' context, e.g. a column per row): ``vms.hooks``.
         **vsp_page_context(request, vsp, vm_ids),
+    }
+    context |= {  # its storage pools (free space) and networks, as its agent last reported them
+        "pools": StoragePool.objects.filter(vsp=vsp).order_by("name"),
+        "networks": Network.objects.filter(vsp=vsp).order_by("name"),
+        "unknown_reason": RESOURCES_UNKNOWN,
+        "may_define_here": allowed(check_can_define, request.user, vsp),
     }
     # Name, Type, OS status, Hardware status, Memory, vCPUs; Power; other apps' columns.
     context["column_count"] = 6 + int(may_power_here) + context["row_columns"]
@@ -249,6 +266,62 @@ def vm_general(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     return render_general(request, get_visible_vm(request.user, pk, vm_with_registrations()))
 
 
+@dataclass(frozen=True)
+class DiskRow:
+    disk: Any
+    pool: StoragePool | None  # the disk's pool on the VSP shown (None: not reported there)
+
+
+@dataclass(frozen=True)
+class NicRow:
+    nic: Any
+    network: Network | None  # the card's network on the VSP shown (None: that VSP has none of the name)
+
+
+@require_GET
+@permission_required(VIEW_VM_PERMISSION, raise_exception=True)
+def vm_storage(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """VM Properties, Storage tab: the VM's disks with their pools on the VSP it runs on."""
+    return render_devices(request, pk, "storage")
+
+
+@require_GET
+@permission_required(VIEW_VM_PERMISSION, raise_exception=True)
+def vm_network(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """VM Properties, Network tab: the VM's network cards with their networks on its VSP."""
+    return render_devices(request, pk, "network")
+
+
+def render_devices(request: HtmxHttpRequest, pk: int, tab: str) -> HttpResponse:
+    vm = get_visible_vm(request.user, pk, vm_with_registrations())
+    seen = set(visible_vsps(request.user).values_list("pk", flat=True))
+    try:
+        vsp_id = shown_vsp_id(request)
+    except ValidationError as error:
+        return bad_request(request, " ".join(error.messages))
+    copies = [copy for copy in vm.registrations.all() if copy.vsp_id in seen]
+    shown = next((c for c in copies if c.vsp_id == vsp_id), None) if vsp_id else None
+    if shown is None:
+        runnable = vm.runnable_registration
+        shown = runnable if runnable in copies else (copies[0] if copies else None)
+    vsp = shown.vsp if shown else None
+    pools = {pool.name: pool for pool in StoragePool.objects.filter(vsp=vsp)} if vsp else {}
+    networks = {net.name: net for net in Network.objects.filter(vsp=vsp)} if vsp else {}
+    context = {
+        "vm": vm,
+        "vsp": vsp,
+        "tab": tab,
+        "nav": "vms",
+        "pin_query": f"?vsp={vsp_id}" if vsp_id else "",
+        "resources_known": vsp is None or vsp.resources_collected_at is not None,
+        "unknown_reason": RESOURCES_UNKNOWN,
+        "summary": device_summary(vm),
+        "disks": [DiskRow(disk, pools.get(disk.pool)) for disk in vm.disks.order_by("device")],
+        "nics": [NicRow(nic, networks.get(nic.network)) for nic in vm.nics.order_by("index")],
+    }
+    return render(request, "vms/vm_devices.html", context)
+
+
 @require_GET
 @permission_required(VIEW_VM_PERMISSION, raise_exception=True)
 def vm_refresh(request: HtmxHttpRequest, pk: int) -> HttpResponse:
@@ -319,3 +392,65 @@ def change_registration(request: HtmxHttpRequest, pk: int, *, runnable: bool) ->
 
     form = forms.Form(request.POST) if runnable else NotRunnableForm(request.POST)
     return apply_change(request, registration.vm, form, change)
+
+
+@require_http_methods(["GET", "POST"])
+def vm_define(request: HtmxHttpRequest) -> HttpResponse:
+    """Define a VM on the VSP ``?vsp=`` (its pools and networks offered); refusals say why, nothing made."""
+    vsp = get_visible_vsp(request.user, shown_vsp_id(request) or 0)
+    check_can_define(request.user, vsp)  # PermissionDenied: the project's handler403, a short refusal
+    pools = list(StoragePool.objects.filter(vsp=vsp).order_by("name").values_list("name", flat=True))
+    networks = list(Network.objects.filter(vsp=vsp).order_by("name").values_list("name", flat=True))
+    data = request.POST if request.method == "POST" else None
+    form = DefineVMForm(data, pools=pools, networks=networks)
+    errors: list[str] = []
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                vm = do_define_vm(definition_from(form.cleaned_data, vsp), request.user)
+            except ValidationError as error:
+                errors = error.messages
+            else:
+                messages.success(request, f"{vm.name} defined on {vsp.name}.")
+                return redirect("vms:vm_general", pk=vm.pk)
+        else:
+            errors = [form_errors_text(form)]
+        status = 400
+    context = {
+        "vsp": vsp,
+        "form": form,
+        "errors": errors,
+        "nav": "vsps",
+        "pools": StoragePool.objects.filter(vsp=vsp).order_by("name"),
+        "unknown_reason": RESOURCES_UNKNOWN,
+    }
+    return render(request, "vms/vm_define.html", context, status=status)
+
+
+GIB = 1 << 30
+
+
+def definition_from(data: dict[str, Any], vsp: VSP) -> Definition:
+    """The define form's cleaned data as a ``Definition`` (empty rows left out)."""
+    disks = []
+    for row in range(DISK_ROWS):
+        pool, size, image = (data[f"disk{row}_{key}"] for key in ("pool", "size_gib", "image"))
+        if pool or size or image:
+            disks.append(
+                DiskRequest(pool=pool, size_bytes=int(size * GIB) if size else None, image=image.strip())
+            )
+    nics = [
+        NicRequest(network=data[f"nic{row}_network"], mac=data[f"nic{row}_mac"])
+        for row in range(NIC_ROWS)
+        if data[f"nic{row}_network"] or data[f"nic{row}_mac"]
+    ]
+    return Definition(
+        name=data["name"],
+        vsp=vsp,
+        memory_mib=data["memory_mib"],
+        vcpus=data["vcpus"],
+        os_type=data["os_type"],
+        disks=disks,
+        nics=nics,
+    )

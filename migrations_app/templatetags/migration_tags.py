@@ -13,9 +13,11 @@ from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
+from migrations_app.placement import begins_with_a_name
 from migrations_app.progress import MigrationDisplay, get_migration_display
 from migrations_app.steering import Outlook, can_throttle_live, outlook
 from migrations_app.steering import steer_values as steering_values
+from vms.devices import size_text
 from vms.models import VSP, VirtualMachine
 
 register = template.Library()
@@ -75,8 +77,11 @@ def get_row(rows: dict[int, Migration], vm_id: int) -> Migration | None:
 
 @register.filter
 def reason_sentence(reason: str) -> str:
-    """A check's reason as the start of a sentence; "vPars" keeps its lower-case v."""
-    return reason if reason.startswith("vPar") else reason[:1].upper() + reason[1:]
+    """A check's reason as the start of a sentence; "vPars" keeps its lower-case v, and a reason opening
+    with a host's or guest's name keeps the name as written ("vsp3 does not mount pool ...")."""
+    if reason.startswith("vPar") or begins_with_a_name(reason):
+        return reason
+    return reason[:1].upper() + reason[1:]
 
 
 @register.filter
@@ -233,3 +238,20 @@ def control_shown(context: template.Context, control: str) -> bool:
 def any_target_open(targets: list[tuple[VSP, str]]) -> bool:
     """Whether one of ``other_vsps``'s targets can take guests now (no refusal)."""
     return any(not reason for _, reason in targets)
+
+
+@register.filter
+def guest_disks(devices: dict | None) -> str:
+    """A migration's ``guest_devices`` disks in words: "vda: san-a/db01-vda.qcow2 (20 GiB)"; "" if none."""
+    disks = (devices or {}).get("disks") or []
+    return "; ".join(
+        f"{disk['device']}: {disk['pool']}/{disk['volume']} ({size_text(disk['virtual_size_bytes'])})"
+        for disk in disks
+    )
+
+
+@register.filter
+def guest_networks(devices: dict | None) -> str:
+    """A migration's ``guest_devices`` cards in words: "nic 0: prod-net (52:54:00:..)"; "" if none."""
+    nics = (devices or {}).get("nics") or []
+    return "; ".join(f"nic {index}: {nic['network']} ({nic['mac']})" for index, nic in enumerate(nics))

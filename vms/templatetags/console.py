@@ -9,6 +9,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from vms.devices import size_text
 from vms.hooks import slot_templates
 from vms.models import Registration
 from vms.power import PowerAction, refusals
@@ -61,6 +62,12 @@ def badge(value: str, label: str, field: str = "") -> str:
             label,
         )
     return format_html('<span class="badge badge-{}" data-value="{}">{}</span>', tone, value, label)
+
+
+@register.filter
+def size(value: int | None) -> str:
+    """Bytes for people: "10 GiB", "1.5 TiB" ("—" for None)."""
+    return "—" if value is None else size_text(value)
 
 
 @register.filter

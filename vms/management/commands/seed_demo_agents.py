@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
@@ -11,9 +12,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--driver", choices=("simulated", "qemu"), default="simulated")
+        parser.add_argument("--pool-dir", type=Path, help="the demo's shared pool directory (its agents')")
 
-    def handle(self, *args: Any, driver: str, **options: Any) -> None:
-        for line in seed_demo_agents(driver):
+    def handle(self, *args: Any, driver: str, pool_dir: Path | None = None, **options: Any) -> None:
+        for line in seed_demo_agents(driver, pool_dir):
             self.stdout.write(line)
         answered = collect_all_inventory()
         self.stdout.write(self.style.SUCCESS(f"Agents answering: {sum(answered.values())}/{len(answered)}"))
