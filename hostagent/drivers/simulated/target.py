@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -31,6 +32,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
+from hostagent.drivers.simulated.diskmirror import disk_digest, receive_disks
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -116,6 +118,10 @@ class TargetMigration:
         # Work in threads on the guest's memory (hashing, pre-faulting): a cancelled await leaves the
         # thread running, so the drop waits for these before it frees the memory.
         self._threads: set[asyncio.Future[Any]] = set()
+        # A local-disk mirror (``diskmirror``): the devices, the new volumes open to write, DISK_END seen.
+        self._mirror_devices = list(guest.mirror_volumes)
+        self._mirror_fds: list[int] = []
+        self._disks_ended = asyncio.Event()
 
     @staticmethod
     def _family(host: str) -> socket.AddressFamily:
@@ -284,12 +290,20 @@ class TargetMigration:
         index = frame.stream
         if won.done():
             return "the one-time token was already used", index
+        if frame.disk_stream:
+            return self._admit_disk_stream()
         if index == 0:
             if self._claimed:
                 return "the one-time token was already used", index
+            if frame.mirror != self._mirror_devices:
+                return (
+                    f"the source mirrors disks {frame.mirror or 'none'}, this target allocated volumes for "
+                    f"{self._mirror_devices or 'none'} (both sides need the same local_disks)",
+                    index,
+                )
             self._claimed = True
             self._streams = frame.streams
-            self._channels = [None] * frame.streams
+            self._channels = [None] * (frame.streams + (1 if self._mirror_devices else 0))
             self._done_batch = [0] * frame.streams
             self._done_round = [0] * frame.streams
             return None, index
@@ -299,6 +313,18 @@ class TargetMigration:
             return f"stream {index} of {frame.streams} does not fit the {self._streams} announced", index
         if self._channels[index] is not None or index in self._joining:
             return f"stream {index} already joined (the one-time token admits each stream once)", index
+        self._joining.add(index)
+        return None, index
+
+    def _admit_disk_stream(self) -> tuple[str | None, int]:
+        """The mirror's disk stream: after stream 0, once, only if this target allocated volumes."""
+        index = self._streams
+        if not self._mirror_devices:
+            return "this target mirrors no disk", 0
+        if not self._claimed:
+            return "stream 0 must join first", 0
+        if self._channels[index] is not None or index in self._joining:
+            return "the disk stream already joined", 0
         self._joining.add(index)
         return None, index
 
@@ -332,7 +358,11 @@ class TargetMigration:
     async def _receive(self) -> None:
         """Read every stream at once until stream 0's FREEZE is verified; any stream failing aborts."""
         tasks = [
-            asyncio.create_task(self._receive_stream(index, channel))
+            asyncio.create_task(
+                self._receive_stream(index, channel)
+                if index < self._streams
+                else self._receive_disks(channel)
+            )
             for index, channel in enumerate(self._channels)
             if channel is not None
         ]
@@ -343,7 +373,7 @@ class TargetMigration:
                 if tasks[0] in done:
                     return tasks[0].result()
                 for task in done:
-                    task.result()  # streams other than 0 end only by failing
+                    task.result()  # other page streams end only by failing, the disk stream at DISK_END
         finally:
             for task in tasks:
                 task.cancel()
@@ -384,6 +414,38 @@ class TargetMigration:
                 raise SourceAborted(f"the source aborted: {body.get('error', 'no reason')}", kind_of(body))
             else:
                 raise ProtocolError(f"unexpected frame kind {kind} from the source")
+
+    async def _receive_disks(self, channel: Channel) -> None:
+        """The disk stream into the volumes allocated at prepare, until DISK_END (``diskmirror``)."""
+        paths = [self.guest.mirror_volumes[device] for device in self._mirror_devices]
+        self._mirror_fds = [os.open(path, os.O_RDWR | os.O_CLOEXEC) for path in paths]
+        sizes = [os.fstat(fd).st_size for fd in self._mirror_fds]
+        await receive_disks(FrameReader(channel), self._mirror_fds, sizes)
+        self._close_mirror_files()
+        self._disks_ended.set()
+
+    def _close_mirror_files(self) -> None:
+        """Flush and close the mirror's volumes (idempotent)."""
+        for fd in self._mirror_fds:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self._mirror_fds = []
+
+    async def _verify_disks(self, freeze: FreezeFrame) -> None:
+        """Every mirrored volume here equals the source's at the freeze (digests), or ABORT."""
+        if not self._mirror_devices:
+            return
+        await self._disks_ended.wait()
+        paths = [self.guest.mirror_volumes[device] for device in self._mirror_devices]
+        digests = await self._in_thread(lambda: [disk_digest(path) for path in paths])
+        for device, digest in zip(self._mirror_devices, digests, strict=True):
+            if freeze.disk_digests.get(device) != digest:
+                assert self._channel is not None
+                mismatch = FailureKind.DIGEST_MISMATCH
+                error = f"disk {device} digest mismatch after the mirror"
+                await FrameWriter(self._channel).message(ABORT, {"error": error, "kind": mismatch})
+                raise MigrationAborted(error, mismatch)
 
     def _check_partition(self, index: int, first: int, count: int) -> None:
         """Pages travel only on their own stream (``wire.stream_of``), or a stale copy could win."""
@@ -480,6 +542,7 @@ class TargetMigration:
             hashed,
             (time.monotonic() - started - waited) * 1000,
         )
+        await self._verify_disks(freeze)
         writer = FrameWriter(self._channel)
         if digest != source_digest:
             mismatch = FailureKind.DIGEST_MISMATCH
@@ -542,6 +605,7 @@ class TargetMigration:
         for channel in self._channels:
             if channel is not None:
                 channel.close()
+        self._close_mirror_files()
         self._channels = [None] * len(self._channels)
         self._channel, self._sock = None, None
 
