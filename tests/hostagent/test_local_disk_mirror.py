@@ -23,6 +23,7 @@ from tests.hostagent.conftest import (
     follow,
     guest_id_for,
     outgoing,
+    raw_post,
     resources,
     unique,
     wanted_spec,
@@ -212,3 +213,16 @@ def test_a_cancel_mid_mirror_leaves_the_guest_writing_on_the_source_and_removes_
     assert not (pools["vsp2"] / volume).exists(), "the target's new volume is deleted"
     assert vsp2.guest(name) is None
     assert [w.guest_id for w in resources(vsp1).writers if w.volume == volume] == [guest_id_for(name)]
+
+
+def test_an_unknown_local_disks_value_is_refused_and_nothing_is_allocated(hosts):
+    agents, pools = hosts
+    vsp1, vsp2 = agents["vsp1"], agents["vsp2"]
+    name, volume = define_on_local_disk(vsp1, pools["vsp1"], 64 * MIB)
+    spec = wanted_spec(vsp1.client.get_guest(guest_id_for(name))).model_dump(mode="json")
+    body = {"migration_id": unique("move"), "guest": spec, "local_disks": "copy"}
+
+    answer = raw_post(vsp2, "/v1/migrations/incoming", body)
+
+    assert answer.status_code == 400 and "local_disks" in answer.text, answer.text
+    assert not (pools["vsp2"] / volume).exists() and vsp2.guest(name) is None
