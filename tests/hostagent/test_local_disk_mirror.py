@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory):
 
 
 def define_on_local_disk(
-    agent: RunningAgent, pool_dir: Path, size: int, prefill: bytes = b""
+    agent: RunningAgent, pool_dir: Path, size: int, prefill: bytes = b"", at: int = PREFILL_AT
 ) -> tuple[str, str]:
     """A guest with one disk of ``size`` bytes on the local pool ``scratch``, ``prefill`` written into it
     at ``PREFILL_AT`` (an image's data), then started: its workload writes the disk."""
@@ -86,7 +87,7 @@ def define_on_local_disk(
     assert answer.status_code == 200, answer.text
     if prefill:
         with open(pool_dir / volume, "r+b") as image:
-            image.seek(PREFILL_AT)
+            image.seek(at)
             image.write(prefill)
     agent.client.start_guest(guest_id_for(name))
     return name, volume
@@ -226,3 +227,56 @@ def test_an_unknown_local_disks_value_is_refused_and_nothing_is_allocated(hosts)
 
     assert answer.status_code == 400 and "local_disks" in answer.text, answer.text
     assert not (pools["vsp2"] / volume).exists() and vsp2.guest(name) is None
+
+
+@pytest.fixture
+def small_pool(agent_factory: AgentFactory, tmp_path: Path):
+    """vsp4 with local pool ``tiny``: a 32 MiB tmpfs of its own (a real file system that fills up).
+    Mounting needs root; without it the test is skipped (it says so)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],  # noqa: S607 - the system's mount
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield (
+            agent_factory("vsp4", "--pool", f"tiny:local:{mount_point}", "--network", "prod:simulated"),
+            mount_point,
+        )
+    finally:
+        agent_factory.stop_all()
+        subprocess.run(["umount", str(mount_point)], check=False)  # noqa: S607
+
+
+def test_a_target_pool_filling_up_during_the_mirror_aborts_saying_so_and_the_source_runs_on(
+    hosts, small_pool
+):
+    agents, pools = hosts
+    vsp1, (vsp4, tiny) = agents["vsp1"], small_pool
+    image = secrets.token_bytes(16 * MIB)
+    name, volume = define_on_local_disk(vsp1, pools["vsp1"], 24 * MIB, image, at=4 * MIB)
+    migration_id = unique("move")
+    prepared = prepare_mirror(vsp4, vsp1, name, migration_id)  # 24 MiB fit in 32 MiB
+    (tiny / "other-guest").write_bytes(bytes(20 * MIB))  # then another user of the pool takes 20 MiB
+    request = outgoing(guest_id_for(name), migration_id, prepared.endpoint())
+    vsp1.client.start_outgoing(request.model_copy(update={"local_disks": "mirror"}))
+
+    ended = follow(vsp1, migration_id, lambda s: s.state not in ("init", "copy"))[-1]
+
+    assert (ended.state, ended.failed_side) == ("aborted", "target"), ended
+    assert "vsp4's pool tiny ran out of space at " in (ended.error or "") and "of 24 MiB" in ended.error, (
+        ended
+    )
+    assert f"{name}'s disk vda" in ended.error
+    before = disk_writes(vsp1, name)
+    assert wait_until(lambda: disk_writes(vsp1, name) > before, timeout=15), "the guest writes on the source"
+    with open(pools["vsp1"] / volume, "rb") as source:
+        source.seek(4 * MIB)
+        assert source.read(len(image)) == image, "the source's data untouched by the attempt"
+    assert wait_until(lambda: not (tiny / volume).exists(), timeout=10), "the target's new volume is deleted"
+    assert vsp4.guest(name) is None

@@ -231,10 +231,20 @@ class SourceMirror:
         self._fds = []
 
 
+class DiskWriteFailed(Exception):
+    """The target could not write a mirrored volume: ``index`` of the disks, at byte ``offset``, why
+    (``error``: ENOSPC when its pool ran out of space)."""
+
+    def __init__(self, index: int, offset: int, error: OSError) -> None:
+        super().__init__(f"disk {index} at {offset}: {error.strerror}")
+        self.index, self.offset, self.error = index, offset, error
+
+
 async def receive_disks(reader: FrameReader, fds: list[int], sizes: list[int]) -> None:
     """The target's end of the disk stream: DISK_DATA into the new volumes (``fds``), until DISK_END.
 
-    Raises ProtocolError (a disk or range outside the volumes, another frame), ConnectionError."""
+    Raises ProtocolError (a disk or range outside the volumes, another frame), ConnectionError,
+    DiskWriteFailed (a volume could not be written: its pool is full)."""
     while True:
         kind, count, first = await reader.header()
         if kind == DISK_END:
@@ -246,4 +256,7 @@ async def receive_disks(reader: FrameReader, fds: list[int], sizes: list[int]) -
             raise ProtocolError(f"disk data {index}:{offset}+{count} lies outside the mirrored volumes")
         data = bytearray(count)
         await reader.into(memoryview(data))
-        os.pwrite(fds[index], data, offset)
+        try:
+            os.pwrite(fds[index], data, offset)
+        except OSError as error:
+            raise DiskWriteFailed(index, offset, error) from error

@@ -203,6 +203,7 @@ class SimulatedDriver:
                 self.settings.data_host,
                 self._drop_incoming,
                 tls.data_server_context() if tls else None,
+                host_name=self.settings.agent_name,
             )
         except OSError as error:
             guest.drop_memory()

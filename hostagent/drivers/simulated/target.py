@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -32,7 +33,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
-from hostagent.drivers.simulated.diskmirror import disk_digest, receive_disks
+from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, receive_disks
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -76,6 +77,13 @@ log = logging.getLogger("hostagent.simulated.target")
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
 
 
+def in_words(size: int) -> str:
+    """``size`` bytes for people: GiB with one decimal from 1 GiB on, else whole MiB."""
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB".replace(".0 ", " ")
+    return f"{size >> 20} MiB"
+
+
 class TargetMigration:
     """Receives the guest into a paused copy; from "ready" on it only obeys the control plane."""
 
@@ -89,8 +97,11 @@ class TargetMigration:
         data_host: str,
         on_drop: Callable[[SimulatedGuest], Awaitable[None]],
         tls: ssl.SSLContext | None = None,
+        host_name: str = "this host",
     ) -> None:
-        """``tls``: the data plane's server context (mutual TLS), or None for plain TCP (policy "off")."""
+        """``tls``: the data plane's server context (mutual TLS), or None for plain TCP (policy "off").
+        ``host_name``: this agent's name, for errors people read."""
+        self.host_name = host_name
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
         self.guest = guest
@@ -420,7 +431,22 @@ class TargetMigration:
         paths = [self.guest.mirror_volumes[device] for device in self._mirror_devices]
         self._mirror_fds = [os.open(path, os.O_RDWR | os.O_CLOEXEC) for path in paths]
         sizes = [os.fstat(fd).st_size for fd in self._mirror_fds]
-        await receive_disks(FrameReader(channel), self._mirror_fds, sizes)
+        try:
+            await receive_disks(FrameReader(channel), self._mirror_fds, sizes)
+        except DiskWriteFailed as failed:
+            device = self._mirror_devices[failed.index]
+            disk = next(disk for disk in self.guest.spec.disks if disk.device == device)
+            where, at = f"{self.host_name}'s pool {disk.pool}", in_words(failed.offset)
+            if failed.error.errno == errno.ENOSPC:
+                error = f"{where} ran out of space at {at} of {in_words(sizes[failed.index])}"
+            else:
+                error = f"{where} could not be written at {at}: {failed.error.strerror}"
+            error += f" ({self.guest.name}'s disk {device})"
+            if self._channel is not None:  # the source aborts with this reason, not a lost connection
+                with contextlib.suppress(OSError, TimeoutError):
+                    abort = {"error": error, "kind": FailureKind.INTERNAL}
+                    await asyncio.wait_for(FrameWriter(self._channel).message(ABORT, abort), 1.0)
+            raise MigrationAborted(error, FailureKind.INTERNAL) from None
         self._close_mirror_files()
         self._disks_ended.set()
 
