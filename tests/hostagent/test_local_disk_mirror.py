@@ -280,3 +280,33 @@ def test_a_target_pool_filling_up_during_the_mirror_aborts_saying_so_and_the_sou
         assert source.read(len(image)) == image, "the source's data untouched by the attempt"
     assert wait_until(lambda: not (tiny / volume).exists(), timeout=10), "the target's new volume is deleted"
     assert vsp4.guest(name) is None
+
+
+def test_a_target_killed_mid_mirror_removes_the_volume_it_allocated_when_it_starts_again(
+    hosts, agent_factory, tmp_path
+):
+    agents, pools = hosts
+    vsp1 = agents["vsp1"]
+    pool = tmp_path / "vsp5-local"
+    pool.mkdir()
+    args = ("--pool", f"fast:local:{pool}", "--network", "prod:simulated")
+    vsp5 = agent_factory("vsp5", *args)
+    image = secrets.token_bytes(16 * MIB)
+    name, volume = define_on_local_disk(vsp1, pools["vsp1"], 64 * MIB, image)
+    migration_id = unique("move")
+    start_mirror(vsp1, vsp5, name, migration_id, bandwidth_mbps=16)  # 2 MB/s: the mirror lasts ~8 s
+    follow(vsp1, migration_id, lambda s: s.disk_bytes_sent > 0 or s.state not in ("init", "copy"))
+
+    vsp5.kill()
+    ended = follow(vsp1, migration_id, lambda s: s.state not in ("init", "copy"))[-1]
+    assert (pool / volume).exists(), "the killed agent left its half copy behind"
+    agent_factory("vsp5", *args)
+
+    assert ended.state == "aborted" and ended.failure_kind == "unreachable", ended
+    assert not (pool / volume).exists(), "the restarted agent removed the volume of the unknown migration"
+    assert not list(pool.glob(".*matrixoe-mirror")), "and its marker"
+    before = disk_writes(vsp1, name)
+    assert wait_until(lambda: disk_writes(vsp1, name) > before, timeout=15), "the guest writes on the source"
+    with open(pools["vsp1"] / volume, "rb") as source:
+        source.seek(PREFILL_AT)
+        assert source.read(len(image)) == image, "the source's data untouched by the attempt"

@@ -29,6 +29,7 @@ from agentprotocol import (
     resolve_streams,
 )
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.simulated.diskmirror import mark_allocated, mark_committed, remove_uncommitted
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
@@ -57,7 +58,16 @@ class SimulatedDriver:
         self._replaced: dict[str, SimulatedGuest] = {}
 
     async def open(self) -> None:
-        pass
+        """Delete the volumes a mirror allocated here and never committed (the agent was killed in the
+        middle of an incoming migration: ``diskmirror.remove_uncommitted``)."""
+        for pool in self.storage.pools:
+            if pool.kind == "local":
+                for volume in remove_uncommitted(pool.path):
+                    log.warning(
+                        "removed volume %s of pool %s: allocated for a migration never completed",
+                        volume,
+                        pool.name,
+                    )
 
     async def close(self) -> None:
         for guest in list(self.guests.values()):
@@ -195,6 +205,8 @@ class SimulatedDriver:
             guest.drop_memory()
             raise Conflict(f"cannot allocate the mirror's volumes for {spec.name}: {error}") from error
         guest.mirror_volumes = {disk.spec.device: disk.path for disk in mirrored}
+        for planned in mirrored:
+            mark_allocated(planned.path, migration_id)
         try:
             migration = TargetMigration(
                 guest,
@@ -346,6 +358,7 @@ def remove_volumes(guest: SimulatedGuest) -> None:
     """Delete the volumes a migration's target allocated for ``guest``'s mirror (idempotent)."""
     for path in guest.mirror_volumes.values():
         path.unlink(missing_ok=True)
+        mark_committed(path)  # the marker goes with its volume
     guest.mirror_volumes = {}
 
 

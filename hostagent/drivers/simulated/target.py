@@ -33,7 +33,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
-from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, receive_disks
+from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, mark_committed, receive_disks
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -168,6 +168,9 @@ class TargetMigration:
         if state != "ready":
             raise Conflict(f"resume needs a migration in state ready, this one is {state}")
         self.guest.migrating = None
+        for volume in self.guest.mirror_volumes.values():
+            mark_committed(volume)
+        self.guest.mirror_volumes = {}  # the guest's own now: nothing deletes them
         self.guest.unquiesce_io()
         self.guest.run()
         self.progress.update(state="completed", phase=None)
