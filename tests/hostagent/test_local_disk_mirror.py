@@ -7,6 +7,7 @@ switchover; no room refuses with nothing made; a cancel mid-mirror leaves the so
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import subprocess
 import threading
@@ -38,7 +39,7 @@ PREFILL_AT = 16 * MIB  # beyond the blocks the guest's workload writes during a 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory):
     """vsp1 has local pool ``scratch``, vsp2 local pool ``fast`` (another name: the target picks its
-    own), vsp3 a local pool on /dev/shm, smaller than a 40 GiB disk."""
+    own), vsp3 a local pool on /dev/shm (a file system smaller than /tmp)."""
     factory = AgentFactory(tmp_path_factory.mktemp("agents"))
     pools = {name: tmp_path_factory.mktemp(f"{name}-local") for name in ("vsp1", "vsp2")}
     small = Path("/dev/shm")  # noqa: S108 - a smaller file system than /tmp; the directory is removed after
@@ -176,14 +177,16 @@ def test_a_guest_writing_its_local_disk_moves_with_the_mirror_and_both_copies_ar
 def test_a_target_without_room_for_the_disks_virtual_size_is_refused_with_nothing_made(hosts):
     agents, pools = hosts
     vsp1, vsp3 = agents["vsp1"], agents["vsp3"]
-    name, _ = define_on_local_disk(vsp1, pools["vsp1"], 40 << 30)  # sparse here; /dev/shm is smaller
+    stat = os.statvfs(pools["vsp3"])
+    size = stat.f_bavail * stat.f_frsize + (1 << 30)  # 1 GiB more than vsp3's pool has; sparse on vsp1
+    name, _ = define_on_local_disk(vsp1, pools["vsp1"], size)
     before = sorted(path.name for path in pools["vsp3"].iterdir())
 
     with pytest.raises(AgentRefused) as refused:
         prepare_mirror(vsp3, vsp1, name, unique("move"))
 
     assert refused.value.status == 409
-    assert f"no local pool on vsp3 has room for {name}'s disk vda ({40 << 30} bytes virtual)" in str(
+    assert f"no local pool on vsp3 has room for {name}'s disk vda ({size} bytes virtual)" in str(
         refused.value
     )
     assert sorted(path.name for path in pools["vsp3"].iterdir()) == before, "no volume created"
