@@ -153,8 +153,20 @@ class Endpoint(Message):
     token: Annotated[StrictStr, AfterValidator(chars(512, "the token the target gave"))]
 
 
+LocalDisks = Literal["refuse", "mirror"]
+"""What a migration does with a guest's disks on a ``local`` pool: ``refuse`` them at prepare (the
+default, as before live storage migration), or ``mirror`` them: the target allocates a new volume for
+each in one of its own local pools, the source copies the disk to it while the guest runs, and the
+guest's writes reach both sides once the mirror is ready (``hostagent/README.md``). Both sides must be
+given the same value."""
+
+
 class IncomingRequest(Message):
-    """``POST /v1/migrations/incoming`` on the target."""
+    """``POST /v1/migrations/incoming`` on the target.
+
+    ``local_disks``: ``LocalDisks``; with "mirror" the target allocates a volume of each local disk's
+    virtual size in one of its local pools with room (409 naming the disk if none, nothing created).
+    """
 
     migration_id: MigrationId
     guest: GuestSpec
@@ -163,6 +175,7 @@ class IncomingRequest(Message):
     # The pair's stream policy, the same as the source's: the simulated target takes whatever count the
     # source announces (up to MAX_STREAMS); QEMU must set its multifd-channels before migrate-incoming.
     streams: Streams | None = None
+    local_disks: LocalDisks = "refuse"
 
 
 class PreparedIncoming(Message):
@@ -186,6 +199,7 @@ class OutgoingRequest(Message):
     params: MigrationParams = Field(default_factory=MigrationParams)
     encryption: Encryption = "required"
     streams: Streams | None = None  # parallel data-plane connections, None: automatic (``auto_streams``)
+    local_disks: LocalDisks = "refuse"  # as given to the target's ``IncomingRequest``
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -208,9 +222,16 @@ class ProgressSnapshot(Message):
     """One side's progress (``GET /v1/migrations/{id}``, each line of ``.../progress``, every command).
 
     Units: bytes, bytes/s, ms. ``percent`` per phase never goes backwards and ``seq`` grows on every
-    change. When the side gave up (``FAILED_STATES``): ``error`` says why in words, ``failure_kind``
-    says why for decisions, ``failed_phase`` where, ``failed_side`` which host noticed first (this
-    side, or the peer that told it), ``failed_after_s`` how long the failed phase had run (s).
+    change. ``bytes_*``, ``dirty_rate_bytes_s`` and ``throughput_bytes_s`` are the memory's; the
+    ``disk_*`` fields are the mirror of local disks (``LocalDisks`` "mirror"; all 0 without one):
+    ``disk_bytes_total`` the data to copy (allocated bytes of the mirrored disks when the copy began),
+    ``disk_bytes_sent`` what went so far (first pass and re-sent blocks), ``disk_bytes_remaining`` what
+    the first pass has still to read plus the blocks written since they were copied,
+    ``disk_dirty_rate_bytes_s`` the guest's write rate to them, ``disk_mirror_ready`` every mirror has
+    caught up and the guest's writes now reach both sides. With a mirror, Copy's percentage covers disk
+    and memory bytes together. When the side gave up (``FAILED_STATES``): ``error`` says why in words,
+    ``failure_kind`` says why for decisions, ``failed_phase`` where, ``failed_side`` which host noticed
+    first (this side, or the peer that told it), ``failed_after_s`` how long the failed phase had run (s).
     """
 
     migration_id: MigrationId
@@ -237,6 +258,12 @@ class ProgressSnapshot(Message):
     # the switchover (ms), measured by whoever listens to them (``docs/qemu-driver.md``); None: unknown.
     network_blackout_ms: Annotated[StrictFloat | StrictInt, Field(ge=0, le=MAX_LIMIT_S * 1000)] | None = None
     streams: Streams | None = None  # parallel data-plane connections in use (None: not connected yet)
+    disk_bytes_total: Bytes = 0
+    disk_bytes_sent: Bytes = 0
+    disk_bytes_remaining: Bytes = 0
+    disk_dirty_rate_bytes_s: ByteRate = 0
+    disk_throughput_bytes_s: ByteRate = 0
+    disk_mirror_ready: StrictBool = False
     source_digest: Digest | None = None
     target_digest: Digest | None = None
     error: StrictStr | None = None

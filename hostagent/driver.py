@@ -36,6 +36,7 @@ from agentprotocol import (
     GuestInfo,
     GuestSpec,
     HostResources,
+    LocalDisks,
     MigrationParams,
     MigrationState,
     PhaseLimits,
@@ -236,8 +237,12 @@ class Driver(Protocol):
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> tuple[Migration, Endpoint]:
         """Reserve memory, create the paused guest, open a listener with a one-time token.
+
+        ``local_disks`` "mirror": allocate a new volume for each disk on a local pool (a driver that
+        cannot mirror refuses such a disk with Conflict, as with "refuse").
 
         ``encryption`` "required": the listener speaks mutual TLS (``DriverSettings.tls``); a driver
         that cannot encrypt raises ``InvalidRequest`` rather than listen in clear. ``streams``: the
@@ -254,8 +259,12 @@ class Driver(Protocol):
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> Migration:
         """Connect to the target and start Init; returns as soon as the migration exists.
+
+        ``local_disks`` "mirror": copy the disks on local pools to the target's new volumes (as given to
+        the target's ``prepare_incoming``).
 
         ``encryption`` as in ``prepare_incoming``: both sides must be given the same policy.
         ``streams``: parallel data-plane connections (1..``agentprotocol.MAX_STREAMS``, None: automatic).

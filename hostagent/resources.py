@@ -138,13 +138,26 @@ class HostStorage:
                 path.unlink(missing_ok=True)
             raise
 
-    def incoming_spec(self, spec: GuestSpec) -> GuestSpec:
+    def incoming_spec(self, spec: GuestSpec, *, mirror: bool = False) -> GuestSpec:
         """The spec of an incoming guest with its disks on this host's pools (found by identity, else by
         name), or Conflict saying which disk or card cannot come here: a pool this host does not mount,
-        a disk on a local pool (local disks cannot move yet), a volume it does not see, a missing network.
+        a disk on a local pool (unless ``mirror``), a volume it does not see, a missing network.
+
+        ``mirror`` (``agentprotocol.LocalDisks`` "mirror"): a disk on a local pool gets a new volume of
+        the same name in one of this host's local pools with room for its *virtual* size (a thin image
+        grows to it), marked ``create`` (the caller makes it: ``create_volumes``); Conflict naming the
+        disk if no local pool has room or a volume of that name, or if the disk is shareable or
+        read-only (not mirrored). Nothing is created here.
         """
         guest, disks = spec.name, []
+        wanted_bytes: dict[str, int] = {}
         for disk in spec.disks:
+            if mirror and self._is_local(disk):
+                pool = self._mirror_pool(disk, guest, wanted_bytes)
+                wanted_bytes[pool.name] = wanted_bytes.get(pool.name, 0) + disk.virtual_size_bytes
+                update = {"pool": pool.name, "pool_identity": pool.identity, "create": True}
+                disks.append(disk.model_copy(update=update))
+                continue
             pool = self._incoming_pool(disk, guest)
             path = self.volume_path(pool, disk.volume, disk.device)
             if not path.is_file():
@@ -158,6 +171,43 @@ class HostStorage:
             if self.network(nic.network) is None:
                 raise Conflict(f"{self.host} has no network {nic.network}: {guest}'s nic {index}")
         return spec.model_copy(update={"disks": disks})
+
+    def _is_local(self, disk: DiskSpec) -> bool:
+        """The source's disk is on a local pool: by its identity, else by this host's pool of that name."""
+        if disk.pool_identity is not None:
+            return disk.pool_identity.startswith(LOCAL_PREFIX)
+        pool = self.pool(disk.pool)
+        return pool is not None and pool.kind == "local"
+
+    def _mirror_pool(self, disk: DiskSpec, guest: str, wanted_bytes: dict[str, int]) -> PoolConfig:
+        """The first local pool with room for ``disk``'s virtual size (besides ``wanted_bytes`` already
+        planned there) and no volume of its name; Conflict saying why none fits."""
+        what = f"{guest}'s disk {disk.device}"
+        if disk.shareable or disk.read_only:
+            kind = "shareable" if disk.shareable else "read-only"
+            raise Conflict(f"a {kind} disk on a local pool is not mirrored: {what}")
+        local = [pool for pool in self.pools if pool.kind == "local"]
+        if not local:
+            raise Conflict(f"{self.host} has no local pool to mirror {what} into")
+        reasons = []
+        for pool in local:
+            path = self.volume_path(pool, disk.volume, disk.device)
+            if path.exists() or path.is_symlink():
+                reasons.append(f"pool {pool.name} has a volume {disk.volume} already")
+                continue
+            try:
+                stat = os.statvfs(pool.path)
+            except OSError as error:
+                reasons.append(f"pool {pool.name} cannot be read ({error.strerror})")
+                continue
+            free = stat.f_bavail * stat.f_frsize - wanted_bytes.get(pool.name, 0)
+            if disk.virtual_size_bytes <= free:
+                return pool
+            reasons.append(f"pool {pool.name} has {max(free, 0)} bytes free")
+        raise Conflict(
+            f"no local pool on {self.host} has room for {what} ({disk.virtual_size_bytes} bytes virtual): "
+            + "; ".join(reasons)
+        )
 
     def _incoming_pool(self, disk: DiskSpec, guest: str) -> PoolConfig:
         identity = disk.pool_identity

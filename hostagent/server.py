@@ -252,7 +252,12 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     migration_id, spec = incoming.migration_id, incoming.guest
     check_new_migration(request, migration_id)
     migration, endpoint = await driver_of(request).prepare_incoming(
-        spec, migration_id, incoming.limits, encryption=incoming.encryption, streams=incoming.streams
+        spec,
+        migration_id,
+        incoming.limits,
+        encryption=incoming.encryption,
+        streams=incoming.streams,
+        local_disks=incoming.local_disks,
     )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("prepared incoming migration %s of %s on port %s", migration_id, spec.guest_id, endpoint.port)
@@ -273,6 +278,7 @@ async def start_outgoing(request: web.Request) -> web.Response:
         outgoing.params,
         encryption=outgoing.encryption,
         streams=outgoing.streams,
+        local_disks=outgoing.local_disks,
     )
     request.app[MIGRATIONS_KEY][migration_id] = migration
     log.info("started outgoing migration %s of %s to %s:%s", migration_id, guest, target.host, target.port)

@@ -78,6 +78,7 @@ from agentprotocol import (
     GuestSpec,
     HardwareStatus,
     HostResources,
+    LocalDisks,
     MigrationParams,
     OsStatus,
     PhaseLimits,
@@ -764,8 +765,11 @@ class QemuDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> tuple[Migration, Endpoint]:
-        """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's)."""
+        """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's).
+
+        ``local_disks``: this driver does not mirror disks yet; a local disk is refused either way."""
         tls_dir = self._tls_for(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
@@ -819,8 +823,11 @@ class QemuDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> Migration:
-        """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels)."""
+        """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels).
+
+        ``local_disks``: not mirrored by this driver (its target refused the local disk at prepare)."""
         tls_dir = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:

@@ -20,6 +20,7 @@ from agentprotocol import (
     GuestInfo,
     GuestSpec,
     HostResources,
+    LocalDisks,
     MigrationParams,
     PhaseLimits,
     StopOutcome,
@@ -28,10 +29,12 @@ from agentprotocol import (
     resolve_streams,
 )
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.simulated.diskmirror import mark_allocated, mark_committed, remove_uncommitted
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
+from hostagent.hostconfig import LOCAL_PREFIX
 from hostagent.resources import HostStorage, PlannedDisk
 from hostagent.tls import TlsSettings
 
@@ -55,7 +58,16 @@ class SimulatedDriver:
         self._replaced: dict[str, SimulatedGuest] = {}
 
     async def open(self) -> None:
-        pass
+        """Delete the volumes a mirror allocated here and never committed (the agent was killed in the
+        middle of an incoming migration: ``diskmirror.remove_uncommitted``)."""
+        for pool in self.storage.pools:
+            if pool.kind == "local":
+                for volume in remove_uncommitted(pool.path):
+                    log.warning(
+                        "removed volume %s of pool %s: allocated for a migration never completed",
+                        volume,
+                        pool.name,
+                    )
 
     async def close(self) -> None:
         for guest in list(self.guests.values()):
@@ -160,23 +172,41 @@ class SimulatedDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> tuple[Migration, Endpoint]:
-        """``streams`` is not needed here: the target admits the count the source's first HELLO names."""
+        """``streams`` is not needed here: the target admits the count the source's first HELLO names.
+
+        ``local_disks`` "mirror": each disk on a local pool gets a new sparse volume of its virtual size
+        in a local pool of this host with room (``HostStorage.incoming_spec``), made only once every
+        check passed, and deleted if the migration does not complete here (``diskmirror``).
+        """
         tls = self._tls_for(encryption)
         existing = self.guests.get(spec.guest_id)
         if existing is not None and (existing.running or existing.migrating):
             raise Conflict(f"guest {spec.name} already runs or migrates on this host")
         self._check_room(spec.memory_mib)
-        here = self.storage.incoming_spec(spec)  # refuses a pool or network this host lacks
-        disks = {}
+        # refuses a pool or network this host lacks, a local disk without room for its mirror
+        here = self.storage.incoming_spec(spec, mirror=local_disks == "mirror")
+        disks, mirrored = {}, []
         for disk in here.disks:
             pool = self.storage.pool(disk.pool)
             assert pool is not None and disk.pool_identity is not None
-            disks[disk.device] = (
-                self.storage.volume_path(pool, disk.volume, disk.device),
-                disk.pool_identity,
-            )
+            path = self.storage.volume_path(pool, disk.volume, disk.device)
+            disks[disk.device] = (path, disk.pool_identity)
+            if disk.create:
+                mirrored.append(PlannedDisk(disk, pool, path))
+        if mirrored:  # the guest is known here by its disks on this host's pools
+            kept = [disk.model_copy(update={"create": False}) for disk in here.disks]
+            spec = spec.model_copy(update={"disks": kept})
         guest = self._new_guest(spec.model_copy(update={"running": False}), disks)
+        try:
+            self.storage.create_volumes(mirrored, create_sparse_file)
+        except OSError as error:
+            guest.drop_memory()
+            raise Conflict(f"cannot allocate the mirror's volumes for {spec.name}: {error}") from error
+        guest.mirror_volumes = {disk.spec.device: disk.path for disk in mirrored}
+        for planned in mirrored:
+            mark_allocated(planned.path, migration_id)
         try:
             migration = TargetMigration(
                 guest,
@@ -185,9 +215,11 @@ class SimulatedDriver:
                 self.settings.data_host,
                 self._drop_incoming,
                 tls.data_server_context() if tls else None,
+                host_name=self.settings.agent_name,
             )
         except OSError as error:
             guest.drop_memory()
+            remove_volumes(guest)
             raise InvalidRequest(f"cannot listen on data host {self.settings.data_host}: {error}") from error
         self._replaced.pop(spec.guest_id, None)
         if existing is not None:
@@ -205,8 +237,12 @@ class SimulatedDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> Migration:
-        """``streams`` None: sized from this host's cores and the guest's memory (``auto_streams``)."""
+        """``streams`` None: sized from this host's cores and the guest's memory (``auto_streams``).
+
+        ``local_disks`` "mirror": the guest's disks on local pools are mirrored to the target
+        (``diskmirror``); "refuse": the target refused them at prepare already."""
         tls = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migrating:
@@ -217,8 +253,23 @@ class SimulatedDriver:
             raise Conflict(f"guest {guest.name} is shutting down")
         context = tls.data_client_context() if tls else None
         count = resolve_streams(streams, guest.memory_mib, os.cpu_count())
+        mirrored = []
+        if local_disks == "mirror":
+            mirrored = [
+                disk.device
+                for disk in guest.spec.disks
+                if disk.device in guest.disk_paths
+                and guest.disk_identities.get(disk.device, "").startswith(LOCAL_PREFIX)
+            ]
         migration = SourceMigration(
-            guest, migration_id, target, params, self._release_outgoing, context, streams=count
+            guest,
+            migration_id,
+            target,
+            params,
+            self._release_outgoing,
+            context,
+            streams=count,
+            mirror=mirrored,
         )
         migration.start()
         return migration
@@ -249,7 +300,9 @@ class SimulatedDriver:
         )
 
     async def _drop_incoming(self, guest: SimulatedGuest) -> None:
+        """The half-received guest goes, and the volumes allocated for its mirror with it."""
         await guest.power_off()
+        remove_volumes(guest)
         if self.guests.get(guest.guest_id) is guest:  # gone from the listing first, then its memory
             del self.guests[guest.guest_id]
             replaced = self._replaced.pop(guest.guest_id, None)
@@ -299,6 +352,14 @@ class SimulatedDriver:
         if used + memory_mib > self.capacity_mib:
             free = self.capacity_mib - used
             raise Conflict(f"no room: {memory_mib} MiB asked, {free} MiB of {self.capacity_mib} MiB free")
+
+
+def remove_volumes(guest: SimulatedGuest) -> None:
+    """Delete the volumes a migration's target allocated for ``guest``'s mirror (idempotent)."""
+    for path in guest.mirror_volumes.values():
+        path.unlink(missing_ok=True)
+        mark_committed(path)  # the marker goes with its volume
+    guest.mirror_volumes = {}
 
 
 def create_sparse_file(disk: PlannedDisk) -> None:

@@ -55,6 +55,11 @@ class SimulatedGuest:
         self.disk_identities = {device: identity for device, (_, identity) in (disks or {}).items()}
         self.disk_files: dict[str, int] = {}  # device -> descriptor open for writing (see module doc)
         self.disk_writes = 0
+        # A local-disk mirror's tracker (``diskmirror.SourceMirror``): told of every block written.
+        self.disk_write_hook: Callable[[str, int, bytes], None] | None = None
+        # On a migration's target: the volumes allocated for a mirror (device -> file), deleted if the
+        # migration does not complete here.
+        self.mirror_volumes: dict[str, Path] = {}
         self.guest_id = spec.guest_id
         self.name = spec.name  # for people only; the guest is known by its id
         self.seed = zlib.crc32(self.guest_id.encode())
@@ -374,6 +379,9 @@ class SimulatedGuest:
                 continue
             blocks = max(1, disk.virtual_size_bytes // DISK_BLOCK)
             block = DISK_STAMP.pack(b"MXDISK01", self.seed, request).ljust(DISK_BLOCK, b"\0")
-            os.pwrite(fd, block, (request % blocks) * DISK_BLOCK)
+            offset = (request % blocks) * DISK_BLOCK
+            os.pwrite(fd, block, offset)
             self.disk_writes += 1
+            if self.disk_write_hook is not None:
+                self.disk_write_hook(disk.device, offset, block)
             return

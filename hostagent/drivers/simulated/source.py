@@ -46,6 +46,7 @@ from agentprotocol import (
 )
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands, plain_connection_error
 from hostagent.drivers.simulated.convergence import RATE_SAMPLE_BYTES, ConvergenceJudge
+from hostagent.drivers.simulated.diskmirror import SourceMirror
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import CHUNK_PAGES, PAGE_SIZE, gaps_of, runs_of
 from hostagent.drivers.simulated.timing import TargetAborted, kind_of, wait_watching
@@ -94,6 +95,12 @@ MIRRORED_FIELDS = (
     "throughput_bytes_s",
     "expected_downtime_ms",
     "converged",
+    "disk_bytes_total",
+    "disk_bytes_sent",
+    "disk_bytes_remaining",
+    "disk_dirty_rate_bytes_s",
+    "disk_throughput_bytes_s",
+    "disk_mirror_ready",
 )
 
 
@@ -109,10 +116,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         on_release: Callable[[SimulatedGuest], Awaitable[None]],
         tls: ssl.SSLContext | None = None,
         streams: int = 1,
+        mirror: list[str] | None = None,
     ) -> None:
         """``tls``: the data plane's client context (mutual TLS), or None for plain TCP (policy "off").
 
         ``streams``: parallel data-plane connections (1..``agentprotocol.MAX_STREAMS``, already resolved).
+        ``mirror``: the devices of the guest's disks on local pools to mirror (``diskmirror``), copied
+        on a disk stream of their own before the memory pre-copy starts; none: no disk stream.
         """
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
@@ -126,6 +136,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._socks: list[socket.socket] = []
         self._tls = tls
         self.streams = streams
+        self._mirror = SourceMirror(guest, mirror) if mirror else None
+        self._mirror_task: asyncio.Task[None] | None = None
         self._writer: FrameWriter | None = None  # stream 0's: pages and every control frame
         self._writers: list[FrameWriter] = []  # one per stream, stream 0's first
         self._reader: FrameReader | None = None
@@ -272,7 +284,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         return failure if isinstance(failure, TargetAborted) else None
 
     async def _watch(self, awaitable: Awaitable[Any]) -> Any:
-        return await wait_watching(awaitable, [self._copy_task, self._reader_task, *self._stream_watchers])
+        watched = [self._copy_task, self._reader_task, self._mirror_task, *self._stream_watchers]
+        return await wait_watching(awaitable, watched)
 
     async def _init_phase(self) -> None:
         async with asyncio.timeout(self.limits.of("init")):
@@ -291,6 +304,14 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 asyncio.create_task(self._watch_stream(index, reader))
                 for index, (_, reader) in enumerate(opened, start=1)
             ]
+            if self._mirror is not None:  # the disk stream, beside the page streams
+                disk_writer, disk_reader = await self._open_stream(
+                    0, {**hello, "populate": [], "disk_stream": True}
+                )
+                self._mirror.start(disk_writer)
+                self._stream_watchers.append(
+                    asyncio.create_task(self._watch_stream(self.streams, disk_reader))
+                )
 
     async def _open_stream(self, index: int, hello: dict[str, Any]) -> tuple[FrameWriter, FrameReader]:
         """Connect stream ``index``, prove it with the token (TLS first under "required"), wait for ACCEPT."""
@@ -302,7 +323,11 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 f"the target's data plane failed the TLS handshake: {error.reason or error}",
                 FailureKind.REFUSED,
             ) from error
-        writer = FrameWriter(channel, self._stream_cap(self.params.bandwidth_mbps))
+        # The disk stream takes the whole cap: the disks go before the memory's first pass, so the pair's
+        # cap covers both (only the guest's writes forwarded in write-blocking mode come on top).
+        bandwidth = self.params.bandwidth_mbps
+        cap = self._disk_cap(bandwidth) if hello.get("disk_stream") else self._stream_cap(bandwidth)
+        writer = FrameWriter(channel, cap)
         reader = FrameReader(channel)
         await writer.message(HELLO, {**hello, "stream": index, "streams": self.streams})
         kind, answer = await reader.message()
@@ -312,6 +337,11 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 FailureKind.REFUSED,
             )
         return writer, reader
+
+    @staticmethod
+    def _disk_cap(bandwidth_mbps: float | None) -> float | None:
+        """The disk stream's cap (bytes/s): the pair's whole cap, or None for none."""
+        return bandwidth_mbps * 125_000 if bandwidth_mbps else None
 
     def _stream_cap(self, bandwidth_mbps: float | None) -> float | None:
         """Each stream's share of the cap (bytes/s), or None for no cap."""
@@ -342,6 +372,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             "guest": self.guest.guest_id,
             "memory_mib": self.guest.memory_mib,
             "populate": populate,
+            "mirror": self._mirror.devices if self._mirror else [],
         }
 
     async def _copy_phase(self) -> None:
@@ -357,6 +388,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             limit *= 1 - SWITCHOVER_AT_LIMIT_SHARE
         async with asyncio.timeout(limit):
             await self._watch(self._converged.wait())
+            if self._mirror is not None:  # a forced switchover too waits for every mirror to be ready
+                await self._watch(self._mirror.ready.wait())
             await self._watch(self._quiesce_requested.wait())
 
     def switchover_now(self) -> None:
@@ -377,6 +410,8 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             update["bandwidth_mbps"] = change.bandwidth_mbps or None
             for writer in self._writers:
                 writer.set_cap(self._stream_cap(change.bandwidth_mbps))
+            if self._mirror is not None and self._mirror.writer is not None:
+                self._mirror.writer.set_cap(self._disk_cap(change.bandwidth_mbps))
         if change.auto_converge is not None:
             update["auto_converge"] = change.auto_converge
             if not change.auto_converge:
@@ -415,6 +450,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             self.guest.deactivate_disks()
             if self.guest.state_save_ms:
                 await asyncio.sleep(self.guest.state_save_ms / 1000)
+            disk_digests = await self._finish_mirror()
             final_pages = self.guest.memory.dirty_count()
             await self._send_round(self.guest.memory.take_dirty())
             sent_at = time.monotonic()
@@ -431,7 +467,12 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
                 (time.monotonic() - sent_at) * 1000,
             )
             self.progress.update(source_digest=digest, percent={"frozen": 70})
-            freeze = {"state": self.guest.save_state(), "source_digest": digest, "batches": self._batch}
+            freeze = {
+                "state": self.guest.save_state(),
+                "source_digest": digest,
+                "batches": self._batch,
+                "disk_digests": disk_digests,
+            }
             self._freeze_sent = True
             await self._writer.message(FREEZE, freeze)
             answer = await self._watch(self._ready)
@@ -446,6 +487,20 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
             bytes_remaining=0,
         )
         self._settled.set()
+
+    async def _finish_mirror(self) -> dict[str, str]:
+        """The guest paused and closed its disks: the mirror's last writes and DISK_END go, and the
+        source volumes' digests come back (device -> SHA-256; none without a mirror)."""
+        if self._mirror is None:
+            return {}
+        if self._mirror_task is not None:
+            self._mirror_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._mirror_task
+            self._mirror_task = None
+        digests = await self._mirror.finish()
+        self._note_copy_progress(force=True)
+        return digests
 
     async def _last_round_before_pause(self) -> None:
         """Send and hash what the last rounds left while the vCPUs still run: that is not downtime.
@@ -500,6 +555,11 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
     # -- copying --------------------------------------------------------
     async def _copy_rounds(self) -> None:
         memory = self.guest.memory
+        if self._mirror is not None:  # the disks first, then memory (Proxmox's order)
+            self._mirror_task = asyncio.create_task(
+                self._mirror.run(lambda force: self._note_copy_progress(force=force))
+            )
+            await self._watch(self._mirror.ready.wait())
         memory.start_tracking()
         self._dirty_mark = (time.monotonic(), 0)
         self.progress.update(round=1)
@@ -594,13 +654,32 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         round_sent = sent - (self._round_started[1] if self._round_started else sent)
         dirtied = self.guest.memory.dirty_count() * PAGE_SIZE
         left = max(0, self._to_send_bytes - round_sent) + dirtied
+        if self._batch == 0:  # the memory's first pass has not begun (a disk mirror goes first)
+            sent, left = 0, self.guest.memory.written_count() * PAGE_SIZE
+        disk = self._disk_fields()
+        all_sent, all_left = sent + disk.get("disk_bytes_sent", 0), left + disk.get("disk_bytes_remaining", 0)
         self.progress.update(
-            percent={"copy": min(99, 100 * sent // (sent + left)) if sent + left else 0},
+            percent={"copy": min(99, 100 * all_sent // (all_sent + all_left)) if all_sent + all_left else 0},
             bytes_sent=sent,
             bytes_remaining=left,
             dirty_rate_bytes_s=self._dirty_rate(dirtied),
             throughput_bytes_s=round(self._throughput()),
+            **disk,
         )
+
+    def _disk_fields(self) -> dict[str, Any]:
+        """The mirror's figures for the snapshot (``ProgressSnapshot.disk_*``); none without one."""
+        mirror = self._mirror
+        if mirror is None:
+            return {}
+        return {
+            "disk_bytes_total": mirror.total_bytes,
+            "disk_bytes_sent": mirror.sent_bytes,
+            "disk_bytes_remaining": mirror.pending_bytes(),
+            "disk_dirty_rate_bytes_s": mirror.dirty_rate(),
+            "disk_throughput_bytes_s": mirror.throughput(),
+            "disk_mirror_ready": mirror.ready.is_set(),
+        }
 
     async def _send_round(self, dirty: bytearray) -> None:
         """Send the pages of one round, whole: once taken, they are no longer marked dirty.
@@ -673,7 +752,7 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
 
     async def _stop_tasks(self, keep_main: bool = False) -> None:
         current = asyncio.current_task()
-        tasks = [self._copy_task, self._reader_task, *self._stream_watchers]
+        tasks = [self._copy_task, self._reader_task, self._mirror_task, *self._stream_watchers]
         for task in tasks + ([] if keep_main else [self._task]):
             if task is not None and task is not current and not task.done():
                 task.cancel()
@@ -705,7 +784,10 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         self._settled.set()
 
     def _restore_guest(self) -> None:
-        """The guest stays (or becomes again) the running one, its workload going on."""
+        """The guest stays (or becomes again) the running one, its workload going on; a mirror stops
+        (the source's volumes untouched by it: it only read them)."""
+        if self._mirror is not None:
+            self._mirror.stop()
         self.guest.memory.stop_tracking()
         self.guest.throttle_pct = 0
         self.guest.unquiesce_io()

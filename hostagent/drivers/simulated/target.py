@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -31,6 +33,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
+from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, mark_committed, receive_disks
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -74,6 +77,13 @@ log = logging.getLogger("hostagent.simulated.target")
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
 
 
+def in_words(size: int) -> str:
+    """``size`` bytes for people: GiB with one decimal from 1 GiB on, else whole MiB."""
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB".replace(".0 ", " ")
+    return f"{size >> 20} MiB"
+
+
 class TargetMigration:
     """Receives the guest into a paused copy; from "ready" on it only obeys the control plane."""
 
@@ -87,8 +97,11 @@ class TargetMigration:
         data_host: str,
         on_drop: Callable[[SimulatedGuest], Awaitable[None]],
         tls: ssl.SSLContext | None = None,
+        host_name: str = "this host",
     ) -> None:
-        """``tls``: the data plane's server context (mutual TLS), or None for plain TCP (policy "off")."""
+        """``tls``: the data plane's server context (mutual TLS), or None for plain TCP (policy "off").
+        ``host_name``: this agent's name, for errors people read."""
+        self.host_name = host_name
         self.migration_id = migration_id
         self.guest_id = guest.guest_id
         self.guest = guest
@@ -116,6 +129,10 @@ class TargetMigration:
         # Work in threads on the guest's memory (hashing, pre-faulting): a cancelled await leaves the
         # thread running, so the drop waits for these before it frees the memory.
         self._threads: set[asyncio.Future[Any]] = set()
+        # A local-disk mirror (``diskmirror``): the devices, the new volumes open to write, DISK_END seen.
+        self._mirror_devices = list(guest.mirror_volumes)
+        self._mirror_fds: list[int] = []
+        self._disks_ended = asyncio.Event()
 
     @staticmethod
     def _family(host: str) -> socket.AddressFamily:
@@ -151,6 +168,9 @@ class TargetMigration:
         if state != "ready":
             raise Conflict(f"resume needs a migration in state ready, this one is {state}")
         self.guest.migrating = None
+        for volume in self.guest.mirror_volumes.values():
+            mark_committed(volume)
+        self.guest.mirror_volumes = {}  # the guest's own now: nothing deletes them
         self.guest.unquiesce_io()
         self.guest.run()
         self.progress.update(state="completed", phase=None)
@@ -284,12 +304,20 @@ class TargetMigration:
         index = frame.stream
         if won.done():
             return "the one-time token was already used", index
+        if frame.disk_stream:
+            return self._admit_disk_stream()
         if index == 0:
             if self._claimed:
                 return "the one-time token was already used", index
+            if frame.mirror != self._mirror_devices:
+                return (
+                    f"the source mirrors disks {frame.mirror or 'none'}, this target allocated volumes for "
+                    f"{self._mirror_devices or 'none'} (both sides need the same local_disks)",
+                    index,
+                )
             self._claimed = True
             self._streams = frame.streams
-            self._channels = [None] * frame.streams
+            self._channels = [None] * (frame.streams + (1 if self._mirror_devices else 0))
             self._done_batch = [0] * frame.streams
             self._done_round = [0] * frame.streams
             return None, index
@@ -299,6 +327,18 @@ class TargetMigration:
             return f"stream {index} of {frame.streams} does not fit the {self._streams} announced", index
         if self._channels[index] is not None or index in self._joining:
             return f"stream {index} already joined (the one-time token admits each stream once)", index
+        self._joining.add(index)
+        return None, index
+
+    def _admit_disk_stream(self) -> tuple[str | None, int]:
+        """The mirror's disk stream: after stream 0, once, only if this target allocated volumes."""
+        index = self._streams
+        if not self._mirror_devices:
+            return "this target mirrors no disk", 0
+        if not self._claimed:
+            return "stream 0 must join first", 0
+        if self._channels[index] is not None or index in self._joining:
+            return "the disk stream already joined", 0
         self._joining.add(index)
         return None, index
 
@@ -332,7 +372,11 @@ class TargetMigration:
     async def _receive(self) -> None:
         """Read every stream at once until stream 0's FREEZE is verified; any stream failing aborts."""
         tasks = [
-            asyncio.create_task(self._receive_stream(index, channel))
+            asyncio.create_task(
+                self._receive_stream(index, channel)
+                if index < self._streams
+                else self._receive_disks(channel)
+            )
             for index, channel in enumerate(self._channels)
             if channel is not None
         ]
@@ -343,7 +387,7 @@ class TargetMigration:
                 if tasks[0] in done:
                     return tasks[0].result()
                 for task in done:
-                    task.result()  # streams other than 0 end only by failing
+                    task.result()  # other page streams end only by failing, the disk stream at DISK_END
         finally:
             for task in tasks:
                 task.cancel()
@@ -384,6 +428,53 @@ class TargetMigration:
                 raise SourceAborted(f"the source aborted: {body.get('error', 'no reason')}", kind_of(body))
             else:
                 raise ProtocolError(f"unexpected frame kind {kind} from the source")
+
+    async def _receive_disks(self, channel: Channel) -> None:
+        """The disk stream into the volumes allocated at prepare, until DISK_END (``diskmirror``)."""
+        paths = [self.guest.mirror_volumes[device] for device in self._mirror_devices]
+        self._mirror_fds = [os.open(path, os.O_RDWR | os.O_CLOEXEC) for path in paths]
+        sizes = [os.fstat(fd).st_size for fd in self._mirror_fds]
+        try:
+            await receive_disks(FrameReader(channel), self._mirror_fds, sizes)
+        except DiskWriteFailed as failed:
+            device = self._mirror_devices[failed.index]
+            disk = next(disk for disk in self.guest.spec.disks if disk.device == device)
+            where, at = f"{self.host_name}'s pool {disk.pool}", in_words(failed.offset)
+            if failed.error.errno == errno.ENOSPC:
+                error = f"{where} ran out of space at {at} of {in_words(sizes[failed.index])}"
+            else:
+                error = f"{where} could not be written at {at}: {failed.error.strerror}"
+            error += f" ({self.guest.name}'s disk {device})"
+            if self._channel is not None:  # the source aborts with this reason, not a lost connection
+                with contextlib.suppress(OSError, TimeoutError):
+                    abort = {"error": error, "kind": FailureKind.INTERNAL}
+                    await asyncio.wait_for(FrameWriter(self._channel).message(ABORT, abort), 1.0)
+            raise MigrationAborted(error, FailureKind.INTERNAL) from None
+        self._close_mirror_files()
+        self._disks_ended.set()
+
+    def _close_mirror_files(self) -> None:
+        """Flush and close the mirror's volumes (idempotent)."""
+        for fd in self._mirror_fds:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self._mirror_fds = []
+
+    async def _verify_disks(self, freeze: FreezeFrame) -> None:
+        """Every mirrored volume here equals the source's at the freeze (digests), or ABORT."""
+        if not self._mirror_devices:
+            return
+        await self._disks_ended.wait()
+        paths = [self.guest.mirror_volumes[device] for device in self._mirror_devices]
+        digests = await self._in_thread(lambda: [disk_digest(path) for path in paths])
+        for device, digest in zip(self._mirror_devices, digests, strict=True):
+            if freeze.disk_digests.get(device) != digest:
+                assert self._channel is not None
+                mismatch = FailureKind.DIGEST_MISMATCH
+                error = f"disk {device} digest mismatch after the mirror"
+                await FrameWriter(self._channel).message(ABORT, {"error": error, "kind": mismatch})
+                raise MigrationAborted(error, mismatch)
 
     def _check_partition(self, index: int, first: int, count: int) -> None:
         """Pages travel only on their own stream (``wire.stream_of``), or a stale copy could win."""
@@ -480,6 +571,7 @@ class TargetMigration:
             hashed,
             (time.monotonic() - started - waited) * 1000,
         )
+        await self._verify_disks(freeze)
         writer = FrameWriter(self._channel)
         if digest != source_digest:
             mismatch = FailureKind.DIGEST_MISMATCH
@@ -542,6 +634,7 @@ class TargetMigration:
         for channel in self._channels:
             if channel is not None:
                 channel.close()
+        self._close_mirror_files()
         self._channels = [None] * len(self._channels)
         self._channel, self._sock = None, None
 

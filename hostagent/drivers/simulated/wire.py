@@ -65,6 +65,13 @@ HEADER = struct.Struct("!BIQ")
     1, 13
 )
 FILLER = 13  # a link probe's filler: ``count`` bytes that mean nothing (``hostagent/probe.py``)
+# The disk stream of a local-disk mirror (``diskmirror``): DISK_DATA carries ``count`` bytes of disk
+# ``first >> DISK_SHIFT`` at byte offset ``first & DISK_OFFSET_MASK``; DISK_END (no payload) says every
+# write before the freeze was sent.
+DISK_DATA, DISK_END = 14, 15
+DISK_SHIFT = 56
+DISK_OFFSET_MASK = (1 << DISK_SHIFT) - 1
+MAX_DISK_FRAME = 4 << 20
 PAGE_KINDS = frozenset({PAGES, ZERO, PAGE_LIST, ROUND_END})  # what streams other than 0 may carry
 MAX_PAGE_LIST = 4096
 JSON_KINDS = frozenset({HELLO, ACCEPT, REFUSE, PROGRESS, FREEZE, READY, ABORT, DIGESTED})
@@ -145,6 +152,12 @@ class ProgressFrame(Message):
     throughput_bytes_s: ByteRate = 0
     expected_downtime_ms: Bytes | None = None
     converged: StrictBool = False
+    disk_bytes_total: Bytes = 0
+    disk_bytes_sent: Bytes = 0
+    disk_bytes_remaining: Bytes = 0
+    disk_dirty_rate_bytes_s: ByteRate = 0
+    disk_throughput_bytes_s: ByteRate = 0
+    disk_mirror_ready: StrictBool = False
     state: str | None = None
     phase: Phase | None = None
     percent: dict[Phase, PercentValue] = Field(default_factory=dict)
@@ -192,6 +205,10 @@ class FreezeFrame(Message):
     state: GuestState
     source_digest: Annotated[str, Field(max_length=256)] | None = None
     batches: Round = 0
+    # device -> SHA-256 of each mirrored disk once the source let go of it (``diskmirror``)
+    disk_digests: Annotated[dict[str, Annotated[str, Field(max_length=256)]], Field(max_length=64)] = Field(
+        default_factory=dict
+    )
 
 
 class HelloFrame(Message):
@@ -204,6 +221,12 @@ class HelloFrame(Message):
     populate: list[Any] = Field(default_factory=list)
     streams: Annotated[StrictInt, AfterValidator(between(1, MAX_STREAMS))] = 1
     stream: Annotated[StrictInt, AfterValidator(between(0, MAX_STREAMS - 1))] = 0
+    # A local-disk mirror: the devices mirrored, in order (stream 0 names them), and whether this
+    # connection is the mirror's disk stream (admitted once, besides the ``streams`` page streams).
+    mirror: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = Field(
+        default_factory=list
+    )
+    disk_stream: StrictBool = False
 
 
 def check(model: type[Any], body: dict[str, Any], what: str) -> Any:
@@ -391,6 +414,28 @@ class FrameWriter:
         """Mark the end of this stream's share of a send batch, and send what is buffered."""
         self._buffer += HEADER.pack(ROUND_END, batch, round_number)
         await self.flush()
+
+    async def disk(self, disk: int, offset: int, data: bytes | memoryview) -> None:
+        """DISK_DATA: ``data`` (at most ``MAX_DISK_FRAME`` bytes) of disk ``disk`` at byte ``offset``."""
+        header = HEADER.pack(DISK_DATA, len(data), disk << DISK_SHIFT | offset)
+        if len(data) < SMALL_PAYLOAD:
+            self._buffer += header + data
+            if len(self._buffer) >= FLUSH_AT:
+                await self.flush()
+        else:
+            self._buffer += header
+            await self.flush()
+            await self._send(data)
+
+    def disk_now(self, disk: int, offset: int, data: bytes) -> None:
+        """DISK_DATA into the buffer at once, without waiting (a guest's write in the mirror's
+        write-blocking mode): it leaves with the next flush, after every frame queued before it, even
+        while a large frame is being sent (``flush`` swaps the buffer before it awaits)."""
+        self._buffer += HEADER.pack(DISK_DATA, len(data), disk << DISK_SHIFT | offset) + data
+
+    def disk_end(self) -> None:
+        """DISK_END into the buffer: every disk write before it was queued (sent with the next flush)."""
+        self._buffer += HEADER.pack(DISK_END, 0, 0)
 
     async def zero(self, first_page: int, count: int) -> None:
         self._buffer += HEADER.pack(ZERO, count, first_page)
