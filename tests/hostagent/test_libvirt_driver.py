@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agentprotocol import ProgressSnapshot
+from agentprotocol import ParamsChange, ProgressSnapshot
 from devtools.libvirt_hosts import LibvirtHosts, libvirt_hosts, memwriter_domain_xml
 from hostagent.drivers.libvirt.connection import open_connection
 from tests.conftest import wait_until
@@ -152,15 +152,21 @@ def test_a_guest_migrates_live_through_the_agents_with_its_phases_and_runs_only_
     assert state(connections["a"], "moves") == ("shut off", STOPPED_BY_MIGRATION)
 
 
-def test_a_cancel_during_copy_leaves_the_guest_running_on_its_source(
+def test_steering_changes_the_running_job_and_a_cancel_in_copy_leaves_the_guest_running_on_its_source(
     rig: LibvirtHosts, connections: dict[str, Any], guests: dict[str, str], agents: dict[str, RunningAgent]
 ) -> None:
     a, b = agents["a"], agents["b"]
     guest = a.client.get_guest(guests["stays"])
     migration_id = unique("lvcancel")
+    domain = connections["a"].lookupByUUIDString(guest.guest_id)
 
-    start(a, b, guest, migration_id, "off", bandwidth_mbps=SLOW_MBPS)
+    start(a, b, guest, migration_id, "off", downtime_ms=50, bandwidth_mbps=SLOW_MBPS)
     follow(a, migration_id, copying)
+    steered = a.client.change_params(migration_id, ParamsChange(downtime_ms=400, bandwidth_mbps=24))
+    assert steered.allowed_downtime_ms == 400
+    assert (domain.migrateGetMaxDowntime(), domain.migrateGetMaxSpeed()) == (400, 3)  # ms, MiB/s
+    with pytest.raises(AgentRefused, match="auto-converge"):
+        a.client.change_params(migration_id, ParamsChange(auto_converge=True))
     cancelled = a.client.cancel(migration_id)
     b.client.discard(migration_id)
 
