@@ -16,6 +16,7 @@ import pytest
 from agentprotocol import ParamsChange, ProgressSnapshot
 from devtools.libvirt_hosts import LibvirtHosts, libvirt_hosts, memwriter_domain_xml
 from hostagent.drivers.libvirt.connection import open_connection
+from hostagent.drivers.libvirt.jobs import MigrationJob
 from tests.conftest import wait_until
 from tests.hostagent.conftest import AgentFactory, RunningAgent, follow, resources, start, unique
 from tests.hostagent.test_libvirt_daemons import (
@@ -174,4 +175,33 @@ def test_steering_changes_the_running_job_and_a_cancel_in_copy_leaves_the_guest_
     assert a.client.get_guest(guest.guest_id).hardware_status == "on"
     assert state(connections["a"], "stays") == ("running", 1)  # the same boot: never stopped
     assert keeps_passing(rig, "a", "stays")
+    assert b.guest("stays") is None or b.guest("stays").hardware_status == "off"
+
+
+@pytest.mark.faults
+def test_an_agent_killed_mid_copy_comes_back_and_the_guest_runs_on_its_source(
+    rig: LibvirtHosts,
+    connections: dict[str, Any],
+    guests: dict[str, str],
+    agents: dict[str, RunningAgent],
+    agent_factory: AgentFactory,
+) -> None:
+    """kill -9 of the source agent: libvirt's job runs on in the daemon (P2P); the restarted agent finds
+    its own mark on the domain, aborts the job before its switchover, and the guest runs on here."""
+    a, b = agents["a"], agents["b"]
+    guest = a.client.get_guest(guests["stays"])  # back on host a after the cancel above
+    migration_id = unique("lvkill")
+    start(a, b, guest, migration_id, "off", bandwidth_mbps=SLOW_MBPS)
+    follow(a, migration_id, copying)
+
+    a.kill()
+    assert MigrationJob.attach(connections["a"], "stays") is not None  # the daemon's job outlived it
+    restarted = agent_factory("lva", "--driver-option", f"uri={rig['a'].uri}", driver="libvirt")
+
+    assert MigrationJob.attach(connections["a"], "stays") is None
+    assert state(connections["a"], "stays") == ("running", 1)
+    assert restarted.client.get_guest(guest.guest_id).hardware_status == "on"
+    assert keeps_passing(rig, "a", "stays")
+    assert "interrupted by the agent's restart: cancelled" in restarted.log()
+    assert b.client.discard(migration_id).state == "discarded"
     assert b.guest("stays") is None or b.guest("stays").hardware_status == "off"

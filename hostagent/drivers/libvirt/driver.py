@@ -33,6 +33,7 @@ import logging
 import time
 import xml.etree.ElementTree as ElementTree
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from agentprotocol import (
     DirtyRate,
@@ -75,6 +76,10 @@ LIBVIRT_MIGRATION_PORT = 49152  # the first of libvirt's default migration ports
 POLL_S = 0.2  # how often a running job's statistics are read
 TARGET_POLL_S = 0.5  # how often the target looks for the arriving domain
 SHUTOFF_MIGRATED = 4  # libvirt's VIR_DOMAIN_SHUTOFF_MIGRATED
+# The agent's mark on a domain it migrates (live <metadata>): a restarted agent touches only its own jobs.
+METADATA_URI = "https://matrixoe.invalid/libvirt-driver/migration"
+METADATA_PREFIX = "mxoe"
+SETTLE_TIMEOUT_S = 60.0
 SHARED_POOL_TYPES = {"netfs", "rbd", "iscsi", "iscsi-direct", "gluster", "sheepdog", "vstorage"}
 RUNNING_STATES = {"running", "blocked", "paused", "pmsuspended", "shutdown"}
 ACTIVE = ("init", "copy", "quiesce", "frozen")
@@ -195,6 +200,34 @@ def pool_of(pool: Any, host_uuid: str) -> StoragePool:
     )
 
 
+def mark_migration(domain: Domain, migration_id: str | None) -> None:
+    """Put (or with None, take away) this agent's mark on a running domain: its live ``<metadata>``."""
+    libvirt = libvirt_module()
+    element = None if migration_id is None else f"<migration id={quoteattr(migration_id)}/>"
+    prefix = None if migration_id is None else METADATA_PREFIX
+    domain.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, prefix, METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE
+    )
+
+
+def marked_migration(domain: Domain) -> str | None:
+    """The migration id this agent marked a running domain with, or None."""
+    libvirt = libvirt_module()
+    try:
+        xml = domain.metadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_URI, libvirt.VIR_DOMAIN_AFFECT_LIVE
+        )
+    except libvirt.libvirtError:
+        return None  # no mark (VIR_ERR_NO_DOMAIN_METADATA), or not running
+    return ElementTree.fromstring(xml).get("id")  # noqa: S314 - our own element, as libvirt keeps it
+
+
+def unmark(domain: Domain) -> None:
+    """Take the mark away, if the domain still runs here (best effort: it may have left)."""
+    with contextlib.suppress(Exception):
+        mark_migration(domain, None)
+
+
 class LibvirtSourceMigration:
     """The source side: one ``MigrationJob`` followed into a ``Progress`` by a task of the agent's loop."""
 
@@ -234,6 +267,7 @@ class LibvirtSourceMigration:
             log.exception("following migration %s", self.migration_id)
             self.progress.fail("aborted", f"libvirt: {error}", FailureKind.INTERNAL)
         finally:
+            unmark(self.job.domain)  # cancelled/failed: it runs here again; completed: it left
             self._ended.set()
 
     def _take(self, current: JobSnapshot) -> None:
@@ -369,6 +403,8 @@ class LibvirtTargetMigration:
             state = self.progress.state
             raise Conflict(f"migration {self.migration_id} is {state}; the guest has not arrived")
         self.progress.enter("completed")
+        with contextlib.suppress(UnknownGuest):
+            await asyncio.to_thread(unmark, self.driver._domain(self.guest_id))  # the mark came along
         return self.snapshot()
 
     async def discard(self) -> ProgressSnapshot:
@@ -414,6 +450,38 @@ class LibvirtDriver:
             identity.host_uuid,
             len(self.list_guests()),
         )
+        await asyncio.to_thread(self._settle_interrupted)
+
+    def _settle_interrupted(self) -> None:
+        """After a restart: a migration this agent started (its mark on the domain) and the agent's death
+        interrupted is aborted before its switchover, so the guest runs on here (as the QEMU driver does);
+        one past the switchover completes (libvirt commits). Jobs without the mark (an admin's virsh
+        migrate) are left alone. The mark is taken away either way."""
+        for domain in self.connection.listAllDomains(self.libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            migration_id = marked_migration(domain)
+            if migration_id is None:
+                continue
+            job = MigrationJob.attach(self.connection, domain.name())
+            if job is not None:
+                try:
+                    job.abort()
+                except self.libvirt.libvirtError as error:
+                    log.warning(
+                        "%s: abort of interrupted migration %s: %s", domain.name(), migration_id, error
+                    )
+                final = job.wait(timeout=SETTLE_TIMEOUT_S)
+                log.warning(
+                    "%s: migration %s interrupted by the agent's restart: %s (the guest %s here)",
+                    domain.name(),
+                    migration_id,
+                    final.stage,
+                    "runs" if final.source_running else "does not run",
+                )
+            unmark(domain)
+
+    @property
+    def libvirt(self) -> Any:
+        return libvirt_module()
 
     async def close(self) -> None:
         """Stop following; the domains and any migration job run on in the daemon (nothing is stopped)."""
@@ -578,12 +646,16 @@ class LibvirtDriver:
         info = read_domain(self.connection, self._domain(guest_id))
         if self._migrating(guest_id):
             raise Conflict(f"guest {info.name!r} is migrating")
+        domain = self._domain(guest_id)
         try:
             policy = policy_of(params, encryption, streams)
+            if domain.isActive():
+                await asyncio.to_thread(mark_migration, domain, migration_id)
             job = await asyncio.to_thread(
                 MigrationJob.start, self.connection, info.name, target.token, policy
             )
         except MigrationRefused as error:
+            await asyncio.to_thread(unmark, domain)
             raise Conflict(str(error)) from None
         migration = LibvirtSourceMigration(migration_id, guest_id, job, policy.downtime_ms)
         self._migrations[migration_id] = migration
