@@ -205,3 +205,35 @@ def test_an_agent_killed_mid_copy_comes_back_and_the_guest_runs_on_its_source(
     assert "interrupted by the agent's restart: cancelled" in restarted.log()
     assert b.client.discard(migration_id).state == "discarded"
     assert b.guest("stays") is None or b.guest("stays").hardware_status == "off"
+
+
+@pytest.mark.faults
+def test_a_cut_link_mid_copy_ends_the_migration_and_the_guest_runs_on_its_source(
+    rig: LibvirtHosts,
+    connections: dict[str, Any],
+    guests: dict[str, str],
+    agents: dict[str, RunningAgent],
+    agent_factory: AgentFactory,
+) -> None:
+    """libvirt's job only stalls when the link goes (no time-out of its own): the driver's watchdog
+    (``stall_s``, 3 s here) aborts it, says why, and the guest runs on at the source."""
+    source = agent_factory(
+        "lvcut", "--driver-option", f"uri={rig['a'].uri}", "--driver-option", "stall_s=3", driver="libvirt"
+    )
+    b = agents["b"]
+    guest = source.client.get_guest(guests["stays"])
+    migration_id = unique("lvcut")
+    start(source, b, guest, migration_id, "off", bandwidth_mbps=SLOW_MBPS)
+    follow(source, migration_id, copying)
+
+    rig.cut_link("a")
+    try:
+        ended = follow(source, migration_id, past_copy)[-1]
+    finally:
+        rig.restore_link("a")
+
+    assert (ended.state, ended.failure_kind, ended.failed_phase) == ("aborted", "unreachable", "copy"), ended
+    assert ended.error is not None and "moved nothing for 3 s" in ended.error
+    assert state(connections["a"], "stays") == ("running", 1)
+    assert keeps_passing(rig, "a", "stays")
+    b.client.discard(migration_id)

@@ -8,7 +8,8 @@ after the graceful timeout; a migration). Defining or deleting domains stays lib
 
 Options (``--driver-option``): ``uri=`` the daemon to drive (default ``qemu:///system``);
 ``peer_uri=`` the URI a *source* daemon uses to reach this one in a peer-to-peer migration
-(default: ``uri``; between real hosts e.g. ``qemu+tls://this-host/system``).
+(default: ``uri``; between real hosts e.g. ``qemu+tls://this-host/system``); ``stall_s=`` how long
+Copy may move no byte before the driver aborts it (default 30: libvirt waits forever on a cut link).
 
 A migration is libvirt's peer-to-peer live migration (``jobs.MigrationJob``). libvirt commits it
 on its own at the switchover (there is no "ready, the source could still resume" point in P2P), so
@@ -80,6 +81,7 @@ SHUTOFF_MIGRATED = 4  # libvirt's VIR_DOMAIN_SHUTOFF_MIGRATED
 METADATA_URI = "https://matrixoe.invalid/libvirt-driver/migration"
 METADATA_PREFIX = "mxoe"
 SETTLE_TIMEOUT_S = 60.0
+DEFAULT_STALL_S = 30.0  # Copy moving no byte this long (a cut link: libvirt has no time-out): abort
 SHARED_POOL_TYPES = {"netfs", "rbd", "iscsi", "iscsi-direct", "gluster", "sheepdog", "vstorage"}
 RUNNING_STATES = {"running", "blocked", "paused", "pmsuspended", "shutdown"}
 ACTIVE = ("init", "copy", "quiesce", "frozen")
@@ -231,13 +233,27 @@ def unmark(domain: Domain) -> None:
 class LibvirtSourceMigration:
     """The source side: one ``MigrationJob`` followed into a ``Progress`` by a task of the agent's loop."""
 
-    def __init__(self, migration_id: str, guest_id: str, job: MigrationJob, downtime_ms: int | None) -> None:
+    def __init__(
+        self,
+        migration_id: str,
+        guest_id: str,
+        job: MigrationJob,
+        params: MigrationParams,
+        stall_s: float = DEFAULT_STALL_S,
+    ) -> None:
+        """``params.limits``: Init and Copy time limits (s) end the job (``time_limit``); after the
+        switchover libvirt commits on its own, so Quiesce and Frozen have none here. ``stall_s``: Copy
+        moving no byte that long ends it (``unreachable``)."""
         self.migration_id = migration_id
         self.role: Role = "source"
         self.guest_id = guest_id
         self.job = job
         self.progress = Progress(migration_id, "source", guest_id)
-        self.progress.update(allowed_downtime_ms=downtime_ms)
+        self.progress.update(allowed_downtime_ms=params.downtime_ms)
+        self.limits = params.limits
+        self.stall_s = stall_s
+        self._moved_at = (time.monotonic(), -1)  # when bytes_sent last grew, and its value then
+        self._giving_up: tuple[str, FailureKind] | None = None  # why the driver aborts the job itself
         self.final: JobSnapshot | None = None
         self._ended = asyncio.Event()
         self._task = asyncio.create_task(self._follow(), name=f"libvirt-migration-{migration_id}")
@@ -260,6 +276,12 @@ class LibvirtSourceMigration:
                 self._take(current)
                 if current.finished:
                     return
+                reason = self._over_a_limit()
+                if reason is not None and self._giving_up is None:
+                    self._giving_up = reason
+                    log.warning("%s: %s: aborting", self.migration_id, reason[0])
+                    with contextlib.suppress(Exception):  # it ended meanwhile: its outcome follows
+                        await asyncio.to_thread(self.job.abort)
                 await asyncio.sleep(POLL_S)
         except LibvirtUnavailable as error:
             self.progress.fail("aborted", str(error), FailureKind.UNREACHABLE)
@@ -269,6 +291,21 @@ class LibvirtSourceMigration:
         finally:
             unmark(self.job.domain)  # cancelled/failed: it runs here again; completed: it left
             self._ended.set()
+
+    def _over_a_limit(self) -> tuple[str, FailureKind] | None:
+        """Why to abort now: Init or Copy over its time limit, or Copy not moving (else None)."""
+        now, phase = time.monotonic(), self.progress.phase
+        if self.progress.state not in ("init", "copy") or phase is None:
+            return None
+        limit = self.limits.of(phase)
+        if limit is not None and now - self.progress.phase_started > limit:
+            return f"the {phase} phase ran over its limit of {limit:g} s", FailureKind.TIME_LIMIT
+        sent = self.progress.current.bytes_sent
+        if sent != self._moved_at[1]:
+            self._moved_at = (now, sent)
+        elif phase == "copy" and now - self._moved_at[0] > self.stall_s:
+            return f"the migration stream moved nothing for {self.stall_s:g} s", FailureKind.UNREACHABLE
+        return None
 
     def _take(self, current: JobSnapshot) -> None:
         fields: dict[str, Any] = {
@@ -300,7 +337,10 @@ class LibvirtSourceMigration:
             running = "the domain runs on here" if current.source_running else "the domain does NOT run here"
             kind = FailureKind.CANCELLED if current.stage == "cancelled" else FailureKind.INTERNAL
             state: MigrationState = "cancelled" if current.stage == "cancelled" else "aborted"
-            self.progress.fail(state, f"libvirt: {current.error} ({running})", kind)
+            error = f"libvirt: {current.error} ({running})"
+            if self._giving_up is not None:  # the driver's own abort: its reason, not libvirt's words
+                state, error, kind = "aborted", f"{self._giving_up[0]} ({running})", self._giving_up[1]
+            self.progress.fail(state, error, kind)
 
     async def _until_ended_or(self, states: tuple[str, ...]) -> ProgressSnapshot:
         """Wait until the state is one of ``states`` or the follow ended; the snapshot then."""
@@ -436,6 +476,10 @@ class LibvirtDriver:
         self.settings = settings
         self.uri = settings.options.get("uri", DEFAULT_URI)
         self.peer_uri = settings.options.get("peer_uri", self.uri)
+        try:
+            self.stall_s = float(settings.options.get("stall_s", DEFAULT_STALL_S))
+        except ValueError:
+            raise ValueError("--driver-option stall_s must be a number of seconds") from None
         self._connection: Connection | None = None
         self._migrations: dict[str, LibvirtSourceMigration | LibvirtTargetMigration] = {}
 
@@ -657,6 +701,6 @@ class LibvirtDriver:
         except MigrationRefused as error:
             await asyncio.to_thread(unmark, domain)
             raise Conflict(str(error)) from None
-        migration = LibvirtSourceMigration(migration_id, guest_id, job, policy.downtime_ms)
+        migration = LibvirtSourceMigration(migration_id, guest_id, job, params, self.stall_s)
         self._migrations[migration_id] = migration
         return migration
