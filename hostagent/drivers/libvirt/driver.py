@@ -81,6 +81,7 @@ SHUTOFF_MIGRATED = 4  # libvirt's VIR_DOMAIN_SHUTOFF_MIGRATED
 METADATA_URI = "https://matrixoe.invalid/libvirt-driver/migration"
 METADATA_PREFIX = "mxoe"
 SETTLE_TIMEOUT_S = 60.0
+ABORT_RETRY_S = 1.0  # an abort that found no job yet is sent again after this long
 DEFAULT_STALL_S = 30.0  # Copy moving no byte this long (a cut link: libvirt has no time-out): abort
 SHARED_POOL_TYPES = {"netfs", "rbd", "iscsi", "iscsi-direct", "gluster", "sheepdog", "vstorage"}
 RUNNING_STATES = {"running", "blocked", "paused", "pmsuspended", "shutdown"}
@@ -254,6 +255,7 @@ class LibvirtSourceMigration:
         self.stall_s = stall_s
         self._moved_at = (time.monotonic(), -1)  # when bytes_sent last grew, and its value then
         self._giving_up: tuple[str, FailureKind] | None = None  # why the driver aborts the job itself
+        self._aborter: asyncio.Task[None] | None = None
         self.final: JobSnapshot | None = None
         self._ended = asyncio.Event()
         self._task = asyncio.create_task(self._follow(), name=f"libvirt-migration-{migration_id}")
@@ -280,8 +282,7 @@ class LibvirtSourceMigration:
                 if reason is not None and self._giving_up is None:
                     self._giving_up = reason
                     log.warning("%s: %s: aborting", self.migration_id, reason[0])
-                    with contextlib.suppress(Exception):  # it ended meanwhile: its outcome follows
-                        await asyncio.to_thread(self.job.abort)
+                    self._aborter = asyncio.create_task(self._abort_until_ended())
                 await asyncio.sleep(POLL_S)
         except LibvirtUnavailable as error:
             self.progress.fail("aborted", str(error), FailureKind.UNREACHABLE)
@@ -376,12 +377,20 @@ class LibvirtSourceMigration:
                 f"too late: libvirt commits migration {self.migration_id} at the switchover "
                 f"(it is {self.progress.state}); the guest is the target's now"
             )
-        try:
-            await asyncio.to_thread(self.job.abort)
-        except Exception as error:  # noqa: BLE001 - the job ended meanwhile: its outcome is said below
-            log.info("abort of %s: %s", self.migration_id, error)
+        await self._abort_until_ended()
         await self._ended.wait()
         return self.snapshot()
+
+    async def _abort_until_ended(self) -> None:
+        """``virDomainAbortJob`` until the job ends or passes the switchover: in Init the daemon may not
+        have begun the job yet, and an abort of no job does nothing (then the next one lands)."""
+        while not self._ended.is_set() and self.progress.state in ("init", "copy"):
+            try:
+                await asyncio.to_thread(self.job.abort)
+            except Exception as error:  # noqa: BLE001 - the job ended meanwhile: its outcome follows
+                log.info("abort of %s: %s", self.migration_id, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), ABORT_RETRY_S)
 
     async def resume(self) -> ProgressSnapshot:
         """Make sure the guest runs here: as cancel before the switchover; after it, 409 (too late)."""
