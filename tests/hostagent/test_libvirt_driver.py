@@ -178,6 +178,25 @@ def test_steering_changes_the_running_job_and_a_cancel_in_copy_leaves_the_guest_
     assert b.guest("stays") is None or b.guest("stays").hardware_status == "off"
 
 
+def test_a_cancel_right_after_the_start_stops_the_migration_before_libvirt_began_it(
+    rig: LibvirtHosts, connections: dict[str, Any], guests: dict[str, str], agents: dict[str, RunningAgent]
+) -> None:
+    """In Init the daemon may not have the job yet (an abort of no job does nothing): the cancel holds."""
+    a, b = agents["a"], agents["b"]
+    guest = a.client.get_guest(guests["stays"])
+    migration_id = unique("lvinit")
+
+    started = start(a, b, guest, migration_id, "off")
+    cancelled = a.client.cancel(migration_id)
+    b.client.discard(migration_id)
+
+    assert started.state == "init"
+    assert cancelled.state == "cancelled", cancelled
+    assert state(connections["a"], "stays") == ("running", 1)
+    assert MigrationJob.attach(connections["a"], "stays") is None
+    assert keeps_passing(rig, "a", "stays")
+
+
 @pytest.mark.faults
 def test_an_agent_killed_mid_copy_comes_back_and_the_guest_runs_on_its_source(
     rig: LibvirtHosts,
