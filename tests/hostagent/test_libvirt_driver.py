@@ -160,6 +160,8 @@ def test_steering_changes_the_running_job_and_a_cancel_in_copy_leaves_the_guest_
     guest = a.client.get_guest(guests["stays"])
     migration_id = unique("lvcancel")
     domain = connections["a"].lookupByUUIDString(guest.guest_id)
+    measured = a.client.dirty_rate(guest.guest_id, 1)
+    assert measured.dirty_rate_bytes_s >= 1024**2, measured  # memwriter writes ~8 MB/s
 
     start(a, b, guest, migration_id, "off", downtime_ms=50, bandwidth_mbps=SLOW_MBPS)
     follow(a, migration_id, copying)
