@@ -146,6 +146,9 @@ class Health(Message):
     # agent, or not known): what the console proposes when an admin adds the VSP.
     memory_mib: Annotated[StrictInt, AfterValidator(between(0, 1 << 40))] | None = None
     cpus: Annotated[StrictInt, AfterValidator(between(0, 1 << 20))] | None = None
+    # The driver's hypervisor commits a migration by itself at the switchover (libvirt's peer-to-peer
+    # migration): no "ready, the source could resume" point; a cancel after the switchover answers 409.
+    switchover_commits: StrictBool = False
 
 
 # What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not

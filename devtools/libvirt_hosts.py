@@ -312,6 +312,10 @@ class LibvirtHosts:
                 shutil.rmtree(temporary, ignore_errors=True)  # another rig saved it first
 
     def _prepare(self, host: LibvirtHost) -> None:
+        for target in BIND_MOUNTS.values():
+            # The mount points: /run is a tmpfs, so /run/libvirt (made by the package's tmpfiles at boot,
+            # with no systemd here) is gone after the container restarts. Empty, nothing lands in them.
+            Path(target).mkdir(parents=True, exist_ok=True)
         for directory in (*BIND_MOUNTS, "sock"):
             (host.base / directory).mkdir(parents=True, exist_ok=True)
         for directory, mode in PACKAGE_DIRS.items():  # what the packages create under libvirt's paths

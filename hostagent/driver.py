@@ -279,6 +279,7 @@ class Driver(Protocol):
 DRIVERS: dict[str, str] = {
     "simulated": "hostagent.drivers.simulated:SimulatedDriver",
     "qemu": "hostagent.drivers.qemu:QemuDriver",
+    "libvirt": "hostagent.drivers.libvirt.driver:LibvirtDriver",
 }
 
 

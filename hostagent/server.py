@@ -177,6 +177,7 @@ async def health(request: web.Request) -> web.Response:
         loop_busy_ms=round(busy_ms, 1),
         memory_mib=host_memory_mib(driver),
         cpus=os.cpu_count(),
+        switchover_commits=bool(getattr(driver, "switchover_commits", False)),
     )
     return reply(health)
 

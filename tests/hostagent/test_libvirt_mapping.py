@@ -6,9 +6,12 @@ constants, so it is skipped (loudly) without ``libvirt-python``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hostagent.drivers.libvirt.connection import libvirt_missing
+from hostagent.drivers.libvirt.driver import guest_info, hardware_status
 from hostagent.drivers.libvirt.inventory import DomainXmlError, parse_domain_xml
 from hostagent.drivers.libvirt.jobs import (
     MigrationPolicy,
@@ -167,3 +170,46 @@ def test_job_statistics_become_a_snapshot_in_bytes_with_the_real_downtime_only_w
     assert (running.expected_downtime_ms, running.downtime_ms) == (300, None)
     assert (completed.expected_downtime_ms, completed.downtime_ms, completed.round) == (None, 300, 3)
     assert (running.memory_remaining_bytes, running.throughput_bytes_s) == (61235200, 82462351)
+
+
+def test_a_domain_becomes_a_guest_and_what_the_protocol_cannot_say_is_named_not_dropped() -> None:
+    """The agent's view of a domain: a disk in a pool is a disk; a file in no pool, a Ceph image and a
+    CD-ROM are named in ``workload`` (the protocol's disk is a pool's volume); a macvtap card too."""
+    read = parse_domain_xml(DOMAIN)
+    root, data, cdrom = read.disks
+    pooled = replace(
+        root, pool="default", volume="db-01.qcow2", capacity_bytes=20 * 1024**3, allocation_bytes=1
+    )
+    domain = replace(read, disks=(pooled, data, cdrom), state="running", state_reason=1)
+
+    guest = guest_info(domain)
+
+    assert (guest.guest_id, guest.name, guest.memory_mib, guest.vcpus) == (
+        "0d7b5f42-58d1-4d0e-9a41-2b7f3c2e9f10",
+        "db-01",
+        2048,
+        4,
+    )
+    assert (guest.hardware_status, guest.os_status) == ("on", "up")
+    [disk] = guest.disks
+    assert (disk.device, disk.pool, disk.volume, disk.format, disk.virtual_size_bytes) == (
+        "vda",
+        "default",
+        "db-01.qcow2",
+        "qcow2",
+        20 * 1024**3,
+    )
+    assert guest.workload["disks_not_shown"] == ["vdb", "sda"]
+    [nic] = guest.nics
+    assert (nic.network, nic.mac, nic.model) == ("default", "52:54:00:aa:bb:cc", "virtio")
+    assert guest.workload["nics_not_shown"] == ["52:54:00:aa:bb:cd"]
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "hardware"),
+    [("running", 1, "on"), ("paused", 2, "on"), ("shut off", 1, "off"), ("shut off", 4, "not_runnable")],
+)
+def test_a_domain_that_migrated_away_is_not_runnable_here(state: str, reason: int, hardware: str) -> None:
+    domain = replace(parse_domain_xml(DOMAIN), state=state, state_reason=reason)
+
+    assert hardware_status(domain) == hardware
