@@ -15,13 +15,15 @@ from typing import Any
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
-ContextProvider = Callable[[VirtualMachine], dict[str, Any]]
+# ``provider(vm, visible_vsp_ids)``: ``visible_vsp_ids`` the VSPs the viewer sees (``None``: all); what a
+# provider adds about another VSP (e.g. a migration's other end) must not name one outside them.
+ContextProvider = Callable[[VirtualMachine, Collection[int] | None], dict[str, Any]]
 _context_providers: list[ContextProvider] = []
 
 
 def register_context_provider(provider: ContextProvider) -> None:
-    """Add ``provider(vm) -> dict`` whose keys join the tab's context (the same ``vm`` for the page, htmx
-    answers and Refresh Data)."""
+    """Add ``provider(vm, visible_vsp_ids) -> dict`` whose keys join the tab's context (the same ``vm``
+    for the page, htmx answers and Refresh Data)."""
     if provider not in _context_providers:
         _context_providers.append(provider)
 
@@ -61,7 +63,7 @@ def general_tab_context(
         "other_registrations": rows,
     }
     for provider in _context_providers:
-        context.update(provider(vm))
+        context.update(provider(vm, visible_vsp_ids))
     return context
 
 

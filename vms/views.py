@@ -209,7 +209,9 @@ def render_general(
     """
     user = request.user
     registration_vsp_ids = [registration.vsp_id for registration in vm.registrations.all()]
-    seen_vsp_ids = set(visible_vsps(user).filter(pk__in=registration_vsp_ids).values_list("pk", flat=True))
+    # Every VSP the user sees (not only the copies'): other apps' parts of the tab (a migration's target)
+    # name only these (``vms.general_tab.ContextProvider``).
+    seen_vsp_ids = set(visible_vsps(user).values_list("pk", flat=True))
     try:
         vsp_id = shown_vsp_id(request)
         # Only copies on VSPs the user sees: the one shown too (another group's VSP is not named).
