@@ -36,9 +36,15 @@ class RegistrationRow:
 
 
 def general_tab_context(
-    vm: VirtualMachine, vsp_id: int | None = None, visible_vsp_ids: Collection[int] | None = None
+    vm: VirtualMachine,
+    vsp_id: int | None = None,
+    visible_vsp_ids: Collection[int] | None = None,
+    role_vsp_ids: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """Context for ``vm`` as registered on VSP ``vsp_id`` (default: where it is runnable).
+
+    ``role_vsp_ids``: the VSPs of the viewer's host groups (``None``: all), handed to the context
+    providers, which name no other.
 
     ``visible_vsp_ids``: the VSPs the viewer may see (``None``: all); copies elsewhere are left out, and
     the default is then the first copy seen when the runnable one is on a VSP the viewer does not see.
@@ -63,7 +69,7 @@ def general_tab_context(
         "other_registrations": rows,
     }
     for provider in _context_providers:
-        context.update(provider(vm, visible_vsp_ids))
+        context.update(provider(vm, role_vsp_ids))
     return context
 
 
