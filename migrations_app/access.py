@@ -47,9 +47,11 @@ def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) 
     require_global(user, ADD_MIGRATION_PERMISSION)
     source = vm.current_vsp
     if source is not None and not has_role_on(user, Role.OPERATOR, [source.pk]):
-        raise AccessDenied(
-            f"You may not migrate {vm.name}: you are not an operator of the host group of {source.name}."
-        )
+        if can_view_vsp(user, source.pk):
+            where = f"the host group of {source.name}"
+        else:  # another group's VSP is not named (issue 18.14)
+            where = "the host group of the VSP it runs on"
+        raise AccessDenied(f"You may not migrate {vm.name}: you are not an operator of {where}.")
     if target is not None and not has_role_on(user, Role.OPERATOR, [target.pk]):
         if can_view_vsp(user, target.pk):
             where = f"{target.name}: you are not an operator of its host group"
@@ -78,10 +80,11 @@ def visible_migrations(user: Any) -> QuerySet[Migration]:
 
 
 def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None) -> Migration | None:
-    """``migration`` as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may see it: ``None``
-    when he sees neither its source
-    nor its target; else a copy where a VSP they may not see is a stand-in (``HIDDEN_VSP_NAME``, also in
-    its alert's words) and, unless they see both ends, nobody asked. The original is not changed."""
+    """``migration`` as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may see it.
+
+    ``None`` when he sees neither its source nor its target; else a copy where a VSP he may not see is a
+    stand-in (``HIDDEN_VSP_NAME``, also in its alert's words) and, unless he sees both ends, nobody
+    asked. The original is not changed."""
     if migration is None or seen_vsp_ids is None:
         return migration
     sees_source, sees_target = migration.source_id in seen_vsp_ids, migration.target_id in seen_vsp_ids

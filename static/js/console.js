@@ -6,6 +6,10 @@
 // 2. [data-empty-on-click="<selector>"]: a click empties that element (the migrate dialog's Close).
 // 3. Migration policy forms: changing a custom value (max downtime, cap, auto-converge...) picks the
 //    Custom preset, since a named preset is taken whole and the values apply only with Custom.
+// 4. Resync: a live socket's element names the page's regions it keeps true (data-resync="#a,#b").
+//    When the socket opens AGAIN (it dropped: every push meanwhile is lost), and when a pushed frame's
+//    version skips one (<!--push:<migration>:<version>-->, progress.push_mark: the channel layer
+//    dropped a message), the page re-fetches those regions over HTTP with its own session.
 (function () {
   "use strict";
 
@@ -46,14 +50,64 @@
     }
   }
 
+  var opened = new WeakSet(); // socket elements that have been open once
+  var versions = new WeakMap(); // socket element -> {migration id: last version seen}
+  var PUSH_MARK = /<!--push:(\d+):(\d+)-->/g;
+
+  function resync(elt) {
+    (elt.getAttribute("data-resync") || "").split(",").forEach(function (selector) {
+      selector = selector.trim();
+      if (selector && document.querySelector(selector)) {
+        htmx.ajax("GET", window.location.href, { target: selector, select: selector, swap: "outerHTML" });
+      }
+    });
+  }
+
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var elt = event.detail.elt;
+    var message = event.detail.message;
+    if (!elt || typeof message !== "string" || message.indexOf("<!--push:") < 0) {
+      return;
+    }
+    var seen = versions.get(elt);
+    var first = seen === undefined; // the socket's first frame: the state now, a baseline
+    if (first) {
+      seen = {};
+      versions.set(elt, seen);
+    }
+    var gap = false;
+    var match;
+    PUSH_MARK.lastIndex = 0;
+    while ((match = PUSH_MARK.exec(message)) !== null) {
+      var version = Number(match[2]);
+      var last = seen[match[1]];
+      // A migration first met in a push (not in the first frame) starts at version 1.
+      if (!first && version > (last === undefined ? 0 : last) + 1) {
+        gap = true;
+      }
+      seen[match[1]] = last === undefined ? version : Math.max(last, version);
+    }
+    if (gap) {
+      elt.setAttribute("data-resynced", String(Number(elt.getAttribute("data-resynced") || 0) + 1));
+      resync(elt);
+    }
+  });
+
   window.addEventListener("pagehide", function () {
     leaving = true;
   });
 
   document.addEventListener("htmx:wsOpen", function (event) {
-    lost.delete(event.detail.elt);
-    stopped.delete(event.detail.elt);
+    var elt = event.detail.elt;
+    lost.delete(elt);
+    stopped.delete(elt);
     render();
+    if (opened.has(elt)) {
+      versions.delete(elt); // the new socket's first frame is the new baseline
+      elt.setAttribute("data-resynced", String(Number(elt.getAttribute("data-resynced") || 0) + 1));
+      resync(elt);
+    }
+    opened.add(elt);
   });
 
   document.addEventListener("htmx:wsClose", function (event) {
