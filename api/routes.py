@@ -15,7 +15,7 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 
 from migrations_app import steering
-from migrations_app.access import visible_migration_condition
+from migrations_app.access import hide_unseen, visible_migration_condition
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
@@ -98,6 +98,12 @@ def seen_vsp_ids(user: Any) -> frozenset[int] | None:
 def vm_out_for(request: HttpRequest, vm: VirtualMachine) -> VMOut:
     """``vm`` as the request's user may see it (``schemas.vm_out``)."""
     return vm_out(vm, seen_vsp_ids(request.user))
+
+
+def shown(migration: Migration, seen: frozenset[int] | None) -> Migration:
+    """``migration`` (visible: it touches one of ``seen``) with another group's VSP and the requester
+    unnamed (``access.hide_unseen``)."""
+    return hide_unseen(migration, seen) or migration
 
 
 # --- VMs ---------------------------------------------------------------------------------------------------
@@ -196,7 +202,10 @@ def list_migrations(
     if active is not None:
         in_active = {"state__in": Migration.ACTIVE_STATES}
         migrations = migrations.filter(**in_active) if active else migrations.exclude(**in_active)
-    return page(migrations.order_by("-requested_at", "-pk"), limit, offset, migration_out)
+    seen = seen_vsp_ids(request.user)
+    return page(
+        migrations.order_by("-requested_at", "-pk"), limit, offset, lambda m: migration_out(shown(m, seen))
+    )
 
 
 @router.post(
@@ -266,7 +275,8 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
     Live progress as JSON: ``GET /api/v1/migrations/{id}/events`` (server-sent events, current state first).
     """
     require(request, VIEW_MIGRATION)
-    return migration_detail_out(get_migration(migration_id, request.user))
+    found = get_migration(migration_id, request.user)
+    return migration_detail_out(shown(found, seen_vsp_ids(request.user)))
 
 
 @router.post(

@@ -117,3 +117,25 @@ async def test_a_lab_only_watcher_gets_no_phases_of_a_production_migration_over_
         assert "42%" in html and "vsp-p2" in html and 'id="steer-switchover"' in html
     await lab.disconnect()
     await boss.disconnect()
+
+
+@pytest.mark.django_db
+def test_a_migration_from_his_group_to_another_names_only_his_end():
+    fleet = world()
+    lab_vm = make_vm("lab01", fleet["l1"])
+    prod_target = Migration.objects.filter(target__name="vsp-p2").first().target
+    outgoing = make_migration(
+        lab_vm, fleet["l1"], prod_target, state=Migration.State.COPY, requested_by=fleet["boss"]
+    )
+    api = ApiClient(do_create_token(fleet["lab_op"], "lab")[1])
+    detail = api.get(f"/migrations/{outgoing.pk}").json()
+    assert detail["source"] == "vsp-l1"
+    assert_no_production(json.dumps({key: value for key, value in detail.items() if key != "events"}))
+    listed = api.get("/migrations").json()["items"]
+    assert [item["id"] for item in listed] == [outgoing.pk]  # the Production-only ones are not his
+    assert_no_production(json.dumps(listed))
+    page = Client()
+    page.force_login(fleet["lab_op"])
+    html = page.get(reverse("vms:vm_general", args=[lab_vm.pk])).content.decode()
+    assert "Online Migration Phases" in html and "a VSP of another host group" in html
+    assert_no_production(html)
