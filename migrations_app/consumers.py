@@ -61,7 +61,8 @@ def vm_state_key(vm_id: int, seen: str = "", rights: WatcherRights | None = None
     idle = shown.latest is None or shown.latest.is_terminal
     latest = display.latest
     version = (latest.pk, latest.progress_version, latest.state) if latest is not None else None
-    key = ("vm-state", vm_id, version, view, not unchanged, unchanged and idle)
+    vsps = control_vsps(display)  # where it runs too: Migrate… may change without a new version
+    key = ("vm-state", vm_id, version, vsps["current_id"], view, not unchanged, unchanged and idle)
     return key, display, view, not unchanged, unchanged and idle
 
 

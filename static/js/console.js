@@ -66,7 +66,7 @@
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     var elt = event.detail.elt;
     var message = event.detail.message;
-    if (!elt || typeof message !== "string" || message.indexOf("<!--push:") < 0) {
+    if (!elt || typeof message !== "string") {
       return;
     }
     var seen = versions.get(elt);
@@ -74,6 +74,9 @@
     if (first) {
       seen = {};
       versions.set(elt, seen);
+    }
+    if (message.indexOf("<!--push:") < 0) {
+      return;
     }
     var gap = false;
     var match;
