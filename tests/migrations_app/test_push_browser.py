@@ -136,3 +136,50 @@ def test_a_vsp_page_is_true_again_after_its_socket_comes_back(
         assert target.locator(f"{row} [data-field=hardware_status]").get_attribute("data-value") == "on"
     finally:
         server.stop()
+
+
+def copying_vm():
+    from tests.factories import MIGRATION_ADMIN_PERMISSIONS, make_migration, make_vm, make_vsp
+
+    vsp1, vsp2 = make_vsp("gap-vsp1"), make_vsp("gap-vsp2")
+    vm = make_vm("gap01", vsp1)
+    migration = make_migration(vm, vsp1, vsp2, state=Migration.State.COPY, init_percent=100, copy_percent=6)
+    make_user("gapwatcher", MIGRATION_ADMIN_PERMISSIONS)
+    return vm, migration
+
+
+def push(migration_id: int, *, dropped: bool = False) -> None:
+    """Publish as the worker does; ``dropped``: the version is spent but the message never arrives (what
+    channels-redis does to a full channel or across a Redis failover)."""
+    from asgiref.sync import async_to_sync
+
+    from migrations_app.progress import build_progress_messages, send_messages
+
+    messages = build_progress_messages(migration_id)
+    if not dropped:
+        async_to_sync(send_messages)(messages)
+
+
+def test_a_page_that_missed_a_push_notices_the_gap_and_fetches_the_state(console_server, browser_page):
+    from vms.models import Registration
+
+    vm, migration = run_in_thread(copying_vm)
+    page = browser_page
+    log_in(page, console_server, "gapwatcher", PASSWORD)
+    page.goto(f"{console_server}/vms/{vm.pk}/general/")
+    page.evaluate(RECORD)
+    page.wait_for_function("() => document.querySelector('#migration-phases[data-state=copy]') !== null")
+    page.wait_for_timeout(500)  # the socket's first frame (the baseline) has arrived
+    os_status = "#general-tab [data-field=os_status]"
+    assert page.locator(os_status).get_attribute("data-value") == "up"
+
+    # Only what the General tab's own fetch shows changes (no push carries the OS status)...
+    run_in_thread(lambda: Registration.objects.filter(vm=vm).update(os_status="in_efi"))
+    run_in_thread(push, migration.pk)  # version 1 after the baseline's 0: nothing missed
+    page.wait_for_function("() => window.__frames >= 1")
+    page.wait_for_timeout(1000)
+    assert page.locator(os_status).get_attribute("data-value") == "up"  # no re-fetch without a gap
+
+    run_in_thread(push, migration.pk, dropped=True)  # version 2 lost on the way
+    run_in_thread(push, migration.pk)  # version 3 arrives: the page knows it missed one
+    page.wait_for_selector(f'{os_status}[data-value="in_efi"]')  # ...and fetched the whole tab
