@@ -96,6 +96,56 @@
     }
   });
 
+  // 5. Never backwards: the phases panel carries its migration's version (data-version, as read when it
+  //    was drawn). A frame or an htmx answer drawn before what the page shows (a push overtaken by
+  //    Refresh Data, or the other way round) does not replace it.
+  function staleness(incoming) {
+    var current = document.getElementById("migration-phases");
+    if (!incoming || !current || !current.dataset.version || !incoming.dataset.version) {
+      return false;
+    }
+    return (
+      incoming.dataset.migration === current.dataset.migration &&
+      Number(incoming.dataset.version) < Number(current.dataset.version)
+    );
+  }
+
+  function parse(html) {
+    var template = document.createElement("template");
+    template.innerHTML = html;
+    return template;
+  }
+
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var message = event.detail.message;
+    if (typeof message !== "string" || message.indexOf('id="migration-phases"') < 0) {
+      return;
+    }
+    if (staleness(parse(message).content.querySelector("#migration-phases"))) {
+      event.preventDefault(); // older than the page: the whole frame is
+    }
+  });
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var text = event.detail.serverResponse;
+    if (typeof text !== "string" || text.indexOf('id="migration-phases"') < 0) {
+      return;
+    }
+    var template = parse(text);
+    var incoming = template.content.querySelector("#migration-phases");
+    if (!staleness(incoming)) {
+      return;
+    }
+    var kept = document.getElementById("migration-phases").cloneNode(true);
+    if (incoming.hasAttribute("hx-swap-oob")) {
+      kept.setAttribute("hx-swap-oob", incoming.getAttribute("hx-swap-oob"));
+    } else {
+      kept.removeAttribute("hx-swap-oob");
+    }
+    incoming.replaceWith(kept);
+    event.detail.serverResponse = template.innerHTML;
+  });
+
   window.addEventListener("pagehide", function () {
     leaving = true;
   });

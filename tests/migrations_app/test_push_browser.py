@@ -161,7 +161,7 @@ def push(migration_id: int, *, dropped: bool = False) -> None:
 
 
 def test_a_page_that_missed_a_push_notices_the_gap_and_fetches_the_state(console_server, browser_page):
-    from vms.models import Registration
+    from vms.models import VirtualMachine
 
     vm, migration = run_in_thread(copying_vm)
     page = browser_page
@@ -174,7 +174,7 @@ def test_a_page_that_missed_a_push_notices_the_gap_and_fetches_the_state(console
     assert page.locator(os_status).get_attribute("data-value") == "up"
 
     # Only what the General tab's own fetch shows changes (no push carries the OS status)...
-    run_in_thread(lambda: Registration.objects.filter(vm=vm).update(os_status="in_efi"))
+    run_in_thread(lambda: VirtualMachine.objects.filter(pk=vm.pk).update(os_status="in_efi"))
     run_in_thread(push, migration.pk)  # version 1 after the baseline's 0: nothing missed
     page.wait_for_function("() => window.__frames >= 1")
     page.wait_for_timeout(1000)
