@@ -90,6 +90,9 @@ def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None
     sees_source, sees_target = migration.source_id in seen_vsp_ids, migration.target_id in seen_vsp_ids
     if not (sees_source or sees_target):
         return None
+    # An end that is no VSP (a refusal runnable nowhere, a deleted VSP) names nothing to hide.
+    sees_source = sees_source or migration.source_id is None
+    sees_target = sees_target or migration.target_id is None
     if sees_source and sees_target:
         return migration
     masked = copy.copy(migration)  # Django copies the related-object cache too: the original keeps its own
