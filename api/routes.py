@@ -15,15 +15,15 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 
 from migrations_app import steering
-from migrations_app.access import visible_migration_condition
+from migrations_app.access import hide_unseen, visible_migration_condition
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
-from vms.access import visible_vms, visible_vsps
+from vms.access import visible_vms, visible_vsps, vsps_with_role
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
 from vms.http import AuthenticatedHttpRequest
-from vms.models import Registration
+from vms.models import Registration, Role, VirtualMachine
 from vms.queries import filter_vms, vm_with_registrations
 
 from .lookups import MAX_ID, get_migration, get_vm, get_vsp
@@ -98,6 +98,24 @@ def get_one_vsp(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
     return vsp_out(get_vsp(vsp, request.user))
 
 
+def seen_vsp_ids(user: Any) -> frozenset[int] | None:
+    """The VSPs of ``user``'s host groups (``None``: all, a superuser): what a VM's answer may name."""
+    if getattr(user, "is_superuser", False):
+        return None
+    return frozenset(vsps_with_role(user, Role.VIEWER).values_list("pk", flat=True))
+
+
+def vm_out_for(request: HttpRequest, vm: VirtualMachine) -> VMOut:
+    """``vm`` as the request's user may see it (``schemas.vm_out``)."""
+    return vm_out(vm, seen_vsp_ids(request.user))
+
+
+def shown(migration: Migration, seen: frozenset[int] | None) -> Migration:
+    """``migration`` (visible: it touches one of ``seen``) with another group's VSP and the requester
+    unnamed (``access.hide_unseen``)."""
+    return hide_unseen(migration, seen) or migration
+
+
 # --- VMs ---------------------------------------------------------------------------------------------------
 
 
@@ -115,14 +133,15 @@ def list_vms(
     vms = filter_vms(
         visible_vms(request.user, vm_with_registrations()), name=name.replace("\x00", ""), vsp_id=vsp_id
     ).order_by("name")
-    return page(vms, limit, offset, vm_out)
+    seen = seen_vsp_ids(request.user)
+    return page(vms, limit, offset, lambda found: vm_out(found, seen))
 
 
 @router.get("/vms/{vm}", response={200: VMOut, **OBJECT_ERRORS}, tags=["VMs"])
 def get_one_vm(request: HttpRequest, vm: str = IdRef) -> VMOut:
     """The General tab: VSP, OS, statuses, Online Migration Enabled, Not Runnable details, phases, alerts."""
     require(request, VIEW_VM)
-    return vm_out(get_vm(vm, request.user))
+    return vm_out_for(request, get_vm(vm, request.user))
 
 
 @router.post("/vms", response={201: VMOut, **WRITE_ERRORS}, tags=["VMs"])
@@ -150,7 +169,7 @@ def set_online_migration(request: HttpRequest, body: OnlineMigrationIn, vm: str 
     """Enable or disable online migration for the VM (refused for a vPar)."""
     found = get_vm(vm, request.user)
     do_set_online_migration(found, body.enabled, request.user)
-    return vm_out(get_vm(str(found.pk), request.user))
+    return vm_out_for(request, get_vm(str(found.pk), request.user))
 
 
 @router.post(
@@ -160,7 +179,7 @@ def mark_runnable(request: HttpRequest, vm: str = IdRef, vsp: str = IdRef) -> VM
     """Mark the VM's copy on ``vsp`` runnable (refused while another copy is runnable)."""
     registration = get_registration(request, vm, vsp)
     do_mark_runnable(registration, request.user)
-    return vm_out(get_vm(str(registration.vm_id), request.user))
+    return vm_out_for(request, get_vm(str(registration.vm_id), request.user))
 
 
 @router.post(
@@ -172,7 +191,7 @@ def mark_not_runnable(request: HttpRequest, body: NotRunnableIn, vm: str = IdRef
     """Mark the VM's copy on ``vsp`` Not Runnable (set by Admin) with a reason; the copy must not be On."""
     registration = get_registration(request, vm, vsp)
     do_mark_not_runnable(registration, body.reason, request.user)
-    return vm_out(get_vm(str(registration.vm_id), request.user))
+    return vm_out_for(request, get_vm(str(registration.vm_id), request.user))
 
 
 def get_registration(request: HttpRequest, vm_ref: str, vsp_ref: str) -> Registration:
@@ -213,7 +232,10 @@ def list_migrations(
     if active is not None:
         in_active = {"state__in": Migration.ACTIVE_STATES}
         migrations = migrations.filter(**in_active) if active else migrations.exclude(**in_active)
-    return page(migrations.order_by("-requested_at", "-pk"), limit, offset, migration_out)
+    seen = seen_vsp_ids(request.user)
+    return page(
+        migrations.order_by("-requested_at", "-pk"), limit, offset, lambda m: migration_out(shown(m, seen))
+    )
 
 
 @router.post(
@@ -283,7 +305,8 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
     Live progress as JSON: ``GET /api/v1/migrations/{id}/events`` (server-sent events, current state first).
     """
     require(request, VIEW_MIGRATION)
-    return migration_detail_out(get_migration(migration_id, request.user))
+    found = get_migration(migration_id, request.user)
+    return migration_detail_out(shown(found, seen_vsp_ids(request.user)))
 
 
 @router.post(

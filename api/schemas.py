@@ -6,6 +6,7 @@ Every ``*_out`` builder reads what the pages read (``vms.general_tab``, ``vms.st
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -198,7 +199,9 @@ class VMOut(Schema):
     name: str
     guest_id: str
     kind: Choice
-    vsp: str | None = Field(description="Where the VM is runnable now (None: nowhere)")
+    vsp: str | None = Field(
+        description="Where the VM is runnable now (None: nowhere, or on a VSP outside your host groups)"
+    )
     vsp_id: int | None
     operating_system: str
     os_status: Choice
@@ -457,11 +460,17 @@ def event_out(event: MigrationEvent) -> EventOut:
     )
 
 
-def vm_out(vm: VirtualMachine) -> VMOut:
-    """``vm`` with ``registrations__vsp`` prefetched (``vms.queries.vm_with_registrations``)."""
-    context = general_tab_context(vm)
+def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> VMOut:
+    """``vm`` with ``registrations__vsp`` prefetched (``vms.queries.vm_with_registrations``), as a user
+    who sees the VSPs ``seen_vsp_ids`` (``None``: all; ``api.routes.seen_vsp_ids``) may see it: only his
+    VSPs' copies, and of a migration only one touching them, another group's VSP and the requester
+    unnamed (as the General tab)."""
+    context = general_tab_context(vm, None, seen_vsp_ids, seen_vsp_ids)
     shown: Registration | None = context["registration"]
     vsp: VSP | None = context["vsp"]
+    runnable = vm.runnable_registration
+    if seen_vsp_ids is not None and runnable is not None and runnable.vsp_id not in seen_vsp_ids:
+        vsp = None  # it runs on a VSP he may not see: not named, and his copy is not where it runs
     status = context["online_migration"]
     migration: Migration | None = context.get("migration")
     failed: Migration | None = context.get("failed_migration")
@@ -495,7 +504,11 @@ def vm_out(vm: VirtualMachine) -> VMOut:
             "io_quiesce": vm.quiesce_limit_s,
             "frozen": vm.frozen_limit_s,
         },
-        registrations=[registration_out(r) for r in vm.registrations.all()],
+        registrations=[
+            registration_out(r)
+            for r in vm.registrations.all()
+            if seen_vsp_ids is None or r.vsp_id in seen_vsp_ids
+        ],
         disks=[DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")],
         nics=[NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")],
         migration=migration_out(migration) if migration else None,

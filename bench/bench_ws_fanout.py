@@ -6,10 +6,13 @@
    allowed to watch it; a private channel-layer prefix keeps other runs' messages apart.
 2. Starts ONE uvicorn process (``--ws websockets-sansio``) serving the console (matrixoe.asgi).
 3. Connects N logged-in websocket clients (session cookie, same-origin header) to ``/ws/vms/<id>/``.
-4. Latency: for each event, bumps the migration's counters in the database, renders and publishes
-   it exactly as the worker does (``build_progress_messages`` + ``send_messages``), and records the
-   time until each client has it; waits for all clients before the next event. p50/p99 over all
-   (client, event) pairs; the clock starts before the database write.
+4. Latency: for each event, bumps the migration's counters in the database and publishes its facts
+   exactly as the worker does (``build_progress_messages`` + ``send_messages``); the server process
+   renders them once per class of watchers (``fanout.RenderCache``) and sends each client its copy.
+   Records the time until each client has it; waits for all clients before the next event. p50/p99
+   over all (client, event) pairs; the clock starts before the database write, so it covers the
+   publish, the web's render and the fan-out. (The same script at an older commit, where the worker
+   rendered HTML and each socket cut its controls out, measures that design the same way.)
 5. Throughput: publishes events back to back for a few seconds and counts the frames the clients
    receive per second (the clients share this process and one core with the publisher, so this is
    a floor for what the server process sustains).

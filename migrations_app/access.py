@@ -10,6 +10,8 @@ roles (``vms.access``: the global model permission, then the role in the host gr
 
 from __future__ import annotations
 
+import copy
+import re
 from typing import Any
 
 from django.db.models import Q, QuerySet
@@ -22,6 +24,7 @@ from .models import Migration
 VIEW_MIGRATION_PERMISSION = "migrations_app.view_migration"
 ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
 CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
+HIDDEN_VSP_NAME = "a VSP of another host group"  # stands for a VSP the user may not see
 
 
 def visible_migration_condition(user: Any) -> Q:
@@ -46,9 +49,11 @@ def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) 
     require_global(user, ADD_MIGRATION_PERMISSION)
     source = vm.current_vsp
     if source is not None and not has_role_on(user, Role.OPERATOR, [source.pk]):
-        raise AccessDenied(
-            f"You may not migrate {vm.name}: you are not an operator of the host group of {source.name}."
-        )
+        if can_view_vsp(user, source.pk):
+            where = f"the host group of {source.name}"
+        else:  # another group's VSP is not named (issue 18.14)
+            where = "the host group of the VSP it runs on"
+        raise AccessDenied(f"You may not migrate {vm.name}: you are not an operator of {where}.")
     if target is not None and not has_role_on(user, Role.OPERATOR, [target.pk]):
         if can_view_vsp(user, target.pk):
             where = f"{target.name}: you are not an operator of its host group"
@@ -95,3 +100,33 @@ def may_forget_release(user: Any, migration: Migration) -> bool:
 def visible_migrations(user: Any) -> QuerySet[Migration]:
     """The migrations ``user`` may see (``visible_migration_condition``), e.g. for the audit trail."""
     return Migration.objects.filter(visible_migration_condition(user))
+
+
+def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None) -> Migration | None:
+    """``migration`` as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may see it.
+
+    ``None`` when he sees neither its source nor its target; else a copy where a VSP he may not see is a
+    stand-in (``HIDDEN_VSP_NAME``, also in its alert's words) and, unless he sees both ends, nobody
+    asked. The original is not changed."""
+    if migration is None or seen_vsp_ids is None:
+        return migration
+    sees_source, sees_target = migration.source_id in seen_vsp_ids, migration.target_id in seen_vsp_ids
+    if not (sees_source or sees_target):
+        return None
+    # An end that is no VSP (a refusal runnable nowhere, a deleted VSP) names nothing to hide.
+    sees_source = sees_source or migration.source_id is None
+    sees_target = sees_target or migration.target_id is None
+    if sees_source and sees_target:
+        return migration
+    masked = copy.copy(migration)  # Django copies the related-object cache too: the original keeps its own
+    hidden = migration.target if sees_source else migration.source
+    stand_in = VSP(pk=hidden.pk if hidden is not None else None, name=HIDDEN_VSP_NAME)
+    if sees_source:
+        masked.target = stand_in
+    else:
+        masked.source = stand_in
+    masked.requested_by = None
+    masked.cancel_requested_by = None
+    if hidden is not None and hidden.name and masked.alert:
+        masked.alert = re.sub(rf"\b{re.escape(hidden.name)}\b", HIDDEN_VSP_NAME, masked.alert)
+    return masked

@@ -1,7 +1,10 @@
 """Websockets that push migration progress: one per watched VM, one per watched VSP tab.
 
 On connect a socket joins its group FIRST (see ``fanout.py``) and then sends the current state,
-so an update published meanwhile is not lost: it follows the snapshot.
+so an update published meanwhile is not lost: it follows the snapshot. The snapshot and every push are
+rendered by ``progress`` for the socket's class of view (``controls.WatcherRights.view_class``: what its
+user may see of that migration and which controls he may use), once per class in this process
+(``fanout.RenderCache``): no per-socket render, no string cut out of shared HTML.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from vms.access import can_view_vm, can_view_vsp
 from vms.models import VSP, VirtualMachine
 
-from .controls import WatcherRights, strip_controls, watcher_rights
+from .controls import NO_RIGHTS, WatcherRights, watcher_rights
 from .fanout import get_fanout
 from .progress import (
     control_vsps,
     get_migration_display,
     get_row_migrations,
+    message_version,
+    message_vsps,
+    render_message,
     render_row_fragments,
     render_vm_fragments,
     vm_group,
@@ -42,31 +48,57 @@ class BadQuery(ValueError):
     """A websocket's query string is malformed; the socket is closed with ``BAD_REQUEST``."""
 
 
-def render_vm_state(vm_id: int, seen: str = "", rights: WatcherRights | None = None) -> str | None:
-    """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended.
-
-    ``rights``: the watcher's, so only the controls its user may use are kept (``None``: none kept).
-    A page that shows the latest attempt as it is now, with none running (``seen``), keeps its Migrate…
-    control: it depends on nothing else, and replacing it would drop a click made a moment before.
-    """
+def vm_state_key(vm_id: int, seen: str = "", rights: WatcherRights | None = None) -> tuple | None:
+    """The render-cache key of VM ``vm_id``'s first message to a socket (``None``: no such VM), and
+    what rendering it needs: (key, display, view, refetch_tab, keep_migrate_control)."""
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
     if vm is None:
         return None
     display = get_migration_display(vm)
-    unchanged = display.seen_key == seen
-    idle = display.latest is None or display.latest.is_terminal
-    html = render_vm_fragments(
-        display, oob=True, refetch_tab=not unchanged, keep_migrate_control=unchanged and idle
+    view = (rights or NO_RIGHTS).view_class(control_vsps(display))
+    shown = display.for_view(view)
+    unchanged = shown.seen_key == seen
+    idle = shown.latest is None or shown.latest.is_terminal
+    latest = display.latest
+    version = (latest.pk, latest.progress_version, latest.state) if latest is not None else None
+    vsps = control_vsps(display)  # where it runs too: Migrate… may change without a new version
+    key = ("vm-state", vm_id, version, vsps["current_id"], view, not unchanged, unchanged and idle)
+    return key, display, view, not unchanged, unchanged and idle
+
+
+def render_vm_state(vm_id: int, seen: str = "", rights: WatcherRights | None = None) -> str | None:
+    """The VM's state; the tab is re-fetched only if the page was rendered before its migration ended.
+
+    ``rights``: the watcher's, so only what its user may see and use is drawn (``None``: no control).
+    A page that shows the latest attempt as it is now, with none running (``seen``), keeps its Migrate…
+    control: it depends on nothing else, and replacing it would drop a click made a moment before.
+    """
+    state = vm_state_key(vm_id, seen, rights)
+    if state is None:
+        return None
+    _, display, view, refetch_tab, keep = state
+    return render_vm_fragments(
+        display, oob=True, refetch_tab=refetch_tab, keep_migrate_control=keep, view=view
     )
-    keep = rights.allowed(control_vsps(display)) if rights is not None else frozenset()
-    return strip_controls(html, keep)
 
 
-def render_vsp_state(vsp_id: int, vm_ids: frozenset[int] | None = None) -> str | None:
+def render_vsp_state(
+    vsp_id: int, vm_ids: frozenset[int] | None = None, rights: WatcherRights | None = None
+) -> str | None:
+    """A VSP tab's rows as ``rights``' user may see them (``None``: everything, for tests)."""
     vsp = VSP.objects.filter(pk=vsp_id).first()
     if vsp is None:
         return None
-    return render_row_fragments(vsp, get_row_migrations(vsp, vm_ids), oob=True, refetch_tab=False)
+    rows = get_row_migrations(vsp, vm_ids)
+    view_of = None
+    if rights is not None:
+        view_of = {
+            vm_id: rights.view_class(
+                {"source_id": row.source_id, "target_id": row.target_id, "current_id": None}
+            )
+            for vm_id, row in rows.items()
+        }
+    return render_row_fragments(vsp, rows, oob=True, refetch_tab=False, view_of=view_of)
 
 
 def query_params(query_string: bytes, allowed: frozenset[str]) -> dict[str, str]:
@@ -114,14 +146,14 @@ def parse_seen(query_string: bytes) -> str:
 class ProgressConsumer(AsyncWebsocketConsumer):
     """Refuses anonymous users and users who may not see the subject (``may_watch``, from ``vms.access``:
     the same 'not found' for another host group's VM or VSP as for a missing one); closes with 4400 on
-    a malformed query; then pushes the group's HTML. Parameters are parsed once, before the socket
-    joins anything."""
+    a malformed query; then pushes the group's progress, rendered for its class of view. Parameters are
+    parsed once, before the socket joins anything."""
 
     subject_kwarg = ""
     group = ""
     snapshot_sent = False
     pending_html: str | None = None
-    rights = WatcherRights(may_add=False, may_change=False, operator_vsp_ids=frozenset())  # read at connect
+    rights = NO_RIGHTS  # read at connect (``may_watch``)
 
     def group_name(self, subject_id: int) -> str:
         raise NotImplementedError
@@ -134,7 +166,8 @@ class ProgressConsumer(AsyncWebsocketConsumer):
         """Read this socket's query parameters into attributes; raises BadQuery."""
         query_params(query_string, frozenset())
 
-    def render_state(self, subject_id: int) -> str | None:
+    async def first_message(self, subject_id: int) -> str | None:
+        """The current state, rendered for this socket's user (``None``: the subject is gone)."""
         raise NotImplementedError
 
     async def connect(self) -> None:
@@ -151,7 +184,7 @@ class ProgressConsumer(AsyncWebsocketConsumer):
             return
         self.group = self.group_name(subject_id)
         await get_fanout().join(self.group, self)
-        html = await database_sync_to_async(self.render_state)(subject_id)
+        html = await self.first_message(subject_id)
         if html is None:
             await self.close()
             return
@@ -162,11 +195,14 @@ class ProgressConsumer(AsyncWebsocketConsumer):
             html, self.pending_html = self.pending_html, None
             await self.send(text_data=html)
 
-    def view(self, message: dict[str, Any]) -> str:
-        """What this socket sends of ``message``: its HTML without the controls its user may not use."""
-        if "controls" not in message:
-            return message["html"]
-        return strip_controls(message["html"], self.rights.allowed(message["controls"]))
+    def view_key(self, message: dict[str, Any]) -> tuple:
+        """This socket's class of view of ``message``: (kind, group, migration/version, ``ViewClass``)."""
+        view = self.rights.view_class(message_vsps(message))
+        return (message["kind"], message["group"], message_version(message), view)
+
+    def render_view(self, message: dict[str, Any], key: tuple) -> str:
+        """Render ``message`` for this socket's class (``key[3]``); the fan-out caches it for the class."""
+        return render_message(message, key[3])
 
     def deliver(self, html: str) -> None:
         """Called by the process fan-out for each update of this socket's group."""
@@ -226,14 +262,23 @@ class VMProgressConsumer(ProgressConsumer):
     def may_watch(self, user: Any, subject_id: int) -> bool:
         if not can_view_vm(user, subject_id):
             return False
-        self.rights = watcher_rights(user)  # the live controls this user is shown (controls.py)
+        self.rights = watcher_rights(user)  # what this user is shown of each migration (controls.py)
         return True
 
     def parse_query(self, query_string: bytes) -> None:
         self.seen = parse_seen(query_string)
 
-    def render_state(self, subject_id: int) -> str | None:
-        return render_vm_state(subject_id, seen=self.seen, rights=self.rights)
+    async def first_message(self, subject_id: int) -> str | None:
+        state = await database_sync_to_async(vm_state_key)(subject_id, self.seen, self.rights)
+        if state is None:
+            return None
+        key, display, view, refetch_tab, keep = state
+        return await get_fanout().render(
+            key,
+            lambda: render_vm_fragments(
+                display, oob=True, refetch_tab=refetch_tab, keep_migrate_control=keep, view=view
+            ),
+        )
 
 
 class VSPProgressConsumer(ProgressConsumer):
@@ -248,13 +293,16 @@ class VSPProgressConsumer(ProgressConsumer):
         return vsp_group(subject_id)
 
     def may_watch(self, user: Any, subject_id: int) -> bool:
-        return can_view_vsp(user, subject_id)
+        if not can_view_vsp(user, subject_id):
+            return False
+        self.rights = watcher_rights(user)
+        return True
 
     def parse_query(self, query_string: bytes) -> None:
         self.vm_ids = parse_vm_ids(query_string)
 
-    def render_state(self, subject_id: int) -> str | None:
-        return render_vsp_state(subject_id, self.vm_ids)
+    async def first_message(self, subject_id: int) -> str | None:
+        return await database_sync_to_async(render_vsp_state)(subject_id, self.vm_ids, self.rights)
 
     def wants(self, message: dict[str, Any]) -> bool:
         vm_ids = self.vm_ids

@@ -1,6 +1,10 @@
-"""Which live migration controls a user is shown, on the page and in every pushed fragment.
+"""What one watcher of a migration may see and use, on the page and in every pushed fragment.
 
-Controls (the names are the markers' names):
+Decided per migration, from its source's and its target's host groups (and, for Migrate…, the group of
+the VSP the guest runs on), never per VM: a user who sees a guest only through a Not Runnable copy in
+his own group sees nothing of a migration between two hosts of another group.
+
+Controls:
 
 - ``steer``: Switch over now, Throttle the guest, Set allowed downtime, Set bandwidth cap. Who may:
   ``access.check_can_migrate(user, vm, target)``: ``add_migration`` + operator of the source's
@@ -10,11 +14,14 @@ Controls (the names are the markers' names):
 - ``migrate``: the Migrate… button. ``check_can_migrate(user, vm)``: ``add_migration`` + operator of
   the group of the VSP the guest runs on.
 
-A page rendered for a request decides by its user (``control_allowed``). A pushed fragment is rendered
-once per group, for no user: it carries every control, each between ``<!--control:NAME-->`` and
-``<!--/control:NAME-->``, and the message says which VSPs decide (``control_vsps``); each socket then
-removes what its own user may not use (``WatcherRights.allowed``, ``strip_controls``), with the rights
-it read when it connected (so no query per push). User text is autoescaped, so it cannot forge a marker.
+Seeing: a migration is shown to a watcher who sees its source or its target (``access``'s
+``visible_migration_condition``); a VSP he may not see is never named (``progress.MigrationDisplay.
+for_view`` puts a stand-in in its place), nor who asked unless he sees both ends.
+
+A page rendered for a request decides by its user (``control_allowed``). A push is rendered by each web
+process once per (migration, version, ``ViewClass``): each socket reduces its user's rights, read once
+when it connected (``WatcherRights``), to the class of one message (``WatcherRights.view_class``), so
+no query and no render per socket.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ CONTROLS = ("steer", "cancel", "migrate")
 
 
 class ControlVSPs(TypedDict):
-    """The VSP ids deciding a pushed fragment's controls (None: unknown or deleted)."""
+    """The VSP ids deciding a fragment's visibility and controls (None: unknown or deleted)."""
 
     source_id: int | None
     target_id: int | None
@@ -54,44 +61,52 @@ def control_allowed(user: Any, control: str, vm: VirtualMachine, migration: Any 
     raise ValueError(f"unknown control {control!r}")
 
 
-def strip_controls(html: str, keep: frozenset[str]) -> str:
-    """``html`` without the marked controls not in ``keep`` (markers of kept ones stay, harmless).
+@dataclass(frozen=True)
+class ViewClass:
+    """What a class of watchers sees of one message: a render-cache key part (hashable).
 
-    A marker without its end removes the rest of the string (never shows a control by mistake).
+    ``seen_vsp_ids``: of the message's VSPs (source, target, where the guest runs), those the watchers
+    may see (``None``: every VSP, a superuser); ``controls``: the controls they may use (``CONTROLS``).
     """
-    for control in CONTROLS:
-        if control in keep:
-            continue
-        start_marker, end_marker = f"<!--control:{control}-->", f"<!--/control:{control}-->"
-        parts: list[str] = []
-        position = 0
-        while (start := html.find(start_marker, position)) != -1:
-            parts.append(html[position:start])
-            end = html.find(end_marker, start)
-            position = len(html) if end == -1 else end + len(end_marker)
-        parts.append(html[position:])
-        html = "".join(parts)
-    return html
+
+    seen_vsp_ids: frozenset[int] | None
+    controls: frozenset[str]
+
+    def sees(self, vsp_id: int | None) -> bool:
+        """Whether VSP ``vsp_id`` may be named to these watchers (an unknown id: no)."""
+        if self.seen_vsp_ids is None:
+            return True
+        return vsp_id is not None and vsp_id in self.seen_vsp_ids
+
+
+EVERYTHING = ViewClass(seen_vsp_ids=None, controls=frozenset(CONTROLS))  # tests and admin renderings
 
 
 @dataclass(frozen=True)
 class WatcherRights:
-    """What one socket's user may use, read once when it connects.
+    """What one socket's user may see and use, read once when it connects.
 
-    ``operator_vsp_ids``: VSPs where the user is an operator or more (``None``: every VSP, a superuser).
+    ``operator_vsp_ids``: VSPs where the user is an operator or more; ``viewer_vsp_ids``: VSPs he may
+    see (viewer or more). ``None``: every VSP (a superuser).
     """
 
     may_add: bool
     may_change: bool
     operator_vsp_ids: frozenset[int] | None
+    viewer_vsp_ids: frozenset[int] | None = None
 
     def _operator(self, vsp_id: int | None) -> bool:
         if self.operator_vsp_ids is None:
             return True
         return vsp_id is not None and vsp_id in self.operator_vsp_ids
 
+    def _viewer(self, vsp_id: int | None) -> bool:
+        if self.viewer_vsp_ids is None:
+            return True
+        return vsp_id is not None and (vsp_id in self.viewer_vsp_ids or self._operator(vsp_id))
+
     def allowed(self, vsps: ControlVSPs | None) -> frozenset[str]:
-        """The controls to keep in a fragment decided by ``vsps`` (``None``: keep none)."""
+        """The controls kept in a fragment decided by ``vsps`` (``None``: none)."""
         if vsps is None:
             return frozenset()
         source, target = vsps["source_id"], vsps["target_id"]
@@ -104,14 +119,41 @@ class WatcherRights:
             keep.add("migrate")
         return frozenset(keep)
 
+    def view_class(self, vsps: ControlVSPs | None) -> ViewClass:
+        """This watcher's class for a message about ``vsps`` (``None``: nothing seen, no control)."""
+        if vsps is None:
+            return ViewClass(seen_vsp_ids=frozenset(), controls=frozenset())
+        ids = {vsps["source_id"], vsps["target_id"], vsps["current_id"]} - {None}
+        if self.viewer_vsp_ids is None and self.operator_vsp_ids is None:
+            seen: frozenset[int] | None = None
+        else:
+            seen = frozenset(vsp_id for vsp_id in ids if vsp_id is not None and self._viewer(vsp_id))
+        controls = self.allowed(vsps)
+        if seen is not None and not ({vsps["source_id"], vsps["target_id"]} & seen):
+            controls = controls - {"steer", "cancel"}  # a migration he may not see has no controls for him
+        return ViewClass(seen_vsp_ids=seen, controls=controls)
+
+
+NO_RIGHTS = WatcherRights(
+    may_add=False, may_change=False, operator_vsp_ids=frozenset(), viewer_vsp_ids=frozenset()
+)
+
 
 def watcher_rights(user: Any) -> WatcherRights:
-    """``user``'s rights for live controls (one query; runs in a thread)."""
+    """``user``'s rights for live progress (two queries at most; runs in a thread)."""
     if getattr(user, "is_superuser", False) and has_global(user, ADD_MIGRATION_PERMISSION):
-        return WatcherRights(may_add=True, may_change=True, operator_vsp_ids=None)
+        return WatcherRights(may_add=True, may_change=True, operator_vsp_ids=None, viewer_vsp_ids=None)
+    if getattr(user, "is_superuser", False):
+        viewer_ids: frozenset[int] | None = None
+    else:
+        viewer_ids = frozenset(vsps_with_role(user, Role.VIEWER).values_list("pk", flat=True))
     may_add = has_global(user, ADD_MIGRATION_PERMISSION)
     may_change = has_global(user, CHANGE_MIGRATION_PERMISSION)
     if not (may_add or may_change):
-        return WatcherRights(may_add=False, may_change=False, operator_vsp_ids=frozenset())
+        return WatcherRights(
+            may_add=False, may_change=False, operator_vsp_ids=frozenset(), viewer_vsp_ids=viewer_ids
+        )
     operator_ids = frozenset(vsps_with_role(user, Role.OPERATOR).values_list("pk", flat=True))
-    return WatcherRights(may_add=may_add, may_change=may_change, operator_vsp_ids=operator_ids)
+    return WatcherRights(
+        may_add=may_add, may_change=may_change, operator_vsp_ids=operator_ids, viewer_vsp_ids=viewer_ids
+    )

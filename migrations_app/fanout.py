@@ -1,32 +1,43 @@
-"""Per-process fan-out of progress HTML to the websockets of this server process.
+"""Per-process fan-out of progress to the websockets of this server process, rendered once per class.
 
 Stock Channels puts every group member's copy of a message through its own queue and dispatch
 task; with 1,000 browsers on one VM that costs ~0.3 ms per socket and pushes p99 past 250 ms. Here
 each server process joins a channel group ONCE, with one process channel, and one reader task hands
-each message's HTML to the local sockets of that group (one small send task each).
+each message to the local sockets of that group (one small send task each).
+
+Messages carry facts, not HTML (``progress.ProgressMessage``). Each watcher says which class of view it
+is in for a message (``view_key(message)``, e.g. (migration, version, what its user may see and use));
+the reader renders each class once (``render_view(message, key)``, in a thread: it reads the database)
+through the process's ``RenderCache`` and hands every watcher of that class the same string. The
+websocket's first message goes through the same cache (``ProcessFanout.render``).
 
 Correctness:
 - a socket joins (locally, and the process joins the group in the channel layer) BEFORE it reads the
   state it sends first, so an update published meanwhile is delivered after that snapshot;
 - until its snapshot is sent, a socket keeps only the newest pushed HTML and sends it right after;
-- sends to one socket run in the order they were created (uvicorn's send only waits when the
-  socket's buffer is full, and waiters resume first-in first-out);
+- messages are rendered and handed out one after the other, in the order received; sends to one socket
+  run in the order they were created (uvicorn's send only waits when the socket's buffer is full, and
+  waiters resume first-in first-out);
 - group memberships in the layer expire (``group_expiry``), so they are renewed on every join and
   every ``REFRESH_S``; groups without local sockets are left then, under the same lock as joins.
 
-Isolation: one watcher's fault (its ``wants`` or ``deliver`` raising) is logged and drops only that
-watcher (its ``drop()`` is called when it has one); the reader itself is supervised: should it ever
-end, it is logged and started again, so one page cannot stop live progress for the whole process.
+Isolation: one watcher's fault (its ``wants``, ``view_key`` or ``deliver`` raising) is logged and drops
+only that watcher (its ``drop()`` is called when it has one); a render that fails is logged and its
+class gets nothing of that message (the next one, or the page's version check, catches up); the reader
+itself is supervised: should it ever end, it is logged and started again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 logger = logging.getLogger(__name__)
@@ -47,11 +58,35 @@ def wanted_by(watcher: Watcher, message: dict) -> bool:
     return wants is None or wants(message)
 
 
-def view_for(watcher: Watcher, message: dict) -> str:
-    """What ``watcher`` is sent of ``message``: its own ``view(message)`` (e.g. without the controls its
-    user may not use, ``controls.py``) when it defines one, else the message's HTML."""
-    view = getattr(watcher, "view", None)
-    return message["html"] if view is None else view(message)
+def view_key_of(watcher: Watcher, message: dict) -> Hashable:
+    """The class of view ``watcher`` gets of ``message`` (``view_key``); ``None`` for a watcher that only
+    wants to know something was pushed (the API's event stream): it is handed an empty string."""
+    view_key = getattr(watcher, "view_key", None)
+    return None if view_key is None else view_key(message)
+
+
+class RenderCache:
+    """The last ``size`` renders of this process, by key (e.g. (migration, version, view class)).
+
+    Thread-safe enough for its use: renders run in the one database thread, lookups on the loop; a
+    race at worst renders a key twice.
+    """
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.entries: OrderedDict[Hashable, str] = OrderedDict()
+        self.renders = 0  # how many renders ran (tests check one per class)
+
+    def get(self, key: Hashable, render: Callable[[], str]) -> str:
+        """The HTML for ``key``, rendered by ``render()`` (sync, may query) if not cached."""
+        html = self.entries.get(key)
+        if html is None:
+            html = render()
+            self.renders += 1
+            self.entries[key] = html
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return html
 
 
 class ProcessFanout:
@@ -63,6 +98,15 @@ class ProcessFanout:
         self.tasks: list[asyncio.Task] = []
         self.reader: asyncio.Task | None = None
         self.reader_restarts = 0
+        self.cache = RenderCache()
+
+    async def render(self, key: Hashable, render: Callable[[], str]) -> str:
+        """The cached HTML for ``key`` or ``render()`` run in the database thread (first messages and
+        pushes share this cache)."""
+        cached = self.cache.entries.get(key)
+        if cached is not None:
+            return cached
+        return await database_sync_to_async(self.cache.get)(key, render)
 
     async def join(self, group: str, watcher: Watcher) -> None:
         async with self.lock:
@@ -109,25 +153,43 @@ class ProcessFanout:
                 logger.exception("Progress fan-out could not read from the channel layer; retrying")
                 await asyncio.sleep(1)
                 continue
-            self._dispatch(message)
+            await self._dispatch(message)
 
-    def _dispatch(self, message: dict) -> None:
-        """Hand ``message['html']`` (as each sees it, ``view_for``) to each local watcher of its group; a
-        faulty watcher is dropped alone."""
+    def _drop(self, group: str, watcher: Watcher) -> None:
+        logger.exception("Progress socket %r failed to take an update; dropping it", watcher)
+        self.leave(group, watcher)
+        drop = getattr(watcher, "drop", None)
+        if drop is not None:
+            try:
+                drop()
+            except Exception:
+                logger.exception("Could not close the failed progress socket %r", watcher)
+
+    async def _dispatch(self, message: dict) -> None:
+        """Render ``message`` once per class of view among the local watchers of its group and hand each
+        its class's HTML; a faulty watcher is dropped alone, a failed render skips its class."""
         group = message.get("group", "")
+        classes: dict[Hashable, list[Watcher]] = {}
         for watcher in tuple(self.members.get(group, ())):
             try:
                 if wanted_by(watcher, message):
-                    watcher.deliver(view_for(watcher, message))
+                    classes.setdefault(view_key_of(watcher, message), []).append(watcher)
             except Exception:
-                logger.exception("Progress socket %r failed to take an update; dropping it", watcher)
-                self.leave(group, watcher)
-                drop = getattr(watcher, "drop", None)
-                if drop is not None:
-                    try:
-                        drop()
-                    except Exception:
-                        logger.exception("Could not close the failed progress socket %r", watcher)
+                self._drop(group, watcher)
+        for key, watchers in classes.items():
+            html = ""
+            if key is not None:
+                render_view = watchers[0].render_view  # type: ignore[attr-defined]
+                try:
+                    html = await self.render(key, functools.partial(render_view, message, key))
+                except Exception:
+                    logger.exception("Could not render a progress update for %r", key)
+                    continue
+            for watcher in watchers:
+                try:
+                    watcher.deliver(html)
+                except Exception:
+                    self._drop(group, watcher)
 
     async def _refresh(self) -> None:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from vms.models import VSP, VirtualMachine
 
+from .access import hide_unseen
 from .downtime import downtime_excess
 from .forecast import duration_words
 from .models import Migration, MigrationEvent
@@ -295,15 +296,20 @@ def csv_lines(migrations: Iterable[Migration]) -> Iterator[str]:
 # --- a VM's own history (General tab) --------------------------------------------------------------------
 
 
-def vm_history(vm: VirtualMachine) -> list[HistoryRow]:
-    """The VM's last ``VM_HISTORY_LENGTH`` migrations, refusals included, newest first (one query)."""
-    migrations = (
-        Migration.objects.filter(vm=vm)
-        .select_related("source", "target", "requested_by")
-        .order_by("-requested_at", "-id")[:VM_HISTORY_LENGTH]
-    )
+def vm_history(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None) -> list[HistoryRow]:
+    """The VM's last ``VM_HISTORY_LENGTH`` migrations, refusals included, newest first (one query).
+
+    ``visible_vsp_ids`` (``None``: all): only migrations from or to these VSPs, others' VSPs unnamed.
+    """
+    migrations = Migration.objects.filter(vm=vm)
+    if visible_vsp_ids is not None:
+        seen = frozenset(visible_vsp_ids)
+        migrations = migrations.filter(Q(source_id__in=seen) | Q(target_id__in=seen))
+    latest = migrations.select_related("source", "target", "requested_by").order_by("-requested_at", "-id")
     now = timezone.now()
-    return [HistoryRow.of(migration, now) for migration in migrations]
+    hidden = None if visible_vsp_ids is None else frozenset(visible_vsp_ids)
+    rows = (hide_unseen(migration, hidden) for migration in latest[:VM_HISTORY_LENGTH])
+    return [HistoryRow.of(row, now) for row in rows if row is not None]
 
 
 def last_completed_seconds(vm: VirtualMachine) -> float | None:
@@ -317,6 +323,12 @@ def last_completed_seconds(vm: VirtualMachine) -> float | None:
     return total_seconds(last) if last else None
 
 
-def general_tab_context(vm: VirtualMachine) -> dict[str, object]:
-    """Context provider for ``vms.general_tab``: the VM's recent migrations (one query)."""
-    return {"vm_history": vm_history(vm)}
+def general_tab_context(
+    vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None
+) -> dict[str, object]:
+    """Context provider for ``vms.general_tab``: the VM's recent migrations (one query).
+
+    ``visible_vsp_ids``: the VSPs the viewer sees (``None``: all): a migration touching none of them is
+    left out; in the others a VSP he does not see is not named (``access.hide_unseen``).
+    """
+    return {"vm_history": vm_history(vm, visible_vsp_ids)}

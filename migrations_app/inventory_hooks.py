@@ -53,8 +53,9 @@ def register() -> None:
     hooks.register_audit_subject("migrations_app.migration", visible_migrations)
 
 
-def policy_context(vm: VirtualMachine) -> dict[str, Any]:
-    """The General tab's migration policy: its words, its values and the presets the form offers."""
+def policy_context(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None) -> dict[str, Any]:
+    """The General tab's migration policy: its words, its values and the presets the form offers (the
+    same for every viewer: it names no VSP)."""
     return {
         "policy": migration_policy.effective(vm.migration_policy),
         "policy_words": migration_policy.describe(vm.migration_policy),

@@ -137,6 +137,9 @@ class Migration(models.Model):
     # (``recovery.claim_undo_try``): the number made, and when the next one may start.
     undo_tries = models.PositiveIntegerField(default=0)
     undo_retry_at = models.DateTimeField(null=True, blank=True)
+    # Bumped by one on every push of this migration's progress (``progress.publish_progress``): a page
+    # that sees a version jump knows it missed a push and re-fetches (channels-redis drops silently).
+    progress_version = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["requested_at", "pk"]

@@ -44,7 +44,7 @@ from .actions import (
 )
 from .checks import ALREADY_MIGRATING_REASON, TargetCheck, check_targets
 from .models import Migration
-from .progress import get_migration_display, render_vm_fragments
+from .progress import get_migration_display, render_vm_fragments, user_view
 
 DIALOG_TEMPLATE = "migrations_app/migrate_dialog.html"
 
@@ -104,7 +104,9 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         return render_dialog(request, vm, error=str(denied), status=403, **kept)
     if request.htmx:
         # The dialog closes (empty slot) and the phases appear at once; the websocket takes over from here.
-        return HttpResponse(render_vm_fragments(get_migration_display(vm), oob=True, request=request))
+        display = get_migration_display(vm)
+        view = user_view(request.user, display)
+        return HttpResponse(render_vm_fragments(display, oob=True, request=request, view=view))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
 
@@ -368,7 +370,10 @@ def respond_notice(
     """``text`` as the page's notice (htmx: with the panel's fragments; else a message and a redirect).
     ``steered``: the migration a change went through for, whose earlier refusal beside its buttons clears."""
     if request.htmx:
-        context = {"notice": text, "ok": ok, **get_migration_display(vm).context(oob=True)}
+        display = get_migration_display(vm)
+        view = user_view(request.user, display)  # what he may see of it, as his socket would
+        context = {"notice": text, "ok": ok, **display.for_view(view).context(oob=True)}
+        context["view_controls"] = view.controls
         if steered is not None:
             context |= {"steered": True, "steer_error": "", "steer_migration_id": steered.pk}
         return render(request, "migrations_app/progress.html#notice_and_state", context)

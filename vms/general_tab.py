@@ -16,13 +16,15 @@ from vms.devices import device_summary
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
-ContextProvider = Callable[[VirtualMachine], dict[str, Any]]
+# ``provider(vm, visible_vsp_ids)``: ``visible_vsp_ids`` the VSPs the viewer sees (``None``: all); what a
+# provider adds about another VSP (e.g. a migration's other end) must not name one outside them.
+ContextProvider = Callable[[VirtualMachine, Collection[int] | None], dict[str, Any]]
 _context_providers: list[ContextProvider] = []
 
 
 def register_context_provider(provider: ContextProvider) -> None:
-    """Add ``provider(vm) -> dict`` whose keys join the tab's context (the same ``vm`` for the page, htmx
-    answers and Refresh Data)."""
+    """Add ``provider(vm, visible_vsp_ids) -> dict`` whose keys join the tab's context (the same ``vm``
+    for the page, htmx answers and Refresh Data)."""
     if provider not in _context_providers:
         _context_providers.append(provider)
 
@@ -35,9 +37,15 @@ class RegistrationRow:
 
 
 def general_tab_context(
-    vm: VirtualMachine, vsp_id: int | None = None, visible_vsp_ids: Collection[int] | None = None
+    vm: VirtualMachine,
+    vsp_id: int | None = None,
+    visible_vsp_ids: Collection[int] | None = None,
+    role_vsp_ids: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """Context for ``vm`` as registered on VSP ``vsp_id`` (default: where it is runnable).
+
+    ``role_vsp_ids``: the VSPs of the viewer's host groups (``None``: all), handed to the context
+    providers, which name no other.
 
     ``visible_vsp_ids``: the VSPs the viewer may see (``None``: all); copies elsewhere are left out, and
     the default is then the first copy seen when the runnable one is on a VSP the viewer does not see.
@@ -63,7 +71,7 @@ def general_tab_context(
         "devices": device_summary(vm),  # the summary's disks (count, total size) and networks
     }
     for provider in _context_providers:
-        context.update(provider(vm))
+        context.update(provider(vm, role_vsp_ids))
     return context
 
 

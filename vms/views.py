@@ -32,6 +32,7 @@ from vms.access import (
     visible_registrations,
     visible_vms,
     visible_vsps,
+    vsps_with_role,
 )
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.capacity import with_free_memory
@@ -51,7 +52,7 @@ from vms.general_tab import general_tab_context
 from vms.hooks import busy_reasons, vsp_page_context
 from vms.http import HtmxHttpRequest
 from vms.inventory import RefreshOutcome
-from vms.models import VSP, Network, Registration, StoragePool, VirtualMachine, vm_split_brain_copies
+from vms.models import VSP, Network, Registration, Role, StoragePool, VirtualMachine, vm_split_brain_copies
 from vms.queries import filter_registrations, filter_vms, vm_with_registrations
 from vms.refresh import refresh_vm
 
@@ -235,7 +236,11 @@ def render_general(
     try:
         vsp_id = shown_vsp_id(request)
         # Only copies on VSPs the user sees: the one shown too (another group's VSP is not named).
-        context = general_tab_context(vm, vsp_id, seen_vsp_ids)
+        # Other apps' parts of the tab (a migration's other end) name only VSPs of the user's host groups.
+        role_vsp_ids = (
+            None if user.is_superuser else set(vsps_with_role(user, Role.VIEWER).values_list("pk", flat=True))
+        )
+        context = general_tab_context(vm, vsp_id, seen_vsp_ids, role_vsp_ids)
     except ValidationError as error:
         return bad_request(request, " ".join(error.messages))
     except Registration.DoesNotExist as error:

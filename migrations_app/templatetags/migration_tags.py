@@ -225,9 +225,13 @@ def seconds(value: float | None) -> str:
 def control_shown(context: template.Context, control: str) -> bool:
     """Whether to draw live ``control`` (``migrations_app.controls.CONTROLS``) for ``vm`` / ``migration``.
 
-    Rendered for a request: whether its user may use it. Rendered for no user (a pushed fragment, sent
-    to every watcher): True, between markers each socket strips for its own user (``controls.py``).
+    Rendered for a class of watchers (a push, ``view_controls``: ``controls.ViewClass.controls``):
+    whether the class may use it. Rendered for a request: whether its user may use it. For neither
+    (tests): True.
     """
+    view_controls = context.get("view_controls")
+    if view_controls is not None:
+        return control in view_controls
     user = context.get("user")
     if user is None:
         return True

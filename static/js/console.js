@@ -9,6 +9,10 @@
 // 4. The evacuation (or return) plan: Start waits for a choice on each guest that may not converge
 //    (exclude it, or start it anyway); ticking one enables Start at once, without Update plan (the
 //    server checks the choices again when it starts).
+// 5. Resync: a live socket's element names the page's regions it keeps true (data-resync="#a,#b").
+//    When the socket opens AGAIN (it dropped: every push meanwhile is lost), and when a pushed frame's
+//    version skips one (<!--push:<migration>:<version>-->, progress.push_mark: the channel layer
+//    dropped a message), the page re-fetches those regions over HTTP with its own session.
 (function () {
   "use strict";
 
@@ -49,14 +53,117 @@
     }
   }
 
+  var opened = new WeakSet(); // socket elements that have been open once
+  var versions = new WeakMap(); // socket element -> {migration id: last version seen}
+  var PUSH_MARK = /<!--push:(\d+):(\d+)-->/g;
+
+  function resync(elt) {
+    (elt.getAttribute("data-resync") || "").split(",").forEach(function (selector) {
+      selector = selector.trim();
+      if (selector && document.querySelector(selector)) {
+        htmx.ajax("GET", window.location.href, { target: selector, select: selector, swap: "outerHTML" });
+      }
+    });
+  }
+
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var elt = event.detail.elt;
+    var message = event.detail.message;
+    if (!elt || typeof message !== "string") {
+      return;
+    }
+    var seen = versions.get(elt);
+    var first = seen === undefined; // the socket's first frame: the state now, a baseline
+    if (first) {
+      seen = {};
+      versions.set(elt, seen);
+    }
+    if (message.indexOf("<!--push:") < 0) {
+      return;
+    }
+    var gap = false;
+    var match;
+    PUSH_MARK.lastIndex = 0;
+    while ((match = PUSH_MARK.exec(message)) !== null) {
+      var version = Number(match[2]);
+      var last = seen[match[1]];
+      // A migration first met in a push (not in the first frame) starts at version 1.
+      if (!first && version > (last === undefined ? 0 : last) + 1) {
+        gap = true;
+      }
+      seen[match[1]] = last === undefined ? version : Math.max(last, version);
+    }
+    if (gap) {
+      elt.setAttribute("data-resynced", String(Number(elt.getAttribute("data-resynced") || 0) + 1));
+      resync(elt);
+    }
+  });
+
+  // 5. Never backwards: the phases panel carries its migration's version (data-version, as read when it
+  //    was drawn). A frame or an htmx answer drawn before what the page shows (a push overtaken by
+  //    Refresh Data, or the other way round) does not replace it.
+  function staleness(incoming) {
+    var current = document.getElementById("migration-phases");
+    if (!incoming || !current || !current.dataset.version || !incoming.dataset.version) {
+      return false;
+    }
+    return (
+      incoming.dataset.migration === current.dataset.migration &&
+      Number(incoming.dataset.version) < Number(current.dataset.version)
+    );
+  }
+
+  function parse(html) {
+    var template = document.createElement("template");
+    template.innerHTML = html;
+    return template;
+  }
+
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var message = event.detail.message;
+    if (typeof message !== "string" || message.indexOf('id="migration-phases"') < 0) {
+      return;
+    }
+    if (staleness(parse(message).content.querySelector("#migration-phases"))) {
+      event.preventDefault(); // older than the page: the whole frame is
+    }
+  });
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var text = event.detail.serverResponse;
+    if (typeof text !== "string" || text.indexOf('id="migration-phases"') < 0) {
+      return;
+    }
+    var template = parse(text);
+    var incoming = template.content.querySelector("#migration-phases");
+    if (!staleness(incoming)) {
+      return;
+    }
+    var kept = document.getElementById("migration-phases").cloneNode(true);
+    if (incoming.hasAttribute("hx-swap-oob")) {
+      kept.setAttribute("hx-swap-oob", incoming.getAttribute("hx-swap-oob"));
+    } else {
+      kept.removeAttribute("hx-swap-oob");
+    }
+    incoming.replaceWith(kept);
+    event.detail.serverResponse = template.innerHTML;
+  });
+
   window.addEventListener("pagehide", function () {
     leaving = true;
   });
 
   document.addEventListener("htmx:wsOpen", function (event) {
-    lost.delete(event.detail.elt);
-    stopped.delete(event.detail.elt);
+    var elt = event.detail.elt;
+    lost.delete(elt);
+    stopped.delete(elt);
     render();
+    if (opened.has(elt)) {
+      versions.delete(elt); // the new socket's first frame is the new baseline
+      elt.setAttribute("data-resynced", String(Number(elt.getAttribute("data-resynced") || 0) + 1));
+      resync(elt);
+    }
+    opened.add(elt);
   });
 
   document.addEventListener("htmx:wsClose", function (event) {

@@ -25,6 +25,12 @@ class Recorder:
     def deliver(self, html: str) -> None:
         self.received.put_nowait(html)
 
+    def view_key(self, message: dict) -> str:  # one class per text: the fan-out renders each once
+        return message["html"]
+
+    def render_view(self, message: dict, key: str) -> str:
+        return key
+
     def drop(self) -> None:
         self.dropped = True
 
@@ -62,11 +68,11 @@ async def test_a_reader_that_stops_is_restarted_and_logged(caplog, monkeypatch):
     original = fanout._dispatch
     calls = []
 
-    def breaks_once(message: dict) -> None:
+    async def breaks_once(message: dict) -> None:
         calls.append(message)
         if len(calls) == 1:
             raise RuntimeError("a bug in the reader")
-        original(message)
+        await original(message)
 
     monkeypatch.setattr(fanout, "_dispatch", breaks_once)
     with caplog.at_level(logging.ERROR, logger="migrations_app.fanout"):
@@ -80,5 +86,39 @@ async def test_a_reader_that_stops_is_restarted_and_logged(caplog, monkeypatch):
     await asyncio.sleep(0.3)
     await publish("fanout-test-b", "after the restart")
     assert await asyncio.wait_for(good.received.get(), 5) == "after the restart"
+    for task in fanout.tasks:
+        task.cancel()
+
+
+class Classed(Recorder):
+    """A watcher in class ``name``: what it is sent is rendered for its class, counted per render."""
+
+    renders: list[str] = []
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def view_key(self, message: dict) -> tuple:
+        return (message["html"], self.name)
+
+    def render_view(self, message: dict, key: tuple) -> str:
+        Classed.renders.append(self.name)
+        return f"{message['html']} for {self.name}"
+
+
+async def test_each_class_of_watchers_is_rendered_once_per_message_and_each_gets_its_own():
+    fanout = get_fanout()
+    watchers = [Classed("viewer") for _ in range(5)] + [Classed("operator") for _ in range(3)]
+    for watcher in watchers:
+        await fanout.join("fanout-test-c", watcher)
+    Classed.renders.clear()
+    await publish("fanout-test-c", "v7")
+    got = [await asyncio.wait_for(watcher.received.get(), 5) for watcher in watchers]
+    assert got == ["v7 for viewer"] * 5 + ["v7 for operator"] * 3
+    assert sorted(Classed.renders) == ["operator", "viewer"]  # one render per class, not per socket
+    await publish("fanout-test-c", "v7")  # the same version again: from the process's cache
+    assert await asyncio.wait_for(watchers[0].received.get(), 5) == "v7 for viewer"
+    assert sorted(Classed.renders) == ["operator", "viewer"]
     for task in fanout.tasks:
         task.cancel()

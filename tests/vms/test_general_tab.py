@@ -56,7 +56,9 @@ def test_the_phases_and_alerts_sections_are_hidden_when_there_is_nothing_to_show
 
 
 def test_a_context_provider_adds_to_the_tab_context(fleet, monkeypatch):
-    monkeypatch.setattr(general_tab, "_context_providers", [lambda vm: {"alerts": [f"{vm.name} failed"]}])
+    monkeypatch.setattr(
+        general_tab, "_context_providers", [lambda vm, seen: {"alerts": [f"{vm.name} failed"]}]
+    )
     vm = vm_with_registrations().get(pk=fleet["web"].pk)
     context = general_tab.general_tab_context(vm)
     assert context["alerts"] == ["web failed"]
