@@ -157,6 +157,12 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
             known = ", ".join(sorted(pools)) or "none"
             problems.append(f"{what}: {vsp.name} has no pool {disk.pool!r} (its pools: {known}).")
             continue
+        if disk.image and disk.size_bytes:
+            problems.append(
+                f"{what}: give either a size (a new volume) or an image (a volume already in pool "
+                f"{pool.name}), not both."
+            )
+            continue
         if disk.image:
             if "/" in disk.image or disk.image in (".", "..") or not _NAME.fullmatch(disk.image):
                 problems.append(
@@ -169,6 +175,8 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
             if not disk.size_bytes or disk.size_bytes < 1:
                 problems.append(f"{what}: give a size for the new volume in pool {pool.name}.")
                 continue
+            if not _NAME.fullmatch(definition.name):
+                continue  # its volume is named after the VM: the name's own problem says it all
             volume, size, create = f"{definition.name}-{device}.qcow2", disk.size_bytes, True
             wanted[pool.name] = wanted.get(pool.name, 0) + size
             if wanted[pool.name] > pool.free_bytes:
@@ -184,8 +192,8 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
                 f"{used.vm.name}'s disk {used.device}."
             )
             continue
-        specs.append(
-            DiskSpec(
+        try:
+            spec = DiskSpec(
                 device=device,
                 pool=pool.name,
                 volume=volume,
@@ -194,7 +202,10 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
                 create=create,
                 pool_identity=pool.identity,
             )
-        )
+        except ProtocolError as error:  # e.g. a volume name made from a name refused above
+            problems.extend(f"{what}: {e['msg']}" for e in error.errors())
+            continue
+        specs.append(spec)
     return specs
 
 

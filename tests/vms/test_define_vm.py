@@ -80,6 +80,20 @@ BAD = {
 }
 
 
+NAME_WORDS = "Name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
+BAD |= {  # QA: a name refused with a new disk gave a 500 (its volume is named after it)
+    f"bad name {name!r} with a new disk": (
+        {"name": name, "disks": [DiskRequest("san-a", size_bytes=GIB)], "nics": [NicRequest("prod-net")]},
+        NAME_WORDS,
+    )
+    for name in ("qa 3<b>", "<script>alert(1)</script>", "my vm", "-lead", "x" * 65)
+}
+BAD["size and image"] = (
+    {"disks": [DiskRequest("san-a", size_bytes=GIB, image="base.qcow2")]},
+    "Disk vda: give either a size (a new volume) or an image (a volume already in pool san-a), not both.",
+)
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_definition_is_refused_in_words_and_nothing_is_created(vsp1, admin, case):
     fields, words = BAD[case]
