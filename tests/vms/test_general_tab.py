@@ -155,3 +155,30 @@ def test_a_running_copy_says_what_can_be_done_instead_of_marking_it_not_runnable
     assert "Stop the guest" not in fields["registration_hint"]
     assert "cannot be marked Not Runnable" in fields["registration_hint"]
     assert "migrate the guest to another VSP" in fields["registration_hint"]
+
+
+def test_a_guest_on_a_host_that_stopped_answering_is_shown_as_last_reported_everywhere(admin_client):
+    """QA: with vsp2's agent killed, its guests read Up/On for minutes on every page, as if known now."""
+    from datetime import timedelta
+
+    from django.urls import reverse
+    from django.utils import timezone
+
+    from tests.factories import make_vm, make_vsp
+
+    host, other = make_vsp("vsp-down"), make_vsp("vsp-up")
+    vm, fine = make_vm("db-on-down", vsp=host), make_vm("db-on-up", vsp=other)
+    since = timezone.now() - timedelta(minutes=2)
+    host.unreachable_since = since
+    host.save(update_fields=["unreachable_since"])
+    words = f"as last reported: vsp-down unreachable since {timezone.localtime(since):%H:%M:%S}"
+
+    general = read_fields(admin_client.get(f"/vms/{vm.pk}/general/").text)
+    assert general["hardware_status"] == "On"
+    assert general["host_unreachable"] == words
+    assert general["os_host_unreachable"] == words
+    assert "host_unreachable" not in read_fields(admin_client.get(f"/vms/{fine.pk}/general/").text)
+    listed = admin_client.get(reverse("vms:vm_list")).text
+    assert listed.count(words) == 1
+    assert words in admin_client.get(reverse("vms:vsp_detail", args=[host.pk])).text
+    assert "unreachable since" not in admin_client.get(reverse("vms:vsp_detail", args=[other.pk])).text
