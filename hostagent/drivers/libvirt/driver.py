@@ -45,6 +45,7 @@ from agentprotocol import (
     GuestInfo,
     GuestSpec,
     HostResources,
+    LocalDisks,
     MigrationParams,
     MigrationState,
     Network,
@@ -702,8 +703,13 @@ class LibvirtDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> tuple[Migration, Endpoint]:
-        """Record the expected migration; the endpoint's token is this daemon's URI for the source daemon."""
+        """Record the expected migration; the endpoint's token is this daemon's URI for the source daemon.
+        ``local_disks``: this driver moves shared-storage disks only (libvirt's ``migrate_disks`` is not
+        used yet): a mirror asked for is refused."""
+        if local_disks != "refuse":
+            raise InvalidRequest("the libvirt driver does not mirror local disks yet")
         existing = self.find(spec.guest_id)
         if existing is not None and existing.state in RUNNING_STATES:
             raise Conflict(f"guest {spec.name!r} already runs on {self.settings.agent_name}")
@@ -724,8 +730,10 @@ class LibvirtDriver:
         *,
         encryption: Encryption = "required",
         streams: int | None = None,
+        local_disks: LocalDisks = "refuse",
     ) -> Migration:
-        """``virDomainMigrateToURI3`` P2P to the URI the target's agent gave (the endpoint's token)."""
+        """``virDomainMigrateToURI3`` P2P to the URI the target's agent gave (the endpoint's token).
+        ``local_disks``: not mirrored by this driver (a mirror is refused at prepare)."""
         if migration_id in self._migrations:
             return self._migrations[migration_id]
         if "://" not in target.token:
