@@ -144,6 +144,8 @@ def test_leaving_maintenance_on_the_page_offers_the_return_plan(client, evacuate
     assert started.status_code == 302
     vsp_page = client.get(f"/vsps/{home.pk}/").content.decode()
     assert "Return of guests" in vsp_page
+    # QA: a running return's button said "Cancel evacuation" (no worker here: it stays running)
+    assert ">Cancel the return</button>" in vsp_page and "Cancel evacuation" not in vsp_page
 
 
 def test_the_api_lists_a_hosts_evacuations_and_starts_the_return(evacuated, admin):
