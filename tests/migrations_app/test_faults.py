@@ -144,9 +144,9 @@ def bring_agents_to_ready(host_agents, vm, migration_id: str) -> None:
     assert source.freeze(migration_id).state == "ready"
 
 
-@pytest.mark.faults
-def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin):
-    vm = place_vm(host_agents, fleet)
+def committed_then_worker_gone(agents, fleet, admin) -> tuple[Migration, object]:
+    """Both agents wait in "ready" and the commit's flip is recorded, its worker gone (silent a minute)."""
+    vm = place_vm(agents, fleet)
     a_minute_ago = timezone.now() - timedelta(minutes=1)
     migration = Migration.objects.create(
         vm=vm,
@@ -157,9 +157,15 @@ def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_ag
         heartbeat_at=a_minute_ago,
         state_changed_at=a_minute_ago,
     )
-    bring_agents_to_ready(host_agents, vm, agent_migration_id(migration))
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
     with transaction.atomic():
-        flip_registrations(migration)  # what the dead worker committed
+        flip_registrations(migration)
+    return migration, vm
+
+
+@pytest.mark.faults
+def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin):
+    migration, vm = committed_then_worker_gone(host_agents, fleet, admin)
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
 

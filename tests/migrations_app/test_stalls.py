@@ -15,22 +15,19 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
 from devtools import processes
 from migrations_app.actions import do_request_migration
-from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
-from migrations_app.records import flip_registrations
 from migrations_app.tasks import recover_migrations
 from tests.conftest import log_path, subprocess_env, wait_until
 from tests.factories import grant_role, make_user
 from tests.hostagent.conftest import AgentFactory, RunningAgent, session_pki_dir
 from tests.migrations_app.conftest import vsps_for
 from tests.migrations_app.guests import assert_left_on_source, place_vm, runs_on, wait_for_state
-from tests.migrations_app.test_faults import bring_agents_to_ready
+from tests.migrations_app.test_faults import committed_then_worker_gone
 from vms.agent_client import AgentClient
 from vms.models import VSP, Role
 
@@ -176,25 +173,6 @@ def test_a_stall_warning_is_withdrawn_when_bytes_move_again(own_agents, admin, m
 
 
 # --- 18.3: a roll forward that cannot reach the source ---------------------------------------------
-
-
-def committed_then_worker_gone(agents, fleet, admin) -> tuple[Migration, object]:
-    """Both agents wait in "ready" and the commit's flip is recorded, its worker gone (silent a minute)."""
-    vm = place_vm(agents, fleet)
-    a_minute_ago = timezone.now() - timedelta(minutes=1)
-    migration = Migration.objects.create(
-        vm=vm,
-        source=fleet["hosta"],
-        target=fleet["hostb"],
-        requested_by=admin,
-        state=Migration.State.COMMITTING,
-        heartbeat_at=a_minute_ago,
-        state_changed_at=a_minute_ago,
-    )
-    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
-    with transaction.atomic():
-        flip_registrations(migration)
-    return migration, vm
 
 
 @pytest.mark.faults
