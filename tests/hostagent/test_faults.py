@@ -273,3 +273,29 @@ def test_it_answers_health_during_an_uncapped_migration_of_a_large_guest(agent_p
         assert health.loop_busy_ms < LOOP_BUSY_BOUND_MS, (agent.name, health)
     vsp2.client.stop_guest(guest.guest_id)
     vsp2.client.delete_guest(guest.guest_id)
+
+
+def test_a_late_cancel_of_an_ended_migration_leaves_the_next_migration_of_the_guest_alone(agent_pair):
+    """CI's reproduction: a migration aborted, a new one of the same guest started, and the control
+    plane's cancel of the first repeated (its undo retries): the source stopped the guest's write
+    tracking for the first and the new migration's Frozen failed on a memory digest mismatch."""
+    vsp1, vsp2 = agent_pair
+    name, first, second = unique("late-cancel"), unique("m"), unique("m")
+    guest = define_running_guest(vsp1, name, fill_percent=100)
+    start(vsp1, vsp2, guest, first, bandwidth_mbps=SLOW_LINK_MBPS)
+    follow(vsp1, first, until=lambda s: s.percent["copy"] > 0 or s.state not in ("init", "copy"))
+    assert vsp1.client.cancel(first).state == "cancelled"
+    wait_for_state(vsp2, first, "aborted", "cancelled", "discarded")
+
+    start(vsp1, vsp2, guest, second)
+    follow(vsp1, second, until=lambda s: s.percent["copy"] > 0 or s.state not in ("init", "copy"))
+    assert vsp1.client.cancel(first).state == "cancelled"  # the repeat, answered as before
+    assert vsp1.guest(name).migrating == second
+
+    follow(vsp1, second, until=converged_or_ended)
+    vsp1.client.quiesce(second)
+    ended = vsp1.client.freeze(second)
+    assert ended.state == "ready", ended.error
+    assert vsp1.client.release(second).state == "released"
+    assert vsp2.client.resume(second).state == "completed"
+    assert workload_advances(vsp2, name)

@@ -847,6 +847,7 @@ class QemuDriver:
         )
         guest.migration = migration
         migration.after_switchover = self._measure_blackout
+        migration.owns_guest = lambda: guest.migration in (None, migration)
         self._save(guest_id)
         migration.begin()
         return migration

@@ -149,6 +149,9 @@ class QemuMigration:
         # the source as it releases; ``since`` is that moment (wall s). The driver measures the network
         # blackout there (``QemuDriver._measure_blackout``).
         self.after_switchover: Callable[[QemuMigration, float], Coroutine[Any, Any, None]] | None = None
+        # False once a newer migration of the same guest owns its QEMU: a repeated cancel of this ended
+        # one must then leave the guest alone (a "cont" would resume it in the newer one's Frozen phase).
+        self.owns_guest: Callable[[], bool] = lambda: True
 
     async def _after_switchover(self) -> None:
         if self.after_switchover is not None:

@@ -409,7 +409,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             await self._run_guest()
             self.progress.fail(state, reason, FailureKind.CANCELLED, keep_phase=True)
             self._finished(self)
-        else:
+        elif self.owns_guest():
             await self._run_guest()
         return self.snapshot()
 

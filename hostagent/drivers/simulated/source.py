@@ -785,9 +785,15 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
 
     def _restore_guest(self) -> None:
         """The guest stays (or becomes again) the running one, its workload going on; a mirror stops
-        (the source's volumes untouched by it: it only read them)."""
+        (the source's volumes untouched by it: it only read them).
+
+        A repeated cancel or resume of this ended migration, arriving once a newer migration of the same
+        guest has started, leaves the guest alone: stopping the write tracking here took the newer
+        migration's dirty pages away, and its Frozen phase then failed on a memory digest mismatch."""
         if self._mirror is not None:
             self._mirror.stop()
+        if self.guest.migrating not in (None, self.migration_id):
+            return
         self.guest.memory.stop_tracking()
         self.guest.throttle_pct = 0
         self.guest.unquiesce_io()
