@@ -1,7 +1,12 @@
-"""Prometheus metrics at ``/metrics``, computed from the database at scrape time.
+"""Prometheus metrics at ``/metrics``, read from the database at scrape time.
 
 A custom collector (no counters kept in process memory): every web process answers the same numbers, and
-a restart loses nothing. Readable with an API token of a user who may view migrations and sees every VSP
+a restart loses nothing. The counts of ended migrations (outcomes, refusals, the phase-duration and
+downtime histograms) are tallies kept by following migration outcome events (``api.tallies``): a scrape
+reads a few dozen rows for them, whatever the length of the history; a count moves once the outcome is
+delivered (``matrixoe_migration_outcomes_undelivered`` counts the outcomes still waiting).
+
+Readable with an API token of a user who may view migrations and sees every VSP
 (the metrics name every VSP and running guest: a user limited to some host groups is refused, 403), or
 without one from the addresses in ``METRICS_ALLOWED_IPS`` (IPs or networks, e.g. ``127.0.0.1,10.0.0.0/8``).
 
@@ -10,7 +15,8 @@ Metrics (units in the names, per the Prometheus naming conventions):
 - ``matrixoe_migration_refusals_total{kind}``: refused attempts, whatever path asked, by kind: the user's
   rights (``permission``), the pre-checks (``precheck``), a migration already queued or running
   (``already_migrating``); see ``migrations_app.refusals``;
-- ``matrixoe_migration_phase_duration_seconds{phase}``: histogram of each finished phase's duration;
+- ``matrixoe_migration_phase_duration_seconds{phase}``: histogram of the duration of each phase an ended
+  migration finished (observed when the migration ends);
 - ``matrixoe_migration_downtime_seconds``: histogram of measured downtime (Frozen) of completed migrations;
 - ``matrixoe_migration_sent_bytes_total``: guest memory bytes sent by every migration (the data plane);
 - ``matrixoe_migration_outcomes_undelivered`` and ``matrixoe_migration_outcome_undelivered_age_seconds``:
@@ -37,13 +43,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count, Sum
+from django.db.models import Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -52,35 +57,42 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from migrations_app import refusals
 from migrations_app.fanout import watcher_count
-from migrations_app.models import PHASE_FIELD_PREFIX, Migration
+from migrations_app.models import Migration
 from migrations_app.outcomes import undelivered_count
 from vms.access import visible_vsps
 from vms.models import VSP, InventoryRound, StoragePool
 
+from . import tallies
 from .problems import problem_response
+from .tallies import DOWNTIME_BUCKETS_S, INF, PHASE_BUCKETS_S, SUM, Key
 from .tokens import user_for_token
 
 logger = logging.getLogger(__name__)
 
 VIEW_MIGRATION = "migrations_app.view_migration"
-PHASE_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-DOWNTIME_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def histogram(
     name: str,
     documentation: str,
-    samples: dict[str, list[float]],
-    label: str | None,
+    totals: dict[Key, float],
+    family: str,
+    values: Iterable[str],
     buckets: tuple[float, ...],
+    label: str | None = None,
 ) -> HistogramMetricFamily:
-    """A histogram family from raw observations, one series per label value (``label`` None: one series)."""
-    family = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
-    for value, observations in samples.items():
-        cumulative = [(str(bound), float(sum(1 for o in observations if o <= bound))) for bound in buckets]
-        cumulative.append(("+Inf", float(len(observations))))
-        family.add_metric([value] if label else [], cumulative, sum(observations))
-    return family
+    """A histogram family from the tallies of ``family`` (``api.tallies``: per label value, the count of
+    each bucket alone and the sum of the observations): one series per value of ``values``, under the
+    label ``label`` (None: a single series, ``values`` is ``[""]``)."""
+    metric = HistogramMetricFamily(name, documentation, labels=[label] if label else None)
+    for value in values:
+        cumulative, seen = [], 0.0
+        for bound in buckets:
+            seen += totals.get((family, value, str(bound)), 0.0)
+            cumulative.append((str(bound), seen))
+        cumulative.append(("+Inf", seen + totals.get((family, value, INF), 0.0)))
+        metric.add_metric([value] if label else [], cumulative, totals.get((family, value, SUM), 0.0))
+    return metric
 
 
 class MigrationCollector:
@@ -92,50 +104,41 @@ class MigrationCollector:
             "Live-progress sockets open on this web process",
             value=watcher_count(),
         )
-        yield self._outcomes()
-        yield self._refusals()
+        totals = tallies.totals()
+        yield self._outcomes(totals)
+        yield self._refusals(totals)
         yield from self._undelivered_outcomes()
-        yield self._phase_durations()
-        yield self._downtime()
+        yield self._phase_durations(totals)
+        yield self._downtime(totals)
         yield from self._in_flight()
         yield from self._agents()
 
-    def _outcomes(self) -> Metric:
+    def _outcomes(self, totals: dict[Key, float]) -> Metric:
         family = CounterMetricFamily(
             "matrixoe_migrations",
             "Ended migrations by outcome and failed phase",
             labels=["outcome", "failed_phase"],
         )
-        rows = (
-            Migration.objects.filter(state__in=Migration.TERMINAL_STATES)
-            .values("state", "failed_phase")
-            .annotate(n=Count("pk"))
-        )
-        counts: Counter[tuple[str, str]] = Counter()
-        for row in rows:
-            counts[(row["state"], row["failed_phase"])] += row["n"]
-        for state in Migration.TERMINAL_STATES:  # every outcome present, zero or not, so rate() works
-            counts.setdefault((state, ""), 0)
+        counts = {(str(state), ""): 0.0 for state in Migration.TERMINAL_STATES}  # every outcome, for rate()
+        for (name, outcome, phase), n in totals.items():
+            if name == tallies.MIGRATIONS:
+                counts[(outcome, phase)] = counts.get((outcome, phase), 0.0) + n
         for (outcome, phase), n in sorted(counts.items()):
             family.add_metric([outcome, phase], n)
         return family
 
-    def _refusals(self) -> Metric:
-        """Refused attempts by kind (``migrations_app.refusals.KINDS``); rows kept before kinds were
+    def _refusals(self, totals: dict[Key, float]) -> Metric:
+        """Refused attempts by kind (``migrations_app.refusals.KINDS``); refusals kept before kinds were
         (only pre-checks and "already migrating" were kept then) count as pre-checks."""
         family = CounterMetricFamily(
             "matrixoe_migration_refusals",
             "Refused migration attempts by kind: permission, precheck, already_migrating",
             labels=["kind"],
         )
-        counts: Counter[str] = Counter({kind: 0 for kind in refusals.KINDS})
-        rows = (
-            Migration.objects.filter(state=Migration.State.REFUSED)
-            .values("failure_kind")
-            .annotate(n=Count("pk"))
-        )
-        for row in rows:
-            counts[row["failure_kind"] or refusals.PRECHECK] += row["n"]
+        counts = dict.fromkeys(refusals.KINDS, 0.0)
+        for (name, kind, _), n in totals.items():
+            if name == tallies.REFUSALS:
+                counts[kind] = counts.get(kind, 0.0) + n
         for kind, n in sorted(counts.items()):
             family.add_metric([kind], n)
         return family
@@ -154,35 +157,24 @@ class MigrationCollector:
             value=max(age, 0.0),
         )
 
-    def _phase_durations(self) -> Metric:
-        samples: dict[str, list[float]] = {phase: [] for phase in Migration.PHASES}
-        fields = [f"{p}_{edge}" for p in PHASE_FIELD_PREFIX.values() for edge in ("started_at", "ended_at")]
-        for row in Migration.objects.exclude(init_ended_at=None).values(*fields).iterator():
-            for phase, prefix in PHASE_FIELD_PREFIX.items():
-                started, ended = row[f"{prefix}_started_at"], row[f"{prefix}_ended_at"]
-                if started and ended:
-                    samples[phase].append(max((ended - started).total_seconds(), 0.0))
+    def _phase_durations(self, totals: dict[Key, float]) -> Metric:
         return histogram(
             "matrixoe_migration_phase_duration_seconds",
-            "Duration of each finished migration phase",
-            samples,
-            "phase",
+            "Duration of each phase an ended migration finished",
+            totals,
+            tallies.PHASE_SECONDS,
+            [str(phase) for phase in Migration.PHASES],
             PHASE_BUCKETS_S,
+            "phase",
         )
 
-    def _downtime(self) -> Metric:
-        observations = [
-            ms / 1000
-            for ms in Migration.objects.filter(state=Migration.State.COMPLETED)
-            .exclude(downtime_ms=None)
-            .values_list("downtime_ms", flat=True)
-            if ms is not None
-        ]
+    def _downtime(self, totals: dict[Key, float]) -> Metric:
         return histogram(
             "matrixoe_migration_downtime_seconds",
             "Measured guest downtime (Frozen) of completed migrations",
-            {"": observations},
-            None,
+            totals,
+            tallies.DOWNTIME_SECONDS,
+            [""],
             DOWNTIME_BUCKETS_S,
         )
 

@@ -54,3 +54,42 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} -> migration {self.migration_id}"
+
+
+class OutcomeTally(models.Model):
+    """A running total of ended migrations for ``/metrics``, kept by following their outcome events
+    (``api.tallies``), so that a scrape reads these few rows and never the migration history.
+
+    One row per series part: ``family`` (``api.tallies``: ``migrations``, ``refusals``, ``phase_seconds``,
+    ``downtime_seconds``), ``label`` (the outcome, the refusal's kind, the phase; "" for none) and
+    ``detail`` (an outcome's failed phase; a histogram bucket's upper bound, "+Inf" or "sum").
+    ``value``: how many (a histogram bucket holds the observations of that bucket alone, not the
+    cumulative count), or the sum of the observations in seconds.
+    """
+
+    family = models.CharField(max_length=32)
+    label = models.CharField(max_length=32, blank=True)
+    detail = models.CharField(max_length=32, blank=True)
+    value = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["family", "label", "detail"], name="one_tally_per_series_part")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.family}[{self.label}|{self.detail}] = {self.value:g}"
+
+
+class TalliedOutcome(models.Model):
+    """A migration whose outcome is in the tallies: an outcome may be delivered more than once
+    (``migrations_app.outcomes``), this row (written in the same transaction as the additions) makes the
+    second delivery add nothing."""
+
+    migration = models.OneToOneField(
+        "migrations_app.Migration", primary_key=True, on_delete=models.CASCADE, related_name="+"
+    )
+    at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"migration {self.migration_id} tallied at {self.at:%H:%M:%S}"

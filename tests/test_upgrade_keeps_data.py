@@ -1,6 +1,6 @@
 """An upgrade keeps a deployed console's data: a database made by the schema of ``main`` before this
-change (evacuations still models of ``migrations_app``, no outcome events) is migrated forward and every
-row is found where the new code looks for it.
+change (evacuations still models of ``migrations_app``, no outcome events, no outcome tallies) is migrated
+forward and every row is found where the new code looks for it, and counted where /metrics counts.
 
 The database is really taken back to that schema (Django's own migration executor: the moved models'
 tables are never touched, only Django's state and the content types move), rows are written with the
@@ -16,6 +16,7 @@ from django.contrib.auth.models import User
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.test import Client
 from django.utils import timezone
 
 from evacuations.models import Evacuation, EvacuationStep
@@ -49,6 +50,10 @@ def old_models():
     }
 
 
+def scrape() -> str:
+    return Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
+
+
 def upgrade():
     executor = MigrationExecutor(connection)
     executor.migrate(executor.loader.graph.leaf_nodes())
@@ -56,7 +61,9 @@ def upgrade():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_upgrade_keeps_every_evacuation_and_gives_each_ended_migration_its_outcome_event(latest_schema):
+def test_an_upgrade_keeps_every_evacuation_and_gives_each_ended_migration_its_outcome_event(
+    latest_schema, settings
+):
     old = old_models()
     assert "migrations_app_evacuation" in connection.introspection.table_names()
     hosta, hostb = (
@@ -129,9 +136,16 @@ def test_an_upgrade_keeps_every_evacuation_and_gives_each_ended_migration_its_ou
     ]
     # A permission granted on the old model is still granted.
     assert User.objects.get(pk=admin.pk).has_perm("evacuations.view_evacuation")
+    # /metrics counts the migrations that had ended (their outcomes tallied by the upgrade).
+    settings.METRICS_ALLOWED_IPS = ["127.0.0.1"]
+    completed = 'matrixoe_migrations_total{failed_phase="",outcome="completed"}'
+    text = scrape()
+    assert f"{completed} 1.0" in text
+    assert 'matrixoe_migrations_total{failed_phase="",outcome="aborted"} 1.0' in text
 
     # The evacuation that was running follows its last migration's outcome like any other.
     Migration.objects.filter(vm_name="moving01").update(state="committing")
     transition(migrations["moving01"].pk, "committing", "completed", message="Completed")
     deliver_pending(timezone.now() + timedelta(minutes=10))
     assert Evacuation.objects.get(pk=running.pk).state == Evacuation.State.FINISHED
+    assert f"{completed} 2.0" in scrape()  # counted from the history on, each outcome once

@@ -1,4 +1,5 @@
-"""/metrics access rules (token, allowed addresses) and what it counts, from the database alone."""
+"""/metrics access rules (token, allowed addresses) and what it counts, from the database alone: the counts
+of ended migrations as their outcome events are followed (``api.tallies``), exactly once each."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from django.test import Client
 
 from api.tokens import do_create_token
 from migrations_app.models import Migration
+from migrations_app.transitions import transition
 from tests.api.conftest import READ_ONLY
 from tests.factories import grant_role, make_host_group, make_user, make_vm, make_vsp
 from vms.models import Role
@@ -49,21 +51,21 @@ def test_it_refuses_a_token_of_a_user_limited_to_some_host_groups_since_metrics_
     assert vsp3.name in scrape(token=token).content.decode()
 
 
-def test_it_counts_outcomes_failed_phases_queue_and_downtime_from_the_database():
+def test_it_counts_outcomes_failed_phases_queue_and_downtime_as_their_outcome_events_are_followed(
+    django_capture_on_commit_callbacks,
+):
     hosta, hostb = make_vsp("hosta"), make_vsp("hostb", agent_reachable=False)
-    for state, failed_phase, downtime in (
-        ("completed", "", 120),
-        ("aborted", "copy", None),
-        ("queued", "", None),
+    for state, end, failed_phase, downtime in (
+        ("committing", "completed", "", 120),
+        ("copy", "aborted", "copy", None),
+        ("queued", None, "", None),
     ):
-        Migration.objects.create(
-            vm=make_vm(vsp=hosta),
-            source=hosta,
-            target=hostb,
-            state=state,
-            failed_phase=failed_phase,
-            downtime_ms=downtime,
+        migration = Migration.objects.create(
+            vm=make_vm(vsp=hosta), source=hosta, target=hostb, state=state, downtime_ms=downtime
         )
+        if end:
+            with django_capture_on_commit_callbacks(execute=True):  # delivered on commit
+                transition(migration.pk, state, end, message=end, failed_phase=failed_phase)
     token = do_create_token(make_user("olga", permissions=READ_ONLY), "t")[1]
 
     text = scrape(token=token).content.decode()
@@ -128,3 +130,54 @@ def test_it_counts_outcome_events_no_follower_has_taken_yet(settings):
     assert "matrixoe_migration_outcomes_undelivered 1.0" in scrape("10.1.2.3").content.decode()
     deliver_pending(timezone.now() + timedelta(minutes=10))
     assert "matrixoe_migration_outcomes_undelivered 0.0" in scrape("10.1.2.3").content.decode()
+
+
+def test_an_outcome_counts_once_its_event_is_followed_once_however_often_offered_and_never_if_rolled_back(
+    settings, monkeypatch
+):
+    """The outcome counts follow the outcome events. An end rolled back with its transaction counts
+    nothing. An end whose worker died after its commit (this test's transaction never commits, so the
+    on-commit delivery never runs) counts once recovery's periodic pass delivers it, and no more when
+    the outcome is offered again because another follower failed the first time."""
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from migrations_app import outcomes
+    from migrations_app.outcomes import deliver_pending
+
+    settings.METRICS_ALLOWED_IPS = ["10.0.0.0/8"]
+    completed = 'matrixoe_migrations_total{failed_phase="",outcome="completed"}'
+    hosta, hostb = make_vsp("hosta"), make_vsp("hostb")
+    rolled_back = Migration.objects.create(vm=make_vm(vsp=hosta), source=hosta, target=hostb, state="copy")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        transition(rolled_back.pk, "copy", "aborted", message="aborted", failed_phase="copy")
+        raise RuntimeError("the transaction fails after the transition")
+    migration = Migration.objects.create(
+        vm=make_vm(vsp=hosta), source=hosta, target=hostb, state="committing"
+    )
+    failures = []
+
+    def fails_once(outcome):
+        if not failures:
+            failures.append(outcome.migration_id)
+            raise RuntimeError("another follower fails the first time")
+
+    monkeypatch.setitem(outcomes._followers, "fails once", fails_once)
+    transition(migration.pk, "committing", "completed", message="Completed")
+
+    text = scrape("10.1.2.3").content.decode()
+    assert f"{completed} 0.0" in text  # ended, but no follower took its outcome yet
+    assert "matrixoe_migration_outcomes_undelivered 1.0" in text
+    later = timezone.now() + timedelta(minutes=10)
+    assert deliver_pending(later) == []  # one follower failed: offered again after a back-off
+    assert f"{completed} 1.0" in scrape("10.1.2.3").content.decode()
+
+    assert deliver_pending(later + timedelta(minutes=10)) == [migration.pk]
+
+    text = scrape("10.1.2.3").content.decode()
+    assert failures == [migration.pk]
+    assert f"{completed} 1.0" in text
+    assert "matrixoe_migration_outcomes_undelivered 0.0" in text
+    assert 'failed_phase="copy",outcome="aborted"' not in text
