@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 from django.db import transaction
+from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
@@ -26,6 +27,7 @@ from agentprotocol import GuestSpec, IncomingRequest, MigrationParams, OutgoingR
 from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
+from migrations_app.outcomes import deliver_pending
 from migrations_app.records import flip_registrations
 from migrations_app.tasks import recover_migrations
 from tests.conftest import wait_until
@@ -164,7 +166,7 @@ def committed_then_worker_gone(agents, fleet, admin) -> tuple[Migration, object]
 
 
 @pytest.mark.faults
-def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin):
+def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_agents, fleet, admin, settings):
     migration, vm = committed_then_worker_gone(host_agents, fleet, admin)
 
     assert recover_migrations(stale_after_s=5) == [migration.pk]
@@ -174,6 +176,13 @@ def test_it_rolls_forward_a_migration_whose_worker_died_after_the_commit(host_ag
     assert vm.current_vsp == fleet["hostb"]
     assert runs_on(host_agents["hostb"], vm.name)
     assert not runs_on(host_agents["hosta"], vm.name)
+    # Finished by recovery, counted once in /metrics (its outcome followed), even by a later pass.
+    settings.METRICS_ALLOWED_IPS = ["127.0.0.1"]
+    completed = 'matrixoe_migrations_total{failed_phase="",outcome="completed"} 1.0'
+    assert completed in Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
+    assert recover_migrations(stale_after_s=5) == []
+    assert deliver_pending(timezone.now() + timedelta(minutes=10)) == []
+    assert completed in Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
 
 
 class StallingSourceAgent(FakeAgent):
