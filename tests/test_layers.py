@@ -32,6 +32,7 @@ CROSSINGS: dict[str, tuple[str, str]] = {
     "console-uses-agent-protocol-only": ("vms.agent_client", "hostagent.server"),
     "inventory-knows-no-migrations": ("vms.power", "migrations_app.models"),
     "migrations-know-no-evacuations": ("migrations_app.engine", "evacuations.actions"),
+    "outcome-tally-below-web": ("api.tallies", "api.metrics"),
     "domain-below-web": ("migrations_app.records", "migrations_app.views"),
     "template-helpers-below-views": ("vms.templatetags.console", "vms.views"),
     "worker-below-web": ("migrations_app.phases", "migrations_app.consumers"),
