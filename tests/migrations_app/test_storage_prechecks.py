@@ -72,6 +72,8 @@ def local_disk(hosts):
     local pool with 5 GiB free (room for what is written, not for the virtual size), vsp2 one with 50 GiB;
     every agent mirrors local disks (simulated)."""
     VSP.objects.update(agent_mirrors_local_disks=True, agent_driver="simulated")
+    for name in ("vsp1", "vsp2", "vsp3", "vsp4"):
+        hosts[name].refresh_from_db()
     local = make_pool(hosts["vsp1"], "scratch", kind=StoragePool.Kind.LOCAL, identity="local-vsp1-x")
     make_pool(hosts["vsp2"], "big", kind=StoragePool.Kind.LOCAL, identity="local-vsp2", free_bytes=50 * GIB)
     make_pool(hosts["vsp4"], "fast", kind=StoragePool.Kind.LOCAL, identity="local-vsp4", free_bytes=5 * GIB)
@@ -100,6 +102,26 @@ def test_the_api_answers_409_for_no_room_at_the_virtual_size_and_nothing_is_sent
     assert response.status_code == 409
     assert response.json()["detail"] == f"db01 cannot migrate to vsp4: {NO_ROOM}."
     assert not Migration.objects.filter(vm=hosts["db01"]).exclude(state="refused").exists()
+
+
+def test_the_evacuation_plan_counts_the_local_disks_copy_in_its_time(hosts, local_disk):
+    from django.utils import timezone
+
+    from migrations_app.estimates import DirtyRate
+    from migrations_app.models import LinkProbe
+
+    now = timezone.now()
+    LinkProbe.objects.create(source=hosts["vsp1"], target=hosts["vsp2"], rate_bytes_s=100e6, measured_at=now)
+    idle = DirtyRate(0.0, hosts["db01"].memory_mib << 20, None, None, now)
+
+    plan = build_plan(hosts["vsp1"], rates={hosts["db01"].pk: idle})
+
+    [step] = plan.steps
+    assert step.target == hosts["vsp2"]
+    assert step.predicted_s is not None and step.predicted_s > GIB / 100e6  # vdb's 1 GiB of data first
+    assert any(line.startswith("Copies 1 GiB of disk first: about 11 s") for line in step.reasons), (
+        step.reasons
+    )
 
 
 def test_a_local_disk_that_cannot_be_mirrored_is_refused_for_every_target_with_the_reason(hosts, local_disk):
