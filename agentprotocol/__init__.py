@@ -105,6 +105,7 @@ from .probes import (
     ProbeSeconds,
 )
 from .storage import (
+    ALL_FORMATS,
     MAX_DISKS,
     MAX_NETWORKS,
     MAX_NICS,
@@ -127,6 +128,7 @@ from .storage import (
 )
 
 __all__ = [
+    "ALL_FORMATS",
     "ACTIVE_STATES",
     "AUTO_STREAM_MIB",
     "COMMANDS",

@@ -149,6 +149,10 @@ class Health(Message):
     # The driver's hypervisor commits a migration by itself at the switchover (libvirt's peer-to-peer
     # migration): no "ready, the source could resume" point; a cancel after the switchover answers 409.
     switchover_commits: StrictBool = False
+    # The driver mirrors a guest's disks on local pools during a migration (``LocalDisks`` "mirror"), as
+    # source and as target: the console offers such a guest a move only between two agents that say so
+    # (an older agent, or a driver that cannot, leaves it False: the console refuses with that reason).
+    mirrors_local_disks: StrictBool = False
 
 
 # What a refusal is about, for decisions (the words of ``error`` are for people): the agent does not

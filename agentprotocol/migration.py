@@ -26,6 +26,7 @@ from .base import (
     chars,
 )
 from .guests import GuestSpec
+from .storage import MAX_DISKS, Device
 
 
 class FailureKind(StrEnum):
@@ -228,7 +229,8 @@ class ProgressSnapshot(Message):
     ``disk_bytes_sent`` what went so far (first pass and re-sent blocks), ``disk_bytes_remaining`` what
     the first pass has still to read plus the blocks written since they were copied,
     ``disk_dirty_rate_bytes_s`` the guest's write rate to them, ``disk_mirror_ready`` every mirror has
-    caught up and the guest's writes now reach both sides. With a mirror, Copy's percentage covers disk
+    caught up and the guest's writes now reach both sides, ``disks_deleted`` (the source, once
+    released) the devices whose volume on the source was deleted. With a mirror, Copy's percentage covers disk
     and memory bytes together. When the side gave up (``FAILED_STATES``): ``error`` says why in words,
     ``failure_kind`` says why for decisions, ``failed_phase`` where, ``failed_side`` which host noticed
     first (this side, or the peer that told it), ``failed_after_s`` how long the failed phase had run (s).
@@ -264,6 +266,9 @@ class ProgressSnapshot(Message):
     disk_dirty_rate_bytes_s: ByteRate = 0
     disk_throughput_bytes_s: ByteRate = 0
     disk_mirror_ready: StrictBool = False
+    # After ``release`` on the source of a mirror: the devices whose volume on this host was deleted (the
+    # target runs the guest on its own copy by then); empty otherwise.
+    disks_deleted: Annotated[list[Device], Field(max_length=MAX_DISKS)] = Field(default_factory=list)
     source_digest: Digest | None = None
     target_digest: Digest | None = None
     error: StrictStr | None = None

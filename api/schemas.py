@@ -140,6 +140,13 @@ class StatisticsOut(Schema):
     throughput_bytes_s: int
     expected_downtime_ms: int | None
     downtime_ms: int | None = Field(description="Measured time the guest was frozen (Frozen phase)")
+    disk_bytes_total: int = Field(
+        0, description="Local disks mirrored (live storage migration): data to copy (bytes; 0: no mirror)"
+    )
+    disk_bytes_sent: int = Field(0, description="Of the mirrored disks: bytes sent so far")
+    disk_bytes_remaining: int = Field(0, description="Of the mirrored disks: bytes left to send")
+    disk_dirty_rate_bytes_s: int = Field(0, description="How fast the guest writes its mirrored disks")
+    disk_throughput_bytes_s: int = Field(0, description="The disk mirror's throughput (bytes/s)")
 
 
 class EventOut(Schema):

@@ -178,6 +178,7 @@ async def health(request: web.Request) -> web.Response:
         memory_mib=host_memory_mib(driver),
         cpus=os.cpu_count(),
         switchover_commits=bool(getattr(driver, "switchover_commits", False)),
+        mirrors_local_disks=bool(getattr(driver, "mirrors_local_disks", False)),
     )
     return reply(health)
 

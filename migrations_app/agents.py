@@ -36,6 +36,7 @@ from agentprotocol import (
     Encryption,
     Endpoint,
     IncomingRequest,
+    LocalDisks,
     MigrationParams,
     OutgoingRequest,
     PreparedIncoming,
@@ -61,6 +62,7 @@ from .errors import MigrationFailed
 from .lease import Lease, LeaseLost
 from .limits import phase_limits_of
 from .models import Migration
+from .placement import local_disks
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,8 @@ class MigrationAgents:
     # --- the requests, built from the records ----------------------------------------------------
 
     def incoming_request(self, encryption: Encryption, streams: int | None) -> IncomingRequest:
-        """What the target prepares: the guest as the VM defines it, its phase limits, the pair's policy."""
+        """What the target prepares: the guest as the VM defines it, its phase limits, the pair's policy,
+        and ``local_disks`` (``local_disks_mode``)."""
         vm = self.migration.require_vm()
         return IncomingRequest(
             migration_id=self.agent_id,
@@ -154,7 +157,15 @@ class MigrationAgents:
             limits=phase_limits_of(self.migration).agent_form(),
             encryption=encryption,
             streams=streams,
+            local_disks=self.local_disks_mode(),
         )
+
+    def local_disks_mode(self) -> LocalDisks:
+        """ "mirror" when the guest has a disk on a local pool of its source (``placement.local_disks``: the
+        target allocates a volume for each in a local pool of its own, the source mirrors it), else
+        "refuse": both requests carry the same."""
+        vm = self.migration.require_vm()
+        return "mirror" if local_disks(vm, self.migration.source) else "refuse"
 
     def outgoing_request(
         self, target: Endpoint, encryption: Encryption, streams: int | None
@@ -167,6 +178,7 @@ class MigrationAgents:
             params=self.migration_params(),
             encryption=encryption,
             streams=streams,
+            local_disks=self.local_disks_mode(),
         )
 
     def migration_params(self) -> MigrationParams:

@@ -1,7 +1,8 @@
 """Pre-checks for an online migration, in plain words, read from the database only (no agent calls).
 
 Storage and networks (``placement``): the target must mount every shared pool of the guest's disks and
-have each of its cards' networks; a disk on a local pool keeps the guest where it is.
+have each of its cards' networks; a disk on a local pool is mirrored, so both agents must mirror local
+disks and the target needs room in a local pool for the disk's virtual size.
 The dialog shows ``check_targets(vm)`` (every VSP with its verdict); the action and the Init phase call
 ``check_target`` again so that what the dialog said is re-decided at the moment it matters.
 """

@@ -18,9 +18,10 @@ from typing import Any
 
 from agentprotocol import FailureKind, ProgressSnapshot
 from vms.agent_client import AgentRefused
+from vms.devices import size_text
 
 from . import alerts, records
-from .agents import RELEASE_TIMEOUT_S, UNDO_ATTEMPTS, GuestStatus, MigrationAgents, runs_the_guest
+from .agents import RELEASE_TIMEOUT_S, UNDO_ATTEMPTS, Answer, GuestStatus, MigrationAgents, runs_the_guest
 from .errors import MigrationFailed
 from .lease import Lease
 from .models import Migration
@@ -129,6 +130,7 @@ def roll_forward(agents: MigrationAgents, lease: Lease) -> bool:
     released = agents.release_source(timeout_s=RELEASE_TIMEOUT_S)
     if isinstance(released, AgentRefused):
         logger.warning("Source of %s refused the release (no copy left): %s", agents.agent_id, released)
+    note_source_disks(migration, released)
     still = agents.ask_target()
     alert = "" if runs_the_guest(still) else alerts.target_lost(migration, still)
     if released is None:
@@ -161,8 +163,53 @@ def finish_release(agents: MigrationAgents) -> bool:
     alert = migration.alert.replace(before, "").strip()
     if not records.record_released(migration, alert, alerts.released_again(source)):
         return False
+    note_source_disks(migration, answer)
     logger.warning("Migration %s: the source %s answered again; its copy was released", migration.pk, source)
     return True
+
+
+def note_source_disks(migration: Migration, answer: Answer) -> None:
+    """After the source answered its release (the target runs the guest by then): what became of the
+    source's volumes of the mirrored local disks (``Migration.guest_devices``, "local"), recorded with an
+    audit event (``records.record_source_disks``). The source deletes them at the release
+    (``ProgressSnapshot.disks_deleted``); a refusal (its agent restarted and no longer knows the
+    migration) or a volume it could not delete leaves them there, said with what they hold. Nothing to
+    note without a mirror, or without an answer (the release is pending: ``finish_release`` notes it).
+    There is no "keep source disks" policy yet: they are always deleted when the source can."""
+    mirrored = [disk for disk in migration.guest_devices.get("disks", []) if disk.get("local")]
+    if not mirrored or answer is None:
+        return
+    source, vm = migration.require_source().name, migration.vm_name
+    deleted = answer.disks_deleted if isinstance(answer, ProgressSnapshot) else []
+    gone = [disk for disk in mirrored if disk["device"] in deleted]
+    left = [disk for disk in mirrored if disk["device"] not in deleted]
+    if gone:
+        message = (
+            f"{source} deleted {vm}'s volumes of its mirrored local disks once {migration.target.name} "
+            f"ran the guest: {volumes_words(gone)}"
+        )
+        records.record_source_disks(migration, message, deleted=True)
+    if left:
+        why = (
+            "its agent no longer knew the migration"
+            if isinstance(answer, AgentRefused)
+            else "its agent did not delete them"
+        )
+        held = size_text(sum(int(disk["virtual_size_bytes"]) for disk in left))
+        message = (
+            f"{vm}'s volumes of its mirrored local disks were left on {source} ({why}): "
+            f"{volumes_words(left)}; up to {held}: delete them there once no longer needed"
+        )
+        records.record_source_disks(migration, message, deleted=False)
+
+
+def volumes_words(disks: list[dict[str, Any]]) -> str:
+    """ "vda (volume db01-vda.qcow2 in pool scratch, 40 GiB)" for each disk of ``Migration.guest_devices``."""
+    return ", ".join(
+        f"{disk['device']} (volume {disk['volume']} in pool {disk['pool']}, "
+        f"{size_text(int(disk['virtual_size_bytes']))})"
+        for disk in disks
+    )
 
 
 def note_blackout(migration: Migration, snapshot: object) -> None:

@@ -37,6 +37,7 @@ from vms.models import VSP, VirtualMachine
 
 from . import migration_policy
 from .models import Migration
+from .placement import local_disks
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,12 @@ class TargetForecast:
         return self.verdict is not None and self.verdict.warns
 
 
+def mirrored_bytes(vm: VirtualMachine, source: VSP) -> int:
+    """The data of ``vm``'s disks on local pools of ``source`` (bytes allocated, as its agent last said):
+    what a migration mirrors before the memory (``forecast`` step 8; holes are not read)."""
+    return sum(max(0, disk.allocated_bytes) for disk in local_disks(vm, source))
+
+
 def forecast_to(
     vm: VirtualMachine, target: VSP, policy: dict[str, Any], guest: DirtyRate | None
 ) -> TargetForecast:
@@ -303,7 +310,7 @@ def forecast_to(
         assert cap is not None
         the_link = model_link(source, cap)
         link_words = ""  # forecast.explain: not measured, the cap is the best case
-    model_guest = guest.guest()
+    model_guest = replace(guest.guest(), disk_bytes=mirrored_bytes(vm, source))
     result = forecast.forecast(model_guest, the_link, model_policy)
     lines = forecast.explain(
         model_guest,

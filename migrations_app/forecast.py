@@ -48,6 +48,14 @@ NSDI 2005, sections 3 and 5):
    (``Verdict.MAY_NOT_CONVERGE``, ``Forecast.close_call``), with the numbers of the measured rates
    (what happens if they hold) and ``promises`` says what would make it a promise. "Will not
    converge" is said only when the measured rates themselves do not converge.
+8. Local disks (live storage migration, ``Guest.disk_bytes``): the source mirrors them first, then the
+   memory (Proxmox's order; ``hostagent/README.md``). The first pass reads the disks' data at the link
+   rate ``L`` while the guest writes them at ``D_d``; the blocks it rewrote go again until the mirror
+   catches up, a geometric series as in step 2: ``disk_s = A / (L - D_d)`` for ``A`` bytes of data
+   (never ready when ``D_d >= L``). From then on every guest write to the disks is sent as it happens
+   (write-blocking), so the memory's rounds get ``L - D_d``: the pair's bandwidth cap covers both.
+   Copy lasts ``disk_s`` more. ``D_d`` is known once a mirror runs (the agent measures it); before the
+   start it is 0 unless given (``explain`` says it is not counted).
 """
 
 from __future__ import annotations
@@ -120,13 +128,16 @@ class Guest:
 
     ``memory_bytes``: its memory size. ``written_bytes``: what round 1 must send (pages ever written);
     None means all of it. ``dirty_rate_bytes_s``: measured distinct-page write rate. ``working_set_bytes``:
-    how much memory its writes land in; None means all of it.
+    how much memory its writes land in; None means all of it. ``disk_bytes`` and
+    ``disk_write_rate_bytes_s``: its local disks, mirrored before the memory (step 8).
     """
 
     memory_bytes: int
     dirty_rate_bytes_s: float
     written_bytes: int | None = None
     working_set_bytes: int | None = None
+    disk_bytes: int = 0  # data of its local disks to mirror first (bytes; holes are not read): step 8
+    disk_write_rate_bytes_s: float = 0.0  # how fast it writes those disks (bytes/s; 0: not known)
 
     @classmethod
     def measured(
@@ -195,7 +206,8 @@ class CopyState:
     ``first_pass_left_bytes``: while round 1 runs (``left_bytes`` None), what it has still to send
     (bytes); None: all of the guest's written memory (a migration not started yet). Round 1 then ends
     after that over the link rate, and what the guest dirtied since round 1 began (``elapsed_s`` ago)
-    waits for round 2.
+    waits for round 2. ``disk_left_bytes``: while a local-disk mirror has not caught up, what it has
+    still to copy (the memory's rounds have not begun); 0 once it did, or without one.
     """
 
     round: int = 0
@@ -206,6 +218,7 @@ class CopyState:
     last_round_bytes: float | None = None
     round_left_bytes: float | None = None
     first_pass_left_bytes: float | None = None
+    disk_left_bytes: float = 0.0  # what the disk mirror has still to copy before the memory begins (step 8)
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,8 @@ class Forecast:
     time at the switchover, None when the migration would abort. ``throttle_pct`` and
     ``allowed_downtime_ms`` are the values in force at the end (after auto-converge and escalation).
     ``left_bytes_at_limit``: what was left when the limit hit (the cost of a forced switchover).
+    ``disk_s``: the part of ``copy_s`` the local disks' mirror takes (step 8; ``math.inf``: it never
+    catches up, the verdict then "will not converge" at ``limit_reason``).
     ``close_call``: the measured rates alone converge, but not with the ``MARGIN`` a promise needs
     (step 7): the verdict is ``Verdict.MAY_NOT_CONVERGE``, the times, rounds and downtime those of the
     measured rates (what happens if they hold), ``limit_reason`` and ``left_bytes_at_limit`` those of
@@ -241,6 +256,7 @@ class Forecast:
     close_call: bool = False
     trail: list[tuple[int, float, float]] = field(default_factory=list, repr=False)  # (round, bytes, t_s)
     converged_round: int | None = None
+    disk_s: float = 0.0  # of ``copy_s``: the local disks' mirror before the memory (step 8)
 
     @property
     def converges(self) -> bool:
@@ -357,13 +373,36 @@ def forecast(guest: Guest, link: Link, policy: Policy, state: CopyState | None =
     )
 
 
+def mirror_seconds(guest: Guest, link: Link, policy: Policy, left_bytes: float) -> float:
+    """Seconds until the local disks' mirror catches up with ``left_bytes`` still to copy (step 8):
+    ``left / (L - D_d)``; ``math.inf`` when the guest writes its disks as fast as the link carries."""
+    if left_bytes <= 0:
+        return 0.0
+    net = effective_rate(link, policy) - max(0.0, guest.disk_write_rate_bytes_s)
+    return left_bytes / net if net > 0 else math.inf
+
+
 def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None) -> Forecast:
-    """Pre-copy round by round (steps 1-6 of the module docstring), with the rates as given."""
+    """Pre-copy round by round (steps 1-6 and 8 of the module docstring), with the rates as given."""
+    disk_left = float(guest.disk_bytes) if state is None else state.disk_left_bytes
+    disk_s = mirror_seconds(guest, link, policy, disk_left)
     first_rate, rate = effective_rate(link, policy), round_rate(link, policy)
     setup = link.setup_s if state is None else 0.0
     state = state or CopyState()
     allowed = state.allowed_downtime_ms if state.allowed_downtime_ms is not None else policy.max_downtime_ms
     throttle, elapsed, rounds = state.throttle_pct, state.elapsed_s, state.round
+    if math.isinf(disk_s):
+        reason = "the disk mirror, which never catches up with the guest's writes to its local disks"
+        return replace(
+            _at_limit(policy, elapsed, setup, rounds, throttle, allowed, disk_left, 0.0, reason, []),
+            verdict=Verdict.WILL_NOT_CONVERGE,
+            downtime_ms=None,
+            disk_s=disk_s,
+        )
+    elapsed += disk_s
+    if guest.disk_write_rate_bytes_s > 0 and guest.disk_bytes:  # write-blocking shares the link (step 8)
+        first_rate = max(first_rate - guest.disk_write_rate_bytes_s, 1.0)
+        rate = max(rate - guest.disk_write_rate_bytes_s, 1.0)
     last_round = state.last_round_bytes
     left = state.left_bytes
     trail: list[tuple[int, float, float]] = []
@@ -413,11 +452,12 @@ def _simulate(guest: Guest, link: Link, policy: Policy, state: CopyState | None)
                 allowed,
                 trail=trail,
                 converged_round=converged_round,
+                disk_s=disk_s,
             )
         reason = _limit_reached(policy, rounds, elapsed)
         if reason:
             ended = (elapsed, setup, rounds, throttle, allowed, left, downtime_ms)
-            return _at_limit(policy, *ended, reason, trail)
+            return replace(_at_limit(policy, *ended, reason, trail), disk_s=disk_s)
         seconds = left / rate + link.round_overhead_s
         rounds, elapsed, last_round = rounds + 1, elapsed + seconds, left
         trail.append((rounds, left, elapsed))
@@ -738,6 +778,8 @@ def explain(
         lines = [f"{vm} writes {writes}; the link to {target} carried {carried} {link_source}."]
     if link_source and rate < link.rate_bytes_s:
         lines.append(f"The bandwidth cap allows {mb_apart(rate, link.rate_bytes_s)[0]}.")
+    if guest.disk_bytes:
+        lines.append(disk_words(guest, link, policy, result, measured=bool(link_source)))
     if result.converges:  # its time and freeze are the verdict's own line: said once (issue 21.4)
         lines.append(
             f"Expected: {rounds_words(result, policy)}, within the allowed downtime of "
@@ -773,6 +815,33 @@ def explain(
         reason = bottleneck(guest, link, policy) or "what is left does not shrink fast enough"
         lines.append(f"Because {reason}.")
     return lines
+
+
+def disk_words(guest: Guest, link: Link, policy: Policy, result: Forecast, *, measured: bool) -> str:
+    """The local disks' part of a forecast (step 8): "Copies 40 GiB of disk first: about 6 min 40 s at
+    the pair's measured rate (100 MB/s); then memory." with what it cannot count."""
+    rate = effective_rate(link, policy)
+    at = f"the pair's measured rate ({mb(rate)})" if measured else f"the bandwidth cap ({mb(rate)})"
+    if math.isinf(result.disk_s):
+        return (
+            f"Copies {size_words(guest.disk_bytes)} of disk first, but never catches up: the guest writes "
+            f"its local disks at {mb(guest.disk_write_rate_bytes_s)}, at least {at}."
+        )
+    words = (
+        f"Copies {size_words(guest.disk_bytes)} of disk first: about {duration_words(result.disk_s)} at {at}"
+    )
+    if guest.disk_write_rate_bytes_s > 0:
+        return f"{words}, the guest writing them at {mb(guest.disk_write_rate_bytes_s)}; then memory."
+    return f"{words}; then memory (the guest's writes to its disks are not measured before the start)."
+
+
+def size_words(size: float) -> str:
+    """Bytes for people, as the pages write them (``vms.devices.size_text``): "40 GiB", "1.5 MiB"."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    value, unit = float(size), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{f'{value:.1f}'.removesuffix('.0')} {units[unit]}"
 
 
 def mb(bytes_s: float, decimals: int | None = None) -> str:

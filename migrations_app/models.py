@@ -94,8 +94,20 @@ class Migration(models.Model):
     io_outstanding = models.PositiveIntegerField(null=True, blank=True)
     io_drain_ms = models.FloatField(null=True, blank=True)
     network_blackout_ms = models.FloatField(null=True, blank=True)
+    # The mirror of the guest's local disks (live storage migration; all 0 / None without one), as the
+    # source agent last reported it (``agentprotocol.ProgressSnapshot.disk_*``): the data to copy, what
+    # went, what is left (bytes), the guest's write rate to them and the disk stream's throughput
+    # (bytes/s); ``disk_ready_at``: when every mirror caught up (the guest's writes reach both sides from
+    # then on; the memory's pre-copy begins), so Copy's time on disk is ``disk_ready_at - copy_started_at``.
+    disk_bytes_total = models.BigIntegerField(default=0)
+    disk_bytes_sent = models.BigIntegerField(default=0)
+    disk_bytes_remaining = models.BigIntegerField(default=0)
+    disk_dirty_rate_bytes_s = models.BigIntegerField(default=0)
+    disk_throughput_bytes_s = models.BigIntegerField(default=0)
+    disk_ready_at = models.DateTimeField(null=True, blank=True)
     # The guest's disks and network cards when it was requested, for the history and the report:
-    # {"disks": [{"device", "pool", "volume", "virtual_size_bytes"}], "nics": [{"network", "mac"}]}.
+    # {"disks": [{"device", "pool", "volume", "virtual_size_bytes"}], "nics": [{"network", "mac"}]}; a disk
+    # on a local pool of the source (mirrored: ``placement``) also has "local": true.
     guest_devices = models.JSONField(default=dict, blank=True)
     source_digest = models.CharField(max_length=128, blank=True)
     target_digest = models.CharField(max_length=128, blank=True)
@@ -322,7 +334,15 @@ __all__ = ["PHASE_FIELD_PREFIX", "LinkProbe", "Migration", "MigrationEvent", "Mi
 
 
 def devices_record(vm: VirtualMachine) -> dict[str, Any]:
-    """What a migration keeps of ``vm``'s disks and cards (``Migration.guest_devices``)."""
-    disks = vm.disks.order_by("device").values("device", "pool", "volume", "virtual_size_bytes")
+    """What a migration keeps of ``vm``'s disks and cards (``Migration.guest_devices``): a disk on a local
+    pool of the VSP it runs on is marked ``"local": True`` (its migration mirrors it)."""
+    fields = ("device", "pool", "volume", "virtual_size_bytes")
+    disks: list[dict[str, Any]] = [dict(disk) for disk in vm.disks.order_by("device").values(*fields)]
+    source = vm.current_vsp
+    if disks and source is not None:
+        local = set(source.pools.filter(kind="local").values_list("name", flat=True))
+        for disk in disks:
+            if disk["pool"] in local:
+                disk["local"] = True
     nics = vm.nics.order_by("index").values("network", "mac")
-    return {"disks": list(disks), "nics": list(nics)}
+    return {"disks": disks, "nics": list(nics)}

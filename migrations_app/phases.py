@@ -14,7 +14,7 @@ from contextlib import closing
 from typing import ClassVar, Literal, Protocol
 
 from agentprotocol import FailureKind, ProgressSnapshot
-from vms.inventory import learn_driver, refresh_resources
+from vms.inventory import learn_abilities, learn_driver, refresh_resources
 from vms.models import PairEncryption
 
 from . import alerts, records
@@ -24,6 +24,7 @@ from .dataplane import route_data_plane
 from .errors import MigrationFailed
 from .limits import phase_limits_of
 from .models import Migration
+from .placement import local_disks
 from .records import PHASE_BY_AGENT_NAME, ProgressRecord
 
 State = Migration.State
@@ -58,7 +59,10 @@ class Phase:
 
 
 class Init(Phase):
-    """Checks again in the database, then the target prepares and the source connects to it."""
+    """Checks again in the database (the target's pools and, for a guest with a local disk, what both
+    agents can do, asked again first), then the target prepares and the source connects to it; a local
+    disk goes with ``local_disks="mirror"`` in both requests (``agents.MigrationAgents.local_disks_mode``).
+    """
 
     state = State.INIT
     limit_field = "init_limit_s"
@@ -68,6 +72,10 @@ class Init(Phase):
         vm = migration.require_vm()
         if vm.disks.exists() or vm.nics.exists():  # a pool or network gone since the click: seen now
             refresh_resources(migration.target)
+        if local_disks(vm, migration.source):  # mirrored: what both agents can do now, not when last asked
+            for vsp in (migration.source, migration.target):
+                if vsp is not None:
+                    learn_abilities(vsp)
         reason = check_target(vm, migration.target, ignoring=migration)
         if reason:
             # Off in the database: it was not running. On: the source is asked (its host may have died).

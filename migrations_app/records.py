@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from agentprotocol import FailureKind, ProgressSnapshot
 from agentprotocol import Phase as AgentPhase
-from vms.models import Registration
+from vms.models import AuditEvent, Registration
 
 from .alerts import cancelled_by
 from .downtime import downtime_excess
@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 State = Migration.State
 
+# The local-disk mirror's figures, the same names on the snapshot and the row.
+DISK_FIELDS = (
+    "disk_bytes_total",
+    "disk_bytes_sent",
+    "disk_bytes_remaining",
+    "disk_dirty_rate_bytes_s",
+    "disk_throughput_bytes_s",
+)
 PROGRESS_FIELDS = (
     *PHASE_PERCENT_FIELD.values(),
     "bytes_sent",
@@ -51,6 +59,8 @@ PROGRESS_FIELDS = (
     "source_digest",
     "target_digest",
     "round_samples",
+    *DISK_FIELDS,
+    "disk_ready_at",
 )
 
 
@@ -118,7 +128,8 @@ class ProgressRecord:
 
 
 def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
-    """Copy the snapshot's figures onto the record; each phase's percentage only rises."""
+    """Copy the snapshot's figures onto the record; each phase's percentage only rises. A local-disk
+    mirror's figures too (``DISK_FIELDS``), and the moment it first said ready (``disk_ready_at``)."""
     for agent_phase, state in PHASE_BY_AGENT_NAME.items():
         field = PHASE_PERCENT_FIELD[state]
         setattr(migration, field, max(getattr(migration, field), snapshot.percent[agent_phase]))
@@ -135,6 +146,11 @@ def apply_snapshot(migration: Migration, snapshot: ProgressSnapshot) -> None:
     for figure in ("io_outstanding", "io_drain_ms", "network_blackout_ms"):  # I/O Quiesce, blackout
         if (value := getattr(snapshot, figure)) is not None:
             setattr(migration, figure, value)
+    if snapshot.disk_bytes_total or snapshot.disk_mirror_ready:  # a local-disk mirror
+        for figure in DISK_FIELDS:
+            setattr(migration, figure, getattr(snapshot, figure))
+        if snapshot.disk_mirror_ready and migration.disk_ready_at is None:
+            migration.disk_ready_at = timezone.now()
 
 
 def save_progress(migration: Migration, lease: Lease) -> bool:
@@ -371,6 +387,22 @@ def record_released(migration: Migration, alert: str, event: str, actor: Any = N
         transaction.on_commit(lambda: publish_progress(migration.pk))
     migration.release_pending, migration.alert = False, alert
     return True
+
+
+def record_source_disks(migration: Migration, message: str, *, deleted: bool) -> None:
+    """What became of the source's volumes of a mirrored migration (``endings.note_source_disks``): a
+    timeline event with ``message`` and an audit event (``SOURCE_DISKS_DELETED`` or ``_LEFT``) about the
+    VM, in one transaction; the state does not change."""
+    action = AuditEvent.Action.SOURCE_DISKS_DELETED if deleted else AuditEvent.Action.SOURCE_DISKS_LEFT
+    with transaction.atomic():
+        MigrationEvent.objects.create(
+            migration_id=migration.pk, from_state=migration.state, to_state=migration.state, message=message
+        )
+        if migration.vm is not None:
+            AuditEvent.record(action, migration.vm, after={"migration": migration.pk}, message=message)
+        transaction.on_commit(lambda: publish_progress(migration.pk))
+    log = logger.info if deleted else logger.warning
+    log("Migration %s: %s", migration.pk, message)
 
 
 def record_kept_on_source(

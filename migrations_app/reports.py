@@ -42,6 +42,14 @@ def running_in_frozen_s(migration: Migration, timings: list[PhaseTiming]) -> flo
     return running if running > RUNNING_IN_FROZEN_NOTE_S else None
 
 
+def disk_copy_s(migration: Migration) -> float | None:
+    """Seconds of Copy the local disks' mirror took until it was in step (the memory's rounds came after);
+    None without a mirror or before it was."""
+    if migration.disk_ready_at is None or migration.copy_started_at is None:
+        return None
+    return max(0.0, (migration.disk_ready_at - migration.copy_started_at).total_seconds())
+
+
 @dataclass(frozen=True)
 class PhaseTiming:
     """A phase's time (s) against the limit it ran under (s; None = unlimited, or not known).
@@ -141,6 +149,8 @@ def chart_data(migration: Migration) -> dict[str, Any]:
             "rounds": migration.rounds,
             "dirty_rate_bytes_s": migration.dirty_rate_bytes_s,
             "throughput_bytes_s": migration.throughput_bytes_s,
+            "disk_bytes_sent": migration.disk_bytes_sent,
+            "disk_bytes_remaining": migration.disk_bytes_remaining,
             "downtime_ms": migration.downtime_ms,
             "state_label": str(migration.get_state_display()),
         },
@@ -169,6 +179,7 @@ def report_context(migration: Migration) -> dict[str, Any]:
         "timeline": timeline(events),
         "phases": phases,
         "frozen_running_s": running_in_frozen_s(migration, phases),
+        "disk_copy_s": disk_copy_s(migration),
         "total_s": total_seconds(migration, now),
         "allowed_downtime_ms": allowed,
         "policy_words": migration_policy.describe(migration.policy) if migration.policy else "",

@@ -83,6 +83,7 @@ class Outlook:
     warning: str
     rescues: list[forecast.Rescue]
     can_throttle: bool = False
+    disk_left_s: float | None = None  # while the local disks' mirror has not caught up: its time left (s)
 
 
 def can_throttle_live(migration: Migration) -> bool:
@@ -114,6 +115,35 @@ def first_pass_left(migration: Migration, elapsed_s: float) -> float:
     return max(0.0, remaining - dirtied)
 
 
+def mirroring(migration: Migration) -> bool:
+    """Whether ``migration``'s local-disk mirror runs and has not caught up yet (its memory waits)."""
+    return migration.disk_bytes_total > 0 and migration.disk_ready_at is None
+
+
+def mirror_inputs(
+    migration: Migration, elapsed: float
+) -> tuple[forecast.Guest, forecast.Link, forecast.CopyState]:
+    """The forecast's inputs while the local disks' mirror runs (``forecast`` step 8): what the mirror has
+    left, its throughput and the guest's writes to the disks as the agent reports them; the memory's
+    first pass and dirty rate as the migrate dialog last measured them (none measured: not counted)."""
+    from .estimates import cached_dirty_rate
+
+    assert migration.vm is not None
+    measured = cached_dirty_rate(migration.vm)
+    memory = measured.guest() if measured is not None else forecast.Guest(migration.vm.memory_mib * MiB, 0.0)
+    guest = replace(
+        memory,
+        disk_bytes=migration.disk_bytes_total,
+        disk_write_rate_bytes_s=float(migration.disk_dirty_rate_bytes_s),
+    )
+    driver = migration.source.agent_driver if migration.source is not None else ""
+    link = forecast.Link(
+        float(migration.disk_throughput_bytes_s), pre_pause_rounds=PRE_PAUSE_ROUNDS.get(driver, 0)
+    )
+    state = forecast.CopyState(elapsed_s=elapsed, disk_left_bytes=float(migration.disk_bytes_remaining))
+    return guest, link, state
+
+
 def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None:
     """The live forecast of ``migration`` while it copies (None before the agent reported rates).
 
@@ -124,13 +154,17 @@ def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None
     guest's), the link as this migration measures it now (``live_link``). ``now``: the moment of the
     reading (default: ``timezone.now()``; a replay passes its own). Rescues are offered only as the
     source's driver can do them (``can_throttle_live``). ``Outlook.time_left_s`` is in seconds; how far
-    it is from the truth is what ``bench/bench_time_left.py`` measures.
+    it is from the truth is what ``bench/bench_time_left.py`` measures. While a local-disk mirror has not
+    caught up (``mirroring``) the forecast goes from what it has left (``mirror_inputs``), its own time
+    left in ``Outlook.disk_left_s``; no warning or rescue is offered before the memory's rounds begin.
     """
-    if migration.state != Migration.State.COPY or migration.vm is None or not migration.throughput_bytes_s:
+    mirror = mirroring(migration)
+    rate = migration.disk_throughput_bytes_s if mirror else migration.throughput_bytes_s
+    if migration.state != Migration.State.COPY or migration.vm is None or not rate:
         return None
     started = migration.copy_started_at or migration.state_changed_at
     elapsed = max(0.0, ((now or timezone.now()) - started).total_seconds())
-    if elapsed < MIN_RATE_S or not migration.bytes_sent:
+    if elapsed < MIN_RATE_S or not (migration.disk_bytes_sent if mirror else migration.bytes_sent):
         # A rate over the Copy's first instants (the agent's first figures, before it counted what the
         # first pass has to send) said "About 28 min left" for an 8 s copy: no time until it means one.
         return None
@@ -143,6 +177,20 @@ def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None
         copy_limit_s=phase_limits_of(migration).of(Migration.State.COPY),
     )
     memory = migration.vm.memory_mib * MiB
+    if mirror:
+        guest, link, state = mirror_inputs(migration, elapsed)
+        result = forecast.forecast(guest, link, policy, state)
+        hopes = result.converges or result.verdict is forecast.Verdict.MAY_NOT_CONVERGE
+        return Outlook(
+            max(0.0, result.total_s - elapsed) if hopes else None,
+            result.downtime_ms,
+            result.allowed_downtime_ms,
+            forecast.bottleneck(guest, link, policy),
+            "",
+            [],
+            can_throttle_live(migration),
+            disk_left_s=result.disk_s,
+        )
     left = float(migration.bytes_remaining) if migration.rounds > 1 else None
     throttle = float(migration.throttle_pct)
     # The agent's dirty rate is what the last round left over that round's time (distinct pages): for a

@@ -42,6 +42,7 @@ def store_resources(vsp: VSP, resources: HostResources) -> None:
                 "capacity_bytes": pool.capacity_bytes,
                 "free_bytes": pool.free_bytes,
                 "location": pool.location,
+                "formats": list(pool.formats),
             },
         )
     Network.objects.filter(vsp=vsp).exclude(name__in=[net.name for net in resources.networks]).delete()
@@ -75,6 +76,7 @@ def store_guest_devices(vm: VirtualMachine, vsp: VSP, guest: GuestInfo) -> None:
                 "read_only": disk.read_only,
                 "shareable": disk.shareable,
                 "boot": disk.boot,
+                "backing": list(disk.backing),
             },
         )
     macs = [nic.mac for nic in guest.nics]

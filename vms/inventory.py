@@ -36,7 +36,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from agentprotocol import GuestInfo, HostResources
+from agentprotocol import GuestInfo, Health, HostResources
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
@@ -183,6 +183,8 @@ class Asked:
     problem: str
     took_ms: int
     driver: str = ""  # the agent's driver, asked only while the VSP's is not known (``VSP.agent_driver``)
+    # Whether its driver mirrors local disks (``VSP.agent_mirrors_local_disks``), asked with the driver.
+    mirrors: bool | None = None
     cause: str = ""  # why it got nothing (``agent_client.unreachable_words``): kept as ``VSP.agent_problem``
     # Its pools and networks (``GET /v1/resources``); None: an agent older than pools (404).
     resources: HostResources | None = None
@@ -194,13 +196,15 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     problem = ""
     guests: list[GuestInfo] = []
     driver = cause = ""
+    mirrors = None
     resources = None
     try:
         with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
             guests = agent.list_guests()
             resources = agent.resources()
-            if not vsp.agent_driver:
-                driver = agent.health().driver
+            if not vsp.agent_driver or vsp.agent_mirrors_local_disks is None:
+                health = agent.health()
+                driver, mirrors = health.driver, health.mirrors_local_disks
     except AgentAddressRefused as error:
         logger.warning("Agent of VSP %s not asked: %s", vsp.name, error)
         problem = f"was not asked: {str(error).split(': ', 1)[-1]}"
@@ -219,7 +223,8 @@ def ask_agent(vsp: VSP, timeout_s: float | None) -> Asked:
     took_ms = round((time.monotonic() - started) * 1000)
     if problem:
         return Asked(None, problem, took_ms, cause=cause)
-    return Asked({guest.guest_id: guest for guest in guests}, "", took_ms, driver, resources=resources)
+    answered = {guest.guest_id: guest for guest in guests}
+    return Asked(answered, "", took_ms, driver, mirrors=mirrors, resources=resources)
 
 
 def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic: bool) -> None:
@@ -230,7 +235,7 @@ def record_asked(vsp: VSP, asked: Asked, copies: list[Registration], *, periodic
     if asked.guests is None:
         record_unanswered(vsp, at_once=not periodic, took_ms=took_ms, problem=asked.cause)
         return
-    record_answered(vsp, took_ms=took_ms, driver=asked.driver)
+    record_answered(vsp, took_ms=took_ms, driver=asked.driver, mirrors=asked.mirrors)
     if asked.resources is not None:
         store_resources(vsp, asked.resources)
     store_guests(vsp, asked.guests, copies, devices=asked.resources is not None)
@@ -293,11 +298,11 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
     store whether it answered: the migrate dialog does it when it opens, so a dead target is not shown
     Ready until the next inventory collection. The database is written from the calling thread."""
 
-    def answers(vsp: VSP) -> str | AgentError:
-        """The agent's driver, or the error of a call that got no answer."""
+    def answers(vsp: VSP) -> Health | AgentError:
+        """The agent's health answer, or the error of a call that got no answer."""
         try:
             with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
-                return agent.health().driver
+                return agent.health()
         except AGENT_ERRORS as error:
             return error
 
@@ -305,13 +310,13 @@ def probe_reachability(vsps: list[VSP], timeout_s: float) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(len(vsps), 16), thread_name_prefix="probe") as pool:
         drivers = list(pool.map(answers, vsps))
-    for vsp, driver in zip(vsps, drivers, strict=True):
-        if isinstance(driver, AgentError):
+    for vsp, health in zip(vsps, drivers, strict=True):
+        if isinstance(health, AgentError):
             logger.warning("Agent of VSP %s did not answer a health probe within %s s", vsp.name, timeout_s)
-            problem = unreachable_words(driver) if isinstance(driver, AgentUnreachable) else ""
+            problem = unreachable_words(health) if isinstance(health, AgentUnreachable) else ""
             record_unanswered(vsp, at_once=True, problem=problem)
         else:
-            record_answered(vsp, driver=driver)
+            record_answered(vsp, driver=health.driver, mirrors=health.mirrors_local_disks)
 
 
 def refresh_resources(vsp: VSP, timeout_s: float = REFRESH_TIMEOUT_S) -> bool:
@@ -354,6 +359,23 @@ def learn_driver(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> str:
     return driver
 
 
+def learn_abilities(vsp: VSP, timeout_s: float = DRIVER_ASK_TIMEOUT_S) -> bool:
+    """Ask ``vsp``'s agent for its health now and keep its driver and whether it mirrors local disks
+    (``VSP.agent_driver``, ``VSP.agent_mirrors_local_disks``): a migration's Init does for a guest with a
+    local disk, so an agent upgraded (or replaced) since the last question is judged by what it is now.
+    Returns whether it answered (no answer changes nothing: the checks then read what was kept)."""
+    try:
+        with AgentClient.for_vsp(vsp, timeout_s=timeout_s) as agent:
+            health = agent.health()
+    except AGENT_ERRORS as error:
+        logger.info("Agent of VSP %s did not say what it can do: %s", vsp.name, error)
+        return False
+    driver, mirrors = health.driver[:32], health.mirrors_local_disks
+    VSP.objects.filter(pk=vsp.pk).update(agent_driver=driver, agent_mirrors_local_disks=mirrors)
+    vsp.agent_driver, vsp.agent_mirrors_local_disks = driver, mirrors
+    return True
+
+
 def mark_reachable(vsp: VSP, reachable: bool, *, error: AgentUnreachable | None = None) -> None:
     """What a call someone waits on learnt: an answer resets the count, no answer marks ``vsp``
     unreachable at once (a migration's call, the migrate dialog's probe, Refresh Data). ``error``: the
@@ -378,9 +400,12 @@ def note_answered(vsp: VSP) -> bool:
     return bool(changed)
 
 
-def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -> None:
-    """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver``
-    (its health answer's, when asked) is kept as ``VSP.agent_driver``."""
+def record_answered(
+    vsp: VSP, *, took_ms: int | None = None, driver: str = "", mirrors: bool | None = None
+) -> None:
+    """The agent answered: reachable again, no failures counted, no "unreachable since"; ``driver`` and
+    ``mirrors`` (its health answer's, when asked) are kept as ``VSP.agent_driver`` and
+    ``VSP.agent_mirrors_local_disks``."""
     fields: dict[str, Any] = {
         "agent_reachable": True,
         "agent_failures": 0,
@@ -392,6 +417,8 @@ def record_answered(vsp: VSP, *, took_ms: int | None = None, driver: str = "") -
         fields["agent_collect_ms"] = took_ms
     if driver:
         fields["agent_driver"] = vsp.agent_driver = driver[:32]
+    if mirrors is not None:
+        fields["agent_mirrors_local_disks"] = vsp.agent_mirrors_local_disks = mirrors
     VSP.objects.filter(pk=vsp.pk).update(**fields)
     if not vsp.agent_reachable:  # as loaded: the log line may be doubled by a concurrent caller
         logger.warning("Agent of VSP %s answers again: marked reachable", vsp.name)

@@ -19,7 +19,7 @@ from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
-from agentprotocol import MAX_STREAMS, Encryption
+from agentprotocol import ALL_FORMATS, MAX_STREAMS, Encryption
 from vms.agent_address import check_agent_address
 from vms.fields import EncryptedSecretField
 
@@ -150,6 +150,14 @@ class VSP(models.Model):
         max_length=64,
         blank=True,
         help_text="The agent's driver as its health answer last said ('simulated', 'qemu'; empty: not yet).",
+    )
+    # Whether the agent's driver mirrors local disks during a migration (``agentprotocol.Health.
+    # mirrors_local_disks``), from its last health answer; None: not asked yet (the next inventory
+    # collection asks). A guest with a disk on a local pool moves only between two VSPs that say True.
+    agent_mirrors_local_disks = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="Whether the agent said it mirrors local disks during a migration (empty: not asked yet).",
     )
     # When the agent last reported its storage pools and networks (``GET /v1/resources``); empty: never
     # (an agent older than pools answers 404: its pools and networks are not known, see ``vms.inventory``).
@@ -609,6 +617,10 @@ class AuditEvent(models.Model):
         MIGRATION_REQUESTED = "migration_requested"
         MIGRATION_REFUSED = "migration_refused"
         MIGRATION_CANCELLED = "migration_cancelled"
+        # A migration that mirrored local disks: the source's volumes deleted once the target ran the guest,
+        # or left there (its agent could not delete them, or no longer knew the migration).
+        SOURCE_DISKS_DELETED = "source_disks_deleted"
+        SOURCE_DISKS_LEFT = "source_disks_left"
         EVACUATION_STARTED = "evacuation_started"
         EVACUATION_CANCELLED = "evacuation_cancelled"
         EVACUATION_FINISHED = "evacuation_finished"
@@ -685,6 +697,11 @@ class AuditEvent(models.Model):
 # -- storage and networks ---------------------------------------------------------------------------------
 
 
+def all_formats() -> list[str]:
+    """Every volume format (``StoragePool.formats`` of a row stored before the formats were kept)."""
+    return list(ALL_FORMATS)
+
+
 class StoragePool(models.Model):
     """A storage pool of one VSP, as its agent last reported it (``GET /v1/resources``).
 
@@ -703,6 +720,8 @@ class StoragePool(models.Model):
     capacity_bytes = models.BigIntegerField(default=0)
     free_bytes = models.BigIntegerField(default=0)
     location = models.CharField(max_length=4096, blank=True)
+    # The volume formats the host can create and write in this pool (``agentprotocol.StoragePool.formats``).
+    formats = models.JSONField(default=all_formats, blank=True)
 
     class Meta:
         ordering = ["vsp__name", "name"]
@@ -746,6 +765,8 @@ class VirtualDisk(models.Model):
     read_only = models.BooleanField(default=False)
     shareable = models.BooleanField(default=False)
     boot = models.BooleanField(default=False, help_text="The guest boots from this disk (at most one).")
+    # The volumes below this one (a snapshot chain, ``agentprotocol.DiskInfo.backing``); empty: none.
+    backing = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["vm__name", "device"]

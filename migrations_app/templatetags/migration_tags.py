@@ -246,10 +246,12 @@ def any_target_open(targets: list[tuple[VSP, str]]) -> bool:
 
 @register.filter
 def guest_disks(devices: dict | None) -> str:
-    """A migration's ``guest_devices`` disks in words: "vda: san-a/db01-vda.qcow2 (20 GiB)"; "" if none."""
+    """A migration's ``guest_devices`` disks in words: "vda: san-a/db01-vda.qcow2 (20 GiB)", a disk on a
+    local pool (mirrored) "vdb: scratch/db01-vdb.qcow2 (10 GiB, local: mirrored)"; "" if none."""
     disks = (devices or {}).get("disks") or []
     return "; ".join(
-        f"{disk['device']}: {disk['pool']}/{disk['volume']} ({size_text(disk['virtual_size_bytes'])})"
+        f"{disk['device']}: {disk['pool']}/{disk['volume']} ({size_text(disk['virtual_size_bytes'])}"
+        f"{', local: mirrored' if disk.get('local') else ''})"
         for disk in disks
     )
 

@@ -50,6 +50,8 @@
   function showStats(root, stats) {
     const text = {
       bytes_sent: formatBytes(stats.bytes_sent),
+      disk_bytes_sent: formatBytes(stats.disk_bytes_sent || 0),
+      disk_bytes_remaining: formatBytes(stats.disk_bytes_remaining || 0),
       rounds: String(stats.rounds),
       state_label: stats.state_label,
       downtime_ms: stats.downtime_ms === null ? "—" : `${stats.downtime_ms} ms`,

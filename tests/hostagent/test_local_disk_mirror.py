@@ -150,7 +150,7 @@ def test_a_guest_writing_its_local_disk_moves_with_the_mirror_and_both_copies_ar
         copy = pools["vsp2"] / volume
         source_digest, target_digest = sha256(pools["vsp1"] / volume), sha256(copy)
         vsp2.client.resume(migration_id)
-        vsp1.client.release(migration_id)
+        released = vsp1.client.release(migration_id)
         assert wait_until(lambda: disk_writes(vsp2, name) > 5, timeout=10)
     finally:
         stop.set()
@@ -171,7 +171,8 @@ def test_a_guest_writing_its_local_disk_moves_with_the_mirror_and_both_copies_ar
     assert (moved.disks[0].pool, moved.disks[0].volume) == ("fast", volume)
     assert all(sum(counts) <= 1 for counts in writers_seen), "two writers at once"
     assert writers_seen[-1] == (0, 1), "only the target writes now"
-    assert (pools["vsp1"] / volume).exists(), "the source's volume is kept (not deleted after the commit)"
+    assert released.disks_deleted == ["vda"], released
+    assert not (pools["vsp1"] / volume).exists(), "the source's volume goes once the target runs the guest"
 
 
 def test_a_target_without_room_for_the_disks_virtual_size_is_refused_with_nothing_made(hosts):

@@ -493,3 +493,26 @@ def test_the_round_limit_bounds_the_round_that_sees_convergence_not_the_rounds_b
     words = explain(hot, Link(5 * MB), policy, plain, vm="reports01", target="vsp1", link_source="just now")
     assert plain.converges and plain.rounds == plain.converged_round == limit
     assert f"converging in round {limit} of the {limit} allowed, within the allowed" in " ".join(words)
+
+
+def test_it_copies_the_local_disks_first_and_counts_their_time_and_their_writes_on_the_link():
+    link = Link(rate_bytes_s=100 * MB, overhead_ms=10)
+    memory_only = forecast(Guest(GIB, 0), link, Policy())
+    disks = Guest(GIB, 0, disk_bytes=40 * GIB)
+
+    result = forecast(disks, link, Policy())
+
+    assert result.disk_s == pytest.approx(40 * GIB / (100 * MB))  # about 7 min at 100 MB/s
+    assert result.total_s == pytest.approx(memory_only.total_s + result.disk_s)
+    lines = explain(
+        disks, link, Policy(), result, vm="db01", target="vsp3", link_source="on its last migration"
+    )
+    assert (
+        "Copies 40 GiB of disk first: about 7 min 9 s at the pair's measured rate (100 MB/s); then memory"
+        in (" ".join(lines))
+    )
+    writing = forecast(replace(disks, disk_write_rate_bytes_s=50 * MB), link, Policy())
+    assert writing.disk_s == pytest.approx(2 * result.disk_s)  # each rewritten block again: A / (L - D_d)
+    never = forecast(replace(disks, disk_write_rate_bytes_s=100 * MB), link, Policy())
+    assert never.verdict is Verdict.WILL_NOT_CONVERGE and math.isinf(never.disk_s)
+    assert "never catches up" in never.limit_reason

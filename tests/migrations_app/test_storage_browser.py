@@ -35,6 +35,7 @@ def storage_fleet(host_agents, fleet):
     give_disk(vm, san, "vdb", 100 << 30)
     give_nic(vm, "prod-net", mac="52:54:00:3c:1a:07")
     scratch = make_pool(fleet["hosta"], "scratch", kind="local", identity="local-hosta-1")
+    make_pool(fleet["hostb"], "fast", kind="local", identity="local-hostb-1", free_bytes=5 << 30)
     local = place_vm(host_agents, fleet, vm_fields={"name": "cache02"})
     give_disk(local, scratch)
     make_user("maria", permissions=(*MIGRATOR, "vms.view_vsp"))
@@ -71,10 +72,14 @@ def test_the_dialog_greys_targets_without_the_pool_or_network_and_the_tabs_list_
     assert "52:54:00:3c:1a:07" in card.inner_text()
     page.screenshot(path=str(DOCS / "vm-network-tab.png"), full_page=True)
 
-    page.goto(f"{console_server}/vms/{local.pk}/general/")  # cache02: a disk on hosta's local pool
+    # cache02: a 10 GiB disk (1 GiB of it written) on hosta's local pool, mirrored to a local pool of the
+    # target, which needs room for its virtual size: hostb's has 5 GiB, hostc has no local pool
+    page.goto(f"{console_server}/vms/{local.pk}/general/")
     page.click("#migrate-button")
-    assert page.locator("#migrate-dialog-blocked, #migrate-dialog-error").first.inner_text() == (
-        "cache02 cannot migrate to any VSP: cache02's disk vda is on local pool scratch of hosta: "
-        "local disks cannot move yet (only disks on shared pools do)."
+    dialog = page.locator("#migrate-dialog")
+    hostb, hostc = dialog.locator('tr[data-vsp="hostb"]'), dialog.locator('tr[data-vsp="hostc"]')
+    assert "hostb has no local pool with 10 GiB free for cache02's disk vda (pool fast: 5 GiB free)" in (
+        hostb.inner_text()
     )
+    assert "hostc has no local pool for cache02's disk vda" in hostc.inner_text()
     assert page.locator("#migrate-dialog input[name=target]:enabled").count() == 0

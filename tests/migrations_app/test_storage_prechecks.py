@@ -1,5 +1,7 @@
 """Pre-checks that name the disk and the network: the target must mount every shared pool of the guest's
-disks and have each of its cards' networks; a disk on a local pool keeps the guest where it is.
+disks and have each of its cards' networks; a disk on a local pool is mirrored, so the target needs a
+local pool with room for its virtual size, and both agents must mirror; a disk that cannot be mirrored
+(read-only, a snapshot chain) keeps the guest where it is.
 
 The same words in the checks the dialog shows, the action (and so the API's 409 and the CLI), the
 evacuation plan, and Init again (with real agents: nothing is sent to them).
@@ -23,12 +25,14 @@ from tests.factories import (
     make_vm,
     make_vsp,
 )
-from vms.models import StoragePool
+from vms.models import VSP, StoragePool, VirtualDisk
 
 pytestmark = pytest.mark.django_db
 
 NO_POOL = "vsp3 does not mount pool san-a: db01's disk vda"
 NO_NETWORK = "vsp4 has no network prod-net: db01's nic 0"
+NO_ROOM = "vsp4 has no local pool with 10 GiB free for db01's disk vdb (pool fast: 5 GiB free)"
+GIB = 1 << 30
 
 
 @pytest.fixture
@@ -62,16 +66,88 @@ def test_it_names_the_pool_and_the_network_a_target_lacks(hosts):
     }
 
 
-def test_a_disk_on_a_local_pool_is_refused_for_every_target_with_that_reason(hosts):
+@pytest.fixture
+def local_disk(hosts):
+    """db01 also has disk vdb: 10 GiB virtual, 1 GiB written, on vsp1's local pool scratch. vsp4 has a
+    local pool with 5 GiB free (room for what is written, not for the virtual size), vsp2 one with 50 GiB;
+    every agent mirrors local disks (simulated)."""
+    VSP.objects.update(agent_mirrors_local_disks=True, agent_driver="simulated")
+    for name in ("vsp1", "vsp2", "vsp3", "vsp4"):
+        hosts[name].refresh_from_db()
     local = make_pool(hosts["vsp1"], "scratch", kind=StoragePool.Kind.LOCAL, identity="local-vsp1-x")
-    give_disk(hosts["db01"], local, device="vdb")
+    make_pool(hosts["vsp2"], "big", kind=StoragePool.Kind.LOCAL, identity="local-vsp2", free_bytes=50 * GIB)
+    make_pool(hosts["vsp4"], "fast", kind=StoragePool.Kind.LOCAL, identity="local-vsp4", free_bytes=5 * GIB)
+    make_network(hosts["vsp4"], "prod-net")
+    return give_disk(hosts["db01"], local, device="vdb")
 
-    refused = set(reasons(hosts["db01"]).values())
 
-    assert refused == {
-        "db01's disk vdb is on local pool scratch of vsp1: local disks cannot move yet (only disks on "
-        "shared pools do)"
+def test_a_local_disk_needs_a_local_pool_with_room_for_its_virtual_size_on_the_target(hosts, local_disk):
+    hosts["db01"].refresh_from_db()
+
+    assert reasons(hosts["db01"]) == {
+        "vsp1": "same host",
+        "vsp2": "ok",  # the shared disk on its san-a, the local one mirrored into its pool big
+        "vsp3": NO_POOL,
+        "vsp4": NO_ROOM,
     }
+
+
+def test_the_api_answers_409_for_no_room_at_the_virtual_size_and_nothing_is_sent(hosts, local_disk):
+    from api.tokens import do_create_token
+
+    api = ApiClient(do_create_token(make_user("alice", permissions=WRITER), "t")[1])
+
+    response = api.post("/migrations", {"vm": "db01", "target": "vsp4"})
+
+    assert response.status_code == 409
+    assert response.json()["detail"] == f"db01 cannot migrate to vsp4: {NO_ROOM}."
+    assert not Migration.objects.filter(vm=hosts["db01"]).exclude(state="refused").exists()
+
+
+def test_the_evacuation_plan_counts_the_local_disks_copy_in_its_time(hosts, local_disk):
+    from django.utils import timezone
+
+    from migrations_app.estimates import DirtyRate
+    from migrations_app.models import LinkProbe
+
+    now = timezone.now()
+    LinkProbe.objects.create(source=hosts["vsp1"], target=hosts["vsp2"], rate_bytes_s=100e6, measured_at=now)
+    idle = DirtyRate(0.0, hosts["db01"].memory_mib << 20, None, None, now)
+
+    plan = build_plan(hosts["vsp1"], rates={hosts["db01"].pk: idle})
+
+    [step] = plan.steps
+    assert step.target == hosts["vsp2"]
+    assert step.predicted_s is not None and step.predicted_s > GIB / 100e6  # vdb's 1 GiB of data first
+    assert any(line.startswith("Copies 1 GiB of disk first: about 11 s") for line in step.reasons), (
+        step.reasons
+    )
+
+
+def test_a_local_disk_that_cannot_be_mirrored_is_refused_for_every_target_with_the_reason(hosts, local_disk):
+    where = "db01's disk vdb on local pool scratch of vsp1"
+    cases = [
+        ({"read_only": True}, f"{where} is read-only: a read-only local disk is not mirrored"),
+        (
+            {"backing": ["base.qcow2"]},
+            f"{where} has a snapshot chain (backing base.qcow2): a local disk with snapshots is not mirrored",
+        ),
+    ]
+    for change, reason in cases:
+        VirtualDisk.objects.filter(pk=local_disk.pk).update(**change)
+        assert set(reasons(hosts["db01"]).values()) == {reason}, change
+        VirtualDisk.objects.filter(pk=local_disk.pk).update(read_only=False, backing=[])
+
+    VSP.objects.filter(pk=hosts["vsp1"].pk).update(agent_mirrors_local_disks=False, agent_driver="libvirt")
+    assert set(reasons(hosts["db01"]).values()) == {
+        "db01's disk vdb is on local pool scratch of vsp1: vsp1 cannot mirror local disks (its agent, driver "
+        "libvirt, does not)"
+    }
+    VSP.objects.filter(pk=hosts["vsp1"].pk).update(agent_mirrors_local_disks=True)
+    VSP.objects.filter(pk=hosts["vsp2"].pk).update(agent_mirrors_local_disks=False, agent_driver="libvirt")
+    assert reasons(hosts["db01"])["vsp2"] == (
+        "vsp2 cannot mirror local disks (its agent, driver libvirt, does not): db01's disk vdb"
+    )
 
 
 def test_a_target_whose_agent_reports_no_pools_is_refused_in_words(hosts):

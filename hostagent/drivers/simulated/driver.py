@@ -44,6 +44,7 @@ DEFAULT_CAPACITY_MIB = 64 * 1024
 
 class SimulatedDriver:
     name = "simulated"
+    mirrors_local_disks = True  # ``diskmirror``: said in health (``agentprotocol.Health``)
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings

@@ -206,9 +206,32 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
         if state != "ready":
             raise Conflict(f"release needs a migration in state ready, this one is {state}")
         await self._on_release(self.guest)
+        deleted = await asyncio.to_thread(self._delete_mirrored_volumes)
         self.guest.migrating = None
-        self.progress.update(state="released", phase=None)
+        self.progress.update(state="released", phase=None, disks_deleted=deleted)
         return self.snapshot()
+
+    def _delete_mirrored_volumes(self) -> list[str]:
+        """After the commit, once the target runs the guest on its own copies (the console releases the
+        source only then): the volumes here of the mirrored local disks are deleted, the Not Runnable
+        copy keeping its definition. Returns the devices whose volume is gone (one already missing
+        counts); a volume that cannot be deleted is logged and left out."""
+        if self._mirror is None:
+            return []
+        deleted = []
+        for device in self._mirror.devices:
+            path = self.guest.disk_paths.get(device)
+            if path is None:
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                log.warning(
+                    "guest %s: volume %s of disk %s not deleted: %s", self.guest.name, path, device, error
+                )
+                continue
+            deleted.append(device)
+        return deleted
 
     # -- helpers for commands ------------------------------------------
     async def _wait_for(self, event: asyncio.Event) -> None:
