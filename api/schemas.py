@@ -210,6 +210,11 @@ class VMOut(Schema):
     lost_since: datetime | None = Field(
         default=None, description="Lost: since when its host no longer reports the guest (null: not lost)"
     )
+    host_unreachable: str = Field(
+        default="",
+        description="The statuses are only the last reported when the copy's host does not answer: "
+        "'as last reported: vsp2 unreachable since 20:13:05' (console's local time); '' while it answers",
+    )
     boot_attribute: Choice
     graceful_stop_timeout_s: int
     online_migration: Choice = Field(description="Online Migration Enabled, as the General tab shows it")
@@ -490,6 +495,7 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
         migration_icon=_migration_icon(migration),
         hardware_status=choice(shown.hardware_status, shown.get_hardware_status_display()) if shown else None,
         lost_since=shown.lost_since if shown is not None and shown.is_lost else None,
+        host_unreachable=shown.unreachable_note() if shown is not None else "",
         boot_attribute=choice(vm.boot_attribute, vm.get_boot_attribute_display()),
         graceful_stop_timeout_s=vm.graceful_stop_timeout_s,
         online_migration=choice(status.value, status.label),

@@ -157,7 +157,7 @@ def vms(
                 vm["kind"]["label"],
                 vm["vsp"] or "—",
                 vm["os_status"]["label"],
-                (vm["hardware_status"] or {}).get("label", "—"),
+                (vm["hardware_status"] or {}).get("label", "—") + as_last_reported(vm),
                 vm["online_migration"]["label"],
                 f"{migration['state']['label']} → {migration['target']}"
                 if migration and migration["active"]
@@ -301,6 +301,13 @@ def define(
     print_devices(data)
 
 
+def as_last_reported(vm: dict) -> str:
+    """ " (as last reported: vsp2 unreachable since 20:13:05)" when the VM's host does not answer (the
+    API's ``host_unreachable``), else "": the statuses shown are then only the last ones reported."""
+    note = vm.get("host_unreachable") or ""
+    return f" ({note})" if note else ""
+
+
 def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
     limits = vm["phase_time_limits_s"]
     copy_limit = "unlimited" if limits["copy"] is None else f"{limits['copy']} s"
@@ -311,9 +318,10 @@ def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
         (
             "OS Status",
             vm["os_status"]["label"]
-            + {"queued": " (waiting to migrate)", "outgoing": " (migrating)"}.get(vm["migration_icon"], ""),
+            + {"queued": " (waiting to migrate)", "outgoing": " (migrating)"}.get(vm["migration_icon"], "")
+            + ("" if (vm["hardware_status"] or {}).get("value") == "not_runnable" else as_last_reported(vm)),
         ),
-        ("Virtual Hardware Status", (vm["hardware_status"] or {}).get("label", "—")),
+        ("Virtual Hardware Status", (vm["hardware_status"] or {}).get("label", "—") + as_last_reported(vm)),
         ("Boot Attribute", vm["boot_attribute"]["label"]),
         ("Graceful Stop Timeout", f"{vm['graceful_stop_timeout_s']} s"),
         ("Online Migration Enabled", vm["online_migration"]["label"]),
