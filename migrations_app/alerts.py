@@ -211,6 +211,31 @@ def target_did_not_run(migration: Migration, refusal: ProgressSnapshot | AgentRe
     return f"{migration.target.name} did not run the guest ({said})"
 
 
+REASON_LENGTH = 200  # ``Registration.not_runnable_reason``
+
+
+def kept_on_source_reason(
+    migration: Migration, refusal: ProgressSnapshot | AgentRefused, status: bool | str | None
+) -> str:
+    """The Not Runnable reason of the target's copy when the commit's flip is turned back
+    (``records.unflip_registrations``): why the target did not take the guest (``target_did_not_run``),
+    then where the guest is by the source's own answer (``status`` as ``stays_sentence`` takes it), so a
+    source that lost the guest too (its agent killed, a simulated host's guests dying with it) is not said
+    to keep it. At most ``REASON_LENGTH`` characters (cut with "…")."""
+    source = migration.require_source().name
+    if status is True or status == "running":
+        where = f"the guest stays on VSP {source}"
+    elif status is False or status == "stopped":
+        where = f"the guest stays on VSP {source}, where it is not running"
+    elif status == "gone":
+        where = f"VSP {source} no longer has it either (the VM is not running): start it again on {source}"
+    else:
+        where = f"the guest stays on VSP {source}, which did not answer: it may be down there"
+    why = target_did_not_run(migration, refusal)
+    reason = f"After the commit, {why}; {where}"
+    return reason if len(reason) <= REASON_LENGTH else reason[: REASON_LENGTH - 1] + "…"
+
+
 def resume_pending(migration: Migration) -> str:
     """The page's warning while the roll forward cannot reach the target after the commit."""
     target, source = migration.target.name, migration.require_source().name

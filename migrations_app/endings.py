@@ -189,7 +189,8 @@ def keep_on_source(agents: MigrationAgents, lease: Lease, refusal: ProgressSnaps
         State.COMMITTING, alerts.target_did_not_run(migration, refusal), kind=FailureKind.UNREACHABLE
     )
     alert = alerts.abort_alert(migration, failure, status)
+    reason = alerts.kept_on_source_reason(migration, refusal, status)
     records.record_kept_on_source(
-        migration, failure, alert, lease, discarded=discarded, running=status == "running"
+        migration, failure, alert, lease, discarded=discarded, running=status == "running", reason=reason
     )
     return True
