@@ -8,7 +8,7 @@ Nothing here changes state or asks an agent: callers pass what they learnt.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agentprotocol import ProgressSnapshot
 from vms.agent_client import (
@@ -165,6 +165,30 @@ def restated_alert(migration: Migration, status: str) -> tuple[str, str] | None:
     again = "its host agent answered again after the abort"
     alert = f"{migration.alert.removesuffix(unanswered)}{now} ({again})."
     return alert, f"{migration.source} answered again: {now[0].lower()}{now[1:]}."
+
+
+def restated_source_lost(migration: Migration, since: datetime) -> tuple[str, str] | None:
+    """An ended migration's alert that says the VM keeps running on its source, restated once that source
+    no longer reports the guest (the inventory marked its copy Lost at ``since``, an aware time): (new
+    alert, timeline event), or None when the alert says no such thing. What followed the sentence (a
+    note that the source answered again) is history the new words replace.
+
+    QA: a demo agent restarted after an abort, its guests gone (the VM shown Lost), and the report still
+    said the VM keeps running there.
+    """
+    source = migration.require_source().name
+    keeps = f"The VM keeps running on {source}"
+    if keeps not in migration.alert:
+        return None
+    ended = "cancel" if migration.state == Migration.State.CANCELLED else "abort"
+    until = f"{since.astimezone(UTC):%H:%M:%S} UTC"
+    restated = (
+        f"The VM kept running on {source} after the {ended} until {until}, when {source} no longer "
+        "reported it (its host agent restarted without it, or it was removed): it is not running there "
+        "now."
+    )
+    alert = migration.alert[: migration.alert.index(keeps)] + restated
+    return alert, f"{source} no longer reports the VM (since {until}): it is not running there."
 
 
 def restated_target_back(migration: Migration) -> tuple[str, str] | None:

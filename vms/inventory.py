@@ -47,6 +47,7 @@ from vms.agent_client import (
     AgentUntrusted,
     unreachable_words,
 )
+from vms import hooks
 from vms.devices import store_guest_devices, store_resources
 from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 
@@ -508,8 +509,9 @@ def store_guest(registration: Registration, guest: GuestInfo) -> None:
 
 def mark_lost(registration: Registration) -> bool:
     """The agent answered without the guest of the runnable copy ``registration``: mark it Lost, since
-    now, and log the alert. Compare-and-set on its status as read, and never while its VM migrates
-    (the migration owns the copies then); returns whether this call marked it."""
+    now, log the alert and tell the lost-guest listeners (``hooks.guest_lost``). Compare-and-set on its
+    status as read, and never while its VM migrates (the migration owns the copies then); returns whether
+    this call marked it."""
     if registration.is_lost:
         return False
     now = timezone.now()
@@ -523,4 +525,5 @@ def mark_lost(registration: Registration) -> bool:
     VirtualMachine.objects.filter(pk=registration.vm_id).update(os_status=VirtualMachine.OSStatus.LOST)
     registration.hardware_status, registration.lost_since = Registration.HardwareStatus.LOST, now
     logger.error(registration.lost_alert())
+    hooks.guest_lost(registration)  # e.g. a migration's alert that said it keeps running there
     return True
