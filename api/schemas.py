@@ -15,6 +15,7 @@ from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app import migration_policy
+from migrations_app.access import hide_unseen, hide_unseen_events
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
@@ -422,9 +423,14 @@ def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOu
     return MigrationChangedOut(**_migration_fields(migration), done=done)
 
 
-def migration_detail_out(migration: Migration) -> MigrationDetailOut:
-    events = [event_out(event) for event in migration.events.select_related("actor")]
-    return MigrationDetailOut(**_migration_fields(migration), events=events)
+def migration_detail_out(migration: Migration, seen_vsp_ids: frozenset[int] | None = None) -> MigrationDetailOut:
+    """``migration`` with its timeline, as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may
+    read it: where he sees one end only, the other end's VSP and who acted are not named, in its fields
+    (``access.hide_unseen``) and its events' words and actors (``access.hide_unseen_events``), as the
+    report page shows them."""
+    events = hide_unseen_events(migration, migration.events.select_related("actor"), seen_vsp_ids)
+    shown = hide_unseen(migration, seen_vsp_ids) or migration
+    return MigrationDetailOut(**_migration_fields(shown), events=[event_out(event) for event in events])
 
 
 def _migration_fields(migration: Migration) -> dict:
