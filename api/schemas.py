@@ -19,6 +19,7 @@ from migrations_app.access import hide_unseen, hide_unseen_events
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
+from vms.devices import places_seen
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import online_migration_status
@@ -79,11 +80,12 @@ class NetworkOut(Schema):
 
 
 class DiskOut(Schema):
-    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes)."""
+    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes). ``pool`` and ``pool_identity``
+    are null for a caller who may not see that VSP (another host group's: ``vms.devices.places_seen``)."""
 
     device: str
-    pool: str
-    pool_identity: str
+    pool: str | None
+    pool_identity: str | None
     volume: str
     virtual_size_bytes: int
     allocated_bytes: int
@@ -96,7 +98,9 @@ class DiskOut(Schema):
 
 class NicOut(Schema):
     index: int = Field(description="nic 0, nic 1, ... as the pre-checks name them")
-    network: str
+    network: str | None = Field(
+        description="A network of the VSP the VM runs on; null for a caller who may not see that VSP"
+    )
     mac: str
     model: str
 
@@ -487,6 +491,7 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
     failed: Migration | None = context.get("failed_migration")
     not_runnable_here = shown if shown is not None and not shown.is_runnable else None
     set_by = not_runnable_here.not_runnable_set_by if not_runnable_here else ""
+    disks, nics = devices_out(vm, seen_vsp_ids)
     return VMOut(
         id=vm.pk,
         name=vm.name,
@@ -521,10 +526,23 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
             for r in vm.registrations.all()
             if seen_vsp_ids is None or r.vsp_id in seen_vsp_ids
         ],
-        disks=[DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")],
-        nics=[NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")],
+        disks=disks,
+        nics=nics,
         migration=migration_out(migration) if migration else None,
         alert=migration_out(failed) if failed else None,
+    )
+
+
+def devices_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None) -> tuple[list[DiskOut], list[NicOut]]:
+    """``vm``'s disks and cards; their pools and networks null unless the caller may see the VSP they are
+    on (``vms.devices.places_seen``)."""
+    disks = [DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")]
+    nics = [NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")]
+    if places_seen(vm, seen_vsp_ids):
+        return disks, nics
+    return (
+        [disk.model_copy(update={"pool": None, "pool_identity": None}) for disk in disks],
+        [nic.model_copy(update={"network": None}) for nic in nics],
     )
 
 

@@ -29,6 +29,9 @@ out = Console()
 err = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON, for scripts.")]
+# The API names no pool or network of a VSP outside the caller's host groups (null): the pages' words.
+HIDDEN_POOL = "a pool of another host group"
+HIDDEN_NETWORK = "a network of another host group"
 
 
 def fail(message: str) -> typer.Exit:
@@ -204,7 +207,7 @@ def print_devices(vm: dict) -> None:
             table.add_row(
                 *plain(
                     disk["device"],
-                    disk["pool"],
+                    disk["pool"] or HIDDEN_POOL,
                     disk["volume"],
                     size_text(disk["virtual_size_bytes"]),
                     size_text(disk["allocated_bytes"]),
@@ -215,7 +218,8 @@ def print_devices(vm: dict) -> None:
     if vm.get("nics"):
         table = Table("Card", "Network", "MAC", "Model", title="Network")
         for nic in vm["nics"]:
-            table.add_row(*plain(f"nic {nic['index']}", nic["network"], nic["mac"], nic["model"]))
+            network = nic["network"] or HIDDEN_NETWORK
+            table.add_row(*plain(f"nic {nic['index']}", network, nic["mac"], nic["model"]))
         out.print(table)
 
 

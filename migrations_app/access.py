@@ -18,6 +18,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
+from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL
 from vms.access import AccessDenied, can_view_vsp, has_role_on, require_global, vsps_with_role
 from vms.models import VSP, Role, VirtualMachine
 
@@ -28,8 +29,6 @@ ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
 CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
 HIDDEN_VSP_NAME = "a VSP of another host group"  # stands for a VSP the user may not see
 HIDDEN_USER_NAME = "someone"  # stands for who acted on a migration whose other end the user may not see
-HIDDEN_POOL_NAME = "a pool of another host group"
-HIDDEN_NETWORK_NAME = "a network of another host group"
 
 
 def visible_migration_condition(user: Any) -> Q:
@@ -189,11 +188,11 @@ def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None
 
 def hide_unseen_devices(devices: dict[str, Any] | None) -> dict[str, Any]:
     """A migration's ``guest_devices`` (recorded on its source) without the source's pools and networks:
-    each disk's pool and each card's network is ``HIDDEN_POOL_NAME`` / ``HIDDEN_NETWORK_NAME``."""
+    each disk's pool and each card's network is ``HIDDEN_POOL`` / ``HIDDEN_NETWORK``."""
     devices = devices or {}
     return {
-        "disks": [{**disk, "pool": HIDDEN_POOL_NAME} for disk in devices.get("disks") or []],
-        "nics": [{**nic, "network": HIDDEN_NETWORK_NAME} for nic in devices.get("nics") or []],
+        "disks": [{**disk, "pool": HIDDEN_POOL} for disk in devices.get("disks") or []],
+        "nics": [{**nic, "network": HIDDEN_NETWORK} for nic in devices.get("nics") or []],
     }
 
 

@@ -20,12 +20,15 @@ from migrations_app.models import Migration
 from migrations_app.progress import publish_progress
 from tests.api.conftest import ApiClient
 from tests.factories import (
+    give_disk,
+    give_nic,
     grant_role,
     MIGRATION_ADMIN_PERMISSIONS,
     VIEW_PERMISSIONS,
     make_host_group,
     make_migration,
     make_not_runnable_copy,
+    make_pool,
     make_user,
     make_vm,
     make_vsp,
@@ -225,3 +228,42 @@ def test_a_migration_to_another_group_names_neither_its_host_nor_who_acted_anywh
     both_api = ApiClient(do_create_token(both, "both")[1])  # both ends his: all of it
     events = both_api.get(f"/migrations/{migration.pk}").json()["events"]
     assert events[2] == {**events[2], "message": "prod-boss asked to switch over now", "actor": "prod-boss"}
+
+
+@pytest.mark.django_db
+def test_a_guest_seen_through_his_copy_shows_its_disks_and_cards_but_not_the_other_groups_pools_and_networks():
+    """QA (issue 18.14 follow-up): for web01, running on vsp-p1 (Prod), a Lab-only user read its disks'
+    pool and its cards' network (vsp-p1's) on the Storage and Network tabs, the General tab and the API.
+    He sees the devices, not where they are; whoever sees vsp-p1 sees all of it."""
+    fleet = world()
+    web = fleet["web"]
+    p1 = web.current_vsp
+    give_disk(web, make_pool(p1, "prod-san", location="/srv/prod-san"))
+    give_nic(web, "prod-dmz", mac="52:54:00:00:00:42")
+    page = Client()
+    page.force_login(fleet["lab_op"])
+    api = ApiClient(do_create_token(fleet["lab_op"], "lab")[1])
+
+    storage = page.get(reverse("vms:vm_storage", args=[web.pk])).content.decode()
+    network = page.get(reverse("vms:vm_network", args=[web.pk])).content.decode()
+    general = page.get(reverse("vms:vm_general", args=[web.pk])).content.decode()
+    detail = api.get(f"/vms/{web.pk}").json()
+    listed = api.get("/vms", name="web01").json()["items"]
+
+    for text in (storage, network, general, json.dumps(detail), json.dumps(listed)):
+        assert "prod-san" not in text and "prod-dmz" not in text and "/srv/prod-san" not in text
+        assert_no_production(text)
+    assert "web01-vda.qcow2" in storage and "10 GiB" in storage  # the disk itself is his to see
+    assert 'data-field="pool"><span class="muted">a pool of another host group</span>' in storage
+    assert "52:54:00:00:00:42" in network and "a network of another host group" in network
+    assert "a network of another host group" in general
+    assert detail["disks"][0] | {"pool": None, "pool_identity": None} == detail["disks"][0]
+    assert detail["disks"][0]["volume"] == "web01-vda.qcow2"
+    assert detail["nics"] == [{"index": 0, "network": None, "mac": "52:54:00:00:00:42", "model": "virtio"}]
+
+    boss = Client()  # the Production operator sees where they are
+    boss.force_login(fleet["boss"])
+    assert "prod-san" in boss.get(reverse("vms:vm_storage", args=[web.pk])).content.decode()
+    boss_api = ApiClient(do_create_token(fleet["boss"], "prod")[1])
+    boss_detail = boss_api.get(f"/vms/{web.pk}").json()
+    assert boss_detail["disks"][0]["pool"] == "prod-san" and boss_detail["nics"][0]["network"] == "prod-dmz"
