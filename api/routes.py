@@ -23,7 +23,7 @@ from vms.access import role_vsp_ids, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
 from vms.http import AuthenticatedHttpRequest
-from vms.models import Registration, Role, VirtualMachine
+from vms.models import Registration, VirtualMachine
 from vms.queries import filter_vms, vm_with_registrations
 
 from .lookups import MAX_ID, get_migration, get_vm, get_vsp

@@ -427,7 +427,9 @@ def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOu
     return MigrationChangedOut(**_migration_fields(migration), done=done)
 
 
-def migration_detail_out(migration: Migration, seen_vsp_ids: frozenset[int] | None = None) -> MigrationDetailOut:
+def migration_detail_out(
+    migration: Migration, seen_vsp_ids: frozenset[int] | None = None
+) -> MigrationDetailOut:
     """``migration`` with its timeline, as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may
     read it: where he sees one end only, the other end's VSP and who acted are not named, in its fields
     (``access.hide_unseen``) and its events' words and actors (``access.hide_unseen_events``), as the
@@ -533,7 +535,9 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
     )
 
 
-def devices_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None) -> tuple[list[DiskOut], list[NicOut]]:
+def devices_out(
+    vm: VirtualMachine, seen_vsp_ids: Collection[int] | None
+) -> tuple[list[DiskOut], list[NicOut]]:
     """``vm``'s disks and cards; their pools and networks null unless the caller may see the VSP they are
     on (``vms.devices.places_seen``)."""
     disks = [DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")]

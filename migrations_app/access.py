@@ -18,8 +18,8 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
-from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL
 from vms.access import AccessDenied, can_view_vsp, has_role_on, require_global, vsps_with_role
+from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL
 from vms.models import VSP, Role, VirtualMachine
 
 from .models import Migration, MigrationEvent

@@ -155,7 +155,7 @@ def audit_subjects() -> dict[str, AuditSubject]:
 
 
 # -- lost guests -----------------------------------------------------------------------------------------
-LostListener = Callable[[Any], None]
+LostListener = Callable[[Any], object]  # what it returns is not read
 _lost_listeners: list[LostListener] = []
 
 

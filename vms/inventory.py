@@ -37,6 +37,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from agentprotocol import GuestInfo, HostResources
+from vms import hooks
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
@@ -47,7 +48,6 @@ from vms.agent_client import (
     AgentUntrusted,
     unreachable_words,
 )
-from vms import hooks
 from vms.devices import store_guest_devices, store_resources
 from vms.models import VSP, InventoryRound, Registration, VirtualMachine
 

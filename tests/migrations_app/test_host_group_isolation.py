@@ -20,11 +20,11 @@ from migrations_app.models import Migration
 from migrations_app.progress import publish_progress
 from tests.api.conftest import ApiClient
 from tests.factories import (
+    MIGRATION_ADMIN_PERMISSIONS,
+    VIEW_PERMISSIONS,
     give_disk,
     give_nic,
     grant_role,
-    MIGRATION_ADMIN_PERMISSIONS,
-    VIEW_PERMISSIONS,
     make_host_group,
     make_migration,
     make_not_runnable_copy,
@@ -184,7 +184,9 @@ def test_a_migration_to_another_group_names_neither_its_host_nor_who_acted_anywh
     fleet = world()
     migration = cross_group_migration(fleet)
     devices = {  # recorded on its source, a Production host
-        "disks": [{"device": "vda", "pool": "prod-san", "volume": "web01.qcow2", "virtual_size_bytes": 1 << 30}],
+        "disks": [
+            {"device": "vda", "pool": "prod-san", "volume": "web01.qcow2", "virtual_size_bytes": 1 << 30}
+        ],
         "nics": [{"network": "prod-net", "mac": "52:54:00:00:00:02"}],
     }
     incoming = make_migration(
@@ -231,7 +233,7 @@ def test_a_migration_to_another_group_names_neither_its_host_nor_who_acted_anywh
 
 
 @pytest.mark.django_db
-def test_a_guest_seen_through_his_copy_shows_its_disks_and_cards_but_not_the_other_groups_pools_and_networks():
+def test_a_guest_seen_through_his_copy_shows_its_disks_and_cards_not_the_other_groups_pools_networks():
     """QA (issue 18.14 follow-up): for web01, running on vsp-p1 (Prod), a Lab-only user read its disks'
     pool and its cards' network (vsp-p1's) on the Storage and Network tabs, the General tab and the API.
     He sees the devices, not where they are; whoever sees vsp-p1 sees all of it."""

@@ -168,5 +168,6 @@ def test_an_abort_that_said_the_guest_keeps_running_on_its_source_is_restated_on
         assert "The VM keeps running" not in words
         assert f"The VM kept running on hosta after the abort until {until}" in words
     assert MigrationEvent.objects.filter(
-        migration=migration, message=f"hosta no longer reports the VM (since {until}): it is not running there."
+        migration=migration,
+        message=f"hosta no longer reports the VM (since {until}): it is not running there.",
     ).exists()

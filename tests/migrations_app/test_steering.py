@@ -388,7 +388,9 @@ def test_once_copy_takes_no_change_the_page_and_the_push_show_the_buttons_disabl
 
     for html in (page, pushed):
         assert re.search(rf'id="steer-switchover" disabled [^>]*>{label}</button>', html), html
-        assert f'data-field="steer_closed">{note}: it is switching over now; no change applies any more.' in html
+        assert (
+            f'data-field="steer_closed">{note}: it is switching over now; no change applies any more.' in html
+        )
         for button in ("steer-throttle", "steer-downtime", "steer-bandwidth"):
             assert re.search(rf'id="{button}" disabled>', html), button
         assert "Switch over now" not in html  # neither the button nor a rescue offers it any more
