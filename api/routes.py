@@ -314,7 +314,11 @@ def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> S
     """Cancel: a queued migration ends at once; a running one stops before its commit (the VM stays)."""
     migration = get_migration(migration_id, request.user)
     do_cancel_migration(migration, request.user)
-    return Status(202, migration_out(get_migration(migration_id, request.user)))
+    # An operator of one end may cancel: the answer names the other group's VSP and requester no more
+    # than the migration's detail does.
+    return Status(
+        202, migration_out(shown(get_migration(migration_id, request.user), seen_vsp_ids(request.user)))
+    )
 
 
 @router.patch(

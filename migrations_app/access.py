@@ -13,12 +13,19 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.db.models import Q, QuerySet
 
-from vms.access import AccessDenied, can_view_vsp, has_role_on, require_global, vsps_with_role
+from vms.access import (
+    AccessDenied,
+    can_view_vsp,
+    has_role_on,
+    require_global,
+    role_vsp_ids,
+    vsps_with_role,
+)
 from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL
 from vms.models import VSP, Role, VirtualMachine
 
@@ -152,6 +159,16 @@ def migration_mask(
     users = [migration.requested_by, migration.cancel_requested_by, *actors]
     names = frozenset(name for user in users if user is not None and (name := user.get_username()))
     return Mask(hidden.name if hidden is not None else "", names)
+
+
+def words_for(user: Any, migration: Migration, words: str) -> str:
+    """``words`` about ``migration`` (a refusal, say) as ``user`` may read them (``migration_mask`` by his
+    host groups' VSPs; his own name stays his)."""
+    mask = migration_mask(migration, role_vsp_ids(user))
+    if mask is None:
+        return words
+    own = getattr(user, "get_username", lambda: "")()
+    return replace(mask, user_names=mask.user_names - {own}).text(words)
 
 
 def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None) -> Migration | None:

@@ -269,3 +269,30 @@ def test_a_guest_seen_through_his_copy_shows_its_disks_and_cards_not_the_other_g
     boss_api = ApiClient(do_create_token(fleet["boss"], "prod")[1])
     boss_detail = boss_api.get(f"/vms/{web.pk}").json()
     assert boss_detail["disks"][0]["pool"] == "prod-san" and boss_detail["nics"][0]["network"] == "prod-dmz"
+
+
+@pytest.mark.django_db
+def test_cancelling_from_one_end_answers_without_the_other_end_or_who_cancelled_there():
+    """An operator of one end may cancel a migration: the API's answer and a second cancel's refusal
+    named the other group's VSP and who had cancelled, as the migration's detail no longer does."""
+    fleet = world()
+    target = Migration.objects.filter(target__name="vsp-p2").first().target
+    migration = make_migration(
+        make_vm("lab01", fleet["l1"]), fleet["l1"], target, state=Migration.State.COPY,
+        requested_by=fleet["boss"],
+    )  # fmt: skip
+    lab = ApiClient(do_create_token(fleet["lab_op"], "lab")[1])
+    boss = ApiClient(do_create_token(fleet["boss"], "prod")[1])
+
+    cancelled = lab.post(f"/migrations/{migration.pk}/cancel")
+    again = boss.post(f"/migrations/{migration.pk}/cancel")
+
+    assert cancelled.status_code == 202, cancelled.content
+    body = cancelled.json()
+    assert (body["target"], body["requested_by"], body["cancel_requested"]) == (
+        "a VSP of another host group", None, True,
+    )  # fmt: skip
+    assert_no_production(json.dumps(body))
+    assert again.status_code == 409
+    assert again.json()["detail"].startswith("Already cancelling: someone asked to cancel it;")
+    assert "lab-op" not in again.json()["detail"] and "vsp-l1" not in again.json()["detail"]
