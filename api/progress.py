@@ -22,10 +22,11 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
-from migrations_app.access import visible_migration_condition
+from migrations_app.access import hide_unseen, visible_migration_condition
 from migrations_app.fanout import get_fanout
 from migrations_app.models import Migration
 from migrations_app.progress import vm_group
+from vms.access import role_vsp_ids
 
 from .problems import problem_response
 from .schemas import migration_out
@@ -53,15 +54,18 @@ def _authenticate(request: HttpRequest) -> Any | None:
     return user if user.is_authenticated else None
 
 
-def _state(migration_id: int) -> tuple[dict, bool] | None:
+def _state(migration_id: int, seen: frozenset[int] | None) -> tuple[dict, bool] | None:
+    """The migration as the API gives it to a user who sees the VSPs ``seen`` (``access.hide_unseen``),
+    and whether it ended; None once it is gone."""
     migration = (
-        Migration.objects.select_related("vm", "source", "target", "requested_by")
+        Migration.objects.select_related("vm", "source", "target", "requested_by", "cancel_requested_by")
         .filter(pk=migration_id)
         .first()
     )
     if migration is None:
         return None
-    return migration_out(migration).model_dump(mode="json"), migration.is_terminal
+    shown = hide_unseen(migration, seen) or migration
+    return migration_out(shown).model_dump(mode="json"), migration.is_terminal
 
 
 def _frame(event: str, data: dict) -> bytes:
@@ -76,17 +80,18 @@ async def migration_events(request: HttpRequest, migration_id: int) -> HttpRespo
     if not await sync_to_async(user.has_perm)(VIEW_MIGRATION):
         return problem_response(403, "Your account lacks the permission to see this.")
     visible = Migration.objects.filter(visible_migration_condition(user), pk=migration_id)
-    first = await sync_to_async(_state)(migration_id) if await visible.aexists() else None
+    seen = await sync_to_async(role_vsp_ids)(user)
+    first = await sync_to_async(_state)(migration_id, seen) if await visible.aexists() else None
     if first is None:
         return problem_response(404, f"No migration with the id {migration_id}.")
     vm_id = first[0]["vm_id"]
-    response = StreamingHttpResponse(_stream(migration_id, vm_id), content_type="text/event-stream")
+    response = StreamingHttpResponse(_stream(migration_id, vm_id, seen), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
 
 
-async def _stream(migration_id: int, vm_id: int) -> AsyncIterator[bytes]:
+async def _stream(migration_id: int, vm_id: int, seen: frozenset[int] | None) -> AsyncIterator[bytes]:
     signal = _Signal()
     group = vm_group(vm_id)
     fanout = get_fanout()
@@ -95,7 +100,7 @@ async def _stream(migration_id: int, vm_id: int) -> AsyncIterator[bytes]:
         sent: dict | None = None
         while True:
             signal.event.clear()
-            state = await sync_to_async(_state)(migration_id)
+            state = await sync_to_async(_state)(migration_id, seen)
             if state is None:
                 return
             data, ended = state

@@ -19,11 +19,11 @@ from migrations_app.access import hide_unseen, visible_migration_condition
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
-from vms.access import visible_vms, visible_vsps, vsps_with_role
+from vms.access import role_vsp_ids, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
 from vms.http import AuthenticatedHttpRequest
-from vms.models import Registration, Role, VirtualMachine
+from vms.models import Registration, VirtualMachine
 from vms.queries import filter_vms, vm_with_registrations
 
 from .lookups import MAX_ID, get_migration, get_vm, get_vsp
@@ -100,9 +100,7 @@ def get_one_vsp(request: HttpRequest, vsp: str = IdRef) -> VSPOut:
 
 def seen_vsp_ids(user: Any) -> frozenset[int] | None:
     """The VSPs of ``user``'s host groups (``None``: all, a superuser): what a VM's answer may name."""
-    if getattr(user, "is_superuser", False):
-        return None
-    return frozenset(vsps_with_role(user, Role.VIEWER).values_list("pk", flat=True))
+    return role_vsp_ids(user)
 
 
 def vm_out_for(request: HttpRequest, vm: VirtualMachine) -> VMOut:
@@ -306,7 +304,7 @@ def get_one_migration(request: HttpRequest, migration_id: int = MigrationId) -> 
     """
     require(request, VIEW_MIGRATION)
     found = get_migration(migration_id, request.user)
-    return migration_detail_out(shown(found, seen_vsp_ids(request.user)))
+    return migration_detail_out(found, seen_vsp_ids(request.user))
 
 
 @router.post(
@@ -316,7 +314,11 @@ def cancel_migration(request: HttpRequest, migration_id: int = MigrationId) -> S
     """Cancel: a queued migration ends at once; a running one stops before its commit (the VM stays)."""
     migration = get_migration(migration_id, request.user)
     do_cancel_migration(migration, request.user)
-    return Status(202, migration_out(get_migration(migration_id, request.user)))
+    # An operator of one end may cancel: the answer names the other group's VSP and requester no more
+    # than the migration's detail does.
+    return Status(
+        202, migration_out(shown(get_migration(migration_id, request.user), seen_vsp_ids(request.user)))
+    )
 
 
 @router.patch(

@@ -15,9 +15,11 @@ from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app import migration_policy
+from migrations_app.access import hide_unseen, hide_unseen_events
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
+from vms.devices import places_seen
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import online_migration_status
@@ -78,11 +80,12 @@ class NetworkOut(Schema):
 
 
 class DiskOut(Schema):
-    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes)."""
+    """A disk of a VM: a volume in a pool of the VSP it runs on (bytes). ``pool`` and ``pool_identity``
+    are null for a caller who may not see that VSP (another host group's: ``vms.devices.places_seen``)."""
 
     device: str
-    pool: str
-    pool_identity: str
+    pool: str | None
+    pool_identity: str | None
     volume: str
     virtual_size_bytes: int
     allocated_bytes: int
@@ -95,7 +98,9 @@ class DiskOut(Schema):
 
 class NicOut(Schema):
     index: int = Field(description="nic 0, nic 1, ... as the pre-checks name them")
-    network: str
+    network: str | None = Field(
+        description="A network of the VSP the VM runs on; null for a caller who may not see that VSP"
+    )
     mac: str
     model: str
 
@@ -216,6 +221,11 @@ class VMOut(Schema):
     hardware_status: Choice | None
     lost_since: datetime | None = Field(
         default=None, description="Lost: since when its host no longer reports the guest (null: not lost)"
+    )
+    host_unreachable: str = Field(
+        default="",
+        description="The statuses are only the last reported when the copy's host does not answer: "
+        "'as last reported: vsp2 unreachable since 20:13:05' (console's local time); '' while it answers",
     )
     boot_attribute: Choice
     graceful_stop_timeout_s: int
@@ -424,9 +434,16 @@ def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOu
     return MigrationChangedOut(**_migration_fields(migration), done=done)
 
 
-def migration_detail_out(migration: Migration) -> MigrationDetailOut:
-    events = [event_out(event) for event in migration.events.select_related("actor")]
-    return MigrationDetailOut(**_migration_fields(migration), events=events)
+def migration_detail_out(
+    migration: Migration, seen_vsp_ids: frozenset[int] | None = None
+) -> MigrationDetailOut:
+    """``migration`` with its timeline, as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may
+    read it: where he sees one end only, the other end's VSP and who acted are not named, in its fields
+    (``access.hide_unseen``) and its events' words and actors (``access.hide_unseen_events``), as the
+    report page shows them."""
+    events = hide_unseen_events(migration, migration.events.select_related("actor"), seen_vsp_ids)
+    shown = hide_unseen(migration, seen_vsp_ids) or migration
+    return MigrationDetailOut(**_migration_fields(shown), events=[event_out(event) for event in events])
 
 
 def _migration_fields(migration: Migration) -> dict:
@@ -483,6 +500,7 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
     failed: Migration | None = context.get("failed_migration")
     not_runnable_here = shown if shown is not None and not shown.is_runnable else None
     set_by = not_runnable_here.not_runnable_set_by if not_runnable_here else ""
+    disks, nics = devices_out(vm, seen_vsp_ids)
     return VMOut(
         id=vm.pk,
         name=vm.name,
@@ -497,6 +515,7 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
         migration_icon=_migration_icon(migration),
         hardware_status=choice(shown.hardware_status, shown.get_hardware_status_display()) if shown else None,
         lost_since=shown.lost_since if shown is not None and shown.is_lost else None,
+        host_unreachable=shown.unreachable_note() if shown is not None else "",
         boot_attribute=choice(vm.boot_attribute, vm.get_boot_attribute_display()),
         graceful_stop_timeout_s=vm.graceful_stop_timeout_s,
         online_migration=choice(status.value, status.label),
@@ -516,10 +535,25 @@ def vm_out(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None = None) -> V
             for r in vm.registrations.all()
             if seen_vsp_ids is None or r.vsp_id in seen_vsp_ids
         ],
-        disks=[DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")],
-        nics=[NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")],
+        disks=disks,
+        nics=nics,
         migration=migration_out(migration) if migration else None,
         alert=migration_out(failed) if failed else None,
+    )
+
+
+def devices_out(
+    vm: VirtualMachine, seen_vsp_ids: Collection[int] | None
+) -> tuple[list[DiskOut], list[NicOut]]:
+    """``vm``'s disks and cards; their pools and networks null unless the caller may see the VSP they are
+    on (``vms.devices.places_seen``)."""
+    disks = [DiskOut.model_validate(disk, from_attributes=True) for disk in vm.disks.order_by("device")]
+    nics = [NicOut.model_validate(nic, from_attributes=True) for nic in vm.nics.order_by("index")]
+    if places_seen(vm, seen_vsp_ids):
+        return disks, nics
+    return (
+        [disk.model_copy(update={"pool": None, "pool_identity": None}) for disk in disks],
+        [nic.model_copy(update={"network": None}) for nic in nics],
     )
 
 

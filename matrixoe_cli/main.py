@@ -29,6 +29,9 @@ out = Console()
 err = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON, for scripts.")]
+# The API names no pool or network of a VSP outside the caller's host groups (null): the pages' words.
+HIDDEN_POOL = "a pool of another host group"
+HIDDEN_NETWORK = "a network of another host group"
 
 
 def fail(message: str) -> typer.Exit:
@@ -157,7 +160,7 @@ def vms(
                 vm["kind"]["label"],
                 vm["vsp"] or "—",
                 vm["os_status"]["label"],
-                (vm["hardware_status"] or {}).get("label", "—"),
+                (vm["hardware_status"] or {}).get("label", "—") + as_last_reported(vm),
                 vm["online_migration"]["label"],
                 f"{migration['state']['label']} → {migration['target']}"
                 if migration and migration["active"]
@@ -204,7 +207,7 @@ def print_devices(vm: dict) -> None:
             table.add_row(
                 *plain(
                     disk["device"],
-                    disk["pool"],
+                    disk["pool"] or HIDDEN_POOL,
                     disk["volume"],
                     size_text(disk["virtual_size_bytes"]),
                     size_text(disk["allocated_bytes"]),
@@ -215,7 +218,8 @@ def print_devices(vm: dict) -> None:
     if vm.get("nics"):
         table = Table("Card", "Network", "MAC", "Model", title="Network")
         for nic in vm["nics"]:
-            table.add_row(*plain(f"nic {nic['index']}", nic["network"], nic["mac"], nic["model"]))
+            network = nic["network"] or HIDDEN_NETWORK
+            table.add_row(*plain(f"nic {nic['index']}", network, nic["mac"], nic["model"]))
         out.print(table)
 
 
@@ -301,6 +305,13 @@ def define(
     print_devices(data)
 
 
+def as_last_reported(vm: dict) -> str:
+    """ " (as last reported: vsp2 unreachable since 20:13:05)" when the VM's host does not answer (the
+    API's ``host_unreachable``), else "": the statuses shown are then only the last ones reported."""
+    note = vm.get("host_unreachable") or ""
+    return f" ({note})" if note else ""
+
+
 def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
     limits = vm["phase_time_limits_s"]
     copy_limit = "unlimited" if limits["copy"] is None else f"{limits['copy']} s"
@@ -311,9 +322,10 @@ def general_tab_lines(vm: dict) -> list[tuple[str, str]]:
         (
             "OS Status",
             vm["os_status"]["label"]
-            + {"queued": " (waiting to migrate)", "outgoing": " (migrating)"}.get(vm["migration_icon"], ""),
+            + {"queued": " (waiting to migrate)", "outgoing": " (migrating)"}.get(vm["migration_icon"], "")
+            + ("" if (vm["hardware_status"] or {}).get("value") == "not_runnable" else as_last_reported(vm)),
         ),
-        ("Virtual Hardware Status", (vm["hardware_status"] or {}).get("label", "—")),
+        ("Virtual Hardware Status", (vm["hardware_status"] or {}).get("label", "—") + as_last_reported(vm)),
         ("Boot Attribute", vm["boot_attribute"]["label"]),
         ("Graceful Stop Timeout", f"{vm['graceful_stop_timeout_s']} s"),
         ("Online Migration Enabled", vm["online_migration"]["label"]),

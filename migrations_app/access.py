@@ -12,19 +12,30 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.db.models import Q, QuerySet
 
-from vms.access import AccessDenied, can_view_vsp, has_role_on, require_global, vsps_with_role
+from vms.access import (
+    AccessDenied,
+    can_view_vsp,
+    has_role_on,
+    require_global,
+    role_vsp_ids,
+    vsps_with_role,
+)
+from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL
 from vms.models import VSP, Role, VirtualMachine
 
-from .models import Migration
+from .models import Migration, MigrationEvent
 
 VIEW_MIGRATION_PERMISSION = "migrations_app.view_migration"
 ADD_MIGRATION_PERMISSION = "migrations_app.add_migration"
 CHANGE_MIGRATION_PERMISSION = "migrations_app.change_migration"
 HIDDEN_VSP_NAME = "a VSP of another host group"  # stands for a VSP the user may not see
+HIDDEN_USER_NAME = "someone"  # stands for who acted on a migration whose other end the user may not see
 
 
 def visible_migration_condition(user: Any) -> Q:
@@ -38,6 +49,16 @@ def visible_migration_condition(user: Any) -> Q:
         return Q()
     seen = vsps_with_role(user, Role.VIEWER).values("pk")
     return Q(source_id__in=seen) | Q(target_id__in=seen)
+
+
+def requester_shown_condition(user: Any) -> Q:
+    """A ``Q`` on migrations whose requester ``user`` may be told: he sees both their ends (a refusal
+    runnable nowhere has no source: its target then), as ``hide_unseen`` names who asked. An ``IN``
+    subquery, no extra query."""
+    if getattr(user, "is_superuser", False):
+        return Q()
+    seen = vsps_with_role(user, Role.VIEWER).values("pk")
+    return (Q(source_id__in=seen) | Q(source_id__isnull=True)) & Q(target_id__in=seen)
 
 
 def check_can_migrate(user: Any, vm: VirtualMachine, target: VSP | None = None) -> None:
@@ -97,36 +118,118 @@ def may_forget_release(user: Any, migration: Migration) -> bool:
     return True
 
 
-def visible_migrations(user: Any) -> QuerySet[Migration]:
-    """The migrations ``user`` may see (``visible_migration_condition``), e.g. for the audit trail."""
-    return Migration.objects.filter(visible_migration_condition(user))
+def audited_migrations(user: Any) -> QuerySet[Migration]:
+    """The migrations whose audit events ``user`` may read: those whose both ends he sees
+    (``requester_shown_condition``), since an audit event names both ends and who acted, words the
+    timeline shows a one-end viewer only masked (``hide_unseen_events``)."""
+    return Migration.objects.filter(requester_shown_condition(user))
+
+
+@dataclass(frozen=True)
+class Mask:
+    """What of one migration a user who sees only one of its ends may not read: the other end's VSP name
+    (``vsp_name``, "" when that end is no VSP) and who acted (``user_names``: who asked, who cancelled,
+    who changed it). ``text`` puts stand-ins in their place."""
+
+    vsp_name: str
+    user_names: frozenset[str]
+
+    def text(self, words: str) -> str:
+        """``words`` with the VSP named as ``HIDDEN_VSP_NAME`` and each user as ``HIDDEN_USER_NAME``."""
+        if self.vsp_name:
+            words = re.sub(rf"\b{re.escape(self.vsp_name)}\b", HIDDEN_VSP_NAME, words)
+        for name in self.user_names:  # a name as a word of its own (usernames may hold . @ + -)
+            words = re.sub(rf"(?<![\w.@+-]){re.escape(name)}(?![\w.@+-])", HIDDEN_USER_NAME, words)
+        return words
+
+
+def migration_mask(
+    migration: Migration, seen_vsp_ids: frozenset[int] | None, actors: Iterable[Any] = ()
+) -> Mask | None:
+    """The ``Mask`` of ``migration`` for a user who sees the VSPs ``seen_vsp_ids`` (``None``: all), or
+    None when there is nothing to hide (he sees both ends, or neither: then he sees nothing of it).
+    ``actors``: more users whose names are hidden (the actors of its events)."""
+    if seen_vsp_ids is None:
+        return None
+    sees_source = migration.source_id is None or migration.source_id in seen_vsp_ids
+    sees_target = migration.target_id is None or migration.target_id in seen_vsp_ids
+    if sees_source == sees_target:
+        return None
+    hidden = migration.target if sees_source else migration.source
+    users = [migration.requested_by, migration.cancel_requested_by, *actors]
+    names = frozenset(name for user in users if user is not None and (name := user.get_username()))
+    return Mask(hidden.name if hidden is not None else "", names)
+
+
+def words_for(user: Any, migration: Migration, words: str) -> str:
+    """``words`` about ``migration`` (a refusal, say) as ``user`` may read them (``migration_mask`` by his
+    host groups' VSPs; his own name stays his)."""
+    mask = migration_mask(migration, role_vsp_ids(user))
+    if mask is None:
+        return words
+    own = getattr(user, "get_username", lambda: "")()
+    return replace(mask, user_names=mask.user_names - {own}).text(words)
 
 
 def hide_unseen(migration: Migration | None, seen_vsp_ids: frozenset[int] | None) -> Migration | None:
     """``migration`` as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all) may see it.
 
     ``None`` when he sees neither its source nor its target; else a copy where a VSP he may not see is a
-    stand-in (``HIDDEN_VSP_NAME``, also in its alert's words) and, unless he sees both ends, nobody
-    asked. The original is not changed."""
+    stand-in (``HIDDEN_VSP_NAME``, also in its alert's and warning's words), nobody asked, and the disks
+    and cards it recorded of the other end are not named (``hide_unseen_devices``). The original is not
+    changed."""
     if migration is None or seen_vsp_ids is None:
         return migration
     sees_source, sees_target = migration.source_id in seen_vsp_ids, migration.target_id in seen_vsp_ids
     if not (sees_source or sees_target):
         return None
-    # An end that is no VSP (a refusal runnable nowhere, a deleted VSP) names nothing to hide.
-    sees_source = sees_source or migration.source_id is None
-    sees_target = sees_target or migration.target_id is None
-    if sees_source and sees_target:
+    mask = migration_mask(migration, seen_vsp_ids)
+    if mask is None:
         return migration
     masked = copy.copy(migration)  # Django copies the related-object cache too: the original keeps its own
+    # An end that is no VSP (a refusal runnable nowhere, a deleted VSP) names nothing to hide.
+    sees_source = sees_source or migration.source_id is None
     hidden = migration.target if sees_source else migration.source
     stand_in = VSP(pk=hidden.pk if hidden is not None else None, name=HIDDEN_VSP_NAME)
     if sees_source:
         masked.target = stand_in
     else:
         masked.source = stand_in
+        masked.guest_devices = hide_unseen_devices(migration.guest_devices)
     masked.requested_by = None
     masked.cancel_requested_by = None
-    if hidden is not None and hidden.name and masked.alert:
-        masked.alert = re.sub(rf"\b{re.escape(hidden.name)}\b", HIDDEN_VSP_NAME, masked.alert)
+    masked.alert = mask.text(migration.alert)
+    masked.warning = mask.text(migration.warning)
     return masked
+
+
+def hide_unseen_devices(devices: dict[str, Any] | None) -> dict[str, Any]:
+    """A migration's ``guest_devices`` (recorded on its source) without the source's pools and networks:
+    each disk's pool and each card's network is ``HIDDEN_POOL`` / ``HIDDEN_NETWORK``."""
+    devices = devices or {}
+    return {
+        "disks": [{**disk, "pool": HIDDEN_POOL} for disk in devices.get("disks") or []],
+        "nics": [{**nic, "network": HIDDEN_NETWORK} for nic in devices.get("nics") or []],
+    }
+
+
+def hide_unseen_events(
+    migration: Migration, events: Iterable[MigrationEvent], seen_vsp_ids: frozenset[int] | None
+) -> list[MigrationEvent]:
+    """``migration``'s ``events`` (its timeline: the original ``migration``, not ``hide_unseen``'s copy,
+    and events with their ``actor`` loaded) as a user who sees the VSPs ``seen_vsp_ids`` (``None``: all)
+    may read them, as the General tab and the report show the migration: where he sees only one end,
+    each message names the other end's VSP as ``HIDDEN_VSP_NAME`` and who acted as ``HIDDEN_USER_NAME``,
+    and no event has an actor. Copies; the originals are not changed."""
+    events = list(events)
+    actors = [event.actor for event in events if event.actor_id is not None]
+    mask = migration_mask(migration, seen_vsp_ids, actors)
+    if mask is None:
+        return events
+    shown = []
+    for event in events:
+        masked = copy.copy(event)
+        masked.message = mask.text(event.message)
+        masked.actor = None
+        shown.append(masked)
+    return shown

@@ -26,7 +26,13 @@ from vms.inventory import probe_reachability
 from vms.models import VSP, AuditEvent, VirtualMachine
 
 from . import alerts, limits, migration_policy, refusals
-from .access import ADD_MIGRATION_PERMISSION, check_can_cancel, check_can_forget_release, check_can_migrate
+from .access import (
+    ADD_MIGRATION_PERMISSION,
+    check_can_cancel,
+    check_can_forget_release,
+    check_can_migrate,
+    words_for,
+)
 from .alerts import NO_ONE_NAMED
 from .checks import ALREADY_MIGRATING_REASON, check_target
 from .models import Migration, MigrationEvent
@@ -207,8 +213,8 @@ def do_cancel_migration(migration: Migration, user: Any) -> None:
                 actor=_actor(user),
             )
             record_cancel(current, user, f"Cancel requested by {user} during {current.get_state_display()}")
-    if not flagged:
-        raise MigrationRefused(too_late_message(current))
+    if not flagged:  # an operator of one end is not told the other group's VSP or who cancelled
+        raise MigrationRefused(words_for(user, current, too_late_message(current)))
     logger.info("%s requested cancel of migration %s (%s)", user, migration.pk, current.state)
 
 

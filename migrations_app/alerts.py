@@ -8,7 +8,7 @@ Nothing here changes state or asks an agent: callers pass what they learnt.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agentprotocol import ProgressSnapshot
 from vms.agent_client import (
@@ -167,6 +167,30 @@ def restated_alert(migration: Migration, status: str) -> tuple[str, str] | None:
     return alert, f"{migration.source} answered again: {now[0].lower()}{now[1:]}."
 
 
+def restated_source_lost(migration: Migration, since: datetime) -> tuple[str, str] | None:
+    """An ended migration's alert that says the VM keeps running on its source, restated once that source
+    no longer reports the guest (the inventory marked its copy Lost at ``since``, an aware time): (new
+    alert, timeline event), or None when the alert says no such thing. What followed the sentence (a
+    note that the source answered again) is history the new words replace.
+
+    QA: a demo agent restarted after an abort, its guests gone (the VM shown Lost), and the report still
+    said the VM keeps running there.
+    """
+    source = migration.require_source().name
+    keeps = f"The VM keeps running on {source}"
+    if keeps not in migration.alert:
+        return None
+    ended = "cancel" if migration.state == Migration.State.CANCELLED else "abort"
+    until = f"{since.astimezone(UTC):%H:%M:%S} UTC"
+    restated = (
+        f"The VM kept running on {source} after the {ended} until {until}, when {source} no longer "
+        "reported it (its host agent restarted without it, or it was removed): it is not running there "
+        "now."
+    )
+    alert = migration.alert[: migration.alert.index(keeps)] + restated
+    return alert, f"{source} no longer reports the VM (since {until}): it is not running there."
+
+
 def restated_target_back(migration: Migration) -> tuple[str, str] | None:
     """An abort's alert that said the target's agent was not running, restated once that agent answered
     again (its discard went through): it was not running and now answers, so it restarted. (new alert,
@@ -209,6 +233,31 @@ def target_did_not_run(migration: Migration, refusal: ProgressSnapshot | AgentRe
         return f"{migration.target.name} lost the guest before running it (its host agent restarted)"
     said = f"it reports {refusal.state}" if isinstance(refusal, ProgressSnapshot) else str(refusal)
     return f"{migration.target.name} did not run the guest ({said})"
+
+
+REASON_LENGTH = 200  # ``Registration.not_runnable_reason``
+
+
+def kept_on_source_reason(
+    migration: Migration, refusal: ProgressSnapshot | AgentRefused, status: bool | str | None
+) -> str:
+    """The Not Runnable reason of the target's copy when the commit's flip is turned back
+    (``records.unflip_registrations``): why the target did not take the guest (``target_did_not_run``),
+    then where the guest is by the source's own answer (``status`` as ``stays_sentence`` takes it), so a
+    source that lost the guest too (its agent killed, a simulated host's guests dying with it) is not said
+    to keep it. At most ``REASON_LENGTH`` characters (cut with "…")."""
+    source = migration.require_source().name
+    if status is True or status == "running":
+        where = f"the guest stays on VSP {source}"
+    elif status is False or status == "stopped":
+        where = f"the guest stays on VSP {source}, where it is not running"
+    elif status == "gone":
+        where = f"VSP {source} no longer has it either (the VM is not running): start it again on {source}"
+    else:
+        where = f"the guest stays on VSP {source}, which did not answer: it may be down there"
+    why = target_did_not_run(migration, refusal)
+    reason = f"After the commit, {why}; {where}"
+    return reason if len(reason) <= REASON_LENGTH else reason[: REASON_LENGTH - 1] + "…"
 
 
 def resume_pending(migration: Migration) -> str:

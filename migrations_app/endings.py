@@ -19,6 +19,7 @@ from typing import Any
 from agentprotocol import FailureKind, ProgressSnapshot
 from vms.agent_client import AgentRefused
 from vms.devices import size_text
+from vms.models import Registration
 
 from . import alerts, records
 from .agents import RELEASE_TIMEOUT_S, UNDO_ATTEMPTS, Answer, GuestStatus, MigrationAgents, runs_the_guest
@@ -90,6 +91,29 @@ def restate_where_the_vm_is(agents: MigrationAgents) -> bool:
     if restated is None or not records.restate_alert(migration, *restated):
         return False
     logger.info("Migration %s: alert restated after its source answered again: %s", migration.pk, restated[1])
+    return True
+
+
+def restate_lost_on_source(registration: Registration) -> bool:
+    """The inventory marked ``registration`` (a runnable copy) Lost: if its VM's latest migration ended
+    unsuccessfully from that VSP with an alert saying the VM keeps running there, restate it
+    (``alerts.restated_source_lost``): the report, the Alerts and the API no longer say it runs there.
+    Registered with ``vms.hooks.register_lost_listener``. Returns whether it was restated."""
+    latest = (
+        Migration.objects.filter(vm_id=registration.vm_id)
+        .exclude(state=State.REFUSED)
+        .select_related("source", "vm")
+        .order_by("-requested_at", "-pk")
+        .first()
+    )
+    if latest is None or latest.state not in (State.ABORTED, State.CANCELLED):
+        return False
+    if latest.source_id != registration.vsp_id or registration.lost_since is None:
+        return False
+    restated = alerts.restated_source_lost(latest, registration.lost_since)
+    if restated is None or not records.restate_alert(latest, *restated):
+        return False
+    logger.warning("Migration %s: alert restated, its source lost the guest: %s", latest.pk, restated[1])
     return True
 
 
@@ -236,7 +260,8 @@ def keep_on_source(agents: MigrationAgents, lease: Lease, refusal: ProgressSnaps
         State.COMMITTING, alerts.target_did_not_run(migration, refusal), kind=FailureKind.UNREACHABLE
     )
     alert = alerts.abort_alert(migration, failure, status)
+    reason = alerts.kept_on_source_reason(migration, refusal, status)
     records.record_kept_on_source(
-        migration, failure, alert, lease, discarded=discarded, running=status == "running"
+        migration, failure, alert, lease, discarded=discarded, running=status == "running", reason=reason
     )
     return True

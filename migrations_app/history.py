@@ -210,9 +210,9 @@ class HistoryFilterForm(forms.Form):
 
 def filter_migrations(data: dict[str, Any]) -> QuerySet[Migration]:
     """Newest first, filtered by a valid ``HistoryFilterForm``'s ``cleaned_data`` (UTC dates, inclusive)."""
-    migrations = Migration.objects.select_related("source", "target", "requested_by").order_by(
-        "-requested_at", "-id"
-    )
+    migrations = Migration.objects.select_related(
+        "source", "target", "requested_by", "cancel_requested_by"
+    ).order_by("-requested_at", "-id")
     if data.get("vm"):
         migrations = migrations.filter(vm_name=data["vm"].strip())
     if data.get("vsp"):
@@ -261,8 +261,9 @@ def csv_safe(value: object) -> str:
     return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
-def csv_lines(migrations: Iterable[Migration]) -> Iterator[str]:
-    """The header then one CSV line per migration (for a streaming response)."""
+def csv_lines(migrations: Iterable[Migration], seen_vsp_ids: frozenset[int] | None = None) -> Iterator[str]:
+    """The header then one CSV line per migration (for a streaming response), each as a user who sees
+    the VSPs ``seen_vsp_ids`` (``None``: all) may see it (``access.hide_unseen``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
 
@@ -274,7 +275,8 @@ def csv_lines(migrations: Iterable[Migration]) -> Iterator[str]:
 
     yield line(CSV_HEADER)
     now = timezone.now()
-    for migration in migrations:
+    for found in migrations:
+        migration = hide_unseen(found, seen_vsp_ids) or found
         row = HistoryRow.of(migration, now)
         yield line(
             (
@@ -305,7 +307,9 @@ def vm_history(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = Non
     if visible_vsp_ids is not None:
         seen = frozenset(visible_vsp_ids)
         migrations = migrations.filter(Q(source_id__in=seen) | Q(target_id__in=seen))
-    latest = migrations.select_related("source", "target", "requested_by").order_by("-requested_at", "-id")
+    latest = migrations.select_related("source", "target", "requested_by", "cancel_requested_by").order_by(
+        "-requested_at", "-id"
+    )
     now = timezone.now()
     hidden = None if visible_vsp_ids is None else frozenset(visible_vsp_ids)
     rows = (hide_unseen(migration, hidden) for migration in latest[:VM_HISTORY_LENGTH])

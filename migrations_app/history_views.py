@@ -12,16 +12,17 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
 from django.core.paginator import EmptyPage, Paginator
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from vms.access import vsps_with_role
+from vms.access import role_vsp_ids, vsps_with_role
 from vms.models import VSP, Role
 from vms.views import form_errors_text
 
-from .access import may_forget_release, visible_migration_condition
+from .access import hide_unseen, may_forget_release, requester_shown_condition, visible_migration_condition
 from .actions import MigrationRefused, do_forget_release
 from .history import VIEW_MIGRATION_PERMISSION, HistoryFilterForm, HistoryRow, csv_lines, filter_migrations
 from .models import Migration
@@ -36,11 +37,20 @@ def history_form(request: HttpRequest) -> HistoryFilterForm:
     form = HistoryFilterForm(request.GET)
     vsps = vsps_with_role(request.user, Role.VIEWER, VSP.objects.only("id", "name").order_by("name"))
     form.fields["vsp"].queryset = vsps  # type: ignore[attr-defined]
-    requesters = Migration.objects.filter(visible_migration_condition(request.user)).values("requested_by")
+    requesters = Migration.objects.filter(requester_shown_condition(request.user)).values("requested_by")
     form.fields["user"].queryset = (  # type: ignore[attr-defined]
         get_user_model().objects.filter(pk__in=requesters).order_by("username")
     )
     return form
+
+
+def visible_history(request: HttpRequest, form: HistoryFilterForm) -> QuerySet[Migration]:
+    """The filtered history the user may see; filtered by who asked, only the migrations whose requester
+    he may be told (``access.requester_shown_condition``): a filter must not name who asked the others."""
+    migrations = filter_migrations(form.cleaned_data).filter(visible_migration_condition(request.user))
+    if form.cleaned_data.get("user"):
+        migrations = migrations.filter(requester_shown_condition(request.user))
+    return migrations
 
 
 def visible_report_migration(request: HttpRequest, migration_id: int) -> Migration:
@@ -72,15 +82,14 @@ def history(request: HttpRequest) -> HttpResponse:
         }
         return render(request, HISTORY_TEMPLATE, context, status=400)
     try:
-        page = Paginator(
-            filter_migrations(form.cleaned_data).filter(visible_migration_condition(request.user)), PAGE_SIZE
-        ).page(form.cleaned_data["page"] or 1)
+        page = Paginator(visible_history(request, form), PAGE_SIZE).page(form.cleaned_data["page"] or 1)
     except EmptyPage:
         raise Http404("No such page of the migration history.") from None
     now = timezone.now()
     query = request.GET.copy()
     query.pop("page", None)
-    rows = [HistoryRow.of(migration, now) for migration in page]
+    seen = role_vsp_ids(request.user)
+    rows = [HistoryRow.of(hide_unseen(migration, seen) or migration, now) for migration in page]
     context = {
         "form": form,
         "page": page,
@@ -102,12 +111,9 @@ def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     form = history_form(request)
     if not form.is_valid():
         return HttpResponse(form_errors_text(form), status=400, content_type="text/plain; charset=utf-8")
-    migrations = (
-        filter_migrations(form.cleaned_data)
-        .filter(visible_migration_condition(request.user))
-        .iterator(chunk_size=2000)
-    )
-    response = StreamingHttpResponse(csv_lines(migrations), content_type="text/csv; charset=utf-8")
+    migrations = visible_history(request, form).iterator(chunk_size=2000)
+    lines = csv_lines(migrations, role_vsp_ids(request.user))
+    response = StreamingHttpResponse(lines, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="migrations.csv"'
     return response
 
@@ -116,7 +122,7 @@ def history_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
 @permission_required(VIEW_MIGRATION_PERMISSION, raise_exception=True)
 def report(request: HttpRequest, migration_id: int) -> HttpResponse:
     migration = visible_report_migration(request, migration_id)
-    context = {**report_context(migration), "nav": "migrations"}
+    context = {**report_context(migration, role_vsp_ids(request.user)), "nav": "migrations"}
     context["may_forget_release"] = may_forget_release(request.user, migration)
     return render(request, REPORT_TEMPLATE, context)
 

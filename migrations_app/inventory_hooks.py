@@ -6,7 +6,9 @@
 - a VSP's page: the live part and "migrate selected", a selection and a migration column per row;
 - power: a guest that migrates is busy (its power buttons say why); a VSP with migrations cannot retire;
 - free memory: an in-flight migration reserves its guest's memory on its target;
-- the audit trail: events about a migration are readable by whoever may see the migration.
+- the audit trail: events about a migration are readable by whoever sees both its ends;
+- lost guests: an alert that said the guest keeps running on a source that no longer reports it is
+  restated (``endings.restate_lost_on_source``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from vms.access import may_act_on_vsp
 from vms.models import VSP, VirtualMachine
 
 from . import history, migration_policy, progress
-from .access import ADD_MIGRATION_PERMISSION, visible_migrations
+from .access import ADD_MIGRATION_PERMISSION, audited_migrations
 from .capacity import reserved_by_incoming_migrations
+from .endings import restate_lost_on_source
 from .models import Migration
 
 PROGRESS = "migrations_app/progress.html"
@@ -50,7 +53,8 @@ def register() -> None:
     hooks.register_busy_check(migrating_guests)
     hooks.register_vsp_busy_check(migrations_on_vsp)
     hooks.register_reservation(reserved_by_incoming_migrations)
-    hooks.register_audit_subject("migrations_app.migration", visible_migrations)
+    hooks.register_audit_subject("migrations_app.migration", audited_migrations)
+    hooks.register_lost_listener(restate_lost_on_source)
 
 
 def policy_context(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None) -> dict[str, Any]:

@@ -413,10 +413,12 @@ def record_kept_on_source(
     *,
     discarded: bool,
     running: bool,
+    reason: str,
 ) -> None:
     """COMMITTING -> ABORTED (failed in Committing) with ``alert``, and the registration flip turned back
-    (``unflip_registrations``), in one transaction, so the VM stays runnable on exactly one VSP, the one
-    that has it. ``discarded``: the target answered its discard (else the undo stays pending).
+    (``unflip_registrations``; ``reason``: the target copy's Not Runnable reason), in one transaction, so
+    the VM stays runnable on exactly one VSP, the one that has it. ``discarded``: the target answered its
+    discard (else the undo stays pending).
 
     Raises ``lease.superseded()`` when it is still COMMITTING but not this decider's to change.
     """
@@ -434,7 +436,7 @@ def record_kept_on_source(
             where=lease.where,
         )
         if won:
-            unflip_registrations(migration, running=running)
+            unflip_registrations(migration, running=running, reason=reason)
     if won:
         logger.error("Migration %s kept on its source after the commit: %s", migration.pk, alert)
         migration.state = State.ABORTED
@@ -443,8 +445,9 @@ def record_kept_on_source(
         raise lease.superseded()
 
 
-def unflip_registrations(migration: Migration, *, running: bool) -> None:
-    """The commit's flip undone: the target copy Not Runnable, then the source copy runnable (On if it runs).
+def unflip_registrations(migration: Migration, *, running: bool, reason: str) -> None:
+    """The commit's flip undone: the target copy Not Runnable (set by Migrate, with ``reason``:
+    ``alerts.kept_on_source_reason``), then the source copy runnable (On if it runs).
 
     Inside a transaction; each change is an audit event (``Registration`` methods).
     """
@@ -455,7 +458,7 @@ def unflip_registrations(migration: Migration, *, running: bool) -> None:
     if target_copy is not None and target_copy.hardware_status != Registration.HardwareStatus.NOT_RUNNABLE:
         target_copy.mark_not_runnable(
             set_by=Registration.SetBy.MIGRATE,
-            reason=f"VSP {target} lost the guest after the commit; it stays on VSP {source}",
+            reason=reason,
             actor=actor,
         )
     source_copy = copies.get(vsp_id=migration.require_source().pk)

@@ -15,6 +15,7 @@ from typing import Any
 from django.utils import timezone
 
 from . import migration_policy
+from .access import hide_unseen, hide_unseen_events
 from .downtime import allowed_for, downtime_excess
 from .history import HistoryRow, total_seconds
 from .limits import phase_limits_of
@@ -165,11 +166,17 @@ def get_report_migration(migration_id: int) -> Migration | None:
     )
 
 
-def report_context(migration: Migration) -> dict[str, Any]:
-    """Everything the report page shows (one more query: the events with their actors)."""
-    events = list(
-        MigrationEvent.objects.filter(migration=migration).select_related("actor").order_by("at", "pk")
+def report_context(migration: Migration, seen_vsp_ids: frozenset[int] | None = None) -> dict[str, Any]:
+    """Everything the report page shows (one more query: the events with their actors), as a user who
+    sees the VSPs ``seen_vsp_ids`` (``None``: all) may see it: where he sees one end only, the other end's
+    VSP and who acted are not named, in the summary or the timeline (``access.hide_unseen``,
+    ``hide_unseen_events``)."""
+    events = hide_unseen_events(
+        migration,
+        MigrationEvent.objects.filter(migration=migration).select_related("actor").order_by("at", "pk"),
+        seen_vsp_ids,
     )
+    migration = hide_unseen(migration, seen_vsp_ids) or migration
     now = timezone.now()
     allowed = allowed_for(migration)
     phases = phase_timings(migration, now)

@@ -244,6 +244,8 @@ def outlook(migration: Migration, now: datetime | None = None) -> Outlook | None
             reason = f"too close to promise (with the guest writing {faster} it would not finish in time)"
         warning += f": {reason}." if reason else "."
         options = forecast.rescues(guest, link, policy, state, can_throttle=throttle_live)
+    if copy_over_reason(migration):  # switching over now: neither "will stop at its limit" nor a rescue
+        warning, options = "", []
     # A close call's times are those of the measured rates (what happens if they hold).
     hopes = result.converges or result.verdict is forecast.Verdict.MAY_NOT_CONVERGE
     return Outlook(
@@ -405,15 +407,41 @@ def check_applies(migration: Migration, change: ParamsChange) -> None:
             f"Migration {number} is {migration.get_state_display().lower()}: only a migration in its "
             f"Init or Copy phase can be changed. {NOTHING_CHANGED}"
         )
-    if migration.switchover_requested_at is not None:
-        raise ChangeRefused(copy_over_words(migration, "a switch-over was already asked"))
-    if state == Migration.State.COPY and migration.copy_percent >= 100:
-        raise ChangeRefused(copy_over_words(migration, "its Copy converged"))
+    over = copy_over_reason(migration)
+    if over:
+        raise ChangeRefused(copy_over_words(migration, over))
     if change.switchover_now and state == Migration.State.INIT:
         raise ChangeRefused(
             f"Migration {number} is still in its Init phase: there is nothing to switch over yet. "
             f"Switching over is possible once Copy has begun. {NOTHING_CHANGED}"
         )
+
+
+def copy_over_reason(migration: Migration) -> str:
+    """Why ``migration``, still in Copy, takes no change any more: "a switch-over was already asked" or
+    "its Copy converged" (the worker is about to quiesce); "" while changes apply (or it is not in Copy).
+    The same for the API's 409 (``check_applies``) and the phases panel's buttons (``copy_over_note``)."""
+    if migration.state != Migration.State.COPY:
+        return ""
+    if migration.switchover_requested_at is not None:
+        return "a switch-over was already asked"
+    if migration.copy_percent >= 100:
+        return "its Copy converged"
+    return ""
+
+
+def copy_over_note(migration: Migration) -> str:
+    """The phases panel's words beside its disabled steering buttons once Copy takes no change
+    (``copy_over_reason``): "Switch-over asked at 12:03:04: it is switching over now; no change applies
+    any more." or "Copy converged: ...". "" while the buttons apply."""
+    why = copy_over_reason(migration)
+    if not why:
+        return ""
+    if migration.switchover_requested_at is not None:
+        head = f"Switch-over asked at {timezone.localtime(migration.switchover_requested_at):%H:%M:%S}"
+    else:
+        head = "Copy converged"
+    return f"{head}: it is switching over now; no change applies any more."
 
 
 def copy_over_words(migration: Migration, why: str) -> str:

@@ -74,6 +74,14 @@ def vsps_with_role(user: Any, role: str, vsps: QuerySet[VSP] | None = None) -> Q
     return (VSP.objects.all() if vsps is None else vsps).filter(vsp_condition(user, role))
 
 
+def role_vsp_ids(user: Any) -> frozenset[int] | None:
+    """The VSPs of ``user``'s host groups (a viewer role or more), ``None`` for a superuser (all): what a
+    page or an answer about a guest or a migration may name (one query)."""
+    if getattr(user, "is_superuser", False):
+        return None
+    return frozenset(vsps_with_role(user, Role.VIEWER).values_list("pk", flat=True))
+
+
 def visible_vsps(user: Any, vsps: QuerySet[VSP] | None = None) -> QuerySet[VSP]:
     """The VSPs ``user`` may see: ``vms.view_vsp`` and a role in their group. No extra query."""
     if not has_global(user, VIEW_VSP_PERMISSION):

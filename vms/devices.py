@@ -9,12 +9,17 @@ guests' disks and cards are left as the console knew them.
 
 A VM's disks and cards belong to the VM (not to a copy): the runnable copy's agent reports them.
 A disk's pool is named as on that VSP; its ``pool_identity`` finds the same storage elsewhere.
+
+Pools and networks are that VSP's: a viewer who may not see it (he sees the guest only through a Not
+Runnable copy in his host group) is shown the disks and cards but not where they are (``places_seen``):
+"a pool of another host group", "a network of another host group" on the pages and in the command,
+``null`` in the API (docs/permissions.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from django.db.models import Count, Sum
@@ -26,6 +31,21 @@ from vms.models import VSP, Network, NetworkCard, StoragePool, VirtualDisk, Virt
 logger = logging.getLogger(__name__)
 
 RESOURCES_UNKNOWN = "its agent does not report storage pools and networks (an older agent)"
+HIDDEN_POOL = "a pool of another host group"  # stands for a pool of a VSP the viewer may not see
+HIDDEN_NETWORK = "a network of another host group"
+
+
+def places_seen(vm: VirtualMachine, seen_vsp_ids: Collection[int] | None) -> bool:
+    """Whether a viewer who sees the VSPs ``seen_vsp_ids`` (``None``: all) may be told ``vm``'s disks'
+    pools and its cards' networks: they are the VSP it runs on's (its runnable copy's), so he must see
+    that VSP; a guest runnable nowhere was last reported by one of its copies' VSPs, so he must see them
+    all. Reads ``vm.registrations`` (prefetch them for a list)."""
+    if seen_vsp_ids is None:
+        return True
+    runnable = vm.runnable_registration
+    if runnable is not None:
+        return runnable.vsp_id in seen_vsp_ids
+    return all(copy.vsp_id in seen_vsp_ids for copy in vm.registrations.all())
 
 
 def store_resources(vsp: VSP, resources: HostResources) -> None:
@@ -101,9 +121,13 @@ class DeviceSummary:
     networks: list[str]
 
 
-def device_summary(vm: VirtualMachine) -> DeviceSummary:
+def device_summary(vm: VirtualMachine, places: bool = True) -> DeviceSummary:
+    """``places``: the viewer may be told the networks (``places_seen``), else each reads
+    ``HIDDEN_NETWORK``."""
     disks = VirtualDisk.objects.filter(vm=vm).aggregate(count=Count("pk"), total=Sum("virtual_size_bytes"))
     networks = list(dict.fromkeys(NetworkCard.objects.filter(vm=vm).values_list("network", flat=True)))
+    if not places and networks:
+        networks = [HIDDEN_NETWORK]
     return DeviceSummary(disks["count"] or 0, disks["total"] or 0, networks)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from vms.devices import device_summary
+from vms.devices import device_summary, places_seen
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import OnlineMigrationStatus, online_migration_status
 
@@ -68,7 +68,8 @@ def general_tab_context(
         "vsp": vsp,
         "online_migration": online_migration_status(vm, vsp),
         "other_registrations": rows,
-        "devices": device_summary(vm),  # the summary's disks (count, total size) and networks
+        # the summary's disks (count, total size) and networks (not named from another group's VSP)
+        "devices": device_summary(vm, places_seen(vm, visible_vsp_ids)),
     }
     for provider in _context_providers:
         context.update(provider(vm, role_vsp_ids))

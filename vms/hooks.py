@@ -12,7 +12,9 @@ keeps ``vms`` from importing those apps).
 - **busy guests**: why a guest's power may not change now (e.g. a migration owns it);
 - **busy hosts**: why a VSP may not be retired now (migrations, evacuations);
 - **reservations**: memory a host holds for guests on their way to it (free memory counts it);
-- **audit subjects**: which audit events about another app's objects a user may read.
+- **audit subjects**: which audit events about another app's objects a user may read;
+- **lost guests**: told when a runnable copy's host no longer reports its guest (e.g. a migration's alert
+  that said the guest keeps running there is restated).
 """
 
 from __future__ import annotations
@@ -150,3 +152,22 @@ def register_audit_subject(object_type: str, visible: AuditSubject) -> None:
 def audit_subjects() -> dict[str, AuditSubject]:
     """The registered object types with their visibility querysets."""
     return dict(_audit_subjects)
+
+
+# -- lost guests -----------------------------------------------------------------------------------------
+LostListener = Callable[[Any], object]  # what it returns is not read
+_lost_listeners: list[LostListener] = []
+
+
+def register_lost_listener(listener: LostListener) -> None:
+    """Add ``listener(registration)``: called once when the inventory marks the runnable copy
+    ``registration`` Lost (its host's agent answered without the guest; ``lost_since`` set), inside the
+    inventory's transaction, so what it writes commits with the mark."""
+    if listener not in _lost_listeners:
+        _lost_listeners.append(listener)
+
+
+def guest_lost(registration: Any) -> None:
+    """Tell every listener that ``registration`` was just marked Lost."""
+    for listener in _lost_listeners:
+        listener(registration)

@@ -37,6 +37,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from agentprotocol import GuestInfo, Health, HostResources
+from vms import hooks
 from vms.agent_client import (
     AgentAddressRefused,
     AgentClient,
@@ -535,8 +536,9 @@ def store_guest(registration: Registration, guest: GuestInfo) -> None:
 
 def mark_lost(registration: Registration) -> bool:
     """The agent answered without the guest of the runnable copy ``registration``: mark it Lost, since
-    now, and log the alert. Compare-and-set on its status as read, and never while its VM migrates
-    (the migration owns the copies then); returns whether this call marked it."""
+    now, log the alert and tell the lost-guest listeners (``hooks.guest_lost``). Compare-and-set on its
+    status as read, and never while its VM migrates (the migration owns the copies then); returns whether
+    this call marked it."""
     if registration.is_lost:
         return False
     now = timezone.now()
@@ -550,4 +552,5 @@ def mark_lost(registration: Registration) -> bool:
     VirtualMachine.objects.filter(pk=registration.vm_id).update(os_status=VirtualMachine.OSStatus.LOST)
     registration.hardware_status, registration.lost_since = Registration.HardwareStatus.LOST, now
     logger.error(registration.lost_alert())
+    hooks.guest_lost(registration)  # e.g. a migration's alert that said it keeps running there
     return True

@@ -513,6 +513,16 @@ class Registration(models.Model):
             f"{self.vsp.name} is still the runnable one: Start defines it there again and starts it."
         )
 
+    def unreachable_note(self) -> str:
+        """For a copy whose host does not answer (``VSP.unreachable_since``): the words saying its status is
+        only the last one reported ("as last reported: vsp2 unreachable since 20:13:05", local time), else
+        "". A status read before the host stopped answering is not the truth now: the pages, the API and
+        the command say so."""
+        if self.vsp.unreachable_since is None:
+            return ""
+        since = timezone.localtime(self.vsp.unreachable_since).strftime("%H:%M:%S")
+        return f"as last reported: {self.vsp.name} unreachable since {since}"
+
     @classmethod
     def lost(cls) -> models.QuerySet[Registration]:
         """Runnable copies whose host agent no longer reports the guest (``is_lost``)."""

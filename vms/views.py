@@ -37,7 +37,7 @@ from vms.access import (
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.capacity import with_free_memory
 from vms.define import Definition, DiskRequest, NicRequest, check_can_define, do_define_vm
-from vms.devices import RESOURCES_UNKNOWN, device_summary
+from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL, RESOURCES_UNKNOWN, device_summary, places_seen
 from vms.forms import (
     DISK_ROWS,
     NIC_ROWS,
@@ -275,12 +275,14 @@ def vm_general(request: HtmxHttpRequest, pk: int) -> HttpResponse:
 class DiskRow:
     disk: Any
     pool: StoragePool | None  # the disk's pool on the VSP shown (None: not reported there)
+    hidden: bool = False  # the pool is another host group's VSP's: not named (``devices.places_seen``)
 
 
 @dataclass(frozen=True)
 class NicRow:
     nic: Any
     network: Network | None  # the card's network on the VSP shown (None: that VSP has none of the name)
+    hidden: bool = False  # the network is another host group's VSP's: not named
 
 
 @require_GET
@@ -310,8 +312,9 @@ def render_devices(request: HtmxHttpRequest, pk: int, tab: str) -> HttpResponse:
         runnable = vm.runnable_registration
         shown = runnable if runnable in copies else (copies[0] if copies else None)
     vsp = shown.vsp if shown else None
-    pools = {pool.name: pool for pool in StoragePool.objects.filter(vsp=vsp)} if vsp else {}
-    networks = {net.name: net for net in Network.objects.filter(vsp=vsp)} if vsp else {}
+    places = places_seen(vm, seen)
+    pools = {pool.name: pool for pool in StoragePool.objects.filter(vsp=vsp)} if vsp and places else {}
+    networks = {net.name: net for net in Network.objects.filter(vsp=vsp)} if vsp and places else {}
     context = {
         "vm": vm,
         "vsp": vsp,
@@ -320,9 +323,12 @@ def render_devices(request: HtmxHttpRequest, pk: int, tab: str) -> HttpResponse:
         "pin_query": f"?vsp={vsp_id}" if vsp_id else "",
         "resources_known": vsp is None or vsp.resources_collected_at is not None,
         "unknown_reason": RESOURCES_UNKNOWN,
-        "summary": device_summary(vm),
-        "disks": [DiskRow(disk, pools.get(disk.pool)) for disk in vm.disks.order_by("device")],
-        "nics": [NicRow(nic, networks.get(nic.network)) for nic in vm.nics.order_by("index")],
+        "summary": device_summary(vm, places),
+        "places_seen": places,
+        "hidden_pool": HIDDEN_POOL,
+        "hidden_network": HIDDEN_NETWORK,
+        "disks": [DiskRow(disk, pools.get(disk.pool), not places) for disk in vm.disks.order_by("device")],
+        "nics": [NicRow(nic, networks.get(nic.network), not places) for nic in vm.nics.order_by("index")],
     }
     return render(request, "vms/vm_devices.html", context)
 

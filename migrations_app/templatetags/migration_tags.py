@@ -15,7 +15,7 @@ from migrations_app.forecast import duration_words
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.placement import begins_with_a_name
 from migrations_app.progress import MigrationDisplay, get_migration_display
-from migrations_app.steering import Outlook, can_throttle_live, outlook
+from migrations_app.steering import Outlook, can_throttle_live, copy_over_note, outlook
 from migrations_app.steering import steer_values as steering_values
 from vms.devices import size_text
 from vms.models import VSP, VirtualMachine
@@ -62,6 +62,12 @@ def migration_outlook(migration: Migration) -> Outlook | None:
 def steer_values(migration: Migration) -> dict[str, Any]:
     """``{% with now=migration|steer_values %}``: the policy in force (``steering.steer_values``)."""
     return steering_values(migration)
+
+
+@register.filter
+def steer_closed(migration: Migration) -> str:
+    """``steering.copy_over_note``: why the steering buttons no longer apply ("" while they do)."""
+    return copy_over_note(migration)
 
 
 @register.filter

@@ -85,6 +85,32 @@ def test_it_refuses_the_progress_stream_to_anonymous_and_unknown_ids(live_consol
     assert unknown.status_code == 404 and unknown.json()["detail"] == "No migration with the id 424242."
 
 
+def test_the_progress_stream_names_only_the_watchers_end_of_a_migration(live_console):
+    """The stream ``matrixoe migrate --watch`` reads gave a viewer of one end the other group's VSP,
+    who asked and the alert's words naming it (issue 18.14 follow-up)."""
+    from migrations_app.models import Migration
+    from tests.factories import make_host_group, make_vm, make_vsp
+    from vms.models import Role
+
+    prod, lab = make_host_group("Prod"), make_host_group("Lab")
+    source, target = make_vsp("vsp-l1", group=lab), make_vsp("vsp-p2", group=prod)
+    boss = make_user("prod-boss", permissions=WRITER, role=Role.OPERATOR, group=prod)
+    migration = Migration.objects.create(
+        vm=make_vm("lab01", source), source=source, target=target, state="aborted", requested_by=boss,
+        alert="Copy phase failed: the target host vsp-p2 refused. The VM keeps running on vsp-l1.",
+    )  # fmt: skip
+    token = do_create_token(make_user("lab-op", READ_ONLY, role=Role.VIEWER, group=lab), "live")[1]
+
+    events = read_events(live_console, token, migration.pk)
+
+    assert [kind for kind, _ in events] == ["end"]
+    final = events[0][1]
+    assert (final["source"], final["target"], final["requested_by"]) == (
+        "vsp-l1", "a VSP of another host group", None,
+    )  # fmt: skip
+    assert "vsp-p2" not in json.dumps(final) and "prod-boss" not in json.dumps(final)
+
+
 def test_it_starts_one_migration_for_two_simultaneous_posts_with_one_key(host_agents, fleet, live_console):
     from concurrent.futures import ThreadPoolExecutor
 

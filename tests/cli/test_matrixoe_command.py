@@ -374,3 +374,35 @@ def test_watch_bars_on_a_terminal_print_the_servers_names_inert(host_agents, fle
     assert "━" in result.stdout  # the bars were drawn
     assert obeyed(result.stdout) == [], result.stdout
     assert "hostb\\x1b]0;owned\\x07\\x1b[2J" in result.stdout
+
+
+def test_a_guest_on_an_unreachable_host_says_its_statuses_are_only_as_last_reported(logged_in, token):
+    """The General tab, the VM list and the VSP page say "as last reported: vsp2 unreachable since
+    20:13:05" beside the statuses of a copy whose host does not answer; the API and the command said
+    nothing (issue 18 follow-up): the statuses read as the truth now. The host's name is typed by an
+    administrator, so the note is printed inert too."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    since = timezone.now() - timedelta(minutes=3)
+    far = make_vsp("far\x1b[2J", agent_reachable=False, unreachable_since=since)
+    vm = make_vm("far01", vsp=far)
+    near = make_vm("near01", vsp=make_vsp("near"))
+    note = f"as last reported: far\x1b[2J unreachable since {timezone.localtime(since):%H:%M:%S}"
+
+    api = ApiClient(token)
+    assert api.get(f"/vms/{vm.pk}").json()["host_unreachable"] == note
+    assert api.get(f"/vms/{near.pk}").json()["host_unreachable"] == ""
+    status = matrixoe(logged_in, "status", vm.name)
+    listed = matrixoe(logged_in, "vms")
+
+    inert = note.replace("\x1b", "\\x1b")
+    assert status.returncode == 0, status.stderr
+    for label in ("OS Status", "Virtual Hardware Status"):
+        line = next(line for line in status.stdout.splitlines() if line.startswith(f"{label}:"))
+        assert line.endswith(f"({inert})"), line
+    row = next(line for line in listed.stdout.splitlines() if "far01" in line)
+    assert "as last reported" in row, listed.stdout
+    assert "as last reported" not in next(line for line in listed.stdout.splitlines() if "near01" in line)
+    assert obeyed(status.stdout + listed.stdout) == []

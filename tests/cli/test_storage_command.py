@@ -65,3 +65,25 @@ def test_define_refuses_in_words_and_defines_a_plain_vm(host_agents, fleet, tmp_
     assert made.returncode == 0, made.stderr
     assert "db10 defined on hosta." in made.stdout
     assert host_agents["hosta"].guest("db10") is not None
+
+
+def test_status_names_no_pool_or_network_of_another_host_group(tmp_path, live_console):
+    """A Lab user sees web01 through its Not Runnable copy on his host; it runs on a Production host,
+    whose pool and network the command does not name (the API gives null, the command the pages' words)."""
+    from tests.factories import make_host_group, make_not_runnable_copy, make_vm, make_vsp
+    from vms.models import Role
+
+    prod, lab = make_host_group("Prod"), make_host_group("Lab")
+    web = make_vm("web01", make_vsp("vsp-p1", group=prod))
+    make_not_runnable_copy(web, make_vsp("vsp-l1", group=lab))
+    give_disk(web, make_pool(web.current_vsp, "prod-san"))
+    give_nic(web, "prod-dmz", mac="52:54:00:00:00:42")
+    token = do_create_token(make_user("lab-op", WRITER, role=Role.OPERATOR, group=lab), "cli")[1]
+    assert matrixoe(tmp_path, "login", live_console, "--token", token).returncode == 0
+
+    shown = matrixoe(tmp_path, "status", "web01")
+
+    assert shown.returncode == 0, shown.stderr
+    assert "prod-san" not in shown.stdout and "prod-dmz" not in shown.stdout and "vsp-p1" not in shown.stdout
+    assert "a pool of another host group" in shown.stdout and "web01-vda.qcow2" in shown.stdout
+    assert "a network of another host group" in shown.stdout and "52:54:00:00:00:42" in shown.stdout

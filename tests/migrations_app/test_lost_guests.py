@@ -125,3 +125,49 @@ def test_os_up_is_never_shown_with_hardware_off(vsps):
     client.force_login(make_user("olga", permissions=("vms.view_virtualmachine", "vms.view_vsp")))
     general = client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode()
     assert (field(general, "hardware_status"), field(general, "os_status")) == ("off", "down")
+
+
+def test_an_abort_that_said_the_guest_keeps_running_on_its_source_is_restated_once_it_is_lost(agents, vsps):
+    """QA: a migration aborted while its source answered "running" (the alert said "The VM keeps running
+    on vsp1."); the demo agent then restarted without its guests and the VM was shown Lost, but the
+    report, the Alerts and the API still said it keeps running there."""
+    from migrations_app.alerts import abort_alert
+    from migrations_app.errors import MigrationFailed
+    from migrations_app.models import Migration, MigrationEvent
+    from tests.factories import make_migration
+
+    vm = place_vm(agents, vsps, on="hosta")
+    migration = make_migration(vm, vsps["hosta"], vsps["hostb"], state="aborted", failed_phase="copy")
+    failure = MigrationFailed(Migration.State.COPY, "the target host hostb refused: out of memory")
+    Migration.objects.filter(pk=migration.pk).update(alert=abort_alert(migration, failure, "running"))
+    user = make_user("alice", permissions=(*WRITER, "migrations_app.view_migration"))
+    client = Client()
+    client.force_login(user)
+    report_url = reverse("migration_history:report", args=[migration.pk])
+    assert "The VM keeps running on hosta." in text(client.get(report_url).content.decode())
+    collect_all_inventory()  # still reported: nothing to restate
+    assert Migration.objects.get(pk=migration.pk).alert.endswith("The VM keeps running on hosta.")
+
+    agents.restart_empty("hosta")
+    collect_all_inventory()
+
+    copy = Registration.objects.get(vm=vm, vsp=vsps["hosta"])
+    assert copy.hardware_status == "lost"
+    migration.refresh_from_db()
+    until = f"{copy.lost_since:%H:%M:%S} UTC"
+    assert migration.alert == (
+        "Copy phase failed: the target host hostb refused: out of memory. The VM kept running on hosta after "
+        f"the abort until {until}, when hosta no longer reported it (its host agent restarted without it, "
+        "or it was removed): it is not running there now."
+    )
+    report = text(client.get(report_url).content.decode())
+    general = text(client.get(reverse("vms:vm_general", args=[vm.pk])).content.decode())
+    api = ApiClient(do_create_token(user, "tests")[1])
+    shown = api.get(f"/vms/{vm.pk}").json()["alert"]["alert"]
+    for words in (report, general, shown):
+        assert "The VM keeps running" not in words
+        assert f"The VM kept running on hosta after the abort until {until}" in words
+    assert MigrationEvent.objects.filter(
+        migration=migration,
+        message=f"hosta no longer reports the VM (since {until}): it is not running there.",
+    ).exists()

@@ -122,6 +122,35 @@ def test_it_keeps_the_guest_on_the_source_when_the_target_restarted_empty_after_
     assert recover_migrations(stale_after_s=5) == []
 
 
+def test_the_targets_leftover_copy_says_the_source_lost_the_guest_too_when_its_agent_was_killed(
+    agents, vsps, admin
+):
+    """QA: after the commit, the target restarted empty and the source's agent was killed and started
+    again (its guests died with it); the migration aborted saying the VM is not running, but the target's
+    leftover Not Runnable copy said "VSP hostb lost the guest after the commit; it stays on VSP hosta"."""
+    vm = place_vm(agents, vsps, dirty_pages_per_s=200)
+    migration = stale_migration(vm, vsps, admin, Migration.State.COMMITTING)
+    bring_agents_to_ready(agents, vm, agent_migration_id(migration))
+    with transaction.atomic():
+        flip_registrations(migration)
+    agents.restart_empty("hostb")
+    agents.restart_empty("hosta")
+
+    assert recover_migrations(stale_after_s=5) == [migration.pk]
+
+    migration.refresh_from_db()
+    assert migration.state == "aborted"
+    assert "The VM is not running: hosta no longer has it" in migration.alert
+    leftover = Registration.objects.get(vm=vm, vsp=vsps["hostb"])
+    assert (leftover.hardware_status, leftover.not_runnable_set_by) == ("not_runnable", "migrate")
+    assert leftover.not_runnable_reason == (
+        "After the commit, hostb lost the guest before running it (its host agent restarted); VSP hosta "
+        "no longer has it either (the VM is not running): start it again on hosta"
+    )
+    assert "stays on" not in leftover.not_runnable_reason
+    assert runnable_copies(vm) == ["hosta:off"]  # runnable where its record is, not running anywhere
+
+
 def test_it_completes_with_an_alert_when_the_target_loses_the_guest_it_took_over(
     agents, vsps, admin, monkeypatch
 ):

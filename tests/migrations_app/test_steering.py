@@ -354,3 +354,45 @@ def test_a_refused_change_is_said_beside_the_buttons_and_a_good_one_clears_it(fl
     panel = client.get(f"/vms/{migration.vm_id}/general/").text
     assert f'<div id="migration-steer-error-{migration.pk}" class="steer-error" hx-preserve="true"' in panel
     assert f'id="migration-steer-error-text-{migration.pk}"' in panel  # the slot the answer goes to
+
+
+@pytest.mark.parametrize("over", ["asked", "converged"])
+def test_once_copy_takes_no_change_the_page_and_the_push_show_the_buttons_disabled_with_why(
+    fleet, admin, client, over
+):
+    """QA: "Switch over now" stayed enabled after the switch-over was asked (a second click answered 409):
+    once asked, or once Copy converged, the page and every pushed update draw the steering buttons
+    disabled with why, in a form under a new id (a page keeps a form of the same id across pushes)."""
+    from django.utils import timezone
+
+    from migrations_app.controls import watcher_rights
+    from migrations_app.progress import build_progress_messages, message_vsps, render_message
+
+    before = hot_copy_panel(fleet, "simulated")
+    migration = Migration.objects.get(vm__name="hot")
+    form_id = re.compile(r'<form class="migration-steer"[^>]*\bid="([^"]+)"')
+    assert 'id="steer-switchover">Switch over now</button>' in before  # offered while Copy takes changes
+    asked_at = timezone.now()
+    if over == "asked":
+        Migration.objects.filter(pk=migration.pk).update(switchover_requested_at=asked_at)
+        note = f"Switch-over asked at {timezone.localtime(asked_at):%H:%M:%S}"
+        label = "Switch-over asked"
+    else:
+        Migration.objects.filter(pk=migration.pk).update(copy_percent=100)
+        note, label = "Copy converged", "Switching over"
+    client.force_login(admin)
+
+    page = client.get(f"/vms/{migration.vm_id}/general/").text
+    message = build_progress_messages(migration.pk)[f"vm-{migration.vm_id}"]
+    pushed = render_message(message, watcher_rights(admin).view_class(message_vsps(message)))
+
+    for html in (page, pushed):
+        assert re.search(rf'id="steer-switchover" disabled [^>]*>{label}</button>', html), html
+        assert (
+            f'data-field="steer_closed">{note}: it is switching over now; no change applies any more.' in html
+        )
+        for button in ("steer-throttle", "steer-downtime", "steer-bandwidth"):
+            assert re.search(rf'id="{button}" disabled>', html), button
+        assert "Switch over now" not in html  # neither the button nor a rescue offers it any more
+        assert "This migration will stop" not in html
+        assert form_id.search(html).group(1) != form_id.search(before).group(1)

@@ -161,10 +161,5 @@ def runnable_elsewhere(registration: Registration) -> Registration | None:
 
 @register.filter
 def unreachable_note(registration: Registration | None) -> str:
-    """For a copy whose host does not answer (``VSP.unreachable_since``): the words saying its status is
-    only the last one reported ("as last reported: vsp2 unreachable since 20:13:05"), else "". A status
-    read before the host stopped answering is not the truth now: the page must say so."""
-    if registration is None or registration.vsp.unreachable_since is None:
-        return ""
-    since = timezone.localtime(registration.vsp.unreachable_since).strftime("%H:%M:%S")
-    return f"as last reported: {registration.vsp.name} unreachable since {since}"
+    """``Registration.unreachable_note`` ("as last reported: vsp2 unreachable since 20:13:05"), or ""."""
+    return registration.unreachable_note() if registration is not None else ""
