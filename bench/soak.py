@@ -7,9 +7,12 @@ the data plane). Run ``i`` uses seed ``SEED + i``; the seed alone decides everyt
 
     make soak RUNS=20 SEED=1        # or: .venv/bin/python bench/soak.py --runs 20 --seed 1 [--keep-logs]
 
+Every guest has a disk on a pool all the agents share (issue 19), and the invariants include "no image
+is written by two running guests at once", sampled while each run lasts and checked after it.
+
 Prints one line per run, a table per fault kind and phase (runs, completed, aborted, cancelled, host
-crashes, invariant violations with their seeds), then exactly one line ``N runs, K invariant violations``.
-Exits 1 when K > 0.
+crashes, invariant violations with their seeds), how often the agents' writers were sampled, then
+exactly one line ``N runs, K invariant violations``. Exits 1 when K > 0.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from soak_stack import Stack  # noqa: E402
+from soak_stack import SOAK_POOL, Stack  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,11 +76,12 @@ def main() -> int:
         import django
 
         django.setup()
-        from soak_run import run_once
+        from soak_run import DISK_BYTES, run_once
 
         admin, web = set_up_console(stack)
         print(
-            f"soak: {args.runs} runs from seed {args.seed} ({args.driver} driver); logs in {work_dir}",
+            f"soak: {args.runs} runs from seed {args.seed} ({args.driver} driver, each guest with a "
+            f"{DISK_BYTES >> 20} MiB disk on shared pool {SOAK_POOL}); logs in {work_dir}",
             flush=True,
         )
         stop_at = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
@@ -95,6 +99,7 @@ def main() -> int:
     orphans = stack.kill_leftover_qemus() if args.driver == "qemu" else {}
     violations = sum(1 for result in results if result.violations) + (1 if orphans else 0)
     print_table(results)
+    print_writer_samples(results)
     for pid, line in orphans.items():
         print(f"! orphan QEMU process {pid} left after the stack stopped (killed now): {line[:160]}")
     if violations or args.keep_logs:
@@ -128,18 +133,21 @@ def run_seeds(first: int, runs: int, only: str, driver: str) -> list[int]:
 
 
 def set_up_console(stack: Stack):
-    """A VSP per agent, an admin, and an HTTP session of that admin on the web server.
+    """A VSP per agent with its pools known (the shared one: the migrations' pre-checks need them), an
+    admin, and an HTTP session of that admin on the web server.
 
     QEMU: every pair's data-plane encryption policy off (QEMU's own stream cannot do the console's TLS).
+    Raises SystemExit if an agent does not report its pools.
     """
     import httpx
     from django.contrib.auth.models import User
 
+    from vms.inventory import refresh_resources
     from vms.models import VSP, PairEncryption
 
     for name in stack.agent_names:
         agent = stack.agents[name]
-        VSP.objects.create(
+        vsp = VSP.objects.create(
             name=name,
             agent_url=agent.url,
             agent_secret=agent.secret,
@@ -147,6 +155,8 @@ def set_up_console(stack: Stack):
             memory_mib=16384,
             cpus=8,
         )
+        if not refresh_resources(vsp):
+            raise SystemExit(f"soak: the agent of {name} did not report its storage pools")
     if stack.driver == "qemu":
         hosts = list(VSP.objects.order_by("pk"))
         for index, first in enumerate(hosts):
@@ -202,6 +212,18 @@ def print_table(results) -> None:
             f"{kind:<14}{phase:<14}{row['runs']:>5}{row['completed']:>6}{row['aborted']:>6}{row['cancelled']:>7}"
             f"{row['stuck']:>6}{row['host crash']:>6}{row['violations']:>6}  {' '.join(row['seeds'])}"
         )
+
+
+def print_writer_samples(results) -> None:
+    """What the single-writer invariant had to check: samples of every agent's writers during the runs."""
+    samples = sum(result.writer_samples for result in results)
+    seen = sum(result.writer_seen for result in results)
+    written = sum(result.disk_written for result in results)
+    print(
+        f"single writer: the guest recorded writing its disk before its migration in {written} of "
+        f"{len(results)} runs; every agent's writers sampled {samples} times while the runs lasted, "
+        f"{seen} of them with the run's disk written by a running guest"
+    )
 
 
 if __name__ == "__main__":

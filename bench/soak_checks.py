@@ -7,20 +7,31 @@ recorded) and returns what was still broken at the end.
 A QEMU guest "runs" when QMP says its vCPUs run (``workload.vcpus_running``) and "keeps working" when
 its own memwriter passes a further full memory self-check with none failed (``selfcheck_passes``); on a
 completed migration's target that proves no written page was lost, besides the digests at freeze.
+
+Issue 19's invariant, one writer per disk (``single_writer_violations``): every guest of the soak has a
+disk on the shared pool all its agents mount, and no volume may be recorded as written by two running
+guests at once, from the agents' own records (``GET /v1/resources``, ``VolumeWriter``: for QEMU the
+process holding QEMU's write lock on the image, read from the kernel; for a simulated guest the
+descriptor it holds open for writing). ``WriterWatch`` samples it throughout a run; ``check_invariants``
+once more after it.
 """
 
 from __future__ import annotations
 
 import html
 import re
+import threading
 import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import httpx
 from django.db.models import Count, Q
 
-from agentprotocol import GuestInfo
+from agentprotocol import GuestInfo, HostResources
 from evacuations.models import Evacuation
 from evacuations.summary import said_not_running, summarize
 from migrations_app.agents import agent_migration_id
@@ -53,6 +64,7 @@ def check_invariants(
             *check_stall(scenario, migration),
             *check_running_not_stays_or_lost(stack, migration),
             *check_unreported_not_up(stack, migration),
+            *check_single_writer(stack),
         ]
         # What an earlier run left broken (a leaked guest on an agent) is reported with that run only.
         broken = [problem for problem in broken if problem not in stack.reported]
@@ -352,3 +364,154 @@ def check_unreported_not_up(stack: Stack, migration: Migration) -> list[str]:
             f"{copy.get_os_status_display()} on {copy.vsp.name}, whose agent does not report it"
         ]
     return []
+
+
+# -- issue 19's invariant: no image written by two running guests at once -------------------------
+
+WRITER_SAMPLE_S = 0.3  # WriterWatch's interval between two samples of every agent's writers
+WRITER_TIMEOUT_S = 2.0  # an agent that does not answer a sample within this is left out of it
+
+
+@dataclass(frozen=True, order=True)
+class VolumeWrite:
+    """One running guest its host's agent records as a volume's writer (``agentprotocol.VolumeWriter``).
+
+    ``pool_identity`` and ``volume`` name the image (the same storage on every host: the identity, not
+    the pool's local name); ``pid`` is the writing process (a QEMU, or a simulated agent itself).
+    """
+
+    pool_identity: str
+    volume: str
+    host: str
+    guest: str  # the guest's name, for people
+    guest_id: str
+    pid: int
+
+    def words(self) -> str:
+        return f"{self.guest} on {self.host} (pid {self.pid})"
+
+
+def running_writes(host: str, resources: HostResources, guests: list[GuestInfo]) -> list[VolumeWrite]:
+    """The writers ``host``'s agent reports (``resources.writers``) whose guest it also lists powered on
+    (``guests``: hardware status on, its vCPUs running or paused: a paused guest may resume and write).
+    A writer of a guest the agent does not list, or lists off, is not a running guest's and is left out."""
+    on = {guest.guest_id: guest.name for guest in guests if guest.hardware_status == "on"}
+    return [
+        VolumeWrite(
+            writer.pool_identity, writer.volume, host, on[writer.guest_id], writer.guest_id, writer.pid
+        )
+        for writer in resources.writers
+        if writer.guest_id in on
+    ]
+
+
+def sample_writes(clients: Mapping[str, AgentClient]) -> tuple[list[VolumeWrite], list[str]]:
+    """Every agent's running writers now, asked one agent after the other in ``clients``' order, and the
+    hosts that did not answer (left out of the sample). The guest list is asked only of an agent that
+    reports a writer. Raises nothing for an agent's failure."""
+    writes: list[VolumeWrite] = []
+    silent: list[str] = []
+    for host, client in clients.items():
+        try:
+            resources = client.resources()
+            if resources is None or not resources.writers:
+                continue
+            writes += running_writes(host, resources, client.list_guests())
+        except AgentError:
+            silent.append(host)
+    return writes, silent
+
+
+def two_writers(writes: list[VolumeWrite]) -> list[str]:
+    """One sentence per volume that more than one running guest (or process) writes in ``writes``,
+    naming the volume, its pool's identity and each writer's guest, host and pid."""
+    by_volume: dict[tuple[str, str], set[VolumeWrite]] = {}
+    for write in writes:
+        by_volume.setdefault((write.pool_identity, write.volume), set()).add(write)
+    return [
+        f"volume {volume} of pool {identity} is written by {len(found)} running guests at once: "
+        + ", ".join(write.words() for write in sorted(found, key=lambda w: (w.host, w.guest, w.pid)))
+        for (identity, volume), found in sorted(by_volume.items())
+        if len(found) > 1
+    ]
+
+
+def single_writer_violations(clients: Mapping[str, AgentClient]) -> tuple[list[str], list[VolumeWrite]]:
+    """The invariant over one sample of ``clients`` (host -> its agent's client): the violations, and the
+    running writes seen.
+
+    Agents are asked one after the other, so a switchover between two of the answers could show the
+    source (asked first) and the target (asked second) both writing although they never did at once. A
+    volume seen with two writers is therefore asked about again, in the same order, and only writers
+    seen in both samples count: each writer's two answers then bracket the other's first one, so both
+    wrote at that moment (unless one stopped and started again in between, which no migration does).
+    A double writer that ends before the second sample is not reported: the price of no false alarm.
+    """
+    first, _ = sample_writes(clients)
+    if not two_writers(first):
+        return [], first
+    second, _ = sample_writes(clients)
+    both = sorted(set(first) & set(second))
+    return two_writers(both), first
+
+
+def agent_clients(stack: Stack, timeout_s: float = WRITER_TIMEOUT_S) -> dict[str, AgentClient]:
+    """A client per agent of the stack, in the stack's order (close them: ``close_all``)."""
+    return {
+        host: AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=timeout_s)
+        for host, agent in stack.agents.items()
+    }
+
+
+def close_all(clients: Mapping[str, AgentClient]) -> None:
+    for client in clients.values():
+        client.close()
+
+
+def check_single_writer(stack: Stack) -> list[str]:
+    """The invariant after a run (``single_writer_violations`` over every agent of the stack)."""
+    clients = agent_clients(stack)
+    try:
+        return single_writer_violations(clients)[0]
+    finally:
+        close_all(clients)
+
+
+class WriterWatch:
+    """Samples every agent's writers every ``WRITER_SAMPLE_S`` in a thread while a run lasts (``with``).
+
+    ``violations``: each distinct sentence of ``single_writer_violations`` once, with the number of
+    samples that saw it; ``samples``: samples taken; ``saw_volume``: samples in which a running guest
+    wrote ``volume`` (the run's disk), which says that the invariant had something to check.
+    """
+
+    def __init__(self, stack: Stack, volume: str) -> None:
+        self.stack, self.volume = stack, volume
+        self.samples = self.saw_volume = 0
+        self.seen: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="writer-watch", daemon=True)
+
+    def __enter__(self) -> WriterWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def violations(self) -> list[str]:
+        return [f"while the run lasted: {text} (in {count} sample(s))" for text, count in self.seen.items()]
+
+    def _watch(self) -> None:
+        clients = agent_clients(self.stack)
+        try:
+            while not self._stop.is_set():
+                found, writes = single_writer_violations(clients)
+                self.samples += 1
+                self.saw_volume += any(write.volume == self.volume for write in writes)
+                self.seen.update(found)
+                self._stop.wait(WRITER_SAMPLE_S)
+        finally:
+            close_all(clients)

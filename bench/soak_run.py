@@ -11,6 +11,12 @@ agent (it would stop its QEMUs too, being their process group). The data-plane l
 source agent connects to the endpoint the console hands it (the proxy's) and passes that socket to
 QEMU, so QEMU's migration stream goes through the proxy. A kill of either agent and the link faults strike in
 Copy (``QEMU_COPY_KINDS``); the other kinds aim at a random phase.
+
+Every guest has a disk (issue 19): a new raw volume of ``DISK_BYTES`` (sparse) on the stack's shared pool,
+named after the guest, deleted when the guest is retired. A simulated guest writes it as its I/O
+completes; a QEMU test guest has it attached (QEMU holds the image's write lock while it runs). While
+the run lasts, ``soak_checks.WriterWatch`` samples every agent's writers: no volume may be written by two
+running guests at once.
 """
 
 from __future__ import annotations
@@ -21,8 +27,16 @@ from dataclasses import dataclass, field
 
 import httpx
 from django.contrib.auth.models import User
-from soak_checks import check_invariants
-from soak_stack import AGENT_NAMES, HEARTBEAT_STALE_S, QEMU_AGENT_NAMES, RESTART_DELAY_S, Stack
+from django.db import transaction
+from soak_checks import WriterWatch, check_invariants
+from soak_stack import (
+    AGENT_NAMES,
+    HEARTBEAT_STALE_S,
+    QEMU_AGENT_NAMES,
+    RESTART_DELAY_S,
+    SOAK_POOL,
+    Stack,
+)
 
 from agentprotocol import GuestSpec
 from evacuations.actions import (
@@ -37,6 +51,7 @@ from evacuations.summary import summarize
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
+from vms.devices import store_guest_devices
 from vms.models import VSP, Registration, VirtualMachine
 from vms.power import PowerAction, PowerRefused, do_power
 
@@ -104,6 +119,8 @@ QEMU_BOOT_TIMEOUT_S = 120.0  # until the guest's memwriter has passed its first 
 NO_PROGRESS_S = 4
 STALL_CAP_MB_S = 20
 STALL_HOLD_EXTRA_S = 8.0
+DISK_BYTES = 32 << 20  # each guest's disk on the shared pool: a sparse raw volume of 32 MiB
+DISK_WRITER_TIMEOUT_S = 10.0  # until the source's agent records the new guest as its disk's writer
 
 
 @dataclass
@@ -228,6 +245,9 @@ class Result:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     source_qemu_pid: int | None = None  # QEMU: the guest's QEMU on the source when its agent was killed
+    writer_samples: int = 0  # samples of every agent's writers while the run lasted (WriterWatch)
+    writer_seen: int = 0  # of which saw the run's disk written by a running guest
+    disk_written: bool = False  # its agent recorded the guest writing its disk before the migration
 
 
 def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient:
@@ -260,6 +280,7 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         result.violations.append(str(error))
         result.seconds = time.monotonic() - started
         return result
+    result.disk_written = True
     try:
         target = VSP.objects.get(name=scenario.target)
         migration = do_request_migration(vm, target, admin, policy=issue_18_policy(scenario))
@@ -272,12 +293,16 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
     restarts_before = len(stack.restarted)
     checked = (scenario, migration)
     try:
-        inject(stack, scenario, migration, admin, result)
-        result.outcome = wait_for_outcome(migration)
-        if scenario.kind == "evac-arriving":
-            checked = follow_evacuation(scenario, migration, admin, result)
-        elif scenario.kind == "restart-lost":
-            restart_with_guests_gone(stack, scenario, migration, admin, result)
+        watch = WriterWatch(stack, disk_volume(vm.name))
+        with watch:
+            inject(stack, scenario, migration, admin, result)
+            result.outcome = wait_for_outcome(migration)
+            if scenario.kind == "evac-arriving":
+                checked = follow_evacuation(scenario, migration, admin, result)
+            elif scenario.kind == "restart-lost":
+                restart_with_guests_gone(stack, scenario, migration, admin, result)
+        result.violations += watch.violations
+        result.writer_samples, result.writer_seen = watch.samples, watch.saw_volume
         restarted = stack.restarted[restarts_before:]
         if killed_role(scenario) in restarted:
             restarted.remove(killed_role(scenario))
@@ -313,14 +338,24 @@ def wait_for_fleet_reachable() -> list[str]:
 
 
 class GuestDidNotBoot(Exception):
-    """The run's QEMU guest did not pass its first memory self-check in time (a sentence)."""
+    """The run's QEMU guest did not pass its first memory self-check in time, or its agent did not record
+    it as its disk's writer (a sentence)."""
+
+
+def disk_volume(name: str) -> str:
+    """The volume of guest ``name``'s disk in the shared pool."""
+    return f"{name}.img"
 
 
 def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
-    """A new guest, running with its workload on the source agent, and its records in the database.
+    """A new guest, running with its workload on the source agent, and its records in the database:
+    with its disk (``DISK_BYTES``, created by the agent on the shared pool), stored as the console's
+    definition stores what the agent reported (``vms.devices.store_guest_devices``).
 
     QEMU: returns once the guest's memwriter has passed its first self-check; raises GuestDidNotBoot
-    (the guest retired) if it has not within ``QEMU_BOOT_TIMEOUT_S``.
+    (the guest retired) if it has not within ``QEMU_BOOT_TIMEOUT_S``. Either driver: returns once the
+    source's agent records the guest as its disk's writer (``GET /v1/resources``), else GuestDidNotBoot
+    after ``DISK_WRITER_TIMEOUT_S``: the single-writer invariant would have nothing to check.
     """
     name = f"soak-{scenario.seed}-{time.monotonic_ns() % 1_000_000}"
     limits = QEMU_LIMITS if scenario.driver == "qemu" else issue_18_limits(scenario)
@@ -341,17 +376,26 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     if scenario.driver == "qemu":
         spec = {key: spec[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "running")}
         spec |= {"os_type": "Linux", "dirty_pages_per_s": scenario.dirty_pages_per_s}
+    disk = {"device": "vda", "pool": SOAK_POOL, "volume": disk_volume(name), "format": "raw"}
+    spec["disks"] = [{**disk, "virtual_size_bytes": DISK_BYTES, "create": True}]
     with agent_client(stack, scenario.source) as agent:
-        agent.define_guest(GuestSpec.model_validate(spec))
+        defined = agent.define_guest(GuestSpec.model_validate(spec))
     if scenario.driver == "qemu" and not wait_for_first_selfcheck(stack, scenario.source, str(vm.guest_id)):
         retire_guest(stack, vm)
         raise GuestDidNotBoot(
             f"guest {name} did not pass its first memory self-check on {scenario.source} "
             f"within {QEMU_BOOT_TIMEOUT_S:.0f} s"
         )
-    Registration.objects.create(
-        vm=vm, vsp=VSP.objects.get(name=scenario.source), hardware_status=Registration.HardwareStatus.ON
-    )
+    if not wait_for_disk_writer(stack, scenario.source, str(vm.guest_id), disk_volume(name)):
+        retire_guest(stack, vm)
+        raise GuestDidNotBoot(
+            f"{scenario.source} does not record guest {name} as the writer of its disk "
+            f"{disk_volume(name)} within {DISK_WRITER_TIMEOUT_S:.0f} s of its start"
+        )
+    source = VSP.objects.get(name=scenario.source)
+    with transaction.atomic():
+        Registration.objects.create(vm=vm, vsp=source, hardware_status=Registration.HardwareStatus.ON)
+        store_guest_devices(vm, source, defined)
     return vm
 
 
@@ -366,6 +410,24 @@ def wait_for_first_selfcheck(stack: Stack, host: str, guest_id: str) -> bool:
                 pass
             time.sleep(0.5)
     return False
+
+
+def wait_for_disk_writer(stack: Stack, host: str, guest_id: str, volume: str) -> bool:
+    """Whether ``host``'s agent comes to list ``guest_id`` as the writer of ``volume`` within
+    ``DISK_WRITER_TIMEOUT_S``."""
+    deadline = time.monotonic() + DISK_WRITER_TIMEOUT_S
+    with agent_client(stack, host) as agent:
+        while True:
+            try:
+                resources = agent.resources()
+            except AgentError:
+                resources = None
+            writers = resources.writers if resources is not None else []
+            if any(w.guest_id == guest_id and w.volume == volume for w in writers):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
 
 
 def qemu_pid(stack: Stack, host: str, guest_id: str) -> int | None:
@@ -399,7 +461,7 @@ def check_no_qemu_left(stack: Stack, timeout_s: float = 15.0) -> list[str]:
 
 
 def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
-    """Free the run's guest on every agent (the database keeps its records)."""
+    """Free the run's guest on every agent and delete its disk's volume (the database keeps its records)."""
     for name in stack.agents:
         try:
             with agent_client(stack, name) as agent:
@@ -407,6 +469,7 @@ def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
                 agent.delete_guest(str(vm.guest_id))
         except AgentError:
             pass
+    (stack.pool_dir / disk_volume(vm.name)).unlink(missing_ok=True)
 
 
 # -- the fault ------------------------------------------------------------------------------

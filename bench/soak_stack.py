@@ -9,6 +9,10 @@ fault killed is started again by ``restart`` after a short delay, as a host's se
 (``<work_dir>/run/<name>``) so that a restart re-adopts its guests; killing such an agent kills its own
 process only (its QEMUs run on, as on a real host), and the Copy phase is capped at
 ``QEMU_BANDWIDTH_MBPS`` so that it lasts long enough to strike in.
+
+Every agent, of either driver, mounts one shared storage pool (issue 19): ``SOAK_POOL``, the directory
+``<work_dir>/pool`` given to each with the same identity (``SOAK_POOL_IDENTITY``), as a SAN or an NFS
+export is to real hosts. Each run's guest has its disk there (``soak_run.create_guest``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ HEARTBEAT_STALE_S = (
 )
 RECOVERY_INTERVAL_S = 1
 INVENTORY_INTERVAL_S = 5
+SOAK_POOL = "soak-san"  # the shared pool's name on every agent
+SOAK_POOL_IDENTITY = "soak-san-shared"  # and its identity: the same storage everywhere
 
 
 def find_redis_server() -> str:
@@ -103,6 +109,11 @@ class Stack:
     @property
     def agent_names(self) -> tuple[str, ...]:
         return QEMU_AGENT_NAMES if self.driver == "qemu" else AGENT_NAMES
+
+    @property
+    def pool_dir(self) -> Path:
+        """The shared pool's directory, which every agent mounts (``SOAK_POOL``)."""
+        return self.work_dir / "pool"
 
     def run_dir(self, name: str) -> Path:
         """A QEMU agent's fixed run directory (QMP sockets, serial logs, guest records)."""
@@ -184,9 +195,10 @@ class Stack:
             secret = write_secret_file(secret_file)
             known = Agent(name, free_port(), secret_file, secret, None)  # type: ignore[arg-type]
             self.agents[name] = known
-        extra_args = []
+        self.pool_dir.mkdir(exist_ok=True)
+        extra_args = ["--pool", f"{SOAK_POOL}:shared:{self.pool_dir}:{SOAK_POOL_IDENTITY}"]
         if self.driver == "qemu":
-            extra_args = ["--driver-option", f"run_dir={self.run_dir(name)}"]
+            extra_args += ["--driver-option", f"run_dir={self.run_dir(name)}"]
         started = start_agent(
             name,
             known.port,
