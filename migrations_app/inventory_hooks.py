@@ -6,7 +6,8 @@
 - a VSP's page: the live part and "migrate selected", a selection and a migration column per row;
 - power: a guest that migrates is busy (its power buttons say why); a VSP with migrations cannot retire;
 - free memory: an in-flight migration reserves its guest's memory on its target;
-- the audit trail: events about a migration are readable by whoever may see the migration.
+- the audit trail: events about a migration are readable by whoever may see the migration;
+- roles: a viewer may read migrations, an operator request and cancel them (the model permissions).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from django.db.models import Q
 
 from vms import general_tab, hooks
 from vms.access import may_act_on_vsp
-from vms.models import VSP, VirtualMachine
+from vms.models import VSP, Role, VirtualMachine
 
 from . import history, migration_policy, progress
-from .access import ADD_MIGRATION_PERMISSION, visible_migrations
+from .access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    VIEW_MIGRATION_PERMISSION,
+    visible_migrations,
+)
 from .capacity import reserved_by_incoming_migrations
 from .models import Migration
 
@@ -51,6 +57,8 @@ def register() -> None:
     hooks.register_vsp_busy_check(migrations_on_vsp)
     hooks.register_reservation(reserved_by_incoming_migrations)
     hooks.register_audit_subject("migrations_app.migration", visible_migrations)
+    hooks.register_role_permissions(Role.VIEWER, [VIEW_MIGRATION_PERMISSION])  # the history, reports
+    hooks.register_role_permissions(Role.OPERATOR, [ADD_MIGRATION_PERMISSION, CHANGE_MIGRATION_PERMISSION])
 
 
 def policy_context(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None) -> dict[str, Any]:

@@ -12,7 +12,8 @@ keeps ``vms`` from importing those apps).
 - **busy guests**: why a guest's power may not change now (e.g. a migration owns it);
 - **busy hosts**: why a VSP may not be retired now (migrations, evacuations);
 - **reservations**: memory a host holds for guests on their way to it (free memory counts it);
-- **audit subjects**: which audit events about another app's objects a user may read.
+- **audit subjects**: which audit events about another app's objects a user may read;
+- **role permissions**: the model permissions of another app's rights a host-group role carries.
 """
 
 from __future__ import annotations
@@ -150,3 +151,19 @@ def register_audit_subject(object_type: str, visible: AuditSubject) -> None:
 def audit_subjects() -> dict[str, AuditSubject]:
     """The registered object types with their visibility querysets."""
     return dict(_audit_subjects)
+
+
+# -- the model permissions a host-group role carries -----------------------------------------------------
+_role_permissions: dict[str, set[str]] = {}
+
+
+def register_role_permissions(role: str, permissions: Iterable[str]) -> None:
+    """A host-group ``role`` (``vms.models.Role`` value) carries the model ``permissions``
+    (``"app_label.codename"``) of another app's rights: whoever holds the role in some group has them
+    (``vms.backends.HostGroupRoleBackend``); where they apply is still the role's groups."""
+    _role_permissions.setdefault(role, set()).update(permissions)
+
+
+def registered_role_permissions() -> dict[str, frozenset[str]]:
+    """The registered ``{role: permissions}`` of other apps (only those roles' own, not the lower ones')."""
+    return {role: frozenset(permissions) for role, permissions in _role_permissions.items()}
