@@ -184,6 +184,14 @@ class MigrationOut(Schema):
     )
 
 
+class MigrationStartedOut(MigrationOut):
+    forecast_warning: str = Field(
+        description="Why it is forecast not to converge under its policy (the guest's dirty rate against "
+        "what the link or the cap carries, where it would stop), as the Migrate dialog asks the admin to "
+        "confirm; '' when it is not. The API starts it all the same."
+    )
+
+
 class MigrationChangedOut(MigrationOut):
     done: str = Field(description="What was done, in the words the page shows")
 
@@ -411,6 +419,11 @@ def phases_out(migration: Migration) -> list[PhaseOut]:
 
 def migration_out(migration: Migration) -> MigrationOut:
     return MigrationOut(**_migration_fields(migration))
+
+
+def migration_started_out(migration: Migration, forecast_warning: str) -> MigrationStartedOut:
+    """A migration just started (or an idempotent replay of it) with its ``forecast_warning``."""
+    return MigrationStartedOut(**_migration_fields(migration), forecast_warning=forecast_warning)
 
 
 def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOut:

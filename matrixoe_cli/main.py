@@ -356,6 +356,13 @@ def migrate(
         migration = api.create_migration(vm, to, {"preset": "custom", **policy} if policy else None)
     except ApiError as error:
         raise fail(str(error)) from None
+    if migration.get("forecast_warning") and not as_json:  # started all the same; JSON carries it
+        err.print(
+            f"Warning: {terminal_text(migration['forecast_warning'])}",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     if not watch:
         if as_json:
             return print_json(migration)

@@ -58,7 +58,13 @@ def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_bro
     DOCS.mkdir(exist_ok=True)
     admin.screenshot(path=str(DOCS / "migrate-dialog-forecast.png"), full_page=True)
     dialog.locator('tr[data-vsp="hostb"] input').check()
-    dialog.locator("#migrate-submit").click()  # started anyway
+    dialog.locator("#migrate-submit").click()  # asks first: nothing starts unconfirmed
+    why = admin.locator("#migrate-confirm [data-field=why]")
+    why.wait_for()
+    assert why.inner_text().startswith(f"{hot.name} will not converge to hostb under this policy: "), why
+    assert "Because the guest writes faster" in why.inner_text()
+    assert not run_in_thread(lambda: Migration.objects.filter(vm=hot).exists())
+    admin.locator("#migrate-anyway").click()  # started anyway
     admin.wait_for_selector("#migrate-dialog", state="detached")
 
     for page in (admin, colleague):
