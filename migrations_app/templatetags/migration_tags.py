@@ -12,6 +12,7 @@ from migrations_app.access import migration_targets
 from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
+from migrations_app.migration_policy import INPUT_BOUNDS
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.placement import begins_with_a_name
 from migrations_app.progress import MigrationDisplay, get_migration_display
@@ -25,6 +26,14 @@ register = template.Library()
 State = Migration.State
 
 PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done", "failed": "Failed"}
+
+
+@register.simple_tag
+def policy_bounds(key: str) -> SafeString:
+    """``min=".." max=".." step=".."`` of the number input for the policy value ``key``: exactly what the
+    server takes (``migration_policy.INPUT_BOUNDS``), so a value the browser accepts is never refused."""
+    low, high, step = (f"{bound:.3f}".rstrip("0").rstrip(".") for bound in INPUT_BOUNDS[key])
+    return format_html('min="{}" max="{}" step="{}"', low, high, step)
 
 
 @register.simple_tag

@@ -253,7 +253,7 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
 
     assert refused.returncode == 1
     assert (
-        "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals (0 or empty for no cap), not -5."
+        "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s (0 or empty: no cap), not -5."
         in refused.stderr
     )
     assert not_whole.returncode == 1 and not_a_number.returncode == 1  # not typer's exit 2

@@ -145,7 +145,7 @@ def test_a_rescue_is_one_click_with_the_value_it_shows_and_a_refusal_is_said_bes
     admin.click("#steer-bandwidth")
     error = admin.locator(f"#migration-steer-error-{migration.pk} [data-field=steer_error]")
     error.wait_for()
-    assert "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals" in error.inner_text()
+    assert "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s" in error.inner_text()
     assert admin.locator("#migration-notice .notice").count() == 0  # not at the top of the page
     rounds = int(admin.locator("#migration-phases [data-field=round]").inner_text())
     round_now = "parseInt(document.querySelector('#migration-phases [data-field=round]').textContent)"
