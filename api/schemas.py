@@ -18,6 +18,7 @@ from migrations_app import migration_policy
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
+from vms.define import DISK_MAX_BYTES, DISK_MIN_BYTES, disk_size_refusal
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
 from vms.status import online_migration_status
@@ -570,8 +571,20 @@ class DiskIn(Schema):
     model_config = DEFINE_CONFIG
 
     pool: str = Field(min_length=1, max_length=64)
-    size_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    size_bytes: int | None = Field(
+        None,
+        description="A new volume's size in bytes",
+        json_schema_extra={"minimum": DISK_MIN_BYTES, "maximum": DISK_MAX_BYTES},
+    )
     image: str = Field("", max_length=200)
+
+    @field_validator("size_bytes")
+    @classmethod
+    def in_the_consoles_words(cls, value: int | None) -> int | None:
+        """A size out of ``vms.define``'s bounds is refused with its words (the page's)."""
+        if value is not None and (refusal := disk_size_refusal(value)):
+            raise ValueError(refusal[0].upper() + refusal[1:] + ".")
+        return value
 
 
 class NicIn(Schema):

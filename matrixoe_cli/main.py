@@ -263,9 +263,9 @@ def disk_option(text: str) -> dict[str, Any]:
         size = float(number) * unit
     except ValueError:
         raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.") from None
-    if not math.isfinite(size) or size < 1:
+    if not math.isfinite(size) or abs(size) > 1 << 62:
         raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.")
-    return {"pool": pool, "size_bytes": int(size)}
+    return {"pool": pool, "size_bytes": int(size)}  # 0 or too large: the console's refusal names the bounds
 
 
 @app.command()
