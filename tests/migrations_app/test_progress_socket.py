@@ -294,9 +294,11 @@ async def test_an_out_of_range_or_non_ascii_id_in_the_path_closes_with_4404(path
 
 
 async def test_the_vsp_socket_needs_the_vsp_view_permission_not_the_vm_one():
+    """A role carries both view permissions (``vms.access.ROLE_PERMISSIONS``): the VM's alone, given in
+    the admin without a role, opens no VSP socket."""
     _, migration = await migrating_vm()
     vm_viewer = await database_sync_to_async(
-        lambda: session_cookie(make_user("vm-viewer", ("vms.view_virtualmachine",)))
+        lambda: session_cookie(make_user("vm-viewer", ("vms.view_virtualmachine",), role=None))
     )()
     vsp_viewer = await database_sync_to_async(
         lambda: session_cookie(make_user("vsp-viewer", ("vms.view_vsp",)))
