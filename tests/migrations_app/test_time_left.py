@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from django.urls import reverse
 from django.utils import timezone
 
+from evacuations.models import Evacuation, EvacuationStep
+from evacuations.summary import summarize
 from migrations_app.models import Migration
 from migrations_app.steering import outlook
+from tests.factories import make_migration, make_vm, make_vsp
 from vms.models import VSP, VirtualMachine
 
 MB = 1_000_000
@@ -73,3 +78,45 @@ def test_a_big_guests_started_copy_shows_tenths_not_0_percent():
     assert shown_percent(migration, "running", 37) == "37"
     assert shown_percent(migration, "done", 100) == "100"
     assert shown_percent(copying(256, bytes_sent=242, bytes_remaining=8 * MB), "running", 0) == "<0.1"
+
+
+@pytest.mark.django_db
+def test_an_evacuation_never_says_0_s_left_while_a_guest_still_moves(admin_client):
+    """QA: "Time left: 0 s" while a guest past its forecast still copied. Past its forecast a running
+    step counts its migration's live estimate, or the time left is unknown; under a second it is about
+    to finish (the page and the API say the same words)."""
+    home, away = make_vsp("home"), make_vsp("away")
+    evacuation = Evacuation.objects.create(vsp=home, requested_by_name="ann")
+    vm = make_vm("slow01", vsp=home)
+    migration = make_migration(
+        vm, home, away, state="copy", init_started_at=timezone.now() - timedelta(seconds=60)
+    )
+    EvacuationStep.objects.create(
+        evacuation=evacuation,
+        position=1,
+        vm=vm,
+        vm_name=vm.name,
+        target=away,
+        migration=migration,
+        predicted_s=30,
+    )
+    panel = reverse("evacuations:evacuation_progress", args=[evacuation.pk])
+
+    assert '<span id="evacuation-time-left">unknown</span>' in admin_client.get(panel).text
+    assert summarize(evacuation).time_left_words == "unknown"  # past its forecast, no live rate yet
+
+    Migration.objects.filter(pk=migration.pk).update(
+        copy_started_at=timezone.now() - timedelta(seconds=20),
+        bytes_sent=100 * MB,
+        bytes_remaining=50 * MB,
+        throughput_bytes_s=10 * MB,
+        rounds=2,
+    )
+    live = summarize(evacuation)
+    assert live.time_left_s is not None and 3 < live.time_left_s < 10, live.time_left_s  # 50 MB at 10 MB/s
+    assert live.time_left_words.endswith(" s")
+
+    Migration.objects.filter(pk=migration.pk).update(init_started_at=timezone.now() - timedelta(seconds=29.5))
+    assert summarize(evacuation).time_left_words == "about to finish"
+    answer = admin_client.get(f"/api/v1/evacuations/{evacuation.pk}").json()
+    assert answer["time_left"] == "about to finish", answer
