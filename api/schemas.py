@@ -138,7 +138,11 @@ class StatisticsOut(Schema):
     bytes_remaining: int
     rounds: int
     dirty_rate_bytes_s: int
-    throughput_bytes_s: int
+    throughput_bytes_s: int = Field(description="The source agent's own figure (some agents average it)")
+    recent_throughput_bytes_s: int = Field(
+        description="Memory bytes sent per second over the last 5 s, as the console measured them (the live "
+        "rate)"
+    )
     expected_downtime_ms: int | None
     downtime_ms: int | None = Field(description="Measured time the guest was frozen (Frozen phase)")
 

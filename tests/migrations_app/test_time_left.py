@@ -7,6 +7,7 @@ numbers are the ones an agent reported); ``bench/bench_time_left.py`` scores it 
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -120,3 +121,52 @@ def test_an_evacuation_never_says_0_s_left_while_a_guest_still_moves(admin_clien
     assert summarize(evacuation).time_left_words == "about to finish"
     answer = admin_client.get(f"/api/v1/evacuations/{evacuation.pk}").json()
     assert answer["time_left"] == "about to finish", answer
+
+
+@pytest.mark.django_db
+def test_the_live_rate_is_the_last_seconds_and_the_average_since_copy_is_labelled_so(
+    admin_client, monkeypatch
+):
+    """QA: the panel's rate was the agent's average since the start, so a link that slowed from 10 to
+    1 MiB/s still read about 7 MiB/s. The live rate is the last 5 s of bytes sent; the average is shown
+    apart, labelled as one."""
+    from agentprotocol import ProgressSnapshot
+    from migrations_app import records
+
+    source, target = make_vsp("vsp1"), make_vsp("vsp2")
+    vm = make_vm("db01", source)
+    started = timezone.now() - timedelta(seconds=15)
+    migration = make_migration(
+        vm, source, target, state="copy", init_started_at=started, copy_started_at=started
+    )
+    record = records.ProgressRecord(migration, lease=None)
+    clock = [1000.0]
+    monkeypatch.setattr(records.time, "monotonic", lambda: clock[0])
+    sent = 0
+    for second in range(15):  # 10 s at 10 MiB/s, then 5 s at 1 MiB/s
+        sent += (10 if second < 10 else 1) << 20
+        clock[0] += 1.0
+        average = sent / (second + 1)  # what an agent reporting its average since the start says
+        snapshot = ProgressSnapshot(
+            seq=second + 1,
+            migration_id="m-1",
+            role="source",
+            guest=str(vm.guest_id),
+            state="copy",
+            bytes_sent=sent,
+            bytes_remaining=64 << 20,
+            round=1,
+            throughput_bytes_s=round(average),
+        )
+        record.take(snapshot)
+    copy_began = timezone.now() - timedelta(seconds=15)  # the readings' 15 s, ending now
+    Migration.objects.filter(pk=migration.pk).update(
+        **records.progress_fields(migration), copy_started_at=copy_began
+    )
+
+    page = admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    assert 'Throughput, last 5 s</dt><dd data-field="throughput">1.0\xa0MB/s</dd>' in page, page
+    average = re.search(
+        r'Average since Copy began</dt><dd data-field="average_throughput">([\d.]+)\xa0MB/s<', page
+    )
+    assert average and 6.5 <= float(average.group(1)) <= 7.0, page  # 105 MiB over the 15 s since Copy began
