@@ -252,8 +252,8 @@ INPUT_CONFIG = ConfigDict(strict=True, extra="forbid")  # strict: no 0 for false
 Whole = Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)]
 # The bounds of the forms' field (``migration_policy.INPUT_BOUNDS``); a value out of them never reaches
 # pydantic's own check: the fields' validator refuses it first, in the dialog's words.
-_CAP_LOW, _CAP_HIGH, _ = migration_policy.INPUT_BOUNDS["bandwidth_cap_mb_s"]
-BandwidthCap = Annotated[float, Field(ge=_CAP_LOW, le=_CAP_HIGH)]  # in steps of 0.001 MB/s
+_CAP_LOW, _CAP_HIGH, _CAP_STEP = migration_policy.INPUT_BOUNDS["bandwidth_cap_mb_s"]
+BandwidthCap = Annotated[float, Field(ge=_CAP_LOW, le=_CAP_HIGH, json_schema_extra={"multipleOf": _CAP_STEP})]
 TEXT_SETTINGS = frozenset({"preset", "at_limit"})  # the only settings whose values are words
 
 
