@@ -47,6 +47,7 @@ from .models import Migration
 from .progress import get_migration_display, render_vm_fragments, user_view
 
 DIALOG_TEMPLATE = "migrations_app/migrate_dialog.html"
+CONFIRM_FIELD = "confirm_not_converging"  # its value: the target the admin confirmed starting anyway
 
 
 def parse_id(value: str | None) -> int | None:
@@ -113,9 +114,6 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
         return HttpResponse(render_vm_fragments(display, oob=True, request=request, view=view))
     messages.success(request, f"Migration of {vm.name} to {target.name} requested.")
     return redirect("vms:vm_general", pk=vm.pk)
-
-
-CONFIRM_FIELD = "confirm_not_converging"  # its value: the target the admin confirmed starting anyway
 
 
 def policy_overrides(post: Any) -> dict[str, str]:
