@@ -214,7 +214,7 @@ def test_an_open_dialog_forecasts_with_a_link_probe_as_soon_as_it_ends(
     cell.locator("text=not known yet").wait_for()  # the link: no migration nor probe between them
 
     run_in_thread(probe_link, fleet["hosta"].pk, fleet["hostb"].pk)
+    # Measured, or refused by an agent busy with another test's migration: either way said at once.
     shown = f"document.querySelector('#forecast-{fleet['hostb'].pk}').textContent"
-    page.wait_for_function(f"() => !{shown}.includes('not known yet')")
-    assert "in a probe" in cell.inner_text(), cell.inner_text()
+    page.wait_for_function(f"() => /in a probe|The last link probe failed/.test({shown})")
     assert "linkprobed" in page.evaluate("window.__forecasts"), page.evaluate("window.__forecasts")
