@@ -146,6 +146,10 @@ class EvacuationOut(Schema):
     cancel_requested: bool
     counts: dict[str, int]
     time_left_s: float | None
+    time_left: str = Field(
+        description="Time left in the VSP page's words: 'unknown' without an estimate, 'about to finish' "
+        "under a second while it runs, else e.g. '1 min 5 s'"
+    )
     summary: str
     steps: list[EvacuationStepOut]
     staying: list[StayingOut]
@@ -200,6 +204,7 @@ def evacuation_out(evacuation: Evacuation) -> EvacuationOut:
         cancel_requested=evacuation.cancel_requested,
         counts=summary.counts(),
         time_left_s=summary.time_left_s,
+        time_left=summary.time_left_words,
         summary=summary.sentence(),
         steps=[
             EvacuationStepOut(

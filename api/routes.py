@@ -19,6 +19,7 @@ from migrations_app.access import hide_unseen, visible_migration_condition
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
 from migrations_app.migration_policy import PolicyError
 from migrations_app.models import Migration
+from migrations_app.recommend import convergence_warning
 from vms.access import role_vsp_ids, visible_vms, visible_vsps
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
@@ -35,6 +36,7 @@ from .schemas import (
     MigrationIn,
     MigrationOut,
     MigrationPage,
+    MigrationStartedOut,
     NotRunnableIn,
     OnlineMigrationIn,
     PolicyChangeIn,
@@ -46,6 +48,7 @@ from .schemas import (
     migration_changed_out,
     migration_detail_out,
     migration_out,
+    migration_started_out,
     vm_out,
     vsp_out,
 )
@@ -238,7 +241,7 @@ def list_migrations(
 
 @router.post(
     "/migrations",
-    response={201: MigrationOut, 200: MigrationOut, **WRITE_ERRORS},
+    response={201: MigrationStartedOut, 200: MigrationStartedOut, **WRITE_ERRORS},
     tags=["Migrations"],
 )
 def create_migration(
@@ -253,15 +256,20 @@ def create_migration(
         description="A retry with the same key returns the first migration (200) instead of a second one",
     ),
 ) -> Status[MigrationOut]:
-    """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue."""
+    """Queue an online migration of ``vm`` to ``target``: the Migrate dialog's pre-checks and queue.
+
+    One forecast not to converge under its policy is started all the same, with why in
+    ``forecast_warning`` (the dialog asks first)."""
     vm, target = get_vm(str(body.vm), request.user), get_vsp(str(body.target), request.user)
     key = (idempotency_key or "").strip() or None
+    # Before the transaction: it may ask the source agent for the guest's dirty rate (about 0.5 s).
+    warning = convergence_warning(request.user, vm, target, body.policy_overrides() or {})
     try:
         with transaction.atomic():
             replay = find_replay(request.user, key, vm.pk, target.pk)
             if replay is not None:
                 response["Idempotent-Replayed"] = "true"
-                return Status(200, migration_out(replay))
+                return Status(200, migration_started_out(replay, warning))
             try:
                 migration = do_request_migration(vm, target, request.user, policy=body.policy_overrides())
             except PolicyError as error:
@@ -279,8 +287,8 @@ def create_migration(
         if refusal.attempt is not None:
             refusal.attempt.withdraw()
         response["Idempotent-Replayed"] = "true"
-        return Status(200, migration_out(replay))
-    return Status(201, migration_out(get_migration(migration.pk, request.user)))
+        return Status(200, migration_started_out(replay, warning))
+    return Status(201, migration_started_out(get_migration(migration.pk, request.user), warning))
 
 
 def find_replay(user: Any, key: str | None, vm_id: int, target_id: int) -> Migration | None:

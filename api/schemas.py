@@ -19,6 +19,7 @@ from migrations_app.access import hide_unseen, hide_unseen_events
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
+from vms.define import DISK_MAX_BYTES, DISK_MIN_BYTES, disk_size_refusal
 from vms.devices import places_seen
 from vms.general_tab import general_tab_context
 from vms.models import VSP, Registration, VirtualMachine
@@ -142,7 +143,11 @@ class StatisticsOut(Schema):
     bytes_remaining: int
     rounds: int
     dirty_rate_bytes_s: int
-    throughput_bytes_s: int
+    throughput_bytes_s: int = Field(description="The source agent's own figure (some agents average it)")
+    recent_throughput_bytes_s: int = Field(
+        description="Memory bytes sent per second over the last 5 s, as the console measured them (the live "
+        "rate)"
+    )
     expected_downtime_ms: int | None
     downtime_ms: int | None = Field(description="Measured time the guest was frozen (Frozen phase)")
     disk_bytes_total: int = Field(
@@ -193,6 +198,14 @@ class MigrationOut(Schema):
     )
     policy: dict[str, Any] = Field(
         description="The effective migration policy (migrations_app.migration_policy)"
+    )
+
+
+class MigrationStartedOut(MigrationOut):
+    forecast_warning: str = Field(
+        description="Why it is forecast not to converge under its policy (the guest's dirty rate against "
+        "what the link or the cap carries, where it would stop), as the Migrate dialog asks the admin to "
+        "confirm; '' when it is not. The API starts it all the same."
     )
 
 
@@ -254,7 +267,10 @@ IdOrName = Annotated[str, Field(min_length=1, max_length=64)]
 INPUT_CONFIG = ConfigDict(strict=True, extra="forbid")  # strict: no 0 for false, no 5 for "5"
 
 Whole = Annotated[int, Field(ge=1, le=migration_policy.MAX_DOWNTIME_MS)]
-BandwidthCap = Literal[0] | Annotated[float, Field(ge=1, le=migration_policy.MAX_BANDWIDTH_MB_S)]
+# The bounds of the forms' field (``migration_policy.INPUT_BOUNDS``); a value out of them never reaches
+# pydantic's own check: the fields' validator refuses it first, in the dialog's words.
+_CAP_LOW, _CAP_HIGH, _CAP_STEP = migration_policy.INPUT_BOUNDS["bandwidth_cap_mb_s"]
+BandwidthCap = Annotated[float, Field(ge=_CAP_LOW, le=_CAP_HIGH, json_schema_extra={"multipleOf": _CAP_STEP})]
 TEXT_SETTINGS = frozenset({"preset", "at_limit"})  # the only settings whose values are words
 
 
@@ -430,6 +446,11 @@ def migration_out(migration: Migration) -> MigrationOut:
     return MigrationOut(**_migration_fields(migration))
 
 
+def migration_started_out(migration: Migration, forecast_warning: str) -> MigrationStartedOut:
+    """A migration just started (or an idempotent replay of it) with its ``forecast_warning``."""
+    return MigrationStartedOut(**_migration_fields(migration), forecast_warning=forecast_warning)
+
+
 def migration_changed_out(migration: Migration, done: str) -> MigrationChangedOut:
     return MigrationChangedOut(**_migration_fields(migration), done=done)
 
@@ -595,8 +616,20 @@ class DiskIn(Schema):
     model_config = DEFINE_CONFIG
 
     pool: str = Field(min_length=1, max_length=64)
-    size_bytes: int | None = Field(None, ge=1, le=1 << 50)
+    size_bytes: int | None = Field(
+        None,
+        description="A new volume's size in bytes",
+        json_schema_extra={"minimum": DISK_MIN_BYTES, "maximum": DISK_MAX_BYTES},
+    )
     image: str = Field("", max_length=200)
+
+    @field_validator("size_bytes")
+    @classmethod
+    def in_the_consoles_words(cls, value: int | None) -> int | None:
+        """A size out of ``vms.define``'s bounds is refused with its words (the page's)."""
+        if value is not None and (refusal := disk_size_refusal(value)):
+            raise ValueError(refusal[0].upper() + refusal[1:] + ".")
+        return value
 
 
 class NicIn(Schema):

@@ -98,6 +98,11 @@ class GroupOut(Schema):
     description: str
     vsps: list[str]
     members: list[MemberOut]
+    note: str = Field(
+        default="",
+        description="After giving a role: what it does not give (the administrator role without the setup "
+        "permissions may not set up the group's hosts and roles); empty otherwise.",
+    )
 
 
 class GroupIn(Schema):
@@ -303,7 +308,10 @@ def set_role(request: HttpRequest, body: RoleIn, name: str = GroupName, username
         host_setup.do_set_role(request.user, group, member, body.role.value)
     except host_setup.SetupRefused as error:
         raise _refused(error) from None
-    return group_out(group)
+    fresh = get_user_model().objects.get(pk=member.pk)  # its permissions are cached on the object
+    answer = group_out(group)
+    answer.note = host_setup.role_note(group, fresh, body.role.value)
+    return answer
 
 
 @router.delete("/host-groups/{name}/members/{username}", response={200: GroupOut, **WRITE_ERRORS})

@@ -8,10 +8,13 @@ arrived by a path the plan could not see) is shown running there and named among
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.utils import timezone
 
+from migrations_app.forecast import duration_words
 from migrations_app.models import Migration
+from migrations_app.steering import outlook
 from vms.models import Registration
 
 from .models import Evacuation, EvacuationStep
@@ -99,8 +102,18 @@ class Summary:
 
     evacuation: Evacuation
     rows: list[tuple[EvacuationStep, str]]
-    time_left_s: float | None  # None: not known (a step without a forecast is still to run)
+    time_left_s: float | None  # None: not known (a step without a forecast or past it is still to run)
     staying_rows: list[StayingRow] = field(default_factory=list)
+
+    @property
+    def time_left_words(self) -> str:
+        """The panel's "Time left": "unknown" without an estimate, "about to finish" under a second (never
+        "0 s": it is shown only while the evacuation runs, so something is left), else "42 s"."""
+        if self.time_left_s is None:
+            return "unknown"
+        if self.time_left_s < 1:
+            return "about to finish"
+        return duration_words(self.time_left_s)
 
     @property
     def lines(self) -> list[tuple[EvacuationStep, str, str]]:
@@ -162,14 +175,31 @@ def summarize(evacuation: Evacuation) -> Summary:
     for step, status in rows:
         if status not in ("waiting", "running", "arriving", "landed"):
             continue
-        if step.predicted_s is None:
+        step_left = step_left_s(step, status, now)
+        if step_left is None:
             return Summary(evacuation, rows, None, staying_rows)
-        elapsed = 0.0
-        if status == "running" and step.migration is not None and step.migration.init_started_at:
-            elapsed = (now - step.migration.init_started_at).total_seconds()
-        left.append(max(step.predicted_s - elapsed, 0.0))
+        left.append(step_left)
     at_once = evacuation.vsp.max_concurrent_migrations
     return Summary(evacuation, rows, time_left_s(left, at_once), staying_rows)
+
+
+def step_left_s(step: EvacuationStep, status: str, now: datetime) -> float | None:
+    """How long ``step`` (of ``status``, one still to end) has left (s), None when not known.
+
+    Its forecast counted down from its migration's Init; a running step past its forecast has its
+    migration's own live estimate (``steering.outlook``, from what is left and the rate now) when there
+    is one, else none: the countdown's 0 s said it was over while it still ran (issue 21).
+    """
+    if step.predicted_s is None:
+        return None
+    migration = step.migration
+    if status != "running" or migration is None or migration.init_started_at is None:
+        return step.predicted_s
+    remaining = step.predicted_s - (now - migration.init_started_at).total_seconds()
+    if remaining > 0:
+        return remaining
+    live = outlook(migration, now)
+    return live.time_left_s if live is not None else None
 
 
 def staying_now(evacuation: Evacuation) -> list[StayingRow]:

@@ -267,9 +267,9 @@ def disk_option(text: str) -> dict[str, Any]:
         size = float(number) * unit
     except ValueError:
         raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.") from None
-    if not math.isfinite(size) or size < 1:
+    if not math.isfinite(size) or abs(size) > 1 << 62:
         raise fail(f"--disk {text!r}: give POOL:SIZE (e.g. san-a:10G) or POOL:image=NAME.")
-    return {"pool": pool, "size_bytes": int(size)}
+    return {"pool": pool, "size_bytes": int(size)}  # 0 or too large: the console's refusal names the bounds
 
 
 @app.command()
@@ -368,6 +368,13 @@ def migrate(
         migration = api.create_migration(vm, to, {"preset": "custom", **policy} if policy else None)
     except ApiError as error:
         raise fail(str(error)) from None
+    if migration.get("forecast_warning") and not as_json:  # started all the same; JSON carries it
+        err.print(
+            f"Warning: {terminal_text(migration['forecast_warning'])}",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     if not watch:
         if as_json:
             return print_json(migration)

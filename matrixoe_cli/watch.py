@@ -26,6 +26,8 @@ def statistics_line(migration: dict) -> str:
         f"dirty {stats['dirty_rate_bytes_s'] / MIB:.1f} MiB/s",
         f"throughput {stats['throughput_bytes_s'] / MIB:.1f} MiB/s",
     ]
+    if migration.get("active") and "recent_throughput_bytes_s" in stats:  # live: the last seconds' rate
+        parts[-1] = f"throughput {stats['recent_throughput_bytes_s'] / MIB:.1f} MiB/s (last 5 s)"
     if stats["downtime_ms"] is not None:
         parts.append(f"downtime {stats['downtime_ms']} ms")
     return " · ".join(parts)

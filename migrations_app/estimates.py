@@ -334,3 +334,35 @@ def forecast_to(
     return TargetForecast(
         result.verdict, lines, result.total_s, result.downtime_ms, measuring, result.limit_reason
     )
+
+
+def will_not_converge_warning(vm: VirtualMachine, target: VSP, policy: dict[str, Any]) -> str:
+    """Why moving ``vm`` to ``target`` under ``policy`` (an effective ``migration_policy``) is forecast
+    not to converge, in the dialog's words; "" when it is not (it converges, may not, or is unknown).
+
+    What the Migrate dialog asks the admin to confirm before starting, and the API and the CLI say
+    beside the migration they start anyway: the guest's dirty rate against what the link (or the cap)
+    carries, where it would stop (``forecast.explain``'s first and last sentences, the verdict's limit).
+    Measures the dirty rate (about 0.5 s) only when the pair's link, or a bandwidth cap, is known:
+    without either there is no verdict to warn about. Never raises for an agent that does not answer.
+    """
+    source = vm.current_vsp
+    if source is None:
+        return ""
+    guest = cached_dirty_rate(vm)
+    if guest is None:
+        link, _ = known_link_rate(source, target)
+        if link is None and forecast_policy(policy, vm).bandwidth_cap_bytes_s is None:
+            return ""
+        guest = measure_dirty_rate(vm)
+    result = forecast_to(vm, target, policy, guest)
+    if result.verdict is not forecast.Verdict.WILL_NOT_CONVERGE:
+        return ""
+    why = " ".join(line for line in result.lines if line.startswith((f"{vm.name} writes", "Because")))
+    stops = f"It would copy until {result.limit_reason or 'its limit'}"
+    if result.total_s is not None:
+        stops += f" (about {forecast.duration_words(result.total_s)})"
+    return (
+        f"{vm.name} will not converge to {target.name} under this policy: {why} {stops}, then stop, "
+        f"and {vm.name} would keep running on {source.name}."
+    )

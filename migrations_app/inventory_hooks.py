@@ -9,6 +9,7 @@
 - the audit trail: events about a migration are readable by whoever sees both its ends;
 - lost guests: an alert that said the guest keeps running on a source that no longer reports it is
   restated (``endings.restate_lost_on_source``).
+- roles: a viewer may read migrations, an operator request and cancel them (the model permissions).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from django.db.models import Q
 
 from vms import general_tab, hooks
 from vms.access import may_act_on_vsp
-from vms.models import VSP, VirtualMachine
+from vms.models import VSP, Role, VirtualMachine
 
 from . import history, migration_policy, progress
-from .access import ADD_MIGRATION_PERMISSION, audited_migrations
+from .access import (
+    ADD_MIGRATION_PERMISSION,
+    CHANGE_MIGRATION_PERMISSION,
+    VIEW_MIGRATION_PERMISSION,
+    audited_migrations,
+)
 from .capacity import reserved_by_incoming_migrations
 from .endings import restate_lost_on_source
 from .models import Migration
@@ -55,6 +61,8 @@ def register() -> None:
     hooks.register_reservation(reserved_by_incoming_migrations)
     hooks.register_audit_subject("migrations_app.migration", audited_migrations)
     hooks.register_lost_listener(restate_lost_on_source)
+    hooks.register_role_permissions(Role.VIEWER, [VIEW_MIGRATION_PERMISSION])  # the history, reports
+    hooks.register_role_permissions(Role.OPERATOR, [ADD_MIGRATION_PERMISSION, CHANGE_MIGRATION_PERMISSION])
 
 
 def policy_context(vm: VirtualMachine, visible_vsp_ids: Collection[int] | None = None) -> dict[str, Any]:

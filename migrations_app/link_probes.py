@@ -11,7 +11,9 @@ target) is a ``LinkProbe`` row with its time.
   compare-and-set on ``requested_at``. A probe takes a few seconds (its agent calls time out well
   within the interval), so at most one per pair is in flight.
 - ``probe_now`` is the task's body: it asks the target to open a probe listener, the source to probe
-  it, and stores the rate, or the refusal's words (an agent busy migrating refuses: probe later).
+  it, and stores the rate, or the refusal's words (an agent busy migrating refuses: probe later); then
+  it tells the General tabs of the source's guests (``progress.publish_link_probed``), so an open
+  migrate dialog shows the result at once (its 3 s poll stays the fallback).
 - ``probe_unmeasured_pairs`` (the periodic task ``probe_unmeasured_links``, every
   ``LINK_SWEEP_INTERVAL_S``) requests a probe for every pair that could migrate and has neither
   history nor a fresh probe, so the first dialog opened already has its links measured (issue 21.4:
@@ -34,6 +36,7 @@ from vms.agent_client import AgentClient, AgentError
 from vms.models import VSP, PairEncryption
 
 from .models import LinkProbe
+from .progress import publish_link_probed
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +107,14 @@ def probe_now(source_id: int, target_id: int) -> LinkProbe | None:
         log.info("link probe %s -> %s failed: %s", source.name, target.name, error)
         probe.error = str(error)[:500]
         probe.save(update_fields=["error"])
+        publish_link_probed(source.pk)  # the dialog says why it failed at once
         return probe
     probe.rate_bytes_s = float(result.rate_bytes_s)
     probe.measured_at = timezone.now()
     probe.error = ""
     probe.save(update_fields=["rate_bytes_s", "measured_at", "error"])
     log.info("link probe %s -> %s: %.0f MB/s", source.name, target.name, probe.rate_bytes_s / 1e6)
+    publish_link_probed(source.pk)  # an open migrate dialog forecasts with it at once
     return probe
 
 

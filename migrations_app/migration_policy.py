@@ -33,6 +33,7 @@ from agentprotocol import MigrationParams
 
 MAX_DOWNTIME_MS = 600_000
 MAX_BANDWIDTH_MB_S = 100_000
+MAX_THROTTLE_PCT = 99
 BANDWIDTH_STEP_MB_S = 0.001  # the forms' step: the smallest cap, and the grain of any cap
 DEFAULT_MAX_ROUNDS = 30
 DEFAULT_NO_PROGRESS_S = 150  # KubeVirt's progressTimeout default: the migration stalled, not merely slow
@@ -193,6 +194,18 @@ def policy_errors(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None)
     return errors
 
 
+# What each number of a policy takes, (min, max, step): the forms' ``<input type=number>`` attributes
+# (``migration_tags.policy_bounds``) say exactly what ``check_value`` takes, from these same constants.
+INPUT_BOUNDS: dict[str, tuple[float, float, float]] = {
+    "max_downtime_ms": (1, MAX_DOWNTIME_MS, 1),
+    "bandwidth_cap_mb_s": (0, MAX_BANDWIDTH_MB_S, BANDWIDTH_STEP_MB_S),  # 0: no cap
+    "throttle_max_pct": (1, MAX_THROTTLE_PCT, 1),
+    "downtime_step_ms": (0, MAX_DOWNTIME_MS, 1),
+    "downtime_max_ms": (1, MAX_DOWNTIME_MS, 1),
+    "no_progress_s": (1, MAX_NO_PROGRESS_S, 1),
+}
+
+
 def check_value(key: str, value: Any) -> Any:
     """One policy setting ``key`` (one of ``FIELDS``) checked alone: its type and bounds, not how it fits
     the others (``check_policy`` checks that). Returns the value in the policy's form (an int, a float
@@ -221,7 +234,7 @@ def _check_value(key: str, value: Any) -> Any:
     if key == "auto_converge":
         return _flag(value, "Auto-converge")
     if key == "throttle_max_pct":
-        return _whole(value, "Throttle ceiling", 1, 99, "%")
+        return _whole(value, "Throttle ceiling", 1, MAX_THROTTLE_PCT, "%")
     if key == "downtime_step_ms":
         return _whole(value, "Downtime step", 0, MAX_DOWNTIME_MS, "ms", allow_blank=True) or 0
     if key == "downtime_max_ms":
@@ -310,8 +323,8 @@ def _whole(value: Any, name: str, low: int, high: int, unit: str, *, allow_blank
 def _cap(value: Any) -> float | None:
     """A cap in MB/s, or None for none: empty, None or 0 (the API's "no cap", typed or sent as text).
 
-    Exactly what the forms' field takes in the browser (``<input type=number min=0 max=100000
-    step=0.001>``, ``BANDWIDTH_STEP_MB_S``): a number from 0 to ``MAX_BANDWIDTH_MB_S`` in thousandths
+    Exactly what the forms' fields take in the browser (``<input type=number min=0 max=100000
+    step=0.001>``, from ``INPUT_BOUNDS``): a number from 0 to ``MAX_BANDWIDTH_MB_S`` in thousandths
     of a MB/s (issue 21.4: the browser took 0.5 and the server refused it).
     """
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -322,8 +335,8 @@ def _cap(value: Any) -> float | None:
     thousandths = number / BANDWIDTH_STEP_MB_S
     if not 0 < number <= MAX_BANDWIDTH_MB_S or abs(thousandths - round(thousandths)) > 1e-6:
         raise PolicyError(
-            f"Bandwidth cap: from 0 to {MAX_BANDWIDTH_MB_S} MB/s with at most 3 decimals (0 or empty for "
-            f"no cap), not {value}."
+            f"Bandwidth cap: from {BANDWIDTH_STEP_MB_S:g} to {MAX_BANDWIDTH_MB_S} MB/s in steps of "
+            f"{BANDWIDTH_STEP_MB_S:g} MB/s (0 or empty: no cap), not {value}."
         )
     return number
 

@@ -82,7 +82,10 @@ class Migration(models.Model):
     bytes_remaining = models.BigIntegerField(default=0)
     rounds = models.BigIntegerField(default=0)
     dirty_rate_bytes_s = models.BigIntegerField(default=0)
-    throughput_bytes_s = models.BigIntegerField(default=0)
+    throughput_bytes_s = models.BigIntegerField(default=0)  # the source agent's own figure
+    # Memory bytes sent per second over the last few seconds (``samples.RecentRate``), measured by the
+    # worker from the agent's bytes sent: the phases panel's live rate (an agent may report an average).
+    recent_throughput_bytes_s = models.BigIntegerField(default=0)
     expected_downtime_ms = models.IntegerField(null=True, blank=True)
     downtime_ms = models.IntegerField(null=True, blank=True)
     # Auto-converge's throttle in force now (percent of the guest's vCPU time taken away), as the source

@@ -29,7 +29,7 @@ from django.db.models import F, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 
-from vms.models import VSP, VirtualMachine
+from vms.models import VSP, Registration, VirtualMachine
 
 from .access import hide_unseen
 from .controls import EVERYTHING, ControlVSPs, ViewClass, watcher_rights
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_TEMPLATE = "migrations_app/progress.html"
 MESSAGE_TYPE: Literal["migration.progress"] = "migration.progress"
 
-MessageKind = Literal["vm", "row", "arrival", "overview"]
+MessageKind = Literal["vm", "row", "arrival", "overview", "link"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,9 @@ class ProgressMessage(TypedDict):
 
     type: Literal["migration.progress"]
     group: str  # the group it was sent to: the server process hands it to that group's sockets
-    kind: MessageKind  # vm: a VM's General tab; row: a VSP tab's row; arrival; overview: re-fetch it
+    # vm: a VM's General tab; row: a VSP tab's row; arrival; overview: re-fetch it; link: a link probe of
+    # the VM's host ended (an open migrate dialog asks for its forecasts again)
+    kind: MessageKind
     facts: NotRequired[dict]  # ProgressFacts.as_message() (not for "overview")
     vm_id: NotRequired[int]  # a VSP tab's row update: only sockets of pages showing this VM's row take it
 
@@ -331,6 +333,8 @@ def render_message(message: dict, view: ViewClass) -> str:
     kind = message["kind"]
     if kind == "overview":
         return render_to_string(f"{PROGRESS_TEMPLATE}#vsp_overview_refetch", {})
+    if kind == "link":
+        return render_to_string(f"{PROGRESS_TEMPLATE}#link_probed", {})
     facts = ProgressFacts.from_message(message["facts"])
     if kind == "arrival":
         return render_to_string(f"{PROGRESS_TEMPLATE}#vsp_arrival", {"vm_id": facts.vm_id})
@@ -398,6 +402,28 @@ def publish_vsp_overview(vsp_id: int) -> None:
         async_to_sync(send_messages)({group: message})
     except Exception:
         logger.exception("Could not push the overview of VSP %s", vsp_id)
+
+
+def publish_link_probed(source_id: int) -> None:
+    """Tell the open General tabs of the guests runnable on VSP ``source_id`` that a link probe from it
+    ended (measured or failed): an open migrate dialog there asks for its forecasts at once instead of
+    at its next poll (``static/js/console.js``). A signal without facts: each browser fetches the
+    forecast with its own session and rights. Best effort, as ``publish_progress``: the dialog's poll
+    (``views.LINK_POLL_S``) stays the fallback."""
+    vm_ids = (
+        Registration.objects.filter(vsp_id=source_id)
+        .exclude(hardware_status=Registration.HardwareStatus.NOT_RUNNABLE)
+        .values_list("vm_id", flat=True)
+    )
+    messages: dict[str, ProgressMessage] = {
+        vm_group(vm_id): {"type": MESSAGE_TYPE, "group": vm_group(vm_id), "kind": "link"} for vm_id in vm_ids
+    }
+    if not messages:
+        return
+    try:
+        async_to_sync(send_messages)(messages)
+    except Exception:
+        logger.exception("Could not push the end of a link probe from VSP %s", source_id)
 
 
 async def send_messages(messages: dict[str, ProgressMessage]) -> None:

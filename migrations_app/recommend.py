@@ -4,16 +4,25 @@ The best target fits (its pre-check passed), converges (its forecast says so, wi
 throttling) and leaves the most memory free after the move. A target whose forecast is not known yet
 ranks after those known to converge and before those known not to; among equals, the most memory left
 after the move wins, then the name (so the choice is stable). Plain Python on the dialog's rows.
+
+A migration forecast **not to converge** is not started from the dialog before the admin confirmed it
+with the reason before them (``convergence_warning``; the API and the CLI start it and say the same
+words beside it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from migrations_app.forecast import Verdict, duration_words
+from vms.access import allowed
+from vms.models import VSP, VirtualMachine
 
-from .checks import TargetCheck
+from . import estimates, migration_policy
+from .access import check_can_migrate
+from .checks import TargetCheck, check_targets
 from .estimates import TargetForecast
 
 CONVERGING = (Verdict.CONVERGES, Verdict.CONVERGES_WITH_THROTTLE)
@@ -78,3 +87,19 @@ def _mib(value: int) -> str:
     if abs(value) >= 1024:
         return f"{value / 1024:.1f} GiB"
     return f"{value} MiB"
+
+
+def convergence_warning(user: Any, vm: VirtualMachine, target: VSP, overrides: dict[str, Any]) -> str:
+    """Why migrating ``vm`` to ``target`` under the VM's policy with ``overrides`` (the dialog's or the
+    API's policy fields) is forecast not to converge (``estimates.will_not_converge_warning``); "" when
+    it is not, and when the request will be refused anyway (no right, a failed pre-check or a bad policy
+    value: the refusal says why, and no agent is asked for a forecast of a move that cannot start)."""
+    if not allowed(check_can_migrate, user, vm, target):
+        return ""
+    vm_policy = migration_policy.effective(vm.migration_policy)
+    if migration_policy.policy_errors(overrides, base=vm_policy):
+        return ""
+    if not any(check.ok and check.vsp.pk == target.pk for check in check_targets(vm)):
+        return ""
+    policy = migration_policy.check_policy(overrides, base=vm_policy)
+    return estimates.will_not_converge_warning(vm, target, policy)

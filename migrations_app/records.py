@@ -28,7 +28,7 @@ from .errors import MigrationCancelled, MigrationFailed
 from .lease import DATABASE_GONE, Lease
 from .models import PHASE_PERCENT_FIELD, Migration, MigrationEvent
 from .progress import publish_progress
-from .samples import add_round_sample
+from .samples import RecentRate, add_round_sample
 from .transitions import transition
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ PROGRESS_FIELDS = (
     "rounds",
     "dirty_rate_bytes_s",
     "throughput_bytes_s",
+    "recent_throughput_bytes_s",
     "throttle_pct",
     "expected_downtime_ms",
     "downtime_ms",
@@ -101,11 +102,18 @@ class ProgressRecord:
         self.seq = 0  # the last snapshot's sequence number: the stream goes on from there
         self.last_flush = 0.0
         self.phase_started = time.monotonic()
+        self.recent = RecentRate()
 
     def take(self, snapshot: ProgressSnapshot) -> None:
         apply_snapshot(self.migration, snapshot)
         add_round_sample(self.migration, keep_left=snapshot.state in FREEZE_STATES)
         self.seq = max(self.seq, snapshot.seq)
+        # The live rate from the bytes sent over the last few seconds; until the window means something,
+        # the agent's own figure (over so short a time it is as recent).
+        rate = self.recent.add(time.monotonic(), snapshot.bytes_sent)
+        self.migration.recent_throughput_bytes_s = (
+            round(rate) if rate is not None else snapshot.throughput_bytes_s
+        )
 
     def flush(self, *, force: bool = False) -> None:
         now = time.monotonic()

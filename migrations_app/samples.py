@@ -14,6 +14,7 @@ the other progress fields (``records.PROGRESS_FIELDS``).
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import timedelta
 from typing import Any
 
@@ -117,3 +118,33 @@ def round_left_bytes(samples: list[list[float | int]], round_number: int, bytes_
     if before is None or len(before) < len(FIELDS):
         return None
     return float(max(0, before[BYTES_REMAINING] - (bytes_sent - before[BYTES_SENT])))
+
+
+RECENT_RATE_S = 5.0  # the live rate's window: long enough to smooth a round's bursts, short enough to follow
+MIN_RATE_SPAN_S = 1.0  # a window under this says too little: the agent's own figure stands meanwhile
+
+
+class RecentRate:
+    """Bytes per second over the last ``RECENT_RATE_S`` of readings of a growing byte count (one worker's,
+    in memory: a worker that takes over starts a new window).
+
+    ``add(at_s, total_bytes)`` takes a reading (``at_s``: a monotonic clock, s) and returns the rate from
+    the newest reading at least ``RECENT_RATE_S`` old (the oldest one until there is one) to this one,
+    bytes/s; None while the readings span under ``MIN_RATE_SPAN_S``. A count that goes down (another
+    source of numbers) starts the window again.
+    """
+
+    def __init__(self) -> None:
+        self.readings: deque[tuple[float, int]] = deque()
+
+    def add(self, at_s: float, total_bytes: int) -> float | None:
+        if self.readings and total_bytes < self.readings[-1][1]:
+            self.readings.clear()
+        self.readings.append((at_s, total_bytes))
+        while len(self.readings) > 2 and self.readings[1][0] <= at_s - RECENT_RATE_S:
+            self.readings.popleft()
+        first_s, first_bytes = self.readings[0]
+        span = at_s - first_s
+        if span < MIN_RATE_SPAN_S:
+            return None
+        return (total_bytes - first_bytes) / span

@@ -47,6 +47,7 @@ from .models import Migration
 from .progress import get_migration_display, render_vm_fragments, user_view
 
 DIALOG_TEMPLATE = "migrations_app/migrate_dialog.html"
+CONFIRM_FIELD = "confirm_not_converging"  # its value: the target the admin confirmed starting anyway
 
 
 def parse_id(value: str | None) -> int | None:
@@ -85,6 +86,10 @@ def migrate(request: HtmxHttpRequest, vm_id: int) -> HttpResponse:
     overrides = policy_overrides(request.POST)
     # A refused dialog keeps the target chosen and every value typed (issue 21.4).
     kept: dict[str, Any] = {"policy": overrides, "chosen": target.pk}
+    if request.POST.get(CONFIRM_FIELD) != str(target.pk):
+        warning = recommend.convergence_warning(request.user, vm, target, overrides)
+        if warning:  # nothing started: the admin confirms, in the dialog, with the reason before them
+            return render_dialog(request, vm, status=409, confirm_warning=warning, **kept)
     try:
         do_request_migration(vm, target, request.user, policy=overrides)
     except migration_policy.PolicyError as error:
@@ -291,10 +296,12 @@ def render_dialog(
     status: int = 200,
     policy: dict[str, Any] | None = None,
     chosen: int | None = None,
+    confirm_warning: str = "",
 ) -> HttpResponse:
     """The dialog: every offered target with its memory, pre-check and forecast, the recommended one
     marked and preselected (``chosen``: the target the admin had chosen, kept after a refusal), the
-    policy as typed with every bad field's words beside it."""
+    policy as typed with every bad field's words beside it; ``confirm_warning``: why the migration
+    to ``chosen`` will not converge, with a button that starts it anyway."""
     checks = offered_checks(request, vm)
     vm_policy = migration_policy.effective(vm.migration_policy)
     errors = migration_policy.policy_errors(policy or {}, base=vm_policy)
@@ -317,6 +324,8 @@ def render_dialog(
         "blocked": blocked,
         "common_refusal": common_refusal(checks),
         "error": "" if error == blocked else error,
+        "confirm_warning": confirm_warning,
+        "confirm_field": CONFIRM_FIELD,
         "full_page": not request.htmx,
         "vm_policy": vm_policy,
         "policy": form_policy,

@@ -4,7 +4,9 @@ Two layers, both required (superusers pass both):
 
 1. The **global model permission** is the coarse gate: what *kind* of thing the account may do at
    all (``vms.view_vsp``, ``vms.change_registration``...; other apps' rights, e.g. migrating a guest,
-   build on these functions).
+   build on these functions). A role **carries** the permissions its rights need (``ROLE_PERMISSIONS``,
+   granted by ``vms.backends.HostGroupRoleBackend``), so giving someone a role on the Hosts and rights
+   pages is enough; a permission given in the Django admin adds a kind of right, never a place.
 2. The **role in a host group** (``HostGroupMembership``) says *where*: viewer sees the group's
    VSPs and their guests; operator may also migrate and power them; administrator may also change
    settings (online migration, runnable marks, per-VM settings).
@@ -20,7 +22,7 @@ fixed query count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
@@ -28,7 +30,7 @@ from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
 from django.db.models.functions import Cast
 from django.http import Http404
 
-from vms.hooks import audit_subjects
+from vms.hooks import audit_subjects, registered_role_permissions
 from vms.models import VSP, PairEncryption, Registration, Role, VirtualMachine
 
 VIEW_VSP_PERMISSION = "vms.view_vsp"
@@ -36,11 +38,33 @@ VIEW_VM_PERMISSION = "vms.view_virtualmachine"
 CHANGE_VM_PERMISSION = "vms.change_virtualmachine"
 CHANGE_REGISTRATION_PERMISSION = "vms.change_registration"
 
+# The model permissions each role carries, besides those of the roles below it and other apps' own
+# (``vms.hooks.register_role_permissions``): exactly what the rights of ``docs/permissions.md``'s first
+# table check. Setting up hosts and roles (``vms.host_setup``: ``add_vsp``, ``change_vsp``, ``delete_vsp``,
+# ``change_hostgroup``) and reading the audit trail (``view_auditevent``) are deliberately not carried:
+# they stay permissions a superuser gives.
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    Role.VIEWER: frozenset({VIEW_VSP_PERMISSION, VIEW_VM_PERMISSION, "vms.view_registration"}),
+    Role.OPERATOR: frozenset({CHANGE_REGISTRATION_PERMISSION}),  # power a copy
+    Role.ADMINISTRATOR: frozenset({CHANGE_VM_PERMISSION, "vms.add_virtualmachine"}),  # settings, define
+}
+
 LACKS_PERMISSION = "You may look but not change: your account lacks the permission to do this."
 
 
 class AccessDenied(PermissionDenied):
     """Refused by a right of this module; ``str(error)`` says why in plain words."""
+
+
+def permissions_of_roles(roles: Iterable[str]) -> frozenset[str]:
+    """The model permissions ``roles`` (``Role`` values a user holds somewhere) carry: each role's own
+    (``ROLE_PERMISSIONS`` and other apps' registered ones) and those of every role below it."""
+    extra = registered_role_permissions()
+    carried: set[str] = set()
+    for role in set(roles) & set(Role.values):
+        for lower in Role.values[: Role.values.index(role) + 1]:
+            carried |= ROLE_PERMISSIONS.get(lower, frozenset()) | extra.get(lower, frozenset())
+    return frozenset(carried)
 
 
 def _authenticated(user: Any) -> bool:

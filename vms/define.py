@@ -34,6 +34,23 @@ ADD_VM_PERMISSION = "vms.add_virtualmachine"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 GIB = 1 << 30
+# A new volume's size (bytes), the page's, the API's and this module's one bound: at least 1 MiB (a
+# smaller disk holds no file system worth the name), at most 1 PiB (beyond any pool; qcow2 itself
+# goes to 2 PiB with its default 64 KiB clusters).
+DISK_MIN_BYTES = 1 << 20
+DISK_MAX_BYTES = 1 << 50
+
+
+def disk_size_refusal(size_bytes: int) -> str:
+    """Why ``size_bytes`` is no size for a new volume ("" when it is one): out of ``DISK_MIN_BYTES`` ..
+    ``DISK_MAX_BYTES``, in words naming both bounds and their unit."""
+    if DISK_MIN_BYTES <= size_bytes <= DISK_MAX_BYTES:
+        return ""
+    shown = size_text(size_bytes) if size_bytes >= 0 else f"-{size_text(-size_bytes)}"
+    return (
+        f"a new volume's size is from {size_text(DISK_MIN_BYTES)} to {size_text(DISK_MAX_BYTES)} "
+        f"({DISK_MIN_BYTES} to {DISK_MAX_BYTES} bytes), not {shown}"
+    )
 
 
 @dataclass(frozen=True)
@@ -155,9 +172,10 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
         pool = pools.get(disk.pool)
         if pool is None:
             known = ", ".join(sorted(pools)) or "none"
-            problems.append(f"{what}: {vsp.name} has no pool {disk.pool!r} (its pools: {known}).")
+            missing = "choose a pool" if not disk.pool else f"{vsp.name} has no pool {disk.pool!r}"
+            problems.append(f"{what}: {missing} (its pools: {known}).")
             continue
-        if disk.image and disk.size_bytes:
+        if disk.image and disk.size_bytes is not None:
             problems.append(
                 f"{what}: give either a size (a new volume) or an image (a volume already in pool "
                 f"{pool.name}), not both."
@@ -172,8 +190,11 @@ def _check_disks(definition: Definition, problems: list[str]) -> list[DiskSpec]:
                 continue
             volume, size, create = disk.image, 1, False  # its size is what the agent finds
         else:
-            if not disk.size_bytes or disk.size_bytes < 1:
+            if disk.size_bytes is None:
                 problems.append(f"{what}: give a size for the new volume in pool {pool.name}.")
+                continue
+            if refusal := disk_size_refusal(disk.size_bytes):
+                problems.append(f"{what}: {refusal}.")
                 continue
             if not _NAME.fullmatch(definition.name):
                 continue  # its volume is named after the VM: the name's own problem says it all

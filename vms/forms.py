@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import math
+
 from django import forms
 
 from vms.actions import REASON_MAX_LENGTH
+from vms.define import DISK_MAX_BYTES, DISK_MIN_BYTES, GIB
 from vms.models import VSP, Registration, VirtualMachine
 
 
@@ -53,6 +56,11 @@ class ShownVSPForm(forms.Form):
     )
 
 
+DISK_GIB_BOUNDS = {  # vms.define's bounds in GiB, to the thousandth the field takes (1 MiB -> 0.001)
+    "min": f"{math.ceil(DISK_MIN_BYTES / GIB * 1000) / 1000:g}",
+    "max": f"{DISK_MAX_BYTES // GIB}",
+    "step": "0.001",
+}
 DISK_ROWS = 3  # disks the define page offers (the API takes up to the protocol's 16)
 NIC_ROWS = 2
 
@@ -75,12 +83,14 @@ class DefineVMForm(forms.Form):
             self.fields[f"disk{row}_pool"] = forms.ChoiceField(
                 label=f"Disk {row + 1}: pool", choices=pool_choices, required=False
             )
+            # No bound here: vms.define refuses a size out of its bounds in words (0 typed is a size);
+            # the browser is told the same bounds, in GiB to the field's thousandth.
             self.fields[f"disk{row}_size_gib"] = forms.DecimalField(
                 label=f"Disk {row + 1}: new volume (GiB)",
-                min_value=0,
-                max_digits=9,
-                decimal_places=2,
+                max_digits=13,
+                decimal_places=3,
                 required=False,
+                widget=forms.NumberInput(attrs=DISK_GIB_BOUNDS),
             )
             self.fields[f"disk{row}_image"] = forms.CharField(
                 label=f"Disk {row + 1}: or an image in the pool", max_length=200, required=False

@@ -15,6 +15,7 @@ keeps ``vms`` from importing those apps).
 - **audit subjects**: which audit events about another app's objects a user may read;
 - **lost guests**: told when a runnable copy's host no longer reports its guest (e.g. a migration's alert
   that said the guest keeps running there is restated).
+- **role permissions**: the model permissions of another app's rights a host-group role carries.
 """
 
 from __future__ import annotations
@@ -171,3 +172,19 @@ def guest_lost(registration: Any) -> None:
     """Tell every listener that ``registration`` was just marked Lost."""
     for listener in _lost_listeners:
         listener(registration)
+
+
+# -- the model permissions a host-group role carries -----------------------------------------------------
+_role_permissions: dict[str, set[str]] = {}
+
+
+def register_role_permissions(role: str, permissions: Iterable[str]) -> None:
+    """A host-group ``role`` (``vms.models.Role`` value) carries the model ``permissions``
+    (``"app_label.codename"``) of another app's rights: whoever holds the role in some group has them
+    (``vms.backends.HostGroupRoleBackend``); where they apply is still the role's groups."""
+    _role_permissions.setdefault(role, set()).update(permissions)
+
+
+def registered_role_permissions() -> dict[str, frozenset[str]]:
+    """The registered ``{role: permissions}`` of other apps (only those roles' own, not the lower ones')."""
+    return {role: frozenset(permissions) for role, permissions in _role_permissions.items()}

@@ -61,6 +61,13 @@ ADD_VSP_PERMISSION = "vms.add_vsp"
 CHANGE_VSP_PERMISSION = "vms.change_vsp"
 RETIRE_VSP_PERMISSION = "vms.delete_vsp"
 CHANGE_GROUP_PERMISSION = "vms.change_hostgroup"
+# Never carried by a role (vms.access.ROLE_PERMISSIONS): a superuser gives them.
+SETUP_PERMISSIONS = (
+    ADD_VSP_PERMISSION,
+    CHANGE_VSP_PERMISSION,
+    RETIRE_VSP_PERMISSION,
+    CHANGE_GROUP_PERMISSION,
+)
 CONTACT_TIMEOUT_S = 5.0
 # The fields of a VSP the console's setup pages change (the agent's address and secret apart).
 VSP_FIELDS = (
@@ -104,9 +111,8 @@ def may_set_up_hosts(user: Any) -> bool:
     group holding one of the setup permissions."""
     if _superuser(user):
         return True
-    permissions = (ADD_VSP_PERMISSION, CHANGE_VSP_PERMISSION, RETIRE_VSP_PERMISSION, CHANGE_GROUP_PERMISSION)
     return (
-        any(has_global(user, p) for p in permissions)
+        any(has_global(user, p) for p in SETUP_PERMISSIONS)
         and HostGroupMembership.objects.filter(user_id=user.pk, role=Role.ADMINISTRATOR).exists()
     )
 
@@ -578,6 +584,32 @@ def do_set_role(user: Any, group: HostGroup, member: Any, role: str) -> HostGrou
             message=f"{member} is now {role} of {group.name} (by {user})",
         )
     return membership
+
+
+def role_note(group: HostGroup, member: Any, role: str) -> str:
+    """What ``member``'s new ``role`` in ``group`` does *not* give them, in words ("" when nothing is
+    missing): the administrator role carries every right of the group's guests (``vms.access.
+    ROLE_PERMISSIONS``), but setting up its VSPs and roles here also needs the setup permissions, which
+    a role never carries (``docs/permissions.md``). ``member`` should be a fresh user object (its
+    permissions are cached on it)."""
+    if role != Role.ADMINISTRATOR or getattr(member, "is_superuser", False):
+        return ""
+    missing = [p for p in SETUP_PERMISSIONS if not member.has_perm(p)]
+    if not missing:
+        return ""
+    names = {
+        ADD_VSP_PERMISSION: "add VSPs",
+        CHANGE_VSP_PERMISSION: "change VSPs",
+        RETIRE_VSP_PERMISSION: "retire VSPs",
+        CHANGE_GROUP_PERMISSION: "give roles",
+    }
+    codenames = ", ".join(p.split(".", 1)[1] for p in missing)
+    return (
+        f"{member.get_username()} may change the settings and runnable marks of {group.name}'s guests and "
+        f"define guests there, but may not {', '.join(names[p] for p in missing)} in {group.name} on these "
+        f"pages: that also needs the model permissions {codenames}, which a superuser gives in the "
+        "Django admin (Users)."
+    )
 
 
 def do_remove_member(user: Any, group: HostGroup, member: Any) -> None:

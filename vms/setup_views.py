@@ -421,6 +421,9 @@ def _group_action(request: HtmxHttpRequest, group: HostGroup) -> HttpResponse | 
             messages.success(
                 request, f"{member.get_username()} is now {form.cleaned_data['role']} of {group.name}."
             )
+            note = host_setup.role_note(group, _user_named(member.get_username()), form.cleaned_data["role"])
+            if note:
+                messages.warning(request, note)
         elif action == "remove":
             member = _user_named(request.POST.get("username", ""))
             host_setup.do_remove_member(request.user, group, member)

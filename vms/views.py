@@ -36,7 +36,7 @@ from vms.access import (
 )
 from vms.actions import do_mark_not_runnable, do_mark_runnable, do_set_online_migration
 from vms.capacity import with_free_memory
-from vms.define import Definition, DiskRequest, NicRequest, check_can_define, do_define_vm
+from vms.define import GIB, Definition, DiskRequest, NicRequest, check_can_define, do_define_vm
 from vms.devices import HIDDEN_NETWORK, HIDDEN_POOL, RESOURCES_UNKNOWN, device_summary, places_seen
 from vms.forms import (
     DISK_ROWS,
@@ -439,17 +439,16 @@ def vm_define(request: HtmxHttpRequest) -> HttpResponse:
     return render(request, "vms/vm_define.html", context, status=status)
 
 
-GIB = 1 << 30
-
-
 def definition_from(data: dict[str, Any], vsp: VSP) -> Definition:
     """The define form's cleaned data as a ``Definition`` (empty rows left out)."""
     disks = []
     for row in range(DISK_ROWS):
         pool, size, image = (data[f"disk{row}_{key}"] for key in ("pool", "size_gib", "image"))
-        if pool or size or image:
+        if pool or size is not None or image:  # a size of 0 typed is a size, refused with the bounds
             disks.append(
-                DiskRequest(pool=pool, size_bytes=int(size * GIB) if size else None, image=image.strip())
+                DiskRequest(
+                    pool=pool, size_bytes=int(size * GIB) if size is not None else None, image=image.strip()
+                )
             )
     nics = [
         NicRequest(network=data[f"nic{row}_network"], mac=data[f"nic{row}_mac"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import template
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -12,9 +13,11 @@ from migrations_app.access import migration_targets
 from migrations_app.checks import host_refusal
 from migrations_app.controls import control_allowed
 from migrations_app.forecast import duration_words
+from migrations_app.migration_policy import INPUT_BOUNDS
 from migrations_app.models import PHASE_PERCENT_FIELD, Migration
 from migrations_app.placement import begins_with_a_name
 from migrations_app.progress import MigrationDisplay, get_migration_display
+from migrations_app.samples import RECENT_RATE_S
 from migrations_app.steering import Outlook, can_throttle_live, copy_over_note, outlook
 from migrations_app.steering import steer_values as steering_values
 from vms.devices import size_text
@@ -25,6 +28,27 @@ register = template.Library()
 State = Migration.State
 
 PHASE_STATUS_LABELS = {"pending": "Waiting", "running": "Running", "done": "Done", "failed": "Failed"}
+
+
+@register.simple_tag
+def policy_bounds(key: str) -> SafeString:
+    """``min=".." max=".." step=".."`` of the number input for the policy value ``key``: exactly what the
+    server takes (``migration_policy.INPUT_BOUNDS``), so a value the browser accepts is never refused."""
+    low, high, step = (f"{bound:.3f}".rstrip("0").rstrip(".") for bound in INPUT_BOUNDS[key])
+    return format_html('min="{}" max="{}" step="{}"', low, high, step)
+
+
+@register.simple_tag
+def throughput_figures(migration: Migration) -> dict[str, float | None]:
+    """The panel's two rates (bytes/s): ``recent`` over the last ``window_s`` seconds (the live rate,
+    ``Migration.recent_throughput_bytes_s``) and ``average``, the bytes sent over the time since Copy
+    began (until it ended; None before Copy)."""
+    average = None
+    if migration.copy_started_at is not None:
+        until = migration.copy_ended_at or timezone.now()
+        seconds = (until - migration.copy_started_at).total_seconds()
+        average = migration.bytes_sent / seconds if seconds > 0 else None
+    return {"recent": migration.recent_throughput_bytes_s, "average": average, "window_s": RECENT_RATE_S}
 
 
 @register.simple_tag

@@ -13,6 +13,8 @@
 //    When the socket opens AGAIN (it dropped: every push meanwhile is lost), and when a pushed frame's
 //    version skips one (<!--push:<migration>:<version>-->, progress.push_mark: the channel layer
 //    dropped a message), the page re-fetches those regions over HTTP with its own session.
+// 6. A link probe from the VM's host ended (a pushed #link-probed): an open migrate dialog waiting for
+//    it fetches its forecasts at once.
 (function () {
   "use strict";
 
@@ -126,6 +128,19 @@
     }
     if (staleness(parse(message).content.querySelector("#migration-phases"))) {
       event.preventDefault(); // older than the page: the whole frame is
+    }
+  });
+
+  // 6. A link probe from this VM's host ended (a pushed #link-probed): an open migrate dialog that is
+  //    waiting for it asks for its forecasts now, not at its next poll (its 3 s poll is the fallback).
+  document.addEventListener("htmx:wsAfterMessage", function (event) {
+    var message = event.detail.message;
+    if (typeof message !== "string" || message.indexOf('id="link-probed"') < 0) {
+      return;
+    }
+    var loader = document.getElementById("forecast-loader");
+    if (loader) {
+      htmx.trigger(loader, "linkprobed");
     }
   });
 

@@ -308,7 +308,7 @@ def test_it_refuses_a_field_it_does_not_know_and_names_it(api, hosts, body, deta
         (
             {"bandwidth_cap_mb_s": -3},
             "bandwidth_cap_mb_s",
-            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals",
+            "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s",
         ),
         ({"auto_converge": "maybe"}, "auto_converge", "Auto-converge"),
         ({"preset": "fastest"}, "preset", "Unknown preset 'fastest'"),
@@ -324,6 +324,30 @@ def test_a_bad_policy_value_is_refused_in_the_dialogs_words_at_its_place(api, ho
     assert "Input should" not in body["detail"] and "body." not in body["detail"]
     assert body["errors"] == [{"loc": ["policy", field], "field": f"policy.{field}", "msg": ANY}]
     assert not Migration.objects.exists()
+
+
+def test_a_small_bandwidth_cap_is_taken_as_the_dialog_takes_it_and_a_tiny_one_names_the_minimum(api, hosts):
+    """QA: 0.5 MB/s (the dialog takes it) was refused with "literal[0]: must be one of 0;
+    constrained-float: must be at least 1.0"; the steering endpoint said the same."""
+    make_vm("web01", vsp=hosts[0])
+
+    tiny = assert_problem(
+        api.post("/migrations", {"vm": "web01", "target": "hostb", "policy": {"bandwidth_cap_mb_s": 0.0005}}),
+        422,
+    )
+    assert tiny["detail"] == (
+        "Bad input: policy.bandwidth_cap_mb_s: Bandwidth cap: from 0.001 to 100000 MB/s in steps of "
+        "0.001 MB/s (0 or empty: no cap), not 0.0005."
+    )
+    half = api.post("/migrations", {"vm": "web01", "target": "hostb", "policy": {"bandwidth_cap_mb_s": 0.5}})
+    assert half.status_code == 201, half.content
+    migration = Migration.objects.get(vm__name="web01")
+    assert migration.policy["bandwidth_cap_mb_s"] == 0.5
+
+    Migration.objects.filter(pk=migration.pk).update(state="completed")  # its Copy is over: refused so
+    steered = api.patch(f"/migrations/{migration.pk}/policy", {"bandwidth_cap_mb_s": 0.5})
+    assert steered.status_code == 409, steered.content
+    assert "literal" not in steered.json()["detail"] and "constrained" not in steered.json()["detail"]
 
 
 def test_the_api_and_the_dialog_say_the_same_about_a_decimal_downtime(api, hosts):

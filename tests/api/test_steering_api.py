@@ -162,12 +162,12 @@ def ended():
         ({"max_downtime_ms": None}, "Maximum downtime: give a whole number from 1 to 600000 ms."),
         (
             {"bandwidth_cap_mb_s": 1e15},
-            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals (0 or empty for no cap), "
+            "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s (0 or empty: no cap), "
             "not 1000000000000000.0.",
         ),
         (
             {"bandwidth_cap_mb_s": 0.0005},
-            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals (0 or empty for no cap), "
+            "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s (0 or empty: no cap), "
             "not 0.0005.",
         ),
         ({"auto_converge": "maybe"}, "Auto-converge: on or off, not 'maybe'."),

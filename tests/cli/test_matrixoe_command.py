@@ -150,6 +150,31 @@ def test_it_cancels_a_running_migration_and_says_so(host_agents, fleet, logged_i
     assert f"Nothing to cancel: {vm.name} has no queued or running migration." in again.stderr
 
 
+def test_it_starts_one_forecast_not_to_converge_and_prints_why_as_a_warning(
+    host_agents, fleet, logged_in, wait_for
+):
+    """The dialog asks first; the command starts it, as the API does, and says why on stderr."""
+    capped = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    hot = place_vm(
+        host_agents,
+        fleet,
+        memory_mib=8,
+        dirty_pages_per_s=3000,
+        fill_percent=100,
+        vm_fields={"migration_policy": capped},
+    )
+
+    result = matrixoe(logged_in, "migrate", hot.name, "--to", "hostc")
+
+    assert result.returncode == 0, result.stderr
+    assert "Migration " in result.stdout and "queued" in result.stdout
+    assert result.stderr.startswith(f"Warning: {hot.name} will not converge to hostc under this policy: "), (
+        result.stderr
+    )
+    assert matrixoe(logged_in, "cancel", hot.name).returncode == 0
+    assert wait_for(lambda: not Migration.objects.get(vm=hot).is_active, timeout=60)
+
+
 def test_it_exits_non_zero_with_the_alert_when_the_watched_migration_is_cancelled(
     host_agents, fleet, logged_in, wait_for
 ):
@@ -253,7 +278,7 @@ def test_it_changes_the_running_migration_and_switches_it_over(host_agents, flee
 
     assert refused.returncode == 1
     assert (
-        "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals (0 or empty for no cap), not -5."
+        "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s (0 or empty: no cap), not -5."
         in refused.stderr
     )
     assert not_whole.returncode == 1 and not_a_number.returncode == 1  # not typer's exit 2

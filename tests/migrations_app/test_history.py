@@ -154,8 +154,9 @@ def test_its_query_count_does_not_grow_with_the_history(
         Migration(vm=web, vm_name="web01", source=vsp1, target=vsp2, state="completed", requested_by=alice)
         for _ in range(count)
     )
-    # session, user, user and group permissions, the count, the page's rows, the VSP and user choices, the
-    # user's VSPs (a row whose other end is another group's names neither that VSP nor who asked)
+    # session, user, user and group permissions, the roles' permissions, the count, the page's rows, the
+    # VSP and user choices, the user's VSPs (a row whose other end is another group's names neither that
+    # VSP nor who asked)
     with django_assert_num_queries(9):
         assert admin_client.get(HISTORY).status_code == 200
     with django_assert_num_queries(10):  # and the chosen VSP, validated
@@ -198,7 +199,8 @@ def test_it_requires_login_and_the_view_permission(fleet):
         response = anonymous.get(url)
         assert response.status_code == 302 and "/login/" in response["Location"]
     viewer = Client()
-    viewer.force_login(make_user("viewer", ("vms.view_virtualmachine", "vms.view_vsp")))
+    # view permissions given in the admin, but no role anywhere (a role would carry view_migration)
+    viewer.force_login(make_user("viewer", ("vms.view_virtualmachine", "vms.view_vsp"), role=None))
     for url in urls:
         assert viewer.get(url).status_code == 403
     assert 'id="nav-migrations"' not in viewer.get(reverse("vms:vm_list")).content.decode()

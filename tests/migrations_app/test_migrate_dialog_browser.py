@@ -179,3 +179,42 @@ def test_the_vm_list_sorts_as_people_read_and_the_evacuation_page_breathes(
            }).filter(gap => gap !== null)"""
     )
     assert gaps and min(gaps) >= 12, gaps
+
+
+# Notes the event that made each forecast request of the dialog: "load" (its poll) or "linkprobed" (the
+# pushed end of a link probe, static/js/console.js).
+WATCH_FORECASTS = """
+() => {
+  window.__forecasts = [];
+  document.body.addEventListener('htmx:beforeRequest', (event) => {
+    const path = event.detail.requestConfig.path || '';
+    if (path.includes('/forecast/')) {
+      const trigger = event.detail.requestConfig.triggeringEvent;
+      window.__forecasts.push(trigger ? trigger.type : null);
+    }
+  });
+}
+"""
+
+
+def test_an_open_dialog_forecasts_with_a_link_probe_as_soon_as_it_ends(
+    host_agents, fleet, migrating_console, browser
+):
+    """QA: the dialog showed a probe's result only at its next 3 s poll. The probe's end is pushed to the
+    General tab; the dialog fetches its forecasts then (the poll stays the fallback)."""
+    run_in_thread(make_user, "maria", permissions=(*MIGRATOR, "vms.view_vsp"))
+    vm = run_in_thread(place_vm, host_agents, fleet, memory_mib=16, fill_percent=50, dirty_pages_per_s=0)
+    page = browser.new_context(viewport={"width": 1366, "height": 1000}).new_page()
+    page.set_default_timeout(30_000)
+    log_in(page, migrating_console, "maria", PASSWORD)
+    page.goto(f"{migrating_console}/vms/{vm.pk}/general/")
+    page.evaluate(WATCH_FORECASTS)
+    page.click("#migrate-button")
+    cell = page.locator(f"#forecast-{fleet['hostb'].pk}")
+    cell.locator("text=not known yet").wait_for()  # the link: no migration nor probe between them
+
+    run_in_thread(probe_link, fleet["hosta"].pk, fleet["hostb"].pk)
+    # Measured, or refused by an agent busy with another test's migration: either way said at once.
+    shown = f"document.querySelector('#forecast-{fleet['hostb'].pk}').textContent"
+    page.wait_for_function(f"() => /in a probe|The last link probe failed/.test({shown})")
+    assert "linkprobed" in page.evaluate("window.__forecasts"), page.evaluate("window.__forecasts")

@@ -376,3 +376,42 @@ def test_a_cancelled_migration_leaves_no_warning_beside_the_vm_on_the_vsp_page(f
     aborted = re.search(rf'id="vm-{web02.pk}-migration".*?</span>\s*</span>', html, re.S).group(0)
     assert "Migration to vsp2 cancelled" in cancelled and "migration-icon-failed" not in cancelled
     assert "migration-icon-failed" in aborted
+
+
+def test_the_steering_form_and_the_dialog_bound_the_bandwidth_cap_as_the_server_does(
+    fleet, migration_admin_client
+):
+    """QA: the running migration's Set bandwidth cap field had no maximum (and any step), so the browser
+    let through what the server then refused; both forms now carry the server's own bounds."""
+    vsps, vm = fleet
+    make_migration(vm, vsps["vsp1"], vsps["vsp2"], state=Migration.State.COPY, init_percent=100)
+    general = migration_admin_client.get(reverse("vms:vm_general", args=[vm.pk])).text
+    dialog = migration_admin_client.get(dialog_url(make_vm("web02", vsps["vsp1"]))).text
+    bounds = 'name="bandwidth_cap_mb_s" min="0" max="100000" step="0.001"'
+    assert 'id="steer-bandwidth"' in general and bounds in general
+    assert bounds in dialog
+    assert 'name="downtime_ms" min="1" max="600000" step="1"' in general
+
+
+def test_the_history_says_a_first_migration_runs_now_not_that_there_was_none(fleet, migration_admin_client):
+    """QA: the General tab said "web01 has not been migrated" beside the phases of its first migration.
+    The tab, and the fragments that swap in when Migrate is clicked or a push arrives, say it migrates now
+    with a link to its live report."""
+    vsps, vm = fleet
+    tab = reverse("vms:vm_general", args=[vm.pk])
+    assert "web01 has not been migrated." in migration_admin_client.get(tab).text
+
+    started = migration_admin_client.post(
+        dialog_url(vm), {"target": vsps["vsp2"].pk}, headers={"HX-Request": "true"}
+    )
+    migration = Migration.objects.get()
+    now = re.search(r'<p id="vm-history-now"[^>]*hx-swap-oob="true"[^>]*>(.*?)</p>', started.text, re.S)
+    assert now, started.text
+    assert re.sub(r"<[^>]+>", "", now.group(1)).startswith(
+        "web01 is migrating now to VSP vsp2, requested by admin"
+    )
+    assert f'href="/migrations/history/{migration.pk}/report/"' in now.group(1)
+
+    page = migration_admin_client.get(tab).text
+    assert "has not been migrated" not in page
+    assert "web01 is migrating now</strong> to VSP vsp2" in page

@@ -305,3 +305,49 @@ def test_a_bad_value_typed_into_the_dialog_says_why_beside_its_field_and_keeps_t
     assert 'id="migrate-policy-words"' not in html  # the summary keeps the last good policy
     others = re.findall(r'<span id="migrate-policy-error-(\w+)"[^>]*>(.*?)</span>', html)
     assert {name for name, text in others if text} == {field}  # the other fields' errors are cleared
+
+
+def test_the_dialog_asks_before_starting_one_that_will_not_converge_and_the_api_starts_it_saying_why(
+    host_agents, fleet, migration_admin_client
+):
+    """The reports01 case in the dialog: Migrate starts nothing; it says why (the guest's writes against
+    what the cap lets through, where it would stop) and offers Start it anyway, which starts it. The API
+    starts such a migration at once, with the same words in ``forecast_warning``."""
+    from django.contrib.auth.models import User
+
+    from api.tokens import do_create_token
+    from tests.api.conftest import ApiClient
+
+    capped = {"preset": "custom", "bandwidth_cap_mb_s": 5}
+    hot = place_vm(host_agents, fleet, **HOT, vm_fields={"migration_policy": capped})
+    target = fleet["hostc"]
+    url = f"/migrations/vms/{hot.pk}/migrate/"
+
+    asked = migration_admin_client.post(url, {"target": target.pk}, headers=HTMX)
+    assert asked.status_code == 409, asked.text
+    found = re.search(
+        r'<div class="form-error" role="alert" id="migrate-confirm"><p data-field="why">(.*?)</p>',
+        asked.text,
+        re.S,
+    )
+    assert found, asked.text
+    why = " ".join(unescape(found.group(1)).split())
+    assert why.startswith(f"{hot.name} will not converge to hostc under this policy: {hot.name} writes "), why
+    assert "the bandwidth cap allows at most 5.0 MB/s" in why and "Because the guest writes" in why, why
+    assert f"then stop, and {hot.name} would keep running on {hot.current_vsp.name}." in why, why
+    assert not Migration.objects.filter(vm=hot).exists()
+    assert f'name="confirm_not_converging" value="{target.pk}">Start it anyway</button>' in asked.text
+
+    started = migration_admin_client.post(
+        url, {"target": target.pk, "confirm_not_converging": target.pk}, headers=HTMX
+    )
+    assert started.status_code == 200, started.text
+    assert Migration.objects.get(vm=hot).target == target
+
+    other = place_vm(host_agents, fleet, **HOT, vm_fields={"migration_policy": capped})
+    api = ApiClient(do_create_token(User.objects.get(username="admin"), "tests")[1])
+    answer = api.post("/migrations", {"vm": other.name, "target": target.name})
+    assert answer.status_code == 201, answer.content
+    warning = answer.json()["forecast_warning"]
+    assert warning.startswith(f"{other.name} will not converge to hostc under this policy: "), warning
+    assert Migration.objects.get(vm=other).target == target

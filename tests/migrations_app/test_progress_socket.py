@@ -294,9 +294,11 @@ async def test_an_out_of_range_or_non_ascii_id_in_the_path_closes_with_4404(path
 
 
 async def test_the_vsp_socket_needs_the_vsp_view_permission_not_the_vm_one():
+    """A role carries both view permissions (``vms.access.ROLE_PERMISSIONS``): the VM's alone, given in
+    the admin without a role, opens no VSP socket."""
     _, migration = await migrating_vm()
     vm_viewer = await database_sync_to_async(
-        lambda: session_cookie(make_user("vm-viewer", ("vms.view_virtualmachine",)))
+        lambda: session_cookie(make_user("vm-viewer", ("vms.view_virtualmachine",), role=None))
     )()
     vsp_viewer = await database_sync_to_async(
         lambda: session_cookie(make_user("vsp-viewer", ("vms.view_vsp",)))
@@ -342,3 +344,38 @@ async def test_while_it_runs_the_pushed_migrate_control_names_the_migration():
     html = await watcher.receive_from(timeout=5)
     assert f'hx-get="/migrations/vms/{vm.pk}/migrate/"' in html  # offered again, without a reload
     await watcher.disconnect()
+
+
+async def test_the_end_of_a_link_probe_reaches_the_general_tabs_of_the_guests_on_its_source():
+    """QA: an open migrate dialog showed a probe's result only at its next 3 s poll. The probe's end is
+    pushed to the General tab of every guest runnable on its source (a signal: console.js makes the
+    dialog fetch its forecasts); a guest elsewhere is told nothing."""
+    from migrations_app.link_probes import probe_now
+
+    @database_sync_to_async
+    def guests():
+        vsp1, vsp2, vsp3 = (
+            make_vsp("vsp1", agent_url="http://127.0.0.1:9"),
+            make_vsp("vsp2"),
+            make_vsp("vsp3"),
+        )
+        return make_vm("web01", vsp1), make_vm("db01", vsp3), vsp1, vsp2
+
+    here, elsewhere, source, target = await guests()
+    cookie = await admin_cookie()
+    watching, connected = await connect(f"/ws/vms/{here.pk}/", cookie)
+    assert connected
+    first = await watching.receive_from(timeout=5)
+    assert 'id="link-probed"' not in first
+    other, connected = await connect(f"/ws/vms/{elsewhere.pk}/", cookie)
+    assert connected
+    await other.receive_from(timeout=5)
+
+    probe = await database_sync_to_async(probe_now)(source.pk, target.pk)  # no agent answers: it fails
+    assert probe.error
+    assert (
+        await watching.receive_from(timeout=5) == '<span id="link-probed" hidden hx-swap-oob="true"></span>'
+    )
+    assert await other.receive_nothing(timeout=1)
+    for socket in (watching, other):
+        await socket.disconnect()

@@ -121,7 +121,7 @@ def test_bad_changes_are_refused_and_change_nothing(
         ({"action": "raise_downtime", "downtime_ms": "a lot"}, "Maximum downtime: a number"),
         (
             {"action": "bandwidth", "bandwidth_cap_mb_s": "1e15"},
-            "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals",
+            "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s",
         ),
         ({"action": "explode"}, "Unknown change"),
     ]:

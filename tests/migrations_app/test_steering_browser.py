@@ -58,7 +58,13 @@ def test_the_dialog_flags_a_hot_guest_and_a_rescue_click_completes_it_in_two_bro
     DOCS.mkdir(exist_ok=True)
     admin.screenshot(path=str(DOCS / "migrate-dialog-forecast.png"), full_page=True)
     dialog.locator('tr[data-vsp="hostb"] input').check()
-    dialog.locator("#migrate-submit").click()  # started anyway
+    dialog.locator("#migrate-submit").click()  # asks first: nothing starts unconfirmed
+    why = admin.locator("#migrate-confirm [data-field=why]")
+    why.wait_for()
+    assert why.inner_text().startswith(f"{hot.name} will not converge to hostb under this policy: "), why
+    assert "Because the guest writes faster" in why.inner_text()
+    assert not run_in_thread(lambda: Migration.objects.filter(vm=hot).exists())
+    admin.locator("#migrate-anyway").click()  # started anyway
     admin.wait_for_selector("#migrate-dialog", state="detached")
 
     for page in (admin, colleague):
@@ -134,12 +140,17 @@ def test_a_rescue_is_one_click_with_the_value_it_shows_and_a_refusal_is_said_bes
     assert steer.locator("input[name=downtime_ms]").input_value() == "300"  # the policy in force
     assert steer.locator("input[name=bandwidth_cap_mb_s]").input_value() == ""  # no cap of its own
 
-    # A value the server refuses (the browser lets it through): said beside the buttons, kept across pushes.
-    steer.locator("input[name=bandwidth_cap_mb_s]").fill("1e15")
+    # The field takes what the server takes (issue 21: it had no maximum)...
+    cap = steer.locator("input[name=bandwidth_cap_mb_s]")
+    cap.fill("1e15")
+    assert cap.evaluate("input => input.checkValidity()") is False
+    # ... and a value the server refuses all the same (a page of an older console lets it through) is
+    # said beside the buttons, kept across pushes.
+    cap.evaluate("input => input.removeAttribute('max')")
     admin.click("#steer-bandwidth")
     error = admin.locator(f"#migration-steer-error-{migration.pk} [data-field=steer_error]")
     error.wait_for()
-    assert "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals" in error.inner_text()
+    assert "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s" in error.inner_text()
     assert admin.locator("#migration-notice .notice").count() == 0  # not at the top of the page
     rounds = int(admin.locator("#migration-phases [data-field=round]").inner_text())
     round_now = "parseInt(document.querySelector('#migration-phases [data-field=round]').textContent)"

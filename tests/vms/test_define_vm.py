@@ -50,6 +50,7 @@ def define(vsp, admin, *, disks=(), nics=(), name="db02"):
     return do_define_vm(Definition(name, vsp, 512, disks=list(disks), nics=list(nics)), admin)
 
 
+BOUNDS = "a new volume's size is from 1 MiB to 1 PiB (1048576 to 1125899906842624 bytes)"
 BAD = {
     "pool missing": (
         {"disks": [DiskRequest("san-b", size_bytes=GIB)]},
@@ -72,6 +73,18 @@ BAD = {
         {"disks": [DiskRequest("san-a", image="../san-b/db.qcow2")]},
         "Disk vda: '../san-b/db.qcow2' is a path outside every pool: give the name of a volume in pool "
         "san-a (letters, digits, '.', '_', '-'; no '/').",
+    ),
+    "disk of 0 bytes": (
+        {"disks": [DiskRequest("san-a", size_bytes=0)]},
+        f"Disk vda: {BOUNDS}, not 0 B.",
+    ),
+    "negative disk": (
+        {"disks": [DiskRequest("san-a", size_bytes=-GIB)]},
+        f"Disk vda: {BOUNDS}, not -1 GiB.",
+    ),
+    "absurd disk": (
+        {"disks": [DiskRequest("san-a", size_bytes=3 << 50)]},
+        f"Disk vda: {BOUNDS}, not 3 PiB.",
     ),
     "bad mac": (
         {"nics": [NicRequest("prod-net", mac="01:00:5e:00:00:01")]},
@@ -158,6 +171,43 @@ def test_the_page_lists_every_problem_and_keeps_nothing(vsp1, admin, client):
     assert "Nothing was defined:" in page and "is a path outside every pool" in page
     assert "is not a unicast MAC address" in page
     assert not VirtualMachine.objects.filter(name="db02").exists()
+
+
+@pytest.mark.parametrize(("pool", "typed"), [("san-a", "0"), ("san-a", "2000000"), ("", "0")])
+def test_the_page_refuses_a_disk_size_of_zero_negative_or_absurd_with_the_bounds(
+    vsp1, admin, client, typed, pool
+):
+    """QA: a disk row with size 0 was taken (without a pool it was dropped silently: a VM with no disk)."""
+    client.force_login(admin)
+    form = {"name": "db02", "memory_mib": "512", "vcpus": "1", "disk0_pool": pool, "disk0_size_gib": typed}
+
+    response = client.post(f"/vms/define/?vsp={vsp1.pk}", form)
+
+    page = response.content.decode()
+    assert response.status_code == 400
+    if pool:
+        assert "a new volume&#x27;s size is from 1 MiB to 1 PiB" in page, page
+    else:
+        assert "Disk vda: choose a pool (its pools: san-a)." in page, page
+    assert not VirtualMachine.objects.filter(name="db02").exists()
+    shown = client.get(f"/vms/define/?vsp={vsp1.pk}").content.decode()
+    assert 'name="disk0_size_gib" min="0.001" max="1048576" step="0.001"' in shown
+
+
+def test_the_api_refuses_a_disk_size_of_zero_in_words(vsp1, admin):
+    api = ApiClient(do_create_token(admin, "t")[1])
+
+    refused = api.post(
+        "/vms",
+        {"name": "db03", "vsp": "vsp1", "memory_mib": 256, "disks": [{"pool": "san-a", "size_bytes": 0}]},
+    )
+
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "Bad input: disks.0.size_bytes: A new volume's size is from 1 MiB to 1 PiB (1048576 to "
+        "1125899906842624 bytes), not 0 B."
+    )
+    assert not VirtualMachine.objects.filter(name="db03").exists()
 
 
 def test_the_define_page_is_refused_to_a_viewer(vsp1, client):

@@ -6,6 +6,7 @@ Each agent here is a real ``python -m hostagent`` process with a TLS certificate
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 
 from api.tokens import do_create_token
@@ -147,6 +148,43 @@ def test_roles_are_given_and_taken_from_the_group_page_and_audited(client):
         .values_list("action", flat=True)
     )
     assert actions == ["created", "deleted"]
+
+
+def test_a_role_given_on_the_group_page_is_enough_on_its_own(client):
+    """No Django group or model permission beside it: the role alone lets its holder see and act, in
+    that group only; the administrator role says what it does not give (setting up hosts and roles)."""
+    admin = make_admin()
+    lab = make_host_group("Lab")
+    lab_host = make_vsp("lab-host", group=lab)
+    guest = make_vm("lab-guest", lab_host)
+    make_vm("prod-guest", make_vsp("prod-host", group=make_host_group("Production")))
+    newbie = make_user("newbie", role=None)  # a fresh account: no permission, no Django group
+    client.force_login(admin)
+    page = reverse("vms:setup_group", args=[lab.pk])
+    newbie_client = Client()
+    newbie_client.force_login(newbie)
+
+    client.post(page, {"action": "set_role", "username": "newbie", "role": "viewer"})
+    vsps = newbie_client.get(reverse("vms:vsp_list"))
+    assert vsps.status_code == 200 and "lab-host" in vsps.text and "prod-host" not in vsps.text
+    assert newbie_client.get(reverse("vms:vm_general", args=[guest.pk])).status_code == 200
+    assert newbie_client.get(reverse("migration_history:list")).status_code == 200
+    assert newbie_client.get(reverse("migrations_app:migrate", args=[guest.pk])).status_code == 403
+
+    client.post(page, {"action": "set_role", "username": "newbie", "role": "operator"})
+    assert newbie_client.get(reverse("migrations_app:migrate", args=[guest.pk])).status_code == 200
+
+    given = client.post(
+        page, {"action": "set_role", "username": "newbie", "role": "administrator"}, follow=True
+    )
+    assert "may not add VSPs, change VSPs, retire VSPs, give roles in Lab" in given.text
+    assert "add_vsp, change_vsp, delete_vsp, change_hostgroup" in given.text
+    changed = newbie_client.post(
+        reverse("vms:vm_set_online_migration", args=[guest.pk]), {"enabled": "false"}
+    )
+    assert changed.status_code == 302
+    guest.refresh_from_db()
+    assert guest.online_migration_enabled is False
 
 
 def test_someone_without_the_administrator_role_gets_no_setup_page(client):

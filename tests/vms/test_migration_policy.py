@@ -68,7 +68,7 @@ def test_it_sets_custom_values(vm_admin_client, fleet):
     [
         ({"max_downtime_ms": "-5"}, "Maximum downtime: a whole number from 1 to 600000 ms, not -5."),
         ({"max_downtime_ms": "soon"}, "Maximum downtime: a number, not &#x27;soon&#x27;."),
-        ({"bandwidth_cap_mb_s": "1e12"}, "Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals"),
+        ({"bandwidth_cap_mb_s": "1e12"}, "Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s"),
         ({"throttle_max_pct": "150"}, "Throttle ceiling: a whole number from 1 to 99 %"),
         ({"downtime_step_ms": "100", "downtime_max_ms": ""}, "Downtime escalation needs a ceiling"),
         ({"max_downtime_ms": "500", "downtime_max_ms": "200"}, "must be at least the maximum downtime"),
@@ -155,5 +155,5 @@ def test_the_server_takes_every_bandwidth_cap_the_dialog_field_takes(typed, take
 def test_the_server_refuses_every_bandwidth_cap_the_dialog_field_refuses(typed):
     from migrations_app.migration_policy import PolicyError, check_value
 
-    with pytest.raises(PolicyError, match="Bandwidth cap: from 0 to 100000 MB/s with at most 3 decimals"):
+    with pytest.raises(PolicyError, match="Bandwidth cap: from 0.001 to 100000 MB/s in steps of 0.001 MB/s"):
         check_value("bandwidth_cap_mb_s", typed)
