@@ -1,11 +1,14 @@
 """Websocket fan-out: from a migration progress event to its arrival at N browsers watching one VM.
 
     .venv/bin/python bench/bench_ws_fanout.py [--clients 1 100 1000] [--events 50] [--deflate]
+    .venv/bin/python bench/bench_ws_fanout.py --setups 1:1000 4:4000 --events 30   # processes:watchers
 
 1. Makes a throwaway SQLite database (var/bench-ws-<pid>.sqlite3) with one VM migrating, and a user
    allowed to watch it; a private channel-layer prefix keeps other runs' messages apart.
-2. Starts ONE uvicorn process (``--ws websockets-sansio``) serving the console (matrixoe.asgi).
-3. Connects N logged-in websocket clients (session cookie, same-origin header) to ``/ws/vms/<id>/``.
+2. Starts ONE uvicorn process (``--ws websockets-sansio``) serving the console (matrixoe.asgi), or,
+   with ``--setups P:N``, P of them (the cluster profile's web processes; each renders its own copy).
+3. Connects N logged-in websocket clients (session cookie, same-origin header) to ``/ws/vms/<id>/``,
+   spread over the P processes in turn, as the balancer's leastconn spreads long-lived sockets.
 4. Latency: for each event, bumps the migration's counters in the database and publishes its facts
    exactly as the worker does (``build_progress_messages`` + ``send_messages``); the server process
    renders them once per class of watchers (``fanout.RenderCache``) and sends each client its copy.
@@ -19,6 +22,8 @@
 
 The clients are aiohttp websockets in this process (cheaper per frame than browsers), without
 permessage-deflate unless ``--deflate`` (browsers ask for it; the server then compresses per client).
+They share the machine's cores with the web processes and Redis: with 4 processes and 4,000 clients
+on 2 cores, the figures are what one machine can show of the design, not what 4 machines would.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ sys.path.insert(0, str(BASE_DIR))
 from bench import quick  # noqa: E402
 
 DB_PATH = BASE_DIR / "var" / f"bench-ws-{os.getpid()}.sqlite3"
-SERVER_LOG = BASE_DIR / "var" / f"bench-ws-{os.getpid()}-uvicorn.log"
+
+
+def server_log(port: int) -> Path:
+    return BASE_DIR / "var" / f"bench-ws-{os.getpid()}-uvicorn-{port}.log"
+
+
 ENV = {
     "DJANGO_SETTINGS_MODULE": "matrixoe.settings",
     "DATABASE_URL": f"sqlite:///{DB_PATH}",
@@ -97,7 +107,7 @@ def make_world() -> tuple[int, str]:
 def start_server(port: int, deflate: bool) -> ManagedProcess:
     deflate_arg = ["--ws-per-message-deflate", str(deflate).lower()]
     return start_console_server(
-        port, SERVER_LOG, "--log-level", "warning", *deflate_arg, env=os.environ.copy()
+        port, server_log(port), "--log-level", "warning", *deflate_arg, env=os.environ.copy()
     )
 
 
@@ -150,7 +160,8 @@ async def watch(session: aiohttp.ClientSession, url: str, origin: str, watchers:
                 watchers.on_frame(message.data)
 
 
-async def connect_all(n: int, url: str, origin: str, cookie: str, watchers: Watchers):
+async def connect_all(n: int, ports: list[int], vm_id: int, cookie: str, watchers: Watchers):
+    """``n`` watchers, the i-th on ``ports[i % len(ports)]`` (each process its own origin)."""
     jar = aiohttp.CookieJar(unsafe=True)
     connector = aiohttp.TCPConnector(limit=0)  # one connection per watcher, no pool limit
     session = aiohttp.ClientSession(connector=connector, cookie_jar=jar, cookies={"sessionid": cookie})
@@ -158,8 +169,16 @@ async def connect_all(n: int, url: str, origin: str, cookie: str, watchers: Watc
     tasks = []
     for start in range(0, n, 50):  # in batches, like browsers arriving
         batch = [
-            asyncio.create_task(watch(session, url, origin, watchers, connected.release))
-            for _ in range(min(50, n - start))
+            asyncio.create_task(
+                watch(
+                    session,
+                    f"ws://127.0.0.1:{ports[index % len(ports)]}/ws/vms/{vm_id}/",
+                    f"http://127.0.0.1:{ports[index % len(ports)]}",
+                    watchers,
+                    connected.release,
+                )
+            )
+            for index in range(start, start + min(50, n - start))
         ]
         tasks += batch
         for _ in batch:
@@ -167,10 +186,11 @@ async def connect_all(n: int, url: str, origin: str, cookie: str, watchers: Watc
     return session, tasks
 
 
-async def measure(n: int, events: int, port: int, vm_id: int, cookie: str, migration_id: int, seq0: int):
+async def measure(
+    n: int, events: int, ports: list[int], vm_id: int, cookie: str, migration_id: int, seq0: int
+):
     watchers = Watchers()
-    origin = f"http://127.0.0.1:{port}"
-    session, tasks = await connect_all(n, f"ws://127.0.0.1:{port}/ws/vms/{vm_id}/", origin, cookie, watchers)
+    session, tasks = await connect_all(n, ports, vm_id, cookie, watchers)
     latencies: list[float] = []
     missed = 0
     seq = seq0
@@ -225,34 +245,57 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        metavar="P:N",
+        help="instead of --clients: P web processes with N watchers spread over them, e.g. 1:1000 4:4000",
+    )
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--deflate", action="store_true", help="clients ask for permessage-deflate")
     options = quick.parse_args(parser, {"clients": [1, 10], "events": 5})
     DEFLATE = options.deflate
+    setups = parse_setups(options.setups) if options.setups else [(1, n) for n in options.clients]
     subprocess.run([sys.executable, str(BASE_DIR / "scripts" / "ensure_redis.py")], check=True)
     vm_id, cookie = make_world()
     migration_id = Migration.objects.get().pk
-    port = free_port()
-    server = start_server(port, deflate=options.deflate)
     deflate = "on" if DEFLATE else "off"
-    print(f"one uvicorn process (--ws websockets-sansio, deflate {deflate}), {os.cpu_count()} cores")
-    print("clients  events   p50 ms   p99 ms   max ms  missed  frames/s")
+    servers: list[tuple[ManagedProcess, int]] = []
+    print(f"uvicorn processes (--ws websockets-sansio, deflate {deflate}), {os.cpu_count()} cores")
+    print("processes  clients  events   p50 ms   p99 ms   max ms  missed  frames/s")
     try:
         seq = 0
-        for n in options.clients:
+        for processes, n in setups:
+            while len(servers) < processes:
+                port = free_port()
+                servers.append((start_server(port, deflate=options.deflate), port))
+            ports = [port for _, port in servers[:processes]]
             events = max(10, min(options.events, 4000 // n)) if n > 100 else options.events
             latencies, missed, rate, seq = asyncio.run(
-                measure(n, events, port, vm_id, cookie, migration_id, seq)
+                measure(n, events, ports, vm_id, cookie, migration_id, seq)
             )
             p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
             print(
-                f"{n:>8} {events:>7} {p50:>8.1f} {p99:>8.1f} {max(latencies):>8.1f} {missed:>7} {rate:>9.0f}"
+                f"{processes:>9} {n:>8} {events:>7} {p50:>8.1f} {p99:>8.1f} {max(latencies):>8.1f}"
+                f" {missed:>7} {rate:>9.0f}"
             )
     finally:
-        server.stop()
-        SERVER_LOG.unlink(missing_ok=True)
+        for server, port in servers:
+            server.stop()
+            server_log(port).unlink(missing_ok=True)
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(f"{DB_PATH}{suffix}").unlink(missing_ok=True)
+
+
+def parse_setups(values: list[str]) -> list[tuple[int, int]]:
+    """``["1:1000", "4:4000"]`` -> ``[(1, 1000), (4, 4000)]``; SystemExit on a malformed one."""
+    setups = []
+    for value in values:
+        processes, _, clients = value.partition(":")
+        if not (processes.isdigit() and clients.isdigit() and int(processes) > 0 and int(clients) > 0):
+            raise SystemExit(f"--setups wants PROCESSES:WATCHERS (both positive integers), not {value!r}")
+        setups.append((int(processes), int(clients)))
+    return setups
 
 
 if __name__ == "__main__":

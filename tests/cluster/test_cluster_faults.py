@@ -134,6 +134,12 @@ def page_copy_percent(page) -> int:
     return int(digits or 0)
 
 
+def caught_up(page, copy_percent: int) -> bool:
+    """The page shows Copy at ``copy_percent`` or more, or a later phase (it moved on meanwhile)."""
+    state = page.locator("#migration-phases").get_attribute("data-state")
+    return state not in (None, "queued", "init", "copy") or page_copy_percent(page) >= copy_percent
+
+
 def shows_vsp(page, name: str) -> bool:
     return page.locator("[data-field=vsp]").inner_text().strip() == name
 
@@ -149,41 +155,88 @@ def test_a_logged_in_page_and_its_progress_socket_load_through_the_balancer(clus
     page.context.close()
 
 
+# Pages watching when a web process is killed: 2 with their own logins, the rest windows of a third.
+# The issue asks 200; on this 2-core machine under other tests' load 200 windows took 4-5 min to open
+# (192 of 200 sockets after 300 s once), so CI runs 50 and MATRIXOE_CLUSTER_WATCHERS=200 runs the issue's.
+WATCHERS = int(os.environ.get("MATRIXOE_CLUSTER_WATCHERS", "50"))
+
+
+def watching_tabs(cluster: Cluster, browser, vm_name: str, count: int) -> list:
+    """``count`` Chromium windows of one logged-in context on ``vm_name``'s General tab, once every
+    one's progress socket is open (the balancer spreads them by its leastconn rule).
+
+    All but the first are opened by the first with ``window.open``: windows of one site opened by a
+    script share its renderer process (one process, not ``count``: ~200 renderers would not fit a
+    2-core CI machine), and each is still a whole page with its own socket and scripts."""
+    before = sum(cluster.watchers().values())
+    context = browser.new_context(viewport={"width": 1024, "height": 700})
+    first = context.new_page()
+    first.set_default_timeout(60_000)
+    log_in(first, cluster.url, "admin", cluster.password("admin"))
+    url = f"{cluster.url}/vms/{vm_ids(cluster)[vm_name]}/general/"
+    first.goto(url)
+    first.evaluate(
+        "([url, count]) => { for (let i = 0; i < count; i++) window.open(url, `w${i}`); }", [url, count - 1]
+    )
+
+    def all_open() -> bool:
+        first.wait_for_timeout(100)  # Playwright hands over new windows only while it is called
+        return len(context.pages) >= count
+
+    assert wait_until(all_open, 60), len(context.pages)
+
+    def sockets_open() -> bool:
+        first.wait_for_timeout(100)
+        return sum(cluster.watchers().values()) >= before + count
+
+    opened = wait_until(sockets_open, 300)
+    assert opened, (before, count, cluster.watchers())
+    for page in context.pages:
+        page.set_default_timeout(60_000)
+    return list(context.pages)
+
+
+@pytest.mark.timeout(900)  # 200 pages load through one renderer process: minutes on a loaded machine
 def test_a_web_process_killed_under_watching_pages_loses_none_of_them(cluster, browser):
-    """kill -9 of the web process holding the watchers' sockets: they reconnect through the balancer to
-    the other one, show the state the migration reached meanwhile, and then its end."""
+    """kill -9 of a web process while ``WATCHERS`` Chromium pages watch a migration: the sockets it held
+    reconnect through the balancer to the other one, every page shows the state the migration reached
+    meanwhile (no stale progress), and then its end (no missed end)."""
     restarts_before = len(cluster.restarted())
     pages = [watching(cluster, browser, "mail01") for _ in range(2)]
+    pages += watching_tabs(cluster, browser, "mail01", WATCHERS - 2)
     [migration] = request_migrations(cluster, [("mail01", "vsp1")])
-    for page in pages:
+    for page in pages[:2]:  # the kill comes in Copy (checking 200 pages first could outlast it)
         page.wait_for_function(f"() => document.querySelector('{COPY_PERCENT}') !== null")
 
     held = cluster.watchers()
-    assert sorted(held.values()) == [1, 1], held  # leastconn: the two sockets on the two web processes
+    assert sum(held.values()) == WATCHERS and min(held.values()) > 0, held  # leastconn: on both
     victim = max(held, key=held.get)
+    moved = held[victim]
     os.kill(cluster.pid(victim), signal.SIGKILL)
     killed_at = time.monotonic()
 
-    assert wait_until(lambda: sum(cluster.watchers().values()) >= 2, 30), cluster.watchers()
+    assert wait_until(lambda: sum(cluster.watchers().values()) >= WATCHERS, 90), cluster.watchers()
     reconnect_s = time.monotonic() - killed_at
     now = outcomes(cluster, [migration])[migration]
     if now["state"] == "copy":  # no stale progress: each page catches up with what the worker recorded
         for page in pages:
-            assert wait_until(lambda page=page: page_copy_percent(page) >= now["copy_percent"], 15)
+            assert wait_until(lambda page=page: caught_up(page, now["copy_percent"]), 30)
     assert wait_until(lambda: states(cluster, [migration])[migration] in ("completed", "aborted"), 120)
-    for page in pages:  # no missed end
-        assert wait_until(lambda page=page: shows_vsp(page, "vsp1"), 20), page.locator(
-            "[data-field=vsp]"
-        ).inner_text()
-        assert page.locator(NOTICE).is_hidden()
+    behind = [
+        index
+        for index, page in enumerate(pages)
+        if not wait_until(lambda page=page: shows_vsp(page, "vsp1"), 30)
+    ]
+    assert not behind, f"{len(behind)} of {WATCHERS} pages missed the end (first: page {behind[0]})"
+    assert all(page.locator(NOTICE).is_hidden() for page in pages)
     result = outcomes(cluster, [migration])[migration]
     assert result["state"] == "completed", result["alert"]
     assert result["changes"] == ONE_COMPLETED_RUN
     assert result["runnable_on"] == ["vsp1"]
     assert [line.split()[0] for line in cluster.restarted()[restarts_before:]] == [victim]  # as systemd would
-    print(f"\nsockets back on a live web process {reconnect_s:.1f} s after the kill -9")
-    for page in pages:
-        page.context.close()
+    print(f"\n{moved} of {WATCHERS} sockets back on a live web process {reconnect_s:.1f} s after the kill -9")
+    for context in {page.context for page in pages}:
+        context.close()
 
 
 def test_a_redis_master_stopped_under_migrations_fails_over_and_loses_nothing(cluster, browser):
