@@ -12,9 +12,12 @@ libvirt and completes. Nothing is faked. Needs root and libvirt >= 11; skipped l
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,9 +32,10 @@ from tests.conftest import ManagedProcess, wait_until
 from tests.factories import make_vm
 from tests.hostagent.conftest import AgentFactory, RunningAgent
 from tests.hostagent.test_libvirt_daemons import MISSING, keeps_passing, state
-from tests.migrations_app.conftest import route_migrations_to, worker_on_own_queue
+from tests.migrations_app.conftest import route_migrations_to, vsps_for, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
 from tests.migrations_app.test_faults import heartbeat_older_than
+from tests.migrations_app.test_qemu_migration import restart_agent
 from vms.inventory import collect_vsp
 from vms.models import Registration, VirtualMachine
 
@@ -49,6 +53,7 @@ DIRTY_PAGES_PER_S = 2000  # 8 MB/s of writes: converges in a few rounds at full 
 INIT_LIMIT_S = 60
 FAST_MBPS = "800"  # the workers' site cap (Mbit/s), none worth the name: libvirt moves 30-60 MiB/s here
 SLOW_MB_S = 2  # the cancelled guest's policy cap: its first pass alone takes about a minute
+SLOW = {"preset": "custom", "bandwidth_cap_mb_s": SLOW_MB_S}
 STOPPED_BY_MIGRATION = 4  # libvirt's VIR_DOMAIN_SHUTOFF_MIGRATED
 BOOTED = 1  # libvirt's VIR_DOMAIN_RUNNING_BOOTED: the same boot, never paused by a migration
 ARRIVED = 2  # libvirt's VIR_DOMAIN_RUNNING_MIGRATED
@@ -112,12 +117,15 @@ def libvirt_worker(_libvirt_worker: tuple[str, ManagedProcess], settings: Any) -
     return route_migrations_to(_libvirt_worker, settings)
 
 
-def adopted(vsps: dict[str, Any], domains: dict[str, str], name: str, **vm_fields: Any) -> VirtualMachine:
-    """The console's VM for the libvirt domain ``name`` on hosta (its UUID as ``guest_id``), registered
-    Off, then hosta's inventory collected once: what libvirt says of the domain is what the console shows."""
+def adopted(
+    vsps: dict[str, Any], domains: dict[str, str], name: str, host: str = "hosta", **vm_fields: Any
+) -> VirtualMachine:
+    """The console's VM for the libvirt domain ``name`` on ``host`` (its UUID as ``guest_id``), registered
+    Off, then that host's inventory collected once: what libvirt says of the domain is what the console
+    shows."""
     vm = make_vm(
         name,
-        vsp=vsps["hosta"],
+        vsp=vsps[host],
         hardware_status=Registration.HardwareStatus.OFF,
         guest_id=uuid.UUID(domains[name]),
         memory_mib=MEMORY_MIB[name],
@@ -125,7 +133,7 @@ def adopted(vsps: dict[str, Any], domains: dict[str, str], name: str, **vm_field
         init_limit_s=INIT_LIMIT_S,
         **vm_fields,
     )
-    assert collect_vsp(vsps["hosta"].pk), "hosta's agent answered the inventory"
+    assert collect_vsp(vsps[host].pk), f"{host}'s agent answered the inventory"
     return vm
 
 
@@ -180,8 +188,7 @@ def test_a_cancel_during_copy_leaves_the_domain_running_on_its_source(
     admin: Any,
     libvirt_worker: ManagedProcess,
 ) -> None:
-    slow = {"preset": "custom", "bandwidth_cap_mb_s": SLOW_MB_S}
-    vm = adopted(fleet, domains, "stays", migration_policy=slow)
+    vm = adopted(fleet, domains, "stays", migration_policy=SLOW)
     migration = do_request_migration(vm, fleet["hostb"], admin)
     assert wait_until(lambda: copying(migration), timeout=60), (migration.state, migration.alert)
 
@@ -266,6 +273,49 @@ def test_recovery_of_a_migration_whose_worker_died_rolls_forward_once_libvirt_co
     assert "the control-plane worker driving it stopped answering" in committing, committing
     assert_moved(rig, connections, vm, fleet)
     assert recover_migrations(stale_after_s=1) == []  # decided once
+
+
+@pytest.mark.faults
+def test_a_source_agent_killed_mid_copy_and_restarted_leaves_the_domain_running_on_its_source(
+    rig: LibvirtHosts,
+    connections: dict[str, Any],
+    domains: dict[str, str],
+    admin: Any,
+    libvirt_worker: ManagedProcess,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the source's agent during Copy, started again at once (a service manager): libvirt's
+    job runs on in the daemon without it, and the restarted agent, finding its mark on the domain,
+    aborts the job before its switchover. The console may not abort a libvirt source before it knows
+    how the job ended: it waits for the agent to answer again, which no longer knows the migration, and
+    judges by the domain (running there): the migration aborts, the VM keeps running on its source,
+    the same boot. Agents of its own: the module's keep running for the other tests."""
+    factory = AgentFactory(tmp_path)
+    uris = {"lvsrc": rig["a"].uri, "lvdst": rig["b"].uri}
+    try:
+        agents = {
+            name: factory(name, "--driver-option", f"uri={uri}", driver="libvirt")
+            for name, uri in uris.items()
+        }
+        vsps = vsps_for(agents)
+        vm = adopted(vsps, domains, "stays", host="lvsrc", migration_policy=SLOW)
+        migration = do_request_migration(vm, vsps["lvdst"], admin)
+        assert wait_until(lambda: copying(migration), timeout=60), (migration.state, migration.alert)
+
+        source = agents["lvsrc"].process.process
+        os.kill(source.pid, signal.SIGKILL)  # the agent alone: libvirt's job is the daemon's
+        source.wait(timeout=10)
+        restart_agent(factory, agents["lvsrc"], "--driver-option", f"uri={uris['lvsrc']}", driver="libvirt")
+        wait_for_state(wait_until, migration, "aborted", "cancelled", "completed", timeout=90)
+    finally:
+        factory.stop_all()
+
+    assert (migration.state, migration.failed_phase) == ("aborted", "copy"), migration.alert
+    assert migration.alert.endswith("The VM keeps running on lvsrc."), migration.alert
+    assert vm.current_vsp == vsps["lvsrc"]
+    assert state(connections["a"], "stays") == ("running", BOOTED)
+    assert keeps_passing(rig, "a", "stays")
+    assert state(connections["b"], "stays") is None
 
 
 def copying(migration: Migration) -> bool:
