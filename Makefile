@@ -20,6 +20,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml $(LIBVIRT_REQ)
 
 ## make run: the console with Redis, a Celery worker and beat, four demo host agents and the demo fleet.
 ##           HOSTS=qemu runs the demo hosts with the QEMU driver (needs QEMU >= 10 and `make guest-image`).
+##           HOSTS=libvirt runs four libvirt daemons on this machine as the demo hosts and their agents with the
+##           libvirt driver (needs root, libvirt >= 11: scripts/install_libvirt.sh, and `make guest-image`).
 run: $(STAMP)
 	$(PY) scripts/run_console.py --hosts $(or $(HOSTS),simulated)
 

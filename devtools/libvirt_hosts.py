@@ -416,8 +416,11 @@ class LibvirtHosts:
         _run("ip", "link", "set", self.hosts[name].veth, "up")
 
 
-def memwriter_domain_xml(name: str, memory_mib: int = 256, dirty_pages_per_s: int = 2000) -> str:
-    """The QEMU test guest (``scripts/build_test_guest.sh``) as an admin would define it in libvirt.
+def memwriter_domain_xml(
+    name: str, memory_mib: int = 256, dirty_pages_per_s: int = 2000, uuid: str | None = None
+) -> str:
+    """The QEMU test guest (``scripts/build_test_guest.sh``) as an admin would define it in libvirt
+    (``uuid``: the domain's; libvirt makes one when None).
 
     TCG (``type='qemu'``), kernel and initrd from the host's /var/lib/libvirt/boot
     (``install_boot_files``), memwriter filling all but 96 MiB (the kernel's) and rewriting
@@ -426,8 +429,9 @@ def memwriter_domain_xml(name: str, memory_mib: int = 256, dirty_pages_per_s: in
     """
     written_mib = max(16, memory_mib - 96)
     cmdline = f"console=ttyS0 panic=-1 quiet memwriter.mib={written_mib} memwriter.rate={dirty_pages_per_s}"
+    identity = f"\n  <uuid>{uuid}</uuid>" if uuid else ""
     return f"""<domain type='qemu'>
-  <name>{name}</name>
+  <name>{name}</name>{identity}
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>

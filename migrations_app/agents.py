@@ -33,6 +33,7 @@ from django.db import connection
 from pydantic import ValidationError
 
 from agentprotocol import (
+    FAILED_STATES,
     Encryption,
     Endpoint,
     IncomingRequest,
@@ -89,6 +90,13 @@ CAUSE_ASK_TIMEOUT_S = 2.0  # asking an agent why a call or the data plane broke:
 CAUSE_RESTART_WAIT_S = 4.0  # how long an agent refusing connections is asked again (a restart)
 CAUSE_RETRY_S = 0.5
 HEALTH_TIMEOUT_S = 1.0  # a stalled migration asks each agent whether it answers at all, this long at most
+# A source whose hypervisor commits at the switchover (``Health.switchover_commits``: libvirt's P2P):
+SETTLE_TIMEOUT_S = 30.0  # how long its outcome is waited for once it was told to stop (libvirt: ~2 s)
+SETTLE_POLL_S = 0.2
+SETTLE_ASK_TIMEOUT_S = 2.0  # per question: a dead source must not hold the decision for long
+# The source's states once its hypervisor completed the switchover: the target runs the guest.
+SWITCHED_OVER_STATES = ("ready", "released")
+Settled = Literal["committed", "stopped", "unknown"]
 
 
 def agent_for(vsp: VSP, timeout_s: float | None = None) -> AgentClient:
@@ -124,6 +132,9 @@ class MigrationAgents:
         self.stop_reason: MigrationFailed | LeaseLost | None = None
         # The side the driving thread is waiting on, and since when (monotonic s); None between calls.
         self.waiting_on: tuple[Side, float] | None = None
+        # The source's ``Health.switchover_commits`` once asked (``learn_switchover_commits``); None before.
+        self.switchover_commits: bool | None = None
+        self.source_started = False  # the source answered ``start_source``: it may be sending
 
     def close(self) -> None:
         self.source.close()
@@ -202,7 +213,9 @@ class MigrationAgents:
     def start_source(self, target: Endpoint, encryption: Encryption, streams: int | None) -> ProgressSnapshot:
         """The source connects to ``target`` and starts pre-copy (Init)."""
         request = self._request(lambda: self.outgoing_request(target, encryption, streams))
-        return self._phase_call("source", lambda: self.source.start_outgoing(request), changes=True)
+        started = self._phase_call("source", lambda: self.source.start_outgoing(request), changes=True)
+        self.source_started = True
+        return started
 
     def progress(self, after_seq: int) -> Generator[ProgressSnapshot, None, None]:
         """The source's progress stream (changes after ``after_seq``), each snapshot as it comes; ends when
@@ -258,6 +271,21 @@ class MigrationAgents:
             with self._failures("source"):
                 raise outcome["error"]
         yield True, outcome["snapshot"]
+
+    def learn_switchover_commits(self) -> bool | None:
+        """Whether the source's hypervisor commits the migration by itself at the switchover (its health's
+        ``switchover_commits``: libvirt's peer-to-peer migration), asked once (Init) and kept in
+        ``switchover_commits``; None when the agent did not say (asked again when it matters:
+        ``source_commits_at_switchover``). Interrupted by the run's stop, as a phase call is (a stop
+        right after the start leaves it None: the decision then asks again)."""
+        if self.switchover_commits is None:
+            try:
+                health = self._interruptible("source", self.source.health)
+            except AgentError as error:
+                logger.info("The source of %s did not say what its driver commits: %s", self.agent_id, error)
+            else:
+                self.switchover_commits = health.switchover_commits
+        return self.switchover_commits
 
     def target_snapshot(self) -> ProgressSnapshot:
         """The target's own view of the migration (its memory digest, Frozen)."""
@@ -410,6 +438,81 @@ class MigrationAgents:
         return retried(
             lambda: self.source.cancel(self.agent_id, CANCEL_TIMEOUT_S), CANCEL_ATTEMPTS, delay=0.1
         )
+
+    def source_commits_at_switchover(self) -> bool | None:
+        """``switchover_commits`` as learnt, else asked now (one short question, for recovery): None when the
+        source does not answer."""
+        if self.switchover_commits is None:
+            try:
+                with agent_for(self.migration.require_source(), SETTLE_ASK_TIMEOUT_S) as agent:
+                    self.switchover_commits = agent.health().switchover_commits
+            except AgentError as error:
+                logger.info("Asking the source of %s what its driver commits: %s", self.agent_id, error)
+        return self.switchover_commits
+
+    def settle_source(self, timeout_s: float = SETTLE_TIMEOUT_S) -> tuple[Settled, ProgressSnapshot | None]:
+        """For a source whose hypervisor commits at the switchover: stop it if it has not switched over yet
+        (``cancel_source``), then wait up to ``timeout_s`` s for its outcome, by its own snapshot:
+
+        - "committed": it switched over and its hypervisor completed the job (the target runs the guest:
+          libvirt's completed job; a cancel after the switchover answers 409, too late);
+        - "stopped": cancelled or failed first (the source runs the guest again), or it never started;
+        - "unknown": no answer, or still undecided at the time-out.
+
+        A source that no longer knows the migration (its agent restarted: libvirt's job ran on without
+        it, ``docs/libvirt-driver.md``) is judged by its guest (``_settled_by_guest``). While the
+        source does not answer, the target's word that it runs the arrived guest is "committed".
+
+        Returns the verdict and the last snapshot read (None without one). Sends the cancel without the
+        lease: stopping is always allowed, as the watchdog's cancel is.
+        """
+        deadline = time.monotonic() + timeout_s
+        self.cancel_source()
+        last: ProgressSnapshot | None = None
+        while True:
+            try:
+                with agent_for(self.migration.require_source(), SETTLE_ASK_TIMEOUT_S) as agent:
+                    last = agent.snapshot(self.agent_id)
+            except UnknownMigration:
+                return self._settled_by_guest(), last
+            except AgentError as error:
+                logger.info("Asking the source of %s for its outcome: %s", self.agent_id, error)
+                if self._target_runs_it():
+                    return "committed", last
+            if last is not None and last.state in SWITCHED_OVER_STATES:
+                return "committed", last
+            if last is not None and last.state in FAILED_STATES:
+                return "stopped", last
+            if time.monotonic() >= deadline:
+                return "unknown", last
+            time.sleep(SETTLE_POLL_S)
+
+    def _target_runs_it(self) -> bool:
+        """The target's word, when the source does not answer: it runs the arrived guest ("ready", or
+        "completed" once resumed), so the source's hypervisor committed."""
+        try:
+            with agent_for(self.migration.target, SETTLE_ASK_TIMEOUT_S) as agent:
+                return agent.snapshot(self.agent_id).state in ("ready", "completed")
+        except AgentError:
+            return False
+
+    def _settled_by_guest(self) -> Settled:
+        """The outcome for a source that does not know the migration, by its guest: running there is
+        "stopped"; left shut off because it migrated away (``not_runnable``) is "committed" only if the
+        target says it runs it too (a domain an admin moved elsewhere is not this migration's);
+        otherwise "stopped" (the abort's alert says where the VM is), or "unknown" without an answer."""
+        guest_id = str(self.migration.require_vm().guest_id)
+        try:
+            with agent_for(self.migration.require_source(), SETTLE_ASK_TIMEOUT_S) as agent:
+                guest = agent.get_guest(guest_id)
+        except UnknownGuest:
+            return "stopped"
+        except AgentError as error:
+            logger.info("Asking the source of %s for its guest: %s", self.agent_id, error)
+            return "unknown"
+        if guest.hardware_status == "not_runnable" and self._target_runs_it():
+            return "committed"
+        return "stopped"
 
     def undo(self, attempts: int = UNDO_ATTEMPTS, *, cancel: bool = True) -> bool:
         """After an abort: stop the source's sending, drop the target's copy, make sure the source runs.

@@ -140,6 +140,18 @@ def stays_sentence(migration: Migration, status: bool | str | None) -> str:
     return f"The VM stays on {source}, which did not answer: if its host crashed, the VM is down there."
 
 
+def committed_by_source(migration: Migration, failure: MigrationFailed) -> str:
+    """The timeline's words when the source's hypervisor had already committed the migration at its
+    switchover (libvirt) as the control plane was about to end it (``failure``: a cancel, a limit, a
+    check), so the migration completes instead."""
+    source = host("source", migration.require_source().name)
+    return (
+        f"{source}'s hypervisor had already switched the guest over to {migration.target.name} and "
+        f"committed the migration itself (its driver commits at the switchover, as libvirt does), so this "
+        f"could not stop it any more: {failure.alert} The migration completes"
+    )
+
+
 def abort_alert(migration: Migration, failure: MigrationFailed, status: bool | str | None) -> str:
     """The alert of an abort: the failure, then where the VM stays (``stays_sentence``)."""
     return f"{failure.alert} {stays_sentence(migration, status)}"

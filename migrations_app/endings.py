@@ -26,6 +26,7 @@ from .agents import RELEASE_TIMEOUT_S, UNDO_ATTEMPTS, Answer, GuestStatus, Migra
 from .errors import MigrationFailed
 from .lease import Lease
 from .models import Migration
+from .records import ProgressRecord
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,34 @@ def abort(
     if recorded or records.has_ended_unsuccessfully(migration.pk):
         undo_and_mark(agents)
     return recorded
+
+
+def committed_by_source(agents: MigrationAgents, progress: ProgressRecord, failure: MigrationFailed) -> bool:
+    """Before an abort: a source whose hypervisor commits by itself at the switchover (libvirt's P2P,
+    ``MigrationAgents.source_commits_at_switchover``) may have done so already, and then nothing can
+    undo it (a cancel answers 409, too late). Such a source is told to stop and its outcome awaited
+    (``MigrationAgents.settle_source``); if it committed, the record follows it: the phases it went
+    through recorded (``records.walk_to_frozen``), with its last figures (libvirt's downtime), then the
+    commit, whatever ``failure`` was (a cancel, a limit, a check). True then: the caller rolls forward
+    (``roll_forward``), never reporting "keeps running on the source". False: the source stopped in
+    time, never started, or could not say (the abort goes on as for any driver).
+
+    Sources that do not commit at the switchover are not asked anything (False at once).
+    """
+    if not agents.source_commits_at_switchover():
+        return False
+    verdict, snapshot = agents.settle_source()
+    logger.warning("Migration %s: its source settled as %s (%s)", agents.agent_id, verdict, failure.reason)
+    if verdict != "committed":
+        return False
+    if snapshot is not None:
+        progress.take(snapshot)
+    records.walk_to_frozen(progress)
+    migration = agents.migration
+    records.commit(
+        migration, progress.lease, committed_by_source=alerts.committed_by_source(migration, failure)
+    )
+    return True
 
 
 def abort_alert(agents: MigrationAgents, failure: MigrationFailed) -> str:

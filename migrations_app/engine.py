@@ -12,6 +12,11 @@
 4. Roll forward (``endings.roll_forward``): resume on the target, release on the source, then COMPLETED.
 Any failure before step 3 ends in ``endings.abort``: ABORTED/CANCELLED recorded with the alert first,
 then the target discards and the source resumes: the guest never stopped belonging to the source.
+Except where the source's driver commits by itself at the switchover (``Health.switchover_commits``:
+libvirt's peer-to-peer migration): there the switchover is the commit, and a failure or stop that comes
+after it (a cancel answered 409, a limit, a check) cannot undo it: the source is told to stop, its
+outcome awaited, and if it committed the record follows it to step 3 and 4 (``endings.committed_by_source``);
+Frozen's check for such a source is its completed job, not memory digests (``phases.check_switched_over``).
 The watchdog renews the lease with each heartbeat, from the claim to the end of the roll forward. A
 renewal that matches no row (recovery took over a worker silent past the limit, e.g. SIGSTOPped) stops
 the run at once: it raises ``LeaseLost``, sends no further agent command, and writes only the event
@@ -35,7 +40,7 @@ from agentprotocol import FailureKind
 
 from . import alerts, migration_policy, records
 from .agents import MigrationAgents, Side
-from .endings import abort, roll_forward
+from .endings import abort, committed_by_source, roll_forward
 from .errors import MigrationCancelled, MigrationFailed, Superseded
 from .lease import DATABASE_GONE, Lease, LeaseLost, new_owner, record_stood_down
 from .models import Migration
@@ -95,14 +100,41 @@ def run_until_committed(run: MigrationRun, watchdog: Watchdog) -> bool:
     except LeaseLost:
         raise
     except MigrationFailed as failure:
-        abort(run.agents, run.lease, failure, records.progress_fields(run.migration))
+        return end_before_commit(run, watchdog, failure)
     except Superseded:
         logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
     except Exception:
         run.lease.check()
         logger.exception("Migration %s hit an unexpected error before the commit", run.migration.pk)
         internal = MigrationFailed(run.migration.state, "an internal error in the control plane")
-        abort(run.agents, run.lease, internal, records.progress_fields(run.migration))
+        return end_before_commit(run, watchdog, internal)
+    return False
+
+
+def end_before_commit(run: MigrationRun, watchdog: Watchdog, failure: MigrationFailed) -> bool:
+    """A failure (a stop, an agent's error, a check) before the commit: the abort (``endings.abort``),
+    unless the source's driver commits at the switchover and already did (``committed_by_source``:
+    libvirt; then True, committed, and the caller rolls forward). For such a source the watchdog is
+    disarmed first: nothing may stop it any more once its outcome is being settled.
+
+    Raises ``LeaseLost`` (nothing recorded) once another decider took the lease.
+    """
+    commits = run.agents.switchover_commits
+    if commits is None and run.agents.source_started:  # started, but Init did not learn it
+        commits = run.agents.source_commits_at_switchover()
+    if commits:
+        watchdog.disarm()
+        try:
+            if committed_by_source(run.agents, run.progress, failure):
+                return True
+        except LeaseLost:
+            raise
+        except Superseded:
+            logger.info("Migration %s was decided elsewhere; this worker stops", run.migration.pk)
+            return False
+        except Exception:
+            logger.exception("Migration %s: recording its source's own commit failed", run.migration.pk)
+    abort(run.agents, run.lease, failure, records.progress_fields(run.migration))
     return False
 
 

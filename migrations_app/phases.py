@@ -9,6 +9,7 @@ source reports through ``run.progress`` (``records.ProgressRecord``), with the h
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import closing
 from typing import ClassVar, Literal, Protocol
@@ -98,6 +99,9 @@ class Init(Phase):
                 source_running=False,
             ) from None
         learn_driver(source)  # once per VSP: which rescues its running migrations can be offered
+        # Whether the source's driver commits at the switchover decides how Frozen checks the arrival
+        # and how a stop that comes after the switchover ends (``endings.committed_by_source``).
+        run.agents.learn_switchover_commits()
         follow_progress(run, until=lambda snapshot: snapshot.state != "init")
 
 
@@ -122,7 +126,11 @@ class IOQuiesce(Phase):
 
 
 class Frozen(Phase):
-    """vCPUs stop, the rest goes across; done when the target is ready with a matching digest."""
+    """vCPUs stop, the rest goes across; done when the target is ready with a matching digest.
+
+    A source whose driver commits at the switchover (libvirt, ``Health.switchover_commits``) gives no
+    memory digests (libvirt and QEMU check the stream themselves): its check is ``check_switched_over``.
+    """
 
     state = State.FROZEN
     limit_field = "frozen_limit_s"
@@ -131,6 +139,9 @@ class Frozen(Phase):
         snapshot = command(run, "freeze")
         if snapshot.state != "ready":
             raise MigrationFailed(self.state, f"the source host answered {snapshot.state!r} instead of ready")
+        if run.agents.source_commits_at_switchover():  # as learnt in Init, else asked now
+            check_switched_over(run)
+            return
         source_digest, target_digest = store_digests(run, snapshot)
         if not source_digest or source_digest != target_digest:
             raise MigrationFailed(
@@ -184,6 +195,31 @@ def store_digests(run: PhaseRun, snapshot: ProgressSnapshot) -> tuple[str, str]:
         target_digest = run.agents.target_snapshot().target_digest
     run.migration.source_digest, run.migration.target_digest = source_digest or "", target_digest or ""
     return run.migration.source_digest, run.migration.target_digest
+
+
+TARGET_READY_WAIT_S = 10.0  # the target's agent notices the arrived guest a moment after the source's job
+TARGET_READY_POLL_S = 0.2
+
+
+def check_switched_over(run: PhaseRun) -> None:
+    """The arrival check of a source whose driver commits at the switchover, in place of the digests:
+    the source's "ready" is its hypervisor's completed job (libvirt's job statistics, type completed,
+    with the real downtime); the target must report that it runs the guest (within
+    ``TARGET_READY_WAIT_S``) and the source that its copy no longer runs (libvirt: shut off, reason
+    *migrated*, kept defined: ``not_runnable``). A failure raises ``MigrationFailed``; the hypervisor
+    committed already, so the engine records it and rolls forward (``endings.committed_by_source``),
+    where the target's resume decides.
+    """
+    target = run.migration.target.name
+    deadline = time.monotonic() + TARGET_READY_WAIT_S
+    while (state := run.agents.target_snapshot().state) not in ("ready", "completed"):
+        if time.monotonic() >= deadline:
+            said = f"the target host {target} does not run the guest ({state})"
+            raise MigrationFailed(State.FROZEN, f"the source's job completed, but {said}")
+        time.sleep(TARGET_READY_POLL_S)
+    if run.agents.source_guest_status(attempts=1) != "stopped":
+        source = run.migration.require_source().name
+        raise MigrationFailed(State.FROZEN, f"the source host {source} still reports the guest running")
 
 
 def source_guest_running(run: PhaseRun) -> bool | None:

@@ -210,25 +210,28 @@ def record_warning(migration: Migration, lease: Lease, warning: str, event: str)
 # --- the commit ------------------------------------------------------------------------------------
 
 
-def commit(migration: Migration, lease: Lease) -> None:
+def commit(migration: Migration, lease: Lease, *, committed_by_source: str = "") -> None:
     """FROZEN -> COMMITTING and the registration flip, in one transaction (the point of no return).
 
-    Raises ``MigrationCancelled`` when a cancel was requested first, ``MigrationFailed`` when the source
-    copy is no longer runnable, ``LeaseLost`` when another decider took the lease, ``Superseded`` when the
-    state moved otherwise.
+    ``committed_by_source``: the source's hypervisor already committed the migration itself at its
+    switchover (libvirt's peer-to-peer migration: ``agents.MigrationAgents.settle_source``), in words for
+    the timeline; the record then follows it even if a cancel was requested (too late: it could not
+    stop the switchover any more).
+
+    Raises ``MigrationCancelled`` when a cancel was requested first (and the source did not commit by
+    itself), ``MigrationFailed`` when the source copy is no longer runnable, ``LeaseLost`` when another
+    decider took the lease, ``Superseded`` when the state moved otherwise.
     """
     lease.check()
     message = f"Committing: {migration.vm} becomes runnable on {migration.target} only"
+    if committed_by_source:
+        message = f"{message}. {committed_by_source}"
     fields = {**progress_fields(migration), "heartbeat_at": timezone.now()}
+    where = lease.where if committed_by_source else {"cancel_requested": False, **lease.where}
     try:
         with transaction.atomic():
             won = transition(
-                migration.pk,
-                State.FROZEN,
-                State.COMMITTING,
-                message=message,
-                where={"cancel_requested": False, **lease.where},
-                **fields,
+                migration.pk, State.FROZEN, State.COMMITTING, message=message, where=where, **fields
             )
             if won:
                 flip_registrations(migration)
@@ -241,6 +244,22 @@ def commit(migration: Migration, lease: Lease) -> None:
         raise lease.superseded()
     migration.state = State.COMMITTING
     publish_progress(migration.pk)
+
+
+PHASE_ORDER = (State.INIT, State.COPY, State.IO_QUIESCE, State.FROZEN)
+
+
+def walk_to_frozen(progress: ProgressRecord) -> None:
+    """Record the phases the source's hypervisor went through by itself (libvirt switched over and
+    committed while the control plane was stopping or checking): each phase left from the current one
+    finished (100 %), the next entered, up to Frozen, finished too. Raises ``lease.superseded()`` when
+    the state or the lease moved."""
+    migration = progress.migration
+    while migration.state != State.FROZEN:
+        progress.finish(Migration.State(migration.state))
+        following = PHASE_ORDER[PHASE_ORDER.index(Migration.State(migration.state)) + 1]
+        progress.enter(following, str(following.label))
+    progress.finish(State.FROZEN)
 
 
 def flip_registrations(migration: Migration) -> None:

@@ -1,9 +1,10 @@
 """Recovery of migrations whose driving worker died, decided by the database state alone.
 
 Before the commit (INIT .. FROZEN): abort, recording first, then discard on the target and resume on the
-source. At or after the commit (COMMITTING): roll forward. Recovery first takes over the migration's
-expired lease (``lease.take_over_expired``, a compare-and-set): a worker that was only slow, not dead,
-finds its lease gone at its next renewal and stands down without touching the agents again.
+source (unless the source's driver commits at the switchover and already did: libvirt; then the record
+follows it and it rolls forward). At or after the commit (COMMITTING): roll forward. Recovery first takes
+over the migration's expired lease (``lease.take_over_expired``, a compare-and-set): a worker that was only
+slow, not dead, finds its lease gone at its next renewal and stands down without touching the agents again.
 It ends a migration as its worker would (``endings``, through ``agents.MigrationAgents``); queues move on
 through ``scheduling``.
 """
@@ -24,6 +25,7 @@ from .agents import MigrationAgents, agent_for, agent_migration_id
 from .alerts import cancelled_by
 from .endings import (
     abort,
+    committed_by_source,
     finish_release,
     restate_target_back,
     restate_where_the_vm_is,
@@ -34,7 +36,7 @@ from .errors import MigrationCancelled, MigrationFailed
 from .lease import Lease, LeaseLost, new_owner, record_stood_down, take_over_expired
 from .models import Migration
 from .outcomes import deliver_outcome_of
-from .records import load_migration
+from .records import ProgressRecord, load_migration
 from .scheduling import start_idle_queues
 
 logger = logging.getLogger(__name__)
@@ -184,12 +186,20 @@ def stale_migrations(stale_after_s: float) -> list[Migration]:
 
 
 def abort_orphan(agents: MigrationAgents, lease: Lease) -> bool:
-    """Record the abort (from the state read), then undo on the agents; False if the state moved first."""
+    """Record the abort (from the state read), then undo on the agents; False if the state moved first.
+
+    A source whose driver commits at the switchover (libvirt) and did so while no worker watched is not
+    aborted: the record follows it and the migration rolls forward (``endings.committed_by_source``).
+    """
     migration = agents.migration
     if migration.cancel_requested:
         failure: MigrationFailed = MigrationCancelled(migration.state, cancelled_by(migration.pk))
     else:
         failure = MigrationFailed(migration.state, "the control-plane worker driving it stopped answering")
+    if committed_by_source(agents, ProgressRecord(migration, lease), failure):
+        logger.warning("Recovering migration %s: its source committed it; rolling forward", migration.pk)
+        roll_forward(agents, lease)
+        return True
     if not abort(agents, lease, failure):
         logger.info("Migration %s was decided by another decider first; recovery skips it", migration.pk)
         return False

@@ -1,9 +1,11 @@
 """`make run`: start everything the console needs on one machine, then wait.
 
 1. A Redis on REDIS_URL (started without root when none answers).
-2. Four demo host agents on loopback (simulated guests, or QEMU with --hosts qemu), while the database
-   schema is written; then an admin and a read-only viewer login.
-3. The demo fleet registered with those agents, its guests defined on them.
+2. Four demo host agents on loopback (simulated guests, QEMU with --hosts qemu, or libvirt with --hosts
+   libvirt: four libvirt daemons on this machine first, as root, ``devtools.libvirt_demo``), while the
+   database schema is written; then an admin and a read-only viewer login.
+3. The demo fleet registered with those agents, its guests defined on them (with libvirt: as domains
+   defined in the daemons, which the agents adopt).
 4. The ASGI server (pages + websockets), a Celery worker and Celery beat.
 With --cluster (`make run-cluster`), step 1 is PostgreSQL and Redis with a replica and three Sentinels,
 and step 4 several web processes behind HAProxy, several workers and beat (``ClusterProfile``).
@@ -46,7 +48,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
 from devtools import cluster as cluster_services  # noqa: E402
+from devtools import libvirt_demo  # noqa: E402
 from devtools.cluster import ClusterError  # noqa: E402
+from devtools.libvirt_hosts import LibvirtHostError, LibvirtHosts  # noqa: E402
 from devtools.local_secrets import secret_file, token, use_local_secrets  # noqa: E402
 from devtools.processes import (  # noqa: E402
     ManagedProcess,
@@ -234,8 +238,8 @@ def agent_takes_pools() -> bool:
 
 def storage_options(driver: str) -> Callable[[str], list[str]]:
     """Each simulated demo agent's pool and networks (``vms.demo.agent_storage_options``), or none."""
-    if driver == "qemu" or not agent_takes_pools():
-        if driver != "qemu":
+    if driver in ("qemu", "libvirt") or not agent_takes_pools():
+        if driver == "simulated":
             print("  this agent has no storage pools yet (no --pool): the demo guests get no disks")
         return lambda name: []
     from vms.demo_storage import agent_storage_options
@@ -244,10 +248,13 @@ def storage_options(driver: str) -> Callable[[str], list[str]]:
     return lambda name: agent_storage_options(name, DEMO_POOL_DIR)
 
 
-def start_agents(driver: str, agents: list[ManagedProcess]) -> None:
-    """Start the demo agents, appending each to ``agents`` at once so a failure can stop them."""
+def start_agents(driver: str, agents: list[ManagedProcess], rig: LibvirtHosts | None = None) -> None:
+    """Start the demo agents, appending each to ``agents`` at once so a failure can stop them (``rig``:
+    the libvirt daemons, one per demo host, for ``driver`` "libvirt")."""
     extra_args = qemu_image_options() if driver == "qemu" else []
     storage = storage_options(driver)
+    if rig is not None:
+        storage = lambda name: libvirt_demo.agent_options(rig, name)  # noqa: E731
     for index, name in enumerate(DEMO_HOSTS):
         port = AGENT_BASE_PORT + index
         require_free_port(port, f"host agent {name}", "AGENT_BASE_PORT")
@@ -271,7 +278,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hosts", choices=("simulated", "qemu"), default="simulated")
+    parser.add_argument("--hosts", choices=("simulated", "qemu", "libvirt"), default="simulated")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument(
         "--cluster",
@@ -297,10 +304,16 @@ def keep_var_private() -> None:
     -wal and -shm files, the secrets, the PKI's keys and the logs. The umask is inherited by every
     process started here (Redis, the agents, the web server, the worker, beat), so the files they
     create later are private too; what an earlier run (before this rule) left readable is narrowed.
+    Except var/libvirt/ (``HOSTS=libvirt``): the daemons' own state, under libvirt's rules (QEMU runs as
+    ``libvirt-qemu`` and must reach it; QEMU's TLS key is its group's only, the sockets root's only),
+    and behind var/ itself, 0700.
     """
     os.umask(PRIVATE_UMASK)
     VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    libvirt_state = VAR_DIR / "libvirt"
     for path in [VAR_DIR, *VAR_DIR.rglob("*")]:
+        if libvirt_state in path.parents:
+            continue
         with contextlib.suppress(FileNotFoundError):  # a leftover process may remove a file meanwhile
             mode = path.lstat().st_mode
             if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
@@ -507,6 +520,9 @@ def main() -> None:
     redis_pid_file = VAR_DIR / "redis.pid"
     redis_was_running = options.cluster or redis_pid_file.exists()
     cluster: ClusterProfile | None = None
+    rig: LibvirtHosts | None = None
+    if options.hosts == "libvirt" and (why := libvirt_demo.why_not(VAR_DIR)):
+        sys.exit(f"make run HOSTS=libvirt: {why}")
     try:
         if options.cluster:
             cluster = ClusterProfile(options)
@@ -516,7 +532,10 @@ def main() -> None:
         # The schema is written while the agents start: neither needs the other (20 s saved on PostgreSQL).
         migrating = subprocess.Popen([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=BASE_DIR)
         try:
-            start_agents(options.hosts, agents)
+            if options.hosts == "libvirt":
+                print(f"  starting {len(DEMO_HOSTS)} libvirt daemons under {VAR_DIR / 'libvirt'}", flush=True)
+                rig = libvirt_demo.start_rig(VAR_DIR, DEMO_HOSTS)
+            start_agents(options.hosts, agents, rig)
         except BaseException:
             migrating.terminate()
             migrating.wait()
@@ -529,7 +548,11 @@ def main() -> None:
             *("--agents-base-port", str(AGENT_BASE_PORT), "--secrets-dir", str(SECRETS_DIR)),
             *("--pki-dir", str(PKI_DIR), "--data-plane", "required"),
         )
-        manage("seed_demo_agents", "--driver", options.hosts, "--pool-dir", str(DEMO_POOL_DIR))
+        if rig is not None:
+            seed = [PYTHON, "-m", "devtools.libvirt_demo", "seed", str(VAR_DIR), *DEMO_HOSTS]
+            subprocess.run(seed, cwd=BASE_DIR, check=True)
+        else:
+            manage("seed_demo_agents", "--driver", options.hosts, "--pool-dir", str(DEMO_POOL_DIR))
         if cluster:
             cluster.start_console(processes)
         else:
@@ -551,9 +574,11 @@ def main() -> None:
         print("\nstopping...", flush=True)
     except subprocess.CalledProcessError as error:
         print(f"\n{' '.join(map(str, error.cmd[1:3]))} failed (exit status {error.returncode})", flush=True)
-    except ClusterError as error:
+    except (ClusterError, LibvirtHostError) as error:
         print(f"\n{error}", flush=True)
     finally:
+        if rig is not None:  # before the last sweep of this run's processes: its daemons stop cleanly
+            rig.stop()
         stop_everything(processes + agents, services)  # the console's processes first: they use the services
         if not redis_was_running:
             stop_own_redis(redis_pid_file)

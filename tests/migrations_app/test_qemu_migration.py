@@ -154,8 +154,11 @@ def test_it_aborts_a_guest_that_cannot_converge_at_its_copy_limit(qemu_agents, f
     assert_still_on_source(vm, qemu_agents, fleet, migration)
 
 
-def restart_agent(factory: AgentFactory, old: RunningAgent, *extra_args: str) -> RunningAgent:
-    """Start the agent again on its port with its secret and run directory, as a service manager would."""
+def restart_agent(
+    factory: AgentFactory, old: RunningAgent, *extra_args: str, driver: str = "qemu"
+) -> RunningAgent:
+    """Start the agent again on its port with its secret and ``extra_args`` (its run directory, its
+    libvirt URI...), as a service manager would."""
     port = int(old.url.rsplit(":", 1)[1])
     secret_file = factory.secret_dir / f"{old.name}-again.secret"
     secret_file.write_text(old.secret)
@@ -163,7 +166,7 @@ def restart_agent(factory: AgentFactory, old: RunningAgent, *extra_args: str) ->
         old.name,
         port,
         secret_file,
-        "qemu",
+        driver,
         extra_args,
         log_path=log_path(f"agent-{old.name}-again"),
         env=subprocess_env(),

@@ -23,7 +23,9 @@ runs), then ``released`` on the control plane's release. The target side records
 migration and turns ``ready`` when the domain runs here, ``completed`` on resume.
 
 There is no memory digest: libvirt and QEMU check the stream themselves, the snapshot's digests
-stay None (see ``docs/libvirt-driver.md``: the console's digest check does not fit this driver yet).
+stay None. The console reads ``switchover_commits`` from the health answer and checks the arrival
+instead by libvirt's completed job ("ready"), the target's domain running and the source's left shut
+off (see ``docs/libvirt-driver.md``).
 """
 
 from __future__ import annotations
@@ -450,6 +452,12 @@ class LibvirtTargetMigration:
             await asyncio.sleep(TARGET_POLL_S)
 
     async def resume(self) -> ProgressSnapshot:
+        """ "completed" once the domain runs here; the watch looks every ``TARGET_POLL_S``, so the domain is
+        looked at now too (the control plane resumes as soon as the source's job completed)."""
+        if self.progress.state in ACTIVE:
+            info = await asyncio.to_thread(self.driver.find, self.guest_id)
+            if info is not None and info.state == "running":
+                self.progress.enter("ready")
         if self.progress.state not in ("ready", "completed"):
             state = self.progress.state
             raise Conflict(f"migration {self.migration_id} is {state}; the guest has not arrived")
