@@ -15,6 +15,8 @@ from agentprotocol.storage import DiskSpec
 from hostagent.driver import Conflict, InvalidRequest
 from hostagent.hostconfig import LOCAL_PREFIX, NetworkConfig, PoolConfig
 
+MARKER_SUFFIX = ".matrixoe-mirror"  # beside a volume a target allocated and has not committed yet
+
 
 @dataclass(frozen=True)
 class PlannedDisk:
@@ -237,3 +239,36 @@ def allocated_bytes(path: Path) -> int:
         if error.errno == errno.ENOENT:
             return 0
         raise
+
+
+# -- volumes a mirror allocated on a target (both drivers) ------------------------------------
+
+
+def marker_of(volume: Path) -> Path:
+    """The marker file that says ``volume`` was allocated for a mirror not committed yet."""
+    return volume.with_name(f".{volume.name}{MARKER_SUFFIX}")
+
+
+def mark_allocated(volume: Path, migration_id: str) -> None:
+    """Record that ``volume`` belongs to the uncommitted migration ``migration_id`` (the marker file
+    survives a crash of the agent: ``remove_uncommitted`` deletes both at its next start)."""
+    marker_of(volume).write_text(f"{migration_id}\n")
+
+
+def mark_committed(volume: Path) -> None:
+    """The migration completed here: the volume is the guest's now, nobody removes it."""
+    marker_of(volume).unlink(missing_ok=True)
+
+
+def remove_uncommitted(pool: Path) -> list[str]:
+    """At the agent's start: delete every volume of ``pool`` still marked as allocated for a mirror (its
+    migration is unknown to this new process, so it can never complete), and its marker. Returns the
+    volume names deleted."""
+    removed = []
+    for marker in pool.glob(f".*{MARKER_SUFFIX}"):
+        volume = marker.with_name(marker.name[1 : -len(MARKER_SUFFIX)])
+        if volume.parent == pool and volume.name not in ("", ".", ".."):
+            volume.unlink(missing_ok=True)
+            removed.append(volume.name)
+        marker.unlink(missing_ok=True)
+    return removed

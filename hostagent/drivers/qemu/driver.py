@@ -88,6 +88,7 @@ from agentprotocol import (
 )
 from agentprotocol.storage import DiskInfo
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
+from hostagent.drivers.qemu.diskmirror import remove_mirrors
 from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.network import HeartbeatListener, NetworkError, network_blackout
@@ -103,7 +104,15 @@ from hostagent.drivers.qemu.storage import (
 )
 from hostagent.drivers.qemu.target import TargetMigration
 from hostagent.drivers.qemu.tls import write_credentials
-from hostagent.resources import HostStorage, PlannedDisk, allocated_bytes
+from hostagent.hostconfig import LOCAL_PREFIX
+from hostagent.resources import (
+    HostStorage,
+    PlannedDisk,
+    allocated_bytes,
+    mark_allocated,
+    mark_committed,
+    remove_uncommitted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +336,20 @@ class QemuDriver:
             self._tls_dir = write_credentials(self.settings.tls, self.config.run_dir)
         log.info("qemu driver: QEMU %s, guests from %s", self.qemu_version, self.config.kernel.parent)
         await self._readopt()
+        self._remove_uncommitted_volumes()
+
+    def _remove_uncommitted_volumes(self) -> None:
+        """Delete the volumes a mirror allocated here for a migration that never completed (the agent
+        died in the middle of it; ``resources.remove_uncommitted``): after re-adoption, which quit the
+        incoming QEMU that had them open."""
+        for pool in self.storage.pools:
+            if pool.kind == "local":
+                for volume in remove_uncommitted(pool.path):
+                    log.warning(
+                        "removed volume %s of pool %s: allocated for a migration never completed",
+                        volume,
+                        pool.name,
+                    )
 
     async def close(self) -> None:
         for guest in list(self._guests.values()) + list(self._replaced.values()):
@@ -431,6 +454,10 @@ class QemuDriver:
         runs, then let the guest run on here, unless QEMU had sent everything (``postmigrate``)."""
         assert guest.process is not None and guest.process.qmp is not None
         qmp = guest.process.qmp
+        cancelled = await remove_mirrors(qmp)  # no guest write may wait on a target any longer
+        if cancelled:
+            name = guest.spec.name
+            log.warning("%s: cancelled the disk mirror(s) %s of migration %s", name, cancelled, migration_id)
         for _ in range(int(SETTLE_TIMEOUT_S / 0.05)):
             status = (await qmp.execute("query-migrate")).get("status")
             if status not in QEMU_MIGRATING:
@@ -463,16 +490,17 @@ class QemuDriver:
     def get_guest(self, guest_id: str) -> GuestInfo:
         return self._info(self._guest(guest_id))
 
-    def _machine(self, spec: GuestSpec) -> Machine:
+    def _machine(self, spec: GuestSpec, mirrored: frozenset[str] = frozenset()) -> Machine:
         """The guest's disks and network cards: those of its definition, or (defined without any) the
-        old options' image guest, or none (the test guest)."""
+        old options' image guest, or none (the test guest). ``mirrored``: the devices an incoming
+        mirror writes (their volumes new here: ``Disk.detect_zeroes``)."""
         if spec.disks or spec.nics:
-            return self._spec_machine(spec)
+            return self._spec_machine(spec, mirrored)
         if self.image_guests is None:
             return Machine()
         return self.image_guests.machine(spec, workload_of(spec))
 
-    def _spec_machine(self, spec: GuestSpec) -> Machine:
+    def _spec_machine(self, spec: GuestSpec, mirrored: frozenset[str] = frozenset()) -> Machine:
         """Disks on this host's pools, cards on its networks (the spec was checked against them)."""
         disks = []
         for disk in spec.disks:
@@ -482,7 +510,16 @@ class QemuDriver:
                     f"disk {disk.device}: no storage pool {disk.pool} on {self.settings.agent_name}"
                 )
             path = self.storage.volume_path(pool, disk.volume, disk.device)
-            disks.append(Disk(disk.device, path, disk.format, read_only=disk.read_only, boot=disk.boot))
+            disks.append(
+                Disk(
+                    disk.device,
+                    path,
+                    disk.format,
+                    read_only=disk.read_only,
+                    boot=disk.boot,
+                    detect_zeroes=disk.device in mirrored,
+                )
+            )
         nics = []
         for nic in spec.nics:
             network = self.storage.network(nic.network)
@@ -769,7 +806,12 @@ class QemuDriver:
     ) -> tuple[Migration, Endpoint]:
         """``streams`` > 1: QEMU's ``multifd`` with that many ``multifd-channels`` (as the source's).
 
-        ``local_disks``: this driver does not mirror disks yet; a local disk is refused either way."""
+        ``local_disks`` "mirror": each disk on a local pool gets a new volume (``qemu-img create``, the
+        disk's format and virtual size) in a local pool of this host with room for it
+        (``HostStorage.incoming_spec``), made only once every check passed, marked as this
+        migration's (``resources.mark_allocated``) and exported to the source over this QEMU's NBD
+        server (``diskmirror``); deleted if the migration does not complete here. "refuse": a local
+        disk is refused (409)."""
         tls_dir = self._tls_for(encryption)
         clean = check_spec(spec)
         guest_id = clean.guest_id
@@ -777,20 +819,33 @@ class QemuDriver:
         if existing is not None and (existing.running or existing.migration is not None):
             raise Conflict(f"guest {clean.name!r} already runs or migrates on {self.settings.agent_name}")
         if clean.disks or clean.nics:
-            clean = self.storage.incoming_spec(clean)  # refuses a pool or network this host lacks
-        machine = self._machine(clean)
-        for disk in machine.disks:
-            if not disk.path.is_file():
-                raise Conflict(
-                    f"{self.settings.agent_name} does not see the disk of {clean.name!r} ({disk.path}): "
-                    "its pool is not shared with the source"
-                )
-        guest = QemuGuest(spec=clean)
-        instance = f"in-{migration_id[:12]}"
-        process = QemuProcess(
-            self.config, guest_id, workload_of(clean), instance=instance, incoming=True, machine=machine
-        )
-        await self._launch(guest, process)
+            # refuses a pool or network this host lacks, a local disk (unless mirrored: without room)
+            clean = self.storage.incoming_spec(clean, mirror=local_disks == "mirror")
+        planned = self._mirror_volumes(clean)
+        if planned:  # the guest is known here by its disks on this host's pools, made now
+            clean = clean.model_copy(
+                update={"disks": [disk.model_copy(update={"create": False}) for disk in clean.disks]}
+            )
+        machine = self._machine(clean, frozenset(disk.spec.device for disk in planned))
+        volumes = await self._allocate_mirror(clean.name, planned, migration_id)
+        try:
+            for disk in machine.disks:
+                if not disk.path.is_file():
+                    raise Conflict(
+                        f"{self.settings.agent_name} does not see the disk of {clean.name!r} ({disk.path}): "
+                        "its pool is not shared with the source"
+                    )
+            guest = QemuGuest(spec=clean)
+            instance = f"in-{migration_id[:12]}"
+            process = QemuProcess(
+                self.config, guest_id, workload_of(clean), instance=instance, incoming=True, machine=machine
+            )
+            await self._launch(guest, process)
+        except BaseException:
+            for volume in volumes:
+                volume.unlink(missing_ok=True)
+                mark_committed(volume)
+            raise
         migration = TargetMigration(
             process,
             migration_id,
@@ -799,6 +854,8 @@ class QemuDriver:
             self._finished,
             channels=streams or 1,
             tls_dir=tls_dir,
+            mirror=[disk.spec.device for disk in planned],
+            volumes=volumes,
         )
         guest.migration = migration
         migration.after_switchover = self._measure_blackout
@@ -814,6 +871,30 @@ class QemuDriver:
             raise Conflict(reason) from None
         return migration, migration.endpoint
 
+    def _mirror_volumes(self, spec: GuestSpec) -> list[PlannedDisk]:
+        """The disks of an incoming spec that get a new volume here (``create``: a mirror's)."""
+        planned = []
+        for disk in spec.disks:
+            if disk.create:
+                pool = self.storage.pool(disk.pool)
+                assert pool is not None  # incoming_spec chose it
+                path = self.storage.volume_path(pool, disk.volume, disk.device)
+                planned.append(PlannedDisk(disk, pool, path))
+        return planned
+
+    async def _allocate_mirror(self, name: str, planned: list[PlannedDisk], migration_id: str) -> list[Path]:
+        """Make the mirror's new volumes (all or none) and mark them as ``migration_id``'s; their
+        paths. Raises Conflict naming the guest and ``qemu-img``'s reason."""
+        if not planned:
+            return []
+        try:
+            await asyncio.to_thread(self.storage.create_volumes, planned, create_empty_volume)
+        except VolumeError as error:
+            raise Conflict(f"cannot allocate the mirror's volumes for {name!r}: {error}") from None
+        for disk in planned:
+            mark_allocated(disk.path, migration_id)
+        return [disk.path for disk in planned]
+
     async def start_outgoing(
         self,
         guest_id: str,
@@ -827,7 +908,9 @@ class QemuDriver:
     ) -> Migration:
         """``streams`` as given to the target's ``prepare_incoming`` (both QEMUs need the same channels).
 
-        ``local_disks``: not mirrored by this driver (its target refused the local disk at prepare)."""
+        ``local_disks`` "mirror": the guest's disks on local pools are mirrored to the volumes the
+        target made for them, in Copy before the memory (``diskmirror``); "refuse": the target refused
+        them at prepare already."""
         tls_dir = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
@@ -836,6 +919,13 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
         if guest.shutting_down:
             raise Conflict(f"guest {guest.spec.name!r} is shutting down")
+        mirrored = []
+        if local_disks == "mirror":
+            mirrored = [
+                disk.device
+                for disk in guest.spec.disks
+                if self._pool_identity(disk.pool).startswith(LOCAL_PREFIX) and not disk.read_only
+            ]
         migration = SourceMigration(
             guest.process,
             migration_id,
@@ -844,6 +934,7 @@ class QemuDriver:
             self._finished,
             channels=streams or 1,
             tls_dir=tls_dir,
+            mirror=mirrored,
         )
         guest.migration = migration
         migration.after_switchover = self._measure_blackout

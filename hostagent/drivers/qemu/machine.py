@@ -47,17 +47,20 @@ class Disk:
     read_only: bool = False
     cache_direct: bool = False
     boot: bool = False
+    detect_zeroes: bool = False
 
     def args(self) -> list[str]:
         file_node, format_node = f"{self.name}-file", f"{self.name}-fmt"
         read_only = "on" if self.read_only else "off"
         direct = "on" if self.cache_direct else "off"
+        unmap = ",discard=unmap" if self.detect_zeroes else ""
+        zeroes = f"{unmap},detect-zeroes=unmap" if self.detect_zeroes else ""
         return [
             "-blockdev",
             f"driver=file,node-name={file_node},filename={qemu_escape(str(self.path))},"
-            f"cache.direct={direct},read-only={read_only}",
+            f"cache.direct={direct},read-only={read_only}{unmap}",
             "-blockdev",
-            f"driver={self.format},node-name={format_node},file={file_node},read-only={read_only}",
+            f"driver={self.format},node-name={format_node},file={file_node},read-only={read_only}{zeroes}",
             "-device",
             f"virtio-blk-pci,drive={format_node},id={self.name}" + (",bootindex=0" if self.boot else ""),
         ]

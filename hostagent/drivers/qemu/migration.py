@@ -2,8 +2,8 @@
 
 The sides are ``source.SourceMigration`` and ``target.TargetMigration``.
 
-Two TCP connections go from the source agent to the target agent's one-time listener, each
-opened with ``<token> data`` or ``<token> ctrl`` (QEMU cannot check a token, so the agents
+TCP connections go from the source agent to the target agent's one-time listener, each
+opened with ``<token> <kind>`` (QEMU cannot check a token, so the agents
 do, in constant time, before QEMU sees the socket):
 
 1. ``data`` is handed to QEMU on both sides (``getfd`` + ``migrate fd:`` / ``migrate-incoming
@@ -11,6 +11,9 @@ do, in constant time, before QEMU sees the socket):
 2. ``ctrl`` stays with the agents: the target sends ``READY <digest>`` once it holds a
    verified paused copy, or ``ABORT <kind> <reason>`` (``kind``: a ``FailureKind`` value);
    either side closing it before "ready" aborts.
+3. ``nbd <device>`` (a local disk's mirror, ``diskmirror``): one per mirrored disk, before ``data``;
+   handed to the source QEMU as an NBD client node, relayed by the target agent to its QEMU's NBD
+   server (a Unix socket in a private directory), so the export is reached with the token only.
 
 Streams (``streams`` > 1): QEMU's ``multifd`` capability with ``multifd-channels`` = streams, set on
 both QEMUs before ``migrate`` / ``migrate-incoming``. QEMU then opens the main channel and one
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from agentprotocol import (
+    PHASES,
     TERMINAL_STATES,
     FailureKind,
     MigrationState,
@@ -63,7 +67,7 @@ HANDSHAKE_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.1
 SETTLE_TIMEOUT_S = 10.0
 FD_NAME = "migration"
-KINDS = (b"data", b"ctrl")
+KINDS = (b"data", b"ctrl", b"nbd")
 LINE_LIMIT = 4096
 
 Finished = Callable[["QemuMigration"], None]
@@ -164,6 +168,14 @@ class QemuMigration:
 
     def snapshot(self) -> ProgressSnapshot:
         return self.progress.snapshot()
+
+    def enter_forward(self, state: MigrationState) -> None:
+        """Enter ``state`` unless it is a phase before the current one: with a disk mirror Copy begins
+        before QEMU's migration does, whose "setup" must not take the snapshot back to Init."""
+        current = self.progress.state
+        if state in PHASES and current in PHASES and PHASES.index(state) <= PHASES.index(current):
+            return
+        self.progress.enter(state)
 
     async def next_change(self, after_seq: int) -> ProgressSnapshot:
         return await self.progress.next_change(after_seq)

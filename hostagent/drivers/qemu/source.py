@@ -25,6 +25,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
+from hostagent.drivers.qemu.diskmirror import MirrorFailed, SourceMirror
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
     HANDSHAKE_TIMEOUT_S,
@@ -46,6 +47,7 @@ from hostagent.drivers.qemu.tls import use_plain, use_tls
 
 log = logging.getLogger(__name__)
 FORCED_DOWNTIME_MS = 600_000  # "switch over now": a downtime limit no remaining memory exceeds
+MIB = 1 << 20
 
 
 class SourceMigration(QemuMigration, SourceAbortCommands):
@@ -61,8 +63,12 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         channels: int = 1,
         *,
         tls_dir: Path | None = None,
+        mirror: list[str] | None = None,
     ) -> None:
-        """``channels`` > 1: QEMU's multifd with that many channels (the target's must be the same)."""
+        """``channels`` > 1: QEMU's multifd with that many channels (the target's must be the same).
+
+        ``mirror``: the devices of the guest's disks on local pools, mirrored to the target's new
+        volumes in Copy before the memory moves (``diskmirror``); None or empty: no mirror."""
         super().__init__(process, migration_id, params.limits, finished)
         self.channels = channels
         self._relay_dir: str | None = None
@@ -74,6 +80,16 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._started_wall = time.time()
         self.io_quiesce: IoQuiesce | None = None  # the switchover's drain, once measured (``quiesce``)
+        self.mirror: SourceMirror | None = None
+        if mirror:
+            hostname = target.host if tls_dir is not None else None
+            self.mirror = SourceMirror(self.qmp, mirror, tls_hostname=hostname, speed=self._cap_bytes_s())
+        self._mirror_finished = False
+
+    def _cap_bytes_s(self) -> int:
+        """The pair's cap in bytes/s (``bandwidth_mbps`` is megabits per second), 0 for none."""
+        bandwidth = self.params.bandwidth_mbps
+        return int(bandwidth * 125_000) if bandwidth else 0
 
     def begin(self) -> None:
         self.spawn(self._watch_phase_limits())
@@ -83,14 +99,16 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         try:
             self._control = await self._connect("ctrl", str(self.process.workload.memory_mib))
             self.spawn(self._watch_target())
+            self.progress.raise_percent("init", 50)
+            await self._configure()
+            await self._secure()
+            if self.mirror is not None:
+                await self._mirror_disks(self.mirror)
             if self.channels > 1:
                 await self._start_multifd()
             else:
                 data = await self._connect("data")
                 try:
-                    self.progress.raise_percent("init", 50)
-                    await self._configure()
-                    await self._secure()
                     await self.qmp.execute("getfd", pass_fd=data.fileno(), fdname=FD_NAME)
                 finally:
                     data.close()  # QEMU holds its own copy now
@@ -114,10 +132,66 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         listener.listen(MAX_STREAMS + 1)
         listener.setblocking(False)
         self.spawn(self._relay_channels(listener))
-        self.progress.raise_percent("init", 50)
-        await self._configure()
-        await self._secure()  # TLS end to end between the QEMUs, through the relay
-        await self.qmp.execute("migrate", uri=f"unix:{path}")
+        await self.qmp.execute("migrate", uri=f"unix:{path}")  # TLS end to end, through the relay
+
+    async def _mirror_disks(self, mirror: SourceMirror) -> None:
+        """Copy's first part (``diskmirror``): each local disk's NBD connection handed to QEMU (Init),
+        then every ``blockdev-mirror`` (Copy) until each job is actively synced in write-blocking
+        mode. Raises MigrationAborted (REFUSED: QEMU could not open the target's export, e.g. its
+        certificate; INTERNAL: a job failed), OSError."""
+        for device in mirror.devices:
+            sock = await self._connect("nbd", device)
+            try:
+                await mirror.attach(device, sock)
+            except QmpError as error:
+                raise MigrationAborted(
+                    f"QEMU could not open the target's export of disk {device}: {error.description}",
+                    FailureKind.REFUSED,
+                ) from None
+        self.progress.enter("copy")
+        try:
+            await mirror.start()
+        except QmpError as error:
+            reason = f"QEMU refused to mirror the disks: {error.description}"
+            raise MigrationAborted(reason, FailureKind.INTERNAL) from None
+        self.spawn(self._poll_mirror(mirror))
+        synced: asyncio.Future[Any] = asyncio.ensure_future(mirror.synced.wait())
+        try:
+            await asyncio.wait({synced, mirror.failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            synced.cancel()
+        if not mirror.synced.is_set():
+            raise MigrationAborted(mirror.failed.result(), FailureKind.INTERNAL)
+        log.info(
+            "%s: %d disk(s) mirrored and in step (write-blocking) after %.1f s; the memory moves now",
+            self.guest_id,
+            len(mirror.devices),
+            time.monotonic() - mirror.started,
+        )
+
+    async def _poll_mirror(self, mirror: SourceMirror) -> None:
+        """The mirror's figures into the snapshot every ``POLL_INTERVAL_S`` until Frozen."""
+        while self.progress.state in ("init", "copy", "quiesce") and not self._ending:
+            try:
+                fields = await mirror.poll()
+            except (QmpError, QmpClosed):
+                return
+            self.progress.update(**fields)
+            self._raise_copy_percent()
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    def _raise_copy_percent(self) -> None:
+        """With a mirror, Copy's percent counts disk and memory bytes together (the memory's total is
+        the guest's size until QEMU's migration reports its own)."""
+        current = self.progress.current
+        if self.mirror is None or current.state != "copy":
+            return
+        memory_total = current.bytes_total or self.process.workload.memory_mib * MIB
+        memory_done = current.bytes_total - current.bytes_remaining if current.bytes_total else 0
+        total = current.disk_bytes_total + memory_total
+        if total:
+            done = current.disk_bytes_sent + memory_done
+            self.progress.raise_percent("copy", min(99, 100 * done / total))
 
     async def _relay_channels(self, listener: socket.socket) -> None:
         """Relay QEMU's main channel and its ``channels`` multifd channels; a failure aborts."""
@@ -226,6 +300,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             update["bandwidth_mbps"] = change.bandwidth_mbps or None
             cap = int(change.bandwidth_mbps * 125_000)
             await self.qmp.execute("migrate-set-parameters", max_bandwidth=cap)
+            if self.mirror is not None and not self._mirror_finished:
+                await self.mirror.set_speed(cap)  # the pair's cap covers the disks too
         self.params = self.params.model_copy(update=update)
         if change.switchover_now:
             self.allowed_downtime_ms = FORCED_DOWNTIME_MS
@@ -251,6 +327,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         while self.progress.state in ACTIVE_STATES:
             info = await self.qmp.execute("query-migrate")
             apply_query_migrate(self.progress, info)
+            self._raise_copy_percent()
             snapshot = self.progress.current
             throttle = info.get("cpu-throttle-percentage")
             if isinstance(throttle, int):
@@ -309,6 +386,9 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.spawn(self.abort(f"the target aborted: {reason}", FailureKind.UNREACHABLE, side="target"))
 
     async def handle_event(self, event: dict[str, Any]) -> None:
+        if self.mirror is not None and self.mirror.job_of(event) is not None:
+            await self._on_mirror_event(self.mirror, event)
+            return
         if event.get("event") != "MIGRATION" or self._ending or self.progress.state not in ACTIVE_STATES:
             return
         status = str(event.get("data", {}).get("status"))
@@ -321,9 +401,20 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.progress.raise_percent("frozen", 90)
             self.spawn(self._verify_switchover())
         elif status in QEMU_STATES:
-            self.progress.enter(QEMU_STATES[status])
+            self.enter_forward(QEMU_STATES[status])  # with a mirror Copy began before QEMU's "setup"
             if status == "pre-switchover":
                 self.spawn(self._quiesce_and_continue())
+
+    async def _on_mirror_event(self, mirror: SourceMirror, event: dict[str, Any]) -> None:
+        """A mirror job's event (also while ending: ``finish`` and ``abort`` wait for the jobs' ends)."""
+        try:
+            await mirror.handle_event(event)
+        except (QmpError, QmpClosed) as error:
+            reason = f"QEMU could not switch the mirror to write-blocking: {error}"
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
+            return
+        if mirror.failed.done() and not self._ending and self.progress.state in ACTIVE_STATES:
+            self.spawn(self.abort(mirror.failed.result(), FailureKind.INTERNAL))
 
     async def _qemu_error(self) -> str | None:
         with contextlib.suppress(QmpError, QmpClosed):
@@ -334,10 +425,15 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         """QEMU is done: hash the stopped source, take the target's digest, then "ready"."""
         try:
             apply_query_migrate(self.progress, await self.qmp.execute("query-migrate"))
+            if self.mirror is not None:
+                await self._finish_mirror(self.mirror)
             source_digest = await self.digest()
             self.progress.update(source_digest=source_digest)
             self.progress.raise_percent("frozen", 95)
             target_digest = await self._target_ready
+        except MirrorFailed as error:
+            await self.abort(str(error), FailureKind.INTERNAL)
+            return
         except (QmpError, QmpClosed, OSError) as error:
             await self.abort(f"could not verify the switchover: {error}", FailureKind.INTERNAL)
             return
@@ -345,6 +441,22 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self.progress.enter("ready")
         self.stop_background()
         self.close_control()
+
+    async def _finish_mirror(self, mirror: SourceMirror) -> None:
+        """Frozen: the guest stopped, every job ends with the target holding the disks as they are
+        (``SourceMirror.finish``). Raises MirrorFailed, QmpClosed."""
+        began = time.monotonic()
+        await mirror.finish()
+        self._mirror_finished = True
+        total = sum(job.length for job in mirror.jobs.values())
+        self.progress.update(disk_bytes_total=total, disk_bytes_sent=total, disk_bytes_remaining=0)
+        log.info(
+            "%s: mirror of %d disk(s) completed at the switchover in %.0f ms (%d bytes over the wire)",
+            self.guest_id,
+            len(mirror.devices),
+            (time.monotonic() - began) * 1000,
+            mirror.wire_bytes,
+        )
 
     async def _quiesce_and_continue(self) -> None:
         """Pre-switchover: the vCPUs already stand still and QEMU drained and flushed the block
@@ -423,6 +535,8 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self.stop_background()
         await send_line(self._control, f"ABORT {kind} {reason}")
         self.close_control()
+        if self.mirror is not None:
+            await self.mirror.abort()  # first: a guest write waiting on the target fails over at once
         with contextlib.suppress(QmpError, QmpClosed):
             await self.qmp.execute("migrate_cancel")
             await self._wait_qemu_settled()

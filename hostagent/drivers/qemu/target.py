@@ -25,6 +25,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict
+from hostagent.drivers.qemu.diskmirror import DiskExport, MirrorFailed
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
     HANDSHAKE_TIMEOUT_S,
@@ -42,8 +43,10 @@ from hostagent.drivers.qemu.process import QemuProcess
 from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.states import QEMU_STATES
 from hostagent.drivers.qemu.tls import use_tls
+from hostagent.resources import mark_committed
 
 MAX_PENDING_HANDSHAKES = 32  # connections greeting at once; more are closed at once
+UNEXPORT_TIMEOUT_S = 5.0  # at resume, how long the source's mirror may take to let go of the exports
 log = logging.getLogger(__name__)
 
 
@@ -60,8 +63,15 @@ class TargetMigration(QemuMigration):
         channels: int = 1,
         *,
         tls_dir: Path | None = None,
+        mirror: list[str] | None = None,
+        volumes: list[Path] | None = None,
     ) -> None:
-        """``channels`` > 1: QEMU's multifd with that many channels (the source's must be the same)."""
+        """``channels`` > 1: QEMU's multifd with that many channels (the source's must be the same).
+
+        ``mirror``: the devices whose new, empty volumes (``volumes``, allocated by the driver for this
+        migration) the source mirrors into over this QEMU's NBD server (``diskmirror``); the volumes
+        are deleted if the migration does not complete here, kept (their markers removed) if it does.
+        """
         super().__init__(process, migration_id, limits, finished)
         self.channels = channels
         # Data connections: one handed to QEMU, or with multifd the main channel + one per channel relayed.
@@ -70,6 +80,9 @@ class TargetMigration(QemuMigration):
         self._incoming: asyncio.Future[str] | None = None  # the Unix socket QEMU listens on (multifd)
         self._relay_dir: str | None = None
         self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
+        self.mirror = list(mirror or [])
+        self.volumes = list(volumes or [])
+        self.export: DiskExport | None = None
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
         self._admitting: set[asyncio.Task[None]] = set()
@@ -87,6 +100,9 @@ class TargetMigration(QemuMigration):
             await self.qmp.execute("migrate-set-parameters", **multifd_parameters)
         if self.tls_dir is not None:  # a new QEMU: without it, its migration is plain already
             await use_tls(self.qmp, "server", self.tls_dir)
+        if self.mirror:
+            self.export = DiskExport(self.qmp, self.mirror, tls=self.tls_dir is not None)
+            await self.export.start()
         self.spawn(self._watch_init_limit())
         self._accept_task = self.spawn(self._accept())
         self.spawn(self._watch_process())
@@ -114,8 +130,13 @@ class TargetMigration(QemuMigration):
             # connection (an API request) reuses, whose handshake then never completes.
             self._listener.close()
 
+    def _all_in(self) -> bool:
+        """The control connection, every data connection and every mirrored disk's have joined."""
+        disks_in = self.export is None or len(self.export.joined) == len(self.mirror)
+        return self._control is not None and self._data_joined >= self._data_expected and disks_in
+
     async def _accept_until_both_in(self, loop: asyncio.AbstractEventLoop) -> None:
-        while self._control is None or self._data_joined < self._data_expected:
+        while not self._all_in():
             connection, peer = await loop.sock_accept(self._listener)
             if len(self._admitting) >= MAX_PENDING_HANDSHAKES:
                 log.warning(
@@ -144,12 +165,39 @@ class TargetMigration(QemuMigration):
                 self.spawn(self.abort(mismatch, FailureKind.REFUSED))
                 return
             self.spawn(self._watch_source())
+        elif kind == b"nbd" and self.export is not None and detail.decode() in self.mirror:
+            await self._relay_export(connection, detail.decode())
         else:
             log.warning("%s: refused a data-plane connection from %s: bad token", self.guest_id, peer[0])
             connection.close()
-        all_in = self._data_joined >= self._data_expected
-        if self._control is not None and all_in and self._accept_task is not None:
+        if self._all_in() and self._accept_task is not None:
             self._accept_task.cancel()
+
+    async def _relay_export(self, connection: socket.socket, device: str) -> None:
+        """A mirrored disk's connection (``<token> nbd <device>``, once per disk) relayed to this QEMU's
+        NBD server: the source's Copy began."""
+        assert self.export is not None
+        if device in self.export.joined:
+            log.warning("%s: refused a second connection for the export of disk %s", self.guest_id, device)
+            connection.close()
+            return
+        self.export.joined.add(device)
+        self._connected = True
+        self.enter_forward("copy")
+        try:
+            qemu = await self.export.connect()
+        except OSError as error:
+            connection.close()
+            reason = f"cannot reach the NBD server of disk {device}: {error}"
+            self.spawn(self.abort(reason, FailureKind.INTERNAL))
+            return
+        try:
+            await asyncio.get_running_loop().sock_sendall(connection, b"OK\n")
+        except OSError:
+            qemu.close()
+            connection.close()
+            return
+        self.spawn(relay(connection, qemu))
 
     async def _greeting(self, connection: socket.socket) -> tuple[bytes | None, bytes]:
         """``<token> <kind> [detail]`` with the one-time token (compared in constant time)."""
@@ -249,7 +297,7 @@ class TargetMigration(QemuMigration):
         elif status == "failed":
             self.spawn(self.abort("the incoming migration failed", FailureKind.INTERNAL))
         elif status in ("setup", "active"):
-            self.progress.enter(QEMU_STATES[status])
+            self.enter_forward(QEMU_STATES[status])
 
     async def _verify(self) -> None:
         """QEMU loaded the stream and keeps the guest paused: hash it, tell the source."""
@@ -273,7 +321,14 @@ class TargetMigration(QemuMigration):
 
     async def resume(self) -> ProgressSnapshot:
         if self.progress.state == "ready":
+            if self.export is not None:
+                try:  # never run while the source's mirror can still write into the disks
+                    await self.export.stop(UNEXPORT_TIMEOUT_S)
+                except MirrorFailed as error:
+                    raise Conflict(f"cannot resume yet: {error}") from None
             await self.qmp.execute("cont")
+            for volume in self.volumes:
+                mark_committed(volume)  # the guest's disks now: no restart of the agent removes them
             self.progress.enter("completed")
             self.stop_background()
             self.close_control()
@@ -315,6 +370,19 @@ class TargetMigration(QemuMigration):
         await send_line(self._control, f"ABORT {kind} {reason}")
         self.close_control()
         await self.process.kill()
+        if self.export is not None:
+            self.export.close()
+        self._remove_volumes()
         log.info("%s: incoming migration %s %s: %s", self.guest_id, self.migration_id, state, reason)
         self.progress.fail(state, reason, kind, side=side, keep_phase=True)
         self._finished(self)
+
+    def _remove_volumes(self) -> None:
+        """Delete the volumes allocated for this migration's mirror, and their markers (idempotent)."""
+        for volume in self.volumes:
+            volume.unlink(missing_ok=True)
+            mark_committed(volume)  # the marker goes with its volume
+        if self.volumes:
+            names = ", ".join(volume.name for volume in self.volumes)
+            log.info("%s: deleted the mirror's volumes %s", self.guest_id, names)
+        self.volumes = []

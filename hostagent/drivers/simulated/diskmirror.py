@@ -49,7 +49,6 @@ from hostagent.drivers.simulated.wire import (
     ProtocolError,
 )
 
-MARKER_SUFFIX = ".matrixoe-mirror"  # beside a volume a target allocated and has not committed yet
 READ_CHUNK = 1 << 20
 ZERO_CHUNK = bytes(READ_CHUNK)
 READY_PENDING_BYTES = 256 * 1024  # at most this much left to re-send: the mirror turns write-blocking
@@ -101,36 +100,6 @@ def disk_digest(path: Path) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
-
-
-def marker_of(volume: Path) -> Path:
-    """The marker file that says ``volume`` was allocated for a mirror not committed yet."""
-    return volume.with_name(f".{volume.name}{MARKER_SUFFIX}")
-
-
-def mark_allocated(volume: Path, migration_id: str) -> None:
-    """Record that ``volume`` belongs to the uncommitted migration ``migration_id`` (the marker file
-    survives a crash of the agent: ``remove_uncommitted`` deletes both at its next start)."""
-    marker_of(volume).write_text(f"{migration_id}\n")
-
-
-def mark_committed(volume: Path) -> None:
-    """The migration completed here: the volume is the guest's now, nobody removes it."""
-    marker_of(volume).unlink(missing_ok=True)
-
-
-def remove_uncommitted(pool: Path) -> list[str]:
-    """At the agent's start: delete every volume of ``pool`` still marked as allocated for a mirror (its
-    migration is unknown to this new process, so it can never complete), and its marker. Returns the
-    volume names deleted."""
-    removed = []
-    for marker in pool.glob(f".*{MARKER_SUFFIX}"):
-        volume = marker.with_name(marker.name[1 : -len(MARKER_SUFFIX)])
-        if volume.parent == pool and volume.name not in ("", ".", ".."):
-            volume.unlink(missing_ok=True)
-            removed.append(volume.name)
-        marker.unlink(missing_ok=True)
-    return removed
 
 
 class SourceMirror:

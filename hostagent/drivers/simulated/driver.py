@@ -29,13 +29,12 @@ from agentprotocol import (
     resolve_streams,
 )
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.simulated.diskmirror import mark_allocated, mark_committed, remove_uncommitted
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
 from hostagent.hostconfig import LOCAL_PREFIX
-from hostagent.resources import HostStorage, PlannedDisk
+from hostagent.resources import HostStorage, PlannedDisk, mark_allocated, mark_committed, remove_uncommitted
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")
@@ -60,7 +59,7 @@ class SimulatedDriver:
 
     async def open(self) -> None:
         """Delete the volumes a mirror allocated here and never committed (the agent was killed in the
-        middle of an incoming migration: ``diskmirror.remove_uncommitted``)."""
+        middle of an incoming migration: ``resources.remove_uncommitted``)."""
         for pool in self.storage.pools:
             if pool.kind == "local":
                 for volume in remove_uncommitted(pool.path):

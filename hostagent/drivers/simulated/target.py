@@ -33,7 +33,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, plain_connection_error
-from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, mark_committed, receive_disks
+from hostagent.drivers.simulated.diskmirror import DiskWriteFailed, disk_digest, receive_disks
 from hostagent.drivers.simulated.guest import SimulatedGuest
 from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import MIRRORED_FIELDS
@@ -72,6 +72,7 @@ from hostagent.drivers.simulated.wire import (
     token_refusal,
 )
 from hostagent.progress import Progress
+from hostagent.resources import mark_committed
 
 log = logging.getLogger("hostagent.simulated.target")
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
