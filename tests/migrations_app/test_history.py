@@ -157,9 +157,9 @@ def test_its_query_count_does_not_grow_with_the_history(
     # session, user, user and group permissions, the roles' permissions, the count, the page's rows, the
     # VSP and user choices, the user's VSPs (a row whose other end is another group's names neither that
     # VSP nor who asked)
-    with django_assert_num_queries(9):
+    with django_assert_num_queries(10):
         assert admin_client.get(HISTORY).status_code == 200
-    with django_assert_num_queries(10):  # and the chosen VSP, validated
+    with django_assert_num_queries(11):  # and the chosen VSP, validated
         assert admin_client.get(HISTORY, {"vsp": vsp1.pk, "outcome": "completed"}).status_code == 200
 
 
