@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,27 +67,53 @@ def state(connection: Any, name: str) -> tuple[str, int] | None:
     return (domains[name].state, domains[name].state_reason) if name in domains else None
 
 
+@contextmanager
+def two_hosts(root: Path) -> Iterator[LibvirtHosts]:
+    """Hosts a and b (``libvirt_hosts`` under ``root``) with the QEMU test guest's kernel and initramfs
+    in each one's /var/lib/libvirt/boot; stopped on exit."""
+    with libvirt_hosts(root, ["a", "b"]) as hosts:
+        hosts.install_boot_files(DEFAULT_IMAGES / "vmlinuz", DEFAULT_IMAGES / "initramfs.cpio.gz")
+        yield hosts
+
+
+def connections_to(rig: LibvirtHosts) -> dict[str, Any]:
+    """Connections to both daemons, as an admin's virsh or the agent on each host would hold them."""
+    return {name: open_connection(rig[name].uri) for name in ("a", "b")}
+
+
+def boot_on_a(
+    rig: LibvirtHosts, connection: Any, memory_mib: Mapping[str, int], dirty_pages_per_s: int
+) -> dict[str, str]:
+    """Define and start a memwriter domain per name of ``memory_mib`` (its memory in MiB) on host a
+    through ``connection``, with libvirt alone; return once every one passed a memory check. Their
+    UUIDs by name; AssertionError naming a guest that did not boot within 120 s."""
+    ids = {}
+    for name, memory in memory_mib.items():
+        domain = connection.defineXML(memwriter_domain_xml(name, memory, dirty_pages_per_s))
+        domain.create()
+        ids[name] = domain.UUIDString()
+    for name in memory_mib:
+        booted = wait_until(lambda name=name: rig["a"].memory_checks(name)[0] >= 1, timeout=120, interval=0.5)
+        assert booted, f"guest {name} did not boot: {rig['a'].serial(name)[-1000:]}"
+    return ids
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtHosts]:
-    with libvirt_hosts(tmp_path_factory.mktemp("libvirt"), ["a", "b"]) as hosts:
-        hosts.install_boot_files(DEFAULT_IMAGES / "vmlinuz", DEFAULT_IMAGES / "initramfs.cpio.gz")
+    with two_hosts(tmp_path_factory.mktemp("libvirt")) as hosts:
         yield hosts
 
 
 @pytest.fixture(scope="module")
 def hosts(rig: LibvirtHosts) -> dict[str, Any]:
     """Connections to both daemons, as the agent on each host would hold them."""
-    return {name: open_connection(rig[name].uri) for name in ("a", "b")}
+    return connections_to(rig)
 
 
 @pytest.fixture(scope="module")
 def guests(rig: LibvirtHosts, hosts: dict[str, Any]) -> tuple[str, ...]:
     """The test guests, defined and started on host a outside anything of ours; booted together."""
-    for name in GUESTS:
-        hosts["a"].defineXML(memwriter_domain_xml(name, MEMORY_MIB, DIRTY_PAGES_PER_S)).create()
-    for name in GUESTS:
-        booted = wait_until(lambda name=name: rig["a"].memory_checks(name)[0] >= 1, timeout=120, interval=0.5)
-        assert booted, f"guest {name} did not boot: {rig['a'].serial(name)[-1000:]}"
+    boot_on_a(rig, hosts["a"], dict.fromkeys(GUESTS, MEMORY_MIB), DIRTY_PAGES_PER_S)
     return GUESTS
 
 

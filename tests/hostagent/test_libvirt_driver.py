@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from agentprotocol import ParamsChange, ProgressSnapshot
-from devtools.libvirt_hosts import LibvirtHosts, libvirt_hosts, memwriter_domain_xml
-from hostagent.drivers.libvirt.connection import open_connection
+from devtools.libvirt_hosts import LibvirtHosts, memwriter_domain_xml
 from hostagent.drivers.libvirt.jobs import MigrationJob
 from tests.conftest import wait_until
 from tests.hostagent.conftest import AgentFactory, RunningAgent, follow, resources, start, unique
@@ -24,8 +23,11 @@ from tests.hostagent.test_libvirt_daemons import (
     MEMORY_MIB,
     MISSING,
     SLOW_MBPS,
+    boot_on_a,
+    connections_to,
     keeps_passing,
     state,
+    two_hosts,
 )
 from tests.hostagent.test_qemu_driver import assert_phases_in_order_without_going_back, copying
 from vms.agent_client import AgentRefused
@@ -42,31 +44,20 @@ def past_copy(snapshot: ProgressSnapshot) -> bool:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtHosts]:
-    from hostagent.drivers.qemu import DEFAULT_IMAGES
-
-    with libvirt_hosts(tmp_path_factory.mktemp("lvdrv"), ["a", "b"]) as hosts:
-        hosts.install_boot_files(DEFAULT_IMAGES / "vmlinuz", DEFAULT_IMAGES / "initramfs.cpio.gz")
+    with two_hosts(tmp_path_factory.mktemp("lvdrv")) as hosts:
         yield hosts
 
 
 @pytest.fixture(scope="module")
 def connections(rig: LibvirtHosts) -> dict[str, Any]:
     """The admin's own libvirt connections (virsh's), beside the agents'."""
-    return {name: open_connection(rig[name].uri) for name in ("a", "b")}
+    return connections_to(rig)
 
 
 @pytest.fixture(scope="module")
 def guests(rig: LibvirtHosts, connections: dict[str, Any]) -> dict[str, str]:
     """The test guests, defined and started on host a with libvirt alone; their UUIDs by name."""
-    ids = {}
-    for name in GUESTS:
-        domain = connections["a"].defineXML(memwriter_domain_xml(name, MEMORY_MIB, DIRTY_PAGES_PER_S))
-        domain.create()
-        ids[name] = domain.UUIDString()
-    for name in GUESTS:
-        booted = wait_until(lambda name=name: rig["a"].memory_checks(name)[0] >= 1, timeout=120, interval=0.5)
-        assert booted, f"guest {name} did not boot: {rig['a'].serial(name)[-1000:]}"
-    return ids
+    return boot_on_a(rig, connections["a"], dict.fromkeys(GUESTS, MEMORY_MIB), DIRTY_PAGES_PER_S)
 
 
 @pytest.fixture(scope="module")

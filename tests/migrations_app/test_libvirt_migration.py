@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from devtools.libvirt_hosts import LibvirtHosts, libvirt_hosts, memwriter_domain_xml
-from hostagent.drivers.libvirt.connection import open_connection
+from devtools.libvirt_hosts import LibvirtHosts
 from migrations_app.actions import do_cancel_migration, do_request_migration
 from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
@@ -31,7 +30,14 @@ from migrations_app.tasks import recover_migrations
 from tests.conftest import ManagedProcess, wait_until
 from tests.factories import make_vm
 from tests.hostagent.conftest import AgentFactory, RunningAgent
-from tests.hostagent.test_libvirt_daemons import MISSING, keeps_passing, state
+from tests.hostagent.test_libvirt_daemons import (
+    MISSING,
+    boot_on_a,
+    connections_to,
+    keeps_passing,
+    state,
+    two_hosts,
+)
 from tests.migrations_app.conftest import route_migrations_to, vsps_for, worker_on_own_queue
 from tests.migrations_app.guests import wait_for_state
 from tests.migrations_app.test_faults import heartbeat_older_than
@@ -61,31 +67,20 @@ ARRIVED = 2  # libvirt's VIR_DOMAIN_RUNNING_MIGRATED
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtHosts]:
-    from hostagent.drivers.qemu import DEFAULT_IMAGES
-
-    with libvirt_hosts(tmp_path_factory.mktemp("lvcon"), ["a", "b"]) as hosts:
-        hosts.install_boot_files(DEFAULT_IMAGES / "vmlinuz", DEFAULT_IMAGES / "initramfs.cpio.gz")
+    with two_hosts(tmp_path_factory.mktemp("lvcon")) as hosts:
         yield hosts
 
 
 @pytest.fixture(scope="module")
 def connections(rig: LibvirtHosts) -> dict[str, Any]:
     """The admin's own libvirt connections (virsh's), beside the agents'."""
-    return {name: open_connection(rig[name].uri) for name in ("a", "b")}
+    return connections_to(rig)
 
 
 @pytest.fixture(scope="module")
 def domains(rig: LibvirtHosts, connections: dict[str, Any]) -> dict[str, str]:
     """The test guests, defined and started on host a with libvirt alone; their UUIDs by name."""
-    ids = {}
-    for name in GUESTS:
-        domain = connections["a"].defineXML(memwriter_domain_xml(name, MEMORY_MIB[name], DIRTY_PAGES_PER_S))
-        domain.create()
-        ids[name] = domain.UUIDString()
-    for name in GUESTS:
-        booted = wait_until(lambda name=name: rig["a"].memory_checks(name)[0] >= 1, timeout=120, interval=0.5)
-        assert booted, f"guest {name} did not boot: {rig['a'].serial(name)[-1000:]}"
-    return ids
+    return boot_on_a(rig, connections["a"], {name: MEMORY_MIB[name] for name in GUESTS}, DIRTY_PAGES_PER_S)
 
 
 @pytest.fixture(scope="module")
