@@ -47,26 +47,15 @@ DATA = 512 * MIB
 POOL_DIR = os.environ.get("MIRROR_POOL_DIR", "/dev/shm")  # noqa: S108 - tmpfs, a directory of our own in it
 
 
-def mirror_once(
-    source: BenchAgent, target: BenchAgent, pool: Path, encryption: str, data: int = DATA
-) -> tuple[float, int, str]:
-    """Define and start a guest with a local disk of ``data`` random bytes, mirror it; (seconds to
-    ``disk_mirror_ready``, the mirror's throughput figure in bytes/s, the final state)."""
-    name = f"mirror-{encryption}-{os.getpid()}"
-    volume = f"{name}.img"
-    disk = {"device": "vda", "pool": "local", "volume": volume, "virtual_size_bytes": DISK, "create": True}
-    spec = GuestSpec.model_validate(
-        {"guest_id": guest_id_for(name), "name": name, "memory_mib": 64, "io_latency_ms": 20, "disks": [disk]}
-    )
-    source.client.define_guest(spec)
-    with open(pool / volume, "r+b") as image:
-        for _ in range(data // (16 * MIB)):
-            image.write(os.urandom(16 * MIB))
-    source.client.start_guest(spec.guest_id)
-    guest = source.client.get_guest(spec.guest_id)
+def start_mirror(
+    source: BenchAgent, target: BenchAgent, spec: GuestSpec, guest_disks: list, name: str, encryption: str
+) -> tuple[str, float]:
+    """Prepare ``target`` for ``spec`` with the source's ``guest_disks`` (its ``GuestInfo.disks``: the
+    existing volumes, mirrored) and start the source; (the migration id, when the start was asked:
+    ``time.perf_counter()`` s)."""
     disks = [
         DiskSpec.model_validate({**d.model_dump(exclude={"allocated_bytes", "backing"}), "create": False})
-        for d in guest.disks
+        for d in guest_disks
     ]
     migration_id = f"m-{name}"
     prepared = target.client.prepare_incoming(
@@ -88,6 +77,27 @@ def mirror_once(
             local_disks="mirror",
         )
     )
+    return migration_id, started
+
+
+def mirror_once(
+    source: BenchAgent, target: BenchAgent, pool: Path, encryption: str, data: int = DATA
+) -> tuple[float, int, str]:
+    """Define and start a guest with a local disk of ``data`` random bytes, mirror it; (seconds to
+    ``disk_mirror_ready``, the mirror's throughput figure in bytes/s, the final state)."""
+    name = f"mirror-{encryption}-{os.getpid()}"
+    volume = f"{name}.img"
+    disk = {"device": "vda", "pool": "local", "volume": volume, "virtual_size_bytes": DISK, "create": True}
+    spec = GuestSpec.model_validate(
+        {"guest_id": guest_id_for(name), "name": name, "memory_mib": 64, "io_latency_ms": 20, "disks": [disk]}
+    )
+    source.client.define_guest(spec)
+    with open(pool / volume, "r+b") as image:
+        for _ in range(data // (16 * MIB)):
+            image.write(os.urandom(16 * MIB))
+    source.client.start_guest(spec.guest_id)
+    guest = source.client.get_guest(spec.guest_id)
+    migration_id, started = start_mirror(source, target, spec, guest.disks, name, encryption)
     ready_at, figure = None, 0
     for snapshot in source.client.iter_progress(migration_id):
         if snapshot.disk_mirror_ready and ready_at is None:
@@ -120,30 +130,7 @@ def qemu_mirror_once(
         {"guest_id": guest_id_for(name), "name": name, "memory_mib": 128, "disks": [disk], "running": True}
     )
     guest = source.client.define_guest(spec)
-    disks = [
-        DiskSpec.model_validate({**d.model_dump(exclude={"allocated_bytes", "backing"}), "create": False})
-        for d in guest.disks
-    ]
-    migration_id = f"m-{name}"
-    prepared = target.client.prepare_incoming(
-        IncomingRequest(
-            migration_id=migration_id,
-            guest=spec.model_copy(update={"disks": disks, "running": False}),
-            encryption=encryption,  # type: ignore[arg-type]
-            local_disks="mirror",
-        )
-    )
-    started = time.perf_counter()
-    source.client.start_outgoing(
-        OutgoingRequest(
-            migration_id=migration_id,
-            guest=spec.guest_id,
-            target=prepared.endpoint(),
-            params=MigrationParams(),
-            encryption=encryption,  # type: ignore[arg-type]
-            local_disks="mirror",
-        )
-    )
+    migration_id, started = start_mirror(source, target, spec, guest.disks, name, encryption)
     copy_at = ready_at = None
     figure = 0
     for snapshot in source.client.iter_progress(migration_id):

@@ -5,6 +5,7 @@ networks (``hostagent.hostconfig``), before anything is created; and the pre-che
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from agentprotocol import GuestSpec, HostResources, Network, StoragePool, Volume
 from agentprotocol.storage import DiskSpec
 from hostagent.driver import Conflict, InvalidRequest
 from hostagent.hostconfig import LOCAL_PREFIX, NetworkConfig, PoolConfig
+
+log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".matrixoe-mirror"  # beside a volume a target allocated and has not committed yet
 
@@ -271,4 +274,20 @@ def remove_uncommitted(pool: Path) -> list[str]:
             volume.unlink(missing_ok=True)
             removed.append(volume.name)
         marker.unlink(missing_ok=True)
+    return removed
+
+
+def remove_uncommitted_volumes(pools: Iterable[PoolConfig]) -> list[tuple[str, str]]:
+    """``remove_uncommitted`` over every local pool of ``pools``, each deletion logged as a warning;
+    the (pool name, volume name) pairs deleted. For a driver's start, after it re-adopted its guests."""
+    removed = []
+    for pool in pools:
+        if pool.kind == "local":
+            for volume in remove_uncommitted(pool.path):
+                log.warning(
+                    "removed volume %s of pool %s: allocated for a migration never completed",
+                    volume,
+                    pool.name,
+                )
+                removed.append((pool.name, volume))
     return removed

@@ -111,7 +111,7 @@ from hostagent.resources import (
     allocated_bytes,
     mark_allocated,
     mark_committed,
-    remove_uncommitted,
+    remove_uncommitted_volumes,
 )
 
 log = logging.getLogger(__name__)
@@ -342,14 +342,7 @@ class QemuDriver:
         """Delete the volumes a mirror allocated here for a migration that never completed (the agent
         died in the middle of it; ``resources.remove_uncommitted``): after re-adoption, which quit the
         incoming QEMU that had them open."""
-        for pool in self.storage.pools:
-            if pool.kind == "local":
-                for volume in remove_uncommitted(pool.path):
-                    log.warning(
-                        "removed volume %s of pool %s: allocated for a migration never completed",
-                        volume,
-                        pool.name,
-                    )
+        remove_uncommitted_volumes(self.storage.pools)
 
     async def close(self) -> None:
         for guest in list(self._guests.values()) + list(self._replaced.values()):

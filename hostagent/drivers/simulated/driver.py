@@ -34,7 +34,13 @@ from hostagent.drivers.simulated.memory import PAGE_SIZE
 from hostagent.drivers.simulated.source import SourceMigration
 from hostagent.drivers.simulated.target import TargetMigration
 from hostagent.hostconfig import LOCAL_PREFIX
-from hostagent.resources import HostStorage, PlannedDisk, mark_allocated, mark_committed, remove_uncommitted
+from hostagent.resources import (
+    HostStorage,
+    PlannedDisk,
+    mark_allocated,
+    mark_committed,
+    remove_uncommitted_volumes,
+)
 from hostagent.tls import TlsSettings
 
 log = logging.getLogger("hostagent.simulated")
@@ -60,14 +66,7 @@ class SimulatedDriver:
     async def open(self) -> None:
         """Delete the volumes a mirror allocated here and never committed (the agent was killed in the
         middle of an incoming migration: ``resources.remove_uncommitted``)."""
-        for pool in self.storage.pools:
-            if pool.kind == "local":
-                for volume in remove_uncommitted(pool.path):
-                    log.warning(
-                        "removed volume %s of pool %s: allocated for a migration never completed",
-                        volume,
-                        pool.name,
-                    )
+        remove_uncommitted_volumes(self.storage.pools)
 
     async def close(self) -> None:
         for guest in list(self.guests.values()):
