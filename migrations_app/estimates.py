@@ -117,12 +117,12 @@ def round_cost(source: VSP, target: VSP) -> RoundCost | None:
     """
     from .samples import dirty_rounds
 
-    rows = (
+    rows = uncapped(
         Migration.objects.filter(source=source, target=target, state=Migration.State.COMPLETED)
         .order_by("-state_changed_at")
-        .values_list("round_samples", flat=True)[:LINK_HISTORY]
+        .values_list("round_samples", "policy")
     )
-    fits = [forecast.dirty_round_cost(dirty_rounds(samples or [], running=False)) for samples in rows]
+    fits = [forecast.dirty_round_cost(dirty_rounds(samples or [], running=False)) for samples, _ in rows]
     fitted = [fit for fit in fits if fit is not None]
     if not fitted:
         return None
@@ -131,6 +131,20 @@ def round_cost(source: VSP, target: VSP) -> RoundCost | None:
     rate = sum(weight * fit[0] for weight, fit in zip(weights, fitted, strict=True)) / total
     overhead = sum(weight * fit[1] for weight, fit in zip(weights, fitted, strict=True)) / total
     return RoundCost(rate, overhead, len(fitted))
+
+
+def uncapped(rows: Any) -> list[tuple[Any, ...]]:
+    """The first ``LINK_HISTORY`` of ``rows`` (value tuples whose last item is the migration's kept
+    ``policy``) that ran without a bandwidth cap of their own: a capped migration measured its cap, not
+    the link (a 5 MB/s cap once made the dialog call a 200 MB/s link 6 MB/s). The site's cap, which
+    every migration of the pair carries, still counts as the link. Reads at most 4 x ``LINK_HISTORY``."""
+    kept = []
+    for row in rows[: 4 * LINK_HISTORY]:
+        if not (row[-1] or {}).get("bandwidth_cap_mb_s"):
+            kept.append(row)
+            if len(kept) == LINK_HISTORY:
+                break
+    return kept
 
 
 def age_words(at: datetime) -> str:
@@ -147,12 +161,12 @@ def age_words(at: datetime) -> str:
 
 def link_rate(source: VSP, target: VSP) -> LinkRate | None:
     """The pair's link rate from its completed migrations (newest weighted most), or None without any."""
-    rows = list(
+    rows = uncapped(
         Migration.objects.filter(
             source=source, target=target, state=Migration.State.COMPLETED, throughput_bytes_s__gt=0
         )
         .order_by("-state_changed_at")
-        .values_list("throughput_bytes_s", "state_changed_at")[:LINK_HISTORY]
+        .values_list("throughput_bytes_s", "state_changed_at", "policy")
     )
     if not rows:
         return None

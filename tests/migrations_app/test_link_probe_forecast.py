@@ -154,3 +154,29 @@ def test_the_links_of_every_pair_are_measured_before_anyone_opens_the_dialog(
     cells = forecast_cells(migration_admin_client, idle)
     assert "not known yet" not in cells["hostb"] and "not known yet" not in cells["hostc"], cells
     assert "in a probe" in cells["hostc"], cells["hostc"]
+
+
+def test_a_migration_under_a_bandwidth_cap_of_its_own_is_not_taken_for_the_link_rate():
+    """QA: one migration capped at 5 MB/s made the dialog say the pair's link "carried 6.0 MB/s on its
+    last migration" (it carries ~150 MB/s), and the evacuation and return plans' times followed. A
+    capped migration measured its cap: the link rate and the dirty rounds' cost skip it."""
+    from migrations_app import migration_policy
+    from tests.factories import make_vm, make_vsp
+
+    source, target = make_vsp("capa"), make_vsp("capb")
+    vm = make_vm("capped01", source)
+    uncapped = migration_policy.effective({})
+    capped = {**uncapped, "preset": "custom", "bandwidth_cap_mb_s": 5}
+    now = timezone.now()
+    for minutes_ago, throughput, policy in ((30, 150e6, uncapped), (1, 6e6, capped)):
+        make_migration(
+            vm, source, target, state=Migration.State.COMPLETED, throughput_bytes_s=throughput, policy=policy,
+            state_changed_at=now - timedelta(minutes=minutes_ago),
+        )  # fmt: skip
+
+    link = estimates.link_rate(source, target)
+    assert link is not None and link.rate_bytes_s == pytest.approx(150e6) and link.migrations == 1
+    assert "30 min ago" in link.words()
+
+    Migration.objects.filter(throughput_bytes_s=150e6).delete()
+    assert estimates.link_rate(source, target) is None  # only a capped one: no history of the link
