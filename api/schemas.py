@@ -15,7 +15,7 @@ from pydantic import ConfigDict, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from migrations_app import migration_policy
-from migrations_app.access import hide_unseen, hide_unseen_events
+from migrations_app.access import HIDDEN_VSP_NAME, hide_unseen, hide_unseen_events
 from migrations_app.downtime import allowed_for, downtime_excess
 from migrations_app.limits import phase_limits_of
 from migrations_app.models import Migration, MigrationEvent
@@ -172,9 +172,9 @@ class MigrationOut(Schema):
     vm: str  # the VM's name when it was requested, if the VM was deleted since
     vm_id: int | None  # None once the VM was deleted
     source: str | None  # None for a refused attempt of a VM that was runnable nowhere
-    source_id: int | None
+    source_id: int | None  # also None where the caller may not see that VSP (another host group's)
     target: str
-    target_id: int
+    target_id: int | None  # None where the caller may not see that VSP (another host group's)
     state: Choice
     active: bool
     requested_by: str | None
@@ -467,6 +467,12 @@ def migration_detail_out(
     return MigrationDetailOut(**_migration_fields(shown), events=[event_out(event) for event in events])
 
 
+def _seen_vsp_id(vsp: VSP | None) -> int | None:
+    """``vsp``'s id, or None for no VSP or the stand-in of one the caller may not see
+    (``access.hide_unseen``): its id would name it as surely as its name."""
+    return None if vsp is None or vsp.name == HIDDEN_VSP_NAME else vsp.pk
+
+
 def _migration_fields(migration: Migration) -> dict:
     return {
         "id": migration.pk,
@@ -474,9 +480,9 @@ def _migration_fields(migration: Migration) -> dict:
         "vm": migration.vm.name if migration.vm is not None else migration.vm_name,
         "vm_id": migration.vm_id,
         "source": migration.source.name if migration.source is not None else None,
-        "source_id": migration.source_id,
+        "source_id": _seen_vsp_id(migration.source),
         "target": migration.target.name,
-        "target_id": migration.target_id,
+        "target_id": _seen_vsp_id(migration.target),
         "state": choice(migration.state, migration.get_state_display()),
         "active": migration.is_active,
         "requested_by": migration.requested_by.get_username() if migration.requested_by else None,

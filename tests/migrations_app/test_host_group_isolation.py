@@ -209,6 +209,11 @@ def test_a_migration_to_another_group_names_neither_its_host_nor_who_acted_anywh
     audit = page.get("/audit/").content.decode()
 
     assert [event["actor"] for event in detail["events"]] == [None] * 5
+    # QA: the other end's name was hidden but its id was not (an id names a VSP as surely)
+    assert (detail["target"], detail["target_id"]) == ("a VSP of another host group", None)
+    assert [(item["target"], item["target_id"]) for item in listed if item["id"] == migration.pk] == [
+        ("a VSP of another host group", None)
+    ]
     assert [event["message"] for event in detail["events"]] == [
         "Migration of lab01 from vsp-l1 to a VSP of another host group requested",
         "Init: vsp-l1 and the target host connect",
