@@ -50,18 +50,23 @@ BADGE_TONES = {
 
 
 @register.simple_tag
-def badge(value: str, label: str, field: str = "") -> str:
-    """A status badge: ``value`` picks its colour, ``label`` is shown escaped, ``field`` names it."""
-    tone = BADGE_TONES.get(str(value), "muted")
+def badge(value: str, label: str, field: str = "", stale: str = "") -> str:
+    """A status badge: ``value`` picks its colour, ``label`` is shown escaped, ``field`` names it.
+
+    ``stale``: why the status is only as last reported (``unreachable_note``): the badge is then grey,
+    never the green of a status known now, with ``stale`` as its title and ``data-stale``."""
+    tone = "muted" if stale else BADGE_TONES.get(str(value), "muted")
+    extra = format_html(' title="{}" data-stale="true"', stale) if stale else ""
     if field:
         return format_html(
-            '<span class="badge badge-{}" data-field="{}" data-value="{}">{}</span>',
+            '<span class="badge badge-{}" data-field="{}" data-value="{}"{}>{}</span>',
             tone,
             field,
             value,
+            extra,
             label,
         )
-    return format_html('<span class="badge badge-{}" data-value="{}">{}</span>', tone, value, label)
+    return format_html('<span class="badge badge-{}" data-value="{}"{}>{}</span>', tone, value, extra, label)
 
 
 @register.filter
