@@ -237,6 +237,8 @@ def test_a_web_process_killed_under_watching_pages_loses_none_of_them(cluster, b
     print(f"\n{moved} of {WATCHERS} sockets back on a live web process {reconnect_s:.1f} s after the kill -9")
     for context in {page.context for page in pages}:
         context.close()
+    # The next test counts sockets opened from the number open now: wait for all of these to be gone.
+    assert wait_until(lambda: sum(cluster.watchers().values()) == 0, 60), cluster.watchers()
 
 
 def test_a_redis_master_stopped_under_migrations_fails_over_and_loses_nothing(cluster, browser):
