@@ -80,6 +80,30 @@ def start_mirror(
     return migration_id, started
 
 
+def follow_to_the_end(
+    source: BenchAgent, target: BenchAgent, migration_id: str
+) -> tuple[float | None, float, int, str]:
+    """Follow the source until Copy converged, then quiesce, freeze and (when ready) switch over;
+    (when Copy began or None, when every mirror was ready or else the end: ``time.perf_counter()`` s,
+    the mirror's throughput figure then in bytes/s, the state the freeze ended in)."""
+    copy_at = ready_at = None
+    figure = 0
+    for snapshot in source.client.iter_progress(migration_id):
+        if snapshot.state == "copy" and copy_at is None:
+            copy_at = time.perf_counter()
+        if snapshot.disk_mirror_ready and ready_at is None:
+            ready_at = time.perf_counter()
+            figure = snapshot.disk_throughput_bytes_s
+        if snapshot.converged or snapshot.state not in ("init", "copy"):
+            break
+    source.client.quiesce(migration_id)
+    ended = source.client.freeze(migration_id)
+    if ended.state == "ready":
+        target.client.resume(migration_id)
+        source.client.release(migration_id)
+    return copy_at, ready_at or time.perf_counter(), figure, ended.state
+
+
 def mirror_once(
     source: BenchAgent, target: BenchAgent, pool: Path, encryption: str, data: int = DATA
 ) -> tuple[float, int, str]:
@@ -98,19 +122,8 @@ def mirror_once(
     source.client.start_guest(spec.guest_id)
     guest = source.client.get_guest(spec.guest_id)
     migration_id, started = start_mirror(source, target, spec, guest.disks, name, encryption)
-    ready_at, figure = None, 0
-    for snapshot in source.client.iter_progress(migration_id):
-        if snapshot.disk_mirror_ready and ready_at is None:
-            ready_at = time.perf_counter()
-            figure = snapshot.disk_throughput_bytes_s
-        if snapshot.converged or snapshot.state not in ("init", "copy"):
-            break
-    source.client.quiesce(migration_id)
-    ended = source.client.freeze(migration_id)
-    if ended.state == "ready":
-        target.client.resume(migration_id)
-        source.client.release(migration_id)
-    return (ready_at or time.perf_counter()) - started, figure, ended.state
+    _, ready_at, figure, state = follow_to_the_end(source, target, migration_id)
+    return ready_at - started, figure, state
 
 
 def qemu_mirror_once(
@@ -131,23 +144,8 @@ def qemu_mirror_once(
     )
     guest = source.client.define_guest(spec)
     migration_id, started = start_mirror(source, target, spec, guest.disks, name, encryption)
-    copy_at = ready_at = None
-    figure = 0
-    for snapshot in source.client.iter_progress(migration_id):
-        if snapshot.state == "copy" and copy_at is None:
-            copy_at = time.perf_counter()
-        if snapshot.disk_mirror_ready and ready_at is None:
-            ready_at = time.perf_counter()
-            figure = snapshot.disk_throughput_bytes_s
-        if snapshot.converged or snapshot.state not in ("init", "copy"):
-            break
-    source.client.quiesce(migration_id)
-    ended = source.client.freeze(migration_id)
-    if ended.state == "ready":
-        target.client.resume(migration_id)
-        source.client.release(migration_id)
-    ready_at = ready_at or time.perf_counter()
-    return ready_at - started, ready_at - (copy_at or started), figure, ended.state
+    copy_at, ready_at, figure, state = follow_to_the_end(source, target, migration_id)
+    return ready_at - started, ready_at - (copy_at or started), figure, state
 
 
 def qemu_missing() -> str | None:

@@ -103,6 +103,18 @@ def vsps_for(agents: dict[str, RunningAgent]) -> dict[str, Any]:
     }
 
 
+def collected_vsps_for(agents: dict[str, RunningAgent]) -> dict[str, Any]:
+    """``vsps_for(agents)``, each collected once by the inventory (its pools, networks and guests read
+    from its agent, as an admin's first Refresh Data does) and read back."""
+    from vms.inventory import collect_vsp
+
+    vsps = vsps_for(agents)
+    for vsp in vsps.values():
+        assert collect_vsp(vsp.pk)
+        vsp.refresh_from_db()
+    return vsps
+
+
 @pytest.fixture
 def fleet(host_agents):
     return vsps_for(host_agents)

@@ -22,9 +22,9 @@ from django.urls import reverse
 
 from hostagent.drivers.simulated.guest import DISK_BLOCK, DISK_STAMP
 from migrations_app.actions import do_cancel_migration, do_request_migration
-from tests.factories import make_user, make_vsp
+from tests.factories import make_user
 from tests.hostagent.conftest import AgentFactory
-from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.conftest import MIGRATOR, collected_vsps_for
 from tests.migrations_app.guests import runs_on, wait_for_state
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
 from vms.inventory import collect_vsp
@@ -56,16 +56,7 @@ def local_agents(tmp_path_factory):
 @pytest.fixture
 def local_hosts(local_agents):
     agents, pools = local_agents
-    vsps = {
-        name: make_vsp(
-            name, agent_url=a.url, agent_secret=a.secret, agent_certificate=a.trust, memory_mib=4096
-        )
-        for name, a in agents.items()
-    }
-    for vsp in vsps.values():
-        assert collect_vsp(vsp.pk)
-        vsp.refresh_from_db()
-    return agents, vsps, pools
+    return agents, collected_vsps_for(agents), pools
 
 
 def guest_with_local_disk(vsps, pools, image: bytes):

@@ -8,9 +8,9 @@ import pytest
 
 from migrations_app.actions import do_request_migration
 from migrations_app.checks import check_targets
-from tests.factories import make_user, make_vsp
+from tests.factories import make_user
 from tests.hostagent.conftest import AgentFactory
-from tests.migrations_app.conftest import MIGRATOR
+from tests.migrations_app.conftest import MIGRATOR, collected_vsps_for
 from tests.migrations_app.guests import runs_on, wait_for_state
 from tests.vms.test_storage_inventory import agent_has_pools
 from vms.define import Definition, DiskRequest, NicRequest, do_define_vm
@@ -36,16 +36,7 @@ def shared_hosts(tmp_path):
     network = ("--network", "prod-net:simulated")
     agents = {"hosta": factory("hosta", *shared, *network), "hostb": factory("hostb", *shared, *network)}
     agents["hostc"] = factory("hostc", *network)
-    vsps = {
-        name: make_vsp(
-            name, agent_url=a.url, agent_secret=a.secret, agent_certificate=a.trust, memory_mib=4096
-        )
-        for name, a in agents.items()
-    }
-    for vsp in vsps.values():
-        assert collect_vsp(vsp.pk)
-        vsp.refresh_from_db()
-    yield agents, vsps
+    yield agents, collected_vsps_for(agents)
     factory.stop_all()
 
 
