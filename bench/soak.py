@@ -7,8 +7,12 @@ the data plane). Run ``i`` uses seed ``SEED + i``; the seed alone decides everyt
 
     make soak RUNS=20 SEED=1        # or: .venv/bin/python bench/soak.py --runs 20 --seed 1 [--keep-logs]
 
-Every guest has a disk on a pool all the agents share (issue 19), and the invariants include "no image
-is written by two running guests at once", sampled while each run lasts and checked after it.
+Every guest has a disk: on a pool all the agents share (issue 19), or, for most seeds of the kinds
+``soak_run.MIRROR_KINDS``, on a local pool of its source, so that its migration mirrors it and the fault
+strikes during the mirror (issue 20). The invariants include "no image is written by two running
+guests at once", sampled while each run lasts and checked after it, and the disk checks of issue 20
+(``soak_checks``: after an abort the source's disk as before the attempt and no volume of it left on
+the target; after a completion the target's disk equal to the source's at the freeze).
 
 Prints one line per run, a table per fault kind and phase (runs, completed, aborted, cancelled, host
 crashes, invariant violations with their seeds), how often the agents' writers were sampled, then
@@ -32,7 +36,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from soak_stack import SOAK_POOL, Stack  # noqa: E402
+from soak_stack import LOCAL_POOL, LOCAL_POOL_MIB, SOAK_POOL, Stack  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,15 +82,24 @@ def main() -> int:
         django.setup()
         from soak_run import DISK_BYTES, run_once
 
+        from vms.models import VSP
+
         admin, web = set_up_console(stack)
+        mirrors = stack.mirrors = all(VSP.objects.values_list("agent_mirrors_local_disks", flat=True))
+        kind = f"a tmpfs of {LOCAL_POOL_MIB} MiB" if stack.local_pools_limited else "a plain directory"
+        local = (
+            f"or on its source's local pool {LOCAL_POOL} ({kind}), mirrored"
+            if mirrors
+            else "(the agents do not mirror local disks: no local disks)"
+        )
         print(
             f"soak: {args.runs} runs from seed {args.seed} ({args.driver} driver, each guest with a "
-            f"{DISK_BYTES >> 20} MiB disk on shared pool {SOAK_POOL}); logs in {work_dir}",
+            f"{DISK_BYTES >> 20} MiB disk on shared pool {SOAK_POOL} {local}); logs in {work_dir}",
             flush=True,
         )
         stop_at = time.monotonic() + args.max_minutes * 60 if args.max_minutes else None
         signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
-        seeds = run_seeds(args.seed, args.runs, args.only, args.driver)
+        seeds = run_seeds(args.seed, args.runs, args.only, args.driver, mirrors)
         for index, seed in enumerate(seeds):
             if stopping or (stop_at and time.monotonic() > stop_at):
                 print(f"soak: stopping early ({stopping[0] if stopping else 'time budget'})", flush=True)
@@ -100,6 +113,7 @@ def main() -> int:
     violations = sum(1 for result in results if result.violations) + (1 if orphans else 0)
     print_table(results)
     print_writer_samples(results)
+    print_disk_checks(results)
     for pid, line in orphans.items():
         print(f"! orphan QEMU process {pid} left after the stack stopped (killed now): {line[:160]}")
     if violations or args.keep_logs:
@@ -110,31 +124,34 @@ def main() -> int:
     return 1 if violations else 0
 
 
-def run_seeds(first: int, runs: int, only: str, driver: str) -> list[int]:
-    """``runs`` seeds from ``first`` upwards; with ``only``, just those whose fault kind it names.
+def run_seeds(first: int, runs: int, only: str, driver: str, mirrors: bool | None = None) -> list[int]:
+    """``runs`` seeds from ``first`` upwards; with ``only``, just those whose fault kind it names
+    (``mirrors``: whether the agents mirror local disks, as ``Scenario.from_seed`` takes it; None: the
+    driver's own).
 
     Raises SystemExit naming the known kinds if ``only`` names one the driver does not have.
     """
-    from soak_run import FAULT_KINDS, QEMU_FAULT_KINDS, Scenario
+    from soak_run import FAULT_KINDS, QEMU_FAULT_KINDS, QEMU_MIRROR_FAULT_KINDS, Scenario
 
     if not only:
         return list(range(first, first + runs))
     kinds = {kind.strip() for kind in only.split(",") if kind.strip()}
-    known = QEMU_FAULT_KINDS if driver == "qemu" else FAULT_KINDS
+    known = (QEMU_MIRROR_FAULT_KINDS if mirrors else QEMU_FAULT_KINDS) if driver == "qemu" else FAULT_KINDS
     if not kinds or kinds - set(known):
         raise SystemExit(f"soak: --only takes fault kinds of the {driver} driver: {', '.join(known)}")
     seeds: list[int] = []
     seed = first
     while len(seeds) < runs:
-        if Scenario.from_seed(seed, driver).kind in kinds:
+        if Scenario.from_seed(seed, driver, mirrors).kind in kinds:
             seeds.append(seed)
         seed += 1
     return seeds
 
 
 def set_up_console(stack: Stack):
-    """A VSP per agent with its pools known (the shared one: the migrations' pre-checks need them), an
-    admin, and an HTTP session of that admin on the web server.
+    """A VSP per agent with its pools known (the shared one: the migrations' pre-checks need them) and
+    what its agent can do (its driver, whether it mirrors local disks: a local disk's pre-checks need
+    it), an admin, and an HTTP session of that admin on the web server.
 
     QEMU: every pair's data-plane encryption policy off (QEMU's own stream cannot do the console's TLS).
     Raises SystemExit if an agent does not report its pools.
@@ -142,7 +159,7 @@ def set_up_console(stack: Stack):
     import httpx
     from django.contrib.auth.models import User
 
-    from vms.inventory import refresh_resources
+    from vms.inventory import learn_abilities, refresh_resources
     from vms.models import VSP, PairEncryption
 
     for name in stack.agent_names:
@@ -157,6 +174,8 @@ def set_up_console(stack: Stack):
         )
         if not refresh_resources(vsp):
             raise SystemExit(f"soak: the agent of {name} did not report its storage pools")
+        if not learn_abilities(vsp):
+            raise SystemExit(f"soak: the agent of {name} did not say what it can do")
     if stack.driver == "qemu":
         hosts = list(VSP.objects.order_by("pk"))
         for index, first in enumerate(hosts):
@@ -183,8 +202,9 @@ def print_run(index: int, result) -> None:
     verdict = "OK" if not result.violations else f"{len(result.violations)} VIOLATION(S)"
     crash = " (host crash)" if result.host_crash else ""
     print(
-        f"[{index + 1:3}] seed {scenario.seed:<8} {scenario.kind:<13} aimed {scenario.phase:<12} "
-        f"hit {result.hit_phase:<12} -> {result.outcome}{crash} in {result.seconds:.1f} s: {verdict}",
+        f"[{index + 1:3}] seed {scenario.seed:<8} {scenario.kind:<13} {scenario.disk:<6} "
+        f"aimed {scenario.moment():<18} hit {result.hit_phase:<12} -> {result.outcome}{crash} "
+        f"in {result.seconds:.1f} s: {verdict}",
         flush=True,
     )
     for note in result.notes:
@@ -196,21 +216,23 @@ def print_run(index: int, result) -> None:
 
 
 def print_table(results) -> None:
-    rows: dict[tuple[str, str], dict] = defaultdict(lambda: defaultdict(int) | {"seeds": []})
+    rows: dict[tuple[str, str, str], dict] = defaultdict(lambda: defaultdict(int) | {"seeds": []})
     for result in results:
-        row = rows[(result.scenario.kind, result.hit_phase)]
+        row = rows[(result.scenario.disk, result.scenario.kind, result.hit_phase)]
         row["runs"] += 1
-        row[result.outcome if result.outcome in ("completed", "aborted", "cancelled") else "stuck"] += 1
+        ended = result.outcome
+        row[ended if ended in ("completed", "aborted", "cancelled", "skipped") else "stuck"] += 1
         row["host crash"] += result.host_crash
         if result.violations:
             row["violations"] += 1
             row["seeds"].append(str(result.scenario.seed))
-    header = f"{'fault':<14}{'phase hit':<14}{'runs':>5}{'done':>6}{'abort':>6}{'cancel':>7}{'stuck':>6}"
-    print("\n" + header + f"{'crash':>6}{'viol.':>6}  seeds of violating runs")
-    for (kind, phase), row in sorted(rows.items()):
+    header = f"{'disk':<7}{'fault':<14}{'phase hit':<14}{'runs':>5}{'done':>6}{'abort':>6}{'cancel':>7}"
+    print("\n" + header + f"{'stuck':>6}{'skip':>5}{'crash':>6}{'viol.':>6}  seeds of violating runs")
+    for (disk, kind, phase), row in sorted(rows.items()):
         print(
-            f"{kind:<14}{phase:<14}{row['runs']:>5}{row['completed']:>6}{row['aborted']:>6}{row['cancelled']:>7}"
-            f"{row['stuck']:>6}{row['host crash']:>6}{row['violations']:>6}  {' '.join(row['seeds'])}"
+            f"{disk:<7}{kind:<14}{phase:<14}{row['runs']:>5}{row['completed']:>6}{row['aborted']:>6}"
+            f"{row['cancelled']:>7}{row['stuck']:>6}{row['skipped']:>5}{row['host crash']:>6}"
+            f"{row['violations']:>6}  {' '.join(row['seeds'])}"
         )
 
 
@@ -223,6 +245,20 @@ def print_writer_samples(results) -> None:
         f"single writer: the guest recorded writing its disk before its migration in {written} of "
         f"{len(results)} runs; every agent's writers sampled {samples} times while the runs lasted, "
         f"{seen} of them with the run's disk written by a running guest"
+    )
+
+
+def print_disk_checks(results) -> None:
+    """What issue 20's disk checks had to check: local runs by outcome, and every run's disk checked."""
+    local = [result for result in results if result.scenario.local and result.disk_checked]
+    kept = sum(1 for result in local if result.outcome in ("aborted", "cancelled"))
+    done = sum(1 for result in local if result.outcome == "completed")
+    checked = sum(1 for result in results if result.disk_checked)
+    print(
+        f"disks: {checked} of {len(results)} runs' disks checked after the outcome; {len(local)} mirrored "
+        f"from a local pool: {kept} aborted or cancelled (the source's disk as before the attempt, no "
+        f"volume of it left on the target), {done} completed (the target's disk at the freeze equal to "
+        f"the source's)"
     )
 
 

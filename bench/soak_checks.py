@@ -14,11 +14,39 @@ guests at once, from the agents' own records (``GET /v1/resources``, ``VolumeWri
 process holding QEMU's write lock on the image, read from the kernel; for a simulated guest the
 descriptor it holds open for writing). ``WriterWatch`` samples it throughout a run; ``check_invariants``
 once more after it.
+
+Issue 20's invariants, a guest's disk through its migration (``RunDisk``): most runs' guests have their
+disk on a local pool of the source, so their migration mirrors it to a volume the target allocates,
+and their fault strikes while the mirror copies or once it is ready, before the switchover.
+
+- After an abort or a cancel, **no volume of the attempt is left on the target** (``check_no_volume_left``,
+  in ``check_invariants``: retried while recovery and a killed agent's restart clean up).
+- After an abort or a cancel, **the source's disk is as before the attempt** (``check_kept_disk``). A
+  simulated guest writes its disk all along (a stamped 4 KiB block per I/O request: its seed and the
+  request's number, at a place given by the number), and it goes on writing on its source after the
+  abort, so the digest of the source's volume cannot be compared with one taken before the attempt as
+  it is. The check is the exact version of it: the guest is powered off (its disk then holds still),
+  and the volume must equal the image the harness wrote before the guest first ran with the guest's
+  own requests 1..N written over it in order, N the highest request found, and N must be the number of
+  requests the guest's agent says it completed (when it answers: a killed simulated source took its
+  guest with it). Any byte the attempt wrote into the source's volume, or any write of the guest lost,
+  breaks that equality; take the guest's writes since the attempt began out of the volume and its
+  digest is the one before the attempt. A QEMU test guest never writes its disk: there, it is the very
+  digest before the attempt.
+- After a completion, **the target's disk at the freeze equals the source's at the freeze**
+  (``check_completed_disk``): a hard link to the source's volume (the witness), made before the
+  request, keeps the source's disk as its guest left it at the freeze after its agent deletes the
+  volume; the target's volume, with the writes its guest made after it resumed taken out (put back to
+  the witness's blocks), must equal it byte for byte; and both must hold only the guest's own writes.
+- The same content check runs for the shared pool's runs (``check_kept_disk`` on the one volume both
+  hosts use): whatever the outcome, the disk holds its guest's writes and nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import os
 import re
 import threading
 import time
@@ -26,6 +54,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -34,6 +63,7 @@ from django.db.models import Count, Q
 from agentprotocol import GuestInfo, HostResources
 from evacuations.models import Evacuation
 from evacuations.summary import said_not_running, summarize
+from hostagent.drivers.simulated.guest import DISK_BLOCK, DISK_STAMP
 from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
@@ -50,7 +80,12 @@ NOT_RUNNABLE = Registration.HardwareStatus.NOT_RUNNABLE
 
 
 def check_invariants(
-    stack: Stack, scenario: Scenario, migration: Migration, web: httpx.Client, host_crash: bool
+    stack: Stack,
+    scenario: Scenario,
+    migration: Migration,
+    web: httpx.Client,
+    host_crash: bool,
+    disk: RunDisk | None = None,
 ) -> list[str]:
     deadline = time.monotonic() + SETTLE_S
     while True:
@@ -65,6 +100,7 @@ def check_invariants(
             *check_running_not_stays_or_lost(stack, migration),
             *check_unreported_not_up(stack, migration),
             *check_single_writer(stack),
+            *check_no_volume_left(stack, scenario, migration, disk),
         ]
         # What an earlier run left broken (a leaked guest on an agent) is reported with that run only.
         broken = [problem for problem in broken if problem not in stack.reported]
@@ -515,3 +551,228 @@ class WriterWatch:
                 self._stop.wait(WRITER_SAMPLE_S)
         finally:
             close_all(clients)
+
+
+# -- issue 20: a guest's disk through a migration (the mirror of local disks, and the shared pool) -----
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RunDisk:
+    """What the disk checks need of a run's guest disk (``soak_run.create_guest``).
+
+    ``volume``: its file name; ``local``: on the source's local pool (its migration mirrors it to a new
+    volume the target allocates in its own local pool) or else on the shared pool; ``source_pool`` and
+    ``target_pool``: the pools' directories on this machine (the same for the shared pool);
+    ``witness``: a hard link to the source's volume the harness made before the migration was requested
+    (local only): the same file, so it holds the source's disk as its guest left it, even once the
+    source's agent deleted the volume after a completion; ``size``: its virtual size (bytes);
+    ``prefill``: the bytes the harness wrote at ``prefill_at`` before the guest first ran (an image's
+    data, so the mirror has something to copy); ``guest_seed``: the simulated guest's seed
+    (``zlib.crc32(guest_id)``), which stamps every block it writes; None for a QEMU test guest, which
+    never writes its disk.
+    """
+
+    volume: str
+    local: bool
+    source_pool: Path
+    target_pool: Path
+    witness: Path | None
+    size: int
+    prefill: bytes
+    prefill_at: int
+    guest_seed: int | None
+
+    def pool_of(self, host: str, scenario: Scenario) -> Path:
+        """The pool directory that holds the volume of ``host``'s copy (either end of the run)."""
+        return self.source_pool if host == scenario.source else self.target_pool
+
+
+def guest_block(guest_seed: int, request: int) -> bytes:
+    """The 4 KiB a simulated guest writes for I/O request ``request`` (``SimulatedGuest._write_block``)."""
+    return DISK_STAMP.pack(b"MXDISK01", guest_seed, request).ljust(DISK_BLOCK, b"\0")
+
+
+def block_of(request: int, size: int) -> int:
+    """The byte offset request ``request`` writes in a disk of ``size`` bytes (the guest's own rule)."""
+    return (request % max(1, size // DISK_BLOCK)) * DISK_BLOCK
+
+
+def expected_image(disk: RunDisk, writes: int) -> bytes:
+    """The disk as it must be after the harness's prefill and the guest's I/O requests 1..``writes``,
+    each completed in order, the later write of a block winning; nothing else ever wrote it."""
+    image = bytearray(disk.size)
+    image[disk.prefill_at : disk.prefill_at + len(disk.prefill)] = disk.prefill
+    if disk.guest_seed is not None:
+        for request in range(1, writes + 1):
+            at = block_of(request, disk.size)
+            image[at : at + DISK_BLOCK] = guest_block(disk.guest_seed, request)
+    return bytes(image)
+
+
+def last_request(image: bytes, guest_seed: int | None) -> int:
+    """The highest I/O request whose block (stamped with ``guest_seed``) ``image`` holds (0: none): the
+    guest's writes complete in order, so all of 1..that one must be there."""
+    if guest_seed is None:
+        return 0
+    magic = DISK_STAMP.pack(b"MXDISK01", guest_seed, 0)[:16]
+    found = 0
+    for at in range(0, len(image), DISK_BLOCK):
+        if image[at : at + 16] == magic:
+            found = max(found, DISK_STAMP.unpack_from(image, at)[2])
+    return found
+
+
+def sha(data: bytes) -> str:
+    """The SHA-256 of ``data``, its first 16 hex digits (for the sentences; contents compare whole)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_image(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def holds_only_its_guests_writes(disk: RunDisk, image: bytes, completed: int | None, where: str) -> list[str]:
+    """``image`` (``where``'s copy) is the prefill with the guest's requests 1..N and nothing else, N its
+    highest stamped request; ``completed``: the requests its agent says the guest completed (None: not
+    known, its agent was killed), which must be N: no completed write missing."""
+    writes = last_request(image, disk.guest_seed)
+    broken = []
+    expected = expected_image(disk, writes)
+    if len(image) != disk.size:
+        broken.append(f"{where}: the disk is {len(image)} bytes, not {disk.size}")
+    elif image != expected:
+        broken.append(
+            f"{where}: the disk's digest {sha(image)} is not {sha(expected)}, the image before the attempt "
+            f"with the guest's own writes 1..{writes} and nothing else"
+        )
+    if completed is not None and disk.guest_seed is not None and completed != writes:
+        broken.append(f"{where}: the guest completed {completed} disk writes, its disk holds {writes}")
+    return broken
+
+
+def stop_and_count(stack: Stack, host: str, guest_id: str) -> int | None:
+    """Power the guest off on ``host`` (the power cut: the writes it completed are on its disk, the ones
+    in flight are not) and return how many I/O requests it completed; None if its agent does not
+    answer or does not run it (a host crash)."""
+    agent = stack.agents[host]
+    try:
+        with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=10) as client:
+            stopped = client.stop_guest(guest_id)
+    except AgentError:
+        return None
+    completed = stopped.workload.get("io_completed")
+    return completed if isinstance(completed, int) else None
+
+
+def check_disk(
+    stack: Stack, scenario: Scenario, migration: Migration, disk: RunDisk, keeper_restarted: bool
+) -> list[str]:
+    """The run's disk once its migration ended and every other invariant was checked (the guest is
+    powered off here, so its disk holds still): ``check_completed_disk`` after a completed mirror,
+    ``check_kept_disk`` after any other outcome (an abort or a cancel; any outcome on the shared pool).
+
+    ``keeper_restarted``: the keeper's agent was started again on purpose after the outcome (its guest
+    was defined again and counts its requests from 1): the count is not compared."""
+    if migration.state not in Migration.TERMINAL_STATES:
+        return []
+    completed = migration.state == Migration.State.COMPLETED
+    copy = runnable_copy(migration.vm_id)
+    keeper = copy.vsp.name if copy is not None else (scenario.target if completed else scenario.source)
+    count = stop_and_count(stack, keeper, str(migration.vm.guest_id))
+    if keeper_restarted:
+        count = None
+    if completed and disk.local:
+        return check_completed_disk(disk, keeper, count)
+    return check_kept_disk(scenario, migration, disk, keeper, count)
+
+
+def check_kept_disk(
+    scenario: Scenario, migration: Migration, disk: RunDisk, keeper: str, count: int | None
+) -> list[str]:
+    """After an abort or a cancel (and after any outcome on the shared pool): **the source's disk is as
+    before the attempt**. The guest kept writing it while the attempt ran (and after, on its source),
+    so "as before" is stated exactly: its content is the image before the attempt with the guest's own
+    later writes and nothing else (``holds_only_its_guests_writes``): the prefill, then the guest's
+    stamped I/O requests 1..N in order, N the highest found and, if its agent answers, the number it
+    says the guest completed; take those writes out and the digest is the digest before the attempt.
+    For a QEMU guest (which never writes its disk) that is the very digest before the attempt. For a
+    local disk the volume must also still be the same file as before (the witness's inode): the
+    attempt did not delete or replace it."""
+    where = f"{migration.state}: {keeper}'s disk {disk.volume}"
+    path = disk.pool_of(keeper, scenario) / disk.volume
+    image = read_image(path)
+    if image is None:
+        return [f"{where} is gone from its pool"]
+    broken = holds_only_its_guests_writes(disk, image, count, where)
+    if disk.local and disk.witness is not None and keeper == scenario.source:
+        try:
+            same = os.stat(path).st_ino == os.stat(disk.witness).st_ino
+        except OSError:
+            same = False
+        if not same:
+            broken.append(f"{where} is not the file it was before the attempt (replaced)")
+    return broken
+
+
+def check_completed_disk(disk: RunDisk, keeper: str, count: int | None) -> list[str]:
+    """After a completed mirror: **the target's disk at the freeze equals the source's at the freeze**.
+
+    The source's at the freeze is the witness (the source's volume: the guest stopped writing it when
+    Frozen paused it and closed its disks; its agent only deleted the name after the commit); it must
+    hold only its guest's writes 1..N. The target's has been written by the guest since it resumed
+    there (requests N+1..M), and the guest was powered off before this check: the blocks of those
+    requests are put back to what the witness holds, and that image's digest must equal the witness's;
+    and the target's disk as it is must be the witness's with just those writes (1..M, M its agent's
+    count when it answers)."""
+    assert disk.witness is not None
+    source = read_image(disk.witness)
+    target = read_image(disk.target_pool / disk.volume)
+    if source is None:
+        return [f"completed: the source's volume {disk.volume} (its witness) is gone"]
+    if target is None:
+        return [f"completed: {keeper} has no volume {disk.volume} in its local pool"]
+    broken = holds_only_its_guests_writes(disk, source, None, "completed: the source's disk at the freeze")
+    frozen_at = last_request(source, disk.guest_seed)
+    resumed = bytearray(target)
+    for request in range(frozen_at + 1, last_request(target, disk.guest_seed) + 1):
+        at = block_of(request, disk.size)
+        resumed[at : at + DISK_BLOCK] = source[at : at + DISK_BLOCK]
+    if resumed != source:
+        broken.append(
+            f"completed: the target's disk at the freeze (digest {sha(bytes(resumed))}, its guest's "
+            f"writes after request {frozen_at} taken out) differs from the source's at the freeze "
+            f"({sha(source)})"
+        )
+    broken += holds_only_its_guests_writes(disk, target, count, f"completed: {keeper}'s disk now")
+    return broken
+
+
+def check_no_volume_left(
+    stack: Stack, scenario: Scenario, migration: Migration, disk: RunDisk | None
+) -> list[str]:
+    """After an abort or a cancel of a mirrored migration: **no volume of the attempt is left on the
+    target**, neither the volume its agent allocated for the mirror nor its marker
+    (``hostagent.resources.marker_of``), once the target's agent answers again (a killed one removes
+    them when it starts: ``remove_uncommitted``). The agent lists no volumes of its pools, so the pool's
+    directory on this machine is read."""
+    if disk is None or not disk.local or migration.state not in ("aborted", "cancelled"):
+        return []
+    agent = stack.agents[scenario.target]
+    try:
+        with AgentClient(agent.url, agent.secret, trust=agent.trust, timeout_s=3) as client:
+            client.health()
+    except AgentError as error:
+        return [f"{migration.state}: the target {scenario.target}'s agent did not answer: {error}"]
+    left = [
+        name
+        for name in (disk.volume, f".{disk.volume}.matrixoe-mirror")
+        if (disk.target_pool / name).exists()
+    ]
+    if left:
+        return [f"{migration.state}: the target {scenario.target}'s local pool still has {', '.join(left)}"]
+    return []

@@ -21,17 +21,20 @@ running guests at once.
 
 from __future__ import annotations
 
+import os
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import httpx
 from django.contrib.auth.models import User
 from django.db import transaction
-from soak_checks import WriterWatch, check_invariants
+from soak_checks import RunDisk, WriterWatch, check_disk, check_invariants
 from soak_stack import (
     AGENT_NAMES,
     HEARTBEAT_STALE_S,
+    LOCAL_POOL,
     QEMU_AGENT_NAMES,
     RESTART_DELAY_S,
     SOAK_POOL,
@@ -49,6 +52,7 @@ from evacuations.models import Evacuation
 from evacuations.plan import build_plan
 from evacuations.summary import summarize
 from migrations_app.actions import MigrationRefused, do_cancel_migration, do_request_migration
+from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
 from vms.devices import store_guest_devices
@@ -74,17 +78,23 @@ FAULT_KINDS = (
     "lose-source-committing",
     "evac-arriving",  # issue 18.1: the target's evacuation starts while the guest is arriving
     "restart-lost",  # issue 18.4: the keeper's agent restarts without its guests after the outcome
+    # issue 20: the target's local pool filled (its tmpfs answers ENOSPC) while the mirror runs
+    "pool-full",
 )
+# Issue 20: the kinds a run whose guest has its disk on a local pool draws (its migration mirrors the
+# disk); each fault strikes while the mirror copies or once it is ready, before the switchover.
+MIRROR_KINDS = ("none", "kill-source", "kill-target", "link-cut", "pool-full", "cancel")
+MIRROR_PHASES = ("mirror", "mirror-ready")
+LOCAL_ONLY_KINDS = ("pool-full",)
 # Faults of issue 18 (items 2, 3) that only the simulated hosts take (a pause, a commit-time kill).
 SIMULATED_ONLY_KINDS = ("stall-copy", "lose-source-committing")
 # With QEMU hosts no agent is paused: SIGSTOP of a QEMU host's agent would stop its QEMUs too. The
 # order is FAULT_KINDS' (a seed picks its kind by position). Nor issue 18.1/18.4's kinds: an evacuation
 # needs a third host, and a QEMU agent's restart re-adopts its guests (none is lost).
-QEMU_FAULT_KINDS = tuple(
-    kind
-    for kind in FAULT_KINDS
-    if kind not in ("pause-source", "pause-target", "evac-arriving", "restart-lost", *SIMULATED_ONLY_KINDS)
-)
+QEMU_LEFT_OUT = ("pause-source", "pause-target", "evac-arriving", "restart-lost", *SIMULATED_ONLY_KINDS)
+QEMU_FAULT_KINDS = tuple(kind for kind in FAULT_KINDS if kind not in (*QEMU_LEFT_OUT, *LOCAL_ONLY_KINDS))
+# With QEMU agents that mirror local disks (their health says ``mirrors_local_disks``): the pool filled too.
+QEMU_MIRROR_FAULT_KINDS = (*QEMU_FAULT_KINDS, *LOCAL_ONLY_KINDS)
 PHASES = ("init", "copy", "io_quiesce", "frozen", "committing", "roll_forward")
 # Struck in Copy: an agent's kill (the issue's acceptance case) and the link faults (QEMU's stream only
 # flows in Copy and Frozen, and Frozen lasts a moment).
@@ -121,6 +131,17 @@ STALL_CAP_MB_S = 20
 STALL_HOLD_EXTRA_S = 8.0
 DISK_BYTES = 32 << 20  # each guest's disk on the shared pool: a sparse raw volume of 32 MiB
 DISK_WRITER_TIMEOUT_S = 10.0  # until the source's agent records the new guest as its disk's writer
+# Issue 20, a guest with its disk on a local pool: the harness writes PREFILL_MIB of random data into it
+# at PREFILL_AT before the guest first runs (an image's data: the mirror has something to copy), and a
+# bandwidth cap (simulated) makes that copy last about a second, so that a fault can strike in it.
+PREFILL_AT = 4 << 20
+PREFILL_MIB = (8, 16, 24)
+QEMU_PREFILL_MIB = (8, 16)
+MIRROR_CAP_MB_S = (16, 24)
+MIRROR_AT = (0.05, 0.8)  # phase "mirror": strike once this fraction of the disk's data was sent
+MIRROR_READY_MAX_S = 1.0  # phase "mirror-ready": strike up to this long after the mirror said ready
+MIRROR_POLL_S = 0.02  # how often the source agent's progress is read while aiming at the mirror
+LOCAL_SHARE = 4  # of the seeds of a MIRROR_KINDS kind, all but every LOCAL_SHARE-th round are local
 
 
 @dataclass
@@ -137,11 +158,17 @@ class Scenario:
     io_latency_ms: int
     state_save_ms: int
     driver: str = "simulated"
+    disk: str = "shared"  # where the guest's disk is: "shared" (the shared pool) or "local" (mirrored)
+    prefill_mib: int = 0  # local: MiB of random data the harness writes into the disk first
+    cap_mb_s: int = 0  # local, simulated: the migration's bandwidth cap (MB/s; 0: none)
+    mirror_at: float = 0.0  # phase "mirror": the fraction of the disk's data sent when the fault strikes
 
     @classmethod
-    def from_seed(cls, seed: int, driver: str = "simulated") -> Scenario:
+    def from_seed(cls, seed: int, driver: str = "simulated", mirrors: bool | None = None) -> Scenario:
+        """The run of ``seed``. ``mirrors``: whether the driver's agents mirror local disks (None: the
+        driver's own; simulated agents do, QEMU ones say so in their health once they can)."""
         if driver == "qemu":
-            return cls.qemu_from_seed(seed)
+            return cls.qemu_from_seed(seed, bool(mirrors))
         rng = random.Random(seed)
         kind = FAULT_KINDS[seed % len(FAULT_KINDS)]
         phase = rng.choice(PHASES)
@@ -159,17 +186,23 @@ class Scenario:
             io_latency_ms=rng.choice((20, 300, 800)),
             state_save_ms=rng.choice((0, 200, 600)),
         )
-        return issue_18_scenario(scenario, rng)
+        scenario = issue_18_scenario(scenario, rng)
+        rounds = seed // len(FAULT_KINDS)
+        local = kind in LOCAL_ONLY_KINDS or (kind in MIRROR_KINDS and rounds % LOCAL_SHARE != 0)
+        return mirror_scenario(scenario, rng, local)
 
     @classmethod
-    def qemu_from_seed(cls, seed: int) -> Scenario:
+    def qemu_from_seed(cls, seed: int, mirrors: bool = False) -> Scenario:
+        """A QEMU run; with agents that mirror local disks (``mirrors``), every run of a MIRROR_KINDS
+        kind has its disk on a local pool (QEMU runs are few: each is a mirror's)."""
         rng = random.Random(seed)
-        kind = QEMU_FAULT_KINDS[seed % len(QEMU_FAULT_KINDS)]
+        kinds = QEMU_MIRROR_FAULT_KINDS if mirrors else QEMU_FAULT_KINDS
+        kind = kinds[seed % len(kinds)]
         phase = rng.choice(QEMU_PHASES)
         if kind in QEMU_COPY_KINDS:
             phase = "copy"
         source, target = rng.sample(QEMU_AGENT_NAMES, 2)
-        return cls(
+        scenario = cls(
             seed=seed,
             kind=kind,
             phase=phase,
@@ -183,18 +216,54 @@ class Scenario:
             state_save_ms=0,
             driver="qemu",
         )
+        return mirror_scenario(scenario, rng, mirrors and kind in MIRROR_KINDS)
+
+    @property
+    def local(self) -> bool:
+        return self.disk == "local"
+
+    def moment(self) -> str:
+        """Where the fault is aimed, in words: "copy+0.42s", "mirror at 37%", "mirror-ready+0.5s"."""
+        if self.phase == "mirror":
+            return f"mirror at {self.mirror_at:.0%}"
+        return f"{self.phase}+{self.moment_s}s"
 
     def describe(self) -> str:
+        cap = f", cap {self.cap_mb_s} MB/s" if self.cap_mb_s else ""
+        disk = f", local disk ({self.prefill_mib} MiB of data{cap})" if self.local else ""
         if self.driver == "qemu":
             return (
-                f"seed {self.seed} (qemu): {self.kind} at {self.phase}+{self.moment_s}s, "
-                f"{self.source}->{self.target}, {self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s"
+                f"seed {self.seed} (qemu): {self.kind} at {self.moment()}, "
+                f"{self.source}->{self.target}, {self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s{disk}"
             )
         return (
-            f"seed {self.seed}: {self.kind} at {self.phase}+{self.moment_s}s, {self.source}->{self.target}, "
+            f"seed {self.seed}: {self.kind} at {self.moment()}, {self.source}->{self.target}, "
             f"{self.memory_mib} MiB, {self.dirty_pages_per_s} pages/s, fill {self.fill_percent}%, "
-            f"io {self.io_latency_ms} ms, state save {self.state_save_ms} ms"
+            f"io {self.io_latency_ms} ms, state save {self.state_save_ms} ms{disk}"
         )
+
+
+def mirror_scenario(scenario: Scenario, rng: random.Random, local: bool) -> Scenario:
+    """Issue 20: a ``local`` run's guest has its disk on the source's local pool, holding ``prefill_mib``
+    of data, and its fault strikes in the mirror: phase "mirror" (once ``mirror_at`` of the disk's data
+    was sent) or "mirror-ready" (``moment_s`` after the mirror said ready); a simulated guest is small
+    (32 or 64 MiB, at most 1,000 pages/s) and its migration capped at ``cap_mb_s`` so that the copy of
+    the disk lasts about a second and Copy ends within its limit. The draws are made for every seed (no
+    other draw moves); a shared run is left as it was."""
+    phase = rng.choice(MIRROR_PHASES)
+    mirror_at = round(rng.uniform(*MIRROR_AT), 3)
+    moment_s = round(rng.uniform(0, MIRROR_READY_MAX_S), 3)
+    prefill = rng.choice(QEMU_PREFILL_MIB if scenario.driver == "qemu" else PREFILL_MIB)
+    memory, pages = rng.choice((32, 64)), rng.choice((0, 200, 1000))
+    latency, save, cap = rng.choice((20, 300)), rng.choice((0, 200)), rng.choice(MIRROR_CAP_MB_S)
+    if not local:
+        return scenario
+    scenario.disk, scenario.prefill_mib, scenario.phase = "local", prefill, phase
+    scenario.mirror_at, scenario.moment_s = (mirror_at, 0.0) if phase == "mirror" else (0.0, moment_s)
+    if scenario.driver != "qemu":
+        scenario.memory_mib, scenario.dirty_pages_per_s, scenario.fill_percent = memory, pages, 100
+        scenario.io_latency_ms, scenario.state_save_ms, scenario.cap_mb_s = latency, save, cap
+    return scenario
 
 
 def issue_18_scenario(scenario: Scenario, rng: random.Random) -> Scenario:
@@ -230,6 +299,13 @@ def issue_18_notes(scenario: Scenario, migration: Migration) -> list[str]:
     return []
 
 
+def run_policy(scenario: Scenario) -> dict[str, object] | None:
+    """The migration's policy overrides: issue 18's, or a local run's bandwidth cap (None: the VM's own)."""
+    if scenario.cap_mb_s:
+        return {"preset": "custom", "bandwidth_cap_mb_s": scenario.cap_mb_s}
+    return issue_18_policy(scenario)
+
+
 def issue_18_limits(scenario: Scenario) -> dict[str, int | None]:
     """The guest's phase limits: "stall-copy" has Copy unlimited (the default the issue ran with)."""
     return {**LIMITS, "copy_limit_s": None} if scenario.kind == "stall-copy" else LIMITS
@@ -248,6 +324,7 @@ class Result:
     writer_samples: int = 0  # samples of every agent's writers while the run lasted (WriterWatch)
     writer_seen: int = 0  # of which saw the run's disk written by a running guest
     disk_written: bool = False  # its agent recorded the guest writing its disk before the migration
+    disk_checked: bool = False  # the disk checks ran (issue 20: ``soak_checks.check_disk``)
 
 
 def agent_client(stack: Stack, name: str, timeout_s: float = 5.0) -> AgentClient:
@@ -261,9 +338,13 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
     A console that still calls a restarted agent unreachable after ``FLEET_READY_TIMEOUT_S`` is itself a
     violation (an admin could not migrate from that host); so is a refusal of the run's migration.
     """
-    scenario = Scenario.from_seed(seed, stack.driver)
+    scenario = Scenario.from_seed(seed, stack.driver, stack.mirrors)
     result = Result(scenario)
     started = time.monotonic()
+    if scenario.kind == "pool-full" and not stack.local_pools_limited:
+        result.outcome = "skipped"
+        result.notes.append("the local pools are plain directories here (tmpfs needs root): none can fill")
+        return result
     still_unreachable = wait_for_fleet_reachable()
     if still_unreachable:
         result.outcome = "not started"
@@ -281,9 +362,10 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         result.seconds = time.monotonic() - started
         return result
     result.disk_written = True
+    disk = run_disk(stack, scenario, vm)
     try:
         target = VSP.objects.get(name=scenario.target)
-        migration = do_request_migration(vm, target, admin, policy=issue_18_policy(scenario))
+        migration = do_request_migration(vm, target, admin, policy=run_policy(scenario))
     except MigrationRefused as refused:
         retire_guest(stack, vm)
         result.outcome = "refused"
@@ -313,10 +395,14 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         lost_source = scenario.kind == "lose-source-committing" and result.outcome != "completed"
         result.host_crash = (scenario.kind == lost_keeper or lost_source) and stack.driver != "qemu"
         result.notes += issue_18_notes(scenario, migration)
-        result.violations += check_invariants(stack, *checked, web, result.host_crash)
+        result.violations += check_invariants(stack, *checked, web, result.host_crash, disk)
         if result.source_qemu_pid is not None and result.outcome != "completed":
             result.violations += check_re_adopted(stack, scenario, migration, result)
+        result.violations += check_disk(stack, *checked, disk, scenario.kind == "restart-lost")
+        result.disk_checked = True
     finally:
+        if scenario.kind == "pool-full":
+            stack.empty_local_pool_filler(scenario.target)
         retire_guest(stack, vm)
         if stack.driver == "qemu":
             result.violations += check_no_qemu_left(stack)
@@ -343,14 +429,54 @@ class GuestDidNotBoot(Exception):
 
 
 def disk_volume(name: str) -> str:
-    """The volume of guest ``name``'s disk in the shared pool."""
+    """The volume of guest ``name``'s disk (in the shared pool, or the source's local pool)."""
     return f"{name}.img"
+
+
+def witness_name(volume: str) -> str:
+    """The harness's hard link to a local run's volume, beside it in the source's pool (a hidden file:
+    no volume of the agent's)."""
+    return f".soak-witness-{volume}"
+
+
+def prefill_image(scenario: Scenario) -> bytes:
+    """The data a local run's disk holds before its guest first runs: ``prefill_mib`` MiB, seeded."""
+    return random.Random(scenario.seed * 1_000_003 + 20).randbytes(scenario.prefill_mib << 20)
+
+
+def run_disk(stack: Stack, scenario: Scenario, vm: VirtualMachine) -> RunDisk:
+    """What the disk checks know of the run's disk (``soak_checks.RunDisk``); a local run's witness (a
+    hard link to the source's volume) is made now, before the migration is requested."""
+    volume = disk_volume(vm.name)
+    witness = None
+    if scenario.local:
+        source_pool = stack.local_pool_dir(scenario.source)
+        target_pool = stack.local_pool_dir(scenario.target)
+        witness = source_pool / witness_name(volume)
+        os.link(source_pool / volume, witness)
+    else:
+        source_pool = target_pool = stack.pool_dir
+    return RunDisk(
+        volume=volume,
+        local=scenario.local,
+        source_pool=source_pool,
+        target_pool=target_pool,
+        witness=witness,
+        size=DISK_BYTES,
+        prefill=prefill_image(scenario) if scenario.local else b"",
+        prefill_at=PREFILL_AT,
+        guest_seed=None if scenario.driver == "qemu" else zlib.crc32(str(vm.guest_id).encode()),
+    )
 
 
 def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     """A new guest, running with its workload on the source agent, and its records in the database:
     with its disk (``DISK_BYTES``, created by the agent on the shared pool), stored as the console's
     definition stores what the agent reported (``vms.devices.store_guest_devices``).
+
+    A local run's guest (``Scenario.local``) has its disk on the source's local pool instead: defined
+    powered off, ``prefill_image`` written into its volume at ``PREFILL_AT`` (an image's data), then
+    started.
 
     QEMU: returns once the guest's memwriter has passed its first self-check; raises GuestDidNotBoot
     (the guest retired) if it has not within ``QEMU_BOOT_TIMEOUT_S``. Either driver: returns once the
@@ -376,10 +502,17 @@ def create_guest(stack: Stack, scenario: Scenario) -> VirtualMachine:
     if scenario.driver == "qemu":
         spec = {key: spec[key] for key in ("guest_id", "name", "memory_mib", "vcpus", "running")}
         spec |= {"os_type": "Linux", "dirty_pages_per_s": scenario.dirty_pages_per_s}
-    disk = {"device": "vda", "pool": SOAK_POOL, "volume": disk_volume(name), "format": "raw"}
+    pool = LOCAL_POOL if scenario.local else SOAK_POOL
+    disk = {"device": "vda", "pool": pool, "volume": disk_volume(name), "format": "raw"}
     spec["disks"] = [{**disk, "virtual_size_bytes": DISK_BYTES, "create": True}]
-    with agent_client(stack, scenario.source) as agent:
+    spec["running"] = not scenario.local
+    with agent_client(stack, scenario.source, timeout_s=30) as agent:
         defined = agent.define_guest(GuestSpec.model_validate(spec))
+        if scenario.local:
+            with open(stack.local_pool_dir(scenario.source) / disk_volume(name), "r+b") as volume:
+                volume.seek(PREFILL_AT)
+                volume.write(prefill_image(scenario))
+            defined = agent.start_guest(str(vm.guest_id))
     if scenario.driver == "qemu" and not wait_for_first_selfcheck(stack, scenario.source, str(vm.guest_id)):
         retire_guest(stack, vm)
         raise GuestDidNotBoot(
@@ -469,7 +602,11 @@ def retire_guest(stack: Stack, vm: VirtualMachine) -> None:
                 agent.delete_guest(str(vm.guest_id))
         except AgentError:
             pass
-    (stack.pool_dir / disk_volume(vm.name)).unlink(missing_ok=True)
+    volume = disk_volume(vm.name)
+    (stack.pool_dir / volume).unlink(missing_ok=True)
+    for name in stack.agents:
+        for left in (volume, witness_name(volume), f".{volume}.matrixoe-mirror"):
+            (stack.local_pool_dir(name) / left).unlink(missing_ok=True)
 
 
 # -- the fault ------------------------------------------------------------------------------
@@ -502,14 +639,67 @@ def wait_for_phase(stack: Stack, scenario: Scenario, migration: Migration) -> No
             time.sleep(POLL_S)
 
 
+def aim_at_mirror(stack: Stack, scenario: Scenario, migration: Migration) -> str:
+    """Wait for a local run's moment in the mirror, as the source's agent reports it
+    (``ProgressSnapshot.disk_*``, read every ``MIRROR_POLL_S``): phase "mirror", once ``mirror_at`` of
+    the disk's data was sent and the mirror is not ready; "mirror-ready", ``moment_s`` after it said
+    ready. Returns what the moment is: "mirror" (the disk's bytes still being copied), "mirror-ready"
+    (ready, the switchover not reached: Copy, I/O Quiesce or Frozen), else the migration's state (the
+    moment was missed: the fault strikes at once)."""
+    agent_id = agent_migration_id(migration)
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    ready_at: float | None = None
+    with agent_client(stack, scenario.source, timeout_s=2) as source:
+        while time.monotonic() < deadline:
+            if state_of(migration) in Migration.TERMINAL_STATES:
+                break
+            try:
+                snapshot = source.snapshot(agent_id)
+            except AgentError:
+                time.sleep(MIRROR_POLL_S)  # not started on the source yet
+                continue
+            before_switchover = snapshot.state in ("init", "copy", "quiesce", "frozen")
+            if not before_switchover:
+                break
+            if not snapshot.disk_mirror_ready:
+                aimed = scenario.mirror_at * snapshot.disk_bytes_total
+                if scenario.phase == "mirror" and aimed and snapshot.disk_bytes_sent >= aimed:
+                    return "mirror"
+            elif scenario.phase == "mirror":
+                return "mirror-ready"  # the copy ended between two looks: strike now
+            else:
+                ready_at = ready_at or time.monotonic()
+                if time.monotonic() >= ready_at + scenario.moment_s:
+                    return "mirror-ready"
+            time.sleep(MIRROR_POLL_S)
+    return state_of(migration)
+
+
+def fill_target_pool(stack: Stack, scenario: Scenario, migration: Migration) -> str:
+    """The "pool-full" fault: fill the target's local pool (``Stack.fill_local_pool``) and hold it full
+    while the migration is in Copy, then free it (the other user's data goes), before the target could
+    resume the guest there; returns what it did, in words."""
+    filled = stack.fill_local_pool(scenario.target)
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while time.monotonic() < deadline and state_of(migration) in ("queued", "init", "copy"):
+        time.sleep(POLL_S)
+    stack.empty_local_pool_filler(scenario.target)
+    return f"filled {scenario.target}'s pool {LOCAL_POOL} with {filled / (1 << 20):.1f} MiB until Copy ended"
+
+
 def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, result: Result) -> None:
     if scenario.kind in ("none", "restart-lost"):
         result.hit_phase = "-"
         return
-    wait_for_phase(stack, scenario, migration)
-    time.sleep(scenario.moment_s)
-    state = state_of(migration)
-    result.hit_phase = "roll_forward" if scenario.phase == "roll_forward" and state == "committing" else state
+    if scenario.local:
+        result.hit_phase = aim_at_mirror(stack, scenario, migration)
+        state = state_of(migration)
+    else:
+        wait_for_phase(stack, scenario, migration)
+        time.sleep(scenario.moment_s)
+        state = state_of(migration)
+        rolling = scenario.phase == "roll_forward" and state == "committing"
+        result.hit_phase = "roll_forward" if rolling else state
     limit_of_phase = QEMU_LIMIT_OF_PHASE if scenario.driver == "qemu" else LIMIT_OF_PHASE
     hold_s = limit_of_phase.get(state, 3) + PAST_LIMIT_S
     kind = scenario.kind
@@ -532,6 +722,8 @@ def inject(stack: Stack, scenario: Scenario, migration: Migration, admin: User, 
         result.notes.append(f"cut {stack.proxy.cut(hold_s=1.0)} data-plane connection(s)")
     elif kind == "link-stall":
         stack.proxy.stall(hold_s)
+    elif kind == "pool-full":
+        result.notes.append(fill_target_pool(stack, scenario, migration))
     elif kind.startswith("pause-"):
         role = {"pause-source": scenario.source, "pause-target": scenario.target}.get(kind, "worker")
         if role == "worker":

@@ -13,11 +13,18 @@ process only (its QEMUs run on, as on a real host), and the Copy phase is capped
 Every agent, of either driver, mounts one shared storage pool (issue 19): ``SOAK_POOL``, the directory
 ``<work_dir>/pool`` given to each with the same identity (``SOAK_POOL_IDENTITY``), as a SAN or an NFS
 export is to real hosts. Each run's guest has its disk there (``soak_run.create_guest``).
+
+Every agent also has a **local pool** (issue 20), ``LOCAL_POOL`` at ``<work_dir>/local/<name>``: a
+tmpfs of its own of ``LOCAL_POOL_MIB`` (mounted by ``start``, unmounted by ``stop``; mounting needs root,
+else a plain directory and ``local_pools_limited`` is False). A guest with its disk there migrates with
+the mirror; the "pool-full" fault (``fill_local_pool``) fills the target's tmpfs mid-mirror, so its agent
+writes into a real file system that answers ENOSPC, as a full disk does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -58,6 +65,9 @@ RECOVERY_INTERVAL_S = 1
 INVENTORY_INTERVAL_S = 5
 SOAK_POOL = "soak-san"  # the shared pool's name on every agent
 SOAK_POOL_IDENTITY = "soak-san-shared"  # and its identity: the same storage everywhere
+LOCAL_POOL = "local"  # every agent's local pool (a tmpfs of its own; unique identity per host)
+LOCAL_POOL_MIB = 96  # room for a guest's 32 MiB disk and an incoming mirror of one, with some to spare
+FILLER_NAME = ".soak-filler"  # the "pool-full" fault's file in a local pool (another user's data)
 
 
 def find_redis_server() -> str:
@@ -105,6 +115,9 @@ class Stack:
     down_until: dict[str, float] = field(default_factory=dict)  # monotonic s: a role kept down by a fault
     lock: threading.RLock = field(default_factory=threading.RLock)
     supervising: threading.Event = field(default_factory=threading.Event)
+    local_pools_limited: bool = False  # every local pool is a tmpfs of LOCAL_POOL_MIB (mounted as root)
+    mirrors: bool | None = None  # every agent's health says it mirrors local disks (``soak.set_up_console``)
+    mounted: list[Path] = field(default_factory=list)
 
     @property
     def agent_names(self) -> tuple[str, ...]:
@@ -114,6 +127,10 @@ class Stack:
     def pool_dir(self) -> Path:
         """The shared pool's directory, which every agent mounts (``SOAK_POOL``)."""
         return self.work_dir / "pool"
+
+    def local_pool_dir(self, name: str) -> Path:
+        """Agent ``name``'s local pool (``LOCAL_POOL``): its own tmpfs when ``local_pools_limited``."""
+        return self.work_dir / "local" / name
 
     def run_dir(self, name: str) -> Path:
         """A QEMU agent's fixed run directory (QMP sockets, serial logs, guest records)."""
@@ -197,6 +214,7 @@ class Stack:
             self.agents[name] = known
         self.pool_dir.mkdir(exist_ok=True)
         extra_args = ["--pool", f"{SOAK_POOL}:shared:{self.pool_dir}:{SOAK_POOL_IDENTITY}"]
+        extra_args += ["--pool", f"{LOCAL_POOL}:local:{self.local_pool_dir(name)}"]
         if self.driver == "qemu":
             extra_args += ["--driver-option", f"run_dir={self.run_dir(name)}"]
         started = start_agent(
@@ -220,6 +238,7 @@ class Stack:
             env=self.child_env(),
             cwd=Path(__file__).resolve().parent.parent,
         )
+        self.mount_local_pools()
         for name in self.agent_names:
             self.start_agent(name)
         self.start_web()
@@ -249,6 +268,60 @@ class Stack:
                     pass
         stop_all(self.processes())
         self.proxy.stop()
+        self.unmount_local_pools()
+
+    # -- local pools ----------------------------------------------------------------------
+    def mount_local_pools(self) -> None:
+        """A tmpfs of ``LOCAL_POOL_MIB`` per agent's local pool; if one cannot be mounted (not root),
+        plain directories for all (``local_pools_limited`` False: no pool can be filled)."""
+        for name in self.agent_names:
+            self.local_pool_dir(name).mkdir(parents=True, exist_ok=True)
+        for name in self.agent_names:
+            path = self.local_pool_dir(name)
+            mounted = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={LOCAL_POOL_MIB}m,mode=0700", "tmpfs", str(path)],  # noqa: S607
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if mounted.returncode != 0:
+                print(
+                    f"soak: local pools are plain directories (no pool-full faults): cannot mount a "
+                    f"tmpfs on {path}: {mounted.stderr.strip()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.unmount_local_pools()
+                return
+            self.mounted.append(path)
+        self.local_pools_limited = True
+
+    def unmount_local_pools(self) -> None:
+        while self.mounted:
+            subprocess.run(["umount", "--lazy", str(self.mounted.pop())], check=False)  # noqa: S607
+
+    def fill_local_pool(self, name: str) -> int:
+        """Fill agent ``name``'s local pool: a file (``FILLER_NAME``) written until the tmpfs answers
+        ENOSPC, as another user's data would; returns its size (bytes). Raises RuntimeError if the
+        pools are not limited (``local_pools_limited``)."""
+        if not self.local_pools_limited:
+            raise RuntimeError("the local pools are plain directories: they cannot be filled")
+        written = 0
+        chunk = bytes(1 << 20)
+        with open(self.local_pool_dir(name) / FILLER_NAME, "ab", buffering=0) as filler:
+            for size in (1 << 20, 4096):
+                while True:
+                    try:
+                        written += filler.write(chunk[:size])
+                    except OSError as error:
+                        if error.errno != errno.ENOSPC:
+                            raise
+                        break
+        return written
+
+    def empty_local_pool_filler(self, name: str) -> None:
+        """Remove what ``fill_local_pool`` wrote (idempotent)."""
+        (self.local_pool_dir(name) / FILLER_NAME).unlink(missing_ok=True)
 
     def qemu_processes(self) -> dict[int, str]:
         """The QEMU processes running with a run directory of this stack: {pid: command line}."""

@@ -7,8 +7,11 @@ agents, a data-plane proxy) as a subprocess, as ``make soak RUNS=20 SEED=2026112
 """
 
 import re
+import secrets
 import subprocess
 import sys
+import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,54 @@ def test_the_single_writer_check_names_the_volume_hosts_and_guests_of_two_runnin
 
     vsp2.client.stop_guest(copy.guest_id)
     assert single_writer_violations(clients)[0] == [], "a stopped guest writes nothing"
+
+
+def test_the_disk_check_passes_a_guests_own_writes_and_names_a_foreign_byte_and_a_lost_write(tmp_path):
+    """Issue 20's disk check against a real simulated guest's disk: a prefilled image its workload wrote
+    (stamped blocks), then the same image with one byte the guest never wrote, and with its last write
+    gone; and the completion's check of a target's copy against the source's at the freeze."""
+    from soak_checks import RunDisk, check_completed_disk, expected_image, holds_only_its_guests_writes
+
+    pool = tmp_path / "local"
+    pool.mkdir()
+    factory = AgentFactory(tmp_path)
+    try:
+        agent = factory("vsp1", "--pool", f"local:local:{pool}")
+        name, volume = unique("disk"), f"{unique('vol')}.img"
+        spec = {"device": "vda", "pool": "local", "volume": volume, "virtual_size_bytes": 4 << 20}
+        guest = define_running_guest(agent, name, running=False, disks=[{**spec, "create": True}])
+        prefill = secrets.token_bytes(1 << 20)
+        with open(pool / volume, "r+b") as image:
+            image.seek(2 << 20)
+            image.write(prefill)
+        agent.client.start_guest(guest.guest_id)
+        assert wait_until(lambda: agent.client.get_guest(guest.guest_id).workload["disk_writes"] > 20, 30)
+        completed = agent.client.stop_guest(guest.guest_id).workload["io_completed"]
+    finally:
+        factory.stop_all()
+    disk = RunDisk(
+        volume, True, pool, pool, None, 4 << 20, prefill, 2 << 20, zlib.crc32(guest.guest_id.encode())
+    )
+    written = (pool / volume).read_bytes()
+
+    assert holds_only_its_guests_writes(disk, written, completed, "vsp1") == []
+    foreign = bytearray(written)
+    foreign[3 << 20] ^= 1
+    (problem,) = holds_only_its_guests_writes(disk, bytes(foreign), completed, "vsp1")
+    assert f"with the guest's own writes 1..{completed} and nothing else" in problem
+    lost = bytearray(written)
+    at = (completed % 1024) * 4096
+    lost[at : at + 4096] = expected_image(disk, completed - 1)[at : at + 4096]
+    assert holds_only_its_guests_writes(disk, bytes(lost), completed, "vsp1") == [
+        f"vsp1: the guest completed {completed} disk writes, its disk holds {completed - 1}"
+    ]
+
+    witness, target = tmp_path / "witness", tmp_path / "target"
+    frozen = replace(disk, witness=witness, target_pool=target.parent, volume=target.name)
+    witness.write_bytes(expected_image(disk, completed - 5))
+    target.write_bytes(written)  # the source's at the freeze, then the guest's 5 writes after it resumed
+    assert check_completed_disk(frozen, "vsp2", completed) == []
+    target.write_bytes(bytes(foreign))
+    assert any(
+        "differs from the source's at the freeze" in p for p in check_completed_disk(frozen, "vsp2", None)
+    )

@@ -74,3 +74,20 @@ def test_only_keeps_the_seeds_of_the_named_kinds_and_refuses_an_unknown_kind():
         run_seeds(1, 1, "link-cut,nope", "simulated")
     with pytest.raises(SystemExit, match="fault kinds of the qemu driver"):
         run_seeds(1, 1, "pause-source", "qemu")
+
+
+def test_local_disk_runs_strike_in_the_mirror_and_only_with_agents_that_mirror():
+    from soak_run import MIRROR_KINDS, QEMU_MIRROR_FAULT_KINDS
+
+    simulated = [Scenario.from_seed(seed) for seed in range(900, 900 + 4 * len(FAULT_KINDS))]
+    local = [scenario for scenario in simulated if scenario.local]
+    assert {scenario.kind for scenario in local} == set(MIRROR_KINDS)
+    assert all(scenario.phase in ("mirror", "mirror-ready") and scenario.prefill_mib for scenario in local)
+    assert all(scenario.local for scenario in simulated if scenario.kind == "pool-full")
+    assert {scenario.kind for scenario in simulated if not scenario.local} >= set(FAULT_KINDS) - {"pool-full"}
+
+    with_mirror = [Scenario.from_seed(seed, "qemu", mirrors=True) for seed in range(700, 722)]
+    assert sorted({s.kind for s in with_mirror}) == sorted(QEMU_MIRROR_FAULT_KINDS)
+    assert all(s.local == (s.kind in MIRROR_KINDS) for s in with_mirror)
+    without = [Scenario.from_seed(seed, "qemu") for seed in range(700, 722)]
+    assert not any(s.local or s.kind == "pool-full" for s in without)
