@@ -87,7 +87,8 @@ bench-quick: $(STAMP)
 	$(PYTEST) tests/test_benchmarks.py
 
 ## make soak RUNS=20 SEED=1: seeded migrations with one fault each (kills, Redis restart, data-plane cut or
-##           stall, SIGSTOP, cancel, none) on a private stack; ends "N runs, K invariant violations", non-zero if K > 0.
+##           stall, SIGSTOP, cancel, a target's pool filled, none) on a private stack, many of them mirroring a
+##           local disk (needs root for the pools' tmpfs); ends "N runs, K invariant violations", non-zero if K > 0.
 ##           DRIVER=qemu: two QEMU hosts with real test guests (needs QEMU >= 10 and guest-images/).
 ##           ONLY=kill-source,cancel: only the seeds of those fault kinds.
 soak: $(STAMP)

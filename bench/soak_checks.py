@@ -328,6 +328,8 @@ def check_stall(scenario: Scenario, migration: Migration) -> list[str]:
     migration aborted in Copy for want of progress, after a warning recorded while it was only stalled."""
     if scenario.kind != "stall-copy" or migration.state not in Migration.TERMINAL_STATES:
         return []
+    if migration.failed_phase == "init":
+        return []  # it ended before Copy, where the pause is struck (waiting for Copy, it saw the end)
     if (migration.state, migration.failed_phase, migration.failure_kind) != (
         "aborted",
         "copy",

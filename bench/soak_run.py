@@ -56,6 +56,7 @@ from migrations_app.agents import agent_migration_id
 from migrations_app.models import Migration
 from vms.agent_client import AgentClient, AgentError
 from vms.devices import store_guest_devices
+from vms.inventory import refresh_resources
 from vms.models import VSP, Registration, VirtualMachine
 from vms.power import PowerAction, PowerRefused, do_power
 
@@ -404,6 +405,8 @@ def run_once(stack: Stack, seed: int, admin: User, web: httpx.Client) -> Result:
         if scenario.kind == "pool-full":
             stack.empty_local_pool_filler(scenario.target)
         retire_guest(stack, vm)
+        if scenario.kind == "pool-full":  # the console saw the pool full: the next run's checks read it
+            refresh_resources(VSP.objects.get(name=scenario.target))
         if stack.driver == "qemu":
             result.violations += check_no_qemu_left(stack)
         result.seconds = time.monotonic() - started
