@@ -68,11 +68,15 @@ def plain_connection_error(error: BaseException) -> str:
 
 
 class MigrationAborted(Exception):
-    """Inside a driver: the migration cannot go on. ``str()`` says why in words, ``kind`` for decisions."""
+    """Inside a driver: the migration cannot go on. ``str()`` says why in words, ``kind`` for decisions,
+    ``side`` the host at fault when it is not the one that noticed (None: this one)."""
 
-    def __init__(self, message: str, kind: FailureKind = FailureKind.INTERNAL) -> None:
+    def __init__(
+        self, message: str, kind: FailureKind = FailureKind.INTERNAL, *, side: Role | None = None
+    ) -> None:
         super().__init__(message)
         self.kind = kind
+        self.side = side
 
 
 class AgentError(Exception):

@@ -234,6 +234,32 @@ class HostStorage:
         return pool
 
 
+def in_words(size: int) -> str:
+    """``size`` bytes for people: GiB with one decimal from 1 GiB on, else whole MiB."""
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB".replace(".0 ", " ")
+    return f"{size >> 20} MiB"
+
+
+def delete_volumes(guest: str, volumes: dict[str, Path]) -> list[str]:
+    """Delete a source's volumes of its mirrored local disks after the commit (``volumes``: device ->
+    the volume's file here), once the target runs the guest on its own copies (the console releases
+    the source only then). Returns the devices whose volume is gone, in ``volumes``' order (one already
+    missing counts); a volume that cannot be deleted is logged with why and left out, never raised:
+    the console then says it was left (``ProgressSnapshot.disks_deleted``). ``guest``: its name, for
+    the log."""
+    deleted = []
+    for device, path in volumes.items():
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("guest %s: volume %s of disk %s not deleted: %s", guest, path, device, error)
+            continue
+        log.info("guest %s: deleted volume %s of mirrored disk %s", guest, path, device)
+        deleted.append(device)
+    return deleted
+
+
 def allocated_bytes(path: Path) -> int:
     """Bytes the file takes on its pool (sparse and thin files: less than their size); 0 if gone."""
     try:

@@ -195,6 +195,12 @@ class ProgressConsumer(AsyncWebsocketConsumer):
             html, self.pending_html = self.pending_html, None
             await self.send(text_data=html)
 
+    @property
+    def view_token(self) -> tuple:
+        """Sockets with equal tokens have the same ``view_key`` of every message (``fanout``): the
+        consumer's class and its user's rights, read at connect."""
+        return (type(self), self.rights)
+
     def view_key(self, message: dict[str, Any]) -> tuple:
         """This socket's class of view of ``message``: (kind, group, migration/version, ``ViewClass``)."""
         view = self.rights.view_class(message_vsps(message))

@@ -6,7 +6,9 @@ each server process joins a channel group ONCE, with one process channel, and on
 each message to the local sockets of that group (one small send task each).
 
 Messages carry facts, not HTML (``progress.ProgressMessage``). Each watcher says which class of view it
-is in for a message (``view_key(message)``, e.g. (migration, version, what its user may see and use));
+is in for a message (``view_key(message)``, e.g. (migration, version, what its user may see and use)),
+asked once per ``view_token`` (watchers with equal tokens, e.g. the same rights, are in the same class
+of every message: a thousand sockets of one team cost one ``view_key`` call, not a thousand);
 the reader renders each class once (``render_view(message, key)``, in a thread: it reads the database)
 through the process's ``RenderCache`` and hands every watcher of that class the same string. The
 websocket's first message goes through the same cache (``ProcessFanout.render``).
@@ -170,10 +172,19 @@ class ProcessFanout:
         its class's HTML; a faulty watcher is dropped alone, a failed render skips its class."""
         group = message.get("group", "")
         classes: dict[Hashable, list[Watcher]] = {}
+        key_of_token: dict[Hashable, Hashable] = {}
         for watcher in tuple(self.members.get(group, ())):
             try:
-                if wanted_by(watcher, message):
-                    classes.setdefault(view_key_of(watcher, message), []).append(watcher)
+                if not wanted_by(watcher, message):
+                    continue
+                token = getattr(watcher, "view_token", None)
+                if token is None:
+                    key = view_key_of(watcher, message)
+                elif token in key_of_token:
+                    key = key_of_token[token]
+                else:
+                    key = key_of_token[token] = view_key_of(watcher, message)
+                classes.setdefault(key, []).append(watcher)
             except Exception:
                 self._drop(group, watcher)
         for key, watchers in classes.items():

@@ -208,6 +208,8 @@ def get_migration_display(vm: VirtualMachine) -> MigrationDisplay:
     latest = (
         attempts.select_related("source", "target", "requested_by").order_by("-requested_at", "-pk").first()
     )
+    if latest is not None:
+        latest.vm = vm  # the template's tags read it: no second query for the VM at hand
     if latest is not None and latest.is_active:
         return MigrationDisplay(vm=vm, migration=latest, failed=None, latest=latest)
     last_took_s = last_completed_seconds(vm)
@@ -306,8 +308,7 @@ def build_progress_messages(migration_id: int) -> dict[str, ProgressMessage]:
     vm = migration.vm
     if vm is None:  # the VM was deleted: no page shows it any more
         return {}
-    current = vm.current_vsp
-    facts = ProgressFacts.of(migration, current.pk if current is not None else None).as_message()
+    facts = ProgressFacts.of(migration, vm.current_vsp_id).as_message()
     group = vm_group(vm.pk)
     messages: dict[str, ProgressMessage] = {group: _message(group, "vm", facts)}
     for vsp_id in (migration.source_id, migration.target_id):

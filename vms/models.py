@@ -408,6 +408,12 @@ class VirtualMachine(models.Model):
         registration = self.runnable_registration
         return registration.vsp if registration else None
 
+    @property
+    def current_vsp_id(self) -> int | None:
+        """The id of ``current_vsp`` without reading the VSP (the push's facts need only the id)."""
+        registration = self.runnable_registration
+        return registration.vsp_id if registration else None
+
 
 def vm_split_brain_copies(vm: VirtualMachine) -> models.QuerySet[Registration]:
     """``vm``'s copies found running where they are Not Runnable (``Registration.split_brain``)."""

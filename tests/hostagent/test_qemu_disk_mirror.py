@@ -7,13 +7,15 @@ Two real agents run the qemu driver, each with a local pool of its own (vsp1 ``l
 The guest is the OS image (``guest-images/guest-os.qcow2``): guestload writes sequence-numbered 4 KiB
 blocks to its disk and, asked over its command port, reads back every block it wrote and checks its
 memory. What is compared here is what the guest itself checks, and the two volumes' contents read by
-``qemu-img compare`` while both QEMUs are paused at "ready". Skipped loudly without QEMU >= 10 or
-the image (CI builds both).
+``qemu-img compare`` while both QEMUs are paused at "ready". After the release the source's volume is
+gone. A third agent's pool is a small tmpfs of its own (a real file system that fills up; mounting
+needs root, which CI has). Skipped loudly without QEMU >= 10 or the image (CI builds both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from agentprotocol import (
     IncomingRequest,
     OutgoingRequest,
     PhaseLimits,
+    PreparedIncoming,
     ProgressSnapshot,
 )
 from hostagent.drivers.qemu.guestload import SelfCheck, request_selfcheck
@@ -45,6 +48,7 @@ from tests.qemu_guest import OS_IMAGE, needs_os_image, runs_intact, workload
 
 pytestmark = needs_os_image
 
+MIB = 1 << 20
 GUEST = {"memory_mib": 192, "vcpus": 1, "os_type": "Linux", "dirty_pages_per_s": 1000}
 
 
@@ -54,6 +58,8 @@ class Pair:
     target: RunningAgent
     source_pool: Path
     target_pool: Path
+    factory: AgentFactory
+    run_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
                 ("vsp2", f"fast:local:{pools['vsp2']}"),
             )
         ]
-        yield Pair(agents[0], agents[1], pools["vsp1"], pools["vsp2"])
+        yield Pair(agents[0], agents[1], pools["vsp1"], pools["vsp2"], factory, run_dir)
     finally:
         factory.stop_all()
 
@@ -96,12 +102,22 @@ def boot_on_local_disk(pair: Pair) -> tuple[GuestInfo, str]:
 
 def start_mirror(pair: Pair, guest: GuestInfo, migration_id: str, **params: object) -> None:
     """Prepare vsp2 and start vsp1 with ``local_disks="mirror"`` (policy *required*)."""
+    prepared = prepare_mirror(pair.target, guest, migration_id)
+    start_outgoing_mirror(pair.source, guest, migration_id, prepared, **params)
+
+
+def prepare_mirror(target: RunningAgent, guest: GuestInfo, migration_id: str) -> PreparedIncoming:
     request = IncomingRequest(
         migration_id=migration_id, guest=wanted_spec(guest), limits=PhaseLimits(), local_disks="mirror"
     )
-    prepared = pair.target.client.prepare_incoming(request)
+    return target.client.prepare_incoming(request)
+
+
+def start_outgoing_mirror(
+    source: RunningAgent, guest: GuestInfo, migration_id: str, prepared: PreparedIncoming, **params: object
+) -> None:
     start: OutgoingRequest = outgoing(guest.guest_id, migration_id, prepared.endpoint(), **params)
-    pair.source.client.start_outgoing(start.model_copy(update={"local_disks": "mirror"}))
+    source.client.start_outgoing(start.model_copy(update={"local_disks": "mirror"}))
 
 
 def selfcheck(agent: RunningAgent, name: str, tag: str) -> SelfCheck:
@@ -142,7 +158,7 @@ def test_a_guest_writing_its_local_disk_moves_with_qemus_mirror_and_checks_itsel
     frozen = same_contents(pair.source_pool / volume, pair.target_pool / volume)
     writes_during = workload(pair.source, name)["disk_writes"] - writes_before
     pair.target.client.resume(migration_id)
-    pair.source.client.release(migration_id)
+    released = pair.source.client.release(migration_id)
 
     assert allocated_in_copy, "the target allocated the volume in its own local pool"
     assert frozen.returncode == 0, f"the copies differ at the freeze: {frozen.stdout}{frozen.stderr}"
@@ -168,7 +184,9 @@ def test_a_guest_writing_its_local_disk_moves_with_qemus_mirror_and_checks_itsel
     assert (moved.disks[0].pool, moved.disks[0].volume) == ("fast", volume)
     assert moved.disks[0].allocated_bytes < moved.disks[0].virtual_size_bytes, "zero ranges were not written"
     assert markers(pair.target_pool) == [], "the committed volume is the guest's: no restart removes it"
-    assert (pair.source_pool / volume).exists(), "the source's volume is kept"
+    assert released.state == "released" and released.disks_deleted == ["vda"], released
+    assert not (pair.source_pool / volume).exists(), "the source's volume is deleted at the release"
+    assert pair.source.client.get_guest(guest.guest_id).hardware_status == "not_runnable"
 
 
 def test_a_cancel_mid_mirror_leaves_the_guest_writing_on_its_source_and_no_volume_on_the_target(pair):
@@ -194,3 +212,61 @@ def test_a_cancel_mid_mirror_leaves_the_guest_writing_on_its_source_and_no_volum
     assert check.ok and int(check.fields["blocks"]) > 0, check.line
     assert runs_intact(pair.source, name)
     assert pair.source.client.get_guest(guest.guest_id).migrating is None
+
+
+@pytest.fixture
+def tiny_target(pair: Pair, tmp_path: Path) -> Iterator[tuple[RunningAgent, Path]]:
+    """vsp3, its one local pool ``tiny`` an 80 MiB tmpfs of its own; skipped (saying so) where this
+    user cannot mount one."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mount_point)],  # noqa: S607 - the system's mount
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    factory = AgentFactory(tmp_path / "agent")
+    (tmp_path / "agent").mkdir()
+    try:
+        run_dir = pair.run_dir / "vsp3"
+        yield (
+            factory(
+                "vsp3",
+                "--pool",
+                f"tiny:local:{mount_point}",
+                "--driver-option",
+                f"run_dir={run_dir}",
+                driver="qemu",
+            ),
+            mount_point,
+        )
+    finally:
+        factory.stop_all()
+        subprocess.run(["umount", str(mount_point)], check=False)  # noqa: S607
+
+
+def test_a_target_pool_filling_up_mid_mirror_aborts_naming_it_and_the_guest_writes_on(pair, tiny_target):
+    vsp3, tiny = tiny_target
+    guest, volume = boot_on_local_disk(pair)
+    name = guest.name
+    migration_id = unique("full")
+    prepared = prepare_mirror(vsp3, guest, migration_id)  # the 64 MiB virtual disk fits in 80 MiB
+    free = os.statvfs(tiny).f_bavail * os.statvfs(tiny).f_frsize
+    (tiny / "other-guest").write_bytes(bytes(free - 8 * MIB))  # then another user takes all but 8 MiB
+
+    start_outgoing_mirror(pair.source, guest, migration_id, prepared)
+    ended = follow(pair.source, migration_id, lambda s: s.state not in ("init", "copy"))[-1]
+
+    assert (ended.state, ended.failed_side) == ("aborted", "target"), ended
+    assert "vsp3's pool tiny ran out of space at " in (ended.error or ""), ended
+    assert ended.error.endswith(f" of 64 MiB ({name}'s disk vda)"), ended.error
+    assert disk_writes_advance(pair.source, name), "the guest writes on the source"
+    check = selfcheck(pair.source, name, "after-full")
+    assert check.ok and int(check.fields["blocks"]) > 0, check.line
+    assert wait_until(lambda: not (tiny / volume).exists(), timeout=10), "the target's new volume is deleted"
+    assert vsp3.guest(name) is None
+    assert (pair.source_pool / volume).exists()
+    pair.source.client.stop_guest(guest.guest_id)  # the two cores are shared: no idle guest left running

@@ -122,3 +122,33 @@ async def test_each_class_of_watchers_is_rendered_once_per_message_and_each_gets
     assert sorted(Classed.renders) == ["operator", "viewer"]
     for task in fanout.tasks:
         task.cancel()
+
+
+class Tokened(Classed):
+    """A watcher whose class of view follows its token (``view_token``, e.g. its user's rights)."""
+
+    keys_asked = 0
+
+    @property
+    def view_token(self) -> str:
+        return self.name
+
+    def view_key(self, message: dict) -> tuple:
+        Tokened.keys_asked += 1
+        return super().view_key(message)
+
+
+async def test_watchers_with_one_token_are_asked_their_class_once_per_message_and_all_get_it():
+    """A thousand sockets of one team cost one class computation per push, not a thousand (the push
+    slowed by that much at 1,000 watchers: ``bench/bench_ws_fanout.py``); each still gets its class."""
+    fanout = get_fanout()
+    watchers = [Tokened("viewer") for _ in range(50)] + [Tokened("operator") for _ in range(20)]
+    for watcher in watchers:
+        await fanout.join("fanout-test-t", watcher)
+    Tokened.keys_asked = 0
+    await publish("fanout-test-t", "v8")
+    got = [await asyncio.wait_for(watcher.received.get(), 5) for watcher in watchers]
+    assert got == ["v8 for viewer"] * 50 + ["v8 for operator"] * 20
+    assert Tokened.keys_asked == 2
+    for task in fanout.tasks:
+        task.cancel()

@@ -3,7 +3,9 @@ between two real agents (simulated driver) with a real worker, Redis and databas
 ``local_disks="mirror"``, the target allocates the volume in its own local pool, the source mirrors the
 disk while the guest writes it; after the commit the source's volume is deleted once the target runs
 the guest, and the audit trail says so. A cancel during the mirror leaves the source's disk as the
-guest wrote it and no volume on the target.
+guest wrote it and no volume on the target. A source volume that cannot be deleted (its pool's directory
+made immutable, ``chattr +i``: the volume is still written, no entry can go) is left, and the console
+says where and how much.
 
 The guest's disk is its own self-check: I/O request ``n`` writes block ``n`` with its number and the
 guest's seed (``hostagent.drivers.simulated.guest``), and an image's data lies beyond (``PREFILL_AT``).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,28 @@ def test_a_cancel_during_the_mirror_leaves_the_source_disk_and_no_volume_on_the_
     agents["hosta"].client.stop_guest(str(vm.guest_id))
     self_check(pools["hosta"] / volume, image)
     assert not AuditEvent.objects.filter(object_id=str(vm.pk), action__startswith="source_disks").exists()
+
+
+def test_a_source_volume_that_cannot_be_deleted_is_left_and_the_console_says_so(
+    local_hosts, migration_worker, wait_for
+):
+    agents, vsps, pools = local_hosts
+    vm, volume, admin = guest_with_local_disk(vsps, pools, secrets.token_bytes(MIB))
+    locked = subprocess.run(["chattr", "+i", str(pools["hosta"])], capture_output=True, text=True)  # noqa: S607
+    assert locked.returncode == 0, f"cannot make the pool immutable here: {locked.stderr}"
+    try:
+        migration = do_request_migration(vm, vsps["hostb"], admin)
+        wait_for_state(wait_for, migration, "completed", "aborted", "cancelled")
+    finally:
+        subprocess.run(["chattr", "-i", str(pools["hosta"])], check=True)  # noqa: S607
+
+    assert migration.state == "completed", migration.alert
+    assert vm.current_vsp == vsps["hostb"] and runs_on(agents["hostb"], vm.name)
+    assert (pools["hosta"] / volume).exists(), "the volume the source could not delete is left"
+    left = AuditEvent.objects.get(action=AuditEvent.Action.SOURCE_DISKS_LEFT, object_id=str(vm.pk))
+    assert left.message == (
+        f"{vm.name}'s volumes of its mirrored local disks were left on hosta (its agent did not delete "
+        f"them): vda (volume {volume} in pool scratch, 1 GiB); up to 1 GiB: delete them there once no "
+        "longer needed"
+    )
+    assert not AuditEvent.objects.filter(action=AuditEvent.Action.SOURCE_DISKS_DELETED, object_id=str(vm.pk))

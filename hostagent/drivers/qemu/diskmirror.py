@@ -18,7 +18,9 @@ automatically activated before creating the export"), so the target QEMU holds i
 write lock from then on; the volume is a file of the target's own pool, no other QEMU's. Nobody
 reaches the socket but the target agent, which relays to it each data-plane connection that
 presented the migration's one-time token as ``<token> nbd <device>`` (``target.TargetMigration``):
-the export is the source's alone, under either policy. Before the target resumes, the exports are
+the export is the source's alone, under either policy. The agent answers that connection's greeting
+with ``OK`` and where the new volume is (``TargetVolume``: its host's name and pool), so that the
+source can say where a disk ran out of room. Before the target resumes, the exports are
 removed with ``mode=safe``, which QEMU refuses while a client is connected: a target whose source
 still mirrors into it does not run.
 
@@ -41,6 +43,15 @@ Source (``SourceMirror``), in Copy, before the memory's pre-copy (Proxmox's and 
    target flushes), sends the device state and inactivates its nodes. After ``completed``, the
    agent cancels each ready job (above) and waits for BLOCK_JOB_COMPLETED without ``error`` and with
    ``offset`` = ``len``, then deletes the client nodes. Anything else aborts the migration.
+6. After the commit, once the target runs the guest, the console releases the source: its QEMU quits
+   and the agent deletes its volumes of the mirrored disks (``resources.delete_volumes``), named in the
+   snapshot's ``disks_deleted``.
+
+A target pool that fills up during the mirror: the target QEMU's write fails with ENOSPC, its NBD
+server answers the source's write with NBD's ENOSPC error, and the job ends (``on-target-error=report``)
+with QEMU's "No space left on device"; the source aborts naming the target, its pool, the disk and how
+far the job got ("vsp3's pool local ran out of space at 31 GiB of 40 GiB (db01's disk vda)"), the
+target at fault (``failed_side``).
 
 An abort, a cancel or a discard before the commit: the source first shuts down its copy of every
 NBD connection (a guest write waiting on an unanswered target in write-blocking mode fails over to
@@ -54,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -63,12 +75,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agentprotocol import Role
 from hostagent.drivers.qemu.qmp import QmpClient, QmpClosed, QmpError
 from hostagent.drivers.qemu.tls import CREDS_ID
+from hostagent.resources import in_words
 
 END_TIMEOUT_S = 10.0  # a job's end after block-job-cancel
 TCP_INFO_LEN = 256
 TCP_INFO_BYTES_ACKED = 120  # struct tcp_info's tcpi_bytes_acked (u64; Linux >= 4.1, uapi linux/tcp.h)
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as QEMU words a job's error
 
 
 def format_node(device: str) -> str:
@@ -87,6 +102,28 @@ def client_node(device: str) -> str:
 
 def export_id(device: str) -> str:
     return f"export-{device}"
+
+
+@dataclass(frozen=True)
+class TargetVolume:
+    """Where the target put a disk's new volume: its agent's name and the pool's (for the source's
+    words when the pool fills up)."""
+
+    host: str
+    pool: str
+
+    def answer(self) -> str:
+        """The target's answer to a disk's data-plane greeting: ``OK {"host": ..., "pool": ...}``."""
+        return "OK " + json.dumps({"host": self.host, "pool": self.pool})
+
+    @classmethod
+    def from_answer(cls, rest: bytes) -> TargetVolume | None:
+        """The place in what followed ``OK`` (None if the target said nothing usable)."""
+        try:
+            fields = json.loads(rest)
+            return cls(host=str(fields["host"]), pool=str(fields["pool"]))
+        except (ValueError, TypeError, KeyError):
+            return None
 
 
 class MirrorFailed(Exception):
@@ -198,6 +235,7 @@ class MirrorJob:
     device: str
     sock: socket.socket
     ended: asyncio.Future[tuple[str, str | None]]  # (BLOCK_JOB_COMPLETED|CANCELLED, QEMU's error)
+    place: TargetVolume | None = None  # where the target put the new volume, as it said
     attached: bool = False  # the NBD client node exists
     running: bool = False  # blockdev-mirror accepted
     ready: bool = False  # BLOCK_JOB_READY: the first pass is done
@@ -211,11 +249,16 @@ class MirrorJob:
 class SourceMirror:
     """The source's side of the mirror of ``devices`` (module docstring, Source)."""
 
-    def __init__(self, qmp: QmpClient, devices: list[str], *, tls_hostname: str | None, speed: int) -> None:
+    def __init__(
+        self, qmp: QmpClient, devices: list[str], *, tls_hostname: str | None, speed: int, guest: str = ""
+    ) -> None:
         """``tls_hostname``: the name the target's certificate must hold (policy "required"), or None
-        for plain NBD ("off"); ``speed``: the jobs' cap in bytes/s (0: none)."""
+        for plain NBD ("off"); ``speed``: the jobs' cap in bytes/s (0: none); ``guest``: its name, for
+        the words of a failure."""
         self.qmp = qmp
         self.devices = devices
+        self.guest = guest
+        self.failed_side: Role | None = None  # "target" when its pool ran out of space
         self.tls_hostname = tls_hostname
         self.speed = speed
         self.jobs: dict[str, MirrorJob] = {}
@@ -228,12 +271,12 @@ class SourceMirror:
         self._ending = False
 
     # -- starting ---------------------------------------------------------
-    async def attach(self, device: str, sock: socket.socket) -> None:
+    async def attach(self, device: str, sock: socket.socket, place: TargetVolume | None = None) -> None:
         """Give QEMU ``sock`` (a data-plane connection to the target's export of ``device``, its
-        handshake answered) as the NBD client node ``mirror-<device>-nbd``; this side keeps its copy.
-        The NBD (and TLS) handshake happens here. Raises QmpError (refused, e.g. a certificate),
-        QmpClosed."""
-        job = MirrorJob(device, sock, asyncio.get_running_loop().create_future())
+        handshake answered, ``place`` what it said of the volume) as the NBD client node
+        ``mirror-<device>-nbd``; this side keeps its copy. The NBD (and TLS) handshake happens here.
+        Raises QmpError (refused, e.g. a certificate), QmpClosed."""
+        job = MirrorJob(device, sock, asyncio.get_running_loop().create_future(), place)
         self.jobs[device] = job
         fd_name = f"nbd-{device}"
         await self.qmp.execute("getfd", pass_fd=sock.fileno(), fdname=fd_name)
@@ -292,6 +335,8 @@ class SourceMirror:
                 job.ended.set_result((str(name), str(error) if error is not None else None))
             if not self._ending and not self.failed.done():
                 early = "cancelled" if name == "BLOCK_JOB_CANCELLED" else "ended before the switchover"
+                if NO_SPACE in str(error):
+                    self.failed_side = "target"
                 self.failed.set_result(self.describe(job, str(error or early)))
         elif name == "BLOCK_JOB_READY" and not job.changing:
             job.ready, job.changing = True, True
@@ -300,11 +345,14 @@ class SourceMirror:
             )
 
     def describe(self, job: MirrorJob, why: str) -> str:
-        """The failure in words, with how far the job got."""
-        at = f"{job.offset / (1 << 20):.0f} MiB of {job.length / (1 << 20):.0f} MiB"
-        if "No space left" in why:
-            return f"the target's volume for disk {job.device} ran out of space at {at} ({why})"
-        return f"the mirror of disk {job.device} failed at {at}: {why}"
+        """The failure in words, with how far the job got: a full target pool as the simulated target
+        says it ("vsp3's pool local ran out of space at 31 GiB of 40 GiB (db01's disk vda)")."""
+        at = f"{in_words(job.offset)} of {in_words(job.length)}"
+        disk = f"{self.guest}'s disk {job.device}" if self.guest else f"disk {job.device}"
+        if NO_SPACE in why:
+            where = f"{job.place.host}'s pool {job.place.pool}" if job.place else "the target's pool"
+            return f"{where} ran out of space at {at} ({disk})"
+        return f"the mirror of {disk} failed at {at}: {why}"
 
     async def poll(self) -> dict[str, Any]:
         """QEMU's figures now, as the snapshot's ``disk_*`` fields (``agentprotocol.ProgressSnapshot``).

@@ -88,7 +88,7 @@ from agentprotocol import (
 )
 from agentprotocol.storage import DiskInfo
 from hostagent.driver import Conflict, DriverSettings, InvalidRequest, Migration, UnknownGuest
-from hostagent.drivers.qemu.diskmirror import remove_mirrors
+from hostagent.drivers.qemu.diskmirror import TargetVolume, remove_mirrors
 from hostagent.drivers.qemu.machine import BridgeNetwork, Disk, Machine, Network, Nic, UserNetwork, mac_for
 from hostagent.drivers.qemu.migration import SETTLE_TIMEOUT_S, QemuMigration
 from hostagent.drivers.qemu.network import HeartbeatListener, NetworkError, network_blackout
@@ -288,6 +288,9 @@ def check_spec(spec: GuestSpec) -> GuestSpec:
 
 class QemuDriver:
     name = "qemu"
+    # Live storage migration of local disks (``diskmirror``): said in health (``agentprotocol.Health``),
+    # the console offers a guest with local disks a move only between two agents that say so.
+    mirrors_local_disks = True
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
@@ -849,6 +852,9 @@ class QemuDriver:
             tls_dir=tls_dir,
             mirror=[disk.spec.device for disk in planned],
             volumes=volumes,
+            places={
+                disk.spec.device: TargetVolume(self.settings.agent_name, disk.pool.name) for disk in planned
+            },
         )
         guest.migration = migration
         migration.after_switchover = self._measure_blackout
@@ -903,7 +909,8 @@ class QemuDriver:
 
         ``local_disks`` "mirror": the guest's disks on local pools are mirrored to the volumes the
         target made for them, in Copy before the memory (``diskmirror``); "refuse": the target refused
-        them at prepare already."""
+        them at prepare already. After the commit the release deletes this host's volumes of the
+        mirrored disks (``SourceMigration.release``)."""
         tls_dir = self._tls_for(encryption)
         guest = self._guest(guest_id)
         if guest.migration is not None:
@@ -912,13 +919,13 @@ class QemuDriver:
             raise Conflict(f"guest {guest.spec.name!r} is not running")
         if guest.shutting_down:
             raise Conflict(f"guest {guest.spec.name!r} is shutting down")
-        mirrored = []
+        mirrored, volumes = [], {}
         if local_disks == "mirror":
-            mirrored = [
-                disk.device
-                for disk in guest.spec.disks
-                if self._pool_identity(disk.pool).startswith(LOCAL_PREFIX) and not disk.read_only
-            ]
+            for disk, path in self._disk_paths(guest.spec):
+                if self._pool_identity(disk.pool).startswith(LOCAL_PREFIX) and not disk.read_only:
+                    mirrored.append(disk.device)
+                    if path is not None:
+                        volumes[disk.device] = path
         migration = SourceMigration(
             guest.process,
             migration_id,
@@ -928,6 +935,8 @@ class QemuDriver:
             channels=streams or 1,
             tls_dir=tls_dir,
             mirror=mirrored,
+            volumes=volumes,
+            guest_name=guest.spec.name,
         )
         guest.migration = migration
         migration.after_switchover = self._measure_blackout

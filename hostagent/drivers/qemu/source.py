@@ -25,7 +25,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict, MigrationAborted, SourceAbortCommands
-from hostagent.drivers.qemu.diskmirror import MirrorFailed, SourceMirror
+from hostagent.drivers.qemu.diskmirror import MirrorFailed, SourceMirror, TargetVolume
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
     HANDSHAKE_TIMEOUT_S,
@@ -44,6 +44,7 @@ from hostagent.drivers.qemu.qmp import QmpClosed, QmpError
 from hostagent.drivers.qemu.quiesce import IoQuiesce, enable_request_tracing, io_quiesce
 from hostagent.drivers.qemu.states import QEMU_STATES, apply_query_migrate
 from hostagent.drivers.qemu.tls import use_plain, use_tls
+from hostagent.resources import delete_volumes
 
 log = logging.getLogger(__name__)
 FORCED_DOWNTIME_MS = 600_000  # "switch over now": a downtime limit no remaining memory exceeds
@@ -64,11 +65,15 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         *,
         tls_dir: Path | None = None,
         mirror: list[str] | None = None,
+        volumes: dict[str, Path] | None = None,
+        guest_name: str = "",
     ) -> None:
         """``channels`` > 1: QEMU's multifd with that many channels (the target's must be the same).
 
         ``mirror``: the devices of the guest's disks on local pools, mirrored to the target's new
-        volumes in Copy before the memory moves (``diskmirror``); None or empty: no mirror."""
+        volumes in Copy before the memory moves (``diskmirror``); None or empty: no mirror.
+        ``volumes``: each mirrored device's volume here (its file), deleted at the release
+        (``_delete_mirrored_volumes``); ``guest_name``: the guest's name, for words and logs."""
         super().__init__(process, migration_id, params.limits, finished)
         self.channels = channels
         self._relay_dir: str | None = None
@@ -80,10 +85,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         self._target_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._started_wall = time.time()
         self.io_quiesce: IoQuiesce | None = None  # the switchover's drain, once measured (``quiesce``)
+        self.guest_name = guest_name or self.guest_id
+        self.volumes = dict(volumes or {})
         self.mirror: SourceMirror | None = None
         if mirror:
             hostname = target.host if tls_dir is not None else None
-            self.mirror = SourceMirror(self.qmp, mirror, tls_hostname=hostname, speed=self._cap_bytes_s())
+            self.mirror = SourceMirror(
+                self.qmp, mirror, tls_hostname=hostname, speed=self._cap_bytes_s(), guest=self.guest_name
+            )
         self._mirror_finished = False
 
     def _cap_bytes_s(self) -> int:
@@ -116,7 +125,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.progress.update(streams=self.channels)
             await self._poll_numbers()
         except MigrationAborted as error:
-            await self.abort(str(error), error.kind)
+            await self.abort(str(error), error.kind, side=error.side)
         except (OSError, TimeoutError) as error:
             await self.abort(str(error) or type(error).__name__, FailureKind.UNREACHABLE)
         except (QmpError, QmpClosed) as error:
@@ -138,11 +147,11 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         """Copy's first part (``diskmirror``): each local disk's NBD connection handed to QEMU (Init),
         then every ``blockdev-mirror`` (Copy) until each job is actively synced in write-blocking
         mode. Raises MigrationAborted (REFUSED: QEMU could not open the target's export, e.g. its
-        certificate; INTERNAL: a job failed), OSError."""
+        certificate; INTERNAL: a job failed, on the target's side if its pool filled up), OSError."""
         for device in mirror.devices:
-            sock = await self._connect("nbd", device)
+            sock, said = await self._handshake("nbd", device)
             try:
-                await mirror.attach(device, sock)
+                await mirror.attach(device, sock, TargetVolume.from_answer(said))
             except QmpError as error:
                 raise MigrationAborted(
                     f"QEMU could not open the target's export of disk {device}: {error.description}",
@@ -161,7 +170,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         finally:
             synced.cancel()
         if not mirror.synced.is_set():
-            raise MigrationAborted(mirror.failed.result(), FailureKind.INTERNAL)
+            raise MigrationAborted(mirror.failed.result(), FailureKind.INTERNAL, side=mirror.failed_side)
         log.info(
             "%s: %d disk(s) mirrored and in step (write-blocking) after %.1f s; the memory moves now",
             self.guest_id,
@@ -217,7 +226,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
                 shutil.rmtree(self._relay_dir, ignore_errors=True)
 
     async def _connect(self, kind: str, detail: str = "") -> socket.socket:
-        """A ``kind`` ("ctrl" or "data") connection to the target's endpoint, its handshake answered OK.
+        """A ``kind`` ("ctrl" or "data") connection to the target's endpoint, its handshake answered OK
+        (``_handshake``)."""
+        sock, _ = await self._handshake(kind, detail)
+        return sock
+
+    async def _handshake(self, kind: str, detail: str = "") -> tuple[socket.socket, bytes]:
+        """A ``kind`` ("ctrl", "data" or "nbd") connection to the target's endpoint, its handshake
+        answered OK, and what followed the OK (an "nbd" one's: ``diskmirror.TargetVolume``; else b"").
 
         Raises MigrationAborted: REFUSED if the target said no, UNREACHABLE (naming the endpoint) if it
         did not answer the handshake within ``HANDSHAKE_TIMEOUT_S``; OSError if it could not connect.
@@ -240,14 +256,14 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         except BaseException:
             sock.close()
             raise
-        if answer != b"OK\n":
+        if answer != b"OK\n" and not answer.startswith(b"OK "):
             sock.close()
             reason = answer[3:].decode(errors="replace").strip() if answer.startswith(b"NO ") else ""
             raise MigrationAborted(
                 f"the target refused the data-plane connection{': ' if reason else ''}{reason}",
                 FailureKind.REFUSED,
             )
-        return sock
+        return sock, answer[3:].strip()
 
     async def _configure(self) -> None:
         """The policy as QEMU's own capabilities and parameters (QEMU's qapi/migration.json)."""
@@ -414,7 +430,7 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
             self.spawn(self.abort(reason, FailureKind.INTERNAL))
             return
         if mirror.failed.done() and not self._ending and self.progress.state in ACTIVE_STATES:
-            self.spawn(self.abort(mirror.failed.result(), FailureKind.INTERNAL))
+            self.spawn(self.abort(mirror.failed.result(), FailureKind.INTERNAL, side=mirror.failed_side))
 
     async def _qemu_error(self) -> str | None:
         with contextlib.suppress(QmpError, QmpClosed):
@@ -500,16 +516,29 @@ class SourceMigration(QemuMigration, SourceAbortCommands):
         return await self.wait_until(lambda state: state not in ACTIVE_STATES)
 
     async def release(self) -> ProgressSnapshot:
+        """After the commit, once the target runs the guest: quit the source's QEMU (its copy stays
+        listed, Not Runnable) and delete its volumes of the mirrored local disks, named in
+        ``disks_deleted`` (``_delete_mirrored_volumes``). Raises Conflict before "ready"."""
         state = self.progress.state
         if state == "ready":
             await self.process.quit()
+            deleted = await asyncio.to_thread(self._delete_mirrored_volumes)
             self.progress.enter("released")
-            self.progress.update(phase=None)
+            self.progress.update(phase=None, disks_deleted=deleted)
             self._finished(self)
             await self._after_switchover()
         elif state != "released":
             raise Conflict(f"release needs a migration in state ready, this one is {state}")
         return self.snapshot()
+
+    def _delete_mirrored_volumes(self) -> list[str]:
+        """The release's one deletion: this host's volumes of the mirrored local disks (the target runs
+        the guest on its own copies by then), ``resources.delete_volumes``. Returns the devices whose
+        volume is gone; one that cannot be deleted is logged and left out (the console says so)."""
+        if self.mirror is None:
+            return []
+        volumes = {device: self.volumes[device] for device in self.mirror.devices if device in self.volumes}
+        return delete_volumes(self.guest_name, volumes)
 
     async def _roll_back(self, state: MigrationState, reason: str) -> ProgressSnapshot:
         current = self.progress.state

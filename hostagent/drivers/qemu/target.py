@@ -25,7 +25,7 @@ from agentprotocol import (
     Role,
 )
 from hostagent.driver import Conflict
-from hostagent.drivers.qemu.diskmirror import DiskExport, MirrorFailed
+from hostagent.drivers.qemu.diskmirror import DiskExport, MirrorFailed, TargetVolume
 from hostagent.drivers.qemu.migration import (
     FD_NAME,
     HANDSHAKE_TIMEOUT_S,
@@ -65,12 +65,14 @@ class TargetMigration(QemuMigration):
         tls_dir: Path | None = None,
         mirror: list[str] | None = None,
         volumes: list[Path] | None = None,
+        places: dict[str, TargetVolume] | None = None,
     ) -> None:
         """``channels`` > 1: QEMU's multifd with that many channels (the source's must be the same).
 
         ``mirror``: the devices whose new, empty volumes (``volumes``, allocated by the driver for this
         migration) the source mirrors into over this QEMU's NBD server (``diskmirror``); the volumes
         are deleted if the migration does not complete here, kept (their markers removed) if it does.
+        ``places``: where each device's volume is (this host's name and the pool), told to the source.
         """
         super().__init__(process, migration_id, limits, finished)
         self.channels = channels
@@ -82,6 +84,7 @@ class TargetMigration(QemuMigration):
         self.tls_dir = tls_dir  # None: the pair's policy is "off", the stream is plain TCP
         self.mirror = list(mirror or [])
         self.volumes = list(volumes or [])
+        self.places = dict(places or {})
         self.export: DiskExport | None = None
         self.token = secrets.token_hex(TOKEN_BYTES)
         self._connected = False
@@ -175,7 +178,8 @@ class TargetMigration(QemuMigration):
 
     async def _relay_export(self, connection: socket.socket, device: str) -> None:
         """A mirrored disk's connection (``<token> nbd <device>``, once per disk) relayed to this QEMU's
-        NBD server: the source's Copy began."""
+        NBD server: the source's Copy began. The greeting's answer says where the volume is
+        (``TargetVolume.answer``)."""
         assert self.export is not None
         if device in self.export.joined:
             log.warning("%s: refused a second connection for the export of disk %s", self.guest_id, device)
@@ -191,8 +195,10 @@ class TargetMigration(QemuMigration):
             reason = f"cannot reach the NBD server of disk {device}: {error}"
             self.spawn(self.abort(reason, FailureKind.INTERNAL))
             return
+        place = self.places.get(device)
+        answer = place.answer() if place is not None else "OK"
         try:
-            await asyncio.get_running_loop().sock_sendall(connection, b"OK\n")
+            await asyncio.get_running_loop().sock_sendall(connection, answer.encode() + b"\n")
         except OSError:
             qemu.close()
             connection.close()

@@ -70,6 +70,7 @@ from hostagent.drivers.simulated.wire import (
     stream_of,
 )
 from hostagent.progress import Progress
+from hostagent.resources import delete_volumes
 
 log = logging.getLogger("hostagent.simulated.source")
 T = TypeVar("T")
@@ -214,24 +215,13 @@ class SourceMigration(SourceAbortCommands, ConvergenceJudge):
     def _delete_mirrored_volumes(self) -> list[str]:
         """After the commit, once the target runs the guest on its own copies (the console releases the
         source only then): the volumes here of the mirrored local disks are deleted, the Not Runnable
-        copy keeping its definition. Returns the devices whose volume is gone (one already missing
-        counts); a volume that cannot be deleted is logged and left out."""
+        copy keeping its definition (``resources.delete_volumes``). Returns the devices whose volume is
+        gone; a volume that cannot be deleted is logged and left out."""
         if self._mirror is None:
             return []
-        deleted = []
-        for device in self._mirror.devices:
-            path = self.guest.disk_paths.get(device)
-            if path is None:
-                continue
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as error:
-                log.warning(
-                    "guest %s: volume %s of disk %s not deleted: %s", self.guest.name, path, device, error
-                )
-                continue
-            deleted.append(device)
-        return deleted
+        paths = self.guest.disk_paths
+        volumes = {device: paths[device] for device in self._mirror.devices if device in paths}
+        return delete_volumes(self.guest.name, volumes)
 
     # -- helpers for commands ------------------------------------------
     async def _wait_for(self, event: asyncio.Event) -> None:

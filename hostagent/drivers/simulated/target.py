@@ -72,17 +72,10 @@ from hostagent.drivers.simulated.wire import (
     token_refusal,
 )
 from hostagent.progress import Progress
-from hostagent.resources import mark_committed
+from hostagent.resources import in_words, mark_committed
 
 log = logging.getLogger("hostagent.simulated.target")
 STOP_WAIT_S = 2.0  # a discard or cancel waits this long for the cancelled run to end, then drops anyway
-
-
-def in_words(size: int) -> str:
-    """``size`` bytes for people: GiB with one decimal from 1 GiB on, else whole MiB."""
-    if size >= 1 << 30:
-        return f"{size / (1 << 30):.1f} GiB".replace(".0 ", " ")
-    return f"{size >> 20} MiB"
 
 
 class TargetMigration:
