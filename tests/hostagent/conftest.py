@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 import threading
 import uuid
@@ -375,3 +376,18 @@ def silent_listener() -> Iterator[SilentListener]:
     listener = SilentListener()
     yield listener
     listener.close()
+
+
+def mount_small_tmpfs(mount_point: Path, size_mib: int) -> None:
+    """Mount a tmpfs of ``size_mib`` MiB at ``mount_point`` (made here): a real file system that fills up,
+    for a pool that runs out of space. Mounting needs root; without it the calling test is skipped, saying
+    so. The caller unmounts it (``umount``)."""
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mount_point)],  # noqa: S607 - the system's mount
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")

@@ -24,6 +24,7 @@ from tests.hostagent.conftest import (
     RunningAgent,
     follow,
     guest_id_for,
+    mount_small_tmpfs,
     outgoing,
     raw_post,
     resources,
@@ -238,15 +239,7 @@ def small_pool(agent_factory: AgentFactory, tmp_path: Path):
     """vsp4 with local pool ``tiny``: a 32 MiB tmpfs of its own (a real file system that fills up).
     Mounting needs root; without it the test is skipped (it says so)."""
     mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],  # noqa: S607 - the system's mount
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    mount_small_tmpfs(mount_point, 32)
     try:
         yield (
             agent_factory("vsp4", "--pool", f"tiny:local:{mount_point}", "--network", "prod:simulated"),

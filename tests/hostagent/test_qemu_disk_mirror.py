@@ -40,6 +40,7 @@ from tests.hostagent.conftest import (
     RunningAgent,
     follow,
     guest_id_for,
+    mount_small_tmpfs,
     outgoing,
     unique,
     wanted_spec,
@@ -219,15 +220,7 @@ def tiny_target(pair: Pair, tmp_path: Path) -> Iterator[tuple[RunningAgent, Path
     """vsp3, its one local pool ``tiny`` an 80 MiB tmpfs of its own; skipped (saying so) where this
     user cannot mount one."""
     mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mount_point)],  # noqa: S607 - the system's mount
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    mount_small_tmpfs(mount_point, 80)
     factory = AgentFactory(tmp_path / "agent")
     (tmp_path / "agent").mkdir()
     try:
